@@ -1,0 +1,323 @@
+"""Client memory: the one accessor devices use to reach the client's address space.
+
+Theory of operation
+-------------------
+A client (QEMU, a vhost-user frontend, our own client library) tells the
+server which ranges of its address space the device may reach.  Each range is
+a :class:`Region`: either mmap'd from an fd the client passed, or reachable
+only through messages (vfio-user DMA_READ/DMA_WRITE), via a
+:class:`MessageTransport` the runtime supplies.  Devices never see which: they
+call :meth:`ClientMemory.read` / :meth:`ClientMemory.write` (or the
+``*_obj`` forms for wire structs) with a client address and length.
+
+* Every access is bounds-checked; an access crossing two adjacent regions is
+  split inside the accessor; an access touching a hole raises
+  :class:`GuestMemoryError` reporting how many bytes were expected and how
+  many were completed.  Address arithmetic that overflows 64 bits is an error.
+* Every write marks the dirty log (when one is running) inside the accessor,
+  so device code never has to remember to.
+* :meth:`ClientMemory.buffers` hands out zero-copy ``memoryview`` slices of
+  mmap'd regions for scatter/gather I/O (``os.preadv`` straight into guest
+  memory); asking for write access marks those pages dirty up front.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import mmap
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from appliance.errors import ApplianceError
+from appliance.wire import Struct
+
+ADDRESS_LIMIT = 1 << 64
+PAGE_SIZE = 4096
+
+S = TypeVar("S", bound=Struct)
+
+
+class GuestMemoryError(ApplianceError):
+    """A client address range is not (wholly) reachable.
+
+    Attributes:
+        address: first client address of the failed access.
+        expected: bytes the access asked for.
+        completed: bytes that were reachable before the hole.
+    """
+
+    def __init__(self, address: int, expected: int, completed: int, why: str = "unmapped") -> None:
+        super().__init__(
+            f"client memory {why} at {address + completed:#x} "
+            f"(access {address:#x}+{expected:#x}, {completed} bytes completed)"
+        )
+        self.address = address
+        self.expected = expected
+        self.completed = completed
+
+
+class MapError(ApplianceError):
+    """A map/unmap request is invalid; ``errno`` is what the wire should report."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+class MessageTransport(Protocol):
+    """How the runtime reaches a region the client did not share as an fd."""
+
+    def dma_read(self, address: int, count: int) -> bytes: ...
+
+    def dma_write(self, address: int, data: bytes) -> None: ...
+
+
+def checked_end(address: int, length: int) -> int:
+    """``address + length`` or :class:`GuestMemoryError` if it leaves 64 bits."""
+    if address < 0 or length < 0 or address + length > ADDRESS_LIMIT:
+        raise GuestMemoryError(address, length, 0, why="address overflow")
+    return address + length
+
+
+@dataclass
+class Region:
+    """One mapped range of client memory."""
+
+    address: int
+    size: int
+    readable: bool = True
+    writable: bool = True
+    view: memoryview | None = None  # None: reached through the MessageTransport
+    mm: mmap.mmap | None = field(default=None, repr=False)
+    fd_offset: int = 0
+    # Extra translation key (vhost-user: the frontend's virtual address of the region).
+    user_address: int | None = None
+
+    @property
+    def end(self) -> int:
+        return self.address + self.size
+
+    def close(self) -> None:
+        if self.view is not None:
+            self.view.release()
+            self.view = None
+        if self.mm is not None:
+            self.mm.close()
+            self.mm = None
+
+
+class DirtyLog:
+    """Pages written since the log started (or since the last report)."""
+
+    def __init__(self, page_size: int = PAGE_SIZE) -> None:
+        if page_size <= 0 or page_size & (page_size - 1):
+            raise ValueError("dirty log page size must be a power of two")
+        self.page_size = page_size
+        self.shift = page_size.bit_length() - 1
+        self.pages: set[int] = set()
+
+    def mark(self, address: int, length: int) -> None:
+        if length <= 0:
+            return
+        first = address >> self.shift
+        last = (address + length - 1) >> self.shift
+        if first == last:
+            self.pages.add(first)
+        else:
+            self.pages.update(range(first, last + 1))
+
+    def take(self, address: int, length: int) -> list[int]:
+        """Remove and return the dirty page numbers inside [address, address+length)."""
+        first = address >> self.shift
+        last = (address + length - 1) >> self.shift
+        hit = sorted(p for p in self.pages if first <= p <= last)
+        self.pages.difference_update(hit)
+        return hit
+
+
+class ClientMemory:
+    """The client's address space as the device may reach it."""
+
+    def __init__(self, max_regions: int = 65535, transport: MessageTransport | None = None) -> None:
+        self.max_regions = max_regions
+        self.transport = transport
+        self.dirty_log: DirtyLog | None = None
+        self._starts: list[int] = []
+        self._regions: list[Region] = []
+
+    # ------------------------------------------------------------ mapping
+    def map(
+        self,
+        address: int,
+        size: int,
+        *,
+        fd: int | None = None,
+        fd_offset: int = 0,
+        readable: bool = True,
+        writable: bool = True,
+        user_address: int | None = None,
+    ) -> Region:
+        """Add a region; takes ownership of ``fd`` (closed here, also on error).
+
+        Raises:
+            MapError: EINVAL for a zero size, overflow or bad offset; EEXIST when
+                it overlaps a mapped region; ENOSPC past ``max_regions``; the
+                mmap errno when the fd cannot be mapped.
+        """
+        try:
+            if size <= 0 or address < 0 or address + size > ADDRESS_LIMIT:
+                raise MapError(errno.EINVAL, f"bad region {address:#x}+{size:#x}")
+            if not (readable or writable):
+                raise MapError(errno.EINVAL, "region neither readable nor writable")
+            if self._overlapping(address, size):
+                raise MapError(errno.EEXIST, f"region {address:#x}+{size:#x} overlaps a mapped one")
+            if len(self._regions) >= self.max_regions:
+                raise MapError(errno.ENOSPC, f"more than {self.max_regions} regions")
+            region = Region(address, size, readable, writable, fd_offset=fd_offset,
+                            user_address=user_address)
+            if fd is not None:
+                if fd_offset < 0 or fd_offset % mmap.ALLOCATIONGRANULARITY:
+                    raise MapError(errno.EINVAL, f"fd offset {fd_offset:#x} not page aligned")
+                prot = (mmap.PROT_READ if readable else 0) | (mmap.PROT_WRITE if writable else 0)
+                try:
+                    region.mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot,
+                                          offset=fd_offset)
+                except (OSError, ValueError, OverflowError) as exc:
+                    err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
+                    raise MapError(err, f"cannot mmap region {address:#x}+{size:#x}: {exc}") from None
+                region.view = memoryview(region.mm)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        i = bisect.bisect(self._starts, address)
+        self._starts.insert(i, address)
+        self._regions.insert(i, region)
+        return region
+
+    def unmap(self, address: int, size: int) -> None:
+        """Remove the region that exactly matches ``address``/``size``.
+
+        Raises:
+            MapError: ENOENT when no region matches exactly.
+        """
+        i = bisect.bisect_left(self._starts, address)
+        if i == len(self._starts) or self._starts[i] != address or self._regions[i].size != size:
+            raise MapError(errno.ENOENT, f"no region {address:#x}+{size:#x} is mapped")
+        self._starts.pop(i)
+        self._regions.pop(i).close()
+
+    def unmap_all(self) -> None:
+        for region in self._regions:
+            region.close()
+        self._starts.clear()
+        self._regions.clear()
+
+    @property
+    def regions(self) -> tuple[Region, ...]:
+        return tuple(self._regions)
+
+    def _overlapping(self, address: int, size: int) -> bool:
+        i = bisect.bisect(self._starts, address)
+        if i and self._regions[i - 1].end > address:
+            return True
+        return i < len(self._starts) and self._starts[i] < address + size
+
+    def _find(self, address: int) -> Region | None:
+        i = bisect.bisect(self._starts, address) - 1
+        if i >= 0 and address < self._regions[i].end:
+            return self._regions[i]
+        return None
+
+    def _pieces(self, address: int, length: int, write: bool) -> Iterator[tuple[Region, int, int]]:
+        """Yield (region, offset in region, length) covering the access, or raise."""
+        checked_end(address, length)
+        done = 0
+        while done < length:
+            region = self._find(address + done)
+            if region is None:
+                raise GuestMemoryError(address, length, done)
+            if not (region.writable if write else region.readable):
+                raise GuestMemoryError(address, length, done, why="not writable" if write else "not readable")
+            off = address + done - region.address
+            n = min(length - done, region.size - off)
+            yield region, off, n
+            done += n
+
+    # ------------------------------------------------------------ access
+    def read(self, address: int, length: int) -> bytes:
+        """Read ``length`` bytes at client ``address``.
+
+        Raises:
+            GuestMemoryError: part of the range is unmapped or not readable.
+        """
+        parts = []
+        for region, off, n in self._pieces(address, length, write=False):
+            if region.view is not None:
+                parts.append(bytes(region.view[off:off + n]))
+            else:
+                parts.append(self._transport().dma_read(region.address + off, n))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` at client ``address`` and mark the dirty log.
+
+        Raises:
+            GuestMemoryError: part of the range is unmapped or not writable
+                (nothing is written then).
+        """
+        pieces = list(self._pieces(address, len(data), write=True))
+        done = 0
+        for region, off, n in pieces:
+            if region.view is not None:
+                region.view[off:off + n] = data[done:done + n]
+            else:
+                self._transport().dma_write(region.address + off, bytes(data[done:done + n]))
+            done += n
+        if self.dirty_log is not None:
+            self.dirty_log.mark(address, len(data))
+
+    def read_obj(self, address: int, cls: type[S]) -> S:
+        """Read and decode one wire struct at ``address``."""
+        return cls.unpack(self.read(address, cls.SIZE))
+
+    def write_obj(self, address: int, obj: Struct) -> None:
+        """Encode and write one wire struct at ``address``."""
+        self.write(address, obj.pack())
+
+    def buffers(self, address: int, length: int, write: bool) -> list[memoryview] | None:
+        """Zero-copy views of the range, or None when part of it is message-only.
+
+        With ``write`` the range is marked dirty before the views are returned.
+
+        Raises:
+            GuestMemoryError: part of the range is unmapped or lacks the access.
+        """
+        views = []
+        for region, off, n in self._pieces(address, length, write):
+            if region.view is None:
+                return None
+            views.append(region.view[off:off + n])
+        if write and self.dirty_log is not None:
+            self.dirty_log.mark(address, length)
+        return views
+
+    def translate_user(self, user_address: int, length: int) -> int:
+        """Map a frontend virtual address (vhost-user) to a client address.
+
+        Raises:
+            GuestMemoryError: no region covers the whole range.
+        """
+        checked_end(user_address, length)
+        for region in self._regions:
+            ua = region.user_address
+            if ua is not None and ua <= user_address and user_address + length <= ua + region.size:
+                return region.address + (user_address - ua)
+        raise GuestMemoryError(user_address, length, 0, why="no region for user address")
+
+    def _transport(self) -> MessageTransport:
+        if self.transport is None:
+            raise GuestMemoryError(0, 0, 0, why="message-only region without a transport")
+        return self.transport

@@ -1,0 +1,228 @@
+"""Serve a vfio-user device on a unix socket (runtime layer).
+
+The listener accepts one client at a time per device (the protocol has one
+client per connection and our devices are single-function); a second client
+is refused by closing its socket.  Each readable event drains up to a batch
+of messages with non-blocking ``recvmsg`` calls, each no larger than the
+connection's :meth:`bytes_wanted`, so SCM_RIGHTS fds stay with their message.
+
+DMA to client memory that was mapped without an fd goes through
+DMA_READ/DMA_WRITE messages: :class:`SocketTransport` sends the request and
+waits (bounded by ``DMA_TIMEOUT``) for its reply on the same socket, framing
+and queueing any client commands that arrive meanwhile; they are dispatched
+right after the current one.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import select
+import socket
+import time
+from collections.abc import Callable
+
+from appliance.errors import LocalProtocolError, RemoteProtocolError
+from appliance.loop import EventLoop
+from appliance.memory import GuestMemoryError
+from appliance.vfio_user import wire as w
+from appliance.vfio_user.backend import VfioUserDevice
+from appliance.vfio_user.framing import Frame
+from appliance.vfio_user.server import MAX_MSG_FDS, DmaLayout, ServerConnection
+
+log = logging.getLogger("appliance.vfio_user")
+
+BATCH = 64
+DMA_TIMEOUT = 5.0
+_ONE = (1).to_bytes(8, "little")
+
+
+def recv_chunk(sock: socket.socket, wanted: int, flags: int = 0) -> tuple[bytes, list[int]]:
+    """One recvmsg of at most ``wanted`` bytes, with any SCM_RIGHTS fds."""
+    fds = array.array("i")
+    data, ancdata, msg_flags, _ = sock.recvmsg(wanted, socket.CMSG_SPACE(MAX_MSG_FDS * fds.itemsize),
+                                              flags | socket.MSG_CMSG_CLOEXEC)
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    received = list(fds)
+    if msg_flags & socket.MSG_CTRUNC:
+        for fd in received:
+            os.close(fd)
+        raise RemoteProtocolError("too many fds in one message (control data truncated)")
+    return data, received
+
+
+def send_message(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    """Send a whole message; fds travel with its first byte."""
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    sent = sock.sendmsg([data], anc)
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+def signal_eventfd(fd: int) -> None:
+    """Add 1 to an eventfd counter (an interrupt or a notice)."""
+    try:
+        os.write(fd, _ONE)
+    except OSError as exc:  # EAGAIN: counter saturated, the reader is behind
+        if exc.errno not in (errno.EAGAIN, errno.EBADF):
+            raise
+
+
+class SocketTransport:
+    """DMA_READ / DMA_WRITE round trips for regions mapped without an fd."""
+
+    def __init__(self, service: VfioUserClientSocket) -> None:
+        self.service = service
+
+    def _round_trip(self, command: w.Command, address: int, data: bytes | int) -> Frame:
+        conn = self.service.conn
+        msg_id = conn.dma_request(command, address, data)
+        self.service.flush()
+        deadline = time.monotonic() + DMA_TIMEOUT
+        while (reply := conn.take_reply(msg_id)) is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.service.sock], [], [], left)[0]:
+                raise GuestMemoryError(address, _count(data), 0, why="no reply to DMA message")
+            self.service.read_some(dispatch=False)
+            if conn.closed:
+                raise GuestMemoryError(address, _count(data), 0, why="client gone during DMA")
+        if reply.header.flags & w.MsgFlag.ERROR:
+            raise GuestMemoryError(address, _count(data), 0, why=f"client refused DMA (errno {reply.header.error})")
+        return reply
+
+    def dma_read(self, address: int, count: int) -> bytes:
+        reply = self._round_trip(w.Command.DMA_READ, address, count)
+        try:
+            return self.service.conn.dma_reply_data(reply, count)
+        except LocalProtocolError as exc:
+            raise GuestMemoryError(address, count, 0, why=str(exc)) from None
+
+    def dma_write(self, address: int, data: bytes) -> None:
+        self._round_trip(w.Command.DMA_WRITE, address, data)
+
+
+def _count(data: bytes | int) -> int:
+    return data if isinstance(data, int) else len(data)
+
+
+class VfioUserClientSocket:
+    """One accepted client: feeds its socket to a :class:`ServerConnection`."""
+
+    def __init__(self, loop: EventLoop, sock: socket.socket, device: VfioUserDevice,
+                 on_close: Callable[[VfioUserClientSocket], None], name: str,
+                 dma_layout: DmaLayout = DmaLayout.QEMU) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.on_close = on_close
+        self.conn = ServerConnection(device, notify=signal_eventfd, transport=SocketTransport(self),
+                                     dma_layout=dma_layout, name=name)
+        loop.add_reader(sock.fileno(), self._readable)
+
+    def read_some(self, dispatch: bool = True) -> bool:
+        """Read what is available (up to a batch of messages); False once closed."""
+        for _ in range(BATCH):
+            try:
+                data, fds = recv_chunk(self.sock, self.conn.bytes_wanted(), socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except (OSError, RemoteProtocolError) as exc:
+                log.warning("%s: %s; closing", self.conn.name, exc)
+                self.close()
+                return False
+            try:
+                self.conn.receive_data(data, fds)
+            except RemoteProtocolError as exc:
+                log.warning("%s: %s; closing", self.conn.name, exc)
+                self.close()
+                return False
+            if dispatch:
+                self.conn.process()
+                self.flush()
+            if self.conn.closed:
+                self.close()
+                return False
+        return True
+
+    def _readable(self) -> None:
+        self.read_some()
+
+    def flush(self) -> None:
+        for data, fds in self.conn.data_to_send():
+            try:
+                send_message(self.sock, data, fds)
+            except OSError as exc:
+                log.warning("%s: send failed: %s; closing", self.conn.name, exc)
+                self.close()
+                return
+        if self.conn.closed:
+            self.close()
+
+    def close(self) -> None:
+        if self.sock.fileno() < 0:
+            return
+        self.loop.remove_reader(self.sock.fileno())
+        self.conn.close()
+        self.sock.close()
+        self.on_close(self)
+
+
+class VfioUserService:
+    """A listening socket serving one device."""
+
+    def __init__(self, loop: EventLoop, path: str, device: VfioUserDevice, name: str = "vfio-user",
+                 dma_layout: DmaLayout = DmaLayout.QEMU) -> None:
+        self.loop = loop
+        self.dma_layout = dma_layout
+        self.path = path
+        self.device = device
+        self.name = name
+        self.client: VfioUserClientSocket | None = None
+        self.connections = 0
+        if os.path.exists(path):
+            os.unlink(path)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)  # socket file mode 0600
+        try:
+            self.listener.bind(path)
+        finally:
+            os.umask(old)
+        self.listener.listen(4)
+        self.listener.setblocking(False)
+        loop.add_reader(self.listener.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        if self.client is not None:
+            # The old client's EOF may sit unread in this same loop pass: take it first.
+            self.client.read_some()
+        if self.client is not None:
+            log.warning("%s: a client is already connected; refusing another", self.name)
+            sock.close()
+            return
+        sock.setblocking(True)
+        self.connections += 1
+        log.info("%s: client connected on %s", self.name, self.path)
+        self.client = VfioUserClientSocket(self.loop, sock, self.device, self._closed,
+                                           f"{self.name}#{self.connections}", self.dma_layout)
+
+    def _closed(self, client: VfioUserClientSocket) -> None:
+        if self.client is client:
+            log.info("%s: client disconnected", self.name)
+            self.client = None
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        self.loop.remove_reader(self.listener.fileno())
+        self.listener.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

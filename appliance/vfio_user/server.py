@@ -1,0 +1,606 @@
+"""Sans-I/O vfio-user server connection (qemu/qemu docs/interop/vfio-user.rst).
+
+Theory of operation
+-------------------
+One :class:`ServerConnection` serves one client socket.  The runtime feeds it
+bytes and fds (never more than :meth:`bytes_wanted` at a time, see
+:mod:`appliance.vfio_user.framing`), calls :meth:`process`, and sends what
+:meth:`data_to_send` returns.  The connection owns the client's
+:class:`~appliance.memory.ClientMemory` and the interrupt eventfds, and calls
+the device through the :class:`~appliance.vfio_user.backend.VfioUserDevice`
+protocol.  It never touches a socket: signalling an eventfd and the message
+round trip for DMA_READ/DMA_WRITE are callables the runtime supplies.
+
+Each command is checked in the order the style guide gives: header (type,
+reserved flags, allowed in this state, size limits), then the payload's own
+fields (``argsz`` against the real length, reserved bits, ranges), then
+semantics (device state, negotiated maxima).  Every rejection is an error
+reply carrying an errno and closes every fd the message brought; a message
+that makes the stream unframeable closes the connection.  Commands with
+No_reply get no reply, not even an error one (QEMU posts region writes).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import json
+import logging
+import os
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from appliance.errors import LocalProtocolError
+from appliance.memory import ClientMemory, MapError, MessageTransport
+from appliance.vfio_user import wire as w
+from appliance.vfio_user.backend import VfioUserDevice
+from appliance.vfio_user.framing import Frame, Framer, encode
+
+log = logging.getLogger("appliance.vfio_user")
+
+PGSIZE = 4096
+MAX_MSG_FDS = 16  # QEMU refuses a larger value
+MAX_DATA_XFER_SIZE = 1 << 20
+MAX_DMA_MAPS = 1024
+MAX_WRITE_MULTI = 256  # entries per REGION_WRITE_MULTI we accept
+MAX_VERSION_JSON = 4096
+# Migration capability values we announce (QEMU parses pgsize and max_bitmap_size).
+MIG_MAX_BITMAP_SIZE = 256 * 1024 * 1024
+
+
+class DmaLayout(enum.Enum):
+    """Where DMA_READ/DMA_WRITE data sits.
+
+    SPEC: address u64, count u64, data at 16 (docs/interop/vfio-user.rst).
+    QEMU: address u64, count u32, data at 12, 4 pad bytes after the data
+    (QEMU's VFIOUserDMARW; its DMA_WRITE reply is header-only).
+    """
+
+    SPEC = "spec"
+    QEMU = "qemu"
+
+
+class ConnState(enum.Enum):
+    AWAIT_VERSION = "await-version"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+# Connection state machine: state -> {event: next state}.
+TRANSITIONS: dict[ConnState, dict[str, ConnState]] = {
+    ConnState.AWAIT_VERSION: {"version": ConnState.READY, "close": ConnState.CLOSED},
+    ConnState.READY: {"close": ConnState.CLOSED},
+    ConnState.CLOSED: {"close": ConnState.CLOSED},
+}
+
+# Per-state command allow-list, checked before dispatch.
+ALLOWED: dict[ConnState, frozenset[w.Command]] = {
+    ConnState.AWAIT_VERSION: frozenset({w.Command.VERSION}),
+    ConnState.READY: frozenset(w.Command) - {w.Command.VERSION} - w.SERVER_TO_CLIENT,
+    ConnState.CLOSED: frozenset(),
+}
+
+# Commands that may carry fds (the rest must not).
+TAKES_FDS = frozenset({w.Command.DMA_MAP, w.Command.DEVICE_SET_IRQS})
+
+
+class Reject(LocalProtocolError):
+    """A request is refused with ``errno``; the reply is header-only with Error set."""
+
+
+def _require(cond: bool, err: int, message: str) -> None:
+    if not cond:
+        raise Reject(message, err)
+
+
+def _fits(offset: int, count: int, size: int) -> bool:
+    return 0 <= offset and 0 <= count and offset + count <= size
+
+
+class ServerConnection:
+    """The server side of one vfio-user client connection."""
+
+    def __init__(
+        self,
+        device: VfioUserDevice,
+        *,
+        notify: Callable[[int], None],
+        transport: MessageTransport | None = None,
+        max_data_xfer_size: int = MAX_DATA_XFER_SIZE,
+        dma_layout: DmaLayout = DmaLayout.QEMU,
+        name: str = "vfio-user",
+    ) -> None:
+        """Args:
+            device: the device this connection exposes.
+            notify: signals an eventfd (the runtime writes 1 to it).
+            transport: reaches client memory mapped without an fd.
+            max_data_xfer_size: our max ``count`` per data message.
+        """
+        self.device = device
+        self.dma_layout = dma_layout
+        self.notify = notify
+        self.name = name
+        self.state = ConnState.AWAIT_VERSION
+        self.max_data_xfer_size = max_data_xfer_size
+        self.client_max_data_xfer_size = w.DEFAULT_MAX_DATA_XFER_SIZE
+        self.client_max_msg_fds = w.DEFAULT_MAX_MSG_FDS
+        self.write_multiple = False
+        self.memory = ClientMemory(max_regions=MAX_DMA_MAPS, transport=transport)
+        self.framer = Framer(max_size=w.HEADER_SIZE + 16 + max(max_data_xfer_size, 1 << 16))
+        # (irq index, sub-index) -> eventfd, for trigger and for mask/unmask notices.
+        self.irq_fds: dict[tuple[int, int], int] = {}
+        self.irq_mask_fds: dict[tuple[int, int, int], int] = {}
+        self.irq_enabled: dict[int, int] = {}  # irq index -> sub-indexes enabled
+        self._out: deque[tuple[bytes, list[int]]] = deque()
+        self._frames: deque[Frame] = deque()
+        self._replies: dict[int, Frame] = {}
+        self._next_id = 0
+        self.counters = {"messages": 0, "errors": 0}
+        self._handlers: dict[w.Command, Callable[[Frame], bytes | tuple[bytes, list[int]]]] = {
+            w.Command.VERSION: self._version,
+            w.Command.DMA_MAP: self._dma_map,
+            w.Command.DMA_UNMAP: self._dma_unmap,
+            w.Command.DEVICE_GET_INFO: self._get_info,
+            w.Command.DEVICE_GET_REGION_INFO: self._get_region_info,
+            w.Command.DEVICE_GET_REGION_IO_FDS: self._get_region_io_fds,
+            w.Command.DEVICE_GET_IRQ_INFO: self._get_irq_info,
+            w.Command.DEVICE_SET_IRQS: self._set_irqs,
+            w.Command.REGION_READ: self._region_read,
+            w.Command.REGION_WRITE: self._region_write,
+            w.Command.DEVICE_RESET: self._reset,
+            w.Command.REGION_WRITE_MULTI: self._write_multi,
+            w.Command.DEVICE_FEATURE: self._unsupported,
+            w.Command.MIG_DATA_READ: self._unsupported,
+            w.Command.MIG_DATA_WRITE: self._unsupported,
+        }
+        device.attach(self.memory, self._signal_irq)
+
+    # ------------------------------------------------------------ I/O surface
+    def bytes_wanted(self) -> int:
+        """The most bytes the runtime may read for the next chunk."""
+        return self.framer.bytes_wanted()
+
+    def receive_data(self, data: bytes, fds: list[int]) -> None:
+        """Feed a chunk read from the socket; b"" means the peer closed.
+
+        Raises:
+            RemoteProtocolError: the stream can no longer be framed; close it.
+        """
+        if not data:
+            for fd in fds:
+                _close(fd)
+            self.close()
+            return
+        self.framer.feed(data, fds)
+        while (frame := self.framer.next_frame()) is not None:
+            if frame.header.flags & w.MSG_TYPE_MASK == w.MSG_TYPE_REPLY and (
+                frame.header.msg_id in self._replies
+            ):
+                self._replies[frame.header.msg_id] = frame
+            else:
+                self._frames.append(frame)
+
+    def process(self) -> None:
+        """Dispatch every complete message; replies go to :meth:`data_to_send`."""
+        while self._frames and self.state is not ConnState.CLOSED:
+            self._dispatch(self._frames.popleft())
+
+    def data_to_send(self) -> list[tuple[bytes, list[int]]]:
+        """Messages to write, each with the fds to pass alongside (then close them)."""
+        out = list(self._out)
+        self._out.clear()
+        return out
+
+    @property
+    def closed(self) -> bool:
+        return self.state is ConnState.CLOSED
+
+    def close(self) -> None:
+        """Client gone: unmap its memory, close its fds, detach the device."""
+        if self.state is ConnState.CLOSED:
+            return
+        self._transition("close")
+        self.framer.close()
+        for frame in self._frames:
+            frame.close_fds()
+        self._frames.clear()
+        for fd in [*self.irq_fds.values(), *self.irq_mask_fds.values()]:
+            _close(fd)
+        self.irq_fds.clear()
+        self.irq_mask_fds.clear()
+        self.memory.unmap_all()
+        self.device.detach()
+
+    # ------------------------------------------------------------ server -> client DMA
+    def dma_request(self, command: w.Command, address: int, data: bytes | int) -> int:
+        """Queue a DMA_READ (``data`` = count) or DMA_WRITE (``data`` = bytes).
+
+        Returns the message id whose reply :meth:`take_reply` will hand back.
+        """
+        msg_id = self._next_id = (self._next_id + 1) & 0xFFFF
+        count = data if isinstance(data, int) else len(data)
+        body = b"" if isinstance(data, int) else data
+        if self.dma_layout is DmaLayout.QEMU:
+            payload = w.QemuDmaAccess(address=address, count=count).pack() + body
+            payload += b"\0" * (4 if body else 0)
+        else:
+            payload = w.DmaAccess(address=address, count=count).pack() + body
+        self._replies[msg_id] = Frame(w.Header(), b"")  # placeholder: awaiting
+        self._out.append((encode(w.Header(msg_id=msg_id, command=command), payload), []))
+        return msg_id
+
+    def dma_reply_data(self, frame: Frame, count: int) -> bytes:
+        """The data of a DMA_READ reply, by this connection's layout.
+
+        Raises:
+            LocalProtocolError: the reply is shorter than its layout requires.
+        """
+        start = w.QemuDmaAccess.SIZE if self.dma_layout is DmaLayout.QEMU else w.DmaAccess.SIZE
+        if len(frame.payload) < start + count:
+            raise LocalProtocolError(f"short DMA_READ reply ({len(frame.payload)} bytes)", errno.EIO)
+        return frame.payload[start:start + count]
+
+    def take_reply(self, msg_id: int) -> Frame | None:
+        """The reply to a :meth:`dma_request` once it has arrived, else None."""
+        frame = self._replies.get(msg_id)
+        if frame is None or not frame.header.flags & w.MsgFlag.REPLY:
+            return None
+        del self._replies[msg_id]
+        return frame
+
+    # ------------------------------------------------------------ dispatch
+    def _transition(self, event: str) -> None:
+        try:
+            self.state = TRANSITIONS[self.state][event]
+        except KeyError:
+            raise LocalProtocolError(f"{self.name}: event {event} not allowed in {self.state.value}") from None
+
+    def _dispatch(self, frame: Frame) -> None:
+        hdr = frame.header
+        self.counters["messages"] += 1
+        no_reply = bool(hdr.flags & w.MsgFlag.NO_REPLY)
+        try:
+            command = self._check_header(frame)
+            result = self._handlers[command](frame)
+            payload, fds = result if isinstance(result, tuple) else (result, [])
+            frame.close_fds()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s msg %#x %s size=%d fds=%d -> ok (%d bytes%s)", self.name, hdr.msg_id,
+                          _cmd_name(hdr.command), hdr.size, len(frame.fds), len(payload),
+                          ", no reply" if no_reply else "")
+            if not no_reply:
+                reply = w.Header(msg_id=hdr.msg_id, command=hdr.command, flags=w.MsgFlag.REPLY)
+                self._out.append((encode(reply, payload), fds))
+            elif fds:
+                for fd in fds:
+                    _close(fd)
+        except (Reject, LocalProtocolError) as exc:
+            frame.close_fds()
+            self.counters["errors"] += 1
+            err = exc.errno or errno.EINVAL
+            log.warning("%s msg %#x %s: %s (errno %d)", self.name, hdr.msg_id,
+                        _cmd_name(hdr.command), exc, err)
+            if not no_reply or frame.oversized:
+                reply = w.Header(msg_id=hdr.msg_id, command=hdr.command,
+                                 flags=w.MsgFlag.REPLY | w.MsgFlag.ERROR, error=err)
+                self._out.append((encode(reply), []))
+            if frame.oversized or (hdr.command == w.Command.VERSION and self.state is ConnState.AWAIT_VERSION):
+                # An unframeable stream, or a failed negotiation, ends the connection
+                # once the error reply is flushed.
+                self.close()
+
+    def _check_header(self, frame: Frame) -> w.Command:
+        hdr = frame.header
+        _require(not frame.oversized, errno.EMSGSIZE, f"message size {hdr.size} exceeds limit")
+        _require(not hdr.flags & w.MSG_FLAGS_RESERVED, errno.EINVAL, f"reserved flags {hdr.flags:#x}")
+        _require(hdr.flags & w.MSG_TYPE_MASK == w.MSG_TYPE_COMMAND, errno.EINVAL,
+                 "unsolicited reply from the client")
+        _require(hdr.error == 0, errno.EINVAL, "error field set in a command")
+        try:
+            command = w.Command(hdr.command)
+        except ValueError:
+            raise Reject(f"unknown command {hdr.command}", errno.EINVAL) from None
+        _require(command in ALLOWED[self.state], errno.EINVAL,
+                 f"{command.name} not allowed in state {self.state.value}")
+        _require(not frame.fds or command in TAKES_FDS, errno.EINVAL,
+                 f"{command.name} takes no fds, got {len(frame.fds)}")
+        return command
+
+    # ------------------------------------------------------------ VERSION
+    def _version(self, frame: Frame) -> bytes:
+        _require(len(frame.payload) >= w.VersionHead.SIZE, errno.EINVAL, "short VERSION")
+        head = w.VersionHead.unpack(frame.payload)
+        _require(head.major == w.VERSION_MAJOR, errno.ENOTSUP, f"major version {head.major}")
+        raw = frame.payload[w.VersionHead.SIZE:]
+        _require(len(raw) <= MAX_VERSION_JSON, errno.E2BIG, "VERSION JSON too large")
+        caps: dict[str, Any] = {}
+        text = raw.split(b"\0", 1)[0]
+        if text.strip():
+            try:
+                doc = json.loads(text.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise Reject(f"VERSION JSON: {exc}", errno.EINVAL) from None
+            _require(isinstance(doc, dict), errno.EINVAL, "VERSION JSON is not an object")
+            caps = doc.get("capabilities", {})
+            _require(isinstance(caps, dict), errno.EINVAL, "capabilities is not an object")
+        self._apply_client_caps(caps)
+        # Only capabilities the client proposed (the spec's subset rule), compact:
+        # QEMU refuses a VERSION reply larger than its own request.
+        ours: dict[str, Any] = {
+            "max_msg_fds": MAX_MSG_FDS,
+            "max_data_xfer_size": self.max_data_xfer_size,
+            "pgsizes": PGSIZE,
+            "max_dma_maps": MAX_DMA_MAPS,
+            "migration": {"pgsize": PGSIZE, "max_bitmap_size": MIG_MAX_BITMAP_SIZE},
+            "write_multiple": self.write_multiple,
+        }
+        reply_caps = {k: v for k, v in ours.items() if k in caps}
+        self._transition("version")
+        body = json.dumps({"capabilities": reply_caps}, separators=(",", ":")).encode() + b"\0"
+        minor = min(head.minor, w.VERSION_MINOR)
+        return w.VersionHead(major=w.VERSION_MAJOR, minor=minor).pack() + body
+
+    def _apply_client_caps(self, caps: dict[str, Any]) -> None:
+        def number(key: str, default: int, lo: int, hi: int) -> int:
+            value = caps.get(key, default)
+            _require(isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi,
+                     errno.EINVAL, f"capability {key}={value!r} out of range")
+            return int(value)
+
+        self.client_max_msg_fds = number("max_msg_fds", w.DEFAULT_MAX_MSG_FDS, 1, 253)
+        self.client_max_data_xfer_size = number(
+            "max_data_xfer_size", w.DEFAULT_MAX_DATA_XFER_SIZE, 1, 1 << 30)
+        number("max_dma_maps", w.DEFAULT_MAX_DMA_MAPS, 1, 1 << 31)
+        pgsizes = number("pgsizes", w.DEFAULT_PGSIZES, 1, (1 << 63) - 1)
+        _require(bool(pgsizes & PGSIZE), errno.EINVAL, f"client pgsizes {pgsizes:#x} lack 4 KiB")
+        wm = caps.get("write_multiple", False)
+        _require(isinstance(wm, bool), errno.EINVAL, "write_multiple is not a boolean")
+        self.write_multiple = wm
+        mig = caps.get("migration", {})
+        _require(isinstance(mig, dict), errno.EINVAL, "migration capability is not an object")
+
+    # ------------------------------------------------------------ DMA map / unmap
+    def _dma_map(self, frame: Frame) -> bytes:
+        _require(len(frame.payload) == w.DmaMap.SIZE, errno.EINVAL, "DMA_MAP payload size")
+        req = w.DmaMap.unpack(frame.payload)
+        _require(req.argsz == w.DmaMap.SIZE, errno.EINVAL, f"DMA_MAP argsz {req.argsz}")
+        _require(not req.flags & w.DMA_MAP_FLAGS_RESERVED, errno.EINVAL, f"DMA_MAP flags {req.flags:#x}")
+        _require(len(frame.fds) <= 1, errno.EINVAL, "DMA_MAP with more than one fd")
+        _require(req.address % PGSIZE == 0 and req.size % PGSIZE == 0 and req.size > 0,
+                 errno.EINVAL, f"DMA_MAP {req.address:#x}+{req.size:#x} not page aligned")
+        _require(req.offset % PGSIZE == 0, errno.EINVAL, f"DMA_MAP offset {req.offset:#x}")
+        fd = frame.fds.pop() if frame.fds else None
+        try:
+            self.memory.map(req.address, req.size, fd=fd, fd_offset=req.offset if fd is not None else 0,
+                            readable=bool(req.flags & w.DmaMapFlag.READ),
+                            writable=bool(req.flags & w.DmaMapFlag.WRITE))
+        except MapError as exc:
+            raise Reject(str(exc), exc.errno) from None
+        return b""
+
+    def _dma_unmap(self, frame: Frame) -> bytes:
+        _require(len(frame.payload) == w.DmaUnmap.SIZE, errno.EINVAL, "DMA_UNMAP payload size")
+        req = w.DmaUnmap.unpack(frame.payload)
+        _require(req.argsz >= w.DmaUnmap.SIZE, errno.EINVAL, f"DMA_UNMAP argsz {req.argsz}")
+        known = w.DmaUnmapFlag.ALL | w.DmaUnmapFlag.GET_DIRTY_BITMAP
+        _require(not req.flags & ~known, errno.EINVAL, f"DMA_UNMAP flags {req.flags:#x}")
+        _require(not req.flags & w.DmaUnmapFlag.GET_DIRTY_BITMAP, errno.ENOTSUP,
+                 "DMA_UNMAP dirty bitmap (use DMA_LOGGING_REPORT)")
+        if req.flags & w.DmaUnmapFlag.ALL:
+            _require(req.address == 0 and req.size == 0, errno.EINVAL, "UNMAP ALL with a range")
+            self.memory.unmap_all()
+        else:
+            try:
+                self.memory.unmap(req.address, req.size)
+            except MapError as exc:
+                raise Reject(str(exc), exc.errno) from None
+        return req.replace(argsz=w.DmaUnmap.SIZE).pack()
+
+    # ------------------------------------------------------------ device info
+    def _get_info(self, frame: Frame) -> bytes:
+        _require(len(frame.payload) == w.DeviceInfo.SIZE, errno.EINVAL, "GET_INFO payload size")
+        req = w.DeviceInfo.unpack(frame.payload)
+        _require(req.argsz >= w.DeviceInfo.SIZE, errno.EINVAL, f"GET_INFO argsz {req.argsz}")
+        return w.DeviceInfo(flags=w.DeviceFlag.RESET | w.DeviceFlag.PCI,
+                            num_regions=w.PCI_NUM_REGIONS, num_irqs=w.PCI_NUM_IRQS).pack()
+
+    def _get_region_info(self, frame: Frame) -> tuple[bytes, list[int]]:
+        _require(len(frame.payload) == w.RegionInfo.SIZE, errno.EINVAL, "GET_REGION_INFO payload size")
+        req = w.RegionInfo.unpack(frame.payload)
+        _require(req.argsz >= w.RegionInfo.SIZE, errno.EINVAL, f"GET_REGION_INFO argsz {req.argsz}")
+        _require(req.index < w.PCI_NUM_REGIONS, errno.EINVAL, f"region index {req.index}")
+        desc = self.device.region(req.index)
+        flags = (w.RegionFlag.READ if desc.readable else 0) | (w.RegionFlag.WRITE if desc.writable else 0)
+        caps = b""
+        if desc.mmap_areas and desc.mmap_fd is not None:
+            flags |= w.RegionFlag.MMAP | w.RegionFlag.CAPS
+            caps = (
+                w.CapHeader(id=w.CAP_SPARSE_MMAP, version=1, next=0).pack()
+                + w.SparseMmapHead(nr_areas=len(desc.mmap_areas)).pack()
+                + b"".join(w.SparseMmapArea(offset=o, size=s).pack() for o, s in desc.mmap_areas)
+            )
+        full = w.RegionInfo.SIZE + len(caps)
+        info = w.RegionInfo(argsz=full, flags=flags, index=req.index, size=desc.size, offset=0)
+        if req.argsz < full:
+            # The spec: argsz says what is needed; the caps (and fd) are left out.
+            return info.replace(cap_offset=0).pack(), []
+        if caps:
+            info.cap_offset = w.RegionInfo.SIZE
+        fds = [desc.mmap_fd] if flags & w.RegionFlag.MMAP and desc.mmap_fd is not None else []
+        return info.pack() + caps, fds
+
+    def _get_region_io_fds(self, frame: Frame) -> bytes:
+        _require(len(frame.payload) == w.RegionIoFds.SIZE, errno.EINVAL, "GET_REGION_IO_FDS payload size")
+        req = w.RegionIoFds.unpack(frame.payload)
+        _require(req.argsz >= w.RegionIoFds.SIZE, errno.EINVAL, f"GET_REGION_IO_FDS argsz {req.argsz}")
+        _require(req.flags == 0 and req.count == 0, errno.EINVAL, "GET_REGION_IO_FDS fields must be 0")
+        _require(req.index < w.PCI_NUM_REGIONS and self.device.region(req.index).size > 0,
+                 errno.EINVAL, f"region index {req.index}")
+        # No sub-region is offered as an ioeventfd: without KVM, QEMU forwards
+        # every access itself, and doorbells are reached by mmap instead.
+        return w.RegionIoFds(argsz=w.RegionIoFds.SIZE, index=req.index, count=0).pack()
+
+    def _get_irq_info(self, frame: Frame) -> bytes:
+        _require(len(frame.payload) == w.IrqInfo.SIZE, errno.EINVAL, "GET_IRQ_INFO payload size")
+        req = w.IrqInfo.unpack(frame.payload)
+        _require(req.argsz >= w.IrqInfo.SIZE, errno.EINVAL, f"GET_IRQ_INFO argsz {req.argsz}")
+        _require(req.index < w.PCI_NUM_IRQS, errno.EINVAL, f"irq index {req.index}")
+        desc = self.device.irq(req.index)
+        flags = w.IrqInfoFlag.EVENTFD
+        flags |= w.IrqInfoFlag.MASKABLE if desc.maskable else 0
+        flags |= w.IrqInfoFlag.AUTOMASKED if desc.automasked else 0
+        flags |= w.IrqInfoFlag.NORESIZE if desc.noresize else 0
+        return w.IrqInfo(flags=flags, index=req.index, count=desc.count).pack()
+
+    # ------------------------------------------------------------ interrupts
+    def _set_irqs(self, frame: Frame) -> bytes:
+        _require(len(frame.payload) >= w.IrqSet.SIZE, errno.EINVAL, "SET_IRQS payload size")
+        req = w.IrqSet.unpack(frame.payload)
+        data = frame.payload[w.IrqSet.SIZE:]
+        _require(req.argsz == len(frame.payload), errno.EINVAL,
+                 f"SET_IRQS argsz {req.argsz} != payload {len(frame.payload)}")
+        _require(not req.flags & w.IRQ_SET_FLAGS_RESERVED, errno.EINVAL, f"SET_IRQS flags {req.flags:#x}")
+        dflag = req.flags & w.IRQ_SET_DATA_MASK
+        action = req.flags & w.IRQ_SET_ACTION_MASK
+        _require(dflag.bit_count() == 1 and action.bit_count() == 1, errno.EINVAL,
+                 f"SET_IRQS needs one data and one action flag, got {req.flags:#x}")
+        _require(req.index < w.PCI_NUM_IRQS, errno.EINVAL, f"irq index {req.index}")
+        total = self.device.irq(req.index).count
+        disable_all = dflag == w.IrqSetFlag.DATA_NONE and req.count == 0 and req.start == 0
+        _require(disable_all or (req.count > 0 and _fits(req.start, req.count, total)),
+                 errno.EINVAL, f"irq range {req.start}+{req.count} of {total}")
+        fds = frame.fds
+        _require(dflag == w.IrqSetFlag.DATA_EVENTFD or not fds, errno.EINVAL, "fds without DATA_EVENTFD")
+        if dflag == w.IrqSetFlag.DATA_BOOL:
+            _require(len(data) == req.count, errno.EINVAL, "SET_IRQS bool data size")
+            selected = [i for i in range(req.count) if data[i]]
+        else:
+            _require(not data, errno.EINVAL, "SET_IRQS data with no DATA_BOOL")
+            selected = list(range(req.count))
+
+        if disable_all:
+            if action == w.IrqSetFlag.ACTION_TRIGGER:
+                self.irq_enabled[req.index] = 0
+                self._set_irq_fds(req.index, 0, total, [])
+            return b""
+        if dflag == w.IrqSetFlag.DATA_EVENTFD:
+            _require(len(fds) in (0, req.count), errno.EINVAL,
+                     f"SET_IRQS {len(fds)} fds for {req.count} irqs")
+            if action == w.IrqSetFlag.ACTION_TRIGGER:
+                # A trigger enables the sub-indexes even without fds: QEMU enables
+                # MSI-X with {start 0, count 1, no fd} before any vector is unmasked.
+                enabled = max(self.irq_enabled.get(req.index, 0), req.start + req.count)
+                self.irq_enabled[req.index] = enabled
+                self._set_irq_fds(req.index, req.start, req.count, fds)
+            else:
+                kind = int(action)
+                for i in range(req.count):
+                    old = self.irq_mask_fds.pop((kind, req.index, req.start + i), None)
+                    if old is not None:
+                        _close(old)
+                    if fds:
+                        self.irq_mask_fds[(kind, req.index, req.start + i)] = fds[i]
+            frame.fds = []  # ownership moved
+            return b""
+        subs = [req.start + i for i in selected]
+        if action == w.IrqSetFlag.ACTION_TRIGGER:
+            for sub in subs:
+                self._signal_irq(req.index, sub)
+        else:
+            masked = action == w.IrqSetFlag.ACTION_MASK
+            for sub in subs:
+                self.device.irq_mask(req.index, sub, 1, masked)
+                notice = self.irq_mask_fds.get((int(action), req.index, sub))
+                if notice is not None:
+                    self.notify(notice)
+        return b""
+
+    def _set_irq_fds(self, index: int, start: int, count: int, fds: list[int]) -> None:
+        for i in range(count):
+            old = self.irq_fds.pop((index, start + i), None)
+            if old is not None:
+                _close(old)
+            if fds:
+                self.irq_fds[(index, start + i)] = fds[i]
+        self.device.set_irq_count(index, self.irq_enabled.get(index, 0))
+        self.device.irqs_configured(index)
+
+    def _signal_irq(self, index: int, sub: int) -> bool:
+        fd = self.irq_fds.get((index, sub))
+        if fd is None:
+            return False
+        self.notify(fd)
+        return True
+
+    def irq_count(self, index: int) -> int:
+        """How many eventfds the client set for irq ``index``."""
+        return sum(1 for (i, _) in self.irq_fds if i == index)
+
+    # ------------------------------------------------------------ region access
+    def _check_region(self, index: int, offset: int, count: int, write: bool) -> None:
+        _require(index < w.PCI_NUM_REGIONS, errno.EINVAL, f"region index {index}")
+        desc = self.device.region(index)
+        _require(desc.size > 0, errno.EINVAL, f"region {index} is absent")
+        _require(desc.writable if write else desc.readable, errno.EACCES,
+                 f"region {index} not {'writable' if write else 'readable'}")
+        _require(0 < count <= self.max_data_xfer_size, errno.EINVAL, f"count {count}")
+        _require(_fits(offset, count, desc.size), errno.EINVAL,
+                 f"region {index} access {offset:#x}+{count} beyond size {desc.size:#x}")
+
+    def _region_read(self, frame: Frame) -> bytes:
+        _require(len(frame.payload) == w.RegionAccess.SIZE, errno.EINVAL, "REGION_READ payload size")
+        req = w.RegionAccess.unpack(frame.payload)
+        self._check_region(req.region, req.offset, req.count, write=False)
+        data = self.device.region_read(req.region, req.offset, req.count)
+        return frame.payload + data
+
+    def _region_write(self, frame: Frame) -> bytes:
+        _require(len(frame.payload) >= w.RegionAccess.SIZE, errno.EINVAL, "REGION_WRITE payload size")
+        req = w.RegionAccess.unpack(frame.payload)
+        _require(len(frame.payload) == w.RegionAccess.SIZE + req.count, errno.EINVAL,
+                 f"REGION_WRITE count {req.count} != data {len(frame.payload) - w.RegionAccess.SIZE}")
+        self._check_region(req.region, req.offset, req.count, write=True)
+        self.device.region_write(req.region, req.offset, frame.payload[w.RegionAccess.SIZE:])
+        return frame.payload[:w.RegionAccess.SIZE]
+
+    def _write_multi(self, frame: Frame) -> bytes:
+        _require(self.write_multiple, errno.ENOTSUP, "write_multiple was not negotiated")
+        _require(len(frame.payload) >= w.WriteMultiHead.SIZE, errno.EINVAL, "WRITE_MULTI payload size")
+        n = w.WriteMultiHead.unpack(frame.payload).wr_cnt
+        _require(0 < n <= MAX_WRITE_MULTI, errno.EINVAL, f"WRITE_MULTI wr_cnt {n}")
+        _require(len(frame.payload) == w.WriteMultiHead.SIZE + n * w.WriteMultiEntry.SIZE,
+                 errno.EINVAL, "WRITE_MULTI payload does not match wr_cnt")
+        entries = [w.WriteMultiEntry.unpack(frame.payload, w.WriteMultiHead.SIZE + i * w.WriteMultiEntry.SIZE)
+                   for i in range(n)]
+        for e in entries:  # validate all before applying any
+            _require(e.count in (1, 2, 4, 8), errno.EINVAL, f"WRITE_MULTI count {e.count}")
+            self._check_region(e.region, e.offset, e.count, write=True)
+        for e in entries:
+            self.device.region_write(e.region, e.offset, e.data[:e.count])
+        return w.WriteMultiHead(wr_cnt=n).pack()
+
+    # ------------------------------------------------------------ reset, the rest
+    def _reset(self, frame: Frame) -> bytes:
+        _require(not frame.payload, errno.EINVAL, "DEVICE_RESET takes no payload")
+        self.device.reset()
+        return b""
+
+    def _unsupported(self, frame: Frame) -> bytes:
+        raise Reject(f"{_cmd_name(frame.header.command)} is not supported", errno.ENOTSUP)
+
+
+def _cmd_name(command: int) -> str:
+    try:
+        return w.Command(command).name
+    except ValueError:
+        return f"cmd{command}"
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+

@@ -1,0 +1,273 @@
+"""vfio-user wire declarations (qemu/qemu docs/interop/vfio-user.rst).
+
+Every structure is declared once with the size the spec gives; offsets in the
+comments are those of the spec's tables, counted from the end of the 16-byte
+header.  All fields are in host byte order, which for this project is x86-64
+little-endian ("In this revision, all data is in the endianness of the host").
+"""
+
+from __future__ import annotations
+
+import enum
+
+from appliance.wire import Struct
+
+HEADER_SIZE = 16
+VERSION_MAJOR = 0
+VERSION_MINOR = 0  # QEMU 11.1 proposes 0.0.
+
+# Defaults the spec gives when a capability is absent ("Version" section).
+DEFAULT_MAX_MSG_FDS = 1
+DEFAULT_MAX_DATA_XFER_SIZE = 1 << 20
+DEFAULT_MAX_DMA_MAPS = 65535
+DEFAULT_PGSIZES = 4096
+
+
+class Command(enum.IntEnum):
+    """Message command ids ("Commands" table)."""
+
+    VERSION = 1
+    DMA_MAP = 2
+    DMA_UNMAP = 3
+    DEVICE_GET_INFO = 4
+    DEVICE_GET_REGION_INFO = 5
+    DEVICE_GET_REGION_IO_FDS = 6
+    DEVICE_GET_IRQ_INFO = 7
+    DEVICE_SET_IRQS = 8
+    REGION_READ = 9
+    REGION_WRITE = 10
+    DMA_READ = 11
+    DMA_WRITE = 12
+    DEVICE_RESET = 13
+    REGION_WRITE_MULTI = 15
+    DEVICE_FEATURE = 16
+    MIG_DATA_READ = 17
+    MIG_DATA_WRITE = 18
+
+
+SERVER_TO_CLIENT = frozenset({Command.DMA_READ, Command.DMA_WRITE})
+
+
+class MsgFlag(enum.IntFlag):
+    """Header flags: bits 0-3 type, bit 4 No_reply, bit 5 Error."""
+
+    REPLY = 0x1
+    NO_REPLY = 0x10
+    ERROR = 0x20
+
+
+MSG_TYPE_MASK = 0xF
+MSG_TYPE_COMMAND = 0x0
+MSG_TYPE_REPLY = 0x1
+MSG_FLAGS_RESERVED = ~(MSG_TYPE_MASK | MsgFlag.NO_REPLY | MsgFlag.ERROR) & 0xFFFFFFFF
+
+
+class Header(Struct, size=HEADER_SIZE):
+    FIELDS = (
+        ("msg_id", "H", 0),
+        ("command", "H", 0),
+        ("size", "I", HEADER_SIZE),  # whole message, header included
+        ("flags", "I", 0),
+        ("error", "I", 0),  # errno in an error reply; reserved in a command
+    )
+
+
+class VersionHead(Struct, size=4):
+    FIELDS = (("major", "H", VERSION_MAJOR), ("minor", "H", VERSION_MINOR))
+
+
+class DmaMapFlag(enum.IntFlag):
+    READ = 0x1
+    WRITE = 0x2
+
+
+DMA_MAP_FLAGS_RESERVED = ~(DmaMapFlag.READ | DmaMapFlag.WRITE) & 0xFFFFFFFF
+
+
+class DmaMap(Struct, size=32):
+    FIELDS = (
+        ("argsz", "I", 32),
+        ("flags", "I", 0),
+        ("offset", "Q", 0),  # file offset for the fd, 0 when not mappable
+        ("address", "Q", 0),
+        ("size", "Q", 0),
+    )
+
+
+class DmaUnmapFlag(enum.IntFlag):
+    """VFIO_DMA_UNMAP_FLAG_* from <linux/vfio.h> that a client may set."""
+
+    GET_DIRTY_BITMAP = 0x1
+    ALL = 0x2
+
+
+class DmaUnmap(Struct, size=24):
+    FIELDS = (("argsz", "I", 24), ("flags", "I", 0), ("address", "Q", 0), ("size", "Q", 0))
+
+
+class DeviceFlag(enum.IntFlag):
+    RESET = 0x1
+    PCI = 0x2
+
+
+class DeviceInfo(Struct, size=16):
+    FIELDS = (("argsz", "I", 16), ("flags", "I", 0), ("num_regions", "I", 0), ("num_irqs", "I", 0))
+
+
+class RegionFlag(enum.IntFlag):
+    READ = 0x1
+    WRITE = 0x2
+    MMAP = 0x4
+    CAPS = 0x8
+
+
+class RegionInfo(Struct, size=32):
+    FIELDS = (
+        ("argsz", "I", 32),
+        ("flags", "I", 0),
+        ("index", "I", 0),
+        ("cap_offset", "I", 0),
+        ("size", "Q", 0),
+        ("offset", "Q", 0),
+    )
+
+
+class CapHeader(Struct, size=8):
+    FIELDS = (("id", "H", 0), ("version", "H", 0), ("next", "I", 0))
+
+
+CAP_SPARSE_MMAP = 1  # VFIO_REGION_INFO_CAP_SPARSE_MMAP
+CAP_TYPE = 2  # VFIO_REGION_INFO_CAP_TYPE
+
+
+class SparseMmapHead(Struct, size=8):
+    FIELDS = (("nr_areas", "I", 0), ("reserved", "I", 0))
+
+
+class SparseMmapArea(Struct, size=16):
+    FIELDS = (("offset", "Q", 0), ("size", "Q", 0))
+
+
+class RegionIoFds(Struct, size=16):
+    FIELDS = (("argsz", "I", 16), ("flags", "I", 0), ("index", "I", 0), ("count", "I", 0))
+
+
+class IoFdType(enum.IntEnum):
+    IOEVENTFD = 0
+    IOREGIONFD = 1
+
+
+class SubRegionIoFd(Struct, size=40):
+    FIELDS = (
+        ("offset", "Q", 0),
+        ("size", "Q", 0),
+        ("fd_index", "I", 0),
+        ("type", "I", 0),
+        ("flags", "I", 0),
+        ("padding", "I", 0),
+        ("datamatch", "Q", 0),
+    )
+
+
+class IrqInfoFlag(enum.IntFlag):
+    EVENTFD = 0x1
+    MASKABLE = 0x2
+    AUTOMASKED = 0x4
+    NORESIZE = 0x8
+
+
+class IrqInfo(Struct, size=16):
+    FIELDS = (("argsz", "I", 16), ("flags", "I", 0), ("index", "I", 0), ("count", "I", 0))
+
+
+class IrqSetFlag(enum.IntFlag):
+    DATA_NONE = 0x1
+    DATA_BOOL = 0x2
+    DATA_EVENTFD = 0x4
+    ACTION_MASK = 0x8
+    ACTION_UNMASK = 0x10
+    ACTION_TRIGGER = 0x20
+
+
+IRQ_SET_DATA_MASK = IrqSetFlag.DATA_NONE | IrqSetFlag.DATA_BOOL | IrqSetFlag.DATA_EVENTFD
+IRQ_SET_ACTION_MASK = IrqSetFlag.ACTION_MASK | IrqSetFlag.ACTION_UNMASK | IrqSetFlag.ACTION_TRIGGER
+IRQ_SET_FLAGS_RESERVED = ~(IRQ_SET_DATA_MASK | IRQ_SET_ACTION_MASK) & 0xFFFFFFFF
+
+
+class IrqSet(Struct, size=20):
+    FIELDS = (
+        ("argsz", "I", 20),
+        ("flags", "I", 0),
+        ("index", "I", 0),
+        ("start", "I", 0),
+        ("count", "I", 0),
+    )
+
+
+class RegionAccess(Struct, size=16):
+    """REGION_READ / REGION_WRITE head; data follows for writes and read replies."""
+
+    FIELDS = (("offset", "Q", 0), ("region", "I", 0), ("count", "I", 0))
+
+
+class DmaAccess(Struct, size=16):
+    """DMA_READ / DMA_WRITE head as the spec gives it (count is 8 bytes)."""
+
+    FIELDS = (("address", "Q", 0), ("count", "Q", 0))
+
+
+class QemuDmaAccess(Struct, size=12):
+    """DMA_READ / DMA_WRITE head as QEMU 11 lays it out (u32 count, data at 12)."""
+
+    FIELDS = (("address", "Q", 0), ("count", "I", 0))
+
+
+class WriteMultiHead(Struct, size=8):
+    FIELDS = (("wr_cnt", "Q", 0),)
+
+
+class WriteMultiEntry(Struct, size=24):
+    """One coalesced write: at most 8 bytes of data, padded to 8."""
+
+    FIELDS = (("offset", "Q", 0), ("region", "I", 0), ("count", "I", 0), ("data", "8s", b""))
+
+
+class DeviceFeatureHead(Struct, size=8):
+    FIELDS = (("argsz", "I", 8), ("flags", "I", 0))
+
+
+FEATURE_INDEX_MASK = 0xFFFF
+FEATURE_GET = 1 << 16
+FEATURE_SET = 1 << 17
+FEATURE_PROBE = 1 << 18
+
+
+class MigDataHead(Struct, size=8):
+    FIELDS = (("argsz", "I", 8), ("size", "I", 0))
+
+
+# VFIO PCI region and irq indexes (<linux/vfio.h>).
+class PciRegion(enum.IntEnum):
+    BAR0 = 0
+    BAR1 = 1
+    BAR2 = 2
+    BAR3 = 3
+    BAR4 = 4
+    BAR5 = 5
+    ROM = 6
+    CONFIG = 7
+    VGA = 8
+
+
+PCI_NUM_REGIONS = 9
+
+
+class PciIrq(enum.IntEnum):
+    INTX = 0
+    MSI = 1
+    MSIX = 2
+    ERR = 3
+    REQ = 4
+
+
+PCI_NUM_IRQS = 5

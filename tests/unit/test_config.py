@@ -1,0 +1,53 @@
+"""Configuration: embedded defaults work; every bad key names its path."""
+
+import pytest
+
+from appliance import config
+from appliance.errors import ConfigError
+
+
+def test_defaults(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    cfg = config.load()
+    assert cfg["storage"]["socket"] == str(tmp_path / "run" / "appliance" / "nvme.sock")
+    ns = cfg["storage"]["namespaces"][0]
+    assert ns["image"] == str(tmp_path / "data" / "appliance" / "disk0.img")
+    assert ns["size"] == 1 << 30 and ns["block_size"] == 512
+    assert cfg["net"]["responder"]["ip"] == "10.0.2.2/24"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("storage: {sockett: x}", "storage.sockett: unknown key"),
+    ("storage: {namespaces: [{image: a, block_size: 1000}]}",
+     "storage.namespaces[0].block_size: must be one of 512, 4096"),
+    ("storage: {namespaces: [{image: a, size: -3}]}", "storage.namespaces[0].size:"),
+    ("net: {ports: [{socket: a, mac: 'zz'}]}", "net.ports[0].mac: must be a MAC"),
+    ("net: {responder: {ip: 300.1.1.1}}", "net.responder.ip:"),
+    ("net: {responder: {udp_echo_port: 70000}}", "net.responder.udp_echo_port:"),
+    ("trace: yes please", "trace: must be true or false"),
+    ("[1, 2]", "config: must be a mapping"),
+    ("storage: {namespaces: [{size: 1G}]}", "storage.namespaces[0].image: required"),
+    ("storage: {socket: /x}\ncontrol: {socket: /x}", "control.socket: same socket path"),
+])
+def test_errors_name_the_key(tmp_path, text: str, message: str) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.load(str(f))
+    assert message in str(info.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("storage: [\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        config.load(str(f))
+    with pytest.raises(ConfigError, match="No such file"):
+        config.load(str(tmp_path / "missing.yaml"))
+
+
+def test_sizes() -> None:
+    assert config.size("x", "512M") == 512 << 20
+    assert config.size("x", "1GiB") == 1 << 30
+    assert config.size("x", 4096) == 4096
