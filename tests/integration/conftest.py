@@ -1,0 +1,54 @@
+"""Fixtures for QEMU integration tests (harness in qemu.py, next to this file).
+
+``qemu_env`` locates the provisioned environment (skip, or fail when
+APPLIANCE_REQUIRE_INTEGRATION=1). ``guest_factory`` starts guests whose console logs
+land in the test's tmp_path and kills them all at teardown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu import Guest, GuestFactory, QemuEnv
+from qemu import qemu_env as _locate_qemu_env
+
+
+@pytest.fixture(scope="session")
+def qemu_env() -> QemuEnv:
+    """The provisioned QEMU environment."""
+    return _locate_qemu_env()
+
+
+@pytest.fixture
+def guest_factory(
+    qemu_env: QemuEnv, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[GuestFactory]:
+    """``guest_factory(**Guest kwargs) -> Guest``: a started guest, killed at teardown.
+
+    Logs are ``tmp_path/guestN.log``; on failure their paths are printed.
+    """
+    guests: list[Guest] = []
+
+    def make(**kwargs: Any) -> Guest:
+        kwargs.setdefault("name", f"guest{len(guests)}")
+        g = Guest(qemu_env, tmp_path, **kwargs)
+        guests.append(g)
+        return g.start()
+
+    yield make
+    for g in guests:
+        g.kill()
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for g in guests:
+            print(f"console log: {g.log_path}")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    rep = yield
+    setattr(item, "rep_" + rep.when, rep)
+    return rep
