@@ -31,7 +31,8 @@ class EventLoop:
         self._timers: list[tuple[float, int, Callback]] = []
         self._seq = itertools.count()
         self._stopping = False
-        self._idle: list[Callback] = []
+        self._idle: list[Callable[[], object]] = []
+        self._busy = False
 
     def add_reader(self, fd: int, callback: Callback) -> None:
         """Call ``callback`` whenever ``fd`` is readable."""
@@ -56,8 +57,12 @@ class EventLoop:
 
         self.call_later(period, tick)
 
-    def add_idle(self, callback: Callback) -> None:
-        """Run ``callback`` after every pass of the loop (cheap pollers)."""
+    def add_idle(self, callback: Callable[[], object]) -> None:
+        """Run ``callback`` after every pass of the loop (cheap pollers).
+
+        A truthy return means "did work": the next pass polls without blocking,
+        so a poller with more to do is called again at once.
+        """
         self._idle.append(callback)
 
     def stop(self) -> None:
@@ -84,7 +89,7 @@ class EventLoop:
             self.run_once()
 
     def run_once(self, max_wait: float | None = None) -> None:
-        timeout = max_wait
+        timeout = 0.0 if self._busy else max_wait
         if self._timers:
             due = max(0.0, self._timers[0][0] - time.monotonic())
             timeout = due if timeout is None else min(timeout, due)
@@ -101,8 +106,13 @@ class EventLoop:
                 callback()
             except Exception:
                 log.exception("timer callback failed")
-        for callback in self._idle:
-            callback()
+        busy = False
+        for poller in self._idle:
+            try:
+                busy = bool(poller()) or busy
+            except Exception:
+                log.exception("idle poller failed")
+        self._busy = busy
 
     def close(self) -> None:
         self.selector.close()

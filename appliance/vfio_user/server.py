@@ -29,7 +29,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from appliance.errors import LocalProtocolError
 from appliance.memory import ClientMemory, MapError, MessageTransport
@@ -83,6 +83,16 @@ ALLOWED: dict[ConnState, frozenset[w.Command]] = {
 
 # Commands that may carry fds (the rest must not).
 TAKES_FDS = frozenset({w.Command.DMA_MAP, w.Command.DEVICE_SET_IRQS})
+
+
+class MigrationHandler(Protocol):
+    """Commands 16-18 for one connection (see appliance.vfio_user.migration)."""
+
+    def handle(self, command: w.Command, payload: bytes) -> bytes:
+        """Answer DEVICE_FEATURE / MIG_DATA_READ / MIG_DATA_WRITE; raise Reject(errno)."""
+
+    def allows(self, command: w.Command) -> bool:
+        """Whether ``command`` may run in the current migration state."""
 
 
 class Reject(LocalProtocolError):
@@ -150,10 +160,14 @@ class ServerConnection:
             w.Command.REGION_WRITE: self._region_write,
             w.Command.DEVICE_RESET: self._reset,
             w.Command.REGION_WRITE_MULTI: self._write_multi,
-            w.Command.DEVICE_FEATURE: self._unsupported,
-            w.Command.MIG_DATA_READ: self._unsupported,
-            w.Command.MIG_DATA_WRITE: self._unsupported,
+            w.Command.DEVICE_FEATURE: self._migration_command,
+            w.Command.MIG_DATA_READ: self._migration_command,
+            w.Command.MIG_DATA_WRITE: self._migration_command,
         }
+        # Commands 16-18 go to the migration handler when the device offers one
+        # (appliance.vfio_user.migration); without it they are "not supported".
+        factory = getattr(device, "migration_handler", None)
+        self.migration: MigrationHandler | None = factory(self.memory) if factory else None
         device.attach(self.memory, self._signal_irq)
 
     # ------------------------------------------------------------ I/O surface
@@ -222,8 +236,9 @@ class ServerConnection:
         count = data if isinstance(data, int) else len(data)
         body = b"" if isinstance(data, int) else data
         if self.dma_layout is DmaLayout.QEMU:
-            payload = w.QemuDmaAccess(address=address, count=count).pack() + body
-            payload += b"\0" * (4 if body else 0)
+            # QEMU wants at least sizeof(VFIOUserDMARW) = 32 bytes: 4 bytes of tail
+            # padding after the data (none for a read), or it answers EINVAL.
+            payload = w.QemuDmaAccess(address=address, count=count).pack() + body + b"\0" * 4
         else:
             payload = w.DmaAccess(address=address, count=count).pack() + body
         self._replies[msg_id] = Frame(w.Header(), b"")  # placeholder: awaiting
@@ -303,6 +318,8 @@ class ServerConnection:
             raise Reject(f"unknown command {hdr.command}", errno.EINVAL) from None
         _require(command in ALLOWED[self.state], errno.EINVAL,
                  f"{command.name} not allowed in state {self.state.value}")
+        _require(self.allowed_in_migration_state(command), errno.EBUSY,
+                 f"{command.name} not allowed in this migration state")
         _require(not frame.fds or command in TAKES_FDS, errno.EINVAL,
                  f"{command.name} takes no fds, got {len(frame.fds)}")
         return command
@@ -384,7 +401,7 @@ class ServerConnection:
         req = w.DmaUnmap.unpack(frame.payload)
         _require(req.argsz >= w.DmaUnmap.SIZE, errno.EINVAL, f"DMA_UNMAP argsz {req.argsz}")
         known = w.DmaUnmapFlag.ALL | w.DmaUnmapFlag.GET_DIRTY_BITMAP
-        _require(not req.flags & ~known, errno.EINVAL, f"DMA_UNMAP flags {req.flags:#x}")
+        _require(not req.flags & ~int(known), errno.EINVAL, f"DMA_UNMAP flags {req.flags:#x}")
         _require(not req.flags & w.DmaUnmapFlag.GET_DIRTY_BITMAP, errno.ENOTSUP,
                  "DMA_UNMAP dirty bitmap (use DMA_LOGGING_REPORT)")
         if req.flags & w.DmaUnmapFlag.ALL:
@@ -586,8 +603,14 @@ class ServerConnection:
         self.device.reset()
         return b""
 
-    def _unsupported(self, frame: Frame) -> bytes:
-        raise Reject(f"{_cmd_name(frame.header.command)} is not supported", errno.ENOTSUP)
+    def _migration_command(self, frame: Frame) -> bytes:
+        if self.migration is None:
+            raise Reject(f"{_cmd_name(frame.header.command)} is not supported", errno.ENOTSUP)
+        return self.migration.handle(w.Command(frame.header.command), frame.payload)
+
+    def allowed_in_migration_state(self, command: w.Command) -> bool:
+        """The migration state's command allow-list (all commands without migration)."""
+        return self.migration is None or self.migration.allows(command)
 
 
 def _cmd_name(command: int) -> str:

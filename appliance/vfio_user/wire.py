@@ -59,7 +59,8 @@ class MsgFlag(enum.IntFlag):
 MSG_TYPE_MASK = 0xF
 MSG_TYPE_COMMAND = 0x0
 MSG_TYPE_REPLY = 0x1
-MSG_FLAGS_RESERVED = ~(MSG_TYPE_MASK | MsgFlag.NO_REPLY | MsgFlag.ERROR) & 0xFFFFFFFF
+# int() first: ~ on an IntFlag complements within its members only.
+MSG_FLAGS_RESERVED = ~(MSG_TYPE_MASK | int(MsgFlag.NO_REPLY) | int(MsgFlag.ERROR)) & 0xFFFFFFFF
 
 
 class Header(Struct, size=HEADER_SIZE):
@@ -81,7 +82,7 @@ class DmaMapFlag(enum.IntFlag):
     WRITE = 0x2
 
 
-DMA_MAP_FLAGS_RESERVED = ~(DmaMapFlag.READ | DmaMapFlag.WRITE) & 0xFFFFFFFF
+DMA_MAP_FLAGS_RESERVED = ~int(DmaMapFlag.READ | DmaMapFlag.WRITE) & 0xFFFFFFFF
 
 
 class DmaMap(Struct, size=32):
@@ -191,7 +192,7 @@ class IrqSetFlag(enum.IntFlag):
 
 IRQ_SET_DATA_MASK = IrqSetFlag.DATA_NONE | IrqSetFlag.DATA_BOOL | IrqSetFlag.DATA_EVENTFD
 IRQ_SET_ACTION_MASK = IrqSetFlag.ACTION_MASK | IrqSetFlag.ACTION_UNMASK | IrqSetFlag.ACTION_TRIGGER
-IRQ_SET_FLAGS_RESERVED = ~(IRQ_SET_DATA_MASK | IRQ_SET_ACTION_MASK) & 0xFFFFFFFF
+IRQ_SET_FLAGS_RESERVED = ~int(IRQ_SET_DATA_MASK | IRQ_SET_ACTION_MASK) & 0xFFFFFFFF
 
 
 class IrqSet(Struct, size=20):

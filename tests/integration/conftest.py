@@ -52,3 +52,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     rep = yield
     setattr(item, "rep_" + rep.when, rep)
     return rep
+
+
+@pytest.fixture
+def appliance_factory(tmp_path: Path) -> Iterator[Any]:
+    """``appliance_factory(**config overrides) -> ApplianceProcess``, started; stopped at teardown."""
+    from appliance.testing.process import ApplianceProcess, make_config
+
+    procs: list[ApplianceProcess] = []
+
+    def make(name: str = "appliance", **overrides: Any) -> ApplianceProcess:
+        root = tmp_path / name
+        proc = ApplianceProcess(make_config(root, **overrides), root, trace=True)
+        procs.append(proc)
+        return proc.start()
+
+    yield make
+    for proc in procs:
+        proc.stop()

@@ -57,3 +57,10 @@ def test_bitfields_cover_and_refuse_oversized() -> None:
         cc.set(v, "shn", 4)
     with pytest.raises(TypeError):
         BitFields(8, a=(0, 4))  # does not cover the container
+
+
+def test_reserved_masks_are_nonzero() -> None:
+    # Regression: ~ on an IntFlag complements within its members and gave 0.
+    assert w.MSG_FLAGS_RESERVED == 0xFFFFFFC0
+    assert w.DMA_MAP_FLAGS_RESERVED == 0xFFFFFFFC
+    assert w.IRQ_SET_FLAGS_RESERVED == 0xFFFFFFC0

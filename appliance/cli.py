@@ -1,0 +1,102 @@
+"""Command line: ``appliance run | qemu-args`` (runtime layer).
+
+Bad input (unknown option, bad config) ends with one line on stderr,
+``appliance: error: ...``, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from typing import Any
+
+from appliance import config as config_mod
+from appliance.errors import ApplianceError
+
+
+def qemu_args(cfg: dict[str, Any], *, net: bool = True) -> list[str]:
+    """The QEMU options that attach a guest to this appliance's devices."""
+    args = [
+        "-object", "memory-backend-memfd,id=mem,size=512M,share=on",
+        "-numa", "node,memdev=mem",
+        "-device",
+        json.dumps({"driver": "vfio-user-pci",
+                    "socket": {"path": cfg["storage"]["socket"], "type": "unix"}},
+                   separators=(",", ":")),
+    ]
+    if net:
+        for i, p in enumerate(cfg["net"]["ports"]):
+            args += ["-chardev", f"socket,id=net{i}c,path={p['socket']}",
+                     "-netdev", f"vhost-user,id=net{i},chardev=net{i}c,queues={p['queues']}",
+                     "-device", f"virtio-net-pci,netdev=net{i},mac={p['mac']}"
+                     + (",mq=on" if p["queues"] > 1 else "")]
+    return args
+
+
+def _cmd_run(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+    from appliance.runtime.app import Appliance
+
+    app = Appliance(cfg)
+    app.start()
+    print(f"appliance: serving NVMe on {cfg['storage']['socket']}", flush=True)
+    for ns in cfg["storage"]["namespaces"]:
+        print(f"appliance: namespace {ns['image']} ({ns['size']} bytes, {ns['block_size']}-byte blocks)",
+              flush=True)
+    for p in app.net_ports():
+        print(f"appliance: serving vhost-user-net on {p}", flush=True)
+    print("appliance: attach QEMU with:\n  qemu-system-x86_64 -machine q35 -m 512M "
+          + " ".join(shlex.quote(a) for a in qemu_args(cfg, net=app.net_enabled)) + " ...", flush=True)
+    print("appliance: ready", flush=True)
+    try:
+        app.run()
+    finally:
+        app.close()
+    return 0
+
+
+def _cmd_qemu_args(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+    print(" ".join(shlex.quote(a) for a in qemu_args(cfg, net=not args.no_net)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="appliance", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="serve the devices (embedded defaults without -c)")
+    run.add_argument("-c", "--config", help="YAML configuration file")
+    run.add_argument("--trace", action="store_true", help="log every protocol message")
+    run.add_argument("-v", "--verbose", action="store_true", help="info-level logging")
+    run.set_defaults(func=_cmd_run)
+    qa = sub.add_parser("qemu-args", help="print the QEMU options that attach a guest")
+    qa.add_argument("-c", "--config", help="YAML configuration file")
+    qa.add_argument("--no-net", action="store_true", help="leave out the vhost-user net ports")
+    qa.set_defaults(func=_cmd_qemu_args, trace=False, verbose=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config)
+    except ApplianceError as exc:
+        print(f"appliance: error: {exc}", file=sys.stderr)
+        return 2
+    trace = args.trace or cfg["trace"]
+    level = logging.DEBUG if trace else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    try:
+        return int(args.func(cfg, args))
+    except ApplianceError as exc:
+        print(f"appliance: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Assemble the appliance from a validated config and run its one event loop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from appliance.loop import EventLoop
+from appliance.runtime.vfio_user import VfioUserService
+from appliance.storage.controller import NvmeController
+from appliance.vfio_user.server import DmaLayout
+
+log = logging.getLogger("appliance")
+
+
+def _private_dir(path: str) -> None:
+    os.makedirs(path, mode=0o700, exist_ok=True)
+
+
+class Appliance:
+    """The process: devices, their sockets, and the loop that serves them."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.loop = EventLoop()
+        self.services: list[Any] = []
+        self.controller: NvmeController | None = None
+        self.net: Any = None
+
+    @property
+    def net_enabled(self) -> bool:
+        return self.net is not None
+
+    def start(self) -> None:
+        """Create data and run dirs, images and sockets; register with the loop."""
+        cfg = self.cfg
+        _private_dir(cfg["run_dir"])
+        _private_dir(cfg["data_dir"])
+        st = cfg["storage"]
+        for ns in st["namespaces"]:
+            os.makedirs(os.path.dirname(os.path.abspath(ns["image"])), exist_ok=True)
+        for path in [st["socket"], cfg["control"]["socket"], *(p["socket"] for p in cfg["net"]["ports"])]:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        self.controller = NvmeController(
+            namespaces=st["namespaces"], io_queues=st["io_queues"],
+            queue_entries=st["queue_entries"], serial=st["serial"], clock=time.monotonic)
+        service = VfioUserService(self.loop, st["socket"], self.controller, name="nvme",
+                                  dma_layout=DmaLayout(st["dma_layout"]))
+        self.services.append(service)
+        self.loop.add_idle(self.controller.poll)
+        self.net = self._start_net()
+        self.loop.install_signal_handlers()
+
+    def _start_net(self) -> Any:
+        try:
+            from appliance.runtime.vhost_user import NetService
+        except ImportError:
+            return None
+        if not self.cfg["net"]["ports"]:
+            return None
+        return NetService(self.loop, self.cfg["net"])
+
+    def net_ports(self) -> list[str]:
+        return [p["socket"] for p in self.cfg["net"]["ports"]] if self.net is not None else []
+
+    def run(self) -> None:
+        self.loop.run()
+
+    def close(self) -> None:
+        for service in self.services:
+            service.close()
+        if self.net is not None:
+            self.net.close()
+        if self.controller is not None:
+            self.controller.close()
+        self.loop.close()

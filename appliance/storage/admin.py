@@ -1,0 +1,334 @@
+"""Admin commands (NVMe 1.4 section 5).
+
+Theory of operation
+-------------------
+:func:`execute` dispatches on the opcode through :data:`HANDLERS`.  A handler
+returns the completion's DWORD 0, or None for a command the controller holds
+(Asynchronous Event Request), and refuses a command by raising
+:class:`~appliance.storage.spec.CommandError`.  Feature values live in
+:class:`~appliance.storage.registers.Features`; asynchronous events and the
+error log in :mod:`appliance.storage.queues`.  Checks cite the section that
+prescribes their status.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+from appliance.storage.prp import prp_segments, read_segments, write_segments
+from appliance.storage.queues import CompletionQueue, SubmissionQueue
+from appliance.storage.spec import (
+    CHANGED_NS_MAX,
+    IDENTIFY_SIZE,
+    LPA_EXTENDED_DATA,
+    NSID_ALL,
+    OACS_DBBUF,
+    OACS_FORMAT,
+    OAES_NS_ATTRIBUTE,
+    ONCS_COMPARE,
+    ONCS_DSM,
+    ONCS_TIMESTAMP,
+    ONCS_WRITE_ZEROES,
+    PAGE_SIZE,
+    VERSION_1_4,
+    VWC_PRESENT_FLUSH_ALL,
+    AdminOpcode,
+    Cns,
+    Command,
+    CommandError,
+    FeatureId,
+    FirmwareSlotLog,
+    IdentifyController,
+    LogPage,
+    PowerState,
+    SmartLog,
+    Status,
+    u128,
+)
+
+if TYPE_CHECKING:
+    from appliance.storage.controller import NvmeController
+
+Handler = Callable[["NvmeController", Command], "int | None"]
+ST = Status
+
+
+def _check(ok: bool, status: Status = ST.INVALID_FIELD, why: str = "") -> None:
+    if not ok:
+        raise CommandError(status, why)
+
+
+def send(ctrl: NvmeController, cmd: Command, data: bytes) -> None:
+    """Transfer ``data`` to the host buffer of ``cmd`` (PRP1/PRP2)."""
+    segments = prp_segments(ctrl.mem, cmd.prp1, cmd.prp2, len(data), ctrl.mdts_bytes)
+    write_segments(ctrl.mem, segments, data)
+
+
+def receive(ctrl: NvmeController, cmd: Command, length: int) -> bytes:
+    """Transfer ``length`` bytes from the host buffer of ``cmd``."""
+    return read_segments(ctrl.mem, prp_segments(ctrl.mem, cmd.prp1, cmd.prp2, length,
+                                                ctrl.mdts_bytes))
+
+
+# ---------------------------------------------------------------- queues (5.3-5.6)
+def _new_queue_id(ctrl: NvmeController, cmd: Command, existing: Mapping[int, object]) -> int:
+    qid, qsize = cmd.cdw10 & 0xFFFF, (cmd.cdw10 >> 16) + 1
+    _check(0 < qid <= ctrl.io_queues and qid not in existing, ST.INVALID_QUEUE_IDENTIFIER,
+           f"queue id {qid}")
+    _check(2 <= qsize <= ctrl.regs.mqes + 1, ST.INVALID_QUEUE_SIZE, f"queue size {qsize}")
+    # CAP.CQR = 1: queues must be physically contiguous (PC = 1), else Invalid Field.
+    _check(bool(cmd.cdw11 & 1), why="queue not physically contiguous")
+    _check(cmd.prp1 % PAGE_SIZE == 0, ST.INVALID_PRP_OFFSET, f"queue base {cmd.prp1:#x}")
+    return qid
+
+
+def create_cq(ctrl: NvmeController, cmd: Command) -> int:
+    """Create I/O Completion Queue (5.4): QID, QSIZE, PC, IEN, IV."""
+    qid = _new_queue_id(ctrl, cmd, ctrl.cqs)
+    _check(not cmd.cdw11 & 0xFFFC, why="reserved CDW11 bits")
+    ien, vector = bool(cmd.cdw11 & 2), cmd.cdw11 >> 16
+    _check(not ien or vector < ctrl.vectors, ST.INVALID_INTERRUPT_VECTOR, f"vector {vector}")
+    cq = CompletionQueue(qid, cmd.prp1, (cmd.cdw10 >> 16) + 1, vector, ien)
+    cq.shadow = ctrl.shadow_for(qid, is_cq=True)
+    ctrl.cqs[qid] = cq
+    return 0
+
+
+def create_sq(ctrl: NvmeController, cmd: Command) -> int:
+    """Create I/O Submission Queue (5.5): QID, QSIZE, PC, QPRIO (ignored: RR), CQID."""
+    qid = _new_queue_id(ctrl, cmd, ctrl.sqs)
+    _check(not cmd.cdw11 & 0xFFF8, why="reserved CDW11 bits")
+    cqid = cmd.cdw11 >> 16
+    cq = ctrl.cqs.get(cqid)
+    _check(cqid != 0 and cq is not None, ST.COMPLETION_QUEUE_INVALID, f"CQ {cqid}")
+    assert cq is not None
+    sq = SubmissionQueue(qid, cmd.prp1, (cmd.cdw10 >> 16) + 1, cqid)
+    sq.shadow = ctrl.shadow_for(qid, is_cq=False)
+    ctrl.sqs[qid] = sq
+    cq.sqids.add(qid)
+    return 0
+
+
+def delete_sq(ctrl: NvmeController, cmd: Command) -> int:
+    """Delete I/O Submission Queue (5.6); nothing is in flight, so nothing is aborted."""
+    qid = cmd.cdw10 & 0xFFFF
+    sq = ctrl.sqs.get(qid) if qid else None
+    _check(sq is not None, ST.INVALID_QUEUE_IDENTIFIER, f"SQ {qid}")
+    assert sq is not None
+    del ctrl.sqs[qid]
+    if (cq := ctrl.cqs.get(sq.cqid)) is not None:
+        cq.sqids.discard(qid)
+    return 0
+
+
+def delete_cq(ctrl: NvmeController, cmd: Command) -> int:
+    """Delete I/O Completion Queue (5.3): refused while an SQ still uses it."""
+    qid = cmd.cdw10 & 0xFFFF
+    cq = ctrl.cqs.get(qid) if qid else None
+    _check(cq is not None, ST.INVALID_QUEUE_IDENTIFIER, f"CQ {qid}")
+    assert cq is not None
+    _check(not cq.sqids, ST.INVALID_QUEUE_DELETION, f"CQ {qid} has SQs {sorted(cq.sqids)}")
+    del ctrl.cqs[qid]
+    return 0
+
+
+# ---------------------------------------------------------------- identify (5.15)
+def identify(ctrl: NvmeController, cmd: Command) -> int:
+    """Identify (5.15): CNS 00h, 01h, 02h, 03h, and 06h for CSI 00h."""
+    _check(not cmd.cdw10 & 0xFF00, why="reserved CDW10 bits")
+    cns, nsid = cmd.cdw10 & 0xFF, cmd.nsid
+    if cns == Cns.CONTROLLER:
+        data = ctrl.identify_data
+    elif cns in (Cns.NAMESPACE, Cns.NS_ID_DESCRIPTORS):
+        ns = ctrl.namespace(nsid)  # FFFFFFFFh: no Namespace Management, so invalid too
+        data = ns.identify() if cns == Cns.NAMESPACE else ns.descriptors(ctrl.serial)
+    elif cns == Cns.ACTIVE_NS_LIST:
+        _check(nsid < 0xFFFFFFFE, ST.INVALID_NAMESPACE, f"NSID {nsid:#x}")
+        active = [n for n in sorted(ctrl.namespaces) if n > nsid][:IDENTIFY_SIZE // 4]
+        data = struct.pack(f"<{len(active)}I", *active)
+    elif cns == Cns.CSI_CONTROLLER:
+        _check(cmd.cdw11 >> 24 == 0, why=f"CSI {cmd.cdw11 >> 24}")
+        data = b""  # NVM command set: no VSL/WZSL/DMRL limits
+    else:
+        raise CommandError(ST.INVALID_FIELD, f"CNS {cns:#x}")
+    send(ctrl, cmd, data.ljust(IDENTIFY_SIZE, b"\0"))
+    return 0
+
+
+# ---------------------------------------------------------------- log pages (5.14)
+def get_log_page(ctrl: NvmeController, cmd: Command) -> int:
+    """Get Log Page (5.14): Error, SMART/Health, Firmware Slot, Changed Namespace List."""
+    lid, lsp, rae = cmd.cdw10 & 0xFF, (cmd.cdw10 >> 8) & 0x7F, bool(cmd.cdw10 & 0x8000)
+    length = (((cmd.cdw11 & 0xFFFF) << 16 | cmd.cdw10 >> 16) + 1) * 4
+    offset = cmd.cdw12 | cmd.cdw13 << 32
+    _check(lsp == 0 and cmd.cdw11 >> 16 == 0, why="LSP/LSI not supported")
+    _check(offset % 4 == 0, why=f"log page offset {offset:#x} not DWORD aligned")
+    _check(length <= ctrl.mdts_bytes, why=f"log page transfer of {length} bytes past MDTS")
+    if lid == LogPage.SMART:
+        # LPA bit 0 clear: no per-namespace SMART, so NSID must be 0 or FFFFFFFFh.
+        _check(cmd.nsid in (0, NSID_ALL), why=f"SMART log for NSID {cmd.nsid}")
+    builders: dict[int, Callable[[], bytes]] = {
+        LogPage.ERROR: ctrl.error_log.page,
+        LogPage.SMART: lambda: smart_log(ctrl),
+        LogPage.FIRMWARE_SLOT: lambda: FirmwareSlotLog(afi=1, frs1=ctrl.fr).pack(),
+        LogPage.CHANGED_NS: lambda: struct.pack(f"<{len(ctrl.changed_ns)}I", *ctrl.changed_ns),
+    }
+    build = builders.get(lid)
+    _check(build is not None, ST.INVALID_LOG_PAGE, f"log page {lid:#x}")
+    assert build is not None
+    page = build().ljust(CHANGED_NS_MAX * 4 if lid == LogPage.CHANGED_NS else 0, b"\0")
+    _check(offset <= len(page), why=f"offset {offset} past the {len(page)}-byte log")
+    send(ctrl, cmd, page[offset:offset + length].ljust(length, b"\0"))
+    if not rae:  # Retain Asynchronous Event clear: reading clears and unmasks (5.2)
+        if lid == LogPage.CHANGED_NS:
+            ctrl.changed_ns.clear()
+        ctrl.events.log_read(lid)
+    return 0
+
+
+# ---------------------------------------------------------------- features (5.21)
+def _feature_ns(ctrl: NvmeController, cmd: Command, fid: int, setting: bool) -> None:
+    if fid == FeatureId.ERROR_RECOVERY:  # the one namespace-specific feature here
+        if not (setting and cmd.nsid == NSID_ALL):
+            ctrl.namespace(cmd.nsid)
+    elif cmd.nsid not in (0, NSID_ALL):
+        raise CommandError(ST.FEATURE_NOT_NS_SPECIFIC, f"feature {fid:#x} for NSID {cmd.nsid}")
+
+
+def set_features(ctrl: NvmeController, cmd: Command) -> int:
+    """Set Features (5.21); SV is refused: nothing is saveable (ONCS bit 4 clear)."""
+    fid = cmd.cdw10 & 0xFF
+    _check(not cmd.cdw10 & 0x7FFFFF00, why="reserved CDW10 bits")
+    _check(not cmd.cdw10 >> 31, ST.FEATURE_NOT_SAVEABLE, f"feature {fid:#x} save")
+    _check(fid in ctrl.features.SUPPORTED, why=f"feature {fid:#x}")
+    _feature_ns(ctrl, cmd, fid, setting=True)
+    if fid == FeatureId.NUMBER_OF_QUEUES:
+        # 5.21.1.7: set once per reset, before any I/O queue exists.
+        _check(len(ctrl.sqs) <= 1 and len(ctrl.cqs) <= 1, ST.COMMAND_SEQUENCE_ERROR,
+               "I/O queues already exist")
+    if fid == FeatureId.TIMESTAMP:
+        return ctrl.features.set_timestamp(receive(ctrl, cmd, 8))
+    return ctrl.features.set(fid, cmd.cdw11, cmd.nsid)
+
+
+def get_features(ctrl: NvmeController, cmd: Command) -> int:
+    """Get Features (5.9); SEL other than 'current' is refused (ONCS bit 4 clear)."""
+    fid = cmd.cdw10 & 0xFF
+    _check(not cmd.cdw10 & 0xFFFFFF00, why="SEL/reserved CDW10 bits")
+    _check(fid in ctrl.features.SUPPORTED, why=f"feature {fid:#x}")
+    _feature_ns(ctrl, cmd, fid, setting=False)
+    if fid == FeatureId.TIMESTAMP:
+        send(ctrl, cmd, ctrl.features.timestamp())
+        return 0
+    return ctrl.features.get(fid, cmd.cdw11, cmd.nsid)
+
+
+# ---------------------------------------------------------------- the rest
+def abort(ctrl: NvmeController, cmd: Command) -> int:
+    """Abort (5.1): only held AERs are outstanding; DW0 bit 0 = 1 means not aborted."""
+    sqid, cid = cmd.cdw10 & 0xFFFF, cmd.cdw10 >> 16
+    if sqid == 0 and ctrl.events.abort(cid):
+        ctrl.complete_held(cid, ST.ABORT_REQUESTED)
+        return 0
+    return 1
+
+
+def async_event_request(ctrl: NvmeController, cmd: Command) -> int | None:
+    """Asynchronous Event Request (5.2): held until an event; AERL + 1 at most."""
+    ctrl.events.request(cmd.cid)
+    return None
+
+
+def doorbell_buffer_config(ctrl: NvmeController, cmd: Command) -> int:
+    """Doorbell Buffer Config (5.7): both buffers memory page aligned, else Invalid Field."""
+    _check(cmd.prp1 % PAGE_SIZE == 0 and cmd.prp2 % PAGE_SIZE == 0,
+           why="shadow doorbell / EventIdx buffers not page aligned")
+    ctrl.configure_shadow_doorbells(cmd.prp1, cmd.prp2)
+    return 0
+
+
+def format_nvm(ctrl: NvmeController, cmd: Command) -> int:
+    """Format NVM (5.23): LBAF 0 only, no metadata or protection, SES 0 or 1."""
+    lbaf, mset_pi, ses = cmd.cdw10 & 0xF, (cmd.cdw10 >> 4) & 0x1F, (cmd.cdw10 >> 9) & 0x7
+    _check(not cmd.cdw10 & 0xFFFFF000, why="reserved CDW10 bits")
+    _check(lbaf == 0 and mset_pi == 0, ST.INVALID_FORMAT, f"LBAF {lbaf} MSET/PI/PIL {mset_pi}")
+    _check(ses <= 1, why=f"secure erase setting {ses}")
+    targets = (list(ctrl.namespaces.values()) if cmd.nsid == NSID_ALL
+               else [ctrl.namespace(cmd.nsid)])
+    for ns in targets:
+        ns.check_writable()
+    for ns in targets:
+        ns.format()
+    return 0
+
+
+HANDLERS: dict[int, Handler] = {
+    AdminOpcode.DELETE_SQ: delete_sq,
+    AdminOpcode.CREATE_SQ: create_sq,
+    AdminOpcode.GET_LOG_PAGE: get_log_page,
+    AdminOpcode.DELETE_CQ: delete_cq,
+    AdminOpcode.CREATE_CQ: create_cq,
+    AdminOpcode.IDENTIFY: identify,
+    AdminOpcode.ABORT: abort,
+    AdminOpcode.SET_FEATURES: set_features,
+    AdminOpcode.GET_FEATURES: get_features,
+    AdminOpcode.ASYNC_EVENT_REQUEST: async_event_request,
+    AdminOpcode.DOORBELL_BUFFER_CONFIG: doorbell_buffer_config,
+    AdminOpcode.FORMAT_NVM: format_nvm,
+}
+
+
+def execute(ctrl: NvmeController, cmd: Command) -> int | None:
+    """Run one admin command.
+
+    Returns:
+        The completion's DWORD 0, or None when the command is held (AER).
+
+    Raises:
+        CommandError: the status to complete with.
+        GuestMemoryError: a data buffer is not in reachable client memory.
+    """
+    handler = HANDLERS.get(cmd.opcode)
+    if handler is None:
+        raise CommandError(ST.INVALID_OPCODE, f"admin opcode {cmd.opcode:#04x}")
+    # Admin commands use PRPs only (PSDT 00b); fused operations are unsupported.
+    _check(not cmd.flags, why=f"FUSE/PSDT/reserved flags {cmd.flags:#04x}")
+    return handler(ctrl, cmd)
+
+
+# ---------------------------------------------------------------- data structures
+def identify_controller(ctrl: NvmeController) -> bytes:
+    """The Identify Controller data structure (CNS 01h, figure 247)."""
+    from appliance.storage import controller as c
+
+    nqn = f"nqn.2014-08.org.nvmexpress:uuid:{uuid.uuid5(uuid.NAMESPACE_OID, ctrl.serial)}"
+    return IdentifyController(
+        vid=c.VENDOR_ID, ssvid=c.VENDOR_ID, sn=ctrl.sn, mn=ctrl.mn, fr=ctrl.fr, rab=6,
+        ieee=bytes(3),  # no IEEE OUI assigned
+        cmic=0, mdts=c.MDTS, cntlid=c.CNTLID, ver=VERSION_1_4, oaes=OAES_NS_ATTRIBUTE,
+        cntrltype=c.CNTRLTYPE_IO, oacs=OACS_FORMAT | OACS_DBBUF, acl=c.ACL, aerl=c.AERL,
+        frmw=c.FRMW, lpa=LPA_EXTENDED_DATA, elpe=c.ELPE, npss=0, wctemp=c.WCTEMP,
+        cctemp=c.CCTEMP, sqes=0x66, cqes=0x44, nn=len(ctrl.namespaces),
+        oncs=ONCS_COMPARE | ONCS_DSM | ONCS_WRITE_ZEROES | ONCS_TIMESTAMP,
+        vwc=VWC_PRESENT_FLUSH_ALL, sgls=0, subnqn=nqn.encode(),
+        psd0=PowerState(mp=2500).pack(),  # 25 W, the one power state
+    ).pack()
+
+
+def smart_log(ctrl: NvmeController) -> bytes:
+    """SMART / Health Information (figure 196) from the controller's counters."""
+    from appliance.storage.controller import TEMPERATURE
+
+    counts, over, under = ctrl.counters["commands"], *ctrl.features.thresholds.values()
+    return SmartLog(
+        critical_warning=0x02 if TEMPERATURE >= over or TEMPERATURE < under else 0,
+        temperature=TEMPERATURE, avail_spare=100, spare_thresh=10,
+        data_units_read=u128(-(-ctrl.counters["bytes_read"] // 512000)),
+        data_units_written=u128(-(-ctrl.counters["bytes_written"] // 512000)),
+        host_reads=u128(counts.get("io.read", 0) + counts.get("io.compare", 0)),
+        host_writes=u128(counts.get("io.write", 0)), power_cycles=u128(1),
+        error_log_entries=u128(ctrl.error_log.count),
+    ).pack()

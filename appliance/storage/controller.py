@@ -1,0 +1,397 @@
+"""The NVMe controller as a vfio-user PCI device (device layer).
+
+Theory of operation
+-------------------
+BAR0 (64-bit, 16 KiB) holds the controller registers at 0h-FFFh
+(:mod:`~appliance.storage.registers`), the doorbells from 1000h (stride 4,
+CAP.DSTRD = 0), the MSI-X table at 2000h and the PBA at 3000h (served by
+:class:`~appliance.pci.PciDevice`); one MSI-X vector per I/O queue plus the
+admin queue.
+
+Everything is synchronous: a doorbell write (QEMU posts them as
+REGION_WRITE with NO_REPLY) runs :meth:`NvmeController._run`, which fetches
+and executes the submitted commands of every SQ (at most one ring's worth per
+SQ per call), writes completions into the CQs in client memory and raises
+the CQs' interrupts.  A CQ without room stops its SQs; completions that
+cannot be posted (AERs, aborts) wait in the CQ's backlog until the host frees
+entries.  :meth:`NvmeController.poll` runs the same pass for the runtime's
+idle loop: it picks up shadow doorbell values the host wrote without ringing
+(Doorbell Buffer Config, see :mod:`~appliance.storage.queues`).
+
+Nothing is DMA'd unless a client is attached and Bus Master is enabled.  An
+unreachable queue entry or shadow buffer is fatal (CSTS.CFS until a reset); a
+bad data buffer fails its command (Data Transfer Error).  MSI-X: one
+interrupt per pass for each IEN CQ that got entries (coalescing settings are
+stored, each pass is one coalesced interrupt).  INTx: a level, asserted
+while an IEN CQ holds unconsumed entries and INTMS bit 0 is clear.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from appliance.memory import ClientMemory, GuestMemoryError
+from appliance.pci import Bar, MsixLayout, PciDevice
+from appliance.storage import admin, io
+from appliance.storage.namespace import Namespace
+from appliance.storage.queues import (
+    AsyncEvents,
+    CompletionQueue,
+    ErrorLog,
+    Shadow,
+    SubmissionQueue,
+    doorbell_target,
+)
+from appliance.storage.registers import (
+    CtrlEvent,
+    CtrlState,
+    Features,
+    RegisterFile,
+    StateError,
+    dwords,
+)
+from appliance.storage.spec import (
+    CHANGED_NS_MAX,
+    NSID_ALL,
+    OAES_NS_ATTRIBUTE,
+    PAGE_SIZE,
+    AdminOpcode,
+    Command,
+    CommandError,
+    Completion,
+    EventInfo,
+    EventType,
+    IoOpcode,
+    LogPage,
+    Status,
+    ascii_field,
+    status_field,
+)
+from appliance.vfio_user.wire import PciIrq
+
+log = logging.getLogger("appliance.storage")
+
+# Placeholders chosen not to collide with QEMU's own NVMe (1b36:0010): no PCI-SIG
+# assignment backs them.  The subsystem ids are the same values.
+VENDOR_ID = 0xA9A9
+DEVICE_ID = 0x0001
+CLASS_CODE = 0x010802  # mass storage / non-volatile memory / NVMe I/O controller
+BAR0_SIZE = 0x4000
+REGISTERS_END, DOORBELLS_END = 0x1000, 0x2000  # registers, then doorbells, in BAR0
+MDTS = 7  # 2^7 pages of 4 KiB = 512 KiB per command
+CNTLID, CNTRLTYPE_IO = 1, 1
+AERL, ACL, ELPE = 3, 3, 15  # 0-based: 4 AERs, 4 aborts, 16 error log entries
+FRMW = 0x03  # one firmware slot, slot 1 read-only
+WCTEMP, CCTEMP, TEMPERATURE = 343, 373, 313  # Kelvin
+Result = tuple[Status, bool, int]  # status, DNR, DWORD 0
+_OPCODE_NAMES = {
+    True: {op.value: f"admin.{op.name.lower()}" for op in AdminOpcode},
+    False: {op.value: f"io.{op.name.lower()}" for op in IoOpcode},
+}
+
+
+class NvmeController(PciDevice):
+    """An NVMe 1.4 I/O controller with file-backed namespaces."""
+
+    def __init__(self, namespaces: Sequence[dict[str, Any]], io_queues: int = 4,
+                 queue_entries: int = 1024, serial: str = "APPLIANCE0001",
+                 model: str = "Appliance NVMe", firmware: str = "0.1",
+                 clock: Callable[[], float] | None = None) -> None:
+        """Open the namespace images and build the PCI function.
+
+        ``namespaces``: dicts with ``image``, ``size``, ``block_size`` (512 or
+        4096) and ``read_only``; NSIDs are 1.. in order.  ``clock`` (seconds,
+        monotonic) drives the Timestamp feature; without it the timestamp
+        holds the value the host set.
+
+        Raises:
+            ValueError: a bad queue count, queue size, string or namespace.
+            OSError: an image cannot be opened or created.
+        """
+        if not 1 <= io_queues <= 255 or not 2 <= queue_entries <= 65536:
+            raise ValueError(f"io_queues {io_queues} / queue_entries {queue_entries} out of range")
+        self.sn = ascii_field(serial, 20, "serial")
+        self.mn, self.fr = ascii_field(model, 40, "model"), ascii_field(firmware, 8, "firmware")
+        self.serial, self.io_queues = serial, io_queues
+        self.regs = RegisterFile(mqes=queue_entries - 1)
+        self.namespaces: dict[int, Namespace] = {}
+        try:
+            for nsid, cfg in enumerate(namespaces, 1):
+                self.namespaces[nsid] = Namespace(
+                    nsid, cfg["image"], cfg["size"], cfg.get("block_size", 512),
+                    cfg.get("read_only", False))
+            super().__init__(
+                vendor_id=VENDOR_ID, device_id=DEVICE_ID, subsystem_vendor_id=VENDOR_ID,
+                subsystem_id=DEVICE_ID, revision=0, class_code=CLASS_CODE,
+                bars=[Bar(0, BAR0_SIZE, read=self._bar0_read, write=self._bar0_write,
+                          is_64bit=True)],
+                msix=MsixLayout(vectors=io_queues + 1))
+        except BaseException:
+            self.close()
+            raise
+        self.mdts_bytes = PAGE_SIZE << MDTS
+        self.features = Features(io_queues, self.vectors, WCTEMP, clock)
+        self.events = AsyncEvents(AERL + 1)
+        self.error_log = ErrorLog(ELPE + 1)
+        self.sqs: dict[int, SubmissionQueue] = {}
+        self.cqs: dict[int, CompletionQueue] = {}
+        self.shadow_buffers: tuple[int, int] | None = None
+        self.changed_ns: list[int] = []
+        self.counters: dict[str, Any] = {
+            "commands": {}, "errors": 0, "bytes_read": 0, "bytes_written": 0,
+            "interrupts": 0, "invalid_doorbells": 0, "fatal": 0,
+        }
+        self.identify_data = admin.identify_controller(self)
+
+    # ------------------------------------------------------------ public
+    def poll(self) -> bool:
+        """Do pending work (shadow doorbells, backlogs, events).
+
+        Returns:
+            True if a command ran or a completion was posted.
+        """
+        return self._run()
+
+    def notify_namespace_changed(self, nsid: int) -> None:
+        """Add ``nsid`` to the Changed Namespace List and report a Namespace
+        Attribute Changed notice if the host enabled it (Async Event Configuration)."""
+        if nsid not in self.changed_ns:
+            if len(self.changed_ns) >= CHANGED_NS_MAX or NSID_ALL in self.changed_ns:
+                self.changed_ns[:] = [NSID_ALL]  # figure 199: too many to list
+            else:
+                self.changed_ns.append(nsid)
+        if self.features.async_config & OAES_NS_ATTRIBUTE:
+            self.events.add(EventType.NOTICE, EventInfo.NS_ATTRIBUTE_CHANGED, LogPage.CHANGED_NS)
+        self._run()
+
+    def close(self) -> None:
+        """Close every namespace image."""
+        for ns in self.namespaces.values():
+            ns.close()
+
+    def reset_device(self) -> None:
+        """FLR / DEVICE_RESET: registers to power-on values, queues and state gone."""
+        self.regs.power_on()
+        self._reset_controller()
+
+    # ------------------------------------------------------------ for the command handlers
+    @property
+    def mem(self) -> ClientMemory:
+        if self.memory is None:
+            raise GuestMemoryError(0, 0, 0, why="no client attached")
+        return self.memory
+
+    def namespace(self, nsid: int) -> Namespace:
+        """The active namespace ``nsid``, else INVALID_NAMESPACE (DNR)."""
+        ns = self.namespaces.get(nsid)
+        if ns is None:
+            raise CommandError(Status.INVALID_NAMESPACE, f"NSID {nsid:#x}")
+        return ns
+
+    def shadow_for(self, qid: int, is_cq: bool) -> Shadow | None:
+        """The shadow doorbell slots for an I/O queue, if shadow doorbells are configured."""
+        if self.shadow_buffers is None or qid == 0:
+            return None
+        return Shadow.for_queue(self.shadow_buffers, qid, is_cq)
+
+    def configure_shadow_doorbells(self, doorbells: int, event_idx: int) -> None:
+        """Doorbell Buffer Config: every I/O queue now takes its values from the shadow."""
+        self.shadow_buffers = (doorbells, event_idx)
+        for qid, sq in self.sqs.items():
+            sq.shadow = self.shadow_for(qid, is_cq=False)
+        for qid, cq in self.cqs.items():
+            cq.shadow = self.shadow_for(qid, is_cq=True)
+
+    def complete_held(self, cid: int, status: Status) -> None:
+        """Complete a held admin command (an aborted AER)."""
+        self._post(self.cqs[0], self.sqs[0], cid, (status, False, 0))
+
+    # ------------------------------------------------------------ BAR0
+    def _bar0_read(self, offset: int, count: int) -> bytes:
+        if offset + count <= REGISTERS_END:
+            return self.regs.read(offset, count)
+        return bytes(count)  # doorbells are write-only; the rest is reserved
+
+    def _bar0_write(self, offset: int, data: bytes) -> None:
+        if offset + len(data) <= REGISTERS_END:
+            try:
+                events = self.regs.write(offset, data)
+            except StateError as exc:  # the table covers every reachable pair; be safe
+                log.error("nvme: %s", exc)
+                events = []
+            for event in events:
+                self._on_event(event)
+            if self.irq_mode == PciIrq.INTX:
+                self._update_intx()  # INTMS / INTMC
+        elif REGISTERS_END <= offset and offset + len(data) <= DOORBELLS_END:
+            for off, value in dwords(offset, data):
+                self._doorbell(off, value)
+
+    def _on_event(self, event: CtrlEvent) -> None:
+        regs = self.regs
+        if event is CtrlEvent.ENABLE:
+            self.sqs[0] = SubmissionQueue(0, regs.asq, regs.admin_sq_size, cqid=0)
+            self.cqs[0] = CompletionQueue(0, regs.acq, regs.admin_cq_size, vector=0, ien=True,
+                                          sqids={0})
+        elif event is CtrlEvent.ENABLE_INVALID:
+            log.warning("nvme: CC.EN refused, CSTS.CFS set: %s", regs.invalid_reason)
+        elif event is CtrlEvent.DISABLE:
+            self._reset_controller()
+        elif event is CtrlEvent.SHUTDOWN:
+            for ns in self.namespaces.values():
+                try:
+                    ns.flush()
+                except CommandError as exc:
+                    log.warning("nvme: shutdown flush of nsid %d failed: %s", ns.nsid, exc)
+
+    def _doorbell(self, offset: int, value: int) -> None:
+        if self.regs.state is not CtrlState.READY:
+            return  # doorbells of a disabled controller are ignored
+        qid, is_cq = doorbell_target(offset)
+        if is_cq:
+            cq = self.cqs.get(qid)
+            ok = cq is not None and (cq.shadow is not None or cq.set_head(value))
+        else:
+            sq = self.sqs.get(qid)
+            ok = sq is not None and (sq.shadow is not None or sq.set_tail(value))
+        if not ok:
+            exists = qid in (self.cqs if is_cq else self.sqs)
+            self._doorbell_error(EventInfo.INVALID_DOORBELL_VALUE if exists
+                                 else EventInfo.INVALID_DOORBELL_REGISTER,
+                                 f"{'CQ' if is_cq else 'SQ'} {qid} doorbell value {value:#x}")
+        self._run()
+
+    def _doorbell_error(self, info: EventInfo, why: str) -> None:
+        log.debug("nvme: invalid doorbell write: %s", why)
+        self.counters["invalid_doorbells"] += 1
+        self.events.add(EventType.ERROR, info, LogPage.ERROR)
+
+    # ------------------------------------------------------------ processing
+    def _run(self) -> bool:
+        if (self.regs.state is not CtrlState.READY or self.memory is None
+                or not self.bus_master):
+            return False
+        mem, did = self.memory, False
+        try:
+            for cq in list(self.cqs.values()):
+                did |= cq.flush(mem)
+            for sq in list(self.sqs.values()):
+                if self.regs.state is not CtrlState.READY:
+                    break
+                if self.sqs.get(sq.qid) is sq:  # not deleted by an earlier command
+                    did |= self._drain(sq, mem)
+            if 0 in self.cqs:
+                for cid, dw0 in self.events.take():
+                    self._post(self.cqs[0], self.sqs[0], cid, (Status.SUCCESS, False, dw0))
+                    did = True
+        except GuestMemoryError as exc:  # a queue entry or shadow buffer is unreachable
+            self._fatal(str(exc))
+        except Exception as exc:  # a bug: the controller fails, the process lives on
+            log.exception("nvme: processing failed")
+            self._fatal(repr(exc))
+        self._interrupts()
+        return did
+
+    def _drain(self, sq: SubmissionQueue, mem: ClientMemory) -> bool:
+        """Run up to one ring's worth of ``sq``'s commands (GuestMemoryError: fatal)."""
+        cq, done = self.cqs[sq.cqid], 0
+        while True:
+            self._sync(sq, mem)
+            while not sq.empty and done < sq.size and cq.has_room(mem):
+                cmd = sq.fetch(mem)
+                result = self._execute(sq.qid, cmd)
+                if result is not None:
+                    self._post(cq, sq, cmd.cid, result)
+                done += 1
+                if self.regs.state is not CtrlState.READY or self.sqs.get(sq.qid) is not sq:
+                    return True
+            if sq.shadow is None or not sq.empty or done >= sq.size:
+                return done > 0
+            # EventIdx = the tail consumed, so the host's next update rings; then
+            # re-read the shadow: the host may have moved before it saw the EventIdx.
+            sq.shadow.publish(mem, sq.tail)
+            self._sync(sq, mem)
+            if sq.empty:
+                return done > 0
+
+    def _sync(self, queue: SubmissionQueue | CompletionQueue, mem: ClientMemory) -> None:
+        if not queue.sync(mem):
+            self._doorbell_error(EventInfo.INVALID_DOORBELL_VALUE,
+                                 f"queue {queue.qid} shadow doorbell value")
+
+    def _post(self, cq: CompletionQueue, sq: SubmissionQueue, cid: int, result: Result) -> None:
+        status, dnr, dw0 = result
+        cq.post(self.mem, Completion(dw0=dw0, sq_head=sq.head, sq_id=sq.qid, cid=cid,
+                                     status=status_field(status, dnr, 0)))
+
+    def _execute(self, qid: int, cmd: Command) -> Result | None:
+        key = _OPCODE_NAMES[qid == 0].get(cmd.opcode) or \
+            f"{'admin' if qid == 0 else 'io'}.{cmd.opcode:#04x}"
+        counts = self.counters["commands"]
+        counts[key] = counts.get(key, 0) + 1
+        try:
+            dw0 = (admin.execute if qid == 0 else io.execute)(self, cmd)
+        except CommandError as exc:
+            status, dnr, why = exc.status, exc.dnr, str(exc)
+        except GuestMemoryError as exc:
+            status, dnr, why = Status.DATA_TRANSFER_ERROR, False, str(exc)
+        except Exception as exc:  # a bug must fail the command, never the process
+            log.exception("nvme: qid %d cid %d %s crashed", qid, cmd.cid, key)
+            status, dnr, why = Status.INTERNAL_ERROR, True, repr(exc)
+        else:
+            return None if dw0 is None else (Status.SUCCESS, False, dw0)
+        self.counters["errors"] += 1
+        self.error_log.add(qid, cmd.cid, status, dnr, cmd.nsid)
+        log.debug("nvme: qid %d cid %d %s: %s (%s)", qid, cmd.cid, key, status.name, why)
+        return status, dnr, 0
+
+    def _interrupts(self) -> None:
+        if self.irq_mode == PciIrq.INTX:
+            self._update_intx()
+            return
+        for cq in self.cqs.values():
+            if cq.unsignalled:
+                cq.unsignalled = False
+                if cq.ien:
+                    self.signal(cq.vector)
+                    self.counters["interrupts"] += 1
+
+    def _update_intx(self) -> None:
+        """INTx is a level: asserted while an IEN CQ holds entries and INTMS bit 0 is clear."""
+        level = False
+        for cq in self.cqs.values():
+            cq.unsignalled = False
+            if cq.shadow is not None and self.memory is not None:
+                try:  # a stale head would keep the level up: read it, and ask for rings
+                    cq.sync(self.memory)
+                    cq.shadow.publish(self.memory, cq.head)
+                except GuestMemoryError as exc:
+                    self._fatal(str(exc))
+            level |= cq.ien and cq.outstanding > 0
+        level &= not self.regs.intms & 1
+        if level and not self.intx_asserted:
+            self.signal(0)
+            self.counters["interrupts"] += 1
+        elif not level and self.intx_asserted:
+            self.deassert_intx()
+
+    def _fatal(self, why: str) -> None:
+        log.error("nvme: controller fatal status (CSTS.CFS): %s", why)
+        self.counters["fatal"] += 1
+        try:
+            self.regs.fire(CtrlEvent.FATAL)
+        except StateError:
+            pass
+
+    def _reset_controller(self) -> None:
+        """Controller reset (section 7.3.2): queues, held commands, features, shadows go."""
+        self.sqs.clear()
+        self.cqs.clear()
+        self.shadow_buffers = None
+        self.events.reset()
+        self.features.reset()
+        self.changed_ns.clear()
+        if self.intx_asserted:
+            self.deassert_intx()

@@ -1,0 +1,153 @@
+"""NVM command set I/O commands (NVMe NVM Command Set, base spec 1.4 section 6).
+
+Theory of operation
+-------------------
+:func:`execute` checks what every command shares (FUSE, PSDT, reserved flag
+bits, the namespace), then dispatches on the opcode through
+:data:`HANDLERS`.  A handler parses its command DWORDs, refuses reserved
+bits, checks the LBA range against the namespace and the transfer size
+against MDTS, walks the PRPs and moves the data through the namespace.
+
+Handlers return the completion's DWORD 0 and refuse a command by raising
+:class:`~appliance.storage.spec.CommandError`; an unreachable data buffer
+raises :class:`~appliance.memory.GuestMemoryError`, which the controller
+reports as "Data Transfer Error".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from appliance.storage.namespace import Namespace
+from appliance.storage.prp import prp_segments, read_segments
+from appliance.storage.spec import NSID_ALL, Command, CommandError, DsmRange, IoOpcode, Status
+
+if TYPE_CHECKING:
+    from appliance.storage.controller import NvmeController
+
+FLAGS_RESERVED = 0xFF  # FUSE (1:0, fused operations unsupported), 5:2, PSDT (7:6, no SGLs)
+RW_RESERVED = 0x03FF0000  # CDW12 25:16: DTYPE and STC unsupported, the rest reserved
+RW_FUA = 1 << 30
+WZ_RESERVED = 0x01FF0000  # CDW12 24:16
+WZ_DEAC = 1 << 25
+DSM_NR_RESERVED = 0xFFFFFF00
+DSM_ATTR_RESERVED = 0xFFFFFFF8
+DSM_DEALLOCATE = 1 << 2
+
+Handler = Callable[["NvmeController", Command], int]
+
+
+def _field(ok: bool, why: str) -> None:
+    if not ok:
+        raise CommandError(Status.INVALID_FIELD, why)
+
+
+def _rw_args(ctrl: NvmeController, cmd: Command, reserved: int) -> tuple[Namespace, int, int]:
+    """(namespace, SLBA, number of blocks) after the range check."""
+    ns = ctrl.namespace(cmd.nsid)
+    _field(not cmd.cdw12 & reserved, f"reserved CDW12 bits {cmd.cdw12 & reserved:#x}")
+    slba, nlb = cmd.cdw10 | cmd.cdw11 << 32, (cmd.cdw12 & 0xFFFF) + 1
+    ns.check_range(slba, nlb)
+    return ns, slba, nlb
+
+
+def _segments(ctrl: NvmeController, cmd: Command, nbytes: int) -> list[tuple[int, int]]:
+    return prp_segments(ctrl.mem, cmd.prp1, cmd.prp2, nbytes, ctrl.mdts_bytes)
+
+
+def read(ctrl: NvmeController, cmd: Command) -> int:
+    """Read (opcode 02h, NVM section 6.9)."""
+    ns, slba, nlb = _rw_args(ctrl, cmd, RW_RESERVED)
+    nbytes = nlb << ns.lba_shift
+    ns.read(ctrl.mem, _segments(ctrl, cmd, nbytes), slba)
+    ctrl.counters["bytes_read"] += nbytes
+    return 0
+
+
+def write(ctrl: NvmeController, cmd: Command) -> int:
+    """Write (opcode 01h, NVM section 6.15); FUA or a disabled write cache syncs."""
+    ns, slba, nlb = _rw_args(ctrl, cmd, RW_RESERVED)
+    ns.check_writable()
+    nbytes = nlb << ns.lba_shift
+    ns.write(ctrl.mem, _segments(ctrl, cmd, nbytes), slba)
+    ctrl.counters["bytes_written"] += nbytes
+    if cmd.cdw12 & RW_FUA or not ctrl.features.write_cache:
+        ns.flush()
+    return 0
+
+
+def compare(ctrl: NvmeController, cmd: Command) -> int:
+    """Compare (opcode 05h, NVM section 6.5): COMPARE_FAILURE on any difference."""
+    ns, slba, nlb = _rw_args(ctrl, cmd, RW_RESERVED)
+    nbytes = nlb << ns.lba_shift
+    host = read_segments(ctrl.mem, _segments(ctrl, cmd, nbytes))
+    if host != ns.read_bytes(slba, nbytes):
+        raise CommandError(Status.COMPARE_FAILURE, f"nsid {ns.nsid}: LBA {slba}+{nlb} differ")
+    ctrl.counters["bytes_read"] += nbytes
+    return 0
+
+
+def flush(ctrl: NvmeController, cmd: Command) -> int:
+    """Flush (opcode 00h, NVM section 6.8); NSID FFFFFFFFh flushes all (VWC bits 2:1)."""
+    if cmd.nsid == NSID_ALL:
+        for ns in ctrl.namespaces.values():
+            ns.flush()
+    else:
+        ctrl.namespace(cmd.nsid).flush()
+    return 0
+
+
+def write_zeroes(ctrl: NvmeController, cmd: Command) -> int:
+    """Write Zeroes (opcode 08h, NVM section 6.16); not bound by MDTS."""
+    ns, slba, nlb = _rw_args(ctrl, cmd, WZ_RESERVED)
+    ns.check_writable()
+    ns.write_zeroes(slba, nlb, deallocate=bool(cmd.cdw12 & WZ_DEAC))
+    if cmd.cdw12 & RW_FUA or not ctrl.features.write_cache:
+        ns.flush()
+    return 0
+
+
+def dataset_management(ctrl: NvmeController, cmd: Command) -> int:
+    """Dataset Management (opcode 09h, NVM section 6.7): only Deallocate acts."""
+    ns = ctrl.namespace(cmd.nsid)
+    _field(not cmd.cdw10 & DSM_NR_RESERVED, "reserved CDW10 bits")
+    _field(not cmd.cdw11 & DSM_ATTR_RESERVED, "reserved CDW11 bits")
+    count = (cmd.cdw10 & 0xFF) + 1
+    data = read_segments(ctrl.mem, _segments(ctrl, cmd, count * DsmRange.SIZE))
+    ranges = [DsmRange.unpack(data, i * DsmRange.SIZE) for i in range(count)]
+    if not cmd.cdw11 & DSM_DEALLOCATE:
+        return 0  # integral read/write hints: advisory
+    ns.check_writable()
+    for r in ranges:
+        ns.check_range(r.slba, r.nlb)
+    for r in ranges:
+        ns.write_zeroes(r.slba, r.nlb, deallocate=True)
+    return 0
+
+
+HANDLERS: dict[int, Handler] = {
+    IoOpcode.FLUSH: flush,
+    IoOpcode.WRITE: write,
+    IoOpcode.READ: read,
+    IoOpcode.COMPARE: compare,
+    IoOpcode.WRITE_ZEROES: write_zeroes,
+    IoOpcode.DATASET_MANAGEMENT: dataset_management,
+}
+
+
+def execute(ctrl: NvmeController, cmd: Command) -> int:
+    """Run one I/O command.
+
+    Returns:
+        The completion's DWORD 0.
+
+    Raises:
+        CommandError: the status to complete with.
+        GuestMemoryError: a data buffer is not in reachable client memory.
+    """
+    handler = HANDLERS.get(cmd.opcode)
+    if handler is None:
+        raise CommandError(Status.INVALID_OPCODE, f"I/O opcode {cmd.opcode:#04x}")
+    _field(not cmd.flags & FLAGS_RESERVED, f"FUSE/PSDT/reserved flags {cmd.flags:#04x}")
+    return handler(ctrl, cmd)

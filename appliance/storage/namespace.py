@@ -1,0 +1,295 @@
+"""Namespaces backed by raw image files (device layer).
+
+Theory of operation
+-------------------
+A :class:`Namespace` is a raw image file of ``size`` bytes cut into logical
+blocks of 512 or 4096 bytes.  A missing image is created sparse; a shorter
+one is extended sparse (reads past its end return zeroes either way).
+
+Data moves between the file and client memory without copies when the
+client memory is mmap'd: :meth:`ClientMemory.buffers` yields memoryviews
+that ``os.preadv`` / ``os.pwritev`` fill or drain directly.  When part of
+the range is reachable only through messages, data goes through
+``ClientMemory.read`` / ``write`` instead.
+
+Deallocation punches holes (``fallocate(PUNCH_HOLE | KEEP_SIZE)`` through
+libc, which ``os.posix_fallocate`` cannot do); a file system without hole
+punching gets zeroes written instead, so deallocated blocks always read as
+zeroes (Identify Namespace DLFEAT = 001b).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import uuid
+from collections.abc import Callable
+
+from appliance.memory import ClientMemory
+from appliance.storage.prp import Segments
+from appliance.storage.spec import (
+    DLFEAT_READS_ZERO,
+    DLFEAT_WZ_DEALLOCATE,
+    LBAF,
+    NIDT_UUID,
+    NSATTR_WRITE_PROTECTED,
+    CommandError,
+    IdentifyNamespace,
+    NsIdDescriptor,
+    Status,
+)
+
+BLOCK_SIZES = (512, 4096)
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+IOV_MAX = 1024
+ZERO_CHUNK = 1 << 20
+
+_fallocate: Callable[..., int] | None = None
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
+    """Linux fallocate(2) with ``mode``; False when the file system cannot do it.
+
+    Raises:
+        OSError: any other failure.
+    """
+    global _fallocate
+    if _fallocate is None:
+        try:
+            func = ctypes.CDLL(None, use_errno=True).fallocate
+        except (OSError, AttributeError):
+            return False
+        func.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+        func.restype = ctypes.c_int
+        _fallocate = func
+    if _fallocate(fd, mode, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def _advance(views: list[memoryview], n: int) -> list[memoryview]:
+    """Drop the first ``n`` bytes of a view list."""
+    while views and n >= len(views[0]):
+        n -= len(views[0])
+        views = views[1:]
+    if n:
+        views = [views[0][n:]] + views[1:]
+    return views
+
+
+class Namespace:
+    """One namespace: an image file and its LBA format."""
+
+    def __init__(self, nsid: int, image: str, size: int, block_size: int = 512,
+                 read_only: bool = False) -> None:
+        """Open (creating sparse if missing) the image behind namespace ``nsid``.
+
+        Raises:
+            ValueError: a bad block size or a size that is not a positive
+                multiple of it.
+            OSError: the image cannot be created or opened.
+        """
+        if block_size not in BLOCK_SIZES:
+            raise ValueError(f"namespace {nsid}: block size {block_size} not in {BLOCK_SIZES}")
+        if size <= 0 or size % block_size:
+            raise ValueError(f"namespace {nsid}: size {size} not a positive multiple of "
+                             f"{block_size}")
+        self.nsid = nsid
+        self.image = image
+        self.size = size
+        self.block_size = block_size
+        self.lba_shift = block_size.bit_length() - 1
+        self.nlbas = size // block_size
+        self.read_only = read_only
+        if not read_only or not os.path.exists(image):
+            fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                if os.fstat(fd).st_size < size:
+                    os.ftruncate(fd, size)
+            except BaseException:
+                os.close(fd)
+                raise
+            if not read_only:
+                self.fd = fd
+                return
+            os.close(fd)
+        self.fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        """Close the image file (idempotent)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # ------------------------------------------------------------ checks
+    def check_range(self, slba: int, nlb: int) -> None:
+        """Raise LBA_OUT_OF_RANGE (DNR) unless blocks ``slba .. slba+nlb-1`` exist."""
+        if slba < 0 or nlb < 0 or slba + nlb > self.nlbas:
+            raise CommandError(Status.LBA_OUT_OF_RANGE,
+                               f"nsid {self.nsid}: LBA {slba}+{nlb} past {self.nlbas}")
+
+    def check_writable(self) -> None:
+        """Raise NS_WRITE_PROTECTED (DNR) for a read-only namespace (section 8.12)."""
+        if self.read_only:
+            raise CommandError(Status.NS_WRITE_PROTECTED, f"nsid {self.nsid} is read-only")
+
+    # ------------------------------------------------------------ data
+    def read(self, memory: ClientMemory, segments: Segments, slba: int) -> None:
+        """Copy blocks from ``slba`` into the client memory ``segments``.
+
+        Raises:
+            GuestMemoryError: a segment is not writable client memory.
+            CommandError: UNRECOVERED_READ_ERROR when the file read fails.
+        """
+        offset = slba << self.lba_shift
+        views = self._views(memory, segments, write=True)
+        try:
+            if views is not None:
+                self._preadv(views, offset)
+                return
+            total = sum(n for _, n in segments)
+            data = self._pread(total, offset)
+        except OSError as exc:
+            raise CommandError(Status.UNRECOVERED_READ_ERROR, str(exc), dnr=False) from None
+        finally:
+            if views is not None:
+                for view in views:
+                    view.release()
+        done = 0
+        for address, n in segments:
+            memory.write(address, data[done:done + n])
+            done += n
+
+    def write(self, memory: ClientMemory, segments: Segments, slba: int) -> None:
+        """Copy the client memory ``segments`` to blocks from ``slba``.
+
+        Raises:
+            GuestMemoryError: a segment is not readable client memory.
+            CommandError: WRITE_FAULT when the file write fails.
+        """
+        offset = slba << self.lba_shift
+        views = self._views(memory, segments, write=False)
+        if views is None:
+            views = [memoryview(b"".join(memory.read(a, n) for a, n in segments))]
+        try:
+            rest = views
+            while rest:
+                done = os.pwritev(self.fd, rest[:IOV_MAX], offset)
+                offset += done
+                rest = _advance(rest, done)
+        except OSError as exc:
+            raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
+        finally:
+            del rest
+            for view in views:
+                view.release()
+
+    def read_bytes(self, slba: int, nbytes: int) -> bytes:
+        """``nbytes`` from block ``slba`` (zeroes past the end of the file)."""
+        try:
+            return self._pread(nbytes, slba << self.lba_shift)
+        except OSError as exc:
+            raise CommandError(Status.UNRECOVERED_READ_ERROR, str(exc), dnr=False) from None
+
+    def write_zeroes(self, slba: int, nlb: int, deallocate: bool) -> None:
+        """Zero blocks, punching holes when ``deallocate`` (else ZERO_RANGE).
+
+        Raises:
+            CommandError: WRITE_FAULT when the file cannot be changed.
+        """
+        offset, length = slba << self.lba_shift, nlb << self.lba_shift
+        mode = (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE if deallocate
+                else FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
+        try:
+            if length == 0 or fallocate(self.fd, mode, offset, length):
+                return
+            zeros = bytes(min(length, ZERO_CHUNK))
+            while length:
+                done = os.pwrite(self.fd, zeros[:length], offset)
+                offset += done
+                length -= done
+        except OSError as exc:
+            raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
+
+    def flush(self) -> None:
+        """Make written data durable (fdatasync).
+
+        Raises:
+            CommandError: WRITE_FAULT when the sync fails.
+        """
+        if self.read_only:
+            return
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
+
+    def format(self) -> None:
+        """Erase every block (the image becomes all holes)."""
+        try:
+            os.ftruncate(self.fd, 0)
+            os.ftruncate(self.fd, self.size)
+        except OSError as exc:
+            raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
+
+    # ------------------------------------------------------------ identify
+    def identify(self) -> bytes:
+        """The Identify Namespace data structure (CNS 00h)."""
+        return IdentifyNamespace(
+            nsze=self.nlbas, ncap=self.nlbas, nuse=self.nlbas, nlbaf=0, flbas=0,
+            dlfeat=DLFEAT_READS_ZERO | DLFEAT_WZ_DEALLOCATE,
+            nsattr=NSATTR_WRITE_PROTECTED if self.read_only else 0,
+            lbaf0=LBAF.encode(ms=0, lbads=self.lba_shift, rp=0),
+        ).pack()
+
+    def descriptors(self, serial: str) -> bytes:
+        """The Namespace Identification Descriptor list (CNS 03h): one UUID."""
+        nid = uuid.uuid5(uuid.NAMESPACE_OID, f"appliance-nvme:{serial}:{self.nsid}").bytes
+        data = NsIdDescriptor(nidt=NIDT_UUID, nidl=len(nid)).pack() + nid
+        return data.ljust(4096, b"\0")
+
+    # ------------------------------------------------------------ internals
+    @staticmethod
+    def _views(memory: ClientMemory, segments: Segments, write: bool) -> list[memoryview] | None:
+        views: list[memoryview] = []
+        try:
+            for address, n in segments:
+                got = memory.buffers(address, n, write)
+                if got is None:
+                    break
+                views += got
+            else:
+                return views
+        except BaseException:
+            for view in views:
+                view.release()
+            raise
+        for view in views:
+            view.release()
+        return None
+
+    def _preadv(self, views: list[memoryview], offset: int) -> None:
+        while views:
+            done = os.preadv(self.fd, views[:IOV_MAX], offset)
+            if done == 0:  # past the end of a short (read-only) image: zeroes
+                for view in views:
+                    view[:] = bytes(len(view))
+                return
+            offset += done
+            views = _advance(views, done)
+
+    def _pread(self, nbytes: int, offset: int) -> bytes:
+        parts, total = [], 0
+        while total < nbytes:
+            chunk = os.pread(self.fd, nbytes - total, offset + total)
+            if not chunk:
+                break
+            parts.append(chunk)
+            total += len(chunk)
+        return b"".join(parts).ljust(nbytes, b"\0")

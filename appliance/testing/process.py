@@ -1,0 +1,124 @@
+"""Start ``appliance run`` as a real subprocess and wait until it is ready.
+
+Readiness is the line ``appliance: ready`` on its stdout, read with a bounded
+select loop (no sleeping).  Stop sends SIGTERM and waits; the log file keeps
+everything the process printed.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def make_config(tmp: Path, **overrides: Any) -> dict[str, Any]:
+    """A config dict with every path inside ``tmp`` (short socket paths)."""
+    run = tmp / "run"
+    cfg: dict[str, Any] = {
+        "data_dir": str(tmp / "data"),
+        "run_dir": str(run),
+        "storage": {"socket": str(run / "nvme.sock"),
+                    "namespaces": [{"image": str(tmp / "data" / "disk0.img"), "size": "64M"}]},
+        "net": {"ports": []},
+        "control": {"socket": str(run / "control.sock")},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+class ApplianceProcess:
+    """A running ``appliance run -c CONFIG``."""
+
+    def __init__(self, cfg: dict[str, Any], workdir: Path, *, trace: bool = False) -> None:
+        self.cfg = cfg
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / "appliance.yaml"
+        self.config_path.write_text(yaml.safe_dump(cfg))
+        self.log_path = workdir / "appliance.log"
+        self.stdout_lines: list[str] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.trace = trace
+
+    @property
+    def resolved(self) -> dict[str, Any]:
+        """The configuration as the appliance sees it (defaults filled, paths expanded)."""
+        from appliance import config
+
+        return config.load(str(self.config_path))
+
+    def start(self, timeout: float = 30.0) -> ApplianceProcess:
+        args = [sys.executable, "-m", "appliance", "run", "-c", str(self.config_path)]
+        if self.trace:
+            args.append("--trace")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log,
+                                     start_new_session=True)
+        self.wait_for_line("appliance: ready", timeout)
+        return self
+
+    def wait_for_line(self, needle: str, timeout: float) -> str:
+        assert self.proc is not None and self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        buf = b""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"appliance did not print {needle!r}; log: {self.log_text()}")
+            if not select.select([fd], [], [], left)[0]:
+                continue
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise RuntimeError(f"appliance exited ({self.proc.wait()}): {self.log_text()}")
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                text = line.decode(errors="replace")
+                self.stdout_lines.append(text)
+                if needle in text:
+                    return text
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, wait; SIGKILL if it does not exit. Returns the exit status."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> ApplianceProcess:  # noqa: PYI034
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

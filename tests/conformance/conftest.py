@@ -1,0 +1,26 @@
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.client import VfioUserClient
+from appliance.testing.process import ApplianceProcess, make_config
+
+
+@pytest.fixture(scope="module")
+def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApplianceProcess]:
+    tmp: Path = tmp_path_factory.mktemp("appl")
+    with ApplianceProcess(make_config(tmp), tmp / "proc") as proc:
+        yield proc
+        assert proc.alive, proc.log_text()
+
+
+@pytest.fixture
+def sock_path(appliance: ApplianceProcess) -> str:
+    return str(appliance.cfg["storage"]["socket"])
+
+
+@pytest.fixture
+def client(sock_path: str) -> Iterator[VfioUserClient]:
+    with VfioUserClient.connect(sock_path) as c:
+        yield c

@@ -1,0 +1,76 @@
+"""Issue 3 acceptance: the Linux nvme driver (guest kernel 6.1, QEMU 11.1) uses the appliance as a disk."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import xxhash
+from qemu import Guest, GuestFactory
+
+from appliance.cli import qemu_args
+
+pytestmark = pytest.mark.integration
+
+MIB = 1 << 20
+PATTERN_LINE = b"appliance-pattern-0123456789abcdef\n"
+WAIT_DEV = "for i in $(seq 100); do [ -b /dev/nvme0n1 ] && break; sleep 0.1; done; [ -b /dev/nvme0n1 ]"
+
+
+def pattern(size: int) -> bytes:
+    return (PATTERN_LINE * (size // len(PATTERN_LINE) + 1))[:size]
+
+
+def boot(guest_factory: GuestFactory, appliance: Any, smp: int = 2) -> Guest:
+    args = qemu_args(appliance.cfg, net=False)
+    i = args.index("-device")
+    g = guest_factory(args=args[i:i + 2], append="qe.shell", smp=smp)
+    _, rc = g.run(WAIT_DEV, timeout=120)
+    assert rc == 0, g.tail()
+    return g
+
+
+def power_off(g: Guest) -> None:
+    g.send("exit\n")
+    g.wait_for(r"GUEST-POWEROFF", timeout=60)
+    assert g.wait_exit(timeout=30) == 0
+
+
+def test_linux_nvme_driver_writes_and_reads_back(guest_factory: GuestFactory, appliance_factory: Any) -> None:
+    appliance = appliance_factory(storage={"namespaces": [{"image": "{data_dir}/disk0.img", "size": "128M"}],
+                                           "io_queues": 4})
+    image = Path(appliance.resolved["storage"]["namespaces"][0]["image"])
+    g = boot(guest_factory, appliance)
+    assert g.run("cat /sys/block/nvme0n1/size") == (str(128 * MIB // 512), 0)
+    model, _ = g.run("cat /sys/class/nvme/nvme0/model")
+    assert model.strip() == "Appliance NVMe"
+    queues, rc = g.run("ls /sys/block/nvme0n1/mq | wc -l")
+    assert rc == 0 and int(queues) >= 2, queues
+    write = ("yes appliance-pattern-0123456789abcdef | "
+             "dd of=/dev/nvme0n1 bs=1M count=64 iflag=fullblock oflag=direct 2>&1; sync")
+    out, rc = g.run(write, timeout=300)
+    assert rc == 0 and "64+0 records out" in out, out
+    power_off(g)
+    data = image.read_bytes()[:64 * MIB]
+    assert xxhash.xxh64(data).hexdigest() == xxhash.xxh64(pattern(64 * MIB)).hexdigest()
+
+    g = boot(guest_factory, appliance)
+    out, rc = g.run("dd if=/dev/nvme0n1 bs=1M count=64 iflag=direct 2>/dev/null | sha256sum", timeout=300)
+    assert rc == 0 and out.split()[0] == hashlib.sha256(pattern(64 * MIB)).hexdigest(), out
+    power_off(g)
+    assert appliance.alive
+
+
+def test_filesystem_survives_reboot(guest_factory: GuestFactory, appliance_factory: Any) -> None:
+    appliance = appliance_factory(storage={"namespaces": [{"image": "{data_dir}/disk0.img", "size": "64M"}]})
+    g = boot(guest_factory, appliance)
+    out, rc = g.run("mke2fs -q /dev/nvme0n1 2>&1 && mkdir -p /mnt && mount -t ext2 /dev/nvme0n1 /mnt "
+                    "&& echo kept-across-reboot > /mnt/file && umount /mnt && echo ok", timeout=120)
+    assert rc == 0 and out.endswith("ok"), out
+    power_off(g)
+    g = boot(guest_factory, appliance)
+    out, rc = g.run("mkdir -p /mnt && mount -t ext2 /dev/nvme0n1 /mnt && cat /mnt/file", timeout=120)
+    assert (out, rc) == ("kept-across-reboot", 0), out
+    power_off(g)
