@@ -1,9 +1,8 @@
 """A vfio-user client library (runtime layer: it owns a socket and blocks).
 
 Used by the tests, the Python NVMe driver, the migration orchestrator and the
-pytest fixtures.  It speaks the same dialect as QEMU 11.1's ``vfio-user-pci``
-where the two differ from the spec (DMA message layout, see
-:class:`~appliance.vfio_user.server.DmaLayout`), unless told otherwise.
+pytest fixtures.  It answers DMA_READ/DMA_WRITE in the spec's layout, as QEMU 11.1 does
+(see :class:`~appliance.vfio_user.server.DmaLayout`).
 
 Example::
 
@@ -66,7 +65,7 @@ class VfioUserClient:
     """One connection to a vfio-user server."""
 
     def __init__(self, sock: socket.socket, *, timeout: float = 5.0,
-                 dma_layout: DmaLayout = DmaLayout.QEMU) -> None:
+                 dma_layout: DmaLayout = DmaLayout.SPEC) -> None:
         self.sock = sock
         self.timeout = timeout
         self.dma_layout = dma_layout
@@ -196,8 +195,8 @@ class VfioUserClient:
         hdr = frame.header
         frame.close_fds()
         self.dma_requests += 1
-        qemu = self.dma_layout is DmaLayout.QEMU
-        head_cls = w.QemuDmaAccess if qemu else w.DmaAccess
+        short = self.dma_layout is DmaLayout.U32_COUNT
+        head_cls = w.QemuDmaAccess if short else w.DmaAccess
         reply = w.Header(msg_id=hdr.msg_id, command=hdr.command, flags=w.MsgFlag.REPLY)
         try:
             if hdr.command not in (w.Command.DMA_READ, w.Command.DMA_WRITE):
@@ -206,13 +205,13 @@ class VfioUserClient:
             view = self._dma_view(req.address, req.count)
             if hdr.command == w.Command.DMA_READ:
                 data = bytes(view)
-                body = frame.payload[:head_cls.SIZE] + data + (b"\0" * 4 if qemu else b"")
+                body = frame.payload[:head_cls.SIZE] + data + (b"\0" * 4 if short else b"")
             else:
                 data = frame.payload[head_cls.SIZE:head_cls.SIZE + req.count]
                 if len(data) != req.count:
                     raise VfioUserError(errno.EINVAL, "short DMA_WRITE")
                 view[:] = data
-                body = b"" if qemu else frame.payload[:head_cls.SIZE]
+                body = b"" if short else frame.payload[:head_cls.SIZE]
         except (VfioUserError, ValueError) as exc:
             err = exc.errno if isinstance(exc, VfioUserError) and exc.errno else errno.EFAULT
             reply.flags |= w.MsgFlag.ERROR

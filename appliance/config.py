@@ -137,7 +137,7 @@ SCHEMA = Table({
         "io_queues": (integer(1, 64), 4),
         "queue_entries": (integer(2, 4096), 1024),
         "serial": (text, "APPLIANCE0001"),
-        "dma_layout": (one_of("qemu", "spec"), "qemu"),
+        "dma_layout": (one_of("spec", "u32-count"), "spec"),
         "namespaces": (ListOf(NAMESPACE, [{"image": "{data_dir}/disk0.img", "size": "1G"}], 16), None),
     }), None),
     "net": (Table({

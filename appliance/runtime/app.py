@@ -8,8 +8,11 @@ import time
 from typing import Any
 
 from appliance.loop import EventLoop
+from appliance.memory import ClientMemory
+from appliance.migrate.nvme_state import NvmeMigratable
 from appliance.runtime.vfio_user import VfioUserService
 from appliance.storage.controller import NvmeController
+from appliance.vfio_user.migration import VfioUserMigration
 from appliance.vfio_user.server import DmaLayout
 
 log = logging.getLogger("appliance")
@@ -46,6 +49,14 @@ class Appliance:
         self.controller = NvmeController(
             namespaces=st["namespaces"], io_queues=st["io_queues"],
             queue_entries=st["queue_entries"], serial=st["serial"], clock=time.monotonic)
+        # Migration v2 (commands 16-18): the device's save/restore lives in
+        # appliance.migrate, so storage/ never imports it.
+        migratable = NvmeMigratable(self.controller, clock=time.monotonic)
+
+        def migration_handler(memory: ClientMemory) -> VfioUserMigration:
+            return VfioUserMigration(migratable, memory, name="nvme")
+
+        self.controller.migration_handler = migration_handler  # type: ignore[attr-defined]
         service = VfioUserService(self.loop, st["socket"], self.controller, name="nvme",
                                   dma_layout=DmaLayout(st["dma_layout"]))
         self.services.append(service)

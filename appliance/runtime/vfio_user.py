@@ -88,8 +88,13 @@ class SocketTransport:
             if left <= 0 or not select.select([self.service.sock], [], [], left)[0]:
                 raise GuestMemoryError(address, _count(data), 0, why="no reply to DMA message")
             self.service.read_some(dispatch=False)
+            conn.process_during_dma()
+            self.service.flush()
             if conn.closed:
                 raise GuestMemoryError(address, _count(data), 0, why="client gone during DMA")
+        log.debug("%s msg %#x %s %#x+%d -> %s", conn.name, msg_id, command.name, address,
+                  _count(data), f"error {reply.header.error}" if reply.header.flags & w.MsgFlag.ERROR
+                  else "ok")
         if reply.header.flags & w.MsgFlag.ERROR:
             raise GuestMemoryError(address, _count(data), 0, why=f"client refused DMA (errno {reply.header.error})")
         return reply
@@ -114,7 +119,7 @@ class VfioUserClientSocket:
 
     def __init__(self, loop: EventLoop, sock: socket.socket, device: VfioUserDevice,
                  on_close: Callable[[VfioUserClientSocket], None], name: str,
-                 dma_layout: DmaLayout = DmaLayout.QEMU) -> None:
+                 dma_layout: DmaLayout = DmaLayout.SPEC) -> None:
         self.loop = loop
         self.sock = sock
         self.on_close = on_close
@@ -174,7 +179,7 @@ class VfioUserService:
     """A listening socket serving one device."""
 
     def __init__(self, loop: EventLoop, path: str, device: VfioUserDevice, name: str = "vfio-user",
-                 dma_layout: DmaLayout = DmaLayout.QEMU) -> None:
+                 dma_layout: DmaLayout = DmaLayout.SPEC) -> None:
         self.loop = loop
         self.dma_layout = dma_layout
         self.path = path

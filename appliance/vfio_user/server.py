@@ -53,12 +53,14 @@ class DmaLayout(enum.Enum):
     """Where DMA_READ/DMA_WRITE data sits.
 
     SPEC: address u64, count u64, data at 16 (docs/interop/vfio-user.rst).
-    QEMU: address u64, count u32, data at 12, 4 pad bytes after the data
-    (QEMU's VFIOUserDMARW; its DMA_WRITE reply is header-only).
+    This is what QEMU 11.1 does on the wire: with the other layout its
+    DMA_READ replies came back shifted by 4 bytes (seen with --trace).
+    U32_COUNT: address u64, count u32, data at 12, 4 pad bytes after the data:
+    the ``VFIOUserDMARW`` of some QEMU sources; kept for such clients.
     """
 
     SPEC = "spec"
-    QEMU = "qemu"
+    U32_COUNT = "u32-count"
 
 
 class ConnState(enum.Enum):
@@ -81,6 +83,14 @@ ALLOWED: dict[ConnState, frozenset[w.Command]] = {
     ConnState.CLOSED: frozenset(),
 }
 
+# Commands served while the device waits for a DMA reply (see process_during_dma).
+SAFE_DURING_DMA = frozenset({
+    w.Command.REGION_READ, w.Command.DEVICE_SET_IRQS, w.Command.DEVICE_GET_INFO,
+    w.Command.DEVICE_GET_REGION_INFO, w.Command.DEVICE_GET_REGION_IO_FDS,
+    w.Command.DEVICE_GET_IRQ_INFO, w.Command.DMA_MAP,
+})
+# Migration commands are never served mid-DMA: they stop and save the device.
+
 # Commands that may carry fds (the rest must not).
 TAKES_FDS = frozenset({w.Command.DMA_MAP, w.Command.DEVICE_SET_IRQS})
 
@@ -93,6 +103,12 @@ class MigrationHandler(Protocol):
 
     def allows(self, command: w.Command) -> bool:
         """Whether ``command`` may run in the current migration state."""
+
+    def device_reset(self) -> None:
+        """DEVICE_RESET: back to RUNNING (also from ERROR); called before the device resets."""
+
+    def close(self) -> None:
+        """The connection closes: drop sessions, stop dirty logging, un-quiesce the device."""
 
 
 class Reject(LocalProtocolError):
@@ -118,7 +134,7 @@ class ServerConnection:
         notify: Callable[[int], None],
         transport: MessageTransport | None = None,
         max_data_xfer_size: int = MAX_DATA_XFER_SIZE,
-        dma_layout: DmaLayout = DmaLayout.QEMU,
+        dma_layout: DmaLayout = DmaLayout.SPEC,
         name: str = "vfio-user",
     ) -> None:
         """Args:
@@ -200,6 +216,36 @@ class ServerConnection:
         while self._frames and self.state is not ConnState.CLOSED:
             self._dispatch(self._frames.popleft())
 
+    def process_during_dma(self) -> None:
+        """Dispatch the queued commands that cannot re-enter the device's data path.
+
+        Called while the device waits for a DMA_READ/DMA_WRITE reply.  QEMU
+        answers those under its big lock, which a vCPU holds while it waits for
+        any synchronous request (a config read, the MSI-X enable write, a
+        SET_IRQS); serving those breaks the cycle.  BAR writes (doorbells),
+        unmaps, resets and migration commands stay queued, in order, until the
+        current operation is done.
+        """
+        keep: deque[Frame] = deque()
+        while self._frames:
+            frame = self._frames.popleft()
+            if self._safe_during_dma(frame):
+                self._dispatch(frame)
+            else:
+                keep.append(frame)
+        self._frames = keep
+
+    def _safe_during_dma(self, frame: Frame) -> bool:
+        hdr = frame.header
+        if (self.state is not ConnState.READY or frame.oversized
+                or hdr.flags & w.MSG_TYPE_MASK != w.MSG_TYPE_COMMAND):
+            return False
+        if hdr.command in SAFE_DURING_DMA:
+            return True
+        if hdr.command == w.Command.REGION_WRITE and len(frame.payload) >= w.RegionAccess.SIZE:
+            return bool(w.RegionAccess.unpack(frame.payload).region == w.PciRegion.CONFIG)
+        return False
+
     def data_to_send(self) -> list[tuple[bytes, list[int]]]:
         """Messages to write, each with the fds to pass alongside (then close them)."""
         out = list(self._out)
@@ -223,6 +269,8 @@ class ServerConnection:
             _close(fd)
         self.irq_fds.clear()
         self.irq_mask_fds.clear()
+        if self.migration is not None:
+            self.migration.close()
         self.memory.unmap_all()
         self.device.detach()
 
@@ -235,7 +283,7 @@ class ServerConnection:
         msg_id = self._next_id = (self._next_id + 1) & 0xFFFF
         count = data if isinstance(data, int) else len(data)
         body = b"" if isinstance(data, int) else data
-        if self.dma_layout is DmaLayout.QEMU:
+        if self.dma_layout is DmaLayout.U32_COUNT:
             # QEMU wants at least sizeof(VFIOUserDMARW) = 32 bytes: 4 bytes of tail
             # padding after the data (none for a read), or it answers EINVAL.
             payload = w.QemuDmaAccess(address=address, count=count).pack() + body + b"\0" * 4
@@ -251,7 +299,7 @@ class ServerConnection:
         Raises:
             LocalProtocolError: the reply is shorter than its layout requires.
         """
-        start = w.QemuDmaAccess.SIZE if self.dma_layout is DmaLayout.QEMU else w.DmaAccess.SIZE
+        start = w.QemuDmaAccess.SIZE if self.dma_layout is DmaLayout.U32_COUNT else w.DmaAccess.SIZE
         if len(frame.payload) < start + count:
             raise LocalProtocolError(f"short DMA_READ reply ({len(frame.payload)} bytes)", errno.EIO)
         return frame.payload[start:start + count]
@@ -600,6 +648,8 @@ class ServerConnection:
     # ------------------------------------------------------------ reset, the rest
     def _reset(self, frame: Frame) -> bytes:
         _require(not frame.payload, errno.EINVAL, "DEVICE_RESET takes no payload")
+        if self.migration is not None:
+            self.migration.device_reset()
         self.device.reset()
         return b""
 

@@ -216,10 +216,17 @@ def test_write_multi(sock_path: str) -> None:
         assert c.region_read(w.PciRegion.CONFIG, 0x4, 2) == (0x0006).to_bytes(2, "little")
 
 
-def test_migration_commands_not_supported_yet(client: VfioUserClient) -> None:
-    feature = w.DeviceFeatureHead(flags=w.FEATURE_GET | w.FEATURE_PROBE | 1).pack()
-    expect_error(client, w.Command.DEVICE_FEATURE, feature, err=errno.ENOTSUP)
-    expect_error(client, w.Command.MIG_DATA_READ, w.MigDataHead(size=4096).pack(), err=errno.ENOTSUP)
+def test_migration_commands_in_the_wrong_state(client: VfioUserClient) -> None:
+    # PROBE answers with the request itself; an unknown feature gets ENOTTY, as the
+    # kernel's VFIO_DEVICE_FEATURE does.
+    probe = w.DeviceFeatureHead(flags=w.FEATURE_GET | w.FEATURE_PROBE | 1).pack()
+    _, payload, _ = client.request(w.Command.DEVICE_FEATURE, probe)
+    assert payload == probe
+    expect_error(client, w.Command.DEVICE_FEATURE, w.DeviceFeatureHead(flags=w.FEATURE_GET | 99).pack(),
+                 err=errno.ENOTTY)
+    # Migration data makes no sense while RUNNING: refused with the spec's error.
+    expect_error(client, w.Command.MIG_DATA_READ, w.MigDataHead(argsz=8 + 4096, size=4096).pack())
+    expect_error(client, w.Command.MIG_DATA_WRITE, w.MigDataHead(argsz=8, size=4).pack() + b"abcd")
 
 
 def test_second_client_refused_while_first_connected(client: VfioUserClient, sock_path: str) -> None:

@@ -172,8 +172,11 @@ class Guest:
         append: extra kernel command line (``qe.shell``, ``qe.nvmetest``, ``qe.hold``).
         smp: number of vCPUs.
         mem_mb: guest RAM in MiB, one memfd backend.
-        share: ``share=`` of the memfd backend (False: the vfio-user client cannot pass
-            guest memory by fd and devices must use DMA messages).
+        share: shared memfd guest memory (False: plain anonymous RAM,
+            ``memory-backend-ram``, which QEMU cannot pass by fd, so devices reach
+            guest memory with DMA_READ/DMA_WRITE messages; a memfd with share=off
+            would pass an fd whose mapping is private, and the device would not
+            see the guest's writes).
         accel: QEMU accelerator (tcg).
         name: names the log file.
 
@@ -208,7 +211,8 @@ class Guest:
             "-machine", "q35", "-accel", accel,
             "-m", f"{mem_mb}M", "-smp", str(smp),
             "-object",
-            f"memory-backend-memfd,id=mem,size={mem_mb}M,share={'on' if share else 'off'}",
+            f"memory-backend-memfd,id=mem,size={mem_mb}M,share=on" if share
+            else f"memory-backend-ram,id=mem,size={mem_mb}M",
             "-numa", "node,memdev=mem",
             "-nographic", "-no-reboot", "-nic", "none", "-vga", "none",
             "-kernel", str(env.vmlinux), "-initrd", str(env.initrd),

@@ -74,3 +74,23 @@ def test_filesystem_survives_reboot(guest_factory: GuestFactory, appliance_facto
     out, rc = g.run("mkdir -p /mnt && mount -t ext2 /dev/nvme0n1 /mnt && cat /mnt/file", timeout=120)
     assert (out, rc) == ("kept-across-reboot", 0), out
     power_off(g)
+
+
+def test_guest_memory_without_fd_goes_through_dma_messages(
+        guest_factory: GuestFactory, appliance_factory: Any) -> None:
+    """QEMU with anonymous guest RAM passes no fd: every DMA is a DMA_READ/WRITE message.
+
+    QEMU answers those under its big lock; the server keeps serving synchronous
+    requests (config space, SET_IRQS) while it waits, or both sides stall.
+    """
+    appliance = appliance_factory(storage={"namespaces": [{"image": "{data_dir}/disk0.img", "size": "64M"}]})
+    args = qemu_args(appliance.cfg, net=False)
+    i = args.index("-device")
+    g = guest_factory(args=args[i:i + 2], append="qe.nvmetest", share=False)
+    g.wait_for(r"GUEST-NVME-PRESENT sectors=131072", timeout=240)
+    g.wait_for(r"GUEST-NVME-RW-OK", timeout=120)
+    assert g.wait_exit(timeout=60) == 0
+    assert not [x for x in g.lines() if "vfio" in x], g.tail()
+    log = appliance.log_path.read_text()
+    assert " DMA_READ 0x" in log and " DMA_WRITE 0x" in log
+    assert "CSTS.CFS" not in log, log[-2000:]

@@ -1,0 +1,428 @@
+"""What a device offers to be migrated, and the PCI part every device shares.
+
+Theory of operation
+-------------------
+Migration reaches a device only through save/restore (STYLE section 1):
+:class:`Migratable` lists the calls, and the vfio-user migration handler
+(:mod:`appliance.vfio_user.migration`) makes them, one per arc of the state
+machine (:mod:`appliance.migrate.states`):
+
+============================  ==================================================
+arc                           device calls
+============================  ==================================================
+RUNNING -> STOP               ``migration_stop()``
+STOP -> RUNNING               ``migration_run()``
+RUNNING -> PRE_COPY           ``start_tracking()``; then, on reads, ``precopy_pending()``,
+                              ``precopy_records(n)``
+STOP -> STOP_COPY             ``start_tracking()``
+PRE_COPY -> STOP_COPY         ``migration_stop()``; on reads ``precopy_records(n)``
+                              until [], then ``save_state()`` once
+PRE_COPY -> RUNNING,          ``stop_tracking()`` (the saving session ends; nothing
+STOP_COPY -> STOP             of the device changed)
+STOP -> RESUMING              ``abort_restore()`` (drop stale staging); then, on
+                              writes, ``load_records(records)``
+RESUMING -> STOP              ``commit_restore()`` once END verified, else
+                              ``abort_restore()``
+============================  ==================================================
+
+Records reach :meth:`Migratable.load_records` only after their checksum
+verified, and are *staged*: nothing of the device changes before
+:meth:`Migratable.commit_restore`, which runs only after the END record's
+digest over the whole stream verified.  So a destination fed a bad or
+truncated stream keeps its old state.
+
+The second half of this module is the concrete save/restore of what every
+:class:`~appliance.pci.device.PciDevice` has: config space, the MSI-X table
+and PBA, and the interrupt configuration (mode, enabled counts, client
+masks).  :class:`PciMigratable` wraps a plain PciDevice (no bulk data) and is
+the base the NVMe adapter (:mod:`appliance.migrate.nvme_state`) extends.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from appliance.errors import LocalProtocolError
+from appliance.migrate.stream import Record, RecordType
+from appliance.pci.config import CONFIG_SPACE_SIZE, STATUS, PciStatus
+from appliance.vfio_user.wire import PCI_NUM_IRQS, PciIrq
+from appliance.wire import Struct, WireError
+
+if TYPE_CHECKING:
+    from appliance.pci.device import PciDevice
+
+
+class Migratable(Protocol):
+    """The device side of migration (all calls come from the event loop thread)."""
+
+    def migration_fingerprint(self) -> bytes:
+        """Bytes identifying the device *configuration* (not its state).
+
+        Two appliances can exchange state only when their fingerprints are
+        equal: same device type, ids, BAR layout, MSI-X vectors, namespaces
+        and their sizes, queue limits.  At most 1024 bytes (a digest).
+        """
+
+    def migration_stop(self) -> None:
+        """Quiesce: process no more doorbells/commands, no DMA, no interrupts.
+
+        Raises:
+            LocalProtocolError: the device could not stop and is still running.
+        """
+
+    def migration_run(self) -> None:
+        """Resume normal operation after :meth:`migration_stop`."""
+
+    def start_tracking(self) -> None:
+        """A saving session starts: every bulk byte is pending; writes re-dirty."""
+
+    def stop_tracking(self) -> None:
+        """The saving session ended (done or cancelled); forget the dirty state."""
+
+    def precopy_pending(self) -> int:
+        """Bulk bytes still to send (dirty), so the client can decide to stop."""
+
+    def precopy_records(self, max_bytes: int) -> list[Record]:
+        """Take pending bulk data (e.g. NAMESPACE_BLOCKS), clearing what is returned.
+
+        Returns:
+            Records whose payloads total at most ``max_bytes`` (but at least
+            one record while anything is pending); [] when nothing is.
+        """
+
+    def save_state(self) -> list[Record]:
+        """The small device state (registers, queues, PCI), device stopped.
+
+        Returns:
+            PCI_CONFIG / MSIX / DEVICE_STATE records.
+        """
+
+    def load_records(self, records: Sequence[Record]) -> None:
+        """Validate and stage verified records (PCI_CONFIG, MSIX, DEVICE_STATE,
+        NAMESPACE_BLOCKS); nothing is applied yet.
+
+        Raises:
+            LocalProtocolError: EINVAL for a record this device cannot take.
+        """
+
+    def commit_restore(self) -> None:
+        """Apply everything staged (the stream's END verified).
+
+        Checks completeness first; when it raises LocalProtocolError the
+        device is unchanged.
+
+        Raises:
+            LocalProtocolError: EINVAL when the staged state is incomplete or
+                inconsistent.
+        """
+
+    def abort_restore(self) -> None:
+        """Drop everything staged; the device keeps its old state."""
+
+
+# ---------------------------------------------------------------- PCI state records
+class PciStateHead(Struct, size=24):
+    """PCI_CONFIG payload head; config bytes then ``n_masked`` IrqMask entries follow."""
+
+    FIELDS = (
+        ("version", "H", 1),
+        ("irq_mode", "H", 0),  # PciIrq the device signals through (informational)
+        ("config_size", "I", CONFIG_SPACE_SIZE),
+        ("count_intx", "H", 0),  # sub-indexes enabled per irq index (set_irq_count)
+        ("count_msi", "H", 0),
+        ("count_msix", "H", 0),
+        ("count_err", "H", 0),
+        ("count_req", "H", 0),
+        ("reserved", "H", 0),
+        ("n_masked", "I", 0),
+    )
+
+
+class IrqMask(Struct, size=4):
+    """One sub-index the client masked with SET_IRQS ACTION_MASK."""
+
+    FIELDS = (("index", "H", 0), ("sub", "H", 0))
+
+
+class MsixStateHead(Struct, size=16):
+    """MSIX payload head; the table bytes, then the PBA bytes follow."""
+
+    FIELDS = (
+        ("vectors", "H", 0),
+        ("flags", "H", 0),  # MSIX_TABLE_IN_USE | MSIX_FUNCTION_MASKED
+        ("table_size", "I", 0),
+        ("pba_size", "I", 0),
+        ("reserved", "I", 0),
+    )
+
+
+MSIX_TABLE_IN_USE = 0x1
+MSIX_FUNCTION_MASKED = 0x2
+MSIX_FLAGS_RESERVED = 0xFFFF & ~(MSIX_TABLE_IN_USE | MSIX_FUNCTION_MASKED)
+_COUNT_FIELDS = ("count_intx", "count_msi", "count_msix", "count_err", "count_req")
+# Read-only config bits the device itself changes (PciDevice.signal/deassert_intx).
+_DEVICE_OWNED = {STATUS: int(PciStatus.INTERRUPT) & 0xFF}
+
+
+def _bad(message: str) -> LocalProtocolError:
+    return LocalProtocolError(message, errno.EINVAL)
+
+
+def pci_fingerprint(dev: PciDevice, extra: bytes = b"") -> bytes:
+    """SHA-256 over what fixes a PCI device's configuration.
+
+    Covers the read-only image of config space (ids, class, capability
+    layout, BAR types; the device-owned Interrupt Status bit cleared), the
+    write masks (BAR sizes), the MSI-X layout and ``extra`` (the device
+    type's own configuration, e.g. namespaces).
+    """
+    config = dev.config
+    h = hashlib.sha256(b"appliance-pci-v1\0")
+    image = bytearray(config.data)
+    for i in range(CONFIG_SPACE_SIZE):
+        image[i] &= ~(config.wmask[i] | config.w1cmask[i]) & 0xFF
+    for offset, bits in _DEVICE_OWNED.items():
+        image[offset] &= ~bits & 0xFF
+    h.update(image)
+    h.update(config.wmask)
+    h.update(config.w1cmask)
+    if dev.msix is not None:
+        lay = dev.msix.layout
+        h.update(f"msix {lay.vectors} {lay.table_bar}:{lay.table_offset:#x} "
+                 f"{lay.pba_bar}:{lay.pba_offset:#x}".encode())
+    for index in sorted(dev.bars):
+        bar = dev.bars[index]
+        h.update(f"bar{index} {bar.size:#x} {bar.is_64bit} {bar.prefetchable}".encode())
+    h.update(extra)
+    return h.digest()
+
+
+def _irq_snapshot(dev: PciDevice) -> tuple[list[int], list[tuple[int, int]]]:
+    """The client-enabled counts and client masks the device holds.
+
+    PciDevice exposes setters (set_irq_count, irq_mask) but no getters, so
+    this reads its two private lists; keep in step with appliance.pci.device.
+    """
+    counts: list[int] = list(dev._irq_counts)
+    masked_sets: list[set[int]] = dev._client_masked
+    masks = [(index, sub) for index in range(PCI_NUM_IRQS) for sub in sorted(masked_sets[index])]
+    return counts, masks
+
+
+def pci_state_records(dev: PciDevice) -> list[Record]:
+    """Save a PciDevice: PCI_CONFIG (config space, irq configuration) and MSIX.
+
+    Returns:
+        One PCI_CONFIG record and, when the device has MSI-X, one MSIX record.
+    """
+    counts, masks = _irq_snapshot(dev)
+    head = PciStateHead(irq_mode=int(dev.irq_mode), n_masked=len(masks),
+                        **{name: counts[i] for i, name in enumerate(_COUNT_FIELDS)})
+    payload = head.pack() + bytes(dev.config.data)
+    payload += b"".join(IrqMask(index=i, sub=s).pack() for i, s in masks)
+    records = [Record(RecordType.PCI_CONFIG, payload)]
+    if dev.msix is not None:
+        msix = dev.msix
+        flags = (MSIX_TABLE_IN_USE if msix.table_in_use else 0) | (
+            MSIX_FUNCTION_MASKED if msix.function_mask else 0)
+        table = msix.read_table(0, msix.layout.table_size)
+        pba = msix.read_pba(0, msix.layout.pba_size)
+        mhead = MsixStateHead(vectors=msix.vectors, flags=flags, table_size=len(table),
+                              pba_size=len(pba))
+        records.append(Record(RecordType.MSIX, mhead.pack() + table + pba))
+    return records
+
+
+def _parse_config(dev: PciDevice, payload: bytes) -> tuple[PciStateHead, bytes, list[IrqMask]]:
+    try:
+        head = PciStateHead.unpack(payload)
+    except WireError as exc:
+        raise _bad(f"PCI_CONFIG: {exc}") from None
+    if head.version != 1 or head.reserved or head.config_size != CONFIG_SPACE_SIZE:
+        raise _bad(f"PCI_CONFIG version {head.version} / config size {head.config_size}")
+    end = PciStateHead.SIZE + head.config_size
+    if len(payload) != end + head.n_masked * IrqMask.SIZE:
+        raise _bad(f"PCI_CONFIG payload of {len(payload)} bytes does not match its head")
+    image = payload[PciStateHead.SIZE:end]
+    config = dev.config
+    for i in range(CONFIG_SPACE_SIZE):
+        fixed = ~(config.wmask[i] | config.w1cmask[i] | _DEVICE_OWNED.get(i, 0)) & 0xFF
+        if (image[i] ^ config.data[i]) & fixed:
+            raise _bad(f"PCI_CONFIG: read-only config byte {i:#x} differs "
+                       f"({image[i]:#04x} vs {config.data[i]:#04x}): another device model")
+    try:
+        irq_mode = PciIrq(head.irq_mode)
+    except ValueError:
+        raise _bad(f"PCI_CONFIG: irq mode {head.irq_mode}") from None
+    if irq_mode not in (PciIrq.INTX, PciIrq.MSI, PciIrq.MSIX):
+        raise _bad(f"PCI_CONFIG: irq mode {irq_mode.name}")
+    for index, name in enumerate(_COUNT_FIELDS):
+        if getattr(head, name) > dev.irq(index).count:
+            raise _bad(f"PCI_CONFIG: {getattr(head, name)} sub-indexes of irq {index}, "
+                       f"device has {dev.irq(index).count}")
+    masks = [IrqMask.unpack(payload, end + i * IrqMask.SIZE) for i in range(head.n_masked)]
+    for m in masks:
+        if m.index >= PCI_NUM_IRQS or not dev.irq(m.index).maskable or (
+                m.sub >= dev.irq(m.index).count):
+            raise _bad(f"PCI_CONFIG: mask of irq {m.index} sub-index {m.sub}")
+    return head, image, masks
+
+
+def _parse_msix(dev: PciDevice, payload: bytes) -> tuple[MsixStateHead, bytes, bytes]:
+    msix = dev.msix
+    if msix is None:
+        raise _bad("MSIX record for a device without MSI-X")
+    try:
+        head = MsixStateHead.unpack(payload)
+    except WireError as exc:
+        raise _bad(f"MSIX: {exc}") from None
+    lay = msix.layout
+    if (head.vectors != msix.vectors or head.table_size != lay.table_size
+            or head.pba_size != lay.pba_size or head.reserved or head.flags & MSIX_FLAGS_RESERVED):
+        raise _bad(f"MSIX: {head} does not fit {msix.vectors} vectors")
+    if len(payload) != MsixStateHead.SIZE + head.table_size + head.pba_size:
+        raise _bad(f"MSIX payload of {len(payload)} bytes does not match its head")
+    table = payload[MsixStateHead.SIZE:MsixStateHead.SIZE + head.table_size]
+    pba = payload[MsixStateHead.SIZE + head.table_size:]
+    if int.from_bytes(pba, "little") >> msix.vectors:
+        raise _bad("MSIX: pending bits past the last vector")
+    return head, table, pba
+
+
+def check_pci_state(dev: PciDevice, record: Record) -> None:
+    """Validate a PCI_CONFIG or MSIX record against ``dev`` without applying it.
+
+    Raises:
+        LocalProtocolError: EINVAL when the record is malformed or describes
+            another device model (a read-only config byte differs, vector or
+            irq counts do not fit).
+    """
+    if record.type == RecordType.PCI_CONFIG:
+        _parse_config(dev, record.payload)
+    elif record.type == RecordType.MSIX:
+        _parse_msix(dev, record.payload)
+    else:
+        raise _bad(f"{record.type.name} is not a PCI state record")
+
+
+def apply_pci_state(dev: PciDevice, record: Record) -> None:
+    """Restore a PCI_CONFIG or MSIX record into ``dev`` (validated first).
+
+    PCI_CONFIG sets config space as saved (bypassing the write masks, as a
+    device-side update), then the interrupt configuration through the
+    device's own setters: enabled counts (set to 0 and back, which drops
+    the old masks) and the saved client masks.  Interrupts raised before
+    the destination's client installs its eventfds stay pending and are
+    delivered when it does.  MSIX restores the table, the arming of the
+    table's masks, Function Mask and the pending bits.
+
+    Raises:
+        LocalProtocolError: EINVAL as :func:`check_pci_state` (nothing changed then).
+    """
+    if record.type == RecordType.PCI_CONFIG:
+        head, image, masks = _parse_config(dev, record.payload)
+        dev.config.data[:] = image
+        for index, name in enumerate(_COUNT_FIELDS):
+            dev.set_irq_count(index, 0)
+            dev.set_irq_count(index, getattr(head, name))
+        for m in masks:
+            dev.irq_mask(m.index, m.sub, 1, True)
+    elif record.type == RecordType.MSIX:
+        mhead, table, pba = _parse_msix(dev, record.payload)
+        msix = dev.msix
+        assert msix is not None
+        msix.write_table(0, table)
+        msix.table_in_use = bool(mhead.flags & MSIX_TABLE_IN_USE)
+        msix.function_mask = bool(mhead.flags & MSIX_FUNCTION_MASKED)
+        bits = int.from_bytes(pba, "little")
+        for vector in range(msix.vectors):
+            msix.set_pending(vector, bool(bits >> vector & 1))
+    else:
+        raise _bad(f"{record.type.name} is not a PCI state record")
+
+
+class PciMigratable:
+    """:class:`Migratable` for a plain PciDevice: PCI state only, no bulk data.
+
+    Subclasses add their own records by overriding :meth:`save_state`,
+    :meth:`stage`, :meth:`commit_restore` and friends (calling up).
+    """
+
+    def __init__(self, dev: PciDevice, extra_fingerprint: bytes = b"") -> None:
+        self.dev = dev
+        self.extra_fingerprint = extra_fingerprint
+        self.stopped = False
+        self.tracking = False
+        self.restored = False  # committed since the last migration_run
+        self._staged: dict[RecordType, Record] = {}
+
+    def migration_fingerprint(self) -> bytes:
+        return pci_fingerprint(self.dev, self.extra_fingerprint)
+
+    def migration_stop(self) -> None:
+        self.stopped = True
+
+    def migration_run(self) -> None:
+        self.stopped = False
+        if self.restored:
+            # Deliver the interrupts the source had pending, in the restored mode.
+            self.restored = False
+            self.dev.irqs_configured(int(self.dev.irq_mode))
+
+    def start_tracking(self) -> None:
+        self.tracking = True
+
+    def stop_tracking(self) -> None:
+        self.tracking = False
+
+    def precopy_pending(self) -> int:
+        return 0
+
+    def precopy_records(self, max_bytes: int) -> list[Record]:
+        return []
+
+    def save_state(self) -> list[Record]:
+        return pci_state_records(self.dev)
+
+    def load_records(self, records: Sequence[Record]) -> None:
+        for record in records:
+            self.stage(record)
+
+    def stage(self, record: Record) -> None:
+        """Validate and keep one record for :meth:`commit_restore`.
+
+        Raises:
+            LocalProtocolError: EINVAL for a record of another kind or an
+                invalid PCI record.
+        """
+        if record.type not in (RecordType.PCI_CONFIG, RecordType.MSIX):
+            raise _bad(f"unexpected {record.type.name} record for {type(self.dev).__name__}")
+        check_pci_state(self.dev, record)
+        self._staged[record.type] = record
+
+    def check_staged(self) -> None:
+        """Raises:
+            LocalProtocolError: EINVAL when a required record is missing.
+        """
+        if RecordType.PCI_CONFIG not in self._staged:
+            raise _bad("the stream carried no PCI_CONFIG record")
+        if self.dev.msix is not None and RecordType.MSIX not in self._staged:
+            raise _bad("the stream carried no MSIX record")
+
+    def commit_restore(self) -> None:
+        self.check_staged()
+        self.apply_staged()
+
+    def apply_staged(self) -> None:
+        """Apply what :meth:`check_staged` found complete (subclasses extend it)."""
+        staged, self._staged = self._staged, {}
+        for kind in (RecordType.PCI_CONFIG, RecordType.MSIX):
+            if kind in staged:
+                apply_pci_state(self.dev, staged[kind])
+        self.restored = True
+
+    def abort_restore(self) -> None:
+        self._staged.clear()

@@ -1,0 +1,349 @@
+"""Client-side live migration between two appliances (runtime layer: it blocks).
+
+Theory of operation
+-------------------
+QEMU 11.1 does not migrate vfio-user devices, so this module is the client
+that does: it holds one :class:`~appliance.client.VfioUserClient` connection
+to the source appliance and one to the destination, drives both migration
+state machines with VFIO_USER_DEVICE_FEATURE (MIG_DEVICE_STATE), and copies
+the stream from MIG_DATA_READ on the source to MIG_DATA_WRITE on the
+destination, chunk by chunk, never holding more than one chunk.
+
+1. dst RUNNING -> RESUMING (the server walks RUNNING -> STOP -> RESUMING).
+2. src RUNNING -> PRE_COPY (if the source offers PRE_COPY).  Rounds: a few
+   small reads reveal the round's DIRTY_ROUND marker (the bytes still
+   dirty); if that is at most ``converge_bytes``, or ``max_rounds`` full
+   rounds were read, pre-copy ends, else the round is read to its short
+   read and the next one starts.
+3. src -> STOP_COPY (downtime starts): read to the short read that ends the
+   stream; the client's own :class:`~appliance.migrate.stream.StreamReader`
+   checks every record and the END digest on the way, so garbage from the
+   source never reaches the destination.
+4. dst RESUMING -> STOP: the destination verifies and commits; -> RUNNING
+   (downtime ends).  src -> STOP: the source stays stopped.
+
+On any failure before the destination committed, both sides go back to
+where they were: the destination cancels its session (RESUMING -> STOP,
+which fails once for a partial stream and then cancels, see
+docs/migration.md) and returns to RUNNING with its old state; the source
+returns to RUNNING (saving never changes a device).  If the destination
+committed but did not start, it is left stopped and the source resumes.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from appliance.client import VfioUserClient, VfioUserError
+from appliance.errors import ApplianceError
+from appliance.migrate.states import MigrationFlag, MigState
+from appliance.migrate.stream import ROUND_MARKER_SIZE, RecordType, StreamReader, parse_dirty_round
+from appliance.vfio_user import wire as w
+from appliance.vfio_user.migration import (
+    DmaLoggingControl,
+    DmaLoggingRange,
+    DmaLoggingReport,
+    Feature,
+    MigrationInfo,
+    MigStateData,
+)
+
+log = logging.getLogger("appliance.migrate")
+
+DEFAULT_CHUNK = 1 << 20
+
+
+class MigrationFailed(ApplianceError):
+    """Migration did not complete; ``phase`` says where, ``__cause__`` why.
+
+    Attributes:
+        phase: the step that failed.
+        rollback_errors: what went wrong while restoring both sides (empty
+            when both are back where they started).
+    """
+
+    def __init__(self, phase: str, cause: BaseException, rollback_errors: list[str]) -> None:
+        extra = f"; rollback: {'; '.join(rollback_errors)}" if rollback_errors else ""
+        super().__init__(f"migration failed during {phase}: {cause}{extra}")
+        self.phase = phase
+        self.rollback_errors = rollback_errors
+
+
+@dataclass
+class Progress:
+    """What the progress callback gets after every chunk and state change."""
+
+    phase: str  # "pre-copy", "stop-copy", "commit", "done"
+    rounds: int
+    bytes: int
+    pending: int  # dirty bytes the last DIRTY_ROUND marker reported
+
+
+@dataclass
+class Summary:
+    """What a completed migration took.
+
+    Attributes:
+        rounds: full pre-copy rounds read before stop-and-copy.
+        bytes: stream bytes moved in total.
+        seconds: wall time of the whole migration.
+        downtime: from the source stopping to the destination running.
+        precopy_bytes: bytes moved while the source was running.
+        pending_at_stop: dirty bytes reported when pre-copy ended.
+    """
+
+    rounds: int
+    bytes: int
+    seconds: float
+    downtime: float
+    precopy_bytes: int = 0
+    pending_at_stop: int = 0
+
+
+# ------------------------------------------------------------ single-connection requests
+def feature(client: VfioUserClient, flags: int, data: bytes = b"", reply_data: int = 0) -> bytes:
+    """One DEVICE_FEATURE request.
+
+    Returns:
+        The reply's data (after the 8-byte head).
+
+    Raises:
+        VfioUserError: the server refused (errno set).
+    """
+    argsz = w.DeviceFeatureHead.SIZE + max(len(data), reply_data)
+    head = w.DeviceFeatureHead(argsz=argsz, flags=flags)
+    _, payload, _ = client.request(w.Command.DEVICE_FEATURE, head.pack() + data)
+    return payload[w.DeviceFeatureHead.SIZE:]
+
+
+def migration_flags(client: VfioUserClient) -> MigrationFlag:
+    """VFIO_DEVICE_FEATURE_MIGRATION: which optional states the device supports."""
+    data = feature(client, w.FEATURE_GET | Feature.MIGRATION, reply_data=MigrationInfo.SIZE)
+    return MigrationFlag(MigrationInfo.unpack(data).flags)
+
+
+def get_state(client: VfioUserClient) -> MigState:
+    """The device's migration state."""
+    data = feature(client, w.FEATURE_GET | Feature.MIG_DEVICE_STATE, reply_data=MigStateData.SIZE)
+    return MigState(MigStateData.unpack(data).device_state)
+
+
+def set_state(client: VfioUserClient, state: MigState) -> MigState:
+    """Ask for ``state`` (the server walks the arcs); returns the state reported."""
+    data = feature(client, w.FEATURE_SET | Feature.MIG_DEVICE_STATE,
+                   MigStateData(device_state=state).pack())
+    return MigState(MigStateData.unpack(data).device_state)
+
+
+def data_read(client: VfioUserClient, size: int) -> bytes:
+    """MIG_DATA_READ of up to ``size`` bytes (fewer: no more data for now)."""
+    req = w.MigDataHead(argsz=w.MigDataHead.SIZE + size, size=size)
+    _, payload, _ = client.request(w.Command.MIG_DATA_READ, req.pack())
+    head = w.MigDataHead.unpack(payload)
+    data = payload[w.MigDataHead.SIZE:]
+    if head.size != len(data) or head.size > size:
+        raise VfioUserError(errno.EPROTO, f"MIG_DATA_READ reply size {head.size}/{len(data)}")
+    return data
+
+
+def data_write(client: VfioUserClient, data: bytes) -> None:
+    """MIG_DATA_WRITE of ``data``."""
+    req = w.MigDataHead(argsz=w.MigDataHead.SIZE + len(data), size=len(data))
+    client.request(w.Command.MIG_DATA_WRITE, req.pack() + data)
+
+
+def dma_logging_start(client: VfioUserClient, page_size: int,
+                      ranges: list[tuple[int, int]] | None = None) -> int:
+    """Start dirty logging of ``ranges`` (None: everything); returns the page size chosen."""
+    ranges = ranges or []
+    data = DmaLoggingControl(page_size=page_size, num_ranges=len(ranges)).pack()
+    data += b"".join(DmaLoggingRange(iova=a, length=n).pack() for a, n in ranges)
+    reply = feature(client, w.FEATURE_SET | Feature.DMA_LOGGING_START, data)
+    return int(DmaLoggingControl.unpack(reply).page_size)
+
+
+def dma_logging_stop(client: VfioUserClient) -> None:
+    feature(client, w.FEATURE_SET | Feature.DMA_LOGGING_STOP)
+
+
+def dma_logging_report(client: VfioUserClient, iova: int, length: int, page_size: int) -> bytes:
+    """The dirty bitmap of ``[iova, iova+length)`` (reported bits are cleared)."""
+    nbits = -(-length // page_size)
+    nbytes = -(-nbits // 64) * 8
+    req = DmaLoggingReport(iova=iova, length=length, page_size=page_size).pack()
+    reply = feature(client, w.FEATURE_GET | Feature.DMA_LOGGING_REPORT, req,
+                    reply_data=DmaLoggingReport.SIZE + nbytes)
+    return reply[DmaLoggingReport.SIZE:]
+
+
+# ------------------------------------------------------------ the migration
+class _Copier:
+    """Moves stream bytes from src to dst, checking them on the way."""
+
+    def __init__(self, src: VfioUserClient, dst: VfioUserClient, chunk: int,
+                 report: Callable[[str], None]) -> None:
+        self.src, self.dst, self.chunk = src, dst, chunk
+        self.watch = StreamReader(fingerprint=None)
+        self.bytes = 0
+        self.markers = 0
+        self.pending = 0
+        self.report = report
+
+    def copy(self, size: int) -> int:
+        """Move one read's worth; returns how many bytes came."""
+        data = data_read(self.src, size)
+        for record in self.watch.feed(data):
+            if record.type == RecordType.DIRTY_ROUND:
+                self.markers += 1
+                self.pending = parse_dirty_round(record).pending
+        if data:
+            data_write(self.dst, data)
+        self.bytes += len(data)
+        return len(data)
+
+    def next_marker(self) -> int:
+        """Read small pieces until the next DIRTY_ROUND marker passed; its pending count."""
+        seen = self.markers
+        while self.markers == seen:
+            if self.copy(ROUND_MARKER_SIZE) < ROUND_MARKER_SIZE and self.markers == seen:
+                raise VfioUserError(errno.EPROTO, "source ended a round without a marker")
+        return self.pending
+
+    def rest_of_round(self, phase: str) -> None:
+        """Read full chunks until the short read that ends the round (or stream)."""
+        while self.copy(self.chunk) == self.chunk:
+            self.report(phase)
+
+
+def migrate(src: VfioUserClient, dst: VfioUserClient, *, max_rounds: int = 8,
+            converge_bytes: int = 1 << 20, chunk: int | None = None,
+            progress: Callable[[Progress], None] | None = None,
+            clock: Callable[[], float] = time.monotonic) -> Summary:
+    """Live-migrate the device behind ``src`` to the one behind ``dst``.
+
+    Args:
+        src, dst: connected, negotiated clients (the source device RUNNING,
+            the destination RUNNING or STOP).
+        max_rounds: full pre-copy rounds at most before stopping the source.
+        converge_bytes: stop pre-copy once a round starts with at most this
+            many dirty bytes.
+        chunk: bytes per MIG_DATA_READ/WRITE (default: the smaller
+            ``max_data_xfer_size`` of the two servers, at most 1 MiB).
+        progress: called with a :class:`Progress` after every full chunk and
+            state change.
+
+    Returns:
+        A :class:`Summary`.
+
+    Raises:
+        MigrationFailed: any step failed; both sides were rolled back (see
+            the module docstring), ``rollback_errors`` lists what could not be.
+    """
+    started = clock()
+    if chunk is None:
+        chunk = min(DEFAULT_CHUNK, *(int(c.server_caps.get("max_data_xfer_size", DEFAULT_CHUNK))
+                                     for c in (src, dst)))
+    rounds = 0
+    phase = "setup"
+    copier: _Copier
+
+    def report(now: str) -> None:
+        if progress is not None:
+            progress(Progress(now, rounds, copier.bytes, copier.pending))
+
+    copier = _Copier(src, dst, chunk, report)
+    src_started = dst_started = committed = False
+    dst_initial = MigState.RUNNING
+    try:
+        flags = migration_flags(src)
+        dst_flags = migration_flags(dst)
+        if not flags & MigrationFlag.STOP_COPY or not dst_flags & MigrationFlag.STOP_COPY:
+            raise VfioUserError(errno.ENOTSUP, "a device does not support STOP_COPY")
+        if (state := get_state(src)) is not MigState.RUNNING:
+            raise VfioUserError(errno.EINVAL, f"source is {state.name}, not RUNNING")
+        dst_initial = get_state(dst)
+        if dst_initial not in (MigState.RUNNING, MigState.STOP):
+            raise VfioUserError(errno.EINVAL, f"destination is {dst_initial.name}")
+        phase = "destination RESUMING"
+        dst_started = True
+        set_state(dst, MigState.RESUMING)
+        pending_at_stop = 0
+        if flags & MigrationFlag.PRE_COPY:
+            phase = "pre-copy"
+            src_started = True
+            set_state(src, MigState.PRE_COPY)
+            report(phase)
+            while True:
+                pending_at_stop = copier.next_marker()
+                if pending_at_stop <= converge_bytes or rounds >= max_rounds:
+                    break
+                copier.rest_of_round(phase)
+                rounds += 1
+                report(phase)
+        precopy_bytes = copier.bytes
+        phase = "stop-copy"
+        src_started = True
+        stopped_at = clock()
+        set_state(src, MigState.STOP_COPY)
+        report(phase)
+        copier.rest_of_round(phase)
+        copier.watch.check_complete()
+        phase = "commit"
+        set_state(dst, MigState.STOP)
+        committed = True
+        set_state(dst, MigState.RUNNING)
+        running_at = clock()
+    except (VfioUserError, ConnectionError, TimeoutError, ApplianceError, OSError) as exc:
+        errors = _rollback(src if src_started else None, dst if dst_started else None,
+                           dst_initial, committed)
+        log.error("migration failed during %s: %s", phase, exc)
+        raise MigrationFailed(phase, exc, errors) from exc
+    try:
+        set_state(src, MigState.STOP)
+    except (VfioUserError, ConnectionError, TimeoutError) as exc:
+        log.warning("migration done, but the source could not leave STOP_COPY: %s", exc)
+    report("done")
+    return Summary(rounds=rounds, bytes=copier.bytes, seconds=clock() - started,
+                   downtime=running_at - stopped_at, precopy_bytes=precopy_bytes,
+                   pending_at_stop=pending_at_stop)
+
+
+def _rollback(src: VfioUserClient | None, dst: VfioUserClient | None, dst_initial: MigState,
+              committed: bool) -> list[str]:
+    """Return both sides to where they were; returns what could not be done."""
+    errors: list[str] = []
+    if dst is not None:
+        try:
+            if committed:
+                # The destination holds the new state; it must not run next to the source.
+                set_state(dst, MigState.STOP)
+            else:
+                _cancel_destination(dst, dst_initial)
+        except (VfioUserError, ConnectionError, TimeoutError, OSError) as exc:
+            errors.append(f"destination: {exc}")
+    if src is not None:
+        try:
+            state = get_state(src)
+            if state is MigState.ERROR:
+                src.reset()
+            set_state(src, MigState.RUNNING)
+        except (VfioUserError, ConnectionError, TimeoutError, OSError) as exc:
+            errors.append(f"source: {exc}")
+    return errors
+
+
+def _cancel_destination(dst: VfioUserClient, initial: MigState) -> None:
+    state = get_state(dst)
+    if state is MigState.ERROR:
+        dst.reset()  # the only way out of ERROR; the old state cannot be vouched for
+        return
+    if state is MigState.RESUMING:
+        try:
+            set_state(dst, MigState.STOP)  # a partial stream is refused once ...
+        except VfioUserError:
+            set_state(dst, MigState.STOP)  # ... then the empty session cancels
+    set_state(dst, initial)

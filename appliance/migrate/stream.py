@@ -1,0 +1,510 @@
+"""The migration data stream: versioned, typed, checksummed records (sans-I/O).
+
+Theory of operation
+-------------------
+What a source device hands out through VFIO_USER_MIG_DATA_READ, and a
+destination takes through VFIO_USER_MIG_DATA_WRITE, is one byte stream.  The
+transport cuts it anywhere (the spec: "the migration data is treated like a
+stream"), so the stream frames itself: a sequence of records, each a fixed
+24-byte :class:`RecordHead` followed by ``length`` payload bytes::
+
+    magic "AMIG" | type u16 | flags u16 | length u32 | seq u32 | checksum u64 | payload
+
+* ``seq`` counts records from 0, so a record that is lost, repeated or moved
+  is caught at once.
+* ``checksum`` is the xxh64 of the first 16 bytes of the head (everything but
+  the checksum itself) followed by the payload: a flipped bit anywhere in a
+  record, head or payload, is caught before any field of it is used.
+* The first record is HEADER (format version, device fingerprint); a reader
+  built with the destination's fingerprint refuses a different one at once.
+* The last record is END, carrying the record count and the xxh64 of every
+  byte before it.  Nothing may follow END.
+
+:class:`StreamWriter` serializes records into a byte queue from which
+:meth:`StreamWriter.read` takes at most N bytes at a time (one MIG_DATA_READ).
+:class:`StreamReader` accepts chunks cut anywhere, down to single bytes, and
+returns only records whose checksum verified; it never buffers more than one
+record (head + at most :data:`MAX_PAYLOAD` bytes) and stops for good at the
+first error (:class:`StreamError`, whose ``errno`` is what the vfio-user
+error reply carries).  Record payload layouts are declared below as
+:class:`~appliance.wire.Struct` s; docs/migration.md describes the format.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+from collections import deque
+from dataclasses import dataclass
+from typing import TypeVar
+
+import xxhash
+
+from appliance.errors import LocalProtocolError
+from appliance.wire import Struct, WireError
+
+MAGIC = b"AMIG"
+FORMAT_VERSION = 1
+MAX_PAYLOAD = 16 << 20  # one record's payload, at most
+MAX_FINGERPRINT = 1024
+
+_S = TypeVar("_S", bound=Struct)
+
+
+class RecordType(enum.IntEnum):
+    """What a record's payload holds."""
+
+    HEADER = 1  # StreamHeader + fingerprint
+    PCI_CONFIG = 2  # PCI config space + interrupt configuration (migrate.device)
+    MSIX = 3  # MSI-X table, PBA, mask state (migrate.device)
+    DEVICE_STATE = 4  # DeviceStateHead + a device type's own blob
+    NAMESPACE_BLOCKS = 5  # BlocksHead + data
+    DIRTY_ROUND = 6  # DirtyRound marker
+    END = 7  # EndPayload
+
+
+# Record flags: none defined yet; every bit is reserved and must be 0.
+RECORD_FLAGS_RESERVED = 0xFFFF
+# Types that may appear at most once per stream.
+ONCE = frozenset({RecordType.HEADER, RecordType.PCI_CONFIG, RecordType.MSIX, RecordType.END})
+
+
+class RecordHead(Struct, size=24):
+    FIELDS = (
+        ("magic", "4s", MAGIC),
+        ("type", "H", 0),
+        ("flags", "H", 0),
+        ("length", "I", 0),  # payload bytes
+        ("seq", "I", 0),  # record index from 0
+        ("checksum", "Q", 0),  # xxh64(head[:16] + payload)
+    )
+
+
+CHECKED_HEAD = 16  # bytes of the head covered by its checksum
+
+
+class StreamHeader(Struct, size=8):
+    """HEADER payload; ``fingerprint_len`` bytes of fingerprint follow."""
+
+    FIELDS = (
+        ("version", "H", FORMAT_VERSION),
+        ("flags", "H", 0),  # reserved, 0
+        ("fingerprint_len", "H", 0),
+        ("reserved", "H", 0),
+    )
+
+
+class DeviceStateHead(Struct, size=8):
+    """DEVICE_STATE payload head; the device type's blob follows."""
+
+    FIELDS = (("kind", "H", 0), ("version", "H", 1), ("reserved", "I", 0))
+
+
+class DeviceKind(enum.IntEnum):
+    NVME_CONTROLLER = 1
+
+
+class BlocksHead(Struct, size=24):
+    """NAMESPACE_BLOCKS payload head; ``length`` data bytes follow (none with ZEROES)."""
+
+    FIELDS = (("nsid", "I", 0), ("flags", "I", 0), ("offset", "Q", 0), ("length", "Q", 0))
+
+
+class BlocksFlag(enum.IntFlag):
+    ZEROES = 0x1  # the range reads as zeroes; no data bytes follow
+
+
+BLOCKS_FLAGS_RESERVED = 0xFFFFFFFF & ~int(BlocksFlag.ZEROES)
+MAX_ZERO_RUN = 1 << 40  # a ZEROES record covers at most this many bytes
+
+
+class DirtyRoundFlag(enum.IntFlag):
+    FINAL = 0x1  # the stop-and-copy round: what follows is the rest of the stream
+
+
+class DirtyRound(Struct, size=16):
+    """DIRTY_ROUND payload: a round of pre-copy (or the final one) begins."""
+
+    FIELDS = (("round", "I", 0), ("flags", "I", 0), ("pending", "Q", 0))
+
+
+class EndPayload(Struct, size=16):
+    """END payload: how many records came before, and the xxh64 of their bytes."""
+
+    FIELDS = (("records", "I", 0), ("reserved", "I", 0), ("digest", "Q", 0))
+
+
+ROUND_MARKER_SIZE = RecordHead.SIZE + DirtyRound.SIZE
+
+
+class StreamError(LocalProtocolError):
+    """The stream is malformed, corrupt, out of order or for another device."""
+
+    def __init__(self, message: str, err: int = errno.EINVAL) -> None:
+        super().__init__(message, err)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record's type and payload (framing is the stream's business)."""
+
+    type: RecordType
+    payload: bytes
+
+    @property
+    def size(self) -> int:
+        """Bytes this record takes in the stream."""
+        return RecordHead.SIZE + len(self.payload)
+
+
+def record_checksum(head: bytes, payload: bytes | bytearray | memoryview) -> int:
+    """xxh64 over the head's first 16 bytes and the payload."""
+    h = xxhash.xxh64(head[:CHECKED_HEAD])
+    h.update(payload)
+    return h.intdigest()
+
+
+# ------------------------------------------------------------ record payload helpers
+def namespace_blocks(nsid: int, offset: int, data: bytes, *, elide_zeroes: bool = False) -> Record:
+    """A NAMESPACE_BLOCKS record: ``data`` at byte ``offset`` of namespace ``nsid``.
+
+    With ``elide_zeroes``, all-zero ``data`` becomes a ZEROES record carrying
+    only its length.
+    """
+    if elide_zeroes and data and not any(data):
+        head = BlocksHead(nsid=nsid, flags=BlocksFlag.ZEROES, offset=offset, length=len(data))
+        return Record(RecordType.NAMESPACE_BLOCKS, head.pack())
+    head = BlocksHead(nsid=nsid, offset=offset, length=len(data))
+    return Record(RecordType.NAMESPACE_BLOCKS, head.pack() + data)
+
+
+def parse_blocks_head(record: Record) -> tuple[BlocksHead, bytes]:
+    """The head and data bytes of a NAMESPACE_BLOCKS record (no data for ZEROES).
+
+    Raises:
+        StreamError: wrong type, short payload, reserved flags, or a length
+            that disagrees with the data.
+    """
+    head = _head(record, RecordType.NAMESPACE_BLOCKS, BlocksHead)
+    data = record.payload[BlocksHead.SIZE:]
+    if head.flags & BLOCKS_FLAGS_RESERVED:
+        raise StreamError(f"NAMESPACE_BLOCKS flags {head.flags:#x}")
+    if head.flags & BlocksFlag.ZEROES:
+        if data or not 0 < head.length <= MAX_ZERO_RUN:
+            raise StreamError(f"NAMESPACE_BLOCKS zero run of {head.length} with {len(data)} bytes")
+    elif head.length != len(data):
+        raise StreamError(f"NAMESPACE_BLOCKS length {head.length} != data {len(data)}")
+    return head, data
+
+
+def parse_namespace_blocks(record: Record) -> tuple[int, int, bytes]:
+    """``(nsid, offset, data)`` of a NAMESPACE_BLOCKS record (ZEROES expanded).
+
+    Raises:
+        StreamError: as :func:`parse_blocks_head`.
+    """
+    head, data = parse_blocks_head(record)
+    if head.flags & BlocksFlag.ZEROES:
+        data = bytes(head.length)
+    return head.nsid, head.offset, data
+
+
+def device_state(kind: int, blob: bytes, version: int = 1) -> Record:
+    """A DEVICE_STATE record for device type ``kind``."""
+    head = DeviceStateHead(kind=kind, version=version)
+    return Record(RecordType.DEVICE_STATE, head.pack() + blob)
+
+
+def parse_device_state(record: Record) -> tuple[int, int, bytes]:
+    """``(kind, version, blob)`` of a DEVICE_STATE record.
+
+    Raises:
+        StreamError: wrong type, short payload or reserved bits set.
+    """
+    head = _head(record, RecordType.DEVICE_STATE, DeviceStateHead)
+    if head.reserved:
+        raise StreamError("DEVICE_STATE reserved field set")
+    return head.kind, head.version, record.payload[DeviceStateHead.SIZE:]
+
+
+def dirty_round(number: int, pending: int, final: bool = False) -> Record:
+    """A DIRTY_ROUND marker: round ``number`` starts with ``pending`` bytes dirty."""
+    flags = DirtyRoundFlag.FINAL if final else 0
+    marker = DirtyRound(round=number, flags=flags, pending=pending)
+    return Record(RecordType.DIRTY_ROUND, marker.pack())
+
+
+def parse_dirty_round(record: Record) -> DirtyRound:
+    """The marker of a DIRTY_ROUND record.
+
+    Raises:
+        StreamError: wrong type or size, or unknown flags.
+    """
+    head = _head(record, RecordType.DIRTY_ROUND, DirtyRound)
+    if head.flags & ~int(DirtyRoundFlag.FINAL):
+        raise StreamError(f"DIRTY_ROUND flags {head.flags:#x}")
+    return head
+
+
+def _head(record: Record, kind: RecordType, cls: type[_S]) -> _S:
+    if record.type != kind:
+        raise StreamError(f"expected a {kind.name} record, got {record.type.name}")
+    try:
+        return cls.unpack(record.payload)
+    except WireError as exc:
+        raise StreamError(f"{kind.name}: {exc}") from None
+
+
+# Payload size limits per type (min, max), checked from the head before buffering.
+_SIZES: dict[RecordType, tuple[int, int]] = {
+    RecordType.HEADER: (StreamHeader.SIZE, StreamHeader.SIZE + MAX_FINGERPRINT),
+    RecordType.PCI_CONFIG: (1, MAX_PAYLOAD),
+    RecordType.MSIX: (1, MAX_PAYLOAD),
+    RecordType.DEVICE_STATE: (DeviceStateHead.SIZE, MAX_PAYLOAD),
+    RecordType.NAMESPACE_BLOCKS: (BlocksHead.SIZE, MAX_PAYLOAD),
+    RecordType.DIRTY_ROUND: (DirtyRound.SIZE, DirtyRound.SIZE),
+    RecordType.END: (EndPayload.SIZE, EndPayload.SIZE),
+}
+
+
+# ------------------------------------------------------------ writer
+class StreamWriter:
+    """Serializes records into a byte queue; HEADER is queued at construction.
+
+    Example::
+
+        w = StreamWriter(device.migration_fingerprint())
+        w.add(namespace_blocks(1, 0, data))
+        w.finish()                       # queues END
+        chunk = w.read(1 << 20)          # what one MIG_DATA_READ returns
+    """
+
+    def __init__(self, fingerprint: bytes, *, version: int = FORMAT_VERSION) -> None:
+        """Raises:
+            ValueError: the fingerprint is longer than MAX_FINGERPRINT bytes.
+        """
+        if len(fingerprint) > MAX_FINGERPRINT:
+            raise ValueError(f"fingerprint of {len(fingerprint)} bytes")
+        self._queue: deque[bytes] = deque()
+        self._offset = 0  # bytes of _queue[0] already read
+        self._queued = 0
+        self._digest = xxhash.xxh64()
+        self.records = 0
+        self.bytes_written = 0
+        self.finished = False
+        head = StreamHeader(version=version, fingerprint_len=len(fingerprint))
+        self._put(RecordType.HEADER, head.pack() + fingerprint)
+
+    @property
+    def pending(self) -> int:
+        """Bytes queued and not yet read."""
+        return self._queued
+
+    def add(self, record: Record) -> None:
+        """Queue one record.
+
+        Raises:
+            ValueError: HEADER/END (the writer adds those), an oversized
+                payload, or the stream is finished.
+        """
+        if record.type in (RecordType.HEADER, RecordType.END):
+            raise ValueError(f"{record.type.name} records are written by the writer itself")
+        lo, hi = _SIZES[record.type]
+        if not lo <= len(record.payload) <= hi:
+            raise ValueError(f"{record.type.name} payload of {len(record.payload)} bytes")
+        self._put(record.type, record.payload)
+
+    def add_all(self, records: list[Record]) -> None:
+        """Queue several records in order (see :meth:`add`)."""
+        for record in records:
+            self.add(record)
+
+    def finish(self) -> None:
+        """Queue END (record count and digest of everything before it).
+
+        Raises:
+            ValueError: already finished.
+        """
+        end = EndPayload(records=self.records, digest=self._digest.intdigest())
+        self._put(RecordType.END, end.pack())
+        self.finished = True
+
+    def read(self, size: int) -> bytes:
+        """Take up to ``size`` queued bytes (fewer only when the queue runs dry)."""
+        out: list[bytes] = []
+        want = size
+        while want > 0 and self._queue:
+            first = self._queue[0]
+            piece = first[self._offset:self._offset + want]
+            out.append(piece)
+            want -= len(piece)
+            self._offset += len(piece)
+            if self._offset == len(first):
+                self._queue.popleft()
+                self._offset = 0
+        data = b"".join(out)
+        self._queued -= len(data)
+        return data
+
+    def _put(self, kind: RecordType, payload: bytes) -> None:
+        if self.finished:
+            raise ValueError("the stream is finished")
+        head = RecordHead(type=kind, length=len(payload), seq=self.records)
+        raw = head.pack()
+        head.checksum = record_checksum(raw, payload)
+        raw = head.pack()
+        self._digest.update(raw)
+        self._digest.update(payload)
+        self._queue.append(raw)
+        if payload:
+            self._queue.append(payload)
+        self._queued += len(raw) + len(payload)
+        self.bytes_written += len(raw) + len(payload)
+        self.records += 1
+
+
+# ------------------------------------------------------------ reader
+class StreamReader:
+    """Incremental, verifying parser of a migration stream (sans-I/O).
+
+    Example::
+
+        r = StreamReader(fingerprint=device.migration_fingerprint())
+        for chunk in chunks:             # MIG_DATA_WRITE payloads, cut anywhere
+            device.load_records(r.feed(chunk))
+        r.check_complete()               # END seen and its digest verified
+    """
+
+    def __init__(self, fingerprint: bytes | None) -> None:
+        """Args:
+            fingerprint: what the HEADER must carry; None accepts any (a
+                client watching a stream pass through).
+        """
+        self.expected_fingerprint = fingerprint
+        self.fingerprint: bytes | None = None
+        self.version: int | None = None
+        self.records = 0
+        self.bytes_fed = 0
+        self.finished = False
+        self.failed: StreamError | None = None
+        self._buf = bytearray()
+        self._head: RecordHead | None = None
+        self._head_raw = b""
+        self._seen: set[RecordType] = set()
+        self._digest = xxhash.xxh64()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Record]:
+        """Take the next chunk; return the records it completed, verified.
+
+        Returns:
+            Zero or more records, in stream order; an incomplete record stays
+            buffered for the next chunk.
+
+        Raises:
+            StreamError: the stream is invalid (bad magic, type, flags,
+                length, checksum, order, version or fingerprint, data after
+                END), or an earlier chunk already failed it.
+        """
+        if self.failed is not None:
+            raise StreamError(f"stream already failed: {self.failed}", self.failed.errno)
+        try:
+            return self._feed(memoryview(data).cast("B"))
+        except StreamError as exc:
+            self.failed = exc
+            raise
+
+    def check_complete(self) -> None:
+        """Raises:
+            StreamError: the stream failed, or ended before a verified END
+                (truncated).
+        """
+        if self.failed is not None:
+            raise StreamError(f"stream failed: {self.failed}", self.failed.errno)
+        if not self.finished:
+            held = len(self._buf) + (RecordHead.SIZE if self._head is not None else 0)
+            raise StreamError(f"stream truncated after {self.records} records "
+                              f"({self.bytes_fed} bytes, {held} of a partial record)")
+
+    def _feed(self, data: memoryview) -> list[Record]:
+        out: list[Record] = []
+        pos = 0
+        while pos < len(data):
+            if self.finished:
+                raise StreamError(f"{len(data) - pos} bytes after END")
+            need = (RecordHead.SIZE if self._head is None else self._head.length) - len(self._buf)
+            take = min(need, len(data) - pos)
+            self._buf += data[pos:pos + take]
+            pos += take
+            self.bytes_fed += take
+            if take < need:
+                break
+            if self._head is None:
+                self._head_raw = bytes(self._buf)
+                self._buf.clear()
+                self._head = self._check_head(self._head_raw)
+                if self._head.length:
+                    continue
+            out.append(self._complete())
+        return out
+
+    def _check_head(self, raw: bytes) -> RecordHead:
+        head = RecordHead.unpack(raw)
+        where = f"record {self.records} at byte {self.bytes_fed - RecordHead.SIZE}"
+        if head.magic != MAGIC:
+            raise StreamError(f"{where}: bad magic {head.magic!r}")
+        try:
+            kind = RecordType(head.type)
+        except ValueError:
+            raise StreamError(f"{where}: unknown record type {head.type}") from None
+        if head.flags & RECORD_FLAGS_RESERVED:
+            raise StreamError(f"{where}: reserved flags {head.flags:#x}")
+        if head.length > MAX_PAYLOAD:
+            raise StreamError(f"{where}: {kind.name} length {head.length} exceeds {MAX_PAYLOAD}")
+        lo, hi = _SIZES[kind]
+        if not lo <= head.length <= hi:
+            raise StreamError(f"{where}: {kind.name} length {head.length} not in {lo}..{hi}")
+        if head.seq != self.records:
+            raise StreamError(f"{where}: sequence number {head.seq}, expected {self.records}")
+        if self.records == 0 and kind != RecordType.HEADER:
+            raise StreamError(f"{where}: stream starts with {kind.name}, not HEADER")
+        if kind in ONCE and kind in self._seen:
+            raise StreamError(f"{where}: second {kind.name} record")
+        return head
+
+    def _complete(self) -> Record:
+        head = self._head
+        assert head is not None
+        payload = bytes(self._buf)
+        self._buf.clear()
+        self._head = None
+        kind = RecordType(head.type)
+        if record_checksum(self._head_raw, payload) != head.checksum:
+            raise StreamError(f"record {self.records} ({kind.name}): checksum mismatch")
+        if kind == RecordType.END:
+            end = EndPayload.unpack(payload)
+            if end.reserved or end.records != self.records:
+                raise StreamError(f"END counts {end.records} records, stream had {self.records}")
+            if end.digest != self._digest.intdigest():
+                raise StreamError("END digest does not match the stream")
+            self.finished = True
+        elif kind == RecordType.HEADER:
+            self._check_header(payload)
+        self._digest.update(self._head_raw)
+        self._digest.update(payload)
+        self._seen.add(kind)
+        self.records += 1
+        return Record(kind, payload)
+
+    def _check_header(self, payload: bytes) -> None:
+        head = StreamHeader.unpack(payload)
+        fingerprint = payload[StreamHeader.SIZE:]
+        if head.version != FORMAT_VERSION:
+            raise StreamError(f"stream format version {head.version}, this reader knows "
+                              f"{FORMAT_VERSION}", errno.ENOTSUP)
+        if head.flags or head.reserved or head.fingerprint_len != len(fingerprint):
+            raise StreamError("malformed HEADER record")
+        if self.expected_fingerprint is not None and fingerprint != self.expected_fingerprint:
+            raise StreamError("device configuration fingerprint differs: the stream is "
+                              "for another device configuration")
+        self.version = head.version
+        self.fingerprint = fingerprint

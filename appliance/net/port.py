@@ -1,0 +1,436 @@
+"""The virtio-net port device behind one vhost-user socket (device layer).
+
+Theory of operation
+-------------------
+A :class:`VirtioNetPort` is the handler a
+:class:`~appliance.net.vhost_protocol.BackendConnection` calls, one method per
+request, and a port of the :class:`~appliance.net.switch.Switch`.  It lives as
+long as the service; connections come and go (a disconnect stops and forgets
+every ring, the next connection configures them again), and its counters
+survive them.
+
+Queues follow virtio-net (virtio 1.2 §5.1.2): ring ``2k`` is receiveq k (we
+write frames *to* the guest), ring ``2k+1`` is transmitq k (the guest sends).
+Counters use the switch-port view: ``rx_*`` are frames received from the
+guest (its transmit rings), ``tx_*`` frames transmitted to the guest.
+
+* Transmit rings (guest → us) are drained on kicks by the runtime calling
+  :meth:`process_tx` with a budget; each chain's readable bytes are one
+  virtio-net header (12 bytes with VERSION_1 or MRG_RXBUF, else 10) and one
+  Ethernet frame.  A ring that is started but disabled is processed and its
+  frames discarded (vhost-user.rst "Ring states").  Chains with writable
+  buffers are malformed; headers asking for GSO or checksum offload (never
+  offered) are dropped.
+* Frames for the guest arrive through :meth:`deliver`.  One receive ring is
+  chosen among the ready, enabled ones by a hash of the MAC pair; with
+  MRG_RXBUF a frame may span several chains (``num_buffers``), otherwise one
+  chain must hold header and frame.  No buffer means a drop: the switch does
+  not queue.  Used indices are published, and the guest interrupted, once
+  per batch in :meth:`flush`.
+
+Offered features: VERSION_1, MRG_RXBUF, RING_EVENT_IDX, RING_INDIRECT_DESC,
+MTU, STATUS, MQ and VHOST_USER_F_PROTOCOL_FEATURES; no checksum or
+segmentation offloads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from appliance.errors import LocalProtocolError
+from appliance.memory import ClientMemory, GuestMemoryError
+from appliance.net import vhost_wire as vw
+from appliance.net.vhost_wire import Feature as F
+from appliance.net.virtqueue import SplitQueue
+
+log = logging.getLogger("appliance.net")
+
+OFFERED_FEATURES = int(F.VERSION_1 | F.NET_MRG_RXBUF | F.RING_EVENT_IDX | F.RING_INDIRECT_DESC
+                       | F.NET_MTU | F.NET_STATUS | F.NET_MQ | F.PROTOCOL_FEATURES)
+ETH_HEADER = 14
+MAX_FRAME = 65535 + 18  # the largest frame we forward (no GSO, so an MTU-sized frame + VLAN)
+MIN_MTU, MAX_MTU = 68, 65535
+DEFAULT_MTU = 1500
+_HDR12 = [vw.NET_HDR_CODEC.pack(0, vw.NET_HDR_GSO_NONE, 0, 0, 0, 0, n) for n in range(4)]
+_HDR10 = bytes(vw.NET_HDR_LEGACY_SIZE)
+_GSO_NONE = vw.NET_HDR_GSO_NONE
+_NEEDS_CSUM = int(vw.NetHdrFlag.NEEDS_CSUM)
+
+
+class FrameSink(Protocol):
+    def write(self, frame: bytes) -> None: ...
+
+
+Uplink = Callable[[Any, bytes], None]
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def rarp_frame(mac: bytes) -> bytes:
+    """The broadcast RARP request a migrated guest's backend sends for it (SEND_RARP)."""
+    arp = (b"\x00\x01\x08\x00\x06\x04\x00\x03" + mac + bytes(4) + mac + bytes(4))
+    frame = b"\xff" * 6 + mac + b"\x80\x35" + arp
+    return frame + bytes(60 - len(frame))
+
+
+class VirtioNetPort:
+    """One virtio-net device: vhost-user request handler and switch port."""
+
+    def __init__(self, name: str, mac: bytes, queue_pairs: int = 1,
+                 pcap: FrameSink | None = None) -> None:
+        self.name = name
+        self.mac = mac
+        self.queue_pairs = queue_pairs
+        self.pcap = pcap
+        self.rings = [SplitQueue(i) for i in range(2 * queue_pairs)]
+        self.kick: list[int | None] = [None] * len(self.rings)
+        self.call: list[int | None] = [None] * len(self.rings)
+        self.err: list[int | None] = [None] * len(self.rings)
+        self.kick_polled = [False] * len(self.rings)
+        self._explicit_enable: list[bool | None] = [None] * len(self.rings)
+        self.features = 0
+        self.protocol_negotiated = False
+        self.status = 0
+        self.mtu = DEFAULT_MTU
+        self.hdr_len = vw.NetHdr.SIZE
+        self.mrg = False
+        self.memory: ClientMemory | None = None
+        self.connected = False
+        self.connections = 0
+        self.rarps = 0
+        self.tx_no_queue = 0  # frames for the guest while no receive ring was usable
+        # Runtime hooks: signal an eventfd; give up an fd (unwatch, close); the switch.
+        self.notify: Callable[[int], None] = lambda fd: None
+        self.retire_fd: Callable[[int], None] = _close
+        self.uplink: Uplink = lambda port, frame: None
+        self._rx_active: list[SplitQueue] = []
+        self._dirty: set[int] = set()
+
+    # ------------------------------------------------------------ handler: negotiation
+    @property
+    def num_vrings(self) -> int:
+        return len(self.rings)
+
+    def device_features(self) -> int:
+        return OFFERED_FEATURES
+
+    def max_queue_pairs(self) -> int:
+        return self.queue_pairs
+
+    def set_features(self, features: int) -> None:
+        self.features = features
+        self.mrg = bool(features & F.NET_MRG_RXBUF)
+        modern = features & (F.VERSION_1 | F.NET_MRG_RXBUF)
+        self.hdr_len = vw.NetHdr.SIZE if modern else vw.NET_HDR_LEGACY_SIZE
+        for ring in self.rings:
+            ring.event_idx = bool(features & F.RING_EVENT_IDX)
+            ring.indirect = bool(features & F.RING_INDIRECT_DESC)
+        self._refresh()
+
+    def set_protocol_features(self, features: int) -> None:
+        self.protocol_negotiated = True
+        self._refresh()
+
+    def set_status(self, status: int) -> None:
+        old, self.status = self.status, status
+        if status & vw.DeviceStatus.DRIVER_OK and not old & vw.DeviceStatus.DRIVER_OK:
+            log.info("%s: driver ok (features %#x)", self.name, self.features)
+
+    def get_status(self) -> int:
+        return self.status
+
+    def set_mtu(self, mtu: int) -> None:
+        if not MIN_MTU <= mtu <= MAX_MTU:
+            raise LocalProtocolError(f"MTU {mtu} outside {MIN_MTU}..{MAX_MTU}")
+        self.mtu = mtu
+
+    def send_rarp(self, mac: bytes) -> None:
+        self.rarps += 1
+        self.uplink(self, rarp_frame(mac))
+
+    # ------------------------------------------------------------ handler: memory and rings
+    def set_memory(self, memory: ClientMemory | None) -> None:
+        if memory is None:
+            self.flush()
+            for ring in self.rings:
+                ring.detach()
+        else:
+            self.connected = True
+            for ring in self.rings:
+                ring.attach(memory)
+        self.memory = memory
+        self._refresh()
+
+    def set_vring_num(self, index: int, num: int) -> None:
+        self.rings[index].set_num(num)
+
+    def set_vring_addr(self, addr: vw.VringAddr) -> None:
+        self.rings[addr.index].set_addr(addr.desc_user_addr, addr.used_user_addr,
+                                        addr.avail_user_addr, addr.log_guest_addr, addr.flags)
+        self._refresh()
+
+    def set_vring_base(self, index: int, base: int) -> None:
+        self.rings[index].set_base(base)
+
+    def get_vring_base(self, index: int) -> int:
+        """Stop the ring: what the driver already made available on a transmit
+        ring is taken first, so nothing it counted as sent goes missing."""
+        ring = self.rings[index]
+        if index % 2:
+            for _ in range(ring.size + 1):
+                if not self.process_tx(index, ring.size or 1):
+                    break
+        if self._dirty:
+            self.flush()
+        base = ring.stop()
+        fd, self.kick[index] = self.kick[index], None
+        self.kick_polled[index] = False
+        if fd is not None:
+            self.retire_fd(fd)
+        self._refresh()
+        return base
+
+    def set_vring_kick(self, index: int, fd: int | None) -> None:
+        self.rings[index].start()
+        old, self.kick[index] = self.kick[index], fd
+        self.kick_polled[index] = fd is None
+        if old is not None and old != fd:
+            self.retire_fd(old)
+        self._refresh()
+
+    def set_vring_call(self, index: int, fd: int | None) -> None:
+        old, self.call[index] = self.call[index], fd
+        if old is not None and old != fd:
+            self.retire_fd(old)
+
+    def set_vring_err(self, index: int, fd: int | None) -> None:
+        old, self.err[index] = self.err[index], fd
+        if old is not None and old != fd:
+            self.retire_fd(old)
+
+    def set_vring_enable(self, index: int, enable: bool) -> None:
+        self._explicit_enable[index] = enable
+        self._refresh()
+
+    def reset(self) -> None:
+        """RESET_OWNER / RESET_DEVICE: every ring stopped and unconfigured."""
+        self.flush()
+        for i, ring in enumerate(self.rings):
+            for fds in (self.kick, self.call, self.err):
+                fd, fds[i] = fds[i], None
+                if fd is not None:
+                    self.retire_fd(fd)
+            ring.reset()
+            if self.memory is not None:
+                ring.attach(self.memory)
+        self.kick_polled = [False] * len(self.rings)
+        self._explicit_enable = [None] * len(self.rings)
+        self.status = 0
+        self.set_features(self.features)  # rings forgot EVENT_IDX / INDIRECT_DESC; refreshes
+
+    def disconnect(self) -> None:
+        """The front-end is gone: forget the connection's state (counters stay)."""
+        self.reset()
+        for ring in self.rings:
+            ring.detach()
+        self.memory = None
+        self.connected = False
+        self.features = 0
+        self.protocol_negotiated = False
+        self.mtu = DEFAULT_MTU
+        self.set_features(0)
+        self._dirty.clear()
+        self._refresh()
+
+    def _refresh(self) -> None:
+        default = not (self.protocol_negotiated or self.features & F.PROTOCOL_FEATURES)
+        for i, ring in enumerate(self.rings):
+            explicit = self._explicit_enable[i]
+            ring.enabled = default if explicit is None else explicit
+        self._rx_active = [r for r in self.rings[0::2] if r.ready and r.enabled]
+
+    # ------------------------------------------------------------ runtime surface
+    def kick_fds(self) -> dict[int, int]:
+        """Kick eventfds worth watching: started transmit rings (fd -> ring index).
+
+        Receive-ring kicks only say "more buffers"; frames are dropped rather
+        than queued when there are none, so nobody needs to wake for those.
+        """
+        return {fd: i for i, fd in enumerate(self.kick)
+                if fd is not None and i % 2 and self.rings[i].started}
+
+    def polled_rings(self) -> list[int]:
+        """Started transmit rings whose front-end asked for polling (no kick fd)."""
+        return [i for i in range(1, len(self.rings), 2)
+                if self.kick_polled[i] and self.rings[i].started]
+
+    @property
+    def link_up(self) -> bool:
+        return bool(self._rx_active) or any(r.ready for r in self.rings[1::2])
+
+    # ------------------------------------------------------------ guest -> switch
+    def process_tx(self, index: int, budget: int) -> bool:
+        """Take up to ``budget`` frames from transmit ring ``index``.
+
+        Returns:
+            True when more chains are waiting (call again without a kick).
+        """
+        q = self.rings[index]
+        if not q.ready:
+            return False
+        mem = q.memory
+        assert mem is not None
+        c = q.counters
+        hdr_len = self.hdr_len
+        forward = self.uplink
+        pcap = self.pcap
+        enabled = q.enabled
+        for _ in range(budget):
+            chain = q.pop()
+            if chain is None:
+                break
+            q.push(chain.head, 0)
+            if chain.writable:
+                c.malformed += 1  # transmit buffers are device-readable only
+                continue
+            segs = chain.segments
+            try:
+                if len(segs) == 1:
+                    data = mem.read(segs[0][0], segs[0][1])
+                else:
+                    data = b"".join([mem.read(a, n) for a, n, _ in segs])
+            except GuestMemoryError:
+                c.malformed += 1
+                continue
+            size = len(data) - hdr_len
+            if size < 0:
+                c.malformed += 1
+                continue
+            c.packets += 1
+            c.bytes += size
+            if (not enabled or data[1] != _GSO_NONE or data[0] & _NEEDS_CSUM
+                    or not ETH_HEADER <= size <= MAX_FRAME):
+                c.dropped += 1
+                continue
+            frame = data[hdr_len:]
+            if pcap is not None:
+                pcap.write(frame)
+            forward(self, frame)
+        call = self.call[index]
+        if q.publish() and call is not None:
+            self.notify(call)
+        if q.avail_pending():
+            q.suppress_kicks()  # the runtime calls again without waiting for a kick
+            return True
+        return q.arm_kick()
+
+    # ------------------------------------------------------------ switch -> guest
+    def deliver(self, frame: bytes) -> None:
+        """Write one frame into a receive ring (published at :meth:`flush`)."""
+        active = self._rx_active
+        if not active:
+            self.tx_no_queue += 1
+            return
+        q = active[0] if len(active) == 1 else active[hash(frame[:12]) % len(active)]
+        c = q.counters
+        mem = q.memory
+        assert mem is not None
+        need = self.hdr_len + len(frame)
+        mark = q.checkpoint()
+        chains = []
+        room = 0
+        while room < need:
+            chain = q.pop()
+            if chain is None:
+                q.rollback(mark)
+                c.dropped += 1
+                return
+            if chain.readable:
+                q.push(chain.head, 0)
+                c.malformed += 1  # receive buffers are device-writable only
+                continue
+            chains.append(chain)
+            room += chain.writable
+            if not self.mrg and room < need:
+                q.push(chain.head, 0)
+                c.dropped += 1  # without MRG_RXBUF one buffer must hold it all
+                self._dirty.add(q.index)
+                return
+        if self.hdr_len == vw.NET_HDR_LEGACY_SIZE:
+            head = _HDR10
+        else:
+            n = len(chains)
+            head = _HDR12[n] if n < 4 else vw.NET_HDR_CODEC.pack(0, 0, 0, 0, 0, 0, n)
+        data = memoryview(head + frame)
+        off = 0
+        done = 0
+        try:
+            for chain in chains:
+                start = off
+                for addr, length, _ in chain.segments:
+                    if off >= need:
+                        break
+                    k = min(length, need - off)
+                    mem.write(addr, data[off:off + k])
+                    off += k
+                q.push(chain.head, off - start)
+                done += 1
+        except GuestMemoryError:
+            for chain in chains[done:]:
+                q.push(chain.head, 0)  # hand the buffers back unused
+            c.malformed += 1
+            self._dirty.add(q.index)
+            return
+        finally:
+            data.release()
+        c.packets += 1
+        c.bytes += len(frame)
+        self._dirty.add(q.index)
+        if self.pcap is not None:
+            self.pcap.write(frame)
+
+    def flush(self) -> None:
+        """Publish receive-ring progress; interrupt the guest where it asks."""
+        if not self._dirty:
+            return
+        for index in self._dirty:
+            call = self.call[index]
+            if self.rings[index].publish() and call is not None:
+                self.notify(call)
+        self._dirty.clear()
+
+    # ------------------------------------------------------------ counters
+    def stats(self) -> dict[str, Any]:
+        tx_rings, rx_rings = self.rings[1::2], self.rings[0::2]
+        return {
+            "mac": ":".join(f"{b:02x}" for b in self.mac),
+            "connected": self.connected,
+            "connections": self.connections,
+            "link": "up" if self.link_up else "down",
+            "features": f"{self.features:#x}",
+            "status": self.status,
+            "mtu": self.mtu,
+            "rx_packets": sum(r.counters.packets for r in tx_rings),
+            "rx_bytes": sum(r.counters.bytes for r in tx_rings),
+            "rx_dropped": sum(r.counters.dropped for r in tx_rings),
+            "tx_packets": sum(r.counters.packets for r in rx_rings),
+            "tx_bytes": sum(r.counters.bytes for r in rx_rings),
+            "tx_dropped": sum(r.counters.dropped for r in rx_rings) + self.tx_no_queue,
+            "malformed_chains": sum(r.counters.malformed for r in self.rings),
+            "rarps": self.rarps,
+            "queues": [
+                {"index": r.index, "kind": "tx" if r.index % 2 else "rx", "state": r.state.value,
+                 "enabled": r.enabled, "size": r.size, "packets": r.counters.packets,
+                 "bytes": r.counters.bytes, "dropped": r.counters.dropped,
+                 "malformed": r.counters.malformed, **({"broken": r.broken} if r.broken else {})}
+                for r in self.rings
+            ],
+        }

@@ -1,0 +1,660 @@
+"""Sans-I/O vhost-user backend connection (qemu/qemu docs/interop/vhost-user.rst).
+
+Theory of operation
+-------------------
+One :class:`BackendConnection` serves one front-end socket.  The runtime reads
+at most :meth:`~BackendConnection.bytes_wanted` bytes at a time (first the
+12-byte header, then exactly the payload) so SCM_RIGHTS fds stay with their
+message, feeds each chunk and its fds to :meth:`~BackendConnection.receive_data`,
+calls :meth:`~BackendConnection.process` and writes what
+:meth:`~BackendConnection.data_to_send` returns.  The connection never touches a
+socket or an eventfd: ring fds go to the device (the :class:`VhostUserBackend`
+handler), which hands them to runtime callbacks.
+
+Every request is checked in this order, each against a table:
+
+1. header: version 1, no reply bit, no reserved flag bit (else the stream is
+   not a vhost-user front-end's: close);
+2. request known and served (:data:`SPECS`);
+3. allowed in the connection state (:data:`ALLOWED`: before SET_OWNER only
+   the negotiation queries and SET_OWNER);
+4. gated protocol feature negotiated (``Spec.gate``);
+5. payload size exact for the request; fd count as the request takes them
+   (none, one, one per region, or one unless the "no fd" bit 8 is set);
+6. payload fields: ring index in range, reserved bits clear, then semantics in
+   the handler (ring state, memory bounds, limits).
+
+A rejection closes every fd the message carried, then answers with the
+protocol's own error: a NACK (a non-zero u64 reply) when REPLY_ACK is
+negotiated and the front-end set need_reply on a request without a reply
+body; otherwise nothing can tell the front-end, so the connection closes (only
+this one).  Requests with a reply body (GET_*) always get exactly that reply.
+
+Client memory (SET_MEM_TABLE, ADD/REM_MEM_REG) belongs to the connection: one
+:class:`~appliance.memory.ClientMemory` per connection, where each region is
+mmap'd from its fd at ``mmap_offset``, keyed by ``guest_phys_addr`` with the
+front-end's ``userspace_addr`` as the region's user address.  A new table is
+built and mapped completely before it replaces the old one (a failure leaves
+the old table in place); the device is told to let go of its views first and
+gets the new memory after, so rings keep their indices across a remap.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import itertools
+import logging
+import mmap
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from appliance.errors import LocalProtocolError, RemoteProtocolError
+from appliance.memory import ADDRESS_LIMIT, ClientMemory, MapError
+from appliance.net import vhost_wire as vw
+from appliance.net.vhost_wire import ProtocolFeature as PF
+from appliance.net.vhost_wire import Request as R
+
+log = logging.getLogger("appliance.net.vhost")
+
+MAX_MEM_SLOTS = 32  # GET_MAX_MEM_SLOTS; also the ClientMemory region limit
+# A plain int: ``~`` of an IntFlag only inverts within the flag's members.
+OFFERED_PROTOCOL_FEATURES = int(PF.MQ | PF.LOG_SHMFD | PF.RARP | PF.REPLY_ACK | PF.MTU
+                                | PF.RESET_DEVICE | PF.CONFIGURE_MEM_SLOTS | PF.STATUS)
+
+
+class Reject(LocalProtocolError):
+    """A request is refused; ``errno`` is the NACK value when one can be sent."""
+
+
+def _require(cond: bool, message: str, err: int = errno.EINVAL) -> None:
+    if not cond:
+        raise Reject(message, err)
+
+
+class VhostUserBackend(Protocol):
+    """What a vhost-user device offers its connection: one method per request.
+
+    Methods that receive an fd own it only when they return normally; when
+    they raise, the connection closes it.
+    """
+
+    name: str
+
+    @property
+    def num_vrings(self) -> int: ...
+
+    def device_features(self) -> int: ...
+
+    def max_queue_pairs(self) -> int: ...
+
+    def set_features(self, features: int) -> None: ...
+
+    def set_protocol_features(self, features: int) -> None: ...
+
+    def set_memory(self, memory: ClientMemory | None) -> None:
+        """None: drop every view of the current memory (it is about to change)."""
+
+    def set_vring_num(self, index: int, num: int) -> None: ...
+
+    def set_vring_addr(self, addr: vw.VringAddr) -> None: ...
+
+    def set_vring_base(self, index: int, base: int) -> None: ...
+
+    def get_vring_base(self, index: int) -> int: ...
+
+    def set_vring_kick(self, index: int, fd: int | None) -> None: ...
+
+    def set_vring_call(self, index: int, fd: int | None) -> None: ...
+
+    def set_vring_err(self, index: int, fd: int | None) -> None: ...
+
+    def set_vring_enable(self, index: int, enable: bool) -> None: ...
+
+    def set_status(self, status: int) -> None: ...
+
+    def get_status(self) -> int: ...
+
+    def set_mtu(self, mtu: int) -> None: ...
+
+    def send_rarp(self, mac: bytes) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def disconnect(self) -> None: ...
+
+
+class ConnState(enum.Enum):
+    AWAIT_OWNER = "await-owner"
+    OWNED = "owned"
+    CLOSED = "closed"
+
+
+# Connection state machine: state -> {event: next state}.
+TRANSITIONS: dict[ConnState, dict[str, ConnState]] = {
+    ConnState.AWAIT_OWNER: {"set_owner": ConnState.OWNED, "close": ConnState.CLOSED},
+    ConnState.OWNED: {"reset_owner": ConnState.OWNED, "reset_device": ConnState.OWNED,
+                      "close": ConnState.CLOSED},
+    ConnState.CLOSED: {"close": ConnState.CLOSED},
+}
+
+
+class Fds(enum.Enum):
+    NONE = "none"
+    ONE = "one"
+    OPTIONAL_ONE = "zero or one"  # REM_MEM_REG: "MAY accept ... one file descriptor"
+    PER_REGION = "one per region"
+    VRING = "one unless bit 8 (no fd) is set"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How a request is framed: payload sizes, fds, reply body, protocol-feature gate."""
+
+    sizes: tuple[int, ...] | None  # None: the handler checks (SET_MEM_TABLE)
+    fds: Fds = Fds.NONE
+    reply: bool = False
+    gate: PF | None = None
+
+
+SPECS: dict[R, Spec] = {
+    R.GET_FEATURES: Spec((0,), reply=True),
+    R.SET_FEATURES: Spec((8,)),
+    R.SET_OWNER: Spec((0,)),
+    R.RESET_OWNER: Spec((0,)),
+    R.SET_MEM_TABLE: Spec(None, Fds.PER_REGION),
+    R.SET_LOG_BASE: Spec((vw.LogDescription.SIZE,), Fds.ONE, reply=True, gate=PF.LOG_SHMFD),
+    R.SET_LOG_FD: Spec((0, 8), Fds.ONE),
+    R.SET_VRING_NUM: Spec((vw.VringState.SIZE,)),
+    R.SET_VRING_ADDR: Spec((vw.VringAddr.SIZE,)),
+    R.SET_VRING_BASE: Spec((vw.VringState.SIZE,)),
+    R.GET_VRING_BASE: Spec((vw.VringState.SIZE,), reply=True),
+    R.SET_VRING_KICK: Spec((8,), Fds.VRING),
+    R.SET_VRING_CALL: Spec((8,), Fds.VRING),
+    R.SET_VRING_ERR: Spec((8,), Fds.VRING),
+    R.GET_PROTOCOL_FEATURES: Spec((0,), reply=True),
+    R.SET_PROTOCOL_FEATURES: Spec((8,)),
+    R.GET_QUEUE_NUM: Spec((0,), reply=True, gate=PF.MQ),
+    R.SET_VRING_ENABLE: Spec((vw.VringState.SIZE,)),
+    R.SEND_RARP: Spec((8,), gate=PF.RARP),
+    R.NET_SET_MTU: Spec((8,), gate=PF.MTU),
+    R.RESET_DEVICE: Spec((0,), gate=PF.RESET_DEVICE),
+    R.GET_MAX_MEM_SLOTS: Spec((0,), reply=True, gate=PF.CONFIGURE_MEM_SLOTS),
+    R.ADD_MEM_REG: Spec((vw.SingleMemoryRegion.SIZE,), Fds.ONE, gate=PF.CONFIGURE_MEM_SLOTS),
+    R.REM_MEM_REG: Spec((vw.SingleMemoryRegion.SIZE,), Fds.OPTIONAL_ONE,
+                        gate=PF.CONFIGURE_MEM_SLOTS),
+    R.SET_STATUS: Spec((8,), gate=PF.STATUS),
+    R.GET_STATUS: Spec((0,), reply=True, gate=PF.STATUS),
+}
+
+# Requests whose reply carries a body of its own: a rejection cannot be a NACK
+# (the front-end waits for that body), so it closes the connection.
+REPLY_BODY: frozenset[R] = frozenset({r for r, spec in SPECS.items() if spec.reply} | {
+    R.IOTLB_MSG, R.GET_CONFIG, R.CREATE_CRYPTO_SESSION, R.POSTCOPY_ADVISE, R.POSTCOPY_END,
+    R.GET_INFLIGHT_FD})
+
+# Per-state allow-list, checked before dispatch.  QEMU negotiates protocol
+# features (and asks queue and slot counts) before SET_OWNER; DPDK sends
+# SET_OWNER first.
+ALLOWED: dict[ConnState, frozenset[R]] = {
+    ConnState.AWAIT_OWNER: frozenset({R.GET_FEATURES, R.GET_PROTOCOL_FEATURES,
+                                      R.SET_PROTOCOL_FEATURES, R.GET_QUEUE_NUM,
+                                      R.GET_MAX_MEM_SLOTS, R.SET_OWNER}),
+    ConnState.OWNED: frozenset(SPECS) - {R.SET_OWNER},
+    ConnState.CLOSED: frozenset(),
+}
+
+
+@dataclass
+class Message:
+    """One complete request: header, payload and the fds not yet handed on."""
+
+    header: vw.Header
+    body: bytes
+    fds: list[int] = field(default_factory=list)
+
+    def take_fd(self, fd: int) -> int:
+        """Hand ``fd`` on (its new owner closes it); the message forgets it."""
+        self.fds.remove(fd)
+        return fd
+
+    def close_fds(self) -> None:
+        while self.fds:
+            _close(self.fds.pop())
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _name(request: int) -> str:
+    try:
+        return R(request).name
+    except ValueError:
+        return f"request {request}"
+
+
+class BackendConnection:
+    """The back-end side of one vhost-user connection."""
+
+    def __init__(self, handler: VhostUserBackend, name: str = "vhost-user",
+                 max_mem_slots: int = MAX_MEM_SLOTS) -> None:
+        self.handler = handler
+        self.name = name
+        self.state = ConnState.AWAIT_OWNER
+        self.max_mem_slots = max_mem_slots
+        self.features = 0  # acked virtio features (SET_FEATURES)
+        self.protocol_features = 0  # acked protocol features
+        self.protocol_negotiated = False  # SET_PROTOCOL_FEATURES was received
+        self.memory = ClientMemory(max_regions=max_mem_slots)
+        self.log_mm: mmap.mmap | None = None
+        self.log_fd: int | None = None
+        self.close_reason = ""
+        self.counters = {"messages": 0, "rejected": 0, "nacks": 0}
+        self._buf = bytearray()
+        self._fds: list[int] = []
+        self._header: vw.Header | None = None
+        self._messages: deque[Message] = deque()
+        self._out: list[bytes] = []
+        self._handlers = {
+            R.GET_FEATURES: self._get_features,
+            R.SET_FEATURES: self._set_features,
+            R.SET_OWNER: self._set_owner,
+            R.RESET_OWNER: self._reset_owner,
+            R.SET_MEM_TABLE: self._set_mem_table,
+            R.SET_LOG_BASE: self._set_log_base,
+            R.SET_LOG_FD: self._set_log_fd,
+            R.SET_VRING_NUM: self._set_vring_num,
+            R.SET_VRING_ADDR: self._set_vring_addr,
+            R.SET_VRING_BASE: self._set_vring_base,
+            R.GET_VRING_BASE: self._get_vring_base,
+            R.SET_VRING_KICK: self._set_vring_fd,
+            R.SET_VRING_CALL: self._set_vring_fd,
+            R.SET_VRING_ERR: self._set_vring_fd,
+            R.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            R.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            R.GET_QUEUE_NUM: self._get_queue_num,
+            R.SET_VRING_ENABLE: self._set_vring_enable,
+            R.SEND_RARP: self._send_rarp,
+            R.NET_SET_MTU: self._net_set_mtu,
+            R.RESET_DEVICE: self._reset_device,
+            R.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            R.ADD_MEM_REG: self._add_mem_reg,
+            R.REM_MEM_REG: self._rem_mem_reg,
+            R.SET_STATUS: self._set_status,
+            R.GET_STATUS: self._get_status,
+        }
+        assert set(self._handlers) == set(SPECS)
+        handler.set_memory(self.memory)
+
+    # ------------------------------------------------------------ I/O surface
+    def bytes_wanted(self) -> int:
+        """The most bytes the runtime may read for the next chunk (never 0)."""
+        if self._header is None:
+            return vw.HEADER_SIZE - len(self._buf)
+        return int(self._header.size) - len(self._buf)
+
+    def receive_data(self, data: bytes, fds: list[int]) -> None:
+        """Feed one chunk (at most :meth:`bytes_wanted` bytes) and its fds; b"" = EOF.
+
+        Raises:
+            RemoteProtocolError: the stream cannot be framed (oversized payload,
+                overlong chunk); the connection is closed already.
+        """
+        if self.state is ConnState.CLOSED:
+            for fd in fds:
+                _close(fd)
+            return
+        if not data:
+            for fd in fds:
+                _close(fd)
+            self.close("front-end closed the connection")
+            return
+        self._fds += fds
+        if len(data) > self.bytes_wanted():
+            self.close("reader fed more than one message")
+            raise RemoteProtocolError(f"{self.name}: chunk larger than the message")
+        self._buf += data
+        if self._header is None:
+            if len(self._buf) < vw.HEADER_SIZE:
+                return
+            self._header = vw.Header.unpack(self._buf)
+            self._buf.clear()
+            if self._header.size > vw.MAX_PAYLOAD:
+                size, request = self._header.size, self._header.request
+                self.close(f"{_name(request)} payload of {size} bytes exceeds {vw.MAX_PAYLOAD}")
+                raise RemoteProtocolError(f"{self.name}: {self.close_reason}")
+        if len(self._buf) < self._header.size:
+            return
+        self._messages.append(Message(self._header, bytes(self._buf), self._fds))
+        self._header, self._fds = None, []
+        self._buf.clear()
+
+    def process(self) -> None:
+        """Dispatch every complete request; replies go to :meth:`data_to_send`."""
+        while self._messages:
+            msg = self._messages.popleft()
+            if self.state is ConnState.CLOSED:
+                msg.close_fds()
+                continue
+            self._dispatch(msg)
+
+    def data_to_send(self) -> list[bytes]:
+        """Replies to write, in order (the back-end never sends fds)."""
+        out, self._out = self._out, []
+        return out
+
+    @property
+    def closed(self) -> bool:
+        return self.state is ConnState.CLOSED
+
+    def close(self, reason: str = "closed") -> None:
+        """End the connection: the device stops its rings, memory is unmapped, fds closed."""
+        if self.state is ConnState.CLOSED:
+            return
+        self._transition("close")
+        self.close_reason = reason
+        for fd in self._fds:
+            _close(fd)
+        self._fds = []
+        self._buf.clear()
+        self._header = None
+        while self._messages:
+            self._messages.popleft().close_fds()
+        self.handler.disconnect()
+        self.memory.unmap_all()
+        self._drop_log()
+
+    # ------------------------------------------------------------ dispatch
+    def _transition(self, event: str) -> None:
+        try:
+            self.state = TRANSITIONS[self.state][event]
+        except KeyError:
+            raise Reject(f"{event} not allowed in state {self.state.value}") from None
+
+    def _acked(self, feature: PF) -> bool:
+        return bool(self.protocol_features & feature)
+
+    def _dispatch(self, msg: Message) -> None:
+        hdr = msg.header
+        self.counters["messages"] += 1
+        need_reply = bool(hdr.flags & vw.FLAG_NEED_REPLY)
+        can_nack = need_reply and hdr.request not in REPLY_BODY
+        try:
+            if (vw.HEADER_FLAGS.get(hdr.flags, "version") != vw.VERSION
+                    or hdr.flags & vw.FLAG_REPLY or hdr.flags & vw.HEADER_FLAGS.reserved_mask):
+                self.close(f"{_name(hdr.request)}: bad header flags {hdr.flags:#x}")
+                log.warning("%s: %s; closing", self.name, self.close_reason)
+                return
+            request, spec = self._check(msg)
+            payload = self._handlers[request](msg)
+            if spec.reply:
+                assert payload is not None
+                self._reply(hdr.request, payload)
+            elif need_reply and self._acked(PF.REPLY_ACK):
+                self._reply(hdr.request, vw.U64(value=0).pack())
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s: %s size=%d -> ok", self.name, _name(hdr.request), hdr.size)
+        except LocalProtocolError as exc:
+            self.counters["rejected"] += 1
+            msg.close_fds()
+            err = exc.errno or errno.EINVAL
+            if can_nack and self._acked(PF.REPLY_ACK):
+                self.counters["nacks"] += 1
+                log.warning("%s: %s rejected: %s (NACK %d)", self.name, _name(hdr.request), exc, err)
+                self._reply(hdr.request, vw.U64(value=err).pack())
+            else:
+                self.close(f"{_name(hdr.request)} rejected: {exc}")
+                log.warning("%s: %s; closing", self.name, self.close_reason)
+        finally:
+            msg.close_fds()
+
+    def _check(self, msg: Message) -> tuple[R, Spec]:
+        hdr = msg.header
+        try:
+            request = R(hdr.request)
+        except ValueError:
+            raise Reject(f"unknown request {hdr.request}") from None
+        spec = SPECS.get(request)
+        _require(spec is not None, f"{request.name} is not supported", errno.ENOTSUP)
+        assert spec is not None
+        _require(request in ALLOWED[self.state],
+                 f"{request.name} not allowed in state {self.state.value}")
+        _require(spec.gate is None or self._acked(spec.gate),
+                 f"{request.name} needs protocol feature {spec.gate!r}", errno.ENOTSUP)
+        _require(spec.sizes is None or hdr.size in spec.sizes,
+                 f"{request.name} payload is {hdr.size} bytes, expected {spec.sizes}")
+        n = len(msg.fds)
+        if spec.fds is Fds.NONE:
+            _require(n == 0, f"{request.name} takes no fds, got {n}")
+        elif spec.fds is Fds.ONE:
+            _require(n == 1, f"{request.name} takes one fd, got {n}")
+        elif spec.fds is Fds.OPTIONAL_ONE:
+            _require(n <= 1, f"{request.name} takes at most one fd, got {n}")
+        elif spec.fds is Fds.VRING:
+            value = vw.U64.unpack(msg.body).value
+            want = 0 if value & vw.VRING_NOFD else 1
+            _require(n == want, f"{request.name} with nofd={int(not want)} takes {want} fd, got {n}")
+        # PER_REGION: checked against the region count by the handler.
+        return request, spec
+
+    def _reply(self, request: int, payload: bytes) -> None:
+        header = vw.Header(request=request, flags=vw.REPLY_FLAGS, size=len(payload))
+        self._out.append(header.pack() + payload)
+
+    def _vring_index(self, index: int) -> int:
+        _require(index < self.handler.num_vrings,
+                 f"vring index {index} out of range (the device has {self.handler.num_vrings})")
+        return index
+
+    # ------------------------------------------------------------ negotiation
+    def _get_features(self, msg: Message) -> bytes:
+        return vw.U64(value=self.handler.device_features()).pack()
+
+    def _set_features(self, msg: Message) -> None:
+        value = vw.U64.unpack(msg.body).value
+        offered = self.handler.device_features()
+        _require(not value & ~offered, f"features {value & ~offered:#x} were not offered")
+        self.handler.set_features(value)
+        self.features = value
+
+    def _get_protocol_features(self, msg: Message) -> bytes:
+        return vw.U64(value=OFFERED_PROTOCOL_FEATURES).pack()
+
+    def _set_protocol_features(self, msg: Message) -> None:
+        value = vw.U64.unpack(msg.body).value
+        _require(not value & ~OFFERED_PROTOCOL_FEATURES,
+                 f"protocol features {value & ~OFFERED_PROTOCOL_FEATURES:#x} were not offered")
+        self.handler.set_protocol_features(value)
+        self.protocol_features = value
+        self.protocol_negotiated = True
+
+    def _set_owner(self, msg: Message) -> None:
+        self._transition("set_owner")
+
+    def _reset_owner(self, msg: Message) -> None:
+        # Deprecated: "back-ends either ignore this message, or use it to disable
+        # all rings".  We stop and forget every ring; memory and features stay.
+        self._transition("reset_owner")
+        self.handler.reset()
+
+    def _reset_device(self, msg: Message) -> None:
+        self._transition("reset_device")
+        self.handler.reset()
+        self.features = 0
+        self.handler.set_features(0)
+
+    def _get_queue_num(self, msg: Message) -> bytes:
+        return vw.U64(value=self.handler.max_queue_pairs()).pack()
+
+    def _get_max_mem_slots(self, msg: Message) -> bytes:
+        return vw.U64(value=self.max_mem_slots).pack()
+
+    def _set_status(self, msg: Message) -> None:
+        value = vw.U64.unpack(msg.body).value
+        _require(value <= 0xFF, f"device status {value:#x} does not fit a byte")
+        self.handler.set_status(value)
+
+    def _get_status(self, msg: Message) -> bytes:
+        return vw.U64(value=self.handler.get_status()).pack()
+
+    def _net_set_mtu(self, msg: Message) -> None:
+        self.handler.set_mtu(vw.U64.unpack(msg.body).value)
+
+    def _send_rarp(self, msg: Message) -> None:
+        mac = msg.body[:6]
+        _require(not mac[0] & 1, "SEND_RARP with a multicast MAC")
+        self.handler.send_rarp(mac)
+
+    # ------------------------------------------------------------ rings
+    def _set_vring_num(self, msg: Message) -> None:
+        state = vw.VringState.unpack(msg.body)
+        self.handler.set_vring_num(self._vring_index(state.index), state.num)
+
+    def _set_vring_base(self, msg: Message) -> None:
+        state = vw.VringState.unpack(msg.body)
+        self.handler.set_vring_base(self._vring_index(state.index), state.num)
+
+    def _get_vring_base(self, msg: Message) -> bytes:
+        state = vw.VringState.unpack(msg.body)
+        index = self._vring_index(state.index)
+        return vw.VringState(index=index, num=self.handler.get_vring_base(index)).pack()
+
+    def _set_vring_addr(self, msg: Message) -> None:
+        addr = vw.VringAddr.unpack(msg.body)
+        self._vring_index(addr.index)
+        _require(not addr.flags & vw.VRING_ADDR_RESERVED, f"reserved vring flags {addr.flags:#x}")
+        self.handler.set_vring_addr(addr)
+
+    def _set_vring_fd(self, msg: Message) -> None:
+        value = vw.U64.unpack(msg.body).value
+        _require(not value & vw.VRING_FILE.reserved_mask, f"reserved bits in {value:#x}")
+        index = self._vring_index(vw.VRING_FILE.get(value, "index"))
+        fd = None if value & vw.VRING_NOFD else msg.fds[0]
+        setter = {R.SET_VRING_KICK: self.handler.set_vring_kick,
+                  R.SET_VRING_CALL: self.handler.set_vring_call,
+                  R.SET_VRING_ERR: self.handler.set_vring_err}[R(msg.header.request)]
+        setter(index, fd)
+        if fd is not None:
+            msg.take_fd(fd)
+
+    def _set_vring_enable(self, msg: Message) -> None:
+        _require(self.protocol_negotiated or bool(self.features & vw.Feature.PROTOCOL_FEATURES),
+                 "SET_VRING_ENABLE before VHOST_USER_F_PROTOCOL_FEATURES was negotiated")
+        state = vw.VringState.unpack(msg.body)
+        index = self._vring_index(state.index)
+        _require(state.num in (0, 1), f"vring enable value {state.num}")
+        self.handler.set_vring_enable(index, bool(state.num))
+
+    # ------------------------------------------------------------ memory
+    @staticmethod
+    def _check_region(r: vw.MemoryRegion | vw.SingleMemoryRegion) -> None:
+        _require(r.memory_size > 0, "memory region of size 0")
+        for what, base in (("guest", r.guest_phys_addr), ("user", r.userspace_addr),
+                           ("mmap offset", r.mmap_offset)):
+            _require(base + r.memory_size <= ADDRESS_LIMIT,
+                     f"memory region {what} {base:#x}+{r.memory_size:#x} overflows 64 bits")
+
+    def _swap_memory(self, build: ClientMemory) -> None:
+        self.handler.set_memory(None)  # rings let go of their views
+        old, self.memory = self.memory, build
+        if old is not build:
+            old.unmap_all()
+        self.handler.set_memory(build)
+
+    def _map_region(self, memory: ClientMemory, r: vw.MemoryRegion | vw.SingleMemoryRegion,
+                    fd: int) -> None:
+        try:
+            memory.map(r.guest_phys_addr, r.memory_size, fd=fd, fd_offset=r.mmap_offset,
+                       user_address=r.userspace_addr)
+        except MapError as exc:
+            raise Reject(f"cannot map region: {exc}", exc.errno) from None
+
+    def _set_mem_table(self, msg: Message) -> None:
+        body = msg.body
+        _require(len(body) >= vw.MemoryHeader.SIZE, f"SET_MEM_TABLE payload of {len(body)} bytes")
+        n = vw.MemoryHeader.unpack(body).nregions
+        _require(1 <= n <= vw.MAX_MEM_REGIONS, f"{n} memory regions (1..{vw.MAX_MEM_REGIONS})")
+        # QEMU and DPDK send exactly n regions; the full 8-region struct is accepted too.
+        full = vw.MemoryHeader.SIZE + vw.MemoryRegion.SIZE * vw.MAX_MEM_REGIONS
+        _require(len(body) in (vw.MemoryHeader.SIZE + vw.MemoryRegion.SIZE * n, full),
+                 f"SET_MEM_TABLE payload of {len(body)} bytes for {n} regions")
+        _require(len(msg.fds) == n, f"SET_MEM_TABLE with {n} regions carries {len(msg.fds)} fds")
+        regions = [vw.MemoryRegion.unpack(body, vw.MemoryHeader.SIZE + vw.MemoryRegion.SIZE * i)
+                   for i in range(n)]
+        for r in regions:
+            self._check_region(r)
+        for key in ("guest_phys_addr", "userspace_addr"):
+            spans = sorted((getattr(r, key), getattr(r, key) + r.memory_size) for r in regions)
+            for (_, end), (start, _) in itertools.pairwise(spans):
+                _require(start >= end, f"memory regions overlap ({key} {start:#x})")
+        build = ClientMemory(max_regions=self.max_mem_slots)
+        try:
+            for r, fd in zip(regions, list(msg.fds)):
+                self._map_region(build, r, msg.take_fd(fd))
+        except Reject:
+            build.unmap_all()
+            raise
+        self._swap_memory(build)
+
+    def _add_mem_reg(self, msg: Message) -> None:
+        r = vw.SingleMemoryRegion.unpack(msg.body)
+        self._check_region(r)
+        for region in self.memory.regions:
+            ua = region.user_address or 0
+            _require(r.userspace_addr + r.memory_size <= ua or ua + region.size <= r.userspace_addr,
+                     f"region user address {r.userspace_addr:#x} overlaps a mapped one")
+        self.handler.set_memory(None)
+        try:
+            self._map_region(self.memory, r, msg.take_fd(msg.fds[0]))
+        finally:
+            self.handler.set_memory(self.memory)
+
+    def _rem_mem_reg(self, msg: Message) -> None:
+        r = vw.SingleMemoryRegion.unpack(msg.body)
+        match = [g for g in self.memory.regions
+                 if g.address == r.guest_phys_addr and g.size == r.memory_size
+                 and g.user_address == r.userspace_addr]
+        _require(bool(match), f"no region {r.guest_phys_addr:#x}+{r.memory_size:#x} is mapped",
+                 errno.ENOENT)
+        self.handler.set_memory(None)
+        try:
+            self.memory.unmap(r.guest_phys_addr, r.memory_size)
+        finally:
+            self.handler.set_memory(self.memory)
+        # A stray fd (older front-ends send one) is closed with the message.
+
+    # ------------------------------------------------------------ dirty log
+    def _set_log_base(self, msg: Message) -> bytes:
+        desc = vw.LogDescription.unpack(msg.body)
+        _require(desc.mmap_size > 0, "log of size 0")
+        _require(desc.mmap_offset % mmap.ALLOCATIONGRANULARITY == 0,
+                 f"log offset {desc.mmap_offset:#x} not page aligned")
+        fd = msg.fds[0]
+        try:
+            mm = mmap.mmap(fd, desc.mmap_size, flags=mmap.MAP_SHARED,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=desc.mmap_offset)
+        except (OSError, ValueError, OverflowError) as exc:
+            raise Reject(f"cannot map the dirty log: {exc}") from None
+        if self.log_mm is not None:
+            self.log_mm.close()
+        self.log_mm = mm  # the fd itself is closed with the message
+        return vw.U64(value=0).pack()
+
+    def _set_log_fd(self, msg: Message) -> None:
+        if self.log_fd is not None:
+            _close(self.log_fd)
+        self.log_fd = msg.take_fd(msg.fds[0])
+
+    def _drop_log(self) -> None:
+        if self.log_mm is not None:
+            self.log_mm.close()
+            self.log_mm = None
+        if self.log_fd is not None:
+            _close(self.log_fd)
+            self.log_fd = None

@@ -1,0 +1,493 @@
+"""Split virtqueue over client memory (device layer; virtio 1.2 §2.7).
+
+Theory of operation
+-------------------
+A :class:`SplitQueue` is configured the vhost-user way (SET_VRING_NUM, _BASE,
+_ADDR with front-end virtual addresses, _KICK) and then *attached* to the
+connection's :class:`~appliance.memory.ClientMemory`: the three ring areas are
+translated with :meth:`ClientMemory.translate_user`, checked for size and
+alignment, and held as zero-copy views from :meth:`ClientMemory.buffers`.
+Packet buffers named by descriptors are guest physical addresses and are read
+and written through :meth:`ClientMemory.read` / :meth:`ClientMemory.write`.
+
+When the memory table changes (SET_MEM_TABLE at run time, ADD/REM_MEM_REG),
+the owner calls :meth:`detach` before the old mappings go away and
+:meth:`attach` with the new memory; ring indices are kept, so a remap loses no
+state.
+
+Ring lifecycle is a table (:data:`RING_TRANSITIONS`): a ring starts when its
+kick fd is set and stops on GET_VRING_BASE, reset or disconnect.  Size and base
+can change only while stopped (:data:`RING_ALLOWED`); addresses may change
+while started (the front-end toggles VHOST_VRING_F_LOG that way).
+
+:meth:`pop` walks one available chain with the bounds the style guide asks
+(§5): head and every ``next`` inside the table, at most queue-size descriptors
+(so loops end), an indirect table a multiple of 16 bytes and at most queue-size
+entries, no indirect inside indirect, no INDIRECT together with NEXT, readable
+descriptors before writable ones, and every buffer inside mapped memory.  A
+malformed chain is returned to the driver with length 0, counted, and skipped:
+the queue keeps running.  An avail index that runs more than a queue size
+ahead of us cannot be followed at all; the ring is marked broken (it stays so
+until reconfigured) and that is counted too.
+
+Ring fields the driver reads or writes concurrently (indices, flags, ring
+entries, event indices) are accessed through ``memoryview.cast`` views, which
+load and store each element with one fixed-size copy.  ``struct.pack_into`` is
+not safe there: CPython zero-fills the target before writing the fields, so a
+published used index would briefly read as 0 (a driver that looks in that
+window sees 65536 - n bogus completions).  Descriptors are only read, and only
+while the driver leaves them alone, so they are decoded with ``struct``.
+
+Used entries are written as chains complete (:meth:`push`) but the used index
+is published once per batch (:meth:`publish`), which also reports whether the
+driver wants an interrupt (VRING_AVAIL_F_NO_INTERRUPT, or EVENT_IDX's
+``used_event``).  With EVENT_IDX the queue also writes ``avail_event`` so the
+driver kicks for the next buffer (:meth:`arm_kick`).
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from dataclasses import dataclass
+
+from appliance.errors import LocalProtocolError
+from appliance.memory import ClientMemory, GuestMemoryError
+from appliance.net import vhost_wire as vw
+
+_DESC = vw.DESC_CODEC
+_NEXT = int(vw.DescFlag.NEXT)
+_WRITE = int(vw.DescFlag.WRITE)
+_INDIRECT = int(vw.DescFlag.INDIRECT)
+
+_fence_lock = threading.Lock()
+
+if not vw.NATIVE_IS_LITTLE_ENDIAN:  # pragma: no cover - no big-endian hosts here
+    raise ImportError("split virtqueues need a little-endian host (native ring codecs)")
+
+
+def full_fence() -> None:
+    """A full memory barrier between our stores and later loads.
+
+    A locked instruction (the uncontended lock's compare-and-swap) orders a store
+    before a following load on x86, which the used-index publish / ``used_event``
+    check and the ``avail_event`` write / avail-index re-check need (virtio 1.2
+    §2.7.7.2, §2.7.10.1).
+    """
+    with _fence_lock:
+        pass
+
+
+class RingState(enum.Enum):
+    STOPPED = "stopped"
+    STARTED = "started"
+
+
+# Ring lifecycle: state -> {event: next state}.
+RING_TRANSITIONS: dict[RingState, dict[str, RingState]] = {
+    RingState.STOPPED: {"start": RingState.STARTED, "stop": RingState.STOPPED,
+                        "reset": RingState.STOPPED},
+    RingState.STARTED: {"start": RingState.STARTED, "stop": RingState.STOPPED,
+                        "reset": RingState.STOPPED},
+}
+
+# Configuration allowed per ring state.
+RING_ALLOWED: dict[RingState, frozenset[str]] = {
+    RingState.STOPPED: frozenset({"set_num", "set_base", "set_addr"}),
+    RingState.STARTED: frozenset({"set_addr"}),
+}
+
+
+class RingError(LocalProtocolError):
+    """A ring configuration request is invalid (the wire answers with a NACK)."""
+
+
+class _Malformed(Exception):
+    """Internal: the chain being walked breaks a rule; the message says which."""
+
+
+@dataclass(slots=True)
+class Chain:
+    """One descriptor chain: head id and its buffers as (address, length, writable)."""
+
+    head: int
+    segments: list[tuple[int, int, bool]]
+    readable: int  # bytes in device-readable buffers
+    writable: int  # bytes in device-writable buffers
+
+
+@dataclass
+class QueueCounters:
+    packets: int = 0
+    bytes: int = 0
+    dropped: int = 0
+    malformed: int = 0
+
+
+class SplitQueue:
+    """One split virtqueue as the device side sees it."""
+
+    def __init__(self, index: int, max_size: int = vw.MAX_QUEUE_SIZE) -> None:
+        self.index = index
+        self.max_size = max_size
+        self.state = RingState.STOPPED
+        self.size = 0
+        self.desc_user = self.avail_user = self.used_user = None  # type: int | None
+        self.log_guest_addr = 0
+        self.addr_flags = 0
+        self.last_avail_idx = 0
+        self.used_idx = 0  # next used index we will write (shadow)
+        self._published = 0  # used index the driver can see
+        self.event_idx = False
+        self.indirect = False
+        self.enabled = True
+        self.broken = ""  # why the ring cannot be followed ("" = fine)
+        self.last_error = ""  # the last malformed chain, for the log
+        self.counters = QueueCounters()
+        self.memory: ClientMemory | None = None
+        self._sync_used = False
+        self._desc: memoryview | None = None  # bytes of the descriptor table
+        self._avail: memoryview | None = None  # u16 view: flags, idx, ring[n], used_event
+        self._used: memoryview | None = None  # u16 view: flags, idx, ..., avail_event
+        self._used_elems: memoryview | None = None  # u32 view: id, len per used element
+        self._bases: list[memoryview] = []  # byte views the casts above come from
+        self._spans: list[tuple[int, int, bool]] = []
+
+    # ------------------------------------------------------------ state table
+    def _event(self, event: str) -> None:
+        try:
+            self.state = RING_TRANSITIONS[self.state][event]
+        except KeyError:
+            raise RingError(f"vring {self.index}: {event} not allowed while {self.state.value}") from None
+
+    def _allow(self, what: str) -> None:
+        if what not in RING_ALLOWED[self.state]:
+            raise RingError(f"vring {self.index}: {what} not allowed while {self.state.value}")
+
+    @property
+    def started(self) -> bool:
+        return self.state is RingState.STARTED
+
+    @property
+    def ready(self) -> bool:
+        """Started, mapped and followable: buffers can be taken from it."""
+        return self.state is RingState.STARTED and self._avail is not None and not self.broken
+
+    # ------------------------------------------------------------ configuration
+    def set_num(self, num: int) -> None:
+        """SET_VRING_NUM: a power of two from 1 to the maximum queue size."""
+        self._allow("set_num")
+        if not 0 < num <= self.max_size or num & (num - 1):
+            raise RingError(f"vring {self.index}: size {num} is not a power of two in 1..{self.max_size}")
+        self.size = num
+
+    def set_base(self, base: int) -> None:
+        """SET_VRING_BASE: the next avail index to process (split ring: 16 bits)."""
+        self._allow("set_base")
+        if base > 0xFFFF:
+            raise RingError(f"vring {self.index}: base {base:#x} does not fit 16 bits")
+        self.last_avail_idx = self.used_idx = self._published = base
+        self._sync_used = True
+        self.broken = ""
+
+    def get_base(self) -> int:
+        return self.last_avail_idx
+
+    def set_addr(self, desc: int, used: int, avail: int, log_guest_addr: int, flags: int) -> None:
+        """SET_VRING_ADDR: record the areas (front-end virtual addresses).
+
+        With memory attached and a size set, the areas are checked at once
+        (inside memory, aligned); a started ring switches to them.
+
+        Raises:
+            RingError: misaligned, or not inside the mapped memory.
+        """
+        self._allow("set_addr")
+        if desc % vw.DESC_ALIGN or avail % vw.AVAIL_ALIGN or used % vw.USED_ALIGN:
+            raise RingError(f"vring {self.index}: misaligned ring areas desc={desc:#x} "
+                            f"avail={avail:#x} used={used:#x}")
+        old = (self.desc_user, self.avail_user, self.used_user)
+        self.desc_user, self.avail_user, self.used_user = desc, avail, used
+        self.log_guest_addr, self.addr_flags = log_guest_addr, flags
+        if self.memory is not None and self.size:
+            try:
+                self._map(self.memory)  # on failure the old views stay in place
+            except RingError:
+                self.desc_user, self.avail_user, self.used_user = old
+                raise
+        self.broken = ""
+
+    def start(self) -> None:
+        """The kick fd is set: begin processing.
+
+        Raises:
+            RingError: size or addresses missing, or the areas are not mapped.
+        """
+        if not self.size or self.desc_user is None:
+            raise RingError(f"vring {self.index}: started before its size and addresses were set")
+        if self.memory is None:
+            raise RingError(f"vring {self.index}: started before the memory table")
+        self._map(self.memory)
+        self._event("start")
+
+    def stop(self) -> int:
+        """GET_VRING_BASE: stop and return the next avail index to process."""
+        self._event("stop")
+        return self.last_avail_idx
+
+    def reset(self) -> None:
+        """Back to the unconfigured, stopped state (disconnect, RESET_DEVICE)."""
+        self._event("reset")
+        self._unmap()
+        self.memory = None
+        self.size = 0
+        self.desc_user = self.avail_user = self.used_user = None
+        self.log_guest_addr = self.addr_flags = 0
+        self.last_avail_idx = self.used_idx = self._published = 0
+        self.event_idx = self.indirect = False
+        self.enabled = True
+        self.broken = ""
+        self._sync_used = False
+
+    # ------------------------------------------------------------ memory
+    def attach(self, memory: ClientMemory) -> None:
+        """Use ``memory`` from now on; a configured ring remaps its areas.
+
+        A started ring whose areas are no longer mapped is marked broken (and
+        stays so until its addresses are set again) rather than failing the
+        memory update: the front-end may be about to send new addresses.
+        """
+        self.memory = memory
+        self._spans = [(r.address, r.end, r.writable) for r in memory.regions]
+        if self.size and self.desc_user is not None:
+            try:
+                self._map(memory)
+            except RingError as exc:
+                if self.started:
+                    self.broken = str(exc)
+
+    def detach(self) -> None:
+        """Release every view of client memory (before the mappings change)."""
+        self._unmap()
+        self.memory = None
+        self._spans = []
+
+    def _map(self, memory: ClientMemory) -> None:
+        assert self.desc_user is not None and self.avail_user is not None and self.used_user is not None
+        n = self.size
+        areas = ((self.desc_user, vw.desc_table_size(n), False),
+                 (self.avail_user, vw.avail_ring_size(n), False),
+                 (self.used_user, vw.used_ring_size(n), True))
+        got: list[memoryview] = []
+        try:
+            for user, length, write in areas:
+                pieces = memory.buffers(memory.translate_user(user, length), length, write)
+                if pieces is None or len(pieces) != 1:
+                    for piece in pieces or ():
+                        piece.release()
+                    raise RingError(f"vring {self.index}: ring area {user:#x}+{length:#x} "
+                                    "must lie in one mapped region")
+                got.append(pieces[0])
+        except (GuestMemoryError, RingError) as exc:
+            for view in got:
+                view.release()
+            if isinstance(exc, RingError):
+                raise
+            raise RingError(f"vring {self.index}: ring areas outside memory: {exc}") from None
+        self._unmap()
+        desc, avail, used = got
+        used_elems = used[4:4 + vw.UsedElem.SIZE * n]
+        self._bases = [desc, avail, used, used_elems]
+        self._desc = desc
+        self._avail = avail.cast("H")
+        self._used = used.cast("H")
+        self._used_elems = used_elems.cast("I")
+        self._spans = [(r.address, r.end, r.writable) for r in memory.regions]
+        if self._sync_used:
+            # A fresh start: the driver's used index is the truth (we keep no
+            # in-flight state across connections).
+            cur = self._used[1]
+            if cur != self.used_idx:
+                self.last_avail_idx = self.used_idx = self._published = cur
+            self._sync_used = False
+
+    def _unmap(self) -> None:
+        for view in (self._avail, self._used, self._used_elems, *self._bases):
+            if view is not None:
+                view.release()
+        self._desc = self._avail = self._used = self._used_elems = None
+        self._bases = []
+
+    # ------------------------------------------------------------ driver -> device
+    def avail_pending(self) -> int:
+        """How many chains the driver has made available that we have not taken."""
+        if self._avail is None or self.broken:
+            return 0
+        return (self._avail[1] - self.last_avail_idx) & 0xFFFF
+
+    def pop(self) -> Chain | None:
+        """The next well-formed available chain, or None when there is none.
+
+        Malformed chains met on the way are counted, returned to the driver
+        with length 0 (when their head is valid) and skipped.
+        """
+        avail = self._avail
+        if avail is None or self.broken or self.state is not RingState.STARTED:
+            return None
+        size = self.size
+        while True:
+            idx = avail[1]
+            last = self.last_avail_idx
+            if idx == last:
+                return None
+            if (idx - last) & 0xFFFF > size:
+                self.broken = f"avail index {idx} is more than {size} ahead of {last}"
+                self.counters.malformed += 1
+                return None
+            head = avail[2 + last % size]
+            self.last_avail_idx = (last + 1) & 0xFFFF
+            try:
+                return self._walk(head)
+            except _Malformed as exc:
+                self.counters.malformed += 1
+                self.last_error = f"chain {head}: {exc}"
+                if head < size:
+                    self.push(head, 0)
+
+    def _walk(self, head: int) -> Chain:
+        size = self.size
+        if head >= size:
+            raise _Malformed(f"head {head} outside a queue of {size}")
+        addr, length, flags, _ = _DESC.unpack_from(self._desc, 16 * head)  # type: ignore[arg-type]
+        if not flags & (_NEXT | _INDIRECT):  # the common case: one buffer
+            write = bool(flags & _WRITE)
+            if length and not self._inside(addr, length, write):
+                raise _Malformed(f"buffer {addr:#x}+{length:#x} outside memory")
+            return Chain(head, [(addr, length, write)], 0 if write else length,
+                         length if write else 0)
+        table: memoryview | bytes = self._desc  # type: ignore[assignment]
+        table_len = size
+        ttl = size
+        idx = head
+        nested = False
+        segments: list[tuple[int, int, bool]] = []
+        readable = writable = 0
+        while True:
+            if ttl == 0:
+                raise _Malformed("chain longer than its table (a loop?)")
+            ttl -= 1
+            addr, length, flags, nxt = _DESC.unpack_from(table, 16 * idx)
+            if flags & _INDIRECT:
+                if nested:
+                    raise _Malformed("indirect descriptor inside an indirect table")
+                if not self.indirect:
+                    raise _Malformed("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
+                if flags & _NEXT:
+                    raise _Malformed("descriptor has both INDIRECT and NEXT")
+                if length == 0 or length % 16 or length // 16 > size:
+                    raise _Malformed(f"indirect table of {length} bytes")
+                try:
+                    table = self.memory.read(addr, length)  # type: ignore[union-attr]
+                except GuestMemoryError as exc:
+                    raise _Malformed(f"indirect table outside memory: {exc}") from None
+                table_len = ttl = length // 16
+                idx = 0
+                nested = True
+                continue
+            if flags & _WRITE:
+                if length and not self._inside(addr, length, True):
+                    raise _Malformed(f"writable buffer {addr:#x}+{length:#x} outside memory")
+                segments.append((addr, length, True))
+                writable += length
+            else:
+                if writable:
+                    raise _Malformed("readable descriptor after a writable one")
+                if length and not self._inside(addr, length, False):
+                    raise _Malformed(f"buffer {addr:#x}+{length:#x} outside memory")
+                segments.append((addr, length, False))
+                readable += length
+            if not flags & _NEXT:
+                return Chain(head, segments, readable, writable)
+            if nxt >= table_len:
+                raise _Malformed(f"next {nxt} outside a table of {table_len}")
+            idx = nxt
+
+    def _inside(self, addr: int, length: int, write: bool) -> bool:
+        end = addr + length
+        for start, stop, writable in self._spans:
+            if start <= addr and end <= stop:
+                return writable or not write
+        if self.memory is None:
+            return False
+        try:  # possibly split across adjacent regions: let the accessor decide
+            views = self.memory.buffers(addr, length, write)
+        except GuestMemoryError:
+            return False
+        if views is None:
+            return False
+        for view in views:
+            view.release()
+        return True
+
+    def checkpoint(self) -> tuple[int, int, int]:
+        """Indices to :meth:`rollback` to (un-take chains not yet published)."""
+        return self.last_avail_idx, self.used_idx, self.counters.malformed
+
+    def rollback(self, mark: tuple[int, int, int]) -> None:
+        self.last_avail_idx, self.used_idx, self.counters.malformed = mark
+
+    # ------------------------------------------------------------ device -> driver
+    def push(self, head: int, length: int) -> None:
+        """Write one used element (visible to the driver at :meth:`publish`)."""
+        elems = self._used_elems
+        if elems is None:
+            return
+        slot = 2 * (self.used_idx % self.size)
+        elems[slot] = head
+        elems[slot + 1] = length
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+
+    def publish(self) -> bool:
+        """Make pushed entries visible; True when the driver wants an interrupt."""
+        used = self._used
+        new = self.used_idx
+        old = self._published
+        if used is None or new == old:
+            return False
+        used[1] = new  # one 16-bit store, after the elements (x86 keeps store order)
+        self._published = new
+        avail = self._avail
+        assert avail is not None
+        full_fence()
+        if self.event_idx:
+            used_event = avail[2 + self.size]
+            # vring_need_event(): did new pass used_event since old?
+            return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        return not avail[0] & vw.VRING_AVAIL_F_NO_INTERRUPT
+
+    def arm_kick(self) -> bool:
+        """Ask for a kick on the next buffer; True if one is already pending.
+
+        With EVENT_IDX the device writes ``avail_event`` (virtio 1.2 §2.7.10),
+        otherwise it clears VRING_USED_F_NO_NOTIFY; then it looks again, so a
+        buffer made available meanwhile is not left without a kick.
+        """
+        used = self._used
+        if used is None or self.broken:
+            return False
+        if self.event_idx:
+            used[2 + 4 * self.size] = self.last_avail_idx
+        elif used[0]:
+            used[0] = 0
+        full_fence()
+        return self.avail_pending() > 0
+
+    def suppress_kicks(self) -> None:
+        """We will come back without a kick: tell the driver not to send one.
+
+        Without EVENT_IDX that is VRING_USED_F_NO_NOTIFY; with it, leaving
+        ``avail_event`` behind has the same effect.
+        """
+        used = self._used
+        if used is not None and not self.event_idx and not used[0]:
+            used[0] = vw.VRING_USED_F_NO_NOTIFY

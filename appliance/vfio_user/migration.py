@@ -1,0 +1,656 @@
+"""vfio-user migration v2 for one connection: DEVICE_FEATURE and MIG_DATA_READ/WRITE.
+
+Theory of operation
+-------------------
+:class:`VfioUserMigration` is the server connection's
+:class:`~appliance.vfio_user.server.MigrationHandler`.  The connection asks
+:meth:`VfioUserMigration.allows` before dispatching any command (a refusal is
+an EBUSY error reply) and hands commands 16-18 to
+:meth:`VfioUserMigration.handle`, which returns the reply payload or raises
+:class:`~appliance.vfio_user.server.Reject` with the errno for the error
+reply.  It is sans-I/O like the connection; the device is reached only
+through :class:`~appliance.migrate.device.Migratable` (save/restore), client
+memory only through :class:`~appliance.memory.ClientMemory`'s dirty log.
+
+Checks follow qemu/qemu docs/interop/vfio-user.rst and <linux/vfio.h>
+(``vfio_ioctl_device_feature`` / ``vfio_check_feature``), in this order: the
+8-byte head, reserved flag bits, GET and SET together only with PROBE, the
+feature index (unknown: ENOTTY, as the kernel), the operation (unsupported:
+EINVAL), ``argsz`` against what the reply needs, then the feature's data.
+
+Device state (feature 2): a SET walks :func:`appliance.migrate.states.path`
+one arc at a time and calls the device per arc (:data:`ARC_ACTIONS`).  If an
+arc's device call fails with a protocol error the device is still in the
+state the arc started from, so that is the state kept and reported; an
+unexpected failure leaves no valid state and moves to ERROR, which only
+DEVICE_RESET leaves (:meth:`VfioUserMigration.device_reset`).
+
+The stream (see :mod:`appliance.migrate.stream` and docs/migration.md):
+
+* PRE_COPY reads come in *rounds*.  The first read, and the first read
+  after a short one, opens a round: a DIRTY_ROUND record carrying
+  ``precopy_pending()`` is queued (after the HEADER, in round 0), then
+  bulk records are added until the read is satisfied or the round's budget
+  (the pending count it started with) is spent or the device has nothing
+  dirty.  A read answered short ("If this is less than the requested size,
+  there is no more migration data to read") closes the round; the next read
+  opens the next one.  Reads of :data:`~appliance.migrate.stream.ROUND_MARKER_SIZE`
+  bytes let a client see a round's pending count before pulling its data.
+* STOP_COPY reads queue a final DIRTY_ROUND, drain the remaining bulk data,
+  then ``save_state()`` and END; a short read there means the stream is over.
+* RESUMING writes feed a :class:`~appliance.migrate.stream.StreamReader`
+  built with this device's fingerprint; verified device records are staged
+  by ``load_records``; RESUMING -> STOP commits once END verified.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from appliance.errors import LocalProtocolError
+from appliance.memory import ClientMemory, DirtyLog
+from appliance.migrate.states import (
+    ARCS,
+    SUPPORTED_FLAGS,
+    MigState,
+    TransitionError,
+    path,
+)
+from appliance.migrate.stream import (
+    RecordType,
+    StreamError,
+    StreamReader,
+    StreamWriter,
+    dirty_round,
+)
+from appliance.vfio_user import wire as w
+from appliance.vfio_user.server import MAX_DATA_XFER_SIZE, MIG_MAX_BITMAP_SIZE, PGSIZE, Reject
+from appliance.wire import Struct
+
+if TYPE_CHECKING:
+    from appliance.migrate.device import Migratable
+
+log = logging.getLogger("appliance.vfio_user.migration")
+
+
+# ------------------------------------------------------------ feature data (wire)
+# Declared here until they move to appliance.vfio_user.wire (not this module's file).
+class Feature(enum.IntEnum):
+    """VFIO_DEVICE_FEATURE_* indexes vfio-user supports ("Device Features" table)."""
+
+    MIGRATION = 1
+    MIG_DEVICE_STATE = 2
+    DMA_LOGGING_START = 6
+    DMA_LOGGING_STOP = 7
+    DMA_LOGGING_REPORT = 8
+
+
+FEATURE_FLAGS_RESERVED = ~(w.FEATURE_INDEX_MASK | w.FEATURE_GET | w.FEATURE_SET
+                           | w.FEATURE_PROBE) & 0xFFFFFFFF
+DATA_FD_NONE = 0xFFFFFFFF  # data_fd is unused in vfio-user; -1 as the kernel reports it
+
+
+class MigrationInfo(Struct, size=8):
+    """VFIO_DEVICE_FEATURE_MIGRATION reply data."""
+
+    FIELDS = (("flags", "Q", 0),)
+
+
+class MigStateData(Struct, size=8):
+    """VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE data (SET request, GET/SET reply)."""
+
+    FIELDS = (("device_state", "I", 0), ("data_fd", "I", DATA_FD_NONE))
+
+
+class DmaLoggingControl(Struct, size=16):
+    """DMA_LOGGING_START data; ``num_ranges`` DmaLoggingRange entries follow."""
+
+    FIELDS = (("page_size", "Q", PGSIZE), ("num_ranges", "I", 0), ("reserved", "I", 0))
+
+
+class DmaLoggingRange(Struct, size=16):
+    FIELDS = (("iova", "Q", 0), ("length", "Q", 0))
+
+
+class DmaLoggingReport(Struct, size=24):
+    """DMA_LOGGING_REPORT data; the reply appends the bitmap (u64 words)."""
+
+    FIELDS = (("iova", "Q", 0), ("length", "Q", 0), ("page_size", "Q", PGSIZE))
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What one feature supports: operations and the data sizes they need."""
+
+    ops: int  # FEATURE_GET / FEATURE_SET bits
+    get_size: int  # reply data bytes of a GET (before variable parts)
+    set_size: int  # request data bytes of a SET (before variable parts)
+
+
+FEATURES: dict[Feature, FeatureSpec] = {
+    Feature.MIGRATION: FeatureSpec(w.FEATURE_GET, MigrationInfo.SIZE, 0),
+    Feature.MIG_DEVICE_STATE: FeatureSpec(w.FEATURE_GET | w.FEATURE_SET, MigStateData.SIZE,
+                                          MigStateData.SIZE),
+    Feature.DMA_LOGGING_START: FeatureSpec(w.FEATURE_SET, 0, DmaLoggingControl.SIZE),
+    Feature.DMA_LOGGING_STOP: FeatureSpec(w.FEATURE_SET, 0, 0),
+    Feature.DMA_LOGGING_REPORT: FeatureSpec(w.FEATURE_GET, DmaLoggingReport.SIZE, 0),
+}
+
+MAX_LOG_RANGES = 256  # the kernel's LOG_MAX_RANGES (a page of ranges); more is E2BIG
+MIN_LOG_PAGE = 4096
+
+# ------------------------------------------------------------ per-state command allow-list
+C = w.Command
+# Commands that never change the device: allowed in every migration state.  The
+# migration commands themselves are always dispatched and refuse wrong states
+# with EINVAL (MIG_DATA_READ outside the saving group, MIG_DATA_WRITE outside
+# RESUMING), as libvfio-user does.
+ALWAYS = frozenset({
+    C.VERSION, C.DMA_MAP, C.DMA_UNMAP, C.DEVICE_GET_INFO, C.DEVICE_GET_REGION_INFO,
+    C.DEVICE_GET_REGION_IO_FDS, C.DEVICE_GET_IRQ_INFO, C.DEVICE_RESET, C.DEVICE_FEATURE,
+    C.MIG_DATA_READ, C.MIG_DATA_WRITE,
+})
+ALLOWED: dict[MigState, frozenset[w.Command]] = {
+    # The device runs normally: everything.
+    MigState.RUNNING: frozenset(w.Command),
+    MigState.PRE_COPY: frozenset(w.Command),
+    # "The device does not change the internal or external state": no region
+    # writes.  Reads have no side effects; interrupt wiring is the client's.
+    MigState.STOP: ALWAYS | {C.REGION_READ, C.DEVICE_SET_IRQS},
+    # The saved state must stay what the reads return: no SET_IRQS either
+    # (an unmask would deliver and clear pending bits).
+    MigState.STOP_COPY: ALWAYS | {C.REGION_READ},
+    # The device is being loaded: no region access; the destination's client
+    # may wire its interrupts.
+    MigState.RESUMING: ALWAYS | {C.DEVICE_SET_IRQS},
+    # "The device has failed and must be reset."
+    MigState.ERROR: ALWAYS,
+}
+
+
+
+def allow_list_markdown() -> str:
+    """:data:`ALLOWED` as a Markdown table (for docs/migration.md)."""
+    extra = sorted(set(w.Command) - ALWAYS - w.SERVER_TO_CLIENT, key=int)
+    lines = ["| state | " + " | ".join(c.name for c in extra) + " |",
+             "|---|" + "---|" * len(extra)]
+    for state, allowed in ALLOWED.items():
+        cells = ["yes" if c in allowed else "EBUSY" for c in extra]
+        lines.append(f"| {state.name} | " + " | ".join(cells) + " |")
+    always = ", ".join(c.name for c in sorted(ALWAYS, key=int))
+    return "\n".join(lines) + f"\n\nAllowed in every state: {always}.\n"
+
+
+# ------------------------------------------------------------ arcs -> device calls
+ARC_ACTIONS: dict[tuple[MigState, MigState], str] = {
+    (MigState.RUNNING, MigState.STOP): "_arc_stop",
+    (MigState.STOP, MigState.RUNNING): "_arc_run",
+    (MigState.RUNNING, MigState.PRE_COPY): "_arc_start_saving",
+    (MigState.STOP, MigState.STOP_COPY): "_arc_start_saving",
+    (MigState.PRE_COPY, MigState.STOP_COPY): "_arc_stop",
+    (MigState.PRE_COPY, MigState.RUNNING): "_arc_end_saving",
+    (MigState.STOP_COPY, MigState.STOP): "_arc_end_saving",
+    (MigState.STOP, MigState.RESUMING): "_arc_start_resuming",
+    (MigState.RESUMING, MigState.STOP): "_arc_end_resuming",
+}
+assert set(ARC_ACTIONS) == {(a, b) for a, targets in ARCS.items() for b in targets}
+
+# Records the device gets; HEADER, DIRTY_ROUND and END belong to the stream.
+DEVICE_RECORDS = frozenset({RecordType.PCI_CONFIG, RecordType.MSIX, RecordType.DEVICE_STATE,
+                            RecordType.NAMESPACE_BLOCKS})
+MIN_PRECOPY_CHUNK = 64 * 1024  # what precopy_records is asked for at least
+
+
+class RoundPhase(enum.Enum):
+    """Where the pre-copy reader is inside a round."""
+
+    IDLE = "idle"  # the next read opens a round
+    OPEN = "open"  # records are still added as reads need them
+    DRAINING = "draining"  # budget spent or nothing dirty: the queue empties, then a short read
+
+
+def _require(cond: bool, err: int, message: str) -> None:
+    if not cond:
+        raise Reject(message, err)
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and not n & (n - 1)
+
+
+@dataclass
+class DmaLog:
+    """A running DMA_LOGGING session."""
+
+    page_size: int
+    ranges: list[tuple[int, int]]  # sorted, non-overlapping (iova, length); [] = everything
+
+    def covers(self, iova: int, length: int) -> bool:
+        if not self.ranges:
+            return True
+        pos, end = iova, iova + length
+        for start, size in self.ranges:
+            if start <= pos < start + size:
+                pos = start + size
+                if pos >= end:
+                    return True
+        return False
+
+
+class VfioUserMigration:
+    """Migration state, stream and dirty logging of one vfio-user connection."""
+
+    def __init__(self, device: Migratable, memory: ClientMemory, *,
+                 max_data_xfer_size: int = MAX_DATA_XFER_SIZE,
+                 max_bitmap_size: int = MIG_MAX_BITMAP_SIZE,
+                 name: str = "vfio-user") -> None:
+        """Args:
+            device: save/restore interface of the device.
+            memory: the connection's client memory (its dirty log is ours).
+            max_data_xfer_size: the largest MIG_DATA_READ/WRITE ``size``.
+            max_bitmap_size: the largest DMA_LOGGING_REPORT bitmap, bytes.
+        """
+        self.device = device
+        self.memory = memory
+        self.max_data_xfer_size = max_data_xfer_size
+        self.max_bitmap_size = max_bitmap_size
+        self.name = name
+        self.state = MigState.RUNNING
+        self.quiesced = False  # migration_stop() called and not yet undone
+        self.dma_log: DmaLog | None = None
+        self._writer: StreamWriter | None = None
+        self._reader: StreamReader | None = None
+        self._resume_error: LocalProtocolError | None = None
+        self._phase = RoundPhase.IDLE
+        self._round = 0
+        self._budget = 0
+        self._final_started = False
+        self._save_error: Exception | None = None
+        self.counters = {"bytes_read": 0, "bytes_written": 0, "rounds": 0, "transitions": 0}
+        self._handlers: dict[w.Command, Callable[[bytes], bytes]] = {
+            C.DEVICE_FEATURE: self._feature,
+            C.MIG_DATA_READ: self._data_read,
+            C.MIG_DATA_WRITE: self._data_write,
+        }
+
+    # ------------------------------------------------------------ MigrationHandler
+    def allows(self, command: w.Command) -> bool:
+        """Whether ``command`` may be dispatched in the current migration state."""
+        return command in ALLOWED[self.state]
+
+    def handle(self, command: w.Command, payload: bytes) -> bytes:
+        """Answer DEVICE_FEATURE, MIG_DATA_READ or MIG_DATA_WRITE.
+
+        Returns:
+            The reply payload.
+
+        Raises:
+            Reject: the errno for the error reply.
+        """
+        handler = self._handlers.get(command)
+        if handler is None:
+            raise Reject(f"{command.name} is not a migration command", errno.EINVAL)
+        return handler(payload)
+
+    def device_reset(self) -> None:
+        """DEVICE_RESET: drop any session and return to RUNNING (also from ERROR).
+
+        Call before the device's own reset; dirty logging is not affected.
+        """
+        self._drop_sessions()
+        if self.quiesced:
+            self.quiesced = False
+            self._quietly(self.device.migration_run)
+        if self.state is not MigState.RUNNING:
+            log.info("%s: migration state %s -> RUNNING by DEVICE_RESET", self.name,
+                     self.state.name)
+        self.state = MigState.RUNNING
+
+    def close(self) -> None:
+        """The connection is closing: drop sessions, stop logging, un-quiesce."""
+        self.device_reset()
+        self.dma_log = None
+        self.memory.dirty_log = None
+
+    # ------------------------------------------------------------ DEVICE_FEATURE
+    def _feature(self, payload: bytes) -> bytes:
+        _require(len(payload) >= w.DeviceFeatureHead.SIZE, errno.EINVAL, "short DEVICE_FEATURE")
+        head = w.DeviceFeatureHead.unpack(payload)
+        data = payload[w.DeviceFeatureHead.SIZE:]
+        _require(head.argsz >= w.DeviceFeatureHead.SIZE, errno.EINVAL,
+                 f"DEVICE_FEATURE argsz {head.argsz}")
+        _require(not head.flags & FEATURE_FLAGS_RESERVED, errno.EINVAL,
+                 f"DEVICE_FEATURE flags {head.flags:#x}")
+        probe = bool(head.flags & w.FEATURE_PROBE)
+        ops = head.flags & (w.FEATURE_GET | w.FEATURE_SET)
+        _require(probe or ops != w.FEATURE_GET | w.FEATURE_SET, errno.EINVAL,
+                 "GET and SET together without PROBE")
+        index = head.flags & w.FEATURE_INDEX_MASK
+        try:
+            feature = Feature(index)
+        except ValueError:
+            raise Reject(f"device feature {index} is not supported", errno.ENOTTY) from None
+        spec = FEATURES[feature]
+        _require(not ops & ~spec.ops, errno.EINVAL,
+                 f"{feature.name} does not support flags {head.flags:#x}")
+        if probe:
+            # "The reply payload must be the same as the request payload for ... probing."
+            return payload
+        _require(ops != 0, errno.EINVAL, f"{feature.name}: neither GET nor SET")
+        if ops == w.FEATURE_GET:
+            _require(head.argsz >= w.DeviceFeatureHead.SIZE + spec.get_size, errno.EINVAL,
+                     f"{feature.name} GET argsz {head.argsz}")
+            reply = self._feature_get(feature, head.argsz, data)
+            # "the data is added in the data section and its length is added to argsz"
+            return w.DeviceFeatureHead(argsz=w.DeviceFeatureHead.SIZE + len(reply),
+                                       flags=head.flags).pack() + reply
+        _require(len(data) >= spec.set_size, errno.EINVAL,
+                 f"{feature.name} SET data of {len(data)} bytes")
+        _require(head.argsz >= w.DeviceFeatureHead.SIZE + spec.set_size, errno.EINVAL,
+                 f"{feature.name} SET argsz {head.argsz}")
+        reply = self._feature_set(feature, head.argsz, data)
+        return w.DeviceFeatureHead(argsz=w.DeviceFeatureHead.SIZE + len(reply),
+                                   flags=head.flags).pack() + reply
+
+    def _feature_get(self, feature: Feature, argsz: int, data: bytes) -> bytes:
+        if feature is Feature.MIGRATION:
+            return MigrationInfo(flags=int(SUPPORTED_FLAGS)).pack()
+        if feature is Feature.MIG_DEVICE_STATE:
+            return MigStateData(device_state=self.state).pack()
+        assert feature is Feature.DMA_LOGGING_REPORT
+        return self._log_report(argsz, data)
+
+    def _feature_set(self, feature: Feature, argsz: int, data: bytes) -> bytes:
+        if feature is Feature.MIG_DEVICE_STATE:
+            req = MigStateData.unpack(data)
+            self.set_state(req.device_state)
+            return MigStateData(device_state=self.state).pack()
+        if feature is Feature.DMA_LOGGING_START:
+            return self._log_start(argsz, data)
+        assert feature is Feature.DMA_LOGGING_STOP
+        self.dma_log = None
+        self.memory.dirty_log = None
+        return data
+
+    # ------------------------------------------------------------ device state
+    def set_state(self, target: int) -> None:
+        """Walk the arcs from the current state to ``target``, one device call each.
+
+        Raises:
+            Reject: EINVAL for a refused target (nothing happens then); the
+                arc's errno when a device call fails (the state is where the
+                walk stopped, or ERROR when no valid state could be kept).
+        """
+        try:
+            hops = path(self.state, target)
+        except TransitionError as exc:
+            raise Reject(str(exc), exc.errno) from None
+        for hop in hops:
+            arc = (self.state, hop)
+            action: Callable[[], None] = getattr(self, ARC_ACTIONS[arc])
+            try:
+                action()
+            except LocalProtocolError as exc:
+                log.warning("%s: arc %s -> %s failed: %s", self.name, arc[0].name, hop.name, exc)
+                raise Reject(f"{arc[0].name} -> {hop.name}: {exc}",
+                             exc.errno or errno.EIO) from None
+            except Exception as exc:  # a device bug: no valid state can be vouched for
+                log.exception("%s: arc %s -> %s broke the device", self.name, arc[0].name, hop.name)
+                self._enter_error()
+                raise Reject(f"{arc[0].name} -> {hop.name}: {exc!r}; device in ERROR",
+                             errno.EIO) from None
+            log.debug("%s: migration arc %s -> %s", self.name, arc[0].name, hop.name)
+            self.state = hop
+            self.counters["transitions"] += 1
+
+    def _enter_error(self) -> None:
+        self.state = MigState.ERROR
+        self._drop_sessions()
+
+    def _drop_sessions(self) -> None:
+        if self._writer is not None:
+            self._writer = None
+            self._quietly(self.device.stop_tracking)
+        if self._reader is not None:
+            self._reader = None
+            self._quietly(self.device.abort_restore)
+        self._resume_error = None
+
+    def _quietly(self, call: Callable[[], None]) -> None:
+        try:
+            call()
+        except Exception:  # cleanup on a path that already reports its own error
+            log.exception("%s: %s failed during migration cleanup", self.name, call.__name__)
+
+    def _arc_stop(self) -> None:
+        self.device.migration_stop()
+        self.quiesced = True
+
+    def _arc_run(self) -> None:
+        self.device.migration_run()
+        self.quiesced = False
+
+    def _arc_start_saving(self) -> None:
+        writer = StreamWriter(self.device.migration_fingerprint())
+        self.device.start_tracking()
+        self._writer = writer
+        self._phase = RoundPhase.IDLE
+        self._round = 0
+        self._budget = 0
+        self._final_started = False
+        self._save_error = None
+
+    def _arc_end_saving(self) -> None:
+        self._writer = None
+        self.device.stop_tracking()
+
+    def _arc_start_resuming(self) -> None:
+        self.device.abort_restore()
+        self._reader = StreamReader(self.device.migration_fingerprint())
+        self._resume_error = None
+
+    def _arc_end_resuming(self) -> None:
+        """Commit a complete stream; an empty one cancels; anything else fails.
+
+        On failure the staged data is dropped and a fresh, empty session
+        starts (still RESUMING), so a second RESUMING -> STOP cancels.
+        """
+        reader = self._reader
+        assert reader is not None
+        if reader.bytes_fed == 0 and self._resume_error is None:
+            self.device.abort_restore()  # nothing was written: cancel, keep the old state
+            self._reader = None
+            return
+        try:
+            if self._resume_error is not None:
+                raise self._resume_error
+            reader.check_complete()
+            self.device.commit_restore()
+        except LocalProtocolError as exc:
+            self.device.abort_restore()
+            self._reader = StreamReader(reader.expected_fingerprint)
+            self._resume_error = None
+            raise LocalProtocolError(f"migration data rejected: {exc}",
+                                     exc.errno or errno.EINVAL) from None
+        self._reader = None
+
+    # ------------------------------------------------------------ MIG_DATA_READ / WRITE
+    def _data_read(self, payload: bytes) -> bytes:
+        _require(len(payload) == w.MigDataHead.SIZE, errno.EINVAL,
+                 f"MIG_DATA_READ payload of {len(payload)} bytes")
+        req = w.MigDataHead.unpack(payload)
+        _require(self.state in (MigState.PRE_COPY, MigState.STOP_COPY), errno.EINVAL,
+                 f"MIG_DATA_READ in state {self.state.name}")
+        _require(req.size <= self.max_data_xfer_size, errno.EINVAL,
+                 f"MIG_DATA_READ size {req.size} > {self.max_data_xfer_size}")
+        _require(req.argsz >= w.MigDataHead.SIZE + req.size, errno.EINVAL,
+                 f"MIG_DATA_READ argsz {req.argsz} < {w.MigDataHead.SIZE + req.size}")
+        if self._save_error is not None:
+            raise Reject(f"saving session failed: {self._save_error}", errno.EIO)
+        try:
+            data = self._produce(req.size)
+        except Exception as exc:  # records may be lost: this session cannot continue
+            self._save_error = exc
+            if not isinstance(exc, LocalProtocolError):
+                log.exception("%s: saving device state failed", self.name)
+            err = exc.errno if isinstance(exc, LocalProtocolError) and exc.errno else errno.EIO
+            raise Reject(f"saving device state: {exc}; cancel and retry", err) from None
+        self.counters["bytes_read"] += len(data)
+        return w.MigDataHead(argsz=w.MigDataHead.SIZE + len(data), size=len(data)).pack() + data
+
+    def _produce(self, size: int) -> bytes:
+        writer = self._writer
+        assert writer is not None
+        device = self.device
+        if self.state is MigState.STOP_COPY:
+            if not self._final_started:
+                self._final_started = True
+                self._phase = RoundPhase.DRAINING
+                writer.add(dirty_round(self._round, device.precopy_pending(), final=True))
+                self._round += 1
+            while writer.pending < size and not writer.finished:
+                records = device.precopy_records(max(size - writer.pending, MIN_PRECOPY_CHUNK))
+                if not records:
+                    writer.add_all(device.save_state())
+                    writer.finish()
+                else:
+                    writer.add_all(records)
+            return writer.read(size)
+        if self._phase is RoundPhase.IDLE:
+            self._budget = device.precopy_pending()
+            writer.add(dirty_round(self._round, self._budget))
+            self._round += 1
+            self.counters["rounds"] += 1
+            self._phase = RoundPhase.OPEN
+        while self._phase is RoundPhase.OPEN and writer.pending < size:
+            records = device.precopy_records(max(size - writer.pending, MIN_PRECOPY_CHUNK))
+            writer.add_all(records)
+            self._budget -= sum(len(r.payload) for r in records)
+            if not records or self._budget <= 0:
+                self._phase = RoundPhase.DRAINING
+        data = writer.read(size)
+        if len(data) < size:
+            self._phase = RoundPhase.IDLE  # the short read ended the round
+        return data
+
+    def _data_write(self, payload: bytes) -> bytes:
+        _require(len(payload) >= w.MigDataHead.SIZE, errno.EINVAL, "short MIG_DATA_WRITE")
+        req = w.MigDataHead.unpack(payload)
+        data = payload[w.MigDataHead.SIZE:]
+        _require(self.state is MigState.RESUMING, errno.EINVAL,
+                 f"MIG_DATA_WRITE in state {self.state.name}")
+        _require(req.size == len(data), errno.EINVAL,
+                 f"MIG_DATA_WRITE size {req.size} != data {len(data)}")
+        _require(req.size <= self.max_data_xfer_size, errno.EINVAL,
+                 f"MIG_DATA_WRITE size {req.size} > {self.max_data_xfer_size}")
+        _require(req.argsz >= w.MigDataHead.SIZE + req.size, errno.EINVAL,
+                 f"MIG_DATA_WRITE argsz {req.argsz} < {w.MigDataHead.SIZE + req.size}")
+        reader = self._reader
+        assert reader is not None
+        if self._resume_error is not None:
+            raise Reject(f"migration stream already rejected: {self._resume_error}",
+                         self._resume_error.errno or errno.EINVAL)
+        try:
+            records = reader.feed(data)
+            self.device.load_records([r for r in records if r.type in DEVICE_RECORDS])
+        except LocalProtocolError as exc:
+            if not isinstance(exc, StreamError):
+                self._resume_error = exc
+            raise Reject(f"migration data: {exc}", exc.errno or errno.EINVAL) from None
+        except Exception as exc:  # staging failed (e.g. no space): the session is lost
+            log.exception("%s: staging migration data failed", self.name)
+            self._resume_error = LocalProtocolError(f"staging failed: {exc!r}", errno.EIO)
+            raise Reject(f"staging migration data: {exc!r}", errno.EIO) from None
+        self.counters["bytes_written"] += len(data)
+        return b""
+
+    # ------------------------------------------------------------ DMA logging
+    def _log_start(self, argsz: int, data: bytes) -> bytes:
+        ctl = DmaLoggingControl.unpack(data)
+        _require(self.dma_log is None, errno.EBUSY, "DMA logging already started")
+        _require(not ctl.reserved, errno.EINVAL, "DMA_LOGGING_START reserved field set")
+        _require(ctl.num_ranges <= MAX_LOG_RANGES, errno.E2BIG,
+                 f"{ctl.num_ranges} ranges > {MAX_LOG_RANGES}")
+        needed = DmaLoggingControl.SIZE + ctl.num_ranges * DmaLoggingRange.SIZE
+        _require(len(data) >= needed and argsz >= w.DeviceFeatureHead.SIZE + needed, errno.EINVAL,
+                 f"DMA_LOGGING_START: {ctl.num_ranges} ranges need {needed} bytes")
+        _require(_power_of_two(ctl.page_size), errno.EINVAL,
+                 f"DMA logging page size {ctl.page_size:#x} is not a power of two")
+        # "If the device cannot do the hinted page size then it's the driver's choice
+        # which page size to pick": smaller than 4 KiB becomes 4 KiB.
+        page_size = max(ctl.page_size, MIN_LOG_PAGE)
+        ranges = []
+        for i in range(ctl.num_ranges):
+            r = DmaLoggingRange.unpack(data, DmaLoggingControl.SIZE + i * DmaLoggingRange.SIZE)
+            _require(r.length > 0 and r.iova % page_size == 0 and r.length % page_size == 0,
+                     errno.EINVAL, f"range {r.iova:#x}+{r.length:#x} not aligned to {page_size:#x}")
+            _require(r.iova + r.length <= 1 << 64, errno.EOVERFLOW,
+                     f"range {r.iova:#x}+{r.length:#x} overflows")
+            ranges.append((r.iova, r.length))
+        ranges.sort()
+        for (a, a_len), (b, _) in itertools.pairwise(ranges):
+            _require(a + a_len <= b, errno.EINVAL, f"ranges at {a:#x} and {b:#x} overlap")
+        self.dma_log = DmaLog(page_size, ranges)
+        self.memory.dirty_log = DirtyLog(page_size)
+        reply = ctl.replace(page_size=page_size).pack()
+        return reply + data[DmaLoggingControl.SIZE:needed]
+
+    def _log_report(self, argsz: int, data: bytes) -> bytes:
+        _require(len(data) >= DmaLoggingReport.SIZE, errno.EINVAL,
+                 f"DMA_LOGGING_REPORT data of {len(data)} bytes")
+        req = DmaLoggingReport.unpack(data)
+        dma_log, dirty = self.dma_log, self.memory.dirty_log
+        _require(dma_log is not None and dirty is not None, errno.EINVAL, "DMA logging not started")
+        assert dma_log is not None and dirty is not None
+        _require(req.page_size >= MIN_LOG_PAGE and _power_of_two(req.page_size), errno.EINVAL,
+                 f"report page size {req.page_size:#x}")
+        _require(req.length > 0, errno.EINVAL, "empty report range")
+        _require(req.iova + req.length <= 1 << 64, errno.EOVERFLOW,
+                 f"report range {req.iova:#x}+{req.length:#x} overflows")
+        _require(dma_log.covers(req.iova, req.length), errno.EINVAL,
+                 f"report range {req.iova:#x}+{req.length:#x} is not being logged")
+        nbits = -(-req.length // req.page_size)
+        nbytes = -(-nbits // 64) * 8
+        _require(nbytes <= self.max_bitmap_size, errno.E2BIG, f"bitmap of {nbytes} bytes")
+        _require(argsz >= w.DeviceFeatureHead.SIZE + DmaLoggingReport.SIZE + nbytes, errno.EINVAL,
+                 f"argsz {argsz} too small for a {nbytes}-byte bitmap")
+        return req.pack() + report_bitmap(dirty, req.iova, req.length, req.page_size)
+
+
+def report_bitmap(dirty: DirtyLog, iova: int, length: int, page_size: int) -> bytes:
+    """The DMA_LOGGING_REPORT bitmap of ``[iova, iova+length)``, clearing what it reports.
+
+    Bit ``n`` (u64 word ``n // 64``, bit ``n % 64``, little-endian) reports
+    the ``page_size`` unit at ``iova + n * page_size``, as the kernel's
+    iova_bitmap lays it out (the spec's formula writes ``addr % 64`` where it
+    means that bit index).  Logged pages larger than ``page_size`` set
+    several bits, smaller ones share a bit.  A logged page only partly inside
+    the range is reported but stays dirty (it is reported again with its
+    other part), so no write is ever lost.
+
+    Returns:
+        ``ceil(ceil(length / page_size) / 64) * 8`` bytes.
+    """
+    end = iova + length
+    nbits = -(-length // page_size)
+    lps = dirty.page_size
+    first, last = iova // lps, (end - 1) // lps
+    bits = 0
+    cleared = []
+    for page in dirty.pages:
+        if not first <= page <= last:
+            continue
+        start = page * lps
+        lo, hi = max(start, iova), min(start + lps, end)
+        b0, b1 = (lo - iova) // page_size, (hi - 1 - iova) // page_size
+        bits |= ((1 << (b1 - b0 + 1)) - 1) << b0
+        if iova <= start and start + lps <= end:
+            cleared.append(page)
+    dirty.pages.difference_update(cleared)
+    return bits.to_bytes(-(-nbits // 64) * 8, "little")

@@ -1,0 +1,299 @@
+"""vhost-user-net against a real front-end: DPDK testpmd with net_virtio_user.
+
+The appliance runs as a subprocess (``python -m appliance run -c CFG -v``, or a
+small launcher running NetService on its own EventLoop when the CLI is not
+there), pinned to CPU 0; each testpmd is pinned to CPU 1 (``--lcores 0@1,1@1``)
+and driven through its interactive prompt.  Readiness and results come from the
+processes' output (bounded waits on patterns, never sleeps as synchronisation);
+the appliance's per-port counters come from the line it logs when a front-end
+disconnects: ``netN: front-end disconnected (...); counters {json}``.
+
+Skipped when ``dpdk-testpmd`` is missing, unless APPLIANCE_REQUIRE_INTEGRATION=1
+(then it fails).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+TESTPMD = shutil.which("dpdk-testpmd")
+APPLIANCE_CPU, TESTPMD_CPU = 0, min(1, (os.cpu_count() or 1) - 1)
+LAUNCHER = """
+import json, logging, sys
+sys.path.insert(0, sys.argv[1])
+import yaml
+from appliance import config
+from appliance.loop import EventLoop
+from appliance.runtime.vhost_user import NetService
+logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                    format="%(asctime)s %(name)s %(levelname)s %(message)s")
+cfg = config.load(sys.argv[2])
+loop = EventLoop()
+svc = NetService(loop, cfg["net"])
+loop.install_signal_handlers()
+print("appliance: ready", flush=True)
+try:
+    loop.run()
+finally:
+    svc.close()
+"""
+
+
+@pytest.fixture(autouse=True)
+def _need_testpmd() -> None:
+    if TESTPMD is None:
+        if os.environ.get("APPLIANCE_REQUIRE_INTEGRATION") == "1":
+            pytest.fail("dpdk-testpmd is not installed (APPLIANCE_REQUIRE_INTEGRATION=1)")
+        pytest.skip("dpdk-testpmd is not installed")
+
+
+class Proc:
+    """A subprocess whose merged output is searched with bounded waits."""
+
+    def __init__(self, name: str, args: list[str], log: Path, cpu: int | None = None,
+                 stdin: bool = False) -> None:
+        self.name = name
+        self.log_path = log
+        self.text = ""
+        self.cursor = 0
+        taskset = shutil.which("taskset")
+        if cpu is not None and taskset:
+            args = [taskset, "-c", str(cpu), *args]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        assert self.proc.stdout is not None
+        os.set_blocking(self.proc.stdout.fileno(), False)
+
+    def _read(self, timeout: float) -> bool:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        if not select.select([fd], [], [], max(0.0, timeout))[0]:
+            return False
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return False
+        if not chunk:
+            return False
+        self.text += chunk.decode(errors="replace")
+        with open(self.log_path, "a") as f:
+            f.write(chunk.decode(errors="replace"))
+        return True
+
+    def expect(self, pattern: str, timeout: float = 20.0, fail: str | None = None) -> re.Match[str]:
+        """The next match of ``pattern`` after the previous one; fails on ``fail``."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = rx.search(self.text, self.cursor)
+            if m:
+                self.cursor = m.end()
+                return m
+            if fail and re.search(fail, self.text[self.cursor:]):
+                raise AssertionError(f"{self.name}: {fail!r} in output:\n{self.tail()}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{self.name}: no {pattern!r} within {timeout}s:\n{self.tail()}")
+            if not self._read(min(left, 0.5)) and self.proc.poll() is not None:
+                while self._read(0):
+                    pass
+                if not rx.search(self.text, self.cursor):
+                    raise AssertionError(f"{self.name} exited ({self.proc.returncode}) before "
+                                         f"{pattern!r}:\n{self.tail()}")
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((line + "\n").encode())
+        self.proc.stdin.flush()
+
+    def tail(self, n: int = 3000) -> str:
+        return self.text[-n:]
+
+    def wait_exit(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self._read(0.2)
+        while self._read(0):
+            pass
+        if self.proc.poll() is None:
+            raise AssertionError(f"{self.name} did not exit within {timeout}s:\n{self.tail()}")
+        return self.proc.returncode
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+            except ProcessLookupError:
+                pass
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+class Appliance(Proc):
+    def counters(self, port: str, timeout: float = 20.0) -> dict[str, Any]:
+        """The port's counters from its next "front-end disconnected" log line."""
+        m = self.expect(rf"{port}: front-end disconnected \([^\n]*\); counters (\{{[^\n]*\}})",
+                        timeout)
+        return json.loads(m.group(1))
+
+
+def start_appliance(tmp: Path, nports: int) -> tuple[Appliance, list[str]]:
+    run = tmp / "run"
+    socks = [str(run / f"net{i}.sock") for i in range(nports)]
+    cfg = {
+        "data_dir": str(tmp / "data"),
+        "run_dir": str(run),
+        "storage": {"socket": str(run / "nvme.sock"),
+                    "namespaces": [{"image": str(tmp / "data" / "disk0.img"), "size": "16M"}]},
+        "net": {"ports": [{"socket": s, "mac": f"52:54:00:12:34:{i + 0x56:02x}"}
+                          for i, s in enumerate(socks)]},
+        "control": {"socket": str(run / "control.sock")},
+    }
+    path = tmp / "appliance.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    if importlib.util.find_spec("appliance.__main__") is not None:
+        args = [sys.executable, "-m", "appliance", "run", "-c", str(path), "-v"]
+    else:
+        run.mkdir(parents=True, exist_ok=True)
+        args = [sys.executable, "-c", LAUNCHER, str(REPO), str(path)]
+    app = Appliance("appliance", args, tmp / "appliance.log", cpu=APPLIANCE_CPU)
+    for i in range(nports):
+        app.expect(rf"net{i}: listening on", 30)
+    app.expect("appliance: ready", 30)
+    return app, socks
+
+
+def start_testpmd(tmp: Path, sock: str, mode: str, tag: str) -> Proc:
+    assert TESTPMD is not None
+    prefix = f"apl{os.getpid()}{tag}"
+    args = [TESTPMD, "--no-huge", "-m", "512", "--no-pci", "--no-shconf", f"--file-prefix={prefix}",
+            "--lcores", f"0@{TESTPMD_CPU},1@{TESTPMD_CPU}", "--vdev", f"net_virtio_user0,path={sock}",
+            "--", "-i", f"--forward-mode={mode}", "--total-num-mbufs=16384"]
+    stdbuf = shutil.which("stdbuf")
+    if stdbuf:
+        args = [stdbuf, "-oL", "-eL", *args]
+    pmd = Proc(f"testpmd-{tag}", args, tmp / f"testpmd-{tag}.log", stdin=True)
+    pmd.expect(r"testpmd> ", 30, fail=r"No probed ethernet devices|Cause:|Fail to")
+    return pmd
+
+
+def port_stats(pmd: Proc) -> tuple[int, int]:
+    """(RX-packets, TX-packets) from ``show port stats 0``."""
+    pmd.send("show port stats 0")
+    rx = int(pmd.expect(r"RX-packets:\s+(\d+)", 10).group(1))
+    tx = int(pmd.expect(r"TX-packets:\s+(\d+)", 10).group(1))
+    pmd.expect(r"testpmd> ", 10)
+    return rx, tx
+
+
+def stop_forwarding(pmd: Proc) -> tuple[int, int]:
+    """``stop``; (RX-packets, TX-packets) of the run's forward statistics for port 0."""
+    pmd.send("stop")
+    pmd.expect(r"Forward statistics for port 0", 20)
+    rx = int(pmd.expect(r"RX-packets:\s+(\d+)", 10).group(1))
+    tx = int(pmd.expect(r"TX-packets:\s+(\d+)", 10).group(1))
+    pmd.expect(r"Done\.", 20)
+    return rx, tx
+
+
+def quit_testpmd(pmd: Proc) -> None:
+    pmd.send("quit")
+    assert pmd.wait_exit(30) == 0, pmd.tail()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for p in reversed(started):  # testpmds first (SIGINT lets them close the port), then us
+        p.stop(signal.SIGTERM if isinstance(p, Appliance) else signal.SIGINT)
+    for p in started:
+        if p.name.startswith("testpmd"):
+            shutil.rmtree(f"/var/run/dpdk/apl{os.getpid()}{p.name[8:]}", ignore_errors=True)
+
+
+def test_txonly_counts_match_and_pps(tmp_path: Path, procs: list[Proc],
+                                     record_property: Any) -> None:
+    app, (sock,) = start_appliance(tmp_path, 1)
+    procs.append(app)
+    pmd = start_testpmd(tmp_path, sock, "txonly", "tx")
+    procs.append(pmd)
+    app.expect(r"net0: driver ok", 20)
+    pmd.send("start")
+    pmd.expect(r"txonly packet forwarding", 10)
+    pmd.expect(r"testpmd> ", 10)
+    _, t0 = port_stats(pmd)
+    start = time.monotonic()
+    time.sleep(3.0)  # the measuring window (not synchronisation)
+    _, t1 = port_stats(pmd)
+    pps = (t1 - t0) / (time.monotonic() - start)
+    _, sent = stop_forwarding(pmd)
+    quit_testpmd(pmd)
+    counters = app.counters("net0")
+    print(f"\ntestpmd txonly -> appliance: {sent} frames, {pps:,.0f} pps; appliance {counters}")
+    record_property("txonly_pps", round(pps))
+    assert sent > 0
+    assert counters["rx_packets"] == sent, (counters, sent)
+    assert counters["rx_bytes"] == 64 * sent
+    assert counters["malformed_chains"] == 0 and counters["rx_dropped"] == 0
+
+
+def test_flood_reaches_rxonly_port(tmp_path: Path, procs: list[Proc]) -> None:
+    app, (sock_a, sock_b) = start_appliance(tmp_path, 2)
+    procs.append(app)
+    rx_pmd = start_testpmd(tmp_path, sock_b, "rxonly", "rx")
+    procs.append(rx_pmd)
+    app.expect(r"net1: driver ok", 20)
+    rx_pmd.send("start")
+    rx_pmd.expect(r"rxonly packet forwarding", 10)
+    tx_pmd = start_testpmd(tmp_path, sock_a, "txonly", "tx")
+    procs.append(tx_pmd)
+    app.expect(r"net0: driver ok", 20)
+    tx_pmd.send("start")  # frames to 02:00:00:00:00:00, unknown: flooded to net1
+    tx_pmd.expect(r"txonly packet forwarding", 10)
+    tx_pmd.expect(r"testpmd> ", 10)
+    deadline = time.monotonic() + 20
+    while port_stats(rx_pmd)[0] < 2000:  # bounded wait for traffic to arrive
+        assert time.monotonic() < deadline, rx_pmd.tail()
+    _, sent = stop_forwarding(tx_pmd)
+    quit_testpmd(tx_pmd)
+    a = app.counters("net0")
+    # the receiver has taken everything once its counter stands still
+    last = -1
+    deadline = time.monotonic() + 20
+    while (now := port_stats(rx_pmd)[0]) != last:
+        assert time.monotonic() < deadline, rx_pmd.tail()
+        last = now
+    received, _ = stop_forwarding(rx_pmd)
+    quit_testpmd(rx_pmd)
+    b = app.counters("net1")
+    print(f"\ntxonly sent {sent}; net0 {a}; rxonly received {received}; net1 {b}")
+    assert sent > 0 and a["rx_packets"] == sent
+    assert received > 0
+    assert b["tx_packets"] == received, (b, received)
+    assert b["tx_packets"] + b["tx_dropped"] == a["rx_packets"]  # every frame was flooded to net1
+    assert b["malformed_chains"] == 0
