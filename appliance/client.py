@@ -74,6 +74,7 @@ class VfioUserClient:
         self.areas: list[MemoryArea] = []
         self.server_caps: dict[str, Any] = {}
         self.dma_requests = 0
+        self.dma_largest = 0  # the largest count the server asked for
 
     # ------------------------------------------------------------ connection
     @classmethod
@@ -202,6 +203,7 @@ class VfioUserClient:
             if hdr.command not in (w.Command.DMA_READ, w.Command.DMA_WRITE):
                 raise VfioUserError(errno.ENOSYS, "unknown server request")
             req = head_cls.unpack(frame.payload)
+            self.dma_largest = max(self.dma_largest, req.count)
             view = self._dma_view(req.address, req.count)
             if hdr.command == w.Command.DMA_READ:
                 data = bytes(view)

@@ -86,6 +86,7 @@ class SocketTransport:
         while (reply := conn.take_reply(msg_id)) is None:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([self.service.sock], [], [], left)[0]:
+                conn.forget_request(msg_id)
                 raise GuestMemoryError(address, _count(data), 0, why="no reply to DMA message")
             self.service.read_some(dispatch=False)
             conn.process_during_dma()
@@ -99,15 +100,24 @@ class SocketTransport:
             raise GuestMemoryError(address, _count(data), 0, why=f"client refused DMA (errno {reply.header.error})")
         return reply
 
+    def _chunks(self, address: int, count: int) -> list[tuple[int, int, int]]:
+        """(address, offset, size) pieces no larger than the client's max_data_xfer_size."""
+        step = self.service.conn.client_max_data_xfer_size
+        return [(address + off, off, min(step, count - off)) for off in range(0, count, step)]
+
     def dma_read(self, address: int, count: int) -> bytes:
-        reply = self._round_trip(w.Command.DMA_READ, address, count)
-        try:
-            return self.service.conn.dma_reply_data(reply, count)
-        except LocalProtocolError as exc:
-            raise GuestMemoryError(address, count, 0, why=str(exc)) from None
+        parts = []
+        for addr, _, size in self._chunks(address, count):
+            reply = self._round_trip(w.Command.DMA_READ, addr, size)
+            try:
+                parts.append(self.service.conn.dma_reply_data(reply, size))
+            except LocalProtocolError as exc:
+                raise GuestMemoryError(address, count, len(b"".join(parts)), why=str(exc)) from None
+        return b"".join(parts)
 
     def dma_write(self, address: int, data: bytes) -> None:
-        self._round_trip(w.Command.DMA_WRITE, address, data)
+        for addr, off, size in self._chunks(address, len(data)):
+            self._round_trip(w.Command.DMA_WRITE, addr, data[off:off + size])
 
 
 def _count(data: bytes | int) -> int:

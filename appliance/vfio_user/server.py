@@ -160,7 +160,7 @@ class ServerConnection:
         self.irq_enabled: dict[int, int] = {}  # irq index -> sub-indexes enabled
         self._out: deque[tuple[bytes, list[int]]] = deque()
         self._frames: deque[Frame] = deque()
-        self._replies: dict[int, Frame] = {}
+        self._replies: dict[int, Frame | None] = {}  # our DMA requests: None until answered
         self._next_id = 0
         self.counters = {"messages": 0, "errors": 0}
         self._handlers: dict[w.Command, Callable[[Frame], bytes | tuple[bytes, list[int]]]] = {
@@ -289,7 +289,7 @@ class ServerConnection:
             payload = w.QemuDmaAccess(address=address, count=count).pack() + body + b"\0" * 4
         else:
             payload = w.DmaAccess(address=address, count=count).pack() + body
-        self._replies[msg_id] = Frame(w.Header(), b"")  # placeholder: awaiting
+        self._replies[msg_id] = None
         self._out.append((encode(w.Header(msg_id=msg_id, command=command), payload), []))
         return msg_id
 
@@ -307,10 +307,13 @@ class ServerConnection:
     def take_reply(self, msg_id: int) -> Frame | None:
         """The reply to a :meth:`dma_request` once it has arrived, else None."""
         frame = self._replies.get(msg_id)
-        if frame is None or not frame.header.flags & w.MsgFlag.REPLY:
-            return None
-        del self._replies[msg_id]
+        if frame is not None:
+            del self._replies[msg_id]
         return frame
+
+    def forget_request(self, msg_id: int) -> None:
+        """Stop waiting for a reply (timed out); a late reply is then refused."""
+        self._replies.pop(msg_id, None)
 
     # ------------------------------------------------------------ dispatch
     def _transition(self, event: str) -> None:
@@ -323,6 +326,7 @@ class ServerConnection:
         hdr = frame.header
         self.counters["messages"] += 1
         no_reply = bool(hdr.flags & w.MsgFlag.NO_REPLY)
+        nfds = len(frame.fds)
         try:
             command = self._check_header(frame)
             result = self._handlers[command](frame)
@@ -330,7 +334,7 @@ class ServerConnection:
             frame.close_fds()
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s msg %#x %s size=%d fds=%d -> ok (%d bytes%s)", self.name, hdr.msg_id,
-                          _cmd_name(hdr.command), hdr.size, len(frame.fds), len(payload),
+                          _cmd_name(hdr.command), hdr.size, nfds, len(payload),
                           ", no reply" if no_reply else "")
             if not no_reply:
                 reply = w.Header(msg_id=hdr.msg_id, command=hdr.command, flags=w.MsgFlag.REPLY)
@@ -342,8 +346,8 @@ class ServerConnection:
             frame.close_fds()
             self.counters["errors"] += 1
             err = exc.errno or errno.EINVAL
-            log.warning("%s msg %#x %s: %s (errno %d)", self.name, hdr.msg_id,
-                        _cmd_name(hdr.command), exc, err)
+            log.warning("%s msg %#x %s size=%d fds=%d: %s (errno %d)", self.name, hdr.msg_id,
+                        _cmd_name(hdr.command), hdr.size, nfds, exc, err)
             if not no_reply or frame.oversized:
                 reply = w.Header(msg_id=hdr.msg_id, command=hdr.command,
                                  flags=w.MsgFlag.REPLY | w.MsgFlag.ERROR, error=err)

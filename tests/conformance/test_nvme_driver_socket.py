@@ -111,3 +111,14 @@ def test_without_shared_memory_uses_dma_messages(sock_path: str) -> None:
         d.write(1, 100, data)
         assert d.read(1, 100, 16) == data
         assert c.dma_requests > 0
+
+
+def test_dma_messages_respect_client_max_data_xfer_size(sock_path: str) -> None:
+    caps = {"max_data_xfer_size": 4096, "max_msg_fds": 16, "pgsizes": 4096}
+    with VfioUserClient.connect(sock_path, caps=caps) as c:
+        d = NvmeDriver(c, share_memory=False, interrupts=False)
+        d.setup(io_queues=1, depth=16)
+        data = os.urandom(64 << 10)
+        d.write(1, 300, data)
+        assert d.read(1, 300, len(data) // 512) == data
+        assert 0 < c.dma_largest <= 4096
