@@ -15,8 +15,6 @@ right after the current one.
 
 from __future__ import annotations
 
-import array
-import errno
 import logging
 import os
 import select
@@ -27,6 +25,7 @@ from collections.abc import Callable
 from appliance.errors import LocalProtocolError, RemoteProtocolError
 from appliance.loop import EventLoop
 from appliance.memory import GuestMemoryError
+from appliance.runtime import unix
 from appliance.vfio_user import wire as w
 from appliance.vfio_user.backend import VfioUserDevice
 from appliance.vfio_user.framing import Frame
@@ -36,40 +35,15 @@ log = logging.getLogger("appliance.vfio_user")
 
 BATCH = 64
 DMA_TIMEOUT = 5.0
-_ONE = (1).to_bytes(8, "little")
 
 
 def recv_chunk(sock: socket.socket, wanted: int, flags: int = 0) -> tuple[bytes, list[int]]:
-    """One recvmsg of at most ``wanted`` bytes, with any SCM_RIGHTS fds."""
-    fds = array.array("i")
-    data, ancdata, msg_flags, _ = sock.recvmsg(wanted, socket.CMSG_SPACE(MAX_MSG_FDS * fds.itemsize),
-                                              flags | socket.MSG_CMSG_CLOEXEC)
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    received = list(fds)
-    if msg_flags & socket.MSG_CTRUNC:
-        for fd in received:
-            os.close(fd)
-        raise RemoteProtocolError("too many fds in one message (control data truncated)")
-    return data, received
+    """One recvmsg of at most ``wanted`` bytes with up to MAX_MSG_FDS fds."""
+    return unix.recv_chunk(sock, wanted, MAX_MSG_FDS, flags)
 
 
-def send_message(sock: socket.socket, data: bytes, fds: list[int]) -> None:
-    """Send a whole message; fds travel with its first byte."""
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-    sent = sock.sendmsg([data], anc)
-    if sent < len(data):
-        sock.sendall(data[sent:])
-
-
-def signal_eventfd(fd: int) -> None:
-    """Add 1 to an eventfd counter (an interrupt or a notice)."""
-    try:
-        os.write(fd, _ONE)
-    except OSError as exc:  # EAGAIN: counter saturated, the reader is behind
-        if exc.errno not in (errno.EAGAIN, errno.EBADF):
-            raise
+send_message = unix.send_message
+signal_eventfd = unix.signal_eventfd
 
 
 class SocketTransport:

@@ -1,0 +1,63 @@
+"""Unix-socket and eventfd primitives shared by every socket service (runtime layer).
+
+Both vfio-user and vhost-user pass fds as SCM_RIGHTS ancillary data attached to
+the bytes of the message that carries them; the services read no more than one
+message's worth at a time so the fds stay with their message.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import socket
+
+from appliance.errors import RemoteProtocolError
+
+_ONE = (1).to_bytes(8, "little")
+
+
+def recv_chunk(sock: socket.socket, wanted: int, max_fds: int, flags: int = 0) -> tuple[bytes, list[int]]:
+    """One recvmsg of at most ``wanted`` bytes, with its SCM_RIGHTS fds.
+
+    Raises:
+        BlockingIOError: with MSG_DONTWAIT, nothing to read now.
+        RemoteProtocolError: more than ``max_fds`` fds arrived (all are closed).
+    """
+    fds = array.array("i")
+    data, ancdata, msg_flags, _ = sock.recvmsg(wanted, socket.CMSG_SPACE(max_fds * fds.itemsize),
+                                               flags | socket.MSG_CMSG_CLOEXEC)
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    received = list(fds)
+    if msg_flags & socket.MSG_CTRUNC:
+        for fd in received:
+            close_quietly(fd)
+        raise RemoteProtocolError("too many fds in one message (control data truncated)")
+    return data, received
+
+
+def send_message(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    """Send a whole message; fds travel with its first byte."""
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    sent = sock.sendmsg([data], anc)
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+def signal_eventfd(fd: int) -> None:
+    """Add 1 to an eventfd counter (an interrupt, a call, a notice)."""
+    try:
+        os.write(fd, _ONE)
+    except OSError as exc:  # EAGAIN: counter saturated, the reader is behind
+        if exc.errno not in (errno.EAGAIN, errno.EBADF):
+            raise
+
+
+def close_quietly(fd: int) -> None:
+    """Close ``fd``, ignoring an already-closed one."""
+    try:
+        os.close(fd)
+    except OSError:
+        pass
