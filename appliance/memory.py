@@ -19,6 +19,15 @@ call :meth:`ClientMemory.read` / :meth:`ClientMemory.write` (or the
 * :meth:`ClientMemory.buffers` hands out zero-copy ``memoryview`` slices of
   mmap'd regions for scatter/gather I/O (``os.preadv`` straight into guest
   memory); asking for write access marks those pages dirty up front.
+* :meth:`ClientMemory.write_uint` stores one aligned 2, 4 or 8-byte integer
+  as a single store into an mmap'd region.  A guest driver on another vCPU
+  (QEMU MTTCG) polls some fields while we write them -- an NVMe CQE's phase
+  tag, a shadow doorbell EventIdx -- and a slice assignment (memcpy/memmove)
+  or ``struct.pack_into`` gives no guarantee about the width or order of
+  its stores.  An item assignment through ``memoryview.cast`` does one
+  ``memcpy`` of a constant 2/4/8 bytes, which compiles to one store; x86
+  keeps stores in program order, so writing the rest of a record first and
+  the polled word last publishes the record whole.
 """
 
 from __future__ import annotations
@@ -27,15 +36,18 @@ import bisect
 import errno
 import mmap
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 from appliance.errors import ApplianceError
 from appliance.wire import Struct
 
 ADDRESS_LIMIT = 1 << 64
 PAGE_SIZE = 4096
+# memoryview.cast formats (native byte order) of 2, 4 and 8-byte unsigned integers
+_UINT_FORMATS: dict[int, Literal["H", "I", "Q"]] = {2: "H", 4: "I", 8: "Q"}
 
 S = TypeVar("S", bound=Struct)
 
@@ -278,6 +290,34 @@ class ClientMemory:
             done += n
         if self.dirty_log is not None:
             self.dirty_log.mark(address, len(data))
+
+    def write_uint(self, address: int, value: int, size: int) -> None:
+        """Store the little-endian unsigned ``value`` of ``size`` bytes (2, 4 or 8).
+
+        In an mmap'd region, at an offset aligned to ``size``, this is one
+        store (see the module docstring); anywhere else (message-only region,
+        unaligned, crossing regions) it is :meth:`write`.  Marks the dirty log.
+
+        Raises:
+            ValueError: ``size`` is not 2, 4 or 8, or ``value`` does not fit.
+            GuestMemoryError: the range is unmapped or not writable.
+        """
+        fmt = _UINT_FORMATS.get(size)
+        if fmt is None or not 0 <= value < 1 << (8 * size):
+            raise ValueError(f"cannot store {value:#x} in {size} bytes")
+        checked_end(address, size)
+        region = self._find(address)
+        off = address - region.address if region is not None else 0
+        if (region is None or region.view is None or not region.writable
+                or off % size or off + size > region.size):
+            self.write(address, value.to_bytes(size, "little"))
+            return
+        if sys.byteorder != "little":
+            value = int.from_bytes(value.to_bytes(size, "little"), sys.byteorder)
+        with region.view[off:off + size] as piece, piece.cast(fmt) as word:
+            word[0] = value
+        if self.dirty_log is not None:
+            self.dirty_log.mark(address, size)
 
     def read_obj(self, address: int, cls: type[S]) -> S:
         """Read and decode one wire struct at ``address``."""

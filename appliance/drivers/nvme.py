@@ -4,8 +4,11 @@ It does what the Linux driver does, minus the block layer: maps "guest" memory
 (a memfd, shared with the server unless told otherwise), resets and enables the
 controller, creates I/O queue pairs each with its own MSI-X vector (eventfds),
 and submits Read/Write/Flush with PRP1/PRP2 and PRP lists.  Doorbells are
-posted region writes, as QEMU sends them.  It is the fixture for driver work
-without a VM and the load generator for benchmarks.
+posted region writes, as QEMU sends them, or (``doorbells="mmap"``) stores
+into the doorbell page mapped from the fd the server hands out with BAR0's
+region info (its sparse mmap area), as QEMU does when it maps that page.  It
+is the fixture for driver work without a VM and the load generator for
+benchmarks.
 
 Waiting for a completion never sleeps: with interrupts it selects on the CQ's
 eventfd; without, a synchronous register read acts as a barrier (the server
@@ -14,6 +17,7 @@ handles messages in order, so every posted doorbell before it is processed).
 
 from __future__ import annotations
 
+import mmap
 import os
 import select
 import time
@@ -90,8 +94,15 @@ class NvmeDriver:
 
     def __init__(self, client: VfioUserClient, *, mem_base: int = 0x4000_0000,
                  mem_size: int = 64 << 20, share_memory: bool = True, interrupts: bool = True,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, doorbells: str = "message") -> None:
+        """``doorbells``: ``"message"`` (posted REGION_WRITEs) or ``"mmap"`` (stores into
+        the server's doorbell page; ValueError if BAR0 offers no mmap area covering it)."""
         self.c = client
+        self.doorbell_words: memoryview | None = None
+        if doorbells == "mmap":
+            self.doorbell_words = self._map_doorbells()
+        elif doorbells != "message":
+            raise ValueError(f"doorbells {doorbells!r}")
         self.timeout = timeout
         self.area = client.map_memfd(mem_base, mem_size, share_fd=share_memory)
         self.mem = self.area.view()
@@ -103,6 +114,29 @@ class NvmeDriver:
         self.identify: spec.IdentifyController | None = None
         self.block_size: dict[int, int] = {}
         self.ns_blocks: dict[int, int] = {}
+
+    def _map_doorbells(self) -> memoryview:
+        """Map BAR0's doorbell page from the region fd; a dword view of it from 1000h."""
+        reply = self.c.region_info(BAR0)
+        base = reply.info.offset
+        for offset, size in reply.sparse_areas:
+            if reply.fd is not None and offset <= spec.DOORBELL_BASE < offset + size:
+                try:
+                    mm = mmap.mmap(reply.fd, size, flags=mmap.MAP_SHARED, offset=base + offset)
+                finally:
+                    os.close(reply.fd)
+                self._doorbell_mm = mm
+                return memoryview(mm)[spec.DOORBELL_BASE - offset:].cast("I")
+        if reply.fd is not None:
+            os.close(reply.fd)
+        raise ValueError(f"BAR0 has no mmap area over the doorbells: {reply.sparse_areas}")
+
+    def _doorbell(self, index: int, value: int) -> None:
+        """Write doorbell dword ``index`` (2*qid: SQ tail, 2*qid+1: CQ head)."""
+        if self.doorbell_words is not None:
+            self.doorbell_words[index] = value  # one 4-byte store, as a CPU's MMIO write
+        else:
+            self.c.write32(BAR0, spec.DOORBELL_BASE + index * 4, value, posted=True)
 
     # ------------------------------------------------------------ memory helpers
     def _off(self, addr: int) -> int:
@@ -237,8 +271,7 @@ class NvmeDriver:
         return cid
 
     def ring(self, qid: int) -> None:
-        q = self.queues[qid]
-        self.c.write32(BAR0, spec.DOORBELL_BASE + 2 * qid * 4, q.sq_tail, posted=True)
+        self._doorbell(2 * qid, self.queues[qid].sq_tail)
 
     def reap(self, qid: int) -> list[Completion]:
         """Completions now in CQ ``qid``; updates the CQ head doorbell."""
@@ -256,7 +289,7 @@ class NvmeDriver:
             if q.cq_head == q.depth:
                 q.cq_head, q.phase = 0, q.phase ^ 1
         if done:
-            self.c.write32(BAR0, spec.DOORBELL_BASE + (2 * qid + 1) * 4, q.cq_head, posted=True)
+            self._doorbell(2 * qid + 1, q.cq_head)
         return done
 
     def wait(self, qid: int, count: int = 1) -> list[Completion]:
@@ -274,8 +307,8 @@ class NvmeDriver:
             if q.eventfd is not None:
                 if select.select([q.eventfd], [], [], left)[0]:
                     eventfd_count(q.eventfd)
-            else:
-                self.c.read32(BAR0, spec.Reg.CSTS)  # barrier: posted doorbells are processed
+            else:  # barrier: posted doorbells are processed (mmap'd ones: by the server's poll)
+                self.c.read32(BAR0, spec.Reg.CSTS)
         return got
 
     def run(self, qid: int, cmd: spec.Command) -> Completion:
@@ -347,6 +380,10 @@ class NvmeDriver:
         for fd in self.eventfds:
             os.close(fd)
         self.eventfds.clear()
+        if self.doorbell_words is not None:
+            self.doorbell_words.release()
+            self.doorbell_words = None
+            self._doorbell_mm.close()
 
     def chunks(self, total: int, size: int) -> Iterator[tuple[int, int]]:
         for off in range(0, total, size):

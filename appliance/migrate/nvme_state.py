@@ -33,15 +33,13 @@ created (qid, size, alignment, vector, CQ of an SQ).  :meth:`commit_restore`
 then writes the chunks into the images (in stream order: the last record for
 a byte wins), replaces the controller state and the PCI state.
 
-Quiescing: while stopped, the controller's processing pass is turned off so
-neither doorbells nor the runtime's idle ``poll`` (shadow doorbells) run a
-command; resuming runs one pass to catch up.
-
-Hooks this module needs from appliance.storage (see the module's
-``_install_change_hook`` / ``_pause`` for the interim stand-ins): a
-``Namespace.on_change: Callable[[int, int], None] | None`` attribute called
-after every data change with the byte range, and an ``NvmeController``
-``paused`` flag (or quiesce()/resume()) that its ``_run`` honours.
+Quiescing: while stopped, the controller is paused
+(:meth:`NvmeController.pause`): neither doorbells nor the runtime's ``poll``
+(shadow doorbells, the doorbell page) run a command, doorbell values still
+latch; resuming (:meth:`NvmeController.resume`) runs one pass to catch up.
+The dirty chunks come from each namespace's ``on_change(offset, length)``
+hook, which :class:`~appliance.storage.namespace.Namespace` calls after every
+change of its data.
 """
 
 from __future__ import annotations
@@ -67,7 +65,6 @@ from appliance.migrate.stream import (
     parse_device_state,
 )
 from appliance.storage.controller import NvmeController
-from appliance.storage.namespace import Namespace
 from appliance.storage.queues import CompletionQueue, Shadow, SubmissionQueue
 from appliance.storage.registers import CtrlState, Features
 from appliance.storage.spec import (
@@ -461,51 +458,6 @@ def _pread_all(fd: int, length: int, offset: int) -> bytes:
     return b"".join(parts).ljust(length, b"\0")
 
 
-def _install_change_hook(ns: Namespace, hook: Callable[[int, int], None]) -> None:
-    """Have ``hook(offset, length)`` called after every change of ``ns``'s data.
-
-    Uses the namespace's own ``on_change`` attribute when it has one;
-    otherwise (interim, until appliance.storage offers it) wraps the three
-    methods that change data on this instance.
-    """
-    if hasattr(ns, "on_change"):
-        vars(ns)["on_change"] = hook
-        return
-    write, write_zeroes, fmt = ns.write, ns.write_zeroes, ns.format
-
-    def hooked_write(memory: Any, segments: Any, slba: int) -> None:
-        try:
-            write(memory, segments, slba)
-        finally:
-            hook(slba << ns.lba_shift, sum(n for _, n in segments))
-
-    def hooked_write_zeroes(slba: int, nlb: int, deallocate: bool) -> None:
-        try:
-            write_zeroes(slba, nlb, deallocate)
-        finally:
-            hook(slba << ns.lba_shift, nlb << ns.lba_shift)
-
-    def hooked_format() -> None:
-        try:
-            fmt()
-        finally:
-            hook(0, ns.size)
-
-    ns.__dict__.update(write=hooked_write, write_zeroes=hooked_write_zeroes, format=hooked_format)
-
-
-def _pause(ctrl: NvmeController, paused: bool) -> None:
-    """Turn the controller's processing pass off or back on (interim stand-in).
-
-    Until NvmeController offers quiesce/resume, an instance attribute shadows
-    its ``_run`` with a no-op while paused.
-    """
-    if paused:
-        ctrl.__dict__["_run"] = lambda: False
-    else:
-        ctrl.__dict__.pop("_run", None)
-
-
 class NvmeMigratable(PciMigratable):
     """:class:`Migratable` of an NvmeController: PCI, controller state, namespace data."""
 
@@ -532,7 +484,7 @@ class NvmeMigratable(PciMigratable):
         self._staging: dict[int, _Staging] = {}
         for nsid, ns in ctrl.namespaces.items():
             if not ns.read_only:
-                _install_change_hook(ns, self._marker(nsid))
+                ns.on_change = self._marker(nsid)
 
     @staticmethod
     def fingerprint_extra(ctrl: NvmeController) -> bytes:
@@ -553,13 +505,12 @@ class NvmeMigratable(PciMigratable):
 
     # ------------------------------------------------------------ Migratable: source
     def migration_stop(self) -> None:
-        _pause(self.ctrl, True)
+        self.ctrl.pause()
         super().migration_stop()
 
     def migration_run(self) -> None:
-        _pause(self.ctrl, False)
         super().migration_run()
-        self.ctrl.poll()  # doorbells and events that arrived while stopped
+        self.ctrl.resume()  # doorbells and events that arrived while stopped
 
     def start_tracking(self) -> None:
         super().start_tracking()

@@ -18,6 +18,20 @@ entries.  :meth:`NvmeController.poll` runs the same pass for the runtime's
 idle loop: it picks up shadow doorbell values the host wrote without ringing
 (Doorbell Buffer Config, see :mod:`~appliance.storage.queues`).
 
+Doorbells as memory (``doorbells="mmap"``): BAR0's doorbell page is a memfd
+the client maps (a sparse mmap area of region 0), so the host's doorbell
+writes arrive without a message.  :meth:`NvmeController.poll` scans the page
+for changed dwords (:mod:`~appliance.storage.doorbells`) and latches them as
+if they had come as REGION_WRITEs; the runtime calls it from a timer every
+:meth:`NvmeController.poll_interval` seconds (fast while I/O is flowing, slow
+when idle).  Note that QEMU turns off posted writes for the whole device as
+soon as any region is mmap'able: every other register write waits for its
+reply.
+
+Quiesce (migration): :meth:`NvmeController.pause` stops every processing
+pass (doorbells still latch); :meth:`NvmeController.resume` runs what is
+pending.
+
 Nothing is DMA'd unless a client is attached and Bus Master is enabled.  An
 unreachable queue entry or shadow buffer is fatal (CSTS.CFS until a reset); a
 bad data buffer fails its command (Data Transfer Error).  MSI-X: one
@@ -35,8 +49,10 @@ from typing import Any
 from appliance.memory import ClientMemory, GuestMemoryError
 from appliance.pci import Bar, MsixLayout, PciDevice
 from appliance.storage import admin, io
+from appliance.storage.doorbells import DoorbellPage
 from appliance.storage.namespace import Namespace
 from appliance.storage.queues import (
+    DOORBELL_STRIDE,
     AsyncEvents,
     CompletionQueue,
     ErrorLog,
@@ -85,6 +101,10 @@ CNTLID, CNTRLTYPE_IO = 1, 1
 AERL, ACL, ELPE = 3, 3, 15  # 0-based: 4 AERs, 4 aborts, 16 error log entries
 FRMW = 0x03  # one firmware slot, slot 1 read-only
 WCTEMP, CCTEMP, TEMPERATURE = 343, 373, 313  # Kelvin
+DOORBELL_MODES = ("message", "mmap")
+# Doorbell page polling (mmap mode): the runtime's timer period, fast while the
+# device is busy or was within the last FAST_TICKS ticks, slow once it is quiet.
+POLL_FAST, POLL_SLOW, FAST_TICKS = 0.0005, 0.02, 1000
 Result = tuple[Status, bool, int]  # status, DNR, DWORD 0
 _OPCODE_NAMES = {
     True: {op.value: f"admin.{op.name.lower()}" for op in AdminOpcode},
@@ -98,20 +118,29 @@ class NvmeController(PciDevice):
     def __init__(self, namespaces: Sequence[dict[str, Any]], io_queues: int = 4,
                  queue_entries: int = 1024, serial: str = "APPLIANCE0001",
                  model: str = "Appliance NVMe", firmware: str = "0.1",
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, doorbells: str = "message") -> None:
         """Open the namespace images and build the PCI function.
 
         ``namespaces``: dicts with ``image``, ``size``, ``block_size`` (512 or
         4096) and ``read_only``; NSIDs are 1.. in order.  ``clock`` (seconds,
         monotonic) drives the Timestamp feature; without it the timestamp
-        holds the value the host set.
+        holds the value the host set.  ``doorbells``: ``"message"`` (region
+        writes only) or ``"mmap"`` (BAR0's doorbell page is a memfd the client
+        may map; see :class:`DoorbellPage`; the runtime must then call
+        :meth:`poll` every :meth:`poll_interval` seconds).
 
         Raises:
-            ValueError: a bad queue count, queue size, string or namespace.
+            ValueError: a bad queue count, queue size, string, namespace or
+                doorbell mode.
             OSError: an image cannot be opened or created.
         """
         if not 1 <= io_queues <= 255 or not 2 <= queue_entries <= 65536:
             raise ValueError(f"io_queues {io_queues} / queue_entries {queue_entries} out of range")
+        if doorbells not in DOORBELL_MODES:
+            raise ValueError(f"doorbells {doorbells!r} not in {DOORBELL_MODES}")
+        self.doorbell_page: DoorbellPage | None = None
+        self.paused = False
+        self._quiet_ticks = 0
         self.sn = ascii_field(serial, 20, "serial")
         self.mn, self.fr = ascii_field(model, 40, "model"), ascii_field(firmware, 8, "firmware")
         self.serial, self.io_queues = serial, io_queues
@@ -122,11 +151,16 @@ class NvmeController(PciDevice):
                 self.namespaces[nsid] = Namespace(
                     nsid, cfg["image"], cfg["size"], cfg.get("block_size", 512),
                     cfg.get("read_only", False))
+            mmap_areas: tuple[tuple[int, int], ...] = ()
+            if doorbells == "mmap":
+                self.doorbell_page = DoorbellPage()
+                mmap_areas = ((REGISTERS_END, DOORBELLS_END - REGISTERS_END),)
             super().__init__(
                 vendor_id=VENDOR_ID, device_id=DEVICE_ID, subsystem_vendor_id=VENDOR_ID,
                 subsystem_id=DEVICE_ID, revision=0, class_code=CLASS_CODE,
                 bars=[Bar(0, BAR0_SIZE, read=self._bar0_read, write=self._bar0_write,
-                          is_64bit=True)],
+                          is_64bit=True, mmap_areas=mmap_areas,
+                          mmap_fd=self.doorbell_page.fd if self.doorbell_page else None)],
                 msix=MsixLayout(vectors=io_queues + 1))
         except BaseException:
             self.close()
@@ -143,16 +177,55 @@ class NvmeController(PciDevice):
             "commands": {}, "errors": 0, "bytes_read": 0, "bytes_written": 0,
             "interrupts": 0, "invalid_doorbells": 0, "fatal": 0,
         }
+        self.faults: Any = None  # an appliance.faults.FaultSet the runtime may install
         self.identify_data = admin.identify_controller(self)
 
     # ------------------------------------------------------------ public
     def poll(self) -> bool:
-        """Do pending work (shadow doorbells, backlogs, events).
+        """Do pending work (doorbell page, shadow doorbells, backlogs, events).
+
+        Returns:
+            True if a doorbell changed, a command ran or a completion was posted.
+        """
+        rang = self._scan_doorbell_page()
+        did = self._run() or rang
+        if did:
+            self._quiet_ticks = 0
+        return did
+
+    def poll_interval(self) -> float:
+        """Seconds until the runtime's next :meth:`poll` (doorbell page mode).
+
+        Fast while an I/O queue has work (an SQ not drained, completions in a
+        backlog) or a doorbell changed within the last ``FAST_TICKS`` calls of
+        this method (the runtime calls it once per timer tick), slow when the
+        device has been quiet that long.  The grace period matters: a
+        synchronous reader (``dd iflag=direct``) rings again only after it
+        reaps a completion, a gap in which every queue is idle.
+        """
+        self._quiet_ticks += 1
+        busy = any(not sq.empty for qid, sq in self.sqs.items() if qid) or any(
+            cq.backlog for cq in self.cqs.values())
+        return POLL_FAST if busy or self._quiet_ticks <= FAST_TICKS else POLL_SLOW
+
+    def pause(self) -> None:
+        """Quiesce (migration stop): nothing runs until :meth:`resume`.
+
+        No command is fetched or executed, no completion is posted, no
+        interrupt raised and client memory is not touched.  Register writes
+        still act (CC, AQA, INTMS...) and doorbell writes still latch their
+        values (SQ tails, CQ heads), so nothing the host rings is lost.
+        """
+        self.paused = True
+
+    def resume(self) -> bool:
+        """End :meth:`pause` and run what became pending meanwhile.
 
         Returns:
             True if a command ran or a completion was posted.
         """
-        return self._run()
+        self.paused = False
+        return self.poll()
 
     def notify_namespace_changed(self, nsid: int) -> None:
         """Add ``nsid`` to the Changed Namespace List and report a Namespace
@@ -167,9 +240,11 @@ class NvmeController(PciDevice):
         self._run()
 
     def close(self) -> None:
-        """Close every namespace image."""
+        """Close every namespace image and the doorbell page."""
         for ns in self.namespaces.values():
             ns.close()
+        if self.doorbell_page is not None:
+            self.doorbell_page.close()
 
     def reset_device(self) -> None:
         """FLR / DEVICE_RESET: registers to power-on values, queues and state gone."""
@@ -223,11 +298,15 @@ class NvmeController(PciDevice):
                 events = []
             for event in events:
                 self._on_event(event)
-            if self.irq_mode == PciIrq.INTX:
+            if self.irq_mode == PciIrq.INTX and not self.paused:
                 self._update_intx()  # INTMS / INTMC
         elif REGISTERS_END <= offset and offset + len(data) <= DOORBELLS_END:
+            page = self.doorbell_page
             for off, value in dwords(offset, data):
-                self._doorbell(off, value)
+                if page is not None:  # a message write to the mmap'd page: keep it the truth
+                    page.store(off - REGISTERS_END, value)
+                self._latch_doorbell(off, value)
+            self._run()
 
     def _on_event(self, event: CtrlEvent) -> None:
         regs = self.regs
@@ -235,6 +314,7 @@ class NvmeController(PciDevice):
             self.sqs[0] = SubmissionQueue(0, regs.asq, regs.admin_sq_size, cqid=0)
             self.cqs[0] = CompletionQueue(0, regs.acq, regs.admin_cq_size, vector=0, ien=True,
                                           sqids={0})
+            self._adopt_queues()
         elif event is CtrlEvent.ENABLE_INVALID:
             log.warning("nvme: CC.EN refused, CSTS.CFS set: %s", regs.invalid_reason)
         elif event is CtrlEvent.DISABLE:
@@ -246,7 +326,31 @@ class NvmeController(PciDevice):
                 except CommandError as exc:
                     log.warning("nvme: shutdown flush of nsid %d failed: %s", ns.nsid, exc)
 
-    def _doorbell(self, offset: int, value: int) -> None:
+    def _scan_doorbell_page(self) -> bool:
+        """Latch every doorbell the host wrote into the mmap'd page since the last scan."""
+        page = self.doorbell_page
+        if page is None:
+            return False
+        self._adopt_queues()
+        changed = page.changed(2 * (self.io_queues + 1))
+        for slot, value in changed:
+            self._latch_doorbell(REGISTERS_END + slot * DOORBELL_STRIDE, value)
+        return bool(changed)
+
+    def _adopt_queues(self) -> None:
+        """Doorbell page: give each new queue's slots its tail/head before the host sees it.
+
+        A queue created by an admin command (adopted before its completion is
+        posted), by CC.EN or by a restore starts from the value in its state,
+        not from whatever an earlier queue with the same id left in the page.
+        """
+        if self.doorbell_page is not None:
+            for qid, sq in self.sqs.items():
+                self.doorbell_page.adopt(2 * qid, sq, sq.tail)
+            for qid, cq in self.cqs.items():
+                self.doorbell_page.adopt(2 * qid + 1, cq, cq.head)
+
+    def _latch_doorbell(self, offset: int, value: int) -> None:
         if self.regs.state is not CtrlState.READY:
             return  # doorbells of a disabled controller are ignored
         qid, is_cq = doorbell_target(offset)
@@ -261,7 +365,6 @@ class NvmeController(PciDevice):
             self._doorbell_error(EventInfo.INVALID_DOORBELL_VALUE if exists
                                  else EventInfo.INVALID_DOORBELL_REGISTER,
                                  f"{'CQ' if is_cq else 'SQ'} {qid} doorbell value {value:#x}")
-        self._run()
 
     def _doorbell_error(self, info: EventInfo, why: str) -> None:
         log.debug("nvme: invalid doorbell write: %s", why)
@@ -270,13 +373,15 @@ class NvmeController(PciDevice):
 
     # ------------------------------------------------------------ processing
     def _run(self) -> bool:
-        if (self.regs.state is not CtrlState.READY or self.memory is None
+        if (self.paused or self.regs.state is not CtrlState.READY or self.memory is None
                 or not self.bus_master):
             return False
         mem, did = self.memory, False
         try:
             for cq in list(self.cqs.values()):
                 did |= cq.flush(mem)
+            if self.faults is not None:  # fault hook: deferred completions that are due
+                did |= self.faults.release(self)
             for sq in list(self.sqs.values()):
                 if self.regs.state is not CtrlState.READY:
                     break
@@ -301,7 +406,8 @@ class NvmeController(PciDevice):
             self._sync(sq, mem)
             while not sq.empty and done < sq.size and cq.has_room(mem):
                 cmd = sq.fetch(mem)
-                result = self._execute(sq.qid, cmd)
+                result = (self._execute(sq.qid, cmd) if self.faults is None  # fault hook
+                          else self.faults.execute(self, sq, cmd))
                 if result is not None:
                     self._post(cq, sq, cmd.cid, result)
                 done += 1
@@ -323,6 +429,8 @@ class NvmeController(PciDevice):
 
     def _post(self, cq: CompletionQueue, sq: SubmissionQueue, cid: int, result: Result) -> None:
         status, dnr, dw0 = result
+        if cq.qid == 0:
+            self._adopt_queues()  # a queue this command created, before the host may ring it
         cq.post(self.mem, Completion(dw0=dw0, sq_head=sq.head, sq_id=sq.qid, cid=cid,
                                      status=status_field(status, dnr, 0)))
 
@@ -354,7 +462,8 @@ class NvmeController(PciDevice):
         for cq in self.cqs.values():
             if cq.unsignalled:
                 cq.unsignalled = False
-                if cq.ien:
+                if cq.ien and not (self.faults is not None  # fault hook: a lost interrupt
+                                   and self.faults.drop_interrupt(cq.qid)):
                     self.signal(cq.vector)
                     self.counters["interrupts"] += 1
 
@@ -389,6 +498,8 @@ class NvmeController(PciDevice):
         """Controller reset (section 7.3.2): queues, held commands, features, shadows go."""
         self.sqs.clear()
         self.cqs.clear()
+        if self.doorbell_page is not None:
+            self.doorbell_page.forget()
         self.shadow_buffers = None
         self.events.reset()
         self.features.reset()

@@ -16,6 +16,11 @@ Deallocation punches holes (``fallocate(PUNCH_HOLE | KEEP_SIZE)`` through
 libc, which ``os.posix_fallocate`` cannot do); a file system without hole
 punching gets zeroes written instead, so deallocated blocks always read as
 zeroes (Identify Namespace DLFEAT = 001b).
+
+Every change of the data (Write, Write Zeroes, Dataset Management
+deallocate, Format) ends with ``on_change(byte offset, length)`` when a hook
+is set: the migration layer keeps its dirty chunks with it, without
+``storage`` importing ``migrate``.
 """
 
 from __future__ import annotations
@@ -107,6 +112,10 @@ class Namespace:
         self.lba_shift = block_size.bit_length() - 1
         self.nlbas = size // block_size
         self.read_only = read_only
+        # Called as on_change(byte offset, length) after every change of the data
+        # (Write, Write Zeroes, Dataset Management deallocate, Format), also when
+        # the change failed part-way: migration's dirty tracking hooks in here.
+        self.on_change: Callable[[int, int], None] | None = None
         if not read_only or not os.path.exists(image):
             fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
@@ -173,12 +182,12 @@ class Namespace:
             GuestMemoryError: a segment is not readable client memory.
             CommandError: WRITE_FAULT when the file write fails.
         """
-        offset = slba << self.lba_shift
+        offset = start = slba << self.lba_shift
         views = self._views(memory, segments, write=False)
         if views is None:
             views = [memoryview(b"".join(memory.read(a, n) for a, n in segments))]
+        rest = views
         try:
-            rest = views
             while rest:
                 done = os.pwritev(self.fd, rest[:IOV_MAX], offset)
                 offset += done
@@ -189,6 +198,7 @@ class Namespace:
             del rest
             for view in views:
                 view.release()
+            self._changed(start, sum(n for _, n in segments))
 
     def read_bytes(self, slba: int, nbytes: int) -> bytes:
         """``nbytes`` from block ``slba`` (zeroes past the end of the file)."""
@@ -206,6 +216,7 @@ class Namespace:
         offset, length = slba << self.lba_shift, nlb << self.lba_shift
         mode = (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE if deallocate
                 else FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
+        start, total = offset, length
         try:
             if length == 0 or fallocate(self.fd, mode, offset, length):
                 return
@@ -216,6 +227,8 @@ class Namespace:
                 length -= done
         except OSError as exc:
             raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
+        finally:
+            self._changed(start, total)
 
     def flush(self) -> None:
         """Make written data durable (fdatasync).
@@ -237,6 +250,8 @@ class Namespace:
             os.ftruncate(self.fd, self.size)
         except OSError as exc:
             raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
+        finally:
+            self._changed(0, self.size)
 
     # ------------------------------------------------------------ identify
     def identify(self) -> bytes:
@@ -255,6 +270,10 @@ class Namespace:
         return data.ljust(4096, b"\0")
 
     # ------------------------------------------------------------ internals
+    def _changed(self, offset: int, length: int) -> None:
+        if self.on_change is not None and length > 0:
+            self.on_change(offset, length)
+
     @staticmethod
     def _views(memory: ClientMemory, segments: Segments, write: bool) -> list[memoryview] | None:
         views: list[memoryview] = []

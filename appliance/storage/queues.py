@@ -9,6 +9,13 @@ a CQ's tail and the CQ's phase tag, which flips each time the tail wraps
 (section 4.6).  A ring is full when ``tail + 1 == head`` (mod size), so a
 queue of ``size`` entries holds ``size - 1``.
 
+Posting a completion races with the host: a driver on another vCPU polls the
+phase tag of the next CQ slot while we write it.  :meth:`CompletionQueue.push`
+therefore writes DW0-DW2 and the CID first and the 16-bit status word (phase
+tag) last, as one 2-byte store (:meth:`ClientMemory.write_uint`), so an entry
+whose phase tag flipped is whole.  EventIdx values are single 4-byte stores
+for the same reason.
+
 Doorbell values are checked here: a tail or head outside the ring, or a CQ
 head that moves past entries the controller has not posted, is an "Invalid
 Doorbell Write Value" (section 5.2.1, figure 146); the caller turns the
@@ -53,6 +60,7 @@ from appliance.storage.spec import (
 )
 
 DOORBELL_STRIDE = 4  # CAP.DSTRD = 0
+CQE_STATUS_OFFSET = 14  # figure 120: DW3 bits 31:16, the status field and phase tag
 
 
 def doorbell_target(offset: int) -> tuple[int, bool]:
@@ -83,7 +91,7 @@ class Shadow:
     def publish(self, memory: ClientMemory, value: int) -> None:
         """Write the EventIdx if it changed (GuestMemoryError if unreachable)."""
         if value != self.published:
-            memory.write(self.event_idx, value.to_bytes(4, "little"))
+            memory.write_uint(self.event_idx, value, 4)  # one store: the host reads it racily
             self.published = value
 
 
@@ -234,7 +242,11 @@ class CompletionQueue:
                 (nothing advances then).
         """
         entry.status = (entry.status & ~1) | self.phase
-        memory.write(self.base + self.tail * CQE_SIZE, entry.pack())
+        slot = self.base + self.tail * CQE_SIZE
+        # The host polls the phase tag while we write (another vCPU): DW0-DW3's
+        # CID first, then the status word with the phase tag as one 2-byte store.
+        memory.write(slot, entry.pack()[:CQE_STATUS_OFFSET])
+        memory.write_uint(slot + CQE_STATUS_OFFSET, entry.status, 2)
         self.tail += 1
         if self.tail == self.size:
             self.tail = 0

@@ -337,11 +337,9 @@ class ServerConnection:
                           _cmd_name(hdr.command), hdr.size, nfds, len(payload),
                           ", no reply" if no_reply else "")
             if not no_reply:
+                # Reply fds are the device's own (e.g. a BAR's memfd): lent, never closed here.
                 reply = w.Header(msg_id=hdr.msg_id, command=hdr.command, flags=w.MsgFlag.REPLY)
                 self._out.append((encode(reply, payload), fds))
-            elif fds:
-                for fd in fds:
-                    _close(fd)
         except (Reject, LocalProtocolError) as exc:
             frame.close_fds()
             self.counters["errors"] += 1
@@ -492,8 +490,10 @@ class ServerConnection:
         full = w.RegionInfo.SIZE + len(caps)
         info = w.RegionInfo(argsz=full, flags=flags, index=req.index, size=desc.size, offset=0)
         if req.argsz < full:
-            # The spec: argsz says what is needed; the caps (and fd) are left out.
-            return info.replace(cap_offset=0).pack(), []
+            # The spec: argsz says what is needed; the caps (and fd) are left out, and
+            # so is the CAPS flag: QEMU refuses CAPS with a cap_offset below 32 (EINVAL)
+            # before it retries with the larger argsz (libvfio-user does the same).
+            return info.replace(cap_offset=0, flags=flags & ~int(w.RegionFlag.CAPS)).pack(), []
         if caps:
             info.cap_offset = w.RegionInfo.SIZE
         fds = [desc.mmap_fd] if flags & w.RegionFlag.MMAP and desc.mmap_fd is not None else []

@@ -13,7 +13,8 @@ import xxhash
 from appliance.client import VfioUserClient
 from appliance.drivers.nvme import NvmeDriver, NvmeError
 from appliance.storage import spec
-from appliance.testing.process import ApplianceProcess
+from appliance.testing.process import ApplianceProcess, make_config
+from appliance.vfio_user.wire import PciRegion, RegionFlag
 
 
 @pytest.fixture
@@ -122,3 +123,52 @@ def test_dma_messages_respect_client_max_data_xfer_size(sock_path: str) -> None:
         d.write(1, 300, data)
         assert d.read(1, 300, len(data) // 512) == data
         assert 0 < c.dma_largest <= 4096
+
+
+# ---------------------------------------------------------------- storage.doorbells: mmap
+@pytest.fixture(scope="module")
+def mmap_appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApplianceProcess]:
+    tmp = tmp_path_factory.mktemp("appl-mmap")
+    with ApplianceProcess(make_config(tmp, storage={"doorbells": "mmap"}), tmp / "proc") as proc:
+        yield proc
+        assert proc.alive, proc.log_text()
+
+
+def test_mmap_doorbell_page_is_offered(mmap_appliance: ApplianceProcess) -> None:
+    with VfioUserClient.connect(str(mmap_appliance.cfg["storage"]["socket"])) as c:
+        reply = c.region_info(PciRegion.BAR0)
+        assert reply.info.flags & RegionFlag.MMAP and reply.sparse_areas == [(0x1000, 0x1000)]
+        assert reply.fd is not None
+        os.close(reply.fd)
+
+
+@pytest.mark.parametrize("interrupts", [True, False], ids=["msix", "polled"])
+def test_mmap_doorbells_write_verify(mmap_appliance: ApplianceProcess, interrupts: bool) -> None:
+    """Doorbells are stores into the driver's own mapping of the region fd: no message."""
+    with VfioUserClient.connect(str(mmap_appliance.cfg["storage"]["socket"])) as c:
+        writes: list[tuple[int, int]] = []
+        region_write = c.region_write
+
+        def spy(index: int, offset: int, data: bytes, *, posted: bool = False) -> None:
+            writes.append((index, offset))
+            region_write(index, offset, data, posted=posted)
+
+        c.region_write = spy  # type: ignore[method-assign]
+        d = NvmeDriver(c, doorbells="mmap", interrupts=interrupts)
+        d.setup(io_queues=2, depth=64)
+        data = random.Random(11).randbytes(2 << 20)
+        for off in range(0, len(data), 128 << 10):
+            d.write(1, 4096 + off // 512, data[off:off + (128 << 10)], qid=1 + (off >> 17) % 2)
+        _, prp1, _, _ = d.buffer(32 * 4096)
+        for i in range(32):  # QD32: one doorbell store for 32 commands
+            d.submit(2, d.rw_command(spec.IoOpcode.READ, 1, 4096 + i * 8, 8, prp1 + i * 4096, 0),
+                     context=i, ring=False)
+        d.ring(2)
+        assert sorted(x.context for x in d.wait(2, 32)) == list(range(32))
+        assert d.get(prp1, 32 * 4096) == data[:32 * 4096]
+        d.flush(1)
+        d.close()
+    assert writes and not [w for w in writes if w[0] == PciRegion.BAR0 and w[1] >= 0x1000]
+    with open(image_path(mmap_appliance), "rb") as f:
+        f.seek(4096 * 512)
+        assert f.read(len(data)) == data

@@ -101,3 +101,27 @@ def test_reset(client: VfioUserClient) -> None:
     client.region_write(w.PciRegion.CONFIG, 0x4, b"\x02\x00")
     client.reset()
     assert client.region_read(w.PciRegion.CONFIG, 0x4, 2) == b"\x00\x00"
+
+
+def test_no_reply_region_info_keeps_the_device_fd(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Regression: a GET_REGION_INFO sent with No_reply closed the memfd the device lends."""
+    from appliance.drivers.nvme import NvmeDriver
+    from appliance.testing.process import ApplianceProcess, make_config
+
+    cfg = make_config(tmp_path, storage={"doorbells": "mmap",
+                                         "namespaces": [{"image": str(tmp_path / "d.img"), "size": "16M"}]})
+    with ApplianceProcess(cfg, tmp_path / "proc") as proc:
+        path = cfg["storage"]["socket"]
+        with VfioUserClient.connect(path) as c:
+            c.send(w.Command.DEVICE_GET_REGION_INFO, w.RegionInfo(argsz=256, index=0).pack(),
+                   flags=w.MsgFlag.NO_REPLY)
+            assert c.region_info(0).fd is not None
+        # The doorbell page still works through a fresh mapping of the lent fd.
+        with VfioUserClient.connect(path) as c:
+            d = NvmeDriver(c, doorbells="mmap")
+            d.setup(io_queues=1, depth=16)
+            data = os.urandom(4096)
+            d.write(1, 8, data)
+            assert d.read(1, 8, 8) == data
+            d.close()
+        assert proc.alive

@@ -1,0 +1,224 @@
+"""NVMe figures (prints, never asserts).
+
+    python benchmarks/nvme.py [--quick]
+
+1. In the guest (QEMU 11.1, TCG, smp 2, one boot): the appliance with
+   ``storage.doorbells: message``, the appliance with ``doorbells: mmap`` and,
+   as the anchor in the same run, QEMU's built-in NVMe
+   (``-device nvme -drive ...,cache=none,format=raw``) on a copy of the same
+   image, all three attached to the same guest.  For each: a direct 1 MiB-block
+   write and read of N MiB and N*64 direct 4 KiB reads (dd), timed inside the
+   guest from /proc/uptime (10 ms resolution).
+2. The Python NVMe driver against ``appliance run`` (each doorbell mode): 4 KiB
+   random reads and writes at QD1 and QD32 for a fixed time; IOPS, and the
+   appliance process's CPU time (utime + stime from /proc/PID/stat) per I/O.
+
+The machine is small and shared (other tests may run): the figures are
+indicative only.  ``--quick`` (what scripts/test runs) uses 16 MiB, 1024
+reads and 1 s per driver measurement.  Without a provisioned QEMU environment
+part 1 is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ["PYTHONPATH"] = os.pathsep.join(  # `python -m appliance` children use this tree
+    [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+from appliance.cli import qemu_args
+from appliance.client import VfioUserClient
+from appliance.drivers.nvme import NvmeDriver
+from appliance.storage import spec
+from appliance.testing.process import ApplianceProcess, make_config
+
+MIB = 1 << 20
+MODES = ("message", "mmap")
+Row = tuple[str, str, str, str]  # (part, target, measurement, figure)
+rows: list[Row] = []
+
+
+def report(part: str, target: str, what: str, figure: str) -> None:
+    rows.append((part, target, what, figure))
+    print(f"  {target:<22} {what:<34} {figure}", flush=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` in seconds (/proc/PID/stat fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------- 1. in the guest
+def guest_part(work: Path, mib: int, reads: int) -> None:
+    print(f"[guest] QEMU TCG smp 2: {mib} MiB direct write/read, {reads} x 4 KiB direct reads",
+          flush=True)
+    try:
+        from appliance.testing.qemu import Guest, QemuUnavailable, locate_env
+        env = locate_env()
+    except (ImportError, QemuUnavailable) as exc:
+        print(f"  skipped: QEMU environment unavailable ({exc})", flush=True)
+        return
+    size = f"{max(2 * mib, 64)}M"
+    procs, devices = [], []
+    try:
+        for mode in MODES:
+            root = work / f"guest-{mode}"
+            cfg = make_config(root, storage={
+                "doorbells": mode, "io_queues": 2, "serial": f"BENCH-{mode.upper()}",
+                "namespaces": [{"image": str(root / "data" / "disk0.img"), "size": size}]})
+            proc = ApplianceProcess(cfg, root).start()
+            procs.append(proc)
+            args = qemu_args(cfg, net=False)
+            i = args.index("-device")
+            devices += args[i:i + 2]
+        image = Path(procs[0].resolved["storage"]["namespaces"][0]["image"])
+        copy = work / "builtin.img"
+        shutil.copyfile(image, copy)
+        devices += ["-device", "nvme,drive=d,serial=BENCH-BUILTIN",
+                    "-drive", f"file={copy},if=none,id=d,cache=none,format=raw"]
+        g = Guest(env, work, args=devices, append="qe.shell", smp=2, name="bench-guest").start()
+        try:
+            _run_guest(g, mib, reads)
+            g.send("exit\n")
+            g.wait_for(r"GUEST-POWEROFF", timeout=60)
+        finally:
+            g.kill()
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def _run_guest(g: Any, mib: int, reads: int) -> None:
+    wait = ("for i in $(seq 300); do [ $(ls /sys/block | grep -c nvme) -ge 3 ] && break; "
+            "sleep 0.1; done; for d in /sys/block/nvme*; do echo $(basename $d) "
+            "$(cat $d/device/serial); done")
+    out, _ = g.run(wait, timeout=240)
+    names = {serial: dev for dev, serial in (line.split() for line in out.splitlines()
+                                               if line.startswith("nvme"))}
+    targets = [("appliance (message)", "BENCH-MESSAGE"), ("appliance (mmap)", "BENCH-MMAP"),
+               ("QEMU built-in nvme", "BENCH-BUILTIN")]
+    steps = [(f"{mib} MiB write, 1 MiB direct",
+              f"dd if=/dev/zero of=/dev/{{dev}} bs=1M count={mib} oflag=direct"),
+             (f"{mib} MiB read, 1 MiB direct",
+              f"dd if=/dev/{{dev}} of=/dev/null bs=1M count={mib} iflag=direct"),
+             (f"{reads} x 4 KiB direct reads",
+              f"dd if=/dev/{{dev}} of=/dev/null bs=4k count={reads} iflag=direct")]
+    for target, serial in targets:
+        dev = names.get(serial)
+        if dev is None:
+            report("guest", target, "missing", f"no device (saw {names})")
+            continue
+        for what, cmd in steps:
+            timed = ("a=$(cut -d' ' -f1 /proc/uptime); " + cmd.format(dev=dev)
+                     + " >/dev/null 2>&1; r=$?; b=$(cut -d' ' -f1 /proc/uptime); "
+                     "echo T $a $b $r")
+            out, _ = g.run(timed, timeout=300)
+            m = re.search(r"T (\S+) (\S+) (\d+)", out)
+            if m is None or m[3] != "0":
+                report("guest", target, what, f"failed: {out[-200:]!r}")
+                continue
+            report("guest", target, what, f"{float(m[2]) - float(m[1]):.2f} s")
+
+
+# ---------------------------------------------------------------- 2. the Python driver
+def driver_part(work: Path, seconds: float) -> None:
+    print(f"[driver] Python NVMe driver, 4 KiB random I/O, {seconds:g} s each; "
+          "appliance CPU per I/O from /proc/PID/stat", flush=True)
+    for mode in MODES:
+        root = work / f"driver-{mode}"
+        with ApplianceProcess(make_config(root, storage={"doorbells": mode}), root) as proc:
+            assert proc.proc is not None
+            pid = proc.proc.pid
+            with VfioUserClient.connect(str(proc.cfg["storage"]["socket"])) as c:
+                d = NvmeDriver(c, doorbells=mode)
+                d.setup(io_queues=1, depth=64)
+                for opcode, name in ((spec.IoOpcode.READ, "read"), (spec.IoOpcode.WRITE, "write")):
+                    for qd in (1, 32):
+                        cpu0 = cpu_seconds(pid)
+                        done, elapsed = _load(d, opcode, qd, seconds)
+                        cpu = cpu_seconds(pid) - cpu0
+                        report("driver", f"appliance ({mode})", f"4 KiB random {name} QD{qd}",
+                               f"{done / elapsed:,.0f} IOPS, {cpu / done * 1e6:,.0f} us "
+                               "server CPU/IO")
+                d.close()
+
+
+def _load(d: NvmeDriver, opcode: int, qd: int, seconds: float) -> tuple[int, float]:
+    """Keep ``qd`` 4 KiB commands in flight on queue 1 for ``seconds``."""
+    rng = random.Random(1)
+    blocks = d.ns_blocks[1] // 8
+    base = d.pages.alloc(qd)
+    payload = os.urandom(4096)
+    for i in range(qd):
+        d.put(base + i * 4096, payload)
+
+    def submit(slot: int) -> None:
+        lba = rng.randrange(blocks) * 8
+        d.submit(1, d.rw_command(opcode, 1, lba, 8, base + slot * 4096, 0), context=slot,
+                 ring=False)
+
+    for slot in range(qd):
+        submit(slot)
+    d.ring(1)
+    done, start = 0, time.monotonic()
+    end = start + seconds
+    while True:
+        completions = d.wait(1, 1)
+        done += len(completions)
+        if time.monotonic() >= end:
+            break
+        for comp in completions:
+            if comp.status:
+                raise RuntimeError(f"I/O failed: status {comp.status:#x}")
+            submit(comp.context)
+        d.ring(1)
+    elapsed = time.monotonic() - start
+    while d.queues[1].outstanding:  # drain before the next measurement
+        d.wait(1, 1)
+    return done, elapsed
+
+
+def summary() -> None:
+    print("\nSummary (indicative: a 2-core machine shared with other work)")
+    width = max(len(r[1]) for r in rows) if rows else 10
+    what_w = max(len(r[2]) for r in rows) if rows else 10
+    print(f"| part   | {'target':<{width}} | {'measurement':<{what_w}} | figure")
+    print(f"|--------|{'-' * (width + 2)}|{'-' * (what_w + 2)}|-------")
+    for part, target, what, figure in rows:
+        print(f"| {part:<6} | {target:<{width}} | {what:<{what_w}} | {figure}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs (scripts/test)")
+    args = parser.parse_args(argv)
+    mib, reads, seconds = (16, 1024, 1.0) if args.quick else (64, 4096, 5.0)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench-nvme-", dir="/tmp") as tmp:
+        work = Path(tmp)
+        steps: list[Callable[[], None]] = [lambda: driver_part(work, seconds),
+                                           lambda: guest_part(work, mib, reads)]
+        for step in steps:
+            step()
+    summary()
+    print(f"(benchmarks/nvme.py{' --quick' if args.quick else ''}: "
+          f"{time.monotonic() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
