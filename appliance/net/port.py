@@ -29,8 +29,17 @@ guest (its transmit rings), ``tx_*`` frames transmitted to the guest.
   per batch in :meth:`flush`.
 
 Offered features: VERSION_1, MRG_RXBUF, RING_EVENT_IDX, RING_INDIRECT_DESC,
-MTU, STATUS, MQ and VHOST_USER_F_PROTOCOL_FEATURES; no checksum or
-segmentation offloads.
+MTU, STATUS, MQ, VHOST_F_LOG_ALL and VHOST_USER_F_PROTOCOL_FEATURES; no
+checksum or segmentation offloads, no packed rings.
+
+Dirty logging (migration): with a log shared (SET_LOG_BASE, :meth:`set_log`)
+and LOG_ALL negotiated, the port installs a
+:class:`~appliance.net.dirty_log.VhostLog` as the memory's dirty log, so every
+receive-buffer write marks its pages inside the accessor, and each time a
+ring's used index is published the whole used ring is marked at its
+``log_guest_addr`` when the ring has VHOST_VRING_F_LOG.  Marks follow the
+writes in the same loop turn, before any reply (GET_VRING_BASE included) goes
+out, so a front-end that syncs the log after stopping the rings sees them all.
 """
 
 from __future__ import annotations
@@ -43,13 +52,15 @@ from typing import Any, Protocol
 from appliance.errors import LocalProtocolError
 from appliance.memory import ClientMemory, GuestMemoryError
 from appliance.net import vhost_wire as vw
+from appliance.net.dirty_log import VhostLog
 from appliance.net.vhost_wire import Feature as F
 from appliance.net.virtqueue import SplitQueue
 
 log = logging.getLogger("appliance.net")
 
 OFFERED_FEATURES = int(F.VERSION_1 | F.NET_MRG_RXBUF | F.RING_EVENT_IDX | F.RING_INDIRECT_DESC
-                       | F.NET_MTU | F.NET_STATUS | F.NET_MQ | F.PROTOCOL_FEATURES)
+                       | F.NET_MTU | F.NET_STATUS | F.NET_MQ | F.PROTOCOL_FEATURES | F.LOG_ALL)
+_VRING_F_LOG = int(vw.VringAddrFlag.LOG)
 ETH_HEADER = 14
 MAX_FRAME = 65535 + 18  # the largest frame we forward (no GSO, so an MTU-sized frame + VLAN)
 MIN_MTU, MAX_MTU = 68, 65535
@@ -113,6 +124,8 @@ class VirtioNetPort:
         self.uplink: Uplink = lambda port, frame: None
         self._rx_active: list[SplitQueue] = []
         self._dirty: set[int] = set()
+        self._log_bitmap: Any = None  # the shared log (mmap) from SET_LOG_BASE
+        self.log: VhostLog | None = None  # set while LOG_ALL is negotiated and a log is shared
 
     # ------------------------------------------------------------ handler: negotiation
     @property
@@ -133,6 +146,7 @@ class VirtioNetPort:
         for ring in self.rings:
             ring.event_idx = bool(features & F.RING_EVENT_IDX)
             ring.indirect = bool(features & F.RING_INDIRECT_DESC)
+        self._apply_log()
         self._refresh()
 
     def set_protocol_features(self, features: int) -> None:
@@ -167,7 +181,27 @@ class VirtioNetPort:
             for ring in self.rings:
                 ring.attach(memory)
         self.memory = memory
+        self._apply_log()
         self._refresh()
+
+    def set_log(self, bitmap: Any) -> None:
+        """SET_LOG_BASE: the shared log bitmap (an mmap), or None when it goes away."""
+        self._log_bitmap = bitmap
+        self._apply_log()
+
+    def _apply_log(self) -> None:
+        if self._log_bitmap is not None and self.features & F.LOG_ALL:
+            if self.log is None or self.log.bitmap is not self._log_bitmap:
+                self.log = VhostLog(self._log_bitmap)
+        else:
+            self.log = None
+        if self.memory is not None:
+            self.memory.dirty_log = self.log
+
+    def _log_used(self, q: SplitQueue) -> None:
+        """Mark ring ``q``'s used ring (flags, idx, ring[size], avail_event) in the log."""
+        if self.log is not None and q.addr_flags & _VRING_F_LOG:
+            self.log.mark(q.log_guest_addr, 6 + 8 * q.size)
 
     def set_vring_num(self, index: int, num: int) -> None:
         self.rings[index].set_num(num)
@@ -246,6 +280,7 @@ class VirtioNetPort:
         self.features = 0
         self.protocol_negotiated = False
         self.mtu = DEFAULT_MTU
+        self._log_bitmap = None
         self.set_features(0)
         self._dirty.clear()
         self._refresh()
@@ -325,7 +360,9 @@ class VirtioNetPort:
                 pcap.write(frame)
             forward(self, frame)
         call = self.call[index]
-        if q.publish() and call is not None:
+        wants_irq = q.publish()
+        self._log_used(q)
+        if wants_irq and call is not None:
             self.notify(call)
         if q.avail_pending():
             q.suppress_kicks()  # the runtime calls again without waiting for a kick
@@ -403,7 +440,10 @@ class VirtioNetPort:
             return
         for index in self._dirty:
             call = self.call[index]
-            if self.rings[index].publish() and call is not None:
+            q = self.rings[index]
+            wants_irq = q.publish()
+            self._log_used(q)
+            if wants_irq and call is not None:
                 self.notify(call)
         self._dirty.clear()
 
@@ -426,6 +466,7 @@ class VirtioNetPort:
             "tx_dropped": sum(r.counters.dropped for r in rx_rings) + self.tx_no_queue,
             "malformed_chains": sum(r.counters.malformed for r in self.rings),
             "rarps": self.rarps,
+            "dirty_logging": self.log is not None,
             "queues": [
                 {"index": r.index, "kind": "tx" if r.index % 2 else "rx", "state": r.state.value,
                  "enabled": r.enabled, "size": r.size, "packets": r.counters.packets,

@@ -49,7 +49,7 @@ import mmap
 import os
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from appliance.errors import LocalProtocolError, RemoteProtocolError
 from appliance.memory import ADDRESS_LIMIT, ClientMemory, MapError
@@ -118,6 +118,9 @@ class VhostUserBackend(Protocol):
     def get_status(self) -> int: ...
 
     def set_mtu(self, mtu: int) -> None: ...
+
+    def set_log(self, bitmap: Any) -> None:
+        """The shared dirty log (an mmap) from SET_LOG_BASE; None when it goes away."""
 
     def send_rarp(self, mac: bytes) -> None: ...
 
@@ -641,9 +644,10 @@ class BackendConnection:
                            prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=desc.mmap_offset)
         except (OSError, ValueError, OverflowError) as exc:
             raise Reject(f"cannot map the dirty log: {exc}") from None
-        if self.log_mm is not None:
-            self.log_mm.close()
-        self.log_mm = mm  # the fd itself is closed with the message
+        old, self.log_mm = self.log_mm, mm  # the fd itself is closed with the message
+        self.handler.set_log(mm)  # marks go to the new log before we reply
+        if old is not None:
+            old.close()
         return vw.U64(value=0).pack()
 
     def _set_log_fd(self, msg: Message) -> None:
@@ -653,6 +657,7 @@ class BackendConnection:
 
     def _drop_log(self) -> None:
         if self.log_mm is not None:
+            self.handler.set_log(None)
             self.log_mm.close()
             self.log_mm = None
         if self.log_fd is not None:

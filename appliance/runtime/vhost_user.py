@@ -27,8 +27,6 @@ Per connection (:class:`VhostUserSession`):
 
 from __future__ import annotations
 
-import array
-import errno
 import functools
 import ipaddress
 import json
@@ -48,6 +46,7 @@ from appliance.net.port import VirtioNetPort
 from appliance.net.responder import Responder
 from appliance.net.switch import Switch
 from appliance.net.vhost_protocol import BackendConnection
+from appliance.runtime import unix
 
 log = logging.getLogger("appliance.net")
 
@@ -56,8 +55,6 @@ TX_BUDGET = 256  # chains per drain pass
 POLL_PERIOD = 0.001
 RECONNECT_DELAY = 1.0
 PCAP_FLUSH_PERIOD = 1.0
-_CMSG_SPACE = socket.CMSG_SPACE(2 * vw.MAX_FDS * array.array("i").itemsize)
-_ONE = (1).to_bytes(8, "little")
 
 
 def parse_mac(text: str) -> bytes:
@@ -71,34 +68,11 @@ def recv_chunk(sock: socket.socket, wanted: int) -> tuple[bytes, list[int]]:
         BlockingIOError: nothing to read now.
         RemoteProtocolError: more fds than any request carries (all closed).
     """
-    fds = array.array("i")
-    data, ancdata, msg_flags, _ = sock.recvmsg(wanted, _CMSG_SPACE,
-                                               socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    received = list(fds)
-    if msg_flags & socket.MSG_CTRUNC:
-        for fd in received:
-            _close(fd)
-        raise RemoteProtocolError("too many fds in one message (control data truncated)")
-    return data, received
+    return unix.recv_chunk(sock, wanted, 2 * vw.MAX_FDS, socket.MSG_DONTWAIT)
 
 
-def signal_eventfd(fd: int) -> None:
-    """Add 1 to an eventfd counter (a call: used buffers are ready)."""
-    try:
-        os.write(fd, _ONE)
-    except OSError as exc:  # EAGAIN: counter saturated, the reader is behind
-        if exc.errno not in (errno.EAGAIN, errno.EBADF):
-            raise
-
-
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+signal_eventfd = unix.signal_eventfd
+_close = unix.close_quietly
 
 
 class VhostUserSession:

@@ -1,0 +1,319 @@
+"""vhost-user-net figures (prints, never asserts).
+
+    python benchmarks/net.py [--quick | --soak [FRAMES]]
+
+Every figure is printed next to the anchor, DPDK's own vhost-user backend
+(``net_vhost`` vdevs in a second testpmd), measured in the same run.  The
+front-end is always DPDK 22.11 testpmd with ``net_virtio_user`` vdevs
+(``--no-huge -m 512``: one memfd region) pinned to CPU 1; the backend under
+test (the appliance, or the anchor testpmd) is pinned to CPU 0.
+
+1. ``txonly -> port``: testpmd txonly on one port; frames per second the
+   backend took off the virtio transmit ring (testpmd's TX-packets only counts
+   what the ring accepted), 64 B and 1500 B frames.
+2. ``port -> rxonly``: frames per second testpmd *received* from the backend.
+   The appliance has no traffic generator of its own, so frames come from a
+   loop: one testpmd with two ports in io mode, ``start tx_first 4`` (128
+   frames per port), every received frame sent out of the other port; the
+   backend moves them port to port (the appliance through its switch, the
+   anchor by io forwarding between its two net_vhost ports).  The figure is the
+   sum of both ports' RX rates (the loop's throughput).
+3. ``--soak``: the same loop on the appliance for 10 million frames (default)
+   with each hop's counters compared at the end (issue 4: no leaks or stalls).
+
+Adapted from the measurement approach of ``shared/recipes/dpdk-pps.sh
+--anchor`` (pinning, warm-up then a counter window, the anchor in the
+complementary mode).  The machine has 2 cores and is shared: the figures are
+indicative only.  ``--quick`` (what scripts/test runs) uses 2-second windows
+and stays under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+TESTPMD = shutil.which("dpdk-testpmd")
+BACKEND_CPU, FRONTEND_CPU = 0, min(1, (os.cpu_count() or 1) - 1)
+INJECT_BURSTS = 4
+
+
+class Proc:
+    """A subprocess pinned to a CPU whose merged output is searched with bounded waits."""
+
+    def __init__(self, name: str, args: list[str], log: Path, cpu: int, stdin: bool = False) -> None:
+        self.name, self.log_path, self.text, self.cursor = name, log, "", 0
+        taskset, stdbuf = shutil.which("taskset"), shutil.which("stdbuf")
+        if stdbuf:
+            args = [stdbuf, "-oL", "-eL", *args]
+        if taskset:
+            args = [taskset, "-c", str(cpu), *args]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        assert self.proc.stdout is not None
+        os.set_blocking(self.proc.stdout.fileno(), False)
+
+    def _read(self, timeout: float) -> bool:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        if not select.select([fd], [], [], max(0.0, timeout))[0]:
+            return False
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return False
+        if not chunk:
+            return False
+        text = chunk.decode(errors="replace")
+        self.text += text
+        with open(self.log_path, "a") as f:
+            f.write(text)
+        return True
+
+    def expect(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = rx.search(self.text, self.cursor)
+            if m:
+                self.cursor = m.end()
+                return m
+            left = deadline - time.monotonic()
+            if left <= 0 or (not self._read(min(max(left, 0), 0.5)) and self.proc.poll() is not None
+                             and not self._read(0)):
+                raise RuntimeError(f"{self.name}: no {pattern!r} (log {self.log_path}):\n"
+                                   f"{self.text[-2000:]}")
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((line + "\n").encode())
+        self.proc.stdin.flush()
+
+    def cpu_seconds(self) -> float:
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self, sig: int = signal.SIGINT) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+            except ProcessLookupError:
+                pass
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+def testpmd_args(prefix: str, cpu: int, vdevs: list[str], app: list[str]) -> list[str]:
+    assert TESTPMD is not None
+    args = [TESTPMD, "--no-huge", "-m", "512", "--no-pci", "--no-shconf", f"--file-prefix={prefix}",
+            "--lcores", f"0@{cpu},1@{cpu}"]
+    for v in vdevs:
+        args += ["--vdev", v]
+    return [*args, "--", "--total-num-mbufs=16384", *app]
+
+
+def start_appliance(tmp: Path, nports: int) -> tuple[Proc, list[str]]:
+    run = tmp / "run"
+    socks = [str(run / f"net{i}.sock") for i in range(nports)]
+    cfg = {
+        "data_dir": str(tmp / "data"), "run_dir": str(run),
+        "storage": {"socket": str(run / "nvme.sock"),
+                    "namespaces": [{"image": str(tmp / "data" / "disk0.img"), "size": "16M"}]},
+        "net": {"ports": [{"socket": s, "mac": f"52:54:00:12:34:{i + 0x56:02x}"}
+                          for i, s in enumerate(socks)]},
+        "control": {"socket": str(run / "control.sock")},
+    }
+    path = tmp / "appliance.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    app = Proc("appliance", [sys.executable, "-m", "appliance", "run", "-c", str(path), "-v"],
+               tmp / "appliance.log", BACKEND_CPU)
+    app.expect("appliance: ready", 30)
+    return app, socks
+
+
+def start_anchor(tmp: Path, nports: int, mode: str, size: int) -> tuple[Proc, list[str]]:
+    socks = [str(tmp / f"vhost{i}.sock") for i in range(nports)]
+    vdevs = [f"net_vhost{i},iface={s},queues=1" for i, s in enumerate(socks)]
+    args = testpmd_args(f"nb{os.getpid()}a", BACKEND_CPU, vdevs,
+                        ["--auto-start", f"--forward-mode={mode}", f"--txpkts={size}"])
+    anchor = Proc("anchor", args, tmp / "anchor.log", BACKEND_CPU, stdin=True)
+    anchor.expect(r"Start automatic packet forwarding|Press enter to exit", 30)
+    return anchor, socks
+
+
+def start_frontend(tmp: Path, socks: list[str], mode: str, size: int) -> Proc:
+    vdevs = [f"net_virtio_user{i},path={s},mac=02:00:00:00:00:{i:02x}" for i, s in enumerate(socks)]
+    app = ["-i", f"--forward-mode={mode}", f"--txpkts={size}"]
+    if len(socks) == 2:
+        app += ["--eth-peer=0,02:00:00:00:00:01", "--eth-peer=1,02:00:00:00:00:00"]
+    pmd = Proc("frontend", testpmd_args(f"nb{os.getpid()}f", FRONTEND_CPU, vdevs, app),
+               tmp / "frontend.log", FRONTEND_CPU, stdin=True)
+    pmd.expect(r"testpmd> ", 30)
+    return pmd
+
+
+def counters(pmd: Proc, nports: int) -> list[tuple[int, int]]:
+    """(RX-packets, TX-packets) per port from ``show port stats``."""
+    out = []
+    for i in range(nports):
+        pmd.send(f"show port stats {i}")
+        rx = int(pmd.expect(r"RX-packets:\s+(\d+)", 10).group(1))
+        tx = int(pmd.expect(r"TX-packets:\s+(\d+)", 10).group(1))
+        pmd.expect(r"testpmd> ", 10)
+        out.append((rx, tx))
+    return out
+
+
+def measure(kind: str, backend: str, size: int, window: float, warm: float) -> dict[str, float]:
+    """One figure: frames/s (and CPU use) for ``kind`` in (txonly, loop) on ``backend``."""
+    nports = 1 if kind == "txonly" else 2
+    with tempfile.TemporaryDirectory(prefix="netbench-", dir="/tmp") as d:
+        tmp = Path(d)
+        procs: list[Proc] = []
+        try:
+            if backend == "appliance":
+                be, socks = start_appliance(tmp, nports)
+            else:
+                be, socks = start_anchor(tmp, nports, "rxonly" if kind == "txonly" else "io", size)
+            procs.append(be)
+            fe = start_frontend(tmp, socks, "txonly" if kind == "txonly" else "io", size)
+            procs.append(fe)
+            fe.send("start" if kind == "txonly" else f"start tx_first {INJECT_BURSTS}")
+            fe.expect(r"packet forwarding", 10)
+            fe.expect(r"testpmd> ", 10)
+            idx = 1 if kind == "txonly" else 0  # count TX for txonly, RX for the loop
+
+            def total() -> int:
+                return sum(c[idx] for c in counters(fe, nports))
+
+            deadline = time.monotonic() + 30
+            first = total()
+            while total() == first:  # bounded wait for traffic to flow
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no traffic with {backend}:\n{fe.text[-2000:]}")
+            time.sleep(warm)  # warm-up, then a counter window (as dpdk-pps.sh)
+            n0, t0, c0 = total(), time.monotonic(), be.cpu_seconds()
+            time.sleep(window)
+            n1, t1, c1 = total(), time.monotonic(), be.cpu_seconds()
+            fe.send("stop")
+            fe.expect(r"Done\.", 20)
+            fe.send("quit")
+            fe.proc.wait(30)
+        finally:
+            for p in reversed(procs):
+                p.stop(signal.SIGINT)
+            for tag in ("a", "f"):
+                shutil.rmtree(f"/var/run/dpdk/nb{os.getpid()}{tag}", ignore_errors=True)
+    pps = (n1 - n0) / (t1 - t0)
+    return {"pps": pps, "gbps": pps * size * 8 / 1e9, "cpu": (c1 - c0) / (t1 - t0)}
+
+
+def soak(frames: int) -> int:
+    """The appliance loop for ``frames`` received frames; each hop's counters compared."""
+    with tempfile.TemporaryDirectory(prefix="netsoak-", dir="/tmp") as d:
+        tmp = Path(d)
+        procs: list[Proc] = []
+        try:
+            app, socks = start_appliance(tmp, 2)
+            procs.append(app)
+            fe = start_frontend(tmp, socks, "io", 64)
+            procs.append(fe)
+            fe.send(f"start tx_first {INJECT_BURSTS}")
+            fe.expect(r"testpmd> ", 10)
+            start = last_t = time.monotonic()
+            last = 0
+            while (got := sum(c[0] for c in counters(fe, 2))) < frames:
+                now = time.monotonic()
+                if got > last:
+                    last, last_t = got, now
+                elif now - last_t > 5:
+                    print(f"  STALL at {got} frames")
+                    return 1
+                time.sleep(1.0)  # progress report interval
+                print(f"  {got:>12,} frames  {got / (now - start):>10,.0f} frames/s", flush=True)
+            elapsed = time.monotonic() - start
+            fe.send("stop")
+            stats = []
+            for i in range(2):
+                fe.expect(rf"Forward statistics for port {i}", 20)
+                rx = int(fe.expect(r"RX-packets:\s+(\d+)", 10).group(1))
+                tx = int(fe.expect(r"TX-packets:\s+(\d+)", 10).group(1))
+                stats.append((rx, tx))
+            fe.expect(r"Done\.", 20)
+            fe.send("quit")
+            fe.proc.wait(30)
+            ports = []
+            for i in range(2):
+                m = app.expect(rf"net{i}: front-end disconnected [^\n]*counters (\{{[^\n]*\}})", 20)
+                ports.append(json.loads(m.group(1)))
+        finally:
+            for p in reversed(procs):
+                p.stop(signal.SIGINT)
+            shutil.rmtree(f"/var/run/dpdk/nb{os.getpid()}f", ignore_errors=True)
+    rx = stats[0][0] + stats[1][0]
+    inflight = sum(p["tx_packets"] for p in ports) - rx
+    print(f"soak: {rx:,} frames received by testpmd in {elapsed:.1f} s ({rx / elapsed:,.0f} frames/s)")
+    for i, (p, (r, t)) in enumerate(zip(ports, stats, strict=True)):
+        print(f"  port {i}: testpmd rx {r:,} tx {t:,}; appliance net{i} rx_packets {p['rx_packets']:,} "
+              f"tx_packets {p['tx_packets']:,} dropped {p['rx_dropped']}/{p['tx_dropped']} "
+              f"malformed {p['malformed_chains']}")
+    print(f"  frames in flight at stop: {inflight} (injected {2 * 32 * INJECT_BURSTS})")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2-second windows, under a minute")
+    ap.add_argument("--soak", nargs="?", const=10_000_000, type=int, metavar="FRAMES",
+                    help="the appliance loop for FRAMES frames (10 million) with counters compared")
+    ap.add_argument("--window", type=float, help="measuring window in seconds (2 quick, 10)")
+    args = ap.parse_args()
+    if TESTPMD is None:
+        print("benchmarks/net.py: dpdk-testpmd is not installed (apt-get install dpdk-dev); skipped")
+        return 0
+    if args.soak:
+        return soak(args.soak)
+    window = args.window or (2.0 if args.quick else 10.0)
+    warm = 0.5 if args.quick else 2.0
+    print(f"vhost-user-net, testpmd front-end on CPU {FRONTEND_CPU}, backend on CPU {BACKEND_CPU}, "
+          f"{window:g} s windows (indicative: 2 shared cores)")
+    print(f"{'case':<22}{'frame':>6}  {'appliance':>26}  {'DPDK net_vhost (anchor)':>26}  ratio")
+    cases = [("txonly", 64), ("txonly", 1500), ("loop", 64), ("loop", 1500)]
+    for kind, size in cases:
+        r = {be: measure(kind, be, size, window, warm) for be in ("appliance", "anchor")}
+        label = "txonly -> port" if kind == "txonly" else "port -> rxonly (loop)"
+
+        def fmt(x: dict[str, float]) -> str:
+            return f"{x['pps']:>10,.0f} pps {x['gbps']:>6.3f} Gb/s"
+
+        ratio = r["appliance"]["pps"] / r["anchor"]["pps"] if r["anchor"]["pps"] else 0.0
+        print(f"{label:<22}{size:>5}B  {fmt(r['appliance']):>26}  {fmt(r['anchor']):>26}  "
+              f"{ratio:.4f}   (backend CPU {r['appliance']['cpu']:.2f} / {r['anchor']['cpu']:.2f})",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
