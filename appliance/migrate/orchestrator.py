@@ -7,7 +7,11 @@ that does: it holds one :class:`~appliance.client.VfioUserClient` connection
 to the source appliance and one to the destination, drives both migration
 state machines with VFIO_USER_DEVICE_FEATURE (MIG_DEVICE_STATE), and copies
 the stream from MIG_DATA_READ on the source to MIG_DATA_WRITE on the
-destination, chunk by chunk, never holding more than one chunk.
+destination, chunk by chunk (pipelined: a MIG_DATA_WRITE is sent without
+waiting and its reply collected before the next one, so the destination
+stages a chunk while the source produces the next).  Shared-storage mode
+(both sides on the same images) sets APPLIANCE_MIG_OPTIONS on both first:
+the stream then carries device state only.
 
 1. dst RUNNING -> RESUMING (the server walks RUNNING -> STOP -> RESUMING).
 2. src RUNNING -> PRE_COPY (if the source offers PRE_COPY).  Rounds: a few
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,13 +46,21 @@ from dataclasses import dataclass
 from appliance.client import VfioUserClient, VfioUserError
 from appliance.errors import ApplianceError
 from appliance.migrate.states import MigrationFlag, MigState
-from appliance.migrate.stream import ROUND_MARKER_SIZE, RecordType, StreamReader, parse_dirty_round
+from appliance.migrate.stream import (
+    ROUND_MARKER_SIZE,
+    HeaderFlag,
+    RecordType,
+    StreamReader,
+    parse_dirty_round,
+)
 from appliance.vfio_user import wire as w
-from appliance.vfio_user.migration import (
+from appliance.vfio_user.wire import (
     DmaLoggingControl,
     DmaLoggingRange,
     DmaLoggingReport,
     Feature,
+    MigOption,
+    MigOptions,
     MigrationInfo,
     MigStateData,
 )
@@ -139,6 +152,20 @@ def set_state(client: VfioUserClient, state: MigState) -> MigState:
     return MigState(MigStateData.unpack(data).device_state)
 
 
+def get_options(client: VfioUserClient) -> MigOption:
+    """APPLIANCE_MIG_OPTIONS: the options of the device's next migration session."""
+    data = feature(client, w.FEATURE_GET | Feature.APPLIANCE_MIG_OPTIONS,
+                   reply_data=MigOptions.SIZE)
+    return MigOption(MigOptions.unpack(data).options)
+
+
+def set_options(client: VfioUserClient, options: MigOption) -> MigOption:
+    """Set APPLIANCE_MIG_OPTIONS (RUNNING or STOP only); returns what the device took."""
+    data = feature(client, w.FEATURE_SET | Feature.APPLIANCE_MIG_OPTIONS,
+                   MigOptions(options=int(options)).pack())
+    return MigOption(MigOptions.unpack(data).options)
+
+
 def data_read(client: VfioUserClient, size: int) -> bytes:
     """MIG_DATA_READ of up to ``size`` bytes (fewer: no more data for now)."""
     req = w.MigDataHead(argsz=w.MigDataHead.SIZE + size, size=size)
@@ -152,8 +179,37 @@ def data_read(client: VfioUserClient, size: int) -> bytes:
 
 def data_write(client: VfioUserClient, data: bytes) -> None:
     """MIG_DATA_WRITE of ``data``."""
+    wait_reply(client, data_write_send(client, data), w.Command.MIG_DATA_WRITE)
+
+
+def data_write_send(client: VfioUserClient, data: bytes) -> int:
+    """Send a MIG_DATA_WRITE without waiting; returns its message id (see :func:`wait_reply`)."""
     req = w.MigDataHead(argsz=w.MigDataHead.SIZE + len(data), size=len(data))
-    client.request(w.Command.MIG_DATA_WRITE, req.pack() + data)
+    return client.send(w.Command.MIG_DATA_WRITE, req.pack() + data)
+
+
+def wait_reply(client: VfioUserClient, msg_id: int, command: w.Command) -> bytes:
+    """The payload of the reply to ``msg_id`` (serving DMA requests meanwhile).
+
+    Raises:
+        VfioUserError: an error reply.
+        ConnectionError: the server closed the connection.
+        TimeoutError: no reply within the client's timeout.
+    """
+    while True:
+        frame = client.receive()
+        if frame is None:
+            raise ConnectionError("server closed the connection")
+        hdr = frame.header
+        if hdr.flags & w.MSG_TYPE_MASK == w.MSG_TYPE_COMMAND:
+            client._serve(frame)  # a DMA request from the server
+            continue
+        frame.close_fds()
+        if hdr.msg_id != msg_id:
+            continue
+        if hdr.flags & w.MsgFlag.ERROR:
+            raise VfioUserError(hdr.error, f"{command.name}: {os.strerror(hdr.error)}")
+        return frame.payload
 
 
 def dma_logging_start(client: VfioUserClient, page_size: int,
@@ -187,11 +243,20 @@ class _Copier:
     def __init__(self, src: VfioUserClient, dst: VfioUserClient, chunk: int,
                  report: Callable[[str], None]) -> None:
         self.src, self.dst, self.chunk = src, dst, chunk
-        self.watch = StreamReader(fingerprint=None)
+        self.watch = StreamReader(fingerprint=None, flags=None)
         self.bytes = 0
         self.markers = 0
         self.pending = 0
         self.report = report
+        self.forward: Callable[[bytes], bytes] = lambda data: data
+        self.between: Callable[[], None] | None = None
+        self.inflight: int | None = None  # MIG_DATA_WRITE sent, reply not yet seen
+
+    def flush(self) -> None:
+        """Wait for the outstanding MIG_DATA_WRITE's reply (its error raises here)."""
+        if self.inflight is not None:
+            msg_id, self.inflight = self.inflight, None
+            wait_reply(self.dst, msg_id, w.Command.MIG_DATA_WRITE)
 
     def copy(self, size: int) -> int:
         """Move one read's worth; returns how many bytes came."""
@@ -200,8 +265,12 @@ class _Copier:
             if record.type == RecordType.DIRTY_ROUND:
                 self.markers += 1
                 self.pending = parse_dirty_round(record).pending
-        if data:
-            data_write(self.dst, data)
+        out = self.forward(data)
+        for at in range(0, len(out), self.chunk):
+            # Pipelined: the destination stages this chunk while the source
+            # produces the next; its reply is collected before the next write.
+            self.flush()
+            self.inflight = data_write_send(self.dst, out[at:at + self.chunk])
         self.bytes += len(data)
         return len(data)
 
@@ -217,11 +286,17 @@ class _Copier:
         """Read full chunks until the short read that ends the round (or stream)."""
         while self.copy(self.chunk) == self.chunk:
             self.report(phase)
+            if self.between is not None and phase == "pre-copy":
+                self.between()
 
 
 def migrate(src: VfioUserClient, dst: VfioUserClient, *, max_rounds: int = 8,
             converge_bytes: int = 1 << 20, chunk: int | None = None,
             progress: Callable[[Progress], None] | None = None,
+            shared_storage: bool = False,
+            between_reads: Callable[[], None] | None = None,
+            forward: Callable[[bytes], bytes] | None = None,
+            commit_timeout: float = 600.0,
             clock: Callable[[], float] = time.monotonic) -> Summary:
     """Live-migrate the device behind ``src`` to the one behind ``dst``.
 
@@ -235,6 +310,18 @@ def migrate(src: VfioUserClient, dst: VfioUserClient, *, max_rounds: int = 8,
             ``max_data_xfer_size`` of the two servers, at most 1 MiB).
         progress: called with a :class:`Progress` after every full chunk and
             state change.
+        shared_storage: both appliances use the same images: set the
+            SHARED_STORAGE option on both, so the stream carries device state
+            only (the destination refuses a stream made the other way).
+        between_reads: called between pre-copy reads while the source runs
+            (a test's or benchmark's load: it may do I/O on the source).
+        commit_timeout: seconds to wait for the destination's commit
+            (RESUMING -> STOP), which writes every staged byte into the images
+            and syncs them while the event loop waits: far longer than one
+            request for a large namespace.
+        forward: sees every chunk on its way to the destination and returns
+            what to write instead (fault injection in tests); the client-side
+            check runs on what the source sent.
 
     Returns:
         A :class:`Summary`.
@@ -256,6 +343,9 @@ def migrate(src: VfioUserClient, dst: VfioUserClient, *, max_rounds: int = 8,
             progress(Progress(now, rounds, copier.bytes, copier.pending))
 
     copier = _Copier(src, dst, chunk, report)
+    copier.between = between_reads
+    if forward is not None:
+        copier.forward = forward
     src_started = dst_started = committed = False
     dst_initial = MigState.RUNNING
     try:
@@ -268,6 +358,11 @@ def migrate(src: VfioUserClient, dst: VfioUserClient, *, max_rounds: int = 8,
         dst_initial = get_state(dst)
         if dst_initial not in (MigState.RUNNING, MigState.STOP):
             raise VfioUserError(errno.EINVAL, f"destination is {dst_initial.name}")
+        want = MigOption.SHARED_STORAGE if shared_storage else MigOption(0)
+        for side in (src, dst):
+            if set_options(side, want) != want:
+                raise VfioUserError(errno.ENOTSUP, f"a device did not take options {want!r}")
+        copier.watch.expected_flags = int(HeaderFlag.SHARED_STORAGE) if shared_storage else 0
         phase = "destination RESUMING"
         dst_started = True
         set_state(dst, MigState.RESUMING)
@@ -291,16 +386,21 @@ def migrate(src: VfioUserClient, dst: VfioUserClient, *, max_rounds: int = 8,
         set_state(src, MigState.STOP_COPY)
         report(phase)
         copier.rest_of_round(phase)
+        copier.flush()
         copier.watch.check_complete()
         phase = "commit"
-        set_state(dst, MigState.STOP)
+        timeout, dst.timeout = dst.timeout, max(dst.timeout, commit_timeout)
+        try:
+            set_state(dst, MigState.STOP)
+        finally:
+            dst.timeout = timeout
         committed = True
         set_state(dst, MigState.RUNNING)
         running_at = clock()
     except (VfioUserError, ConnectionError, TimeoutError, ApplianceError, OSError) as exc:
         errors = _rollback(src if src_started else None, dst if dst_started else None,
                            dst_initial, committed)
-        log.error("migration failed during %s: %s", phase, exc)
+        log.info("migration failed during %s: %s", phase, exc)  # the caller reports it
         raise MigrationFailed(phase, exc, errors) from exc
     try:
         set_state(src, MigState.STOP)

@@ -88,10 +88,25 @@ class StreamHeader(Struct, size=8):
 
     FIELDS = (
         ("version", "H", FORMAT_VERSION),
-        ("flags", "H", 0),  # reserved, 0
+        ("flags", "H", 0),  # HeaderFlag
         ("fingerprint_len", "H", 0),
         ("reserved", "H", 0),
     )
+
+
+class HeaderFlag(enum.IntFlag):
+    """HEADER ``flags``: how the stream was made."""
+
+    # Both sides use the same images: no NAMESPACE_BLOCKS follow (device state
+    # only).  A reader expecting the other mode refuses the stream at its HEADER.
+    SHARED_STORAGE = 0x1
+
+
+HEADER_FLAGS_RESERVED = 0xFFFF & ~int(HeaderFlag.SHARED_STORAGE)
+
+
+def _mode(flags: int) -> str:
+    return "shared-storage (device state only)" if flags & HeaderFlag.SHARED_STORAGE else "full"
 
 
 class DeviceStateHead(Struct, size=8):
@@ -279,8 +294,13 @@ class StreamWriter:
         chunk = w.read(1 << 20)          # what one MIG_DATA_READ returns
     """
 
-    def __init__(self, fingerprint: bytes, *, version: int = FORMAT_VERSION) -> None:
-        """Raises:
+    def __init__(self, fingerprint: bytes, *, version: int = FORMAT_VERSION,
+                 flags: int = 0) -> None:
+        """Args:
+            fingerprint: the device configuration's fingerprint.
+            flags: HEADER flags (:class:`HeaderFlag`).
+
+        Raises:
             ValueError: the fingerprint is longer than MAX_FINGERPRINT bytes.
         """
         if len(fingerprint) > MAX_FINGERPRINT:
@@ -292,7 +312,8 @@ class StreamWriter:
         self.records = 0
         self.bytes_written = 0
         self.finished = False
-        head = StreamHeader(version=version, fingerprint_len=len(fingerprint))
+        self.flags = flags
+        head = StreamHeader(version=version, flags=flags, fingerprint_len=len(fingerprint))
         self._put(RecordType.HEADER, head.pack() + fingerprint)
 
     @property
@@ -309,6 +330,8 @@ class StreamWriter:
         """
         if record.type in (RecordType.HEADER, RecordType.END):
             raise ValueError(f"{record.type.name} records are written by the writer itself")
+        if record.type == RecordType.NAMESPACE_BLOCKS and self.flags & HeaderFlag.SHARED_STORAGE:
+            raise ValueError("NAMESPACE_BLOCKS in a shared-storage stream")
         lo, hi = _SIZES[record.type]
         if not lo <= len(record.payload) <= hi:
             raise ValueError(f"{record.type.name} payload of {len(record.payload)} bytes")
@@ -375,12 +398,16 @@ class StreamReader:
         r.check_complete()               # END seen and its digest verified
     """
 
-    def __init__(self, fingerprint: bytes | None) -> None:
+    def __init__(self, fingerprint: bytes | None, flags: int | None = 0) -> None:
         """Args:
             fingerprint: what the HEADER must carry; None accepts any (a
                 client watching a stream pass through).
+            flags: the HEADER flags (:class:`HeaderFlag`) this reader takes;
+                None accepts any known ones.
         """
         self.expected_fingerprint = fingerprint
+        self.expected_flags = flags
+        self.flags = 0
         self.fingerprint: bytes | None = None
         self.version: int | None = None
         self.records = 0
@@ -469,6 +496,8 @@ class StreamReader:
             raise StreamError(f"{where}: stream starts with {kind.name}, not HEADER")
         if kind in ONCE and kind in self._seen:
             raise StreamError(f"{where}: second {kind.name} record")
+        if kind == RecordType.NAMESPACE_BLOCKS and self.flags & HeaderFlag.SHARED_STORAGE:
+            raise StreamError(f"{where}: NAMESPACE_BLOCKS in a shared-storage stream")
         return head
 
     def _complete(self) -> Record:
@@ -501,10 +530,15 @@ class StreamReader:
         if head.version != FORMAT_VERSION:
             raise StreamError(f"stream format version {head.version}, this reader knows "
                               f"{FORMAT_VERSION}", errno.ENOTSUP)
-        if head.flags or head.reserved or head.fingerprint_len != len(fingerprint):
+        if (head.flags & HEADER_FLAGS_RESERVED or head.reserved
+                or head.fingerprint_len != len(fingerprint)):
             raise StreamError("malformed HEADER record")
+        if self.expected_flags is not None and head.flags != self.expected_flags:
+            raise StreamError(f"the stream is a {_mode(head.flags)} stream, this side expects "
+                              f"a {_mode(self.expected_flags)} one (shared-storage mode differs)")
         if self.expected_fingerprint is not None and fingerprint != self.expected_fingerprint:
             raise StreamError("device configuration fingerprint differs: the stream is "
                               "for another device configuration")
         self.version = head.version
+        self.flags = head.flags
         self.fingerprint = fingerprint

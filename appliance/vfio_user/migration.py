@@ -63,6 +63,8 @@ from appliance.migrate.states import (
     path,
 )
 from appliance.migrate.stream import (
+    HeaderFlag,
+    Record,
     RecordType,
     StreamError,
     StreamReader,
@@ -70,8 +72,7 @@ from appliance.migrate.stream import (
     dirty_round,
 )
 from appliance.vfio_user import wire as w
-from appliance.vfio_user.server import MAX_DATA_XFER_SIZE, MIG_MAX_BITMAP_SIZE, PGSIZE, Reject
-from appliance.wire import Struct
+from appliance.vfio_user.server import MAX_DATA_XFER_SIZE, MIG_MAX_BITMAP_SIZE, Reject
 
 if TYPE_CHECKING:
     from appliance.migrate.device import Migratable
@@ -79,49 +80,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("appliance.vfio_user.migration")
 
 
-# ------------------------------------------------------------ feature data (wire)
-# Declared here until they move to appliance.vfio_user.wire (not this module's file).
-class Feature(enum.IntEnum):
-    """VFIO_DEVICE_FEATURE_* indexes vfio-user supports ("Device Features" table)."""
-
-    MIGRATION = 1
-    MIG_DEVICE_STATE = 2
-    DMA_LOGGING_START = 6
-    DMA_LOGGING_STOP = 7
-    DMA_LOGGING_REPORT = 8
-
-
+# ------------------------------------------------------------ feature data
+# The structs live in appliance.vfio_user.wire; re-exported for callers of this module.
+Feature = w.Feature
+MigrationInfo = w.MigrationInfo
+MigStateData = w.MigStateData
+DmaLoggingControl = w.DmaLoggingControl
+DmaLoggingRange = w.DmaLoggingRange
+DmaLoggingReport = w.DmaLoggingReport
+DATA_FD_NONE = w.DATA_FD_NONE
 FEATURE_FLAGS_RESERVED = ~(w.FEATURE_INDEX_MASK | w.FEATURE_GET | w.FEATURE_SET
                            | w.FEATURE_PROBE) & 0xFFFFFFFF
-DATA_FD_NONE = 0xFFFFFFFF  # data_fd is unused in vfio-user; -1 as the kernel reports it
-
-
-class MigrationInfo(Struct, size=8):
-    """VFIO_DEVICE_FEATURE_MIGRATION reply data."""
-
-    FIELDS = (("flags", "Q", 0),)
-
-
-class MigStateData(Struct, size=8):
-    """VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE data (SET request, GET/SET reply)."""
-
-    FIELDS = (("device_state", "I", 0), ("data_fd", "I", DATA_FD_NONE))
-
-
-class DmaLoggingControl(Struct, size=16):
-    """DMA_LOGGING_START data; ``num_ranges`` DmaLoggingRange entries follow."""
-
-    FIELDS = (("page_size", "Q", PGSIZE), ("num_ranges", "I", 0), ("reserved", "I", 0))
-
-
-class DmaLoggingRange(Struct, size=16):
-    FIELDS = (("iova", "Q", 0), ("length", "Q", 0))
-
-
-class DmaLoggingReport(Struct, size=24):
-    """DMA_LOGGING_REPORT data; the reply appends the bitmap (u64 words)."""
-
-    FIELDS = (("iova", "Q", 0), ("length", "Q", 0), ("page_size", "Q", PGSIZE))
 
 
 @dataclass(frozen=True)
@@ -140,6 +109,8 @@ FEATURES: dict[Feature, FeatureSpec] = {
     Feature.DMA_LOGGING_START: FeatureSpec(w.FEATURE_SET, 0, DmaLoggingControl.SIZE),
     Feature.DMA_LOGGING_STOP: FeatureSpec(w.FEATURE_SET, 0, 0),
     Feature.DMA_LOGGING_REPORT: FeatureSpec(w.FEATURE_GET, DmaLoggingReport.SIZE, 0),
+    Feature.APPLIANCE_MIG_OPTIONS: FeatureSpec(w.FEATURE_GET | w.FEATURE_SET, w.MigOptions.SIZE,
+                                               w.MigOptions.SIZE),
 }
 
 MAX_LOG_RANGES = 256  # the kernel's LOG_MAX_RANGES (a page of ranges); more is E2BIG
@@ -262,6 +233,7 @@ class VfioUserMigration:
         self.max_bitmap_size = max_bitmap_size
         self.name = name
         self.state = MigState.RUNNING
+        self.options = w.MigOption(0)  # APPLIANCE_MIG_OPTIONS for the next session
         self.quiesced = False  # migration_stop() called and not yet undone
         self.dma_log: DmaLog | None = None
         self._writer: StreamWriter | None = None
@@ -311,6 +283,7 @@ class VfioUserMigration:
             log.info("%s: migration state %s -> RUNNING by DEVICE_RESET", self.name,
                      self.state.name)
         self.state = MigState.RUNNING
+        self.options = w.MigOption(0)
 
     def close(self) -> None:
         """The connection is closing: drop sessions, stop logging, un-quiesce."""
@@ -363,6 +336,8 @@ class VfioUserMigration:
             return MigrationInfo(flags=int(SUPPORTED_FLAGS)).pack()
         if feature is Feature.MIG_DEVICE_STATE:
             return MigStateData(device_state=self.state).pack()
+        if feature is Feature.APPLIANCE_MIG_OPTIONS:
+            return w.MigOptions(options=int(self.options)).pack()
         assert feature is Feature.DMA_LOGGING_REPORT
         return self._log_report(argsz, data)
 
@@ -373,6 +348,14 @@ class VfioUserMigration:
             return MigStateData(device_state=self.state).pack()
         if feature is Feature.DMA_LOGGING_START:
             return self._log_start(argsz, data)
+        if feature is Feature.APPLIANCE_MIG_OPTIONS:
+            opts = w.MigOptions.unpack(data)
+            _require(not opts.options & w.MIG_OPTIONS_RESERVED and not opts.reserved,
+                     errno.EINVAL, f"migration options {opts.options:#x}")
+            _require(self.state in (MigState.RUNNING, MigState.STOP), errno.EBUSY,
+                     f"migration options cannot change in {self.state.name}")
+            self.options = w.MigOption(opts.options)
+            return w.MigOptions(options=int(self.options)).pack()
         assert feature is Feature.DMA_LOGGING_STOP
         self.dma_log = None
         self.memory.dirty_log = None
@@ -437,7 +420,7 @@ class VfioUserMigration:
         self.quiesced = False
 
     def _arc_start_saving(self) -> None:
-        writer = StreamWriter(self.device.migration_fingerprint())
+        writer = StreamWriter(self.device.migration_fingerprint(), flags=self._header_flags())
         self.device.start_tracking()
         self._writer = writer
         self._phase = RoundPhase.IDLE
@@ -452,8 +435,15 @@ class VfioUserMigration:
 
     def _arc_start_resuming(self) -> None:
         self.device.abort_restore()
-        self._reader = StreamReader(self.device.migration_fingerprint())
+        self._reader = StreamReader(self.device.migration_fingerprint(), self._header_flags())
         self._resume_error = None
+
+    @property
+    def shared_storage(self) -> bool:
+        return bool(self.options & w.MigOption.SHARED_STORAGE)
+
+    def _header_flags(self) -> int:
+        return int(HeaderFlag.SHARED_STORAGE) if self.shared_storage else 0
 
     def _arc_end_resuming(self) -> None:
         """Commit a complete stream; an empty one cancels; anything else fails.
@@ -474,7 +464,7 @@ class VfioUserMigration:
             self.device.commit_restore()
         except LocalProtocolError as exc:
             self.device.abort_restore()
-            self._reader = StreamReader(reader.expected_fingerprint)
+            self._reader = StreamReader(reader.expected_fingerprint, reader.expected_flags)
             self._resume_error = None
             raise LocalProtocolError(f"migration data rejected: {exc}",
                                      exc.errno or errno.EINVAL) from None
@@ -512,10 +502,10 @@ class VfioUserMigration:
             if not self._final_started:
                 self._final_started = True
                 self._phase = RoundPhase.DRAINING
-                writer.add(dirty_round(self._round, device.precopy_pending(), final=True))
+                writer.add(dirty_round(self._round, self._pending(), final=True))
                 self._round += 1
             while writer.pending < size and not writer.finished:
-                records = device.precopy_records(max(size - writer.pending, MIN_PRECOPY_CHUNK))
+                records = self._bulk(max(size - writer.pending, MIN_PRECOPY_CHUNK))
                 if not records:
                     writer.add_all(device.save_state())
                     writer.finish()
@@ -523,13 +513,13 @@ class VfioUserMigration:
                     writer.add_all(records)
             return writer.read(size)
         if self._phase is RoundPhase.IDLE:
-            self._budget = device.precopy_pending()
+            self._budget = self._pending()
             writer.add(dirty_round(self._round, self._budget))
             self._round += 1
             self.counters["rounds"] += 1
             self._phase = RoundPhase.OPEN
         while self._phase is RoundPhase.OPEN and writer.pending < size:
-            records = device.precopy_records(max(size - writer.pending, MIN_PRECOPY_CHUNK))
+            records = self._bulk(max(size - writer.pending, MIN_PRECOPY_CHUNK))
             writer.add_all(records)
             self._budget -= sum(len(r.payload) for r in records)
             if not records or self._budget <= 0:
@@ -538,6 +528,13 @@ class VfioUserMigration:
         if len(data) < size:
             self._phase = RoundPhase.IDLE  # the short read ended the round
         return data
+
+    def _pending(self) -> int:
+        """Bulk bytes still to send (none with shared storage: the images are the same)."""
+        return 0 if self.shared_storage else self.device.precopy_pending()
+
+    def _bulk(self, max_bytes: int) -> list[Record]:
+        return [] if self.shared_storage else self.device.precopy_records(max_bytes)
 
     def _data_write(self, payload: bytes) -> bytes:
         _require(len(payload) >= w.MigDataHead.SIZE, errno.EINVAL, "short MIG_DATA_WRITE")

@@ -243,6 +243,71 @@ FEATURE_SET = 1 << 17
 FEATURE_PROBE = 1 << 18
 
 
+# Device feature indexes and their data (<linux/vfio.h> VFIO_DEVICE_FEATURE_*; the
+# vfio-user spec's "Device Features" table).  Declared once here for the server's
+# migration handler (appliance.vfio_user.migration) and the client orchestrator.
+class Feature(enum.IntEnum):
+    """VFIO_DEVICE_FEATURE_* indexes vfio-user supports, and this appliance's own."""
+
+    MIGRATION = 1
+    MIG_DEVICE_STATE = 2
+    DMA_LOGGING_START = 6
+    DMA_LOGGING_STOP = 7
+    DMA_LOGGING_REPORT = 8
+    # Appliance-specific (0x8000 and up: outside the kernel's range): migration
+    # options of the next saving/resuming session (MigOptions).
+    APPLIANCE_MIG_OPTIONS = 0x8001
+
+
+DATA_FD_NONE = 0xFFFFFFFF  # data_fd is unused in vfio-user; -1 as the kernel reports it
+
+
+class MigrationInfo(Struct, size=8):
+    """VFIO_DEVICE_FEATURE_MIGRATION reply data."""
+
+    FIELDS = (("flags", "Q", 0),)
+
+
+class MigStateData(Struct, size=8):
+    """VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE data (SET request, GET/SET reply)."""
+
+    FIELDS = (("device_state", "I", 0), ("data_fd", "I", DATA_FD_NONE))
+
+
+class DmaLoggingControl(Struct, size=16):
+    """DMA_LOGGING_START data; ``num_ranges`` DmaLoggingRange entries follow."""
+
+    FIELDS = (("page_size", "Q", 4096), ("num_ranges", "I", 0), ("reserved", "I", 0))
+
+
+class DmaLoggingRange(Struct, size=16):
+    FIELDS = (("iova", "Q", 0), ("length", "Q", 0))
+
+
+class DmaLoggingReport(Struct, size=24):
+    """DMA_LOGGING_REPORT data; the reply appends the bitmap (u64 words)."""
+
+    FIELDS = (("iova", "Q", 0), ("length", "Q", 0), ("page_size", "Q", 4096))
+
+
+class MigOption(enum.IntFlag):
+    """APPLIANCE_MIG_OPTIONS bits."""
+
+    # Both appliances use the same images: the stream carries device state
+    # only (no NAMESPACE_BLOCKS); the HEADER says so and the destination,
+    # set the same way, refuses a stream that disagrees.
+    SHARED_STORAGE = 0x1
+
+
+MIG_OPTIONS_RESERVED = 0xFFFFFFFF & ~int(MigOption.SHARED_STORAGE)
+
+
+class MigOptions(Struct, size=8):
+    """APPLIANCE_MIG_OPTIONS data (SET request, GET/SET reply)."""
+
+    FIELDS = (("options", "I", 0), ("reserved", "I", 0))
+
+
 class MigDataHead(Struct, size=8):
     FIELDS = (("argsz", "I", 8), ("size", "I", 0))
 

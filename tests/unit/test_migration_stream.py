@@ -377,3 +377,32 @@ def test_zero_runs_are_elided_and_expanded() -> None:
                 s.BlocksHead(flags=2, length=1).pack() + b"a"):
         with pytest.raises(StreamError):
             s.parse_namespace_blocks(Record(RecordType.NAMESPACE_BLOCKS, bad))
+
+
+# ------------------------------------------------------------ HEADER flags
+def test_header_flags_shared_storage_must_match() -> None:
+    w = StreamWriter(b"fp", flags=s.HeaderFlag.SHARED_STORAGE)
+    with pytest.raises(ValueError):
+        w.add(s.namespace_blocks(1, 0, b"x" * 512))
+    w.finish()
+    data = w.read(1 << 20)
+    assert StreamReader(b"fp", s.HeaderFlag.SHARED_STORAGE).feed(data)[-1].type == RecordType.END
+    assert StreamReader(None, None).feed(data)
+    with pytest.raises(StreamError, match="shared-storage mode differs"):
+        StreamReader(b"fp").feed(data)
+    full = StreamWriter(b"fp")
+    full.finish()
+    with pytest.raises(StreamError, match="shared-storage mode differs"):
+        StreamReader(b"fp", s.HeaderFlag.SHARED_STORAGE).feed(full.read(1 << 20))
+
+
+def test_header_reserved_flags_and_blocks_in_shared_stream_refused() -> None:
+    bad = StreamWriter(b"fp", flags=0x2)
+    with pytest.raises(StreamError, match="malformed HEADER"):
+        StreamReader(None, None).feed(bad.read(1 << 20))
+    # A shared-storage stream that carries blocks anyway (a forged writer).
+    w = StreamWriter(b"fp", flags=s.HeaderFlag.SHARED_STORAGE)
+    w.flags = 0
+    w.add(s.namespace_blocks(1, 0, b"x" * 512))
+    with pytest.raises(StreamError, match="NAMESPACE_BLOCKS in a shared-storage stream"):
+        StreamReader(b"fp", None).feed(w.read(1 << 20))

@@ -1067,3 +1067,98 @@ def test_nvme_state_is_checked_before_anything_applies(tmp_path: Path) -> None:
         dst.commit_restore()
     drv.ctrl.close()
     dst_ctrl.close()
+
+
+# ------------------------------------------------------------ shared-storage option
+def options(h: VfioUserMigration, value: int | None = None) -> int:
+    if value is None:
+        reply = feature(h, GET | Feature.APPLIANCE_MIG_OPTIONS)
+    else:
+        reply = feature(h, SET | Feature.APPLIANCE_MIG_OPTIONS, w.MigOptions(options=value).pack())
+    return int(w.MigOptions.unpack(reply, 8).options)
+
+
+def test_mig_options_feature_checks() -> None:
+    h = handler()
+    assert options(h) == 0
+    assert options(h, w.MigOption.SHARED_STORAGE) == 1 and options(h) == 1
+    refused(errno.EINVAL, options, h, 0x2)  # reserved bit
+    refused(errno.EINVAL, feature, h, SET | Feature.APPLIANCE_MIG_OPTIONS,
+            w.MigOptions(options=1, reserved=1).pack())
+    set_state(h, MigState.PRE_COPY)
+    refused(errno.EBUSY, options, h, 0)  # not while a session runs
+    h.device_reset()
+    assert options(h) == 0  # reset returns to the default
+
+
+def test_shared_storage_stream_carries_device_state_only() -> None:
+    src_disk = Disk(fill=1)
+    src = handler(src_disk)
+    options(src, w.MigOption.SHARED_STORAGE)
+    set_state(src, MigState.PRE_COPY)
+    reader = StreamReader(None, None)
+    marker = reader.feed(read(src, 1 << 20))
+    assert [r.type for r in marker] == [RecordType.HEADER, RecordType.DIRTY_ROUND]
+    assert s.parse_dirty_round(marker[1]).pending == 0 and reader.flags == 1
+    set_state(src, MigState.STOP_COPY)
+    rest = reader.feed(drain(src))
+    assert RecordType.NAMESPACE_BLOCKS not in {r.type for r in rest}
+    assert RecordType.DEVICE_STATE in {r.type for r in rest} and reader.finished
+
+    # A destination set the same way takes it; its blocks stay (same image).
+    full = _restart_stream(src_disk)
+    dst_disk = Disk(fill=9)
+    dst = handler(dst_disk)
+    options(dst, w.MigOption.SHARED_STORAGE)
+    set_state(dst, MigState.RESUMING)
+    write(dst, full)
+    set_state(dst, MigState.RUNNING)
+    assert dst_disk.blob == src_disk.blob and dst_disk.data[0] == 9
+
+    # One set for a full copy refuses the shared-storage stream at its HEADER.
+    other = handler(Disk(fill=9))
+    set_state(other, MigState.RESUMING)
+    err = refused(errno.EINVAL, write, other, full[:200])
+    assert "shared-storage mode differs" in str(err)
+
+
+def _restart_stream(disk: Disk) -> bytes:
+    h = handler(disk)
+    options(h, w.MigOption.SHARED_STORAGE)
+    set_state(h, MigState.STOP_COPY)
+    return drain(h)
+
+
+def test_full_stream_refused_by_a_shared_storage_destination() -> None:
+    data = stream_from(Disk(fill=1))
+    dst = handler(Disk(fill=9))
+    options(dst, w.MigOption.SHARED_STORAGE)
+    set_state(dst, MigState.RESUMING)
+    refused(errno.EINVAL, write, dst, data[:200])
+
+
+def test_orchestrator_shared_storage(pair: tuple[Disk, Disk, Served, Served]) -> None:
+    src_disk, dst_disk, src, dst = pair
+    summary = orch.migrate(src.client, dst.client, converge_bytes=0, shared_storage=True)
+    assert summary.bytes < 16 << 10  # no blocks
+    assert dst_disk.blob == src_disk.blob and dst_disk.data[0] == 9
+    assert orch.get_options(dst.client) == w.MigOption.SHARED_STORAGE
+
+
+def test_orchestrator_pipelined_write_error_rolls_back(
+        pair: tuple[Disk, Disk, Served, Served]) -> None:
+    _, dst_disk, src, dst = pair
+    flipped = [False]
+
+    def corrupt(chunk: bytes) -> bytes:
+        if not flipped[0] and len(chunk) > 1000:
+            flipped[0] = True
+            return chunk[:500] + bytes([chunk[500] ^ 1]) + chunk[501:]
+        return chunk
+
+    with pytest.raises(orch.MigrationFailed) as err:
+        orch.migrate(src.client, dst.client, converge_bytes=0, chunk=4096, forward=corrupt)
+    assert flipped[0] and not err.value.rollback_errors
+    assert orch.get_state(src.client) is MigState.RUNNING
+    assert orch.get_state(dst.client) is MigState.RUNNING
+    assert dst_disk.data == bytes([9]) * len(dst_disk.data)

@@ -1,0 +1,123 @@
+"""``appliance migrate SRC_SOCK DST_SOCK``: the command line of the orchestrator.
+
+Connects to both appliances' vfio-user sockets, runs
+:func:`appliance.migrate.orchestrator.migrate`, and prints a summary (with a
+progress bar on a terminal).  Every failure is an
+:class:`~appliance.errors.ApplianceError`, which the CLI prints as one line
+``appliance: error: ...`` with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, TextIO
+
+from appliance.errors import ApplianceError
+
+BAR_WIDTH = 30
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = int(num) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"negative size: {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return value
+
+
+def add_parser(sub: Any) -> None:
+    """Register the ``migrate`` subcommand on the CLI's subparsers."""
+    p = sub.add_parser("migrate", help="live-migrate the NVMe device from one appliance to another")
+    p.add_argument("src", metavar="SRC_SOCK", help="vfio-user socket of the source appliance")
+    p.add_argument("dst", metavar="DST_SOCK", help="vfio-user socket of the destination")
+    p.add_argument("--max-rounds", type=_positive, default=8,
+                   help="pre-copy rounds at most before stopping the source (default 8)")
+    p.add_argument("--converge", type=_size, default=1 << 20, metavar="BYTES",
+                   help="stop pre-copy once at most this much is dirty (default 1M; K/M/G)")
+    p.add_argument("--shared-storage", action="store_true",
+                   help="both appliances use the same images: send device state only")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds to wait for each reply (default 30)")
+    p.set_defaults(func=run, config=None, trace=False, verbose=False)
+
+
+class _Bar:
+    """A one-line progress bar on a terminal; silent elsewhere."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.on = out.isatty()
+        self.total = 0
+
+    def __call__(self, p: Any) -> None:
+        if not self.on:
+            return
+        self.total = max(self.total, p.bytes + p.pending)
+        frac = min(1.0, p.bytes / self.total) if self.total else 0.0
+        if p.phase == "done":
+            frac = 1.0
+        fill = int(frac * BAR_WIDTH)
+        self.out.write(f"\r[{'#' * fill}{'.' * (BAR_WIDTH - fill)}] {frac * 100:5.1f}% "
+                       f"{p.phase:<9} round {p.rounds:<3} {p.bytes / 2**20:9.1f} MiB  "
+                       f"dirty {p.pending / 2**20:8.1f} MiB")
+        self.out.flush()
+
+    def end(self) -> None:
+        if self.on:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def run(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+    """Run the migration; prints the summary.
+
+    Raises:
+        ApplianceError: a socket could not be reached or the migration failed
+            (both sides rolled back, see the orchestrator).
+    """
+    from appliance.client import VfioUserClient
+    from appliance.migrate.orchestrator import migrate
+
+    clients = []
+    try:
+        for role, path in (("source", args.src), ("destination", args.dst)):
+            try:
+                clients.append(VfioUserClient.connect(path, timeout=args.timeout))
+            except (OSError, ConnectionError) as exc:
+                raise ApplianceError(f"{role} {path}: {exc.strerror or exc}"
+                                     if isinstance(exc, OSError) and exc.strerror
+                                     else f"{role} {path}: {exc}") from None
+        bar = _Bar(sys.stdout)
+        try:
+            s = migrate(clients[0], clients[1], max_rounds=args.max_rounds,
+                        converge_bytes=args.converge, progress=bar,
+                        shared_storage=args.shared_storage)
+        finally:
+            bar.end()
+    finally:
+        for c in clients:
+            c.close()
+    rate = s.bytes / s.seconds / 2**20 if s.seconds > 0 else 0.0
+    mode = "shared storage, device state only" if args.shared_storage else "full copy"
+    print(f"migrated {args.src} -> {args.dst} ({mode})")
+    print(f"  pre-copy rounds: {s.rounds}")
+    print(f"  bytes: {s.bytes} ({s.bytes / 2**20:.1f} MiB; {s.precopy_bytes} while running)")
+    print(f"  time: {s.seconds:.3f} s, throughput {rate:.1f} MiB/s")
+    print(f"  downtime: {s.downtime * 1000:.1f} ms ({s.pending_at_stop} bytes dirty at stop)")
+    return 0
