@@ -32,7 +32,8 @@ def qemu_args(cfg: dict[str, Any], *, net: bool = True) -> list[str]:
             args += ["-chardev", f"socket,id=net{i}c,path={p['socket']}",
                      "-netdev", f"vhost-user,id=net{i},chardev=net{i}c,queues={p['queues']}",
                      "-device", f"virtio-net-pci,netdev=net{i},mac={p['mac']}"
-                     + (",mq=on" if p["queues"] > 1 else "")]
+                     + (",mq=on" if p["queues"] > 1 else "")
+                     + (f",host_mtu={p['mtu']}" if p.get("mtu", 1500) != 1500 else "")]
     return args
 
 
@@ -62,6 +63,43 @@ def _cmd_qemu_args(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     return 0
 
 
+def _ctl_value(text: str) -> Any:
+    """A ``key=value`` value: JSON if it parses (numbers, true, lists), else the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _cmd_ctl(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+    from appliance.control.protocol import ControlError
+    from appliance.runtime.control import ControlClient
+
+    params: dict[str, Any] = {}
+    for item in args.params:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ApplianceError(f"ctl: expected key=value, got {item!r}")
+        params[key] = _ctl_value(value)
+    path = cfg["control"]["socket"]
+    try:
+        with ControlClient(path) as client:
+            result = client(args.cmd, **params)
+    except ControlError as exc:
+        raise ApplianceError(f"{args.cmd}: {exc.code}: {exc.message}") from None
+    except OSError as exc:
+        raise ApplianceError(f"control socket {path}: {exc.strerror or exc}") from None
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+def _cmd_boot(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+    from appliance.testing.boot import boot
+
+    return boot(cfg, args.config, append=args.append, smp=args.smp, keep=args.keep,
+                dry_run=args.dry_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("-c", "--config", help="YAML configuration file")
     qa.add_argument("--no-net", action="store_true", help="leave out the vhost-user net ports")
     qa.set_defaults(func=_cmd_qemu_args, trace=False, verbose=False)
+    ctl = sub.add_parser("ctl", help="send one command to a running appliance's control socket")
+    ctl.add_argument("cmd", help="status, trace, fault.add, fault.list, fault.clear, link, "
+                                 "namespace.resize (see docs/control.md)")
+    ctl.add_argument("params", nargs="*", metavar="key=value", help="command arguments")
+    ctl.add_argument("-c", "--config", help="YAML configuration file")
+    ctl.set_defaults(func=_cmd_ctl, trace=False, verbose=False)
+    bt = sub.add_parser("boot", help="a QEMU guest on this terminal, attached to the appliance "
+                                     "(started if not running)")
+    bt.add_argument("-c", "--config", help="YAML configuration file")
+    bt.add_argument("--append", default="", help="more guest kernel arguments")
+    bt.add_argument("--smp", type=int, default=1, help="guest vCPUs")
+    bt.add_argument("--keep", action="store_true",
+                    help="leave an appliance this command started running after QEMU exits")
+    bt.add_argument("--dry-run", action="store_true", help="print the commands, start nothing")
+    bt.set_defaults(func=_cmd_boot, trace=False, verbose=False)
+    from appliance.migrate.command import add_parser as add_migrate_parser
+
+    add_migrate_parser(sub)  # `appliance migrate SRC_SOCK DST_SOCK` (docs/migration.md)
     return parser
 
 

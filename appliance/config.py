@@ -127,6 +127,7 @@ PORT = Table({
     "queues": (integer(1, 8), 1),
     "mode": (one_of("server", "client"), "server"),
     "pcap": (text, None),
+    "mtu": (integer(68, 65535), 1500),  # != 1500: QEMU offers VIRTIO_NET_F_MTU (host_mtu)
 })
 SCHEMA = Table({
     "data_dir": (text, "{default_data_dir}"),
@@ -138,6 +139,7 @@ SCHEMA = Table({
         "queue_entries": (integer(2, 4096), 1024),
         "serial": (text, "APPLIANCE0001"),
         "dma_layout": (one_of("spec", "u32-count"), "spec"),
+        "doorbells": (one_of("message", "mmap"), "message"),  # mmap: BAR0 doorbell page as a memfd
         "namespaces": (ListOf(NAMESPACE, [{"image": "{data_dir}/disk0.img", "size": "1G"}], 16), None),
     }), None),
     "net": (Table({

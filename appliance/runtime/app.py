@@ -48,7 +48,8 @@ class Appliance:
             os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         self.controller = NvmeController(
             namespaces=st["namespaces"], io_queues=st["io_queues"],
-            queue_entries=st["queue_entries"], serial=st["serial"], clock=time.monotonic)
+            queue_entries=st["queue_entries"], serial=st["serial"], clock=time.monotonic,
+            doorbells=st["doorbells"])
         # Migration v2 (commands 16-18): the device's save/restore lives in
         # appliance.migrate, so storage/ never imports it.
         migratable = NvmeMigratable(self.controller, clock=time.monotonic)
@@ -61,8 +62,27 @@ class Appliance:
                                   dma_layout=DmaLayout(st["dma_layout"]))
         self.services.append(service)
         self.loop.add_idle(self.controller.poll)
+        if self.controller.doorbell_page is not None:
+            self._poll_doorbell_page(self.controller)
         self.net = self._start_net()
+        from appliance.runtime.control import ControlService  # the control socket (ctl)
+
+        self.control = ControlService(self.loop, cfg["control"]["socket"],
+                                      controller=self.controller, net=self.net)
+        self.services.append(self.control)
         self.loop.install_signal_handlers()
+
+    def _poll_doorbell_page(self, ctrl: NvmeController) -> None:
+        """storage.doorbells: mmap: nothing wakes the loop when the guest rings a
+        doorbell, so a timer polls the page at the period the controller asks for."""
+
+        def tick() -> None:
+            try:
+                ctrl.poll()
+            finally:
+                self.loop.call_later(ctrl.poll_interval(), tick)
+
+        self.loop.call_later(ctrl.poll_interval(), tick)
 
     def _start_net(self) -> Any:
         try:

@@ -1,0 +1,140 @@
+"""Control-socket protocol: JSON lines, sans-I/O (protocol layer).
+
+Theory of operation
+-------------------
+One request per line, UTF-8 JSON: ``{"id": ID, "cmd": "NAME", "args": {...}}``
+(``args`` optional, ``id`` any JSON scalar echoed back).  One reply per line:
+``{"id": ID, "ok": true, "result": ...}`` or
+``{"id": ID, "ok": false, "error": {"code": CODE, "message": TEXT}}``.
+
+:class:`ControlConnection` takes bytes in (:meth:`receive_data`) and yields
+:class:`Request` objects or ready-made error replies (:meth:`next_event`);
+:func:`reply_ok` / :func:`reply_error` encode replies.  A line longer than
+:data:`MAX_LINE` is refused with ``line_too_long`` and discarded up to its
+newline; bytes that are not JSON, not an object, or lack a string ``cmd``
+get ``bad_request``.  The connection never raises on bad input: every
+rejection is a reply and the next line is read normally.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_LINE = 64 * 1024
+
+# Error codes (the protocol's own errors).
+BAD_REQUEST = "bad_request"
+LINE_TOO_LONG = "line_too_long"
+UNKNOWN_COMMAND = "unknown_command"
+BAD_ARGS = "bad_args"
+FAILED = "failed"
+UNAVAILABLE = "unavailable"
+
+
+class ControlError(Exception):
+    """A request refused with ``code`` (one of the codes above)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Request:
+    id: Any
+    cmd: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+def _encode(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n"
+
+
+def reply_ok(request_id: Any, result: Any) -> bytes:
+    """The success reply line."""
+    return _encode({"id": request_id, "ok": True, "result": result})
+
+
+def reply_error(request_id: Any, code: str, message: str) -> bytes:
+    """The error reply line."""
+    return _encode({"id": request_id, "ok": False, "error": {"code": code, "message": message}})
+
+
+def parse_line(line: bytes) -> Request:
+    """Decode one request line (without its newline).
+
+    Raises:
+        ControlError: BAD_REQUEST for anything but a JSON object with a string ``cmd``
+            and an object ``args``.
+    """
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ControlError(BAD_REQUEST, f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ControlError(BAD_REQUEST, "a request is a JSON object")
+    request_id = obj.get("id")
+    if isinstance(request_id, (dict, list)):
+        raise ControlError(BAD_REQUEST, "id must be a JSON scalar")
+    cmd, args = obj.get("cmd"), obj.get("args", {})
+    if not isinstance(cmd, str) or not cmd:
+        err = ControlError(BAD_REQUEST, "cmd must be a non-empty string")
+        err.request_id = request_id  # type: ignore[attr-defined]
+        raise err
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        err = ControlError(BAD_REQUEST, "args must be a JSON object")
+        err.request_id = request_id  # type: ignore[attr-defined]
+        raise err
+    return Request(request_id, cmd, args)
+
+
+class ControlConnection:
+    """One client's byte stream: requests out, bad lines turned into error replies."""
+
+    def __init__(self, max_line: int = MAX_LINE) -> None:
+        self.max_line = max_line
+        self._buf = bytearray()
+        self._discarding = False  # inside an oversized line, skipping to its newline
+        self._events: list[Request | bytes] = []
+
+    def receive_data(self, data: bytes) -> None:
+        """Take bytes from the client (b"" at EOF is ignored: a partial line is dropped)."""
+        self._buf += data
+        while True:
+            nl = self._buf.find(b"\n")
+            if self._discarding:
+                if nl < 0:
+                    self._buf.clear()
+                    return
+                del self._buf[:nl + 1]
+                self._discarding = False
+                continue
+            if nl < 0:
+                if len(self._buf) > self.max_line:
+                    self._buf.clear()
+                    self._discarding = True
+                    self._events.append(reply_error(
+                        None, LINE_TOO_LONG, f"request line longer than {self.max_line} bytes"))
+                return
+            line = bytes(self._buf[:nl])
+            del self._buf[:nl + 1]
+            if len(line) > self.max_line:
+                self._events.append(reply_error(
+                    None, LINE_TOO_LONG, f"request line longer than {self.max_line} bytes"))
+                continue
+            if not line.strip():
+                continue
+            try:
+                self._events.append(parse_line(line))
+            except ControlError as exc:
+                self._events.append(reply_error(getattr(exc, "request_id", None),
+                                                exc.code, exc.message))
+
+    def next_event(self) -> Request | bytes | None:
+        """The next request, or an error reply (bytes) to send as is, or None."""
+        return self._events.pop(0) if self._events else None

@@ -1,0 +1,393 @@
+"""Fault injection rules and their matching (device layer, no I/O, no clock).
+
+Theory of operation
+-------------------
+A :class:`FaultRule` says *what* to break (``action``), *when* (``count``:
+how many more times it may fire, 0 = unlimited; ``probability`` drawn from
+the set's seeded RNG so a run is reproducible) and *which* traffic it
+matches (NVMe: queue id, opcode, LBA range, NSID; net: port name and
+direction).  :class:`FaultSet` holds the rules of one process, counts every
+firing per rule and keeps the two pieces of state a fault leaves behind:
+
+* NVMe: *hung* commands (never completed unless aborted; a controller reset
+  makes them vanish because their queue object is gone) and *deferred*
+  completions (executed now, posted when the runtime clock passes their due
+  time).  :meth:`FaultSet.execute` replaces the controller's command
+  execution; :meth:`FaultSet.release` is called from the controller's poll
+  pass and posts the deferred completions that are due.
+* net: delayed and reordered frames, released by :meth:`FaultSet.due_frames`.
+
+Time comes from the ``clock`` the runtime passes in (seconds); this module
+never sleeps.  Faults act on completions and frames, never on the image:
+an injected error status does not execute the command, a delayed command
+runs at once (its data is on the image) and only its completion waits.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from appliance.storage.spec import AdminOpcode, Command, IoOpcode, Status
+
+if TYPE_CHECKING:
+    from appliance.storage.controller import NvmeController
+    from appliance.storage.queues import CompletionQueue, SubmissionQueue
+
+NVME_ACTIONS = ("status", "delay", "hang", "drop_irq", "fatal", "remove")
+NET_ACTIONS = ("drop", "corrupt", "duplicate", "reorder", "delay")
+DIRECTIONS = ("rx", "tx", "both")
+REORDER_HOLD = 0.05  # seconds a reordered frame waits for one to overtake it  # rx: towards the guest, tx: from the guest
+#: Status names accepted by ``status=`` besides numbers (SCT << 8 | SC).
+STATUS_NAMES = {
+    "unrecovered_read_error": 0x281,
+    "write_fault": 0x280,
+    "namespace_not_ready": 0x82,
+    "internal_error": 0x06,
+    "data_transfer_error": 0x04,
+    "aborted": 0x07,
+}
+_RW = (IoOpcode.READ, IoOpcode.WRITE, IoOpcode.COMPARE, IoOpcode.WRITE_ZEROES)
+
+
+class FaultError(ValueError):
+    """A rule that cannot be built (the message names the field)."""
+
+
+def _int(value: Any, name: str) -> int:
+    if isinstance(value, bool):
+        raise FaultError(f"{name}: expected an integer, got {value!r}")
+    try:
+        return int(value, 0) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError):
+        raise FaultError(f"{name}: expected an integer, got {value!r}") from None
+
+
+def _opt_int(args: dict[str, Any], name: str) -> int | None:
+    return None if args.get(name) is None else _int(args[name], name)
+
+
+@dataclass
+class FaultRule:
+    """One armed fault."""
+
+    id: int
+    target: str  # "nvme" or "net"
+    action: str
+    count: int = 0  # firings left; 0 = unlimited
+    probability: float = 1.0
+    qid: int | None = None
+    opcode: int | None = None
+    nsid: int | None = None
+    lba: tuple[int, int] | None = None  # first, last (inclusive)
+    status: int = 0x281
+    dnr: bool = False
+    delay: float = 0.0
+    port: str | None = None
+    direction: str = "rx"
+    hits: int = 0
+    seen: int = 0
+
+    @classmethod
+    def build(cls, rule_id: int, args: dict[str, Any]) -> FaultRule:
+        """A rule from control-socket arguments.
+
+        Raises:
+            FaultError: an unknown target/action/field or a bad value.
+        """
+        args = dict(args)
+        target = args.pop("target", None)
+        if target is None:  # "delay" exists for both: a port or direction means net
+            net_only = args.get("action") in NET_ACTIONS and args.get("action") != "delay"
+            target = "net" if net_only or "port" in args or "direction" in args else "nvme"
+        action = args.pop("action", None)
+        allowed = NVME_ACTIONS if target == "nvme" else NET_ACTIONS if target == "net" else ()
+        if not allowed:
+            raise FaultError(f"target: {target!r} is not nvme or net")
+        if action not in allowed:
+            raise FaultError(f"action: {action!r} not one of {', '.join(allowed)} for {target}")
+        known = {"count", "probability", "qid", "opcode", "nsid", "lba", "status", "dnr",
+                 "delay", "port", "direction"}
+        unknown = set(args) - known
+        if unknown:
+            raise FaultError(f"unknown field(s): {', '.join(sorted(unknown))}")
+        rule = cls(rule_id, target, action)
+        rule.count = _int(args.get("count", 0), "count")
+        try:
+            rule.probability = float(args.get("probability", 1.0))
+        except (TypeError, ValueError):
+            raise FaultError(f"probability: not a number: {args['probability']!r}") from None
+        if not 0.0 <= rule.probability <= 1.0 or rule.count < 0:
+            raise FaultError("probability must be in [0, 1] and count >= 0")
+        rule.qid, rule.nsid = _opt_int(args, "qid"), _opt_int(args, "nsid")
+        rule.opcode = _opt_int(args, "opcode")
+        if args.get("lba") is not None:
+            rule.lba = _lba_range(args["lba"])
+        status = args.get("status", 0x281)
+        rule.status = STATUS_NAMES[status] if status in STATUS_NAMES else _int(status, "status")
+        if not 0 < rule.status <= 0x7FF:
+            raise FaultError(f"status: {rule.status:#x} is not an NVMe error status")
+        rule.dnr = str(args.get("dnr", False)).lower() in ("1", "true", "yes")
+        try:
+            rule.delay = float(args.get("delay", 0.0))
+        except (TypeError, ValueError):
+            raise FaultError(f"delay: not a number: {args['delay']!r}") from None
+        if not 0.0 <= rule.delay <= 3600.0:
+            raise FaultError("delay must be in [0, 3600] seconds")
+        if action == "delay" and rule.delay <= 0:
+            raise FaultError("delay: a delay fault needs delay > 0 (seconds)")
+        rule.port = args.get("port")
+        rule.direction = args.get("direction", "rx")
+        if rule.direction not in DIRECTIONS:
+            raise FaultError(f"direction: {rule.direction!r} not one of {DIRECTIONS}")
+        return rule
+
+    @property
+    def spent(self) -> bool:
+        return self.count > 0 and self.hits >= self.count
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "target": self.target, "action": self.action,
+                               "count": self.count, "probability": self.probability,
+                               "hits": self.hits, "seen": self.seen}
+        for name in ("qid", "opcode", "nsid", "port"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        if self.lba is not None:
+            out["lba"] = list(self.lba)
+        if self.action == "status":
+            out["status"] = f"{self.status:#x}"
+            out["dnr"] = self.dnr
+        if self.action == "delay":
+            out["delay"] = self.delay
+        if self.target == "net":
+            out["direction"] = self.direction
+        return out
+
+
+def _lba_range(value: Any) -> tuple[int, int]:
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        first, last = _int(value[0], "lba"), _int(value[1], "lba")
+    elif isinstance(value, str) and "-" in value:
+        a, b = value.split("-", 1)
+        first, last = _int(a, "lba"), _int(b, "lba")
+    else:
+        first = last = _int(value, "lba")
+    if first < 0 or last < first:
+        raise FaultError(f"lba: bad range {value!r}")
+    return first, last
+
+
+@dataclass
+class _Deferred:
+    due: float
+    sq: SubmissionQueue
+    cq: CompletionQueue
+    cid: int
+    result: Any  # the controller's (status, DNR, DWORD 0)
+
+
+@dataclass
+class _Hung:
+    sq: SubmissionQueue
+    cid: int
+
+
+@dataclass
+class FaultSet:
+    """The armed rules of a process and what their firings left behind."""
+
+    clock: Callable[[], float]
+    seed: int = 0
+    rules: list[FaultRule] = field(default_factory=list)
+    deferred: list[_Deferred] = field(default_factory=list)
+    hung: list[_Hung] = field(default_factory=list)
+    #: held frames: (due, port, send, frame, overtaken: released after the port's next frame)
+    frames: list[tuple[float, str, Callable[[bytes], None], bytes, bool]] = field(
+        default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+    drop_irq_cqs: set[int] = field(default_factory=set)
+    #: called when something starts waiting for the clock (the runtime arms its timer)
+    notify: Callable[[], None] = lambda: None
+    _next_id: int = 1
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    # ------------------------------------------------------------ rules
+    def add(self, args: dict[str, Any]) -> FaultRule:
+        """Arm a rule (see :meth:`FaultRule.build`); ``seed`` reseeds the RNG."""
+        args = dict(args)
+        if "seed" in args:
+            self.rng.seed(_int(args.pop("seed"), "seed"))
+        rule = FaultRule.build(self._next_id, args)
+        self._next_id += 1
+        self.rules.append(rule)
+        return rule
+
+    def clear(self, rule_id: int | None = None) -> int:
+        """Drop one rule (or all); returns how many went.  Held commands stay held."""
+        before = len(self.rules)
+        self.rules = [r for r in self.rules if rule_id is not None and r.id != rule_id]
+        return before - len(self.rules)
+
+    def _fire(self, rule: FaultRule) -> bool:
+        rule.seen += 1
+        if rule.spent:
+            return False
+        if rule.probability < 1.0 and self.rng.random() >= rule.probability:
+            return False
+        rule.hits += 1
+        key = f"{rule.target}.{rule.action}"
+        self.counters[key] = self.counters.get(key, 0) + 1
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        return {"rules": [r.describe() for r in self.rules], "fired": dict(self.counters),
+                "hung_commands": len(self.hung), "deferred_completions": len(self.deferred),
+                "delayed_frames": len(self.frames)}
+
+    # ------------------------------------------------------------ NVMe
+    def _nvme_match(self, rule: FaultRule, qid: int, cmd: Command, ctrl: NvmeController) -> bool:
+        if rule.target != "nvme" or rule.action == "remove":
+            return False
+        if rule.qid is not None and rule.qid != qid:
+            return False
+        if rule.qid is None and qid == 0 and rule.opcode is None:
+            return False  # unqualified rules match I/O commands only
+        if rule.opcode is not None and rule.opcode != cmd.opcode:
+            return False
+        if rule.nsid is not None and rule.nsid != cmd.nsid:
+            return False
+        if rule.lba is not None:
+            if qid == 0 or cmd.opcode not in _RW:
+                return False
+            slba, nlb = cmd.cdw10 | cmd.cdw11 << 32, (cmd.cdw12 & 0xFFFF) + 1
+            if slba > rule.lba[1] or slba + nlb - 1 < rule.lba[0]:
+                return False
+        return True
+
+    def execute(self, ctrl: NvmeController, sq: SubmissionQueue,
+                cmd: Command) -> tuple[int, bool, int] | None:
+        """Run ``cmd`` as the controller would, unless a rule says otherwise.
+
+        Returns:
+            The result to post now, or None when the completion is held
+            (hung, deferred) or the controller failed.
+        """
+        qid = sq.qid
+        if not self.rules and not self.hung and not self.deferred:
+            return ctrl._execute(qid, cmd)  # nothing armed: the controller's own path
+        if qid == 0 and cmd.opcode == AdminOpcode.ABORT:
+            aborted = self._abort(ctrl, cmd)
+            if aborted is not None:
+                return aborted
+        for rule in self.rules:
+            if not self._nvme_match(rule, qid, cmd, ctrl) or not self._fire(rule):
+                continue
+            if rule.action == "status":
+                ctrl.counters["errors"] += 1
+                ctrl.error_log.add(qid, cmd.cid, rule.status, rule.dnr, cmd.nsid)
+                return rule.status, rule.dnr, 0
+            if rule.action == "hang":
+                self.hung.append(_Hung(sq, cmd.cid))
+                return None
+            if rule.action == "fatal":
+                ctrl._fatal(f"injected fault {rule.id}")
+                return None
+            result = ctrl._execute(qid, cmd)
+            if rule.action == "drop_irq":
+                self.drop_irq_cqs.add(sq.cqid)
+                return result
+            if result is not None:  # delay
+                self.deferred.append(_Deferred(self.clock() + rule.delay, sq, ctrl.cqs[sq.cqid],
+                                               cmd.cid, result))
+                self.notify()
+            return None
+        return ctrl._execute(qid, cmd)
+
+    def _abort(self, ctrl: NvmeController, cmd: Command) -> tuple[Status, bool, int] | None:
+        """Abort of a hung or deferred command: complete it with ABORT_REQUESTED."""
+        sqid, cid = cmd.cdw10 & 0xFFFF, cmd.cdw10 >> 16
+        for held in list(self.hung) + list(self.deferred):
+            if held.sq.qid == sqid and held.cid == cid and ctrl.sqs.get(sqid) is held.sq:
+                if isinstance(held, _Hung):
+                    self.hung.remove(held)
+                else:
+                    self.deferred.remove(held)
+                ctrl._post(ctrl.cqs[held.sq.cqid], held.sq, cid, (Status.ABORT_REQUESTED, False, 0))
+                self.counters["nvme.aborted"] = self.counters.get("nvme.aborted", 0) + 1
+                return Status.SUCCESS, False, 0  # DW0 bit 0 clear: aborted
+        return None
+
+    def release(self, ctrl: NvmeController) -> bool:
+        """Post deferred completions that are due; forget held commands of queues
+        a reset or a Delete I/O Queue removed.  True if anything was posted."""
+        if self.hung:
+            self.hung = [h for h in self.hung if ctrl.sqs.get(h.sq.qid) is h.sq]
+        if not self.deferred:
+            return False
+        now, did, keep = self.clock(), False, []
+        for d in self.deferred:
+            if ctrl.sqs.get(d.sq.qid) is not d.sq or ctrl.cqs.get(d.cq.qid) is not d.cq:
+                continue  # its queue is gone (reset): the completion goes with it
+            if d.due <= now:
+                ctrl._post(d.cq, d.sq, d.cid, d.result)
+                did = True
+            else:
+                keep.append(d)
+        self.deferred = keep
+        return did
+
+    def drop_interrupt(self, cqid: int) -> bool:
+        """Whether the interrupt due for ``cqid`` is to be swallowed (once)."""
+        if cqid in self.drop_irq_cqs:
+            self.drop_irq_cqs.discard(cqid)
+            return True
+        return False
+
+    @property
+    def waiting(self) -> bool:
+        """Anything a timer has to release later."""
+        return bool(self.deferred or self.frames)
+
+    # ------------------------------------------------------------ net
+    def frame(self, port: str, direction: str, frame: bytes,
+              send: Callable[[bytes], None]) -> list[bytes]:
+        """The frames to pass on now in place of ``frame`` (may be none)."""
+        for rule in self.rules:
+            if (rule.target != "net" or (rule.port is not None and rule.port != port)
+                    or rule.direction not in (direction, "both") or not self._fire(rule)):
+                continue
+            if rule.action == "drop":
+                return []
+            if rule.action == "corrupt":
+                data = bytearray(frame)
+                # flip one byte past the Ethernet header so the frame still switches
+                pos = 14 + self.rng.randrange(max(1, len(data) - 14)) if len(data) > 14 else 0
+                data[pos] ^= 0xFF
+                return [bytes(data)]
+            if rule.action == "duplicate":
+                return [frame, frame]
+            reorder = rule.action == "reorder"
+            # reorder: held until the port's next frame passed (or 50 ms, if none comes)
+            delay = rule.delay if not reorder else REORDER_HOLD
+            self.frames.append((self.clock() + delay, port, send, frame, reorder))
+            self.notify()
+            return []
+        out = [frame]
+        if self.frames:  # a reordered frame follows the one that overtook it
+            later = [f for f in self.frames if f[4] and f[1] == port and f[2] == send]
+            for f in later:
+                self.frames.remove(f)
+                out.append(f[3])
+        return out
+
+    def due_frames(self) -> list[tuple[Callable[[bytes], None], bytes]]:
+        """Delayed frames whose time has come, with where they go."""
+        now = self.clock()
+        due = [f for f in self.frames if f[0] <= now]
+        self.frames = [f for f in self.frames if f[0] > now]
+        return [(f[2], f[3]) for f in due]

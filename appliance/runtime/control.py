@@ -1,0 +1,259 @@
+"""The control socket service on the event loop (runtime layer).
+
+Listens on ``control.socket`` (mode 0600), reads JSON lines through
+:class:`~appliance.control.protocol.ControlConnection` and answers each
+request with :func:`~appliance.control.commands.dispatch`.  It also installs
+the process's :class:`~appliance.faults.FaultSet`: on the NVMe controller
+(its fault hooks) and around each net port's two frame paths (towards the
+guest: ``port.deliver``; from the guest: ``port.uplink``), and runs the timer
+that releases deferred completions and delayed frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+import time
+from collections.abc import Callable
+from typing import Any, Self
+
+from appliance.control.commands import Target, dispatch
+from appliance.control.protocol import (
+    FAILED,
+    ControlConnection,
+    ControlError,
+    reply_error,
+    reply_ok,
+)
+from appliance.faults import FaultSet
+from appliance.loop import EventLoop
+
+log = logging.getLogger("appliance.control")
+RELEASE_PERIOD = 0.005  # seconds between checks for due deferred completions / frames
+MAX_CLIENTS = 16
+
+
+class _Client:
+    def __init__(self, service: ControlService, sock: socket.socket) -> None:
+        self.service = service
+        self.sock = sock
+        self.conn = ControlConnection()
+        service.loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        self.conn.receive_data(data)
+        out = bytearray()
+        while (event := self.conn.next_event()) is not None:
+            if isinstance(event, bytes):
+                out += event
+                continue
+            try:
+                result = dispatch(self.service.target, event)
+            except ControlError as exc:
+                out += reply_error(event.id, exc.code, exc.message)
+            except Exception as exc:  # a bug in a command: report it, keep serving
+                log.exception("control: %s failed", event.cmd)
+                out += reply_error(event.id, FAILED, f"{type(exc).__name__}: {exc}")
+            else:
+                out += reply_ok(event.id, result)
+        if out:
+            try:
+                self.sock.setblocking(True)
+                self.sock.settimeout(5.0)
+                self.sock.sendall(out)
+                self.sock.setblocking(False)
+            except OSError:
+                self.close()
+
+    def close(self) -> None:
+        if self in self.service.clients:
+            self.service.clients.remove(self)
+            self.service.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+
+
+class ControlService:
+    """The control socket, the fault set and its release timer."""
+
+    def __init__(self, loop: EventLoop, path: str, controller: Any = None, net: Any = None,
+                 clock: Callable[[], float] = time.monotonic, seed: int = 0) -> None:
+        """Raises:
+            OSError: the socket cannot be created.
+        """
+        self.loop = loop
+        self.path = path
+        self.faults = FaultSet(clock=clock, seed=seed)
+        self.faults.notify = self._wake
+        self.target = Target(controller=controller, net=net, faults=self.faults)
+        self.clients: list[_Client] = []
+        self._timer = False
+        self._closed = False
+        if controller is not None:
+            controller.faults = self.faults
+        if net is not None:
+            for svc in net.services:
+                self._wrap_port(svc.port, net)
+        self.listener = self._listen(path)
+        loop.add_reader(self.listener.fileno(), self._accept)
+
+    @staticmethod
+    def _listen(path: str) -> socket.socket:
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # stale, from an earlier run
+        except FileNotFoundError:
+            pass
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            listener.bind(path)
+        except OSError:
+            listener.close()
+            raise
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        listener.listen(8)
+        listener.setblocking(False)
+        return listener
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        if len(self.clients) >= MAX_CLIENTS:
+            sock.close()
+            return
+        sock.setblocking(False)
+        self.clients.append(_Client(self, sock))
+
+    # ------------------------------------------------------------ faults on the net ports
+    def _wrap_port(self, port: Any, net: Any) -> None:
+        faults, links_down = self.faults, self.target.links_down
+        deliver, uplink = port.deliver, port.uplink
+
+        def to_guest(frame: bytes) -> None:
+            if port.name in links_down:
+                faults.counters["net.link_down_drops"] = faults.counters.get(
+                    "net.link_down_drops", 0) + 1
+                return
+            if not faults.rules and not faults.frames:
+                deliver(frame)
+                return
+            for f in faults.frame(port.name, "rx", frame, deliver):
+                deliver(f)
+
+        def from_guest(src: Any, frame: bytes) -> None:
+            if port.name in links_down:
+                faults.counters["net.link_down_drops"] = faults.counters.get(
+                    "net.link_down_drops", 0) + 1
+                return
+            if not faults.rules and not faults.frames:
+                uplink(src, frame)
+                return
+            for f in faults.frame(port.name, "tx", frame, lambda fr: uplink(port, fr)):
+                uplink(src, f)
+
+        port.deliver = to_guest
+        port.uplink = from_guest
+        self._net = net
+
+    # ------------------------------------------------------------ release timer
+    def _wake(self) -> None:
+        if not self._timer and not self._closed:
+            self._timer = True
+            self.loop.call_every(RELEASE_PERIOD, self._release)
+
+    def _release(self) -> bool:
+        if self._closed:
+            self._timer = False
+            return False
+        ctrl = self.target.controller
+        if ctrl is not None and self.faults.deferred:
+            ctrl.poll()
+        due = self.faults.due_frames()
+        for send, frame in due:
+            send(frame)
+        if due and self.target.net is not None:
+            self.target.net.switch.flush()
+        keep = self.faults.waiting
+        self._timer = keep
+        return keep
+
+    def close(self) -> None:
+        self._closed = True
+        for client in list(self.clients):
+            client.close()
+        self.loop.remove_reader(self.listener.fileno())
+        self.listener.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+class ControlClient:
+    """A blocking control-socket client (the ``appliance ctl`` front, the test fixture)."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        """Raises:
+            OSError: nothing listens on ``path``.
+        """
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError:
+            self.sock.close()
+            raise
+        self._buf = b""
+        self._next = 1
+
+    def request(self, cmd: str, **args: Any) -> dict[str, Any]:
+        """Send one request and return the whole reply object."""
+        import json
+
+        request_id, self._next = self._next, self._next + 1
+        line = json.dumps({"id": request_id, "cmd": cmd, "args": args}).encode() + b"\n"
+        self.sock.sendall(line)
+        while b"\n" not in self._buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("control socket closed")
+            self._buf += chunk
+        reply, self._buf = self._buf.split(b"\n", 1)
+        out: dict[str, Any] = json.loads(reply)
+        return out
+
+    def __call__(self, cmd: str, **args: Any) -> Any:
+        """Send one request and return its result.
+
+        Raises:
+            ControlError: the appliance refused it (``code`` and ``message`` from the reply).
+        """
+        reply = self.request(cmd, **args)
+        if not reply.get("ok"):
+            err = reply.get("error") or {}
+            raise ControlError(str(err.get("code")), str(err.get("message")))
+        return reply.get("result")
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

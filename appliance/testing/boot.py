@@ -1,0 +1,111 @@
+"""``appliance boot``: the appliance (started if not running) and a QEMU guest on the terminal.
+
+The guest is the provisioned test guest (``images/qemu-env.sh``: kernel 6.1,
+busybox) under TCG with the appliance's NVMe controller and net ports
+attached; its serial console is this terminal (QEMU ``-nographic``: Ctrl-A X
+quits).  The shell starts with echo off (the test harness wants it so): type
+``stty echo`` for an interactive session.
+
+If nothing answers on the control socket, ``appliance run`` is started in the
+background (log in ``{run_dir}/appliance.log``) and stopped again when QEMU
+exits, unless ``--keep`` is given.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from appliance.errors import ApplianceError
+
+READY = b"appliance: ready"
+
+
+def _running(cfg: dict[str, Any]) -> bool:
+    from appliance.runtime.control import ControlClient
+
+    try:
+        with ControlClient(cfg["control"]["socket"], timeout=2.0) as client:
+            client("fault.list")
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _start_appliance(cmd: list[str], log_path: str, timeout: float = 30.0) -> subprocess.Popen[bytes]:
+    log = open(log_path, "ab")  # noqa: SIM115 - the child holds it
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+    finally:
+        log.close()
+    assert proc.stdout is not None
+    fd, buf, deadline = proc.stdout.fileno(), b"", time.monotonic() + timeout
+    while READY not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            proc.kill()
+            proc.wait()
+            raise ApplianceError(f"the appliance did not start in {timeout:.0f} s (see {log_path})")
+        if not select.select([fd], [], [], left)[0]:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            raise ApplianceError(f"the appliance exited ({proc.wait()}); see {log_path}")
+        buf += chunk
+    return proc
+
+
+def boot(cfg: dict[str, Any], config_path: str | None, *, append: str = "", smp: int = 1,
+         keep: bool = False, dry_run: bool = False) -> int:
+    """Boot a guest on the terminal; returns QEMU's exit status.
+
+    Raises:
+        ApplianceError: no QEMU environment, or the appliance does not start.
+    """
+    from appliance.cli import qemu_args
+    from appliance.testing.qemu import Guest, QemuUnavailable, locate_env
+
+    try:
+        env = locate_env()
+    except QemuUnavailable as exc:
+        raise ApplianceError(f"boot: QEMU environment unavailable: {exc} "
+                             "(run `sudo scripts/provision`)") from None
+    run_cmd = [sys.executable, "-m", "appliance", "run"] + (["-c", config_path] if config_path else [])
+    running = _running(cfg)
+    args = qemu_args(cfg, net=True)
+    devices = args[args.index("-device"):]
+    guest = Guest(env, cfg["run_dir"], args=devices, append=f"qe.shell {append}".strip(),
+                  smp=smp, name="boot-guest")
+    argv = list(guest.argv)
+    i = argv.index("-qmp")
+    del argv[i:i + 2]  # no QMP socket: the terminal is the interface
+    guest.kill()  # only its argv is used: this removes its socket directory
+    if dry_run:
+        if not running:
+            print("appliance:", " ".join(shlex.quote(a) for a in run_cmd))
+        print("qemu:", " ".join(shlex.quote(a) for a in argv))
+        return 0
+    proc = None
+    if not running:
+        os.makedirs(cfg["run_dir"], mode=0o700, exist_ok=True)
+        log_path = os.path.join(cfg["run_dir"], "appliance.log")
+        proc = _start_appliance(run_cmd, log_path)
+        print(f"appliance: started (pid {proc.pid}, log {log_path})", file=sys.stderr)
+    print("appliance: guest console follows; Ctrl-A X quits QEMU; `stty echo` in the guest "
+          "for an interactive shell", file=sys.stderr, flush=True)
+    try:
+        return subprocess.call(argv)
+    finally:
+        if proc is not None and not keep:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

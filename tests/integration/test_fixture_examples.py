@@ -1,0 +1,195 @@
+"""The fixture guide's examples (docs/fixture.md): guest drivers against injected faults.
+
+Only the pytest plugin's fixtures are used (``appliance``, ``appliance_ctl``,
+``appliance_guest``); each test boots one TCG guest.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib.metadata import entry_points
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+if not any(ep.value == "appliance.testing.plugin"
+           for ep in entry_points(group="pytest11")):  # pragma: no cover
+    # Not installed with its pytest11 entry point (an editable install made before the
+    # entry point existed): take the plugin's fixtures from the module itself.
+    from appliance.testing.plugin import (  # noqa: F401
+        appliance,
+        appliance_ctl,
+        appliance_guest,
+        nvme_driver,
+    )
+
+DD_ONE = "dd if=/dev/nvme0n1 of=/dev/null bs=512 skip={lba} count=1 iflag=direct 2>&1"
+
+
+@pytest.mark.appliance_config(storage={"namespaces": [{"image": "{data_dir}/disk0.img",
+                                                       "size": "16M"}]})
+def test_unrecovered_read_error_fails_that_block_only(appliance_guest: Any,
+                                                      appliance_ctl: Any) -> None:
+    appliance_ctl("fault.add", action="status", lba=100, status="unrecovered_read_error")
+    out, rc = appliance_guest.run(DD_ONE.format(lba=100))
+    # BLK_STS_MEDIUM: dd sees ENODATA ("No data available"), the kernel logs the sector
+    assert rc != 0 and re.search(r"No data available|I/O error", out), out
+    for lba in (99, 101):
+        out, rc = appliance_guest.run(DD_ONE.format(lba=lba))
+        assert rc == 0 and "1+0 records in" in out, out
+    dmesg, _ = appliance_guest.run("dmesg | grep -i 'critical medium error\\|I/O error' | tail -3")
+    assert "sector 100" in dmesg, dmesg
+    faults = appliance_ctl("fault.list")
+    assert faults["fired"]["nvme.status"] >= 1
+
+
+IO_TIMEOUT_5S = "echo 5000 > /sys/block/nvme0n1/queue/io_timeout"
+
+
+def test_never_completed_command_times_out_and_the_guest_recovers(appliance_guest: Any,
+                                                                  appliance_ctl: Any) -> None:
+    _, rc = appliance_guest.run(IO_TIMEOUT_5S)
+    assert rc == 0
+    appliance_ctl("fault.add", action="hang", count=1, lba=300)
+    out, rc = appliance_guest.run(DD_ONE.format(lba=300), timeout=60)
+    assert rc == 0 and "1+0 records in" in out, out  # retried after the abort
+    dmesg, _ = appliance_guest.run("dmesg | grep -i 'timeout\\|abort\\|reset' | tail -5")
+    assert re.search(r"timeout, aborting|resetting", dmesg), dmesg
+    status = appliance_ctl("status")
+    assert status["faults"]["fired"]["nvme.hang"] == 1
+    assert status["faults"]["hung_commands"] == 0  # aborted, or gone with a reset
+    out, rc = appliance_guest.run("dd if=/dev/nvme0n1 of=/dev/null bs=64k count=16 iflag=direct 2>&1")
+    assert rc == 0 and "16+0 records in" in out, out
+
+
+def test_controller_fatal_status_makes_the_guest_reset_and_recover(appliance_guest: Any,
+                                                                   appliance_ctl: Any) -> None:
+    _, rc = appliance_guest.run(IO_TIMEOUT_5S)
+    assert rc == 0
+    resets_before = appliance_ctl("status")["nvme"]["counters"]["commands"].get("admin.create_sq")
+    appliance_ctl("fault.add", action="fatal", count=1, lba=400)
+    out, rc = appliance_guest.run(DD_ONE.format(lba=400), timeout=60)
+    assert rc == 0 and "1+0 records in" in out, out
+    dmesg, _ = appliance_guest.run("dmesg | grep -i 'controller is down\\|reset' | tail -5")
+    assert "controller is down" in dmesg, dmesg
+    status = appliance_ctl("status")
+    assert status["nvme"]["counters"]["fatal"] == 1 and status["nvme"]["state"] == "ready"
+    assert status["nvme"]["counters"]["commands"]["admin.create_sq"] > resets_before
+    out, rc = appliance_guest.run("dd if=/dev/nvme0n1 of=/dev/null bs=64k count=16 iflag=direct 2>&1")
+    assert rc == 0 and "16+0 records in" in out, out
+
+
+NET = {"ports": [{"socket": "{run_dir}/net0.sock", "mac": "52:54:00:12:34:56"}]}
+
+
+@pytest.mark.appliance_config(net=NET)
+def test_ten_percent_drop_still_completes_a_ping_series(appliance_guest: Any,
+                                                        appliance_ctl: Any) -> None:
+    out, rc = appliance_guest.run("ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && "
+                                  "ping -c 3 -W 2 10.0.2.2 >/dev/null && echo configured",
+                                  timeout=120)
+    assert rc == 0 and out.endswith("configured"), out
+    appliance_ctl("fault.add", action="drop", port="net0", direction="rx", probability=0.1,
+                  seed=1234)
+    out, _ = appliance_guest.run("ping -c 200 -i 0.02 -W 1 10.0.2.2 | tail -3", timeout=120)
+    m = re.search(r"200 packets transmitted, (\d+) packets received", out)
+    assert m, out
+    received = int(m.group(1))
+    dropped = appliance_ctl("fault.list")["rules"][0]["hits"]
+    # echo replies towards the guest are the only frames at ~10%: 200 - received of them
+    assert 200 - received == dropped, (out, dropped)
+    assert 5 <= dropped <= 40, out  # 10% of 200 with a wide binomial margin
+
+
+def test_namespace_resize_reaches_the_guest_through_the_async_event(appliance_guest: Any,
+                                                                    appliance_ctl: Any) -> None:
+    out, _ = appliance_guest.run("cat /sys/block/nvme0n1/size")
+    before = int(out.split()[-1])
+    appliance_ctl("namespace.resize", size=2 * before * 512)
+    out, rc = appliance_guest.run(
+        f"for i in $(seq 200); do [ $(cat /sys/block/nvme0n1/size) = {2 * before} ] && break; "
+        "sleep 0.1; done; cat /sys/block/nvme0n1/size", timeout=60)
+    assert out.split()[-1] == str(2 * before), out
+    out, rc = appliance_guest.run(DD_ONE.format(lba=2 * before - 1))
+    assert rc == 0 and "1+0 records in" in out, out
+
+
+@pytest.mark.appliance_config(storage={"namespaces": [{"image": "{data_dir}/d.img", "size": "4M"}]})
+def test_driver_without_a_guest_sees_the_error(nvme_driver: Any, appliance_ctl: Any) -> None:
+    from appliance.drivers.nvme import NvmeError
+
+    appliance_ctl("fault.add", action="status", lba=0, status="write_fault", dnr=True)
+    with pytest.raises(NvmeError) as info:
+        nvme_driver.write(1, 0, b"x" * 512)
+    assert info.value.status == 0x280 and info.value.dnr
+    nvme_driver.write(1, 1, b"y" * 512)  # the next block is fine
+    assert nvme_driver.read(1, 1, 1) == b"y" * 512
+
+
+def test_driver_delayed_completion_arrives_after_the_delay(nvme_driver: Any,
+                                                           appliance_ctl: Any) -> None:
+    import time
+
+    nvme_driver.write(1, 5, b"d" * 512)
+    appliance_ctl("fault.add", action="delay", delay=0.5, count=1, lba=5)
+    start = time.monotonic()
+    assert nvme_driver.read(1, 5, 1) == b"d" * 512
+    assert time.monotonic() - start >= 0.5
+    status = appliance_ctl("status")["faults"]
+    assert status["fired"] == {"nvme.delay": 1} and status["deferred_completions"] == 0
+
+
+# ---------------------------------------------------------------- `appliance boot` (not a fixture)
+def test_appliance_boot_starts_appliance_and_guest_on_the_terminal(tmp_path: Any) -> None:
+    """`appliance boot` with nothing running: the guest sees the disk; exiting its
+    shell powers it off and the appliance boot started is stopped again."""
+    import os
+    import select
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from appliance.testing.process import make_config
+    from appliance.testing.qemu import qemu_env
+
+    qemu_env()  # skip / fail like every QEMU test when the environment is missing
+    cfg = make_config(tmp_path, storage={"namespaces": [{"image": "{data_dir}/d.img",
+                                                         "size": "8M"}]})
+    path = tmp_path / "boot.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "appliance", "boot", "-c", str(path)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    buf, deadline = b"", time.monotonic() + 120
+
+    def expect(needle: bytes) -> None:
+        nonlocal buf
+        while needle not in buf:
+            left = deadline - time.monotonic()
+            assert left > 0, buf.decode(errors="replace")[-3000:]
+            if select.select([proc.stdout], [], [], left)[0]:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                assert chunk, buf.decode(errors="replace")[-3000:]
+                buf += chunk
+
+    try:
+        expect(b"GUEST-SHELL")
+        proc.stdin.write(b"for i in $(seq 100); do [ -b /dev/nvme0n1 ] && break; sleep 0.1; done; "
+                         b"echo SIZE=$(cat /sys/block/nvme0n1/size)\n")
+        proc.stdin.flush()
+        expect(b"SIZE=16384")
+        proc.stdin.write(b"exit\n")
+        proc.stdin.flush()
+        expect(b"GUEST-POWEROFF")
+        assert proc.wait(60) == 0
+        assert b"appliance: started" in buf
+        assert not os.path.exists(cfg["control"]["socket"])  # the appliance stopped again
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()

@@ -1,0 +1,40 @@
+"""``appliance boot --dry-run``: what it would start (no QEMU, no appliance)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance.cli import main
+from appliance.testing import qemu
+
+
+def test_boot_dry_run_prints_appliance_and_qemu_commands(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    env = qemu.QemuEnv(root=tmp_path, qemu=tmp_path / "qemu", qemu_img=tmp_path / "img",
+                       vmlinux=tmp_path / "vmlinux", initrd=tmp_path / "initrd")
+    monkeypatch.setattr(qemu, "locate_env", lambda: env)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run_dir: {tmp_path}/run\ndata_dir: {tmp_path}/data\n"
+                   f"net: {{ports: [{{socket: {tmp_path}/n0.sock, mac: '52:54:00:12:34:56'}}]}}\n")
+    assert main(["boot", "--dry-run", "--append", "quiet", "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("appliance: ") and out[0].endswith(f"run -c {cfg}")
+    assert out[1].startswith(f"qemu: {tmp_path}/qemu ")
+    assert "vfio-user-pci" in out[1] and "vhost-user,id=net0" in out[1]
+    assert "qe.shell quiet" in out[1]
+
+
+def test_boot_without_qemu_environment_is_one_error_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def missing() -> qemu.QemuEnv:
+        raise qemu.QemuUnavailable("/nowhere/qemu is missing")
+
+    monkeypatch.setattr(qemu, "locate_env", missing)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run_dir: {tmp_path}/run\ndata_dir: {tmp_path}/data\n")
+    assert main(["boot", "-c", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("appliance: error: boot: QEMU environment unavailable") and \
+        err.count("\n") == 1

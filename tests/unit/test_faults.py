@@ -1,0 +1,184 @@
+"""Fault rules against the in-test NVMe driver (device layer, no sockets, fake clock)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_nvme_driver import Driver, make_controller, status
+
+from appliance.faults import FaultError, FaultRule, FaultSet
+from appliance.storage.spec import AdminOpcode, Command, IoOpcode, Status
+from appliance.vfio_user.wire import PciIrq
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[tuple[Driver, FaultSet, Clock]]:
+    ctrl = make_controller(tmp_path, io_queues=2, queue_entries=64)
+    clock = Clock()
+    faults = FaultSet(clock=clock, seed=1)
+    ctrl.faults = faults
+    yield Driver(ctrl).ready(), faults, clock
+    ctrl.close()
+
+
+def read_cmd(d: Driver, slba: int, nlb: int = 1) -> Command:
+    prp1, prp2, _ = d.buffer(nlb * 512)
+    return Command(opcode=IoOpcode.READ, nsid=1, prp1=prp1, prp2=prp2, cdw10=slba, cdw12=nlb - 1)
+
+
+@pytest.mark.parametrize("args, why", [
+    ({"action": "explode"}, "action"),
+    ({"action": "status", "probability": 2}, "probability"),
+    ({"action": "status", "lba": "9-3"}, "lba"),
+    ({"action": "status", "status": "0"}, "status"),
+    ({"action": "delay"}, "delay"),
+    ({"action": "drop", "direction": "sideways"}, "direction"),
+    ({"action": "status", "colour": "red"}, "colour"),
+    ({"target": "disk", "action": "status"}, "target"),
+])
+def test_bad_rules_are_refused_with_the_field_named(args: dict[str, object], why: str) -> None:
+    with pytest.raises(FaultError, match=why):
+        FaultRule.build(1, args)
+
+
+def test_status_fault_fails_only_the_matching_lba(rig: tuple[Driver, FaultSet, Clock]) -> None:
+    d, faults, _ = rig
+    faults.add({"action": "status", "lba": 8, "status": "unrecovered_read_error"})
+    done, _ = d.io(IoOpcode.READ, slba=8, nlb=1)
+    assert status(done) == (0x281, False)
+    assert status(d.io(IoOpcode.READ, slba=7, nlb=1)[0]) == (Status.SUCCESS, False)
+    assert status(d.io(IoOpcode.READ, slba=9, nlb=1)[0]) == (Status.SUCCESS, False)
+    assert status(d.io(IoOpcode.READ, slba=0, nlb=16)[0])[0] == 0x281  # the range covers 8
+    assert faults.counters["nvme.status"] == 2
+    assert faults.rules[0].hits == 2 and d.ctrl.counters["errors"] == 2
+
+
+def test_count_limits_firings_and_admin_is_not_matched_by_default(
+        rig: tuple[Driver, FaultSet, Clock]) -> None:
+    d, faults, _ = rig
+    faults.add({"action": "status", "count": 1, "status": "namespace_not_ready"})
+    d.identify(1)  # admin commands pass unqualified rules
+    assert status(d.io(IoOpcode.READ, 0, 1)[0]) == (0x82, False)
+    assert status(d.io(IoOpcode.READ, 0, 1)[0]) == (Status.SUCCESS, False)
+    assert faults.clear() == 1 and faults.rules == []
+
+
+def test_probability_is_reproducible_with_a_seed(tmp_path: Path) -> None:
+    def pattern(seed: int) -> list[bool]:
+        fs = FaultSet(clock=Clock(), seed=seed)
+        rule = fs.add({"action": "drop", "probability": 0.3, "port": "net0"})
+        out = [not fs.frame("net0", "rx", b"x" * 60, lambda f: None) for _ in range(200)]
+        assert rule.hits == sum(out) and rule.seen == 200
+        return out
+
+    a, b = pattern(7), pattern(7)
+    assert a == b and 30 < sum(a) < 90
+
+
+def test_delayed_completion_waits_for_the_clock(rig: tuple[Driver, FaultSet, Clock]) -> None:
+    d, faults, clock = rig
+    faults.add({"action": "delay", "delay": 2.0, "count": 1})
+    payload = b"\x5a" * 512
+    prp1, prp2, pages = d.buffer(512)
+    d.scatter(pages, payload)
+    cid = d.submit(1, Command(opcode=IoOpcode.WRITE, nsid=1, prp1=prp1, prp2=prp2, cdw10=3))
+    assert d.reap(1) == [] and faults.waiting
+    with open(d.ctrl.namespaces[1].image, "rb") as f:  # the data is written already
+        f.seek(3 * 512)
+        assert f.read(512) == payload
+    assert not d.ctrl.poll()
+    clock.now += 2.0
+    assert d.ctrl.poll()
+    done = d.reap(1)
+    assert [c.cid for c in done] == [cid] and status(done[0]) == (Status.SUCCESS, False)
+    assert not faults.waiting
+
+
+def test_hung_command_is_aborted_by_abort(rig: tuple[Driver, FaultSet, Clock]) -> None:
+    d, faults, _ = rig
+    faults.add({"action": "hang", "count": 1})
+    cid = d.submit(1, read_cmd(d, 0))
+    assert d.reap(1) == [] and len(faults.hung) == 1
+    done = d.admin(AdminOpcode.ABORT, cdw10=cid << 16 | 1)
+    assert status(done) == (Status.SUCCESS, False) and done.dw0 & 1 == 0
+    aborted = d.reap(1)
+    assert [c.cid for c in aborted] == [cid]
+    assert status(aborted[0]) == (Status.ABORT_REQUESTED, False)
+    assert faults.hung == []
+    # an abort of something not outstanding: "not aborted"
+    assert d.admin(AdminOpcode.ABORT, cdw10=0x7777 << 16 | 1).dw0 & 1 == 1
+
+
+def test_controller_reset_clears_hung_and_deferred(rig: tuple[Driver, FaultSet, Clock]) -> None:
+    d, faults, clock = rig
+    faults.add({"action": "hang", "count": 1})
+    faults.add({"action": "delay", "delay": 1.0, "count": 1})
+    d.submit(1, read_cmd(d, 0))
+    d.submit(1, read_cmd(d, 1))
+    assert len(faults.hung) == 1 and len(faults.deferred) == 1
+    d.write_reg(0x14, 0)  # CC.EN = 0: controller reset
+    d.ready()
+    clock.now += 5
+    d.ctrl.poll()
+    assert faults.hung == [] and faults.deferred == []
+    assert status(d.io(IoOpcode.READ, 0, 1)[0]) == (Status.SUCCESS, False)
+
+
+def test_fatal_sets_cfs_and_a_reset_recovers(rig: tuple[Driver, FaultSet, Clock]) -> None:
+    d, faults, _ = rig
+    faults.add({"action": "fatal", "count": 1})
+    d.submit(1, read_cmd(d, 0))
+    assert d.reap(1) == []
+    assert d.csts & 0x2  # CSTS.CFS
+    d.write_reg(0x14, 0)
+    d.ready()
+    assert not d.csts & 0x2
+    assert status(d.io(IoOpcode.READ, 0, 1)[0]) == (Status.SUCCESS, False)
+
+
+def test_dropped_interrupt_still_posts_the_completion(rig: tuple[Driver, FaultSet, Clock]) -> None:
+    d, faults, _ = rig
+    faults.add({"action": "drop_irq", "count": 1})
+    d.sink.take()
+    cid = d.submit(1, read_cmd(d, 0))
+    assert (PciIrq.MSIX, 1) not in d.sink.take()
+    assert [c.cid for c in d.reap(1)] == [cid]
+    d.io(IoOpcode.READ, 0, 1)
+    assert (PciIrq.MSIX, 1) in d.sink.take()
+
+
+def test_net_corrupt_duplicate_reorder_delay() -> None:
+    clock = Clock()
+    fs = FaultSet(clock=clock, seed=3)
+    sent: list[bytes] = []
+    frame = bytes(range(64))
+    rule = fs.add({"action": "corrupt", "port": "net0", "count": 1})
+    out = fs.frame("net0", "rx", frame, sent.append)
+    assert len(out) == 1 and out[0] != frame and out[0][:14] == frame[:14]
+    assert sum(a != b for a, b in zip(out[0], frame, strict=True)) == 1
+    fs.clear(rule.id)
+    fs.add({"action": "duplicate", "port": "net0", "count": 1})
+    assert fs.frame("net0", "rx", frame, sent.append) == [frame, frame]
+    fs.clear()
+    fs.add({"action": "reorder", "port": "net0", "count": 1})
+    assert fs.frame("net0", "rx", b"first", sent.append) == []
+    assert fs.frame("net0", "rx", b"second", sent.append) == [b"second", b"first"]
+    fs.clear()
+    fs.add({"action": "delay", "port": "net0", "delay": 0.5, "direction": "tx", "count": 1})
+    assert fs.frame("net0", "rx", b"rx-frame", sent.append) == [b"rx-frame"]
+    assert fs.frame("net0", "tx", b"late", sent.append) == []
+    assert fs.due_frames() == []
+    clock.now += 0.5
+    assert fs.due_frames() == [(sent.append, b"late")]
+    assert fs.stats()["fired"] == {"net.corrupt": 1, "net.duplicate": 1, "net.reorder": 1,
+                                   "net.delay": 1}
