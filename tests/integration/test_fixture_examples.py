@@ -158,7 +158,9 @@ def test_appliance_boot_starts_appliance_and_guest_on_the_terminal(tmp_path: Any
 
     qemu_env()  # skip / fail like every QEMU test when the environment is missing
     cfg = make_config(tmp_path, storage={"namespaces": [{"image": "{data_dir}/d.img",
-                                                         "size": "8M"}]})
+                                                         "size": "8M"}]},
+                      net={"ports": [{"socket": str(tmp_path / "run" / "net0.sock"),
+                                      "mac": "52:54:00:12:34:56"}]})
     path = tmp_path / "boot.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "appliance", "boot", "-c", str(path)],
@@ -183,6 +185,10 @@ def test_appliance_boot_starts_appliance_and_guest_on_the_terminal(tmp_path: Any
                          b"echo SIZE=$(cat /sys/block/nvme0n1/size)\n")
         proc.stdin.flush()
         expect(b"SIZE=16384")
+        # ... and the network interface on the appliance's port (its MAC).
+        proc.stdin.write(b"echo NET=$(cat /sys/class/net/eth0/address)\n")
+        proc.stdin.flush()
+        expect(b"NET=52:54:00:12:34:56")
         proc.stdin.write(b"exit\n")
         proc.stdin.flush()
         expect(b"GUEST-POWEROFF")
