@@ -29,7 +29,8 @@ def qemu_args(cfg: dict[str, Any], *, net: bool = True) -> list[str]:
     ]
     if net:
         for i, p in enumerate(cfg["net"]["ports"]):
-            args += ["-chardev", f"socket,id=net{i}c,path={p['socket']}",
+            server = ",server=on,wait=off" if p.get("mode") == "client" else ""  # we connect to QEMU
+            args += ["-chardev", f"socket,id=net{i}c,path={p['socket']}{server}",
                      "-netdev", f"vhost-user,id=net{i},chardev=net{i}c,queues={p['queues']}",
                      "-device", f"virtio-net-pci,netdev=net{i},mac={p['mac']}"
                      + (",mq=on" if p["queues"] > 1 else "")

@@ -81,6 +81,14 @@ def text(path: str, value: Any) -> str:
     return value
 
 
+def ifname(path: str, value: Any) -> str:
+    """A Linux network interface name: 1-15 bytes, no '/', ':' or whitespace."""
+    if (not isinstance(value, str) or not 0 < len(value.encode()) < 16 or value in (".", "..")
+            or any(ch in value for ch in "/: \t\n")):
+        raise ConfigError(f"{path}: must be an interface name of 1-15 characters (got {value!r})")
+    return value
+
+
 def mac(path: str, value: Any) -> str:
     if not isinstance(value, str) or not _MAC.match(value):
         raise ConfigError(f"{path}: must be a MAC address like 52:54:00:12:34:56 (got {value!r})")
@@ -149,6 +157,7 @@ SCHEMA = Table({
             "mac": (mac, "52:54:00:00:02:02"),
             "udp_echo_port": (port, 7),
         }), None),
+        "tap": (Table({"name": (ifname, None)}), None),  # name absent: no TAP interface
     }), None),
     "control": (Table({"socket": (text, "{run_dir}/control.sock")}), None),
 })

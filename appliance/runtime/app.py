@@ -89,7 +89,7 @@ class Appliance:
             from appliance.runtime.vhost_user import NetService
         except ImportError:
             return None
-        if not self.cfg["net"]["ports"]:
+        if not self.cfg["net"]["ports"] and not self.cfg["net"]["tap"]["name"]:
             return None
         return NetService(self.loop, self.cfg["net"])
 

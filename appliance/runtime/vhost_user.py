@@ -45,8 +45,10 @@ from appliance.net.pcap import PcapWriter
 from appliance.net.port import VirtioNetPort
 from appliance.net.responder import Responder
 from appliance.net.switch import Switch
+from appliance.net.tap import TapPort
 from appliance.net.vhost_protocol import BackendConnection
 from appliance.runtime import unix
+from appliance.runtime.tap import TapService, open_tap
 
 log = logging.getLogger("appliance.net")
 
@@ -328,13 +330,16 @@ class NetService:
     """Every vhost-user-net port of the process, their switch and the responder."""
 
     def __init__(self, loop: EventLoop, cfg_net: dict[str, Any],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 tap_opener: Callable[[str], int] = open_tap) -> None:
         """Args:
             loop: the process's event loop.
             cfg_net: ``config["net"]`` from :func:`appliance.config.load`.
+            tap_opener: opens the TAP fd for ``net.tap.name`` (tests pass a fake).
 
         Raises:
-            ApplianceError: a port's socket cannot be set up (the message names it).
+            ApplianceError: a port's socket or the TAP interface cannot be set up
+                (the message names the config key).
         """
         self.loop = loop
         self.switch = Switch(clock=clock)
@@ -346,8 +351,15 @@ class NetService:
         self.switch.attach(self.responder, [self.responder.mac])
         self.services: list[PortService] = []
         self.pcaps: list[PcapWriter] = []
+        self.tap: TapService | None = None
         self._closed = False
         try:
+            tap_name = cfg_net.get("tap", {}).get("name")
+            if tap_name:
+                tap_port = TapPort("tap0", tap_name)
+                tap_port.uplink = self.switch.forward
+                self.tap = TapService(loop, tap_port, self.switch.flush, tap_opener)
+                self.switch.attach(tap_port)
             for i, pcfg in enumerate(cfg_net["ports"]):
                 pcap = None
                 if pcfg.get("pcap"):
@@ -381,6 +393,8 @@ class NetService:
         self._closed = True
         for svc in self.services:
             svc.close()
+        if self.tap is not None:
+            self.tap.close()
         for pcap in self.pcaps:
             pcap.close()
 
@@ -389,4 +403,5 @@ class NetService:
             "ports": {svc.port.name: svc.stats() for svc in self.services},
             "switch": self.switch.stats(),
             "responder": self.responder.stats(),
+            **({"tap": self.tap.stats()} if self.tap is not None else {}),
         }

@@ -161,7 +161,9 @@ class Appliance(Proc):
         return json.loads(m.group(1))
 
 
-def start_appliance(tmp: Path, nports: int) -> tuple[Appliance, list[str]]:
+def start_appliance(tmp: Path, nports: int, **port_opts: Any) -> tuple[Appliance, list[str]]:
+    """``appliance run`` with ``nports`` ports (``port_opts``: more keys for every port,
+    e.g. ``queues=2``, ``mode="client"``); waits until they listen (server mode)."""
     run = tmp / "run"
     socks = [str(run / f"net{i}.sock") for i in range(nports)]
     cfg = {
@@ -169,7 +171,7 @@ def start_appliance(tmp: Path, nports: int) -> tuple[Appliance, list[str]]:
         "run_dir": str(run),
         "storage": {"socket": str(run / "nvme.sock"),
                     "namespaces": [{"image": str(tmp / "data" / "disk0.img"), "size": "16M"}]},
-        "net": {"ports": [{"socket": s, "mac": f"52:54:00:12:34:{i + 0x56:02x}"}
+        "net": {"ports": [{"socket": s, "mac": f"52:54:00:12:34:{i + 0x56:02x}", **port_opts}
                           for i, s in enumerate(socks)]},
         "control": {"socket": str(run / "control.sock")},
     }
@@ -181,8 +183,9 @@ def start_appliance(tmp: Path, nports: int) -> tuple[Appliance, list[str]]:
         run.mkdir(parents=True, exist_ok=True)
         args = [sys.executable, "-c", LAUNCHER, str(REPO), str(path)]
     app = Appliance("appliance", args, tmp / "appliance.log", cpu=APPLIANCE_CPU)
-    for i in range(nports):
-        app.expect(rf"net{i}: listening on", 30)
+    if port_opts.get("mode", "server") == "server":
+        for i in range(nports):
+            app.expect(rf"net{i}: listening on", 30)
     app.expect("appliance: ready", 30)
     return app, socks
 
@@ -404,3 +407,88 @@ def test_io_round_trip(tmp_path: Path, procs: list[Proc], vdev: str, target: int
     for ct in (c0, c1):
         assert ct["rx_dropped"] == ct["tx_dropped"] == ct["malformed_chains"] == 0, ct
     assert rss_start is not None and rss_end - rss_start < 8 * 1024, (rss_start, rss_end)
+
+
+def net_status(tmp: Path) -> dict[str, Any]:
+    """The ``net`` section of ``appliance ctl status`` (the control socket of start_appliance)."""
+    from appliance.runtime.control import ControlClient
+
+    with ControlClient(str(tmp / "run" / "control.sock")) as ctl:
+        out: dict[str, Any] = ctl("status")["net"]
+    return out
+
+
+def wait_status(tmp: Path, port: str, until: Any, timeout: float = 20.0) -> dict[str, Any]:
+    """The port's status once ``until(status)`` holds (polled on the control socket)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st: dict[str, Any] = net_status(tmp)["ports"][port]
+        if until(st):
+            return st
+        assert time.monotonic() < deadline, st
+        time.sleep(0.05)  # polling interval of a bounded wait on the condition
+
+
+def test_multiqueue_txonly_uses_both_queues(tmp_path: Path, procs: list[Proc]) -> None:
+    """testpmd with ``queues=2`` and ``--rxq=2 --txq=2`` (one forwarding lcore, two
+    streams): frames arrive on both transmit rings (virtqueues 1 and 3), and the
+    per-ring counts add up to exactly testpmd's TX-packets."""
+    app, (sock,) = start_appliance(tmp_path, 1, queues=2)
+    procs.append(app)
+    pmd = start_testpmd(tmp_path, sock, "txonly", "mq", "queues=2", ("--rxq=2", "--txq=2"))
+    procs.append(pmd)
+    app.expect(r"net0: driver ok", 20)
+    pmd.send("start")
+    pmd.expect(r"txonly packet forwarding", 10)
+    pmd.expect(r"testpmd> ", 10)
+    deadline = time.monotonic() + 30
+    while port_stats(pmd)[1] < 20_000:  # bounded wait for traffic
+        assert time.monotonic() < deadline, pmd.tail()
+    _, sent = stop_forwarding(pmd)
+    st = wait_status(tmp_path, "net0", lambda s: s["rx_packets"] >= sent)
+    rings = {q["index"]: q for q in st["queues"]}
+    print(f"\nmultiqueue txonly: testpmd sent {sent}; appliance rx_packets {st['rx_packets']}; "
+          f"per ring {[(i, q['kind'], q['packets'], q['enabled']) for i, q in sorted(rings.items())]}")
+    assert sorted(rings) == [0, 1, 2, 3]
+    assert all(rings[i]["enabled"] for i in (1, 3)), rings
+    assert rings[1]["packets"] > 0 and rings[3]["packets"] > 0, rings  # both queues used
+    assert rings[1]["packets"] + rings[3]["packets"] == st["rx_packets"] == sent, (rings, sent)
+    assert rings[1]["bytes"] + rings[3]["bytes"] == st["rx_bytes"] == 64 * sent
+    assert st["rx_dropped"] == 0 and st["malformed_chains"] == 0, st
+    quit_testpmd(pmd)
+    counters = app.counters("net0")
+    assert counters["rx_packets"] == sent, (counters, sent)
+
+
+def test_client_mode_reconnects_to_a_restarted_testpmd(tmp_path: Path, procs: list[Proc]) -> None:
+    """``mode: client``: testpmd is the vhost-user server (``server=1``); the appliance
+    connects, txonly frames are counted exactly; testpmd quits and a second one
+    starts on the same path; the appliance's retry timer reconnects (its log line)
+    and the second run's frames are counted exactly too."""
+    app, (sock,) = start_appliance(tmp_path, 1, mode="client")
+    procs.append(app)
+    assert re.search(rf"net0: cannot connect to {re.escape(sock)} \(.*\); retrying every",
+                     app.text), app.tail()  # logged before "appliance: ready"
+    base = 0
+    for run in (1, 2):
+        pmd = start_testpmd(tmp_path, sock, "txonly", f"srv{run}", "server=1")
+        procs.append(pmd)
+        app.expect(rf"net0: connected to {re.escape(sock)}", 20)  # by the retry timer
+        app.expect(r"net0: driver ok", 20)
+        pmd.send("start")
+        pmd.expect(r"txonly packet forwarding", 10)
+        pmd.expect(r"testpmd> ", 10)
+        deadline = time.monotonic() + 30
+        while port_stats(pmd)[1] < 20_000:  # bounded wait for traffic
+            assert time.monotonic() < deadline, pmd.tail()
+        _, sent = stop_forwarding(pmd)
+        st = wait_status(tmp_path, "net0", lambda s, n=base + sent: s["rx_packets"] >= n)
+        print(f"\nclient mode, run {run}: testpmd sent {sent}; appliance rx_packets "
+              f"{st['rx_packets']} (before this run {base}); connections {st['connections']}")
+        assert st["rx_packets"] - base == sent, (st, base, sent)
+        assert st["connections"] == run and st["mode"] == "client", st
+        assert st["rx_dropped"] == 0 and st["malformed_chains"] == 0, st
+        quit_testpmd(pmd)
+        counters = app.counters("net0")  # the disconnect: counters survive it
+        assert counters["rx_packets"] == base + sent, (counters, base, sent)
+        base = counters["rx_packets"]

@@ -350,3 +350,15 @@ def test_responder_answers_arp_over_sockets(tmp_path: Path, loop: EventLoop) -> 
     finally:
         a.close()
         svc.close()
+
+
+def test_qemu_args_make_qemu_the_server_for_client_mode_ports() -> None:
+    from appliance import config
+    from appliance.cli import qemu_args
+
+    cfg = config.load(None, {"net": {"ports": [
+        {"socket": "/tmp/a.sock", "mac": "52:54:00:00:00:01"},
+        {"socket": "/tmp/b.sock", "mac": "52:54:00:00:00:02", "mode": "client"}]}})
+    chardevs = [a for a in qemu_args(cfg, net=True) if a.startswith("socket,id=net")]
+    assert chardevs == ["socket,id=net0c,path=/tmp/a.sock",
+                        "socket,id=net1c,path=/tmp/b.sock,server=on,wait=off"]
