@@ -33,11 +33,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import select
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,84 +42,20 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's appliance
+from appliance.testing.expect import ExpectProcess
+
 REPO = Path(__file__).resolve().parent.parent
 TESTPMD = shutil.which("dpdk-testpmd")
 BACKEND_CPU, FRONTEND_CPU = 0, min(1, (os.cpu_count() or 1) - 1)
 INJECT_BURSTS = 4
 
 
-class Proc:
-    """A subprocess pinned to a CPU whose merged output is searched with bounded waits."""
-
-    def __init__(self, name: str, args: list[str], log: Path, cpu: int, stdin: bool = False) -> None:
-        self.name, self.log_path, self.text, self.cursor = name, log, "", 0
-        taskset, stdbuf = shutil.which("taskset"), shutil.which("stdbuf")
-        if stdbuf:
-            args = [stdbuf, "-oL", "-eL", *args]
-        if taskset:
-            args = [taskset, "-c", str(cpu), *args]
-        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        assert self.proc.stdout is not None
-        os.set_blocking(self.proc.stdout.fileno(), False)
-
-    def _read(self, timeout: float) -> bool:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        if not select.select([fd], [], [], max(0.0, timeout))[0]:
-            return False
-        try:
-            chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            return False
-        if not chunk:
-            return False
-        text = chunk.decode(errors="replace")
-        self.text += text
-        with open(self.log_path, "a") as f:
-            f.write(text)
-        return True
-
-    def expect(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            m = rx.search(self.text, self.cursor)
-            if m:
-                self.cursor = m.end()
-                return m
-            left = deadline - time.monotonic()
-            if left <= 0 or (not self._read(min(max(left, 0), 0.5)) and self.proc.poll() is not None
-                             and not self._read(0)):
-                raise RuntimeError(f"{self.name}: no {pattern!r} (log {self.log_path}):\n"
-                                   f"{self.text[-2000:]}")
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((line + "\n").encode())
-        self.proc.stdin.flush()
-
-    def cpu_seconds(self) -> float:
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+class Proc(ExpectProcess):
+    """testpmd and the appliance, stopped with SIGINT so testpmd closes its ports."""
 
     def stop(self, sig: int = signal.SIGINT) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, sig)
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-            except ProcessLookupError:
-                pass
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream is not None:
-                stream.close()
+        super().stop(sig)
 
 
 def testpmd_args(prefix: str, cpu: int, vdevs: list[str], app: list[str]) -> list[str]:

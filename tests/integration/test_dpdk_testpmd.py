@@ -18,10 +18,8 @@ import importlib.util
 import json
 import os
 import re
-import select
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -30,6 +28,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from appliance.testing.expect import ExpectProcess
 
 pytestmark = pytest.mark.integration
 
@@ -65,92 +65,7 @@ def _need_testpmd() -> None:
         pytest.skip("dpdk-testpmd is not installed")
 
 
-class Proc:
-    """A subprocess whose merged output is searched with bounded waits."""
-
-    def __init__(self, name: str, args: list[str], log: Path, cpu: int | None = None,
-                 stdin: bool = False) -> None:
-        self.name = name
-        self.log_path = log
-        self.text = ""
-        self.cursor = 0
-        taskset = shutil.which("taskset")
-        if cpu is not None and taskset:
-            args = [taskset, "-c", str(cpu), *args]
-        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        assert self.proc.stdout is not None
-        os.set_blocking(self.proc.stdout.fileno(), False)
-
-    def _read(self, timeout: float) -> bool:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        if not select.select([fd], [], [], max(0.0, timeout))[0]:
-            return False
-        try:
-            chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            return False
-        if not chunk:
-            return False
-        self.text += chunk.decode(errors="replace")
-        with open(self.log_path, "a") as f:
-            f.write(chunk.decode(errors="replace"))
-        return True
-
-    def expect(self, pattern: str, timeout: float = 20.0, fail: str | None = None) -> re.Match[str]:
-        """The next match of ``pattern`` after the previous one; fails on ``fail``."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            m = rx.search(self.text, self.cursor)
-            if m:
-                self.cursor = m.end()
-                return m
-            if fail and re.search(fail, self.text[self.cursor:]):
-                raise AssertionError(f"{self.name}: {fail!r} in output:\n{self.tail()}")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"{self.name}: no {pattern!r} within {timeout}s:\n{self.tail()}")
-            if not self._read(min(left, 0.5)) and self.proc.poll() is not None:
-                while self._read(0):
-                    pass
-                if not rx.search(self.text, self.cursor):
-                    raise AssertionError(f"{self.name} exited ({self.proc.returncode}) before "
-                                         f"{pattern!r}:\n{self.tail()}")
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((line + "\n").encode())
-        self.proc.stdin.flush()
-
-    def tail(self, n: int = 3000) -> str:
-        return self.text[-n:]
-
-    def wait_exit(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None and time.monotonic() < deadline:
-            self._read(0.2)
-        while self._read(0):
-            pass
-        if self.proc.poll() is None:
-            raise AssertionError(f"{self.name} did not exit within {timeout}s:\n{self.tail()}")
-        return self.proc.returncode
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, sig)
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-            except ProcessLookupError:
-                pass
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream is not None:
-                stream.close()
+Proc = ExpectProcess
 
 
 class Appliance(Proc):
