@@ -163,6 +163,17 @@ class VfioUserClient:
             ConnectionError: the server closed the connection.
         """
         msg_id = self.send(command, payload, fds, flags=flags)
+        return self.wait_reply(msg_id, command)
+
+    def wait_reply(self, msg_id: int, command: int) -> tuple[w.Header, bytes, list[int]]:
+        """Wait for the reply to ``msg_id`` (sent earlier with :meth:`send`), serving
+        the server's DMA requests meanwhile; replies to other ids are dropped.
+
+        Raises:
+            VfioUserError: an error reply (errno from the server).
+            ConnectionError: the server closed the connection.
+            TimeoutError: nothing arrived within the client's timeout.
+        """
         while True:
             frame = self.receive()
             if frame is None:

@@ -196,20 +196,10 @@ def wait_reply(client: VfioUserClient, msg_id: int, command: w.Command) -> bytes
         ConnectionError: the server closed the connection.
         TimeoutError: no reply within the client's timeout.
     """
-    while True:
-        frame = client.receive()
-        if frame is None:
-            raise ConnectionError("server closed the connection")
-        hdr = frame.header
-        if hdr.flags & w.MSG_TYPE_MASK == w.MSG_TYPE_COMMAND:
-            client._serve(frame)  # a DMA request from the server
-            continue
-        frame.close_fds()
-        if hdr.msg_id != msg_id:
-            continue
-        if hdr.flags & w.MsgFlag.ERROR:
-            raise VfioUserError(hdr.error, f"{command.name}: {os.strerror(hdr.error)}")
-        return frame.payload
+    _, payload, fds = client.wait_reply(msg_id, command)
+    for fd in fds:
+        os.close(fd)
+    return payload
 
 
 def dma_logging_start(client: VfioUserClient, page_size: int,
