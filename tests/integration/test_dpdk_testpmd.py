@@ -251,12 +251,19 @@ def forward_stats(pmd: Proc, ports: int) -> list[dict[str, int]]:
 # stays well under a minute on a loaded 2-core machine (~15-20k frames/s through the
 # switch when other tests run beside it); the 10-million-frame run is
 # ``python benchmarks/net.py --soak`` (docs/net.md).
-@pytest.mark.parametrize(("vdev", "target"), [
-    ("mrg_rxbuf=1", 300_000),
-    ("mrg_rxbuf=0", 100_000),
-    ("packed_vq=1", 100_000),  # we do not offer RING_PACKED: split rings are negotiated
+SOAK_FRAMES = 10_000_000  # the issue's ">= 10 million packets without leaks or stalls"
+
+
+@pytest.mark.parametrize(("vdev", "target", "limit"), [
+    ("mrg_rxbuf=1", 300_000, 90),
+    ("mrg_rxbuf=0", 100_000, 90),
+    ("packed_vq=1", 100_000, 90),  # we do not offer RING_PACKED: split rings are negotiated
+    # Both directions together carry >= 10M frames (~25k frames/s from Python: ~7 min).
+    # Port 1 trails port 0 by up to ~0.6% (seen: 28k of 5M): aim port 0 3% past half.
+    pytest.param("mrg_rxbuf=1", SOAK_FRAMES * 103 // 200, 1200, id="soak-10M"),
 ])
-def test_io_round_trip(tmp_path: Path, procs: list[Proc], vdev: str, target: int) -> None:
+def test_io_round_trip(tmp_path: Path, procs: list[Proc], vdev: str, target: int,
+                       limit: float) -> None:
     """One testpmd, two ports (net0, net1), io forwarding: frames circulate through the switch.
 
     ``start tx_first`` sends one burst on each port (port i: src its MAC, dst the
@@ -298,7 +305,7 @@ def test_io_round_trip(tmp_path: Path, procs: list[Proc], vdev: str, target: int
         assert now - last_t < 5, f"stalled at {received} frames:\n{pmd.tail()}\n{app.tail()}"
         if rss_start is None and received >= target // 10:
             rss_start = rss()
-        assert now - start < 90, f"only {received} of {target} frames in 90 s"
+        assert now - start < limit, f"only {received} of {target} frames in {limit} s"
     elapsed = time.monotonic() - start
     rss_end = rss()
     s0, s1 = forward_stats(pmd, 2)
@@ -310,6 +317,8 @@ def test_io_round_trip(tmp_path: Path, procs: list[Proc], vdev: str, target: int
           f"(~{frames / elapsed:,.0f} frames/s); appliance RssAnon {rss_start} -> {rss_end} kB"
           f"\nport0 {s0}\nport1 {s1}\nnet0 {c0}\nnet1 {c1}")
     assert s0["rx"] >= target
+    if target > SOAK_FRAMES // 2:  # the soak case
+        assert frames >= SOAK_FRAMES, frames
     # every frame testpmd sent was received by the appliance, and delivered on the other port
     assert c0["rx_packets"] == s0["tx"] and c1["rx_packets"] == s1["tx"], (s0, s1, c0, c1)
     assert c1["tx_packets"] == c0["rx_packets"] and c0["tx_packets"] == c1["rx_packets"], (c0, c1)
