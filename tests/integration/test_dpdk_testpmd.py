@@ -247,10 +247,9 @@ def forward_stats(pmd: Proc, ports: int) -> list[dict[str, int]]:
     return stats
 
 
-# Frames reaching port 0 (as many again reach port 1).  Kept small so that each case
-# stays well under a minute on a loaded 2-core machine (~15-20k frames/s through the
-# switch when other tests run beside it); the 10-million-frame run is
-# ``python benchmarks/net.py --soak`` (docs/net.md).
+# Frames reaching port 0 (about as many again reach port 1).  The variants are kept
+# small (well under a minute on a loaded 2-core machine); the soak case carries 10
+# million frames (~6 min alone, ~30k frames/s through the switch).
 SOAK_FRAMES = 10_000_000  # the ">= 10 million packets without leaks or stalls"
 
 
