@@ -136,6 +136,19 @@ def port_stats(pmd: Proc) -> tuple[int, int]:
     return rx, tx
 
 
+def txonly_burst(app: Proc, pmd: Proc, frames: int = 20_000) -> int:
+    """Once net0's driver is up: txonly until at least ``frames`` are sent (bounded
+    wait), then ``stop``; returns testpmd's TX-packets for the run."""
+    app.expect(r"net0: driver ok", 20)
+    pmd.send("start")
+    pmd.expect(r"txonly packet forwarding", 10)
+    pmd.expect(r"testpmd> ", 10)
+    deadline = time.monotonic() + 30
+    while port_stats(pmd)[1] < frames:
+        assert time.monotonic() < deadline, pmd.tail()
+    return stop_forwarding(pmd)[1]
+
+
 def stop_forwarding(pmd: Proc) -> tuple[int, int]:
     """``stop``; (RX-packets, TX-packets) of the run's forward statistics for port 0."""
     pmd.send("stop")
@@ -360,14 +373,7 @@ def test_multiqueue_txonly_uses_both_queues(tmp_path: Path, procs: list[Proc]) -
     procs.append(app)
     pmd = start_testpmd(tmp_path, sock, "txonly", "mq", "queues=2", ("--rxq=2", "--txq=2"))
     procs.append(pmd)
-    app.expect(r"net0: driver ok", 20)
-    pmd.send("start")
-    pmd.expect(r"txonly packet forwarding", 10)
-    pmd.expect(r"testpmd> ", 10)
-    deadline = time.monotonic() + 30
-    while port_stats(pmd)[1] < 20_000:  # bounded wait for traffic
-        assert time.monotonic() < deadline, pmd.tail()
-    _, sent = stop_forwarding(pmd)
+    sent = txonly_burst(app, pmd)
     st = wait_status(tmp_path, "net0", lambda s: s["rx_packets"] >= sent)
     rings = {q["index"]: q for q in st["queues"]}
     print(f"\nmultiqueue txonly: testpmd sent {sent}; appliance rx_packets {st['rx_packets']}; "
@@ -397,14 +403,7 @@ def test_client_mode_reconnects_to_a_restarted_testpmd(tmp_path: Path, procs: li
         pmd = start_testpmd(tmp_path, sock, "txonly", f"srv{run}", "server=1")
         procs.append(pmd)
         app.expect(rf"net0: connected to {re.escape(sock)}", 20)  # by the retry timer
-        app.expect(r"net0: driver ok", 20)
-        pmd.send("start")
-        pmd.expect(r"txonly packet forwarding", 10)
-        pmd.expect(r"testpmd> ", 10)
-        deadline = time.monotonic() + 30
-        while port_stats(pmd)[1] < 20_000:  # bounded wait for traffic
-            assert time.monotonic() < deadline, pmd.tail()
-        _, sent = stop_forwarding(pmd)
+        sent = txonly_burst(app, pmd)
         st = wait_status(tmp_path, "net0", lambda s, n=base + sent: s["rx_packets"] >= n)
         print(f"\nclient mode, run {run}: testpmd sent {sent}; appliance rx_packets "
               f"{st['rx_packets']} (before this run {base}); connections {st['connections']}")
