@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 from typing import Any
@@ -94,6 +95,25 @@ def _cmd_ctl(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_handoff(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+    from appliance.control.protocol import ControlError
+    from appliance.runtime.control import ControlClient
+
+    source = args.source or cfg["control"]["socket"]
+    to = os.path.abspath(args.to)
+    try:
+        with ControlClient(source, timeout=args.timeout) as client:
+            result = client("handoff", to=to)
+    except ControlError as exc:
+        raise ApplianceError(f"handoff: {exc.message}") from None
+    except OSError as exc:
+        raise ApplianceError(f"control socket {source}: {exc.strerror or exc}") from None
+    print(f"appliance: handed off to {to} ({result['mode']}): pause {result['pause_ms']:.1f} ms, "
+          f"{result['fds']} fds, {result['stream_bytes']} stream bytes, "
+          f"{result['rounds']} pre-copy rounds; the source process exits")
+    return 0
+
+
 def _cmd_boot(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     from appliance.testing.boot import boot
 
@@ -128,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="leave an appliance this command started running after QEMU exits")
     bt.add_argument("--dry-run", action="store_true", help="print the commands, start nothing")
     bt.set_defaults(func=_cmd_boot, trace=False, verbose=False)
+    ho = sub.add_parser("handoff", help="move the live devices of a running appliance to another "
+                                        "one on this host (docs/migration.md)")
+    ho.add_argument("--to", required=True, metavar="CONTROL_SOCK",
+                    help="the destination appliance's control socket")
+    ho.add_argument("--from", dest="source", metavar="CONTROL_SOCK",
+                    help="the source's control socket (default: control.socket of -c)")
+    ho.add_argument("-c", "--config", help="YAML configuration file of the source")
+    ho.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the figures")
+    ho.set_defaults(func=_cmd_handoff, trace=False, verbose=False)
     from appliance.migrate.command import add_parser as add_migrate_parser
 
     add_migrate_parser(sub)  # `appliance migrate SRC_SOCK DST_SOCK` (docs/migration.md)

@@ -107,6 +107,9 @@ class Region:
     fd_offset: int = 0
     # Extra translation key (vhost-user: the frontend's virtual address of the region).
     user_address: int | None = None
+    # The fd the region was mapped from, kept open while mapped: a live handoff
+    # (appliance.runtime.handoff) passes it on to the next process.
+    fd: int | None = field(default=None, repr=False)
 
     @property
     def end(self) -> int:
@@ -119,6 +122,9 @@ class Region:
         if self.mm is not None:
             self.mm.close()
             self.mm = None
+        if self.fd is not None:
+            _close_quietly(self.fd)
+            self.fd = None
 
 
 class DirtyLog:
@@ -172,7 +178,7 @@ class ClientMemory:
         writable: bool = True,
         user_address: int | None = None,
     ) -> Region:
-        """Add a region; takes ownership of ``fd`` (closed here, also on error).
+        """Add a region; takes ownership of ``fd`` (kept with the region, closed on error).
 
         Raises:
             MapError: EINVAL for a zero size, overflow or bad offset; EEXIST when
@@ -201,6 +207,7 @@ class ClientMemory:
                     err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
                     raise MapError(err, f"cannot mmap region {address:#x}+{size:#x}: {exc}") from None
                 region.view = memoryview(region.mm)
+                region.fd, fd = fd, None  # kept with the mapping, closed with it
         finally:
             if fd is not None:
                 os.close(fd)
@@ -361,3 +368,10 @@ class ClientMemory:
         if self.transport is None:
             raise GuestMemoryError(0, 0, 0, why="message-only region without a transport")
         return self.transport
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

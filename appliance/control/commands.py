@@ -24,7 +24,7 @@ from appliance.control.protocol import (
     ControlError,
     Request,
 )
-from appliance.errors import ConfigError
+from appliance.errors import ApplianceError, ConfigError
 from appliance.faults import FaultError, FaultSet
 
 
@@ -37,6 +37,8 @@ class Target:
     faults: FaultSet | None = None
     links_down: set[str] = field(default_factory=set)
     log_level: int | None = None  # the "appliance" logger's level before the first trace toggle
+    handoff_source: Any = None  # appliance.runtime.handoff.HandoffSource
+    handoff_sink: Any = None  # appliance.runtime.handoff.HandoffSink
 
 
 Handler = Callable[[Target, dict[str, Any]], Any]
@@ -180,6 +182,31 @@ def namespace_resize(t: Target, args: dict[str, Any]) -> Any:
 
 
 #: name -> (handler, allowed argument names; None = any)
+def handoff(t: Target, args: dict[str, Any]) -> Any:
+    """Move every device to the process whose control socket is ``to``; this one exits."""
+    source = _need(t.handoff_source, "handoff")
+    to = args.get("to")
+    if not isinstance(to, str) or not to:
+        raise ControlError(BAD_ARGS, "handoff: 'to' must be the destination's control socket path")
+    try:
+        result = source.run(to)
+    except ApplianceError as exc:
+        raise ControlError(FAILED, str(exc)) from None
+    # The devices live on elsewhere: exit once this reply is written (the
+    # control service writes it before the loop runs its timers).
+    source.app.loop.call_later(0, source.app.loop.stop)
+    return result
+
+
+def handoff_accept(t: Target, args: dict[str, Any]) -> Any:
+    """Destination side of ``handoff`` (sent by the source process, not by people)."""
+    sink = _need(t.handoff_sink, "handoff")
+    try:
+        return sink.accept(args)
+    except ApplianceError as exc:
+        raise ControlError(FAILED, str(exc)) from None
+
+
 COMMANDS: dict[str, tuple[Handler, frozenset[str] | None]] = {
     "status": (status, frozenset()),
     "trace": (trace, frozenset({"on", "state"})),
@@ -188,6 +215,8 @@ COMMANDS: dict[str, tuple[Handler, frozenset[str] | None]] = {
     "fault.clear": (fault_clear, frozenset({"id"})),
     "link": (link, frozenset({"port", "state"})),
     "namespace.resize": (namespace_resize, frozenset({"nsid", "size"})),
+    "handoff": (handoff, frozenset({"to"})),
+    "handoff.accept": (handoff_accept, frozenset({"version", "fingerprint", "images", "net"})),
 }
 
 

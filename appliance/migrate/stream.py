@@ -61,12 +61,16 @@ class RecordType(enum.IntEnum):
     NAMESPACE_BLOCKS = 5  # BlocksHead + data
     DIRTY_ROUND = 6  # DirtyRound marker
     END = 7  # EndPayload
+    # Live handoff only (appliance.runtime.handoff): a JSON manifest of the
+    # connections that move with their fds; never part of a vfio-user stream.
+    HANDOFF = 8
 
 
 # Record flags: none defined yet; every bit is reserved and must be 0.
 RECORD_FLAGS_RESERVED = 0xFFFF
 # Types that may appear at most once per stream.
-ONCE = frozenset({RecordType.HEADER, RecordType.PCI_CONFIG, RecordType.MSIX, RecordType.END})
+ONCE = frozenset({RecordType.HEADER, RecordType.PCI_CONFIG, RecordType.MSIX, RecordType.END,
+                  RecordType.HANDOFF})
 
 
 class RecordHead(Struct, size=24):
@@ -279,6 +283,7 @@ _SIZES: dict[RecordType, tuple[int, int]] = {
     RecordType.NAMESPACE_BLOCKS: (BlocksHead.SIZE, MAX_PAYLOAD),
     RecordType.DIRTY_ROUND: (DirtyRound.SIZE, DirtyRound.SIZE),
     RecordType.END: (EndPayload.SIZE, EndPayload.SIZE),
+    RecordType.HANDOFF: (2, MAX_PAYLOAD),
 }
 
 

@@ -7,10 +7,12 @@ import os
 import time
 from typing import Any
 
+from appliance.errors import ApplianceError
 from appliance.loop import EventLoop
 from appliance.memory import ClientMemory
 from appliance.migrate.nvme_state import NvmeMigratable
-from appliance.runtime.vfio_user import VfioUserService
+from appliance.runtime.handoff import HandoffSink, HandoffSource
+from appliance.runtime.vfio_user import VfioUserClientSocket, VfioUserService
 from appliance.storage.controller import NvmeController
 from appliance.vfio_user.migration import VfioUserMigration
 from appliance.vfio_user.server import DmaLayout
@@ -31,6 +33,7 @@ class Appliance:
         self.services: list[Any] = []
         self.controller: NvmeController | None = None
         self.net: Any = None
+        self._adopted: VfioUserClientSocket | None = None
 
     @property
     def net_enabled(self) -> bool:
@@ -58,9 +61,11 @@ class Appliance:
             return VfioUserMigration(migratable, memory, name="nvme")
 
         self.controller.migration_handler = migration_handler  # type: ignore[attr-defined]
+        self.migratable = migratable
         service = VfioUserService(self.loop, st["socket"], self.controller, name="nvme",
                                   dma_layout=DmaLayout(st["dma_layout"]))
         self.services.append(service)
+        self.vfio_user = service
         self.loop.add_idle(self.controller.poll)
         if self.controller.doorbell_page is not None:
             self._poll_doorbell_page(self.controller)
@@ -70,6 +75,8 @@ class Appliance:
         self.control = ControlService(self.loop, cfg["control"]["socket"],
                                       controller=self.controller, net=self.net)
         self.services.append(self.control)
+        self.control.target.handoff_source = HandoffSource(self)
+        self.control.target.handoff_sink = HandoffSink(self)
         self.loop.install_signal_handlers()
 
     def _poll_doorbell_page(self, ctrl: NvmeController) -> None:
@@ -95,6 +102,82 @@ class Appliance:
 
     def net_ports(self) -> list[str]:
         return [p["socket"] for p in self.cfg["net"]["ports"]] if self.net is not None else []
+
+    # ------------------------------------------------------------ live handoff
+    # (appliance.runtime.handoff drives these; the source's, then the destination's)
+    def handoff_busy(self) -> str:
+        """Why the devices cannot move now ("" when they can)."""
+        faults = self.control.faults
+        if faults.deferred or faults.frames:
+            return "fault injection holds completions or frames; clear the faults first"
+        return self.vfio_user.handoff_busy()
+
+    def handoff_quiesce(self) -> None:
+        self.vfio_user.handoff_quiesce()
+        self.migratable.migration_stop()
+        if self.net is not None:
+            self.net.handoff_quiesce()
+
+    def handoff_export(self, fds: list[int]) -> dict[str, Any]:
+        assert self.controller is not None
+        page = self.controller.doorbell_page
+        manifest: dict[str, Any] = {"vfio_user": self.vfio_user.handoff_export(fds),
+                                    "doorbell_page": None, "net": None}
+        if page is not None:
+            fds.append(page.fd)
+            manifest["doorbell_page"] = {"fd": len(fds) - 1, "seen": bytes(page.seen).hex()}
+        if self.net is not None:
+            manifest["net"] = self.net.handoff_export(fds)
+        return manifest
+
+    def handoff_resume(self) -> None:
+        if self.net is not None:
+            self.net.handoff_resume()
+        self.migratable.migration_run()
+        self.vfio_user.handoff_resume()
+
+    def handoff_release(self) -> None:
+        """Let go of every handed-over fd silently (both ends use it: the source
+        after ``go``, the destination when it must not serve what it adopted)."""
+        self.vfio_user.handoff_release()
+        if self.net is not None:
+            self.net.handoff_release()
+
+    def handoff_not_idle(self) -> str:
+        if self.vfio_user.client is not None:
+            return "a vfio-user client is connected"
+        if self.net is not None and any(svc.session is not None for svc in self.net.services):
+            return "a vhost-user front-end is connected"
+        return ""
+
+    def handoff_check(self, manifest: dict[str, Any], fds: list[int]) -> None:
+        assert self.controller is not None
+        if (manifest.get("doorbell_page") is None) != (self.controller.doorbell_page is None):
+            raise ApplianceError("storage.doorbells differs between the two processes")
+        self.vfio_user.handoff_check(manifest["vfio_user"])
+        if (manifest.get("net") is None) != (self.net is None):
+            raise ApplianceError("net configuration differs: one side has no net ports")
+        if self.net is not None:
+            self.net.handoff_check(manifest["net"])
+
+    def handoff_adopt(self, manifest: dict[str, Any], fds: list[int]) -> None:
+        assert self.controller is not None
+        self.migratable.migration_stop()
+        self._adopted = self.vfio_user.handoff_adopt(manifest["vfio_user"], fds)
+        self.migratable.commit_restore()
+        page = manifest.get("doorbell_page")
+        if page is not None:
+            self.controller.take_over_doorbell_page(fds[page["fd"]], bytes.fromhex(page["seen"]))
+        if self.net is not None:
+            self.net.handoff_import(manifest["net"], fds)
+
+    def handoff_start(self) -> None:
+        """Serve what was adopted: commands queued meanwhile, then whatever comes."""
+        self.migratable.migration_run()
+        client, self._adopted = self._adopted, None
+        if client is not None and not client.conn.closed:
+            client.conn.process()
+            client.flush()
 
     def run(self) -> None:
         self.loop.run()

@@ -21,8 +21,9 @@ import select
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
-from appliance.errors import LocalProtocolError, RemoteProtocolError
+from appliance.errors import ApplianceError, LocalProtocolError, RemoteProtocolError
 from appliance.loop import EventLoop
 from appliance.memory import GuestMemoryError
 from appliance.runtime import unix
@@ -206,12 +207,104 @@ class VfioUserService:
             log.info("%s: client disconnected", self.name)
             self.client = None
 
+    # ------------------------------------------------------------ live handoff
+    def handoff_busy(self) -> str:
+        """Why the device cannot move to another process now ("" when it can)."""
+        return self.client.conn.handoff_busy() if self.client is not None else ""
+
+    def handoff_quiesce(self) -> None:
+        """Source: stop reading the listener and the client; what arrives waits in the socket."""
+        self.loop.remove_reader(self.listener.fileno())
+        if self.client is not None:
+            self.loop.remove_reader(self.client.sock.fileno())
+
+    def handoff_resume(self) -> None:
+        """Source, the handoff failed: serve again."""
+        self.loop.add_reader(self.listener.fileno(), self._accept)
+        if self.client is not None:
+            self.loop.add_reader(self.client.sock.fileno(), self.client._readable)
+            self.client.read_some()
+
+    def handoff_export(self, fds: list[int]) -> dict[str, Any]:
+        """The listener and the connected client (socket, connection state); fds by index."""
+        fds.append(self.listener.fileno())
+        state: dict[str, Any] = {"path": self.path, "listener": len(fds) - 1, "client": None,
+                                 "connections": self.connections}
+        if self.client is not None:
+            fds.append(self.client.sock.fileno())
+            state["client"] = {"socket": len(fds) - 1, "conn": self.client.conn.handoff_export(fds)}
+        return state
+
+    def handoff_release(self) -> None:
+        """Source, the destination took over: close our copies silently; the path stays."""
+        if self.client is not None:
+            client, self.client = self.client, None
+            client.conn.handoff_release()
+            client.sock.close()
+        self.listener.close()
+        self.path = ""  # the socket file is the destination's now: never unlink it
+
+    def handoff_check(self, state: dict[str, Any]) -> None:
+        """Destination: refuse a handoff this service cannot take.
+
+        Raises:
+            ApplianceError: a client is connected here already.
+        """
+        if self.client is not None:
+            raise ApplianceError(f"{self.name}: a client is connected to this process already")
+
+    def handoff_adopt(self, state: dict[str, Any], fds: list[int]) -> VfioUserClientSocket | None:
+        """Destination: serve the source's listener and continue its client.
+
+        Returns the adopted client (not yet processing: call its
+        ``conn.process()`` once the device state is in place), or None.
+
+        Raises:
+            ApplianceError: the state does not fit (nothing adopted then).
+        """
+        self.handoff_check(state)
+        try:
+            listen_fd = fds[state["listener"]]
+            client_state = state["client"]
+            client_fd = fds[client_state["socket"]] if client_state is not None else None
+        except (KeyError, IndexError, TypeError) as exc:
+            raise ApplianceError(f"{self.name}: bad handoff state: {exc!r}") from None
+        client = None
+        if client_fd is not None:
+            sock = socket.socket(fileno=os.dup(client_fd))
+            sock.setblocking(True)
+            self.connections = int(state.get("connections", self.connections))
+            client = VfioUserClientSocket(self.loop, sock, self.device, self._closed,
+                                          f"{self.name}#{self.connections}", self.dma_layout)
+            try:
+                client.conn.handoff_adopt(client_state["conn"], fds)
+            except LocalProtocolError as exc:
+                client.close()
+                raise ApplianceError(str(exc)) from None
+            self.client = client
+        listener = socket.socket(fileno=os.dup(listen_fd))
+        listener.setblocking(False)
+        self.loop.remove_reader(self.listener.fileno())
+        self.listener.close()
+        if state["path"] != self.path:
+            _unlink(self.path)
+        self.listener, self.path = listener, str(state["path"])
+        self.loop.add_reader(listener.fileno(), self._accept)
+        log.info("%s: took over %s%s", self.name, self.path,
+                 " and its connected client" if client is not None else "")
+        return client
+
     def close(self) -> None:
         if self.client is not None:
             self.client.close()
         self.loop.remove_reader(self.listener.fileno())
         self.listener.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        if self.path:
+            _unlink(self.path)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -46,6 +46,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from appliance.errors import LocalProtocolError
 from appliance.memory import ClientMemory, GuestMemoryError
 from appliance.pci import Bar, MsixLayout, PciDevice
 from appliance.storage import admin, io
@@ -349,6 +350,25 @@ class NvmeController(PciDevice):
                 self.doorbell_page.adopt(2 * qid, sq, sq.tail)
             for qid, cq in self.cqs.items():
                 self.doorbell_page.adopt(2 * qid + 1, cq, cq.head)
+
+    def take_over_doorbell_page(self, fd: int, seen: bytes) -> None:
+        """Live handoff, after the controller state is restored: serve the doorbell
+        page memfd the client already maps (from the previous process), keeping the
+        values the host wrote there; every current queue owns its slots as they are.
+
+        Raises:
+            OSError, ValueError: as :meth:`DoorbellPage.take_over` (nothing changed).
+            LocalProtocolError: this controller has no doorbell page.
+        """
+        page = self.doorbell_page
+        if page is None:
+            raise LocalProtocolError("doorbells are not mmap'd here (storage.doorbells differs)")
+        page.take_over(fd, seen)
+        page.forget()
+        for qid, sq in self.sqs.items():
+            page.claim(2 * qid, sq)
+        for qid, cq in self.cqs.items():
+            page.claim(2 * qid + 1, cq)
 
     def _latch_doorbell(self, offset: int, value: int) -> None:
         if self.regs.state is not CtrlState.READY:

@@ -79,6 +79,31 @@ class DoorbellPage:
             os.close(self.fd)
             self.fd = -1
 
+    def take_over(self, fd: int, seen: bytes) -> None:
+        """Use another process's page (a live handoff): the client has *that* memfd
+        mapped.  ``seen`` is what that process had latched; anything the host wrote
+        since shows up in the next :meth:`changed`.  The file moves under our fd
+        number (dup2), so whoever holds :attr:`fd` (the BAR) keeps a valid fd;
+        ``fd`` stays the caller's.
+
+        Raises:
+            OSError: ``fd`` cannot be mapped (nothing changed then).
+            ValueError: ``seen`` is not one page.
+        """
+        if len(seen) != PAGE_SIZE:
+            raise ValueError(f"doorbell page snapshot of {len(seen)} bytes")
+        mm = mmap.mmap(fd, PAGE_SIZE, flags=mmap.MAP_SHARED, offset=PAGE_OFFSET)
+        self.words.release()
+        self.mm.close()
+        os.dup2(fd, self.fd, inheritable=False)
+        self.mm = mm
+        self.words = memoryview(self.mm).cast("I")
+        self.seen = bytearray(seen)
+
+    def claim(self, slot: int, queue: object) -> None:
+        """Mark ``slot`` as ``queue``'s without storing (its value is the host's)."""
+        self.known[slot] = queue
+
     def read(self, slot: int) -> int:
         """The value in dword ``slot`` now (one load)."""
         return _le(self.words[slot])

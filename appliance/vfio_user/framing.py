@@ -93,6 +93,15 @@ class Framer:
         self._header = None
         return frame
 
+    def pending(self) -> tuple[bytes, list[int]]:
+        """The bytes (header included) and fds of a message not yet complete.
+
+        A live handoff carries them to the next process, which feeds them
+        first; the fds stay owned by this framer.
+        """
+        head = self._header.pack() if self._header is not None else b""
+        return head + bytes(self._buf), list(self._fds)
+
     def _take_fds(self) -> list[int]:
         fds, self._fds = self._fds, []
         return fds

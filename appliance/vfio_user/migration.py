@@ -291,6 +291,14 @@ class VfioUserMigration:
         self.dma_log = None
         self.memory.dirty_log = None
 
+    def busy(self) -> str:
+        """Why the device cannot be handed off now ("" when it can)."""
+        if self.state is not MigState.RUNNING:
+            return f"migration state {self.state.name}"
+        if self.dma_log is not None:
+            return "DMA dirty logging is on"
+        return ""
+
     # ------------------------------------------------------------ DEVICE_FEATURE
     def _feature(self, payload: bytes) -> bytes:
         _require(len(payload) >= w.DeviceFeatureHead.SIZE, errno.EINVAL, "short DEVICE_FEATURE")

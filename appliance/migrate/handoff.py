@@ -1,0 +1,111 @@
+"""The live-handoff channel between two appliance processes (protocol layer, sans-I/O).
+
+Theory of operation
+-------------------
+``appliance handoff`` moves every live device of one process (the source) to
+another on the same host (the destination).  The source asks the
+destination's control socket for ``handoff.accept``; the destination answers
+with the path of a one-shot socket, and on that socket the source sends
+*frames* (:class:`FrameHead`, 12 bytes, then ``length`` payload bytes):
+
+* ``FDS``: no payload; ``nfds`` file descriptors ride on the head as
+  SCM_RIGHTS (at most :data:`MAX_FDS_PER_FRAME` per frame).  Their order
+  over all FDS frames is the index the manifest uses.
+* ``DATA``: the next bytes of one migration stream
+  (:mod:`appliance.migrate.stream`): HEADER (the NVMe device's fingerprint,
+  SHARED_STORAGE when both use the same image files), pre-copy
+  NAMESPACE_BLOCKS rounds (otherwise), the device state, one HANDOFF record
+  (:func:`handoff_record`: the JSON manifest of the sockets, memory regions
+  and eventfds, by fd index) and END.  Every record carries its xxh64 and END
+  the digest of the whole stream, so nothing unverified is applied.
+
+All FDS frames come before the END record.  Then the verdict, as JSON lines:
+the destination says ``{"ok": true, ...}`` once it has adopted everything
+(but serves nothing yet) or ``{"ok": false, "error": ...}`` having adopted
+nothing; the source then says ``go`` (it has let go: the destination serves)
+or ``abort`` (the destination drops what it adopted; the source serves on).
+A source that vanishes after the destination's ``ok`` counts as ``go``: its
+fds are closed, the destination holds the only copies.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from typing import Any
+
+from appliance.errors import LocalProtocolError
+from appliance.migrate.stream import Record, RecordType
+from appliance.wire import Struct
+
+MAGIC = b"AHO1"
+MAX_FDS_PER_FRAME = 250  # the kernel's SCM_MAX_FD is 253
+MAX_FRAME = 16 << 20
+HANDOFF_VERSION = 1
+GO = b"go\n"
+ABORT = b"abort\n"
+
+
+class FrameKind(enum.IntEnum):
+    FDS = 1
+    DATA = 2
+
+
+class FrameHead(Struct, size=12):
+    FIELDS = (("magic", "4s", MAGIC), ("kind", "H", 0), ("nfds", "H", 0), ("length", "I", 0))
+
+
+class HandoffError(LocalProtocolError):
+    """The handoff cannot go on (bad frame, bad manifest, refused by a side)."""
+
+
+def frame(kind: FrameKind, payload: bytes = b"", nfds: int = 0) -> bytes:
+    """One frame's bytes (the fds travel with them, attached by the runtime)."""
+    return FrameHead(kind=kind, nfds=nfds, length=len(payload)).pack() + payload
+
+
+def parse_head(raw: bytes, fds_received: int) -> FrameHead:
+    """Check a frame head and the fds that came with it.
+
+    Raises:
+        HandoffError: bad magic or kind, an oversized payload, or a fd count
+            that differs from the head's.
+    """
+    head = FrameHead.unpack(raw)
+    if head.magic != MAGIC:
+        raise HandoffError(f"bad handoff frame magic {head.magic!r}")
+    if head.kind not in FrameKind.__members__.values():
+        raise HandoffError(f"unknown handoff frame kind {head.kind}")
+    if head.length > MAX_FRAME or (head.kind == FrameKind.FDS and head.length):
+        raise HandoffError(f"handoff frame of {head.length} bytes")
+    if head.nfds != fds_received or (head.kind == FrameKind.DATA and head.nfds):
+        raise HandoffError(f"handoff frame announced {head.nfds} fds, {fds_received} came")
+    if head.nfds > MAX_FDS_PER_FRAME:
+        raise HandoffError(f"{head.nfds} fds in one handoff frame")
+    return head
+
+
+def handoff_record(manifest: dict[str, Any]) -> Record:
+    """The HANDOFF record: the manifest as compact JSON."""
+    return Record(RecordType.HANDOFF, json.dumps(manifest, separators=(",", ":")).encode())
+
+
+def parse_handoff(record: Record, fds_received: int) -> dict[str, Any]:
+    """The manifest of a verified HANDOFF record.
+
+    Raises:
+        HandoffError: not a JSON object, another manifest version, or fewer
+            fds received than the manifest says were sent.
+    """
+    try:
+        manifest = json.loads(record.payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HandoffError(f"handoff manifest: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise HandoffError("handoff manifest is not an object")
+    if manifest.get("version") != HANDOFF_VERSION:
+        raise HandoffError(f"handoff manifest version {manifest.get('version')!r}, "
+                           f"this side speaks {HANDOFF_VERSION}")
+    if manifest.get("fds") != fds_received:
+        raise HandoffError(f"the manifest names {manifest.get('fds')!r} fds, {fds_received} came")
+    return manifest

@@ -1,0 +1,170 @@
+"""Live handoff between two real appliance processes (`appliance handoff`), with the
+Python NVMe driver doing verified I/O over the very socket that moves."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import xxhash
+
+from appliance.client import VfioUserClient, VfioUserError
+from appliance.drivers.nvme import NvmeDriver
+from appliance.migrate.workload import VerifiedWriter, file_hash, make_image, pair_configs
+from appliance.runtime.control import ControlClient
+from appliance.testing.process import ApplianceProcess
+
+SIZE = 64 << 20
+
+
+def ctl(p: ApplianceProcess) -> str:
+    return str(p.cfg["control"]["socket"])
+
+
+def sock(p: ApplianceProcess) -> str:
+    return str(p.cfg["storage"]["socket"])
+
+
+def image(p: ApplianceProcess) -> str:
+    return str(p.cfg["storage"]["namespaces"][0]["image"])
+
+
+def handoff(src: ApplianceProcess, dst: ApplianceProcess) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "appliance", "handoff", "--from", ctl(src),
+                           "--to", ctl(dst)], check=False, capture_output=True, text=True, timeout=120)
+
+
+def start_pair(tmp: Path, *, shared: bool, dst_size: int | None = None,
+               doorbells: str = "message") -> tuple[ApplianceProcess, ApplianceProcess]:
+    src_cfg, dst_cfg = pair_configs(tmp, SIZE, shared=shared, dst_size=dst_size)
+    for cfg in (src_cfg, dst_cfg):
+        cfg["storage"]["doorbells"] = doorbells  # type: ignore[index]
+    make_image(tmp / "src" / "data" / "disk0.img", SIZE, seed=1, random_mib=4)
+    if not shared:
+        make_image(tmp / "dst" / "data" / "disk0.img", dst_size or SIZE, seed=2, random_mib=2, fill=9)
+    src = ApplianceProcess(src_cfg, tmp / "src" / "proc").start()
+    dst = ApplianceProcess(dst_cfg, tmp / "dst" / "proc").start()
+    return src, dst
+
+
+@pytest.fixture
+def procs() -> Iterator[list[ApplianceProcess]]:
+    started: list[ApplianceProcess] = []
+    yield started
+    for p in started:
+        p.stop()
+    for p in started:
+        assert "Traceback" not in p.log_text(), p.log_text()
+
+
+def driver_on(p: ApplianceProcess) -> tuple[NvmeDriver, VerifiedWriter]:
+    driver = NvmeDriver(VfioUserClient.connect(sock(p)), mem_size=8 << 20)
+    driver.setup(io_queues=2, depth=32)
+    return driver, VerifiedWriter(driver, blocks=8, seed=5)
+
+
+def status(p: ApplianceProcess) -> Any:
+    with ControlClient(ctl(p)) as c:
+        return c("status")
+
+
+@pytest.mark.parametrize(("shared", "doorbells"), [(True, "message"), (False, "message"),
+                                                   (True, "mmap")])
+def test_handoff_moves_the_live_connection(tmp_path: Path, procs: list[ApplianceProcess],
+                                           shared: bool, doorbells: str) -> None:
+    src, dst = start_pair(tmp_path, shared=shared, doorbells=doorbells)
+    procs += [src, dst]
+    driver, writer = driver_on(src)
+    writer.step(40)
+    src_socket = sock(src)
+
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    during: list[int] = []
+
+    def load() -> None:  # verified I/O the whole time the handoff runs
+        try:
+            while not stop.is_set():
+                writer.step(1)
+                during.append(writer.ios)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        done = handoff(src, dst)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not errors, errors
+    assert done.returncode == 0, done.stderr
+    assert "handed off to" in done.stdout and ("shared-storage" if shared else "full") in done.stdout
+    assert src.proc is not None and src.proc.wait(timeout=30) == 0  # the source exits
+    assert len(during) > 0
+
+    # The same client socket, the same memory and eventfds: now served by dst.
+    before = writer.ios
+    assert writer.verify_all() == len(writer.written)
+    writer.step(40)
+    assert writer.ios > before
+    st = status(dst)
+    assert st["nvme"]["attached"] is True and st["nvme"]["state"] == "ready", st
+    # dst listens where src did, and refuses a second client there (one client a device).
+    with pytest.raises((OSError, ConnectionError, VfioUserError)):
+        VfioUserClient.connect(src_socket, timeout=5)
+    driver.c.close()
+    if not shared:
+        # dst's image: the source's image as the source left it, plus what was written since.
+        expected = bytearray(Path(image(src)).read_bytes())
+        for lba, data in writer.written.items():
+            expected[lba * 512:lba * 512 + len(data)] = data
+        assert xxhash.xxh64(expected).hexdigest() == file_hash(image(dst))
+
+
+def test_handoff_refused_by_another_configuration(tmp_path: Path,
+                                                  procs: list[ApplianceProcess]) -> None:
+    src, dst = start_pair(tmp_path, shared=False, dst_size=SIZE * 2)
+    procs += [src, dst]
+    driver, writer = driver_on(src)
+    writer.step(20)
+    done = handoff(src, dst)
+    assert done.returncode != 0
+    assert "refused" in done.stderr and "configuration differs" in done.stderr, done.stderr
+    assert src.alive and dst.alive
+    writer.step(20)  # the source serves on
+    assert writer.verify_all() == len(writer.written)
+    driver.c.close()
+
+
+def test_handoff_refused_by_a_busy_destination(tmp_path: Path,
+                                               procs: list[ApplianceProcess]) -> None:
+    src, dst = start_pair(tmp_path, shared=True)
+    procs += [src, dst]
+    driver, writer = driver_on(src)
+    writer.step(10)
+    with VfioUserClient.connect(sock(dst)):
+        done = handoff(src, dst)
+    assert done.returncode != 0 and "not idle" in done.stderr, done.stderr
+    writer.step(10)
+    assert writer.verify_all() == len(writer.written)
+    driver.c.close()
+
+
+def test_handoff_to_nowhere_keeps_serving(tmp_path: Path, procs: list[ApplianceProcess]) -> None:
+    src, dst = start_pair(tmp_path, shared=True)
+    procs += [src, dst]
+    driver, writer = driver_on(src)
+    writer.step(10)
+    done = subprocess.run([sys.executable, "-m", "appliance", "handoff", "--from", ctl(src),
+                           "--to", str(tmp_path / "nobody.sock")], check=False, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and "cannot reach" in done.stderr, done.stderr
+    writer.step(10)
+    assert writer.verify_all() == len(writer.written)
+    driver.c.close()
