@@ -563,6 +563,9 @@ class VfioUserMigration:
                          self._resume_error.errno or errno.EINVAL)
         try:
             records = reader.feed(data)
+            if any(r.type == RecordType.HANDOFF for r in records):
+                raise LocalProtocolError("a HANDOFF record (live handoff only) in a vfio-user "
+                                         "migration stream", errno.EINVAL)
             self.device.load_records([r for r in records if r.type in DEVICE_RECORDS])
         except LocalProtocolError as exc:
             if not isinstance(exc, StreamError):
