@@ -306,8 +306,8 @@ def migrate(src: VfioUserClient, dst: VfioUserClient, *, max_rounds: int = 8,
         between_reads: called between pre-copy reads while the source runs
             (a test's or benchmark's load: it may do I/O on the source).
         commit_timeout: seconds to wait for the destination's commit
-            (RESUMING -> STOP), which writes every staged byte into the images
-            and syncs them while the event loop waits: far longer than one
+            (RESUMING -> STOP), which syncs each staged image and renames it
+            over the old one while the event loop waits: longer than one
             request for a large namespace.
         forward: sees every chunk on its way to the destination and returns
             what to write instead (fault injection in tests); the client-side

@@ -47,6 +47,7 @@ MAGIC = b"AMIG"
 FORMAT_VERSION = 1
 MAX_PAYLOAD = 16 << 20  # one record's payload, at most
 MAX_FINGERPRINT = 1024
+KEEP_VIEW = 64 * 1024  # a reader keeps pieces this large of immutable chunks as views
 
 _S = TypeVar("_S", bound=Struct)
 
@@ -190,22 +191,24 @@ def namespace_blocks(nsid: int, offset: int, data: bytes, *, elide_zeroes: bool 
     With ``elide_zeroes``, all-zero ``data`` becomes a ZEROES record carrying
     only its length.
     """
-    if elide_zeroes and data and not any(data):
+    if elide_zeroes and data and not data[0] and data == bytes(len(data)):
         head = BlocksHead(nsid=nsid, flags=BlocksFlag.ZEROES, offset=offset, length=len(data))
         return Record(RecordType.NAMESPACE_BLOCKS, head.pack())
     head = BlocksHead(nsid=nsid, offset=offset, length=len(data))
     return Record(RecordType.NAMESPACE_BLOCKS, head.pack() + data)
 
 
-def parse_blocks_head(record: Record) -> tuple[BlocksHead, bytes]:
+def parse_blocks_head(record: Record) -> tuple[BlocksHead, memoryview]:
     """The head and data bytes of a NAMESPACE_BLOCKS record (no data for ZEROES).
+
+    The data is a view of the record's payload (no copy of a MiB record).
 
     Raises:
         StreamError: wrong type, short payload, reserved flags, or a length
             that disagrees with the data.
     """
     head = _head(record, RecordType.NAMESPACE_BLOCKS, BlocksHead)
-    data = record.payload[BlocksHead.SIZE:]
+    data = memoryview(record.payload)[BlocksHead.SIZE:]
     if head.flags & BLOCKS_FLAGS_RESERVED:
         raise StreamError(f"NAMESPACE_BLOCKS flags {head.flags:#x}")
     if head.flags & BlocksFlag.ZEROES:
@@ -224,8 +227,8 @@ def parse_namespace_blocks(record: Record) -> tuple[int, int, bytes]:
     """
     head, data = parse_blocks_head(record)
     if head.flags & BlocksFlag.ZEROES:
-        data = bytes(head.length)
-    return head.nsid, head.offset, data
+        return head.nsid, head.offset, bytes(head.length)
+    return head.nsid, head.offset, bytes(data)
 
 
 def device_state(kind: int, blob: bytes, version: int = 1) -> Record:
@@ -359,20 +362,27 @@ class StreamWriter:
 
     def read(self, size: int) -> bytes:
         """Take up to ``size`` queued bytes (fewer only when the queue runs dry)."""
-        out: list[bytes] = []
+        return b"".join(self.read_parts(size))
+
+    def read_parts(self, size: int) -> list[memoryview]:
+        """Take up to ``size`` queued bytes as views of the queued records (no copy).
+
+        For a caller that adds its own bytes and copies once (a MIG_DATA_READ
+        reply: its head, then these).
+        """
+        out: list[memoryview] = []
         want = size
         while want > 0 and self._queue:
             first = self._queue[0]
-            piece = first[self._offset:self._offset + want]
+            piece = memoryview(first)[self._offset:self._offset + want]
             out.append(piece)
             want -= len(piece)
             self._offset += len(piece)
             if self._offset == len(first):
                 self._queue.popleft()
                 self._offset = 0
-        data = b"".join(out)
-        self._queued -= len(data)
-        return data
+        self._queued -= size - want
+        return out
 
     def _put(self, kind: RecordType, payload: bytes) -> None:
         if self.finished:
@@ -419,7 +429,11 @@ class StreamReader:
         self.bytes_fed = 0
         self.finished = False
         self.failed: StreamError | None = None
-        self._buf = bytearray()
+        # The record being received, in pieces joined once at its end: large
+        # pieces of immutable chunks as views of them, the rest copied into a
+        # bytearray (so 1-byte chunks cannot make a long list of objects).
+        self._parts: list[bytearray | memoryview] = []
+        self._held = 0
         self._head: RecordHead | None = None
         self._head_raw = b""
         self._seen: set[RecordType] = set()
@@ -453,31 +467,43 @@ class StreamReader:
         if self.failed is not None:
             raise StreamError(f"stream failed: {self.failed}", self.failed.errno)
         if not self.finished:
-            held = len(self._buf) + (RecordHead.SIZE if self._head is not None else 0)
+            held = self._held + (RecordHead.SIZE if self._head is not None else 0)
             raise StreamError(f"stream truncated after {self.records} records "
                               f"({self.bytes_fed} bytes, {held} of a partial record)")
 
     def _feed(self, data: memoryview) -> list[Record]:
         out: list[Record] = []
         pos = 0
+        keep = isinstance(data.obj, bytes)  # immutable: pieces may stay views of it
         while pos < len(data):
             if self.finished:
                 raise StreamError(f"{len(data) - pos} bytes after END")
-            need = (RecordHead.SIZE if self._head is None else self._head.length) - len(self._buf)
+            need = (RecordHead.SIZE if self._head is None else self._head.length) - self._held
             take = min(need, len(data) - pos)
-            self._buf += data[pos:pos + take]
+            piece = data[pos:pos + take]
+            if keep and take >= KEEP_VIEW:
+                self._parts.append(piece)
+            elif self._parts and isinstance(self._parts[-1], bytearray):
+                self._parts[-1] += piece
+            else:
+                self._parts.append(bytearray(piece))
+            self._held += take
             pos += take
             self.bytes_fed += take
             if take < need:
                 break
             if self._head is None:
-                self._head_raw = bytes(self._buf)
-                self._buf.clear()
+                self._head_raw = self._take()
                 self._head = self._check_head(self._head_raw)
                 if self._head.length:
                     continue
             out.append(self._complete())
         return out
+
+    def _take(self) -> bytes:
+        """The pieces held, as one bytes object (one copy); the holder empties."""
+        parts, self._parts, self._held = self._parts, [], 0
+        return b"".join(parts)
 
     def _check_head(self, raw: bytes) -> RecordHead:
         head = RecordHead.unpack(raw)
@@ -508,8 +534,7 @@ class StreamReader:
     def _complete(self) -> Record:
         head = self._head
         assert head is not None
-        payload = bytes(self._buf)
-        self._buf.clear()
+        payload = self._take() if head.length else b""
         self._head = None
         kind = RecordType(head.type)
         if record_checksum(self._head_raw, payload) != head.checksum:

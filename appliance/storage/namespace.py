@@ -19,8 +19,10 @@ zeroes (Identify Namespace DLFEAT = 001b).
 
 Every change of the data (Write, Write Zeroes, Dataset Management
 deallocate, Format) ends with ``on_change(byte offset, length)`` when a hook
-is set: the migration layer keeps its dirty chunks with it, without
-``storage`` importing ``migrate``.
+is set: the migration layer keeps its dirty pages with it, without
+``storage`` importing ``migrate``.  A migration's destination stages a
+complete new image beside the old one and swaps it in with
+:meth:`Namespace.replace_image` (rename, then ``dup2`` onto the same fd).
 """
 
 from __future__ import annotations
@@ -135,6 +137,41 @@ class Namespace:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def image_path(self) -> str:
+        """The image's real path (symlinks resolved): where a replacement is renamed to."""
+        return os.path.realpath(self.image)
+
+    def replace_image(self, path: str) -> None:
+        """Make the file at ``path`` the image: rename it over :meth:`image_path`
+        and serve from it from now on.
+
+        ``path`` must be in the image's directory (the rename is atomic there)
+        and hold at least ``size`` bytes; the caller has made its data durable.
+        The namespace keeps its fd number (``dup2``), so whoever holds it sees
+        the new file; the old inode is released.  The directory is synced.
+
+        Raises:
+            ValueError: a read-only or closed namespace, or ``path`` is too short.
+            OSError: ``path`` cannot be opened or renamed; the image is then
+                unchanged.  A failing directory sync is raised after the swap.
+        """
+        if self.read_only or self.fd < 0:
+            raise ValueError(f"namespace {self.nsid} is read-only or closed")
+        target = self.image_path()
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_size < self.size:
+                raise ValueError(f"{path}: shorter than namespace {self.nsid} ({self.size})")
+            os.rename(path, target)
+            os.dup2(fd, self.fd, inheritable=False)
+        finally:
+            os.close(fd)
+        dirfd = os.open(os.path.dirname(target), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
 
     # ------------------------------------------------------------ checks
     def check_range(self, slba: int, nlb: int) -> None:

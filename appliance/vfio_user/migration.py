@@ -492,17 +492,20 @@ class VfioUserMigration:
         if self._save_error is not None:
             raise Reject(f"saving session failed: {self._save_error}", errno.EIO)
         try:
-            data = self._produce(req.size)
+            parts = self._produce(req.size)
         except Exception as exc:  # records may be lost: this session cannot continue
             self._save_error = exc
             if not isinstance(exc, LocalProtocolError):
                 log.exception("%s: saving device state failed", self.name)
             err = exc.errno if isinstance(exc, LocalProtocolError) and exc.errno else errno.EIO
             raise Reject(f"saving device state: {exc}; cancel and retry", err) from None
-        self.counters["bytes_read"] += len(data)
-        return w.MigDataHead(argsz=w.MigDataHead.SIZE + len(data), size=len(data)).pack() + data
+        size = sum(len(part) for part in parts)
+        self.counters["bytes_read"] += size
+        head = w.MigDataHead(argsz=w.MigDataHead.SIZE + size, size=size).pack()
+        return b"".join([head, *parts])  # the reply's one copy of the data
 
-    def _produce(self, size: int) -> bytes:
+    def _produce(self, size: int) -> list[memoryview]:
+        """Up to ``size`` stream bytes, as views of the queued records."""
         writer = self._writer
         assert writer is not None
         device = self.device
@@ -519,7 +522,7 @@ class VfioUserMigration:
                     writer.finish()
                 else:
                     writer.add_all(records)
-            return writer.read(size)
+            return writer.read_parts(size)
         if self._phase is RoundPhase.IDLE:
             self._budget = self._pending()
             writer.add(dirty_round(self._round, self._budget))
@@ -532,10 +535,10 @@ class VfioUserMigration:
             self._budget -= sum(len(r.payload) for r in records)
             if not records or self._budget <= 0:
                 self._phase = RoundPhase.DRAINING
-        data = writer.read(size)
-        if len(data) < size:
+        parts = writer.read_parts(size)
+        if sum(len(part) for part in parts) < size:
             self._phase = RoundPhase.IDLE  # the short read ended the round
-        return data
+        return parts
 
     def _pending(self) -> int:
         """Bulk bytes still to send (none with shared storage: the images are the same)."""
@@ -547,7 +550,7 @@ class VfioUserMigration:
     def _data_write(self, payload: bytes) -> bytes:
         _require(len(payload) >= w.MigDataHead.SIZE, errno.EINVAL, "short MIG_DATA_WRITE")
         req = w.MigDataHead.unpack(payload)
-        data = payload[w.MigDataHead.SIZE:]
+        data = memoryview(payload)[w.MigDataHead.SIZE:]  # the reader keeps views, not copies
         _require(self.state is MigState.RESUMING, errno.EINVAL,
                  f"MIG_DATA_WRITE in state {self.state.name}")
         _require(req.size == len(data), errno.EINVAL,

@@ -28,7 +28,9 @@ SIZE = 256 << 20
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[tuple[ApplianceProcess, ApplianceProcess]]:
     src_cfg, dst_cfg = pair_configs(tmp_path, SIZE)
-    make_image(tmp_path / "src" / "data" / "disk0.img", SIZE, seed=1, random_mib=8)
+    # Holes travel as ZEROES records without being read: the random data sets how
+    # many full reads (and load steps between them) round 0 takes.
+    make_image(tmp_path / "src" / "data" / "disk0.img", SIZE, seed=1, random_mib=24)
     make_image(tmp_path / "dst" / "data" / "disk0.img", SIZE, seed=2, random_mib=4, fill=9)
     src = ApplianceProcess(src_cfg, tmp_path / "src" / "proc").start()
     dst = ApplianceProcess(dst_cfg, tmp_path / "dst" / "proc").start()

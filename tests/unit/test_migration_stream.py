@@ -406,3 +406,43 @@ def test_header_reserved_flags_and_blocks_in_shared_stream_refused() -> None:
     w.add(s.namespace_blocks(1, 0, b"x" * 512))
     with pytest.raises(StreamError, match="NAMESPACE_BLOCKS in a shared-storage stream"):
         StreamReader(b"fp", None).feed(w.read(1 << 20))
+
+
+# ------------------------------------------------------------ copies
+def test_read_parts_are_views_of_what_read_returns() -> None:
+    data = full_stream()
+    writer = StreamWriter(FP)
+    writer.add_all(sample_records())
+    writer.finish()
+    got = b""
+    while parts := writer.read_parts(333):
+        assert all(isinstance(p, memoryview) for p in parts)
+        assert sum(len(p) for p in parts) <= 333
+        got += b"".join(parts)
+    assert got == data and writer.pending == 0
+
+
+def test_a_mutable_chunk_is_copied_not_kept() -> None:
+    data = full_stream()
+    reader = StreamReader(FP)
+    records: list[Record] = []
+    for at in range(0, len(data), 100):  # one reused buffer, as a receive loop might have
+        buf = bytearray(data[at:at + 100])
+        records += reader.feed(buf)
+        buf[:] = bytes(len(buf))
+    reader.check_complete()
+    assert records == read_all(data)
+
+
+@pytest.mark.parametrize("step", [1, 77, 1 << 16, 1 << 20])
+def test_views_of_immutable_chunks_give_the_same_records(step: int) -> None:
+    data = full_stream([s.namespace_blocks(1, 0, bytes(range(256)) * 1024)])  # 256 KiB
+    reader = StreamReader(FP)
+    view = memoryview(data)
+    records: list[Record] = []
+    for at in range(0, len(data), step):
+        records += reader.feed(view[at:at + step])
+        assert len(reader._parts) <= 2 * (256 << 10) // s.KEEP_VIEW + 1  # 1-byte chunks too
+    reader.check_complete()
+    assert records == read_all(data)
+    assert all(type(r.payload) is bytes for r in records)
