@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     from appliance.migrate.command import add_parser as add_migrate_parser
 
     add_migrate_parser(sub)  # `appliance migrate SRC_SOCK DST_SOCK` (docs/migration.md)
+    from appliance.images import add_parser as add_image_parser
+
+    add_image_parser(sub)  # `appliance image build|info` (images/README.md)
     return parser
 
 

@@ -1,6 +1,7 @@
 """The one event loop of the process (runtime layer).
 
-A thin layer over :mod:`selectors`: callbacks per readable fd, one-shot and
+A thin layer over :mod:`selectors`: callbacks per readable fd (and per
+writable fd, for output that did not fit into a socket at once), one-shot and
 periodic timers, and a stop flag.  Every socket, eventfd and timer of every
 device is serviced here, on one thread.  Measured choice: a bare selectors
 loop dispatches a callback in a few microseconds; asyncio's overhead per
@@ -34,15 +35,62 @@ class EventLoop:
         self._idle: list[Callable[[], object]] = []
         self._busy = False
 
+    # The selector holds one key per fd; its data is the pair (reader, writer),
+    # either of which may be None. A fd watched both ways is one key with both
+    # events (``modify``), so adding or removing one side keeps the other.
     def add_reader(self, fd: int, callback: Callback) -> None:
-        """Call ``callback`` whenever ``fd`` is readable."""
-        self.selector.register(fd, selectors.EVENT_READ, callback)
+        """Call ``callback`` whenever ``fd`` is readable.
+
+        Raises:
+            KeyError: ``fd`` already has a reader.
+        """
+        self._watch(fd, selectors.EVENT_READ, callback)
 
     def remove_reader(self, fd: int) -> None:
+        """Stop watching ``fd`` for reading (no-op if it is not watched)."""
+        self._unwatch(fd, selectors.EVENT_READ)
+
+    def add_writer(self, fd: int, callback: Callback) -> None:
+        """Call ``callback`` whenever ``fd`` is writable (level-triggered: remove the
+        writer once the output is gone, or the loop spins).
+
+        Raises:
+            KeyError: ``fd`` already has a writer.
+        """
+        self._watch(fd, selectors.EVENT_WRITE, callback)
+
+    def remove_writer(self, fd: int) -> None:
+        """Stop watching ``fd`` for writing (no-op if it is not watched)."""
+        self._unwatch(fd, selectors.EVENT_WRITE)
+
+    def _watch(self, fd: int, event: int, callback: Callback) -> None:
         try:
+            key = self.selector.get_key(fd)
+        except KeyError:
+            pair = (callback, None) if event == selectors.EVENT_READ else (None, callback)
+            self.selector.register(fd, event, pair)
+            return
+        if key.events & event:
+            side = "reader" if event == selectors.EVENT_READ else "writer"
+            raise KeyError(f"fd {fd} already has a {side}")
+        reader, writer = key.data
+        pair = (callback, writer) if event == selectors.EVENT_READ else (reader, callback)
+        self.selector.modify(fd, key.events | event, pair)
+
+    def _unwatch(self, fd: int, event: int) -> None:
+        try:
+            key = self.selector.get_key(fd)
+        except (KeyError, ValueError):  # not watched / selector closed
+            return
+        rest = key.events & ~event
+        if not rest:
             self.selector.unregister(fd)
-        except (KeyError, ValueError):
-            pass
+            return
+        if rest == key.events:
+            return
+        reader, writer = key.data
+        pair = (None, writer) if event == selectors.EVENT_READ else (reader, None)
+        self.selector.modify(fd, rest, pair)
 
     def call_later(self, delay: float, callback: Callback) -> None:
         """Run ``callback`` once, ``delay`` seconds from now."""
@@ -93,12 +141,20 @@ class EventLoop:
         if self._timers:
             due = max(0.0, self._timers[0][0] - time.monotonic())
             timeout = due if timeout is None else min(timeout, due)
-        for key, _ in self.selector.select(timeout):
-            callback: Callback = key.data
-            try:
-                callback()
-            except Exception:  # a bug in one handler must not take the process down
-                log.exception("handler for fd %s failed", key.fd)
+        for key, mask in self.selector.select(timeout):
+            reader, writer = key.data
+            if reader is not None and mask & selectors.EVENT_READ:
+                try:
+                    reader()
+                except Exception:  # a bug in one handler must not take the process down
+                    log.exception("handler for fd %s failed", key.fd)
+                if writer is not None and mask & selectors.EVENT_WRITE:
+                    writer = self._writer(key.fd)  # the reader may have removed it
+            if writer is not None and mask & selectors.EVENT_WRITE:
+                try:
+                    writer()
+                except Exception:
+                    log.exception("write handler for fd %s failed", key.fd)
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             _, _, callback = heapq.heappop(self._timers)
@@ -113,6 +169,13 @@ class EventLoop:
             except Exception:
                 log.exception("idle poller failed")
         self._busy = busy
+
+    def _writer(self, fd: int) -> Callback | None:
+        try:
+            writer: Callback | None = self.selector.get_key(fd).data[1]
+        except (KeyError, ValueError):
+            return None
+        return writer
 
     def close(self) -> None:
         self.selector.close()

@@ -52,8 +52,9 @@
 # Note: sid's QEMU is built WITHOUT the vfio-user server (x-vfio-user-server:
 # "invalid object type"); only the client device vfio-user-pci is there.
 #
-# Usage: sudo bash images/qemu-env.sh
-#   env: QEMU_ENV, DEBIAN_MIRROR, SKIP_BOOT_TEST=1, KERNEL_PKG, GUEST_MODULES
+# Usage: sudo bash images/qemu-env.sh   (or: sudo appliance image build)
+#   env: QEMU_ENV, DEBIAN_MIRROR, SKIP_BOOT_TEST=1, KERNEL_PKG, GUEST_MODULES,
+#        FORCE=1 (rebuild everything: new debootstrap, new downloads)
 set -euo pipefail
 
 # Bump INIT_VERSION whenever /init gains a behaviour tests rely on; the harness
@@ -73,6 +74,17 @@ mkdir -p "$QE/bin" "$G/debs"
 # One run at a time per environment (scripts/provision may race a manual run).
 exec 9>"$QE/.lock"
 flock -w 900 9 || die "another qemu-env.sh holds $QE/.lock"
+if [ -n "${FORCE:-}" ]; then
+    say "FORCE: rebuilding everything"
+    rm -f "$SID/.qemu-env-ok" "$G/.guest-ok" "$G/busybox" "$G/modules/.list" "$G/initrd.hash" \
+          "$G/debs/"*.deb
+fi
+# Install stdin as executable $1, atomically and only when it changed: a QEMU being
+# started by a test at the same moment never sees a half-written wrapper.
+install_exe() {
+    cat > "$1.new" && chmod +x "$1.new"
+    if cmp -s "$1.new" "$1"; then rm -f "$1.new"; else mv "$1.new" "$1"; fi
+}
 
 # ---------------------------------------------------------------- host tools
 # apt on the host stays bookworm-only. Another process may hold the dpkg lock:
@@ -89,6 +101,7 @@ if ! command -v debootstrap >/dev/null || ! apt-cache show linux-image-amd64 >/d
     apt-cache show linux-image-amd64 >/dev/null 2>&1 || apt_host update -q
     command -v debootstrap >/dev/null || apt_host install -y -q --no-install-recommends debootstrap
 fi
+command -v xz >/dev/null || apt_host install -y -q --no-install-recommends xz-utils
 for t in xz gzip grep find unshare chroot dpkg-deb tar sha256sum flock; do
     command -v $t >/dev/null || die "missing $t"
 done
@@ -112,7 +125,7 @@ fi
 say "sid: $(chroot "$SID" qemu-system-x86_64 --version | head -1)"
 
 # ---------------------------------------------------------------- wrappers
-cat > "$QE/bin/sid-run.new" <<'EOF'
+install_exe "$QE/bin/sid-run" <<'EOF'
 #!/bin/bash
 # Run a program from the sid chroot, e.g.: sid-run qemu-system-x86_64 -version
 # A private mount namespace: the bind mounts go away when the program exits.
@@ -136,11 +149,10 @@ done
 exec chroot "$S" /bin/sh -c "cd \"\$0\" 2>/dev/null || cd /; exec \"\$@\"" "$PWD" "$@"
 ' sid-run "$QE" "$@"
 EOF
-mv "$QE/bin/sid-run.new" "$QE/bin/sid-run"
 for t in qemu-system-x86_64 qemu-img; do
-    printf '#!/bin/sh\nexec "$(dirname "$(readlink -f "$0")")/sid-run" %s "$@"\n' $t > "$QE/bin/$t"
+    printf '#!/bin/sh\nexec "$(dirname "$(readlink -f "$0")")/sid-run" %s "$@"\n' $t | install_exe "$QE/bin/$t"
 done
-cat > "$QE/bin/guest-boot" <<'EOF'
+install_exe "$QE/bin/guest-boot" <<'EOF'
 #!/bin/bash
 # Boot the test guest with sid's QEMU under TCG. Extra args go to QEMU.
 # GUEST_APPEND: more kernel args (qe.nvmetest, qe.shell, qe.hold).
@@ -152,7 +164,6 @@ exec "$D/bin/qemu-system-x86_64" -machine q35 -accel tcg -m 512M \
   -kernel "$D/guest/${GUEST_KERNEL:-vmlinux}" -initrd "$D/guest/initrd.img" \
   -append "console=ttyS0 panic=-1 quiet ${GUEST_APPEND:-}" "$@"
 EOF
-chmod +x "$QE/bin/"*
 
 # ---------------------------------------------------------------- 2. guest kernel
 # guest/.guest-ok marks the kernel (vmlinux, vmlinuz, kernel-version) and the kept

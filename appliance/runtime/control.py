@@ -24,6 +24,7 @@ from appliance.control.protocol import (
     FAILED,
     ControlConnection,
     ControlError,
+    Request,
     reply_error,
     reply_ok,
 )
@@ -33,14 +34,28 @@ from appliance.loop import EventLoop
 log = logging.getLogger("appliance.control")
 RELEASE_PERIOD = 0.005  # seconds between checks for due deferred completions / frames
 MAX_CLIENTS = 16
+MAX_OUTPUT = 1 << 20  # unsent reply bytes a client may pile up before it is disconnected
+SEND_CHUNK = 64 * 1024  # while answering a burst of requests, send once this much is queued
 
 
 class _Client:
+    """One control connection: requests in, replies out without blocking the loop.
+
+    Replies are queued in ``out`` and sent as far as the socket takes them; the
+    rest waits for writability.  While replies are pending the client's socket is
+    not read (backpressure: it cannot queue more work); once they are gone,
+    reading resumes.  A client whose unsent replies exceed :data:`MAX_OUTPUT`
+    (it sends requests and does not read the answers) is disconnected.
+    """
+
     def __init__(self, service: ControlService, sock: socket.socket) -> None:
         self.service = service
         self.sock = sock
+        self.fd = sock.fileno()
         self.conn = ControlConnection()
-        service.loop.add_reader(sock.fileno(), self._readable)
+        self.out = bytearray()
+        self.writing = False  # waiting for writability (and not reading)
+        service.loop.add_reader(self.fd, self._readable)
 
     def _readable(self) -> None:
         try:
@@ -53,34 +68,65 @@ class _Client:
             self.close()
             return
         self.conn.receive_data(data)
-        out = bytearray()
         while (event := self.conn.next_event()) is not None:
             if isinstance(event, bytes):
-                out += event
-                continue
-            try:
-                result = dispatch(self.service.target, event)
-            except ControlError as exc:
-                out += reply_error(event.id, exc.code, exc.message)
-            except Exception as exc:  # a bug in a command: report it, keep serving
-                log.exception("control: %s failed", event.cmd)
-                out += reply_error(event.id, FAILED, f"{type(exc).__name__}: {exc}")
+                self.out += event
             else:
-                out += reply_ok(event.id, result)
-        if out:
+                self.out += self._answer(event)
+            if len(self.out) >= SEND_CHUNK and not self._send():
+                return
+        self._send()
+
+    def _answer(self, request: Request) -> bytes:
+        try:
+            result = dispatch(self.service.target, request)
+        except ControlError as exc:
+            return reply_error(request.id, exc.code, exc.message)
+        except Exception as exc:  # a bug in a command: report it, keep serving
+            log.exception("control: %s failed", request.cmd)
+            return reply_error(request.id, FAILED, f"{type(exc).__name__}: {exc}")
+        return reply_ok(request.id, result)
+
+    def _send(self) -> bool:
+        """Send what the socket takes; watch for writability while output is left.
+
+        Returns False when the client was closed (send error, or over the cap).
+        """
+        if self.out:
             try:
-                self.sock.setblocking(True)
-                self.sock.settimeout(5.0)
-                self.sock.sendall(out)
-                self.sock.setblocking(False)
+                sent = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
             except OSError:
                 self.close()
+                return False
+            del self.out[:sent]
+        loop = self.service.loop
+        if len(self.out) > MAX_OUTPUT:
+            log.warning("control: client fd %d left %d bytes of replies unread (cap %d): "
+                        "disconnected", self.fd, len(self.out), MAX_OUTPUT)
+            self.close()
+            return False
+        if self.out and not self.writing:
+            loop.remove_reader(self.fd)
+            loop.add_writer(self.fd, self._writable)
+            self.writing = True
+        elif not self.out and self.writing:
+            loop.remove_writer(self.fd)
+            loop.add_reader(self.fd, self._readable)
+            self.writing = False
+        return True
+
+    def _writable(self) -> None:
+        self._send()
 
     def close(self) -> None:
         if self in self.service.clients:
             self.service.clients.remove(self)
-            self.service.loop.remove_reader(self.sock.fileno())
+            self.service.loop.remove_reader(self.fd)
+            self.service.loop.remove_writer(self.fd)
             self.sock.close()
+            self.out.clear()
 
 
 class ControlService:

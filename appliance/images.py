@@ -1,0 +1,275 @@
+"""``appliance image build | info``: QEMU 11.1 and the test guest, built from Debian packages.
+
+The builder is ``images/qemu-env.sh`` in the source tree, next to this package
+(``pip install -e .`` keeps it there; see images/README.md).  Under the cache
+directory (``--cache``, else ``$APPLIANCE_QEMU_ENV``, else
+``~/.cache/appliance/qemu-env``) it makes a Debian-sid chroot holding QEMU 11.1
+(the host's QEMU, bookworm's 7.2, predates the ``vfio-user-pci`` client of
+QEMU 10.1) and the guest: bookworm's kernel as ``guest/vmlinux`` and a busybox
+initramfs ``guest/initrd.img``.  The builder is idempotent: parts already
+built are skipped, so a second ``build`` is a no-op (about a second) unless the
+guest's ``/init`` changed in the script.  ``--force`` rebuilds everything from
+fresh downloads.
+
+Every failure is an :class:`~appliance.errors.ApplianceError` (one line
+``appliance: error: image build: ...``, exit status 2).  ``info`` exits 0 when
+the environment is complete, 1 when it is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ApplianceError
+
+#: The builder, found relative to this file (a source checkout / editable install).
+BUILDER = Path(__file__).resolve().parent.parent / "images" / "qemu-env.sh"
+#: The host QEMU from which ``vfio-user-pci`` (the vfio-user client) exists.
+HOST_QEMU_MIN = (10, 1)
+
+# name -> path inside the cache directory; a complete environment has them all.
+ARTIFACTS = {
+    "qemu": "bin/qemu-system-x86_64",
+    "qemu-img": "bin/qemu-img",
+    "kernel": "guest/vmlinux",
+    "initramfs": "guest/initrd.img",
+    "guest-boot": "bin/guest-boot",
+}
+# The builder's own failure line: "[qemu-env  12s] ERROR: reason".
+_ERROR_LINE = re.compile(r"^\[[\w.-]+\s+\d+s\] ERROR: (.*)")
+# Files whose modification time changes when the builder (re)builds a part.
+_BUILT_STAMPS = ("sid/.qemu-env-ok", "guest/.guest-ok", "guest/vmlinux", "guest/busybox",
+                 "guest/modules/.list", "guest/initrd.img")
+
+
+def cache_dir(arg: str | None = None) -> Path:
+    """The environment directory: ``arg``, ``$APPLIANCE_QEMU_ENV`` or the default."""
+    from appliance.testing.qemu import DEFAULT_ENV, ENV_VAR
+
+    return Path(arg or os.environ.get(ENV_VAR) or DEFAULT_ENV).expanduser().absolute()
+
+
+def builder() -> Path:
+    """The builder script.
+
+    Raises:
+        ApplianceError: not found (the package was installed without its source tree).
+    """
+    if not BUILDER.is_file():
+        raise ApplianceError(f"image: {BUILDER} not found: install the appliance from a "
+                             "source checkout (`pip install -e .`)")
+    return BUILDER
+
+
+@dataclass(frozen=True)
+class Artifact:
+    name: str
+    path: Path
+    present: bool
+    detail: str
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def _sid_qemu_version(root: Path) -> str:
+    """``qemu-system-x86``'s Debian version in the chroot, from dpkg's status file."""
+    status = _read(root / "sid" / "var" / "lib" / "dpkg" / "status")
+    m = re.search(r"^Package: qemu-system-x86\n(?:[^\n]+\n)*?Version: (\S+)", status, re.MULTILINE)
+    return m.group(1) if m else ""
+
+
+def inspect(root: Path) -> tuple[list[Artifact], str | None]:
+    """What is built under ``root``.
+
+    Returns:
+        The artifacts, and None when the environment is complete, else the reason it
+        is not (the first missing part, or a guest too old for the test harness).
+    """
+    from appliance.testing.qemu import REQUIRED_INIT_VERSION
+
+    qemu_version = _sid_qemu_version(root)
+    kernel = _read(root / "guest" / "kernel-version").split()
+    init_version = _read(root / "guest" / "init-version")
+    initrd = root / ARTIFACTS["initramfs"]
+    details = {
+        "qemu": f"qemu-system-x86 {qemu_version} in the sid chroot" if qemu_version else "",
+        "kernel": f"Linux {kernel[-1]}" if kernel else "",
+        "initramfs": (f"init v{init_version}, {initrd.stat().st_size // 1024} KiB"
+                      if initrd.exists() else ""),
+    }
+    arts = [Artifact(name, root / rel, (root / rel).exists(), details.get(name, ""))
+            for name, rel in ARTIFACTS.items()]
+    problem = None
+    if not (root / "sid" / ".qemu-env-ok").exists():
+        problem = "the sid chroot (QEMU 11.1) is not built"
+    elif missing := [a for a in arts if not a.present]:
+        problem = f"{missing[0].path} is missing"
+    elif not init_version.isdigit() or int(init_version) < REQUIRED_INIT_VERSION:
+        problem = (f"the guest initramfs is stale (init v{init_version or '?'}, the harness "
+                   f"needs v{REQUIRED_INIT_VERSION})")
+    return arts, problem
+
+
+def host_qemu() -> tuple[str, bool] | None:
+    """The host's ``qemu-system-x86_64`` version and whether it has ``vfio-user-pci``
+    (10.1 or newer); None if there is none."""
+    exe = shutil.which("qemu-system-x86_64")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10,
+                             check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"version (\d+)\.(\d+)(\.\d+)?", out)
+    if not m:
+        return None
+    return m.group(0).split()[1], (int(m.group(1)), int(m.group(2))) >= HOST_QEMU_MIN
+
+
+def _stamps(root: Path) -> dict[str, float]:
+    out = {}
+    for rel in _BUILT_STAMPS:
+        try:
+            out[rel] = (root / rel).stat().st_mtime
+        except OSError:
+            pass
+    return out
+
+
+def build(root: Path, *, force: bool = False, boot_test: bool = False,
+          echo: Any = None) -> bool:
+    """Run the builder for ``root``; its progress lines go to ``echo`` (a text stream).
+
+    Returns:
+        True if something was (re)built, False if everything was cached.
+    Raises:
+        ApplianceError: not root, no builder, no debootstrap, or the builder failed
+            (the message is the builder's own ERROR line when it printed one).
+    """
+    if os.geteuid() != 0:
+        raise ApplianceError("image build: needs root (debootstrap, chroot, mknod): "
+                             "run `sudo appliance image build`")
+    script = builder()
+    if (force or not (root / "sid" / ".qemu-env-ok").exists()) and \
+            not shutil.which("debootstrap") and not shutil.which("apt-get"):
+        raise ApplianceError("image build: debootstrap is not installed and there is no "
+                             "apt-get to install it (a Debian host is needed)")
+    env = dict(os.environ, QEMU_ENV=str(root))
+    env.pop("FORCE", None)
+    env.pop("SKIP_BOOT_TEST", None)
+    if force:
+        env["FORCE"] = "1"
+    if not boot_test:
+        env["SKIP_BOOT_TEST"] = "1"
+    before = _stamps(root)
+    error = last = ""
+    try:
+        proc = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                text=True, errors="replace")
+    except OSError as exc:
+        raise ApplianceError(f"image build: cannot run {script}: {exc.strerror}") from None
+    assert proc.stdout is not None
+    with proc.stdout:
+        for line in proc.stdout:
+            if echo is not None:
+                echo.write(line)
+                echo.flush()
+            if m := _ERROR_LINE.match(line):
+                error = m.group(1).strip()
+            last = line.strip() or last
+    rc = proc.wait()
+    if rc != 0:
+        context = f" (last output: {last})" if last else ""
+        raise ApplianceError(
+            f"image build: {error or f'{script.name} exited with status {rc}{context}'}")
+    _, problem = inspect(root)
+    if problem:
+        raise ApplianceError(f"image build: {script.name} finished but {problem}")
+    return _stamps(root) != before
+
+
+def _lines(root: Path, arts: list[Artifact]) -> list[str]:
+    out = [f"{'cache':<11}{root}", f"{'builder':<11}{BUILDER}"]
+    for a in arts:
+        what = f"  ({a.detail})" if a.detail else ""
+        out.append(f"{a.name:<11}{a.path}{what}" if a.present else f"{a.name:<11}{a.path}  (missing)")
+    return out
+
+
+def cmd_info(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+    root = cache_dir(args.cache)
+    arts, problem = inspect(root)
+    host = host_qemu()
+    if args.json:
+        print(json.dumps({
+            "cache": str(root), "builder": str(BUILDER), "built": problem is None,
+            "problem": problem,
+            "artifacts": {a.name: {"path": str(a.path), "present": a.present, "detail": a.detail}
+                          for a in arts},
+            "host_qemu": None if host is None else {"version": host[0], "vfio_user": host[1]},
+        }, indent=2))
+        return 0 if problem is None else 1
+    for line in _lines(root, arts):
+        print(line)
+    if host is None:
+        print(f"{'host qemu':<11}none (the sid chroot's QEMU 11.1 is used)")
+    else:
+        verdict = "has" if host[1] else "older than 10.1: no"
+        print(f"{'host qemu':<11}{host[0]} ({verdict} vfio-user-pci; the tests use the sid "
+              "chroot's QEMU)")
+    if problem is None:
+        print(f"{'status':<11}built")
+        return 0
+    print(f"{'status':<11}not built: {problem} (run `sudo appliance image build`)")
+    return 1
+
+
+def cmd_build(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+    root = cache_dir(args.cache)
+    t0 = time.monotonic()
+    changed = build(root, force=args.force, boot_test=args.boot_test,
+                    echo=None if args.quiet else sys.stderr)
+    arts, _ = inspect(root)
+    state = f"built in {time.monotonic() - t0:.0f} s" if changed else "up to date (cached)"
+    print(f"appliance: image {state}")
+    for line in _lines(root, arts):
+        print(f"  {line}")
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``image build`` and ``image info`` on the CLI's subparsers."""
+    image = sub.add_parser("image", help="build or describe QEMU 11.1 and the test guest "
+                                         "(images/README.md)")
+    isub = image.add_subparsers(dest="image_command", required=True)
+    b = isub.add_parser("build", help="build what is missing (needs root; cached)")
+    b.add_argument("--cache", metavar="DIR",
+                   help="environment directory (default $APPLIANCE_QEMU_ENV or "
+                        "~/.cache/appliance/qemu-env)")
+    b.add_argument("--force", action="store_true",
+                   help="rebuild everything, downloading the packages again")
+    b.add_argument("--boot-test", action="store_true", help="boot the guest once afterwards")
+    b.add_argument("-q", "--quiet", action="store_true", help="no builder progress on stderr")
+    b.set_defaults(func=cmd_build, config=None, trace=False, verbose=False)
+    i = isub.add_parser("info", help="where the kernel, initramfs and QEMU are, and whether "
+                                     "they are built (exit 1 if not)")
+    i.add_argument("--cache", metavar="DIR", help="environment directory (as for build)")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(func=cmd_info, config=None, trace=False, verbose=False)
