@@ -54,7 +54,7 @@ from appliance.memory import ClientMemory, GuestMemoryError
 from appliance.net import vhost_wire as vw
 from appliance.net.dirty_log import VhostLog
 from appliance.net.vhost_wire import Feature as F
-from appliance.net.virtqueue import SplitQueue
+from appliance.net.virtqueue import QueueCounters, SplitQueue
 
 log = logging.getLogger("appliance.net")
 
@@ -446,6 +446,42 @@ class VirtioNetPort:
             if wants_irq and call is not None:
                 self.notify(call)
         self._dirty.clear()
+
+    # ------------------------------------------------------------ live handoff
+    def handoff_blocker(self) -> str:
+        """Why this port's connection cannot move to another process faithfully ("" if it can)."""
+        if self._log_bitmap is not None or self.features & F.LOG_ALL:
+            return "dirty logging is active (the front-end is live-migrating the guest)"
+        for ring in self.rings:
+            if ring.broken:
+                return f"vring {ring.index} is broken ({ring.broken})"
+            if ring.unpublished:
+                return f"vring {ring.index} has used entries not yet published"
+        return ""
+
+    def handoff_state(self) -> dict[str, Any]:
+        """The connection's device state (JSON-able; the runtime adds the fds).
+
+        Per ring: :meth:`SplitQueue.handoff_state`, the explicit SET_VRING_ENABLE
+        value (None: never sent) and whether the front-end asked for polling.
+        """
+        return {"status": self.status, "mtu": self.mtu,
+                "vrings": [{**ring.handoff_state(), "enable": self._explicit_enable[i],
+                            "polled": self.kick_polled[i]} for i, ring in enumerate(self.rings)]}
+
+    def counters_state(self) -> dict[str, Any]:
+        """Counters that outlive connections (restored by :meth:`restore_counters`)."""
+        return {"connections": self.connections, "rarps": self.rarps,
+                "tx_no_queue": self.tx_no_queue,
+                "vrings": [ring.counters.as_dict() for ring in self.rings]}
+
+    def restore_counters(self, state: dict[str, Any]) -> None:
+        """Take over another process's counters (already validated by the caller)."""
+        self.connections = state["connections"]
+        self.rarps = state["rarps"]
+        self.tx_no_queue = state["tx_no_queue"]
+        for ring, counters in zip(self.rings, state["vrings"], strict=True):
+            ring.counters = QueueCounters(**counters)
 
     # ------------------------------------------------------------ counters
     def stats(self) -> dict[str, Any]:

@@ -129,6 +129,22 @@ class Switch:
         for port in self.ports:
             port.flush()
 
+    # ------------------------------------------------------------ live handoff
+    def handoff_state(self) -> dict[str, Any]:
+        """Counters and the MAC table, ports by name, entries by age (JSON-able)."""
+        now = self.clock()
+        return {"counters": dict(self.counters),
+                "table": [[mac.hex(), getattr(port, "name", "?"), now - t]
+                          for mac, (port, t) in self.table.items()]}
+
+    def handoff_restore(self, counters: dict[str, int],
+                        table: list[tuple[bytes, SwitchPort, float]]) -> None:
+        """Replace counters and table with another process's (validated by the caller);
+        ``table`` holds (mac, port, age in seconds)."""
+        now = self.clock()
+        self.counters = {**self.counters, **counters}
+        self.table = {mac: (port, now - age) for mac, port, age in table}
+
     def stats(self) -> dict[str, Any]:
         return {**self.counters, "entries": len(self.table),
                 "table": {":".join(f"{b:02x}" for b in mac): getattr(p, "name", "?")

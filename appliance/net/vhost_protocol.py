@@ -37,6 +37,10 @@ front-end's ``userspace_addr`` as the region's user address.  A new table is
 built and mapped completely before it replaces the old one (a failure leaves
 the old table in place); the device is told to let go of its views first and
 gets the new memory after, so rings keep their indices across a remap.
+
+Live handoff: another process rebuilds a connection by :meth:`~BackendConnection.replay`-ing
+the requests that led to its state (the same checks and handlers, no reply) and
+takes back a request read only in part with :meth:`~BackendConnection.restore_input`.
 """
 
 from __future__ import annotations
@@ -372,6 +376,78 @@ class BackendConnection:
         self.handler.disconnect()
         self.memory.unmap_all()
         self._drop_log()
+
+    # ------------------------------------------------------------ live handoff
+    def handoff_blocker(self) -> str:
+        """Why this connection cannot move to another process faithfully ("" if it can)."""
+        if self.state is ConnState.CLOSED:
+            return f"the connection is closed ({self.close_reason})"
+        if self.log_mm is not None:
+            return "dirty logging is active (SET_LOG_BASE: the front-end is live-migrating)"
+        if self._messages or self._out:
+            return "requests or replies are still queued"
+        return ""
+
+    def handoff_state(self) -> dict[str, Any]:
+        """Negotiated state (JSON-able).  The memory regions are listed in the
+        order of :attr:`memory`'s regions, whose fds the runtime passes on."""
+        return {"state": self.state.value, "features": self.features,
+                "protocol_features": self.protocol_features,
+                "protocol_negotiated": self.protocol_negotiated, "counters": dict(self.counters),
+                "regions": [{"guest_phys_addr": r.address, "memory_size": r.size,
+                             "userspace_addr": r.user_address, "mmap_offset": r.fd_offset}
+                            for r in self.memory.regions]}
+
+    def pending_input(self) -> tuple[bytes, list[int]]:
+        """The bytes and fds of a request not yet complete (read so far, kept here)."""
+        head = self._header.pack() if self._header is not None else b""
+        return head + bytes(self._buf), list(self._fds)
+
+    def replay(self, request: R, payload: bytes, fds: list[int]) -> None:
+        """Apply one request as if a front-end had sent it, without replying.
+
+        A handoff rebuilds a connection this way, so a state another process
+        sends passes the checks and handlers a live request does.  ``fds``
+        belong to the request: a handler keeps some, the rest are closed.
+
+        Raises:
+            LocalProtocolError: the request is refused (its fds are closed).
+        """
+        msg = Message(vw.Header(request=int(request), flags=vw.VERSION, size=len(payload)),
+                      payload, list(fds))
+        try:
+            _require(self.state is not ConnState.CLOSED, "the connection is closed")
+            checked, _ = self._check(msg)
+            self._handlers[checked](msg)
+        finally:
+            msg.close_fds()
+
+    def restore_input(self, data: bytes, fds: list[int]) -> None:
+        """Take over the start of a request another process had read (handoff).
+
+        The fds are owned here from now on (closed with the connection).
+
+        Raises:
+            LocalProtocolError: the bytes complete a request or cannot be framed.
+        """
+        if not data:
+            for fd in fds:
+                _close(fd)
+            _require(not fds, "fds of a partial request without its bytes")
+            return
+        try:
+            while data:
+                n = min(len(data), self.bytes_wanted())
+                chunk_fds, fds = fds, []  # receive_data owns them from here
+                self.receive_data(data[:n], chunk_fds)
+                data = data[n:]
+        except RemoteProtocolError as exc:
+            raise Reject(f"partial request: {exc}") from None
+        if self._messages:
+            while self._messages:
+                self._messages.popleft().close_fds()
+            raise Reject("the partial request is complete")
+        _require(self.state is not ConnState.CLOSED, f"partial request: {self.close_reason}")
 
     # ------------------------------------------------------------ dispatch
     def _transition(self, event: str) -> None:

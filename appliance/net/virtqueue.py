@@ -123,6 +123,10 @@ class QueueCounters:
     dropped: int = 0
     malformed: int = 0
 
+    def as_dict(self) -> dict[str, int]:
+        return {"packets": self.packets, "bytes": self.bytes, "dropped": self.dropped,
+                "malformed": self.malformed}
+
 
 class SplitQueue:
     """One split virtqueue as the device side sees it."""
@@ -169,6 +173,11 @@ class SplitQueue:
         return self.state is RingState.STARTED
 
     @property
+    def unpublished(self) -> int:
+        """Used entries pushed but not yet visible to the driver."""
+        return (self.used_idx - self._published) & 0xFFFF
+
+    @property
     def ready(self) -> bool:
         """Started, mapped and followable: buffers can be taken from it."""
         return self.state is RingState.STARTED and self._avail is not None and not self.broken
@@ -192,6 +201,40 @@ class SplitQueue:
 
     def get_base(self) -> int:
         return self.last_avail_idx
+
+    # ------------------------------------------------------------ live handoff
+    def handoff_state(self) -> dict[str, int | bool | None]:
+        """What another process needs to continue this ring (JSON-able; no fds).
+
+        ``last_avail_idx`` is what GET_VRING_BASE would return; ``used_idx``
+        may trail it (a malformed chain whose head was out of range got no used
+        entry).  Everything pushed has been published (the caller flushed).
+        """
+        return {"num": self.size, "desc": self.desc_user, "avail": self.avail_user,
+                "used": self.used_user, "log": self.log_guest_addr, "flags": self.addr_flags,
+                "last_avail_idx": self.last_avail_idx, "used_idx": self.used_idx,
+                "sync_used": self._sync_used, "started": self.started}
+
+    def restore_indices(self, last_avail_idx: int, used_idx: int, sync_used: bool) -> None:
+        """Handoff import: continue at the indices the previous process reached.
+
+        Called after the ring was configured through the ordinary setters
+        (SET_VRING_NUM/BASE/ADDR/KICK), which may have synced ``last_avail_idx``
+        to the used index in memory; this puts back the exact pair.
+
+        Raises:
+            RingError: an index does not fit 16 bits, or ``used_idx`` is ahead of
+                ``last_avail_idx`` or behind it by more than the queue size.
+        """
+        for name, value in (("last_avail_idx", last_avail_idx), ("used_idx", used_idx)):
+            if not 0 <= value <= 0xFFFF:
+                raise RingError(f"vring {self.index}: {name} {value:#x} does not fit 16 bits")
+        if (last_avail_idx - used_idx) & 0xFFFF > self.size:
+            raise RingError(f"vring {self.index}: used index {used_idx} is not within a queue "
+                            f"size ({self.size}) behind the avail index {last_avail_idx}")
+        self.last_avail_idx = last_avail_idx
+        self.used_idx = self._published = used_idx
+        self._sync_used = sync_used
 
     def set_addr(self, desc: int, used: int, avail: int, log_guest_addr: int, flags: int) -> None:
         """SET_VRING_ADDR: record the areas (front-end virtual addresses).

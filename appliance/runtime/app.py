@@ -110,7 +110,10 @@ class Appliance:
         faults = self.control.faults
         if faults.deferred or faults.frames:
             return "fault injection holds completions or frames; clear the faults first"
-        return self.vfio_user.handoff_busy()
+        busy = self.vfio_user.handoff_busy()
+        if not busy and self.net is not None:
+            busy = self.net.handoff_busy()
+        return busy
 
     def handoff_quiesce(self) -> None:
         self.vfio_user.handoff_quiesce()
@@ -169,11 +172,13 @@ class Appliance:
         if page is not None:
             self.controller.take_over_doorbell_page(fds[page["fd"]], bytes.fromhex(page["seen"]))
         if self.net is not None:
-            self.net.handoff_import(manifest["net"], fds)
+            self.net.handoff_import(manifest["net"], fds, serve=False)  # until go
 
     def handoff_start(self) -> None:
         """Serve what was adopted: commands queued meanwhile, then whatever comes."""
         self.migratable.migration_run()
+        if self.net is not None:
+            self.net.handoff_start()
         client, self._adopted = self._adopted, None
         if client is not None and not client.conn.closed:
             client.conn.process()

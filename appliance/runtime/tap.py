@@ -56,16 +56,22 @@ class TapService:
     """One TAP fd on the loop, feeding a :class:`TapPort`."""
 
     def __init__(self, loop: EventLoop, port: TapPort, flush: Callable[[], None],
-                 opener: Callable[[str], int] = open_tap) -> None:
+                 opener: Callable[[str], int] | None = open_tap) -> None:
+        """``opener`` None: a handoff destination, which takes the source's fd
+        (:meth:`adopt`) instead of attaching to the interface itself."""
         self.loop = loop
         self.port = port
         self._flush = flush
-        self.fd: int | None = opener(port.ifname)
+        self.fd: int | None = opener(port.ifname) if opener is not None else None
+        self.paused = False
         port.write = self._write
-        loop.add_reader(self.fd, self._readable)
-        log.info("%s: TAP interface %s attached", port.name, port.ifname)
+        if self.fd is not None:
+            loop.add_reader(self.fd, self._readable)
+            log.info("%s: TAP interface %s attached", port.name, port.ifname)
 
     def _readable(self) -> None:
+        if self.paused:  # dispatched in the loop pass that paused us
+            return
         try:
             for _ in range(BATCH):
                 if self.fd is None:
@@ -88,6 +94,29 @@ class TapService:
             return os.write(self.fd, frame) == len(frame)
         except OSError:  # EAGAIN: the kernel queue is full; EIO: interface down
             return False
+
+    # ------------------------------------------------------------ live handoff
+    def pause(self) -> None:
+        """Stop reading the fd; frames the kernel sends wait in its queue."""
+        self.paused = True
+        if self.fd is not None:
+            self.loop.remove_reader(self.fd)
+
+    def serve(self) -> None:
+        """Read the fd again (after :meth:`pause` or :meth:`adopt`)."""
+        self.paused = False
+        if self.fd is not None:
+            self.loop.remove_reader(self.fd)
+            self.loop.add_reader(self.fd, self._readable)
+
+    def adopt(self, fd: int) -> None:
+        """Use ``fd`` (another process's, attached to the same interface) instead of
+        ours; it is read from :meth:`serve` on."""
+        if self.fd is not None:
+            self.loop.remove_reader(self.fd)
+            os.close(self.fd)
+        self.fd = fd
+        log.info("%s: took over TAP interface %s", self.port.name, self.port.ifname)
 
     def close(self) -> None:
         if self.fd is None:

@@ -23,6 +23,11 @@ Per connection (:class:`VhostUserSession`):
   fd, forgets the port's MACs in the switch, logs the port's counters
   (``<port>: front-end disconnected (...); counters {json}``), and the next
   connection brings the port up again.
+
+Live handoff (``appliance handoff``): :meth:`NetService.handoff_quiesce`,
+``_export``, ``_release`` / ``_resume`` on the source, ``handoff_check``,
+``_import``, ``_start`` on the destination; the state itself is
+:mod:`appliance.runtime.vhost_handoff`'s (docs/net.md, "Live handoff").
 """
 
 from __future__ import annotations
@@ -32,10 +37,12 @@ import ipaddress
 import json
 import logging
 import os
+import selectors
 import socket
 import stat
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from appliance.errors import ApplianceError, RemoteProtocolError
@@ -47,7 +54,7 @@ from appliance.net.responder import Responder
 from appliance.net.switch import Switch
 from appliance.net.tap import TapPort
 from appliance.net.vhost_protocol import BackendConnection
-from appliance.runtime import unix
+from appliance.runtime import unix, vhost_handoff
 from appliance.runtime.tap import TapService, open_tap
 
 log = logging.getLogger("appliance.net")
@@ -80,23 +87,32 @@ _close = unix.close_quietly
 class VhostUserSession:
     """One connected front-end: its socket, its kick fds, its protocol connection."""
 
-    def __init__(self, service: PortService, sock: socket.socket) -> None:
+    def __init__(self, service: PortService, sock: socket.socket,
+                 conn: BackendConnection | None = None) -> None:
+        """``conn``: a connection taken over from another process (a handoff); the
+        session then waits for :meth:`serve` before it reads anything."""
         self.service = service
         self.loop = service.loop
         self.port = service.port
         self.sock = sock
         self.closed = False
+        self.paused = conn is not None  # a handoff: nothing is read or drained
         self.kicks: dict[int, int] = {}  # watched kick fd -> ring index
         self._scheduled: set[int] = set()
         self._polling = False
         self.port.notify = signal_eventfd
         self.port.retire_fd = self._retire_fd
-        self.port.connections += 1
-        self.conn = BackendConnection(self.port, name=self.port.name)
-        self.loop.add_reader(sock.fileno(), self._readable)
+        if conn is None:
+            self.port.connections += 1
+            self.conn = BackendConnection(self.port, name=self.port.name)
+            self.loop.add_reader(sock.fileno(), self._readable)
+        else:
+            self.conn = conn
 
     # ------------------------------------------------------------ socket
     def _readable(self) -> None:
+        if self.paused:  # dispatched in the pass that paused us
+            return
         try:
             self._read_messages()
         finally:
@@ -161,6 +177,8 @@ class VhostUserSession:
             self.loop.call_every(POLL_PERIOD, self._poll)
 
     def _kicked(self, fd: int) -> None:
+        if self.paused or self.closed:  # the kick stays pending in the eventfd
+            return
         try:
             os.read(fd, 8)
         except BlockingIOError:
@@ -172,7 +190,7 @@ class VhostUserSession:
             self._drain(index)
 
     def _drain(self, index: int) -> None:
-        if self.closed:
+        if self.closed or self.paused:
             return
         more = self.port.process_tx(index, TX_BUDGET)
         self.service.switch.flush()
@@ -191,7 +209,7 @@ class VhostUserSession:
         self.loop.call_later(0, run)
 
     def _poll(self) -> bool:
-        if self.closed:
+        if self.closed or self.paused:
             self._polling = False
             return False
         rings = self.port.polled_rings()
@@ -200,6 +218,53 @@ class VhostUserSession:
         if not rings:
             self._polling = False
         return bool(rings)
+
+    # ------------------------------------------------------------ live handoff
+    def pause(self) -> None:
+        """Stop reading the socket and the kick fds; what arrives waits there."""
+        self.paused = True
+        self.loop.remove_reader(self.sock.fileno())
+        for fd in self.kicks:
+            self.loop.remove_reader(fd)
+
+    def serve(self) -> None:
+        """Read again; drain every started transmit ring once (a kick may have
+        been taken by the process before us, or be pending)."""
+        if self.closed:
+            return
+        self.paused = False
+        fd = self.sock.fileno()
+        self.loop.remove_reader(fd)
+        self.loop.add_reader(fd, self._readable)
+        for kick in self.kicks:
+            self.loop.remove_reader(kick)
+            self.loop.add_reader(kick, functools.partial(self._kicked, kick))
+        self._sync_kicks()
+        for index in sorted(set(self.port.kick_fds().values()) | set(self.port.polled_rings())):
+            self._schedule(index)
+
+    def signal_calls(self) -> None:
+        """Interrupt the driver once on every started ring (after a handoff: a
+        spare interrupt is harmless, a missing one could stall the guest)."""
+        for index, fd in enumerate(self.port.call):
+            if fd is not None and self.port.rings[index].started:
+                try:
+                    signal_eventfd(fd)
+                except OSError as exc:
+                    log.warning("%s: call fd of vring %d: %s", self.port.name, index, exc)
+
+    def release(self) -> None:
+        """Let go silently (another process serves the front-end now): close our
+        copies of every fd and mapping, send nothing, log no disconnect."""
+        if self.closed:
+            return
+        self.pause()
+        self.closed = True
+        self.kicks.clear()
+        self.port.notify = lambda fd: None
+        self.port.retire_fd = _close
+        self.conn.close("handed off")  # the port forgets the rings; fds and mappings closed
+        self.sock.close()  # close(2) only: no shutdown, the other process holds the socket
 
     # ------------------------------------------------------------ teardown
     def close(self, reason: str) -> None:
@@ -220,7 +285,9 @@ class PortService:
     """One port's socket: listening (server mode) or connecting (client mode)."""
 
     def __init__(self, loop: EventLoop, port: VirtioNetPort, switch: Switch, path: str,
-                 mode: str = "server") -> None:
+                 mode: str = "server", standby: bool = False) -> None:
+        """``standby``: a handoff destination; neither listen nor connect until
+        :meth:`handoff_commit` brings the source's socket."""
         self.loop = loop
         self.port = port
         self.switch = switch
@@ -229,7 +296,11 @@ class PortService:
         self.session: VhostUserSession | None = None
         self.listener: socket.socket | None = None
         self.closed = False
+        self.paused = False
+        self.standby = standby
         self._connect_failures = 0
+        if standby:
+            return
         if mode == "server":
             self._listen()
         else:
@@ -260,7 +331,8 @@ class PortService:
         log.info("%s: listening on %s", self.port.name, self.path)
 
     def _accept(self) -> None:
-        assert self.listener is not None
+        if self.listener is None or self.paused:  # dispatched in the pass that paused us
+            return
         try:
             sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
@@ -275,6 +347,9 @@ class PortService:
 
     def _try_connect(self) -> None:
         if self.closed or self.session is not None:
+            return
+        if self.paused:
+            self.loop.call_later(RECONNECT_DELAY, self._try_connect)
             return
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
@@ -308,6 +383,59 @@ class PortService:
         if self.mode == "client" and not self.closed:
             self.loop.call_later(RECONNECT_DELAY, self._try_connect)
 
+    # ------------------------------------------------------------ live handoff
+    def pause(self) -> None:
+        self.paused = True
+        if self.listener is not None:
+            self.loop.remove_reader(self.listener.fileno())
+        if self.session is not None:
+            self.session.pause()
+
+    def serve(self) -> None:
+        self.paused = False
+        if self.listener is not None:
+            self.loop.remove_reader(self.listener.fileno())
+            self.loop.add_reader(self.listener.fileno(), self._accept)
+        if self.session is not None:
+            self.session.serve()
+
+    def release(self) -> None:
+        """Let go of the listener and the session silently (the path stays)."""
+        self.closed = True
+        self.paused = True
+        if self.session is not None:
+            self.session.release()
+            self.session = None
+        if self.listener is not None:
+            self.loop.remove_reader(self.listener.fileno())
+            self.listener.close()  # no unlink: the other process listens there now
+            self.listener = None
+
+    def handoff_commit(self, path: str, listener: socket.socket | None,
+                       adopted: tuple[socket.socket, BackendConnection] | None,
+                       counters: dict[str, Any]) -> None:
+        """Take over another process's listener (at ``path``) and connection; both
+        stay paused until :meth:`serve`."""
+        self.paused = True
+        if listener is not None:
+            if self.listener is not None and self.path == path:
+                listener.close()  # we re-bound that path at start: the file is ours
+            else:
+                if self.listener is not None:
+                    self.loop.remove_reader(self.listener.fileno())
+                    self.listener.close()
+                    _unlink(self.path)
+                self.listener, self.path = listener, path
+        if adopted is not None:
+            sock, conn = adopted
+            self.session = VhostUserSession(self, sock, conn)
+        elif self.mode == "client" and self.standby:
+            self.loop.call_later(0, self._try_connect)  # the source was not connected either
+        self.standby = False
+        self.port.restore_counters(counters)
+        log.info("%s: took over %s%s", self.port.name, path,
+                 " and its connected front-end" if adopted is not None else "")
+
     def close(self) -> None:
         self.closed = True
         if self.session is not None:
@@ -316,14 +444,70 @@ class PortService:
             self.loop.remove_reader(self.listener.fileno())
             self.listener.close()
             self.listener = None
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            _unlink(self.path)
 
     def stats(self) -> dict[str, Any]:
         return {"socket": self.path, "mode": self.mode, **self.port.stats(),
                 **({"protocol": dict(self.session.conn.counters)} if self.session else {})}
+
+
+@dataclass
+class _Staged:
+    """What handoff_import has adopted for one port before it commits."""
+
+    listener: socket.socket | None = None
+    sock: socket.socket | None = None
+    conn: BackendConnection | None = None
+
+    def discard(self, port: VirtioNetPort) -> None:
+        """Undo: close our copies; the port is unconnected again."""
+        if self.conn is not None:
+            self.conn.close("handoff refused")
+        for sock in (self.listener, self.sock):
+            if sock is not None:
+                sock.close()
+        port.notify = lambda fd: None
+        port.retire_fd = _close
+
+
+def _check_pollable(fd: int, what: str) -> None:
+    """Raises OSError when ``fd`` cannot be watched by the loop (e.g. a regular file)."""
+    with selectors.DefaultSelector() as probe:
+        try:
+            probe.register(fd, selectors.EVENT_READ)
+        except (OSError, ValueError) as exc:
+            raise OSError(f"{what}: cannot be polled: {exc}") from None
+
+
+def _adopt_socket(fds: list[int], index: int, listening: bool) -> socket.socket:
+    """Our copy of the source's unix stream socket ``fds[index]``.
+
+    Raises:
+        OSError: not such a socket (or not listening, for a listener).
+    """
+    fd = os.dup(fds[index])
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        _close(fd)
+        raise
+    try:
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise OSError(f"fd index {index} is not a unix stream socket")
+        if bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)) != listening:
+            raise OSError(f"fd index {index} is {'not ' if listening else ''}a listening socket")
+        sock.setblocking(not listening)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class NetService:
@@ -331,11 +515,14 @@ class NetService:
 
     def __init__(self, loop: EventLoop, cfg_net: dict[str, Any],
                  clock: Callable[[], float] = time.monotonic,
-                 tap_opener: Callable[[str], int] = open_tap) -> None:
+                 tap_opener: Callable[[str], int] = open_tap, standby: bool = False) -> None:
         """Args:
             loop: the process's event loop.
             cfg_net: ``config["net"]`` from :func:`appliance.config.load`.
             tap_opener: opens the TAP fd for ``net.tap.name`` (tests pass a fake).
+            standby: a handoff destination: server ports do not listen, client
+                ports do not connect and the TAP interface is not attached (the
+                source holds them) until :meth:`handoff_import` takes the source's.
 
         Raises:
             ApplianceError: a port's socket or the TAP interface cannot be set up
@@ -353,12 +540,15 @@ class NetService:
         self.pcaps: list[PcapWriter] = []
         self.tap: TapService | None = None
         self._closed = False
+        self.quiesced = False  # handoff: nothing is read, drained or accepted
+        self.handed_off = False  # handoff_release ran: the ports are another process's
         try:
             tap_name = cfg_net.get("tap", {}).get("name")
             if tap_name:
                 tap_port = TapPort("tap0", tap_name)
                 tap_port.uplink = self.switch.forward
-                self.tap = TapService(loop, tap_port, self.switch.flush, tap_opener)
+                self.tap = TapService(loop, tap_port, self.switch.flush,
+                                      None if standby else tap_opener)
                 self.switch.attach(tap_port)
             for i, pcfg in enumerate(cfg_net["ports"]):
                 pcap = None
@@ -371,7 +561,7 @@ class NetService:
                 self.switch.attach(port, [port.mac])
                 try:
                     svc = PortService(loop, port, self.switch, pcfg["socket"],
-                                      pcfg.get("mode", "server"))
+                                      pcfg.get("mode", "server"), standby)
                 except OSError as exc:
                     raise ApplianceError(f"net.ports[{i}].socket: cannot listen on "
                                          f"{pcfg['socket']}: {exc.strerror or exc}") from None
@@ -397,6 +587,139 @@ class NetService:
             self.tap.close()
         for pcap in self.pcaps:
             pcap.close()
+
+    # ------------------------------------------------------------ live handoff
+    # Source: handoff_quiesce, handoff_export, then handoff_release (the destination
+    # took over) or handoff_resume (it did not).  Destination: handoff_check,
+    # handoff_import (paused unless serve), handoff_start.  See docs/net.md.
+    def handoff_busy(self) -> str:
+        """Why the ports cannot be handed off faithfully now ("" when they can)."""
+        return vhost_handoff.blocker(self)
+
+    def handoff_quiesce(self) -> None:
+        """Source: stop serving, keep everything.
+
+        Readers of every session socket, kick fd, listener and the TAP fd are
+        removed and drain/poll timers do nothing while quiesced; what the switch
+        took from a ring is published now.  Kicks stay pending in their
+        eventfds, bytes in the sockets.  A request read only in part stays in
+        its connection and travels in :meth:`handoff_export` (no blocking read).
+        """
+        self.quiesced = True
+        for svc in self.services:
+            svc.pause()
+        if self.tap is not None:
+            self.tap.pause()
+        self.switch.flush()
+        self._flush_pcaps()
+
+    def handoff_export(self, fds: list[int]) -> dict[str, Any]:
+        """Source, quiesced: the JSON-able state; fds appended to ``fds`` (not dup'd).
+
+        Raises:
+            ApplianceError: not quiesced, or a handoff could not be faithful
+                (dirty logging active, a broken ring).
+        """
+        if not self.quiesced or self.handed_off:
+            raise ApplianceError("net: handoff_export needs handoff_quiesce first")
+        return vhost_handoff.export_net(self, fds)
+
+    def handoff_resume(self) -> None:
+        """Source, the handoff failed: serve again as before quiesce."""
+        if self.handed_off:
+            return
+        self._serve()
+
+    def handoff_release(self) -> None:
+        """The other process serves now: close our copies of every fd and mapping,
+        send nothing, shut nothing down, unlink nothing, log no disconnect."""
+        self.quiesced = True
+        self.handed_off = True
+        for svc in self.services:
+            svc.release()
+        if self.tap is not None:
+            self.tap.close()  # our copy only: the interface lives on in the other process
+        self._flush_pcaps()
+
+    def handoff_check(self, state: dict[str, Any], nfds: int | None = None) -> None:
+        """Destination: refuse a state that does not fit (changes nothing).
+
+        ``nfds``: how many fds came (fd indexes are checked against it).
+
+        Raises:
+            ApplianceError: one line naming the mismatch or the bad field.
+        """
+        vhost_handoff.check_fit(self, vhost_handoff.parse(state, nfds))
+
+    def handoff_import(self, state: dict[str, Any], fds: list[int], serve: bool = True) -> None:
+        """Destination: adopt the source's listeners, connections and TAP fd.
+
+        ``fds`` stay the caller's (it closes them all); we keep duplicates.
+        Each connection is rebuilt by replaying its requests through a fresh
+        :class:`BackendConnection`; counters, the MAC table and the responder's
+        state are restored.  ``serve``: read and drain at once (every started
+        ring drained once, every call fd signalled once); otherwise the ports
+        stay paused until :meth:`handoff_start`.
+
+        Raises:
+            ApplianceError: the state does not fit or was refused; nothing was
+                adopted and this service is as it was.
+        """
+        parsed = vhost_handoff.parse(state, len(fds))
+        vhost_handoff.check_fit(self, parsed)
+        staged = [_Staged() for _ in self.services]
+        tap_fd: int | None = None
+        try:
+            for svc, p, st in zip(self.services, parsed.ports, staged, strict=True):
+                if p.listener is not None:
+                    st.listener = _adopt_socket(fds, p.listener, listening=True)
+                    bound = st.listener.getsockname()
+                    if bound != p.socket:  # the path we will serve and one day unlink
+                        raise ApplianceError(f"{svc.port.name}: the source's listener is bound "
+                                             f"to {bound!r}, not {p.socket!r}")
+                if p.session is not None:
+                    st.sock = _adopt_socket(fds, p.session.socket, listening=False)
+                    st.conn = vhost_handoff.build_connection(svc.port, p.session, fds)
+            if parsed.tap is not None:
+                tap_fd = vhost_handoff.dup_all(fds, [parsed.tap["fd"]])[0]
+                _check_pollable(tap_fd, "net.tap.fd")
+        except BaseException as exc:
+            for svc, st in zip(self.services, staged, strict=True):
+                st.discard(svc.port)
+            if tap_fd is not None:
+                _close(tap_fd)
+            if isinstance(exc, OSError):
+                raise ApplianceError(f"net: cannot adopt the source's fds: {exc}") from None
+            raise
+        # Commit: nothing below can fail on the state's account.
+        self.quiesced = True
+        for svc, p, st in zip(self.services, parsed.ports, staged, strict=True):
+            adopted = (st.sock, st.conn) if st.sock is not None and st.conn is not None else None
+            svc.handoff_commit(p.socket, st.listener, adopted, p.counters)
+        by_name = {getattr(port, "name", "?"): port for port in self.switch.ports}
+        self.switch.handoff_restore(parsed.switch_counters,
+                                    [(mac, by_name[name], age) for mac, name, age in parsed.table])
+        self.responder.counters.update(parsed.responder["counters"])
+        self.responder._ident = parsed.responder["ident"]
+        if self.tap is not None and parsed.tap is not None and tap_fd is not None:
+            self.tap.adopt(tap_fd)
+            self.tap.port.counters.update(parsed.tap["counters"])
+        if serve:
+            self.handoff_start()
+
+    def handoff_start(self) -> None:
+        """Destination: serve what :meth:`handoff_import` adopted."""
+        self._serve()
+        for svc in self.services:
+            if svc.session is not None:
+                svc.session.signal_calls()
+
+    def _serve(self) -> None:
+        self.quiesced = False
+        for svc in self.services:
+            svc.serve()
+        if self.tap is not None:
+            self.tap.serve()
 
     def stats(self) -> dict[str, Any]:
         return {

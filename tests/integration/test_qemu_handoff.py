@@ -88,7 +88,7 @@ def check_image(g: Guest, image: Path) -> int:
     return len(last)
 
 
-@pytest.mark.parametrize("net", [False], ids=["nvme"])
+@pytest.mark.parametrize("net", [False, True], ids=["nvme", "nvme+net"])
 def test_handoff_under_a_running_guest(guest_factory: GuestFactory, appliance_factory: Any,
                                        tmp_path: Path, net: bool) -> None:
     a, b = start_pair(appliance_factory, tmp_path, net)

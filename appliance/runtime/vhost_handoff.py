@@ -1,0 +1,507 @@
+"""The vhost-user-net half of a live handoff: state out, state checked, state in (runtime layer).
+
+:class:`~appliance.runtime.vhost_user.NetService` moves its connected
+front-ends to another appliance process with these helpers
+(:mod:`appliance.runtime.handoff` carries the state and the fds):
+
+* :func:`export_net` describes every port (its listener, its connection: the
+  negotiated features, memory regions, vrings with their indices and kick,
+  call and err eventfds, a request read only in part), the switch's MAC table
+  and counters, the responder's and the TAP port's counters.  Each fd is
+  appended to the caller's list and named by its index there.
+* :func:`parse` checks a received state completely (types, ranges, fd
+  indices) into :class:`NetState` before anything is touched;
+  :func:`check_fit` compares it with this process's configuration.
+* :func:`replay_requests` turns one connection's state back into the
+  vhost-user requests a front-end would have sent (SET_PROTOCOL_FEATURES,
+  SET_OWNER, SET_FEATURES, SET_MEM_TABLE, SET_VRING_NUM/BASE/ADDR/CALL/ERR/
+  KICK/ENABLE, SET_STATUS, NET_SET_MTU); :func:`build_connection` replays them
+  into a fresh :class:`~appliance.net.vhost_protocol.BackendConnection`, so a
+  corrupt state is refused by the same checks as a bad request.
+
+A request the source had read only in part (its front-end was mid-send) is
+carried as its bytes and fds and fed to the new connection, which reads the
+rest from the same socket.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from appliance.errors import ApplianceError, LocalProtocolError
+from appliance.net import vhost_wire as vw
+from appliance.net.port import DEFAULT_MTU, VirtioNetPort
+from appliance.net.vhost_protocol import BackendConnection, ConnState
+from appliance.net.vhost_wire import Request as R
+from appliance.runtime import unix
+
+if TYPE_CHECKING:
+    from appliance.runtime.vhost_user import NetService
+
+STATE_VERSION = 1
+U16, U32, U64 = (1 << 16) - 1, (1 << 32) - 1, (1 << 64) - 1
+CONN_COUNTERS = ("messages", "rejected", "nacks")
+PORT_COUNTERS = ("connections", "rarps", "tx_no_queue")
+RING_COUNTERS = ("packets", "bytes", "dropped", "malformed")
+
+
+def mac_text(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+# ---------------------------------------------------------------- export
+def blocker(net: NetService) -> str:
+    """Why the ports cannot be handed off faithfully now ("" when they can)."""
+    for svc in net.services:
+        if svc.session is not None:
+            conn = svc.session.conn
+            why = conn.handoff_blocker() or svc.port.handoff_blocker()
+            unmapped = [r.address for r in conn.memory.regions if r.fd is None]
+            if unmapped:
+                why = f"memory region {unmapped[0]:#x} has no fd"
+            if why:
+                return f"{svc.port.name}: {why}"
+        elif svc.mode == "server" and svc.listener is None:
+            return f"{svc.port.name}: not listening on {svc.path}"
+    if net.tap is not None and net.tap.fd is None:
+        return f"{net.tap.port.name}: no TAP fd"
+    return ""
+
+
+def export_net(net: NetService, fds: list[int]) -> dict[str, Any]:
+    """The JSON-able state of every port; fds are appended to ``fds`` (not dup'd).
+
+    Raises:
+        ApplianceError: the handoff could not be faithful (:func:`blocker`).
+    """
+    why = blocker(net)
+    if why:
+        raise ApplianceError(f"net: cannot hand off: {why}")
+
+    def ref(fd: int | None) -> int | None:
+        if fd is None:
+            return None
+        fds.append(fd)
+        return len(fds) - 1
+
+    ports = []
+    for svc in net.services:
+        port = svc.port
+        entry: dict[str, Any] = {
+            "name": port.name, "mac": mac_text(port.mac), "queues": port.queue_pairs,
+            "mode": svc.mode, "socket": svc.path,
+            "listener": ref(svc.listener.fileno()) if svc.listener is not None else None,
+            "counters": port.counters_state(), "session": None}
+        session = svc.session
+        if session is not None:
+            conn = session.conn
+            state = conn.handoff_state()
+            for region, desc in zip(conn.memory.regions, state["regions"], strict=True):
+                desc["fd"] = ref(region.fd)
+            device = port.handoff_state()
+            for i, ring in enumerate(device["vrings"]):
+                ring.update(kick=ref(port.kick[i]), call=ref(port.call[i]), err=ref(port.err[i]))
+            partial, partial_fds = conn.pending_input()
+            entry["session"] = {"socket": ref(session.sock.fileno()), **state, **device,
+                                "log_fd": ref(conn.log_fd), "partial": partial.hex(),
+                                "partial_fds": [ref(fd) for fd in partial_fds]}
+        ports.append(entry)
+    resp = net.responder
+    tap = None
+    if net.tap is not None:
+        tap = {"interface": net.tap.port.ifname, "fd": ref(net.tap.fd),
+               "counters": dict(net.tap.port.counters)}
+    return {"version": STATE_VERSION, "ports": ports, "switch": net.switch.handoff_state(),
+            "responder": {"ip": ".".join(str(b) for b in resp.ip), "mac": mac_text(resp.mac),
+                          "ident": resp._ident, "counters": dict(resp.counters)},
+            "tap": tap}
+
+
+# ---------------------------------------------------------------- parsed state
+@dataclass
+class RingState:
+    num: int
+    desc: int | None
+    avail: int | None
+    used: int | None
+    log: int
+    flags: int
+    last_avail_idx: int
+    used_idx: int
+    sync_used: bool
+    started: bool
+    enable: bool | None
+    polled: bool
+    kick: int | None
+    call: int | None
+    err: int | None
+
+
+@dataclass
+class RegionState:
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    mmap_offset: int
+    fd: int
+
+
+@dataclass
+class SessionState:
+    socket: int
+    state: str
+    features: int
+    protocol_features: int
+    protocol_negotiated: bool
+    counters: dict[str, int]
+    regions: list[RegionState]
+    log_fd: int | None
+    partial: bytes
+    partial_fds: list[int]
+    status: int
+    mtu: int
+    vrings: list[RingState]
+
+
+@dataclass
+class PortState:
+    name: str
+    mac: str
+    queues: int
+    mode: str
+    socket: str
+    listener: int | None
+    counters: dict[str, Any]
+    session: SessionState | None
+
+
+@dataclass
+class NetState:
+    ports: list[PortState]
+    switch_counters: dict[str, int]
+    table: list[tuple[bytes, str, float]]
+    responder: dict[str, Any]
+    tap: dict[str, Any] | None
+
+
+class _Fields:
+    """Typed, range-checked access to one JSON object of the state."""
+
+    def __init__(self, data: Any, where: str, nfds: int | None) -> None:
+        if not isinstance(data, dict):
+            raise self._error(where, "not an object")
+        self.data, self.where, self.nfds = data, where, nfds
+
+    @staticmethod
+    def _error(where: str, what: str) -> ApplianceError:
+        return ApplianceError(f"net handoff state: {where}: {what}")
+
+    def _get(self, key: str) -> Any:
+        if key not in self.data:
+            raise self._error(f"{self.where}.{key}", "missing")
+        return self.data[key]
+
+    def uint(self, key: str, top: int = U64, optional: bool = False) -> Any:
+        value = self._get(key)
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+            raise self._error(f"{self.where}.{key}", f"{value!r} is not an integer in 0..{top:#x}")
+        return value
+
+    def number(self, key: str) -> float:
+        value = self._get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise self._error(f"{self.where}.{key}", f"{value!r} is not a number")
+        return float(value)
+
+    def flag(self, key: str, optional: bool = False) -> Any:
+        value = self._get(key)
+        if (value is None and optional) or isinstance(value, bool):
+            return value
+        raise self._error(f"{self.where}.{key}", f"{value!r} is not a boolean")
+
+    def text(self, key: str) -> str:
+        value = self._get(key)
+        if not isinstance(value, str):
+            raise self._error(f"{self.where}.{key}", f"{value!r} is not a string")
+        return value
+
+    def fd(self, key: str, optional: bool = True) -> Any:
+        return self.check_fd(self._get(key), f"{self.where}.{key}", optional)
+
+    def check_fd(self, value: Any, where: str, optional: bool = False) -> Any:
+        if value is None and optional:
+            return None
+        limit = self.nfds if self.nfds is not None else 1 << 16
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
+            raise self._error(where, f"fd index {value!r} out of range (0..{limit - 1})")
+        return value
+
+    def sub(self, key: str) -> _Fields:
+        return _Fields(self._get(key), f"{self.where}.{key}", self.nfds)
+
+    def items(self, key: str, count: int | None = None) -> list[Any]:
+        value = self._get(key)
+        if not isinstance(value, list) or (count is not None and len(value) != count):
+            want = "a list" if count is None else f"a list of {count}"
+            raise self._error(f"{self.where}.{key}", f"expected {want}")
+        return value
+
+    def counters(self, key: str, names: tuple[str, ...] | None = None) -> dict[str, int]:
+        """Object ``key`` of counters: exactly ``names``, or any names (None)."""
+        return self.sub(key).ints(names)
+
+    def ints(self, names: tuple[str, ...] | None = None) -> dict[str, int]:
+        """This object as counters: exactly ``names``, or any names (None)."""
+        return {name: self.uint(name) for name in (tuple(self.data) if names is None else names)}
+
+
+def _ring(f: _Fields) -> RingState:
+    return RingState(
+        num=f.uint("num", U16), desc=f.uint("desc", optional=True),
+        avail=f.uint("avail", optional=True), used=f.uint("used", optional=True),
+        log=f.uint("log"), flags=f.uint("flags", U32), last_avail_idx=f.uint("last_avail_idx", U16),
+        used_idx=f.uint("used_idx", U16), sync_used=f.flag("sync_used"), started=f.flag("started"),
+        enable=f.flag("enable", optional=True), polled=f.flag("polled"), kick=f.fd("kick"),
+        call=f.fd("call"), err=f.fd("err"))
+
+
+def _session(f: _Fields, nrings: int) -> SessionState:
+    state = f.text("state")
+    if state not in (ConnState.AWAIT_OWNER.value, ConnState.OWNED.value):
+        raise f._error(f"{f.where}.state", f"{state!r} is not a live connection state")
+    partial = f.text("partial")
+    try:
+        data = bytes.fromhex(partial)
+    except ValueError:
+        raise f._error(f"{f.where}.partial", "not hex") from None
+    if len(data) > vw.HEADER_SIZE + vw.MAX_PAYLOAD:
+        raise f._error(f"{f.where}.partial", f"{len(data)} bytes")
+    regions = []
+    for i, item in enumerate(f.items("regions")):
+        r = _Fields(item, f"{f.where}.regions[{i}]", f.nfds)
+        regions.append(RegionState(r.uint("guest_phys_addr"), r.uint("memory_size"),
+                                   r.uint("userspace_addr"), r.uint("mmap_offset"),
+                                   r.fd("fd", optional=False)))
+    where = f"{f.where}.partial_fds"
+    return SessionState(
+        socket=f.fd("socket", optional=False), state=state, features=f.uint("features"),
+        protocol_features=f.uint("protocol_features"),
+        protocol_negotiated=f.flag("protocol_negotiated"),
+        counters=f.counters("counters", CONN_COUNTERS), regions=regions, log_fd=f.fd("log_fd"),
+        partial=data, partial_fds=[f.check_fd(v, where) for v in f.items("partial_fds")],
+        status=f.uint("status", 0xFF), mtu=f.uint("mtu", U32),
+        vrings=[_ring(_Fields(item, f"{f.where}.vrings[{i}]", f.nfds))
+                for i, item in enumerate(f.items("vrings", nrings))])
+
+
+def _port(f: _Fields) -> PortState:
+    queues = f.uint("queues", 255)
+    counters = f.sub("counters")
+    rings = [_Fields(item, f"{counters.where}.vrings[{i}]", None).ints(RING_COUNTERS)
+             for i, item in enumerate(counters.items("vrings", 2 * queues))]
+    session = f.data.get("session")
+    return PortState(
+        name=f.text("name"), mac=f.text("mac"), queues=queues, mode=f.text("mode"),
+        socket=f.text("socket"), listener=f.fd("listener"),
+        counters={**f.counters("counters", PORT_COUNTERS), "vrings": rings},
+        session=None if session is None else _session(f.sub("session"), 2 * queues))
+
+
+def parse(state: Any, nfds: int | None = None) -> NetState:
+    """Check a received state completely; ``nfds``: how many fds came (None: unknown yet).
+
+    Raises:
+        ApplianceError: one line naming the first bad field.
+    """
+    f = _Fields(state, "net", nfds)
+    version = f.data.get("version")
+    if version != STATE_VERSION:
+        raise ApplianceError(f"net handoff state version {version!r}, this side reads "
+                             f"{STATE_VERSION}")
+    ports = [_port(_Fields(item, f"net.ports[{i}]", nfds)) for i, item in enumerate(f.items("ports"))]
+    sw = f.sub("switch")
+    table = []
+    for i, item in enumerate(sw.items("table")):
+        where = f"{sw.where}.table[{i}]"
+        if (not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], str)
+                or not isinstance(item[1], str)):
+            raise _Fields._error(where, "expected [mac hex, port name, age]")
+        try:
+            mac = bytes.fromhex(item[0])
+        except ValueError:
+            mac = b""
+        if len(mac) != 6:
+            raise _Fields._error(where, f"bad MAC {item[0]!r}")
+        age = _Fields({"age": item[2]}, where, None).number("age")
+        table.append((mac, item[1], age))
+    resp = f.sub("responder")
+    responder = {"ip": resp.text("ip"), "mac": resp.text("mac"), "ident": resp.uint("ident", U16),
+                 "counters": resp.counters("counters")}
+    tap = None
+    if f.data.get("tap") is not None:
+        t = f.sub("tap")
+        tap = {"interface": t.text("interface"), "fd": t.fd("fd", optional=False),
+               "counters": t.counters("counters")}
+    return NetState(ports, sw.counters("counters"), table, responder, tap)
+
+
+def check_fit(net: NetService, state: NetState) -> None:
+    """Refuse a state that does not fit this process's net configuration.
+
+    Raises:
+        ApplianceError: one line naming the mismatch.
+    """
+    if net.handed_off:
+        raise ApplianceError("net: this process handed its ports off already")
+    if len(state.ports) != len(net.services):
+        raise ApplianceError(f"net.ports: the source has {len(state.ports)} ports, this "
+                             f"process {len(net.services)}")
+    for i, (svc, p) in enumerate(zip(net.services, state.ports, strict=True)):
+        port, where = svc.port, f"net.ports[{i}]"
+        for what, ours, theirs in (("name", port.name, p.name), ("mac", mac_text(port.mac), p.mac),
+                                   ("queues", port.queue_pairs, p.queues),
+                                   ("mode", svc.mode, p.mode)):
+            if ours != theirs:
+                raise ApplianceError(f"{where}.{what} differs: {theirs} on the source, {ours} here")
+        if svc.session is not None:
+            raise ApplianceError(f"{where} ({port.name}): a front-end is connected here already")
+        if p.mode == "server" and p.listener is None:
+            raise ApplianceError(f"{where} ({port.name}): the source is not listening")
+        if p.session is not None and p.session.features & vw.Feature.LOG_ALL:
+            raise ApplianceError(f"{where} ({port.name}): dirty logging (LOG_ALL) is active")
+    resp = net.responder
+    for what, ours, theirs in (("ip", ".".join(str(b) for b in resp.ip), state.responder["ip"]),
+                               ("mac", mac_text(resp.mac), state.responder["mac"])):
+        if ours != theirs:
+            raise ApplianceError(f"net.responder.{what} differs: {theirs} on the source, "
+                                 f"{ours} here")
+    if (state.tap is None) != (net.tap is None):
+        side = "the source" if state.tap is not None else "this process"
+        raise ApplianceError(f"net.tap: only {side} has a TAP interface")
+    if state.tap is not None and net.tap is not None \
+            and state.tap["interface"] != net.tap.port.ifname:
+        raise ApplianceError(f"net.tap.name differs: {state.tap['interface']} on the source, "
+                             f"{net.tap.port.ifname} here")
+    counted: list[tuple[str, dict[str, Any], dict[str, int]]] = [
+        ("net.switch.counters", net.switch.counters, state.switch_counters),
+        ("net.responder.counters", net.responder.counters, state.responder["counters"])]
+    if state.tap is not None and net.tap is not None:
+        counted.append(("net.tap.counters", net.tap.port.counters, state.tap["counters"]))
+    for label, mine, got in counted:
+        if set(mine) != set(got):
+            raise ApplianceError(f"{label}: the source counts {sorted(got)}, this process "
+                                 f"{sorted(mine)}")
+    names = {getattr(p, "name", "?") for p in net.switch.ports}
+    for _, name, _ in state.table:
+        if name not in names:
+            raise ApplianceError(f"net.switch: the source's MAC table names port {name!r}, "
+                                 "which this process does not have")
+
+
+# ---------------------------------------------------------------- import
+def replay_requests(s: SessionState) -> Iterator[tuple[R, bytes, list[int]]]:
+    """The requests that rebuild connection ``s``: (request, payload, fd indices)."""
+    def u64(value: int) -> bytes:
+        return vw.U64(value=value).pack()
+
+    def vring(request: R, index: int, num: int) -> tuple[R, bytes, list[int]]:
+        return request, vw.VringState(index=index, num=num).pack(), []
+
+    if s.protocol_negotiated:
+        yield R.SET_PROTOCOL_FEATURES, u64(s.protocol_features), []
+    owned = s.state == ConnState.OWNED.value
+    if owned:
+        yield R.SET_OWNER, b"", []
+    if owned or s.features:
+        yield R.SET_FEATURES, u64(s.features), []
+    if 0 < len(s.regions) <= vw.MAX_MEM_REGIONS:
+        body = vw.MemoryHeader(nregions=len(s.regions)).pack() + b"".join(
+            vw.MemoryRegion(guest_phys_addr=r.guest_phys_addr, memory_size=r.memory_size,
+                            userspace_addr=r.userspace_addr, mmap_offset=r.mmap_offset).pack()
+            for r in s.regions)
+        yield R.SET_MEM_TABLE, body, [r.fd for r in s.regions]
+    else:
+        for r in s.regions:  # more than SET_MEM_TABLE carries: CONFIGURE_MEM_SLOTS was used
+            yield R.ADD_MEM_REG, vw.SingleMemoryRegion(
+                guest_phys_addr=r.guest_phys_addr, memory_size=r.memory_size,
+                userspace_addr=r.userspace_addr, mmap_offset=r.mmap_offset).pack(), [r.fd]
+    if s.log_fd is not None:
+        yield R.SET_LOG_FD, b"", [s.log_fd]
+    for i, q in enumerate(s.vrings):
+        if q.num:
+            yield vring(R.SET_VRING_NUM, i, q.num)
+        if q.num or q.last_avail_idx:
+            yield vring(R.SET_VRING_BASE, i, q.last_avail_idx)
+        if q.desc is not None or q.avail is not None or q.used is not None:
+            yield R.SET_VRING_ADDR, vw.VringAddr(
+                index=i, flags=q.flags, desc_user_addr=q.desc or 0, used_user_addr=q.used or 0,
+                avail_user_addr=q.avail or 0, log_guest_addr=q.log).pack(), []
+        for request, fd in ((R.SET_VRING_CALL, q.call), (R.SET_VRING_ERR, q.err)):
+            if fd is not None:
+                yield request, u64(i), [fd]
+        if q.started:
+            if q.kick is None:
+                yield R.SET_VRING_KICK, u64(i | vw.VRING_NOFD), []
+            else:
+                yield R.SET_VRING_KICK, u64(i), [q.kick]
+        if q.enable is not None:
+            yield vring(R.SET_VRING_ENABLE, i, int(q.enable))
+    if s.status:
+        yield R.SET_STATUS, u64(s.status), []
+    if s.mtu != DEFAULT_MTU:
+        yield R.NET_SET_MTU, u64(s.mtu), []
+
+
+def dup_all(fds: list[int], refs: list[int]) -> list[int]:
+    """Our own copies of ``fds[i]`` for each index (all or none).
+
+    Raises:
+        OSError: one could not be duplicated (the others are closed).
+    """
+    out: list[int] = []
+    try:
+        for i in refs:
+            out.append(os.dup(fds[i]))
+    except OSError:
+        for fd in out:
+            unix.close_quietly(fd)
+        raise
+    return out
+
+
+def build_connection(port: VirtioNetPort, s: SessionState, fds: list[int]) -> BackendConnection:
+    """A connection on ``port`` in the state ``s`` describes, through replayed requests.
+
+    Raises:
+        ApplianceError: a request was refused or an fd could not be duplicated;
+            the port is back as it was (unconnected) and every copy is closed.
+    """
+    port.notify = lambda fd: None
+    port.retire_fd = unix.close_quietly
+    conn = BackendConnection(port, name=port.name)
+    try:
+        for request, payload, refs in replay_requests(s):
+            try:
+                conn.replay(request, payload, dup_all(fds, refs))
+            except (LocalProtocolError, OSError) as exc:
+                raise ApplianceError(f"{port.name}: {request.name} refused: {exc}") from None
+        for ring, r in zip(port.rings, s.vrings, strict=True):
+            try:
+                ring.restore_indices(r.last_avail_idx, r.used_idx, r.sync_used)
+            except LocalProtocolError as exc:
+                raise ApplianceError(f"{port.name}: {exc}") from None
+        try:
+            conn.restore_input(s.partial, dup_all(fds, s.partial_fds))
+        except (LocalProtocolError, OSError) as exc:
+            raise ApplianceError(f"{port.name}: {exc}") from None
+        conn.counters = dict(s.counters)
+    except BaseException:
+        conn.close("handoff refused")
+        raise
+    return conn
