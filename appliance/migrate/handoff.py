@@ -18,6 +18,10 @@ with the path of a one-shot socket, and on that socket the source sends
   (:func:`handoff_record`: the JSON manifest of the sockets, memory regions
   and eventfds, by fd index) and END.  Every record carries its xxh64 and END
   the digest of the whole stream, so nothing unverified is applied.
+* ``DONE``: no payload, no fds: the source has sent everything.  The
+  destination reads frames until it, so a stream that ends short of its
+  END record (a record whose length points past the end) is refused at once
+  instead of waiting for bytes that will never come.
 
 All FDS frames come before the END record.  Then the verdict, as JSON lines:
 the destination says ``{"ok": true, ...}`` once it has adopted everything
@@ -41,7 +45,7 @@ from appliance.wire import Struct
 MAGIC = b"AHO1"
 MAX_FDS_PER_FRAME = 250  # the kernel's SCM_MAX_FD is 253
 MAX_FRAME = 16 << 20
-HANDOFF_VERSION = 1
+HANDOFF_VERSION = 2  # 2: the DONE frame
 GO = b"go\n"
 ABORT = b"abort\n"
 
@@ -49,6 +53,7 @@ ABORT = b"abort\n"
 class FrameKind(enum.IntEnum):
     FDS = 1
     DATA = 2
+    DONE = 3
 
 
 class FrameHead(Struct, size=12):
@@ -67,6 +72,8 @@ def frame(kind: FrameKind, payload: bytes = b"", nfds: int = 0) -> bytes:
 def parse_head(raw: bytes, fds_received: int) -> FrameHead:
     """Check a frame head and the fds that came with it.
 
+    Only DATA frames have a payload and only FDS frames carry fds.
+
     Raises:
         HandoffError: bad magic or kind, an oversized payload, or a fd count
             that differs from the head's.
@@ -76,9 +83,9 @@ def parse_head(raw: bytes, fds_received: int) -> FrameHead:
         raise HandoffError(f"bad handoff frame magic {head.magic!r}")
     if head.kind not in FrameKind.__members__.values():
         raise HandoffError(f"unknown handoff frame kind {head.kind}")
-    if head.length > MAX_FRAME or (head.kind == FrameKind.FDS and head.length):
+    if head.length > MAX_FRAME or (head.kind != FrameKind.DATA and head.length):
         raise HandoffError(f"handoff frame of {head.length} bytes")
-    if head.nfds != fds_received or (head.kind == FrameKind.DATA and head.nfds):
+    if head.nfds != fds_received or (head.kind != FrameKind.FDS and head.nfds):
         raise HandoffError(f"handoff frame announced {head.nfds} fds, {fds_received} came")
     if head.nfds > MAX_FDS_PER_FRAME:
         raise HandoffError(f"{head.nfds} fds in one handoff frame")

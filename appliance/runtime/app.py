@@ -155,13 +155,20 @@ class Appliance:
 
     def handoff_check(self, manifest: dict[str, Any], fds: list[int]) -> None:
         assert self.controller is not None
-        if (manifest.get("doorbell_page") is None) != (self.controller.doorbell_page is None):
+        page = manifest.get("doorbell_page")
+        if (page is None) != (self.controller.doorbell_page is None):
             raise ApplianceError("storage.doorbells differs between the two processes")
-        self.vfio_user.handoff_check(manifest["vfio_user"])
+        if page is not None:
+            index, seen = (page.get("fd"), page.get("seen")) if isinstance(page, dict) else (None, None)
+            if not isinstance(index, int) or not 0 <= index < len(fds) or not isinstance(seen, str):
+                raise ApplianceError(f"handoff manifest: bad doorbell_page {page!r}")
+        if not isinstance(manifest.get("vfio_user"), dict):
+            raise ApplianceError("handoff manifest: no vfio_user state")
+        self.vfio_user.handoff_check(manifest["vfio_user"], len(fds))
         if (manifest.get("net") is None) != (self.net is None):
             raise ApplianceError("net configuration differs: one side has no net ports")
         if self.net is not None:
-            self.net.handoff_check(manifest["net"])
+            self.net.handoff_check(manifest["net"], len(fds))
 
     def handoff_adopt(self, manifest: dict[str, Any], fds: list[int]) -> None:
         assert self.controller is not None

@@ -184,9 +184,11 @@ class HandoffSource:
         if not shared:
             try:
                 rounds, sent = self._precopy(sock, writer)
-            except BaseException:
+            except BaseException as exc:
                 mig.stop_tracking()
-                raise
+                exc = _refused(sock, to, exc)
+                log.warning("handoff to %s failed during pre-copy, serving on: %s", to, exc)
+                raise exc from None
         why = app.handoff_busy()  # the loop ran during pre-copy
         if why:
             mig.stop_tracking()
@@ -209,6 +211,7 @@ class HandoffSource:
                 part = fds[i:i + MAX_FDS_PER_FRAME]
                 unix.send_message(sock, frame(FrameKind.FDS, nfds=len(part)), part)
             sent += self._send_data(sock, writer)
+            sock.sendall(frame(FrameKind.DONE))
             verdict = _recv_line(sock)
             if not verdict:
                 raise HandoffError(f"{to} closed the handoff channel without a verdict")
@@ -216,6 +219,7 @@ class HandoffSource:
             if not answer.get("ok"):
                 raise HandoffError(f"{to} refused the handoff: {answer.get('error')}")
         except BaseException as exc:
+            exc = _refused(sock, to, exc)
             try:
                 sock.sendall(ABORT)
             except OSError:
@@ -224,7 +228,7 @@ class HandoffSource:
                 mig.stop_tracking()
             app.handoff_resume()
             log.warning("handoff to %s failed, serving on: %s", to, exc)
-            raise
+            raise exc from None
         app.handoff_release()
         try:
             sock.sendall(GO)
@@ -324,7 +328,10 @@ class HandoffSink:
             manifest = self._read_stream(conn, fds)
             started = time.monotonic()
             app.handoff_check(manifest, fds)
-        except (ApplianceError, OSError, ValueError) as exc:
+        except Exception as exc:  # whatever it is, nothing was adopted yet: refuse
+            if not isinstance(exc, (ApplianceError, OSError, ValueError)):
+                log.exception("handoff: unexpected error before adoption")
+                exc = HandoffError(f"{type(exc).__name__}: {exc}")
             mig.abort_restore()
             for fd in fds:
                 unix.close_quietly(fd)
@@ -363,10 +370,12 @@ class HandoffSink:
         reader = StreamReader(mig.migration_fingerprint(),
                               HeaderFlag.SHARED_STORAGE if self.shared else 0)
         manifest: dict[str, Any] | None = None
-        while not reader.finished:
+        while True:
             raw, got = _recv_exactly(conn, FrameHead.SIZE, MAX_FDS_PER_FRAME)
             fds += got
             head = parse_head(raw, len(got))
+            if head.kind == FrameKind.DONE:
+                break
             if head.kind == FrameKind.FDS:
                 continue
             payload, _ = _recv_exactly(conn, head.length)
@@ -379,6 +388,26 @@ class HandoffSink:
         if manifest is None:
             raise HandoffError("the stream carried no HANDOFF record")
         return manifest
+
+
+def _refused(sock: socket.socket, to: str, exc: BaseException) -> BaseException:
+    """``exc``, or the destination's refusal when that is why sending failed.
+
+    A destination that refuses the stream says why and closes the channel
+    while the source may still be sending; the source's send then fails
+    (EPIPE), and the reason is already in its receive buffer.
+    """
+    if not isinstance(exc, OSError):
+        return exc
+    try:
+        sock.setblocking(False)
+        line = _recv_line(sock)
+        answer = json.loads(line) if line.endswith(b"\n") else None
+    except (OSError, ValueError):
+        return exc
+    if isinstance(answer, dict) and answer.get("ok") is False:
+        return HandoffError(f"{to} refused the handoff: {answer.get('error')}")
+    return exc
 
 
 def _send_quietly(conn: socket.socket, answer: dict[str, Any]) -> None:

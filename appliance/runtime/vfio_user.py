@@ -244,14 +244,33 @@ class VfioUserService:
         self.listener.close()
         self.path = ""  # the socket file is the destination's now: never unlink it
 
-    def handoff_check(self, state: dict[str, Any]) -> None:
+    def handoff_check(self, state: Any, nfds: int | None = None) -> None:
         """Destination: refuse a handoff this service cannot take.
 
+        ``nfds``: how many fds came; then every fd index in ``state`` is
+        checked against it (the connection's own state is checked when it is
+        adopted).
+
         Raises:
-            ApplianceError: a client is connected here already.
+            ApplianceError: a client is connected here already, or ``state``
+                is not what :meth:`handoff_export` makes.
         """
         if self.client is not None:
             raise ApplianceError(f"{self.name}: a client is connected to this process already")
+        if nfds is None:
+            return
+        if not isinstance(state, dict) or not isinstance(state.get("path"), str):
+            raise ApplianceError(f"{self.name}: bad handoff state: not an object with a path")
+        client = state.get("client")
+        indexes = [state.get("listener")]
+        if client is not None:
+            if not isinstance(client, dict) or not isinstance(client.get("conn"), dict):
+                raise ApplianceError(f"{self.name}: bad handoff state: client")
+            indexes.append(client.get("socket"))
+        for index in indexes:
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < nfds:
+                raise ApplianceError(f"{self.name}: bad handoff state: fd index {index!r} "
+                                     f"({nfds} fds came)")
 
     def handoff_adopt(self, state: dict[str, Any], fds: list[int]) -> VfioUserClientSocket | None:
         """Destination: serve the source's listener and continue its client.

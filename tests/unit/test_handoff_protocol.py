@@ -29,6 +29,7 @@ def test_frame_round_trip_and_refusals() -> None:
     assert (head.kind, head.length, raw[ho.FrameHead.SIZE:]) == (ho.FrameKind.DATA, 3, b"abc")
     fds = ho.frame(ho.FrameKind.FDS, nfds=3)
     assert ho.parse_head(fds, 3).nfds == 3
+    assert ho.parse_head(ho.frame(ho.FrameKind.DONE), 0).kind == ho.FrameKind.DONE
     cases = [
         (b"XXXX" + fds[4:], 3, "magic"),
         (ho.FrameHead(kind=9).pack(), 0, "kind"),
@@ -37,6 +38,8 @@ def test_frame_round_trip_and_refusals() -> None:
         (fds, 2, "announced 3 fds, 2 came"),
         (ho.FrameHead(kind=ho.FrameKind.DATA, nfds=1).pack(), 1, "announced"),
         (ho.FrameHead(kind=ho.FrameKind.FDS, nfds=251).pack(), 251, "251 fds"),
+        (ho.FrameHead(kind=ho.FrameKind.DONE, length=1).pack(), 0, "frame of 1 bytes"),
+        (ho.FrameHead(kind=ho.FrameKind.DONE, nfds=1).pack(), 1, "announced"),
     ]
     for data, nfds, why in cases:
         with pytest.raises(ho.HandoffError, match=why):
