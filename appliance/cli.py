@@ -42,14 +42,17 @@ def qemu_args(cfg: dict[str, Any], *, net: bool = True) -> list[str]:
 def _cmd_run(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     from appliance.runtime.app import Appliance
 
-    app = Appliance(cfg)
+    app = Appliance(cfg, standby=args.standby)
     app.start()
     print(f"appliance: serving NVMe on {cfg['storage']['socket']}", flush=True)
     for ns in cfg["storage"]["namespaces"]:
         print(f"appliance: namespace {ns['image']} ({ns['size']} bytes, {ns['block_size']}-byte blocks)",
               flush=True)
     for p in app.net_ports():
-        print(f"appliance: serving vhost-user-net on {p}", flush=True)
+        print(f"appliance: {'standing by for' if args.standby else 'serving'} vhost-user-net on {p}",
+              flush=True)
+    if args.standby and cfg["net"]["tap"]["name"]:
+        print(f"appliance: standing by for TAP interface {cfg['net']['tap']['name']}", flush=True)
     print("appliance: attach QEMU with:\n  qemu-system-x86_64 -machine q35 -m 512M "
           + " ".join(shlex.quote(a) for a in qemu_args(cfg, net=app.net_enabled)) + " ...", flush=True)
     print("appliance: ready", flush=True)
@@ -128,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", help="YAML configuration file")
     run.add_argument("--trace", action="store_true", help="log every protocol message")
     run.add_argument("-v", "--verbose", action="store_true", help="info-level logging")
+    run.add_argument("--standby", action="store_true",
+                     help="a handoff destination: net ports and the TAP wait for `appliance handoff`")
     run.set_defaults(func=_cmd_run)
     qa = sub.add_parser("qemu-args", help="print the QEMU options that attach a guest")
     qa.add_argument("-c", "--config", help="YAML configuration file")

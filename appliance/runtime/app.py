@@ -27,8 +27,13 @@ def _private_dir(path: str) -> None:
 class Appliance:
     """The process: devices, their sockets, and the loop that serves them."""
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: dict[str, Any], standby: bool = False) -> None:
+        """``standby``: a handoff destination for a source that holds what
+        cannot be opened twice (the TAP interface): net ports neither listen
+        nor connect and the TAP is not attached until a handoff brings the
+        source's (docs/handoff.md)."""
         self.cfg = cfg
+        self.standby = standby
         self.loop = EventLoop()
         self.services: list[Any] = []
         self.controller: NvmeController | None = None
@@ -98,7 +103,7 @@ class Appliance:
             return None
         if not self.cfg["net"]["ports"] and not self.cfg["net"]["tap"]["name"]:
             return None
-        return NetService(self.loop, self.cfg["net"])
+        return NetService(self.loop, self.cfg["net"], standby=self.standby)
 
     def net_ports(self) -> list[str]:
         return [p["socket"] for p in self.cfg["net"]["ports"]] if self.net is not None else []

@@ -41,7 +41,8 @@ def make_config(tmp: Path, **overrides: Any) -> dict[str, Any]:
 class ApplianceProcess:
     """A running ``appliance run -c CONFIG``."""
 
-    def __init__(self, cfg: dict[str, Any], workdir: Path, *, trace: bool = False) -> None:
+    def __init__(self, cfg: dict[str, Any], workdir: Path, *, trace: bool = False,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.cfg = cfg
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -51,6 +52,7 @@ class ApplianceProcess:
         self.stdout_lines: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.trace = trace
+        self.extra_args = extra_args  # e.g. ("--standby",)
 
     @property
     def resolved(self) -> dict[str, Any]:
@@ -63,6 +65,7 @@ class ApplianceProcess:
         args = [sys.executable, "-m", "appliance", "run", "-c", str(self.config_path)]
         if self.trace:
             args.append("--trace")
+        args += self.extra_args
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log,
                                      start_new_session=True)

@@ -50,8 +50,15 @@ def link_exists(name: str) -> bool:
     return ip("link", "show", "dev", name).returncode == 0
 
 
-def test_ping_responder_through_tap(tmp_path: Path) -> None:
+def ping_5(ifname: str) -> None:
     assert PING is not None
+    ping = subprocess.run([PING, "-c", "5", "-W", "2", "-I", ifname, "10.0.2.2"],
+                          check=False, capture_output=True, text=True, timeout=40)
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", ping.stdout)
+    assert m and (m.group(1), m.group(2)) == ("5", "5"), ping.stdout + ping.stderr
+
+
+def test_ping_responder_through_tap(tmp_path: Path) -> None:
     ifname = f"aptap{secrets.token_hex(4)}"
     cfg = make_config(tmp_path, net={"ports": [], "tap": {"name": ifname}})
     app = ApplianceProcess(cfg, tmp_path / "app")
@@ -61,12 +68,7 @@ def test_ping_responder_through_tap(tmp_path: Path) -> None:
         assert ip("addr", "add", "10.0.2.1/24", "dev", ifname).returncode == 0
         up = ip("link", "set", ifname, "up")
         assert up.returncode == 0, up.stderr
-        ping = subprocess.run([PING, "-c", "5", "-W", "2", "-I", ifname, "10.0.2.2"],
-                              check=False, capture_output=True, text=True, timeout=40)
-        print(ping.stdout)
-        assert ping.returncode == 0, ping.stdout + ping.stderr + app.log_text()
-        m = re.search(r"(\d+) packets transmitted, (\d+) received", ping.stdout)
-        assert m and (m.group(1), m.group(2)) == ("5", "5"), ping.stdout
+        ping_5(ifname)
         with ControlClient(app.resolved["control"]["socket"]) as ctl:
             net = ctl("status")["net"]
         tap, resp = net["tap"], net["responder"]
@@ -79,6 +81,42 @@ def test_ping_responder_through_tap(tmp_path: Path) -> None:
         if link_exists(ifname):  # should be gone with the fd; never leave it behind
             ip("link", "delete", ifname)
             pytest.fail(f"{ifname} outlived the appliance")
+
+
+def test_tap_moves_to_a_standby_process_with_a_handoff(tmp_path: Path) -> None:
+    """A holds the interface; B (`run --standby`) does not open it (a second TUNSETIFF
+    would fail with EBUSY) until `appliance handoff` brings A's fd.  The interface, its
+    address and the counters live on in B; A exits."""
+    ifname = f"aptap{secrets.token_hex(4)}"
+    net = {"ports": [], "tap": {"name": ifname}}
+    a = ApplianceProcess(make_config(tmp_path / "a", net=net), tmp_path / "a")
+    b = ApplianceProcess(make_config(tmp_path / "b", net=net), tmp_path / "b", extra_args=("--standby",))
+    try:
+        a.start()
+        b.start()
+        assert any("standing by for TAP interface" in line for line in b.stdout_lines), b.stdout_lines
+        assert ip("addr", "add", "10.0.2.1/24", "dev", ifname).returncode == 0
+        assert ip("link", "set", ifname, "up").returncode == 0
+        ping_5(ifname)
+        done = subprocess.run([sys.executable, "-m", "appliance", "handoff",
+                               "--from", a.resolved["control"]["socket"],
+                               "--to", b.resolved["control"]["socket"]],
+                              check=False, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr + a.log_text() + b.log_text()
+        assert a.proc is not None and a.proc.wait(timeout=30) == 0, a.log_text()
+        assert link_exists(ifname)  # B holds the only fd now
+        ping_5(ifname)
+        with ControlClient(b.resolved["control"]["socket"]) as ctl:
+            net_status = ctl("status")["net"]
+        assert net_status["responder"]["icmp_replies"] == 10, net_status  # A's 5 carried over
+        assert net_status["tap"]["interface"] == ifname, net_status
+        assert net_status["tap"]["rx_packets"] >= 11, net_status
+    finally:
+        a.stop()
+        b.stop()
+        if link_exists(ifname):
+            ip("link", "delete", ifname)
+            pytest.fail(f"{ifname} outlived both appliances")
 
 
 def test_tap_open_failure_is_one_line_naming_the_key(tmp_path: Path) -> None:
