@@ -36,12 +36,17 @@ class PcapRecordHeader(Struct, size=16):
 class PcapWriter:
     """Appends one record per frame to ``sink``."""
 
-    def __init__(self, sink: BinaryIO, clock: Callable[[], float], snaplen: int = SNAPLEN) -> None:
+    def __init__(self, sink: BinaryIO, clock: Callable[[], float], snaplen: int = SNAPLEN,
+                 header: bool = True) -> None:
+        """``header``: write the file header (not when continuing another
+        writer's file, as a handoff destination does)."""
         self.sink = sink
         self.clock = clock
         self.snaplen = snaplen
         self.records = 0
-        sink.write(PcapGlobalHeader(snaplen=snaplen).pack())
+        if header:
+            sink.write(PcapGlobalHeader(snaplen=snaplen).pack())
+            sink.flush()  # a reader (or a handoff destination) sees a pcap file at once
 
     def write(self, frame: bytes) -> None:
         ts = self.clock()

@@ -553,8 +553,10 @@ class NetService:
             for i, pcfg in enumerate(cfg_net["ports"]):
                 pcap = None
                 if pcfg.get("pcap"):
-                    sink: BinaryIO = open(pcfg["pcap"], "wb")  # noqa: SIM115 - closed in close()
-                    pcap = PcapWriter(sink, time.time)
+                    # A standby destination continues the source's capture (the same
+                    # path, appended to) rather than truncating it.
+                    sink: BinaryIO = open(pcfg["pcap"], "ab" if standby else "wb")  # noqa: SIM115 - closed in close()
+                    pcap = PcapWriter(sink, time.time, header=sink.tell() == 0)
                     self.pcaps.append(pcap)
                 port = VirtioNetPort(f"net{i}", parse_mac(pcfg["mac"]), pcfg.get("queues", 1), pcap)
                 port.uplink = self.switch.forward

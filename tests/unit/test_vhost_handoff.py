@@ -457,6 +457,48 @@ def test_client_mode_connection_moves_and_reconnects_to_its_own_path(
             ls.close()
 
 
+def pcap_records(path: Path) -> int:
+    """Records in a pcap file that has exactly one file header (asserts it)."""
+    data = path.read_bytes()
+    assert data[:4] == bytes.fromhex("d4c3b2a1"), data[:4]
+    at, count = 24, 0
+    while at < len(data):
+        assert data[at:at + 4] != data[:4]  # no second file header
+        incl = struct.unpack_from("<I", data, at + 8)[0]
+        at += 16 + incl
+        count += 1
+    assert at == len(data)
+    return count
+
+
+def test_standby_destination_continues_the_sources_capture(
+        tmp_path: Path, loops: tuple[EventLoop, EventLoop]) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    pcap = tmp_path / "a" / "p0.pcap"
+    a = NetService(loops[0], cfg(tmp_path / "a", pcap=True))
+    b_cfg = cfg(tmp_path / "b", pcap=True)
+    b_cfg["ports"][0]["pcap"] = str(pcap)  # the same file, as with one config for both
+    g = HGuest(loops[0], str(tmp_path / "a" / "p0.sock")).setup()
+    try:
+        exchange(g, a, loops[0], range(1, 4))
+        b = NetService(loops[1], b_cfg, standby=True)  # opened while A captures: not truncated
+        a.handoff_quiesce()
+        fds: list[int] = []
+        state, received = transfer(a.handoff_export(fds), fds)
+        b.handoff_import(state, received)
+        close_all(received)
+        a.handoff_release()
+        assert pcap_records(pcap) == 6  # A's three pings and replies, flushed on release
+        g.fe.loop = loops[1]
+        exchange(g, b, loops[1], range(4, 6))
+        b.close()
+        assert pcap_records(pcap) == 10
+    finally:
+        g.close()
+        a.close()
+
+
 def test_standby_destination_neither_listens_nor_connects(tmp_path: Path,
                                                           loops: tuple[EventLoop, EventLoop]) -> None:
     a, b = services(tmp_path, loops, standby=True)
