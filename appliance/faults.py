@@ -288,8 +288,9 @@ class FaultSet:
             if not self._nvme_match(rule, qid, cmd, ctrl) or not self._fire(rule):
                 continue
             if rule.action == "status":
-                ctrl.counters["errors"] += 1
-                ctrl.error_log.add(qid, cmd.cid, rule.status, rule.dnr, cmd.nsid)
+                slba = cmd.cdw10 | cmd.cdw11 << 32
+                ctrl.record_error(qid, cmd, rule.status, rule.dnr,
+                                  None if rule.lba is None else max(slba, rule.lba[0]))
                 return rule.status, rule.dnr, 0
             if rule.action == "hang":
                 self.hung.append(_Hung(sq, cmd.cid))

@@ -103,6 +103,8 @@ AERL, ACL, ELPE = 3, 3, 15  # 0-based: 4 AERs, 4 aborts, 16 error log entries
 FRMW = 0x03  # one firmware slot, slot 1 read-only
 WCTEMP, CCTEMP, TEMPERATURE = 343, 373, 313  # Kelvin
 DOORBELL_MODES = ("message", "mmap")
+# I/O commands whose CDW10-11 hold an SLBA (the Error Information entry's LBA).
+LBA_OPCODES = frozenset({IoOpcode.WRITE, IoOpcode.READ, IoOpcode.COMPARE, IoOpcode.WRITE_ZEROES})
 # Doorbell page polling (mmap mode): the runtime's timer period, fast while the
 # device is busy or was within the last FAST_TICKS ticks, slow once it is quiet.
 POLL_FAST, POLL_SLOW, FAST_TICKS = 0.0005, 0.02, 1000
@@ -176,7 +178,7 @@ class NvmeController(PciDevice):
         self.changed_ns: list[int] = []
         self.counters: dict[str, Any] = {
             "commands": {}, "errors": 0, "bytes_read": 0, "bytes_written": 0,
-            "interrupts": 0, "invalid_doorbells": 0, "fatal": 0,
+            "interrupts": 0, "invalid_doorbells": 0, "fatal": 0, "media_errors": 0,
         }
         self.faults: Any = None  # an appliance.faults.FaultSet the runtime may install
         self.identify_data = admin.identify_controller(self)
@@ -470,10 +472,24 @@ class NvmeController(PciDevice):
             status, dnr, why = Status.INTERNAL_ERROR, True, repr(exc)
         else:
             return None if dw0 is None else (Status.SUCCESS, False, dw0)
-        self.counters["errors"] += 1
-        self.error_log.add(qid, cmd.cid, status, dnr, cmd.nsid)
+        self.record_error(qid, cmd, status, dnr)
         log.debug("nvme: qid %d cid %d %s: %s (%s)", qid, cmd.cid, key, status.name, why)
         return status, dnr, 0
+
+    def record_error(self, qid: int, cmd: Command, status: int, dnr: bool,
+                     lba: int | None = None) -> None:
+        """Count a failed command and add its Error Information log entry.
+
+        ``lba``: the first LBA that saw the error; by default the command's
+        SLBA for an I/O command that has one.  Media errors (status code type
+        2) also count in SMART's Media and Data Integrity Errors.
+        """
+        self.counters["errors"] += 1
+        if status >> 8 == 2:
+            self.counters["media_errors"] += 1
+        if lba is None:
+            lba = cmd.cdw10 | cmd.cdw11 << 32 if qid and cmd.opcode in LBA_OPCODES else 0
+        self.error_log.add(qid, cmd.cid, status, dnr, cmd.nsid, lba)
 
     def _interrupts(self) -> None:
         if self.irq_mode == PciIrq.INTX:

@@ -319,11 +319,14 @@ class ErrorLog:
         self.count = 0
         self.entries: deque[ErrorLogEntry] = deque(maxlen=entries)
 
-    def add(self, sqid: int, cid: int, status: int, dnr: bool = False, nsid: int = 0) -> None:
-        """Record a failed command; the entry's Status Field carries SC, SCT and DNR."""
+    def add(self, sqid: int, cid: int, status: int, dnr: bool = False, nsid: int = 0,
+            lba: int = 0) -> None:
+        """Record a failed command; the entry's Status Field carries SC, SCT and DNR;
+        ``lba``: the first LBA that saw the error (0 when not applicable)."""
         self.count += 1
         self.entries.appendleft(ErrorLogEntry(error_count=self.count, sqid=sqid, cid=cid,
-                                              status=status_field(status, dnr, 0), nsid=nsid))
+                                              status=status_field(status, dnr, 0), nsid=nsid,
+                                              lba=lba))
 
     def page(self) -> bytes:
         data = b"".join(entry.pack() for entry in self.entries)

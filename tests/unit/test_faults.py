@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_nvme_admin import log_page
 from test_nvme_driver import Driver, make_controller, status
 
 from appliance.faults import FaultError, FaultRule, FaultSet
@@ -61,6 +63,14 @@ def test_status_fault_fails_only_the_matching_lba(rig: tuple[Driver, FaultSet, C
     assert status(d.io(IoOpcode.READ, slba=0, nlb=16)[0])[0] == 0x281  # the range covers 8
     assert faults.counters["nvme.status"] == 2
     assert faults.rules[0].hits == 2 and d.ctrl.counters["errors"] == 2
+    # The Error Information entries name the LBA that failed (the rule's, inside the
+    # command's range); SMART counts the media errors.
+    errors = log_page(d, 1, 128)
+    for at in (0, 64):
+        count, sqid, _, sf, _, lba = struct.unpack_from("<QHHHHQ", errors, at)
+        assert (sqid, (sf >> 1) & 0x7FF, lba) == (1, 0x281, 8), (at, count)
+    smart = log_page(d, 2, 512)
+    assert int.from_bytes(smart[160:176], "little") == 2  # media and data integrity errors
 
 
 def test_count_limits_firings_and_admin_is_not_matched_by_default(

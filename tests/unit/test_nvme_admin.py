@@ -90,11 +90,15 @@ def test_log_pages(drv: Driver) -> None:
     assert int.from_bytes(smart[80:96], "little") == 1  # host write commands
     assert int.from_bytes(smart[176:192], "little") == 1  # error log entries
     errors = log_page(drv, 1, 1024)
-    count, sqid, _, sf = struct.unpack_from("<QHHH", errors)
-    assert (count, sqid, (sf >> 1) & 0x7FF, sf >> 15) == (1, 0, Status.INVALID_OPCODE, 1)
+    count, sqid, _, sf, _, lba = struct.unpack_from("<QHHHHQ", errors)
+    assert (count, sqid, (sf >> 1) & 0x7FF, sf >> 15, lba) == (1, 0, Status.INVALID_OPCODE, 1, 0)
+    drv.io(IoOpcode.READ, 1 << 40, 1)  # LBA out of range: the entry names it
+    count, sqid, _, sf, _, lba = struct.unpack_from("<QHHHHQ", log_page(drv, 1, 64))
+    assert (count, sqid, (sf >> 1) & 0x7FF, lba) == (2, 1, Status.LBA_OUT_OF_RANGE, 1 << 40)
+    assert int.from_bytes(log_page(drv, 2, 512)[160:176], "little") == 0  # not a media error
     firmware = log_page(drv, 3, 512)
     assert firmware[0] == 1 and firmware[8:16] == b"0.1     "
-    assert log_page(drv, 1, 64, offset=64) == bytes(64)  # offsets index into the page
+    assert log_page(drv, 1, 64, offset=64) == errors[:64]  # offsets index into the page
     assert log_page(drv, 4, 4096) == bytes(4096)
 
 
