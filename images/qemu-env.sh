@@ -16,7 +16,7 @@
 #   guest boot under TCG, QEMU start -> GUEST-UP: 3.6-4.3 s with vmlinux (PVH).
 #
 # It produces, under $QEMU_ENV (default ~/.cache/appliance/qemu-env):
-#   sid/                      sid chroot, minbase + qemu-system-x86 + qemu-utils
+#   sid/                      sid chroot, minbase + qemu-system-x86 + qemu-utils + nvme-cli
 #   bin/sid-run CMD...        run CMD in the chroot, in a private mount namespace
 #                             with the host's /dev /proc /sys /tmp /run /root /home,
 #                             the top-level folder of the caller's cwd, the top-level
@@ -28,7 +28,7 @@
 #                             then add ARGS. GUEST_APPEND adds to the kernel command line.
 #   guest/vmlinux             uncompressed kernel (PVH boot), faster under TCG than...
 #   guest/vmlinuz             ...the bzImage, which has to decompress xz under TCG
-#   guest/initrd.img          busybox + modules ($GUEST_MODULES and deps) + /init
+#   guest/initrd.img          busybox + modules ($GUEST_MODULES and deps) + nvme-cli + /init
 #   guest/init-version        INIT_VERSION below; the test harness checks it
 #   guest/initrd.hash         hash of what went into initrd.img (rebuilt when it differs)
 #
@@ -59,7 +59,7 @@ set -euo pipefail
 
 # Bump INIT_VERSION whenever /init gains a behaviour tests rely on; the harness
 # (tests/integration/qemu.py, REQUIRED_INIT_VERSION) refuses older guests.
-INIT_VERSION=2
+INIT_VERSION=3  # 3: nvme-cli in the guest
 GUEST_MODULES=${GUEST_MODULES:-virtio_pci virtio_net nvme crc32c_generic ext4}
 
 QE=${QEMU_ENV:-${XDG_CACHE_HOME:-$HOME/.cache}/appliance/qemu-env}
@@ -123,6 +123,15 @@ if [ ! -e "$SID/.qemu-env-ok" ]; then
     touch "$SID/.qemu-env-ok"
 fi
 say "sid: $(chroot "$SID" qemu-system-x86_64 --version | head -1)"
+# nvme-cli for the guest (copied into the initrd with its libraries, step 6): the
+# driver tests' view of the controller (id-ctrl, smart-log, error-log, passthrough).
+if [ ! -x "$SID/usr/sbin/nvme" ]; then
+    say "installing nvme-cli in the chroot (for the guest) ..."
+    chroot "$SID" apt-get -o Acquire::Retries=3 update -q >/dev/null
+    chroot "$SID" apt-get -o Acquire::Retries=3 install -y -q --no-install-recommends nvme-cli >/dev/null
+    chroot "$SID" apt-get clean
+fi
+[ -x "$SID/usr/sbin/nvme" ] || die "nvme-cli missing in the chroot"
 
 # ---------------------------------------------------------------- wrappers
 install_exe "$QE/bin/sid-run" <<'EOF'
@@ -330,7 +339,12 @@ EOF
 
 # ---------------------------------------------------------------- 6. initrd
 # Rebuilt (only the initrd) when /init, the module set, busybox or INIT_VERSION change.
-want_hash=$( { echo "init-version $INIT_VERSION"; cat "$G/init.new" "$G/modules/.list"; sha256sum < "$G/busybox"; } | sha256sum | cut -d' ' -f1)
+# nvme-cli from the chroot: the binary and every library ldd names (sid's glibc runs
+# on the guest's kernel), at the same paths.
+NVME_FILES=$(chroot "$SID" ldd /usr/sbin/nvme | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}')
+NVME_FILES="/usr/sbin/nvme $NVME_FILES"
+want_hash=$( { echo "init-version $INIT_VERSION"; cat "$G/init.new" "$G/modules/.list"; sha256sum < "$G/busybox"
+               for f in $NVME_FILES; do sha256sum < "$SID$f"; done; } | sha256sum | cut -d' ' -f1)
 if [ ! -s "$G/initrd.img" ] || [ "$(cat "$G/initrd.hash" 2>/dev/null)" != "$want_hash" ]; then
     say "building initrd ..."
     R=$G/initrd.d
@@ -340,6 +354,7 @@ if [ ! -s "$G/initrd.img" ] || [ "$(cat "$G/initrd.hash" 2>/dev/null)" != "$want
     mknod -m 600 "$R/dev/console" c 5 1
     cp "$G/modules/"*.ko "$R/modules/"
     cp "$G/modules/modules.order" "$R/modules.order"
+    for f in $NVME_FILES; do mkdir -p "$R$(dirname "$f")" && cp -L "$SID$f" "$R$f"; done
     cp "$G/init.new" "$R/init"
     chmod +x "$R/init"
     (cd "$R" && find . | "$G/busybox" cpio -o -H newc 2>/dev/null | gzip -9 > "$G/initrd.img.new")

@@ -41,7 +41,7 @@ from types import TracebackType
 from typing import IO, Any, Self
 
 #: ``guest/init-version`` must be at least this (INIT_VERSION in images/qemu-env.sh).
-REQUIRED_INIT_VERSION = 2
+REQUIRED_INIT_VERSION = 3  # 3: nvme-cli in the guest
 #: Console lines quoted in timeout messages.
 TAIL_LINES = 60
 

@@ -199,3 +199,29 @@ def test_appliance_boot_starts_appliance_and_guest_on_the_terminal(tmp_path: Any
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
             proc.wait()
+
+
+# ---------------------------------------------------------------- nvme-cli in the guest
+def test_nvme_cli_sees_the_controller_and_the_injected_error(appliance_guest: Any,
+                                                             appliance_ctl: Any) -> None:
+    """The guest image carries nvme-cli (admin passthrough through the guest's nvme
+    driver): identify, an injected Unrecovered Read Error as the command's status, the
+    Error Information log naming the LBA, SMART counting the media error."""
+    import json
+
+    def nvme(args: str) -> Any:
+        out, rc = appliance_guest.run(f"nvme {args} -o json")
+        assert rc == 0, out
+        return json.loads(out)
+
+    ctrl = nvme("id-ctrl /dev/nvme0")
+    assert ctrl["vid"] == 0xA9A9 and ctrl["sn"].strip() == "APPLIANCE0001", ctrl
+    assert nvme("id-ns /dev/nvme0n1")["nsze"] == 64 << 20 >> 9
+    appliance_ctl("fault.add", action="status", lba=7, status="unrecovered_read_error")
+    out, rc = appliance_guest.run("nvme read /dev/nvme0n1 -s 6 -c 3 -z 2048 -d /tmp/blk 2>&1")
+    assert rc != 0 and "Unrecovered Read Error" in out, out
+    newest = nvme("error-log /dev/nvme0 -e 1")["errors"][0]
+    assert (newest["sqid"] > 0, newest["status_field"], newest["lba"], newest["nsid"]) == \
+        (True, 0x281, 7, 1), newest  # nvme-cli prints the Status Field without the phase bit
+    smart = nvme("smart-log /dev/nvme0")
+    assert smart["media_errors"] == 1 and smart["num_err_log_entries"] >= 1, smart
