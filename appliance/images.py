@@ -3,10 +3,12 @@
 The builder is ``images/qemu-env.sh`` in the source tree, next to this package
 (``pip install -e .`` keeps it there; see images/README.md).  Under the cache
 directory (``--cache``, else ``$APPLIANCE_QEMU_ENV``, else
-``~/.cache/appliance/qemu-env``) it makes a Debian-sid chroot holding QEMU 11.1
-(the host's QEMU, bookworm's 7.2, predates the ``vfio-user-pci`` client of
-QEMU 10.1) and the guest: bookworm's kernel as ``guest/vmlinux`` and a busybox
-initramfs ``guest/initrd.img``.  The builder is idempotent: parts already
+``~/.cache/appliance/qemu-env``) it sets up QEMU and the guest: bookworm's
+kernel as ``guest/vmlinux`` and a busybox initramfs ``guest/initrd.img`` with
+nvme-cli.  QEMU is the host's when it is 10.1 or newer and has the
+``vfio-user-pci`` client (``--qemu auto``, the default), else QEMU 11.1 in a
+Debian-sid chroot (bookworm's 7.2 predates the client); ``--qemu host|sid``
+forces one.  The builder is idempotent: parts already
 built are skipped, so a second ``build`` is a no-op (about a second) unless the
 guest's ``/init`` changed in the script.  ``--force`` rebuilds everything from
 fresh downloads.
@@ -102,12 +104,15 @@ def inspect(root: Path) -> tuple[list[Artifact], str | None]:
     """
     from appliance.testing.qemu import REQUIRED_INIT_VERSION
 
+    source = _read(root / "qemu-source")
+    host = source[5:] if source.startswith("host ") else ""
     qemu_version = _sid_qemu_version(root)
     kernel = _read(root / "guest" / "kernel-version").split()
     init_version = _read(root / "guest" / "init-version")
     initrd = root / ARTIFACTS["initramfs"]
     details = {
-        "qemu": f"qemu-system-x86 {qemu_version} in the sid chroot" if qemu_version else "",
+        "qemu": (f"the host's {host}" if host else
+                 f"qemu-system-x86 {qemu_version} in the sid chroot" if qemu_version else ""),
         "kernel": f"Linux {kernel[-1]}" if kernel else "",
         "initramfs": (f"init v{init_version}, {initrd.stat().st_size // 1024} KiB"
                       if initrd.exists() else ""),
@@ -115,8 +120,8 @@ def inspect(root: Path) -> tuple[list[Artifact], str | None]:
     arts = [Artifact(name, root / rel, (root / rel).exists(), details.get(name, ""))
             for name, rel in ARTIFACTS.items()]
     problem = None
-    if not (root / "sid" / ".qemu-env-ok").exists():
-        problem = "the sid chroot (QEMU 11.1) is not built"
+    if not host and not (root / "sid" / ".qemu-env-ok").exists():
+        problem = "the sid chroot (QEMU 11.1) is not built and the host's QEMU is not in use"
     elif missing := [a for a in arts if not a.present]:
         problem = f"{missing[0].path} is missing"
     elif not init_version.isdigit() or int(init_version) < REQUIRED_INIT_VERSION:
@@ -152,16 +157,24 @@ def _stamps(root: Path) -> dict[str, float]:
     return out
 
 
+QEMU_SOURCES = ("auto", "host", "sid")
+
+
 def build(root: Path, *, force: bool = False, boot_test: bool = False,
-          echo: Any = None) -> bool:
+          echo: Any = None, qemu: str = "auto") -> bool:
     """Run the builder for ``root``; its progress lines go to ``echo`` (a text stream).
 
     Returns:
         True if something was (re)built, False if everything was cached.
+    ``qemu``: "auto" (the host's QEMU if it has vfio-user-pci, else sid's),
+    "host" or "sid".
+
     Raises:
         ApplianceError: not root, no builder, no debootstrap, or the builder failed
             (the message is the builder's own ERROR line when it printed one).
     """
+    if qemu not in QEMU_SOURCES:
+        raise ApplianceError(f"image build: --qemu must be one of {', '.join(QEMU_SOURCES)}")
     if os.geteuid() != 0:
         raise ApplianceError("image build: needs root (debootstrap, chroot, mknod): "
                              "run `sudo appliance image build`")
@@ -170,7 +183,7 @@ def build(root: Path, *, force: bool = False, boot_test: bool = False,
             not shutil.which("debootstrap") and not shutil.which("apt-get"):
         raise ApplianceError("image build: debootstrap is not installed and there is no "
                              "apt-get to install it (a Debian host is needed)")
-    env = dict(os.environ, QEMU_ENV=str(root))
+    env = dict(os.environ, QEMU_ENV=str(root), QEMU_SOURCE=qemu)
     env.pop("FORCE", None)
     env.pop("SKIP_BOOT_TEST", None)
     if force:
@@ -228,12 +241,12 @@ def cmd_info(cfg: dict[str, Any], args: argparse.Namespace) -> int:
         return 0 if problem is None else 1
     for line in _lines(root, arts):
         print(line)
+    used = "the host's" if _read(root / "qemu-source").startswith("host ") else "the sid chroot's"
     if host is None:
-        print(f"{'host qemu':<11}none (the sid chroot's QEMU 11.1 is used)")
+        print(f"{'host qemu':<11}none ({used} QEMU is used)")
     else:
         verdict = "has" if host[1] else "older than 10.1: no"
-        print(f"{'host qemu':<11}{host[0]} ({verdict} vfio-user-pci; the tests use the sid "
-              "chroot's QEMU)")
+        print(f"{'host qemu':<11}{host[0]} ({verdict} vfio-user-pci; {used} QEMU is used)")
     if problem is None:
         print(f"{'status':<11}built")
         return 0
@@ -245,7 +258,7 @@ def cmd_build(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     root = cache_dir(args.cache)
     t0 = time.monotonic()
     changed = build(root, force=args.force, boot_test=args.boot_test,
-                    echo=None if args.quiet else sys.stderr)
+                    echo=None if args.quiet else sys.stderr, qemu=args.qemu)
     arts, _ = inspect(root)
     state = f"built in {time.monotonic() - t0:.0f} s" if changed else "up to date (cached)"
     print(f"appliance: image {state}")
@@ -266,6 +279,9 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--force", action="store_true",
                    help="rebuild everything, downloading the packages again")
     b.add_argument("--boot-test", action="store_true", help="boot the guest once afterwards")
+    b.add_argument("--qemu", choices=QEMU_SOURCES, default="auto",
+                   help="the host's QEMU (10.1+ with vfio-user-pci) or QEMU 11.1 in a sid "
+                        "chroot; auto: the host's when it will do")
     b.add_argument("-q", "--quiet", action="store_true", help="no builder progress on stderr")
     b.set_defaults(func=cmd_build, config=None, trace=False, verbose=False)
     i = isub.add_parser("info", help="where the kernel, initramfs and QEMU are, and whether "

@@ -16,6 +16,7 @@
 #   guest boot under TCG, QEMU start -> GUEST-UP: 3.6-4.3 s with vmlinux (PVH).
 #
 # It produces, under $QEMU_ENV (default ~/.cache/appliance/qemu-env):
+#   qemu-source               "sid", or "host PATH" when the host's QEMU is used (no sid/)
 #   sid/                      sid chroot, minbase + qemu-system-x86 + qemu-utils + nvme-cli
 #   bin/sid-run CMD...        run CMD in the chroot, in a private mount namespace
 #                             with the host's /dev /proc /sys /tmp /run /root /home,
@@ -54,7 +55,9 @@
 #
 # Usage: sudo bash images/qemu-env.sh   (or: sudo appliance image build)
 #   env: QEMU_ENV, DEBIAN_MIRROR, SKIP_BOOT_TEST=1, KERNEL_PKG, GUEST_MODULES,
-#        FORCE=1 (rebuild everything: new debootstrap, new downloads)
+#        FORCE=1 (rebuild everything: new debootstrap, new downloads),
+#        QEMU_SOURCE=auto|host|sid (auto: the host's QEMU if it is 10.1+ with
+#        vfio-user-pci, then no chroot is made; else sid's; see "which QEMU")
 set -euo pipefail
 
 # Bump INIT_VERSION whenever /init gains a behaviour tests rely on; the harness
@@ -85,6 +88,10 @@ install_exe() {
     cat > "$1.new" && chmod +x "$1.new"
     if cmp -s "$1.new" "$1"; then rm -f "$1.new"; else mv "$1.new" "$1"; fi
 }
+install_file() {  # the same for a plain file
+    cat > "$1.new"
+    if cmp -s "$1.new" "$1"; then rm -f "$1.new"; else mv "$1.new" "$1"; fi
+}
 
 # ---------------------------------------------------------------- host tools
 # apt on the host stays bookworm-only. Another process may hold the dpkg lock:
@@ -97,16 +104,52 @@ apt_host() {
     done
     return 1
 }
-if ! command -v debootstrap >/dev/null || ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then
-    apt-cache show linux-image-amd64 >/dev/null 2>&1 || apt_host update -q
-    command -v debootstrap >/dev/null || apt_host install -y -q --no-install-recommends debootstrap
+# ---------------------------------------------------------------- which QEMU
+# QEMU_SOURCE=auto (default): the host's qemu-system-x86_64 when it is 10.1 or newer
+# and has the vfio-user-pci client (QEMU 10.1 added it), else sid's in a chroot.
+# QEMU_SOURCE=host or =sid forces one. $QE/bin is never taken for the host's.
+host_qemu() {
+    local exe v
+    exe=$(PATH=$(printf %s "$PATH" | tr : '\n' | grep -vxF "$QE/bin" | paste -sd:) \
+          command -v qemu-system-x86_64) || return 1
+    v=$("$exe" --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\.\([0-9]*\).*/\1 \2/p' | head -1)
+    [ -n "$v" ] || return 1
+    set -- $v
+    [ "$1" -gt 10 ] || { [ "$1" -eq 10 ] && [ "$2" -ge 1 ]; } || return 1
+    case $("$exe" -device help 2>/dev/null) in *'"vfio-user-pci"'*) echo "$exe" ;; *) return 1 ;; esac
+}
+case ${QEMU_SOURCE:-auto} in
+    auto) if HQ=$(host_qemu); then SOURCE=host; else SOURCE=sid; fi ;;
+    host) HQ=$(host_qemu) || die "QEMU_SOURCE=host: no qemu-system-x86_64 10.1+ with vfio-user-pci in PATH"
+          SOURCE=host ;;
+    sid) SOURCE=sid ;;
+    *) die "QEMU_SOURCE must be auto, host or sid, not '$QEMU_SOURCE'" ;;
+esac
+
+if ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then
+    apt_host update -q
+fi
+if [ "$SOURCE" = sid ] && ! command -v debootstrap >/dev/null; then
+    apt_host install -y -q --no-install-recommends debootstrap
 fi
 command -v xz >/dev/null || apt_host install -y -q --no-install-recommends xz-utils
-for t in xz gzip grep find unshare chroot dpkg-deb tar sha256sum flock; do
+for t in xz gzip grep find unshare chroot dpkg-deb tar sha256sum flock ldd; do
     command -v $t >/dev/null || die "missing $t"
 done
 
-# ---------------------------------------------------------------- 1. sid chroot
+# ---------------------------------------------------------------- 1. QEMU
+if [ "$SOURCE" = host ]; then
+    HQIMG=$(dirname "$HQ")/qemu-img
+    [ -x "$HQIMG" ] || HQIMG=$(command -v qemu-img) || die "the host's QEMU has no qemu-img"
+    say "host QEMU: $("$HQ" --version | head -1) ($HQ)"
+    printf '#!/bin/sh\nexec %s "$@"\n' "$HQ" | install_exe "$QE/bin/qemu-system-x86_64"
+    printf '#!/bin/sh\nexec %s "$@"\n' "$HQIMG" | install_exe "$QE/bin/qemu-img"
+    echo "host $HQ" | install_file "$QE/qemu-source"
+    # nvme-cli for the guest comes from the host (step 6).
+    command -v nvme >/dev/null || apt_host install -y -q --no-install-recommends nvme-cli
+    NVME_ROOT=
+fi
+if [ "$SOURCE" = sid ]; then
 if [ ! -e "$SID/.qemu-env-ok" ]; then
     if grep -q " $SID[/ ]" /proc/mounts; then
         die "something is mounted under $SID; unmount it first (see /proc/mounts)"
@@ -132,6 +175,8 @@ if [ ! -x "$SID/usr/sbin/nvme" ]; then
     chroot "$SID" apt-get clean
 fi
 [ -x "$SID/usr/sbin/nvme" ] || die "nvme-cli missing in the chroot"
+NVME_ROOT=$SID
+echo sid | install_file "$QE/qemu-source"
 
 # ---------------------------------------------------------------- wrappers
 install_exe "$QE/bin/sid-run" <<'EOF'
@@ -159,8 +204,10 @@ exec chroot "$S" /bin/sh -c "cd \"\$0\" 2>/dev/null || cd /; exec \"\$@\"" "$PWD
 ' sid-run "$QE" "$@"
 EOF
 for t in qemu-system-x86_64 qemu-img; do
-    printf '#!/bin/sh\nexec "$(dirname "$(readlink -f "$0")")/sid-run" %s "$@"\n' $t | install_exe "$QE/bin/$t"
+    # by absolute path: a PATH that names this wrapper must not loop back into it
+    printf '#!/bin/sh\nexec "$(dirname "$(readlink -f "$0")")/sid-run" /usr/bin/%s "$@"\n' $t | install_exe "$QE/bin/$t"
 done
+fi  # SOURCE=sid
 install_exe "$QE/bin/guest-boot" <<'EOF'
 #!/bin/bash
 # Boot the test guest with sid's QEMU under TCG. Extra args go to QEMU.
@@ -341,10 +388,11 @@ EOF
 # Rebuilt (only the initrd) when /init, the module set, busybox or INIT_VERSION change.
 # nvme-cli from the chroot: the binary and every library ldd names (sid's glibc runs
 # on the guest's kernel), at the same paths.
-NVME_FILES=$(chroot "$SID" ldd /usr/sbin/nvme | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}')
-NVME_FILES="/usr/sbin/nvme $NVME_FILES"
+NVME_BIN=$(if [ -n "$NVME_ROOT" ]; then echo /usr/sbin/nvme; else command -v nvme; fi) || die "no nvme-cli"
+NVME_FILES=$(if [ -n "$NVME_ROOT" ]; then chroot "$NVME_ROOT" ldd "$NVME_BIN"; else ldd "$NVME_BIN"; fi | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}')
+NVME_FILES="$NVME_BIN $NVME_FILES"
 want_hash=$( { echo "init-version $INIT_VERSION"; cat "$G/init.new" "$G/modules/.list"; sha256sum < "$G/busybox"
-               for f in $NVME_FILES; do sha256sum < "$SID$f"; done; } | sha256sum | cut -d' ' -f1)
+               for f in $NVME_FILES; do sha256sum < "$NVME_ROOT$f"; done; } | sha256sum | cut -d' ' -f1)
 if [ ! -s "$G/initrd.img" ] || [ "$(cat "$G/initrd.hash" 2>/dev/null)" != "$want_hash" ]; then
     say "building initrd ..."
     R=$G/initrd.d
@@ -354,7 +402,7 @@ if [ ! -s "$G/initrd.img" ] || [ "$(cat "$G/initrd.hash" 2>/dev/null)" != "$want
     mknod -m 600 "$R/dev/console" c 5 1
     cp "$G/modules/"*.ko "$R/modules/"
     cp "$G/modules/modules.order" "$R/modules.order"
-    for f in $NVME_FILES; do mkdir -p "$R$(dirname "$f")" && cp -L "$SID$f" "$R$f"; done
+    for f in $NVME_FILES; do mkdir -p "$R$(dirname "$f")" && cp -L "$NVME_ROOT$f" "$R$f"; done
     cp "$G/init.new" "$R/init"
     chmod +x "$R/init"
     (cd "$R" && find . | "$G/busybox" cpio -o -H newc 2>/dev/null | gzip -9 > "$G/initrd.img.new")
@@ -375,4 +423,4 @@ if [ -z "${SKIP_BOOT_TEST:-}" ]; then
     echo "$out" | grep -q GUEST-POWEROFF || die "guest did not boot to GUEST-POWEROFF"
     say "boot test ok in $((SECONDS - t)) s"
 fi
-say "done. QEMU: $QE/bin/qemu-system-x86_64   guest: $QE/bin/guest-boot"
+say "done. QEMU ($SOURCE): $QE/bin/qemu-system-x86_64   guest: $QE/bin/guest-boot"
