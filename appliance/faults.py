@@ -167,6 +167,22 @@ class FaultRule:
         return out
 
 
+def _rule_state(rule: FaultRule) -> dict[str, Any]:
+    """A rule as :meth:`FaultRule.build` arguments plus its id and counts."""
+    out = {name: getattr(rule, name) for name in (
+        "id", "target", "action", "count", "probability", "qid", "opcode", "nsid", "status",
+        "dnr", "delay", "port", "direction", "hits", "seen")}
+    out["lba"] = None if rule.lba is None else list(rule.lba)
+    return out
+
+
+def _rule_args(item: dict[str, Any]) -> dict[str, Any]:
+    args = {k: v for k, v in item.items() if k not in ("id", "hits", "seen") and v is not None}
+    if "lba" in args:
+        args["lba"] = list(args["lba"])
+    return args
+
+
 def _lba_range(value: Any) -> tuple[int, int]:
     if isinstance(value, (list, tuple)) and len(value) == 2:
         first, last = _int(value[0], "lba"), _int(value[1], "lba")
@@ -353,6 +369,52 @@ class FaultSet:
     def waiting(self) -> bool:
         """Anything a timer has to release later."""
         return bool(self.deferred or self.frames)
+
+    # ------------------------------------------------------------ live handoff
+    def export_state(self) -> dict[str, Any]:
+        """What moves to another process with a live handoff (JSON-able): the
+        rules with their hits, the counters, the RNG, the CQs whose next
+        interrupt is to be dropped and the hung commands (by queue and CID).
+        Deferred completions and held frames do not move (the handoff waits
+        until there are none)."""
+        version, internal, gauss = self.rng.getstate()
+        return {"rules": [_rule_state(r) for r in self.rules], "counters": dict(self.counters),
+                "next_id": self._next_id, "rng": [version, list(internal), gauss],
+                "drop_irq_cqs": sorted(self.drop_irq_cqs),
+                "hung": [[h.sq.qid, h.cid] for h in self.hung]}
+
+    def import_state(self, state: Any, sqs: dict[int, SubmissionQueue] | None = None) -> None:
+        """Take over :meth:`export_state` of the source; ``sqs``: the restored
+        controller's submission queues (hung commands are re-attached to them;
+        with None only the state is checked).  All or nothing.
+
+        Raises:
+            FaultError: a field that does not fit (nothing changed then).
+        """
+        try:
+            rules = []
+            for item in state["rules"]:
+                rule = FaultRule.build(_int(item["id"], "id"), _rule_args(item))
+                rule.hits, rule.seen = _int(item["hits"], "hits"), _int(item["seen"], "seen")
+                rules.append(rule)
+            counters = {str(k): _int(v, k) for k, v in dict(state["counters"]).items()}
+            next_id = _int(state["next_id"], "next_id")
+            version, internal, gauss = state["rng"]
+            rng = random.Random()
+            rng.setstate((version, tuple(internal), gauss))
+            drop = {_int(q, "drop_irq_cqs") for q in state["drop_irq_cqs"]}
+            hung = [(_int(q, "hung"), _int(c, "hung")) for q, c in state["hung"]]
+        except FaultError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise FaultError(f"fault state: {exc!r}") from None
+        if sqs is not None and any(q not in sqs for q, _ in hung):
+            raise FaultError(f"fault state: a hung command on a queue that does not exist: {hung}")
+        if sqs is None:
+            return
+        self.rules, self.counters, self._next_id, self.rng = rules, counters, next_id, rng
+        self.drop_irq_cqs = drop
+        self.hung = [_Hung(sqs[q], cid) for q, cid in hung]
 
     # ------------------------------------------------------------ net
     def frame(self, port: str, direction: str, frame: bytes,

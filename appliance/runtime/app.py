@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from appliance.errors import ApplianceError
+from appliance.faults import FaultError
 from appliance.loop import EventLoop
 from appliance.memory import ClientMemory
 from appliance.migrate.nvme_state import NvmeMigratable
@@ -136,6 +137,8 @@ class Appliance:
             manifest["doorbell_page"] = {"fd": len(fds) - 1, "seen": bytes(page.seen).hex()}
         if self.net is not None:
             manifest["net"] = self.net.handoff_export(fds)
+        manifest["control"] = {"faults": self.control.faults.export_state(),
+                               "links_down": sorted(self.control.target.links_down)}
         return manifest
 
     def handoff_resume(self) -> None:
@@ -174,12 +177,26 @@ class Appliance:
             raise ApplianceError("net configuration differs: one side has no net ports")
         if self.net is not None:
             self.net.handoff_check(manifest["net"], len(fds))
+        control = manifest.get("control")
+        if control is not None:
+            try:
+                self.control.faults.import_state(control["faults"])  # checks only
+                links = control["links_down"]
+            except (FaultError, KeyError, TypeError) as exc:
+                raise ApplianceError(f"handoff manifest: control: {exc}") from None
+            ports = {svc.port.name for svc in self.net.services} if self.net is not None else set()
+            if not isinstance(links, list) or not set(links) <= ports:
+                raise ApplianceError(f"handoff manifest: links_down {links!r} names no port here")
 
     def handoff_adopt(self, manifest: dict[str, Any], fds: list[int]) -> None:
         assert self.controller is not None
         self.migratable.migration_stop()
         self._adopted = self.vfio_user.handoff_adopt(manifest["vfio_user"], fds)
         self.migratable.commit_restore()
+        control = manifest.get("control")
+        if control is not None:  # the injected faults and link states go on here
+            self.control.faults.import_state(control["faults"], self.controller.sqs)
+            self.control.target.links_down = set(control["links_down"])
         page = manifest.get("doorbell_page")
         if page is not None:
             self.controller.take_over_doorbell_page(fds[page["fd"]], bytes.fromhex(page["seen"]))

@@ -14,7 +14,7 @@ import pytest
 import xxhash
 
 from appliance.client import VfioUserClient, VfioUserError
-from appliance.drivers.nvme import NvmeDriver
+from appliance.drivers.nvme import NvmeDriver, NvmeError
 from appliance.migrate.workload import VerifiedWriter, file_hash, make_image, pair_configs
 from appliance.runtime.control import ControlClient
 from appliance.testing.process import ApplianceProcess
@@ -125,6 +125,33 @@ def test_handoff_moves_the_live_connection(tmp_path: Path, procs: list[Appliance
         for lba, data in writer.written.items():
             expected[lba * 512:lba * 512 + len(data)] = data
         assert xxhash.xxh64(expected).hexdigest() == file_hash(image(dst))
+
+
+def test_injected_faults_move_with_the_devices(tmp_path: Path,
+                                              procs: list[ApplianceProcess]) -> None:
+    """A rule armed on the source fires on the destination with its count going on;
+    the fault ids and counters continue there."""
+    src, dst = start_pair(tmp_path, shared=True)
+    procs += [src, dst]
+    driver, _ = driver_on(src)
+    with ControlClient(ctl(src)) as c:
+        rule = c("fault.add", action="status", lba=100, count=2, status="unrecovered_read_error")
+    with pytest.raises(NvmeError) as first:
+        driver.read(1, 100, 1)
+    assert first.value.status == 0x281
+    done = handoff(src, dst)
+    assert done.returncode == 0, done.stderr
+    assert src.proc is not None and src.proc.wait(timeout=30) == 0
+    with pytest.raises(NvmeError) as second:  # the second and last firing, on dst
+        driver.read(1, 100, 1)
+    assert second.value.status == 0x281
+    assert len(driver.read(1, 100, 1)) == 512  # spent
+    with ControlClient(ctl(dst)) as c:
+        listed = c("fault.list")
+        assert listed["rules"][0]["id"] == rule["id"] and listed["rules"][0]["hits"] == 2
+        assert listed["fired"] == {"nvme.status": 2}
+        assert c("fault.add", action="fatal", qid=9)["id"] == rule["id"] + 1
+    driver.c.close()
 
 
 def test_handoff_refused_by_another_configuration(tmp_path: Path,

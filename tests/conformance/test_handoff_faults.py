@@ -434,8 +434,9 @@ def test_a_flipped_head_bit_is_refused(shared_rig: Rig, kind: RecordType, where:
 
 
 def test_a_length_past_the_end_of_the_stream_is_refused_at_once(shared_rig: Rig) -> None:
-    # bit 12 of HANDOFF's length: 4 KiB more than the 40 bytes of END that follow
-    attempt(shared_rig, Fault(flip(T.HANDOFF, 9, 4), cli="stream truncated",
+    # bit 16 of HANDOFF's length (a manifest is far smaller): 64 KiB more than the
+    # 40 bytes of END that follow
+    attempt(shared_rig, Fault(flip(T.HANDOFF, 10, 0), cli="stream truncated",
                               log="stream truncated", verdict_within=3.0))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_nvme_admin import log_page
@@ -192,3 +193,57 @@ def test_net_corrupt_duplicate_reorder_delay() -> None:
     assert fs.due_frames() == [(sent.append, b"late")]
     assert fs.stats()["fired"] == {"net.corrupt": 1, "net.duplicate": 1, "net.reorder": 1,
                                    "net.delay": 1}
+
+
+def test_state_moves_to_another_fault_set(rig: tuple[Driver, FaultSet, Clock]) -> None:
+    """What a live handoff carries (through JSON): rules with their counts, counters,
+    the RNG where it stood, dropped-irq marks and hung commands, re-attached to the
+    destination's queues (here: the same controller's)."""
+    import json
+
+    d, faults, clock = rig
+    faults.add({"action": "status", "lba": [8, 9], "count": 2, "status": "write_fault",
+                "dnr": True})
+    faults.add({"action": "drop", "probability": 0.5, "port": "net0", "seed": 3})
+    faults.add({"action": "hang", "count": 1})
+    assert status(d.io(IoOpcode.READ, slba=8, nlb=1)[0]) == (0x280, True)
+    cid = d.submit(1, read_cmd(d, 0))  # hung
+    for _ in range(5):
+        faults.frame("net0", "rx", b"x" * 60, lambda f: None)
+    state = json.loads(json.dumps(faults.export_state()))
+    other = FaultSet(clock=clock, seed=99)
+    other.import_state(state)  # a check changes nothing
+    assert other.rules == [] and other.hung == []
+    other.import_state(state, d.ctrl.sqs)
+    assert [r.describe() for r in other.rules] == [r.describe() for r in faults.rules]
+    assert other.counters == faults.counters and [h.cid for h in other.hung] == [cid]
+    drops = [not faults.frame("net0", "rx", b"x" * 60, lambda f: None) for _ in range(50)]
+    assert [not other.frame("net0", "rx", b"x" * 60, lambda f: None) for _ in range(50)] == drops
+    assert other.add({"action": "fatal", "qid": 7}).id == 4  # ids go on (qid 7: never matches)
+    d.ctrl.faults = other
+    assert status(d.io(IoOpcode.READ, slba=9, nlb=1)[0]) == (0x280, True)  # second and last
+    assert status(d.io(IoOpcode.READ, slba=9, nlb=1)[0]) == (Status.SUCCESS, False)
+    assert d.admin(AdminOpcode.ABORT, cdw10=cid << 16 | 1).dw0 & 1 == 0  # the hung one
+    assert [c.cid for c in d.reap(1)] == [cid]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda s: s.update(rules=[{"id": 1, "action": "explode"}]),
+    lambda s: s["rules"][0].update(lba=[9, 3]),
+    lambda s: s.update(rng=[3, [1, 2], None]),
+    lambda s: s.update(hung=[[7, 1]]),
+    lambda s: s.update(counters=[1]),
+    lambda s: s.pop("next_id"),
+])
+def test_a_bad_fault_state_is_refused_and_changes_nothing(rig: tuple[Driver, FaultSet, Clock],
+                                                          damage: Any) -> None:
+    d, faults, clock = rig
+    faults.add({"action": "status", "lba": 8})
+    state = faults.export_state()
+    damage(state)
+    other = FaultSet(clock=clock)
+    other.add({"action": "fatal"})
+    before = [r.describe() for r in other.rules]
+    with pytest.raises(FaultError):
+        other.import_state(state, d.ctrl.sqs)
+    assert [r.describe() for r in other.rules] == before
