@@ -68,6 +68,11 @@ class SocketTransport:
             self.service.flush()
             if conn.closed:
                 raise GuestMemoryError(address, _count(data), 0, why="client gone during DMA")
+        if conn.queued():
+            # What the wait read and could not dispatch: when this DMA ran outside a
+            # dispatch (the controller's idle poll), nothing else would get to it
+            # until the client sends again, and it may be waiting for exactly that.
+            self.service.dispatch_soon()
         log.debug("%s msg %#x %s %#x+%d -> %s", conn.name, msg_id, command.name, address,
                   _count(data), f"error {reply.header.error}" if reply.header.flags & w.MsgFlag.ERROR
                   else "ok")
@@ -110,6 +115,7 @@ class VfioUserClientSocket:
         self.on_close = on_close
         self.conn = ServerConnection(device, notify=signal_eventfd, transport=SocketTransport(self),
                                      dma_layout=dma_layout, name=name)
+        self._dispatch_due = False
         loop.add_reader(sock.fileno(), self._readable)
 
     def read_some(self, dispatch: bool = True) -> bool:
@@ -139,6 +145,21 @@ class VfioUserClientSocket:
 
     def _readable(self) -> None:
         self.read_some()
+
+    def dispatch_soon(self) -> None:
+        """Dispatch the queued messages in the loop's next pass (once)."""
+        if not self._dispatch_due:
+            self._dispatch_due = True
+            self.loop.call_later(0, self._dispatch_queued)
+
+    def _dispatch_queued(self) -> None:
+        self._dispatch_due = False
+        if self.sock.fileno() < 0 or self.conn.closed:
+            return
+        self.conn.process()
+        self.flush()
+        if self.conn.closed:
+            self.close()
 
     def flush(self) -> None:
         for data, fds in self.conn.data_to_send():

@@ -219,6 +219,10 @@ class ServerConnection:
         while self._frames and self.state is not ConnState.CLOSED:
             self._dispatch(self._frames.popleft())
 
+    def queued(self) -> bool:
+        """Whether complete messages wait to be dispatched (read during a DMA wait)."""
+        return bool(self._frames)
+
     def process_during_dma(self) -> None:
         """Dispatch the queued commands that cannot re-enter the device's data path.
 
