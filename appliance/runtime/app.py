@@ -25,6 +25,14 @@ def _private_dir(path: str) -> None:
     os.makedirs(path, mode=0o700, exist_ok=True)
 
 
+def _is_hex(value: Any) -> bool:
+    try:
+        bytes.fromhex(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 class Appliance:
     """The process: devices, their sockets, and the loop that serves them."""
 
@@ -168,7 +176,7 @@ class Appliance:
             raise ApplianceError("storage.doorbells differs between the two processes")
         if page is not None:
             index, seen = (page.get("fd"), page.get("seen")) if isinstance(page, dict) else (None, None)
-            if not isinstance(index, int) or not 0 <= index < len(fds) or not isinstance(seen, str):
+            if not isinstance(index, int) or not 0 <= index < len(fds) or not _is_hex(seen):
                 raise ApplianceError(f"handoff manifest: bad doorbell_page {page!r}")
         if not isinstance(manifest.get("vfio_user"), dict):
             raise ApplianceError("handoff manifest: no vfio_user state")
@@ -185,7 +193,7 @@ class Appliance:
             except (FaultError, KeyError, TypeError) as exc:
                 raise ApplianceError(f"handoff manifest: control: {exc}") from None
             ports = {svc.port.name for svc in self.net.services} if self.net is not None else set()
-            if not isinstance(links, list) or not set(links) <= ports:
+            if not isinstance(links, list) or not all(isinstance(x, str) and x in ports for x in links):
                 raise ApplianceError(f"handoff manifest: links_down {links!r} names no port here")
 
     def handoff_adopt(self, manifest: dict[str, Any], fds: list[int]) -> None:

@@ -470,7 +470,11 @@ def test_withheld_fds_are_refused(shared_rig: Rig) -> None:
     (lambda: edit(T.HEADER, mode_flipped), "shared-storage mode differs"),
     (lambda: edit(T.HANDOFF, manifest_edit(lambda m: m.update(version=99))),
      "handoff manifest version 99"),
-], ids=["fingerprint", "storage-mode", "manifest-version"])
+    (lambda: edit(T.HANDOFF, manifest_edit(lambda m: m["control"].update(links_down=["net9"]))),
+     "names no port here"),
+    (lambda: edit(T.HANDOFF, manifest_edit(lambda m: m["control"]["faults"].update(rng=[1]))),
+     "fault state"),
+], ids=["fingerprint", "storage-mode", "manifest-version", "link-state", "fault-state"])
 def test_a_resigned_stream_for_another_configuration_is_refused(shared_rig: Rig, make: Make,
                                                                 why: str) -> None:
     """Checksums, sequence and END fixed up: only the meaning is wrong."""
