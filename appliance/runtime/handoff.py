@@ -72,16 +72,10 @@ def image_ids(app: Appliance) -> list[list[int]]:
 
 
 def _recv_exactly(sock: socket.socket, size: int, max_fds: int = 0) -> tuple[bytes, list[int]]:
-    data, fds = bytearray(), []
-    while len(data) < size:
-        chunk, got = unix.recv_chunk(sock, size - len(data), max_fds)
-        fds += got
-        if not chunk:
-            for fd in fds:
-                unix.close_quietly(fd)
-            raise HandoffError(f"peer closed the handoff channel ({len(data)} of {size} bytes)")
-        data += chunk
-    return bytes(data), fds
+    try:
+        return unix.recv_exactly(sock, size, max_fds)
+    except unix.PeerClosed as exc:
+        raise HandoffError(f"peer closed the handoff channel ({exc.got} of {exc.size} bytes)") from None
 
 
 def _recv_line(sock: socket.socket) -> bytes:

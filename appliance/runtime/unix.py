@@ -38,6 +38,33 @@ def recv_chunk(sock: socket.socket, wanted: int, max_fds: int, flags: int = 0) -
     return data, received
 
 
+class PeerClosed(ConnectionError):
+    """The peer closed the stream after ``got`` of the ``size`` bytes asked for."""
+
+    def __init__(self, got: int, size: int) -> None:
+        super().__init__(f"peer closed the stream ({got} of {size} bytes)")
+        self.got, self.size = got, size
+
+
+def recv_exactly(sock: socket.socket, size: int, max_fds: int = 0) -> tuple[bytes, list[int]]:
+    """``size`` bytes from a blocking stream socket, with every fd that came along.
+
+    Raises:
+        PeerClosed: end of stream first (the fds received are closed).
+        RemoteProtocolError: more than ``max_fds`` fds in one message.
+    """
+    data, fds = bytearray(), []
+    while len(data) < size:
+        chunk, got = recv_chunk(sock, size - len(data), max_fds)
+        fds += got
+        if not chunk:
+            for fd in fds:
+                close_quietly(fd)
+            raise PeerClosed(len(data), size)
+        data += chunk
+    return bytes(data), fds
+
+
 def send_message(sock: socket.socket, data: bytes, fds: list[int]) -> None:
     """Send a whole message; fds travel with its first byte."""
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []

@@ -99,6 +99,17 @@ def transfer(state: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], lis
     return json.loads(json.dumps(state)), received
 
 
+def hand_over(a: NetService, b: NetService, serve: bool = True) -> dict[str, Any]:
+    """A quiesces and exports, B imports (fds through SCM_RIGHTS), A lets go."""
+    a.handoff_quiesce()
+    fds: list[int] = []
+    state, received = transfer(a.handoff_export(fds), fds)
+    b.handoff_import(state, received, serve=serve)
+    close_all(received)
+    a.handoff_release()
+    return state
+
+
 def close_all(fds: list[int]) -> None:
     for fd in fds:
         os.close(fd)
@@ -485,12 +496,7 @@ def test_standby_destination_continues_the_sources_capture(
     try:
         exchange(g, a, loops[0], range(1, 4))
         b = NetService(loops[1], b_cfg, standby=True)  # opened while A captures: not truncated
-        a.handoff_quiesce()
-        fds: list[int] = []
-        state, received = transfer(a.handoff_export(fds), fds)
-        b.handoff_import(state, received)
-        close_all(received)
-        a.handoff_release()
+        hand_over(a, b)
         assert pcap_records(pcap) == 6  # A's three pings and replies, flushed on release
         g.fe.loop = loops[1]
         exchange(g, b, loops[1], range(4, 6))
@@ -507,12 +513,7 @@ def test_standby_destination_neither_listens_nor_connects(tmp_path: Path,
     try:
         assert not os.path.exists(tmp_path / "b" / "p0.sock")
         assert b.services[0].listener is None
-        a.handoff_quiesce()
-        fds: list[int] = []
-        state, received = transfer(a.handoff_export(fds), fds)
-        b.handoff_import(state, received, serve=False)
-        close_all(received)
-        a.handoff_release()
+        hand_over(a, b, serve=False)
         g = HGuest(loops[1], str(tmp_path / "a" / "p0.sock"))
         for _ in range(3):
             loops[1].run_once(0.01)
@@ -537,12 +538,7 @@ def test_frame_between_two_ports_after_handoff(tmp_path: Path,
         g1.transmit(frame(b"\xff" * 6, peer))  # B's switch must know peer is behind net1
         pump(loop_a, lambda: port(a)["tx_packets"] == 1)
         g0.replies()
-        a.handoff_quiesce()
-        fds: list[int] = []
-        state, received = transfer(a.handoff_export(fds), fds)
-        b.handoff_import(state, received)
-        close_all(received)
-        a.handoff_release()
+        hand_over(a, b)
         g0.transmit(frame(peer, GUEST_MAC))  # unicast: forwarded, not flooded
         pump(loop_b, lambda: b.stats()["ports"]["net1"]["tx_packets"] == 1)
         assert b.stats()["switch"]["forwarded"] == 1
