@@ -1,0 +1,23 @@
+"""Hostile peers against a real ``appliance run``: each case ends with
+:meth:`hostile.HostileTarget.assert_healthy` (alive, no traceback, fds and RSS
+back to baseline, well-behaved peers served within 100 ms)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hostile import HostileTarget
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Iterator[HostileTarget]:
+    with HostileTarget(tmp_path) as t:
+        yield t
+
+
+def test_baseline_is_healthy(target: HostileTarget) -> None:
+    """The check itself passes on an appliance nobody attacked, twice in a row."""
+    target.assert_healthy()
+    target.assert_healthy()
