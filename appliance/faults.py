@@ -9,12 +9,15 @@ matches (NVMe: queue id, opcode, LBA range, NSID; net: port name and
 direction).  :class:`FaultSet` holds the rules of one process, counts every
 firing per rule and keeps the two pieces of state a fault leaves behind:
 
-* NVMe: *hung* commands (never completed unless aborted; a controller reset
-  makes them vanish because their queue object is gone) and *deferred*
-  completions (executed now, posted when the runtime clock passes their due
-  time).  :meth:`FaultSet.execute` replaces the controller's command
-  execution; :meth:`FaultSet.release` is called from the controller's poll
-  pass and posts the deferred completions that are due.
+* NVMe: *hung* requests (never completed unless aborted; a controller reset
+  drops them with their queue) and *deferred* ones (executed now, completed
+  when the runtime clock passes their due time).  The set is the
+  controller's fault hook: :meth:`FaultSet.submit` stands between a fetched
+  :class:`~appliance.storage.request.NvmeRequest` and the controller's public
+  ``execute``, and holds requests with the controller's ``hold`` (so the
+  controller's Abort finds them); :meth:`FaultSet.release` is called from the
+  controller's processing pass and completes the deferred requests that are
+  due through the controller's ``complete``.
 * net: delayed and reordered frames, released by :meth:`FaultSet.due_frames`.
 
 Time comes from the ``clock`` the runtime passes in (seconds); this module
@@ -30,11 +33,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from appliance.storage.spec import AdminOpcode, Command, IoOpcode, Status
+from appliance.storage.request import NvmeRequest, RequestState, Result
+from appliance.storage.spec import Command, IoOpcode
 
 if TYPE_CHECKING:
     from appliance.storage.controller import NvmeController
-    from appliance.storage.queues import CompletionQueue, SubmissionQueue
 
 NVME_ACTIONS = ("status", "delay", "hang", "drop_irq", "fatal", "remove")
 NET_ACTIONS = ("drop", "corrupt", "duplicate", "reorder", "delay")
@@ -199,16 +202,7 @@ def _lba_range(value: Any) -> tuple[int, int]:
 @dataclass
 class _Deferred:
     due: float
-    sq: SubmissionQueue
-    cq: CompletionQueue
-    cid: int
-    result: Any  # the controller's (status, DNR, DWORD 0)
-
-
-@dataclass
-class _Hung:
-    sq: SubmissionQueue
-    cid: int
+    req: NvmeRequest  # HELD, its result decided
 
 
 @dataclass
@@ -218,8 +212,8 @@ class FaultSet:
     clock: Callable[[], float]
     seed: int = 0
     rules: list[FaultRule] = field(default_factory=list)
-    deferred: list[_Deferred] = field(default_factory=list)
-    hung: list[_Hung] = field(default_factory=list)
+    _deferred: list[_Deferred] = field(default_factory=list)
+    _hung: list[NvmeRequest] = field(default_factory=list)
     #: held frames: (due, port, send, frame, overtaken: released after the port's next frame)
     frames: list[tuple[float, str, Callable[[bytes], None], bytes, bool]] = field(
         default_factory=list)
@@ -231,6 +225,18 @@ class FaultSet:
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
+
+    @property
+    def hung(self) -> list[NvmeRequest]:
+        """Requests a ``hang`` rule holds that are still outstanding."""
+        self._hung = [r for r in self._hung if r.state is RequestState.HELD]
+        return list(self._hung)
+
+    @property
+    def deferred(self) -> list[_Deferred]:
+        """Requests a ``delay`` rule holds that are still outstanding."""
+        self._deferred = [d for d in self._deferred if d.req.state is RequestState.HELD]
+        return list(self._deferred)
 
     # ------------------------------------------------------------ rules
     def add(self, args: dict[str, Any]) -> FaultRule:
@@ -285,21 +291,18 @@ class FaultSet:
                 return False
         return True
 
-    def execute(self, ctrl: NvmeController, sq: SubmissionQueue,
-                cmd: Command) -> tuple[int, bool, int] | None:
-        """Run ``cmd`` as the controller would, unless a rule says otherwise.
+    def submit(self, ctrl: NvmeController, req: NvmeRequest) -> Result | None:
+        """The controller's fault hook: run ``req`` as the controller would
+        (its public ``execute``), unless a rule says otherwise.
 
         Returns:
-            The result to post now, or None when the completion is held
-            (hung, deferred) or the controller failed.
+            The result to complete with now, or None when the request is held
+            (hung, deferred: the controller's ``hold``) or the controller
+            failed.
         """
-        qid = sq.qid
-        if not self.rules and not self.hung and not self.deferred:
-            return ctrl._execute(qid, cmd)  # nothing armed: the controller's own path
-        if qid == 0 and cmd.opcode == AdminOpcode.ABORT:
-            aborted = self._abort(ctrl, cmd)
-            if aborted is not None:
-                return aborted
+        qid, cmd = req.qid, req.cmd
+        if not self.rules:
+            return ctrl.execute(req)  # nothing armed: the controller's own path
         for rule in self.rules:
             if not self._nvme_match(rule, qid, cmd, ctrl) or not self._fire(rule):
                 continue
@@ -309,53 +312,34 @@ class FaultSet:
                                   None if rule.lba is None else max(slba, rule.lba[0]))
                 return rule.status, rule.dnr, 0
             if rule.action == "hang":
-                self.hung.append(_Hung(sq, cmd.cid))
+                ctrl.hold(req)
+                self._hung.append(req)
                 return None
             if rule.action == "fatal":
-                ctrl._fatal(f"injected fault {rule.id}")
+                ctrl.fatal(f"injected fault {rule.id}")
+                ctrl.hold(req)  # dropped by the reset the host must do
                 return None
-            result = ctrl._execute(qid, cmd)
+            result = ctrl.execute(req)
             if rule.action == "drop_irq":
-                self.drop_irq_cqs.add(sq.cqid)
+                self.drop_irq_cqs.add(req.sq.cqid)
                 return result
             if result is not None:  # delay
-                self.deferred.append(_Deferred(self.clock() + rule.delay, sq, ctrl.cqs[sq.cqid],
-                                               cmd.cid, result))
+                ctrl.hold(req, result)
+                self._deferred.append(_Deferred(self.clock() + rule.delay, req))
                 self.notify()
             return None
-        return ctrl._execute(qid, cmd)
-
-    def _abort(self, ctrl: NvmeController, cmd: Command) -> tuple[Status, bool, int] | None:
-        """Abort of a hung or deferred command: complete it with ABORT_REQUESTED."""
-        sqid, cid = cmd.cdw10 & 0xFFFF, cmd.cdw10 >> 16
-        for held in list(self.hung) + list(self.deferred):
-            if held.sq.qid == sqid and held.cid == cid and ctrl.sqs.get(sqid) is held.sq:
-                if isinstance(held, _Hung):
-                    self.hung.remove(held)
-                else:
-                    self.deferred.remove(held)
-                ctrl._post(ctrl.cqs[held.sq.cqid], held.sq, cid, (Status.ABORT_REQUESTED, False, 0))
-                self.counters["nvme.aborted"] = self.counters.get("nvme.aborted", 0) + 1
-                return Status.SUCCESS, False, 0  # DW0 bit 0 clear: aborted
-        return None
+        return ctrl.execute(req)
 
     def release(self, ctrl: NvmeController) -> bool:
-        """Post deferred completions that are due; forget held commands of queues
-        a reset or a Delete I/O Queue removed.  True if anything was posted."""
-        if self.hung:
-            self.hung = [h for h in self.hung if ctrl.sqs.get(h.sq.qid) is h.sq]
-        if not self.deferred:
-            return False
-        now, did, keep = self.clock(), False, []
+        """Complete the deferred requests that are due (those a reset, a
+        Delete I/O Queue or an Abort finished are forgotten).  True if any
+        completion was posted."""
+        now, did = self.clock(), False
         for d in self.deferred:
-            if ctrl.sqs.get(d.sq.qid) is not d.sq or ctrl.cqs.get(d.cq.qid) is not d.cq:
-                continue  # its queue is gone (reset): the completion goes with it
             if d.due <= now:
-                ctrl._post(d.cq, d.sq, d.cid, d.result)
-                did = True
-            else:
-                keep.append(d)
-        self.deferred = keep
+                assert d.req.result is not None
+                did |= ctrl.complete(d.req, d.req.result)
+        self._deferred = [d for d in self._deferred if d.req.state is RequestState.HELD]
         return did
 
     def drop_interrupt(self, cqid: int) -> bool:
@@ -381,12 +365,12 @@ class FaultSet:
         return {"rules": [_rule_state(r) for r in self.rules], "counters": dict(self.counters),
                 "next_id": self._next_id, "rng": [version, list(internal), gauss],
                 "drop_irq_cqs": sorted(self.drop_irq_cqs),
-                "hung": [[h.sq.qid, h.cid] for h in self.hung]}
+                "hung": [[h.qid, h.cid] for h in self.hung]}
 
-    def import_state(self, state: Any, sqs: dict[int, SubmissionQueue] | None = None) -> None:
-        """Take over :meth:`export_state` of the source; ``sqs``: the restored
-        controller's submission queues (hung commands are re-attached to them;
-        with None only the state is checked).  All or nothing.
+    def import_state(self, state: Any, ctrl: NvmeController | None = None) -> None:
+        """Take over :meth:`export_state` of the source; ``ctrl``: the restored
+        controller (hung commands are held again on its submission queues; with
+        None only the state is checked).  All or nothing.
 
         Raises:
             FaultError: a field that does not fit (nothing changed then).
@@ -408,13 +392,17 @@ class FaultSet:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise FaultError(f"fault state: {exc!r}") from None
-        if sqs is not None and any(q not in sqs for q, _ in hung):
+        if ctrl is not None and any(q not in ctrl.sqs for q, _ in hung):
             raise FaultError(f"fault state: a hung command on a queue that does not exist: {hung}")
-        if sqs is None:
+        if ctrl is None:
             return
         self.rules, self.counters, self._next_id, self.rng = rules, counters, next_id, rng
         self.drop_irq_cqs = drop
-        self.hung = [_Hung(sqs[q], cid) for q, cid in hung]
+        self._hung = []
+        for qid, cid in hung:  # the command itself stays in the host's SQ: only its CID matters
+            req = NvmeRequest(ctrl.sqs[qid], Command(cid=cid))
+            ctrl.hold(req)
+            self._hung.append(req)
 
     # ------------------------------------------------------------ net
     def frame(self, port: str, direction: str, frame: bytes,

@@ -112,7 +112,7 @@ def fault_add(t: Target, args: dict[str, Any]) -> Any:
         return {"action": "remove", "signalled": signalled}
     if args.get("action") == "fatal" and str(args.get("now", "")).lower() in ("1", "true", "yes"):
         ctrl = _need(t.controller, "NVMe controller")
-        ctrl._fatal("injected fault (now)")
+        ctrl.fatal("injected fault (now)")
         faults.counters["nvme.fatal"] = faults.counters.get("nvme.fatal", 0) + 1
         return {"action": "fatal", "csts": ctrl.regs.csts}
     args = {k: v for k, v in args.items() if k != "now"}

@@ -203,7 +203,7 @@ class Appliance:
         self.migratable.commit_restore()
         control = manifest.get("control")
         if control is not None:  # the injected faults and link states go on here
-            self.control.faults.import_state(control["faults"], self.controller.sqs)
+            self.control.faults.import_state(control["faults"], self.controller)
             self.control.target.links_down = set(control["links_down"])
         page = manifest.get("doorbell_page")
         if page is not None:

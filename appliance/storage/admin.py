@@ -228,12 +228,19 @@ def get_features(ctrl: NvmeController, cmd: Command) -> int:
 
 # ---------------------------------------------------------------- the rest
 def abort(ctrl: NvmeController, cmd: Command) -> int:
-    """Abort (5.1): only held AERs are outstanding; DW0 bit 0 = 1 means not aborted."""
+    """Abort (5.1) of a held request (hung or delayed by a fault) or a held AER:
+    it completes with Command Abort Requested.  DW0 bit 0 = 1 means not aborted
+    (no such command outstanding: every other command has completed already)."""
     sqid, cid = cmd.cdw10 & 0xFFFF, cmd.cdw10 >> 16
-    if sqid == 0 and ctrl.events.abort(cid):
-        ctrl.complete_held(cid, ST.ABORT_REQUESTED)
-        return 0
-    return 1
+    held = ctrl.held_request(sqid, cid)
+    if held is not None:
+        ctrl.complete(held, (ST.ABORT_REQUESTED, False, 0))
+    elif sqid == 0 and ctrl.events.abort(cid):
+        ctrl.complete_aer(cid, ST.ABORT_REQUESTED)
+    else:
+        return 1
+    ctrl.counters["aborted"] += 1
+    return 0
 
 
 def async_event_request(ctrl: NvmeController, cmd: Command) -> int | None:

@@ -8,11 +8,15 @@ CAP.DSTRD = 0), the MSI-X table at 2000h and the PBA at 3000h (served by
 :class:`~appliance.pci.PciDevice`); one MSI-X vector per I/O queue plus the
 admin queue.
 
-Everything is synchronous: a doorbell write (QEMU posts them as
-REGION_WRITE with NO_REPLY) runs :meth:`NvmeController._run`, which fetches
-and executes the submitted commands of every SQ (at most one ring's worth per
-SQ per call), writes completions into the CQs in client memory and raises
-the CQs' interrupts.  A CQ without room stops its SQs; completions that
+A doorbell write (QEMU posts them as REGION_WRITE with NO_REPLY) runs
+:meth:`NvmeController._run`, which fetches the submitted commands of every SQ
+(at most one ring's worth per SQ per call), turns each into an
+:class:`~appliance.storage.request.NvmeRequest` and submits it: the fault
+hook, if one is installed, or :meth:`NvmeController.execute`.  A request is
+finished through :meth:`NvmeController.complete` (the one way a completion
+reaches a CQ) or held (:meth:`NvmeController.hold`: an injected hang or
+delay) and completed later; Abort finds any held request by (SQID, CID).  The
+pass then raises the CQs' interrupts.  A CQ without room stops its SQs; completions that
 cannot be posted (AERs, aborts) wait in the CQ's backlog until the host frees
 entries.  :meth:`NvmeController.poll` runs the same pass for the runtime's
 idle loop: it picks up shadow doorbell values the host wrote without ringing
@@ -44,7 +48,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from appliance.errors import LocalProtocolError
 from appliance.memory import ClientMemory, GuestMemoryError
@@ -69,6 +73,7 @@ from appliance.storage.registers import (
     StateError,
     dwords,
 )
+from appliance.storage.request import NvmeRequest, RequestState, Result
 from appliance.storage.spec import (
     CHANGED_NS_MAX,
     NSID_ALL,
@@ -108,11 +113,23 @@ LBA_OPCODES = frozenset({IoOpcode.WRITE, IoOpcode.READ, IoOpcode.COMPARE, IoOpco
 # Doorbell page polling (mmap mode): the runtime's timer period, fast while the
 # device is busy or was within the last FAST_TICKS ticks, slow once it is quiet.
 POLL_FAST, POLL_SLOW, FAST_TICKS = 0.0005, 0.02, 1000
-Result = tuple[Status, bool, int]  # status, DNR, DWORD 0
 _OPCODE_NAMES = {
     True: {op.value: f"admin.{op.name.lower()}" for op in AdminOpcode},
     False: {op.value: f"io.{op.name.lower()}" for op in IoOpcode},
 }
+
+
+class FaultHook(Protocol):
+    """What the controller asks of an installed fault set (appliance.faults.FaultSet)."""
+
+    def submit(self, ctrl: NvmeController, req: NvmeRequest) -> Result | None:
+        """Run ``req`` (normally :meth:`NvmeController.execute`); None: held or dropped."""
+
+    def release(self, ctrl: NvmeController) -> bool:
+        """Complete held requests whose time has come; True if any was."""
+
+    def drop_interrupt(self, cqid: int) -> bool:
+        """Whether the interrupt due for ``cqid`` is to be swallowed."""
 
 
 class NvmeController(PciDevice):
@@ -179,8 +196,11 @@ class NvmeController(PciDevice):
         self.counters: dict[str, Any] = {
             "commands": {}, "errors": 0, "bytes_read": 0, "bytes_written": 0,
             "interrupts": 0, "invalid_doorbells": 0, "fatal": 0, "media_errors": 0,
+            "aborted": 0,
         }
-        self.faults: Any = None  # an appliance.faults.FaultSet the runtime may install
+        self.faults: FaultHook | None = None  # installed by the runtime (appliance.faults)
+        #: held requests by (SQID, CID): hung or delayed by a fault (AERs wait in ``events``)
+        self.held: dict[tuple[int, int], NvmeRequest] = {}
         self.identify_data = admin.identify_controller(self)
 
     # ------------------------------------------------------------ public
@@ -282,9 +302,98 @@ class NvmeController(PciDevice):
         for qid, cq in self.cqs.items():
             cq.shadow = self.shadow_for(qid, is_cq=True)
 
-    def complete_held(self, cid: int, status: Status) -> None:
-        """Complete a held admin command (an aborted AER)."""
+    def complete_aer(self, cid: int, status: Status) -> None:
+        """Complete a held Asynchronous Event Request (an abort, 5.1)."""
         self._post(self.cqs[0], self.sqs[0], cid, (status, False, 0))
+
+    # ------------------------------------------------------------ the life of a request
+    def submit(self, req: NvmeRequest) -> None:
+        """Run a fetched request through the fault hook (if any) and complete it
+        unless it was held."""
+        result = self.execute(req) if self.faults is None else self.faults.submit(self, req)
+        if result is not None:
+            self.complete(req, result)
+
+    def execute(self, req: NvmeRequest) -> Result | None:
+        """Run ``req``'s handler (admin or I/O command set).
+
+        Returns:
+            The result to complete with, or None if the handler holds the
+            request (an AER) — then it is ``HELD``.  A refused command's
+            Error Information entry is already recorded.
+        """
+        req.to(RequestState.EXECUTING)
+        qid, cmd = req.qid, req.cmd
+        key = _OPCODE_NAMES[qid == 0].get(cmd.opcode) or \
+            f"{'admin' if qid == 0 else 'io'}.{cmd.opcode:#04x}"
+        counts = self.counters["commands"]
+        counts[key] = counts.get(key, 0) + 1
+        try:
+            dw0 = (admin.execute if qid == 0 else io.execute)(self, cmd)
+        except CommandError as exc:
+            status, dnr, why = exc.status, exc.dnr, str(exc)
+        except GuestMemoryError as exc:
+            status, dnr, why = Status.DATA_TRANSFER_ERROR, False, str(exc)
+        except Exception as exc:  # a bug must fail the command, never the process
+            log.exception("nvme: qid %d cid %d %s crashed", qid, cmd.cid, key)
+            status, dnr, why = Status.INTERNAL_ERROR, True, repr(exc)
+        else:
+            if dw0 is None:
+                req.to(RequestState.HELD)
+                return None
+            return Status.SUCCESS, False, dw0
+        self.record_error(qid, cmd, status, dnr)
+        log.debug("nvme: qid %d cid %d %s: %s (%s)", qid, cmd.cid, key, status.name, why)
+        return status, dnr, 0
+
+    def hold(self, req: NvmeRequest, result: Result | None = None) -> None:
+        """Keep ``req`` without a completion; ``result``: what it completes with
+        when released (a delay), None if it has not run (a hang).  Abort finds it."""
+        req.to(RequestState.HELD)
+        req.result = result
+        self.held[req.key] = req
+
+    def held_request(self, sqid: int, cid: int) -> NvmeRequest | None:
+        """The held request Abort names, if it is still outstanding on a live queue."""
+        req = self.held.get((sqid, cid))
+        if req is not None and not self._queue_alive(req):
+            self._drop(req)
+            return None
+        return req
+
+    def complete(self, req: NvmeRequest, result: Result) -> bool:
+        """Post ``req``'s completion entry: the one way a result reaches a CQ.
+
+        Returns:
+            False if its queue is gone (reset, deleted): the request is dropped,
+            nothing is posted.
+        """
+        if self.held.get(req.key) is req:
+            del self.held[req.key]
+        if not self._queue_alive(req):
+            req.to(RequestState.DROPPED)
+            return False
+        req.to(RequestState.COMPLETED)
+        self._post(self.cqs[req.sq.cqid], req.sq, req.cid, result)
+        return True
+
+    def fatal(self, why: str) -> None:
+        """Controller Fatal Status (CSTS.CFS) until the host resets the controller."""
+        log.error("nvme: controller fatal status (CSTS.CFS): %s", why)
+        self.counters["fatal"] += 1
+        try:
+            self.regs.fire(CtrlEvent.FATAL)
+        except StateError:
+            pass
+
+    def _queue_alive(self, req: NvmeRequest) -> bool:
+        return self.sqs.get(req.qid) is req.sq and req.sq.cqid in self.cqs
+
+    def _drop(self, req: NvmeRequest) -> None:
+        if self.held.get(req.key) is req:
+            del self.held[req.key]
+        if not req.done:
+            req.to(RequestState.DROPPED)
 
     # ------------------------------------------------------------ BAR0
     def _bar0_read(self, offset: int, count: int) -> bytes:
@@ -414,10 +523,10 @@ class NvmeController(PciDevice):
                     self._post(self.cqs[0], self.sqs[0], cid, (Status.SUCCESS, False, dw0))
                     did = True
         except GuestMemoryError as exc:  # a queue entry or shadow buffer is unreachable
-            self._fatal(str(exc))
+            self.fatal(str(exc))
         except Exception as exc:  # a bug: the controller fails, the process lives on
             log.exception("nvme: processing failed")
-            self._fatal(repr(exc))
+            self.fatal(repr(exc))
         self._interrupts()
         return did
 
@@ -427,11 +536,7 @@ class NvmeController(PciDevice):
         while True:
             self._sync(sq, mem)
             while not sq.empty and done < sq.size and cq.has_room(mem):
-                cmd = sq.fetch(mem)
-                result = (self._execute(sq.qid, cmd) if self.faults is None  # fault hook
-                          else self.faults.execute(self, sq, cmd))
-                if result is not None:
-                    self._post(cq, sq, cmd.cid, result)
+                self.submit(NvmeRequest(sq, sq.fetch(mem)))
                 done += 1
                 if self.regs.state is not CtrlState.READY or self.sqs.get(sq.qid) is not sq:
                     return True
@@ -455,26 +560,6 @@ class NvmeController(PciDevice):
             self._adopt_queues()  # a queue this command created, before the host may ring it
         cq.post(self.mem, Completion(dw0=dw0, sq_head=sq.head, sq_id=sq.qid, cid=cid,
                                      status=status_field(status, dnr, 0)))
-
-    def _execute(self, qid: int, cmd: Command) -> Result | None:
-        key = _OPCODE_NAMES[qid == 0].get(cmd.opcode) or \
-            f"{'admin' if qid == 0 else 'io'}.{cmd.opcode:#04x}"
-        counts = self.counters["commands"]
-        counts[key] = counts.get(key, 0) + 1
-        try:
-            dw0 = (admin.execute if qid == 0 else io.execute)(self, cmd)
-        except CommandError as exc:
-            status, dnr, why = exc.status, exc.dnr, str(exc)
-        except GuestMemoryError as exc:
-            status, dnr, why = Status.DATA_TRANSFER_ERROR, False, str(exc)
-        except Exception as exc:  # a bug must fail the command, never the process
-            log.exception("nvme: qid %d cid %d %s crashed", qid, cmd.cid, key)
-            status, dnr, why = Status.INTERNAL_ERROR, True, repr(exc)
-        else:
-            return None if dw0 is None else (Status.SUCCESS, False, dw0)
-        self.record_error(qid, cmd, status, dnr)
-        log.debug("nvme: qid %d cid %d %s: %s (%s)", qid, cmd.cid, key, status.name, why)
-        return status, dnr, 0
 
     def record_error(self, qid: int, cmd: Command, status: int, dnr: bool,
                      lba: int | None = None) -> None:
@@ -513,7 +598,7 @@ class NvmeController(PciDevice):
                     cq.sync(self.memory)
                     cq.shadow.publish(self.memory, cq.head)
                 except GuestMemoryError as exc:
-                    self._fatal(str(exc))
+                    self.fatal(str(exc))
             level |= cq.ien and cq.outstanding > 0
         level &= not self.regs.intms & 1
         if level and not self.intx_asserted:
@@ -522,16 +607,10 @@ class NvmeController(PciDevice):
         elif not level and self.intx_asserted:
             self.deassert_intx()
 
-    def _fatal(self, why: str) -> None:
-        log.error("nvme: controller fatal status (CSTS.CFS): %s", why)
-        self.counters["fatal"] += 1
-        try:
-            self.regs.fire(CtrlEvent.FATAL)
-        except StateError:
-            pass
-
     def _reset_controller(self) -> None:
         """Controller reset (section 7.3.2): queues, held commands, features, shadows go."""
+        for req in list(self.held.values()):
+            self._drop(req)
         self.sqs.clear()
         self.cqs.clear()
         if self.doorbell_page is not None:

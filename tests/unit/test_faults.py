@@ -12,6 +12,7 @@ from test_nvme_admin import log_page
 from test_nvme_driver import Driver, make_controller, status
 
 from appliance.faults import FaultError, FaultRule, FaultSet
+from appliance.storage.request import RequestState
 from appliance.storage.spec import AdminOpcode, Command, IoOpcode, Status
 from appliance.vfio_user.wire import PciIrq
 
@@ -130,6 +131,40 @@ def test_hung_command_is_aborted_by_abort(rig: tuple[Driver, FaultSet, Clock]) -
     assert d.admin(AdminOpcode.ABORT, cdw10=0x7777 << 16 | 1).dw0 & 1 == 1
 
 
+def test_delayed_request_is_aborted_and_the_queue_goes_on(
+        rig: tuple[Driver, FaultSet, Clock]) -> None:
+    """A request a delay fault holds is found by Abort: it completes once, with
+    Command Abort Requested, and the delayed completion never follows."""
+    d, faults, clock = rig
+    faults.add({"action": "delay", "delay": 2.0, "count": 1})
+    cid = d.submit(1, read_cmd(d, 0))
+    assert d.reap(1) == [] and len(faults.deferred) == 1
+    held = d.ctrl.held_request(1, cid)
+    assert held is not None and held.state is RequestState.HELD
+    done = d.admin(AdminOpcode.ABORT, cdw10=cid << 16 | 1)
+    assert status(done) == (Status.SUCCESS, False) and done.dw0 & 1 == 0
+    aborted = d.reap(1)
+    assert [c.cid for c in aborted] == [cid]
+    assert status(aborted[0]) == (Status.ABORT_REQUESTED, False)
+    assert held.state is RequestState.COMPLETED and faults.deferred == []
+    assert d.ctrl.counters["aborted"] == 1
+    clock.now += 5.0
+    d.ctrl.poll()
+    assert d.reap(1) == []  # no second completion for the aborted command
+    assert status(d.io(IoOpcode.READ, 1, 1)[0]) == (Status.SUCCESS, False)  # the queue goes on
+
+
+def test_reset_drops_held_requests_without_completions(
+        rig: tuple[Driver, FaultSet, Clock]) -> None:
+    d, faults, _ = rig
+    faults.add({"action": "hang", "count": 1})
+    cid = d.submit(1, read_cmd(d, 0))
+    held = d.ctrl.held_request(1, cid)
+    assert held is not None
+    d.write_reg(0x14, 0)  # CC.EN = 0
+    assert held.state is RequestState.DROPPED and d.ctrl.held == {}
+
+
 def test_controller_reset_clears_hung_and_deferred(rig: tuple[Driver, FaultSet, Clock]) -> None:
     d, faults, clock = rig
     faults.add({"action": "hang", "count": 1})
@@ -214,7 +249,7 @@ def test_state_moves_to_another_fault_set(rig: tuple[Driver, FaultSet, Clock]) -
     other = FaultSet(clock=clock, seed=99)
     other.import_state(state)  # a check changes nothing
     assert other.rules == [] and other.hung == []
-    other.import_state(state, d.ctrl.sqs)
+    other.import_state(state, d.ctrl)
     assert [r.describe() for r in other.rules] == [r.describe() for r in faults.rules]
     assert other.counters == faults.counters and [h.cid for h in other.hung] == [cid]
     drops = [not faults.frame("net0", "rx", b"x" * 60, lambda f: None) for _ in range(50)]
@@ -245,5 +280,5 @@ def test_a_bad_fault_state_is_refused_and_changes_nothing(rig: tuple[Driver, Fau
     other.add({"action": "fatal"})
     before = [r.describe() for r in other.rules]
     with pytest.raises(FaultError):
-        other.import_state(state, d.ctrl.sqs)
+        other.import_state(state, d.ctrl)
     assert [r.describe() for r in other.rules] == before

@@ -1,0 +1,95 @@
+"""One NVMe command in flight (device layer).
+
+Theory of operation
+-------------------
+A command fetched from a submission queue becomes an :class:`NvmeRequest`
+and lives until it is completed or dropped:
+
+* ``FETCHED`` — read from its SQ, nothing done yet.
+* ``EXECUTING`` — :meth:`NvmeController.execute` runs its handler.
+* ``HELD`` — no completion yet: an Asynchronous Event Request waiting for an
+  event, a command an injected fault hangs or delays.  The controller keeps
+  every held request by (SQID, CID), so Abort finds it whoever held it.
+* ``COMPLETED`` — its completion entry was posted
+  (:meth:`NvmeController.complete`, the one way a result reaches a CQ).
+* ``DROPPED`` — its queue went away (controller reset, Delete I/O SQ) before
+  it completed: no completion is ever posted (base spec 7.3.1, 5.6).
+
+The transitions are the table :data:`TRANSITIONS`; any other step is a bug
+and raises :class:`RequestStateError`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from appliance.storage.spec import Command, Status
+
+if TYPE_CHECKING:
+    from appliance.storage.queues import SubmissionQueue
+
+#: What a finished command completes with: status, DNR, DWORD 0.
+Result = tuple[Status | int, bool, int]
+
+
+class RequestState(enum.Enum):
+    FETCHED = "fetched"
+    EXECUTING = "executing"
+    HELD = "held"
+    COMPLETED = "completed"
+    DROPPED = "dropped"
+
+
+S = RequestState
+TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
+    S.FETCHED: frozenset({S.EXECUTING, S.HELD, S.COMPLETED, S.DROPPED}),
+    S.EXECUTING: frozenset({S.HELD, S.COMPLETED, S.DROPPED}),
+    S.HELD: frozenset({S.COMPLETED, S.DROPPED}),
+    S.COMPLETED: frozenset(),
+    S.DROPPED: frozenset(),
+}
+
+
+class RequestStateError(RuntimeError):
+    """A request was moved along an edge the table does not have (a bug)."""
+
+
+@dataclass(eq=False)
+class NvmeRequest:
+    """A command from ``sq`` and where it is in its life."""
+
+    sq: SubmissionQueue
+    cmd: Command
+    state: RequestState = RequestState.FETCHED
+    #: a result decided but not posted yet (an injected delay holds it)
+    result: Result | None = field(default=None)
+
+    @property
+    def qid(self) -> int:
+        return self.sq.qid
+
+    @property
+    def cid(self) -> int:
+        return self.cmd.cid
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """(SQID, CID): what Abort names."""
+        return self.sq.qid, self.cmd.cid
+
+    @property
+    def done(self) -> bool:
+        return self.state in (RequestState.COMPLETED, RequestState.DROPPED)
+
+    def to(self, state: RequestState) -> None:
+        """Step to ``state``.
+
+        Raises:
+            RequestStateError: the table has no such edge.
+        """
+        if state not in TRANSITIONS[self.state]:
+            raise RequestStateError(f"qid {self.qid} cid {self.cid}: {self.state.value} -> "
+                                    f"{state.value}")
+        self.state = state
