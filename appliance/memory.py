@@ -28,6 +28,16 @@ call :meth:`ClientMemory.read` / :meth:`ClientMemory.write` (or the
   ``memcpy`` of a constant 2/4/8 bytes, which compiles to one store; x86
   keeps stores in program order, so writing the rest of a record first and
   the polled word last publishes the record whole.
+
+Message-only regions never block.  Each access runs in a :class:`DmaScope`
+(``ClientMemory.scope``, set by the device: one per NVMe request, one for
+the controller's queue work).  A read the scope does not hold yet asks the
+transport for it and raises :class:`DmaPending`: the device holds whatever
+needed it and runs it again once the scope's ``on_ready`` says the data
+arrived; the scope then answers the same read from what arrived.  A write is
+posted: the transport sends it and counts it in flight until the client
+acknowledges it (a refused one sets the scope's ``error``).  Nothing here
+waits for a client.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ import errno
 import mmap
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeVar
 
@@ -79,12 +89,66 @@ class MapError(ApplianceError):
         self.errno = err
 
 
+class DmaPending(ApplianceError):
+    """A message-only range was asked of the client: run the access again once
+    its scope's ``on_ready`` fired (not an error of the guest's)."""
+
+
+@dataclass(eq=False)
+class DmaScope:
+    """The message DMA of one piece of device work (an NVMe request, queue work).
+
+    ``reads`` holds what arrived, by (address, count); with ``consume`` each
+    arrived read answers once (queue entries and shadow doorbells change: a
+    later read must ask again), else it answers every time until the scope
+    is dropped (a request run again reads the same buffers).
+    """
+
+    consume: bool = False
+    on_ready: Callable[[], None] | None = None
+    reads: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    loading: set[tuple[int, int]] = field(default_factory=set)
+    in_flight: int = 0  # our DMA messages without a reply yet
+    error: str | None = None  # a DMA the client refused or never answered
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight > 0
+
+    def take(self, key: tuple[int, int]) -> bytes | None:
+        """What arrived for ``key``, if anything."""
+        return self.reads.pop(key, None) if self.consume else self.reads.get(key)
+
+    def settle(self) -> None:
+        """One DMA message of this scope got its reply (or was given up)."""
+        self.in_flight -= 1
+        if not self.in_flight and self.on_ready is not None:
+            self.on_ready()
+
+    def drop(self) -> None:
+        """Forget it: replies still on their way change nothing."""
+        self.on_ready = None
+        self.reads.clear()
+        self.loading.clear()
+
+
 class MessageTransport(Protocol):
     """How the runtime reaches a region the client did not share as an fd."""
 
-    def dma_read(self, address: int, count: int) -> bytes: ...
+    @property
+    def writes_in_flight(self) -> int:
+        """DMA writes sent and not acknowledged yet (in any scope)."""
 
-    def dma_write(self, address: int, data: bytes) -> None: ...
+    def dma_read(self, address: int, count: int, scope: DmaScope) -> bytes:
+        """What arrived for this range in ``scope``, else ask for it.
+
+        Raises:
+            DmaPending: asked for (or still on its way).
+            GuestMemoryError: the scope's DMA failed.
+        """
+
+    def dma_write(self, address: int, data: bytes, scope: DmaScope) -> None:
+        """Post a DMA write (counted in ``scope`` until acknowledged)."""
 
 
 def checked_end(address: int, length: int) -> int:
@@ -163,6 +227,8 @@ class ClientMemory:
         self.max_regions = max_regions
         self.transport = transport
         self.dirty_log: DirtyLog | None = None
+        #: whose DMA messages an access makes (the device sets it; see DmaScope)
+        self.scope: DmaScope | None = None
         self._starts: list[int] = []
         self._regions: list[Region] = []
 
@@ -277,7 +343,7 @@ class ClientMemory:
             if region.view is not None:
                 parts.append(bytes(region.view[off:off + n]))
             else:
-                parts.append(self._transport().dma_read(region.address + off, n))
+                parts.append(self._transport().dma_read(region.address + off, n, self._scope()))
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
@@ -293,7 +359,8 @@ class ClientMemory:
             if region.view is not None:
                 region.view[off:off + n] = data[done:done + n]
             else:
-                self._transport().dma_write(region.address + off, bytes(data[done:done + n]))
+                self._transport().dma_write(region.address + off, bytes(data[done:done + n]),
+                                            self._scope())
             done += n
         if self.dirty_log is not None:
             self.dirty_log.mark(address, len(data))
@@ -364,10 +431,20 @@ class ClientMemory:
                 return region.address + (user_address - ua)
         raise GuestMemoryError(user_address, length, 0, why="no region for user address")
 
+    @property
+    def writes_in_flight(self) -> int:
+        """Message DMA writes not acknowledged yet (0 without message regions)."""
+        return 0 if self.transport is None else self.transport.writes_in_flight
+
     def _transport(self) -> MessageTransport:
         if self.transport is None:
             raise GuestMemoryError(0, 0, 0, why="message-only region without a transport")
         return self.transport
+
+    def _scope(self) -> DmaScope:
+        if self.scope is None:
+            raise GuestMemoryError(0, 0, 0, why="message DMA outside any device work")
+        return self.scope
 
 
 def _close_quietly(fd: int) -> None:

@@ -7,29 +7,24 @@ of messages with non-blocking ``recvmsg`` calls, each no larger than the
 connection's :meth:`bytes_wanted`, so SCM_RIGHTS fds stay with their message.
 
 DMA to client memory that was mapped without an fd goes through
-DMA_READ/DMA_WRITE messages: :class:`SocketTransport` sends the request and
-waits (bounded by ``DMA_TIMEOUT``) for its reply on the same socket, framing
-and queueing any client commands that arrive meanwhile; they are dispatched
-right after the current one.
+DMA_READ/DMA_WRITE messages that never block (:mod:`appliance.vfio_user.dma`):
+the device holds what waits for a reply and the loop serves everything else.
+A client that leaves one of them unanswered for ``DMA_TIMEOUT`` seconds is
+disconnected, once, with one log line.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import select
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
 from appliance.errors import ApplianceError, LocalProtocolError, RemoteProtocolError
 from appliance.loop import EventLoop
-from appliance.memory import GuestMemoryError
 from appliance.runtime import unix
-from appliance.vfio_user import wire as w
 from appliance.vfio_user.backend import VfioUserDevice
-from appliance.vfio_user.framing import Frame
 from appliance.vfio_user.server import MAX_MSG_FDS, DmaLayout, ServerConnection
 
 log = logging.getLogger("appliance.vfio_user")
@@ -47,63 +42,6 @@ send_message = unix.send_message
 signal_eventfd = unix.signal_eventfd
 
 
-class SocketTransport:
-    """DMA_READ / DMA_WRITE round trips for regions mapped without an fd."""
-
-    def __init__(self, service: VfioUserClientSocket) -> None:
-        self.service = service
-
-    def _round_trip(self, command: w.Command, address: int, data: bytes | int) -> Frame:
-        conn = self.service.conn
-        msg_id = conn.dma_request(command, address, data)
-        self.service.flush()
-        deadline = time.monotonic() + DMA_TIMEOUT
-        while (reply := conn.take_reply(msg_id)) is None:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.service.sock], [], [], left)[0]:
-                conn.forget_request(msg_id)
-                raise GuestMemoryError(address, _count(data), 0, why="no reply to DMA message")
-            self.service.read_some(dispatch=False)
-            conn.process_during_dma()
-            self.service.flush()
-            if conn.closed:
-                raise GuestMemoryError(address, _count(data), 0, why="client gone during DMA")
-        if conn.queued():
-            # What the wait read and could not dispatch: when this DMA ran outside a
-            # dispatch (the controller's idle poll), nothing else would get to it
-            # until the client sends again, and it may be waiting for exactly that.
-            self.service.dispatch_soon()
-        log.debug("%s msg %#x %s %#x+%d -> %s", conn.name, msg_id, command.name, address,
-                  _count(data), f"error {reply.header.error}" if reply.header.flags & w.MsgFlag.ERROR
-                  else "ok")
-        if reply.header.flags & w.MsgFlag.ERROR:
-            raise GuestMemoryError(address, _count(data), 0, why=f"client refused DMA (errno {reply.header.error})")
-        return reply
-
-    def _chunks(self, address: int, count: int) -> list[tuple[int, int, int]]:
-        """(address, offset, size) pieces no larger than the client's max_data_xfer_size."""
-        step = self.service.conn.client_max_data_xfer_size
-        return [(address + off, off, min(step, count - off)) for off in range(0, count, step)]
-
-    def dma_read(self, address: int, count: int) -> bytes:
-        parts = []
-        for addr, _, size in self._chunks(address, count):
-            reply = self._round_trip(w.Command.DMA_READ, addr, size)
-            try:
-                parts.append(self.service.conn.dma_reply_data(reply, size))
-            except LocalProtocolError as exc:
-                raise GuestMemoryError(address, count, len(b"".join(parts)), why=str(exc)) from None
-        return b"".join(parts)
-
-    def dma_write(self, address: int, data: bytes) -> None:
-        for addr, off, size in self._chunks(address, len(data)):
-            self._round_trip(w.Command.DMA_WRITE, addr, data[off:off + size])
-
-
-def _count(data: bytes | int) -> int:
-    return data if isinstance(data, int) else len(data)
-
-
 class VfioUserClientSocket:
     """One accepted client: feeds its socket to a :class:`ServerConnection`."""
 
@@ -113,12 +51,12 @@ class VfioUserClientSocket:
         self.loop = loop
         self.sock = sock
         self.on_close = on_close
-        self.conn = ServerConnection(device, notify=signal_eventfd, transport=SocketTransport(self),
-                                     dma_layout=dma_layout, name=name)
-        self._dispatch_due = False
+        self.conn = ServerConnection(device, notify=signal_eventfd, dma_layout=dma_layout,
+                                     name=name)
+        self._dma_watch: frozenset[int] = frozenset()  # DMA messages the timer checks
         loop.add_reader(sock.fileno(), self._readable)
 
-    def read_some(self, dispatch: bool = True) -> bool:
+    def read_some(self) -> bool:
         """Read what is available (up to a batch of messages); False once closed."""
         for _ in range(BATCH):
             try:
@@ -135,9 +73,8 @@ class VfioUserClientSocket:
                 log.warning("%s: %s; closing", self.conn.name, exc)
                 self.close()
                 return False
-            if dispatch:
-                self.conn.process()
-                self.flush()
+            self.conn.process()
+            self.flush()
             if self.conn.closed:
                 self.close()
                 return False
@@ -145,21 +82,6 @@ class VfioUserClientSocket:
 
     def _readable(self) -> None:
         self.read_some()
-
-    def dispatch_soon(self) -> None:
-        """Dispatch the queued messages in the loop's next pass (once)."""
-        if not self._dispatch_due:
-            self._dispatch_due = True
-            self.loop.call_later(0, self._dispatch_queued)
-
-    def _dispatch_queued(self) -> None:
-        self._dispatch_due = False
-        if self.sock.fileno() < 0 or self.conn.closed:
-            return
-        self.conn.process()
-        self.flush()
-        if self.conn.closed:
-            self.close()
 
     def flush(self) -> None:
         for data, fds in self.conn.data_to_send():
@@ -171,6 +93,26 @@ class VfioUserClientSocket:
                 return
         if self.conn.closed:
             self.close()
+            return
+        if not self._dma_watch and self.conn.dma.outstanding():
+            self._watch_dma()
+
+    def _watch_dma(self) -> None:
+        self._dma_watch = self.conn.dma.outstanding()
+        self.loop.call_later(DMA_TIMEOUT, self._dma_timer)
+
+    def _dma_timer(self) -> None:
+        """Disconnect a client that left a DMA message unanswered for DMA_TIMEOUT."""
+        if self.sock.fileno() < 0:
+            return
+        late = self._dma_watch & self.conn.dma.outstanding()
+        self._dma_watch = frozenset()
+        if late:
+            log.warning("%s: no reply to %d DMA message(s) within %g s; disconnecting",
+                        self.conn.name, len(late), DMA_TIMEOUT)
+            self.close()
+        elif self.conn.dma.outstanding():
+            self._watch_dma()
 
     def close(self) -> None:
         if self.sock.fileno() < 0:

@@ -51,7 +51,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from appliance.errors import LocalProtocolError
-from appliance.memory import ClientMemory, GuestMemoryError
+from appliance.memory import ClientMemory, DmaPending, DmaScope, GuestMemoryError
 from appliance.pci import Bar, MsixLayout, PciDevice
 from appliance.storage import admin, io
 from appliance.storage.doorbells import DoorbellPage
@@ -201,6 +201,11 @@ class NvmeController(PciDevice):
         self.faults: FaultHook | None = None  # installed by the runtime (appliance.faults)
         #: held requests by (SQID, CID): hung or delayed by a fault (AERs wait in ``events``)
         self.held: dict[tuple[int, int], NvmeRequest] = {}
+        #: requests waiting for DMA messages (memory mapped without an fd), in order
+        self.waiting: list[NvmeRequest] = []
+        #: the DMA messages of queue work (SQ entries, CQ entries, shadow doorbells)
+        self._queue_dma = DmaScope(consume=True, on_ready=self._dma_arrived)
+        self._running = False
         self.identify_data = admin.identify_controller(self)
 
     # ------------------------------------------------------------ public
@@ -322,14 +327,24 @@ class NvmeController(PciDevice):
             request (an AER) — then it is ``HELD``.  A refused command's
             Error Information entry is already recorded.
         """
+        first = req.state is RequestState.FETCHED
         req.to(RequestState.EXECUTING)
         qid, cmd = req.qid, req.cmd
         key = _OPCODE_NAMES[qid == 0].get(cmd.opcode) or \
             f"{'admin' if qid == 0 else 'io'}.{cmd.opcode:#04x}"
-        counts = self.counters["commands"]
-        counts[key] = counts.get(key, 0) + 1
+        if first:  # not again when it continues after a DMA wait
+            counts = self.counters["commands"]
+            counts[key] = counts.get(key, 0) + 1
+        mem = self.memory
+        if mem is not None:
+            if req.dma is None:
+                req.dma = DmaScope(on_ready=self._dma_arrived)
+            mem.scope = req.dma
         try:
             dw0 = (admin.execute if qid == 0 else io.execute)(self, cmd)
+        except DmaPending:  # it runs again from the start once the client answered
+            self._wait(req)
+            return None
         except CommandError as exc:
             status, dnr, why = exc.status, exc.dnr, str(exc)
         except GuestMemoryError as exc:
@@ -341,7 +356,14 @@ class NvmeController(PciDevice):
             if dw0 is None:
                 req.to(RequestState.HELD)
                 return None
+            if req.dma is not None and req.dma.busy:  # its writes are not acknowledged yet
+                req.result = (Status.SUCCESS, False, dw0)
+                self._wait(req)
+                return None
             return Status.SUCCESS, False, dw0
+        finally:
+            if mem is not None:
+                mem.scope = self._queue_dma
         self.record_error(qid, cmd, status, dnr)
         log.debug("nvme: qid %d cid %d %s: %s (%s)", qid, cmd.cid, key, status.name, why)
         return status, dnr, 0
@@ -354,8 +376,10 @@ class NvmeController(PciDevice):
         self.held[req.key] = req
 
     def held_request(self, sqid: int, cid: int) -> NvmeRequest | None:
-        """The held request Abort names, if it is still outstanding on a live queue."""
-        req = self.held.get((sqid, cid))
+        """The held (or DMA-waiting) request Abort names, if it is still
+        outstanding on a live queue."""
+        req = self.held.get((sqid, cid)) or next(
+            (r for r in self.waiting if r.key == (sqid, cid)), None)
         if req is not None and not self._queue_alive(req):
             self._drop(req)
             return None
@@ -370,6 +394,7 @@ class NvmeController(PciDevice):
         """
         if self.held.get(req.key) is req:
             del self.held[req.key]
+        self._unwait(req)
         if not self._queue_alive(req):
             req.to(RequestState.DROPPED)
             return False
@@ -392,8 +417,52 @@ class NvmeController(PciDevice):
     def _drop(self, req: NvmeRequest) -> None:
         if self.held.get(req.key) is req:
             del self.held[req.key]
+        self._unwait(req)
         if not req.done:
             req.to(RequestState.DROPPED)
+
+    # ------------------------------------------------------------ DMA messages
+    def _wait(self, req: NvmeRequest) -> None:
+        req.to(RequestState.WAITING)
+        self.waiting.append(req)
+
+    def _unwait(self, req: NvmeRequest) -> None:
+        if req.state is RequestState.WAITING:
+            self.waiting.remove(req)
+            if req.dma is not None:
+                req.dma.drop()
+
+    def _dma_arrived(self) -> None:
+        """A scope's DMA messages all got their replies: continue what waited."""
+        self._run()
+
+    def _continue_waiting(self) -> bool:
+        """Continue the requests whose DMA messages were answered, in order.
+
+        Each re-checks what may have changed meanwhile: a queue deleted or a
+        controller reset drops it (no completion, 7.3.1); the caller already
+        checked CC.EN, Bus Master and the client.
+        """
+        did = False
+        for req in [r for r in self.waiting if r.dma is None or not r.dma.busy]:
+            if req.state is not RequestState.WAITING:
+                continue  # finished by an earlier one (an Abort)
+            if not self._queue_alive(req):
+                self._drop(req)
+                continue
+            did = True
+            if req.result is not None:  # only its writes were outstanding
+                result = req.result
+                if req.dma is not None and req.dma.error is not None:
+                    self.record_error(req.qid, req.cmd, Status.DATA_TRANSFER_ERROR, False)
+                    result = (Status.DATA_TRANSFER_ERROR, False, 0)
+                self.complete(req, result)
+                continue
+            self.waiting.remove(req)
+            after = self.execute(req)
+            if after is not None:
+                self.complete(req, after)
+        return did
 
     # ------------------------------------------------------------ BAR0
     def _bar0_read(self, offset: int, count: int) -> bytes:
@@ -505,10 +574,14 @@ class NvmeController(PciDevice):
     # ------------------------------------------------------------ processing
     def _run(self) -> bool:
         if (self.paused or self.regs.state is not CtrlState.READY or self.memory is None
-                or not self.bus_master):
+                or not self.bus_master or self._running):
             return False
         mem, did = self.memory, False
+        mem.scope = self._queue_dma
+        self._running = True
         try:
+            if self.waiting:
+                did |= self._continue_waiting()
             for cq in list(self.cqs.values()):
                 did |= cq.flush(mem)
             if self.faults is not None:  # fault hook: deferred completions that are due
@@ -527,6 +600,8 @@ class NvmeController(PciDevice):
         except Exception as exc:  # a bug: the controller fails, the process lives on
             log.exception("nvme: processing failed")
             self.fatal(repr(exc))
+        finally:
+            self._running = False
         self._interrupts()
         return did
 
@@ -536,7 +611,11 @@ class NvmeController(PciDevice):
         while True:
             self._sync(sq, mem)
             while not sq.empty and done < sq.size and cq.has_room(mem):
-                self.submit(NvmeRequest(sq, sq.fetch(mem)))
+                try:
+                    cmd = sq.fetch(mem)
+                except DmaPending:  # the entry is on its way: this SQ goes on then
+                    return done > 0
+                self.submit(NvmeRequest(sq, cmd))
                 done += 1
                 if self.regs.state is not CtrlState.READY or self.sqs.get(sq.qid) is not sq:
                     return True
@@ -550,7 +629,11 @@ class NvmeController(PciDevice):
                 return done > 0
 
     def _sync(self, queue: SubmissionQueue | CompletionQueue, mem: ClientMemory) -> None:
-        if not queue.sync(mem):
+        try:
+            taken = queue.sync(mem)
+        except DmaPending:  # the shadow value is on its way: the next pass takes it
+            return
+        if not taken:
             self._doorbell_error(EventInfo.INVALID_DOORBELL_VALUE,
                                  f"queue {queue.qid} shadow doorbell value")
 
@@ -577,6 +660,8 @@ class NvmeController(PciDevice):
         self.error_log.add(qid, cmd.cid, status, dnr, cmd.nsid, lba)
 
     def _interrupts(self) -> None:
+        if self.memory is not None and self.memory.writes_in_flight:
+            return  # after the client acknowledged the entries (the last reply runs us again)
         if self.irq_mode == PciIrq.INTX:
             self._update_intx()
             return
@@ -594,9 +679,12 @@ class NvmeController(PciDevice):
         for cq in self.cqs.values():
             cq.unsignalled = False
             if cq.shadow is not None and self.memory is not None:
+                self.memory.scope = self._queue_dma
                 try:  # a stale head would keep the level up: read it, and ask for rings
                     cq.sync(self.memory)
                     cq.shadow.publish(self.memory, cq.head)
+                except DmaPending:
+                    pass  # the value is on its way; its arrival runs a pass
                 except GuestMemoryError as exc:
                     self.fatal(str(exc))
             level |= cq.ien and cq.outstanding > 0
@@ -609,8 +697,10 @@ class NvmeController(PciDevice):
 
     def _reset_controller(self) -> None:
         """Controller reset (section 7.3.2): queues, held commands, features, shadows go."""
-        for req in list(self.held.values()):
+        for req in [*self.held.values(), *self.waiting]:
             self._drop(req)
+        self._queue_dma.drop()  # replies still on their way belong to the old queues
+        self._queue_dma = DmaScope(consume=True, on_ready=self._dma_arrived)
         self.sqs.clear()
         self.cqs.clear()
         if self.doorbell_page is not None:

@@ -46,7 +46,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from appliance.memory import ClientMemory
+from appliance.memory import ClientMemory, DmaPending
 from appliance.storage.spec import (
     CQE_SIZE,
     DOORBELL_BASE,
@@ -195,16 +195,22 @@ class CompletionQueue:
         A full shadowed CQ re-reads the host's head; still full, it publishes
         the head as EventIdx so the host's next head update rings the doorbell.
 
+        A shadow head that must come by DMA message counts as full until it
+        arrived (its arrival runs the controller again).
+
         Raises:
             GuestMemoryError: the shadow buffers are unreachable.
         """
         if self.backlog:
             return False
         if self.room == 0 and self.shadow is not None:
-            self.sync(memory)
-            if self.room == 0:
-                self.shadow.publish(memory, self.head)
+            try:
                 self.sync(memory)
+                if self.room == 0:
+                    self.shadow.publish(memory, self.head)
+                    self.sync(memory)
+            except DmaPending:
+                return False
         return self.room > 0
 
     def post(self, memory: ClientMemory, entry: Completion) -> None:

@@ -10,6 +10,13 @@ and lives until it is completed or dropped:
 * ``HELD`` — no completion yet: an Asynchronous Event Request waiting for an
   event, a command an injected fault hangs or delays.  The controller keeps
   every held request by (SQID, CID), so Abort finds it whoever held it.
+* ``WAITING`` — it needs client memory reached by DMA messages
+  (:class:`~appliance.memory.DmaScope` ``dma``): a read the client has not
+  answered yet (the handler runs again, from the start, once it has: handlers
+  touch nothing before their reads) or writes not acknowledged yet (its
+  ``result`` is decided; it completes once they are).  Meanwhile the device
+  serves everything else; when it continues, the controller re-checks its
+  queue, CC.EN and Bus Master first.
 * ``COMPLETED`` — its completion entry was posted
   (:meth:`NvmeController.complete`, the one way a result reaches a CQ).
 * ``DROPPED`` — its queue went away (controller reset, Delete I/O SQ) before
@@ -25,6 +32,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from appliance.memory import DmaScope
 from appliance.storage.spec import Command, Status
 
 if TYPE_CHECKING:
@@ -37,6 +45,7 @@ Result = tuple[Status | int, bool, int]
 class RequestState(enum.Enum):
     FETCHED = "fetched"
     EXECUTING = "executing"
+    WAITING = "waiting"
     HELD = "held"
     COMPLETED = "completed"
     DROPPED = "dropped"
@@ -45,7 +54,8 @@ class RequestState(enum.Enum):
 S = RequestState
 TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
     S.FETCHED: frozenset({S.EXECUTING, S.HELD, S.COMPLETED, S.DROPPED}),
-    S.EXECUTING: frozenset({S.HELD, S.COMPLETED, S.DROPPED}),
+    S.EXECUTING: frozenset({S.WAITING, S.HELD, S.COMPLETED, S.DROPPED}),
+    S.WAITING: frozenset({S.EXECUTING, S.COMPLETED, S.DROPPED}),
     S.HELD: frozenset({S.COMPLETED, S.DROPPED}),
     S.COMPLETED: frozenset(),
     S.DROPPED: frozenset(),
@@ -63,8 +73,10 @@ class NvmeRequest:
     sq: SubmissionQueue
     cmd: Command
     state: RequestState = RequestState.FETCHED
-    #: a result decided but not posted yet (an injected delay holds it)
+    #: a result decided but not posted yet (an injected delay, writes in flight)
     result: Result | None = field(default=None)
+    #: its DMA messages, when it touched memory mapped without an fd
+    dma: DmaScope | None = field(default=None)
 
     @property
     def qid(self) -> int:

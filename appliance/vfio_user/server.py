@@ -32,9 +32,10 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from appliance.errors import LocalProtocolError
-from appliance.memory import ClientMemory, MapError, MessageTransport
+from appliance.memory import ClientMemory, MapError
 from appliance.vfio_user import wire as w
 from appliance.vfio_user.backend import VfioUserDevice
+from appliance.vfio_user.dma import DmaMessages
 from appliance.vfio_user.framing import Frame, Framer, encode
 
 log = logging.getLogger("appliance.vfio_user")
@@ -83,14 +84,6 @@ ALLOWED: dict[ConnState, frozenset[w.Command]] = {
     ConnState.CLOSED: frozenset(),
 }
 
-# Commands served while the device waits for a DMA reply (see process_during_dma).
-SAFE_DURING_DMA = frozenset({
-    w.Command.REGION_READ, w.Command.DEVICE_SET_IRQS, w.Command.DEVICE_GET_INFO,
-    w.Command.DEVICE_GET_REGION_INFO, w.Command.DEVICE_GET_REGION_IO_FDS,
-    w.Command.DEVICE_GET_IRQ_INFO, w.Command.DMA_MAP,
-})
-# Migration commands are never served mid-DMA: they stop and save the device.
-
 # Commands that may carry fds (the rest must not).
 TAKES_FDS = frozenset({w.Command.DMA_MAP, w.Command.DEVICE_SET_IRQS})
 
@@ -135,7 +128,6 @@ class ServerConnection:
         device: VfioUserDevice,
         *,
         notify: Callable[[int], None],
-        transport: MessageTransport | None = None,
         max_data_xfer_size: int = MAX_DATA_XFER_SIZE,
         dma_layout: DmaLayout = DmaLayout.SPEC,
         name: str = "vfio-user",
@@ -143,7 +135,6 @@ class ServerConnection:
         """Args:
             device: the device this connection exposes.
             notify: signals an eventfd (the runtime writes 1 to it).
-            transport: reaches client memory mapped without an fd.
             max_data_xfer_size: our max ``count`` per data message.
         """
         self.device = device
@@ -155,7 +146,10 @@ class ServerConnection:
         self.client_max_data_xfer_size = w.DEFAULT_MAX_DATA_XFER_SIZE
         self.client_max_msg_fds = w.DEFAULT_MAX_MSG_FDS
         self.write_multiple = False
-        self.memory = ClientMemory(max_regions=MAX_DMA_MAPS, transport=transport)
+        #: DMA_READ/DMA_WRITE for memory mapped without an fd (never waits)
+        self.dma = DmaMessages(self.dma_request, self.dma_reply_data,
+                               lambda: self.client_max_data_xfer_size)
+        self.memory = ClientMemory(max_regions=MAX_DMA_MAPS, transport=self.dma)
         self.framer = Framer(max_size=w.HEADER_SIZE + 16 + max(max_data_xfer_size, 1 << 16))
         # (irq index, sub-index) -> eventfd, for trigger and for mask/unmask notices.
         self.irq_fds: dict[tuple[int, int], int] = {}
@@ -163,7 +157,6 @@ class ServerConnection:
         self.irq_enabled: dict[int, int] = {}  # irq index -> sub-indexes enabled
         self._out: deque[tuple[bytes, list[int]]] = deque()
         self._frames: deque[Frame] = deque()
-        self._replies: dict[int, Frame | None] = {}  # our DMA requests: None until answered
         self._next_id = 0
         self.counters = {"messages": 0, "errors": 0}
         self._handlers: dict[w.Command, Callable[[Frame], bytes | tuple[bytes, list[int]]]] = {
@@ -208,9 +201,9 @@ class ServerConnection:
         self.framer.feed(data, fds)
         while (frame := self.framer.next_frame()) is not None:
             if frame.header.flags & w.MSG_TYPE_MASK == w.MSG_TYPE_REPLY and (
-                frame.header.msg_id in self._replies
+                self.dma.expects(frame.header.msg_id)
             ):
-                self._replies[frame.header.msg_id] = frame
+                self.dma.on_reply(frame)  # may run the device: what waited for it
             else:
                 self._frames.append(frame)
 
@@ -218,40 +211,6 @@ class ServerConnection:
         """Dispatch every complete message; replies go to :meth:`data_to_send`."""
         while self._frames and self.state is not ConnState.CLOSED:
             self._dispatch(self._frames.popleft())
-
-    def queued(self) -> bool:
-        """Whether complete messages wait to be dispatched (read during a DMA wait)."""
-        return bool(self._frames)
-
-    def process_during_dma(self) -> None:
-        """Dispatch the queued commands that cannot re-enter the device's data path.
-
-        Called while the device waits for a DMA_READ/DMA_WRITE reply.  QEMU
-        answers those under its big lock, which a vCPU holds while it waits for
-        any synchronous request (a config read, the MSI-X enable write, a
-        SET_IRQS); serving those breaks the cycle.  BAR writes (doorbells),
-        unmaps, resets and migration commands stay queued, in order, until the
-        current operation is done.
-        """
-        keep: deque[Frame] = deque()
-        while self._frames:
-            frame = self._frames.popleft()
-            if self._safe_during_dma(frame):
-                self._dispatch(frame)
-            else:
-                keep.append(frame)
-        self._frames = keep
-
-    def _safe_during_dma(self, frame: Frame) -> bool:
-        hdr = frame.header
-        if (self.state is not ConnState.READY or frame.oversized
-                or hdr.flags & w.MSG_TYPE_MASK != w.MSG_TYPE_COMMAND):
-            return False
-        if hdr.command in SAFE_DURING_DMA:
-            return True
-        if hdr.command == w.Command.REGION_WRITE and len(frame.payload) >= w.RegionAccess.SIZE:
-            return bool(w.RegionAccess.unpack(frame.payload).region == w.PciRegion.CONFIG)
-        return False
 
     def data_to_send(self) -> list[tuple[bytes, list[int]]]:
         """Messages to write, each with the fds to pass alongside (then close them)."""
@@ -279,7 +238,8 @@ class ServerConnection:
         if self.migration is not None:
             self.migration.close()
         self.memory.unmap_all()
-        self.device.detach()
+        self.device.detach()  # drops the device's waiting work first: then nothing runs
+        self.dma.close()
 
     # ------------------------------------------------------------ live handoff
     def handoff_busy(self) -> str:
@@ -288,8 +248,8 @@ class ServerConnection:
             return f"{self.name}: connection in state {self.state.value}"
         if self._frames or self._out:
             return f"{self.name}: messages are queued"
-        if self._replies:
-            return f"{self.name}: a DMA request awaits its reply"
+        if self.dma.outstanding():
+            return f"{self.name}: a DMA message awaits its reply"
         if self.migration is not None and (why := self.migration.busy()):
             return f"{self.name}: {why}"
         return ""
@@ -426,7 +386,7 @@ class ServerConnection:
     def dma_request(self, command: w.Command, address: int, data: bytes | int) -> int:
         """Queue a DMA_READ (``data`` = count) or DMA_WRITE (``data`` = bytes).
 
-        Returns the message id whose reply :meth:`take_reply` will hand back.
+        Returns the message id its reply carries (:class:`DmaMessages` keeps it).
         """
         msg_id = self._next_id = (self._next_id + 1) & 0xFFFF
         count = data if isinstance(data, int) else len(data)
@@ -437,7 +397,6 @@ class ServerConnection:
             payload = w.QemuDmaAccess(address=address, count=count).pack() + body + b"\0" * 4
         else:
             payload = w.DmaAccess(address=address, count=count).pack() + body
-        self._replies[msg_id] = None
         self._out.append((encode(w.Header(msg_id=msg_id, command=command), payload), []))
         return msg_id
 
@@ -451,17 +410,6 @@ class ServerConnection:
         if len(frame.payload) < start + count:
             raise LocalProtocolError(f"short DMA_READ reply ({len(frame.payload)} bytes)", errno.EIO)
         return frame.payload[start:start + count]
-
-    def take_reply(self, msg_id: int) -> Frame | None:
-        """The reply to a :meth:`dma_request` once it has arrived, else None."""
-        frame = self._replies.get(msg_id)
-        if frame is not None:
-            del self._replies[msg_id]
-        return frame
-
-    def forget_request(self, msg_id: int) -> None:
-        """Stop waiting for a reply (timed out); a late reply is then refused."""
-        self._replies.pop(msg_id, None)
 
     # ------------------------------------------------------------ dispatch
     def _transition(self, event: str) -> None:

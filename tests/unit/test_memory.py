@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from appliance.memory import ClientMemory, GuestMemoryError, MapError
+from appliance.memory import ClientMemory, DmaScope, GuestMemoryError, MapError
 from appliance.vfio_user.wire import Header
 
 
@@ -85,22 +85,48 @@ def test_read_obj_and_readonly_region() -> None:
         mem.write(0, b"x")
 
 
-class Transport:
-    def __init__(self) -> None:
-        self.store = bytearray(8192)
+class ImmediateTransport:
+    """A message-only region that answers at once (the real transport,
+    appliance.vfio_user.dma, never does): a bytearray from ``base``, with every
+    call and every write recorded in order.  Other test modules import it."""
 
-    def dma_read(self, address: int, count: int) -> bytes:
-        return bytes(self.store[address:address + count])
+    writes_in_flight = 0
 
-    def dma_write(self, address: int, data: bytes) -> None:
-        self.store[address:address + len(data)] = data
+    def __init__(self, size: int, base: int = 0) -> None:
+        self.data = bytearray(size)
+        self.base = base
+        self.calls = 0
+        self.writes: list[tuple[int, bytes]] = []
+        self.scopes: list[DmaScope] = []
+
+    def dma_read(self, address: int, count: int, scope: DmaScope) -> bytes:
+        self.calls += 1
+        self.scopes.append(scope)
+        return bytes(self.data[address - self.base:address - self.base + count])
+
+    def dma_write(self, address: int, data: bytes, scope: DmaScope) -> None:
+        self.calls += 1
+        self.scopes.append(scope)
+        self.writes.append((address, bytes(data)))
+        self.data[address - self.base:address - self.base + len(data)] = data
 
 
-def test_message_only_region_goes_through_transport() -> None:
-    t = Transport()
-    mem = ClientMemory(transport=t)
-    mem.map(0x0, 8192)
+def message_memory(size: int, base: int = 0) -> tuple[ClientMemory, ImmediateTransport]:
+    """A ClientMemory whose one region, ``base``+``size``, is message-only."""
+    transport = ImmediateTransport(size, base)
+    mem = ClientMemory(transport=transport)
+    mem.map(base, size)
+    mem.scope = DmaScope()
+    return mem, transport
+
+
+def test_message_only_region_goes_through_transport_in_its_scope() -> None:
+    mem, t = message_memory(8192)
+    scope, mem.scope = mem.scope, None
+    with pytest.raises(GuestMemoryError, match="outside any device work"):
+        mem.read(0x100, 5)
+    mem.scope = scope
     mem.write(0x100, b"hello")
-    assert t.store[0x100:0x105] == b"hello"
+    assert t.data[0x100:0x105] == b"hello" and t.scopes == [scope]
     assert mem.read(0x100, 5) == b"hello"
     assert mem.buffers(0x100, 5, write=False) is None

@@ -6,28 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
+from test_memory import message_memory
 
 from appliance.memory import ClientMemory, GuestMemoryError
 from appliance.storage.namespace import Namespace, fallocate
 from appliance.storage.spec import LBAF, CommandError, IdentifyNamespace, Status
 
 BASE = 0x300000
-
-
-class Transport:
-    """A message-only region: DMA_READ/DMA_WRITE against a bytearray."""
-
-    def __init__(self, size: int) -> None:
-        self.data = bytearray(size)
-        self.calls = 0
-
-    def dma_read(self, address: int, count: int) -> bytes:
-        self.calls += 1
-        return bytes(self.data[address - BASE:address - BASE + count])
-
-    def dma_write(self, address: int, data: bytes) -> None:
-        self.calls += 1
-        self.data[address - BASE:address - BASE + len(data)] = data
 
 
 def mapped() -> ClientMemory:
@@ -73,9 +58,7 @@ def test_zero_copy_round_trip(tmp_path: Path) -> None:
 
 def test_message_only_memory(tmp_path: Path) -> None:
     ns = Namespace(1, str(tmp_path / "a.img"), 1 << 20)
-    transport = Transport(1 << 16)
-    mem = ClientMemory(transport=transport)
-    mem.map(BASE, 1 << 16)
+    mem, transport = message_memory(1 << 16, BASE)
     transport.data[0:1024] = b"m" * 1024
     ns.write(mem, [(BASE, 1024)], slba=0)
     ns.read(mem, [(BASE + 4096, 512), (BASE + 8192, 512)], slba=1)

@@ -11,27 +11,13 @@ import mmap
 import os
 
 import pytest
+from test_memory import message_memory
 
-from appliance.memory import ClientMemory, GuestMemoryError
+from appliance.memory import ClientMemory, DmaScope, GuestMemoryError
 from appliance.storage.queues import CQE_STATUS_OFFSET, CompletionQueue, Shadow
 from appliance.storage.spec import Completion, status_field
 
 BASE = 0x200000
-
-
-class RecordingTransport:
-    """A message-only region: every store the device makes, in order."""
-
-    def __init__(self, size: int) -> None:
-        self.data = bytearray(size)
-        self.writes: list[tuple[int, bytes]] = []
-
-    def dma_read(self, address: int, count: int) -> bytes:
-        return bytes(self.data[address - BASE:address - BASE + count])
-
-    def dma_write(self, address: int, data: bytes) -> None:
-        self.writes.append((address, bytes(data)))
-        self.data[address - BASE:address - BASE + len(data)] = data
 
 
 class RecordingMemory(ClientMemory):
@@ -57,9 +43,7 @@ def memfd(size: int) -> tuple[int, mmap.mmap]:
 
 
 def test_cqe_status_word_is_the_last_store_through_a_fake_region() -> None:
-    transport = RecordingTransport(1 << 16)
-    mem = ClientMemory(transport=transport)
-    mem.map(BASE, 1 << 16)  # no fd: every store is a message we can see
+    mem, transport = message_memory(1 << 16, BASE)  # no fd: every store is a message we see
     cq = CompletionQueue(1, BASE, 4, vector=1, ien=True)
     entry = Completion(dw0=0x11223344, dw1=0x55667788, sq_head=3, sq_id=1, cid=0xBEEF,
                        status=status_field(0x02, True, 0))
@@ -91,17 +75,15 @@ def test_cqe_phase_store_goes_last_through_write_uint_on_mmap() -> None:
 
 def test_a_stale_slot_keeps_its_old_phase_until_the_status_store() -> None:
     """Between the two stores the host sees the old phase: the entry is not yet posted."""
-    transport = RecordingTransport(1 << 12)
-    mem = ClientMemory(transport=transport)
-    mem.map(BASE, 1 << 12)
+    mem, transport = message_memory(1 << 12, BASE)
     old = Completion(cid=1, status=0)  # phase 0: what the host consumed last lap
     transport.data[0:16] = old.pack()
     cq = CompletionQueue(1, BASE, 4, vector=1, ien=True)
     seen = []
     real_write = transport.dma_write
 
-    def spy(address: int, data: bytes) -> None:
-        real_write(address, data)
+    def spy(address: int, data: bytes, scope: DmaScope) -> None:
+        real_write(address, data, scope)
         seen.append(transport.data[CQE_STATUS_OFFSET] & 1)  # what a polling host reads now
 
     transport.dma_write = spy  # type: ignore[method-assign]
@@ -110,9 +92,7 @@ def test_a_stale_slot_keeps_its_old_phase_until_the_status_store() -> None:
 
 
 def test_event_idx_is_one_four_byte_store() -> None:
-    transport = RecordingTransport(1 << 12)
-    mem = ClientMemory(transport=transport)
-    mem.map(BASE, 1 << 12)
+    mem, transport = message_memory(1 << 12, BASE)
     shadow = Shadow.for_queue((BASE, BASE + 0x800), qid=2, is_cq=True)
     shadow.publish(mem, 0x1234)
     shadow.publish(mem, 0x1234)  # unchanged: not written again

@@ -14,6 +14,8 @@ from test_nvme_driver import make_controller
 
 from appliance.client import VfioUserClient
 from appliance.loop import EventLoop
+from appliance.memory import DmaPending, DmaScope
+from appliance.runtime import vfio_user as runtime_vfio_user
 from appliance.runtime.vfio_user import VfioUserClientSocket
 from appliance.vfio_user import wire as w
 
@@ -54,32 +56,42 @@ def rig(tmp_path: Path) -> Iterator[tuple[EventLoop, VfioUserClientSocket, VfioU
     loop.close()
 
 
-def test_a_message_read_while_a_dma_waits_outside_a_dispatch_is_served(
+def test_a_bar_write_is_served_while_a_dma_read_waits(
         rig: tuple[EventLoop, VfioUserClientSocket, VfioUserClient]) -> None:
-    """The controller's idle poll reads client memory (shadow doorbells) through a DMA
-    message; the client sends a BAR write before answering.  The write is queued (BAR
-    writes wait for the DMA) and must be dispatched without the client sending more:
-    a driver waiting for that doorbell's completion sends nothing (a 30 s I/O timeout
-    in a Linux guest, seen in CI)."""
+    """Device work asks for client memory through a DMA_READ; the client sends a
+    BAR write before answering.  Nothing waits on the client: the write is served
+    at once, and the reply, when it comes, makes the scope ready."""
     loop, server, client = rig
     client.memory(MEM, 8)[:] = b"\x11" * 8
-    sent: list[int] = []
+    arrived: list[bool] = []
+    server.conn.memory.scope = DmaScope(on_ready=lambda: arrived.append(True))
+    with pytest.raises(DmaPending):
+        server.conn.memory.read(MEM, 8)
+    server.flush()
+    request = client.receive(timeout=5)
+    assert request is not None and request.header.command == w.Command.DMA_READ
+    payload = w.RegionAccess(offset=0x24, region=w.PciRegion.BAR0, count=4).pack()
+    sent = client.send(w.Command.REGION_WRITE, payload + (0x1F001F).to_bytes(4, "little"))
+    pump(loop, lambda: server.conn.device.regs.aqa == 0x1F001F)  # type: ignore[attr-defined]
+    header, _, _ = client.wait_reply(sent, w.Command.REGION_WRITE)
+    assert not header.flags & w.MsgFlag.ERROR and not arrived
+    client._serve(request)  # the DMA reply, after the BAR write was served
+    pump(loop, lambda: bool(arrived))
+    assert server.conn.memory.read(MEM, 8) == b"\x11" * 8
 
-    def client_side() -> None:
-        request = client.receive(timeout=5)
-        assert request is not None and request.header.command == w.Command.DMA_READ
-        payload = w.RegionAccess(offset=0x24, region=w.PciRegion.BAR0, count=4).pack()
-        sent.append(client.send(w.Command.REGION_WRITE, payload + (0x1F001F).to_bytes(4, "little")))
-        client._serve(request)  # the DMA reply, after the BAR write
 
-    thread = threading.Thread(target=client_side)
-    thread.start()
-    assert server.conn.memory.read(MEM, 8) == b"\x11" * 8  # outside any dispatch, like a poll
-    thread.join(5)
-    assert server.conn.queued()  # the BAR write waited for the DMA
-    for _ in range(3):  # no more client traffic: the loop alone must serve it
-        loop.run_once(0.01)
-    assert not server.conn.queued()
-    header, _, _ = client.wait_reply(sent[0], w.Command.REGION_WRITE)
-    assert not header.flags & w.MsgFlag.ERROR
-    assert server.conn.device.regs.aqa == 0x1F001F  # type: ignore[attr-defined]
+def test_a_client_that_never_answers_a_dma_is_disconnected_once(
+        rig: tuple[EventLoop, VfioUserClientSocket, VfioUserClient],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    loop, server, _ = rig
+    monkeypatch.setattr(runtime_vfio_user, "DMA_TIMEOUT", 0.05)
+    scopes = [DmaScope(on_ready=lambda: None) for _ in range(4)]
+    for i, scope in enumerate(scopes):  # four pieces of work wait at once
+        server.conn.memory.scope = scope
+        with pytest.raises(DmaPending):
+            server.conn.memory.read(MEM + 8 * i, 8)
+    server.flush()
+    pump(loop, lambda: server.sock.fileno() < 0)
+    assert [r.message for r in caplog.records].count(
+        "t: no reply to 4 DMA message(s) within 0.05 s; disconnecting") == 1
+    assert all(s.error == "client gone" for s in scopes)
