@@ -21,6 +21,7 @@ unsolicited message.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ from appliance.errors import LocalProtocolError
 from appliance.memory import DmaPending, DmaScope, GuestMemoryError
 from appliance.vfio_user import wire as w
 from appliance.vfio_user.framing import Frame
+
+log = logging.getLogger("appliance.vfio_user")
 
 #: (command, address, data or count) -> the message id the reply will carry
 Send = Callable[[w.Command, int, "bytes | int"], int]
@@ -41,12 +44,16 @@ class _Sent:
     key: tuple[int, int] | None  # the read it is part of; None for a write
     index: int  # its piece of that read
     size: int  # bytes this message moves
+    command: w.Command
+    address: int
 
 
 class DmaMessages:
     """The message DMA of one connection: what is in flight, for whom."""
 
-    def __init__(self, send: Send, reply_data: ReplyData, max_xfer: Callable[[], int]) -> None:
+    def __init__(self, send: Send, reply_data: ReplyData, max_xfer: Callable[[], int],
+                 name: str = "vfio-user") -> None:
+        self.name = name
         self._send = send
         self._reply_data = reply_data
         self._max_xfer = max_xfer
@@ -73,7 +80,7 @@ class DmaMessages:
             self._parts[(id(scope), key)] = [None] * len(pieces)
             for index, (addr, size) in enumerate(pieces):
                 msg_id = self._send(w.Command.DMA_READ, addr, size)
-                self._sent[msg_id] = _Sent(scope, key, index, size)
+                self._sent[msg_id] = _Sent(scope, key, index, size, w.Command.DMA_READ, addr)
                 scope.in_flight += 1
                 self.counters["dma_reads"] += 1
         raise DmaPending(f"DMA_READ {address:#x}+{count:#x} asked of the client")
@@ -82,7 +89,7 @@ class DmaMessages:
         for addr, size in self._pieces(address, len(data)):
             off = addr - address
             msg_id = self._send(w.Command.DMA_WRITE, addr, data[off:off + size])
-            self._sent[msg_id] = _Sent(scope, None, 0, size)
+            self._sent[msg_id] = _Sent(scope, None, 0, size, w.Command.DMA_WRITE, addr)
             scope.in_flight += 1
             self._writes += 1
             self.counters["dma_writes"] += 1
@@ -101,7 +108,12 @@ class DmaMessages:
         sent = self._sent.pop(frame.header.msg_id)
         frame.close_fds()
         scope = sent.scope
-        if frame.header.flags & w.MsgFlag.ERROR:
+        refused = bool(frame.header.flags & w.MsgFlag.ERROR)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s msg %#x %s %#x+%d -> %s", self.name, frame.header.msg_id,
+                      sent.command.name, sent.address, sent.size,
+                      f"error {frame.header.error}" if refused else "ok")
+        if refused:
             self.counters["dma_refused"] += 1
             self._fail(sent, f"client refused DMA (errno {frame.header.error})")
             return

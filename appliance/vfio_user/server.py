@@ -148,7 +148,7 @@ class ServerConnection:
         self.write_multiple = False
         #: DMA_READ/DMA_WRITE for memory mapped without an fd (never waits)
         self.dma = DmaMessages(self.dma_request, self.dma_reply_data,
-                               lambda: self.client_max_data_xfer_size)
+                               lambda: self.client_max_data_xfer_size, name)
         self.memory = ClientMemory(max_regions=MAX_DMA_MAPS, transport=self.dma)
         self.framer = Framer(max_size=w.HEADER_SIZE + 16 + max(max_data_xfer_size, 1 << 16))
         # (irq index, sub-index) -> eventfd, for trigger and for mask/unmask notices.
