@@ -551,11 +551,13 @@ class VfioUserMigration:
     def _data_write(self, payload: bytes) -> bytes:
         _require(len(payload) >= w.MigDataHead.SIZE, errno.EINVAL, "short MIG_DATA_WRITE")
         req = w.MigDataHead.unpack(payload)
-        data = memoryview(payload)[w.MigDataHead.SIZE:]  # the reader keeps views, not copies
+        sent = len(payload) - w.MigDataHead.SIZE
+        # The reader keeps views, not copies.  Bytes after ``size`` are ignored, as
+        # libvfio-user ignores them; fewer than ``size`` is refused.
+        data = memoryview(payload)[w.MigDataHead.SIZE:w.MigDataHead.SIZE + req.size]
         _require(self.state is MigState.RESUMING, errno.EINVAL,
                  f"MIG_DATA_WRITE in state {self.state.name}")
-        _require(req.size == len(data), errno.EINVAL,
-                 f"MIG_DATA_WRITE size {req.size} != data {len(data)}")
+        _require(req.size <= sent, errno.EINVAL, f"MIG_DATA_WRITE size {req.size} > data {sent}")
         _require(req.size <= self.max_data_xfer_size, errno.EINVAL,
                  f"MIG_DATA_WRITE size {req.size} > {self.max_data_xfer_size}")
         _require(req.argsz >= w.MigDataHead.SIZE + req.size, errno.EINVAL,

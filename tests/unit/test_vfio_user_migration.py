@@ -410,6 +410,10 @@ def test_data_write_checks() -> None:
     big = bytes((1 << 20) + 1)
     refused(errno.EINVAL, h.handle, C.MIG_DATA_WRITE,
             w.MigDataHead(argsz=8 + len(big), size=len(big)).pack() + big)
+    # Bytes after ``size`` are ignored (libvfio-user writes ``size`` bytes only):
+    # the stream sees exactly the first four, a valid start of nothing yet.
+    h.handle(C.MIG_DATA_WRITE, w.MigDataHead(argsz=8 + 4, size=4).pack() + b"\0" * 4 + b"tail")
+    assert h.counters["bytes_written"] == 4
 
 
 # ------------------------------------------------------------ the stream end to end
