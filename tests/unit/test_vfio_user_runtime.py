@@ -133,15 +133,17 @@ def test_a_client_that_does_not_read_is_disconnected_past_the_backlog_limit(
         burst = region_info_burst(4000)  # 192 KB of replies: far past the socket's buffer
         sent = 0
         theirs.setblocking(False)
-        while not closed:
+        for _ in range(100_000):  # a bound, not a pause: each pass makes progress or waits 1 ms
+            if sent == len(burst) or closed:
+                break
             try:
-                sent += theirs.send(burst[sent:]) if sent < len(burst) else 0
+                sent += theirs.send(burst[sent:])
             except BlockingIOError:
                 pass
             except (BrokenPipeError, ConnectionResetError):
                 break
             loop.run_once(0.001)
-        pump(loop, lambda: bool(closed))
+        pump(loop, lambda: bool(closed), passes=5000)
         assert closed == [server] and server.sock.fileno() < 0
         lines = [r.getMessage() for r in caplog.records if "replies unread" in r.getMessage()]
         assert len(lines) == 1 and lines[0].startswith("slow:"), lines
