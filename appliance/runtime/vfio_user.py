@@ -94,7 +94,7 @@ class SocketTransport:
                 raise GuestMemoryError(address, _count(data), 0, why="no reply to DMA message")
             if writable:
                 service.flush()
-            if readable and service.read_some(dispatch=False):
+            if readable and not conn.closed and service.read_some(dispatch=False):
                 conn.process_during_dma()
                 service.flush()
         if conn.queued():
