@@ -148,6 +148,7 @@ SCHEMA = Table({
         "serial": (text, "APPLIANCE0001"),
         "dma_layout": (one_of("spec", "u32-count"), "spec"),
         "doorbells": (one_of("message", "mmap"), "message"),  # mmap: BAR0 doorbell page as a memfd
+        "max_backlog": (size, "1M"),  # unread vfio-user reply bytes before the client is dropped
         "namespaces": (ListOf(NAMESPACE, [{"image": "{data_dir}/disk0.img", "size": "1G"}], 16), None),
     }), None),
     "net": (Table({

@@ -77,7 +77,8 @@ class Appliance:
         self.controller.migration_handler = migration_handler  # type: ignore[attr-defined]
         self.migratable = migratable
         service = VfioUserService(self.loop, st["socket"], self.controller, name="nvme",
-                                  dma_layout=DmaLayout(st["dma_layout"]))
+                                  dma_layout=DmaLayout(st["dma_layout"]),
+                                  max_backlog=st["max_backlog"])
         self.services.append(service)
         self.vfio_user = service
         self.loop.add_idle(self.controller.poll)

@@ -73,6 +73,20 @@ def send_message(sock: socket.socket, data: bytes, fds: list[int]) -> None:
         sock.sendall(data[sent:])
 
 
+def send_some(sock: socket.socket, buffers: list[memoryview], fds: list[int]) -> int:
+    """One ``sendmsg`` of ``buffers`` (gathered) on a non-blocking socket.
+
+    The fds travel with the first byte sent.  Returns how many bytes the
+    kernel took (at least one).
+
+    Raises:
+        BlockingIOError: the socket takes nothing now.
+        OSError: the peer is gone (EPIPE, ECONNRESET) or another send error.
+    """
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    return sock.sendmsg(buffers, anc)
+
+
 def signal_eventfd(fd: int) -> None:
     """Add 1 to an eventfd counter (an interrupt, a call, a notice)."""
     try:

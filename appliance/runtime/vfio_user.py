@@ -6,6 +6,13 @@ is refused by closing its socket.  Each readable event drains up to a batch
 of messages with non-blocking ``recvmsg`` calls, each no larger than the
 connection's :meth:`bytes_wanted`, so SCM_RIGHTS fds stay with their message.
 
+The client's socket is non-blocking in both directions.  Replies go to an
+output queue and are written as far as the socket takes them; the rest waits
+for writability.  A client that sends requests and does not read the replies
+(its queue, past the reply being written, grows beyond ``max_backlog``
+bytes) is disconnected with one log line, so it never stalls the loop that
+also serves the control socket and the net ports.
+
 DMA to client memory that was mapped without an fd goes through
 DMA_READ/DMA_WRITE messages that never block (:mod:`appliance.vfio_user.dma`):
 the device holds what waits for a reply and the loop serves everything else.
@@ -15,9 +22,11 @@ disconnected, once, with one log line.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +40,8 @@ log = logging.getLogger("appliance.vfio_user")
 
 BATCH = 64
 DMA_TIMEOUT = 5.0
+MAX_BACKLOG = 1 << 20  # storage.max_backlog: unsent reply bytes behind the one being written
+SEND_GATHER = 64  # replies gathered into one sendmsg
 
 
 def recv_chunk(sock: socket.socket, wanted: int, flags: int = 0) -> tuple[bytes, list[int]]:
@@ -42,18 +53,39 @@ send_message = unix.send_message
 signal_eventfd = unix.signal_eventfd
 
 
+def is_eventfd(fd: int) -> bool:
+    """Whether ``fd`` is an eventfd (what SET_IRQS may carry).
+
+    Returns False for any other file, and for a closed fd.
+    """
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
+
+
 class VfioUserClientSocket:
     """One accepted client: feeds its socket to a :class:`ServerConnection`."""
 
     def __init__(self, loop: EventLoop, sock: socket.socket, device: VfioUserDevice,
                  on_close: Callable[[VfioUserClientSocket], None], name: str,
-                 dma_layout: DmaLayout = DmaLayout.SPEC) -> None:
+                 dma_layout: DmaLayout = DmaLayout.SPEC, max_backlog: int = MAX_BACKLOG) -> None:
+        """Serve ``sock`` (made non-blocking here) until either side closes it.
+
+        ``max_backlog``: unsent reply bytes, behind the reply being written,
+        past which the client is disconnected.
+        """
         self.loop = loop
         self.sock = sock
+        sock.setblocking(False)
         self.on_close = on_close
+        self.max_backlog = max_backlog
         self.conn = ServerConnection(device, notify=signal_eventfd, dma_layout=dma_layout,
-                                     name=name)
+                                     name=name, is_eventfd=is_eventfd)
         self._dma_watch: frozenset[int] = frozenset()  # DMA messages the timer checks
+        self._out: deque[tuple[memoryview, list[int]]] = deque()
+        self.backlog = 0  # bytes in _out
+        self._writing = False  # a writer is registered with the loop
         loop.add_reader(sock.fileno(), self._readable)
 
     def read_some(self) -> bool:
@@ -84,17 +116,22 @@ class VfioUserClientSocket:
         self.read_some()
 
     def flush(self) -> None:
+        """Queue the connection's replies and write what the socket takes now.
+
+        What is left waits for writability.  Closes the client when the send
+        fails, when its backlog passes ``max_backlog``, or when the
+        connection ended (after one attempt to send its last replies).
+        """
+        if self.sock.fileno() < 0:
+            return
         for data, fds in self.conn.data_to_send():
-            try:
-                send_message(self.sock, data, fds)
-            except OSError as exc:
-                log.warning("%s: send failed: %s; closing", self.conn.name, exc)
-                self.close()
-                return
+            self._out.append((memoryview(data), fds))
+            self.backlog += len(data)
+        if not self._write():
+            return
         if self.conn.closed:
             self.close()
-            return
-        if not self._dma_watch and self.conn.dma.outstanding():
+        elif not self._dma_watch and self.conn.dma.outstanding():
             self._watch_dma()
 
     def _watch_dma(self) -> None:
@@ -114,10 +151,56 @@ class VfioUserClientSocket:
         elif self.conn.dma.outstanding():
             self._watch_dma()
 
+    def _write(self) -> bool:
+        """Send from the queue until it is empty or the socket is full; False once closed."""
+        out = self._out
+        while out:
+            first, fds = out[0]
+            buffers = [first]
+            for data, more_fds in itertools.islice(out, 1, SEND_GATHER):
+                if more_fds:  # fds go with the first byte of a sendmsg: their own call
+                    break
+                buffers.append(data)
+            try:
+                sent = unix.send_some(self.sock, buffers, fds)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                log.warning("%s: send failed: %s; closing", self.conn.name, exc)
+                self.close()
+                return False
+            self.backlog -= sent
+            while sent:
+                data, _ = out[0]
+                if sent < len(data):
+                    out[0] = (data[sent:], [])  # the fds went with the first part
+                    break
+                sent -= len(data)
+                out.popleft()
+        waiting = self.backlog - (len(out[0][0]) if out else 0)
+        if waiting > self.max_backlog:
+            log.warning("%s: client left %d bytes of replies unread (storage.max_backlog %d); "
+                        "disconnected", self.conn.name, self.backlog, self.max_backlog)
+            self.close()
+            return False
+        if out and not self._writing:
+            self.loop.add_writer(self.sock.fileno(), self._writable)
+            self._writing = True
+        elif not out and self._writing:
+            self.loop.remove_writer(self.sock.fileno())
+            self._writing = False
+        return True
+
+    def _writable(self) -> None:
+        self._write()
+
     def close(self) -> None:
         if self.sock.fileno() < 0:
             return
         self.loop.remove_reader(self.sock.fileno())
+        self.loop.remove_writer(self.sock.fileno())
+        self._out.clear()
+        self.backlog = 0
         self.conn.close()
         self.sock.close()
         self.on_close(self)
@@ -127,9 +210,10 @@ class VfioUserService:
     """A listening socket serving one device."""
 
     def __init__(self, loop: EventLoop, path: str, device: VfioUserDevice, name: str = "vfio-user",
-                 dma_layout: DmaLayout = DmaLayout.SPEC) -> None:
+                 dma_layout: DmaLayout = DmaLayout.SPEC, max_backlog: int = MAX_BACKLOG) -> None:
         self.loop = loop
         self.dma_layout = dma_layout
+        self.max_backlog = max_backlog
         self.path = path
         self.device = device
         self.name = name
@@ -159,11 +243,11 @@ class VfioUserService:
             log.warning("%s: a client is already connected; refusing another", self.name)
             sock.close()
             return
-        sock.setblocking(True)
         self.connections += 1
         log.info("%s: client connected on %s", self.name, self.path)
         self.client = VfioUserClientSocket(self.loop, sock, self.device, self._closed,
-                                           f"{self.name}#{self.connections}", self.dma_layout)
+                                           f"{self.name}#{self.connections}", self.dma_layout,
+                                           self.max_backlog)
 
     def _closed(self, client: VfioUserClientSocket) -> None:
         if self.client is client:
@@ -173,7 +257,11 @@ class VfioUserService:
     # ------------------------------------------------------------ live handoff
     def handoff_busy(self) -> str:
         """Why the device cannot move to another process now ("" when it can)."""
-        return self.client.conn.handoff_busy() if self.client is not None else ""
+        if self.client is None:
+            return ""
+        if self.client.backlog:
+            return f"{self.client.conn.name}: replies are not yet sent"
+        return self.client.conn.handoff_busy()
 
     def handoff_quiesce(self) -> None:
         """Source: stop reading the listener and the client; what arrives waits in the socket."""
@@ -254,10 +342,10 @@ class VfioUserService:
         client = None
         if client_fd is not None:
             sock = socket.socket(fileno=os.dup(client_fd))
-            sock.setblocking(True)
             self.connections = int(state.get("connections", self.connections))
             client = VfioUserClientSocket(self.loop, sock, self.device, self._closed,
-                                          f"{self.name}#{self.connections}", self.dma_layout)
+                                          f"{self.name}#{self.connections}", self.dma_layout,
+                                          self.max_backlog)
             try:
                 client.conn.handoff_adopt(client_state["conn"], fds)
             except LocalProtocolError as exc:

@@ -480,7 +480,8 @@ class VfioUserMigration:
 
     # ------------------------------------------------------------ MIG_DATA_READ / WRITE
     def _data_read(self, payload: bytes) -> bytes:
-        _require(len(payload) == w.MigDataHead.SIZE, errno.EINVAL,
+        # Bytes after the head are ignored, as libvfio-user ignores them.
+        _require(len(payload) >= w.MigDataHead.SIZE, errno.EINVAL,
                  f"MIG_DATA_READ payload of {len(payload)} bytes")
         req = w.MigDataHead.unpack(payload)
         _require(self.state in (MigState.PRE_COPY, MigState.STOP_COPY), errno.EINVAL,
@@ -550,11 +551,13 @@ class VfioUserMigration:
     def _data_write(self, payload: bytes) -> bytes:
         _require(len(payload) >= w.MigDataHead.SIZE, errno.EINVAL, "short MIG_DATA_WRITE")
         req = w.MigDataHead.unpack(payload)
-        data = memoryview(payload)[w.MigDataHead.SIZE:]  # the reader keeps views, not copies
+        sent = len(payload) - w.MigDataHead.SIZE
+        # The reader keeps views, not copies.  Bytes after ``size`` are ignored, as
+        # libvfio-user ignores them; fewer than ``size`` is refused.
+        data = memoryview(payload)[w.MigDataHead.SIZE:w.MigDataHead.SIZE + req.size]
         _require(self.state is MigState.RESUMING, errno.EINVAL,
                  f"MIG_DATA_WRITE in state {self.state.name}")
-        _require(req.size == len(data), errno.EINVAL,
-                 f"MIG_DATA_WRITE size {req.size} != data {len(data)}")
+        _require(req.size <= sent, errno.EINVAL, f"MIG_DATA_WRITE size {req.size} > data {sent}")
         _require(req.size <= self.max_data_xfer_size, errno.EINVAL,
                  f"MIG_DATA_WRITE size {req.size} > {self.max_data_xfer_size}")
         _require(req.argsz >= w.MigDataHead.SIZE + req.size, errno.EINVAL,
@@ -626,9 +629,13 @@ class VfioUserMigration:
                  f"report range {req.iova:#x}+{req.length:#x} overflows")
         _require(dma_log.covers(req.iova, req.length), errno.EINVAL,
                  f"report range {req.iova:#x}+{req.length:#x} is not being logged")
+        # The reply is built whole, so its size is what bounds the memory a request
+        # costs: a bitmap larger than max_bitmap_size (announced in VERSION, at most
+        # the message size limit) is refused before anything is allocated.
         nbits = -(-req.length // req.page_size)
         nbytes = -(-nbits // 64) * 8
-        _require(nbytes <= self.max_bitmap_size, errno.E2BIG, f"bitmap of {nbytes} bytes")
+        _require(nbytes <= self.max_bitmap_size, errno.E2BIG,
+                 f"bitmap of {nbytes} bytes > {self.max_bitmap_size}")
         _require(argsz >= w.DeviceFeatureHead.SIZE + DmaLoggingReport.SIZE + nbytes, errno.EINVAL,
                  f"argsz {argsz} too small for a {nbytes}-byte bitmap")
         return req.pack() + report_bitmap(dirty, req.iova, req.length, req.page_size)
@@ -645,23 +652,40 @@ def report_bitmap(dirty: DirtyLog, iova: int, length: int, page_size: int) -> by
     the range is reported but stays dirty (it is reported again with its
     other part), so no write is ever lost.
 
+    The bitmap is one bytearray of the reply's size, filled in place (the
+    caller bounds that size); each dirty page costs work in proportion to the
+    bits it sets, not to the bitmap.
+
     Returns:
         ``ceil(ceil(length / page_size) / 64) * 8`` bytes.
     """
     end = iova + length
     nbits = -(-length // page_size)
+    bitmap = bytearray(-(-nbits // 64) * 8)
     lps = dirty.page_size
     first, last = iova // lps, (end - 1) // lps
-    bits = 0
     cleared = []
     for page in dirty.pages:
         if not first <= page <= last:
             continue
         start = page * lps
         lo, hi = max(start, iova), min(start + lps, end)
-        b0, b1 = (lo - iova) // page_size, (hi - 1 - iova) // page_size
-        bits |= ((1 << (b1 - b0 + 1)) - 1) << b0
+        _set_bits(bitmap, (lo - iova) // page_size, (hi - 1 - iova) // page_size)
         if iova <= start and start + lps <= end:
             cleared.append(page)
     dirty.pages.difference_update(cleared)
-    return bits.to_bytes(-(-nbits // 64) * 8, "little")
+    return bytes(bitmap)
+
+
+def _set_bits(bitmap: bytearray, first: int, last: int) -> None:
+    """Set bits ``first..last`` (inclusive; bit n is bit n % 8 of byte n // 8)."""
+    while first <= last and first % 8:
+        bitmap[first >> 3] |= 1 << (first & 7)
+        first += 1
+    whole = (last + 1 - first) >> 3
+    if whole > 0:
+        bitmap[first >> 3:(first >> 3) + whole] = b"\xff" * whole
+        first += whole << 3
+    while first <= last:
+        bitmap[first >> 3] |= 1 << (first & 7)
+        first += 1

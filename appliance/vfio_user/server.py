@@ -29,7 +29,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from appliance.errors import LocalProtocolError
 from appliance.memory import ClientMemory, MapError
@@ -37,6 +37,7 @@ from appliance.vfio_user import wire as w
 from appliance.vfio_user.backend import VfioUserDevice
 from appliance.vfio_user.dma import DmaMessages
 from appliance.vfio_user.framing import Frame, Framer, encode
+from appliance.wire import Struct
 
 log = logging.getLogger("appliance.vfio_user")
 
@@ -47,7 +48,9 @@ MAX_DMA_MAPS = 1024
 MAX_WRITE_MULTI = 256  # entries per REGION_WRITE_MULTI we accept
 MAX_VERSION_JSON = 4096
 # Migration capability values we announce (QEMU parses pgsize and max_bitmap_size).
-MIG_MAX_BITMAP_SIZE = 256 * 1024 * 1024
+# A DMA_LOGGING_REPORT reply carries its bitmap whole, so the bitmap is bounded
+# by the message size limit: 1 MiB reports 32 GiB of 4 KiB pages per request.
+MIG_MAX_BITMAP_SIZE = MAX_DATA_XFER_SIZE
 
 
 class DmaLayout(enum.Enum):
@@ -84,8 +87,11 @@ ALLOWED: dict[ConnState, frozenset[w.Command]] = {
     ConnState.CLOSED: frozenset(),
 }
 
-# Commands that may carry fds (the rest must not).
+# Commands that may carry fds.  Fds on any other command are closed and the
+# command runs (libvfio-user does the same: a stray fd is no reason to fail).
 TAKES_FDS = frozenset({w.Command.DMA_MAP, w.Command.DEVICE_SET_IRQS})
+
+S = TypeVar("S", bound=Struct)
 
 
 class MigrationHandler(Protocol):
@@ -120,6 +126,24 @@ def _fits(offset: int, count: int, size: int) -> bool:
     return 0 <= offset and 0 <= count and offset + count <= size
 
 
+def _request(frame: Frame, cls: type[S]) -> S:
+    """The fixed structure at the start of ``frame``'s payload.
+
+    Bytes after it are ignored: "The *request* payload size is defined by the
+    usual ``msg_size`` field in the header, not the ``argsz`` field"
+    (docs/interop/vfio-user.rst, Message sizes), and libvfio-user reads each
+    request by its structure; a client that sends its whole ``argsz`` buffer
+    is served.
+
+    Raises:
+        Reject: EINVAL when the payload is shorter than the structure.
+    """
+    name = _cmd_name(frame.header.command)
+    _require(len(frame.payload) >= cls.SIZE, errno.EINVAL,
+             f"{name} payload of {len(frame.payload)} bytes, the request needs {cls.SIZE}")
+    return cls.unpack(frame.payload)
+
+
 class ServerConnection:
     """The server side of one vfio-user client connection."""
 
@@ -131,13 +155,18 @@ class ServerConnection:
         max_data_xfer_size: int = MAX_DATA_XFER_SIZE,
         dma_layout: DmaLayout = DmaLayout.SPEC,
         name: str = "vfio-user",
+        is_eventfd: Callable[[int], bool] | None = None,
     ) -> None:
         """Args:
             device: the device this connection exposes.
             notify: signals an eventfd (the runtime writes 1 to it).
             max_data_xfer_size: our max ``count`` per data message.
+            is_eventfd: whether a received fd is an eventfd (the runtime
+                knows how to ask the kernel); SET_IRQS refuses any other fd
+                with EINVAL.  None accepts every fd.
         """
         self.device = device
+        self.is_eventfd = is_eventfd
         self.dma_layout = dma_layout
         self.notify = notify
         self.name = name
@@ -466,8 +495,10 @@ class ServerConnection:
                  f"{command.name} not allowed in state {self.state.value}")
         _require(self.allowed_in_migration_state(command), errno.EBUSY,
                  f"{command.name} not allowed in this migration state")
-        _require(not frame.fds or command in TAKES_FDS, errno.EINVAL,
-                 f"{command.name} takes no fds, got {len(frame.fds)}")
+        if frame.fds and command not in TAKES_FDS:
+            log.warning("%s msg %#x %s: closed %d fd(s) the command does not take", self.name,
+                        hdr.msg_id, command.name, len(frame.fds))
+            frame.close_fds()
         return command
 
     # ------------------------------------------------------------ VERSION
@@ -525,9 +556,8 @@ class ServerConnection:
 
     # ------------------------------------------------------------ DMA map / unmap
     def _dma_map(self, frame: Frame) -> bytes:
-        _require(len(frame.payload) == w.DmaMap.SIZE, errno.EINVAL, "DMA_MAP payload size")
-        req = w.DmaMap.unpack(frame.payload)
-        _require(req.argsz == w.DmaMap.SIZE, errno.EINVAL, f"DMA_MAP argsz {req.argsz}")
+        req = _request(frame, w.DmaMap)
+        _require(req.argsz >= w.DmaMap.SIZE, errno.EINVAL, f"DMA_MAP argsz {req.argsz}")
         _require(not req.flags & w.DMA_MAP_FLAGS_RESERVED, errno.EINVAL, f"DMA_MAP flags {req.flags:#x}")
         _require(len(frame.fds) <= 1, errno.EINVAL, "DMA_MAP with more than one fd")
         _require(req.address % PGSIZE == 0 and req.size % PGSIZE == 0 and req.size > 0,
@@ -543,8 +573,7 @@ class ServerConnection:
         return b""
 
     def _dma_unmap(self, frame: Frame) -> bytes:
-        _require(len(frame.payload) == w.DmaUnmap.SIZE, errno.EINVAL, "DMA_UNMAP payload size")
-        req = w.DmaUnmap.unpack(frame.payload)
+        req = _request(frame, w.DmaUnmap)
         _require(req.argsz >= w.DmaUnmap.SIZE, errno.EINVAL, f"DMA_UNMAP argsz {req.argsz}")
         known = w.DmaUnmapFlag.ALL | w.DmaUnmapFlag.GET_DIRTY_BITMAP
         _require(not req.flags & ~int(known), errno.EINVAL, f"DMA_UNMAP flags {req.flags:#x}")
@@ -562,15 +591,13 @@ class ServerConnection:
 
     # ------------------------------------------------------------ device info
     def _get_info(self, frame: Frame) -> bytes:
-        _require(len(frame.payload) == w.DeviceInfo.SIZE, errno.EINVAL, "GET_INFO payload size")
-        req = w.DeviceInfo.unpack(frame.payload)
+        req = _request(frame, w.DeviceInfo)
         _require(req.argsz >= w.DeviceInfo.SIZE, errno.EINVAL, f"GET_INFO argsz {req.argsz}")
         return w.DeviceInfo(flags=w.DeviceFlag.RESET | w.DeviceFlag.PCI,
                             num_regions=w.PCI_NUM_REGIONS, num_irqs=w.PCI_NUM_IRQS).pack()
 
     def _get_region_info(self, frame: Frame) -> tuple[bytes, list[int]]:
-        _require(len(frame.payload) == w.RegionInfo.SIZE, errno.EINVAL, "GET_REGION_INFO payload size")
-        req = w.RegionInfo.unpack(frame.payload)
+        req = _request(frame, w.RegionInfo)
         _require(req.argsz >= w.RegionInfo.SIZE, errno.EINVAL, f"GET_REGION_INFO argsz {req.argsz}")
         _require(req.index < w.PCI_NUM_REGIONS, errno.EINVAL, f"region index {req.index}")
         desc = self.device.region(req.index)
@@ -596,8 +623,7 @@ class ServerConnection:
         return info.pack() + caps, fds
 
     def _get_region_io_fds(self, frame: Frame) -> bytes:
-        _require(len(frame.payload) == w.RegionIoFds.SIZE, errno.EINVAL, "GET_REGION_IO_FDS payload size")
-        req = w.RegionIoFds.unpack(frame.payload)
+        req = _request(frame, w.RegionIoFds)
         _require(req.argsz >= w.RegionIoFds.SIZE, errno.EINVAL, f"GET_REGION_IO_FDS argsz {req.argsz}")
         _require(req.flags == 0 and req.count == 0, errno.EINVAL, "GET_REGION_IO_FDS fields must be 0")
         _require(req.index < w.PCI_NUM_REGIONS and self.device.region(req.index).size > 0,
@@ -607,8 +633,7 @@ class ServerConnection:
         return w.RegionIoFds(argsz=w.RegionIoFds.SIZE, index=req.index, count=0).pack()
 
     def _get_irq_info(self, frame: Frame) -> bytes:
-        _require(len(frame.payload) == w.IrqInfo.SIZE, errno.EINVAL, "GET_IRQ_INFO payload size")
-        req = w.IrqInfo.unpack(frame.payload)
+        req = _request(frame, w.IrqInfo)
         _require(req.argsz >= w.IrqInfo.SIZE, errno.EINVAL, f"GET_IRQ_INFO argsz {req.argsz}")
         _require(req.index < w.PCI_NUM_IRQS, errno.EINVAL, f"irq index {req.index}")
         desc = self.device.irq(req.index)
@@ -620,9 +645,10 @@ class ServerConnection:
 
     # ------------------------------------------------------------ interrupts
     def _set_irqs(self, frame: Frame) -> bytes:
-        _require(len(frame.payload) >= w.IrqSet.SIZE, errno.EINVAL, "SET_IRQS payload size")
-        req = w.IrqSet.unpack(frame.payload)
+        req = _request(frame, w.IrqSet)
         data = frame.payload[w.IrqSet.SIZE:]
+        # Here argsz is the request's own size ("the size of the VFIO IRQ set request
+        # payload, including any data field"), so it must agree with the message.
         _require(req.argsz == len(frame.payload), errno.EINVAL,
                  f"SET_IRQS argsz {req.argsz} != payload {len(frame.payload)}")
         _require(not req.flags & w.IRQ_SET_FLAGS_RESERVED, errno.EINVAL, f"SET_IRQS flags {req.flags:#x}")
@@ -637,11 +663,14 @@ class ServerConnection:
                  errno.EINVAL, f"irq range {req.start}+{req.count} of {total}")
         fds = frame.fds
         _require(dflag == w.IrqSetFlag.DATA_EVENTFD or not fds, errno.EINVAL, "fds without DATA_EVENTFD")
+        if self.is_eventfd is not None:
+            for fd in fds:
+                _require(self.is_eventfd(fd), errno.EINVAL, f"SET_IRQS fd {fd} is not an eventfd")
         if dflag == w.IrqSetFlag.DATA_BOOL:
             _require(len(data) == req.count, errno.EINVAL, "SET_IRQS bool data size")
             selected = [i for i in range(req.count) if data[i]]
         else:
-            _require(not data, errno.EINVAL, "SET_IRQS data with no DATA_BOOL")
+            # Data after a NONE/EVENTFD request is ignored, as libvfio-user ignores it.
             selected = list(range(req.count))
 
         if disable_all:
@@ -714,11 +743,10 @@ class ServerConnection:
                  f"region {index} access {offset:#x}+{count} beyond size {desc.size:#x}")
 
     def _region_read(self, frame: Frame) -> bytes:
-        _require(len(frame.payload) == w.RegionAccess.SIZE, errno.EINVAL, "REGION_READ payload size")
-        req = w.RegionAccess.unpack(frame.payload)
+        req = _request(frame, w.RegionAccess)
         self._check_region(req.region, req.offset, req.count, write=False)
         data = self.device.region_read(req.region, req.offset, req.count)
-        return frame.payload + data
+        return frame.payload[:w.RegionAccess.SIZE] + data
 
     def _region_write(self, frame: Frame) -> bytes:
         _require(len(frame.payload) >= w.RegionAccess.SIZE, errno.EINVAL, "REGION_WRITE payload size")
@@ -747,7 +775,7 @@ class ServerConnection:
 
     # ------------------------------------------------------------ reset, the rest
     def _reset(self, frame: Frame) -> bytes:
-        _require(not frame.payload, errno.EINVAL, "DEVICE_RESET takes no payload")
+        # A payload is ignored, as libvfio-user ignores it.
         if self.migration is not None:
             self.migration.device_reset()
         self.device.reset()

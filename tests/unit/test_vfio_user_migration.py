@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import random
 import socket
 import threading
 from collections.abc import Iterator, Sequence
@@ -22,7 +23,7 @@ from test_nvme_driver import Driver, make_controller, status
 
 from appliance.client import DEFAULT_CAPS, VfioUserClient
 from appliance.errors import LocalProtocolError
-from appliance.memory import ClientMemory
+from appliance.memory import ClientMemory, DirtyLog
 from appliance.migrate import orchestrator as orch
 from appliance.migrate import stream as s
 from appliance.migrate.device import PciMigratable, apply_pci_state, pci_state_records
@@ -44,7 +45,7 @@ from appliance.vfio_user import migration as m
 from appliance.vfio_user import wire as w
 from appliance.vfio_user.framing import encode
 from appliance.vfio_user.migration import Feature, VfioUserMigration
-from appliance.vfio_user.server import Reject, ServerConnection
+from appliance.vfio_user.server import MAX_DATA_XFER_SIZE, Reject, ServerConnection
 from appliance.vfio_user.wire import PciIrq, PciRegion
 
 BLOCK = 4096
@@ -386,10 +387,13 @@ def test_data_read_checks() -> None:
     refused(errno.EINVAL, read, h, 16)  # RUNNING: not a saving state
     set_state(h, MigState.PRE_COPY)
     refused(errno.EINVAL, h.handle, C.MIG_DATA_READ, b"\0" * 7)
-    refused(errno.EINVAL, h.handle, C.MIG_DATA_READ, bytes(12))
+    refused(errno.EINVAL, h.handle, C.MIG_DATA_READ, bytes(12))  # argsz 0
     refused(errno.EINVAL, read, h, (1 << 20) + 1)
     refused(errno.EINVAL, read, h, 100, 107)  # argsz below 8 + size
     assert len(read(h, 100)) == 100
+    # Bytes after the head are ignored (libvfio-user reads the head only).
+    reply = h.handle(C.MIG_DATA_READ, w.MigDataHead(argsz=8 + 100, size=100).pack() + bytes(16))
+    assert w.MigDataHead.unpack(reply).size == len(reply) - 8 == 100
 
 
 def test_data_write_checks() -> None:
@@ -406,6 +410,10 @@ def test_data_write_checks() -> None:
     big = bytes((1 << 20) + 1)
     refused(errno.EINVAL, h.handle, C.MIG_DATA_WRITE,
             w.MigDataHead(argsz=8 + len(big), size=len(big)).pack() + big)
+    # Bytes after ``size`` are ignored (libvfio-user writes ``size`` bytes only):
+    # the stream sees exactly the first four, a valid start of nothing yet.
+    h.handle(C.MIG_DATA_WRITE, w.MigDataHead(argsz=8 + 4, size=4).pack() + b"\0" * 4 + b"tail")
+    assert h.counters["bytes_written"] == 4
 
 
 # ------------------------------------------------------------ the stream end to end
@@ -756,6 +764,43 @@ def test_report_checks() -> None:
     req = m.DmaLoggingReport(iova=0x10000, length=0x20000).pack()
     refused(errno.EINVAL, feature, h, GET | Feature.DMA_LOGGING_REPORT, req, 8 + 24 + 7)
     refused(errno.EINVAL, feature, h, GET | Feature.DMA_LOGGING_REPORT, req[:20])
+
+
+def test_report_is_bounded_by_the_message_limit() -> None:
+    # A 32-byte request for 8 TiB asks for a 256 MiB bitmap: refused before any
+    # allocation, because the reply could not exceed the message size limit.
+    mem, _ = memfd_memory(1 << 20)
+    h = VfioUserMigration(Disk(), mem)
+    assert h.max_bitmap_size == MAX_DATA_XFER_SIZE
+    log_start(h)
+    req = m.DmaLoggingReport(iova=0, length=8 << 40, page_size=4096).pack()
+    refused(errno.E2BIG, feature, h, GET | Feature.DMA_LOGGING_REPORT, req, 0xFFFFFFFF)
+    # The largest allowed report (32 GiB of 4 KiB pages) is answered.
+    mem.write(0x10000, b"x")
+    reply = feature(h, GET | Feature.DMA_LOGGING_REPORT,
+                    m.DmaLoggingReport(iova=0, length=32 << 30, page_size=4096).pack(), 0xFFFFFFFF)
+    bitmap = reply[8 + 24:]
+    assert len(bitmap) == MAX_DATA_XFER_SIZE and bitmap[2] == 1 and bitmap.count(0) == len(bitmap) - 1
+
+
+@pytest.mark.parametrize("log_page, page_size", [(4096, 4096), (4096, 16384), (65536, 4096),
+                                                 (8192, 8192)])
+def test_report_bitmap_matches_page_by_page(log_page: int, page_size: int) -> None:
+    # The bitmap against a direct definition: bit n is set when a dirty logged page
+    # overlaps [iova + n * page_size, iova + (n + 1) * page_size).
+    rng = random.Random(log_page * 7 + page_size)
+    dirty = DirtyLog(log_page)
+    dirty.pages.update(rng.sample(range(600), 60))
+    iova, length = 5 * log_page, 500 * log_page - 3 * 4096
+    expected_pages = set(dirty.pages)
+    got = int.from_bytes(m.report_bitmap(dirty, iova, length, page_size), "little")
+    nbits = -(-length // page_size)
+    want = 0
+    for n in range(nbits):
+        lo, hi = iova + n * page_size, min(iova + (n + 1) * page_size, iova + length)
+        if any(p * log_page < hi and lo < (p + 1) * log_page for p in expected_pages):
+            want |= 1 << n
+    assert got == want
 
 
 # ------------------------------------------------------------ PCI state

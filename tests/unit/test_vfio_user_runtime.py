@@ -18,6 +18,7 @@ from appliance.memory import DmaPending, DmaScope
 from appliance.runtime import vfio_user as runtime_vfio_user
 from appliance.runtime.vfio_user import VfioUserClientSocket
 from appliance.vfio_user import wire as w
+from appliance.vfio_user.framing import encode
 
 MEM = 0x10_0000  # client memory, DMA_MAPped without an fd: DMA_READ/WRITE messages
 
@@ -95,3 +96,71 @@ def test_a_client_that_never_answers_a_dma_is_disconnected_once(
     assert [r.message for r in caplog.records].count(
         "t: no reply to 4 DMA message(s) within 0.05 s; disconnecting") == 1
     assert all(s.error == "client gone" for s in scopes)
+
+
+# ------------------------------------------------------------ output queue
+def region_info_burst(count: int) -> bytes:
+    request = w.RegionInfo(argsz=w.RegionInfo.SIZE, index=w.PciRegion.CONFIG).pack()
+    return b"".join(encode(w.Header(msg_id=i, command=w.Command.DEVICE_GET_REGION_INFO), request)
+                    for i in range(count))
+
+
+def test_replies_wait_for_a_full_socket_and_all_arrive_in_order(
+        rig: tuple[EventLoop, VfioUserClientSocket, VfioUserClient]) -> None:
+    loop, server, client = rig
+    server.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    count = 3000
+    client.sock.sendall(region_info_burst(count))
+    pump(loop, lambda: server.backlog > 0)  # the socket is full: replies queue
+    seen: list[int] = []
+
+    def drain() -> bool:
+        try:
+            while len(seen) < count:
+                frame = client.receive(timeout=0)
+                assert frame is not None and not frame.header.flags & w.MsgFlag.ERROR
+                seen.append(frame.header.msg_id)
+        except TimeoutError:
+            pass
+        return len(seen) == count
+
+    pump(loop, drain, passes=5000)  # the writer callback sends as the client drains
+    assert seen == list(range(count))
+    pump(loop, lambda: server.backlog == 0)
+    info = in_thread(loop, client.device_info)  # still served
+    assert info.num_regions == w.PCI_NUM_REGIONS
+
+
+def test_a_client_that_does_not_read_is_disconnected_past_the_backlog_limit(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    loop = EventLoop()
+    ctrl = make_controller(tmp_path)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    closed: list[VfioUserClientSocket] = []
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    server = VfioUserClientSocket(loop, ours, ctrl, closed.append, "slow", max_backlog=16384)
+    client = VfioUserClient(theirs)
+    try:
+        in_thread(loop, lambda: client.negotiate({}))
+        burst = region_info_burst(4000)  # 192 KB of replies: far past the socket's buffer
+        sent = 0
+        theirs.setblocking(False)
+        for _ in range(100_000):  # a bound, not a pause: each pass makes progress or waits 1 ms
+            if sent == len(burst) or closed:
+                break
+            try:
+                sent += theirs.send(burst[sent:])
+            except BlockingIOError:
+                pass
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            loop.run_once(0.001)
+        pump(loop, lambda: bool(closed), passes=5000)
+        assert closed == [server] and server.sock.fileno() < 0
+        lines = [r.getMessage() for r in caplog.records if "replies unread" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].startswith("slow:"), lines
+    finally:
+        client.close()
+        server.close()
+        ctrl.close()
+        loop.close()
