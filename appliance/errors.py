@@ -1,9 +1,20 @@
-"""The package's root exception and its two branches.
+"""The package's root exception and the kinds of error below it: each says whose
+fault it is and how it reaches the wire.
 
-Internals raise :class:`LocalProtocolError` (we detected a problem in what a
-peer sent us, or in our own state); the receive entry points of each protocol
-reclassify as :class:`RemoteProtocolError` when reporting a peer's fault.  Each
-protocol maps these to its own wire error (errno, NVMe status, NACK).
+=========================  ==========================================  ===================================
+kind                       means                                       on the wire
+=========================  ==========================================  ===================================
+:class:`LocalProtocolError`  a peer's request is invalid (reject it)     its errno (vfio-user), a NACK (vhost-user)
+:class:`RemoteProtocolError` the peer broke the protocol for good        the connection is closed
+:class:`StreamRefused`       a migration stream / handoff manifest is   its errno (MIG_DATA_WRITE), a refusal
+                             refused; nothing of it is adopted           (handoff)
+``CommandError``             an NVMe command fails (storage/spec.py)    its NVMe status (+DNR) in the CQE
+:class:`ConfigError`         a configuration value is invalid           one line naming the key, exit 2
+=========================  ==========================================  ===================================
+
+The kinds do not derive from one another, so a device error escaping into a
+protocol's dispatch is never mistaken for a peer's bad request (an EINVAL reply);
+what no handler catches is a bug and is logged as one.
 """
 
 from __future__ import annotations
@@ -14,7 +25,7 @@ class ApplianceError(Exception):
 
 
 class LocalProtocolError(ApplianceError):
-    """A peer's message or a requested transition is invalid.
+    """A peer's message or a requested transition is invalid: reject it.
 
     Attributes:
         errno: the errno a vfio-user error reply should carry (0 if none).
@@ -27,6 +38,18 @@ class LocalProtocolError(ApplianceError):
 
 class RemoteProtocolError(ApplianceError):
     """The peer violated the protocol in a way that ends the connection."""
+
+
+class StreamRefused(ApplianceError):
+    """A migration stream or a live-handoff manifest is refused (all or nothing).
+
+    Attributes:
+        errno: what a vfio-user MIG_DATA_WRITE error reply carries.
+    """
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 class ConfigError(ApplianceError):

@@ -38,7 +38,7 @@ import enum
 import json
 from typing import Any
 
-from appliance.errors import LocalProtocolError
+from appliance.errors import StreamRefused
 from appliance.migrate.stream import Record, RecordType
 from appliance.wire import Struct
 
@@ -60,7 +60,7 @@ class FrameHead(Struct, size=12):
     FIELDS = (("magic", "4s", MAGIC), ("kind", "H", 0), ("nfds", "H", 0), ("length", "I", 0))
 
 
-class HandoffError(LocalProtocolError):
+class HandoffError(StreamRefused):
     """The handoff cannot go on (bad frame, bad manifest, refused by a side)."""
 
 

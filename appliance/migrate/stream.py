@@ -40,7 +40,7 @@ from typing import TypeVar
 
 import xxhash
 
-from appliance.errors import LocalProtocolError
+from appliance.errors import StreamRefused
 from appliance.wire import Struct, WireError
 
 MAGIC = b"AMIG"
@@ -157,7 +157,7 @@ class EndPayload(Struct, size=16):
 ROUND_MARKER_SIZE = RecordHead.SIZE + DirtyRound.SIZE
 
 
-class StreamError(LocalProtocolError):
+class StreamError(StreamRefused):
     """The stream is malformed, corrupt, out of order or for another device."""
 
     def __init__(self, message: str, err: int = errno.EINVAL) -> None:

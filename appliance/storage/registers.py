@@ -36,7 +36,7 @@ import enum
 from collections.abc import Callable
 from typing import ClassVar
 
-from appliance.errors import LocalProtocolError
+from appliance.errors import ApplianceError
 from appliance.storage.spec import (
     AQA,
     CAP,
@@ -85,7 +85,7 @@ READY_AFTER = {E.ENABLE: True, E.ENABLE_INVALID: False, E.DISABLE: False}
 del S, E
 
 
-class StateError(LocalProtocolError):
+class StateError(ApplianceError):
     """An event has no transition from the current state."""
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 
-from appliance.errors import LocalProtocolError
+from appliance.errors import ApplianceError
 from appliance.wire import BitFields, Struct
 
 PAGE_SHIFT = 12  # CAP.MPSMIN = CAP.MPSMAX = 0: 4 KiB memory pages only
@@ -225,7 +225,7 @@ class Status(enum.IntEnum):
     COMPARE_FAILURE = 0x285
 
 
-class CommandError(LocalProtocolError):
+class CommandError(ApplianceError):
     """A command is refused with an NVMe status; ``dnr``: Do Not Retry.
 
     Attributes:

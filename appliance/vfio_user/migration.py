@@ -53,7 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from appliance.errors import LocalProtocolError
+from appliance.errors import LocalProtocolError, StreamRefused
 from appliance.memory import ClientMemory, DirtyLog
 from appliance.migrate.states import (
     ARCS,
@@ -238,7 +238,7 @@ class VfioUserMigration:
         self.dma_log: DmaLog | None = None
         self._writer: StreamWriter | None = None
         self._reader: StreamReader | None = None
-        self._resume_error: LocalProtocolError | None = None
+        self._resume_error: LocalProtocolError | StreamRefused | None = None
         self._phase = RoundPhase.IDLE
         self._round = 0
         self._budget = 0
@@ -387,7 +387,7 @@ class VfioUserMigration:
             action: Callable[[], None] = getattr(self, ARC_ACTIONS[arc])
             try:
                 action()
-            except LocalProtocolError as exc:
+            except (LocalProtocolError, StreamRefused) as exc:
                 log.warning("%s: arc %s -> %s failed: %s", self.name, arc[0].name, hop.name, exc)
                 raise Reject(f"{arc[0].name} -> {hop.name}: {exc}",
                              exc.errno or errno.EIO) from None
@@ -470,7 +470,7 @@ class VfioUserMigration:
                 raise self._resume_error
             reader.check_complete()
             self.device.commit_restore()
-        except LocalProtocolError as exc:
+        except (LocalProtocolError, StreamRefused) as exc:
             self.device.abort_restore()
             self._reader = StreamReader(reader.expected_fingerprint, reader.expected_flags)
             self._resume_error = None
@@ -573,7 +573,7 @@ class VfioUserMigration:
                 raise LocalProtocolError("a HANDOFF record (live handoff only) in a vfio-user "
                                          "migration stream", errno.EINVAL)
             self.device.load_records([r for r in records if r.type in DEVICE_RECORDS])
-        except LocalProtocolError as exc:
+        except (LocalProtocolError, StreamRefused) as exc:
             if not isinstance(exc, StreamError):
                 self._resume_error = exc
             raise Reject(f"migration data: {exc}", exc.errno or errno.EINVAL) from None

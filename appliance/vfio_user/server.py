@@ -479,6 +479,15 @@ class ServerConnection:
                 # An unframeable stream, or a failed negotiation, ends the connection
                 # once the error reply is flushed.
                 self.close()
+        except Exception:  # the device failed, not the peer: EIO, logged as the bug it is
+            frame.close_fds()
+            self.counters["errors"] += 1
+            log.exception("%s msg %#x %s: the device failed", self.name, hdr.msg_id,
+                          _cmd_name(hdr.command))
+            if not no_reply:
+                reply = w.Header(msg_id=hdr.msg_id, command=hdr.command,
+                                 flags=w.MsgFlag.REPLY | w.MsgFlag.ERROR, error=errno.EIO)
+                self._out.append((encode(reply), []))
 
     def _check_header(self, frame: Frame) -> w.Command:
         hdr = frame.header

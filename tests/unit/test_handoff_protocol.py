@@ -15,7 +15,14 @@ from test_vfio_user_migration import Disk, handler, refused, set_state, write
 from appliance.errors import LocalProtocolError
 from appliance.migrate import handoff as ho
 from appliance.migrate.states import MigState
-from appliance.migrate.stream import HeaderFlag, Record, RecordType, StreamReader, StreamWriter
+from appliance.migrate.stream import (
+    HeaderFlag,
+    Record,
+    RecordType,
+    StreamError,
+    StreamReader,
+    StreamWriter,
+)
 from appliance.pci import Bar, MsixLayout, PciDevice
 from appliance.storage.doorbells import PAGE_OFFSET, DoorbellPage
 from appliance.vfio_user import wire as w
@@ -67,12 +74,12 @@ def test_handoff_record_rides_the_stream_once_and_checksummed() -> None:
     got = StreamReader(b"fp", HeaderFlag.SHARED_STORAGE).feed(bytes(data))
     assert [r.type for r in got] == [RecordType.HEADER, RecordType.HANDOFF, RecordType.END]
     data[-30] ^= 1  # inside the HANDOFF record's payload or the END record
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(StreamError):
         StreamReader(b"fp", HeaderFlag.SHARED_STORAGE).feed(bytes(data))
     twice = StreamWriter(b"fp")
     twice.add(ho.handoff_record({}))
     twice.add(ho.handoff_record({}))
-    with pytest.raises(LocalProtocolError, match="second HANDOFF"):
+    with pytest.raises(StreamError, match="second HANDOFF"):
         StreamReader(b"fp").feed(twice.read(1 << 20))
 
 

@@ -3,6 +3,7 @@ and the project's client over a socketpair; the loop is pumped by hand."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -12,11 +13,12 @@ from typing import Any
 import pytest
 from test_nvme_driver import make_controller
 
-from appliance.client import VfioUserClient
+from appliance.client import VfioUserClient, VfioUserError
 from appliance.loop import EventLoop
 from appliance.memory import DmaPending, DmaScope
 from appliance.runtime import vfio_user as runtime_vfio_user
 from appliance.runtime.vfio_user import VfioUserClientSocket
+from appliance.storage.spec import CommandError, Status
 from appliance.vfio_user import wire as w
 from appliance.vfio_user.framing import encode
 
@@ -164,3 +166,29 @@ def test_a_client_that_does_not_read_is_disconnected_past_the_backlog_limit(
         server.close()
         ctrl.close()
         loop.close()
+
+
+def test_a_device_error_is_eio_not_a_rejection_and_the_client_is_served_on(
+        rig: tuple[EventLoop, VfioUserClientSocket, VfioUserClient],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An NVMe CommandError escaping from a device call is the device's failure:
+    the reply says EIO (not EINVAL, the peer's-fault errno), the bug is logged,
+    and the connection goes on."""
+    loop, server, client = rig
+
+    def broken(*_: object) -> bytes:
+        raise CommandError(Status.INTERNAL_ERROR, "a device bug")
+
+    monkeypatch.setattr(server.conn.device, "region_read", broken)
+    def read() -> OSError | None:
+        try:
+            client.read32(w.PciRegion.BAR0, 0)
+        except VfioUserError as exc:
+            return exc
+        return None
+
+    refused = in_thread(loop, read)
+    assert refused is not None and refused.errno == errno.EIO
+    assert "the device failed" in caplog.text
+    monkeypatch.undo()
+    assert in_thread(loop, client.device_info).num_regions == w.PCI_NUM_REGIONS
