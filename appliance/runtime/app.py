@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
@@ -21,10 +20,6 @@ from appliance.vfio_user.migration import VfioUserMigration
 from appliance.vfio_user.server import DmaLayout
 
 log = logging.getLogger("appliance")
-
-
-def _private_dir(path: str) -> None:
-    os.makedirs(path, mode=0o700, exist_ok=True)
 
 
 def _is_hex(value: Any) -> bool:
@@ -57,31 +52,29 @@ class Appliance:
 
     def start(self) -> None:
         """Check every path, then create data and run dirs, images and sockets;
-        register with the loop.  What a failed start created is closed again.
+        register with the loop.  What a failed start created is closed (sockets)
+        or removed (images it created, still empty) again.
 
         Raises:
             StartupError: one line starting with the config key of what failed.
             ApplianceError: the same from a service (net ports, the TAP).
         """
         startup.check(self.cfg, standby=self.standby)  # nothing exists yet
+        new_images = startup.missing_images(self.cfg)
         try:
-            self._start()
-        except (OSError, ListenerError) as exc:
-            self.close()
-            raise startup.keyed(self.cfg, exc) from None
+            try:
+                self._start()
+            except (OSError, ListenerError) as exc:
+                raise startup.keyed(self.cfg, exc) from None
         except BaseException:
             self.close()
+            startup.remove_new_images(new_images)
             raise
 
     def _start(self) -> None:
         cfg = self.cfg
-        _private_dir(cfg["run_dir"])
-        _private_dir(cfg["data_dir"])
+        startup.make_dirs(cfg)
         st = cfg["storage"]
-        for ns in st["namespaces"]:
-            os.makedirs(os.path.dirname(os.path.abspath(ns["image"])), exist_ok=True)
-        for path in [st["socket"], cfg["control"]["socket"], *(p["socket"] for p in cfg["net"]["ports"])]:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         self.controller = NvmeController(
             namespaces=st["namespaces"], io_queues=st["io_queues"],
             queue_entries=st["queue_entries"], serial=st["serial"], clock=time.monotonic,

@@ -23,16 +23,18 @@ def _mib(n: int) -> str:
     return f"{n} bytes ({n / (1 << 20):g} MiB)"
 
 
-def socket_keys(cfg: dict[str, Any], standby: bool = False) -> list[tuple[str, str]]:
-    """(config key, path) of every socket this process will listen on.
+def socket_keys(cfg: dict[str, Any], *, listening: bool = False,
+                standby: bool = False) -> list[tuple[str, str]]:
+    """(config key, path) of every socket.
 
-    A standby process's server ports listen nowhere until a handoff brings
-    the source's listeners; client ports connect out.
+    ``listening``: only those this process will listen on: not client-mode
+    ports (they connect out), nor, in a ``standby`` process, server ports
+    (they listen nowhere until a handoff brings the source's listeners).
     """
     keys = [("storage.socket", cfg["storage"]["socket"]), ("control.socket", cfg["control"]["socket"])]
-    if not standby:
-        keys += [(f"net.ports[{i}].socket", p["socket"]) for i, p in enumerate(cfg["net"]["ports"])
-                 if p.get("mode", "server") == "server"]
+    for i, p in enumerate(cfg["net"]["ports"]):
+        if not listening or (not standby and p.get("mode", "server") == "server"):
+            keys.append((f"net.ports[{i}].socket", p["socket"]))
     return keys
 
 
@@ -41,37 +43,43 @@ def path_keys(cfg: dict[str, Any]) -> list[tuple[str, str]]:
     keys = [("data_dir", cfg["data_dir"]), ("run_dir", cfg["run_dir"])]
     keys += [(f"storage.namespaces[{i}].image", ns["image"])
              for i, ns in enumerate(cfg["storage"]["namespaces"])]
-    keys += [("storage.socket", cfg["storage"]["socket"]), ("control.socket", cfg["control"]["socket"])]
-    for i, p in enumerate(cfg["net"]["ports"]):
-        keys.append((f"net.ports[{i}].socket", p["socket"]))
-        if p.get("pcap"):
-            keys.append((f"net.ports[{i}].pcap", p["pcap"]))
+    keys += socket_keys(cfg)
+    keys += [(f"net.ports[{i}].pcap", p["pcap"]) for i, p in enumerate(cfg["net"]["ports"])
+             if p.get("pcap")]
     return keys
 
 
 def keyed(cfg: dict[str, Any], exc: OSError | ListenerError) -> StartupError:
-    """``exc`` as one line that names the key of the path it concerns."""
-    where = exc.path if isinstance(exc, ListenerError) else exc.filename
-    what = str(exc) if isinstance(exc, ListenerError) else \
-        f"cannot open {exc.filename}: {exc.strerror or exc}"
+    """``exc`` as one line that names the key of the path it concerns
+    (``start-up:`` when no configured path is concerned)."""
+    if isinstance(exc, ListenerError):
+        where, what = exc.path, str(exc)
+    elif exc.filename is not None:
+        where, what = exc.filename, f"cannot open {exc.filename}: {exc.strerror or exc}"
+    else:
+        return StartupError(f"start-up: {exc}")
     for key, path in path_keys(cfg):
-        if where is not None and os.path.abspath(str(where)) == os.path.abspath(path):
+        if os.path.abspath(str(where)) == os.path.abspath(path):
             return StartupError(f"{key}: {what}")
-    return StartupError(f"start-up: {what if where is not None else exc}")
+    return StartupError(f"start-up: {what}")
 
 
-def _check_dir(key: str, path: str) -> None:
+def _stat(key: str, path: str) -> os.stat_result | None:
+    """``path``'s status, None when it does not exist (yet).
+
+    Raises:
+        StartupError: it lies below something that is not a directory, or
+            cannot be looked at.
+    """
     try:
         check_parent(path)
-        st = os.stat(path)
+        return os.stat(path)
     except FileNotFoundError:
-        return  # created at start
+        return None
     except ListenerError as exc:
         raise StartupError(f"{key}: {exc}") from None
     except OSError as exc:
         raise StartupError(f"{key}: {path}: {exc.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise StartupError(f"{key}: {path} is not a directory")
 
 
 def check_image(key: str, ns: dict[str, Any]) -> None:
@@ -85,15 +93,9 @@ def check_image(key: str, ns: dict[str, Any]) -> None:
         StartupError: one line naming ``KEY.image`` or ``KEY.size``.
     """
     image, size = ns["image"], ns["size"]
-    try:
-        check_parent(image)
-        st = os.stat(image)
-    except FileNotFoundError:
+    st = _stat(f"{key}.image", image)
+    if st is None:
         return
-    except ListenerError as exc:
-        raise StartupError(f"{key}.image: {exc}") from None
-    except OSError as exc:
-        raise StartupError(f"{key}.image: {image}: {exc.strerror}") from None
     if stat.S_ISDIR(st.st_mode):
         raise StartupError(f"{key}.image: {image} is a directory, not an image file")
     if not stat.S_ISREG(st.st_mode):
@@ -119,29 +121,54 @@ def check(cfg: dict[str, Any], standby: bool = False) -> None:
     Raises:
         StartupError: the first problem, its message starting with the config key.
     """
-    _check_dir("data_dir", cfg["data_dir"])
-    _check_dir("run_dir", cfg["run_dir"])
+    for key in ("data_dir", "run_dir"):
+        st = _stat(key, cfg[key])
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            raise StartupError(f"{key}: {cfg[key]} is not a directory")
     for i, ns in enumerate(cfg["storage"]["namespaces"]):
         check_image(f"storage.namespaces[{i}]", ns)
-    for key, path in socket_keys(cfg, standby):
+    for key, path in socket_keys(cfg, listening=True, standby=standby):
         try:
             check_socket_path(path)
         except ListenerError as exc:
             raise StartupError(f"{key}: {exc}") from None
     for i, p in enumerate(cfg["net"]["ports"]):
-        if p.get("pcap"):
-            _check_file(f"net.ports[{i}].pcap", p["pcap"])
+        st = _stat(f"net.ports[{i}].pcap", p["pcap"]) if p.get("pcap") else None
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise StartupError(f"net.ports[{i}].pcap: {p['pcap']} is not a regular file")
 
 
-def _check_file(key: str, path: str) -> None:
-    try:
-        check_parent(path)
-        st = os.stat(path)
-    except FileNotFoundError:
-        return
-    except ListenerError as exc:
-        raise StartupError(f"{key}: {exc}") from None
-    except OSError as exc:
-        raise StartupError(f"{key}: {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise StartupError(f"{key}: {path} is not a regular file")
+def missing_images(cfg: dict[str, Any]) -> list[tuple[str, int]]:
+    """(path, size) of the images that do not exist yet (start-up creates them)."""
+    return [(ns["image"], ns["size"]) for ns in cfg["storage"]["namespaces"]
+            if not os.path.lexists(ns["image"])]
+
+
+def remove_new_images(created: list[tuple[str, int]]) -> None:
+    """After a failed start: remove the images it created, if they are still
+    as created (a regular file of that size without a block written)."""
+    for path, size in created:
+        try:
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_size == size and st.st_blocks == 0:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+def make_dirs(cfg: dict[str, Any]) -> None:
+    """Create what is missing of the data and run directories (mode 0700), the
+    directories of the images and of the sockets (0700).
+
+    Raises:
+        StartupError: one cannot be created; the message names its key.
+    """
+    dirs = [("run_dir", cfg["run_dir"], 0o700), ("data_dir", cfg["data_dir"], 0o700)]
+    dirs += [(f"storage.namespaces[{i}].image", os.path.dirname(os.path.abspath(ns["image"])), 0o777)
+             for i, ns in enumerate(cfg["storage"]["namespaces"])]
+    dirs += [(key, os.path.dirname(os.path.abspath(path)), 0o700) for key, path in socket_keys(cfg)]
+    for key, path, mode in dirs:
+        try:
+            os.makedirs(path, mode=mode, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"{key}: cannot create {path}: {exc.strerror or exc}") from None
