@@ -9,7 +9,8 @@ the socket path:
   listener's life.  A path whose lock another process holds is refused,
   naming that process's pid;
 * a path left behind by a process that died (its lock is free) is removed
-  only if it is a socket; a regular file, a directory, a symlink or anything
+  only if it is a socket nobody listens on (a process that takes no lock
+  may); a regular file, a directory, a symlink or anything
   else at the socket path (or at the lock path) is refused, never removed.
 
 On close the socket and the lock file are removed only if they are still
@@ -107,13 +108,16 @@ def check_socket_path(path: str) -> None:
     try:
         fd = os.open(path + LOCK_SUFFIX, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
-        return
+        fd = -1
     except OSError as exc:
         raise ListenerError(path, f"{path}{LOCK_SUFFIX}: {exc.strerror}") from None
-    try:
-        _try_lock(path, fd)
-    finally:
-        os.close(fd)  # releases the probe's lock, if it took one
+    if fd >= 0:
+        try:
+            _try_lock(path, fd)
+        finally:
+            os.close(fd)  # releases the probe's lock, if it took one
+    if os.path.lexists(path):
+        _refuse_if_listening(path)
 
 
 def _try_lock(path: str, fd: int) -> None:
@@ -235,6 +239,7 @@ class Claim:
         if not stat.S_ISSOCK(st.st_mode):
             raise ListenerError(self.path, f"{self.path} is {_kind(st.st_mode)}, not a socket: "
                                            "refusing to replace it")
+        _refuse_if_listening(self.path)
         _unlink(self.path)  # stale: its owner died without removing it
 
     def bound(self) -> None:
@@ -290,6 +295,28 @@ def listen(path: str, backlog: int) -> tuple[socket.socket, Claim]:
     finally:
         os.umask(old)
     return sock, claim
+
+
+def _refuse_if_listening(path: str) -> None:
+    """Raises ListenerError when a process that takes no lock (not an appliance)
+    listens on the socket at ``path``."""
+    if _accepts(path):
+        raise ListenerError(path, f"{path} is in use by a process that holds no lock on "
+                                  f"{path}{LOCK_SUFFIX}: refusing to replace it")
+
+
+def _accepts(path: str) -> bool:
+    """Whether something listens on the unix socket at ``path`` (a connect is not refused)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    try:
+        probe.connect(path)
+    except BlockingIOError:
+        return True  # its backlog is full: alive
+    except OSError:
+        return False  # refused: nobody listens
+    finally:
+        probe.close()
+    return True
 
 
 def _unlink(path: str) -> None:

@@ -70,7 +70,15 @@ def in_parent_file(root: Path) -> Path:
     return root / "f"
 
 
-Setup = Callable[[Path, dict[str, Any]], None]
+def listening(path: Path) -> socket.socket:
+    """A socket another program listens on (kept open while the test runs)."""
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.listen(1)
+    return s
+
+
+Setup = Callable[[Path, dict[str, Any]], Any]
 SETUPS: dict[str, Setup] = {
     "socket-file": lambda r, c: (r / "run" / "nvme.sock").write_text("not a socket"),
     "socket-dir": lambda r, c: (r / "run" / "nvme.sock").mkdir(),
@@ -78,6 +86,7 @@ SETUPS: dict[str, Setup] = {
     "port-socket-file": lambda r, c: (r / "run" / "p0.sock").write_text("not a socket"),
     "control-socket-file": lambda r, c: (r / "run" / "control.sock").write_text("not a socket"),
     "control-socket-dir": lambda r, c: (r / "run" / "control.sock").mkdir(),
+    "socket-foreign": lambda r, c: listening(r / "run" / "nvme.sock"),
     "lock-dir": lambda r, c: (r / "run" / "nvme.sock.lock").mkdir(),
     "socket-parent-file": lambda r, c: c["storage"].update(
         socket=str(in_parent_file(r) / "nvme.sock")),
@@ -133,7 +142,7 @@ def test_the_table_has_every_case() -> None:
 @pytest.mark.parametrize("case", sorted(SETUPS))
 def test_start_up_error(root: Path, tmp_path: Path, case: str) -> None:
     cfg = base_config(root)
-    SETUPS[case](root, cfg)
+    kept = SETUPS[case](root, cfg)  # a foreign listener stays open while the appliance runs
     config = tmp_path / "appliance.yaml"
     config.write_text(yaml.safe_dump(cfg))
     before = tree(root)
@@ -149,6 +158,8 @@ def test_start_up_error(root: Path, tmp_path: Path, case: str) -> None:
     assert tree(root) == before  # nothing created, changed or removed
     for name in ("appliance-disk0.img", "appliance-data", "appliance-nvme.sock.lock"):
         assert not os.path.exists(f"/sys/{name}")
+    if isinstance(kept, socket.socket):
+        kept.close()
 
 
 def test_socket_in_use(root: Path, tmp_path: Path) -> None:

@@ -151,3 +151,16 @@ def test_a_parent_that_is_a_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("")
     with pytest.raises(ListenerError, match=r"parent .*/f is not a directory"):
         listen(str(tmp_path / "f" / "d" / "s.sock"), 4)
+
+
+def test_a_socket_someone_listens_on_without_a_lock_is_not_taken(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.sock")
+    foreign = socket.socket(socket.AF_UNIX)
+    foreign.bind(path)
+    foreign.listen(1)
+    try:
+        with pytest.raises(ListenerError, match=r"in use by a process that holds no lock on "):
+            listen(path, 4)
+        assert os.path.exists(path) and not os.path.exists(path + ".lock")
+    finally:
+        foreign.close()
