@@ -666,7 +666,8 @@ class NetService:
                     if bound != p.socket:  # the path we will serve and one day unlink
                         raise ApplianceError(f"{svc.port.name}: the source's listener is bound "
                                              f"to {bound!r}, not {p.socket!r}")
-                    assert p.lock is not None  # parse() and check_fit() saw to it
+                    if p.lock is None:  # check_fit() refused that already
+                        raise ApplianceError(f"{svc.port.name}: the listener came without its lock")
                     st.claim = Claim.adopt(p.socket, fds[p.lock])  # raises ListenerError
                 if p.session is not None:
                     st.sock = _adopt_socket(fds, p.session.socket, listening=False)
