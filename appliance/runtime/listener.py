@@ -35,6 +35,7 @@ import stat
 from appliance.errors import ApplianceError
 
 LOCK_SUFFIX = ".lock"
+MAX_PATH = 107  # bytes of a unix socket path (sun_path holds 108 with the NUL)
 _LOCK_ATTEMPTS = 5  # the lock file can be replaced under us by an exiting owner
 
 
@@ -91,6 +92,9 @@ def check_socket_path(path: str) -> None:
         ListenerError: a bad parent, something other than a socket at the path
             or at its lock path, or a lock another process holds.
     """
+    if len(os.fsencode(path)) > MAX_PATH:
+        raise ListenerError(path, f"{path} is too long for a unix socket "
+                                  f"({len(os.fsencode(path))} bytes, at most {MAX_PATH})")
     check_parent(path)
     for where in (path, path + LOCK_SUFFIX):
         try:
