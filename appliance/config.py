@@ -4,7 +4,8 @@ Every key is declared once in :data:`SCHEMA` with its checker and default.
 Unknown keys and bad values raise :class:`~appliance.errors.ConfigError`
 whose message starts with the key's path, e.g.
 ``storage.namespaces[0].block_size: must be one of 512, 4096 (got 1000)``.
-Paths may use ``{data_dir}`` and ``{run_dir}``; ``~`` is expanded.
+Paths (the keys checked by :func:`file_path`) may use ``{data_dir}`` and
+``{run_dir}``; any other ``{placeholder}`` is refused; ``~`` is expanded.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +83,12 @@ def text(path: str, value: Any) -> str:
     return value
 
 
+def file_path(key: str, value: Any) -> str:
+    """A file system path: a non-empty string, where ``{data_dir}``/``{run_dir}`` are
+    expanded once every value is known (:func:`_expand`)."""
+    return text(key, value)
+
+
 def ifname(path: str, value: Any) -> str:
     """A Linux network interface name: 1-15 bytes, no '/', ':' or whitespace."""
     if (not isinstance(value, str) or not 0 < len(value.encode()) < 16 or value in (".", "..")
@@ -124,25 +132,26 @@ class ListOf:
 
 
 NAMESPACE = Table({
-    "image": (text, None),
+    "image": (file_path, None),
     "size": (size, "1G"),
     "block_size": (one_of(512, 4096), 512),
     "read_only": (boolean, False),
+    "grow": (boolean, False),  # extend an existing image smaller than size (never cut one)
 })
 PORT = Table({
-    "socket": (text, None),
+    "socket": (file_path, None),
     "mac": (mac, None),
     "queues": (integer(1, 8), 1),
     "mode": (one_of("server", "client"), "server"),
-    "pcap": (text, None),
+    "pcap": (file_path, None),
     "mtu": (integer(68, 65535), 1500),  # != 1500: QEMU offers VIRTIO_NET_F_MTU (host_mtu)
 })
 SCHEMA = Table({
-    "data_dir": (text, "{default_data_dir}"),
-    "run_dir": (text, "{default_run_dir}"),
+    "data_dir": (file_path, "{default_data_dir}"),
+    "run_dir": (file_path, "{default_run_dir}"),
     "trace": (boolean, False),
     "storage": (Table({
-        "socket": (text, "{run_dir}/nvme.sock"),
+        "socket": (file_path, "{run_dir}/nvme.sock"),
         "io_queues": (integer(1, 64), 4),
         "queue_entries": (integer(2, 4096), 1024),
         "serial": (text, "APPLIANCE0001"),
@@ -160,7 +169,7 @@ SCHEMA = Table({
         }), None),
         "tap": (Table({"name": (ifname, None)}), None),  # name absent: no TAP interface
     }), None),
-    "control": (Table({"socket": (text, "{run_dir}/control.sock")}), None),
+    "control": (Table({"socket": (file_path, "{run_dir}/control.sock")}), None),
 })
 
 
@@ -211,16 +220,35 @@ def _required(cfg: dict[str, Any]) -> None:
         sockets[path] = key
 
 
-def _expand(value: Any, names: dict[str, str]) -> Any:
-    if isinstance(value, dict):
-        return {k: _expand(v, names) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand(v, names) for v in value]
-    if isinstance(value, str):
-        try:
-            return os.path.expanduser(value.format(**names))
-        except (KeyError, IndexError, ValueError):
-            return value
+def _expand_path(key: str, value: str, names: dict[str, str]) -> str:
+    """``value`` with its ``{name}`` placeholders replaced and ``~`` expanded.
+
+    Raises:
+        ConfigError: an unknown placeholder, or a stray ``{`` or ``}`` (``{{`` and
+            ``}}`` stand for the braces themselves).
+    """
+    known = ", ".join(f"{{{n}}}" for n in names if not n.startswith("default_"))
+    try:
+        fields = list(string.Formatter().parse(value))
+    except ValueError:
+        raise ConfigError(f"{key}: unbalanced brace in {value!r} (write {{{{ or }}}} for a "
+                          "literal one)") from None
+    for _, name, spec, conversion in fields:
+        if name is not None and (name not in names or spec or conversion):
+            raise ConfigError(f"{key}: unknown placeholder {{{name}}} in {value!r} "
+                              f"(known: {known or 'none here'})")
+    return os.path.expanduser(value.format(**names))
+
+
+def _expand(schema: Any, value: Any, key: str, names: dict[str, str]) -> Any:
+    """``value`` (checked against ``schema``) with every path expanded."""
+    if isinstance(schema, Table) and isinstance(value, dict):
+        return {k: _expand(schema.keys[k][0], v, f"{key}.{k}" if key else k, names)
+                for k, v in value.items()}
+    if isinstance(schema, ListOf) and isinstance(value, list):
+        return [_expand(schema.item, v, f"{key}[{i}]", names) for i, v in enumerate(value)]
+    if schema is file_path and isinstance(value, str):
+        return _expand_path(key, value, names)
     return value
 
 
@@ -247,9 +275,9 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> di
         raw = {**raw, **overrides} if isinstance(raw, dict) else raw
     cfg: dict[str, Any] = _apply(SCHEMA, raw, "")
     names = {"default_data_dir": _default_data_dir(), "default_run_dir": _default_run_dir()}
-    cfg["data_dir"] = _expand(cfg["data_dir"], names)
-    cfg["run_dir"] = _expand(cfg["run_dir"], names)
+    cfg["data_dir"] = _expand_path("data_dir", cfg["data_dir"], names)
+    cfg["run_dir"] = _expand_path("run_dir", cfg["run_dir"], names)
     names.update(data_dir=cfg["data_dir"], run_dir=cfg["run_dir"])
-    cfg = _expand(cfg, names)
+    cfg = _expand(SCHEMA, cfg, "", names)
     _required(cfg)
     return cfg

@@ -54,3 +54,8 @@ class StreamRefused(ApplianceError):
 
 class ConfigError(ApplianceError):
     """A configuration value is invalid; the message names the key's path."""
+
+
+class StartupError(ApplianceError):
+    """The process cannot start as configured (a path, an image, a socket in use);
+    the message starts with the config key, as :class:`ConfigError`'s does."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
@@ -12,17 +11,15 @@ from appliance.faults import FaultError
 from appliance.loop import EventLoop
 from appliance.memory import ClientMemory
 from appliance.migrate.nvme_state import NvmeMigratable
+from appliance.runtime import startup
 from appliance.runtime.handoff import HandoffSink, HandoffSource
+from appliance.runtime.listener import Claim, ListenerError
 from appliance.runtime.vfio_user import VfioUserClientSocket, VfioUserService
 from appliance.storage.controller import NvmeController
 from appliance.vfio_user.migration import VfioUserMigration
 from appliance.vfio_user.server import DmaLayout
 
 log = logging.getLogger("appliance")
-
-
-def _private_dir(path: str) -> None:
-    os.makedirs(path, mode=0o700, exist_ok=True)
 
 
 def _is_hex(value: Any) -> bool:
@@ -54,15 +51,30 @@ class Appliance:
         return self.net is not None
 
     def start(self) -> None:
-        """Create data and run dirs, images and sockets; register with the loop."""
+        """Check every path, then create data and run dirs, images and sockets;
+        register with the loop.  What a failed start created is closed (sockets)
+        or removed (images it created, still empty) again.
+
+        Raises:
+            StartupError: one line starting with the config key of what failed.
+            ApplianceError: the same from a service (net ports, the TAP).
+        """
+        startup.check(self.cfg, standby=self.standby)  # nothing exists yet
+        new_images = startup.missing_images(self.cfg)
+        try:
+            try:
+                self._start()
+            except (OSError, ListenerError) as exc:
+                raise startup.keyed(self.cfg, exc) from None
+        except BaseException:
+            self.close()
+            startup.remove_new_images(new_images)
+            raise
+
+    def _start(self) -> None:
         cfg = self.cfg
-        _private_dir(cfg["run_dir"])
-        _private_dir(cfg["data_dir"])
+        startup.make_dirs(cfg)
         st = cfg["storage"]
-        for ns in st["namespaces"]:
-            os.makedirs(os.path.dirname(os.path.abspath(ns["image"])), exist_ok=True)
-        for path in [st["socket"], cfg["control"]["socket"], *(p["socket"] for p in cfg["net"]["ports"])]:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         self.controller = NvmeController(
             namespaces=st["namespaces"], io_queues=st["io_queues"],
             queue_entries=st["queue_entries"], serial=st["serial"], clock=time.monotonic,
@@ -214,6 +226,8 @@ class Appliance:
 
     def handoff_start(self) -> None:
         """Serve what was adopted: commands queued meanwhile, then whatever comes."""
+        for claim in self._claims():  # the socket paths are this process's now
+            claim.write_pid()
         self.migratable.migration_run()
         if self.net is not None:
             self.net.handoff_start()
@@ -221,6 +235,13 @@ class Appliance:
         if client is not None and not client.conn.closed:
             client.conn.process()
             client.flush()
+
+    def _claims(self) -> list[Claim]:
+        """The locks of the listeners a handoff moves (not the control socket's)."""
+        claims = [self.vfio_user.claim]
+        if self.net is not None:
+            claims += [svc.claim for svc in self.net.services if svc.claim is not None]
+        return claims
 
     def run(self) -> None:
         self.loop.run()

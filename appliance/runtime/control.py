@@ -12,9 +12,7 @@ that releases deferred completions and delayed frames.
 from __future__ import annotations
 
 import logging
-import os
 import socket
-import stat
 import time
 from collections.abc import Callable
 from typing import Any, Self
@@ -30,6 +28,7 @@ from appliance.control.protocol import (
 )
 from appliance.faults import FaultSet
 from appliance.loop import EventLoop
+from appliance.runtime.listener import listen
 
 log = logging.getLogger("appliance.control")
 RELEASE_PERIOD = 0.005  # seconds between checks for due deferred completions / frames
@@ -135,7 +134,7 @@ class ControlService:
     def __init__(self, loop: EventLoop, path: str, controller: Any = None, net: Any = None,
                  clock: Callable[[], float] = time.monotonic, seed: int = 0) -> None:
         """Raises:
-            OSError: the socket cannot be created.
+            ListenerError: the socket path cannot be claimed or bound.
         """
         self.loop = loop
         self.path = path
@@ -150,29 +149,8 @@ class ControlService:
         if net is not None:
             for svc in net.services:
                 self._wrap_port(svc.port, net)
-        self.listener = self._listen(path)
+        self.listener, self.claim = listen(path, 8)  # mode 0600; raises ListenerError
         loop.add_reader(self.listener.fileno(), self._accept)
-
-    @staticmethod
-    def _listen(path: str) -> socket.socket:
-        try:
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)  # stale, from an earlier run
-        except FileNotFoundError:
-            pass
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)
-        try:
-            listener.bind(path)
-        except OSError:
-            listener.close()
-            raise
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        listener.listen(8)
-        listener.setblocking(False)
-        return listener
 
     def _accept(self) -> None:
         try:
@@ -244,10 +222,7 @@ class ControlService:
             client.close()
         self.loop.remove_reader(self.listener.fileno())
         self.listener.close()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        self.claim.close()  # the socket and lock file, if still ours
 
 
 class ControlClient:

@@ -46,6 +46,7 @@ from appliance.migrate.handoff import (
 from appliance.migrate.stream import HeaderFlag, RecordType, StreamReader, StreamWriter, dirty_round
 from appliance.runtime import unix
 from appliance.runtime.control import ControlClient
+from appliance.runtime.listener import Claim, ListenerError, listen
 
 if TYPE_CHECKING:
     from appliance.runtime.app import Appliance
@@ -242,6 +243,7 @@ class HandoffSink:
     def __init__(self, app: Appliance) -> None:
         self.app = app
         self.listener: socket.socket | None = None
+        self.claim: Claim | None = None  # the channel socket's lock
         self.path = ""
         self.shared = False
         self._serial = 0
@@ -270,16 +272,10 @@ class HandoffSink:
         self.shared = args.get("images") == image_ids(app)
         self._serial += 1
         self.path = os.path.join(app.cfg["run_dir"], f"handoff-{os.getpid()}-{self._serial}.sock")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        if os.path.exists(self.path):
-            os.unlink(self.path)
-        old = os.umask(0o177)
         try:
-            listener.bind(self.path)
-        finally:
-            os.umask(old)
-        listener.listen(1)
-        listener.setblocking(False)
+            listener, self.claim = listen(self.path, 1)
+        except ListenerError as exc:
+            raise HandoffError(f"handoff channel: {exc}") from None
         self.listener = listener
         app.loop.add_reader(listener.fileno(), self._incoming)
         serial = self._serial
@@ -296,10 +292,9 @@ class HandoffSink:
             self.app.loop.remove_reader(self.listener.fileno())
             self.listener.close()
             self.listener = None
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+        if self.claim is not None:
+            self.claim.close()
+            self.claim = None
 
     def _incoming(self) -> None:
         assert self.listener is not None

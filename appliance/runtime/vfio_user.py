@@ -33,6 +33,7 @@ from typing import Any
 from appliance.errors import ApplianceError, LocalProtocolError, RemoteProtocolError
 from appliance.loop import EventLoop
 from appliance.runtime import unix
+from appliance.runtime.listener import Claim, listen
 from appliance.vfio_user.backend import VfioUserDevice
 from appliance.vfio_user.server import MAX_MSG_FDS, DmaLayout, ServerConnection
 
@@ -219,16 +220,7 @@ class VfioUserService:
         self.name = name
         self.client: VfioUserClientSocket | None = None
         self.connections = 0
-        if os.path.exists(path):
-            os.unlink(path)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)  # socket file mode 0600
-        try:
-            self.listener.bind(path)
-        finally:
-            os.umask(old)
-        self.listener.listen(4)
-        self.listener.setblocking(False)
+        self.listener, self.claim = listen(path, 4)  # raises ListenerError
         loop.add_reader(self.listener.fileno(), self._accept)
 
     def _accept(self) -> None:
@@ -278,9 +270,9 @@ class VfioUserService:
 
     def handoff_export(self, fds: list[int]) -> dict[str, Any]:
         """The listener and the connected client (socket, connection state); fds by index."""
-        fds.append(self.listener.fileno())
-        state: dict[str, Any] = {"path": self.path, "listener": len(fds) - 1, "client": None,
-                                 "connections": self.connections}
+        fds += [self.listener.fileno(), self.claim.fd]  # the path's lock moves with it
+        state: dict[str, Any] = {"path": self.path, "listener": len(fds) - 2, "lock": len(fds) - 1,
+                                 "client": None, "connections": self.connections}
         if self.client is not None:
             fds.append(self.client.sock.fileno())
             state["client"] = {"socket": len(fds) - 1, "conn": self.client.conn.handoff_export(fds)}
@@ -293,6 +285,7 @@ class VfioUserService:
             client.conn.handoff_release()
             client.sock.close()
         self.listener.close()
+        self.claim.release()
         self.path = ""  # the socket file is the destination's now: never unlink it
 
     def handoff_check(self, state: Any, nfds: int | None = None) -> None:
@@ -313,7 +306,7 @@ class VfioUserService:
         if not isinstance(state, dict) or not isinstance(state.get("path"), str):
             raise ApplianceError(f"{self.name}: bad handoff state: not an object with a path")
         client = state.get("client")
-        indexes = [state.get("listener")]
+        indexes = [state.get("listener"), state.get("lock")]
         if client is not None:
             if not isinstance(client, dict) or not isinstance(client.get("conn"), dict):
                 raise ApplianceError(f"{self.name}: bad handoff state: client")
@@ -337,8 +330,10 @@ class VfioUserService:
             listen_fd = fds[state["listener"]]
             client_state = state["client"]
             client_fd = fds[client_state["socket"]] if client_state is not None else None
+            lock_fd = fds[state["lock"]]
         except (KeyError, IndexError, TypeError) as exc:
             raise ApplianceError(f"{self.name}: bad handoff state: {exc!r}") from None
+        claim = Claim.adopt(str(state["path"]), lock_fd)  # raises ListenerError
         client = None
         if client_fd is not None:
             sock = socket.socket(fileno=os.dup(client_fd))
@@ -350,15 +345,15 @@ class VfioUserService:
                 client.conn.handoff_adopt(client_state["conn"], fds)
             except LocalProtocolError as exc:
                 client.close()
+                claim.release()
                 raise ApplianceError(str(exc)) from None
             self.client = client
         listener = socket.socket(fileno=os.dup(listen_fd))
         listener.setblocking(False)
         self.loop.remove_reader(self.listener.fileno())
         self.listener.close()
-        if state["path"] != self.path:
-            _unlink(self.path)
-        self.listener, self.path = listener, str(state["path"])
+        self.claim.close()  # our own path: its socket and lock file go
+        self.listener, self.path, self.claim = listener, str(state["path"]), claim
         self.loop.add_reader(listener.fileno(), self._accept)
         log.info("%s: took over %s%s", self.name, self.path,
                  " and its connected client" if client is not None else "")
@@ -369,12 +364,4 @@ class VfioUserService:
             self.client.close()
         self.loop.remove_reader(self.listener.fileno())
         self.listener.close()
-        if self.path:
-            _unlink(self.path)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+        self.claim.close()  # removes the socket only if still ours (nothing after a handoff)

@@ -95,6 +95,7 @@ def export_net(net: NetService, fds: list[int]) -> dict[str, Any]:
             "name": port.name, "mac": mac_text(port.mac), "queues": port.queue_pairs,
             "mode": svc.mode, "socket": svc.path,
             "listener": ref(svc.listener.fileno()) if svc.listener is not None else None,
+            "lock": ref(svc.claim.fd) if svc.claim is not None else None,  # moves with it
             "counters": port.counters_state(), "session": None}
         session = svc.session
         if session is not None:
@@ -175,6 +176,7 @@ class PortState:
     mode: str
     socket: str
     listener: int | None
+    lock: int | None  # the socket path's lock file (docs/handoff.md)
     counters: dict[str, Any]
     session: SessionState | None
 
@@ -308,7 +310,7 @@ def _port(f: _Fields) -> PortState:
     session = f.data.get("session")
     return PortState(
         name=f.text("name"), mac=f.text("mac"), queues=queues, mode=f.text("mode"),
-        socket=f.text("socket"), listener=f.fd("listener"),
+        socket=f.text("socket"), listener=f.fd("listener"), lock=f.fd("lock"),
         counters={**f.counters("counters", PORT_COUNTERS), "vrings": rings},
         session=None if session is None else _session(f.sub("session"), 2 * queues))
 
@@ -373,6 +375,9 @@ def check_fit(net: NetService, state: NetState) -> None:
             raise ApplianceError(f"{where} ({port.name}): a front-end is connected here already")
         if p.mode == "server" and p.listener is None:
             raise ApplianceError(f"{where} ({port.name}): the source is not listening")
+        if (p.listener is None) != (p.lock is None):
+            raise ApplianceError(f"{where} ({port.name}): a listener comes with its lock "
+                                 "file, or neither comes")
         if p.session is not None and p.session.features & vw.Feature.LOG_ALL:
             raise ApplianceError(f"{where} ({port.name}): dirty logging (LOG_ALL) is active")
     resp = net.responder

@@ -39,7 +39,6 @@ import logging
 import os
 import selectors
 import socket
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ from appliance.net.switch import Switch
 from appliance.net.tap import TapPort
 from appliance.net.vhost_protocol import BackendConnection
 from appliance.runtime import unix, vhost_handoff
+from appliance.runtime.listener import Claim, ListenerError, listen
 from appliance.runtime.tap import TapService, open_tap
 
 log = logging.getLogger("appliance.net")
@@ -295,6 +295,7 @@ class PortService:
         self.mode = mode
         self.session: VhostUserSession | None = None
         self.listener: socket.socket | None = None
+        self.claim: Claim | None = None  # the path's lock, while we listen there
         self.closed = False
         self.paused = False
         self.standby = standby
@@ -310,22 +311,7 @@ class PortService:
         parent = os.path.dirname(self.path)
         if parent:
             os.makedirs(parent, mode=0o700, exist_ok=True)
-        try:
-            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                os.unlink(self.path)  # a stale socket from an earlier run
-        except FileNotFoundError:
-            pass
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)  # socket file mode 0600
-        try:
-            listener.bind(self.path)
-        except OSError:
-            listener.close()
-            raise
-        finally:
-            os.umask(old)
-        listener.listen(4)
-        listener.setblocking(False)
+        listener, self.claim = listen(self.path, 4)  # raises ListenerError
         self.listener = listener
         self.loop.add_reader(listener.fileno(), self._accept)
         log.info("%s: listening on %s", self.port.name, self.path)
@@ -410,22 +396,23 @@ class PortService:
             self.loop.remove_reader(self.listener.fileno())
             self.listener.close()  # no unlink: the other process listens there now
             self.listener = None
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
 
     def handoff_commit(self, path: str, listener: socket.socket | None,
                        adopted: tuple[socket.socket, BackendConnection] | None,
-                       counters: dict[str, Any]) -> None:
-        """Take over another process's listener (at ``path``) and connection; both
-        stay paused until :meth:`serve`."""
+                       counters: dict[str, Any], claim: Claim | None = None) -> None:
+        """Take over another process's listener (at ``path``, locked by ``claim``)
+        and connection; both stay paused until :meth:`serve`."""
         self.paused = True
         if listener is not None:
-            if self.listener is not None and self.path == path:
-                listener.close()  # we re-bound that path at start: the file is ours
-            else:
-                if self.listener is not None:
-                    self.loop.remove_reader(self.listener.fileno())
-                    self.listener.close()
-                    _unlink(self.path)
-                self.listener, self.path = listener, path
+            if self.listener is not None:
+                self.loop.remove_reader(self.listener.fileno())
+                self.listener.close()
+            if self.claim is not None:
+                self.claim.close()  # our own path: its socket and lock file go
+            self.listener, self.path, self.claim = listener, path, claim
         if adopted is not None:
             sock, conn = adopted
             self.session = VhostUserSession(self, sock, conn)
@@ -444,7 +431,9 @@ class PortService:
             self.loop.remove_reader(self.listener.fileno())
             self.listener.close()
             self.listener = None
-            _unlink(self.path)
+        if self.claim is not None:
+            self.claim.close()  # the socket and lock file, if still ours
+            self.claim = None
 
     def stats(self) -> dict[str, Any]:
         return {"socket": self.path, "mode": self.mode, **self.port.stats(),
@@ -456,6 +445,7 @@ class _Staged:
     """What handoff_import has adopted for one port before it commits."""
 
     listener: socket.socket | None = None
+    claim: Claim | None = None
     sock: socket.socket | None = None
     conn: BackendConnection | None = None
 
@@ -466,6 +456,8 @@ class _Staged:
         for sock in (self.listener, self.sock):
             if sock is not None:
                 sock.close()
+        if self.claim is not None:
+            self.claim.release()  # our copy of the source's lock: the source keeps it
         port.notify = lambda fd: None
         port.retire_fd = _close
 
@@ -501,13 +493,6 @@ def _adopt_socket(fds: list[int], index: int, listening: bool) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class NetService:
@@ -567,6 +552,8 @@ class NetService:
                 except OSError as exc:
                     raise ApplianceError(f"net.ports[{i}].socket: cannot listen on "
                                          f"{pcfg['socket']}: {exc.strerror or exc}") from None
+                except ListenerError as exc:
+                    raise ApplianceError(f"net.ports[{i}].socket: {exc}") from None
                 self.services.append(svc)
         except BaseException:
             self.close()
@@ -679,6 +666,9 @@ class NetService:
                     if bound != p.socket:  # the path we will serve and one day unlink
                         raise ApplianceError(f"{svc.port.name}: the source's listener is bound "
                                              f"to {bound!r}, not {p.socket!r}")
+                    if p.lock is None:  # check_fit() refused that already
+                        raise ApplianceError(f"{svc.port.name}: the listener came without its lock")
+                    st.claim = Claim.adopt(p.socket, fds[p.lock])  # raises ListenerError
                 if p.session is not None:
                     st.sock = _adopt_socket(fds, p.session.socket, listening=False)
                     st.conn = vhost_handoff.build_connection(svc.port, p.session, fds)
@@ -697,7 +687,7 @@ class NetService:
         self.quiesced = True
         for svc, p, st in zip(self.services, parsed.ports, staged, strict=True):
             adopted = (st.sock, st.conn) if st.sock is not None and st.conn is not None else None
-            svc.handoff_commit(p.socket, st.listener, adopted, p.counters)
+            svc.handoff_commit(p.socket, st.listener, adopted, p.counters, st.claim)
         by_name = {getattr(port, "name", "?"): port for port in self.switch.ports}
         self.switch.handoff_restore(parsed.switch_counters,
                                     [(mac, by_name[name], age) for mac, name, age in parsed.table])

@@ -29,6 +29,14 @@ def test_defaults(tmp_path, monkeypatch) -> None:
     ("[1, 2]", "config: must be a mapping"),
     ("storage: {namespaces: [{size: 1G}]}", "storage.namespaces[0].image: required"),
     ("storage: {socket: /x}\ncontrol: {socket: /x}", "control.socket: same socket path"),
+    ("storage: {namespaces: [{image: '{dta_dir}/a.img'}]}",
+     ("storage.namespaces[0].image: unknown placeholder {dta_dir} in '{dta_dir}/a.img' "
+      "(known: {data_dir}, {run_dir})")),
+    ("control: {socket: '{run_dir.x}/c.sock'}", "control.socket: unknown placeholder {run_dir.x}"),
+    ("net: {ports: [{socket: '{run_dir}/a', mac: '52:54:00:00:00:01', pcap: '{run_dir'}]}",
+     "net.ports[0].pcap: unbalanced brace in '{run_dir'"),
+    ("run_dir: '{data_dir}/run'", "run_dir: unknown placeholder {data_dir}"),
+    ("storage: {namespaces: [{image: a, grow: 1}]}", "storage.namespaces[0].grow: must be true or false"),
 ])
 def test_errors_name_the_key(tmp_path, text: str, message: str) -> None:
     f = tmp_path / "c.yaml"
@@ -51,3 +59,13 @@ def test_sizes() -> None:
     assert config.size("x", "512M") == 512 << 20
     assert config.size("x", "1GiB") == 1 << 30
     assert config.size("x", 4096) == 4096
+
+
+def test_only_paths_are_expanded(tmp_path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(f"run_dir: {tmp_path}/run\nstorage: {{serial: '{{x}}~', "
+                 "namespaces: [{image: '{run_dir}/{{literal}}.img', grow: true}]}")
+    cfg = config.load(str(f))
+    assert cfg["storage"]["serial"] == "{x}~"  # not a path: taken as written
+    ns = cfg["storage"]["namespaces"][0]
+    assert ns["image"] == f"{tmp_path}/run/{{literal}}.img" and ns["grow"] is True
