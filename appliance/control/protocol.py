@@ -12,17 +12,25 @@ One request per line, UTF-8 JSON: ``{"id": ID, "cmd": "NAME", "args": {...}}``
 :func:`reply_ok` / :func:`reply_error` encode replies.  A line longer than
 :data:`MAX_LINE` is refused with ``line_too_long`` and discarded up to its
 newline; bytes that are not JSON, not an object, or lack a string ``cmd``
-get ``bad_request``.  The connection never raises on bad input: every
-rejection is a reply and the next line is read normally.
+get ``bad_request``, and so do arrays and objects nested deeper than
+:data:`MAX_DEPTH` (counted before the JSON decoder sees the line, so no depth
+can exhaust its recursion), ``NaN``/``Infinity`` and numbers that overflow
+to them (``1e999``), and integers outside :data:`INT_RANGE`.  The
+connection never raises on bad input: every rejection is a reply and the
+next line is read normally.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 MAX_LINE = 64 * 1024
+MAX_DEPTH = 32  # nested arrays/objects in one request
+INT_RANGE = (-(1 << 63), 1 << 64)  # integers a request may carry: [lo, hi)
 
 # Error codes (the protocol's own errors).
 BAD_REQUEST = "bad_request"
@@ -63,15 +71,59 @@ def reply_error(request_id: Any, code: str, message: str) -> bytes:
     return _encode({"id": request_id, "ok": False, "error": {"code": code, "message": message}})
 
 
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def too_deep(line: bytes) -> bool:
+    """Whether arrays and objects nest deeper than :data:`MAX_DEPTH` in ``line``
+    (brackets inside strings do not count; an iterative scan, no recursion)."""
+    if line.count(b"[") + line.count(b"{") <= MAX_DEPTH:
+        return False
+    depth = 0
+    for m in _BRACKET.finditer(_STRING.sub(b"", line)):
+        depth += 1 if m.group() in (b"[", b"{") else -1
+        if depth > MAX_DEPTH:
+            return True
+    return False
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ControlError(BAD_REQUEST, f"number {text[:40]} is out of range (overflows to infinity)")
+    return value
+
+
+def _not_a_number(text: str) -> Any:
+    raise ControlError(BAD_REQUEST, f"{text} is not a JSON number")
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > 20:
+        raise ControlError(BAD_REQUEST, f"an integer of {digits} digits is out of range "
+                                        f"[{INT_RANGE[0]}, {INT_RANGE[1]})")
+    value = int(text)
+    if not INT_RANGE[0] <= value < INT_RANGE[1]:
+        raise ControlError(BAD_REQUEST, f"integer {value} is out of range "
+                                        f"[{INT_RANGE[0]}, {INT_RANGE[1]})")
+    return value
+
+
 def parse_line(line: bytes) -> Request:
     """Decode one request line (without its newline).
 
     Raises:
         ControlError: BAD_REQUEST for anything but a JSON object with a string ``cmd``
-            and an object ``args``.
+            and an object ``args``, for nesting deeper than :data:`MAX_DEPTH` and for
+            numbers that are not finite or integers outside :data:`INT_RANGE`.
     """
+    if too_deep(line):
+        raise ControlError(BAD_REQUEST, f"arrays/objects nested deeper than {MAX_DEPTH}")
     try:
-        obj = json.loads(line.decode("utf-8"))
+        obj = json.loads(line.decode("utf-8"), parse_float=_finite, parse_int=_bounded_int,
+                         parse_constant=_not_a_number)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ControlError(BAD_REQUEST, f"not JSON: {exc}") from None
     if not isinstance(obj, dict):
