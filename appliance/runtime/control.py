@@ -7,6 +7,11 @@ the process's :class:`~appliance.faults.FaultSet`: on the NVMe controller
 (its fault hooks) and around each net port's two frame paths (towards the
 guest: ``port.deliver``; from the guest: ``port.uplink``), and runs the timer
 that releases deferred completions and delayed frames.
+
+No client can lock the socket out: a connection silent for ``idle_timeout``
+seconds (nothing received, none of its pending replies taken) is closed by a
+loop timer, and when :data:`MAX_CLIENTS` are connected a new connection
+closes the one idle the longest instead of being refused.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from appliance.loop import EventLoop
 log = logging.getLogger("appliance.control")
 RELEASE_PERIOD = 0.005  # seconds between checks for due deferred completions / frames
 MAX_CLIENTS = 16
+IDLE_TIMEOUT = 300.0  # seconds a connection may stay silent (config control.idle_timeout)
 MAX_OUTPUT = 1 << 20  # unsent reply bytes a client may pile up before it is disconnected
 SEND_CHUNK = 64 * 1024  # while answering a burst of requests, send once this much is queued
 
@@ -55,6 +61,7 @@ class _Client:
         self.conn = ControlConnection()
         self.out = bytearray()
         self.writing = False  # waiting for writability (and not reading)
+        self.active = time.monotonic()  # last byte received or reply byte sent
         service.loop.add_reader(self.fd, self._readable)
 
     def _readable(self) -> None:
@@ -67,6 +74,7 @@ class _Client:
         if not data:
             self.close()
             return
+        self.active = time.monotonic()
         self.conn.receive_data(data)
         while (event := self.conn.next_event()) is not None:
             if isinstance(event, bytes):
@@ -79,13 +87,12 @@ class _Client:
 
     def _answer(self, request: Request) -> bytes:
         try:
-            result = dispatch(self.service.target, request)
+            return reply_ok(request.id, dispatch(self.service.target, request))
         except ControlError as exc:
             return reply_error(request.id, exc.code, exc.message)
         except Exception as exc:  # a bug in a command: report it, keep serving
             log.exception("control: %s failed", request.cmd)
             return reply_error(request.id, FAILED, f"{type(exc).__name__}: {exc}")
-        return reply_ok(request.id, result)
 
     def _send(self) -> bool:
         """Send what the socket takes; watch for writability while output is left.
@@ -101,6 +108,8 @@ class _Client:
                 self.close()
                 return False
             del self.out[:sent]
+            if sent:
+                self.active = time.monotonic()
         loop = self.service.loop
         if len(self.out) > MAX_OUTPUT:
             log.warning("control: client fd %d left %d bytes of replies unread (cap %d): "
@@ -133,12 +142,17 @@ class ControlService:
     """The control socket, the fault set and its release timer."""
 
     def __init__(self, loop: EventLoop, path: str, controller: Any = None, net: Any = None,
-                 clock: Callable[[], float] = time.monotonic, seed: int = 0) -> None:
-        """Raises:
+                 clock: Callable[[], float] = time.monotonic, seed: int = 0,
+                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+        """``clock`` drives the fault set; idle connections are timed by the loop's clock.
+
+        Raises:
             OSError: the socket cannot be created.
         """
         self.loop = loop
         self.path = path
+        self.idle_timeout = idle_timeout
+        self._sweep_due: float | None = None  # when the armed idle sweep runs
         self.faults = FaultSet(clock=clock, seed=seed)
         self.faults.notify = self._wake
         self.target = Target(controller=controller, net=net, faults=self.faults)
@@ -180,10 +194,37 @@ class ControlService:
         except (BlockingIOError, InterruptedError):
             return
         if len(self.clients) >= MAX_CLIENTS:
-            sock.close()
-            return
+            oldest = min(self.clients, key=lambda c: c.active)
+            log.warning("control: %d connections: closing fd %d, silent for %.1f s, "
+                        "for a new one", len(self.clients), oldest.fd,
+                        time.monotonic() - oldest.active)
+            oldest.close()
         sock.setblocking(False)
         self.clients.append(_Client(self, sock))
+        self._arm_sweep()
+
+    # ------------------------------------------------------------ idle connections
+    def _arm_sweep(self) -> None:
+        """Arm one timer for the earliest idle deadline (none without clients)."""
+        if self._closed or not self.clients:
+            return
+        due = min(c.active for c in self.clients) + self.idle_timeout
+        if self._sweep_due is not None and self._sweep_due <= due:
+            return  # an earlier sweep is armed; it re-arms for the rest
+        self._sweep_due = due
+        self.loop.call_later(max(0.0, due - time.monotonic()), lambda: self._sweep(due))
+
+    def _sweep(self, due: float) -> None:
+        if due != self._sweep_due:
+            return  # superseded by an earlier one
+        self._sweep_due = None
+        now = time.monotonic()
+        for client in list(self.clients):
+            if now - client.active >= self.idle_timeout:
+                log.info("control: fd %d silent for %.1f s (control.idle_timeout): closed",
+                         client.fd, now - client.active)
+                client.close()
+        self._arm_sweep()
 
     # ------------------------------------------------------------ faults on the net ports
     def _wrap_port(self, port: Any, net: Any) -> None:
