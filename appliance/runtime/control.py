@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import stat
 import time
@@ -39,6 +40,7 @@ from appliance.loop import EventLoop
 log = logging.getLogger("appliance.control")
 RELEASE_PERIOD = 0.005  # seconds between checks for due deferred completions / frames
 MAX_CLIENTS = 16
+BACKLOG = 64  # connections the kernel queues until the loop accepts them
 IDLE_TIMEOUT = 300.0  # seconds a connection may stay silent (config control.idle_timeout)
 MAX_OUTPUT = 1 << 20  # unsent reply bytes a client may pile up before it is disconnected
 SEND_CHUNK = 64 * 1024  # while answering a burst of requests, send once this much is queued
@@ -184,24 +186,30 @@ class ControlService:
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
-        listener.listen(8)
+        listener.listen(BACKLOG)
         listener.setblocking(False)
         return listener
 
     def _accept(self) -> None:
-        try:
-            sock, _ = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        if len(self.clients) >= MAX_CLIENTS:
-            oldest = min(self.clients, key=lambda c: c.active)
-            log.warning("control: %d connections: closing fd %d, silent for %.1f s, "
-                        "for a new one", len(self.clients), oldest.fd,
-                        time.monotonic() - oldest.active)
-            oldest.close()
-        sock.setblocking(False)
-        self.clients.append(_Client(self, sock))
-        self._arm_sweep()
+        """Take every connection waiting in the backlog (a full backlog refuses
+        connects: ``ctl`` would see EAGAIN)."""
+        for _ in range(BACKLOG):
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: the next pass retries
+                log.warning("control: accept failed: %s", exc)
+                return
+            if len(self.clients) >= MAX_CLIENTS:
+                oldest = min(self.clients, key=lambda c: c.active)
+                log.warning("control: %d connections: closing fd %d, silent for %.1f s, "
+                            "for a new one", len(self.clients), oldest.fd,
+                            time.monotonic() - oldest.active)
+                oldest.close()
+            sock.setblocking(False)
+            self.clients.append(_Client(self, sock))
+            self._arm_sweep()
 
     # ------------------------------------------------------------ idle connections
     def _arm_sweep(self) -> None:
@@ -300,11 +308,20 @@ class ControlClient:
         """
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(path)
-        except OSError:
-            self.sock.close()
-            raise
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(path)
+                break
+            except BlockingIOError:  # the listener's backlog is full: it is being drained
+                if time.monotonic() < deadline:
+                    select.select([], [], [], 0.005)
+                    continue
+                self.sock.close()
+                raise
+            except OSError:
+                self.sock.close()
+                raise
         self._buf = b""
         self._next = 1
 
