@@ -16,6 +16,7 @@ closes the one idle the longest instead of being refused.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
@@ -33,6 +34,7 @@ from appliance.control.protocol import (
     Request,
     reply_error,
     reply_ok,
+    too_deep,
 )
 from appliance.faults import FaultSet
 from appliance.loop import EventLoop
@@ -43,6 +45,7 @@ MAX_CLIENTS = 16
 BACKLOG = 64  # connections the kernel queues until the loop accepts them
 IDLE_TIMEOUT = 300.0  # seconds a connection may stay silent (config control.idle_timeout)
 MAX_OUTPUT = 1 << 20  # unsent reply bytes a client may pile up before it is disconnected
+MAX_REPLY = 64 << 20  # what ControlClient buffers while waiting for one reply line
 SEND_CHUNK = 64 * 1024  # while answering a burst of requests, send once this much is queued
 
 
@@ -326,19 +329,32 @@ class ControlClient:
         self._next = 1
 
     def request(self, cmd: str, **args: Any) -> dict[str, Any]:
-        """Send one request and return the whole reply object."""
-        import json
+        """Send one request and return the whole reply object.
 
+        Raises:
+            ConnectionError: the socket closed, or the reply is not a JSON object
+                (too long, nested too deep, not JSON): the peer is no appliance.
+            OSError: the socket failed or timed out.
+        """
         request_id, self._next = self._next, self._next + 1
         line = json.dumps({"id": request_id, "cmd": cmd, "args": args}).encode() + b"\n"
         self.sock.sendall(line)
         while b"\n" not in self._buf:
+            if len(self._buf) > MAX_REPLY:
+                raise ConnectionError(f"control reply longer than {MAX_REPLY} bytes")
             chunk = self.sock.recv(65536)
             if not chunk:
                 raise ConnectionError("control socket closed")
             self._buf += chunk
         reply, self._buf = self._buf.split(b"\n", 1)
-        out: dict[str, Any] = json.loads(reply)
+        if too_deep(reply):
+            raise ConnectionError("control reply nested too deep")
+        try:
+            out = json.loads(reply)
+        except ValueError as exc:
+            raise ConnectionError(f"control reply is not JSON: {exc}") from None
+        if not isinstance(out, dict):
+            raise ConnectionError("control reply is not a JSON object")
         return out
 
     def __call__(self, cmd: str, **args: Any) -> Any:

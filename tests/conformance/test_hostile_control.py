@@ -9,6 +9,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,7 @@ def test_hostile_numbers_and_types_get_error_replies(target: HostileTarget) -> N
     target.assert_healthy()
 
 
-@pytest.mark.parametrize("size, code", [
+RESIZE_CASES = [
     (10 ** 30, "bad_request"),  # past the protocol's integers
     ((1 << 64) - 1, "bad_args"),
     ((1 << 62), "failed"),  # in range, but no file system holds it
@@ -147,12 +148,29 @@ def test_hostile_numbers_and_types_get_error_replies(target: HostileTarget) -> N
     ("²", "bad_args"),
     (True, "bad_args"),
     ([128], "bad_args"),
-])
-def test_huge_negative_or_odd_resize_is_refused_naming_size(target: HostileTarget, size: Any,
-                                                            code: str) -> None:
-    reply, = exchange(target, [request("namespace.resize", {"size": size})])
-    assert reply["ok"] is False and reply["error"]["code"] == code, reply
-    if code != "bad_request":
-        assert reply["error"]["message"].startswith("size: "), reply
+    (None, "bad_args"),  # null is absent, and size is required
+]
+
+
+def test_huge_negative_or_odd_resize_is_refused_naming_size(target: HostileTarget) -> None:
+    lines = [request("namespace.resize", {"size": size}) for size, _ in RESIZE_CASES]
+    replies = exchange(target, lines)
+    assert [r["error"]["code"] for r in replies] == [code for _, code in RESIZE_CASES]
+    for (size, code), reply in zip(RESIZE_CASES, replies):
+        if code != "bad_request":
+            assert reply["error"]["message"].startswith("size: "), (size, reply)
+    no_traceback_anywhere(target)
+    target.assert_healthy()
+
+
+def test_handoff_to_its_own_sockets_is_refused_at_once(target: HostileTarget) -> None:
+    """Else the loop would wait on itself (a blocking request) for the handoff timeout."""
+    own = [target.control_sock, target.port_sock("p0"), target.nvme_sock]
+    t0 = time.monotonic()
+    replies = exchange(target, [request("handoff", {"to": path}) for path in own])
+    assert time.monotonic() - t0 < 2.0
+    for reply in replies:
+        assert reply["ok"] is False and reply["error"]["code"] == "failed", reply
+        assert "socket of this process" in reply["error"]["message"]
     no_traceback_anywhere(target)
     target.assert_healthy()

@@ -256,6 +256,31 @@ def test_ctl_cli_prints_result_and_fails_with_one_line(
     err = capsys.readouterr().err
     assert err.startswith("appliance: error: fault.add: bad_args") and err.count("\n") == 1
     assert main(["ctl", "status", "junk", "-c", str(cfg)]) == 2
+    capsys.readouterr()
+    for value in ["[" * 100_000, "9" * 5000, "1e999", "²"]:  # one error line, exit status 2
+        assert main(["ctl", "fault.clear", f"id={value}", "-c", str(cfg)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("appliance: error: fault.clear: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("reply", [
+    b"[" * 100_000 + b"\n",
+    b"[1, 2]\n",
+    b"{not json\n",
+    b"\xff\n",
+])
+def test_control_client_refuses_a_reply_that_is_no_json_object(tmp_path: Path,
+                                                               reply: bytes) -> None:
+    path = str(tmp_path / "fake.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(path)
+        server.listen(1)
+        with ControlClient(path, timeout=5.0) as client:
+            peer, _ = server.accept()
+            with peer:
+                peer.sendall(reply)
+                with pytest.raises(ConnectionError):
+                    client.request("status")
 
 
 class FakePort:
