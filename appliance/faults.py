@@ -55,6 +55,7 @@ STATUS_NAMES = {
 FIELDS = frozenset({"count", "probability", "qid", "opcode", "nsid", "lba", "status", "dnr",
                     "delay", "port", "direction"})
 U32 = 0xFFFF_FFFF
+MAX_RULES = 256  # armed at a time (every command and frame is matched against them)
 U64 = (1 << 64) - 1
 _RW = (IoOpcode.READ, IoOpcode.WRITE, IoOpcode.COMPARE, IoOpcode.WRITE_ZEROES)
 
@@ -242,11 +243,19 @@ class FaultSet:
 
     # ------------------------------------------------------------ rules
     def add(self, args: dict[str, Any]) -> FaultRule:
-        """Arm a rule (see :meth:`FaultRule.build`); ``seed`` reseeds the RNG."""
+        """Arm a rule (see :meth:`FaultRule.build`); ``seed`` reseeds the RNG.
+
+        Raises:
+            FaultError: a bad field, or :data:`MAX_RULES` rules are armed already
+                (nothing changed then, not even the RNG).
+        """
+        if len(self.rules) >= MAX_RULES:
+            raise FaultError(f"at most {MAX_RULES} rules are armed at a time: fault.clear first")
         args = dict(args)
-        if "seed" in args:
-            self.rng.seed(_int(args.pop("seed"), "seed", 0, U64))
+        seed = _int(args.pop("seed"), "seed", 0, U64) if "seed" in args else None
         rule = FaultRule.build(self._next_id, args)
+        if seed is not None:
+            self.rng.seed(seed)
         self._next_id += 1
         self.rules.append(rule)
         return rule
