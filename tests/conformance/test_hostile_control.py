@@ -174,3 +174,15 @@ def test_handoff_to_its_own_sockets_is_refused_at_once(target: HostileTarget) ->
         assert "socket of this process" in reply["error"]["message"]
     no_traceback_anywhere(target)
     target.assert_healthy()
+
+
+def test_rule_flood_is_capped(target: HostileTarget) -> None:
+    """A client arming rules without end is refused past the cap; clearing frees it."""
+    never = {"action": "status", "qid": 9, "lba": [1 << 40, 1 << 40]}  # matches no health I/O
+    replies = exchange(target, [request("fault.add", never)] * 300)
+    assert sum(r["ok"] for r in replies) == 256
+    assert {r["error"]["code"] for r in replies[256:]} == {"bad_args"}
+    cleared, = exchange(target, [request("fault.clear", {})])
+    assert cleared["result"] == {"cleared": 256}
+    no_traceback_anywhere(target)
+    target.assert_healthy()
