@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from appliance.loop import EventLoop
-from appliance.runtime.control import MAX_CLIENTS, ControlService
+from appliance.runtime.control import MAX_CLIENTS, ControlClient, ControlService
 
 IDLE = 0.2  # seconds
 
@@ -117,4 +118,50 @@ def test_at_the_limit_a_new_connection_replaces_the_one_idle_longest(
     assert len(svc.clients) == MAX_CLIENTS
     assert len([r for r in caplog.records if "for a new one" in r.getMessage()]) == 1
     for s in [*held, newcomer]:
+        s.close()
+
+
+def _full_backlog(path: str) -> tuple[socket.socket, list[socket.socket]]:
+    """A listener whose backlog is full: a non-blocking connect gets EAGAIN."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)
+    queued = []
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+        except BlockingIOError:
+            s.close()
+            return listener, queued
+        queued.append(s)
+
+
+def test_control_client_retries_a_connect_while_the_backlog_is_full(tmp_path: Path) -> None:
+    path = str(tmp_path / "full.sock")
+    listener, queued = _full_backlog(path)
+    with listener:
+        t0 = time.monotonic()
+        with pytest.raises(BlockingIOError):
+            ControlClient(path, timeout=0.2)
+        assert time.monotonic() - t0 >= 0.2  # it kept trying for its whole timeout
+        drained = threading.Event()
+
+        def drain() -> None:  # the appliance's loop accepting what waits
+            while not drained.is_set():
+                listener.settimeout(0.05)
+                try:
+                    listener.accept()[0].close()
+                except TimeoutError:
+                    pass
+
+        worker = threading.Thread(target=drain)
+        worker.start()
+        try:
+            ControlClient(path, timeout=5.0).close()  # connects once there is room
+        finally:
+            drained.set()
+            worker.join()
+    for s in queued:
         s.close()
