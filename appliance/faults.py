@@ -55,8 +55,8 @@ STATUS_NAMES = {
 FIELDS = frozenset({"count", "probability", "qid", "opcode", "nsid", "lba", "status", "dnr",
                     "delay", "port", "direction"})
 U32 = 0xFFFF_FFFF
-MAX_RULES = 256  # armed at a time (every command and frame is matched against them)
 U64 = (1 << 64) - 1
+MAX_RULES = 256  # armed at a time (every command and frame is matched against them)
 _RW = (IoOpcode.READ, IoOpcode.WRITE, IoOpcode.COMPARE, IoOpcode.WRITE_ZEROES)
 
 
