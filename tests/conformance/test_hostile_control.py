@@ -186,3 +186,16 @@ def test_rule_flood_is_capped(target: HostileTarget) -> None:
     assert cleared["result"] == {"cleared": 256}
     no_traceback_anywhere(target)
     target.assert_healthy()
+
+
+def test_silent_connection_is_closed_after_control_idle_timeout(tmp_path: Path) -> None:
+    with HostileTarget(tmp_path, control={"idle_timeout": 1}) as target:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10.0)
+            s.connect(target.control_sock)
+            t0 = time.monotonic()
+            assert s.recv(1) == b""  # closed by the appliance, not by us
+            took = time.monotonic() - t0
+        assert 0.9 <= took < 5.0, took
+        no_traceback_anywhere(target)
+        target.assert_healthy()
