@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,17 +147,24 @@ def parse_line(line: bytes) -> Request:
 
 
 class ControlConnection:
-    """One client's byte stream: requests out, bad lines turned into error replies."""
+    """One client's byte stream: requests out, bad lines turned into error replies.
+
+    :meth:`receive_data` only splits lines; each is decoded when
+    :meth:`next_event` reaches it, so the caller decides how much work one
+    read costs (it may answer a few requests and come back for the rest).
+    """
 
     def __init__(self, max_line: int = MAX_LINE) -> None:
         self.max_line = max_line
         self._buf = bytearray()
         self._discarding = False  # inside an oversized line, skipping to its newline
-        self._events: list[Request | bytes] = []
+        self._pending: deque[tuple[bool, bytes]] = deque()  # (to decode?, line or reply)
 
     def receive_data(self, data: bytes) -> None:
         """Take bytes from the client (b"" at EOF is ignored: a partial line is dropped)."""
         self._buf += data
+        too_long = reply_error(None, LINE_TOO_LONG,
+                               f"request line longer than {self.max_line} bytes")
         while True:
             nl = self._buf.find(b"\n")
             if self._discarding:
@@ -170,23 +178,28 @@ class ControlConnection:
                 if len(self._buf) > self.max_line:
                     self._buf.clear()
                     self._discarding = True
-                    self._events.append(reply_error(
-                        None, LINE_TOO_LONG, f"request line longer than {self.max_line} bytes"))
+                    self._pending.append((False, too_long))
                 return
             line = bytes(self._buf[:nl])
             del self._buf[:nl + 1]
             if len(line) > self.max_line:
-                self._events.append(reply_error(
-                    None, LINE_TOO_LONG, f"request line longer than {self.max_line} bytes"))
-                continue
-            if not line.strip():
-                continue
-            try:
-                self._events.append(parse_line(line))
-            except ControlError as exc:
-                self._events.append(reply_error(getattr(exc, "request_id", None),
-                                                exc.code, exc.message))
+                self._pending.append((False, too_long))
+            elif line.strip():
+                self._pending.append((True, line))
+
+    @property
+    def has_events(self) -> bool:
+        """Whether :meth:`next_event` has something (a line received and not yet taken)."""
+        return bool(self._pending)
 
     def next_event(self) -> Request | bytes | None:
         """The next request, or an error reply (bytes) to send as is, or None."""
-        return self._events.pop(0) if self._events else None
+        if not self._pending:
+            return None
+        decode, data = self._pending.popleft()
+        if not decode:
+            return data
+        try:
+            return parse_line(data)
+        except ControlError as exc:
+            return reply_error(getattr(exc, "request_id", None), exc.code, exc.message)

@@ -46,17 +46,20 @@ BACKLOG = 64  # connections the kernel queues until the loop accepts them
 IDLE_TIMEOUT = 300.0  # seconds a connection may stay silent (config control.idle_timeout)
 MAX_OUTPUT = 1 << 20  # unsent reply bytes a client may pile up before it is disconnected
 MAX_REPLY = 64 << 20  # what ControlClient buffers while waiting for one reply line
-SEND_CHUNK = 64 * 1024  # while answering a burst of requests, send once this much is queued
+BATCH = 32  # requests of one client answered per loop pass; the rest wait for the next
 
 
 class _Client:
     """One control connection: requests in, replies out without blocking the loop.
 
-    Replies are queued in ``out`` and sent as far as the socket takes them; the
-    rest waits for writability.  While replies are pending the client's socket is
-    not read (backpressure: it cannot queue more work); once they are gone,
-    reading resumes.  A client whose unsent replies exceed :data:`MAX_OUTPUT`
-    (it sends requests and does not read the answers) is disconnected.
+    A read is split into lines at once, but each loop pass answers at most
+    :data:`BATCH` of them; the rest wait for the next pass (a timer at once),
+    so a client pipelining thousands of requests takes turns with every other
+    socket of the process.  Replies are queued in ``out`` and sent as far as
+    the socket takes them; the rest waits for writability.  The socket is read
+    only when nothing is left to answer or to send (backpressure: a client
+    cannot queue more work than one read).  A client whose unsent replies
+    exceed :data:`MAX_OUTPUT` is disconnected.
     """
 
     def __init__(self, service: ControlService, sock: socket.socket) -> None:
@@ -65,7 +68,10 @@ class _Client:
         self.fd = sock.fileno()
         self.conn = ControlConnection()
         self.out = bytearray()
+        self.reading = True
         self.writing = False  # waiting for writability (and not reading)
+        self.scheduled = False  # a loop pass is due to answer more buffered requests
+        self.closed = False
         self.active = time.monotonic()  # last byte received or reply byte sent
         service.loop.add_reader(self.fd, self._readable)
 
@@ -81,13 +87,18 @@ class _Client:
             return
         self.active = time.monotonic()
         self.conn.receive_data(data)
-        while (event := self.conn.next_event()) is not None:
-            if isinstance(event, bytes):
-                self.out += event
-            else:
-                self.out += self._answer(event)
-            if len(self.out) >= SEND_CHUNK and not self._send():
-                return
+        self._work()
+
+    def _work(self) -> None:
+        """Answer up to :data:`BATCH` buffered requests, then send."""
+        self.scheduled = False
+        if self.closed:
+            return
+        for _ in range(BATCH):
+            event = self.conn.next_event()
+            if event is None:
+                break
+            self.out += event if isinstance(event, bytes) else self._answer(event)
         self._send()
 
     def _answer(self, request: Request) -> bytes:
@@ -99,11 +110,8 @@ class _Client:
             log.exception("control: %s failed", request.cmd)
             return reply_error(request.id, FAILED, f"{type(exc).__name__}: {exc}")
 
-    def _send(self) -> bool:
-        """Send what the socket takes; watch for writability while output is left.
-
-        Returns False when the client was closed (send error, or over the cap).
-        """
+    def _send(self) -> None:
+        """Send what the socket takes, then decide what to wait for."""
         if self.out:
             try:
                 sent = self.sock.send(self.out)
@@ -111,36 +119,50 @@ class _Client:
                 sent = 0
             except OSError:
                 self.close()
-                return False
+                return
             del self.out[:sent]
             if sent:
                 self.active = time.monotonic()
-        loop = self.service.loop
         if len(self.out) > MAX_OUTPUT:
             log.warning("control: client fd %d left %d bytes of replies unread (cap %d): "
                         "disconnected", self.fd, len(self.out), MAX_OUTPUT)
             self.close()
-            return False
-        if self.out and not self.writing:
-            loop.remove_reader(self.fd)
-            loop.add_writer(self.fd, self._writable)
-            self.writing = True
-        elif not self.out and self.writing:
-            loop.remove_writer(self.fd)
-            loop.add_reader(self.fd, self._readable)
-            self.writing = False
-        return True
+            return
+        self._watch()
 
-    def _writable(self) -> None:
-        self._send()
+    def _watch(self) -> None:
+        """Writability while replies are left; the next loop pass while requests
+        are buffered; reading only when neither."""
+        loop = self.service.loop
+        more = self.conn.has_events
+        want_write = bool(self.out)
+        want_read = not want_write and not more
+        if want_write != self.writing:
+            if want_write:
+                loop.add_writer(self.fd, self._send)
+            else:
+                loop.remove_writer(self.fd)
+            self.writing = want_write
+        if want_read != self.reading:
+            if want_read:
+                loop.add_reader(self.fd, self._readable)
+            else:
+                loop.remove_reader(self.fd)
+            self.reading = want_read
+        if more and not want_write and not self.scheduled:
+            self.scheduled = True
+            loop.call_later(0, self._work)
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         if self in self.service.clients:
             self.service.clients.remove(self)
-            self.service.loop.remove_reader(self.fd)
-            self.service.loop.remove_writer(self.fd)
-            self.sock.close()
-            self.out.clear()
+        self.service.loop.remove_reader(self.fd)
+        self.service.loop.remove_writer(self.fd)
+        self.sock.close()
+        self.out.clear()
 
 
 class ControlService:

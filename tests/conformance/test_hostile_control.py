@@ -9,13 +9,14 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hostile import HostileTarget
+from hostile import HostileTarget, wait_until
 
 IDLE_CLIENTS = 20  # more than the appliance's 16 connections
 
@@ -199,3 +200,30 @@ def test_silent_connection_is_closed_after_control_idle_timeout(tmp_path: Path) 
         assert 0.9 <= took < 5.0, took
         no_traceback_anywhere(target)
         target.assert_healthy()
+
+
+def test_pipelined_flood_does_not_starve_other_peers(target: HostileTarget) -> None:
+    """Bursts of 64 KiB of status requests (replies read): control, vhost-user and
+    vfio-user peers are still served within 100 ms meanwhile."""
+    line = b'{"cmd": "status"}\n'
+    burst = line * ((64 << 10) // len(line))
+    rounds = 3
+    answered = [0]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as flood:
+        flood.connect(target.control_sock)
+
+        def drain() -> None:
+            while chunk := flood.recv(1 << 20):
+                answered[0] += chunk.count(b"\n")
+
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        for _ in range(rounds):
+            flood.sendall(burst)
+            target.assert_served()
+        expected = rounds * (len(burst) // len(line))
+        assert wait_until(lambda: answered[0] >= expected, 60.0), answered
+        flood.shutdown(socket.SHUT_RDWR)
+        reader.join(10.0)
+    no_traceback_anywhere(target)
+    target.assert_healthy()
