@@ -69,7 +69,12 @@ def _cmd_qemu_args(cfg: dict[str, Any], args: argparse.Namespace) -> int:
 
 
 def _ctl_value(text: str) -> Any:
-    """A ``key=value`` value: JSON if it parses (numbers, true, lists), else the string."""
+    """A ``key=value`` value: JSON if it parses (numbers, true, lists), else the string
+    (also when nested too deep to parse: the appliance judges it)."""
+    from appliance.control.protocol import too_deep
+
+    if too_deep(text.encode()):
+        return text
     try:
         return json.loads(text)
     except ValueError:

@@ -169,7 +169,8 @@ SCHEMA = Table({
         }), None),
         "tap": (Table({"name": (ifname, None)}), None),  # name absent: no TAP interface
     }), None),
-    "control": (Table({"socket": (file_path, "{run_dir}/control.sock")}), None),
+    "control": (Table({"socket": (file_path, "{run_dir}/control.sock"),
+                       "idle_timeout": (integer(1, 86400), 300)}), None),  # seconds
 })
 
 

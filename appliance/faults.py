@@ -33,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from appliance.control import args as args_mod
+from appliance.control.protocol import INT_RANGE, ControlError
 from appliance.storage.request import NvmeRequest, RequestState, Result
 from appliance.storage.spec import Command, IoOpcode
 
@@ -52,6 +54,12 @@ STATUS_NAMES = {
     "data_transfer_error": 0x04,
     "aborted": 0x07,
 }
+#: what a rule may say besides target and action
+FIELDS = frozenset({"count", "probability", "qid", "opcode", "nsid", "lba", "status", "dnr",
+                    "delay", "port", "direction"})
+U32 = 0xFFFF_FFFF
+U64 = (1 << 64) - 1
+MAX_RULES = 256  # armed at a time (every command and frame is matched against them)
 _RW = (IoOpcode.READ, IoOpcode.WRITE, IoOpcode.COMPARE, IoOpcode.WRITE_ZEROES)
 
 
@@ -59,17 +67,25 @@ class FaultError(ValueError):
     """A rule that cannot be built (the message names the field)."""
 
 
-def _int(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise FaultError(f"{name}: expected an integer, got {value!r}")
+def _check(checker: args_mod.Checker, name: str, value: Any) -> Any:
+    """``value`` through one of the control commands' argument checkers.
+
+    Raises:
+        FaultError: the checker's message (it names the field).
+    """
     try:
-        return int(value, 0) if isinstance(value, str) else int(value)
-    except (TypeError, ValueError):
-        raise FaultError(f"{name}: expected an integer, got {value!r}") from None
+        return checker(name, value)
+    except ControlError as exc:
+        raise FaultError(exc.message) from None
 
 
-def _opt_int(args: dict[str, Any], name: str) -> int | None:
-    return None if args.get(name) is None else _int(args[name], name)
+def _int(value: Any, name: str, lo: int = INT_RANGE[0], hi: int = INT_RANGE[1] - 1) -> int:
+    result: int = _check(args_mod.integer(lo, hi), name, value)
+    return result
+
+
+def _opt_int(args: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
+    return None if args.get(name) is None else _int(args[name], name, lo, hi)
 
 
 @dataclass
@@ -108,43 +124,36 @@ class FaultRule:
         action = args.pop("action", None)
         allowed = NVME_ACTIONS if target == "nvme" else NET_ACTIONS if target == "net" else ()
         if not allowed:
-            raise FaultError(f"target: {target!r} is not nvme or net")
+            raise FaultError(f"target: {args_mod.shown(target)} is not nvme or net")
         if action not in allowed:
-            raise FaultError(f"action: {action!r} not one of {', '.join(allowed)} for {target}")
-        known = {"count", "probability", "qid", "opcode", "nsid", "lba", "status", "dnr",
-                 "delay", "port", "direction"}
-        unknown = set(args) - known
+            raise FaultError(f"action: {args_mod.shown(action)} not one of "
+                             f"{', '.join(allowed)} for {target}")
+        unknown = set(args) - FIELDS
         if unknown:
-            raise FaultError(f"unknown field(s): {', '.join(sorted(unknown))}")
+            raise FaultError(f"unknown field(s): "
+                             f"{', '.join(args_mod.shown(n) for n in sorted(unknown))}")
+        args = {k: v for k, v in args.items() if v is not None}
         rule = cls(rule_id, target, action)
-        rule.count = _int(args.get("count", 0), "count")
-        try:
-            rule.probability = float(args.get("probability", 1.0))
-        except (TypeError, ValueError):
-            raise FaultError(f"probability: not a number: {args['probability']!r}") from None
-        if not 0.0 <= rule.probability <= 1.0 or rule.count < 0:
-            raise FaultError("probability must be in [0, 1] and count >= 0")
-        rule.qid, rule.nsid = _opt_int(args, "qid"), _opt_int(args, "nsid")
-        rule.opcode = _opt_int(args, "opcode")
+        rule.count = _int(args.get("count", 0), "count", 0, U32)
+        rule.probability = _check(args_mod.number(0.0, 1.0), "probability",
+                                  args.get("probability", 1.0))
+        rule.qid, rule.nsid = _opt_int(args, "qid", 0, 0xFFFF), _opt_int(args, "nsid", 0, U32)
+        rule.opcode = _opt_int(args, "opcode", 0, 0xFF)
         if args.get("lba") is not None:
             rule.lba = _lba_range(args["lba"])
         status = args.get("status", 0x281)
-        rule.status = STATUS_NAMES[status] if status in STATUS_NAMES else _int(status, "status")
-        if not 0 < rule.status <= 0x7FF:
-            raise FaultError(f"status: {rule.status:#x} is not an NVMe error status")
-        rule.dnr = str(args.get("dnr", False)).lower() in ("1", "true", "yes")
-        try:
-            rule.delay = float(args.get("delay", 0.0))
-        except (TypeError, ValueError):
-            raise FaultError(f"delay: not a number: {args['delay']!r}") from None
-        if not 0.0 <= rule.delay <= 3600.0:
-            raise FaultError("delay must be in [0, 3600] seconds")
+        if isinstance(status, str) and status in STATUS_NAMES:
+            rule.status = STATUS_NAMES[status]
+        else:
+            rule.status = _int(status, "status", 1, 0x7FF)  # SCT << 8 | SC, not success
+        rule.dnr = _check(args_mod.flag, "dnr", args.get("dnr", False))
+        rule.delay = _check(args_mod.number(0.0, 3600.0), "delay", args.get("delay", 0.0))
         if action == "delay" and rule.delay <= 0:
             raise FaultError("delay: a delay fault needs delay > 0 (seconds)")
-        rule.port = args.get("port")
-        rule.direction = args.get("direction", "rx")
-        if rule.direction not in DIRECTIONS:
-            raise FaultError(f"direction: {rule.direction!r} not one of {DIRECTIONS}")
+        if "port" in args:
+            rule.port = _check(args_mod.text, "port", args["port"])
+        rule.direction = _check(args_mod.choice(*DIRECTIONS), "direction",
+                                args.get("direction", "rx"))
         return rule
 
     @property
@@ -188,14 +197,14 @@ def _rule_args(item: dict[str, Any]) -> dict[str, Any]:
 
 def _lba_range(value: Any) -> tuple[int, int]:
     if isinstance(value, (list, tuple)) and len(value) == 2:
-        first, last = _int(value[0], "lba"), _int(value[1], "lba")
+        first, last = _int(value[0], "lba", 0, U64), _int(value[1], "lba", 0, U64)
     elif isinstance(value, str) and "-" in value:
         a, b = value.split("-", 1)
-        first, last = _int(a, "lba"), _int(b, "lba")
+        first, last = _int(a, "lba", 0, U64), _int(b, "lba", 0, U64)
     else:
-        first = last = _int(value, "lba")
-    if first < 0 or last < first:
-        raise FaultError(f"lba: bad range {value!r}")
+        first = last = _int(value, "lba", 0, U64)
+    if last < first:
+        raise FaultError(f"lba: bad range {args_mod.shown(value)}")
     return first, last
 
 
@@ -240,11 +249,19 @@ class FaultSet:
 
     # ------------------------------------------------------------ rules
     def add(self, args: dict[str, Any]) -> FaultRule:
-        """Arm a rule (see :meth:`FaultRule.build`); ``seed`` reseeds the RNG."""
+        """Arm a rule (see :meth:`FaultRule.build`); ``seed`` reseeds the RNG.
+
+        Raises:
+            FaultError: a bad field, or :data:`MAX_RULES` rules are armed already
+                (nothing changed then, not even the RNG).
+        """
+        if len(self.rules) >= MAX_RULES:
+            raise FaultError(f"at most {MAX_RULES} rules are armed at a time: fault.clear first")
         args = dict(args)
-        if "seed" in args:
-            self.rng.seed(_int(args.pop("seed"), "seed"))
+        seed = _int(args.pop("seed"), "seed", 0, U64) if "seed" in args else None
         rule = FaultRule.build(self._next_id, args)
+        if seed is not None:
+            self.rng.seed(seed)
         self._next_id += 1
         self.rules.append(rule)
         return rule

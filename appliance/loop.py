@@ -34,6 +34,8 @@ class EventLoop:
         self._stopping = False
         self._idle: list[Callable[[], object]] = []
         self._busy = False
+        self._wakeup: tuple[int, int] | None = None  # the signal wake-up pipe (read, write)
+        self._old_wakeup_fd = -1  # what set_wakeup_fd pointed at before this loop
 
     # The selector holds one key per fd; its data is the pair (reader, writer),
     # either of which may be None. A fd watched both ways is one key with both
@@ -117,9 +119,17 @@ class EventLoop:
         self._stopping = True
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM and SIGINT stop the loop (the backend convention asks SIGTERM)."""
+        """SIGTERM and SIGINT stop the loop (the backend convention asks SIGTERM).
+
+        A pipe wakes the selector when a signal arrives; :meth:`close` closes
+        it and gives ``signal.set_wakeup_fd`` back its previous fd.  Calling
+        this twice is a no-op.
+        """
+        if self._wakeup is not None:
+            return
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wfd)
+        self._old_wakeup_fd = signal.set_wakeup_fd(wfd)
+        self._wakeup = (rfd, wfd)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
 
@@ -178,4 +188,11 @@ class EventLoop:
         return writer
 
     def close(self) -> None:
+        """Close the selector and the signal wake-up pipe (restoring the previous
+        wake-up fd).  Signal handlers stay installed: they only set the stop flag."""
         self.selector.close()
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(self._old_wakeup_fd)
+            for fd in self._wakeup:
+                os.close(fd)
+            self._wakeup = None

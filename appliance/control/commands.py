@@ -1,10 +1,16 @@
-"""The control commands: one table of name -> (handler, allowed args) (device-facing layer).
+"""The control commands: one table of name -> (handler, argument checkers) (device-facing layer).
 
 Each handler takes the :class:`Target` (what the process exposes to its
 operator: the NVMe controller, the net service, the fault set) and the
 request's ``args``; it returns a JSON-able result or raises
 :class:`~appliance.control.protocol.ControlError`.  :func:`dispatch` checks
-the command name and the argument names against the table before calling.
+the command name, then every argument with its checker from
+:mod:`appliance.control.args` (unknown names and bad values are ``bad_args``
+naming the argument; null counts as absent), so a handler sees only values
+of the type and range it declared.  ``fault.add`` is the one command whose
+arguments depend on each other (the action decides which fields apply): it
+passes them to :meth:`~appliance.faults.FaultSet.add`, which checks each with
+the same checkers.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance import config as config_mod
+from appliance.control import args as a
 from appliance.control.protocol import (
     BAD_ARGS,
     FAILED,
@@ -24,8 +30,8 @@ from appliance.control.protocol import (
     ControlError,
     Request,
 )
-from appliance.errors import ApplianceError, ConfigError
-from appliance.faults import FaultError, FaultSet
+from appliance.errors import ApplianceError
+from appliance.faults import FIELDS, FaultError, FaultSet
 
 
 @dataclass
@@ -48,17 +54,6 @@ def _need(value: Any, what: str) -> Any:
     if value is None:
         raise ControlError(UNAVAILABLE, f"no {what} in this process")
     return value
-
-
-def _flag(args: dict[str, Any], name: str) -> bool:
-    value = args.get(name)
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in ("1", "on", "true", "yes", "up"):
-        return True
-    if str(value).lower() in ("0", "off", "false", "no", "down"):
-        return False
-    raise ControlError(BAD_ARGS, f"{name}: expected on/off, got {value!r}")
 
 
 # ---------------------------------------------------------------- handlers
@@ -88,7 +83,9 @@ def status(t: Target, args: dict[str, Any]) -> Any:
 
 
 def trace(t: Target, args: dict[str, Any]) -> Any:
-    on = _flag(args, "on") if "on" in args else _flag(args, "state")
+    on = args.get("on", args.get("state"))
+    if on is None:
+        raise ControlError(BAD_ARGS, "trace: give on=on|off")
     top = logging.getLogger("appliance")
     if t.log_level is None:
         t.log_level = top.getEffectiveLevel()
@@ -110,7 +107,7 @@ def fault_add(t: Target, args: dict[str, Any]) -> Any:
         signalled = ctrl.request_removal()
         faults.counters["nvme.remove"] = faults.counters.get("nvme.remove", 0) + 1
         return {"action": "remove", "signalled": signalled}
-    if args.get("action") == "fatal" and str(args.get("now", "")).lower() in ("1", "true", "yes"):
+    if args.get("action") == "fatal" and args.get("now"):
         ctrl = _need(t.controller, "NVMe controller")
         ctrl.fatal("injected fault (now)")
         faults.counters["nvme.fatal"] = faults.counters.get("nvme.fatal", 0) + 1
@@ -134,20 +131,16 @@ def fault_list(t: Target, args: dict[str, Any]) -> Any:
 
 def fault_clear(t: Target, args: dict[str, Any]) -> Any:
     faults = _need(t.faults, "fault set")
-    rule_id = args.get("id")
-    if rule_id is not None and (isinstance(rule_id, bool) or not str(rule_id).isdigit()):
-        raise ControlError(BAD_ARGS, f"id: expected a rule number, got {rule_id!r}")
-    return {"cleared": faults.clear(None if rule_id is None else int(rule_id))}
+    return {"cleared": faults.clear(args.get("id"))}
 
 
 def link(t: Target, args: dict[str, Any]) -> Any:
     net = _need(t.net, "net service")
     names = [svc.port.name for svc in net.services]
     port = args.get("port", names[0] if len(names) == 1 else None)
-    if port not in names:
-        raise ControlError(BAD_ARGS, f"port: expected one of {names}, got {port!r}")
-    up = _flag(args, "state")
-    assert isinstance(port, str)
+    if not isinstance(port, str) or port not in names:
+        raise a.refuse("port", f"one of {names}", port)
+    up = args["state"]
     if up:
         t.links_down.discard(port)
     else:
@@ -158,13 +151,10 @@ def link(t: Target, args: dict[str, Any]) -> Any:
 def namespace_resize(t: Target, args: dict[str, Any]) -> Any:
     ctrl = _need(t.controller, "NVMe controller")
     nsid = args.get("nsid", 1)
-    ns = ctrl.namespaces.get(int(nsid)) if str(nsid).isdigit() else None
+    ns = ctrl.namespaces.get(nsid)
     if ns is None:
-        raise ControlError(BAD_ARGS, f"nsid: no namespace {nsid!r}")
-    try:
-        size = config_mod.size("size", args.get("size"))
-    except ConfigError as exc:
-        raise ControlError(BAD_ARGS, str(exc)) from None
+        raise ControlError(BAD_ARGS, f"nsid: no namespace {nsid}")
+    size = args["size"]
     if size % ns.block_size or size < ns.size:
         raise ControlError(BAD_ARGS, f"size: {size} must be a multiple of {ns.block_size} "
                                      f"and at least the current {ns.size} (grow only)")
@@ -174,22 +164,19 @@ def namespace_resize(t: Target, args: dict[str, Any]) -> Any:
         if os.fstat(ns.fd).st_size < size:
             os.ftruncate(ns.fd, size)
     except OSError as exc:
-        raise ControlError(FAILED, f"cannot grow {ns.image}: {exc.strerror or exc}") from None
+        raise ControlError(FAILED, f"size: cannot grow {ns.image} to {size}: "
+                                   f"{exc.strerror or exc}") from None
     old = ns.size
     ns.size, ns.nlbas = size, size // ns.block_size
     ctrl.notify_namespace_changed(ns.nsid)
     return {"nsid": ns.nsid, "old_size": old, "size": size, "blocks": ns.nlbas}
 
 
-#: name -> (handler, allowed argument names; None = any)
 def handoff(t: Target, args: dict[str, Any]) -> Any:
     """Move every device to the process whose control socket is ``to``; this one exits."""
     source = _need(t.handoff_source, "handoff")
-    to = args.get("to")
-    if not isinstance(to, str) or not to:
-        raise ControlError(BAD_ARGS, "handoff: 'to' must be the destination's control socket path")
     try:
-        result = source.run(to)
+        result = source.run(args["to"])
     except ApplianceError as exc:
         raise ControlError(FAILED, str(exc)) from None
     # The devices live on elsewhere: exit once this reply is written (the
@@ -207,16 +194,39 @@ def handoff_accept(t: Target, args: dict[str, Any]) -> Any:
         raise ControlError(FAILED, str(exc)) from None
 
 
-COMMANDS: dict[str, tuple[Handler, frozenset[str] | None]] = {
-    "status": (status, frozenset()),
-    "trace": (trace, frozenset({"on", "state"})),
-    "fault.add": (fault_add, None),
-    "fault.list": (fault_list, frozenset()),
-    "fault.clear": (fault_clear, frozenset({"id"})),
-    "link": (link, frozenset({"port", "state"})),
-    "namespace.resize": (namespace_resize, frozenset({"nsid", "size"})),
-    "handoff": (handoff, frozenset({"to"})),
-    "handoff.accept": (handoff_accept, frozenset({"version", "fingerprint", "images", "net"})),
+MAX_SIZE = (1 << 63) - 1  # the largest file size Linux can address (off_t)
+ON_OFF: dict[str, a.Checker] = {"on": a.flag, "state": a.flag}
+
+
+#: fault.add: ``now`` is the command's own, the rest go to FaultSet.add as they are
+FAULT_ARGS: dict[str, a.Checker] = {**dict.fromkeys(FIELDS | {"target", "action", "seed"},
+                                                    a.anything), "now": a.flag}
+
+
+@dataclass(frozen=True)
+class Command:
+    """A handler, its arguments (name -> checker) and which of them it needs."""
+
+    handler: Handler
+    args: dict[str, a.Checker]
+    required: frozenset[str] = frozenset()
+
+
+#: name -> the command (handler and argument checkers)
+COMMANDS: dict[str, Command] = {
+    "status": Command(status, {}),
+    "trace": Command(trace, ON_OFF),
+    "fault.add": Command(fault_add, FAULT_ARGS),
+    "fault.list": Command(fault_list, {}),
+    "fault.clear": Command(fault_clear, {"id": a.integer(1, (1 << 63) - 1)}),
+    "link": Command(link, {"port": a.text, "state": a.flag}, frozenset({"state"})),
+    "namespace.resize": Command(namespace_resize, {"nsid": a.integer(1, 0xFFFF_FFFE),
+                                                  "size": a.size(1, MAX_SIZE)},
+                                frozenset({"size"})),
+    "handoff": Command(handoff, {"to": a.text}, frozenset({"to"})),
+    "handoff.accept": Command(handoff_accept, {"version": a.integer(0, 0xFFFF_FFFF),
+                                               "fingerprint": a.text, "images": a.anything,
+                                               "net": a.flag}),
 }
 
 
@@ -227,21 +237,12 @@ def dispatch(target: Target, request: Request) -> Any:
         The command's result.
 
     Raises:
-        ControlError: an unknown command, unknown argument names, or the
-            command's own refusal.
+        ControlError: an unknown command, an unknown argument or a bad value
+            (BAD_ARGS naming it), or the command's own refusal.
     """
-    entry = COMMANDS.get(request.cmd)
-    if entry is None:
-        raise ControlError(UNKNOWN_COMMAND, f"unknown command {request.cmd!r} "
+    command = COMMANDS.get(request.cmd)
+    if command is None:
+        raise ControlError(UNKNOWN_COMMAND, f"unknown command {a.shown(request.cmd)} "
                                             f"(have {', '.join(sorted(COMMANDS))})")
-    handler, allowed = entry
-    if allowed is not None:
-        extra = set(request.args) - allowed
-        if extra:
-            raise ControlError(BAD_ARGS, f"{request.cmd}: unknown argument(s) "
-                                         f"{', '.join(sorted(extra))}")
-    if request.cmd in ("trace",) and not request.args:
-        raise ControlError(BAD_ARGS, "trace: give on=on|off")
-    if request.cmd == "link" and "state" not in request.args:
-        raise ControlError(BAD_ARGS, "link: give state=up|down (and port=NAME)")
-    return handler(target, request.args)
+    args = a.check_all(command.args, request.args, request.cmd, command.required)
+    return command.handler(target, args)

@@ -12,17 +12,26 @@ One request per line, UTF-8 JSON: ``{"id": ID, "cmd": "NAME", "args": {...}}``
 :func:`reply_ok` / :func:`reply_error` encode replies.  A line longer than
 :data:`MAX_LINE` is refused with ``line_too_long`` and discarded up to its
 newline; bytes that are not JSON, not an object, or lack a string ``cmd``
-get ``bad_request``.  The connection never raises on bad input: every
-rejection is a reply and the next line is read normally.
+get ``bad_request``, and so do arrays and objects nested deeper than
+:data:`MAX_DEPTH` (counted before the JSON decoder sees the line, so no depth
+can exhaust its recursion), ``NaN``/``Infinity`` and numbers that overflow
+to them (``1e999``), and integers outside :data:`INT_RANGE`.  The
+connection never raises on bad input: every rejection is a reply and the
+next line is read normally.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 MAX_LINE = 64 * 1024
+MAX_DEPTH = 32  # nested arrays/objects in one request
+INT_RANGE = (-(1 << 63), 1 << 64)  # integers a request may carry: [lo, hi)
 
 # Error codes (the protocol's own errors).
 BAD_REQUEST = "bad_request"
@@ -63,15 +72,59 @@ def reply_error(request_id: Any, code: str, message: str) -> bytes:
     return _encode({"id": request_id, "ok": False, "error": {"code": code, "message": message}})
 
 
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def too_deep(line: bytes) -> bool:
+    """Whether arrays and objects nest deeper than :data:`MAX_DEPTH` in ``line``
+    (brackets inside strings do not count; an iterative scan, no recursion)."""
+    if line.count(b"[") + line.count(b"{") <= MAX_DEPTH:
+        return False
+    depth = 0
+    for m in _BRACKET.finditer(_STRING.sub(b"", line)):
+        depth += 1 if m.group() in (b"[", b"{") else -1
+        if depth > MAX_DEPTH:
+            return True
+    return False
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ControlError(BAD_REQUEST, f"number {text[:40]} is out of range (overflows to infinity)")
+    return value
+
+
+def _not_a_number(text: str) -> Any:
+    raise ControlError(BAD_REQUEST, f"{text} is not a JSON number")
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > 20:
+        raise ControlError(BAD_REQUEST, f"an integer of {digits} digits is out of range "
+                                        f"[{INT_RANGE[0]}, {INT_RANGE[1]})")
+    value = int(text)
+    if not INT_RANGE[0] <= value < INT_RANGE[1]:
+        raise ControlError(BAD_REQUEST, f"integer {value} is out of range "
+                                        f"[{INT_RANGE[0]}, {INT_RANGE[1]})")
+    return value
+
+
 def parse_line(line: bytes) -> Request:
     """Decode one request line (without its newline).
 
     Raises:
         ControlError: BAD_REQUEST for anything but a JSON object with a string ``cmd``
-            and an object ``args``.
+            and an object ``args``, for nesting deeper than :data:`MAX_DEPTH` and for
+            numbers that are not finite or integers outside :data:`INT_RANGE`.
     """
+    if too_deep(line):
+        raise ControlError(BAD_REQUEST, f"arrays/objects nested deeper than {MAX_DEPTH}")
     try:
-        obj = json.loads(line.decode("utf-8"))
+        obj = json.loads(line.decode("utf-8"), parse_float=_finite, parse_int=_bounded_int,
+                         parse_constant=_not_a_number)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ControlError(BAD_REQUEST, f"not JSON: {exc}") from None
     if not isinstance(obj, dict):
@@ -94,17 +147,24 @@ def parse_line(line: bytes) -> Request:
 
 
 class ControlConnection:
-    """One client's byte stream: requests out, bad lines turned into error replies."""
+    """One client's byte stream: requests out, bad lines turned into error replies.
+
+    :meth:`receive_data` only splits lines; each is decoded when
+    :meth:`next_event` reaches it, so the caller decides how much work one
+    read costs (it may answer a few requests and come back for the rest).
+    """
 
     def __init__(self, max_line: int = MAX_LINE) -> None:
         self.max_line = max_line
         self._buf = bytearray()
         self._discarding = False  # inside an oversized line, skipping to its newline
-        self._events: list[Request | bytes] = []
+        self._pending: deque[tuple[bool, bytes]] = deque()  # (to decode?, line or reply)
 
     def receive_data(self, data: bytes) -> None:
         """Take bytes from the client (b"" at EOF is ignored: a partial line is dropped)."""
         self._buf += data
+        too_long = reply_error(None, LINE_TOO_LONG,
+                               f"request line longer than {self.max_line} bytes")
         while True:
             nl = self._buf.find(b"\n")
             if self._discarding:
@@ -118,23 +178,28 @@ class ControlConnection:
                 if len(self._buf) > self.max_line:
                     self._buf.clear()
                     self._discarding = True
-                    self._events.append(reply_error(
-                        None, LINE_TOO_LONG, f"request line longer than {self.max_line} bytes"))
+                    self._pending.append((False, too_long))
                 return
             line = bytes(self._buf[:nl])
             del self._buf[:nl + 1]
             if len(line) > self.max_line:
-                self._events.append(reply_error(
-                    None, LINE_TOO_LONG, f"request line longer than {self.max_line} bytes"))
-                continue
-            if not line.strip():
-                continue
-            try:
-                self._events.append(parse_line(line))
-            except ControlError as exc:
-                self._events.append(reply_error(getattr(exc, "request_id", None),
-                                                exc.code, exc.message))
+                self._pending.append((False, too_long))
+            elif line.strip():
+                self._pending.append((True, line))
+
+    @property
+    def has_events(self) -> bool:
+        """Whether :meth:`next_event` has something (a line received and not yet taken)."""
+        return bool(self._pending)
 
     def next_event(self) -> Request | bytes | None:
         """The next request, or an error reply (bytes) to send as is, or None."""
-        return self._events.pop(0) if self._events else None
+        if not self._pending:
+            return None
+        decode, data = self._pending.popleft()
+        if not decode:
+            return data
+        try:
+            return parse_line(data)
+        except ControlError as exc:
+            return reply_error(getattr(exc, "request_id", None), exc.code, exc.message)

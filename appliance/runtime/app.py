@@ -100,7 +100,8 @@ class Appliance:
         from appliance.runtime.control import ControlService  # the control socket (ctl)
 
         self.control = ControlService(self.loop, cfg["control"]["socket"],
-                                      controller=self.controller, net=self.net)
+                                      controller=self.controller, net=self.net,
+                                      idle_timeout=cfg["control"]["idle_timeout"])
         self.services.append(self.control)
         self.control.target.handoff_source = HandoffSource(self)
         self.control.target.handoff_sink = HandoffSink(self)

@@ -7,11 +7,18 @@ the process's :class:`~appliance.faults.FaultSet`: on the NVMe controller
 (its fault hooks) and around each net port's two frame paths (towards the
 guest: ``port.deliver``; from the guest: ``port.uplink``), and runs the timer
 that releases deferred completions and delayed frames.
+
+No client can lock the socket out: a connection silent for ``idle_timeout``
+seconds (nothing received, none of its pending replies taken) is closed by a
+loop timer, and when :data:`MAX_CLIENTS` are connected a new connection
+closes the one idle the longest instead of being refused.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -25,6 +32,7 @@ from appliance.control.protocol import (
     Request,
     reply_error,
     reply_ok,
+    too_deep,
 )
 from appliance.faults import FaultSet
 from appliance.loop import EventLoop
@@ -33,18 +41,24 @@ from appliance.runtime.listener import listen
 log = logging.getLogger("appliance.control")
 RELEASE_PERIOD = 0.005  # seconds between checks for due deferred completions / frames
 MAX_CLIENTS = 16
+BACKLOG = 64  # connections the kernel queues until the loop accepts them
+IDLE_TIMEOUT = 300.0  # seconds a connection may stay silent (config control.idle_timeout)
 MAX_OUTPUT = 1 << 20  # unsent reply bytes a client may pile up before it is disconnected
-SEND_CHUNK = 64 * 1024  # while answering a burst of requests, send once this much is queued
+MAX_REPLY = 64 << 20  # what ControlClient buffers while waiting for one reply line
+BATCH = 32  # requests of one client answered per loop pass; the rest wait for the next
 
 
 class _Client:
     """One control connection: requests in, replies out without blocking the loop.
 
-    Replies are queued in ``out`` and sent as far as the socket takes them; the
-    rest waits for writability.  While replies are pending the client's socket is
-    not read (backpressure: it cannot queue more work); once they are gone,
-    reading resumes.  A client whose unsent replies exceed :data:`MAX_OUTPUT`
-    (it sends requests and does not read the answers) is disconnected.
+    A read is split into lines at once, but each loop pass answers at most
+    :data:`BATCH` of them; the rest wait for the next pass (a timer at once),
+    so a client pipelining thousands of requests takes turns with every other
+    socket of the process.  Replies are queued in ``out`` and sent as far as
+    the socket takes them; the rest waits for writability.  The socket is read
+    only when nothing is left to answer or to send (backpressure: a client
+    cannot queue more work than one read).  A client whose unsent replies
+    exceed :data:`MAX_OUTPUT` is disconnected.
     """
 
     def __init__(self, service: ControlService, sock: socket.socket) -> None:
@@ -53,7 +67,11 @@ class _Client:
         self.fd = sock.fileno()
         self.conn = ControlConnection()
         self.out = bytearray()
+        self.reading = True
         self.writing = False  # waiting for writability (and not reading)
+        self.scheduled = False  # a loop pass is due to answer more buffered requests
+        self.closed = False
+        self.active = time.monotonic()  # last byte received or reply byte sent
         service.loop.add_reader(self.fd, self._readable)
 
     def _readable(self) -> None:
@@ -66,31 +84,33 @@ class _Client:
         if not data:
             self.close()
             return
+        self.active = time.monotonic()
         self.conn.receive_data(data)
-        while (event := self.conn.next_event()) is not None:
-            if isinstance(event, bytes):
-                self.out += event
-            else:
-                self.out += self._answer(event)
-            if len(self.out) >= SEND_CHUNK and not self._send():
-                return
+        self._work()
+
+    def _work(self) -> None:
+        """Answer up to :data:`BATCH` buffered requests, then send."""
+        self.scheduled = False
+        if self.closed:
+            return
+        for _ in range(BATCH):
+            event = self.conn.next_event()
+            if event is None:
+                break
+            self.out += event if isinstance(event, bytes) else self._answer(event)
         self._send()
 
     def _answer(self, request: Request) -> bytes:
         try:
-            result = dispatch(self.service.target, request)
+            return reply_ok(request.id, dispatch(self.service.target, request))
         except ControlError as exc:
             return reply_error(request.id, exc.code, exc.message)
         except Exception as exc:  # a bug in a command: report it, keep serving
             log.exception("control: %s failed", request.cmd)
             return reply_error(request.id, FAILED, f"{type(exc).__name__}: {exc}")
-        return reply_ok(request.id, result)
 
-    def _send(self) -> bool:
-        """Send what the socket takes; watch for writability while output is left.
-
-        Returns False when the client was closed (send error, or over the cap).
-        """
+    def _send(self) -> None:
+        """Send what the socket takes, then decide what to wait for."""
         if self.out:
             try:
                 sent = self.sock.send(self.out)
@@ -98,46 +118,67 @@ class _Client:
                 sent = 0
             except OSError:
                 self.close()
-                return False
+                return
             del self.out[:sent]
-        loop = self.service.loop
+            if sent:
+                self.active = time.monotonic()
         if len(self.out) > MAX_OUTPUT:
             log.warning("control: client fd %d left %d bytes of replies unread (cap %d): "
                         "disconnected", self.fd, len(self.out), MAX_OUTPUT)
             self.close()
-            return False
-        if self.out and not self.writing:
-            loop.remove_reader(self.fd)
-            loop.add_writer(self.fd, self._writable)
-            self.writing = True
-        elif not self.out and self.writing:
-            loop.remove_writer(self.fd)
-            loop.add_reader(self.fd, self._readable)
-            self.writing = False
-        return True
+            return
+        self._watch()
 
-    def _writable(self) -> None:
-        self._send()
+    def _watch(self) -> None:
+        """Writability while replies are left; the next loop pass while requests
+        are buffered; reading only when neither."""
+        loop = self.service.loop
+        more = self.conn.has_events
+        want_write = bool(self.out)
+        want_read = not want_write and not more
+        if want_write != self.writing:
+            if want_write:
+                loop.add_writer(self.fd, self._send)
+            else:
+                loop.remove_writer(self.fd)
+            self.writing = want_write
+        if want_read != self.reading:
+            if want_read:
+                loop.add_reader(self.fd, self._readable)
+            else:
+                loop.remove_reader(self.fd)
+            self.reading = want_read
+        if more and not want_write and not self.scheduled:
+            self.scheduled = True
+            loop.call_later(0, self._work)
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         if self in self.service.clients:
             self.service.clients.remove(self)
-            self.service.loop.remove_reader(self.fd)
-            self.service.loop.remove_writer(self.fd)
-            self.sock.close()
-            self.out.clear()
+        self.service.loop.remove_reader(self.fd)
+        self.service.loop.remove_writer(self.fd)
+        self.sock.close()
+        self.out.clear()
 
 
 class ControlService:
     """The control socket, the fault set and its release timer."""
 
     def __init__(self, loop: EventLoop, path: str, controller: Any = None, net: Any = None,
-                 clock: Callable[[], float] = time.monotonic, seed: int = 0) -> None:
-        """Raises:
+                 clock: Callable[[], float] = time.monotonic, seed: int = 0,
+                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+        """``clock`` drives the fault set; idle connections are timed by the loop's clock.
+
+        Raises:
             ListenerError: the socket path cannot be claimed or bound.
         """
         self.loop = loop
         self.path = path
+        self.idle_timeout = idle_timeout
+        self._sweep_due: float | None = None  # when the armed idle sweep runs
         self.faults = FaultSet(clock=clock, seed=seed)
         self.faults.notify = self._wake
         self.target = Target(controller=controller, net=net, faults=self.faults)
@@ -149,19 +190,52 @@ class ControlService:
         if net is not None:
             for svc in net.services:
                 self._wrap_port(svc.port, net)
-        self.listener, self.claim = listen(path, 8)  # mode 0600; raises ListenerError
+        self.listener, self.claim = listen(path, BACKLOG)  # mode 0600; raises ListenerError
         loop.add_reader(self.listener.fileno(), self._accept)
 
     def _accept(self) -> None:
-        try:
-            sock, _ = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
+        """Take every connection waiting in the backlog (a full backlog refuses
+        connects: ``ctl`` would see EAGAIN)."""
+        for _ in range(BACKLOG):
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: the next pass retries
+                log.warning("control: accept failed: %s", exc)
+                return
+            if len(self.clients) >= MAX_CLIENTS:
+                oldest = min(self.clients, key=lambda c: c.active)
+                log.warning("control: %d connections: closing fd %d, silent for %.1f s, "
+                            "for a new one", len(self.clients), oldest.fd,
+                            time.monotonic() - oldest.active)
+                oldest.close()
+            sock.setblocking(False)
+            self.clients.append(_Client(self, sock))
+            self._arm_sweep()
+
+    # ------------------------------------------------------------ idle connections
+    def _arm_sweep(self) -> None:
+        """Arm one timer for the earliest idle deadline (none without clients)."""
+        if self._closed or not self.clients:
             return
-        if len(self.clients) >= MAX_CLIENTS:
-            sock.close()
-            return
-        sock.setblocking(False)
-        self.clients.append(_Client(self, sock))
+        due = min(c.active for c in self.clients) + self.idle_timeout
+        if self._sweep_due is not None and self._sweep_due <= due:
+            return  # an earlier sweep is armed; it re-arms for the rest
+        self._sweep_due = due
+        self.loop.call_later(max(0.0, due - time.monotonic()), lambda: self._sweep(due))
+
+    def _sweep(self, due: float) -> None:
+        if due != self._sweep_due:
+            return  # superseded by an earlier one
+        self._sweep_due = None
+        now = time.monotonic()
+        for client in list(self.clients):
+            if now - client.active >= self.idle_timeout:
+                log.info("control: fd %d silent for %.1f s (control.idle_timeout): closed",
+                         client.fd, now - client.active)
+                client.close()
+        self._arm_sweep()
 
     # ------------------------------------------------------------ faults on the net ports
     def _wrap_port(self, port: Any, net: Any) -> None:
@@ -234,28 +308,50 @@ class ControlClient:
         """
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(path)
-        except OSError:
-            self.sock.close()
-            raise
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(path)
+                break
+            except BlockingIOError:  # the listener's backlog is full: it is being drained
+                if time.monotonic() < deadline:
+                    select.select([], [], [], 0.005)
+                    continue
+                self.sock.close()
+                raise
+            except OSError:
+                self.sock.close()
+                raise
         self._buf = b""
         self._next = 1
 
     def request(self, cmd: str, **args: Any) -> dict[str, Any]:
-        """Send one request and return the whole reply object."""
-        import json
+        """Send one request and return the whole reply object.
 
+        Raises:
+            ConnectionError: the socket closed, or the reply is not a JSON object
+                (too long, nested too deep, not JSON): the peer is no appliance.
+            OSError: the socket failed or timed out.
+        """
         request_id, self._next = self._next, self._next + 1
         line = json.dumps({"id": request_id, "cmd": cmd, "args": args}).encode() + b"\n"
         self.sock.sendall(line)
         while b"\n" not in self._buf:
+            if len(self._buf) > MAX_REPLY:
+                raise ConnectionError(f"control reply longer than {MAX_REPLY} bytes")
             chunk = self.sock.recv(65536)
             if not chunk:
                 raise ConnectionError("control socket closed")
             self._buf += chunk
         reply, self._buf = self._buf.split(b"\n", 1)
-        out: dict[str, Any] = json.loads(reply)
+        if too_deep(reply):
+            raise ConnectionError("control reply nested too deep")
+        try:
+            out = json.loads(reply)
+        except ValueError as exc:
+            raise ConnectionError(f"control reply is not JSON: {exc}") from None
+        if not isinstance(out, dict):
+            raise ConnectionError("control reply is not a JSON object")
         return out
 
     def __call__(self, cmd: str, **args: Any) -> Any:

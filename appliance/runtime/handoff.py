@@ -110,6 +110,8 @@ class HandoffSource:
         """
         if self.active:
             raise HandoffError("a handoff is already under way")
+        if self._own_socket(to):  # this loop would wait on itself for the whole timeout
+            raise HandoffError(f"{to} is a socket of this process, not another appliance's")
         why = self.app.handoff_busy()
         if why:
             raise HandoffError(f"cannot hand off now: {why}")
@@ -118,6 +120,24 @@ class HandoffSource:
             return self._run(to, timeout)
         finally:
             self.active = False
+
+    def _own_socket(self, to: str) -> bool:
+        """Whether ``to`` is one of the sockets this process serves."""
+        cfg = self.app.cfg
+        own = [cfg["control"]["socket"], cfg["storage"]["socket"],
+               *(p["socket"] for p in cfg["net"]["ports"])]
+        try:
+            st = os.stat(to)
+        except (OSError, ValueError):
+            return False
+        for path in own:
+            try:
+                mine = os.stat(path)
+            except OSError:
+                continue
+            if (mine.st_dev, mine.st_ino) == (st.st_dev, st.st_ino):
+                return True
+        return False
 
     def _run(self, to: str, timeout: float) -> dict[str, Any]:
         app = self.app

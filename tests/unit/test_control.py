@@ -17,6 +17,7 @@ from test_nvme_driver import Driver, make_controller
 
 from appliance.control.commands import COMMANDS, Target, dispatch
 from appliance.control.protocol import (
+    MAX_DEPTH,
     ControlConnection,
     ControlError,
     Request,
@@ -54,6 +55,15 @@ def test_requests_split_anywhere_are_reassembled() -> None:
     (b'{"id": 3, "cmd": "status", "args": [1]}', "bad_request"),
     (b'{"id": {"a": 1}, "cmd": "status"}', "bad_request"),
     (b"\xff\xfe", "bad_request"),
+    (b'{"id": 3, "cmd": "status", "args": {"a": ' + b"[" * 33 + b"]" * 33 + b"}}", "bad_request"),
+    (b"[" * 20000 + b"]" * 20000, "bad_request"),  # would exhaust the decoder's recursion
+    (b"{" * 30000, "bad_request"),
+    (b'{"id": 1e999, "cmd": "status"}', "bad_request"),
+    (b'{"id": 3, "cmd": "status", "args": {"n": -1e999}}', "bad_request"),
+    (b'{"id": NaN, "cmd": "status"}', "bad_request"),
+    (b'{"id": 3, "cmd": "status", "args": {"n": Infinity}}', "bad_request"),
+    (b'{"id": 3, "cmd": "status", "args": {"n": ' + b"7" * 5000 + b"}}", "bad_request"),
+    (b'{"id": 3, "cmd": "status", "args": {"n": 18446744073709551616}}', "bad_request"),
 ])
 def test_malformed_lines_get_error_replies_and_the_next_line_works(line: bytes, code: str) -> None:
     conn = ControlConnection()
@@ -61,6 +71,17 @@ def test_malformed_lines_get_error_replies_and_the_next_line_works(line: bytes, 
     got = events(conn)
     assert got[0]["ok"] is False and got[0]["error"]["code"] == code
     assert got[1] == Request(9, "status", {})
+
+
+def test_nesting_up_to_the_limit_and_brackets_in_strings_are_fine() -> None:
+    deep = b"[" * (MAX_DEPTH - 2) + b"]" * (MAX_DEPTH - 2)  # inside the request and its args
+    quoted = json.dumps("[{" * 5000 + '\\"[').encode()
+    conn = ControlConnection()
+    conn.receive_data(b'{"id": 1, "cmd": "status", "args": {"a": ' + deep + b"}}\n"
+                      b'{"id": 2, "cmd": "status", "args": {"a": ' + quoted + b"}}\n"
+                      b'{"id": 3, "cmd": "status", "args": {"n": -9223372036854775808}}\n')
+    got = events(conn)
+    assert [r.id for r in got] == [1, 2, 3], got
 
 
 def test_oversized_line_is_refused_and_discarded() -> None:
@@ -235,6 +256,31 @@ def test_ctl_cli_prints_result_and_fails_with_one_line(
     err = capsys.readouterr().err
     assert err.startswith("appliance: error: fault.add: bad_args") and err.count("\n") == 1
     assert main(["ctl", "status", "junk", "-c", str(cfg)]) == 2
+    capsys.readouterr()
+    for value in ["[" * 100_000, "9" * 5000, "1e999", "²"]:  # one error line, exit status 2
+        assert main(["ctl", "fault.clear", f"id={value}", "-c", str(cfg)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("appliance: error: fault.clear: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("reply", [
+    b"[" * 100_000 + b"\n",
+    b"[1, 2]\n",
+    b"{not json\n",
+    b"\xff\n",
+])
+def test_control_client_refuses_a_reply_that_is_no_json_object(tmp_path: Path,
+                                                               reply: bytes) -> None:
+    path = str(tmp_path / "fake.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(path)
+        server.listen(1)
+        with ControlClient(path, timeout=5.0) as client:
+            peer, _ = server.accept()
+            with peer:
+                peer.sendall(reply)
+                with pytest.raises(ConnectionError):
+                    client.request("status")
 
 
 class FakePort:

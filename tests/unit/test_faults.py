@@ -282,3 +282,20 @@ def test_a_bad_fault_state_is_refused_and_changes_nothing(rig: tuple[Driver, Fau
     with pytest.raises(FaultError):
         other.import_state(state, d.ctrl)
     assert [r.describe() for r in other.rules] == before
+
+
+def test_rules_are_capped_and_a_refused_rule_changes_nothing() -> None:
+    from appliance.faults import MAX_RULES
+
+    faults = FaultSet(clock=lambda: 0.0, seed=1)
+    state = faults.rng.getstate()
+    with pytest.raises(FaultError, match="count"):
+        faults.add({"action": "status", "seed": 99, "count": "²"})
+    assert faults.rng.getstate() == state and faults.rules == []
+    for _ in range(MAX_RULES):
+        faults.add({"action": "status", "lba": 8})
+    with pytest.raises(FaultError, match="at most"):
+        faults.add({"action": "status", "lba": 8})
+    assert len(faults.rules) == MAX_RULES
+    faults.clear()
+    assert faults.add({"action": "status"}).id == MAX_RULES + 1

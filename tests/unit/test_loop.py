@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 from collections.abc import Iterator
 
@@ -98,3 +100,29 @@ def test_a_failing_reader_does_not_stop_the_writer(
     b.send(b"x")
     loop.run_once(0)
     assert calls == ["w"]
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_close_closes_the_signal_wakeup_pipe_and_restores_the_old_fd() -> None:
+    before = _open_fds()
+    outer_r, outer_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    previous = signal.set_wakeup_fd(outer_w)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        loop = EventLoop()
+        loop.install_signal_handlers()
+        loop.install_signal_handlers()  # a second call opens nothing more
+        assert _open_fds() - before == 2 + 2 + 1  # ours, the loop's pipe, its epoll
+        loop.close()
+        assert signal.set_wakeup_fd(outer_w) == outer_w  # given back to the previous owner
+        assert _open_fds() - before == 2  # only ours
+    finally:
+        signal.set_wakeup_fd(previous)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        os.close(outer_r)
+        os.close(outer_w)
+    assert _open_fds() == before
