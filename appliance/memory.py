@@ -594,10 +594,16 @@ class ClientMemory:
         Raises:
             GuestMemoryError: part of the range is unmapped or lacks the access.
         """
-        pieces = list(self._pieces(address, length, write))  # the whole range is checked
-        if any(region.view is None for region, _, _ in pieces):
+        views: list[memoryview] | None = []
+        for region, off, n in self._pieces(address, length, write):  # checks the whole range
+            if region.view is None:
+                for view in views or ():
+                    view.release()
+                views = None
+            elif views is not None:
+                views.append(region.view[off:off + n])
+        if views is None:
             return None
-        views = [region.view[off:off + n] for region, off, n in pieces]  # type: ignore[index]
         if write and self.dirty_log is not None:
             self.dirty_log.mark(address, length)
         return views

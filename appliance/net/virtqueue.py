@@ -423,9 +423,12 @@ class SplitQueue:
         if head >= size:
             raise _Malformed(f"head {head} outside a queue of {size}")
         desc: memoryview | FdArea | bytes | None = self._desc
-        if isinstance(desc, FdArea):  # not mmap'd: read the table (zeroes if it shrank)
-            desc = desc.read(0, 16 * size)
-        addr, length, flags, _ = _DESC.unpack_from(desc, 16 * head)  # type: ignore[arg-type]
+        if isinstance(desc, FdArea):  # not mmap'd: the head, then the table for a chain
+            addr, length, flags, _ = _DESC.unpack(desc.read(16 * head, 16))  # zeroes if it shrank
+            if flags & (_NEXT | _INDIRECT):
+                desc = desc.read(0, 16 * size)
+        else:
+            addr, length, flags, _ = _DESC.unpack_from(desc, 16 * head)  # type: ignore[arg-type]
         if not flags & (_NEXT | _INDIRECT):  # the common case: one buffer
             write = bool(flags & _WRITE)
             if length and not self._inside(addr, length, write):
@@ -510,8 +513,11 @@ class SplitQueue:
         if elems is None:
             return
         slot = 2 * (self.used_idx % self.size)
-        elems[slot] = head
-        elems[slot + 1] = length
+        if isinstance(elems, FdWords):  # not mmap'd: both words in one pwrite
+            elems.area.write(4 * slot, (head | length << 32).to_bytes(8, "little"))
+        else:
+            elems[slot] = head
+            elems[slot + 1] = length
         self.used_idx = (self.used_idx + 1) & 0xFFFF
 
     def publish(self) -> bool:
