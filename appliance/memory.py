@@ -337,19 +337,38 @@ class FdArea:
 
 class FdWords:
     """Items of :class:`FdArea`, indexed like ``memoryview.cast``: each access is
-    one pread/pwrite of ``width`` bytes (not one store, unlike the cast)."""
+    one pread/pwrite of ``width`` bytes (not one store, unlike the cast).  A ring
+    touches these on every frame, so the common case calls ``os.pread`` and
+    ``os.pwrite`` directly; anything unusual goes through the area."""
 
     def __init__(self, area: FdArea, width: int) -> None:
-        self.area, self.width = area, width
+        assert area.region.fd is not None
+        self.area, self.width, self.count = area, width, area.length // width
+        self._fd = area.region.fd
+        self._base = area.region.fd_offset + area.offset
 
     def __len__(self) -> int:
-        return self.area.length // self.width
+        return self.count
 
     def __getitem__(self, i: int) -> int:
+        if 0 <= i < self.count:
+            try:
+                data = os.pread(self._fd, self.width, self._base + i * self.width)
+                if len(data) == self.width:
+                    return int.from_bytes(data, "little")
+            except OSError:
+                pass
         return int.from_bytes(self.area.read(i * self.width, self.width), "little")
 
     def __setitem__(self, i: int, value: int) -> None:
-        self.area.write(i * self.width, value.to_bytes(self.width, "little"))
+        data = value.to_bytes(self.width, "little")
+        if 0 <= i < self.count:
+            try:
+                if os.pwrite(self._fd, data, self._base + i * self.width) == self.width:
+                    return
+            except OSError:
+                pass
+        self.area.write(i * self.width, data)
 
     def release(self) -> None:
         """Nothing to release (the memoryview interface)."""
