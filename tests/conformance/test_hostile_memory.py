@@ -24,7 +24,7 @@ import pytest
 from hostile import HostileTarget, wait_until
 
 from appliance.client import VfioUserClient
-from appliance.drivers.nvme import NvmeDriver, NvmeError
+from appliance.drivers.nvme import BAR0, NvmeDriver, NvmeError
 from appliance.memory import F_ADD_SEALS, F_SEAL_SEAL
 from appliance.net import vhost_wire as vw
 from appliance.runtime.control import ControlClient
@@ -79,6 +79,32 @@ def test_vfio_user_client_shrinks_unsealable_memory(target: HostileTarget, kind:
         target.assert_healthy(vfio_user=False)
         driver.close()
     os.close(fd)
+    target.assert_healthy()
+
+
+def test_vfio_user_client_shrinks_the_memory_holding_its_queues(
+        target: HostileTarget, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver's own memory (queues included) made without MFD_ALLOW_SEALING,
+    shrunk to 0, then a doorbell: the SQ entry is unreachable, so the controller
+    goes CFS (one warning, one CFS line); the process lives."""
+    real = os.memfd_create
+    monkeypatch.setattr(os, "memfd_create", lambda name, flags=os.MFD_CLOEXEC:
+                        real(name, flags & ~os.MFD_ALLOW_SEALING))
+    with VfioUserClient.connect(target.nvme_sock) as client:
+        driver = NvmeDriver(client)
+        driver.setup(io_queues=1, depth=16)
+        monkeypatch.undo()
+        assert driver.read(1, 0, 1) is not None  # works through the fd
+        driver.submit(1, spec.Command(opcode=spec.IoOpcode.FLUSH, nsid=1), ring=False)
+        os.ftruncate(driver.area.fd, 0)  # from here on nobody may touch driver.mem
+        driver.ring(1)  # a message: the driver's memory is not touched
+        assert wait_until(lambda: spec.CSTS.get(client.read32(BAR0, spec.Reg.CSTS), "cfs") == 1)
+        log = target.proc.log_text()
+        assert log.count("client memory region 0x40000000+0x4000000") == 1
+        assert log.count("controller fatal status (CSTS.CFS)") == 1
+        target.assert_healthy(vfio_user=False)
+        driver.close()  # eventfds only
+        driver.mem.release()
     target.assert_healthy()
 
 
