@@ -32,8 +32,9 @@ hugetlbfs, a regular file, a read-only fd -- is reached through the fd: a
 read the shrunk file cannot satisfy is short, a write beyond its end is
 refused after an ``fstat``, and either raises :class:`GuestMemoryError`
 (logged once per region).  Such a region has no zero-copy views
-(:meth:`ClientMemory.buffers` returns None) and :meth:`ClientMemory.words`
-hands out :class:`FdWords` instead of ``memoryview`` casts.
+(:meth:`ClientMemory.buffers` returns None); :meth:`ClientMemory.fd_area`
+gives a holder of long-lived views (a virtqueue) :class:`FdArea` and
+:class:`FdWords` stand-ins instead of ``memoryview`` slices and casts.
 
 * Every access is bounds-checked; an access crossing two adjacent regions is
   split inside the accessor; an access touching a hole raises
@@ -219,7 +220,7 @@ class Region:
         return "fd" if self.fd is not None else "message"
 
     def pread(self, address: int, offset: int, n: int) -> bytes:
-        """``n`` bytes at region ``offset`` through the fd (``address``: for the error).
+        """``n`` bytes at region ``offset`` (client ``address``, for the error) through the fd.
 
         Raises:
             GuestMemoryError: the file ends before (it shrank) or the read failed.
@@ -450,6 +451,8 @@ class ClientMemory:
             if fd is not None:
                 if fd_offset < 0 or fd_offset % mmap.ALLOCATIONGRANULARITY:
                     raise MapError(errno.EINVAL, f"fd offset {fd_offset:#x} not page aligned")
+                # Seal first, then check the size: checked first, the file could
+                # shrink before the seal (a refused map leaves the seal on).
                 sealed = seal_against_shrink(fd)
                 try:
                     length = file_size(fd)
@@ -541,7 +544,7 @@ class ClientMemory:
             if region.view is not None:
                 parts.append(bytes(region.view[off:off + n]))
             elif region.fd is not None:
-                parts.append(region.pread(address, off, n))
+                parts.append(region.pread(region.address + off, off, n))
             else:
                 parts.append(self._transport().dma_read(region.address + off, n))
         return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -560,7 +563,7 @@ class ClientMemory:
             if region.view is not None:
                 region.view[off:off + n] = data[done:done + n]
             elif region.fd is not None:
-                region.pwrite(address, off, data[done:done + n])
+                region.pwrite(region.address + off, off, data[done:done + n])
             else:
                 self._transport().dma_write(region.address + off, bytes(data[done:done + n]))
             done += n
