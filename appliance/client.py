@@ -246,8 +246,10 @@ class VfioUserClient:
         """Create ``size`` bytes of memfd memory at client ``address`` and DMA_MAP it.
 
         With ``share_fd`` False the server gets no fd and must use DMA messages.
+        The memfd allows sealing, as QEMU's memory-backend-memfd: the server
+        seals it against shrinking and maps it.
         """
-        fd = os.memfd_create(f"client-mem-{address:#x}", os.MFD_CLOEXEC)
+        fd = os.memfd_create(f"client-mem-{address:#x}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, size)
         mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
         area = MemoryArea(address, size, mm, fd)

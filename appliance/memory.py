@@ -4,11 +4,37 @@ Theory of operation
 -------------------
 A client (QEMU, a vhost-user frontend, our own client library) tells the
 server which ranges of its address space the device may reach.  Each range is
-a :class:`Region`: either mmap'd from an fd the client passed, or reachable
-only through messages (vfio-user DMA_READ/DMA_WRITE), via a
-:class:`MessageTransport` the runtime supplies.  Devices never see which: they
-call :meth:`ClientMemory.read` / :meth:`ClientMemory.write` (or the
-``*_obj`` forms for wire structs) with a client address and length.
+a :class:`Region` reached one of three ways (its :attr:`Region.access`):
+
+* ``mmap``: mapped from the fd the client passed, when that file can no
+  longer shrink (see below);
+* ``fd``: through the same fd with ``os.pread``/``os.pwrite``, when it can;
+* ``message``: no fd, only vfio-user DMA_READ/DMA_WRITE, via a
+  :class:`MessageTransport` the runtime supplies.
+
+Devices never see which: they call :meth:`ClientMemory.read` /
+:meth:`ClientMemory.write` (or the ``*_obj`` forms for wire structs) with a
+client address and length.
+
+Memory that can vanish
+----------------------
+A page of a shared mapping beyond the end of its file raises SIGBUS on
+access, and Python cannot survive a SIGBUS: a client that shrinks
+(``ftruncate``) the file behind a region would kill the process at the next
+access.  Checking the size first does not help (the client can shrink it
+between the check and the access), so :meth:`ClientMemory.map` mmaps only a
+file that cannot shrink: a memfd already sealed with F_SEAL_SHRINK (QEMU's
+``memory-backend-memfd`` seals by default), or a memfd that still allows
+sealing, which we seal ourselves (:func:`seal_against_shrink`; the client's
+``ftruncate`` then fails with EPERM).  Every other file -- a memfd created
+without MFD_ALLOW_SEALING (DPDK's ``--no-huge`` memory), a file on tmpfs or
+hugetlbfs, a regular file, a read-only fd -- is reached through the fd: a
+read the shrunk file cannot satisfy is short, a write beyond its end is
+refused after an ``fstat``, and either raises :class:`GuestMemoryError`
+(logged once per region).  Such a region has no zero-copy views
+(:meth:`ClientMemory.buffers` returns None); :meth:`ClientMemory.fd_area`
+gives a holder of long-lived views (a virtqueue) :class:`FdArea` and
+:class:`FdWords` stand-ins instead of ``memoryview`` slices and casts.
 
 * Every access is bounds-checked; an access crossing two adjacent regions is
   split inside the accessor; an access touching a hole raises
@@ -44,8 +70,11 @@ from __future__ import annotations
 
 import bisect
 import errno
+import fcntl
+import logging
 import mmap
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -60,6 +89,16 @@ PAGE_SIZE = 4096
 _UINT_FORMATS: dict[int, Literal["H", "I", "Q"]] = {2: "H", 4: "I", 8: "Q"}
 
 S = TypeVar("S", bound=Struct)
+
+# File seals (fcntl(2), memfd_create(2)); older Pythons' fcntl lacks the names.
+F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
+F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
+F_SEAL_SEAL = getattr(fcntl, "F_SEAL_SEAL", 0x1)
+F_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x2)
+F_SEAL_GROW = getattr(fcntl, "F_SEAL_GROW", 0x4)
+F_SEAL_WRITE = getattr(fcntl, "F_SEAL_WRITE", 0x8)
+
+log = logging.getLogger(__name__)
 
 
 class GuestMemoryError(ApplianceError):
@@ -158,6 +197,63 @@ def checked_end(address: int, length: int) -> int:
     return address + length
 
 
+def seal_against_shrink(fd: int) -> bool:
+    """Make sure the file behind ``fd`` can never shrink; True when it cannot.
+
+    True when the file already carries F_SEAL_SHRINK, or when it still
+    allows sealing and we could add it (F_ADD_SEALS needs an fd open for
+    writing).  False for everything else: a memfd created without
+    MFD_ALLOW_SEALING or sealed with F_SEAL_SEAL alone, a file on tmpfs or
+    hugetlbfs, a file on a filesystem without seals, a read-only fd.
+    """
+    try:
+        seals = fcntl.fcntl(fd, F_GET_SEALS)
+    except OSError:  # EINVAL: the filesystem has no seals
+        return False
+    if seals & F_SEAL_SHRINK:
+        return True
+    if seals & F_SEAL_SEAL:
+        return False
+    try:
+        fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK)
+    except OSError:  # EPERM: not open for writing
+        return False
+    return True
+
+
+def mmap_unshrinkable(fd: int, size: int, offset: int = 0) -> mmap.mmap:
+    """Map ``size`` bytes of ``fd`` at ``offset`` (shared, read/write), only when
+    its file can never shrink (:func:`seal_against_shrink`) and is long enough:
+    for a client's file we must write into directly (the vhost-user dirty log).
+
+    Raises:
+        MapError: EPERM when the file could shrink, EINVAL when it is not a
+            regular file or ends before ``offset + size``, else the mmap errno.
+    """
+    if not seal_against_shrink(fd):
+        raise MapError(errno.EPERM, "its file could shrink under us (not a memfd that "
+                                    "allows sealing, nor one sealed with F_SEAL_SHRINK)")
+    try:
+        length = file_size(fd)
+        if length is None or length < offset + size:
+            raise MapError(errno.EINVAL, f"{offset:#x}+{size:#x} ends past its file ({length} bytes)")
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                         offset=offset)
+    except (OSError, ValueError, OverflowError) as exc:
+        err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
+        raise MapError(err, f"cannot mmap {offset:#x}+{size:#x}: {exc}") from None
+
+
+def file_size(fd: int) -> int | None:
+    """The size of the regular file behind ``fd``; None for anything else.
+
+    Raises:
+        OSError: fstat failed.
+    """
+    st = os.fstat(fd)
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
 @dataclass
 class Region:
     """One mapped range of client memory."""
@@ -174,10 +270,65 @@ class Region:
     # The fd the region was mapped from, kept open while mapped: a live handoff
     # (appliance.runtime.handoff) passes it on to the next process.
     fd: int | None = field(default=None, repr=False)
+    reported: bool = field(default=False, repr=False)  # a failed fd access was logged
 
     @property
     def end(self) -> int:
         return self.address + self.size
+
+    @property
+    def access(self) -> Literal["mmap", "fd", "message"]:
+        """How the region is reached (see the module docstring)."""
+        if self.view is not None:
+            return "mmap"
+        return "fd" if self.fd is not None else "message"
+
+    def pread(self, address: int, offset: int, n: int) -> bytes:
+        """``n`` bytes at region ``offset`` (client ``address``, for the error) through the fd.
+
+        Raises:
+            GuestMemoryError: the file ends before (it shrank) or the read failed.
+        """
+        assert self.fd is not None
+        try:
+            data = os.pread(self.fd, n, self.fd_offset + offset)
+        except OSError as exc:
+            raise self._failed(address, n, 0, exc.strerror or str(exc)) from None
+        if len(data) < n:
+            raise self._failed(address, n, len(data), "beyond the end of its file")
+        return data
+
+    def pwrite(self, address: int, offset: int, data: bytes | bytearray | memoryview,
+               check: bool = True) -> None:
+        """Write ``data`` at region ``offset`` through the fd.
+
+        With ``check`` an fstat first refuses a write past the end of the file
+        (a write there would grow a file the client shrank); the client can
+        still shrink it between the fstat and the write, and then the write
+        grows it back: never a fault.
+
+        Raises:
+            GuestMemoryError: the file ends before the range, or the write failed.
+        """
+        assert self.fd is not None
+        n, pos = len(data), self.fd_offset + offset
+        try:
+            if check:
+                size = file_size(self.fd)
+                if size is not None and size < pos + n:
+                    raise self._failed(address, n, max(0, size - pos), "beyond the end of its file")
+            done = os.pwrite(self.fd, data, pos)
+        except OSError as exc:
+            raise self._failed(address, n, 0, exc.strerror or str(exc)) from None
+        if done < n:
+            raise self._failed(address, n, done, "short write to its file")
+
+    def _failed(self, address: int, n: int, completed: int, why: str) -> GuestMemoryError:
+        err = GuestMemoryError(address, n, completed, why=f"{why} (fd region {self.address:#x}+{self.size:#x})")
+        if not self.reported:  # once per region: a peer that shrank it would flood the log
+            self.reported = True
+            log.warning("client memory region %#x+%#x: %s", self.address, self.size, err)
+        return err
 
     def close(self) -> None:
         if self.view is not None:
@@ -189,6 +340,103 @@ class Region:
         if self.fd is not None:
             _close_quietly(self.fd)
             self.fd = None
+
+
+OnError = Callable[[GuestMemoryError], None]
+
+
+class FdArea:
+    """A byte range of one fd region: what a holder of long-lived views (a
+    virtqueue's rings) keeps instead of a ``memoryview`` when the region is
+    not mmap'd.  Slicing gives a sub-area, :meth:`cast` gives :class:`FdWords`.
+
+    A failed access (the client shrank the file) never raises: it calls
+    ``on_error`` once with the :class:`GuestMemoryError`, reads as zeroes and
+    drops the write; the holder marks itself broken there.
+    """
+
+    def __init__(self, region: Region, offset: int, length: int, on_error: OnError) -> None:
+        self.region, self.offset, self.length = region, offset, length
+        self.on_error = on_error
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, key: slice) -> FdArea:
+        start, stop, step = key.indices(self.length)
+        if step != 1:
+            raise ValueError("fd areas slice with step 1 only")
+        return FdArea(self.region, self.offset + start, max(0, stop - start), self.on_error)
+
+    def cast(self, fmt: Literal["H", "I", "Q"]) -> FdWords:
+        """The area as little-endian unsigned items of ``fmt``'s width."""
+        return FdWords(self, {"H": 2, "I": 4, "Q": 8}[fmt])
+
+    def read(self, offset: int, n: int) -> bytes:
+        """``n`` bytes at ``offset`` in the area (zeroes after a failure)."""
+        if offset < 0 or offset + n > self.length:
+            raise IndexError(f"{offset:#x}+{n:#x} outside an area of {self.length:#x}")
+        pos = self.offset + offset
+        try:
+            return self.region.pread(self.region.address + pos, pos, n)
+        except GuestMemoryError as exc:
+            self.on_error(exc)
+            return bytes(n)
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` in the area (dropped after a failure).
+
+        No fstat first: a file the client shrank just now grows back, never a fault.
+        """
+        if offset < 0 or offset + len(data) > self.length:
+            raise IndexError(f"{offset:#x}+{len(data):#x} outside an area of {self.length:#x}")
+        pos = self.offset + offset
+        try:
+            self.region.pwrite(self.region.address + pos, pos, data, check=False)
+        except GuestMemoryError as exc:
+            self.on_error(exc)
+
+    def release(self) -> None:
+        """Nothing to release (the memoryview interface)."""
+
+
+class FdWords:
+    """Items of :class:`FdArea`, indexed like ``memoryview.cast``: each access is
+    one pread/pwrite of ``width`` bytes (not one store, unlike the cast).  A ring
+    touches these on every frame, so the common case calls ``os.pread`` and
+    ``os.pwrite`` directly; anything unusual goes through the area."""
+
+    def __init__(self, area: FdArea, width: int) -> None:
+        assert area.region.fd is not None
+        self.area, self.width, self.count = area, width, area.length // width
+        self._fd = area.region.fd
+        self._base = area.region.fd_offset + area.offset
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> int:
+        if 0 <= i < self.count:
+            try:
+                data = os.pread(self._fd, self.width, self._base + i * self.width)
+                if len(data) == self.width:
+                    return int.from_bytes(data, "little")
+            except OSError:
+                pass
+        return int.from_bytes(self.area.read(i * self.width, self.width), "little")
+
+    def __setitem__(self, i: int, value: int) -> None:
+        data = value.to_bytes(self.width, "little")
+        if 0 <= i < self.count:
+            try:
+                if os.pwrite(self._fd, data, self._base + i * self.width) == self.width:
+                    return
+            except OSError:
+                pass
+        self.area.write(i * self.width, data)
+
+    def release(self) -> None:
+        """Nothing to release (the memoryview interface)."""
 
 
 class DirtyLog:
@@ -246,10 +494,14 @@ class ClientMemory:
     ) -> Region:
         """Add a region; takes ownership of ``fd`` (kept with the region, closed on error).
 
+        The fd's file is sealed against shrinking when it allows that, and then
+        mmap'd; otherwise the region is reached through the fd (module docstring).
+
         Raises:
-            MapError: EINVAL for a zero size, overflow or bad offset; EEXIST when
-                it overlaps a mapped region; ENOSPC past ``max_regions``; the
-                mmap errno when the fd cannot be mapped.
+            MapError: EINVAL for a zero size, overflow, a bad offset or a region
+                ending past the end of its file; EEXIST when it overlaps a mapped
+                region; ENOSPC past ``max_regions``; the mmap errno when the fd
+                cannot be mapped.
         """
         try:
             if size <= 0 or address < 0 or address + size > ADDRESS_LIMIT:
@@ -265,15 +517,20 @@ class ClientMemory:
             if fd is not None:
                 if fd_offset < 0 or fd_offset % mmap.ALLOCATIONGRANULARITY:
                     raise MapError(errno.EINVAL, f"fd offset {fd_offset:#x} not page aligned")
-                prot = (mmap.PROT_READ if readable else 0) | (mmap.PROT_WRITE if writable else 0)
+                # Seal first, then check the size: checked first, the file could
+                # shrink before the seal (a refused map leaves the seal on).
+                sealed = seal_against_shrink(fd)
                 try:
-                    region.mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot,
-                                          offset=fd_offset)
-                except (OSError, ValueError, OverflowError) as exc:
-                    err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
-                    raise MapError(err, f"cannot mmap region {address:#x}+{size:#x}: {exc}") from None
-                region.view = memoryview(region.mm)
-                region.fd, fd = fd, None  # kept with the mapping, closed with it
+                    length = file_size(fd)
+                except OSError as exc:
+                    raise MapError(exc.errno or errno.EINVAL, f"cannot stat region fd: {exc}") from None
+                if length is not None and length < fd_offset + size:
+                    raise MapError(errno.EINVAL, f"region {address:#x}+{size:#x} at offset "
+                                   f"{fd_offset:#x} ends past its file ({length:#x} bytes)")
+                if sealed and length is not None:
+                    region.mm = self._mmap(fd, region)
+                    region.view = memoryview(region.mm)
+                region.fd, fd = fd, None  # kept with the region, closed with it
         finally:
             if fd is not None:
                 os.close(fd)
@@ -281,6 +538,16 @@ class ClientMemory:
         self._starts.insert(i, address)
         self._regions.insert(i, region)
         return region
+
+    @staticmethod
+    def _mmap(fd: int, region: Region) -> mmap.mmap:
+        prot = (mmap.PROT_READ if region.readable else 0) | (mmap.PROT_WRITE if region.writable else 0)
+        try:
+            return mmap.mmap(fd, region.size, flags=mmap.MAP_SHARED, prot=prot,
+                             offset=region.fd_offset)
+        except (OSError, ValueError, OverflowError) as exc:
+            err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
+            raise MapError(err, f"cannot mmap region {region.address:#x}+{region.size:#x}: {exc}") from None
 
     def unmap(self, address: int, size: int) -> None:
         """Remove the region that exactly matches ``address``/``size``.
@@ -342,6 +609,8 @@ class ClientMemory:
         for region, off, n in self._pieces(address, length, write=False):
             if region.view is not None:
                 parts.append(bytes(region.view[off:off + n]))
+            elif region.fd is not None:
+                parts.append(region.pread(region.address + off, off, n))
             else:
                 parts.append(self._transport().dma_read(region.address + off, n, self._scope()))
         return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -351,13 +620,16 @@ class ClientMemory:
 
         Raises:
             GuestMemoryError: part of the range is unmapped or not writable
-                (nothing is written then).
+                (nothing is written then), or an fd region's file ends before
+                it (the pieces before that one are written).
         """
         pieces = list(self._pieces(address, len(data), write=True))
         done = 0
         for region, off, n in pieces:
             if region.view is not None:
                 region.view[off:off + n] = data[done:done + n]
+            elif region.fd is not None:
+                region.pwrite(region.address + off, off, data[done:done + n])
             else:
                 self._transport().dma_write(region.address + off, bytes(data[done:done + n]),
                                             self._scope())
@@ -369,8 +641,9 @@ class ClientMemory:
         """Store the little-endian unsigned ``value`` of ``size`` bytes (2, 4 or 8).
 
         In an mmap'd region, at an offset aligned to ``size``, this is one
-        store (see the module docstring); anywhere else (message-only region,
-        unaligned, crossing regions) it is :meth:`write`.  Marks the dirty log.
+        store (see the module docstring); anywhere else (fd or message region,
+        unaligned, crossing regions) it is :meth:`write`, whose copy gives no
+        such guarantee.  Marks the dirty log.
 
         Raises:
             ValueError: ``size`` is not 2, 4 or 8, or ``value`` does not fit.
@@ -402,21 +675,39 @@ class ClientMemory:
         self.write(address, obj.pack())
 
     def buffers(self, address: int, length: int, write: bool) -> list[memoryview] | None:
-        """Zero-copy views of the range, or None when part of it is message-only.
+        """Zero-copy views of the range, or None when part of it is not mmap'd
+        (an fd or message region): the caller then uses :meth:`read`/:meth:`write`.
 
         With ``write`` the range is marked dirty before the views are returned.
 
         Raises:
             GuestMemoryError: part of the range is unmapped or lacks the access.
         """
-        views = []
-        for region, off, n in self._pieces(address, length, write):
+        views: list[memoryview] | None = []
+        for region, off, n in self._pieces(address, length, write):  # checks the whole range
             if region.view is None:
-                return None
-            views.append(region.view[off:off + n])
+                for view in views or ():
+                    view.release()
+                views = None
+            elif views is not None:
+                views.append(region.view[off:off + n])
+        if views is None:
+            return None
         if write and self.dirty_log is not None:
             self.dirty_log.mark(address, length)
         return views
+
+    def fd_area(self, address: int, length: int, write: bool, on_error: OnError) -> FdArea | None:
+        """The range as an :class:`FdArea` when it lies in one fd region, else None.
+
+        Raises:
+            GuestMemoryError: part of the range is unmapped or lacks the access.
+        """
+        pieces = list(self._pieces(address, length, write))
+        if len(pieces) != 1 or pieces[0][0].access != "fd":
+            return None
+        region, off, n = pieces[0]
+        return FdArea(region, off, n, on_error)
 
     def translate_user(self, user_address: int, length: int) -> int:
         """Map a frontend virtual address (vhost-user) to a client address.

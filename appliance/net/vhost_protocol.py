@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from appliance.errors import LocalProtocolError, RemoteProtocolError
-from appliance.memory import ADDRESS_LIMIT, ClientMemory, MapError
+from appliance.memory import ADDRESS_LIMIT, ClientMemory, MapError, mmap_unshrinkable
 from appliance.net import vhost_wire as vw
 from appliance.net.vhost_wire import ProtocolFeature as PF
 from appliance.net.vhost_wire import Request as R
@@ -714,12 +714,10 @@ class BackendConnection:
         _require(desc.mmap_size > 0, "log of size 0")
         _require(desc.mmap_offset % mmap.ALLOCATIONGRANULARITY == 0,
                  f"log offset {desc.mmap_offset:#x} not page aligned")
-        fd = msg.fds[0]
-        try:
-            mm = mmap.mmap(fd, desc.mmap_size, flags=mmap.MAP_SHARED,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=desc.mmap_offset)
-        except (OSError, ValueError, OverflowError) as exc:
-            raise Reject(f"cannot map the dirty log: {exc}") from None
+        try:  # we write into it: a file the front-end could shrink would be a SIGBUS
+            mm = mmap_unshrinkable(msg.fds[0], desc.mmap_size, desc.mmap_offset)
+        except MapError as exc:
+            raise Reject(f"cannot map the dirty log: {exc}", exc.errno) from None
         old, self.log_mm = self.log_mm, mm  # the fd itself is closed with the message
         self.handler.set_log(mm)  # marks go to the new log before we reply
         if old is not None:

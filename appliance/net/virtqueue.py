@@ -38,6 +38,12 @@ published used index would briefly read as 0 (a driver that looks in that
 window sees 65536 - n bogus completions).  Descriptors are only read, and only
 while the driver leaves them alone, so they are decoded with ``struct``.
 
+Rings in memory the front-end could shrink (a memfd it did not allow us to
+seal, see :mod:`appliance.memory`) are not mmap'd: the views are
+:class:`~appliance.memory.FdArea`/``FdWords`` stand-ins doing one pread or
+pwrite per field.  When one fails (the file shrank), the ring is marked
+broken, as for an avail index it cannot follow.
+
 Used entries are written as chains complete (:meth:`push`) but the used index
 is published once per batch (:meth:`publish`), which also reports whether the
 driver wants an interrupt (VRING_AVAIL_F_NO_INTERRUPT, or EVENT_IDX's
@@ -52,7 +58,7 @@ import threading
 from dataclasses import dataclass
 
 from appliance.errors import LocalProtocolError
-from appliance.memory import ClientMemory, GuestMemoryError
+from appliance.memory import ClientMemory, FdArea, FdWords, GuestMemoryError
 from appliance.net import vhost_wire as vw
 
 _DESC = vw.DESC_CODEC
@@ -150,11 +156,12 @@ class SplitQueue:
         self.counters = QueueCounters()
         self.memory: ClientMemory | None = None
         self._sync_used = False
-        self._desc: memoryview | None = None  # bytes of the descriptor table
-        self._avail: memoryview | None = None  # u16 view: flags, idx, ring[n], used_event
-        self._used: memoryview | None = None  # u16 view: flags, idx, ..., avail_event
-        self._used_elems: memoryview | None = None  # u32 view: id, len per used element
-        self._bases: list[memoryview] = []  # byte views the casts above come from
+        # memoryviews of mmap'd memory, or their FdArea/FdWords stand-ins (fd regions)
+        self._desc: memoryview | FdArea | None = None  # bytes of the descriptor table
+        self._avail: memoryview | FdWords | None = None  # u16: flags, idx, ring[n], used_event
+        self._used: memoryview | FdWords | None = None  # u16: flags, idx, ..., avail_event
+        self._used_elems: memoryview | FdWords | None = None  # u32: id, len per used element
+        self._bases: list[memoryview | FdArea] = []  # byte views the casts above come from
         self._spans: list[tuple[int, int, bool]] = []
 
     # ------------------------------------------------------------ state table
@@ -321,10 +328,14 @@ class SplitQueue:
         areas = ((self.desc_user, vw.desc_table_size(n), False),
                  (self.avail_user, vw.avail_ring_size(n), False),
                  (self.used_user, vw.used_ring_size(n), True))
-        got: list[memoryview] = []
+        got: list[memoryview | FdArea] = []
         try:
             for user, length, write in areas:
-                pieces = memory.buffers(memory.translate_user(user, length), length, write)
+                address = memory.translate_user(user, length)
+                pieces = memory.buffers(address, length, write)
+                if pieces is None:  # not mmap'd: one pread/pwrite per field
+                    area = memory.fd_area(address, length, write, self._fd_failed)
+                    pieces = [area] if area is not None else None  # type: ignore[list-item]
                 if pieces is None or len(pieces) != 1:
                     for piece in pieces or ():
                         piece.release()
@@ -354,6 +365,12 @@ class SplitQueue:
                 self.last_avail_idx = self.used_idx = self._published = cur
             self._sync_used = False
 
+    def _fd_failed(self, exc: GuestMemoryError) -> None:
+        """An fd-region ring field could not be reached (the file shrank)."""
+        if not self.broken:
+            self.broken = f"ring memory unreachable: {exc}"
+            self.counters.malformed += 1
+
     def _unmap(self) -> None:
         for view in (self._avail, self._used, self._used_elems, *self._bases):
             if view is not None:
@@ -381,7 +398,7 @@ class SplitQueue:
         while True:
             idx = avail[1]
             last = self.last_avail_idx
-            if idx == last:
+            if idx == last or self.broken:
                 return None
             if (idx - last) & 0xFFFF > size:
                 self.broken = f"avail index {idx} is more than {size} ahead of {last}"
@@ -390,25 +407,35 @@ class SplitQueue:
             head = avail[2 + last % size]
             self.last_avail_idx = (last + 1) & 0xFFFF
             try:
-                return self._walk(head)
+                chain = self._walk(head)
             except _Malformed as exc:
+                if self.broken:
+                    return None
                 self.counters.malformed += 1
                 self.last_error = f"chain {head}: {exc}"
                 if head < size:
                     self.push(head, 0)
+            else:
+                return None if self.broken else chain
 
     def _walk(self, head: int) -> Chain:
         size = self.size
         if head >= size:
             raise _Malformed(f"head {head} outside a queue of {size}")
-        addr, length, flags, _ = _DESC.unpack_from(self._desc, 16 * head)  # type: ignore[arg-type]
+        desc: memoryview | FdArea | bytes | None = self._desc
+        if isinstance(desc, FdArea):  # not mmap'd: the head, then the table for a chain
+            addr, length, flags, _ = _DESC.unpack(desc.read(16 * head, 16))  # zeroes if it shrank
+            if flags & (_NEXT | _INDIRECT):
+                desc = desc.read(0, 16 * size)
+        else:
+            addr, length, flags, _ = _DESC.unpack_from(desc, 16 * head)  # type: ignore[arg-type]
         if not flags & (_NEXT | _INDIRECT):  # the common case: one buffer
             write = bool(flags & _WRITE)
             if length and not self._inside(addr, length, write):
                 raise _Malformed(f"buffer {addr:#x}+{length:#x} outside memory")
             return Chain(head, [(addr, length, write)], 0 if write else length,
                          length if write else 0)
-        table: memoryview | bytes = self._desc  # type: ignore[assignment]
+        table: memoryview | bytes = desc  # type: ignore[assignment]
         table_len = size
         ttl = size
         idx = head
@@ -466,8 +493,8 @@ class SplitQueue:
             views = self.memory.buffers(addr, length, write)
         except GuestMemoryError:
             return False
-        if views is None:
-            return False
+        if views is None:  # reachable, but not mmap'd (an fd region)
+            return True
         for view in views:
             view.release()
         return True
@@ -486,8 +513,11 @@ class SplitQueue:
         if elems is None:
             return
         slot = 2 * (self.used_idx % self.size)
-        elems[slot] = head
-        elems[slot + 1] = length
+        if isinstance(elems, FdWords):  # not mmap'd: both words in one pwrite
+            elems.area.write(4 * slot, (head | length << 32).to_bytes(8, "little"))
+        else:
+            elems[slot] = head
+            elems[slot + 1] = length
         self.used_idx = (self.used_idx + 1) & 0xFFFF
 
     def publish(self) -> bool:

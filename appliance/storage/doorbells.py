@@ -31,13 +31,20 @@ that differs is then read again as one aligned 4-byte load (an item of a
 ``memoryview.cast("I")``), and that value is what is latched and remembered.
 A slot stored after the copy differs at the next scan.  Values are
 little-endian, as on the wire.
+
+The client holds the memfd, so it could shrink it and turn our next scan into
+a SIGBUS: the file is sealed (F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_SEAL) before
+anyone sees it, and its ``ftruncate`` fails with EPERM.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import sys
+
+from appliance.memory import F_ADD_SEALS, F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK
 
 PAGE_OFFSET = 0x1000  # the page's offset in BAR0 and in the memfd
 PAGE_SIZE = 0x1000
@@ -54,14 +61,16 @@ class DoorbellPage:
     """The memfd behind BAR0's doorbell page, and what was seen in it."""
 
     def __init__(self) -> None:
-        """Create the memfd and map the page.
+        """Create the memfd, seal its size and map the page.
 
         Raises:
-            OSError: memfd_create, ftruncate or mmap failed.
+            OSError: memfd_create, ftruncate, sealing or mmap failed.
         """
-        fd = os.memfd_create("appliance-nvme-doorbells", os.MFD_CLOEXEC)
+        fd = os.memfd_create("appliance-nvme-doorbells", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, PAGE_OFFSET + PAGE_SIZE)
+            # The client gets this fd: a shrink would make our next scan a SIGBUS.
+            fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)
             self.mm = mmap.mmap(fd, PAGE_SIZE, flags=mmap.MAP_SHARED, offset=PAGE_OFFSET)
         except BaseException:
             os.close(fd)

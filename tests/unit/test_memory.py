@@ -1,17 +1,34 @@
 """The client memory accessor: bounds, splitting, holes, dirty log, zero copy."""
 
 import errno
+import fcntl
 import mmap
 import os
+import signal
+import traceback
+from collections.abc import Callable
 
 import pytest
 
-from appliance.memory import ClientMemory, DmaScope, GuestMemoryError, MapError
+from appliance.memory import (
+    F_ADD_SEALS,
+    F_GET_SEALS,
+    F_SEAL_GROW,
+    F_SEAL_SEAL,
+    F_SEAL_SHRINK,
+    ClientMemory,
+    DirtyLog,
+    DmaScope,
+    GuestMemoryError,
+    MapError,
+    mmap_unshrinkable,
+)
 from appliance.vfio_user.wire import Header
 
 
 def memfd(size: int) -> tuple[int, mmap.mmap]:
-    fd = os.memfd_create("t")
+    """A memfd that allows sealing, as QEMU's memory-backend-memfd (the mmap path)."""
+    fd = os.memfd_create("t", os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
     return fd, mmap.mmap(fd, size)
 
@@ -64,8 +81,6 @@ def test_map_errors() -> None:
 
 
 def test_dirty_log_marked_by_accessor() -> None:
-    from appliance.memory import DirtyLog
-
     mem = ClientMemory()
     fd, _ = memfd(4 * 4096)
     mem.map(0x0, 4 * 4096, fd=fd)
@@ -130,3 +145,160 @@ def test_message_only_region_goes_through_transport_in_its_scope() -> None:
     assert t.data[0x100:0x105] == b"hello" and t.scopes == [scope]
     assert mem.read(0x100, 5) == b"hello"
     assert mem.buffers(0x100, 5, write=False) is None
+
+
+# ---------------------------------------------------------------- memory that can vanish
+def survives(body: Callable[[], None]) -> None:
+    """Run ``body`` in a forked child: were a shrink to raise SIGBUS, it would
+    kill the child (a failure here), not pytest."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            body()
+            code = 0
+        except BaseException:  # noqa: BLE001 -- reported through the exit status
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert not os.WIFSIGNALED(status), f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    assert os.WEXITSTATUS(status) == 0, "the check failed in the child (traceback above)"
+
+
+def plain_memfd(size: int) -> tuple[int, mmap.mmap]:
+    """A memfd without MFD_ALLOW_SEALING (as DPDK's --no-huge memory): it cannot be sealed."""
+    fd = os.memfd_create("plain")
+    os.ftruncate(fd, size)
+    return fd, mmap.mmap(fd, size)
+
+
+def test_a_sealable_memfd_is_sealed_and_mapped() -> None:
+    mem = ClientMemory()
+    fd, m = memfd(2 * 4096)
+    mem.map(0x0, 2 * 4096, fd=os.dup(fd))
+    assert mem.regions[0].access == "mmap"
+    assert fcntl.fcntl(fd, F_GET_SEALS) & F_SEAL_SHRINK
+    with pytest.raises(PermissionError):  # EPERM: the client can no longer shrink it
+        os.ftruncate(fd, 0)
+    mem.write(0x10, b"sealed")
+    assert m[0x10:0x16] == b"sealed" and mem.buffers(0x10, 6, write=False) is not None
+    os.ftruncate(fd, 4 * 4096)  # growing stays allowed (it cannot hurt a mapping)
+    mem.unmap_all()
+
+
+def test_an_already_shrink_sealed_memfd_is_mapped() -> None:
+    """QEMU's memory-backend-memfd: F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL."""
+    mem = ClientMemory()
+    fd, _ = memfd(4096)
+    fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL)
+    mem.map(0x0, 4096, fd=fd)
+    assert mem.regions[0].access == "mmap"
+    mem.unmap_all()
+
+
+@pytest.mark.parametrize("kind", ["plain-memfd", "seal-sealed", "read-only-fd", "tmpfs-file"])
+def test_an_unsealable_file_is_reached_through_its_fd(kind: str) -> None:
+    survives(lambda: reached_through_fd(kind))
+
+
+def reached_through_fd(kind: str) -> None:
+    if kind == "tmpfs-file":  # a file on /dev/shm or hugetlbfs: F_SEAL_SEAL from the start
+        fd = os.open("/dev/shm", os.O_RDWR | os.O_TMPFILE)
+        os.ftruncate(fd, 4096)
+    elif kind == "seal-sealed":
+        fd, _ = memfd(4096)
+        fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SEAL)
+    else:
+        fd, _ = plain_memfd(4096) if kind == "plain-memfd" else memfd(4096)
+    given = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY) if kind == "read-only-fd" else os.dup(fd)
+    mem = ClientMemory()
+    mem.map(0x0, 4096, fd=given, writable=kind != "read-only-fd")
+    assert mem.regions[0].access == "fd"
+    assert mem.buffers(0, 16, write=False) is None  # callers fall back to read/write
+    os.pwrite(fd, b"through the fd", 0x20)
+    assert mem.read(0x20, 14) == b"through the fd"
+    if kind != "read-only-fd":
+        mem.dirty_log = DirtyLog()
+        mem.write_uint(0x40, 0xBEEF, 2)
+        mem.write(0x1000 - 2, b"ok")
+        assert os.pread(fd, 2, 0x40) == b"\xef\xbe" and mem.dirty_log.take(0, 4096) == [0]
+    os.ftruncate(fd, 0x30)  # the client shrinks it: errors, never a SIGBUS
+    with pytest.raises(GuestMemoryError) as info:
+        mem.read(0x20, 0x20)
+    assert (info.value.expected, info.value.completed) == (0x20, 0x10)
+    if kind != "read-only-fd":
+        with pytest.raises(GuestMemoryError):
+            mem.write(0x100, b"x")
+        assert os.fstat(fd).st_size == 0x30  # refused, not grown back
+    mem.unmap_all()
+    os.close(fd)
+
+
+def test_a_shrunk_fd_region_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    survives(lambda: logged_once(caplog))
+
+
+def logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    fd, _ = plain_memfd(4096)
+    mem = ClientMemory()
+    mem.map(0x8000, 4096, fd=os.dup(fd))
+    os.ftruncate(fd, 0)
+    for _ in range(3):
+        with pytest.raises(GuestMemoryError):
+            mem.read(0x8000, 8)
+    lines = [r for r in caplog.records if r.name == "appliance.memory"]
+    assert len(lines) == 1 and "0x8000+0x1000" in lines[0].getMessage()
+    mem.unmap_all()
+    os.close(fd)
+
+
+def test_a_region_past_the_end_of_its_file_is_refused() -> None:
+    """Mapped, its tail would be a SIGBUS from the start."""
+    mem = ClientMemory()
+    for fd, _ in (memfd(4096), plain_memfd(4096)):
+        with pytest.raises(MapError) as e:
+            mem.map(0x0, 2 * 4096, fd=os.dup(fd))
+        assert e.value.errno == errno.EINVAL
+        with pytest.raises(MapError):
+            mem.map(0x0, 4096, fd=os.dup(fd), fd_offset=4096)
+        os.close(fd)
+    assert mem.regions == ()
+
+
+def test_fd_area_reports_a_shrink_instead_of_raising() -> None:
+    survives(fd_area_after_shrink)
+
+
+def fd_area_after_shrink() -> None:
+    fd, _ = plain_memfd(4096)
+    mem = ClientMemory()
+    mem.map(0x0, 4096, fd=os.dup(fd))
+    errors: list[GuestMemoryError] = []
+    area = mem.fd_area(0x100, 0x40, True, errors.append)
+    assert area is not None and len(area) == 0x40
+    words = area[4:12].cast("H")
+    words[1] = 0x1234
+    assert os.pread(fd, 2, 0x106) == b"\x34\x12" and words[1] == 0x1234 and len(words) == 4
+    os.ftruncate(fd, 0)
+    assert words[1] == 0 and len(errors) == 1
+    words[2] = 7  # dropped; the file grows back at most, never a fault
+    mem.unmap_all()
+    os.close(fd)
+
+
+def test_mmap_unshrinkable() -> None:
+    fd, _ = memfd(8192)
+    mm = mmap_unshrinkable(fd, 4096, 4096)
+    with pytest.raises(PermissionError):
+        os.ftruncate(fd, 0)
+    mm.close()
+    plain, _ = plain_memfd(8192)
+    with pytest.raises(MapError) as e:
+        mmap_unshrinkable(plain, 4096)
+    assert e.value.errno == errno.EPERM
+    with pytest.raises(MapError) as e:
+        mmap_unshrinkable(fd, 8192, 4096)
+    assert e.value.errno == errno.EINVAL
+    os.close(fd)
+    os.close(plain)

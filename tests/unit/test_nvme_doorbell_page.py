@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -182,3 +183,16 @@ def test_config_key(tmp_path: Path) -> None:
     assert cfg["storage"]["doorbells"] == "mmap"
     with pytest.raises(ConfigError, match=r"storage\.doorbells: must be one of message, mmap"):
         config.load(overrides={"storage": {"namespaces": ns, "doorbells": "ioeventfd"}})
+
+
+def test_the_client_cannot_resize_the_page() -> None:
+    """The client gets the memfd (REGION_INFO): a shrink would SIGBUS our next scan."""
+    page = DoorbellPage()
+    try:
+        for size in (0, 0x1000, 0x3000):
+            with pytest.raises(PermissionError):
+                os.ftruncate(page.fd, size)
+        assert os.fstat(page.fd).st_size == 0x2000
+        assert page.changed(4) == []
+    finally:
+        page.close()

@@ -37,7 +37,8 @@ class RecordingMemory(ClientMemory):
 
 
 def memfd(size: int) -> tuple[int, mmap.mmap]:
-    fd = os.memfd_create("t")
+    """A memfd the server can seal against shrinking, so it mmaps it."""
+    fd = os.memfd_create("t", os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
     return fd, mmap.mmap(fd, size)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 
+import pytest
 from test_vhost_frontend import GPA_BASE, GuestMemory, Rig, frame
 
 from appliance.net import vhost_wire as vw
@@ -136,3 +137,26 @@ def test_new_log_base_replaces_the_old_and_disconnect_drops_it() -> None:
         rig.close()
         old.close()
         new.close()
+
+
+
+def test_a_log_the_front_end_could_shrink_is_refused_and_a_sealable_one_sealed() -> None:
+    """We write into the log: a shrink behind our back would be a SIGBUS."""
+    rig = Rig(features=int(WANT | F.LOG_ALL))
+    plain = GuestMemory(LOG_SIZE, sealable=False)  # no MFD_ALLOW_SEALING
+    log = share_log(rig)  # a memfd that allows sealing (QEMU's log is sealed already)
+    try:
+        with pytest.raises(PermissionError):
+            os.ftruncate(log.fd, 0)
+        rig.fe.send(R.SET_LOG_BASE, vw.LogDescription(mmap_size=LOG_SIZE).pack(),
+                    fds=[os.dup(plain.fd)], need_reply=True)
+        assert rig.conn.closed  # refused (the rejection closes the connection)
+        too_long = Rig(features=int(WANT | F.LOG_ALL))
+        too_long.fe.send(R.SET_LOG_BASE, vw.LogDescription(mmap_size=2 * LOG_SIZE).pack(),
+                         fds=[os.dup(log.fd)], need_reply=True)
+        assert too_long.conn.closed  # past the end of the file: refused too
+        too_long.close()
+    finally:
+        rig.close()
+        log.close()
+        plain.close()

@@ -32,11 +32,17 @@ MAC_B = bytes.fromhex("525400000002")
 
 
 class GuestMemory:
-    """One memfd region of guest memory with a bump allocator."""
+    """One memfd region of guest memory with a bump allocator.
 
-    def __init__(self, size: int = 1 << 20, gpa: int = GPA_BASE, uva: int = UVA_BASE) -> None:
+    ``sealable``: created with MFD_ALLOW_SEALING, as QEMU's memory-backend-memfd
+    (the back-end seals it and mmaps it); False: as DPDK's ``--no-huge`` memfd
+    (the back-end reaches it through the fd).
+    """
+
+    def __init__(self, size: int = 1 << 20, gpa: int = GPA_BASE, uva: int = UVA_BASE,
+                 sealable: bool = True) -> None:
         self.size, self.gpa, self.uva = size, gpa, uva
-        self.fd = os.memfd_create("guest", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("guest", os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealable else 0))
         os.ftruncate(self.fd, size)
         self.mm = mmap.mmap(self.fd, size)
         self._next = gpa

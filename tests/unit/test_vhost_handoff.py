@@ -342,7 +342,7 @@ def test_dirty_logging_refuses_the_handoff(tmp_path: Path,
     loop_a, _ = loops
     a, b = services(tmp_path, loops)
     g = HGuest(loop_a, str(tmp_path / "a" / "p0.sock")).setup()
-    log_fd = os.memfd_create("log")
+    log_fd = os.memfd_create("log", os.MFD_ALLOW_SEALING)  # as QEMU's sealed log
     os.ftruncate(log_fd, 4096)
     try:
         a.handoff_quiesce()

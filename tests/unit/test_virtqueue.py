@@ -7,9 +7,10 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+from test_memory import survives
 from test_vhost_frontend import DriverRing, GuestMemory
 
-from appliance.memory import ClientMemory
+from appliance.memory import ClientMemory, FdWords
 from appliance.net import vhost_wire as vw
 from appliance.net.virtqueue import RING_ALLOWED, RING_TRANSITIONS, RingError, RingState, SplitQueue
 
@@ -17,10 +18,13 @@ NEXT, WRITE, INDIRECT = int(vw.DescFlag.NEXT), int(vw.DescFlag.WRITE), int(vw.De
 
 
 class Bench:
-    """A started queue of ``size`` over one guest memory region, plus its driver."""
+    """A started queue of ``size`` over one guest memory region, plus its driver.
 
-    def __init__(self, size: int = 8, indirect: bool = True) -> None:
-        self.mem = GuestMemory(1 << 16)
+    ``fd_io``: the region cannot be sealed, so the rings are reached with pread/pwrite.
+    """
+
+    def __init__(self, size: int = 8, indirect: bool = True, fd_io: bool = False) -> None:
+        self.mem = GuestMemory(1 << 16, sealable=not fd_io)
         self.cm = ClientMemory()
         self.cm.map(self.mem.gpa, self.mem.size, fd=os.dup(self.mem.fd), user_address=self.mem.uva)
         self.drv = DriverRing(self.mem, 1, size)
@@ -40,9 +44,9 @@ class Bench:
         self.mem.close()
 
 
-@pytest.fixture
-def bench() -> Iterator[Bench]:
-    b = Bench()
+@pytest.fixture(params=[False, True], ids=["mmap", "fd-io"])
+def bench(request: pytest.FixtureRequest) -> Iterator[Bench]:
+    b = Bench(fd_io=request.param)
     yield b
     b.close()
 
@@ -378,8 +382,9 @@ def test_suppress_and_arm_kicks(bench: Bench) -> None:
     assert bench.drv.used_flags() == 0
 
 
-def test_ring_writes_are_single_stores(bench: Bench) -> None:
+def test_ring_writes_are_single_stores() -> None:
     """The used index is written whole (never zero-filled first, as pack_into would)."""
+    bench = Bench()
     bench.drv.add_buffer(0, b"x")
     chain = bench.q.pop()
     assert chain is not None
@@ -388,3 +393,24 @@ def test_ring_writes_are_single_stores(bench: Bench) -> None:
     used = bench.q._used
     assert used is not None and used.format == "H" and used[1] == 1
     assert bench.q._used_elems is not None and bench.q._used_elems.format == "I"
+    bench.close()
+
+
+def test_rings_in_shrunk_memory_break_the_ring() -> None:
+    """Rings in memory the front-end can shrink are read through the fd: a shrink
+    marks the ring broken at the next look, never a SIGBUS (checked in a child)."""
+    survives(ring_after_shrink)
+
+
+def ring_after_shrink() -> None:
+    bench = Bench(fd_io=True)
+    try:
+        assert bench.cm.regions[0].access == "fd" and isinstance(bench.q._used, FdWords)
+        bench.drv.add_buffer(0, b"x")
+        os.ftruncate(bench.mem.fd, 0)
+        assert bench.q.pop() is None
+        assert "ring memory unreachable" in bench.q.broken and not bench.q.ready
+        assert bench.q.counters.malformed == 1
+        assert bench.q.avail_pending() == 0 and bench.q.arm_kick() is False
+    finally:
+        bench.close()  # the test's own mapping of the memfd is not touched again
