@@ -60,6 +60,8 @@ def blocker(net: NetService) -> str:
         if svc.session is not None:
             conn = svc.session.conn
             why = conn.handoff_blocker() or svc.port.handoff_blocker()
+            if svc.session.out:  # bytes in flight cannot move: wait until it has read them
+                why = f"{len(svc.session.out)} bytes of replies not yet read by the front-end"
             unmapped = [r.address for r in conn.memory.regions if r.fd is None]
             if unmapped:
                 why = f"memory region {unmapped[0]:#x} has no fd"
@@ -484,7 +486,7 @@ def build_connection(port: VirtioNetPort, s: SessionState, fds: list[int]) -> Ba
     """
     port.notify = lambda fd: None
     port.retire_fd = unix.close_quietly
-    conn = BackendConnection(port, name=port.name)
+    conn = BackendConnection(port, name=port.name, is_eventfd=unix.is_eventfd)
     try:
         for request, payload, refs in replay_requests(s):
             try:
