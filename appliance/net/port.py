@@ -29,8 +29,8 @@ guest (its transmit rings), ``tx_*`` frames transmitted to the guest.
   chain must hold header and frame.  Chains with readable buffers are
   malformed (refused by the walker).  Whatever a chain's writable total, only
   the header and frame are written and nothing is allocated for the rest.  No
-  buffer means a drop: the switch does not queue.  Used indices are published, and the guest interrupted, once
-  per batch in :meth:`flush`.
+  buffer means a drop: the switch does not queue.  Used indices are
+  published, and the guest interrupted, once per batch in :meth:`flush`.
 
 Offered features: VERSION_1, MRG_RXBUF, RING_EVENT_IDX, RING_INDIRECT_DESC,
 MTU, STATUS, MQ, VHOST_F_LOG_ALL and VHOST_USER_F_PROTOCOL_FEATURES; no

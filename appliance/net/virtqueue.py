@@ -33,9 +33,9 @@ at most :data:`MAX_CHAIN_BYTES` each).  Totals are summed as the walk goes
 (Python integers do not wrap) and the walk stops at the first descriptor that
 passes a limit, before any buffer is read, so a guest cannot make the device
 copy more than the limit.  A malformed chain is returned to the driver with
-length 0, counted, and skipped: the queue keeps running.  An avail index that runs more than a queue size
-ahead of us cannot be followed at all; the ring is marked broken (it stays so
-until reconfigured) and that is counted too.
+length 0, counted, and skipped: the queue keeps running.  An avail index that
+runs more than a queue size ahead of us cannot be followed at all; the ring is
+marked broken (it stays so until reconfigured) and that is counted too.
 
 Ring fields the driver reads or writes concurrently (indices, flags, ring
 entries, event indices) are accessed through ``memoryview.cast`` views, which

@@ -25,9 +25,9 @@ Per connection (:class:`VhostUserSession`):
 * after each message the kick eventfds of started transmit rings are synced
   with the loop's readers; a kick fd that reads end of file or fails is
   dropped from the loop with one warning, never spun on; a kick (or a freshly
-  started ring) drains that ring
-  in budgets of :data:`TX_BUDGET` chains, rescheduling itself with a zero
-  timer while more is waiting, then the switch lets every port publish;
+  started ring) drains that ring in budgets of :data:`TX_BUDGET` chains,
+  rescheduling itself with a zero timer while more is waiting, then the switch
+  lets every port publish;
 * call eventfds are signalled with ``os.write``; rings whose front-end asked
   for polling (the "no fd" bit) are drained from a :data:`POLL_PERIOD` timer;
 * a disconnect stops every ring, unmaps the connection's memory, closes every
