@@ -489,7 +489,7 @@ class VirtioNetPort:
         Per ring: :meth:`SplitQueue.handoff_state`, the explicit SET_VRING_ENABLE
         value (None: never sent) and whether the front-end asked for polling.
         """
-        return {"status": self.status, "mtu": self.mtu,
+        return {"status": self.status, "mtu": self.mtu, "mtu_told": self.mtu_told,
                 "vrings": [{**ring.handoff_state(), "enable": self._explicit_enable[i],
                             "polled": self.kick_polled[i]} for i, ring in enumerate(self.rings)]}
 

@@ -166,6 +166,7 @@ class SessionState:
     partial_fds: list[int]
     status: int
     mtu: int
+    mtu_told: bool
     vrings: list[RingState]
 
 
@@ -297,7 +298,7 @@ def _session(f: _Fields, nrings: int) -> SessionState:
         protocol_negotiated=f.flag("protocol_negotiated"),
         counters=f.counters("counters", CONN_COUNTERS), regions=regions, log_fd=f.fd("log_fd"),
         partial=data, partial_fds=[f.check_fd(v, where) for v in f.items("partial_fds")],
-        status=f.uint("status", 0xFF), mtu=f.uint("mtu", U32),
+        status=f.uint("status", 0xFF), mtu=f.uint("mtu", U32), mtu_told=f.flag("mtu_told"),
         vrings=[_ring(_Fields(item, f"{f.where}.vrings[{i}]", f.nfds))
                 for i, item in enumerate(f.items("vrings", nrings))])
 
@@ -456,7 +457,7 @@ def replay_requests(s: SessionState) -> Iterator[tuple[R, bytes, list[int]]]:
             yield vring(R.SET_VRING_ENABLE, i, int(q.enable))
     if s.status:
         yield R.SET_STATUS, u64(s.status), []
-    if s.mtu != DEFAULT_MTU:
+    if s.mtu_told or s.mtu != DEFAULT_MTU:  # told: it bounds transmit chains (max_frame)
         yield R.NET_SET_MTU, u64(s.mtu), []
 
 

@@ -28,6 +28,7 @@ from appliance.errors import ApplianceError
 from appliance.loop import EventLoop
 from appliance.net import vhost_wire as vw
 from appliance.net.responder import EthHeader, IcmpEcho, Ipv4Header, internet_checksum
+from appliance.net.vhost_wire import Feature as F
 from appliance.net.vhost_wire import ProtocolFeature as PF
 from appliance.net.vhost_wire import Request as R
 from appliance.runtime import unix
@@ -750,6 +751,29 @@ def test_callbacks_dispatched_in_the_pass_that_quiesced_do_nothing(
         a.handoff_resume()
         pump(loop_a, lambda: port(a)["tx_packets"] == 2)
         assert g.fe.reply()[0].request == R.GET_STATUS
+    finally:
+        g.close()
+        a.close()
+        b.close()
+
+
+def test_the_mtu_the_front_end_told_still_bounds_frames_after_a_handoff(
+        tmp_path: Path, loops: tuple[EventLoop, EventLoop]) -> None:
+    """NET_SET_MTU 1500 (the default value, but told) moves too: B refuses the same
+    oversized transmit chains A would."""
+    loop_a, loop_b = loops
+    a, b = services(tmp_path, loops)
+    g = HGuest(loop_a, str(tmp_path / "a" / "p0.sock")).setup()
+    try:
+        g.fe.u64(R.SET_PROTOCOL_FEATURES, int(PF.MQ | PF.REPLY_ACK | PF.STATUS | PF.MTU))
+        g.fe.u64(R.SET_FEATURES, int(F.VERSION_1 | F.NET_MRG_RXBUF | F.PROTOCOL_FEATURES
+                                     | F.NET_MTU))
+        assert g.fe.call(R.NET_SET_MTU, vw.U64(value=1500).pack(), need_reply=True) == 0
+        assert a.services[0].port.max_frame == 1518
+        hand_over(a, b)
+        g.fe.loop = loop_b
+        assert b.services[0].port.max_frame == 1518
+        assert g.fe.call(R.GET_STATUS) == 0xF
     finally:
         g.close()
         a.close()
