@@ -168,6 +168,7 @@ SCHEMA = Table({
             "udp_echo_port": (port, 7),
         }), None),
         "tap": (Table({"name": (ifname, None)}), None),  # name absent: no TAP interface
+        "max_backlog": (size, "1M"),  # unsent reply bytes per front-end before it is disconnected
     }), None),
     "control": (Table({"socket": (file_path, "{run_dir}/control.sock"),
                        "idle_timeout": (integer(1, 86400), 300)}), None),  # seconds

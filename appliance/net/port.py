@@ -18,15 +18,19 @@ guest (its transmit rings), ``tx_*`` frames transmitted to the guest.
   :meth:`process_tx` with a budget; each chain's readable bytes are one
   virtio-net header (12 bytes with VERSION_1 or MRG_RXBUF, else 10) and one
   Ethernet frame.  A ring that is started but disabled is processed and its
-  frames discarded (vhost-user.rst "Ring states").  Chains with writable
-  buffers are malformed; headers asking for GSO or checksum offload (never
-  offered) are dropped.
+  frames discarded (vhost-user.rst "Ring states").  The walker refuses, as
+  malformed and before a byte is read, chains with writable buffers and
+  chains with more readable bytes than the header plus :attr:`max_frame`;
+  headers asking for GSO or checksum offload (never offered) and runts are
+  dropped.
 * Frames for the guest arrive through :meth:`deliver`.  One receive ring is
   chosen among the ready, enabled ones by a hash of the MAC pair; with
   MRG_RXBUF a frame may span several chains (``num_buffers``), otherwise one
-  chain must hold header and frame.  No buffer means a drop: the switch does
-  not queue.  Used indices are published, and the guest interrupted, once
-  per batch in :meth:`flush`.
+  chain must hold header and frame.  Chains with readable buffers are
+  malformed (refused by the walker).  Whatever a chain's writable total, only
+  the header and frame are written and nothing is allocated for the rest.  No
+  buffer means a drop: the switch does not queue.  Used indices are
+  published, and the guest interrupted, once per batch in :meth:`flush`.
 
 Offered features: VERSION_1, MRG_RXBUF, RING_EVENT_IDX, RING_INDIRECT_DESC,
 MTU, STATUS, MQ, VHOST_F_LOG_ALL and VHOST_USER_F_PROTOCOL_FEATURES; no
@@ -54,7 +58,7 @@ from appliance.memory import ClientMemory, GuestMemoryError
 from appliance.net import vhost_wire as vw
 from appliance.net.dirty_log import VhostLog
 from appliance.net.vhost_wire import Feature as F
-from appliance.net.virtqueue import QueueCounters, SplitQueue
+from appliance.net.virtqueue import MAX_CHAIN_BYTES, QueueCounters, SplitQueue
 
 log = logging.getLogger("appliance.net")
 
@@ -62,8 +66,9 @@ OFFERED_FEATURES = int(F.VERSION_1 | F.NET_MRG_RXBUF | F.RING_EVENT_IDX | F.RING
                        | F.NET_MTU | F.NET_STATUS | F.NET_MQ | F.PROTOCOL_FEATURES | F.LOG_ALL)
 _VRING_F_LOG = int(vw.VringAddrFlag.LOG)
 ETH_HEADER = 14
-MAX_FRAME = 65535 + 18  # the largest frame we forward (no GSO, so an MTU-sized frame + VLAN)
+ETH_VLAN_HEADER = 18  # Ethernet header with one 802.1Q tag
 MIN_MTU, MAX_MTU = 68, 65535
+MAX_FRAME = MAX_MTU + ETH_VLAN_HEADER  # the largest frame we forward (no GSO)
 DEFAULT_MTU = 1500
 _HDR12 = [vw.NET_HDR_CODEC.pack(0, vw.NET_HDR_GSO_NONE, 0, 0, 0, 0, n) for n in range(4)]
 _HDR10 = bytes(vw.NET_HDR_LEGACY_SIZE)
@@ -111,6 +116,7 @@ class VirtioNetPort:
         self.protocol_negotiated = False
         self.status = 0
         self.mtu = DEFAULT_MTU
+        self.mtu_told = False  # NET_SET_MTU came on this connection
         self.hdr_len = vw.NetHdr.SIZE
         self.mrg = False
         self.memory: ClientMemory | None = None
@@ -126,6 +132,7 @@ class VirtioNetPort:
         self._dirty: set[int] = set()
         self._log_bitmap: Any = None  # the shared log (mmap) from SET_LOG_BASE
         self.log: VhostLog | None = None  # set while LOG_ALL is negotiated and a log is shared
+        self._apply_limits()
 
     # ------------------------------------------------------------ handler: negotiation
     @property
@@ -146,6 +153,7 @@ class VirtioNetPort:
         for ring in self.rings:
             ring.event_idx = bool(features & F.RING_EVENT_IDX)
             ring.indirect = bool(features & F.RING_INDIRECT_DESC)
+        self._apply_limits()
         self._apply_log()
         self._refresh()
 
@@ -165,6 +173,28 @@ class VirtioNetPort:
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise LocalProtocolError(f"MTU {mtu} outside {MIN_MTU}..{MAX_MTU}")
         self.mtu = mtu
+        self.mtu_told = True
+        self._apply_limits()
+
+    @property
+    def max_frame(self) -> int:
+        """The largest frame the driver may transmit (Ethernet header and VLAN tag included).
+
+        The MTU the front-end told (NET_SET_MTU) binds a driver that negotiated
+        VIRTIO_NET_F_MTU (virtio 1.2 §5.1.4.1: it "MUST NOT transmit packets
+        of size exceeding the value of mtu (plus low level ethernet header
+        length)"); otherwise any MTU up to 65535 is the driver's to choose.
+        """
+        if self.mtu_told and self.features & F.NET_MTU:
+            return self.mtu + ETH_VLAN_HEADER
+        return MAX_FRAME
+
+    def _apply_limits(self) -> None:
+        """Per-chain byte limits for the walker: a transmit chain holds one header
+        and one frame and nothing writable; a receive chain nothing readable."""
+        tx_bytes = self.hdr_len + self.max_frame
+        for i, ring in enumerate(self.rings):
+            ring.max_readable, ring.max_writable = (tx_bytes, 0) if i % 2 else (0, MAX_CHAIN_BYTES)
 
     def send_rarp(self, mac: bytes) -> None:
         self.rarps += 1
@@ -280,6 +310,7 @@ class VirtioNetPort:
         self.features = 0
         self.protocol_negotiated = False
         self.mtu = DEFAULT_MTU
+        self.mtu_told = False
         self._log_bitmap = None
         self.set_features(0)
         self._dirty.clear()
@@ -332,10 +363,7 @@ class VirtioNetPort:
             chain = q.pop()
             if chain is None:
                 break
-            q.push(chain.head, 0)
-            if chain.writable:
-                c.malformed += 1  # transmit buffers are device-readable only
-                continue
+            q.push(chain.head, 0)  # the walker refused writable and oversized chains
             segs = chain.segments
             try:
                 if len(segs) == 1:
@@ -352,7 +380,7 @@ class VirtioNetPort:
             c.packets += 1
             c.bytes += size
             if (not enabled or data[1] != _GSO_NONE or data[0] & _NEEDS_CSUM
-                    or not ETH_HEADER <= size <= MAX_FRAME):
+                    or size < ETH_HEADER):
                 c.dropped += 1
                 continue
             frame = data[hdr_len:]
@@ -390,11 +418,7 @@ class VirtioNetPort:
                 q.rollback(mark)
                 c.dropped += 1
                 return
-            if chain.readable:
-                q.push(chain.head, 0)
-                c.malformed += 1  # receive buffers are device-writable only
-                continue
-            chains.append(chain)
+            chains.append(chain)  # the walker refused readable buffers
             room += chain.writable
             if not self.mrg and room < need:
                 q.push(chain.head, 0)
@@ -465,7 +489,7 @@ class VirtioNetPort:
         Per ring: :meth:`SplitQueue.handoff_state`, the explicit SET_VRING_ENABLE
         value (None: never sent) and whether the front-end asked for polling.
         """
-        return {"status": self.status, "mtu": self.mtu,
+        return {"status": self.status, "mtu": self.mtu, "mtu_told": self.mtu_told,
                 "vrings": [{**ring.handoff_state(), "enable": self._explicit_enable[i],
                             "polled": self.kick_polled[i]} for i, ring in enumerate(self.rings)]}
 

@@ -21,8 +21,9 @@ Every request is checked in this order, each against a table:
 4. gated protocol feature negotiated (``Spec.gate``);
 5. payload size exact for the request; fd count as the request takes them
    (none, one, one per region, or one unless the "no fd" bit 8 is set);
-6. payload fields: ring index in range, reserved bits clear, then semantics in
-   the handler (ring state, memory bounds, limits).
+6. payload fields: ring index in range, reserved bits clear, a kick, call or
+   err fd an eventfd (the runtime's ``is_eventfd``), then semantics in the
+   handler (ring state, memory bounds, limits).
 
 A rejection closes every fd the message carried, then answers with the
 protocol's own error: a NACK (a non-zero u64 reply) when REPLY_ACK is
@@ -52,6 +53,7 @@ import logging
 import mmap
 import os
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -250,8 +252,12 @@ class BackendConnection:
     """The back-end side of one vhost-user connection."""
 
     def __init__(self, handler: VhostUserBackend, name: str = "vhost-user",
-                 max_mem_slots: int = MAX_MEM_SLOTS) -> None:
+                 max_mem_slots: int = MAX_MEM_SLOTS,
+                 is_eventfd: Callable[[int], bool] | None = None) -> None:
+        """``is_eventfd``: how the runtime tells an eventfd from other fds; with it,
+        a kick, call or err fd that is not one is refused (None: not checked)."""
         self.handler = handler
+        self.is_eventfd = is_eventfd
         self.name = name
         self.state = ConnState.AWAIT_OWNER
         self.max_mem_slots = max_mem_slots
@@ -615,6 +621,10 @@ class BackendConnection:
         _require(not value & vw.VRING_FILE.reserved_mask, f"reserved bits in {value:#x}")
         index = self._vring_index(vw.VRING_FILE.get(value, "index"))
         fd = None if value & vw.VRING_NOFD else msg.fds[0]
+        # Kick fds are read 8 bytes per kick and call/err fds signalled with a
+        # counter write: only an eventfd behaves (a pipe at EOF stays readable).
+        _require(fd is None or self.is_eventfd is None or self.is_eventfd(fd),
+                 f"vring {index}: the fd is not an eventfd", errno.EBADF)
         setter = {R.SET_VRING_KICK: self.handler.set_vring_kick,
                   R.SET_VRING_CALL: self.handler.set_vring_call,
                   R.SET_VRING_ERR: self.handler.set_vring_err}[R(msg.header.request)]

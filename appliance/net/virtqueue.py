@@ -20,15 +20,22 @@ kick fd is set and stops on GET_VRING_BASE, reset or disconnect.  Size and base
 can change only while stopped (:data:`RING_ALLOWED`); addresses may change
 while started (the front-end toggles VHOST_VRING_F_LOG that way).
 
-:meth:`pop` walks one available chain with the bounds the style guide asks
-(§5): head and every ``next`` inside the table, at most queue-size descriptors
-(so loops end), an indirect table a multiple of 16 bytes and at most queue-size
-entries, no indirect inside indirect, no INDIRECT together with NEXT, readable
-descriptors before writable ones, and every buffer inside mapped memory.  A
-malformed chain is returned to the driver with length 0, counted, and skipped:
-the queue keeps running.  An avail index that runs more than a queue size
-ahead of us cannot be followed at all; the ring is marked broken (it stays so
-until reconfigured) and that is counted too.
+:meth:`pop` walks one available chain with these bounds: head and every
+``next`` inside the table, at most queue-size descriptors (so loops end), an
+indirect table a multiple of 16 bytes and at most queue-size entries (virtio
+1.2 §2.7.5.3.1: "A driver MUST NOT create a descriptor chain longer than the
+Queue Size of the device"), no indirect inside indirect, no INDIRECT together
+with NEXT, readable descriptors before writable ones, every buffer inside
+mapped memory, and the chain's readable and writable byte totals within the
+queue's :attr:`~SplitQueue.max_readable` / :attr:`~SplitQueue.max_writable`
+(the owner's limits: a transmit ring's frame size, none of the other kind;
+at most :data:`MAX_CHAIN_BYTES` each).  Totals are summed as the walk goes
+(Python integers do not wrap) and the walk stops at the first descriptor that
+passes a limit, before any buffer is read, so a guest cannot make the device
+copy more than the limit.  A malformed chain is returned to the driver with
+length 0, counted, and skipped: the queue keeps running.  An avail index that
+runs more than a queue size ahead of us cannot be followed at all; the ring is
+marked broken (it stays so until reconfigured) and that is counted too.
 
 Ring fields the driver reads or writes concurrently (indices, flags, ring
 entries, event indices) are accessed through ``memoryview.cast`` views, which
@@ -67,6 +74,8 @@ _WRITE = int(vw.DescFlag.WRITE)
 _INDIRECT = int(vw.DescFlag.INDIRECT)
 
 _fence_lock = threading.Lock()
+
+MAX_CHAIN_BYTES = 0xFFFF_FFFF  # a used element's length is 32 bits: no chain may hold more
 
 if not vw.NATIVE_IS_LITTLE_ENDIAN:  # pragma: no cover - no big-endian hosts here
     raise ImportError("split virtqueues need a little-endian host (native ring codecs)")
@@ -151,6 +160,8 @@ class SplitQueue:
         self.event_idx = False
         self.indirect = False
         self.enabled = True
+        self.max_readable = MAX_CHAIN_BYTES  # byte limits per chain (set by the owner)
+        self.max_writable = MAX_CHAIN_BYTES
         self.broken = ""  # why the ring cannot be followed ("" = fine)
         self.last_error = ""  # the last malformed chain, for the log
         self.counters = QueueCounters()
@@ -431,6 +442,8 @@ class SplitQueue:
             addr, length, flags, _ = _DESC.unpack_from(desc, 16 * head)  # type: ignore[arg-type]
         if not flags & (_NEXT | _INDIRECT):  # the common case: one buffer
             write = bool(flags & _WRITE)
+            if length > (self.max_writable if write else self.max_readable):
+                raise self._too_long(write)
             if length and not self._inside(addr, length, write):
                 raise _Malformed(f"buffer {addr:#x}+{length:#x} outside memory")
             return Chain(head, [(addr, length, write)], 0 if write else length,
@@ -465,22 +478,31 @@ class SplitQueue:
                 nested = True
                 continue
             if flags & _WRITE:
+                writable += length
+                if writable > self.max_writable:
+                    raise self._too_long(True)
                 if length and not self._inside(addr, length, True):
                     raise _Malformed(f"writable buffer {addr:#x}+{length:#x} outside memory")
                 segments.append((addr, length, True))
-                writable += length
             else:
                 if writable:
                     raise _Malformed("readable descriptor after a writable one")
+                readable += length
+                if readable > self.max_readable:
+                    raise self._too_long(False)
                 if length and not self._inside(addr, length, False):
                     raise _Malformed(f"buffer {addr:#x}+{length:#x} outside memory")
                 segments.append((addr, length, False))
-                readable += length
             if not flags & _NEXT:
                 return Chain(head, segments, readable, writable)
             if nxt >= table_len:
                 raise _Malformed(f"next {nxt} outside a table of {table_len}")
             idx = nxt
+
+    def _too_long(self, write: bool) -> _Malformed:
+        if write:
+            return _Malformed(f"writable buffers exceed {self.max_writable} bytes")
+        return _Malformed(f"readable buffers exceed {self.max_readable} bytes")
 
     def _inside(self, addr: int, length: int, write: bool) -> bool:
         end = addr + length

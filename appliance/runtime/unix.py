@@ -96,6 +96,23 @@ def signal_eventfd(fd: int) -> None:
             raise
 
 
+def is_eventfd(fd: int) -> bool:
+    """Whether ``fd`` is an eventfd (its /proc link reads ``anon_inode:[eventfd]``).
+
+    A pipe, socket, regular file or device is not; neither is a closed fd.
+    Kick, call and err fds must be eventfds: the loop reads 8 bytes per kick
+    (a pipe at EOF would be readable forever) and signals by writing a counter
+    (into a regular file that would write file data).
+
+    Returns:
+        True for an eventfd, False for anything else (or a closed fd).
+    """
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
+
+
 def close_quietly(fd: int) -> None:
     """Close ``fd``, ignoring an already-closed one."""
     try:

@@ -60,6 +60,8 @@ def blocker(net: NetService) -> str:
         if svc.session is not None:
             conn = svc.session.conn
             why = conn.handoff_blocker() or svc.port.handoff_blocker()
+            if svc.session.out:  # bytes in flight cannot move: wait until it has read them
+                why = f"{len(svc.session.out)} bytes of replies not yet read by the front-end"
             unmapped = [r.address for r in conn.memory.regions if r.fd is None]
             if unmapped:
                 why = f"memory region {unmapped[0]:#x} has no fd"
@@ -165,6 +167,7 @@ class SessionState:
     partial_fds: list[int]
     status: int
     mtu: int
+    mtu_told: bool
     vrings: list[RingState]
 
 
@@ -297,7 +300,7 @@ def _session(f: _Fields, nrings: int) -> SessionState:
         protocol_negotiated=f.flag("protocol_negotiated"),
         counters=f.counters("counters", CONN_COUNTERS), regions=regions, log_fd=f.fd("log_fd"),
         partial=data, partial_fds=[f.check_fd(v, where) for v in f.items("partial_fds")],
-        status=f.uint("status", 0xFF), mtu=f.uint("mtu", U32),
+        status=f.uint("status", 0xFF), mtu=f.uint("mtu", U32), mtu_told=f.flag("mtu_told"),
         vrings=[_ring(_Fields(item, f"{f.where}.vrings[{i}]", f.nfds))
                 for i, item in enumerate(f.items("vrings", nrings))])
 
@@ -459,7 +462,7 @@ def replay_requests(s: SessionState) -> Iterator[tuple[R, bytes, list[int]]]:
             yield vring(R.SET_VRING_ENABLE, i, int(q.enable))
     if s.status:
         yield R.SET_STATUS, u64(s.status), []
-    if s.mtu != DEFAULT_MTU:
+    if s.mtu_told or s.mtu != DEFAULT_MTU:  # told: it bounds transmit chains (max_frame)
         yield R.NET_SET_MTU, u64(s.mtu), []
 
 
@@ -489,7 +492,7 @@ def build_connection(port: VirtioNetPort, s: SessionState, fds: list[int]) -> Ba
     """
     port.notify = lambda fd: None
     port.retire_fd = unix.close_quietly
-    conn = BackendConnection(port, name=port.name)
+    conn = BackendConnection(port, name=port.name, is_eventfd=unix.is_eventfd)
     try:
         for request, payload, refs in replay_requests(s):
             try:

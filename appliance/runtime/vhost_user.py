@@ -10,13 +10,24 @@ reconnects after a disconnect (client mode).
 
 Per connection (:class:`VhostUserSession`):
 
-* the socket is read with non-blocking ``recvmsg`` calls of exactly
+* the socket is non-blocking; it is read with ``recvmsg`` calls of exactly
   :meth:`BackendConnection.bytes_wanted` bytes (header, then payload), so
-  SCM_RIGHTS fds stay with their message; replies are written whole;
+  SCM_RIGHTS fds stay with their message;
+* replies go to the session's output queue and are written as far as the
+  socket takes them; the rest waits for the socket to be writable (the loop
+  watches it only while bytes wait).  The socket is read on meanwhile, so a
+  front-end that sends requests and does not read the replies makes the queue
+  grow: past ``net.max_backlog`` bytes (:data:`DEFAULT_MAX_BACKLOG`) it is
+  disconnected, with one warning naming the port.  The loop never waits on a
+  front-end;
+* kick, call and err fds must be eventfds (:func:`appliance.runtime.unix.is_eventfd`;
+  others are refused by the connection like any bad request);
 * after each message the kick eventfds of started transmit rings are synced
-  with the loop's readers; a kick (or a freshly started ring) drains that ring
-  in budgets of :data:`TX_BUDGET` chains, rescheduling itself with a zero
-  timer while more is waiting, then the switch lets every port publish;
+  with the loop's readers; a kick fd that reads end of file or fails is
+  dropped from the loop with one warning, never spun on; a kick (or a freshly
+  started ring) drains that ring in budgets of :data:`TX_BUDGET` chains,
+  rescheduling itself with a zero timer while more is waiting, then the switch
+  lets every port publish;
 * call eventfds are signalled with ``os.write``; rings whose front-end asked
   for polling (the "no fd" bit) are drained from a :data:`POLL_PERIOD` timer;
 * a disconnect stops every ring, unmaps the connection's memory, closes every
@@ -64,6 +75,7 @@ TX_BUDGET = 256  # chains per drain pass
 POLL_PERIOD = 0.001
 RECONNECT_DELAY = 1.0
 PCAP_FLUSH_PERIOD = 1.0
+DEFAULT_MAX_BACKLOG = 1 << 20  # net.max_backlog: unsent reply bytes per front-end
 
 
 def parse_mac(text: str) -> bytes:
@@ -98,13 +110,17 @@ class VhostUserSession:
         self.closed = False
         self.paused = conn is not None  # a handoff: nothing is read or drained
         self.kicks: dict[int, int] = {}  # watched kick fd -> ring index
+        self._unwatchable: set[int] = set()  # kick fds dropped from the loop (EOF, error)
+        self.out = bytearray()  # replies the socket has not taken yet
+        self._writing = False  # the loop watches the socket for writability
         self._scheduled: set[int] = set()
         self._polling = False
         self.port.notify = signal_eventfd
         self.port.retire_fd = self._retire_fd
         if conn is None:
             self.port.connections += 1
-            self.conn = BackendConnection(self.port, name=self.port.name)
+            self.conn = BackendConnection(self.port, name=self.port.name,
+                                          is_eventfd=unix.is_eventfd)
             self.loop.add_reader(sock.fileno(), self._readable)
         else:
             self.conn = conn
@@ -137,6 +153,8 @@ class VhostUserSession:
                 return
             self.conn.process()
             self._send_replies()
+            if self.closed:
+                return
             if self.conn.closed:
                 self.close(self.conn.close_reason)
                 return
@@ -144,16 +162,41 @@ class VhostUserSession:
 
     def _send_replies(self) -> None:
         for data in self.conn.data_to_send():
+            self.out += data
+        self._flush(send=not self._writing)  # while writing, the writer callback sends
+
+    def _flush(self, send: bool = True) -> None:
+        """Send what the socket takes now; watch for writability while bytes are left.
+
+        Closes the session when sending fails or the backlog passes the limit.
+        """
+        if send and self.out:
             try:
-                self.sock.sendall(data)
+                sent = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
             except OSError as exc:
-                self.conn.close(f"send failed: {exc}")
+                self.close(f"send failed: {exc.strerror or exc}")
                 return
+            del self.out[:sent]
+        limit = self.service.max_backlog
+        if len(self.out) > limit:
+            self.close(f"{len(self.out)} bytes of replies left unread, over net.max_backlog "
+                       f"({limit})", warn=True)
+            return
+        fd = self.sock.fileno()
+        if self.out and not self._writing:
+            self.loop.add_writer(fd, self._flush)
+            self._writing = True
+        elif not self.out and self._writing:
+            self.loop.remove_writer(fd)
+            self._writing = False
 
     # ------------------------------------------------------------ rings
     def _retire_fd(self, fd: int) -> None:
         if self.kicks.pop(fd, None) is not None:
             self.loop.remove_reader(fd)
+        self._unwatchable.discard(fd)
         _close(fd)
 
     def _sync_kicks(self) -> None:
@@ -162,12 +205,13 @@ class VhostUserSession:
             self.loop.remove_reader(fd)
             del self.kicks[fd]
         for fd, index in want.items():
-            if fd in self.kicks:
+            if fd in self.kicks or fd in self._unwatchable:
                 continue
             try:
                 os.set_blocking(fd, False)
                 self.loop.add_reader(fd, functools.partial(self._kicked, fd))
             except (OSError, ValueError, KeyError) as exc:
+                self._unwatchable.add(fd)  # one warning, not one per message
                 log.warning("%s: cannot watch kick fd of vring %d: %s", self.port.name, index, exc)
                 continue
             self.kicks[fd] = index
@@ -180,14 +224,26 @@ class VhostUserSession:
         if self.paused or self.closed:  # the kick stays pending in the eventfd
             return
         try:
-            os.read(fd, 8)
-        except BlockingIOError:
-            pass
+            got = os.read(fd, 8)
+        except (BlockingIOError, InterruptedError):
+            got = None
         except OSError as exc:
-            log.warning("%s: kick fd read failed: %s", self.port.name, exc)
+            self._unwatch_kick(fd, f"read failed: {exc.strerror or exc}")
+            return
+        if got == b"":
+            self._unwatch_kick(fd, "end of file")
+            return
         index = self.kicks.get(fd)
         if index is not None:
             self._drain(index)
+
+    def _unwatch_kick(self, fd: int, why: str) -> None:
+        """A kick fd that can never deliver a kick again: stop watching it (it
+        would be readable forever); the fd itself stays the ring's until replaced."""
+        index = self.kicks.pop(fd, None)
+        self.loop.remove_reader(fd)
+        self._unwatchable.add(fd)
+        log.warning("%s: kick fd of vring %s: %s; no longer watched", self.port.name, index, why)
 
     def _drain(self, index: int) -> None:
         if self.closed or self.paused:
@@ -261,34 +317,47 @@ class VhostUserSession:
         self.pause()
         self.closed = True
         self.kicks.clear()
+        self._stop_writing()
         self.port.notify = lambda fd: None
         self.port.retire_fd = _close
         self.conn.close("handed off")  # the port forgets the rings; fds and mappings closed
         self.sock.close()  # close(2) only: no shutdown, the other process holds the socket
 
     # ------------------------------------------------------------ teardown
-    def close(self, reason: str) -> None:
+    def _stop_writing(self) -> None:
+        if self._writing:
+            self.loop.remove_writer(self.sock.fileno())
+            self._writing = False
+        self.out.clear()
+
+    def close(self, reason: str, warn: bool = False) -> None:
+        """Disconnect the front-end; ``warn``: its fault (logged as a warning)."""
         if self.closed:
             return
         self.closed = True
         self.loop.remove_reader(self.sock.fileno())
+        self._stop_writing()
         self.conn.close(reason)  # the port retires its fds through _retire_fd
         for fd in list(self.kicks):
             self.loop.remove_reader(fd)
         self.kicks.clear()
+        self._unwatchable.clear()
         self.sock.close()
         self.port.notify = lambda fd: None
-        self.service.session_closed(self, reason or self.conn.close_reason)
+        self.service.session_closed(self, reason or self.conn.close_reason, warn)
 
 
 class PortService:
     """One port's socket: listening (server mode) or connecting (client mode)."""
 
     def __init__(self, loop: EventLoop, port: VirtioNetPort, switch: Switch, path: str,
-                 mode: str = "server", standby: bool = False) -> None:
+                 mode: str = "server", standby: bool = False,
+                 max_backlog: int = DEFAULT_MAX_BACKLOG) -> None:
         """``standby``: a handoff destination; neither listen nor connect until
-        :meth:`handoff_commit` brings the source's socket."""
+        :meth:`handoff_commit` brings the source's socket.  ``max_backlog``:
+        unsent reply bytes past which a front-end is disconnected."""
         self.loop = loop
+        self.max_backlog = max_backlog
         self.port = port
         self.switch = switch
         self.path = path
@@ -327,7 +396,7 @@ class PortService:
             log.warning("%s: a front-end is already connected; refusing another", self.port.name)
             sock.close()
             return
-        sock.setblocking(True)
+        sock.setblocking(False)  # accept() may hand back a blocking socket
         log.info("%s: front-end connected on %s", self.port.name, self.path)
         self._start(sock)
 
@@ -350,7 +419,6 @@ class PortService:
             self.loop.call_later(RECONNECT_DELAY, self._try_connect)
             return
         self._connect_failures = 0
-        sock.setblocking(True)
         log.info("%s: connected to %s", self.port.name, self.path)
         self._start(sock)
 
@@ -358,14 +426,15 @@ class PortService:
         self.switch.learn(self.port.mac, self.port)  # the configured guest MAC
         self.session = VhostUserSession(self, sock)
 
-    def session_closed(self, session: VhostUserSession, reason: str) -> None:
+    def session_closed(self, session: VhostUserSession, reason: str, warn: bool = False) -> None:
         if self.session is session:
             self.session = None
         self.switch.forget(self.port)
         stats = self.port.stats()
         counters = {k: v for k, v in stats.items() if k != "queues"}
-        log.info("%s: front-end disconnected (%s); counters %s", self.port.name, reason,
-                 json.dumps(counters, sort_keys=True))
+        log.log(logging.WARNING if warn else logging.INFO,
+                "%s: front-end disconnected (%s); counters %s", self.port.name, reason,
+                json.dumps(counters, sort_keys=True))
         if self.mode == "client" and not self.closed:
             self.loop.call_later(RECONNECT_DELAY, self._try_connect)
 
@@ -488,7 +557,7 @@ def _adopt_socket(fds: list[int], index: int, listening: bool) -> socket.socket:
             raise OSError(f"fd index {index} is not a unix stream socket")
         if bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)) != listening:
             raise OSError(f"fd index {index} is {'not ' if listening else ''}a listening socket")
-        sock.setblocking(not listening)
+        sock.setblocking(False)
     except OSError:
         sock.close()
         raise
@@ -548,7 +617,8 @@ class NetService:
                 self.switch.attach(port, [port.mac])
                 try:
                     svc = PortService(loop, port, self.switch, pcfg["socket"],
-                                      pcfg.get("mode", "server"), standby)
+                                      pcfg.get("mode", "server"), standby,
+                                      cfg_net.get("max_backlog", DEFAULT_MAX_BACKLOG))
                 except OSError as exc:
                     raise ApplianceError(f"net.ports[{i}].socket: cannot listen on "
                                          f"{pcfg['socket']}: {exc.strerror or exc}") from None

@@ -14,8 +14,11 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import tracemalloc
 from dataclasses import dataclass, field
 from typing import Any
+
+import pytest
 
 from appliance.net import vhost_wire as vw
 from appliance.net.port import VirtioNetPort
@@ -609,5 +612,97 @@ def test_reset_owner_keeps_features_and_memory() -> None:
         rig.tx.add_indirect(0, [(HDR, False), (frame(), False)])
         rig.port.process_tx(1, 64)
         assert rig.sink.frames == [frame()]
+    finally:
+        rig.close()
+
+
+# ---------------------------------------------------------------- guest-controlled sizes
+def whole_memory_indirect(ring: DriverRing, head: int, n: int, flags: int = 0) -> None:
+    """Make ``head`` an indirect chain of ``n`` descriptors, each naming all of guest memory."""
+    mem = ring.mem
+    table = mem.alloc(16 * n, 16)
+    mem.write(table, b"".join(
+        struct.pack("<QIHH", mem.gpa, mem.size, flags | (vw.DescFlag.NEXT if i + 1 < n else 0), i + 1)
+        for i in range(n)))
+    ring.set_desc(head, table, 16 * n, vw.DescFlag.INDIRECT)
+    ring.make_available(head)
+
+
+@pytest.mark.parametrize(("queue", "entries"), [(256, 256), (4096, 4096), (256, 4096)])
+def test_tx_chain_naming_gigabytes_is_refused_before_a_byte_is_read(queue: int, entries: int) -> None:
+    """256 x 4 MiB asks for 1 GiB, 4096 x 4 MiB for 16 GiB: the walker stops at the
+    second descriptor (past header + max frame); a table longer than the queue is
+    refused by its count.  Either way: malformed, returned with length 0, and the
+    next chain goes through."""
+    rig = Rig(size=queue, mem_size=4 << 20)
+    try:
+        whole_memory_indirect(rig.tx, 0, entries)
+        rig.tx.add_buffer(1, HDR + frame())
+        tracemalloc.start()
+        try:
+            rig.port.process_tx(1, 64)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1 << 20, peak
+        assert rig.sink.frames == [frame()]
+        assert rig.tx.take_used() == [(0, 0), (1, 0)]
+        assert rig.port.stats()["malformed_chains"] == 1
+        error = rig.port.rings[1].last_error
+        assert ("indirect table" in error) if entries > queue else ("readable buffers exceed" in error)
+    finally:
+        rig.close()
+
+
+def test_tx_limit_follows_the_mtu_the_front_end_told() -> None:
+    """NET_SET_MTU binds a driver that negotiated VIRTIO_NET_F_MTU: header + MTU +
+    18 (Ethernet + VLAN) readable bytes pass, one more is malformed."""
+    feats = int(F.VERSION_1 | F.NET_MRG_RXBUF | F.PROTOCOL_FEATURES | F.NET_MTU)
+    rig = Rig(features=feats)
+    try:
+        assert rig.port.max_frame == 65535 + 18  # told nothing yet
+        rig.fe.u64(R.NET_SET_MTU, 1500)
+        assert rig.port.max_frame == 1518
+        rig.tx.add_buffer(0, HDR + frame(payload=bytes(1518 - 14)))
+        rig.tx.add_buffer(1, HDR + frame(payload=bytes(1519 - 14)))
+        rig.port.process_tx(1, 64)
+        assert [len(f) for f in rig.sink.frames] == [1518]
+        assert rig.port.stats()["malformed_chains"] == 1
+    finally:
+        rig.close()
+
+
+def test_tx_limit_without_negotiated_mtu_is_the_largest_frame() -> None:
+    rig = Rig(mem_size=4 << 20)
+    try:
+        rig.fe.u64(R.NET_SET_MTU, 1500)  # told, but the driver did not negotiate F_MTU
+        rig.tx.add_buffer(0, HDR + frame(payload=bytes(9000)))
+        rig.tx.add_buffer(1, HDR + frame(payload=bytes(65535 + 18 - 14)))
+        rig.tx.add_buffer(2, HDR + frame(payload=bytes(65535 + 18 - 13)))
+        rig.port.process_tx(1, 64)
+        assert [len(f) for f in rig.sink.frames] == [9014, 65553]
+        assert rig.port.stats()["malformed_chains"] == 1
+    finally:
+        rig.close()
+
+
+def test_rx_chain_naming_gigabytes_costs_only_the_frame() -> None:
+    """A receive chain whose writable buffers name 1 GiB gets the header and frame
+    written and nothing allocated for the rest; a readable receive chain is malformed."""
+    rig = Rig(size=256, mem_size=4 << 20)
+    try:
+        rig.rx.add_buffer(0, b"readable")  # device-readable on a receive ring
+        whole_memory_indirect(rig.rx, 1, 256, vw.DescFlag.WRITE)
+        tracemalloc.start()
+        try:
+            rig.port.deliver(frame())
+            rig.port.flush()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1 << 20, peak
+        assert rig.rx.take_used() == [(0, 0), (1, 12 + len(frame()))]
+        assert rig.mem.read(rig.mem.gpa + 12, len(frame())) == frame()
+        assert rig.port.stats()["malformed_chains"] == 1
     finally:
         rig.close()

@@ -7,8 +7,10 @@ need_reply is set on a request without a reply body, else close this connection.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import socket
 import struct
 
 import pytest
@@ -21,7 +23,7 @@ from test_vhost_frontend import (
     fd_open,
 )
 
-from appliance.errors import RemoteProtocolError
+from appliance.errors import LocalProtocolError, RemoteProtocolError
 from appliance.net import vhost_wire as vw
 from appliance.net.port import OFFERED_FEATURES, VirtioNetPort
 from appliance.net.vhost_protocol import (
@@ -35,6 +37,7 @@ from appliance.net.vhost_protocol import (
 from appliance.net.vhost_wire import Feature as F
 from appliance.net.vhost_wire import ProtocolFeature as PF
 from appliance.net.vhost_wire import Request as R
+from appliance.runtime.unix import is_eventfd
 
 
 def evfd() -> int:
@@ -505,3 +508,56 @@ def test_rarp_needs_unicast_mac() -> None:
 def test_native_byte_order_header() -> None:
     hdr = vw.Header(request=R.GET_FEATURES, flags=1, size=0).pack()
     assert hdr == struct.pack("=III", 1, 1, 0)
+
+
+# ---------------------------------------------------------------- ring fds must be eventfds
+def not_eventfds() -> list[tuple[str, int]]:
+    """A pipe at EOF, a regular file, a socket and a memfd: each one fd, ours to pass."""
+    r, w = os.pipe()
+    os.close(w)  # the read end is at end of file: readable forever
+    a, b = socket.socketpair()
+    b.close()
+    path = os.open("/proc/self/cmdline", os.O_RDONLY)
+    return [("pipe at EOF", r), ("regular file", path), ("socket", a.detach()),
+            ("memfd", os.memfd_create("x"))]
+
+
+@pytest.mark.parametrize("request_", [R.SET_VRING_KICK, R.SET_VRING_CALL, R.SET_VRING_ERR])
+def test_ring_fd_that_is_not_an_eventfd_is_nacked_and_closed(request_: R) -> None:
+    port = VirtioNetPort("net0", MAC_A)
+    conn = BackendConnection(port, name="net0", is_eventfd=is_eventfd)
+    fe = Frontend(conn)
+    fe.send(R.SET_OWNER)
+    fe.u64(R.SET_PROTOCOL_FEATURES, OFFERED_PROTOCOL_FEATURES)
+    for what, fd in not_eventfds():
+        replies = fe.u64(request_, 1, fds=[fd], need_reply=True)
+        assert nacked(replies) and replies[0].u64 == errno.EBADF, what
+        assert not fd_open(fd), what
+    assert (port.kick[1], port.call[1], port.err[1]) == (None, None, None)
+    assert fe.u64(R.SET_VRING_CALL, 1, fds=[evfd()], need_reply=True)[0].u64 == 0  # an eventfd
+    assert port.call[1] is not None and not conn.closed
+    conn.close()
+
+
+def test_ring_fd_that_is_not_an_eventfd_closes_without_reply_ack() -> None:
+    port = VirtioNetPort("net0", MAC_A)
+    conn = BackendConnection(port, name="net0", is_eventfd=is_eventfd)
+    fe = Frontend(conn)
+    fe.send(R.SET_OWNER)
+    (what, fd), *rest = not_eventfds()
+    for _, other in rest:
+        os.close(other)
+    assert fe.u64(R.SET_VRING_KICK, 1, fds=[fd]) == []
+    assert conn.closed and "not an eventfd" in conn.close_reason and not fd_open(fd), what
+
+
+def test_handoff_replay_refuses_a_ring_fd_that_is_not_an_eventfd() -> None:
+    port = VirtioNetPort("net0", MAC_A)
+    conn = BackendConnection(port, name="net0", is_eventfd=is_eventfd)
+    conn.replay(R.SET_OWNER, b"", [])
+    r, w = os.pipe()
+    with pytest.raises(LocalProtocolError, match="not an eventfd"):
+        conn.replay(R.SET_VRING_CALL, vw.U64(value=0).pack(), [r])
+    assert not fd_open(r)
+    os.close(w)
+    conn.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import array
 import logging
 import os
+import selectors
 import socket
 import stat
 import time
@@ -362,3 +363,136 @@ def test_qemu_args_make_qemu_the_server_for_client_mode_ports() -> None:
     chardevs = [a for a in qemu_args(cfg, net=True) if a.startswith("socket,id=net")]
     assert chardevs == ["socket,id=net0c,path=/tmp/a.sock",
                         "socket,id=net1c,path=/tmp/b.sock,server=on,wait=off"]
+
+
+# ---------------------------------------------------------------- peers that cannot stall us
+GET_FEATURES = vw.Header(request=R.GET_FEATURES, flags=vw.VERSION).pack()
+REPLY_SIZE = vw.HEADER_SIZE + 8
+
+
+def pipeline(sock: socket.socket, requests: bytes) -> None:
+    """Send what the socket takes now (the front-end never waits, never reads)."""
+    try:
+        sock.send(requests)
+    except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+        pass
+
+
+def test_replies_wait_for_a_slow_reader_and_arrive_in_order(tmp_path: Path, loop: EventLoop) -> None:
+    """Replies the socket cannot take now are queued and written when it is
+    writable; meanwhile another port is served; the handoff waits for them."""
+    svc = NetService(loop, cfg(tmp_path, "server", "server"))
+    lazy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lazy.connect(str(tmp_path / "p0.sock"))
+    lazy.setblocking(False)
+    other = Guest(loop, str(tmp_path / "p1.sock")).setup()
+    try:
+        pump(loop, lambda: svc.services[0].session is not None)
+        session = svc.services[0].session
+        assert session is not None and session.sock.getblocking() is False
+        sent = 0
+        while not session.out:  # until the kernel's buffers are full and ours holds the rest
+            try:
+                sent += lazy.send(GET_FEATURES * 256)
+            except BlockingIOError:
+                pass
+            loop.run_once(0)
+        assert 0 < len(session.out) <= rt.DEFAULT_MAX_BACKLOG
+        assert other.fe.call(R.GET_STATUS) == 0xF  # the loop waits on no one
+        assert "replies not yet read by the front-end" in svc.handoff_busy()
+        got = bytearray()
+
+        def all_read() -> bool:
+            try:
+                got.extend(lazy.recv(1 << 16))
+            except BlockingIOError:
+                pass
+            return len(got) == sent // vw.HEADER_SIZE * REPLY_SIZE
+
+        pump(loop, all_read)
+        for off in range(0, len(got), REPLY_SIZE):
+            head = vw.Header.unpack(got[off:off + vw.HEADER_SIZE])
+            assert head.request == R.GET_FEATURES and head.size == 8
+        assert not session.out and svc.handoff_busy() == ""
+        key = loop.selector.get_key(session.sock.fileno())
+        assert key.events == selectors.EVENT_READ  # not watched for writing once empty
+    finally:
+        lazy.close()
+        other.close()
+        svc.close()
+
+
+def test_front_end_that_never_reads_is_disconnected_past_the_backlog_limit(
+        tmp_path: Path, loop: EventLoop, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="appliance.net")
+    conf = cfg(tmp_path, "server", "server")
+    conf["max_backlog"] = 64 << 10
+    svc = NetService(loop, conf)
+    hog = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    hog.connect(str(tmp_path / "p0.sock"))
+    hog.setblocking(False)
+    other = Guest(loop, str(tmp_path / "p1.sock")).setup()
+    try:
+        pump(loop, lambda: svc.services[0].session is not None)
+        burst = GET_FEATURES * 1024
+
+        def disconnected() -> bool:
+            pipeline(hog, burst)
+            return svc.services[0].session is None
+
+        pump(loop, disconnected, timeout=30)
+        lines = [r for r in caplog.records if "net.max_backlog" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].levelno == logging.WARNING
+        assert lines[0].getMessage().startswith("net0: front-end disconnected (")
+        assert "over net.max_backlog (65536)" in lines[0].getMessage()
+        assert other.fe.call(R.GET_STATUS) == 0xF
+    finally:
+        hog.close()
+        other.close()
+        svc.close()
+
+
+def test_client_mode_socket_is_non_blocking(tmp_path: Path, loop: EventLoop) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "p0.sock"))
+    listener.listen(1)
+    svc = NetService(loop, cfg(tmp_path, "client"))
+    try:
+        peer, _ = listener.accept()
+        session = svc.services[0].session
+        assert session is not None and session.sock.getblocking() is False
+        peer.close()
+    finally:
+        listener.close()
+        svc.close()
+
+
+def test_kick_fd_at_end_of_file_is_dropped_not_spun_on(
+        tmp_path: Path, loop: EventLoop, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Were a kick fd ever at EOF (the eventfd check let a pipe through here), the
+    loop drops it with one warning and serves on."""
+    monkeypatch.setattr("appliance.runtime.unix.is_eventfd", lambda fd: True)
+    caplog.set_level(logging.INFO, logger="appliance.net")
+    svc = NetService(loop, cfg(tmp_path))
+    g = Guest(loop, str(tmp_path / "p0.sock"))
+    r, w = os.pipe()
+    os.close(w)
+    os.close(g.tx.kick_fd)
+    g.tx.kick_fd = r
+    try:
+        g.setup()
+        pump(loop, lambda: "no longer watched" in caplog.text)
+        for _ in range(50):
+            loop.run_once(0)
+        lines = [rec.getMessage() for rec in caplog.records if "no longer watched" in rec.getMessage()]
+        assert lines == ["net0: kick fd of vring 1: end of file; no longer watched"]
+        kick = svc.services[0].port.kick[1]
+        assert kick is not None
+        with pytest.raises(KeyError):
+            loop.selector.get_key(kick)
+        assert g.fe.call(R.GET_STATUS) == 0xF  # later requests do not watch it again
+        assert len([rec for rec in caplog.records if "no longer watched" in rec.getMessage()]) == 1
+    finally:
+        g.close()
+        svc.close()

@@ -12,7 +12,14 @@ from test_vhost_frontend import DriverRing, GuestMemory
 
 from appliance.memory import ClientMemory, FdWords
 from appliance.net import vhost_wire as vw
-from appliance.net.virtqueue import RING_ALLOWED, RING_TRANSITIONS, RingError, RingState, SplitQueue
+from appliance.net.virtqueue import (
+    MAX_CHAIN_BYTES,
+    RING_ALLOWED,
+    RING_TRANSITIONS,
+    RingError,
+    RingState,
+    SplitQueue,
+)
 
 NEXT, WRITE, INDIRECT = int(vw.DescFlag.NEXT), int(vw.DescFlag.WRITE), int(vw.DescFlag.INDIRECT)
 
@@ -23,8 +30,9 @@ class Bench:
     ``fd_io``: the region cannot be sealed, so the rings are reached with pread/pwrite.
     """
 
-    def __init__(self, size: int = 8, indirect: bool = True, fd_io: bool = False) -> None:
-        self.mem = GuestMemory(1 << 16, sealable=not fd_io)
+    def __init__(self, size: int = 8, indirect: bool = True, fd_io: bool = False,
+                 mem_size: int = 1 << 16) -> None:
+        self.mem = GuestMemory(mem_size, sealable=not fd_io)
         self.cm = ClientMemory()
         self.cm.map(self.mem.gpa, self.mem.size, fd=os.dup(self.mem.fd), user_address=self.mem.uva)
         self.drv = DriverRing(self.mem, 1, size)
@@ -414,3 +422,66 @@ def ring_after_shrink() -> None:
         assert bench.q.avail_pending() == 0 and bench.q.arm_kick() is False
     finally:
         bench.close()  # the test's own mapping of the memfd is not touched again
+
+
+# ---------------------------------------------------------------- per-chain byte limits
+def whole_memory_table(b: Bench, n: int, flags: int = 0) -> int:
+    """An indirect table of ``n`` descriptors, each naming the whole guest memory."""
+    table = b.mem.alloc(16 * n, 16)
+    entries = [struct.pack("<QIHH", b.mem.gpa, b.mem.size, flags | (NEXT if i + 1 < n else 0), i + 1)
+               for i in range(n)]
+    b.mem.write(table, b"".join(entries))
+    return table
+
+
+@pytest.mark.parametrize("write", [False, True])
+def test_chain_over_the_byte_limit_is_malformed_before_its_buffers(bench: Bench, write: bool) -> None:
+    """The walk stops at the first descriptor past the limit: every descriptor is
+    inside memory and the total is only 8 x 64 KiB, yet the chain is refused."""
+    if write:
+        bench.q.max_writable = bench.mem.size
+    else:
+        bench.q.max_readable = bench.mem.size
+    table = whole_memory_table(bench, 8, WRITE if write else 0)
+    bench.drv.set_desc(0, table, 16 * 8, INDIRECT)
+    bench.drv.make_available(0)
+    expect_malformed(bench, 0)
+    kind = "writable" if write else "readable"
+    assert f"{kind} buffers exceed {bench.mem.size} bytes" in bench.q.last_error
+
+
+@pytest.mark.parametrize("limit", [99, 100])
+def test_byte_limit_is_inclusive_across_direct_descriptors(bench: Bench, limit: int) -> None:
+    bench.q.max_readable = limit
+    bench.drv.add_chain([1, 2], [(bytes(60), False), (bytes(40), False)])
+    chain = bench.q.pop()
+    if limit == 100:
+        assert chain is not None and chain.readable == 100
+    else:
+        assert chain is None and "readable buffers exceed 99" in bench.q.last_error
+        assert publish(bench) == [(1, 0)]
+
+
+def test_single_descriptor_over_the_limit(bench: Bench) -> None:
+    bench.q.max_writable = 0  # a transmit ring: nothing writable
+    bench.drv.add_buffer(0, writable=4)
+    expect_malformed(bench, 0)
+    bench.drv.add_buffer(1, writable=0)  # zero bytes writable is no byte over
+    chain = bench.q.pop()
+    assert chain is not None and chain.head == 1
+
+
+def test_default_limit_is_what_a_used_length_can_say() -> None:
+    """Without an owner's limit a chain still holds at most 2^32 - 1 bytes: two
+    descriptors of 4 GiB - 1 each (lengths are 32 bits) exceed it (8 GiB of
+    sparse guest memory: nothing is touched)."""
+    b = Bench(size=8, mem_size=1 << 33)
+    try:
+        assert b.q.max_readable == b.q.max_writable == MAX_CHAIN_BYTES
+        b.drv.set_desc(0, b.mem.gpa, 0xFFFF_FFFF, NEXT, 1)
+        b.drv.set_desc(1, b.mem.gpa, 0xFFFF_FFFF, 0)
+        b.drv.make_available(0)
+        expect_malformed(b, 0)
+        assert "exceed 4294967295" in b.q.last_error
+    finally:
+        b.close()
