@@ -169,6 +169,9 @@ SCHEMA = Table({
         }), None),
         "tap": (Table({"name": (ifname, None)}), None),  # name absent: no TAP interface
         "max_backlog": (size, "1M"),  # unsent reply bytes per front-end before it is disconnected
+        # mmap guest memory that could still shrink (DPDK's): fast, but a front-end that
+        # shrinks it kills the process (SIGBUS); only for trusted front-ends
+        "map_unsealed_memory": (boolean, False),
     }), None),
     "control": (Table({"socket": (file_path, "{run_dir}/control.sock"),
                        "idle_timeout": (integer(1, 86400), 300)}), None),  # seconds

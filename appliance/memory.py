@@ -471,8 +471,13 @@ class DirtyLog:
 class ClientMemory:
     """The client's address space as the device may reach it."""
 
-    def __init__(self, max_regions: int = 65535, transport: MessageTransport | None = None) -> None:
+    def __init__(self, max_regions: int = 65535, transport: MessageTransport | None = None,
+                 *, map_unsealed: bool = False) -> None:
+        """``map_unsealed``: mmap a region even when its file could still shrink
+        (a peer that shrinks it then kills this process with SIGBUS): only for
+        front-ends the operator trusts, for speed (DPDK's memory cannot be sealed)."""
         self.max_regions = max_regions
+        self.map_unsealed = map_unsealed
         self.transport = transport
         self.dirty_log: DirtyLog | None = None
         #: whose DMA messages an access makes (the device sets it; see DmaScope)
@@ -527,7 +532,7 @@ class ClientMemory:
                 if length is not None and length < fd_offset + size:
                     raise MapError(errno.EINVAL, f"region {address:#x}+{size:#x} at offset "
                                    f"{fd_offset:#x} ends past its file ({length:#x} bytes)")
-                if sealed and length is not None:
+                if (sealed or self.map_unsealed) and length is not None:
                     region.mm = self._mmap(fd, region)
                     region.view = memoryview(region.mm)
                 region.fd, fd = fd, None  # kept with the region, closed with it

@@ -106,6 +106,8 @@ class VirtioNetPort:
         self.mac = mac
         self.queue_pairs = queue_pairs
         self.pcap = pcap
+        #: mmap guest memory that could still shrink (net.map_unsealed_memory: trusted only)
+        self.map_unsealed_memory = False
         self.rings = [SplitQueue(i) for i in range(2 * queue_pairs)]
         self.kick: list[int | None] = [None] * len(self.rings)
         self.call: list[int | None] = [None] * len(self.rings)

@@ -253,9 +253,13 @@ class BackendConnection:
 
     def __init__(self, handler: VhostUserBackend, name: str = "vhost-user",
                  max_mem_slots: int = MAX_MEM_SLOTS,
-                 is_eventfd: Callable[[int], bool] | None = None) -> None:
+                 is_eventfd: Callable[[int], bool] | None = None,
+                 map_unsealed: bool = False) -> None:
         """``is_eventfd``: how the runtime tells an eventfd from other fds; with it,
-        a kick, call or err fd that is not one is refused (None: not checked)."""
+        a kick, call or err fd that is not one is refused (None: not checked).
+        ``map_unsealed``: see :class:`~appliance.memory.ClientMemory`
+        (``net.map_unsealed_memory``)."""
+        self.map_unsealed = map_unsealed
         self.handler = handler
         self.is_eventfd = is_eventfd
         self.name = name
@@ -264,7 +268,7 @@ class BackendConnection:
         self.features = 0  # acked virtio features (SET_FEATURES)
         self.protocol_features = 0  # acked protocol features
         self.protocol_negotiated = False  # SET_PROTOCOL_FEATURES was received
-        self.memory = ClientMemory(max_regions=max_mem_slots)
+        self.memory = ClientMemory(max_regions=max_mem_slots, map_unsealed=map_unsealed)
         self.log_mm: mmap.mmap | None = None
         self.log_fd: int | None = None
         self.close_reason = ""
@@ -682,7 +686,7 @@ class BackendConnection:
             spans = sorted((getattr(r, key), getattr(r, key) + r.memory_size) for r in regions)
             for (_, end), (start, _) in itertools.pairwise(spans):
                 _require(start >= end, f"memory regions overlap ({key} {start:#x})")
-        build = ClientMemory(max_regions=self.max_mem_slots)
+        build = ClientMemory(max_regions=self.max_mem_slots, map_unsealed=self.map_unsealed)
         try:
             for r, fd in zip(regions, list(msg.fds)):
                 self._map_region(build, r, msg.take_fd(fd))

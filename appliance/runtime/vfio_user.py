@@ -54,17 +54,6 @@ send_message = unix.send_message
 signal_eventfd = unix.signal_eventfd
 
 
-def is_eventfd(fd: int) -> bool:
-    """Whether ``fd`` is an eventfd (what SET_IRQS may carry).
-
-    Returns False for any other file, and for a closed fd.
-    """
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
-    except OSError:
-        return False
-
-
 class VfioUserClientSocket:
     """One accepted client: feeds its socket to a :class:`ServerConnection`."""
 
@@ -82,7 +71,7 @@ class VfioUserClientSocket:
         self.on_close = on_close
         self.max_backlog = max_backlog
         self.conn = ServerConnection(device, notify=signal_eventfd, dma_layout=dma_layout,
-                                     name=name, is_eventfd=is_eventfd)
+                                     name=name, is_eventfd=unix.is_eventfd)
         self._dma_watch: frozenset[int] = frozenset()  # DMA messages the timer checks
         self._out: deque[tuple[memoryview, list[int]]] = deque()
         self.backlog = 0  # bytes in _out

@@ -492,7 +492,8 @@ def build_connection(port: VirtioNetPort, s: SessionState, fds: list[int]) -> Ba
     """
     port.notify = lambda fd: None
     port.retire_fd = unix.close_quietly
-    conn = BackendConnection(port, name=port.name, is_eventfd=unix.is_eventfd)
+    conn = BackendConnection(port, name=port.name, is_eventfd=unix.is_eventfd,
+                             map_unsealed=port.map_unsealed_memory)
     try:
         for request, payload, refs in replay_requests(s):
             try:

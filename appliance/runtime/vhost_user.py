@@ -120,7 +120,8 @@ class VhostUserSession:
         if conn is None:
             self.port.connections += 1
             self.conn = BackendConnection(self.port, name=self.port.name,
-                                          is_eventfd=unix.is_eventfd)
+                                          is_eventfd=unix.is_eventfd,
+                                          map_unsealed=self.port.map_unsealed_memory)
             self.loop.add_reader(sock.fileno(), self._readable)
         else:
             self.conn = conn
@@ -613,6 +614,7 @@ class NetService:
                     pcap = PcapWriter(sink, time.time, header=sink.tell() == 0)
                     self.pcaps.append(pcap)
                 port = VirtioNetPort(f"net{i}", parse_mac(pcfg["mac"]), pcfg.get("queues", 1), pcap)
+                port.map_unsealed_memory = bool(cfg_net.get("map_unsealed_memory", False))
                 port.uplink = self.switch.forward
                 self.switch.attach(port, [port.mac])
                 try:

@@ -161,8 +161,7 @@ def test_pipelined_requests_never_read_do_not_stall_and_end_in_a_disconnect(
     assert wait_until(lambda: net0(target).get("protocol", {}).get("messages") == first, 30)
     assert "protocol" in net0(target)  # still connected, replies queued
     assert "front-end disconnected" not in target.proc.log_text()
-    target.assert_healthy(vfio_user=False)  # fds: the hostile peer still holds its socket
-    target.check_nvme()
+    target.assert_healthy(peer_fds=1)  # the hostile peer still holds its socket
     assert wait_until(lambda: pipeline() or disconnected(target, "net.max_backlog"), 60)
     assert wait_until(lambda: disconnected(target, "net.max_backlog"))
     lines = [line for line in target.proc.log_text().splitlines() if "net.max_backlog" in line]

@@ -197,6 +197,20 @@ def test_an_already_shrink_sealed_memfd_is_mapped() -> None:
     mem.unmap_all()
 
 
+def test_map_unsealed_maps_what_cannot_be_sealed() -> None:
+    """The operator's opt-in for trusted front-ends (net.map_unsealed_memory): an
+    unsealable memfd is mmap'd (fast) and left unsealed (its owner can still shrink it)."""
+    fd, m = plain_memfd(4096)
+    mem = ClientMemory(map_unsealed=True)
+    mem.map(0x0, 4096, fd=os.dup(fd))
+    assert mem.regions[0].access == "mmap" and mem.buffers(0, 16, write=False) is not None
+    mem.write(0x8, b"mapped")
+    assert m[0x8:0xE] == b"mapped"
+    mem.unmap_all()
+    m.close()
+    os.close(fd)
+
+
 @pytest.mark.parametrize("kind", ["plain-memfd", "seal-sealed", "read-only-fd", "tmpfs-file"])
 def test_an_unsealable_file_is_reached_through_its_fd(kind: str) -> None:
     survives(lambda: reached_through_fd(kind))
