@@ -33,17 +33,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from appliance.client import VfioUserClient
-from appliance.drivers.nvme import NvmeDriver
-from appliance.migrate import orchestrator as orch
-from appliance.migrate.workload import (
+from appliance.client.nvme import NvmeDriver
+from appliance.client.vfio_user import VfioUserClient
+from appliance.client import migrate as orch
+from appliance.testing.process import ApplianceProcess
+from appliance.testing.workload import (
     VerifiedWriter,
     file_hash,
     move_driver,
     pair_configs,
     prepare_destination,
 )
-from appliance.testing.process import ApplianceProcess
 
 MiB = 1 << 20
 BURST = 64  # writes at most between two MIG_DATA_READs

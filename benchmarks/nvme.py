@@ -39,8 +39,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(  # `python -m appliance` children us
     [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 from appliance.cli import qemu_args
-from appliance.client import VfioUserClient
-from appliance.drivers.nvme import NvmeDriver
+from appliance.client.nvme import NvmeDriver
+from appliance.client.vfio_user import VfioUserClient
 from appliance.storage import spec
 from appliance.testing.process import ApplianceProcess, make_config
 

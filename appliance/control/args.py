@@ -2,7 +2,7 @@
 
 Every command declares its arguments as ``name -> checker``
 (:data:`appliance.control.commands.COMMANDS`); ``fault.add`` hands its rule
-fields to :meth:`appliance.faults.FaultSet.add`, which uses the same
+fields to :meth:`appliance.control.faults.FaultSet.add`, which uses the same
 checkers.  A checker takes the argument's name and whatever JSON value a client
 sent and either returns the value converted or raises
 :class:`~appliance.control.protocol.ControlError` with ``bad_args`` and a

@@ -9,7 +9,7 @@ the command name, then every argument with its checker from
 naming the argument; null counts as absent), so a handler sees only values
 of the type and range it declared.  ``fault.add`` is the one command whose
 arguments depend on each other (the action decides which fields apply): it
-passes them to :meth:`~appliance.faults.FaultSet.add`, which checks each with
+passes them to :meth:`~appliance.control.faults.FaultSet.add`, which checks each with
 the same checkers.
 """
 
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.control import args as a
+from appliance.control.faults import FIELDS, FaultError, FaultSet
 from appliance.control.protocol import (
     BAD_ARGS,
     FAILED,
@@ -31,7 +32,6 @@ from appliance.control.protocol import (
     Request,
 )
 from appliance.errors import ApplianceError
-from appliance.faults import FIELDS, FaultError, FaultSet
 
 
 @dataclass

@@ -6,16 +6,16 @@ import logging
 import time
 from typing import Any
 
+from appliance.control.faults import FaultError
 from appliance.errors import ApplianceError
-from appliance.faults import FaultError
-from appliance.loop import EventLoop
 from appliance.memory import ClientMemory
-from appliance.migrate.nvme_state import NvmeMigratable
 from appliance.runtime import startup
 from appliance.runtime.handoff import HandoffSink, HandoffSource
 from appliance.runtime.listener import Claim, ListenerError
+from appliance.runtime.loop import EventLoop
 from appliance.runtime.vfio_user import VfioUserClientSocket, VfioUserService
 from appliance.storage.controller import NvmeController
+from appliance.storage.migration import NvmeMigratable
 from appliance.vfio_user.migration import VfioUserMigration
 from appliance.vfio_user.server import DmaLayout
 

@@ -3,7 +3,7 @@
 Listens on ``control.socket`` (mode 0600), reads JSON lines through
 :class:`~appliance.control.protocol.ControlConnection` and answers each
 request with :func:`~appliance.control.commands.dispatch`.  It also installs
-the process's :class:`~appliance.faults.FaultSet`: on the NVMe controller
+the process's :class:`~appliance.control.faults.FaultSet`: on the NVMe controller
 (its fault hooks) and around each net port's two frame paths (towards the
 guest: ``port.deliver``; from the guest: ``port.uplink``), and runs the timer
 that releases deferred completions and delayed frames.
@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any, Self
 
 from appliance.control.commands import Target, dispatch
+from appliance.control.faults import FaultSet
 from appliance.control.protocol import (
     FAILED,
     ControlConnection,
@@ -34,9 +35,8 @@ from appliance.control.protocol import (
     reply_ok,
     too_deep,
 )
-from appliance.faults import FaultSet
-from appliance.loop import EventLoop
 from appliance.runtime.listener import listen
+from appliance.runtime.loop import EventLoop
 
 log = logging.getLogger("appliance.control")
 RELEASE_PERIOD = 0.005  # seconds between checks for due deferred completions / frames

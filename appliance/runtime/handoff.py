@@ -1,6 +1,6 @@
 """Live handoff of the running devices to another appliance process (runtime layer).
 
-The channel and its frames are described in :mod:`appliance.migrate.handoff`.
+The channel and its frames are described in :mod:`appliance.runtime.handoff_frames`.
 Here are the two ends, each driven by a control command:
 
 * :class:`HandoffSource` (``handoff`` with ``to`` = the destination's control
@@ -30,7 +30,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from appliance.errors import ApplianceError
-from appliance.migrate.handoff import (
+from appliance.runtime import unix
+from appliance.runtime.control import ControlClient
+from appliance.runtime.handoff_frames import (
     ABORT,
     GO,
     HANDOFF_VERSION,
@@ -43,10 +45,14 @@ from appliance.migrate.handoff import (
     parse_handoff,
     parse_head,
 )
-from appliance.migrate.stream import HeaderFlag, RecordType, StreamReader, StreamWriter, dirty_round
-from appliance.runtime import unix
-from appliance.runtime.control import ControlClient
 from appliance.runtime.listener import Claim, ListenerError, listen
+from appliance.vfio_user.migration_stream import (
+    HeaderFlag,
+    RecordType,
+    StreamReader,
+    StreamWriter,
+    dirty_round,
+)
 
 if TYPE_CHECKING:
     from appliance.runtime.app import Appliance

@@ -18,8 +18,8 @@ import struct
 from collections.abc import Callable
 
 from appliance.errors import ApplianceError
-from appliance.loop import EventLoop
 from appliance.net.tap import MAX_FRAME, TapPort
+from appliance.runtime.loop import EventLoop
 
 log = logging.getLogger("appliance.net")
 

@@ -31,9 +31,9 @@ from collections.abc import Callable
 from typing import Any
 
 from appliance.errors import ApplianceError, LocalProtocolError, RemoteProtocolError
-from appliance.loop import EventLoop
 from appliance.runtime import unix
 from appliance.runtime.listener import Claim, listen
+from appliance.runtime.loop import EventLoop
 from appliance.vfio_user.backend import VfioUserDevice
 from appliance.vfio_user.server import MAX_MSG_FDS, DmaLayout, ServerConnection
 

@@ -56,7 +56,6 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from appliance.errors import ApplianceError, RemoteProtocolError
-from appliance.loop import EventLoop
 from appliance.net import vhost_wire as vw
 from appliance.net.pcap import PcapWriter
 from appliance.net.port import VirtioNetPort
@@ -66,6 +65,7 @@ from appliance.net.tap import TapPort
 from appliance.net.vhost_protocol import BackendConnection
 from appliance.runtime import unix, vhost_handoff
 from appliance.runtime.listener import Claim, ListenerError, listen
+from appliance.runtime.loop import EventLoop
 from appliance.runtime.tap import TapService, open_tap
 
 log = logging.getLogger("appliance.net")

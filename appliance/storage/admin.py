@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
+from appliance.storage import identity as ident
 from appliance.storage.prp import prp_segments, read_segments, write_segments
 from appliance.storage.queues import CompletionQueue, SubmissionQueue
 from appliance.storage.spec import (
@@ -309,16 +310,15 @@ def execute(ctrl: NvmeController, cmd: Command) -> int | None:
 # ---------------------------------------------------------------- data structures
 def identify_controller(ctrl: NvmeController) -> bytes:
     """The Identify Controller data structure (CNS 01h, figure 247)."""
-    from appliance.storage import controller as c
 
     nqn = f"nqn.2014-08.org.nvmexpress:uuid:{uuid.uuid5(uuid.NAMESPACE_OID, ctrl.serial)}"
     return IdentifyController(
-        vid=c.VENDOR_ID, ssvid=c.VENDOR_ID, sn=ctrl.sn, mn=ctrl.mn, fr=ctrl.fr, rab=6,
+        vid=ident.VENDOR_ID, ssvid=ident.VENDOR_ID, sn=ctrl.sn, mn=ctrl.mn, fr=ctrl.fr, rab=6,
         ieee=bytes(3),  # no IEEE OUI assigned
-        cmic=0, mdts=c.MDTS, cntlid=c.CNTLID, ver=VERSION_1_4, oaes=OAES_NS_ATTRIBUTE,
-        cntrltype=c.CNTRLTYPE_IO, oacs=OACS_FORMAT | OACS_DBBUF, acl=c.ACL, aerl=c.AERL,
-        frmw=c.FRMW, lpa=LPA_EXTENDED_DATA, elpe=c.ELPE, npss=0, wctemp=c.WCTEMP,
-        cctemp=c.CCTEMP, sqes=0x66, cqes=0x44, nn=len(ctrl.namespaces),
+        cmic=0, mdts=ident.MDTS, cntlid=ident.CNTLID, ver=VERSION_1_4, oaes=OAES_NS_ATTRIBUTE,
+        cntrltype=ident.CNTRLTYPE_IO, oacs=OACS_FORMAT | OACS_DBBUF, acl=ident.ACL, aerl=ident.AERL,
+        frmw=ident.FRMW, lpa=LPA_EXTENDED_DATA, elpe=ident.ELPE, npss=0, wctemp=ident.WCTEMP,
+        cctemp=ident.CCTEMP, sqes=0x66, cqes=0x44, nn=len(ctrl.namespaces),
         oncs=ONCS_COMPARE | ONCS_DSM | ONCS_WRITE_ZEROES | ONCS_TIMESTAMP,
         vwc=VWC_PRESENT_FLUSH_ALL, sgls=0, subnqn=nqn.encode(),
         psd0=PowerState(mp=2500).pack(),  # 25 W, the one power state
@@ -327,12 +327,11 @@ def identify_controller(ctrl: NvmeController) -> bytes:
 
 def smart_log(ctrl: NvmeController) -> bytes:
     """SMART / Health Information (figure 196) from the controller's counters."""
-    from appliance.storage.controller import TEMPERATURE
 
     counts, over, under = ctrl.counters["commands"], *ctrl.features.thresholds.values()
     return SmartLog(
-        critical_warning=0x02 if TEMPERATURE >= over or TEMPERATURE < under else 0,
-        temperature=TEMPERATURE, avail_spare=100, spare_thresh=10,
+        critical_warning=0x02 if ident.TEMPERATURE >= over or ident.TEMPERATURE < under else 0,
+        temperature=ident.TEMPERATURE, avail_spare=100, spare_thresh=10,
         data_units_read=u128(-(-ctrl.counters["bytes_read"] // 512000)),
         data_units_written=u128(-(-ctrl.counters["bytes_written"] // 512000)),
         host_reads=u128(counts.get("io.read", 0) + counts.get("io.compare", 0)),

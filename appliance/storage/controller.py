@@ -55,6 +55,18 @@ from appliance.memory import ClientMemory, DmaPending, DmaScope, GuestMemoryErro
 from appliance.pci import Bar, MsixLayout, PciDevice
 from appliance.storage import admin, io
 from appliance.storage.doorbells import DoorbellPage
+from appliance.storage.identity import (
+    AERL,
+    BAR0_SIZE,
+    CLASS_CODE,
+    DEVICE_ID,
+    DOORBELLS_END,
+    ELPE,
+    MDTS,
+    REGISTERS_END,
+    VENDOR_ID,
+    WCTEMP,
+)
 from appliance.storage.namespace import Namespace
 from appliance.storage.queues import (
     DOORBELL_STRIDE,
@@ -95,18 +107,6 @@ from appliance.vfio_user.wire import PciIrq
 
 log = logging.getLogger("appliance.storage")
 
-# Placeholders chosen not to collide with QEMU's own NVMe (1b36:0010): no PCI-SIG
-# assignment backs them.  The subsystem ids are the same values.
-VENDOR_ID = 0xA9A9
-DEVICE_ID = 0x0001
-CLASS_CODE = 0x010802  # mass storage / non-volatile memory / NVMe I/O controller
-BAR0_SIZE = 0x4000
-REGISTERS_END, DOORBELLS_END = 0x1000, 0x2000  # registers, then doorbells, in BAR0
-MDTS = 7  # 2^7 pages of 4 KiB = 512 KiB per command
-CNTLID, CNTRLTYPE_IO = 1, 1
-AERL, ACL, ELPE = 3, 3, 15  # 0-based: 4 AERs, 4 aborts, 16 error log entries
-FRMW = 0x03  # one firmware slot, slot 1 read-only
-WCTEMP, CCTEMP, TEMPERATURE = 343, 373, 313  # Kelvin
 DOORBELL_MODES = ("message", "mmap")
 # I/O commands whose CDW10-11 hold an SLBA (the Error Information entry's LBA).
 LBA_OPCODES = frozenset({IoOpcode.WRITE, IoOpcode.READ, IoOpcode.COMPARE, IoOpcode.WRITE_ZEROES})
@@ -120,7 +120,7 @@ _OPCODE_NAMES = {
 
 
 class FaultHook(Protocol):
-    """What the controller asks of an installed fault set (appliance.faults.FaultSet)."""
+    """What the controller asks of an installed fault set (appliance.control.faults.FaultSet)."""
 
     def submit(self, ctrl: NvmeController, req: NvmeRequest) -> Result | None:
         """Run ``req`` (normally :meth:`NvmeController.execute`); None: held or dropped."""
@@ -198,7 +198,7 @@ class NvmeController(PciDevice):
             "interrupts": 0, "invalid_doorbells": 0, "fatal": 0, "media_errors": 0,
             "aborted": 0,
         }
-        self.faults: FaultHook | None = None  # installed by the runtime (appliance.faults)
+        self.faults: FaultHook | None = None  # installed by the runtime (appliance.control.faults)
         #: held requests by (SQID, CID): hung or delayed by a fault (AERs wait in ``events``)
         self.held: dict[tuple[int, int], NvmeRequest] = {}
         #: requests waiting for DMA messages (memory mapped without an fd), in order

@@ -68,8 +68,7 @@ def boot(cfg: dict[str, Any], config_path: str | None, *, append: str = "", smp:
     Raises:
         ApplianceError: no QEMU environment, or the appliance does not start.
     """
-    from appliance.cli import qemu_args
-    from appliance.testing.qemu import Guest, QemuUnavailable, locate_env
+    from appliance.testing.qemu import Guest, QemuUnavailable, locate_env, qemu_args
 
     try:
         env = locate_env()

@@ -15,7 +15,7 @@ when the test fails):
   :func:`~appliance.testing.process.make_config`.
 * ``appliance_ctl`` -- a :class:`~appliance.runtime.control.ControlClient`
   on its control socket: ``appliance_ctl("fault.add", action="hang")``.
-* ``nvme_driver`` -- an :class:`~appliance.drivers.nvme.NvmeDriver`
+* ``nvme_driver`` -- an :class:`~appliance.client.nvme.NvmeDriver`
   connected over vfio-user, set up (2 I/O queues of 64 entries).
 * ``appliance_guest`` -- a booted QEMU guest (TCG, kernel 6.1, busybox shell)
   attached to the appliance's NVMe controller and net ports, ready when its
@@ -89,8 +89,8 @@ def appliance_ctl(appliance: ApplianceProcess) -> Iterator[Any]:
 @pytest.fixture
 def nvme_driver(appliance: ApplianceProcess) -> Iterator[Any]:
     """An NvmeDriver on ``appliance``'s NVMe socket, enabled, with 2 I/O queues."""
-    from appliance.client import VfioUserClient
-    from appliance.drivers.nvme import NvmeDriver
+    from appliance.client.nvme import NvmeDriver
+    from appliance.client.vfio_user import VfioUserClient
 
     with VfioUserClient.connect(appliance.resolved["storage"]["socket"]) as client:
         driver = NvmeDriver(client)
@@ -105,8 +105,7 @@ def nvme_driver(appliance: ApplianceProcess) -> Iterator[Any]:
 def appliance_guest(request: pytest.FixtureRequest, appliance: ApplianceProcess,
                     tmp_path: Path) -> Iterator[Any]:
     """A QEMU guest attached to ``appliance`` (NVMe, and net ports unless net=False)."""
-    from appliance.cli import qemu_args
-    from appliance.testing.qemu import Guest, qemu_env
+    from appliance.testing.qemu import Guest, qemu_args, qemu_env
 
     opts: dict[str, Any] = {"append": "", "smp": 1, "net": True, "wait_nvme": True}
     marker = request.node.get_closest_marker("appliance_guest")

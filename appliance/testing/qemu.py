@@ -578,3 +578,24 @@ class Guest:
 
 #: Type of the ``guest_factory`` fixture: ``guest_factory(**Guest kwargs) -> Guest``.
 GuestFactory = Callable[..., Guest]
+
+
+def qemu_args(cfg: dict[str, Any], *, net: bool = True) -> list[str]:
+    """The QEMU options that attach a guest to this appliance's devices."""
+    args = [
+        "-object", "memory-backend-memfd,id=mem,size=512M,share=on",
+        "-numa", "node,memdev=mem",
+        "-device",
+        json.dumps({"driver": "vfio-user-pci",
+                    "socket": {"path": cfg["storage"]["socket"], "type": "unix"}},
+                   separators=(",", ":")),
+    ]
+    if net:
+        for i, p in enumerate(cfg["net"]["ports"]):
+            server = ",server=on,wait=off" if p.get("mode") == "client" else ""  # we connect to QEMU
+            args += ["-chardev", f"socket,id=net{i}c,path={p['socket']}{server}",
+                     "-netdev", f"vhost-user,id=net{i},chardev=net{i}c,queues={p['queues']}",
+                     "-device", f"virtio-net-pci,netdev=net{i},mac={p['mac']}"
+                     + (",mq=on" if p["queues"] > 1 else "")
+                     + (f",host_mtu={p['mtu']}" if p.get("mtu", 1500) != 1500 else "")]
+    return args

@@ -9,7 +9,7 @@ an EBUSY error reply) and hands commands 16-18 to
 :meth:`VfioUserMigration.handle`, which returns the reply payload or raises
 :class:`~appliance.vfio_user.server.Reject` with the errno for the error
 reply.  It is sans-I/O like the connection; the device is reached only
-through :class:`~appliance.migrate.device.Migratable` (save/restore), client
+through :class:`~appliance.vfio_user.migratable.Migratable` (save/restore), client
 memory only through :class:`~appliance.memory.ClientMemory`'s dirty log.
 
 Checks follow qemu/qemu docs/interop/vfio-user.rst and <linux/vfio.h>
@@ -18,14 +18,14 @@ Checks follow qemu/qemu docs/interop/vfio-user.rst and <linux/vfio.h>
 feature index (unknown: ENOTTY, as the kernel), the operation (unsupported:
 EINVAL), ``argsz`` against what the reply needs, then the feature's data.
 
-Device state (feature 2): a SET walks :func:`appliance.migrate.states.path`
+Device state (feature 2): a SET walks :func:`appliance.vfio_user.migration_states.path`
 one arc at a time and calls the device per arc (:data:`ARC_ACTIONS`).  If an
 arc's device call fails with a protocol error the device is still in the
 state the arc started from, so that is the state kept and reported; an
 unexpected failure leaves no valid state and moves to ERROR, which only
 DEVICE_RESET leaves (:meth:`VfioUserMigration.device_reset`).
 
-The stream (see :mod:`appliance.migrate.stream` and docs/migration.md):
+The stream (see :mod:`appliance.vfio_user.migration_stream` and docs/migration.md):
 
 * PRE_COPY reads come in *rounds*.  The first read, and the first read
   after a short one, opens a round: a DIRTY_ROUND record carrying
@@ -34,11 +34,11 @@ The stream (see :mod:`appliance.migrate.stream` and docs/migration.md):
   (the pending count it started with) is spent or the device has nothing
   dirty.  A read answered short ("If this is less than the requested size,
   there is no more migration data to read") closes the round; the next read
-  opens the next one.  Reads of :data:`~appliance.migrate.stream.ROUND_MARKER_SIZE`
+  opens the next one.  Reads of :data:`~appliance.vfio_user.migration_stream.ROUND_MARKER_SIZE`
   bytes let a client see a round's pending count before pulling its data.
 * STOP_COPY reads queue a final DIRTY_ROUND, drain the remaining bulk data,
   then ``save_state()`` and END; a short read there means the stream is over.
-* RESUMING writes feed a :class:`~appliance.migrate.stream.StreamReader`
+* RESUMING writes feed a :class:`~appliance.vfio_user.migration_stream.StreamReader`
   built with this device's fingerprint; verified device records are staged
   by ``load_records``; RESUMING -> STOP commits once END verified.
 """
@@ -55,14 +55,15 @@ from typing import TYPE_CHECKING
 
 from appliance.errors import LocalProtocolError, StreamRefused
 from appliance.memory import ClientMemory, DirtyLog
-from appliance.migrate.states import (
+from appliance.vfio_user import wire as w
+from appliance.vfio_user.migration_states import (
     ARCS,
     SUPPORTED_FLAGS,
     MigState,
     TransitionError,
     path,
 )
-from appliance.migrate.stream import (
+from appliance.vfio_user.migration_stream import (
     HeaderFlag,
     Record,
     RecordType,
@@ -71,11 +72,10 @@ from appliance.migrate.stream import (
     StreamWriter,
     dirty_round,
 )
-from appliance.vfio_user import wire as w
 from appliance.vfio_user.server import MAX_DATA_XFER_SIZE, MIG_MAX_BITMAP_SIZE, Reject
 
 if TYPE_CHECKING:
-    from appliance.migrate.device import Migratable
+    from appliance.vfio_user.migratable import Migratable
 
 log = logging.getLogger("appliance.vfio_user.migration")
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.client import VfioUserClient
+from appliance.client.vfio_user import VfioUserClient
 from appliance.testing.process import ApplianceProcess, make_config
 
 

@@ -32,10 +32,10 @@ from typing import Any, Self
 
 import xxhash
 
-from appliance.migrate.handoff import MAGIC, MAX_FDS_PER_FRAME, FrameHead, FrameKind, frame
-from appliance.migrate.stream import EndPayload, RecordHead, RecordType, record_checksum
 from appliance.runtime import unix
+from appliance.runtime.handoff_frames import MAGIC, MAX_FDS_PER_FRAME, FrameHead, FrameKind, frame
 from appliance.testing.process import ApplianceProcess
+from appliance.vfio_user.migration_stream import EndPayload, RecordHead, RecordType, record_checksum
 
 TIMEOUT = 30.0
 

@@ -31,8 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from appliance.client import VfioUserClient
-from appliance.drivers.nvme import NvmeDriver
+from appliance.client.nvme import NvmeDriver
+from appliance.client.vfio_user import VfioUserClient
 from appliance.net import vhost_wire as vw
 from appliance.runtime.control import ControlClient
 from appliance.testing.process import ApplianceProcess, make_config

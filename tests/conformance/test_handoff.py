@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import xxhash
 
-from appliance.client import VfioUserClient, VfioUserError
-from appliance.drivers.nvme import NvmeDriver, NvmeError
-from appliance.migrate.workload import VerifiedWriter, file_hash, make_image, pair_configs
+from appliance.client.nvme import NvmeDriver, NvmeError
+from appliance.client.vfio_user import VfioUserClient, VfioUserError
 from appliance.runtime.control import ControlClient
 from appliance.testing.process import ApplianceProcess
+from appliance.testing.workload import VerifiedWriter, file_hash, make_image, pair_configs
 
 SIZE = 64 << 20
 

@@ -50,18 +50,18 @@ import xxhash
 from handoff_mitm import Cut, Kill, Mitm, Piece, Transform
 
 from appliance import cli
-from appliance.client import VfioUserClient
-from appliance.drivers.nvme import NvmeDriver
-from appliance.migrate.stream import (
+from appliance.client.nvme import NvmeDriver
+from appliance.client.vfio_user import VfioUserClient
+from appliance.runtime.control import ControlClient
+from appliance.testing.process import ApplianceProcess, make_config
+from appliance.testing.workload import VerifiedWriter, file_hash, make_image, pair_configs
+from appliance.vfio_user.migration_stream import (
     BlocksHead,
     HeaderFlag,
     RecordHead,
     RecordType,
     StreamHeader,
 )
-from appliance.migrate.workload import VerifiedWriter, file_hash, make_image, pair_configs
-from appliance.runtime.control import ControlClient
-from appliance.testing.process import ApplianceProcess, make_config
 
 SIZE = 16 << 20
 T = RecordType

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from hostile import HostileTarget, wait_until
 
-from appliance.client import VfioUserClient
+from appliance.client.vfio_user import VfioUserClient
 from appliance.net import vhost_wire as vw
 from appliance.runtime.control import ControlClient
 

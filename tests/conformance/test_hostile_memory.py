@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 from hostile import HostileTarget, wait_until
 
-from appliance.client import VfioUserClient
-from appliance.drivers.nvme import BAR0, NvmeDriver, NvmeError
+from appliance.client.nvme import BAR0, NvmeDriver, NvmeError
+from appliance.client.vfio_user import VfioUserClient
 from appliance.memory import F_ADD_SEALS, F_SEAL_SEAL
 from appliance.net import vhost_wire as vw
 from appliance.runtime.control import ControlClient

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from hostile import HostileTarget, wait_until
 
-from appliance.client import VfioUserClient, VfioUserError, new_eventfd
-from appliance.migrate.orchestrator import dma_logging_start, dma_logging_stop, feature
+from appliance.client.migrate import dma_logging_start, dma_logging_stop, feature
+from appliance.client.vfio_user import VfioUserClient, VfioUserError, new_eventfd
 from appliance.vfio_user import wire as w
 from appliance.vfio_user.framing import encode
 

@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from appliance.client import VfioUserClient
-from appliance.migrate import orchestrator as orch
-from appliance.migrate.states import MigState
-from appliance.migrate.workload import file_hash, make_image, pair_configs
+from appliance.client.vfio_user import VfioUserClient
+from appliance.client import migrate as orch
 from appliance.testing.process import ApplianceProcess
+from appliance.testing.workload import file_hash, make_image, pair_configs
+from appliance.vfio_user.migration_states import MigState
 
 SIZE = 64 << 20
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "appliance.cli", "migrate", *args],
+    return subprocess.run([sys.executable, "-m", "appliance", "migrate", *args],
                           check=False, capture_output=True, text=True, timeout=120)
 
 
@@ -113,7 +113,7 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     src, dst = start(tmp_path, shared=False)
     master, slave = os.openpty()
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "migrate", sock(src),
+        proc = subprocess.Popen([sys.executable, "-m", "appliance", "migrate", sock(src),
                                  sock(dst)], stdout=slave, stderr=subprocess.PIPE)
         os.close(slave)
         out = b""

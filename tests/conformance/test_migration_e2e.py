@@ -3,10 +3,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from appliance.client import VfioUserClient
-from appliance.migrate import orchestrator as orch
-from appliance.migrate.states import MigState
+from appliance.client.vfio_user import VfioUserClient
+from appliance.client import migrate as orch
 from appliance.testing.process import ApplianceProcess, make_config
+from appliance.vfio_user.migration_states import MigState
 
 
 def test_two_appliances(tmp_path: Path) -> None:

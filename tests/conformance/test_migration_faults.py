@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from appliance.client import VfioUserClient
-from appliance.drivers.nvme import NvmeDriver
-from appliance.migrate import orchestrator as orch
-from appliance.migrate.states import MigState
-from appliance.migrate.stream import RecordHead, RecordType
-from appliance.migrate.workload import VerifiedWriter, file_hash, make_image, pair_configs
+from appliance.client.nvme import NvmeDriver
+from appliance.client.vfio_user import VfioUserClient
+from appliance.client import migrate as orch
 from appliance.testing.process import ApplianceProcess
+from appliance.testing.workload import VerifiedWriter, file_hash, make_image, pair_configs
+from appliance.vfio_user.migration_states import MigState
+from appliance.vfio_user.migration_stream import RecordHead, RecordType
 
 SIZE = 32 << 20
 Transform = Callable[[int, RecordType, bytes], list[bytes]]

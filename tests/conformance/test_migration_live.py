@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance.client import VfioUserClient
-from appliance.drivers.nvme import NvmeDriver
-from appliance.migrate import orchestrator as orch
-from appliance.migrate.states import MigState
-from appliance.migrate.workload import (
+from appliance.client.nvme import NvmeDriver
+from appliance.client.vfio_user import VfioUserClient
+from appliance.client import migrate as orch
+from appliance.testing.process import ApplianceProcess
+from appliance.testing.workload import (
     VerifiedWriter,
     file_hash,
     make_image,
@@ -20,7 +20,7 @@ from appliance.migrate.workload import (
     pair_configs,
     prepare_destination,
 )
-from appliance.testing.process import ApplianceProcess
+from appliance.vfio_user.migration_states import MigState
 
 SIZE = 256 << 20
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from appliance.client import VfioUserClient
-from appliance.drivers.nvme import NvmeDriver, NvmeError
+from appliance.client.nvme import NvmeDriver, NvmeError
+from appliance.client.vfio_user import VfioUserClient
 from appliance.storage import spec
 from appliance.testing.process import ApplianceProcess, make_config
 from appliance.vfio_user.wire import PciRegion, RegionFlag

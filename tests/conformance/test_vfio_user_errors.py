@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from appliance.client import VfioUserClient, VfioUserError, new_eventfd
+from appliance.client.vfio_user import VfioUserClient, VfioUserError, new_eventfd
 from appliance.vfio_user import wire as w
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from appliance.client import DEFAULT_CAPS, VfioUserClient, eventfd_count, new_eventfd
+from appliance.client.vfio_user import DEFAULT_CAPS, VfioUserClient, eventfd_count, new_eventfd
 from appliance.vfio_user import wire as w
 
 QEMU_CAPS = DEFAULT_CAPS  # the capability set QEMU 11.1 proposes
@@ -105,7 +105,7 @@ def test_reset(client: VfioUserClient) -> None:
 
 def test_no_reply_region_info_keeps_the_device_fd(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Regression: a GET_REGION_INFO sent with No_reply closed the memfd the device lends."""
-    from appliance.drivers.nvme import NvmeDriver
+    from appliance.client.nvme import NvmeDriver
     from appliance.testing.process import ApplianceProcess, make_config
 
     cfg = make_config(tmp_path, storage={"doorbells": "mmap",

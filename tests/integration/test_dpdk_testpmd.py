@@ -41,7 +41,7 @@ import json, logging, sys
 sys.path.insert(0, sys.argv[1])
 import yaml
 from appliance import config
-from appliance.loop import EventLoop
+from appliance.runtime.loop import EventLoop
 from appliance.runtime.vhost_user import NetService
 logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                     format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -118,7 +118,7 @@ def test_namespace_resize_reaches_the_guest_through_the_async_event(appliance_gu
 
 @pytest.mark.appliance_config(storage={"namespaces": [{"image": "{data_dir}/d.img", "size": "4M"}]})
 def test_driver_without_a_guest_sees_the_error(nvme_driver: Any, appliance_ctl: Any) -> None:
-    from appliance.drivers.nvme import NvmeError
+    from appliance.client.nvme import NvmeError
 
     appliance_ctl("fault.add", action="status", lba=0, status="write_fault", dnr=True)
     with pytest.raises(NvmeError) as info:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from qemu import Guest, GuestFactory
 
-from appliance.cli import qemu_args
+from appliance.testing.qemu import qemu_args
 
 pytestmark = pytest.mark.integration
 

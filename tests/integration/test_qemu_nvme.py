@@ -11,7 +11,7 @@ import pytest
 import xxhash
 from qemu import Guest, GuestFactory
 
-from appliance.cli import qemu_args
+from appliance.testing.qemu import qemu_args
 
 pytestmark = pytest.mark.integration
 

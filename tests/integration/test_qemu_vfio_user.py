@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from qemu import GuestFactory, parse_pci
 
-from appliance.cli import qemu_args
+from appliance.testing.qemu import qemu_args
 
 pytestmark = pytest.mark.integration
 

@@ -16,6 +16,7 @@ import pytest
 from test_nvme_driver import Driver, make_controller
 
 from appliance.control.commands import COMMANDS, Target, dispatch
+from appliance.control.faults import FaultSet
 from appliance.control.protocol import (
     MAX_DEPTH,
     ControlConnection,
@@ -24,9 +25,8 @@ from appliance.control.protocol import (
     reply_error,
     reply_ok,
 )
-from appliance.faults import FaultSet
-from appliance.loop import EventLoop
 from appliance.runtime.control import ControlClient, ControlService
+from appliance.runtime.loop import EventLoop
 from appliance.storage.spec import AdminOpcode, Command, FeatureId
 from appliance.vfio_user.wire import PciIrq
 

@@ -15,6 +15,7 @@ from test_nvme_driver import make_controller
 
 from appliance.control import args as a
 from appliance.control.commands import COMMANDS, Target, dispatch
+from appliance.control.faults import FaultSet
 from appliance.control.protocol import (
     BAD_ARGS,
     BAD_REQUEST,
@@ -26,7 +27,6 @@ from appliance.control.protocol import (
     reply_error,
     reply_ok,
 )
-from appliance.faults import FaultSet
 
 CODES = {BAD_ARGS, BAD_REQUEST, FAILED, UNAVAILABLE}
 

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from test_nvme_driver import make_controller
 
-from appliance.faults import FaultSet
-from appliance.loop import EventLoop
+from appliance.control.faults import FaultSet
 from appliance.runtime import control
 from appliance.runtime.control import ControlClient, ControlService
+from appliance.runtime.loop import EventLoop
 
 Service = tuple[ControlService, str, EventLoop]
 

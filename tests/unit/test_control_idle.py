@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.loop import EventLoop
 from appliance.runtime.control import MAX_CLIENTS, ControlClient, ControlService
+from appliance.runtime.loop import EventLoop
 
 IDLE = 0.2  # seconds
 

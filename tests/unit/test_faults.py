@@ -11,7 +11,7 @@ import pytest
 from test_nvme_admin import log_page
 from test_nvme_driver import Driver, make_controller, status
 
-from appliance.faults import FaultError, FaultRule, FaultSet
+from appliance.control.faults import FaultError, FaultRule, FaultSet
 from appliance.storage.request import RequestState
 from appliance.storage.spec import AdminOpcode, Command, IoOpcode, Status
 from appliance.vfio_user.wire import PciIrq
@@ -285,7 +285,7 @@ def test_a_bad_fault_state_is_refused_and_changes_nothing(rig: tuple[Driver, Fau
 
 
 def test_rules_are_capped_and_a_refused_rule_changes_nothing() -> None:
-    from appliance.faults import MAX_RULES
+    from appliance.control.faults import MAX_RULES
 
     faults = FaultSet(clock=lambda: 0.0, seed=1)
     state = faults.rng.getstate()

@@ -11,7 +11,7 @@ import pytest
 from test_vhost_handoff import close_all, hand_over, loops, services, transfer
 
 from appliance.errors import ApplianceError
-from appliance.loop import EventLoop
+from appliance.runtime.loop import EventLoop
 
 __all__ = ["loops"]  # the fixture, used by name
 

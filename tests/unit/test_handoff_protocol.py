@@ -13,9 +13,12 @@ import pytest
 from test_vfio_user_migration import Disk, handler, refused, set_state, write
 
 from appliance.errors import LocalProtocolError
-from appliance.migrate import handoff as ho
-from appliance.migrate.states import MigState
-from appliance.migrate.stream import (
+from appliance.pci import Bar, MsixLayout, PciDevice
+from appliance.runtime import handoff_frames as ho
+from appliance.storage.doorbells import PAGE_OFFSET, DoorbellPage
+from appliance.vfio_user import wire as w
+from appliance.vfio_user.migration_states import MigState
+from appliance.vfio_user.migration_stream import (
     HeaderFlag,
     Record,
     RecordType,
@@ -23,9 +26,6 @@ from appliance.migrate.stream import (
     StreamReader,
     StreamWriter,
 )
-from appliance.pci import Bar, MsixLayout, PciDevice
-from appliance.storage.doorbells import PAGE_OFFSET, DoorbellPage
-from appliance.vfio_user import wire as w
 from appliance.vfio_user.server import ServerConnection
 
 

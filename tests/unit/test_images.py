@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import images
-from appliance.cli import main
+from appliance.cli import images, main
 from appliance.testing.qemu import REQUIRED_INIT_VERSION
 
 # A stand-in for images/qemu-env.sh: creates the artifacts under $QEMU_ENV unless they

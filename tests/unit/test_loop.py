@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from appliance.loop import EventLoop
+from appliance.runtime.loop import EventLoop
 
 
 @pytest.fixture

@@ -16,11 +16,11 @@ import pytest
 from test_nvme_driver import Driver, make_controller, status
 
 from appliance.errors import LocalProtocolError
-from appliance.migrate import stream as s
-from appliance.migrate.nvme_state import MAX_RECORD, DirtyPages, NvmeMigratable
-from appliance.migrate.stream import Record, RecordType
 from appliance.storage import NvmeController
+from appliance.storage.migration import MAX_RECORD, DirtyPages, NvmeMigratable
 from appliance.storage.spec import IoOpcode
+from appliance.vfio_user import migration_stream as s
+from appliance.vfio_user.migration_stream import Record, RecordType
 
 MiB = 1 << 20
 

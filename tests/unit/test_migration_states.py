@@ -1,7 +1,7 @@
 """The migration state tables against an independent reading of the spec.
 
 The oracle below is written from qemu/qemu docs/interop/vfio-user.rst alone
-(not from appliance.migrate.states): the direct arcs of "Direct State
+(not from appliance.vfio_user.migration_states): the direct arcs of "Direct State
 Transitions", and "Complex State Transitions": shortest path, no saving-group
 state as an interior state, STOP_COPY -> PRE_COPY refused, ERROR never a
 target and never left by a SET, P2P states "not used in vfio-user".
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.migrate import states
-from appliance.migrate.states import MigState, TransitionError, path
+from appliance.vfio_user import migration_states as states
+from appliance.vfio_user.migration_states import MigState, TransitionError, path
 
 ERROR, STOP, RUNNING, STOP_COPY, RESUMING, RUNNING_P2P, PRE_COPY, PRE_COPY_P2P = range(8)
 

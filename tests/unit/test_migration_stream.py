@@ -7,8 +7,8 @@ import errno
 import pytest
 import xxhash
 
-from appliance.migrate import stream as s
-from appliance.migrate.stream import (
+from appliance.vfio_user import migration_stream as s
+from appliance.vfio_user.migration_stream import (
     MAX_PAYLOAD,
     Record,
     RecordHead,

@@ -1,7 +1,7 @@
 """VfioUserMigration driven in-process with a fake Migratable; PCI state; the orchestrator.
 
 The fake device (:class:`Disk`) is a real PciDevice with a "disk" of blocks
-behind a :class:`~appliance.migrate.device.PciMigratable`: it records every
+behind a :class:`~appliance.pci.migration.PciMigratable`: it records every
 call the handler makes and can be told to fail one.  The orchestrator tests
 serve real ServerConnections over socketpairs in threads.
 """
@@ -21,30 +21,30 @@ from typing import Any
 import pytest
 from test_nvme_driver import Driver, make_controller, status
 
-from appliance.client import DEFAULT_CAPS, VfioUserClient
+from appliance.client.vfio_user import DEFAULT_CAPS, VfioUserClient
+from appliance.client import migrate as orch
 from appliance.errors import LocalProtocolError
 from appliance.memory import ClientMemory, DirtyLog
-from appliance.migrate import orchestrator as orch
-from appliance.migrate import stream as s
-from appliance.migrate.device import PciMigratable, apply_pci_state, pci_state_records
-from appliance.migrate.nvme_state import (
+from appliance.pci import Bar, MsixLayout, PciDevice
+from appliance.pci.config import STATUS, PciStatus
+from appliance.pci.migration import PciMigratable, apply_pci_state, pci_state_records
+from appliance.runtime.vfio_user import recv_chunk, send_message
+from appliance.storage import NvmeController
+from appliance.storage.migration import (
     CtrlStateHead,
     NvmeMigratable,
     SqState,
     decode_controller,
     encode_controller,
 )
-from appliance.migrate.states import MigState
-from appliance.migrate.stream import Record, RecordType, StreamReader
-from appliance.pci import Bar, MsixLayout, PciDevice
-from appliance.pci.config import STATUS, PciStatus
-from appliance.runtime.vfio_user import recv_chunk, send_message
-from appliance.storage import NvmeController
 from appliance.storage.spec import AdminOpcode, Command, FeatureId, IoOpcode
 from appliance.vfio_user import migration as m
+from appliance.vfio_user import migration_stream as s
 from appliance.vfio_user import wire as w
 from appliance.vfio_user.framing import encode
 from appliance.vfio_user.migration import Feature, VfioUserMigration
+from appliance.vfio_user.migration_states import MigState
+from appliance.vfio_user.migration_stream import Record, RecordType, StreamReader
 from appliance.vfio_user.server import MAX_DATA_XFER_SIZE, Reject, ServerConnection
 from appliance.vfio_user.wire import PciIrq, PciRegion
 

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from test_nvme_driver import make_controller
 
-from appliance.client import VfioUserClient, VfioUserError
-from appliance.loop import EventLoop
+from appliance.client.vfio_user import VfioUserClient, VfioUserError
 from appliance.memory import DmaPending, DmaScope
 from appliance.runtime import vfio_user as runtime_vfio_user
+from appliance.runtime.loop import EventLoop
 from appliance.runtime.vfio_user import VfioUserClientSocket
 from appliance.storage.spec import CommandError, Status
 from appliance.vfio_user import wire as w

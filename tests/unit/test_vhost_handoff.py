@@ -25,13 +25,13 @@ from test_vhost_runtime import Guest, SockFrontend, cfg, frame, pump
 
 import appliance.runtime.vhost_user as rt
 from appliance.errors import ApplianceError
-from appliance.loop import EventLoop
 from appliance.net import vhost_wire as vw
 from appliance.net.responder import EthHeader, IcmpEcho, Ipv4Header, internet_checksum
 from appliance.net.vhost_wire import Feature as F
 from appliance.net.vhost_wire import ProtocolFeature as PF
 from appliance.net.vhost_wire import Request as R
 from appliance.runtime import unix
+from appliance.runtime.loop import EventLoop
 from appliance.runtime.vhost_user import NetService
 
 GUEST_MAC = bytes.fromhex("525400aa0001")

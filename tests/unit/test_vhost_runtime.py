@@ -22,11 +22,11 @@ from test_vhost_frontend import HDR, DriverRing, GuestMemory, fd_open
 
 import appliance.runtime.vhost_user as rt
 from appliance.errors import ApplianceError
-from appliance.loop import EventLoop
 from appliance.net import vhost_wire as vw
 from appliance.net.vhost_wire import Feature as F
 from appliance.net.vhost_wire import ProtocolFeature as PF
 from appliance.net.vhost_wire import Request as R
+from appliance.runtime.loop import EventLoop
 from appliance.runtime.vhost_user import NetService
 
 GUEST_A = bytes.fromhex("525400aa0001")
@@ -355,7 +355,7 @@ def test_responder_answers_arp_over_sockets(tmp_path: Path, loop: EventLoop) -> 
 
 def test_qemu_args_make_qemu_the_server_for_client_mode_ports() -> None:
     from appliance import config
-    from appliance.cli import qemu_args
+    from appliance.testing.qemu import qemu_args
 
     cfg = config.load(None, {"net": {"ports": [
         {"socket": "/tmp/a.sock", "mac": "52:54:00:00:00:01"},

@@ -19,7 +19,7 @@ import pytest
 
 from appliance import config
 from appliance.errors import ApplianceError, ConfigError
-from appliance.loop import EventLoop
+from appliance.runtime.loop import EventLoop
 from appliance.runtime.tap import open_tap
 from appliance.runtime.vhost_user import NetService
 

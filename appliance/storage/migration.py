@@ -2,9 +2,9 @@
 
 Theory of operation
 -------------------
-:class:`NvmeMigratable` is the :class:`~appliance.migrate.device.Migratable`
+:class:`NvmeMigratable` is the :class:`~appliance.vfio_user.migratable.Migratable`
 of an :class:`~appliance.storage.controller.NvmeController`.  It extends the
-PCI part (:class:`~appliance.migrate.device.PciMigratable`: config space,
+PCI part (:class:`~appliance.pci.migration.PciMigratable`: config space,
 MSI-X, interrupt configuration) with two things:
 
 * **Namespace data** (bulk, pre-copied).  Dirty tracking is per 4 KiB
@@ -71,22 +71,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance.errors import LocalProtocolError
-from appliance.migrate.device import PciMigratable
-from appliance.migrate.stream import (
-    MAX_PAYLOAD,
-    MAX_ZERO_RUN,
-    BlocksFlag,
-    BlocksHead,
-    DeviceKind,
-    Record,
-    RecordHead,
-    RecordType,
-    StreamError,
-    device_state,
-    namespace_blocks,
-    parse_blocks_head,
-    parse_device_state,
-)
+from appliance.pci.migration import PciMigratable
 from appliance.storage.controller import NvmeController
 from appliance.storage.namespace import (
     FALLOC_FL_KEEP_SIZE,
@@ -104,6 +89,21 @@ from appliance.storage.spec import (
     Completion,
     ErrorLogEntry,
     FeatureId,
+)
+from appliance.vfio_user.migration_stream import (
+    MAX_PAYLOAD,
+    MAX_ZERO_RUN,
+    BlocksFlag,
+    BlocksHead,
+    DeviceKind,
+    Record,
+    RecordHead,
+    RecordType,
+    StreamError,
+    device_state,
+    namespace_blocks,
+    parse_blocks_head,
+    parse_device_state,
 )
 from appliance.wire import Struct, WireError
 

@@ -35,7 +35,7 @@ from typing import Any
 from appliance.errors import ApplianceError
 
 #: The builder, found relative to this file (a source checkout / editable install).
-BUILDER = Path(__file__).resolve().parent.parent / "images" / "qemu-env.sh"
+BUILDER = Path(__file__).resolve().parents[2] / "images" / "qemu-env.sh"
 #: The host QEMU from which ``vfio-user-pci`` (the vfio-user client) exists.
 HOST_QEMU_MIN = (10, 1)
 

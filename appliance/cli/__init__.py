@@ -18,29 +18,9 @@ from appliance import config as config_mod
 from appliance.errors import ApplianceError
 
 
-def qemu_args(cfg: dict[str, Any], *, net: bool = True) -> list[str]:
-    """The QEMU options that attach a guest to this appliance's devices."""
-    args = [
-        "-object", "memory-backend-memfd,id=mem,size=512M,share=on",
-        "-numa", "node,memdev=mem",
-        "-device",
-        json.dumps({"driver": "vfio-user-pci",
-                    "socket": {"path": cfg["storage"]["socket"], "type": "unix"}},
-                   separators=(",", ":")),
-    ]
-    if net:
-        for i, p in enumerate(cfg["net"]["ports"]):
-            server = ",server=on,wait=off" if p.get("mode") == "client" else ""  # we connect to QEMU
-            args += ["-chardev", f"socket,id=net{i}c,path={p['socket']}{server}",
-                     "-netdev", f"vhost-user,id=net{i},chardev=net{i}c,queues={p['queues']}",
-                     "-device", f"virtio-net-pci,netdev=net{i},mac={p['mac']}"
-                     + (",mq=on" if p["queues"] > 1 else "")
-                     + (f",host_mtu={p['mtu']}" if p.get("mtu", 1500) != 1500 else "")]
-    return args
-
-
 def _cmd_run(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     from appliance.runtime.app import Appliance
+    from appliance.testing.qemu import qemu_args
 
     app = Appliance(cfg, standby=args.standby)
     app.start()
@@ -64,6 +44,8 @@ def _cmd_run(cfg: dict[str, Any], args: argparse.Namespace) -> int:
 
 
 def _cmd_qemu_args(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+    from appliance.testing.qemu import qemu_args
+
     print(" ".join(shlex.quote(a) for a in qemu_args(cfg, net=not args.no_net)))
     return 0
 
@@ -167,10 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     ho.add_argument("-c", "--config", help="YAML configuration file of the source")
     ho.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the figures")
     ho.set_defaults(func=_cmd_handoff, trace=False, verbose=False)
-    from appliance.migrate.command import add_parser as add_migrate_parser
+    from appliance.cli.migrate import add_parser as add_migrate_parser
 
     add_migrate_parser(sub)  # `appliance migrate SRC_SOCK DST_SOCK` (docs/migration.md)
-    from appliance.images import add_parser as add_image_parser
+    from appliance.cli.images import add_parser as add_image_parser
 
     add_image_parser(sub)  # `appliance image build|info` (images/README.md)
     return parser

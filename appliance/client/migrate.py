@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 QEMU 11.1 does not migrate vfio-user devices, so this module is the client
-that does: it holds one :class:`~appliance.client.VfioUserClient` connection
+that does: it holds one :class:`~appliance.client.vfio_user.VfioUserClient` connection
 to the source appliance and one to the destination, drives both migration
 state machines with VFIO_USER_DEVICE_FEATURE (MIG_DEVICE_STATE), and copies
 the stream from MIG_DATA_READ on the source to MIG_DATA_WRITE on the
@@ -20,7 +20,7 @@ the stream then carries device state only.
    rounds were read, pre-copy ends, else the round is read to its short
    read and the next one starts.
 3. src -> STOP_COPY (downtime starts): read to the short read that ends the
-   stream; the client's own :class:`~appliance.migrate.stream.StreamReader`
+   stream; the client's own :class:`~appliance.vfio_user.migration_stream.StreamReader`
    checks every record and the END digest on the way, so garbage from the
    source never reaches the destination.
 4. dst RESUMING -> STOP: the destination verifies and commits; -> RUNNING
@@ -43,17 +43,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from appliance.client import VfioUserClient, VfioUserError
+from appliance.client.vfio_user import VfioUserClient, VfioUserError
 from appliance.errors import ApplianceError
-from appliance.migrate.states import MigrationFlag, MigState
-from appliance.migrate.stream import (
+from appliance.vfio_user import wire as w
+from appliance.vfio_user.migration_states import MigrationFlag, MigState
+from appliance.vfio_user.migration_stream import (
     ROUND_MARKER_SIZE,
     HeaderFlag,
     RecordType,
     StreamReader,
     parse_dirty_round,
 )
-from appliance.vfio_user import wire as w
 from appliance.vfio_user.wire import (
     DmaLoggingControl,
     DmaLoggingRange,

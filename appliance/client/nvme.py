@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.client import VfioUserClient, eventfd_count, new_eventfd
+from appliance.client.vfio_user import VfioUserClient, eventfd_count, new_eventfd
 from appliance.storage import spec
 from appliance.vfio_user.wire import PciIrq, PciRegion
 

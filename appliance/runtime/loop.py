@@ -19,7 +19,7 @@ import signal
 import time
 from collections.abc import Callable
 
-log = logging.getLogger("appliance.loop")
+log = logging.getLogger("appliance.runtime.loop")
 
 Callback = Callable[[], None]
 

@@ -2,7 +2,7 @@
 
 A VMM that migrates a vfio-user device keeps the guest: the same guest memory
 and the same interrupt eventfds, now announced to the destination server.
-:func:`attach_like` does that for a :class:`~appliance.client.VfioUserClient`
+:func:`attach_like` does that for a :class:`~appliance.client.vfio_user.VfioUserClient`
 whose device is being migrated: every memory area the source connection
 DMA-mapped is mapped into the destination connection at the same address,
 with the same backing (the memfd, shared: both servers and the client see the
@@ -18,7 +18,7 @@ import mmap
 import os
 from collections.abc import Mapping, Sequence
 
-from appliance.client import MemoryArea, VfioUserClient
+from appliance.client.vfio_user import MemoryArea, VfioUserClient
 
 
 def attach_like(src: VfioUserClient, dst: VfioUserClient,

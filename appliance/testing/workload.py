@@ -1,11 +1,11 @@
 """A verifying write load for migration tests and benchmarks (runtime layer: it blocks).
 
-:class:`VerifiedWriter` drives a :class:`~appliance.drivers.nvme.NvmeDriver`
+:class:`VerifiedWriter` drives a :class:`~appliance.client.nvme.NvmeDriver`
 with random-block writes, each read back and compared at once, and keeps
 the last data written per block so :meth:`VerifiedWriter.verify_all` can
 check every block later — on whichever appliance the driver is attached to
 by then.  :func:`move_driver` is the switch: it makes the destination
-connection look like the source one (:func:`~appliance.migrate.attach.attach_like`:
+connection look like the source one (:func:`~appliance.client.attach.attach_like`:
 same guest memory, same eventfds) and points the driver at it.
 """
 
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import xxhash
 
-from appliance.client import VfioUserClient
-from appliance.drivers.nvme import NvmeDriver
-from appliance.migrate.attach import attach_like
+from appliance.client.attach import attach_like
+from appliance.client.nvme import NvmeDriver
+from appliance.client.vfio_user import VfioUserClient
 from appliance.vfio_user.wire import PciIrq
 
 

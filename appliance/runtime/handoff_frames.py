@@ -12,7 +12,7 @@ with the path of a one-shot socket, and on that socket the source sends
   SCM_RIGHTS (at most :data:`MAX_FDS_PER_FRAME` per frame).  Their order
   over all FDS frames is the index the manifest uses.
 * ``DATA``: the next bytes of one migration stream
-  (:mod:`appliance.migrate.stream`): HEADER (the NVMe device's fingerprint,
+  (:mod:`appliance.vfio_user.migration_stream`): HEADER (the NVMe device's fingerprint,
   SHARED_STORAGE when both use the same image files), pre-copy
   NAMESPACE_BLOCKS rounds (otherwise), the device state, one HANDOFF record
   (:func:`handoff_record`: the JSON manifest of the sockets, memory regions
@@ -39,7 +39,7 @@ import json
 from typing import Any
 
 from appliance.errors import StreamRefused
-from appliance.migrate.stream import Record, RecordType
+from appliance.vfio_user.migration_stream import Record, RecordType
 from appliance.wire import Struct
 
 MAGIC = b"AHO1"

@@ -1,7 +1,7 @@
 """``appliance migrate SRC_SOCK DST_SOCK``: the command line of the orchestrator.
 
 Connects to both appliances' vfio-user sockets, runs
-:func:`appliance.migrate.orchestrator.migrate`, and prints a summary (with a
+:func:`appliance.client.migrate.migrate`, and prints a summary (with a
 progress bar on a terminal).  Every failure is an
 :class:`~appliance.errors.ApplianceError`, which the CLI prints as one line
 ``appliance: error: ...`` with exit status 2.
@@ -91,8 +91,8 @@ def run(cfg: dict[str, Any], args: argparse.Namespace) -> int:
         ApplianceError: a socket could not be reached or the migration failed
             (both sides rolled back, see the orchestrator).
     """
-    from appliance.client import VfioUserClient
-    from appliance.migrate.orchestrator import migrate
+    from appliance.client.migrate import migrate
+    from appliance.client.vfio_user import VfioUserClient
 
     clients = []
     try:
