@@ -29,9 +29,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from appliance.client import migrate as orch
 from appliance.client.nvme import NvmeDriver
 from appliance.client.vfio_user import VfioUserClient
-from appliance.client import migrate as orch
 from appliance.testing.process import ApplianceProcess, make_config
 from appliance.testing.workload import VerifiedWriter, make_image, move_driver, prepare_destination
 

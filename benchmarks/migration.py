@@ -33,9 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from appliance.client import migrate as orch
 from appliance.client.nvme import NvmeDriver
 from appliance.client.vfio_user import VfioUserClient
-from appliance.client import migrate as orch
 from appliance.testing.process import ApplianceProcess
 from appliance.testing.workload import (
     VerifiedWriter,

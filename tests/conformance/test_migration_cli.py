@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.client.vfio_user import VfioUserClient
 from appliance.client import migrate as orch
+from appliance.client.vfio_user import VfioUserClient
 from appliance.testing.process import ApplianceProcess
 from appliance.testing.workload import file_hash, make_image, pair_configs
 from appliance.vfio_user.migration_states import MigState

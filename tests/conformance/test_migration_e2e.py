@@ -3,8 +3,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from appliance.client.vfio_user import VfioUserClient
 from appliance.client import migrate as orch
+from appliance.client.vfio_user import VfioUserClient
 from appliance.testing.process import ApplianceProcess, make_config
 from appliance.vfio_user.migration_states import MigState
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from appliance.client import migrate as orch
 from appliance.client.nvme import NvmeDriver
 from appliance.client.vfio_user import VfioUserClient
-from appliance.client import migrate as orch
 from appliance.testing.process import ApplianceProcess
 from appliance.testing.workload import (
     VerifiedWriter,

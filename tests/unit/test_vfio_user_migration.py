@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from test_nvme_driver import Driver, make_controller, status
 
-from appliance.client.vfio_user import DEFAULT_CAPS, VfioUserClient
 from appliance.client import migrate as orch
+from appliance.client.vfio_user import DEFAULT_CAPS, VfioUserClient
 from appliance.errors import LocalProtocolError
 from appliance.memory import ClientMemory, DirtyLog
 from appliance.pci import Bar, MsixLayout, PciDevice
