@@ -114,7 +114,7 @@ def interface(path: str, value: Any) -> str:
 
 
 def port(path: str, value: Any) -> int:
-    return integer(1, 65535)(path, value)
+    return int(integer(1, 65535)(path, value))
 
 
 @dataclass

@@ -96,7 +96,7 @@ class UdpHeader(NetStruct, size=8):
 def internet_checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
     """RFC 1071 ones' complement of the ones' complement sum of 16-bit words."""
     n = len(data)
-    total = initial + sum(struct.unpack_from(f"!{n // 2}H", data))
+    total: int = initial + sum(struct.unpack_from(f"!{n // 2}H", data))
     if n % 2:
         total += data[-1] << 8
     while total >> 16:
@@ -106,7 +106,8 @@ def internet_checksum(data: bytes | bytearray | memoryview, initial: int = 0) ->
 
 def pseudo_header_sum(src: bytes, dst: bytes, protocol: int, length: int) -> int:
     """The IPv4 pseudo-header's contribution to a UDP/TCP checksum (not folded)."""
-    return sum(struct.unpack("!HHHH", src + dst)) + protocol + length
+    words: tuple[int, ...] = struct.unpack("!HHHH", src + dst)
+    return sum(words) + protocol + length
 
 
 def udp_checksum(src: bytes, dst: bytes, segment: bytes) -> int:

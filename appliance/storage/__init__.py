@@ -6,7 +6,8 @@ Wire definitions are in :mod:`appliance.storage.spec`.
 
 from __future__ import annotations
 
-from appliance.storage.controller import DEVICE_ID, VENDOR_ID, NvmeController
+from appliance.storage.controller import NvmeController
+from appliance.storage.identity import DEVICE_ID, VENDOR_ID
 from appliance.storage.namespace import Namespace
 
 __all__ = ["DEVICE_ID", "VENDOR_ID", "Namespace", "NvmeController"]

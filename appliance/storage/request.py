@@ -84,7 +84,7 @@ class NvmeRequest:
 
     @property
     def cid(self) -> int:
-        return self.cmd.cid
+        return int(self.cmd.cid)
 
     @property
     def key(self) -> tuple[int, int]:
