@@ -13,6 +13,7 @@ from appliance.runtime import startup
 from appliance.runtime.handoff import HandoffSink, HandoffSource
 from appliance.runtime.listener import Claim, ListenerError
 from appliance.runtime.loop import EventLoop
+from appliance.runtime.offload import Offload
 from appliance.runtime.vfio_user import VfioUserClientSocket, VfioUserService
 from appliance.storage.controller import NvmeController
 from appliance.storage.migration import NvmeMigratable
@@ -43,6 +44,7 @@ class Appliance:
         self.loop = EventLoop()
         self.services: list[Any] = []
         self.controller: NvmeController | None = None
+        self.offload: Offload | None = None
         self.net: Any = None
         self._adopted: VfioUserClientSocket | None = None
 
@@ -79,6 +81,8 @@ class Appliance:
             namespaces=st["namespaces"], io_queues=st["io_queues"],
             queue_entries=st["queue_entries"], serial=st["serial"], clock=time.monotonic,
             doorbells=st["doorbells"])
+        self.offload = Offload(self.loop)  # the namespaces' blocking I/O runs off the loop
+        self.controller.offload = self.offload
         # Migration v2 (commands 16-18): the device's save/restore lives in
         # appliance.migrate, so storage/ never imports it.
         migratable = NvmeMigratable(self.controller, clock=time.monotonic)
@@ -254,4 +258,6 @@ class Appliance:
             self.net.close()
         if self.controller is not None:
             self.controller.close()
+        if self.offload is not None:
+            self.offload.close()
         self.loop.close()

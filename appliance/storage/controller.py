@@ -85,7 +85,7 @@ from appliance.storage.registers import (
     StateError,
     dwords,
 )
-from appliance.storage.request import NvmeRequest, RequestState, Result
+from appliance.storage.request import NvmeRequest, Offloaded, RequestState, Result
 from appliance.storage.spec import (
     CHANGED_NS_MAX,
     NSID_ALL,
@@ -113,6 +113,9 @@ LBA_OPCODES = frozenset({IoOpcode.WRITE, IoOpcode.READ, IoOpcode.COMPARE, IoOpco
 # Doorbell page polling (mmap mode): the runtime's timer period, fast while the
 # device is busy or was within the last FAST_TICKS ticks, slow once it is quiet.
 POLL_FAST, POLL_SLOW, FAST_TICKS = 0.0005, 0.02, 1000
+#: commands one SQ may run per processing pass; the rest waits for the next turn of
+#: the loop (the runtime's idle poll), so one busy queue cannot starve the others
+SQ_BUDGET = 64
 _OPCODE_NAMES = {
     True: {op.value: f"admin.{op.name.lower()}" for op in AdminOpcode},
     False: {op.value: f"io.{op.name.lower()}" for op in IoOpcode},
@@ -130,6 +133,17 @@ class FaultHook(Protocol):
 
     def drop_interrupt(self, cqid: int) -> bool:
         """Whether the interrupt due for ``cqid`` is to be swallowed."""
+
+
+class Offload(Protocol):
+    """Where blocking file I/O runs (the runtime's worker threads)."""
+
+    def submit(self, work: Callable[[], object],
+               done: Callable[[BaseException | None], None]) -> None:
+        """Run ``work`` off the loop, then ``done(exception or None)`` on the loop."""
+
+    def drain(self) -> None:
+        """Block until every submitted work finished and its ``done`` ran."""
 
 
 class NvmeController(PciDevice):
@@ -158,6 +172,8 @@ class NvmeController(PciDevice):
             raise ValueError(f"io_queues {io_queues} / queue_entries {queue_entries} out of range")
         if doorbells not in DOORBELL_MODES:
             raise ValueError(f"doorbells {doorbells!r} not in {DOORBELL_MODES}")
+        #: where blocking file I/O runs (the runtime's threads); None: inline (tests)
+        self.offload: Offload | None = None
         self.doorbell_page: DoorbellPage | None = None
         self.paused = False
         self._quiet_ticks = 0
@@ -243,7 +259,9 @@ class NvmeController(PciDevice):
         interrupt raised and client memory is not touched.  Register writes
         still act (CC, AQA, INTMS...) and doorbell writes still latch their
         values (SQ tails, CQ heads), so nothing the host rings is lost.
+        Blocking I/O already running off the loop finishes (and completes) first.
         """
+        self._drain_offload()
         self.paused = True
 
     def resume(self) -> bool:
@@ -268,7 +286,9 @@ class NvmeController(PciDevice):
         self._run()
 
     def close(self) -> None:
-        """Close every namespace image and the doorbell page."""
+        """Close every namespace image and the doorbell page (after any I/O running
+        off the loop finished)."""
+        self._drain_offload()
         for ns in self.namespaces.values():
             ns.close()
         if self.doorbell_page is not None:
@@ -345,17 +365,14 @@ class NvmeController(PciDevice):
         except DmaPending:  # it runs again from the start once the client answered
             self._wait(req)
             return None
-        except CommandError as exc:
-            status, dnr, why = exc.status, exc.dnr, str(exc)
-        except GuestMemoryError as exc:
-            status, dnr, why = Status.DATA_TRANSFER_ERROR, False, str(exc)
-        except Exception as exc:  # a bug must fail the command, never the process
-            log.exception("nvme: qid %d cid %d %s crashed", qid, cmd.cid, key)
-            status, dnr, why = Status.INTERNAL_ERROR, True, repr(exc)
+        except Exception as exc:  # noqa: BLE001 - classified: a status, or a bug's
+            return self._failed(req, exc, key)
         else:
             if dw0 is None:
                 req.to(RequestState.HELD)
                 return None
+            if isinstance(dw0, Offloaded):
+                return self._offload(req, dw0, key)
             if req.dma is not None and req.dma.busy:  # its writes are not acknowledged yet
                 req.result = (Status.SUCCESS, False, dw0)
                 self._wait(req)
@@ -364,9 +381,62 @@ class NvmeController(PciDevice):
         finally:
             if mem is not None:
                 mem.scope = self._queue_dma
+
+    def _failed(self, req: NvmeRequest, exc: Exception, key: str) -> Result:
+        """The status a handler's exception completes ``req`` with (its Error
+        Information entry recorded): its own NVMe status, Data Transfer Error for
+        unreachable memory, Internal Error (and the traceback logged) for a bug."""
+        qid, cmd = req.qid, req.cmd
+        if isinstance(exc, CommandError):
+            status, dnr, why = exc.status, exc.dnr, str(exc)
+        elif isinstance(exc, GuestMemoryError):
+            status, dnr, why = Status.DATA_TRANSFER_ERROR, False, str(exc)
+        else:  # a bug must fail the command, never the process
+            log.error("nvme: qid %d cid %d %s crashed", qid, cmd.cid, key, exc_info=exc)
+            status, dnr, why = Status.INTERNAL_ERROR, True, repr(exc)
         self.record_error(qid, cmd, status, dnr)
         log.debug("nvme: qid %d cid %d %s: %s (%s)", qid, cmd.cid, key, status.name, why)
         return status, dnr, 0
+
+    # ------------------------------------------------------------ blocking I/O off the loop
+    def _offload(self, req: NvmeRequest, off: Offloaded, key: str) -> Result | None:
+        """Run ``off.work`` on the offload; ``req`` waits meanwhile (Abort finds it)."""
+        if self.offload is None:  # no worker: here and now
+            try:
+                off.work()
+                return Status.SUCCESS, False, off.then()
+            except Exception as exc:  # noqa: BLE001 - classified like the handler's
+                return self._failed(req, exc, key)
+            finally:
+                off.release()
+        req.io_busy = True
+        self._wait(req)
+        self.offload.submit(off.work, lambda exc: self._offloaded(req, off, exc, key))
+        return None
+
+    def _offloaded(self, req: NvmeRequest, off: Offloaded, exc: BaseException | None,
+                   key: str) -> None:
+        """Back on the loop: complete ``req`` unless an Abort or a reset ended it."""
+        req.io_busy = False
+        try:
+            if req.state is not RequestState.WAITING:
+                return  # aborted, or dropped by a reset (which waited for the work)
+            result: Result
+            try:
+                if exc is not None:
+                    raise exc
+                result = (Status.SUCCESS, False, off.then())
+            except Exception as error:  # noqa: BLE001 - classified like the handler's
+                result = self._failed(req, error, key)
+            self.complete(req, result)
+            self._interrupts()
+        finally:
+            off.release()
+
+    def _drain_offload(self) -> None:
+        """Wait until no blocking I/O of ours runs (before a reset, a pause, a close)."""
+        if self.offload is not None:
+            self.offload.drain()
 
     def hold(self, req: NvmeRequest, result: Result | None = None) -> None:
         """Keep ``req`` without a completion; ``result``: what it completes with
@@ -444,7 +514,8 @@ class NvmeController(PciDevice):
         checked CC.EN, Bus Master and the client.
         """
         did = False
-        for req in [r for r in self.waiting if r.dma is None or not r.dma.busy]:
+        for req in [r for r in self.waiting
+                    if not r.io_busy and (r.dma is None or not r.dma.busy)]:
             if req.state is not RequestState.WAITING:
                 continue  # finished by an earlier one (an Abort)
             if not self._queue_alive(req):
@@ -610,7 +681,7 @@ class NvmeController(PciDevice):
         cq, done = self.cqs[sq.cqid], 0
         while True:
             self._sync(sq, mem)
-            while not sq.empty and done < sq.size and cq.has_room(mem):
+            while not sq.empty and done < min(sq.size, SQ_BUDGET) and cq.has_room(mem):
                 try:
                     cmd = sq.fetch(mem)
                 except DmaPending:  # the entry is on its way: this SQ goes on then
@@ -619,7 +690,7 @@ class NvmeController(PciDevice):
                 done += 1
                 if self.regs.state is not CtrlState.READY or self.sqs.get(sq.qid) is not sq:
                     return True
-            if sq.shadow is None or not sq.empty or done >= sq.size:
+            if sq.shadow is None or not sq.empty or done >= min(sq.size, SQ_BUDGET):
                 return done > 0
             # EventIdx = the tail consumed, so the host's next update rings; then
             # re-read the shadow: the host may have moved before it saw the EventIdx.
@@ -699,6 +770,7 @@ class NvmeController(PciDevice):
         """Controller reset (section 7.3.2): queues, held commands, features, shadows go."""
         for req in [*self.held.values(), *self.waiting]:
             self._drop(req)
+        self._drain_offload()  # no DMA into guest memory after the reset: wait for it
         self._queue_dma.drop()  # replies still on their way belong to the old queues
         self._queue_dma = DmaScope(consume=True, on_ready=self._dma_arrived)
         self.sqs.clear()

@@ -12,6 +12,13 @@ Handlers return the completion's DWORD 0 and refuse a command by raising
 :class:`~appliance.storage.spec.CommandError`; an unreachable data buffer
 raises :class:`~appliance.memory.GuestMemoryError`, which the controller
 reports as "Data Transfer Error".
+
+Nothing here waits for the disk on the loop: what may block is returned as an
+:class:`~appliance.storage.request.Offloaded` (a Flush's fdatasync, a FUA or
+write-through write's sync, a read the page cache cannot serve at once), which
+the controller runs on its offload (a worker thread) when the runtime gave it
+one, or right here when it did not (unit tests).  Buffered writes and reads
+the page cache holds stay on the loop: no thread hop on the fast path.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from appliance.storage.namespace import Namespace
 from appliance.storage.prp import prp_segments, read_segments
+from appliance.storage.request import Offloaded
 from appliance.storage.spec import NSID_ALL, Command, CommandError, DsmRange, IoOpcode, Status
 
 if TYPE_CHECKING:
@@ -35,7 +43,7 @@ DSM_NR_RESERVED = 0xFFFFFF00
 DSM_ATTR_RESERVED = 0xFFFFFFF8
 DSM_DEALLOCATE = 1 << 2
 
-Handler = Callable[["NvmeController", Command], int]
+Handler = Callable[["NvmeController", Command], "int | Offloaded"]
 
 
 def _field(ok: bool, why: str) -> None:
@@ -56,24 +64,42 @@ def _segments(ctrl: NvmeController, cmd: Command, nbytes: int) -> list[tuple[int
     return prp_segments(ctrl.mem, cmd.prp1, cmd.prp2, nbytes, ctrl.mdts_bytes)
 
 
-def read(ctrl: NvmeController, cmd: Command) -> int:
-    """Read (opcode 02h, NVM section 6.9)."""
+def read(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
+    """Read (opcode 02h, NVM section 6.9): from the page cache on the loop, else
+    off it."""
     ns, slba, nlb = _rw_args(ctrl, cmd, RW_RESERVED)
     nbytes = nlb << ns.lba_shift
-    ns.read(ctrl.mem, _segments(ctrl, cmd, nbytes), slba)
-    ctrl.counters["bytes_read"] += nbytes
-    return 0
+    segments = _segments(ctrl, cmd, nbytes)
+
+    def counted() -> int:
+        ctrl.counters["bytes_read"] += nbytes
+        return 0
+
+    views = ns.views(ctrl.mem, segments, write=True)
+    if views is None:  # memory reached through its fd or by DMA messages
+        ns.read(ctrl.mem, segments, slba)
+        return counted()
+    try:
+        if ns.read_into(views, slba, nowait=ctrl.offload is not None):
+            return counted()
+    except BaseException:
+        _release(views)
+        raise
+    if ctrl.offload is None:  # cannot happen: nowait was off
+        _release(views)
+        raise CommandError(Status.INTERNAL_ERROR, "read did not complete")
+    return Offloaded(lambda: ns.read_into(views, slba), counted, views)
 
 
-def write(ctrl: NvmeController, cmd: Command) -> int:
+def write(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
     """Write (opcode 01h, NVM section 6.15); FUA or a disabled write cache syncs."""
     ns, slba, nlb = _rw_args(ctrl, cmd, RW_RESERVED)
     ns.check_writable()
     nbytes = nlb << ns.lba_shift
-    ns.write(ctrl.mem, _segments(ctrl, cmd, nbytes), slba)
+    ns.write(ctrl.mem, _segments(ctrl, cmd, nbytes), slba)  # the page cache: no wait
     ctrl.counters["bytes_written"] += nbytes
     if cmd.cdw12 & RW_FUA or not ctrl.features.write_cache:
-        ns.flush()
+        return _synced(ctrl, ns.flush)
     return 0
 
 
@@ -88,23 +114,26 @@ def compare(ctrl: NvmeController, cmd: Command) -> int:
     return 0
 
 
-def flush(ctrl: NvmeController, cmd: Command) -> int:
-    """Flush (opcode 00h, NVM section 6.8); NSID FFFFFFFFh flushes all (VWC bits 2:1)."""
-    if cmd.nsid == NSID_ALL:
-        for ns in ctrl.namespaces.values():
+def flush(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
+    """Flush (opcode 00h, NVM section 6.8); NSID FFFFFFFFh flushes all (VWC bits 2:1).
+    The fdatasync runs off the loop."""
+    targets = (list(ctrl.namespaces.values()) if cmd.nsid == NSID_ALL
+               else [ctrl.namespace(cmd.nsid)])
+
+    def sync_all() -> None:
+        for ns in targets:
             ns.flush()
-    else:
-        ctrl.namespace(cmd.nsid).flush()
-    return 0
+
+    return _synced(ctrl, sync_all)
 
 
-def write_zeroes(ctrl: NvmeController, cmd: Command) -> int:
+def write_zeroes(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
     """Write Zeroes (opcode 08h, NVM section 6.16); not bound by MDTS."""
     ns, slba, nlb = _rw_args(ctrl, cmd, WZ_RESERVED)
     ns.check_writable()
     ns.write_zeroes(slba, nlb, deallocate=bool(cmd.cdw12 & WZ_DEAC))
     if cmd.cdw12 & RW_FUA or not ctrl.features.write_cache:
-        ns.flush()
+        return _synced(ctrl, ns.flush)
     return 0
 
 
@@ -136,11 +165,24 @@ HANDLERS: dict[int, Handler] = {
 }
 
 
-def execute(ctrl: NvmeController, cmd: Command) -> int:
+def _synced(ctrl: NvmeController, sync: Callable[[], None]) -> int | Offloaded:
+    """A sync (fdatasync) that may take as long as the disk wants: off the loop."""
+    if ctrl.offload is None:
+        sync()
+        return 0
+    return Offloaded(sync)
+
+
+def _release(views: list[memoryview]) -> None:
+    for view in views:
+        view.release()
+
+
+def execute(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
     """Run one I/O command.
 
     Returns:
-        The completion's DWORD 0.
+        The completion's DWORD 0, or the blocking part to run off the loop.
 
     Raises:
         CommandError: the status to complete with.

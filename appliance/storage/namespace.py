@@ -237,6 +237,50 @@ class Namespace:
                 view.release()
             self._changed(start, sum(n for _, n in segments))
 
+    def views(self, memory: ClientMemory, segments: Segments, write: bool) -> list[memoryview] | None:
+        """Zero-copy views of ``segments`` (the caller releases them), or None
+        when part of them is not mmap'd (then use :meth:`read` / :meth:`write`).
+
+        Raises:
+            GuestMemoryError: a segment is not client memory with that access.
+        """
+        return self._views(memory, segments, write)
+
+    def read_into(self, views: list[memoryview], slba: int, *, nowait: bool = False) -> bool:
+        """Read blocks from ``slba`` into ``views`` (from :meth:`views`).
+
+        With ``nowait`` only what the page cache holds is read
+        (``RWF_NOWAIT``): False when the rest would wait for the disk (nothing
+        is lost: read again, without ``nowait``, off the loop).  Safe to call
+        from a worker thread (the image fd and the views only).
+
+        Raises:
+            CommandError: UNRECOVERED_READ_ERROR when the file read fails.
+        """
+        offset, rest = slba << self.lba_shift, views
+        try:
+            while rest:
+                try:
+                    done = os.preadv(self.fd, rest[:IOV_MAX], offset,
+                                     os.RWF_NOWAIT if nowait else 0)
+                except BlockingIOError:
+                    return False
+                if done == 0:
+                    if nowait and offset < self.file_size():
+                        return False  # a short read inside the file: not cached
+                    for view in rest:  # past the end of a short (read-only) image
+                        view[:] = bytes(len(view))
+                    return True
+                offset += done
+                rest = _advance(rest, done)
+        except OSError as exc:
+            raise CommandError(Status.UNRECOVERED_READ_ERROR, str(exc), dnr=False) from None
+        return True
+
+    def file_size(self) -> int:
+        """The image file's current size in bytes."""
+        return os.fstat(self.fd).st_size
+
     def read_bytes(self, slba: int, nbytes: int) -> bytes:
         """``nbytes`` from block ``slba`` (zeroes past the end of the file)."""
         try:

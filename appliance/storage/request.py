@@ -10,7 +10,10 @@ and lives until it is completed or dropped:
 * ``HELD`` — no completion yet: an Asynchronous Event Request waiting for an
   event, a command an injected fault hangs or delays.  The controller keeps
   every held request by (SQID, CID), so Abort finds it whoever held it.
-* ``WAITING`` — it needs client memory reached by DMA messages
+* ``WAITING`` — it waits for something outside the loop: blocking file I/O
+  handed to the controller's offload (an :class:`Offloaded` its handler
+  returned: ``io_busy`` until the work is done, then the controller completes
+  it), or client memory reached by DMA messages
   (:class:`~appliance.memory.DmaScope` ``dma``): a read the client has not
   answered yet (the handler runs again, from the start, once it has: handlers
   touch nothing before their reads) or writes not acknowledged yet (its
@@ -29,6 +32,7 @@ and raises :class:`RequestStateError`.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -62,6 +66,27 @@ TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
 }
 
 
+@dataclass(eq=False)
+class Offloaded:
+    """What an I/O handler returns for work that may block on the disk.
+
+    ``work`` runs off the loop (the controller's offload: a worker thread) and
+    touches only the namespace's image fd and ``views`` (zero-copy slices of
+    mmap'd client memory, never the accessor itself); ``then`` runs on the
+    loop once ``work`` succeeded and returns the completion's DWORD 0.  The
+    views are released on the loop when the request ends, whatever the outcome.
+    """
+
+    work: Callable[[], object]
+    then: Callable[[], int] = lambda: 0
+    views: list[memoryview] = field(default_factory=list)
+
+    def release(self) -> None:
+        for view in self.views:
+            view.release()
+        self.views = []
+
+
 class RequestStateError(RuntimeError):
     """A request was moved along an edge the table does not have (a bug)."""
 
@@ -77,6 +102,8 @@ class NvmeRequest:
     result: Result | None = field(default=None)
     #: its DMA messages, when it touched memory mapped without an fd
     dma: DmaScope | None = field(default=None)
+    #: its blocking I/O is running off the loop (WAITING until it is done)
+    io_busy: bool = False
 
     @property
     def qid(self) -> int:

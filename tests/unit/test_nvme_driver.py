@@ -64,7 +64,7 @@ class Driver:
 
     def __init__(self, ctrl: NvmeController, msix: bool = True) -> None:
         self.ctrl = ctrl
-        fd = os.memfd_create("guest")
+        fd = os.memfd_create("guest", os.MFD_ALLOW_SEALING)  # sealable, as QEMU's: mmap'd
         os.ftruncate(fd, SIZE)
         self.ram = mmap.mmap(fd, SIZE)
         self.mem = ClientMemory()
