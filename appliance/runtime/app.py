@@ -16,6 +16,7 @@ from appliance.runtime.loop import EventLoop
 from appliance.runtime.offload import Offload
 from appliance.runtime.vfio_user import VfioUserClientSocket, VfioUserService
 from appliance.storage.controller import NvmeController
+from appliance.storage.doorbells import DoorbellPage
 from appliance.storage.migration import NvmeMigratable
 from appliance.vfio_user.migration import VfioUserMigration
 from appliance.vfio_user.server import DmaLayout
@@ -194,15 +195,20 @@ class Appliance:
             raise ApplianceError("storage.doorbells differs between the two processes")
         if page is not None:
             index, seen = (page.get("fd"), page.get("seen")) if isinstance(page, dict) else (None, None)
-            if not isinstance(index, int) or not 0 <= index < len(fds) or not _is_hex(seen):
+            if (not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(fds)
+                    or not isinstance(seen, str) or not _is_hex(seen)):
                 raise ApplianceError(f"handoff manifest: bad doorbell_page {page!r}")
+            try:
+                DoorbellPage.check_take_over(fds[index], bytes.fromhex(seen))
+            except (OSError, ValueError) as exc:
+                raise ApplianceError(f"handoff manifest: doorbell_page: {exc}") from None
         if not isinstance(manifest.get("vfio_user"), dict):
             raise ApplianceError("handoff manifest: no vfio_user state")
-        self.vfio_user.handoff_check(manifest["vfio_user"], len(fds))
+        self.vfio_user.handoff_check(manifest["vfio_user"], fds)
         if (manifest.get("net") is None) != (self.net is None):
             raise ApplianceError("net configuration differs: one side has no net ports")
         if self.net is not None:
-            self.net.handoff_check(manifest["net"], len(fds))
+            self.net.handoff_check(manifest["net"], fds)
         control = manifest.get("control")
         if control is not None:
             try:

@@ -26,6 +26,7 @@ import itertools
 import logging
 import os
 import socket
+import stat
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +36,12 @@ from appliance.runtime import unix
 from appliance.runtime.listener import Claim, listen
 from appliance.runtime.loop import EventLoop
 from appliance.vfio_user.backend import VfioUserDevice
-from appliance.vfio_user.server import MAX_MSG_FDS, DmaLayout, ServerConnection
+from appliance.vfio_user.server import (
+    MAX_MSG_FDS,
+    DmaLayout,
+    ServerConnection,
+    check_handoff_state,
+)
 
 log = logging.getLogger("appliance.vfio_user")
 
@@ -277,12 +283,13 @@ class VfioUserService:
         self.claim.release()
         self.path = ""  # the socket file is the destination's now: never unlink it
 
-    def handoff_check(self, state: Any, nfds: int | None = None) -> None:
+    def handoff_check(self, state: Any, fds: list[int] | None = None) -> None:
         """Destination: refuse a handoff this service cannot take.
 
-        ``nfds``: how many fds came; then every fd index in ``state`` is
-        checked against it (the connection's own state is checked when it is
-        adopted).
+        With ``fds`` (what came with the manifest) everything :meth:`handoff_adopt`
+        would refuse is refused now — fd indexes, what each fd is (sockets,
+        the lock file), and the client connection's whole state — so the adopt
+        that follows cannot fail half-way.
 
         Raises:
             ApplianceError: a client is connected here already, or ``state``
@@ -290,20 +297,33 @@ class VfioUserService:
         """
         if self.client is not None:
             raise ApplianceError(f"{self.name}: a client is connected to this process already")
-        if nfds is None:
+        if fds is None:
             return
+        nfds = len(fds)
         if not isinstance(state, dict) or not isinstance(state.get("path"), str):
             raise ApplianceError(f"{self.name}: bad handoff state: not an object with a path")
         client = state.get("client")
-        indexes = [state.get("listener"), state.get("lock")]
+        kinds = [(state.get("listener"), stat.S_ISSOCK, "a socket"),
+                 (state.get("lock"), stat.S_ISREG, "a lock file")]
         if client is not None:
             if not isinstance(client, dict) or not isinstance(client.get("conn"), dict):
                 raise ApplianceError(f"{self.name}: bad handoff state: client")
-            indexes.append(client.get("socket"))
-        for index in indexes:
+            kinds.append((client.get("socket"), stat.S_ISSOCK, "a socket"))
+        for index, is_kind, kind in kinds:
             if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < nfds:
                 raise ApplianceError(f"{self.name}: bad handoff state: fd index {index!r} "
                                      f"({nfds} fds came)")
+            try:
+                mode = os.fstat(fds[index]).st_mode
+            except OSError as exc:
+                raise ApplianceError(f"{self.name}: handoff fd {index}: {exc}") from None
+            if not is_kind(mode):
+                raise ApplianceError(f"{self.name}: bad handoff state: fd {index} is not {kind}")
+        if client is not None:
+            try:
+                check_handoff_state(self.device, client["conn"], fds, unix.is_eventfd)
+            except LocalProtocolError as exc:
+                raise ApplianceError(f"{self.name}: {exc}") from None
 
     def handoff_adopt(self, state: dict[str, Any], fds: list[int]) -> VfioUserClientSocket | None:
         """Destination: serve the source's listener and continue its client.

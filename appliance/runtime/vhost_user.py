@@ -702,15 +702,26 @@ class NetService:
             self.tap.close()  # our copy only: the interface lives on in the other process
         self._flush_pcaps()
 
-    def handoff_check(self, state: dict[str, Any], nfds: int | None = None) -> None:
+    def handoff_check(self, state: dict[str, Any], fds: list[int] | None = None) -> None:
         """Destination: refuse a state that does not fit (changes nothing).
 
-        ``nfds``: how many fds came (fd indexes are checked against it).
+        With ``fds`` (what came) it is a dry run of :meth:`handoff_import`: the
+        sockets, the locks, every connection replayed through a fresh
+        :class:`BackendConnection` (kick/call/err fds, memory), the TAP fd —
+        then all of it let go, so the import that follows cannot refuse
+        half-way.
 
         Raises:
             ApplianceError: one line naming the mismatch or the bad field.
         """
-        vhost_handoff.check_fit(self, vhost_handoff.parse(state, nfds))
+        parsed = vhost_handoff.parse(state, None if fds is None else len(fds))
+        vhost_handoff.check_fit(self, parsed)
+        if fds is not None:
+            staged, tap_fd = self._stage(parsed, fds)
+            for svc, st in zip(self.services, staged, strict=True):
+                st.discard(svc.port)
+            if tap_fd is not None:
+                _close(tap_fd)
 
     def handoff_import(self, state: dict[str, Any], fds: list[int], serve: bool = True) -> None:
         """Destination: adopt the source's listeners, connections and TAP fd.
@@ -728,6 +739,31 @@ class NetService:
         """
         parsed = vhost_handoff.parse(state, len(fds))
         vhost_handoff.check_fit(self, parsed)
+        staged, tap_fd = self._stage(parsed, fds)
+        # Commit: nothing below can fail on the state's account.
+        self.quiesced = True
+        for svc, p, st in zip(self.services, parsed.ports, staged, strict=True):
+            adopted = (st.sock, st.conn) if st.sock is not None and st.conn is not None else None
+            svc.handoff_commit(p.socket, st.listener, adopted, p.counters, st.claim)
+        by_name = {getattr(port, "name", "?"): port for port in self.switch.ports}
+        self.switch.handoff_restore(parsed.switch_counters,
+                                    [(mac, by_name[name], age) for mac, name, age in parsed.table])
+        self.responder.counters.update(parsed.responder["counters"])
+        self.responder._ident = parsed.responder["ident"]
+        if self.tap is not None and parsed.tap is not None and tap_fd is not None:
+            self.tap.adopt(tap_fd)
+            self.tap.port.counters.update(parsed.tap["counters"])
+        if serve:
+            self.handoff_start()
+
+    def _stage(self, parsed: vhost_handoff.NetState,
+               fds: list[int]) -> tuple[list[_Staged], int | None]:
+        """Adopt copies of every port's sockets, lock and connection (and the TAP
+        fd) without committing them: all or nothing.
+
+        Raises:
+            ApplianceError: something does not fit; every copy is closed again.
+        """
         staged = [_Staged() for _ in self.services]
         tap_fd: int | None = None
         try:
@@ -755,21 +791,7 @@ class NetService:
             if isinstance(exc, OSError):
                 raise ApplianceError(f"net: cannot adopt the source's fds: {exc}") from None
             raise
-        # Commit: nothing below can fail on the state's account.
-        self.quiesced = True
-        for svc, p, st in zip(self.services, parsed.ports, staged, strict=True):
-            adopted = (st.sock, st.conn) if st.sock is not None and st.conn is not None else None
-            svc.handoff_commit(p.socket, st.listener, adopted, p.counters, st.claim)
-        by_name = {getattr(port, "name", "?"): port for port in self.switch.ports}
-        self.switch.handoff_restore(parsed.switch_counters,
-                                    [(mac, by_name[name], age) for mac, name, age in parsed.table])
-        self.responder.counters.update(parsed.responder["counters"])
-        self.responder._ident = parsed.responder["ident"]
-        if self.tap is not None and parsed.tap is not None and tap_fd is not None:
-            self.tap.adopt(tap_fd)
-            self.tap.port.counters.update(parsed.tap["counters"])
-        if serve:
-            self.handoff_start()
+        return staged, tap_fd
 
     def handoff_start(self) -> None:
         """Destination: serve what :meth:`handoff_import` adopted."""

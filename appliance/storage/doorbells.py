@@ -44,7 +44,7 @@ import mmap
 import os
 import sys
 
-from appliance.memory import F_ADD_SEALS, F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK
+from appliance.memory import F_ADD_SEALS, F_GET_SEALS, F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK
 
 PAGE_OFFSET = 0x1000  # the page's offset in BAR0 and in the memfd
 PAGE_SIZE = 0x1000
@@ -99,8 +99,7 @@ class DoorbellPage:
             OSError: ``fd`` cannot be mapped (nothing changed then).
             ValueError: ``seen`` is not one page.
         """
-        if len(seen) != PAGE_SIZE:
-            raise ValueError(f"doorbell page snapshot of {len(seen)} bytes")
+        self.check_take_over(fd, seen)
         mm = mmap.mmap(fd, PAGE_SIZE, flags=mmap.MAP_SHARED, offset=PAGE_OFFSET)
         self.words.release()
         self.mm.close()
@@ -108,6 +107,26 @@ class DoorbellPage:
         self.mm = mm
         self.words = memoryview(self.mm).cast("I")
         self.seen = bytearray(seen)
+
+    @staticmethod
+    def check_take_over(fd: int, seen: bytes) -> None:
+        """Refuse what :meth:`take_over` would refuse, changing nothing: a snapshot
+        that is not one page, a file that could shrink (a SIGBUS at our next scan:
+        ours is sealed against it) or that does not map.
+
+        Raises:
+            ValueError: ``seen`` is not one page, or the file is not sealed.
+            OSError: ``fd`` cannot be mapped.
+        """
+        if len(seen) != PAGE_SIZE:
+            raise ValueError(f"doorbell page snapshot of {len(seen)} bytes")
+        try:
+            seals = fcntl.fcntl(fd, F_GET_SEALS)
+        except OSError:
+            seals = 0
+        if not seals & F_SEAL_SHRINK:
+            raise ValueError("doorbell page file could shrink (not sealed)")
+        mmap.mmap(fd, PAGE_SIZE, flags=mmap.MAP_SHARED, offset=PAGE_OFFSET).close()
 
     def claim(self, slot: int, queue: object) -> None:
         """Mark ``slot`` as ``queue``'s without storing (its value is the host's)."""

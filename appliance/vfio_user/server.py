@@ -37,6 +37,13 @@ from appliance.vfio_user import wire as w
 from appliance.vfio_user.backend import VfioUserDevice
 from appliance.vfio_user.dma import DmaMessages
 from appliance.vfio_user.framing import Frame, Framer, encode
+from appliance.vfio_user.handoff_state import (
+    ClientCaps,
+    ConnectionState,
+    check_fds,
+    parse_client_caps,
+    parse_connection,
+)
 from appliance.wire import Struct
 
 log = logging.getLogger("appliance.vfio_user")
@@ -142,6 +149,23 @@ def _request(frame: Frame, cls: type[S]) -> S:
     _require(len(frame.payload) >= cls.SIZE, errno.EINVAL,
              f"{name} payload of {len(frame.payload)} bytes, the request needs {cls.SIZE}")
     return cls.unpack(frame.payload)
+
+
+def check_handoff_state(device: VfioUserDevice, state: Any, fds: list[int],
+                        is_eventfd: Callable[[int], bool] | None,
+                        max_message: int = w.HEADER_SIZE + 16 + MAX_DATA_XFER_SIZE,
+                        ) -> ConnectionState:
+    """A handed-over connection's state for ``device``, checked whole (see
+    :mod:`appliance.vfio_user.handoff_state`); nothing is adopted or kept.
+
+    Raises:
+        LocalProtocolError: the first field or fd that does not fit.
+    """
+    s = parse_connection(state, len(fds),
+                         lambda index: device.irq(index).count if 0 <= index < w.PCI_NUM_IRQS else 0,
+                         max_message, MAX_MSG_FDS)
+    check_fds(s, fds, is_eventfd, MAX_DMA_MAPS)
+    return s
 
 
 class ServerConnection:
@@ -337,50 +361,39 @@ class ServerConnection:
             self._forget_adopted()
             raise
 
-    def _adopt(self, state: dict[str, Any], fds: list[int]) -> None:
-        def fd_at(index: Any) -> int:
-            if not isinstance(index, int) or not 0 <= index < len(fds):
-                raise ValueError(f"fd index {index!r} of {len(fds)}")
-            return fds[index]
+    def check_handoff(self, state: Any, fds: list[int]) -> ConnectionState:
+        """Everything :meth:`handoff_adopt` would refuse, refused now, with nothing
+        adopted or kept (a destination checks before it adopts anything).
 
-        self._apply_client_caps(dict(state["caps"]))
-        next_id = int(state["next_id"])
-        _require(0 <= next_id <= 0xFFFF, errno.EINVAL, f"next_id {next_id}")
-        irqs = [(int(i), int(s), fd_at(f)) for i, s, f in state["irq_fds"]]
-        masks = [(int(k), int(i), int(s), fd_at(f)) for k, i, s, f in state["irq_mask_fds"]]
-        enabled = {int(i): int(n) for i, n in state["irq_enabled"]}
-        mask_kinds = {int(w.IrqSetFlag.ACTION_MASK), int(w.IrqSetFlag.ACTION_UNMASK)}
-        for index, count in enabled.items():
-            _require(0 <= index < w.PCI_NUM_IRQS and 0 <= count <= self.device.irq(index).count,
-                     errno.EINVAL, f"irq {index}: {count} enabled")
-        for kind, index, sub in [(None, i, s) for i, s, _ in irqs] + [(k, i, s) for k, i, s, _ in masks]:
-            _require(0 <= index < w.PCI_NUM_IRQS and 0 <= sub < self.device.irq(index).count
-                     and (kind is None or kind in mask_kinds), errno.EINVAL,
-                     f"irq {index}.{sub} (action {kind}) out of range")
-        pending = bytes.fromhex(state["pending"])
-        pending_fds = [fd_at(f) for f in state["pending_fds"]]
-        _require(len(pending) < self.framer.max_size and len(pending_fds) <= MAX_MSG_FDS,
-                 errno.EINVAL, "pending message too large")
-        for r in state["regions"]:
-            fd = None if r["fd"] is None else os.dup(fd_at(r["fd"]))
-            self.memory.map(int(r["address"]), int(r["size"]), fd=fd,
-                            fd_offset=int(r["fd_offset"]) if fd is not None else 0,
-                            readable=bool(r["readable"]), writable=bool(r["writable"]))
+        Raises:
+            LocalProtocolError: the first field or fd that does not fit.
+        """
+        return check_handoff_state(self.device, state, fds, self.is_eventfd,
+                                   self.framer.max_size)
+
+    def _adopt(self, state: dict[str, Any], fds: list[int]) -> None:
+        s = self.check_handoff(state, fds)
+        self._use_caps(s.caps)
+        for r in s.regions:
+            fd = None if r.fd is None else os.dup(fds[r.fd])
+            self.memory.map(r.address, r.size, fd=fd, fd_offset=r.fd_offset,
+                            readable=r.readable, writable=r.writable)
         # Nothing below can fail: install the interrupts, then the half message.
-        self._next_id = next_id
+        self._next_id = s.next_id
         self._transition("version")
-        for index, sub, fd in irqs:
-            self.irq_fds[(index, sub)] = os.dup(fd)
-        for kind, index, sub, fd in masks:
-            self.irq_mask_fds[(kind, index, sub)] = os.dup(fd)
-        self.irq_enabled.update(enabled)
-        for index, count in enabled.items():
+        for index, sub, fd in s.irq_fds:
+            self.irq_fds[(index, sub)] = os.dup(fds[fd])
+        for kind, index, sub, fd in s.irq_mask_fds:
+            self.irq_mask_fds[(kind, index, sub)] = os.dup(fds[fd])
+        self.irq_enabled.update(dict(s.irq_enabled))
+        for index, count in s.irq_enabled:
             self.device.set_irq_count(index, count)
             self.device.irqs_configured(index)
-        for key, value in dict(state.get("counters", {})).items():
-            if key in self.counters and isinstance(value, int):
+        for key, value in s.counters:
+            if key in self.counters:
                 self.counters[key] = value
-        dup_fds = [os.dup(fd) for fd in pending_fds]
+        dup_fds = [os.dup(fds[fd]) for fd in s.pending_fds]
+        pending = s.pending
         while pending:
             take = min(len(pending), self.framer.bytes_wanted())
             self.framer.feed(pending[:take], dup_fds)
@@ -545,23 +558,12 @@ class ServerConnection:
         return w.VersionHead(major=w.VERSION_MAJOR, minor=minor).pack() + body
 
     def _apply_client_caps(self, caps: dict[str, Any]) -> None:
-        def number(key: str, default: int, lo: int, hi: int) -> int:
-            value = caps.get(key, default)
-            _require(isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi,
-                     errno.EINVAL, f"capability {key}={value!r} out of range")
-            return int(value)
+        self._use_caps(parse_client_caps(caps))
 
-        self.client_max_msg_fds = number("max_msg_fds", w.DEFAULT_MAX_MSG_FDS, 1, 253)
-        self.client_max_data_xfer_size = number(
-            "max_data_xfer_size", w.DEFAULT_MAX_DATA_XFER_SIZE, 1, 1 << 30)
-        number("max_dma_maps", w.DEFAULT_MAX_DMA_MAPS, 1, 1 << 31)
-        pgsizes = number("pgsizes", w.DEFAULT_PGSIZES, 1, (1 << 63) - 1)
-        _require(bool(pgsizes & PGSIZE), errno.EINVAL, f"client pgsizes {pgsizes:#x} lack 4 KiB")
-        wm = caps.get("write_multiple", False)
-        _require(isinstance(wm, bool), errno.EINVAL, "write_multiple is not a boolean")
-        self.write_multiple = wm
-        mig = caps.get("migration", {})
-        _require(isinstance(mig, dict), errno.EINVAL, "migration capability is not an object")
+    def _use_caps(self, caps: ClientCaps) -> None:
+        self.client_max_msg_fds = caps.max_msg_fds
+        self.client_max_data_xfer_size = caps.max_data_xfer_size
+        self.write_multiple = caps.write_multiple
 
     # ------------------------------------------------------------ DMA map / unmap
     def _dma_map(self, frame: Frame) -> bytes:

@@ -62,6 +62,7 @@ from appliance.vfio_user.migration_stream import (
     RecordType,
     StreamHeader,
 )
+from appliance.vfio_user.wire import PciIrq
 
 SIZE = 16 << 20
 T = RecordType
@@ -495,6 +496,41 @@ def test_a_resigned_manifest_without_the_device_is_refused(shared_rig: Rig) -> N
             status(dst)  # its loop is done with the channel (and has logged what it did)
         if dst is not None and (not dst.alive or "Traceback" in dst.log_path.read_text()):
             dst.stop()  # not left usable: the next case gets a new B
+            shared_rig.dst = None
+
+
+def client_socket_is_the_lock_file(m: dict[str, Any]) -> None:
+    m["vfio_user"]["client"]["socket"] = m["vfio_user"]["lock"]
+
+
+def an_irq_fd_is_the_lock_file(m: dict[str, Any]) -> None:
+    conn = m["vfio_user"]["client"]["conn"]
+    conn["irq_fds"] = [[int(PciIrq.MSIX), 0, m["vfio_user"]["lock"]], *conn["irq_fds"][1:]]
+
+
+def a_region_address_is_text(m: dict[str, Any]) -> None:
+    m["vfio_user"]["client"]["conn"]["regions"][0]["address"] = "0x0"
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    (client_socket_is_the_lock_file, "is not a socket"),
+    (an_irq_fd_is_the_lock_file, "is not an eventfd"),
+    (a_region_address_is_text, "regions[0].address"),
+], ids=["client-fd-not-a-socket", "irq-fd-not-an-eventfd", "region-field-text"])
+def test_what_adopting_would_refuse_is_refused_before_anything_is_adopted(
+        shared_rig: Rig, change: Callable[[dict[str, Any]], None], why: str) -> None:
+    """A manifest the early checks used to pass and the adopt then refused (the
+    destination adopted part of it and exited): now refused at the check, and
+    the destination stays idle with every fd it got closed."""
+    try:
+        attempt(shared_rig, Fault(edit(T.HANDOFF, manifest_edit(change)), resign=True,
+                                  cli="refused the handoff", log=why))
+    finally:
+        dst = shared_rig.dst
+        if dst is not None and dst.alive:
+            status(dst)
+        if dst is not None and (not dst.alive or "Traceback" in dst.log_path.read_text()):
+            dst.stop()
             shared_rig.dst = None
 
 

@@ -196,3 +196,26 @@ def test_the_client_cannot_resize_the_page() -> None:
         assert page.changed(4) == []
     finally:
         page.close()
+
+
+def test_take_over_refuses_before_it_changes_anything() -> None:
+    """What a handoff destination checks before it adopts anything: one page of
+    snapshot, and a file sealed against shrinking (else our next scan could SIGBUS)."""
+    page = DoorbellPage()
+    other = DoorbellPage()
+    plain = os.memfd_create("plain")  # not sealable: a peer could shrink it
+    os.ftruncate(plain, 2 << 20)
+    try:
+        with pytest.raises(ValueError, match="snapshot of 100 bytes"):
+            DoorbellPage.check_take_over(other.fd, bytes(100))
+        with pytest.raises(ValueError, match="not sealed"):
+            DoorbellPage.check_take_over(plain, bytes(4096))
+        with pytest.raises(ValueError, match="not sealed"):
+            page.take_over(plain, bytes(4096))
+        DoorbellPage.check_take_over(other.fd, bytes(4096))  # ours: sealed, one page
+        page.store(0, 7)
+        assert page.read(0) == 7  # still its own page
+    finally:
+        os.close(plain)
+        other.close()
+        page.close()

@@ -379,6 +379,7 @@ def test_dirty_logging_refuses_the_handoff(tmp_path: Path,
     (("vrings", 1, "used_idx"), 40, "used index 40 is not within"),
     (("partial",), "zz", "partial: not hex"),
     (("socket",), "0", r"session.socket: fd index '0'"),
+    (("vrings", 1, "kick"), "memory fd", "SET_VRING_KICK refused: .*not an eventfd"),
 ])
 def test_corrupt_state_is_refused_and_leaves_the_destination_untouched(
         tmp_path: Path, loops: tuple[EventLoop, EventLoop], path: tuple[Any, ...], value: Any,
@@ -395,7 +396,13 @@ def test_corrupt_state_is_refused_and_leaves_the_destination_untouched(
         for key in path[:-1]:
             target = target[key]
         target[path[-1]] = value
+        if value == "memory fd":  # a kick fd that is the guest memory's file
+            value = state["ports"][0]["session"]["regions"][0]["fd"]
+            target[path[-1]] = value
         before, fds_before = snapshot(b), open_fds()
+        with pytest.raises(ApplianceError, match=match):
+            b.handoff_check(state, received)  # the dry run refuses what the import would
+        assert snapshot(b) == before and open_fds() == fds_before
         with pytest.raises(ApplianceError, match=match):
             b.handoff_import(state, received)
         assert snapshot(b) == before and open_fds() == fds_before
