@@ -23,9 +23,12 @@ This module imports nothing from the rest of the package and does no I/O.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import operator
 import re
 import struct
+from collections.abc import Callable
 from typing import (
     Annotated,
     Any,
@@ -74,6 +77,7 @@ class Struct:
     SIZE: ClassVar[int] = 0
     _codec: ClassVar[struct.Struct]
     _names: ClassVar[tuple[str, ...]]
+    _values: ClassVar[Callable[[Struct], Any]]  # the field values, in order, as a tuple
     _defaults: ClassVar[dict[str, Any]]
 
     def __init_subclass__(cls, size: int | None = None, **kw: Any) -> None:
@@ -84,6 +88,11 @@ class Struct:
         fmt = cls.BYTE_ORDER + "".join(f for _, f, _ in cls.FIELDS)
         cls._codec = struct.Struct(fmt)
         cls._names = tuple(n for n, _, _ in cls.FIELDS)
+        if len(set(cls._names)) != len(cls._names):
+            raise TypeError(f"{cls.__name__}: a field is declared twice (here and in a base)")
+        # attrgetter of two or more names returns the tuple in one C call.
+        cls._values = (operator.attrgetter(*cls._names) if len(cls._names) > 1
+                       else functools.partial(_field_tuple, cls._names))
         cls._defaults = {n: d for n, _, d in cls.FIELDS}
         cls.SIZE = cls._codec.size
         if size is not None and cls.SIZE != size:
@@ -94,6 +103,11 @@ class Struct:
             raise TypeError(f"{cls.__name__}: a default does not fit its field: {exc}") from None
 
     def __init__(self, **values: Any) -> None:
+        """Fields by name; those not given take their declared default.
+
+        Raises:
+            TypeError: a name is not a field.
+        """
         fields = self._defaults.copy()
         fields.update(values)
         if len(fields) != len(self._defaults):
@@ -121,7 +135,7 @@ class Struct:
             WireError: a field value does not fit its format.
         """
         try:
-            return self._codec.pack(*(getattr(self, n) for n in self._names))
+            return self._codec.pack(*type(self)._values(self))
         except struct.error as exc:
             raise WireError(f"{type(self).__name__}: {exc}") from None
 
@@ -143,6 +157,11 @@ class Struct:
     def __repr__(self) -> str:
         body = ", ".join(f"{n}={getattr(self, n)!r}" for n in self._names)
         return f"{type(self).__name__}({body})"
+
+
+def _field_tuple(names: tuple[str, ...], obj: Struct) -> tuple[Any, ...]:
+    """``obj``'s values of ``names`` (what attrgetter gives for two or more names)."""
+    return tuple(getattr(obj, n) for n in names)
 
 
 def _own_fields(cls: type[Struct]) -> tuple[tuple[str, str, Any], ...]:

@@ -59,6 +59,13 @@ def test_fields_come_from_annotations_in_order() -> None:
     assert Both.unpack(Both(delta=5).pack()) == Both(tag=b"ab\0\0", delta=5)
     assert Both(kind=1).delta == -1
 
+    class One(Struct, size=1):
+        only: U8 = 3
+
+    assert One().pack() == b"\x03" and One.unpack(b"\x09").only == 9
+    with pytest.raises(TypeError, match="twice"):
+        type("Again", (Both,), {"__annotations__": {"kind": U8}, "kind": 1})
+
 
 # Each class body is wrong in one way; each fails when the class is created.
 ROOT = Path(__file__).resolve().parents[2]
