@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.control import args as a
-from appliance.control.faults import FIELDS, FaultError, FaultSet
+from appliance.control.faults import FIELDS, FaultError, FaultSet, FaultTarget
 from appliance.control.protocol import (
     BAD_ARGS,
     FAILED,
@@ -117,7 +117,7 @@ def fault_add(t: Target, args: dict[str, Any]) -> Any:
         rule = faults.add(args)
     except FaultError as exc:
         raise ControlError(BAD_ARGS, str(exc)) from None
-    if rule.target == "net" and rule.port is not None and t.net is not None:
+    if rule.target is FaultTarget.NET and rule.port is not None and t.net is not None:
         names = [svc.port.name for svc in t.net.services]
         if rule.port not in names:
             faults.clear(rule.id)

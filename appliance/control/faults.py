@@ -28,10 +28,11 @@ runs at once (its data is on the image) and only its completion waits.
 
 from __future__ import annotations
 
+import enum
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from appliance.control import args as args_mod
 from appliance.control.protocol import INT_RANGE, ControlError
@@ -41,10 +42,48 @@ from appliance.storage.spec import Command, IoOpcode
 if TYPE_CHECKING:
     from appliance.storage.controller import NvmeController
 
-NVME_ACTIONS = ("status", "delay", "hang", "drop_irq", "fatal", "remove")
-NET_ACTIONS = ("drop", "corrupt", "duplicate", "reorder", "delay")
-DIRECTIONS = ("rx", "tx", "both")
-REORDER_HOLD = 0.05  # seconds a reordered frame waits for one to overtake it  # rx: towards the guest, tx: from the guest
+
+
+class FaultTarget(enum.StrEnum):
+    """What a rule breaks: the NVMe controller's commands or the net ports' frames."""
+
+    NVME = "nvme"
+    NET = "net"
+
+
+class NvmeAction(enum.StrEnum):
+    """What an NVMe rule does to a matching command (docs/faults.md)."""
+
+    STATUS = "status"
+    DELAY = "delay"
+    HANG = "hang"
+    DROP_IRQ = "drop_irq"
+    FATAL = "fatal"
+    REMOVE = "remove"
+
+
+class NetAction(enum.StrEnum):
+    """What a net rule does to a matching frame (docs/faults.md)."""
+
+    DROP = "drop"
+    CORRUPT = "corrupt"
+    DUPLICATE = "duplicate"
+    REORDER = "reorder"
+    DELAY = "delay"
+
+
+class Direction(enum.StrEnum):
+    """Which frames of a port a net rule matches."""
+
+    RX = "rx"  # towards the guest
+    TX = "tx"  # from the guest
+    BOTH = "both"
+
+
+FaultAction: TypeAlias = NvmeAction | NetAction
+ACTIONS: dict[FaultTarget, type[FaultAction]] = {
+    FaultTarget.NVME: NvmeAction, FaultTarget.NET: NetAction}
+REORDER_HOLD = 0.05  # seconds a reordered frame waits for one to overtake it
 #: Status names accepted by ``status=`` besides numbers (SCT << 8 | SC).
 STATUS_NAMES = {
     "unrecovered_read_error": 0x281,
@@ -93,8 +132,8 @@ class FaultRule:
     """One armed fault."""
 
     id: int
-    target: str  # "nvme" or "net"
-    action: str
+    target: FaultTarget
+    action: FaultAction
     count: int = 0  # firings left; 0 = unlimited
     probability: float = 1.0
     qid: int | None = None
@@ -105,9 +144,19 @@ class FaultRule:
     dnr: bool = False
     delay: float = 0.0
     port: str | None = None
-    direction: str = "rx"
+    direction: Direction = Direction.RX
     hits: int = 0
     seen: int = 0
+
+    def __post_init__(self) -> None:
+        """Raises: FaultError: a target, action or direction outside its enum
+        (an action must be one of its target's)."""
+        try:
+            self.target = FaultTarget(self.target)
+            self.action = ACTIONS[self.target](self.action)
+            self.direction = Direction(self.direction)
+        except ValueError as exc:
+            raise FaultError(str(exc)) from None
 
     @classmethod
     def build(cls, rule_id: int, args: dict[str, Any]) -> FaultRule:
@@ -119,13 +168,14 @@ class FaultRule:
         args = dict(args)
         target = args.pop("target", None)
         if target is None:  # "delay" exists for both: a port or direction means net
-            net_only = args.get("action") in NET_ACTIONS and args.get("action") != "delay"
+            action = args.get("action")
+            net_only = action in tuple(NetAction) and action not in tuple(NvmeAction)
             target = "net" if net_only or "port" in args or "direction" in args else "nvme"
         action = args.pop("action", None)
-        allowed = NVME_ACTIONS if target == "nvme" else NET_ACTIONS if target == "net" else ()
-        if not allowed:
+        if target not in tuple(FaultTarget):  # == on the strings (enum hashes are names)
             raise FaultError(f"target: {args_mod.shown(target)} is not nvme or net")
-        if action not in allowed:
+        allowed = ACTIONS[FaultTarget(target)]
+        if action not in tuple(allowed):
             raise FaultError(f"action: {args_mod.shown(action)} not one of "
                              f"{', '.join(allowed)} for {target}")
         unknown = set(args) - FIELDS
@@ -133,7 +183,7 @@ class FaultRule:
             raise FaultError(f"unknown field(s): "
                              f"{', '.join(args_mod.shown(n) for n in sorted(unknown))}")
         args = {k: v for k, v in args.items() if v is not None}
-        rule = cls(rule_id, target, action)
+        rule = cls(rule_id, FaultTarget(target), allowed(action))
         rule.count = _int(args.get("count", 0), "count", 0, U32)
         rule.probability = _check(args_mod.number(0.0, 1.0), "probability",
                                   args.get("probability", 1.0))
@@ -148,12 +198,12 @@ class FaultRule:
             rule.status = _int(status, "status", 1, 0x7FF)  # SCT << 8 | SC, not success
         rule.dnr = _check(args_mod.flag, "dnr", args.get("dnr", False))
         rule.delay = _check(args_mod.number(0.0, 3600.0), "delay", args.get("delay", 0.0))
-        if action == "delay" and rule.delay <= 0:
+        if rule.action in (NvmeAction.DELAY, NetAction.DELAY) and rule.delay <= 0:
             raise FaultError("delay: a delay fault needs delay > 0 (seconds)")
         if "port" in args:
             rule.port = _check(args_mod.text, "port", args["port"])
-        rule.direction = _check(args_mod.choice(*DIRECTIONS), "direction",
-                                args.get("direction", "rx"))
+        rule.direction = Direction(_check(args_mod.choice(*Direction), "direction",
+                                          args.get("direction", Direction.RX)))
         return rule
 
     @property
@@ -169,12 +219,12 @@ class FaultRule:
                 out[name] = getattr(self, name)
         if self.lba is not None:
             out["lba"] = list(self.lba)
-        if self.action == "status":
+        if self.action is NvmeAction.STATUS:
             out["status"] = f"{self.status:#x}"
             out["dnr"] = self.dnr
-        if self.action == "delay":
+        if self.action in (NvmeAction.DELAY, NetAction.DELAY):
             out["delay"] = self.delay
-        if self.target == "net":
+        if self.target is FaultTarget.NET:
             out["direction"] = self.direction
         return out
 
@@ -290,7 +340,7 @@ class FaultSet:
 
     # ------------------------------------------------------------ NVMe
     def _nvme_match(self, rule: FaultRule, qid: int, cmd: Command, ctrl: NvmeController) -> bool:
-        if rule.target != "nvme" or rule.action == "remove":
+        if rule.target is not FaultTarget.NVME or rule.action is NvmeAction.REMOVE:
             return False
         if rule.qid is not None and rule.qid != qid:
             return False
@@ -323,21 +373,21 @@ class FaultSet:
         for rule in self.rules:
             if not self._nvme_match(rule, qid, cmd, ctrl) or not self._fire(rule):
                 continue
-            if rule.action == "status":
+            if rule.action is NvmeAction.STATUS:
                 slba = cmd.cdw10 | cmd.cdw11 << 32
                 ctrl.record_error(qid, cmd, rule.status, rule.dnr,
                                   None if rule.lba is None else max(slba, rule.lba[0]))
                 return rule.status, rule.dnr, 0
-            if rule.action == "hang":
+            if rule.action is NvmeAction.HANG:
                 ctrl.hold(req)
                 self._hung.append(req)
                 return None
-            if rule.action == "fatal":
+            if rule.action is NvmeAction.FATAL:
                 ctrl.fatal(f"injected fault {rule.id}")
                 ctrl.hold(req)  # dropped by the reset the host must do
                 return None
             result = ctrl.execute(req)
-            if rule.action == "drop_irq":
+            if rule.action is NvmeAction.DROP_IRQ:
                 self.drop_irq_cqs.add(req.sq.cqid)
                 return result
             if result is not None:  # delay
@@ -422,24 +472,24 @@ class FaultSet:
             self._hung.append(req)
 
     # ------------------------------------------------------------ net
-    def frame(self, port: str, direction: str, frame: bytes,
+    def frame(self, port: str, direction: Direction, frame: bytes,
               send: Callable[[bytes], None]) -> list[bytes]:
         """The frames to pass on now in place of ``frame`` (may be none)."""
         for rule in self.rules:
-            if (rule.target != "net" or (rule.port is not None and rule.port != port)
-                    or rule.direction not in (direction, "both") or not self._fire(rule)):
+            if (rule.target is not FaultTarget.NET or (rule.port is not None and rule.port != port)
+                    or rule.direction not in (direction, Direction.BOTH) or not self._fire(rule)):
                 continue
-            if rule.action == "drop":
+            if rule.action is NetAction.DROP:
                 return []
-            if rule.action == "corrupt":
+            if rule.action is NetAction.CORRUPT:
                 data = bytearray(frame)
                 # flip one byte past the Ethernet header so the frame still switches
                 pos = 14 + self.rng.randrange(max(1, len(data) - 14)) if len(data) > 14 else 0
                 data[pos] ^= 0xFF
                 return [bytes(data)]
-            if rule.action == "duplicate":
+            if rule.action is NetAction.DUPLICATE:
                 return [frame, frame]
-            reorder = rule.action == "reorder"
+            reorder = rule.action is NetAction.REORDER
             # reorder: held until the port's next frame passed (or 50 ms, if none comes)
             delay = rule.delay if not reorder else REORDER_HOLD
             self.frames.append((self.clock() + delay, port, send, frame, reorder))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import BinaryIO
 
-from appliance.wire import Struct
+from appliance.wire import I32, U16, U32, Struct
 
 PCAP_MAGIC = 0xA1B2C3D4  # microsecond timestamps
 LINKTYPE_ETHERNET = 1
@@ -18,19 +18,20 @@ SNAPLEN = 65535
 
 
 class PcapGlobalHeader(Struct, size=24):
-    FIELDS = (
-        ("magic", "I", PCAP_MAGIC),
-        ("version_major", "H", 2),
-        ("version_minor", "H", 4),
-        ("thiszone", "i", 0),
-        ("sigfigs", "I", 0),
-        ("snaplen", "I", SNAPLEN),
-        ("network", "I", LINKTYPE_ETHERNET),
-    )
+    magic: U32 = PCAP_MAGIC
+    version_major: U16 = 2
+    version_minor: U16 = 4
+    thiszone: I32 = 0
+    sigfigs: U32 = 0
+    snaplen: U32 = SNAPLEN
+    network: U32 = LINKTYPE_ETHERNET
 
 
 class PcapRecordHeader(Struct, size=16):
-    FIELDS = (("ts_sec", "I", 0), ("ts_usec", "I", 0), ("incl_len", "I", 0), ("orig_len", "I", 0))
+    ts_sec: U32 = 0
+    ts_usec: U32 = 0
+    incl_len: U32 = 0
+    orig_len: U32 = 0
 
 
 class PcapWriter:

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
-from appliance.wire import Struct
+from appliance.wire import U8, U16, Struct
 
 ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806
@@ -48,36 +48,34 @@ class NetStruct(Struct):
 
 
 class EthHeader(NetStruct, size=14):
-    FIELDS = (("dst", "6s", b""), ("src", "6s", b""), ("ethertype", "H", 0))
+    dst: Annotated[bytes, "6s"] = b""
+    src: Annotated[bytes, "6s"] = b""
+    ethertype: U16 = 0
 
 
 class ArpPacket(NetStruct, size=28):
-    FIELDS = (
-        ("htype", "H", 1),
-        ("ptype", "H", ETH_P_IP),
-        ("hlen", "B", 6),
-        ("plen", "B", 4),
-        ("op", "H", 0),
-        ("sha", "6s", b""),
-        ("spa", "4s", b""),
-        ("tha", "6s", b""),
-        ("tpa", "4s", b""),
-    )
+    htype: U16 = 1
+    ptype: U16 = ETH_P_IP
+    hlen: U8 = 6
+    plen: U8 = 4
+    op: U16 = 0
+    sha: Annotated[bytes, "6s"] = b""
+    spa: Annotated[bytes, "4s"] = b""
+    tha: Annotated[bytes, "6s"] = b""
+    tpa: Annotated[bytes, "4s"] = b""
 
 
 class Ipv4Header(NetStruct, size=20):
-    FIELDS = (
-        ("version_ihl", "B", 0x45),
-        ("tos", "B", 0),
-        ("total_length", "H", 0),
-        ("ident", "H", 0),
-        ("flags_fragment", "H", 0),
-        ("ttl", "B", 64),
-        ("protocol", "B", 0),
-        ("checksum", "H", 0),
-        ("src", "4s", b""),
-        ("dst", "4s", b""),
-    )
+    version_ihl: U8 = 0x45
+    tos: U8 = 0
+    total_length: U16 = 0
+    ident: U16 = 0
+    flags_fragment: U16 = 0
+    ttl: U8 = 64
+    protocol: U8 = 0
+    checksum: U16 = 0
+    src: Annotated[bytes, "4s"] = b""
+    dst: Annotated[bytes, "4s"] = b""
 
 
 IP_MF = 0x2000
@@ -85,12 +83,18 @@ IP_OFFSET_MASK = 0x1FFF
 
 
 class IcmpEcho(NetStruct, size=8):
-    FIELDS = (("type", "B", 0), ("code", "B", 0), ("checksum", "H", 0), ("ident", "H", 0),
-              ("sequence", "H", 0))
+    type: U8 = 0
+    code: U8 = 0
+    checksum: U16 = 0
+    ident: U16 = 0
+    sequence: U16 = 0
 
 
 class UdpHeader(NetStruct, size=8):
-    FIELDS = (("sport", "H", 0), ("dport", "H", 0), ("length", "H", 0), ("checksum", "H", 0))
+    sport: U16 = 0
+    dport: U16 = 0
+    length: U16 = 0
+    checksum: U16 = 0
 
 
 def internet_checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:

@@ -21,7 +21,8 @@ import enum
 import struct
 import sys
 
-from appliance.wire import BitFields, Struct
+from appliance import wire
+from appliance.wire import U8, U16, U32, BitFields, Struct
 
 # ---------------------------------------------------------------- vhost-user header
 HEADER_SIZE = 12
@@ -49,7 +50,9 @@ class LEStruct(Struct):
 
 
 class Header(NativeStruct, size=HEADER_SIZE):
-    FIELDS = (("request", "I", 0), ("flags", "I", VERSION), ("size", "I", 0))
+    request: U32 = 0
+    flags: U32 = VERSION
+    size: U32 = 0
 
 
 # flags: bits 0-1 version, bit 2 reply, bit 3 need_reply; the rest reserved.
@@ -105,26 +108,25 @@ class Request(enum.IntEnum):
 
 # ---------------------------------------------------------------- payloads
 class U64(NativeStruct, size=8):
-    FIELDS = (("value", "Q", 0),)
+    value: wire.U64 = 0
 
 
 class VringState(NativeStruct, size=8):
     """struct vhost_vring_state: ring index and a number (size, base, enable)."""
 
-    FIELDS = (("index", "I", 0), ("num", "I", 0))
+    index: U32 = 0
+    num: U32 = 0
 
 
 class VringAddr(NativeStruct, size=40):
     """struct vhost_vring_addr: ring areas as front-end virtual addresses."""
 
-    FIELDS = (
-        ("index", "I", 0),
-        ("flags", "I", 0),
-        ("desc_user_addr", "Q", 0),
-        ("used_user_addr", "Q", 0),
-        ("avail_user_addr", "Q", 0),
-        ("log_guest_addr", "Q", 0),
-    )
+    index: U32 = 0
+    flags: U32 = 0
+    desc_user_addr: wire.U64 = 0
+    used_user_addr: wire.U64 = 0
+    avail_user_addr: wire.U64 = 0
+    log_guest_addr: wire.U64 = 0
 
 
 class VringAddrFlag(enum.IntFlag):
@@ -141,34 +143,32 @@ VRING_NOFD = 1 << 8
 class MemoryHeader(NativeStruct, size=8):
     """Memory regions description: region count and padding, then the regions."""
 
-    FIELDS = (("nregions", "I", 0), ("padding", "I", 0))
+    nregions: U32 = 0
+    padding: U32 = 0
 
 
 class MemoryRegion(NativeStruct, size=32):
-    FIELDS = (
-        ("guest_phys_addr", "Q", 0),
-        ("memory_size", "Q", 0),
-        ("userspace_addr", "Q", 0),
-        ("mmap_offset", "Q", 0),
-    )
+    guest_phys_addr: wire.U64 = 0
+    memory_size: wire.U64 = 0
+    userspace_addr: wire.U64 = 0
+    mmap_offset: wire.U64 = 0
 
 
 class SingleMemoryRegion(NativeStruct, size=40):
     """ADD_MEM_REG / REM_MEM_REG payload: 64-bit padding then one region."""
 
-    FIELDS = (
-        ("padding", "Q", 0),
-        ("guest_phys_addr", "Q", 0),
-        ("memory_size", "Q", 0),
-        ("userspace_addr", "Q", 0),
-        ("mmap_offset", "Q", 0),
-    )
+    padding: wire.U64 = 0
+    guest_phys_addr: wire.U64 = 0
+    memory_size: wire.U64 = 0
+    userspace_addr: wire.U64 = 0
+    mmap_offset: wire.U64 = 0
 
 
 class LogDescription(NativeStruct, size=16):
     """SET_LOG_BASE payload with LOG_SHMFD: size and offset of the log in the fd."""
 
-    FIELDS = (("mmap_size", "Q", 0), ("mmap_offset", "Q", 0))
+    mmap_size: wire.U64 = 0
+    mmap_offset: wire.U64 = 0
 
 
 # ---------------------------------------------------------------- feature bits
@@ -248,7 +248,10 @@ MAX_QUEUE_SIZE = 32768
 class Descriptor(LEStruct, size=16):
     """struct virtq_desc."""
 
-    FIELDS = (("addr", "Q", 0), ("len", "I", 0), ("flags", "H", 0), ("next", "H", 0))
+    addr: wire.U64 = 0
+    len: U32 = 0
+    flags: U16 = 0
+    next: U16 = 0
 
 
 class DescFlag(enum.IntFlag):
@@ -260,7 +263,8 @@ class DescFlag(enum.IntFlag):
 class UsedElem(LEStruct, size=8):
     """struct virtq_used_elem: head id and bytes written."""
 
-    FIELDS = (("id", "I", 0), ("len", "I", 0))
+    id: U32 = 0
+    len: U32 = 0
 
 
 VRING_AVAIL_F_NO_INTERRUPT = 1  # avail.flags: driver does not want interrupts
@@ -298,15 +302,13 @@ USED_ALIGN = 4
 class NetHdr(LEStruct, size=12):
     """struct virtio_net_hdr_v1 (VERSION_1 or MRG_RXBUF)."""
 
-    FIELDS = (
-        ("flags", "B", 0),
-        ("gso_type", "B", 0),
-        ("hdr_len", "H", 0),
-        ("gso_size", "H", 0),
-        ("csum_start", "H", 0),
-        ("csum_offset", "H", 0),
-        ("num_buffers", "H", 0),
-    )
+    flags: U8 = 0
+    gso_type: U8 = 0
+    hdr_len: U16 = 0
+    gso_size: U16 = 0
+    csum_start: U16 = 0
+    csum_offset: U16 = 0
+    num_buffers: U16 = 0
 
 
 NET_HDR_LEGACY_SIZE = 10  # without num_buffers: legacy device without MRG_RXBUF

@@ -19,7 +19,7 @@ import struct
 
 from appliance.pci.config import ConfigSpace
 from appliance.pci.msix import MsixLayout
-from appliance.wire import BitFields, Struct
+from appliance.wire import U8, U16, U32, BitFields, Struct
 
 
 class CapId(enum.IntEnum):
@@ -45,14 +45,12 @@ def field_offset(cls: type[Struct], name: str) -> int:
 class PmCap(Struct, size=8):
     """Power Management capability (PCI Bus PM Interface 1.2 section 3.2)."""
 
-    FIELDS = (
-        ("cap_id", "B", CapId.POWER_MANAGEMENT),
-        ("next", "B", 0),
-        ("pmc", "H", 0),
-        ("pmcsr", "H", 0),
-        ("bridge_ext", "B", 0),
-        ("data", "B", 0),
-    )
+    cap_id: U8 = CapId.POWER_MANAGEMENT
+    next: U8 = 0
+    pmc: U16 = 0
+    pmcsr: U16 = 0
+    bridge_ext: U8 = 0
+    data: U8 = 0
 
 
 PM_PMC = 0x02
@@ -100,13 +98,11 @@ def add_power_management(config: ConfigSpace) -> int:
 class MsixCap(Struct, size=12):
     """MSI-X capability (PCI 3.0 section 6.8.2)."""
 
-    FIELDS = (
-        ("cap_id", "B", CapId.MSIX),
-        ("next", "B", 0),
-        ("control", "H", 0),
-        ("table", "I", 0),  # Table Offset (QWORD aligned) | Table BIR
-        ("pba", "I", 0),  # PBA Offset (QWORD aligned) | PBA BIR
-    )
+    cap_id: U8 = CapId.MSIX
+    next: U8 = 0
+    control: U16 = 0
+    table: U32 = 0  # Table Offset (QWORD aligned) | Table BIR
+    pba: U32 = 0  # PBA Offset (QWORD aligned) | PBA BIR
 
 
 MSIX_CONTROL = 0x02
@@ -145,32 +141,30 @@ def add_msix(config: ConfigSpace, layout: MsixLayout) -> int:
 class PcieCap(Struct, size=0x3C):
     """PCI Express capability, version 2 layout (PCIe base 4.0 section 7.5.3)."""
 
-    FIELDS = (
-        ("cap_id", "B", CapId.PCI_EXPRESS),
-        ("next", "B", 0),
-        ("pcie_caps", "H", 0),
-        ("dev_caps", "I", 0),
-        ("dev_control", "H", 0),
-        ("dev_status", "H", 0),
-        ("link_caps", "I", 0),
-        ("link_control", "H", 0),
-        ("link_status", "H", 0),
-        ("slot_caps", "I", 0),
-        ("slot_control", "H", 0),
-        ("slot_status", "H", 0),
-        ("root_control", "H", 0),
-        ("root_caps", "H", 0),
-        ("root_status", "I", 0),
-        ("dev_caps2", "I", 0),
-        ("dev_control2", "H", 0),
-        ("dev_status2", "H", 0),
-        ("link_caps2", "I", 0),
-        ("link_control2", "H", 0),
-        ("link_status2", "H", 0),
-        ("slot_caps2", "I", 0),
-        ("slot_control2", "H", 0),
-        ("slot_status2", "H", 0),
-    )
+    cap_id: U8 = CapId.PCI_EXPRESS
+    next: U8 = 0
+    pcie_caps: U16 = 0
+    dev_caps: U32 = 0
+    dev_control: U16 = 0
+    dev_status: U16 = 0
+    link_caps: U32 = 0
+    link_control: U16 = 0
+    link_status: U16 = 0
+    slot_caps: U32 = 0
+    slot_control: U16 = 0
+    slot_status: U16 = 0
+    root_control: U16 = 0
+    root_caps: U16 = 0
+    root_status: U32 = 0
+    dev_caps2: U32 = 0
+    dev_control2: U16 = 0
+    dev_status2: U16 = 0
+    link_caps2: U32 = 0
+    link_control2: U16 = 0
+    link_status2: U16 = 0
+    slot_caps2: U32 = 0
+    slot_control2: U16 = 0
+    slot_status2: U16 = 0
 
 
 PCIE_CAPS = 0x02

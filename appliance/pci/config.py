@@ -31,9 +31,10 @@ from __future__ import annotations
 import enum
 import errno
 from collections.abc import Iterator
+from typing import Annotated
 
 from appliance.errors import LocalProtocolError
-from appliance.wire import Struct
+from appliance.wire import U8, U16, U32, Struct
 
 CONFIG_SPACE_SIZE = 4096
 LEGACY_CONFIG_SIZE = 256
@@ -125,34 +126,32 @@ BAR_FLAGS_MASK = 0xF
 class Type0Header(Struct, size=HEADER_SIZE):
     """The type-0 configuration header (PCI 3.0 section 6.1)."""
 
-    FIELDS = (
-        ("vendor_id", "H", 0xFFFF),
-        ("device_id", "H", 0xFFFF),
-        ("command", "H", 0),
-        ("status", "H", 0),
-        ("revision", "B", 0),
-        ("class_code", "3s", b"\0\0\0"),  # prog-if, sub-class, base class
-        ("cache_line_size", "B", 0),
-        ("latency_timer", "B", 0),
-        ("header_type", "B", 0),
-        ("bist", "B", 0),
-        ("bar0", "I", 0),
-        ("bar1", "I", 0),
-        ("bar2", "I", 0),
-        ("bar3", "I", 0),
-        ("bar4", "I", 0),
-        ("bar5", "I", 0),
-        ("cardbus_cis", "I", 0),
-        ("subsystem_vendor_id", "H", 0),
-        ("subsystem_id", "H", 0),
-        ("rom_address", "I", 0),
-        ("capability_pointer", "B", 0),
-        ("reserved", "7s", b"\0" * 7),
-        ("interrupt_line", "B", 0),
-        ("interrupt_pin", "B", 0),
-        ("min_grant", "B", 0),
-        ("max_latency", "B", 0),
-    )
+    vendor_id: U16 = 0xFFFF
+    device_id: U16 = 0xFFFF
+    command: U16 = 0
+    status: U16 = 0
+    revision: U8 = 0
+    class_code: Annotated[bytes, "3s"] = b"\0\0\0"  # prog-if, sub-class, base class
+    cache_line_size: U8 = 0
+    latency_timer: U8 = 0
+    header_type: U8 = 0
+    bist: U8 = 0
+    bar0: U32 = 0
+    bar1: U32 = 0
+    bar2: U32 = 0
+    bar3: U32 = 0
+    bar4: U32 = 0
+    bar5: U32 = 0
+    cardbus_cis: U32 = 0
+    subsystem_vendor_id: U16 = 0
+    subsystem_id: U16 = 0
+    rom_address: U32 = 0
+    capability_pointer: U8 = 0
+    reserved: Annotated[bytes, "7s"] = b"\0" * 7
+    interrupt_line: U8 = 0
+    interrupt_pin: U8 = 0
+    min_grant: U8 = 0
+    max_latency: U8 = 0
 
 
 def check_range(offset: int, count: int, size: int, what: str) -> None:

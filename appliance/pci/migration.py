@@ -20,7 +20,7 @@ from appliance.errors import LocalProtocolError
 from appliance.pci.config import CONFIG_SPACE_SIZE, STATUS, PciStatus
 from appliance.vfio_user.migration_stream import Record, RecordType
 from appliance.vfio_user.wire import PCI_NUM_IRQS, PciIrq
-from appliance.wire import Struct, WireError
+from appliance.wire import U16, U32, Struct, WireError
 
 if TYPE_CHECKING:
     from appliance.pci.device import PciDevice
@@ -30,36 +30,33 @@ if TYPE_CHECKING:
 class PciStateHead(Struct, size=24):
     """PCI_CONFIG payload head; config bytes then ``n_masked`` IrqMask entries follow."""
 
-    FIELDS = (
-        ("version", "H", 1),
-        ("irq_mode", "H", 0),  # PciIrq the device signals through (informational)
-        ("config_size", "I", CONFIG_SPACE_SIZE),
-        ("count_intx", "H", 0),  # sub-indexes enabled per irq index (set_irq_count)
-        ("count_msi", "H", 0),
-        ("count_msix", "H", 0),
-        ("count_err", "H", 0),
-        ("count_req", "H", 0),
-        ("reserved", "H", 0),
-        ("n_masked", "I", 0),
-    )
+    version: U16 = 1
+    irq_mode: U16 = 0  # PciIrq the device signals through (informational)
+    config_size: U32 = CONFIG_SPACE_SIZE
+    count_intx: U16 = 0  # sub-indexes enabled per irq index (set_irq_count)
+    count_msi: U16 = 0
+    count_msix: U16 = 0
+    count_err: U16 = 0
+    count_req: U16 = 0
+    reserved: U16 = 0
+    n_masked: U32 = 0
 
 
 class IrqMask(Struct, size=4):
     """One sub-index the client masked with SET_IRQS ACTION_MASK."""
 
-    FIELDS = (("index", "H", 0), ("sub", "H", 0))
+    index: U16 = 0
+    sub: U16 = 0
 
 
 class MsixStateHead(Struct, size=16):
     """MSIX payload head; the table bytes, then the PBA bytes follow."""
 
-    FIELDS = (
-        ("vectors", "H", 0),
-        ("flags", "H", 0),  # MSIX_TABLE_IN_USE | MSIX_FUNCTION_MASKED
-        ("table_size", "I", 0),
-        ("pba_size", "I", 0),
-        ("reserved", "I", 0),
-    )
+    vectors: U16 = 0
+    flags: U16 = 0  # MSIX_TABLE_IN_USE | MSIX_FUNCTION_MASKED
+    table_size: U32 = 0
+    pba_size: U32 = 0
+    reserved: U32 = 0
 
 
 MSIX_TABLE_IN_USE = 0x1

@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from appliance.pci.config import check_range
-from appliance.wire import Struct
+from appliance.wire import U32, Struct
 
 ENTRY_SIZE = 16
 MAX_VECTORS = 2048  # Table Size is 11 bits, encoded N-1 (section 6.8.2.3)
@@ -47,12 +47,10 @@ VECTOR_MASKED = 0x1  # Vector Control bit 0; bits 31:1 reserved, read as 0
 class MsixEntry(Struct, size=ENTRY_SIZE):
     """One MSI-X table entry (section 6.8.2.6 - 6.8.2.9)."""
 
-    FIELDS = (
-        ("address_lo", "I", 0),
-        ("address_hi", "I", 0),
-        ("data", "I", 0),
-        ("control", "I", VECTOR_MASKED),
-    )
+    address_lo: U32 = 0
+    address_hi: U32 = 0
+    data: U32 = 0
+    control: U32 = VECTOR_MASKED
 
 
 # Client-writable bits of one entry: everything but reserved Vector Control bits.

@@ -91,11 +91,10 @@ class Appliance:
         def migration_handler(memory: ClientMemory) -> VfioUserMigration:
             return VfioUserMigration(migratable, memory, name="nvme")
 
-        self.controller.migration_handler = migration_handler  # type: ignore[attr-defined]
         self.migratable = migratable
         service = VfioUserService(self.loop, st["socket"], self.controller, name="nvme",
                                   dma_layout=DmaLayout(st["dma_layout"]),
-                                  max_backlog=st["max_backlog"])
+                                  max_backlog=st["max_backlog"], migration=migration_handler)
         self.services.append(service)
         self.vfio_user = service
         self.loop.add_idle(self.controller.poll)

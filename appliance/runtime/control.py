@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any, Self
 
 from appliance.control.commands import Target, dispatch
-from appliance.control.faults import FaultSet
+from appliance.control.faults import Direction, FaultSet
 from appliance.control.protocol import (
     FAILED,
     ControlConnection,
@@ -250,7 +250,7 @@ class ControlService:
             if not faults.rules and not faults.frames:
                 deliver(frame)
                 return
-            for f in faults.frame(port.name, "rx", frame, deliver):
+            for f in faults.frame(port.name, Direction.RX, frame, deliver):
                 deliver(f)
 
         def from_guest(src: Any, frame: bytes) -> None:
@@ -261,7 +261,7 @@ class ControlService:
             if not faults.rules and not faults.frames:
                 uplink(src, frame)
                 return
-            for f in faults.frame(port.name, "tx", frame, lambda fr: uplink(port, fr)):
+            for f in faults.frame(port.name, Direction.TX, frame, lambda fr: uplink(port, fr)):
                 uplink(src, f)
 
         port.deliver = to_guest

@@ -36,11 +36,11 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import Any
+from typing import Annotated, Any
 
 from appliance.errors import StreamRefused
 from appliance.vfio_user.migration_stream import Record, RecordType
-from appliance.wire import Struct
+from appliance.wire import U16, U32, Struct
 
 MAGIC = b"AHO1"
 MAX_FDS_PER_FRAME = 250  # the kernel's SCM_MAX_FD is 253
@@ -57,7 +57,10 @@ class FrameKind(enum.IntEnum):
 
 
 class FrameHead(Struct, size=12):
-    FIELDS = (("magic", "4s", MAGIC), ("kind", "H", 0), ("nfds", "H", 0), ("length", "I", 0))
+    magic: Annotated[bytes, "4s"] = MAGIC
+    kind: U16 = 0
+    nfds: U16 = 0
+    length: U32 = 0
 
 
 class HandoffError(StreamRefused):

@@ -39,6 +39,7 @@ from appliance.vfio_user.backend import VfioUserDevice
 from appliance.vfio_user.server import (
     MAX_MSG_FDS,
     DmaLayout,
+    MigrationFactory,
     ServerConnection,
     check_handoff_state,
 )
@@ -65,11 +66,13 @@ class VfioUserClientSocket:
 
     def __init__(self, loop: EventLoop, sock: socket.socket, device: VfioUserDevice,
                  on_close: Callable[[VfioUserClientSocket], None], name: str,
-                 dma_layout: DmaLayout = DmaLayout.SPEC, max_backlog: int = MAX_BACKLOG) -> None:
+                 dma_layout: DmaLayout = DmaLayout.SPEC, max_backlog: int = MAX_BACKLOG,
+                 migration: MigrationFactory | None = None) -> None:
         """Serve ``sock`` (made non-blocking here) until either side closes it.
 
         ``max_backlog``: unsent reply bytes, behind the reply being written,
-        past which the client is disconnected.
+        past which the client is disconnected.  ``migration``: the device's
+        migration handler factory (:class:`ServerConnection`'s).
         """
         self.loop = loop
         self.sock = sock
@@ -77,7 +80,7 @@ class VfioUserClientSocket:
         self.on_close = on_close
         self.max_backlog = max_backlog
         self.conn = ServerConnection(device, notify=signal_eventfd, dma_layout=dma_layout,
-                                     name=name, is_eventfd=unix.is_eventfd)
+                                     name=name, is_eventfd=unix.is_eventfd, migration=migration)
         self._dma_watch: frozenset[int] = frozenset()  # DMA messages the timer checks
         self._out: deque[tuple[memoryview, list[int]]] = deque()
         self.backlog = 0  # bytes in _out
@@ -206,8 +209,12 @@ class VfioUserService:
     """A listening socket serving one device."""
 
     def __init__(self, loop: EventLoop, path: str, device: VfioUserDevice, name: str = "vfio-user",
-                 dma_layout: DmaLayout = DmaLayout.SPEC, max_backlog: int = MAX_BACKLOG) -> None:
+                 dma_layout: DmaLayout = DmaLayout.SPEC, max_backlog: int = MAX_BACKLOG,
+                 migration: MigrationFactory | None = None) -> None:
+        """``migration``: builds each client connection's migration handler
+        (None: the device does not migrate)."""
         self.loop = loop
+        self.migration = migration
         self.dma_layout = dma_layout
         self.max_backlog = max_backlog
         self.path = path
@@ -234,7 +241,7 @@ class VfioUserService:
         log.info("%s: client connected on %s", self.name, self.path)
         self.client = VfioUserClientSocket(self.loop, sock, self.device, self._closed,
                                            f"{self.name}#{self.connections}", self.dma_layout,
-                                           self.max_backlog)
+                                           self.max_backlog, self.migration)
 
     def _closed(self, client: VfioUserClientSocket) -> None:
         if self.client is client:
@@ -349,7 +356,7 @@ class VfioUserService:
             self.connections = int(state.get("connections", self.connections))
             client = VfioUserClientSocket(self.loop, sock, self.device, self._closed,
                                           f"{self.name}#{self.connections}", self.dma_layout,
-                                          self.max_backlog)
+                                          self.max_backlog, self.migration)
             try:
                 client.conn.handoff_adopt(client_state["conn"], fds)
             except LocalProtocolError as exc:

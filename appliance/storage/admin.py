@@ -76,7 +76,7 @@ def receive(ctrl: NvmeController, cmd: Command, length: int) -> bytes:
 
 # ---------------------------------------------------------------- queues (5.3-5.6)
 def _new_queue_id(ctrl: NvmeController, cmd: Command, existing: Mapping[int, object]) -> int:
-    qid, qsize = int(cmd.cdw10) & 0xFFFF, (int(cmd.cdw10) >> 16) + 1
+    qid, qsize = cmd.cdw10 & 0xFFFF, (cmd.cdw10 >> 16) + 1
     _check(0 < qid <= ctrl.io_queues and qid not in existing, ST.INVALID_QUEUE_IDENTIFIER,
            f"queue id {qid}")
     _check(2 <= qsize <= ctrl.regs.mqes + 1, ST.INVALID_QUEUE_SIZE, f"queue size {qsize}")

@@ -54,7 +54,7 @@ from appliance.errors import LocalProtocolError
 from appliance.memory import ClientMemory, DmaPending, DmaScope, GuestMemoryError
 from appliance.pci import Bar, MsixLayout, PciDevice
 from appliance.storage import admin, io
-from appliance.storage.doorbells import DoorbellPage
+from appliance.storage.doorbells import DoorbellMode, DoorbellPage
 from appliance.storage.identity import (
     AERL,
     BAR0_SIZE,
@@ -107,7 +107,6 @@ from appliance.vfio_user.wire import PciIrq
 
 log = logging.getLogger("appliance.storage")
 
-DOORBELL_MODES = ("message", "mmap")
 # I/O commands whose CDW10-11 hold an SLBA (the Error Information entry's LBA).
 LBA_OPCODES = frozenset({IoOpcode.WRITE, IoOpcode.READ, IoOpcode.COMPARE, IoOpcode.WRITE_ZEROES})
 # Doorbell page polling (mmap mode): the runtime's timer period, fast while the
@@ -152,7 +151,8 @@ class NvmeController(PciDevice):
     def __init__(self, namespaces: Sequence[dict[str, Any]], io_queues: int = 4,
                  queue_entries: int = 1024, serial: str = "APPLIANCE0001",
                  model: str = "Appliance NVMe", firmware: str = "0.1",
-                 clock: Callable[[], float] | None = None, doorbells: str = "message") -> None:
+                 clock: Callable[[], float] | None = None,
+                 doorbells: DoorbellMode = DoorbellMode.MESSAGE) -> None:
         """Open the namespace images and build the PCI function.
 
         ``namespaces``: dicts with ``image``, ``size``, ``block_size`` (512 or
@@ -170,8 +170,9 @@ class NvmeController(PciDevice):
         """
         if not 1 <= io_queues <= 255 or not 2 <= queue_entries <= 65536:
             raise ValueError(f"io_queues {io_queues} / queue_entries {queue_entries} out of range")
-        if doorbells not in DOORBELL_MODES:
-            raise ValueError(f"doorbells {doorbells!r} not in {DOORBELL_MODES}")
+        if doorbells not in tuple(DoorbellMode):  # the config's strings are welcome too
+            raise ValueError(f"doorbells {doorbells!r} not one of {', '.join(DoorbellMode)}")
+        doorbells = DoorbellMode(doorbells)
         #: where blocking file I/O runs (the runtime's threads); None: inline (tests)
         self.offload: Offload | None = None
         self.doorbell_page: DoorbellPage | None = None
@@ -188,7 +189,7 @@ class NvmeController(PciDevice):
                     nsid, cfg["image"], cfg["size"], cfg.get("block_size", 512),
                     cfg.get("read_only", False))
             mmap_areas: tuple[tuple[int, int], ...] = ()
-            if doorbells == "mmap":
+            if doorbells is DoorbellMode.MMAP:
                 self.doorbell_page = DoorbellPage()
                 mmap_areas = ((REGISTERS_END, DOORBELLS_END - REGISTERS_END),)
             super().__init__(

@@ -39,6 +39,7 @@ anyone sees it, and its ``ftruncate`` fails with EPERM.
 
 from __future__ import annotations
 
+import enum
 import fcntl
 import mmap
 import os
@@ -50,6 +51,13 @@ PAGE_OFFSET = 0x1000  # the page's offset in BAR0 and in the memfd
 PAGE_SIZE = 0x1000
 SLOTS = PAGE_SIZE // 4
 _SWAP = sys.byteorder != "little"
+
+
+class DoorbellMode(enum.StrEnum):
+    """How the host reaches the doorbells (config key ``storage.doorbells``)."""
+
+    MESSAGE = "message"  # vfio-user region writes only
+    MMAP = "mmap"  # BAR0's doorbell page is a memfd the client may map (DoorbellPage)
 
 
 def _le(value: int) -> int:

@@ -105,7 +105,7 @@ from appliance.vfio_user.migration_stream import (
     parse_blocks_head,
     parse_device_state,
 )
-from appliance.wire import Struct, WireError
+from appliance.wire import U8, U16, U32, U64, Struct, WireError
 
 PAGE = 4096  # dirty-tracking unit: the NVMe page (a namespace's block if larger)
 MAX_RECORD = 1 << 20  # data bytes per NAMESPACE_BLOCKS record: dirty runs coalesce up to it
@@ -125,79 +125,90 @@ MAX_BACKLOG = 1 << 16
 class CtrlStateHead(Struct, size=96):
     """DEVICE_STATE (NVME_CONTROLLER) blob head; the arrays below follow in this order."""
 
-    FIELDS = (
-        ("version", "H", STATE_VERSION),
-        ("flags", "H", 0),  # FLAG_SHADOW | FLAG_TIMESTAMP
-        ("ctrl_state", "B", 0),  # index into STATES
-        ("ready", "B", 0),
-        ("reserved0", "H", 0),
-        ("cc", "I", 0),
-        ("aqa", "I", 0),
-        ("intms", "I", 0),
-        ("error_count", "I", 0),
-        ("asq", "Q", 0),
-        ("acq", "Q", 0),
-        ("shadow_doorbells", "Q", 0),
-        ("shadow_event_idx", "Q", 0),
-        ("timestamp_ms", "Q", 0),
-        ("n_sq", "H", 0),
-        ("n_cq", "H", 0),
-        ("n_backlog", "I", 0),  # completions waiting in CQ backlogs, in CQ order
-        ("n_aer", "H", 0),
-        ("n_events", "H", 0),
-        ("n_masked", "H", 0),
-        ("n_errors", "H", 0),
-        ("n_changed", "I", 0),
-        ("n_features", "H", 0),
-        ("n_thresholds", "H", 0),
-        ("n_tler", "H", 0),
-        ("n_no_coalescing", "H", 0),
-        ("reserved1", "I", 0),
-    )
+    version: U16 = STATE_VERSION
+    flags: U16 = 0  # FLAG_SHADOW | FLAG_TIMESTAMP
+    ctrl_state: U8 = 0  # index into STATES
+    ready: U8 = 0
+    reserved0: U16 = 0
+    cc: U32 = 0
+    aqa: U32 = 0
+    intms: U32 = 0
+    error_count: U32 = 0
+    asq: U64 = 0
+    acq: U64 = 0
+    shadow_doorbells: U64 = 0
+    shadow_event_idx: U64 = 0
+    timestamp_ms: U64 = 0
+    n_sq: U16 = 0
+    n_cq: U16 = 0
+    n_backlog: U32 = 0  # completions waiting in CQ backlogs, in CQ order
+    n_aer: U16 = 0
+    n_events: U16 = 0
+    n_masked: U16 = 0
+    n_errors: U16 = 0
+    n_changed: U32 = 0
+    n_features: U16 = 0
+    n_thresholds: U16 = 0
+    n_tler: U16 = 0
+    n_no_coalescing: U16 = 0
+    reserved1: U32 = 0
 
 
 class SqState(Struct, size=32):
-    FIELDS = (
-        ("qid", "H", 0), ("cqid", "H", 0), ("size", "I", 0), ("base", "Q", 0),
-        ("head", "I", 0), ("tail", "I", 0),
-        ("shadow_published", "I", NONE32), ("shadow_rejected", "I", NONE32),
-    )
+    qid: U16 = 0
+    cqid: U16 = 0
+    size: U32 = 0
+    base: U64 = 0
+    head: U32 = 0
+    tail: U32 = 0
+    shadow_published: U32 = NONE32
+    shadow_rejected: U32 = NONE32
 
 
 class CqState(Struct, size=40):
-    FIELDS = (
-        ("qid", "H", 0), ("vector", "H", 0), ("size", "I", 0), ("base", "Q", 0),
-        ("head", "I", 0), ("tail", "I", 0),
-        ("phase", "B", 1), ("ien", "B", 0), ("unsignalled", "B", 0), ("reserved", "B", 0),
-        ("n_backlog", "I", 0),
-        ("shadow_published", "I", NONE32), ("shadow_rejected", "I", NONE32),
-    )
+    qid: U16 = 0
+    vector: U16 = 0
+    size: U32 = 0
+    base: U64 = 0
+    head: U32 = 0
+    tail: U32 = 0
+    phase: U8 = 1
+    ien: U8 = 0
+    unsignalled: U8 = 0
+    reserved: U8 = 0
+    n_backlog: U32 = 0
+    shadow_published: U32 = NONE32
+    shadow_rejected: U32 = NONE32
 
 
 class Cid(Struct, size=2):
-    FIELDS = (("cid", "H", 0),)
+    cid: U16 = 0
 
 
 class EventState(Struct, size=4):
-    FIELDS = (("type", "B", 0), ("info", "B", 0), ("log_page", "B", 0), ("reserved", "B", 0))
+    type: U8 = 0
+    info: U8 = 0
+    log_page: U8 = 0
+    reserved: U8 = 0
 
 
 class LogPageId(Struct, size=2):
-    FIELDS = (("log_page", "H", 0),)
+    log_page: U16 = 0
 
 
 class Nsid(Struct, size=4):
-    FIELDS = (("nsid", "I", 0),)
+    nsid: U32 = 0
 
 
 class KeyValue(Struct, size=8):
     """A (key, value) pair: feature id / threshold select / nsid -> value."""
 
-    FIELDS = (("key", "I", 0), ("value", "I", 0))
+    key: U32 = 0
+    value: U32 = 0
 
 
 class Vector(Struct, size=4):
-    FIELDS = (("vector", "I", 0),)
+    vector: U32 = 0
 
 
 def _bad(message: str) -> LocalProtocolError:
@@ -372,7 +383,8 @@ def _check_queues(ctrl: NvmeController, head: CtrlStateHead, sqs: list[SqState],
     # The admin queues are what CC.EN built from AQA, ASQ and ACQ.
     admin_sq = (AQA.get(head.aqa, "asqs") + 1, head.asq)
     admin_cq = (AQA.get(head.aqa, "acqs") + 1, head.acq)
-    for q in (*sqs, *cqs):
+    queues: list[SqState | CqState] = [*sqs, *cqs]
+    for q in queues:
         if q.qid == 0:
             if (q.size, q.base) != (admin_sq if isinstance(q, SqState) else admin_cq):
                 raise _bad(f"admin queue {q.size}@{q.base:#x} does not match AQA/ASQ/ACQ")

@@ -19,9 +19,10 @@ No I/O and no imports from the rest of :mod:`appliance.storage`.
 from __future__ import annotations
 
 import enum
+from typing import Annotated
 
 from appliance.errors import ApplianceError
-from appliance.wire import BitFields, Struct
+from appliance.wire import U8, U16, U32, U64, BitFields, Struct
 
 PAGE_SHIFT = 12  # CAP.MPSMIN = CAP.MPSMAX = 0: 4 KiB memory pages only
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -76,36 +77,32 @@ VERSION_1_4 = 0x00010400
 class Command(Struct, size=SQE_SIZE):
     """Submission queue entry, common layout (section 4.2, figure 105)."""
 
-    FIELDS = (
-        ("opcode", "B", 0),
-        ("flags", "B", 0),  # bits 1:0 FUSE, 5:2 reserved, 7:6 PSDT
-        ("cid", "H", 0),
-        ("nsid", "I", 0),
-        ("cdw2", "I", 0),
-        ("cdw3", "I", 0),
-        ("mptr", "Q", 0),
-        ("prp1", "Q", 0),
-        ("prp2", "Q", 0),
-        ("cdw10", "I", 0),
-        ("cdw11", "I", 0),
-        ("cdw12", "I", 0),
-        ("cdw13", "I", 0),
-        ("cdw14", "I", 0),
-        ("cdw15", "I", 0),
-    )
+    opcode: U8 = 0
+    flags: U8 = 0  # bits 1:0 FUSE, 5:2 reserved, 7:6 PSDT
+    cid: U16 = 0
+    nsid: U32 = 0
+    cdw2: U32 = 0
+    cdw3: U32 = 0
+    mptr: U64 = 0
+    prp1: U64 = 0
+    prp2: U64 = 0
+    cdw10: U32 = 0
+    cdw11: U32 = 0
+    cdw12: U32 = 0
+    cdw13: U32 = 0
+    cdw14: U32 = 0
+    cdw15: U32 = 0
 
 
 class Completion(Struct, size=CQE_SIZE):
     """Completion queue entry (section 4.6, figure 120)."""
 
-    FIELDS = (
-        ("dw0", "I", 0),
-        ("dw1", "I", 0),
-        ("sq_head", "H", 0),
-        ("sq_id", "H", 0),
-        ("cid", "H", 0),
-        ("status", "H", 0),  # bit 0 phase tag, 8:1 SC, 11:9 SCT, 13:12 CRD, 14 M, 15 DNR
-    )
+    dw0: U32 = 0
+    dw1: U32 = 0
+    sq_head: U16 = 0
+    sq_id: U16 = 0
+    cid: U16 = 0
+    status: U16 = 0  # bit 0 phase tag, 8:1 SC, 11:9 SCT, 13:12 CRD, 14 M, 15 DNR
 
 
 STATUS_DNR = 1 << 15
@@ -114,7 +111,9 @@ STATUS_DNR = 1 << 15
 class DsmRange(Struct, size=16):
     """Dataset Management range (NVM command set 1.4 section 6.7, figure 364)."""
 
-    FIELDS = (("attributes", "I", 0), ("nlb", "I", 0), ("slba", "Q", 0))
+    attributes: U32 = 0
+    nlb: U32 = 0
+    slba: U64 = 0
 
 
 # ---------------------------------------------------------------- opcodes
@@ -261,58 +260,149 @@ def status_field(status: int, dnr: bool, phase: int) -> int:
 class IdentifyController(Struct, size=IDENTIFY_SIZE):
     """Identify Controller data structure (figure 247)."""
 
-    FIELDS = (
-        ("vid", "H", 0), ("ssvid", "H", 0), ("sn", "20s", b""), ("mn", "40s", b""),
-        ("fr", "8s", b""), ("rab", "B", 0), ("ieee", "3s", b""), ("cmic", "B", 0),
-        ("mdts", "B", 0), ("cntlid", "H", 0), ("ver", "I", 0), ("rtd3r", "I", 0),
-        ("rtd3e", "I", 0), ("oaes", "I", 0), ("ctratt", "I", 0), ("rrls", "H", 0),
-        ("rsvd102", "9s", b""), ("cntrltype", "B", 0), ("fguid", "16s", b""),
-        ("crdt", "6s", b""), ("rsvd134", "106s", b""), ("nvmemi", "16s", b""),
-        ("oacs", "H", 0), ("acl", "B", 0), ("aerl", "B", 0), ("frmw", "B", 0),
-        ("lpa", "B", 0), ("elpe", "B", 0), ("npss", "B", 0), ("avscc", "B", 0),
-        ("apsta", "B", 0), ("wctemp", "H", 0), ("cctemp", "H", 0), ("mtfa", "H", 0),
-        ("hmpre", "I", 0), ("hmmin", "I", 0), ("tnvmcap", "16s", b""), ("unvmcap", "16s", b""),
-        ("rpmbs", "I", 0), ("edstt", "H", 0), ("dsto", "B", 0), ("fwug", "B", 0),
-        ("kas", "H", 0), ("hctma", "H", 0), ("mntmt", "H", 0), ("mxtmt", "H", 0),
-        ("sanicap", "I", 0), ("hmminds", "I", 0), ("hmmaxd", "H", 0), ("nsetidmax", "H", 0),
-        ("endgidmax", "H", 0), ("anatt", "B", 0), ("anacap", "B", 0), ("anagrpmax", "I", 0),
-        ("nanagrpid", "I", 0), ("pels", "I", 0), ("rsvd356", "156s", b""),
-        ("sqes", "B", 0), ("cqes", "B", 0), ("maxcmd", "H", 0), ("nn", "I", 0),
-        ("oncs", "H", 0), ("fuses", "H", 0), ("fna", "B", 0), ("vwc", "B", 0),
-        ("awun", "H", 0), ("awupf", "H", 0), ("nvscc", "B", 0), ("nwpc", "B", 0),
-        ("acwu", "H", 0), ("rsvd534", "2s", b""), ("sgls", "I", 0), ("mnan", "I", 0),
-        ("rsvd544", "224s", b""), ("subnqn", "256s", b""), ("rsvd1024", "768s", b""),
-        ("nvmof", "256s", b""), ("psd0", "32s", b""), ("psd1_31", "992s", b""),
-        ("vendor", "1024s", b""),
-    )
+    vid: U16 = 0
+    ssvid: U16 = 0
+    sn: Annotated[bytes, "20s"] = b""
+    mn: Annotated[bytes, "40s"] = b""
+    fr: Annotated[bytes, "8s"] = b""
+    rab: U8 = 0
+    ieee: Annotated[bytes, "3s"] = b""
+    cmic: U8 = 0
+    mdts: U8 = 0
+    cntlid: U16 = 0
+    ver: U32 = 0
+    rtd3r: U32 = 0
+    rtd3e: U32 = 0
+    oaes: U32 = 0
+    ctratt: U32 = 0
+    rrls: U16 = 0
+    rsvd102: Annotated[bytes, "9s"] = b""
+    cntrltype: U8 = 0
+    fguid: Annotated[bytes, "16s"] = b""
+    crdt: Annotated[bytes, "6s"] = b""
+    rsvd134: Annotated[bytes, "106s"] = b""
+    nvmemi: Annotated[bytes, "16s"] = b""
+    oacs: U16 = 0
+    acl: U8 = 0
+    aerl: U8 = 0
+    frmw: U8 = 0
+    lpa: U8 = 0
+    elpe: U8 = 0
+    npss: U8 = 0
+    avscc: U8 = 0
+    apsta: U8 = 0
+    wctemp: U16 = 0
+    cctemp: U16 = 0
+    mtfa: U16 = 0
+    hmpre: U32 = 0
+    hmmin: U32 = 0
+    tnvmcap: Annotated[bytes, "16s"] = b""
+    unvmcap: Annotated[bytes, "16s"] = b""
+    rpmbs: U32 = 0
+    edstt: U16 = 0
+    dsto: U8 = 0
+    fwug: U8 = 0
+    kas: U16 = 0
+    hctma: U16 = 0
+    mntmt: U16 = 0
+    mxtmt: U16 = 0
+    sanicap: U32 = 0
+    hmminds: U32 = 0
+    hmmaxd: U16 = 0
+    nsetidmax: U16 = 0
+    endgidmax: U16 = 0
+    anatt: U8 = 0
+    anacap: U8 = 0
+    anagrpmax: U32 = 0
+    nanagrpid: U32 = 0
+    pels: U32 = 0
+    rsvd356: Annotated[bytes, "156s"] = b""
+    sqes: U8 = 0
+    cqes: U8 = 0
+    maxcmd: U16 = 0
+    nn: U32 = 0
+    oncs: U16 = 0
+    fuses: U16 = 0
+    fna: U8 = 0
+    vwc: U8 = 0
+    awun: U16 = 0
+    awupf: U16 = 0
+    nvscc: U8 = 0
+    nwpc: U8 = 0
+    acwu: U16 = 0
+    rsvd534: Annotated[bytes, "2s"] = b""
+    sgls: U32 = 0
+    mnan: U32 = 0
+    rsvd544: Annotated[bytes, "224s"] = b""
+    subnqn: Annotated[bytes, "256s"] = b""
+    rsvd1024: Annotated[bytes, "768s"] = b""
+    nvmof: Annotated[bytes, "256s"] = b""
+    psd0: Annotated[bytes, "32s"] = b""
+    psd1_31: Annotated[bytes, "992s"] = b""
+    vendor: Annotated[bytes, "1024s"] = b""
 
 
 class PowerState(Struct, size=32):
     """Power State Descriptor (figure 248)."""
 
-    FIELDS = (
-        ("mp", "H", 0), ("rsvd2", "B", 0), ("flags", "B", 0), ("enlat", "I", 0),
-        ("exlat", "I", 0), ("rrt", "B", 0), ("rrl", "B", 0), ("rwt", "B", 0), ("rwl", "B", 0),
-        ("idlp", "H", 0), ("ips", "B", 0), ("rsvd19", "B", 0), ("actp", "H", 0),
-        ("apw_aps", "B", 0), ("rsvd23", "9s", b""),
-    )
+    mp: U16 = 0
+    rsvd2: U8 = 0
+    flags: U8 = 0
+    enlat: U32 = 0
+    exlat: U32 = 0
+    rrt: U8 = 0
+    rrl: U8 = 0
+    rwt: U8 = 0
+    rwl: U8 = 0
+    idlp: U16 = 0
+    ips: U8 = 0
+    rsvd19: U8 = 0
+    actp: U16 = 0
+    apw_aps: U8 = 0
+    rsvd23: Annotated[bytes, "9s"] = b""
 
 
 class IdentifyNamespace(Struct, size=IDENTIFY_SIZE):
     """Identify Namespace data structure, NVM command set (figure 245)."""
 
-    FIELDS = (
-        ("nsze", "Q", 0), ("ncap", "Q", 0), ("nuse", "Q", 0), ("nsfeat", "B", 0),
-        ("nlbaf", "B", 0), ("flbas", "B", 0), ("mc", "B", 0), ("dpc", "B", 0), ("dps", "B", 0),
-        ("nmic", "B", 0), ("rescap", "B", 0), ("fpi", "B", 0), ("dlfeat", "B", 0),
-        ("nawun", "H", 0), ("nawupf", "H", 0), ("nacwu", "H", 0), ("nabsn", "H", 0),
-        ("nabo", "H", 0), ("nabspf", "H", 0), ("noiob", "H", 0), ("nvmcap", "16s", b""),
-        ("npwg", "H", 0), ("npwa", "H", 0), ("npdg", "H", 0), ("npda", "H", 0), ("nows", "H", 0),
-        ("rsvd74", "18s", b""), ("anagrpid", "I", 0), ("rsvd96", "3s", b""), ("nsattr", "B", 0),
-        ("nvmsetid", "H", 0), ("endgid", "H", 0), ("nguid", "16s", b""), ("eui64", "8s", b""),
-        ("lbaf0", "I", 0), ("lbaf1_15", "60s", b""), ("rsvd192", "192s", b""),
-        ("vendor", "3712s", b""),
-    )
+    nsze: U64 = 0
+    ncap: U64 = 0
+    nuse: U64 = 0
+    nsfeat: U8 = 0
+    nlbaf: U8 = 0
+    flbas: U8 = 0
+    mc: U8 = 0
+    dpc: U8 = 0
+    dps: U8 = 0
+    nmic: U8 = 0
+    rescap: U8 = 0
+    fpi: U8 = 0
+    dlfeat: U8 = 0
+    nawun: U16 = 0
+    nawupf: U16 = 0
+    nacwu: U16 = 0
+    nabsn: U16 = 0
+    nabo: U16 = 0
+    nabspf: U16 = 0
+    noiob: U16 = 0
+    nvmcap: Annotated[bytes, "16s"] = b""
+    npwg: U16 = 0
+    npwa: U16 = 0
+    npdg: U16 = 0
+    npda: U16 = 0
+    nows: U16 = 0
+    rsvd74: Annotated[bytes, "18s"] = b""
+    anagrpid: U32 = 0
+    rsvd96: Annotated[bytes, "3s"] = b""
+    nsattr: U8 = 0
+    nvmsetid: U16 = 0
+    endgid: U16 = 0
+    nguid: Annotated[bytes, "16s"] = b""
+    eui64: Annotated[bytes, "8s"] = b""
+    lbaf0: U32 = 0
+    lbaf1_15: Annotated[bytes, "60s"] = b""
+    rsvd192: Annotated[bytes, "192s"] = b""
+    vendor: Annotated[bytes, "3712s"] = b""
 
 
 LBAF = BitFields(32, reserved=0x3F << 26, ms=(0, 16), lbads=(16, 8), rp=(24, 2))
@@ -324,7 +414,9 @@ DLFEAT_WZ_DEALLOCATE = 0x08  # Write Zeroes supports the Deallocate bit
 class NsIdDescriptor(Struct, size=4):
     """Namespace Identification Descriptor header (figure 249); NID follows."""
 
-    FIELDS = (("nidt", "B", 0), ("nidl", "B", 0), ("rsvd", "H", 0))
+    nidt: U8 = 0
+    nidl: U8 = 0
+    rsvd: U16 = 0
 
 
 NIDT_UUID = 0x03
@@ -345,37 +437,59 @@ VWC_PRESENT_FLUSH_ALL = 0x07  # present, bits 2:1 = 11b: Flush accepts NSID FFFF
 class ErrorLogEntry(Struct, size=64):
     """Error Information log entry (figure 194)."""
 
-    FIELDS = (
-        ("error_count", "Q", 0), ("sqid", "H", 0), ("cid", "H", 0), ("status", "H", 0),
-        ("location", "H", 0xFFFF), ("lba", "Q", 0), ("nsid", "I", 0), ("vs", "B", 0),
-        ("trtype", "B", 0), ("rsvd30", "2s", b""), ("csi", "Q", 0), ("trtype_spec", "H", 0),
-        ("rsvd42", "22s", b""),
-    )
+    error_count: U64 = 0
+    sqid: U16 = 0
+    cid: U16 = 0
+    status: U16 = 0
+    location: U16 = 0xFFFF
+    lba: U64 = 0
+    nsid: U32 = 0
+    vs: U8 = 0
+    trtype: U8 = 0
+    rsvd30: Annotated[bytes, "2s"] = b""
+    csi: U64 = 0
+    trtype_spec: U16 = 0
+    rsvd42: Annotated[bytes, "22s"] = b""
 
 
 class SmartLog(Struct, size=512):
     """SMART / Health Information log (figure 196); 128-bit counters as bytes."""
 
-    FIELDS = (
-        ("critical_warning", "B", 0), ("temperature", "H", 0), ("avail_spare", "B", 0),
-        ("spare_thresh", "B", 0), ("percent_used", "B", 0), ("endurance_crit", "B", 0),
-        ("rsvd7", "25s", b""), ("data_units_read", "16s", b""),
-        ("data_units_written", "16s", b""), ("host_reads", "16s", b""),
-        ("host_writes", "16s", b""), ("ctrl_busy_time", "16s", b""),
-        ("power_cycles", "16s", b""), ("power_on_hours", "16s", b""),
-        ("unsafe_shutdowns", "16s", b""), ("media_errors", "16s", b""),
-        ("error_log_entries", "16s", b""), ("warning_temp_time", "I", 0),
-        ("critical_temp_time", "I", 0), ("temp_sensors", "16s", b""),
-        ("tmt1_count", "I", 0), ("tmt2_count", "I", 0), ("tmt1_time", "I", 0),
-        ("tmt2_time", "I", 0), ("rsvd232", "280s", b""),
-    )
+    critical_warning: U8 = 0
+    temperature: U16 = 0
+    avail_spare: U8 = 0
+    spare_thresh: U8 = 0
+    percent_used: U8 = 0
+    endurance_crit: U8 = 0
+    rsvd7: Annotated[bytes, "25s"] = b""
+    data_units_read: Annotated[bytes, "16s"] = b""
+    data_units_written: Annotated[bytes, "16s"] = b""
+    host_reads: Annotated[bytes, "16s"] = b""
+    host_writes: Annotated[bytes, "16s"] = b""
+    ctrl_busy_time: Annotated[bytes, "16s"] = b""
+    power_cycles: Annotated[bytes, "16s"] = b""
+    power_on_hours: Annotated[bytes, "16s"] = b""
+    unsafe_shutdowns: Annotated[bytes, "16s"] = b""
+    media_errors: Annotated[bytes, "16s"] = b""
+    error_log_entries: Annotated[bytes, "16s"] = b""
+    warning_temp_time: U32 = 0
+    critical_temp_time: U32 = 0
+    temp_sensors: Annotated[bytes, "16s"] = b""
+    tmt1_count: U32 = 0
+    tmt2_count: U32 = 0
+    tmt1_time: U32 = 0
+    tmt2_time: U32 = 0
+    rsvd232: Annotated[bytes, "280s"] = b""
 
 
 class FirmwareSlotLog(Struct, size=512):
     """Firmware Slot Information log (figure 197)."""
 
-    FIELDS = (("afi", "B", 0), ("rsvd1", "7s", b""), ("frs1", "8s", b""),
-              ("frs2_7", "48s", b""), ("rsvd64", "448s", b""))
+    afi: U8 = 0
+    rsvd1: Annotated[bytes, "7s"] = b""
+    frs1: Annotated[bytes, "8s"] = b""
+    frs2_7: Annotated[bytes, "48s"] = b""
+    rsvd64: Annotated[bytes, "448s"] = b""
 
 
 def u128(value: int) -> bytes:

@@ -36,12 +36,12 @@ import enum
 import errno
 from collections import deque
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import xxhash
 
 from appliance.errors import StreamRefused
-from appliance.wire import Struct, WireError
+from appliance.wire import U16, U32, U64, Struct, WireError
 
 MAGIC = b"AMIG"
 FORMAT_VERSION = 1
@@ -75,14 +75,12 @@ ONCE = frozenset({RecordType.HEADER, RecordType.PCI_CONFIG, RecordType.MSIX, Rec
 
 
 class RecordHead(Struct, size=24):
-    FIELDS = (
-        ("magic", "4s", MAGIC),
-        ("type", "H", 0),
-        ("flags", "H", 0),
-        ("length", "I", 0),  # payload bytes
-        ("seq", "I", 0),  # record index from 0
-        ("checksum", "Q", 0),  # xxh64(head[:16] + payload)
-    )
+    magic: Annotated[bytes, "4s"] = MAGIC
+    type: U16 = 0
+    flags: U16 = 0
+    length: U32 = 0  # payload bytes
+    seq: U32 = 0  # record index from 0
+    checksum: U64 = 0  # xxh64(head[:16] + payload)
 
 
 CHECKED_HEAD = 16  # bytes of the head covered by its checksum
@@ -91,12 +89,10 @@ CHECKED_HEAD = 16  # bytes of the head covered by its checksum
 class StreamHeader(Struct, size=8):
     """HEADER payload; ``fingerprint_len`` bytes of fingerprint follow."""
 
-    FIELDS = (
-        ("version", "H", FORMAT_VERSION),
-        ("flags", "H", 0),  # HeaderFlag
-        ("fingerprint_len", "H", 0),
-        ("reserved", "H", 0),
-    )
+    version: U16 = FORMAT_VERSION
+    flags: U16 = 0  # HeaderFlag
+    fingerprint_len: U16 = 0
+    reserved: U16 = 0
 
 
 class HeaderFlag(enum.IntFlag):
@@ -117,7 +113,9 @@ def _mode(flags: int) -> str:
 class DeviceStateHead(Struct, size=8):
     """DEVICE_STATE payload head; the device type's blob follows."""
 
-    FIELDS = (("kind", "H", 0), ("version", "H", 1), ("reserved", "I", 0))
+    kind: U16 = 0
+    version: U16 = 1
+    reserved: U32 = 0
 
 
 class DeviceKind(enum.IntEnum):
@@ -127,7 +125,10 @@ class DeviceKind(enum.IntEnum):
 class BlocksHead(Struct, size=24):
     """NAMESPACE_BLOCKS payload head; ``length`` data bytes follow (none with ZEROES)."""
 
-    FIELDS = (("nsid", "I", 0), ("flags", "I", 0), ("offset", "Q", 0), ("length", "Q", 0))
+    nsid: U32 = 0
+    flags: U32 = 0
+    offset: U64 = 0
+    length: U64 = 0
 
 
 class BlocksFlag(enum.IntFlag):
@@ -145,13 +146,17 @@ class DirtyRoundFlag(enum.IntFlag):
 class DirtyRound(Struct, size=16):
     """DIRTY_ROUND payload: a round of pre-copy (or the final one) begins."""
 
-    FIELDS = (("round", "I", 0), ("flags", "I", 0), ("pending", "Q", 0))
+    round: U32 = 0
+    flags: U32 = 0
+    pending: U64 = 0
 
 
 class EndPayload(Struct, size=16):
     """END payload: how many records came before, and the xxh64 of their bytes."""
 
-    FIELDS = (("records", "I", 0), ("reserved", "I", 0), ("digest", "Q", 0))
+    records: U32 = 0
+    reserved: U32 = 0
+    digest: U64 = 0
 
 
 ROUND_MARKER_SIZE = RecordHead.SIZE + DirtyRound.SIZE

@@ -120,6 +120,10 @@ class MigrationHandler(Protocol):
         """Why the device cannot be handed off now ("" when it can)."""
 
 
+#: Builds a connection's migration handler from that connection's client memory.
+MigrationFactory = Callable[[ClientMemory], MigrationHandler]
+
+
 class Reject(LocalProtocolError):
     """A request is refused with ``errno``; the reply is header-only with Error set."""
 
@@ -180,6 +184,7 @@ class ServerConnection:
         dma_layout: DmaLayout = DmaLayout.SPEC,
         name: str = "vfio-user",
         is_eventfd: Callable[[int], bool] | None = None,
+        migration: MigrationFactory | None = None,
     ) -> None:
         """Args:
             device: the device this connection exposes.
@@ -188,6 +193,10 @@ class ServerConnection:
             is_eventfd: whether a received fd is an eventfd (the runtime
                 knows how to ask the kernel); SET_IRQS refuses any other fd
                 with EINVAL.  None accepts every fd.
+            migration: builds the handler of commands 16-18 (migration v2,
+                appliance.vfio_user.migration) from this connection's client
+                memory; None: the device does not migrate and those commands
+                are "not supported".
         """
         self.device = device
         self.is_eventfd = is_eventfd
@@ -229,10 +238,7 @@ class ServerConnection:
             w.Command.MIG_DATA_READ: self._migration_command,
             w.Command.MIG_DATA_WRITE: self._migration_command,
         }
-        # Commands 16-18 go to the migration handler when the device offers one
-        # (appliance.vfio_user.migration); without it they are "not supported".
-        factory = getattr(device, "migration_handler", None)
-        self.migration: MigrationHandler | None = factory(self.memory) if factory else None
+        self.migration = migration(self.memory) if migration is not None else None
         device.attach(self.memory, self._signal_irq)
 
     # ------------------------------------------------------------ I/O surface

@@ -9,8 +9,9 @@ little-endian ("In this revision, all data is in the endianness of the host").
 from __future__ import annotations
 
 import enum
+from typing import Annotated
 
-from appliance.wire import Struct
+from appliance.wire import U16, U32, U64, Struct
 
 HEADER_SIZE = 16
 VERSION_MAJOR = 0
@@ -64,17 +65,16 @@ MSG_FLAGS_RESERVED = ~(MSG_TYPE_MASK | int(MsgFlag.NO_REPLY) | int(MsgFlag.ERROR
 
 
 class Header(Struct, size=HEADER_SIZE):
-    FIELDS = (
-        ("msg_id", "H", 0),
-        ("command", "H", 0),
-        ("size", "I", HEADER_SIZE),  # whole message, header included
-        ("flags", "I", 0),
-        ("error", "I", 0),  # errno in an error reply; reserved in a command
-    )
+    msg_id: U16 = 0
+    command: U16 = 0
+    size: U32 = HEADER_SIZE  # whole message, header included
+    flags: U32 = 0
+    error: U32 = 0  # errno in an error reply; reserved in a command
 
 
 class VersionHead(Struct, size=4):
-    FIELDS = (("major", "H", VERSION_MAJOR), ("minor", "H", VERSION_MINOR))
+    major: U16 = VERSION_MAJOR
+    minor: U16 = VERSION_MINOR
 
 
 class DmaMapFlag(enum.IntFlag):
@@ -86,13 +86,11 @@ DMA_MAP_FLAGS_RESERVED = ~int(DmaMapFlag.READ | DmaMapFlag.WRITE) & 0xFFFFFFFF
 
 
 class DmaMap(Struct, size=32):
-    FIELDS = (
-        ("argsz", "I", 32),
-        ("flags", "I", 0),
-        ("offset", "Q", 0),  # file offset for the fd, 0 when not mappable
-        ("address", "Q", 0),
-        ("size", "Q", 0),
-    )
+    argsz: U32 = 32
+    flags: U32 = 0
+    offset: U64 = 0  # file offset for the fd, 0 when not mappable
+    address: U64 = 0
+    size: U64 = 0
 
 
 class DmaUnmapFlag(enum.IntFlag):
@@ -103,7 +101,10 @@ class DmaUnmapFlag(enum.IntFlag):
 
 
 class DmaUnmap(Struct, size=24):
-    FIELDS = (("argsz", "I", 24), ("flags", "I", 0), ("address", "Q", 0), ("size", "Q", 0))
+    argsz: U32 = 24
+    flags: U32 = 0
+    address: U64 = 0
+    size: U64 = 0
 
 
 class DeviceFlag(enum.IntFlag):
@@ -112,7 +113,10 @@ class DeviceFlag(enum.IntFlag):
 
 
 class DeviceInfo(Struct, size=16):
-    FIELDS = (("argsz", "I", 16), ("flags", "I", 0), ("num_regions", "I", 0), ("num_irqs", "I", 0))
+    argsz: U32 = 16
+    flags: U32 = 0
+    num_regions: U32 = 0
+    num_irqs: U32 = 0
 
 
 class RegionFlag(enum.IntFlag):
@@ -123,18 +127,18 @@ class RegionFlag(enum.IntFlag):
 
 
 class RegionInfo(Struct, size=32):
-    FIELDS = (
-        ("argsz", "I", 32),
-        ("flags", "I", 0),
-        ("index", "I", 0),
-        ("cap_offset", "I", 0),
-        ("size", "Q", 0),
-        ("offset", "Q", 0),
-    )
+    argsz: U32 = 32
+    flags: U32 = 0
+    index: U32 = 0
+    cap_offset: U32 = 0
+    size: U64 = 0
+    offset: U64 = 0
 
 
 class CapHeader(Struct, size=8):
-    FIELDS = (("id", "H", 0), ("version", "H", 0), ("next", "I", 0))
+    id: U16 = 0
+    version: U16 = 0
+    next: U32 = 0
 
 
 CAP_SPARSE_MMAP = 1  # VFIO_REGION_INFO_CAP_SPARSE_MMAP
@@ -142,15 +146,20 @@ CAP_TYPE = 2  # VFIO_REGION_INFO_CAP_TYPE
 
 
 class SparseMmapHead(Struct, size=8):
-    FIELDS = (("nr_areas", "I", 0), ("reserved", "I", 0))
+    nr_areas: U32 = 0
+    reserved: U32 = 0
 
 
 class SparseMmapArea(Struct, size=16):
-    FIELDS = (("offset", "Q", 0), ("size", "Q", 0))
+    offset: U64 = 0
+    size: U64 = 0
 
 
 class RegionIoFds(Struct, size=16):
-    FIELDS = (("argsz", "I", 16), ("flags", "I", 0), ("index", "I", 0), ("count", "I", 0))
+    argsz: U32 = 16
+    flags: U32 = 0
+    index: U32 = 0
+    count: U32 = 0
 
 
 class IoFdType(enum.IntEnum):
@@ -159,15 +168,13 @@ class IoFdType(enum.IntEnum):
 
 
 class SubRegionIoFd(Struct, size=40):
-    FIELDS = (
-        ("offset", "Q", 0),
-        ("size", "Q", 0),
-        ("fd_index", "I", 0),
-        ("type", "I", 0),
-        ("flags", "I", 0),
-        ("padding", "I", 0),
-        ("datamatch", "Q", 0),
-    )
+    offset: U64 = 0
+    size: U64 = 0
+    fd_index: U32 = 0
+    type: U32 = 0
+    flags: U32 = 0
+    padding: U32 = 0
+    datamatch: U64 = 0
 
 
 class IrqInfoFlag(enum.IntFlag):
@@ -178,7 +185,10 @@ class IrqInfoFlag(enum.IntFlag):
 
 
 class IrqInfo(Struct, size=16):
-    FIELDS = (("argsz", "I", 16), ("flags", "I", 0), ("index", "I", 0), ("count", "I", 0))
+    argsz: U32 = 16
+    flags: U32 = 0
+    index: U32 = 0
+    count: U32 = 0
 
 
 class IrqSetFlag(enum.IntFlag):
@@ -196,45 +206,51 @@ IRQ_SET_FLAGS_RESERVED = ~int(IRQ_SET_DATA_MASK | IRQ_SET_ACTION_MASK) & 0xFFFFF
 
 
 class IrqSet(Struct, size=20):
-    FIELDS = (
-        ("argsz", "I", 20),
-        ("flags", "I", 0),
-        ("index", "I", 0),
-        ("start", "I", 0),
-        ("count", "I", 0),
-    )
+    argsz: U32 = 20
+    flags: U32 = 0
+    index: U32 = 0
+    start: U32 = 0
+    count: U32 = 0
 
 
 class RegionAccess(Struct, size=16):
     """REGION_READ / REGION_WRITE head; data follows for writes and read replies."""
 
-    FIELDS = (("offset", "Q", 0), ("region", "I", 0), ("count", "I", 0))
+    offset: U64 = 0
+    region: U32 = 0
+    count: U32 = 0
 
 
 class DmaAccess(Struct, size=16):
     """DMA_READ / DMA_WRITE head as the spec gives it (count is 8 bytes)."""
 
-    FIELDS = (("address", "Q", 0), ("count", "Q", 0))
+    address: U64 = 0
+    count: U64 = 0
 
 
 class QemuDmaAccess(Struct, size=12):
     """DMA_READ / DMA_WRITE head as QEMU 11 lays it out (u32 count, data at 12)."""
 
-    FIELDS = (("address", "Q", 0), ("count", "I", 0))
+    address: U64 = 0
+    count: U32 = 0
 
 
 class WriteMultiHead(Struct, size=8):
-    FIELDS = (("wr_cnt", "Q", 0),)
+    wr_cnt: U64 = 0
 
 
 class WriteMultiEntry(Struct, size=24):
     """One coalesced write: at most 8 bytes of data, padded to 8."""
 
-    FIELDS = (("offset", "Q", 0), ("region", "I", 0), ("count", "I", 0), ("data", "8s", b""))
+    offset: U64 = 0
+    region: U32 = 0
+    count: U32 = 0
+    data: Annotated[bytes, "8s"] = b""
 
 
 class DeviceFeatureHead(Struct, size=8):
-    FIELDS = (("argsz", "I", 8), ("flags", "I", 0))
+    argsz: U32 = 8
+    flags: U32 = 0
 
 
 FEATURE_INDEX_MASK = 0xFFFF
@@ -265,29 +281,35 @@ DATA_FD_NONE = 0xFFFFFFFF  # data_fd is unused in vfio-user; -1 as the kernel re
 class MigrationInfo(Struct, size=8):
     """VFIO_DEVICE_FEATURE_MIGRATION reply data."""
 
-    FIELDS = (("flags", "Q", 0),)
+    flags: U64 = 0
 
 
 class MigStateData(Struct, size=8):
     """VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE data (SET request, GET/SET reply)."""
 
-    FIELDS = (("device_state", "I", 0), ("data_fd", "I", DATA_FD_NONE))
+    device_state: U32 = 0
+    data_fd: U32 = DATA_FD_NONE
 
 
 class DmaLoggingControl(Struct, size=16):
     """DMA_LOGGING_START data; ``num_ranges`` DmaLoggingRange entries follow."""
 
-    FIELDS = (("page_size", "Q", 4096), ("num_ranges", "I", 0), ("reserved", "I", 0))
+    page_size: U64 = 4096
+    num_ranges: U32 = 0
+    reserved: U32 = 0
 
 
 class DmaLoggingRange(Struct, size=16):
-    FIELDS = (("iova", "Q", 0), ("length", "Q", 0))
+    iova: U64 = 0
+    length: U64 = 0
 
 
 class DmaLoggingReport(Struct, size=24):
     """DMA_LOGGING_REPORT data; the reply appends the bitmap (u64 words)."""
 
-    FIELDS = (("iova", "Q", 0), ("length", "Q", 0), ("page_size", "Q", 4096))
+    iova: U64 = 0
+    length: U64 = 0
+    page_size: U64 = 4096
 
 
 class MigOption(enum.IntFlag):
@@ -305,11 +327,13 @@ MIG_OPTIONS_RESERVED = 0xFFFFFFFF & ~int(MigOption.SHARED_STORAGE)
 class MigOptions(Struct, size=8):
     """APPLIANCE_MIG_OPTIONS data (SET request, GET/SET reply)."""
 
-    FIELDS = (("options", "I", 0), ("reserved", "I", 0))
+    options: U32 = 0
+    reserved: U32 = 0
 
 
 class MigDataHead(Struct, size=8):
-    FIELDS = (("argsz", "I", 8), ("size", "I", 0))
+    argsz: U32 = 8
+    size: U32 = 0
 
 
 # VFIO PCI region and irq indexes (<linux/vfio.h>).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,15 @@ import pytest
 from test_nvme_admin import log_page
 from test_nvme_driver import Driver, make_controller, status
 
-from appliance.control.faults import FaultError, FaultRule, FaultSet
+from appliance.control.faults import (
+    Direction,
+    FaultError,
+    FaultRule,
+    FaultSet,
+    FaultTarget,
+    NetAction,
+    NvmeAction,
+)
 from appliance.storage.request import RequestState
 from appliance.storage.spec import AdminOpcode, Command, IoOpcode, Status
 from appliance.vfio_user.wire import PciIrq
@@ -53,6 +62,30 @@ def read_cmd(d: Driver, slba: int, nlb: int = 1) -> Command:
 def test_bad_rules_are_refused_with_the_field_named(args: dict[str, object], why: str) -> None:
     with pytest.raises(FaultError, match=why):
         FaultRule.build(1, args)
+
+
+def test_rules_hold_enums_and_show_the_same_strings() -> None:
+    nvme = FaultRule.build(1, {"action": "delay", "delay": 1})
+    net = FaultRule.build(2, {"action": "delay", "delay": 1, "direction": "both"})
+    assert (nvme.target, nvme.action) == (FaultTarget.NVME, NvmeAction.DELAY)
+    assert type(nvme.action) is NvmeAction and type(net.action) is NetAction
+    assert net.direction is Direction.BOTH
+    shown = json.loads(json.dumps(net.describe()))
+    assert (shown["target"], shown["action"], shown["direction"]) == ("net", "delay", "both")
+    assert json.dumps(nvme.describe()) == json.dumps(
+        {"id": 1, "target": "nvme", "action": "delay", "count": 0, "probability": 1.0,
+         "hits": 0, "seen": 0, "delay": 1.0})
+
+
+@pytest.mark.parametrize("target, action, direction", [
+    ("disk", "status", "rx"),
+    (FaultTarget.NVME, NetAction.DROP, "rx"),  # a net action on an NVMe rule
+    (FaultTarget.NET, "hang", "rx"),
+    (FaultTarget.NET, NetAction.DROP, "sideways"),
+])
+def test_rule_construction_checks_its_enums(target: Any, action: Any, direction: Any) -> None:
+    with pytest.raises(FaultError):
+        FaultRule(1, target, action, direction=direction)
 
 
 def test_status_fault_fails_only_the_matching_lba(rig: tuple[Driver, FaultSet, Clock]) -> None:

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 from test_nvme_driver import Driver, make_controller, status
 
+from appliance import config
+from appliance.errors import ConfigError
 from appliance.storage import NvmeController
 from appliance.storage.controller import FAST_TICKS, POLL_FAST, POLL_SLOW
-from appliance.storage.doorbells import DoorbellPage
+from appliance.storage.doorbells import DoorbellMode, DoorbellPage
 from appliance.storage.spec import AdminOpcode, Command, IoOpcode, LogPage, Status
 from appliance.vfio_user.wire import PciRegion
 
@@ -56,6 +58,20 @@ def test_region_info_offers_the_doorbell_page(tmp_path: Path) -> None:
     plain.close()
     with pytest.raises(ValueError):
         make_controller(tmp_path, doorbells="ioeventfd")
+
+
+def test_every_config_value_is_a_doorbell_mode(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="must be one of message, mmap "):
+        config.load(overrides={"storage": {"doorbells": "ioeventfd"}})
+    for mode in DoorbellMode:
+        value = config.load(overrides={"storage": {"doorbells": mode.value}})["storage"]["doorbells"]
+        assert DoorbellMode(value) is mode
+        c = make_controller(tmp_path, doorbells=value)  # the config's string, as the runtime passes
+        assert (c.doorbell_page is not None) == (mode is DoorbellMode.MMAP)
+        c.close()
 
 
 def test_io_through_the_mapped_page(ctrl: NvmeController, tmp_path: Path) -> None:

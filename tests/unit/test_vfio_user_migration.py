@@ -878,9 +878,28 @@ def test_restored_pending_interrupts_fire_when_the_device_runs() -> None:
 
 
 # ------------------------------------------------------------ through a real server connection
-def test_server_refuses_region_writes_while_stopped_with_ebusy() -> None:
+def test_without_a_migration_factory_commands_16_to_18_are_not_supported() -> None:
     disk = Disk()
     conn = ServerConnection(disk.dev, notify=lambda fd: None)
+    assert conn.migration is None  # the device's own migration_handler is not looked up
+    replies = []
+    for msg_id, (command, payload) in enumerate([
+            (C.VERSION, w.VersionHead().pack() + b"{}\0"),
+            (C.DEVICE_FEATURE, w.DeviceFeatureHead(argsz=8, flags=Feature.MIG_DEVICE_STATE).pack()),
+            (C.MIG_DATA_READ, w.MigDataHead(argsz=108, size=100).pack())]):
+        message = encode(w.Header(msg_id=msg_id, command=command), payload)
+        while message:  # as the runtime does: never more than bytes_wanted() at a time
+            n = conn.bytes_wanted()
+            conn.receive_data(message[:n], [])
+            message = message[n:]
+        conn.process()
+        replies.append(w.Header.unpack(conn.data_to_send()[-1][0]).error)
+    assert replies == [0, errno.ENOTSUP, errno.ENOTSUP]
+
+
+def test_server_refuses_region_writes_while_stopped_with_ebusy() -> None:
+    disk = Disk()
+    conn = ServerConnection(disk.dev, notify=lambda fd: None, migration=disk.dev.migration_handler)
     assert isinstance(conn.migration, VfioUserMigration)
     sent: list[bytes] = []
 
@@ -912,9 +931,10 @@ def test_server_refuses_region_writes_while_stopped_with_ebusy() -> None:
 class Served:
     """A ServerConnection for ``device`` on one end of a socketpair, pumped by a thread."""
 
-    def __init__(self, device: PciDevice) -> None:
+    def __init__(self, device: Card) -> None:
         self.server_sock, client_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.conn = ServerConnection(device, notify=lambda fd: None)
+        self.conn = ServerConnection(device, notify=lambda fd: None,
+                                     migration=device.migration_handler)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         self.client = VfioUserClient(client_sock, timeout=10)

@@ -1,9 +1,14 @@
 """Round-trip tables for the struct base and the vfio-user declarations."""
 
+import os
+from pathlib import Path
+from typing import Annotated
+
+import mypy.api
 import pytest
 
 from appliance.vfio_user import wire as w
-from appliance.wire import BitFields, Struct, WireError
+from appliance.wire import I32, U8, U32, BitFields, Struct, WireError
 
 # (struct instance, exact bytes): each must encode to and decode from the other.
 CASES = [
@@ -35,9 +40,81 @@ def test_spec_sizes() -> None:
 
 
 def test_size_assertion_at_class_creation() -> None:
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="spec size"):
         class Bad(Struct, size=3):
-            FIELDS = (("a", "I", 0),)
+            a: U32 = 0
+
+
+def test_fields_come_from_annotations_in_order() -> None:
+    class Base(Struct):
+        BYTE_ORDER = ">"
+        kind: U8 = 7
+
+    class Both(Base, size=9):
+        tag: Annotated[bytes, "4s"] = b"ab"
+        delta: I32 = -1
+
+    assert Both.FIELDS == (("kind", "B", 7), ("tag", "4s", b"ab"), ("delta", "i", -1))
+    assert Both().pack() == b"\x07ab\0\0\xff\xff\xff\xff"
+    assert Both.unpack(Both(delta=5).pack()) == Both(tag=b"ab\0\0", delta=5)
+    assert Both(kind=1).delta == -1
+
+    class One(Struct, size=1):
+        only: U8 = 3
+
+    assert One().pack() == b"\x03" and One.unpack(b"\x09").only == 9
+    with pytest.raises(TypeError, match="twice"):
+        type("Again", (Both,), {"__annotations__": {"kind": U8}, "kind": 1})
+
+
+# Each class body is wrong in one way; each fails when the class is created.
+ROOT = Path(__file__).resolve().parents[2]
+
+BAD_BODIES: dict[str, dict[str, object]] = {
+    "no default": {"__annotations__": {"a": U32}},
+    "plain int": {"__annotations__": {"a": int}, "a": 0},
+    "unknown format": {"__annotations__": {"a": Annotated[int, "x"]}, "a": 0},
+    "bytes without length": {"__annotations__": {"a": Annotated[bytes, "s"]}, "a": b""},
+    "int format on bytes": {"__annotations__": {"a": Annotated[bytes, "I"]}, "a": b""},
+    "default of the wrong type": {"__annotations__": {"a": U32}, "a": b""},
+    "default too big": {"__annotations__": {"a": U8}, "a": 256},
+    "default too long": {"__annotations__": {"a": Annotated[bytes, "2s"]}, "a": b"abc"},
+    "shadows a method": {"__annotations__": {"pack": U8}, "pack": 0},
+    "private name": {"__annotations__": {"_a": U8}, "_a": 0},
+    "FIELDS by hand": {"FIELDS": (("a", "I", 0),)},
+}
+
+
+@pytest.mark.parametrize("body", BAD_BODIES.values(), ids=BAD_BODIES.keys())
+def test_bad_declaration_fails_at_class_creation(body: dict[str, object]) -> None:
+    with pytest.raises(TypeError):
+        type("Bad", (Struct,), dict(body))
+
+
+def test_fields_are_typed_for_mypy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    snippet = tmp_path / "snippet.py"
+    snippet.write_text(
+        "from appliance.storage.spec import Command\n"
+        "reveal_type(Command(cid=1).cdw10)\n"
+        "reveal_type(Command.unpack(b'').prp1)\n"
+        "Command(bogus=1)\n"
+        "Command(cid='1')\n"
+    )
+    monkeypatch.setenv("MYPYPATH", str(ROOT))
+    out, _, _ = mypy.api.run(["--no-incremental", "--strict", "--config-file", os.devnull,
+                              str(snippet)])
+    found = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith(str(snippet))]
+    assert found == [
+        'note: Revealed type is "int"',
+        'note: Revealed type is "int"',
+        'error: Unexpected keyword argument "bogus" for "Command"  [call-arg]',
+        'error: Argument "cid" to "Command" has incompatible type "str"; expected "int"  [arg-type]',
+    ], out
+
+
+def test_unknown_field_at_construction() -> None:
+    with pytest.raises(TypeError, match="bogus"):
+        w.Header(bogus=1)
 
 
 def test_short_buffer_and_overflow() -> None:
