@@ -25,13 +25,20 @@ idle figure (and the ratio to it):
 * **(b) flush**: ``--flush-size`` bytes (default 1G) of namespace 2's image are
   dirtied in the page cache with ``pwrite`` by this process (the appliance's fd
   shares that cache; the data path itself is not what is measured), then one
-  NVMe Flush for namespace 2 is submitted on I/O queue 2 and the pings and
-  reads are timed while it is outstanding: the appliance's ``fdatasync``
-  writes the dirty pages back.  Dirty + flush repeat until the window is over
-  (samples only count while a flush is outstanding);
-* **(c) ring flood**: another process, a front-end on ``p0``, keeps its
-  256-entry TX ring full of 60-byte frames to a unicast MAC nobody has (the
-  switch floods them to ``p1`` too).
+  NVMe Flush for namespace 2 is submitted on I/O queue 2 and pings (during
+  one flush) or reads (during the next) are timed back to back until it has
+  completed: the appliance's ``fdatasync`` writes the dirty pages back.  Dirty
+  + flush repeat until the window is over, at least twice (samples only count
+  while a flush is outstanding; while the loop is blocked in the flush there
+  is one sample per flush, the stall);
+* **(c) ring flood, unknown MAC**: another process, a front-end on ``p0``,
+  keeps its 256-entry TX ring full of 60-byte frames to a unicast MAC nobody
+  has.  The switch floods them to ``p1`` too, so the pinger's RX ring fills
+  with them and the echo reply can find it full: such a ping is counted lost
+  (no reply within 0.5 s) and kept out of the median;
+* **(c') ring flood, own MAC**: the same flood addressed to the flooder's own
+  source MAC, which the switch learns behind ``p0`` and drops there: the ring
+  work without the frames reaching ``p1``.
 
 The attackers run in their own processes; the machine has 2 cores shared by
 the appliance, the attacker and this process (and whatever else runs), so the
@@ -88,7 +95,7 @@ HDR = bytes(vw.NetHdr.SIZE)
 PINGER_MAC = bytes.fromhex("525400000011")
 PINGER_IP = bytes([10, 0, 2, 15])
 NOBODY = bytes.fromhex("02000000dead")  # unicast, locally administered, never learned
-FLOOD_FRAME = HDR + NOBODY + bytes.fromhex("525400aa0001") + b"\x88\xb5" + bytes(46)
+FLOODER = bytes.fromhex("525400aa0001")
 RX_SIZE, RX_BUF = 256, 2048
 PING_TIMEOUT = 0.5  # then the ping counts as lost
 FEATURES = int(F.VERSION_1 | F.PROTOCOL_FEATURES)
@@ -249,17 +256,18 @@ def pipeline_attack(path: str, stop: Event, reconnects: Synchronized[int]) -> No
                     break
 
 
-def flood_attack(path: str, stop: Event, frames: Synchronized[int]) -> None:
-    """Keep a 256-entry TX ring full of frames to a MAC nobody has."""
+def flood_attack(path: str, stop: Event, frames: Synchronized[int], dst: bytes = NOBODY) -> None:
+    """Keep a 256-entry TX ring full of 60-byte frames to ``dst`` (from FLOODER)."""
+    frame = HDR + dst + FLOODER + b"\x88\xb5" + bytes(46)
     mem = GuestMemory(MIB)
     tx = DriverRing(mem, 1, size=256)
     fe = PortFrontend(path)
     fe.negotiate(FEATURES)
     fe.start_tx(mem, tx)
-    buf = mem.alloc(len(FLOOD_FRAME))
-    mem.write(buf, FLOOD_FRAME)
+    buf = mem.alloc(len(frame))
+    mem.write(buf, frame)
     for i in range(tx.size):
-        tx.set_desc(i, buf, len(FLOOD_FRAME))
+        tx.set_desc(i, buf, len(frame))
         tx.make_available(i)
     os.eventfd_write(tx.kick_fd, 1)
     while not stop.is_set():
@@ -280,11 +288,11 @@ def flood_attack(path: str, stop: Event, frames: Synchronized[int]) -> None:
 class Attacker:
     """One attack function in a child process, stopped by an event."""
 
-    def __init__(self, fn: Callable[..., None], path: str) -> None:
+    def __init__(self, fn: Callable[..., None], path: str, *extra: object) -> None:
         ctx = mp.get_context("fork")
         self.stop = ctx.Event()
         self.count = ctx.Value("q", 0)
-        self.proc = ctx.Process(target=fn, args=(path, self.stop, self.count), daemon=True)
+        self.proc = ctx.Process(target=fn, args=(path, self.stop, self.count, *extra), daemon=True)
 
     def __enter__(self) -> Attacker:  # noqa: PYI034
         self.proc.start()
@@ -311,13 +319,16 @@ class Samples:
         self.turn ^= 1
         if self.turn:
             self.read.append(reader.read())
+        self.take_ping(pinger)
+        if not self.turn:
+            self.read.append(reader.read())
+
+    def take_ping(self, pinger: Pinger) -> None:
         rtt = pinger.ping()
         if rtt is None:
             self.lost += 1
         else:
             self.ping.append(rtt)
-        if not self.turn:
-            self.read.append(reader.read())
 
 
 def window(pinger: Pinger, reader: Reader, seconds: float) -> Samples:
@@ -344,12 +355,15 @@ def flush_window(pinger: Pinger, reader: Reader, seconds: float, image: Path,
     out = Samples()
     took = []
     end = time.monotonic() + seconds
-    while not took or time.monotonic() < end:
+    while len(took) < 2 or time.monotonic() < end:
         dirty(image, nbytes, len(took) + 1)
         t0 = time.monotonic()
         reader.start_flush()
-        while not reader.flush_done():
-            out.take(pinger, reader)
+        while not reader.flush_done():  # pings during one flush, reads during the next
+            if len(took) % 2:
+                out.read.append(reader.read())
+            else:
+                out.take_ping(pinger)
         took.append(time.monotonic() - t0)
     return out, took
 
@@ -372,7 +386,7 @@ def row(case: str, s: Samples, idle: Samples | None, note: str = "") -> None:
             ratio = f"x{med / quantiles(base)[0]:.1f}"
         cells.append(f"{med:8.3f} {p99:9.3f} {ratio:>7} {len(now):6d}")
     lost = f", pings lost {s.lost}/{s.lost + len(s.ping)}" if s.lost else ""
-    print(f"{case:<26} {cells[0]}   {cells[1]}  {note}{lost}", flush=True)
+    print(f"{case:<28} {cells[0]}   {cells[1]}  {note}{lost}", flush=True)
 
 
 def main() -> int:
@@ -408,7 +422,7 @@ def run(target: HostileTarget, pinger: Pinger, reader: Reader, seconds: float, n
         flush_bytes: int) -> None:
     print(f"latency under attack: {seconds:g} s per case, flush {flush_bytes >> 20} MiB; "
           "ms (median, p99, x idle median, samples)", flush=True)
-    print(f"{'case':<26} {'ping: median':>12} {'p99':>9} {'':>7} {'n':>6}   "
+    print(f"{'case':<28} {'ping: median':>12} {'p99':>9} {'':>7} {'n':>6}   "
           f"{'nvme read: median':>17} {'p99':>4} {'':>7} {'n':>6}", flush=True)
     window(pinger, reader, 0.5)  # warm-up
     idle = window(pinger, reader, seconds)
@@ -422,7 +436,11 @@ def run(target: HostileTarget, pinger: Pinger, reader: Reader, seconds: float, n
     with Attacker(flood_attack, target.port_sock("p0")) as a:
         assert wait_until(lambda: a.count.value > 0, 10), "the flood did not start"
         s = window(pinger, reader, seconds)
-    row("(c) ring flood", s, idle, f"frames {a.count.value}")
+    row("(c) ring flood, unknown MAC", s, idle, f"frames {a.count.value}")
+    with Attacker(flood_attack, target.port_sock("p0"), FLOODER) as a:
+        assert wait_until(lambda: a.count.value > 0, 10), "the flood did not start"
+        s = window(pinger, reader, seconds)
+    row("(c') ring flood, own MAC", s, idle, f"frames {a.count.value}")
 
 
 if __name__ == "__main__":
