@@ -88,6 +88,7 @@ from appliance.net.responder import (
 )
 from appliance.net.vhost_wire import Feature as F
 from appliance.net.vhost_wire import Request as R
+from appliance.runtime.control import ControlClient
 from appliance.storage import spec
 
 MIB = 1 << 20
@@ -98,6 +99,7 @@ NOBODY = bytes.fromhex("02000000dead")  # unicast, locally administered, never l
 FLOODER = bytes.fromhex("525400aa0001")
 RX_SIZE, RX_BUF = 256, 2048
 PING_TIMEOUT = 0.5  # then the ping counts as lost
+STALL_TIMEOUT = 60.0  # the same during a flush (nothing floods p1 then)
 FEATURES = int(F.VERSION_1 | F.PROTOCOL_FEATURES)
 
 
@@ -140,7 +142,6 @@ class Pinger:
         self.fe.start_ring(self.rx)
         self.fe.start_ring(self.tx)
         self.seq = 0
-        self.lost = 0
 
     def close(self) -> None:
         self.fe.close()
@@ -182,8 +183,8 @@ class Pinger:
             os.eventfd_write(self.rx.kick_fd, 1)
         return found
 
-    def ping(self) -> float | None:
-        """One echo round trip in seconds; None if no reply came within PING_TIMEOUT."""
+    def ping(self, timeout: float = PING_TIMEOUT) -> float | None:
+        """One echo round trip in seconds; None if no reply came within ``timeout``."""
         self.seq = seq = (self.seq + 1) & 0xFFFF
         self._recycle(-1)
         self.tx.take_used()
@@ -193,11 +194,10 @@ class Pinger:
         self.tx.make_available(0)
         t0 = time.perf_counter()
         os.eventfd_write(self.tx.kick_fd, 1)
-        deadline = t0 + PING_TIMEOUT
+        deadline = t0 + timeout
         while not self._recycle(seq):
             left = deadline - time.perf_counter()
             if left <= 0:
-                self.lost += 1
                 return None
             if select.select([self.rx.call_fd], [], [], min(left, 0.01))[0]:
                 eventfd_count(self.rx.call_fd)
@@ -323,8 +323,8 @@ class Samples:
         if not self.turn:
             self.read.append(reader.read())
 
-    def take_ping(self, pinger: Pinger) -> None:
-        rtt = pinger.ping()
+    def take_ping(self, pinger: Pinger, timeout: float = PING_TIMEOUT) -> None:
+        rtt = pinger.ping(timeout)
         if rtt is None:
             self.lost += 1
         else:
@@ -363,9 +363,15 @@ def flush_window(pinger: Pinger, reader: Reader, seconds: float, image: Path,
             if len(took) % 2:
                 out.read.append(reader.read())
             else:
-                out.take_ping(pinger)
+                out.take_ping(pinger, STALL_TIMEOUT)  # a stall is measured, not lost
         took.append(time.monotonic() - t0)
     return out, took
+
+
+def p1_dropped(target: HostileTarget) -> int:
+    """Frames for p1's front-end dropped for want of an RX buffer (its ``tx_dropped``)."""
+    with ControlClient(target.control_sock, timeout=5.0) as ctl:
+        return int(ctl("status")["net"]["ports"]["net1"]["tx_dropped"])
 
 
 def quantiles(values: list[float]) -> tuple[float, float]:
@@ -433,10 +439,12 @@ def run(target: HostileTarget, pinger: Pinger, reader: Reader, seconds: float, n
     s, took = flush_window(pinger, reader, seconds, ns2, flush_bytes)
     row(f"(b) flush {flush_bytes >> 20} MiB", s, idle,
         f"flushes {len(took)}, each {statistics.median(took):.2f} s")
+    dropped = p1_dropped(target)
     with Attacker(flood_attack, target.port_sock("p0")) as a:
         assert wait_until(lambda: a.count.value > 0, 10), "the flood did not start"
         s = window(pinger, reader, seconds)
-    row("(c) ring flood, unknown MAC", s, idle, f"frames {a.count.value}")
+    row("(c) ring flood, unknown MAC", s, idle,
+        f"frames {a.count.value}, p1 RX-ring drops {p1_dropped(target) - dropped}")
     with Attacker(flood_attack, target.port_sock("p0"), FLOODER) as a:
         assert wait_until(lambda: a.count.value > 0, 10), "the flood did not start"
         s = window(pinger, reader, seconds)
