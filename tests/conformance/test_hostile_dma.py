@@ -9,6 +9,7 @@ after the DMA timeout the appliance disconnects it with one log line.
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 from collections.abc import Iterator
@@ -63,6 +64,7 @@ def test_client_that_stops_answering_dma_is_disconnected_once(target: HostileTar
             _, prp1, _, _ = driver.buffer(4096)
             driver.submit(1, driver.rw_command(spec.IoOpcode.READ, 1, i * 8, 8, prp1, 0))
         # From here on nothing reads the socket: the server's DMA requests pile up unanswered.
+        assert wait_until(lambda: bool(select.select([client.sock], [], [], 0)[0]))  # sent
         target.assert_healthy(vfio_user=False)
         assert not no_reply_lines(target)  # still connected
         assert wait_until(lambda: bool(no_reply_lines(target)), DMA_TIMEOUT + 10)
