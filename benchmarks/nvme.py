@@ -38,11 +38,11 @@ sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(  # `python -m appliance` children use this tree
     [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
-from appliance.cli import qemu_args
 from appliance.client.nvme import NvmeDriver
 from appliance.client.vfio_user import VfioUserClient
 from appliance.storage import spec
 from appliance.testing.process import ApplianceProcess, make_config
+from appliance.testing.qemu import qemu_args
 
 MIB = 1 << 20
 MODES = ("message", "mmap")
