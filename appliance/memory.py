@@ -81,6 +81,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeVar
 
 from appliance.errors import ApplianceError
+from appliance.protocol_common import close_quietly
 from appliance.wire import Struct
 
 ADDRESS_LIMIT = 1 << 64
@@ -338,7 +339,7 @@ class Region:
             self.mm.close()
             self.mm = None
         if self.fd is not None:
-            _close_quietly(self.fd)
+            close_quietly(self.fd)
             self.fd = None
 
 
@@ -741,10 +742,3 @@ class ClientMemory:
         if self.scope is None:
             raise GuestMemoryError(0, 0, 0, why="message DMA outside any device work")
         return self.scope
-
-
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass

@@ -51,7 +51,6 @@ import errno
 import itertools
 import logging
 import mmap
-import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,6 +61,7 @@ from appliance.memory import ADDRESS_LIMIT, ClientMemory, MapError, mmap_unshrin
 from appliance.net import vhost_wire as vw
 from appliance.net.vhost_wire import ProtocolFeature as PF
 from appliance.net.vhost_wire import Request as R
+from appliance.protocol_common import Reject, close_quietly, require, step
 
 log = logging.getLogger("appliance.net.vhost")
 
@@ -69,15 +69,6 @@ MAX_MEM_SLOTS = 32  # GET_MAX_MEM_SLOTS; also the ClientMemory region limit
 # A plain int: ``~`` of an IntFlag only inverts within the flag's members.
 OFFERED_PROTOCOL_FEATURES = int(PF.MQ | PF.LOG_SHMFD | PF.RARP | PF.REPLY_ACK | PF.MTU
                                 | PF.RESET_DEVICE | PF.CONFIGURE_MEM_SLOTS | PF.STATUS)
-
-
-class Reject(LocalProtocolError):
-    """A request is refused; ``errno`` is the NACK value when one can be sent."""
-
-
-def _require(cond: bool, message: str, err: int = errno.EINVAL) -> None:
-    if not cond:
-        raise Reject(message, err)
 
 
 class VhostUserBackend(Protocol):
@@ -231,14 +222,7 @@ class Message:
 
     def close_fds(self) -> None:
         while self.fds:
-            _close(self.fds.pop())
-
-
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+            close_quietly(self.fds.pop())
 
 
 def _name(request: int) -> str:
@@ -325,11 +309,11 @@ class BackendConnection:
         """
         if self.state is ConnState.CLOSED:
             for fd in fds:
-                _close(fd)
+                close_quietly(fd)
             return
         if not data:
             for fd in fds:
-                _close(fd)
+                close_quietly(fd)
             self.close("front-end closed the connection")
             return
         self._fds += fds
@@ -377,7 +361,7 @@ class BackendConnection:
         self._transition("close")
         self.close_reason = reason
         for fd in self._fds:
-            _close(fd)
+            close_quietly(fd)
         self._fds = []
         self._buf.clear()
         self._header = None
@@ -426,7 +410,7 @@ class BackendConnection:
         msg = Message(vw.Header(request=int(request), flags=vw.VERSION, size=len(payload)),
                       payload, list(fds))
         try:
-            _require(self.state is not ConnState.CLOSED, "the connection is closed")
+            require(self.state is not ConnState.CLOSED, errno.EINVAL, "the connection is closed")
             checked, _ = self._check(msg)
             self._handlers[checked](msg)
         finally:
@@ -442,8 +426,8 @@ class BackendConnection:
         """
         if not data:
             for fd in fds:
-                _close(fd)
-            _require(not fds, "fds of a partial request without its bytes")
+                close_quietly(fd)
+            require(not fds, errno.EINVAL, "fds of a partial request without its bytes")
             return
         try:
             while data:
@@ -457,14 +441,12 @@ class BackendConnection:
             while self._messages:
                 self._messages.popleft().close_fds()
             raise Reject("the partial request is complete")
-        _require(self.state is not ConnState.CLOSED, f"partial request: {self.close_reason}")
+        require(self.state is not ConnState.CLOSED, errno.EINVAL,
+                f"partial request: {self.close_reason}")
 
     # ------------------------------------------------------------ dispatch
     def _transition(self, event: str) -> None:
-        try:
-            self.state = TRANSITIONS[self.state][event]
-        except KeyError:
-            raise Reject(f"{event} not allowed in state {self.state.value}") from None
+        self.state = step(TRANSITIONS, self.state, event, Reject)
 
     def _acked(self, feature: PF) -> bool:
         return bool(self.protocol_features & feature)
@@ -510,25 +492,26 @@ class BackendConnection:
         except ValueError:
             raise Reject(f"unknown request {hdr.request}") from None
         spec = SPECS.get(request)
-        _require(spec is not None, f"{request.name} is not supported", errno.ENOTSUP)
+        require(spec is not None, errno.ENOTSUP, f"{request.name} is not supported")
         assert spec is not None
-        _require(request in ALLOWED[self.state],
-                 f"{request.name} not allowed in state {self.state.value}")
-        _require(spec.gate is None or self._acked(spec.gate),
-                 f"{request.name} needs protocol feature {spec.gate!r}", errno.ENOTSUP)
-        _require(spec.sizes is None or hdr.size in spec.sizes,
-                 f"{request.name} payload is {hdr.size} bytes, expected {spec.sizes}")
+        require(request in ALLOWED[self.state], errno.EINVAL,
+                f"{request.name} not allowed in state {self.state.value}")
+        require(spec.gate is None or self._acked(spec.gate), errno.ENOTSUP,
+                f"{request.name} needs protocol feature {spec.gate!r}")
+        require(spec.sizes is None or hdr.size in spec.sizes, errno.EINVAL,
+                f"{request.name} payload is {hdr.size} bytes, expected {spec.sizes}")
         n = len(msg.fds)
         if spec.fds is Fds.NONE:
-            _require(n == 0, f"{request.name} takes no fds, got {n}")
+            require(n == 0, errno.EINVAL, f"{request.name} takes no fds, got {n}")
         elif spec.fds is Fds.ONE:
-            _require(n == 1, f"{request.name} takes one fd, got {n}")
+            require(n == 1, errno.EINVAL, f"{request.name} takes one fd, got {n}")
         elif spec.fds is Fds.OPTIONAL_ONE:
-            _require(n <= 1, f"{request.name} takes at most one fd, got {n}")
+            require(n <= 1, errno.EINVAL, f"{request.name} takes at most one fd, got {n}")
         elif spec.fds is Fds.VRING:
             value = vw.U64.unpack(msg.body).value
             want = 0 if value & vw.VRING_NOFD else 1
-            _require(n == want, f"{request.name} with nofd={int(not want)} takes {want} fd, got {n}")
+            require(n == want, errno.EINVAL,
+                    f"{request.name} with nofd={int(not want)} takes {want} fd, got {n}")
         # PER_REGION: checked against the region count by the handler.
         return request, spec
 
@@ -537,8 +520,8 @@ class BackendConnection:
         self._out.append(header.pack() + payload)
 
     def _vring_index(self, index: int) -> int:
-        _require(index < self.handler.num_vrings,
-                 f"vring index {index} out of range (the device has {self.handler.num_vrings})")
+        require(index < self.handler.num_vrings, errno.EINVAL,
+                f"vring index {index} out of range (the device has {self.handler.num_vrings})")
         return index
 
     # ------------------------------------------------------------ negotiation
@@ -548,7 +531,8 @@ class BackendConnection:
     def _set_features(self, msg: Message) -> None:
         value = vw.U64.unpack(msg.body).value
         offered = self.handler.device_features()
-        _require(not value & ~offered, f"features {value & ~offered:#x} were not offered")
+        require(not value & ~offered, errno.EINVAL,
+                f"features {value & ~offered:#x} were not offered")
         self.handler.set_features(value)
         self.features = value
 
@@ -557,8 +541,8 @@ class BackendConnection:
 
     def _set_protocol_features(self, msg: Message) -> None:
         value = vw.U64.unpack(msg.body).value
-        _require(not value & ~OFFERED_PROTOCOL_FEATURES,
-                 f"protocol features {value & ~OFFERED_PROTOCOL_FEATURES:#x} were not offered")
+        require(not value & ~OFFERED_PROTOCOL_FEATURES, errno.EINVAL,
+                f"protocol features {value & ~OFFERED_PROTOCOL_FEATURES:#x} were not offered")
         self.handler.set_protocol_features(value)
         self.protocol_features = value
         self.protocol_negotiated = True
@@ -586,7 +570,7 @@ class BackendConnection:
 
     def _set_status(self, msg: Message) -> None:
         value = vw.U64.unpack(msg.body).value
-        _require(value <= 0xFF, f"device status {value:#x} does not fit a byte")
+        require(value <= 0xFF, errno.EINVAL, f"device status {value:#x} does not fit a byte")
         self.handler.set_status(value)
 
     def _get_status(self, msg: Message) -> bytes:
@@ -597,7 +581,7 @@ class BackendConnection:
 
     def _send_rarp(self, msg: Message) -> None:
         mac = msg.body[:6]
-        _require(not mac[0] & 1, "SEND_RARP with a multicast MAC")
+        require(not mac[0] & 1, errno.EINVAL, "SEND_RARP with a multicast MAC")
         self.handler.send_rarp(mac)
 
     # ------------------------------------------------------------ rings
@@ -617,18 +601,20 @@ class BackendConnection:
     def _set_vring_addr(self, msg: Message) -> None:
         addr = vw.VringAddr.unpack(msg.body)
         self._vring_index(addr.index)
-        _require(not addr.flags & vw.VRING_ADDR_RESERVED, f"reserved vring flags {addr.flags:#x}")
+        require(not addr.flags & vw.VRING_ADDR_RESERVED, errno.EINVAL,
+                f"reserved vring flags {addr.flags:#x}")
         self.handler.set_vring_addr(addr)
 
     def _set_vring_fd(self, msg: Message) -> None:
         value = vw.U64.unpack(msg.body).value
-        _require(not value & vw.VRING_FILE.reserved_mask, f"reserved bits in {value:#x}")
+        require(not value & vw.VRING_FILE.reserved_mask, errno.EINVAL,
+                f"reserved bits in {value:#x}")
         index = self._vring_index(vw.VRING_FILE.get(value, "index"))
         fd = None if value & vw.VRING_NOFD else msg.fds[0]
         # Kick fds are read 8 bytes per kick and call/err fds signalled with a
         # counter write: only an eventfd behaves (a pipe at EOF stays readable).
-        _require(fd is None or self.is_eventfd is None or self.is_eventfd(fd),
-                 f"vring {index}: the fd is not an eventfd", errno.EBADF)
+        require(fd is None or self.is_eventfd is None or self.is_eventfd(fd), errno.EBADF,
+                f"vring {index}: the fd is not an eventfd")
         setter = {R.SET_VRING_KICK: self.handler.set_vring_kick,
                   R.SET_VRING_CALL: self.handler.set_vring_call,
                   R.SET_VRING_ERR: self.handler.set_vring_err}[R(msg.header.request)]
@@ -637,21 +623,21 @@ class BackendConnection:
             msg.take_fd(fd)
 
     def _set_vring_enable(self, msg: Message) -> None:
-        _require(self.protocol_negotiated or bool(self.features & vw.Feature.PROTOCOL_FEATURES),
-                 "SET_VRING_ENABLE before VHOST_USER_F_PROTOCOL_FEATURES was negotiated")
+        require(self.protocol_negotiated or bool(self.features & vw.Feature.PROTOCOL_FEATURES), errno.EINVAL,
+                "SET_VRING_ENABLE before VHOST_USER_F_PROTOCOL_FEATURES was negotiated")
         state = vw.VringState.unpack(msg.body)
         index = self._vring_index(state.index)
-        _require(state.num in (0, 1), f"vring enable value {state.num}")
+        require(state.num in (0, 1), errno.EINVAL, f"vring enable value {state.num}")
         self.handler.set_vring_enable(index, bool(state.num))
 
     # ------------------------------------------------------------ memory
     @staticmethod
     def _check_region(r: vw.MemoryRegion | vw.SingleMemoryRegion) -> None:
-        _require(r.memory_size > 0, "memory region of size 0")
+        require(r.memory_size > 0, errno.EINVAL, "memory region of size 0")
         for what, base in (("guest", r.guest_phys_addr), ("user", r.userspace_addr),
                            ("mmap offset", r.mmap_offset)):
-            _require(base + r.memory_size <= ADDRESS_LIMIT,
-                     f"memory region {what} {base:#x}+{r.memory_size:#x} overflows 64 bits")
+            require(base + r.memory_size <= ADDRESS_LIMIT, errno.EINVAL,
+                    f"memory region {what} {base:#x}+{r.memory_size:#x} overflows 64 bits")
 
     def _swap_memory(self, build: ClientMemory) -> None:
         self.handler.set_memory(None)  # rings let go of their views
@@ -670,14 +656,17 @@ class BackendConnection:
 
     def _set_mem_table(self, msg: Message) -> None:
         body = msg.body
-        _require(len(body) >= vw.MemoryHeader.SIZE, f"SET_MEM_TABLE payload of {len(body)} bytes")
+        require(len(body) >= vw.MemoryHeader.SIZE, errno.EINVAL,
+                f"SET_MEM_TABLE payload of {len(body)} bytes")
         n = vw.MemoryHeader.unpack(body).nregions
-        _require(1 <= n <= vw.MAX_MEM_REGIONS, f"{n} memory regions (1..{vw.MAX_MEM_REGIONS})")
+        require(1 <= n <= vw.MAX_MEM_REGIONS, errno.EINVAL,
+                f"{n} memory regions (1..{vw.MAX_MEM_REGIONS})")
         # QEMU and DPDK send exactly n regions; the full 8-region struct is accepted too.
         full = vw.MemoryHeader.SIZE + vw.MemoryRegion.SIZE * vw.MAX_MEM_REGIONS
-        _require(len(body) in (vw.MemoryHeader.SIZE + vw.MemoryRegion.SIZE * n, full),
-                 f"SET_MEM_TABLE payload of {len(body)} bytes for {n} regions")
-        _require(len(msg.fds) == n, f"SET_MEM_TABLE with {n} regions carries {len(msg.fds)} fds")
+        require(len(body) in (vw.MemoryHeader.SIZE + vw.MemoryRegion.SIZE * n, full), errno.EINVAL,
+                f"SET_MEM_TABLE payload of {len(body)} bytes for {n} regions")
+        require(len(msg.fds) == n, errno.EINVAL,
+                f"SET_MEM_TABLE with {n} regions carries {len(msg.fds)} fds")
         regions = [vw.MemoryRegion.unpack(body, vw.MemoryHeader.SIZE + vw.MemoryRegion.SIZE * i)
                    for i in range(n)]
         for r in regions:
@@ -685,7 +674,7 @@ class BackendConnection:
         for key in ("guest_phys_addr", "userspace_addr"):
             spans = sorted((getattr(r, key), getattr(r, key) + r.memory_size) for r in regions)
             for (_, end), (start, _) in itertools.pairwise(spans):
-                _require(start >= end, f"memory regions overlap ({key} {start:#x})")
+                require(start >= end, errno.EINVAL, f"memory regions overlap ({key} {start:#x})")
         build = ClientMemory(max_regions=self.max_mem_slots, map_unsealed=self.map_unsealed)
         try:
             for r, fd in zip(regions, list(msg.fds)):
@@ -700,8 +689,8 @@ class BackendConnection:
         self._check_region(r)
         for region in self.memory.regions:
             ua = region.user_address or 0
-            _require(r.userspace_addr + r.memory_size <= ua or ua + region.size <= r.userspace_addr,
-                     f"region user address {r.userspace_addr:#x} overlaps a mapped one")
+            require(r.userspace_addr + r.memory_size <= ua or ua + region.size <= r.userspace_addr, errno.EINVAL,
+                    f"region user address {r.userspace_addr:#x} overlaps a mapped one")
         self.handler.set_memory(None)
         try:
             self._map_region(self.memory, r, msg.take_fd(msg.fds[0]))
@@ -713,8 +702,8 @@ class BackendConnection:
         match = [g for g in self.memory.regions
                  if g.address == r.guest_phys_addr and g.size == r.memory_size
                  and g.user_address == r.userspace_addr]
-        _require(bool(match), f"no region {r.guest_phys_addr:#x}+{r.memory_size:#x} is mapped",
-                 errno.ENOENT)
+        require(bool(match), errno.ENOENT,
+                f"no region {r.guest_phys_addr:#x}+{r.memory_size:#x} is mapped")
         self.handler.set_memory(None)
         try:
             self.memory.unmap(r.guest_phys_addr, r.memory_size)
@@ -725,9 +714,9 @@ class BackendConnection:
     # ------------------------------------------------------------ dirty log
     def _set_log_base(self, msg: Message) -> bytes:
         desc = vw.LogDescription.unpack(msg.body)
-        _require(desc.mmap_size > 0, "log of size 0")
-        _require(desc.mmap_offset % mmap.ALLOCATIONGRANULARITY == 0,
-                 f"log offset {desc.mmap_offset:#x} not page aligned")
+        require(desc.mmap_size > 0, errno.EINVAL, "log of size 0")
+        require(desc.mmap_offset % mmap.ALLOCATIONGRANULARITY == 0, errno.EINVAL,
+                f"log offset {desc.mmap_offset:#x} not page aligned")
         try:  # we write into it: a file the front-end could shrink would be a SIGBUS
             mm = mmap_unshrinkable(msg.fds[0], desc.mmap_size, desc.mmap_offset)
         except MapError as exc:
@@ -740,7 +729,7 @@ class BackendConnection:
 
     def _set_log_fd(self, msg: Message) -> None:
         if self.log_fd is not None:
-            _close(self.log_fd)
+            close_quietly(self.log_fd)
         self.log_fd = msg.take_fd(msg.fds[0])
 
     def _drop_log(self) -> None:
@@ -749,5 +738,5 @@ class BackendConnection:
             self.log_mm.close()
             self.log_mm = None
         if self.log_fd is not None:
-            _close(self.log_fd)
+            close_quietly(self.log_fd)
             self.log_fd = None

@@ -63,6 +63,7 @@ from appliance.net.responder import Responder
 from appliance.net.switch import Switch
 from appliance.net.tap import TapPort
 from appliance.net.vhost_protocol import BackendConnection
+from appliance.protocol_common import close_quietly
 from appliance.runtime import unix, vhost_handoff
 from appliance.runtime.listener import Claim, ListenerError, listen
 from appliance.runtime.loop import EventLoop
@@ -93,7 +94,6 @@ def recv_chunk(sock: socket.socket, wanted: int) -> tuple[bytes, list[int]]:
 
 
 signal_eventfd = unix.signal_eventfd
-_close = unix.close_quietly
 
 
 class VhostUserSession:
@@ -198,7 +198,7 @@ class VhostUserSession:
         if self.kicks.pop(fd, None) is not None:
             self.loop.remove_reader(fd)
         self._unwatchable.discard(fd)
-        _close(fd)
+        close_quietly(fd)
 
     def _sync_kicks(self) -> None:
         want = self.port.kick_fds()
@@ -320,7 +320,7 @@ class VhostUserSession:
         self.kicks.clear()
         self._stop_writing()
         self.port.notify = lambda fd: None
-        self.port.retire_fd = _close
+        self.port.retire_fd = close_quietly
         self.conn.close("handed off")  # the port forgets the rings; fds and mappings closed
         self.sock.close()  # close(2) only: no shutdown, the other process holds the socket
 
@@ -529,7 +529,7 @@ class _Staged:
         if self.claim is not None:
             self.claim.release()  # our copy of the source's lock: the source keeps it
         port.notify = lambda fd: None
-        port.retire_fd = _close
+        port.retire_fd = close_quietly
 
 
 def _check_pollable(fd: int, what: str) -> None:
@@ -551,7 +551,7 @@ def _adopt_socket(fds: list[int], index: int, listening: bool) -> socket.socket:
     try:
         sock = socket.socket(fileno=fd)
     except OSError:
-        _close(fd)
+        close_quietly(fd)
         raise
     try:
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
@@ -751,7 +751,7 @@ class NetService:
             for svc, st in zip(self.services, staged, strict=True):
                 st.discard(svc.port)
             if tap_fd is not None:
-                _close(tap_fd)
+                close_quietly(tap_fd)
             if isinstance(exc, OSError):
                 raise ApplianceError(f"net: cannot adopt the source's fds: {exc}") from None
             raise

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from appliance.errors import ApplianceError
+from appliance.protocol_common import step
 from appliance.storage.spec import (
     AQA,
     CAP,
@@ -161,10 +162,7 @@ class RegisterFile:
         Raises:
             StateError: the table has no transition for (state, event).
         """
-        target = TRANSITIONS[self.state].get(event)
-        if target is None:
-            raise StateError(f"controller state {self.state.value}: no transition for "
-                             f"{event.value}")
+        target = step(TRANSITIONS, self.state, event, StateError, where="NVMe controller")
         self.state = target
         self.ready = READY_AFTER.get(event, self.ready)
         return target

@@ -19,10 +19,10 @@ closing, without ever buffering the body.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from appliance.errors import RemoteProtocolError
+from appliance.protocol_common import close_quietly
 from appliance.vfio_user.wire import HEADER_SIZE, Header
 
 
@@ -38,10 +38,7 @@ class Frame:
     def close_fds(self) -> None:
         """Close every fd this message carried (each rejection path calls this)."""
         while self.fds:
-            try:
-                os.close(self.fds.pop())
-            except OSError:
-                pass
+            close_quietly(self.fds.pop())
 
 
 class Framer:
@@ -63,7 +60,7 @@ class Framer:
         """Buffer a chunk (never more than :meth:`bytes_wanted`) and its fds."""
         if len(data) > self.bytes_wanted():
             for fd in fds:
-                os.close(fd)
+                close_quietly(fd)
             raise RemoteProtocolError("reader fed more than one message at once")
         self._buf += data
         self._fds += fds
@@ -109,10 +106,7 @@ class Framer:
     def close(self) -> None:
         """Drop buffered bytes and close fds that never made a message."""
         for fd in self._take_fds():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            close_quietly(fd)
         self._buf.clear()
         self._header = None
 

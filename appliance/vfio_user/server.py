@@ -33,6 +33,7 @@ from typing import Any, Protocol, TypeVar
 
 from appliance.errors import LocalProtocolError
 from appliance.memory import ClientMemory, MapError
+from appliance.protocol_common import Reject, close_quietly, require, step
 from appliance.vfio_user import wire as w
 from appliance.vfio_user.backend import VfioUserDevice
 from appliance.vfio_user.dma import DmaMessages
@@ -113,15 +114,6 @@ class MigrationHandler(Protocol):
         """Why the device cannot be handed off now ("" when it can)."""
 
 
-class Reject(LocalProtocolError):
-    """A request is refused with ``errno``; the reply is header-only with Error set."""
-
-
-def _require(cond: bool, err: int, message: str) -> None:
-    if not cond:
-        raise Reject(message, err)
-
-
 def _fits(offset: int, count: int, size: int) -> bool:
     return 0 <= offset and 0 <= count and offset + count <= size
 
@@ -139,8 +131,8 @@ def _request(frame: Frame, cls: type[S]) -> S:
         Reject: EINVAL when the payload is shorter than the structure.
     """
     name = _cmd_name(frame.header.command)
-    _require(len(frame.payload) >= cls.SIZE, errno.EINVAL,
-             f"{name} payload of {len(frame.payload)} bytes, the request needs {cls.SIZE}")
+    require(len(frame.payload) >= cls.SIZE, errno.EINVAL,
+            f"{name} payload of {len(frame.payload)} bytes, the request needs {cls.SIZE}")
     return cls.unpack(frame.payload)
 
 
@@ -224,7 +216,7 @@ class ServerConnection:
         """
         if not data:
             for fd in fds:
-                _close(fd)
+                close_quietly(fd)
             self.close()
             return
         self.framer.feed(data, fds)
@@ -261,7 +253,7 @@ class ServerConnection:
             frame.close_fds()
         self._frames.clear()
         for fd in [*self.irq_fds.values(), *self.irq_mask_fds.values()]:
-            _close(fd)
+            close_quietly(fd)
         self.irq_fds.clear()
         self.irq_mask_fds.clear()
         if self.migration is not None:
@@ -345,22 +337,22 @@ class ServerConnection:
 
         self._apply_client_caps(dict(state["caps"]))
         next_id = int(state["next_id"])
-        _require(0 <= next_id <= 0xFFFF, errno.EINVAL, f"next_id {next_id}")
+        require(0 <= next_id <= 0xFFFF, errno.EINVAL, f"next_id {next_id}")
         irqs = [(int(i), int(s), fd_at(f)) for i, s, f in state["irq_fds"]]
         masks = [(int(k), int(i), int(s), fd_at(f)) for k, i, s, f in state["irq_mask_fds"]]
         enabled = {int(i): int(n) for i, n in state["irq_enabled"]}
         mask_kinds = {int(w.IrqSetFlag.ACTION_MASK), int(w.IrqSetFlag.ACTION_UNMASK)}
         for index, count in enabled.items():
-            _require(0 <= index < w.PCI_NUM_IRQS and 0 <= count <= self.device.irq(index).count,
-                     errno.EINVAL, f"irq {index}: {count} enabled")
+            require(0 <= index < w.PCI_NUM_IRQS and 0 <= count <= self.device.irq(index).count, errno.EINVAL,
+                    f"irq {index}: {count} enabled")
         for kind, index, sub in [(None, i, s) for i, s, _ in irqs] + [(k, i, s) for k, i, s, _ in masks]:
-            _require(0 <= index < w.PCI_NUM_IRQS and 0 <= sub < self.device.irq(index).count
+            require(0 <= index < w.PCI_NUM_IRQS and 0 <= sub < self.device.irq(index).count
                      and (kind is None or kind in mask_kinds), errno.EINVAL,
-                     f"irq {index}.{sub} (action {kind}) out of range")
+                    f"irq {index}.{sub} (action {kind}) out of range")
         pending = bytes.fromhex(state["pending"])
         pending_fds = [fd_at(f) for f in state["pending_fds"]]
-        _require(len(pending) < self.framer.max_size and len(pending_fds) <= MAX_MSG_FDS,
-                 errno.EINVAL, "pending message too large")
+        require(len(pending) < self.framer.max_size and len(pending_fds) <= MAX_MSG_FDS, errno.EINVAL,
+                "pending message too large")
         for r in state["regions"]:
             fd = None if r["fd"] is None else os.dup(fd_at(r["fd"]))
             self.memory.map(int(r["address"]), int(r["size"]), fd=fd,
@@ -391,7 +383,7 @@ class ServerConnection:
     def _forget_adopted(self) -> None:
         self.memory.unmap_all()
         for fd in [*self.irq_fds.values(), *self.irq_mask_fds.values()]:
-            _close(fd)
+            close_quietly(fd)
         self.irq_fds.clear()
         self.irq_mask_fds.clear()
         self.irq_enabled.clear()
@@ -406,7 +398,7 @@ class ServerConnection:
         self.state = ConnState.CLOSED
         self.framer.close()
         for fd in [*self.irq_fds.values(), *self.irq_mask_fds.values()]:
-            _close(fd)
+            close_quietly(fd)
         self.irq_fds.clear()
         self.irq_mask_fds.clear()
         self.memory.unmap_all()
@@ -442,10 +434,7 @@ class ServerConnection:
 
     # ------------------------------------------------------------ dispatch
     def _transition(self, event: str) -> None:
-        try:
-            self.state = TRANSITIONS[self.state][event]
-        except KeyError:
-            raise LocalProtocolError(f"{self.name}: event {event} not allowed in {self.state.value}") from None
+        self.state = step(TRANSITIONS, self.state, event, where=self.name)
 
     def _dispatch(self, frame: Frame) -> None:
         hdr = frame.header
@@ -491,19 +480,20 @@ class ServerConnection:
 
     def _check_header(self, frame: Frame) -> w.Command:
         hdr = frame.header
-        _require(not frame.oversized, errno.EMSGSIZE, f"message size {hdr.size} exceeds limit")
-        _require(not hdr.flags & w.MSG_FLAGS_RESERVED, errno.EINVAL, f"reserved flags {hdr.flags:#x}")
-        _require(hdr.flags & w.MSG_TYPE_MASK == w.MSG_TYPE_COMMAND, errno.EINVAL,
-                 "unsolicited reply from the client")
-        _require(hdr.error == 0, errno.EINVAL, "error field set in a command")
+        require(not frame.oversized, errno.EMSGSIZE, f"message size {hdr.size} exceeds limit")
+        require(not hdr.flags & w.MSG_FLAGS_RESERVED, errno.EINVAL,
+                f"reserved flags {hdr.flags:#x}")
+        require(hdr.flags & w.MSG_TYPE_MASK == w.MSG_TYPE_COMMAND, errno.EINVAL,
+                "unsolicited reply from the client")
+        require(hdr.error == 0, errno.EINVAL, "error field set in a command")
         try:
             command = w.Command(hdr.command)
         except ValueError:
             raise Reject(f"unknown command {hdr.command}", errno.EINVAL) from None
-        _require(command in ALLOWED[self.state], errno.EINVAL,
-                 f"{command.name} not allowed in state {self.state.value}")
-        _require(self.allowed_in_migration_state(command), errno.EBUSY,
-                 f"{command.name} not allowed in this migration state")
+        require(command in ALLOWED[self.state], errno.EINVAL,
+                f"{command.name} not allowed in state {self.state.value}")
+        require(self.allowed_in_migration_state(command), errno.EBUSY,
+                f"{command.name} not allowed in this migration state")
         if frame.fds and command not in TAKES_FDS:
             log.warning("%s msg %#x %s: closed %d fd(s) the command does not take", self.name,
                         hdr.msg_id, command.name, len(frame.fds))
@@ -512,11 +502,11 @@ class ServerConnection:
 
     # ------------------------------------------------------------ VERSION
     def _version(self, frame: Frame) -> bytes:
-        _require(len(frame.payload) >= w.VersionHead.SIZE, errno.EINVAL, "short VERSION")
+        require(len(frame.payload) >= w.VersionHead.SIZE, errno.EINVAL, "short VERSION")
         head = w.VersionHead.unpack(frame.payload)
-        _require(head.major == w.VERSION_MAJOR, errno.ENOTSUP, f"major version {head.major}")
+        require(head.major == w.VERSION_MAJOR, errno.ENOTSUP, f"major version {head.major}")
         raw = frame.payload[w.VersionHead.SIZE:]
-        _require(len(raw) <= MAX_VERSION_JSON, errno.E2BIG, "VERSION JSON too large")
+        require(len(raw) <= MAX_VERSION_JSON, errno.E2BIG, "VERSION JSON too large")
         caps: dict[str, Any] = {}
         text = raw.split(b"\0", 1)[0]
         if text.strip():
@@ -524,9 +514,9 @@ class ServerConnection:
                 doc = json.loads(text.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise Reject(f"VERSION JSON: {exc}", errno.EINVAL) from None
-            _require(isinstance(doc, dict), errno.EINVAL, "VERSION JSON is not an object")
+            require(isinstance(doc, dict), errno.EINVAL, "VERSION JSON is not an object")
             caps = doc.get("capabilities", {})
-            _require(isinstance(caps, dict), errno.EINVAL, "capabilities is not an object")
+            require(isinstance(caps, dict), errno.EINVAL, "capabilities is not an object")
         self._apply_client_caps(caps)
         # Only capabilities the client proposed (the spec's subset rule), compact:
         # QEMU refuses a VERSION reply larger than its own request.
@@ -547,8 +537,8 @@ class ServerConnection:
     def _apply_client_caps(self, caps: dict[str, Any]) -> None:
         def number(key: str, default: int, lo: int, hi: int) -> int:
             value = caps.get(key, default)
-            _require(isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi,
-                     errno.EINVAL, f"capability {key}={value!r} out of range")
+            require(isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi, errno.EINVAL,
+                    f"capability {key}={value!r} out of range")
             return int(value)
 
         self.client_max_msg_fds = number("max_msg_fds", w.DEFAULT_MAX_MSG_FDS, 1, 253)
@@ -556,22 +546,23 @@ class ServerConnection:
             "max_data_xfer_size", w.DEFAULT_MAX_DATA_XFER_SIZE, 1, 1 << 30)
         number("max_dma_maps", w.DEFAULT_MAX_DMA_MAPS, 1, 1 << 31)
         pgsizes = number("pgsizes", w.DEFAULT_PGSIZES, 1, (1 << 63) - 1)
-        _require(bool(pgsizes & PGSIZE), errno.EINVAL, f"client pgsizes {pgsizes:#x} lack 4 KiB")
+        require(bool(pgsizes & PGSIZE), errno.EINVAL, f"client pgsizes {pgsizes:#x} lack 4 KiB")
         wm = caps.get("write_multiple", False)
-        _require(isinstance(wm, bool), errno.EINVAL, "write_multiple is not a boolean")
+        require(isinstance(wm, bool), errno.EINVAL, "write_multiple is not a boolean")
         self.write_multiple = wm
         mig = caps.get("migration", {})
-        _require(isinstance(mig, dict), errno.EINVAL, "migration capability is not an object")
+        require(isinstance(mig, dict), errno.EINVAL, "migration capability is not an object")
 
     # ------------------------------------------------------------ DMA map / unmap
     def _dma_map(self, frame: Frame) -> bytes:
         req = _request(frame, w.DmaMap)
-        _require(req.argsz >= w.DmaMap.SIZE, errno.EINVAL, f"DMA_MAP argsz {req.argsz}")
-        _require(not req.flags & w.DMA_MAP_FLAGS_RESERVED, errno.EINVAL, f"DMA_MAP flags {req.flags:#x}")
-        _require(len(frame.fds) <= 1, errno.EINVAL, "DMA_MAP with more than one fd")
-        _require(req.address % PGSIZE == 0 and req.size % PGSIZE == 0 and req.size > 0,
-                 errno.EINVAL, f"DMA_MAP {req.address:#x}+{req.size:#x} not page aligned")
-        _require(req.offset % PGSIZE == 0, errno.EINVAL, f"DMA_MAP offset {req.offset:#x}")
+        require(req.argsz >= w.DmaMap.SIZE, errno.EINVAL, f"DMA_MAP argsz {req.argsz}")
+        require(not req.flags & w.DMA_MAP_FLAGS_RESERVED, errno.EINVAL,
+                f"DMA_MAP flags {req.flags:#x}")
+        require(len(frame.fds) <= 1, errno.EINVAL, "DMA_MAP with more than one fd")
+        require(req.address % PGSIZE == 0 and req.size % PGSIZE == 0 and req.size > 0, errno.EINVAL,
+                f"DMA_MAP {req.address:#x}+{req.size:#x} not page aligned")
+        require(req.offset % PGSIZE == 0, errno.EINVAL, f"DMA_MAP offset {req.offset:#x}")
         fd = frame.fds.pop() if frame.fds else None
         try:
             self.memory.map(req.address, req.size, fd=fd, fd_offset=req.offset if fd is not None else 0,
@@ -583,13 +574,13 @@ class ServerConnection:
 
     def _dma_unmap(self, frame: Frame) -> bytes:
         req = _request(frame, w.DmaUnmap)
-        _require(req.argsz >= w.DmaUnmap.SIZE, errno.EINVAL, f"DMA_UNMAP argsz {req.argsz}")
+        require(req.argsz >= w.DmaUnmap.SIZE, errno.EINVAL, f"DMA_UNMAP argsz {req.argsz}")
         known = w.DmaUnmapFlag.ALL | w.DmaUnmapFlag.GET_DIRTY_BITMAP
-        _require(not req.flags & ~int(known), errno.EINVAL, f"DMA_UNMAP flags {req.flags:#x}")
-        _require(not req.flags & w.DmaUnmapFlag.GET_DIRTY_BITMAP, errno.ENOTSUP,
-                 "DMA_UNMAP dirty bitmap (use DMA_LOGGING_REPORT)")
+        require(not req.flags & ~int(known), errno.EINVAL, f"DMA_UNMAP flags {req.flags:#x}")
+        require(not req.flags & w.DmaUnmapFlag.GET_DIRTY_BITMAP, errno.ENOTSUP,
+                "DMA_UNMAP dirty bitmap (use DMA_LOGGING_REPORT)")
         if req.flags & w.DmaUnmapFlag.ALL:
-            _require(req.address == 0 and req.size == 0, errno.EINVAL, "UNMAP ALL with a range")
+            require(req.address == 0 and req.size == 0, errno.EINVAL, "UNMAP ALL with a range")
             self.memory.unmap_all()
         else:
             try:
@@ -601,14 +592,14 @@ class ServerConnection:
     # ------------------------------------------------------------ device info
     def _get_info(self, frame: Frame) -> bytes:
         req = _request(frame, w.DeviceInfo)
-        _require(req.argsz >= w.DeviceInfo.SIZE, errno.EINVAL, f"GET_INFO argsz {req.argsz}")
+        require(req.argsz >= w.DeviceInfo.SIZE, errno.EINVAL, f"GET_INFO argsz {req.argsz}")
         return w.DeviceInfo(flags=w.DeviceFlag.RESET | w.DeviceFlag.PCI,
                             num_regions=w.PCI_NUM_REGIONS, num_irqs=w.PCI_NUM_IRQS).pack()
 
     def _get_region_info(self, frame: Frame) -> tuple[bytes, list[int]]:
         req = _request(frame, w.RegionInfo)
-        _require(req.argsz >= w.RegionInfo.SIZE, errno.EINVAL, f"GET_REGION_INFO argsz {req.argsz}")
-        _require(req.index < w.PCI_NUM_REGIONS, errno.EINVAL, f"region index {req.index}")
+        require(req.argsz >= w.RegionInfo.SIZE, errno.EINVAL, f"GET_REGION_INFO argsz {req.argsz}")
+        require(req.index < w.PCI_NUM_REGIONS, errno.EINVAL, f"region index {req.index}")
         desc = self.device.region(req.index)
         flags = (w.RegionFlag.READ if desc.readable else 0) | (w.RegionFlag.WRITE if desc.writable else 0)
         caps = b""
@@ -633,18 +624,20 @@ class ServerConnection:
 
     def _get_region_io_fds(self, frame: Frame) -> bytes:
         req = _request(frame, w.RegionIoFds)
-        _require(req.argsz >= w.RegionIoFds.SIZE, errno.EINVAL, f"GET_REGION_IO_FDS argsz {req.argsz}")
-        _require(req.flags == 0 and req.count == 0, errno.EINVAL, "GET_REGION_IO_FDS fields must be 0")
-        _require(req.index < w.PCI_NUM_REGIONS and self.device.region(req.index).size > 0,
-                 errno.EINVAL, f"region index {req.index}")
+        require(req.argsz >= w.RegionIoFds.SIZE, errno.EINVAL,
+                f"GET_REGION_IO_FDS argsz {req.argsz}")
+        require(req.flags == 0 and req.count == 0, errno.EINVAL,
+                "GET_REGION_IO_FDS fields must be 0")
+        require(req.index < w.PCI_NUM_REGIONS and self.device.region(req.index).size > 0, errno.EINVAL,
+                f"region index {req.index}")
         # No sub-region is offered as an ioeventfd: without KVM, QEMU forwards
         # every access itself, and doorbells are reached by mmap instead.
         return w.RegionIoFds(argsz=w.RegionIoFds.SIZE, index=req.index, count=0).pack()
 
     def _get_irq_info(self, frame: Frame) -> bytes:
         req = _request(frame, w.IrqInfo)
-        _require(req.argsz >= w.IrqInfo.SIZE, errno.EINVAL, f"GET_IRQ_INFO argsz {req.argsz}")
-        _require(req.index < w.PCI_NUM_IRQS, errno.EINVAL, f"irq index {req.index}")
+        require(req.argsz >= w.IrqInfo.SIZE, errno.EINVAL, f"GET_IRQ_INFO argsz {req.argsz}")
+        require(req.index < w.PCI_NUM_IRQS, errno.EINVAL, f"irq index {req.index}")
         desc = self.device.irq(req.index)
         flags = w.IrqInfoFlag.EVENTFD
         flags |= w.IrqInfoFlag.MASKABLE if desc.maskable else 0
@@ -658,25 +651,27 @@ class ServerConnection:
         data = frame.payload[w.IrqSet.SIZE:]
         # Here argsz is the request's own size ("the size of the VFIO IRQ set request
         # payload, including any data field"), so it must agree with the message.
-        _require(req.argsz == len(frame.payload), errno.EINVAL,
-                 f"SET_IRQS argsz {req.argsz} != payload {len(frame.payload)}")
-        _require(not req.flags & w.IRQ_SET_FLAGS_RESERVED, errno.EINVAL, f"SET_IRQS flags {req.flags:#x}")
+        require(req.argsz == len(frame.payload), errno.EINVAL,
+                f"SET_IRQS argsz {req.argsz} != payload {len(frame.payload)}")
+        require(not req.flags & w.IRQ_SET_FLAGS_RESERVED, errno.EINVAL,
+                f"SET_IRQS flags {req.flags:#x}")
         dflag = req.flags & w.IRQ_SET_DATA_MASK
         action = req.flags & w.IRQ_SET_ACTION_MASK
-        _require(dflag.bit_count() == 1 and action.bit_count() == 1, errno.EINVAL,
-                 f"SET_IRQS needs one data and one action flag, got {req.flags:#x}")
-        _require(req.index < w.PCI_NUM_IRQS, errno.EINVAL, f"irq index {req.index}")
+        require(dflag.bit_count() == 1 and action.bit_count() == 1, errno.EINVAL,
+                f"SET_IRQS needs one data and one action flag, got {req.flags:#x}")
+        require(req.index < w.PCI_NUM_IRQS, errno.EINVAL, f"irq index {req.index}")
         total = self.device.irq(req.index).count
         disable_all = dflag == w.IrqSetFlag.DATA_NONE and req.count == 0 and req.start == 0
-        _require(disable_all or (req.count > 0 and _fits(req.start, req.count, total)),
-                 errno.EINVAL, f"irq range {req.start}+{req.count} of {total}")
+        require(disable_all or (req.count > 0 and _fits(req.start, req.count, total)), errno.EINVAL,
+                f"irq range {req.start}+{req.count} of {total}")
         fds = frame.fds
-        _require(dflag == w.IrqSetFlag.DATA_EVENTFD or not fds, errno.EINVAL, "fds without DATA_EVENTFD")
+        require(dflag == w.IrqSetFlag.DATA_EVENTFD or not fds, errno.EINVAL,
+                "fds without DATA_EVENTFD")
         if self.is_eventfd is not None:
             for fd in fds:
-                _require(self.is_eventfd(fd), errno.EINVAL, f"SET_IRQS fd {fd} is not an eventfd")
+                require(self.is_eventfd(fd), errno.EINVAL, f"SET_IRQS fd {fd} is not an eventfd")
         if dflag == w.IrqSetFlag.DATA_BOOL:
-            _require(len(data) == req.count, errno.EINVAL, "SET_IRQS bool data size")
+            require(len(data) == req.count, errno.EINVAL, "SET_IRQS bool data size")
             selected = [i for i in range(req.count) if data[i]]
         else:
             # Data after a NONE/EVENTFD request is ignored, as libvfio-user ignores it.
@@ -688,8 +683,8 @@ class ServerConnection:
                 self._set_irq_fds(req.index, 0, total, [])
             return b""
         if dflag == w.IrqSetFlag.DATA_EVENTFD:
-            _require(len(fds) in (0, req.count), errno.EINVAL,
-                     f"SET_IRQS {len(fds)} fds for {req.count} irqs")
+            require(len(fds) in (0, req.count), errno.EINVAL,
+                    f"SET_IRQS {len(fds)} fds for {req.count} irqs")
             if action == w.IrqSetFlag.ACTION_TRIGGER:
                 # A trigger enables the sub-indexes even without fds: QEMU enables
                 # MSI-X with {start 0, count 1, no fd} before any vector is unmasked.
@@ -701,7 +696,7 @@ class ServerConnection:
                 for i in range(req.count):
                     old = self.irq_mask_fds.pop((kind, req.index, req.start + i), None)
                     if old is not None:
-                        _close(old)
+                        close_quietly(old)
                     if fds:
                         self.irq_mask_fds[(kind, req.index, req.start + i)] = fds[i]
             frame.fds = []  # ownership moved
@@ -723,7 +718,7 @@ class ServerConnection:
         for i in range(count):
             old = self.irq_fds.pop((index, start + i), None)
             if old is not None:
-                _close(old)
+                close_quietly(old)
             if fds:
                 self.irq_fds[(index, start + i)] = fds[i]
         self.device.set_irq_count(index, self.irq_enabled.get(index, 0))
@@ -742,14 +737,14 @@ class ServerConnection:
 
     # ------------------------------------------------------------ region access
     def _check_region(self, index: int, offset: int, count: int, write: bool) -> None:
-        _require(index < w.PCI_NUM_REGIONS, errno.EINVAL, f"region index {index}")
+        require(index < w.PCI_NUM_REGIONS, errno.EINVAL, f"region index {index}")
         desc = self.device.region(index)
-        _require(desc.size > 0, errno.EINVAL, f"region {index} is absent")
-        _require(desc.writable if write else desc.readable, errno.EACCES,
-                 f"region {index} not {'writable' if write else 'readable'}")
-        _require(0 < count <= self.max_data_xfer_size, errno.EINVAL, f"count {count}")
-        _require(_fits(offset, count, desc.size), errno.EINVAL,
-                 f"region {index} access {offset:#x}+{count} beyond size {desc.size:#x}")
+        require(desc.size > 0, errno.EINVAL, f"region {index} is absent")
+        require(desc.writable if write else desc.readable, errno.EACCES,
+                f"region {index} not {'writable' if write else 'readable'}")
+        require(0 < count <= self.max_data_xfer_size, errno.EINVAL, f"count {count}")
+        require(_fits(offset, count, desc.size), errno.EINVAL,
+                f"region {index} access {offset:#x}+{count} beyond size {desc.size:#x}")
 
     def _region_read(self, frame: Frame) -> bytes:
         req = _request(frame, w.RegionAccess)
@@ -758,25 +753,27 @@ class ServerConnection:
         return frame.payload[:w.RegionAccess.SIZE] + data
 
     def _region_write(self, frame: Frame) -> bytes:
-        _require(len(frame.payload) >= w.RegionAccess.SIZE, errno.EINVAL, "REGION_WRITE payload size")
+        require(len(frame.payload) >= w.RegionAccess.SIZE, errno.EINVAL,
+                "REGION_WRITE payload size")
         req = w.RegionAccess.unpack(frame.payload)
-        _require(len(frame.payload) == w.RegionAccess.SIZE + req.count, errno.EINVAL,
-                 f"REGION_WRITE count {req.count} != data {len(frame.payload) - w.RegionAccess.SIZE}")
+        require(len(frame.payload) == w.RegionAccess.SIZE + req.count, errno.EINVAL,
+                f"REGION_WRITE count {req.count} != data {len(frame.payload) - w.RegionAccess.SIZE}")
         self._check_region(req.region, req.offset, req.count, write=True)
         self.device.region_write(req.region, req.offset, frame.payload[w.RegionAccess.SIZE:])
         return frame.payload[:w.RegionAccess.SIZE]
 
     def _write_multi(self, frame: Frame) -> bytes:
-        _require(self.write_multiple, errno.ENOTSUP, "write_multiple was not negotiated")
-        _require(len(frame.payload) >= w.WriteMultiHead.SIZE, errno.EINVAL, "WRITE_MULTI payload size")
+        require(self.write_multiple, errno.ENOTSUP, "write_multiple was not negotiated")
+        require(len(frame.payload) >= w.WriteMultiHead.SIZE, errno.EINVAL,
+                "WRITE_MULTI payload size")
         n = w.WriteMultiHead.unpack(frame.payload).wr_cnt
-        _require(0 < n <= MAX_WRITE_MULTI, errno.EINVAL, f"WRITE_MULTI wr_cnt {n}")
-        _require(len(frame.payload) == w.WriteMultiHead.SIZE + n * w.WriteMultiEntry.SIZE,
-                 errno.EINVAL, "WRITE_MULTI payload does not match wr_cnt")
+        require(0 < n <= MAX_WRITE_MULTI, errno.EINVAL, f"WRITE_MULTI wr_cnt {n}")
+        require(len(frame.payload) == w.WriteMultiHead.SIZE + n * w.WriteMultiEntry.SIZE, errno.EINVAL,
+                "WRITE_MULTI payload does not match wr_cnt")
         entries = [w.WriteMultiEntry.unpack(frame.payload, w.WriteMultiHead.SIZE + i * w.WriteMultiEntry.SIZE)
                    for i in range(n)]
         for e in entries:  # validate all before applying any
-            _require(e.count in (1, 2, 4, 8), errno.EINVAL, f"WRITE_MULTI count {e.count}")
+            require(e.count in (1, 2, 4, 8), errno.EINVAL, f"WRITE_MULTI count {e.count}")
             self._check_region(e.region, e.offset, e.count, write=True)
         for e in entries:
             self.device.region_write(e.region, e.offset, e.data[:e.count])
@@ -805,12 +802,5 @@ def _cmd_name(command: int) -> str:
         return w.Command(command).name
     except ValueError:
         return f"cmd{command}"
-
-
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
 
 
