@@ -7,8 +7,9 @@ are DWORD or QWORD sized and naturally aligned; a QWORD access is two DWORD
 accesses, low half first (Linux writes ASQ/ACQ with ``lo_hi_writeq``).  Any
 other size or alignment reads as zero and is ignored on write.
 
-Writes to CC are edge-triggered (STYLE section 4): the old and new values
-are compared and each edge becomes a :class:`CtrlEvent`:
+Writes to CC are edge-triggered (a rewrite of the same value does nothing,
+as on real controllers): the old and new values are compared and each edge
+becomes a :class:`CtrlEvent`:
 
 * CC.EN 0 -> 1: the configuration is validated (CSS, MPS, AMS, IOSQES,
   IOCQES, AQA sizes, ASQ/ACQ page alignment).  Valid: ENABLE (CSTS.RDY = 1);

@@ -11,12 +11,13 @@ the device through the :class:`~appliance.vfio_user.backend.VfioUserDevice`
 protocol.  It never touches a socket: signalling an eventfd and the message
 round trip for DMA_READ/DMA_WRITE are callables the runtime supplies.
 
-Each command is checked in the order the style guide gives: header (type,
-reserved flags, allowed in this state, size limits), then the payload's own
-fields (``argsz`` against the real length, reserved bits, ranges), then
-semantics (device state, negotiated maxima).  Every rejection is an error
-reply carrying an errno and closes every fd the message brought; a message
-that makes the stream unframeable closes the connection.  Commands with
+Each command is checked from the outside in, so a malformed message is refused
+before any of its fields is trusted: header (type, reserved flags, allowed in
+this state, size limits), then the payload's own fields (``argsz`` against
+the real length, reserved bits, ranges), then semantics (device state,
+negotiated maxima).  Every rejection is an error reply carrying an errno and
+closes every fd the message brought; a message that makes the stream
+unframeable closes the connection.  Commands with
 No_reply get no reply, not even an error one (QEMU posts region writes).
 """
 

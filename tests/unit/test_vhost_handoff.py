@@ -1,4 +1,4 @@
-"""Live handoff of vhost-user-net connections between two NetServices (issue #5).
+"""Live handoff of vhost-user-net connections between two NetServices.
 
 Both services run in this process on two EventLoops, with the same net
 configuration but their own socket paths.  The front-end (SockFrontend over a
