@@ -57,6 +57,7 @@ from appliance.errors import LocalProtocolError, StreamRefused
 from appliance.memory import ClientMemory, DirtyLog
 from appliance.protocol_common import Reject, require
 from appliance.vfio_user import wire as w
+from appliance.vfio_user.connection_state import MAX_DATA_XFER_SIZE, MIG_MAX_BITMAP_SIZE
 from appliance.vfio_user.migration_states import (
     ARCS,
     SUPPORTED_FLAGS,
@@ -73,7 +74,6 @@ from appliance.vfio_user.migration_stream import (
     StreamWriter,
     dirty_round,
 )
-from appliance.vfio_user.server import MAX_DATA_XFER_SIZE, MIG_MAX_BITMAP_SIZE
 
 if TYPE_CHECKING:
     from appliance.vfio_user.migratable import Migratable

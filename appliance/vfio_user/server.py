@@ -23,96 +23,45 @@ No_reply get no reply, not even an error one (QEMU posts region writes).
 
 from __future__ import annotations
 
-import enum
 import errno
 import json
 import logging
-import os
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from appliance.errors import LocalProtocolError
 from appliance.memory import ClientMemory, MapError
 from appliance.protocol_common import Reject, close_quietly, require, step
 from appliance.vfio_user import wire as w
 from appliance.vfio_user.backend import VfioUserDevice
+from appliance.vfio_user.connection_state import (
+    ALLOWED,
+    MAX_DATA_XFER_SIZE,
+    MAX_DMA_MAPS,
+    MAX_MSG_FDS,
+    MAX_VERSION_JSON,
+    MAX_WRITE_MULTI,
+    MIG_MAX_BITMAP_SIZE,
+    PGSIZE,
+    TAKES_FDS,
+    TRANSITIONS,
+    ConnState,
+    DmaLayout,
+    MigrationHandler,
+)
 from appliance.vfio_user.dma import DmaMessages
 from appliance.vfio_user.framing import Frame, Framer, encode
+from appliance.vfio_user.server_handoff import ConnectionHandoff
 from appliance.wire import Struct
+
+# Declared in appliance.vfio_user.connection_state, used by importers of this module.
+__all__ = ["MAX_DATA_XFER_SIZE", "MAX_MSG_FDS", "MIG_MAX_BITMAP_SIZE", "ConnState", "DmaLayout",
+           "MigrationHandler", "Reject", "ServerConnection"]
 
 log = logging.getLogger("appliance.vfio_user")
 
-PGSIZE = 4096
-MAX_MSG_FDS = 16  # QEMU refuses a larger value
-MAX_DATA_XFER_SIZE = 1 << 20
-MAX_DMA_MAPS = 1024
-MAX_WRITE_MULTI = 256  # entries per REGION_WRITE_MULTI we accept
-MAX_VERSION_JSON = 4096
-# Migration capability values we announce (QEMU parses pgsize and max_bitmap_size).
-# A DMA_LOGGING_REPORT reply carries its bitmap whole, so the bitmap is bounded
-# by the message size limit: 1 MiB reports 32 GiB of 4 KiB pages per request.
-MIG_MAX_BITMAP_SIZE = MAX_DATA_XFER_SIZE
-
-
-class DmaLayout(enum.Enum):
-    """Where DMA_READ/DMA_WRITE data sits.
-
-    SPEC: address u64, count u64, data at 16 (docs/interop/vfio-user.rst).
-    This is what QEMU 11.1 does on the wire: with the other layout its
-    DMA_READ replies came back shifted by 4 bytes (seen with --trace).
-    U32_COUNT: address u64, count u32, data at 12, 4 pad bytes after the data:
-    the ``VFIOUserDMARW`` of some QEMU sources; kept for such clients.
-    """
-
-    SPEC = "spec"
-    U32_COUNT = "u32-count"
-
-
-class ConnState(enum.Enum):
-    AWAIT_VERSION = "await-version"
-    READY = "ready"
-    CLOSED = "closed"
-
-
-# Connection state machine: state -> {event: next state}.
-TRANSITIONS: dict[ConnState, dict[str, ConnState]] = {
-    ConnState.AWAIT_VERSION: {"version": ConnState.READY, "close": ConnState.CLOSED},
-    ConnState.READY: {"close": ConnState.CLOSED},
-    ConnState.CLOSED: {"close": ConnState.CLOSED},
-}
-
-# Per-state command allow-list, checked before dispatch.
-ALLOWED: dict[ConnState, frozenset[w.Command]] = {
-    ConnState.AWAIT_VERSION: frozenset({w.Command.VERSION}),
-    ConnState.READY: frozenset(w.Command) - {w.Command.VERSION} - w.SERVER_TO_CLIENT,
-    ConnState.CLOSED: frozenset(),
-}
-
-# Commands that may carry fds.  Fds on any other command are closed and the
-# command runs (libvfio-user does the same: a stray fd is no reason to fail).
-TAKES_FDS = frozenset({w.Command.DMA_MAP, w.Command.DEVICE_SET_IRQS})
-
 S = TypeVar("S", bound=Struct)
-
-
-class MigrationHandler(Protocol):
-    """Commands 16-18 for one connection (see appliance.vfio_user.migration)."""
-
-    def handle(self, command: w.Command, payload: bytes) -> bytes:
-        """Answer DEVICE_FEATURE / MIG_DATA_READ / MIG_DATA_WRITE; raise Reject(errno)."""
-
-    def allows(self, command: w.Command) -> bool:
-        """Whether ``command`` may run in the current migration state."""
-
-    def device_reset(self) -> None:
-        """DEVICE_RESET: back to RUNNING (also from ERROR); called before the device resets."""
-
-    def close(self) -> None:
-        """The connection closes: drop sessions, stop dirty logging, un-quiesce the device."""
-
-    def busy(self) -> str:
-        """Why the device cannot be handed off now ("" when it can)."""
 
 
 def _fits(offset: int, count: int, size: int) -> bool:
@@ -137,8 +86,9 @@ def _request(frame: Frame, cls: type[S]) -> S:
     return cls.unpack(frame.payload)
 
 
-class ServerConnection:
-    """The server side of one vfio-user client connection."""
+class ServerConnection(ConnectionHandoff):
+    """The server side of one vfio-user client connection (its live handoff:
+    :class:`~appliance.vfio_user.server_handoff.ConnectionHandoff`)."""
 
     def __init__(
         self,
@@ -262,147 +212,6 @@ class ServerConnection:
         self.memory.unmap_all()
         self.device.detach()  # drops the device's waiting work first: then nothing runs
         self.dma.close()
-
-    # ------------------------------------------------------------ live handoff
-    def handoff_busy(self) -> str:
-        """Why this connection cannot move to another process now ("" when it can)."""
-        if self.state is not ConnState.READY:
-            return f"{self.name}: connection in state {self.state.value}"
-        if self._frames or self._out:
-            return f"{self.name}: messages are queued"
-        if self.dma.outstanding():
-            return f"{self.name}: a DMA message awaits its reply"
-        if self.migration is not None and (why := self.migration.busy()):
-            return f"{self.name}: {why}"
-        return ""
-
-    def handoff_export(self, fds: list[int]) -> dict[str, Any]:
-        """What :meth:`handoff_adopt` needs to continue this connection elsewhere.
-
-        The negotiated capabilities, every DMA region, the irq eventfds and a
-        message not yet complete; each fd is appended to ``fds`` (still ours)
-        and named by its index there.
-        """
-        def put(fd: int) -> int:
-            fds.append(fd)
-            return len(fds) - 1
-
-        pending, pending_fds = self.framer.pending()
-        return {
-            "caps": {"max_msg_fds": self.client_max_msg_fds,
-                     "max_data_xfer_size": self.client_max_data_xfer_size,
-                     "write_multiple": self.write_multiple},
-            "next_id": self._next_id,
-            "regions": [{"address": r.address, "size": r.size, "fd_offset": r.fd_offset,
-                         "readable": r.readable, "writable": r.writable,
-                         "fd": None if r.fd is None else put(r.fd)}
-                        for r in self.memory.regions],
-            "irq_fds": [[index, sub, put(fd)] for (index, sub), fd in sorted(self.irq_fds.items())],
-            "irq_mask_fds": [[kind, index, sub, put(fd)]
-                             for (kind, index, sub), fd in sorted(self.irq_mask_fds.items())],
-            "irq_enabled": [[index, count] for index, count in sorted(self.irq_enabled.items())],
-            "pending": pending.hex(),
-            "pending_fds": [put(fd) for fd in pending_fds],
-            "counters": dict(self.counters),
-        }
-
-    def handoff_adopt(self, state: dict[str, Any], fds: list[int]) -> None:
-        """Continue a connection another process exported (:meth:`handoff_export`).
-
-        Only on a fresh connection (no VERSION yet).  Every value passes the
-        checks the equivalent command would: capabilities as in VERSION,
-        regions through the same :meth:`ClientMemory.map`, irq indexes and
-        ranges as in SET_IRQS.  The fds in ``fds`` stay the caller's: what is
-        kept is duplicated.
-
-        Raises:
-            LocalProtocolError: the state is malformed or does not fit this
-                device; the connection is left fresh (nothing adopted).
-        """
-        if self.state is not ConnState.AWAIT_VERSION:
-            raise LocalProtocolError(f"{self.name}: handoff onto a used connection", errno.EBUSY)
-        try:
-            self._adopt(state, fds)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, MapError) as exc:
-            self._forget_adopted()
-            raise LocalProtocolError(f"{self.name}: bad handoff state: {exc}", errno.EINVAL) from None
-        except BaseException:
-            self._forget_adopted()
-            raise
-
-    def _adopt(self, state: dict[str, Any], fds: list[int]) -> None:
-        def fd_at(index: Any) -> int:
-            if not isinstance(index, int) or not 0 <= index < len(fds):
-                raise ValueError(f"fd index {index!r} of {len(fds)}")
-            return fds[index]
-
-        self._apply_client_caps(dict(state["caps"]))
-        next_id = int(state["next_id"])
-        require(0 <= next_id <= 0xFFFF, errno.EINVAL, f"next_id {next_id}")
-        irqs = [(int(i), int(s), fd_at(f)) for i, s, f in state["irq_fds"]]
-        masks = [(int(k), int(i), int(s), fd_at(f)) for k, i, s, f in state["irq_mask_fds"]]
-        enabled = {int(i): int(n) for i, n in state["irq_enabled"]}
-        mask_kinds = {int(w.IrqSetFlag.ACTION_MASK), int(w.IrqSetFlag.ACTION_UNMASK)}
-        for index, count in enabled.items():
-            require(0 <= index < w.PCI_NUM_IRQS and 0 <= count <= self.device.irq(index).count, errno.EINVAL,
-                    f"irq {index}: {count} enabled")
-        for kind, index, sub in [(None, i, s) for i, s, _ in irqs] + [(k, i, s) for k, i, s, _ in masks]:
-            require(0 <= index < w.PCI_NUM_IRQS and 0 <= sub < self.device.irq(index).count
-                     and (kind is None or kind in mask_kinds), errno.EINVAL,
-                    f"irq {index}.{sub} (action {kind}) out of range")
-        pending = bytes.fromhex(state["pending"])
-        pending_fds = [fd_at(f) for f in state["pending_fds"]]
-        require(len(pending) < self.framer.max_size and len(pending_fds) <= MAX_MSG_FDS, errno.EINVAL,
-                "pending message too large")
-        for r in state["regions"]:
-            fd = None if r["fd"] is None else os.dup(fd_at(r["fd"]))
-            self.memory.map(int(r["address"]), int(r["size"]), fd=fd,
-                            fd_offset=int(r["fd_offset"]) if fd is not None else 0,
-                            readable=bool(r["readable"]), writable=bool(r["writable"]))
-        # Nothing below can fail: install the interrupts, then the half message.
-        self._next_id = next_id
-        self._transition("version")
-        for index, sub, fd in irqs:
-            self.irq_fds[(index, sub)] = os.dup(fd)
-        for kind, index, sub, fd in masks:
-            self.irq_mask_fds[(kind, index, sub)] = os.dup(fd)
-        self.irq_enabled.update(enabled)
-        for index, count in enabled.items():
-            self.device.set_irq_count(index, count)
-            self.device.irqs_configured(index)
-        for key, value in dict(state.get("counters", {})).items():
-            if key in self.counters and isinstance(value, int):
-                self.counters[key] = value
-        dup_fds = [os.dup(fd) for fd in pending_fds]
-        while pending:
-            take = min(len(pending), self.framer.bytes_wanted())
-            self.framer.feed(pending[:take], dup_fds)
-            dup_fds, pending = [], pending[take:]
-            while (frame := self.framer.next_frame()) is not None:
-                self._frames.append(frame)
-
-    def _forget_adopted(self) -> None:
-        self.memory.unmap_all()
-        for fd in [*self.irq_fds.values(), *self.irq_mask_fds.values()]:
-            close_quietly(fd)
-        self.irq_fds.clear()
-        self.irq_mask_fds.clear()
-        self.irq_enabled.clear()
-        self.state = ConnState.AWAIT_VERSION
-
-    def handoff_release(self) -> None:
-        """The next process took this connection over: forget it without a word.
-
-        Our copies of the fds are closed and the memory unmapped; the device is
-        not detached or reset (its state lives on elsewhere) and nothing is sent.
-        """
-        self.state = ConnState.CLOSED
-        self.framer.close()
-        for fd in [*self.irq_fds.values(), *self.irq_mask_fds.values()]:
-            close_quietly(fd)
-        self.irq_fds.clear()
-        self.irq_mask_fds.clear()
-        self.memory.unmap_all()
 
     # ------------------------------------------------------------ server -> client DMA
     def dma_request(self, command: w.Command, address: int, data: bytes | int) -> int:
