@@ -23,7 +23,7 @@ import pytest
 from test_vhost_frontend import fd_open
 from test_vhost_runtime import Guest, SockFrontend, cfg, frame, pump
 
-import appliance.runtime.vhost_user as rt
+import appliance.runtime.vhost_session as rt
 from appliance.errors import ApplianceError
 from appliance.net import vhost_wire as vw
 from appliance.net.responder import EthHeader, IcmpEcho, Ipv4Header, internet_checksum
