@@ -55,6 +55,7 @@ from collections.abc import Callable
 from typing import Any
 
 from appliance.errors import LocalProtocolError, RemoteProtocolError
+from appliance.framing import Framer
 from appliance.memory import ADDRESS_LIMIT, ClientMemory, MapError, mmap_unshrinkable
 from appliance.net import vhost_wire as vw
 from appliance.net.vhost_requests import (
@@ -112,9 +113,8 @@ class BackendConnection:
         self.log_fd: int | None = None
         self.close_reason = ""
         self.counters = {"messages": 0, "rejected": 0, "nacks": 0}
-        self._buf = bytearray()
-        self._fds: list[int] = []
-        self._header: vw.Header | None = None
+        self.framer = Framer(vw.Header.unpack, vw.HEADER_SIZE, vw.MAX_PAYLOAD,
+                             size_counts_header=False)
         self._messages: deque[Message] = deque()
         self._out: list[bytes] = []
         self._handlers = {
@@ -151,9 +151,7 @@ class BackendConnection:
     # ------------------------------------------------------------ I/O surface
     def bytes_wanted(self) -> int:
         """The most bytes the runtime may read for the next chunk (never 0)."""
-        if self._header is None:
-            return vw.HEADER_SIZE - len(self._buf)
-        return int(self._header.size) - len(self._buf)
+        return self.framer.bytes_wanted()
 
     def receive_data(self, data: bytes, fds: list[int]) -> None:
         """Feed one chunk (at most :meth:`bytes_wanted` bytes) and its fds; b"" = EOF.
@@ -171,25 +169,20 @@ class BackendConnection:
                 close_quietly(fd)
             self.close("front-end closed the connection")
             return
-        self._fds += fds
-        if len(data) > self.bytes_wanted():
+        try:
+            self.framer.feed(data, fds)  # closes the fds of an overlong chunk
+        except RemoteProtocolError:
             self.close("reader fed more than one message")
-            raise RemoteProtocolError(f"{self.name}: chunk larger than the message")
-        self._buf += data
-        if self._header is None:
-            if len(self._buf) < vw.HEADER_SIZE:
-                return
-            self._header = vw.Header.unpack(self._buf)
-            self._buf.clear()
-            if self._header.size > vw.MAX_PAYLOAD:
-                size, request = self._header.size, self._header.request
-                self.close(f"{_name(request)} payload of {size} bytes exceeds {vw.MAX_PAYLOAD}")
-                raise RemoteProtocolError(f"{self.name}: {self.close_reason}")
-        if len(self._buf) < self._header.size:
+            raise RemoteProtocolError(f"{self.name}: chunk larger than the message") from None
+        msg = self.framer.next_frame()  # a chunk completes at most one request
+        if msg is None:
             return
-        self._messages.append(Message(self._header, bytes(self._buf), self._fds))
-        self._header, self._fds = None, []
-        self._buf.clear()
+        if msg.oversized:
+            msg.close_fds()
+            size, request = msg.header.size, msg.header.request
+            self.close(f"{_name(request)} payload of {size} bytes exceeds {vw.MAX_PAYLOAD}")
+            raise RemoteProtocolError(f"{self.name}: {self.close_reason}")
+        self._messages.append(msg)
 
     def process(self) -> None:
         """Dispatch every complete request; replies go to :meth:`data_to_send`."""
@@ -215,11 +208,7 @@ class BackendConnection:
             return
         self._transition("close")
         self.close_reason = reason
-        for fd in self._fds:
-            close_quietly(fd)
-        self._fds = []
-        self._buf.clear()
-        self._header = None
+        self.framer.close()
         while self._messages:
             self._messages.popleft().close_fds()
         self.handler.disconnect()
@@ -249,8 +238,7 @@ class BackendConnection:
 
     def pending_input(self) -> tuple[bytes, list[int]]:
         """The bytes and fds of a request not yet complete (read so far, kept here)."""
-        head = self._header.pack() if self._header is not None else b""
-        return head + bytes(self._buf), list(self._fds)
+        return self.framer.pending()
 
     def replay(self, request: R, payload: bytes, fds: list[int]) -> None:
         """Apply one request as if a front-end had sent it, without replying.
@@ -363,7 +351,7 @@ class BackendConnection:
         elif spec.fds is Fds.OPTIONAL_ONE:
             require(n <= 1, errno.EINVAL, f"{request.name} takes at most one fd, got {n}")
         elif spec.fds is Fds.VRING:
-            value = vw.U64.unpack(msg.body).value
+            value = vw.U64.unpack(msg.payload).value
             want = 0 if value & vw.VRING_NOFD else 1
             require(n == want, errno.EINVAL,
                     f"{request.name} with nofd={int(not want)} takes {want} fd, got {n}")
@@ -384,7 +372,7 @@ class BackendConnection:
         return vw.U64(value=self.handler.device_features()).pack()
 
     def _set_features(self, msg: Message) -> None:
-        value = vw.U64.unpack(msg.body).value
+        value = vw.U64.unpack(msg.payload).value
         offered = self.handler.device_features()
         require(not value & ~offered, errno.EINVAL,
                 f"features {value & ~offered:#x} were not offered")
@@ -395,7 +383,7 @@ class BackendConnection:
         return vw.U64(value=OFFERED_PROTOCOL_FEATURES).pack()
 
     def _set_protocol_features(self, msg: Message) -> None:
-        value = vw.U64.unpack(msg.body).value
+        value = vw.U64.unpack(msg.payload).value
         require(not value & ~OFFERED_PROTOCOL_FEATURES, errno.EINVAL,
                 f"protocol features {value & ~OFFERED_PROTOCOL_FEATURES:#x} were not offered")
         self.handler.set_protocol_features(value)
@@ -424,7 +412,7 @@ class BackendConnection:
         return vw.U64(value=self.max_mem_slots).pack()
 
     def _set_status(self, msg: Message) -> None:
-        value = vw.U64.unpack(msg.body).value
+        value = vw.U64.unpack(msg.payload).value
         require(value <= 0xFF, errno.EINVAL, f"device status {value:#x} does not fit a byte")
         self.handler.set_status(value)
 
@@ -432,36 +420,36 @@ class BackendConnection:
         return vw.U64(value=self.handler.get_status()).pack()
 
     def _net_set_mtu(self, msg: Message) -> None:
-        self.handler.set_mtu(vw.U64.unpack(msg.body).value)
+        self.handler.set_mtu(vw.U64.unpack(msg.payload).value)
 
     def _send_rarp(self, msg: Message) -> None:
-        mac = msg.body[:6]
+        mac = msg.payload[:6]
         require(not mac[0] & 1, errno.EINVAL, "SEND_RARP with a multicast MAC")
         self.handler.send_rarp(mac)
 
     # ------------------------------------------------------------ rings
     def _set_vring_num(self, msg: Message) -> None:
-        state = vw.VringState.unpack(msg.body)
+        state = vw.VringState.unpack(msg.payload)
         self.handler.set_vring_num(self._vring_index(state.index), state.num)
 
     def _set_vring_base(self, msg: Message) -> None:
-        state = vw.VringState.unpack(msg.body)
+        state = vw.VringState.unpack(msg.payload)
         self.handler.set_vring_base(self._vring_index(state.index), state.num)
 
     def _get_vring_base(self, msg: Message) -> bytes:
-        state = vw.VringState.unpack(msg.body)
+        state = vw.VringState.unpack(msg.payload)
         index = self._vring_index(state.index)
         return vw.VringState(index=index, num=self.handler.get_vring_base(index)).pack()
 
     def _set_vring_addr(self, msg: Message) -> None:
-        addr = vw.VringAddr.unpack(msg.body)
+        addr = vw.VringAddr.unpack(msg.payload)
         self._vring_index(addr.index)
         require(not addr.flags & vw.VRING_ADDR_RESERVED, errno.EINVAL,
                 f"reserved vring flags {addr.flags:#x}")
         self.handler.set_vring_addr(addr)
 
     def _set_vring_fd(self, msg: Message) -> None:
-        value = vw.U64.unpack(msg.body).value
+        value = vw.U64.unpack(msg.payload).value
         require(not value & vw.VRING_FILE.reserved_mask, errno.EINVAL,
                 f"reserved bits in {value:#x}")
         index = self._vring_index(vw.VRING_FILE.get(value, "index"))
@@ -480,7 +468,7 @@ class BackendConnection:
     def _set_vring_enable(self, msg: Message) -> None:
         require(self.protocol_negotiated or bool(self.features & vw.Feature.PROTOCOL_FEATURES), errno.EINVAL,
                 "SET_VRING_ENABLE before VHOST_USER_F_PROTOCOL_FEATURES was negotiated")
-        state = vw.VringState.unpack(msg.body)
+        state = vw.VringState.unpack(msg.payload)
         index = self._vring_index(state.index)
         require(state.num in (0, 1), errno.EINVAL, f"vring enable value {state.num}")
         self.handler.set_vring_enable(index, bool(state.num))
@@ -510,7 +498,7 @@ class BackendConnection:
             raise Reject(f"cannot map region: {exc}", exc.errno) from None
 
     def _set_mem_table(self, msg: Message) -> None:
-        body = msg.body
+        body = msg.payload
         require(len(body) >= vw.MemoryHeader.SIZE, errno.EINVAL,
                 f"SET_MEM_TABLE payload of {len(body)} bytes")
         n = vw.MemoryHeader.unpack(body).nregions
@@ -540,7 +528,7 @@ class BackendConnection:
         self._swap_memory(build)
 
     def _add_mem_reg(self, msg: Message) -> None:
-        r = vw.SingleMemoryRegion.unpack(msg.body)
+        r = vw.SingleMemoryRegion.unpack(msg.payload)
         self._check_region(r)
         for region in self.memory.regions:
             ua = region.user_address or 0
@@ -553,7 +541,7 @@ class BackendConnection:
             self.handler.set_memory(self.memory)
 
     def _rem_mem_reg(self, msg: Message) -> None:
-        r = vw.SingleMemoryRegion.unpack(msg.body)
+        r = vw.SingleMemoryRegion.unpack(msg.payload)
         match = [g for g in self.memory.regions
                  if g.address == r.guest_phys_addr and g.size == r.memory_size
                  and g.user_address == r.userspace_addr]
@@ -568,7 +556,7 @@ class BackendConnection:
 
     # ------------------------------------------------------------ dirty log
     def _set_log_base(self, msg: Message) -> bytes:
-        desc = vw.LogDescription.unpack(msg.body)
+        desc = vw.LogDescription.unpack(msg.payload)
         require(desc.mmap_size > 0, errno.EINVAL, "log of size 0")
         require(desc.mmap_offset % mmap.ALLOCATIONGRANULARITY == 0, errno.EINVAL,
                 f"log offset {desc.mmap_offset:#x} not page aligned")

@@ -9,14 +9,14 @@ checks every request against them.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+from appliance.framing import Frame
 from appliance.memory import ClientMemory
 from appliance.net import vhost_wire as vw
 from appliance.net.vhost_wire import ProtocolFeature as PF
 from appliance.net.vhost_wire import Request as R
-from appliance.protocol_common import close_quietly
 
 MAX_MEM_SLOTS = 32  # GET_MAX_MEM_SLOTS; also the ClientMemory region limit
 # A plain int: ``~`` of an IntFlag only inverts within the flag's members.
@@ -160,19 +160,5 @@ ALLOWED: dict[ConnState, frozenset[R]] = {
 }
 
 
-@dataclass
-class Message:
-    """One complete request: header, payload and the fds not yet handed on."""
-
-    header: vw.Header
-    body: bytes
-    fds: list[int] = field(default_factory=list)
-
-    def take_fd(self, fd: int) -> int:
-        """Hand ``fd`` on (its new owner closes it); the message forgets it."""
-        self.fds.remove(fd)
-        return fd
-
-    def close_fds(self) -> None:
-        while self.fds:
-            close_quietly(self.fds.pop())
+#: One complete request: header, payload and the fds not yet handed on.
+Message = Frame[vw.Header]
