@@ -9,7 +9,7 @@
 2. Downtime: a namespace migrated while the Python NVMe driver issues about
    1,000 write IOPS (4 KiB random writes, interleaved between MIG_DATA_READs,
    read back and verified at the end on the destination), twice: on a sparse
-   image (1 MiB of random data every 16 MiB, the case issue #5 measured) and
+   image (1 MiB of random data every 16 MiB, a mostly empty disk) and
    on an image full of random data (every byte has to travel in round 0, so
    the load dirties the most while it runs).
 

@@ -19,11 +19,10 @@ test (the appliance, or the anchor testpmd) is pinned to CPU 0.
    anchor by io forwarding between its two net_vhost ports).  The figure is the
    sum of both ports' RX rates (the loop's throughput).
 3. ``--soak``: the same loop on the appliance for 10 million frames (default)
-   with each hop's counters compared at the end (issue 4: no leaks or stalls).
+   with each hop's counters compared at the end (so a leak or a stall shows as a mismatch).
 
-Adapted from the measurement approach of ``shared/recipes/dpdk-pps.sh
---anchor`` (pinning, warm-up then a counter window, the anchor in the
-complementary mode).  The machine has 2 cores and is shared: the figures are
+The measurement pins each side to a core, warms up, then reads counters over
+a window, with the anchor in the complementary mode.  The machine has 2 cores and is shared: the figures are
 indicative only.  ``--quick`` (what scripts/test runs) uses 2-second windows
 and stays under a minute.
 """

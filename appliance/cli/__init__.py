@@ -1,7 +1,17 @@
-"""Command line: ``appliance run | qemu-args`` (runtime layer).
+"""appliance: a vfio-user NVMe device and vhost-user-net ports in one process.
 
-Bad input (unknown option, bad config) ends with one line on stderr,
-``appliance: error: ...``, and exit status 2.
+commands:
+  run        serve the devices (embedded defaults without -c)
+  qemu-args  print the QEMU options that attach a guest to the appliance
+  ctl        send one command to a running appliance's control socket
+  boot       boot a QEMU guest on this terminal, attached to the appliance
+  handoff    move the live devices of a running appliance to another on this host
+  migrate    live-migrate the NVMe device from one appliance to another
+  image      build or describe QEMU and the test guest image
+
+`appliance COMMAND --help` lists a command's options. Bad input (an unknown
+option, a bad config) ends with one line on stderr, `appliance: error: ...`,
+and exit status 2.
 """
 
 from __future__ import annotations
@@ -112,8 +122,13 @@ def _cmd_boot(cfg: dict[str, Any], args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="appliance", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    # The module docstring is the top-level help: one line per command (the
+    # subparsers' own list is suppressed so it is not printed twice).
+    parser = argparse.ArgumentParser(prog="appliance", usage="%(prog)s [-h] COMMAND ...",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help=argparse.SUPPRESS)
     run = sub.add_parser("run", help="serve the devices (embedded defaults without -c)")
     run.add_argument("-c", "--config", help="YAML configuration file")
     run.add_argument("--trace", action="store_true", help="log every protocol message")

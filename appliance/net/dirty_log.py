@@ -14,7 +14,8 @@ writing it, and the front-end clears bits as it copies pages.
 
 :class:`VhostLog` is a :class:`~appliance.memory.DirtyLog`, so
 :class:`~appliance.memory.ClientMemory` marks it inside the accessor on every
-write (style guide §5); the port only installs it and logs used rings.
+write, so no device code can forget a page it wrote; the port only installs
+it and logs used rings.
 
 Setting a bit is a read-modify-write of one byte.  The front-end clears bits
 with atomic exchanges; racing with that can only set a bit again that was

@@ -49,7 +49,6 @@ out, so a front-end that syncs the log after stopping the rings sees them all.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -59,6 +58,7 @@ from appliance.net import vhost_wire as vw
 from appliance.net.dirty_log import VhostLog
 from appliance.net.vhost_wire import Feature as F
 from appliance.net.virtqueue import MAX_CHAIN_BYTES, QueueCounters, SplitQueue
+from appliance.protocol_common import close_quietly
 
 log = logging.getLogger("appliance.net")
 
@@ -81,13 +81,6 @@ class FrameSink(Protocol):
 
 
 Uplink = Callable[[Any, bytes], None]
-
-
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
 
 
 def rarp_frame(mac: bytes) -> bytes:
@@ -128,7 +121,7 @@ class VirtioNetPort:
         self.tx_no_queue = 0  # frames for the guest while no receive ring was usable
         # Runtime hooks: signal an eventfd; give up an fd (unwatch, close); the switch.
         self.notify: Callable[[int], None] = lambda fd: None
-        self.retire_fd: Callable[[int], None] = _close
+        self.retire_fd: Callable[[int], None] = close_quietly
         self.uplink: Uplink = lambda port, frame: None
         self._rx_active: list[SplitQueue] = []
         self._dirty: set[int] = set()

@@ -46,200 +46,40 @@ takes back a request read only in part with :meth:`~BackendConnection.restore_in
 
 from __future__ import annotations
 
-import enum
 import errno
 import itertools
 import logging
 import mmap
-import os
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from appliance.errors import LocalProtocolError, RemoteProtocolError
+from appliance.framing import Framer
 from appliance.memory import ADDRESS_LIMIT, ClientMemory, MapError, mmap_unshrinkable
 from appliance.net import vhost_wire as vw
+from appliance.net.vhost_requests import (
+    ALLOWED,
+    MAX_MEM_SLOTS,
+    OFFERED_PROTOCOL_FEATURES,
+    REPLY_BODY,
+    SPECS,
+    TRANSITIONS,
+    ConnState,
+    Fds,
+    Message,
+    Spec,
+    VhostUserBackend,
+)
 from appliance.net.vhost_wire import ProtocolFeature as PF
 from appliance.net.vhost_wire import Request as R
+from appliance.protocol_common import Reject, close_quietly, require, step
+
+# Declared in appliance.net.vhost_requests, used by importers of this module.
+__all__ = ["ALLOWED", "MAX_MEM_SLOTS", "OFFERED_PROTOCOL_FEATURES", "SPECS", "TRANSITIONS",
+           "BackendConnection", "ConnState", "Message", "Reject", "VhostUserBackend"]
 
 log = logging.getLogger("appliance.net.vhost")
-
-MAX_MEM_SLOTS = 32  # GET_MAX_MEM_SLOTS; also the ClientMemory region limit
-# A plain int: ``~`` of an IntFlag only inverts within the flag's members.
-OFFERED_PROTOCOL_FEATURES = int(PF.MQ | PF.LOG_SHMFD | PF.RARP | PF.REPLY_ACK | PF.MTU
-                                | PF.RESET_DEVICE | PF.CONFIGURE_MEM_SLOTS | PF.STATUS)
-
-
-class Reject(LocalProtocolError):
-    """A request is refused; ``errno`` is the NACK value when one can be sent."""
-
-
-def _require(cond: bool, message: str, err: int = errno.EINVAL) -> None:
-    if not cond:
-        raise Reject(message, err)
-
-
-class VhostUserBackend(Protocol):
-    """What a vhost-user device offers its connection: one method per request.
-
-    Methods that receive an fd own it only when they return normally; when
-    they raise, the connection closes it.
-    """
-
-    name: str
-
-    @property
-    def num_vrings(self) -> int: ...
-
-    def device_features(self) -> int: ...
-
-    def max_queue_pairs(self) -> int: ...
-
-    def set_features(self, features: int) -> None: ...
-
-    def set_protocol_features(self, features: int) -> None: ...
-
-    def set_memory(self, memory: ClientMemory | None) -> None:
-        """None: drop every view of the current memory (it is about to change)."""
-
-    def set_vring_num(self, index: int, num: int) -> None: ...
-
-    def set_vring_addr(self, addr: vw.VringAddr) -> None: ...
-
-    def set_vring_base(self, index: int, base: int) -> None: ...
-
-    def get_vring_base(self, index: int) -> int: ...
-
-    def set_vring_kick(self, index: int, fd: int | None) -> None: ...
-
-    def set_vring_call(self, index: int, fd: int | None) -> None: ...
-
-    def set_vring_err(self, index: int, fd: int | None) -> None: ...
-
-    def set_vring_enable(self, index: int, enable: bool) -> None: ...
-
-    def set_status(self, status: int) -> None: ...
-
-    def get_status(self) -> int: ...
-
-    def set_mtu(self, mtu: int) -> None: ...
-
-    def set_log(self, bitmap: Any) -> None:
-        """The shared dirty log (an mmap) from SET_LOG_BASE; None when it goes away."""
-
-    def send_rarp(self, mac: bytes) -> None: ...
-
-    def reset(self) -> None: ...
-
-    def disconnect(self) -> None: ...
-
-
-class ConnState(enum.Enum):
-    AWAIT_OWNER = "await-owner"
-    OWNED = "owned"
-    CLOSED = "closed"
-
-
-# Connection state machine: state -> {event: next state}.
-TRANSITIONS: dict[ConnState, dict[str, ConnState]] = {
-    ConnState.AWAIT_OWNER: {"set_owner": ConnState.OWNED, "close": ConnState.CLOSED},
-    ConnState.OWNED: {"reset_owner": ConnState.OWNED, "reset_device": ConnState.OWNED,
-                      "close": ConnState.CLOSED},
-    ConnState.CLOSED: {"close": ConnState.CLOSED},
-}
-
-
-class Fds(enum.Enum):
-    NONE = "none"
-    ONE = "one"
-    OPTIONAL_ONE = "zero or one"  # REM_MEM_REG: "MAY accept ... one file descriptor"
-    PER_REGION = "one per region"
-    VRING = "one unless bit 8 (no fd) is set"
-
-
-@dataclass(frozen=True)
-class Spec:
-    """How a request is framed: payload sizes, fds, reply body, protocol-feature gate."""
-
-    sizes: tuple[int, ...] | None  # None: the handler checks (SET_MEM_TABLE)
-    fds: Fds = Fds.NONE
-    reply: bool = False
-    gate: PF | None = None
-
-
-SPECS: dict[R, Spec] = {
-    R.GET_FEATURES: Spec((0,), reply=True),
-    R.SET_FEATURES: Spec((8,)),
-    R.SET_OWNER: Spec((0,)),
-    R.RESET_OWNER: Spec((0,)),
-    R.SET_MEM_TABLE: Spec(None, Fds.PER_REGION),
-    R.SET_LOG_BASE: Spec((vw.LogDescription.SIZE,), Fds.ONE, reply=True, gate=PF.LOG_SHMFD),
-    R.SET_LOG_FD: Spec((0, 8), Fds.ONE),
-    R.SET_VRING_NUM: Spec((vw.VringState.SIZE,)),
-    R.SET_VRING_ADDR: Spec((vw.VringAddr.SIZE,)),
-    R.SET_VRING_BASE: Spec((vw.VringState.SIZE,)),
-    R.GET_VRING_BASE: Spec((vw.VringState.SIZE,), reply=True),
-    R.SET_VRING_KICK: Spec((8,), Fds.VRING),
-    R.SET_VRING_CALL: Spec((8,), Fds.VRING),
-    R.SET_VRING_ERR: Spec((8,), Fds.VRING),
-    R.GET_PROTOCOL_FEATURES: Spec((0,), reply=True),
-    R.SET_PROTOCOL_FEATURES: Spec((8,)),
-    R.GET_QUEUE_NUM: Spec((0,), reply=True, gate=PF.MQ),
-    R.SET_VRING_ENABLE: Spec((vw.VringState.SIZE,)),
-    R.SEND_RARP: Spec((8,), gate=PF.RARP),
-    R.NET_SET_MTU: Spec((8,), gate=PF.MTU),
-    R.RESET_DEVICE: Spec((0,), gate=PF.RESET_DEVICE),
-    R.GET_MAX_MEM_SLOTS: Spec((0,), reply=True, gate=PF.CONFIGURE_MEM_SLOTS),
-    R.ADD_MEM_REG: Spec((vw.SingleMemoryRegion.SIZE,), Fds.ONE, gate=PF.CONFIGURE_MEM_SLOTS),
-    R.REM_MEM_REG: Spec((vw.SingleMemoryRegion.SIZE,), Fds.OPTIONAL_ONE,
-                        gate=PF.CONFIGURE_MEM_SLOTS),
-    R.SET_STATUS: Spec((8,), gate=PF.STATUS),
-    R.GET_STATUS: Spec((0,), reply=True, gate=PF.STATUS),
-}
-
-# Requests whose reply carries a body of its own: a rejection cannot be a NACK
-# (the front-end waits for that body), so it closes the connection.
-REPLY_BODY: frozenset[R] = frozenset({r for r, spec in SPECS.items() if spec.reply} | {
-    R.IOTLB_MSG, R.GET_CONFIG, R.CREATE_CRYPTO_SESSION, R.POSTCOPY_ADVISE, R.POSTCOPY_END,
-    R.GET_INFLIGHT_FD})
-
-# Per-state allow-list, checked before dispatch.  QEMU negotiates protocol
-# features (and asks queue and slot counts) before SET_OWNER; DPDK sends
-# SET_OWNER first.
-ALLOWED: dict[ConnState, frozenset[R]] = {
-    ConnState.AWAIT_OWNER: frozenset({R.GET_FEATURES, R.GET_PROTOCOL_FEATURES,
-                                      R.SET_PROTOCOL_FEATURES, R.GET_QUEUE_NUM,
-                                      R.GET_MAX_MEM_SLOTS, R.SET_OWNER}),
-    ConnState.OWNED: frozenset(SPECS) - {R.SET_OWNER},
-    ConnState.CLOSED: frozenset(),
-}
-
-
-@dataclass
-class Message:
-    """One complete request: header, payload and the fds not yet handed on."""
-
-    header: vw.Header
-    body: bytes
-    fds: list[int] = field(default_factory=list)
-
-    def take_fd(self, fd: int) -> int:
-        """Hand ``fd`` on (its new owner closes it); the message forgets it."""
-        self.fds.remove(fd)
-        return fd
-
-    def close_fds(self) -> None:
-        while self.fds:
-            _close(self.fds.pop())
-
-
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-
 
 def _name(request: int) -> str:
     try:
@@ -273,9 +113,8 @@ class BackendConnection:
         self.log_fd: int | None = None
         self.close_reason = ""
         self.counters = {"messages": 0, "rejected": 0, "nacks": 0}
-        self._buf = bytearray()
-        self._fds: list[int] = []
-        self._header: vw.Header | None = None
+        self.framer = Framer(vw.Header.unpack, vw.HEADER_SIZE, vw.MAX_PAYLOAD,
+                             size_counts_header=False)
         self._messages: deque[Message] = deque()
         self._out: list[bytes] = []
         self._handlers = {
@@ -312,9 +151,7 @@ class BackendConnection:
     # ------------------------------------------------------------ I/O surface
     def bytes_wanted(self) -> int:
         """The most bytes the runtime may read for the next chunk (never 0)."""
-        if self._header is None:
-            return vw.HEADER_SIZE - len(self._buf)
-        return int(self._header.size) - len(self._buf)
+        return self.framer.bytes_wanted()
 
     def receive_data(self, data: bytes, fds: list[int]) -> None:
         """Feed one chunk (at most :meth:`bytes_wanted` bytes) and its fds; b"" = EOF.
@@ -325,32 +162,27 @@ class BackendConnection:
         """
         if self.state is ConnState.CLOSED:
             for fd in fds:
-                _close(fd)
+                close_quietly(fd)
             return
         if not data:
             for fd in fds:
-                _close(fd)
+                close_quietly(fd)
             self.close("front-end closed the connection")
             return
-        self._fds += fds
-        if len(data) > self.bytes_wanted():
+        try:
+            self.framer.feed(data, fds)  # closes the fds of an overlong chunk
+        except RemoteProtocolError:
             self.close("reader fed more than one message")
-            raise RemoteProtocolError(f"{self.name}: chunk larger than the message")
-        self._buf += data
-        if self._header is None:
-            if len(self._buf) < vw.HEADER_SIZE:
-                return
-            self._header = vw.Header.unpack(self._buf)
-            self._buf.clear()
-            if self._header.size > vw.MAX_PAYLOAD:
-                size, request = self._header.size, self._header.request
-                self.close(f"{_name(request)} payload of {size} bytes exceeds {vw.MAX_PAYLOAD}")
-                raise RemoteProtocolError(f"{self.name}: {self.close_reason}")
-        if len(self._buf) < self._header.size:
+            raise RemoteProtocolError(f"{self.name}: chunk larger than the message") from None
+        msg = self.framer.next_frame()  # a chunk completes at most one request
+        if msg is None:
             return
-        self._messages.append(Message(self._header, bytes(self._buf), self._fds))
-        self._header, self._fds = None, []
-        self._buf.clear()
+        if msg.oversized:
+            msg.close_fds()
+            size, request = msg.header.size, msg.header.request
+            self.close(f"{_name(request)} payload of {size} bytes exceeds {vw.MAX_PAYLOAD}")
+            raise RemoteProtocolError(f"{self.name}: {self.close_reason}")
+        self._messages.append(msg)
 
     def process(self) -> None:
         """Dispatch every complete request; replies go to :meth:`data_to_send`."""
@@ -376,11 +208,7 @@ class BackendConnection:
             return
         self._transition("close")
         self.close_reason = reason
-        for fd in self._fds:
-            _close(fd)
-        self._fds = []
-        self._buf.clear()
-        self._header = None
+        self.framer.close()
         while self._messages:
             self._messages.popleft().close_fds()
         self.handler.disconnect()
@@ -410,8 +238,7 @@ class BackendConnection:
 
     def pending_input(self) -> tuple[bytes, list[int]]:
         """The bytes and fds of a request not yet complete (read so far, kept here)."""
-        head = self._header.pack() if self._header is not None else b""
-        return head + bytes(self._buf), list(self._fds)
+        return self.framer.pending()
 
     def replay(self, request: R, payload: bytes, fds: list[int]) -> None:
         """Apply one request as if a front-end had sent it, without replying.
@@ -426,7 +253,7 @@ class BackendConnection:
         msg = Message(vw.Header(request=int(request), flags=vw.VERSION, size=len(payload)),
                       payload, list(fds))
         try:
-            _require(self.state is not ConnState.CLOSED, "the connection is closed")
+            require(self.state is not ConnState.CLOSED, errno.EINVAL, "the connection is closed")
             checked, _ = self._check(msg)
             self._handlers[checked](msg)
         finally:
@@ -442,8 +269,8 @@ class BackendConnection:
         """
         if not data:
             for fd in fds:
-                _close(fd)
-            _require(not fds, "fds of a partial request without its bytes")
+                close_quietly(fd)
+            require(not fds, errno.EINVAL, "fds of a partial request without its bytes")
             return
         try:
             while data:
@@ -457,14 +284,12 @@ class BackendConnection:
             while self._messages:
                 self._messages.popleft().close_fds()
             raise Reject("the partial request is complete")
-        _require(self.state is not ConnState.CLOSED, f"partial request: {self.close_reason}")
+        require(self.state is not ConnState.CLOSED, errno.EINVAL,
+                f"partial request: {self.close_reason}")
 
     # ------------------------------------------------------------ dispatch
     def _transition(self, event: str) -> None:
-        try:
-            self.state = TRANSITIONS[self.state][event]
-        except KeyError:
-            raise Reject(f"{event} not allowed in state {self.state.value}") from None
+        self.state = step(TRANSITIONS, self.state, event, Reject)
 
     def _acked(self, feature: PF) -> bool:
         return bool(self.protocol_features & feature)
@@ -510,25 +335,26 @@ class BackendConnection:
         except ValueError:
             raise Reject(f"unknown request {hdr.request}") from None
         spec = SPECS.get(request)
-        _require(spec is not None, f"{request.name} is not supported", errno.ENOTSUP)
+        require(spec is not None, errno.ENOTSUP, f"{request.name} is not supported")
         assert spec is not None
-        _require(request in ALLOWED[self.state],
-                 f"{request.name} not allowed in state {self.state.value}")
-        _require(spec.gate is None or self._acked(spec.gate),
-                 f"{request.name} needs protocol feature {spec.gate!r}", errno.ENOTSUP)
-        _require(spec.sizes is None or hdr.size in spec.sizes,
-                 f"{request.name} payload is {hdr.size} bytes, expected {spec.sizes}")
+        require(request in ALLOWED[self.state], errno.EINVAL,
+                f"{request.name} not allowed in state {self.state.value}")
+        require(spec.gate is None or self._acked(spec.gate), errno.ENOTSUP,
+                f"{request.name} needs protocol feature {spec.gate!r}")
+        require(spec.sizes is None or hdr.size in spec.sizes, errno.EINVAL,
+                f"{request.name} payload is {hdr.size} bytes, expected {spec.sizes}")
         n = len(msg.fds)
         if spec.fds is Fds.NONE:
-            _require(n == 0, f"{request.name} takes no fds, got {n}")
+            require(n == 0, errno.EINVAL, f"{request.name} takes no fds, got {n}")
         elif spec.fds is Fds.ONE:
-            _require(n == 1, f"{request.name} takes one fd, got {n}")
+            require(n == 1, errno.EINVAL, f"{request.name} takes one fd, got {n}")
         elif spec.fds is Fds.OPTIONAL_ONE:
-            _require(n <= 1, f"{request.name} takes at most one fd, got {n}")
+            require(n <= 1, errno.EINVAL, f"{request.name} takes at most one fd, got {n}")
         elif spec.fds is Fds.VRING:
-            value = vw.U64.unpack(msg.body).value
+            value = vw.U64.unpack(msg.payload).value
             want = 0 if value & vw.VRING_NOFD else 1
-            _require(n == want, f"{request.name} with nofd={int(not want)} takes {want} fd, got {n}")
+            require(n == want, errno.EINVAL,
+                    f"{request.name} with nofd={int(not want)} takes {want} fd, got {n}")
         # PER_REGION: checked against the region count by the handler.
         return request, spec
 
@@ -537,8 +363,8 @@ class BackendConnection:
         self._out.append(header.pack() + payload)
 
     def _vring_index(self, index: int) -> int:
-        _require(index < self.handler.num_vrings,
-                 f"vring index {index} out of range (the device has {self.handler.num_vrings})")
+        require(index < self.handler.num_vrings, errno.EINVAL,
+                f"vring index {index} out of range (the device has {self.handler.num_vrings})")
         return index
 
     # ------------------------------------------------------------ negotiation
@@ -546,9 +372,10 @@ class BackendConnection:
         return vw.U64(value=self.handler.device_features()).pack()
 
     def _set_features(self, msg: Message) -> None:
-        value = vw.U64.unpack(msg.body).value
+        value = vw.U64.unpack(msg.payload).value
         offered = self.handler.device_features()
-        _require(not value & ~offered, f"features {value & ~offered:#x} were not offered")
+        require(not value & ~offered, errno.EINVAL,
+                f"features {value & ~offered:#x} were not offered")
         self.handler.set_features(value)
         self.features = value
 
@@ -556,9 +383,9 @@ class BackendConnection:
         return vw.U64(value=OFFERED_PROTOCOL_FEATURES).pack()
 
     def _set_protocol_features(self, msg: Message) -> None:
-        value = vw.U64.unpack(msg.body).value
-        _require(not value & ~OFFERED_PROTOCOL_FEATURES,
-                 f"protocol features {value & ~OFFERED_PROTOCOL_FEATURES:#x} were not offered")
+        value = vw.U64.unpack(msg.payload).value
+        require(not value & ~OFFERED_PROTOCOL_FEATURES, errno.EINVAL,
+                f"protocol features {value & ~OFFERED_PROTOCOL_FEATURES:#x} were not offered")
         self.handler.set_protocol_features(value)
         self.protocol_features = value
         self.protocol_negotiated = True
@@ -585,50 +412,52 @@ class BackendConnection:
         return vw.U64(value=self.max_mem_slots).pack()
 
     def _set_status(self, msg: Message) -> None:
-        value = vw.U64.unpack(msg.body).value
-        _require(value <= 0xFF, f"device status {value:#x} does not fit a byte")
+        value = vw.U64.unpack(msg.payload).value
+        require(value <= 0xFF, errno.EINVAL, f"device status {value:#x} does not fit a byte")
         self.handler.set_status(value)
 
     def _get_status(self, msg: Message) -> bytes:
         return vw.U64(value=self.handler.get_status()).pack()
 
     def _net_set_mtu(self, msg: Message) -> None:
-        self.handler.set_mtu(vw.U64.unpack(msg.body).value)
+        self.handler.set_mtu(vw.U64.unpack(msg.payload).value)
 
     def _send_rarp(self, msg: Message) -> None:
-        mac = msg.body[:6]
-        _require(not mac[0] & 1, "SEND_RARP with a multicast MAC")
+        mac = msg.payload[:6]
+        require(not mac[0] & 1, errno.EINVAL, "SEND_RARP with a multicast MAC")
         self.handler.send_rarp(mac)
 
     # ------------------------------------------------------------ rings
     def _set_vring_num(self, msg: Message) -> None:
-        state = vw.VringState.unpack(msg.body)
+        state = vw.VringState.unpack(msg.payload)
         self.handler.set_vring_num(self._vring_index(state.index), state.num)
 
     def _set_vring_base(self, msg: Message) -> None:
-        state = vw.VringState.unpack(msg.body)
+        state = vw.VringState.unpack(msg.payload)
         self.handler.set_vring_base(self._vring_index(state.index), state.num)
 
     def _get_vring_base(self, msg: Message) -> bytes:
-        state = vw.VringState.unpack(msg.body)
+        state = vw.VringState.unpack(msg.payload)
         index = self._vring_index(state.index)
         return vw.VringState(index=index, num=self.handler.get_vring_base(index)).pack()
 
     def _set_vring_addr(self, msg: Message) -> None:
-        addr = vw.VringAddr.unpack(msg.body)
+        addr = vw.VringAddr.unpack(msg.payload)
         self._vring_index(addr.index)
-        _require(not addr.flags & vw.VRING_ADDR_RESERVED, f"reserved vring flags {addr.flags:#x}")
+        require(not addr.flags & vw.VRING_ADDR_RESERVED, errno.EINVAL,
+                f"reserved vring flags {addr.flags:#x}")
         self.handler.set_vring_addr(addr)
 
     def _set_vring_fd(self, msg: Message) -> None:
-        value = vw.U64.unpack(msg.body).value
-        _require(not value & vw.VRING_FILE.reserved_mask, f"reserved bits in {value:#x}")
+        value = vw.U64.unpack(msg.payload).value
+        require(not value & vw.VRING_FILE.reserved_mask, errno.EINVAL,
+                f"reserved bits in {value:#x}")
         index = self._vring_index(vw.VRING_FILE.get(value, "index"))
         fd = None if value & vw.VRING_NOFD else msg.fds[0]
         # Kick fds are read 8 bytes per kick and call/err fds signalled with a
         # counter write: only an eventfd behaves (a pipe at EOF stays readable).
-        _require(fd is None or self.is_eventfd is None or self.is_eventfd(fd),
-                 f"vring {index}: the fd is not an eventfd", errno.EBADF)
+        require(fd is None or self.is_eventfd is None or self.is_eventfd(fd), errno.EBADF,
+                f"vring {index}: the fd is not an eventfd")
         setter = {R.SET_VRING_KICK: self.handler.set_vring_kick,
                   R.SET_VRING_CALL: self.handler.set_vring_call,
                   R.SET_VRING_ERR: self.handler.set_vring_err}[R(msg.header.request)]
@@ -637,21 +466,21 @@ class BackendConnection:
             msg.take_fd(fd)
 
     def _set_vring_enable(self, msg: Message) -> None:
-        _require(self.protocol_negotiated or bool(self.features & vw.Feature.PROTOCOL_FEATURES),
-                 "SET_VRING_ENABLE before VHOST_USER_F_PROTOCOL_FEATURES was negotiated")
-        state = vw.VringState.unpack(msg.body)
+        require(self.protocol_negotiated or bool(self.features & vw.Feature.PROTOCOL_FEATURES), errno.EINVAL,
+                "SET_VRING_ENABLE before VHOST_USER_F_PROTOCOL_FEATURES was negotiated")
+        state = vw.VringState.unpack(msg.payload)
         index = self._vring_index(state.index)
-        _require(state.num in (0, 1), f"vring enable value {state.num}")
+        require(state.num in (0, 1), errno.EINVAL, f"vring enable value {state.num}")
         self.handler.set_vring_enable(index, bool(state.num))
 
     # ------------------------------------------------------------ memory
     @staticmethod
     def _check_region(r: vw.MemoryRegion | vw.SingleMemoryRegion) -> None:
-        _require(r.memory_size > 0, "memory region of size 0")
+        require(r.memory_size > 0, errno.EINVAL, "memory region of size 0")
         for what, base in (("guest", r.guest_phys_addr), ("user", r.userspace_addr),
                            ("mmap offset", r.mmap_offset)):
-            _require(base + r.memory_size <= ADDRESS_LIMIT,
-                     f"memory region {what} {base:#x}+{r.memory_size:#x} overflows 64 bits")
+            require(base + r.memory_size <= ADDRESS_LIMIT, errno.EINVAL,
+                    f"memory region {what} {base:#x}+{r.memory_size:#x} overflows 64 bits")
 
     def _swap_memory(self, build: ClientMemory) -> None:
         self.handler.set_memory(None)  # rings let go of their views
@@ -669,15 +498,18 @@ class BackendConnection:
             raise Reject(f"cannot map region: {exc}", exc.errno) from None
 
     def _set_mem_table(self, msg: Message) -> None:
-        body = msg.body
-        _require(len(body) >= vw.MemoryHeader.SIZE, f"SET_MEM_TABLE payload of {len(body)} bytes")
+        body = msg.payload
+        require(len(body) >= vw.MemoryHeader.SIZE, errno.EINVAL,
+                f"SET_MEM_TABLE payload of {len(body)} bytes")
         n = vw.MemoryHeader.unpack(body).nregions
-        _require(1 <= n <= vw.MAX_MEM_REGIONS, f"{n} memory regions (1..{vw.MAX_MEM_REGIONS})")
+        require(1 <= n <= vw.MAX_MEM_REGIONS, errno.EINVAL,
+                f"{n} memory regions (1..{vw.MAX_MEM_REGIONS})")
         # QEMU and DPDK send exactly n regions; the full 8-region struct is accepted too.
         full = vw.MemoryHeader.SIZE + vw.MemoryRegion.SIZE * vw.MAX_MEM_REGIONS
-        _require(len(body) in (vw.MemoryHeader.SIZE + vw.MemoryRegion.SIZE * n, full),
-                 f"SET_MEM_TABLE payload of {len(body)} bytes for {n} regions")
-        _require(len(msg.fds) == n, f"SET_MEM_TABLE with {n} regions carries {len(msg.fds)} fds")
+        require(len(body) in (vw.MemoryHeader.SIZE + vw.MemoryRegion.SIZE * n, full), errno.EINVAL,
+                f"SET_MEM_TABLE payload of {len(body)} bytes for {n} regions")
+        require(len(msg.fds) == n, errno.EINVAL,
+                f"SET_MEM_TABLE with {n} regions carries {len(msg.fds)} fds")
         regions = [vw.MemoryRegion.unpack(body, vw.MemoryHeader.SIZE + vw.MemoryRegion.SIZE * i)
                    for i in range(n)]
         for r in regions:
@@ -685,7 +517,7 @@ class BackendConnection:
         for key in ("guest_phys_addr", "userspace_addr"):
             spans = sorted((getattr(r, key), getattr(r, key) + r.memory_size) for r in regions)
             for (_, end), (start, _) in itertools.pairwise(spans):
-                _require(start >= end, f"memory regions overlap ({key} {start:#x})")
+                require(start >= end, errno.EINVAL, f"memory regions overlap ({key} {start:#x})")
         build = ClientMemory(max_regions=self.max_mem_slots, map_unsealed=self.map_unsealed)
         try:
             for r, fd in zip(regions, list(msg.fds)):
@@ -696,12 +528,12 @@ class BackendConnection:
         self._swap_memory(build)
 
     def _add_mem_reg(self, msg: Message) -> None:
-        r = vw.SingleMemoryRegion.unpack(msg.body)
+        r = vw.SingleMemoryRegion.unpack(msg.payload)
         self._check_region(r)
         for region in self.memory.regions:
             ua = region.user_address or 0
-            _require(r.userspace_addr + r.memory_size <= ua or ua + region.size <= r.userspace_addr,
-                     f"region user address {r.userspace_addr:#x} overlaps a mapped one")
+            require(r.userspace_addr + r.memory_size <= ua or ua + region.size <= r.userspace_addr, errno.EINVAL,
+                    f"region user address {r.userspace_addr:#x} overlaps a mapped one")
         self.handler.set_memory(None)
         try:
             self._map_region(self.memory, r, msg.take_fd(msg.fds[0]))
@@ -709,12 +541,12 @@ class BackendConnection:
             self.handler.set_memory(self.memory)
 
     def _rem_mem_reg(self, msg: Message) -> None:
-        r = vw.SingleMemoryRegion.unpack(msg.body)
+        r = vw.SingleMemoryRegion.unpack(msg.payload)
         match = [g for g in self.memory.regions
                  if g.address == r.guest_phys_addr and g.size == r.memory_size
                  and g.user_address == r.userspace_addr]
-        _require(bool(match), f"no region {r.guest_phys_addr:#x}+{r.memory_size:#x} is mapped",
-                 errno.ENOENT)
+        require(bool(match), errno.ENOENT,
+                f"no region {r.guest_phys_addr:#x}+{r.memory_size:#x} is mapped")
         self.handler.set_memory(None)
         try:
             self.memory.unmap(r.guest_phys_addr, r.memory_size)
@@ -724,10 +556,10 @@ class BackendConnection:
 
     # ------------------------------------------------------------ dirty log
     def _set_log_base(self, msg: Message) -> bytes:
-        desc = vw.LogDescription.unpack(msg.body)
-        _require(desc.mmap_size > 0, "log of size 0")
-        _require(desc.mmap_offset % mmap.ALLOCATIONGRANULARITY == 0,
-                 f"log offset {desc.mmap_offset:#x} not page aligned")
+        desc = vw.LogDescription.unpack(msg.payload)
+        require(desc.mmap_size > 0, errno.EINVAL, "log of size 0")
+        require(desc.mmap_offset % mmap.ALLOCATIONGRANULARITY == 0, errno.EINVAL,
+                f"log offset {desc.mmap_offset:#x} not page aligned")
         try:  # we write into it: a file the front-end could shrink would be a SIGBUS
             mm = mmap_unshrinkable(msg.fds[0], desc.mmap_size, desc.mmap_offset)
         except MapError as exc:
@@ -740,7 +572,7 @@ class BackendConnection:
 
     def _set_log_fd(self, msg: Message) -> None:
         if self.log_fd is not None:
-            _close(self.log_fd)
+            close_quietly(self.log_fd)
         self.log_fd = msg.take_fd(msg.fds[0])
 
     def _drop_log(self) -> None:
@@ -749,5 +581,5 @@ class BackendConnection:
             self.log_mm.close()
             self.log_mm = None
         if self.log_fd is not None:
-            _close(self.log_fd)
+            close_quietly(self.log_fd)
             self.log_fd = None

@@ -67,6 +67,7 @@ from dataclasses import dataclass
 from appliance.errors import LocalProtocolError
 from appliance.memory import ClientMemory, FdArea, FdWords, GuestMemoryError
 from appliance.net import vhost_wire as vw
+from appliance.protocol_common import step
 
 _DESC = vw.DESC_CODEC
 _NEXT = int(vw.DescFlag.NEXT)
@@ -177,10 +178,7 @@ class SplitQueue:
 
     # ------------------------------------------------------------ state table
     def _event(self, event: str) -> None:
-        try:
-            self.state = RING_TRANSITIONS[self.state][event]
-        except KeyError:
-            raise RingError(f"vring {self.index}: {event} not allowed while {self.state.value}") from None
+        self.state = step(RING_TRANSITIONS, self.state, event, RingError, where=f"vring {self.index}")
 
     def _allow(self, what: str) -> None:
         if what not in RING_ALLOWED[self.state]:

@@ -13,8 +13,8 @@ A client write of byte ``b`` over byte ``old`` stores
 bit is read-only.  The device model itself programs registers through
 :meth:`ConfigSpace.put`, which ignores the masks.  The side effects of a write
 (INTx disable, MSI-X function mask, FLR, ...) are not handled here: the device
-compares register values before and after :meth:`ConfigSpace.write` (edge
-triggered, STYLE section 4).
+compares register values before and after :meth:`ConfigSpace.write` and acts
+on the bits that changed (edge triggered: rewriting a value does nothing).
 
 The layout is a type-0 header (PCI Local Bus 3.0 section 6.1, 64 bytes), a
 capability list at 0x40..0xFF and the PCI Express extended space

@@ -30,6 +30,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from appliance.errors import ApplianceError
+from appliance.protocol_common import close_quietly
 from appliance.runtime import unix
 from appliance.runtime.control import ControlClient
 from appliance.runtime.handoff_frames import (
@@ -349,7 +350,7 @@ class HandoffSink:
                 exc = HandoffError(f"{type(exc).__name__}: {exc}")
             mig.abort_restore()
             for fd in fds:
-                unix.close_quietly(fd)
+                close_quietly(fd)
             log.warning("handoff refused: %s", exc)
             _send_quietly(conn, {"ok": False, "error": str(exc)})
             return
@@ -363,7 +364,7 @@ class HandoffSink:
             return
         finally:
             for fd in fds:
-                unix.close_quietly(fd)
+                close_quietly(fd)
         adopt_ms = round((time.monotonic() - started) * 1000, 3)
         _send_quietly(conn, {"ok": True, "adopt_ms": adopt_ms})
         try:

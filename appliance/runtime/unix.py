@@ -13,6 +13,7 @@ import os
 import socket
 
 from appliance.errors import RemoteProtocolError
+from appliance.protocol_common import close_quietly
 
 _ONE = (1).to_bytes(8, "little")
 
@@ -113,9 +114,3 @@ def is_eventfd(fd: int) -> bool:
         return False
 
 
-def close_quietly(fd: int) -> None:
-    """Close ``fd``, ignoring an already-closed one."""
-    try:
-        os.close(fd)
-    except OSError:
-        pass

@@ -37,6 +37,7 @@ from appliance.net import vhost_wire as vw
 from appliance.net.port import DEFAULT_MTU, VirtioNetPort
 from appliance.net.vhost_protocol import BackendConnection, ConnState
 from appliance.net.vhost_wire import Request as R
+from appliance.protocol_common import close_quietly
 from appliance.runtime import unix
 
 if TYPE_CHECKING:
@@ -478,7 +479,7 @@ def dup_all(fds: list[int], refs: list[int]) -> list[int]:
             out.append(os.dup(fds[i]))
     except OSError:
         for fd in out:
-            unix.close_quietly(fd)
+            close_quietly(fd)
         raise
     return out
 
@@ -491,7 +492,7 @@ def build_connection(port: VirtioNetPort, s: SessionState, fds: list[int]) -> Ba
             the port is back as it was (unconnected) and every copy is closed.
     """
     port.notify = lambda fd: None
-    port.retire_fd = unix.close_quietly
+    port.retire_fd = close_quietly
     conn = BackendConnection(port, name=port.name, is_eventfd=unix.is_eventfd,
                              map_unsealed=port.map_unsealed_memory)
     try:

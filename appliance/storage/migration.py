@@ -1,4 +1,8 @@
-"""Save and restore of the NVMe controller and its namespaces (migrate layer).
+"""Save and restore of the NVMe controller and its namespaces (device layer).
+
+The parts live beside it: :mod:`appliance.storage.controller_state` (the
+controller blob), :mod:`appliance.storage.dirty` (dirty pages, holes, zero
+runs), :mod:`appliance.storage.staging` (the incoming image of a restore).
 
 Theory of operation
 -------------------
@@ -60,36 +64,25 @@ change of its data.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
-import os
-import stat
-import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 from appliance.errors import LocalProtocolError
 from appliance.pci.migration import PciMigratable
 from appliance.storage.controller import NvmeController
-from appliance.storage.namespace import (
-    FALLOC_FL_KEEP_SIZE,
-    FALLOC_FL_PUNCH_HOLE,
-    Namespace,
-    fallocate,
+from appliance.storage.controller_state import (
+    STATE_VERSION,
+    CtrlSnapshot,
+    CtrlStateHead,
+    SqState,
+    apply_controller,
+    decode_controller,
+    encode_controller,
+    state_error,
 )
-from appliance.storage.queues import CompletionQueue, Shadow, SubmissionQueue
-from appliance.storage.registers import CtrlState, Features
-from appliance.storage.spec import (
-    AQA,
-    CHANGED_NS_MAX,
-    NSID_ALL,
-    PAGE_SIZE,
-    Completion,
-    ErrorLogEntry,
-    FeatureId,
-)
+from appliance.storage.dirty import DirtyPages, data_end, hole_end, zero_runs
+from appliance.storage.staging import Staging
 from appliance.vfio_user.migration_stream import (
     MAX_PAYLOAD,
     MAX_ZERO_RUN,
@@ -105,580 +98,15 @@ from appliance.vfio_user.migration_stream import (
     parse_blocks_head,
     parse_device_state,
 )
-from appliance.wire import U8, U16, U32, U64, Struct, WireError
 
 PAGE = 4096  # dirty-tracking unit: the NVMe page (a namespace's block if larger)
 MAX_RECORD = 1 << 20  # data bytes per NAMESPACE_BLOCKS record: dirty runs coalesce up to it
 ZERO_RUN_MIN = 64 * 1024  # all-zero stretches inside data this long go as ZEROES records
 ZEROES_COST = RecordHead.SIZE + BlocksHead.SIZE  # stream bytes of a ZEROES record
-SYNC_EVERY = 16 << 20  # staged bytes between fdatasyncs of a staging image (commit syncs the rest)
-STATE_VERSION = 1
-NONE32 = 0xFFFFFFFF  # "no value" for optional u32 fields
-STATES = (CtrlState.DISABLED, CtrlState.READY, CtrlState.SHUTDOWN, CtrlState.FAILED)
 log = logging.getLogger("appliance.migrate")
-FLAG_SHADOW = 0x1
-FLAG_TIMESTAMP = 0x2
-MAX_BACKLOG = 1 << 16
 
-
-# ---------------------------------------------------------------- blob layout
-class CtrlStateHead(Struct, size=96):
-    """DEVICE_STATE (NVME_CONTROLLER) blob head; the arrays below follow in this order."""
-
-    version: U16 = STATE_VERSION
-    flags: U16 = 0  # FLAG_SHADOW | FLAG_TIMESTAMP
-    ctrl_state: U8 = 0  # index into STATES
-    ready: U8 = 0
-    reserved0: U16 = 0
-    cc: U32 = 0
-    aqa: U32 = 0
-    intms: U32 = 0
-    error_count: U32 = 0
-    asq: U64 = 0
-    acq: U64 = 0
-    shadow_doorbells: U64 = 0
-    shadow_event_idx: U64 = 0
-    timestamp_ms: U64 = 0
-    n_sq: U16 = 0
-    n_cq: U16 = 0
-    n_backlog: U32 = 0  # completions waiting in CQ backlogs, in CQ order
-    n_aer: U16 = 0
-    n_events: U16 = 0
-    n_masked: U16 = 0
-    n_errors: U16 = 0
-    n_changed: U32 = 0
-    n_features: U16 = 0
-    n_thresholds: U16 = 0
-    n_tler: U16 = 0
-    n_no_coalescing: U16 = 0
-    reserved1: U32 = 0
-
-
-class SqState(Struct, size=32):
-    qid: U16 = 0
-    cqid: U16 = 0
-    size: U32 = 0
-    base: U64 = 0
-    head: U32 = 0
-    tail: U32 = 0
-    shadow_published: U32 = NONE32
-    shadow_rejected: U32 = NONE32
-
-
-class CqState(Struct, size=40):
-    qid: U16 = 0
-    vector: U16 = 0
-    size: U32 = 0
-    base: U64 = 0
-    head: U32 = 0
-    tail: U32 = 0
-    phase: U8 = 1
-    ien: U8 = 0
-    unsignalled: U8 = 0
-    reserved: U8 = 0
-    n_backlog: U32 = 0
-    shadow_published: U32 = NONE32
-    shadow_rejected: U32 = NONE32
-
-
-class Cid(Struct, size=2):
-    cid: U16 = 0
-
-
-class EventState(Struct, size=4):
-    type: U8 = 0
-    info: U8 = 0
-    log_page: U8 = 0
-    reserved: U8 = 0
-
-
-class LogPageId(Struct, size=2):
-    log_page: U16 = 0
-
-
-class Nsid(Struct, size=4):
-    nsid: U32 = 0
-
-
-class KeyValue(Struct, size=8):
-    """A (key, value) pair: feature id / threshold select / nsid -> value."""
-
-    key: U32 = 0
-    value: U32 = 0
-
-
-class Vector(Struct, size=4):
-    vector: U32 = 0
-
-
-def _bad(message: str) -> LocalProtocolError:
-    return LocalProtocolError(f"NVMe state: {message}", errno.EINVAL)
-
-
-def _opt(value: int | None) -> int:
-    return NONE32 if value is None else value
-
-
-def _unopt(value: int) -> int | None:
-    return None if value == NONE32 else value
-
-
-# ---------------------------------------------------------------- decoded state
-@dataclass
-class CtrlSnapshot:
-    """The controller state a blob carries, decoded and checked."""
-
-    head: CtrlStateHead
-    sqs: list[SqState]
-    cqs: list[CqState]
-    backlogs: dict[int, list[Completion]]
-    aers: list[int]
-    events: list[tuple[int, int, int]]
-    masked: set[int]
-    errors: list[ErrorLogEntry]
-    changed: list[int]
-    features: dict[int, int]
-    thresholds: dict[int, int]
-    tler: dict[int, int]
-    no_coalescing: set[int]
-
-
-class _Cursor:
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
-
-
-def _take(cursor: _Cursor, cls: type[Any], count: int) -> list[Any]:
-    end = cursor.pos + count * cls.SIZE
-    if end > len(cursor.data):
-        raise _bad(f"blob ends inside the {cls.__name__} array")
-    out = [cls.unpack(cursor.data, cursor.pos + i * cls.SIZE) for i in range(count)]
-    cursor.pos = end
-    return out
-
-
-def encode_controller(ctrl: NvmeController) -> bytes:
-    """The controller's state as a DEVICE_STATE blob (device stopped)."""
-    regs, feats = ctrl.regs, ctrl.features
-    flags = FLAG_SHADOW if ctrl.shadow_buffers is not None else 0
-    timestamp_ms = 0
-    if feats.timestamp_base is not None:
-        flags |= FLAG_TIMESTAMP
-        timestamp_ms = int.from_bytes(feats.timestamp()[:6], "little")
-    shadow = ctrl.shadow_buffers or (0, 0)
-    sqs = [ctrl.sqs[q] for q in sorted(ctrl.sqs)]
-    cqs = [ctrl.cqs[q] for q in sorted(ctrl.cqs)]
-    backlog = [entry for cq in cqs for entry in cq.backlog]
-    events = ctrl.events
-    head = CtrlStateHead(
-        flags=flags, ctrl_state=STATES.index(regs.state), ready=int(regs.ready),
-        cc=regs.cc, aqa=regs.aqa, intms=regs.intms, error_count=ctrl.error_log.count,
-        asq=regs.asq, acq=regs.acq, shadow_doorbells=shadow[0], shadow_event_idx=shadow[1],
-        timestamp_ms=timestamp_ms, n_sq=len(sqs), n_cq=len(cqs), n_backlog=len(backlog),
-        n_aer=len(events.outstanding), n_events=len(events.pending),
-        n_masked=len(events.masked), n_errors=len(ctrl.error_log.entries),
-        n_changed=len(ctrl.changed_ns), n_features=len(feats.values),
-        n_thresholds=len(feats.thresholds), n_tler=len(feats.tler),
-        n_no_coalescing=len(feats.no_coalescing),
-    )
-    parts = [head.pack()]
-    for sq in sqs:
-        parts.append(SqState(
-            qid=sq.qid, cqid=sq.cqid, size=sq.size, base=sq.base, head=sq.head, tail=sq.tail,
-            shadow_published=_opt(sq.shadow.published if sq.shadow else None),
-            shadow_rejected=_opt(sq.shadow.rejected if sq.shadow else None)).pack())
-    for cq in cqs:
-        parts.append(CqState(
-            qid=cq.qid, vector=cq.vector, size=cq.size, base=cq.base, head=cq.head,
-            tail=cq.tail, phase=cq.phase, ien=int(cq.ien), unsignalled=int(cq.unsignalled),
-            n_backlog=len(cq.backlog),
-            shadow_published=_opt(cq.shadow.published if cq.shadow else None),
-            shadow_rejected=_opt(cq.shadow.rejected if cq.shadow else None)).pack())
-    parts += [entry.pack() for entry in backlog]
-    parts += [Cid(cid=cid).pack() for cid in events.outstanding]
-    parts += [EventState(type=t, info=i, log_page=p).pack() for t, i, p in events.pending]
-    parts += [LogPageId(log_page=p).pack() for p in sorted(events.masked)]
-    parts += [entry.pack() for entry in ctrl.error_log.entries]
-    parts += [Nsid(nsid=n).pack() for n in ctrl.changed_ns]
-    parts += [KeyValue(key=k, value=v).pack() for k, v in sorted(feats.values.items())]
-    parts += [KeyValue(key=k, value=v).pack() for k, v in sorted(feats.thresholds.items())]
-    parts += [KeyValue(key=k, value=v).pack() for k, v in sorted(feats.tler.items())]
-    parts += [Vector(vector=v).pack() for v in sorted(feats.no_coalescing)]
-    return b"".join(parts)
-
-
-def decode_controller(ctrl: NvmeController, blob: bytes) -> CtrlSnapshot:
-    """Decode a blob and check it against ``ctrl``'s configuration.
-
-    Raises:
-        LocalProtocolError: EINVAL for a malformed blob or state this
-            controller could not have reached.
-    """
-    cursor = _Cursor(blob)
-    try:
-        head: CtrlStateHead = _take(cursor, CtrlStateHead, 1)[0]
-        if head.version != STATE_VERSION:
-            raise _bad(f"version {head.version}")
-        sqs: list[SqState] = _take(cursor, SqState, head.n_sq)
-        cqs: list[CqState] = _take(cursor, CqState, head.n_cq)
-        backlog: list[Completion] = _take(cursor, Completion, head.n_backlog)
-        aers = [c.cid for c in _take(cursor, Cid, head.n_aer)]
-        events = [(e.type, e.info, e.log_page) for e in _take(cursor, EventState, head.n_events)]
-        masked = {m.log_page for m in _take(cursor, LogPageId, head.n_masked)}
-        errors: list[ErrorLogEntry] = _take(cursor, ErrorLogEntry, head.n_errors)
-        changed = [n.nsid for n in _take(cursor, Nsid, head.n_changed)]
-        features = {kv.key: kv.value for kv in _take(cursor, KeyValue, head.n_features)}
-        thresholds = {kv.key: kv.value for kv in _take(cursor, KeyValue, head.n_thresholds)}
-        tler = {kv.key: kv.value for kv in _take(cursor, KeyValue, head.n_tler)}
-        no_coalescing = {v.vector for v in _take(cursor, Vector, head.n_no_coalescing)}
-    except WireError as exc:
-        raise _bad(str(exc)) from None
-    if cursor.pos != len(blob):
-        raise _bad(f"{len(blob) - cursor.pos} bytes after the last array")
-    _check_head(ctrl, head)
-    _check_queues(ctrl, head, sqs, cqs)
-    backlogs: dict[int, list[Completion]] = {}
-    pos = 0
-    for cq in cqs:
-        backlogs[cq.qid] = backlog[pos:pos + cq.n_backlog]
-        pos += cq.n_backlog
-    if pos != len(backlog) or len(backlog) > MAX_BACKLOG:
-        raise _bad(f"backlog counts {pos} vs {len(backlog)}")
-    if len(aers) > ctrl.events.limit or len(set(aers)) != len(aers):
-        raise _bad(f"{len(aers)} held AERs, limit {ctrl.events.limit}")
-    if len(errors) > ctrl.error_log.size or len(changed) > CHANGED_NS_MAX:
-        raise _bad("error log or changed namespace list too long")
-    if any(n != NSID_ALL and n not in ctrl.namespaces for n in changed):
-        raise _bad(f"changed namespace list {changed} names unknown namespaces")
-    _check_features(ctrl, features, thresholds, tler, no_coalescing)
-    return CtrlSnapshot(head, sqs, cqs, backlogs, aers, events, masked, errors, changed,
-                        features, thresholds, tler, no_coalescing)
-
-
-def _check_head(ctrl: NvmeController, head: CtrlStateHead) -> None:
-    if head.ctrl_state >= len(STATES) or head.ready > 1 or head.flags & ~(
-            FLAG_SHADOW | FLAG_TIMESTAMP) or head.reserved0 or head.reserved1:
-        raise _bad(f"state {head.ctrl_state} / flags {head.flags:#x}")
-    if head.flags & FLAG_SHADOW and (head.shadow_doorbells % PAGE_SIZE
-                                     or head.shadow_event_idx % PAGE_SIZE):
-        raise _bad("shadow doorbell buffers not page aligned")  # as Doorbell Buffer Config
-    state = STATES[head.ctrl_state]
-    if state is CtrlState.READY and not head.ready:
-        raise _bad("READY without CSTS.RDY")
-
-
-def _check_queues(ctrl: NvmeController, head: CtrlStateHead, sqs: list[SqState],
-                  cqs: list[CqState]) -> None:
-    """The limits admin.create_cq / create_sq and CC.EN apply, on restored queues."""
-    state = STATES[head.ctrl_state]
-    cq_ids = [cq.qid for cq in cqs]
-    sq_ids = [sq.qid for sq in sqs]
-    if len(set(cq_ids)) != len(cq_ids) or len(set(sq_ids)) != len(sq_ids):
-        raise _bad("a queue id appears twice")
-    if state is CtrlState.DISABLED and (sqs or cqs):
-        raise _bad("queues on a disabled controller")
-    if state is CtrlState.READY and (0 not in cq_ids or 0 not in sq_ids):
-        raise _bad("a ready controller without admin queues")
-    mqes = ctrl.regs.mqes
-    # The admin queues are what CC.EN built from AQA, ASQ and ACQ.
-    admin_sq = (AQA.get(head.aqa, "asqs") + 1, head.asq)
-    admin_cq = (AQA.get(head.aqa, "acqs") + 1, head.acq)
-    queues: list[SqState | CqState] = [*sqs, *cqs]
-    for q in queues:
-        if q.qid == 0:
-            if (q.size, q.base) != (admin_sq if isinstance(q, SqState) else admin_cq):
-                raise _bad(f"admin queue {q.size}@{q.base:#x} does not match AQA/ASQ/ACQ")
-        elif not 0 < q.qid <= ctrl.io_queues:
-            raise _bad(f"queue id {q.qid}")
-        if not 2 <= q.size <= max(mqes + 1, 4096 if q.qid == 0 else 0) or q.base % PAGE_SIZE:
-            raise _bad(f"queue {q.qid}: size {q.size} / base {q.base:#x}")
-        if not (q.head < q.size and q.tail < q.size):
-            raise _bad(f"queue {q.qid}: head {q.head} / tail {q.tail} outside {q.size}")
-    for cq in cqs:
-        if cq.phase > 1 or cq.ien > 1 or cq.unsignalled > 1 or cq.reserved:
-            raise _bad(f"CQ {cq.qid}: phase/ien/flags")
-        if cq.ien and cq.vector >= ctrl.vectors:
-            raise _bad(f"CQ {cq.qid}: vector {cq.vector}")  # Invalid Interrupt Vector
-    for sq in sqs:
-        if (sq.qid == 0) != (sq.cqid == 0) or sq.cqid not in cq_ids:
-            raise _bad(f"SQ {sq.qid}: CQ {sq.cqid}")  # Completion Queue Invalid
-
-
-def _check_features(ctrl: NvmeController, features: dict[int, int], thresholds: dict[int, int],
-                    tler: dict[int, int], no_coalescing: set[int]) -> None:
-    for fid, value in features.items():
-        if fid not in Features.SUPPORTED or value & Features.RESERVED.get(fid, 0):
-            raise _bad(f"feature {fid:#x} = {value:#x}")
-    if set(features) != set(FeatureId):
-        raise _bad("feature list incomplete")
-    if not set(thresholds) <= {0, 1} or any(v > 0xFFFF for v in thresholds.values()):
-        raise _bad(f"temperature thresholds {thresholds}")
-    if any(v > 0xFFFF for v in tler.values()):
-        raise _bad("error recovery time limits")
-    if any(v >= ctrl.vectors for v in no_coalescing):
-        raise _bad(f"interrupt vector configuration {sorted(no_coalescing)}")
-
-
-def apply_controller(ctrl: NvmeController, snap: CtrlSnapshot,
-                     clock: Callable[[], float] | None = None) -> None:
-    """Replace ``ctrl``'s registers, queues, events and features with ``snap``."""
-    head, regs, feats = snap.head, ctrl.regs, ctrl.features
-    regs.cc, regs.aqa, regs.intms = head.cc, head.aqa, head.intms
-    regs.asq, regs.acq = head.asq, head.acq
-    regs.state, regs.ready = STATES[head.ctrl_state], bool(head.ready)
-    regs.invalid_reason = ""
-    ctrl.sqs.clear()
-    ctrl.cqs.clear()
-    ctrl.shadow_buffers = ((head.shadow_doorbells, head.shadow_event_idx)
-                           if head.flags & FLAG_SHADOW else None)
-
-    def shadow(qid: int, is_cq: bool, published: int, rejected: int) -> Shadow | None:
-        slot = ctrl.shadow_for(qid, is_cq)
-        if slot is not None:
-            slot.published, slot.rejected = _unopt(published), _unopt(rejected)
-        return slot
-
-    for c in snap.cqs:
-        cq = CompletionQueue(c.qid, c.base, c.size, c.vector, bool(c.ien), head=c.head,
-                             tail=c.tail, phase=c.phase, unsignalled=bool(c.unsignalled))
-        cq.shadow = shadow(c.qid, True, c.shadow_published, c.shadow_rejected)
-        cq.backlog.extend(entry.replace() for entry in snap.backlogs[c.qid])
-        ctrl.cqs[c.qid] = cq
-    for s in snap.sqs:
-        sq = SubmissionQueue(s.qid, s.base, s.size, s.cqid, head=s.head, tail=s.tail)
-        sq.shadow = shadow(s.qid, False, s.shadow_published, s.shadow_rejected)
-        ctrl.sqs[s.qid] = sq
-        ctrl.cqs[s.cqid].sqids.add(s.qid)
-    events = ctrl.events
-    events.outstanding = list(snap.aers)
-    events.pending = list(snap.events)
-    events.masked = set(snap.masked)
-    ctrl.error_log.count = head.error_count
-    ctrl.error_log.entries.clear()
-    ctrl.error_log.entries.extend(snap.errors)
-    ctrl.changed_ns[:] = snap.changed
-    feats.values = dict(snap.features)
-    feats.thresholds = dict(snap.thresholds)
-    feats.tler = dict(snap.tler)
-    feats.no_coalescing = set(snap.no_coalescing)
-    now = clock or feats.clock
-    feats.timestamp_base = ((head.timestamp_ms, now() if now else 0.0)
-                            if head.flags & FLAG_TIMESTAMP else None)
-
-
-# ---------------------------------------------------------------- namespace data
-class DirtyPages:
-    """The dirty pages of one namespace: one byte per page (1 = dirty) in a bytearray.
-
-    Marking and scanning stay in C (slice assignment, ``count``, ``find``):
-    256 KiB for a 1 GiB namespace at 4 KiB pages, a few microseconds per
-    write.  Scans sweep from a cursor and wrap, so a round walks the whole
-    namespace once even while a hot spot keeps being written.
-    """
-
-    def __init__(self, size: int, page: int) -> None:
-        self.size, self.page = size, page
-        self.pages = -(-size // page)
-        self.map = bytearray(self.pages)
-        self.count = 0  # pages set in map
-        self.cursor = 0  # where the next scan starts
-
-    def mark(self, offset: int, length: int) -> None:
-        """Bytes ``offset .. offset+length-1`` changed (clipped to the namespace)."""
-        if length <= 0 or offset >= self.size:
-            return
-        first = max(offset, 0) // self.page
-        last = min(offset + length - 1, self.size - 1) // self.page
-        n = last + 1 - first
-        self.count += n - self.map.count(1, first, last + 1)
-        self.map[first:last + 1] = b"\x01" * n
-
-    def mark_all(self) -> None:
-        self.map[:] = b"\x01" * self.pages
-        self.count = self.pages
-
-    def clear(self, first: int, n: int) -> None:
-        """Pages ``first .. first+n-1`` were sent."""
-        self.count -= self.map.count(1, first, first + n)
-        self.map[first:first + n] = bytes(n)
-
-    def pending_bytes(self) -> int:
-        """Dirty bytes (the last page counts only up to the namespace's end)."""
-        short = self.pages * self.page - self.size
-        return self.count * self.page - (short if self.map and self.map[-1] else 0)
-
-    def next_run(self) -> tuple[int, int] | None:
-        """The next dirty run from the cursor on (wrapping): (first page, page after)."""
-        if not self.count:
-            return None
-        first = self.map.find(1, self.cursor)
-        if first < 0:
-            first = self.map.find(1)
-        end = self.map.find(0, first)
-        return first, self.pages if end < 0 else end
-
-
-def _hole_end(fd: int, pos: int, stop: int, page: int) -> int:
-    """Where the hole at ``pos`` ends (page-aligned, at most ``stop``); ``pos`` if data."""
-    try:
-        data = os.lseek(fd, pos, os.SEEK_DATA)
-    except OSError as exc:
-        if exc.errno != errno.ENXIO:
-            return pos  # no SEEK_DATA here: everything counts as data
-        data = stop  # no data from pos to the end of the file
-    return stop if data >= stop else data - data % page
-
-
-def _data_end(fd: int, pos: int, stop: int, page: int) -> int:
-    """Where the data at ``pos`` ends (page-aligned, past ``pos``, at most ``stop``)."""
-    try:
-        hole = os.lseek(fd, pos, os.SEEK_HOLE)
-    except OSError:
-        return stop
-    return min(stop, max(pos + page, -(-hole // page) * page))
-
-
-def _zero_runs(data: bytes, page: int, min_run: int) -> list[tuple[int, int, bool]]:
-    """Cut ``data`` into (start, end, all zero) pieces at page boundaries; zero
-    pieces shorter than ``min_run`` bytes stay inside data pieces."""
-    if not data[0] and not data[-1] and data == bytes(len(data)):
-        return [(0, len(data), True)]
-    zero_page = bytes(page)
-    pieces: list[tuple[int, int, bool]] = []
-    start = 0  # of the current data piece
-    zero_from = -1  # start of the current run of zero pages
-    for at in range(0, len(data), page):
-        if not data[at] and data[at:at + page] == zero_page[:len(data) - at]:
-            if zero_from < 0:
-                zero_from = at
-            continue
-        if zero_from >= 0 and at - zero_from >= min_run:
-            if zero_from > start:
-                pieces.append((start, zero_from, False))
-            pieces.append((zero_from, at, True))
-            start = at
-        zero_from = -1
-    if zero_from >= 0 and len(data) - zero_from >= min_run:
-        if zero_from > start:
-            pieces.append((start, zero_from, False))
-        pieces.append((zero_from, len(data), True))
-    elif start < len(data):
-        pieces.append((start, len(data), False))
-    return pieces
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        done = os.pwrite(fd, view, offset)
-        view, offset = view[done:], offset + done
-
-
-def _pread_all(fd: int, length: int, offset: int) -> bytes:
-    parts, got = [], 0
-    while got < length:
-        chunk = os.pread(fd, length - got, offset + got)
-        if not chunk:
-            break
-        parts.append(chunk)
-        got += len(chunk)
-    return b"".join(parts).ljust(length, b"\0")
-
-
-class _Staging:
-    """A namespace's incoming image: a complete new sparse file beside the old one.
-
-    A hidden file in the image's directory (``.<image>.incoming-XXXXXXXX``,
-    so the final rename is atomic), records written at their offsets;
-    ``covered`` remembers which blocks the stream carried.  :meth:`prepare`
-    fills what it did not carry from the old image and syncs;
-    :meth:`commit` renames the file over the image; :meth:`discard` (abort)
-    removes it.  A process killed mid-stream leaves its file behind: the
-    next staging of the same image removes it.
-    """
-
-    def __init__(self, ns: Namespace) -> None:
-        self.ns = ns
-        self.covered = bytearray(ns.nlbas)  # 1 = block carried by the stream
-        self.unsynced = 0
-        directory, base = os.path.split(ns.image_path())
-        prefix = f".{base}.incoming-"
-        for stale in os.listdir(directory):
-            if stale.startswith(prefix) and len(stale) == len(prefix) + 8:
-                log.info("nsid %d: removing %s, left by an interrupted restore", ns.nsid, stale)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(directory, stale))
-        fd, path = tempfile.mkstemp(dir=directory, prefix=prefix, suffix="")
-        self.fd = fd
-        self.path: str | None = path
-        try:
-            os.fchmod(fd, stat.S_IMODE(os.fstat(ns.fd).st_mode))
-            os.ftruncate(fd, ns.size)
-        except BaseException:
-            self.discard()
-            raise
-
-    def write(self, offset: int, data: bytes | memoryview) -> None:
-        _pwrite_all(self.fd, data, offset)
-        self._cover(offset, len(data))
-        self.unsynced += len(data)
-        if self.unsynced >= SYNC_EVERY:  # keeps the sync at commit (in the downtime) short
-            os.fdatasync(self.fd)
-            self.unsynced = 0
-
-    def zero(self, offset: int, length: int) -> None:
-        first, n = offset >> self.ns.lba_shift, length >> self.ns.lba_shift
-        mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-        # A fresh file reads zeroes already: only a range sent before needs punching.
-        if (self.covered.find(1, first, first + n) >= 0
-                and not fallocate(self.fd, mode, offset, length)):
-            zeros = bytes(min(length, MAX_RECORD))
-            for at in range(offset, offset + length, len(zeros)):
-                _pwrite_all(self.fd, zeros[:offset + length - at], at)
-        self._cover(offset, length)
-
-    def _cover(self, offset: int, length: int) -> None:
-        first, n = offset >> self.ns.lba_shift, length >> self.ns.lba_shift
-        self.covered[first:first + n] = b"\x01" * n
-
-    def prepare(self) -> None:
-        """Fill the blocks the stream did not carry from the old image, and sync.
-
-        Raises:
-            OSError: the image is unchanged then.
-        """
-        ns, shift = self.ns, self.ns.lba_shift
-        pos = self.covered.find(0)
-        while pos >= 0:  # none for a complete stream
-            end = self.covered.find(1, pos)
-            end = ns.nlbas if end < 0 else end
-            for at in range(pos << shift, end << shift, MAX_RECORD):
-                data = _pread_all(ns.fd, min(MAX_RECORD, (end << shift) - at), at)
-                if data != bytes(len(data)):  # the staging file reads zeroes already
-                    _pwrite_all(self.fd, data, at)
-            pos = self.covered.find(0, end)
-        os.fdatasync(self.fd)
-        self.unsynced = 0
-
-    def commit(self) -> None:
-        """Rename the prepared file over the image; the namespace serves from it."""
-        assert self.path is not None
-        self.ns.replace_image(self.path)
-        self.path = None
-        self.close()
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def discard(self) -> None:
-        """Drop the staged image (the old one was never touched)."""
-        self.close()
-        if self.path is not None:
-            path, self.path = self.path, None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+__all__ = ["MAX_RECORD", "PAGE", "CtrlSnapshot", "CtrlStateHead", "DirtyPages", "NvmeMigratable",
+           "SqState", "decode_controller", "encode_controller"]
 
 
 class NvmeMigratable(PciMigratable):
@@ -710,7 +138,7 @@ class NvmeMigratable(PciMigratable):
         self.clock = clock
         self.dirty: dict[int, DirtyPages] = {}
         self._snapshot: CtrlSnapshot | None = None
-        self._staging: dict[int, _Staging] = {}
+        self._staging: dict[int, Staging] = {}
         for nsid, ns in ctrl.namespaces.items():
             if not ns.read_only:
                 ns.on_change = self._marker(nsid)
@@ -772,18 +200,18 @@ class NvmeMigratable(PciMigratable):
             page = pages.page
             while (run := pages.next_run()) is not None:
                 start, stop = run[0] * page, min(run[1] * page, ns.size)
-                end = min(_hole_end(ns.fd, start, stop, page), start + MAX_ZERO_RUN)
+                end = min(hole_end(ns.fd, start, stop, page), start + MAX_ZERO_RUN)
                 if end > start:
                     if out and spent + ZEROES_COST > max_bytes:
                         return out
                     out.append(_zeroes(nsid, start, end - start))
                     spent += ZEROES_COST
                 else:
-                    end = min(_data_end(ns.fd, start, stop, page), start + self.max_record)
+                    end = min(data_end(ns.fd, start, stop, page), start + self.max_record)
                     if out and spent + (end - start) > max_bytes:
                         return out  # whole records: a read takes parts of one anyway
                     data = ns.read_bytes(start >> ns.lba_shift, end - start)
-                    for a, b, zero in _zero_runs(data, page, ZERO_RUN_MIN):
+                    for a, b, zero in zero_runs(data, page, ZERO_RUN_MIN):
                         if zero:
                             out.append(_zeroes(nsid, start + a, b - a))
                             spent += ZEROES_COST
@@ -817,9 +245,9 @@ class NvmeMigratable(PciMigratable):
         elif record.type == RecordType.DEVICE_STATE:
             kind, version, blob = parse_device_state(record)
             if kind != DeviceKind.NVME_CONTROLLER or version != 1:
-                raise _bad(f"DEVICE_STATE kind {kind} version {version}")
+                raise state_error(f"DEVICE_STATE kind {kind} version {version}")
             if self._snapshot is not None:
-                raise _bad("second controller state record")
+                raise state_error("second controller state record")
             self._snapshot = decode_controller(self.ctrl, blob)
         else:
             super().stage(record)
@@ -828,17 +256,17 @@ class NvmeMigratable(PciMigratable):
         try:
             head, data = parse_blocks_head(record)
         except StreamError as exc:
-            raise _bad(str(exc)) from None
+            raise state_error(str(exc)) from None
         ns = self.ctrl.namespaces.get(head.nsid)
         if ns is None or ns.read_only:
-            raise _bad(f"blocks for namespace {head.nsid} (absent or read-only here)")
+            raise state_error(f"blocks for namespace {head.nsid} (absent or read-only here)")
         if (head.offset % ns.block_size or head.length % ns.block_size
                 or head.offset + head.length > ns.size):
-            raise _bad(f"nsid {head.nsid}: blocks {head.offset:#x}+{head.length:#x} "
+            raise state_error(f"nsid {head.nsid}: blocks {head.offset:#x}+{head.length:#x} "
                        f"outside {ns.size:#x} or not {ns.block_size}-aligned")
         staging = self._staging.get(head.nsid)
         if staging is None:
-            staging = self._staging[head.nsid] = _Staging(ns)
+            staging = self._staging[head.nsid] = Staging(ns)
         if head.flags & BlocksFlag.ZEROES:
             staging.zero(head.offset, head.length)
         else:
@@ -847,7 +275,7 @@ class NvmeMigratable(PciMigratable):
     def check_staged(self) -> None:
         super().check_staged()
         if self._snapshot is None:
-            raise _bad("the stream carried no controller state")
+            raise state_error("the stream carried no controller state")
 
     def commit_restore(self) -> None:
         """Check, prepare the staged images (the old ones untouched), then swap and apply.

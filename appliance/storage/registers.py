@@ -7,8 +7,9 @@ are DWORD or QWORD sized and naturally aligned; a QWORD access is two DWORD
 accesses, low half first (Linux writes ASQ/ACQ with ``lo_hi_writeq``).  Any
 other size or alignment reads as zero and is ignored on write.
 
-Writes to CC are edge-triggered (STYLE section 4): the old and new values
-are compared and each edge becomes a :class:`CtrlEvent`:
+Writes to CC are edge-triggered (a rewrite of the same value does nothing,
+as on real controllers): the old and new values are compared and each edge
+becomes a :class:`CtrlEvent`:
 
 * CC.EN 0 -> 1: the configuration is validated (CSS, MPS, AMS, IOSQES,
   IOCQES, AQA sizes, ASQ/ACQ page alignment).  Valid: ENABLE (CSTS.RDY = 1);
@@ -37,6 +38,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from appliance.errors import ApplianceError
+from appliance.protocol_common import step
 from appliance.storage.spec import (
     AQA,
     CAP,
@@ -161,10 +163,7 @@ class RegisterFile:
         Raises:
             StateError: the table has no transition for (state, event).
         """
-        target = TRANSITIONS[self.state].get(event)
-        if target is None:
-            raise StateError(f"controller state {self.state.value}: no transition for "
-                             f"{event.value}")
+        target = step(TRANSITIONS, self.state, event, StateError, where="NVMe controller")
         self.state = target
         self.ready = READY_AFTER.get(event, self.ready)
         return target
@@ -253,7 +252,12 @@ class RegisterFile:
         return events
 
 
-def _require(ok: bool, why: str) -> None:
+def _field_valid(ok: bool, why: str) -> None:
+    """An NVMe command's field check (not a peer protocol's ``require``).
+
+    Raises:
+        CommandError: Invalid Field in Command when ``ok`` is false.
+    """
     if not ok:
         raise CommandError(Status.INVALID_FIELD, why)
 
@@ -301,22 +305,22 @@ class Features:
     def _temperature(self, value: int, setting: bool) -> int:
         sensor, thsel = (value >> 16) & 0xF, (value >> 20) & 0x3
         # Only the composite temperature exists; Fh selects all sensors on Set.
-        _require(sensor == 0 or (setting and sensor == 0xF), why=f"TMPSEL {sensor}")
-        _require(thsel <= 1, why=f"THSEL {thsel}")
+        _field_valid(sensor == 0 or (setting and sensor == 0xF), why=f"TMPSEL {sensor}")
+        _field_valid(thsel <= 1, why=f"THSEL {thsel}")
         return thsel
 
     def _vector(self, value: int) -> int:
         vector = value & 0xFFFF
-        _require(vector < self.vectors, why=f"interrupt vector {vector}")
+        _field_valid(vector < self.vectors, why=f"interrupt vector {vector}")
         return vector
 
     def set(self, fid: int, value: int, nsid: int) -> int:
         """Set Features for ``fid``; returns DWORD 0 (raises CommandError)."""
-        _require(not value & self.RESERVED[fid], why=f"feature {fid:#x}: {value:#x}")
+        _field_valid(not value & self.RESERVED[fid], why=f"feature {fid:#x}: {value:#x}")
         if fid == FeatureId.POWER_MANAGEMENT:
-            _require(value == 0, why=f"power state {value & 0x1F} > NPSS 0")
+            _field_valid(value == 0, why=f"power state {value & 0x1F} > NPSS 0")
         elif fid == FeatureId.NUMBER_OF_QUEUES:
-            _require(0xFFFF not in (value & 0xFFFF, value >> 16), why="65536 queues requested")
+            _field_valid(0xFFFF not in (value & 0xFFFF, value >> 16), why="65536 queues requested")
             return self.get(fid, 0, nsid)
         elif fid == FeatureId.TEMPERATURE_THRESHOLD:
             self.thresholds[self._temperature(value, True)] = value & 0xFFFF

@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-Migration reaches a device only through save/restore (STYLE section 1):
+Migration reaches a device only through save/restore, so the migration code
+never depends on a device's internals (and storage/ and net/ stay independent):
 :class:`Migratable` lists the calls, and the vfio-user migration handler
 (:mod:`appliance.vfio_user.migration`) makes them, one per arc of the state
 machine (:mod:`appliance.vfio_user.migration_states`):

@@ -55,7 +55,9 @@ from typing import TYPE_CHECKING
 
 from appliance.errors import LocalProtocolError, StreamRefused
 from appliance.memory import ClientMemory, DirtyLog
+from appliance.protocol_common import Reject, require
 from appliance.vfio_user import wire as w
+from appliance.vfio_user.connection_state import MAX_DATA_XFER_SIZE, MIG_MAX_BITMAP_SIZE
 from appliance.vfio_user.migration_states import (
     ARCS,
     SUPPORTED_FLAGS,
@@ -72,7 +74,6 @@ from appliance.vfio_user.migration_stream import (
     StreamWriter,
     dirty_round,
 )
-from appliance.vfio_user.server import MAX_DATA_XFER_SIZE, MIG_MAX_BITMAP_SIZE, Reject
 
 if TYPE_CHECKING:
     from appliance.vfio_user.migratable import Migratable
@@ -186,11 +187,6 @@ class RoundPhase(enum.Enum):
     DRAINING = "draining"  # budget spent or nothing dirty: the queue empties, then a short read
 
 
-def _require(cond: bool, err: int, message: str) -> None:
-    if not cond:
-        raise Reject(message, err)
-
-
 def _power_of_two(n: int) -> bool:
     return n > 0 and not n & (n - 1)
 
@@ -301,40 +297,40 @@ class VfioUserMigration:
 
     # ------------------------------------------------------------ DEVICE_FEATURE
     def _feature(self, payload: bytes) -> bytes:
-        _require(len(payload) >= w.DeviceFeatureHead.SIZE, errno.EINVAL, "short DEVICE_FEATURE")
+        require(len(payload) >= w.DeviceFeatureHead.SIZE, errno.EINVAL, "short DEVICE_FEATURE")
         head = w.DeviceFeatureHead.unpack(payload)
         data = payload[w.DeviceFeatureHead.SIZE:]
-        _require(head.argsz >= w.DeviceFeatureHead.SIZE, errno.EINVAL,
-                 f"DEVICE_FEATURE argsz {head.argsz}")
-        _require(not head.flags & FEATURE_FLAGS_RESERVED, errno.EINVAL,
-                 f"DEVICE_FEATURE flags {head.flags:#x}")
+        require(head.argsz >= w.DeviceFeatureHead.SIZE, errno.EINVAL,
+                f"DEVICE_FEATURE argsz {head.argsz}")
+        require(not head.flags & FEATURE_FLAGS_RESERVED, errno.EINVAL,
+                f"DEVICE_FEATURE flags {head.flags:#x}")
         probe = bool(head.flags & w.FEATURE_PROBE)
         ops = head.flags & (w.FEATURE_GET | w.FEATURE_SET)
-        _require(probe or ops != w.FEATURE_GET | w.FEATURE_SET, errno.EINVAL,
-                 "GET and SET together without PROBE")
+        require(probe or ops != w.FEATURE_GET | w.FEATURE_SET, errno.EINVAL,
+                "GET and SET together without PROBE")
         index = head.flags & w.FEATURE_INDEX_MASK
         try:
             feature = Feature(index)
         except ValueError:
             raise Reject(f"device feature {index} is not supported", errno.ENOTTY) from None
         spec = FEATURES[feature]
-        _require(not ops & ~spec.ops, errno.EINVAL,
-                 f"{feature.name} does not support flags {head.flags:#x}")
+        require(not ops & ~spec.ops, errno.EINVAL,
+                f"{feature.name} does not support flags {head.flags:#x}")
         if probe:
             # "The reply payload must be the same as the request payload for ... probing."
             return payload
-        _require(ops != 0, errno.EINVAL, f"{feature.name}: neither GET nor SET")
+        require(ops != 0, errno.EINVAL, f"{feature.name}: neither GET nor SET")
         if ops == w.FEATURE_GET:
-            _require(head.argsz >= w.DeviceFeatureHead.SIZE + spec.get_size, errno.EINVAL,
-                     f"{feature.name} GET argsz {head.argsz}")
+            require(head.argsz >= w.DeviceFeatureHead.SIZE + spec.get_size, errno.EINVAL,
+                    f"{feature.name} GET argsz {head.argsz}")
             reply = self._feature_get(feature, head.argsz, data)
             # "the data is added in the data section and its length is added to argsz"
             return w.DeviceFeatureHead(argsz=w.DeviceFeatureHead.SIZE + len(reply),
                                        flags=head.flags).pack() + reply
-        _require(len(data) >= spec.set_size, errno.EINVAL,
-                 f"{feature.name} SET data of {len(data)} bytes")
-        _require(head.argsz >= w.DeviceFeatureHead.SIZE + spec.set_size, errno.EINVAL,
-                 f"{feature.name} SET argsz {head.argsz}")
+        require(len(data) >= spec.set_size, errno.EINVAL,
+                f"{feature.name} SET data of {len(data)} bytes")
+        require(head.argsz >= w.DeviceFeatureHead.SIZE + spec.set_size, errno.EINVAL,
+                f"{feature.name} SET argsz {head.argsz}")
         reply = self._feature_set(feature, head.argsz, data)
         return w.DeviceFeatureHead(argsz=w.DeviceFeatureHead.SIZE + len(reply),
                                    flags=head.flags).pack() + reply
@@ -358,10 +354,10 @@ class VfioUserMigration:
             return self._log_start(argsz, data)
         if feature is Feature.APPLIANCE_MIG_OPTIONS:
             opts = w.MigOptions.unpack(data)
-            _require(not opts.options & w.MIG_OPTIONS_RESERVED and not opts.reserved,
-                     errno.EINVAL, f"migration options {opts.options:#x}")
-            _require(self.state in (MigState.RUNNING, MigState.STOP), errno.EBUSY,
-                     f"migration options cannot change in {self.state.name}")
+            require(not opts.options & w.MIG_OPTIONS_RESERVED and not opts.reserved, errno.EINVAL,
+                    f"migration options {opts.options:#x}")
+            require(self.state in (MigState.RUNNING, MigState.STOP), errno.EBUSY,
+                    f"migration options cannot change in {self.state.name}")
             self.options = w.MigOption(opts.options)
             return w.MigOptions(options=int(self.options)).pack()
         assert feature is Feature.DMA_LOGGING_STOP
@@ -481,15 +477,15 @@ class VfioUserMigration:
     # ------------------------------------------------------------ MIG_DATA_READ / WRITE
     def _data_read(self, payload: bytes) -> bytes:
         # Bytes after the head are ignored, as libvfio-user ignores them.
-        _require(len(payload) >= w.MigDataHead.SIZE, errno.EINVAL,
-                 f"MIG_DATA_READ payload of {len(payload)} bytes")
+        require(len(payload) >= w.MigDataHead.SIZE, errno.EINVAL,
+                f"MIG_DATA_READ payload of {len(payload)} bytes")
         req = w.MigDataHead.unpack(payload)
-        _require(self.state in (MigState.PRE_COPY, MigState.STOP_COPY), errno.EINVAL,
-                 f"MIG_DATA_READ in state {self.state.name}")
-        _require(req.size <= self.max_data_xfer_size, errno.EINVAL,
-                 f"MIG_DATA_READ size {req.size} > {self.max_data_xfer_size}")
-        _require(req.argsz >= w.MigDataHead.SIZE + req.size, errno.EINVAL,
-                 f"MIG_DATA_READ argsz {req.argsz} < {w.MigDataHead.SIZE + req.size}")
+        require(self.state in (MigState.PRE_COPY, MigState.STOP_COPY), errno.EINVAL,
+                f"MIG_DATA_READ in state {self.state.name}")
+        require(req.size <= self.max_data_xfer_size, errno.EINVAL,
+                f"MIG_DATA_READ size {req.size} > {self.max_data_xfer_size}")
+        require(req.argsz >= w.MigDataHead.SIZE + req.size, errno.EINVAL,
+                f"MIG_DATA_READ argsz {req.argsz} < {w.MigDataHead.SIZE + req.size}")
         if self._save_error is not None:
             raise Reject(f"saving session failed: {self._save_error}", errno.EIO)
         try:
@@ -549,19 +545,19 @@ class VfioUserMigration:
         return [] if self.shared_storage else self.device.precopy_records(max_bytes)
 
     def _data_write(self, payload: bytes) -> bytes:
-        _require(len(payload) >= w.MigDataHead.SIZE, errno.EINVAL, "short MIG_DATA_WRITE")
+        require(len(payload) >= w.MigDataHead.SIZE, errno.EINVAL, "short MIG_DATA_WRITE")
         req = w.MigDataHead.unpack(payload)
         sent = len(payload) - w.MigDataHead.SIZE
         # The reader keeps views, not copies.  Bytes after ``size`` are ignored, as
         # libvfio-user ignores them; fewer than ``size`` is refused.
         data = memoryview(payload)[w.MigDataHead.SIZE:w.MigDataHead.SIZE + req.size]
-        _require(self.state is MigState.RESUMING, errno.EINVAL,
-                 f"MIG_DATA_WRITE in state {self.state.name}")
-        _require(req.size <= sent, errno.EINVAL, f"MIG_DATA_WRITE size {req.size} > data {sent}")
-        _require(req.size <= self.max_data_xfer_size, errno.EINVAL,
-                 f"MIG_DATA_WRITE size {req.size} > {self.max_data_xfer_size}")
-        _require(req.argsz >= w.MigDataHead.SIZE + req.size, errno.EINVAL,
-                 f"MIG_DATA_WRITE argsz {req.argsz} < {w.MigDataHead.SIZE + req.size}")
+        require(self.state is MigState.RESUMING, errno.EINVAL,
+                f"MIG_DATA_WRITE in state {self.state.name}")
+        require(req.size <= sent, errno.EINVAL, f"MIG_DATA_WRITE size {req.size} > data {sent}")
+        require(req.size <= self.max_data_xfer_size, errno.EINVAL,
+                f"MIG_DATA_WRITE size {req.size} > {self.max_data_xfer_size}")
+        require(req.argsz >= w.MigDataHead.SIZE + req.size, errno.EINVAL,
+                f"MIG_DATA_WRITE argsz {req.argsz} < {w.MigDataHead.SIZE + req.size}")
         reader = self._reader
         assert reader is not None
         if self._resume_error is not None:
@@ -587,57 +583,57 @@ class VfioUserMigration:
     # ------------------------------------------------------------ DMA logging
     def _log_start(self, argsz: int, data: bytes) -> bytes:
         ctl = DmaLoggingControl.unpack(data)
-        _require(self.dma_log is None, errno.EBUSY, "DMA logging already started")
-        _require(not ctl.reserved, errno.EINVAL, "DMA_LOGGING_START reserved field set")
-        _require(ctl.num_ranges <= MAX_LOG_RANGES, errno.E2BIG,
-                 f"{ctl.num_ranges} ranges > {MAX_LOG_RANGES}")
+        require(self.dma_log is None, errno.EBUSY, "DMA logging already started")
+        require(not ctl.reserved, errno.EINVAL, "DMA_LOGGING_START reserved field set")
+        require(ctl.num_ranges <= MAX_LOG_RANGES, errno.E2BIG,
+                f"{ctl.num_ranges} ranges > {MAX_LOG_RANGES}")
         needed = DmaLoggingControl.SIZE + ctl.num_ranges * DmaLoggingRange.SIZE
-        _require(len(data) >= needed and argsz >= w.DeviceFeatureHead.SIZE + needed, errno.EINVAL,
-                 f"DMA_LOGGING_START: {ctl.num_ranges} ranges need {needed} bytes")
-        _require(_power_of_two(ctl.page_size), errno.EINVAL,
-                 f"DMA logging page size {ctl.page_size:#x} is not a power of two")
+        require(len(data) >= needed and argsz >= w.DeviceFeatureHead.SIZE + needed, errno.EINVAL,
+                f"DMA_LOGGING_START: {ctl.num_ranges} ranges need {needed} bytes")
+        require(_power_of_two(ctl.page_size), errno.EINVAL,
+                f"DMA logging page size {ctl.page_size:#x} is not a power of two")
         # "If the device cannot do the hinted page size then it's the driver's choice
         # which page size to pick": smaller than 4 KiB becomes 4 KiB.
         page_size = max(ctl.page_size, MIN_LOG_PAGE)
         ranges = []
         for i in range(ctl.num_ranges):
             r = DmaLoggingRange.unpack(data, DmaLoggingControl.SIZE + i * DmaLoggingRange.SIZE)
-            _require(r.length > 0 and r.iova % page_size == 0 and r.length % page_size == 0,
-                     errno.EINVAL, f"range {r.iova:#x}+{r.length:#x} not aligned to {page_size:#x}")
-            _require(r.iova + r.length <= 1 << 64, errno.EOVERFLOW,
-                     f"range {r.iova:#x}+{r.length:#x} overflows")
+            require(r.length > 0 and r.iova % page_size == 0 and r.length % page_size == 0, errno.EINVAL,
+                    f"range {r.iova:#x}+{r.length:#x} not aligned to {page_size:#x}")
+            require(r.iova + r.length <= 1 << 64, errno.EOVERFLOW,
+                    f"range {r.iova:#x}+{r.length:#x} overflows")
             ranges.append((r.iova, r.length))
         ranges.sort()
         for (a, a_len), (b, _) in itertools.pairwise(ranges):
-            _require(a + a_len <= b, errno.EINVAL, f"ranges at {a:#x} and {b:#x} overlap")
+            require(a + a_len <= b, errno.EINVAL, f"ranges at {a:#x} and {b:#x} overlap")
         self.dma_log = DmaLog(page_size, ranges)
         self.memory.dirty_log = DirtyLog(page_size)
         reply = ctl.replace(page_size=page_size).pack()
         return reply + data[DmaLoggingControl.SIZE:needed]
 
     def _log_report(self, argsz: int, data: bytes) -> bytes:
-        _require(len(data) >= DmaLoggingReport.SIZE, errno.EINVAL,
-                 f"DMA_LOGGING_REPORT data of {len(data)} bytes")
+        require(len(data) >= DmaLoggingReport.SIZE, errno.EINVAL,
+                f"DMA_LOGGING_REPORT data of {len(data)} bytes")
         req = DmaLoggingReport.unpack(data)
         dma_log, dirty = self.dma_log, self.memory.dirty_log
-        _require(dma_log is not None and dirty is not None, errno.EINVAL, "DMA logging not started")
+        require(dma_log is not None and dirty is not None, errno.EINVAL, "DMA logging not started")
         assert dma_log is not None and dirty is not None
-        _require(req.page_size >= MIN_LOG_PAGE and _power_of_two(req.page_size), errno.EINVAL,
-                 f"report page size {req.page_size:#x}")
-        _require(req.length > 0, errno.EINVAL, "empty report range")
-        _require(req.iova + req.length <= 1 << 64, errno.EOVERFLOW,
-                 f"report range {req.iova:#x}+{req.length:#x} overflows")
-        _require(dma_log.covers(req.iova, req.length), errno.EINVAL,
-                 f"report range {req.iova:#x}+{req.length:#x} is not being logged")
+        require(req.page_size >= MIN_LOG_PAGE and _power_of_two(req.page_size), errno.EINVAL,
+                f"report page size {req.page_size:#x}")
+        require(req.length > 0, errno.EINVAL, "empty report range")
+        require(req.iova + req.length <= 1 << 64, errno.EOVERFLOW,
+                f"report range {req.iova:#x}+{req.length:#x} overflows")
+        require(dma_log.covers(req.iova, req.length), errno.EINVAL,
+                f"report range {req.iova:#x}+{req.length:#x} is not being logged")
         # The reply is built whole, so its size is what bounds the memory a request
         # costs: a bitmap larger than max_bitmap_size (announced in VERSION, at most
         # the message size limit) is refused before anything is allocated.
         nbits = -(-req.length // req.page_size)
         nbytes = -(-nbits // 64) * 8
-        _require(nbytes <= self.max_bitmap_size, errno.E2BIG,
-                 f"bitmap of {nbytes} bytes > {self.max_bitmap_size}")
-        _require(argsz >= w.DeviceFeatureHead.SIZE + DmaLoggingReport.SIZE + nbytes, errno.EINVAL,
-                 f"argsz {argsz} too small for a {nbytes}-byte bitmap")
+        require(nbytes <= self.max_bitmap_size, errno.E2BIG,
+                f"bitmap of {nbytes} bytes > {self.max_bitmap_size}")
+        require(argsz >= w.DeviceFeatureHead.SIZE + DmaLoggingReport.SIZE + nbytes, errno.EINVAL,
+                f"argsz {argsz} too small for a {nbytes}-byte bitmap")
         return req.pack() + report_bitmap(dirty, req.iova, req.length, req.page_size)
 
 

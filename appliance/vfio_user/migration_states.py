@@ -21,8 +21,8 @@ the *arcs* between states.  Two tables describe it here:
   <linux/vfio.h> drivers and libvfio-user do).
 
 A SET of the device state walks :func:`path` one arc at a time and notifies
-the device on every hop (STYLE section 4: "step one edge at a time"), so a
-device only ever implements the direct arcs.
+the device on every hop (one arc at a time, never a jump to the target), so
+a device only ever implements the direct arcs.
 
 :func:`diagram` renders the arcs table as Mermaid or Graphviz text for
 docs/migration.md ("generate doc diagrams from the tables").

@@ -11,126 +11,60 @@ the device through the :class:`~appliance.vfio_user.backend.VfioUserDevice`
 protocol.  It never touches a socket: signalling an eventfd and the message
 round trip for DMA_READ/DMA_WRITE are callables the runtime supplies.
 
-Each command is checked in the order the style guide gives: header (type,
-reserved flags, allowed in this state, size limits), then the payload's own
-fields (``argsz`` against the real length, reserved bits, ranges), then
-semantics (device state, negotiated maxima).  Every rejection is an error
-reply carrying an errno and closes every fd the message brought; a message
-that makes the stream unframeable closes the connection.  Commands with
+Each command is checked from the outside in, so a malformed message is refused
+before any of its fields is trusted: header (type, reserved flags, allowed in
+this state, size limits), then the payload's own fields (``argsz`` against
+the real length, reserved bits, ranges), then semantics (device state,
+negotiated maxima).  Every rejection is an error reply carrying an errno and
+closes every fd the message brought; a message that makes the stream
+unframeable closes the connection.  Commands with
 No_reply get no reply, not even an error one (QEMU posts region writes).
 """
 
 from __future__ import annotations
 
-import enum
 import errno
 import json
 import logging
-import os
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from appliance.errors import LocalProtocolError
 from appliance.memory import ClientMemory, MapError
+from appliance.protocol_common import Reject, close_quietly, require, step
 from appliance.vfio_user import wire as w
 from appliance.vfio_user.backend import VfioUserDevice
+from appliance.vfio_user.connection_state import (
+    ALLOWED,
+    MAX_DATA_XFER_SIZE,
+    MAX_DMA_MAPS,
+    MAX_MSG_FDS,
+    MAX_VERSION_JSON,
+    MAX_WRITE_MULTI,
+    MIG_MAX_BITMAP_SIZE,
+    PGSIZE,
+    TAKES_FDS,
+    TRANSITIONS,
+    ConnState,
+    DmaLayout,
+    MigrationFactory,
+    MigrationHandler,
+)
 from appliance.vfio_user.dma import DmaMessages
 from appliance.vfio_user.framing import Frame, Framer, encode
-from appliance.vfio_user.handoff_state import (
-    ClientCaps,
-    ConnectionState,
-    check_fds,
-    parse_client_caps,
-    parse_connection,
-)
+from appliance.vfio_user.handoff_state import ClientCaps, parse_client_caps
+from appliance.vfio_user.server_handoff import ConnectionHandoff, check_handoff_state
 from appliance.wire import Struct
+
+# Declared in appliance.vfio_user.connection_state, used by importers of this module.
+__all__ = ["MAX_DATA_XFER_SIZE", "MAX_MSG_FDS", "MIG_MAX_BITMAP_SIZE", "ConnState", "DmaLayout",
+           "MigrationFactory", "MigrationHandler", "Reject", "ServerConnection",
+           "check_handoff_state"]
 
 log = logging.getLogger("appliance.vfio_user")
 
-PGSIZE = 4096
-MAX_MSG_FDS = 16  # QEMU refuses a larger value
-MAX_DATA_XFER_SIZE = 1 << 20
-MAX_DMA_MAPS = 1024
-MAX_WRITE_MULTI = 256  # entries per REGION_WRITE_MULTI we accept
-MAX_VERSION_JSON = 4096
-# Migration capability values we announce (QEMU parses pgsize and max_bitmap_size).
-# A DMA_LOGGING_REPORT reply carries its bitmap whole, so the bitmap is bounded
-# by the message size limit: 1 MiB reports 32 GiB of 4 KiB pages per request.
-MIG_MAX_BITMAP_SIZE = MAX_DATA_XFER_SIZE
-
-
-class DmaLayout(enum.Enum):
-    """Where DMA_READ/DMA_WRITE data sits.
-
-    SPEC: address u64, count u64, data at 16 (docs/interop/vfio-user.rst).
-    This is what QEMU 11.1 does on the wire: with the other layout its
-    DMA_READ replies came back shifted by 4 bytes (seen with --trace).
-    U32_COUNT: address u64, count u32, data at 12, 4 pad bytes after the data:
-    the ``VFIOUserDMARW`` of some QEMU sources; kept for such clients.
-    """
-
-    SPEC = "spec"
-    U32_COUNT = "u32-count"
-
-
-class ConnState(enum.Enum):
-    AWAIT_VERSION = "await-version"
-    READY = "ready"
-    CLOSED = "closed"
-
-
-# Connection state machine: state -> {event: next state}.
-TRANSITIONS: dict[ConnState, dict[str, ConnState]] = {
-    ConnState.AWAIT_VERSION: {"version": ConnState.READY, "close": ConnState.CLOSED},
-    ConnState.READY: {"close": ConnState.CLOSED},
-    ConnState.CLOSED: {"close": ConnState.CLOSED},
-}
-
-# Per-state command allow-list, checked before dispatch.
-ALLOWED: dict[ConnState, frozenset[w.Command]] = {
-    ConnState.AWAIT_VERSION: frozenset({w.Command.VERSION}),
-    ConnState.READY: frozenset(w.Command) - {w.Command.VERSION} - w.SERVER_TO_CLIENT,
-    ConnState.CLOSED: frozenset(),
-}
-
-# Commands that may carry fds.  Fds on any other command are closed and the
-# command runs (libvfio-user does the same: a stray fd is no reason to fail).
-TAKES_FDS = frozenset({w.Command.DMA_MAP, w.Command.DEVICE_SET_IRQS})
-
 S = TypeVar("S", bound=Struct)
-
-
-class MigrationHandler(Protocol):
-    """Commands 16-18 for one connection (see appliance.vfio_user.migration)."""
-
-    def handle(self, command: w.Command, payload: bytes) -> bytes:
-        """Answer DEVICE_FEATURE / MIG_DATA_READ / MIG_DATA_WRITE; raise Reject(errno)."""
-
-    def allows(self, command: w.Command) -> bool:
-        """Whether ``command`` may run in the current migration state."""
-
-    def device_reset(self) -> None:
-        """DEVICE_RESET: back to RUNNING (also from ERROR); called before the device resets."""
-
-    def close(self) -> None:
-        """The connection closes: drop sessions, stop dirty logging, un-quiesce the device."""
-
-    def busy(self) -> str:
-        """Why the device cannot be handed off now ("" when it can)."""
-
-
-#: Builds a connection's migration handler from that connection's client memory.
-MigrationFactory = Callable[[ClientMemory], MigrationHandler]
-
-
-class Reject(LocalProtocolError):
-    """A request is refused with ``errno``; the reply is header-only with Error set."""
-
-
-def _require(cond: bool, err: int, message: str) -> None:
-    if not cond:
-        raise Reject(message, err)
 
 
 def _fits(offset: int, count: int, size: int) -> bool:
@@ -150,30 +84,14 @@ def _request(frame: Frame, cls: type[S]) -> S:
         Reject: EINVAL when the payload is shorter than the structure.
     """
     name = _cmd_name(frame.header.command)
-    _require(len(frame.payload) >= cls.SIZE, errno.EINVAL,
-             f"{name} payload of {len(frame.payload)} bytes, the request needs {cls.SIZE}")
+    require(len(frame.payload) >= cls.SIZE, errno.EINVAL,
+            f"{name} payload of {len(frame.payload)} bytes, the request needs {cls.SIZE}")
     return cls.unpack(frame.payload)
 
 
-def check_handoff_state(device: VfioUserDevice, state: Any, fds: list[int],
-                        is_eventfd: Callable[[int], bool] | None,
-                        max_message: int = w.HEADER_SIZE + 16 + MAX_DATA_XFER_SIZE,
-                        ) -> ConnectionState:
-    """A handed-over connection's state for ``device``, checked whole (see
-    :mod:`appliance.vfio_user.handoff_state`); nothing is adopted or kept.
-
-    Raises:
-        LocalProtocolError: the first field or fd that does not fit.
-    """
-    s = parse_connection(state, len(fds),
-                         lambda index: device.irq(index).count if 0 <= index < w.PCI_NUM_IRQS else 0,
-                         max_message, MAX_MSG_FDS)
-    check_fds(s, fds, is_eventfd, MAX_DMA_MAPS)
-    return s
-
-
-class ServerConnection:
-    """The server side of one vfio-user client connection."""
+class ServerConnection(ConnectionHandoff):
+    """The server side of one vfio-user client connection (its live handoff:
+    :class:`~appliance.vfio_user.server_handoff.ConnectionHandoff`)."""
 
     def __init__(
         self,
@@ -254,7 +172,7 @@ class ServerConnection:
         """
         if not data:
             for fd in fds:
-                _close(fd)
+                close_quietly(fd)
             self.close()
             return
         self.framer.feed(data, fds)
@@ -291,7 +209,7 @@ class ServerConnection:
             frame.close_fds()
         self._frames.clear()
         for fd in [*self.irq_fds.values(), *self.irq_mask_fds.values()]:
-            _close(fd)
+            close_quietly(fd)
         self.irq_fds.clear()
         self.irq_mask_fds.clear()
         if self.migration is not None:
@@ -299,136 +217,6 @@ class ServerConnection:
         self.memory.unmap_all()
         self.device.detach()  # drops the device's waiting work first: then nothing runs
         self.dma.close()
-
-    # ------------------------------------------------------------ live handoff
-    def handoff_busy(self) -> str:
-        """Why this connection cannot move to another process now ("" when it can)."""
-        if self.state is not ConnState.READY:
-            return f"{self.name}: connection in state {self.state.value}"
-        if self._frames or self._out:
-            return f"{self.name}: messages are queued"
-        if self.dma.outstanding():
-            return f"{self.name}: a DMA message awaits its reply"
-        if self.migration is not None and (why := self.migration.busy()):
-            return f"{self.name}: {why}"
-        return ""
-
-    def handoff_export(self, fds: list[int]) -> dict[str, Any]:
-        """What :meth:`handoff_adopt` needs to continue this connection elsewhere.
-
-        The negotiated capabilities, every DMA region, the irq eventfds and a
-        message not yet complete; each fd is appended to ``fds`` (still ours)
-        and named by its index there.
-        """
-        def put(fd: int) -> int:
-            fds.append(fd)
-            return len(fds) - 1
-
-        pending, pending_fds = self.framer.pending()
-        return {
-            "caps": {"max_msg_fds": self.client_max_msg_fds,
-                     "max_data_xfer_size": self.client_max_data_xfer_size,
-                     "write_multiple": self.write_multiple},
-            "next_id": self._next_id,
-            "regions": [{"address": r.address, "size": r.size, "fd_offset": r.fd_offset,
-                         "readable": r.readable, "writable": r.writable,
-                         "fd": None if r.fd is None else put(r.fd)}
-                        for r in self.memory.regions],
-            "irq_fds": [[index, sub, put(fd)] for (index, sub), fd in sorted(self.irq_fds.items())],
-            "irq_mask_fds": [[kind, index, sub, put(fd)]
-                             for (kind, index, sub), fd in sorted(self.irq_mask_fds.items())],
-            "irq_enabled": [[index, count] for index, count in sorted(self.irq_enabled.items())],
-            "pending": pending.hex(),
-            "pending_fds": [put(fd) for fd in pending_fds],
-            "counters": dict(self.counters),
-        }
-
-    def handoff_adopt(self, state: dict[str, Any], fds: list[int]) -> None:
-        """Continue a connection another process exported (:meth:`handoff_export`).
-
-        Only on a fresh connection (no VERSION yet).  Every value passes the
-        checks the equivalent command would: capabilities as in VERSION,
-        regions through the same :meth:`ClientMemory.map`, irq indexes and
-        ranges as in SET_IRQS.  The fds in ``fds`` stay the caller's: what is
-        kept is duplicated.
-
-        Raises:
-            LocalProtocolError: the state is malformed or does not fit this
-                device; the connection is left fresh (nothing adopted).
-        """
-        if self.state is not ConnState.AWAIT_VERSION:
-            raise LocalProtocolError(f"{self.name}: handoff onto a used connection", errno.EBUSY)
-        try:
-            self._adopt(state, fds)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, MapError) as exc:
-            self._forget_adopted()
-            raise LocalProtocolError(f"{self.name}: bad handoff state: {exc}", errno.EINVAL) from None
-        except BaseException:
-            self._forget_adopted()
-            raise
-
-    def check_handoff(self, state: Any, fds: list[int]) -> ConnectionState:
-        """Everything :meth:`handoff_adopt` would refuse, refused now, with nothing
-        adopted or kept (a destination checks before it adopts anything).
-
-        Raises:
-            LocalProtocolError: the first field or fd that does not fit.
-        """
-        return check_handoff_state(self.device, state, fds, self.is_eventfd,
-                                   self.framer.max_size)
-
-    def _adopt(self, state: dict[str, Any], fds: list[int]) -> None:
-        s = self.check_handoff(state, fds)
-        self._use_caps(s.caps)
-        for r in s.regions:
-            fd = None if r.fd is None else os.dup(fds[r.fd])
-            self.memory.map(r.address, r.size, fd=fd, fd_offset=r.fd_offset,
-                            readable=r.readable, writable=r.writable)
-        # Nothing below can fail: install the interrupts, then the half message.
-        self._next_id = s.next_id
-        self._transition("version")
-        for index, sub, fd in s.irq_fds:
-            self.irq_fds[(index, sub)] = os.dup(fds[fd])
-        for kind, index, sub, fd in s.irq_mask_fds:
-            self.irq_mask_fds[(kind, index, sub)] = os.dup(fds[fd])
-        self.irq_enabled.update(dict(s.irq_enabled))
-        for index, count in s.irq_enabled:
-            self.device.set_irq_count(index, count)
-            self.device.irqs_configured(index)
-        for key, value in s.counters:
-            if key in self.counters:
-                self.counters[key] = value
-        dup_fds = [os.dup(fds[fd]) for fd in s.pending_fds]
-        pending = s.pending
-        while pending:
-            take = min(len(pending), self.framer.bytes_wanted())
-            self.framer.feed(pending[:take], dup_fds)
-            dup_fds, pending = [], pending[take:]
-            while (frame := self.framer.next_frame()) is not None:
-                self._frames.append(frame)
-
-    def _forget_adopted(self) -> None:
-        self.memory.unmap_all()
-        for fd in [*self.irq_fds.values(), *self.irq_mask_fds.values()]:
-            _close(fd)
-        self.irq_fds.clear()
-        self.irq_mask_fds.clear()
-        self.irq_enabled.clear()
-        self.state = ConnState.AWAIT_VERSION
-
-    def handoff_release(self) -> None:
-        """The next process took this connection over: forget it without a word.
-
-        Our copies of the fds are closed and the memory unmapped; the device is
-        not detached or reset (its state lives on elsewhere) and nothing is sent.
-        """
-        self.state = ConnState.CLOSED
-        self.framer.close()
-        for fd in [*self.irq_fds.values(), *self.irq_mask_fds.values()]:
-            _close(fd)
-        self.irq_fds.clear()
-        self.irq_mask_fds.clear()
-        self.memory.unmap_all()
 
     # ------------------------------------------------------------ server -> client DMA
     def dma_request(self, command: w.Command, address: int, data: bytes | int) -> int:
@@ -461,10 +249,7 @@ class ServerConnection:
 
     # ------------------------------------------------------------ dispatch
     def _transition(self, event: str) -> None:
-        try:
-            self.state = TRANSITIONS[self.state][event]
-        except KeyError:
-            raise LocalProtocolError(f"{self.name}: event {event} not allowed in {self.state.value}") from None
+        self.state = step(TRANSITIONS, self.state, event, where=self.name)
 
     def _dispatch(self, frame: Frame) -> None:
         hdr = frame.header
@@ -510,19 +295,20 @@ class ServerConnection:
 
     def _check_header(self, frame: Frame) -> w.Command:
         hdr = frame.header
-        _require(not frame.oversized, errno.EMSGSIZE, f"message size {hdr.size} exceeds limit")
-        _require(not hdr.flags & w.MSG_FLAGS_RESERVED, errno.EINVAL, f"reserved flags {hdr.flags:#x}")
-        _require(hdr.flags & w.MSG_TYPE_MASK == w.MSG_TYPE_COMMAND, errno.EINVAL,
-                 "unsolicited reply from the client")
-        _require(hdr.error == 0, errno.EINVAL, "error field set in a command")
+        require(not frame.oversized, errno.EMSGSIZE, f"message size {hdr.size} exceeds limit")
+        require(not hdr.flags & w.MSG_FLAGS_RESERVED, errno.EINVAL,
+                f"reserved flags {hdr.flags:#x}")
+        require(hdr.flags & w.MSG_TYPE_MASK == w.MSG_TYPE_COMMAND, errno.EINVAL,
+                "unsolicited reply from the client")
+        require(hdr.error == 0, errno.EINVAL, "error field set in a command")
         try:
             command = w.Command(hdr.command)
         except ValueError:
             raise Reject(f"unknown command {hdr.command}", errno.EINVAL) from None
-        _require(command in ALLOWED[self.state], errno.EINVAL,
-                 f"{command.name} not allowed in state {self.state.value}")
-        _require(self.allowed_in_migration_state(command), errno.EBUSY,
-                 f"{command.name} not allowed in this migration state")
+        require(command in ALLOWED[self.state], errno.EINVAL,
+                f"{command.name} not allowed in state {self.state.value}")
+        require(self.allowed_in_migration_state(command), errno.EBUSY,
+                f"{command.name} not allowed in this migration state")
         if frame.fds and command not in TAKES_FDS:
             log.warning("%s msg %#x %s: closed %d fd(s) the command does not take", self.name,
                         hdr.msg_id, command.name, len(frame.fds))
@@ -531,11 +317,11 @@ class ServerConnection:
 
     # ------------------------------------------------------------ VERSION
     def _version(self, frame: Frame) -> bytes:
-        _require(len(frame.payload) >= w.VersionHead.SIZE, errno.EINVAL, "short VERSION")
+        require(len(frame.payload) >= w.VersionHead.SIZE, errno.EINVAL, "short VERSION")
         head = w.VersionHead.unpack(frame.payload)
-        _require(head.major == w.VERSION_MAJOR, errno.ENOTSUP, f"major version {head.major}")
+        require(head.major == w.VERSION_MAJOR, errno.ENOTSUP, f"major version {head.major}")
         raw = frame.payload[w.VersionHead.SIZE:]
-        _require(len(raw) <= MAX_VERSION_JSON, errno.E2BIG, "VERSION JSON too large")
+        require(len(raw) <= MAX_VERSION_JSON, errno.E2BIG, "VERSION JSON too large")
         caps: dict[str, Any] = {}
         text = raw.split(b"\0", 1)[0]
         if text.strip():
@@ -543,9 +329,9 @@ class ServerConnection:
                 doc = json.loads(text.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise Reject(f"VERSION JSON: {exc}", errno.EINVAL) from None
-            _require(isinstance(doc, dict), errno.EINVAL, "VERSION JSON is not an object")
+            require(isinstance(doc, dict), errno.EINVAL, "VERSION JSON is not an object")
             caps = doc.get("capabilities", {})
-            _require(isinstance(caps, dict), errno.EINVAL, "capabilities is not an object")
+            require(isinstance(caps, dict), errno.EINVAL, "capabilities is not an object")
         self._apply_client_caps(caps)
         # Only capabilities the client proposed (the spec's subset rule), compact:
         # QEMU refuses a VERSION reply larger than its own request.
@@ -574,12 +360,13 @@ class ServerConnection:
     # ------------------------------------------------------------ DMA map / unmap
     def _dma_map(self, frame: Frame) -> bytes:
         req = _request(frame, w.DmaMap)
-        _require(req.argsz >= w.DmaMap.SIZE, errno.EINVAL, f"DMA_MAP argsz {req.argsz}")
-        _require(not req.flags & w.DMA_MAP_FLAGS_RESERVED, errno.EINVAL, f"DMA_MAP flags {req.flags:#x}")
-        _require(len(frame.fds) <= 1, errno.EINVAL, "DMA_MAP with more than one fd")
-        _require(req.address % PGSIZE == 0 and req.size % PGSIZE == 0 and req.size > 0,
-                 errno.EINVAL, f"DMA_MAP {req.address:#x}+{req.size:#x} not page aligned")
-        _require(req.offset % PGSIZE == 0, errno.EINVAL, f"DMA_MAP offset {req.offset:#x}")
+        require(req.argsz >= w.DmaMap.SIZE, errno.EINVAL, f"DMA_MAP argsz {req.argsz}")
+        require(not req.flags & w.DMA_MAP_FLAGS_RESERVED, errno.EINVAL,
+                f"DMA_MAP flags {req.flags:#x}")
+        require(len(frame.fds) <= 1, errno.EINVAL, "DMA_MAP with more than one fd")
+        require(req.address % PGSIZE == 0 and req.size % PGSIZE == 0 and req.size > 0, errno.EINVAL,
+                f"DMA_MAP {req.address:#x}+{req.size:#x} not page aligned")
+        require(req.offset % PGSIZE == 0, errno.EINVAL, f"DMA_MAP offset {req.offset:#x}")
         fd = frame.fds.pop() if frame.fds else None
         try:
             self.memory.map(req.address, req.size, fd=fd, fd_offset=req.offset if fd is not None else 0,
@@ -591,13 +378,13 @@ class ServerConnection:
 
     def _dma_unmap(self, frame: Frame) -> bytes:
         req = _request(frame, w.DmaUnmap)
-        _require(req.argsz >= w.DmaUnmap.SIZE, errno.EINVAL, f"DMA_UNMAP argsz {req.argsz}")
+        require(req.argsz >= w.DmaUnmap.SIZE, errno.EINVAL, f"DMA_UNMAP argsz {req.argsz}")
         known = w.DmaUnmapFlag.ALL | w.DmaUnmapFlag.GET_DIRTY_BITMAP
-        _require(not req.flags & ~int(known), errno.EINVAL, f"DMA_UNMAP flags {req.flags:#x}")
-        _require(not req.flags & w.DmaUnmapFlag.GET_DIRTY_BITMAP, errno.ENOTSUP,
-                 "DMA_UNMAP dirty bitmap (use DMA_LOGGING_REPORT)")
+        require(not req.flags & ~int(known), errno.EINVAL, f"DMA_UNMAP flags {req.flags:#x}")
+        require(not req.flags & w.DmaUnmapFlag.GET_DIRTY_BITMAP, errno.ENOTSUP,
+                "DMA_UNMAP dirty bitmap (use DMA_LOGGING_REPORT)")
         if req.flags & w.DmaUnmapFlag.ALL:
-            _require(req.address == 0 and req.size == 0, errno.EINVAL, "UNMAP ALL with a range")
+            require(req.address == 0 and req.size == 0, errno.EINVAL, "UNMAP ALL with a range")
             self.memory.unmap_all()
         else:
             try:
@@ -609,14 +396,14 @@ class ServerConnection:
     # ------------------------------------------------------------ device info
     def _get_info(self, frame: Frame) -> bytes:
         req = _request(frame, w.DeviceInfo)
-        _require(req.argsz >= w.DeviceInfo.SIZE, errno.EINVAL, f"GET_INFO argsz {req.argsz}")
+        require(req.argsz >= w.DeviceInfo.SIZE, errno.EINVAL, f"GET_INFO argsz {req.argsz}")
         return w.DeviceInfo(flags=w.DeviceFlag.RESET | w.DeviceFlag.PCI,
                             num_regions=w.PCI_NUM_REGIONS, num_irqs=w.PCI_NUM_IRQS).pack()
 
     def _get_region_info(self, frame: Frame) -> tuple[bytes, list[int]]:
         req = _request(frame, w.RegionInfo)
-        _require(req.argsz >= w.RegionInfo.SIZE, errno.EINVAL, f"GET_REGION_INFO argsz {req.argsz}")
-        _require(req.index < w.PCI_NUM_REGIONS, errno.EINVAL, f"region index {req.index}")
+        require(req.argsz >= w.RegionInfo.SIZE, errno.EINVAL, f"GET_REGION_INFO argsz {req.argsz}")
+        require(req.index < w.PCI_NUM_REGIONS, errno.EINVAL, f"region index {req.index}")
         desc = self.device.region(req.index)
         flags = (w.RegionFlag.READ if desc.readable else 0) | (w.RegionFlag.WRITE if desc.writable else 0)
         caps = b""
@@ -641,18 +428,20 @@ class ServerConnection:
 
     def _get_region_io_fds(self, frame: Frame) -> bytes:
         req = _request(frame, w.RegionIoFds)
-        _require(req.argsz >= w.RegionIoFds.SIZE, errno.EINVAL, f"GET_REGION_IO_FDS argsz {req.argsz}")
-        _require(req.flags == 0 and req.count == 0, errno.EINVAL, "GET_REGION_IO_FDS fields must be 0")
-        _require(req.index < w.PCI_NUM_REGIONS and self.device.region(req.index).size > 0,
-                 errno.EINVAL, f"region index {req.index}")
+        require(req.argsz >= w.RegionIoFds.SIZE, errno.EINVAL,
+                f"GET_REGION_IO_FDS argsz {req.argsz}")
+        require(req.flags == 0 and req.count == 0, errno.EINVAL,
+                "GET_REGION_IO_FDS fields must be 0")
+        require(req.index < w.PCI_NUM_REGIONS and self.device.region(req.index).size > 0, errno.EINVAL,
+                f"region index {req.index}")
         # No sub-region is offered as an ioeventfd: without KVM, QEMU forwards
         # every access itself, and doorbells are reached by mmap instead.
         return w.RegionIoFds(argsz=w.RegionIoFds.SIZE, index=req.index, count=0).pack()
 
     def _get_irq_info(self, frame: Frame) -> bytes:
         req = _request(frame, w.IrqInfo)
-        _require(req.argsz >= w.IrqInfo.SIZE, errno.EINVAL, f"GET_IRQ_INFO argsz {req.argsz}")
-        _require(req.index < w.PCI_NUM_IRQS, errno.EINVAL, f"irq index {req.index}")
+        require(req.argsz >= w.IrqInfo.SIZE, errno.EINVAL, f"GET_IRQ_INFO argsz {req.argsz}")
+        require(req.index < w.PCI_NUM_IRQS, errno.EINVAL, f"irq index {req.index}")
         desc = self.device.irq(req.index)
         flags = w.IrqInfoFlag.EVENTFD
         flags |= w.IrqInfoFlag.MASKABLE if desc.maskable else 0
@@ -666,25 +455,27 @@ class ServerConnection:
         data = frame.payload[w.IrqSet.SIZE:]
         # Here argsz is the request's own size ("the size of the VFIO IRQ set request
         # payload, including any data field"), so it must agree with the message.
-        _require(req.argsz == len(frame.payload), errno.EINVAL,
-                 f"SET_IRQS argsz {req.argsz} != payload {len(frame.payload)}")
-        _require(not req.flags & w.IRQ_SET_FLAGS_RESERVED, errno.EINVAL, f"SET_IRQS flags {req.flags:#x}")
+        require(req.argsz == len(frame.payload), errno.EINVAL,
+                f"SET_IRQS argsz {req.argsz} != payload {len(frame.payload)}")
+        require(not req.flags & w.IRQ_SET_FLAGS_RESERVED, errno.EINVAL,
+                f"SET_IRQS flags {req.flags:#x}")
         dflag = req.flags & w.IRQ_SET_DATA_MASK
         action = req.flags & w.IRQ_SET_ACTION_MASK
-        _require(dflag.bit_count() == 1 and action.bit_count() == 1, errno.EINVAL,
-                 f"SET_IRQS needs one data and one action flag, got {req.flags:#x}")
-        _require(req.index < w.PCI_NUM_IRQS, errno.EINVAL, f"irq index {req.index}")
+        require(dflag.bit_count() == 1 and action.bit_count() == 1, errno.EINVAL,
+                f"SET_IRQS needs one data and one action flag, got {req.flags:#x}")
+        require(req.index < w.PCI_NUM_IRQS, errno.EINVAL, f"irq index {req.index}")
         total = self.device.irq(req.index).count
         disable_all = dflag == w.IrqSetFlag.DATA_NONE and req.count == 0 and req.start == 0
-        _require(disable_all or (req.count > 0 and _fits(req.start, req.count, total)),
-                 errno.EINVAL, f"irq range {req.start}+{req.count} of {total}")
+        require(disable_all or (req.count > 0 and _fits(req.start, req.count, total)), errno.EINVAL,
+                f"irq range {req.start}+{req.count} of {total}")
         fds = frame.fds
-        _require(dflag == w.IrqSetFlag.DATA_EVENTFD or not fds, errno.EINVAL, "fds without DATA_EVENTFD")
+        require(dflag == w.IrqSetFlag.DATA_EVENTFD or not fds, errno.EINVAL,
+                "fds without DATA_EVENTFD")
         if self.is_eventfd is not None:
             for fd in fds:
-                _require(self.is_eventfd(fd), errno.EINVAL, f"SET_IRQS fd {fd} is not an eventfd")
+                require(self.is_eventfd(fd), errno.EINVAL, f"SET_IRQS fd {fd} is not an eventfd")
         if dflag == w.IrqSetFlag.DATA_BOOL:
-            _require(len(data) == req.count, errno.EINVAL, "SET_IRQS bool data size")
+            require(len(data) == req.count, errno.EINVAL, "SET_IRQS bool data size")
             selected = [i for i in range(req.count) if data[i]]
         else:
             # Data after a NONE/EVENTFD request is ignored, as libvfio-user ignores it.
@@ -696,8 +487,8 @@ class ServerConnection:
                 self._set_irq_fds(req.index, 0, total, [])
             return b""
         if dflag == w.IrqSetFlag.DATA_EVENTFD:
-            _require(len(fds) in (0, req.count), errno.EINVAL,
-                     f"SET_IRQS {len(fds)} fds for {req.count} irqs")
+            require(len(fds) in (0, req.count), errno.EINVAL,
+                    f"SET_IRQS {len(fds)} fds for {req.count} irqs")
             if action == w.IrqSetFlag.ACTION_TRIGGER:
                 # A trigger enables the sub-indexes even without fds: QEMU enables
                 # MSI-X with {start 0, count 1, no fd} before any vector is unmasked.
@@ -709,7 +500,7 @@ class ServerConnection:
                 for i in range(req.count):
                     old = self.irq_mask_fds.pop((kind, req.index, req.start + i), None)
                     if old is not None:
-                        _close(old)
+                        close_quietly(old)
                     if fds:
                         self.irq_mask_fds[(kind, req.index, req.start + i)] = fds[i]
             frame.fds = []  # ownership moved
@@ -731,7 +522,7 @@ class ServerConnection:
         for i in range(count):
             old = self.irq_fds.pop((index, start + i), None)
             if old is not None:
-                _close(old)
+                close_quietly(old)
             if fds:
                 self.irq_fds[(index, start + i)] = fds[i]
         self.device.set_irq_count(index, self.irq_enabled.get(index, 0))
@@ -750,14 +541,14 @@ class ServerConnection:
 
     # ------------------------------------------------------------ region access
     def _check_region(self, index: int, offset: int, count: int, write: bool) -> None:
-        _require(index < w.PCI_NUM_REGIONS, errno.EINVAL, f"region index {index}")
+        require(index < w.PCI_NUM_REGIONS, errno.EINVAL, f"region index {index}")
         desc = self.device.region(index)
-        _require(desc.size > 0, errno.EINVAL, f"region {index} is absent")
-        _require(desc.writable if write else desc.readable, errno.EACCES,
-                 f"region {index} not {'writable' if write else 'readable'}")
-        _require(0 < count <= self.max_data_xfer_size, errno.EINVAL, f"count {count}")
-        _require(_fits(offset, count, desc.size), errno.EINVAL,
-                 f"region {index} access {offset:#x}+{count} beyond size {desc.size:#x}")
+        require(desc.size > 0, errno.EINVAL, f"region {index} is absent")
+        require(desc.writable if write else desc.readable, errno.EACCES,
+                f"region {index} not {'writable' if write else 'readable'}")
+        require(0 < count <= self.max_data_xfer_size, errno.EINVAL, f"count {count}")
+        require(_fits(offset, count, desc.size), errno.EINVAL,
+                f"region {index} access {offset:#x}+{count} beyond size {desc.size:#x}")
 
     def _region_read(self, frame: Frame) -> bytes:
         req = _request(frame, w.RegionAccess)
@@ -766,25 +557,27 @@ class ServerConnection:
         return frame.payload[:w.RegionAccess.SIZE] + data
 
     def _region_write(self, frame: Frame) -> bytes:
-        _require(len(frame.payload) >= w.RegionAccess.SIZE, errno.EINVAL, "REGION_WRITE payload size")
+        require(len(frame.payload) >= w.RegionAccess.SIZE, errno.EINVAL,
+                "REGION_WRITE payload size")
         req = w.RegionAccess.unpack(frame.payload)
-        _require(len(frame.payload) == w.RegionAccess.SIZE + req.count, errno.EINVAL,
-                 f"REGION_WRITE count {req.count} != data {len(frame.payload) - w.RegionAccess.SIZE}")
+        require(len(frame.payload) == w.RegionAccess.SIZE + req.count, errno.EINVAL,
+                f"REGION_WRITE count {req.count} != data {len(frame.payload) - w.RegionAccess.SIZE}")
         self._check_region(req.region, req.offset, req.count, write=True)
         self.device.region_write(req.region, req.offset, frame.payload[w.RegionAccess.SIZE:])
         return frame.payload[:w.RegionAccess.SIZE]
 
     def _write_multi(self, frame: Frame) -> bytes:
-        _require(self.write_multiple, errno.ENOTSUP, "write_multiple was not negotiated")
-        _require(len(frame.payload) >= w.WriteMultiHead.SIZE, errno.EINVAL, "WRITE_MULTI payload size")
+        require(self.write_multiple, errno.ENOTSUP, "write_multiple was not negotiated")
+        require(len(frame.payload) >= w.WriteMultiHead.SIZE, errno.EINVAL,
+                "WRITE_MULTI payload size")
         n = w.WriteMultiHead.unpack(frame.payload).wr_cnt
-        _require(0 < n <= MAX_WRITE_MULTI, errno.EINVAL, f"WRITE_MULTI wr_cnt {n}")
-        _require(len(frame.payload) == w.WriteMultiHead.SIZE + n * w.WriteMultiEntry.SIZE,
-                 errno.EINVAL, "WRITE_MULTI payload does not match wr_cnt")
+        require(0 < n <= MAX_WRITE_MULTI, errno.EINVAL, f"WRITE_MULTI wr_cnt {n}")
+        require(len(frame.payload) == w.WriteMultiHead.SIZE + n * w.WriteMultiEntry.SIZE, errno.EINVAL,
+                "WRITE_MULTI payload does not match wr_cnt")
         entries = [w.WriteMultiEntry.unpack(frame.payload, w.WriteMultiHead.SIZE + i * w.WriteMultiEntry.SIZE)
                    for i in range(n)]
         for e in entries:  # validate all before applying any
-            _require(e.count in (1, 2, 4, 8), errno.EINVAL, f"WRITE_MULTI count {e.count}")
+            require(e.count in (1, 2, 4, 8), errno.EINVAL, f"WRITE_MULTI count {e.count}")
             self._check_region(e.region, e.offset, e.count, write=True)
         for e in entries:
             self.device.region_write(e.region, e.offset, e.data[:e.count])
@@ -813,12 +606,5 @@ def _cmd_name(command: int) -> str:
         return w.Command(command).name
     except ValueError:
         return f"cmd{command}"
-
-
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
 
 

@@ -1,4 +1,4 @@
-"""Issue 5 acceptance: `appliance handoff` under a running QEMU 11.1 guest.
+"""Acceptance: `appliance handoff` under a running QEMU 11.1 guest.
 
 The guest (Linux 6.1) uses instance A's NVMe disk (vfio-user-pci) and, in the
 full case, its net port (vhost-user).  In the guest a loop writes 64 KiB of

@@ -1,4 +1,4 @@
-"""Issue 4: Linux guests (virtio-net-pci over vhost-user) on the appliance's network.
+"""Acceptance: Linux guests (virtio-net-pci over vhost-user) on the appliance's network.
 
 Front-ends: QEMU 11.1 (the sid chroot of the harness) and, for the ping test,
 bookworm's QEMU 7.2 (``/usr/bin/qemu-system-x86_64``, apt ``qemu-system-x86``).

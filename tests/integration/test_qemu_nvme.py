@@ -1,4 +1,4 @@
-"""Issue 3 acceptance: the Linux nvme driver (guest kernel 6.1, QEMU 11.1) uses the appliance as a disk."""
+"""Acceptance: the Linux nvme driver (guest kernel 6.1, QEMU 11.1) uses the appliance as a disk."""
 
 from __future__ import annotations
 

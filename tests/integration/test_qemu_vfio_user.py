@@ -1,4 +1,4 @@
-"""Issue 2 acceptance: QEMU 11.1's vfio-user-pci client realizes the appliance's device.
+"""Acceptance: QEMU 11.1's vfio-user-pci client realizes the appliance's device.
 
 A real ``appliance run`` process, a real QEMU, the guest's own view of PCI.
 """

@@ -28,6 +28,7 @@ from appliance.memory import ClientMemory, DirtyLog
 from appliance.pci import Bar, MsixLayout, PciDevice
 from appliance.pci.config import STATUS, PciStatus
 from appliance.pci.migration import PciMigratable, apply_pci_state, pci_state_records
+from appliance.protocol_common import Reject
 from appliance.runtime.vfio_user import recv_chunk, send_message
 from appliance.storage import NvmeController
 from appliance.storage.migration import (
@@ -45,7 +46,7 @@ from appliance.vfio_user.framing import encode
 from appliance.vfio_user.migration import Feature, VfioUserMigration
 from appliance.vfio_user.migration_states import MigState
 from appliance.vfio_user.migration_stream import Record, RecordType, StreamReader
-from appliance.vfio_user.server import MAX_DATA_XFER_SIZE, Reject, ServerConnection
+from appliance.vfio_user.server import MAX_DATA_XFER_SIZE, ServerConnection
 from appliance.vfio_user.wire import PciIrq, PciRegion
 
 BLOCK = 4096

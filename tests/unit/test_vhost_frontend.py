@@ -27,6 +27,7 @@ from appliance.net.vhost_protocol import BackendConnection
 from appliance.net.vhost_wire import Feature as F
 from appliance.net.vhost_wire import ProtocolFeature as PF
 from appliance.net.vhost_wire import Request as R
+from appliance.protocol_common import close_quietly
 
 GPA_BASE = 0x100000
 UVA_BASE = 0x7F0000000000
@@ -92,10 +93,7 @@ class DriverRing:
 
     def close(self) -> None:
         for fd in (self.kick_fd, self.call_fd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            close_quietly(fd)
 
     # descriptors -------------------------------------------------------
     def set_desc(self, i: int, addr: int, length: int, flags: int = 0, nxt: int = 0) -> None:

@@ -1,4 +1,4 @@
-"""Live handoff of vhost-user-net connections between two NetServices (issue #5).
+"""Live handoff of vhost-user-net connections between two NetServices.
 
 Both services run in this process on two EventLoops, with the same net
 configuration but their own socket paths.  The front-end (SockFrontend over a
@@ -23,7 +23,7 @@ import pytest
 from test_vhost_frontend import fd_open
 from test_vhost_runtime import Guest, SockFrontend, cfg, frame, pump
 
-import appliance.runtime.vhost_user as rt
+import appliance.runtime.vhost_session as rt
 from appliance.errors import ApplianceError
 from appliance.net import vhost_wire as vw
 from appliance.net.responder import EthHeader, IcmpEcho, Ipv4Header, internet_checksum

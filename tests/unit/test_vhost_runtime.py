@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from test_vhost_frontend import HDR, DriverRing, GuestMemory, fd_open
 
-import appliance.runtime.vhost_user as rt
+import appliance.runtime.vhost_session as rt
 from appliance.errors import ApplianceError
 from appliance.net import vhost_wire as vw
 from appliance.net.vhost_wire import Feature as F
