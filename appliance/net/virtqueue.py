@@ -443,7 +443,7 @@ class SplitQueue:
                 segments.append((addr, length, True))
                 writable += length
             else:
-                if writable:
+                if segments and segments[-1][2]:  # a zero-length writable one counts too
                     raise _Malformed("readable descriptor after a writable one")
                 if length and not self._inside(addr, length, False):
                     raise _Malformed(f"buffer {addr:#x}+{length:#x} outside memory")

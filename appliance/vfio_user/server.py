@@ -330,7 +330,8 @@ class ServerConnection:
             raise LocalProtocolError(f"{self.name}: handoff onto a used connection", errno.EBUSY)
         try:
             self._adopt(state, fds)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, MapError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError,
+                MapError) as exc:
             self._forget_adopted()
             raise LocalProtocolError(f"{self.name}: bad handoff state: {exc}", errno.EINVAL) from None
         except BaseException:
@@ -357,15 +358,20 @@ class ServerConnection:
             _require(0 <= index < w.PCI_NUM_IRQS and 0 <= sub < self.device.irq(index).count
                      and (kind is None or kind in mask_kinds), errno.EINVAL,
                      f"irq {index}.{sub} (action {kind}) out of range")
+        counters = {key: value for key, value in dict(state.get("counters", {})).items()
+                    if key in self.counters and isinstance(value, int)}
         pending = bytes.fromhex(state["pending"])
         pending_fds = [fd_at(f) for f in state["pending_fds"]]
         _require(len(pending) < self.framer.max_size and len(pending_fds) <= MAX_MSG_FDS,
                  errno.EINVAL, "pending message too large")
-        for r in state["regions"]:
-            fd = None if r["fd"] is None else os.dup(fd_at(r["fd"]))
-            self.memory.map(int(r["address"]), int(r["size"]), fd=fd,
-                            fd_offset=int(r["fd_offset"]) if fd is not None else 0,
-                            readable=bool(r["readable"]), writable=bool(r["writable"]))
+        # Every field read before any fd is duplicated: a bad one leaks nothing.
+        regions = [(int(r["address"]), int(r["size"]), None if r["fd"] is None else fd_at(r["fd"]),
+                    int(r["fd_offset"]), bool(r["readable"]), bool(r["writable"]))
+                   for r in state["regions"]]
+        for address, size, src, fd_offset, readable, writable in regions:
+            self.memory.map(address, size, fd=None if src is None else os.dup(src),
+                            fd_offset=fd_offset if src is not None else 0,
+                            readable=readable, writable=writable)
         # Nothing below can fail: install the interrupts, then the half message.
         self._next_id = next_id
         self._transition("version")
@@ -377,9 +383,7 @@ class ServerConnection:
         for index, count in enabled.items():
             self.device.set_irq_count(index, count)
             self.device.irqs_configured(index)
-        for key, value in dict(state.get("counters", {})).items():
-            if key in self.counters and isinstance(value, int):
-                self.counters[key] = value
+        self.counters.update(counters)
         dup_fds = [os.dup(fd) for fd in pending_fds]
         while pending:
             take = min(len(pending), self.framer.bytes_wanted())
