@@ -64,7 +64,7 @@ def _int(value: Any, name: str) -> int:
         raise FaultError(f"{name}: expected an integer, got {value!r}")
     try:
         return int(value, 0) if isinstance(value, str) else int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float
         raise FaultError(f"{name}: expected an integer, got {value!r}") from None
 
 
@@ -120,7 +120,7 @@ class FaultRule:
         rule.count = _int(args.get("count", 0), "count")
         try:
             rule.probability = float(args.get("probability", 1.0))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float
             raise FaultError(f"probability: not a number: {args['probability']!r}") from None
         if not 0.0 <= rule.probability <= 1.0 or rule.count < 0:
             raise FaultError("probability must be in [0, 1] and count >= 0")
@@ -129,13 +129,14 @@ class FaultRule:
         if args.get("lba") is not None:
             rule.lba = _lba_range(args["lba"])
         status = args.get("status", 0x281)
-        rule.status = STATUS_NAMES[status] if status in STATUS_NAMES else _int(status, "status")
+        named = isinstance(status, str) and status in STATUS_NAMES
+        rule.status = STATUS_NAMES[status] if named else _int(status, "status")
         if not 0 < rule.status <= 0x7FF:
             raise FaultError(f"status: {rule.status:#x} is not an NVMe error status")
         rule.dnr = str(args.get("dnr", False)).lower() in ("1", "true", "yes")
         try:
             rule.delay = float(args.get("delay", 0.0))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float
             raise FaultError(f"delay: not a number: {args['delay']!r}") from None
         if not 0.0 <= rule.delay <= 3600.0:
             raise FaultError("delay must be in [0, 3600] seconds")
@@ -390,7 +391,8 @@ class FaultSet:
             hung = [(_int(q, "hung"), _int(c, "hung")) for q, c in state["hung"]]
         except FaultError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            # OverflowError: an RNG state word outside 0..2**32-1
             raise FaultError(f"fault state: {exc!r}") from None
         if ctrl is not None and any(q not in ctrl.sqs for q, _ in hung):
             raise FaultError(f"fault state: a hung command on a queue that does not exist: {hung}")

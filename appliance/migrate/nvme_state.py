@@ -399,7 +399,9 @@ def _check_features(ctrl: NvmeController, features: dict[int, int], thresholds: 
             raise _bad(f"feature {fid:#x} = {value:#x}")
     if set(features) != set(FeatureId):
         raise _bad("feature list incomplete")
-    if not set(thresholds) <= {0, 1} or any(v > 0xFFFF for v in thresholds.values()):
+    # Both thresholds, over (THSEL 0) and under (1): Get Features and the SMART
+    # log read each of them.
+    if set(thresholds) != {0, 1} or any(v > 0xFFFF for v in thresholds.values()):
         raise _bad(f"temperature thresholds {thresholds}")
     if any(v > 0xFFFF for v in tler.values()):
         raise _bad("error recovery time limits")
@@ -446,7 +448,7 @@ def apply_controller(ctrl: NvmeController, snap: CtrlSnapshot,
     ctrl.error_log.entries.extend(snap.errors)
     ctrl.changed_ns[:] = snap.changed
     feats.values = dict(snap.features)
-    feats.thresholds = dict(snap.thresholds)
+    feats.thresholds = {0: snap.thresholds[0], 1: snap.thresholds[1]}  # over, under
     feats.tler = dict(snap.tler)
     feats.no_coalescing = set(snap.no_coalescing)
     now = clock or feats.clock

@@ -34,7 +34,12 @@ from appliance.errors import ApplianceError, LocalProtocolError, RemoteProtocolE
 from appliance.loop import EventLoop
 from appliance.runtime import unix
 from appliance.vfio_user.backend import VfioUserDevice
-from appliance.vfio_user.server import MAX_MSG_FDS, DmaLayout, ServerConnection
+from appliance.vfio_user.server import (
+    MAX_MSG_FDS,
+    DmaLayout,
+    ServerConnection,
+    check_handoff_state,
+)
 
 log = logging.getLogger("appliance.vfio_user")
 
@@ -299,8 +304,9 @@ class VfioUserService:
         """Destination: refuse a handoff this service cannot take.
 
         ``nfds``: how many fds came; then every fd index in ``state`` is
-        checked against it (the connection's own state is checked when it is
-        adopted).
+        checked against it, and so is the client connection's whole state
+        (:func:`~appliance.vfio_user.server.check_handoff_state`, run again
+        when it is adopted).
 
         Raises:
             ApplianceError: a client is connected here already, or ``state``
@@ -312,6 +318,9 @@ class VfioUserService:
             return
         if not isinstance(state, dict) or not isinstance(state.get("path"), str):
             raise ApplianceError(f"{self.name}: bad handoff state: not an object with a path")
+        connections = state.get("connections", 0)
+        if not isinstance(connections, int) or isinstance(connections, bool) or connections < 0:
+            raise ApplianceError(f"{self.name}: bad handoff state: connections {connections!r}")
         client = state.get("client")
         indexes = [state.get("listener")]
         if client is not None:
@@ -322,6 +331,11 @@ class VfioUserService:
             if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < nfds:
                 raise ApplianceError(f"{self.name}: bad handoff state: fd index {index!r} "
                                      f"({nfds} fds came)")
+        if client is not None:  # the connection's whole state, before anything is adopted
+            try:
+                check_handoff_state(client["conn"], nfds, self.device)
+            except LocalProtocolError as exc:
+                raise ApplianceError(f"{self.name}: {exc}") from None
 
     def handoff_adopt(self, state: dict[str, Any], fds: list[int]) -> VfioUserClientSocket | None:
         """Destination: serve the source's listener and continue its client.
@@ -342,7 +356,7 @@ class VfioUserService:
         client = None
         if client_fd is not None:
             sock = socket.socket(fileno=os.dup(client_fd))
-            self.connections = int(state.get("connections", self.connections))
+            self.connections = state.get("connections", self.connections)  # handoff_check
             client = VfioUserClientSocket(self.loop, sock, self.device, self._closed,
                                           f"{self.name}#{self.connections}", self.dma_layout,
                                           self.max_backlog)

@@ -29,9 +29,10 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from appliance.errors import LocalProtocolError
+from appliance.errors import LocalProtocolError, RemoteProtocolError
 from appliance.memory import ClientMemory, MapError
 from appliance.vfio_user import wire as w
 from appliance.vfio_user.backend import VfioUserDevice
@@ -328,63 +329,36 @@ class ServerConnection:
         """
         if self.state is not ConnState.AWAIT_VERSION:
             raise LocalProtocolError(f"{self.name}: handoff onto a used connection", errno.EBUSY)
+        plan = check_handoff_state(state, len(fds), self.device, self.framer.max_size)
         try:
-            self._adopt(state, fds)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError,
-                MapError) as exc:
+            self._adopt(plan, fds)
+        except MapError as exc:  # the mmap itself (the ranges were checked)
             self._forget_adopted()
-            raise LocalProtocolError(f"{self.name}: bad handoff state: {exc}", errno.EINVAL) from None
+            raise LocalProtocolError(f"{self.name}: bad handoff state: {exc}", exc.errno) from None
         except BaseException:
             self._forget_adopted()
             raise
 
-    def _adopt(self, state: dict[str, Any], fds: list[int]) -> None:
-        def fd_at(index: Any) -> int:
-            if not isinstance(index, int) or not 0 <= index < len(fds):
-                raise ValueError(f"fd index {index!r} of {len(fds)}")
-            return fds[index]
-
-        self._apply_client_caps(dict(state["caps"]))
-        next_id = int(state["next_id"])
-        _require(0 <= next_id <= 0xFFFF, errno.EINVAL, f"next_id {next_id}")
-        irqs = [(int(i), int(s), fd_at(f)) for i, s, f in state["irq_fds"]]
-        masks = [(int(k), int(i), int(s), fd_at(f)) for k, i, s, f in state["irq_mask_fds"]]
-        enabled = {int(i): int(n) for i, n in state["irq_enabled"]}
-        mask_kinds = {int(w.IrqSetFlag.ACTION_MASK), int(w.IrqSetFlag.ACTION_UNMASK)}
-        for index, count in enabled.items():
-            _require(0 <= index < w.PCI_NUM_IRQS and 0 <= count <= self.device.irq(index).count,
-                     errno.EINVAL, f"irq {index}: {count} enabled")
-        for kind, index, sub in [(None, i, s) for i, s, _ in irqs] + [(k, i, s) for k, i, s, _ in masks]:
-            _require(0 <= index < w.PCI_NUM_IRQS and 0 <= sub < self.device.irq(index).count
-                     and (kind is None or kind in mask_kinds), errno.EINVAL,
-                     f"irq {index}.{sub} (action {kind}) out of range")
-        counters = {key: value for key, value in dict(state.get("counters", {})).items()
-                    if key in self.counters and isinstance(value, int)}
-        pending = bytes.fromhex(state["pending"])
-        pending_fds = [fd_at(f) for f in state["pending_fds"]]
-        _require(len(pending) < self.framer.max_size and len(pending_fds) <= MAX_MSG_FDS,
-                 errno.EINVAL, "pending message too large")
-        # Every field read before any fd is duplicated: a bad one leaks nothing.
-        regions = [(int(r["address"]), int(r["size"]), None if r["fd"] is None else fd_at(r["fd"]),
-                    int(r["fd_offset"]), bool(r["readable"]), bool(r["writable"]))
-                   for r in state["regions"]]
-        for address, size, src, fd_offset, readable, writable in regions:
-            self.memory.map(address, size, fd=None if src is None else os.dup(src),
+    def _adopt(self, plan: HandoffPlan, fds: list[int]) -> None:
+        for address, size, src, fd_offset, readable, writable in plan.regions:
+            self.memory.map(address, size, fd=None if src is None else os.dup(fds[src]),
                             fd_offset=fd_offset if src is not None else 0,
                             readable=readable, writable=writable)
         # Nothing below can fail: install the interrupts, then the half message.
-        self._next_id = next_id
+        self.client_max_msg_fds, self.client_max_data_xfer_size, self.write_multiple = plan.caps
+        self._next_id = plan.next_id
         self._transition("version")
-        for index, sub, fd in irqs:
-            self.irq_fds[(index, sub)] = os.dup(fd)
-        for kind, index, sub, fd in masks:
-            self.irq_mask_fds[(kind, index, sub)] = os.dup(fd)
-        self.irq_enabled.update(enabled)
-        for index, count in enabled.items():
+        for index, sub, fd in plan.irqs:
+            self.irq_fds[(index, sub)] = os.dup(fds[fd])
+        for kind, index, sub, fd in plan.masks:
+            self.irq_mask_fds[(kind, index, sub)] = os.dup(fds[fd])
+        self.irq_enabled.update(plan.enabled)
+        for index, count in plan.enabled.items():
             self.device.set_irq_count(index, count)
             self.device.irqs_configured(index)
-        self.counters.update(counters)
-        dup_fds = [os.dup(fd) for fd in pending_fds]
+        self.counters.update({k: v for k, v in plan.counters.items() if k in self.counters})
+        dup_fds = [os.dup(fds[fd]) for fd in plan.pending_fds]
+        pending = plan.pending
         while pending:
             take = min(len(pending), self.framer.bytes_wanted())
             self.framer.feed(pending[:take], dup_fds)
@@ -540,23 +514,8 @@ class ServerConnection:
         return w.VersionHead(major=w.VERSION_MAJOR, minor=minor).pack() + body
 
     def _apply_client_caps(self, caps: dict[str, Any]) -> None:
-        def number(key: str, default: int, lo: int, hi: int) -> int:
-            value = caps.get(key, default)
-            _require(isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi,
-                     errno.EINVAL, f"capability {key}={value!r} out of range")
-            return int(value)
-
-        self.client_max_msg_fds = number("max_msg_fds", w.DEFAULT_MAX_MSG_FDS, 1, 253)
-        self.client_max_data_xfer_size = number(
-            "max_data_xfer_size", w.DEFAULT_MAX_DATA_XFER_SIZE, 1, 1 << 30)
-        number("max_dma_maps", w.DEFAULT_MAX_DMA_MAPS, 1, 1 << 31)
-        pgsizes = number("pgsizes", w.DEFAULT_PGSIZES, 1, (1 << 63) - 1)
-        _require(bool(pgsizes & PGSIZE), errno.EINVAL, f"client pgsizes {pgsizes:#x} lack 4 KiB")
-        wm = caps.get("write_multiple", False)
-        _require(isinstance(wm, bool), errno.EINVAL, "write_multiple is not a boolean")
-        self.write_multiple = wm
-        mig = caps.get("migration", {})
-        _require(isinstance(mig, dict), errno.EINVAL, "migration capability is not an object")
+        self.client_max_msg_fds, self.client_max_data_xfer_size, self.write_multiple = (
+            client_caps(caps))
 
     # ------------------------------------------------------------ DMA map / unmap
     def _dma_map(self, frame: Frame) -> bytes:
@@ -793,6 +752,131 @@ class ServerConnection:
     def allowed_in_migration_state(self, command: w.Command) -> bool:
         """The migration state's command allow-list (all commands without migration)."""
         return self.migration is None or self.migration.allows(command)
+
+
+def client_caps(caps: dict[str, Any]) -> tuple[int, int, bool]:
+    """A client's VERSION capabilities: (max_msg_fds, max_data_xfer_size, write_multiple).
+
+    Raises:
+        Reject: EINVAL for a value of the wrong type or out of range.
+    """
+    def number(key: str, default: int, lo: int, hi: int) -> int:
+        value = caps.get(key, default)
+        _require(isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi,
+                 errno.EINVAL, f"capability {key}={value!r} out of range")
+        return int(value)
+
+    max_msg_fds = number("max_msg_fds", w.DEFAULT_MAX_MSG_FDS, 1, 253)
+    max_data_xfer_size = number("max_data_xfer_size", w.DEFAULT_MAX_DATA_XFER_SIZE, 1, 1 << 30)
+    number("max_dma_maps", w.DEFAULT_MAX_DMA_MAPS, 1, 1 << 31)
+    pgsizes = number("pgsizes", w.DEFAULT_PGSIZES, 1, (1 << 63) - 1)
+    _require(bool(pgsizes & PGSIZE), errno.EINVAL, f"client pgsizes {pgsizes:#x} lack 4 KiB")
+    wm = caps.get("write_multiple", False)
+    _require(isinstance(wm, bool), errno.EINVAL, "write_multiple is not a boolean")
+    mig = caps.get("migration", {})
+    _require(isinstance(mig, dict), errno.EINVAL, "migration capability is not an object")
+    return max_msg_fds, max_data_xfer_size, bool(wm)
+
+
+@dataclass
+class HandoffPlan:
+    """A connection state that passed :func:`check_handoff_state` (fds by index)."""
+
+    caps: tuple[int, int, bool]
+    next_id: int
+    irqs: list[tuple[int, int, int]]  # (irq index, sub-index, fd index)
+    masks: list[tuple[int, int, int, int]]  # (action, irq index, sub-index, fd index)
+    enabled: dict[int, int]
+    counters: dict[str, int]
+    pending: bytes
+    pending_fds: list[int]
+    regions: list[tuple[int, int, int | None, int, bool, bool]]  # address, size, fd index, ...
+
+
+DEFAULT_MAX_FRAME = w.HEADER_SIZE + 16 + max(MAX_DATA_XFER_SIZE, 1 << 16)
+
+
+def check_handoff_state(state: Any, nfds: int, device: VfioUserDevice,
+                        max_frame: int = DEFAULT_MAX_FRAME) -> HandoffPlan:
+    """Check a connection state from :meth:`ServerConnection.handoff_export` completely.
+
+    Nothing is adopted or opened: the destination runs this before it takes
+    anything over, and :meth:`ServerConnection.handoff_adopt` installs only a
+    state that passed.  The checks are those of the equivalent commands:
+    capabilities as in VERSION, regions as DMA_MAP (bounds, overlap, count,
+    offset alignment), irq indexes and ranges as in SET_IRQS, the half-read
+    message as the framer reads it.
+
+    Raises:
+        LocalProtocolError: EINVAL naming the bad field.
+    """
+    try:
+        return _check_handoff_state(state, nfds, device, max_frame)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError,
+            MapError, RemoteProtocolError) as exc:
+        raise LocalProtocolError(f"bad handoff state: {exc}", errno.EINVAL) from None
+
+
+def _check_handoff_state(state: Any, nfds: int, device: VfioUserDevice,
+                         max_frame: int) -> HandoffPlan:
+    def fd_at(index: Any) -> int:
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < nfds:
+            raise ValueError(f"fd index {index!r} of {nfds}")
+        return index
+
+    def integer(value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{value!r} is not an integer")
+        return value
+
+    if not isinstance(state, dict):
+        raise TypeError("the connection state is not an object")
+    caps = client_caps(dict(state["caps"]))
+    next_id = integer(state["next_id"])
+    _require(0 <= next_id <= 0xFFFF, errno.EINVAL, f"next_id {next_id}")
+    irqs = [(integer(i), integer(s), fd_at(f)) for i, s, f in state["irq_fds"]]
+    masks = [(integer(k), integer(i), integer(s), fd_at(f)) for k, i, s, f in state["irq_mask_fds"]]
+    enabled = {integer(i): integer(n) for i, n in state["irq_enabled"]}
+    mask_kinds = {int(w.IrqSetFlag.ACTION_MASK), int(w.IrqSetFlag.ACTION_UNMASK)}
+    for index, count in enabled.items():
+        _require(0 <= index < w.PCI_NUM_IRQS and 0 <= count <= device.irq(index).count,
+                 errno.EINVAL, f"irq {index}: {count} enabled")
+    for kind, index, sub in [(None, i, s) for i, s, _ in irqs] + [(k, i, s) for k, i, s, _ in masks]:
+        _require(0 <= index < w.PCI_NUM_IRQS and 0 <= sub < device.irq(index).count
+                 and (kind is None or kind in mask_kinds), errno.EINVAL,
+                 f"irq {index}.{sub} (action {kind}) out of range")
+    counters = {str(key): value for key, value in dict(state.get("counters", {})).items()
+                if isinstance(value, int) and not isinstance(value, bool)}
+    pending = bytes.fromhex(state["pending"])
+    pending_fds = [fd_at(f) for f in state["pending_fds"]]
+    _require(len(pending) < max_frame and len(pending_fds) <= MAX_MSG_FDS,
+             errno.EINVAL, "pending message too large")
+    framer = Framer(max_frame)  # the half message must frame as it will be fed
+    try:
+        rest = pending
+        while rest:
+            take = framer.bytes_wanted()
+            if take <= 0:
+                raise ValueError("pending message does not frame")
+            framer.feed(rest[:take], [])
+            rest = rest[take:]
+            while framer.next_frame() is not None:
+                pass
+    finally:
+        framer.close()
+    regions = []
+    ranges = ClientMemory(max_regions=MAX_DMA_MAPS)  # bounds, overlap and count, no mapping
+    for r in state["regions"]:
+        region = (integer(r["address"]), integer(r["size"]),
+                  None if r["fd"] is None else fd_at(r["fd"]), integer(r["fd_offset"]),
+                  bool(r["readable"]), bool(r["writable"]))
+        ranges.map(region[0], region[1], readable=region[4], writable=region[5])
+        _require(region[2] is None or (region[3] >= 0 and region[3] % PGSIZE == 0),
+                 errno.EINVAL, f"region fd offset {region[3]:#x}")
+        regions.append(region)
+    ranges.unmap_all()
+    return HandoffPlan(caps, next_id, irqs, masks, enabled, counters, pending, pending_fds,
+                       regions)
 
 
 def _cmd_name(command: int) -> str:
