@@ -4,7 +4,9 @@ The in-test driver (tests/unit/test_nvme_driver.py) brings a controller up
 (admin queues, one I/O queue pair) over a memfd guest memory.  The input is:
 
     byte 0: k, then k little-endian u64 PRP entries written to a guest page
-    (PRP_PAGE); then records of 1 control byte + one 64-byte SQE.
+    (the PRP page; an entry with bit 63 clear is an offset into the data area,
+    with it set an address as is); then records of 1 control byte + one
+    64-byte SQE.
 
 Control bits: 0 submit on I/O queue 1 (else admin); 1 point PRP1 into the
 data area; 2 point PRP2 at the PRP page (else left as the fuzzer wrote it).
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -72,7 +75,11 @@ def _run(data: bytes) -> None:
     FATAL.clear()
     prp_page, data_area = _reset()
     k = data[0]
-    DRIVER.poke(prp_page, data[1:1 + 8 * k][:4096])
+    entries = struct.unpack_from(f"<{len(data[1:1 + 8 * k]) // 8}Q", data, 1)
+    # An entry with bit 63 clear is taken as an offset into the data area (so
+    # lists name real guest pages); with it set, as the address itself.
+    DRIVER.poke(prp_page, struct.pack(f"<{len(entries)}Q", *(
+        e & ~(1 << 63) if e >> 63 else data_area + e % DATA_SIZE for e in entries)))
     pos = 1 + 8 * k
     while pos + 1 + SQE <= len(data) and not DRIVER.csts & 0b10:
         control, raw = data[pos], data[pos + 1:pos + 1 + SQE]

@@ -40,7 +40,7 @@ def vfio_message(msg_id: int, command: int, payload: bytes = b"", flags: int = 0
 def vfio_version(caps: dict[str, object] | None = None) -> bytes:
     body = json.dumps({"capabilities": caps or {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20,
                                                 "migration": {"pgsize": 4096}}}).encode() + b"\0"
-    return vfio_message(0, w.Command.VERSION, w.VersionHead(major=1, minor=0).pack() + body)
+    return vfio_message(0, w.Command.VERSION, w.VersionHead().pack() + body)
 
 
 def vfio_session() -> list[bytes]:
@@ -107,12 +107,13 @@ def vhost_seeds() -> dict[str, bytes]:
         vhost_message(R.SET_VRING_KICK, u64(1 | 0x100)),  # no fd: polled
         vhost_message(R.SET_VRING_CALL, u64(1 | 0x100)),
         vhost_message(R.SET_VRING_ENABLE, vw.VringState(index=1, num=1).pack()),
-        vhost_message(R.GET_VRING_BASE, vw.VringState(index=1, num=0).pack()),
     ]
+    stop = vhost_message(R.GET_VRING_BASE, vw.VringState(index=1, num=0).pack())
     stream = b"".join(ring)
     # Chunk 0: SET_OWNER's header (no body), 1: SET_MEM_TABLE's header, 2: its
     # body, which carries the memfd (fds ride on the first 8 chunks only).
     return {"negotiate-ring": common.Chunks.header({2: 0}) + stream,
+            "ring-stopped": common.Chunks.header({2: 0}) + stream + stop,
             "owner-only": common.Chunks.header({}) + ring[0] + ring[2]}
 
 
@@ -135,16 +136,16 @@ def virtqueue_seeds() -> dict[str, bytes]:
 def nvme_seeds() -> dict[str, bytes]:
     from fuzz_nvme import record
 
-    prps = struct.pack("<2Q", 0x1000, 0x2000)
+    prps = struct.pack("<4Q", 0x1000, 0x2000, 0x3000, 0x4000)  # data area offsets
     ident = record(Command(opcode=AdminOpcode.IDENTIFY, cdw10=1, prp1=0), 2)
     feats = record(Command(opcode=AdminOpcode.GET_FEATURES, cdw10=FeatureId.NUMBER_OF_QUEUES), 0)
     log = record(Command(opcode=AdminOpcode.GET_LOG_PAGE, cdw10=LogPage.SMART | 127 << 16,
                          nsid=0xFFFFFFFF, prp1=0), 2)
     write = record(Command(opcode=IoOpcode.WRITE, nsid=1, cdw12=7, prp1=0, prp2=0), 1 | 2 | 4)
-    read = record(Command(opcode=IoOpcode.READ, nsid=1, cdw12=15, prp1=0x200, prp2=0), 1 | 2 | 4)
+    read = record(Command(opcode=IoOpcode.READ, nsid=1, cdw12=31, prp1=0x200, prp2=0), 1 | 2 | 4)
     create = record(Command(opcode=AdminOpcode.CREATE_CQ, cdw10=(15 << 16) | 2, cdw11=1, prp1=0), 2)
-    return {"admin": bytes([2]) + prps + ident + feats + log,
-            "io-prp-list": bytes([2]) + prps + write + read,
+    return {"admin": bytes([4]) + prps + ident + feats + log,
+            "io-prp-list": bytes([4]) + prps + write + read,
             "create-queue": b"\0" + create}
 
 
