@@ -95,6 +95,8 @@ def _run(data: bytes) -> None:
         for entry in done:
             sc = (entry.status >> 1) & 0x7FF
             assert sc != Status.INTERNAL_ERROR, f"Internal Error for {cmd}"
+            if qid == 0 and cmd.opcode == AdminOpcode.DOORBELL_BUFFER_CONFIG and sc == 0:
+                DRIVER.dbbuf = (cmd.prp1, cmd.prp2)  # the driver writes shadow doorbells now
         if DRIVER.csts & 0b10:
             break
         held = qid == 0 and cmd.opcode == AdminOpcode.ASYNC_EVENT_REQUEST

@@ -144,7 +144,10 @@ def nvme_seeds() -> dict[str, bytes]:
     write = record(Command(opcode=IoOpcode.WRITE, nsid=1, cdw12=7, prp1=0, prp2=0), 1 | 2 | 4)
     read = record(Command(opcode=IoOpcode.READ, nsid=1, cdw12=31, prp1=0x200, prp2=0), 1 | 2 | 4)
     create = record(Command(opcode=AdminOpcode.CREATE_CQ, cdw10=(15 << 16) | 2, cdw11=1, prp1=0), 2)
+    dbbuf = record(Command(opcode=AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1=0x8000, prp2=0), 2 | 4)
+    flush = record(Command(opcode=IoOpcode.FLUSH, nsid=1), 1)
     return {"admin": bytes([4]) + prps + ident + feats + log,
+            "shadow-doorbells": bytes([4]) + prps + dbbuf + flush + write + flush,
             "io-prp-list": bytes([4]) + prps + write + read,
             "create-queue": b"\0" + create}
 
