@@ -87,6 +87,8 @@ def vhost_message(request: int, payload: bytes = b"", flags: int = 1) -> bytes:
 
 
 def vhost_seeds() -> dict[str, bytes]:
+    from fuzz_vhost_user import with_image
+
     u64 = struct.Struct("<Q").pack
     table = struct.pack("<II", 1, 0) + vw.MemoryRegion(
         guest_phys_addr=0, memory_size=64 << 10, userspace_addr=0x7F0000000000,
@@ -112,9 +114,17 @@ def vhost_seeds() -> dict[str, bytes]:
     stream = b"".join(ring)
     # Chunk 0: SET_OWNER's header (no body), 1: SET_MEM_TABLE's header, 2: its
     # body, which carries the memfd (fds ride on the first 8 chunks only).
-    return {"negotiate-ring": common.Chunks.header({2: 0}) + stream,
-            "ring-stopped": common.Chunks.header({2: 0}) + stream + stop,
-            "owner-only": common.Chunks.header({}) + ring[0] + ring[2]}
+    # Guest memory (GPA 0 = the ring's UVA): a transmit chain of two descriptors,
+    # the virtio-net header then an Ethernet frame, made available once.
+    desc = struct.Struct("<QIHH").pack
+    frame = bytes.fromhex("ffffffffffff525400000009") + b"\x08\x06" + bytes(28)
+    image = bytearray(0x3100)
+    image[0:32] = desc(0x3000, vw.NetHdr.SIZE, 1, 1) + desc(0x3040, len(frame), 0, 0)
+    image[0x1000:0x1006] = struct.pack("<HHH", 0, 1, 0)
+    image[0x3040:0x3040 + len(frame)] = frame
+    return {"negotiate-ring": with_image(common.Chunks.header({2: 0}) + stream, bytes(image)),
+            "ring-stopped": with_image(common.Chunks.header({2: 0}) + stream + stop),
+            "owner-only": with_image(common.Chunks.header({}) + ring[0] + ring[2])}
 
 
 # ---------------------------------------------------------------- virtqueue
