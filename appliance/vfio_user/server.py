@@ -851,6 +851,8 @@ def _check_handoff_state(state: Any, nfds: int, device: VfioUserDevice,
     pending_fds = [fd_at(f) for f in state["pending_fds"]]
     _require(len(pending) < max_frame and len(pending_fds) <= MAX_MSG_FDS,
              errno.EINVAL, "pending message too large")
+    _require(bool(pending) or not pending_fds, errno.EINVAL,
+             "pending fds without a pending message")  # fds arrive with bytes
     framer = Framer(max_frame)  # the half message must frame as it will be fed
     try:
         rest = pending

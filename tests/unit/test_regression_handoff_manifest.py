@@ -107,6 +107,7 @@ def client_state() -> dict[str, Any]:
     (lambda s: s["regions"].append(dict(s["regions"][0])), "overlaps"),
     (lambda s: s.update(pending="0000000008000000" + "00" * 8), "below the header size"),
     (lambda s: s.update(caps=[1]), "bad handoff state"),
+    (lambda s: s.update(pending_fds=[0]), "pending fds without a pending message"),
 ])
 def test_bad_client_state_is_refused_by_the_check_and_leaks_nothing(
         change: Any, why: str, ctrl: NvmeController) -> None:
