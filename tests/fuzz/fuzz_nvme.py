@@ -12,7 +12,8 @@ Control bits: 0 submit on I/O queue 1 (else admin); 1 point PRP1 into the
 data area; 2 point PRP2 at the PRP page (else left as the fuzzer wrote it).
 
 Every command completes with some status at once (an Asynchronous Event
-Request is held, as the spec has it); the controller never raises, never logs
+Request is held, as the spec has it; once the input configured shadow
+doorbells, whose tails it may overwrite, only the rest is checked); the controller never raises, never logs
 a caught bug (an Internal Error status), and CSTS.CFS is set only for the
 documented reason: a queue entry or shadow buffer outside guest memory.
 
@@ -100,7 +101,9 @@ def _run(data: bytes) -> None:
         if DRIVER.csts & 0b10:
             break
         held = qid == 0 and cmd.opcode == AdminOpcode.ASYNC_EVENT_REQUEST
-        if not held and qid in CTRL.sqs:
+        # Shadow doorbells the input placed may overlap a queue or data it rewrites:
+        # then the tail the controller reads is the input's, not the driver's.
+        if not held and qid in CTRL.sqs and DRIVER.dbbuf is None:
             assert cid in [c.cid for c in done], f"no completion for {cmd} on queue {qid}: {done}"
     for why in FATAL:
         assert why.startswith("client memory"), f"CSTS.CFS for an undocumented reason: {why}"
