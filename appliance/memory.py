@@ -384,10 +384,13 @@ class ClientMemory:
                     length = file_size(fd)
                 except OSError as exc:
                     raise MapError(exc.errno or errno.EINVAL, f"cannot stat region fd: {exc}") from None
-                if length is not None and length < fd_offset + size:
+                if length is None:  # a pipe, a socket, an eventfd, a device: not memory
+                    raise MapError(errno.EINVAL, f"region {address:#x}+{size:#x}: its fd is not "
+                                   "a file")
+                if length < fd_offset + size:
                     raise MapError(errno.EINVAL, f"region {address:#x}+{size:#x} at offset "
                                    f"{fd_offset:#x} ends past its file ({length:#x} bytes)")
-                if (sealed or self.map_unsealed) and length is not None:
+                if sealed or self.map_unsealed:
                     region.mm = self._mmap(fd, region)
                     region.view = memoryview(region.mm)
                 region.fd, fd = fd, None  # kept with the region, closed with it

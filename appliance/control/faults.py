@@ -457,7 +457,8 @@ class FaultSet:
             hung = [(_int(q, "hung"), _int(c, "hung")) for q, c in state["hung"]]
         except FaultError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            # OverflowError: an RNG state word outside 0..2**32-1
             raise FaultError(f"fault state: {exc!r}") from None
         if ctrl is not None and any(q not in ctrl.sqs for q, _ in hung):
             raise FaultError(f"fault state: a hung command on a queue that does not exist: {hung}")

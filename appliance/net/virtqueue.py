@@ -483,7 +483,7 @@ class SplitQueue:
                     raise _Malformed(f"writable buffer {addr:#x}+{length:#x} outside memory")
                 segments.append((addr, length, True))
             else:
-                if writable:
+                if segments and segments[-1][2]:  # a zero-length writable one counts too
                     raise _Malformed("readable descriptor after a writable one")
                 readable += length
                 if readable > self.max_readable:

@@ -84,8 +84,8 @@ class Appliance:
             doorbells=st["doorbells"])
         self.offload = Offload(self.loop)  # the namespaces' blocking I/O runs off the loop
         self.controller.offload = self.offload
-        # Migration v2 (commands 16-18): the device's save/restore lives in
-        # appliance.migrate, so storage/ never imports it.
+        # Migration v2 (commands 16-18): the controller's save/restore is
+        # appliance.storage.migration; the vfio-user handler drives it.
         migratable = NvmeMigratable(self.controller, clock=time.monotonic)
 
         def migration_handler(memory: ClientMemory) -> VfioUserMigration:

@@ -109,8 +109,10 @@ def parse_handoff(record: Record, fds_received: int) -> dict[str, Any]:
     """
     try:
         manifest = json.loads(record.payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HandoffError(f"handoff manifest: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError: not UTF-8 or JSON, or an integer past Python's digit limit;
+        # RecursionError: arrays or objects nested too deep to parse.
+        raise HandoffError(f"handoff manifest: {type(exc).__name__}: {exc}") from None
     if not isinstance(manifest, dict):
         raise HandoffError("handoff manifest is not an object")
     if manifest.get("version") != HANDOFF_VERSION:

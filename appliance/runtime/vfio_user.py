@@ -309,6 +309,9 @@ class VfioUserService:
         nfds = len(fds)
         if not isinstance(state, dict) or not isinstance(state.get("path"), str):
             raise ApplianceError(f"{self.name}: bad handoff state: not an object with a path")
+        connections = state.get("connections", 0)
+        if not isinstance(connections, int) or isinstance(connections, bool) or connections < 0:
+            raise ApplianceError(f"{self.name}: bad handoff state: connections {connections!r}")
         client = state.get("client")
         kinds = [(state.get("listener"), stat.S_ISSOCK, "a socket"),
                  (state.get("lock"), stat.S_ISREG, "a lock file")]
@@ -353,7 +356,7 @@ class VfioUserService:
         client = None
         if client_fd is not None:
             sock = socket.socket(fileno=os.dup(client_fd))
-            self.connections = int(state.get("connections", self.connections))
+            self.connections = state.get("connections", self.connections)  # handoff_check
             client = VfioUserClientSocket(self.loop, sock, self.device, self._closed,
                                           f"{self.name}#{self.connections}", self.dma_layout,
                                           self.max_backlog, self.migration)

@@ -328,7 +328,8 @@ def identify_controller(ctrl: NvmeController) -> bytes:
 def smart_log(ctrl: NvmeController) -> bytes:
     """SMART / Health Information (figure 196) from the controller's counters."""
 
-    counts, over, under = ctrl.counters["commands"], *ctrl.features.thresholds.values()
+    counts = ctrl.counters["commands"]
+    over, under = ctrl.features.thresholds[0], ctrl.features.thresholds[1]  # by THSEL
     return SmartLog(
         critical_warning=0x02 if ident.TEMPERATURE >= over or ident.TEMPERATURE < under else 0,
         temperature=ident.TEMPERATURE, avail_spare=100, spare_thresh=10,

@@ -330,7 +330,9 @@ def _check_features(ctrl: NvmeController, features: dict[int, int], thresholds: 
             raise state_error(f"feature {fid:#x} = {value:#x}")
     if set(features) != set(FeatureId):
         raise state_error("feature list incomplete")
-    if not set(thresholds) <= {0, 1} or any(v > 0xFFFF for v in thresholds.values()):
+    # Both thresholds, over (THSEL 0) and under (1): Get Features and the SMART
+    # log read each of them.
+    if set(thresholds) != {0, 1} or any(v > 0xFFFF for v in thresholds.values()):
         raise state_error(f"temperature thresholds {thresholds}")
     if any(v > 0xFFFF for v in tler.values()):
         raise state_error("error recovery time limits")
@@ -377,7 +379,7 @@ def apply_controller(ctrl: NvmeController, snap: CtrlSnapshot,
     ctrl.error_log.entries.extend(snap.errors)
     ctrl.changed_ns[:] = snap.changed
     feats.values = dict(snap.features)
-    feats.thresholds = dict(snap.thresholds)
+    feats.thresholds = {0: snap.thresholds[0], 1: snap.thresholds[1]}  # over, under
     feats.tler = dict(snap.tler)
     feats.no_coalescing = set(snap.no_coalescing)
     now = clock or feats.clock

@@ -22,9 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.errors import LocalProtocolError
+from appliance.errors import LocalProtocolError, RemoteProtocolError
 from appliance.memory import ClientMemory, MapError
 from appliance.vfio_user import wire as w
+from appliance.vfio_user.framing import Framer
 
 PGSIZE = 4096
 
@@ -135,7 +136,10 @@ def parse_connection(state: Any, nfds: int, irq_count: Callable[[int], int],
                 raise _bad(f"{what}: fd index {value!r} of {nfds}")
             return value
 
-        caps = parse_client_caps(state["caps"])
+        try:
+            caps = parse_client_caps(state["caps"])
+        except LocalProtocolError as exc:
+            raise _bad(f"caps: {exc}") from None
         next_id = _int(state["next_id"], "next_id", 0, 0xFFFF)
         regions = []
         for i, r in enumerate(_list(state["regions"], "regions")):
@@ -179,8 +183,29 @@ def parse_connection(state: Any, nfds: int, irq_count: Callable[[int], int],
                  f"irq {index}.{sub} (action {kind}) out of range")
     _require(len(pending) < max_pending and len(pending_fds) <= max_pending_fds, errno.EINVAL,
              "pending message too large")
+    _require(bool(pending) or not pending_fds, errno.EINVAL,
+             "bad handoff state: pending fds without a pending message")
+    _check_pending(pending, max_pending)
     return ConnectionState(caps, next_id, tuple(regions), irqs, masks, enabled, pending,
                            pending_fds, kept)
+
+
+def _check_pending(pending: bytes, max_size: int) -> None:
+    """The half-read message frames as it will when adopted (a size below the
+    header's is refused now, not by the adopting connection)."""
+    framer = Framer(max_size=max_size)
+    try:
+        rest = pending
+        while rest:
+            take = min(len(rest), framer.bytes_wanted())
+            framer.feed(rest[:take], [])
+            rest = rest[take:]
+            while (frame := framer.next_frame()) is not None:
+                frame.close_fds()
+    except RemoteProtocolError as exc:
+        raise _bad(f"pending: {exc}") from None
+    finally:
+        framer.close()
 
 
 def check_fds(s: ConnectionState, fds: list[int], is_eventfd: Callable[[int], bool] | None,

@@ -316,3 +316,15 @@ def test_mmap_unshrinkable() -> None:
     assert e.value.errno == errno.EINVAL
     os.close(fd)
     os.close(plain)
+
+
+def test_an_fd_that_is_not_a_file_is_not_memory() -> None:
+    """A pipe (or socket, eventfd, device) offered as guest memory is refused."""
+    r, w = os.pipe()
+    mem = ClientMemory()
+    try:
+        with pytest.raises(MapError, match="not a file") as info:
+            mem.map(0x0, 4096, fd=r)  # takes the fd: closed on refusal
+        assert info.value.errno == errno.EINVAL and not mem.regions
+    finally:
+        os.close(w)

@@ -1,0 +1,115 @@
+"""Fuzz NVMe submission queue entries and PRP lists against a controller.
+
+The in-test driver (tests/unit/test_nvme_driver.py) brings a controller up
+(admin queues, one I/O queue pair) over a memfd guest memory.  The input is:
+
+    byte 0: k, then k little-endian u64 PRP entries written to a guest page
+    (the PRP page; an entry with bit 63 clear is an offset into the data area,
+    with it set an address as is); then records of 1 control byte + one
+    64-byte SQE.
+
+Control bits: 0 submit on I/O queue 1 (else admin); 1 point PRP1 into the
+data area; 2 point PRP2 at the PRP page (else left as the fuzzer wrote it).
+
+Every command completes with some status at once (an Asynchronous Event
+Request is held, as the spec has it; once the input configured shadow
+doorbells, whose tails it may overwrite, only the rest is checked); the controller never raises, never logs
+a caught bug (an Internal Error status), and CSTS.CFS is set only for the
+documented reason: a queue entry or shadow buffer outside guest memory.
+
+    python tests/fuzz/fuzz_nvme.py -max_total_time=20 tests/fuzz/corpus/nvme
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import common
+
+with common.instrumented(__name__):
+    from test_nvme_driver import BASE, Driver, make_controller
+
+    from appliance.storage.spec import CC, AdminOpcode, Command, Reg, Status
+
+SQE = 64
+_tmp = tempfile.mkdtemp(prefix="fuzz-nvme-")
+atexit.register(shutil.rmtree, _tmp, True)
+CTRL = make_controller(Path(_tmp), io_queues=2, queue_entries=64, size=1 << 20)
+DRIVER = Driver(CTRL)
+FATAL: list[str] = []
+_fatal = CTRL.fatal
+
+
+def _record_fatal(why: str) -> None:
+    FATAL.append(why)
+    _fatal(why)
+
+
+CTRL.fatal = _record_fatal  # type: ignore[method-assign]
+DATA_SIZE = 64 << 10
+
+
+def _reset() -> tuple[int, int]:
+    """Controller reset and a fresh bring-up; returns (PRP page, data area)."""
+    d = DRIVER
+    d.write_reg(Reg.CC, CC.encode(en=0, iosqes=6, iocqes=4))
+    d.free = BASE
+    d.sqs.clear()
+    d.cqs.clear()
+    d.dbbuf = None
+    d.ready(io_queues=1)
+    return d.alloc(4096), d.alloc(DATA_SIZE)
+
+
+def record(sqe: Command, control: int = 0) -> bytes:
+    """One record of this harness's input (the seed script uses it)."""
+    return bytes([control]) + sqe.pack()
+
+
+def _run(data: bytes) -> None:
+    if not data:
+        return
+    FATAL.clear()
+    prp_page, data_area = _reset()
+    k = data[0]
+    entries = struct.unpack_from(f"<{len(data[1:1 + 8 * k]) // 8}Q", data, 1)
+    # An entry with bit 63 clear is taken as an offset into the data area (so
+    # lists name real guest pages); with it set, as the address itself.
+    DRIVER.poke(prp_page, struct.pack(f"<{len(entries)}Q", *(
+        e & ~(1 << 63) if e >> 63 else data_area + e % DATA_SIZE for e in entries)))
+    pos = 1 + 8 * k
+    while pos + 1 + SQE <= len(data) and not DRIVER.csts & 0b10:
+        control, raw = data[pos], data[pos + 1:pos + 1 + SQE]
+        pos += 1 + SQE
+        cmd = Command.unpack(raw)
+        if control & 2:
+            cmd.prp1 = data_area + cmd.prp1 % DATA_SIZE
+        if control & 4:
+            cmd.prp2 = prp_page + cmd.prp2 % 4096
+        qid = 1 if control & 1 and 1 in DRIVER.sqs and 1 in CTRL.sqs else 0
+        cid = DRIVER.submit(qid, cmd)
+        done = DRIVER.reap(qid)
+        for entry in done:
+            sc = (entry.status >> 1) & 0x7FF
+            assert sc != Status.INTERNAL_ERROR, f"Internal Error for {cmd}"
+            if qid == 0 and cmd.opcode == AdminOpcode.DOORBELL_BUFFER_CONFIG and sc == 0:
+                DRIVER.dbbuf = (cmd.prp1, cmd.prp2)  # the driver writes shadow doorbells now
+        if DRIVER.csts & 0b10:
+            break
+        held = qid == 0 and cmd.opcode == AdminOpcode.ASYNC_EVENT_REQUEST
+        # Shadow doorbells the input placed may overlap a queue or data it rewrites:
+        # then the tail the controller reads is the input's, not the driver's.
+        if not held and qid in CTRL.sqs and DRIVER.dbbuf is None:
+            assert cid in [c.cid for c in done], f"no completion for {cmd} on queue {qid}: {done}"
+    for why in FATAL:
+        assert why.startswith("client memory"), f"CSTS.CFS for an undocumented reason: {why}"
+
+
+one_input = common.checked(_run)
+
+if __name__ == "__main__":
+    common.run_fuzzer(one_input)
