@@ -137,14 +137,14 @@ class Appliance:
 
     # ------------------------------------------------------------ live handoff
     # (appliance.runtime.handoff drives these; the source's, then the destination's)
-    def handoff_busy(self) -> str:
+    def handoff_blocker(self) -> str:
         """Why the devices cannot move now ("" when they can)."""
         faults = self.control.faults
         if faults.deferred or faults.frames:
             return "fault injection holds completions or frames; clear the faults first"
-        busy = self.vfio_user.handoff_busy()
+        busy = self.vfio_user.handoff_blocker()
         if not busy and self.net is not None:
-            busy = self.net.handoff_busy()
+            busy = self.net.handoff_blocker()
         return busy
 
     def handoff_quiesce(self) -> None:

@@ -119,7 +119,7 @@ class HandoffSource:
             raise HandoffError("a handoff is already under way")
         if self._own_socket(to):  # this loop would wait on itself for the whole timeout
             raise HandoffError(f"{to} is a socket of this process, not another appliance's")
-        why = self.app.handoff_busy()
+        why = self.app.handoff_blocker()
         if why:
             raise HandoffError(f"cannot hand off now: {why}")
         self.active = True
@@ -211,7 +211,7 @@ class HandoffSource:
                 exc = _refused(sock, to, exc)
                 log.warning("handoff to %s failed during pre-copy, serving on: %s", to, exc)
                 raise exc from None
-        why = app.handoff_busy()  # the loop ran during pre-copy
+        why = app.handoff_blocker()  # the loop ran during pre-copy
         if why:
             mig.stop_tracking()
             raise HandoffError(f"cannot hand off now: {why}")

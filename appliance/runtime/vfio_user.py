@@ -249,13 +249,13 @@ class VfioUserService:
             self.client = None
 
     # ------------------------------------------------------------ live handoff
-    def handoff_busy(self) -> str:
+    def handoff_blocker(self) -> str:
         """Why the device cannot move to another process now ("" when it can)."""
         if self.client is None:
             return ""
         if self.client.backlog:
             return f"{self.client.conn.name}: replies are not yet sent"
-        return self.client.conn.handoff_busy()
+        return self.client.conn.handoff_blocker()
 
     def handoff_quiesce(self) -> None:
         """Source: stop reading the listener and the client; what arrives waits in the socket."""

@@ -55,7 +55,7 @@ def mac_text(mac: bytes) -> str:
 
 
 # ---------------------------------------------------------------- export
-def blocker(net: NetService) -> str:
+def handoff_blocker(net: NetService) -> str:
     """Why the ports cannot be handed off faithfully now ("" when they can)."""
     for svc in net.services:
         if svc.session is not None:
@@ -81,7 +81,7 @@ def export_net(net: NetService, fds: list[int]) -> dict[str, Any]:
     Raises:
         ApplianceError: the handoff could not be faithful (:func:`blocker`).
     """
-    why = blocker(net)
+    why = handoff_blocker(net)
     if why:
         raise ApplianceError(f"net: cannot hand off: {why}")
 

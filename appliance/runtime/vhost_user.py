@@ -221,9 +221,9 @@ class NetService:
     # Source: handoff_quiesce, handoff_export, then handoff_release (the destination
     # took over) or handoff_resume (it did not).  Destination: handoff_check,
     # handoff_import (paused unless serve), handoff_start.  See docs/net.md.
-    def handoff_busy(self) -> str:
+    def handoff_blocker(self) -> str:
         """Why the ports cannot be handed off faithfully now ("" when they can)."""
-        return vhost_handoff.blocker(self)
+        return vhost_handoff.handoff_blocker(self)
 
     def handoff_quiesce(self) -> None:
         """Source: stop serving, keep everything.

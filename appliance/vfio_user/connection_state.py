@@ -81,7 +81,7 @@ class MigrationHandler(Protocol):
     def close(self) -> None:
         """The connection closes: drop sessions, stop dirty logging, un-quiesce the device."""
 
-    def busy(self) -> str:
+    def handoff_blocker(self) -> str:
         """Why the device cannot be handed off now ("" when it can)."""
 
 

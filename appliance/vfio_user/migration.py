@@ -287,7 +287,7 @@ class VfioUserMigration:
         self.dma_log = None
         self.memory.dirty_log = None
 
-    def busy(self) -> str:
+    def handoff_blocker(self) -> str:
         """Why the device cannot be handed off now ("" when it can)."""
         if self.state is not MigState.RUNNING:
             return f"migration state {self.state.name}"

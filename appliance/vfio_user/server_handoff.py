@@ -85,7 +85,7 @@ class ConnectionHandoff:
     def _transition(self, event: str) -> None:
         raise NotImplementedError  # ServerConnection's
 
-    def handoff_busy(self) -> str:
+    def handoff_blocker(self) -> str:
         """Why this connection cannot move to another process now ("" when it can)."""
         if self.state is not ConnState.READY:
             return f"{self.name}: connection in state {self.state.value}"
@@ -93,7 +93,7 @@ class ConnectionHandoff:
             return f"{self.name}: messages are queued"
         if self.dma.outstanding():
             return f"{self.name}: a DMA message awaits its reply"
-        if self.migration is not None and (why := self.migration.busy()):
+        if self.migration is not None and (why := self.migration.handoff_blocker()):
             return f"{self.name}: {why}"
         return ""
 

@@ -353,7 +353,7 @@ def test_dirty_logging_refuses_the_handoff(tmp_path: Path,
         g.fe.u64(R.SET_PROTOCOL_FEATURES, int(PF.MQ | PF.REPLY_ACK | PF.STATUS | PF.LOG_SHMFD))
         g.fe.send(R.SET_LOG_BASE, vw.LogDescription(mmap_size=4096).pack(), fds=[log_fd])
         g.fe.reply()
-        assert "dirty logging" in a.handoff_busy()
+        assert "dirty logging" in a.handoff_blocker()
         a.handoff_quiesce()
         fds: list[int] = []
         with pytest.raises(ApplianceError, match="net: cannot hand off: net0: dirty logging"):

@@ -399,7 +399,7 @@ def test_replies_wait_for_a_slow_reader_and_arrive_in_order(tmp_path: Path, loop
             loop.run_once(0)
         assert 0 < len(session.out) <= rt.DEFAULT_MAX_BACKLOG
         assert other.fe.call(R.GET_STATUS) == 0xF  # the loop waits on no one
-        assert "replies not yet read by the front-end" in svc.handoff_busy()
+        assert "replies not yet read by the front-end" in svc.handoff_blocker()
         got = bytearray()
 
         def all_read() -> bool:
@@ -413,7 +413,7 @@ def test_replies_wait_for_a_slow_reader_and_arrive_in_order(tmp_path: Path, loop
         for off in range(0, len(got), REPLY_SIZE):
             head = vw.Header.unpack(got[off:off + vw.HEADER_SIZE])
             assert head.request == R.GET_FEATURES and head.size == 8
-        assert not session.out and svc.handoff_busy() == ""
+        assert not session.out and svc.handoff_blocker() == ""
         key = loop.selector.get_key(session.sock.fileno())
         assert key.events == selectors.EVENT_READ  # not watched for writing once empty
     finally:
