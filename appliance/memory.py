@@ -220,7 +220,7 @@ class Region:
     # Extra translation key (vhost-user: the frontend's virtual address of the region).
     user_address: int | None = None
     # The fd the region was mapped from, kept open while mapped: a live handoff
-    # (appliance.runtime.handoff) passes it on to the next process.
+    # (appliance.runtime.handoff.channel) passes it on to the next process.
     fd: int | None = field(default=None, repr=False)
     reported: bool = field(default=False, repr=False)  # a failed fd access was logged
 

@@ -10,7 +10,7 @@ from appliance.control.faults import FaultError
 from appliance.errors import ApplianceError
 from appliance.memory import ClientMemory
 from appliance.runtime import startup
-from appliance.runtime.handoff import HandoffSink, HandoffSource
+from appliance.runtime.handoff.channel import HandoffSink, HandoffSource
 from appliance.runtime.listener import Claim, ListenerError
 from appliance.runtime.loop import EventLoop
 from appliance.runtime.offload import Offload
@@ -136,7 +136,7 @@ class Appliance:
         return [p["socket"] for p in self.cfg["net"]["ports"]] if self.net is not None else []
 
     # ------------------------------------------------------------ live handoff
-    # (appliance.runtime.handoff drives these; the source's, then the destination's)
+    # (appliance.runtime.handoff.channel drives these; the source's, then the destination's)
     def handoff_blocker(self) -> str:
         """Why the devices cannot move now ("" when they can)."""
         faults = self.control.faults

@@ -38,7 +38,7 @@ Per connection (:class:`VhostUserSession`):
 Live handoff (``appliance handoff``): :meth:`NetService.handoff_quiesce`,
 ``_export``, ``_release`` / ``_resume`` on the source, ``handoff_check``,
 ``_import``, ``_start`` on the destination; the state itself is
-:mod:`appliance.runtime.vhost_handoff`'s (docs/net.md, "Live handoff").
+:mod:`appliance.runtime.handoff.net`'s (docs/net.md, "Live handoff").
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from appliance.net.switch import Switch
 from appliance.net.tap import TapPort
 from appliance.net.vhost_protocol import BackendConnection
 from appliance.protocol_common import close_quietly
-from appliance.runtime import vhost_handoff
+from appliance.runtime.handoff import net as vhost_handoff
 from appliance.runtime.listener import Claim, ListenerError
 from appliance.runtime.loop import EventLoop
 from appliance.runtime.tap import TapService, open_tap

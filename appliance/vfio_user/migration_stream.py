@@ -62,7 +62,7 @@ class RecordType(enum.IntEnum):
     NAMESPACE_BLOCKS = 5  # BlocksHead + data
     DIRTY_ROUND = 6  # DirtyRound marker
     END = 7  # EndPayload
-    # Live handoff only (appliance.runtime.handoff): a JSON manifest of the
+    # Live handoff only (appliance.runtime.handoff.channel): a JSON manifest of the
     # connections that move with their fds; never part of a vfio-user stream.
     HANDOFF = 8
 

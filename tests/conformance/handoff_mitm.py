@@ -33,7 +33,7 @@ from typing import Any, Self
 import xxhash
 
 from appliance.runtime import unix
-from appliance.runtime.handoff_frames import MAGIC, MAX_FDS_PER_FRAME, FrameHead, FrameKind, frame
+from appliance.runtime.handoff.frames import MAGIC, MAX_FDS_PER_FRAME, FrameHead, FrameKind, frame
 from appliance.testing.process import ApplianceProcess
 from appliance.vfio_user.migration_stream import EndPayload, RecordHead, RecordType, record_checksum
 

@@ -31,7 +31,7 @@ with common.instrumented(__name__):
     from appliance.control.faults import FaultError, FaultSet
     from appliance.errors import ApplianceError, LocalProtocolError
     from appliance.runtime.app import Appliance
-    from appliance.runtime.handoff_frames import HANDOFF_VERSION, parse_handoff
+    from appliance.runtime.handoff.frames import HANDOFF_VERSION, parse_handoff
     from appliance.testing.process import make_config
     from appliance.vfio_user.migration_stream import Record, RecordType
     from appliance.vfio_user.server import ServerConnection

@@ -14,7 +14,7 @@ from test_vfio_user_migration import Disk, handler, refused, set_state, write
 
 from appliance.errors import LocalProtocolError
 from appliance.pci import Bar, MsixLayout, PciDevice
-from appliance.runtime import handoff_frames as ho
+from appliance.runtime.handoff import frames as ho
 from appliance.storage.doorbells import PAGE_OFFSET, DoorbellPage
 from appliance.vfio_user import wire as w
 from appliance.vfio_user.migration_states import MigState

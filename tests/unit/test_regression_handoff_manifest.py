@@ -17,7 +17,7 @@ from test_nvme_driver import make_controller
 
 from appliance.control.faults import FaultError, FaultRule, FaultSet
 from appliance.errors import ApplianceError, LocalProtocolError
-from appliance.runtime import handoff_frames as ho
+from appliance.runtime.handoff import frames as ho
 from appliance.runtime.loop import EventLoop
 from appliance.runtime.vfio_user import VfioUserService
 from appliance.storage import NvmeController

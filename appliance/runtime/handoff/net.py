@@ -2,7 +2,7 @@
 
 :class:`~appliance.runtime.vhost_user.NetService` moves its connected
 front-ends to another appliance process with these helpers
-(:mod:`appliance.runtime.handoff` carries the state and the fds):
+(:mod:`appliance.runtime.handoff.channel` carries the state and the fds):
 
 * :func:`export_net` describes every port (its listener, its connection: the
   negotiated features, memory regions, vrings with their indices and kick,

@@ -1,6 +1,6 @@
 """Live handoff of the running devices to another appliance process (runtime layer).
 
-The channel and its frames are described in :mod:`appliance.runtime.handoff_frames`.
+The channel and its frames are described in :mod:`appliance.runtime.handoff.frames`.
 Here are the two ends, each driven by a control command:
 
 * :class:`HandoffSource` (``handoff`` with ``to`` = the destination's control
@@ -33,7 +33,7 @@ from appliance.errors import ApplianceError
 from appliance.protocol_common import close_quietly
 from appliance.runtime import unix
 from appliance.runtime.control import ControlClient
-from appliance.runtime.handoff_frames import (
+from appliance.runtime.handoff.frames import (
     ABORT,
     GO,
     HANDOFF_VERSION,
