@@ -537,6 +537,12 @@ class ClientMemory:
         """Encode and write one wire struct at ``address``."""
         self.write(address, obj.pack())
 
+    def mark_dirty(self, address: int, length: int) -> None:
+        """Mark a range written behind the accessor's back (through views it
+        handed out, after they were marked) in the dirty log, if one runs."""
+        if self.dirty_log is not None and length > 0:
+            self.dirty_log.mark(address, length)
+
     def buffers(self, address: int, length: int, write: bool) -> list[memoryview] | None:
         """Zero-copy views of the range, or None when part of it is not mmap'd
         (an fd or message region): the caller then uses :meth:`read`/:meth:`write`.

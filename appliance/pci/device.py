@@ -289,6 +289,10 @@ class PciDevice:
             masked.clear()
         self.reset()
 
+    def dma_unmapping(self) -> None:
+        """The client unmaps memory: nothing of ours is in flight (devices with DMA
+        running outside the loop override this)."""
+
     def reset(self) -> None:
         """Power-on state: config space, MSI-X table and PBA, then :meth:`reset_device`.
 

@@ -98,6 +98,7 @@ class Appliance:
         self.services.append(service)
         self.vfio_user = service
         self.loop.add_idle(self.controller.poll)
+        self.loop.add_idle(service.flush_pending)  # after the poll: what it queued goes out
         if self.controller.doorbell_page is not None:
             self._poll_doorbell_page(self.controller)
         self.net = self._start_net()
@@ -142,6 +143,8 @@ class Appliance:
         faults = self.control.faults
         if faults.deferred or faults.frames:
             return "fault injection holds completions or frames; clear the faults first"
+        if self.controller is not None and self.controller.waiting:
+            return "NVMe commands wait for I/O or DMA messages"
         busy = self.vfio_user.handoff_blocker()
         if not busy and self.net is not None:
             busy = self.net.handoff_blocker()

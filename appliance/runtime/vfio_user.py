@@ -33,7 +33,7 @@ from typing import Any
 
 from appliance.errors import ApplianceError, LocalProtocolError, RemoteProtocolError
 from appliance.runtime import unix
-from appliance.runtime.listener import Claim, listen
+from appliance.runtime.listener import Claim, ListenerError, listen
 from appliance.runtime.loop import EventLoop
 from appliance.vfio_user.backend import VfioUserDevice
 from appliance.vfio_user.server import (
@@ -312,6 +312,8 @@ class VfioUserService:
         connections = state.get("connections", 0)
         if not isinstance(connections, int) or isinstance(connections, bool) or connections < 0:
             raise ApplianceError(f"{self.name}: bad handoff state: connections {connections!r}")
+        if "client" not in state:
+            raise ApplianceError(f"{self.name}: bad handoff state: no client entry")
         client = state.get("client")
         kinds = [(state.get("listener"), stat.S_ISSOCK, "a socket"),
                  (state.get("lock"), stat.S_ISREG, "a lock file")]
@@ -329,6 +331,10 @@ class VfioUserService:
                 raise ApplianceError(f"{self.name}: handoff fd {index}: {exc}") from None
             if not is_kind(mode):
                 raise ApplianceError(f"{self.name}: bad handoff state: fd {index} is not {kind}")
+        try:  # what adopting will take over: the path's own lock, a socket there
+            Claim.adopt(str(state["path"]), fds[state["lock"]]).release()
+        except ListenerError as exc:
+            raise ApplianceError(f"{self.name}: {exc}") from None
         if client is not None:
             try:
                 check_handoff_state(self.device, client["conn"], fds, unix.is_eventfd)
@@ -362,10 +368,12 @@ class VfioUserService:
                                           self.max_backlog, self.migration)
             try:
                 client.conn.handoff_adopt(client_state["conn"], fds)
-            except LocalProtocolError as exc:
+            except BaseException as exc:
                 client.close()
                 claim.release()
-                raise ApplianceError(str(exc)) from None
+                if isinstance(exc, LocalProtocolError):
+                    raise ApplianceError(str(exc)) from None
+                raise
             self.client = client
         listener = socket.socket(fileno=os.dup(listen_fd))
         listener.setblocking(False)
@@ -377,6 +385,16 @@ class VfioUserService:
         log.info("%s: took over %s%s", self.name, self.path,
                  " and its connected client" if client is not None else "")
         return client
+
+    def flush_pending(self) -> bool:
+        """The loop's idle hook (after the device's own): send what the device
+        queued outside any client message — a DMA_READ for a queue entry its
+        poll needs, the DMA_WRITE of a completion a worker's I/O finished —
+        which no reply flush would carry.  Never busy."""
+        client = self.client
+        if client is not None and client.conn.has_output:
+            client.flush()
+        return False
 
     def close(self) -> None:
         if self.client is not None:

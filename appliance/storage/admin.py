@@ -114,11 +114,13 @@ def create_sq(ctrl: NvmeController, cmd: Command) -> int:
 
 
 def delete_sq(ctrl: NvmeController, cmd: Command) -> int:
-    """Delete I/O Submission Queue (5.6); nothing is in flight, so nothing is aborted."""
+    """Delete I/O Submission Queue (5.6): its commands whose I/O runs off the loop
+    finish (and complete) first; one still waiting for DMA messages is dropped."""
     qid = cmd.cdw10 & 0xFFFF
     sq = ctrl.sqs.get(qid) if qid else None
     _check(sq is not None, ST.INVALID_QUEUE_IDENTIFIER, f"SQ {qid}")
     assert sq is not None
+    ctrl.drain_queue_io()
     del ctrl.sqs[qid]
     if (cq := ctrl.cqs.get(sq.cqid)) is not None:
         cq.sqids.discard(qid)

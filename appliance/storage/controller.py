@@ -429,6 +429,13 @@ class NvmeController(PciDevice):
                 result = (Status.SUCCESS, False, off.then())
             except Exception as error:  # noqa: BLE001 - classified like the handler's
                 result = self._failed(req, error, key)
+            if self.memory is not None:  # the worker wrote the guest pages after the
+                for address, length in off.written:  # views marked them: mark them again
+                    self.memory.mark_dirty(address, length)
+            if (self.paused or self.regs.state is not CtrlState.READY or self.memory is None
+                    or not self.bus_master):
+                req.result = result  # posted by the next pass that may DMA
+                return
             self.complete(req, result)
             self._interrupts()
         finally:
@@ -438,6 +445,14 @@ class NvmeController(PciDevice):
         """Wait until no blocking I/O of ours runs (before a reset, a pause, a close)."""
         if self.offload is not None:
             self.offload.drain()
+
+    def dma_unmapping(self) -> None:
+        """DMA_UNMAP: reads running off the loop write into guest memory: let them end."""
+        self._drain_offload()
+
+    def drain_queue_io(self) -> None:
+        """Delete I/O SQ: commands of the queue running off the loop finish first."""
+        self._drain_offload()
 
     def hold(self, req: NvmeRequest, result: Result | None = None) -> None:
         """Keep ``req`` without a completion; ``result``: what it completes with
@@ -450,7 +465,9 @@ class NvmeController(PciDevice):
         """The held (or DMA-waiting) request Abort names, if it is still
         outstanding on a live queue."""
         req = self.held.get((sqid, cid)) or next(
-            (r for r in self.waiting if r.key == (sqid, cid)), None)
+            (r for r in self.waiting if r.key == (sqid, cid) and not r.io_busy), None)
+        # (a command whose I/O runs off the loop is still writing guest memory:
+        # "not aborted", it completes when the I/O does)
         if req is not None and not self._queue_alive(req):
             self._drop(req)
             return None

@@ -88,7 +88,7 @@ def read(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
     if ctrl.offload is None:  # cannot happen: nowait was off
         _release(views)
         raise CommandError(Status.INTERNAL_ERROR, "read did not complete")
-    return Offloaded(lambda: ns.read_into(views, slba), counted, views)
+    return Offloaded(lambda: ns.read_into(views, slba), counted, views, list(segments))
 
 
 def write(ctrl: NvmeController, cmd: Command) -> int | Offloaded:

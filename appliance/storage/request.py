@@ -80,6 +80,8 @@ class Offloaded:
     work: Callable[[], object]
     then: Callable[[], int] = lambda: 0
     views: list[memoryview] = field(default_factory=list)
+    #: guest ranges ``work`` writes: marked dirty again when it is done
+    written: list[tuple[int, int]] = field(default_factory=list)
 
     def release(self) -> None:
         for view in self.views:

@@ -54,6 +54,9 @@ class VfioUserDevice(Protocol):
     def reset(self) -> None:
         """DEVICE_RESET: the device returns to its power-on state."""
 
+    def dma_unmapping(self) -> None:
+        """The client unmaps memory: finish (wait for) any DMA the device has in flight."""
+
     def region(self, index: int) -> RegionDesc:
         """Describe region ``index`` (size 0 = absent)."""
 

@@ -189,6 +189,12 @@ class ServerConnection(ConnectionHandoff):
         while self._frames and self.state is not ConnState.CLOSED:
             self._dispatch(self._frames.popleft())
 
+    @property
+    def has_output(self) -> bool:
+        """Whether messages wait for :meth:`data_to_send` (replies, or DMA messages the
+        device made outside any client message: its idle poll, a timer, an I/O done)."""
+        return bool(self._out)
+
     def data_to_send(self) -> list[tuple[bytes, list[int]]]:
         """Messages to write, each with the fds to pass alongside (then close them)."""
         out = list(self._out)
@@ -214,8 +220,8 @@ class ServerConnection(ConnectionHandoff):
         self.irq_mask_fds.clear()
         if self.migration is not None:
             self.migration.close()
+        self.device.detach()  # drops its waiting work and waits for DMA in flight: then unmap
         self.memory.unmap_all()
-        self.device.detach()  # drops the device's waiting work first: then nothing runs
         self.dma.close()
 
     # ------------------------------------------------------------ server -> client DMA
@@ -225,6 +231,8 @@ class ServerConnection(ConnectionHandoff):
         Returns the message id its reply carries (:class:`DmaMessages` keeps it).
         """
         msg_id = self._next_id = (self._next_id + 1) & 0xFFFF
+        while self.dma.expects(msg_id):  # a 16-bit id wraps: never reuse one still unanswered
+            msg_id = self._next_id = (self._next_id + 1) & 0xFFFF
         count = data if isinstance(data, int) else len(data)
         body = b"" if isinstance(data, int) else data
         if self.dma_layout is DmaLayout.U32_COUNT:
@@ -383,6 +391,7 @@ class ServerConnection(ConnectionHandoff):
         require(not req.flags & ~int(known), errno.EINVAL, f"DMA_UNMAP flags {req.flags:#x}")
         require(not req.flags & w.DmaUnmapFlag.GET_DIRTY_BITMAP, errno.ENOTSUP,
                 "DMA_UNMAP dirty bitmap (use DMA_LOGGING_REPORT)")
+        self.device.dma_unmapping()  # no DMA of the device's may still run in that memory
         if req.flags & w.DmaUnmapFlag.ALL:
             require(req.address == 0 and req.size == 0, errno.EINVAL, "UNMAP ALL with a range")
             self.memory.unmap_all()

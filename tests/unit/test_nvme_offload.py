@@ -16,12 +16,15 @@ from pathlib import Path
 import pytest
 from test_nvme_driver import Driver, make_controller, status
 
+from appliance.memory import DirtyLog
+from appliance.pci.config import COMMAND, PciCommand
 from appliance.runtime.loop import EventLoop
 from appliance.runtime.offload import Offload
 from appliance.storage.controller import SQ_BUDGET
 from appliance.storage.namespace import Namespace
 from appliance.storage.request import RequestState
 from appliance.storage.spec import AdminOpcode, Command, IoOpcode, Status
+from appliance.vfio_user.wire import PciRegion
 
 
 class HeldOffload:
@@ -70,8 +73,8 @@ def test_flush_runs_off_the_loop_and_the_queue_goes_on(rig: tuple[Driver, HeldOf
     d, offload = rig
     cid = d.submit(1, flush_cmd())
     assert d.reap(1) == [] and len(offload.works) == 1  # the fdatasync waits for a worker
-    req = d.ctrl.held_request(1, cid)
-    assert req is not None and req.state is RequestState.WAITING and req.io_busy
+    [req] = d.ctrl.waiting
+    assert req.cid == cid and req.state is RequestState.WAITING and req.io_busy
     done, _ = d.io(IoOpcode.READ, slba=0, nlb=1)  # meanwhile: served at once
     assert status(done) == (Status.SUCCESS, False)
     d.sink.take()
@@ -129,23 +132,44 @@ def test_a_cached_read_stays_on_the_loop(rig: tuple[Driver, HeldOffload]) -> Non
     assert status(done) == (Status.SUCCESS, False) and got == data and offload.works == []
 
 
-def test_abort_completes_an_offloaded_command_once(rig: tuple[Driver, HeldOffload]) -> None:
+def test_abort_does_not_abort_a_command_whose_io_runs(rig: tuple[Driver, HeldOffload]) -> None:
+    """A worker may still be writing its guest buffers: "not aborted" (DW0 bit 0
+    set), and the command completes when its I/O does, once."""
     d, offload = rig
     cid = d.submit(1, flush_cmd())
     done = d.admin(AdminOpcode.ABORT, cdw10=cid << 16 | 1)
-    assert done.dw0 & 1 == 0
-    aborted = d.reap(1)
-    assert [c.cid for c in aborted] == [cid]
-    assert status(aborted[0]) == (Status.ABORT_REQUESTED, False)
-    offload.run_all()  # the sync still happens; its completion is not posted again
+    assert done.dw0 & 1 == 1 and d.reap(1) == []
+    offload.run_all()
+    finished = d.reap(1)
+    assert [c.cid for c in finished] == [cid] and status(finished[0]) == (Status.SUCCESS, False)
+
+
+def test_bus_master_off_holds_an_offloaded_completion(rig: tuple[Driver, HeldOffload]) -> None:
+    """The I/O finished while the device may not DMA: its completion waits."""
+    d, offload = rig
+    cid = d.submit(1, flush_cmd())
+    d.ctrl.region_write(PciRegion.CONFIG, COMMAND, int(PciCommand.MEMORY).to_bytes(2, "little"))
+    offload.run_all()
     assert d.reap(1) == []
+    d.ctrl.region_write(PciRegion.CONFIG, COMMAND,
+                        int(PciCommand.MEMORY | PciCommand.BUS_MASTER).to_bytes(2, "little"))
+    d.ctrl.poll()
+    assert [c.cid for c in d.reap(1)] == [cid]
+
+
+def test_delete_sq_lets_the_queue_io_finish_first(rig: tuple[Driver, HeldOffload]) -> None:
+    d, offload = rig
+    cid = d.submit(1, flush_cmd())
+    done = d.admin(AdminOpcode.DELETE_SQ, cdw10=1)
+    assert status(done) == (Status.SUCCESS, False) and offload.works == []
+    assert [c.cid for c in d.reap(1)] == [cid]  # completed before its SQ went
 
 
 def test_a_reset_waits_for_the_work_and_drops_the_command(rig: tuple[Driver, HeldOffload]) -> None:
     d, offload = rig
     cid = d.submit(1, flush_cmd())
-    req = d.ctrl.held_request(1, cid)
-    assert req is not None
+    [req] = d.ctrl.waiting
+    assert req.cid == cid
     d.write_reg(0x14, 0)  # CC.EN = 0
     assert offload.drains >= 1 and offload.works == []  # nothing runs past the reset
     assert req.state is RequestState.DROPPED
@@ -216,3 +240,24 @@ def test_the_pool_reports_back_through_the_loop() -> None:
         gate.set()
         pool.close()
         loop.close()
+
+
+def test_pages_an_offloaded_read_wrote_are_dirty_when_it_completes(
+        rig: tuple[Driver, HeldOffload], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A migration's dirty log read (and cleared) while the worker still writes
+    the guest pages must see them again: they are marked once more at completion."""
+    d, offload = rig
+    real = Namespace.read_into
+
+    def uncached(self: Namespace, views: list[memoryview], slba: int, *,
+                 nowait: bool = False) -> bool:
+        return False if nowait else real(self, views, slba)
+
+    monkeypatch.setattr(Namespace, "read_into", uncached)
+    d.mem.dirty_log = DirtyLog()
+    prp1, prp2, pages = d.buffer(8192)
+    d.submit(1, Command(opcode=IoOpcode.READ, nsid=1, prp1=prp1, prp2=prp2, cdw10=0, cdw12=15))
+    d.mem.dirty_log.take(0, 1 << 64 - 1)  # a DMA_LOGGING_REPORT before the data landed
+    offload.run_all()
+    dirty = d.mem.dirty_log.take(0, 1 << 64 - 1)
+    assert {page // 4096 for page in pages} <= set(dirty)

@@ -135,7 +135,7 @@ def test_service_check_refuses_a_bad_connection_count(
     service = VfioUserService(loop, str(tmp_path / "nvme.sock"), ctrl)
     fds = source_fds(tmp_path)
     try:
-        state = {"path": service.path, "listener": 0, "lock": 1, "client": None,
+        state = {"path": str(tmp_path / "src.sock"), "listener": 0, "lock": 1, "client": None,
                  "connections": connections}
         with pytest.raises(ApplianceError, match="connections"):
             service.handoff_check(state, fds)
@@ -160,7 +160,7 @@ def test_service_check_refuses_a_bad_client_state_before_adopting(
     try:
         conn = client_state()
         conn["regions"][0]["size"] = "16K"
-        state = {"path": service.path, "listener": 0, "lock": 1,
+        state = {"path": str(tmp_path / "src.sock"), "listener": 0, "lock": 1,
                  "client": {"socket": 2, "conn": conn}}
         with pytest.raises(ApplianceError, match="bad handoff state"):
             service.handoff_check(state, fds)

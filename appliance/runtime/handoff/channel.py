@@ -218,6 +218,11 @@ class HandoffSource:
         started = time.monotonic()
         app.handoff_quiesce()
         try:
+            # Quiescing finished the I/O in flight: what it completed (a completion
+            # DMA'd by message, say) must not stay behind in this process.
+            why = app.handoff_blocker()
+            if why:
+                raise HandoffError(f"cannot hand off now: {why}")
             if not shared:
                 writer.add(dirty_round(rounds + 1, mig.precopy_pending(), final=True))
                 while records := mig.precopy_records(PRECOPY_CHUNK):
