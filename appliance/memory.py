@@ -497,8 +497,7 @@ class ClientMemory:
                 self._transport().dma_write(region.address + off, bytes(data[done:done + n]),
                                             self._scope())
             done += n
-        if self.dirty_log is not None:
-            self.dirty_log.mark(address, len(data))
+        self.mark_dirty(address, len(data))
 
     def write_uint(self, address: int, value: int, size: int) -> None:
         """Store the little-endian unsigned ``value`` of ``size`` bytes (2, 4 or 8).
@@ -526,8 +525,7 @@ class ClientMemory:
             value = int.from_bytes(value.to_bytes(size, "little"), sys.byteorder)
         with region.view[off:off + size] as piece, piece.cast(fmt) as word:
             word[0] = value
-        if self.dirty_log is not None:
-            self.dirty_log.mark(address, size)
+        self.mark_dirty(address, size)
 
     def read_obj(self, address: int, cls: type[S]) -> S:
         """Read and decode one wire struct at ``address``."""
@@ -538,8 +536,8 @@ class ClientMemory:
         self.write(address, obj.pack())
 
     def mark_dirty(self, address: int, length: int) -> None:
-        """Mark a range written behind the accessor's back (through views it
-        handed out, after they were marked) in the dirty log, if one runs."""
+        """Mark a written range in the dirty log, if one runs: every write through
+        the accessor, and ranges written later through views it handed out."""
         if self.dirty_log is not None and length > 0:
             self.dirty_log.mark(address, length)
 
@@ -562,8 +560,8 @@ class ClientMemory:
                 views.append(region.view[off:off + n])
         if views is None:
             return None
-        if write and self.dirty_log is not None:
-            self.dirty_log.mark(address, length)
+        if write:
+            self.mark_dirty(address, length)
         return views
 
     def fd_area(self, address: int, length: int, write: bool, on_error: OnError) -> FdArea | None:

@@ -24,10 +24,10 @@ from typing import Any
 
 from appliance.errors import LocalProtocolError, RemoteProtocolError
 from appliance.memory import ClientMemory, MapError
+from appliance.protocol_common import require
 from appliance.vfio_user import wire as w
+from appliance.vfio_user.connection_state import PGSIZE
 from appliance.vfio_user.framing import Framer
-
-PGSIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,6 @@ def _bad(what: str) -> LocalProtocolError:
     return LocalProtocolError(f"bad handoff state: {what}", errno.EINVAL)
 
 
-def _require(cond: bool, err: int, message: str) -> None:
-    if not cond:
-        raise LocalProtocolError(message, err)
-
-
 def _int(value: Any, what: str, lo: int = 0, hi: int = (1 << 64) - 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise _bad(f"{what}: {value!r} is not an integer in {lo}..{hi:#x}")
@@ -98,11 +93,11 @@ def parse_client_caps(caps: Any) -> ClientCaps:
     Raises:
         LocalProtocolError: EINVAL for a value out of range or of the wrong type.
     """
-    _require(isinstance(caps, dict), errno.EINVAL, "capabilities are not an object")
+    require(isinstance(caps, dict), errno.EINVAL, "capabilities are not an object")
 
     def number(key: str, default: int, lo: int, hi: int) -> int:
         value = caps.get(key, default)
-        _require(isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi,
+        require(isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi,
                  errno.EINVAL, f"capability {key}={value!r} out of range")
         return int(value)
 
@@ -110,10 +105,10 @@ def parse_client_caps(caps: Any) -> ClientCaps:
     max_xfer = number("max_data_xfer_size", w.DEFAULT_MAX_DATA_XFER_SIZE, 1, 1 << 30)
     number("max_dma_maps", w.DEFAULT_MAX_DMA_MAPS, 1, 1 << 31)
     pgsizes = number("pgsizes", w.DEFAULT_PGSIZES, 1, (1 << 63) - 1)
-    _require(bool(pgsizes & PGSIZE), errno.EINVAL, f"client pgsizes {pgsizes:#x} lack 4 KiB")
+    require(bool(pgsizes & PGSIZE), errno.EINVAL, f"client pgsizes {pgsizes:#x} lack 4 KiB")
     wm = caps.get("write_multiple", False)
-    _require(isinstance(wm, bool), errno.EINVAL, "write_multiple is not a boolean")
-    _require(isinstance(caps.get("migration", {}), dict), errno.EINVAL,
+    require(isinstance(wm, bool), errno.EINVAL, "write_multiple is not a boolean")
+    require(isinstance(caps.get("migration", {}), dict), errno.EINVAL,
              "migration capability is not an object")
     return ClientCaps(max_msg_fds, max_xfer, wm)
 
@@ -175,15 +170,15 @@ def parse_connection(state: Any, nfds: int, irq_count: Callable[[int], int],
         raise _bad(f"{exc.args[0]!r} missing") from None
     mask_kinds = {int(w.IrqSetFlag.ACTION_MASK), int(w.IrqSetFlag.ACTION_UNMASK)}
     for index, count in enabled:
-        _require(index < w.PCI_NUM_IRQS and count <= irq_count(index), errno.EINVAL,
+        require(index < w.PCI_NUM_IRQS and count <= irq_count(index), errno.EINVAL,
                  f"irq {index}: {count} enabled")
     for kind, index, sub in [(None, i, s) for i, s, _ in irqs] + [(k, i, s) for k, i, s, _ in masks]:
-        _require(index < w.PCI_NUM_IRQS and sub < irq_count(index)
+        require(index < w.PCI_NUM_IRQS and sub < irq_count(index)
                  and (kind is None or kind in mask_kinds), errno.EINVAL,
                  f"irq {index}.{sub} (action {kind}) out of range")
-    _require(len(pending) < max_pending and len(pending_fds) <= max_pending_fds, errno.EINVAL,
+    require(len(pending) < max_pending and len(pending_fds) <= max_pending_fds, errno.EINVAL,
              "pending message too large")
-    _require(bool(pending) or not pending_fds, errno.EINVAL,
+    require(bool(pending) or not pending_fds, errno.EINVAL,
              "bad handoff state: pending fds without a pending message")
     _check_pending(pending, max_pending)
     return ConnectionState(caps, next_id, tuple(regions), irqs, masks, enabled, pending,
@@ -219,7 +214,7 @@ def check_fds(s: ConnectionState, fds: list[int], is_eventfd: Callable[[int], bo
     """
     if is_eventfd is not None:
         for index in [f for *_, f in s.irq_fds] + [f for *_, f in s.irq_mask_fds]:
-            _require(is_eventfd(fds[index]), errno.EINVAL, f"irq fd {index} is not an eventfd")
+            require(is_eventfd(fds[index]), errno.EINVAL, f"irq fd {index} is not an eventfd")
     scratch = ClientMemory(max_regions=max_regions)
     try:
         for r in s.regions:
@@ -228,7 +223,7 @@ def check_fds(s: ConnectionState, fds: list[int], is_eventfd: Callable[[int], bo
                     mode = os.fstat(fds[r.fd]).st_mode
                 except OSError as exc:
                     raise _bad(f"region fd {r.fd}: {exc}") from None
-                _require(stat.S_ISREG(mode), errno.EINVAL, f"region fd {r.fd} is not a file")
+                require(stat.S_ISREG(mode), errno.EINVAL, f"region fd {r.fd} is not a file")
             try:
                 scratch.map(r.address, r.size, fd=None if r.fd is None else os.dup(fds[r.fd]),
                             fd_offset=r.fd_offset, readable=r.readable, writable=r.writable)

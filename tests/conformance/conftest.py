@@ -2,6 +2,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hostile import HostileTarget
 
 from appliance.client.vfio_user import VfioUserClient
 from appliance.testing.process import ApplianceProcess, make_config
@@ -24,3 +25,10 @@ def sock_path(appliance: ApplianceProcess) -> str:
 def client(sock_path: str) -> Iterator[VfioUserClient]:
     with VfioUserClient.connect(sock_path) as c:
         yield c
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Iterator[HostileTarget]:
+    """A real appliance with a baseline, for hostile-peer cases (see hostile.py)."""
+    with HostileTarget(tmp_path) as t:
+        yield t

@@ -11,20 +11,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from hostile import HostileTarget, wait_until
 
 IDLE_CLIENTS = 20  # more than the appliance's 16 connections
-
-
-@pytest.fixture
-def target(tmp_path: Path) -> Iterator[HostileTarget]:
-    with HostileTarget(tmp_path) as t:
-        yield t
 
 
 def no_traceback_anywhere(target: HostileTarget) -> None:

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
-import pytest
 from hostile import HostileTarget, wait_until
 
 from appliance.client.vfio_user import VfioUserClient
@@ -20,12 +18,6 @@ from appliance.runtime.control import ControlClient
 CYCLES = 1000
 WARM_UP = 100  # cycles before the RSS reference is taken (allocator pools fill up)
 RSS_FLAT = 8 << 20  # growth allowed over the remaining cycles
-
-
-@pytest.fixture
-def target(tmp_path: Path) -> Iterator[HostileTarget]:
-    with HostileTarget(tmp_path) as t:
-        yield t
 
 
 def churn(target: HostileTarget, cycle: Callable[[], None]) -> None:

@@ -12,10 +12,7 @@ from __future__ import annotations
 import select
 import socket
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from hostile import HostileTarget, wait_until
 
 from appliance.client.nvme import NvmeDriver
@@ -24,12 +21,6 @@ from appliance.storage import spec
 
 NO_REPLY = "DMA message(s)"
 DMA_TIMEOUT = 5.0  # the appliance's limit (appliance.runtime.vfio_user.DMA_TIMEOUT)
-
-
-@pytest.fixture
-def target(tmp_path: Path) -> Iterator[HostileTarget]:
-    with HostileTarget(tmp_path) as t:
-        yield t
 
 
 def no_reply_lines(target: HostileTarget) -> list[str]:

@@ -17,22 +17,13 @@ import errno
 import json
 import os
 import socket
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from hostile import HostileTarget, wait_until
 
 from appliance.net import vhost_wire as vw
 from appliance.net.vhost_wire import ProtocolFeature as PF
 from appliance.net.vhost_wire import Request as R
 from appliance.vfio_user import wire as w
-
-
-@pytest.fixture
-def target(tmp_path: Path) -> Iterator[HostileTarget]:
-    with HostileTarget(tmp_path) as t:
-        yield t
 
 
 def connect(path: str) -> socket.socket:

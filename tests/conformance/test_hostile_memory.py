@@ -16,7 +16,6 @@ import mmap
 import os
 import socket
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,6 @@ from appliance.storage import spec
 EXTRA = 0x8000_0000  # client address of the extra region, outside the driver's memory
 EXTRA_SIZE = 1 << 20
 SHRUNK_LOG = "client memory region 0x80000000+0x100000"
-
-
-@pytest.fixture
-def target(tmp_path: Path) -> Iterator[HostileTarget]:
-    with HostileTarget(tmp_path) as t:
-        yield t
 
 
 def memfd(sealable: bool) -> int:

@@ -4,17 +4,7 @@ back to baseline, well-behaved peers served within 100 ms)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 from hostile import HostileTarget
-
-
-@pytest.fixture
-def target(tmp_path: Path) -> Iterator[HostileTarget]:
-    with HostileTarget(tmp_path) as t:
-        yield t
 
 
 def test_baseline_is_healthy(target: HostileTarget) -> None:

@@ -12,8 +12,6 @@ import errno
 import os
 import select
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from hostile import HostileTarget, wait_until
@@ -25,12 +23,6 @@ from appliance.vfio_user.framing import encode
 
 RSS_SLACK = 64 << 20
 DISCONNECT_LINE = "replies unread"
-
-
-@pytest.fixture
-def target(tmp_path: Path) -> Iterator[HostileTarget]:
-    with HostileTarget(tmp_path) as t:
-        yield t
 
 
 def connect(target: HostileTarget) -> VfioUserClient:

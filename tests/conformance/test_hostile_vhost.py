@@ -15,7 +15,6 @@ import select
 import socket
 import struct
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +33,6 @@ from test_vhost_frontend import DriverRing, GuestMemory
 GET_FEATURES = vw.Header(request=R.GET_FEATURES, flags=vw.VERSION).pack()
 HDR = bytes(vw.NetHdr.SIZE)
 FRAME = b"\xff" * 6 + bytes.fromhex("525400aa0001") + b"\x88\xb5" + bytes(46)
-
-
-@pytest.fixture
-def target(tmp_path: Path) -> Iterator[HostileTarget]:
-    with HostileTarget(tmp_path) as t:
-        yield t
 
 
 def net0(target: HostileTarget) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,55 +129,46 @@ def test_bad_client_state_is_refused_by_the_check_and_leaks_nothing(
     os.close(memfd)
 
 
-@pytest.mark.parametrize("connections", ["\u00b2", float("inf"), [1], True, -1])
-def test_service_check_refuses_a_bad_connection_count(
-        connections: Any, ctrl: NvmeController, tmp_path: Path) -> None:
+@pytest.fixture
+def destination(ctrl: NvmeController, tmp_path: Path) -> Iterator[tuple[VfioUserService, list[int]]]:
+    """A destination's vfio-user service, and what a source hands over: its
+    listening socket (fd 0), the lock file beside it (fd 1) and a client socket (fd 2)."""
     loop = EventLoop()
     service = VfioUserService(loop, str(tmp_path / "nvme.sock"), ctrl)
-    fds = source_fds(tmp_path)
-    try:
-        state = {"path": str(tmp_path / "src.sock"), "listener": 0, "lock": 1, "client": None,
-                 "connections": connections}
-        with pytest.raises(ApplianceError, match="connections"):
-            service.handoff_check(state, fds)
-        state["connections"] = 3
-        service.handoff_check(state, fds)
-    finally:
-        service.close()
-        loop.close()
-        for fd in fds:
-            os.close(fd)
-
-
-def test_service_check_refuses_a_bad_client_state_before_adopting(
-        ctrl: NvmeController, tmp_path: Path) -> None:
-    loop = EventLoop()
-    service = VfioUserService(loop, str(tmp_path / "nvme.sock"), ctrl)
-    fds = source_fds(tmp_path)
-    a, b = socket.socketpair()
-    fds.append(os.dup(a.fileno()))
-    a.close()
-    b.close()
-    try:
-        conn = client_state()
-        conn["regions"][0]["size"] = "16K"
-        state = {"path": str(tmp_path / "src.sock"), "listener": 0, "lock": 1,
-                 "client": {"socket": 2, "conn": conn}}
-        with pytest.raises(ApplianceError, match="bad handoff state"):
-            service.handoff_check(state, fds)
-    finally:
-        service.close()
-        loop.close()
-        for fd in fds:
-            os.close(fd)
-
-
-def source_fds(tmp_path: Path) -> list[int]:
-    """A listening socket's fd and a lock file's fd, as a source hands them over."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(tmp_path / "src.sock"))
     listener.listen(1)
+    a, b = socket.socketpair()
     fds = [os.dup(listener.fileno()),
-           os.open(tmp_path / "src.sock.lock", os.O_RDWR | os.O_CREAT, 0o600)]
-    listener.close()
-    return fds
+           os.open(tmp_path / "src.sock.lock", os.O_RDWR | os.O_CREAT, 0o600),
+           os.dup(a.fileno())]
+    for sock in (listener, a, b):
+        sock.close()
+    yield service, fds
+    service.close()
+    loop.close()
+    for fd in fds:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("connections", ["\u00b2", float("inf"), [1], True, -1])
+def test_service_check_refuses_a_bad_connection_count(
+        connections: Any, destination: tuple[VfioUserService, list[int]], tmp_path: Path) -> None:
+    service, fds = destination
+    state = {"path": str(tmp_path / "src.sock"), "listener": 0, "lock": 1, "client": None,
+             "connections": connections}
+    with pytest.raises(ApplianceError, match="connections"):
+        service.handoff_check(state, fds)
+    state["connections"] = 3
+    service.handoff_check(state, fds)
+
+
+def test_service_check_refuses_a_bad_client_state_before_adopting(
+        destination: tuple[VfioUserService, list[int]], tmp_path: Path) -> None:
+    service, fds = destination
+    conn = client_state()
+    conn["regions"][0]["size"] = "16K"
+    state = {"path": str(tmp_path / "src.sock"), "listener": 0, "lock": 1,
+             "client": {"socket": 2, "conn": conn}}
+    with pytest.raises(ApplianceError, match="bad handoff state"):
+        service.handoff_check(state, fds)
