@@ -29,6 +29,7 @@ from appliance.control.protocol import (
     UNAVAILABLE,
     UNKNOWN_COMMAND,
     ControlError,
+    Deferred,
     Request,
 )
 from appliance.errors import ApplianceError
@@ -45,6 +46,7 @@ class Target:
     log_level: int | None = None  # the "appliance" logger's level before the first trace toggle
     handoff_source: Any = None  # appliance.runtime.handoff.HandoffSource
     handoff_sink: Any = None  # appliance.runtime.handoff.HandoffSink
+    busy: str = ""  # why commands that change the devices are refused now (a handoff runs)
 
 
 Handler = Callable[[Target, dict[str, Any]], Any]
@@ -173,16 +175,30 @@ def namespace_resize(t: Target, args: dict[str, Any]) -> Any:
 
 
 def handoff(t: Target, args: dict[str, Any]) -> Any:
-    """Move every device to the process whose control socket is ``to``; this one exits."""
+    """Move every device to the process whose control socket is ``to``; this one exits.
+
+    The answer is deferred: the handoff runs in the event loop (the devices
+    serve on while it pre-copies) and answers when the destination has
+    decided.  Once the devices live on elsewhere, this process stops.
+    """
     source = _need(t.handoff_source, "handoff")
+    answer = Deferred()
+
+    def finished(result: dict[str, Any] | None, error: ApplianceError | None) -> None:
+        if error is not None:
+            answer.fail(FAILED, str(error))
+            return
+        answer.resolve(result)  # (the reply goes out now, before the loop stops)
+        source.app.loop.stop()
+
     try:
-        result = source.run(args["to"])
+        if "timeout" in args:
+            source.start(args["to"], finished, timeout=args["timeout"])
+        else:
+            source.start(args["to"], finished)
     except ApplianceError as exc:
         raise ControlError(FAILED, str(exc)) from None
-    # The devices live on elsewhere: exit once this reply is written (the
-    # control service writes it before the loop runs its timers).
-    source.app.loop.call_later(0, source.app.loop.stop)
-    return result
+    return answer
 
 
 def handoff_accept(t: Target, args: dict[str, Any]) -> Any:
@@ -196,6 +212,8 @@ def handoff_accept(t: Target, args: dict[str, Any]) -> Any:
 
 MAX_SIZE = (1 << 63) - 1  # the largest file size Linux can address (off_t)
 ON_OFF: dict[str, a.Checker] = {"on": a.flag, "state": a.flag}
+#: seconds the other process of a handoff may make no progress
+HANDOFF_TIMEOUT = a.number(0.1, 3600.0)
 
 
 #: fault.add: ``now`` is the command's own, the rest go to FaultSet.add as they are
@@ -223,11 +241,16 @@ COMMANDS: dict[str, Command] = {
     "namespace.resize": Command(namespace_resize, {"nsid": a.integer(1, 0xFFFF_FFFE),
                                                   "size": a.size(1, MAX_SIZE)},
                                 frozenset({"size"})),
-    "handoff": Command(handoff, {"to": a.text}, frozenset({"to"})),
+    "handoff": Command(handoff, {"to": a.text, "timeout": HANDOFF_TIMEOUT}, frozenset({"to"})),
     "handoff.accept": Command(handoff_accept, {"version": a.integer(0, 0xFFFF_FFFF),
                                                "fingerprint": a.text, "images": a.anything,
-                                               "net": a.flag}),
+                                               "net": a.flag, "timeout": HANDOFF_TIMEOUT}),
 }
+
+
+#: what a process answers while a live handoff runs (everything else would change
+#: state that is on its way to, or arriving from, the other process)
+READ_ONLY = frozenset({"status", "fault.list"})
 
 
 def dispatch(target: Target, request: Request) -> Any:
@@ -245,4 +268,6 @@ def dispatch(target: Target, request: Request) -> Any:
         raise ControlError(UNKNOWN_COMMAND, f"unknown command {a.shown(request.cmd)} "
                                             f"(have {', '.join(sorted(COMMANDS))})")
     args = a.check_all(command.args, request.args, request.cmd, command.required)
+    if target.busy and request.cmd not in READ_ONLY:
+        raise ControlError(UNAVAILABLE, f"{request.cmd}: {target.busy}")
     return command.handler(target, args)

@@ -26,6 +26,7 @@ import json
 import math
 import re
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,43 @@ class Request:
     id: Any
     cmd: str
     args: dict[str, Any] = field(default_factory=dict)
+
+
+class Deferred:
+    """A result that comes later: a command returns one instead of its result.
+
+    The command's work goes on in the event loop (a live handoff talks to
+    another process); it settles the deferred once, with :meth:`resolve` or
+    :meth:`fail`.  The connection that asked answers then, and answers its
+    next requests only after that (replies stay in request order).
+    """
+
+    def __init__(self) -> None:
+        self._outcome: tuple[Any, ControlError | None] | None = None
+        self._callback: Callable[[Any, ControlError | None], None] | None = None
+
+    @property
+    def settled(self) -> bool:
+        return self._outcome is not None
+
+    def then(self, callback: Callable[[Any, ControlError | None], None]) -> None:
+        """Call ``callback(result, error)`` once settled (at once if it is)."""
+        self._callback = callback
+        if self._outcome is not None:
+            callback(*self._outcome)
+
+    def resolve(self, result: Any) -> None:
+        self._settle((result, None))
+
+    def fail(self, code: str, message: str) -> None:
+        self._settle((None, ControlError(code, message)))
+
+    def _settle(self, outcome: tuple[Any, ControlError | None]) -> None:
+        if self._outcome is not None:
+            raise RuntimeError("a deferred control result settles once")
+        self._outcome = outcome
+        if self._callback is not None:
+            self._callback(*outcome)
 
 
 def _encode(obj: dict[str, Any]) -> bytes:

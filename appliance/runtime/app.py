@@ -10,7 +10,8 @@ from appliance.control.faults import FaultError
 from appliance.errors import ApplianceError
 from appliance.memory import ClientMemory
 from appliance.runtime import startup
-from appliance.runtime.handoff.channel import HandoffSink, HandoffSource
+from appliance.runtime.handoff.sink import HandoffSink
+from appliance.runtime.handoff.source import HandoffSource
 from appliance.runtime.listener import Claim, ListenerError
 from appliance.runtime.loop import EventLoop
 from appliance.runtime.offload import Offload
@@ -137,7 +138,7 @@ class Appliance:
         return [p["socket"] for p in self.cfg["net"]["ports"]] if self.net is not None else []
 
     # ------------------------------------------------------------ live handoff
-    # (appliance.runtime.handoff.channel drives these; the source's, then the destination's)
+    # (appliance.runtime.handoff.source and .sink drive these, in the order below)
     def handoff_blocker(self) -> str:
         """Why the devices cannot move now ("" when they can)."""
         faults = self.control.faults
@@ -244,6 +245,7 @@ class Appliance:
         self.migratable.migration_run()
         if self.net is not None:
             self.net.handoff_start()
+        self.vfio_user.handoff_resume()  # its listener and client, read from now on
         client, self._adopted = self._adopted, None
         if client is not None and not client.conn.closed:
             client.conn.process()

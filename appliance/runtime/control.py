@@ -30,6 +30,7 @@ from appliance.control.protocol import (
     FAILED,
     ControlConnection,
     ControlError,
+    Deferred,
     Request,
     reply_error,
     reply_ok,
@@ -70,6 +71,7 @@ class _Client:
         self.reading = True
         self.writing = False  # waiting for writability (and not reading)
         self.scheduled = False  # a loop pass is due to answer more buffered requests
+        self.waiting = False  # a command's answer is deferred (Deferred): the rest waits
         self.closed = False
         self.active = time.monotonic()  # last byte received or reply byte sent
         service.loop.add_reader(self.fd, self._readable)
@@ -91,23 +93,42 @@ class _Client:
     def _work(self) -> None:
         """Answer up to :data:`BATCH` buffered requests, then send."""
         self.scheduled = False
-        if self.closed:
+        if self.closed or self.waiting:
             return
         for _ in range(BATCH):
             event = self.conn.next_event()
             if event is None:
                 break
-            self.out += event if isinstance(event, bytes) else self._answer(event)
+            reply = event if isinstance(event, bytes) else self._answer(event)
+            if reply is None:  # deferred: the rest waits for its answer
+                break
+            self.out += reply
         self._send()
 
-    def _answer(self, request: Request) -> bytes:
+    def _answer(self, request: Request) -> bytes | None:
+        """The reply, or None when the command answers later (:class:`Deferred`)."""
         try:
-            return reply_ok(request.id, dispatch(self.service.target, request))
+            result = dispatch(self.service.target, request)
         except ControlError as exc:
             return reply_error(request.id, exc.code, exc.message)
         except Exception as exc:  # a bug in a command: report it, keep serving
             log.exception("control: %s failed", request.cmd)
             return reply_error(request.id, FAILED, f"{type(exc).__name__}: {exc}")
+        if not isinstance(result, Deferred):
+            return reply_ok(request.id, result)
+        self.waiting = True
+        result.then(lambda value, error: self._settled(request.id, value, error))
+        return None  # (settled already: _settled has queued the reply)
+
+    def _settled(self, request_id: Any, result: Any, error: ControlError | None) -> None:
+        """A deferred answer: send it now (the process may stop right after)."""
+        self.waiting = False
+        if self.closed:
+            return
+        self.active = time.monotonic()
+        self.out += (reply_ok(request_id, result) if error is None
+                     else reply_error(request_id, error.code, error.message))
+        self._send()
 
     def _send(self) -> None:
         """Send what the socket takes, then decide what to wait for."""
@@ -133,9 +154,9 @@ class _Client:
         """Writability while replies are left; the next loop pass while requests
         are buffered; reading only when neither."""
         loop = self.service.loop
-        more = self.conn.has_events
+        more = self.conn.has_events and not self.waiting
         want_write = bool(self.out)
-        want_read = not want_write and not more
+        want_read = not want_write and not more and not self.waiting
         if want_write != self.writing:
             if want_write:
                 loop.add_writer(self.fd, self._send)
@@ -231,7 +252,7 @@ class ControlService:
         self._sweep_due = None
         now = time.monotonic()
         for client in list(self.clients):
-            if now - client.active >= self.idle_timeout:
+            if now - client.active >= self.idle_timeout and not client.waiting:
                 log.info("control: fd %d silent for %.1f s (control.idle_timeout): closed",
                          client.fd, now - client.active)
                 client.close()

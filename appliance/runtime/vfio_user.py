@@ -264,7 +264,7 @@ class VfioUserService:
             self.loop.remove_reader(self.client.sock.fileno())
 
     def handoff_resume(self) -> None:
-        """Source, the handoff failed: serve again."""
+        """Serve again: the source after a failed handoff, the destination at the source's go."""
         self.loop.add_reader(self.listener.fileno(), self._accept)
         if self.client is not None:
             self.loop.add_reader(self.client.sock.fileno(), self.client._readable)
@@ -382,6 +382,7 @@ class VfioUserService:
         self.claim.close()  # our own path: its socket and lock file go
         self.listener, self.path, self.claim = listener, str(state["path"]), claim
         self.loop.add_reader(listener.fileno(), self._accept)
+        self.handoff_quiesce()  # nothing is read until the source's go (handoff_resume)
         log.info("%s: took over %s%s", self.name, self.path,
                  " and its connected client" if client is not None else "")
         return client

@@ -6,6 +6,7 @@ is adopted, and nothing the check touched stays open.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -27,6 +28,9 @@ from appliance.vfio_user.server import ServerConnection, check_handoff_state
 
 
 def fds_open() -> set[int]:
+    """This process's open fds, once garbage that earlier tests left is collected
+    (a socket object in a reference cycle closes its fd whenever gc runs)."""
+    gc.collect()
     return set(map(int, os.listdir("/proc/self/fd")))
 
 
