@@ -131,8 +131,7 @@ class HandoffSource:
     def _own_socket(self, to: str) -> bool:
         """Whether ``to`` is one of the sockets this process serves."""
         cfg = self.app.cfg
-        own = [cfg["control"]["socket"], cfg["storage"]["socket"],
-               *(p["socket"] for p in cfg["net"]["ports"])]
+        own = [cfg.control.socket, cfg.storage.socket, *(p.socket for p in cfg.net.ports)]
         try:
             st = os.stat(to)
         except (OSError, ValueError):
@@ -303,7 +302,7 @@ class HandoffSink:
             raise HandoffError(f"this process is not idle: {why}")
         self.shared = args.get("images") == image_ids(app)
         self._serial += 1
-        self.path = os.path.join(app.cfg["run_dir"], f"handoff-{os.getpid()}-{self._serial}.sock")
+        self.path = os.path.join(app.cfg.run_dir, f"handoff-{os.getpid()}-{self._serial}.sock")
         try:
             listener, self.claim = listen(self.path, 1)
         except ListenerError as exc:
