@@ -339,7 +339,8 @@ def _apply(schema: Any, value: Any, path: str) -> Any:
         out = {}
         for key, (sub, default) in schema.keys.items():
             child = f"{path}.{key}" if path else key
-            out[key] = _apply(sub, value.get(key, default), child)
+            given = value.get(key)
+            out[key] = _apply(sub, default if given is None else given, child)  # null: the default
         return out
     if isinstance(schema, ListOf):
         if value is None:

@@ -135,3 +135,17 @@ def test_a_wrong_type_is_one_line_naming_the_key(tmp_path, raw, message: str) ->
         with pytest.raises(ConfigError) as info:
             load()
         assert str(info.value) == message
+
+
+def test_null_is_the_default(tmp_path) -> None:
+    """A key given as null (``key:`` with nothing after it) has its default, as an
+    absent one: a value never becomes None where the key has a default."""
+    f = tmp_path / "c.yaml"
+    f.write_text("trace:\nstorage: {io_queues: null, doorbells: null, serial: null, namespaces: null}\n"
+                 "net: {max_backlog: null, tap: null, ports: [{socket: /p, mac: '52:54:00:00:00:01', "
+                 "mode: null, pcap: null}]}\ncontrol: {idle_timeout: null}")
+    cfg = config.load(str(f))
+    defaults = config.load()
+    assert cfg.storage == defaults.storage and cfg.control == defaults.control
+    assert cfg.trace is False and cfg.net.max_backlog == 1 << 20 and cfg.net.tap.name is None
+    assert cfg.net.ports[0].mode is PortMode.SERVER and cfg.net.ports[0].pcap is None
