@@ -6,7 +6,7 @@ import logging
 import time
 from typing import Any
 
-from appliance.config import Config, NetConfig
+from appliance.config import Config
 from appliance.control.faults import FaultError
 from appliance.errors import ApplianceError
 from appliance.memory import ClientMemory
@@ -129,7 +129,7 @@ class Appliance:
             from appliance.runtime.vhost_user import NetService
         except ImportError:
             return None
-        net: NetConfig = self.cfg.net
+        net = self.cfg.net
         if not net.ports and not net.tap.name:
             return None
         return NetService(self.loop, net, standby=self.standby)
