@@ -1,28 +1,53 @@
 """Configuration: embedded defaults, a YAML file over them, strict validation.
 
-Every key is declared once in :data:`SCHEMA` with its checker and default.
+Every key is declared once in :data:`SCHEMA` with its checker and default;
+each table of the schema names the frozen dataclass it becomes
+(:class:`Config` at the top, :class:`StorageConfig`, :class:`NamespaceConfig`,
+:class:`NetConfig`, :class:`PortConfig`, :class:`ResponderConfig`,
+:class:`TapConfig`, :class:`ControlConfig` below it; lists become tuples).
+:func:`load` reads a YAML file, :meth:`Config.from_dict` checks a mapping of
+the same form, :meth:`Config.to_dict` gives one back (what a child process's
+YAML file holds).
+
 Unknown keys and bad values raise :class:`~appliance.errors.ConfigError`
 whose message starts with the key's path, e.g.
 ``storage.namespaces[0].block_size: must be one of 512, 4096 (got 1000)``.
 Paths (the keys checked by :func:`file_path`) may use ``{data_dir}`` and
 ``{run_dir}``; any other ``{placeholder}`` is refused; ``~`` is expanded.
+
+The layer: above the devices (the value sets of :class:`DoorbellMode` and
+:class:`DmaLayout` are theirs), below the runtime and the control plane,
+which read it.  Devices never import it: the runtime passes them values (a
+namespace entry as :class:`appliance.storage.namespace.NamespaceSettings`).
 """
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import os
 import re
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from appliance.errors import ConfigError
+from appliance.storage.doorbells import DoorbellMode
+from appliance.vfio_user.connection_state import DmaLayout
+
+__all__ = [
+    "SCHEMA", "Config", "ConfigError", "ControlConfig", "DmaLayout", "DoorbellMode",
+    "NamespaceConfig", "NetConfig", "PortConfig", "PortMode", "RawConfig", "ResponderConfig",
+    "StorageConfig", "TapConfig", "load",
+]
 
 Checker = Callable[[str, Any], Any]
+#: A configuration's raw form: a YAML file's mapping (:meth:`Config.from_dict` checks one).
+RawConfig = dict[str, Any]
+_E = TypeVar("_E", bound=enum.Enum)
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -68,6 +93,18 @@ def one_of(*choices: Any) -> Checker:
             shown = ", ".join(str(c) for c in choices)
             raise ConfigError(f"{path}: must be one of {shown} (got {value!r})")
         return value
+    return check
+
+
+def member_of(kind: type[_E]) -> Callable[[str, Any], _E]:
+    """A checker for one of ``kind``'s values; returns the member.  The message is
+    :func:`one_of`'s."""
+    def check(path: str, value: Any) -> _E:
+        for member in kind:
+            if not isinstance(value, bool) and value == member.value:
+                return member
+        shown = ", ".join(str(m.value) for m in kind)
+        raise ConfigError(f"{path}: must be one of {shown} (got {value!r})")
     return check
 
 
@@ -117,10 +154,121 @@ def port(path: str, value: Any) -> int:
     return int(integer(1, 65535)(path, value))
 
 
+class PortMode(enum.StrEnum):
+    """How a net port reaches its vhost-user front-end (``net.ports[i].mode``)."""
+
+    SERVER = "server"  # it listens on its socket
+    CLIENT = "client"  # it connects to the front-end's socket, and again after a disconnect
+
+
+# ------------------------------------------------------------------ the typed tree
+@dataclass(frozen=True)
+class NamespaceConfig:
+    """``storage.namespaces[i]``: one image served as NSID i + 1."""
+
+    image: str
+    size: int  # bytes, a multiple of block_size
+    block_size: int  # 512 or 4096
+    read_only: bool
+    grow: bool  # extend an existing image smaller than size (never cut one)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """``storage``: the vfio-user NVMe controller."""
+
+    socket: str
+    io_queues: int
+    queue_entries: int
+    serial: str
+    dma_layout: DmaLayout
+    doorbells: DoorbellMode
+    max_backlog: int  # unread vfio-user reply bytes before the client is dropped
+    namespaces: tuple[NamespaceConfig, ...]
+
+
+@dataclass(frozen=True)
+class PortConfig:
+    """``net.ports[i]``: one vhost-user-net port."""
+
+    socket: str
+    mac: str  # lower case
+    queues: int  # queue pairs
+    mode: PortMode
+    pcap: str | None  # None: no capture
+    mtu: int
+
+
+@dataclass(frozen=True)
+class ResponderConfig:
+    """``net.responder``: the address that answers ARP, ping and UDP echo."""
+
+    ip: str  # address with prefix, e.g. 10.0.2.2/24
+    mac: str
+    udp_echo_port: int
+
+
+@dataclass(frozen=True)
+class TapConfig:
+    """``net.tap``: the host TAP interface on the switch."""
+
+    name: str | None  # None: no TAP interface
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """``net``: the ports, their switch and what stands behind it."""
+
+    ports: tuple[PortConfig, ...]
+    responder: ResponderConfig
+    tap: TapConfig
+    max_backlog: int  # unsent reply bytes per front-end before it is disconnected
+    map_unsealed_memory: bool
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """``control``: the control socket."""
+
+    socket: str
+    idle_timeout: int  # seconds
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, checked, defaults filled in and paths expanded."""
+
+    data_dir: str
+    run_dir: str
+    trace: bool
+    storage: StorageConfig
+    net: NetConfig
+    control: ControlConfig
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Config:
+        """``raw`` (a YAML file's form) checked like a file: defaults filled in,
+        paths expanded.
+
+        Raises:
+            ConfigError: an unknown key or a bad value; the message starts with its path.
+        """
+        return _resolve(raw)
+
+    def to_dict(self) -> RawConfig:
+        """The mapping :meth:`from_dict` turns into this configuration again (lists
+        for tuples, values for enum members, braces in paths doubled)."""
+        out: RawConfig = _raw(SCHEMA, self)
+        return out
+
+
+# ------------------------------------------------------------------ the schema
 @dataclass
 class Table:
-    """A mapping with known keys: key -> (checker or nested schema, default)."""
+    """A mapping with known keys: key -> (checker or nested schema, default);
+    checked, it becomes a ``kind`` (its fields are the keys)."""
 
+    kind: type
     keys: dict[str, tuple[Any, Any]]
 
 
@@ -131,50 +279,50 @@ class ListOf:
     max_items: int = 64
 
 
-NAMESPACE = Table({
+NAMESPACE = Table(NamespaceConfig, {
     "image": (file_path, None),
     "size": (size, "1G"),
     "block_size": (one_of(512, 4096), 512),
     "read_only": (boolean, False),
-    "grow": (boolean, False),  # extend an existing image smaller than size (never cut one)
+    "grow": (boolean, False),
 })
-PORT = Table({
+PORT = Table(PortConfig, {
     "socket": (file_path, None),
     "mac": (mac, None),
     "queues": (integer(1, 8), 1),
-    "mode": (one_of("server", "client"), "server"),
+    "mode": (member_of(PortMode), "server"),
     "pcap": (file_path, None),
     "mtu": (integer(68, 65535), 1500),  # != 1500: QEMU offers VIRTIO_NET_F_MTU (host_mtu)
 })
-SCHEMA = Table({
+SCHEMA = Table(Config, {
     "data_dir": (file_path, "{default_data_dir}"),
     "run_dir": (file_path, "{default_run_dir}"),
     "trace": (boolean, False),
-    "storage": (Table({
+    "storage": (Table(StorageConfig, {
         "socket": (file_path, "{run_dir}/nvme.sock"),
         "io_queues": (integer(1, 64), 4),
         "queue_entries": (integer(2, 4096), 1024),
         "serial": (text, "APPLIANCE0001"),
-        "dma_layout": (one_of("spec", "u32-count"), "spec"),
-        "doorbells": (one_of("message", "mmap"), "message"),  # mmap: BAR0 doorbell page as a memfd
-        "max_backlog": (size, "1M"),  # unread vfio-user reply bytes before the client is dropped
+        "dma_layout": (member_of(DmaLayout), "spec"),
+        "doorbells": (member_of(DoorbellMode), "message"),  # mmap: BAR0 doorbell page as a memfd
+        "max_backlog": (size, "1M"),
         "namespaces": (ListOf(NAMESPACE, [{"image": "{data_dir}/disk0.img", "size": "1G"}], 16), None),
     }), None),
-    "net": (Table({
+    "net": (Table(NetConfig, {
         "ports": (ListOf(PORT, [{"socket": "{run_dir}/net0.sock", "mac": "52:54:00:12:34:56"}], 16), None),
-        "responder": (Table({
+        "responder": (Table(ResponderConfig, {
             "ip": (interface, "10.0.2.2/24"),
             "mac": (mac, "52:54:00:00:02:02"),
             "udp_echo_port": (port, 7),
         }), None),
-        "tap": (Table({"name": (ifname, None)}), None),  # name absent: no TAP interface
-        "max_backlog": (size, "1M"),  # unsent reply bytes per front-end before it is disconnected
+        "tap": (Table(TapConfig, {"name": (ifname, None)}), None),
+        "max_backlog": (size, "1M"),
         # mmap guest memory that could still shrink (DPDK's): fast, but a front-end that
         # shrinks it kills the process (SIGBUS); only for trusted front-ends
         "map_unsealed_memory": (boolean, False),
     }), None),
-    "control": (Table({"socket": (file_path, "{run_dir}/control.sock"),
-                       "idle_timeout": (integer(1, 86400), 300)}), None),  # seconds
+    "control": (Table(ControlConfig, {"socket": (file_path, "{run_dir}/control.sock"),
+                                      "idle_timeout": (integer(1, 86400), 300)}), None),
 })
 
 
@@ -191,7 +339,8 @@ def _apply(schema: Any, value: Any, path: str) -> Any:
         out = {}
         for key, (sub, default) in schema.keys.items():
             child = f"{path}.{key}" if path else key
-            out[key] = _apply(sub, value.get(key, default), child)
+            given = value.get(key)
+            out[key] = _apply(sub, default if given is None else given, child)  # null: the default
         return out
     if isinstance(schema, ListOf):
         if value is None:
@@ -206,19 +355,27 @@ def _apply(schema: Any, value: Any, path: str) -> Any:
     return schema(path, value)
 
 
-def _required(cfg: dict[str, Any]) -> None:
-    for i, ns in enumerate(cfg["storage"]["namespaces"]):
+def _required(checked: dict[str, Any]) -> None:
+    """What the keys cannot check alone: required values, a size that fits the
+    block size, one socket per path.
+
+    Raises:
+        ConfigError: the first problem, naming its key.
+    """
+    for i, ns in enumerate(checked["storage"]["namespaces"]):
         if ns["image"] is None:
             raise ConfigError(f"storage.namespaces[{i}].image: required")
         if ns["size"] % ns["block_size"]:
             raise ConfigError(f"storage.namespaces[{i}].size: must be a multiple of block_size")
-    for i, p in enumerate(cfg["net"]["ports"]):
+    for i, p in enumerate(checked["net"]["ports"]):
         for key in ("socket", "mac"):
             if p[key] is None:
                 raise ConfigError(f"net.ports[{i}].{key}: required")
     sockets: dict[str, str] = {}
-    named = [("storage.socket", cfg["storage"]["socket"]), ("control.socket", cfg["control"]["socket"])]
-    named += [(f"net.ports[{i}].socket", p["socket"]) for i, p in enumerate(cfg["net"]["ports"])]
+    named = [("storage.socket", checked["storage"]["socket"]),
+             ("control.socket", checked["control"]["socket"])]
+    named += [(f"net.ports[{i}].socket", p["socket"])
+              for i, p in enumerate(checked["net"]["ports"])]
     for key, path in named:
         if path in sockets:
             raise ConfigError(f"{key}: same socket path as {sockets[path]}")
@@ -257,8 +414,48 @@ def _expand(schema: Any, value: Any, key: str, names: dict[str, str]) -> Any:
     return value
 
 
-def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The validated configuration: defaults, then the file, then ``overrides``.
+def _build(schema: Any, value: Any) -> Any:
+    """The checked, expanded ``value`` as ``schema``'s dataclasses (lists as tuples)."""
+    if isinstance(schema, Table):
+        return schema.kind(**{k: _build(sub, value[k]) for k, (sub, _) in schema.keys.items()})
+    if isinstance(schema, ListOf):
+        return tuple(_build(schema.item, v) for v in value)
+    return value
+
+
+def _raw(schema: Any, value: Any) -> Any:
+    """``value`` (``schema``'s dataclass) as the mapping that checks back into it."""
+    if isinstance(schema, Table):
+        return {k: _raw(sub, getattr(value, k)) for k, (sub, _) in schema.keys.items()}
+    if isinstance(schema, ListOf):
+        return [_raw(schema.item, v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    if schema is file_path and isinstance(value, str):
+        return value.replace("{", "{{").replace("}", "}}")  # expanded again: as it is now
+    return value
+
+
+def _resolve(raw: Any) -> Config:
+    """``raw`` checked, defaults filled in, paths expanded, as a :class:`Config`.
+
+    Raises:
+        ConfigError: an unknown key or a bad value.
+    """
+    checked: dict[str, Any] = _apply(SCHEMA, raw, "")
+    names = {"default_data_dir": _default_data_dir(), "default_run_dir": _default_run_dir()}
+    checked["data_dir"] = _expand_path("data_dir", checked["data_dir"], names)
+    checked["run_dir"] = _expand_path("run_dir", checked["run_dir"], names)
+    names.update(data_dir=checked["data_dir"], run_dir=checked["run_dir"])
+    checked = _expand(SCHEMA, checked, "", names)
+    _required(checked)
+    cfg: Config = _build(SCHEMA, checked)
+    return cfg
+
+
+def load(path: str | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """The validated configuration: defaults, then the file, then ``overrides``
+    (top-level keys, each replacing the file's).
 
     Raises:
         ConfigError: unreadable file, bad YAML, unknown key, bad value.
@@ -278,11 +475,4 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> di
             raw = {}
     if overrides:
         raw = {**raw, **overrides} if isinstance(raw, dict) else raw
-    cfg: dict[str, Any] = _apply(SCHEMA, raw, "")
-    names = {"default_data_dir": _default_data_dir(), "default_run_dir": _default_run_dir()}
-    cfg["data_dir"] = _expand_path("data_dir", cfg["data_dir"], names)
-    cfg["run_dir"] = _expand_path("run_dir", cfg["run_dir"], names)
-    names.update(data_dir=cfg["data_dir"], run_dir=cfg["run_dir"])
-    cfg = _expand(SCHEMA, cfg, "", names)
-    _required(cfg)
-    return cfg
+    return _resolve(raw)

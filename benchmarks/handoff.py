@@ -45,11 +45,11 @@ def start(tmp: Path, name: str, image: Path) -> ApplianceProcess:
 
 
 def ctl(p: ApplianceProcess) -> str:
-    return str(p.cfg["control"]["socket"])
+    return p.config.control.socket
 
 
 def sock(p: ApplianceProcess) -> str:
-    return str(p.cfg["storage"]["socket"])
+    return p.config.storage.socket
 
 
 def bench_handoff(tmp: Path, hops: int) -> list[float]:

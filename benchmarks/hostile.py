@@ -409,10 +409,10 @@ def main() -> int:
         namespaces = [{"image": str(work / "data" / "disk0.img"), "size": "64M"},
                       {"image": str(ns2), "size": flush_bytes}]
         with HostileTarget(work, storage={"namespaces": namespaces}) as target:
-            responder = target.proc.resolved["net"]["responder"]
+            responder = target.proc.config.net.responder
             pinger = Pinger(target.port_sock("p1"), bytes(int(x) for x in
-                            str(responder["ip"]).split("/")[0].split(".")),
-                            bytes.fromhex(str(responder["mac"]).replace(":", "")))
+                            responder.ip.split("/")[0].split(".")),
+                            bytes.fromhex(responder.mac.replace(":", "")))
             reader = Reader(target.nvme_sock)
             try:
                 run(target, pinger, reader, seconds, ns2, flush_bytes)

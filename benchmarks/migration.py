@@ -101,11 +101,11 @@ def start_pair(tmp: Path, size: int, fill: bool) -> tuple[ApplianceProcess, Appl
 
 
 def sock(p: ApplianceProcess) -> str:
-    return str(p.cfg["storage"]["socket"])
+    return p.config.storage.socket
 
 
 def image(p: ApplianceProcess) -> str:
-    return str(p.cfg["storage"]["namespaces"][0]["image"])
+    return p.config.storage.namespaces[0].image
 
 
 def bench_throughput(tmp: Path, size: int, anchor: float) -> None:

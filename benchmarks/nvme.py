@@ -82,10 +82,10 @@ def guest_part(work: Path, mib: int, reads: int) -> None:
                 "namespaces": [{"image": str(root / "data" / "disk0.img"), "size": size}]})
             proc = ApplianceProcess(cfg, root).start()
             procs.append(proc)
-            args = qemu_args(cfg, net=False)
+            args = qemu_args(proc.config, net=False)
             i = args.index("-device")
             devices += args[i:i + 2]
-        image = Path(procs[0].resolved["storage"]["namespaces"][0]["image"])
+        image = Path(procs[0].config.storage.namespaces[0].image)
         copy = work / "builtin.img"
         shutil.copyfile(image, copy)
         devices += ["-device", "nvme,drive=d,serial=BENCH-BUILTIN",
@@ -143,7 +143,7 @@ def driver_part(work: Path, seconds: float) -> None:
         with ApplianceProcess(make_config(root, storage={"doorbells": mode}), root) as proc:
             assert proc.proc is not None
             pid = proc.proc.pid
-            with VfioUserClient.connect(str(proc.cfg["storage"]["socket"])) as c:
+            with VfioUserClient.connect(proc.config.storage.socket) as c:
                 d = NvmeDriver(c, doorbells=mode)
                 d.setup(io_queues=1, depth=64)
                 for opcode, name in ((spec.IoOpcode.READ, "read"), (spec.IoOpcode.WRITE, "write")):

@@ -25,24 +25,25 @@ import sys
 from typing import Any
 
 from appliance import config as config_mod
+from appliance.config import Config
 from appliance.errors import ApplianceError
 
 
-def _cmd_run(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     from appliance.runtime.app import Appliance
     from appliance.testing.qemu import qemu_args
 
     app = Appliance(cfg, standby=args.standby)
     app.start()
-    print(f"appliance: serving NVMe on {cfg['storage']['socket']}", flush=True)
-    for ns in cfg["storage"]["namespaces"]:
-        print(f"appliance: namespace {ns['image']} ({ns['size']} bytes, {ns['block_size']}-byte blocks)",
+    print(f"appliance: serving NVMe on {cfg.storage.socket}", flush=True)
+    for ns in cfg.storage.namespaces:
+        print(f"appliance: namespace {ns.image} ({ns.size} bytes, {ns.block_size}-byte blocks)",
               flush=True)
     for p in app.net_ports():
         print(f"appliance: {'standing by for' if args.standby else 'serving'} vhost-user-net on {p}",
               flush=True)
-    if args.standby and cfg["net"]["tap"]["name"]:
-        print(f"appliance: standing by for TAP interface {cfg['net']['tap']['name']}", flush=True)
+    if args.standby and cfg.net.tap.name:
+        print(f"appliance: standing by for TAP interface {cfg.net.tap.name}", flush=True)
     print("appliance: attach QEMU with:\n  qemu-system-x86_64 -machine q35 -m 512M "
           + " ".join(shlex.quote(a) for a in qemu_args(cfg, net=app.net_enabled)) + " ...", flush=True)
     print("appliance: ready", flush=True)
@@ -53,7 +54,7 @@ def _cmd_run(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_qemu_args(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+def _cmd_qemu_args(cfg: Config, args: argparse.Namespace) -> int:
     from appliance.testing.qemu import qemu_args
 
     print(" ".join(shlex.quote(a) for a in qemu_args(cfg, net=not args.no_net)))
@@ -73,7 +74,7 @@ def _ctl_value(text: str) -> Any:
         return text
 
 
-def _cmd_ctl(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+def _cmd_ctl(cfg: Config, args: argparse.Namespace) -> int:
     from appliance.control.protocol import ControlError
     from appliance.runtime.control import ControlClient
 
@@ -83,7 +84,7 @@ def _cmd_ctl(cfg: dict[str, Any], args: argparse.Namespace) -> int:
         if not sep or not key:
             raise ApplianceError(f"ctl: expected key=value, got {item!r}")
         params[key] = _ctl_value(value)
-    path = cfg["control"]["socket"]
+    path = cfg.control.socket
     try:
         with ControlClient(path) as client:
             result = client(args.cmd, **params)
@@ -95,11 +96,11 @@ def _cmd_ctl(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_handoff(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+def _cmd_handoff(cfg: Config, args: argparse.Namespace) -> int:
     from appliance.control.protocol import ControlError
     from appliance.runtime.control import ControlClient
 
-    source = args.source or cfg["control"]["socket"]
+    source = args.source or cfg.control.socket
     to = os.path.abspath(args.to)
     try:
         with ControlClient(source, timeout=args.timeout) as client:
@@ -114,7 +115,7 @@ def _cmd_handoff(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_boot(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+def _cmd_boot(cfg: Config, args: argparse.Namespace) -> int:
     from appliance.testing.boot import boot
 
     return boot(cfg, args.config, append=args.append, smp=args.smp, keep=args.keep,
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     except ApplianceError as exc:
         print(f"appliance: error: {exc}", file=sys.stderr)
         return 2
-    trace = args.trace or cfg["trace"]
+    trace = args.trace or cfg.trace
     level = logging.DEBUG if trace else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)

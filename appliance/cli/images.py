@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.config import Config
 from appliance.errors import ApplianceError
 
 #: The builder, found relative to this file (a source checkout / editable install).
@@ -226,7 +227,7 @@ def _lines(root: Path, arts: list[Artifact]) -> list[str]:
     return out
 
 
-def cmd_info(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+def cmd_info(cfg: Config, args: argparse.Namespace) -> int:
     root = cache_dir(args.cache)
     arts, problem = inspect(root)
     host = host_qemu()
@@ -254,7 +255,7 @@ def cmd_info(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     return 1
 
 
-def cmd_build(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+def cmd_build(cfg: Config, args: argparse.Namespace) -> int:
     root = cache_dir(args.cache)
     t0 = time.monotonic()
     changed = build(root, force=args.force, boot_test=args.boot_test,

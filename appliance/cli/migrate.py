@@ -13,6 +13,7 @@ import argparse
 import sys
 from typing import Any, TextIO
 
+from appliance.config import Config
 from appliance.errors import ApplianceError
 
 BAR_WIDTH = 30
@@ -84,7 +85,7 @@ class _Bar:
             self.out.flush()
 
 
-def run(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+def run(cfg: Config, args: argparse.Namespace) -> int:
     """Run the migration; prints the summary.
 
     Raises:

@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Any
 
+from appliance.config import Config
 from appliance.control.faults import FaultError
 from appliance.errors import ApplianceError
 from appliance.memory import ClientMemory
@@ -20,7 +21,6 @@ from appliance.storage.controller import NvmeController
 from appliance.storage.doorbells import DoorbellPage
 from appliance.storage.migration import NvmeMigratable
 from appliance.vfio_user.migration import VfioUserMigration
-from appliance.vfio_user.server import DmaLayout
 
 log = logging.getLogger("appliance")
 
@@ -36,7 +36,7 @@ def _is_hex(value: Any) -> bool:
 class Appliance:
     """The process: devices, their sockets, and the loop that serves them."""
 
-    def __init__(self, cfg: dict[str, Any], standby: bool = False) -> None:
+    def __init__(self, cfg: Config, standby: bool = False) -> None:
         """``standby``: a handoff destination for a source that holds what
         cannot be opened twice (the TAP interface): net ports neither listen
         nor connect and the TAP is not attached until a handoff brings the
@@ -78,11 +78,11 @@ class Appliance:
     def _start(self) -> None:
         cfg = self.cfg
         startup.make_dirs(cfg)
-        st = cfg["storage"]
+        st = cfg.storage
         self.controller = NvmeController(
-            namespaces=st["namespaces"], io_queues=st["io_queues"],
-            queue_entries=st["queue_entries"], serial=st["serial"], clock=time.monotonic,
-            doorbells=st["doorbells"])
+            namespaces=st.namespaces, io_queues=st.io_queues,
+            queue_entries=st.queue_entries, serial=st.serial, clock=time.monotonic,
+            doorbells=st.doorbells)
         self.offload = Offload(self.loop)  # the namespaces' blocking I/O runs off the loop
         self.controller.offload = self.offload
         # Migration v2 (commands 16-18): the controller's save/restore is
@@ -93,9 +93,9 @@ class Appliance:
             return VfioUserMigration(migratable, memory, name="nvme")
 
         self.migratable = migratable
-        service = VfioUserService(self.loop, st["socket"], self.controller, name="nvme",
-                                  dma_layout=DmaLayout(st["dma_layout"]),
-                                  max_backlog=st["max_backlog"], migration=migration_handler)
+        service = VfioUserService(self.loop, st.socket, self.controller, name="nvme",
+                                  dma_layout=st.dma_layout,
+                                  max_backlog=st.max_backlog, migration=migration_handler)
         self.services.append(service)
         self.vfio_user = service
         self.loop.add_idle(self.controller.poll)
@@ -105,9 +105,9 @@ class Appliance:
         self.net = self._start_net()
         from appliance.runtime.control import ControlService  # the control socket (ctl)
 
-        self.control = ControlService(self.loop, cfg["control"]["socket"],
+        self.control = ControlService(self.loop, cfg.control.socket,
                                       controller=self.controller, net=self.net,
-                                      idle_timeout=cfg["control"]["idle_timeout"])
+                                      idle_timeout=cfg.control.idle_timeout)
         self.services.append(self.control)
         self.control.target.handoff_source = HandoffSource(self)
         self.control.target.handoff_sink = HandoffSink(self)
@@ -130,12 +130,13 @@ class Appliance:
             from appliance.runtime.vhost_user import NetService
         except ImportError:
             return None
-        if not self.cfg["net"]["ports"] and not self.cfg["net"]["tap"]["name"]:
+        net = self.cfg.net
+        if not net.ports and not net.tap.name:
             return None
-        return NetService(self.loop, self.cfg["net"], standby=self.standby)
+        return NetService(self.loop, net, standby=self.standby)
 
     def net_ports(self) -> list[str]:
-        return [p["socket"] for p in self.cfg["net"]["ports"]] if self.net is not None else []
+        return [p.socket for p in self.cfg.net.ports] if self.net is not None else []
 
     # ------------------------------------------------------------ live handoff
     # (appliance.runtime.handoff.source and .sink drive these, in the order below)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any
 
+from appliance.config import Config, NamespaceConfig, PortMode
 from appliance.errors import StartupError
 from appliance.runtime.listener import ListenerError, check_parent, check_socket_path
 
@@ -23,7 +23,7 @@ def _mib(n: int) -> str:
     return f"{n} bytes ({n / (1 << 20):g} MiB)"
 
 
-def socket_keys(cfg: dict[str, Any], *, listening: bool = False,
+def socket_keys(cfg: Config, *, listening: bool = False,
                 standby: bool = False) -> list[tuple[str, str]]:
     """(config key, path) of every socket.
 
@@ -31,25 +31,24 @@ def socket_keys(cfg: dict[str, Any], *, listening: bool = False,
     ports (they connect out), nor, in a ``standby`` process, server ports
     (they listen nowhere until a handoff brings the source's listeners).
     """
-    keys = [("storage.socket", cfg["storage"]["socket"]), ("control.socket", cfg["control"]["socket"])]
-    for i, p in enumerate(cfg["net"]["ports"]):
-        if not listening or (not standby and p.get("mode", "server") == "server"):
-            keys.append((f"net.ports[{i}].socket", p["socket"]))
+    keys = [("storage.socket", cfg.storage.socket), ("control.socket", cfg.control.socket)]
+    for i, p in enumerate(cfg.net.ports):
+        if not listening or (not standby and p.mode is PortMode.SERVER):
+            keys.append((f"net.ports[{i}].socket", p.socket))
     return keys
 
 
-def path_keys(cfg: dict[str, Any]) -> list[tuple[str, str]]:
+def path_keys(cfg: Config) -> list[tuple[str, str]]:
     """(config key, path) of every path in the configuration."""
-    keys = [("data_dir", cfg["data_dir"]), ("run_dir", cfg["run_dir"])]
-    keys += [(f"storage.namespaces[{i}].image", ns["image"])
-             for i, ns in enumerate(cfg["storage"]["namespaces"])]
+    keys = [("data_dir", cfg.data_dir), ("run_dir", cfg.run_dir)]
+    keys += [(f"storage.namespaces[{i}].image", ns.image)
+             for i, ns in enumerate(cfg.storage.namespaces)]
     keys += socket_keys(cfg)
-    keys += [(f"net.ports[{i}].pcap", p["pcap"]) for i, p in enumerate(cfg["net"]["ports"])
-             if p.get("pcap")]
+    keys += [(f"net.ports[{i}].pcap", p.pcap) for i, p in enumerate(cfg.net.ports) if p.pcap]
     return keys
 
 
-def keyed(cfg: dict[str, Any], exc: OSError | ListenerError) -> StartupError:
+def keyed(cfg: Config, exc: OSError | ListenerError) -> StartupError:
     """``exc`` as one line that names the key of the path it concerns
     (``start-up:`` when no configured path is concerned)."""
     if isinstance(exc, ListenerError):
@@ -82,7 +81,7 @@ def _stat(key: str, path: str) -> os.stat_result | None:
         raise StartupError(f"{key}: {path}: {exc.strerror}") from None
 
 
-def check_image(key: str, ns: dict[str, Any]) -> None:
+def check_image(key: str, ns: NamespaceConfig) -> None:
     """Refuse an image that cannot be served as configured (``key``: ``storage.namespaces[i]``).
 
     A missing image is fine (created sparse at ``size``).  An existing one must
@@ -92,7 +91,7 @@ def check_image(key: str, ns: dict[str, Any]) -> None:
     Raises:
         StartupError: one line naming ``KEY.image`` or ``KEY.size``.
     """
-    image, size = ns["image"], ns["size"]
+    image, size = ns.image, ns.size
     st = _stat(f"{key}.image", image)
     if st is None:
         return
@@ -100,48 +99,47 @@ def check_image(key: str, ns: dict[str, Any]) -> None:
         raise StartupError(f"{key}.image: {image} is a directory, not an image file")
     if not stat.S_ISREG(st.st_mode):
         raise StartupError(f"{key}.image: {image} is not a regular file")
-    wanted = os.R_OK if ns.get("read_only") else os.R_OK | os.W_OK
+    wanted = os.R_OK if ns.read_only else os.R_OK | os.W_OK
     if not os.access(image, wanted):
         raise StartupError(f"{key}.image: cannot open {image}: Permission denied")
     have = st.st_size
     if have > size:
         raise StartupError(f"{key}.size: {image} is {_mib(have)}, size is {_mib(size)}: "
                            "refusing to serve it cut (set size to the image's)")
-    if have < size and not ns.get("grow"):
+    if have < size and not ns.grow:
         raise StartupError(f"{key}.size: {image} is {_mib(have)}, size is {_mib(size)} "
                            "(set grow: true to extend the image, or size to the image's)")
-    if have < size and ns.get("read_only"):
+    if have < size and ns.read_only:
         raise StartupError(f"{key}.grow: {image} is {_mib(have)}, size is {_mib(size)}: "
                            "a read-only image is never grown")
 
 
-def check(cfg: dict[str, Any], standby: bool = False) -> None:
+def check(cfg: Config, standby: bool = False) -> None:
     """Every start-up check, in config order; nothing is created or removed.
 
     Raises:
         StartupError: the first problem, its message starting with the config key.
     """
-    for key in ("data_dir", "run_dir"):
-        st = _stat(key, cfg[key])
+    for key, path in (("data_dir", cfg.data_dir), ("run_dir", cfg.run_dir)):
+        st = _stat(key, path)
         if st is not None and not stat.S_ISDIR(st.st_mode):
-            raise StartupError(f"{key}: {cfg[key]} is not a directory")
-    for i, ns in enumerate(cfg["storage"]["namespaces"]):
+            raise StartupError(f"{key}: {path} is not a directory")
+    for i, ns in enumerate(cfg.storage.namespaces):
         check_image(f"storage.namespaces[{i}]", ns)
     for key, path in socket_keys(cfg, listening=True, standby=standby):
         try:
             check_socket_path(path)
         except ListenerError as exc:
             raise StartupError(f"{key}: {exc}") from None
-    for i, p in enumerate(cfg["net"]["ports"]):
-        st = _stat(f"net.ports[{i}].pcap", p["pcap"]) if p.get("pcap") else None
+    for i, p in enumerate(cfg.net.ports):
+        st = _stat(f"net.ports[{i}].pcap", p.pcap) if p.pcap else None
         if st is not None and not stat.S_ISREG(st.st_mode):
-            raise StartupError(f"net.ports[{i}].pcap: {p['pcap']} is not a regular file")
+            raise StartupError(f"net.ports[{i}].pcap: {p.pcap} is not a regular file")
 
 
-def missing_images(cfg: dict[str, Any]) -> list[tuple[str, int]]:
+def missing_images(cfg: Config) -> list[tuple[str, int]]:
     """(path, size) of the images that do not exist yet (start-up creates them)."""
-    return [(ns["image"], ns["size"]) for ns in cfg["storage"]["namespaces"]
-            if not os.path.lexists(ns["image"])]
+    return [(ns.image, ns.size) for ns in cfg.storage.namespaces if not os.path.lexists(ns.image)]
 
 
 def remove_new_images(created: list[tuple[str, int]]) -> None:
@@ -156,16 +154,16 @@ def remove_new_images(created: list[tuple[str, int]]) -> None:
             pass
 
 
-def make_dirs(cfg: dict[str, Any]) -> None:
+def make_dirs(cfg: Config) -> None:
     """Create what is missing of the data and run directories (mode 0700), the
     directories of the images and of the sockets (0700).
 
     Raises:
         StartupError: one cannot be created; the message names its key.
     """
-    dirs = [("run_dir", cfg["run_dir"], 0o700), ("data_dir", cfg["data_dir"], 0o700)]
-    dirs += [(f"storage.namespaces[{i}].image", os.path.dirname(os.path.abspath(ns["image"])), 0o777)
-             for i, ns in enumerate(cfg["storage"]["namespaces"])]
+    dirs = [("run_dir", cfg.run_dir, 0o700), ("data_dir", cfg.data_dir, 0o700)]
+    dirs += [(f"storage.namespaces[{i}].image", os.path.dirname(os.path.abspath(ns.image)), 0o777)
+             for i, ns in enumerate(cfg.storage.namespaces)]
     dirs += [(key, os.path.dirname(os.path.abspath(path)), 0o700) for key, path in socket_keys(cfg)]
     for key, path, mode in dirs:
         try:

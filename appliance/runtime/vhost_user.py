@@ -1,6 +1,6 @@
 """Serve vhost-user-net ports on unix sockets (runtime layer).
 
-:class:`NetService` builds the network of the process from ``config["net"]``:
+:class:`NetService` builds the network of the process from the configuration's ``net``:
 one :class:`~appliance.net.switch.Switch`, the
 :class:`~appliance.net.responder.Responder`, and per ``net.ports`` entry a
 :class:`~appliance.net.port.VirtioNetPort` served by a :class:`PortService`,
@@ -53,6 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from appliance.config import NetConfig
 from appliance.errors import ApplianceError
 from appliance.net.pcap import PcapWriter
 from appliance.net.port import VirtioNetPort
@@ -136,12 +137,12 @@ def _adopt_socket(fds: list[int], index: int, listening: bool) -> socket.socket:
 class NetService:
     """Every vhost-user-net port of the process, their switch and the responder."""
 
-    def __init__(self, loop: EventLoop, cfg_net: dict[str, Any],
+    def __init__(self, loop: EventLoop, cfg_net: NetConfig,
                  clock: Callable[[], float] = time.monotonic,
                  tap_opener: Callable[[str], int] = open_tap, standby: bool = False) -> None:
         """Args:
             loop: the process's event loop.
-            cfg_net: ``config["net"]`` from :func:`appliance.config.load`.
+            cfg_net: the configuration's ``net`` (:class:`appliance.config.NetConfig`).
             tap_opener: opens the TAP fd for ``net.tap.name`` (tests pass a fake).
             standby: a handoff destination: server ports do not listen, client
                 ports do not connect and the TAP interface is not attached (the
@@ -153,10 +154,9 @@ class NetService:
         """
         self.loop = loop
         self.switch = Switch(clock=clock)
-        resp = cfg_net["responder"]
-        self.responder = Responder(ip=ipaddress.IPv4Interface(resp["ip"]).ip.packed,
-                                   mac=parse_mac(resp["mac"]),
-                                   udp_echo_port=resp["udp_echo_port"])
+        resp = cfg_net.responder
+        self.responder = Responder(ip=ipaddress.IPv4Interface(resp.ip).ip.packed,
+                                   mac=parse_mac(resp.mac), udp_echo_port=resp.udp_echo_port)
         self.responder.uplink = self.switch.forward
         self.switch.attach(self.responder, [self.responder.mac])
         self.services: list[PortService] = []
@@ -166,32 +166,31 @@ class NetService:
         self.quiesced = False  # handoff: nothing is read, drained or accepted
         self.handed_off = False  # handoff_release ran: the ports are another process's
         try:
-            tap_name = cfg_net.get("tap", {}).get("name")
+            tap_name = cfg_net.tap.name
             if tap_name:
                 tap_port = TapPort("tap0", tap_name)
                 tap_port.uplink = self.switch.forward
                 self.tap = TapService(loop, tap_port, self.switch.flush,
                                       None if standby else tap_opener)
                 self.switch.attach(tap_port)
-            for i, pcfg in enumerate(cfg_net["ports"]):
+            for i, pcfg in enumerate(cfg_net.ports):
                 pcap = None
-                if pcfg.get("pcap"):
+                if pcfg.pcap:
                     # A standby destination continues the source's capture (the same
                     # path, appended to) rather than truncating it.
-                    sink: BinaryIO = open(pcfg["pcap"], "ab" if standby else "wb")  # noqa: SIM115 - closed in close()
+                    sink: BinaryIO = open(pcfg.pcap, "ab" if standby else "wb")  # noqa: SIM115 - closed in close()
                     pcap = PcapWriter(sink, time.time, header=sink.tell() == 0)
                     self.pcaps.append(pcap)
-                port = VirtioNetPort(f"net{i}", parse_mac(pcfg["mac"]), pcfg.get("queues", 1), pcap)
-                port.map_unsealed_memory = bool(cfg_net.get("map_unsealed_memory", False))
+                port = VirtioNetPort(f"net{i}", parse_mac(pcfg.mac), pcfg.queues, pcap)
+                port.map_unsealed_memory = cfg_net.map_unsealed_memory
                 port.uplink = self.switch.forward
                 self.switch.attach(port, [port.mac])
                 try:
-                    svc = PortService(loop, port, self.switch, pcfg["socket"],
-                                      pcfg.get("mode", "server"), standby,
-                                      cfg_net.get("max_backlog", DEFAULT_MAX_BACKLOG))
+                    svc = PortService(loop, port, self.switch, pcfg.socket, pcfg.mode, standby,
+                                      cfg_net.max_backlog)
                 except OSError as exc:
                     raise ApplianceError(f"net.ports[{i}].socket: cannot listen on "
-                                         f"{pcfg['socket']}: {exc.strerror or exc}") from None
+                                         f"{pcfg.socket}: {exc.strerror or exc}") from None
                 except ListenerError as exc:
                     raise ApplianceError(f"net.ports[{i}].socket: {exc}") from None
                 self.services.append(svc)

@@ -68,7 +68,7 @@ from appliance.storage.identity import (
     WCTEMP,
 )
 from appliance.storage.inflight import FaultHook, Offload, RequestEngine
-from appliance.storage.namespace import Namespace
+from appliance.storage.namespace import Namespace, NamespaceSettings
 from appliance.storage.queues import (
     DOORBELL_STRIDE,
     AsyncEvents,
@@ -120,14 +120,14 @@ SQ_BUDGET = 64
 class NvmeController(RequestEngine, PciDevice):
     """An NVMe 1.4 I/O controller with file-backed namespaces."""
 
-    def __init__(self, namespaces: Sequence[dict[str, Any]], io_queues: int = 4,
+    def __init__(self, namespaces: Sequence[NamespaceSettings], io_queues: int = 4,
                  queue_entries: int = 1024, serial: str = "APPLIANCE0001",
                  model: str = "Appliance NVMe", firmware: str = "0.1",
                  clock: Callable[[], float] | None = None,
                  doorbells: DoorbellMode = DoorbellMode.MESSAGE) -> None:
         """Open the namespace images and build the PCI function.
 
-        ``namespaces``: dicts with ``image``, ``size``, ``block_size`` (512 or
+        ``namespaces``: each with ``image``, ``size``, ``block_size`` (512 or
         4096) and ``read_only``; NSIDs are 1.. in order.  ``clock`` (seconds,
         monotonic) drives the Timestamp feature; without it the timestamp
         holds the value the host set.  ``doorbells``: ``"message"`` (region
@@ -156,10 +156,9 @@ class NvmeController(RequestEngine, PciDevice):
         self.regs = RegisterFile(mqes=queue_entries - 1)
         self.namespaces: dict[int, Namespace] = {}
         try:
-            for nsid, cfg in enumerate(namespaces, 1):
-                self.namespaces[nsid] = Namespace(
-                    nsid, cfg["image"], cfg["size"], cfg.get("block_size", 512),
-                    cfg.get("read_only", False))
+            for nsid, ns in enumerate(namespaces, 1):
+                self.namespaces[nsid] = Namespace(nsid, ns.image, ns.size, ns.block_size,
+                                                  ns.read_only)
             mmap_areas: tuple[tuple[int, int], ...] = ()
             if doorbells is DoorbellMode.MMAP:
                 self.doorbell_page = DoorbellPage()

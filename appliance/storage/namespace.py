@@ -32,6 +32,7 @@ import errno
 import os
 import uuid
 from collections.abc import Callable
+from typing import Protocol
 
 from appliance.memory import ClientMemory
 from appliance.storage.prp import Segments
@@ -88,6 +89,20 @@ def _advance(views: list[memoryview], n: int) -> list[memoryview]:
     if n:
         views = [views[0][n:]] + views[1:]
     return views
+
+
+class NamespaceSettings(Protocol):
+    """What a namespace is opened from (the runtime passes the configuration's
+    ``storage.namespaces`` entries)."""
+
+    @property
+    def image(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def read_only(self) -> bool: ...
 
 
 class Namespace:

@@ -20,18 +20,19 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
+from pathlib import Path
 
+from appliance.config import Config
 from appliance.errors import ApplianceError
 
 READY = b"appliance: ready"
 
 
-def _running(cfg: dict[str, Any]) -> bool:
+def _running(cfg: Config) -> bool:
     from appliance.runtime.control import ControlClient
 
     try:
-        with ControlClient(cfg["control"]["socket"], timeout=2.0) as client:
+        with ControlClient(cfg.control.socket, timeout=2.0) as client:
             client("fault.list")
         return True
     except (OSError, ValueError):
@@ -61,7 +62,7 @@ def _start_appliance(cmd: list[str], log_path: str, timeout: float = 30.0) -> su
     return proc
 
 
-def boot(cfg: dict[str, Any], config_path: str | None, *, append: str = "", smp: int = 1,
+def boot(cfg: Config, config_path: str | None, *, append: str = "", smp: int = 1,
          keep: bool = False, dry_run: bool = False) -> int:
     """Boot a guest on the terminal; returns QEMU's exit status.
 
@@ -79,7 +80,7 @@ def boot(cfg: dict[str, Any], config_path: str | None, *, append: str = "", smp:
     running = _running(cfg)
     args = qemu_args(cfg, net=True)
     devices = args[args.index("-device"):]
-    guest = Guest(env, cfg["run_dir"], args=devices, append=f"qe.shell {append}".strip(),
+    guest = Guest(env, Path(cfg.run_dir), args=devices, append=f"qe.shell {append}".strip(),
                   smp=smp, name="boot-guest")
     argv = list(guest.argv)
     i = argv.index("-qmp")
@@ -92,8 +93,8 @@ def boot(cfg: dict[str, Any], config_path: str | None, *, append: str = "", smp:
         return 0
     proc = None
     if not running:
-        os.makedirs(cfg["run_dir"], mode=0o700, exist_ok=True)
-        log_path = os.path.join(cfg["run_dir"], "appliance.log")
+        os.makedirs(cfg.run_dir, mode=0o700, exist_ok=True)
+        log_path = os.path.join(cfg.run_dir, "appliance.log")
         proc = _start_appliance(run_cmd, log_path)
         print(f"appliance: started (pid {proc.pid}, log {log_path})", file=sys.stderr)
     print("appliance: guest console follows; Ctrl-A X quits QEMU; `stty echo` in the guest "

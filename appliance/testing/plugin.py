@@ -79,7 +79,7 @@ def appliance_ctl(appliance: ApplianceProcess) -> Iterator[Any]:
     """A control-socket client of ``appliance``: ``appliance_ctl(cmd, **args) -> result``."""
     from appliance.runtime.control import ControlClient
 
-    client = ControlClient(appliance.resolved["control"]["socket"])
+    client = ControlClient(appliance.config.control.socket)
     try:
         yield client
     finally:
@@ -92,7 +92,7 @@ def nvme_driver(appliance: ApplianceProcess) -> Iterator[Any]:
     from appliance.client.nvme import NvmeDriver
     from appliance.client.vfio_user import VfioUserClient
 
-    with VfioUserClient.connect(appliance.resolved["storage"]["socket"]) as client:
+    with VfioUserClient.connect(appliance.config.storage.socket) as client:
         driver = NvmeDriver(client)
         try:
             driver.setup(io_queues=2, depth=64)
@@ -112,8 +112,8 @@ def appliance_guest(request: pytest.FixtureRequest, appliance: ApplianceProcess,
     if marker is not None:
         opts.update(marker.kwargs)
     env = qemu_env()
-    cfg = appliance.resolved
-    args = qemu_args(cfg, net=bool(opts["net"]) and bool(cfg["net"]["ports"]))
+    cfg = appliance.config
+    args = qemu_args(cfg, net=bool(opts["net"]) and bool(cfg.net.ports))
     # the Guest brings its own memory backend: keep only the devices
     devices = args[args.index("-device"):]
     guest = Guest(env, tmp_path, args=devices, append=f"qe.shell {opts['append']}".strip(),

@@ -18,11 +18,15 @@ from typing import Any
 
 import yaml
 
+from appliance.config import Config, RawConfig
 
-def make_config(tmp: Path, **overrides: Any) -> dict[str, Any]:
-    """A config dict with every path inside ``tmp`` (short socket paths)."""
+
+def make_config(tmp: Path, **overrides: Any) -> RawConfig:
+    """A configuration in its raw form (what the YAML file holds) with every path
+    inside ``tmp`` (short socket paths); a table in ``overrides`` is merged into
+    the same table, any other value replaces the key's."""
     run = tmp / "run"
-    cfg: dict[str, Any] = {
+    cfg: RawConfig = {
         "data_dir": str(tmp / "data"),
         "run_dir": str(run),
         "storage": {"socket": str(run / "nvme.sock"),
@@ -41,13 +45,14 @@ def make_config(tmp: Path, **overrides: Any) -> dict[str, Any]:
 class ApplianceProcess:
     """A running ``appliance run -c CONFIG``."""
 
-    def __init__(self, cfg: dict[str, Any], workdir: Path, *, trace: bool = False,
+    def __init__(self, raw_config: RawConfig, workdir: Path, *, trace: bool = False,
                  extra_args: tuple[str, ...] = ()) -> None:
-        self.cfg = cfg
+        """``raw_config``: the configuration's raw form, written to ``config_path``."""
+        self.raw_config = raw_config
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "appliance.yaml"
-        self.config_path.write_text(yaml.safe_dump(cfg))
+        self.config_path.write_text(yaml.safe_dump(raw_config))
         self.log_path = workdir / "appliance.log"
         self.stdout_lines: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
@@ -55,8 +60,12 @@ class ApplianceProcess:
         self.extra_args = extra_args  # e.g. ("--standby",)
 
     @property
-    def resolved(self) -> dict[str, Any]:
-        """The configuration as the appliance sees it (defaults filled, paths expanded)."""
+    def config(self) -> Config:
+        """The configuration as the appliance sees it (defaults filled, paths expanded).
+
+        Raises:
+            ConfigError: the file does not hold a valid configuration.
+        """
         from appliance import config
 
         return config.load(str(self.config_path))

@@ -40,6 +40,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
+from appliance.config import Config, PortMode
+
 #: ``guest/init-version`` must be at least this (INIT_VERSION in images/qemu-env.sh).
 REQUIRED_INIT_VERSION = 3  # 3: nvme-cli in the guest
 #: Console lines quoted in timeout messages.
@@ -580,22 +582,22 @@ class Guest:
 GuestFactory = Callable[..., Guest]
 
 
-def qemu_args(cfg: dict[str, Any], *, net: bool = True) -> list[str]:
+def qemu_args(cfg: Config, *, net: bool = True) -> list[str]:
     """The QEMU options that attach a guest to this appliance's devices."""
     args = [
         "-object", "memory-backend-memfd,id=mem,size=512M,share=on",
         "-numa", "node,memdev=mem",
         "-device",
         json.dumps({"driver": "vfio-user-pci",
-                    "socket": {"path": cfg["storage"]["socket"], "type": "unix"}},
+                    "socket": {"path": cfg.storage.socket, "type": "unix"}},
                    separators=(",", ":")),
     ]
     if net:
-        for i, p in enumerate(cfg["net"]["ports"]):
-            server = ",server=on,wait=off" if p.get("mode") == "client" else ""  # we connect to QEMU
-            args += ["-chardev", f"socket,id=net{i}c,path={p['socket']}{server}",
-                     "-netdev", f"vhost-user,id=net{i},chardev=net{i}c,queues={p['queues']}",
-                     "-device", f"virtio-net-pci,netdev=net{i},mac={p['mac']}"
-                     + (",mq=on" if p["queues"] > 1 else "")
-                     + (f",host_mtu={p['mtu']}" if p.get("mtu", 1500) != 1500 else "")]
+        for i, p in enumerate(cfg.net.ports):
+            server = ",server=on,wait=off" if p.mode is PortMode.CLIENT else ""  # we connect to QEMU
+            args += ["-chardev", f"socket,id=net{i}c,path={p.socket}{server}",
+                     "-netdev", f"vhost-user,id=net{i},chardev=net{i}c,queues={p.queues}",
+                     "-device", f"virtio-net-pci,netdev=net{i},mac={p.mac}"
+                     + (",mq=on" if p.queues > 1 else "")
+                     + (f",host_mtu={p.mtu}" if p.mtu != 1500 else "")]
     return args

@@ -18,7 +18,7 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppliancePro
 
 @pytest.fixture
 def sock_path(appliance: ApplianceProcess) -> str:
-    return str(appliance.cfg["storage"]["socket"])
+    return appliance.config.storage.socket
 
 
 @pytest.fixture

@@ -226,7 +226,7 @@ class Mitm:
             request = _read_line(conn)
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as real:
                 real.settimeout(TIMEOUT)
-                real.connect(str(self.dst.cfg["control"]["socket"]))
+                real.connect(self.dst.config.control.socket)
                 real.sendall(request)
                 reply = json.loads(_read_line(real))
             self.accept_reply = reply

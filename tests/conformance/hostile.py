@@ -33,6 +33,7 @@ from typing import Any
 
 from appliance.client.nvme import NvmeDriver
 from appliance.client.vfio_user import VfioUserClient
+from appliance.config import Config
 from appliance.net import vhost_wire as vw
 from appliance.runtime.control import ControlClient
 from appliance.testing.process import ApplianceProcess, make_config
@@ -60,24 +61,24 @@ class HostileTarget:
         run = tmp / "run"
         ports = [{"socket": str(run / "p0.sock"), "mac": "52:54:00:00:00:10"},
                  {"socket": str(run / "p1.sock"), "mac": "52:54:00:00:00:11"}]
-        cfg = make_config(tmp, net={"ports": ports}, **overrides)
-        self.proc = ApplianceProcess(cfg, tmp / "proc")
-        self.cfg = cfg
+        self.proc = ApplianceProcess(make_config(tmp, net={"ports": ports}, **overrides), tmp / "proc")
+        #: the paths the health checks use (the appliance's own, unless a case redirects them)
+        self.config: Config = self.proc.config
         self.base_fds = 0
         self.base_rss = 0
 
     # ------------------------------------------------------------ paths
     @property
     def nvme_sock(self) -> str:
-        return str(self.cfg["storage"]["socket"])
+        return self.config.storage.socket
 
     @property
     def control_sock(self) -> str:
-        return str(self.cfg["control"]["socket"])
+        return self.config.control.socket
 
     def port_sock(self, name: str) -> str:
         """The socket of port ``p0`` or ``p1``."""
-        return str(Path(self.cfg["run_dir"]) / f"{name}.sock")
+        return str(Path(self.config.run_dir) / f"{name}.sock")
 
     # ------------------------------------------------------------ life
     def start(self) -> HostileTarget:

@@ -23,15 +23,15 @@ SIZE = 64 << 20
 
 
 def ctl(p: ApplianceProcess) -> str:
-    return str(p.cfg["control"]["socket"])
+    return p.config.control.socket
 
 
 def sock(p: ApplianceProcess) -> str:
-    return str(p.cfg["storage"]["socket"])
+    return p.config.storage.socket
 
 
 def image(p: ApplianceProcess) -> str:
-    return str(p.cfg["storage"]["namespaces"][0]["image"])
+    return p.config.storage.namespaces[0].image
 
 
 def handoff(src: ApplianceProcess, dst: ApplianceProcess) -> subprocess.CompletedProcess[str]:

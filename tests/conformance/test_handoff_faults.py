@@ -70,11 +70,11 @@ Make = Callable[[], Transform]  # a fresh transform for each run of a case
 
 
 def ctl(p: ApplianceProcess) -> str:
-    return str(p.cfg["control"]["socket"])
+    return p.config.control.socket
 
 
 def image(p: ApplianceProcess) -> str:
-    return str(p.cfg["storage"]["namespaces"][0]["image"])
+    return p.config.storage.namespaces[0].image
 
 
 def open_fds(pid: int | None = None) -> int:
@@ -159,7 +159,7 @@ class Rig:
             list(pool.map(lambda name: getattr(self, name).start(), wanted))
         assert self.src is not None and self.dst is not None
         if self.writer is None:
-            self.driver = NvmeDriver(VfioUserClient.connect(str(self.src_cfg["storage"]["socket"])),
+            self.driver = NvmeDriver(VfioUserClient.connect(self.src.config.storage.socket),
                                      mem_size=8 << 20)
             self.driver.setup(io_queues=2, depth=32)
             self.writer = VerifiedWriter(self.driver, blocks=8, seed=5 + self.starts)
@@ -375,7 +375,7 @@ def attempt(rig: Rig, fault: Fault) -> Mitm:
         reason = refusal.split("handoff refused: ", 1)[1].splitlines()[0]
         assert json.loads(mitm.verdict) == {"ok": False, "error": reason}, mitm.verdict
         assert "adopt" not in refusal and "letting go" not in refusal, refusal
-        with VfioUserClient.connect(str(dst.cfg["storage"]["socket"])) as probe:
+        with VfioUserClient.connect(dst.config.storage.socket) as probe:
             assert probe.server_caps  # a client of its own: connected and negotiated
         assert status(dst)["nvme"]["attached"] is False  # (and the probe's end is seen)
         assert settled_fds(dst) == dst_fds  # every fd it was sent is closed again
@@ -571,7 +571,7 @@ def test_another_device_configuration_is_refused_at_accept(shared_rig: Rig) -> N
         assert done.returncode == 2 and "configuration differs" in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
         assert other.alive
-        with VfioUserClient.connect(str(cfg["storage"]["socket"])) as probe:
+        with VfioUserClient.connect(other.config.storage.socket) as probe:
             assert probe.server_caps
         assert "Traceback" not in other.log_text()
     writer.step(10)

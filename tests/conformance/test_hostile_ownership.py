@@ -5,6 +5,7 @@ Each case ends with :meth:`hostile.HostileTarget.assert_healthy`."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -88,7 +89,7 @@ def handoff(src: HostileTarget, dst: HostileTarget) -> subprocess.CompletedProce
 
 def test_a_handoff_moves_the_ownership(tmp_path: Path) -> None:
     src = HostileTarget(tmp_path / "src").start()
-    shared: Any = {"namespaces": [{"image": src.cfg["storage"]["namespaces"][0]["image"],
+    shared: Any = {"namespaces": [{"image": src.config.storage.namespaces[0].image,
                                    "size": "64M"}]}
     dst = HostileTarget(tmp_path / "dst", storage=shared).start()
     try:
@@ -107,7 +108,7 @@ def test_a_handoff_moves_the_ownership(tmp_path: Path) -> None:
             f"appliance: error: storage.socket: {src.nvme_sock} is in use by appliance pid "
             + f"{dst.pid} (lock {src.nvme_sock}.lock)"]
         # dst is checked where it serves now: src's device and port paths, its own control.
-        dst.cfg = {**src.cfg, "control": dst.cfg["control"]}
+        dst.config = dataclasses.replace(src.config, control=dst.config.control)
         dst.baseline()
         dst.assert_healthy()
     finally:

@@ -44,11 +44,11 @@ def pair(request: pytest.FixtureRequest,
 
 
 def sock(p: ApplianceProcess) -> str:
-    return str(p.cfg["storage"]["socket"])
+    return p.config.storage.socket
 
 
 def image(p: ApplianceProcess) -> str:
-    return str(p.cfg["storage"]["namespaces"][0]["image"])
+    return p.config.storage.namespaces[0].image
 
 
 def test_migrate_command(pair: tuple[ApplianceProcess, ApplianceProcess, bool]) -> None:

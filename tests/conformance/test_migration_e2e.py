@@ -25,8 +25,8 @@ def test_two_appliances(tmp_path: Path) -> None:
                 f.write(os.urandom(3 << 20))
         procs.append(ApplianceProcess(make_config(tmp), tmp / "proc").start())
     try:
-        src = VfioUserClient.connect(procs[0].cfg["storage"]["socket"])
-        dst = VfioUserClient.connect(procs[1].cfg["storage"]["socket"])
+        src = VfioUserClient.connect(procs[0].config.storage.socket)
+        dst = VfioUserClient.connect(procs[1].config.storage.socket)
         s = orch.migrate(src, dst, converge_bytes=0)
         print(s)
         assert orch.get_state(dst) is MigState.RUNNING and orch.get_state(src) is MigState.STOP
@@ -35,7 +35,7 @@ def test_two_appliances(tmp_path: Path) -> None:
         assert a == b
         # A client leaving while stopped: the next client finds a running device.
         src.close()
-        src = VfioUserClient.connect(procs[0].cfg["storage"]["socket"])
+        src = VfioUserClient.connect(procs[0].config.storage.socket)
         assert orch.get_state(src) is MigState.RUNNING
         orch.set_state(src, MigState.STOP)
         src.reset()

@@ -104,10 +104,10 @@ class Pair:
     tmp: Path
 
     def image(self, p: ApplianceProcess) -> str:
-        return str(p.cfg["storage"]["namespaces"][0]["image"])
+        return p.config.storage.namespaces[0].image
 
     def sock(self, p: ApplianceProcess) -> str:
-        return str(p.cfg["storage"]["socket"])
+        return p.config.storage.socket
 
 
 @pytest.fixture

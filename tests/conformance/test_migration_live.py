@@ -43,11 +43,11 @@ def pair(tmp_path: Path) -> Iterator[tuple[ApplianceProcess, ApplianceProcess]]:
 
 
 def image(p: ApplianceProcess) -> str:
-    return str(p.cfg["storage"]["namespaces"][0]["image"])  # type: ignore[index]
+    return p.config.storage.namespaces[0].image
 
 
 def sock(p: ApplianceProcess) -> str:
-    return str(p.cfg["storage"]["socket"])  # type: ignore[index]
+    return p.config.storage.socket
 
 
 def test_live_migration_under_verified_writes(pair: tuple[ApplianceProcess, ApplianceProcess],

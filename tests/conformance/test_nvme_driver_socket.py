@@ -27,7 +27,7 @@ def driver(sock_path: str) -> Iterator[NvmeDriver]:
 
 
 def image_path(appliance: ApplianceProcess) -> Path:
-    return Path(appliance.resolved["storage"]["namespaces"][0]["image"])
+    return Path(appliance.config.storage.namespaces[0].image)
 
 
 def test_identify_and_queues(driver: NvmeDriver) -> None:
@@ -135,7 +135,7 @@ def mmap_appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Applian
 
 
 def test_mmap_doorbell_page_is_offered(mmap_appliance: ApplianceProcess) -> None:
-    with VfioUserClient.connect(str(mmap_appliance.cfg["storage"]["socket"])) as c:
+    with VfioUserClient.connect(mmap_appliance.config.storage.socket) as c:
         reply = c.region_info(PciRegion.BAR0)
         assert reply.info.flags & RegionFlag.MMAP and reply.sparse_areas == [(0x1000, 0x1000)]
         assert reply.fd is not None
@@ -145,7 +145,7 @@ def test_mmap_doorbell_page_is_offered(mmap_appliance: ApplianceProcess) -> None
 @pytest.mark.parametrize("interrupts", [True, False], ids=["msix", "polled"])
 def test_mmap_doorbells_write_verify(mmap_appliance: ApplianceProcess, interrupts: bool) -> None:
     """Doorbells are stores into the driver's own mapping of the region fd: no message."""
-    with VfioUserClient.connect(str(mmap_appliance.cfg["storage"]["socket"])) as c:
+    with VfioUserClient.connect(mmap_appliance.config.storage.socket) as c:
         writes: list[tuple[int, int]] = []
         region_write = c.region_write
 

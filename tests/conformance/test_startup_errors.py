@@ -184,10 +184,10 @@ def test_socket_in_use(root: Path, tmp_path: Path) -> None:
         assert result.stderr.splitlines() == [expected]
         assert "Traceback" not in result.stderr and result.stdout == ""
         assert tree(root) == before
-        with ControlClient(cfg["control"]["socket"], timeout=5.0) as ctl:
+        with ControlClient(first.config.control.socket, timeout=5.0) as ctl:
             assert isinstance(ctl("status"), dict)  # the first one is still reachable
         with socket.socket(socket.AF_UNIX) as s:
-            s.connect(cfg["net"]["ports"][0]["socket"])
+            s.connect(first.config.net.ports[0].socket)
     finally:
         assert first.stop() == 0
     assert sorted(os.listdir(root / "run")) == []  # it removed its sockets and locks

@@ -111,7 +111,7 @@ def test_no_reply_region_info_keeps_the_device_fd(tmp_path) -> None:  # type: ig
     cfg = make_config(tmp_path, storage={"doorbells": "mmap",
                                          "namespaces": [{"image": str(tmp_path / "d.img"), "size": "16M"}]})
     with ApplianceProcess(cfg, tmp_path / "proc") as proc:
-        path = cfg["storage"]["socket"]
+        path = proc.config.storage.socket
         with VfioUserClient.connect(path) as c:
             c.send(w.Command.DEVICE_GET_REGION_INFO, w.RegionInfo(argsz=256, index=0).pack(),
                    flags=w.MsgFlag.NO_REPLY)

@@ -16,6 +16,7 @@ import tempfile
 import common
 
 with common.instrumented(__name__):
+    from appliance.config import NamespaceConfig
     from appliance.errors import RemoteProtocolError
     from appliance.storage import NvmeController
     from appliance.storage.migration import NvmeMigratable
@@ -24,8 +25,8 @@ with common.instrumented(__name__):
 
 _tmp = tempfile.mkdtemp(prefix="fuzz-vfio-user-")
 atexit.register(shutil.rmtree, _tmp, True)
-CTRL = NvmeController([{"image": f"{_tmp}/ns1.img", "size": 1 << 20, "block_size": 512,
-                        "read_only": False}], io_queues=2, queue_entries=64)
+CTRL = NvmeController([NamespaceConfig(image=f"{_tmp}/ns1.img", size=1 << 20, block_size=512,
+                                       read_only=False, grow=False)], io_queues=2, queue_entries=64)
 _migratable = NvmeMigratable(CTRL)
 CTRL.migration_handler = (  # type: ignore[attr-defined]
     lambda memory: VfioUserMigration(_migratable, memory, name="nvme"))

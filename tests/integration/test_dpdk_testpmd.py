@@ -47,7 +47,7 @@ logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                     format="%(asctime)s %(name)s %(levelname)s %(message)s")
 cfg = config.load(sys.argv[2])
 loop = EventLoop()
-svc = NetService(loop, cfg["net"])
+svc = NetService(loop, cfg.net)
 loop.install_signal_handlers()
 print("appliance: ready", flush=True)
 try:

@@ -153,6 +153,7 @@ def test_appliance_boot_starts_appliance_and_guest_on_the_terminal(tmp_path: Any
 
     import yaml
 
+    from appliance import config
     from appliance.testing.process import make_config
     from appliance.testing.qemu import qemu_env
 
@@ -194,7 +195,7 @@ def test_appliance_boot_starts_appliance_and_guest_on_the_terminal(tmp_path: Any
         expect(b"GUEST-POWEROFF")
         assert proc.wait(60) == 0
         assert b"appliance: started" in buf
-        assert not os.path.exists(cfg["control"]["socket"])  # the appliance stopped again
+        assert not os.path.exists(config.load(str(path)).control.socket)  # the appliance stopped again
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)

@@ -69,7 +69,7 @@ def test_ping_responder_through_tap(tmp_path: Path) -> None:
         up = ip("link", "set", ifname, "up")
         assert up.returncode == 0, up.stderr
         ping_5(ifname)
-        with ControlClient(app.resolved["control"]["socket"]) as ctl:
+        with ControlClient(app.config.control.socket) as ctl:
             net = ctl("status")["net"]
         tap, resp = net["tap"], net["responder"]
         print(tap, resp)
@@ -99,14 +99,14 @@ def test_tap_moves_to_a_standby_process_with_a_handoff(tmp_path: Path) -> None:
         assert ip("link", "set", ifname, "up").returncode == 0
         ping_5(ifname)
         done = subprocess.run([sys.executable, "-m", "appliance", "handoff",
-                               "--from", a.resolved["control"]["socket"],
-                               "--to", b.resolved["control"]["socket"]],
+                               "--from", a.config.control.socket,
+                               "--to", b.config.control.socket],
                               check=False, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr + a.log_text() + b.log_text()
         assert a.proc is not None and a.proc.wait(timeout=30) == 0, a.log_text()
         assert link_exists(ifname)  # B holds the only fd now
         ping_5(ifname)
-        with ControlClient(b.resolved["control"]["socket"]) as ctl:
+        with ControlClient(b.config.control.socket) as ctl:
             net_status = ctl("status")["net"]
         assert net_status["responder"]["icmp_replies"] == 10, net_status  # A's 5 carried over
         assert net_status["tap"]["interface"] == ifname, net_status

@@ -67,8 +67,8 @@ def start_pair(appliance_factory: Any, tmp_path: Path, net: bool) -> tuple[Any, 
 
 def handoff(src: Any, dst: Any) -> str:
     done = subprocess.run([sys.executable, "-m", "appliance", "handoff",
-                           "--from", src.resolved["control"]["socket"],
-                           "--to", dst.resolved["control"]["socket"]],
+                           "--from", src.config.control.socket,
+                           "--to", dst.config.control.socket],
                           check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr + src.log_text()[-3000:]
     assert src.proc.wait(timeout=30) == 0, src.log_text()[-3000:]  # A exits after B confirmed
@@ -92,7 +92,7 @@ def check_image(g: Guest, image: Path) -> int:
 def test_handoff_under_a_running_guest(guest_factory: GuestFactory, appliance_factory: Any,
                                        tmp_path: Path, net: bool) -> None:
     a, b = start_pair(appliance_factory, tmp_path, net)
-    args = qemu_args(a.resolved, net=net)
+    args = qemu_args(a.config, net=net)
     g = guest_factory(args=args[args.index("-device"):], append="qe.shell", smp=2)
     _, rc = g.run(WAIT_DEV, timeout=120)
     assert rc == 0, g.tail()

@@ -115,7 +115,7 @@ def udpecho_b64(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def net_args(appliance: Any) -> list[str]:
-    args = qemu_args(appliance.resolved, net=True)
+    args = qemu_args(appliance.config, net=True)
     i = args.index("-chardev")  # the harness brings its own memory/NUMA options
     return args[i:]
 
@@ -197,7 +197,7 @@ def test_udp_echo_16mib(guest_factory: GuestFactory, appliance_factory: Any, tmp
     """16 MiB through the responder's UDP echo, in MTU-sized datagrams, verified by md5."""
     appliance = appliance_factory(net={"ports": [{"socket": str(tmp_path / "n0.sock"),
                                                   "mac": "52:54:00:12:34:56", "mtu": mtu}]})
-    port = appliance.resolved["net"]["responder"]["udp_echo_port"]
+    port = appliance.config.net.responder.udp_echo_port
     g = boot_with_net(guest_factory, appliance)
     features = guest_features(g)
     assert features[VIRTIO_NET_F_MRG_RXBUF] == "1", features

@@ -27,7 +27,7 @@ def pattern(size: int) -> bytes:
 
 
 def boot(guest_factory: GuestFactory, appliance: Any, smp: int = 2) -> Guest:
-    args = qemu_args(appliance.cfg, net=False)
+    args = qemu_args(appliance.config, net=False)
     i = args.index("-device")
     g = guest_factory(args=args[i:i + 2], append="qe.shell", smp=smp)
     _, rc = g.run(WAIT_DEV, timeout=120)
@@ -44,7 +44,7 @@ def power_off(g: Guest) -> None:
 def test_linux_nvme_driver_writes_and_reads_back(guest_factory: GuestFactory, appliance_factory: Any) -> None:
     appliance = appliance_factory(storage={"namespaces": [{"image": "{data_dir}/disk0.img", "size": "128M"}],
                                            "io_queues": 4})
-    image = Path(appliance.resolved["storage"]["namespaces"][0]["image"])
+    image = Path(appliance.config.storage.namespaces[0].image)
     g = boot(guest_factory, appliance)
     assert g.run("cat /sys/block/nvme0n1/size") == (str(128 * MIB // 512), 0)
     model, _ = g.run("cat /sys/class/nvme/nvme0/model")
@@ -90,7 +90,7 @@ def test_guest_memory_without_fd_goes_through_dma_messages(
     requests (config space, SET_IRQS) while it waits, or both sides stall.
     """
     appliance = appliance_factory(storage={"namespaces": [{"image": "{data_dir}/disk0.img", "size": "64M"}]})
-    args = qemu_args(appliance.cfg, net=False)
+    args = qemu_args(appliance.config, net=False)
     i = args.index("-device")
     g = guest_factory(args=args[i:i + 2], append="qe.nvmetest", share=False)
     g.wait_for(r"GUEST-NVME-PRESENT sectors=131072", timeout=240)
@@ -114,7 +114,7 @@ def test_linux_nvme_driver_copies_64m_with_each_doorbell_mode(
     appliance = appliance_factory(storage={
         "namespaces": [{"image": "{data_dir}/disk0.img", "size": "128M"}],
         "io_queues": 2, "doorbells": doorbells})
-    image = Path(appliance.resolved["storage"]["namespaces"][0]["image"])
+    image = Path(appliance.config.storage.namespaces[0].image)
     data = random.Random(3).randbytes(64 * MIB)
     with open(image, "r+b") as f:
         f.write(data)

@@ -20,7 +20,7 @@ CAP_PM, CAP_MSIX, CAP_PCIE = 0x01, 0x11, 0x10
 
 
 def vfio_user_device_args(appliance: Any) -> list[str]:
-    args = qemu_args(appliance.cfg, net=False)
+    args = qemu_args(appliance.config, net=False)
     # The harness provides memory and NUMA options itself; keep only the device.
     i = args.index("-device")
     return args[i:i + 2]

@@ -67,9 +67,9 @@ def test_every_config_value_is_a_doorbell_mode(tmp_path: Path,
     with pytest.raises(ConfigError, match="must be one of message, mmap "):
         config.load(overrides={"storage": {"doorbells": "ioeventfd"}})
     for mode in DoorbellMode:
-        value = config.load(overrides={"storage": {"doorbells": mode.value}})["storage"]["doorbells"]
-        assert DoorbellMode(value) is mode
-        c = make_controller(tmp_path, doorbells=value)  # the config's string, as the runtime passes
+        value = config.load(overrides={"storage": {"doorbells": mode.value}}).storage.doorbells
+        assert value is mode
+        c = make_controller(tmp_path, doorbells=value)  # the config's value, as the runtime passes
         assert (c.doorbell_page is not None) == (mode is DoorbellMode.MMAP)
         c.close()
 
@@ -194,9 +194,9 @@ def test_config_key(tmp_path: Path) -> None:
     from appliance.errors import ConfigError
 
     ns = [{"image": str(tmp_path / "d.img")}]
-    assert config.load(overrides={"storage": {"namespaces": ns}})["storage"]["doorbells"] == "message"
+    assert config.load(overrides={"storage": {"namespaces": ns}}).storage.doorbells is DoorbellMode.MESSAGE
     cfg = config.load(overrides={"storage": {"namespaces": ns, "doorbells": "mmap"}})
-    assert cfg["storage"]["doorbells"] == "mmap"
+    assert cfg.storage.doorbells is DoorbellMode.MMAP
     with pytest.raises(ConfigError, match=r"storage\.doorbells: must be one of message, mmap"):
         config.load(overrides={"storage": {"namespaces": ns, "doorbells": "ioeventfd"}})
 

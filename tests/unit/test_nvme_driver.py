@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.config import NamespaceConfig
 from appliance.memory import ClientMemory
 from appliance.pci.config import COMMAND, PciCommand
 from appliance.storage import NvmeController
@@ -265,8 +266,8 @@ def status(entry: Completion) -> tuple[int, bool]:
 
 def make_controller(tmp_path: Path, *, read_only: bool = False, block_size: int = 512,
                     size: int = 1 << 20, namespaces: int = 1, **kw: object) -> NvmeController:
-    cfgs = [{"image": str(tmp_path / f"ns{i}.img"), "size": size, "block_size": block_size,
-             "read_only": read_only} for i in range(1, namespaces + 1)]
+    cfgs = [NamespaceConfig(image=str(tmp_path / f"ns{i}.img"), size=size, block_size=block_size,
+                            read_only=read_only, grow=False) for i in range(1, namespaces + 1)]
     return NvmeController(cfgs, **kw)  # type: ignore[arg-type]
 
 

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from appliance.config import NamespaceConfig
 from appliance.errors import StartupError
 from appliance.runtime import startup
 
 SIZE = 1 << 20
 
 
-def ns(image: Path, **keys: object) -> dict[str, object]:
-    return {"image": str(image), "size": SIZE, **keys}
+def ns(image: Path, **keys: object) -> NamespaceConfig:
+    return NamespaceConfig(**{"image": str(image), "size": SIZE, "block_size": 512,
+                              "read_only": False, "grow": False, **keys})
 
 
 @pytest.mark.parametrize(("have", "keys", "error"), [

@@ -24,6 +24,7 @@ from test_vhost_frontend import fd_open
 from test_vhost_runtime import Guest, SockFrontend, cfg, frame, pump
 
 import appliance.runtime.vhost_session as rt
+from appliance.config import NetConfig
 from appliance.errors import ApplianceError
 from appliance.net import vhost_wire as vw
 from appliance.net.responder import EthHeader, IcmpEcho, Ipv4Header, internet_checksum
@@ -130,7 +131,7 @@ def loops() -> Iterator[tuple[EventLoop, EventLoop]]:
 
 
 def services(tmp_path: Path, loops: tuple[EventLoop, EventLoop], *modes: str,
-             b_cfg: dict[str, Any] | None = None, **kw: Any) -> tuple[NetService, NetService]:
+             b_cfg: NetConfig | None = None, **kw: Any) -> tuple[NetService, NetService]:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     a = NetService(loops[0], cfg(tmp_path / "a", *modes))
@@ -294,8 +295,7 @@ def test_failed_handoff_resumes_the_source_with_exact_counters(
 ])
 def test_check_refuses_another_configuration(tmp_path: Path, loops: tuple[EventLoop, EventLoop],
                                             change: dict[str, Any], match: str) -> None:
-    other = cfg(tmp_path / "b")
-    other["ports"][0].update(change)
+    other = cfg(tmp_path / "b", first=change)
     a, b = services(tmp_path, loops, b_cfg=other, standby=True)
     g = HGuest(loops[0], str(tmp_path / "a" / "p0.sock")).setup()
     try:
@@ -499,8 +499,7 @@ def test_standby_destination_continues_the_sources_capture(
     (tmp_path / "b").mkdir()
     pcap = tmp_path / "a" / "p0.pcap"
     a = NetService(loops[0], cfg(tmp_path / "a", pcap=True))
-    b_cfg = cfg(tmp_path / "b", pcap=True)
-    b_cfg["ports"][0]["pcap"] = str(pcap)  # the same file, as with one config for both
+    b_cfg = cfg(tmp_path / "b", pcap=True, first={"pcap": str(pcap)})  # the same file, as with one config for both
     g = HGuest(loops[0], str(tmp_path / "a" / "p0.sock")).setup()
     try:
         exchange(g, a, loops[0], range(1, 4))
@@ -572,8 +571,8 @@ def test_tap_fd_moves_with_its_counters(tmp_path: Path, loops: tuple[EventLoop, 
         os.set_blocking(fd, False)
         return fd
 
-    def with_tap(path: Path) -> dict[str, Any]:
-        return {**cfg(path), "tap": {"name": "aptest0"}}
+    def with_tap(path: Path) -> NetConfig:
+        return cfg(path, tap={"name": "aptest0"})
 
     a = NetService(loop_a, with_tap(tmp_path / "a"), tap_opener=opener)
     b = NetService(loop_b, with_tap(tmp_path / "b"), standby=True)  # attaches nothing itself

@@ -21,6 +21,8 @@ import pytest
 from test_vhost_frontend import HDR, DriverRing, GuestMemory, fd_open
 
 import appliance.runtime.vhost_session as rt
+from appliance import config
+from appliance.config import NetConfig
 from appliance.errors import ApplianceError
 from appliance.net import vhost_wire as vw
 from appliance.net.vhost_wire import Feature as F
@@ -33,13 +35,16 @@ GUEST_A = bytes.fromhex("525400aa0001")
 GUEST_B = bytes.fromhex("525400bb0002")
 
 
-def cfg(tmp: Path, *modes: str, pcap: bool = False) -> dict[str, Any]:
+def cfg(tmp: Path, *modes: str, pcap: bool = False, first: dict[str, Any] | None = None,
+        **net: Any) -> NetConfig:
+    """The ``net`` configuration: ports p0.. under ``tmp``, one per mode (server when
+    none); ``first``: keys changed in p0; ``net``: other keys of ``net``."""
     ports = []
     for i, mode in enumerate(modes or ("server",)):
         ports.append({"socket": str(tmp / f"p{i}.sock"), "mac": f"52:54:00:00:00:0{i + 1}",
                       "queues": 1, "mode": mode, "pcap": str(tmp / f"p{i}.pcap") if pcap else None})
-    return {"ports": ports,
-            "responder": {"ip": "10.0.2.2/24", "mac": "52:54:00:00:02:02", "udp_echo_port": 7}}
+    ports[0].update(first or {})
+    return config.load(overrides={"net": {"ports": ports, **net}}).net
 
 
 def pump(loop: EventLoop, until: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -425,9 +430,7 @@ def test_replies_wait_for_a_slow_reader_and_arrive_in_order(tmp_path: Path, loop
 def test_front_end_that_never_reads_is_disconnected_past_the_backlog_limit(
         tmp_path: Path, loop: EventLoop, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="appliance.net")
-    conf = cfg(tmp_path, "server", "server")
-    conf["max_backlog"] = 64 << 10
-    svc = NetService(loop, conf)
+    svc = NetService(loop, cfg(tmp_path, "server", "server", max_backlog=64 << 10))
     hog = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     hog.connect(str(tmp_path / "p0.sock"))
     hog.setblocking(False)

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from appliance import config
+from appliance.config import NetConfig, TapConfig
 from appliance.errors import ApplianceError, ConfigError
 from appliance.runtime.loop import EventLoop
 from appliance.runtime.tap import open_tap
@@ -27,9 +28,8 @@ HOST_MAC = bytes.fromhex("020000aabbcc")
 RESP_MAC = bytes.fromhex("525400000202")
 
 
-def net_cfg(name: str | None = "aptest0") -> dict[str, Any]:
-    return {"ports": [], "tap": {"name": name},
-            "responder": {"ip": "10.0.2.2/24", "mac": "52:54:00:00:02:02", "udp_echo_port": 7}}
+def net_cfg(name: str | None = "aptest0") -> NetConfig:
+    return config.load(overrides={"net": {"ports": [], "tap": {"name": name}}}).net
 
 
 def pump(loop: EventLoop, until: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -156,5 +156,5 @@ def test_config_rejects_bad_interface_names(bad: Any) -> None:
 
 
 def test_config_tap_default_and_value() -> None:
-    assert config.load(None)["net"]["tap"] == {"name": None}
-    assert config.load(None, {"net": {"tap": {"name": "aptap1"}}})["net"]["tap"]["name"] == "aptap1"
+    assert config.load(None).net.tap == TapConfig(name=None)
+    assert config.load(None, {"net": {"tap": {"name": "aptap1"}}}).net.tap.name == "aptap1"

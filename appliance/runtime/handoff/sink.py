@@ -103,7 +103,7 @@ class HandoffSink:
             raise HandoffError(f"this process is not idle: {why}")
         self.shared = args.get("images") == image_ids(app)
         self._serial += 1
-        self.path = os.path.join(app.cfg["run_dir"], f"handoff-{os.getpid()}-{self._serial}.sock")
+        self.path = os.path.join(app.cfg.run_dir, f"handoff-{os.getpid()}-{self._serial}.sock")
         try:
             listener, self.claim = listen(self.path, 1)
         except ListenerError as exc:

@@ -123,8 +123,7 @@ class HandoffSource:
     def _own_socket(self, to: str) -> bool:
         """Whether ``to`` is one of the sockets this process serves."""
         cfg = self.app.cfg
-        own = [cfg["control"]["socket"], cfg["storage"]["socket"],
-               *(p["socket"] for p in cfg["net"]["ports"])]
+        own = [cfg.control.socket, cfg.storage.socket, *(p.socket for p in cfg.net.ports)]
         try:
             st = os.stat(to)
         except (OSError, ValueError):
