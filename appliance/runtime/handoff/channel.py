@@ -41,6 +41,7 @@ from appliance.runtime.handoff.frames import (
     FrameHead,
     FrameKind,
     HandoffError,
+    Manifest,
     frame,
     handoff_record,
     parse_handoff,
@@ -230,8 +231,7 @@ class HandoffSource:
                 mig.stop_tracking()
             writer.add_all(mig.save_state())
             fds: list[int] = []
-            manifest = app.handoff_export(fds)
-            manifest.update(version=HANDOFF_VERSION, fds=len(fds))
+            manifest = app.handoff_export(fds)  # its version and fd count set
             writer.add(handoff_record(manifest))
             writer.finish()
             for i in range(0, len(fds), MAX_FDS_PER_FRAME):
@@ -386,11 +386,11 @@ class HandoffSink:
         app.handoff_start()
         log.info("handoff: serving what the source handed over (adopted in %.1f ms)", adopt_ms)
 
-    def _read_stream(self, conn: socket.socket, fds: list[int]) -> dict[str, Any]:
+    def _read_stream(self, conn: socket.socket, fds: list[int]) -> Manifest:
         mig = self.app.migratable
         reader = StreamReader(mig.migration_fingerprint(),
                               HeaderFlag.SHARED_STORAGE if self.shared else 0)
-        manifest: dict[str, Any] | None = None
+        manifest: Manifest | None = None
         while True:
             raw, got = _recv_exactly(conn, FrameHead.SIZE, MAX_FDS_PER_FRAME)
             fds += got
