@@ -146,9 +146,10 @@ class Fields:
 
     def __getitem__(self, key: str) -> Field:
         """Member ``key``.  Raises: the caller's error when it is missing."""
+        where = f"{self.where}.{key}" if self.where else key  # "": the document's top
         if key not in self.data:
-            raise self.error(f"{self.where}.{key}: missing")
-        return Field(self.data[key], f"{self.where}.{key}", self.nfds, self.error)
+            raise self.error(f"{where}: missing")
+        return Field(self.data[key], where, self.nfds, self.error)
 
     def maybe(self, key: str, read: Callable[[Field], T]) -> T | None:
         """``read(member)``, or None when ``key`` is null (it must be present).

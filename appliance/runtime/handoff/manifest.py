@@ -162,7 +162,7 @@ class Manifest:
                                f"this side speaks {HANDOFF_VERSION}")
         if obj.get("fds") != nfds:
             raise HandoffError(f"the manifest names {obj.get('fds')!r} fds, {nfds} came")
-        f = Fields(obj, "manifest", nfds, _error)
+        f = Fields(obj, "", nfds, _error)
         return cls(HANDOFF_VERSION, nfds, _part(f["vfio_user"], VfioUserState.from_json),
                    f.maybe("doorbell_page", lambda d: DoorbellPageState.from_json(d.obj())),
                    f.maybe("net", lambda n: _part(n, NetState.from_json)),
