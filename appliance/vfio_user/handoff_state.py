@@ -107,16 +107,18 @@ class ConnectionState:
                 "counters": dict(self.counters)}
 
     @classmethod
-    def from_json(cls, obj: Any, nfds: int, max_pending: int = MAX_PENDING) -> ConnectionState:
+    def from_json(cls, obj: Any, nfds: int, max_pending: int = MAX_PENDING,
+                  where: str = "conn") -> ConnectionState:
         """The connection state a manifest carries, checked whole (no fd is touched).
 
         ``nfds``: how many fds came; ``max_pending``: the adopting
-        connection's message size limit.
+        connection's message size limit; ``where``: its path in the manifest
+        (for messages).
 
         Raises:
             LocalProtocolError: EINVAL naming the first field that does not fit.
         """
-        f = Fields(obj, "conn", nfds, _bad)
+        f = Fields(obj, where, nfds, _bad)
         try:
             caps = parse_client_caps(f["caps"].value)
         except LocalProtocolError as exc:
@@ -145,7 +147,7 @@ class ConnectionState:
         pending_fds = tuple(x.fd() for x in f["pending_fds"].items(most=MAX_MSG_FDS))
         if pending_fds and not pending:
             raise f["pending_fds"].fail("pending fds without a pending message")
-        _check_pending(pending, max_pending)
+        _check_pending(pending, max_pending, f"{where}.pending")
         return cls(caps, f["next_id"].uint(U16), regions, tuple(irqs), tuple(masks),
                    tuple(enabled.items()), pending, pending_fds,
                    tuple(f["counters"].counters().items()))
@@ -177,7 +179,7 @@ def parse_client_caps(caps: Any) -> ClientCaps:
     return ClientCaps(max_msg_fds, max_xfer, wm)
 
 
-def _check_pending(pending: bytes, max_size: int) -> None:
+def _check_pending(pending: bytes, max_size: int, where: str) -> None:
     """The half-read message frames as it will when adopted (a size below the
     header's is refused now, not by the adopting connection)."""
     framer = Framer(max_size=max_size)
@@ -190,6 +192,6 @@ def _check_pending(pending: bytes, max_size: int) -> None:
             while (frame := framer.next_frame()) is not None:
                 frame.close_fds()
     except RemoteProtocolError as exc:
-        raise _bad(f"conn.pending: {exc}") from None
+        raise _bad(f"{where}: {exc}") from None
     finally:
         framer.close()

@@ -62,7 +62,9 @@ class ClientEntry:
     @classmethod
     def from_json(cls, f: Fields) -> ClientEntry:
         """Raises: HandoffError naming the bad field."""
-        return cls(f["socket"].fd(), _part(f["conn"], ConnectionState.from_json))
+        conn = f["conn"]
+        return cls(f["socket"].fd(), _part(conn, lambda obj, nfds: ConnectionState.from_json(
+            obj, nfds, where=conn.where)))
 
 
 @dataclass(frozen=True)
