@@ -8,7 +8,8 @@ front-ends to another appliance process with these helpers
   negotiated features, memory regions, vrings with their indices and kick,
   call and err eventfds, a request read only in part), the switch's MAC table
   and counters, the responder's and the TAP port's counters, as a frozen
-  :class:`NetState`.  Each fd is appended to the caller's list and named by
+  :class:`NetState` composed of the ``handoff_state()`` values of the
+  connection, the port, its rings and the switch.  Each fd is appended to the caller's list and named by
   its index there.
 * :meth:`NetState.from_json` checks a received state completely (types,
   ranges, fd indices, lengths: :mod:`appliance.json_fields`) before anything
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from appliance.errors import ApplianceError, LocalProtocolError
@@ -77,14 +78,11 @@ def handoff_blocker(net: NetService) -> str:
 
 
 def export_net(net: NetService, fds: list[int]) -> NetState:
-    """The state of every port; fds are appended to ``fds`` (not dup'd).
-
-    The parts (the connections', ports', switch's ``handoff_state()``) are
-    put together as JSON and read back by :meth:`NetState.from_json`, the
-    destination's own checker, so a source never sends what it would refuse.
+    """The state of every port, composed of its objects' ``handoff_state()``
+    values; fds are appended to ``fds`` (not dup'd) and named by their index.
 
     Raises:
-        ApplianceError: the handoff could not be faithful (:func:`blocker`).
+        ApplianceError: the handoff could not be faithful (:func:`handoff_blocker`).
     """
     why = handoff_blocker(net)
     if why:
@@ -96,39 +94,46 @@ def export_net(net: NetService, fds: list[int]) -> NetState:
         fds.append(fd)
         return len(fds) - 1
 
+    def put(fd: int) -> int:
+        fds.append(fd)
+        return len(fds) - 1
+
     ports = []
     for svc in net.services:
         port = svc.port
-        entry: dict[str, Any] = {
-            "name": port.name, "mac": mac_text(port.mac), "queues": port.queue_pairs,
-            "mode": svc.mode, "socket": svc.path,
-            "listener": ref(svc.listener.fileno()) if svc.listener is not None else None,
-            "lock": ref(svc.claim.fd) if svc.claim is not None else None,  # moves with it
-            "counters": port.counters_state(), "session": None}
-        session = svc.session
-        if session is not None:
-            conn = session.conn
-            state = conn.handoff_state()
-            for region, desc in zip(conn.memory.regions, state["regions"], strict=True):
-                desc["fd"] = ref(region.fd)
-            device = port.handoff_state()
-            for i, ring in enumerate(device["vrings"]):
-                ring.update(kick=ref(port.kick[i]), call=ref(port.call[i]), err=ref(port.err[i]))
+        listener = ref(svc.listener.fileno()) if svc.listener is not None else None
+        lock = ref(svc.claim.fd) if svc.claim is not None else None  # moves with the listener
+        session = None
+        if svc.session is not None:
+            conn = svc.session.conn
+            negotiated, device = conn.handoff_state(), port.handoff_state()
+            regions = []
+            for desc, region in zip(negotiated.regions, conn.memory.regions, strict=True):
+                if region.fd is None:  # handoff_blocker() refused that already
+                    raise ApplianceError(f"net: memory region {region.address:#x} has no fd")
+                regions.append(RegionState(*desc, fd=put(region.fd)))
+            vrings = tuple(RingState(**asdict(r.ring), enable=r.enable, polled=r.polled,
+                                     kick=ref(port.kick[i]), call=ref(port.call[i]),
+                                     err=ref(port.err[i])) for i, r in enumerate(device.vrings))
             partial, partial_fds = conn.pending_input()
-            entry["session"] = {"socket": ref(session.sock.fileno()), **state, **device,
-                                "log_fd": ref(conn.log_fd), "partial": partial.hex(),
-                                "partial_fds": [ref(fd) for fd in partial_fds]}
-        ports.append(entry)
+            session = SessionState(
+                socket=put(svc.session.sock.fileno()), state=negotiated.state,
+                features=negotiated.features, protocol_features=negotiated.protocol_features,
+                protocol_negotiated=negotiated.protocol_negotiated, counters=negotiated.counters,
+                regions=tuple(regions), log_fd=ref(conn.log_fd), partial=partial,
+                partial_fds=tuple(put(fd) for fd in partial_fds), status=device.status,
+                mtu=device.mtu, mtu_told=device.mtu_told, vrings=vrings)
+        ports.append(PortState(port.name, mac_text(port.mac), port.queue_pairs, svc.mode, svc.path,
+                               listener, lock, port.counters_state(), session))
     resp = net.responder
     tap = None
     if net.tap is not None:
         tap = {"interface": net.tap.port.ifname, "fd": ref(net.tap.fd),
                "counters": dict(net.tap.port.counters)}
-    return NetState.from_json(
-        {"version": STATE_VERSION, "ports": ports, "switch": net.switch.handoff_state(),
-         "responder": {"ip": ".".join(str(b) for b in resp.ip), "mac": mac_text(resp.mac),
-                       "ident": resp._ident, "counters": dict(resp.counters)},
-         "tap": tap}, len(fds))
+    switch_counters, table = net.switch.handoff_state()
+    return NetState(tuple(ports), switch_counters, table,
+                    {"ip": ".".join(str(b) for b in resp.ip), "mac": mac_text(resp.mac),
+                     "ident": resp._ident, "counters": dict(resp.counters)}, tap)
 
 
 # ---------------------------------------------------------------- the state as a value
