@@ -17,8 +17,9 @@ region maps, irq counts) is checked next by ``Appliance.handoff_check``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from appliance.control.faults import FaultError, FaultSet
 from appliance.errors import ApplianceError, StreamRefused
@@ -28,6 +29,7 @@ from appliance.storage.doorbells import PAGE_SIZE
 from appliance.vfio_user.handoff_state import ConnectionState
 
 HANDOFF_VERSION = 2  # 2: the DONE frame
+T = TypeVar("T")
 
 
 class HandoffError(StreamRefused):
@@ -38,7 +40,7 @@ def _error(what: str) -> HandoffError:
     return HandoffError(f"handoff manifest: {what}")
 
 
-def _part(field: Field, read: Any) -> Any:
+def _part(field: Field, read: Callable[[Any, int], T]) -> T:
     """``read(value, nfds)`` of a part with a checker of its own, its refusal
     (the vfio-user protocol's, the net state's) as the manifest's."""
     try:
@@ -159,11 +161,12 @@ class Manifest:
         """
         if not isinstance(obj, dict):
             raise HandoffError("handoff manifest is not an object")
-        if obj.get("version") != HANDOFF_VERSION:
-            raise HandoffError(f"handoff manifest version {obj.get('version')!r}, "
+        version, count = obj.get("version"), obj.get("fds")
+        if isinstance(version, bool) or version != HANDOFF_VERSION:
+            raise HandoffError(f"handoff manifest version {version!r}, "
                                f"this side speaks {HANDOFF_VERSION}")
-        if obj.get("fds") != nfds:
-            raise HandoffError(f"the manifest names {obj.get('fds')!r} fds, {nfds} came")
+        if isinstance(count, bool) or count != nfds:
+            raise HandoffError(f"the manifest names {count!r} fds, {nfds} came")
         f = Fields(obj, "", nfds, _error)
         return cls(HANDOFF_VERSION, nfds, _part(f["vfio_user"], VfioUserState.from_json),
                    f.maybe("doorbell_page", lambda d: DoorbellPageState.from_json(d.obj())),
