@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from appliance.errors import LocalProtocolError
@@ -57,7 +58,7 @@ from appliance.memory import ClientMemory, GuestMemoryError
 from appliance.net import vhost_wire as vw
 from appliance.net.dirty_log import VhostLog
 from appliance.net.vhost_wire import Feature as F
-from appliance.net.virtqueue import MAX_CHAIN_BYTES, QueueCounters, SplitQueue
+from appliance.net.virtqueue import MAX_CHAIN_BYTES, QueueCounters, SplitQueue, VringState
 from appliance.protocol_common import close_quietly
 
 log = logging.getLogger("appliance.net")
@@ -74,6 +75,26 @@ _HDR12 = [vw.NET_HDR_CODEC.pack(0, vw.NET_HDR_GSO_NONE, 0, 0, 0, 0, n) for n in 
 _HDR10 = bytes(vw.NET_HDR_LEGACY_SIZE)
 _GSO_NONE = vw.NET_HDR_GSO_NONE
 _NEEDS_CSUM = int(vw.NetHdrFlag.NEEDS_CSUM)
+
+
+@dataclass(frozen=True)
+class PortRingState:
+    """One ring of a port as a value: the ring, its SET_VRING_ENABLE (None:
+    never sent) and whether the front-end polls it (no kick fd)."""
+
+    ring: VringState
+    enable: bool | None
+    polled: bool
+
+
+@dataclass(frozen=True)
+class PortDeviceState:
+    """What a front-end set on a port besides its rings' fds (:meth:`VirtioNetPort.handoff_state`)."""
+
+    status: int
+    mtu: int
+    mtu_told: bool
+    vrings: tuple[PortRingState, ...]
 
 
 class FrameSink(Protocol):
@@ -478,15 +499,15 @@ class VirtioNetPort:
                 return f"vring {ring.index} has used entries not yet published"
         return ""
 
-    def handoff_state(self) -> dict[str, Any]:
-        """The connection's device state (JSON-able; the runtime adds the fds).
+    def handoff_state(self) -> PortDeviceState:
+        """The connection's device state (the runtime adds the fds).
 
         Per ring: :meth:`SplitQueue.handoff_state`, the explicit SET_VRING_ENABLE
         value (None: never sent) and whether the front-end asked for polling.
         """
-        return {"status": self.status, "mtu": self.mtu, "mtu_told": self.mtu_told,
-                "vrings": [{**ring.handoff_state(), "enable": self._explicit_enable[i],
-                            "polled": self.kick_polled[i]} for i, ring in enumerate(self.rings)]}
+        return PortDeviceState(self.status, self.mtu, self.mtu_told, tuple(
+            PortRingState(ring.handoff_state(), self._explicit_enable[i], self.kick_polled[i])
+            for i, ring in enumerate(self.rings)))
 
     def counters_state(self) -> dict[str, Any]:
         """Counters that outlive connections (restored by :meth:`restore_counters`)."""

@@ -130,12 +130,11 @@ class Switch:
             port.flush()
 
     # ------------------------------------------------------------ live handoff
-    def handoff_state(self) -> dict[str, Any]:
-        """Counters and the MAC table, ports by name, entries by age (JSON-able)."""
+    def handoff_state(self) -> tuple[dict[str, int], tuple[tuple[bytes, str, float], ...]]:
+        """The counters and the MAC table: (MAC, port name, age in seconds) entries."""
         now = self.clock()
-        return {"counters": dict(self.counters),
-                "table": [[mac.hex(), getattr(port, "name", "?"), now - t]
-                          for mac, (port, t) in self.table.items()]}
+        return dict(self.counters), tuple((mac, getattr(port, "name", "?"), now - t)
+                                          for mac, (port, t) in self.table.items())
 
     def handoff_restore(self, counters: dict[str, int],
                         table: list[tuple[bytes, SwitchPort, float]]) -> None:

@@ -52,7 +52,6 @@ import logging
 import mmap
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 from appliance.errors import LocalProtocolError, RemoteProtocolError
 from appliance.framing import Framer
@@ -68,6 +67,7 @@ from appliance.net.vhost_requests import (
     ConnState,
     Fds,
     Message,
+    NegotiatedState,
     Spec,
     VhostUserBackend,
 )
@@ -226,15 +226,13 @@ class BackendConnection:
             return "requests or replies are still queued"
         return ""
 
-    def handoff_state(self) -> dict[str, Any]:
-        """Negotiated state (JSON-able).  The memory regions are listed in the
-        order of :attr:`memory`'s regions, whose fds the runtime passes on."""
-        return {"state": self.state.value, "features": self.features,
-                "protocol_features": self.protocol_features,
-                "protocol_negotiated": self.protocol_negotiated, "counters": dict(self.counters),
-                "regions": [{"guest_phys_addr": r.address, "memory_size": r.size,
-                             "userspace_addr": r.user_address, "mmap_offset": r.fd_offset}
-                            for r in self.memory.regions]}
+    def handoff_state(self) -> NegotiatedState:
+        """What was negotiated, as a value; a destination restores it by
+        replaying the requests that set it (appliance.runtime.handoff.net)."""
+        return NegotiatedState(self.state.value, self.features, self.protocol_features,
+                               self.protocol_negotiated, dict(self.counters),
+                               tuple((r.address, r.size, r.user_address or 0, r.fd_offset)
+                                     for r in self.memory.regions))
 
     def pending_input(self) -> tuple[bytes, list[int]]:
         """The bytes and fds of a request not yet complete (read so far, kept here)."""

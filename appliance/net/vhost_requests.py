@@ -162,3 +162,19 @@ ALLOWED: dict[ConnState, frozenset[R]] = {
 
 #: One complete request: header, payload and the fds not yet handed on.
 Message = Frame[vw.Header]
+
+
+@dataclass(frozen=True)
+class NegotiatedState:
+    """What a front-end negotiated on a connection, as a value
+    (:meth:`~appliance.net.vhost_protocol.BackendConnection.handoff_state`);
+    ``regions``: (guest_phys_addr, memory_size, userspace_addr, mmap_offset)
+    in the order of the connection's memory regions, whose fds the runtime
+    passes on."""
+
+    state: str
+    features: int
+    protocol_features: int
+    protocol_negotiated: bool
+    counters: dict[str, int]
+    regions: tuple[tuple[int, int, int, int], ...]

@@ -132,6 +132,24 @@ class Chain:
     writable: int  # bytes in device-writable buffers
 
 
+@dataclass(frozen=True)
+class VringState:
+    """A ring as a value (:meth:`SplitQueue.handoff_state`): what SET_VRING_NUM,
+    _BASE and _ADDR set, the indices reached, whether it runs.  A destination
+    restores it through those requests and :meth:`SplitQueue.restore_indices`."""
+
+    num: int
+    desc: int | None
+    avail: int | None
+    used: int | None
+    log: int
+    flags: int
+    last_avail_idx: int
+    used_idx: int
+    sync_used: bool
+    started: bool
+
+
 @dataclass
 class QueueCounters:
     packets: int = 0
@@ -219,17 +237,16 @@ class SplitQueue:
         return self.last_avail_idx
 
     # ------------------------------------------------------------ live handoff
-    def handoff_state(self) -> dict[str, int | bool | None]:
-        """What another process needs to continue this ring (JSON-able; no fds).
+    def handoff_state(self) -> VringState:
+        """What another process needs to continue this ring (no fds).
 
         ``last_avail_idx`` is what GET_VRING_BASE would return; ``used_idx``
         may trail it (a malformed chain whose head was out of range got no used
         entry).  Everything pushed has been published (the caller flushed).
         """
-        return {"num": self.size, "desc": self.desc_user, "avail": self.avail_user,
-                "used": self.used_user, "log": self.log_guest_addr, "flags": self.addr_flags,
-                "last_avail_idx": self.last_avail_idx, "used_idx": self.used_idx,
-                "sync_used": self._sync_used, "started": self.started}
+        return VringState(self.size, self.desc_user, self.avail_user, self.used_user,
+                          self.log_guest_addr, self.addr_flags, self.last_avail_idx,
+                          self.used_idx, self._sync_used, self.started)
 
     def restore_indices(self, last_avail_idx: int, used_idx: int, sync_used: bool) -> None:
         """Handoff import: continue at the indices the previous process reached.

@@ -7,10 +7,15 @@ import time
 from typing import Any
 
 from appliance.config import Config
-from appliance.control.faults import FaultError
 from appliance.errors import ApplianceError
 from appliance.memory import ClientMemory
 from appliance.runtime import startup
+from appliance.runtime.handoff.manifest import (
+    HANDOFF_VERSION,
+    ControlState,
+    DoorbellPageState,
+    Manifest,
+)
 from appliance.runtime.handoff.sink import HandoffSink
 from appliance.runtime.handoff.source import HandoffSource
 from appliance.runtime.listener import Claim, ListenerError
@@ -23,14 +28,6 @@ from appliance.storage.migration import NvmeMigratable
 from appliance.vfio_user.migration import VfioUserMigration
 
 log = logging.getLogger("appliance")
-
-
-def _is_hex(value: Any) -> bool:
-    try:
-        bytes.fromhex(value)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 class Appliance:
@@ -158,19 +155,21 @@ class Appliance:
         if self.net is not None:
             self.net.handoff_quiesce()
 
-    def handoff_export(self, fds: list[int]) -> dict[str, Any]:
+    def handoff_export(self, fds: list[int]) -> Manifest:
+        """Source, quiesced: the manifest of every device; each fd is appended to
+        ``fds`` (still ours) and named by its index there.  Its ``version`` and
+        ``fds`` (how many) are set here, so the manifest is complete."""
         assert self.controller is not None
+        vfio_user = self.vfio_user.handoff_export(fds)
         page = self.controller.doorbell_page
-        manifest: dict[str, Any] = {"vfio_user": self.vfio_user.handoff_export(fds),
-                                    "doorbell_page": None, "net": None}
+        doorbell_page = None
         if page is not None:
             fds.append(page.fd)
-            manifest["doorbell_page"] = {"fd": len(fds) - 1, "seen": bytes(page.seen).hex()}
-        if self.net is not None:
-            manifest["net"] = self.net.handoff_export(fds)
-        manifest["control"] = {"faults": self.control.faults.export_state(),
-                               "links_down": sorted(self.control.target.links_down)}
-        return manifest
+            doorbell_page = DoorbellPageState(len(fds) - 1, bytes(page.seen))
+        net = self.net.handoff_export(fds) if self.net is not None else None
+        control = ControlState(self.control.faults.export_state(),
+                               tuple(sorted(self.control.target.links_down)))
+        return Manifest(HANDOFF_VERSION, len(fds), vfio_user, doorbell_page, net, control)
 
     def handoff_resume(self) -> None:
         if self.net is not None:
@@ -192,52 +191,49 @@ class Appliance:
             return "a vhost-user front-end is connected"
         return ""
 
-    def handoff_check(self, manifest: dict[str, Any], fds: list[int]) -> None:
+    def handoff_check(self, manifest: Manifest, fds: list[int]) -> None:
+        """Destination: everything :meth:`handoff_adopt` would refuse, refused now
+        (the manifest's fields were checked by :meth:`Manifest.from_json`; here,
+        whether it fits this process and what each fd is).
+
+        Raises:
+            ApplianceError: one line naming what does not fit.
+        """
         assert self.controller is not None
-        page = manifest.get("doorbell_page")
+        page = manifest.doorbell_page
         if (page is None) != (self.controller.doorbell_page is None):
             raise ApplianceError("storage.doorbells differs between the two processes")
         if page is not None:
-            index, seen = (page.get("fd"), page.get("seen")) if isinstance(page, dict) else (None, None)
-            if (not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(fds)
-                    or not isinstance(seen, str) or not _is_hex(seen)):
-                raise ApplianceError(f"handoff manifest: bad doorbell_page {page!r}")
             try:
-                DoorbellPage.check_take_over(fds[index], bytes.fromhex(seen))
+                DoorbellPage.check_take_over(fds[page.fd], page.seen)
             except (OSError, ValueError) as exc:
                 raise ApplianceError(f"handoff manifest: doorbell_page: {exc}") from None
-        if not isinstance(manifest.get("vfio_user"), dict):
-            raise ApplianceError("handoff manifest: no vfio_user state")
-        self.vfio_user.handoff_check(manifest["vfio_user"], fds)
-        if (manifest.get("net") is None) != (self.net is None):
+        self.vfio_user.handoff_check(manifest.vfio_user, fds)
+        if (manifest.net is None) != (self.net is None):
             raise ApplianceError("net configuration differs: one side has no net ports")
-        if self.net is not None:
-            self.net.handoff_check(manifest["net"], fds)
-        control = manifest.get("control")
+        if self.net is not None and manifest.net is not None:
+            self.net.handoff_check(manifest.net, fds)
+        control = manifest.control
         if control is not None:
-            try:
-                self.control.faults.import_state(control["faults"])  # checks only
-                links = control["links_down"]
-            except (FaultError, KeyError, TypeError) as exc:
-                raise ApplianceError(f"handoff manifest: control: {exc}") from None
             ports = {svc.port.name for svc in self.net.services} if self.net is not None else set()
-            if not isinstance(links, list) or not all(isinstance(x, str) and x in ports for x in links):
-                raise ApplianceError(f"handoff manifest: links_down {links!r} names no port here")
+            if not all(name in ports for name in control.links_down):
+                raise ApplianceError(f"handoff manifest: links_down {list(control.links_down)!r} "
+                                     "names no port here")
 
-    def handoff_adopt(self, manifest: dict[str, Any], fds: list[int]) -> None:
+    def handoff_adopt(self, manifest: Manifest, fds: list[int]) -> None:
         assert self.controller is not None
         self.migratable.migration_stop()
-        self._adopted = self.vfio_user.handoff_adopt(manifest["vfio_user"], fds)
+        self._adopted = self.vfio_user.handoff_adopt(manifest.vfio_user, fds)
         self.migratable.commit_restore()
-        control = manifest.get("control")
+        control = manifest.control
         if control is not None:  # the injected faults and link states go on here
-            self.control.faults.import_state(control["faults"], self.controller)
-            self.control.target.links_down = set(control["links_down"])
-        page = manifest.get("doorbell_page")
+            self.control.faults.import_state(control.faults, self.controller)
+            self.control.target.links_down = set(control.links_down)
+        page = manifest.doorbell_page
         if page is not None:
-            self.controller.take_over_doorbell_page(fds[page["fd"]], bytes.fromhex(page["seen"]))
-        if self.net is not None:
-            self.net.handoff_import(manifest["net"], fds, serve=False)  # until go
+            self.controller.take_over_doorbell_page(fds[page.fd], page.seen)
+        if self.net is not None and manifest.net is not None:
+            self.net.handoff_import(manifest.net, fds, serve=False)  # until go
 
     def handoff_start(self) -> None:
         """Serve what was adopted: commands queued meanwhile, then whatever comes."""

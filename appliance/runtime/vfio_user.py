@@ -29,10 +29,10 @@ import socket
 import stat
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 from appliance.errors import ApplianceError, LocalProtocolError, RemoteProtocolError
 from appliance.runtime import unix
+from appliance.runtime.handoff.manifest import ClientEntry, VfioUserState
 from appliance.runtime.listener import Claim, ListenerError, listen
 from appliance.runtime.loop import EventLoop
 from appliance.vfio_user.backend import VfioUserDevice
@@ -270,15 +270,14 @@ class VfioUserService:
             self.loop.add_reader(self.client.sock.fileno(), self.client._readable)
             self.client.read_some()
 
-    def handoff_export(self, fds: list[int]) -> dict[str, Any]:
+    def handoff_export(self, fds: list[int]) -> VfioUserState:
         """The listener and the connected client (socket, connection state); fds by index."""
         fds += [self.listener.fileno(), self.claim.fd]  # the path's lock moves with it
-        state: dict[str, Any] = {"path": self.path, "listener": len(fds) - 2, "lock": len(fds) - 1,
-                                 "client": None, "connections": self.connections}
+        listener, lock, client = len(fds) - 2, len(fds) - 1, None
         if self.client is not None:
             fds.append(self.client.sock.fileno())
-            state["client"] = {"socket": len(fds) - 1, "conn": self.client.conn.handoff_export(fds)}
-        return state
+            client = ClientEntry(len(fds) - 1, self.client.conn.handoff_export(fds))
+        return VfioUserState(self.path, listener, lock, self.connections, client)
 
     def handoff_release(self) -> None:
         """Source, the destination took over: close our copies silently; the path stays."""
@@ -290,41 +289,27 @@ class VfioUserService:
         self.claim.release()
         self.path = ""  # the socket file is the destination's now: never unlink it
 
-    def handoff_check(self, state: Any, fds: list[int] | None = None) -> None:
+    def handoff_check(self, state: VfioUserState, fds: list[int] | None = None) -> None:
         """Destination: refuse a handoff this service cannot take.
 
         With ``fds`` (what came with the manifest) everything :meth:`handoff_adopt`
-        would refuse is refused now — fd indexes, what each fd is (sockets,
-        the lock file), and the client connection's whole state — so the adopt
-        that follows cannot fail half-way.
+        would refuse is refused now — what each fd is (sockets, the lock file)
+        and the client connection replayed onto a scratch connection
+        (:func:`check_handoff_state`) — so the adopt that follows cannot fail
+        half-way.
 
         Raises:
             ApplianceError: a client is connected here already, or ``state``
-                is not what :meth:`handoff_export` makes.
+                does not fit.
         """
         if self.client is not None:
             raise ApplianceError(f"{self.name}: a client is connected to this process already")
         if fds is None:
             return
-        nfds = len(fds)
-        if not isinstance(state, dict) or not isinstance(state.get("path"), str):
-            raise ApplianceError(f"{self.name}: bad handoff state: not an object with a path")
-        connections = state.get("connections", 0)
-        if not isinstance(connections, int) or isinstance(connections, bool) or connections < 0:
-            raise ApplianceError(f"{self.name}: bad handoff state: connections {connections!r}")
-        if "client" not in state:
-            raise ApplianceError(f"{self.name}: bad handoff state: no client entry")
-        client = state.get("client")
-        kinds = [(state.get("listener"), stat.S_ISSOCK, "a socket"),
-                 (state.get("lock"), stat.S_ISREG, "a lock file")]
-        if client is not None:
-            if not isinstance(client, dict) or not isinstance(client.get("conn"), dict):
-                raise ApplianceError(f"{self.name}: bad handoff state: client")
-            kinds.append((client.get("socket"), stat.S_ISSOCK, "a socket"))
+        kinds = [(state.listener, stat.S_ISSOCK, "a socket"), (state.lock, stat.S_ISREG, "a lock file")]
+        if state.client is not None:
+            kinds.append((state.client.socket, stat.S_ISSOCK, "a socket"))
         for index, is_kind, kind in kinds:
-            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < nfds:
-                raise ApplianceError(f"{self.name}: bad handoff state: fd index {index!r} "
-                                     f"({nfds} fds came)")
             try:
                 mode = os.fstat(fds[index]).st_mode
             except OSError as exc:
@@ -332,16 +317,16 @@ class VfioUserService:
             if not is_kind(mode):
                 raise ApplianceError(f"{self.name}: bad handoff state: fd {index} is not {kind}")
         try:  # what adopting will take over: the path's own lock, a socket there
-            Claim.adopt(str(state["path"]), fds[state["lock"]]).release()
+            Claim.adopt(state.path, fds[state.lock]).release()
         except ListenerError as exc:
             raise ApplianceError(f"{self.name}: {exc}") from None
-        if client is not None:
+        if state.client is not None:
             try:
-                check_handoff_state(self.device, client["conn"], fds, unix.is_eventfd)
+                check_handoff_state(self.device, state.client.conn, fds, unix.is_eventfd)
             except LocalProtocolError as exc:
                 raise ApplianceError(f"{self.name}: {exc}") from None
 
-    def handoff_adopt(self, state: dict[str, Any], fds: list[int]) -> VfioUserClientSocket | None:
+    def handoff_adopt(self, state: VfioUserState, fds: list[int]) -> VfioUserClientSocket | None:
         """Destination: serve the source's listener and continue its client.
 
         Returns the adopted client (not yet processing: call its
@@ -351,23 +336,16 @@ class VfioUserService:
             ApplianceError: the state does not fit (nothing adopted then).
         """
         self.handoff_check(state)
-        try:
-            listen_fd = fds[state["listener"]]
-            client_state = state["client"]
-            client_fd = fds[client_state["socket"]] if client_state is not None else None
-            lock_fd = fds[state["lock"]]
-        except (KeyError, IndexError, TypeError) as exc:
-            raise ApplianceError(f"{self.name}: bad handoff state: {exc!r}") from None
-        claim = Claim.adopt(str(state["path"]), lock_fd)  # raises ListenerError
+        claim = Claim.adopt(state.path, fds[state.lock])  # raises ListenerError
         client = None
-        if client_fd is not None:
-            sock = socket.socket(fileno=os.dup(client_fd))
-            self.connections = state.get("connections", self.connections)  # handoff_check
+        if state.client is not None:
+            sock = socket.socket(fileno=os.dup(fds[state.client.socket]))
+            self.connections = state.connections
             client = VfioUserClientSocket(self.loop, sock, self.device, self._closed,
                                           f"{self.name}#{self.connections}", self.dma_layout,
                                           self.max_backlog, self.migration)
             try:
-                client.conn.handoff_adopt(client_state["conn"], fds)
+                client.conn.handoff_adopt(state.client.conn, fds)
             except BaseException as exc:
                 client.close()
                 claim.release()
@@ -375,12 +353,12 @@ class VfioUserService:
                     raise ApplianceError(str(exc)) from None
                 raise
             self.client = client
-        listener = socket.socket(fileno=os.dup(listen_fd))
+        listener = socket.socket(fileno=os.dup(fds[state.listener]))
         listener.setblocking(False)
         self.loop.remove_reader(self.listener.fileno())
         self.listener.close()
         self.claim.close()  # our own path: its socket and lock file go
-        self.listener, self.path, self.claim = listener, str(state["path"]), claim
+        self.listener, self.path, self.claim = listener, state.path, claim
         self.loop.add_reader(listener.fileno(), self._accept)
         self.handoff_quiesce()  # nothing is read until the source's go (handoff_resume)
         log.info("%s: took over %s%s", self.name, self.path,

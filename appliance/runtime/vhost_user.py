@@ -241,8 +241,8 @@ class NetService:
         self.switch.flush()
         self._flush_pcaps()
 
-    def handoff_export(self, fds: list[int]) -> dict[str, Any]:
-        """Source, quiesced: the JSON-able state; fds appended to ``fds`` (not dup'd).
+    def handoff_export(self, fds: list[int]) -> vhost_handoff.NetState:
+        """Source, quiesced: the state as a value; fds appended to ``fds`` (not dup'd).
 
         Raises:
             ApplianceError: not quiesced, or a handoff could not be faithful
@@ -269,7 +269,7 @@ class NetService:
             self.tap.close()  # our copy only: the interface lives on in the other process
         self._flush_pcaps()
 
-    def handoff_check(self, state: dict[str, Any], fds: list[int] | None = None) -> None:
+    def handoff_check(self, state: vhost_handoff.NetState, fds: list[int] | None = None) -> None:
         """Destination: refuse a state that does not fit (changes nothing).
 
         With ``fds`` (what came) it is a dry run of :meth:`handoff_import`: the
@@ -281,16 +281,16 @@ class NetService:
         Raises:
             ApplianceError: one line naming the mismatch or the bad field.
         """
-        parsed = vhost_handoff.parse(state, None if fds is None else len(fds))
-        vhost_handoff.check_fit(self, parsed)
+        vhost_handoff.check_fit(self, state)
         if fds is not None:
-            staged, tap_fd = self._stage(parsed, fds)
+            staged, tap_fd = self._stage(state, fds)
             for svc, st in zip(self.services, staged, strict=True):
                 st.discard(svc.port)
             if tap_fd is not None:
                 close_quietly(tap_fd)
 
-    def handoff_import(self, state: dict[str, Any], fds: list[int], serve: bool = True) -> None:
+    def handoff_import(self, state: vhost_handoff.NetState, fds: list[int],
+                       serve: bool = True) -> None:
         """Destination: adopt the source's listeners, connections and TAP fd.
 
         ``fds`` stay the caller's (it closes them all); we keep duplicates.
@@ -304,7 +304,7 @@ class NetService:
             ApplianceError: the state does not fit or was refused; nothing was
                 adopted and this service is as it was.
         """
-        parsed = vhost_handoff.parse(state, len(fds))
+        parsed = state
         vhost_handoff.check_fit(self, parsed)
         staged, tap_fd = self._stage(parsed, fds)
         # Commit: nothing below can fail on the state's account.

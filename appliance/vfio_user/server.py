@@ -53,8 +53,8 @@ from appliance.vfio_user.connection_state import (
 )
 from appliance.vfio_user.dma import DmaMessages
 from appliance.vfio_user.framing import Frame, Framer, encode
-from appliance.vfio_user.handoff_state import ClientCaps, parse_client_caps
-from appliance.vfio_user.server_handoff import ConnectionHandoff, check_handoff_state
+from appliance.vfio_user.handoff_state import ClientCaps, ConnectionState, parse_client_caps
+from appliance.vfio_user.server_handoff import ConnectionHandoff, DryRunDevice
 from appliance.wire import Struct
 
 # Declared in appliance.vfio_user.connection_state, used by importers of this module.
@@ -617,3 +617,20 @@ def _cmd_name(command: int) -> str:
         return f"cmd{command}"
 
 
+
+
+def check_handoff_state(device: VfioUserDevice, state: ConnectionState, fds: list[int],
+                        is_eventfd: Callable[[int], bool] | None) -> None:
+    """Everything adopting ``state`` on ``device`` would refuse, refused now:
+    the same replay (:meth:`ServerConnection.handoff_adopt`) onto a scratch
+    connection over a :class:`DryRunDevice`, then let go; ``device`` is not
+    touched and nothing is kept.
+
+    Raises:
+        LocalProtocolError: the first replayed request refused (its errno).
+    """
+    scratch = ServerConnection(DryRunDevice(device), notify=lambda fd: None, is_eventfd=is_eventfd)
+    try:
+        scratch.handoff_adopt(state, fds)
+    finally:
+        scratch.close()

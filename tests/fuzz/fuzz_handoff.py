@@ -4,7 +4,8 @@ An Appliance (NVMe, ports p0/p1, control socket) runs in this process, idle,
 as a handoff destination.  The input is: byte 0, how many fds came with the
 stream (0-7: memfds, eventfds, pipe ends); the rest, the HANDOFF record's
 payload (the JSON manifest), where ``@TMP@`` stands for this run's directory
-(socket paths must be this process's own to pass).  ``parse_handoff`` and ``Appliance.handoff_check``
+(socket paths must be this process's own to pass).  ``parse_handoff`` (the typed
+manifest's checker, ``Manifest.from_json``) and ``Appliance.handoff_check``
 may only refuse (HandoffError / ApplianceError).  A manifest they pass must
 then be adoptable as far as the state goes: the fault set takes it
 (``FaultSet.import_state``) and a fresh vfio-user connection takes the
@@ -31,7 +32,7 @@ with common.instrumented(__name__):
     from appliance.control.faults import FaultError, FaultSet
     from appliance.errors import ApplianceError, LocalProtocolError
     from appliance.runtime.app import Appliance
-    from appliance.runtime.handoff.frames import HANDOFF_VERSION, parse_handoff
+    from appliance.runtime.handoff.frames import HANDOFF_VERSION, Manifest, parse_handoff
     from appliance.testing.process import make_config
     from appliance.vfio_user.migration_stream import Record, RecordType
     from appliance.vfio_user.server import ServerConnection
@@ -57,8 +58,7 @@ def manifest_example() -> dict[str, Any]:
         manifest = APP.handoff_export(fds)
     finally:
         APP.handoff_resume()
-    manifest.update(version=HANDOFF_VERSION, fds=len(fds))
-    return json.loads(json.dumps(manifest).replace(str(_tmp), "@TMP@"))
+    return json.loads(json.dumps(manifest.to_json()).replace(str(_tmp), "@TMP@"))
 
 
 def _check(data: bytes) -> None:
@@ -78,20 +78,20 @@ def _check(data: bytes) -> None:
             os.close(fd)
 
 
-def _adopt_state(manifest: dict[str, Any], fds: list[int]) -> None:
-    control = manifest.get("control")
-    if control is not None:
+def _adopt_state(manifest: Manifest, fds: list[int]) -> None:
+    assert manifest.version == HANDOFF_VERSION and manifest.fds == len(fds)
+    if manifest.control is not None:
         try:
-            FaultSet(clock=lambda: 0.0).import_state(control["faults"], APP.controller)
+            FaultSet(clock=lambda: 0.0).import_state(manifest.control.faults, APP.controller)
         except FaultError as exc:  # only a hung command on a queue the stream did not bring
             assert "does not exist" in str(exc), exc
-    client = manifest["vfio_user"].get("client")
+    client = manifest.vfio_user.client
     if client is None:
         return
     assert APP.controller is not None
     conn = ServerConnection(APP.controller, notify=lambda fd: None)
     try:
-        conn.handoff_adopt(client["conn"], fds)
+        conn.handoff_adopt(client.conn, fds)
     except LocalProtocolError:
         assert not conn.memory.regions and not conn.irq_fds and not conn.irq_mask_fds
     finally:

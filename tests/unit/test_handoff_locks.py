@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_vhost_handoff import close_all, hand_over, loops, services, transfer
+from test_vhost_handoff import adopt, close_all, hand_over, loops, services, transfer
 
 from appliance.errors import ApplianceError
 from appliance.runtime.loop import EventLoop
@@ -54,7 +54,7 @@ def test_a_listener_without_its_lock_is_refused(tmp_path: Path,
         state, received = transfer(a.handoff_export(fds), fds)
         state["ports"][0]["lock"] = None
         with pytest.raises(ApplianceError, match=r"a listener comes with its lock file"):
-            b.handoff_import(state, received)
+            adopt(b, state, received)
         close_all(received)
         a.handoff_resume()
         assert os.path.exists(path_b) and locked(path_b)  # b is as it was

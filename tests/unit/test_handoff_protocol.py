@@ -15,8 +15,10 @@ from test_vfio_user_migration import Disk, handler, refused, set_state, write
 from appliance.errors import LocalProtocolError
 from appliance.pci import Bar, MsixLayout, PciDevice
 from appliance.runtime.handoff import frames as ho
+from appliance.runtime.handoff.manifest import VfioUserState
 from appliance.storage.doorbells import PAGE_OFFSET, DoorbellPage
 from appliance.vfio_user import wire as w
+from appliance.vfio_user.handoff_state import ConnectionState
 from appliance.vfio_user.migration_states import MigState
 from appliance.vfio_user.migration_stream import (
     HeaderFlag,
@@ -53,13 +55,23 @@ def test_frame_round_trip_and_refusals() -> None:
             ho.parse_head(data, nfds)
 
 
+def small_manifest(nfds: int = 2) -> ho.Manifest:
+    """A manifest of a process with no client, no doorbell page, no net ports."""
+    return ho.Manifest(ho.HANDOFF_VERSION, nfds, VfioUserState("/run/a.sock", 0, 1, 0, None),
+                       None, None, None)
+
+
+def json_record(obj: Any) -> Record:
+    return Record(RecordType.HANDOFF, json.dumps(obj).encode())
+
+
 def test_manifest_record_is_checked() -> None:
-    good = {"version": ho.HANDOFF_VERSION, "fds": 2, "vfio_user": {}}
+    good = small_manifest()
     assert ho.parse_handoff(ho.handoff_record(good), 2) == good
     with pytest.raises(ho.HandoffError, match="names 2 fds, 1 came"):
         ho.parse_handoff(ho.handoff_record(good), 1)
     with pytest.raises(ho.HandoffError, match="version"):
-        ho.parse_handoff(ho.handoff_record({**good, "version": 99}), 2)
+        ho.parse_handoff(json_record({**good.to_json(), "version": 99}), 2)
     with pytest.raises(ho.HandoffError, match="not an object"):
         ho.parse_handoff(Record(RecordType.HANDOFF, b"[1, 2]"), 2)
     with pytest.raises(ho.HandoffError, match="manifest"):
@@ -68,7 +80,7 @@ def test_manifest_record_is_checked() -> None:
 
 def test_handoff_record_rides_the_stream_once_and_checksummed() -> None:
     writer = StreamWriter(b"fp", flags=HeaderFlag.SHARED_STORAGE)
-    writer.add(ho.handoff_record({"version": 1, "fds": 0}))
+    writer.add(ho.handoff_record(small_manifest()))
     writer.finish()
     data = bytearray(writer.read(1 << 20))
     got = StreamReader(b"fp", HeaderFlag.SHARED_STORAGE).feed(bytes(data))
@@ -77,8 +89,8 @@ def test_handoff_record_rides_the_stream_once_and_checksummed() -> None:
     with pytest.raises(StreamError):
         StreamReader(b"fp", HeaderFlag.SHARED_STORAGE).feed(bytes(data))
     twice = StreamWriter(b"fp")
-    twice.add(ho.handoff_record({}))
-    twice.add(ho.handoff_record({}))
+    twice.add(ho.handoff_record(small_manifest()))
+    twice.add(ho.handoff_record(small_manifest()))
     with pytest.raises(StreamError, match="second HANDOFF"):
         StreamReader(b"fp").feed(twice.read(1 << 20))
 
@@ -88,7 +100,7 @@ def test_a_vfio_user_migration_stream_refuses_a_handoff_record() -> None:
     h = handler(disk)
     set_state(h, MigState.RESUMING)
     writer = StreamWriter(disk.migration_fingerprint())
-    writer.add(ho.handoff_record({"version": 1}))
+    writer.add(ho.handoff_record(small_manifest()))
     refused(errno.EINVAL, write, h, writer.read(1 << 20))
 
 
@@ -111,7 +123,13 @@ def ready(conn: ServerConnection) -> None:
     conn._apply_client_caps(json.loads(body[w.VersionHead.SIZE:-1])["capabilities"])
 
 
-def exported() -> tuple[ServerConnection, dict[str, Any], list[int], int]:
+def readback(state: ConnectionState | dict[str, Any], fds: list[int]) -> ConnectionState:
+    """A connection state as a destination reads it: through JSON and its checker."""
+    obj = state.to_json() if isinstance(state, ConnectionState) else state
+    return ConnectionState.from_json(json.loads(json.dumps(obj)), len(fds))
+
+
+def exported() -> tuple[ServerConnection, ConnectionState, list[int], int]:
     src = connection()
     ready(src)
     memfd = os.memfd_create("guest")
@@ -127,7 +145,7 @@ def exported() -> tuple[ServerConnection, dict[str, Any], list[int], int]:
 def test_a_connection_is_exported_and_adopted() -> None:
     src, state, fds, memfd = exported()
     dst = connection()
-    dst.handoff_adopt(json.loads(json.dumps(state)), fds)
+    dst.handoff_adopt(readback(state, fds), fds)
     assert dst.client_max_msg_fds == 8 and dst.client_max_data_xfer_size == 65536
     regions = dst.memory.regions
     assert [(r.address, r.size, r.fd is not None) for r in regions] == [
@@ -152,12 +170,12 @@ def test_a_connection_is_exported_and_adopted() -> None:
     (lambda s: s.pop("regions"), "regions"),
 ])
 def test_a_bad_state_is_refused_and_leaves_the_connection_fresh(change: Any, why: str) -> None:
-    _, state, fds, memfd = exported()
-    state = json.loads(json.dumps(state))
+    _, exported_state, fds, memfd = exported()
+    state = json.loads(json.dumps(exported_state.to_json()))
     change(state)
     dst = connection()
     with pytest.raises(LocalProtocolError, match=why):
-        dst.handoff_adopt(state, fds)
+        dst.handoff_adopt(readback(state, fds), fds)
     assert not dst.memory.regions and not dst.irq_fds and not dst.closed
     assert dst.state.value == "await-version"
     os.close(memfd)

@@ -20,9 +20,11 @@ from test_nvme_driver import make_controller
 from appliance.control.faults import FaultError, FaultRule, FaultSet
 from appliance.errors import ApplianceError, LocalProtocolError
 from appliance.runtime.handoff import frames as ho
+from appliance.runtime.handoff.manifest import VfioUserState
 from appliance.runtime.loop import EventLoop
 from appliance.runtime.vfio_user import VfioUserService
 from appliance.storage import NvmeController
+from appliance.vfio_user.handoff_state import ConnectionState
 from appliance.vfio_user.migration_stream import Record, RecordType
 from appliance.vfio_user.server import ServerConnection, check_handoff_state
 
@@ -109,7 +111,7 @@ def client_state() -> dict[str, Any]:
     (lambda s: s["regions"][0].update(address=float("inf")), "not an integer"),
     (lambda s: s.update(next_id="\u00b2"), "not an integer"),
     (lambda s: s.update(next_id=True), "not an integer"),
-    (lambda s: s["regions"][0].update(fd_offset=100), "fd offset"),
+    (lambda s: s["regions"][0].update(fd_offset=100), "DMA_MAP offset 0x64"),
     (lambda s: s["regions"].append(dict(s["regions"][0])), "overlaps"),
     (lambda s: s.update(pending="0000000008000000" + "00" * 8), "below the header size"),
     (lambda s: s.update(caps=[1]), "bad handoff state"),
@@ -123,10 +125,10 @@ def test_bad_client_state_is_refused_by_the_check_and_leaks_nothing(
     os.ftruncate(memfd, 0x4000)
     before = fds_open()
     with pytest.raises(LocalProtocolError, match=why):
-        check_handoff_state(ctrl, state, [memfd], None)
+        check_handoff_state(ctrl, ConnectionState.from_json(state, 1), [memfd], None)
     conn = ServerConnection(ctrl, notify=lambda fd: None)
     with pytest.raises(LocalProtocolError):
-        conn.handoff_adopt(state, [memfd])
+        conn.handoff_adopt(ConnectionState.from_json(state, 1), [memfd])
     assert not conn.memory.regions and conn.state.value == "await-version"
     conn.close()
     assert fds_open() == before
@@ -162,9 +164,9 @@ def test_service_check_refuses_a_bad_connection_count(
     state = {"path": str(tmp_path / "src.sock"), "listener": 0, "lock": 1, "client": None,
              "connections": connections}
     with pytest.raises(ApplianceError, match="connections"):
-        service.handoff_check(state, fds)
+        service.handoff_check(VfioUserState.from_json(state, len(fds)), fds)
     state["connections"] = 3
-    service.handoff_check(state, fds)
+    service.handoff_check(VfioUserState.from_json(state, len(fds)), fds)
 
 
 def test_service_check_refuses_a_bad_client_state_before_adopting(
@@ -172,7 +174,7 @@ def test_service_check_refuses_a_bad_client_state_before_adopting(
     service, fds = destination
     conn = client_state()
     conn["regions"][0]["size"] = "16K"
-    state = {"path": str(tmp_path / "src.sock"), "listener": 0, "lock": 1,
+    state = {"path": str(tmp_path / "src.sock"), "listener": 0, "lock": 1, "connections": 1,
              "client": {"socket": 2, "conn": conn}}
     with pytest.raises(ApplianceError, match="bad handoff state"):
-        service.handoff_check(state, fds)
+        service.handoff_check(VfioUserState.from_json(state, len(fds)), fds)

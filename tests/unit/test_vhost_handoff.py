@@ -32,6 +32,7 @@ from appliance.net.vhost_wire import Feature as F
 from appliance.net.vhost_wire import ProtocolFeature as PF
 from appliance.net.vhost_wire import Request as R
 from appliance.runtime import unix
+from appliance.runtime.handoff.net import NetState
 from appliance.runtime.loop import EventLoop
 from appliance.runtime.vhost_user import NetService
 
@@ -88,7 +89,28 @@ def exchange(g: HGuest, net: NetService, loop: EventLoop, seqs: range) -> None:
         assert [reply_seq(f) for f in g.replies()] == [seq]
 
 
-def transfer(state: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+ANY_FDS = 1 << 16  # the fd count a check without fds assumes
+
+
+def as_state(state: NetState | dict[str, Any], fds: list[int] | None) -> NetState:
+    """A state as the destination reads it: JSON through the manifest's checker."""
+    if isinstance(state, NetState):
+        return state
+    return NetState.from_json(state, ANY_FDS if fds is None else len(fds))
+
+
+def check(svc: NetService, state: NetState | dict[str, Any], fds: list[int] | None = None) -> None:
+    """The destination's check of a state (read from JSON first)."""
+    svc.handoff_check(as_state(state, fds), fds)
+
+
+def adopt(svc: NetService, state: NetState | dict[str, Any], fds: list[int],
+          serve: bool = True) -> None:
+    """The destination's import of a state (read from JSON first)."""
+    svc.handoff_import(as_state(state, fds), fds, serve=serve)
+
+
+def transfer(state: NetState, fds: list[int]) -> tuple[dict[str, Any], list[int]]:
     """The state through JSON, the fds through a socketpair with SCM_RIGHTS."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -98,7 +120,7 @@ def transfer(state: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], lis
         ours.close()
         theirs.close()
     assert data == b"x" and len(received) == len(fds)
-    return json.loads(json.dumps(state)), received
+    return json.loads(json.dumps(state.to_json())), received
 
 
 def hand_over(a: NetService, b: NetService, serve: bool = True) -> dict[str, Any]:
@@ -106,7 +128,7 @@ def hand_over(a: NetService, b: NetService, serve: bool = True) -> dict[str, Any
     a.handoff_quiesce()
     fds: list[int] = []
     state, received = transfer(a.handoff_export(fds), fds)
-    b.handoff_import(state, received, serve=serve)
+    adopt(b, state, received, serve=serve)
     close_all(received)
     a.handoff_release()
     return state
@@ -171,8 +193,8 @@ def test_live_connection_moves_to_the_other_process(tmp_path: Path,
         state = a.handoff_export(fds)
         a_copies = [a.services[0].session.sock.fileno(), *fds]  # type: ignore[union-attr]
         state, received = transfer(state, fds)
-        b.handoff_check(state)
-        b.handoff_import(state, received)
+        check(b, state)
+        adopt(b, state, received)
         close_all(received)
         a.handoff_release()
         assert not any(fd_open(fd) for fd in a_copies)
@@ -231,7 +253,7 @@ def test_request_half_read_by_the_source_is_finished_by_the_destination(
         fds: list[int] = []
         state, received = transfer(a.handoff_export(fds), fds)
         assert bytes.fromhex(state["ports"][0]["session"]["partial"]) == msg[:5]
-        b.handoff_import(state, received)
+        adopt(b, state, received)
         close_all(received)
         a.handoff_release()
         g.fe.loop = loop_b
@@ -265,7 +287,7 @@ def test_failed_handoff_resumes_the_source_with_exact_counters(
         state["ports"][0]["session"]["vrings"][1]["desc"] = 0x7F00_0000_0000 + (64 << 20)
         before, b_before, b_fds = snapshot(a), snapshot(b), open_fds()
         with pytest.raises(ApplianceError, match="net0: SET_VRING_ADDR refused: .*outside"):
-            b.handoff_import(state, received)
+            adopt(b, state, received)
         assert snapshot(b) == b_before and open_fds() == b_fds
         close_all(received)
         a.handoff_resume()
@@ -303,7 +325,7 @@ def test_check_refuses_another_configuration(tmp_path: Path, loops: tuple[EventL
         fds: list[int] = []
         state = a.handoff_export(fds)
         with pytest.raises(ApplianceError, match=match):
-            b.handoff_check(state)
+            check(b, state)
         a.handoff_resume()
     finally:
         g.close()
@@ -322,14 +344,14 @@ def test_check_refuses_port_counts_and_connected_ports(tmp_path: Path,
         a.handoff_quiesce()
         state = a.handoff_export([])
         with pytest.raises(ApplianceError, match="source has 1 ports, this process 2"):
-            two.handoff_check(state)
+            check(two, state)
         with pytest.raises(ApplianceError, match=r"net.ports\[0\] \(net0\): a front-end is "
                                                  "connected here already"):
-            b.handoff_check(state)
+            check(b, state)
         for key, value, match in (("version", 9, "version 9"),
                                   ("ports", "x", r"net.ports: expected a list")):
             with pytest.raises(ApplianceError, match=match):
-                b.handoff_check({**state, key: value})
+                check(b, {**state.to_json(), key: value})
         a.handoff_resume()
     finally:
         g.close()
@@ -348,7 +370,7 @@ def test_dirty_logging_refuses_the_handoff(tmp_path: Path,
     os.ftruncate(log_fd, 4096)
     try:
         a.handoff_quiesce()
-        clean = json.loads(json.dumps(a.handoff_export([])))
+        clean = json.loads(json.dumps(a.handoff_export([]).to_json()))
         a.handoff_resume()
         g.fe.u64(R.SET_PROTOCOL_FEATURES, int(PF.MQ | PF.REPLY_ACK | PF.STATUS | PF.LOG_SHMFD))
         g.fe.send(R.SET_LOG_BASE, vw.LogDescription(mmap_size=4096).pack(), fds=[log_fd])
@@ -364,7 +386,7 @@ def test_dirty_logging_refuses_the_handoff(tmp_path: Path,
         # a state claiming LOG_ALL is refused by the destination
         clean["ports"][0]["session"]["features"] |= int(vw.Feature.LOG_ALL)
         with pytest.raises(ApplianceError, match=r"net0\): dirty logging \(LOG_ALL\)"):
-            b.handoff_check(clean)
+            check(b, clean)
     finally:
         os.close(log_fd)
         g.close()
@@ -401,10 +423,10 @@ def test_corrupt_state_is_refused_and_leaves_the_destination_untouched(
             target[path[-1]] = value
         before, fds_before = snapshot(b), open_fds()
         with pytest.raises(ApplianceError, match=match):
-            b.handoff_check(state, received)  # the dry run refuses what the import would
+            check(b, state, received)  # the dry run refuses what the import would
         assert snapshot(b) == before and open_fds() == fds_before
         with pytest.raises(ApplianceError, match=match):
-            b.handoff_import(state, received)
+            adopt(b, state, received)
         assert snapshot(b) == before and open_fds() == fds_before
         assert b.services[0].session is None and b.services[0].listener is not None
         close_all(received)
@@ -455,7 +477,7 @@ def test_client_mode_connection_moves_and_reconnects_to_its_own_path(
         fds: list[int] = []
         state, received = transfer(a.handoff_export(fds), fds)
         assert state["ports"][0]["listener"] is None
-        b.handoff_import(state, received)
+        adopt(b, state, received)
         close_all(received)
         a.handoff_release()
         g.fe.loop = loop_b
@@ -602,8 +624,8 @@ def test_tap_fd_moves_with_its_counters(tmp_path: Path, loops: tuple[EventLoop, 
         fds: list[int] = []
         state, received = transfer(a.handoff_export(fds), fds)
         with pytest.raises(ApplianceError, match="net.tap: only the source has a TAP interface"):
-            no_tap.handoff_check(state)
-        b.handoff_import(state, received)
+            check(no_tap, state)
+        adopt(b, state, received)
         close_all(received)
         a.handoff_release()
         assert answered(loop_b)[12:14] == b"\x08\x06"
@@ -633,7 +655,7 @@ def test_standby_client_port_connects_once_it_took_over_an_unconnected_one(
         fds: list[int] = []
         state, received = transfer(a.handoff_export(fds), fds)
         assert state["ports"][0]["session"] is None and fds == []
-        b.handoff_import(state, received)
+        adopt(b, state, received)
         a.handoff_release()
         pump(loop_b, lambda: b.services[0].session is not None)
         sock, _ = listener.accept()
@@ -656,7 +678,7 @@ def test_source_abort_after_adoption_destination_lets_go_and_source_serves_on(
         g.transmit(ping(2))
         fds: list[int] = []
         state, received = transfer(a.handoff_export(fds), fds)
-        b.handoff_import(state, received, serve=False)
+        adopt(b, state, received, serve=False)
         close_all(received)
         for _ in range(3):
             loop_b.run_once(0.01)
@@ -712,8 +734,8 @@ def test_every_field_of_the_state_is_checked(tmp_path: Path,
                 target[path[-1]] = bad
                 tried += 1
                 try:
-                    b.handoff_check(state)
-                    b.handoff_import(state, received, serve=False)
+                    check(b, state)
+                    adopt(b, state, received, serve=False)
                 except ApplianceError:
                     refused += 1
                     assert snapshot(b) == before and open_fds() == fds_before, path

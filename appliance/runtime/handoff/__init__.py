@@ -8,6 +8,8 @@
   two processes: non-blocking, a bounded output queue, a progress deadline.
 * :mod:`~appliance.runtime.handoff.frames` - the channel's frames and the
   HANDOFF record (the manifest) of the migration stream.
+* :mod:`~appliance.runtime.handoff.manifest` - the manifest as a typed,
+  frozen value: every part with ``to_json`` and a checked ``from_json``.
 * :mod:`~appliance.runtime.handoff.net` - the vhost-user-net ports' state:
   export, typed parse, check, replay.
 

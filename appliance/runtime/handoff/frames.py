@@ -36,18 +36,21 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import Annotated, Any
+from typing import Annotated
 
-from appliance.errors import StreamRefused
+from appliance.runtime.handoff.manifest import HANDOFF_VERSION, HandoffError, Manifest
 from appliance.vfio_user.migration_stream import Record, RecordType
 from appliance.wire import U16, U32, Struct
 
 MAGIC = b"AHO1"
 MAX_FDS_PER_FRAME = 250  # the kernel's SCM_MAX_FD is 253
 MAX_FRAME = 16 << 20
-HANDOFF_VERSION = 2  # 2: the DONE frame
 GO = b"go\n"
 ABORT = b"abort\n"
+# HANDOFF_VERSION, HandoffError and Manifest are declared in .manifest, used from here too.
+__all__ = ["ABORT", "GO", "HANDOFF_VERSION", "MAGIC", "MAX_FDS_PER_FRAME", "MAX_FRAME",
+           "FrameHead", "FrameKind", "HandoffError", "Manifest", "frame", "handoff_record",
+           "parse_handoff", "parse_head"]
 
 
 class FrameKind(enum.IntEnum):
@@ -61,10 +64,6 @@ class FrameHead(Struct, size=12):
     kind: U16 = 0
     nfds: U16 = 0
     length: U32 = 0
-
-
-class HandoffError(StreamRefused):
-    """The handoff cannot go on (bad frame, bad manifest, refused by a side)."""
 
 
 def frame(kind: FrameKind, payload: bytes = b"", nfds: int = 0) -> bytes:
@@ -95,29 +94,23 @@ def parse_head(raw: bytes, fds_received: int) -> FrameHead:
     return head
 
 
-def handoff_record(manifest: dict[str, Any]) -> Record:
+def handoff_record(manifest: Manifest) -> Record:
     """The HANDOFF record: the manifest as compact JSON."""
-    return Record(RecordType.HANDOFF, json.dumps(manifest, separators=(",", ":")).encode())
+    return Record(RecordType.HANDOFF,
+                  json.dumps(manifest.to_json(), separators=(",", ":")).encode())
 
 
-def parse_handoff(record: Record, fds_received: int) -> dict[str, Any]:
-    """The manifest of a verified HANDOFF record.
+def parse_handoff(record: Record, fds_received: int) -> Manifest:
+    """The manifest of a verified HANDOFF record, checked whole (:meth:`Manifest.from_json`).
 
     Raises:
-        HandoffError: not a JSON object, another manifest version, or fewer
-            fds received than the manifest says were sent.
+        HandoffError: not JSON, not an object, another manifest version, another
+            number of fds than were received, or any field that does not fit.
     """
     try:
-        manifest = json.loads(record.payload)
+        obj = json.loads(record.payload)
     except (ValueError, RecursionError) as exc:
         # ValueError: not UTF-8 or JSON, or an integer past Python's digit limit;
         # RecursionError: arrays or objects nested too deep to parse.
         raise HandoffError(f"handoff manifest: {type(exc).__name__}: {exc}") from None
-    if not isinstance(manifest, dict):
-        raise HandoffError("handoff manifest is not an object")
-    if manifest.get("version") != HANDOFF_VERSION:
-        raise HandoffError(f"handoff manifest version {manifest.get('version')!r}, "
-                           f"this side speaks {HANDOFF_VERSION}")
-    if manifest.get("fds") != fds_received:
-        raise HandoffError(f"the manifest names {manifest.get('fds')!r} fds, {fds_received} came")
-    return manifest
+    return Manifest.from_json(obj, fds_received)

@@ -7,10 +7,13 @@ front-ends to another appliance process with these helpers
 * :func:`export_net` describes every port (its listener, its connection: the
   negotiated features, memory regions, vrings with their indices and kick,
   call and err eventfds, a request read only in part), the switch's MAC table
-  and counters, the responder's and the TAP port's counters.  Each fd is
-  appended to the caller's list and named by its index there.
-* :func:`parse` checks a received state completely (types, ranges, fd
-  indices) into :class:`NetState` before anything is touched;
+  and counters, the responder's and the TAP port's counters, as a frozen
+  :class:`NetState` composed of the ``handoff_state()`` values of the
+  connection, the port, its rings and the switch.  Each fd is appended to the caller's list and named by
+  its index there.
+* :meth:`NetState.from_json` checks a received state completely (types,
+  ranges, fd indices, lengths: :mod:`appliance.json_fields`) before anything
+  is touched, :meth:`NetState.to_json` is what the manifest carries;
   :func:`check_fit` compares it with this process's configuration.
 * :func:`replay_requests` turns one connection's state back into the
   vhost-user requests a front-end would have sent (SET_PROTOCOL_FEATURES,
@@ -26,13 +29,13 @@ rest from the same socket.
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from appliance.errors import ApplianceError, LocalProtocolError
+from appliance.json_fields import U16, U32, Field, Fields
 from appliance.net import vhost_wire as vw
 from appliance.net.port import DEFAULT_MTU, VirtioNetPort
 from appliance.net.vhost_protocol import BackendConnection, ConnState
@@ -44,7 +47,6 @@ if TYPE_CHECKING:
     from appliance.runtime.vhost_user import NetService
 
 STATE_VERSION = 1
-U16, U32, U64 = (1 << 16) - 1, (1 << 32) - 1, (1 << 64) - 1
 CONN_COUNTERS = ("messages", "rejected", "nacks")
 PORT_COUNTERS = ("connections", "rarps", "tx_no_queue")
 RING_COUNTERS = ("packets", "bytes", "dropped", "malformed")
@@ -75,11 +77,12 @@ def handoff_blocker(net: NetService) -> str:
     return ""
 
 
-def export_net(net: NetService, fds: list[int]) -> dict[str, Any]:
-    """The JSON-able state of every port; fds are appended to ``fds`` (not dup'd).
+def export_net(net: NetService, fds: list[int]) -> NetState:
+    """The state of every port, composed of its objects' ``handoff_state()``
+    values; fds are appended to ``fds`` (not dup'd) and named by their index.
 
     Raises:
-        ApplianceError: the handoff could not be faithful (:func:`blocker`).
+        ApplianceError: the handoff could not be faithful (:func:`handoff_blocker`).
     """
     why = handoff_blocker(net)
     if why:
@@ -91,42 +94,54 @@ def export_net(net: NetService, fds: list[int]) -> dict[str, Any]:
         fds.append(fd)
         return len(fds) - 1
 
+    def put(fd: int) -> int:
+        fds.append(fd)
+        return len(fds) - 1
+
     ports = []
     for svc in net.services:
         port = svc.port
-        entry: dict[str, Any] = {
-            "name": port.name, "mac": mac_text(port.mac), "queues": port.queue_pairs,
-            "mode": svc.mode, "socket": svc.path,
-            "listener": ref(svc.listener.fileno()) if svc.listener is not None else None,
-            "lock": ref(svc.claim.fd) if svc.claim is not None else None,  # moves with it
-            "counters": port.counters_state(), "session": None}
-        session = svc.session
-        if session is not None:
-            conn = session.conn
-            state = conn.handoff_state()
-            for region, desc in zip(conn.memory.regions, state["regions"], strict=True):
-                desc["fd"] = ref(region.fd)
-            device = port.handoff_state()
-            for i, ring in enumerate(device["vrings"]):
-                ring.update(kick=ref(port.kick[i]), call=ref(port.call[i]), err=ref(port.err[i]))
+        listener = ref(svc.listener.fileno()) if svc.listener is not None else None
+        lock = ref(svc.claim.fd) if svc.claim is not None else None  # moves with the listener
+        session = None
+        if svc.session is not None:
+            conn = svc.session.conn
+            negotiated, device = conn.handoff_state(), port.handoff_state()
+            regions = []
+            for desc, region in zip(negotiated.regions, conn.memory.regions, strict=True):
+                if region.fd is None:  # handoff_blocker() refused that already
+                    raise ApplianceError(f"net: memory region {region.address:#x} has no fd")
+                regions.append(RegionState(*desc, fd=put(region.fd)))
+            vrings = tuple(RingState(**asdict(r.ring), enable=r.enable, polled=r.polled,
+                                     kick=ref(port.kick[i]), call=ref(port.call[i]),
+                                     err=ref(port.err[i])) for i, r in enumerate(device.vrings))
             partial, partial_fds = conn.pending_input()
-            entry["session"] = {"socket": ref(session.sock.fileno()), **state, **device,
-                                "log_fd": ref(conn.log_fd), "partial": partial.hex(),
-                                "partial_fds": [ref(fd) for fd in partial_fds]}
-        ports.append(entry)
+            session = SessionState(
+                socket=put(svc.session.sock.fileno()), state=negotiated.state,
+                features=negotiated.features, protocol_features=negotiated.protocol_features,
+                protocol_negotiated=negotiated.protocol_negotiated, counters=negotiated.counters,
+                regions=tuple(regions), log_fd=ref(conn.log_fd), partial=partial,
+                partial_fds=tuple(put(fd) for fd in partial_fds), status=device.status,
+                mtu=device.mtu, mtu_told=device.mtu_told, vrings=vrings)
+        ports.append(PortState(port.name, mac_text(port.mac), port.queue_pairs, svc.mode, svc.path,
+                               listener, lock, port.counters_state(), session))
     resp = net.responder
     tap = None
     if net.tap is not None:
         tap = {"interface": net.tap.port.ifname, "fd": ref(net.tap.fd),
                "counters": dict(net.tap.port.counters)}
-    return {"version": STATE_VERSION, "ports": ports, "switch": net.switch.handoff_state(),
-            "responder": {"ip": ".".join(str(b) for b in resp.ip), "mac": mac_text(resp.mac),
-                          "ident": resp._ident, "counters": dict(resp.counters)},
-            "tap": tap}
+    switch_counters, table = net.switch.handoff_state()
+    return NetState(tuple(ports), switch_counters, table,
+                    {"ip": ".".join(str(b) for b in resp.ip), "mac": mac_text(resp.mac),
+                     "ident": resp._ident, "counters": dict(resp.counters)}, tap)
 
 
-# ---------------------------------------------------------------- parsed state
-@dataclass
+# ---------------------------------------------------------------- the state as a value
+def _error(what: str) -> ApplianceError:
+    return ApplianceError(f"net handoff state: {what}")
+
+
+@dataclass(frozen=True)
 class RingState:
     num: int
     desc: int | None
@@ -144,8 +159,25 @@ class RingState:
     call: int | None
     err: int | None
 
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
-@dataclass
+    @classmethod
+    def from_json(cls, f: Fields) -> RingState:
+        """Raises: ApplianceError naming the bad field."""
+        def addr(key: str) -> int | None:
+            return f.maybe(key, Field.uint)
+
+        return cls(num=f["num"].uint(U16), desc=addr("desc"), avail=addr("avail"),
+                   used=addr("used"), log=f["log"].uint(), flags=f["flags"].uint(U32),
+                   last_avail_idx=f["last_avail_idx"].uint(U16), used_idx=f["used_idx"].uint(U16),
+                   sync_used=f["sync_used"].flag(), started=f["started"].flag(),
+                   enable=f.maybe("enable", Field.flag), polled=f["polled"].flag(),
+                   kick=f.maybe("kick", Field.fd), call=f.maybe("call", Field.fd),
+                   err=f.maybe("err", Field.fd))
+
+
+@dataclass(frozen=True)
 class RegionState:
     guest_phys_addr: int
     memory_size: int
@@ -153,26 +185,62 @@ class RegionState:
     mmap_offset: int
     fd: int
 
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
-@dataclass
+    @classmethod
+    def from_json(cls, f: Fields) -> RegionState:
+        """Raises: ApplianceError naming the bad field."""
+        return cls(f["guest_phys_addr"].uint(), f["memory_size"].uint(),
+                   f["userspace_addr"].uint(), f["mmap_offset"].uint(), f["fd"].fd())
+
+
+@dataclass(frozen=True)
 class SessionState:
+    """A connected front-end: the negotiated state, its memory and rings (fds by index)."""
+
     socket: int
     state: str
     features: int
     protocol_features: int
     protocol_negotiated: bool
     counters: dict[str, int]
-    regions: list[RegionState]
+    regions: tuple[RegionState, ...]
     log_fd: int | None
     partial: bytes
-    partial_fds: list[int]
+    partial_fds: tuple[int, ...]
     status: int
     mtu: int
     mtu_told: bool
-    vrings: list[RingState]
+    vrings: tuple[RingState, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"socket": self.socket, "state": self.state, "features": self.features,
+                "protocol_features": self.protocol_features,
+                "protocol_negotiated": self.protocol_negotiated, "counters": dict(self.counters),
+                "regions": [r.to_json() for r in self.regions], "log_fd": self.log_fd,
+                "partial": self.partial.hex(), "partial_fds": list(self.partial_fds),
+                "status": self.status, "mtu": self.mtu, "mtu_told": self.mtu_told,
+                "vrings": [r.to_json() for r in self.vrings]}
+
+    @classmethod
+    def from_json(cls, f: Fields, nrings: int) -> SessionState:
+        """Raises: ApplianceError naming the bad field."""
+        live = (ConnState.AWAIT_OWNER.value, ConnState.OWNED.value)
+        return cls(
+            socket=f["socket"].fd(), state=f["state"].text(live), features=f["features"].uint(),
+            protocol_features=f["protocol_features"].uint(),
+            protocol_negotiated=f["protocol_negotiated"].flag(),
+            counters=f["counters"].counters(CONN_COUNTERS),
+            regions=tuple(RegionState.from_json(r.obj()) for r in f["regions"].items()),
+            log_fd=f.maybe("log_fd", Field.fd),
+            partial=f["partial"].hex(vw.HEADER_SIZE + vw.MAX_PAYLOAD),
+            partial_fds=tuple(x.fd() for x in f["partial_fds"].items()),
+            status=f["status"].uint(0xFF), mtu=f["mtu"].uint(U32), mtu_told=f["mtu_told"].flag(),
+            vrings=tuple(RingState.from_json(r.obj()) for r in f["vrings"].items(nrings)))
 
 
-@dataclass
+@dataclass(frozen=True)
 class PortState:
     name: str
     mac: str
@@ -184,177 +252,71 @@ class PortState:
     counters: dict[str, Any]
     session: SessionState | None
 
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "mac": self.mac, "queues": self.queues, "mode": self.mode,
+                "socket": self.socket, "listener": self.listener, "lock": self.lock,
+                "counters": self.counters,
+                "session": None if self.session is None else self.session.to_json()}
 
-@dataclass
+    @classmethod
+    def from_json(cls, f: Fields) -> PortState:
+        """Raises: ApplianceError naming the bad field."""
+        queues = f["queues"].uint(255)
+        counters = f["counters"].obj()
+        rings = [r.counters(RING_COUNTERS) for r in counters["vrings"].items(2 * queues)]
+        return cls(
+            name=f["name"].text(), mac=f["mac"].text(), queues=queues, mode=f["mode"].text(),
+            socket=f["socket"].text(), listener=f.maybe("listener", Field.fd),
+            lock=f.maybe("lock", Field.fd),
+            counters={**{k: counters[k].uint() for k in PORT_COUNTERS}, "vrings": rings},
+            session=f.maybe("session", lambda s: SessionState.from_json(s.obj(), 2 * queues)))
+
+
+@dataclass(frozen=True)
 class NetState:
-    ports: list[PortState]
+    """Every port, the switch's counters and MAC table, the responder and the TAP."""
+
+    ports: tuple[PortState, ...]
     switch_counters: dict[str, int]
-    table: list[tuple[bytes, str, float]]
-    responder: dict[str, Any]
-    tap: dict[str, Any] | None
+    table: tuple[tuple[bytes, str, float], ...]  # (MAC, port name, age in seconds)
+    responder: dict[str, Any]  # ip, mac, ident, counters
+    tap: dict[str, Any] | None  # interface, fd, counters
 
+    def to_json(self) -> dict[str, Any]:
+        """What the manifest carries (:meth:`from_json` reads it back)."""
+        return {"version": STATE_VERSION, "ports": [p.to_json() for p in self.ports],
+                "switch": {"counters": dict(self.switch_counters),
+                           "table": [[mac.hex(), name, age] for mac, name, age in self.table]},
+                "responder": dict(self.responder), "tap": None if self.tap is None else dict(self.tap)}
 
-class _Fields:
-    """Typed, range-checked access to one JSON object of the state."""
+    @classmethod
+    def from_json(cls, obj: Any, nfds: int) -> NetState:
+        """Check a received state completely; ``nfds``: how many fds came.
 
-    def __init__(self, data: Any, where: str, nfds: int | None) -> None:
-        if not isinstance(data, dict):
-            raise self._error(where, "not an object")
-        self.data, self.where, self.nfds = data, where, nfds
-
-    @staticmethod
-    def _error(where: str, what: str) -> ApplianceError:
-        return ApplianceError(f"net handoff state: {where}: {what}")
-
-    def _get(self, key: str) -> Any:
-        if key not in self.data:
-            raise self._error(f"{self.where}.{key}", "missing")
-        return self.data[key]
-
-    def uint(self, key: str, top: int = U64, optional: bool = False) -> Any:
-        value = self._get(key)
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
-            raise self._error(f"{self.where}.{key}", f"{value!r} is not an integer in 0..{top:#x}")
-        return value
-
-    def number(self, key: str) -> float:
-        value = self._get(key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise self._error(f"{self.where}.{key}", f"{value!r} is not a number")
-        return float(value)
-
-    def flag(self, key: str, optional: bool = False) -> Any:
-        value = self._get(key)
-        if (value is None and optional) or isinstance(value, bool):
-            return value
-        raise self._error(f"{self.where}.{key}", f"{value!r} is not a boolean")
-
-    def text(self, key: str) -> str:
-        value = self._get(key)
-        if not isinstance(value, str):
-            raise self._error(f"{self.where}.{key}", f"{value!r} is not a string")
-        return value
-
-    def fd(self, key: str, optional: bool = True) -> Any:
-        return self.check_fd(self._get(key), f"{self.where}.{key}", optional)
-
-    def check_fd(self, value: Any, where: str, optional: bool = False) -> Any:
-        if value is None and optional:
-            return None
-        limit = self.nfds if self.nfds is not None else 1 << 16
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
-            raise self._error(where, f"fd index {value!r} out of range (0..{limit - 1})")
-        return value
-
-    def sub(self, key: str) -> _Fields:
-        return _Fields(self._get(key), f"{self.where}.{key}", self.nfds)
-
-    def items(self, key: str, count: int | None = None) -> list[Any]:
-        value = self._get(key)
-        if not isinstance(value, list) or (count is not None and len(value) != count):
-            want = "a list" if count is None else f"a list of {count}"
-            raise self._error(f"{self.where}.{key}", f"expected {want}")
-        return value
-
-    def counters(self, key: str, names: tuple[str, ...] | None = None) -> dict[str, int]:
-        """Object ``key`` of counters: exactly ``names``, or any names (None)."""
-        return self.sub(key).ints(names)
-
-    def ints(self, names: tuple[str, ...] | None = None) -> dict[str, int]:
-        """This object as counters: exactly ``names``, or any names (None)."""
-        return {name: self.uint(name) for name in (tuple(self.data) if names is None else names)}
-
-
-def _ring(f: _Fields) -> RingState:
-    return RingState(
-        num=f.uint("num", U16), desc=f.uint("desc", optional=True),
-        avail=f.uint("avail", optional=True), used=f.uint("used", optional=True),
-        log=f.uint("log"), flags=f.uint("flags", U32), last_avail_idx=f.uint("last_avail_idx", U16),
-        used_idx=f.uint("used_idx", U16), sync_used=f.flag("sync_used"), started=f.flag("started"),
-        enable=f.flag("enable", optional=True), polled=f.flag("polled"), kick=f.fd("kick"),
-        call=f.fd("call"), err=f.fd("err"))
-
-
-def _session(f: _Fields, nrings: int) -> SessionState:
-    state = f.text("state")
-    if state not in (ConnState.AWAIT_OWNER.value, ConnState.OWNED.value):
-        raise f._error(f"{f.where}.state", f"{state!r} is not a live connection state")
-    partial = f.text("partial")
-    try:
-        data = bytes.fromhex(partial)
-    except ValueError:
-        raise f._error(f"{f.where}.partial", "not hex") from None
-    if len(data) > vw.HEADER_SIZE + vw.MAX_PAYLOAD:
-        raise f._error(f"{f.where}.partial", f"{len(data)} bytes")
-    regions = []
-    for i, item in enumerate(f.items("regions")):
-        r = _Fields(item, f"{f.where}.regions[{i}]", f.nfds)
-        regions.append(RegionState(r.uint("guest_phys_addr"), r.uint("memory_size"),
-                                   r.uint("userspace_addr"), r.uint("mmap_offset"),
-                                   r.fd("fd", optional=False)))
-    where = f"{f.where}.partial_fds"
-    return SessionState(
-        socket=f.fd("socket", optional=False), state=state, features=f.uint("features"),
-        protocol_features=f.uint("protocol_features"),
-        protocol_negotiated=f.flag("protocol_negotiated"),
-        counters=f.counters("counters", CONN_COUNTERS), regions=regions, log_fd=f.fd("log_fd"),
-        partial=data, partial_fds=[f.check_fd(v, where) for v in f.items("partial_fds")],
-        status=f.uint("status", 0xFF), mtu=f.uint("mtu", U32), mtu_told=f.flag("mtu_told"),
-        vrings=[_ring(_Fields(item, f"{f.where}.vrings[{i}]", f.nfds))
-                for i, item in enumerate(f.items("vrings", nrings))])
-
-
-def _port(f: _Fields) -> PortState:
-    queues = f.uint("queues", 255)
-    counters = f.sub("counters")
-    rings = [_Fields(item, f"{counters.where}.vrings[{i}]", None).ints(RING_COUNTERS)
-             for i, item in enumerate(counters.items("vrings", 2 * queues))]
-    session = f.data.get("session")
-    return PortState(
-        name=f.text("name"), mac=f.text("mac"), queues=queues, mode=f.text("mode"),
-        socket=f.text("socket"), listener=f.fd("listener"), lock=f.fd("lock"),
-        counters={**f.counters("counters", PORT_COUNTERS), "vrings": rings},
-        session=None if session is None else _session(f.sub("session"), 2 * queues))
-
-
-def parse(state: Any, nfds: int | None = None) -> NetState:
-    """Check a received state completely; ``nfds``: how many fds came (None: unknown yet).
-
-    Raises:
-        ApplianceError: one line naming the first bad field.
-    """
-    f = _Fields(state, "net", nfds)
-    version = f.data.get("version")
-    if version != STATE_VERSION:
-        raise ApplianceError(f"net handoff state version {version!r}, this side reads "
-                             f"{STATE_VERSION}")
-    ports = [_port(_Fields(item, f"net.ports[{i}]", nfds)) for i, item in enumerate(f.items("ports"))]
-    sw = f.sub("switch")
-    table = []
-    for i, item in enumerate(sw.items("table")):
-        where = f"{sw.where}.table[{i}]"
-        if (not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], str)
-                or not isinstance(item[1], str)):
-            raise _Fields._error(where, "expected [mac hex, port name, age]")
-        try:
-            mac = bytes.fromhex(item[0])
-        except ValueError:
-            mac = b""
-        if len(mac) != 6:
-            raise _Fields._error(where, f"bad MAC {item[0]!r}")
-        age = _Fields({"age": item[2]}, where, None).number("age")
-        table.append((mac, item[1], age))
-    resp = f.sub("responder")
-    responder = {"ip": resp.text("ip"), "mac": resp.text("mac"), "ident": resp.uint("ident", U16),
-                 "counters": resp.counters("counters")}
-    tap = None
-    if f.data.get("tap") is not None:
-        t = f.sub("tap")
-        tap = {"interface": t.text("interface"), "fd": t.fd("fd", optional=False),
-               "counters": t.counters("counters")}
-    return NetState(ports, sw.counters("counters"), table, responder, tap)
+        Raises:
+            ApplianceError: one line naming the first bad field.
+        """
+        f = Fields(obj, "net", nfds, _error)
+        version = f.data.get("version")
+        if version != STATE_VERSION:
+            raise ApplianceError(f"net handoff state version {version!r}, this side reads "
+                                 f"{STATE_VERSION}")
+        ports = tuple(PortState.from_json(p.obj()) for p in f["ports"].items())
+        sw = f["switch"].obj()
+        table = []
+        for row in sw["table"].items():
+            mac, name, age = row.items(3)
+            raw = mac.hex(6)
+            if len(raw) != 6:
+                raise mac.fail(f"bad MAC {mac.value!r}")
+            table.append((raw, name.text(), age.number()))
+        resp = f["responder"].obj()
+        responder = {"ip": resp["ip"].text(), "mac": resp["mac"].text(),
+                     "ident": resp["ident"].uint(U16), "counters": resp["counters"].counters()}
+        tap = f.maybe("tap", lambda t: {"interface": t.obj()["interface"].text(),
+                                        "fd": t.obj()["fd"].fd(),
+                                        "counters": t.obj()["counters"].counters()})
+        return cls(ports, sw["counters"].counters(), tuple(table), responder, tap)
 
 
 def check_fit(net: NetService, state: NetState) -> None:
@@ -467,7 +429,7 @@ def replay_requests(s: SessionState) -> Iterator[tuple[R, bytes, list[int]]]:
         yield R.NET_SET_MTU, u64(s.mtu), []
 
 
-def dup_all(fds: list[int], refs: list[int]) -> list[int]:
+def dup_all(fds: list[int], refs: Sequence[int]) -> list[int]:
     """Our own copies of ``fds[i]`` for each index (all or none).
 
     Raises:

@@ -47,6 +47,7 @@ from appliance.runtime.handoff.frames import (
     FrameHead,
     FrameKind,
     HandoffError,
+    Manifest,
     parse_handoff,
     parse_head,
 )
@@ -166,7 +167,7 @@ class Incoming:
         self.unit = FrameHead.SIZE  # bytes of the head or payload being read
         self.buf = bytearray()
         self.head_fds = 0  # fds that came with the head being read
-        self.manifest: dict[str, Any] | None = None
+        self.manifest: Manifest | None = None
         self.adopt_ms = 0.0
         self.end = ChannelEnd(app.loop, conn, self._readable, self._failed, timeout=timeout)
 

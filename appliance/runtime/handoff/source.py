@@ -154,7 +154,7 @@ class Outgoing:
         self.tracking = False  # the namespaces' dirty tracking is on
         self.paused = False  # the devices are quiesced
         self.producing = False
-        self.writer = StreamWriter(b"")
+        self.writer = StreamWriter(b"")  # (the real one once the channel is open)
         self.rounds = self.sent = self.budget = self.fds = 0
         self.started = 0.0
 
@@ -307,8 +307,7 @@ class Outgoing:
             self.tracking = False
         self.writer.add_all(mig.save_state())
         fds: list[int] = []
-        manifest = app.handoff_export(fds)
-        manifest.update(version=HANDOFF_VERSION, fds=len(fds))
+        manifest = app.handoff_export(fds)  # (with its version and fd count)
         self.writer.add(handoff_record(manifest))
         self.writer.finish()
         self.fds = len(fds)
