@@ -38,6 +38,7 @@ from appliance.control.protocol import (
 )
 from appliance.runtime.listener import listen
 from appliance.runtime.loop import EventLoop
+from appliance.runtime.outqueue import Flush, OutputQueue
 
 log = logging.getLogger("appliance.control")
 RELEASE_PERIOD = 0.005  # seconds between checks for due deferred completions / frames
@@ -67,7 +68,7 @@ class _Client:
         self.sock = sock
         self.fd = sock.fileno()
         self.conn = ControlConnection()
-        self.out = bytearray()
+        self.out = OutputQueue(MAX_OUTPUT)
         self.reading = True
         self.writing = False  # waiting for writability (and not reading)
         self.scheduled = False  # a loop pass is due to answer more buffered requests
@@ -102,7 +103,7 @@ class _Client:
             reply = event if isinstance(event, bytes) else self._answer(event)
             if reply is None:  # deferred: the rest waits for its answer
                 break
-            self.out += reply
+            self.out.push(reply)
         self._send()
 
     def _answer(self, request: Request) -> bytes | None:
@@ -126,24 +127,19 @@ class _Client:
         if self.closed:
             return
         self.active = time.monotonic()
-        self.out += (reply_ok(request_id, result) if error is None
+        self.out.push(reply_ok(request_id, result) if error is None
                      else reply_error(request_id, error.code, error.message))
         self._send()
 
     def _send(self) -> None:
         """Send what the socket takes, then decide what to wait for."""
-        if self.out:
-            try:
-                sent = self.sock.send(self.out)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self.close()
-                return
-            del self.out[:sent]
-            if sent:
-                self.active = time.monotonic()
-        if len(self.out) > MAX_OUTPUT:
+        unsent = len(self.out)
+        if self.out.flush(self.sock) is Flush.FAILED:
+            self.close()
+            return
+        if len(self.out) < unsent:
+            self.active = time.monotonic()
+        if self.out.over_cap():
             log.warning("control: client fd %d left %d bytes of replies unread (cap %d): "
                         "disconnected", self.fd, len(self.out), MAX_OUTPUT)
             self.close()

@@ -22,12 +22,10 @@ disconnected, once, with one log line.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import socket
 import stat
-from collections import deque
 from collections.abc import Callable
 
 from appliance.errors import ApplianceError, LocalProtocolError, RemoteProtocolError
@@ -35,6 +33,7 @@ from appliance.runtime import unix
 from appliance.runtime.handoff.manifest import ClientEntry, VfioUserState
 from appliance.runtime.listener import Claim, ListenerError, listen
 from appliance.runtime.loop import EventLoop
+from appliance.runtime.outqueue import Flush, OutputQueue
 from appliance.vfio_user.backend import VfioUserDevice
 from appliance.vfio_user.server import (
     MAX_MSG_FDS,
@@ -49,7 +48,6 @@ log = logging.getLogger("appliance.vfio_user")
 BATCH = 64
 DMA_TIMEOUT = 5.0
 MAX_BACKLOG = 1 << 20  # storage.max_backlog: unsent reply bytes behind the one being written
-SEND_GATHER = 64  # replies gathered into one sendmsg
 
 
 def recv_chunk(sock: socket.socket, wanted: int, flags: int = 0) -> tuple[bytes, list[int]]:
@@ -78,12 +76,10 @@ class VfioUserClientSocket:
         self.sock = sock
         sock.setblocking(False)
         self.on_close = on_close
-        self.max_backlog = max_backlog
         self.conn = ServerConnection(device, notify=signal_eventfd, dma_layout=dma_layout,
                                      name=name, is_eventfd=unix.is_eventfd, migration=migration)
         self._dma_watch: frozenset[int] = frozenset()  # DMA messages the timer checks
-        self._out: deque[tuple[memoryview, list[int]]] = deque()
-        self.backlog = 0  # bytes in _out
+        self.out = OutputQueue(max_backlog, cap_behind_head=True)
         self._writing = False  # a writer is registered with the loop
         loop.add_reader(sock.fileno(), self._readable)
 
@@ -124,8 +120,7 @@ class VfioUserClientSocket:
         if self.sock.fileno() < 0:
             return
         for data, fds in self.conn.data_to_send():
-            self._out.append((memoryview(data), fds))
-            self.backlog += len(data)
+            self.out.push(data, fds)
         if not self._write():
             return
         if self.conn.closed:
@@ -152,34 +147,14 @@ class VfioUserClientSocket:
 
     def _write(self) -> bool:
         """Send from the queue until it is empty or the socket is full; False once closed."""
-        out = self._out
-        while out:
-            first, fds = out[0]
-            buffers = [first]
-            for data, more_fds in itertools.islice(out, 1, SEND_GATHER):
-                if more_fds:  # fds go with the first byte of a sendmsg: their own call
-                    break
-                buffers.append(data)
-            try:
-                sent = unix.send_some(self.sock, buffers, fds)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                log.warning("%s: send failed: %s; closing", self.conn.name, exc)
-                self.close()
-                return False
-            self.backlog -= sent
-            while sent:
-                data, _ = out[0]
-                if sent < len(data):
-                    out[0] = (data[sent:], [])  # the fds went with the first part
-                    break
-                sent -= len(data)
-                out.popleft()
-        waiting = self.backlog - (len(out[0][0]) if out else 0)
-        if waiting > self.max_backlog:
+        out = self.out
+        if out.flush(self.sock) is Flush.FAILED:
+            log.warning("%s: send failed: %s; closing", self.conn.name, out.error)
+            self.close()
+            return False
+        if out.over_cap():
             log.warning("%s: client left %d bytes of replies unread (storage.max_backlog %d); "
-                        "disconnected", self.conn.name, self.backlog, self.max_backlog)
+                        "disconnected", self.conn.name, out.pending_bytes, out.cap)
             self.close()
             return False
         if out and not self._writing:
@@ -198,8 +173,7 @@ class VfioUserClientSocket:
             return
         self.loop.remove_reader(self.sock.fileno())
         self.loop.remove_writer(self.sock.fileno())
-        self._out.clear()
-        self.backlog = 0
+        self.out.clear()
         self.conn.close()
         self.sock.close()
         self.on_close(self)
@@ -253,7 +227,7 @@ class VfioUserService:
         """Why the device cannot move to another process now ("" when it can)."""
         if self.client is None:
             return ""
-        if self.client.backlog:
+        if self.client.out.pending_bytes:
             return f"{self.client.conn.name}: replies are not yet sent"
         return self.client.conn.handoff_blocker()
 

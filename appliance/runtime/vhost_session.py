@@ -24,6 +24,7 @@ from appliance.protocol_common import close_quietly
 from appliance.runtime import unix
 from appliance.runtime.listener import Claim, listen
 from appliance.runtime.loop import EventLoop
+from appliance.runtime.outqueue import Flush, OutputQueue
 
 log = logging.getLogger("appliance.net")
 
@@ -67,7 +68,7 @@ class VhostUserSession:
         self.paused = conn is not None  # a handoff: nothing is read or drained
         self.kicks: dict[int, int] = {}  # watched kick fd -> ring index
         self._unwatchable: set[int] = set()  # kick fds dropped from the loop (EOF, error)
-        self.out = bytearray()  # replies the socket has not taken yet
+        self.out = OutputQueue(service.max_backlog)  # replies the socket has not taken yet
         self._writing = False  # the loop watches the socket for writability
         self._scheduled: set[int] = set()
         self._polling = False
@@ -119,7 +120,7 @@ class VhostUserSession:
 
     def _send_replies(self) -> None:
         for data in self.conn.data_to_send():
-            self.out += data
+            self.out.push(data)
         self._flush(send=not self._writing)  # while writing, the writer callback sends
 
     def _flush(self, send: bool = True) -> None:
@@ -127,19 +128,13 @@ class VhostUserSession:
 
         Closes the session when sending fails or the backlog passes the limit.
         """
-        if send and self.out:
-            try:
-                sent = self.sock.send(self.out)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                self.close(f"send failed: {exc.strerror or exc}")
-                return
-            del self.out[:sent]
-        limit = self.service.max_backlog
-        if len(self.out) > limit:
+        if send and self.out.flush(self.sock) is Flush.FAILED:
+            exc = self.out.error
+            self.close(f"send failed: {exc.strerror or exc}" if exc else "send failed")
+            return
+        if self.out.over_cap():
             self.close(f"{len(self.out)} bytes of replies left unread, over net.max_backlog "
-                       f"({limit})", warn=True)
+                       f"({self.out.cap})", warn=True)
             return
         fd = self.sock.fileno()
         if self.out and not self._writing:

@@ -196,7 +196,7 @@ class HostileTarget:
             driver = NvmeDriver(client)
             try:
                 driver.setup(io_queues=1, depth=16)
-                assert driver.identify is not None
+                assert driver.identity is not None
                 data = random.Random(self.pid).randbytes(8192)
                 driver.write(1, 100, data)
                 assert driver.read(1, 100, len(data) // 512) == data

@@ -52,7 +52,7 @@ def test_client_that_stops_answering_dma_is_disconnected_once(target: HostileTar
         served = client.dma_requests
         silent_since = time.monotonic()
         for i in range(6):
-            _, prp1, _, _ = driver.buffer(4096)
+            prp1, _, _ = driver.buffer(4096)
             driver.submit(1, driver.rw_command(spec.IoOpcode.READ, 1, i * 8, 8, prp1, 0))
         # From here on nothing reads the socket: the server's DMA requests pile up unanswered.
         assert wait_until(lambda: bool(select.select([client.sock], [], [], 0)[0]))  # sent

@@ -31,8 +31,8 @@ def image_path(appliance: ApplianceProcess) -> Path:
 
 
 def test_identify_and_queues(driver: NvmeDriver) -> None:
-    assert driver.identify is not None
-    assert driver.identify.mn.rstrip(b" \0") == b"Appliance NVMe"
+    assert driver.identity is not None
+    assert driver.identity.mn.rstrip(b" \0") == b"Appliance NVMe"
     assert set(driver.queues) == {0, 1, 2}
     assert driver.block_size[1] == 512 and driver.ns_blocks[1] == (64 << 20) // 512
 
@@ -51,7 +51,7 @@ def test_write_verify_lands_in_image(driver: NvmeDriver, appliance: AppliancePro
 
 
 def test_queue_depth_32(driver: NvmeDriver) -> None:
-    _, prp1, _, _ = driver.buffer(32 * 4096)
+    prp1, _, _ = driver.buffer(32 * 4096)
     for i in range(32):
         cmd = driver.rw_command(spec.IoOpcode.READ, 1, i * 8, 8, prp1 + i * 4096, 0)
         driver.submit(1, cmd, context=i, ring=False)
@@ -159,7 +159,7 @@ def test_mmap_doorbells_write_verify(mmap_appliance: ApplianceProcess, interrupt
         data = random.Random(11).randbytes(2 << 20)
         for off in range(0, len(data), 128 << 10):
             d.write(1, 4096 + off // 512, data[off:off + (128 << 10)], qid=1 + (off >> 17) % 2)
-        _, prp1, _, _ = d.buffer(32 * 4096)
+        prp1, _, _ = d.buffer(32 * 4096)
         for i in range(32):  # QD32: one doorbell store for 32 commands
             d.submit(2, d.rw_command(spec.IoOpcode.READ, 1, 4096 + i * 8, 8, prp1 + i * 4096, 0),
                      context=i, ring=False)

@@ -25,7 +25,7 @@ import common
 import xxhash
 
 with common.instrumented(__name__):
-    from test_nvme_driver import BASE, Driver, make_controller
+    from test_nvme_driver import make_controller
 
     from appliance.errors import LocalProtocolError, StreamRefused
     from appliance.memory import GuestMemoryError
@@ -39,6 +39,7 @@ with common.instrumented(__name__):
         IoOpcode,
         LogPage,
     )
+    from appliance.testing.nvme import controller_driver
     from appliance.vfio_user.migration import DEVICE_RECORDS
     from appliance.vfio_user.migration_stream import (
         EndPayload,
@@ -53,7 +54,7 @@ _tmp = Path(tempfile.mkdtemp(prefix="fuzz-migration-"))
 atexit.register(shutil.rmtree, _tmp, True)
 (_tmp / "dst").mkdir()
 DST = make_controller(_tmp / "dst", io_queues=2, queue_entries=64, size=64 << 10)
-DRIVER = Driver(DST)
+DRIVER = controller_driver(DST)
 MIG = NvmeMigratable(DST)
 FINGERPRINT = MIG.migration_fingerprint()
 
@@ -63,8 +64,8 @@ def source_stream() -> bytes:
     (_tmp / "src").mkdir(exist_ok=True)
     src = make_controller(_tmp / "src", io_queues=2, queue_entries=64, size=64 << 10)
     try:
-        d = Driver(src).ready(io_queues=1)
-        d.admin(AdminOpcode.SET_FEATURES, cdw10=FeatureId.TEMPERATURE_THRESHOLD, cdw11=300)
+        d = controller_driver(src).ready(io_queues=1)
+        d.admin_command(AdminOpcode.SET_FEATURES, cdw10=FeatureId.TEMPERATURE_THRESHOLD, cdw11=300)
         d.io(IoOpcode.WRITE, 0, 2, data=b"\x5a" * 1024)
         d.submit(0, Command(opcode=AdminOpcode.ASYNC_EVENT_REQUEST))
         mig = NvmeMigratable(src)
@@ -122,7 +123,7 @@ def _restore(data: bytes) -> None:
     if not data:
         return
     DST.reset()
-    DRIVER.free = BASE
+    DRIVER.pages.reset()
     cut = 1 + (data[0] & 0x7F) * 67
     if data[0] & 0x80:
         data = data[:1] + resign(data[1:])

@@ -1,6 +1,6 @@
 """Fuzz NVMe submission queue entries and PRP lists against a controller.
 
-The in-test driver (tests/unit/test_nvme_driver.py) brings a controller up
+The NVMe driver on an in-process controller (appliance.testing.nvme) brings it up
 (admin queues, one I/O queue pair) over a memfd guest memory.  The input is:
 
     byte 0: k, then k little-endian u64 PRP entries written to a guest page
@@ -31,15 +31,16 @@ from pathlib import Path
 import common
 
 with common.instrumented(__name__):
-    from test_nvme_driver import BASE, Driver, make_controller
+    from test_nvme_driver import make_controller
 
     from appliance.storage.spec import CC, AdminOpcode, Command, Reg, Status
+    from appliance.testing.nvme import controller_driver
 
 SQE = 64
 _tmp = tempfile.mkdtemp(prefix="fuzz-nvme-")
 atexit.register(shutil.rmtree, _tmp, True)
 CTRL = make_controller(Path(_tmp), io_queues=2, queue_entries=64, size=1 << 20)
-DRIVER = Driver(CTRL)
+DRIVER = controller_driver(CTRL)
 FATAL: list[str] = []
 _fatal = CTRL.fatal
 
@@ -57,10 +58,9 @@ def _reset() -> tuple[int, int]:
     """Controller reset and a fresh bring-up; returns (PRP page, data area)."""
     d = DRIVER
     d.write_reg(Reg.CC, CC.encode(en=0, iosqes=6, iocqes=4))
-    d.free = BASE
-    d.sqs.clear()
-    d.cqs.clear()
-    d.dbbuf = None
+    d.pages.reset()
+    d.queues.clear()
+    d.shadow_doorbells = None
     d.ready(io_queues=1)
     return d.alloc(4096), d.alloc(DATA_SIZE)
 
@@ -79,7 +79,7 @@ def _run(data: bytes) -> None:
     entries = struct.unpack_from(f"<{len(data[1:1 + 8 * k]) // 8}Q", data, 1)
     # An entry with bit 63 clear is taken as an offset into the data area (so
     # lists name real guest pages); with it set, as the address itself.
-    DRIVER.poke(prp_page, struct.pack(f"<{len(entries)}Q", *(
+    DRIVER.put(prp_page, struct.pack(f"<{len(entries)}Q", *(
         e & ~(1 << 63) if e >> 63 else data_area + e % DATA_SIZE for e in entries)))
     pos = 1 + 8 * k
     while pos + 1 + SQE <= len(data) and not DRIVER.csts & 0b10:
@@ -90,20 +90,20 @@ def _run(data: bytes) -> None:
             cmd.prp1 = data_area + cmd.prp1 % DATA_SIZE
         if control & 4:
             cmd.prp2 = prp_page + cmd.prp2 % 4096
-        qid = 1 if control & 1 and 1 in DRIVER.sqs and 1 in CTRL.sqs else 0
+        qid = 1 if control & 1 and 1 in DRIVER.queues and 1 in CTRL.sqs else 0
         cid = DRIVER.submit(qid, cmd)
         done = DRIVER.reap(qid)
         for entry in done:
-            sc = (entry.status >> 1) & 0x7FF
+            sc = entry.status
             assert sc != Status.INTERNAL_ERROR, f"Internal Error for {cmd}"
             if qid == 0 and cmd.opcode == AdminOpcode.DOORBELL_BUFFER_CONFIG and sc == 0:
-                DRIVER.dbbuf = (cmd.prp1, cmd.prp2)  # the driver writes shadow doorbells now
+                DRIVER.shadow_doorbells = (cmd.prp1, cmd.prp2)  # the driver writes shadow doorbells now
         if DRIVER.csts & 0b10:
             break
         held = qid == 0 and cmd.opcode == AdminOpcode.ASYNC_EVENT_REQUEST
         # Shadow doorbells the input placed may overlap a queue or data it rewrites:
         # then the tail the controller reads is the input's, not the driver's.
-        if not held and qid in CTRL.sqs and DRIVER.dbbuf is None:
+        if not held and qid in CTRL.sqs and DRIVER.shadow_doorbells is None:
             assert cid in [c.cid for c in done], f"no completion for {cmd} on queue {qid}: {done}"
     for why in FATAL:
         assert why.startswith("client memory"), f"CSTS.CFS for an undocumented reason: {why}"

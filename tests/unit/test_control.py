@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_nvme_driver import Driver, make_controller
+from test_nvme_driver import make_controller
 
 from appliance.control.commands import COMMANDS, Target, dispatch
 from appliance.control.faults import FaultSet
@@ -28,6 +28,7 @@ from appliance.control.protocol import (
 from appliance.runtime.control import ControlClient, ControlService
 from appliance.runtime.loop import EventLoop
 from appliance.storage.spec import AdminOpcode, Command, FeatureId
+from appliance.testing.nvme import controller_driver
 from appliance.vfio_user.wire import PciIrq
 
 
@@ -137,7 +138,7 @@ def test_bad_commands_are_refused_with_codes(target: Target, cmd: str, args: dic
 
 
 def test_status_reports_devices_queues_counters(target: Target) -> None:
-    Driver(target.controller).ready()
+    controller_driver(target.controller).ready()
     out = run(target, "status")
     nvme = out["nvme"]
     assert nvme["state"] == "ready" and nvme["attached"]
@@ -157,18 +158,18 @@ def test_fault_add_list_clear(target: Target) -> None:
 
 
 def test_fatal_now_and_removal(target: Target) -> None:
-    d = Driver(target.controller).ready()
+    d = controller_driver(target.controller).ready()
     assert run(target, "fault.add", action="fatal", now=True)["csts"] & 2
     assert d.csts & 2
-    d.sink.take()
+    d.bus.interrupts.take()
     assert run(target, "fault.add", action="remove") == {"action": "remove", "signalled": True}
-    assert (PciIrq.REQ, 0) in d.sink.take()
+    assert (PciIrq.REQ, 0) in d.bus.interrupts.take()
     assert target.faults is not None and target.faults.counters["nvme.remove"] == 1
 
 
 def test_namespace_resize_grows_image_and_raises_the_event(target: Target) -> None:
-    d = Driver(target.controller).ready()
-    d.admin(0x09, cdw10=FeatureId.ASYNC_EVENT_CONFIG, cdw11=1 << 8)  # NS attribute notices
+    d = controller_driver(target.controller).ready()
+    d.admin_command(0x09, cdw10=FeatureId.ASYNC_EVENT_CONFIG, cdw11=1 << 8)  # NS attribute notices
     aer = d.submit(0, Command(opcode=AdminOpcode.ASYNC_EVENT_REQUEST))
     out = run(target, "namespace.resize", size="2M")
     assert out == {"nsid": 1, "old_size": 1 << 20, "size": 2 << 20, "blocks": 4096}

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 from test_nvme_admin import log_page
-from test_nvme_driver import Driver, make_controller, status
+from test_nvme_driver import make_controller, status
 
+from appliance.client.nvme import NvmeDriver
 from appliance.control.faults import (
     Direction,
     FaultError,
@@ -23,6 +24,7 @@ from appliance.control.faults import (
 )
 from appliance.storage.request import RequestState
 from appliance.storage.spec import AdminOpcode, Command, IoOpcode, Status
+from appliance.testing.nvme import controller_driver
 from appliance.vfio_user.wire import PciIrq
 
 
@@ -35,16 +37,16 @@ class Clock:
 
 
 @pytest.fixture
-def rig(tmp_path: Path) -> Iterator[tuple[Driver, FaultSet, Clock]]:
+def rig(tmp_path: Path) -> Iterator[tuple[NvmeDriver, FaultSet, Clock]]:
     ctrl = make_controller(tmp_path, io_queues=2, queue_entries=64)
     clock = Clock()
     faults = FaultSet(clock=clock, seed=1)
     ctrl.faults = faults
-    yield Driver(ctrl).ready(), faults, clock
+    yield controller_driver(ctrl).ready(), faults, clock
     ctrl.close()
 
 
-def read_cmd(d: Driver, slba: int, nlb: int = 1) -> Command:
+def read_cmd(d: NvmeDriver, slba: int, nlb: int = 1) -> Command:
     prp1, prp2, _ = d.buffer(nlb * 512)
     return Command(opcode=IoOpcode.READ, nsid=1, prp1=prp1, prp2=prp2, cdw10=slba, cdw12=nlb - 1)
 
@@ -88,7 +90,7 @@ def test_rule_construction_checks_its_enums(target: Any, action: Any, direction:
         FaultRule(1, target, action, direction=direction)
 
 
-def test_status_fault_fails_only_the_matching_lba(rig: tuple[Driver, FaultSet, Clock]) -> None:
+def test_status_fault_fails_only_the_matching_lba(rig: tuple[NvmeDriver, FaultSet, Clock]) -> None:
     d, faults, _ = rig
     faults.add({"action": "status", "lba": 8, "status": "unrecovered_read_error"})
     done, _ = d.io(IoOpcode.READ, slba=8, nlb=1)
@@ -97,7 +99,7 @@ def test_status_fault_fails_only_the_matching_lba(rig: tuple[Driver, FaultSet, C
     assert status(d.io(IoOpcode.READ, slba=9, nlb=1)[0]) == (Status.SUCCESS, False)
     assert status(d.io(IoOpcode.READ, slba=0, nlb=16)[0])[0] == 0x281  # the range covers 8
     assert faults.counters["nvme.status"] == 2
-    assert faults.rules[0].hits == 2 and d.ctrl.counters["errors"] == 2
+    assert faults.rules[0].hits == 2 and d.bus.ctrl.counters["errors"] == 2
     # The Error Information entries name the LBA that failed (the rule's, inside the
     # command's range); SMART counts the media errors.
     errors = log_page(d, 1, 128)
@@ -109,7 +111,7 @@ def test_status_fault_fails_only_the_matching_lba(rig: tuple[Driver, FaultSet, C
 
 
 def test_count_limits_firings_and_admin_is_not_matched_by_default(
-        rig: tuple[Driver, FaultSet, Clock]) -> None:
+        rig: tuple[NvmeDriver, FaultSet, Clock]) -> None:
     d, faults, _ = rig
     faults.add({"action": "status", "count": 1, "status": "namespace_not_ready"})
     d.identify(1)  # admin commands pass unqualified rules
@@ -130,7 +132,7 @@ def test_probability_is_reproducible_with_a_seed(tmp_path: Path) -> None:
     assert a == b and 30 < sum(a) < 90
 
 
-def test_delayed_completion_waits_for_the_clock(rig: tuple[Driver, FaultSet, Clock]) -> None:
+def test_delayed_completion_waits_for_the_clock(rig: tuple[NvmeDriver, FaultSet, Clock]) -> None:
     d, faults, clock = rig
     faults.add({"action": "delay", "delay": 2.0, "count": 1})
     payload = b"\x5a" * 512
@@ -138,67 +140,67 @@ def test_delayed_completion_waits_for_the_clock(rig: tuple[Driver, FaultSet, Clo
     d.scatter(pages, payload)
     cid = d.submit(1, Command(opcode=IoOpcode.WRITE, nsid=1, prp1=prp1, prp2=prp2, cdw10=3))
     assert d.reap(1) == [] and faults.waiting
-    with open(d.ctrl.namespaces[1].image, "rb") as f:  # the data is written already
+    with open(d.bus.ctrl.namespaces[1].image, "rb") as f:  # the data is written already
         f.seek(3 * 512)
         assert f.read(512) == payload
-    assert not d.ctrl.poll()
+    assert not d.bus.ctrl.poll()
     clock.now += 2.0
-    assert d.ctrl.poll()
+    assert d.bus.ctrl.poll()
     done = d.reap(1)
     assert [c.cid for c in done] == [cid] and status(done[0]) == (Status.SUCCESS, False)
     assert not faults.waiting
 
 
-def test_hung_command_is_aborted_by_abort(rig: tuple[Driver, FaultSet, Clock]) -> None:
+def test_hung_command_is_aborted_by_abort(rig: tuple[NvmeDriver, FaultSet, Clock]) -> None:
     d, faults, _ = rig
     faults.add({"action": "hang", "count": 1})
     cid = d.submit(1, read_cmd(d, 0))
     assert d.reap(1) == [] and len(faults.hung) == 1
-    done = d.admin(AdminOpcode.ABORT, cdw10=cid << 16 | 1)
+    done = d.admin_command(AdminOpcode.ABORT, cdw10=cid << 16 | 1)
     assert status(done) == (Status.SUCCESS, False) and done.dw0 & 1 == 0
     aborted = d.reap(1)
     assert [c.cid for c in aborted] == [cid]
     assert status(aborted[0]) == (Status.ABORT_REQUESTED, False)
     assert faults.hung == []
     # an abort of something not outstanding: "not aborted"
-    assert d.admin(AdminOpcode.ABORT, cdw10=0x7777 << 16 | 1).dw0 & 1 == 1
+    assert d.admin_command(AdminOpcode.ABORT, cdw10=0x7777 << 16 | 1).dw0 & 1 == 1
 
 
 def test_delayed_request_is_aborted_and_the_queue_goes_on(
-        rig: tuple[Driver, FaultSet, Clock]) -> None:
+        rig: tuple[NvmeDriver, FaultSet, Clock]) -> None:
     """A request a delay fault holds is found by Abort: it completes once, with
     Command Abort Requested, and the delayed completion never follows."""
     d, faults, clock = rig
     faults.add({"action": "delay", "delay": 2.0, "count": 1})
     cid = d.submit(1, read_cmd(d, 0))
     assert d.reap(1) == [] and len(faults.deferred) == 1
-    held = d.ctrl.held_request(1, cid)
+    held = d.bus.ctrl.held_request(1, cid)
     assert held is not None and held.state is RequestState.HELD
-    done = d.admin(AdminOpcode.ABORT, cdw10=cid << 16 | 1)
+    done = d.admin_command(AdminOpcode.ABORT, cdw10=cid << 16 | 1)
     assert status(done) == (Status.SUCCESS, False) and done.dw0 & 1 == 0
     aborted = d.reap(1)
     assert [c.cid for c in aborted] == [cid]
     assert status(aborted[0]) == (Status.ABORT_REQUESTED, False)
     assert held.state is RequestState.COMPLETED and faults.deferred == []
-    assert d.ctrl.counters["aborted"] == 1
+    assert d.bus.ctrl.counters["aborted"] == 1
     clock.now += 5.0
-    d.ctrl.poll()
+    d.bus.ctrl.poll()
     assert d.reap(1) == []  # no second completion for the aborted command
     assert status(d.io(IoOpcode.READ, 1, 1)[0]) == (Status.SUCCESS, False)  # the queue goes on
 
 
 def test_reset_drops_held_requests_without_completions(
-        rig: tuple[Driver, FaultSet, Clock]) -> None:
+        rig: tuple[NvmeDriver, FaultSet, Clock]) -> None:
     d, faults, _ = rig
     faults.add({"action": "hang", "count": 1})
     cid = d.submit(1, read_cmd(d, 0))
-    held = d.ctrl.held_request(1, cid)
+    held = d.bus.ctrl.held_request(1, cid)
     assert held is not None
     d.write_reg(0x14, 0)  # CC.EN = 0
-    assert held.state is RequestState.DROPPED and d.ctrl.held == {}
+    assert held.state is RequestState.DROPPED and d.bus.ctrl.held == {}
 
 
-def test_controller_reset_clears_hung_and_deferred(rig: tuple[Driver, FaultSet, Clock]) -> None:
+def test_controller_reset_clears_hung_and_deferred(rig: tuple[NvmeDriver, FaultSet, Clock]) -> None:
     d, faults, clock = rig
     faults.add({"action": "hang", "count": 1})
     faults.add({"action": "delay", "delay": 1.0, "count": 1})
@@ -208,12 +210,12 @@ def test_controller_reset_clears_hung_and_deferred(rig: tuple[Driver, FaultSet, 
     d.write_reg(0x14, 0)  # CC.EN = 0: controller reset
     d.ready()
     clock.now += 5
-    d.ctrl.poll()
+    d.bus.ctrl.poll()
     assert faults.hung == [] and faults.deferred == []
     assert status(d.io(IoOpcode.READ, 0, 1)[0]) == (Status.SUCCESS, False)
 
 
-def test_fatal_sets_cfs_and_a_reset_recovers(rig: tuple[Driver, FaultSet, Clock]) -> None:
+def test_fatal_sets_cfs_and_a_reset_recovers(rig: tuple[NvmeDriver, FaultSet, Clock]) -> None:
     d, faults, _ = rig
     faults.add({"action": "fatal", "count": 1})
     d.submit(1, read_cmd(d, 0))
@@ -225,15 +227,15 @@ def test_fatal_sets_cfs_and_a_reset_recovers(rig: tuple[Driver, FaultSet, Clock]
     assert status(d.io(IoOpcode.READ, 0, 1)[0]) == (Status.SUCCESS, False)
 
 
-def test_dropped_interrupt_still_posts_the_completion(rig: tuple[Driver, FaultSet, Clock]) -> None:
+def test_dropped_interrupt_still_posts_the_completion(rig: tuple[NvmeDriver, FaultSet, Clock]) -> None:
     d, faults, _ = rig
     faults.add({"action": "drop_irq", "count": 1})
-    d.sink.take()
+    d.bus.interrupts.take()
     cid = d.submit(1, read_cmd(d, 0))
-    assert (PciIrq.MSIX, 1) not in d.sink.take()
+    assert (PciIrq.MSIX, 1) not in d.bus.interrupts.take()
     assert [c.cid for c in d.reap(1)] == [cid]
     d.io(IoOpcode.READ, 0, 1)
-    assert (PciIrq.MSIX, 1) in d.sink.take()
+    assert (PciIrq.MSIX, 1) in d.bus.interrupts.take()
 
 
 def test_net_corrupt_duplicate_reorder_delay() -> None:
@@ -263,7 +265,7 @@ def test_net_corrupt_duplicate_reorder_delay() -> None:
                                    "net.delay": 1}
 
 
-def test_state_moves_to_another_fault_set(rig: tuple[Driver, FaultSet, Clock]) -> None:
+def test_state_moves_to_another_fault_set(rig: tuple[NvmeDriver, FaultSet, Clock]) -> None:
     """What a live handoff carries (through JSON): rules with their counts, counters,
     the RNG where it stood, dropped-irq marks and hung commands, re-attached to the
     destination's queues (here: the same controller's)."""
@@ -282,16 +284,16 @@ def test_state_moves_to_another_fault_set(rig: tuple[Driver, FaultSet, Clock]) -
     other = FaultSet(clock=clock, seed=99)
     other.import_state(state)  # a check changes nothing
     assert other.rules == [] and other.hung == []
-    other.import_state(state, d.ctrl)
+    other.import_state(state, d.bus.ctrl)
     assert [r.describe() for r in other.rules] == [r.describe() for r in faults.rules]
     assert other.counters == faults.counters and [h.cid for h in other.hung] == [cid]
     drops = [not faults.frame("net0", "rx", b"x" * 60, lambda f: None) for _ in range(50)]
     assert [not other.frame("net0", "rx", b"x" * 60, lambda f: None) for _ in range(50)] == drops
     assert other.add({"action": "fatal", "qid": 7}).id == 4  # ids go on (qid 7: never matches)
-    d.ctrl.faults = other
+    d.bus.ctrl.faults = other
     assert status(d.io(IoOpcode.READ, slba=9, nlb=1)[0]) == (0x280, True)  # second and last
     assert status(d.io(IoOpcode.READ, slba=9, nlb=1)[0]) == (Status.SUCCESS, False)
-    assert d.admin(AdminOpcode.ABORT, cdw10=cid << 16 | 1).dw0 & 1 == 0  # the hung one
+    assert d.admin_command(AdminOpcode.ABORT, cdw10=cid << 16 | 1).dw0 & 1 == 0  # the hung one
     assert [c.cid for c in d.reap(1)] == [cid]
 
 
@@ -303,7 +305,7 @@ def test_state_moves_to_another_fault_set(rig: tuple[Driver, FaultSet, Clock]) -
     lambda s: s.update(counters=[1]),
     lambda s: s.pop("next_id"),
 ])
-def test_a_bad_fault_state_is_refused_and_changes_nothing(rig: tuple[Driver, FaultSet, Clock],
+def test_a_bad_fault_state_is_refused_and_changes_nothing(rig: tuple[NvmeDriver, FaultSet, Clock],
                                                           damage: Any) -> None:
     d, faults, clock = rig
     faults.add({"action": "status", "lba": 8})
@@ -313,7 +315,7 @@ def test_a_bad_fault_state_is_refused_and_changes_nothing(rig: tuple[Driver, Fau
     other.add({"action": "fatal"})
     before = [r.describe() for r in other.rules]
     with pytest.raises(FaultError):
-        other.import_state(state, d.ctrl)
+        other.import_state(state, d.bus.ctrl)
     assert [r.describe() for r in other.rules] == before
 
 

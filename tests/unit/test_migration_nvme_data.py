@@ -13,12 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_nvme_driver import Driver, make_controller, status
+from test_nvme_driver import make_controller, status
 
+from appliance.client.nvme import NvmeDriver
 from appliance.errors import LocalProtocolError
 from appliance.storage import NvmeController
 from appliance.storage.migration import MAX_RECORD, DirtyPages, NvmeMigratable
 from appliance.storage.spec import IoOpcode
+from appliance.testing.nvme import controller_driver
 from appliance.vfio_user import migration_stream as s
 from appliance.vfio_user.migration_stream import Record, RecordType
 
@@ -49,22 +51,22 @@ def incoming(directory: Path) -> list[str]:
 
 
 @pytest.fixture
-def source(tmp_path: Path) -> Iterator[tuple[Driver, NvmeMigratable]]:
+def source(tmp_path: Path) -> Iterator[tuple[NvmeDriver, NvmeMigratable]]:
     (tmp_path / "src").mkdir()
     ctrl = make_controller(tmp_path / "src", size=4 * MiB, io_queues=1, queue_entries=64)
-    drv = Driver(ctrl).ready(io_queues=1)
+    drv = controller_driver(ctrl).ready(io_queues=1)
     mig = NvmeMigratable(ctrl)
     yield drv, mig
     ctrl.close()
 
 
-def write(drv: Driver, offset: int, data: bytes) -> None:
+def write(drv: NvmeDriver, offset: int, data: bytes) -> None:
     done, _ = drv.io(IoOpcode.WRITE, slba=offset // 512, nlb=len(data) // 512, data=data)
     assert status(done)[0] == 0
 
 
 # ------------------------------------------------------------ source: dirty pages
-def test_a_4k_write_is_one_4k_resend(source: tuple[Driver, NvmeMigratable]) -> None:
+def test_a_4k_write_is_one_4k_resend(source: tuple[NvmeDriver, NvmeMigratable]) -> None:
     drv, mig = source
     mig.start_tracking()
     assert mig.precopy_pending() == 4 * MiB
@@ -78,7 +80,7 @@ def test_a_4k_write_is_one_4k_resend(source: tuple[Driver, NvmeMigratable]) -> N
     assert mig.precopy_pending() == 0 and mig.precopy_records(MiB) == []
 
 
-def test_a_512_byte_write_dirties_its_page(source: tuple[Driver, NvmeMigratable]) -> None:
+def test_a_512_byte_write_dirties_its_page(source: tuple[NvmeDriver, NvmeMigratable]) -> None:
     drv, mig = source
     mig.start_tracking()
     drain(mig)
@@ -87,7 +89,7 @@ def test_a_512_byte_write_dirties_its_page(source: tuple[Driver, NvmeMigratable]
     assert blocks(mig.precopy_records(MiB)) == [(1, 0x200000, 4096, False)]
 
 
-def test_contiguous_dirty_pages_coalesce(source: tuple[Driver, NvmeMigratable]) -> None:
+def test_contiguous_dirty_pages_coalesce(source: tuple[NvmeDriver, NvmeMigratable]) -> None:
     drv, mig = source
     mig.start_tracking()
     drain(mig)
@@ -131,7 +133,7 @@ def test_zero_data_inside_a_run_goes_as_zeroes(tmp_path: Path) -> None:
     ctrl.close()
 
 
-def test_records_respect_the_budget(source: tuple[Driver, NvmeMigratable]) -> None:
+def test_records_respect_the_budget(source: tuple[NvmeDriver, NvmeMigratable]) -> None:
     drv, mig = source
     mig.start_tracking()
     drain(mig)
@@ -145,7 +147,7 @@ def test_records_respect_the_budget(source: tuple[Driver, NvmeMigratable]) -> No
     assert blocks(mig.precopy_records(1)) == [(1, 0x300000, 64 * 4096, False)]
 
 
-def test_the_sweep_resumes_where_it_stopped(source: tuple[Driver, NvmeMigratable]) -> None:
+def test_the_sweep_resumes_where_it_stopped(source: tuple[NvmeDriver, NvmeMigratable]) -> None:
     drv, mig = source
     mig.start_tracking()
     drain(mig)
@@ -331,10 +333,10 @@ def test_the_staged_image_keeps_the_mode(tmp_path: Path) -> None:
     dst.close()
 
 
-def test_a_resize_during_the_session_fails_it(source: tuple[Driver, NvmeMigratable]) -> None:
+def test_a_resize_during_the_session_fails_it(source: tuple[NvmeDriver, NvmeMigratable]) -> None:
     drv, mig = source
     mig.start_tracking()
-    ns = drv.ctrl.namespaces[1]
+    ns = drv.bus.ctrl.namespaces[1]
     ns.size, ns.nlbas = ns.size + MiB, ns.nlbas + 2048  # as the namespace.resize command does
     with pytest.raises(LocalProtocolError, match="resized") as err:
         mig.precopy_records(MiB)

@@ -14,12 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_nvme_driver import Driver, make_controller, status
+from test_nvme_driver import make_controller, status
 
+from appliance.client.nvme import NvmeDriver, QueuePair
 from appliance.memory import DmaScope
 from appliance.pci.config import COMMAND, PciCommand
 from appliance.storage.request import RequestState
 from appliance.storage.spec import Command, IoOpcode, Reg, Status
+from appliance.testing.nvme import controller_driver
 from appliance.vfio_user import wire as w
 from appliance.vfio_user.dma import DmaMessages
 from appliance.vfio_user.framing import Frame
@@ -72,39 +74,39 @@ class Client:
 
 
 @pytest.fixture
-def rig(tmp_path: Path) -> Iterator[tuple[Driver, Client]]:
+def rig(tmp_path: Path) -> Iterator[tuple[NvmeDriver, Client]]:
     ctrl = make_controller(tmp_path, io_queues=2, queue_entries=64)
-    d = Driver(ctrl).ready()
+    d = controller_driver(ctrl).ready()
     client = Client()
-    d.mem.transport = client.dma
-    d.mem.map(MSG, MSG_SIZE)  # no fd: reached by DMA messages only
+    d.bus.memory.transport = client.dma
+    d.bus.memory.map(MSG, MSG_SIZE)  # no fd: reached by DMA messages only
     yield d, client
     ctrl.close()
 
 
-def write_from_message_memory(d: Driver, client: Client, data: bytes, slba: int) -> int:
+def write_from_message_memory(d: NvmeDriver, client: Client, data: bytes, slba: int) -> int:
     client.ram[:len(data)] = data
     nlb = len(data) // 512
     return d.submit(1, Command(opcode=IoOpcode.WRITE, nsid=1, prp1=MSG, prp2=0, cdw10=slba,
                                cdw12=nlb - 1))
 
 
-def image_block(d: Driver, lba: int, n: int = 512) -> bytes:
-    with open(d.ctrl.namespaces[1].image, "rb") as f:
+def image_block(d: NvmeDriver, lba: int, n: int = 512) -> bytes:
+    with open(d.bus.ctrl.namespaces[1].image, "rb") as f:
         f.seek(lba * 512)
         return f.read(n)
 
 
-def set_bus_master(d: Driver, on: bool) -> None:
+def set_bus_master(d: NvmeDriver, on: bool) -> None:
     cmd = PciCommand.MEMORY | (PciCommand.BUS_MASTER if on else 0)
-    d.ctrl.region_write(PciRegion.CONFIG, COMMAND, int(cmd).to_bytes(2, "little"))
+    d.bus.ctrl.region_write(PciRegion.CONFIG, COMMAND, int(cmd).to_bytes(2, "little"))
 
 
-def test_a_waiting_command_does_not_block_the_queue(rig: tuple[Driver, Client]) -> None:
+def test_a_waiting_command_does_not_block_the_queue(rig: tuple[NvmeDriver, Client]) -> None:
     d, client = rig
     cid = write_from_message_memory(d, client, b"\xab" * 512, slba=5)
     assert d.reap(1) == [] and [c for _, c, _, _ in client.sent] == [w.Command.DMA_READ]
-    waiting = d.ctrl.held_request(1, cid)
+    waiting = d.bus.ctrl.held_request(1, cid)
     assert waiting is not None and waiting.state is RequestState.WAITING
     # meanwhile the device serves the rest: a read from shared memory completes first
     done, _ = d.io(IoOpcode.READ, slba=0, nlb=1)
@@ -114,48 +116,48 @@ def test_a_waiting_command_does_not_block_the_queue(rig: tuple[Driver, Client]) 
     finished = d.reap(1)
     assert [c.cid for c in finished] == [cid] and status(finished[0]) == (Status.SUCCESS, False)
     assert image_block(d, 5) == b"\xab" * 512
-    assert d.ctrl.counters["commands"]["io.write"] == 1  # counted once, though run twice
+    assert d.bus.ctrl.counters["commands"]["io.write"] == 1  # counted once, though run twice
 
 
 def test_bus_master_off_while_waiting_holds_the_command_until_it_is_on(
-        rig: tuple[Driver, Client]) -> None:
+        rig: tuple[NvmeDriver, Client]) -> None:
     d, client = rig
     cid = write_from_message_memory(d, client, b"\x01" * 512, slba=7)
     set_bus_master(d, False)
     client.answer()
     assert d.reap(1) == []  # no DMA (the CQ entry) without Bus Master
     set_bus_master(d, True)
-    d.ctrl.poll()
+    d.bus.ctrl.poll()
     finished = d.reap(1)
     assert [c.cid for c in finished] == [cid] and status(finished[0]) == (Status.SUCCESS, False)
 
 
-def test_set_irqs_while_waiting_signals_the_new_configuration(rig: tuple[Driver, Client]) -> None:
+def test_set_irqs_while_waiting_signals_the_new_configuration(rig: tuple[NvmeDriver, Client]) -> None:
     d, client = rig
     write_from_message_memory(d, client, b"\x02" * 512, slba=9)
-    d.sink.take()
-    d.ctrl.set_irq_count(PciIrq.MSIX, 0)  # SET_IRQS: MSI-X off, INTx instead
-    d.ctrl.set_irq_count(PciIrq.INTX, 1)
-    d.ctrl.irqs_configured(PciIrq.INTX)
+    d.bus.interrupts.take()
+    d.bus.ctrl.set_irq_count(PciIrq.MSIX, 0)  # SET_IRQS: MSI-X off, INTx instead
+    d.bus.ctrl.set_irq_count(PciIrq.INTX, 1)
+    d.bus.ctrl.irqs_configured(PciIrq.INTX)
     client.answer()
     assert [status(c) for c in d.reap(1)] == [(Status.SUCCESS, False)]
-    assert (PciIrq.INTX, 0) in d.sink.take()
+    assert (PciIrq.INTX, 0) in d.bus.interrupts.take()
 
 
-def test_controller_reset_while_waiting_drops_the_command(rig: tuple[Driver, Client]) -> None:
+def test_controller_reset_while_waiting_drops_the_command(rig: tuple[NvmeDriver, Client]) -> None:
     d, client = rig
     cid = write_from_message_memory(d, client, b"\x03" * 512, slba=11)
-    req = d.ctrl.held_request(1, cid)
+    req = d.bus.ctrl.held_request(1, cid)
     assert req is not None
     d.write_reg(Reg.CC, 0)  # CC.EN = 0: reset
-    assert req.state is RequestState.DROPPED and d.ctrl.waiting == []
+    assert req.state is RequestState.DROPPED and d.bus.ctrl.waiting == []
     client.answer()  # the late reply changes nothing
     assert image_block(d, 11) == bytes(512)
     d.ready()
     assert status(d.io(IoOpcode.READ, slba=0, nlb=1)[0]) == (Status.SUCCESS, False)
 
 
-def test_read_completes_after_its_data_writes_are_acknowledged(rig: tuple[Driver, Client]) -> None:
+def test_read_completes_after_its_data_writes_are_acknowledged(rig: tuple[NvmeDriver, Client]) -> None:
     d, client = rig
     assert status(d.io(IoOpcode.WRITE, slba=3, nlb=2, data=b"\x5c" * 1024)[0]) == \
         (Status.SUCCESS, False)
@@ -170,7 +172,7 @@ def test_read_completes_after_its_data_writes_are_acknowledged(rig: tuple[Driver
 
 @pytest.mark.parametrize("opcode", [IoOpcode.WRITE, IoOpcode.READ])
 def test_refused_dma_fails_the_command_with_data_transfer_error(
-        rig: tuple[Driver, Client], opcode: IoOpcode) -> None:
+        rig: tuple[NvmeDriver, Client], opcode: IoOpcode) -> None:
     d, client = rig
     cid = d.submit(1, Command(opcode=opcode, nsid=1, prp1=MSG, prp2=0, cdw10=0, cdw12=0))
     client.answer(refuse=True)
@@ -179,10 +181,10 @@ def test_refused_dma_fails_the_command_with_data_transfer_error(
     assert status(finished[0]) == (Status.DATA_TRANSFER_ERROR, False)
 
 
-def test_abort_finds_a_waiting_command(rig: tuple[Driver, Client]) -> None:
+def test_abort_finds_a_waiting_command(rig: tuple[NvmeDriver, Client]) -> None:
     d, client = rig
     cid = write_from_message_memory(d, client, b"\x04" * 512, slba=13)
-    done = d.admin(0x08, cdw10=cid << 16 | 1)  # Abort
+    done = d.admin_command(0x08, cdw10=cid << 16 | 1)  # Abort
     assert done.dw0 & 1 == 0
     aborted = d.reap(1)
     assert [c.cid for c in aborted] == [cid]
@@ -203,22 +205,22 @@ def test_a_client_gone_fails_every_waiting_scope_once() -> None:
     assert all(s.error == "client gone" and not s.busy for s in scopes)
 
 
-def test_interrupt_follows_the_acknowledged_completion_entry(rig: tuple[Driver, Client]) -> None:
+def test_interrupt_follows_the_acknowledged_completion_entry(rig: tuple[NvmeDriver, Client]) -> None:
     """A CQ in message-only memory: its entry goes out as DMA_WRITEs, and the
     interrupt waits until the client acknowledged them (else the host could look
     at the CQ before the entry is there)."""
     d, client = rig
     cq, sq = MSG + 0x10000, d.alloc(16 * 64)
-    assert status(d.admin(0x05, prp1=cq, cdw10=15 << 16 | 2, cdw11=2 << 16 | 0x3)) == \
+    assert status(d.admin_command(0x05, prp1=cq, cdw10=15 << 16 | 2, cdw11=2 << 16 | 0x3)) == \
         (Status.SUCCESS, False)  # Create I/O CQ 2, vector 2, in message memory
-    assert status(d.admin(0x01, prp1=sq, cdw10=15 << 16 | 2, cdw11=2 << 16 | 0x1)) == \
+    assert status(d.admin_command(0x01, prp1=sq, cdw10=15 << 16 | 2, cdw11=2 << 16 | 0x1)) == \
         (Status.SUCCESS, False)  # Create I/O SQ 2 on it, in shared memory
-    d.sqs[2] = [sq, 16, 0]
-    d.sink.take()
+    d.queues[2] = QueuePair(2, 16, sq, cq, 2, None)  # the driver tracks SQ 2
+    d.bus.interrupts.take()
     d.submit(2, Command(opcode=IoOpcode.FLUSH, nsid=1))
     assert {c for _, c, _, _ in client.sent} == {w.Command.DMA_WRITE}
-    assert (PciIrq.MSIX, 2) not in d.sink.take()
+    assert (PciIrq.MSIX, 2) not in d.bus.interrupts.take()
     client.answer()
-    assert d.sink.take() == [(PciIrq.MSIX, 2)]
+    assert d.bus.interrupts.take() == [(PciIrq.MSIX, 2)]
     entry = client.ram[0x10000:0x10010]
     assert entry[14] & 1 == 1 and int.from_bytes(entry[14:16], "little") >> 1 == 0  # phase 1, OK

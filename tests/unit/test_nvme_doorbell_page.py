@@ -8,41 +8,26 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_nvme_driver import Driver, make_controller, status
+from test_nvme_driver import make_controller, status
 
 from appliance import config
+from appliance.client.nvme import NvmeDriver
 from appliance.errors import ConfigError
 from appliance.storage import NvmeController
 from appliance.storage.controller import FAST_TICKS, POLL_FAST, POLL_SLOW
 from appliance.storage.doorbells import DoorbellMode, DoorbellPage
 from appliance.storage.spec import AdminOpcode, Command, IoOpcode, LogPage, Status
+from appliance.testing.nvme import controller_driver
 from appliance.vfio_user.wire import PciRegion
 
 
-class PageDriver(Driver):
-    """Rings doorbells by storing into its own mapping of the region fd, as QEMU's
-    guest does, then lets the controller's poll (the runtime's timer) notice."""
-
-    def __init__(self, ctrl: NvmeController, poll: bool = True) -> None:
-        super().__init__(ctrl)
-        desc = ctrl.region(PciRegion.BAR0)
-        assert desc.mmap_areas == [(0x1000, 0x1000)] and desc.mmap_fd is not None
-        self.page = mmap.mmap(desc.mmap_fd, 0x1000, offset=0x1000)
-        self.words = memoryview(self.page).cast("I")
-        self.auto_poll = poll
-
-    def write_reg(self, offset: int, value: int, size: int = 4) -> None:
-        if 0x1000 <= offset < 0x2000:
-            self.doorbell_writes += 1
-            self.words[(offset - 0x1000) // 4] = value
-            if self.auto_poll:
-                self.ctrl.poll()
-        else:
-            super().write_reg(offset, value, size)
-
-    def close(self) -> None:
-        self.words.release()
-        self.page.close()
+def page_driver(ctrl: NvmeController, poll: bool = True) -> NvmeDriver:
+    """The driver ringing doorbells by storing into its own mapping of the region
+    fd, as QEMU's guest does; ``poll``: the controller's poll (the runtime's timer)
+    runs after each store."""
+    desc = ctrl.region(PciRegion.BAR0)
+    assert desc.mmap_areas == [(0x1000, 0x1000)] and desc.mmap_fd is not None
+    return controller_driver(ctrl, doorbells="mmap", auto_poll=poll)
 
 
 @pytest.fixture
@@ -75,7 +60,7 @@ def test_every_config_value_is_a_doorbell_mode(tmp_path: Path,
 
 
 def test_io_through_the_mapped_page(ctrl: NvmeController, tmp_path: Path) -> None:
-    d = PageDriver(ctrl).ready(io_queues=2)
+    d = page_driver(ctrl).ready(io_queues=2)
     payload = bytes(range(256)) * 16
     done, _ = d.io(IoOpcode.WRITE, slba=16, nlb=8, data=payload, qid=2)
     assert status(done) == (Status.SUCCESS, False)
@@ -86,8 +71,8 @@ def test_io_through_the_mapped_page(ctrl: NvmeController, tmp_path: Path) -> Non
 
 
 def test_nothing_runs_until_the_page_is_polled(ctrl: NvmeController) -> None:
-    d = PageDriver(ctrl).ready()
-    d.auto_poll = False
+    d = page_driver(ctrl).ready()
+    d.bus.auto_poll = False
     cids = [d.submit(1, Command(opcode=IoOpcode.FLUSH, nsid=1)) for _ in range(3)]
     assert d.reap(1) == [] and ctrl.sqs[1].tail == 0  # no message: not seen yet
     assert ctrl.poll() is True
@@ -98,33 +83,33 @@ def test_nothing_runs_until_the_page_is_polled(ctrl: NvmeController) -> None:
 
 
 def test_a_recreated_queue_does_not_inherit_the_old_slot(ctrl: NvmeController) -> None:
-    d = PageDriver(ctrl).ready()
+    d = page_driver(ctrl).ready()
     for _ in range(5):
-        assert status(d.run(1, Command(opcode=IoOpcode.FLUSH, nsid=1)))[0] == 0
-    assert d.words[2] == 5  # SQ 1 tail as the host left it
-    assert status(d.admin(AdminOpcode.DELETE_SQ, cdw10=1))[0] == 0
-    assert status(d.admin(AdminOpcode.DELETE_CQ, cdw10=1))[0] == 0
-    d.create_io_queue(1)
-    assert d.words[2] == 0 and d.words[3] == 0  # adopted before the CREATE completed
-    d.auto_poll = False
+        assert status(d.command(1, Command(opcode=IoOpcode.FLUSH, nsid=1)))[0] == 0
+    assert d.doorbell_words[2] == 5  # SQ 1 tail as the host left it
+    assert status(d.admin_command(AdminOpcode.DELETE_SQ, cdw10=1))[0] == 0
+    assert status(d.admin_command(AdminOpcode.DELETE_CQ, cdw10=1))[0] == 0
+    d.create_queue_pair(1)
+    assert d.doorbell_words[2] == 0 and d.doorbell_words[3] == 0  # adopted before the CREATE completed
+    d.bus.auto_poll = False
     cids = [d.submit(1, Command(opcode=IoOpcode.FLUSH, nsid=1)) for _ in range(5)]
-    assert d.words[2] == 5  # the same value the old queue's slot held
+    assert d.doorbell_words[2] == 5  # the same value the old queue's slot held
     ctrl.poll()
     assert [c.cid for c in d.reap(1)] == cids
     d.close()
 
 
 def test_bad_page_writes_are_reported_once(ctrl: NvmeController) -> None:
-    d = PageDriver(ctrl).ready()
+    d = page_driver(ctrl).ready()
     held = d.submit(0, Command(opcode=AdminOpcode.ASYNC_EVENT_REQUEST))
-    d.words[2] = 999  # SQ 1 tail outside its 64 entries
+    d.doorbell_words[2] = 999  # SQ 1 tail outside its 64 entries
     ctrl.poll()
     (event,) = d.reap(0)
     assert event.cid == held and event.dw0 & 0xFF == 0 and event.dw0 >> 16 == LogPage.ERROR
     assert ctrl.counters["invalid_doorbells"] == 1 and ctrl.sqs[1].tail == 0
     ctrl.poll()
     assert ctrl.counters["invalid_doorbells"] == 1  # the same value is not a new write
-    d.words[200] = 1  # the doorbell of a queue that cannot exist
+    d.doorbell_words[200] = 1  # the doorbell of a queue that cannot exist
     ctrl.poll()
     assert ctrl.counters["invalid_doorbells"] == 2
     d.close()
@@ -132,10 +117,10 @@ def test_bad_page_writes_are_reported_once(ctrl: NvmeController) -> None:
 
 def test_message_writes_to_the_page_stay_consistent(ctrl: NvmeController) -> None:
     """A REGION_WRITE of a doorbell in mmap mode lands in the page too: not seen twice."""
-    d = PageDriver(ctrl).ready()
+    d = page_driver(ctrl).ready()
     cid = d.submit(1, Command(opcode=IoOpcode.FLUSH, nsid=1), ring=False)
     ctrl.region_write(PciRegion.BAR0, 0x1008, (1).to_bytes(4, "little"))
-    assert d.words[2] == 1
+    assert d.doorbell_words[2] == 1
     assert [c.cid for c in d.reap(1)] == [cid]
     ctrl.poll()
     assert ctrl.sqs[1].tail == 1 and ctrl.counters["invalid_doorbells"] == 0
@@ -143,7 +128,7 @@ def test_message_writes_to_the_page_stay_consistent(ctrl: NvmeController) -> Non
 
 
 def test_pause_still_latches_page_doorbells(ctrl: NvmeController) -> None:
-    d = PageDriver(ctrl).ready()
+    d = page_driver(ctrl).ready()
     ctrl.pause()
     cid = d.submit(1, Command(opcode=IoOpcode.FLUSH, nsid=1))
     assert ctrl.sqs[1].tail == 1 and d.reap(1) == []
@@ -153,23 +138,23 @@ def test_pause_still_latches_page_doorbells(ctrl: NvmeController) -> None:
 
 
 def test_reset_then_enable_adopts_the_admin_queue_afresh(ctrl: NvmeController) -> None:
-    d = PageDriver(ctrl).ready()
-    assert d.words[0] != 0  # admin SQ tail after bring-up
+    d = page_driver(ctrl).ready()
+    assert d.doorbell_words[0] != 0  # admin SQ tail after bring-up
     d.write_reg(0x14, 0)  # CC.EN = 0: controller reset
     d.enable()
-    assert d.words[0] == 0 and d.words[1] == 0
+    assert d.doorbell_words[0] == 0 and d.doorbell_words[1] == 0
     done, _ = d.identify(1)
     assert status(done) == (Status.SUCCESS, False)
     d.close()
 
 
 def test_poll_interval_fast_while_busy_slow_when_quiet(ctrl: NvmeController) -> None:
-    d = PageDriver(ctrl).ready()
+    d = page_driver(ctrl).ready()
     assert ctrl.poll_interval() == POLL_FAST  # just did work
     for _ in range(FAST_TICKS):
         ctrl.poll_interval()
     assert ctrl.poll_interval() == POLL_SLOW
-    d.submit(1, Command(opcode=IoOpcode.FLUSH, nsid=1))  # the poll in write_reg sees it
+    d.submit(1, Command(opcode=IoOpcode.FLUSH, nsid=1))  # the poll after the store sees it
     assert ctrl.poll_interval() == POLL_FAST
     d.close()
 

@@ -7,61 +7,63 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_nvme_driver import UNMAPPED, Driver, make_controller, status
+from test_nvme_driver import UNMAPPED, make_controller, status
 
+from appliance.client.nvme import NvmeDriver
 from appliance.storage.spec import AdminOpcode, Command, FeatureId, IoOpcode, Status
+from appliance.testing.nvme import controller_driver
 
 A, IO, ST = AdminOpcode, IoOpcode, Status
-Case = Callable[[Driver], object]
+Case = Callable[[NvmeDriver], object]
 
 
 def admin(opcode: int, **fields: int) -> Case:
-    return lambda d: d.admin(opcode, **fields)
+    return lambda d: d.admin_command(opcode, **fields)
 
 
 def io(opcode: int, **fields: int) -> Case:
-    return lambda d: d.run(1, Command(opcode=opcode, **fields))
+    return lambda d: d.command(1, Command(opcode=opcode, **fields))
 
 
 def read(slba: int = 0, nlb: int = 1, nsid: int = 1, **fields: int) -> Case:
     return lambda d: d.io(IO.READ, slba, nlb, nsid=nsid, **fields)[0]  # type: ignore[arg-type]
 
 
-def dsm_past_end(d: Driver) -> object:
+def dsm_past_end(d: NvmeDriver) -> object:
     ranges = d.alloc(4096)
-    d.poke(ranges, struct.pack("<IIQ", 0, 8, 2044))
-    return d.run(1, Command(opcode=IO.DATASET_MANAGEMENT, nsid=1, prp1=ranges, cdw11=4))
+    d.put(ranges, struct.pack("<IIQ", 0, 8, 2044))
+    return d.command(1, Command(opcode=IO.DATASET_MANAGEMENT, nsid=1, prp1=ranges, cdw11=4))
 
 
-def with_prps(prp1: Callable[[Driver], int], prp2: Callable[[Driver], int] = lambda d: 0,
+def with_prps(prp1: Callable[[NvmeDriver], int], prp2: Callable[[NvmeDriver], int] = lambda d: 0,
               nlb: int = 1, opcode: int = IO.READ) -> Case:
-    return lambda d: d.run(1, Command(opcode=opcode, nsid=1, prp1=prp1(d), prp2=prp2(d),
+    return lambda d: d.command(1, Command(opcode=opcode, nsid=1, prp1=prp1(d), prp2=prp2(d),
                                       cdw12=nlb - 1))
 
 
-def too_many_aers(d: Driver) -> object:
+def too_many_aers(d: NvmeDriver) -> object:
     for _ in range(4):
         d.submit(0, Command(opcode=A.ASYNC_EVENT_REQUEST))
-    return d.admin(A.ASYNC_EVENT_REQUEST)
+    return d.admin_command(A.ASYNC_EVENT_REQUEST)
 
 
-def prp_list_with_offset_entry(d: Driver) -> object:
+def prp_list_with_offset_entry(d: NvmeDriver) -> object:
     lst, page = d.alloc(4096), d.alloc(4096)
-    d.poke(lst, struct.pack("<2Q", page, page + 8))
+    d.put(lst, struct.pack("<2Q", page, page + 8))
     return with_prps(lambda _: page, lambda _: lst, nlb=24)(d)
 
 
-def unmapped_prp_list(d: Driver) -> object:
+def unmapped_prp_list(d: NvmeDriver) -> object:
     return with_prps(lambda d: d.alloc(4096), lambda _: UNMAPPED, nlb=24)(d)
 
 
 def create_cq(qid: int = 2, qsize: int = 15, flags: int = 3, vector: int = 2) -> Case:
-    return lambda d: d.admin(A.CREATE_CQ, prp1=d.alloc(4096), cdw10=qsize << 16 | qid,
+    return lambda d: d.admin_command(A.CREATE_CQ, prp1=d.alloc(4096), cdw10=qsize << 16 | qid,
                              cdw11=vector << 16 | flags)
 
 
 def create_sq(qid: int = 2, qsize: int = 15, cqid: int = 1, flags: int = 1) -> Case:
-    return lambda d: d.admin(A.CREATE_SQ, prp1=d.alloc(4096), cdw10=qsize << 16 | qid,
+    return lambda d: d.admin_command(A.CREATE_SQ, prp1=d.alloc(4096), cdw10=qsize << 16 | qid,
                              cdw11=cqid << 16 | flags)
 
 
@@ -106,7 +108,7 @@ CASES: dict[str, tuple[Case, Status, bool]] = {
     "create cq not contiguous": (create_cq(flags=2), ST.INVALID_FIELD, True),
     "create cq bad vector": (create_cq(vector=5), ST.INVALID_INTERRUPT_VECTOR, True),
     "create cq reserved bits": (create_cq(flags=7), ST.INVALID_FIELD, True),
-    "create cq unaligned base": (lambda d: d.admin(A.CREATE_CQ, prp1=d.alloc(4096) + 64,
+    "create cq unaligned base": (lambda d: d.admin_command(A.CREATE_CQ, prp1=d.alloc(4096) + 64,
                                                    cdw10=15 << 16 | 2, cdw11=3),
                                  ST.INVALID_PRP_OFFSET, True),
     "create sq no such cq": (create_sq(cqid=3), ST.COMPLETION_QUEUE_INVALID, True),
@@ -119,7 +121,7 @@ CASES: dict[str, tuple[Case, Status, bool]] = {
     "delete cq in use": (admin(A.DELETE_CQ, cdw10=1), ST.INVALID_QUEUE_DELETION, True),
     "read-only write": (lambda d: d.io(IO.WRITE, 0, 1, nsid=2)[0], ST.NS_WRITE_PROTECTED, True),
     "read-only write zeroes": (io(IO.WRITE_ZEROES, nsid=2), ST.NS_WRITE_PROTECTED, True),
-    "read-only deallocate": (lambda d: d.run(1, Command(opcode=IO.DATASET_MANAGEMENT, nsid=2,
+    "read-only deallocate": (lambda d: d.command(1, Command(opcode=IO.DATASET_MANAGEMENT, nsid=2,
                                                         prp1=d.alloc(4096), cdw11=4)),
                              ST.NS_WRITE_PROTECTED, True),
     "read-only format": (admin(A.FORMAT_NVM, nsid=2), ST.NS_WRITE_PROTECTED, True),
@@ -164,7 +166,7 @@ CASES: dict[str, tuple[Case, Status, bool]] = {
     "format with pi": (admin(A.FORMAT_NVM, nsid=1, cdw10=1 << 5), ST.INVALID_FORMAT, True),
     "format crypto erase": (admin(A.FORMAT_NVM, nsid=1, cdw10=2 << 9), ST.INVALID_FIELD,
                             True),
-    "dbbuf unaligned": (lambda d: d.admin(A.DOORBELL_BUFFER_CONFIG, prp1=d.alloc(4096) + 8,
+    "dbbuf unaligned": (lambda d: d.admin_command(A.DOORBELL_BUFFER_CONFIG, prp1=d.alloc(4096) + 8,
                                           prp2=d.alloc(4096)), ST.INVALID_FIELD, True),
 }
 
@@ -174,7 +176,7 @@ def test_bad_command(name: str, tmp_path: Path) -> None:
     case, expected, dnr = CASES[name]
     ctrl = make_controller(tmp_path, io_queues=4, queue_entries=256, namespaces=2)
     ctrl.namespaces[2].read_only = True
-    d = Driver(ctrl).ready()
+    d = controller_driver(ctrl).ready()
     done = case(d)
     assert status(done) == (expected, dnr), name  # type: ignore[arg-type]
     assert d.csts == 1  # ready, no fatal status
@@ -188,7 +190,7 @@ def test_bad_command(name: str, tmp_path: Path) -> None:
 
 def test_invalid_doorbells_raise_error_events(tmp_path: Path) -> None:
     ctrl = make_controller(tmp_path)
-    d = Driver(ctrl).ready()
+    d = controller_driver(ctrl).ready()
     cid = d.submit(0, Command(opcode=AdminOpcode.ASYNC_EVENT_REQUEST))
     d.write_reg(0x1000 + 8 * 3, 1)  # SQ 3 does not exist
     (done,) = d.reap(0)
@@ -197,7 +199,7 @@ def test_invalid_doorbells_raise_error_events(tmp_path: Path) -> None:
     d.write_reg(0x1000 + 8, 999)  # past the end of SQ 1
     assert d.reap(0) == []  # the Error log page was not read: masked
     prp1, _, _ = d.buffer(4096)
-    d.admin(AdminOpcode.GET_LOG_PAGE, cdw10=255 << 16 | 1, prp1=prp1)
+    d.admin_command(AdminOpcode.GET_LOG_PAGE, cdw10=255 << 16 | 1, prp1=prp1)
     assert d.reap(0) == []  # the read covered the pending event
     d.write_reg(0x1000 + 8 + 4, 999)  # CQ 1 head past the tail
     assert [c.dw0 for c in d.reap(0)] == [0x010100]
@@ -208,11 +210,11 @@ def test_invalid_doorbells_raise_error_events(tmp_path: Path) -> None:
 
 def test_odd_register_accesses_never_crash(tmp_path: Path) -> None:
     ctrl = make_controller(tmp_path)
-    d = Driver(ctrl)
+    d = controller_driver(ctrl)
     for offset, size in ((0x1, 1), (0x2, 2), (0x14, 2), (0x16, 4), (0x18, 8), (0xFFC, 4),
                          (0xFFC, 8), (0x1002, 2), (0x1FFC, 4), (0x3FF8, 8), (0x2FFC, 4)):
-        d.ctrl.region_read(0, offset, size)
-        d.ctrl.region_write(0, offset, b"\xff" * size)
+        d.bus.ctrl.region_read(0, offset, size)
+        d.bus.ctrl.region_write(0, offset, b"\xff" * size)
     assert d.read_reg(0x14) == 0 and d.csts == 0
     d.ready()
     for offset in (0x1000 + 8 * 200, 0x1FFC):  # doorbells of queues that cannot exist

@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_nvme_driver import Driver, make_controller, status
+from test_nvme_driver import make_controller, status
 
+from appliance.client.nvme import NvmeDriver
 from appliance.memory import DirtyLog
 from appliance.pci.config import COMMAND, PciCommand
 from appliance.runtime.loop import EventLoop
@@ -24,6 +25,7 @@ from appliance.storage.controller import SQ_BUDGET
 from appliance.storage.namespace import Namespace
 from appliance.storage.request import RequestState
 from appliance.storage.spec import AdminOpcode, Command, IoOpcode, Status
+from appliance.testing.nvme import controller_driver
 from appliance.vfio_user.wire import PciRegion
 
 
@@ -57,11 +59,11 @@ class HeldOffload:
 
 
 @pytest.fixture
-def rig(tmp_path: Path) -> Iterator[tuple[Driver, HeldOffload]]:
+def rig(tmp_path: Path) -> Iterator[tuple[NvmeDriver, HeldOffload]]:
     ctrl = make_controller(tmp_path, io_queues=2, queue_entries=256)
     offload = HeldOffload()
     ctrl.offload = offload
-    yield Driver(ctrl).ready(), offload
+    yield controller_driver(ctrl).ready(), offload
     ctrl.close()
 
 
@@ -69,23 +71,23 @@ def flush_cmd() -> Command:
     return Command(opcode=IoOpcode.FLUSH, nsid=1)
 
 
-def test_flush_runs_off_the_loop_and_the_queue_goes_on(rig: tuple[Driver, HeldOffload]) -> None:
+def test_flush_runs_off_the_loop_and_the_queue_goes_on(rig: tuple[NvmeDriver, HeldOffload]) -> None:
     d, offload = rig
     cid = d.submit(1, flush_cmd())
     assert d.reap(1) == [] and len(offload.works) == 1  # the fdatasync waits for a worker
-    [req] = d.ctrl.waiting
+    [req] = d.bus.ctrl.waiting
     assert req.cid == cid and req.state is RequestState.WAITING and req.io_busy
     done, _ = d.io(IoOpcode.READ, slba=0, nlb=1)  # meanwhile: served at once
     assert status(done) == (Status.SUCCESS, False)
-    d.sink.take()
+    d.bus.interrupts.take()
     assert offload.run_all() == 1
     finished = d.reap(1)
     assert [c.cid for c in finished] == [cid] and status(finished[0]) == (Status.SUCCESS, False)
-    assert d.sink.take()  # its interrupt, raised when the work came back
+    assert d.bus.interrupts.take()  # its interrupt, raised when the work came back
 
 
 def test_a_read_the_page_cache_lacks_is_offloaded_and_lands(
-        rig: tuple[Driver, HeldOffload], monkeypatch: pytest.MonkeyPatch) -> None:
+        rig: tuple[NvmeDriver, HeldOffload], monkeypatch: pytest.MonkeyPatch) -> None:
     """The loop tries the page cache only (RWF_NOWAIT); what would wait for the
     disk is read again by a worker, into the same guest buffers."""
     d, offload = rig
@@ -109,7 +111,7 @@ def test_a_read_the_page_cache_lacks_is_offloaded_and_lands(
     finished = d.reap(1)
     assert [c.cid for c in finished] == [cid] and status(finished[0]) == (Status.SUCCESS, False)
     assert d.gather(pages, len(data)) == data
-    assert d.ctrl.counters["bytes_read"] >= len(data)
+    assert d.bus.ctrl.counters["bytes_read"] >= len(data)
 
 
 def test_read_into_nowait_reads_what_the_page_cache_holds(tmp_path: Path) -> None:
@@ -124,7 +126,7 @@ def test_read_into_nowait_reads_what_the_page_cache_holds(tmp_path: Path) -> Non
         ns.close()
 
 
-def test_a_cached_read_stays_on_the_loop(rig: tuple[Driver, HeldOffload]) -> None:
+def test_a_cached_read_stays_on_the_loop(rig: tuple[NvmeDriver, HeldOffload]) -> None:
     d, offload = rig
     data = os.urandom(8192)
     d.io(IoOpcode.WRITE, slba=8, nlb=16, data=data)
@@ -132,50 +134,50 @@ def test_a_cached_read_stays_on_the_loop(rig: tuple[Driver, HeldOffload]) -> Non
     assert status(done) == (Status.SUCCESS, False) and got == data and offload.works == []
 
 
-def test_abort_does_not_abort_a_command_whose_io_runs(rig: tuple[Driver, HeldOffload]) -> None:
+def test_abort_does_not_abort_a_command_whose_io_runs(rig: tuple[NvmeDriver, HeldOffload]) -> None:
     """A worker may still be writing its guest buffers: "not aborted" (DW0 bit 0
     set), and the command completes when its I/O does, once."""
     d, offload = rig
     cid = d.submit(1, flush_cmd())
-    done = d.admin(AdminOpcode.ABORT, cdw10=cid << 16 | 1)
+    done = d.admin_command(AdminOpcode.ABORT, cdw10=cid << 16 | 1)
     assert done.dw0 & 1 == 1 and d.reap(1) == []
     offload.run_all()
     finished = d.reap(1)
     assert [c.cid for c in finished] == [cid] and status(finished[0]) == (Status.SUCCESS, False)
 
 
-def test_bus_master_off_holds_an_offloaded_completion(rig: tuple[Driver, HeldOffload]) -> None:
+def test_bus_master_off_holds_an_offloaded_completion(rig: tuple[NvmeDriver, HeldOffload]) -> None:
     """The I/O finished while the device may not DMA: its completion waits."""
     d, offload = rig
     cid = d.submit(1, flush_cmd())
-    d.ctrl.region_write(PciRegion.CONFIG, COMMAND, int(PciCommand.MEMORY).to_bytes(2, "little"))
+    d.bus.ctrl.region_write(PciRegion.CONFIG, COMMAND, int(PciCommand.MEMORY).to_bytes(2, "little"))
     offload.run_all()
     assert d.reap(1) == []
-    d.ctrl.region_write(PciRegion.CONFIG, COMMAND,
+    d.bus.ctrl.region_write(PciRegion.CONFIG, COMMAND,
                         int(PciCommand.MEMORY | PciCommand.BUS_MASTER).to_bytes(2, "little"))
-    d.ctrl.poll()
+    d.bus.ctrl.poll()
     assert [c.cid for c in d.reap(1)] == [cid]
 
 
-def test_delete_sq_lets_the_queue_io_finish_first(rig: tuple[Driver, HeldOffload]) -> None:
+def test_delete_sq_lets_the_queue_io_finish_first(rig: tuple[NvmeDriver, HeldOffload]) -> None:
     d, offload = rig
     cid = d.submit(1, flush_cmd())
-    done = d.admin(AdminOpcode.DELETE_SQ, cdw10=1)
+    done = d.admin_command(AdminOpcode.DELETE_SQ, cdw10=1)
     assert status(done) == (Status.SUCCESS, False) and offload.works == []
     assert [c.cid for c in d.reap(1)] == [cid]  # completed before its SQ went
 
 
-def test_a_reset_waits_for_the_work_and_drops_the_command(rig: tuple[Driver, HeldOffload]) -> None:
+def test_a_reset_waits_for_the_work_and_drops_the_command(rig: tuple[NvmeDriver, HeldOffload]) -> None:
     d, offload = rig
     cid = d.submit(1, flush_cmd())
-    [req] = d.ctrl.waiting
+    [req] = d.bus.ctrl.waiting
     assert req.cid == cid
     d.write_reg(0x14, 0)  # CC.EN = 0
     assert offload.drains >= 1 and offload.works == []  # nothing runs past the reset
     assert req.state is RequestState.DROPPED
 
 
-def test_a_failed_sync_is_a_write_fault(rig: tuple[Driver, HeldOffload],
+def test_a_failed_sync_is_a_write_fault(rig: tuple[NvmeDriver, HeldOffload],
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     d, offload = rig
 
@@ -190,33 +192,33 @@ def test_a_failed_sync_is_a_write_fault(rig: tuple[Driver, HeldOffload],
     assert status(finished[0]) == (Status.WRITE_FAULT, False)
 
 
-def test_pause_finishes_what_runs_off_the_loop_first(rig: tuple[Driver, HeldOffload]) -> None:
+def test_pause_finishes_what_runs_off_the_loop_first(rig: tuple[NvmeDriver, HeldOffload]) -> None:
     d, offload = rig
     cid = d.submit(1, flush_cmd())
-    d.ctrl.pause()
+    d.bus.ctrl.pause()
     assert offload.works == []
     assert [c.cid for c in d.reap(1)] == [cid]  # completed before the device stopped
-    d.ctrl.resume()
+    d.bus.ctrl.resume()
 
 
-def test_one_busy_queue_yields_after_its_budget(rig: tuple[Driver, HeldOffload]) -> None:
+def test_one_busy_queue_yields_after_its_budget(rig: tuple[NvmeDriver, HeldOffload]) -> None:
     """SQ 2 gets 200 commands in one doorbell: a pass runs SQ_BUDGET of them (and
     SQ 1's one command); the next turns of the loop (the idle poll) do the rest."""
     d, _ = rig
-    d.create_io_queue(2, entries=256)
+    d.create_queue_pair(2, depth=256)
     prp1, prp2, _ = d.buffer(512)
     n = 200
     for _ in range(n):
         d.submit(2, Command(opcode=IoOpcode.READ, nsid=1, prp1=prp1, prp2=prp2), ring=False)
     d.submit(1, Command(opcode=IoOpcode.READ, nsid=1, prp1=prp1, prp2=prp2), ring=False)
-    d.ring_sq(2, 0)
-    assert d.ctrl.counters["commands"]["io.read"] == SQ_BUDGET
-    d.ring_sq(1, 0)  # another queue's doorbell: served in the very next pass
+    d.ring(2)
+    assert d.bus.ctrl.counters["commands"]["io.read"] == SQ_BUDGET
+    d.ring(1)  # another queue's doorbell: served in the very next pass
     assert len(d.reap(1)) == 1
     passes = 0
-    while d.ctrl.poll():
+    while d.bus.ctrl.poll():
         passes += 1
-    assert d.ctrl.counters["commands"]["io.read"] == n + 1 and passes >= 1
+    assert d.bus.ctrl.counters["commands"]["io.read"] == n + 1 and passes >= 1
     assert len(d.reap(2)) == n
 
 
@@ -243,7 +245,7 @@ def test_the_pool_reports_back_through_the_loop() -> None:
 
 
 def test_pages_an_offloaded_read_wrote_are_dirty_when_it_completes(
-        rig: tuple[Driver, HeldOffload], monkeypatch: pytest.MonkeyPatch) -> None:
+        rig: tuple[NvmeDriver, HeldOffload], monkeypatch: pytest.MonkeyPatch) -> None:
     """A migration's dirty log read (and cleared) while the worker still writes
     the guest pages must see them again: they are marked once more at completion."""
     d, offload = rig
@@ -254,10 +256,10 @@ def test_pages_an_offloaded_read_wrote_are_dirty_when_it_completes(
         return False if nowait else real(self, views, slba)
 
     monkeypatch.setattr(Namespace, "read_into", uncached)
-    d.mem.dirty_log = DirtyLog()
+    d.bus.memory.dirty_log = DirtyLog()
     prp1, prp2, pages = d.buffer(8192)
     d.submit(1, Command(opcode=IoOpcode.READ, nsid=1, prp1=prp1, prp2=prp2, cdw10=0, cdw12=15))
-    d.mem.dirty_log.take(0, 1 << 64 - 1)  # a DMA_LOGGING_REPORT before the data landed
+    d.bus.memory.dirty_log.take(0, 1 << 64 - 1)  # a DMA_LOGGING_REPORT before the data landed
     offload.run_all()
-    dirty = d.mem.dirty_log.take(0, 1 << 64 - 1)
+    dirty = d.bus.memory.dirty_log.take(0, 1 << 64 - 1)
     assert {page // 4096 for page in pages} <= set(dirty)

@@ -9,13 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_nvme_driver import Driver, make_controller
+from test_nvme_driver import make_controller
 
 from appliance.errors import LocalProtocolError
 from appliance.storage.admin import smart_log
 from appliance.storage.controller_state import CtrlStateHead, KeyValue
 from appliance.storage.migration import NvmeMigratable
 from appliance.storage.spec import AdminOpcode, FeatureId
+from appliance.testing.nvme import controller_driver
 from appliance.vfio_user.migration_stream import (
     DeviceKind,
     Record,
@@ -29,8 +30,8 @@ def saved(tmp_path: Path) -> list[Record]:
     (tmp_path / "src").mkdir()
     src = make_controller(tmp_path / "src")
     try:
-        d = Driver(src).ready(io_queues=1)
-        d.admin(AdminOpcode.SET_FEATURES, cdw10=FeatureId.TEMPERATURE_THRESHOLD, cdw11=330)
+        d = controller_driver(src).ready(io_queues=1)
+        d.admin_command(AdminOpcode.SET_FEATURES, cdw10=FeatureId.TEMPERATURE_THRESHOLD, cdw11=330)
         mig = NvmeMigratable(src)
         mig.migration_stop()
         return mig.save_state()

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_nvme_driver import Driver, make_controller, status
+from test_nvme_driver import make_controller, status
 
 from appliance.client import migrate as orch
+from appliance.client.nvme import NvmeDriver
 from appliance.client.vfio_user import DEFAULT_CAPS, VfioUserClient
 from appliance.errors import LocalProtocolError
 from appliance.memory import ClientMemory, DirtyLog
@@ -39,6 +40,7 @@ from appliance.storage.migration import (
     encode_controller,
 )
 from appliance.storage.spec import AdminOpcode, Command, FeatureId, IoOpcode
+from appliance.testing.nvme import controller_driver
 from appliance.vfio_user import migration as m
 from appliance.vfio_user import migration_stream as s
 from appliance.vfio_user import wire as w
@@ -1041,25 +1043,25 @@ def test_client_helpers_for_dma_logging(pair: tuple[Disk, Disk, Served, Served])
 
 
 # ------------------------------------------------------------ the NVMe controller
-def nvme_pair(tmp_path: Path, **kw: Any) -> tuple[Driver, NvmeController]:
+def nvme_pair(tmp_path: Path, **kw: Any) -> tuple[NvmeDriver, NvmeController]:
     (tmp_path / "src").mkdir()
     (tmp_path / "dst").mkdir()
     src = make_controller(tmp_path / "src", io_queues=2, queue_entries=64, namespaces=2, **kw)
     dst = make_controller(tmp_path / "dst", io_queues=2, queue_entries=64, namespaces=2, **kw)
-    return Driver(src).ready(io_queues=2), dst
+    return controller_driver(src).ready(io_queues=2), dst
 
 
 def test_nvme_controller_migrates_mid_flight(tmp_path: Path) -> None:
     drv, dst_ctrl = nvme_pair(tmp_path)
-    src_ctrl = drv.ctrl
+    src_ctrl = drv.bus.ctrl
     first = os.urandom(8192)
     assert status(drv.io(IoOpcode.WRITE, slba=0, nlb=16, data=first)[0])[0] == 0
-    assert status(drv.admin(AdminOpcode.SET_FEATURES, cdw10=FeatureId.ASYNC_EVENT_CONFIG,
+    assert status(drv.admin_command(AdminOpcode.SET_FEATURES, cdw10=FeatureId.ASYNC_EVENT_CONFIG,
                             cdw11=0x100))[0] == 0
     aer = drv.submit(0, Command(opcode=AdminOpcode.ASYNC_EVENT_REQUEST))  # held across
     src, dst = NvmeMigratable(src_ctrl), NvmeMigratable(dst_ctrl)
     hs, hd = VfioUserMigration(src, ClientMemory()), VfioUserMigration(dst, ClientMemory())
-    dst_ctrl.attach(drv.mem, drv.sink)  # the destination's client shares guest memory
+    dst_ctrl.attach(drv.bus.memory, drv.bus.interrupts)  # the destination's client shares guest memory
     set_state(hd, MigState.RESUMING)
     set_state(hs, MigState.PRE_COPY)
     round0 = drain(hs)
@@ -1075,7 +1077,7 @@ def test_nvme_controller_migrates_mid_flight(tmp_path: Path) -> None:
     write(hd, drain(hs))
     set_state(hs, MigState.STOP_COPY)
     # Stopped: a doorbell rung now is not processed on the source.
-    drv.submit(1, Command(opcode=IoOpcode.FLUSH, nsid=1))
+    flush = drv.submit(1, Command(opcode=IoOpcode.FLUSH, nsid=1))
     assert drv.reap(1) == [] and src_ctrl.sqs[1].tail != src_ctrl.sqs[1].head
     write(hd, drain(hs))
     assert dst_ctrl.namespaces[1].read_bytes(0, 8192) == bytes(8192)  # staged only
@@ -1084,8 +1086,8 @@ def test_nvme_controller_migrates_mid_flight(tmp_path: Path) -> None:
     assert bytes(dst_ctrl.config.data) == bytes(src_ctrl.config.data)
     set_state(hd, MigState.RUNNING)  # catches up: the flush rung while stopped completes
     set_state(hs, MigState.STOP)
-    drv.ctrl = dst_ctrl
-    assert [c.cid for c in drv.reap(1)] == [drv.cid]
+    drv.bus.ctrl = dst_ctrl
+    assert [c.cid for c in drv.reap(1)] == [flush]
     done, data = drv.io(IoOpcode.READ, slba=0, nlb=16)
     assert status(done)[0] == 0 and data == first
     done, data = drv.io(IoOpcode.READ, slba=1000, nlb=8, nsid=2)
@@ -1110,7 +1112,7 @@ def test_nvme_fingerprint_covers_namespaces(tmp_path: Path) -> None:
 
 def test_nvme_state_is_checked_before_anything_applies(tmp_path: Path) -> None:
     drv, dst_ctrl = nvme_pair(tmp_path)
-    blob = encode_controller(drv.ctrl)
+    blob = encode_controller(drv.bus.ctrl)
     decode_controller(dst_ctrl, blob)  # valid as saved
     head = CtrlStateHead.unpack(blob)
     sq = SqState.unpack(blob, CtrlStateHead.SIZE)
@@ -1133,7 +1135,7 @@ def test_nvme_state_is_checked_before_anything_applies(tmp_path: Path) -> None:
     with pytest.raises(LocalProtocolError, match="controller state"):
         dst.load_records(pci_state_records(dst_ctrl))
         dst.commit_restore()
-    drv.ctrl.close()
+    drv.bus.ctrl.close()
     dst_ctrl.close()
 
 

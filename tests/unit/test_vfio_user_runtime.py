@@ -113,7 +113,7 @@ def test_replies_wait_for_a_full_socket_and_all_arrive_in_order(
     server.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     count = 3000
     client.sock.sendall(region_info_burst(count))
-    pump(loop, lambda: server.backlog > 0)  # the socket is full: replies queue
+    pump(loop, lambda: server.out.pending_bytes > 0)  # the socket is full: replies queue
     seen: list[int] = []
 
     def drain() -> bool:
@@ -128,7 +128,7 @@ def test_replies_wait_for_a_full_socket_and_all_arrive_in_order(
 
     pump(loop, drain, passes=5000)  # the writer callback sends as the client drains
     assert seen == list(range(count))
-    pump(loop, lambda: server.backlog == 0)
+    pump(loop, lambda: server.out.pending_bytes == 0)
     info = in_thread(loop, client.device_info)  # still served
     assert info.num_regions == w.PCI_NUM_REGIONS
 
