@@ -18,12 +18,11 @@ import logging
 import os
 import socket
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from appliance.runtime import unix
 from appliance.runtime.loop import EventLoop
+from appliance.runtime.outqueue import Flush, OutputQueue
 
 if TYPE_CHECKING:
     from appliance.runtime.app import Appliance
@@ -33,6 +32,7 @@ log = logging.getLogger("appliance.handoff")
 TIMEOUT = 30.0  # seconds the other process may make no progress
 LOW_WATER = 4 << 20  # the source adds records while less than this is unsent
 HIGH_WATER = 8 << 20  # ... and stops adding at this
+MAX_PIECE = 4 << 20  # the most the source adds at once (a chunk of records, in frames)
 CONNECT_RETRY = 0.005  # seconds between connects while the listener's backlog is full
 
 
@@ -67,45 +67,40 @@ class ChannelEnd:
         self.on_error = on_error
         self.on_sent = on_sent
         self.timeout = timeout
-        self.queued = 0  # unsent bytes
         self.closed = False
         self._failed = False
-        self._out: deque[tuple[memoryview, list[int]]] = deque()
+        self._out = OutputQueue(HIGH_WATER + MAX_PIECE)  # the source stops adding at HIGH_WATER
         self._reading = self._writing = False
         self._last = time.monotonic()
         self.read(True)
         loop.call_later(timeout, self._check)
 
     # ------------------------------------------------------------ output
+    @property
+    def queued(self) -> int:
+        """Unsent bytes."""
+        return self._out.pending_bytes
+
     def send(self, data: bytes, fds: list[int] | None = None) -> None:
         """Queue ``data`` (``fds`` travel with its first byte) and send what the
         socket takes.  The fds are not ours: they are never closed here."""
         if self.closed:
             return
-        self._out.append((memoryview(data), list(fds or ())))
-        self.queued += len(data)
+        self._out.push(data, list(fds or ()))
+        if self._out.over_cap():  # the owner adds only below LOW_WATER: never here
+            self._fail(OSError(errno.ENOBUFS, f"{self.queued} bytes unsent"))
+            return
         self._flush()
 
     def _flush(self) -> None:
-        sent_any = False
-        while self._out and not self.closed:
-            view, fds = self._out[0]
-            try:
-                sent = unix.send_some(self.sock, [view], fds)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                self._fail(exc)
-                return
-            sent_any = True
-            self.progress()
-            self.queued -= sent
-            if sent < len(view):
-                self._out[0] = (view[sent:], [])  # the fds went with the first byte
-                break
-            self._out.popleft()
-        if self.closed:
+        before = self._out.pending_bytes
+        if self._out.flush(self.sock) is Flush.FAILED:
+            assert self._out.error is not None
+            self._fail(self._out.error)
             return
+        sent_any = self._out.pending_bytes < before
+        if sent_any:
+            self.progress()
         want = bool(self._out)
         if want != self._writing:
             if want:
@@ -165,7 +160,6 @@ class ChannelEnd:
             self.loop.remove_writer(self.fd)
             self._writing = False
         self._out.clear()
-        self.queued = 0
         self.sock.close()
 
 
