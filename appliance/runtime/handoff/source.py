@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("appliance.handoff")
 
-PRECOPY_CHUNK = 4 << 20  # bytes of records added at a time
+PRECOPY_CHUNK = 1 << 20  # bytes of records added at a time (read from the image on the loop)
 PRECOPY_MAX_ROUNDS = 8
 PRECOPY_STOP_BYTES = 8 << 20  # stop pre-copying once this little is dirty
 MAX_LINE = 1 << 16  # the control reply and the verdict are one short line each
