@@ -303,6 +303,23 @@ class Namespace:
         except OSError as exc:
             raise CommandError(Status.UNRECOVERED_READ_ERROR, str(exc), dnr=False) from None
 
+    def write_bytes(self, slba: int, data: bytes) -> None:
+        """Write ``data`` (whole blocks) from block ``slba`` (Copy's destination).
+
+        Raises:
+            CommandError: WRITE_FAULT when the file write fails.
+        """
+        start = slba << self.lba_shift
+        view, done = memoryview(data), 0
+        try:
+            while done < len(data):
+                done += os.pwrite(self.fd, view[done:], start + done)
+        except OSError as exc:
+            raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
+        finally:
+            view.release()
+            self._changed(start, len(data))
+
     def write_zeroes(self, slba: int, nlb: int, deallocate: bool) -> None:
         """Zero blocks, punching holes when ``deallocate`` (else ZERO_RANGE).
 
