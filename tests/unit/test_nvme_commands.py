@@ -23,6 +23,7 @@ from appliance.storage.controller_state import (
 from appliance.storage.spec import (
     AdminOpcode,
     Cns,
+    Command,
     IdentifyController,
     IdentifyNamespace,
     IoOpcode,
@@ -185,3 +186,25 @@ def test_uncorrectable_ranges_travel_with_the_controller_state(drv: NvmeDriver,
         with pytest.raises(Exception, match="NVMe state"):
             decode_controller(dst, bad)
     dst.close()
+
+
+def test_fault_rules_target_copy_and_verify(tmp_path: Path) -> None:
+    from appliance.control.faults import FaultSet
+
+    ctrl = make_controller(tmp_path, size=4 << 20)
+    faults = ctrl.faults = FaultSet(clock=lambda: 0.0, seed=1)
+    d = controller_driver(ctrl).ready()
+    faults.add({"action": "status", "opcode": IO.COPY, "status": "write_fault", "dnr": True,
+                "count": 1})
+    faults.add({"action": "status", "opcode": IO.VERIFY, "lba": 40,
+                "status": "unrecovered_read_error"})
+    assert status(d.copy(1, 100, [(0, 1)])) == (ST.WRITE_FAULT, True)
+    assert status(d.blocks_command(IO.VERIFY, 1, 32, 16)) == (ST.UNRECOVERED_READ_ERROR, False)
+    ok(d.blocks_command(IO.VERIFY, 1, 41, 4))  # outside the rule's LBA
+    ok(d.io(IO.READ, slba=40, nlb=1)[0])  # another opcode
+    assert faults.counters["nvme.status"] == 2
+    faults.add({"action": "hang", "count": 1, "opcode": IO.COPY})
+    cid = d.submit(1, Command(opcode=IO.COPY, nsid=1))
+    done = d.admin_command(AdminOpcode.ABORT, cdw10=cid << 16 | 1)  # a held Copy aborts
+    assert done.dw0 & 1 == 0 and status(d.reap(1)[0]) == (ST.ABORT_REQUESTED, False)
+    ctrl.close()
