@@ -40,6 +40,7 @@ from appliance.storage.spec import (
     DLFEAT_READS_ZERO,
     DLFEAT_WZ_DEALLOCATE,
     LBAF,
+    NIDT_CSI,
     NIDT_UUID,
     NSATTR_WRITE_PROTECTED,
     CommandError,
@@ -377,9 +378,12 @@ class Namespace:
         ).pack()
 
     def descriptors(self, serial: str) -> bytes:
-        """The Namespace Identification Descriptor list (CNS 03h): one UUID."""
+        """The Namespace Identification Descriptor list (CNS 03h): one UUID, the
+        Command Set Identifier (00h: NVM; Linux needs it once CC.CSS selects I/O
+        command sets)."""
         nid = uuid.uuid5(uuid.NAMESPACE_OID, f"appliance-nvme:{serial}:{self.nsid}").bytes
         data = NsIdDescriptor(nidt=NIDT_UUID, nidl=len(nid)).pack() + nid
+        data += NsIdDescriptor(nidt=NIDT_CSI, nidl=1).pack() + bytes(1)
         return data.ljust(4096, b"\0")
 
     # ------------------------------------------------------------ internals

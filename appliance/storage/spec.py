@@ -68,6 +68,8 @@ CSTS = BitFields(32, reserved=~0x3F & 0xFFFFFFFF,
 AQA = BitFields(32, reserved=(0xF << 12) | (0xF << 28), asqs=(0, 12), acqs=(16, 12))
 
 CAP_CSS_NVM = 0x01  # CAP.CSS bit 37: the NVM command set
+CAP_CSS_IOCS = 0x40  # CAP.CSS bit 43: I/O command sets chosen by CSI (Identify CNS 1Ch)
+CC_CSS_NVM, CC_CSS_IOCS = 0b000, 0b110  # CC.CSS: the NVM command set / all CAP.CSS lists
 SHN_NONE, SHN_NORMAL, SHN_ABRUPT = 0, 1, 2
 SHST_NORMAL, SHST_OCCURRING, SHST_COMPLETE = 0, 1, 2
 VERSION_1_4 = 0x00010400

@@ -208,3 +208,20 @@ def test_fault_rules_target_copy_and_verify(tmp_path: Path) -> None:
     done = d.admin_command(AdminOpcode.ABORT, cdw10=cid << 16 | 1)  # a held Copy aborts
     assert done.dw0 & 1 == 0 and status(d.reap(1)[0]) == (ST.ABORT_REQUESTED, False)
     ctrl.close()
+
+
+def test_cc_css_selects_the_io_command_sets_as_linux_does(tmp_path: Path) -> None:
+    """CAP.CSS bit 6 set: Linux enables with CC.CSS = 110b and then requires a CSI
+    descriptor in every namespace's identification descriptor list."""
+    from appliance.client.nvme import CC_ENABLE
+    from appliance.storage.spec import CAP, CC, Reg
+
+    ctrl = make_controller(tmp_path)
+    d = controller_driver(ctrl)
+    assert CAP.get(d.read_reg(Reg.CAP, 8), "css") == 0x41
+    d.enable(cc=CC.set(CC_ENABLE, "css", 0b110))
+    assert CC.get(d.read_reg(Reg.CC), "css") == 0b110
+    done, data = d.identify(Cns.NS_ID_DESCRIPTORS, 1)
+    ok(done)
+    assert data[:4] == b"\x03\x10\0\0" and data[20:25] == b"\x04\x01\0\0\0"
+    ctrl.close()
