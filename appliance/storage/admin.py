@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 from appliance.storage import identity as ident
 from appliance.storage import io
-from appliance.storage.prp import prp_segments, read_segments, write_segments
 from appliance.storage.queues import CompletionQueue, SubmissionQueue
 from appliance.storage.spec import (
     CHANGED_NS_MAX,
@@ -65,6 +64,7 @@ from appliance.storage.spec import (
     Status,
     u128,
 )
+from appliance.storage.transfer import command_transfer, gather, scatter
 from appliance.storage.uncorrectable import LbaRanges
 
 if TYPE_CHECKING:
@@ -80,15 +80,16 @@ def _check(ok: bool, status: Status = ST.INVALID_FIELD, why: str = "") -> None:
 
 
 def send(ctrl: NvmeController, cmd: Command, data: bytes) -> None:
-    """Transfer ``data`` to the host buffer of ``cmd`` (PRP1/PRP2)."""
-    segments = prp_segments(ctrl.mem, cmd.prp1, cmd.prp2, len(data), ctrl.mdts_bytes)
-    write_segments(ctrl.mem, segments, data)
+    """Transfer ``data`` to the host buffer of ``cmd`` (PRP1/PRP2: :func:`execute`
+    refused any other PSDT)."""
+    scatter(ctrl.mem, command_transfer(ctrl.mem, cmd, len(data), ctrl.mdts_bytes,
+                                       to_device=False), data)
 
 
 def receive(ctrl: NvmeController, cmd: Command, length: int) -> bytes:
     """Transfer ``length`` bytes from the host buffer of ``cmd``."""
-    return read_segments(ctrl.mem, prp_segments(ctrl.mem, cmd.prp1, cmd.prp2, length,
-                                                ctrl.mdts_bytes))
+    return gather(ctrl.mem, command_transfer(ctrl.mem, cmd, length, ctrl.mdts_bytes,
+                                             to_device=True))
 
 
 # ---------------------------------------------------------------- queues (5.3-5.6)
