@@ -89,6 +89,8 @@ def test_copy_verify_write_uncorrectable(driver: NvmeDriver) -> None:
     assert result(driver.copy(1, 7000, [(6004, 4), (6000, 4)], sgl=True)) == (ST.SUCCESS, False)
     assert driver.read(1, 7000, 8) == data[2048:] + data[:2048]
     assert result(driver.blocks_command(IoOpcode.VERIFY, 1, 7000, 8)) == (ST.SUCCESS, False)
+    # 32 MiB: read by the runtime's worker threads, the loop serves on meanwhile
+    assert result(driver.blocks_command(IoOpcode.VERIFY, 1, 0, 65536)) == (ST.SUCCESS, False)
     assert result(driver.blocks_command(IoOpcode.WRITE_UNCORRECTABLE, 1, 7003, 1)) == (
         ST.SUCCESS, False)
     done, _ = driver.io(IoOpcode.READ, 7000, 8)
