@@ -41,6 +41,7 @@ from appliance.client.nvme_queues import (
     QueuePair,
     need_event,
 )
+from appliance.client.nvme_sgl import build_sgl, data_runs
 from appliance.client.vfio_user import MemoryArea, VfioUserClient, eventfd_count
 from appliance.storage import spec
 from appliance.vfio_user.wire import PciRegion
@@ -52,6 +53,7 @@ BAR0 = PciRegion.BAR0
 CC_ENABLE = spec.CC.encode(en=1, iosqes=spec.SQES, iocqes=spec.CQES)
 PCI_COMMAND_MEMORY_MASTER = 0x0006  # config COMMAND: memory space + bus master enable
 PRP_ENTRIES = PAGE // 8  # entries of one PRP list page (the last may chain to the next)
+FLAGS_SGL = spec.Psdt.SGL_MPTR_BUFFER << 6  # PSDT 01b: the data pointer is SGL1
 
 
 class NvmeDriver:
@@ -169,14 +171,22 @@ class NvmeDriver:
             lists.append(nxt)
         return prp1, lists[0], lists
 
-    def _buffer(self, nbytes: int, scatter: bool = False) -> tuple[int, int, list[int], list[int]]:
-        """(prp1, prp2, data pages, PRP list pages) of a zeroed buffer of whole pages."""
+    def _buffer(self, nbytes: int, scatter: bool = False, sgl: bool = False
+                ) -> tuple[int, int, list[int], list[int]]:
+        """(DWORDs 6-7, DWORDs 8-9, data pages, PRP list or SGL segment pages) of a
+        zeroed buffer of whole pages: PRP1/PRP2, or with ``sgl`` SGL1 (set PSDT 01b,
+        :data:`FLAGS_SGL`, in the command)."""
         npages = max(1, (nbytes + PAGE - 1) // PAGE)
         if scatter:  # every other page, so nothing merges
             pages = [self.alloc(2 * PAGE) for _ in range(npages)]
         else:
             base = self.alloc(npages * PAGE)
             pages = [base + i * PAGE for i in range(npages)]
+        if sgl:
+            sgl1, lists = build_sgl(data_runs(pages, nbytes), lambda: self.alloc(PAGE), self.put)
+            raw = sgl1.pack()
+            return (int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little"),
+                    pages, lists)
         prp1, prp2, lists = self.prps(pages)
         return prp1, prp2, pages, lists
 
@@ -491,19 +501,21 @@ class NvmeDriver:
                             cdw12=(nblocks - 1) | ((1 << 30) if fua else 0))
 
     def io(self, opcode: int, slba: int, nlb: int, nsid: int = 1, qid: int = 1,
-           data: bytes | None = None, scatter: bool = False, **fields: int
+           data: bytes | None = None, scatter: bool = False, sgl: bool = False, **fields: int
            ) -> tuple[Completion, bytes]:
         """One read/write/compare of ``nlb`` blocks (of the size Identify Namespace
-        gave, else 512 bytes); returns (its completion, failed or not; the buffer after)."""
+        gave, else 512 bytes), its data through PRPs or (``sgl``) an SGL; returns
+        (its completion, failed or not; the buffer after)."""
         nbytes = nlb * self.block_size.get(nsid, 512)
-        prp1, prp2, pages, lists = self._buffer(nbytes, scatter)
+        prp1, prp2, pages, lists = self._buffer(nbytes, scatter, sgl)
         try:
             if data is not None:
                 self.scatter(pages, data)
             cdw12 = fields.pop("cdw12", 0) | (nlb - 1)
+            flags = fields.pop("flags", 0) | (FLAGS_SGL if sgl else 0)
             done = self.command(qid, spec.Command(opcode=opcode, nsid=nsid, prp1=prp1, prp2=prp2,
                                                   cdw10=slba & 0xFFFFFFFF, cdw11=slba >> 32,
-                                                  cdw12=cdw12, **fields))
+                                                  cdw12=cdw12, flags=flags, **fields))
             return done, self.gather(pages, nbytes)
         finally:
             self._release(pages, lists)
@@ -528,6 +540,44 @@ class NvmeDriver:
 
     def flush(self, nsid: int, qid: int = 1) -> None:
         self.run(qid, spec.Command(opcode=spec.IoOpcode.FLUSH, nsid=nsid))
+
+    def blocks_command(self, opcode: int, nsid: int, lba: int, nblocks: int, qid: int = 1,
+                       **fields: int) -> Completion:
+        """A command of ``nblocks`` from ``lba`` that moves no data (Write Uncorrectable,
+        Verify, Write Zeroes); returns its completion, failed or not."""
+        cdw12 = fields.pop("cdw12", 0) | (nblocks - 1)
+        return self.command(qid, spec.Command(opcode=opcode, nsid=nsid, cdw10=lba & 0xFFFFFFFF,
+                                              cdw11=lba >> 32, cdw12=cdw12, **fields))
+
+    def copy(self, nsid: int, sdlba: int, ranges: list[tuple[int, int]], qid: int = 1,
+             sgl: bool = False, **fields: int) -> Completion:
+        """Copy (descriptor format 0) of ``(slba, blocks)`` ``ranges`` to ``sdlba``;
+        returns its completion, failed or not."""
+        entries = b"".join(spec.SourceRange(slba=a, nlb=n - 1).pack() for a, n in ranges)
+        dptr1, dptr2, pages, lists = self._buffer(len(entries), sgl=sgl)
+        self.put(pages[0], entries)
+        try:
+            cdw12 = fields.pop("cdw12", 0) | (len(ranges) - 1)
+            flags = fields.pop("flags", 0) | (FLAGS_SGL if sgl else 0)
+            return self.command(qid, spec.Command(
+                opcode=spec.IoOpcode.COPY, nsid=nsid, prp1=dptr1, prp2=dptr2, flags=flags,
+                cdw10=sdlba & 0xFFFFFFFF, cdw11=sdlba >> 32, cdw12=cdw12, **fields))
+        finally:
+            self._release(pages, lists)
+
+    def log_page(self, lid: int, nbytes: int, nsid: int = spec.NSID_ALL, offset: int = 0,
+                 **fields: int) -> tuple[Completion, bytes]:
+        """Get Log Page ``lid``: (its completion, failed or not; the ``nbytes`` read)."""
+        prp1, prp2, pages, lists = self._buffer(nbytes)
+        numd = nbytes // 4 - 1
+        try:
+            done = self.admin_command(spec.AdminOpcode.GET_LOG_PAGE, nsid=nsid, prp1=prp1,
+                                      prp2=prp2, cdw10=lid | (numd & 0xFFFF) << 16,
+                                      cdw11=numd >> 16, cdw12=offset & 0xFFFFFFFF,
+                                      cdw13=offset >> 32, **fields)
+            return done, self.gather(pages, nbytes)
+        finally:
+            self._release(pages, lists)
 
     def close(self) -> None:
         """Release the doorbell page view, the bus's fds and mappings."""

@@ -99,7 +99,8 @@ FIELDS = frozenset({"count", "probability", "qid", "opcode", "nsid", "lba", "sta
 U32 = 0xFFFF_FFFF
 U64 = (1 << 64) - 1
 MAX_RULES = 256  # armed at a time (every command and frame is matched against them)
-_RW = (IoOpcode.READ, IoOpcode.WRITE, IoOpcode.COMPARE, IoOpcode.WRITE_ZEROES)
+_RW = (IoOpcode.READ, IoOpcode.WRITE, IoOpcode.COMPARE, IoOpcode.WRITE_ZEROES,
+       IoOpcode.WRITE_UNCORRECTABLE, IoOpcode.VERIFY)  # CDW10-12: SLBA and NLB
 
 
 class FaultError(ValueError):

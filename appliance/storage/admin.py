@@ -19,21 +19,34 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from appliance.storage import identity as ident
-from appliance.storage.prp import prp_segments, read_segments, write_segments
+from appliance.storage import io
 from appliance.storage.queues import CompletionQueue, SubmissionQueue
 from appliance.storage.spec import (
     CHANGED_NS_MAX,
+    CSI_NVM,
+    EFFECT_CCC,
+    EFFECT_CSE_NS,
+    EFFECT_CSUPP,
+    EFFECT_LBCC,
+    EFFECT_NCC,
     IDENTIFY_SIZE,
+    LPA_EFFECTS_LOG,
     LPA_EXTENDED_DATA,
     NSID_ALL,
     OACS_DBBUF,
     OACS_FORMAT,
     OAES_NS_ATTRIBUTE,
+    OCFS_FORMAT0,
     ONCS_COMPARE,
+    ONCS_COPY,
     ONCS_DSM,
     ONCS_TIMESTAMP,
+    ONCS_VERIFY,
+    ONCS_WRITE_UNCORRECTABLE,
     ONCS_WRITE_ZEROES,
     PAGE_SIZE,
+    SGLS_BIT_BUCKET,
+    SGLS_SUPPORTED,
     VERSION_1_4,
     VWC_PRESENT_FLUSH_ALL,
     AdminOpcode,
@@ -43,12 +56,16 @@ from appliance.storage.spec import (
     FeatureId,
     FirmwareSlotLog,
     IdentifyController,
+    IdentifyNamespace,
+    IoOpcode,
     LogPage,
     PowerState,
     SmartLog,
     Status,
     u128,
 )
+from appliance.storage.transfer import command_transfer, gather, scatter
+from appliance.storage.uncorrectable import LbaRanges
 
 if TYPE_CHECKING:
     from appliance.storage.controller import NvmeController
@@ -63,15 +80,16 @@ def _check(ok: bool, status: Status = ST.INVALID_FIELD, why: str = "") -> None:
 
 
 def send(ctrl: NvmeController, cmd: Command, data: bytes) -> None:
-    """Transfer ``data`` to the host buffer of ``cmd`` (PRP1/PRP2)."""
-    segments = prp_segments(ctrl.mem, cmd.prp1, cmd.prp2, len(data), ctrl.mdts_bytes)
-    write_segments(ctrl.mem, segments, data)
+    """Transfer ``data`` to the host buffer of ``cmd`` (PRP1/PRP2: :func:`execute`
+    refused any other PSDT)."""
+    scatter(ctrl.mem, command_transfer(ctrl.mem, cmd, len(data), ctrl.mdts_bytes,
+                                       to_device=False), data)
 
 
 def receive(ctrl: NvmeController, cmd: Command, length: int) -> bytes:
     """Transfer ``length`` bytes from the host buffer of ``cmd``."""
-    return read_segments(ctrl.mem, prp_segments(ctrl.mem, cmd.prp1, cmd.prp2, length,
-                                                ctrl.mdts_bytes))
+    return gather(ctrl.mem, command_transfer(ctrl.mem, cmd, length, ctrl.mdts_bytes,
+                                             to_device=True))
 
 
 # ---------------------------------------------------------------- queues (5.3-5.6)
@@ -140,21 +158,28 @@ def delete_cq(ctrl: NvmeController, cmd: Command) -> int:
 
 # ---------------------------------------------------------------- identify (5.15)
 def identify(ctrl: NvmeController, cmd: Command) -> int:
-    """Identify (5.15): CNS 00h, 01h, 02h, 03h, and 06h for CSI 00h."""
+    """Identify (5.15): CNS 00h, 01h, 02h, 03h; 05h and 06h for CSI 00h (NVM), 1Ch."""
     _check(not cmd.cdw10 & 0xFF00, why="reserved CDW10 bits")
     cns, nsid = cmd.cdw10 & 0xFF, cmd.nsid
     if cns == Cns.CONTROLLER:
         data = ctrl.identify_data
     elif cns in (Cns.NAMESPACE, Cns.NS_ID_DESCRIPTORS):
         ns = ctrl.namespace(nsid)  # FFFFFFFFh: no Namespace Management, so invalid too
-        data = ns.identify() if cns == Cns.NAMESPACE else ns.descriptors(ctrl.serial)
+        data = identify_namespace(ns.identify()) if cns == Cns.NAMESPACE else \
+            ns.descriptors(ctrl.serial)
     elif cns == Cns.ACTIVE_NS_LIST:
         _check(nsid < 0xFFFFFFFE, ST.INVALID_NAMESPACE, f"NSID {nsid:#x}")
         active = [n for n in sorted(ctrl.namespaces) if n > nsid][:IDENTIFY_SIZE // 4]
         data = struct.pack(f"<{len(active)}I", *active)
-    elif cns == Cns.CSI_CONTROLLER:
-        _check(cmd.cdw11 >> 24 == 0, why=f"CSI {cmd.cdw11 >> 24}")
-        data = b""  # NVM command set: no VSL/WZSL/DMRL limits
+    elif cns in (Cns.CSI_CONTROLLER, Cns.CSI_NAMESPACE):
+        _check(cmd.cdw11 >> 24 == CSI_NVM, why=f"CSI {cmd.cdw11 >> 24}")
+        if cns == Cns.CSI_NAMESPACE:
+            ctrl.namespace(nsid)
+        # NVM command set: no VSL/WZSL/WUSL/DMRL limits; no storage tags, PI or
+        # extended LBA formats in the namespace structure.
+        data = b""
+    elif cns == Cns.COMMAND_SET_LIST:
+        data = struct.pack("<Q", 1 << CSI_NVM)  # vector 0: the NVM command set only
     else:
         raise CommandError(ST.INVALID_FIELD, f"CNS {cns:#x}")
     send(ctrl, cmd, data.ljust(IDENTIFY_SIZE, b"\0"))
@@ -178,6 +203,7 @@ def get_log_page(ctrl: NvmeController, cmd: Command) -> int:
         LogPage.SMART: lambda: smart_log(ctrl),
         LogPage.FIRMWARE_SLOT: lambda: FirmwareSlotLog(afi=1, frs1=ctrl.fr).pack(),
         LogPage.CHANGED_NS: lambda: struct.pack(f"<{len(ctrl.changed_ns)}I", *ctrl.changed_ns),
+        LogPage.COMMANDS_EFFECTS: commands_effects_log,
     }
     build = builders.get(lid)
     _check(build is not None, ST.INVALID_LOG_PAGE, f"log page {lid:#x}")
@@ -272,6 +298,7 @@ def format_nvm(ctrl: NvmeController, cmd: Command) -> int:
         ns.check_writable()
     for ns in targets:
         ns.format()
+        ctrl.uncorrectable[ns.nsid] = LbaRanges()
     return 0
 
 
@@ -319,12 +346,43 @@ def identify_controller(ctrl: NvmeController) -> bytes:
         ieee=bytes(3),  # no IEEE OUI assigned
         cmic=0, mdts=ident.MDTS, cntlid=ident.CNTLID, ver=VERSION_1_4, oaes=OAES_NS_ATTRIBUTE,
         cntrltype=ident.CNTRLTYPE_IO, oacs=OACS_FORMAT | OACS_DBBUF, acl=ident.ACL, aerl=ident.AERL,
-        frmw=ident.FRMW, lpa=LPA_EXTENDED_DATA, elpe=ident.ELPE, npss=0, wctemp=ident.WCTEMP,
+        frmw=ident.FRMW, lpa=LPA_EFFECTS_LOG | LPA_EXTENDED_DATA, elpe=ident.ELPE, npss=0, wctemp=ident.WCTEMP,
         cctemp=ident.CCTEMP, sqes=0x66, cqes=0x44, nn=len(ctrl.namespaces),
-        oncs=ONCS_COMPARE | ONCS_DSM | ONCS_WRITE_ZEROES | ONCS_TIMESTAMP,
-        vwc=VWC_PRESENT_FLUSH_ALL, sgls=0, subnqn=nqn.encode(),
+        oncs=(ONCS_COMPARE | ONCS_WRITE_UNCORRECTABLE | ONCS_DSM | ONCS_WRITE_ZEROES
+              | ONCS_TIMESTAMP | ONCS_VERIFY | ONCS_COPY),
+        vwc=VWC_PRESENT_FLUSH_ALL, ocfs=OCFS_FORMAT0, sgls=SGLS_SUPPORTED | SGLS_BIT_BUCKET,
+        subnqn=nqn.encode(),
         psd0=PowerState(mp=2500).pack(),  # 25 W, the one power state
     ).pack()
+
+
+def identify_namespace(data: bytes) -> bytes:
+    """A namespace's Identify Namespace structure with this controller's Copy limits."""
+    return IdentifyNamespace.unpack(data).replace(mssrl=ident.MSSRL, mcl=ident.MCL,
+                                                  msrc=ident.MSRC).pack()
+
+
+#: what each supported command changes (Commands Supported and Effects, figure 210)
+EFFECTS: dict[tuple[bool, int], int] = {
+    (True, AdminOpcode.FORMAT_NVM): EFFECT_LBCC | EFFECT_NCC | EFFECT_CSE_NS,
+    (True, AdminOpcode.SET_FEATURES): EFFECT_CCC,  # Number of Queues, arbitration...
+    (False, IoOpcode.WRITE): EFFECT_LBCC,
+    (False, IoOpcode.WRITE_UNCORRECTABLE): EFFECT_LBCC,
+    (False, IoOpcode.WRITE_ZEROES): EFFECT_LBCC,
+    (False, IoOpcode.DATASET_MANAGEMENT): EFFECT_LBCC,
+    (False, IoOpcode.COPY): EFFECT_LBCC,
+}
+
+
+def commands_effects_log() -> bytes:
+    """Commands Supported and Effects (LID 05h, figure 209): one DWORD per admin
+    opcode, then one per I/O opcode, for each command this controller runs."""
+    entries = [0] * 512
+    for is_admin, table in ((True, HANDLERS), (False, io.HANDLERS)):
+        for opcode in table:
+            entries[opcode + (0 if is_admin else 256)] = (
+                EFFECT_CSUPP | EFFECTS.get((is_admin, opcode), 0))
+    return struct.pack("<512I", *entries)
 
 
 def smart_log(ctrl: NvmeController) -> bytes:

@@ -103,12 +103,14 @@ from appliance.storage.spec import (
     ascii_field,
     status_field,
 )
+from appliance.storage.uncorrectable import LbaRanges
 from appliance.vfio_user.wire import PciIrq
 
 log = logging.getLogger("appliance.storage")
 
 # I/O commands whose CDW10-11 hold an SLBA (the Error Information entry's LBA).
-LBA_OPCODES = frozenset({IoOpcode.WRITE, IoOpcode.READ, IoOpcode.COMPARE, IoOpcode.WRITE_ZEROES})
+LBA_OPCODES = frozenset({IoOpcode.WRITE, IoOpcode.READ, IoOpcode.COMPARE, IoOpcode.WRITE_ZEROES,
+                         IoOpcode.WRITE_UNCORRECTABLE, IoOpcode.VERIFY})
 # Doorbell page polling (mmap mode): the runtime's timer period, fast while the
 # device is busy or was within the last FAST_TICKS ticks, slow once it is quiet.
 POLL_FAST, POLL_SLOW, FAST_TICKS = 0.0005, 0.02, 1000
@@ -184,8 +186,10 @@ class NvmeController(RequestEngine, PciDevice):
         self.counters: dict[str, Any] = {
             "commands": {}, "errors": 0, "bytes_read": 0, "bytes_written": 0,
             "interrupts": 0, "invalid_doorbells": 0, "fatal": 0, "media_errors": 0,
-            "aborted": 0,
+            "aborted": 0, "sgl_commands": 0,
         }
+        #: blocks a Write Uncorrectable marked, per namespace (device state: migrated)
+        self.uncorrectable = {nsid: LbaRanges() for nsid in self.namespaces}
         self.faults: FaultHook | None = None  # installed by the runtime (appliance.control.faults)
         #: held requests by (SQID, CID): hung or delayed by a fault (AERs wait in ``events``)
         self.held: dict[tuple[int, int], NvmeRequest] = {}

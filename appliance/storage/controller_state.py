@@ -29,9 +29,11 @@ from appliance.storage.spec import (
     ErrorLogEntry,
     FeatureId,
 )
+from appliance.storage.uncorrectable import MAX_RANGES, LbaRanges
 from appliance.wire import U8, U16, U32, U64, Struct, WireError
 
-STATE_VERSION = 1
+#: 2: the uncorrectable block ranges (n_uncorrectable, where 1 had a reserved DWORD)
+STATE_VERSION = 2
 NONE32 = 0xFFFFFFFF  # "no value" for optional u32 fields
 STATES = (CtrlState.DISABLED, CtrlState.READY, CtrlState.SHUTDOWN, CtrlState.FAILED)
 FLAG_SHADOW = 0x1
@@ -69,7 +71,7 @@ class CtrlStateHead(Struct, size=96):
     n_thresholds: U16 = 0
     n_tler: U16 = 0
     n_no_coalescing: U16 = 0
-    reserved1: U32 = 0
+    n_uncorrectable: U32 = 0
 
 
 class SqState(Struct, size=32):
@@ -129,6 +131,15 @@ class Vector(Struct, size=4):
     vector: U32 = 0
 
 
+class UncorrectableRange(Struct, size=24):
+    """Blocks ``slba .. slba+nlb-1`` of namespace ``nsid`` are uncorrectable."""
+
+    nsid: U32 = 0
+    reserved: U32 = 0
+    slba: U64 = 0
+    nlb: U64 = 0
+
+
 def state_error(message: str) -> LocalProtocolError:
     """The error a refused controller state raises (EINVAL to the stream's writer)."""
     return LocalProtocolError(f"NVMe state: {message}", errno.EINVAL)
@@ -160,6 +171,7 @@ class CtrlSnapshot:
     thresholds: dict[int, int]
     tler: dict[int, int]
     no_coalescing: set[int]
+    uncorrectable: dict[int, LbaRanges]
 
 
 class _Cursor:
@@ -199,6 +211,7 @@ def encode_controller(ctrl: NvmeController) -> bytes:
         n_changed=len(ctrl.changed_ns), n_features=len(feats.values),
         n_thresholds=len(feats.thresholds), n_tler=len(feats.tler),
         n_no_coalescing=len(feats.no_coalescing),
+        n_uncorrectable=sum(len(r.ranges) for r in ctrl.uncorrectable.values()),
     )
     parts = [head.pack()]
     for sq in sqs:
@@ -223,6 +236,8 @@ def encode_controller(ctrl: NvmeController) -> bytes:
     parts += [KeyValue(key=k, value=v).pack() for k, v in sorted(feats.thresholds.items())]
     parts += [KeyValue(key=k, value=v).pack() for k, v in sorted(feats.tler.items())]
     parts += [Vector(vector=v).pack() for v in sorted(feats.no_coalescing)]
+    parts += [UncorrectableRange(nsid=nsid, slba=a, nlb=b - a).pack()
+              for nsid, ranges in sorted(ctrl.uncorrectable.items()) for a, b in ranges.ranges]
     return b"".join(parts)
 
 
@@ -250,6 +265,7 @@ def decode_controller(ctrl: NvmeController, blob: bytes) -> CtrlSnapshot:
         thresholds = {kv.key: kv.value for kv in _take(cursor, KeyValue, head.n_thresholds)}
         tler = {kv.key: kv.value for kv in _take(cursor, KeyValue, head.n_tler)}
         no_coalescing = {v.vector for v in _take(cursor, Vector, head.n_no_coalescing)}
+        bad: list[UncorrectableRange] = _take(cursor, UncorrectableRange, head.n_uncorrectable)
     except WireError as exc:
         raise state_error(str(exc)) from None
     if cursor.pos != len(blob):
@@ -271,12 +287,13 @@ def decode_controller(ctrl: NvmeController, blob: bytes) -> CtrlSnapshot:
         raise state_error(f"changed namespace list {changed} names unknown namespaces")
     _check_features(ctrl, features, thresholds, tler, no_coalescing)
     return CtrlSnapshot(head, sqs, cqs, backlogs, aers, events, masked, errors, changed,
-                        features, thresholds, tler, no_coalescing)
+                        features, thresholds, tler, no_coalescing,
+                        _check_uncorrectable(ctrl, bad))
 
 
 def _check_head(ctrl: NvmeController, head: CtrlStateHead) -> None:
     if head.ctrl_state >= len(STATES) or head.ready > 1 or head.flags & ~(
-            FLAG_SHADOW | FLAG_TIMESTAMP) or head.reserved0 or head.reserved1:
+            FLAG_SHADOW | FLAG_TIMESTAMP) or head.reserved0:
         raise state_error(f"state {head.ctrl_state} / flags {head.flags:#x}")
     if head.flags & FLAG_SHADOW and (head.shadow_doorbells % PAGE_SIZE
                                      or head.shadow_event_idx % PAGE_SIZE):
@@ -340,6 +357,22 @@ def _check_features(ctrl: NvmeController, features: dict[int, int], thresholds: 
         raise state_error(f"interrupt vector configuration {sorted(no_coalescing)}")
 
 
+def _check_uncorrectable(ctrl: NvmeController,
+                         entries: list[UncorrectableRange]) -> dict[int, LbaRanges]:
+    """The uncorrectable ranges of each namespace: in it, sorted, disjoint, not
+    adjacent, MAX_RANGES at most (what Write Uncorrectable can leave)."""
+    out = {nsid: LbaRanges() for nsid in ctrl.namespaces}
+    for e in entries:
+        ns = ctrl.namespaces.get(e.nsid)
+        if ns is None or e.reserved or e.nlb == 0 or e.slba + e.nlb > ns.nlbas:
+            raise state_error(f"uncorrectable LBA {e.slba}+{e.nlb} of namespace {e.nsid}")
+        ranges = out[e.nsid].ranges
+        if ranges and ranges[-1][1] >= e.slba or len(ranges) >= MAX_RANGES:
+            raise state_error(f"namespace {e.nsid}: uncorrectable ranges out of order")
+        ranges.append((e.slba, e.slba + e.nlb))
+    return out
+
+
 def apply_controller(ctrl: NvmeController, snap: CtrlSnapshot,
                      clock: Callable[[], float] | None = None) -> None:
     """Replace ``ctrl``'s registers, queues, events and features with ``snap``."""
@@ -382,6 +415,7 @@ def apply_controller(ctrl: NvmeController, snap: CtrlSnapshot,
     feats.thresholds = {0: snap.thresholds[0], 1: snap.thresholds[1]}  # over, under
     feats.tler = dict(snap.tler)
     feats.no_coalescing = set(snap.no_coalescing)
+    ctrl.uncorrectable = {nsid: LbaRanges(r.ranges) for nsid, r in snap.uncorrectable.items()}
     now = clock or feats.clock
     feats.timestamp_base = ((head.timestamp_ms, now() if now else 0.0)
                             if head.flags & FLAG_TIMESTAMP else None)

@@ -1,4 +1,5 @@
-"""NVM command set I/O commands (NVMe NVM Command Set, base spec 1.4 section 6).
+"""NVM command set I/O commands (NVMe NVM Command Set, base spec 1.4 section 6;
+Verify and Copy from the NVM Command Set 2.0, sections 3.3.6 and 3.3.1).
 
 Theory of operation
 -------------------
@@ -6,7 +7,11 @@ Theory of operation
 bits, the namespace), then dispatches on the opcode through
 :data:`HANDLERS`.  A handler parses its command DWORDs, refuses reserved
 bits, checks the LBA range against the namespace and the transfer size
-against MDTS, walks the PRPs and moves the data through the namespace.
+against MDTS, turns the data pointer (PRPs or an SGL:
+:mod:`~appliance.storage.transfer`) into client memory segments and moves
+the data through the namespace.  Blocks a Write Uncorrectable marked
+(:mod:`~appliance.storage.uncorrectable`) fail reads with Unrecovered Read
+Error until they are written again.
 
 Handlers return the completion's DWORD 0 and refuse a command by raising
 :class:`~appliance.storage.spec.CommandError`; an unreachable data buffer
@@ -26,16 +31,30 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from appliance.storage.identity import MCL, MSRC, MSSRL
 from appliance.storage.namespace import Namespace
-from appliance.storage.prp import prp_segments, read_segments
 from appliance.storage.request import Offloaded
-from appliance.storage.spec import NSID_ALL, Command, CommandError, DsmRange, IoOpcode, Status
+from appliance.storage.spec import (
+    NSID_ALL,
+    Command,
+    CommandError,
+    DsmRange,
+    IoOpcode,
+    Psdt,
+    SourceRange,
+    Status,
+)
+from appliance.storage.transfer import Transfer, command_transfer, gather, psdt, scatter
 
 if TYPE_CHECKING:
     from appliance.storage.controller import NvmeController
 
-FLAGS_RESERVED = 0xFF  # FUSE (1:0, fused operations unsupported), 5:2, PSDT (7:6, no SGLs)
+FLAGS_RESERVED = 0x3F  # FUSE (1:0, fused operations unsupported), 5:2; PSDT is 7:6
 RW_RESERVED = 0x03FF0000  # CDW12 25:16: DTYPE and STC unsupported, the rest reserved
+WU_RESERVED = 0xFFFF0000  # Write Uncorrectable CDW12 31:16
+COPY_NR, COPY_FORMAT_SHIFT = 0xFF, 8  # CDW12 7:0 ranges (0-based), 11:8 descriptor format
+COPY_RESERVED = 0x03FF0000  # CDW12 25:16: DTYPE, STCW (no storage tags) and reserved
+VERIFY_CHUNK = 1 << 20  # Verify reads this many bytes at a time
 RW_FUA = 1 << 30
 WZ_RESERVED = 0x01FF0000  # CDW12 24:16
 WZ_DEAC = 1 << 25
@@ -60,8 +79,22 @@ def _rw_args(ctrl: NvmeController, cmd: Command, reserved: int) -> tuple[Namespa
     return ns, slba, nlb
 
 
-def _segments(ctrl: NvmeController, cmd: Command, nbytes: int) -> list[tuple[int, int]]:
-    return prp_segments(ctrl.mem, cmd.prp1, cmd.prp2, nbytes, ctrl.mdts_bytes)
+def _transfer(ctrl: NvmeController, cmd: Command, nbytes: int, to_device: bool) -> Transfer:
+    """The client memory of the command's data (PRPs or an SGL; SGLs counted)."""
+    transfer = command_transfer(ctrl.mem, cmd, nbytes, ctrl.mdts_bytes, to_device=to_device)
+    if transfer.sgl:
+        ctrl.counters["sgl_commands"] += 1
+    return transfer
+
+
+def _readable(ctrl: NvmeController, ns: Namespace, slba: int, nlb: int) -> None:
+    """Unrecovered Read Error if a block of the range is marked uncorrectable."""
+    ctrl.uncorrectable[ns.nsid].check(ns.nsid, slba, nlb)
+
+
+def _written(ctrl: NvmeController, ns: Namespace, slba: int, nlb: int) -> None:
+    """Blocks that were written are no longer uncorrectable."""
+    ctrl.uncorrectable[ns.nsid].remove(slba, nlb)
 
 
 def read(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
@@ -69,12 +102,17 @@ def read(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
     off it."""
     ns, slba, nlb = _rw_args(ctrl, cmd, RW_RESERVED)
     nbytes = nlb << ns.lba_shift
-    segments = _segments(ctrl, cmd, nbytes)
+    transfer = _transfer(ctrl, cmd, nbytes, to_device=False)
+    _readable(ctrl, ns, slba, nlb)
+    segments = transfer.segments
 
     def counted() -> int:
         ctrl.counters["bytes_read"] += nbytes
         return 0
 
+    if transfer.discard:  # bit buckets: through a buffer
+        scatter(ctrl.mem, transfer, ns.read_bytes(slba, nbytes))
+        return counted()
     views = ns.views(ctrl.mem, segments, write=True)
     if views is None:  # memory reached through its fd or by DMA messages
         ns.read(ctrl.mem, segments, slba)
@@ -96,7 +134,9 @@ def write(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
     ns, slba, nlb = _rw_args(ctrl, cmd, RW_RESERVED)
     ns.check_writable()
     nbytes = nlb << ns.lba_shift
-    ns.write(ctrl.mem, _segments(ctrl, cmd, nbytes), slba)  # the page cache: no wait
+    ns.write(ctrl.mem, _transfer(ctrl, cmd, nbytes, to_device=True).segments,
+             slba)  # the page cache: no wait
+    _written(ctrl, ns, slba, nlb)
     ctrl.counters["bytes_written"] += nbytes
     if cmd.cdw12 & RW_FUA or not ctrl.features.write_cache:
         return _synced(ctrl, ns.flush)
@@ -107,7 +147,8 @@ def compare(ctrl: NvmeController, cmd: Command) -> int:
     """Compare (opcode 05h, NVM section 6.5): COMPARE_FAILURE on any difference."""
     ns, slba, nlb = _rw_args(ctrl, cmd, RW_RESERVED)
     nbytes = nlb << ns.lba_shift
-    host = read_segments(ctrl.mem, _segments(ctrl, cmd, nbytes))
+    host = gather(ctrl.mem, _transfer(ctrl, cmd, nbytes, to_device=True))
+    _readable(ctrl, ns, slba, nlb)
     if host != ns.read_bytes(slba, nbytes):
         raise CommandError(Status.COMPARE_FAILURE, f"nsid {ns.nsid}: LBA {slba}+{nlb} differ")
     ctrl.counters["bytes_read"] += nbytes
@@ -132,6 +173,7 @@ def write_zeroes(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
     ns, slba, nlb = _rw_args(ctrl, cmd, WZ_RESERVED)
     ns.check_writable()
     ns.write_zeroes(slba, nlb, deallocate=bool(cmd.cdw12 & WZ_DEAC))
+    _written(ctrl, ns, slba, nlb)
     if cmd.cdw12 & RW_FUA or not ctrl.features.write_cache:
         return _synced(ctrl, ns.flush)
     return 0
@@ -143,7 +185,7 @@ def dataset_management(ctrl: NvmeController, cmd: Command) -> int:
     _field(not cmd.cdw10 & DSM_NR_RESERVED, "reserved CDW10 bits")
     _field(not cmd.cdw11 & DSM_ATTR_RESERVED, "reserved CDW11 bits")
     count = (cmd.cdw10 & 0xFF) + 1
-    data = read_segments(ctrl.mem, _segments(ctrl, cmd, count * DsmRange.SIZE))
+    data = gather(ctrl.mem, _transfer(ctrl, cmd, count * DsmRange.SIZE, to_device=True))
     ranges = [DsmRange.unpack(data, i * DsmRange.SIZE) for i in range(count)]
     if not cmd.cdw11 & DSM_DEALLOCATE:
         return 0  # integral read/write hints: advisory
@@ -152,6 +194,70 @@ def dataset_management(ctrl: NvmeController, cmd: Command) -> int:
         ns.check_range(r.slba, r.nlb)
     for r in ranges:
         ns.write_zeroes(r.slba, r.nlb, deallocate=True)
+        _written(ctrl, ns, r.slba, r.nlb)
+    return 0
+
+
+def write_uncorrectable(ctrl: NvmeController, cmd: Command) -> int:
+    """Write Uncorrectable (opcode 04h, NVM section 6.17): reads of the blocks fail
+    with Unrecovered Read Error until they are written; not bound by MDTS."""
+    ns, slba, nlb = _rw_args(ctrl, cmd, WU_RESERVED)
+    ns.check_writable()
+    ctrl.uncorrectable[ns.nsid].add(slba, nlb)
+    return 0
+
+
+def verify(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
+    """Verify (opcode 0Ch, NVM 2.0 section 3.3.6): reads the blocks (off the loop),
+    transfers nothing; Unrecovered Read Error for a block marked uncorrectable or
+    a failing read.  Not bound by MDTS (Identify CSI Controller VSL = 0)."""
+    ns, slba, nlb = _rw_args(ctrl, cmd, RW_RESERVED)
+    _readable(ctrl, ns, slba, nlb)
+    start, end = slba << ns.lba_shift, (slba + nlb) << ns.lba_shift
+    chunk = VERIFY_CHUNK >> ns.lba_shift
+
+    def read_all() -> None:
+        for first in range(slba, slba + nlb, chunk):
+            ns.read_bytes(first, min(VERIFY_CHUNK, end - (first << ns.lba_shift)))
+
+    if ctrl.offload is None or end - start <= VERIFY_CHUNK:
+        read_all()
+        return 0
+    return Offloaded(read_all)
+
+
+def copy(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
+    """Copy (opcode 19h, NVM 2.0 section 3.3.1), descriptor format 0 only: the
+    source ranges, in order, to the blocks from SDLBA in the same namespace.
+    Past MSRC / MSSRL / MCL: Command Size Limit Exceeded."""
+    ns = ctrl.namespace(cmd.nsid)
+    nr, fmt = (cmd.cdw12 & COPY_NR) + 1, (cmd.cdw12 >> COPY_FORMAT_SHIFT) & 0xF
+    _field(fmt == 0, f"copy descriptor format {fmt}")
+    _field(not cmd.cdw12 & COPY_RESERVED, "DTYPE/STCW/reserved CDW12 bits")
+    if nr > MSRC + 1:
+        raise CommandError(Status.COMMAND_SIZE_LIMIT_EXCEEDED, f"{nr} source ranges")
+    data = gather(ctrl.mem, _transfer(ctrl, cmd, nr * SourceRange.SIZE, to_device=True))
+    ranges = [SourceRange.unpack(data, i * SourceRange.SIZE) for i in range(nr)]
+    total = 0
+    for r in ranges:
+        if r.nlb + 1 > MSSRL or total + r.nlb + 1 > MCL:
+            raise CommandError(Status.COMMAND_SIZE_LIMIT_EXCEEDED,
+                               f"source range of {r.nlb + 1} blocks ({total} before)")
+        total += r.nlb + 1
+    sdlba = cmd.cdw10 | cmd.cdw11 << 32
+    for r in ranges:
+        ns.check_range(r.slba, r.nlb + 1)
+    ns.check_range(sdlba, total)
+    ns.check_writable()
+    for r in ranges:
+        _readable(ctrl, ns, r.slba, r.nlb + 1)
+    blocks = b"".join(ns.read_bytes(r.slba, (r.nlb + 1) << ns.lba_shift) for r in ranges)
+    ns.write_bytes(sdlba, blocks)
+    _written(ctrl, ns, sdlba, total)
+    ctrl.counters["bytes_read"] += len(blocks)
+    ctrl.counters["bytes_written"] += len(blocks)
+    if cmd.cdw12 & RW_FUA or not ctrl.features.write_cache:
+        return _synced(ctrl, ns.flush)
     return 0
 
 
@@ -159,9 +265,12 @@ HANDLERS: dict[int, Handler] = {
     IoOpcode.FLUSH: flush,
     IoOpcode.WRITE: write,
     IoOpcode.READ: read,
+    IoOpcode.WRITE_UNCORRECTABLE: write_uncorrectable,
     IoOpcode.COMPARE: compare,
     IoOpcode.WRITE_ZEROES: write_zeroes,
     IoOpcode.DATASET_MANAGEMENT: dataset_management,
+    IoOpcode.VERIFY: verify,
+    IoOpcode.COPY: copy,
 }
 
 
@@ -191,5 +300,6 @@ def execute(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
     handler = HANDLERS.get(cmd.opcode)
     if handler is None:
         raise CommandError(Status.INVALID_OPCODE, f"I/O opcode {cmd.opcode:#04x}")
-    _field(not cmd.flags & FLAGS_RESERVED, f"FUSE/PSDT/reserved flags {cmd.flags:#04x}")
+    _field(not cmd.flags & FLAGS_RESERVED, f"FUSE/reserved flags {cmd.flags:#04x}")
+    _field(psdt(cmd) in (Psdt.PRP, Psdt.SGL_MPTR_BUFFER), f"PSDT {psdt(cmd):#04b}")
     return handler(ctrl, cmd)

@@ -40,6 +40,7 @@ from appliance.storage.spec import (
     DLFEAT_READS_ZERO,
     DLFEAT_WZ_DEALLOCATE,
     LBAF,
+    NIDT_CSI,
     NIDT_UUID,
     NSATTR_WRITE_PROTECTED,
     CommandError,
@@ -303,6 +304,23 @@ class Namespace:
         except OSError as exc:
             raise CommandError(Status.UNRECOVERED_READ_ERROR, str(exc), dnr=False) from None
 
+    def write_bytes(self, slba: int, data: bytes) -> None:
+        """Write ``data`` (whole blocks) from block ``slba`` (Copy's destination).
+
+        Raises:
+            CommandError: WRITE_FAULT when the file write fails.
+        """
+        start = slba << self.lba_shift
+        view, done = memoryview(data), 0
+        try:
+            while done < len(data):
+                done += os.pwrite(self.fd, view[done:], start + done)
+        except OSError as exc:
+            raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
+        finally:
+            view.release()
+            self._changed(start, len(data))
+
     def write_zeroes(self, slba: int, nlb: int, deallocate: bool) -> None:
         """Zero blocks, punching holes when ``deallocate`` (else ZERO_RANGE).
 
@@ -360,9 +378,12 @@ class Namespace:
         ).pack()
 
     def descriptors(self, serial: str) -> bytes:
-        """The Namespace Identification Descriptor list (CNS 03h): one UUID."""
+        """The Namespace Identification Descriptor list (CNS 03h): one UUID, the
+        Command Set Identifier (00h: NVM; Linux needs it once CC.CSS selects I/O
+        command sets)."""
         nid = uuid.uuid5(uuid.NAMESPACE_OID, f"appliance-nvme:{serial}:{self.nsid}").bytes
         data = NsIdDescriptor(nidt=NIDT_UUID, nidl=len(nid)).pack() + nid
+        data += NsIdDescriptor(nidt=NIDT_CSI, nidl=1).pack() + bytes(1)
         return data.ljust(4096, b"\0")
 
     # ------------------------------------------------------------ internals

@@ -42,8 +42,11 @@ from appliance.protocol_common import step
 from appliance.storage.spec import (
     AQA,
     CAP,
+    CAP_CSS_IOCS,
     CAP_CSS_NVM,
     CC,
+    CC_CSS_IOCS,
+    CC_CSS_NVM,
     CQES,
     NSID_ALL,
     PAGE_SIZE,
@@ -118,7 +121,7 @@ class RegisterFile:
             WireError: a value does not fit its CAP field.
         """
         self.cap = CAP.encode(mqes=mqes, cqr=1, ams=0, to=timeout, dstrd=0, nssrs=0,
-                              css=CAP_CSS_NVM, bps=0, mpsmin=0, mpsmax=0)
+                              css=CAP_CSS_NVM | CAP_CSS_IOCS, bps=0, mpsmin=0, mpsmax=0)
         self.power_on()
 
     def power_on(self) -> None:
@@ -173,7 +176,7 @@ class RegisterFile:
         cap = CAP.decode(self.cap)
         cc = CC.decode(self.cc)
         checks = (
-            (cc["css"] == 0, f"CC.CSS {cc['css']} not NVM"),
+            (cc["css"] in (CC_CSS_NVM, CC_CSS_IOCS), f"CC.CSS {cc['css']} not NVM or IOCS"),
             (cap["mpsmin"] <= cc["mps"] <= cap["mpsmax"], f"CC.MPS {cc['mps']} unsupported"),
             (cc["ams"] == 0, f"CC.AMS {cc['ams']} unsupported"),
             (cc["iosqes"] == SQES, f"CC.IOSQES {cc['iosqes']} != {SQES}"),

@@ -68,6 +68,8 @@ CSTS = BitFields(32, reserved=~0x3F & 0xFFFFFFFF,
 AQA = BitFields(32, reserved=(0xF << 12) | (0xF << 28), asqs=(0, 12), acqs=(16, 12))
 
 CAP_CSS_NVM = 0x01  # CAP.CSS bit 37: the NVM command set
+CAP_CSS_IOCS = 0x40  # CAP.CSS bit 43: I/O command sets chosen by CSI (Identify CNS 1Ch)
+CC_CSS_NVM, CC_CSS_IOCS = 0b000, 0b110  # CC.CSS: the NVM command set / all CAP.CSS lists
 SHN_NONE, SHN_NORMAL, SHN_ABRUPT = 0, 1, 2
 SHST_NORMAL, SHST_OCCURRING, SHST_COMPLETE = 0, 1, 2
 VERSION_1_4 = 0x00010400
@@ -108,6 +110,46 @@ class Completion(Struct, size=CQE_SIZE):
 STATUS_DNR = 1 << 15
 
 
+class SglDescriptor(Struct, size=16):
+    """SGL descriptor (section 4.4, figure 112): SGL identifier = type << 4 | subtype."""
+
+    address: U64 = 0
+    length: U32 = 0
+    reserved: Annotated[bytes, "3s"] = b""
+    sgl_id: U8 = 0
+
+
+class SglType(enum.IntEnum):
+    """SGL Descriptor Type (section 4.4, figure 114)."""
+
+    DATA_BLOCK = 0x0
+    BIT_BUCKET = 0x1
+    SEGMENT = 0x2
+    LAST_SEGMENT = 0x3
+    KEYED_DATA_BLOCK = 0x4
+    TRANSPORT_DATA_BLOCK = 0x5
+
+
+class Psdt(enum.IntEnum):
+    """PRP or SGL for Data Transfer: command DWORD 0 bits 15:14 (flags bits 7:6)."""
+
+    PRP = 0
+    SGL_MPTR_BUFFER = 1  # SGLs; MPTR: one contiguous metadata buffer
+    SGL_MPTR_SGL = 2  # SGLs; MPTR: the address of a metadata SGL segment
+
+
+class SourceRange(Struct, size=32):
+    """Copy Source Range Entry, descriptor format 0 (NVM command set 2.0 figure 33)."""
+
+    reserved0: U64 = 0
+    slba: U64 = 0
+    nlb: U16 = 0  # 0-based
+    reserved18: Annotated[bytes, "6s"] = b""
+    eilbrt: U32 = 0
+    elbat: U16 = 0
+    elbatm: U16 = 0
+
+
 class DsmRange(Struct, size=16):
     """Dataset Management range (NVM command set 1.4 section 6.7, figure 364)."""
 
@@ -137,8 +179,11 @@ class IoOpcode(enum.IntEnum):
     WRITE = 0x01
     READ = 0x02
     COMPARE = 0x05
+    WRITE_UNCORRECTABLE = 0x04
     WRITE_ZEROES = 0x08
     DATASET_MANAGEMENT = 0x09
+    VERIFY = 0x0C
+    COPY = 0x19
 
 
 class Cns(enum.IntEnum):
@@ -148,7 +193,12 @@ class Cns(enum.IntEnum):
     CONTROLLER = 0x01
     ACTIVE_NS_LIST = 0x02
     NS_ID_DESCRIPTORS = 0x03
+    CSI_NAMESPACE = 0x05  # NVMe 2.0: I/O command set specific Identify Namespace
     CSI_CONTROLLER = 0x06  # NVMe 2.0; Linux asks for it whenever VS >= 1.1
+    COMMAND_SET_LIST = 0x1C  # NVMe 2.0: Identify I/O Command Set data structure
+
+
+CSI_NVM = 0x00  # Command Set Identifier of the NVM command set
 
 
 class FeatureId(enum.IntEnum):
@@ -173,6 +223,7 @@ class LogPage(enum.IntEnum):
     SMART = 0x02
     FIRMWARE_SLOT = 0x03
     CHANGED_NS = 0x04
+    COMMANDS_EFFECTS = 0x05
 
 
 class EventType(enum.IntEnum):
@@ -203,7 +254,12 @@ class Status(enum.IntEnum):
     ABORT_REQUESTED = 0x007
     INVALID_NAMESPACE = 0x00B
     COMMAND_SEQUENCE_ERROR = 0x00C
+    INVALID_SGL_SEGMENT_DESCRIPTOR = 0x00D
+    INVALID_SGL_DESCRIPTOR_COUNT = 0x00E
+    DATA_SGL_LENGTH_INVALID = 0x00F
+    SGL_DESCRIPTOR_TYPE_INVALID = 0x011
     INVALID_PRP_OFFSET = 0x013
+    SGL_OFFSET_INVALID = 0x016
     NS_WRITE_PROTECTED = 0x020
     LBA_OUT_OF_RANGE = 0x080
     # command specific (SCT 1)
@@ -218,6 +274,7 @@ class Status(enum.IntEnum):
     FEATURE_NOT_SAVEABLE = 0x10D
     FEATURE_NOT_NS_SPECIFIC = 0x10F
     WRITE_TO_READ_ONLY_RANGE = 0x182
+    COMMAND_SIZE_LIMIT_EXCEEDED = 0x183  # Copy past MSSRL / MCL / MSRC (NVM 2.0)
     # media and data integrity errors (SCT 2)
     WRITE_FAULT = 0x280
     UNRECOVERED_READ_ERROR = 0x281
@@ -330,7 +387,7 @@ class IdentifyController(Struct, size=IDENTIFY_SIZE):
     nvscc: U8 = 0
     nwpc: U8 = 0
     acwu: U16 = 0
-    rsvd534: Annotated[bytes, "2s"] = b""
+    ocfs: U16 = 0
     sgls: U32 = 0
     mnan: U32 = 0
     rsvd544: Annotated[bytes, "224s"] = b""
@@ -391,7 +448,12 @@ class IdentifyNamespace(Struct, size=IDENTIFY_SIZE):
     npdg: U16 = 0
     npda: U16 = 0
     nows: U16 = 0
-    rsvd74: Annotated[bytes, "18s"] = b""
+    mssrl: U16 = 0
+    mcl: U32 = 0
+    msrc: U8 = 0
+    rsvd81: U8 = 0
+    nulbaf: U8 = 0
+    rsvd83: Annotated[bytes, "9s"] = b""
     anagrpid: U32 = 0
     rsvd96: Annotated[bytes, "3s"] = b""
     nsattr: U8 = 0
@@ -420,16 +482,31 @@ class NsIdDescriptor(Struct, size=4):
 
 
 NIDT_UUID = 0x03
+NIDT_CSI = 0x04
 
 # Identify Controller capability bits this controller uses.
 OACS_FORMAT = 1 << 1
 OACS_DBBUF = 1 << 8
 ONCS_COMPARE = 1 << 0
+ONCS_WRITE_UNCORRECTABLE = 1 << 1
 ONCS_DSM = 1 << 2
 ONCS_WRITE_ZEROES = 1 << 3
 ONCS_TIMESTAMP = 1 << 6
+ONCS_VERIFY = 1 << 7
+ONCS_COPY = 1 << 8
+OCFS_FORMAT0 = 1 << 0  # Copy descriptor format 0
+# SGLS (figure 247): bits 1:0 = 01b SGLs without alignment rules, Bit Bucket descriptors.
+SGLS_SUPPORTED = 0x1
+SGLS_BIT_BUCKET = 1 << 16
 OAES_NS_ATTRIBUTE = 1 << 8
+LPA_EFFECTS_LOG = 1 << 1
 LPA_EXTENDED_DATA = 1 << 2
+# Commands Supported and Effects entry (figure 210): CSUPP, LBCC, NCC, CCC, CSE.
+EFFECT_CSUPP = 1 << 0
+EFFECT_LBCC = 1 << 1
+EFFECT_NCC = 1 << 2
+EFFECT_CCC = 1 << 4
+EFFECT_CSE_NS = 1 << 16  # only one command per namespace at a time (Format NVM)
 VWC_PRESENT_FLUSH_ALL = 0x07  # present, bits 2:1 = 11b: Flush accepts NSID FFFFFFFFh
 
 

@@ -154,6 +154,29 @@ def test_injected_faults_move_with_the_devices(tmp_path: Path,
     driver.c.close()
 
 
+def test_uncorrectable_blocks_move_with_the_controller(tmp_path: Path,
+                                                      procs: list[ApplianceProcess]) -> None:
+    """Blocks Write Uncorrectable marked on the source still fail reads on the
+    destination, until written there."""
+    from appliance.storage.spec import IoOpcode
+
+    src, dst = start_pair(tmp_path, shared=False)
+    procs += [src, dst]
+    driver, _ = driver_on(src)
+    assert driver.blocks_command(IoOpcode.WRITE_UNCORRECTABLE, 1, 200, 2).status == 0
+    done = handoff(src, dst)
+    assert done.returncode == 0, done.stderr
+    assert src.proc is not None and src.proc.wait(timeout=30) == 0
+    for lba in (200, 201):
+        with pytest.raises(NvmeError) as info:
+            driver.read(1, lba, 1)
+        assert (info.value.status, info.value.dnr) == (0x281, True)
+    assert len(driver.read(1, 202, 1)) == 512
+    driver.write(1, 200, b"w" * 1024)
+    assert driver.read(1, 200, 2) == b"w" * 1024
+    driver.c.close()
+
+
 def test_handoff_refused_by_another_configuration(tmp_path: Path,
                                                   procs: list[ApplianceProcess]) -> None:
     src, dst = start_pair(tmp_path, shared=False, dst_size=SIZE * 2)

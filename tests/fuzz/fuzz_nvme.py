@@ -1,4 +1,4 @@
-"""Fuzz NVMe submission queue entries and PRP lists against a controller.
+"""Fuzz NVMe submission queue entries, PRP lists and SGLs against a controller.
 
 The NVMe driver on an in-process controller (appliance.testing.nvme) brings it up
 (admin queues, one I/O queue pair) over a memfd guest memory.  The input is:
@@ -9,7 +9,12 @@ The NVMe driver on an in-process controller (appliance.testing.nvme) brings it u
     64-byte SQE.
 
 Control bits: 0 submit on I/O queue 1 (else admin); 1 point PRP1 into the
-data area; 2 point PRP2 at the PRP page (else left as the fuzzer wrote it).
+data area; 2 point PRP2 at the PRP page (else left as the fuzzer wrote it);
+3 make the data pointer an SGL (PSDT 01b) whose SGL1 is a Segment (bit 4
+set) or Last Segment descriptor of ``PRP2 & 0xFF0`` bytes at offset
+``PRP1 & 0xFF0`` of the PRP page, whose u64 entries are then read as SGL
+descriptors (a descriptor's second u64, with bit 63 set as the fuzzer
+should write it, is its length and SGL identifier: types 0h-7h).
 
 Every command completes with some status at once (an Asynchronous Event
 Request is held, as the spec has it; once the input configured shadow
@@ -33,7 +38,7 @@ import common
 with common.instrumented(__name__):
     from test_nvme_driver import make_controller
 
-    from appliance.storage.spec import CC, AdminOpcode, Command, Reg, Status
+    from appliance.storage.spec import CC, AdminOpcode, Command, Reg, SglType, Status
     from appliance.testing.nvme import controller_driver
 
 SQE = 64
@@ -90,6 +95,10 @@ def _run(data: bytes) -> None:
             cmd.prp1 = data_area + cmd.prp1 % DATA_SIZE
         if control & 4:
             cmd.prp2 = prp_page + cmd.prp2 % 4096
+        if control & 8:
+            kind = SglType.SEGMENT if control & 16 else SglType.LAST_SEGMENT
+            cmd.flags = (cmd.flags & 0x3F) | 0x40
+            cmd.prp1, cmd.prp2 = prp_page + (cmd.prp1 & 0xFF0), (cmd.prp2 & 0xFF0) | kind << 60
         qid = 1 if control & 1 and 1 in DRIVER.queues and 1 in CTRL.sqs else 0
         cid = DRIVER.submit(qid, cmd)
         done = DRIVER.reap(qid)

@@ -156,7 +156,13 @@ def nvme_seeds() -> dict[str, bytes]:
     create = record(Command(opcode=AdminOpcode.CREATE_CQ, cdw10=(15 << 16) | 2, cdw11=1, prp1=0), 2)
     dbbuf = record(Command(opcode=AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1=0x8000, prp2=0), 2 | 4)
     flush = record(Command(opcode=IoOpcode.FLUSH, nsid=1), 1)
+    # An SGL in the PRP page: two data blocks (offsets into the data area), a bit bucket.
+    top = 1 << 63
+    sgl = struct.pack("<6Q", 0x1000, top | 0x800, 0, top | 1 << 60 | 0x200, 0x3000, top | 0x600)
+    sgl_read = record(Command(opcode=IoOpcode.READ, nsid=1, cdw12=7, prp1=0, prp2=48), 1 | 8)
+    sgl_write = record(Command(opcode=IoOpcode.WRITE, nsid=1, cdw12=6, prp1=0, prp2=48), 1 | 8)  # no bucket
     return {"admin": bytes([4]) + prps + ident + feats + log,
+            "io-sgl": bytes([6]) + sgl + sgl_write + sgl_read,
             "shadow-doorbells": bytes([4]) + prps + dbbuf + flush + write + flush,
             "io-prp-list": bytes([4]) + prps + write + read,
             "create-queue": b"\0" + create}

@@ -48,7 +48,7 @@ def test_bring_up_like_linux(ctrl: NvmeController) -> None:
     d = controller_driver(ctrl)
     cap = d.read_reg(Reg.CAP, 8)
     assert cap & 0xFFFF == 255 and cap >> 16 & 1 == 1  # MQES, CQR
-    assert (cap >> 24) & 0xFF == 20 and (cap >> 37) & 0xFF == 1  # TO, CSS NVM
+    assert (cap >> 24) & 0xFF == 20 and (cap >> 37) & 0xFF == 0x41  # TO, CSS NVM + IOCS
     assert d.read_reg(Reg.CAP + 4) == cap >> 32  # lo_hi_readq
     assert d.read_reg(Reg.VS) == 0x00010400
     d.enable()
@@ -63,7 +63,7 @@ def test_bring_up_like_linux(ctrl: NvmeController) -> None:
     done, data = d.identify(0, nsid=1)
     assert struct.unpack_from("<Q", data)[0] == 2048 and data[130] == 9  # NSZE, LBADS
     done, data = d.identify(3, nsid=1)
-    assert data[0:2] == b"\x03\x10" and data[20:22] == b"\0\0"
+    assert data[0:2] == b"\x03\x10" and data[20:22] == b"\x04\x01" and data[25:27] == b"\0\0"
     done, data = d.identify(6, cdw11=0)
     assert status(done) == (Status.SUCCESS, False) and data == bytes(4096)
     done = d.admin_command(AdminOpcode.SET_FEATURES, cdw10=FeatureId.NUMBER_OF_QUEUES, cdw11=0x00070007)

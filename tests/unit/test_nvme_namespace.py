@@ -31,6 +31,7 @@ def test_created_sparse_and_identified(tmp_path: Path) -> None:
     assert ident.nsze == ident.ncap == 2048 and LBAF.get(ident.lbaf0, "lbads") == 12
     assert ident.dlfeat == 0x09 and ident.nsattr == 0
     assert ns.descriptors("SN")[:4] == b"\x03\x10\0\0"
+    assert ns.descriptors("SN")[20:25] == b"\x04\x01\0\0\0"  # CSI 00h: NVM
     assert ns.descriptors("SN") != Namespace(2, str(tmp_path / "b.img"), 4096).descriptors("SN")
     ns.close()
     ns.close()

@@ -38,7 +38,7 @@ def r32(r: RegisterFile, off: int) -> int:
 def test_cap_fields() -> None:
     cap = CAP.decode(RegisterFile(mqes=1023).cap)
     assert cap == {"mqes": 1023, "cqr": 1, "ams": 0, "to": 20, "dstrd": 0, "nssrs": 0,
-                   "css": 1, "bps": 0, "mpsmin": 0, "mpsmax": 0, "pmrs": 0, "cmbs": 0}
+                   "css": 0x41, "bps": 0, "mpsmin": 0, "mpsmax": 0, "pmrs": 0, "cmbs": 0}
 
 
 def test_enable_disable_edges() -> None:
@@ -51,7 +51,7 @@ def test_enable_disable_edges() -> None:
 
 
 @pytest.mark.parametrize("field, value", [
-    ("iosqes", 7), ("iocqes", 0), ("mps", 1), ("css", 1), ("ams", 1),
+    ("iosqes", 7), ("iocqes", 0), ("mps", 1), ("css", 1), ("css", 7), ("ams", 1),
 ])
 def test_invalid_cc_sets_cfs(field: str, value: int) -> None:
     r = regs_ready_to_enable()

@@ -1,0 +1,95 @@
+"""Acceptance: a Linux guest (QEMU 11.1 vfio-user-pci, the busybox guest with nvme-cli)
+uses the NVMe command breadth: SGL data pointers, Copy, Verify, Write Uncorrectable,
+the Commands Supported and Effects log, the Identify Controller bits that announce them.
+
+One guest boot for every check (each TCG boot costs CI time).
+"""
+
+from __future__ import annotations
+
+import re
+from importlib.metadata import entry_points
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+if not any(ep.value == "appliance.testing.plugin"
+           for ep in entry_points(group="pytest11")):  # pragma: no cover
+    from appliance.testing.plugin import (  # noqa: F401
+        appliance,
+        appliance_ctl,
+        appliance_guest,
+    )
+
+DEV, NS = "/dev/nvme0", "/dev/nvme0n1"
+READ_ONE = "dd if=/dev/nvme0n1 of=/dev/null bs=512 skip={lba} count=1 iflag=direct 2>&1"
+
+
+@pytest.mark.appliance_config(storage={"namespaces": [{"image": "{data_dir}/disk0.img",
+                                                       "size": "16M"}]})
+def test_nvme_cli_command_breadth_and_sgl_io(appliance_guest: Any, appliance_ctl: Any) -> None:
+    def run(cmd: str, timeout: float = 120) -> str:
+        out, rc = appliance_guest.run(cmd, timeout=timeout)
+        assert rc == 0, f"{cmd}: {out}"
+        return out
+
+    def counters() -> dict[str, Any]:
+        return dict(appliance_ctl("status")["nvme"]["counters"])
+
+    # Identify Controller announces what works.
+    out = run(f"nvme id-ctrl {DEV} | grep -E '^(oncs|ocfs|sgls|lpa) '")
+    found = re.findall(r"^(\w+)\s*:\s*(0x[0-9a-f]+)", out, re.MULTILINE)
+    fields = {k: int(v, 16) for k, v in found}
+    assert fields["oncs"] == 0x1CF and fields["ocfs"] == 1, out
+    assert fields["sgls"] == 0x10001 and fields["lpa"] & 0x2, out
+
+    # SGLs: with sgl_threshold at 1 byte, Linux describes every multi-segment I/O
+    # request with an SGL; 1 MiB O_DIRECT out and back, data intact.
+    run("echo 1 > /sys/module/nvme/parameters/sgl_threshold")
+    before = counters()["sgl_commands"]
+    run("dd if=/dev/urandom of=/tmp/pattern bs=64k count=16 2>/dev/null && "
+        f"dd if=/tmp/pattern of={NS} bs=256k oflag=direct 2>&1 && "
+        f"dd if={NS} of=/tmp/back bs=256k count=4 iflag=direct 2>&1")
+    sums = run("md5sum /tmp/pattern /tmp/back | cut -d' ' -f1").split()
+    assert len(sums) == 2 and sums[0] == sums[1], sums
+    assert counters()["sgl_commands"] - before >= 8  # 4 writes, 4 reads of 256 KiB
+
+    # Copy: blocks 0-3 and 8-9 to 4096.
+    run(f"nvme copy {NS} --sdlba=4096 --slbs=0,8 --blocks=3,1")
+    got = run(f"dd if={NS} bs=512 skip=4096 count=6 iflag=direct 2>/dev/null | md5sum")
+    want = run("(dd if=/tmp/pattern bs=512 count=4; dd if=/tmp/pattern bs=512 skip=8 count=2) "
+               "2>/dev/null | md5sum")
+    assert got.split()[0] == want.split()[0]
+
+    # Verify, then Write Uncorrectable: that block (only) reads with the media error
+    # until Write Zeroes rewrites it.
+    run(f"nvme verify {NS} --start-block=0 --block-count=2047")
+    run(f"nvme write-uncor {NS} --start-block=300 --block-count=0")
+    out, rc = appliance_guest.run(READ_ONE.format(lba=300))
+    assert rc != 0 and re.search(r"No data available|I/O error", out), out
+    assert "1+0 records in" in run(READ_ONE.format(lba=301))
+    dmesg = run("dmesg | grep -i 'critical medium error\\|I/O error' | tail -3")
+    assert "sector 300" in dmesg, dmesg
+    _, rc = appliance_guest.run(f"nvme verify {NS} --start-block=296 --block-count=7")
+    assert rc != 0
+    run(f"nvme write-zeroes {NS} --start-block=300 --block-count=0")
+    assert "1+0 records in" in run(READ_ONE.format(lba=300))
+    after = counters()
+    assert after["commands"]["io.write_uncorrectable"] == 1
+    assert after["commands"]["io.copy"] == 1 and after["media_errors"] >= 2
+
+    # The effects log: Copy and Write Uncorrectable change block content, Verify not.
+    # (--csi: without it nvme-cli reads CAP by mapping BAR0, which the guest kernel's
+    # strict /dev/mem rules refuse while the nvme driver owns the BAR.)
+    out = run(f"nvme effects-log {DEV} --csi=0")
+    for opcode, effects in ((0x19, 3), (0x04, 3), (0x0C, 1), (0x02, 1)):
+        assert re.search(rf"IOCS{opcode}\b.*\b{effects:08x}\b", out), (opcode, out)
+
+    # A fault rule on the Copy opcode fails exactly one Copy.
+    appliance_ctl("fault.add", action="status", opcode=0x19, status="write_fault", count=1)
+    _, rc = appliance_guest.run(f"nvme copy {NS} --sdlba=5000 --slbs=0 --blocks=0")
+    assert rc != 0
+    run(f"nvme copy {NS} --sdlba=5000 --slbs=0 --blocks=0")
+    assert appliance_ctl("fault.list")["fired"]["nvme.status"] == 1
