@@ -36,15 +36,21 @@ class NbdServer:
     """One NBD server exporting ``image`` as ``export`` on ``socket``."""
 
     def __init__(self, kind: str, image: Path, socket: Path, export: str = "disk",
-                 read_only: bool = False, netns: str | None = None) -> None:
+                 read_only: bool = False, netns: str | None = None,
+                 tcp: tuple[str, int] | None = None) -> None:
         """``kind``: one of :data:`SERVERS`; ``netns``: run it inside that network
-        namespace (``ip netns exec``).
+        namespace (``ip netns exec``); ``tcp``: listen on that address and port
+        instead of ``socket`` (qemu-storage-daemon only; ``socket`` then names
+        its pid and log files).
 
         Raises:
-            ValueError: an unknown kind.
+            ValueError: an unknown kind, or TCP asked of nbdkit.
         """
         if kind not in SERVERS:
             raise ValueError(f"NBD server {kind!r} not one of {SERVERS}")
+        if tcp is not None and kind != "qemu-storage-daemon":
+            raise ValueError("a TCP listener is qemu-storage-daemon's here")
+        self.tcp = tcp
         self.kind, self.image, self.socket, self.export = kind, image, socket, export
         self.read_only, self.netns = read_only, netns
         self.pidfile = socket.with_suffix(".pid")
@@ -54,7 +60,9 @@ class NbdServer:
 
     @property
     def uri(self) -> str:
-        """The export's ``nbd+unix://`` URI."""
+        """The export's URI (``nbd+unix://``, or ``nbd://`` for TCP)."""
+        if self.tcp is not None:
+            return str(NbdUri(export=self.export, host=self.tcp[0], port=self.tcp[1]))
         return str(NbdUri(export=self.export, socket=str(self.socket)))
 
     def command(self, listen_fd: int = 3) -> list[str]:
@@ -66,7 +74,9 @@ class NbdServer:
             export = f"type=nbd,id=e0,node-name=disk0,name={self.export},writable={rw}"
             cmd = ["qemu-storage-daemon", "--daemonize", "--pidfile", str(self.pidfile),
                    "--blockdev", blockdev,
-                   "--nbd-server", f"addr.type=unix,addr.path={self.socket}",
+                   "--nbd-server", (f"addr.type=inet,addr.host={self.tcp[0]},"
+                                    f"addr.port={self.tcp[1]}" if self.tcp is not None
+                                    else f"addr.type=unix,addr.path={self.socket}"),
                    "--export", export]
         else:  # socket activation: LISTEN_PID must be nbdkit's own pid, hence the exec
             nbdkit = ["nbdkit", "-f", "--filter=exportname",
