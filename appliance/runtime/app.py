@@ -74,10 +74,10 @@ class Appliance:
 
     def _start(self) -> None:
         cfg = self.cfg
-        startup.make_dirs(cfg)
+        exports = startup.connect_exports(cfg)  # NBD-backed namespaces, before creating anything
         st = cfg.storage
-        exports = startup.connect_exports(cfg)  # NBD-backed namespaces
         try:
+            startup.make_dirs(cfg)
             self.controller = NvmeController(
                 namespaces=st.namespaces, io_queues=st.io_queues,
                 queue_entries=st.queue_entries, serial=st.serial, clock=time.monotonic,

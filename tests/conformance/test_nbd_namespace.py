@@ -138,6 +138,7 @@ def test_start_up_errors_of_an_nbd_namespace(server: NbdServer, tmp_path: Path) 
     assert line == ("appliance: error: storage.namespaces[0].size: the export is 33554432 "
                     "bytes (32 MiB), size is 16777216 bytes (16 MiB) (leave size out to take "
                     "the export's)")
+    assert not (tmp_path / "a" / "run").exists()  # connected first: nothing created
     missing = server.uri.replace("/disk?", "/other?")
     line = one_error_line(run_appliance(tmp_path / "b", missing))
     assert line.startswith(f"appliance: error: storage.namespaces[0].image: {missing}: ")
