@@ -17,6 +17,7 @@ import yaml
 
 from appliance.client.nvme import NvmeDriver, NvmeError
 from appliance.client.vfio_user import VfioUserClient
+from appliance.runtime.control import ControlClient
 from appliance.storage import spec
 from appliance.testing.nbd import SERVERS, NbdServer
 from appliance.testing.process import ApplianceProcess, make_config
@@ -150,3 +151,12 @@ def test_start_up_errors_of_an_nbd_namespace(server: NbdServer, tmp_path: Path) 
     line = one_error_line(run_appliance(tmp_path / "d", "nbd+unix:///disk"))
     assert line == ("appliance: error: storage.namespaces[0].image: nbd+unix:// needs one "
                     "?socket=PATH (got 'nbd+unix:///disk')")
+
+
+def test_the_live_handoff_is_refused_for_an_nbd_namespace(server: NbdServer,
+                                                          tmp_path: Path) -> None:
+    with appliance_on(server, tmp_path) as proc, \
+            ControlClient(proc.config.control.socket) as ctl:
+        reply = ctl.request("handoff", to=str(tmp_path / "other" / "control.sock"))
+        assert not reply.get("ok", False) and "NBD export" in str(reply), reply
+        assert proc.alive
