@@ -7,6 +7,7 @@ that breaks the protocol mid-transmission."""
 from __future__ import annotations
 
 import errno
+import random
 import socket
 import threading
 from collections.abc import Callable
@@ -344,3 +345,34 @@ def test_the_runtime_client_fails_for_good_on_a_hostile_server(tmp_path: Path) -
         export.close()
         thread.join(10)
         listener.close()
+
+
+def test_mutated_server_bytes_either_parse_or_raise_the_remote_error() -> None:
+    """Seeded random mutations of a valid handshake and of valid replies, fed whole
+    and in random pieces: events, NEED_DATA or NbdProtocolError/NbdRefused; never
+    another exception."""
+    rng = random.Random(2026)
+    good_handshake = handshake(extra=info_block(512, 4096, 1 << 20))
+    for i in range(3000):
+        conn = NbdClientConnection("disk")
+        stream = bytearray(good_handshake)
+        tail = bytearray()
+        if i % 2:  # mutate transmission replies instead of the handshake
+            feed(conn, good_handshake)
+            c1 = conn.request(w.Cmd.READ, 4096, 4096)
+            c2 = conn.request(w.Cmd.WRITE, 0, payload=b"x" * 512)
+            stream = bytearray(data_chunk(c1, 4096, bytes(2048), done=False)
+                               + chunk(c1, w.ReplyType.OFFSET_HOLE, (6144).to_bytes(8, "big")
+                                       + (2048).to_bytes(4, "big"))
+                               + error_chunk(c2, errno.ENOSPC, b"full"))
+        for _ in range(rng.randrange(1, 4)):
+            at = rng.randrange(len(stream))
+            stream[at] = rng.randrange(256)
+        tail += stream
+        try:
+            while tail:
+                n = rng.randrange(1, 64)
+                feed(conn, bytes(tail[:n]))
+                del tail[:n]
+        except (NbdProtocolError, NbdRefused):
+            pass
