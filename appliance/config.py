@@ -35,6 +35,8 @@ from typing import Any, TypeVar
 import yaml
 
 from appliance.errors import ConfigError
+from appliance.nbd.uri import is_nbd_uri
+from appliance.nbd.uri import parse as parse_nbd_uri
 from appliance.storage.doorbells import DoorbellMode
 from appliance.vfio_user.connection_state import DmaLayout
 
@@ -51,6 +53,7 @@ _E = TypeVar("_E", bound=enum.Enum)
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+DEFAULT_NAMESPACE_SIZE = 1 << 30  # a file image's size when none is given
 _MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$", re.IGNORECASE)
 
 
@@ -126,6 +129,24 @@ def file_path(key: str, value: Any) -> str:
     return text(key, value)
 
 
+def image_source(key: str, value: Any) -> str:
+    """A namespace's image: a file path (expanded as :func:`file_path`'s) or an NBD
+    URI (``nbd://HOST[:PORT]/EXPORT``, ``nbd+unix:///EXPORT?socket=PATH``), kept as
+    written."""
+    text(key, value)
+    if is_nbd_uri(value):
+        try:
+            parse_nbd_uri(value)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc} (got {value!r})") from None
+    return str(value)
+
+
+def namespace_size(path: str, value: Any) -> int:
+    """A namespace's size (:func:`size`); absent: 1G for a file, the export's for NBD."""
+    return size(path, value)
+
+
 def ifname(path: str, value: Any) -> str:
     """A Linux network interface name: 1-15 bytes, no '/', ':' or whitespace."""
     if (not isinstance(value, str) or not 0 < len(value.encode()) < 16 or value in (".", "..")
@@ -166,11 +187,16 @@ class PortMode(enum.StrEnum):
 class NamespaceConfig:
     """``storage.namespaces[i]``: one image served as NSID i + 1."""
 
-    image: str
-    size: int  # bytes, a multiple of block_size
+    image: str  # a file path, or an NBD URI (see remote)
+    size: int  # bytes, a multiple of block_size; 0: the NBD export's size
     block_size: int  # 512 or 4096
     read_only: bool
     grow: bool  # extend an existing image smaller than size (never cut one)
+
+    @property
+    def remote(self) -> bool:
+        """Whether the image is an NBD export (its ``image`` an NBD URI)."""
+        return is_nbd_uri(self.image)
 
 
 @dataclass(frozen=True)
@@ -280,8 +306,8 @@ class ListOf:
 
 
 NAMESPACE = Table(NamespaceConfig, {
-    "image": (file_path, None),
-    "size": (size, "1G"),
+    "image": (image_source, None),
+    "size": (namespace_size, None),  # _required: 1G for a file, 0 (the export's) for NBD
     "block_size": (one_of(512, 4096), 512),
     "read_only": (boolean, False),
     "grow": (boolean, False),
@@ -365,6 +391,8 @@ def _required(checked: dict[str, Any]) -> None:
     for i, ns in enumerate(checked["storage"]["namespaces"]):
         if ns["image"] is None:
             raise ConfigError(f"storage.namespaces[{i}].image: required")
+        if ns["size"] is None:
+            ns["size"] = 0 if is_nbd_uri(ns["image"]) else DEFAULT_NAMESPACE_SIZE
         if ns["size"] % ns["block_size"]:
             raise ConfigError(f"storage.namespaces[{i}].size: must be a multiple of block_size")
     for i, p in enumerate(checked["net"]["ports"]):
@@ -409,8 +437,8 @@ def _expand(schema: Any, value: Any, key: str, names: dict[str, str]) -> Any:
                 for k, v in value.items()}
     if isinstance(schema, ListOf) and isinstance(value, list):
         return [_expand(schema.item, v, f"{key}[{i}]", names) for i, v in enumerate(value)]
-    if schema is file_path and isinstance(value, str):
-        return _expand_path(key, value, names)
+    if (schema is file_path or schema is image_source) and isinstance(value, str):
+        return value if is_nbd_uri(value) else _expand_path(key, value, names)
     return value
 
 
@@ -431,7 +459,10 @@ def _raw(schema: Any, value: Any) -> Any:
         return [_raw(schema.item, v) for v in value]
     if isinstance(value, enum.Enum):
         return value.value
-    if schema is file_path and isinstance(value, str):
+    if schema is namespace_size and value == 0:
+        return None  # the export's size, again
+    if (schema is file_path or schema is image_source and not is_nbd_uri(value)) and \
+            isinstance(value, str):
         return value.replace("{", "{{").replace("}", "}}")  # expanded again: as it is now
     return value
 

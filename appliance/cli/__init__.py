@@ -36,7 +36,7 @@ def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     app = Appliance(cfg, standby=args.standby)
     app.start()
     print(f"appliance: serving NVMe on {cfg.storage.socket}", flush=True)
-    for ns in cfg.storage.namespaces:
+    for ns in app.controller.namespaces.values() if app.controller else ():
         print(f"appliance: namespace {ns.image} ({ns.size} bytes, {ns.block_size}-byte blocks)",
               flush=True)
     for p in app.net_ports():

@@ -1,6 +1,7 @@
 """``appliance migrate SRC_SOCK DST_SOCK``: the command line of the orchestrator.
 
-Connects to both appliances' vfio-user sockets, runs
+Connects to both appliances' vfio-user sockets (an ``ssh://`` one through an
+ssh forward, :mod:`appliance.client.ssh`), runs
 :func:`appliance.client.migrate.migrate`, and prints a summary (with a
 progress bar on a terminal).  Every failure is an
 :class:`~appliance.errors.ApplianceError`, which the CLI prints as one line
@@ -45,14 +46,19 @@ def _positive(text: str) -> int:
 def add_parser(sub: Any) -> None:
     """Register the ``migrate`` subcommand on the CLI's subparsers."""
     p = sub.add_parser("migrate", help="live-migrate the NVMe device from one appliance to another")
-    p.add_argument("src", metavar="SRC_SOCK", help="vfio-user socket of the source appliance")
-    p.add_argument("dst", metavar="DST_SOCK", help="vfio-user socket of the destination")
+    p.add_argument("src", metavar="SRC_SOCK", help="vfio-user socket of the source appliance "
+                   "(or ssh://[USER@]HOST[:PORT]/PATH: one on another host, over ssh)")
+    p.add_argument("dst", metavar="DST_SOCK", help="vfio-user socket of the destination "
+                   "(or ssh://[USER@]HOST[:PORT]/PATH)")
     p.add_argument("--max-rounds", type=_positive, default=8,
                    help="pre-copy rounds at most before stopping the source (default 8)")
     p.add_argument("--converge", type=_size, default=1 << 20, metavar="BYTES",
                    help="stop pre-copy once at most this much is dirty (default 1M; K/M/G)")
     p.add_argument("--shared-storage", action="store_true",
                    help="both appliances use the same images: send device state only")
+    p.add_argument("--ssh-option", action="append", default=[], metavar="OPTION",
+                   help="an ssh -o option for ssh:// sockets (e.g. IdentityFile=~/.ssh/mig); "
+                        "repeatable")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds to wait for each reply (default 30)")
     p.set_defaults(func=run, config=None, trace=False, verbose=False)
@@ -93,13 +99,23 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
             (both sides rolled back, see the orchestrator).
     """
     from appliance.client.migrate import migrate
+    from appliance.client.ssh import SshForward, parse_target
     from appliance.client.vfio_user import VfioUserClient
 
     clients = []
+    forwards: list[SshForward] = []
     try:
         for role, path in (("source", args.src), ("destination", args.dst)):
+            target = parse_target(path)
+            local = path
+            if target is not None:  # another host: ssh forwards its socket here
+                forwards.append(SshForward(target, args.ssh_option))
+                try:
+                    local = forwards[-1].open()
+                except ApplianceError as exc:
+                    raise ApplianceError(f"{role} {path}: {exc}") from None
             try:
-                clients.append(VfioUserClient.connect(path, timeout=args.timeout))
+                clients.append(VfioUserClient.connect(local, timeout=args.timeout))
             except (OSError, ConnectionError) as exc:
                 raise ApplianceError(f"{role} {path}: {exc.strerror or exc}"
                                      if isinstance(exc, OSError) and exc.strerror
@@ -114,6 +130,8 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     finally:
         for c in clients:
             c.close()
+        for f in forwards:
+            f.close()
     rate = s.bytes / s.seconds / 2**20 if s.seconds > 0 else 0.0
     mode = "shared storage, device state only" if args.shared_storage else "full copy"
     print(f"migrated {args.src} -> {args.dst} ({mode})")

@@ -74,12 +74,22 @@ class Appliance:
 
     def _start(self) -> None:
         cfg = self.cfg
-        startup.make_dirs(cfg)
+        exports = startup.connect_exports(cfg)  # NBD-backed namespaces, before creating anything
         st = cfg.storage
-        self.controller = NvmeController(
-            namespaces=st.namespaces, io_queues=st.io_queues,
-            queue_entries=st.queue_entries, serial=st.serial, clock=time.monotonic,
-            doorbells=st.doorbells)
+        try:
+            startup.make_dirs(cfg)
+            self.controller = NvmeController(
+                namespaces=st.namespaces, io_queues=st.io_queues,
+                queue_entries=st.queue_entries, serial=st.serial, clock=time.monotonic,
+                doorbells=st.doorbells, exports=exports)
+        except BaseException:
+            for export in exports.values():
+                export.close()
+            raise
+        for nsid, export in exports.items():
+            if export.read_only and not st.namespaces[nsid - 1].read_only:
+                log.warning("storage.namespaces[%d]: the export is read-only: served read-only",
+                            nsid - 1)
         self.offload = Offload(self.loop)  # the namespaces' blocking I/O runs off the loop
         self.controller.offload = self.offload
         # Migration v2 (commands 16-18): the controller's save/restore is
@@ -144,6 +154,9 @@ class Appliance:
             return "fault injection holds completions or frames; clear the faults first"
         if self.controller is not None and self.controller.waiting:
             return "NVMe commands wait for I/O or DMA messages"
+        if self.controller is not None and any(ns.remote for ns in
+                                               self.controller.namespaces.values()):
+            return "a namespace is on an NBD export (use appliance migrate --shared-storage)"
         busy = self.vfio_user.handoff_blocker()
         if not busy and self.net is not None:
             busy = self.net.handoff_blocker()

@@ -17,6 +17,7 @@ import stat
 from appliance.config import Config, NamespaceConfig, PortMode
 from appliance.errors import StartupError
 from appliance.runtime.listener import ListenerError, check_parent, check_socket_path
+from appliance.runtime.nbd import NbdExport
 
 
 def _mib(n: int) -> str:
@@ -42,7 +43,7 @@ def path_keys(cfg: Config) -> list[tuple[str, str]]:
     """(config key, path) of every path in the configuration."""
     keys = [("data_dir", cfg.data_dir), ("run_dir", cfg.run_dir)]
     keys += [(f"storage.namespaces[{i}].image", ns.image)
-             for i, ns in enumerate(cfg.storage.namespaces)]
+             for i, ns in enumerate(cfg.storage.namespaces) if not ns.remote]
     keys += socket_keys(cfg)
     keys += [(f"net.ports[{i}].pcap", p.pcap) for i, p in enumerate(cfg.net.ports) if p.pcap]
     return keys
@@ -125,7 +126,8 @@ def check(cfg: Config, standby: bool = False) -> None:
         if st is not None and not stat.S_ISDIR(st.st_mode):
             raise StartupError(f"{key}: {path} is not a directory")
     for i, ns in enumerate(cfg.storage.namespaces):
-        check_image(f"storage.namespaces[{i}]", ns)
+        if not ns.remote:  # an export is checked when it is connected (connect_exports)
+            check_image(f"storage.namespaces[{i}]", ns)
     for key, path in socket_keys(cfg, listening=True, standby=standby):
         try:
             check_socket_path(path)
@@ -139,7 +141,8 @@ def check(cfg: Config, standby: bool = False) -> None:
 
 def missing_images(cfg: Config) -> list[tuple[str, int]]:
     """(path, size) of the images that do not exist yet (start-up creates them)."""
-    return [(ns.image, ns.size) for ns in cfg.storage.namespaces if not os.path.lexists(ns.image)]
+    return [(ns.image, ns.size) for ns in cfg.storage.namespaces
+            if not ns.remote and not os.path.lexists(ns.image)]
 
 
 def remove_new_images(created: list[tuple[str, int]]) -> None:
@@ -163,10 +166,45 @@ def make_dirs(cfg: Config) -> None:
     """
     dirs = [("run_dir", cfg.run_dir, 0o700), ("data_dir", cfg.data_dir, 0o700)]
     dirs += [(f"storage.namespaces[{i}].image", os.path.dirname(os.path.abspath(ns.image)), 0o777)
-             for i, ns in enumerate(cfg.storage.namespaces)]
+             for i, ns in enumerate(cfg.storage.namespaces) if not ns.remote]
     dirs += [(key, os.path.dirname(os.path.abspath(path)), 0o700) for key, path in socket_keys(cfg)]
     for key, path, mode in dirs:
         try:
             os.makedirs(path, mode=mode, exist_ok=True)
         except OSError as exc:
             raise StartupError(f"{key}: cannot create {path}: {exc.strerror or exc}") from None
+
+
+def connect_exports(cfg: Config) -> dict[int, NbdExport]:
+    """Connect every NBD-backed namespace's export (by NSID) and check it fits.
+
+    A configured ``size`` must be the export's; the export's minimum block
+    size must divide ``block_size``; a read-only export is served read-only.
+
+    Raises:
+        StartupError: one line naming ``storage.namespaces[i].image`` (cannot
+            connect, refused) or ``.size`` / ``.block_size``; nothing stays
+            connected then.
+    """
+    exports: dict[int, NbdExport] = {}
+    try:
+        for i, ns in enumerate(cfg.storage.namespaces):
+            if not ns.remote:
+                continue
+            key = f"storage.namespaces[{i}]"
+            try:
+                export = exports[i + 1] = NbdExport(ns.image)
+            except OSError as exc:
+                raise StartupError(f"{key}.image: {ns.image}: {exc.strerror or exc}") from None
+            if ns.size and ns.size != export.size:
+                raise StartupError(f"{key}.size: the export is {_mib(export.size)}, size is "
+                                   f"{_mib(ns.size)} (leave size out to take the export's)")
+            if export.size < ns.block_size or ns.block_size % export.block_size:
+                raise StartupError(f"{key}.block_size: {ns.block_size} does not fit the export "
+                                   f"({_mib(export.size)}, minimum block size "
+                                   f"{export.block_size})")
+    except BaseException:
+        for export in exports.values():
+            export.close()
+        raise
+    return exports

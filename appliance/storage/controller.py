@@ -47,7 +47,7 @@ while an IEN CQ holds unconsumed entries and INTMS bit 0 is clear.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from appliance.errors import LocalProtocolError
@@ -68,7 +68,7 @@ from appliance.storage.identity import (
     WCTEMP,
 )
 from appliance.storage.inflight import FaultHook, Offload, RequestEngine
-from appliance.storage.namespace import Namespace, NamespaceSettings
+from appliance.storage.namespace import BlockExport, Namespace, NamespaceSettings
 from appliance.storage.queues import (
     DOORBELL_STRIDE,
     AsyncEvents,
@@ -126,7 +126,8 @@ class NvmeController(RequestEngine, PciDevice):
                  queue_entries: int = 1024, serial: str = "APPLIANCE0001",
                  model: str = "Appliance NVMe", firmware: str = "0.1",
                  clock: Callable[[], float] | None = None,
-                 doorbells: DoorbellMode = DoorbellMode.MESSAGE) -> None:
+                 doorbells: DoorbellMode = DoorbellMode.MESSAGE,
+                 exports: Mapping[int, BlockExport] | None = None) -> None:
         """Open the namespace images and build the PCI function.
 
         ``namespaces``: each with ``image``, ``size``, ``block_size`` (512 or
@@ -135,7 +136,9 @@ class NvmeController(RequestEngine, PciDevice):
         holds the value the host set.  ``doorbells``: ``"message"`` (region
         writes only) or ``"mmap"`` (BAR0's doorbell page is a memfd the client
         may map; see :class:`DoorbellPage`; the runtime must then call
-        :meth:`poll` every :meth:`poll_interval` seconds).
+        :meth:`poll` every :meth:`poll_interval` seconds).  ``exports``: the
+        remote images (NBD) by NSID, connected by the runtime; the controller
+        owns them from now on (closed with it).
 
         Raises:
             ValueError: a bad queue count, queue size, string, namespace or
@@ -160,7 +163,7 @@ class NvmeController(RequestEngine, PciDevice):
         try:
             for nsid, ns in enumerate(namespaces, 1):
                 self.namespaces[nsid] = Namespace(nsid, ns.image, ns.size, ns.block_size,
-                                                  ns.read_only)
+                                                  ns.read_only, (exports or {}).get(nsid))
             mmap_areas: tuple[tuple[int, int], ...] = ()
             if doorbells is DoorbellMode.MMAP:
                 self.doorbell_page = DoorbellPage()

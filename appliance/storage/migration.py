@@ -193,6 +193,11 @@ class NvmeMigratable(PciMigratable):
         ZERO_RUN_MIN bytes or more inside it as ZEROES again).
         """
         self._check_sizes()
+        for nsid in self.dirty:  # (a shared-storage session never asks for records)
+            if self.ctrl.namespaces[nsid].remote:
+                raise LocalProtocolError(f"namespace {nsid} is on an NBD export: its data is "
+                                         "not copied (migrate with shared storage)",
+                                         errno.EOPNOTSUPP)
         out: list[Record] = []
         spent = 0
         for nsid in sorted(self.dirty):
@@ -260,6 +265,9 @@ class NvmeMigratable(PciMigratable):
         ns = self.ctrl.namespaces.get(head.nsid)
         if ns is None or ns.read_only:
             raise state_error(f"blocks for namespace {head.nsid} (absent or read-only here)")
+        if ns.remote:
+            raise state_error(f"blocks for namespace {head.nsid}, which is on an NBD export "
+                              "here (migrate it with shared storage)")
         if (head.offset % ns.block_size or head.length % ns.block_size
                 or head.offset + head.length > ns.size):
             raise state_error(f"nsid {head.nsid}: blocks {head.offset:#x}+{head.length:#x} "

@@ -1,10 +1,18 @@
-"""Namespaces backed by raw image files (device layer).
+"""Namespaces backed by raw image files or NBD exports (device layer).
 
 Theory of operation
 -------------------
 A :class:`Namespace` is a raw image file of ``size`` bytes cut into logical
 blocks of 512 or 4096 bytes.  A missing image is created sparse; a shorter
 one is extended sparse (reads past its end return zeroes either way).
+
+Or its image is remote: a :class:`BlockExport` the runtime connected (an NBD
+export, :mod:`appliance.runtime.nbd`).  Then every read, write, zeroing and
+flush is a request to it (``OSError`` becomes the same NVMe status as a file's
+failure); its size is the export's (a configured size must match it); a
+read-only export makes the namespace read-only.  Such a namespace has no fd:
+what needs one (a full-copy migration's data, a staged image, a live handoff)
+is refused for it.
 
 Data moves between the file and client memory without copies when the
 client memory is mmap'd: :meth:`ClientMemory.buffers` yields memoryviews
@@ -92,6 +100,25 @@ def _advance(views: list[memoryview], n: int) -> list[memoryview]:
     return views
 
 
+class BlockExport(Protocol):
+    """A remote image (the runtime's NBD connection).  Every call may block for a
+    network round trip; each raises ``OSError`` when it fails."""
+
+    @property
+    def size(self) -> int: ...
+    @property
+    def read_only(self) -> bool: ...
+    @property
+    def block_size(self) -> int:
+        """The smallest unit a request may address (offsets and lengths)."""
+    def pread(self, length: int, offset: int) -> bytes: ...
+    def pwrite(self, data: bytes | memoryview, offset: int, fua: bool = False) -> None: ...
+    def flush(self) -> None: ...
+    def write_zeroes(self, offset: int, length: int, deallocate: bool,
+                     fua: bool = False) -> None: ...
+    def close(self) -> None: ...
+
+
 class NamespaceSettings(Protocol):
     """What a namespace is opened from (the runtime passes the configuration's
     ``storage.namespaces`` entries)."""
@@ -110,16 +137,23 @@ class Namespace:
     """One namespace: an image file and its LBA format."""
 
     def __init__(self, nsid: int, image: str, size: int, block_size: int = 512,
-                 read_only: bool = False) -> None:
-        """Open (creating sparse if missing) the image behind namespace ``nsid``.
+                 read_only: bool = False, export: BlockExport | None = None) -> None:
+        """Open (creating sparse if missing) the image behind namespace ``nsid``,
+        or serve ``export`` (then ``image`` only names it; ``size`` 0 takes the
+        export's size, rounded down to whole blocks).
 
         Raises:
             ValueError: a bad block size or a size that is not a positive
-                multiple of it.
+                multiple of it; an export whose size differs from ``size`` or
+                whose block size does not divide ``block_size``.
             OSError: the image cannot be created or opened.
         """
         if block_size not in BLOCK_SIZES:
             raise ValueError(f"namespace {nsid}: block size {block_size} not in {BLOCK_SIZES}")
+        self.export = export
+        if export is not None:
+            size, read_only = self._export_size(nsid, export, size, block_size), \
+                read_only or export.read_only
         if size <= 0 or size % block_size:
             raise ValueError(f"namespace {nsid}: size {size} not a positive multiple of "
                              f"{block_size}")
@@ -134,6 +168,9 @@ class Namespace:
         # (Write, Write Zeroes, Dataset Management deallocate, Format), also when
         # the change failed part-way: migration's dirty tracking hooks in here.
         self.on_change: Callable[[int, int], None] | None = None
+        self.fd = -1
+        if export is not None:
+            return
         if not read_only or not os.path.exists(image):
             fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
@@ -148,8 +185,29 @@ class Namespace:
             os.close(fd)
         self.fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
 
+    @staticmethod
+    def _export_size(nsid: int, export: BlockExport, size: int, block_size: int) -> int:
+        have = export.size - export.size % block_size
+        if export.block_size > block_size or block_size % export.block_size:
+            raise ValueError(f"namespace {nsid}: the export's minimum block size "
+                             f"{export.block_size} does not divide block_size {block_size}")
+        if size and size != export.size:
+            raise ValueError(f"namespace {nsid}: size is {size} bytes, the export has "
+                             f"{export.size} (leave size out to take the export's)")
+        if have <= 0:
+            raise ValueError(f"namespace {nsid}: the export ({export.size} bytes) is smaller "
+                             f"than one {block_size}-byte block")
+        return have
+
+    @property
+    def remote(self) -> bool:
+        """Whether the image is a :class:`BlockExport` (no fd)."""
+        return self.export is not None
+
     def close(self) -> None:
-        """Close the image file (idempotent)."""
+        """Close the image file or the export's connection (idempotent)."""
+        if self.export is not None:
+            self.export.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -173,7 +231,7 @@ class Namespace:
                 unchanged.  A failing directory sync is raised after the swap.
         """
         if self.read_only or self.fd < 0:
-            raise ValueError(f"namespace {self.nsid} is read-only or closed")
+            raise ValueError(f"namespace {self.nsid} is read-only, closed or remote")
         target = self.image_path()
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
@@ -210,7 +268,7 @@ class Namespace:
             CommandError: UNRECOVERED_READ_ERROR when the file read fails.
         """
         offset = slba << self.lba_shift
-        views = self._views(memory, segments, write=True)
+        views = None if self.export is not None else self._views(memory, segments, write=True)
         try:
             if views is not None:
                 self._preadv(views, offset)
@@ -241,6 +299,9 @@ class Namespace:
             views = [memoryview(b"".join(memory.read(a, n) for a, n in segments))]
         rest = views
         try:
+            if self.export is not None:
+                self.export.pwrite(views[0] if len(views) == 1 else b"".join(views), offset)
+                rest = []
             while rest:
                 done = os.pwritev(self.fd, rest[:IOV_MAX], offset)
                 offset += done
@@ -274,6 +335,8 @@ class Namespace:
             CommandError: UNRECOVERED_READ_ERROR when the file read fails.
         """
         offset, rest = slba << self.lba_shift, views
+        if self.export is not None:
+            return self._read_export_into(views, offset, nowait)
         try:
             while rest:
                 try:
@@ -293,8 +356,24 @@ class Namespace:
             raise CommandError(Status.UNRECOVERED_READ_ERROR, str(exc), dnr=False) from None
         return True
 
+    def _read_export_into(self, views: list[memoryview], offset: int, nowait: bool) -> bool:
+        if nowait:
+            return False  # a network round trip: off the loop
+        try:
+            data = memoryview(self.export.pread(sum(len(v) for v in views), offset)
+                              if self.export is not None else b"")
+        except OSError as exc:
+            raise CommandError(Status.UNRECOVERED_READ_ERROR, str(exc), dnr=False) from None
+        done = 0
+        for view in views:
+            view[:] = data[done:done + len(view)]
+            done += len(view)
+        return True
+
     def file_size(self) -> int:
-        """The image file's current size in bytes."""
+        """The image file's current size in bytes (an export's: the namespace's)."""
+        if self.export is not None:
+            return self.size
         return os.fstat(self.fd).st_size
 
     def read_bytes(self, slba: int, nbytes: int) -> bytes:
@@ -332,6 +411,10 @@ class Namespace:
                 else FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
         start, total = offset, length
         try:
+            if self.export is not None:
+                if length:
+                    self.export.write_zeroes(offset, length, deallocate)
+                return
             if length == 0 or fallocate(self.fd, mode, offset, length):
                 return
             zeros = bytes(min(length, ZERO_CHUNK))
@@ -353,6 +436,9 @@ class Namespace:
         if self.read_only:
             return
         try:
+            if self.export is not None:
+                self.export.flush()
+                return
             os.fdatasync(self.fd)
         except OSError as exc:
             raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
@@ -360,6 +446,9 @@ class Namespace:
     def format(self) -> None:
         """Erase every block (the image becomes all holes)."""
         try:
+            if self.export is not None:
+                self.export.write_zeroes(0, self.size, deallocate=True)
+                return
             os.ftruncate(self.fd, 0)
             os.ftruncate(self.fd, self.size)
         except OSError as exc:
@@ -421,6 +510,8 @@ class Namespace:
             views = _advance(views, done)
 
     def _pread(self, nbytes: int, offset: int) -> bytes:
+        if self.export is not None:
+            return self.export.pread(nbytes, offset)
         parts, total = [], 0
         while total < nbytes:
             chunk = os.pread(self.fd, nbytes - total, offset + total)

@@ -46,8 +46,10 @@ class ApplianceProcess:
     """A running ``appliance run -c CONFIG``."""
 
     def __init__(self, raw_config: RawConfig, workdir: Path, *, trace: bool = False,
-                 extra_args: tuple[str, ...] = ()) -> None:
-        """``raw_config``: the configuration's raw form, written to ``config_path``."""
+                 extra_args: tuple[str, ...] = (), wrapper: tuple[str, ...] = ()) -> None:
+        """``raw_config``: the configuration's raw form, written to ``config_path``;
+        ``wrapper``: what runs the command (``("ip", "netns", "exec", NAME)``)."""
+        self.wrapper = wrapper
         self.raw_config = raw_config
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +73,8 @@ class ApplianceProcess:
         return config.load(str(self.config_path))
 
     def start(self, timeout: float = 30.0) -> ApplianceProcess:
-        args = [sys.executable, "-m", "appliance", "run", "-c", str(self.config_path)]
+        args = [*self.wrapper, sys.executable, "-m", "appliance", "run", "-c",
+                str(self.config_path)]
         if self.trace:
             args.append("--trace")
         args += self.extra_args

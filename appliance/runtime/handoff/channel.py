@@ -41,7 +41,7 @@ def image_ids(app: Appliance) -> list[list[int]]:
     assert app.controller is not None
     out = []
     for nsid, ns in sorted(app.controller.namespaces.items()):
-        if not ns.read_only:
+        if not ns.read_only and not ns.remote:  # an NBD namespace blocks the handoff
             st = os.fstat(ns.fd)
             out.append([nsid, st.st_dev, st.st_ino])
     return out

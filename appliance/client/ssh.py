@@ -1,0 +1,135 @@
+"""An appliance on another host, reached over OpenSSH (client layer: it blocks).
+
+``ssh://[USER@]HOST[:PORT]/PATH/TO/nvme.sock`` names a vfio-user socket on
+another host.  :class:`SshForward` makes it a local Unix socket with ssh's
+stream-local forwarding (``ssh -L LOCAL.sock:REMOTE.sock``): a master
+connection (``-M -S CONTROL``) that goes to the background once it is
+authenticated and its forward listens (``-f`` with
+``ExitOnForwardFailure=yes``), and ``ssh -O exit`` ends it.  Keys, host-key
+checking and every other choice are ssh's (``~/.ssh/config``, or ``-o``
+options passed on); ``BatchMode=yes`` so that nothing ever prompts, and
+``ServerAliveInterval`` so that a link that goes dead ends the forward (and so
+the migration's connection) within seconds instead of hanging.
+
+No listener on a network address is opened: the local end is a Unix socket
+in a private (0700) directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+from appliance.errors import ApplianceError
+
+CONNECT_TIMEOUT = 30  # seconds for ssh to connect, authenticate and forward
+ALIVE_INTERVAL = 2  # ServerAliveInterval; the link is dead after 3 unanswered probes
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """A socket path on another host."""
+
+    host: str
+    path: str
+    user: str | None = None
+    port: int | None = None
+
+    @property
+    def destination(self) -> str:
+        """``[user@]host`` for ssh."""
+        return f"{self.user}@{self.host}" if self.user else self.host
+
+
+def parse_target(text: str) -> SshTarget | None:
+    """The :class:`SshTarget` of an ``ssh://`` URI; None for anything else (a path).
+
+    Raises:
+        ApplianceError: an ``ssh://`` URI without a host or an absolute path.
+    """
+    if not text.startswith("ssh://"):
+        return None
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ApplianceError(f"{text}: {exc}") from None
+    path = urllib.parse.unquote(parts.path)
+    if not parts.hostname or not path.startswith("/") or parts.query or parts.fragment:
+        raise ApplianceError(f"{text}: expected ssh://[USER@]HOST[:PORT]/PATH/TO/SOCKET")
+    if parts.hostname.startswith("-") or (parts.username or "").startswith("-"):
+        raise ApplianceError(f"{text}: a host or user may not start with '-'")
+    return SshTarget(host=parts.hostname, path=path, user=parts.username, port=port)
+
+
+class SshForward:
+    """A local Unix socket forwarded to a socket on another host, while open."""
+
+    def __init__(self, target: SshTarget, options: Sequence[str] = (),
+                 ssh: Sequence[str] = ("ssh",), timeout: float = CONNECT_TIMEOUT) -> None:
+        """``options``: ssh ``-o`` options (``IdentityFile=...``, ...); ``ssh``: the
+        command that runs ssh (a test prefixes ``ip netns exec NAME``)."""
+        self.target, self.options, self.ssh, self.timeout = target, tuple(options), ssh, timeout
+        self.dir: str | None = None
+        self.local = ""
+
+    def _base(self) -> list[str]:
+        cmd = [*self.ssh, "-S", os.path.join(self.dir or "", "control")]
+        if self.target.port is not None:
+            cmd += ["-p", str(self.target.port)]
+        for opt in self.options:
+            cmd += ["-o", opt]
+        return cmd
+
+    def open(self) -> str:
+        """Connect and forward; returns the local socket's path.
+
+        Raises:
+            ApplianceError: ssh failed (its last line of complaint is in the
+                message: a refused key, an unknown host, no route).
+        """
+        self.dir = tempfile.mkdtemp(prefix="appliance-ssh-")
+        self.local = os.path.join(self.dir, "fwd.sock")
+        cmd = self._base() + [
+            "-M", "-f", "-N", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
+            "-o", f"ConnectTimeout={int(self.timeout)}",
+            "-o", f"ServerAliveInterval={ALIVE_INTERVAL}", "-o", "ServerAliveCountMax=3",
+            "-L", f"{self.local}:{self.target.path}", "--", self.target.destination]
+        try:
+            done = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, timeout=self.timeout + 5, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            self.close()
+            raise ApplianceError(f"ssh to {self.target.destination}: {exc}") from None
+        if done.returncode != 0 or not os.path.exists(self.local):
+            lines = done.stderr.decode(errors="replace").strip().splitlines()
+            self.close()
+            why = lines[-1] if lines else f"exit status {done.returncode}"
+            raise ApplianceError(f"ssh to {self.target.destination}: {why}")
+        return self.local
+
+    def close(self) -> None:
+        """End the master connection and remove the local socket (idempotent)."""
+        if self.dir is None:
+            return
+        if os.path.exists(os.path.join(self.dir, "control")):
+            subprocess.run(self._base() + ["-O", "exit", "--", self.target.destination],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=self.timeout, check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir = None
+
+    def __enter__(self) -> Self:
+        self.open()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
