@@ -500,3 +500,22 @@ def test_default_limit_is_what_a_used_length_can_say(fastpath: str) -> None:
         assert "exceed 4294967295" in b.q.last_error
     finally:
         b.close()
+
+
+# ---------------------------------------------------------------- transmit batches
+def test_drain_gives_each_chains_bytes_and_returns_it_used(bench: Bench) -> None:
+    bench.drv.add_buffer(0, b"hello")
+    bench.drv.make_available(99)  # malformed: skipped, not returned
+    bench.drv.add_chain([1, 2], [(b"ab", False), (b"cd", False)])
+    bench.drv.add_indirect(3, [(b"ef", False), (b"gh", False)])
+    assert bench.q.drain(2) == [b"hello", b"abcd"]  # the budget counts chains taken
+    assert bench.q.counters.malformed == 1 and "head 99" in bench.q.last_error
+    assert bench.q.avail_pending() == 1
+    assert bench.q.drain(8) == [b"efgh"] and bench.q.drain(8) == []
+    assert publish(bench) == [(0, 0), (1, 0), (3, 0)]
+
+
+def test_drain_of_a_stopped_or_broken_ring_takes_nothing(bench: Bench) -> None:
+    bench.drv.set_avail_idx(9)  # more than a queue size ahead
+    assert bench.q.drain(8) == [] and bench.q.broken
+    assert bench.q.drain(8) == [] and bench.q.counters.malformed == 1
