@@ -15,7 +15,9 @@ Counters use the switch-port view: ``rx_*`` are frames received from the
 guest (its transmit rings), ``tx_*`` frames transmitted to the guest.
 
 * Transmit rings (guest → us) are drained on kicks by the runtime calling
-  :meth:`process_tx` with a budget; each chain's readable bytes are one
+  :meth:`process_tx` with a budget, which takes the batch with
+  :meth:`SplitQueue.drain <appliance.net.virtqueue.SplitQueue.drain>` (one
+  native call when the fast path runs, :meth:`use_native`); each chain's readable bytes are one
   virtio-net header (12 bytes with VERSION_1 or MRG_RXBUF, else 10) and one
   Ethernet frame.  A ring that is started but disabled is processed and its
   frames discarded (vhost-user.rst "Ring states").  The walker refuses, as
