@@ -69,6 +69,7 @@ def walker(cfg: Config | None = None) -> NativeVring | None:
 def describe(cfg: Config | None = None) -> str:
     """One line: the data path in use and, for the Python one, why."""
     if enabled(cfg):
-        return "native fast path (appliance._fastpath: virtqueue walks, transmit drains)"
+        return ("native fast path (appliance._fastpath: ring walks and transmit drains in "
+                "mmap'd guest memory; fd and message regions stay Python)")
     why = switched_off(cfg) if _native is not None else f"appliance._fastpath not built: {IMPORT_ERROR}"
     return f"pure Python ({why})"
