@@ -81,13 +81,19 @@ static int get_regions(PyObject *seq, held_t *h)
     for (Py_ssize_t i = 0; i < n; i++) {
         unsigned long long start;
         int readable, writable;
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(seq, i), "Ky*pp;a region is (address, view, "
-                              "readable, writable)", &start, &h->views[i], &readable, &writable))
+        PyObject *item = PyTuple_GET_ITEM(seq, i);
+        if (!PyTuple_Check(item)) {
+            PyErr_SetString(PyExc_TypeError, "a region is (address, view, readable, writable)");
+            return -1;
+        }
+        if (!PyArg_ParseTuple(item, "Ky*pp;a region is (address, view, readable, writable)",
+                              &start, &h->views[i], &readable, &writable))
             return -1;
         h->nviews = i + 1;
         uint64_t size = (uint64_t)h->views[i].len;
+        const fp_region *prev = i ? &h->regions[i - 1] : NULL;
         if (size == 0 || (start != 0 && size - 1 > UINT64_MAX - start)
-                || (i && start < h->regions[i - 1].start + h->regions[i - 1].size)) {
+                || (prev != NULL && (start < prev->start || start - prev->start < prev->size))) {
             PyErr_SetString(PyExc_ValueError, "regions must be non-empty, in address order, "
                             "disjoint and below 2^64");
             return -1;

@@ -4,6 +4,7 @@ announced by ``appliance run``."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastpath_support import require_native
@@ -68,3 +69,28 @@ def test_run_prints_the_data_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     with ApplianceProcess(make_config(tmp_path, fastpath=cfg_value), tmp_path / "w") as app:
         printed = [text for text in app.stdout_lines if text.startswith("appliance: data path: ")]
     assert len(printed) == 1 and line in printed[0], app.stdout_lines
+
+
+def test_arguments_that_describe_no_queue_are_refused() -> None:
+    """The caller's mistakes (never the guest's) raise; a valid empty ring gives nothing."""
+    native = require_native()
+    desc, avail, used = (memoryview(bytearray(n)) for n in (16 * 8, 6 + 2 * 8, 6 + 8 * 8))
+    region = (0x1000, memoryview(bytearray(0x1000)), True, True)
+
+    def walk(*, d: Any = desc, used_area: Any = used, regions: Any = (region,), size: int = 8,
+             last: int = 0) -> Any:
+        return native.pop_chains(d, avail, used_area, regions, size, last, 0, True, 100, 100, 4)
+
+    assert walk() == ([], 0, 0, 0, None, None)
+    with pytest.raises(ValueError, match="not a power of two"):
+        walk(size=6)
+    with pytest.raises(ValueError, match="too small"):
+        walk(d=desc[:64])
+    with pytest.raises(ValueError, match="16 bits"):
+        walk(last=0x10000)
+    with pytest.raises(BufferError):
+        walk(used_area=bytes(70))  # the used ring must be writable
+    with pytest.raises(ValueError, match="address order"):
+        walk(regions=(region, (0x1800, memoryview(bytearray(16)), True, True)))
+    with pytest.raises(TypeError, match="a region is"):
+        walk(regions=((0x1000,),))
