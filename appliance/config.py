@@ -267,6 +267,7 @@ class Config:
     data_dir: str
     run_dir: str
     trace: bool
+    fastpath: bool  # the native data path when it is built (appliance/fastpath.py)
     storage: StorageConfig
     net: NetConfig
     control: ControlConfig
@@ -324,6 +325,8 @@ SCHEMA = Table(Config, {
     "data_dir": (file_path, "{default_data_dir}"),
     "run_dir": (file_path, "{default_run_dir}"),
     "trace": (boolean, False),
+    # false: the pure-Python data path even when the native one is built
+    "fastpath": (boolean, True),
     "storage": (Table(StorageConfig, {
         "socket": (file_path, "{run_dir}/nvme.sock"),
         "io_queues": (integer(1, 64), 4),

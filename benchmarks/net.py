@@ -18,6 +18,12 @@ test (the appliance, or the anchor testpmd) is pinned to CPU 0.
    backend moves them port to port (the appliance through its switch, the
    anchor by io forwarding between its two net_vhost ports).  The figure is the
    sum of both ports' RX rates (the loop's throughput).
+Each appliance figure is taken on its data paths: testpmd's memory through its fd
+(the default; the native fast path does not handle fd regions: pure Python), and
+mapped (``net.map_unsealed_memory``) once on the pure-Python path (``fastpath:
+false``) and once on the native fast path (``appliance._fastpath``), side by side
+with the anchor and their ratios to it.
+
 3. ``--soak``: the same loop on the appliance for 10 million frames (default)
    with each hop's counters compared at the end (so a leak or a stall shows as a mismatch).
 
@@ -48,6 +54,9 @@ REPO = Path(__file__).resolve().parent.parent
 TESTPMD = shutil.which("dpdk-testpmd")
 BACKEND_CPU, FRONTEND_CPU = 0, min(1, (os.cpu_count() or 1) - 1)
 INJECT_BURSTS = 4
+# the appliance's columns: name -> (net.map_unsealed_memory, fastpath)
+BACKENDS = {"fd I/O": (False, True), "mapped, Python": (True, False),
+            "mapped, native": (True, True)}
 
 
 class Proc(ExpectProcess):
@@ -66,9 +75,11 @@ def testpmd_args(prefix: str, cpu: int, vdevs: list[str], app: list[str]) -> lis
     return [*args, "--", "--total-num-mbufs=16384", *app]
 
 
-def start_appliance(tmp: Path, nports: int, mapped: bool = False) -> tuple[Proc, list[str]]:
+def start_appliance(tmp: Path, nports: int, mapped: bool = False,
+                    native: bool = True) -> tuple[Proc, list[str]]:
     """``mapped``: net.map_unsealed_memory (testpmd's memfd cannot be sealed: by
-    default the appliance reaches it through its fd, safe from a shrink)."""
+    default the appliance reaches it through its fd, safe from a shrink).
+    ``native``: the config's ``fastpath`` (False: the pure-Python data path)."""
     run = tmp / "run"
     socks = [str(run / f"net{i}.sock") for i in range(nports)]
     cfg = {
@@ -79,11 +90,15 @@ def start_appliance(tmp: Path, nports: int, mapped: bool = False) -> tuple[Proc,
                           for i, s in enumerate(socks)],
                 "map_unsealed_memory": mapped},
         "control": {"socket": str(run / "control.sock")},
+        "fastpath": native,
     }
     path = tmp / "appliance.yaml"
     path.write_text(yaml.safe_dump(cfg))
     app = Proc("appliance", [sys.executable, "-m", "appliance", "run", "-c", str(path), "-v"],
                tmp / "appliance.log", BACKEND_CPU)
+    path_line = app.expect(r"appliance: data path: ([^\n]*)", 30).group(1)
+    if native and not path_line.startswith("native"):
+        raise RuntimeError(f"the appliance did not take the native fast path: {path_line}")
     app.expect("appliance: ready", 30)
     return app, socks
 
@@ -128,8 +143,9 @@ def measure(kind: str, backend: str, size: int, window: float, warm: float) -> d
         tmp = Path(d)
         procs: list[Proc] = []
         try:
-            if backend.startswith("appliance"):
-                be, socks = start_appliance(tmp, nports, mapped=backend == "appliance-mapped")
+            if backend in BACKENDS:
+                mapped, native = BACKENDS[backend]
+                be, socks = start_appliance(tmp, nports, mapped, native)
             else:
                 be, socks = start_anchor(tmp, nports, "rxonly" if kind == "txonly" else "io", size)
             procs.append(be)
@@ -234,24 +250,24 @@ def main() -> int:
     warm = 0.5 if args.quick else 2.0
     print(f"vhost-user-net, testpmd front-end on CPU {FRONTEND_CPU}, backend on CPU {BACKEND_CPU}, "
           f"{window:g} s windows (indicative: 2 shared cores)")
-    print("appliance: testpmd's memory through its fd (the default: it cannot be sealed); "
-          "mapped: net.map_unsealed_memory")
-    print(f"{'case':<22}{'frame':>6}  {'appliance':>26}  {'appliance, mapped':>26}  "
-          f"{'DPDK net_vhost (anchor)':>26}  ratios")
+    print("appliance: fd I/O: testpmd's memory through its fd (the default: it cannot be "
+          "sealed; pure Python: the fast path handles mmap'd memory only); mapped: "
+          "net.map_unsealed_memory, on the pure-Python path (fastpath: false) and the native one")
+    backends = (*BACKENDS, "anchor")
+    print(f"{'case':<22}{'frame':>6}  " + "  ".join(f"{be:>17}" for be in BACKENDS)
+          + f"  {'DPDK net_vhost':>17}  ratios to DPDK ({', '.join(BACKENDS)}); "
+          "native / Python")
     cases = [("txonly", 64), ("txonly", 1500), ("loop", 64), ("loop", 1500)]
-    backends = ("appliance", "appliance-mapped", "anchor")
     for kind, size in cases:
         r = {be: measure(kind, be, size, window, warm) for be in backends}
         label = "txonly -> port" if kind == "txonly" else "port -> rxonly (loop)"
-
-        def fmt(x: dict[str, float]) -> str:
-            return f"{x['pps']:>10,.0f} pps {x['gbps']:>6.3f} Gb/s"
-
         anchor = r["anchor"]["pps"]
-        ratios = " / ".join(f"{r[be]['pps'] / anchor:.4f}" if anchor else "-" for be in backends[:2])
+        ratios = " / ".join(f"{r[be]['pps'] / anchor:.4f}" if anchor else "-" for be in BACKENDS)
+        python = r["mapped, Python"]["pps"]
+        speedup = f"{r['mapped, native']['pps'] / python:.2f}x" if python else "-"
         cpu = " / ".join(f"{r[be]['cpu']:.2f}" for be in backends)
-        print(f"{label:<22}{size:>5}B  {fmt(r['appliance']):>26}  {fmt(r['appliance-mapped']):>26}  "
-              f"{fmt(r['anchor']):>26}  {ratios}   (backend CPU {cpu})", flush=True)
+        print(f"{label:<22}{size:>5}B  " + "  ".join(f"{r[be]['pps']:>13,.0f} pps" for be in backends)
+              + f"  {ratios}; {speedup}   (backend CPU {cpu})", flush=True)
     return 0
 
 

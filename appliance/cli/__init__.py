@@ -25,6 +25,7 @@ import sys
 from typing import Any
 
 from appliance import config as config_mod
+from appliance import fastpath
 from appliance.config import Config
 from appliance.errors import ApplianceError
 
@@ -42,6 +43,7 @@ def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     for p in app.net_ports():
         print(f"appliance: {'standing by for' if args.standby else 'serving'} vhost-user-net on {p}",
               flush=True)
+    print(f"appliance: data path: {fastpath.describe(cfg)}", flush=True)
     if args.standby and cfg.net.tap.name:
         print(f"appliance: standing by for TAP interface {cfg.net.tap.name}", flush=True)
     print("appliance: attach QEMU with:\n  qemu-system-x86_64 -machine q35 -m 512M "

@@ -15,7 +15,9 @@ Counters use the switch-port view: ``rx_*`` are frames received from the
 guest (its transmit rings), ``tx_*`` frames transmitted to the guest.
 
 * Transmit rings (guest → us) are drained on kicks by the runtime calling
-  :meth:`process_tx` with a budget; each chain's readable bytes are one
+  :meth:`process_tx` with a budget, which takes the batch with
+  :meth:`SplitQueue.drain <appliance.net.virtqueue.SplitQueue.drain>` (one
+  native call when the fast path runs, :meth:`use_native`); each chain's readable bytes are one
   virtio-net header (12 bytes with VERSION_1 or MRG_RXBUF, else 10) and one
   Ethernet frame.  A ring that is started but disabled is processed and its
   frames discarded (vhost-user.rst "Ring states").  The walker refuses, as
@@ -57,6 +59,7 @@ from appliance.errors import LocalProtocolError
 from appliance.memory import ClientMemory, GuestMemoryError
 from appliance.net import vhost_wire as vw
 from appliance.net.dirty_log import VhostLog
+from appliance.net.native import NativeVring
 from appliance.net.vhost_wire import Feature as F
 from appliance.net.virtqueue import MAX_CHAIN_BYTES, QueueCounters, SplitQueue, VringState
 from appliance.protocol_common import close_quietly
@@ -211,6 +214,11 @@ class VirtioNetPort:
         tx_bytes = self.hdr_len + self.max_frame
         for i, ring in enumerate(self.rings):
             ring.max_readable, ring.max_writable = (tx_bytes, 0) if i % 2 else (0, MAX_CHAIN_BYTES)
+
+    def use_native(self, native: NativeVring | None) -> None:
+        """Run the rings' walks on the native fast path (None: the Python one)."""
+        for ring in self.rings:
+            ring.native = native
 
     def send_rarp(self, mac: bytes) -> None:
         self.rarps += 1
@@ -368,27 +376,12 @@ class VirtioNetPort:
         q = self.rings[index]
         if not q.ready:
             return False
-        mem = q.memory
-        assert mem is not None
         c = q.counters
         hdr_len = self.hdr_len
         forward = self.uplink
         pcap = self.pcap
         enabled = q.enabled
-        for _ in range(budget):
-            chain = q.pop()
-            if chain is None:
-                break
-            q.push(chain.head, 0)  # the walker refused writable and oversized chains
-            segs = chain.segments
-            try:
-                if len(segs) == 1:
-                    data = mem.read(segs[0][0], segs[0][1])
-                else:
-                    data = b"".join([mem.read(a, n) for a, n, _ in segs])
-            except GuestMemoryError:
-                c.malformed += 1
-                continue
+        for data in q.drain(budget):  # the walker refused writable and oversized chains
             size = len(data) - hdr_len
             if size < 0:
                 c.malformed += 1

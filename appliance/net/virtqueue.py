@@ -51,6 +51,12 @@ seal, see :mod:`appliance.memory`) are not mmap'd: the views are
 pwrite per field.  When one fails (the file shrank), the ring is marked
 broken, as for an avail index it cannot follow.
 
+With the native fast path (:attr:`SplitQueue.native`, set by the owner) and
+every region of the memory mmap'd, :meth:`pop`, :meth:`drain` and
+:meth:`publish` run in C (:mod:`appliance.net.native`): the same walk, bounds
+and messages, batched; the Python code below stays the reference and runs
+for everything else.
+
 Used entries are written as chains complete (:meth:`push`) but the used index
 is published once per batch (:meth:`publish`), which also reports whether the
 driver wants an interrupt (VRING_AVAIL_F_NO_INTERRUPT, or EVENT_IDX's
@@ -62,11 +68,14 @@ from __future__ import annotations
 
 import enum
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from appliance.errors import LocalProtocolError
 from appliance.memory import ClientMemory, FdArea, FdWords, GuestMemoryError
 from appliance.net import vhost_wire as vw
+from appliance.net.native import NativeRegions, NativeVring, native_regions
 from appliance.protocol_common import step
 
 _DESC = vw.DESC_CODEC
@@ -75,6 +84,7 @@ _WRITE = int(vw.DescFlag.WRITE)
 _INDIRECT = int(vw.DescFlag.INDIRECT)
 
 _fence_lock = threading.Lock()
+_T = TypeVar("_T")
 
 MAX_CHAIN_BYTES = 0xFFFF_FFFF  # a used element's length is 32 bits: no chain may hold more
 
@@ -193,6 +203,9 @@ class SplitQueue:
         self._used_elems: memoryview | FdWords | None = None  # u32: id, len per used element
         self._bases: list[memoryview | FdArea] = []  # byte views the casts above come from
         self._spans: list[tuple[int, int, bool]] = []
+        self.native: NativeVring | None = None  # the native fast path, when the owner enables it
+        # desc, avail, used byte views and the regions, when every region is mmap'd
+        self._native_ring: tuple[memoryview, memoryview, memoryview, NativeRegions] | None = None
 
     # ------------------------------------------------------------ state table
     def _event(self, event: str) -> None:
@@ -383,6 +396,11 @@ class SplitQueue:
         self._used = used.cast("H")
         self._used_elems = used_elems.cast("I")
         self._spans = [(r.address, r.end, r.writable) for r in memory.regions]
+        regions = native_regions(memory)
+        self._native_ring = None
+        if (regions is not None and isinstance(desc, memoryview) and isinstance(avail, memoryview)
+                and isinstance(used, memoryview)):
+            self._native_ring = (desc, avail, used, regions)
         if self._sync_used:
             # A fresh start: the driver's used index is the truth (we keep no
             # in-flight state across connections).
@@ -403,6 +421,26 @@ class SplitQueue:
                 view.release()
         self._desc = self._avail = self._used = self._used_elems = None
         self._bases = []
+        self._native_ring = None
+
+    @property
+    def uses_native(self) -> bool:
+        """Whether :meth:`pop`, :meth:`drain` and :meth:`publish` run natively now."""
+        return self.native is not None and self._native_ring is not None
+
+    def _native_walk(self, walk: Callable[..., tuple[list[_T], int, int, int, str | None,
+                                                      str | None]], budget: int) -> list[_T]:
+        """One native batch (``pop_chains`` or ``drain``), its results applied to the ring."""
+        assert self._native_ring is not None
+        items, self.last_avail_idx, self.used_idx, malformed, error, broken = walk(
+            *self._native_ring, self.size, self.last_avail_idx,
+            self.used_idx, self.indirect, self.max_readable, self.max_writable, budget)
+        self.counters.malformed += malformed
+        if error is not None:
+            self.last_error = error
+        if broken is not None:
+            self.broken = broken
+        return items
 
     # ------------------------------------------------------------ driver -> device
     def avail_pending(self) -> int:
@@ -420,6 +458,9 @@ class SplitQueue:
         avail = self._avail
         if avail is None or self.broken or self.state is not RingState.STARTED:
             return None
+        if self.native is not None and self._native_ring is not None:
+            chains = self._native_walk(self.native.pop_chains, 1)
+            return Chain(*chains[0]) if chains else None
         size = self.size
         while True:
             idx = avail[1]
@@ -443,6 +484,35 @@ class SplitQueue:
                     self.push(head, 0)
             else:
                 return None if self.broken else chain
+
+    def drain(self, budget: int) -> list[bytes]:
+        """Take up to ``budget`` chains (a transmit ring's batch), each given back
+        used with length 0, and return the bytes of each one's buffers in order.
+
+        A chain whose bytes cannot be read is counted malformed and left out;
+        nothing is published (:meth:`publish`).
+        """
+        if not self.ready:
+            return []
+        if self.native is not None and self._native_ring is not None:
+            return self._native_walk(self.native.drain, budget)
+        memory = self.memory
+        assert memory is not None
+        frames = []
+        for _ in range(budget):
+            chain = self.pop()
+            if chain is None:
+                break
+            self.push(chain.head, 0)
+            segs = chain.segments
+            try:
+                if len(segs) == 1:
+                    frames.append(memory.read(segs[0][0], segs[0][1]))
+                else:
+                    frames.append(b"".join([memory.read(a, n) for a, n, _ in segs]))
+            except GuestMemoryError:
+                self.counters.malformed += 1
+        return frames
 
     def _walk(self, head: int) -> Chain:
         size = self.size
@@ -564,6 +634,11 @@ class SplitQueue:
         old = self._published
         if used is None or new == old:
             return False
+        if self.native is not None and self._native_ring is not None:
+            self._published = new
+            _, avail_bytes, used_bytes, _ = self._native_ring
+            return self.native.publish(avail_bytes, used_bytes, self.size, old, new,
+                                       self.event_idx)
         used[1] = new  # one 16-bit store, after the elements (x86 keeps store order)
         self._published = new
         avail = self._avail

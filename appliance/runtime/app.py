@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Any
 
+from appliance import fastpath
 from appliance.config import Config
 from appliance.errors import ApplianceError
 from appliance.memory import ClientMemory
@@ -140,7 +141,7 @@ class Appliance:
         net = self.cfg.net
         if not net.ports and not net.tap.name:
             return None
-        return NetService(self.loop, net, standby=self.standby)
+        return NetService(self.loop, net, standby=self.standby, native=fastpath.walker(self.cfg))
 
     def net_ports(self) -> list[str]:
         return [p.socket for p in self.cfg.net.ports] if self.net is not None else []

@@ -55,6 +55,7 @@ from typing import Any, BinaryIO
 
 from appliance.config import NetConfig
 from appliance.errors import ApplianceError
+from appliance.net.native import NativeVring
 from appliance.net.pcap import PcapWriter
 from appliance.net.port import VirtioNetPort
 from appliance.net.responder import Responder
@@ -139,7 +140,8 @@ class NetService:
 
     def __init__(self, loop: EventLoop, cfg_net: NetConfig,
                  clock: Callable[[], float] = time.monotonic,
-                 tap_opener: Callable[[str], int] = open_tap, standby: bool = False) -> None:
+                 tap_opener: Callable[[str], int] = open_tap, standby: bool = False,
+                 native: NativeVring | None = None) -> None:
         """Args:
             loop: the process's event loop.
             cfg_net: the configuration's ``net`` (:class:`appliance.config.NetConfig`).
@@ -147,6 +149,8 @@ class NetService:
             standby: a handoff destination: server ports do not listen, client
                 ports do not connect and the TAP interface is not attached (the
                 source holds them) until :meth:`handoff_import` takes the source's.
+            native: the native fast path for the ports' rings (``appliance.fastpath.walker``),
+                None for the pure-Python one.
 
         Raises:
             ApplianceError: a port's socket or the TAP interface cannot be set up
@@ -183,6 +187,7 @@ class NetService:
                     self.pcaps.append(pcap)
                 port = VirtioNetPort(f"net{i}", parse_mac(pcfg.mac), pcfg.queues, pcap)
                 port.map_unsealed_memory = cfg_net.map_unsealed_memory
+                port.use_native(native)
                 port.uplink = self.switch.forward
                 self.switch.attach(port, [port.mac])
                 try:

@@ -11,7 +11,9 @@ SET_MEM_TABLE maps it).  The input is laid out as (see :func:`layout`):
 Every chain :meth:`SplitQueue.pop` returns must lie inside guest memory, have
 its readable buffers before its writable ones, add up to its own totals and
 hold at most two queue sizes of buffers; a malformed chain is skipped, never
-raised; the used ring is written without an exception.
+raised; the used ring is written without an exception.  When the native fast
+path is built, the same input runs again on it (appliance._fastpath) and must
+give the same chains, interrupt decisions, ring state and guest memory.
 
     python tests/fuzz/fuzz_virtqueue.py -max_total_time=20 tests/fuzz/corpus/virtqueue
 """
@@ -25,7 +27,9 @@ import struct
 import common
 
 with common.instrumented(__name__):
+    from appliance import fastpath
     from appliance.memory import ClientMemory
+    from appliance.net.native import NativeVring
     from appliance.net.virtqueue import SplitQueue
 
 BASE = 0x10000
@@ -35,8 +39,10 @@ DESC, AVAIL, USED, BUFFERS = BASE, BASE + 0x1000, BASE + 0x2000, BASE + 0x3000
 _fd = os.memfd_create("fuzz-guest", os.MFD_CLOEXEC)
 os.ftruncate(_fd, MEM_SIZE)
 RAM = mmap.mmap(_fd, MEM_SIZE)
-MEMORY = ClientMemory()
+MEMORY = ClientMemory()  # the memfd cannot be sealed: reached through the fd
 MEMORY.map(BASE, MEM_SIZE, fd=os.dup(_fd), user_address=BASE)
+MAPPED = ClientMemory(map_unsealed=True)  # the same memory mmap'd: what the native walker takes
+MAPPED.map(BASE, MEM_SIZE, fd=os.dup(_fd), user_address=BASE)
 ZERO = bytes(MEM_SIZE)
 
 
@@ -55,6 +61,14 @@ def _poke(address: int, data: bytes) -> None:
 def _walk(data: bytes) -> None:
     if len(data) < 4:
         return
+    python = _run(data, None)  # the reference, through the fd
+    native = fastpath.module()
+    if native is not None:
+        assert _run(data, native) == python, "the native walker differs from the Python one"
+
+
+def _run(data: bytes, native: NativeVring | None) -> tuple[object, ...]:
+    """Walk the input's ring on one walker: what came out, the ring's state, the memory."""
     size = 1 << (data[0] % 9)
     RAM[:] = ZERO
     pos = 4
@@ -66,22 +80,28 @@ def _walk(data: bytes) -> None:
     _poke(DESC, descs)
     _poke(BUFFERS, data[pos:pos + MEM_SIZE - (BUFFERS - BASE)])
     q = SplitQueue(1)
+    q.native = native
     q.indirect = bool(data[1] & 1)
     q.event_idx = bool(data[1] & 2)
     q.set_num(size)
     q.set_base(0)
-    q.attach(MEMORY)
+    q.attach(MEMORY if native is None else MAPPED)
     q.set_addr(DESC, USED, AVAIL, 0, 0)
     q.start()
+    assert q.uses_native == (native is not None)
+    out: list[object] = []
     try:
         for _ in range(2 * size + 2):
             chain = q.pop()
             if chain is None:
                 break
             _check(chain, size)
+            out.append(chain)
             q.push(chain.head, chain.writable)
-        q.publish()
-        q.arm_kick()
+        out.append(q.publish())
+        out.append(q.arm_kick())
+        return (out, q.last_avail_idx, q.used_idx, q.counters.as_dict(), q.last_error, q.broken,
+                bytes(RAM))
     finally:
         q.reset()
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from fastpath_support import PATHS, walker
 
 from appliance.net import vhost_wire as vw
 from appliance.net.port import VirtioNetPort
@@ -286,7 +287,13 @@ class Sink:
 
 
 class Rig:
-    """A port on a switch with a sink, one connection, guest memory and ring pair 0."""
+    """A port on a switch with a sink, one connection, guest memory and ring pair 0.
+
+    ``fastpath``: the port's data path, "python" or "native" (this module's tests
+    run on both).
+    """
+
+    fastpath = "python"
 
     def __init__(self, size: int = 16, features: int | None = None, queue_pairs: int = 1,
                  mem_size: int = 1 << 20) -> None:
@@ -294,6 +301,7 @@ class Rig:
         self.sink = Sink()
         self.switch.attach(self.sink)
         self.port = VirtioNetPort("net0", MAC_A, queue_pairs=queue_pairs)
+        self.port.use_native(walker(self.fastpath))
         self.port.uplink = self.switch.forward
         self.notified: list[int] = []
         self.port.notify = self.notified.append
@@ -324,6 +332,13 @@ HDR = bytes(12)
 
 
 # ---------------------------------------------------------------- end-to-end checks
+@pytest.fixture(autouse=True, params=PATHS)
+def fastpath(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test of this module runs on both data paths (the port's rings)."""
+    monkeypatch.setattr(Rig, "fastpath", request.param)
+    return str(request.param)
+
+
 def test_dpdk_like_handshake_replies_with_flags_0x5() -> None:
     rig = Rig()
     try:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastpath_support import PATHS, walker
 from test_vhost_frontend import HDR, DriverRing, GuestMemory, fd_open
 
 import appliance.runtime.vhost_session as rt
@@ -188,14 +189,18 @@ def test_refuses_a_regular_file_at_the_socket_path(tmp_path: Path, loop: EventLo
         NetService(loop, cfg(tmp_path))
 
 
+@pytest.mark.parametrize("fastpath", PATHS)
 def test_frames_between_two_ports_and_disconnect(tmp_path: Path, loop: EventLoop,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+                                                 caplog: pytest.LogCaptureFixture,
+                                                 fastpath: str) -> None:
     caplog.set_level(logging.INFO, logger="appliance.net")
-    svc = NetService(loop, cfg(tmp_path, "server", "server"))
+    svc = NetService(loop, cfg(tmp_path, "server", "server"), native=walker(fastpath))
     a = Guest(loop, str(tmp_path / "p0.sock")).setup()
     b = Guest(loop, str(tmp_path / "p1.sock")).setup()
     try:
         pump(loop, lambda: svc.stats()["ports"]["net1"]["link"] == "up")
+        tx_ring = svc.services[0].port.rings[1]
+        assert tx_ring.uses_native == (fastpath == "native")
         a.transmit(frame(b"\xff" * 6, GUEST_A))  # broadcast: floods to b (and the responder)
         pump(loop, lambda: svc.stats()["ports"]["net1"]["tx_packets"] == 1)
         assert b.received() == [frame(b"\xff" * 6, GUEST_A)]

@@ -1,4 +1,8 @@
-"""Split virtqueue: chain walking bounds, ring state, suppression (virtio 1.2 §2.7)."""
+"""Split virtqueue: chain walking bounds, ring state, suppression (virtio 1.2 §2.7).
+
+Every ring test runs on both data paths (``fastpath``: the Python walker and the
+native one, appliance._fastpath) and, for the mmap'd ones, both memory kinds.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+from fastpath_support import PATHS, walker
 from test_memory import survives
 from test_vhost_frontend import DriverRing, GuestMemory
 
@@ -27,16 +32,19 @@ NEXT, WRITE, INDIRECT = int(vw.DescFlag.NEXT), int(vw.DescFlag.WRITE), int(vw.De
 class Bench:
     """A started queue of ``size`` over one guest memory region, plus its driver.
 
-    ``fd_io``: the region cannot be sealed, so the rings are reached with pread/pwrite.
+    ``fd_io``: the region cannot be sealed, so the rings are reached with pread/pwrite
+    (and the Python walker runs whatever ``fastpath`` says).
+    ``fastpath``: "python" or "native" (appliance._fastpath).
     """
 
     def __init__(self, size: int = 8, indirect: bool = True, fd_io: bool = False,
-                 mem_size: int = 1 << 16) -> None:
+                 mem_size: int = 1 << 16, fastpath: str = "python") -> None:
         self.mem = GuestMemory(mem_size, sealable=not fd_io)
         self.cm = ClientMemory()
         self.cm.map(self.mem.gpa, self.mem.size, fd=os.dup(self.mem.fd), user_address=self.mem.uva)
         self.drv = DriverRing(self.mem, 1, size)
         self.q = SplitQueue(1)
+        self.q.native = walker(fastpath)
         self.q.indirect = indirect
         self.q.set_num(size)
         self.q.set_base(0)
@@ -44,6 +52,7 @@ class Bench:
         self.q.set_addr(self.mem.uva_of(self.drv.desc), self.mem.uva_of(self.drv.used),
                         self.mem.uva_of(self.drv.avail), 0, 0)
         self.q.start()
+        assert self.q.uses_native == (fastpath == "native" and not fd_io)
 
     def close(self) -> None:
         self.q.reset()
@@ -52,9 +61,15 @@ class Bench:
         self.mem.close()
 
 
+@pytest.fixture(params=PATHS)
+def fastpath(request: pytest.FixtureRequest) -> str:
+    """Which walker runs: "python" or "native"."""
+    return str(request.param)
+
+
 @pytest.fixture(params=[False, True], ids=["mmap", "fd-io"])
-def bench(request: pytest.FixtureRequest) -> Iterator[Bench]:
-    b = Bench(fd_io=request.param)
+def bench(request: pytest.FixtureRequest, fastpath: str) -> Iterator[Bench]:
+    b = Bench(fd_io=request.param, fastpath=fastpath)
     yield b
     b.close()
 
@@ -171,8 +186,8 @@ def test_indirect_with_next_flag(bench: Bench) -> None:
     expect_malformed(bench, 0)
 
 
-def test_indirect_not_negotiated() -> None:
-    b = Bench(indirect=False)
+def test_indirect_not_negotiated(fastpath: str) -> None:
+    b = Bench(indirect=False, fastpath=fastpath)
     try:
         b.drv.add_indirect(0, [(b"x", False)])
         expect_malformed(b, 0)
@@ -224,8 +239,8 @@ def test_avail_index_running_ahead_breaks_the_ring(bench: Bench) -> None:
     assert not bench.q.broken
 
 
-def test_wraparound_of_16_bit_indices() -> None:
-    b = Bench()
+def test_wraparound_of_16_bit_indices(fastpath: str) -> None:
+    b = Bench(fastpath=fastpath)
     try:
         b.q.stop()
         b.q.set_base(0xFFFE)
@@ -390,9 +405,9 @@ def test_suppress_and_arm_kicks(bench: Bench) -> None:
     assert bench.drv.used_flags() == 0
 
 
-def test_ring_writes_are_single_stores() -> None:
+def test_ring_writes_are_single_stores(fastpath: str) -> None:
     """The used index is written whole (never zero-filled first, as pack_into would)."""
-    bench = Bench()
+    bench = Bench(fastpath=fastpath)
     bench.drv.add_buffer(0, b"x")
     chain = bench.q.pop()
     assert chain is not None
@@ -471,11 +486,11 @@ def test_single_descriptor_over_the_limit(bench: Bench) -> None:
     assert chain is not None and chain.head == 1
 
 
-def test_default_limit_is_what_a_used_length_can_say() -> None:
+def test_default_limit_is_what_a_used_length_can_say(fastpath: str) -> None:
     """Without an owner's limit a chain still holds at most 2^32 - 1 bytes: two
     descriptors of 4 GiB - 1 each (lengths are 32 bits) exceed it (8 GiB of
     sparse guest memory: nothing is touched)."""
-    b = Bench(size=8, mem_size=1 << 33)
+    b = Bench(size=8, mem_size=1 << 33, fastpath=fastpath)
     try:
         assert b.q.max_readable == b.q.max_writable == MAX_CHAIN_BYTES
         b.drv.set_desc(0, b.mem.gpa, 0xFFFF_FFFF, NEXT, 1)
@@ -485,3 +500,22 @@ def test_default_limit_is_what_a_used_length_can_say() -> None:
         assert "exceed 4294967295" in b.q.last_error
     finally:
         b.close()
+
+
+# ---------------------------------------------------------------- transmit batches
+def test_drain_gives_each_chains_bytes_and_returns_it_used(bench: Bench) -> None:
+    bench.drv.add_buffer(0, b"hello")
+    bench.drv.make_available(99)  # malformed: skipped, not returned
+    bench.drv.add_chain([1, 2], [(b"ab", False), (b"cd", False)])
+    bench.drv.add_indirect(3, [(b"ef", False), (b"gh", False)])
+    assert bench.q.drain(2) == [b"hello", b"abcd"]  # the budget counts chains taken
+    assert bench.q.counters.malformed == 1 and "head 99" in bench.q.last_error
+    assert bench.q.avail_pending() == 1
+    assert bench.q.drain(8) == [b"efgh"] and bench.q.drain(8) == []
+    assert publish(bench) == [(0, 0), (1, 0), (3, 0)]
+
+
+def test_drain_of_a_stopped_or_broken_ring_takes_nothing(bench: Bench) -> None:
+    bench.drv.set_avail_idx(9)  # more than a queue size ahead
+    assert bench.q.drain(8) == [] and bench.q.broken
+    assert bench.q.drain(8) == [] and bench.q.counters.malformed == 1

@@ -1,0 +1,14 @@
+"""Type stub of the C extension built from native/fastpath/ (see appliance/net/native.py)."""
+
+from appliance.net.native import NativeChain, NativeRegions
+
+def pop_chains(desc: memoryview, avail: memoryview, used: memoryview, regions: NativeRegions,
+               size: int, last_avail_idx: int, used_idx: int, indirect: bool, max_readable: int,
+               max_writable: int, budget: int, /,
+               ) -> tuple[list[NativeChain], int, int, int, str | None, str | None]: ...
+def drain(desc: memoryview, avail: memoryview, used: memoryview, regions: NativeRegions,
+          size: int, last_avail_idx: int, used_idx: int, indirect: bool, max_readable: int,
+          max_writable: int, budget: int, /,
+          ) -> tuple[list[bytes], int, int, int, str | None, str | None]: ...
+def publish(avail: memoryview, used: memoryview, size: int, published: int, used_idx: int,
+            event_idx: bool, /) -> bool: ...

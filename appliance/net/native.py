@@ -1,0 +1,65 @@
+"""What a split virtqueue expects of the native fast path (device layer).
+
+The C extension ``appliance._fastpath`` (native/fastpath/) implements
+:class:`NativeVring`; :mod:`appliance.fastpath` decides whether it runs and the
+runtime hands it to the ports (:meth:`VirtioNetPort.use_native
+<appliance.net.port.VirtioNetPort.use_native>`), so nothing here imports it.
+:class:`~appliance.net.virtqueue.SplitQueue` stays the reference: the native
+calls mirror its ``pop``, ``drain`` and ``publish`` (same bounds, same
+messages), and it only calls them for a ring whose memory is all mmap'd
+(:func:`native_regions`); fd and message regions stay on the Python path.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from appliance.memory import ClientMemory
+
+#: ClientMemory's regions in address order as (guest address, view, readable, writable)
+NativeRegions = tuple[tuple[int, memoryview, bool, bool], ...]
+#: (head, [(address, length, writable), ...], readable bytes, writable bytes)
+NativeChain = tuple[int, list[tuple[int, int, bool]], int, int]
+
+
+class NativeVring(Protocol):
+    """The walker's calls; each returns ``(items, last_avail_idx, used_idx,
+    malformed, last_error, broken)``: the ring's new indices, the chains it
+    refused (counted), the last refusal's message and, when the ring cannot be
+    followed, why (None: nothing refused / the ring is fine).
+
+    Raises (each call): ValueError or TypeError for arguments that do not
+    describe a queue (ring areas too small, a size that is not a power of two);
+    MemoryError.  Guest input never raises.
+    """
+
+    def pop_chains(self, desc: memoryview, avail: memoryview, used: memoryview,
+                   regions: NativeRegions, size: int, last_avail_idx: int, used_idx: int,
+                   indirect: bool, max_readable: int, max_writable: int, budget: int, /,
+                   ) -> tuple[list[NativeChain], int, int, int, str | None, str | None]:
+        """Up to ``budget`` well-formed chains (``SplitQueue.pop``, ``budget`` times)."""
+        ...
+
+    def drain(self, desc: memoryview, avail: memoryview, used: memoryview,
+              regions: NativeRegions, size: int, last_avail_idx: int, used_idx: int,
+              indirect: bool, max_readable: int, max_writable: int, budget: int, /,
+              ) -> tuple[list[bytes], int, int, int, str | None, str | None]:
+        """Up to ``budget`` chains, each pushed with length 0, as their bytes
+        (``SplitQueue.drain``)."""
+        ...
+
+    def publish(self, avail: memoryview, used: memoryview, size: int, published: int,
+                used_idx: int, event_idx: bool, /) -> bool:
+        """Store the used index; True when the driver wants an interrupt."""
+        ...
+
+
+def native_regions(memory: ClientMemory) -> NativeRegions | None:
+    """``memory``'s regions for the native walker, or None when one of them is
+    not mmap'd (an fd or message region: those stay on the Python path)."""
+    regions = []
+    for r in memory.regions:
+        if r.view is None:
+            return None
+        regions.append((r.address, r.view, r.readable, r.writable))
+    return tuple(regions)

@@ -1,0 +1,295 @@
+/* appliance._fastpath: the native fast path's Python surface.
+ *
+ *   pop_chains(desc, avail, used, regions, size, last_avail_idx, used_idx, indirect,
+ *              max_readable, max_writable, budget)
+ *       -> (chains, last_avail_idx, used_idx, malformed, last_error, broken)
+ *       up to `budget` well-formed chains as (head, [(addr, len, writable)...],
+ *       readable, writable): SplitQueue.pop, `budget` times.
+ *   drain(... the same arguments ...)
+ *       -> (frames, last_avail_idx, used_idx, malformed, last_error, broken)
+ *       up to `budget` chains, each given back used with length 0 and returned as
+ *       the bytes of its buffers: SplitQueue.drain.
+ *   publish(avail, used, size, published, used_idx, event_idx) -> bool
+ *       SplitQueue.publish once something was pushed.
+ *
+ * desc, avail and used are the ring areas (bytes-like, used writable); regions
+ * is ClientMemory's regions in address order as (guest address, bytes-like
+ * view, readable, writable).  The buffers are held for the call only.
+ * last_error / broken are None when nothing was refused / the ring is fine.
+ * A bad argument (a short ring area, a size that is not a power of two) is a
+ * ValueError or TypeError: the caller's mistake, not the guest's.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdlib.h>
+
+#include "vring.h"
+
+#define MAX_QUEUE_SIZE 32768u
+
+typedef struct {
+    Py_buffer desc, avail, used;
+    Py_buffer *views;
+    fp_region *regions;
+    Py_ssize_t nviews;
+    int have_desc, have_avail, have_used;
+} held_t;
+
+static void release(held_t *h)
+{
+    for (Py_ssize_t i = 0; i < h->nviews; i++)
+        PyBuffer_Release(&h->views[i]);
+    if (h->have_desc)
+        PyBuffer_Release(&h->desc);
+    if (h->have_avail)
+        PyBuffer_Release(&h->avail);
+    if (h->have_used)
+        PyBuffer_Release(&h->used);
+    PyMem_Free(h->views);
+    PyMem_Free(h->regions);
+}
+
+static int get_area(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t need,
+                    const char *name, int *have)
+{
+    if (PyObject_GetBuffer(obj, view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0)
+        return -1;
+    *have = 1;
+    if (view->len < need) {
+        PyErr_Format(PyExc_ValueError, "%s area of %zd bytes is too small for the queue (%zd)",
+                     name, view->len, need);
+        return -1;
+    }
+    return 0;
+}
+
+/* The regions tuple into h->regions (sorted and disjoint, as ClientMemory keeps them). */
+static int get_regions(PyObject *seq, held_t *h)
+{
+    if (!PyTuple_Check(seq)) {
+        PyErr_SetString(PyExc_TypeError, "regions must be a tuple");
+        return -1;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
+    h->views = PyMem_Calloc(n ? (size_t)n : 1, sizeof(Py_buffer));
+    h->regions = PyMem_Calloc(n ? (size_t)n : 1, sizeof(fp_region));
+    if (h->views == NULL || h->regions == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long start;
+        int readable, writable;
+        PyObject *item = PyTuple_GET_ITEM(seq, i);
+        if (!PyTuple_Check(item)) {
+            PyErr_SetString(PyExc_TypeError, "a region is (address, view, readable, writable)");
+            return -1;
+        }
+        if (!PyArg_ParseTuple(item, "Ky*pp;a region is (address, view, readable, writable)",
+                              &start, &h->views[i], &readable, &writable))
+            return -1;
+        h->nviews = i + 1;
+        uint64_t size = (uint64_t)h->views[i].len;
+        const fp_region *prev = i ? &h->regions[i - 1] : NULL;
+        if (size == 0 || (start != 0 && size - 1 > UINT64_MAX - start)
+                || (prev != NULL && (start < prev->start || start - prev->start < prev->size))) {
+            PyErr_SetString(PyExc_ValueError, "regions must be non-empty, in address order, "
+                            "disjoint and below 2^64");
+            return -1;
+        }
+        h->regions[i] = (fp_region){start, size, h->views[i].buf, readable, writable};
+    }
+    return 0;
+}
+
+/* Parse the walk's arguments into ring (with its scratch) and h. */
+static int setup(PyObject *args, fp_ring *ring, held_t *h, Py_ssize_t *budget)
+{
+    PyObject *desc, *avail, *used, *regions;
+    unsigned int size, last, used_idx;
+    int indirect;
+    unsigned long long max_readable, max_writable;
+    memset(ring, 0, sizeof *ring);
+    if (!PyArg_ParseTuple(args, "OOOO!IIIpKKn", &desc, &avail, &used, &PyTuple_Type, &regions,
+                          &size, &last, &used_idx, &indirect, &max_readable, &max_writable,
+                          budget))
+        return -1;
+    if (size == 0 || size > MAX_QUEUE_SIZE || (size & (size - 1))) {
+        PyErr_Format(PyExc_ValueError, "queue size %u is not a power of two in 1..%u", size,
+                     MAX_QUEUE_SIZE);
+        return -1;
+    }
+    if (last > 0xFFFF || used_idx > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "ring indices are 16 bits");
+        return -1;
+    }
+    if (get_area(desc, &h->desc, 0, 16 * (Py_ssize_t)size, "descriptor", &h->have_desc) < 0
+            || get_area(avail, &h->avail, 0, 6 + 2 * (Py_ssize_t)size, "avail", &h->have_avail) < 0
+            || get_area(used, &h->used, 1, 6 + 8 * (Py_ssize_t)size, "used", &h->have_used) < 0
+            || get_regions(regions, h) < 0)
+        return -1;
+    ring->desc = h->desc.buf;
+    ring->avail = h->avail.buf;
+    ring->used = h->used.buf;
+    ring->size = size;
+    ring->indirect = indirect;
+    ring->max_readable = max_readable;
+    ring->max_writable = max_writable;
+    ring->regions = h->regions;
+    ring->nregions = (size_t)h->nviews;
+    ring->last_avail_idx = (uint16_t)last;
+    ring->used_idx = (uint16_t)used_idx;
+    /* at most size - 1 descriptors before an indirect one, then at most size in its table */
+    ring->segs = PyMem_Malloc(2 * (size_t)size * sizeof(fp_seg));
+    ring->table = PyMem_Malloc(16 * (size_t)size);
+    if (ring->segs == NULL || ring->table == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static void teardown(fp_ring *ring, held_t *h)
+{
+    PyMem_Free(ring->segs);
+    PyMem_Free(ring->table);
+    release(h);
+}
+
+static PyObject *chain_tuple(const fp_ring *ring, const fp_chain *c)
+{
+    PyObject *segs = PyList_New((Py_ssize_t)c->n);
+    if (segs == NULL)
+        return NULL;
+    for (size_t i = 0; i < c->n; i++) {
+        const fp_seg *s = &ring->segs[i];
+        PyObject *seg = Py_BuildValue("(KkO)", (unsigned long long)s->addr, (unsigned long)s->len,
+                                      s->write ? Py_True : Py_False);
+        if (seg == NULL) {
+            Py_DECREF(segs);
+            return NULL;
+        }
+        PyList_SET_ITEM(segs, (Py_ssize_t)i, seg);
+    }
+    return Py_BuildValue("(INKK)", (unsigned)c->head, segs, (unsigned long long)c->readable,
+                         (unsigned long long)c->writable);
+}
+
+static PyObject *gathered(fp_ring *ring, const fp_chain *c)
+{
+    PyObject *data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(c->readable + c->writable));
+    if (data == NULL)
+        return NULL;
+    if (fp_gather(ring, c, (unsigned char *)PyBytes_AS_STRING(data)) != 0) {
+        Py_DECREF(data);
+        ring->malformed++; /* as SplitQueue.drain: a read that fails counts, no message */
+        Py_RETURN_NONE;
+    }
+    return data;
+}
+
+/* The common loop of pop_chains (gather 0) and drain (gather 1).  On an error
+ * nothing is returned: the caller's indices stay, so the chains are walked again
+ * (the used elements written meanwhile were not published). */
+static PyObject *run(PyObject *args, int gather)
+{
+    fp_ring ring;
+    held_t h = {0};
+    Py_ssize_t budget;
+    PyObject *items = NULL, *result = NULL;
+    if (setup(args, &ring, &h, &budget) < 0)
+        goto out;
+    items = PyList_New(0);
+    if (items == NULL)
+        goto out;
+    int state = FP_EMPTY;
+    for (Py_ssize_t i = 0; i < budget; i++) {
+        fp_chain c;
+        state = fp_next(&ring, &c);
+        if (state != FP_CHAIN)
+            break;
+        PyObject *item;
+        if (gather) {
+            fp_push(&ring, c.head, 0);
+            item = gathered(&ring, &c);
+        } else {
+            item = chain_tuple(&ring, &c);
+        }
+        if (item == NULL)
+            goto out;
+        int failed = item != Py_None && PyList_Append(items, item) < 0;
+        Py_DECREF(item);
+        if (failed)
+            goto out;
+    }
+    result = Py_BuildValue("(OIIKzz)", items, (unsigned)ring.last_avail_idx,
+                           (unsigned)ring.used_idx, (unsigned long long)ring.malformed,
+                           ring.has_error ? ring.last_error : NULL,
+                           state == FP_BROKEN ? ring.broken : NULL);
+out:
+    Py_XDECREF(items);
+    teardown(&ring, &h);
+    return result;
+}
+
+static PyObject *pop_chains(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return run(args, 0);
+}
+
+static PyObject *drain(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return run(args, 1);
+}
+
+static PyObject *publish(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *avail, *used;
+    unsigned int size, published, used_idx;
+    int event_idx;
+    held_t h = {0};
+    fp_ring ring;
+    memset(&ring, 0, sizeof ring);
+    if (!PyArg_ParseTuple(args, "OOIIIp", &avail, &used, &size, &published, &used_idx, &event_idx))
+        return NULL;
+    if (size == 0 || size > MAX_QUEUE_SIZE || (size & (size - 1)) || published > 0xFFFF
+            || used_idx > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "bad queue size or index");
+        return NULL;
+    }
+    if (get_area(avail, &h.avail, 0, 6 + 2 * (Py_ssize_t)size, "avail", &h.have_avail) < 0
+            || get_area(used, &h.used, 1, 6 + 8 * (Py_ssize_t)size, "used", &h.have_used) < 0) {
+        release(&h);
+        return NULL;
+    }
+    ring.avail = h.avail.buf;
+    ring.used = h.used.buf;
+    ring.size = size;
+    ring.used_idx = (uint16_t)used_idx;
+    int wants = fp_publish(&ring, (uint16_t)published, event_idx);
+    release(&h);
+    return PyBool_FromLong(wants);
+}
+
+static PyMethodDef methods[] = {
+    {"pop_chains", pop_chains, METH_VARARGS, "Up to budget well-formed chains (SplitQueue.pop)."},
+    {"drain", drain, METH_VARARGS, "Up to budget chains used with length 0, as their bytes."},
+    {"publish", publish, METH_VARARGS, "Publish the used index; True when the driver wants an "
+     "interrupt."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "appliance._fastpath",
+    "The native fast path: the split virtqueue walker (appliance/fastpath.py decides "
+    "whether it runs).", -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__fastpath(void)
+{
+    return PyModule_Create(&module);
+}

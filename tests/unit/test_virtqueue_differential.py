@@ -1,0 +1,283 @@
+"""The native walker against the Python one on random rings, valid and hostile.
+
+Each example lays out guest memory (two regions: the rings' and a second one,
+adjacent or not, with random access rights), fills a split ring with random
+descriptors (out-of-range addresses and indices, loops, INDIRECT in INDIRECT,
+lengths up to 2^32 - 1, tables of bad sizes), an avail ring whose index may
+jump past a queue size, and then runs the same operations on two identical
+copies: one queue on the Python walker, one on appliance._fastpath.  After
+every step both must agree on what came out (chains, frames, interrupt
+decisions), on the ring's state (indices, counters, last error, broken) and
+on every byte of guest memory.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastpath_support import require_native
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from test_vhost_frontend import GuestMemory
+
+from appliance.memory import ClientMemory
+from appliance.net.virtqueue import MAX_CHAIN_BYTES, Chain, SplitQueue
+
+A_GPA = 0x100000
+A_SIZE = 0x10000
+B_SIZE = 0x4000
+UVA = 0x7F0000000000
+DESC, AVAIL, USED, TABLES, BUFFERS = 0x0, 0x400, 0x800, 0x1000, 0x2000
+TABLE_SLOT = 0x200  # bytes per indirect table slot (up to 32 descriptors)
+N_TABLES = 8
+
+
+@dataclass
+class Layout:
+    size: int
+    base: int  # the ring's starting index (SET_VRING_BASE)
+    b_gap: int  # bytes between region A's end and region B
+    b_access: tuple[bool, bool]  # region B (readable, writable)
+    a_image: bytes
+    b_image: bytes
+    indirect: bool
+    event_idx: bool
+    max_readable: int
+    max_writable: int
+    ops: list[tuple[Any, ...]]
+
+    @property
+    def b_gpa(self) -> int:
+        return A_GPA + A_SIZE + self.b_gap
+
+
+def desc(addr: int, length: int, flags: int, nxt: int) -> bytes:
+    return struct.pack("<QIHH", addr, length, flags, nxt)
+
+
+@st.composite
+def descriptors(draw: st.DrawFn, size: int, b_gpa: int, count: int, sane: bool = False) -> bytes:
+    """``count`` random descriptors, mostly plausible, often hostile; ``sane``: chains
+    of in-range buffers (descriptor i followed by i + 1), rarely hostile."""
+    if sane and draw(st.integers(0, 9)):
+        out = b""
+        for i in range(count):
+            flags = draw(st.sampled_from([0, 0, 1, 1, 2, 3, 4] if i == 0 else [0, 1, 2, 3]))
+            length = 16 * draw(st.integers(1, 4)) if flags == 4 else draw(st.integers(0, 0x600))
+            buffers = st.one_of(st.integers(A_GPA + BUFFERS, A_GPA + A_SIZE - 0x800),
+                                st.integers(A_GPA + BUFFERS, A_GPA + A_SIZE - 0x800),
+                                st.integers(b_gpa - 0x400, b_gpa + B_SIZE - 0x800))  # B, or across
+            where = (st.sampled_from([A_GPA + TABLES + k * TABLE_SLOT for k in range(N_TABLES)])
+                     if flags == 4 else buffers)
+            out += desc(draw(where), length, flags, (i + 1) % max(count, 1))
+        return out
+    tables = [A_GPA + TABLES + i * TABLE_SLOT for i in range(N_TABLES)]
+    plausible_addr = st.integers(A_GPA + BUFFERS, A_GPA + A_SIZE - 0x800)  # region A's buffers
+    addr = st.one_of(
+        plausible_addr, plausible_addr, plausible_addr,
+        st.sampled_from(tables),  # an indirect table
+        st.integers(b_gpa, b_gpa + B_SIZE - 1),  # in region B
+        st.sampled_from([A_GPA + A_SIZE - 8, b_gpa - 8, b_gpa + B_SIZE - 4,  # straddling
+                         A_GPA - 16, b_gpa + B_SIZE, 0, (1 << 64) - 8, (1 << 64) - 1]),
+        st.integers(0, (1 << 64) - 1))
+    plausible_length = st.integers(0, 0x600)
+    length = st.one_of(
+        plausible_length, plausible_length,
+        st.sampled_from([0, 16, 32, 48, 16 * size, 16 * size + 16, 24, 0xFFFF_FFFF, 0x8000_0000]),
+        st.integers(0, 0x3000))
+    plausible_flags = st.sampled_from([0, 1, 2, 3, 4])  # none, NEXT, WRITE, both, INDIRECT
+    flags = st.one_of(plausible_flags, plausible_flags, st.integers(0, 0xFFFF))
+    nxt = st.one_of(st.integers(0, size - 1), st.integers(0, size - 1), st.integers(0, 0xFFFF))
+    out = b""
+    for _ in range(count):
+        out += desc(draw(addr), draw(length), draw(flags), draw(nxt))
+    return out
+
+
+@st.composite
+def layouts(draw: st.DrawFn) -> Layout:
+    size = draw(st.sampled_from([1, 2, 4, 8, 16]))
+    b_gap = draw(st.sampled_from([0, 0x1000]))
+    b_gpa = A_GPA + A_SIZE + b_gap
+    a = bytearray(draw(st.binary(min_size=64, max_size=64)) * (A_SIZE // 64))
+    sane = draw(st.booleans())
+    a[DESC:DESC + 16 * size] = draw(descriptors(size, b_gpa, size, sane))
+    for i in range(N_TABLES):
+        n = draw(st.integers(1, TABLE_SLOT // 16))
+        table = draw(descriptors(n, b_gpa, n, sane))
+        a[TABLES + i * TABLE_SLOT:TABLES + i * TABLE_SLOT + 16 * n] = table
+    base = draw(st.sampled_from([0, 1, 0xFFFE, 0xFFFF, 0x8000]))
+    heads = st.one_of(st.integers(0, size - 1), st.integers(0, size - 1), st.integers(0, 0xFFFF))
+    avail_ring = b"".join(struct.pack("<H", draw(heads)) for _ in range(size))
+    ahead = draw(st.integers(0, size) if sane else
+                 st.one_of(st.integers(0, size), st.integers(0, size), st.integers(0, 0xFFFF)))
+    avail_flags = draw(st.sampled_from([0, 1, 0xFFFF]))
+    used_event = draw(st.one_of(st.integers(0, 0xFFFF), st.just(base)))
+    a[AVAIL:AVAIL + 6 + 2 * size] = (struct.pack("<HH", avail_flags, (base + ahead) & 0xFFFF)
+                                     + avail_ring + struct.pack("<H", used_event))
+    a[USED:USED + 6 + 8 * size] = struct.pack("<HH", 0, base) + bytes(8 * size + 2)
+    limit = st.sampled_from([MAX_CHAIN_BYTES, 0x3000, 1526, 64, 0])
+    op = st.one_of(
+        st.tuples(st.just("pop")),
+        st.tuples(st.just("drain"), st.integers(1, 2 * size + 1)),
+        st.tuples(st.just("publish")),
+        st.tuples(st.just("push"), st.integers(0, size - 1), st.integers(0, 0xFFFF_FFFF)),
+        st.tuples(st.just("avail"), st.integers(0, size if sane else size + 2),  # the driver
+                  st.integers(0, size - 1) if sane else st.integers(0, 0xFFFF)),  # adds heads
+        st.tuples(st.just("desc"), st.integers(0, size - 1), descriptors(size, b_gpa, 1, sane)))
+    return Layout(
+        size=size, base=base, b_gap=b_gap,
+        b_access=draw(st.sampled_from([(True, True), (True, False), (False, True)])),
+        a_image=bytes(a), b_image=draw(st.binary(min_size=16, max_size=16)) * (B_SIZE // 16),
+        indirect=draw(st.booleans()), event_idx=draw(st.booleans()),
+        max_readable=MAX_CHAIN_BYTES if sane else draw(limit),
+        max_writable=MAX_CHAIN_BYTES if sane else draw(limit),
+        ops=draw(st.lists(op, min_size=1, max_size=12)))
+
+
+class Side:
+    """One copy of the guest memory and a queue over it, on one walker."""
+
+    def __init__(self, layout: Layout, native: Any) -> None:
+        self.a = GuestMemory(A_SIZE, gpa=A_GPA, uva=UVA)
+        self.b = GuestMemory(B_SIZE, gpa=layout.b_gpa, uva=UVA + (layout.b_gpa - A_GPA))
+        self.a.write(A_GPA, layout.a_image)
+        self.b.write(layout.b_gpa, layout.b_image)
+        self.cm = ClientMemory()
+        self.cm.map(A_GPA, A_SIZE, fd=os.dup(self.a.fd), user_address=UVA)
+        readable, writable = layout.b_access
+        self.cm.map(layout.b_gpa, B_SIZE, fd=os.dup(self.b.fd), readable=readable,
+                    writable=writable, user_address=self.b.uva)
+        q = self.q = SplitQueue(1)
+        q.native = native
+        q.indirect, q.event_idx = layout.indirect, layout.event_idx
+        q.max_readable, q.max_writable = layout.max_readable, layout.max_writable
+        q.set_num(layout.size)
+        q.set_base(layout.base)
+        q.attach(self.cm)
+        q.set_addr(UVA + DESC, UVA + USED, UVA + AVAIL, 0, 0)
+        q.start()
+        assert q.uses_native == (native is not None)
+        self.avail_idx = struct.unpack_from("<H", layout.a_image, AVAIL + 2)[0]
+
+    def run(self, op: tuple[Any, ...], size: int) -> Any:
+        q = self.q
+        if op[0] == "pop":
+            return q.pop()
+        if op[0] == "drain":
+            return q.drain(op[1])
+        if op[0] == "publish":
+            return q.publish()
+        if op[0] == "push":
+            return q.push(op[1], op[2])
+        if op[0] == "avail":  # the driver makes op[1] more heads available
+            for _ in range(op[1]):
+                self.a.write(A_GPA + AVAIL + 4 + 2 * (self.avail_idx % size), struct.pack("<H", op[2]))
+                self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+            self.a.write(A_GPA + AVAIL + 2, struct.pack("<H", self.avail_idx))
+            return None
+        self.a.write(A_GPA + DESC + 16 * op[1], op[2])  # the driver rewrites a descriptor
+        return None
+
+    def state(self) -> tuple[Any, ...]:
+        q = self.q
+        return (q.last_avail_idx, q.used_idx, q.unpublished, q.counters.as_dict(), q.last_error,
+                q.broken, q.ready, self.a.read(A_GPA, A_SIZE), self.b.read(self.b.gpa, B_SIZE))
+
+    def close(self) -> None:
+        self.q.reset()
+        self.cm.unmap_all()
+        self.a.close()
+        self.b.close()
+
+
+@contextmanager
+def sides(layout: Layout) -> Iterator[tuple[Side, Side]]:
+    python = Side(layout, None)
+    try:
+        native = Side(layout, require_native())
+        try:
+            yield python, native
+        finally:
+            native.close()
+    finally:
+        python.close()
+
+
+def outcome(result: Any, q: SplitQueue) -> str:
+    """What a step did, for hypothesis' statistics (``pytest --hypothesis-show-statistics``)."""
+    if q.broken:
+        return "ring broken"
+    if isinstance(result, list):
+        return f"{min(len(result), 3)}+ frames" if len(result) >= 3 else f"{len(result)} frames"
+    if result is None:
+        return "nothing"
+    if isinstance(result, Chain):
+        return f"a chain of {min(len(result.segments), 3)}{'+' if len(result.segments) > 2 else ''}"
+    return f"{type(result).__name__}, {min(q.counters.malformed, 2)}{'+' if q.counters.malformed > 1 else ''} malformed"
+
+
+def check_same(layout: Layout, record: bool = False) -> None:
+    with sides(layout) as (python, native):
+        assert python.state() == native.state()
+        for step, op in enumerate(layout.ops):
+            want = python.run(op, layout.size)
+            got = native.run(op, layout.size)
+            assert got == want, f"step {step} {op[0]}: native {got!r}, python {want!r}"
+            assert native.state() == python.state(), f"after step {step} {op[0]}"
+            if record:
+                event(f"{op[0]}: {outcome(want, python.q)}")
+
+
+@settings(max_examples=int(os.environ.get("APPLIANCE_DIFF_EXAMPLES", "300")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(layouts())
+def test_native_walker_matches_python(layout: Layout) -> None:
+    check_same(layout, record=True)
+
+
+def test_every_refusal_is_met() -> None:
+    """Hand-made rings covering each rule, compared the same way (hypothesis may
+    miss one in a short run)."""
+    size = 4
+    b_gpa = A_GPA + A_SIZE
+    buf, table = A_GPA + BUFFERS, A_GPA + TABLES
+    nested = desc(table + TABLE_SLOT, 16, 4, 0)
+    cases: list[tuple[bytes, bytes]] = [
+        (desc(buf, 60, 0, 0), b""),  # fine: one buffer
+        (desc(buf, 8, 1, 1) + desc(buf, 8, 3, 0), b""),  # fine: readable then writable
+        (desc(buf, 8, 1, 0), b""),  # a loop
+        (desc(buf, 8, 1, 9), b""),  # next outside the table
+        (desc(table, 16, 4, 0), nested),  # INDIRECT inside INDIRECT
+        (desc(table, 16, 5, 1), desc(buf, 4, 0, 0)),  # INDIRECT with NEXT
+        (desc(table, 24, 4, 0), desc(buf, 4, 0, 0)),  # table not a multiple of 16
+        (desc(table, 16 * 5, 4, 0), desc(buf, 4, 0, 0) * 5),  # table longer than the queue
+        (desc(b_gpa + B_SIZE - 8, 16, 4, 0), b""),  # table past the memory
+        (desc(table, 32, 4, 0), desc(buf, 4, 1, 2) + desc(buf, 4, 0, 0)),  # next outside it
+        (desc(buf, 8, 3, 1) + desc(buf, 8, 0, 0), b""),  # readable after writable
+        (desc(buf, 0, 3, 1) + desc(buf, 8, 0, 0), b""),  # ... after a zero-length writable
+        (desc((1 << 64) - 8, 16, 0, 0), b""),  # address overflow
+        (desc(b_gpa - 8, 16, 0, 0), b""),  # straddles the two regions (adjacent: fine)
+        (desc(buf, 0xFFFF_FFFF, 1, 1) + desc(buf, 0xFFFF_FFFF, 0, 0), b""),  # over 2^32 - 1
+        (desc(b_gpa + 16, 16, 2, 0), b""),  # writable, in region B
+        (desc(buf, 8, 1, 1) + desc(b_gpa + 16, 16, 2, 0), b""),  # the same, in a chain
+        (desc(buf, 8, 1, 1) + desc(b_gpa - 8, 16, 2, 0), b""),  # writable across A and B
+        (desc(table, 16, 4, 0), desc(b_gpa + 16, 16, 0, 0)),  # readable in B, indirect
+        (desc(b_gpa + 16, 16, 4, 0), desc(buf, 16, 0, 0)),  # an indirect table in B
+    ]
+    for head_descs, table_bytes in cases:
+        a = bytearray(A_SIZE)
+        a[DESC:DESC + len(head_descs)] = head_descs
+        a[TABLES:TABLES + len(table_bytes)] = table_bytes
+        a[AVAIL:AVAIL + 6 + 2 * size] = struct.pack("<HHHHHHH", 0, 1, 0, 0, 0, 0, 0)
+        for access in ((True, True), (True, False), (False, True)):
+            check_same(Layout(size=size, base=0, b_gap=0, b_access=access, a_image=bytes(a),
+                              b_image=bytes(B_SIZE), indirect=True, event_idx=False,
+                              max_readable=MAX_CHAIN_BYTES, max_writable=MAX_CHAIN_BYTES,
+                              ops=[("pop",), ("publish",), ("avail", 1, 0), ("drain", 4),
+                                   ("publish",)]))
