@@ -26,7 +26,6 @@ bring-up, read/write/flush) raise :class:`NvmeError` when it failed.
 
 from __future__ import annotations
 
-import select
 import struct
 import time
 from collections.abc import Iterator
@@ -43,6 +42,7 @@ from appliance.client.nvme_queues import (
 )
 from appliance.client.nvme_sgl import build_sgl, data_runs
 from appliance.client.vfio_user import MemoryArea, VfioUserClient, eventfd_count
+from appliance.runtime.unix import wait_readable
 from appliance.storage import spec
 from appliance.vfio_user.wire import PciRegion
 
@@ -435,7 +435,7 @@ class NvmeDriver:
     def _idle(self, q: QueuePair, left: float) -> None:
         """Wait up to ``left`` seconds for the controller to post to ``q``'s CQ."""
         if q.eventfd is not None:
-            if select.select([q.eventfd], [], [], left)[0]:
+            if wait_readable(q.eventfd, left):
                 eventfd_count(q.eventfd)
         else:  # barrier: posted doorbells are processed (mmap'd ones: by the server's poll)
             self.read_reg(spec.Reg.CSTS)

@@ -99,7 +99,7 @@ class VfioUserBus:
         nvec = self.client.irq_info(PciIrq.MSIX).count if enabled else 0
         if nvec:
             self.eventfds = [new_eventfd() for _ in range(nvec)]
-            self.client.set_irq_eventfds(PciIrq.MSIX, [os.dup(fd) for fd in self.eventfds])
+            self.client.set_irq_eventfds(PciIrq.MSIX, self.eventfds)  # (the server gets copies)
         return nvec, self.eventfds
 
     def forget_interrupts(self) -> None:

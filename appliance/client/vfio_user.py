@@ -17,11 +17,11 @@ import errno
 import json
 import mmap
 import os
-import select
 import socket
 from dataclasses import dataclass
 from typing import Any, Self
 
+from appliance.runtime.unix import wait_readable
 from appliance.runtime.vfio_user import recv_chunk, send_message
 from appliance.vfio_user import wire as w
 from appliance.vfio_user.framing import Frame, Framer, encode
@@ -142,7 +142,7 @@ class VfioUserClient:
             frame = self.framer.next_frame()
             if frame is not None:
                 return frame
-            if not select.select([self.sock], [], [], self.timeout if timeout is None else timeout)[0]:
+            if not wait_readable(self.sock, self.timeout if timeout is None else timeout):
                 raise TimeoutError("no message from the server")
             try:
                 data, fds = recv_chunk(self.sock, self.framer.bytes_wanted())
@@ -193,7 +193,7 @@ class VfioUserClient:
     def poll_requests(self, timeout: float = 0.0) -> int:
         """Serve server->client requests that arrive within ``timeout``; returns how many."""
         served = 0
-        while select.select([self.sock], [], [], timeout)[0]:
+        while wait_readable(self.sock, timeout):
             frame = self.receive()
             if frame is None:
                 break

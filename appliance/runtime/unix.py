@@ -10,6 +10,7 @@ from __future__ import annotations
 import array
 import errno
 import os
+import select
 import socket
 
 from appliance.errors import RemoteProtocolError
@@ -86,6 +87,14 @@ def send_some(sock: socket.socket, buffers: list[memoryview], fds: list[int]) ->
     """
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
     return sock.sendmsg(buffers, anc)
+
+
+def wait_readable(fd: int | socket.socket, timeout: float | None) -> bool:
+    """Whether ``fd`` became readable (or hung up) within ``timeout`` seconds
+    (None: no limit).  ``poll``, not ``select``: any fd number works."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else max(0.0, timeout) * 1000))
 
 
 def signal_eventfd(fd: int) -> None:

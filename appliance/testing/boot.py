@@ -14,7 +14,6 @@ exits, unless ``--keep`` is given.
 from __future__ import annotations
 
 import os
-import select
 import shlex
 import signal
 import subprocess
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from appliance.config import Config
 from appliance.errors import ApplianceError
+from appliance.runtime.unix import wait_readable
 
 READY = b"appliance: ready"
 
@@ -53,7 +53,7 @@ def _start_appliance(cmd: list[str], log_path: str, timeout: float = 30.0) -> su
             proc.kill()
             proc.wait()
             raise ApplianceError(f"the appliance did not start in {timeout:.0f} s (see {log_path})")
-        if not select.select([fd], [], [], left)[0]:
+        if not wait_readable(fd, left):
             continue
         chunk = os.read(fd, 4096)
         if not chunk:

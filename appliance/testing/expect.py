@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
+
+from appliance.runtime.unix import wait_readable
 
 
 class ExpectProcess:
@@ -40,7 +41,7 @@ class ExpectProcess:
     def _read(self, timeout: float) -> bool:
         assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
-        if not select.select([fd], [], [], max(0.0, timeout))[0]:
+        if not wait_readable(fd, timeout):
             return False
         try:
             chunk = os.read(fd, 65536)

@@ -11,7 +11,6 @@ SIGTERM and waits until the server is gone.
 from __future__ import annotations
 
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -21,6 +20,7 @@ from types import TracebackType
 from typing import Self
 
 from appliance.nbd.uri import NbdUri
+from appliance.runtime.unix import wait_readable
 
 SERVERS = ("qemu-storage-daemon", "nbdkit")
 START_TIMEOUT = 30.0
@@ -137,9 +137,9 @@ class NbdServer:
             return
         try:
             os.kill(pid, sig)
-            if not select.select([pidfd], [], [], STOP_GRACE)[0]:
+            if not wait_readable(pidfd, STOP_GRACE):
                 os.kill(pid, signal.SIGKILL)
-                select.select([pidfd], [], [], START_TIMEOUT)
+                wait_readable(pidfd, START_TIMEOUT)
         except ProcessLookupError:
             pass
         finally:

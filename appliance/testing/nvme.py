@@ -61,6 +61,7 @@ class ControllerBus:
         self.interrupts = InterruptLog()
         self.auto_poll = auto_poll
         self._doorbell_mm: mmap.mmap | None = None
+        self._mappings: list[mmap.mmap] = []  # this side's view of guest memory
         ctrl.attach(self.memory, self.interrupts)
         cmd = PciCommand.MEMORY | PciCommand.BUS_MASTER
         ctrl.region_write(PciRegion.CONFIG, COMMAND, int(cmd).to_bytes(2, "little"))
@@ -85,7 +86,8 @@ class ControllerBus:
         fd = os.memfd_create("guest", os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, size)
         mm = mmap.mmap(fd, size)
-        self.memory.map(address, size, fd=fd)
+        self._mappings.append(mm)
+        self.memory.map(address, size, fd=fd)  # (the memory owns the fd from now on)
         return MemoryArea(address, size, mm, fd)
 
     def map_doorbells(self) -> memoryview:
@@ -108,9 +110,18 @@ class ControllerBus:
         self.interrupts.take()
 
     def close(self) -> None:
+        """Unmap guest memory (closing its memfds) and the doorbell page."""
+        _open_buses.discard(self)
         if self._doorbell_mm is not None:
             self._doorbell_mm.close()
             self._doorbell_mm = None
+        self.memory.unmap_all()
+        for mm in self._mappings:
+            try:
+                mm.close()
+            except BufferError:  # a view of it is still held: the mapping goes with it
+                pass
+        self._mappings.clear()
 
 
 def controller_driver(ctrl: NvmeController, *, msix: bool = True, doorbells: str = "message",
@@ -118,4 +129,17 @@ def controller_driver(ctrl: NvmeController, *, msix: bool = True, doorbells: str
     """An :class:`NvmeDriver` on a :class:`ControllerBus` of ``ctrl``: guest memory
     at :data:`BASE`, :data:`SIZE` bytes; not enabled yet (``ready()`` or ``setup()``)."""
     bus = ControllerBus(ctrl, msix=msix, auto_poll=auto_poll)
+    _open_buses.add(bus)
     return NvmeDriver(bus, mem_base=BASE, mem_size=SIZE, doorbells=doorbells)
+
+
+#: the buses :func:`controller_driver` made and nobody closed yet (a driver's
+#: ``close()`` closes its bus, which leaves this set)
+_open_buses: set[ControllerBus] = set()
+
+
+def close_all() -> None:
+    """Close every bus :func:`controller_driver` made that is still open (a test's
+    teardown: guest-memory memfds are fds, which garbage collection does not close)."""
+    for bus in list(_open_buses):
+        bus.close()

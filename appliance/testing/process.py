@@ -8,7 +8,6 @@ everything the process printed.
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from typing import Any
 import yaml
 
 from appliance.config import Config, RawConfig
+from appliance.runtime.unix import wait_readable
 
 
 def make_config(tmp: Path, **overrides: Any) -> RawConfig:
@@ -93,7 +93,7 @@ class ApplianceProcess:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"appliance did not print {needle!r}; log: {self.log_text()}")
-            if not select.select([fd], [], [], left)[0]:
+            if not wait_readable(fd, left):
                 continue
             chunk = os.read(fd, 4096)
             if not chunk:
