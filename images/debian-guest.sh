@@ -22,9 +22,9 @@
 # /sbin/appliance-init (kernel command line flags in parentheses) prints on ttyS0:
 #   GUEST-UP uptime=S                      (from the initrd)
 #   GUEST-DEBIAN CODENAME kernel=RELEASE   once the Debian root is mounted
-#   (qe.shell)  GUEST-SHELL, then bash on ttyS0 with echo off and empty prompts, the
-#               same protocol as the busybox guest (appliance/testing/qemu.py
-#               Guest.run); when it exits: GUEST-SHELL-EXIT
+#   (qe.shell)  GUEST-SHELL, then bash on ttyS0 with echo off, empty prompts and no
+#               job control (no job notifications): the busybox guest's protocol
+#               (appliance/testing/qemu.py Guest.run); when it exits: GUEST-SHELL-EXIT
 #   GUEST-POWEROFF, then the guest powers off and QEMU exits
 #
 # Usage: sudo bash images/debian-guest.sh   (or: sudo appliance image build --guest debian)
@@ -35,7 +35,7 @@ set -euo pipefail
 
 # Bump DEBIAN_INIT_VERSION whenever an /init gains a behaviour tests rely on; the
 # harness (appliance/testing/qemu.py, REQUIRED_DEBIAN_INIT_VERSION) refuses older ones.
-DEBIAN_INIT_VERSION=1
+DEBIAN_INIT_VERSION=2  # 2: no job notifications in the shell
 BASE_PACKAGES="bash fio nvme-cli util-linux e2fsprogs xfsprogs btrfs-progs f2fs-tools procps iproute2 iputils-ping"
 DEBIAN_MODULES=${DEBIAN_MODULES:-virtio_pci virtio_blk virtio_net nvme crc32c_generic ext4 xfs btrfs f2fs}
 
@@ -99,11 +99,13 @@ hostname debian-guest
 . /etc/os-release
 echo "GUEST-DEBIAN $VERSION_CODENAME kernel=$(uname -r) uptime=$(cut -d' ' -f1 /proc/uptime)"
 if grep -qw qe.shell /proc/cmdline; then
-  # Commands arrive on ttyS0 from QEMU's stdin. Echo off, no line editing and
-  # empty prompts, so the console shows only what the commands print.
+  # Commands arrive on ttyS0 from QEMU's stdin. Echo off, no line editing,
+  # empty prompts and no job control (no "[1]+ Done" lines after a background
+  # job), so the console shows only what the commands print.
   stty -echo < /dev/ttyS0
   echo "GUEST-SHELL"
-  PS1= PS2= setsid -c -w bash --noediting --noprofile --norc -i <>/dev/ttyS0 >&0 2>&1
+  PS1= PS2= PROMPT_COMMAND='set +m' setsid -c -w bash --noediting --noprofile --norc -i \
+    <>/dev/ttyS0 >&0 2>&1
   echo "GUEST-SHELL-EXIT"
 fi
 echo "GUEST-POWEROFF"
