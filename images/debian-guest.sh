@@ -35,9 +35,9 @@ set -euo pipefail
 
 # Bump DEBIAN_INIT_VERSION whenever an /init gains a behaviour tests rely on; the
 # harness (appliance/testing/qemu.py, REQUIRED_DEBIAN_INIT_VERSION) refuses older ones.
-DEBIAN_INIT_VERSION=2  # 2: no job notifications in the shell
+DEBIAN_INIT_VERSION=3  # 2: no job notifications in the shell; 3: crc32 (f2fs)
 BASE_PACKAGES="bash fio nvme-cli util-linux e2fsprogs xfsprogs btrfs-progs f2fs-tools procps iproute2 iputils-ping"
-DEBIAN_MODULES=${DEBIAN_MODULES:-virtio_pci virtio_blk virtio_net nvme crc32c_generic ext4 xfs btrfs f2fs}
+DEBIAN_MODULES=${DEBIAN_MODULES:-virtio_pci virtio_blk virtio_net nvme crc32c_generic crc32_generic ext4 xfs btrfs f2fs}
 
 QE=${QEMU_ENV:-${XDG_CACHE_HOME:-$HOME/.cache}/appliance/qemu-env}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}

@@ -22,7 +22,7 @@ from pathlib import Path
 from appliance.testing.qemu import Guest, QemuEnv, QemuUnavailable, _unavailable
 
 #: ``debian/init-version`` must be at least this (DEBIAN_INIT_VERSION in images/debian-guest.sh).
-REQUIRED_DEBIAN_INIT_VERSION = 2  # 2: no job notifications in the shell
+REQUIRED_DEBIAN_INIT_VERSION = 3  # 2: no job notifications in the shell; 3: crc32 (f2fs)
 #: Guest RAM of a Debian guest in MiB (fio, mkfs.btrfs and the page cache want more
 #: than the busybox guest's 512).
 DEBIAN_MEM_MB = 1024

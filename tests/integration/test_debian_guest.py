@@ -1,5 +1,5 @@
 """The Debian guest (images/debian-guest.sh) on the appliance's NVMe disk: fio verify,
-injected media errors, and ext4/xfs/btrfs round trips, one across a live handoff.
+injected media errors, and ext4/xfs/btrfs/f2fs round trips, ext4 across a live handoff.
 
 One boot per doorbell mode (``storage.doorbells`` message and mmap) runs everything:
 the guest (Linux 6.1, QEMU 11.1 vfio-user-pci) sees the appliance's controller and,
@@ -45,8 +45,10 @@ FIO_READ_AROUND = ("fio --direct=1 --ioengine=psync --rw=read --bs=4k --continue
                    "rc=$?; cat /tmp/fio.json; [ $rc = 0 ]")
 FAULT_BYTES = (2 << 20, 16 << 10)  # the media-error range: 16 KiB at 2 MiB
 
-MKFS = {"ext4": "mkfs.ext4 -q -F", "xfs": "mkfs.xfs -q -f", "btrfs": "mkfs.btrfs -q -f"}
-FSCK = {"ext4": "e2fsck -fn", "xfs": "xfs_repair -n", "btrfs": "btrfs check"}
+MKFS = {"ext4": "mkfs.ext4 -q -F", "xfs": "mkfs.xfs -q -f", "btrfs": "mkfs.btrfs -q -f",
+        "f2fs": "mkfs.f2fs -q -f"}
+FSCK = {"ext4": "e2fsck -fn", "xfs": "xfs_repair -n", "btrfs": "btrfs check",
+        "f2fs": "fsck.f2fs"}
 # A tree of files of random sizes, a directory of 20 at a time, logged in /tmp/tree.log
 # (until {until} is true); its checksums in /tmp/sums.
 WRITE_TREE = ("d=0; until {until}; do d=$((d + 1)); mkdir -p /mnt/d$d/sub; for f in $(seq 20); do "
@@ -114,18 +116,22 @@ def debian(qemu_env: QemuEnv, appliance_factory: Any, tmp_path: Path,
 
 @pytest.mark.parametrize("debian", ["message", "mmap"], indirect=True)
 def test_fio_faults_and_filesystems_in_the_debian_guest(debian: tuple[Guest, Any],
-                                                        appliance_factory: Any) -> None:
+                                                        appliance_factory: Any,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
     g, a = debian
     mode = a.config.storage.doorbells.value
     ours, theirs = disk_of(g, APPLIANCE_MODEL), disk_of(g, QEMU_MODEL)
 
     # fio verify on both disks, numbers side by side
-    print(f"\nfio randwrite+verify, 4 KiB, 2x16 MiB (IOPS under TCG; doorbells={mode})")
-    print(f"{'jobs x qd':<10}{'appliance write':>16}{'verify':>9}{'QEMU nvme write':>17}{'verify':>9}")
+    header = (f"{'jobs x qd':<10}{'appliance write':>16}{'verify':>9}{'QEMU nvme write':>17}"
+              f"{'verify':>9}")
+    table = [f"fio randwrite+verify, 4 KiB, 2x16 MiB (IOPS under TCG; doorbells={mode})", header]
     for jobs, qd in JOBS:
         mine, ref = fio_verify(g, ours, jobs, qd), fio_verify(g, theirs, jobs, qd)
-        print(f"{f'{jobs} x {qd}':<10}{mine['write']:>16.0f}{mine['read']:>9.0f}"
-              f"{ref['write']:>17.0f}{ref['read']:>9.0f}")
+        table.append(f"{f'{jobs} x {qd}':<10}{mine['write']:>16.0f}{mine['read']:>9.0f}"
+                     f"{ref['write']:>17.0f}{ref['read']:>9.0f}")
+    with capsys.disabled():  # in the test output even when it passes
+        print("\n" + "\n".join(table))
 
     # media errors on an LBA range: fio's read errors are exactly that range's blocks
     out, _ = g.run(f"cat /sys/block/{ours[5:]}/queue/logical_block_size")
@@ -146,8 +152,8 @@ def test_fio_faults_and_filesystems_in_the_debian_guest(debian: tuple[Guest, Any
     out, rc = g.run(f"dd if={ours} of=/dev/null bs=4k skip={first // 4096} count=4 iflag=direct")
     assert rc == 0, out
 
-    # file systems: ext4, xfs and btrfs round trips with fsck clean
-    for fs in ("ext4", "xfs", "btrfs"):
+    # file systems: ext4, xfs, btrfs and f2fs round trips with fsck clean
+    for fs in ("ext4", "xfs", "btrfs", "f2fs"):
         if fs == "ext4" and mode == "message":
             continue  # below: across a live handoff
         out, rc = g.run(fs_round_trip(fs, ours), timeout=300)
