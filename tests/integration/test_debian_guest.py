@@ -161,6 +161,7 @@ def test_fio_faults_and_filesystems_in_the_debian_guest(debian: tuple[Guest, Any
 
     if mode == "message":
         ext4_across_a_handoff(g, a, appliance_factory, ours)
+    assert "Traceback" not in a.log_text()
 
 
 def ext4_across_a_handoff(g: Guest, a: Any, appliance_factory: Any, dev: str) -> None:
@@ -188,3 +189,4 @@ def ext4_across_a_handoff(g: Guest, a: Any, appliance_factory: Any, dev: str) ->
     assert rc == 0 and out.endswith("FS-OK"), out
     out, _ = g.run("dmesg | grep -c -i -e 'nvme.*timeout' -e 'i/o error'")
     assert out.strip() == "0", out
+    assert "Traceback" not in b.log_text()
