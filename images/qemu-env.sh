@@ -59,6 +59,7 @@
 #        QEMU_SOURCE=auto|host|sid (auto: the host's QEMU if it is 10.1+ with
 #        vfio-user-pci, then no chroot is made; else sid's; see "which QEMU")
 set -euo pipefail
+. "$(dirname "$(readlink -f "$0")")/guest-modules.sh"
 
 # Bump INIT_VERSION whenever /init gains a behaviour tests rely on; the harness
 # (tests/integration/qemu.py, REQUIRED_INIT_VERSION) refuses older guests.
@@ -264,7 +265,7 @@ fi
 
 # ---------------------------------------------------------------- 4. modules
 # guest/modules/ holds the .ko files (decompressed) and modules.order (dependencies
-# first). Its .list stamp names the kernel and the requested modules.
+# first; images/guest-modules.sh). Its .list stamp names the kernel and the modules.
 want_list="$KV $GUEST_MODULES"
 if [ "$(cat "$G/modules/.list" 2>/dev/null)" != "$want_list" ]; then
     if [ -z "$KDEB" ]; then
@@ -272,38 +273,10 @@ if [ "$(cat "$G/modules/.list" 2>/dev/null)" != "$want_list" ]; then
         KDEB=$(ls "$G/debs/${KPKG}"_*.deb | tail -1)
     fi
     say "collecting modules: $GUEST_MODULES ..."
-    rm -rf "$G/kroot" "$G/modules.new"
-    mkdir -p "$G/kroot" "$G/modules.new"
-    dpkg-deb --fsys-tarfile "$KDEB" | tar -x -C "$G/kroot" ./lib/modules
-    MD=$G/kroot/lib/modules/$KV
-    M=$G/modules.new
-    # Resolve module dependencies from each .ko's modinfo "depends=" (the .deb has
-    # no modules.dep and the host has no kmod); deps go first in modules.order.
-    declare -A SEEN=()
-    resolve() {
-        local n=$1 p d x
-        [ -z "${SEEN[$n]:-}" ] || return 0
-        SEEN[$n]=1
-        p=$(find "$MD/kernel" \( -name "$n.ko*" -o -name "${n//_/-}.ko*" -o -name "${n//-/_}.ko*" \) -print -quit)
-        if [ -z "$p" ]; then
-            grep -qE "/(${n}|${n//_/-}|${n//-/_})\.ko" "$MD/modules.builtin" && return 0
-            die "module $n not found"
-        fi
-        x=$(basename "$p"); x=${x%%.ko*}
-        case $p in
-            *.ko.xz) xz -dc "$p" > "$M/$x.ko";;
-            *.ko) cp "$p" "$M/$x.ko";;
-            *) die "unsupported module file $p";;
-        esac
-        d=$(grep -a -o 'depends=[^[:cntrl:]]*' "$M/$x.ko" | head -1 | cut -d= -f2)
-        for n in ${d//,/ }; do resolve "$n"; done
-        echo "$x" >> "$M/modules.order"
-    }
-    : > "$M/modules.order"
-    for m in $GUEST_MODULES; do resolve "$m"; done
-    echo "$want_list" > "$M/.list"
-    rm -rf "$G/modules" "$G/kroot"         # 400 MB of unpacked modules, no longer needed
-    mv "$M" "$G/modules"
+    collect_modules "$KDEB" "$KV" "$GUEST_MODULES" "$G/modules.new"
+    echo "$want_list" > "$G/modules.new/.list"
+    rm -rf "$G/modules"
+    mv "$G/modules.new" "$G/modules"
 fi
 
 # ---------------------------------------------------------------- 5. /init

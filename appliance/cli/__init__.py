@@ -121,7 +121,7 @@ def _cmd_boot(cfg: Config, args: argparse.Namespace) -> int:
     from appliance.testing.boot import boot
 
     return boot(cfg, args.config, append=args.append, smp=args.smp, keep=args.keep,
-                dry_run=args.dry_run)
+                dry_run=args.dry_run, guest_image=args.guest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("-c", "--config", help="YAML configuration file")
     bt.add_argument("--append", default="", help="more guest kernel arguments")
     bt.add_argument("--smp", type=int, default=1, help="guest vCPUs")
+    bt.add_argument("--guest", choices=("busybox", "debian"), default="busybox",
+                    help="the guest image (debian: `appliance image build --guest debian`)")
     bt.add_argument("--keep", action="store_true",
                     help="leave an appliance this command started running after QEMU exits")
     bt.add_argument("--dry-run", action="store_true", help="print the commands, start nothing")

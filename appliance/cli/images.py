@@ -13,6 +13,11 @@ built are skipped, so a second ``build`` is a no-op (about a second) unless the
 guest's ``/init`` changed in the script.  ``--force`` rebuilds everything from
 fresh downloads.
 
+``--guest debian`` also builds the Debian guest (``images/debian-guest.sh``, under
+``debian/`` in the cache directory: a bookworm root file system with bash, fio,
+nvme-cli and the ext4/xfs/btrfs/f2fs tools, plus ``--packages``); the busybox
+guest stays the default and is always built.
+
 Every failure is an :class:`~appliance.errors.ApplianceError` (one line
 ``appliance: error: image build: ...``, exit status 2).  ``info`` exits 0 when
 the environment is complete, 1 when it is not.
@@ -37,6 +42,16 @@ from appliance.errors import ApplianceError
 
 #: The builder, found relative to this file (a source checkout / editable install).
 BUILDER = Path(__file__).resolve().parents[2] / "images" / "qemu-env.sh"
+#: The Debian guest's builder (``--guest debian``), run after :data:`BUILDER`.
+DEBIAN_BUILDER = BUILDER.with_name("debian-guest.sh")
+GUESTS = ("busybox", "debian")
+# A Debian package name (Debian Policy 5.6.1: lower case, digits, + - .; two or more).
+_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+# name -> path inside the cache directory of the Debian guest's parts.
+DEBIAN_ARTIFACTS = {
+    "deb-rootfs": "debian/rootfs.img",
+    "deb-initrd": "debian/initrd.img",
+}
 #: The host QEMU from which ``vfio-user-pci`` (the vfio-user client) exists.
 HOST_QEMU_MIN = (10, 1)
 
@@ -52,7 +67,8 @@ ARTIFACTS = {
 _ERROR_LINE = re.compile(r"^\[[\w.-]+\s+\d+s\] ERROR: (.*)")
 # Files whose modification time changes when the builder (re)builds a part.
 _BUILT_STAMPS = ("sid/.qemu-env-ok", "guest/.guest-ok", "guest/vmlinux", "guest/busybox",
-                 "guest/modules/.list", "guest/initrd.img")
+                 "guest/modules/.list", "guest/initrd.img", "debian/rootfs.img",
+                 "debian/initrd.img")
 
 
 def cache_dir(arg: str | None = None) -> Path:
@@ -62,16 +78,17 @@ def cache_dir(arg: str | None = None) -> Path:
     return Path(arg or os.environ.get(ENV_VAR) or DEFAULT_ENV).expanduser().absolute()
 
 
-def builder() -> Path:
-    """The builder script.
+def builder(script: Path | None = None) -> Path:
+    """The builder script (``script``, else :data:`BUILDER`).
 
     Raises:
         ApplianceError: not found (the package was installed without its source tree).
     """
-    if not BUILDER.is_file():
-        raise ApplianceError(f"image: {BUILDER} not found: install the appliance from a "
+    script = script or BUILDER
+    if not script.is_file():
+        raise ApplianceError(f"image: {script} not found: install the appliance from a "
                              "source checkout (`pip install -e .`)")
-    return BUILDER
+    return script
 
 
 @dataclass(frozen=True)
@@ -118,8 +135,17 @@ def inspect(root: Path) -> tuple[list[Artifact], str | None]:
         "initramfs": (f"init v{init_version}, {initrd.stat().st_size // 1024} KiB"
                       if initrd.exists() else ""),
     }
+    debian_packages = _read(root / "debian" / "packages").split()
+    rootfs = root / DEBIAN_ARTIFACTS["deb-rootfs"]
+    if rootfs.exists():
+        details["deb-rootfs"] = (f"{debian_packages[0] if debian_packages else '?'}, "
+                                    f"{rootfs.stat().st_size >> 20} MiB: "
+                                    f"{' '.join(debian_packages[1:])}")
     arts = [Artifact(name, root / rel, (root / rel).exists(), details.get(name, ""))
             for name, rel in ARTIFACTS.items()]
+    # the Debian guest is optional: listed once its folder exists, never a problem
+    debian = [Artifact(name, root / rel, (root / rel).exists(), details.get(name, ""))
+              for name, rel in DEBIAN_ARTIFACTS.items()] if (root / "debian").is_dir() else []
     problem = None
     if not host and not (root / "sid" / ".qemu-env-ok").exists():
         problem = "the sid chroot (QEMU 11.1) is not built and the host's QEMU is not in use"
@@ -128,7 +154,7 @@ def inspect(root: Path) -> tuple[list[Artifact], str | None]:
     elif not init_version.isdigit() or int(init_version) < REQUIRED_INIT_VERSION:
         problem = (f"the guest initramfs is stale (init v{init_version or '?'}, the harness "
                    f"needs v{REQUIRED_INIT_VERSION})")
-    return arts, problem
+    return arts + debian, problem
 
 
 def host_qemu() -> tuple[str, bool] | None:
@@ -161,37 +187,13 @@ def _stamps(root: Path) -> dict[str, float]:
 QEMU_SOURCES = ("auto", "host", "sid")
 
 
-def build(root: Path, *, force: bool = False, boot_test: bool = False,
-          echo: Any = None, qemu: str = "auto") -> bool:
-    """Run the builder for ``root``; its progress lines go to ``echo`` (a text stream).
-
-    Returns:
-        True if something was (re)built, False if everything was cached.
-    ``qemu``: "auto" (the host's QEMU if it has vfio-user-pci, else sid's),
-    "host" or "sid".
+def _run_builder(script: Path, env: dict[str, str], echo: Any) -> None:
+    """Run one builder script, its progress lines to ``echo`` (a text stream).
 
     Raises:
-        ApplianceError: not root, no builder, no debootstrap, or the builder failed
-            (the message is the builder's own ERROR line when it printed one).
+        ApplianceError: it could not start or exited non-zero (the message is its own
+            ERROR line when it printed one).
     """
-    if qemu not in QEMU_SOURCES:
-        raise ApplianceError(f"image build: --qemu must be one of {', '.join(QEMU_SOURCES)}")
-    if os.geteuid() != 0:
-        raise ApplianceError("image build: needs root (debootstrap, chroot, mknod): "
-                             "run `sudo appliance image build`")
-    script = builder()
-    if (force or not (root / "sid" / ".qemu-env-ok").exists()) and \
-            not shutil.which("debootstrap") and not shutil.which("apt-get"):
-        raise ApplianceError("image build: debootstrap is not installed and there is no "
-                             "apt-get to install it (a Debian host is needed)")
-    env = dict(os.environ, QEMU_ENV=str(root), QEMU_SOURCE=qemu)
-    env.pop("FORCE", None)
-    env.pop("SKIP_BOOT_TEST", None)
-    if force:
-        env["FORCE"] = "1"
-    if not boot_test:
-        env["SKIP_BOOT_TEST"] = "1"
-    before = _stamps(root)
     error = last = ""
     try:
         proc = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE,
@@ -213,9 +215,69 @@ def build(root: Path, *, force: bool = False, boot_test: bool = False,
         context = f" (last output: {last})" if last else ""
         raise ApplianceError(
             f"image build: {error or f'{script.name} exited with status {rc}{context}'}")
+
+
+def packages_arg(values: list[str] | None) -> tuple[str, ...]:
+    """``--packages`` (repeatable, comma- or space-separated) as package names.
+
+    Raises:
+        ApplianceError: a name that is not a Debian package name.
+    """
+    names = tuple(n for v in values or () for n in re.split(r"[,\s]+", v) if n)
+    for n in names:
+        if not _PACKAGE.fullmatch(n):
+            raise ApplianceError(f"image build: --packages: {n!r} is not a Debian package name")
+    return names
+
+
+def build(root: Path, *, force: bool = False, boot_test: bool = False,
+          echo: Any = None, qemu: str = "auto", guest: str = "busybox",
+          packages: tuple[str, ...] = ()) -> bool:
+    """Run the builder for ``root``; its progress lines go to ``echo`` (a text stream).
+
+    Returns:
+        True if something was (re)built, False if everything was cached.
+    ``qemu``: "auto" (the host's QEMU if it has vfio-user-pci, else sid's),
+    "host" or "sid". ``guest="debian"`` then builds the Debian guest too, with
+    ``packages`` added to its root file system.
+
+    Raises:
+        ApplianceError: not root, no builder, no debootstrap, or the builder failed
+            (the message is the builder's own ERROR line when it printed one).
+    """
+    if qemu not in QEMU_SOURCES:
+        raise ApplianceError(f"image build: --qemu must be one of {', '.join(QEMU_SOURCES)}")
+    if guest not in GUESTS:
+        raise ApplianceError(f"image build: --guest must be one of {', '.join(GUESTS)}")
+    if packages and guest != "debian":
+        raise ApplianceError("image build: --packages goes with --guest debian")
+    if os.geteuid() != 0:
+        raise ApplianceError("image build: needs root (debootstrap, chroot, mknod): "
+                             "run `sudo appliance image build`")
+    script = builder()
+    debian_script = builder(DEBIAN_BUILDER) if guest == "debian" else None
+    if (force or not (root / "sid" / ".qemu-env-ok").exists() or debian_script) and \
+            not shutil.which("debootstrap") and not shutil.which("apt-get"):
+        raise ApplianceError("image build: debootstrap is not installed and there is no "
+                             "apt-get to install it (a Debian host is needed)")
+    env = dict(os.environ, QEMU_ENV=str(root), QEMU_SOURCE=qemu)
+    for var in ("FORCE", "SKIP_BOOT_TEST", "EXTRA_PACKAGES"):
+        env.pop(var, None)
+    if force:
+        env["FORCE"] = "1"
+    if not boot_test:
+        env["SKIP_BOOT_TEST"] = "1"
+    before = _stamps(root)
+    _run_builder(script, env, echo)
     _, problem = inspect(root)
     if problem:
         raise ApplianceError(f"image build: {script.name} finished but {problem}")
+    if debian_script is not None:
+        _run_builder(debian_script, dict(env, EXTRA_PACKAGES=" ".join(packages)), echo)
+        missing = [rel for rel in DEBIAN_ARTIFACTS.values() if not (root / rel).exists()]
+        if missing:
+            raise ApplianceError(f"image build: {debian_script.name} finished but "
+                                 f"{root / missing[0]} is missing")
     return _stamps(root) != before
 
 
@@ -259,7 +321,8 @@ def cmd_build(cfg: Config, args: argparse.Namespace) -> int:
     root = cache_dir(args.cache)
     t0 = time.monotonic()
     changed = build(root, force=args.force, boot_test=args.boot_test,
-                    echo=None if args.quiet else sys.stderr, qemu=args.qemu)
+                    echo=None if args.quiet else sys.stderr, qemu=args.qemu, guest=args.guest,
+                    packages=packages_arg(args.packages))
     arts, _ = inspect(root)
     state = f"built in {time.monotonic() - t0:.0f} s" if changed else "up to date (cached)"
     print(f"appliance: image {state}")
@@ -283,6 +346,12 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--qemu", choices=QEMU_SOURCES, default="auto",
                    help="the host's QEMU (10.1+ with vfio-user-pci) or QEMU 11.1 in a sid "
                         "chroot; auto: the host's when it will do")
+    b.add_argument("--guest", choices=GUESTS, default="busybox",
+                   help="debian: also build the Debian guest (bash, fio, nvme-cli, mkfs/fsck "
+                        "of ext4, xfs, btrfs, f2fs; images/README.md); busybox: only the "
+                        "default busybox guest")
+    b.add_argument("--packages", action="append", metavar="PKG[,PKG...]",
+                   help="more Debian packages in the Debian guest (repeatable)")
     b.add_argument("-q", "--quiet", action="store_true", help="no builder progress on stderr")
     b.set_defaults(func=cmd_build, config=None, trace=False, verbose=False)
     i = isub.add_parser("info", help="where the kernel, initramfs and QEMU are, and whether "

@@ -1,7 +1,8 @@
 """``appliance boot``: the appliance (started if not running) and a QEMU guest on the terminal.
 
 The guest is the provisioned test guest (``images/qemu-env.sh``: kernel 6.1,
-busybox) under TCG with the appliance's NVMe controller and net ports
+busybox; with ``--guest debian`` the Debian guest of ``images/debian-guest.sh``:
+bash, fio, nvme-cli, the ext4/xfs/btrfs/f2fs tools) under TCG with the appliance's NVMe controller and net ports
 attached; its serial console is this terminal (QEMU ``-nographic``: Ctrl-A X
 quits).  The shell starts with echo off (the test harness wants it so): type
 ``stty echo`` for an interactive session.
@@ -63,16 +64,20 @@ def _start_appliance(cmd: list[str], log_path: str, timeout: float = 30.0) -> su
 
 
 def boot(cfg: Config, config_path: str | None, *, append: str = "", smp: int = 1,
-         keep: bool = False, dry_run: bool = False) -> int:
-    """Boot a guest on the terminal; returns QEMU's exit status.
+         keep: bool = False, dry_run: bool = False, guest_image: str = "busybox") -> int:
+    """Boot a guest (``guest_image``: busybox or debian) on the terminal; returns
+    QEMU's exit status.
 
     Raises:
-        ApplianceError: no QEMU environment, or the appliance does not start.
+        ApplianceError: no QEMU environment (or no Debian guest), or the appliance
+            does not start.
     """
+    from appliance.testing.debian import debian_guest, locate_debian
     from appliance.testing.qemu import Guest, QemuUnavailable, locate_env, qemu_args
 
     try:
         env = locate_env()
+        image = locate_debian(env) if guest_image == "debian" else None
     except QemuUnavailable as exc:
         raise ApplianceError(f"boot: QEMU environment unavailable: {exc} "
                              "(run `sudo scripts/provision`)") from None
@@ -80,8 +85,12 @@ def boot(cfg: Config, config_path: str | None, *, append: str = "", smp: int = 1
     running = _running(cfg)
     args = qemu_args(cfg, net=True)
     devices = args[args.index("-device"):]
-    guest = Guest(env, Path(cfg.run_dir), args=devices, append=f"qe.shell {append}".strip(),
-                  smp=smp, name="boot-guest")
+    if image is not None:
+        guest = debian_guest(env, image, Path(cfg.run_dir), args=devices, append=append, smp=smp,
+                             name="boot-guest")
+    else:
+        guest = Guest(env, Path(cfg.run_dir), args=devices,
+                      append=f"qe.shell {append}".strip(), smp=smp, name="boot-guest")
     argv = list(guest.argv)
     i = argv.index("-qmp")
     del argv[i:i + 2]  # no QMP socket: the terminal is the interface

@@ -21,7 +21,11 @@ when the test fails):
   attached to the appliance's NVMe controller and net ports, ready when its
   ``/dev/nvme0n1`` exists.  ``guest.run("cmd") -> (output, rc)``.
   Kernel arguments and vCPUs come from ``@pytest.mark.appliance_guest(append=,
-  smp=, net=, wait_nvme=)``.
+  smp=, net=, wait_nvme=)``; ``image="debian"`` boots the Debian guest (bash,
+  fio, nvme-cli, mkfs of ext4/xfs/btrfs/f2fs; :mod:`appliance.testing.debian`)
+  instead of busybox, and ``args=[...]`` adds QEMU options (another disk).
+  When a test using it fails, the guest's last console lines are a section of
+  the report.
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ import pytest
 
 from appliance.testing.process import ApplianceProcess, make_config
 
+#: Where the ``appliance_guest`` fixture keeps its guest for the failure report.
+GUEST_KEY = pytest.StashKey[Any]()
+#: Console lines in the failure report.
+REPORT_TAIL_LINES = 60
+
 WAIT_NVME = ("for i in $(seq 300); do [ -b /dev/nvme0n1 ] && break; sleep 0.1; done; "
              "[ -b /dev/nvme0n1 ]")
 
@@ -42,7 +51,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "appliance_config(**overrides): configuration of the `appliance` fixture")
     config.addinivalue_line(
-        "markers", "appliance_guest(append='', smp=1, net=True, wait_nvme=True): "
+        "markers", "appliance_guest(append='', smp=1, net=True, wait_nvme=True, "
+                   "image='busybox', args=()): "
                    "how the `appliance_guest` fixture boots")
 
 
@@ -107,7 +117,8 @@ def appliance_guest(request: pytest.FixtureRequest, appliance: ApplianceProcess,
     """A QEMU guest attached to ``appliance`` (NVMe, and net ports unless net=False)."""
     from appliance.testing.qemu import Guest, qemu_args, qemu_env
 
-    opts: dict[str, Any] = {"append": "", "smp": 1, "net": True, "wait_nvme": True}
+    opts: dict[str, Any] = {"append": "", "smp": 1, "net": True, "wait_nvme": True,
+                            "image": "busybox", "args": ()}
     marker = request.node.get_closest_marker("appliance_guest")
     if marker is not None:
         opts.update(marker.kwargs)
@@ -115,9 +126,19 @@ def appliance_guest(request: pytest.FixtureRequest, appliance: ApplianceProcess,
     cfg = appliance.config
     args = qemu_args(cfg, net=bool(opts["net"]) and bool(cfg.net.ports))
     # the Guest brings its own memory backend: keep only the devices
-    devices = args[args.index("-device"):]
-    guest = Guest(env, tmp_path, args=devices, append=f"qe.shell {opts['append']}".strip(),
-                  smp=int(opts["smp"]), name="guest")
+    devices = [*args[args.index("-device"):], *opts["args"]]
+    if opts["image"] == "debian":
+        from appliance.testing.debian import debian_guest, debian_image
+
+        guest = debian_guest(env, debian_image(env), tmp_path, args=devices,
+                             append=str(opts["append"]), smp=int(opts["smp"]), name="guest")
+    elif opts["image"] == "busybox":
+        guest = Guest(env, tmp_path, args=devices, append=f"qe.shell {opts['append']}".strip(),
+                      smp=int(opts["smp"]), name="guest")
+    else:
+        raise pytest.UsageError(f"appliance_guest: image must be busybox or debian, "
+                                f"not {opts['image']!r}")
+    request.node.stash[GUEST_KEY] = guest
     try:
         guest.start()
         if opts["wait_nvme"]:
@@ -135,4 +156,8 @@ def appliance_guest(request: pytest.FixtureRequest, appliance: ApplianceProcess,
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     rep = yield
     setattr(item, "rep_" + rep.when, rep)
+    guest = item.stash.get(GUEST_KEY, None)
+    if rep.failed and guest is not None and guest.proc is not None:
+        title = f"guest console (last {REPORT_TAIL_LINES} lines, log {guest.log_path})"
+        rep.sections.append((title, guest.tail(REPORT_TAIL_LINES)))
     return rep

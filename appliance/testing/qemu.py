@@ -207,6 +207,8 @@ class Guest:
         name: names the log file.
         qemu: another QEMU binary to run instead of the environment's 11.1 (e.g. the
             host's /usr/bin/qemu-system-x86_64, bookworm's 7.2, which has no vfio-user).
+        initrd: another initramfs than the busybox guest's (the Debian guest's,
+            :mod:`appliance.testing.debian`).
 
     QEMU starts on :meth:`start` (or entering the ``with`` block) and is killed by
     :meth:`kill` / leaving the block, whatever happened.
@@ -225,6 +227,7 @@ class Guest:
         accel: str = "tcg",
         name: str = "guest",
         qemu: str | Path | None = None,
+        initrd: Path | None = None,
     ) -> None:
         self.env = env
         self.workdir = Path(workdir)
@@ -244,7 +247,7 @@ class Guest:
             else f"memory-backend-ram,id=mem,size={mem_mb}M",
             "-numa", "node,memdev=mem",
             "-nographic", "-no-reboot", "-nic", "none", "-vga", "none",
-            "-kernel", str(env.vmlinux), "-initrd", str(env.initrd),
+            "-kernel", str(env.vmlinux), "-initrd", str(initrd or env.initrd),
             "-append", kernel_cmdline,
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             *args,

@@ -15,6 +15,8 @@ import pytest
 from qemu import Guest, GuestFactory, QemuEnv
 from qemu import qemu_env as _locate_qemu_env
 
+from appliance.testing.plugin import GUEST_KEY
+
 
 @pytest.fixture(scope="session")
 def qemu_env() -> QemuEnv:
@@ -28,7 +30,8 @@ def guest_factory(
 ) -> Iterator[GuestFactory]:
     """``guest_factory(**Guest kwargs) -> Guest``: a started guest, killed at teardown.
 
-    Logs are ``tmp_path/guestN.log``; on failure their paths are printed.
+    Logs are ``tmp_path/guestN.log``; on failure their paths are printed, and the
+    report has the last started guest's console tail (the plugin's section).
     """
     guests: list[Guest] = []
 
@@ -36,6 +39,7 @@ def guest_factory(
         kwargs.setdefault("name", f"guest{len(guests)}")
         g = Guest(qemu_env, tmp_path, **kwargs)
         guests.append(g)
+        request.node.stash[GUEST_KEY] = g
         return g.start()
 
     yield make

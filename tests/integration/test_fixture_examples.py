@@ -227,3 +227,28 @@ def test_nvme_cli_sees_the_controller_and_the_injected_error(appliance_guest: An
     smart = nvme("smart-log /dev/nvme0")
     # 128-bit counters: numbers in nvme-cli 2.x of sid, strings in bookworm's 2.4
     assert int(smart["media_errors"]) == 1 and int(smart["num_err_log_entries"]) >= 1, smart
+
+
+# ---------------------------------------------------------------- the Debian guest
+@pytest.mark.appliance_config(net=NET)
+@pytest.mark.appliance_guest(image="debian")
+def test_debian_guest_runs_fio_into_an_injected_media_error(appliance_guest: Any,
+                                                            appliance_ctl: Any) -> None:
+    """The Debian guest (bash, fio, nvme-cli, real file systems) on the appliance's
+    disk and NIC: fio's read of a block with an injected media error fails with
+    ENODATA, the kernel names the sector, and the block next to it reads fine."""
+    out, rc = appliance_guest.run("uname -r; fio --version")
+    assert rc == 0 and out.splitlines()[-1].startswith("fio-"), out
+    out, rc = appliance_guest.run("ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && "
+                                  "ping -c 1 -W 5 10.0.2.2 >/dev/null && echo pong", timeout=60)
+    assert rc == 0 and out.endswith("pong"), out
+    appliance_ctl("fault.add", action="status", status="unrecovered_read_error", opcode=2,
+                  lba="2048-2055")  # the 4 KiB at 1 MiB
+    fio = ("fio --name=r --filename=/dev/nvme0n1 --direct=1 --rw=read --bs=4k --size=4k "
+           "--offset={offset} 2>&1")
+    out, rc = appliance_guest.run(fio.format(offset="1M"))
+    assert rc != 0 and "No data available" in out, out
+    out, rc = appliance_guest.run(fio.format(offset="1028k"))
+    assert rc == 0 and "err= 0" in out, out
+    dmesg, _ = appliance_guest.run("dmesg | grep -i 'critical medium error' | tail -1")
+    assert "sector 2048" in dmesg, dmesg

@@ -38,3 +38,24 @@ def test_boot_without_qemu_environment_is_one_error_line(
     err = capsys.readouterr().err
     assert err.startswith("appliance: error: boot: QEMU environment unavailable") and \
         err.count("\n") == 1
+
+
+def test_boot_dry_run_of_the_debian_guest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    env = qemu.QemuEnv(root=tmp_path, qemu=tmp_path / "qemu", qemu_img=tmp_path / "img",
+                       vmlinux=tmp_path / "vmlinux", initrd=tmp_path / "initrd")
+    monkeypatch.setattr(qemu, "locate_env", lambda: env)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run_dir: {tmp_path}/run\ndata_dir: {tmp_path}/data\n")
+    assert main(["boot", "--dry-run", "--guest", "debian", "-c", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("appliance: error: boot: QEMU environment unavailable: ") and \
+        "--guest debian" in err and err.count("\n") == 1
+    (tmp_path / "debian").mkdir()
+    for name in ("rootfs.img", "initrd.img"):
+        (tmp_path / "debian" / name).write_bytes(b"x")
+    (tmp_path / "debian" / "init-version").write_text("99\n")
+    assert main(["boot", "--dry-run", "--guest", "debian", "-c", str(cfg)]) == 0
+    qemu_line = capsys.readouterr().out.splitlines()[-1]
+    assert f"-initrd {tmp_path}/debian/initrd.img" in qemu_line
+    assert f"file={tmp_path}/debian/rootfs.img" in qemu_line and "vfio-user-pci" in qemu_line

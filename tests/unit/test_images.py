@@ -33,11 +33,27 @@ touch "$QEMU_ENV/sid/.qemu-env-ok"
 """
 
 
+# A stand-in for images/debian-guest.sh: makes the Debian guest's files, logs its packages.
+FAKE_DEBIAN_BUILDER = """#!/bin/bash
+set -eu
+echo "EXTRA_PACKAGES=$EXTRA_PACKAGES" >> "$QEMU_ENV.debian-calls"
+echo "[fake] Debian guest in $QEMU_ENV/debian"
+mkdir -p "$QEMU_ENV/debian"
+[ -n "${NO_ROOTFS:-}" ] || head -c 2097152 /dev/zero > "$QEMU_ENV/debian/rootfs.img"
+echo x > "$QEMU_ENV/debian/initrd.img"
+echo "bookworm bash fio $EXTRA_PACKAGES" > "$QEMU_ENV/debian/packages"
+"""
+
+
 @pytest.fixture
 def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     script = tmp_path / "qemu-env.sh"
     script.write_text(FAKE_BUILDER)
     monkeypatch.setattr(images, "BUILDER", script)
+    debian = tmp_path / "debian-guest.sh"
+    debian.write_text(FAKE_DEBIAN_BUILDER)
+    monkeypatch.setattr(images, "DEBIAN_BUILDER", debian)
+    monkeypatch.delenv("NO_ROOTFS", raising=False)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.delenv("FAIL", raising=False)
     return tmp_path / "env"
@@ -148,8 +164,48 @@ def test_no_builder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     one_error_line(capsys.readouterr().err, f"image: {tmp_path}/gone/qemu-env.sh not found")
 
 
+def test_debian_guest_with_more_packages(fake: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["image", "build", "-q", "--cache", str(fake), "--guest", "debian",
+                 "--packages", "strace,gdb", "--packages", "lsof"]) == 0
+    assert capsys.readouterr().out.startswith("appliance: image built in")
+    assert (fake.parent / "env.calls").exists()  # the busybox environment first
+    assert (fake.parent / "env.debian-calls").read_text() == "EXTRA_PACKAGES=strace gdb lsof\n"
+    assert main(["image", "info", "--cache", str(fake)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert (f"deb-rootfs {fake}/debian/rootfs.img  (bookworm, 2 MiB: bash fio strace gdb lsof)"
+            in lines), lines
+    assert lines[-1] == "status     built"
+
+
+def test_busybox_build_leaves_the_debian_guest_alone(fake: Path) -> None:
+    assert main(["image", "build", "-q", "--cache", str(fake)]) == 0
+    assert not (fake.parent / "env.debian-calls").exists()
+    assert not (fake / "debian").exists()
+
+
+@pytest.mark.parametrize(("argv", "error"), [
+    (["--packages", "strace"], "image build: --packages goes with --guest debian"),
+    (["--guest", "debian", "--packages", "Bad_Name"],
+     "image build: --packages: 'Bad_Name' is not a Debian package name"),
+])
+def test_bad_packages_are_one_line(fake: Path, capsys: pytest.CaptureFixture[str],
+                                   argv: list[str], error: str) -> None:
+    assert main(["image", "build", "-q", "--cache", str(fake), *argv]) == 2
+    one_error_line(capsys.readouterr().err, error)
+    assert not (fake.parent / "env.calls").exists()  # refused before any builder ran
+
+
+def test_debian_builder_that_leaves_no_rootfs(fake: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("NO_ROOTFS", "1")
+    assert main(["image", "build", "-q", "--cache", str(fake), "--guest", "debian"]) == 2
+    one_error_line(capsys.readouterr().err,
+                   f"image build: debian-guest.sh finished but {fake}/debian/rootfs.img is missing")
+
+
 @pytest.mark.parametrize("argv", [["image"], ["image", "bake"], ["image", "build", "--bogus"],
-                                  ["image", "info", "--force"], ["image", "build", "--cache"]])
+                                  ["image", "info", "--force"], ["image", "build", "--cache"],
+                                  ["image", "build", "--guest", "alpine"]])
 def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(argv)
@@ -160,3 +216,4 @@ def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str
 
 def test_the_real_builder_is_found_from_the_source_tree() -> None:
     assert images.builder() == Path(__file__).resolve().parents[2] / "images" / "qemu-env.sh"
+    assert images.builder(images.DEBIAN_BUILDER).name == "debian-guest.sh"
