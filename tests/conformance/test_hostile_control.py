@@ -32,15 +32,17 @@ def exchange(target: HostileTarget, lines: list[bytes]) -> list[dict[str, Any]]:
         s.connect(target.control_sock)
         s.sendall(b"".join(line + b"\n" for line in lines))
         buf = b""
-        while buf.count(b"\n") < len(lines):
+        while buf.count(b"\n") < len(lines) + 1:  # the QMP greeting, then the replies
             chunk = s.recv(1 << 16)
-            assert chunk, f"closed after {len(buf.splitlines())} replies"
+            assert chunk, f"closed after {len(buf.splitlines())} lines"
             buf += chunk
 
     def strict(name: str) -> None:
         raise AssertionError(f"reply carries {name}")
 
-    return [json.loads(line, parse_constant=strict) for line in buf.splitlines()]
+    greeting, *replies = [json.loads(line, parse_constant=strict) for line in buf.splitlines()]
+    assert "QMP" in greeting
+    return replies
 
 
 def request(cmd: str, args: Any, request_id: Any = 7) -> bytes:
@@ -187,6 +189,8 @@ def test_silent_connection_is_closed_after_control_idle_timeout(tmp_path: Path) 
             s.settimeout(10.0)
             s.connect(target.control_sock)
             t0 = time.monotonic()
+            greeting = s.recv(1 << 16)  # said on connect, then nothing
+            assert greeting.startswith(b'{"QMP":') and greeting.endswith(b"\r\n")
             assert s.recv(1) == b""  # closed by the appliance, not by us
             took = time.monotonic() - t0
         assert 0.9 <= took < 5.0, took
