@@ -43,6 +43,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from appliance.control.stream import MessageSplitter
+
 MAX_LINE = 64 * 1024
 MAX_DEPTH = 32  # nested arrays/objects in one request
 INT_RANGE = (-(1 << 63), 1 << 64)  # integers a request may carry: [lo, hi)
@@ -343,7 +345,8 @@ class ControlConnection:
         self.dialect: str | None = None
         self.negotiated = False  # qmp_capabilities ran: command mode
         self._buf = bytearray()
-        self._discarding = False  # inside an oversized line, skipping to its newline
+        self._discarding = False  # inside an oversized message, skipping to a newline
+        self._split = MessageSplitter()
         self._pending: deque[bytes | None] = deque()  # lines to decode; None: one too long
 
     @property
@@ -352,25 +355,30 @@ class ControlConnection:
         return self.dialect == self.QMP and self.negotiated
 
     def receive_data(self, data: bytes) -> None:
-        """Take bytes from the client (b"" at EOF is ignored: a partial line is dropped)."""
+        """Take bytes from the client (b"" at EOF is ignored: a partial message is
+        dropped).  Messages end at a newline or where their top-level object or
+        array closes (:class:`~appliance.control.stream.MessageSplitter`)."""
         self._buf += data
         while True:
-            nl = self._buf.find(b"\n")
             if self._discarding:
+                nl = self._buf.find(b"\n")
                 if nl < 0:
                     self._buf.clear()
                     return
                 del self._buf[:nl + 1]
                 self._discarding = False
                 continue
-            if nl < 0:
+            end = self._split.next_end(self._buf)
+            if end < 0:
                 if len(self._buf) > self.max_line:
                     self._buf.clear()
+                    self._split.reset()
                     self._discarding = True
                     self._pending.append(None)
                 return
-            line = bytes(self._buf[:nl])
-            del self._buf[:nl + 1]
+            line = bytes(self._buf[:end]).rstrip(b"\n")
+            del self._buf[:end]
+            self._split.reset()
             if len(line) > self.max_line:
                 self._pending.append(None)
             elif line.strip():

@@ -136,8 +136,7 @@ class _Client:
         if self.closed or not self.conn.wants_events:
             return
         self.out.push(line)
-        if not self.writing:
-            self._send()
+        self._send()  # (also when waiting for writability: the cap is checked there)
 
     def _settled(self, request: Request, result: Any, error: ControlError | None) -> None:
         """A deferred answer: send it now (the process may stop right after)."""

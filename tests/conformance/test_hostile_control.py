@@ -223,3 +223,43 @@ def test_pipelined_flood_does_not_starve_other_peers(target: HostileTarget) -> N
         reader.join(10.0)
     no_traceback_anywhere(target)
     target.assert_healthy()
+
+
+QMP_CASES = [
+    b'{"execute": "status"',  # never closed: the newline ends it
+    b'{"execute": }',
+    b"[" * 30_000 + b"]" * 30_000,
+    b'{"execute": "status", "id": 1e999}',
+    b'{"execute": "status", "id": NaN}',
+    b'{"execute": ["status"], "id": 1}',
+    b'{"execute": "status", "arguments": "all", "id": 1}',
+    b'{"exec-oob": "status", "id": 1}',
+    b'{"execute": "status", "cmd": "status", "id": 1}',
+    b'{"execute": "qmp_capabilities", "id": 1}',  # again
+    b'{"execute": "fault.add", "id": 1}',  # the dotted name is not a QMP name
+    b'{"execute": "fault-add", "arguments": {"action": "status", "count": "\xc2\xb2"}, "id": 1}',
+    b'{"execute": "namespace-resize", "arguments": {"size": [1]}, "id": 1}',
+    b'"status"',
+    b"\xff\xfe",
+]
+
+
+def test_hostile_qmp_input_gets_qmp_errors(target: HostileTarget) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10.0)
+        s.connect(target.control_sock)
+        wire = b'{"execute": "qmp_capabilities"}' + b"".join(c + b"\n" for c in QMP_CASES)
+        s.sendall(wire + b'{"execute": "status", "id": "last"}')  # no newline after it
+        buf = b""
+        while buf.count(b"\r\n") < len(QMP_CASES) + 3:
+            chunk = s.recv(1 << 16)
+            assert chunk, buf[-400:]
+            buf += chunk
+    greeting, caps, *replies, last = [json.loads(line) for line in buf.split(b"\r\n")[:-1]]
+    assert "QMP" in greeting and caps == {"return": {}}
+    assert last["id"] == "last" and "nvme" in last["return"]
+    for case, reply in zip(QMP_CASES, replies, strict=True):
+        assert set(reply) <= {"error", "id"} and set(reply["error"]) >= {"class", "desc"}, case
+        assert reply["error"]["class"] in ("GenericError", "CommandNotFound"), case
+    no_traceback_anywhere(target)
+    target.assert_healthy()
