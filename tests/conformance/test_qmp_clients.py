@@ -107,3 +107,13 @@ def test_ctl_wait_event_prints_the_event(appliance: ApplianceProcess) -> None:
                           check=False, timeout=30)
     assert late.returncode == 2
     assert late.stderr.splitlines()[-1] == "appliance: error: wait-event: no LINK_STATE event within 0.3 s"
+
+
+def test_the_fixture_client_waits_for_an_event(appliance: ApplianceProcess,
+                                               appliance_ctl: Any) -> None:
+    size = appliance_ctl("status")["nvme"]["namespaces"]["1"]["size"] + (1 << 20)
+    appliance_ctl("namespace-resize", size=size)
+    event = appliance_ctl.wait_event("NAMESPACE_CHANGED", timeout=10.0)
+    assert event["data"] == {"nsid": 1}
+    with pytest.raises(TimeoutError):
+        appliance_ctl.wait_event("NAMESPACE_CHANGED", timeout=0.2)
