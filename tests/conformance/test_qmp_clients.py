@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -117,3 +118,22 @@ def test_the_fixture_client_waits_for_an_event(appliance: ApplianceProcess,
     assert event["data"] == {"nsid": 1}
     with pytest.raises(TimeoutError):
         appliance_ctl.wait_event("NAMESPACE_CHANGED", timeout=0.2)
+
+
+def test_vfio_user_and_vhost_user_clients_coming_and_going_are_events(tmp_path: Path) -> None:
+    from hostile import HostileTarget
+
+    from appliance.runtime.control_client import ControlClient
+
+    with HostileTarget(tmp_path) as target:
+        with ControlClient(target.control_sock) as ctl:
+            ctl.negotiate()
+            for path, device, protocol in [(target.nvme_sock, "nvme", "vfio-user"),
+                                           (target.port_sock("p0"), "net0", "vhost-user")]:
+                peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                peer.connect(path)
+                came = ctl.wait_event("CLIENT_CONNECTED", timeout=10.0)
+                peer.close()
+                went = ctl.wait_event("CLIENT_DISCONNECTED", timeout=10.0)
+                assert came["data"] == went["data"] == {"device": device, "protocol": protocol}
+        target.assert_healthy()
