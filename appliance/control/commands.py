@@ -208,6 +208,7 @@ def handoff(t: Target, args: dict[str, Any]) -> Any:
         else:
             source.start(args["to"], finished)
     except ApplianceError as exc:
+        t.emit(ev.HANDOFF_FAILED, {"error": str(exc)})
         raise ControlError(FAILED, str(exc)) from None
     return answer
 
