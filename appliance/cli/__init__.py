@@ -153,7 +153,7 @@ def _cmd_boot(cfg: Config, args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     # The module docstring is the top-level help: one line per command (the
     # subparsers' own list is suppressed so it is not printed twice).
-    parser = argparse.ArgumentParser(prog="appliance", usage="%(prog)s [-h] [--version] COMMAND ...",
+    parser = argparse.ArgumentParser(prog="appliance", usage="%(prog)s [-h] COMMAND ...",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     from appliance import __version__
