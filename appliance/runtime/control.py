@@ -257,7 +257,7 @@ class ControlService:
         """Send the QMP event ``name`` to every client in command mode (an
         :data:`appliance.control.events.Emit`); a client whose queue passes
         the cap is disconnected, like one that leaves its replies unread."""
-        if self._closed:
+        if self._closed or not any(c.conn.wants_events for c in self.clients):
             return
         line = encode_event(name, data, time.time())
         for client in list(self.clients):

@@ -209,7 +209,9 @@ def control_seeds() -> dict[str, bytes]:
            {"exec-oob": "status", "id": 5},
            {"execute": "fault-clear", "arguments": {"id": 1}, "extra": 6}]
     return {"commands": b"\n".join(json.dumps(line).encode() for line in lines) + b"\n",
-            "qmp": b"\n".join(json.dumps(line).encode() for line in qmp) + b"\n"}
+            "qmp": b"\n".join(json.dumps(line).encode() for line in qmp) + b"\n",
+            # as qemu.qmp sends them: objects back to back, no newlines
+            "qmp-stream": b"".join(json.dumps(line).encode() for line in qmp[1:4])}
 
 
 SEEDS: dict[str, Callable[[], dict[str, bytes]]] = {
