@@ -249,7 +249,9 @@ class ControlService:
                             time.monotonic() - oldest.active)
                 oldest.close()
             sock.setblocking(False)
-            self.clients.append(_Client(self, sock))
+            client = _Client(self, sock)  # (greeted at once: a peer gone already is closed)
+            if not client.closed:
+                self.clients.append(client)
             self._arm_sweep()
 
     # ------------------------------------------------------------ events
