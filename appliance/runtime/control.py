@@ -279,8 +279,8 @@ class ControlService:
             self.emit(ev.CONTROLLER_FATAL, {"reason": why, "csts": ctrl.regs.csts})
 
         def changed_event(nsid: int) -> None:
+            self.emit(ev.NAMESPACE_CHANGED, {"nsid": nsid})  # (before the AER it may complete)
             changed(nsid)
-            self.emit(ev.NAMESPACE_CHANGED, {"nsid": nsid})
 
         def posted_events() -> list[tuple[int, int]]:
             posted: list[tuple[int, int]] = take()

@@ -20,6 +20,8 @@ from appliance.control.protocol import ControlConnection, Request, answer_ok, gr
 from appliance.runtime import control
 from appliance.runtime.control import ControlClient, ControlService, version_triple
 from appliance.runtime.loop import EventLoop
+from appliance.storage.spec import AdminOpcode, Command, FeatureId
+from appliance.testing.nvme import controller_driver
 
 
 def lines(conn: ControlConnection, *requests: Any) -> list[Any]:
@@ -298,3 +300,27 @@ def test_qemu_qmp_style_input_without_newlines_is_answered() -> None:
     assert json.loads(conn.next_event()) == {"return": {}}  # type: ignore[arg-type]
     conn.receive_data(b'{"execute": "status", "id": "__qmp#00001"}')
     assert conn.next_event() == Request("__qmp#00001", "status", {}, qmp=True)
+
+
+def test_the_controller_reports_changed_namespaces_posted_aers_and_cfs(tmp_path: Path) -> None:
+    ctrl = make_controller(tmp_path)
+    loop = EventLoop()
+    svc = ControlService(loop, str(tmp_path / "c.sock"), controller=ctrl)
+    got: list[tuple[str, dict[str, Any]]] = []
+    svc.emit = lambda name, data: got.append((name, data))  # type: ignore[method-assign]
+    try:
+        d = controller_driver(ctrl).ready()
+        d.admin_command(0x09, cdw10=FeatureId.ASYNC_EVENT_CONFIG, cdw11=1 << 8)
+        aer = d.submit(0, Command(opcode=AdminOpcode.ASYNC_EVENT_REQUEST))
+        dispatch(svc.target, Request(1, "namespace-resize", {"size": "2M"}, qmp=True))
+        assert [c.cid for c in d.reap(0)] == [aer]
+        dispatch(svc.target, Request(2, "fault-add", {"action": "fatal", "now": True}, qmp=True))
+        assert [name for name, _ in got] == ["NAMESPACE_CHANGED", "AER_POSTED",
+                                             "CONTROLLER_FATAL"]
+        assert got[0][1] == {"nsid": 1}
+        assert got[1][1] == {"cid": aer, "dw0": 0x2 | 0x04 << 16}
+        assert got[2][1]["reason"] == "injected fault (now)" and got[2][1]["csts"] & 0x2
+    finally:
+        svc.close()
+        loop.close()
+        ctrl.close()
