@@ -324,3 +324,14 @@ def test_the_controller_reports_changed_namespaces_posted_aers_and_cfs(tmp_path:
         svc.close()
         loop.close()
         ctrl.close()
+
+
+def test_link_reports_the_new_state() -> None:
+    from test_control import FakeNet
+
+    got: list[tuple[str, dict[str, Any]]] = []
+    target = Target(net=FakeNet(), emit=lambda name, data: got.append((name, data)))
+    dispatch(target, Request(1, "link", {"port": "net1", "state": "down"}, qmp=True))
+    dispatch(target, Request(2, "link", {"port": "net1", "state": "up"}, qmp=True))
+    assert got == [("LINK_STATE", {"port": "net1", "link": "down"}),
+                   ("LINK_STATE", {"port": "net1", "link": "up"})]
