@@ -3,15 +3,16 @@
 commands:
   run        serve the devices (embedded defaults without -c)
   qemu-args  print the QEMU options that attach a guest to the appliance
-  ctl        send one command to a running appliance's control socket
+  ctl        send one command to a running appliance's control socket (QMP), or
+             wait for an event: `appliance ctl wait-event NAME`
   boot       boot a QEMU guest on this terminal, attached to the appliance
   handoff    move the live devices of a running appliance to another on this host
   migrate    live-migrate the NVMe device from one appliance to another
   image      build or describe QEMU and the test guest image
 
-`appliance COMMAND --help` lists a command's options. Bad input (an unknown
-option, a bad config) ends with one line on stderr, `appliance: error: ...`,
-and exit status 2.
+`appliance COMMAND --help` lists a command's options; `appliance --version`
+prints the version. Bad input (an unknown option, a bad config) ends with one
+line on stderr, `appliance: error: ...`, and exit status 2.
 """
 
 from __future__ import annotations
@@ -78,29 +79,54 @@ def _ctl_value(text: str) -> Any:
 
 def _cmd_ctl(cfg: Config, args: argparse.Namespace) -> int:
     from appliance.control.protocol import ControlError
-    from appliance.runtime.control import ControlClient
+    from appliance.runtime.control_client import ControlClient
 
+    path = args.socket or cfg.control.socket
+    if args.cmd == "wait-event":
+        if len(args.params) != 1 or "=" in args.params[0]:
+            raise ApplianceError("ctl: wait-event takes one event name, e.g. FAULT_FIRED")
+        return _wait_event(path, args.params[0], args.timeout)
     params: dict[str, Any] = {}
     for item in args.params:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ApplianceError(f"ctl: expected key=value, got {item!r}")
         params[key] = _ctl_value(value)
-    path = cfg.control.socket
     try:
-        with ControlClient(path) as client:
+        with ControlClient(path, timeout=args.timeout) as client:
             result = client(args.cmd, **params)
     except ControlError as exc:
         raise ApplianceError(f"{args.cmd}: {exc.code}: {exc.message}") from None
+    except ConnectionError as exc:
+        raise ApplianceError(f"control socket {path}: {exc}") from None
     except OSError as exc:
         raise ApplianceError(f"control socket {path}: {exc.strerror or exc}") from None
     print(json.dumps(result, indent=2, sort_keys=True))
     return 0
 
 
+def _wait_event(path: str, name: str, timeout: float) -> int:
+    """Print the next event called ``name`` as JSON (one line on stderr once waiting)."""
+    from appliance.runtime.control_client import ControlClient
+
+    try:
+        with ControlClient(path, timeout=timeout) as client:
+            client.negotiate()
+            print(f"appliance: waiting for {name}", file=sys.stderr, flush=True)
+            event = client.wait_event(name, timeout)
+    except TimeoutError:
+        raise ApplianceError(f"wait-event: no {name} event within {timeout:g} s") from None
+    except ConnectionError as exc:
+        raise ApplianceError(f"control socket {path}: {exc}") from None
+    except OSError as exc:
+        raise ApplianceError(f"control socket {path}: {exc.strerror or exc}") from None
+    print(json.dumps(event, sort_keys=True), flush=True)
+    return 0
+
+
 def _cmd_handoff(cfg: Config, args: argparse.Namespace) -> int:
     from appliance.control.protocol import ControlError
-    from appliance.runtime.control import ControlClient
+    from appliance.runtime.control_client import ControlClient
 
     source = args.source or cfg.control.socket
     to = os.path.abspath(args.to)
@@ -109,6 +135,8 @@ def _cmd_handoff(cfg: Config, args: argparse.Namespace) -> int:
             result = client("handoff", to=to)
     except ControlError as exc:
         raise ApplianceError(f"handoff: {exc.message}") from None
+    except ConnectionError as exc:
+        raise ApplianceError(f"control socket {source}: {exc}") from None
     except OSError as exc:
         raise ApplianceError(f"control socket {source}: {exc.strerror or exc}") from None
     print(f"appliance: handed off to {to} ({result['mode']}): pause {result['pause_ms']:.1f} ms, "
@@ -130,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", usage="%(prog)s [-h] COMMAND ...",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    from appliance import __version__
+
+    parser.add_argument("--version", action="version", version=f"appliance {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help=argparse.SUPPRESS)
     run = sub.add_parser("run", help="serve the devices (embedded defaults without -c)")
@@ -144,10 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--no-net", action="store_true", help="leave out the vhost-user net ports")
     qa.set_defaults(func=_cmd_qemu_args, trace=False, verbose=False)
     ctl = sub.add_parser("ctl", help="send one command to a running appliance's control socket")
-    ctl.add_argument("cmd", help="status, trace, fault.add, fault.list, fault.clear, link, "
-                                 "namespace.resize (see docs/control.md)")
-    ctl.add_argument("params", nargs="*", metavar="key=value", help="command arguments")
-    ctl.add_argument("-c", "--config", help="YAML configuration file")
+    ctl.add_argument("cmd", help="a QMP command name (status, fault-add, fault-list, "
+                                 "fault-clear, link, namespace-resize, query-commands, ...; "
+                                 "fault.add and the other dotted names work too: "
+                                 "docs/control.md), or wait-event NAME")
+    ctl.add_argument("params", nargs="*", metavar="key=value",
+                     help="command arguments (for wait-event: the event name)")
+    ctl.add_argument("-c", "--config", help="YAML configuration file (its control.socket)")
+    ctl.add_argument("-s", "--socket", help="the control socket (instead of -c's)")
+    ctl.add_argument("--timeout", type=float, default=10.0,
+                     help="seconds to wait for the answer or the event (default 10)")
     ctl.set_defaults(func=_cmd_ctl, trace=False, verbose=False)
     bt = sub.add_parser("boot", help="a QEMU guest on this terminal, attached to the appliance "
                                      "(started if not running)")

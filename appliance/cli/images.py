@@ -1,7 +1,8 @@
 """``appliance image build | info``: QEMU 11.1 and the test guest, built from Debian packages.
 
-The builder is ``images/qemu-env.sh`` in the source tree, next to this package
-(``pip install -e .`` keeps it there; see images/README.md).  Under the cache
+The builder is ``images/qemu-env.sh`` of the source tree, shipped in the package
+as ``appliance/data/qemu-env.sh`` (in a checkout, a link to it) and found with
+:mod:`importlib.resources`, so an installed wheel builds too (images/README.md).  Under the cache
 directory (``--cache``, else ``$APPLIANCE_QEMU_ENV``, else
 ``~/.cache/appliance/qemu-env``) it sets up QEMU and the guest: bookworm's
 kernel as ``guest/vmlinux`` and a busybox initramfs ``guest/initrd.img`` with
@@ -34,14 +35,15 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from appliance.config import Config
 from appliance.errors import ApplianceError
 
-#: The builder, found relative to this file (a source checkout / editable install).
-BUILDER = Path(__file__).resolve().parents[2] / "images" / "qemu-env.sh"
+#: The builder: the package's data file (resolved: in a checkout, images/qemu-env.sh).
+BUILDER = Path(str(files("appliance").joinpath("data", "qemu-env.sh"))).resolve()
 #: The Debian guest's builder (``--guest debian``), run after :data:`BUILDER`.
 DEBIAN_BUILDER = BUILDER.with_name("debian-guest.sh")
 GUESTS = ("busybox", "debian")
@@ -82,12 +84,13 @@ def builder(script: Path | None = None) -> Path:
     """The builder script (``script``, else :data:`BUILDER`).
 
     Raises:
-        ApplianceError: not found (the package was installed without its source tree).
+        ApplianceError: not found (the package was installed without its data files).
     """
     script = script or BUILDER
     if not script.is_file():
-        raise ApplianceError(f"image: {script} not found: install the appliance from a "
-                             "source checkout (`pip install -e .`)")
+        raise ApplianceError(f"image: {script} not found: the package was installed "
+                             "without its data files (reinstall it from a wheel or "
+                             "`pip install -e .`)")
     return script
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,19 @@ from appliance.control.protocol import BAD_ARGS, ControlError
 from appliance.errors import ConfigError
 
 Checker = Callable[[str, Any], Any]
+
+#: what each checker accepts, in words (the schema query shows it)
+_EXPECTED: weakref.WeakKeyDictionary[Checker, str] = weakref.WeakKeyDictionary()
+
+
+def expects(checker: Checker) -> str:
+    """What ``checker`` accepts, in words (``an integer from 1 to 4``)."""
+    return _EXPECTED.get(checker, "any JSON value")
+
+
+def _accepts(checker: Checker, expected: str) -> Checker:
+    _EXPECTED[checker] = expected
+    return checker
 
 #: an integer as text: decimal or 0x-hex, ASCII only, short enough for int()
 _INT_TEXT = re.compile(r"\s*([+-]?)(?:0[xX]([0-9a-fA-F]{1,16})|([0-9]{1,20}))\s*", re.ASCII)
@@ -66,7 +80,7 @@ def integer(lo: int, hi: int) -> Checker:
         if not lo <= number <= hi:
             raise refuse(name, expected, value)
         return number
-    return check
+    return _accepts(check, expected)
 
 
 def number(lo: float, hi: float) -> Checker:
@@ -85,7 +99,7 @@ def number(lo: float, hi: float) -> Checker:
         if not (math.isfinite(result) and lo <= result <= hi):
             raise refuse(name, expected, value)
         return result
-    return check
+    return _accepts(check, expected)
 
 
 def flag(name: str, value: Any) -> bool:
@@ -114,7 +128,7 @@ def choice(*options: str) -> Checker:
         if isinstance(value, str) and value in options:
             return value
         raise refuse(name, f"one of {', '.join(options)}", value)
-    return check
+    return _accepts(check, f"one of {', '.join(options)}")
 
 
 def size(lo: int, hi: int) -> Checker:
@@ -132,13 +146,25 @@ def size(lo: int, hi: int) -> Checker:
         if not lo <= result <= hi:
             raise refuse(name, expected, value)
         return result
-    return check
+    return _accepts(check, expected)
+
+
+_accepts(flag, "on/off (a bool, 0/1 or on/off, true/false, yes/no, up/down)")
+_accepts(text, "a non-empty string")
 
 
 def anything(name: str, value: Any) -> Any:
     """Any JSON value, for the handler to compare (the protocol already bounded
     its nesting and numbers)."""
     return value
+
+
+def passed_on(expected: str) -> Checker:
+    """Any JSON value, handed to code that checks it with the others (``fault.add``'s
+    rule fields); ``expected`` says what that code accepts."""
+    def check(name: str, value: Any) -> Any:
+        return value
+    return _accepts(check, expected)
 
 
 def check_all(spec: dict[str, Checker], args: dict[str, Any], where: str,

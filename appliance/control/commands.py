@@ -11,6 +11,11 @@ of the type and range it declared.  ``fault.add`` is the one command whose
 arguments depend on each other (the action decides which fields apply): it
 passes them to :meth:`~appliance.control.faults.FaultSet.add`, which checks each with
 the same checkers.
+
+Every command has a QMP name too: its name with dots as dashes (``fault.add``
+is ``fault-add``, ``handoff.accept`` is ``handoff-accept``; :data:`QMP_NAMES`);
+a QMP request names the command by it.  ``query-commands`` lists the QMP names
+and ``x-query-appliance-schema`` every command's arguments and every event.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.control import args as a
+from appliance.control import events as ev
 from appliance.control.faults import FIELDS, FaultError, FaultSet, FaultTarget
 from appliance.control.protocol import (
     BAD_ARGS,
     FAILED,
+    QMP_CAPABILITIES,
     UNAVAILABLE,
     UNKNOWN_COMMAND,
     ControlError,
@@ -47,6 +54,7 @@ class Target:
     handoff_source: Any = None  # appliance.runtime.handoff.HandoffSource
     handoff_sink: Any = None  # appliance.runtime.handoff.HandoffSink
     busy: str = ""  # why commands that change the devices are refused now (a handoff runs)
+    emit: ev.Emit = ev.ignore  # the runtime's: queues a QMP event for the clients
 
 
 Handler = Callable[[Target, dict[str, Any]], Any]
@@ -147,6 +155,7 @@ def link(t: Target, args: dict[str, Any]) -> Any:
         t.links_down.discard(port)
     else:
         t.links_down.add(port)
+    t.emit(ev.LINK_STATE, {"port": port, "link": "up" if up else "down"})
     return {"port": port, "link": "up" if up else "down"}
 
 
@@ -186,8 +195,10 @@ def handoff(t: Target, args: dict[str, Any]) -> Any:
 
     def finished(result: dict[str, Any] | None, error: ApplianceError | None) -> None:
         if error is not None:
+            t.emit(ev.HANDOFF_FAILED, {"error": str(error)})
             answer.fail(FAILED, str(error))
             return
+        t.emit(ev.HANDOFF_COMPLETED, dict(result or {}))
         answer.resolve(result)  # (the reply goes out now, before the loop stops)
         source.app.loop.stop()
 
@@ -197,6 +208,7 @@ def handoff(t: Target, args: dict[str, Any]) -> Any:
         else:
             source.start(args["to"], finished)
     except ApplianceError as exc:
+        t.emit(ev.HANDOFF_FAILED, {"error": str(exc)})
         raise ControlError(FAILED, str(exc)) from None
     return answer
 
@@ -217,8 +229,29 @@ HANDOFF_TIMEOUT = a.number(0.1, 3600.0)
 
 
 #: fault.add: ``now`` is the command's own, the rest go to FaultSet.add as they are
-FAULT_ARGS: dict[str, a.Checker] = {**dict.fromkeys(FIELDS | {"target", "action", "seed"},
-                                                    a.anything), "now": a.flag}
+FAULT_ARGS: dict[str, a.Checker] = {
+    **dict.fromkeys(FIELDS | {"target", "action", "seed"},
+                    a.passed_on("a fault rule field, checked with the others (docs/control.md)")),
+    "now": a.flag}
+
+
+def query_commands(t: Target, args: dict[str, Any]) -> Any:
+    """The QMP names of every command (QMP's ``query-commands``)."""
+    return [{"name": name} for name in sorted([*QMP_NAMES, QMP_CAPABILITIES])]
+
+
+def query_schema(t: Target, args: dict[str, Any]) -> Any:
+    """Every command (QMP name) with its arguments, and every event with its data."""
+    commands = []
+    for qmp_name, name in sorted(QMP_NAMES.items()):
+        command = COMMANDS[name]
+        commands.append({
+            "name": qmp_name, "read-only": name in READ_ONLY,
+            "arguments": [{"name": arg, "type": a.expects(checker),
+                           "required": arg in command.required}
+                          for arg, checker in sorted(command.args.items())]})
+    return {"commands": commands,
+            "events": [{"name": name, "data": list(data)} for name, data in ev.EVENTS.items()]}
 
 
 @dataclass(frozen=True)
@@ -245,12 +278,17 @@ COMMANDS: dict[str, Command] = {
     "handoff.accept": Command(handoff_accept, {"version": a.integer(0, 0xFFFF_FFFF),
                                                "fingerprint": a.text, "images": a.anything,
                                                "net": a.flag, "timeout": HANDOFF_TIMEOUT}),
+    "query-commands": Command(query_commands, {}),
+    "x-query-appliance-schema": Command(query_schema, {}),
 }
+
+#: QMP name -> command name (dots become dashes)
+QMP_NAMES: dict[str, str] = {name.replace(".", "-"): name for name in COMMANDS}
 
 
 #: what a process answers while a live handoff runs (everything else would change
 #: state that is on its way to, or arriving from, the other process)
-READ_ONLY = frozenset({"status", "fault.list"})
+READ_ONLY = frozenset({"status", "fault.list", "query-commands", "x-query-appliance-schema"})
 
 
 def dispatch(target: Target, request: Request) -> Any:
@@ -263,11 +301,13 @@ def dispatch(target: Target, request: Request) -> Any:
         ControlError: an unknown command, an unknown argument or a bad value
             (BAD_ARGS naming it), or the command's own refusal.
     """
-    command = COMMANDS.get(request.cmd)
-    if command is None:
+    name = QMP_NAMES.get(request.cmd) if request.qmp else request.cmd
+    command = COMMANDS.get(name) if name is not None else None
+    if command is None or name is None:
+        have = QMP_NAMES if request.qmp else COMMANDS
         raise ControlError(UNKNOWN_COMMAND, f"unknown command {a.shown(request.cmd)} "
-                                            f"(have {', '.join(sorted(COMMANDS))})")
+                                            f"(have {', '.join(sorted(have))})")
     args = a.check_all(command.args, request.args, request.cmd, command.required)
-    if target.busy and request.cmd not in READ_ONLY:
+    if target.busy and name not in READ_ONLY:
         raise ControlError(UNAVAILABLE, f"{request.cmd}: {target.busy}")
     return command.handler(target, args)

@@ -281,6 +281,8 @@ class FaultSet:
     drop_irq_cqs: set[int] = field(default_factory=set)
     #: called when something starts waiting for the clock (the runtime arms its timer)
     notify: Callable[[], None] = lambda: None
+    #: called with each rule that fires (the runtime sends the FAULT_FIRED event)
+    fired: Callable[[FaultRule], None] = lambda rule: None
     _next_id: int = 1
 
     def __post_init__(self) -> None:
@@ -332,6 +334,7 @@ class FaultSet:
         rule.hits += 1
         key = f"{rule.target}.{rule.action}"
         self.counters[key] = self.counters.get(key, 0) + 1
+        self.fired(rule)
         return True
 
     def stats(self) -> dict[str, Any]:

@@ -117,6 +117,9 @@ class Appliance:
                                       controller=self.controller, net=self.net,
                                       idle_timeout=cfg.control.idle_timeout)
         self.services.append(self.control)
+        service.emit = self.control.emit  # clients coming and going are QMP events
+        for port_service in self.net.services if self.net is not None else []:
+            port_service.emit = self.control.emit
         self.control.target.handoff_source = HandoffSource(self)
         self.control.target.handoff_sink = HandoffSink(self)
         self.loop.install_signal_handlers()

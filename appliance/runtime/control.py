@@ -1,8 +1,12 @@
 """The control socket service on the event loop (runtime layer).
 
-Listens on ``control.socket`` (mode 0600), reads JSON lines through
-:class:`~appliance.control.protocol.ControlConnection` and answers each
-request with :func:`~appliance.control.commands.dispatch`.  It also installs
+Listens on ``control.socket`` (mode 0600), greets each client in QMP, reads
+its lines through :class:`~appliance.control.protocol.ControlConnection` and
+answers each request with :func:`~appliance.control.commands.dispatch`.
+:meth:`ControlService.emit` queues a QMP event on every client in command
+mode (:mod:`appliance.control.events`): the fault set, the NVMe controller
+(CSTS.CFS, changed namespaces, posted AERs), the commands (link, handoff) and
+the runtime's vfio-user and vhost-user services report through it.  It also installs
 the process's :class:`~appliance.control.faults.FaultSet`: on the NVMe controller
 (its fault hooks) and around each net port's two frame paths (towards the
 guest: ``port.deliver``; from the guest: ``port.uplink``), and runs the timer
@@ -16,26 +20,29 @@ closes the one idle the longest instead of being refused.
 
 from __future__ import annotations
 
-import json
 import logging
-import select
+import re
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, Self
+from typing import Any
 
+import appliance
+from appliance.control import events as ev
 from appliance.control.commands import Target, dispatch
-from appliance.control.faults import Direction, FaultSet
+from appliance.control.faults import Direction, FaultRule, FaultSet
 from appliance.control.protocol import (
     FAILED,
     ControlConnection,
     ControlError,
     Deferred,
     Request,
-    reply_error,
-    reply_ok,
-    too_deep,
+    answer_error,
+    answer_ok,
+    encode_event,
+    greeting,
 )
+from appliance.runtime.control_client import ControlClient
 from appliance.runtime.listener import listen
 from appliance.runtime.loop import EventLoop
 from appliance.runtime.outqueue import Flush, OutputQueue
@@ -46,7 +53,6 @@ MAX_CLIENTS = 16
 BACKLOG = 64  # connections the kernel queues until the loop accepts them
 IDLE_TIMEOUT = 300.0  # seconds a connection may stay silent (config control.idle_timeout)
 MAX_OUTPUT = 1 << 20  # unsent reply bytes a client may pile up before it is disconnected
-MAX_REPLY = 64 << 20  # what ControlClient buffers while waiting for one reply line
 BATCH = 32  # requests of one client answered per loop pass; the rest wait for the next
 
 
@@ -76,6 +82,8 @@ class _Client:
         self.closed = False
         self.active = time.monotonic()  # last byte received or reply byte sent
         service.loop.add_reader(self.fd, self._readable)
+        self.out.push(service.greeting)  # QMP: the server speaks first
+        self._send()
 
     def _readable(self) -> None:
         try:
@@ -97,6 +105,8 @@ class _Client:
         if self.closed or self.waiting:
             return
         for _ in range(BATCH):
+            if self.closed:  # (an event this request emitted overflowed the queue)
+                return
             event = self.conn.next_event()
             if event is None:
                 break
@@ -111,24 +121,31 @@ class _Client:
         try:
             result = dispatch(self.service.target, request)
         except ControlError as exc:
-            return reply_error(request.id, exc.code, exc.message)
+            return answer_error(request, exc.code, exc.message)
         except Exception as exc:  # a bug in a command: report it, keep serving
             log.exception("control: %s failed", request.cmd)
-            return reply_error(request.id, FAILED, f"{type(exc).__name__}: {exc}")
+            return answer_error(request, FAILED, f"{type(exc).__name__}: {exc}")
         if not isinstance(result, Deferred):
-            return reply_ok(request.id, result)
+            return answer_ok(request, result)
         self.waiting = True
-        result.then(lambda value, error: self._settled(request.id, value, error))
+        result.then(lambda value, error: self._settled(request, value, error))
         return None  # (settled already: _settled has queued the reply)
 
-    def _settled(self, request_id: Any, result: Any, error: ControlError | None) -> None:
+    def event(self, line: bytes) -> None:
+        """Queue one event line (only in QMP command mode) and send what the socket takes."""
+        if self.closed or not self.conn.wants_events:
+            return
+        self.out.push(line)
+        self._send()  # (also when waiting for writability: the cap is checked there)
+
+    def _settled(self, request: Request, result: Any, error: ControlError | None) -> None:
         """A deferred answer: send it now (the process may stop right after)."""
         self.waiting = False
         if self.closed:
             return
         self.active = time.monotonic()
-        self.out.push(reply_ok(request_id, result) if error is None
-                     else reply_error(request_id, error.code, error.message))
+        self.out.push(answer_ok(request, result) if error is None
+                     else answer_error(request, error.code, error.message))
         self._send()
 
     def _send(self) -> None:
@@ -198,12 +215,16 @@ class ControlService:
         self._sweep_due: float | None = None  # when the armed idle sweep runs
         self.faults = FaultSet(clock=clock, seed=seed)
         self.faults.notify = self._wake
-        self.target = Target(controller=controller, net=net, faults=self.faults)
+        self.faults.fired = self._fault_fired
+        self.target = Target(controller=controller, net=net, faults=self.faults, emit=self.emit)
         self.clients: list[_Client] = []
+        self.greeting = greeting(version_triple(appliance.__version__),
+                                 f"appliance {appliance.__version__}")
         self._timer = False
         self._closed = False
         if controller is not None:
             controller.faults = self.faults
+            self._watch_controller(controller)
         if net is not None:
             for svc in net.services:
                 self._wrap_port(svc.port, net)
@@ -228,8 +249,48 @@ class ControlService:
                             time.monotonic() - oldest.active)
                 oldest.close()
             sock.setblocking(False)
-            self.clients.append(_Client(self, sock))
+            client = _Client(self, sock)  # (greeted at once: a peer gone already is closed)
+            if not client.closed:
+                self.clients.append(client)
             self._arm_sweep()
+
+    # ------------------------------------------------------------ events
+    def emit(self, name: str, data: dict[str, Any]) -> None:
+        """Send the QMP event ``name`` to every client in command mode (an
+        :data:`appliance.control.events.Emit`); a client whose queue passes
+        the cap is disconnected, like one that leaves its replies unread."""
+        if self._closed or not any(c.conn.wants_events for c in self.clients):
+            return
+        line = encode_event(name, data, time.time())
+        for client in list(self.clients):
+            client.event(line)
+
+    def _fault_fired(self, rule: FaultRule) -> None:
+        self.emit(ev.FAULT_FIRED, {"id": rule.id, "target": str(rule.target),
+                                   "action": str(rule.action), "hits": rule.hits})
+
+    def _watch_controller(self, ctrl: Any) -> None:
+        """Events from the NVMe controller: CSTS.CFS, a changed namespace, a posted
+        AER (its methods wrapped, as the net ports' frame paths are)."""
+        fatal, changed, take = ctrl.fatal, ctrl.notify_namespace_changed, ctrl.events.take
+
+        def fatal_event(why: str) -> None:
+            fatal(why)
+            self.emit(ev.CONTROLLER_FATAL, {"reason": why, "csts": ctrl.regs.csts})
+
+        def changed_event(nsid: int) -> None:
+            self.emit(ev.NAMESPACE_CHANGED, {"nsid": nsid})  # (before the AER it may complete)
+            changed(nsid)
+
+        def posted_events() -> list[tuple[int, int]]:
+            posted: list[tuple[int, int]] = take()
+            for cid, dw0 in posted:
+                self.emit(ev.AER_POSTED, {"cid": cid, "dw0": dw0})
+            return posted
+
+        ctrl.fatal = fatal_event
+        ctrl.notify_namespace_changed = changed_event
+        ctrl.events.take = posted_events
 
     # ------------------------------------------------------------ idle connections
     def _arm_sweep(self) -> None:
@@ -316,78 +377,11 @@ class ControlService:
         self.claim.close()  # the socket and lock file, if still ours
 
 
-class ControlClient:
-    """A blocking control-socket client (the ``appliance ctl`` front, the test fixture)."""
+def version_triple(text: str) -> tuple[int, int, int]:
+    """(major, minor, micro) of a version string (``0.1.0``; missing parts are 0)."""
+    parts = [int(n) for n in re.findall(r"\d+", text.split("+")[0])[:3]]
+    parts += [0] * (3 - len(parts))
+    return parts[0], parts[1], parts[2]
 
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        """Raises:
-            OSError: nothing listens on ``path``.
-        """
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(timeout)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock.connect(path)
-                break
-            except BlockingIOError:  # the listener's backlog is full: it is being drained
-                if time.monotonic() < deadline:
-                    select.select([], [], [], 0.005)
-                    continue
-                self.sock.close()
-                raise
-            except OSError:
-                self.sock.close()
-                raise
-        self._buf = b""
-        self._next = 1
 
-    def request(self, cmd: str, **args: Any) -> dict[str, Any]:
-        """Send one request and return the whole reply object.
-
-        Raises:
-            ConnectionError: the socket closed, or the reply is not a JSON object
-                (too long, nested too deep, not JSON): the peer is no appliance.
-            OSError: the socket failed or timed out.
-        """
-        request_id, self._next = self._next, self._next + 1
-        line = json.dumps({"id": request_id, "cmd": cmd, "args": args}).encode() + b"\n"
-        self.sock.sendall(line)
-        while b"\n" not in self._buf:
-            if len(self._buf) > MAX_REPLY:
-                raise ConnectionError(f"control reply longer than {MAX_REPLY} bytes")
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("control socket closed")
-            self._buf += chunk
-        reply, self._buf = self._buf.split(b"\n", 1)
-        if too_deep(reply):
-            raise ConnectionError("control reply nested too deep")
-        try:
-            out = json.loads(reply)
-        except ValueError as exc:
-            raise ConnectionError(f"control reply is not JSON: {exc}") from None
-        if not isinstance(out, dict):
-            raise ConnectionError("control reply is not a JSON object")
-        return out
-
-    def __call__(self, cmd: str, **args: Any) -> Any:
-        """Send one request and return its result.
-
-        Raises:
-            ControlError: the appliance refused it (``code`` and ``message`` from the reply).
-        """
-        reply = self.request(cmd, **args)
-        if not reply.get("ok"):
-            err = reply.get("error") or {}
-            raise ControlError(str(err.get("code")), str(err.get("message")))
-        return reply.get("result")
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+__all__ = ["ControlClient", "ControlService", "version_triple"]

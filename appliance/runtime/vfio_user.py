@@ -28,6 +28,7 @@ import socket
 import stat
 from collections.abc import Callable
 
+from appliance.control.events import CLIENT_CONNECTED, CLIENT_DISCONNECTED, Emit, ignore
 from appliance.errors import ApplianceError, LocalProtocolError, RemoteProtocolError
 from appliance.runtime import unix
 from appliance.runtime.handoff.manifest import ClientEntry, VfioUserState
@@ -196,6 +197,7 @@ class VfioUserService:
         self.name = name
         self.client: VfioUserClientSocket | None = None
         self.connections = 0
+        self.emit: Emit = ignore  # the control socket's events (the app sets it)
         self.listener, self.claim = listen(path, 4)  # raises ListenerError
         loop.add_reader(self.listener.fileno(), self._accept)
 
@@ -216,11 +218,13 @@ class VfioUserService:
         self.client = VfioUserClientSocket(self.loop, sock, self.device, self._closed,
                                            f"{self.name}#{self.connections}", self.dma_layout,
                                            self.max_backlog, self.migration)
+        self.emit(CLIENT_CONNECTED, {"device": self.name, "protocol": "vfio-user"})
 
     def _closed(self, client: VfioUserClientSocket) -> None:
         if self.client is client:
             log.info("%s: client disconnected", self.name)
             self.client = None
+            self.emit(CLIENT_DISCONNECTED, {"device": self.name, "protocol": "vfio-user"})
 
     # ------------------------------------------------------------ live handoff
     def handoff_blocker(self) -> str:

@@ -15,6 +15,7 @@ import os
 import socket
 from typing import Any
 
+from appliance.control.events import CLIENT_CONNECTED, CLIENT_DISCONNECTED, Emit, ignore
 from appliance.errors import RemoteProtocolError
 from appliance.net import vhost_wire as vw
 from appliance.net.port import VirtioNetPort
@@ -321,6 +322,7 @@ class PortService:
         self.paused = False
         self.standby = standby
         self._connect_failures = 0
+        self.emit: Emit = ignore  # the control socket's events (the app sets it)
         if standby:
             return
         if mode == "server":
@@ -377,10 +379,12 @@ class PortService:
     def _start(self, sock: socket.socket) -> None:
         self.switch.learn(self.port.mac, self.port)  # the configured guest MAC
         self.session = VhostUserSession(self, sock)
+        self.emit(CLIENT_CONNECTED, {"device": self.port.name, "protocol": "vhost-user"})
 
     def session_closed(self, session: VhostUserSession, reason: str, warn: bool = False) -> None:
         if self.session is session:
             self.session = None
+            self.emit(CLIENT_DISCONNECTED, {"device": self.port.name, "protocol": "vhost-user"})
         self.switch.forget(self.port)
         stats = self.port.stats()
         counters = {k: v for k, v in stats.items() if k != "queues"}

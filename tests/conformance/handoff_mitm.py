@@ -228,7 +228,10 @@ class Mitm:
                 real.settimeout(TIMEOUT)
                 real.connect(self.dst.config.control.socket)
                 real.sendall(request)
-                reply = json.loads(_read_line(real))
+                line = _read_line(real)
+                if line.startswith(b'{"QMP":'):  # the greeting: the reply follows
+                    line = _read_line(real)
+                reply = json.loads(line)
             self.accept_reply = reply
             if reply.get("ok"):
                 dst_channel = reply["result"]["socket"]

@@ -97,12 +97,19 @@ def test_handoff_moves_the_live_connection(tmp_path: Path, procs: list[Appliance
 
     thread = threading.Thread(target=load)
     thread.start()
+    watcher = ControlClient(ctl(src))  # a QMP client of the source sees the handoff go by
+    watcher.negotiate()
     try:
         done = handoff(src, dst)
     finally:
         stop.set()
         thread.join(60)
     assert not errors, errors
+    with watcher:
+        completed = watcher.wait_event("HANDOFF_COMPLETED", timeout=30)
+        assert completed["data"]["mode"] == ("shared-storage" if shared else "full")
+        progress = watcher.wait_event("HANDOFF_PROGRESS", timeout=0)
+        assert progress["data"]["phase"] == ("paused" if shared else "precopy")
     assert done.returncode == 0, done.stderr
     assert "handed off to" in done.stdout and ("shared-storage" if shared else "full") in done.stdout
     assert src.proc is not None and src.proc.wait(timeout=30) == 0  # the source exits
@@ -211,10 +218,14 @@ def test_handoff_to_nowhere_keeps_serving(tmp_path: Path, procs: list[ApplianceP
     procs += [src, dst]
     driver, writer = driver_on(src)
     writer.step(10)
-    done = subprocess.run([sys.executable, "-m", "appliance", "handoff", "--from", ctl(src),
-                           "--to", str(tmp_path / "nobody.sock")], check=False, capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 2 and "cannot reach" in done.stderr, done.stderr
+    with ControlClient(ctl(src)) as watcher:
+        watcher.negotiate()
+        done = subprocess.run([sys.executable, "-m", "appliance", "handoff", "--from", ctl(src),
+                               "--to", str(tmp_path / "nobody.sock")], check=False,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "cannot reach" in done.stderr, done.stderr
+        failed = watcher.wait_event("HANDOFF_FAILED", timeout=10)
+        assert "cannot reach" in failed["data"]["error"]
     writer.step(10)
     assert writer.verify_all() == len(writer.written)
     driver.c.close()

@@ -32,15 +32,17 @@ def exchange(target: HostileTarget, lines: list[bytes]) -> list[dict[str, Any]]:
         s.connect(target.control_sock)
         s.sendall(b"".join(line + b"\n" for line in lines))
         buf = b""
-        while buf.count(b"\n") < len(lines):
+        while buf.count(b"\n") < len(lines) + 1:  # the QMP greeting, then the replies
             chunk = s.recv(1 << 16)
-            assert chunk, f"closed after {len(buf.splitlines())} replies"
+            assert chunk, f"closed after {len(buf.splitlines())} lines"
             buf += chunk
 
     def strict(name: str) -> None:
         raise AssertionError(f"reply carries {name}")
 
-    return [json.loads(line, parse_constant=strict) for line in buf.splitlines()]
+    greeting, *replies = [json.loads(line, parse_constant=strict) for line in buf.splitlines()]
+    assert "QMP" in greeting
+    return replies
 
 
 def request(cmd: str, args: Any, request_id: Any = 7) -> bytes:
@@ -187,6 +189,8 @@ def test_silent_connection_is_closed_after_control_idle_timeout(tmp_path: Path) 
             s.settimeout(10.0)
             s.connect(target.control_sock)
             t0 = time.monotonic()
+            greeting = s.recv(1 << 16)  # said on connect, then nothing
+            assert greeting.startswith(b'{"QMP":') and greeting.endswith(b"\r\n")
             assert s.recv(1) == b""  # closed by the appliance, not by us
             took = time.monotonic() - t0
         assert 0.9 <= took < 5.0, took
@@ -217,5 +221,45 @@ def test_pipelined_flood_does_not_starve_other_peers(target: HostileTarget) -> N
         assert wait_until(lambda: answered[0] >= expected, 60.0), answered
         flood.shutdown(socket.SHUT_RDWR)
         reader.join(10.0)
+    no_traceback_anywhere(target)
+    target.assert_healthy()
+
+
+QMP_CASES = [
+    b'{"execute": "status"',  # never closed: the newline ends it
+    b'{"execute": }',
+    b"[" * 30_000 + b"]" * 30_000,
+    b'{"execute": "status", "id": 1e999}',
+    b'{"execute": "status", "id": NaN}',
+    b'{"execute": ["status"], "id": 1}',
+    b'{"execute": "status", "arguments": "all", "id": 1}',
+    b'{"exec-oob": "status", "id": 1}',
+    b'{"execute": "status", "cmd": "status", "id": 1}',
+    b'{"execute": "qmp_capabilities", "id": 1}',  # again
+    b'{"execute": "fault.add", "id": 1}',  # the dotted name is not a QMP name
+    b'{"execute": "fault-add", "arguments": {"action": "status", "count": "\xc2\xb2"}, "id": 1}',
+    b'{"execute": "namespace-resize", "arguments": {"size": [1]}, "id": 1}',
+    b'"status"',
+    b"\xff\xfe",
+]
+
+
+def test_hostile_qmp_input_gets_qmp_errors(target: HostileTarget) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10.0)
+        s.connect(target.control_sock)
+        wire = b'{"execute": "qmp_capabilities"}' + b"".join(c + b"\n" for c in QMP_CASES)
+        s.sendall(wire + b'{"execute": "status", "id": "last"}')  # no newline after it
+        buf = b""
+        while buf.count(b"\r\n") < len(QMP_CASES) + 3:
+            chunk = s.recv(1 << 16)
+            assert chunk, buf[-400:]
+            buf += chunk
+    greeting, caps, *replies, last = [json.loads(line) for line in buf.split(b"\r\n")[:-1]]
+    assert "QMP" in greeting and caps == {"return": {}}
+    assert last["id"] == "last" and "nvme" in last["return"]
+    for case, reply in zip(QMP_CASES, replies, strict=True):
+        assert set(reply) <= {"error", "id"} and set(reply["error"]) >= {"class", "desc"}, case
+        assert reply["error"]["class"] in ("GenericError", "CommandNotFound"), case
     no_traceback_anywhere(target)
     target.assert_healthy()

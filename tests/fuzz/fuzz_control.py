@@ -1,9 +1,10 @@
-"""Fuzz the control protocol: request lines (parse_line) and the command table (dispatch).
+"""Fuzz the control protocol: request lines (QMP and JSON lines) and the command table (dispatch).
 
 The input is the byte stream a control client sends.  Every line must become
-a request or an error reply; every request must end in a result that encodes
-as a reply line or in a ControlError (the protocol's error reply); nothing
-else may escape.  The target has an NVMe controller (on a fresh 1 MiB image
+a request or a reply (an error, or QMP's negotiation); every request must end
+in a result that encodes as a reply line or in a ControlError (the protocol's
+error reply); nothing else may escape.  Once the connection speaks QMP, every
+reply is a QMP response: ``return``, or ``error`` with ``class`` and ``desc``.  The target has an NVMe controller (on a fresh 1 MiB image
 each time, so a resize does not carry over) and a fault set; no net service
 and no handoff ends (those answer "unavailable").
 
@@ -25,7 +26,7 @@ with common.instrumented(__name__):
 
     from appliance.control.commands import Target, dispatch
     from appliance.control.faults import FaultSet
-    from appliance.control.protocol import ControlConnection, ControlError, reply_ok
+    from appliance.control.protocol import ControlConnection, ControlError, answer_ok
 
 _tmp = Path(tempfile.mkdtemp(prefix="fuzz-control-"))
 atexit.register(shutil.rmtree, _tmp, True)
@@ -48,12 +49,21 @@ def _requests(target: Target, data: bytes) -> None:
         if event is None:
             break
         if isinstance(event, bytes):
-            json.loads(event)  # an error reply, one JSON line
+            _check_reply(conn, event)  # an error reply or QMP's negotiation, one JSON line
             continue
         try:
-            json.loads(reply_ok(event.id, dispatch(target, event)))
+            _check_reply(conn, answer_ok(event, dispatch(target, event)))
         except ControlError:
             pass
+
+
+def _check_reply(conn: ControlConnection, line: bytes) -> None:
+    reply = json.loads(line)
+    assert line.count(b"\n") == 1 and isinstance(reply, dict), line[:200]
+    if conn.dialect == conn.QMP:
+        assert line.endswith(b"\r\n") and ("return" in reply) != ("error" in reply), line[:200]
+        if "error" in reply:
+            assert set(reply["error"]) >= {"class", "desc"}, line[:200]
 
 
 one_input = common.checked(_serve)

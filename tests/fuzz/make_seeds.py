@@ -206,7 +206,18 @@ def control_seeds() -> dict[str, bytes]:
              {"id": 4, "cmd": "fault.clear", "args": {"id": 1}},
              {"id": 5, "cmd": "link", "args": {"port": "p0", "state": "down"}},
              {"id": 6, "cmd": "namespace.resize", "args": {"nsid": 1, "size": "2M"}}]
-    return {"commands": b"\n".join(json.dumps(line).encode() for line in lines) + b"\n"}
+    qmp = [{"execute": "query-commands"},  # refused: capabilities negotiation first
+           {"execute": "qmp_capabilities", "id": "neg"},
+           {"execute": "status", "id": 1},
+           {"execute": "fault-add", "arguments": {"action": "status", "status": "0x281"}, "id": 2},
+           {"execute": "x-query-appliance-schema", "id": [3]},
+           {"execute": "namespace-resize", "arguments": {"size": "2M"}, "id": {"n": 4}},
+           {"exec-oob": "status", "id": 5},
+           {"execute": "fault-clear", "arguments": {"id": 1}, "extra": 6}]
+    return {"commands": b"\n".join(json.dumps(line).encode() for line in lines) + b"\n",
+            "qmp": b"\n".join(json.dumps(line).encode() for line in qmp) + b"\n",
+            # as qemu.qmp sends them: objects back to back, no newlines
+            "qmp-stream": b"".join(json.dumps(line).encode() for line in qmp[1:4])}
 
 
 SEEDS: dict[str, Callable[[], dict[str, bytes]]] = {

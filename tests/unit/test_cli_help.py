@@ -38,3 +38,13 @@ def test_unknown_command_is_one_error_line_and_status_2(capsys: pytest.CaptureFi
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "appliance: error: argument COMMAND: invalid choice: 'no-such-command'" in err
+
+
+def test_version_is_the_package_metadata(capsys: pytest.CaptureFixture[str]) -> None:
+    import appliance
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"appliance {appliance.__version__}\n"
+    assert appliance.__version__ != "0+unknown"  # installed: the metadata answers

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from test_nvme_driver import make_controller
 
-from appliance.control.commands import COMMANDS, Target, dispatch
+from appliance.control.commands import COMMANDS, QMP_NAMES, Target, dispatch
+from appliance.control.events import EVENTS
 from appliance.control.faults import FaultSet
 from appliance.control.protocol import (
     MAX_DEPTH,
@@ -196,6 +197,10 @@ def test_every_command_is_documented() -> None:
     doc = (Path(__file__).parents[2] / "docs" / "control.md").read_text()
     for name in COMMANDS:
         assert f"`{name}`" in doc, name
+    for name in QMP_NAMES:
+        assert f"`{name}`" in doc, name
+    for name in EVENTS:
+        assert f"`{name}`" in doc, name
 
 
 # ---------------------------------------------------------------- service on a real loop
@@ -227,9 +232,9 @@ def test_socket_is_private_and_keeps_serving_after_garbage(
     raw.connect(path)
     raw.sendall(b"\x00garbage\n" + b"a" * (70 * 1024) + b"\n" + b'{"id":1,"cmd":"fault.list"}\n')
     buf = b""
-    while buf.count(b"\n") < 3:
+    while buf.count(b"\n") < 4:  # the QMP greeting and three replies
         buf += raw.recv(65536)
-    replies = [json.loads(line) for line in buf.splitlines()]
+    replies = [json.loads(line) for line in buf.splitlines()[1:]]
     assert [r["ok"] for r in replies] == [False, False, True]
     assert replies[1]["error"]["code"] == "line_too_long"
     raw.close()

@@ -42,7 +42,9 @@ def connect(path: str) -> socket.socket:
 
 def closed_by_peer(s: socket.socket) -> bool:
     try:
-        return s.recv(65536) == b""
+        while s.recv(65536):  # (the QMP greeting, replies)
+            pass
+        return True
     except BlockingIOError:
         return False
 
@@ -71,10 +73,11 @@ def ask_status(loop: EventLoop, s: socket.socket) -> dict[str, object]:
             buf.extend(s.recv(65536))
         except BlockingIOError:
             pass
-        return buf.endswith(b"\n")
+        return any(b'"id"' in line for line in buf.split(b"\n")[:-1])  # (not the greeting)
 
     run_until(loop, answered)
-    reply: dict[str, object] = json.loads(buf)
+    reply: dict[str, object] = next(json.loads(line) for line in buf.split(b"\n")
+                                    if b'"id"' in line)
     return reply
 
 

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from appliance.control.events import HANDOFF_PROGRESS
 from appliance.runtime.handoff.channel import (
     LOW_WATER,
     TIMEOUT,
@@ -182,6 +183,11 @@ class Outgoing:
     def _control_readable(self) -> None:
         assert self.control is not None
         line = self._read_line(self.control, "control reply")
+        while line is not None and line.startswith(b'{"QMP":'):  # the greeting: the reply follows
+            if b"\n" not in self.inbuf:
+                return
+            line, _, rest = bytes(self.inbuf).partition(b"\n")
+            self.inbuf = bytearray(rest)
         if line is None:
             return
         self.control.close()
@@ -257,6 +263,9 @@ class Outgoing:
                 return False
             self.rounds += 1
             self.writer.add(dirty_round(self.rounds, pending))
+            self.app.control.emit(HANDOFF_PROGRESS, {"phase": "precopy", "round": self.rounds,
+                                                     "pending_bytes": pending,
+                                                     "sent_bytes": self.sent})
             self.budget = pending
         records = mig.precopy_records(PRECOPY_CHUNK)
         if records:
@@ -280,6 +289,9 @@ class Outgoing:
         self.started = time.monotonic()
         app.handoff_quiesce()
         self.paused = True
+        app.control.emit(HANDOFF_PROGRESS, {"phase": "paused", "round": self.rounds,
+                                            "pending_bytes": app.migratable.precopy_pending(),
+                                            "sent_bytes": self.sent})
         # Quiescing finished the I/O in flight: what it completed (a completion
         # DMA'd by message, say) must not stay behind in this process.
         why = app.handoff_blocker()

@@ -1,0 +1,1 @@
+../../images/debian-guest.sh

@@ -1,0 +1,1 @@
+../../images/qemu-env.sh
