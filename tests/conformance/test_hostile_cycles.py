@@ -41,7 +41,7 @@ def churn(target: HostileTarget, cycle: Callable[[], None]) -> None:
 def test_control_connect_request_close(target: HostileTarget) -> None:
     def cycle() -> None:
         with ControlClient(target.control_sock, timeout=5.0) as ctl:
-            assert ctl.request("fault.list")["ok"] is True
+            assert "return" in ctl.request("fault.list")
 
     churn(target, cycle)
 
