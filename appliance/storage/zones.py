@@ -24,9 +24,9 @@ zone boundary (Identify OZCS.RAZB = 0: Zone Boundary Error) nor touch an
 offline zone.
 
 Zone states are device state: :meth:`ZoneTable.state` gives the zones that
-are not Empty as a value, :meth:`ZoneTable.restore` checks such a value
-against this table's geometry and limits before adopting it (migration and
-the live handoff).  The image file holds the data only: a process that starts
+are not Empty as a value, :meth:`ZoneTable.checked` checks such a value
+against this table's geometry and limits and :meth:`ZoneTable.adopt` takes
+it (migration and the live handoff decode first, adopt at commit).  The image file holds the data only: a process that starts
 afresh sees every zone Empty.
 """
 
@@ -123,6 +123,14 @@ class ZoneRecord:
     index: int
     state: ZoneState
     wp: int  # the write pointer (an LBA)
+
+
+@dataclass(frozen=True)
+class ZoneSnapshot:
+    """Every zone's state and write pointer, checked (what a restore adopts)."""
+
+    states: tuple[ZoneState, ...]
+    wps: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -331,13 +339,14 @@ class ZoneTable:
         return [ZoneRecord(i, s, self.wps[i]) for i, s in enumerate(self.states)
                 if s is not Z.EMPTY]
 
-    def restore(self, records: Iterable[ZoneRecord]) -> None:
-        """Adopt zone states saved by :meth:`state`, after checking all of them.
+    def checked(self, records: Iterable[ZoneRecord]) -> ZoneSnapshot:
+        """Zone states saved by :meth:`state`, checked against this table's
+        geometry and limits (nothing is adopted: :meth:`adopt` does that).
 
         Raises:
             ValueError: a zone index past the table, a zone listed twice, a write
                 pointer outside its zone (or not where its state puts it), more
-                open or active zones than the limits; the table is unchanged then.
+                open or active zones than the limits.
         """
         states = [Z.EMPTY] * self.count
         wps = [self.start(i) for i in range(self.count)]
@@ -358,13 +367,23 @@ class ZoneTable:
                 raise ValueError(f"namespace {self.nsid} zone {r.index}: {r.state.name} with "
                                  f"write pointer {r.wp}")
             states[r.index], wps[r.index] = r.state, r.wp
-        opened = {i for i, s in enumerate(states) if s in OPEN}
-        closed = {i for i, s in enumerate(states) if s is Z.CLOSED}
-        if self.max_open and len(opened) > self.max_open or self.max_active and (
-                len(opened) + len(closed) > self.max_active):
-            raise ValueError(f"namespace {self.nsid}: {len(opened)} open / "
-                             f"{len(opened) + len(closed)} active zones past the limits")
-        self.states, self.wps, self.open, self.closed = states, wps, opened, closed
+        opened = sum(1 for s in states if s in OPEN)
+        active = opened + sum(1 for s in states if s is Z.CLOSED)
+        if self.max_open and opened > self.max_open or self.max_active and (
+                active > self.max_active):
+            raise ValueError(f"namespace {self.nsid}: {opened} open / {active} active zones "
+                             "past the limits")
+        return ZoneSnapshot(tuple(states), tuple(wps))
+
+    def adopt(self, snapshot: ZoneSnapshot) -> None:
+        """Take the zone states :meth:`checked` returned."""
+        self.states, self.wps = list(snapshot.states), list(snapshot.wps)
+        self.open = {i for i, s in enumerate(self.states) if s in OPEN}
+        self.closed = {i for i, s in enumerate(self.states) if s is Z.CLOSED}
+
+    def restore(self, records: Iterable[ZoneRecord]) -> None:
+        """:meth:`checked`, then :meth:`adopt` (ValueError: the table is unchanged)."""
+        self.adopt(self.checked(records))
 
     # ------------------------------------------------------------ internals
     def _check_resources(self, index: int) -> None:

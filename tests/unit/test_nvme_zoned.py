@@ -12,7 +12,15 @@ import pytest
 
 from appliance.client.nvme import NvmeDriver
 from appliance.config import Config, ConfigError, NamespaceConfig, ZonedConfig
+from appliance.errors import LocalProtocolError
 from appliance.storage import NvmeController
+from appliance.storage.controller_state import (
+    CtrlStateHead,
+    ZoneEntry,
+    decode_controller,
+    encode_controller,
+)
+from appliance.storage.migration import NvmeMigratable
 from appliance.storage.spec import Cns, CommandError, IoOpcode, LogPage, NsIdDescriptor, Status
 from appliance.storage.zns_spec import (
     IdentifyControllerZoned,
@@ -380,3 +388,56 @@ def test_zoned_config_errors(zoned: object, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         Config.from_dict(storage(zoned))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- migration
+def test_a_zoned_namespace_migrates_with_its_write_pointers(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "dst").mkdir()
+    src = zoned_controller(tmp_path / "src", max_open=4, max_active=6)
+    dst = zoned_controller(tmp_path / "dst", max_open=4, max_active=6)
+    d = controller_driver(src)
+    d.setup(io_queues=1)
+    d.identify_namespace(1)
+    ok(write(d, 0, 5))
+    ok(d.zone_mgmt_send(1, ZONE, ZSA.OPEN))
+    ok(d.zone_append(1, 2 * ZONE, b"\x33" * 1024))
+    ok(d.zone_mgmt_send(1, 2 * ZONE, ZSA.CLOSE))
+    ok(d.zone_mgmt_send(1, 3 * ZONE, ZSA.FINISH))
+    src.zones[1].make_read_only(4)
+    source = NvmeMigratable(src)
+    source.start_tracking()
+    records = source.precopy_records(1 << 30)
+    source.migration_stop()
+    records += source.save_state()
+    target = NvmeMigratable(dst)
+    assert target.migration_fingerprint() == source.migration_fingerprint()
+    target.load_records(records)
+    assert dst.zones[1].state() == []  # checked, not adopted yet
+    target.commit_restore()
+    assert dst.zones[1].state() == src.zones[1].state() == [
+        ZoneRecord(0, ZS.IMPLICITLY_OPENED, 5), ZoneRecord(1, ZS.EXPLICITLY_OPENED, ZONE),
+        ZoneRecord(2, ZS.CLOSED, 2 * ZONE + 2), ZoneRecord(3, ZS.FULL, 3 * ZONE + CAP),
+        ZoneRecord(4, ZS.READ_ONLY, 4 * ZONE)]
+    assert (dst.zones[1].open, dst.zones[1].closed) == ({0, 1}, {2})
+    assert dst.namespaces[1].read_bytes(0, 5 * 512) == b"\xa5" * 2560
+    blob = encode_controller(src)
+    head = CtrlStateHead.unpack(blob)
+    entry = ZoneEntry.unpack(blob, len(blob) - 5 * ZoneEntry.SIZE)
+    for bad, why in (
+        (blob[:-5 * 24] + entry.replace(wp=CAP).pack() + blob[-4 * 24:], "write pointer"),
+        (blob[:-5 * 24] + entry.replace(nsid=2).pack() + blob[-4 * 24:], "namespace 2"),
+        (blob[:-5 * 24] + entry.replace(state=9).pack() + blob[-4 * 24:], "state 0x9"),
+        (blob[:-5 * 24] + entry.replace(zone=ZONES).pack() + blob[-4 * 24:], "zone 16"),
+        (head.replace(version=2).pack() + blob[CtrlStateHead.SIZE:],
+         "controller state version 2, this appliance reads version 3"),
+        (head.replace(n_zones=6).pack() + blob[CtrlStateHead.SIZE:], "ends inside"),
+    ):
+        with pytest.raises(LocalProtocolError, match=why):
+            decode_controller(dst, bad)
+    other = NvmeController([NamespaceConfig(
+        image=str(tmp_path / "o.img"), size=ZONES * ZONE * 512, block_size=512, read_only=False,
+        grow=False, zoned=ZonedConfig(ZONE * 512, None, 4, 6))])
+    assert NvmeMigratable(other).migration_fingerprint() != source.migration_fingerprint()
+    for c in (src, dst, other):
+        c.close()
