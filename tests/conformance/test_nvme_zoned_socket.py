@@ -190,3 +190,11 @@ def test_zone_state_moves_with_a_live_handoff(tmp_path: Path) -> None:
         for p in (src, dst):
             p.stop()
         assert "Traceback" not in dst.log_text(), dst.log_text()
+
+
+def test_a_zoned_namespace_is_not_resized(zoned_appliance: ApplianceProcess) -> None:
+    from appliance.control.protocol import ControlError
+
+    with ControlClient(zoned_appliance.config.control.socket) as ctl, \
+            pytest.raises(ControlError, match="namespace 1 is zoned: its zones are fixed"):
+        ctl("namespace.resize", nsid=1, size=32 << 20)
