@@ -411,7 +411,8 @@ def smart_log(ctrl: NvmeController) -> bytes:
         data_units_read=u128(-(-ctrl.counters["bytes_read"] // 512000)),
         data_units_written=u128(-(-ctrl.counters["bytes_written"] // 512000)),
         host_reads=u128(counts.get("io.read", 0) + counts.get("io.compare", 0)),
-        host_writes=u128(counts.get("io.write", 0)), power_cycles=u128(1),
+        host_writes=u128(counts.get("io.write", 0) + counts.get("io.zone_append", 0)),
+        power_cycles=u128(1),
         media_errors=u128(ctrl.counters["media_errors"]),
         error_log_entries=u128(ctrl.error_log.count),
     ).pack()

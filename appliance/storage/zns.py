@@ -93,9 +93,9 @@ def zone_management_receive(ctrl: NvmeController, cmd: Command) -> int:
     io.require_field(zrasf in FILTERS, f"zone report filter {zrasf:#x}")
     length = (cmd.cdw12 + 1) * 4
     transfer = io.data_transfer(ctrl, cmd, length, to_device=False)
-    found = zones.report(cmd.cdw10 | cmd.cdw11 << 32, FILTERS[zrasf])
-    shown = found[:max(0, length - ZoneReportHeader.SIZE) // ZoneDescriptor.SIZE]
-    count = len(shown) if cmd.cdw13 & ZMR_PARTIAL else len(found)
+    fits = max(0, length - ZoneReportHeader.SIZE) // ZoneDescriptor.SIZE
+    count, shown = zones.report(cmd.cdw10 | cmd.cdw11 << 32, FILTERS[zrasf], fits,
+                                bool(cmd.cdw13 & ZMR_PARTIAL))
     data = ZoneReportHeader(nr_zones=count).pack() + b"".join(
         ZoneDescriptor(zs=z.state << 4, zcap=z.capacity, zslba=z.zslba, wp=z.wp).pack()
         for z in shown)

@@ -316,22 +316,32 @@ class ZoneTable:
         self.closed.clear()
 
     # ------------------------------------------------------------ Zone Management Receive
-    def report(self, slba: int, wanted: frozenset[ZoneState] | None) -> list[ZoneDescriptorValue]:
+    def report(self, slba: int, wanted: frozenset[ZoneState] | None, limit: int,
+               partial: bool) -> tuple[int, list[ZoneDescriptorValue]]:
         """The zones from the one holding ``slba`` on, in the states ``wanted``
-        (None: all).
+        (None: all): the first ``limit`` of them, and how many there are (with
+        ``partial``: how many are returned).
 
         Raises:
             CommandError: LBA_OUT_OF_RANGE past the namespace.
         """
         if not 0 <= slba < self.count * self.zone_blocks:
             raise CommandError(Status.LBA_OUT_OF_RANGE, f"nsid {self.nsid}: LBA {slba}")
-        out = []
+        out: list[ZoneDescriptorValue] = []
+        count = 0
         for index in range(self.zone_of(slba), self.count):
             state = self.states[index]
-            if wanted is None or state in wanted:
+            if wanted is not None and state not in wanted:
+                continue
+            if len(out) < limit:
                 wp = NO_WRITE_POINTER if state in WRITE_REFUSED else self.wps[index]
                 out.append(ZoneDescriptorValue(state, self.capacity, self.start(index), wp))
-        return out
+            elif partial:
+                break
+            elif wanted is None:  # every zone from here on matches: no need to look
+                return count + self.count - index, out
+            count += 1
+        return (len(out) if partial else count), out
 
     # ------------------------------------------------------------ device state
     def state(self) -> list[ZoneRecord]:
