@@ -42,8 +42,9 @@ from appliance.client.nvme_queues import (
     need_event,
 )
 from appliance.client.nvme_sgl import build_sgl, data_runs
+from appliance.client.nvme_zoned import ZonedCommands
 from appliance.client.vfio_user import MemoryArea, VfioUserClient, eventfd_count
-from appliance.storage import spec, zns_spec
+from appliance.storage import spec
 from appliance.vfio_user.wire import PciRegion
 
 __all__ = ["BAR0", "CC_ENABLE", "PAGE", "Completion", "NvmeDriver", "NvmeError", "PageAllocator",
@@ -56,7 +57,7 @@ PRP_ENTRIES = PAGE // 8  # entries of one PRP list page (the last may chain to t
 FLAGS_SGL = spec.Psdt.SGL_MPTR_BUFFER << 6  # PSDT 01b: the data pointer is SGL1
 
 
-class NvmeDriver:
+class NvmeDriver(ZonedCommands):
     """Drive an NVMe controller through a :class:`HostBus`."""
 
     def __init__(self, bus: HostBus | VfioUserClient, *, mem_base: int = 0x4000_0000,
@@ -565,60 +566,6 @@ class NvmeDriver:
                 cdw10=sdlba & 0xFFFFFFFF, cdw11=sdlba >> 32, cdw12=cdw12, **fields))
         finally:
             self._release(pages, lists)
-
-    # ------------------------------------------------------------ zoned namespaces
-    def zone_mgmt_send(self, nsid: int, slba: int, action: int, select_all: bool = False,
-                       qid: int = 1, **fields: int) -> Completion:
-        """Zone Management Send ``action`` (ZSA) on the zone starting at ``slba`` or,
-        with ``select_all``, on every zone it applies to; returns its completion,
-        failed or not."""
-        cdw13 = fields.pop("cdw13", 0) | action | (zns_spec.ZMS_SELECT_ALL if select_all else 0)
-        return self.command(qid, spec.Command(
-            opcode=spec.IoOpcode.ZONE_MGMT_SEND, nsid=nsid, cdw10=slba & 0xFFFFFFFF,
-            cdw11=slba >> 32, cdw13=cdw13, **fields))
-
-    def zone_mgmt_recv(self, nsid: int, slba: int, nbytes: int, report_filter: int = 0,
-                       partial: bool = False, qid: int = 1, **fields: int
-                       ) -> tuple[Completion, bytes]:
-        """Zone Management Receive (Report Zones) into ``nbytes``: (its completion,
-        failed or not; the bytes)."""
-        prp1, prp2, pages, lists = self._buffer(nbytes)
-        cdw13 = fields.pop("cdw13", 0) | report_filter << 8 | (
-            zns_spec.ZMR_PARTIAL if partial else 0)
-        try:
-            done = self.command(qid, spec.Command(
-                opcode=spec.IoOpcode.ZONE_MGMT_RECV, nsid=nsid, prp1=prp1, prp2=prp2,
-                cdw10=slba & 0xFFFFFFFF, cdw11=slba >> 32, cdw12=nbytes // 4 - 1, cdw13=cdw13,
-                **fields))
-            return done, self.gather(pages, nbytes)
-        finally:
-            self._release(pages, lists)
-
-    def report_zones(self, nsid: int, slba: int = 0, count: int = 64, report_filter: int = 0,
-                     partial: bool = True, qid: int = 1
-                     ) -> tuple[int, list[zns_spec.ZoneDescriptor]]:
-        """Up to ``count`` zone descriptors from the zone of ``slba``: (the header's
-        zone count, the descriptors).
-
-        Raises:
-            NvmeError: the command failed.
-        """
-        size = zns_spec.ZoneReportHeader.SIZE + count * zns_spec.ZoneDescriptor.SIZE
-        done, data = self.zone_mgmt_recv(nsid, slba, size, report_filter, partial, qid)
-        self._check(done, spec.IoOpcode.ZONE_MGMT_RECV)
-        total = zns_spec.ZoneReportHeader.unpack(data).nr_zones
-        shown = min(total, count)
-        return total, [zns_spec.ZoneDescriptor.unpack(data, 64 + 64 * i) for i in range(shown)]
-
-    def zone_append(self, nsid: int, zslba: int, data: bytes, qid: int = 1, cdw12: int = 0,
-                    sgl: bool = False) -> Completion:
-        """Zone Append of ``data`` (whole blocks) to the zone starting at ``zslba``
-        (``cdw12``: flags such as FUA besides the block count); returns its
-        completion, failed or not (``result``: the LBA it went to)."""
-        nlb = len(data) // self.block_size.get(nsid, 512)
-        done, _ = self.io(spec.IoOpcode.ZONE_APPEND, zslba, nlb, nsid=nsid, qid=qid, data=data,
-                          sgl=sgl, cdw12=cdw12)
-        return done
 
     def log_page(self, lid: int, nbytes: int, nsid: int = spec.NSID_ALL, offset: int = 0,
                  **fields: int) -> tuple[Completion, bytes]:
