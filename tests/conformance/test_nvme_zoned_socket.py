@@ -73,11 +73,13 @@ def test_sequential_writes_appends_and_reset(driver: NvmeDriver) -> None:
     done = driver.zone_append(1, ZONE, data, sgl=True)
     assert result(done) == (ST.SUCCESS, False) and done.result == ZONE
     assert driver.read(1, 0, 264) == data + data[:4096]
+    done = driver.zone_append(1, ZONE, data[:512], cdw12=1 << 30)  # FUA: synced off the loop
+    assert result(done) == (ST.SUCCESS, False) and done.result == ZONE + 256
     done, _ = driver.io(IoOpcode.WRITE, 100, 8, nsid=1, data=bytes(4096))
     assert result(done) == (ST.ZONE_INVALID_WRITE, True)
     _, zones = driver.report_zones(1, count=2)
     assert [(z.zs >> 4, z.wp) for z in zones] == [(ZoneState.IMPLICITLY_OPENED, 264),
-                                                   (ZoneState.IMPLICITLY_OPENED, ZONE + 256)]
+                                                   (ZoneState.IMPLICITLY_OPENED, ZONE + 257)]
     assert result(driver.zone_mgmt_send(1, 0, ZSA.RESET)) == (ST.SUCCESS, False)
     assert driver.read(1, 0, 8) == bytes(4096)
 
