@@ -212,8 +212,11 @@ class NvmeDriver(ZonedCommands):
             self.put(page, data[i * PAGE:(i + 1) * PAGE])
 
     # ------------------------------------------------------------ bring-up
-    def enable(self, admin_depth: int = 32, cc: int = CC_ENABLE) -> None:
+    def enable(self, admin_depth: int = 32, cc: int | None = None) -> None:
         """Reset, set up the admin queue, enable with ``cc``, wait for CSTS.RDY.
+
+        By default ``cc`` is :data:`CC_ENABLE` with CC.CSS 110b (every I/O
+        command set) when CAP.CSS announces I/O command sets, as Linux enables.
 
         Raises:
             NvmeError: the controller set CSTS.CFS (an invalid ``cc``, say).
@@ -224,6 +227,9 @@ class NvmeDriver(ZonedCommands):
         self.bus.region_write(PciRegion.CONFIG, 0x04,
                               PCI_COMMAND_MEMORY_MASTER.to_bytes(2, "little"))
         self.cap = self.read_reg(spec.Reg.CAP, 8)
+        if cc is None:
+            iocs = spec.CAP.get(self.cap, "css") & spec.CAP_CSS_IOCS
+            cc = spec.CC.set(CC_ENABLE, "css", spec.CC_CSS_IOCS if iocs else spec.CC_CSS_NVM)
         self.write_reg(spec.Reg.CC, cc & ~1)
         self._wait_ready(0)
         if not self._irqs_set:

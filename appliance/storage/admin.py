@@ -171,7 +171,8 @@ def identify(ctrl: NvmeController, cmd: Command) -> int:
             ns.descriptors(ctrl.serial, CSI_ZNS if nsid in ctrl.zones else CSI_NVM)
     elif cns == Cns.ACTIVE_NS_LIST:
         _check(nsid < 0xFFFFFFFE, ST.INVALID_NAMESPACE, f"NSID {nsid:#x}")
-        active = [n for n in sorted(ctrl.namespaces) if n > nsid][:IDENTIFY_SIZE // 4]
+        active = [ns.nsid for ns in ctrl.active_namespaces() if ns.nsid > nsid][
+            :IDENTIFY_SIZE // 4]
         data = struct.pack(f"<{len(active)}I", *active)
     elif cns in (Cns.CSI_CONTROLLER, Cns.CSI_NAMESPACE) and cmd.cdw11 >> 24 == CSI_ZNS:
         data = (zns.identify_controller() if cns == Cns.CSI_CONTROLLER
@@ -302,7 +303,7 @@ def format_nvm(ctrl: NvmeController, cmd: Command) -> int:
     _check(not cmd.cdw10 & 0xFFFFF000, why="reserved CDW10 bits")
     _check(lbaf == 0 and mset_pi == 0, ST.INVALID_FORMAT, f"LBAF {lbaf} MSET/PI/PIL {mset_pi}")
     _check(ses <= 1, why=f"secure erase setting {ses}")
-    targets = (list(ctrl.namespaces.values()) if cmd.nsid == NSID_ALL
+    targets = (ctrl.active_namespaces() if cmd.nsid == NSID_ALL
                else [ctrl.namespace(cmd.nsid)])
     for ns in targets:
         ns.check_writable()

@@ -88,6 +88,8 @@ from appliance.storage.registers import (
 )
 from appliance.storage.request import NvmeRequest, Result
 from appliance.storage.spec import (
+    CC,
+    CC_CSS_IOCS,
     CHANGED_NS_MAX,
     NSID_ALL,
     OAES_NS_ATTRIBUTE,
@@ -294,9 +296,20 @@ class NvmeController(RequestEngine, PciDevice):
     def namespace(self, nsid: int) -> Namespace:
         """The active namespace ``nsid``, else INVALID_NAMESPACE (DNR)."""
         ns = self.namespaces.get(nsid)
-        if ns is None:
+        if ns is None or not self.is_active(nsid):
             raise CommandError(Status.INVALID_NAMESPACE, f"NSID {nsid:#x}")
         return ns
+
+    def is_active(self, nsid: int) -> bool:
+        """Whether namespace ``nsid`` is attached now: a zoned one only while
+        CC.CSS enables the I/O command sets (110b); with the NVM command set
+        alone (000b) it is inactive, as a namespace of a disabled command set is."""
+        return nsid in self.namespaces and (
+            nsid not in self.zones or CC.get(self.regs.cc, "css") == CC_CSS_IOCS)
+
+    def active_namespaces(self) -> list[Namespace]:
+        """The active namespaces in NSID order (NSID FFFFFFFFh: all of them)."""
+        return [ns for nsid, ns in sorted(self.namespaces.items()) if self.is_active(nsid)]
 
     def shadow_for(self, qid: int, is_cq: bool) -> Shadow | None:
         """The shadow doorbell slots for an I/O queue, if shadow doorbells are configured."""

@@ -179,7 +179,7 @@ def compare(ctrl: NvmeController, cmd: Command) -> int:
 def flush(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
     """Flush (opcode 00h, NVM section 6.8); NSID FFFFFFFFh flushes all (VWC bits 2:1).
     The fdatasync runs off the loop."""
-    targets = (list(ctrl.namespaces.values()) if cmd.nsid == NSID_ALL
+    targets = (ctrl.active_namespaces() if cmd.nsid == NSID_ALL
                else [ctrl.namespace(cmd.nsid)])
 
     def sync_all() -> None:

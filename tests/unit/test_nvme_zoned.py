@@ -21,7 +21,17 @@ from appliance.storage.controller_state import (
     encode_controller,
 )
 from appliance.storage.migration import NvmeMigratable
-from appliance.storage.spec import Cns, CommandError, IoOpcode, LogPage, NsIdDescriptor, Status
+from appliance.storage.spec import (
+    CC,
+    Cns,
+    Command,
+    CommandError,
+    IoOpcode,
+    LogPage,
+    NsIdDescriptor,
+    Reg,
+    Status,
+)
 from appliance.storage.zns_spec import (
     IdentifyControllerZoned,
     IdentifyNamespaceZoned,
@@ -441,3 +451,21 @@ def test_a_zoned_namespace_migrates_with_its_write_pointers(tmp_path: Path) -> N
     assert NvmeMigratable(other).migration_fingerprint() != source.migration_fingerprint()
     for c in (src, dst, other):
         c.close()
+
+
+def test_the_nvm_command_set_alone_leaves_the_zoned_namespace_inactive(tmp_path: Path) -> None:
+    from appliance.client.nvme import CC_ENABLE
+
+    ctrl = zoned_controller(tmp_path)
+    d = controller_driver(ctrl)
+    d.enable(cc=CC_ENABLE)  # CC.CSS 000b: the NVM command set only
+    d.create_queue_pair(1)
+    assert d.active_namespaces() == [2]
+    assert status(d.identify(Cns.NAMESPACE, 1)[0]) == (ST.INVALID_NAMESPACE, True)
+    assert status(write(d, 0, nsid=1)) == (ST.INVALID_NAMESPACE, True)
+    assert status(d.zone_mgmt_send(1, 0, ZSA.OPEN)) == (ST.INVALID_NAMESPACE, True)
+    ok(d.run(1, Command(opcode=IoOpcode.FLUSH, nsid=0xFFFFFFFF)))
+    d.enable()  # as Linux: CC.CSS 110b once CAP.CSS announces I/O command sets
+    assert CC.get(d.read_reg(Reg.CC), "css") == 0b110
+    assert d.active_namespaces() == [1, 2]
+    ctrl.close()
