@@ -200,3 +200,41 @@ def test_a_zoned_namespace_is_not_resized(zoned_appliance: ApplianceProcess) -> 
     with ControlClient(zoned_appliance.config.control.socket) as ctl, \
             pytest.raises(ControlError, match="namespace 1 is zoned: its zones are fixed"):
         ctl("namespace.resize", nsid=1, size=32 << 20)
+
+
+def test_zone_state_moves_with_a_vfio_user_migration(tmp_path: Path) -> None:
+    """The vfio-user migration protocol (the client-side orchestrator, as QEMU's
+    migration drives it) carries the zones; they survive the destination's next
+    controller reset, as media state does."""
+    from appliance.client import migrate as orch
+
+    procs = []
+    for name in ("src", "dst"):
+        cfg = make_config(tmp_path / name, storage={"namespaces": [
+            {"image": str(tmp_path / name / "data" / "zns.img"), "size": "16M",
+             "zoned": {"zone_size": "1M", "zone_capacity": "768K"}}]})
+        procs.append(ApplianceProcess(cfg, tmp_path / name / "proc").start())
+    try:
+        d = NvmeDriver(VfioUserClient.connect(procs[0].config.storage.socket), mem_size=8 << 20)
+        d.setup(io_queues=1, depth=32)
+        d.identify_namespace(1)
+        d.write(1, 0, b"m" * 8192)
+        assert d.zone_mgmt_send(1, 5 * ZONE, ZSA.FINISH).status == 0
+        assert d.zone_append(1, 7 * ZONE, b"n" * 512).result == 7 * ZONE
+        _, before = d.report_zones(1, count=16)
+        dst = VfioUserClient.connect(procs[1].config.storage.socket)
+        orch.migrate(d.c, dst, converge_bytes=0)
+        dst.close()
+        d.close()
+        e = NvmeDriver(VfioUserClient.connect(procs[1].config.storage.socket), mem_size=8 << 20)
+        e.setup(io_queues=1, depth=32)  # a controller reset: the zones stay
+        e.identify_namespace(1)
+        _, after = e.report_zones(1, count=16)
+        assert [(z.zs, z.wp) for z in after] == [(z.zs, z.wp) for z in before]
+        assert e.read(1, 0, 16) == b"m" * 8192
+        e.write(1, 16, b"o" * 512)  # at the migrated write pointer
+        e.close()
+    finally:
+        for p in procs:
+            p.stop()
+            assert "Traceback" not in p.log_text(), p.log_text()
