@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from appliance.storage.controller import NvmeController
     from appliance.storage.namespace import Namespace
 
-ACTIONS = {
+ACTIONS: dict[int, ZoneEvent] = {
     ZoneSendAction.CLOSE: ZoneEvent.CLOSE, ZoneSendAction.FINISH: ZoneEvent.FINISH,
     ZoneSendAction.OPEN: ZoneEvent.OPEN, ZoneSendAction.RESET: ZoneEvent.RESET,
     ZoneSendAction.OFFLINE: ZoneEvent.OFFLINE,
@@ -70,9 +70,9 @@ def zone_management_send(ctrl: NvmeController, cmd: Command) -> int:
     io.require_field(not cmd.cdw12, f"reserved CDW12 {cmd.cdw12:#x}")
     io.require_field(not cmd.cdw13 & ZMS_RESERVED, f"ZSASO/reserved CDW13 bits {cmd.cdw13:#x}")
     zsa = cmd.cdw13 & 0xFF
-    event = ACTIONS.get(zsa)  # type: ignore[call-overload]
-    io.require_field(event is not None, f"zone send action {zsa:#x}")
-    assert event is not None
+    event = ACTIONS.get(zsa)
+    if event is None:  # Set Zone Descriptor Extension among them: ZDES is 0
+        raise CommandError(Status.INVALID_FIELD, f"zone send action {zsa:#x}")
     ns.check_writable()
     slba = cmd.cdw10 | cmd.cdw11 << 32
     for index in zones.manage(event, slba, bool(cmd.cdw13 & ZMS_SELECT_ALL)):
