@@ -43,7 +43,7 @@ from appliance.vfio_user.connection_state import DmaLayout
 __all__ = [
     "SCHEMA", "Config", "ConfigError", "ControlConfig", "DmaLayout", "DoorbellMode",
     "NamespaceConfig", "NetConfig", "PortConfig", "PortMode", "RawConfig", "ResponderConfig",
-    "StorageConfig", "TapConfig", "load",
+    "StorageConfig", "TapConfig", "ZonedConfig", "load",
 ]
 
 Checker = Callable[[str, Any], Any]
@@ -184,6 +184,16 @@ class PortMode(enum.StrEnum):
 
 # ------------------------------------------------------------------ the typed tree
 @dataclass(frozen=True)
+class ZonedConfig:
+    """``storage.namespaces[i].zoned``: the namespace is zoned (host-managed)."""
+
+    zone_size: int  # bytes, a multiple of block_size dividing the namespace size
+    zone_capacity: int | None  # bytes writable per zone; None: zone_size
+    max_open: int  # zones open at a time; 0: no limit
+    max_active: int  # zones open or closed at a time; 0: no limit
+
+
+@dataclass(frozen=True)
 class NamespaceConfig:
     """``storage.namespaces[i]``: one image served as NSID i + 1."""
 
@@ -192,6 +202,7 @@ class NamespaceConfig:
     block_size: int  # 512 or 4096
     read_only: bool
     grow: bool  # extend an existing image smaller than size (never cut one)
+    zoned: ZonedConfig | None = None  # None: a conventional namespace
 
     @property
     def remote(self) -> bool:
@@ -300,6 +311,13 @@ class Table:
 
 
 @dataclass
+class OptionalTable:
+    """A table that may be left out (then its value is None)."""
+
+    table: Table
+
+
+@dataclass
 class ListOf:
     item: Table
     default: list[dict[str, Any]] = field(default_factory=list)
@@ -312,6 +330,12 @@ NAMESPACE = Table(NamespaceConfig, {
     "block_size": (one_of(512, 4096), 512),
     "read_only": (boolean, False),
     "grow": (boolean, False),
+    "zoned": (OptionalTable(Table(ZonedConfig, {
+        "zone_size": (size, None),
+        "zone_capacity": (size, None),
+        "max_open": (integer(0, 0xFFFFFFFF), 0),
+        "max_active": (integer(0, 0xFFFFFFFF), 0),
+    })), None),
 })
 PORT = Table(PortConfig, {
     "socket": (file_path, None),
@@ -356,6 +380,8 @@ SCHEMA = Table(Config, {
 
 
 def _apply(schema: Any, value: Any, path: str) -> Any:
+    if isinstance(schema, OptionalTable):
+        return None if value is None else _apply(schema.table, value, path)
     if isinstance(schema, Table):
         if value is None:
             value = {}
@@ -398,6 +424,8 @@ def _required(checked: dict[str, Any]) -> None:
             ns["size"] = 0 if is_nbd_uri(ns["image"]) else DEFAULT_NAMESPACE_SIZE
         if ns["size"] % ns["block_size"]:
             raise ConfigError(f"storage.namespaces[{i}].size: must be a multiple of block_size")
+        if ns["zoned"] is not None:
+            _zoned(f"storage.namespaces[{i}].zoned", ns["zoned"], ns["size"], ns["block_size"])
     for i, p in enumerate(checked["net"]["ports"]):
         for key in ("socket", "mac"):
             if p[key] is None:
@@ -411,6 +439,26 @@ def _required(checked: dict[str, Any]) -> None:
         if path in sockets:
             raise ConfigError(f"{key}: same socket path as {sockets[path]}")
         sockets[path] = key
+
+
+def _zoned(path: str, zoned: dict[str, Any], size: int, block: int) -> None:
+    """A zoned namespace's geometry: whole blocks, whole zones, the limits in order.
+
+    Raises:
+        ConfigError: the first problem, naming its key.
+    """
+    zone = zoned["zone_size"]
+    if zone is None:
+        raise ConfigError(f"{path}.zone_size: required")
+    if zone == 0 or zone % block or size % zone:
+        raise ConfigError(f"{path}.zone_size: must be a multiple of block_size ({block}) "
+                          f"that divides the namespace size ({size})")
+    capacity = zoned["zone_capacity"]
+    if capacity is not None and (capacity == 0 or capacity % block or capacity > zone):
+        raise ConfigError(f"{path}.zone_capacity: must be a multiple of block_size ({block}) "
+                          f"up to zone_size ({zone})")
+    if zoned["max_open"] and zoned["max_active"] and zoned["max_open"] > zoned["max_active"]:
+        raise ConfigError(f"{path}.max_open: must not exceed max_active ({zoned['max_active']})")
 
 
 def _expand_path(key: str, value: str, names: dict[str, str]) -> str:
@@ -435,6 +483,8 @@ def _expand_path(key: str, value: str, names: dict[str, str]) -> str:
 
 def _expand(schema: Any, value: Any, key: str, names: dict[str, str]) -> Any:
     """``value`` (checked against ``schema``) with every path expanded."""
+    if isinstance(schema, OptionalTable):
+        schema = schema.table
     if isinstance(schema, Table) and isinstance(value, dict):
         return {k: _expand(schema.keys[k][0], v, f"{key}.{k}" if key else k, names)
                 for k, v in value.items()}
@@ -447,6 +497,8 @@ def _expand(schema: Any, value: Any, key: str, names: dict[str, str]) -> Any:
 
 def _build(schema: Any, value: Any) -> Any:
     """The checked, expanded ``value`` as ``schema``'s dataclasses (lists as tuples)."""
+    if isinstance(schema, OptionalTable):
+        return None if value is None else _build(schema.table, value)
     if isinstance(schema, Table):
         return schema.kind(**{k: _build(sub, value[k]) for k, (sub, _) in schema.keys.items()})
     if isinstance(schema, ListOf):
@@ -456,6 +508,8 @@ def _build(schema: Any, value: Any) -> Any:
 
 def _raw(schema: Any, value: Any) -> Any:
     """``value`` (``schema``'s dataclass) as the mapping that checks back into it."""
+    if isinstance(schema, OptionalTable):
+        return None if value is None else _raw(schema.table, value)
     if isinstance(schema, Table):
         return {k: _raw(sub, getattr(value, k)) for k, (sub, _) in schema.keys.items()}
     if isinstance(schema, ListOf):

@@ -41,6 +41,7 @@ from appliance.client.nvme_queues import (
     need_event,
 )
 from appliance.client.nvme_sgl import build_sgl, data_runs
+from appliance.client.nvme_zoned import ZonedCommands
 from appliance.client.vfio_user import MemoryArea, VfioUserClient, eventfd_count
 from appliance.runtime.unix import wait_readable
 from appliance.storage import spec
@@ -56,7 +57,7 @@ PRP_ENTRIES = PAGE // 8  # entries of one PRP list page (the last may chain to t
 FLAGS_SGL = spec.Psdt.SGL_MPTR_BUFFER << 6  # PSDT 01b: the data pointer is SGL1
 
 
-class NvmeDriver:
+class NvmeDriver(ZonedCommands):
     """Drive an NVMe controller through a :class:`HostBus`."""
 
     def __init__(self, bus: HostBus | VfioUserClient, *, mem_base: int = 0x4000_0000,
@@ -211,8 +212,11 @@ class NvmeDriver:
             self.put(page, data[i * PAGE:(i + 1) * PAGE])
 
     # ------------------------------------------------------------ bring-up
-    def enable(self, admin_depth: int = 32, cc: int = CC_ENABLE) -> None:
+    def enable(self, admin_depth: int = 32, cc: int | None = None) -> None:
         """Reset, set up the admin queue, enable with ``cc``, wait for CSTS.RDY.
+
+        By default ``cc`` is :data:`CC_ENABLE` with CC.CSS 110b (every I/O
+        command set) when CAP.CSS announces I/O command sets, as Linux enables.
 
         Raises:
             NvmeError: the controller set CSTS.CFS (an invalid ``cc``, say).
@@ -223,6 +227,9 @@ class NvmeDriver:
         self.bus.region_write(PciRegion.CONFIG, 0x04,
                               PCI_COMMAND_MEMORY_MASTER.to_bytes(2, "little"))
         self.cap = self.read_reg(spec.Reg.CAP, 8)
+        if cc is None:
+            iocs = spec.CAP.get(self.cap, "css") & spec.CAP_CSS_IOCS
+            cc = spec.CC.set(CC_ENABLE, "css", spec.CC_CSS_IOCS if iocs else spec.CC_CSS_NVM)
         self.write_reg(spec.Reg.CC, cc & ~1)
         self._wait_ready(0)
         if not self._irqs_set:
@@ -418,7 +425,8 @@ class NvmeDriver:
                 break
             status = (cqe.status >> 1) & 0x7FF
             ctx = q.outstanding.pop(cqe.cid, None)
-            done.append(Completion(cqe.cid, status, bool(cqe.status & spec.STATUS_DNR), cqe.dw0, ctx))
+            done.append(Completion(cqe.cid, status, bool(cqe.status & spec.STATUS_DNR), cqe.dw0, ctx,
+                                   cqe.dw1))
             q.cq_head += 1
             if q.cq_head == q.depth:
                 q.cq_head, q.phase = 0, q.phase ^ 1

@@ -62,6 +62,12 @@ class Completion:
     dnr: bool
     dw0: int
     context: Any = None
+    dw1: int = 0  # Zone Append: the assigned LBA's upper half
+
+    @property
+    def result(self) -> int:
+        """DWORDs 0 and 1 as one 64-bit value (Zone Append's assigned LBA)."""
+        return self.dw0 | self.dw1 << 32
 
 
 @dataclass

@@ -171,6 +171,8 @@ def namespace_resize(t: Target, args: dict[str, Any]) -> Any:
                                      f"and at least the current {ns.size} (grow only)")
     if ns.read_only:
         raise ControlError(FAILED, f"namespace {ns.nsid} is read-only")
+    if ns.nsid in ctrl.zones:
+        raise ControlError(FAILED, f"namespace {ns.nsid} is zoned: its zones are fixed")
     try:
         if os.fstat(ns.fd).st_size < size:
             os.ftruncate(ns.fd, size)

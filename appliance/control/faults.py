@@ -92,6 +92,14 @@ STATUS_NAMES = {
     "internal_error": 0x06,
     "data_transfer_error": 0x04,
     "aborted": 0x07,
+    "zone_boundary_error": 0x1B8,
+    "zone_is_full": 0x1B9,
+    "zone_is_read_only": 0x1BA,
+    "zone_is_offline": 0x1BB,
+    "zone_invalid_write": 0x1BC,
+    "too_many_active_zones": 0x1BD,
+    "too_many_open_zones": 0x1BE,
+    "invalid_zone_state_transition": 0x1BF,
 }
 #: what a rule may say besides target and action
 FIELDS = frozenset({"count", "probability", "qid", "opcode", "nsid", "lba", "status", "dnr",
@@ -100,7 +108,8 @@ U32 = 0xFFFF_FFFF
 U64 = (1 << 64) - 1
 MAX_RULES = 256  # armed at a time (every command and frame is matched against them)
 _RW = (IoOpcode.READ, IoOpcode.WRITE, IoOpcode.COMPARE, IoOpcode.WRITE_ZEROES,
-       IoOpcode.WRITE_UNCORRECTABLE, IoOpcode.VERIFY)  # CDW10-12: SLBA and NLB
+       IoOpcode.WRITE_UNCORRECTABLE, IoOpcode.VERIFY, IoOpcode.ZONE_APPEND)  # CDW10-12: SLBA, NLB
+_ZONE_MGMT = (IoOpcode.ZONE_MGMT_SEND, IoOpcode.ZONE_MGMT_RECV)  # CDW10-11: SLBA alone
 
 
 class FaultError(ValueError):
@@ -355,9 +364,10 @@ class FaultSet:
         if rule.nsid is not None and rule.nsid != cmd.nsid:
             return False
         if rule.lba is not None:
-            if qid == 0 or cmd.opcode not in _RW:
+            if qid == 0 or cmd.opcode not in _RW + _ZONE_MGMT:
                 return False
-            slba, nlb = cmd.cdw10 | cmd.cdw11 << 32, (cmd.cdw12 & 0xFFFF) + 1
+            slba = cmd.cdw10 | cmd.cdw11 << 32
+            nlb = (cmd.cdw12 & 0xFFFF) + 1 if cmd.opcode in _RW else 1
             if slba > rule.lba[1] or slba + nlb - 1 < rule.lba[0]:
                 return False
         return True

@@ -19,11 +19,12 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from appliance.storage import identity as ident
-from appliance.storage import io
+from appliance.storage import zns
 from appliance.storage.queues import CompletionQueue, SubmissionQueue
 from appliance.storage.spec import (
     CHANGED_NS_MAX,
     CSI_NVM,
+    CSI_ZNS,
     EFFECT_CCC,
     EFFECT_CSE_NS,
     EFFECT_CSUPP,
@@ -158,7 +159,8 @@ def delete_cq(ctrl: NvmeController, cmd: Command) -> int:
 
 # ---------------------------------------------------------------- identify (5.15)
 def identify(ctrl: NvmeController, cmd: Command) -> int:
-    """Identify (5.15): CNS 00h, 01h, 02h, 03h; 05h and 06h for CSI 00h (NVM), 1Ch."""
+    """Identify (5.15): CNS 00h, 01h, 02h, 03h; 05h and 06h for CSI 00h (NVM) and
+    02h (Zoned Namespace), 1Ch."""
     _check(not cmd.cdw10 & 0xFF00, why="reserved CDW10 bits")
     cns, nsid = cmd.cdw10 & 0xFF, cmd.nsid
     if cns == Cns.CONTROLLER:
@@ -166,11 +168,15 @@ def identify(ctrl: NvmeController, cmd: Command) -> int:
     elif cns in (Cns.NAMESPACE, Cns.NS_ID_DESCRIPTORS):
         ns = ctrl.namespace(nsid)  # FFFFFFFFh: no Namespace Management, so invalid too
         data = identify_namespace(ns.identify()) if cns == Cns.NAMESPACE else \
-            ns.descriptors(ctrl.serial)
+            ns.descriptors(ctrl.serial, CSI_ZNS if nsid in ctrl.zones else CSI_NVM)
     elif cns == Cns.ACTIVE_NS_LIST:
         _check(nsid < 0xFFFFFFFE, ST.INVALID_NAMESPACE, f"NSID {nsid:#x}")
-        active = [n for n in sorted(ctrl.namespaces) if n > nsid][:IDENTIFY_SIZE // 4]
+        active = [ns.nsid for ns in ctrl.active_namespaces() if ns.nsid > nsid][
+            :IDENTIFY_SIZE // 4]
         data = struct.pack(f"<{len(active)}I", *active)
+    elif cns in (Cns.CSI_CONTROLLER, Cns.CSI_NAMESPACE) and cmd.cdw11 >> 24 == CSI_ZNS:
+        data = (zns.identify_controller() if cns == Cns.CSI_CONTROLLER
+                else zns.identify_namespace(zns.refuse_unzoned(ctrl, nsid)))
     elif cns in (Cns.CSI_CONTROLLER, Cns.CSI_NAMESPACE):
         _check(cmd.cdw11 >> 24 == CSI_NVM, why=f"CSI {cmd.cdw11 >> 24}")
         if cns == Cns.CSI_NAMESPACE:
@@ -179,7 +185,8 @@ def identify(ctrl: NvmeController, cmd: Command) -> int:
         # extended LBA formats in the namespace structure.
         data = b""
     elif cns == Cns.COMMAND_SET_LIST:
-        data = struct.pack("<Q", 1 << CSI_NVM)  # vector 0: the NVM command set only
+        # vector 0 (the one I/O Command Set Profile): NVM and Zoned Namespace
+        data = struct.pack("<Q", 1 << CSI_NVM | 1 << CSI_ZNS)
     else:
         raise CommandError(ST.INVALID_FIELD, f"CNS {cns:#x}")
     send(ctrl, cmd, data.ljust(IDENTIFY_SIZE, b"\0"))
@@ -188,7 +195,8 @@ def identify(ctrl: NvmeController, cmd: Command) -> int:
 
 # ---------------------------------------------------------------- log pages (5.14)
 def get_log_page(ctrl: NvmeController, cmd: Command) -> int:
-    """Get Log Page (5.14): Error, SMART/Health, Firmware Slot, Changed Namespace List."""
+    """Get Log Page (5.14): Error, SMART/Health, Firmware Slot, Changed Namespace
+    List, Commands Supported and Effects (of the command set CDW14's CSI names)."""
     lid, lsp, rae = cmd.cdw10 & 0xFF, (cmd.cdw10 >> 8) & 0x7F, bool(cmd.cdw10 & 0x8000)
     length = (((cmd.cdw11 & 0xFFFF) << 16 | cmd.cdw10 >> 16) + 1) * 4
     offset = cmd.cdw12 | cmd.cdw13 << 32
@@ -203,8 +211,11 @@ def get_log_page(ctrl: NvmeController, cmd: Command) -> int:
         LogPage.SMART: lambda: smart_log(ctrl),
         LogPage.FIRMWARE_SLOT: lambda: FirmwareSlotLog(afi=1, frs1=ctrl.fr).pack(),
         LogPage.CHANGED_NS: lambda: struct.pack(f"<{len(ctrl.changed_ns)}I", *ctrl.changed_ns),
-        LogPage.COMMANDS_EFFECTS: commands_effects_log,
+        LogPage.COMMANDS_EFFECTS: lambda: commands_effects_log(csi),
     }
+    csi = cmd.cdw14 >> 24
+    if lid == LogPage.COMMANDS_EFFECTS:
+        _check(csi in zns.COMMAND_SETS, why=f"effects log of CSI {csi:#x}")
     build = builders.get(lid)
     _check(build is not None, ST.INVALID_LOG_PAGE, f"log page {lid:#x}")
     assert build is not None
@@ -292,13 +303,15 @@ def format_nvm(ctrl: NvmeController, cmd: Command) -> int:
     _check(not cmd.cdw10 & 0xFFFFF000, why="reserved CDW10 bits")
     _check(lbaf == 0 and mset_pi == 0, ST.INVALID_FORMAT, f"LBAF {lbaf} MSET/PI/PIL {mset_pi}")
     _check(ses <= 1, why=f"secure erase setting {ses}")
-    targets = (list(ctrl.namespaces.values()) if cmd.nsid == NSID_ALL
+    targets = (ctrl.active_namespaces() if cmd.nsid == NSID_ALL
                else [ctrl.namespace(cmd.nsid)])
     for ns in targets:
         ns.check_writable()
     for ns in targets:
         ns.format()
         ctrl.uncorrectable[ns.nsid] = LbaRanges()
+        if ns.nsid in ctrl.zones:
+            ctrl.zones[ns.nsid].reset_all()
     return 0
 
 
@@ -371,14 +384,17 @@ EFFECTS: dict[tuple[bool, int], int] = {
     (False, IoOpcode.WRITE_ZEROES): EFFECT_LBCC,
     (False, IoOpcode.DATASET_MANAGEMENT): EFFECT_LBCC,
     (False, IoOpcode.COPY): EFFECT_LBCC,
+    (False, IoOpcode.ZONE_MGMT_SEND): EFFECT_LBCC,
+    (False, IoOpcode.ZONE_APPEND): EFFECT_LBCC,
 }
 
 
-def commands_effects_log() -> bytes:
+def commands_effects_log(csi: int = CSI_NVM) -> bytes:
     """Commands Supported and Effects (LID 05h, figure 209): one DWORD per admin
-    opcode, then one per I/O opcode, for each command this controller runs."""
+    opcode, then one per I/O opcode of command set ``csi``, for each command this
+    controller runs."""
     entries = [0] * 512
-    for is_admin, table in ((True, HANDLERS), (False, io.HANDLERS)):
+    for is_admin, table in ((True, HANDLERS), (False, zns.COMMAND_SETS[csi])):
         for opcode in table:
             entries[opcode + (0 if is_admin else 256)] = (
                 EFFECT_CSUPP | EFFECTS.get((is_admin, opcode), 0))
@@ -396,7 +412,8 @@ def smart_log(ctrl: NvmeController) -> bytes:
         data_units_read=u128(-(-ctrl.counters["bytes_read"] // 512000)),
         data_units_written=u128(-(-ctrl.counters["bytes_written"] // 512000)),
         host_reads=u128(counts.get("io.read", 0) + counts.get("io.compare", 0)),
-        host_writes=u128(counts.get("io.write", 0)), power_cycles=u128(1),
+        host_writes=u128(counts.get("io.write", 0) + counts.get("io.zone_append", 0)),
+        power_cycles=u128(1),
         media_errors=u128(ctrl.counters["media_errors"]),
         error_log_entries=u128(ctrl.error_log.count),
     ).pack()

@@ -88,6 +88,8 @@ from appliance.storage.registers import (
 )
 from appliance.storage.request import NvmeRequest, Result
 from appliance.storage.spec import (
+    CC,
+    CC_CSS_IOCS,
     CHANGED_NS_MAX,
     NSID_ALL,
     OAES_NS_ATTRIBUTE,
@@ -104,13 +106,15 @@ from appliance.storage.spec import (
     status_field,
 )
 from appliance.storage.uncorrectable import LbaRanges
+from appliance.storage.zones import ZoneTable
 from appliance.vfio_user.wire import PciIrq
 
 log = logging.getLogger("appliance.storage")
 
 # I/O commands whose CDW10-11 hold an SLBA (the Error Information entry's LBA).
 LBA_OPCODES = frozenset({IoOpcode.WRITE, IoOpcode.READ, IoOpcode.COMPARE, IoOpcode.WRITE_ZEROES,
-                         IoOpcode.WRITE_UNCORRECTABLE, IoOpcode.VERIFY})
+                         IoOpcode.WRITE_UNCORRECTABLE, IoOpcode.VERIFY, IoOpcode.ZONE_APPEND,
+                         IoOpcode.ZONE_MGMT_SEND, IoOpcode.ZONE_MGMT_RECV})
 # Doorbell page polling (mmap mode): the runtime's timer period, fast while the
 # device is busy or was within the last FAST_TICKS ticks, slow once it is quiet.
 POLL_FAST, POLL_SLOW, FAST_TICKS = 0.0005, 0.02, 1000
@@ -164,6 +168,13 @@ class NvmeController(RequestEngine, PciDevice):
             for nsid, ns in enumerate(namespaces, 1):
                 self.namespaces[nsid] = Namespace(nsid, ns.image, ns.size, ns.block_size,
                                                   ns.read_only, (exports or {}).get(nsid))
+            #: the zones of each zoned namespace (device state: migrated)
+            self.zones: dict[int, ZoneTable] = {}
+            for nsid, settings in enumerate(namespaces, 1):
+                if settings.zoned is not None:
+                    opened = self.namespaces[nsid]
+                    self.zones[nsid] = ZoneTable(nsid, opened.nlbas, opened.lba_shift,
+                                                 settings.zoned)
             mmap_areas: tuple[tuple[int, int], ...] = ()
             if doorbells is DoorbellMode.MMAP:
                 self.doorbell_page = DoorbellPage()
@@ -288,9 +299,20 @@ class NvmeController(RequestEngine, PciDevice):
     def namespace(self, nsid: int) -> Namespace:
         """The active namespace ``nsid``, else INVALID_NAMESPACE (DNR)."""
         ns = self.namespaces.get(nsid)
-        if ns is None:
+        if ns is None or not self.is_active(nsid):
             raise CommandError(Status.INVALID_NAMESPACE, f"NSID {nsid:#x}")
         return ns
+
+    def is_active(self, nsid: int) -> bool:
+        """Whether namespace ``nsid`` is attached now: a zoned one only while
+        CC.CSS enables the I/O command sets (110b); with the NVM command set
+        alone (000b) it is inactive, as a namespace of a disabled command set is."""
+        return nsid in self.namespaces and (
+            nsid not in self.zones or CC.get(self.regs.cc, "css") == CC_CSS_IOCS)
+
+    def active_namespaces(self) -> list[Namespace]:
+        """The active namespaces in NSID order (NSID FFFFFFFFh: all of them)."""
+        return [ns for nsid, ns in sorted(self.namespaces.items()) if self.is_active(nsid)]
 
     def shadow_for(self, qid: int, is_cq: bool) -> Shadow | None:
         """The shadow doorbell slots for an I/O queue, if shadow doorbells are configured."""
@@ -501,8 +523,8 @@ class NvmeController(RequestEngine, PciDevice):
         status, dnr, dw0 = result
         if cq.qid == 0:
             self._adopt_queues()  # a queue this command created, before the host may ring it
-        cq.post(self.mem, Completion(dw0=dw0, sq_head=sq.head, sq_id=sq.qid, cid=cid,
-                                     status=status_field(status, dnr, 0)))
+        cq.post(self.mem, Completion(dw0=dw0 & 0xFFFFFFFF, dw1=dw0 >> 32, sq_head=sq.head,
+                                     sq_id=sq.qid, cid=cid, status=status_field(status, dnr, 0)))
 
     def record_error(self, qid: int, cmd: Command, status: int, dnr: bool,
                      lba: int | None = None) -> None:

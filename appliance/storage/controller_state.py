@@ -30,19 +30,22 @@ from appliance.storage.spec import (
     FeatureId,
 )
 from appliance.storage.uncorrectable import MAX_RANGES, LbaRanges
+from appliance.storage.zones import ZoneRecord, ZoneSnapshot, ZoneState
 from appliance.wire import U8, U16, U32, U64, Struct, WireError
 
-#: 2: the uncorrectable block ranges (n_uncorrectable, where 1 had a reserved DWORD)
-STATE_VERSION = 2
+#: 2: the uncorrectable block ranges (n_uncorrectable, where 1 had a reserved DWORD);
+#: 3: the zones of zoned namespaces (n_zones; the head grew by 8 bytes)
+STATE_VERSION = 3
 NONE32 = 0xFFFFFFFF  # "no value" for optional u32 fields
 STATES = (CtrlState.DISABLED, CtrlState.READY, CtrlState.SHUTDOWN, CtrlState.FAILED)
 FLAG_SHADOW = 0x1
 FLAG_TIMESTAMP = 0x2
 MAX_BACKLOG = 1 << 16
+ZONE_STATES = frozenset(ZoneState)
 
 
 # ---------------------------------------------------------------- blob layout
-class CtrlStateHead(Struct, size=96):
+class CtrlStateHead(Struct, size=104):
     """DEVICE_STATE (NVME_CONTROLLER) blob head; the arrays below follow in this order."""
 
     version: U16 = STATE_VERSION
@@ -72,6 +75,8 @@ class CtrlStateHead(Struct, size=96):
     n_tler: U16 = 0
     n_no_coalescing: U16 = 0
     n_uncorrectable: U32 = 0
+    n_zones: U32 = 0  # zones that are not Empty, of every zoned namespace
+    reserved1: U32 = 0
 
 
 class SqState(Struct, size=32):
@@ -140,6 +145,18 @@ class UncorrectableRange(Struct, size=24):
     nlb: U64 = 0
 
 
+class ZoneEntry(Struct, size=24):
+    """Zone ``zone`` of namespace ``nsid`` is in ``state`` (ZS), its write pointer ``wp``."""
+
+    nsid: U32 = 0
+    zone: U32 = 0
+    state: U8 = 0
+    reserved9: U8 = 0
+    reserved10: U16 = 0
+    reserved12: U32 = 0
+    wp: U64 = 0
+
+
 def state_error(message: str) -> LocalProtocolError:
     """The error a refused controller state raises (EINVAL to the stream's writer)."""
     return LocalProtocolError(f"NVMe state: {message}", errno.EINVAL)
@@ -172,6 +189,7 @@ class CtrlSnapshot:
     tler: dict[int, int]
     no_coalescing: set[int]
     uncorrectable: dict[int, LbaRanges]
+    zones: dict[int, ZoneSnapshot]
 
 
 class _Cursor:
@@ -212,6 +230,7 @@ def encode_controller(ctrl: NvmeController) -> bytes:
         n_thresholds=len(feats.thresholds), n_tler=len(feats.tler),
         n_no_coalescing=len(feats.no_coalescing),
         n_uncorrectable=sum(len(r.ranges) for r in ctrl.uncorrectable.values()),
+        n_zones=sum(len(zones.state()) for zones in ctrl.zones.values()),
     )
     parts = [head.pack()]
     for sq in sqs:
@@ -238,6 +257,8 @@ def encode_controller(ctrl: NvmeController) -> bytes:
     parts += [Vector(vector=v).pack() for v in sorted(feats.no_coalescing)]
     parts += [UncorrectableRange(nsid=nsid, slba=a, nlb=b - a).pack()
               for nsid, ranges in sorted(ctrl.uncorrectable.items()) for a, b in ranges.ranges]
+    parts += [ZoneEntry(nsid=nsid, zone=z.index, state=z.state, wp=z.wp).pack()
+              for nsid, zones in sorted(ctrl.zones.items()) for z in zones.state()]
     return b"".join(parts)
 
 
@@ -252,7 +273,9 @@ def decode_controller(ctrl: NvmeController, blob: bytes) -> CtrlSnapshot:
     try:
         head: CtrlStateHead = _take(cursor, CtrlStateHead, 1)[0]
         if head.version != STATE_VERSION:
-            raise state_error(f"version {head.version}")
+            raise state_error(f"controller state version {head.version}, this appliance reads "
+                              f"version {STATE_VERSION} only: source and destination must run "
+                              "the same appliance release")
         sqs: list[SqState] = _take(cursor, SqState, head.n_sq)
         cqs: list[CqState] = _take(cursor, CqState, head.n_cq)
         backlog: list[Completion] = _take(cursor, Completion, head.n_backlog)
@@ -266,6 +289,7 @@ def decode_controller(ctrl: NvmeController, blob: bytes) -> CtrlSnapshot:
         tler = {kv.key: kv.value for kv in _take(cursor, KeyValue, head.n_tler)}
         no_coalescing = {v.vector for v in _take(cursor, Vector, head.n_no_coalescing)}
         bad: list[UncorrectableRange] = _take(cursor, UncorrectableRange, head.n_uncorrectable)
+        zone_entries: list[ZoneEntry] = _take(cursor, ZoneEntry, head.n_zones)
     except WireError as exc:
         raise state_error(str(exc)) from None
     if cursor.pos != len(blob):
@@ -288,12 +312,12 @@ def decode_controller(ctrl: NvmeController, blob: bytes) -> CtrlSnapshot:
     _check_features(ctrl, features, thresholds, tler, no_coalescing)
     return CtrlSnapshot(head, sqs, cqs, backlogs, aers, events, masked, errors, changed,
                         features, thresholds, tler, no_coalescing,
-                        _check_uncorrectable(ctrl, bad))
+                        _check_uncorrectable(ctrl, bad), _check_zones(ctrl, zone_entries))
 
 
 def _check_head(ctrl: NvmeController, head: CtrlStateHead) -> None:
     if head.ctrl_state >= len(STATES) or head.ready > 1 or head.flags & ~(
-            FLAG_SHADOW | FLAG_TIMESTAMP) or head.reserved0:
+            FLAG_SHADOW | FLAG_TIMESTAMP) or head.reserved0 or head.reserved1:
         raise state_error(f"state {head.ctrl_state} / flags {head.flags:#x}")
     if head.flags & FLAG_SHADOW and (head.shadow_doorbells % PAGE_SIZE
                                      or head.shadow_event_idx % PAGE_SIZE):
@@ -373,6 +397,21 @@ def _check_uncorrectable(ctrl: NvmeController,
     return out
 
 
+def _check_zones(ctrl: NvmeController, entries: list[ZoneEntry]) -> dict[int, ZoneSnapshot]:
+    """Each zoned namespace's zones, checked by its own table (geometry, write
+    pointers where the states put them, the open and active limits)."""
+    records: dict[int, list[ZoneRecord]] = {nsid: [] for nsid in ctrl.zones}
+    for e in entries:
+        if e.nsid not in records or e.reserved9 or e.reserved10 or e.reserved12 or (
+                e.state not in ZONE_STATES):
+            raise state_error(f"zone {e.zone} of namespace {e.nsid}: state {e.state:#x}")
+        records[e.nsid].append(ZoneRecord(e.zone, ZoneState(e.state), e.wp))
+    try:
+        return {nsid: ctrl.zones[nsid].checked(found) for nsid, found in records.items()}
+    except ValueError as exc:
+        raise state_error(str(exc)) from None
+
+
 def apply_controller(ctrl: NvmeController, snap: CtrlSnapshot,
                      clock: Callable[[], float] | None = None) -> None:
     """Replace ``ctrl``'s registers, queues, events and features with ``snap``."""
@@ -416,6 +455,8 @@ def apply_controller(ctrl: NvmeController, snap: CtrlSnapshot,
     feats.tler = dict(snap.tler)
     feats.no_coalescing = set(snap.no_coalescing)
     ctrl.uncorrectable = {nsid: LbaRanges(r.ranges) for nsid, r in snap.uncorrectable.items()}
+    for nsid, zones in snap.zones.items():
+        ctrl.zones[nsid].adopt(zones)
     now = clock or feats.clock
     feats.timestamp_base = ((head.timestamp_ms, now() if now else 0.0)
                             if head.flags & FLAG_TIMESTAMP else None)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from appliance.memory import ClientMemory, DmaPending, DmaScope, GuestMemoryError
-from appliance.storage import admin, io
+from appliance.storage import admin, zns
 from appliance.storage.queues import CompletionQueue, SubmissionQueue
 from appliance.storage.request import NvmeRequest, Offloaded, RequestState, Result
 from appliance.storage.spec import AdminOpcode, Command, CommandError, IoOpcode, Status
@@ -126,7 +126,7 @@ class RequestEngine:
                 req.dma = DmaScope(on_ready=self._dma_arrived)
             mem.scope = req.dma
         try:
-            dw0 = (admin.execute if qid == 0 else io.execute)(self._ctrl, cmd)
+            dw0 = (admin.execute if qid == 0 else zns.execute)(self._ctrl, cmd)
         except DmaPending:  # it runs again from the start once the client answered
             self._wait(req)
             return None

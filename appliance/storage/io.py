@@ -65,7 +65,10 @@ DSM_DEALLOCATE = 1 << 2
 Handler = Callable[["NvmeController", Command], "int | Offloaded"]
 
 
-def _field(ok: bool, why: str) -> None:
+def require_field(ok: bool, why: str) -> None:
+    """Raises:
+        CommandError: INVALID_FIELD with ``why`` unless ``ok``.
+    """
     if not ok:
         raise CommandError(Status.INVALID_FIELD, why)
 
@@ -73,13 +76,13 @@ def _field(ok: bool, why: str) -> None:
 def _rw_args(ctrl: NvmeController, cmd: Command, reserved: int) -> tuple[Namespace, int, int]:
     """(namespace, SLBA, number of blocks) after the range check."""
     ns = ctrl.namespace(cmd.nsid)
-    _field(not cmd.cdw12 & reserved, f"reserved CDW12 bits {cmd.cdw12 & reserved:#x}")
+    require_field(not cmd.cdw12 & reserved, f"reserved CDW12 bits {cmd.cdw12 & reserved:#x}")
     slba, nlb = cmd.cdw10 | cmd.cdw11 << 32, (cmd.cdw12 & 0xFFFF) + 1
     ns.check_range(slba, nlb)
     return ns, slba, nlb
 
 
-def _transfer(ctrl: NvmeController, cmd: Command, nbytes: int, to_device: bool) -> Transfer:
+def data_transfer(ctrl: NvmeController, cmd: Command, nbytes: int, to_device: bool) -> Transfer:
     """The client memory of the command's data (PRPs or an SGL; SGLs counted)."""
     transfer = command_transfer(ctrl.mem, cmd, nbytes, ctrl.mdts_bytes, to_device=to_device)
     if transfer.sgl:
@@ -88,13 +91,31 @@ def _transfer(ctrl: NvmeController, cmd: Command, nbytes: int, to_device: bool) 
 
 
 def _readable(ctrl: NvmeController, ns: Namespace, slba: int, nlb: int) -> None:
-    """Unrecovered Read Error if a block of the range is marked uncorrectable."""
+    """Unrecovered Read Error if a block of the range is marked uncorrectable; in
+    a zoned namespace the zone rules for reads (Zone Boundary Error, Zone Is
+    Offline)."""
+    zones = ctrl.zones.get(ns.nsid)
+    if zones is not None:
+        zones.check_read(slba, nlb)
     ctrl.uncorrectable[ns.nsid].check(ns.nsid, slba, nlb)
 
 
-def _written(ctrl: NvmeController, ns: Namespace, slba: int, nlb: int) -> None:
-    """Blocks that were written are no longer uncorrectable."""
+def _writable(ctrl: NvmeController, ns: Namespace, slba: int, nlb: int) -> None:
+    """The namespace is writable; in a zoned one, a write of the range is at the
+    write pointer and within the limits (the statuses of ZoneTable.check_write)."""
+    ns.check_writable()
+    zones = ctrl.zones.get(ns.nsid)
+    if zones is not None:
+        zones.check_write(slba, nlb)
+
+
+def written(ctrl: NvmeController, ns: Namespace, slba: int, nlb: int) -> None:
+    """Blocks that were written are no longer uncorrectable; in a zoned namespace
+    the write pointer moves past them."""
     ctrl.uncorrectable[ns.nsid].remove(slba, nlb)
+    zones = ctrl.zones.get(ns.nsid)
+    if zones is not None:
+        zones.advance(slba, nlb)
 
 
 def read(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
@@ -102,7 +123,7 @@ def read(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
     off it."""
     ns, slba, nlb = _rw_args(ctrl, cmd, RW_RESERVED)
     nbytes = nlb << ns.lba_shift
-    transfer = _transfer(ctrl, cmd, nbytes, to_device=False)
+    transfer = data_transfer(ctrl, cmd, nbytes, to_device=False)
     _readable(ctrl, ns, slba, nlb)
     segments = transfer.segments
 
@@ -132,14 +153,14 @@ def read(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
 def write(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
     """Write (opcode 01h, NVM section 6.15); FUA or a disabled write cache syncs."""
     ns, slba, nlb = _rw_args(ctrl, cmd, RW_RESERVED)
-    ns.check_writable()
+    _writable(ctrl, ns, slba, nlb)
     nbytes = nlb << ns.lba_shift
-    ns.write(ctrl.mem, _transfer(ctrl, cmd, nbytes, to_device=True).segments,
+    ns.write(ctrl.mem, data_transfer(ctrl, cmd, nbytes, to_device=True).segments,
              slba)  # the page cache: no wait
-    _written(ctrl, ns, slba, nlb)
+    written(ctrl, ns, slba, nlb)
     ctrl.counters["bytes_written"] += nbytes
     if cmd.cdw12 & RW_FUA or not ctrl.features.write_cache:
-        return _synced(ctrl, ns.flush)
+        return synced(ctrl, ns.flush)
     return 0
 
 
@@ -147,7 +168,7 @@ def compare(ctrl: NvmeController, cmd: Command) -> int:
     """Compare (opcode 05h, NVM section 6.5): COMPARE_FAILURE on any difference."""
     ns, slba, nlb = _rw_args(ctrl, cmd, RW_RESERVED)
     nbytes = nlb << ns.lba_shift
-    host = gather(ctrl.mem, _transfer(ctrl, cmd, nbytes, to_device=True))
+    host = gather(ctrl.mem, data_transfer(ctrl, cmd, nbytes, to_device=True))
     _readable(ctrl, ns, slba, nlb)
     if host != ns.read_bytes(slba, nbytes):
         raise CommandError(Status.COMPARE_FAILURE, f"nsid {ns.nsid}: LBA {slba}+{nlb} differ")
@@ -158,34 +179,34 @@ def compare(ctrl: NvmeController, cmd: Command) -> int:
 def flush(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
     """Flush (opcode 00h, NVM section 6.8); NSID FFFFFFFFh flushes all (VWC bits 2:1).
     The fdatasync runs off the loop."""
-    targets = (list(ctrl.namespaces.values()) if cmd.nsid == NSID_ALL
+    targets = (ctrl.active_namespaces() if cmd.nsid == NSID_ALL
                else [ctrl.namespace(cmd.nsid)])
 
     def sync_all() -> None:
         for ns in targets:
             ns.flush()
 
-    return _synced(ctrl, sync_all)
+    return synced(ctrl, sync_all)
 
 
 def write_zeroes(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
     """Write Zeroes (opcode 08h, NVM section 6.16); not bound by MDTS."""
     ns, slba, nlb = _rw_args(ctrl, cmd, WZ_RESERVED)
-    ns.check_writable()
+    _writable(ctrl, ns, slba, nlb)
     ns.write_zeroes(slba, nlb, deallocate=bool(cmd.cdw12 & WZ_DEAC))
-    _written(ctrl, ns, slba, nlb)
+    written(ctrl, ns, slba, nlb)
     if cmd.cdw12 & RW_FUA or not ctrl.features.write_cache:
-        return _synced(ctrl, ns.flush)
+        return synced(ctrl, ns.flush)
     return 0
 
 
 def dataset_management(ctrl: NvmeController, cmd: Command) -> int:
     """Dataset Management (opcode 09h, NVM section 6.7): only Deallocate acts."""
     ns = ctrl.namespace(cmd.nsid)
-    _field(not cmd.cdw10 & DSM_NR_RESERVED, "reserved CDW10 bits")
-    _field(not cmd.cdw11 & DSM_ATTR_RESERVED, "reserved CDW11 bits")
+    require_field(not cmd.cdw10 & DSM_NR_RESERVED, "reserved CDW10 bits")
+    require_field(not cmd.cdw11 & DSM_ATTR_RESERVED, "reserved CDW11 bits")
     count = (cmd.cdw10 & 0xFF) + 1
-    data = gather(ctrl.mem, _transfer(ctrl, cmd, count * DsmRange.SIZE, to_device=True))
+    data = gather(ctrl.mem, data_transfer(ctrl, cmd, count * DsmRange.SIZE, to_device=True))
     ranges = [DsmRange.unpack(data, i * DsmRange.SIZE) for i in range(count)]
     if not cmd.cdw11 & DSM_DEALLOCATE:
         return 0  # integral read/write hints: advisory
@@ -194,7 +215,7 @@ def dataset_management(ctrl: NvmeController, cmd: Command) -> int:
         ns.check_range(r.slba, r.nlb)
     for r in ranges:
         ns.write_zeroes(r.slba, r.nlb, deallocate=True)
-        _written(ctrl, ns, r.slba, r.nlb)
+        ctrl.uncorrectable[ns.nsid].remove(r.slba, r.nlb)  # write pointers stay
     return 0
 
 
@@ -202,8 +223,11 @@ def write_uncorrectable(ctrl: NvmeController, cmd: Command) -> int:
     """Write Uncorrectable (opcode 04h, NVM section 6.17): reads of the blocks fail
     with Unrecovered Read Error until they are written; not bound by MDTS."""
     ns, slba, nlb = _rw_args(ctrl, cmd, WU_RESERVED)
-    ns.check_writable()
+    _writable(ctrl, ns, slba, nlb)
     ctrl.uncorrectable[ns.nsid].add(slba, nlb)
+    zones = ctrl.zones.get(ns.nsid)
+    if zones is not None:  # a write: the write pointer moves past the blocks
+        zones.advance(slba, nlb)
     return 0
 
 
@@ -232,11 +256,11 @@ def copy(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
     Past MSRC / MSSRL / MCL: Command Size Limit Exceeded."""
     ns = ctrl.namespace(cmd.nsid)
     nr, fmt = (cmd.cdw12 & COPY_NR) + 1, (cmd.cdw12 >> COPY_FORMAT_SHIFT) & 0xF
-    _field(fmt == 0, f"copy descriptor format {fmt}")
-    _field(not cmd.cdw12 & COPY_RESERVED, "DTYPE/STCW/reserved CDW12 bits")
+    require_field(fmt == 0, f"copy descriptor format {fmt}")
+    require_field(not cmd.cdw12 & COPY_RESERVED, "DTYPE/STCW/reserved CDW12 bits")
     if nr > MSRC + 1:
         raise CommandError(Status.COMMAND_SIZE_LIMIT_EXCEEDED, f"{nr} source ranges")
-    data = gather(ctrl.mem, _transfer(ctrl, cmd, nr * SourceRange.SIZE, to_device=True))
+    data = gather(ctrl.mem, data_transfer(ctrl, cmd, nr * SourceRange.SIZE, to_device=True))
     ranges = [SourceRange.unpack(data, i * SourceRange.SIZE) for i in range(nr)]
     total = 0
     for r in ranges:
@@ -248,16 +272,16 @@ def copy(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
     for r in ranges:
         ns.check_range(r.slba, r.nlb + 1)
     ns.check_range(sdlba, total)
-    ns.check_writable()
+    _writable(ctrl, ns, sdlba, total)
     for r in ranges:
         _readable(ctrl, ns, r.slba, r.nlb + 1)
     blocks = b"".join(ns.read_bytes(r.slba, (r.nlb + 1) << ns.lba_shift) for r in ranges)
     ns.write_bytes(sdlba, blocks)
-    _written(ctrl, ns, sdlba, total)
+    written(ctrl, ns, sdlba, total)
     ctrl.counters["bytes_read"] += len(blocks)
     ctrl.counters["bytes_written"] += len(blocks)
     if cmd.cdw12 & RW_FUA or not ctrl.features.write_cache:
-        return _synced(ctrl, ns.flush)
+        return synced(ctrl, ns.flush)
     return 0
 
 
@@ -274,12 +298,13 @@ HANDLERS: dict[int, Handler] = {
 }
 
 
-def _synced(ctrl: NvmeController, sync: Callable[[], None]) -> int | Offloaded:
-    """A sync (fdatasync) that may take as long as the disk wants: off the loop."""
+def synced(ctrl: NvmeController, sync: Callable[[], None], result: int = 0) -> int | Offloaded:
+    """A sync (fdatasync) that may take as long as the disk wants: off the loop;
+    the command then completes with ``result``."""
     if ctrl.offload is None:
         sync()
-        return 0
-    return Offloaded(sync)
+        return result
+    return Offloaded(sync, lambda: result)
 
 
 def _release(views: list[memoryview]) -> None:
@@ -287,8 +312,10 @@ def _release(views: list[memoryview]) -> None:
         view.release()
 
 
-def execute(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
-    """Run one I/O command.
+def execute(ctrl: NvmeController, cmd: Command,
+            handlers: dict[int, Handler] = HANDLERS) -> int | Offloaded:
+    """Run one I/O command with ``handlers`` (its namespace's command set:
+    :func:`appliance.storage.zns.execute` picks them).
 
     Returns:
         The completion's DWORD 0, or the blocking part to run off the loop.
@@ -297,9 +324,9 @@ def execute(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
         CommandError: the status to complete with.
         GuestMemoryError: a data buffer is not in reachable client memory.
     """
-    handler = HANDLERS.get(cmd.opcode)
+    handler = handlers.get(cmd.opcode)
     if handler is None:
         raise CommandError(Status.INVALID_OPCODE, f"I/O opcode {cmd.opcode:#04x}")
-    _field(not cmd.flags & FLAGS_RESERVED, f"FUSE/reserved flags {cmd.flags:#04x}")
-    _field(psdt(cmd) in (Psdt.PRP, Psdt.SGL_MPTR_BUFFER), f"PSDT {psdt(cmd):#04b}")
+    require_field(not cmd.flags & FLAGS_RESERVED, f"FUSE/reserved flags {cmd.flags:#04x}")
+    require_field(psdt(cmd) in (Psdt.PRP, Psdt.SGL_MPTR_BUFFER), f"PSDT {psdt(cmd):#04b}")
     return handler(ctrl, cmd)

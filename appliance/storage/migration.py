@@ -30,7 +30,10 @@ MSI-X, interrupt configuration) with two things:
   tail, phase, vector, IEN, unsignalled entries, completions in the
   backlog, shadow doorbell EventIdx state), the shadow doorbell buffers,
   held AERs and pending/masked events, the error log, the changed-namespace
-  list and every feature value (the timestamp as its current value in ms).
+  list, every feature value (the timestamp as its current value in ms), the
+  blocks Write Uncorrectable marked, and the state and write pointer of every
+  zone of a zoned namespace that is not Empty.  A blob of another state
+  version is refused with a message naming both versions.
 
 Restore stages everything.  The first NAMESPACE_BLOCKS record of a
 namespace creates its *staging image*: a new sparse file of the
@@ -151,6 +154,10 @@ class NvmeMigratable(PciMigratable):
                   f"vectors={ctrl.vectors} cap={ctrl.regs.cap:#x}")]
         for nsid, ns in sorted(ctrl.namespaces.items()):
             parts.append(f"ns{nsid}:{ns.size}:{ns.block_size}:{int(ns.read_only)}")
+            zones = ctrl.zones.get(nsid)
+            if zones is not None:  # the zone geometry and limits must match too
+                parts.append(f"zoned{nsid}:{zones.zone_blocks}:{zones.capacity}:"
+                             f"{zones.max_open}:{zones.max_active}")
         return "|".join(parts).encode()
 
     def _marker(self, nsid: int) -> Callable[[int, int], None]:

@@ -45,6 +45,7 @@ from typing import Protocol
 from appliance.memory import ClientMemory
 from appliance.storage.prp import Segments
 from appliance.storage.spec import (
+    CSI_NVM,
     DLFEAT_READS_ZERO,
     DLFEAT_WZ_DEALLOCATE,
     LBAF,
@@ -56,6 +57,7 @@ from appliance.storage.spec import (
     NsIdDescriptor,
     Status,
 )
+from appliance.storage.zones import ZonedSettings
 
 BLOCK_SIZES = (512, 4096)
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -131,6 +133,8 @@ class NamespaceSettings(Protocol):
     def block_size(self) -> int: ...
     @property
     def read_only(self) -> bool: ...
+    @property
+    def zoned(self) -> ZonedSettings | None: ...  # None: not a zoned namespace
 
 
 class Namespace:
@@ -466,13 +470,13 @@ class Namespace:
             lbaf0=LBAF.encode(ms=0, lbads=self.lba_shift, rp=0),
         ).pack()
 
-    def descriptors(self, serial: str) -> bytes:
+    def descriptors(self, serial: str, csi: int = CSI_NVM) -> bytes:
         """The Namespace Identification Descriptor list (CNS 03h): one UUID, the
-        Command Set Identifier (00h: NVM; Linux needs it once CC.CSS selects I/O
-        command sets)."""
+        Command Set Identifier ``csi`` (00h: NVM, 02h: zoned; Linux needs it once
+        CC.CSS selects I/O command sets)."""
         nid = uuid.uuid5(uuid.NAMESPACE_OID, f"appliance-nvme:{serial}:{self.nsid}").bytes
         data = NsIdDescriptor(nidt=NIDT_UUID, nidl=len(nid)).pack() + nid
-        data += NsIdDescriptor(nidt=NIDT_CSI, nidl=1).pack() + bytes(1)
+        data += NsIdDescriptor(nidt=NIDT_CSI, nidl=1).pack() + bytes([csi])
         return data.ljust(4096, b"\0")
 
     # ------------------------------------------------------------ internals

@@ -184,6 +184,9 @@ class IoOpcode(enum.IntEnum):
     DATASET_MANAGEMENT = 0x09
     VERIFY = 0x0C
     COPY = 0x19
+    ZONE_MGMT_SEND = 0x79  # Zoned Namespace command set (CSI 02h)
+    ZONE_MGMT_RECV = 0x7A
+    ZONE_APPEND = 0x7D
 
 
 class Cns(enum.IntEnum):
@@ -199,6 +202,7 @@ class Cns(enum.IntEnum):
 
 
 CSI_NVM = 0x00  # Command Set Identifier of the NVM command set
+CSI_ZNS = 0x02  # ... of the Zoned Namespace command set
 
 
 class FeatureId(enum.IntEnum):
@@ -275,6 +279,14 @@ class Status(enum.IntEnum):
     FEATURE_NOT_NS_SPECIFIC = 0x10F
     WRITE_TO_READ_ONLY_RANGE = 0x182
     COMMAND_SIZE_LIMIT_EXCEEDED = 0x183  # Copy past MSSRL / MCL / MSRC (NVM 2.0)
+    ZONE_BOUNDARY_ERROR = 0x1B8  # Zoned Namespace command set 1.1, figure 26
+    ZONE_IS_FULL = 0x1B9
+    ZONE_IS_READ_ONLY = 0x1BA
+    ZONE_IS_OFFLINE = 0x1BB
+    ZONE_INVALID_WRITE = 0x1BC
+    TOO_MANY_ACTIVE_ZONES = 0x1BD
+    TOO_MANY_OPEN_ZONES = 0x1BE
+    INVALID_ZONE_STATE_TRANSITION = 0x1BF
     # media and data integrity errors (SCT 2)
     WRITE_FAULT = 0x280
     UNRECOVERED_READ_ERROR = 0x281

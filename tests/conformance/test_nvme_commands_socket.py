@@ -113,4 +113,9 @@ def test_effects_log(driver: NvmeDriver) -> None:
     done, page = driver.log_page(LogPage.COMMANDS_EFFECTS, 4096)
     assert result(done) == (ST.SUCCESS, False)
     io = struct.unpack_from("<256I", page, 1024)
+    zoned = {IoOpcode.ZONE_MGMT_SEND, IoOpcode.ZONE_MGMT_RECV, IoOpcode.ZONE_APPEND}
+    assert [op for op in range(256) if io[op]] == sorted(int(op) for op in IoOpcode
+                                                         if op not in zoned)
+    _, page = driver.log_page(LogPage.COMMANDS_EFFECTS, 4096, cdw14=2 << 24)  # zoned
+    io = struct.unpack_from("<256I", page, 1024)
     assert [op for op in range(256) if io[op]] == sorted(int(op) for op in IoOpcode)

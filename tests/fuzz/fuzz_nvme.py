@@ -1,4 +1,5 @@
-"""Fuzz NVMe submission queue entries, PRP lists and SGLs against a controller.
+"""Fuzz NVMe submission queue entries, PRP lists and SGLs against a controller
+(a conventional namespace 1 and a zoned namespace 2).
 
 The NVMe driver on an in-process controller (appliance.testing.nvme) brings it up
 (admin queues, one I/O queue pair) over a memfd guest memory.  The input is:
@@ -31,20 +32,26 @@ import atexit
 import shutil
 import struct
 import tempfile
-from pathlib import Path
 
 import common
 
 with common.instrumented(__name__):
-    from test_nvme_driver import make_controller
-
+    from appliance.config import NamespaceConfig, ZonedConfig
+    from appliance.storage import NvmeController
     from appliance.storage.spec import CC, AdminOpcode, Command, Reg, SglType, Status
     from appliance.testing.nvme import controller_driver
 
 SQE = 64
 _tmp = tempfile.mkdtemp(prefix="fuzz-nvme-")
 atexit.register(shutil.rmtree, _tmp, True)
-CTRL = make_controller(Path(_tmp), io_queues=2, queue_entries=64, size=1 << 20)
+# NSID 1 a conventional namespace, NSID 2 a zoned one (16 zones of 64 KiB, 48 KiB
+# writable, at most 2 open and 3 active: every zone status is in reach).
+CTRL = NvmeController([
+    NamespaceConfig(image=f"{_tmp}/ns1.img", size=1 << 20, block_size=512, read_only=False,
+                    grow=False),
+    NamespaceConfig(image=f"{_tmp}/ns2.img", size=1 << 20, block_size=512, read_only=False,
+                    grow=False, zoned=ZonedConfig(64 << 10, 48 << 10, 2, 3)),
+], io_queues=2, queue_entries=64)
 DRIVER = controller_driver(CTRL)
 FATAL: list[str] = []
 _fatal = CTRL.fatal
@@ -67,6 +74,8 @@ def _reset() -> tuple[int, int]:
     d.queues.clear()
     d.shadow_doorbells = None
     d.ready(io_queues=1)
+    for zones in CTRL.zones.values():  # zone states outlive a reset: each input starts Empty
+        zones.reset_all()
     return d.alloc(4096), d.alloc(DATA_SIZE)
 
 

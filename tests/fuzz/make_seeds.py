@@ -161,7 +161,16 @@ def nvme_seeds() -> dict[str, bytes]:
     sgl = struct.pack("<6Q", 0x1000, top | 0x800, 0, top | 1 << 60 | 0x200, 0x3000, top | 0x600)
     sgl_read = record(Command(opcode=IoOpcode.READ, nsid=1, cdw12=7, prp1=0, prp2=48), 1 | 8)
     sgl_write = record(Command(opcode=IoOpcode.WRITE, nsid=1, cdw12=6, prp1=0, prp2=48), 1 | 8)  # no bucket
+    # The zoned namespace 2: writes at the write pointer, an append, a report, a reset.
+    zwrite = record(Command(opcode=IoOpcode.WRITE, nsid=2, cdw12=7, prp1=0, prp2=0), 1 | 2 | 4)
+    zappend = record(Command(opcode=IoOpcode.ZONE_APPEND, nsid=2, cdw10=128, cdw12=3, prp1=0),
+                     1 | 2)
+    zopen = record(Command(opcode=IoOpcode.ZONE_MGMT_SEND, nsid=2, cdw10=256, cdw13=3), 1)
+    zreport = record(Command(opcode=IoOpcode.ZONE_MGMT_RECV, nsid=2, cdw12=1023,
+                             cdw13=1 << 16, prp1=0), 1 | 2)
+    zreset = record(Command(opcode=IoOpcode.ZONE_MGMT_SEND, nsid=2, cdw13=4 | 1 << 8), 1)
     return {"admin": bytes([4]) + prps + ident + feats + log,
+            "zoned": bytes([4]) + prps + zwrite + zappend + zopen + zreport + zreset + zwrite,
             "io-sgl": bytes([6]) + sgl + sgl_write + sgl_read,
             "shadow-doorbells": bytes([4]) + prps + dbbuf + flush + write + flush,
             "io-prp-list": bytes([4]) + prps + write + read,

@@ -128,6 +128,24 @@ def test_driver_without_a_guest_sees_the_error(nvme_driver: Any, appliance_ctl: 
     assert nvme_driver.read(1, 1, 1) == b"y" * 512
 
 
+@pytest.mark.appliance_config(storage={"namespaces": [{
+    "image": "{data_dir}/z.img", "size": "16M",
+    "zoned": {"zone_size": "1M", "max_open": 2, "max_active": 2}}]})
+def test_zone_append_and_its_fault(nvme_driver: Any, appliance_ctl: Any) -> None:
+    from appliance.storage.zones import ZoneState
+
+    nvme_driver.identify_namespace(1)
+    assert nvme_driver.zone_append(1, 2048, b"a" * 512).result == 2048
+    appliance_ctl("fault.add", action="status", opcode=0x7D, status="zone_is_full", count=1)
+    assert nvme_driver.zone_append(1, 2048, b"b" * 512).status == 0x1B9
+    assert nvme_driver.zone_append(1, 2048, b"c" * 512).result == 2049  # the fault fired once
+    total, zones = nvme_driver.report_zones(1, count=2, partial=False)
+    assert total == 16
+    assert [(z.zs >> 4, z.wp) for z in zones] == [(ZoneState.EMPTY, 0),
+                                                  (ZoneState.IMPLICITLY_OPENED, 2050)]
+    assert nvme_driver.read(1, 2048, 2) == b"a" * 512 + b"c" * 512
+
+
 def test_driver_delayed_completion_arrives_after_the_delay(nvme_driver: Any,
                                                            appliance_ctl: Any) -> None:
     import time

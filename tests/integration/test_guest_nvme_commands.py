@@ -1,6 +1,8 @@
 """Acceptance: a Linux guest (QEMU 11.1 vfio-user-pci, the busybox guest with nvme-cli)
 uses the NVMe command breadth: SGL data pointers, Copy, Verify, Write Uncorrectable,
-the Commands Supported and Effects log, the Identify Controller bits that announce them.
+the Commands Supported and Effects log, the Identify Controller bits that announce them;
+and a second namespace, zoned: the kernel sees a host-managed disk, writes it
+sequentially, nvme-cli reports zones, appends and resets.
 
 One guest boot for every check (each TCG boot costs CI time).
 """
@@ -13,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from appliance.storage.zones import ZoneState
+
 pytestmark = pytest.mark.integration
 
 if not any(ep.value == "appliance.testing.plugin"
@@ -23,12 +27,14 @@ if not any(ep.value == "appliance.testing.plugin"
         appliance_guest,
     )
 
-DEV, NS = "/dev/nvme0", "/dev/nvme0n1"
+DEV, NS, ZNS = "/dev/nvme0", "/dev/nvme0n1", "/dev/nvme0n2"
 READ_ONE = "dd if=/dev/nvme0n1 of=/dev/null bs=512 skip={lba} count=1 iflag=direct 2>&1"
 
 
-@pytest.mark.appliance_config(storage={"namespaces": [{"image": "{data_dir}/disk0.img",
-                                                       "size": "16M"}]})
+@pytest.mark.appliance_config(storage={"namespaces": [
+    {"image": "{data_dir}/disk0.img", "size": "16M"},
+    {"image": "{data_dir}/zoned.img", "size": "32M",  # 8 zones of 4 MiB, 3 MiB writable
+     "zoned": {"zone_size": "4M", "zone_capacity": "3M", "max_open": 4, "max_active": 6}}]})
 def test_nvme_cli_command_breadth_and_sgl_io(appliance_guest: Any, appliance_ctl: Any) -> None:
     def run(cmd: str, timeout: float = 120) -> str:
         out, rc = appliance_guest.run(cmd, timeout=timeout)
@@ -93,3 +99,52 @@ def test_nvme_cli_command_breadth_and_sgl_io(appliance_guest: Any, appliance_ctl
     assert rc != 0
     run(f"nvme copy {NS} --sdlba=5000 --slbs=0 --blocks=0")
     assert appliance_ctl("fault.list")["fired"]["nvme.status"] == 1
+
+    zoned_checks(run, appliance_guest)
+
+
+def zoned_checks(run: Any, guest: Any) -> None:
+    """The zoned namespace through the kernel and nvme-cli (same boot)."""
+    run(f"for i in $(seq 50); do [ -e {ZNS} ] && break; sleep 0.2; done; [ -e {ZNS} ]")
+    queue = "/sys/block/nvme0n2/queue"
+    assert run(f"cat {queue}/zoned").strip() == "host-managed"
+    assert run(f"cat {queue}/nr_zones").strip() == "8"
+    assert run(f"cat {queue}/chunk_sectors").strip() == "8192"
+    assert run(f"cat {queue}/max_open_zones {queue}/max_active_zones").split() == ["4", "6"]
+
+    def zones(count: int = 2) -> list[tuple[int, str]]:
+        """(write pointer, state) of the first ``count`` zones, as nvme-cli reports
+        them (WP and the raw state byte in hex: ZS in bits 7:4)."""
+        out = run(f"nvme zns report-zones {ZNS} -d {count}")
+        found = re.findall(r"WP:\s*(\S+)\s+Cap:\s*\S+\s+State:\s*(\S+)", out)
+        assert len(found) == count, out
+        return [(int(wp, 0), ZoneState(int(state, 0) >> 4).name) for wp, state in found]
+
+    assert zones() == [(0, "EMPTY"), (8192, "EMPTY")]
+    # Sequential O_DIRECT writes through the kernel, at the write pointer.
+    run("dd if=/dev/urandom of=/tmp/zpat bs=64k count=8 2>/dev/null")
+    run(f"dd if=/tmp/zpat of={ZNS} bs=64k count=4 oflag=direct 2>&1")
+    run(f"dd if=/tmp/zpat of={ZNS} bs=64k skip=4 seek=4 count=4 oflag=direct 2>&1")
+    assert zones(1) == [(1024, "IMPLICITLY_OPENED")]
+    out, rc = guest.run(f"dd if=/tmp/zpat of={ZNS} bs=64k count=1 oflag=direct 2>&1")
+    assert rc != 0, out  # not at the write pointer: Zone Invalid Write
+    sums = run(f"dd if={ZNS} bs=64k count=8 iflag=direct 2>/dev/null | md5sum; "
+               "md5sum < /tmp/zpat").split()
+    assert sums[0] == sums[2], sums
+    # Zone Append into zone 1 lands at its write pointer.
+    run("dd if=/dev/urandom of=/tmp/zapp bs=4k count=1 2>/dev/null")
+    run(f"nvme zns zone-append {ZNS} --zslba=8192 --data-size=4096 --data=/tmp/zapp")
+    run(f"nvme zns zone-append {ZNS} --zslba=8192 --data-size=4096 --data=/tmp/zapp")
+    assert zones() == [(1024, "IMPLICITLY_OPENED"), (8192 + 16, "IMPLICITLY_OPENED")]
+    got = run(f"dd if={ZNS} bs=4k skip=1025 count=1 iflag=direct 2>/dev/null | md5sum")
+    assert got.split()[0] == run("md5sum < /tmp/zapp").split()[0]
+    # A zone reset: empty again, reads zeroes, writable from its start.
+    run(f"nvme zns reset-zone {ZNS} --start-lba=0")
+    assert zones(1) == [(0, "EMPTY")]
+    got = run(f"dd if={ZNS} bs=64k count=1 iflag=direct 2>/dev/null | md5sum")
+    assert got.split()[0] == run("dd if=/dev/zero bs=64k count=1 2>/dev/null | md5sum").split()[0]
+    run(f"dd if=/tmp/zpat of={ZNS} bs=64k count=1 oflag=direct 2>&1")
+    assert zones(1) == [(128, "IMPLICITLY_OPENED")]
+    out = run(f"nvme effects-log {DEV} --csi=2")
+    for opcode, effects in ((0x7D, 3), (0x79, 3), (0x7A, 1)):  # Append, Send, Receive
+        assert re.search(rf"IOCS{opcode}\b.*\b{effects:08x}\b", out), (opcode, out)

@@ -61,11 +61,13 @@ def test_identify_reports_what_works(drv: NvmeDriver) -> None:
     assert data == bytes(4096)
     done, _ = drv.identify(Cns.CSI_NAMESPACE, 7)
     assert status(done) == (ST.INVALID_NAMESPACE, True)
-    done, _ = drv.identify(Cns.CSI_CONTROLLER, cdw11=2 << 24)  # zoned: not here
+    done, _ = drv.identify(Cns.CSI_CONTROLLER, cdw11=1 << 24)  # key value: not here
+    assert status(done) == (ST.INVALID_FIELD, True)
+    done, _ = drv.identify(Cns.CSI_NAMESPACE, 1, cdw11=2 << 24)  # not a zoned namespace
     assert status(done) == (ST.INVALID_FIELD, True)
     done, data = drv.identify(Cns.COMMAND_SET_LIST)
     ok(done)
-    assert struct.unpack_from("<QQ", data) == (1, 0)
+    assert struct.unpack_from("<QQ", data) == (0b101, 0)  # NVM and Zoned Namespace
     assert IdentifyController.unpack(drv.identify(Cns.CONTROLLER)[1]).ver == 0x10400
 
 

@@ -101,7 +101,7 @@ CASES: dict[str, tuple[Case, Status, bool]] = {
                               ST.INVALID_NAMESPACE, True),
     "identify descriptors inactive": (admin(A.IDENTIFY, cdw10=3, nsid=9),
                                       ST.INVALID_NAMESPACE, True),
-    "identify csi other": (admin(A.IDENTIFY, cdw10=6, cdw11=2 << 24), ST.INVALID_FIELD, True),
+    "identify csi other": (admin(A.IDENTIFY, cdw10=6, cdw11=1 << 24), ST.INVALID_FIELD, True),
     "create cq qid 0": (create_cq(qid=0), ST.INVALID_QUEUE_IDENTIFIER, True),
     "create cq qid past allocation": (create_cq(qid=5), ST.INVALID_QUEUE_IDENTIFIER, True),
     "create cq existing": (create_cq(qid=1), ST.INVALID_QUEUE_IDENTIFIER, True),
