@@ -127,6 +127,7 @@ class _Client:
         if self.closed:
             return
         self.active = time.monotonic()
+        self.service._arm_sweep()  # timed again from now
         self.out.push(reply_ok(request_id, result) if error is None
                      else reply_error(request_id, error.code, error.message))
         self._send()
@@ -233,10 +234,12 @@ class ControlService:
 
     # ------------------------------------------------------------ idle connections
     def _arm_sweep(self) -> None:
-        """Arm one timer for the earliest idle deadline (none without clients)."""
-        if self._closed or not self.clients:
+        """Arm one timer for the earliest idle deadline (none without clients, or
+        while every client waits for a deferred answer: it re-arms once sent)."""
+        timed = [c.active for c in self.clients if not c.waiting]  # (a deferred answer: not idle)
+        if self._closed or not timed:
             return
-        due = min(c.active for c in self.clients) + self.idle_timeout
+        due = min(timed) + self.idle_timeout
         if self._sweep_due is not None and self._sweep_due <= due:
             return  # an earlier sweep is armed; it re-arms for the rest
         self._sweep_due = due

@@ -165,3 +165,41 @@ def test_control_client_retries_a_connect_while_the_backlog_is_full(tmp_path: Pa
             worker.join()
     for s in queued:
         s.close()
+
+
+def test_a_connection_waiting_for_a_deferred_answer_is_kept_without_a_busy_timer(
+        service: tuple[ControlService, str, EventLoop],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A handoff may take longer than the idle timeout: its connection stays open,
+    the idle sweep does not run again and again meanwhile, and once the answer
+    is sent the connection is timed again."""
+    from typing import Any
+
+    from appliance.control import commands
+    from appliance.control.protocol import Deferred
+
+    svc, path, loop = service
+    made: list[Deferred] = []
+
+    def handler(_t: commands.Target, _args: dict[str, Any]) -> Deferred:
+        made.append(Deferred())
+        return made[-1]
+
+    monkeypatch.setitem(commands.COMMANDS, "test.later", commands.Command(handler, {}))
+    sweeps = []
+    sweep = svc._sweep
+
+    def counted(due: float) -> None:
+        sweeps.append(due)
+        sweep(due)
+
+    monkeypatch.setattr(svc, "_sweep", counted)
+    with connect(path) as s:
+        s.sendall(b'{"id": 1, "cmd": "test.later"}\n')
+        run_until(loop, lambda: len(made) == 1)
+        run_until(loop, later(3 * IDLE))
+        assert not closed_by_peer(s)
+        assert len(sweeps) <= 3
+        made[0].resolve(True)
+        run_until(loop, lambda: closed_by_peer(s))
+    assert svc.clients == []
