@@ -223,7 +223,8 @@ class ControlService:
                 log.warning("control: accept failed: %s", exc)
                 return
             if len(self.clients) >= MAX_CLIENTS:
-                oldest = min(self.clients, key=lambda c: c.active)
+                # (one waiting for a deferred answer only when every one does)
+                oldest = min(self.clients, key=lambda c: (c.waiting, c.active))
                 log.warning("control: %d connections: closing fd %d, silent for %.1f s, "
                             "for a new one", len(self.clients), oldest.fd,
                             time.monotonic() - oldest.active)

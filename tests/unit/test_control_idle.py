@@ -203,3 +203,38 @@ def test_a_connection_waiting_for_a_deferred_answer_is_kept_without_a_busy_timer
         made[0].resolve(True)
         run_until(loop, lambda: closed_by_peer(s))
     assert svc.clients == []
+
+
+def test_at_the_limit_a_connection_waiting_for_its_answer_is_not_the_one_closed(
+        service: tuple[ControlService, str, EventLoop],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from typing import Any
+
+    from appliance.control import commands
+    from appliance.control.protocol import Deferred
+
+    svc, path, loop = service
+    svc.idle_timeout = 3600.0
+    made: list[Deferred] = []
+
+    def handler(_t: commands.Target, _args: dict[str, Any]) -> Deferred:
+        made.append(Deferred())
+        return made[-1]
+
+    monkeypatch.setitem(commands.COMMANDS, "test.later", commands.Command(handler, {}))
+    held = [connect(path)]
+    held[0].sendall(b'{"id": 1, "cmd": "test.later"}\n')  # the oldest: it waits for a handoff
+    run_until(loop, lambda: len(made) == 1)
+    for _ in range(MAX_CLIENTS - 1):
+        held.append(connect(path))
+        run_until(loop, lambda: len(svc.clients) == len(held))
+    newcomer = connect(path)
+    assert ask_status(loop, newcomer)["ok"] is True
+    assert closed_by_peer(held[1])  # silent the longest of those not waiting
+    assert not closed_by_peer(held[0])
+    made[0].resolve(True)
+    buf = bytearray()
+    run_until(loop, lambda: bool(buf.extend(held[0].recv(65536)) or buf.endswith(b"\n")))
+    assert json.loads(buf)["result"] is True
+    for s in [*held, newcomer]:
+        s.close()
