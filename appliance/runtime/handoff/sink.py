@@ -286,6 +286,8 @@ class Incoming:
     # ------------------------------------------------------------ the end
     def _failed(self, exc: OSError) -> None:
         """The channel failed (a send, or no progress for ``TIMEOUT`` s)."""
+        if self.phase is Phase.VERDICT:
+            self._read_verdict()  # a word that came after the loop last looked decides
         if self.phase is Phase.VERDICT:  # the source went quiet after our ok: it let go
             log.warning("handoff: no word from the source (%s); taking it as go", exc)
             self._verdict(b"")
