@@ -115,7 +115,9 @@ class HandoffSource:
         self.app.control.target.busy = BUSY
         try:
             self.current.ask()
-        except HandoffError:  # nothing started
+        except BaseException:  # nothing started (whatever failed): nothing stays busy
+            if self.current.control is not None:
+                self.current.control.close()
             self.current = None
             self.app.control.target.busy = ""
             raise
