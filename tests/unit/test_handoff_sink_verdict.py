@@ -1,5 +1,6 @@
 """The destination of a live handoff after its ``ok``: the source's word decides,
-and silence is taken as ``go`` only when no word is waiting to be read.
+and silence is taken as ``go`` only when no word is waiting to be read; before
+it, a refusal always ends with every fd closed.
 
 The destination (:class:`Incoming`) runs on a real event loop in the test's
 thread, over a socketpair; the appliance around it is a stand-in recording
@@ -66,3 +67,31 @@ def test_go_or_silence_when_the_timeout_fires_is_go(
     source.sendall(said)
     incoming._failed(TimeoutError(errno.ETIMEDOUT, "no progress"))
     assert app.calls == ["start"] and incoming.phase is Phase.DONE
+
+
+def test_a_refusal_closes_the_fds_and_ends_even_if_forgetting_the_records_fails(
+        verdict: tuple[Incoming, StandIn, socket.socket]) -> None:
+    """Before the ok: whatever forgetting the loaded records raises, every fd
+    received is closed, the source is told and the destination is idle again."""
+    import os
+
+    from appliance.runtime.handoff.frames import HandoffError
+
+    incoming, app, source = verdict
+
+    def abort_restore() -> None:
+        raise RuntimeError("abort_restore")
+
+    app.abort_restore = abort_restore  # type: ignore[attr-defined]
+    incoming.phase = Phase.READING
+    r, w = os.pipe()
+    incoming.fds = [r, w]
+    ended: list[bool] = []
+    incoming.done = lambda: ended.append(True)
+    with pytest.raises(RuntimeError):
+        incoming._refuse(HandoffError("bad stream"))
+    for fd in (r, w):
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    assert incoming.fds == [] and ended == [True] and incoming.phase is Phase.DONE
+    assert b"bad stream" in source.recv(4096)

@@ -301,11 +301,13 @@ class Incoming:
             exc = HandoffError(f"{type(exc).__name__}: {exc}")
         elif isinstance(exc, RemoteProtocolError):
             exc = HandoffError(str(exc))
-        self.app.migratable.abort_restore()
         self._close_fds()
-        log.warning("handoff refused: %s", exc)
-        self._say({"ok": False, "error": str(exc)})
-        self._finish()
+        try:  # (whatever forgetting raises, the source is told and this process is idle)
+            self.app.migratable.abort_restore()
+        finally:
+            log.warning("handoff refused: %s", exc)
+            self._say({"ok": False, "error": str(exc)})
+            self._finish()
 
     def _say(self, answer: dict[str, Any]) -> None:
         """One line to the source, now (it is short and the source reads it;

@@ -431,16 +431,18 @@ class Outgoing:
             except OSError:
                 pass
         unsent = self.chan.queued if self.chan is not None else 0
-        for end in (self.control, self.chan):
-            if end is not None:
-                end.close()
-        if self.tracking:
-            app.migratable.stop_tracking()
-            self.tracking = False
-        if self.paused:
-            app.handoff_resume()
-            self.paused = False
-        if phase is not Phase.ASKING:
-            log.warning("handoff to %s failed (%s, %d bytes unsent), serving on: %s", self.to,
-                        phase.value, unsent, exc)
-        self.finished(None, exc)
+        try:  # (whatever undoing raises, the operator is answered and busy cleared)
+            for end in (self.control, self.chan):
+                if end is not None:
+                    end.close()
+            if self.tracking:
+                self.tracking = False
+                app.migratable.stop_tracking()
+            if self.paused:
+                self.paused = False
+                app.handoff_resume()
+            if phase is not Phase.ASKING:
+                log.warning("handoff to %s failed (%s, %d bytes unsent), serving on: %s",
+                            self.to, phase.value, unsent, exc)
+        finally:
+            self.finished(None, exc)
