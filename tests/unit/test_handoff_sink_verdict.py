@@ -1,6 +1,7 @@
-"""The destination of a live handoff after its ``ok``: the source's word decides,
-and silence is taken as ``go`` only when no word is waiting to be read; before
-it, a refusal always ends with every fd closed.
+"""The destination of a live handoff on its failure paths: after its ``ok`` the
+source's word decides, and silence is taken as ``go`` only when no word is
+waiting to be read; before it, a refusal always ends with every fd closed; a
+channel socket whose accept fails ends the pending handoff.
 
 The destination (:class:`Incoming`) runs on a real event loop in the test's
 thread, over a socketpair; the appliance around it is a stand-in recording
@@ -95,3 +96,32 @@ def test_a_refusal_closes_the_fds_and_ends_even_if_forgetting_the_records_fails(
             os.fstat(fd)
     assert incoming.fds == [] and ended == [True] and incoming.phase is Phase.DONE
     assert b"bad stream" in source.recv(4096)
+
+
+def test_a_failing_accept_on_the_channel_socket_ends_the_pending_handoff(
+        tmp_path: object) -> None:
+    """The channel socket takes one connection; an accept that fails (out of
+    fds, say) would fail again on every loop pass: the pending handoff ends,
+    the socket is closed and the commands are served again."""
+    import os
+    from types import SimpleNamespace
+
+    from appliance.control.commands import Target
+    from appliance.runtime.handoff.sink import HandoffSink
+
+    class Failing(socket.socket):
+        def accept(self) -> tuple[socket.socket, object]:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    loop = EventLoop()
+    app = SimpleNamespace(loop=loop, control=SimpleNamespace(target=Target(busy="arriving")))
+    sink = HandoffSink(app)  # type: ignore[arg-type]
+    listener = Failing(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(f"{tmp_path}/chan.sock")
+    listener.listen(1)
+    sink.listener = listener
+    loop.add_reader(listener.fileno(), sink._incoming)
+    sink._incoming()
+    assert sink.listener is None and listener.fileno() == -1
+    assert sink.current is None and app.control.target.busy == ""
+    loop.close()

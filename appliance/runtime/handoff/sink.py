@@ -138,6 +138,11 @@ class HandoffSink:
             conn, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as exc:  # (it would fail again on every loop pass): no handoff
+            log.warning("handoff: accepting on %s failed (%s); closing it", self.path, exc)
+            self._close_listener()
+            self.app.control.target.busy = ""
+            return
         self._close_listener()
         self.current = Incoming(self.app, conn, self.shared, self._done, self.timeout)
 
