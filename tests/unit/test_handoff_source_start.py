@@ -1,8 +1,10 @@
-"""``handoff`` that fails while it starts leaves nothing behind: no handoff under
-way, the control commands served again.
+"""The source of a live handoff always ends what it started: an error while it
+asks, while it undoes a failed handoff or while it lets go after the ok still
+ends the handoff (the operator answered, Target.busy cleared, the destination
+told go after its ok).
 
-The appliance around :class:`HandoffSource` is a stand-in whose migration
-fingerprint fails (whatever the error, nothing was sent yet)."""
+The appliance around :class:`HandoffSource` / :class:`Outgoing` is a stand-in
+whose one method in use fails."""
 
 from __future__ import annotations
 
@@ -53,3 +55,32 @@ def test_a_failing_resume_still_answers_the_handoff() -> None:
     with pytest.raises(Broken):
         out._fail(error)
     assert finished == [(None, error)] and out.phase is Phase.DONE
+
+
+def test_a_failing_release_after_the_ok_still_says_go_and_answers() -> None:
+    """After the destination's ok the devices live there: whatever letting go of
+    our copies raises, the destination is told go and the operator answered."""
+    import socket
+
+    from appliance.runtime.handoff.channel import ChannelEnd
+    from appliance.runtime.handoff.frames import GO
+    from appliance.runtime.handoff.source import Outgoing, Phase
+    from appliance.runtime.loop import EventLoop
+
+    def release() -> None:
+        raise Broken("release")
+
+    loop = EventLoop()
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)  # GO is sent before _succeed returns, or not at all
+    app = SimpleNamespace(handoff_release=release, loop=loop)
+    finished: list[tuple[object, object]] = []
+    out = Outgoing(app, "/nowhere", 1.0, lambda r, e: finished.append((r, e)))  # type: ignore[arg-type]
+    out.chan = ChannelEnd(loop, ours, lambda: None, lambda exc: None)
+    out.phase = Phase.VERDICT
+    with pytest.raises(Broken):
+        out._succeed({"ok": True, "adopt_ms": 1.0})
+    assert theirs.recv(16) == GO and out.chan.closed
+    assert len(finished) == 1 and finished[0][1] is None and out.phase is Phase.DONE
+    theirs.close()
+    loop.close()

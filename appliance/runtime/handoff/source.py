@@ -405,19 +405,22 @@ class Outgoing:
         app = self.app
         assert self.chan is not None
         self.phase = Phase.DONE
-        app.handoff_release()
-        try:
-            self.chan.sock.send(GO)
-        except OSError as exc:  # the destination went away after adopting: nothing to undo
-            log.error("handoff: could not confirm to %s: %s", self.to, exc)
-        self.chan.close()
-        pause_ms = (time.monotonic() - self.started) * 1000
-        log.info("handed off to %s: %d fds, %d stream bytes, pause %.1f ms", self.to, self.fds,
-                 self.writer.bytes_written, pause_ms)
-        self.finished({"to": self.to, "mode": "shared-storage" if self.shared else "full",
-                       "rounds": self.rounds, "stream_bytes": self.writer.bytes_written,
-                       "data_bytes": self.sent, "fds": self.fds, "pause_ms": round(pause_ms, 3),
-                       "adopt_ms": answer.get("adopt_ms")}, None)
+        try:  # (whatever letting go raises, the devices live there now: go, and answer)
+            app.handoff_release()
+        finally:
+            try:
+                self.chan.sock.send(GO)
+            except OSError as exc:  # the destination went away after adopting: nothing to undo
+                log.error("handoff: could not confirm to %s: %s", self.to, exc)
+            self.chan.close()
+            pause_ms = (time.monotonic() - self.started) * 1000
+            log.info("handed off to %s: %d fds, %d stream bytes, pause %.1f ms", self.to,
+                     self.fds, self.writer.bytes_written, pause_ms)
+            self.finished({"to": self.to, "mode": "shared-storage" if self.shared else "full",
+                           "rounds": self.rounds, "stream_bytes": self.writer.bytes_written,
+                           "data_bytes": self.sent, "fds": self.fds,
+                           "pause_ms": round(pause_ms, 3), "adopt_ms": answer.get("adopt_ms")},
+                          None)
 
     def _fail(self, exc: HandoffError) -> None:
         """Undo what this handoff changed here and say why; the devices serve on."""
