@@ -535,7 +535,8 @@ def _resolve(raw: Any) -> Config:
     checked["data_dir"] = _expand_path("data_dir", checked["data_dir"], names)
     checked["run_dir"] = _expand_path("run_dir", checked["run_dir"], names)
     names.update(data_dir=checked["data_dir"], run_dir=checked["run_dir"])
-    checked = _expand(SCHEMA, checked, "", names)
+    checked = {k: v if k in ("data_dir", "run_dir") else  # (expanded once, just above)
+               _expand(SCHEMA.keys[k][0], v, k, names) for k, v in checked.items()}
     _required(checked)
     cfg: Config = _build(SCHEMA, checked)
     return cfg

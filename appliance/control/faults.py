@@ -454,7 +454,9 @@ class FaultSet:
         None only the state is checked).  All or nothing.
 
         Raises:
-            FaultError: a field that does not fit (nothing changed then).
+            FaultError: a field that does not fit, more than :data:`MAX_RULES`
+                rules, a rule id twice or not below ``next_id``, a hung command
+                named twice (nothing changed then).
         """
         try:
             rules = []
@@ -474,6 +476,13 @@ class FaultSet:
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             # OverflowError: an RNG state word outside 0..2**32-1
             raise FaultError(f"fault state: {exc!r}") from None
+        ids = [r.id for r in rules]
+        if len(rules) > MAX_RULES:
+            raise FaultError(f"fault state: {len(rules)} rules, at most {MAX_RULES} are armed")
+        if len(set(ids)) != len(ids) or any(i >= next_id for i in ids):
+            raise FaultError(f"fault state: rule ids must differ and be below next_id {next_id}")
+        if len(set(hung)) != len(hung):
+            raise FaultError(f"fault state: a hung command named twice: {hung}")
         if ctrl is not None and any(q not in ctrl.sqs for q, _ in hung):
             raise FaultError(f"fault state: a hung command on a queue that does not exist: {hung}")
         if ctrl is None:

@@ -144,8 +144,9 @@ class _Client:
         if self.closed:
             return
         self.active = time.monotonic()
+        self.service._arm_sweep()  # timed again from now
         self.out.push(answer_ok(request, result) if error is None
-                     else answer_error(request, error.code, error.message))
+                      else answer_error(request, error.code, error.message))
         self._send()
 
     def _send(self) -> None:
@@ -243,7 +244,8 @@ class ControlService:
                 log.warning("control: accept failed: %s", exc)
                 return
             if len(self.clients) >= MAX_CLIENTS:
-                oldest = min(self.clients, key=lambda c: c.active)
+                # (one waiting for a deferred answer only when every one does)
+                oldest = min(self.clients, key=lambda c: (c.waiting, c.active))
                 log.warning("control: %d connections: closing fd %d, silent for %.1f s, "
                             "for a new one", len(self.clients), oldest.fd,
                             time.monotonic() - oldest.active)
@@ -294,10 +296,12 @@ class ControlService:
 
     # ------------------------------------------------------------ idle connections
     def _arm_sweep(self) -> None:
-        """Arm one timer for the earliest idle deadline (none without clients)."""
-        if self._closed or not self.clients:
+        """Arm one timer for the earliest idle deadline (none without clients, or
+        while every client waits for a deferred answer: it re-arms once sent)."""
+        timed = [c.active for c in self.clients if not c.waiting]  # (a deferred answer: not idle)
+        if self._closed or not timed:
             return
-        due = min(c.active for c in self.clients) + self.idle_timeout
+        due = min(timed) + self.idle_timeout
         if self._sweep_due is not None and self._sweep_due <= due:
             return  # an earlier sweep is armed; it re-arms for the rest
         self._sweep_due = due

@@ -30,8 +30,9 @@ segment that is not reachable client memory raises
 
 Bounds: the data is at most ``limit`` bytes (MDTS); the walk reads at most
 :data:`MAX_DESCRIPTORS` descriptors, so a segment that points at itself (a
-loop) or a chain of empty descriptors ends with Invalid Number of SGL
-Descriptors after a bounded amount of work.
+loop), a chain of empty descriptors or a segment longer than what is left of
+that budget (refused before it is read) ends with Invalid Number of SGL
+Descriptors after a bounded amount of work and memory.
 """
 
 from __future__ import annotations
@@ -75,12 +76,16 @@ def _kind(desc: SglDescriptor) -> int:
     return kind
 
 
-def _segment(memory: ClientMemory, desc: SglDescriptor) -> list[SglDescriptor]:
-    """The descriptors of the segment ``desc`` (a Segment or Last Segment) points at."""
+def _segment(memory: ClientMemory, desc: SglDescriptor, budget: int) -> list[SglDescriptor]:
+    """The descriptors of the segment ``desc`` (a Segment or Last Segment) points at;
+    more than ``budget`` of them are refused before any is read."""
     if desc.length == 0 or desc.length % SglDescriptor.SIZE:
         raise _refuse(Status.INVALID_SGL_SEGMENT_DESCRIPTOR, f"segment length {desc.length}")
     if desc.address + desc.length > ADDRESS_END:
         raise _refuse(Status.DATA_SGL_LENGTH_INVALID, f"segment {desc.address:#x} wraps")
+    if desc.length // SglDescriptor.SIZE > budget:
+        raise _refuse(Status.INVALID_SGL_DESCRIPTOR_COUNT,
+                      f"more than {MAX_DESCRIPTORS} descriptors")
     raw = memory.read(desc.address, desc.length)
     return [SglDescriptor.unpack(raw, i) for i in range(0, len(raw), SglDescriptor.SIZE)]
 
@@ -124,7 +129,8 @@ def sgl_segments(memory: ClientMemory, sgl1: SglDescriptor, length: int, limit: 
                                   "segment descriptor inside the last segment")
                 if done == length and length:
                     raise _refuse(Status.DATA_SGL_LENGTH_INVALID, "SGL longer than the data")
-                current, in_last = _segment(memory, desc), kind == SglType.LAST_SEGMENT
+                current = _segment(memory, desc, MAX_DESCRIPTORS - out.descriptors)
+                in_last = kind == SglType.LAST_SEGMENT
                 continue
             if desc.length == 0 or (kind == SglType.BIT_BUCKET and to_device):
                 continue

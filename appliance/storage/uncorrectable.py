@@ -8,8 +8,9 @@ Unrecovered Read Error until the block is written again (Write, Write
 Zeroes, a Copy destination, a deallocating Dataset Management, Format NVM).
 :class:`LbaRanges` keeps them per namespace as sorted disjoint ranges, at
 most :data:`MAX_RANGES` of them: a Write Uncorrectable that would need more
-is refused with Invalid Field, so the state (which travels in the migration
-stream and the live handoff) stays small whatever the host does.
+is refused with Invalid Field, and a write that would split a range past
+that bound forgets the shorter piece, so the state (which travels in the
+migration stream and the live handoff) stays small whatever the host does.
 """
 
 from __future__ import annotations
@@ -50,12 +51,19 @@ class LbaRanges:
         self.ranges = keep
 
     def remove(self, slba: int, nlb: int) -> None:
-        """Unmark blocks ``slba .. slba+nlb-1`` (they were written)."""
+        """Unmark blocks ``slba .. slba+nlb-1`` (they were written).
+
+        A write inside one range splits it in two; when that would make more
+        than MAX_RANGES ranges, the shorter piece is forgotten (its blocks read
+        again) rather than the bound broken."""
         start, end = slba, slba + nlb
         out: list[tuple[int, int]] = []
         for a, b in self.ranges:
             if b <= start or a >= end:
                 out.append((a, b))
+                continue
+            if a < start and b > end and len(self.ranges) >= MAX_RANGES:
+                out.append((a, start) if start - a > b - end else (end, b))
                 continue
             if a < start:
                 out.append((a, start))

@@ -149,3 +149,13 @@ def test_null_is_the_default(tmp_path) -> None:
     assert cfg.storage == defaults.storage and cfg.control == defaults.control
     assert cfg.trace is False and cfg.net.max_backlog == 1 << 20 and cfg.net.tap.name is None
     assert cfg.net.ports[0].mode is PortMode.SERVER and cfg.net.ports[0].pcap is None
+
+
+def test_braces_in_data_dir_and_run_dir_are_expanded_once(tmp_path) -> None:
+    """``{{`` in data_dir or run_dir is a literal brace, as in every other path,
+    and such a configuration goes through its raw form unchanged."""
+    cfg = config.Config.from_dict({"data_dir": f"{tmp_path}/d{{{{1}}}}",
+                                   "run_dir": f"{tmp_path}/r{{{{2}}}}"})
+    assert cfg.data_dir == f"{tmp_path}/d{{1}}" and cfg.run_dir == f"{tmp_path}/r{{2}}"
+    assert cfg.storage.socket == f"{tmp_path}/r{{2}}/nvme.sock"
+    assert config.Config.from_dict(cfg.to_dict()) == cfg

@@ -168,3 +168,76 @@ def test_control_client_retries_a_connect_while_the_backlog_is_full(tmp_path: Pa
             worker.join()
     for s in queued:
         s.close()
+
+
+def test_a_connection_waiting_for_a_deferred_answer_is_kept_without_a_busy_timer(
+        service: tuple[ControlService, str, EventLoop],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A handoff may take longer than the idle timeout: its connection stays open,
+    the idle sweep does not run again and again meanwhile, and once the answer
+    is sent the connection is timed again."""
+    from typing import Any
+
+    from appliance.control import commands
+    from appliance.control.protocol import Deferred
+
+    svc, path, loop = service
+    made: list[Deferred] = []
+
+    def handler(_t: commands.Target, _args: dict[str, Any]) -> Deferred:
+        made.append(Deferred())
+        return made[-1]
+
+    monkeypatch.setitem(commands.COMMANDS, "test.later", commands.Command(handler, {}))
+    sweeps = []
+    sweep = svc._sweep
+
+    def counted(due: float) -> None:
+        sweeps.append(due)
+        sweep(due)
+
+    monkeypatch.setattr(svc, "_sweep", counted)
+    with connect(path) as s:
+        s.sendall(b'{"id": 1, "cmd": "test.later"}\n')
+        run_until(loop, lambda: len(made) == 1)
+        run_until(loop, later(3 * IDLE))
+        assert not closed_by_peer(s)
+        assert len(sweeps) <= 3
+        made[0].resolve(True)
+        run_until(loop, lambda: closed_by_peer(s))
+    assert svc.clients == []
+
+
+def test_at_the_limit_a_connection_waiting_for_its_answer_is_not_the_one_closed(
+        service: tuple[ControlService, str, EventLoop],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from typing import Any
+
+    from appliance.control import commands
+    from appliance.control.protocol import Deferred
+
+    svc, path, loop = service
+    svc.idle_timeout = 3600.0
+    made: list[Deferred] = []
+
+    def handler(_t: commands.Target, _args: dict[str, Any]) -> Deferred:
+        made.append(Deferred())
+        return made[-1]
+
+    monkeypatch.setitem(commands.COMMANDS, "test.later", commands.Command(handler, {}))
+    held = [connect(path)]
+    held[0].sendall(b'{"id": 1, "cmd": "test.later"}\n')  # the oldest: it waits for a handoff
+    run_until(loop, lambda: len(made) == 1)
+    for _ in range(MAX_CLIENTS - 1):
+        held.append(connect(path))
+        run_until(loop, lambda: len(svc.clients) == len(held))
+    newcomer = connect(path)
+    assert ask_status(loop, newcomer)["ok"] is True
+    assert closed_by_peer(held[1])  # silent the longest of those not waiting
+    assert not closed_by_peer(held[0])
+    made[0].resolve(True)
+    buf = bytearray()
+    run_until(loop, lambda: bool(buf.extend(held[0].recv(65536)) or buf.endswith(b"\n")))
+    assert json.loads(buf)["result"] is True
+    for s in [*held, newcomer]:
+        s.close()

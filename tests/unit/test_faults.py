@@ -304,6 +304,10 @@ def test_state_moves_to_another_fault_set(rig: tuple[NvmeDriver, FaultSet, Clock
     lambda s: s.update(hung=[[7, 1]]),
     lambda s: s.update(counters=[1]),
     lambda s: s.pop("next_id"),
+    lambda s: s.update(rules=s["rules"] * 257),  # more than MAX_RULES armed
+    lambda s: s.update(rules=s["rules"] * 2),  # one id twice
+    lambda s: s.update(next_id=1),  # the next rule added would reuse id 1
+    lambda s: s.update(hung=[[1, 5], [1, 5]]),  # one command held twice
 ])
 def test_a_bad_fault_state_is_refused_and_changes_nothing(rig: tuple[NvmeDriver, FaultSet, Clock],
                                                           damage: Any) -> None:

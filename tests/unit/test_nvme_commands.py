@@ -227,3 +227,26 @@ def test_cc_css_selects_the_io_command_sets_as_linux_does(tmp_path: Path) -> Non
     ok(done)
     assert data[:4] == b"\x03\x10\0\0" and data[20:25] == b"\x04\x01\0\0\0"
     ctrl.close()
+
+
+def test_writes_that_split_uncorrectable_ranges_keep_the_bound(drv: NvmeDriver,
+                                                                tmp_path: Path) -> None:
+    """A write into the middle of a marked range splits it in two: at the range
+    budget the shorter piece is forgotten (it reads again), so the state stays
+    within MAX_RANGES and still moves to another controller."""
+    ctrl = drv.bus.ctrl
+    ok(drv.blocks_command(IO.WRITE_UNCORRECTABLE, 1, 0, 4096))
+    for i in range(1023):  # the budget: 1024 ranges
+        ok(drv.blocks_command(IO.WRITE_UNCORRECTABLE, 1, 5000 + 2 * i, 1))
+    for lba in (100, 200):  # each would split (0, 4096)
+        ok(drv.io(IO.WRITE, slba=lba, nlb=1, data=bytes(512))[0])
+        ok(drv.io(IO.READ, slba=lba, nlb=1)[0])
+    assert len(ctrl.uncorrectable[1].ranges) == 1024
+    assert status(drv.io(IO.READ, slba=4000, nlb=1)[0]) == (ST.UNRECOVERED_READ_ERROR, True)
+    ok(drv.blocks_command(IO.WRITE_ZEROES, 1, 1000, 1))  # Write Zeroes splits too
+    assert len(ctrl.uncorrectable[1].ranges) == 1024
+    (tmp_path / "dst").mkdir()
+    dst = make_controller(tmp_path / "dst", size=4 << 20)
+    apply_controller(dst, decode_controller(dst, encode_controller(ctrl)))
+    assert dst.uncorrectable[1].ranges == ctrl.uncorrectable[1].ranges
+    dst.close()

@@ -127,6 +127,8 @@ def _hostile(drv: NvmeDriver) -> dict[str, tuple[SglDescriptor, Status]]:
                                     descriptor(DB, buf, 4096)), 32),
             ST.INVALID_SGL_DESCRIPTOR_COUNT),
         "segment loop": (descriptor(SEG, loop, 16), ST.INVALID_SGL_DESCRIPTOR_COUNT),
+        "segment past the budget": (descriptor(LAST, buf, 0xFFFFFFF0),
+                                    ST.INVALID_SGL_DESCRIPTOR_COUNT),
         "data block wraps": (descriptor(DB, (1 << 64) - 2048, 4096), ST.DATA_SGL_LENGTH_INVALID),
         "segment wraps": (descriptor(SEG, (1 << 64) - 16, 32), ST.DATA_SGL_LENGTH_INVALID),
         "descriptors past the data": (
@@ -146,7 +148,7 @@ HOSTILE = [
     "short data block", "long data block", "keyed data block", "transport data block",
     "reserved type", "offset subtype", "bit bucket as sgl1", "segment length 0",
     "segment length not x16", "segment inside last segment", "segment descriptor not last",
-    "segment loop", "data block wraps", "segment wraps", "descriptors past the data",
+    "segment loop", "segment past the budget", "data block wraps", "segment wraps", "descriptors past the data",
     "segment after the data", "segment outside memory", "data outside memory"]
 
 
@@ -173,6 +175,25 @@ def test_descriptor_budget_bounds_a_chain_of_empty_descriptors(drv: NvmeDriver) 
                 + descriptor(SEG, nxt, 4096).pack())
     done = drv.command(1, sgl_command(IoOpcode.READ, descriptor(SEG, pages[0], 4096)))
     assert status(done) == (ST.INVALID_SGL_DESCRIPTOR_COUNT, True)
+
+
+def test_a_segment_is_read_only_as_far_as_the_descriptor_budget(
+        drv: NvmeDriver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The segment's length is the host's: more descriptors than the budget are
+    refused before they are read, so a long segment costs no memory here."""
+    mem = drv.bus.ctrl.mem
+    read, sizes = mem.read, []
+
+    def spy(address: int, length: int) -> bytes:
+        sizes.append(length)
+        return read(address, length)
+
+    monkeypatch.setattr(mem, "read", spy)
+    size = (MAX_DESCRIPTORS + 1) * SglDescriptor.SIZE
+    seg = drv.alloc(size)
+    done = drv.command(1, sgl_command(IoOpcode.READ, descriptor(LAST, seg, size)))
+    assert status(done) == (ST.INVALID_SGL_DESCRIPTOR_COUNT, True)
+    assert max(sizes, default=0) < size
 
 
 def test_sgl_past_mdts_is_invalid_field(drv: NvmeDriver) -> None:

@@ -806,3 +806,24 @@ def test_the_mtu_the_front_end_told_still_bounds_frames_after_a_handoff(
         g.close()
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("rows, match", [
+    (lambda name: [[f"5254{i:08x}", name, 0.0] for i in range(4097)], "4096"),  # past the switch's
+    (lambda name: [["525400aa0001", name, -5.0]], "age"),  # learned in the future
+])
+def test_check_refuses_a_mac_table_this_switch_would_not_hold(
+        tmp_path: Path, loops: tuple[EventLoop, EventLoop], rows: Any, match: str) -> None:
+    a, b = services(tmp_path, loops, standby=True)
+    try:
+        a.handoff_quiesce()
+        fds: list[int] = []
+        state, received = transfer(a.handoff_export(fds), fds)
+        state["switch"]["table"] = rows(state["ports"][0]["name"])
+        with pytest.raises(ApplianceError, match=match):
+            check(b, state, received)
+        close_all(received)
+        a.handoff_resume()
+    finally:
+        a.close()
+        b.close()

@@ -369,10 +369,15 @@ def check_fit(net: NetService, state: NetState) -> None:
             raise ApplianceError(f"{label}: the source counts {sorted(got)}, this process "
                                  f"{sorted(mine)}")
     names = {getattr(p, "name", "?") for p in net.switch.ports}
-    for _, name, _ in state.table:
+    if len(state.table) > net.switch.max_entries:
+        raise ApplianceError(f"net.switch: the source's MAC table has {len(state.table)} "
+                             f"entries, this switch holds {net.switch.max_entries}")
+    for _, name, age in state.table:
         if name not in names:
             raise ApplianceError(f"net.switch: the source's MAC table names port {name!r}, "
                                  "which this process does not have")
+        if age < 0:
+            raise ApplianceError(f"net.switch: a MAC table entry of age {age} s")
 
 
 # ---------------------------------------------------------------- import

@@ -138,6 +138,11 @@ class HandoffSink:
             conn, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as exc:  # (it would fail again on every loop pass): no handoff
+            log.warning("handoff: accepting on %s failed (%s); closing it", self.path, exc)
+            self._close_listener()
+            self.app.control.target.busy = ""
+            return
         self._close_listener()
         self.current = Incoming(self.app, conn, self.shared, self._done, self.timeout)
 
@@ -286,6 +291,8 @@ class Incoming:
     # ------------------------------------------------------------ the end
     def _failed(self, exc: OSError) -> None:
         """The channel failed (a send, or no progress for ``TIMEOUT`` s)."""
+        if self.phase is Phase.VERDICT:
+            self._read_verdict()  # a word that came after the loop last looked decides
         if self.phase is Phase.VERDICT:  # the source went quiet after our ok: it let go
             log.warning("handoff: no word from the source (%s); taking it as go", exc)
             self._verdict(b"")
@@ -299,11 +306,13 @@ class Incoming:
             exc = HandoffError(f"{type(exc).__name__}: {exc}")
         elif isinstance(exc, RemoteProtocolError):
             exc = HandoffError(str(exc))
-        self.app.migratable.abort_restore()
         self._close_fds()
-        log.warning("handoff refused: %s", exc)
-        self._say({"ok": False, "error": str(exc)})
-        self._finish()
+        try:  # (whatever forgetting raises, the source is told and this process is idle)
+            self.app.migratable.abort_restore()
+        finally:
+            log.warning("handoff refused: %s", exc)
+            self._say({"ok": False, "error": str(exc)})
+            self._finish()
 
     def _say(self, answer: dict[str, Any]) -> None:
         """One line to the source, now (it is short and the source reads it;

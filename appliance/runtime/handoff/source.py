@@ -116,7 +116,9 @@ class HandoffSource:
         self.app.control.target.busy = BUSY
         try:
             self.current.ask()
-        except HandoffError:  # nothing started
+        except BaseException:  # nothing started (whatever failed): nothing stays busy
+            if self.current.control is not None:
+                self.current.control.close()
             self.current = None
             self.app.control.target.busy = ""
             raise
@@ -415,19 +417,22 @@ class Outgoing:
         app = self.app
         assert self.chan is not None
         self.phase = Phase.DONE
-        app.handoff_release()
-        try:
-            self.chan.sock.send(GO)
-        except OSError as exc:  # the destination went away after adopting: nothing to undo
-            log.error("handoff: could not confirm to %s: %s", self.to, exc)
-        self.chan.close()
-        pause_ms = (time.monotonic() - self.started) * 1000
-        log.info("handed off to %s: %d fds, %d stream bytes, pause %.1f ms", self.to, self.fds,
-                 self.writer.bytes_written, pause_ms)
-        self.finished({"to": self.to, "mode": "shared-storage" if self.shared else "full",
-                       "rounds": self.rounds, "stream_bytes": self.writer.bytes_written,
-                       "data_bytes": self.sent, "fds": self.fds, "pause_ms": round(pause_ms, 3),
-                       "adopt_ms": answer.get("adopt_ms")}, None)
+        try:  # (whatever letting go raises, the devices live there now: go, and answer)
+            app.handoff_release()
+        finally:
+            try:
+                self.chan.sock.send(GO)
+            except OSError as exc:  # the destination went away after adopting: nothing to undo
+                log.error("handoff: could not confirm to %s: %s", self.to, exc)
+            self.chan.close()
+            pause_ms = (time.monotonic() - self.started) * 1000
+            log.info("handed off to %s: %d fds, %d stream bytes, pause %.1f ms", self.to,
+                     self.fds, self.writer.bytes_written, pause_ms)
+            self.finished({"to": self.to, "mode": "shared-storage" if self.shared else "full",
+                           "rounds": self.rounds, "stream_bytes": self.writer.bytes_written,
+                           "data_bytes": self.sent, "fds": self.fds,
+                           "pause_ms": round(pause_ms, 3), "adopt_ms": answer.get("adopt_ms")},
+                          None)
 
     def _fail(self, exc: HandoffError) -> None:
         """Undo what this handoff changed here and say why; the devices serve on."""
@@ -441,16 +446,18 @@ class Outgoing:
             except OSError:
                 pass
         unsent = self.chan.queued if self.chan is not None else 0
-        for end in (self.control, self.chan):
-            if end is not None:
-                end.close()
-        if self.tracking:
-            app.migratable.stop_tracking()
-            self.tracking = False
-        if self.paused:
-            app.handoff_resume()
-            self.paused = False
-        if phase is not Phase.ASKING:
-            log.warning("handoff to %s failed (%s, %d bytes unsent), serving on: %s", self.to,
-                        phase.value, unsent, exc)
-        self.finished(None, exc)
+        try:  # (whatever undoing raises, the operator is answered and busy cleared)
+            for end in (self.control, self.chan):
+                if end is not None:
+                    end.close()
+            if self.tracking:
+                self.tracking = False
+                app.migratable.stop_tracking()
+            if self.paused:
+                self.paused = False
+                app.handoff_resume()
+            if phase is not Phase.ASKING:
+                log.warning("handoff to %s failed (%s, %d bytes unsent), serving on: %s",
+                            self.to, phase.value, unsent, exc)
+        finally:
+            self.finished(None, exc)
