@@ -1,4 +1,4 @@
-"""Fixtures for QEMU integration tests (harness in qemu.py, next to this file).
+"""Fixtures for QEMU integration tests (harness in guests.py, next to this file).
 
 ``qemu_env`` locates the provisioned environment (skip, or fail when
 APPLIANCE_REQUIRE_INTEGRATION=1). ``guest_factory`` starts guests whose console logs
@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu import Guest, GuestFactory, QemuEnv
-from qemu import qemu_env as _locate_qemu_env
+from guests import Guest, GuestFactory, QemuEnv
+from guests import qemu_env as _locate_qemu_env
 
 from appliance.testing.plugin import GUEST_KEY
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu import Guest, QemuEnv
+from guests import Guest, QemuEnv
 from test_qemu_handoff import handoff
 
 from appliance.runtime.control import ControlClient

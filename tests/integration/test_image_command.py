@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from qemu import QemuEnv
+from guests import QemuEnv
 
 pytestmark = pytest.mark.integration
 

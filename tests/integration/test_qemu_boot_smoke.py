@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from qemu import GuestFactory, parse_pci
+from guests import GuestFactory, parse_pci
 
 pytestmark = pytest.mark.integration
 

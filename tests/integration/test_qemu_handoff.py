@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu import Guest, GuestFactory
+from guests import Guest, GuestFactory
 
 from appliance.testing.qemu import qemu_args
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import xxhash
-from qemu import Guest, GuestFactory
+from guests import Guest, GuestFactory
 
 from appliance.testing.qemu import qemu_args
 

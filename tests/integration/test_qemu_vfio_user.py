@@ -9,7 +9,7 @@ import re
 from typing import Any
 
 import pytest
-from qemu import GuestFactory, parse_pci
+from guests import GuestFactory, parse_pci
 
 from appliance.testing.qemu import qemu_args
 

@@ -1,4 +1,4 @@
-"""The QEMU guest harness, re-exported for the integration tests (``from qemu import Guest``).
+"""The QEMU guest harness, re-exported for the integration tests (``from guests import Guest``; not ``qemu``: that name is the qemu.qmp package).
 
 The harness is product code now: :mod:`appliance.testing.qemu` (the pytest plugin's
 ``appliance_guest`` fixture and ``appliance boot`` use it). Edit it there.
