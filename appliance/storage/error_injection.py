@@ -10,7 +10,7 @@ first two the Number of Reads To Trigger Device Panic, NRTDP).  A Set
 replaces every injection the host armed before; NUME 0 clears them.  Get
 Features C0h returns the armed entries in a 127-entry buffer and NUME in
 DWORD 0 bits 6:0.  ``nvme ocp set-error-injection`` / ``get-error-injection``
-(nvme-cli 2.5 and later) send exactly these; older nvme-cli sends the same
+(newer nvme-cli than bookworm's 2.3) send exactly these; older nvme-cli sends the same
 with ``nvme set-feature -f 0xc0`` and a data file.
 
 The controller holds a :class:`GuestFaultHook` only when the configuration

@@ -49,7 +49,7 @@ FAULT_BYTES = (2 << 20, 16 << 10)  # the media-error range: 16 KiB at 2 MiB
 RESET_AT = 3 << 20  # the fio fault plan's controller reset: the read of this byte
 # OCP Error Injection, one entry: enabled + single instance, type 7 (NAND corruption:
 # the next read fails with Unrecovered Read Error, DNR). bookworm's nvme-cli (2.3) has
-# no "nvme ocp set-error-injection" (2.5 and later): the same Set/Get Features raw.
+# no "nvme ocp set-error-injection" (later versions have it): the same Set/Get Features raw.
 ERRI_ENTRY = "printf '\\x03\\x00\\x07\\x00' > /tmp/erri.bin; head -c 28 /dev/zero >> /tmp/erri.bin"
 ERRI_SET = "nvme set-feature {ctrl} --feature-id=0xc0 --value=1 --data-len=32 --data=/tmp/erri.bin"
 ERRI_GET = "nvme get-feature {ctrl} --feature-id=0xc0 --data-len=4064"  # DW0 and a hex dump
@@ -219,9 +219,19 @@ def an_edit_fault(g: Guest, ctl: ControlClient, dev: str, lbs: int) -> None:
 
 
 def fio_fault_plan(g: Guest, ctl: ControlClient, dev: str, lbs: int) -> None:
-    """fio reads 4 MiB with delayed completions, a media-error range and a
-    controller reset (CSTS.CFS) mid-run: the errors it reports are exactly the
-    range's blocks, and it goes on after the reset."""
+    """fio under faults: randwrite + verify (2 jobs, queue depth 16) with delayed
+    completions and a controller reset (CSTS.CFS) mid-run verifies clean; then a
+    read of 4 MiB with delays, a media-error range and another reset reports
+    exactly the range's blocks as errors and goes on after the reset."""
+    _, rc = g.run(f"echo 5000 > /sys/block/{dev[5:]}/queue/io_timeout")  # 30 s -> 5 s
+    assert rc == 0
+    ctl("fault.add", action="fatal", opcode=1, lba=RESET_AT // lbs, count=1)
+    ctl("fault.add", action="delay", delay=0.02, probability=0.1, opcode=1, seed=5)
+    fio_verify(g, dev, 2, 16)  # no error, every block verified
+    fired = ctl("fault.list")["fired"]
+    assert fired["nvme.fatal"] == 1 and fired["nvme.delay"] > 0, fired
+    ctl("fault.clear")
+
     first, length = FAULT_BYTES
     # the first rule that matches decides: the delays come last
     ctl("fault.add", action="status", status="unrecovered_read_error", dnr=True, opcode=2,
@@ -229,15 +239,15 @@ def fio_fault_plan(g: Guest, ctl: ControlClient, dev: str, lbs: int) -> None:
     ctl("fault.add", action="fatal", opcode=2, lba=RESET_AT // lbs, count=1)
     ctl("fault.add", action="delay", delay=0.02, probability=0.2, opcode=2, seed=17)
     # the held command times out after 5 s; the driver then sees CSTS.CFS and resets
-    out, rc = g.run(f"echo 5000 > /sys/block/{dev[5:]}/queue/io_timeout; dmesg -C; " + FIO_READ_AROUND.format(
+    out, rc = g.run("dmesg -C; " + FIO_READ_AROUND.format(
         dev=dev, first=first, length=length, end=first + length,
         rest=(4 << 20) - first - length), timeout=300)
     assert rc == 0, out
     jobs = json.loads(out[out.index("{"):])["jobs"]
     errors = {job["jobname"]: job["total_err"] for job in jobs}
     assert errors == {"before": 0, "range": length // 4096, "after": 0}, errors
-    fired = ctl("fault.list")["fired"]
-    assert fired["nvme.fatal"] == 1 and fired["nvme.delay"] > 0, fired
+    fired = ctl("fault.list")["fired"]  # counted since the process started
+    assert fired["nvme.fatal"] == 2 and fired["nvme.status"] >= length // 4096, fired
     out, _ = g.run("dmesg | grep -i -e 'controller is down' -e reset | tail -3")
     assert "controller is down" in out, out
     ctl("fault.clear")
