@@ -21,9 +21,12 @@ firing per rule and keeps the two pieces of state a fault leaves behind:
 * net: delayed and reordered frames, released by :meth:`FaultSet.due_frames`.
 
 Time comes from the ``clock`` the runtime passes in (seconds); this module
-never sleeps.  Faults act on completions and frames, never on the image:
-an injected error status does not execute the command, a delayed command
-runs at once (its data is on the image) and only its completion waits.
+never sleeps.  Faults act on completions, submission entries and frames,
+never on the image: an injected error status does not execute the command, a
+delayed command runs at once (its data is on the image) and only its
+completion waits, an ``edit`` rewrites the request's entry (not its CID) and
+the controller runs what it then says.  Rules the guest armed (OCP Error
+Injection, :mod:`appliance.control.guest_faults`) carry their ``guest_type``.
 """
 
 from __future__ import annotations

@@ -80,7 +80,8 @@ class GuestFaults:
         kept = [r for r in self.faults.rules if r.guest_type is None]
         if len(kept) + len(wanted) > MAX_RULES:
             raise _refuse(f"{len(wanted)} injections do not fit beside {len(kept)} rules")
-        self.faults.rules = kept
+        for rule in [r for r in self.faults.rules if r.guest_type is not None]:
+            self.faults.clear(rule.id)
         for error_type, args in wanted:
             try:
                 rule = self.faults.add(args)
