@@ -222,6 +222,7 @@ class StorageConfig:
     doorbells: DoorbellMode
     max_backlog: int  # unread vfio-user reply bytes before the client is dropped
     namespaces: tuple[NamespaceConfig, ...]
+    guest_faults: bool  # the guest may arm faults (OCP Error Injection, Set Features C0h)
 
 
 @dataclass(frozen=True)
@@ -360,6 +361,7 @@ SCHEMA = Table(Config, {
         "doorbells": (member_of(DoorbellMode), "message"),  # mmap: BAR0 doorbell page as a memfd
         "max_backlog": (size, "1M"),
         "namespaces": (ListOf(NAMESPACE, [{"image": "{data_dir}/disk0.img", "size": "1G"}], 16), None),
+        "guest_faults": (boolean, False),
     }), None),
     "net": (Table(NetConfig, {
         "ports": (ListOf(PORT, [{"socket": "{run_dir}/net0.sock", "mac": "52:54:00:12:34:56"}], 16), None),

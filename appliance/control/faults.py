@@ -21,15 +21,19 @@ firing per rule and keeps the two pieces of state a fault leaves behind:
 * net: delayed and reordered frames, released by :meth:`FaultSet.due_frames`.
 
 Time comes from the ``clock`` the runtime passes in (seconds); this module
-never sleeps.  Faults act on completions and frames, never on the image:
-an injected error status does not execute the command, a delayed command
-runs at once (its data is on the image) and only its completion waits.
+never sleeps.  Faults act on completions, submission entries and frames,
+never on the image: an injected error status does not execute the command, a
+delayed command runs at once (its data is on the image) and only its
+completion waits, an ``edit`` rewrites the request's entry (not its CID) and
+the controller runs what it then says.  Rules the guest armed (OCP Error
+Injection, :mod:`appliance.control.guest_faults`) carry their ``guest_type``.
 """
 
 from __future__ import annotations
 
 import enum
 import random
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -60,6 +64,7 @@ class NvmeAction(enum.StrEnum):
     DROP_IRQ = "drop_irq"
     FATAL = "fatal"
     REMOVE = "remove"
+    EDIT = "edit"
 
 
 class NetAction(enum.StrEnum):
@@ -103,7 +108,10 @@ STATUS_NAMES = {
 }
 #: what a rule may say besides target and action
 FIELDS = frozenset({"count", "probability", "qid", "opcode", "nsid", "lba", "status", "dnr",
-                    "delay", "port", "direction"})
+                    "delay", "port", "direction", "edit"})
+#: submission entry fields an ``edit`` rule may rewrite (not CID: the completion names it)
+EDITABLE = {name: (1 << (8 * struct.calcsize(fmt))) - 1 for name, fmt, _ in Command.FIELDS
+            if name != "cid"}
 U32 = 0xFFFF_FFFF
 U64 = (1 << 64) - 1
 MAX_RULES = 256  # armed at a time (every command and frame is matched against them)
@@ -155,6 +163,10 @@ class FaultRule:
     delay: float = 0.0
     port: str | None = None
     direction: Direction = Direction.RX
+    #: ``edit``: submission entry field -> the value it gets before execution
+    edit: dict[str, int] = field(default_factory=dict)
+    #: the OCP Error Injection type of a rule the guest armed (None: the control socket's)
+    guest_type: int | None = None
     hits: int = 0
     seen: int = 0
 
@@ -210,6 +222,10 @@ class FaultRule:
         rule.delay = _check(args_mod.number(0.0, 3600.0), "delay", args.get("delay", 0.0))
         if rule.action in (NvmeAction.DELAY, NetAction.DELAY) and rule.delay <= 0:
             raise FaultError("delay: a delay fault needs delay > 0 (seconds)")
+        if "edit" in args:
+            rule.edit = _edit_fields(args["edit"])
+        if rule.action is NvmeAction.EDIT and not rule.edit:
+            raise FaultError("edit: an edit fault needs fields to rewrite, e.g. nsid=5,cdw12=0")
         if "port" in args:
             rule.port = _check(args_mod.text, "port", args["port"])
         rule.direction = Direction(_check(args_mod.choice(*Direction), "direction",
@@ -236,6 +252,11 @@ class FaultRule:
             out["delay"] = self.delay
         if self.target is FaultTarget.NET:
             out["direction"] = self.direction
+        if self.edit:
+            out["edit"] = {k: f"{v:#x}" for k, v in self.edit.items()}
+        if self.guest_type is not None:
+            out["origin"] = "guest"
+            out["ocp_type"] = self.guest_type
         return out
 
 
@@ -243,16 +264,41 @@ def _rule_state(rule: FaultRule) -> dict[str, Any]:
     """A rule as :meth:`FaultRule.build` arguments plus its id and counts."""
     out = {name: getattr(rule, name) for name in (
         "id", "target", "action", "count", "probability", "qid", "opcode", "nsid", "status",
-        "dnr", "delay", "port", "direction", "hits", "seen")}
+        "dnr", "delay", "port", "direction", "hits", "seen", "guest_type")}
     out["lba"] = None if rule.lba is None else list(rule.lba)
+    out["edit"] = dict(rule.edit) or None
     return out
 
 
 def _rule_args(item: dict[str, Any]) -> dict[str, Any]:
-    args = {k: v for k, v in item.items() if k not in ("id", "hits", "seen") and v is not None}
+    args = {k: v for k, v in item.items()
+            if k not in ("id", "hits", "seen", "guest_type") and v is not None}
     if "lba" in args:
         args["lba"] = list(args["lba"])
     return args
+
+
+def _edit_fields(value: Any) -> dict[str, int]:
+    """``edit=``: a JSON object or ``"field=value,..."`` of :data:`EDITABLE` fields.
+
+    Raises:
+        FaultError: an unknown field, a value out of the field's range, or
+            anything else.
+    """
+    if isinstance(value, str):
+        pairs = [p.partition("=") for p in value.split(",") if p.strip()]
+        if any(not sep for _, sep, _ in pairs):
+            raise FaultError(f"edit: expected field=value,..., got {args_mod.shown(value)}")
+        value = {k.strip(): v.strip() for k, _, v in pairs}
+    if not isinstance(value, dict):
+        raise FaultError(f"edit: expected field=value,... or an object, got "
+                         f"{args_mod.shown(value)}")
+    out = {}
+    for name, raw in value.items():
+        if name not in EDITABLE:
+            raise FaultError(f"edit: {args_mod.shown(name)} is not one of {', '.join(EDITABLE)}")
+        out[name] = _int(raw, f"edit.{name}", 0, EDITABLE[name])
+    return out
 
 
 def _lba_range(value: Any) -> tuple[int, int]:
@@ -400,6 +446,9 @@ class FaultSet:
                 ctrl.fatal(f"injected fault {rule.id}")
                 ctrl.hold(req)  # dropped by the reset the host must do
                 return None
+            if rule.action is NvmeAction.EDIT:  # the controller runs what the rule made of it
+                req.cmd = cmd.replace(**rule.edit)
+                return ctrl.execute(req)
             result = ctrl.execute(req)
             if rule.action is NvmeAction.DROP_IRQ:
                 self.drop_irq_cqs.add(req.sq.cqid)
@@ -463,6 +512,8 @@ class FaultSet:
             for item in state["rules"]:
                 rule = FaultRule.build(_int(item["id"], "id"), _rule_args(item))
                 rule.hits, rule.seen = _int(item["hits"], "hits"), _int(item["seen"], "seen")
+                if item.get("guest_type") is not None:
+                    rule.guest_type = _int(item["guest_type"], "guest_type", 0, 0xFFFF)
                 rules.append(rule)
             counters = {str(k): _int(v, k) for k, v in dict(state["counters"]).items()}
             next_id = _int(state["next_id"], "next_id")

@@ -8,6 +8,7 @@ from typing import Any
 
 from appliance import fastpath
 from appliance.config import Config
+from appliance.control.guest_faults import GuestFaults
 from appliance.errors import ApplianceError
 from appliance.memory import ClientMemory
 from appliance.runtime import startup
@@ -117,6 +118,8 @@ class Appliance:
                                       controller=self.controller, net=self.net,
                                       idle_timeout=cfg.control.idle_timeout)
         self.services.append(self.control)
+        if st.guest_faults:  # the guest arms rules of the same set (OCP Error Injection)
+            self.controller.guest_faults = GuestFaults(self.control.faults)
         service.emit = self.control.emit  # clients coming and going are QMP events
         for port_service in self.net.services if self.net is not None else []:
             port_service.emit = self.control.emit

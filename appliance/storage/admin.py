@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
+from appliance.storage import error_injection as erri
 from appliance.storage import identity as ident
 from appliance.storage import zns
 from appliance.storage.queues import CompletionQueue, SubmissionQueue
@@ -243,6 +244,9 @@ def set_features(ctrl: NvmeController, cmd: Command) -> int:
     fid = cmd.cdw10 & 0xFF
     _check(not cmd.cdw10 & 0x7FFFFF00, why="reserved CDW10 bits")
     _check(not cmd.cdw10 >> 31, ST.FEATURE_NOT_SAVEABLE, f"feature {fid:#x} save")
+    if fid == erri.FEATURE_ID:  # OCP Error Injection: the guest's fault control
+        _feature_ns(ctrl, cmd, fid, setting=True)
+        return erri.set_feature(ctrl, cmd, receive)
     _check(fid in ctrl.features.SUPPORTED, why=f"feature {fid:#x}")
     _feature_ns(ctrl, cmd, fid, setting=True)
     if fid == FeatureId.NUMBER_OF_QUEUES:
@@ -258,6 +262,9 @@ def get_features(ctrl: NvmeController, cmd: Command) -> int:
     """Get Features (5.9); SEL other than 'current' is refused (ONCS bit 4 clear)."""
     fid = cmd.cdw10 & 0xFF
     _check(not cmd.cdw10 & 0xFFFFFF00, why="SEL/reserved CDW10 bits")
+    if fid == erri.FEATURE_ID:  # OCP Error Injection: the guest's fault control
+        _feature_ns(ctrl, cmd, fid, setting=False)
+        return erri.get_feature(ctrl, cmd, send)
     _check(fid in ctrl.features.SUPPORTED, why=f"feature {fid:#x}")
     _feature_ns(ctrl, cmd, fid, setting=False)
     if fid == FeatureId.TIMESTAMP:

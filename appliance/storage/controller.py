@@ -55,6 +55,7 @@ from appliance.memory import ClientMemory, DmaPending, DmaScope, GuestMemoryErro
 from appliance.pci import Bar, MsixLayout, PciDevice
 from appliance.storage import admin
 from appliance.storage.doorbells import DoorbellMode, DoorbellPage
+from appliance.storage.error_injection import GuestFaultHook
 from appliance.storage.identity import (
     AERL,
     BAR0_SIZE,
@@ -205,6 +206,8 @@ class NvmeController(RequestEngine, PciDevice):
         #: blocks a Write Uncorrectable marked, per namespace (device state: migrated)
         self.uncorrectable = {nsid: LbaRanges() for nsid in self.namespaces}
         self.faults: FaultHook | None = None  # installed by the runtime (appliance.control.faults)
+        #: OCP Error Injection (Set/Get Features C0h): installed when storage.guest_faults is on
+        self.guest_faults: GuestFaultHook | None = None
         #: held requests by (SQID, CID): hung or delayed by a fault (AERs wait in ``events``)
         self.held: dict[tuple[int, int], NvmeRequest] = {}
         #: requests waiting for DMA messages (memory mapped without an fd), in order

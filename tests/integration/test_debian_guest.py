@@ -1,5 +1,7 @@
 """The Debian guest (images/debian-guest.sh) on the appliance's NVMe disk: fio verify,
-injected media errors, and ext4/xfs/btrfs/f2fs round trips, ext4 across a live handoff.
+injected media errors, and ext4/xfs/btrfs/f2fs round trips, ext4 across a live handoff;
+in the mmap boot, faults armed from inside the guest (OCP Error Injection), an
+edit-command fault, and a fio fault plan (delays, media errors, a controller reset).
 
 One boot per doorbell mode (``storage.doorbells`` message and mmap) runs everything:
 the guest (Linux 6.1, QEMU 11.1 vfio-user-pci) sees the appliance's controller and,
@@ -44,6 +46,13 @@ FIO_READ_AROUND = ("fio --direct=1 --ioengine=psync --rw=read --bs=4k --continue
                    "--name=after --filename={dev} --offset={end} --size={rest}; "
                    "rc=$?; cat /tmp/fio.json; [ $rc = 0 ]")
 FAULT_BYTES = (2 << 20, 16 << 10)  # the media-error range: 16 KiB at 2 MiB
+RESET_AT = 3 << 20  # the fio fault plan's controller reset: the read of this byte
+# OCP Error Injection, one entry: enabled + single instance, type 7 (NAND corruption:
+# the next read fails with Unrecovered Read Error, DNR). bookworm's nvme-cli (2.3) has
+# no "nvme ocp set-error-injection" (later versions have it): the same Set/Get Features raw.
+ERRI_ENTRY = "printf '\\x03\\x00\\x07\\x00' > /tmp/erri.bin; head -c 28 /dev/zero >> /tmp/erri.bin"
+ERRI_SET = "nvme set-feature {ctrl} --feature-id=0xc0 --value=1 --data-len=32 --data=/tmp/erri.bin"
+ERRI_GET = "nvme get-feature {ctrl} --feature-id=0xc0 --data-len=4064"  # DW0 and a hex dump
 
 MKFS = {"ext4": "mkfs.ext4 -q -F", "xfs": "mkfs.xfs -q -f", "btrfs": "mkfs.btrfs -q -f",
         "f2fs": "mkfs.f2fs -q -f"}
@@ -97,7 +106,7 @@ def debian(qemu_env: QemuEnv, appliance_factory: Any, tmp_path: Path,
     doorbell mode; QEMU's built-in nvme serves a 512 MiB file next to it."""
     image = debian_image(qemu_env)
     doorbells = request.param
-    a = appliance_factory("a", storage={"doorbells": doorbells, "namespaces": [
+    a = appliance_factory("a", storage={"doorbells": doorbells, "guest_faults": True, "namespaces": [
         {"image": str(tmp_path / "disk0.img"), "size": DISK}]})
     reference = tmp_path / "qemu-nvme.img"
     with open(reference, "wb") as f:
@@ -161,7 +170,89 @@ def test_fio_faults_and_filesystems_in_the_debian_guest(debian: tuple[Guest, Any
 
     if mode == "message":
         ext4_across_a_handoff(g, a, appliance_factory, ours)
+    else:
+        with ControlClient(a.config.control.socket) as ctl:
+            faults_from_inside_the_guest(g, ctl, ours)
+            an_edit_fault(g, ctl, ours, lbs)
+            fio_fault_plan(g, ctl, ours, lbs)
     assert "Traceback" not in a.log_text()
+
+
+def faults_from_inside_the_guest(g: Guest, ctl: ControlClient, dev: str) -> None:
+    """Set Features C0h from the guest arms a fault: the next read fails with it,
+    Get Features C0h shows it, and the control socket lists the same rule."""
+    ctrl = dev[:-2]
+    out, rc = g.run(f"dmesg -C; {ERRI_ENTRY}; {ERRI_SET.format(ctrl=ctrl)}")
+    assert rc == 0, out
+    (rule,) = ctl("fault.list")["rules"]
+    assert (rule["origin"], rule["ocp_type"], rule["status"], rule["dnr"], rule["hits"]) == (
+        "guest", 7, "0x281", True, 0), rule
+    out, rc = g.run(f"dd if={dev} of=/dev/null bs=4k count=1 iflag=direct 2>&1")
+    assert rc != 0 and "error" in out, out
+    out, rc = g.run(f"dd if={dev} of=/dev/null bs=4k count=1 iflag=direct")  # single: once
+    assert rc == 0, out
+    out, rc = g.run(ERRI_GET.format(ctrl=ctrl))
+    assert rc == 0 and "0x00000001" in out and "02 00 07 00" in out, out  # fired: enable clear
+    assert ctl("fault.list")["rules"][0]["hits"] == 1
+    out, _ = g.run("dmesg | grep -i 'critical medium error' | tail -1")
+    assert "sector 0" in out, out
+    out, rc = g.run(f"nvme set-feature {ctrl} --feature-id=0xc0 --value=0")
+    assert rc == 0, out  # NUME 0: the guest's rules are gone
+    assert ctl("fault.list")["rules"] == []
+
+
+def an_edit_fault(g: Guest, ctl: ControlClient, dev: str, lbs: int) -> None:
+    """An edit rule points the guest's read of the first 4 KiB at the tenth (its
+    SLBA, CDW10, rewritten): the guest reads what it did not ask for."""
+    write = "printf '{word}%.0s' $(seq 1024) | dd of={dev} bs=4k {seek} iflag=fullblock oflag=direct"
+    out, rc = g.run(f"{write.format(word='NINE', dev=dev, seek='seek=9')} && "
+                    f"{write.format(word='ZERO', dev=dev, seek='')}")
+    assert rc == 0, out
+    ctl("fault.add", action="edit", opcode=2, lba=0, edit=f"cdw10={9 * 4096 // lbs}", count=1)
+    read = f"dd if={dev} bs=4k count=1 iflag=direct 2>/dev/null | head -c 8"
+    out, rc = g.run(read)
+    assert rc == 0 and out.endswith("NINENINE"), out
+    out, rc = g.run(read)
+    assert rc == 0 and out.endswith("ZEROZERO"), out  # count 1: once
+    assert ctl("fault.list")["fired"]["nvme.edit"] == 1
+    ctl("fault.clear")
+
+
+def fio_fault_plan(g: Guest, ctl: ControlClient, dev: str, lbs: int) -> None:
+    """fio under faults: randwrite + verify (2 jobs, queue depth 16) with delayed
+    completions and a controller reset (CSTS.CFS) mid-run verifies clean; then a
+    read of 4 MiB with delays, a media-error range and another reset reports
+    exactly the range's blocks as errors and goes on after the reset."""
+    _, rc = g.run(f"echo 5000 > /sys/block/{dev[5:]}/queue/io_timeout")  # 30 s -> 5 s
+    assert rc == 0
+    ctl("fault.add", action="fatal", opcode=1, lba=RESET_AT // lbs, count=1)
+    ctl("fault.add", action="delay", delay=0.02, probability=0.1, opcode=1, seed=5)
+    fio_verify(g, dev, 2, 16)  # no error, every block verified
+    fired = ctl("fault.list")["fired"]
+    assert fired["nvme.fatal"] == 1 and fired["nvme.delay"] > 0, fired
+    ctl("fault.clear")
+
+    first, length = FAULT_BYTES
+    # the first rule that matches decides: the delays come last
+    ctl("fault.add", action="status", status="unrecovered_read_error", dnr=True, opcode=2,
+        lba=f"{first // lbs}-{(first + length) // lbs - 1}")
+    ctl("fault.add", action="fatal", opcode=2, lba=RESET_AT // lbs, count=1)
+    ctl("fault.add", action="delay", delay=0.02, probability=0.2, opcode=2, seed=17)
+    # the held command times out after 5 s; the driver then sees CSTS.CFS and resets
+    out, rc = g.run("dmesg -C; " + FIO_READ_AROUND.format(
+        dev=dev, first=first, length=length, end=first + length,
+        rest=(4 << 20) - first - length), timeout=300)
+    assert rc == 0, out
+    jobs = json.loads(out[out.index("{"):])["jobs"]
+    errors = {job["jobname"]: job["total_err"] for job in jobs}
+    assert errors == {"before": 0, "range": length // 4096, "after": 0}, errors
+    fired = ctl("fault.list")["fired"]  # counted since the process started
+    assert fired["nvme.fatal"] == 2 and fired["nvme.status"] >= length // 4096, fired
+    out, _ = g.run("dmesg | grep -i -e 'controller is down' -e reset | tail -3")
+    assert "controller is down" in out, out
+    ctl("fault.clear")
+    out, rc = g.run(f"dd if={dev} of=/dev/null bs=4k count=1024 iflag=direct")
+    assert rc == 0, out
 
 
 def ext4_across_a_handoff(g: Guest, a: Any, appliance_factory: Any, dev: str) -> None:

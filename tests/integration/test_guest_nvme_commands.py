@@ -1,6 +1,7 @@
 """Acceptance: a Linux guest (QEMU 11.1 vfio-user-pci, the busybox guest with nvme-cli)
 uses the NVMe command breadth: SGL data pointers, Copy, Verify, Write Uncorrectable,
-the Commands Supported and Effects log, the Identify Controller bits that announce them;
+the Commands Supported and Effects log, the Identify Controller bits that announce them,
+fault control from inside the guest: ``nvme ocp set-error-injection`` (sid's nvme-cli);
 and a second namespace, zoned: the kernel sees a host-managed disk, writes it
 sequentially, nvme-cli reports zones, appends and resets.
 
@@ -31,7 +32,7 @@ DEV, NS, ZNS = "/dev/nvme0", "/dev/nvme0n1", "/dev/nvme0n2"
 READ_ONE = "dd if=/dev/nvme0n1 of=/dev/null bs=512 skip={lba} count=1 iflag=direct 2>&1"
 
 
-@pytest.mark.appliance_config(storage={"namespaces": [
+@pytest.mark.appliance_config(storage={"guest_faults": True, "namespaces": [
     {"image": "{data_dir}/disk0.img", "size": "16M"},
     {"image": "{data_dir}/zoned.img", "size": "32M",  # 8 zones of 4 MiB, 3 MiB writable
      "zoned": {"zone_size": "4M", "zone_capacity": "3M", "max_open": 4, "max_active": 6}}]})
@@ -99,6 +100,22 @@ def test_nvme_cli_command_breadth_and_sgl_io(appliance_guest: Any, appliance_ctl
     assert rc != 0
     run(f"nvme copy {NS} --sdlba=5000 --slbs=0 --blocks=0")
     assert appliance_ctl("fault.list")["fired"]["nvme.status"] == 1
+
+    # OCP Error Injection from the guest (the appliance has no UUID list: --no-uuid):
+    # type 7, single instance, fails the next read; the control socket lists the rule.
+    appliance_ctl("fault.clear")
+    run(f"nvme ocp set-error-injection {DEV} --no-uuid --type=7")
+    (rule,) = appliance_ctl("fault.list")["rules"]
+    assert (rule["origin"], rule["ocp_type"], rule["status"], rule["count"]) == (
+        "guest", 7, "0x281", 1), rule
+    out = run(f"nvme ocp get-error-injection {DEV} --no-uuid")
+    assert re.search(r"Entry: 0, Flags: 3 \(Enabled, Single instance\), Type: 7", out), out
+    out, rc = appliance_guest.run(READ_ONE.format(lba=40))
+    assert rc != 0, out
+    assert "1+0 records in" in run(READ_ONE.format(lba=40))  # single: once
+    out = run(f"nvme ocp get-error-injection {DEV} --no-uuid")
+    assert re.search(r"Entry: 0, Flags: 2 \(Disabled, Single instance\), Type: 7", out), out
+    assert "sector 40" in run("dmesg | grep -i 'critical medium error' | tail -1")
 
     zoned_checks(run, appliance_guest)
 

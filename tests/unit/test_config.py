@@ -19,6 +19,7 @@ def test_defaults(tmp_path, monkeypatch) -> None:
     assert ns.image == str(tmp_path / "data" / "appliance" / "disk0.img")
     assert ns.size == 1 << 30 and ns.block_size == 512
     assert cfg.net.responder.ip == "10.0.2.2/24"
+    assert cfg.storage.guest_faults is False  # the guest arms no faults unless enabled
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -77,11 +78,12 @@ def test_only_paths_are_expanded(tmp_path) -> None:
 
 def test_typed_values(tmp_path) -> None:
     f = tmp_path / "c.yaml"
-    f.write_text("storage: {dma_layout: u32-count, doorbells: mmap, namespaces: [{image: a}]}\n"
+    f.write_text("storage: {dma_layout: u32-count, doorbells: mmap, guest_faults: true, "
+                 "namespaces: [{image: a}]}\n"
                  "net: {ports: [{socket: /p, mac: '52:54:00:AB:00:01', mode: client}]}")
     cfg = config.load(str(f))
     assert cfg.storage.dma_layout is DmaLayout.U32_COUNT
-    assert cfg.storage.doorbells is DoorbellMode.MMAP
+    assert cfg.storage.doorbells is DoorbellMode.MMAP and cfg.storage.guest_faults is True
     assert cfg.storage.namespaces == (NamespaceConfig(image="a", size=1 << 30, block_size=512,
                                                       read_only=False, grow=False),)
     port = cfg.net.ports[0]
@@ -121,6 +123,7 @@ def test_round_trip_through_the_raw_form(tmp_path) -> None:
 @pytest.mark.parametrize(("raw", "message"), [
     ({"storage": {"io_queues": "4"}}, "storage.io_queues: must be an integer from 1 to 64 (got '4')"),
     ({"storage": {"doorbells": True}}, "storage.doorbells: must be one of message, mmap (got True)"),
+    ({"storage": {"guest_faults": "yes"}}, "storage.guest_faults: must be true or false (got 'yes')"),
     ({"storage": {"dma_layout": "SPEC"}},
      "storage.dma_layout: must be one of spec, u32-count (got 'SPEC')"),
     ({"net": {"ports": [{"socket": "/p", "mac": "52:54:00:00:00:01", "mode": ["server"]}]}},
