@@ -176,7 +176,13 @@ class NvmeMigratable(PciMigratable):
         super().migration_run()
         self.ctrl.resume()  # doorbells and events that arrived while stopped
 
+    def _refuse_changed_namespaces(self) -> None:
+        why = self.ctrl.ns_mgmt.departure_blocker()
+        if why:
+            raise LocalProtocolError(f"cannot migrate: {why}", errno.EBUSY)
+
     def start_tracking(self) -> None:
+        self._refuse_changed_namespaces()
         super().start_tracking()
         self.dirty = {}
         for nsid, ns in self.ctrl.namespaces.items():
@@ -246,6 +252,7 @@ class NvmeMigratable(PciMigratable):
                                          errno.EBUSY)
 
     def save_state(self) -> list[Record]:
+        self._refuse_changed_namespaces()
         self._check_sizes()
         blob = encode_controller(self.ctrl)
         return [*super().save_state(), device_state(DeviceKind.NVME_CONTROLLER, blob)]
