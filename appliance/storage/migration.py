@@ -152,6 +152,8 @@ class NvmeMigratable(PciMigratable):
         parts = [(f"nvme-v{STATE_VERSION} sn={ctrl.serial} mn={ctrl.mn!r} fr={ctrl.fr!r} "
                   f"ioq={ctrl.io_queues} mqes={ctrl.regs.mqes} mdts={ctrl.mdts_bytes} "
                   f"vectors={ctrl.vectors} cap={ctrl.regs.cap:#x}")]
+        if ctrl.ns_mgmt.enabled:  # what Identify Controller says of Namespace Management
+            parts.append(f"nsmgmt:{ctrl.ns_mgmt.capacity}:{ctrl.ns_mgmt.max_namespaces}")
         for nsid, ns in sorted(ctrl.namespaces.items()):
             parts.append(f"ns{nsid}:{ns.size}:{ns.block_size}:{int(ns.read_only)}")
             zones = ctrl.zones.get(nsid)

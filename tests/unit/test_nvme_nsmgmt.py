@@ -254,3 +254,28 @@ def test_config_keys() -> None:
     with pytest.raises(ConfigError, match="storage.max_namespaces: must be at least the 2"):
         Config.from_dict({"storage": {"namespaces": [base, {**base, "image": "/tmp/b.img"}],
                                       "capacity": "8M", "max_namespaces": 1}})
+
+
+def test_resize_stays_within_the_capacity(drv: NvmeDriver) -> None:
+    from appliance.control.commands import Target, dispatch
+    from appliance.control.protocol import ControlError, Request
+
+    ctrl = drv.bus.ctrl  # type: ignore[attr-defined]
+    target = Target(controller=ctrl)
+    with pytest.raises(ControlError, match="do not fit in the 7340032 unallocated"):
+        dispatch(target, Request(1, "namespace.resize", {"size": "9M"}))
+    assert dispatch(target, Request(2, "namespace.resize", {"size": "8M"}))["size"] == 8 * MIB
+    assert int.from_bytes(drv.identify_controller().unvmcap, "little") == 0
+    assert status(drv.create_namespace(8)) == (ST.NS_INSUFFICIENT_CAPACITY, True)
+
+
+def test_the_fingerprint_names_the_management_settings(tmp_path: Path) -> None:
+    (tmp_path / "plain").mkdir()
+    plain = make_controller(tmp_path / "plain")
+    ctrl = managed(tmp_path)
+    try:
+        assert b"nsmgmt" not in NvmeMigratable.fingerprint_extra(plain)
+        assert b"nsmgmt:8388608:4" in NvmeMigratable.fingerprint_extra(ctrl)
+    finally:
+        plain.close()
+        ctrl.close()
