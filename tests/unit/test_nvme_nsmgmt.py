@@ -200,6 +200,15 @@ def test_attach_delete_refusals(drv: NvmeDriver) -> None:
     assert drv.controller_list(CNS_NS_CONTROLLER_LIST, nsid) == []
 
 
+def test_an_unreachable_data_buffer_changes_nothing(drv: NvmeDriver, tmp_path: Path) -> None:
+    far = 0x7000_0000_0000  # outside guest memory
+    done = drv.admin_command(AdminOpcode.NAMESPACE_MANAGEMENT, prp1=far, cdw10=0)
+    assert status(done) == (ST.DATA_TRANSFER_ERROR, False) and images(tmp_path) == []
+    done = drv.admin_command(AdminOpcode.NAMESPACE_ATTACHMENT, nsid=1, prp1=far, cdw10=1)
+    assert status(done) == (ST.DATA_TRANSFER_ERROR, False)
+    assert drv.allocated_namespaces() == [1] == drv.active_namespaces()
+
+
 def test_without_management(tmp_path: Path) -> None:
     ctrl = make_controller(tmp_path)
     drv = controller_driver(ctrl)
