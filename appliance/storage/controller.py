@@ -308,7 +308,7 @@ class NvmeController(RequestEngine, PciDevice):
         return ns
 
     def is_active(self, nsid: int) -> bool:
-        """Whether namespace ``nsid`` is attached now: a zoned one only while
+        """Whether namespace ``nsid`` is allocated and attached now; a zoned one only while
         CC.CSS enables the I/O command sets (110b); with the NVM command set
         alone (000b) it is inactive, as a namespace of a disabled command set is."""
         return nsid in self.namespaces and nsid not in self.ns_mgmt.detached and (
