@@ -223,6 +223,11 @@ class StorageConfig:
     max_backlog: int  # unread vfio-user reply bytes before the client is dropped
     namespaces: tuple[NamespaceConfig, ...]
     guest_faults: bool  # the guest may arm faults (OCP Error Injection, Set Features C0h)
+    # Namespace Management: the total capacity (TNVMCAP, bytes; None: not offered), the
+    # most namespaces at once (NN), a deleted created namespace's image: "keep"/"remove"
+    capacity: int | None = None
+    max_namespaces: int = 16
+    namespace_images: str = "keep"
 
 
 @dataclass(frozen=True)
@@ -362,6 +367,9 @@ SCHEMA = Table(Config, {
         "max_backlog": (size, "1M"),
         "namespaces": (ListOf(NAMESPACE, [{"image": "{data_dir}/disk0.img", "size": "1G"}], 16), None),
         "guest_faults": (boolean, False),
+        "capacity": (size, None),  # unset: no Namespace Management
+        "max_namespaces": (integer(1, 1024), 16),
+        "namespace_images": (one_of("keep", "remove"), "keep"),
     }), None),
     "net": (Table(NetConfig, {
         "ports": (ListOf(PORT, [{"socket": "{run_dir}/net0.sock", "mac": "52:54:00:12:34:56"}], 16), None),
@@ -412,6 +420,24 @@ def _apply(schema: Any, value: Any, path: str) -> Any:
     return schema(path, value)
 
 
+def _capacity(storage: dict[str, Any]) -> None:
+    """With Namespace Management (``capacity`` set) the configured namespaces fit
+    in the capacity and the NSID limit.
+
+    Raises:
+        ConfigError: naming ``storage.capacity`` or ``storage.max_namespaces``.
+    """
+    if storage["capacity"] is None:
+        return
+    taken = sum(ns["size"] for ns in storage["namespaces"])
+    if storage["capacity"] < taken:
+        raise ConfigError(f"storage.capacity: must be at least the namespaces' {taken} bytes "
+                          f"(got {storage['capacity']})")
+    if storage["max_namespaces"] < len(storage["namespaces"]):
+        raise ConfigError(f"storage.max_namespaces: must be at least the "
+                          f"{len(storage['namespaces'])} configured namespaces")
+
+
 def _required(checked: dict[str, Any]) -> None:
     """What the keys cannot check alone: required values, a size that fits the
     block size, one socket per path.
@@ -428,6 +454,7 @@ def _required(checked: dict[str, Any]) -> None:
             raise ConfigError(f"storage.namespaces[{i}].size: must be a multiple of block_size")
         if ns["zoned"] is not None:
             _zoned(f"storage.namespaces[{i}].zoned", ns["zoned"], ns["size"], ns["block_size"])
+    _capacity(checked["storage"])
     for i, p in enumerate(checked["net"]["ports"]):
         for key in ("socket", "mac"):
             if p[key] is None:

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from appliance.client.nvme_bus import HostBus, VfioUserBus
+from appliance.client.nvme_nsmgmt import NamespaceCommands
 from appliance.client.nvme_queues import (
     PAGE,
     Completion,
@@ -57,7 +58,7 @@ PRP_ENTRIES = PAGE // 8  # entries of one PRP list page (the last may chain to t
 FLAGS_SGL = spec.Psdt.SGL_MPTR_BUFFER << 6  # PSDT 01b: the data pointer is SGL1
 
 
-class NvmeDriver(ZonedCommands):
+class NvmeDriver(ZonedCommands, NamespaceCommands):
     """Drive an NVMe controller through a :class:`HostBus`."""
 
     def __init__(self, bus: HostBus | VfioUserClient, *, mem_base: int = 0x4000_0000,
@@ -316,7 +317,8 @@ class NvmeDriver(ZonedCommands):
         """One Identify of ``cns``: (its completion, failed or not; the 4 KiB it returned)."""
         prp1, prp2, pages, lists = self._buffer(spec.IDENTIFY_SIZE)
         try:
-            done = self.admin_command(spec.AdminOpcode.IDENTIFY, nsid=nsid, cdw10=cns,
+            done = self.admin_command(spec.AdminOpcode.IDENTIFY, nsid=nsid,
+                                      cdw10=fields.pop("cdw10", cns),
                                       prp1=prp1, prp2=prp2, **fields)
             return done, self.gather(pages, spec.IDENTIFY_SIZE)
         finally:

@@ -40,6 +40,7 @@ from appliance.control.protocol import (
     Request,
 )
 from appliance.errors import ApplianceError
+from appliance.storage.nsmgmt import unallocated_bytes
 
 
 @dataclass
@@ -173,6 +174,9 @@ def namespace_resize(t: Target, args: dict[str, Any]) -> Any:
         raise ControlError(FAILED, f"namespace {ns.nsid} is read-only")
     if ns.nsid in ctrl.zones:
         raise ControlError(FAILED, f"namespace {ns.nsid} is zoned: its zones are fixed")
+    if ctrl.ns_mgmt.enabled and size - ns.size > unallocated_bytes(ctrl):
+        raise ControlError(FAILED, f"size: {size - ns.size} more bytes do not fit in the "
+                                   f"{unallocated_bytes(ctrl)} unallocated (storage.capacity)")
     try:
         if os.fstat(ns.fd).st_size < size:
             os.ftruncate(ns.fd, size)
@@ -181,6 +185,7 @@ def namespace_resize(t: Target, args: dict[str, Any]) -> Any:
                                    f"{exc.strerror or exc}") from None
     old = ns.size
     ns.size, ns.nlbas = size, size // ns.block_size
+    ctrl.identify_changed()  # UNVMCAP
     ctrl.notify_namespace_changed(ns.nsid)
     return {"nsid": ns.nsid, "old_size": old, "size": size, "blocks": ns.nlbas}
 

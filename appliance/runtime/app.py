@@ -27,6 +27,7 @@ from appliance.runtime.vfio_user import VfioUserClientSocket, VfioUserService
 from appliance.storage.controller import NvmeController
 from appliance.storage.doorbells import DoorbellPage
 from appliance.storage.migration import NvmeMigratable
+from appliance.storage.nsmgmt import NamespaceManagement
 from appliance.vfio_user.migration import VfioUserMigration
 
 log = logging.getLogger("appliance")
@@ -83,7 +84,9 @@ class Appliance:
             self.controller = NvmeController(
                 namespaces=st.namespaces, io_queues=st.io_queues,
                 queue_entries=st.queue_entries, serial=st.serial, clock=time.monotonic,
-                doorbells=st.doorbells, exports=exports)
+                doorbells=st.doorbells, exports=exports, management=NamespaceManagement(
+                    capacity=st.capacity or 0, max_namespaces=st.max_namespaces,
+                    image_dir=cfg.data_dir, remove_images=st.namespace_images == "remove"))
         except BaseException:
             for export in exports.values():
                 export.close()
@@ -164,6 +167,8 @@ class Appliance:
         if self.controller is not None and any(ns.remote for ns in
                                                self.controller.namespaces.values()):
             return "a namespace is on an NBD export (use appliance migrate --shared-storage)"
+        if self.controller is not None and (why := self.controller.ns_mgmt.departure_blocker()):
+            return why
         busy = self.vfio_user.handoff_blocker()
         if not busy and self.net is not None:
             busy = self.net.handoff_blocker()

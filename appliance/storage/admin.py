@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from appliance.storage import error_injection as erri
 from appliance.storage import identity as ident
-from appliance.storage import zns
+from appliance.storage import nsmgmt, zns
 from appliance.storage.queues import CompletionQueue, SubmissionQueue
 from appliance.storage.spec import (
     CHANGED_NS_MAX,
@@ -161,13 +161,17 @@ def delete_cq(ctrl: NvmeController, cmd: Command) -> int:
 # ---------------------------------------------------------------- identify (5.15)
 def identify(ctrl: NvmeController, cmd: Command) -> int:
     """Identify (5.15): CNS 00h, 01h, 02h, 03h; 05h and 06h for CSI 00h (NVM) and
-    02h (Zoned Namespace), 1Ch."""
+    02h (Zoned Namespace), 1Ch; 10h-13h with Namespace Management."""
     _check(not cmd.cdw10 & 0xFF00, why="reserved CDW10 bits")
     cns, nsid = cmd.cdw10 & 0xFF, cmd.nsid
     if cns == Cns.CONTROLLER:
         data = ctrl.identify_data
+    elif cns == Cns.NAMESPACE and ctrl.ns_mgmt.enabled and nsid == NSID_ALL:
+        data = nsmgmt.common_namespace()
+    elif cns == Cns.NAMESPACE and nsmgmt.is_inactive_valid(ctrl, nsid):
+        data = b""  # an inactive NSID: zeroes (5.15.2)
     elif cns in (Cns.NAMESPACE, Cns.NS_ID_DESCRIPTORS):
-        ns = ctrl.namespace(nsid)  # FFFFFFFFh: no Namespace Management, so invalid too
+        ns = ctrl.namespace(nsid)  # FFFFFFFFh without Namespace Management: invalid too
         data = identify_namespace(ns.identify()) if cns == Cns.NAMESPACE else \
             ns.descriptors(ctrl.serial, CSI_ZNS if nsid in ctrl.zones else CSI_NVM)
     elif cns == Cns.ACTIVE_NS_LIST:
@@ -185,6 +189,10 @@ def identify(ctrl: NvmeController, cmd: Command) -> int:
         # NVM command set: no VSL/WZSL/WUSL/DMRL limits; no storage tags, PI or
         # extended LBA formats in the namespace structure.
         data = b""
+    elif cns in nsmgmt.MANAGEMENT_CNS:
+        data = nsmgmt.identify(ctrl, cns, nsid, cmd.cdw10 >> 16)
+        if cns == nsmgmt.CNS_ALLOCATED_NAMESPACE and data:
+            data = identify_namespace(data)
     elif cns == Cns.COMMAND_SET_LIST:
         # vector 0 (the one I/O Command Set Profile): NVM and Zoned Namespace
         data = struct.pack("<Q", 1 << CSI_NVM | 1 << CSI_ZNS)
@@ -212,7 +220,7 @@ def get_log_page(ctrl: NvmeController, cmd: Command) -> int:
         LogPage.SMART: lambda: smart_log(ctrl),
         LogPage.FIRMWARE_SLOT: lambda: FirmwareSlotLog(afi=1, frs1=ctrl.fr).pack(),
         LogPage.CHANGED_NS: lambda: struct.pack(f"<{len(ctrl.changed_ns)}I", *ctrl.changed_ns),
-        LogPage.COMMANDS_EFFECTS: lambda: commands_effects_log(csi),
+        LogPage.COMMANDS_EFFECTS: lambda: commands_effects_log(csi, ctrl.ns_mgmt.enabled),
     }
     csi = cmd.cdw14 >> 24
     if lid == LogPage.COMMANDS_EFFECTS:
@@ -322,6 +330,29 @@ def format_nvm(ctrl: NvmeController, cmd: Command) -> int:
     return 0
 
 
+def namespace_management(ctrl: NvmeController, cmd: Command) -> int:
+    """Namespace Management (5.20): create (SEL 0; DW0: the new NSID) or delete (SEL 1)."""
+    sel = cmd.cdw10 & 0xF
+    _check(ctrl.ns_mgmt.enabled, ST.INVALID_OPCODE, "no Namespace Management")
+    _check(not cmd.cdw10 & 0xFFFFFFF0 and sel in (nsmgmt.SEL_CREATE, nsmgmt.SEL_DELETE),
+           why=f"CDW10 {cmd.cdw10:#x}")
+    if sel == nsmgmt.SEL_CREATE:
+        return nsmgmt.create(ctrl, cmd.cdw11 >> 24, receive(ctrl, cmd, IDENTIFY_SIZE))
+    nsmgmt.delete(ctrl, cmd.nsid)
+    return 0
+
+
+def namespace_attachment(ctrl: NvmeController, cmd: Command) -> int:
+    """Namespace Attachment (5.19): attach (SEL 0) or detach (SEL 1) the
+    controllers of the Controller List the command carries."""
+    sel = cmd.cdw10 & 0xF
+    _check(ctrl.ns_mgmt.enabled, ST.INVALID_OPCODE, "no Namespace Management")
+    _check(not cmd.cdw10 & 0xFFFFFFF0 and sel in (nsmgmt.SEL_ATTACH, nsmgmt.SEL_DETACH),
+           why=f"CDW10 {cmd.cdw10:#x}")
+    nsmgmt.attach(ctrl, cmd.nsid, sel == nsmgmt.SEL_DETACH, receive(ctrl, cmd, IDENTIFY_SIZE))
+    return 0
+
+
 HANDLERS: dict[int, Handler] = {
     AdminOpcode.DELETE_SQ: delete_sq,
     AdminOpcode.CREATE_SQ: create_sq,
@@ -335,6 +366,8 @@ HANDLERS: dict[int, Handler] = {
     AdminOpcode.ASYNC_EVENT_REQUEST: async_event_request,
     AdminOpcode.DOORBELL_BUFFER_CONFIG: doorbell_buffer_config,
     AdminOpcode.FORMAT_NVM: format_nvm,
+    AdminOpcode.NAMESPACE_MANAGEMENT: namespace_management,
+    AdminOpcode.NAMESPACE_ATTACHMENT: namespace_attachment,
 }
 
 
@@ -365,9 +398,11 @@ def identify_controller(ctrl: NvmeController) -> bytes:
         vid=ident.VENDOR_ID, ssvid=ident.VENDOR_ID, sn=ctrl.sn, mn=ctrl.mn, fr=ctrl.fr, rab=6,
         ieee=bytes(3),  # no IEEE OUI assigned
         cmic=0, mdts=ident.MDTS, cntlid=ident.CNTLID, ver=VERSION_1_4, oaes=OAES_NS_ATTRIBUTE,
-        cntrltype=ident.CNTRLTYPE_IO, oacs=OACS_FORMAT | OACS_DBBUF, acl=ident.ACL, aerl=ident.AERL,
+        cntrltype=ident.CNTRLTYPE_IO, acl=ident.ACL, aerl=ident.AERL,
+        oacs=OACS_FORMAT | OACS_DBBUF | (nsmgmt.OACS_NS_MANAGEMENT if ctrl.ns_mgmt.enabled else 0),
+        tnvmcap=u128(ctrl.ns_mgmt.capacity), unvmcap=u128(nsmgmt.unallocated_bytes(ctrl)),
         frmw=ident.FRMW, lpa=LPA_EFFECTS_LOG | LPA_EXTENDED_DATA, elpe=ident.ELPE, npss=0, wctemp=ident.WCTEMP,
-        cctemp=ident.CCTEMP, sqes=0x66, cqes=0x44, nn=len(ctrl.namespaces),
+        cctemp=ident.CCTEMP, sqes=0x66, cqes=0x44, nn=nsmgmt.namespace_count(ctrl),
         oncs=(ONCS_COMPARE | ONCS_WRITE_UNCORRECTABLE | ONCS_DSM | ONCS_WRITE_ZEROES
               | ONCS_TIMESTAMP | ONCS_VERIFY | ONCS_COPY),
         vwc=VWC_PRESENT_FLUSH_ALL, ocfs=OCFS_FORMAT0, sgls=SGLS_SUPPORTED | SGLS_BIT_BUCKET,
@@ -386,6 +421,8 @@ def identify_namespace(data: bytes) -> bytes:
 EFFECTS: dict[tuple[bool, int], int] = {
     (True, AdminOpcode.FORMAT_NVM): EFFECT_LBCC | EFFECT_NCC | EFFECT_CSE_NS,
     (True, AdminOpcode.SET_FEATURES): EFFECT_CCC,  # Number of Queues, arbitration...
+    (True, AdminOpcode.NAMESPACE_MANAGEMENT): nsmgmt.EFFECT_NIC,
+    (True, AdminOpcode.NAMESPACE_ATTACHMENT): nsmgmt.EFFECT_NIC,
     (False, IoOpcode.WRITE): EFFECT_LBCC,
     (False, IoOpcode.WRITE_UNCORRECTABLE): EFFECT_LBCC,
     (False, IoOpcode.WRITE_ZEROES): EFFECT_LBCC,
@@ -396,13 +433,18 @@ EFFECTS: dict[tuple[bool, int], int] = {
 }
 
 
-def commands_effects_log(csi: int = CSI_NVM) -> bytes:
+MANAGEMENT_OPCODES = (AdminOpcode.NAMESPACE_MANAGEMENT, AdminOpcode.NAMESPACE_ATTACHMENT)
+
+
+def commands_effects_log(csi: int = CSI_NVM, managed: bool = False) -> bytes:
     """Commands Supported and Effects (LID 05h, figure 209): one DWORD per admin
     opcode, then one per I/O opcode of command set ``csi``, for each command this
-    controller runs."""
+    controller runs (the Namespace Management ones only when ``managed``)."""
     entries = [0] * 512
     for is_admin, table in ((True, HANDLERS), (False, zns.COMMAND_SETS[csi])):
         for opcode in table:
+            if is_admin and opcode in MANAGEMENT_OPCODES and not managed:
+                continue
             entries[opcode + (0 if is_admin else 256)] = (
                 EFFECT_CSUPP | EFFECTS.get((is_admin, opcode), 0))
     return struct.pack("<512I", *entries)

@@ -70,6 +70,7 @@ from appliance.storage.identity import (
 )
 from appliance.storage.inflight import FaultHook, Offload, RequestEngine
 from appliance.storage.namespace import BlockExport, Namespace, NamespaceSettings
+from appliance.storage.nsmgmt import NamespaceManagement
 from appliance.storage.queues import (
     DOORBELL_STRIDE,
     AsyncEvents,
@@ -132,7 +133,8 @@ class NvmeController(RequestEngine, PciDevice):
                  model: str = "Appliance NVMe", firmware: str = "0.1",
                  clock: Callable[[], float] | None = None,
                  doorbells: DoorbellMode = DoorbellMode.MESSAGE,
-                 exports: Mapping[int, BlockExport] | None = None) -> None:
+                 exports: Mapping[int, BlockExport] | None = None,
+                 management: NamespaceManagement | None = None) -> None:
         """Open the namespace images and build the PCI function.
 
         ``namespaces``: each with ``image``, ``size``, ``block_size`` (512 or
@@ -143,7 +145,8 @@ class NvmeController(RequestEngine, PciDevice):
         may map; see :class:`DoorbellPage`; the runtime must then call
         :meth:`poll` every :meth:`poll_interval` seconds).  ``exports``: the
         remote images (NBD) by NSID, connected by the runtime; the controller
-        owns them from now on (closed with it).
+        owns them from now on (closed with it).  ``management``: the Namespace
+        Management settings (:mod:`appliance.storage.nsmgmt`; None: not offered).
 
         Raises:
             ValueError: a bad queue count, queue size, string, namespace or
@@ -164,7 +167,8 @@ class NvmeController(RequestEngine, PciDevice):
         self.mn, self.fr = ascii_field(model, 40, "model"), ascii_field(firmware, 8, "firmware")
         self.serial, self.io_queues = serial, io_queues
         self.regs = RegisterFile(mqes=queue_entries - 1)
-        self.namespaces: dict[int, Namespace] = {}
+        self.namespaces: dict[int, Namespace] = {}  # the allocated ones
+        self.ns_mgmt = management or NamespaceManagement()
         try:
             for nsid, ns in enumerate(namespaces, 1):
                 self.namespaces[nsid] = Namespace(nsid, ns.image, ns.size, ns.block_size,
@@ -307,15 +311,19 @@ class NvmeController(RequestEngine, PciDevice):
         return ns
 
     def is_active(self, nsid: int) -> bool:
-        """Whether namespace ``nsid`` is attached now: a zoned one only while
+        """Whether namespace ``nsid`` is allocated and attached now; a zoned one only while
         CC.CSS enables the I/O command sets (110b); with the NVM command set
         alone (000b) it is inactive, as a namespace of a disabled command set is."""
-        return nsid in self.namespaces and (
+        return nsid in self.namespaces and nsid not in self.ns_mgmt.detached and (
             nsid not in self.zones or CC.get(self.regs.cc, "css") == CC_CSS_IOCS)
 
     def active_namespaces(self) -> list[Namespace]:
         """The active namespaces in NSID order (NSID FFFFFFFFh: all of them)."""
         return [ns for nsid, ns in sorted(self.namespaces.items()) if self.is_active(nsid)]
+
+    def identify_changed(self) -> None:
+        """Rebuild Identify Controller (capacities change with the namespaces)."""
+        self.identify_data = admin.identify_controller(self)
 
     def shadow_for(self, qid: int, is_cq: bool) -> Shadow | None:
         """The shadow doorbell slots for an I/O queue, if shadow doorbells are configured."""

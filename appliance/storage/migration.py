@@ -152,6 +152,8 @@ class NvmeMigratable(PciMigratable):
         parts = [(f"nvme-v{STATE_VERSION} sn={ctrl.serial} mn={ctrl.mn!r} fr={ctrl.fr!r} "
                   f"ioq={ctrl.io_queues} mqes={ctrl.regs.mqes} mdts={ctrl.mdts_bytes} "
                   f"vectors={ctrl.vectors} cap={ctrl.regs.cap:#x}")]
+        if ctrl.ns_mgmt.enabled:  # what Identify Controller says of Namespace Management
+            parts.append(f"nsmgmt:{ctrl.ns_mgmt.capacity}:{ctrl.ns_mgmt.max_namespaces}")
         for nsid, ns in sorted(ctrl.namespaces.items()):
             parts.append(f"ns{nsid}:{ns.size}:{ns.block_size}:{int(ns.read_only)}")
             zones = ctrl.zones.get(nsid)
@@ -176,7 +178,13 @@ class NvmeMigratable(PciMigratable):
         super().migration_run()
         self.ctrl.resume()  # doorbells and events that arrived while stopped
 
+    def _refuse_changed_namespaces(self) -> None:
+        why = self.ctrl.ns_mgmt.departure_blocker()
+        if why:
+            raise LocalProtocolError(f"cannot migrate: {why}", errno.EBUSY)
+
     def start_tracking(self) -> None:
+        self._refuse_changed_namespaces()
         super().start_tracking()
         self.dirty = {}
         for nsid, ns in self.ctrl.namespaces.items():
@@ -246,6 +254,7 @@ class NvmeMigratable(PciMigratable):
                                          errno.EBUSY)
 
     def save_state(self) -> list[Record]:
+        self._refuse_changed_namespaces()
         self._check_sizes()
         blob = encode_controller(self.ctrl)
         return [*super().save_state(), device_state(DeviceKind.NVME_CONTROLLER, blob)]

@@ -146,6 +146,22 @@ def test_zone_append_and_its_fault(nvme_driver: Any, appliance_ctl: Any) -> None
     assert nvme_driver.read(1, 2048, 2) == b"a" * 512 + b"c" * 512
 
 
+@pytest.mark.appliance_config(storage={"capacity": "16M", "namespaces": [
+    {"image": "{data_dir}/d.img", "size": "4M"}]})
+def test_namespace_hot_add(nvme_driver: Any, appliance_ctl: Any) -> None:
+    nsid = nvme_driver.create_namespace(2048).result
+    assert nsid == 2
+    assert nvme_driver.attach_namespace(nsid).status == 0
+    assert nvme_driver.active_namespaces() == [1, nsid]
+    nvme_driver.identify_namespace(nsid)
+    nvme_driver.write(nsid, 0, b"n" * 512)
+    assert nvme_driver.read(nsid, 0, 1) == b"n" * 512
+    assert nvme_driver.attach_namespace(nsid, detach=True).status == 0
+    assert nvme_driver.active_namespaces() == [1]
+    assert nvme_driver.delete_namespace(nsid).status == 0
+    assert nvme_driver.allocated_namespaces() == [1]
+
+
 def test_driver_delayed_completion_arrives_after_the_delay(nvme_driver: Any,
                                                            appliance_ctl: Any) -> None:
     import time

@@ -2,8 +2,10 @@
 uses the NVMe command breadth: SGL data pointers, Copy, Verify, Write Uncorrectable,
 the Commands Supported and Effects log, the Identify Controller bits that announce them,
 fault control from inside the guest: ``nvme ocp set-error-injection`` (sid's nvme-cli);
-and a second namespace, zoned: the kernel sees a host-managed disk, writes it
-sequentially, nvme-cli reports zones, appends and resets.
+a second namespace, zoned: the kernel sees a host-managed disk, writes it
+sequentially, nvme-cli reports zones, appends and resets; and Namespace Management:
+a namespace nvme-cli creates and attaches appears without a reboot (the Namespace
+Attribute Changed event), detached it goes away, then it is deleted.
 
 One guest boot for every check (each TCG boot costs CI time).
 """
@@ -32,7 +34,8 @@ DEV, NS, ZNS = "/dev/nvme0", "/dev/nvme0n1", "/dev/nvme0n2"
 READ_ONE = "dd if=/dev/nvme0n1 of=/dev/null bs=512 skip={lba} count=1 iflag=direct 2>&1"
 
 
-@pytest.mark.appliance_config(storage={"guest_faults": True, "namespaces": [
+@pytest.mark.appliance_config(storage={"guest_faults": True, "capacity": "64M", "max_namespaces": 4,
+                                       "namespaces": [
     {"image": "{data_dir}/disk0.img", "size": "16M"},
     {"image": "{data_dir}/zoned.img", "size": "32M",  # 8 zones of 4 MiB, 3 MiB writable
      "zoned": {"zone_size": "4M", "zone_capacity": "3M", "max_open": 4, "max_active": 6}}]})
@@ -46,11 +49,13 @@ def test_nvme_cli_command_breadth_and_sgl_io(appliance_guest: Any, appliance_ctl
         return dict(appliance_ctl("status")["nvme"]["counters"])
 
     # Identify Controller announces what works.
-    out = run(f"nvme id-ctrl {DEV} | grep -E '^(oncs|ocfs|sgls|lpa) '")
+    out = run(f"nvme id-ctrl {DEV} | grep -E '^(oncs|ocfs|sgls|lpa|oacs|nn) '")
     found = re.findall(r"^(\w+)\s*:\s*(0x[0-9a-f]+)", out, re.MULTILINE)
     fields = {k: int(v, 16) for k, v in found}
     assert fields["oncs"] == 0x1CF and fields["ocfs"] == 1, out
     assert fields["sgls"] == 0x10001 and fields["lpa"] & 0x2, out
+    assert fields["oacs"] == 0x10A, out  # Format NVM, Namespace Management, DBBUF
+    assert re.search(r"^nn\s*:\s*4$", out, re.MULTILINE), out
 
     # SGLs: with sgl_threshold at 1 byte, Linux describes every multi-segment I/O
     # request with an SGL; 1 MiB O_DIRECT out and back, data intact.
@@ -118,6 +123,30 @@ def test_nvme_cli_command_breadth_and_sgl_io(appliance_guest: Any, appliance_ctl
     assert "sector 40" in run("dmesg | grep -i 'critical medium error' | tail -1")
 
     zoned_checks(run, appliance_guest)
+    namespace_checks(run, appliance_ctl)
+
+
+def namespace_checks(run: Any, ctl: Any) -> None:
+    """Namespace Management through nvme-cli and the kernel's rescan (same boot)."""
+    new = "/dev/nvme0n3"
+    out = run(f"nvme create-ns {DEV} --nsze=4096 --ncap=4096 --flbas=0")
+    assert re.search(r"nsid:\s*3\b", out), out  # "created nsid:3" in older nvme-cli
+    assert run(f"nvme list-ns {DEV} --all").count(":0x") == 3
+    run(f"[ ! -e {new} ]")
+    run(f"nvme attach-ns {DEV} --namespace-id=3 --controllers=1")
+    run(f"for i in $(seq 100); do [ -e {new} ] && break; sleep 0.1; done; [ -e {new} ]")
+    assert run("cat /sys/block/nvme0n3/size").strip() == "4096"
+    run(f"dd if=/tmp/pattern of={new} bs=64k count=2 oflag=direct 2>&1")
+    sums = run(f"dd if={new} bs=64k count=2 iflag=direct 2>/dev/null | md5sum; "
+               "head -c 131072 /tmp/pattern | md5sum").split()
+    assert sums[0] == sums[2], sums
+    run(f"nvme detach-ns {DEV} --namespace-id=3 --controllers=1")
+    run(f"for i in $(seq 100); do [ -e {new} ] || break; sleep 0.1; done; [ ! -e {new} ]")
+    run(f"nvme delete-ns {DEV} --namespace-id=3")
+    assert run(f"nvme list-ns {DEV} --all").count(":0x") == 2
+    commands = ctl("status")["nvme"]["counters"]["commands"]
+    assert commands["admin.namespace_management"] == 2, commands
+    assert commands["admin.namespace_attachment"] == 2, commands
 
 
 def zoned_checks(run: Any, guest: Any) -> None:
