@@ -93,6 +93,7 @@ class Appliance:
                             nsid - 1)
         self.offload = Offload(self.loop)  # the namespaces' blocking I/O runs off the loop
         self.controller.offload = self.offload
+        self.controller.native = fastpath.nvme(self.cfg)  # the I/O queues' C path, or None
         # Migration v2 (commands 16-18): the controller's save/restore is
         # appliance.storage.migration; the vfio-user handler drives it.
         migratable = NvmeMigratable(self.controller, clock=time.monotonic)
