@@ -138,7 +138,7 @@ def _run(tmp: Path, native: bool, commands: list[dict[str, Any]],
         ctrl.close()
 
 
-@settings(max_examples=80, deadline=None,
+@settings(max_examples=int(os.environ.get("APPLIANCE_DIFF_EXAMPLES", "80")), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(commands=st.lists(command_st, min_size=1, max_size=40), write_cache=st.booleans())
 def test_both_paths_leave_the_same_traces(tmp_path: Path, commands: list[dict[str, Any]],
