@@ -478,12 +478,15 @@ class NvmeController(RequestEngine, PciDevice):
         hands back runs here, one at a time.
         """
         cq, done = self.cqs[sq.cqid], 0
-        regions = self._native_regions(sq)
+        regions: MappedRegions | None = None
+        looked = False  # regions looked up (only once there is work)
         python_next = False  # the entry at the head is Python's
         while True:
             self._sync(sq, mem)
             while not sq.empty and done < min(sq.size, SQ_BUDGET) and cq.has_room(mem):
-                if regions is not None and not python_next and self.native is not None:
+                if not looked:
+                    regions, looked = self._native_regions(sq), True
+                if regions and not python_next and self.native is not None:
                     ran, python_next = run_batch(self, self.native, regions, sq, cq,
                                                  min(sq.size, SQ_BUDGET) - done)
                     done += ran
