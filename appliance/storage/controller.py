@@ -512,10 +512,12 @@ class NvmeController(RequestEngine, PciDevice):
 
     def _native_regions(self, sq: SubmissionQueue) -> MappedRegions | None:
         """Client memory for the C path when it may run ``sq`` now: an I/O SQ, the
-        fast path handed to this controller, no fault rule armed, every region
+        fast path handed to this controller, no fault rule armed, tracing off
+        (debug logging: everything runs where it is logged), every region
         mmap'd; else None."""
         if (self.native is None or sq.qid == 0 or self.memory is None
-                or (self.faults is not None and self.faults.rules)):
+                or (self.faults is not None and self.faults.rules)
+                or log.isEnabledFor(logging.DEBUG)):
             return None
         return self.memory.mapped_regions()
 

@@ -13,6 +13,7 @@ change hooks and the image bytes must be the same.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import random
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 from fastpath_support import require_native
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_nvme_driver import UNMAPPED
+from test_nvme_driver import UNMAPPED, make_controller
 
 from appliance.client.nvme import NvmeDriver
 from appliance.config import NamespaceConfig
@@ -174,3 +175,41 @@ def test_the_c_path_runs_reads_and_writes(tmp_path: Path,
 
 def test_native_is_the_controllers_only_when_handed_over() -> None:
     assert NvmeController.native is None
+
+
+def test_tracing_keeps_the_io_queues_in_python(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Debug logging (``ctl trace on``) on: every command runs where it is logged."""
+    ran: list[tuple[int, bool]] = []
+    monkeypatch.setattr(controller_mod, "run_batch", lambda *args: ran.append((0, True)) or (0, True))
+    logger = logging.getLogger("appliance.storage")
+    monkeypatch.setattr(logger, "level", logging.DEBUG)
+    logger.manager._clear_cache()  # type: ignore[attr-defined]
+    try:
+        good = {"opcode": IoOpcode.WRITE, "flags": 0, "nsid": 1, "slba": 8, "nlb": 7,
+                "cdw12_bits": 0, "prp": "good", "seed": 1}
+        outcome = _run(tmp_path / "native", True, [good], True)
+    finally:
+        monkeypatch.undo()
+        logger.manager._clear_cache()  # type: ignore[attr-defined]
+    assert outcome["completions"][0][1:3] == (0, False) and ran == []
+
+
+def test_an_armed_fault_rule_keeps_the_io_queues_in_python(tmp_path: Path) -> None:
+    class Faults:
+        def __init__(self) -> None:
+            self.rules: list[object] = []
+
+    ctrl = make_controller(tmp_path, io_queues=1)
+    try:
+        ctrl.native = require_native()
+        controller_driver(ctrl).setup(io_queues=1)
+        faults = Faults()
+        ctrl.faults = faults  # type: ignore[assignment]
+        sq = ctrl.sqs[1]
+        assert ctrl._native_regions(sq) is not None  # no rule: C runs it
+        assert ctrl._native_regions(ctrl.sqs[0]) is None  # never the admin queue
+        faults.rules.append(object())
+        assert ctrl._native_regions(sq) is None
+    finally:
+        ctrl.close()
