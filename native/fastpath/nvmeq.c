@@ -154,7 +154,7 @@ static long prp_segments(const fp_nvmeq *q, uint64_t prp1, uint64_t prp2, uint64
         uint64_t take = rest < PAGE ? rest : PAGE;
         rest -= take;
         seg_t *last = &segs[n - 1];
-        if (last->addr + last->len == pages[i])
+        if (last->addr + last->len == pages[i] && pages[i] != 0) /* (no merge across 2^64) */
             last->len += take;
         else
             segs[n++] = (seg_t){pages[i], take};
