@@ -69,7 +69,7 @@ from appliance.storage.identity import (
 )
 from appliance.storage.inflight import FaultHook, Offload, RequestEngine
 from appliance.storage.namespace import BlockExport, Namespace, NamespaceSettings
-from appliance.storage.native_io import NativeNvme, run_batch
+from appliance.storage.native_io import NativeNvme, native_memory, run_batch
 from appliance.storage.queues import (
     DOORBELL_STRIDE,
     AsyncEvents,
@@ -485,7 +485,7 @@ class NvmeController(RequestEngine, PciDevice):
             self._sync(sq, mem)
             while not sq.empty and done < min(sq.size, SQ_BUDGET) and cq.has_room(mem):
                 if not looked:
-                    regions, looked = self._native_regions(sq), True
+                    regions, looked = native_memory(self, sq), True
                 if regions and not python_next and self.native is not None:
                     ran, python_next = run_batch(self, self.native, regions, sq, cq,
                                                  min(sq.size, SQ_BUDGET) - done)
@@ -509,17 +509,6 @@ class NvmeController(RequestEngine, PciDevice):
             self._sync(sq, mem)
             if sq.empty:
                 return done > 0
-
-    def _native_regions(self, sq: SubmissionQueue) -> MappedRegions | None:
-        """Client memory for the C path when it may run ``sq`` now: an I/O SQ, the
-        fast path handed to this controller, no fault rule armed, tracing off
-        (debug logging: everything runs where it is logged), every region
-        mmap'd; else None."""
-        if (self.native is None or sq.qid == 0 or self.memory is None
-                or (self.faults is not None and self.faults.rules)
-                or log.isEnabledFor(logging.DEBUG)):
-            return None
-        return self.memory.mapped_regions()
 
     def _sync(self, queue: SubmissionQueue | CompletionQueue, mem: ClientMemory) -> None:
         try:

@@ -11,6 +11,7 @@ must run (see docs/architecture.md, "Fast path").
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Protocol
 
 from appliance.memory import ClientMemory, MappedRegions
@@ -41,6 +42,17 @@ class NativeNvme(Protocol):
         """Run up to ``budget`` entries of the SQ ``(base, size, head, tail)``
         into the CQ ``(base, size, head, tail, phase)``."""
         ...
+
+
+def native_memory(ctrl: NvmeController, sq: SubmissionQueue) -> MappedRegions | None:
+    """Client memory for the C path when it may run ``sq`` now: an I/O SQ, the
+    fast path handed to the controller, no fault rule armed, tracing off (debug
+    logging: everything runs where it is logged), every region mmap'd; else None."""
+    if (ctrl.native is None or sq.qid == 0 or ctrl.memory is None
+            or (ctrl.faults is not None and ctrl.faults.rules)
+            or logging.getLogger("appliance.storage").isEnabledFor(logging.DEBUG)):
+        return None
+    return ctrl.memory.mapped_regions()
 
 
 def native_namespaces(ctrl: NvmeController) -> NativeNamespaces:

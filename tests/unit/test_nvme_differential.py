@@ -30,7 +30,7 @@ from appliance.config import NamespaceConfig
 from appliance.memory import DirtyLog
 from appliance.storage import controller as controller_mod
 from appliance.storage.controller import NvmeController
-from appliance.storage.native_io import run_batch
+from appliance.storage.native_io import native_memory, run_batch
 from appliance.storage.spec import Command, FeatureId, IoOpcode
 from appliance.testing.nvme import BASE, SIZE, controller_driver
 
@@ -207,9 +207,9 @@ def test_an_armed_fault_rule_keeps_the_io_queues_in_python(tmp_path: Path) -> No
         faults = Faults()
         ctrl.faults = faults  # type: ignore[assignment]
         sq = ctrl.sqs[1]
-        assert ctrl._native_regions(sq) is not None  # no rule: C runs it
-        assert ctrl._native_regions(ctrl.sqs[0]) is None  # never the admin queue
+        assert native_memory(ctrl, sq) is not None  # no rule: C runs it
+        assert native_memory(ctrl, ctrl.sqs[0]) is None  # never the admin queue
         faults.rules.append(object())
-        assert ctrl._native_regions(sq) is None
+        assert native_memory(ctrl, sq) is None
     finally:
         ctrl.close()
