@@ -93,11 +93,12 @@ def run_batch(ctrl: NvmeController, native: NativeNvme, regions: MappedRegions,
         if writes:
             commands["io.write"] = commands.get("io.write", 0) + writes
             counters["bytes_written"] += bytes_written
-        for address, length in guest:
-            mem.mark_dirty(address, length)
-        for nsid, offset, length in image:
-            hook = ctrl.namespaces[nsid].on_change
-            if hook is not None:
-                hook(offset, length)
         cq.unsignalled = True
+    # (marks come also from an entry handed back after a partial transfer)
+    for address, length in guest:
+        mem.mark_dirty(address, length)
+    for nsid, offset, length in image:
+        hook = ctrl.namespaces[nsid].on_change
+        if hook is not None:
+            hook(offset, length)
     return done, handback

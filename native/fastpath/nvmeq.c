@@ -168,16 +168,19 @@ static void mark(fp_nvmeq *q, uint32_t nsid, uint64_t offset, uint64_t length)
         q->marks[q->nmarks++] = (fp_mark){nsid, offset, length};
 }
 
-/* preadv / pwritev of the whole iovec list at off; 0, or -1 (partly done at most). */
+/* preadv / pwritev of the whole iovec list at off: 0; -1 when it failed before a
+ * byte moved, -2 after some did. */
 static int move(int fd, struct iovec *iov, size_t n, uint64_t off, int write, int nowait)
 {
+    int moved = 0;
     while (n) {
         ssize_t done = write ? pwritev(fd, iov, (int)n, (off_t)off)
                              : preadv2(fd, iov, (int)n, (off_t)off, nowait ? RWF_NOWAIT : 0);
         if (done < 0 && errno == EINTR)
             continue;
         if (done <= 0)
-            return -1; /* an error, a miss (EAGAIN) or the end of a short image: Python */
+            return moved ? -2 : -1; /* an error, a miss (EAGAIN), the end of a short image */
+        moved = 1;
         off += (uint64_t)done;
         size_t left = (size_t)done;
         while (n && left >= iov->iov_len) {
@@ -236,7 +239,15 @@ static int one(fp_nvmeq *q)
     for (long i = 0; i < nsegs; i++)
         if (pieces(q, segs[i].addr, segs[i].len, !write, iov, &niov, MAX_IOV) < 0)
             return 0;
-    if (move(ns->fd, iov, niov, slba << ns->lba_shift, write, q->nowait && !write) < 0)
+    int moved = move(ns->fd, iov, niov, slba << ns->lba_shift, write, q->nowait && !write);
+    if (moved == -2) { /* what a partial transfer changed stays marked, whatever Python does next */
+        if (write)
+            mark(q, nsid, slba << ns->lba_shift, nbytes);
+        else
+            for (long i = 0; i < nsegs; i++)
+                mark(q, 0, segs[i].addr, segs[i].len);
+    }
+    if (moved < 0)
         return 0;
     if (write) {
         q->writes++;
