@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 #: the spin window's bounds, seconds
-SPIN_MIN, SPIN_MAX = 50e-6, 2e-3
+SPIN_MIN, SPIN_MAX = 50e-6, 5e-3
 #: weight of a new quiet time in the running average (1/8)
 AVERAGE_SHIFT = 3
 
