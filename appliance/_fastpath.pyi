@@ -1,6 +1,8 @@
 """Type stub of the C extension built from native/fastpath/ (see appliance/net/native.py)."""
 
+from appliance.memory import MappedRegions
 from appliance.net.native import NativeChain, NativeRegions
+from appliance.storage.native_io import NativeNamespaces, NativeOutcome
 
 def pop_chains(desc: memoryview, avail: memoryview, used: memoryview, regions: NativeRegions,
                size: int, last_avail_idx: int, used_idx: int, indirect: bool, max_readable: int,
@@ -12,3 +14,7 @@ def drain(desc: memoryview, avail: memoryview, used: memoryview, regions: Native
           ) -> tuple[list[bytes], int, int, int, str | None, str | None]: ...
 def publish(avail: memoryview, used: memoryview, size: int, published: int, used_idx: int,
             event_idx: bool, /) -> bool: ...
+def nvme_run(regions: MappedRegions, sq: tuple[int, int, int, int],
+             cq: tuple[int, int, int, int, int], sqid: int, budget: int,
+             namespaces: NativeNamespaces, mdts: int, nowait: bool, write_cache: bool,
+             guest_marks: bool, /) -> NativeOutcome: ...

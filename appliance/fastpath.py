@@ -1,8 +1,8 @@
 """Which data path runs: the native fast path or the pure-Python one.
 
 The C extension ``appliance._fastpath`` (built from native/fastpath/ by
-``pip install -e .``, see setup.py) does a split virtqueue's per-chain work in
-batches; the Python code it mirrors stays the reference and the fallback.  It
+``pip install -e .``, see setup.py) does a split virtqueue's per-chain work and
+an NVMe I/O queue's reads and writes in batches; the Python code it mirrors stays the reference and the fallback.  It
 runs when all of these hold:
 
 * the extension imported (:func:`available`; a failed or skipped build leaves
@@ -10,7 +10,8 @@ runs when all of these hold:
 * the environment does not say ``APPLIANCE_FASTPATH=0``,
 * the configuration does not say ``fastpath: false``.
 
-:func:`walker` gives the runtime what to hand the ports (the module, or None);
+:func:`walker` gives the runtime what to hand the ports (the module, or None),
+:func:`nvme` what to hand the NVMe controller;
 :func:`describe` is the line ``appliance run`` prints.  What the native code
 handles is in docs/architecture.md ("Fast path").
 """
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from appliance.config import Config
     from appliance.net.native import NativeVring
+    from appliance.storage.native_io import NativeNvme
 
 ENV = "APPLIANCE_FASTPATH"
 
@@ -30,9 +32,11 @@ try:
     from appliance import _fastpath
 except ImportError as exc:  # not built (no compiler, or a failed build)
     _native: NativeVring | None = None
+    _fastpath_nvme: NativeNvme | None = None
     IMPORT_ERROR = str(exc)
 else:
     _native = _fastpath
+    _fastpath_nvme = _fastpath
     IMPORT_ERROR = ""
 
 
@@ -66,10 +70,16 @@ def walker(cfg: Config | None = None) -> NativeVring | None:
     return _native if enabled(cfg) else None
 
 
+def nvme(cfg: Config | None = None) -> NativeNvme | None:
+    """What the NVMe I/O queues run natively: the extension when :func:`enabled`, else None."""
+    return _fastpath_nvme if enabled(cfg) else None
+
+
 def describe(cfg: Config | None = None) -> str:
     """One line: the data path in use and, for the Python one, why."""
     if enabled(cfg):
-        return ("native fast path (appliance._fastpath: ring walks and transmit drains in "
-                "mmap'd guest memory; fd and message regions stay Python)")
+        return ("native fast path (appliance._fastpath: ring walks and transmit drains, NVMe "
+                "I/O queue reads and writes, in mmap'd guest memory; fd and message regions "
+                "stay Python)")
     why = switched_off(cfg) if _native is not None else f"appliance._fastpath not built: {IMPORT_ERROR}"
     return f"pure Python ({why})"

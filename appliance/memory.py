@@ -323,6 +323,10 @@ class DirtyLog:
         return hit
 
 
+#: mmap'd regions in address order as (guest address, view, readable, writable)
+MappedRegions = tuple[tuple[int, memoryview, bool, bool], ...]
+
+
 class ClientMemory:
     """The client's address space as the device may reach it."""
 
@@ -433,6 +437,17 @@ class ClientMemory:
     @property
     def regions(self) -> tuple[Region, ...]:
         return tuple(self._regions)
+
+    def mapped_regions(self) -> MappedRegions | None:
+        """The regions as native code takes them, (guest address, view, readable,
+        writable) in address order, or None when one is not mmap'd (an fd or
+        message region)."""
+        mapped = []
+        for r in self._regions:
+            if r.view is None:
+                return None
+            mapped.append((r.address, r.view, r.readable, r.writable))
+        return tuple(mapped)
 
     def _overlapping(self, address: int, size: int) -> bool:
         i = bisect.bisect(self._starts, address)

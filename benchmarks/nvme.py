@@ -9,9 +9,12 @@
    image, all three attached to the same guest.  For each: a direct 1 MiB-block
    write and read of N MiB and N*64 direct 4 KiB reads (dd), timed inside the
    guest from /proc/uptime (10 ms resolution).
-2. The Python NVMe driver against ``appliance run`` (each doorbell mode): 4 KiB
-   random reads and writes at QD1 and QD32 for a fixed time; IOPS, and the
-   appliance process's CPU time (utime + stime from /proc/PID/stat) per I/O.
+2. The Python NVMe driver against ``appliance run`` (each doorbell mode, each
+   data path: pure Python with ``fastpath: false`` and the native fast path, side
+   by side): 4 KiB random reads and writes at QD1 and QD32 for a fixed time;
+   IOPS, and the appliance process's CPU time (utime + stime from
+   /proc/PID/stat) per I/O.  In mmap mode the loop spins a while after activity
+   (appliance/runtime/doorbell_spin.py): its CPU counts.
 
 The machine is small and shared (other tests may run): the figures are
 indicative only.  ``--quick`` (what scripts/test runs) uses 16 MiB, 1024
@@ -46,6 +49,7 @@ from appliance.testing.qemu import qemu_args
 
 MIB = 1 << 20
 MODES = ("message", "mmap")
+PATHS = ("python", "native")  # the data path: `fastpath: false` / the native fast path
 Row = tuple[str, str, str, str]  # (part, target, measurement, figure)
 rows: list[Row] = []
 
@@ -138,9 +142,10 @@ def _run_guest(g: Any, mib: int, reads: int) -> None:
 def driver_part(work: Path, seconds: float) -> None:
     print(f"[driver] Python NVMe driver, 4 KiB random I/O, {seconds:g} s each; "
           "appliance CPU per I/O from /proc/PID/stat", flush=True)
-    for mode in MODES:
-        root = work / f"driver-{mode}"
-        with ApplianceProcess(make_config(root, storage={"doorbells": mode}), root) as proc:
+    for mode, path in [(mode, path) for mode in MODES for path in PATHS]:
+        root = work / f"driver-{mode}-{path}"
+        cfg = make_config(root, storage={"doorbells": mode}, fastpath=path == "native")
+        with ApplianceProcess(cfg, root) as proc:
             assert proc.proc is not None
             pid = proc.proc.pid
             with VfioUserClient.connect(proc.config.storage.socket) as c:
@@ -151,7 +156,8 @@ def driver_part(work: Path, seconds: float) -> None:
                         cpu0 = cpu_seconds(pid)
                         done, elapsed = _load(d, opcode, qd, seconds)
                         cpu = cpu_seconds(pid) - cpu0
-                        report("driver", f"appliance ({mode})", f"4 KiB random {name} QD{qd}",
+                        report("driver", f"appliance ({mode}, {path})",
+                               f"4 KiB random {name} QD{qd}",
                                f"{done / elapsed:,.0f} IOPS, {cpu / done * 1e6:,.0f} us "
                                "server CPU/IO")
                 d.close()

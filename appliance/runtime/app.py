@@ -12,6 +12,7 @@ from appliance.control.guest_faults import GuestFaults
 from appliance.errors import ApplianceError
 from appliance.memory import ClientMemory
 from appliance.runtime import startup
+from appliance.runtime.doorbell_spin import DoorbellSpin
 from appliance.runtime.handoff.manifest import (
     HANDOFF_VERSION,
     ControlState,
@@ -97,6 +98,7 @@ class Appliance:
                             nsid - 1)
         self.offload = Offload(self.loop)  # the namespaces' blocking I/O runs off the loop
         self.controller.offload = self.offload
+        self.controller.native = fastpath.nvme(self.cfg)  # the I/O queues' C path, or None
         # Migration v2 (commands 16-18): the controller's save/restore is
         # appliance.storage.migration; the vfio-user handler drives it.
         migratable = NvmeMigratable(self.controller, clock=time.monotonic)
@@ -110,10 +112,14 @@ class Appliance:
                                   max_backlog=st.max_backlog, migration=migration_handler)
         self.services.append(service)
         self.vfio_user = service
-        self.loop.add_idle(self.controller.poll)
+        if self.controller.doorbell_page is not None:  # spin a while after activity
+            self.doorbell_spin: DoorbellSpin | None = DoorbellSpin(self.controller)
+            self.loop.add_idle(self.doorbell_spin.poll)
+            self._poll_doorbell_page(self.controller, self.doorbell_spin)
+        else:
+            self.doorbell_spin = None
+            self.loop.add_idle(self.controller.poll)
         self.loop.add_idle(service.flush_pending)  # after the poll: what it queued goes out
-        if self.controller.doorbell_page is not None:
-            self._poll_doorbell_page(self.controller)
         self.net = self._start_net()
         from appliance.runtime.control import ControlService  # the control socket (ctl)
 
@@ -130,13 +136,14 @@ class Appliance:
         self.control.target.handoff_sink = HandoffSink(self)
         self.loop.install_signal_handlers()
 
-    def _poll_doorbell_page(self, ctrl: NvmeController) -> None:
+    def _poll_doorbell_page(self, ctrl: NvmeController, spin: DoorbellSpin) -> None:
         """storage.doorbells: mmap: nothing wakes the loop when the guest rings a
-        doorbell, so a timer polls the page at the period the controller asks for."""
+        doorbell: the loop spins a while after activity (``spin``), and past that a
+        timer polls the page at the period the controller asks for."""
 
         def tick() -> None:
             try:
-                ctrl.poll()
+                spin.poll()
             finally:
                 self.loop.call_later(ctrl.poll_interval(), tick)
 

@@ -14,7 +14,7 @@ The controller supplies queues, registers, memory and interrupts.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from appliance.memory import ClientMemory, DmaPending, DmaScope, GuestMemoryError
@@ -45,6 +45,10 @@ class FaultHook(Protocol):
 
     def drop_interrupt(self, cqid: int) -> bool:
         """Whether the interrupt due for ``cqid`` is to be swallowed."""
+
+    @property
+    def rules(self) -> Sequence[object]:
+        """The armed rules (while there is one, every command runs in Python)."""
 
 
 class Offload(Protocol):

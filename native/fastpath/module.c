@@ -24,19 +24,12 @@
 
 #include <stdlib.h>
 
+#include "held.h"
 #include "vring.h"
 
 #define MAX_QUEUE_SIZE 32768u
 
-typedef struct {
-    Py_buffer desc, avail, used;
-    Py_buffer *views;
-    fp_region *regions;
-    Py_ssize_t nviews;
-    int have_desc, have_avail, have_used;
-} held_t;
-
-static void release(held_t *h)
+void release(held_t *h)
 {
     for (Py_ssize_t i = 0; i < h->nviews; i++)
         PyBuffer_Release(&h->views[i]);
@@ -65,7 +58,7 @@ static int get_area(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t nee
 }
 
 /* The regions tuple into h->regions (sorted and disjoint, as ClientMemory keeps them). */
-static int get_regions(PyObject *seq, held_t *h)
+int get_regions(PyObject *seq, held_t *h)
 {
     if (!PyTuple_Check(seq)) {
         PyErr_SetString(PyExc_TypeError, "regions must be a tuple");
@@ -280,13 +273,15 @@ static PyMethodDef methods[] = {
     {"drain", drain, METH_VARARGS, "Up to budget chains used with length 0, as their bytes."},
     {"publish", publish, METH_VARARGS, "Publish the used index; True when the driver wants an "
      "interrupt."},
+    {"nvme_run", fp_nvme_run_py, METH_VARARGS, "Run the Read and Write commands of one I/O "
+     "submission queue until one Python must run (see nvme_module.c)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "appliance._fastpath",
-    "The native fast path: the split virtqueue walker (appliance/fastpath.py decides "
-    "whether it runs).", -1, methods, NULL, NULL, NULL, NULL,
+    "The native fast path: the split virtqueue walker and the NVMe I/O queue path "
+    "(appliance/fastpath.py decides whether they run).", -1, methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__fastpath(void)

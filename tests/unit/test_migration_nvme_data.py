@@ -24,6 +24,8 @@ from appliance.testing.nvme import controller_driver
 from appliance.vfio_user import migration_stream as s
 from appliance.vfio_user.migration_stream import Record, RecordType
 
+pytestmark = pytest.mark.usefixtures("nvme_fastpath")  # both I/O queue paths
+
 MiB = 1 << 20
 
 

@@ -32,6 +32,8 @@ from appliance.storage.spec import (
 )
 from appliance.testing.nvme import controller_driver
 
+pytestmark = pytest.mark.usefixtures("nvme_fastpath")  # both I/O queue paths
+
 ST = Status
 IO = IoOpcode
 

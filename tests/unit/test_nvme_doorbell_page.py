@@ -20,6 +20,8 @@ from appliance.storage.spec import AdminOpcode, Command, IoOpcode, LogPage, Stat
 from appliance.testing.nvme import controller_driver
 from appliance.vfio_user.wire import PciRegion
 
+pytestmark = pytest.mark.usefixtures("nvme_fastpath")  # both I/O queue paths
+
 
 def page_driver(ctrl: NvmeController, poll: bool = True) -> NvmeDriver:
     """The driver ringing doorbells by storing into its own mapping of the region

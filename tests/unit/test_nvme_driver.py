@@ -20,6 +20,8 @@ from appliance.storage import NvmeController
 from appliance.storage.spec import CC, AdminOpcode, Command, FeatureId, IoOpcode, Reg, Status
 from appliance.testing.nvme import controller_driver
 
+pytestmark = pytest.mark.usefixtures("nvme_fastpath")  # both I/O queue paths
+
 UNMAPPED = 0x4000_0000  # above the in-process driver's guest memory
 CC_ENABLE = CC.encode(en=1, iosqes=6, iocqes=4)
 

@@ -13,6 +13,8 @@ from appliance.client.nvme import NvmeDriver
 from appliance.storage.spec import AdminOpcode, Command, FeatureId, IoOpcode, Status
 from appliance.testing.nvme import controller_driver
 
+pytestmark = pytest.mark.usefixtures("nvme_fastpath")  # both I/O queue paths
+
 A, IO, ST = AdminOpcode, IoOpcode, Status
 Case = Callable[[NvmeDriver], object]
 

@@ -17,6 +17,8 @@ from appliance.storage.spec import CC, AdminOpcode, Command, FeatureId, IoOpcode
 from appliance.testing.nvme import controller_driver
 from appliance.vfio_user.wire import PciIrq, PciRegion
 
+pytestmark = pytest.mark.usefixtures("nvme_fastpath")  # both I/O queue paths
+
 
 @pytest.fixture
 def drv(tmp_path: Path) -> Iterator[NvmeDriver]:

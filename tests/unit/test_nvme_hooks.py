@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,8 @@ from test_nvme_driver import make_controller, status
 from appliance.storage import NvmeController
 from appliance.storage.spec import AdminOpcode, Command, IoOpcode, Status
 from appliance.testing.nvme import controller_driver
+
+pytestmark = pytest.mark.usefixtures("nvme_fastpath")  # both I/O queue paths
 
 
 @pytest.fixture
@@ -39,16 +42,15 @@ def test_on_change_reports_every_data_change(ctrl: NvmeController) -> None:
                        (300 * 512, 16 * 512), (1000 * 512, 8 * 512), (0, 1 << 20)]
 
 
-def test_on_change_is_called_when_a_write_fails(ctrl: NvmeController,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_on_change_is_called_when_a_write_fails(ctrl: NvmeController) -> None:
     d = controller_driver(ctrl).ready()
     changes: list[tuple[int, int]] = []
     ctrl.namespaces[1].on_change = lambda offset, length: changes.append((offset, length))
 
-    def fail(*_: object) -> int:
-        raise OSError(5, "EIO")
-
-    monkeypatch.setattr("appliance.storage.namespace.os.pwritev", fail)
+    ns = ctrl.namespaces[1]
+    read_only = os.open(ns.image_path(), os.O_RDONLY)  # every write to the image fails (EBADF)
+    os.dup2(read_only, ns.fd, inheritable=False)
+    os.close(read_only)
     done, _ = d.io(IoOpcode.WRITE, slba=8, nlb=1, data=b"x" * 512)
     assert status(done) == (Status.WRITE_FAULT, False)
     assert changes == [(8 * 512, 512)]  # part of it may have landed: re-send it

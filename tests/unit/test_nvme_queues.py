@@ -18,6 +18,8 @@ from appliance.storage.queues import (
 )
 from appliance.storage.spec import Command, CommandError, Completion, Status
 
+pytestmark = pytest.mark.usefixtures("nvme_fastpath")  # both I/O queue paths
+
 BASE = 0x200000
 
 

@@ -17,6 +17,8 @@ from appliance.memory import ClientMemory, DmaScope, GuestMemoryError
 from appliance.storage.queues import CQE_STATUS_OFFSET, CompletionQueue, Shadow
 from appliance.storage.spec import Completion, status_field
 
+pytestmark = pytest.mark.usefixtures("nvme_fastpath")  # both I/O queue paths
+
 BASE = 0x200000
 
 
