@@ -293,26 +293,36 @@ class Namespace:
             GuestMemoryError: a segment is not readable client memory.
             CommandError: WRITE_FAULT when the file write fails.
         """
-        offset = start = slba << self.lba_shift
         views = self._views(memory, segments, write=False)
         if views is None:
             views = [memoryview(b"".join(memory.read(a, n) for a, n in segments))]
-        rest = views
+        try:
+            self.write_views(views, slba)
+        finally:
+            for view in views:
+                view.release()
+            self.changed(slba << self.lba_shift, sum(n for _, n in segments))
+
+    def write_views(self, views: list[memoryview], slba: int) -> None:
+        """Write ``views`` to blocks from ``slba``, without the change hook.
+
+        Touches the image (fd or export) and the views only, so a worker
+        thread may call it; the loop then calls :meth:`changed`.
+
+        Raises:
+            CommandError: WRITE_FAULT when the write fails.
+        """
+        offset, rest = slba << self.lba_shift, views
         try:
             if self.export is not None:
                 self.export.pwrite(views[0] if len(views) == 1 else b"".join(views), offset)
-                rest = []
+                return
             while rest:
                 done = os.pwritev(self.fd, rest[:IOV_MAX], offset)
                 offset += done
                 rest = _advance(rest, done)
         except OSError as exc:
             raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
-        finally:
-            del rest
-            for view in views:
-                view.release()
-            self._changed(start, sum(n for _, n in segments))
 
     def views(self, memory: ClientMemory, segments: Segments, write: bool) -> list[memoryview] | None:
         """Zero-copy views of ``segments`` (the caller releases them), or None
@@ -398,7 +408,7 @@ class Namespace:
             raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
         finally:
             view.release()
-            self._changed(start, len(data))
+            self.changed(start, len(data))
 
     def write_zeroes(self, slba: int, nlb: int, deallocate: bool) -> None:
         """Zero blocks, punching holes when ``deallocate`` (else ZERO_RANGE).
@@ -406,10 +416,21 @@ class Namespace:
         Raises:
             CommandError: WRITE_FAULT when the file cannot be changed.
         """
+        try:
+            self.zero_blocks(slba, nlb, deallocate)
+        finally:
+            self.changed(slba << self.lba_shift, nlb << self.lba_shift)
+
+    def zero_blocks(self, slba: int, nlb: int, deallocate: bool) -> None:
+        """:meth:`write_zeroes` without the change hook (a worker thread may call it;
+        the loop then calls :meth:`changed`).
+
+        Raises:
+            CommandError: WRITE_FAULT when the image cannot be changed.
+        """
         offset, length = slba << self.lba_shift, nlb << self.lba_shift
         mode = (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE if deallocate
                 else FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
-        start, total = offset, length
         try:
             if self.export is not None:
                 if length:
@@ -424,8 +445,6 @@ class Namespace:
                 length -= done
         except OSError as exc:
             raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
-        finally:
-            self._changed(start, total)
 
     def flush(self) -> None:
         """Make written data durable (fdatasync).
@@ -454,7 +473,7 @@ class Namespace:
         except OSError as exc:
             raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
         finally:
-            self._changed(0, self.size)
+            self.changed(0, self.size)
 
     # ------------------------------------------------------------ identify
     def identify(self) -> bytes:
@@ -476,7 +495,8 @@ class Namespace:
         return data.ljust(4096, b"\0")
 
     # ------------------------------------------------------------ internals
-    def _changed(self, offset: int, length: int) -> None:
+    def changed(self, offset: int, length: int) -> None:
+        """Call the change hook for ``length`` bytes at byte ``offset`` (on the loop)."""
         if self.on_change is not None and length > 0:
             self.on_change(offset, length)
 
