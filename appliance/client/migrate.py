@@ -370,6 +370,9 @@ def migrate(src: VfioUserClient, dst: VfioUserClient, *, max_rounds: int = 8,
                 rounds += 1
                 report(phase)
         precopy_bytes = copier.bytes
+        # The destination stages (and, at the round marker, syncs) the last
+        # pre-copy write before the source stops, not in the downtime.
+        copier.flush()
         phase = "stop-copy"
         src_started = True
         stopped_at = clock()

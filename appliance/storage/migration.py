@@ -36,12 +36,14 @@ Restore stages everything.  The first NAMESPACE_BLOCKS record of a
 namespace creates its *staging image*: a new sparse file of the
 namespace's size beside the image (a hidden ``.<image>.incoming-XXXXXXXX``
 in the same directory, so the final rename is atomic), each record written
-at its offset (ZEROES punch a hole), synced every 16 MiB.  A full stream carries every byte of every
-writable namespace (a saving session starts with everything dirty), so at
-commit the staging image *is* the new image: blocks the stream did not
-carry are filled from the old image (none for a complete stream), the
-file is synced and renamed over the image, and the
-:class:`~appliance.storage.namespace.Namespace` swaps its fd to it
+at its offset (ZEROES punch a hole), synced every 16 MiB and at every
+pre-copy round marker (so the commit, in the downtime, syncs only the last
+round).  A full stream carries every byte of every writable namespace (a
+saving session starts with everything dirty), so at commit the staging
+image *is* the new image: blocks the stream did not carry are filled from
+the old image (none for a complete stream), the file is synced and renamed
+over the image, and the :class:`~appliance.storage.namespace.Namespace`
+swaps its fd to it
 (:meth:`~appliance.storage.namespace.Namespace.replace_image`).  The
 downtime no longer includes copying the data into the image.  Until then
 the old image is untouched; an abort removes the staging file (one left by
@@ -279,6 +281,11 @@ class NvmeMigratable(PciMigratable):
             staging.zero(head.offset, head.length)
         else:
             staging.write(head.offset, data)
+
+    def round_received(self) -> None:
+        """Sync every staging image (the commit, in the downtime, syncs the rest)."""
+        for staging in self._staging.values():
+            staging.sync()
 
     def check_staged(self) -> None:
         super().check_staged()

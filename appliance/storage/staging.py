@@ -88,6 +88,15 @@ class Staging:
         self._cover(offset, len(data))
         self.unsynced += len(data)
         if self.unsynced >= SYNC_EVERY:  # keeps the sync at commit (in the downtime) short
+            self.sync()
+
+    def sync(self) -> None:
+        """fdatasync what was written since the last sync (nothing: no call).
+
+        Raises:
+            OSError: the sync failed.
+        """
+        if self.unsynced:
             os.fdatasync(self.fd)
             self.unsynced = 0
 
