@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from collections.abc import Callable, Sequence
 
 from appliance.errors import LocalProtocolError
@@ -315,17 +316,37 @@ class NvmeMigratable(PciMigratable):
         snapshot, self._snapshot = self._snapshot, None
         assert snapshot is not None
         staging, self._staging = self._staging, {}
+        replaced: list[int] = []
         try:
             for stage in staging.values():
-                stage.commit()
+                replaced.append(stage.commit())
         except (OSError, ValueError) as exc:
             # Some images may be swapped: no valid state to fall back to.
             raise OSError(errno.EIO, f"restoring namespace data: {exc}") from exc
         finally:
             for stage in staging.values():
                 stage.discard()
+            self._release_images(replaced)
         apply_controller(self.ctrl, snapshot, self.clock)
         super().apply_staged()
+
+    def _release_images(self, fds: list[int]) -> None:
+        """Close the replaced images' fds on the offload when there is one: freeing
+        a large file's blocks would otherwise lengthen the downtime."""
+        def close_all() -> None:
+            for fd in fds:
+                os.close(fd)
+
+        def closed(exc: BaseException | None) -> None:
+            if exc is not None:
+                log.warning("closing a replaced image failed: %s", exc)
+
+        if not fds:
+            return
+        if self.ctrl.offload is None:
+            close_all()
+        else:
+            self.ctrl.offload.submit(close_all, closed)
 
     def abort_restore(self) -> None:
         super().abort_restore()

@@ -216,14 +216,19 @@ class Namespace:
         """The image's real path (symlinks resolved): where a replacement is renamed to."""
         return os.path.realpath(self.image)
 
-    def replace_image(self, path: str) -> None:
+    def replace_image(self, path: str) -> int:
         """Make the file at ``path`` the image: rename it over :meth:`image_path`
         and serve from it from now on.
 
         ``path`` must be in the image's directory (the rename is atomic there)
         and hold at least ``size`` bytes; the caller has made its data durable.
         The namespace keeps its fd number (``dup2``), so whoever holds it sees
-        the new file; the old inode is released.  The directory is synced.
+        the new file.  The directory is synced.
+
+        Returns:
+            An fd of the old image, now without a name: closing it frees the
+            old file's blocks, which takes time in proportion to its size (tens
+            of ms per GiB), so the caller closes it when that does not count.
 
         Raises:
             ValueError: a read-only or closed namespace, or ``path`` is too short.
@@ -234,18 +239,29 @@ class Namespace:
             raise ValueError(f"namespace {self.nsid} is read-only, closed or remote")
         target = self.image_path()
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        old = -1
         try:
             if os.fstat(fd).st_size < self.size:
                 raise ValueError(f"{path}: shorter than namespace {self.nsid} ({self.size})")
+            old = os.dup(self.fd)
             os.rename(path, target)
             os.dup2(fd, self.fd, inheritable=False)
+        except BaseException:
+            if old >= 0:
+                os.close(old)
+            raise
         finally:
             os.close(fd)
-        dirfd = os.open(os.path.dirname(target), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+            dirfd = os.open(os.path.dirname(target), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dirfd)
+            finally:
+                os.close(dirfd)
+        except BaseException:
+            os.close(old)
+            raise
+        return old
 
     # ------------------------------------------------------------ checks
     def check_range(self, slba: int, nlb: int) -> None:

@@ -134,12 +134,18 @@ class Staging:
         os.fdatasync(self.fd)
         self.unsynced = 0
 
-    def commit(self) -> None:
-        """Rename the prepared file over the image; the namespace serves from it."""
+    def commit(self) -> int:
+        """Rename the prepared file over the image; the namespace serves from it.
+
+        Returns:
+            An fd of the old image (see :meth:`Namespace.replace_image`): the
+            caller closes it.
+        """
         assert self.path is not None
-        self.ns.replace_image(self.path)
+        old = self.ns.replace_image(self.path)
         self.path = None
         self.close()
+        return old
 
     def close(self) -> None:
         if self.fd >= 0:
