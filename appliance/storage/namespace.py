@@ -339,6 +339,8 @@ class Namespace:
                 rest = _advance(rest, done)
         except OSError as exc:
             raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
+        finally:
+            del rest  # slices of the views: an exception's frame must not keep them
 
     def views(self, memory: ClientMemory, segments: Segments, write: bool) -> list[memoryview] | None:
         """Zero-copy views of ``segments`` (the caller releases them), or None
