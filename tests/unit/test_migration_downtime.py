@@ -48,7 +48,8 @@ def move(src: VfioUserMigration, dst: VfioUserMigration, size: int) -> int:
 
 
 def test_the_next_round_marker_syncs_the_staged_round(
-        pair: tuple[VfioUserMigration, VfioUserMigration]) -> None:
+        pair: tuple[VfioUserMigration, VfioUserMigration],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     src, dst = pair
     dst.set_state(MigState.RESUMING)
     src.set_state(MigState.PRE_COPY)
@@ -63,8 +64,18 @@ def test_the_next_round_marker_syncs_the_staged_round(
     src.set_state(MigState.STOP_COPY)
     while move(src, dst, MiB) == MiB:
         pass
+    synced: list[int] = []
+    sync = os.fdatasync
+
+    def counted(fd: int) -> None:
+        synced.append(fd)
+        sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counted)
+    staged = staging.fd
     dst.set_state(MigState.STOP)  # commits
     assert dst.state is MigState.STOP
+    assert staged not in synced  # nothing changed since the round's sync: no sync in the commit
 
 
 class HeldOffload:
