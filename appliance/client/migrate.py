@@ -168,10 +168,19 @@ def set_options(client: VfioUserClient, options: MigOption) -> MigOption:
 
 def data_read(client: VfioUserClient, size: int) -> bytes:
     """MIG_DATA_READ of up to ``size`` bytes (fewer: no more data for now)."""
+    return bytes(data_read_view(client, size))
+
+
+def data_read_view(client: VfioUserClient, size: int) -> memoryview:
+    """:func:`data_read`, as a view of the reply (no copy of the data).
+
+    Raises:
+        VfioUserError: an error reply, or a reply whose size does not match.
+    """
     req = w.MigDataHead(argsz=w.MigDataHead.SIZE + size, size=size)
     _, payload, _ = client.request(w.Command.MIG_DATA_READ, req.pack())
     head = w.MigDataHead.unpack(payload)
-    data = payload[w.MigDataHead.SIZE:]
+    data = memoryview(payload)[w.MigDataHead.SIZE:]
     if head.size != len(data) or head.size > size:
         raise VfioUserError(errno.EPROTO, f"MIG_DATA_READ reply size {head.size}/{len(data)}")
     return data
@@ -182,10 +191,11 @@ def data_write(client: VfioUserClient, data: bytes) -> None:
     wait_reply(client, data_write_send(client, data), w.Command.MIG_DATA_WRITE)
 
 
-def data_write_send(client: VfioUserClient, data: bytes) -> int:
-    """Send a MIG_DATA_WRITE without waiting; returns its message id (see :func:`wait_reply`)."""
+def data_write_send(client: VfioUserClient, data: bytes | memoryview) -> int:
+    """Send a MIG_DATA_WRITE without waiting (head and data gathered by one
+    ``sendmsg``, the data not copied); returns its message id (see :func:`wait_reply`)."""
     req = w.MigDataHead(argsz=w.MigDataHead.SIZE + len(data), size=len(data))
-    return client.send(w.Command.MIG_DATA_WRITE, req.pack() + data)
+    return client.send_parts(w.Command.MIG_DATA_WRITE, [req.pack(), data])
 
 
 def wait_reply(client: VfioUserClient, msg_id: int, command: w.Command) -> bytes:
@@ -238,7 +248,7 @@ class _Copier:
         self.markers = 0
         self.pending = 0
         self.report = report
-        self.forward: Callable[[bytes], bytes] = lambda data: data
+        self.forward: Callable[[bytes], bytes] | None = None
         self.between: Callable[[], None] | None = None
         self.inflight: int | None = None  # MIG_DATA_WRITE sent, reply not yet seen
 
@@ -250,12 +260,12 @@ class _Copier:
 
     def copy(self, size: int) -> int:
         """Move one read's worth; returns how many bytes came."""
-        data = data_read(self.src, size)
+        data = data_read_view(self.src, size)
         for record in self.watch.feed(data):
             if record.type == RecordType.DIRTY_ROUND:
                 self.markers += 1
                 self.pending = parse_dirty_round(record).pending
-        out = self.forward(data)
+        out = data if self.forward is None else memoryview(self.forward(bytes(data)))
         for at in range(0, len(out), self.chunk):
             # Pipelined: the destination stages this chunk while the source
             # produces the next; its reply is collected before the next write.
@@ -370,6 +380,9 @@ def migrate(src: VfioUserClient, dst: VfioUserClient, *, max_rounds: int = 8,
                 rounds += 1
                 report(phase)
         precopy_bytes = copier.bytes
+        # The destination stages (and, at the round marker, syncs) the last
+        # pre-copy write before the source stops, not in the downtime.
+        copier.flush()
         phase = "stop-copy"
         src_started = True
         stopped_at = clock()

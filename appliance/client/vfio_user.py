@@ -129,6 +129,22 @@ class VfioUserClient:
         send_message(self.sock, data, fds or [])
         return msg_id
 
+    def send_parts(self, command: int, parts: list[bytes | memoryview]) -> int:
+        """Send one command whose payload is ``parts`` in order, gathered by
+        ``sendmsg`` (the parts are not joined: a large payload is not copied);
+        returns its message id."""
+        msg_id = self._next_id = (self._next_id + 1) & 0xFFFF
+        size = w.Header.SIZE + sum(len(part) for part in parts)
+        views = [memoryview(w.Header(msg_id=msg_id, command=command, size=size).pack()),
+                 *(memoryview(part).cast("B") for part in parts)]
+        while views:
+            sent = self.sock.sendmsg(views)
+            while views and sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            if sent:
+                views[0] = views[0][sent:]
+        return msg_id
+
     def send_bytes(self, data: bytes, fds: list[int] | None = None) -> None:
         send_message(self.sock, data, fds or [])
 

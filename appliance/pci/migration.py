@@ -291,6 +291,9 @@ class PciMigratable:
         for record in records:
             self.stage(record)
 
+    def round_received(self) -> None:
+        """Nothing to sync: the PCI state is staged in memory."""
+
     def stage(self, record: Record) -> None:
         """Validate and keep one record for :meth:`commit_restore`.
 

@@ -23,7 +23,11 @@ Nothing here waits for the disk on the loop: what may block is returned as an
 write-through write's sync, a read the page cache cannot serve at once), which
 the controller runs on its offload (a worker thread) when the runtime gave it
 one, or right here when it did not (unit tests).  Buffered writes and reads
-the page cache holds stay on the loop: no thread hop on the fast path.
+the page cache holds stay on the loop: no thread hop on the fast path.  A
+namespace whose image is an NBD export has no page cache to lean on: its
+reads, and its Write, Write Zeroes and Dataset Management deallocate (a
+network round trip each, as long as the server takes), all run on the
+offload; the change hook and the uncorrectable marks follow on the loop.
 """
 
 from __future__ import annotations
@@ -155,11 +159,16 @@ def write(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
     ns, slba, nlb = _rw_args(ctrl, cmd, RW_RESERVED)
     _writable(ctrl, ns, slba, nlb)
     nbytes = nlb << ns.lba_shift
-    ns.write(ctrl.mem, data_transfer(ctrl, cmd, nbytes, to_device=True).segments,
-             slba)  # the page cache: no wait
+    transfer = data_transfer(ctrl, cmd, nbytes, to_device=True)
+    if _changes_off_loop(ctrl, ns):
+        views = (ns.views(ctrl.mem, transfer.segments, write=False)
+                 or [memoryview(gather(ctrl.mem, transfer))])
+        return _export_change(ctrl, ns, lambda: ns.write_views(views, slba), [(slba, nlb)],
+                              _sync_needed(ctrl, cmd), views, counted=nbytes)
+    ns.write(ctrl.mem, transfer.segments, slba)  # the page cache: no wait
     written(ctrl, ns, slba, nlb)
     ctrl.counters["bytes_written"] += nbytes
-    if cmd.cdw12 & RW_FUA or not ctrl.features.write_cache:
+    if _sync_needed(ctrl, cmd):
         return synced(ctrl, ns.flush)
     return 0
 
@@ -193,14 +202,18 @@ def write_zeroes(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
     """Write Zeroes (opcode 08h, NVM section 6.16); not bound by MDTS."""
     ns, slba, nlb = _rw_args(ctrl, cmd, WZ_RESERVED)
     _writable(ctrl, ns, slba, nlb)
-    ns.write_zeroes(slba, nlb, deallocate=bool(cmd.cdw12 & WZ_DEAC))
+    deallocate = bool(cmd.cdw12 & WZ_DEAC)
+    if _changes_off_loop(ctrl, ns):
+        return _export_change(ctrl, ns, lambda: ns.zero_blocks(slba, nlb, deallocate),
+                              [(slba, nlb)], _sync_needed(ctrl, cmd))
+    ns.write_zeroes(slba, nlb, deallocate=deallocate)
     written(ctrl, ns, slba, nlb)
     if cmd.cdw12 & RW_FUA or not ctrl.features.write_cache:
         return synced(ctrl, ns.flush)
     return 0
 
 
-def dataset_management(ctrl: NvmeController, cmd: Command) -> int:
+def dataset_management(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
     """Dataset Management (opcode 09h, NVM section 6.7): only Deallocate acts."""
     ns = ctrl.namespace(cmd.nsid)
     require_field(not cmd.cdw10 & DSM_NR_RESERVED, "reserved CDW10 bits")
@@ -213,6 +226,12 @@ def dataset_management(ctrl: NvmeController, cmd: Command) -> int:
     ns.check_writable()
     for r in ranges:
         ns.check_range(r.slba, r.nlb)
+    if _changes_off_loop(ctrl, ns):
+        def deallocate() -> None:
+            for r in ranges:
+                ns.zero_blocks(r.slba, r.nlb, deallocate=True)
+        return _export_change(ctrl, ns, deallocate, [(r.slba, r.nlb) for r in ranges], False,
+                              advance=False)
     for r in ranges:
         ns.write_zeroes(r.slba, r.nlb, deallocate=True)
         ctrl.uncorrectable[ns.nsid].remove(r.slba, r.nlb)  # write pointers stay
@@ -296,6 +315,48 @@ HANDLERS: dict[int, Handler] = {
     IoOpcode.VERIFY: verify,
     IoOpcode.COPY: copy,
 }
+
+
+def _changes_off_loop(ctrl: NvmeController, ns: Namespace) -> bool:
+    """Whether a change of ``ns`` runs on the offload: its image is an NBD export
+    (a network round trip per request, as long as the server takes) and the
+    runtime gave the controller an offload."""
+    return ns.remote and ctrl.offload is not None
+
+
+def _sync_needed(ctrl: NvmeController, cmd: Command) -> bool:
+    """FUA set, or the volatile write cache disabled: the write syncs before completing."""
+    return bool(cmd.cdw12 & RW_FUA or not ctrl.features.write_cache)
+
+
+def _export_change(ctrl: NvmeController, ns: Namespace, change: Callable[[], None],
+                   ranges: list[tuple[int, int]], sync: bool,
+                   views: list[memoryview] | None = None, counted: int = 0,
+                   advance: bool = True) -> Offloaded:
+    """``change`` (and a flush when ``sync``) of an NBD-backed namespace, off the loop.
+
+    Returns:
+        The Offloaded whose ``then`` (on the loop, once the change is done)
+        calls the change hook and clears the uncorrectable marks of the
+        ``(slba, nlb)`` ranges (and, with ``advance``, moves a zone's write
+        pointer as a write does) and counts ``counted`` written bytes.
+    """
+    def work() -> None:
+        change()
+        if sync:
+            ns.flush()
+
+    def then() -> int:
+        for slba, nlb in ranges:
+            ns.changed(slba << ns.lba_shift, nlb << ns.lba_shift)
+            if advance:
+                written(ctrl, ns, slba, nlb)
+            else:  # a deallocation: write pointers stay
+                ctrl.uncorrectable[ns.nsid].remove(slba, nlb)
+        ctrl.counters["bytes_written"] += counted
+        return 0
+
+    return Offloaded(work, then, views or [])
 
 
 def synced(ctrl: NvmeController, sync: Callable[[], None], result: int = 0) -> int | Offloaded:

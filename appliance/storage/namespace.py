@@ -220,14 +220,19 @@ class Namespace:
         """The image's real path (symlinks resolved): where a replacement is renamed to."""
         return os.path.realpath(self.image)
 
-    def replace_image(self, path: str) -> None:
+    def replace_image(self, path: str) -> int:
         """Make the file at ``path`` the image: rename it over :meth:`image_path`
         and serve from it from now on.
 
         ``path`` must be in the image's directory (the rename is atomic there)
         and hold at least ``size`` bytes; the caller has made its data durable.
         The namespace keeps its fd number (``dup2``), so whoever holds it sees
-        the new file; the old inode is released.  The directory is synced.
+        the new file.  The directory is synced.
+
+        Returns:
+            An fd of the old image, now without a name: closing it frees the
+            old file's blocks, which takes time in proportion to its size (tens
+            of ms per GiB), so the caller closes it when that does not count.
 
         Raises:
             ValueError: a read-only or closed namespace, or ``path`` is too short.
@@ -238,18 +243,29 @@ class Namespace:
             raise ValueError(f"namespace {self.nsid} is read-only, closed or remote")
         target = self.image_path()
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        old = -1
         try:
             if os.fstat(fd).st_size < self.size:
                 raise ValueError(f"{path}: shorter than namespace {self.nsid} ({self.size})")
+            old = os.dup(self.fd)
             os.rename(path, target)
             os.dup2(fd, self.fd, inheritable=False)
+        except BaseException:
+            if old >= 0:
+                os.close(old)
+            raise
         finally:
             os.close(fd)
-        dirfd = os.open(os.path.dirname(target), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+            dirfd = os.open(os.path.dirname(target), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dirfd)
+            finally:
+                os.close(dirfd)
+        except BaseException:
+            os.close(old)
+            raise
+        return old
 
     # ------------------------------------------------------------ checks
     def check_range(self, slba: int, nlb: int) -> None:
@@ -297,15 +313,30 @@ class Namespace:
             GuestMemoryError: a segment is not readable client memory.
             CommandError: WRITE_FAULT when the file write fails.
         """
-        offset = start = slba << self.lba_shift
         views = self._views(memory, segments, write=False)
         if views is None:
             views = [memoryview(b"".join(memory.read(a, n) for a, n in segments))]
-        rest = views
+        try:
+            self.write_views(views, slba)
+        finally:
+            for view in views:
+                view.release()
+            self.changed(slba << self.lba_shift, sum(n for _, n in segments))
+
+    def write_views(self, views: list[memoryview], slba: int) -> None:
+        """Write ``views`` to blocks from ``slba``, without the change hook.
+
+        Touches the image (fd or export) and the views only, so a worker
+        thread may call it; the loop then calls :meth:`changed`.
+
+        Raises:
+            CommandError: WRITE_FAULT when the write fails.
+        """
+        offset, rest = slba << self.lba_shift, views
         try:
             if self.export is not None:
                 self.export.pwrite(views[0] if len(views) == 1 else b"".join(views), offset)
-                rest = []
+                return
             while rest:
                 done = os.pwritev(self.fd, rest[:IOV_MAX], offset)
                 offset += done
@@ -313,10 +344,7 @@ class Namespace:
         except OSError as exc:
             raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
         finally:
-            del rest
-            for view in views:
-                view.release()
-            self._changed(start, sum(n for _, n in segments))
+            del rest  # slices of the views: an exception's frame must not keep them
 
     def views(self, memory: ClientMemory, segments: Segments, write: bool) -> list[memoryview] | None:
         """Zero-copy views of ``segments`` (the caller releases them), or None
@@ -402,7 +430,7 @@ class Namespace:
             raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
         finally:
             view.release()
-            self._changed(start, len(data))
+            self.changed(start, len(data))
 
     def write_zeroes(self, slba: int, nlb: int, deallocate: bool) -> None:
         """Zero blocks, punching holes when ``deallocate`` (else ZERO_RANGE).
@@ -410,10 +438,21 @@ class Namespace:
         Raises:
             CommandError: WRITE_FAULT when the file cannot be changed.
         """
+        try:
+            self.zero_blocks(slba, nlb, deallocate)
+        finally:
+            self.changed(slba << self.lba_shift, nlb << self.lba_shift)
+
+    def zero_blocks(self, slba: int, nlb: int, deallocate: bool) -> None:
+        """:meth:`write_zeroes` without the change hook (a worker thread may call it;
+        the loop then calls :meth:`changed`).
+
+        Raises:
+            CommandError: WRITE_FAULT when the image cannot be changed.
+        """
         offset, length = slba << self.lba_shift, nlb << self.lba_shift
         mode = (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE if deallocate
                 else FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
-        start, total = offset, length
         try:
             if self.export is not None:
                 if length:
@@ -428,8 +467,6 @@ class Namespace:
                 length -= done
         except OSError as exc:
             raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
-        finally:
-            self._changed(start, total)
 
     def flush(self) -> None:
         """Make written data durable (fdatasync).
@@ -458,7 +495,7 @@ class Namespace:
         except OSError as exc:
             raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
         finally:
-            self._changed(0, self.size)
+            self.changed(0, self.size)
 
     # ------------------------------------------------------------ identify
     def identify(self) -> bytes:
@@ -480,7 +517,8 @@ class Namespace:
         return data.ljust(4096, b"\0")
 
     # ------------------------------------------------------------ internals
-    def _changed(self, offset: int, length: int) -> None:
+    def changed(self, offset: int, length: int) -> None:
+        """Call the change hook for ``length`` bytes at byte ``offset`` (on the loop)."""
         if self.on_change is not None and length > 0:
             self.on_change(offset, length)
 

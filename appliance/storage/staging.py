@@ -65,7 +65,8 @@ class Staging:
     def __init__(self, ns: Namespace) -> None:
         self.ns = ns
         self.covered = bytearray(ns.nlbas)  # 1 = block carried by the stream
-        self.unsynced = 0
+        self.unsynced = 0  # bytes written or punched since the last fdatasync
+        self.synced = False  # an fdatasync since the file was made (its size is durable)
         directory, base = os.path.split(ns.image_path())
         prefix = f".{base}.incoming-"
         for stale in os.listdir(directory):
@@ -88,18 +89,30 @@ class Staging:
         self._cover(offset, len(data))
         self.unsynced += len(data)
         if self.unsynced >= SYNC_EVERY:  # keeps the sync at commit (in the downtime) short
+            self.sync()
+
+    def sync(self) -> None:
+        """fdatasync what changed since the last sync; no call when nothing did
+        (the commit, in the downtime, then costs no sync after a synced round).
+
+        Raises:
+            OSError: the sync failed.
+        """
+        if self.unsynced or not self.synced:
             os.fdatasync(self.fd)
             self.unsynced = 0
+            self.synced = True
 
     def zero(self, offset: int, length: int) -> None:
         first, n = offset >> self.ns.lba_shift, length >> self.ns.lba_shift
         mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
         # A fresh file reads zeroes already: only a range sent before needs punching.
-        if (self.covered.find(1, first, first + n) >= 0
-                and not fallocate(self.fd, mode, offset, length)):
-            zeros = bytes(min(length, COPY_CHUNK))
-            for at in range(offset, offset + length, len(zeros)):
-                pwrite_all(self.fd, zeros[:offset + length - at], at)
+        if self.covered.find(1, first, first + n) >= 0:
+            self.unsynced += length
+            if not fallocate(self.fd, mode, offset, length):
+                zeros = bytes(min(length, COPY_CHUNK))
+                for at in range(offset, offset + length, len(zeros)):
+                    pwrite_all(self.fd, zeros[:offset + length - at], at)
         self._cover(offset, length)
 
     def _cover(self, offset: int, length: int) -> None:
@@ -121,16 +134,22 @@ class Staging:
                 data = pread_all(ns.fd, min(COPY_CHUNK, (end << shift) - at), at)
                 if data != bytes(len(data)):  # the staging file reads zeroes already
                     pwrite_all(self.fd, data, at)
+                    self.unsynced += len(data)
             pos = self.covered.find(0, end)
-        os.fdatasync(self.fd)
-        self.unsynced = 0
+        self.sync()
 
-    def commit(self) -> None:
-        """Rename the prepared file over the image; the namespace serves from it."""
+    def commit(self) -> int:
+        """Rename the prepared file over the image; the namespace serves from it.
+
+        Returns:
+            An fd of the old image (see :meth:`Namespace.replace_image`): the
+            caller closes it.
+        """
         assert self.path is not None
-        self.ns.replace_image(self.path)
+        old = self.ns.replace_image(self.path)
         self.path = None
         self.close()
+        return old
 
     def close(self) -> None:
         if self.fd >= 0:

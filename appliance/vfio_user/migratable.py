@@ -21,7 +21,8 @@ PRE_COPY -> STOP_COPY         ``migration_stop()``; on reads ``precopy_records(n
 PRE_COPY -> RUNNING,          ``stop_tracking()`` (the saving session ends; nothing
 STOP_COPY -> STOP             of the device changed)
 STOP -> RESUMING              ``abort_restore()`` (drop stale staging); then, on
-                              writes, ``load_records(records)``
+                              writes, ``load_records(records)`` (and
+                              ``round_received()`` at each pre-copy round marker)
 RESUMING -> STOP              ``commit_restore()`` once END verified, else
                               ``abort_restore()``
 ============================  ==================================================
@@ -96,6 +97,16 @@ class Migratable(Protocol):
 
         Raises:
             LocalProtocolError: EINVAL for a record this device cannot take.
+        """
+
+    def round_received(self) -> None:
+        """A pre-copy round of the incoming stream ended (its successor's
+        DIRTY_ROUND marker arrived; not the final one): a good moment to make
+        what was staged durable, so the commit, in the downtime, has only the
+        last round left to sync.
+
+        Raises:
+            OSError: the staged data could not be synced (the session is lost).
         """
 
     def commit_restore(self) -> None:

@@ -40,7 +40,9 @@ The stream (see :mod:`appliance.vfio_user.migration_stream` and docs/migration.m
   then ``save_state()`` and END; a short read there means the stream is over.
 * RESUMING writes feed a :class:`~appliance.vfio_user.migration_stream.StreamReader`
   built with this device's fingerprint; verified device records are staged
-  by ``load_records``; RESUMING -> STOP commits once END verified.
+  by ``load_records``; a (non-final) DIRTY_ROUND marker calls ``round_received``
+  (the device makes the rounds before durable); RESUMING -> STOP commits once
+  END verified.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ from appliance.vfio_user.migration_states import (
     path,
 )
 from appliance.vfio_user.migration_stream import (
+    DirtyRoundFlag,
     HeaderFlag,
     Record,
     RecordType,
@@ -73,6 +76,7 @@ from appliance.vfio_user.migration_stream import (
     StreamReader,
     StreamWriter,
     dirty_round,
+    parse_dirty_round,
 )
 
 if TYPE_CHECKING:
@@ -569,6 +573,9 @@ class VfioUserMigration:
                 raise LocalProtocolError("a HANDOFF record (live handoff only) in a vfio-user "
                                          "migration stream", errno.EINVAL)
             self.device.load_records([r for r in records if r.type in DEVICE_RECORDS])
+            if any(r.type == RecordType.DIRTY_ROUND and not parse_dirty_round(r).flags
+                   & DirtyRoundFlag.FINAL for r in records):
+                self.device.round_received()
         except (LocalProtocolError, StreamRefused) as exc:
             if not isinstance(exc, StreamError):
                 self._resume_error = exc
