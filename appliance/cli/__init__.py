@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shlex
 import sys
@@ -27,6 +26,8 @@ from typing import Any
 
 from appliance import config as config_mod
 from appliance import fastpath
+from appliance.cli import logs
+from appliance.cli.logs import LEVELS
 from appliance.config import Config
 from appliance.errors import ApplianceError
 
@@ -45,6 +46,8 @@ def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
         print(f"appliance: {'standing by for' if args.standby else 'serving'} vhost-user-net on {p}",
               flush=True)
     print(f"appliance: data path: {fastpath.describe(cfg)}", flush=True)
+    if getattr(args, "log_path", None):
+        print(f"appliance: log: {args.log_path}", flush=True)
     if args.standby and cfg.net.tap.name:
         print(f"appliance: standing by for TAP interface {cfg.net.tap.name}", flush=True)
     print("appliance: attach QEMU with:\n  qemu-system-x86_64 -machine q35 -m 512M "
@@ -165,8 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 help=argparse.SUPPRESS)
     run = sub.add_parser("run", help="serve the devices (embedded defaults without -c)")
     run.add_argument("-c", "--config", help="YAML configuration file")
-    run.add_argument("--trace", action="store_true", help="log every protocol message")
-    run.add_argument("-v", "--verbose", action="store_true", help="info-level logging")
+    run.add_argument("--trace", action="store_true",
+                     help="log every protocol message (--log-level debug, also on stderr)")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="the log on stderr too, not only in the log file")
+    run.add_argument("--log-level", choices=LEVELS, default=None,
+                     help="what the log file RUN_DIR/appliance.log gets (default info; "
+                          "stderr gets warnings and errors unless -v)")
+    run.add_argument("--log-format", choices=("text", "json"), default="text",
+                     help="text lines, or one JSON object per line for machines")
     run.add_argument("--standby", action="store_true",
                      help="a handoff destination: net ports and the TAP wait for `appliance handoff`")
     run.set_defaults(func=_cmd_run)
@@ -224,9 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"appliance: error: {exc}", file=sys.stderr)
         return 2
     trace = args.trace or cfg.trace
-    level = logging.DEBUG if trace else logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    if args.func is _cmd_run:  # the service: INFO into RUN_DIR/appliance.log
+        level = args.log_level or ("debug" if trace else "info")
+        args.log_path = logs.setup(level, args.log_format, cfg.run_dir,
+                                   loud=args.verbose or trace)
+    else:
+        level = "debug" if trace else "info" if args.verbose else "warning"
+        logs.setup(level, "text", None, loud=True)
     try:
         return int(args.func(cfg, args))
     except ApplianceError as exc:
