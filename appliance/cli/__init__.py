@@ -26,10 +26,10 @@ from typing import Any
 
 from appliance import config as config_mod
 from appliance import fastpath
-from appliance.cli import logs
-from appliance.cli.logs import LEVELS
 from appliance.config import Config
 from appliance.errors import ApplianceError
+from appliance.runtime import logs
+from appliance.runtime.logs import LEVELS
 
 
 def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:

@@ -6,10 +6,10 @@ import json
 import logging
 from pathlib import Path
 
-from appliance.cli.logs import JsonFormatter
 from appliance.client.vfio_user import VfioUserClient
 from appliance.control import events as ev
 from appliance.runtime.control import _event_level
+from appliance.runtime.logs import JsonFormatter
 from appliance.testing.process import ApplianceProcess, make_config
 
 
