@@ -9,6 +9,8 @@ commands:
   handoff    move the live devices of a running appliance to another on this host
   migrate    live-migrate the NVMe device from one appliance to another
   image      build or describe QEMU and the test guest image
+  top        a live view of each device, queue and port (IOPS, bandwidth, pps,
+             drops, faults), refreshed each second from the control socket
 
 `appliance COMMAND --help` lists a command's options; `appliance --version`
 prints the version. Bad input (an unknown option, a bad config) ends with one
@@ -222,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     from appliance.cli.images import add_parser as add_image_parser
 
     add_image_parser(sub)  # `appliance image build|info` (images/README.md)
+    from appliance.cli.top import add_parser as add_top_parser
+
+    add_top_parser(sub)  # `appliance top`: a live view from the control socket
     return parser
 
 
