@@ -1,7 +1,8 @@
 """Where ``appliance run`` logs, and in which format.
 
 ``appliance run`` logs at INFO by default into ``appliance.log`` in its run
-directory (connections, negotiated features, TAP and socket takeovers, every
+directory (connections, negotiated features, NVMe I/O queues created, migration state
+changes, TAP and socket takeovers, every
 control-plane event: faults fired, namespace changes, CFS, handoff progress),
 and only warnings and errors on stderr (all of it with ``-v``/``--trace``).
 ``--log-format json`` writes one JSON object per line (``ts``, ``level``,

@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+from appliance.client.nvme import NvmeDriver
 from appliance.client.vfio_user import VfioUserClient
 from appliance.control import events as ev
 from appliance.runtime.control import _event_level
@@ -30,8 +31,10 @@ def _run_and_connect(tmp_path: Path, *extra: str) -> str:
     proc = ApplianceProcess(make_config(tmp_path), tmp_path, extra_args=extra)
     with proc:
         assert any(line.startswith("appliance: log: ") for line in proc.stdout_lines)
-        with VfioUserClient.connect(proc.config.storage.socket):
-            pass
+        with VfioUserClient.connect(proc.config.storage.socket) as client:
+            driver = NvmeDriver(client)
+            driver.setup(io_queues=1, depth=16)
+            driver.close()
     return (tmp_path / "run" / "appliance.log").read_text()
 
 
@@ -39,6 +42,8 @@ def test_run_logs_connections_at_info_into_the_run_dir(tmp_path: Path) -> None:
     text = _run_and_connect(tmp_path)
     assert "appliance.vfio_user INFO nvme: client connected on" in text
     assert 'INFO event CLIENT_DISCONNECTED {"device": "nvme"' in text
+    assert "INFO nvme: I/O CQ 1 created: 16 entries, vector 1" in text
+    assert "INFO nvme: I/O SQ 1 created: 16 entries, CQ 1" in text
     # stderr (the process's own log) keeps only warnings
     assert "client connected" not in (tmp_path / "appliance.log").read_text()
 
