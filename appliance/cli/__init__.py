@@ -40,6 +40,8 @@ def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
 
     app = Appliance(cfg, standby=args.standby)
     app.start()
+    # the log file only once start-up succeeded: a failed one leaves nothing behind
+    log_path = args.log_file.open() if args.log_file is not None else None
     print(f"appliance: serving NVMe on {cfg.storage.socket}", flush=True)
     for ns in app.controller.namespaces.values() if app.controller else ():
         print(f"appliance: namespace {ns.image} ({ns.size} bytes, {ns.block_size}-byte blocks)",
@@ -48,8 +50,8 @@ def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
         print(f"appliance: {'standing by for' if args.standby else 'serving'} vhost-user-net on {p}",
               flush=True)
     print(f"appliance: data path: {fastpath.describe(cfg)}", flush=True)
-    if getattr(args, "log_path", None):
-        print(f"appliance: log: {args.log_path}", flush=True)
+    if log_path:
+        print(f"appliance: log: {log_path}", flush=True)
     if args.standby and cfg.net.tap.name:
         print(f"appliance: standing by for TAP interface {cfg.net.tap.name}", flush=True)
     print("appliance: attach QEMU with:\n  qemu-system-x86_64 -machine q35 -m 512M "
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     trace = args.trace or cfg.trace
     if args.func is _cmd_run:  # the service: INFO into RUN_DIR/appliance.log
         level = args.log_level or ("debug" if trace else "info")
-        args.log_path = logs.setup(level, args.log_format, cfg.run_dir,
+        args.log_file = logs.setup(level, args.log_format, cfg.run_dir,
                                    loud=args.verbose or trace)
     else:
         level = "debug" if trace else "info" if args.verbose else "warning"

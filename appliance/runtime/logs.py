@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import os
 import sys
 import time
@@ -46,36 +47,63 @@ def formatter(fmt: str) -> logging.Formatter:
     return JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
 
 
-def setup(level: str, fmt: str, log_dir: str | None, *, loud: bool) -> str | None:
-    """Configure the root logger: ``level`` (one of :data:`LEVELS`) into
-    ``log_dir/appliance.log`` when ``log_dir`` is given (created if missing;
-    appended to), and on stderr at that level when ``loud``, else WARNING and up.
+class LogFile:
+    """``RUN_DIR/appliance.log``, opened once start-up succeeded: until then the
+    records wait in memory, so a start-up that fails leaves no file behind."""
 
-    Returns the log file's path, or None when there is none (no ``log_dir``,
-    or it cannot be written: then stderr gets everything at ``level``).
+    def __init__(self, log_dir: str, fmt: str, level: int, stderr: logging.Handler) -> None:
+        self.log_dir, self.fmt, self.level, self.stderr = log_dir, fmt, level, stderr
+        self.waiting = logging.handlers.MemoryHandler(
+            capacity=1 << 30, flushLevel=logging.CRITICAL + 1, target=None, flushOnClose=False)
+        self.waiting.setLevel(level)
+        logging.getLogger().addHandler(self.waiting)
+        self.path: str | None = None
+
+    def open(self) -> str | None:
+        """Create (or append to) the file and write what waited.
+
+        Returns:
+            Its path; None when it cannot be written (then stderr gets the
+            log at the file's level, and a warning says why).
+        """
+        root = logging.getLogger()
+        path = os.path.join(self.log_dir, LOG_FILE)
+        try:
+            to_file: logging.Handler = logging.FileHandler(path, encoding="utf-8")
+        except OSError as exc:
+            self.stderr.setLevel(self.level)
+            to_file, path = self.stderr, ""
+            logging.getLogger("appliance").warning("no log file in %s: %s", self.log_dir,
+                                                   exc.strerror or exc)
+        else:
+            to_file.setFormatter(formatter(self.fmt))
+            to_file.setLevel(self.level)
+            root.addHandler(to_file)
+        root.removeHandler(self.waiting)
+        if to_file is not self.stderr:
+            self.waiting.setTarget(to_file)
+            self.waiting.flush()
+        self.waiting.close()
+        self.path = path or None
+        return self.path
+
+
+def setup(level: str, fmt: str, log_dir: str | None, *, loud: bool) -> LogFile | None:
+    """Configure the root logger: ``level`` (one of :data:`LEVELS`) for the log
+    file ``log_dir/appliance.log`` when ``log_dir`` is given (records wait in
+    memory until :meth:`LogFile.open`), and on stderr at that level when
+    ``loud`` (or without a file), else WARNING and up.
+
+    Returns:
+        The log file to open once start-up succeeded, or None without ``log_dir``.
     """
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     want = getattr(logging, level.upper())
     root.setLevel(want)
-    path: str | None = None
-    if log_dir is not None:
-        try:
-            os.makedirs(log_dir, exist_ok=True)
-            path = os.path.join(log_dir, LOG_FILE)
-            to_file = logging.FileHandler(path, encoding="utf-8")
-        except OSError as exc:
-            print(f"appliance: warning: no log file in {log_dir}: {exc.strerror or exc}",
-                  file=sys.stderr)
-            path = None
-            loud = True
-        else:
-            to_file.setFormatter(formatter(fmt))
-            to_file.setLevel(want)
-            root.addHandler(to_file)
     err = logging.StreamHandler(sys.stderr)
     err.setFormatter(formatter(fmt))
-    err.setLevel(want if loud or path is None else max(want, logging.WARNING))
+    err.setLevel(want if loud or log_dir is None else max(want, logging.WARNING))
     root.addHandler(err)
-    return path
+    return None if log_dir is None else LogFile(log_dir, fmt, want, err)
