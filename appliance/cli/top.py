@@ -5,7 +5,8 @@ What ``spdk_top`` is to SPDK: one screen from the control socket's ``status``
 only): the NVMe controller (state, IOPS, read and write bandwidth, errors)
 and each of its queues (size, commands in flight, completion backlog); each
 net port (link, rx/tx packets per second, bandwidth, drops) and its virtqueues;
-the fault rules and their hits; the last migration or handoff event.  Rates
+the fault rules and their hits; the vfio-user migration state and the last
+handoff event.  Rates
 are the counters' change between two polls divided by the time between them.
 ``q`` quits (on a terminal); ``--count N`` stops after N screens; without a
 terminal on stdout each screen is printed after the previous one, no escapes.
@@ -79,7 +80,8 @@ def render(prev: Sample, cur: Sample, where: str, last_migration: str) -> list[s
         lines.append(f"{BOLD}NVMe{RESET} {nvme.get('state', '?'):<9} "
                      f"{'attached' if nvme.get('attached') else 'no client'}  "
                      f"IOPS {_si(iops, '')}  read {_bytes(rd)}  write {_bytes(wr)}  "
-                     f"errors {c.get('errors', 0)}  media {c.get('media_errors', 0)}")
+                     f"errors {c.get('errors', 0)}  media {c.get('media_errors', 0)}  "
+                     f"migration {nvme.get('migration') or '-'}")
         lines.append(f"  {'queue':<6} {'size':>5} {'in flight':>9} {'cq backlog':>10}")
         cqs = nvme.get("queues", {}).get("cq", {})
         for qid, sq in sorted(nvme.get("queues", {}).get("sq", {}).items(), key=lambda kv:
@@ -120,7 +122,7 @@ def render(prev: Sample, cur: Sample, where: str, last_migration: str) -> list[s
     for rule in rules:
         lines.append(f"  #{rule.get('id')} {rule.get('target')} {rule.get('action')} "
                      f"hits {rule.get('hits', 0)}")
-    lines.append(f"{BOLD}migration{RESET} {last_migration}")
+    lines.append(f"{BOLD}last handoff event{RESET} {last_migration}")
     return lines
 
 

@@ -55,6 +55,8 @@ class Target:
     handoff_sink: Any = None  # appliance.runtime.handoff.HandoffSink
     busy: str = ""  # why commands that change the devices are refused now (a handoff runs)
     emit: ev.Emit = ev.ignore  # the runtime's: queues a QMP event for the clients
+    #: the vfio-user client's migration state (RUNNING, PRE_COPY, ...), None without one
+    migration_state: Callable[[], str | None] = lambda: None
 
 
 Handler = Callable[[Target, dict[str, Any]], Any]
@@ -83,6 +85,7 @@ def status(t: Target, args: dict[str, Any]) -> Any:
                               for q in c.cqs.values()}},
             "counters": c.counters, "irq_stats": c.irq_stats,
             "attached": c.memory is not None,
+            "migration": t.migration_state(),
         }
     if t.net is not None:
         out["net"] = t.net.stats()

@@ -81,3 +81,4 @@ def test_top_without_a_terminal_prints_screens_with_the_io_rate(tmp_path: Path) 
     rates = [float(m.group(1)) * (1000 if m.group(2) == "k" else 1)
              for m in re.finditer(r"IOPS\s+([\d.]+) (k?)", out)]
     assert max(rates) > 0, out
+    assert "migration RUNNING" in out  # the connected client's vfio-user migration state
