@@ -224,10 +224,10 @@ def _tidy(request: pytest.FixtureRequest, root: Path) -> None:
 
 
 @pytest.fixture
-def appliance_factory(request: pytest.FixtureRequest, tmp_path: Path
-                      ) -> Iterator[Callable[..., ApplianceProcess]]:
-    """``appliance_factory(name=None, **overrides) -> ApplianceProcess``: started
-    appliances, each in its own directory (``tmp_path/NAME``), all stopped at teardown."""
+def _appliance_maker(request: pytest.FixtureRequest, tmp_path: Path
+                     ) -> Iterator[Callable[..., ApplianceProcess]]:
+    # the factory behind `appliance_factory` and `appliance`, under a name a
+    # project's own conftest does not override
     procs: list[ApplianceProcess] = []
 
     def make(name: str | None = None, **overrides: Any) -> ApplianceProcess:
@@ -247,10 +247,18 @@ def appliance_factory(request: pytest.FixtureRequest, tmp_path: Path
 
 
 @pytest.fixture
+def appliance_factory(_appliance_maker: Callable[..., ApplianceProcess]
+                      ) -> Callable[..., ApplianceProcess]:
+    """``appliance_factory(name=None, **overrides) -> ApplianceProcess``: started
+    appliances, each in its own directory (``tmp_path/NAME``), all stopped at teardown."""
+    return _appliance_maker
+
+
+@pytest.fixture
 def appliance(request: pytest.FixtureRequest,
-              appliance_factory: Callable[..., ApplianceProcess]) -> ApplianceProcess:
+              _appliance_maker: Callable[..., ApplianceProcess]) -> ApplianceProcess:
     """A running appliance (``appliance run``) with the marker's / param's config."""
-    return appliance_factory(**_overrides(request))
+    return _appliance_maker(**_overrides(request))
 
 
 @pytest.fixture
@@ -286,10 +294,9 @@ def nvme_driver(appliance_nvme_driver: Any) -> Any:
 
 
 @pytest.fixture
-def appliance_guest_factory(request: pytest.FixtureRequest, tmp_path: Path
-                            ) -> Iterator[Callable[..., Any]]:
-    """``appliance_guest_factory(proc, **options) -> Guest``: guests attached to
-    appliances (options as the ``appliance_guest`` marker's), killed at teardown."""
+def _appliance_guest_maker(request: pytest.FixtureRequest, tmp_path: Path
+                           ) -> Iterator[Callable[..., Any]]:
+    # the factory behind `appliance_guest_factory` and `appliance_guest`
     guests: list[Any] = []
 
     def make(proc: ApplianceProcess, **given: Any) -> Any:
@@ -307,10 +314,17 @@ def appliance_guest_factory(request: pytest.FixtureRequest, tmp_path: Path
 
 
 @pytest.fixture
+def appliance_guest_factory(_appliance_guest_maker: Callable[..., Any]) -> Callable[..., Any]:
+    """``appliance_guest_factory(proc, **options) -> Guest``: guests attached to
+    appliances (options as the ``appliance_guest`` marker's), killed at teardown."""
+    return _appliance_guest_maker
+
+
+@pytest.fixture
 def appliance_guest(request: pytest.FixtureRequest, appliance: ApplianceProcess,
-                    appliance_guest_factory: Callable[..., Any]) -> Any:
+                    _appliance_guest_maker: Callable[..., Any]) -> Any:
     """A QEMU guest attached to ``appliance`` (NVMe, and net ports unless net=False)."""
-    return appliance_guest_factory(appliance)
+    return _appliance_guest_maker(appliance)
 
 
 def _shared_scope(fixture_name: str, config: pytest.Config) -> Any:

@@ -19,6 +19,8 @@ if not any(ep.value == "appliance.testing.plugin"
     # Not installed with its pytest11 entry point (an editable install made before the
     # entry point existed): take the plugin's fixtures from the module itself.
     from appliance.testing.plugin import (  # noqa: F401
+        _appliance_guest_maker,
+        _appliance_maker,
         _appliance_shared_state,
         appliance,
         appliance_ctl,
