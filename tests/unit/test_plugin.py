@@ -61,3 +61,29 @@ def test_a_failed_test_reports_the_log_tail_and_the_faults(tmp_path: Path) -> No
     # stderr held nothing: no section names the empty file
     assert "appliance stderr" not in out
     # a failed test's directory stays; a passed one's would be gone
+
+
+SHARED = '''
+import pathlib
+
+def test_record(appliance_shared):
+    with open(pathlib.Path(__file__).parent / "sockets.txt", "a") as f:
+        f.write(appliance_shared.config.control.socket + "\\n")
+'''
+
+
+def _shared_sockets(tmp_path: Path, *args: str) -> list[str]:
+    for name in ("test_one.py", "test_two.py"):
+        (tmp_path / name).write_text(SHARED)
+    done = _pytest("-q", *args, "test_one.py", "test_two.py", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:]
+    return (tmp_path / "sockets.txt").read_text().split()
+
+
+def test_shared_appliance_per_module_or_per_session(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    per_module = _shared_sockets(tmp_path / "m")
+    assert len(per_module) == 2 and per_module[0] != per_module[1]
+    (tmp_path / "s").mkdir()
+    per_session = _shared_sockets(tmp_path / "s", "--appliance-shared-scope", "session")
+    assert len(per_session) == 2 and per_session[0] == per_session[1]
