@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -212,6 +213,24 @@ def _boot_guest(appliance: ApplianceProcess, opts: dict[str, Any], workdir: Path
     return guest
 
 
+#: the longest file name the appliance puts in its run directory (a socket's lock)
+LONGEST_RUN_FILE = "control.sock.lock"
+
+
+def _short_root(root: Path) -> Path:
+    """``root``, or when a socket path under it would pass the 107 bytes a unix
+    socket allows (a long test name, xdist's worker directory), a short
+    directory in /tmp that ``root`` links to."""
+    from appliance.runtime.listener import MAX_PATH
+
+    if len(os.fsencode(root / "run" / LONGEST_RUN_FILE)) <= MAX_PATH:
+        return root
+    short = Path(tempfile.mkdtemp(prefix="appliance-", dir="/tmp"))
+    root.parent.mkdir(parents=True, exist_ok=True)
+    root.symlink_to(short, target_is_directory=True)
+    return short
+
+
 def _passed(request: pytest.FixtureRequest) -> bool:
     reps = [getattr(request.node, f"rep_{when}", None) for when in ("setup", "call")]
     return all(r is not None and r.passed for r in reps)
@@ -229,9 +248,13 @@ def _appliance_maker(request: pytest.FixtureRequest, tmp_path: Path
     # the factory behind `appliance_factory` and `appliance`, under a name a
     # project's own conftest does not override
     procs: list[ApplianceProcess] = []
+    links: list[Path] = []  # tmp_path/NAME -> a short root in /tmp
 
     def make(name: str | None = None, **overrides: Any) -> ApplianceProcess:
-        root = tmp_path / (name or f"appliance{len(procs) or ''}")
+        wanted = tmp_path / (name or f"appliance{len(procs) or ''}")
+        root = _short_root(wanted)
+        if root != wanted:
+            links.append(wanted)
         proc = _start_appliance(request.config, root, overrides)
         procs.append(proc)
         report.track(request.node, proc)
@@ -244,6 +267,9 @@ def _appliance_maker(request: pytest.FixtureRequest, tmp_path: Path
             proc.stop()
         for proc in procs:
             _tidy(request, proc.workdir)
+        for link in links:
+            if not link.exists():  # its short root was removed
+                link.unlink()
 
 
 @pytest.fixture
@@ -345,7 +371,8 @@ class _Shared:
         if self.proc is None or not self.proc.alive:
             if self.proc is not None:
                 self.proc.stop()
-            self.proc = _start_appliance(self.request.config, self.root / "appliance",
+            self.proc = _start_appliance(self.request.config,
+                                         _short_root(self.root / "appliance"),
                                          _overrides(self.request))
         return self.proc
 

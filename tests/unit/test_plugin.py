@@ -4,8 +4,10 @@ the fixture examples under ``pytest -n 2``, and a failed test's report."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,3 +89,41 @@ def test_shared_appliance_per_module_or_per_session(tmp_path: Path) -> None:
     (tmp_path / "s").mkdir()
     per_session = _shared_sockets(tmp_path / "s", "--appliance-shared-scope", "session")
     assert len(per_session) == 2 and per_session[0] == per_session[1]
+
+
+PASSING = '''
+def test_passes(appliance):
+    assert appliance.alive
+'''
+
+
+def test_a_passed_tests_directory_goes_unless_keep(tmp_path: Path) -> None:
+    (tmp_path / "test_passing.py").write_text(PASSING)
+    short = Path(tempfile.mkdtemp(prefix="keep-", dir="/tmp"))  # socket paths stay < 108
+    try:
+        for keep in (False, True):
+            base = short / str(keep)
+            args = ["-q", f"--basetemp={base}", "test_passing.py"]
+            done = _pytest(*(["--appliance-keep", *args] if keep else args), cwd=tmp_path)
+            assert done.returncode == 0, done.stdout[-3000:]
+            kept = list(base.glob("test_passes0/appliance/run/appliance.log"))
+            assert len(kept) == (1 if keep else 0), (keep, kept)
+    finally:
+        shutil.rmtree(short)
+
+
+def test_sockets_stay_short_under_a_long_temporary_directory(tmp_path: Path) -> None:
+    """A base temporary directory deep enough that RUN_DIR/control.sock would pass
+    the 107 bytes of a unix socket path: the appliance runs in a short directory
+    in /tmp, which tmp_path/appliance links to (kept with --appliance-keep)."""
+    (tmp_path / "test_passing.py").write_text(PASSING)
+    base = tmp_path / ("deep-" * 12)
+    done = _pytest("-q", f"--basetemp={base}", "--appliance-keep", "test_passing.py",
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:]
+    link = base / "test_passes0" / "appliance"
+    try:
+        assert link.is_symlink() and str(link.resolve()).startswith("/tmp/appliance-")
+        assert (link / "run" / "appliance.log").exists()
+    finally:
+        shutil.rmtree(link.resolve(), ignore_errors=True)
