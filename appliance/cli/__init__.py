@@ -9,6 +9,8 @@ commands:
   handoff    move the live devices of a running appliance to another on this host
   migrate    live-migrate the NVMe device from one appliance to another
   image      build or describe QEMU and the test guest image
+  top        a live view of each device, queue and port (IOPS, bandwidth, pps,
+             drops, faults), refreshed each second from the control socket
 
 `appliance COMMAND --help` lists a command's options; `appliance --version`
 prints the version. Bad input (an unknown option, a bad config) ends with one
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shlex
 import sys
@@ -29,6 +30,8 @@ from appliance import config as config_mod
 from appliance import fastpath
 from appliance.config import Config
 from appliance.errors import ApplianceError
+from appliance.runtime import logs
+from appliance.runtime.logs import LEVELS
 
 
 def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
@@ -37,6 +40,8 @@ def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
 
     app = Appliance(cfg, standby=args.standby)
     app.start()
+    # the log file only once start-up succeeded: a failed one leaves nothing behind
+    log_path = args.log_file.open() if args.log_file is not None else None
     print(f"appliance: serving NVMe on {cfg.storage.socket}", flush=True)
     for ns in app.controller.namespaces.values() if app.controller else ():
         print(f"appliance: namespace {ns.image} ({ns.size} bytes, {ns.block_size}-byte blocks)",
@@ -45,6 +50,8 @@ def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
         print(f"appliance: {'standing by for' if args.standby else 'serving'} vhost-user-net on {p}",
               flush=True)
     print(f"appliance: data path: {fastpath.describe(cfg)}", flush=True)
+    if log_path:
+        print(f"appliance: log: {log_path}", flush=True)
     if args.standby and cfg.net.tap.name:
         print(f"appliance: standing by for TAP interface {cfg.net.tap.name}", flush=True)
     print("appliance: attach QEMU with:\n  qemu-system-x86_64 -machine q35 -m 512M "
@@ -165,8 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 help=argparse.SUPPRESS)
     run = sub.add_parser("run", help="serve the devices (embedded defaults without -c)")
     run.add_argument("-c", "--config", help="YAML configuration file")
-    run.add_argument("--trace", action="store_true", help="log every protocol message")
-    run.add_argument("-v", "--verbose", action="store_true", help="info-level logging")
+    run.add_argument("--trace", action="store_true",
+                     help="log every protocol message (--log-level debug, also on stderr)")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="the log on stderr too, not only in the log file")
+    run.add_argument("--log-level", choices=LEVELS, default=None,
+                     help="what the log file RUN_DIR/appliance.log gets (default info; "
+                          "stderr gets warnings and errors unless -v)")
+    run.add_argument("--log-format", choices=("text", "json"), default="text",
+                     help="text lines, or one JSON object per line for machines")
     run.add_argument("--standby", action="store_true",
                      help="a handoff destination: net ports and the TAP wait for `appliance handoff`")
     run.set_defaults(func=_cmd_run)
@@ -212,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     from appliance.cli.images import add_parser as add_image_parser
 
     add_image_parser(sub)  # `appliance image build|info` (images/README.md)
+    from appliance.cli.top import add_parser as add_top_parser
+
+    add_top_parser(sub)  # `appliance top`: a live view from the control socket
     return parser
 
 
@@ -224,9 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"appliance: error: {exc}", file=sys.stderr)
         return 2
     trace = args.trace or cfg.trace
-    level = logging.DEBUG if trace else logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    if args.func is _cmd_run:  # the service: INFO into RUN_DIR/appliance.log
+        level = args.log_level or ("debug" if trace else "info")
+        args.log_file = logs.setup(level, args.log_format, cfg.run_dir,
+                                   loud=args.verbose or trace)
+    else:
+        level = "debug" if trace else "info" if args.verbose else "warning"
+        logs.setup(level, "text", None, loud=True)
     try:
         return int(args.func(cfg, args))
     except ApplianceError as exc:

@@ -3,7 +3,7 @@
 Connects to both appliances' vfio-user sockets (an ``ssh://`` one through an
 ssh forward, :mod:`appliance.client.ssh`), runs
 :func:`appliance.client.migrate.migrate`, and prints a summary (with a
-progress bar on a terminal).  Every failure is an
+progress bar on stderr when it is a terminal).  Every failure is an
 :class:`~appliance.errors.ApplianceError`, which the CLI prints as one line
 ``appliance: error: ...`` with exit status 2.
 """
@@ -65,7 +65,8 @@ def add_parser(sub: Any) -> None:
 
 
 class _Bar:
-    """A one-line progress bar on a terminal; silent elsewhere."""
+    """A one-line progress bar on stderr when stderr is a terminal; silent elsewhere
+    (stdout keeps only the summary)."""
 
     def __init__(self, out: TextIO) -> None:
         self.out = out
@@ -120,7 +121,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
                 raise ApplianceError(f"{role} {path}: {exc.strerror or exc}"
                                      if isinstance(exc, OSError) and exc.strerror
                                      else f"{role} {path}: {exc}") from None
-        bar = _Bar(sys.stdout)
+        bar = _Bar(sys.stderr)
         try:
             s = migrate(clients[0], clients[1], max_rounds=args.max_rounds,
                         converge_bytes=args.converge, progress=bar,

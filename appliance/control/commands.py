@@ -52,10 +52,13 @@ class Target:
     faults: FaultSet | None = None
     links_down: set[str] = field(default_factory=set)
     log_level: int | None = None  # the "appliance" logger's level before the first trace toggle
+    handler_levels: dict[logging.Handler, int] | None = None  # the root's handlers' before it
     handoff_source: Any = None  # appliance.runtime.handoff.HandoffSource
     handoff_sink: Any = None  # appliance.runtime.handoff.HandoffSink
     busy: str = ""  # why commands that change the devices are refused now (a handoff runs)
     emit: ev.Emit = ev.ignore  # the runtime's: queues a QMP event for the clients
+    #: the vfio-user client's migration state (RUNNING, PRE_COPY, ...), None without one
+    migration_state: Callable[[], str | None] = lambda: None
 
 
 Handler = Callable[[Target, dict[str, Any]], Any]
@@ -84,6 +87,7 @@ def status(t: Target, args: dict[str, Any]) -> Any:
                               for q in c.cqs.values()}},
             "counters": c.counters, "irq_stats": c.irq_stats,
             "attached": c.memory is not None,
+            "migration": t.migration_state(),
         }
     if t.net is not None:
         out["net"] = t.net.stats()
@@ -106,8 +110,14 @@ def trace(t: Target, args: dict[str, Any]) -> Any:
             logger.setLevel(logging.NOTSET)  # inherit from "appliance"
     root = logging.getLogger()
     if on and root.level > logging.DEBUG:
+        if t.handler_levels is None:  # what "off" puts back (stderr: warnings only)
+            t.handler_levels = {h: h.level for h in root.handlers}
         for handler in root.handlers:
             handler.setLevel(logging.NOTSET)
+    elif not on and t.handler_levels is not None:
+        for handler, level in t.handler_levels.items():
+            handler.setLevel(level)
+        t.handler_levels = None
     return {"trace": on}
 
 

@@ -134,7 +134,15 @@ class Appliance:
             port_service.emit = self.control.emit
         self.control.target.handoff_source = HandoffSource(self)
         self.control.target.handoff_sink = HandoffSink(self)
+        self.control.target.migration_state = self._migration_state
         self.loop.install_signal_handlers()
+
+    def _migration_state(self) -> str | None:
+        """The connected vfio-user client's migration state name (``status``)."""
+        client = self.vfio_user.client
+        mig = client.conn.migration if client is not None else None
+        state = getattr(mig, "state", None)  # VfioUserMigration's MigState
+        return state.name if state is not None else None
 
     def _poll_doorbell_page(self, ctrl: NvmeController, spin: DoorbellSpin) -> None:
         """storage.doorbells: mmap: nothing wakes the loop when the guest rings a

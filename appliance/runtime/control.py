@@ -20,6 +20,7 @@ closes the one idle the longest instead of being refused.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import socket
@@ -48,6 +49,19 @@ from appliance.runtime.loop import EventLoop
 from appliance.runtime.outqueue import Flush, OutputQueue
 
 log = logging.getLogger("appliance.control")
+
+
+def _event_level(name: str, data: dict[str, Any]) -> int:
+    """INFO for an event worth a log line; DEBUG for a fault rule's repeated hits
+    (every hit past the first that is not a power of ten)."""
+    if name != ev.FAULT_FIRED:
+        return logging.INFO
+    hits = data.get("hits")
+    if not isinstance(hits, int) or hits <= 1:
+        return logging.INFO
+    while hits % 10 == 0:
+        hits //= 10
+    return logging.INFO if hits == 1 else logging.DEBUG
 RELEASE_PERIOD = 0.005  # seconds between checks for due deferred completions / frames
 MAX_CLIENTS = 16
 BACKLOG = 64  # connections the kernel queues until the loop accepts them
@@ -260,7 +274,11 @@ class ControlService:
     def emit(self, name: str, data: dict[str, Any]) -> None:
         """Send the QMP event ``name`` to every client in command mode (an
         :data:`appliance.control.events.Emit`); a client whose queue passes
-        the cap is disconnected, like one that leaves its replies unread."""
+        the cap is disconnected, like one that leaves its replies unread.
+        Each event is logged at INFO (a rule's FAULT_FIRED at its first hit and
+        at 10, 100, ... hits, the others at DEBUG: a drop rule fires per frame)."""
+        log.log(_event_level(name, data), "event %s %s", name,
+                json.dumps(data, sort_keys=True, default=str))
         if self._closed or not any(c.conn.wants_events for c in self.clients):
             return
         line = encode_event(name, data, time.time())

@@ -13,6 +13,7 @@ prescribes their status.
 
 from __future__ import annotations
 
+import logging
 import struct
 import uuid
 from collections.abc import Callable, Mapping
@@ -75,6 +76,8 @@ if TYPE_CHECKING:
 Handler = Callable[["NvmeController", Command], "int | None"]
 ST = Status
 
+log = logging.getLogger("appliance.storage")
+
 
 def _check(ok: bool, status: Status = ST.INVALID_FIELD, why: str = "") -> None:
     if not ok:
@@ -115,6 +118,8 @@ def create_cq(ctrl: NvmeController, cmd: Command) -> int:
     cq = CompletionQueue(qid, cmd.prp1, (cmd.cdw10 >> 16) + 1, vector, ien)
     cq.shadow = ctrl.shadow_for(qid, is_cq=True)
     ctrl.cqs[qid] = cq
+    log.info("nvme: I/O CQ %d created: %d entries, vector %d%s", qid, cq.size, vector,
+             "" if ien else " (no interrupts)")
     return 0
 
 
@@ -130,6 +135,7 @@ def create_sq(ctrl: NvmeController, cmd: Command) -> int:
     sq.shadow = ctrl.shadow_for(qid, is_cq=False)
     ctrl.sqs[qid] = sq
     cq.sqids.add(qid)
+    log.info("nvme: I/O SQ %d created: %d entries, CQ %d", qid, sq.size, cqid)
     return 0
 
 

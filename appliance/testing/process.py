@@ -46,9 +46,13 @@ class ApplianceProcess:
     """A running ``appliance run -c CONFIG``."""
 
     def __init__(self, raw_config: RawConfig, workdir: Path, *, trace: bool = False,
-                 extra_args: tuple[str, ...] = (), wrapper: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), wrapper: tuple[str, ...] = (),
+                 log_level: str | None = None) -> None:
         """``raw_config``: the configuration's raw form, written to ``config_path``;
-        ``wrapper``: what runs the command (``("ip", "netns", "exec", NAME)``)."""
+        ``wrapper``: what runs the command (``("ip", "netns", "exec", NAME)``);
+        ``log_level``: ``appliance run --log-level`` (its default, info, when None).
+        ``log_path`` keeps what the process prints on stderr (warnings and up),
+        ``run_log_path`` its log (``RUN_DIR/appliance.log``)."""
         self.wrapper = wrapper
         self.raw_config = raw_config
         self.workdir = workdir
@@ -60,6 +64,7 @@ class ApplianceProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.trace = trace
         self.extra_args = extra_args  # e.g. ("--standby",)
+        self.log_level = log_level
 
     @property
     def config(self) -> Config:
@@ -72,11 +77,20 @@ class ApplianceProcess:
 
         return config.load(str(self.config_path))
 
+    @property
+    def run_log_path(self) -> Path:
+        """The log ``appliance run`` writes in its run directory (INFO by default)."""
+        from appliance.runtime.logs import LOG_FILE
+
+        return Path(self.config.run_dir) / LOG_FILE
+
     def start(self, timeout: float = 30.0) -> ApplianceProcess:
         args = [*self.wrapper, sys.executable, "-m", "appliance", "run", "-c",
                 str(self.config_path)]
         if self.trace:
             args.append("--trace")
+        if self.log_level is not None:
+            args += ["--log-level", self.log_level]
         args += self.extra_args
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log,

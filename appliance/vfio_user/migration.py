@@ -396,7 +396,7 @@ class VfioUserMigration:
                 self._enter_error()
                 raise Reject(f"{arc[0].name} -> {hop.name}: {exc!r}; device in ERROR",
                              errno.EIO) from None
-            log.debug("%s: migration arc %s -> %s", self.name, arc[0].name, hop.name)
+            log.info("%s: migration arc %s -> %s", self.name, arc[0].name, hop.name)
             self.state = hop
             self.counters["transitions"] += 1
 

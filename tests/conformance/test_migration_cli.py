@@ -113,8 +113,9 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     src, dst = start(tmp_path, shared=False)
     master, slave = os.openpty()
     try:
+        # the bar on stderr (the terminal), the summary alone on stdout (a pipe)
         proc = subprocess.Popen([sys.executable, "-m", "appliance", "migrate", sock(src),
-                                 sock(dst)], stdout=slave, stderr=subprocess.PIPE)
+                                 sock(dst)], stdout=subprocess.PIPE, stderr=slave)
         os.close(slave)
         out = b""
         while True:
@@ -125,9 +126,12 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
             if not chunk:
                 break
             out += chunk
-        assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
+        assert proc.wait(60) == 0, out.decode(errors="replace")
         text = out.decode()
-        assert "\r[" in text and "100.0% done" in text and "downtime:" in text
+        assert "\r[" in text and "100.0% done" in text and "downtime:" not in text
+        assert proc.stdout is not None
+        summary = proc.stdout.read().decode()
+        assert "downtime:" in summary and "\r[" not in summary
         assert file_hash(image(src)) == file_hash(image(dst))
     finally:
         os.close(master)

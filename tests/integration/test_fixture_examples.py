@@ -19,10 +19,21 @@ if not any(ep.value == "appliance.testing.plugin"
     # Not installed with its pytest11 entry point (an editable install made before the
     # entry point existed): take the plugin's fixtures from the module itself.
     from appliance.testing.plugin import (  # noqa: F401
+        _appliance_guest_maker,
+        _appliance_maker,
+        _appliance_shared_state,
         appliance,
         appliance_ctl,
+        appliance_factory,
         appliance_guest,
+        appliance_guest_factory,
+        appliance_nvme_driver,
+        appliance_shared,
+        appliance_shared_ctl,
         nvme_driver,
+        pytest_addoption,
+        pytest_configure,
+        pytest_runtest_makereport,
     )
 
 DD_ONE = "dd if=/dev/nvme0n1 of=/dev/null bs=512 skip={lba} count=1 iflag=direct 2>&1"
@@ -117,62 +128,101 @@ def test_namespace_resize_reaches_the_guest_through_the_async_event(appliance_gu
 
 
 @pytest.mark.appliance_config(storage={"namespaces": [{"image": "{data_dir}/d.img", "size": "4M"}]})
-def test_driver_without_a_guest_sees_the_error(nvme_driver: Any, appliance_ctl: Any) -> None:
+def test_driver_without_a_guest_sees_the_error(appliance_nvme_driver: Any, appliance_ctl: Any) -> None:
     from appliance.client.nvme import NvmeError
 
     appliance_ctl("fault.add", action="status", lba=0, status="write_fault", dnr=True)
     with pytest.raises(NvmeError) as info:
-        nvme_driver.write(1, 0, b"x" * 512)
+        appliance_nvme_driver.write(1, 0, b"x" * 512)
     assert info.value.status == 0x280 and info.value.dnr
-    nvme_driver.write(1, 1, b"y" * 512)  # the next block is fine
-    assert nvme_driver.read(1, 1, 1) == b"y" * 512
+    appliance_nvme_driver.write(1, 1, b"y" * 512)  # the next block is fine
+    assert appliance_nvme_driver.read(1, 1, 1) == b"y" * 512
 
 
 @pytest.mark.appliance_config(storage={"namespaces": [{
     "image": "{data_dir}/z.img", "size": "16M",
     "zoned": {"zone_size": "1M", "max_open": 2, "max_active": 2}}]})
-def test_zone_append_and_its_fault(nvme_driver: Any, appliance_ctl: Any) -> None:
+def test_zone_append_and_its_fault(appliance_nvme_driver: Any, appliance_ctl: Any) -> None:
     from appliance.storage.zones import ZoneState
 
-    nvme_driver.identify_namespace(1)
-    assert nvme_driver.zone_append(1, 2048, b"a" * 512).result == 2048
+    appliance_nvme_driver.identify_namespace(1)
+    assert appliance_nvme_driver.zone_append(1, 2048, b"a" * 512).result == 2048
     appliance_ctl("fault.add", action="status", opcode=0x7D, status="zone_is_full", count=1)
-    assert nvme_driver.zone_append(1, 2048, b"b" * 512).status == 0x1B9
-    assert nvme_driver.zone_append(1, 2048, b"c" * 512).result == 2049  # the fault fired once
-    total, zones = nvme_driver.report_zones(1, count=2, partial=False)
+    assert appliance_nvme_driver.zone_append(1, 2048, b"b" * 512).status == 0x1B9
+    assert appliance_nvme_driver.zone_append(1, 2048, b"c" * 512).result == 2049  # the fault fired once
+    total, zones = appliance_nvme_driver.report_zones(1, count=2, partial=False)
     assert total == 16
     assert [(z.zs >> 4, z.wp) for z in zones] == [(ZoneState.EMPTY, 0),
                                                   (ZoneState.IMPLICITLY_OPENED, 2050)]
-    assert nvme_driver.read(1, 2048, 2) == b"a" * 512 + b"c" * 512
+    assert appliance_nvme_driver.read(1, 2048, 2) == b"a" * 512 + b"c" * 512
 
 
 @pytest.mark.appliance_config(storage={"capacity": "16M", "namespaces": [
     {"image": "{data_dir}/d.img", "size": "4M"}]})
-def test_namespace_hot_add(nvme_driver: Any, appliance_ctl: Any) -> None:
-    nsid = nvme_driver.create_namespace(2048).result
+def test_namespace_hot_add(appliance_nvme_driver: Any, appliance_ctl: Any) -> None:
+    nsid = appliance_nvme_driver.create_namespace(2048).result
     assert nsid == 2
-    assert nvme_driver.attach_namespace(nsid).status == 0
-    assert nvme_driver.active_namespaces() == [1, nsid]
-    nvme_driver.identify_namespace(nsid)
-    nvme_driver.write(nsid, 0, b"n" * 512)
-    assert nvme_driver.read(nsid, 0, 1) == b"n" * 512
-    assert nvme_driver.attach_namespace(nsid, detach=True).status == 0
-    assert nvme_driver.active_namespaces() == [1]
-    assert nvme_driver.delete_namespace(nsid).status == 0
-    assert nvme_driver.allocated_namespaces() == [1]
+    assert appliance_nvme_driver.attach_namespace(nsid).status == 0
+    assert appliance_nvme_driver.active_namespaces() == [1, nsid]
+    appliance_nvme_driver.identify_namespace(nsid)
+    appliance_nvme_driver.write(nsid, 0, b"n" * 512)
+    assert appliance_nvme_driver.read(nsid, 0, 1) == b"n" * 512
+    assert appliance_nvme_driver.attach_namespace(nsid, detach=True).status == 0
+    assert appliance_nvme_driver.active_namespaces() == [1]
+    assert appliance_nvme_driver.delete_namespace(nsid).status == 0
+    assert appliance_nvme_driver.allocated_namespaces() == [1]
 
 
-def test_driver_delayed_completion_arrives_after_the_delay(nvme_driver: Any,
+def test_driver_delayed_completion_arrives_after_the_delay(appliance_nvme_driver: Any,
                                                            appliance_ctl: Any) -> None:
     import time
 
-    nvme_driver.write(1, 5, b"d" * 512)
+    appliance_nvme_driver.write(1, 5, b"d" * 512)
     appliance_ctl("fault.add", action="delay", delay=0.5, count=1, lba=5)
     start = time.monotonic()
-    assert nvme_driver.read(1, 5, 1) == b"d" * 512
+    assert appliance_nvme_driver.read(1, 5, 1) == b"d" * 512
     assert time.monotonic() - start >= 0.5
     status = appliance_ctl("status")["faults"]
     assert status["fired"] == {"nvme.delay": 1} and status["deferred_completions"] == 0
+
+
+def test_driver_without_a_guest_on_two_appliances(appliance_factory: Any) -> None:
+    """Two appliances in one test, each its own directory, sockets and disk."""
+    from appliance.client.nvme import NvmeDriver
+    from appliance.client.vfio_user import VfioUserClient
+
+    small = appliance_factory("small", storage={"namespaces": [{"image": "{data_dir}/s.img",
+                                                                "size": "4M"}]})
+    big = appliance_factory("big")
+    assert small.config.storage.socket != big.config.storage.socket
+    for proc, payload in ((small, b"s" * 512), (big, b"b" * 512)):
+        with VfioUserClient.connect(proc.config.storage.socket) as client:
+            driver = NvmeDriver(client)
+            try:
+                driver.setup(io_queues=1, depth=16)
+                driver.write(1, 0, payload)
+                assert driver.read(1, 0, 1) == payload
+            finally:
+                driver.close()
+
+
+def test_driver_without_a_guest_old_fixture_name_warns(request: Any) -> None:
+    from appliance.testing.plugin import ApplianceDeprecationWarning
+
+    with pytest.warns(ApplianceDeprecationWarning, match="appliance_nvme_driver"):
+        driver = request.getfixturevalue("nvme_driver")
+    assert driver is request.getfixturevalue("appliance_nvme_driver")
+
+
+@pytest.mark.parametrize("round_", [1, 2])
+def test_driver_without_a_guest_shared_appliance_is_reset(appliance_shared: Any,
+                                                          appliance_shared_ctl: Any,
+                                                          round_: int) -> None:
+    """One appliance for the module: each test starts with no fault rules, though
+    the one before left one armed (the counters stay: they are the appliance's)."""
+    assert appliance_shared_ctl("fault-list")["rules"] == []
+    appliance_shared_ctl("fault-add", action="hang", lba=round_)
+    assert len(appliance_shared_ctl("fault-list")["rules"]) == 1
 
 
 # ---------------------------------------------------------------- `appliance boot` (not a fixture)

@@ -193,6 +193,25 @@ def test_trace_toggles_appliance_loggers(target: Target) -> None:
         logging.getLogger("appliance").setLevel(before)
 
 
+def test_trace_off_puts_the_handlers_levels_back(target: Target) -> None:
+    root = logging.getLogger()
+    before = logging.getLogger("appliance").level
+    quiet = logging.StreamHandler()
+    quiet.setLevel(logging.WARNING)  # stderr beside a log file: warnings only
+    saved = root.level
+    root.addHandler(quiet)
+    root.setLevel(logging.INFO)
+    try:
+        run(target, "trace", on=True)
+        assert quiet.level == logging.NOTSET  # every record while tracing
+        run(target, "trace", on=False)
+        assert quiet.level == logging.WARNING
+    finally:
+        root.removeHandler(quiet)
+        root.setLevel(saved)
+        logging.getLogger("appliance").setLevel(before)
+
+
 def test_every_command_is_documented() -> None:
     doc = (Path(__file__).parents[2] / "docs" / "control.md").read_text()
     for name in COMMANDS:

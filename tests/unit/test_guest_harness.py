@@ -85,7 +85,7 @@ def test_a_failed_test_reports_the_guest_console_tail(tmp_path: Path) -> None:
 
     guest = SimpleNamespace(proc=object(), log_path=tmp_path / "guest.log", tail=tail)
     rep = report(True, guest)
-    assert rep.sections == [(f"guest console (last 60 lines, log {tmp_path}/guest.log)",
+    assert rep.sections == [(f"guest console (last 60 lines of {tmp_path}/guest.log)",
                              "GUEST-SHELL\nlast line")]
     assert asked == [plugin.REPORT_TAIL_LINES]
 
