@@ -277,6 +277,7 @@ class Status(enum.IntEnum):
     INVALID_QUEUE_DELETION = 0x10C
     FEATURE_NOT_SAVEABLE = 0x10D
     FEATURE_NOT_NS_SPECIFIC = 0x10F
+    INVALID_PROTECTION_INFORMATION = 0x181  # NVM command set: PRINFO/ILBRT refused
     WRITE_TO_READ_ONLY_RANGE = 0x182
     COMMAND_SIZE_LIMIT_EXCEEDED = 0x183  # Copy past MSSRL / MCL / MSRC (NVM 2.0)
     ZONE_BOUNDARY_ERROR = 0x1B8  # Zoned Namespace command set 1.1, figure 26
@@ -290,6 +291,9 @@ class Status(enum.IntEnum):
     # media and data integrity errors (SCT 2)
     WRITE_FAULT = 0x280
     UNRECOVERED_READ_ERROR = 0x281
+    GUARD_CHECK_ERROR = 0x282  # end-to-end protection (NVM command set 5.2)
+    APPLICATION_TAG_CHECK_ERROR = 0x283
+    REFERENCE_TAG_CHECK_ERROR = 0x284
     COMPARE_FAILURE = 0x285
 
 
