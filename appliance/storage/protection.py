@@ -224,7 +224,10 @@ class TagCheck:
             ProtectionError: GUARD_CHECK_ERROR, APPLICATION_TAG_CHECK_ERROR or
                 REFERENCE_TAG_CHECK_ERROR for the first block that fails, in that
                 order of checks within a block.
+            ValueError: ``tuples`` shorter than 8 bytes per block (a caller's bug).
         """
+        if len(tuples) < len(data) // block_size * PI_TUPLE_SIZE:
+            raise ValueError(f"{len(tuples)} tuple bytes for {len(data) // block_size} blocks")
         for i, block in enumerate(_blocks(data, block_size)):
             guard, app_tag, ref_tag = unpack_tuple(
                 tuples[i * PI_TUPLE_SIZE:(i + 1) * PI_TUPLE_SIZE])

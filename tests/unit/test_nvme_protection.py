@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import struct
-
 import pytest
 
 from appliance.storage.protection import (
@@ -180,7 +178,7 @@ def test_validate_refuses_prinfo_without_pi() -> None:
     assert err.value.status == Status.INVALID_FIELD
 
 
-def test_short_tuple_buffer_is_refused_by_struct() -> None:
+def test_short_tuple_buffer_is_a_caller_bug() -> None:
     prot = Protection(PiType.TYPE1, 8)
-    with pytest.raises(struct.error):  # a caller bug, not a host error
+    with pytest.raises(ValueError, match="8 tuple bytes for 2 blocks"):
         TagCheck(PRCHK_GUARD, 0, 0, 0).verify(prot, _blocks(2), memoryview(bytes(8)), 512, 0)
