@@ -87,6 +87,7 @@ class NvmeDriver(ZonedCommands):
         self.cap = 0
         self.identity: spec.IdentifyController | None = None
         self.block_size: dict[int, int] = {}
+        self.metadata_size: dict[int, int] = {}  # metadata bytes per block, by NSID
         self.ns_blocks: dict[int, int] = {}
 
     @property
@@ -339,8 +340,11 @@ class NvmeDriver(ZonedCommands):
     def identify_namespace(self, nsid: int) -> spec.IdentifyNamespace:
         """Identify namespace ``nsid`` and learn its block size and size."""
         ns = spec.IdentifyNamespace.unpack(self._identify_ok(spec.Cns.NAMESPACE, nsid))
-        lbaf = ns.lbaf0  # this controller offers one LBA format
+        index = ns.flbas & 0xF  # the namespace's current LBA format
+        lbaf = ns.lbaf0 if index == 0 else int.from_bytes(
+            ns.lbaf1_15[(index - 1) * 4:index * 4], "little")
         self.block_size[nsid] = 1 << spec.LBAF.get(lbaf, "lbads")
+        self.metadata_size[nsid] = spec.LBAF.get(lbaf, "ms")
         self.ns_blocks[nsid] = ns.nsze
         return ns
 

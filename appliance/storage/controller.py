@@ -166,13 +166,15 @@ class NvmeController(RequestEngine, PciDevice):
         self.namespaces: dict[int, Namespace] = {}
         try:
             for nsid, ns in enumerate(namespaces, 1):
-                self.namespaces[nsid] = Namespace(nsid, ns.image, ns.size, ns.block_size,
-                                                  ns.read_only, (exports or {}).get(nsid))
+                self.namespaces[nsid] = Namespace(
+                    nsid, ns.image, ns.size, ns.block_size, ns.read_only,
+                    (exports or {}).get(nsid), ns.metadata, ns.pi)
             #: the zones of each zoned namespace (device state: migrated)
             self.zones: dict[int, ZoneTable] = {}
             for nsid, settings in enumerate(namespaces, 1):
                 if settings.zoned is not None:
                     opened = self.namespaces[nsid]
+                    opened.fixed_format = True
                     self.zones[nsid] = ZoneTable(nsid, opened.nlbas, opened.lba_shift,
                                                  settings.zoned)
             mmap_areas: tuple[tuple[int, int], ...] = ()

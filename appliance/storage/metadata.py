@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 
-from appliance.storage.namespace import (
+from appliance.storage.fileops import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     fallocate,
