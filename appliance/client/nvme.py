@@ -513,12 +513,14 @@ class NvmeDriver(ZonedCommands):
                             cdw12=(nblocks - 1) | ((1 << 30) if fua else 0))
 
     def io(self, opcode: int, slba: int, nlb: int, nsid: int = 1, qid: int = 1,
-           data: bytes | None = None, scatter: bool = False, sgl: bool = False, **fields: int
-           ) -> tuple[Completion, bytes]:
+           data: bytes | None = None, scatter: bool = False, sgl: bool = False,
+           nbytes: int | None = None, **fields: int) -> tuple[Completion, bytes]:
         """One read/write/compare of ``nlb`` blocks (of the size Identify Namespace
-        gave, else 512 bytes), its data through PRPs or (``sgl``) an SGL; returns
+        gave, else 512 bytes; ``nbytes`` overrides the buffer's size, e.g. for
+        extended LBAs), its data through PRPs or (``sgl``) an SGL; returns
         (its completion, failed or not; the buffer after)."""
-        nbytes = nlb * self.block_size.get(nsid, 512)
+        if nbytes is None:
+            nbytes = nlb * self.block_size.get(nsid, 512)
         prp1, prp2, pages, lists = self._buffer(nbytes, scatter, sgl)
         try:
             if data is not None:
@@ -531,6 +533,25 @@ class NvmeDriver(ZonedCommands):
             return done, self.gather(pages, nbytes)
         finally:
             self._release(pages, lists)
+
+    def io_metadata(self, opcode: int, slba: int, nlb: int, nsid: int = 1, qid: int = 1,
+                    data: bytes | None = None, metadata: bytes = b"", md_bytes: int = 0,
+                    cdw12: int = 0, cdw14: int = 0, cdw15: int = 0
+                    ) -> tuple[Completion, bytes, bytes]:
+        """:meth:`io` with a separate metadata buffer of ``md_bytes`` (contiguous,
+        in MPTR) holding ``metadata``, and the PI fields (PRINFO in ``cdw12``,
+        ILBRT in ``cdw14``, LBAT/LBATM in ``cdw15``); returns (completion, data,
+        metadata after)."""
+        md_bytes = max(md_bytes, len(metadata))
+        base = self.alloc(md_bytes)
+        pages = [base + i * PAGE for i in range(max(1, (md_bytes + PAGE - 1) // PAGE))]
+        try:
+            self.scatter(pages, metadata)
+            done, out = self.io(opcode, slba, nlb, nsid, qid, data, mptr=base, cdw12=cdw12,
+                                cdw14=cdw14, cdw15=cdw15)
+            return done, out, self.gather(pages, md_bytes)
+        finally:
+            self._release(pages)
 
     def write(self, nsid: int, lba: int, data: bytes, qid: int = 1, fua: bool = False) -> None:
         bs = self.block_size[nsid]

@@ -32,7 +32,18 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from appliance.storage.identity import MCL, MSRC, MSSRL
+from appliance.storage.metadata import MetadataFile, interleave, split
 from appliance.storage.namespace import Namespace
+from appliance.storage.protection import (
+    PRACT,
+    PRCHK_APP,
+    PRCHK_GUARD,
+    PRCHK_REF,
+    PiType,
+    TagCheck,
+    tuples_of,
+    with_tuples,
+)
 from appliance.storage.request import Offloaded
 from appliance.storage.spec import (
     NSID_ALL,
@@ -61,6 +72,7 @@ WZ_DEAC = 1 << 25
 DSM_NR_RESERVED = 0xFFFFFF00
 DSM_ATTR_RESERVED = 0xFFFFFFF8
 DSM_DEALLOCATE = 1 << 2
+PRCHK_ALL = PRCHK_GUARD | PRCHK_APP | PRCHK_REF
 
 Handler = Callable[["NvmeController", Command], "int | Offloaded"]
 
@@ -120,8 +132,10 @@ def written(ctrl: NvmeController, ns: Namespace, slba: int, nlb: int) -> None:
 
 def read(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
     """Read (opcode 02h, NVM section 6.9): from the page cache on the loop, else
-    off it."""
+    off it.  A namespace with metadata: :func:`read_with_metadata`."""
     ns, slba, nlb = _rw_args(ctrl, cmd, RW_RESERVED)
+    if ns.md is not None:
+        return read_with_metadata(ctrl, cmd, ns, ns.md, slba, nlb)
     nbytes = nlb << ns.lba_shift
     transfer = data_transfer(ctrl, cmd, nbytes, to_device=False)
     _readable(ctrl, ns, slba, nlb)
@@ -150,13 +164,78 @@ def read(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
     return Offloaded(lambda: ns.read_into(views, slba), counted, views, list(segments))
 
 
+def _tag_check(ns: Namespace, cmd: Command, slba: int) -> tuple[TagCheck, int]:
+    """The command's PI fields, checked, and the metadata bytes per block that
+    cross the bus (0 when PRACT inserts or strips the tuple alone)."""
+    check = TagCheck.from_dwords(cmd.cdw12, cmd.cdw14, cmd.cdw15)
+    check.validate(ns.protection, slba)
+    return check, 0 if ns.protection.strips(check.prinfo) else ns.metadata
+
+
+def _host_metadata(ctrl: NvmeController, cmd: Command, ns: Namespace, nlb: int,
+                   host_ms: int) -> tuple[bytes, bytes]:
+    """(data, metadata) the host sent: one extended buffer or data + MPTR."""
+    block = ns.block_size
+    if ns.extended:
+        raw = gather(ctrl.mem, data_transfer(ctrl, cmd, nlb * (block + host_ms), True))
+        return split(raw, block, host_ms)
+    data = gather(ctrl.mem, data_transfer(ctrl, cmd, nlb * block, to_device=True))
+    return data, ctrl.mem.read(cmd.mptr, nlb * host_ms) if host_ms else b""
+
+
+def read_with_metadata(ctrl: NvmeController, cmd: Command, ns: Namespace,
+                       md_file: MetadataFile, slba: int, nlb: int) -> int:
+    """Read of a namespace with metadata: the data from the image, the metadata
+    from its side file, the PI checked as PRCHK asks (then left out when PRACT
+    strips it), both to the host: interleaved (extended LBAs) or the metadata
+    to MPTR's contiguous buffer.  Buffered, on the loop."""
+    check, host_ms = _tag_check(ns, cmd, slba)
+    block = ns.block_size
+    nbytes = nlb * block
+    transfer = data_transfer(ctrl, cmd, nbytes + (nlb * host_ms if ns.extended else 0),
+                             to_device=False)
+    _readable(ctrl, ns, slba, nlb)
+    data = ns.read_bytes(slba, nbytes)
+    md = md_file.read(slba, nlb)
+    if ns.protection.pi_type != PiType.NONE and check.prinfo & PRCHK_ALL:
+        check.verify(ns.protection, memoryview(data), tuples_of(ns.protection, md, nlb),
+                     block, slba)
+    if ns.extended:
+        scatter(ctrl.mem, transfer, interleave(data, md, block, host_ms))
+    else:
+        scatter(ctrl.mem, transfer, data)
+        if host_ms:
+            ctrl.mem.write(cmd.mptr, md)
+    ctrl.counters["bytes_read"] += nbytes
+    return 0
+
+
+def _write_with_metadata(ctrl: NvmeController, cmd: Command, ns: Namespace,
+                         md_file: MetadataFile, slba: int, nlb: int) -> None:
+    """Write of a namespace with metadata: PRACT makes the PI tuples (inserted
+    into the host's metadata when there is more of it), else PRCHK checks the
+    host's tuples against its data before anything is stored."""
+    check, host_ms = _tag_check(ns, cmd, slba)
+    prot, block = ns.protection, ns.block_size
+    data, md = _host_metadata(ctrl, cmd, ns, nlb, host_ms)
+    if prot.pi_type != PiType.NONE and check.prinfo & PRACT:
+        md = with_tuples(prot, md, check.generate(prot, memoryview(data), block), nlb)
+    elif prot.pi_type != PiType.NONE and check.prinfo & PRCHK_ALL:
+        check.verify(prot, memoryview(data), tuples_of(prot, md, nlb), block, slba)
+    ns.write_bytes(slba, data)
+    md_file.write(slba, md)
+
+
 def write(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
     """Write (opcode 01h, NVM section 6.15); FUA or a disabled write cache syncs."""
     ns, slba, nlb = _rw_args(ctrl, cmd, RW_RESERVED)
     _writable(ctrl, ns, slba, nlb)
     nbytes = nlb << ns.lba_shift
-    ns.write(ctrl.mem, data_transfer(ctrl, cmd, nbytes, to_device=True).segments,
-             slba)  # the page cache: no wait
+    if ns.md is not None:
+        _write_with_metadata(ctrl, cmd, ns, ns.md, slba, nlb)
+    else:
+        ns.write(ctrl.mem, data_transfer(ctrl, cmd, nbytes, to_device=True).segments,
+                 slba)  # the page cache: no wait
     written(ctrl, ns, slba, nlb)
     ctrl.counters["bytes_written"] += nbytes
     if cmd.cdw12 & RW_FUA or not ctrl.features.write_cache:

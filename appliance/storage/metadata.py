@@ -138,3 +138,31 @@ class MetadataFile:
             os.fdatasync(self.fd)
         except OSError as exc:
             raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
+
+
+def interleave(data: bytes, metadata: bytes, block_size: int, ms: int) -> bytes:
+    """Extended LBAs: each block's data followed by its ``ms`` metadata bytes.
+
+    Returns:
+        The bytes of the data buffer (``metadata`` left out when ``ms`` is 0).
+    """
+    if not ms:
+        return data
+    nlb = len(data) // block_size
+    return b"".join(data[i * block_size:(i + 1) * block_size] + metadata[i * ms:(i + 1) * ms]
+                    for i in range(nlb))
+
+
+def split(extended: bytes, block_size: int, ms: int) -> tuple[bytes, bytes]:
+    """The inverse of :func:`interleave`.
+
+    Returns:
+        (data, metadata) of the blocks in ``extended``.
+    """
+    if not ms:
+        return extended, b""
+    step = block_size + ms
+    nlb = len(extended) // step
+    data = b"".join(extended[i * step:i * step + block_size] for i in range(nlb))
+    md = b"".join(extended[i * step + block_size:(i + 1) * step] for i in range(nlb))
+    return data, md

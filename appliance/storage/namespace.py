@@ -457,6 +457,8 @@ class Namespace:
         """
         if self.read_only:
             return
+        if self.md is not None:
+            self.md.flush()
         try:
             if self.export is not None:
                 self.export.flush()

@@ -110,9 +110,10 @@ class PiType(enum.IntEnum):
 class ProtectionError(CommandError):
     """A PI check failed; ``lba`` is the block whose tuple did not match."""
 
+    lba: int
+
     def __init__(self, status: Status, lba: int, message: str) -> None:
-        super().__init__(status, message)
-        self.lba = lba
+        super().__init__(status, message, lba=lba)
 
 
 @dataclass(frozen=True)
@@ -250,3 +251,31 @@ class TagCheck:
 def _blocks(data: memoryview, block_size: int) -> Iterator[memoryview]:
     for start in range(0, len(data) - len(data) % block_size, block_size):
         yield data[start:start + block_size]
+
+
+def tuples_of(prot: Protection, metadata: bytes, nlb: int) -> memoryview:
+    """The PI tuples inside ``nlb`` blocks' metadata (8 bytes per block).
+
+    Returns:
+        ``metadata`` itself when it is the tuples alone, else a copy of them.
+    """
+    if prot.metadata == PI_TUPLE_SIZE:
+        return memoryview(metadata)
+    off, ms = prot.tuple_offset, prot.metadata
+    return memoryview(b"".join(metadata[i * ms + off:i * ms + off + PI_TUPLE_SIZE]
+                               for i in range(nlb)))
+
+
+def with_tuples(prot: Protection, metadata: bytes, tuples: bytes, nlb: int) -> bytes:
+    """``metadata`` with each block's tuple replaced from ``tuples`` (PRACT
+    inserting PI into longer metadata).
+
+    Returns:
+        The new metadata of ``nlb`` blocks.
+    """
+    if prot.metadata == PI_TUPLE_SIZE:
+        return tuples
+    out, off, ms = bytearray(metadata), prot.tuple_offset, prot.metadata
+    for i in range(nlb):
+        out[i * ms + off:i * ms + off + PI_TUPLE_SIZE] = tuples[i * 8:(i + 1) * 8]
+    return bytes(out)

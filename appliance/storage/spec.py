@@ -303,12 +303,16 @@ class CommandError(ApplianceError):
     Attributes:
         status: a :class:`Status` value.
         dnr: the host should not retry the command as is.
+        lba: the first LBA that saw the error, for the Error Information log
+            (None: the command's SLBA).
     """
 
-    def __init__(self, status: Status, message: str = "", dnr: bool = True) -> None:
+    def __init__(self, status: Status, message: str = "", dnr: bool = True,
+                 lba: int | None = None) -> None:
         super().__init__(message or status.name)
         self.status = status
         self.dnr = dnr
+        self.lba = lba
 
 
 def ascii_field(value: str, width: int, what: str) -> bytes:

@@ -1,0 +1,171 @@
+"""Metadata and end-to-end protection through the one driver: Identify, separate
+(MPTR) and extended metadata, PRACT, PRCHK and the check statuses, hostile fields."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.client.nvme import NvmeDriver
+from appliance.config import NamespaceConfig
+from appliance.storage import NvmeController
+from appliance.storage.protection import (
+    PRACT,
+    PRCHK_APP,
+    PRCHK_GUARD,
+    PRCHK_REF,
+    PRINFO_SHIFT,
+    crc16_t10dif,
+    pack_tuple,
+)
+from appliance.storage.spec import IoOpcode, LogPage, Status
+from appliance.testing.nvme import controller_driver
+from tests.unit.test_nvme_driver import UNMAPPED, status
+
+BLOCK = 4096
+ALL = PRCHK_GUARD | PRCHK_APP | PRCHK_REF
+
+
+def prinfo(bits: int) -> int:
+    return bits << PRINFO_SHIFT
+
+
+def tuples(data: bytes, first_ref: int, app: int = 0, block: int = BLOCK) -> bytes:
+    return b"".join(pack_tuple(crc16_t10dif(data[i:i + block]), app, first_ref + i // block)
+                    for i in range(0, len(data), block))
+
+
+def make(tmp_path: Path, metadata: int, pi: int, block_size: int = BLOCK) -> NvmeController:
+    cfg = NamespaceConfig(image=str(tmp_path / "pi.img"), size=1 << 20, block_size=block_size,
+                          read_only=False, grow=False, metadata=metadata, pi=pi)
+    return NvmeController([cfg], io_queues=1, queue_entries=64)
+
+
+@pytest.fixture
+def type1(tmp_path: Path) -> Iterator[NvmeDriver]:
+    ctrl = make(tmp_path, 8, 1)
+    d = controller_driver(ctrl).ready()
+    d.identify_namespace(1)
+    yield d
+    ctrl.close()
+
+
+def test_identify_reports_the_format_and_protection(type1: NvmeDriver) -> None:
+    ident = type1.identify_namespace(1)
+    assert ident.flbas == 5 and ident.nlbaf == 7  # 4096 + 8, separate buffer
+    assert ident.dps == 0x9 and ident.dpc == 0x1F and ident.mc == 0x3
+    assert type1.block_size[1] == BLOCK and type1.metadata_size[1] == 8
+
+
+def test_write_read_with_host_tuples_checked(type1: NvmeDriver) -> None:
+    data = os.urandom(2 * BLOCK)
+    md = tuples(data, 10)
+    done, _, _ = type1.io_metadata(IoOpcode.WRITE, 10, 2, data=data, metadata=md,
+                                   cdw12=prinfo(ALL), cdw14=10)
+    assert status(done) == (Status.SUCCESS, False)
+    done, got, got_md = type1.io_metadata(IoOpcode.READ, 10, 2, md_bytes=16,
+                                          cdw12=prinfo(ALL), cdw14=10)
+    assert status(done) == (Status.SUCCESS, False)
+    assert got == data and got_md == md
+
+
+def test_pract_generates_on_write_and_strips_on_read(type1: NvmeDriver, tmp_path: Path) -> None:
+    data = os.urandom(BLOCK * 3)
+    done, _ = type1.io(IoOpcode.WRITE, 7, 3, data=data, cdw12=prinfo(PRACT | ALL),
+                       cdw14=7, cdw15=0x1234)
+    assert status(done) == (Status.SUCCESS, False)
+    # the image is plain data; the side file holds the tuples (inverted)
+    raw = (tmp_path / "pi.img").read_bytes()
+    assert raw[7 * BLOCK:10 * BLOCK] == data
+    side = bytes(b ^ 0xFF for b in (tmp_path / "pi.img.md").read_bytes()[7 * 8:10 * 8])
+    assert side == tuples(data, 7, app=0x1234)
+    done, got = type1.io(IoOpcode.READ, 7, 3, cdw12=prinfo(PRACT | ALL), cdw14=7,
+                         cdw15=0xFFFF << 16 | 0x1234)
+    assert status(done) == (Status.SUCCESS, False) and got == data
+
+
+@pytest.mark.parametrize(("offset", "prchk", "expected"), [
+    (0, PRCHK_GUARD, Status.GUARD_CHECK_ERROR),
+    (2, PRCHK_APP, Status.APPLICATION_TAG_CHECK_ERROR),
+    (4, PRCHK_REF, Status.REFERENCE_TAG_CHECK_ERROR),
+])
+def test_write_check_errors_store_nothing(type1: NvmeDriver, offset: int, prchk: int,
+                                          expected: Status) -> None:
+    data = os.urandom(BLOCK * 2)
+    md = bytearray(tuples(data, 20))
+    md[8 + offset] ^= 0x40  # the second block's field
+    done, _, _ = type1.io_metadata(IoOpcode.WRITE, 20, 2, data=data, metadata=bytes(md),
+                                   cdw12=prinfo(prchk), cdw14=20, cdw15=0xFFFF << 16)
+    assert status(done) == (expected, True)
+    _, entry = type1.log_page(LogPage.ERROR, 64)
+    assert int.from_bytes(entry[16:24], "little") == 21  # the failing LBA
+    # without the check the same write goes through
+    done, _, _ = type1.io_metadata(IoOpcode.WRITE, 20, 2, data=data, metadata=bytes(md),
+                                   cdw12=prinfo(ALL & ~prchk), cdw14=20, cdw15=0xFFFF << 16)
+    assert status(done) == (Status.SUCCESS, False)
+    done, _, _ = type1.io_metadata(IoOpcode.READ, 20, 2, md_bytes=16, cdw12=prinfo(prchk),
+                                   cdw14=20, cdw15=0xFFFF << 16)
+    assert status(done) == (expected, True)
+
+
+def test_unwritten_blocks_read_with_every_check(type1: NvmeDriver) -> None:
+    done, got, md = type1.io_metadata(IoOpcode.READ, 100, 2, md_bytes=16, cdw12=prinfo(ALL),
+                                      cdw14=100)
+    assert status(done) == (Status.SUCCESS, False)
+    assert got == bytes(2 * BLOCK) and md == b"\xff" * 16
+
+
+def test_type1_ilbrt_must_be_slba(type1: NvmeDriver) -> None:
+    done, _ = type1.io(IoOpcode.READ, 5, 1, cdw12=prinfo(PRACT | PRCHK_REF), cdw14=6)
+    assert status(done) == (Status.INVALID_PROTECTION_INFORMATION, True)
+
+
+def test_metadata_buffer_outside_memory_is_a_transfer_error(type1: NvmeDriver) -> None:
+    for opcode in (IoOpcode.WRITE, IoOpcode.READ):
+        done, _ = type1.io(opcode, 0, 1, data=bytes(BLOCK), mptr=UNMAPPED)
+        assert status(done) == (Status.DATA_TRANSFER_ERROR, False)
+    done, _ = type1.io(IoOpcode.READ, 0, 1, mptr=UNMAPPED, cdw12=prinfo(PRACT))
+    assert status(done) == (Status.SUCCESS, False)  # PRACT strips: no metadata moves
+
+
+def test_metadata_sgl_is_refused(type1: NvmeDriver) -> None:
+    done, _ = type1.io(IoOpcode.READ, 0, 1, flags=0x80)  # PSDT 10b: metadata SGL
+    assert status(done) == (Status.INVALID_FIELD, True)
+
+
+def test_no_pi_namespace_refuses_prinfo_and_moves_metadata(tmp_path: Path) -> None:
+    ctrl = make(tmp_path, 16, 0, block_size=512)
+    try:
+        d = controller_driver(ctrl).ready()
+        assert d.identify_namespace(1).flbas == 2 and d.block_size[1] == 512
+        done, _ = d.io(IoOpcode.READ, 0, 1, cdw12=prinfo(PRCHK_GUARD))
+        assert status(done) == (Status.INVALID_FIELD, True)
+        md = os.urandom(32)
+        data = os.urandom(1024)
+        done, _, _ = d.io_metadata(IoOpcode.WRITE, 3, 2, data=data, metadata=md)
+        assert status(done) == (Status.SUCCESS, False)
+        done, got, got_md = d.io_metadata(IoOpcode.READ, 3, 2, md_bytes=32)
+        assert got == data and got_md == md
+    finally:
+        ctrl.close()
+
+
+def test_pi_in_longer_metadata_is_inserted(tmp_path: Path) -> None:
+    ctrl = make(tmp_path, 16, 3, block_size=512)
+    try:
+        d = controller_driver(ctrl).ready()
+        d.identify_namespace(1)
+        data, user = os.urandom(512), os.urandom(16)
+        done, _, _ = d.io_metadata(IoOpcode.WRITE, 1, 1, data=data, metadata=user,
+                                   cdw12=prinfo(PRACT), cdw14=0x55, cdw15=0xABCD)
+        assert status(done) == (Status.SUCCESS, False)
+        done, _, got_md = d.io_metadata(IoOpcode.READ, 1, 1, md_bytes=16, cdw12=prinfo(ALL),
+                                        cdw15=0xFFFF << 16 | 0xABCD)
+        assert status(done) == (Status.SUCCESS, False)
+        # DPS bit 3 set: the tuple is the first 8 bytes; type 3 keeps ILBRT as is
+        assert got_md == pack_tuple(crc16_t10dif(data), 0xABCD, 0x55) + user[8:]
+    finally:
+        ctrl.close()
