@@ -126,6 +126,19 @@ class MetadataFile:
         except OSError as exc:
             raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
 
+    def drop(self) -> None:
+        """Empty the side file and close it (Format NVM to another format).
+
+        Raises:
+            CommandError: WRITE_FAULT when the file cannot be truncated.
+        """
+        try:
+            os.ftruncate(self.fd, 0)
+        except OSError as exc:
+            raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
+        finally:
+            self.close()
+
     def flush(self) -> None:
         """Make the metadata durable (fdatasync).
 

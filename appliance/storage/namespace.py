@@ -482,6 +482,48 @@ class Namespace:
         finally:
             self._changed(0, self.size)
 
+    def check_format(self, index: int, pi: int) -> None:
+        """Raises:
+            CommandError: INVALID_FORMAT for a format this namespace cannot take:
+                an index past NLBAF, a size that is not a multiple of the block
+                size, PI without 8 bytes of metadata, metadata on an export,
+                another format for a zoned namespace.
+        """
+        if not 0 <= index < len(LBA_FORMATS) or not 0 <= pi <= 3:
+            raise CommandError(Status.INVALID_FORMAT, f"LBA format {index} PI {pi}")
+        fmt = LBA_FORMATS[index]
+        if (self.size % fmt.block_size or (pi and fmt.metadata < 8)
+                or (fmt.metadata and self.export is not None)
+                or (self.fixed_format and index != self.format_index)):
+            raise CommandError(Status.INVALID_FORMAT, f"nsid {self.nsid}: LBA format {index} "
+                               f"({fmt.block_size}+{fmt.metadata}) with PI {pi}")
+
+    def reformat(self, index: int, pi: int, pi_first: bool, extended: bool) -> None:
+        """Format NVM to LBA format ``index`` with PI type ``pi`` (the tuple first
+        or last in the metadata) and the metadata ``extended`` or separate: every
+        block and its metadata erased, the block count follows the block size.
+
+        Raises:
+            CommandError: INVALID_FORMAT (:meth:`check_format`); WRITE_FAULT when
+                the image or side file cannot be erased or opened.
+        """
+        self.check_format(index, pi)
+        fmt = LBA_FORMATS[index]
+        self.format()
+        if self.md is not None:
+            md, self.md = self.md, None
+            md.drop()
+        self.block_size, self.lba_shift = fmt.block_size, fmt.lbads
+        self.nlbas, self.format_index = self.size // fmt.block_size, index
+        self.protection = Protection(PiType(pi), fmt.metadata, pi_first)
+        self.extended = extended and fmt.metadata > 0
+        if fmt.metadata:
+            try:
+                self.md = MetadataFile(side_file(self.image), self.nlbas, fmt.metadata)
+                self.md.erase()
+            except OSError as exc:
+                raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
+
     # ------------------------------------------------------------ identify
     def identify(self) -> bytes:
         """The Identify Namespace data structure (CNS 00h)."""

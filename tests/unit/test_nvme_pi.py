@@ -21,7 +21,7 @@ from appliance.storage.protection import (
     crc16_t10dif,
     pack_tuple,
 )
-from appliance.storage.spec import IoOpcode, LogPage, Status
+from appliance.storage.spec import AdminOpcode, IoOpcode, LogPage, Status
 from appliance.testing.nvme import controller_driver
 from tests.unit.test_nvme_driver import UNMAPPED, status
 
@@ -169,3 +169,60 @@ def test_pi_in_longer_metadata_is_inserted(tmp_path: Path) -> None:
         assert got_md == pack_tuple(crc16_t10dif(data), 0xABCD, 0x55) + user[8:]
     finally:
         ctrl.close()
+
+
+def _format(d: NvmeDriver, lbaf: int, pi: int = 0, mset: bool = False, pil: bool = True,
+            nsid: int = 1) -> tuple[int, bool]:
+    cdw10 = lbaf | int(mset) << 4 | pi << 5 | int(pil) << 8
+    return status(d.admin_command(AdminOpcode.FORMAT_NVM, nsid=nsid, cdw10=cdw10))
+
+
+def test_format_to_every_lba_format_and_back(tmp_path: Path) -> None:
+    ctrl = make(tmp_path, 0, 0, block_size=512)
+    try:
+        d = controller_driver(ctrl).ready()
+        for lbaf, (block, ms) in enumerate([(512, 0), (512, 8), (512, 16), (512, 64),
+                                            (4096, 0), (4096, 8), (4096, 16), (4096, 64)]):
+            pi = 1 if ms else 0
+            assert _format(d, lbaf, pi) == (Status.SUCCESS, False)
+            ident = d.identify_namespace(1)
+            assert ident.flbas == lbaf and ident.nsze == (1 << 20) // block
+            assert ident.dps == (0x9 if pi else 0)
+            assert d.block_size[1] == block and d.metadata_size[1] == ms
+            data = os.urandom(block)
+            user = os.urandom(ms)  # PRACT puts the tuple in its first 8 bytes
+            done, _, _ = d.io_metadata(IoOpcode.WRITE, 3, 1, data=data, metadata=user,
+                                       md_bytes=ms, cdw12=prinfo(PRACT) if pi else 0, cdw14=3)
+            assert status(done) == (Status.SUCCESS, False)
+            done, got, got_md = d.io_metadata(IoOpcode.READ, 3, 1, md_bytes=ms, cdw14=3,
+                                              cdw12=prinfo(PRACT | ALL) if pi else 0)
+            assert status(done) == (Status.SUCCESS, False) and got == data
+            assert got_md[8:] == user[8:] and (ms <= 8 or got_md[:8] != user[:8])
+        assert _format(d, 0) == (Status.SUCCESS, False)
+        assert d.identify_namespace(1).flbas == 0
+        assert not os.path.getsize(tmp_path / "pi.img.md")  # the old metadata is gone
+    finally:
+        ctrl.close()
+
+
+@pytest.mark.parametrize(("lbaf", "pi"), [(8, 0), (15, 0), (0, 1), (4, 2), (1, 4)])
+def test_format_refuses_what_cannot_hold(type1: NvmeDriver, lbaf: int, pi: int) -> None:
+    assert _format(type1, lbaf, pi) == (Status.INVALID_FORMAT, True)
+    assert type1.identify_namespace(1).flbas == 5  # unchanged
+
+
+def test_format_extended_lbas_interleave_metadata(type1: NvmeDriver, tmp_path: Path) -> None:
+    assert _format(type1, 1, pi=2, mset=True, pil=False) == (Status.SUCCESS, False)
+    ident = type1.identify_namespace(1)
+    assert ident.flbas == 0x11 and ident.dps == 0x2
+    data = os.urandom(1024)
+    md = tuples(data, 0x99, block=512)
+    ext = data[:512] + md[:8] + data[512:] + md[8:]
+    done, _ = type1.io(IoOpcode.WRITE, 4, 2, data=ext, nbytes=len(ext), cdw12=prinfo(ALL),
+                       cdw14=0x99)
+    assert status(done) == (Status.SUCCESS, False)
+    assert (tmp_path / "pi.img").read_bytes()[2048:3072] == data
+    done, got = type1.io(IoOpcode.READ, 4, 2, nbytes=len(ext), cdw12=prinfo(ALL), cdw14=0x99)
+    assert status(done) == (Status.SUCCESS, False) and got == ext
+    done, got = type1.io(IoOpcode.READ, 4, 2, cdw12=prinfo(PRACT | ALL), cdw14=0x99)
+    assert status(done) == (Status.SUCCESS, False) and got == data  # PRACT: no tuples
