@@ -69,6 +69,7 @@ from appliance.storage.identity import (
 )
 from appliance.storage.inflight import FaultHook, Offload, RequestEngine
 from appliance.storage.namespace import BlockExport, Namespace, NamespaceSettings
+from appliance.storage.protection import PiFault
 from appliance.storage.queues import (
     DOORBELL_STRIDE,
     AsyncEvents,
@@ -207,6 +208,8 @@ class NvmeController(RequestEngine, PciDevice):
         #: blocks a Write Uncorrectable marked, per namespace (device state: migrated)
         self.uncorrectable = {nsid: LbaRanges() for nsid in self.namespaces}
         self.faults: FaultHook | None = None  # installed by the runtime (appliance.control.faults)
+        #: set by the fault hook around one command: the PI tuples its read corrupts
+        self.pi_fault: PiFault | None = None
         #: held requests by (SQID, CID): hung or delayed by a fault (AERs wait in ``events``)
         self.held: dict[tuple[int, int], NvmeRequest] = {}
         #: requests waiting for DMA messages (memory mapped without an fd), in order

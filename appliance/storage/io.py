@@ -197,6 +197,8 @@ def read_with_metadata(ctrl: NvmeController, cmd: Command, ns: Namespace,
     _readable(ctrl, ns, slba, nlb)
     data = ns.read_bytes(slba, nbytes)
     md = md_file.read(slba, nlb)
+    if ctrl.pi_fault is not None:  # an injected fault: the tuples as a bad medium returns them
+        md = ctrl.pi_fault.apply(ns.protection, md, slba, nlb)
     if ns.protection.pi_type != PiType.NONE and check.prinfo & PRCHK_ALL:
         check.verify(ns.protection, memoryview(data), tuples_of(ns.protection, md, nlb),
                      block, slba)

@@ -279,3 +279,27 @@ def with_tuples(prot: Protection, metadata: bytes, tuples: bytes, nlb: int) -> b
     for i in range(nlb):
         out[i * ms + off:i * ms + off + PI_TUPLE_SIZE] = tuples[i * 8:(i + 1) * 8]
     return bytes(out)
+
+
+@dataclass(frozen=True)
+class PiFault:
+    """An injected fault: reads of blocks ``first .. last`` return their PI
+    tuple with the guard (``reftag`` False) or the reference tag flipped, as if
+    the medium had corrupted it (the stored metadata stays intact)."""
+
+    reftag: bool
+    first: int
+    last: int
+
+    def apply(self, prot: Protection, metadata: bytes, slba: int, nlb: int) -> bytes:
+        """Returns:
+            ``metadata`` of blocks ``slba ..`` with the fault's tuples corrupted
+            (unchanged for a namespace without PI).
+        """
+        if prot.pi_type == PiType.NONE:
+            return metadata
+        out = bytearray(metadata)
+        where = prot.tuple_offset + (4 if self.reftag else 0)
+        for lba in range(max(slba, self.first), min(slba + nlb - 1, self.last) + 1):
+            out[(lba - slba) * prot.metadata + where] ^= 0x5A
+        return bytes(out)

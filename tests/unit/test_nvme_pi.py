@@ -11,6 +11,7 @@ import pytest
 
 from appliance.client.nvme import NvmeDriver
 from appliance.config import NamespaceConfig
+from appliance.control.faults import FaultSet
 from appliance.storage import NvmeController
 from appliance.storage.protection import (
     PRACT,
@@ -226,3 +227,32 @@ def test_format_extended_lbas_interleave_metadata(type1: NvmeDriver, tmp_path: P
     assert status(done) == (Status.SUCCESS, False) and got == ext
     done, got = type1.io(IoOpcode.READ, 4, 2, cdw12=prinfo(PRACT | ALL), cdw14=0x99)
     assert status(done) == (Status.SUCCESS, False) and got == data  # PRACT: no tuples
+
+
+@pytest.mark.parametrize(("action", "expected"), [
+    ("corrupt_guard", Status.GUARD_CHECK_ERROR),
+    ("corrupt_reftag", Status.REFERENCE_TAG_CHECK_ERROR),
+])
+def test_injected_pi_fault_fails_exactly_that_read(tmp_path: Path, action: str,
+                                                   expected: Status) -> None:
+    ctrl = make(tmp_path, 8, 1)
+    ctrl.faults = faults = FaultSet(clock=lambda: 0.0, seed=1)
+    type1 = controller_driver(ctrl).ready()
+    type1.identify_namespace(1)
+    data = os.urandom(BLOCK * 4)
+    done, _ = type1.io(IoOpcode.WRITE, 40, 4, data=data, cdw12=prinfo(PRACT), cdw14=40)
+    assert status(done) == (Status.SUCCESS, False)
+    faults.add({"action": action, "opcode": int(IoOpcode.READ), "lba": "42"})
+    done, _ = type1.io(IoOpcode.READ, 40, 2, cdw12=prinfo(PRACT | ALL), cdw14=40)
+    assert status(done) == (Status.SUCCESS, False)  # blocks 40-41: not the rule's
+    done, _ = type1.io(IoOpcode.READ, 40, 4, cdw12=prinfo(PRACT | ALL), cdw14=40)
+    assert status(done) == (expected, True)
+    _, entry = type1.log_page(LogPage.ERROR, 64)
+    assert int.from_bytes(entry[16:24], "little") == 42
+    done, got, md = type1.io_metadata(IoOpcode.READ, 42, 1, md_bytes=8, cdw14=42)
+    assert status(done) == (Status.SUCCESS, False) and got == data[2 * BLOCK:3 * BLOCK]
+    assert md != tuples(data[2 * BLOCK:3 * BLOCK], 42)  # unchecked: the host sees the damage
+    faults.clear()
+    done, _ = type1.io(IoOpcode.READ, 40, 4, cdw12=prinfo(PRACT | ALL), cdw14=40)
+    assert status(done) == (Status.SUCCESS, False)  # the stored tuples were never touched
+    ctrl.close()
