@@ -12,7 +12,9 @@ import pytest
 from appliance.client.nvme import NvmeDriver
 from appliance.config import NamespaceConfig
 from appliance.control.faults import FaultSet
+from appliance.errors import LocalProtocolError
 from appliance.storage import NvmeController
+from appliance.storage.migration import NvmeMigratable
 from appliance.storage.protection import (
     PRACT,
     PRCHK_APP,
@@ -256,3 +258,19 @@ def test_injected_pi_fault_fails_exactly_that_read(tmp_path: Path, action: str,
     done, _ = type1.io(IoOpcode.READ, 40, 4, cdw12=prinfo(PRACT | ALL), cdw14=40)
     assert status(done) == (Status.SUCCESS, False)  # the stored tuples were never touched
     ctrl.close()
+
+
+def test_migration_fingerprint_and_block_copy_limit(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with_pi, plain = make(tmp_path / "a", 8, 1), make(tmp_path / "b", 0, 0)
+    try:
+        assert b"md1:8:9:0" in NvmeMigratable.fingerprint_extra(with_pi)
+        assert b"md1" not in NvmeMigratable.fingerprint_extra(plain)
+        mig = NvmeMigratable(with_pi)
+        mig.start_tracking()
+        with pytest.raises(LocalProtocolError, match="has metadata"):
+            mig.precopy_records(1 << 20)
+    finally:
+        with_pi.close()
+        plain.close()
