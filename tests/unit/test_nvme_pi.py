@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from appliance.client.nvme import NvmeDriver
+from appliance import config
 from appliance.config import NamespaceConfig
 from appliance.control.faults import FaultSet
-from appliance.errors import LocalProtocolError
+from appliance.errors import ConfigError, LocalProtocolError
 from appliance.storage import NvmeController
 from appliance.storage.migration import NvmeMigratable
 from appliance.storage.protection import (
@@ -274,3 +275,25 @@ def test_migration_fingerprint_and_block_copy_limit(tmp_path: Path) -> None:
     finally:
         with_pi.close()
         plain.close()
+
+
+@pytest.mark.parametrize(("ns", "message"), [
+    ("{image: a, metadata: 4}", "storage.namespaces[0].metadata: must be one of 0, 8, 16, 64"),
+    ("{image: a, metadata: 8, pi: 4}", "storage.namespaces[0].pi:"),
+    ("{image: a, metadata: 0, pi: 1}", "storage.namespaces[0].pi: protection information needs"),
+    ("{image: 'nbd+unix:///x?socket=/s', metadata: 8}", "storage.namespaces[0].metadata: only"),
+    ("{image: a, metadata: 8, zoned: {zone_size: 1M}}", "storage.namespaces[0].metadata: only"),
+])
+def test_config_errors_name_the_key(tmp_path: Path, ns: str, message: str) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(f"storage: {{namespaces: [{ns}]}}")
+    with pytest.raises(ConfigError) as info:
+        config.load(str(f))
+    assert message in str(info.value)
+
+
+def test_config_metadata_and_pi(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("storage: {namespaces: [{image: a, block_size: 4096, metadata: 8, pi: 1}]}")
+    ns = config.load(str(f)).storage.namespaces[0]
+    assert (ns.block_size, ns.metadata, ns.pi) == (4096, 8, 1)
