@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.client.nvme import NvmeDriver
 from appliance import config
+from appliance.client.nvme import NvmeDriver
 from appliance.config import NamespaceConfig
 from appliance.control.faults import FaultSet
 from appliance.errors import ConfigError, LocalProtocolError
