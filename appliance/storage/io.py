@@ -11,7 +11,10 @@ against MDTS, turns the data pointer (PRPs or an SGL:
 :mod:`~appliance.storage.transfer`) into client memory segments and moves
 the data through the namespace.  Blocks a Write Uncorrectable marked
 (:mod:`~appliance.storage.uncorrectable`) fail reads with Unrecovered Read
-Error until they are written again.
+Error until they are written again.  A namespace with metadata (``ns.md``)
+reads and writes through :func:`read_with_metadata` and its write twin
+(buffered, the PI of :mod:`~appliance.storage.protection` checked there): a
+fast path must hand such namespaces' Read and Write to these entry points.
 
 Handlers return the completion's DWORD 0 and refuse a command by raising
 :class:`~appliance.storage.spec.CommandError`; an unreachable data buffer
