@@ -146,6 +146,20 @@ def test_zone_append_and_its_fault(nvme_driver: Any, appliance_ctl: Any) -> None
     assert nvme_driver.read(1, 2048, 2) == b"a" * 512 + b"c" * 512
 
 
+@pytest.mark.appliance_config(storage={"namespaces": [{
+    "image": "{data_dir}/pi.img", "size": "8M", "block_size": 4096, "metadata": 8, "pi": 1}]})
+def test_pi_guard_error_on_one_block(nvme_driver: Any, appliance_ctl: Any) -> None:
+    prinfo = 0xF << 26  # PRACT + PRCHK guard, application tag, reference tag
+    nvme_driver.identify_namespace(1)
+    assert nvme_driver.io(0x01, 7, 2, data=b"p" * 8192, cdw12=prinfo, cdw14=7)[0].status == 0
+    appliance_ctl("fault.add", action="corrupt_guard", opcode=0x02, lba=8)
+    assert nvme_driver.io(0x02, 7, 1, cdw12=prinfo, cdw14=7)[0].status == 0
+    assert nvme_driver.io(0x02, 8, 1, cdw12=prinfo, cdw14=8)[0].status == 0x282  # guard
+    appliance_ctl("fault.clear")
+    done, data = nvme_driver.io(0x02, 7, 2, cdw12=prinfo, cdw14=7)
+    assert done.status == 0 and data == b"p" * 8192
+
+
 def test_driver_delayed_completion_arrives_after_the_delay(nvme_driver: Any,
                                                            appliance_ctl: Any) -> None:
     import time
