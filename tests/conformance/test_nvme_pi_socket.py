@@ -5,6 +5,8 @@ without PI, checks, hostile fields, a guard fault rule and Format NVM."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from appliance.storage.protection import (
 )
 from appliance.storage.spec import AdminOpcode, IoOpcode, Status
 from appliance.testing.process import ApplianceProcess, make_config
+from appliance.testing.workload import pair_configs
 
 ST = Status
 ALL = (PRCHK_GUARD | PRCHK_APP | PRCHK_REF) << PRINFO_SHIFT
@@ -136,3 +139,34 @@ def test_format_to_another_lba_format(driver: NvmeDriver) -> None:
     done = driver.admin_command(AdminOpcode.FORMAT_NVM, nsid=2, cdw10=2)  # back: 512+16
     assert result(done) == (ST.SUCCESS, False)
     assert driver.identify_namespace(2).flbas == 2 and driver.block_size[2] == 512
+
+
+def test_protected_blocks_move_with_a_shared_storage_handoff(tmp_path: Path) -> None:
+    """Both processes use the same image, so the side file is the same too: the
+    driver on the moved connection reads its protected blocks back checked."""
+    src_cfg, dst_cfg = pair_configs(tmp_path, 16 << 20, shared=True)
+    for cfg in (src_cfg, dst_cfg):
+        cfg["storage"]["namespaces"][0].update(  # type: ignore[index]
+            {"block_size": 4096, "metadata": 8, "pi": 1})
+    src = ApplianceProcess(src_cfg, tmp_path / "src" / "proc").start()
+    dst = ApplianceProcess(dst_cfg, tmp_path / "dst" / "proc").start()
+    try:
+        d = NvmeDriver(VfioUserClient.connect(src.config.storage.socket), mem_size=8 << 20)
+        d.setup(io_queues=1, depth=32)
+        d.identify_namespace(1)
+        data = os.urandom(8 * 4096)
+        done, _ = d.io(IoOpcode.WRITE, 16, 8, data=data, cdw12=PRACT_ALL, cdw14=16)
+        assert result(done) == (ST.SUCCESS, False)
+        moved = subprocess.run([sys.executable, "-m", "appliance", "handoff", "--from",
+                                src.config.control.socket, "--to", dst.config.control.socket],
+                               check=False, capture_output=True, text=True, timeout=120)
+        assert moved.returncode == 0, moved.stderr
+        assert src.proc is not None and src.proc.wait(timeout=30) == 0
+        done, back, md = d.io_metadata(IoOpcode.READ, 16, 8, md_bytes=64, cdw12=ALL, cdw14=16)
+        assert result(done) == (ST.SUCCESS, False) and back == data
+        assert md[:8] == pack_tuple(crc16_t10dif(data[:4096]), 0, 16)
+        d.c.close()
+    finally:
+        for p in (src, dst):
+            p.stop()
+        assert "Traceback" not in dst.log_text(), dst.log_text()
