@@ -53,6 +53,9 @@ class MetadataFile:
             raise ValueError(f"{path}: {metadata} metadata bytes for {nlbas} blocks")
         self.path, self.nlbas, self.metadata, self.read_only = path, nlbas, metadata, read_only
         size = nlbas * metadata
+        self.fd = -1
+        if read_only and not os.path.exists(path):
+            return  # a read-only image that never had metadata: every block reads FFh
         flags = os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT
         self.fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
         try:
@@ -77,7 +80,7 @@ class MetadataFile:
         length, offset = nlb * self.metadata, slba * self.metadata
         parts, total = [], 0
         try:
-            while total < length:
+            while total < length and self.fd >= 0:
                 chunk = os.pread(self.fd, length - total, offset + total)
                 if not chunk:
                     break

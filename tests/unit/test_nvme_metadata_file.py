@@ -55,6 +55,15 @@ def test_deallocate_and_erase(tmp_path: Path) -> None:
         md.close()
 
 
+def test_read_only_without_a_side_file_reads_holes(tmp_path: Path) -> None:
+    md = MetadataFile(str(tmp_path / "ro.md"), nlbas=4, metadata=8, read_only=True)
+    try:
+        assert md.read(0, 4) == b"\xff" * 32
+        assert not (tmp_path / "ro.md").exists()  # nothing written for a read-only namespace
+    finally:
+        md.close()
+
+
 @pytest.mark.parametrize(("nlbas", "metadata"), [(0, 8), (8, 0)])
 def test_empty_layout_is_refused(tmp_path: Path, nlbas: int, metadata: int) -> None:
     with pytest.raises(ValueError, match="metadata bytes"):
