@@ -203,6 +203,8 @@ class NamespaceConfig:
     read_only: bool
     grow: bool  # extend an existing image smaller than size (never cut one)
     zoned: ZonedConfig | None = None  # None: a conventional namespace
+    metadata: int = 0  # bytes of metadata per block: 0, 8, 16 or 64
+    pi: int = 0  # end-to-end protection information type 0-3 (0: none)
 
     @property
     def remote(self) -> bool:
@@ -336,6 +338,8 @@ NAMESPACE = Table(NamespaceConfig, {
     "block_size": (one_of(512, 4096), 512),
     "read_only": (boolean, False),
     "grow": (boolean, False),
+    "metadata": (one_of(0, 8, 16, 64), 0),
+    "pi": (integer(0, 3), 0),
     "zoned": (OptionalTable(Table(ZonedConfig, {
         "zone_size": (size, None),
         "zone_capacity": (size, None),
@@ -452,6 +456,12 @@ def _required(checked: dict[str, Any]) -> None:
             ns["size"] = 0 if is_nbd_uri(ns["image"]) else DEFAULT_NAMESPACE_SIZE
         if ns["size"] % ns["block_size"]:
             raise ConfigError(f"storage.namespaces[{i}].size: must be a multiple of block_size")
+        if ns["pi"] and ns["metadata"] < 8:
+            raise ConfigError(f"storage.namespaces[{i}].pi: protection information needs "
+                              f"metadata of at least 8 bytes per block")
+        if ns["metadata"] and (ns["zoned"] is not None or is_nbd_uri(ns["image"])):
+            raise ConfigError(f"storage.namespaces[{i}].metadata: only for a conventional "
+                              f"namespace in an image file (not zoned, not NBD)")
         if ns["zoned"] is not None:
             _zoned(f"storage.namespaces[{i}].zoned", ns["zoned"], ns["size"], ns["block_size"])
     _capacity(checked["storage"])

@@ -88,6 +88,7 @@ class NvmeDriver(ZonedCommands, NamespaceCommands):
         self.cap = 0
         self.identity: spec.IdentifyController | None = None
         self.block_size: dict[int, int] = {}
+        self.metadata_size: dict[int, int] = {}  # metadata bytes per block, by NSID
         self.ns_blocks: dict[int, int] = {}
 
     @property
@@ -341,8 +342,11 @@ class NvmeDriver(ZonedCommands, NamespaceCommands):
     def identify_namespace(self, nsid: int) -> spec.IdentifyNamespace:
         """Identify namespace ``nsid`` and learn its block size and size."""
         ns = spec.IdentifyNamespace.unpack(self._identify_ok(spec.Cns.NAMESPACE, nsid))
-        lbaf = ns.lbaf0  # this controller offers one LBA format
+        index = ns.flbas & 0xF  # the namespace's current LBA format
+        lbaf = ns.lbaf0 if index == 0 else int.from_bytes(
+            ns.lbaf1_15[(index - 1) * 4:index * 4], "little")
         self.block_size[nsid] = 1 << spec.LBAF.get(lbaf, "lbads")
+        self.metadata_size[nsid] = spec.LBAF.get(lbaf, "ms")
         self.ns_blocks[nsid] = ns.nsze
         return ns
 
@@ -511,12 +515,14 @@ class NvmeDriver(ZonedCommands, NamespaceCommands):
                             cdw12=(nblocks - 1) | ((1 << 30) if fua else 0))
 
     def io(self, opcode: int, slba: int, nlb: int, nsid: int = 1, qid: int = 1,
-           data: bytes | None = None, scatter: bool = False, sgl: bool = False, **fields: int
-           ) -> tuple[Completion, bytes]:
+           data: bytes | None = None, scatter: bool = False, sgl: bool = False,
+           nbytes: int | None = None, **fields: int) -> tuple[Completion, bytes]:
         """One read/write/compare of ``nlb`` blocks (of the size Identify Namespace
-        gave, else 512 bytes), its data through PRPs or (``sgl``) an SGL; returns
+        gave, else 512 bytes; ``nbytes`` overrides the buffer's size, e.g. for
+        extended LBAs), its data through PRPs or (``sgl``) an SGL; returns
         (its completion, failed or not; the buffer after)."""
-        nbytes = nlb * self.block_size.get(nsid, 512)
+        if nbytes is None:
+            nbytes = nlb * self.block_size.get(nsid, 512)
         prp1, prp2, pages, lists = self._buffer(nbytes, scatter, sgl)
         try:
             if data is not None:
@@ -529,6 +535,25 @@ class NvmeDriver(ZonedCommands, NamespaceCommands):
             return done, self.gather(pages, nbytes)
         finally:
             self._release(pages, lists)
+
+    def io_metadata(self, opcode: int, slba: int, nlb: int, nsid: int = 1, qid: int = 1,
+                    data: bytes | None = None, metadata: bytes = b"", md_bytes: int = 0,
+                    cdw12: int = 0, cdw14: int = 0, cdw15: int = 0
+                    ) -> tuple[Completion, bytes, bytes]:
+        """:meth:`io` with a separate metadata buffer of ``md_bytes`` (contiguous,
+        in MPTR) holding ``metadata``, and the PI fields (PRINFO in ``cdw12``,
+        ILBRT in ``cdw14``, LBAT/LBATM in ``cdw15``); returns (completion, data,
+        metadata after)."""
+        md_bytes = max(md_bytes, len(metadata))
+        base = self.alloc(md_bytes)
+        pages = [base + i * PAGE for i in range(max(1, (md_bytes + PAGE - 1) // PAGE))]
+        try:
+            self.scatter(pages, metadata)
+            done, out = self.io(opcode, slba, nlb, nsid, qid, data, mptr=base, cdw12=cdw12,
+                                cdw14=cdw14, cdw15=cdw15)
+            return done, out, self.gather(pages, md_bytes)
+        finally:
+            self._release(pages)
 
     def write(self, nsid: int, lba: int, data: bytes, qid: int = 1, fua: bool = False) -> None:
         bs = self.block_size[nsid]

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from appliance.control import args as args_mod
 from appliance.control.protocol import INT_RANGE, ControlError
+from appliance.storage.protection import PiFault
 from appliance.storage.request import NvmeRequest, RequestState, Result
 from appliance.storage.spec import Command, IoOpcode
 
@@ -65,6 +66,8 @@ class NvmeAction(enum.StrEnum):
     FATAL = "fatal"
     REMOVE = "remove"
     EDIT = "edit"
+    CORRUPT_GUARD = "corrupt_guard"
+    CORRUPT_REFTAG = "corrupt_reftag"
 
 
 class NetAction(enum.StrEnum):
@@ -449,6 +452,8 @@ class FaultSet:
             if rule.action is NvmeAction.EDIT:  # the controller runs what the rule made of it
                 req.cmd = cmd.replace(**rule.edit)
                 return ctrl.execute(req)
+            if rule.action in (NvmeAction.CORRUPT_GUARD, NvmeAction.CORRUPT_REFTAG):
+                return self._corrupt_pi(ctrl, req, rule)
             result = ctrl.execute(req)
             if rule.action is NvmeAction.DROP_IRQ:
                 self.drop_irq_cqs.add(req.sq.cqid)
@@ -459,6 +464,17 @@ class FaultSet:
                 self.notify()
             return None
         return ctrl.execute(req)
+
+    @staticmethod
+    def _corrupt_pi(ctrl: NvmeController, req: NvmeRequest, rule: FaultRule) -> Result | None:
+        """Run ``req`` with the PI tuples its read returns corrupted: those of the
+        rule's LBAs, else of the command's first block."""
+        first, last = rule.lba if rule.lba is not None else (req.cmd.cdw10 | req.cmd.cdw11 << 32,) * 2
+        ctrl.pi_fault = PiFault(rule.action is NvmeAction.CORRUPT_REFTAG, first, last)
+        try:
+            return ctrl.execute(req)
+        finally:
+            ctrl.pi_fault = None
 
     def release(self, ctrl: NvmeController) -> bool:
         """Complete the deferred requests that are due (those a reset, a

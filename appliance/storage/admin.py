@@ -319,17 +319,20 @@ def doorbell_buffer_config(ctrl: NvmeController, cmd: Command) -> int:
 
 
 def format_nvm(ctrl: NvmeController, cmd: Command) -> int:
-    """Format NVM (5.23): LBAF 0 only, no metadata or protection, SES 0 or 1."""
-    lbaf, mset_pi, ses = cmd.cdw10 & 0xF, (cmd.cdw10 >> 4) & 0x1F, (cmd.cdw10 >> 9) & 0x7
+    """Format NVM (5.23): to any LBA format (LBAF), metadata extended (MSET 1) or
+    separate, PI type 0-3 with the tuple first (PIL 1) or last; SES 0 or 1."""
+    lbaf, mset, pi = cmd.cdw10 & 0xF, bool(cmd.cdw10 >> 4 & 1), (cmd.cdw10 >> 5) & 0x7
+    pil, ses = bool(cmd.cdw10 >> 8 & 1), (cmd.cdw10 >> 9) & 0x7
     _check(not cmd.cdw10 & 0xFFFFF000, why="reserved CDW10 bits")
-    _check(lbaf == 0 and mset_pi == 0, ST.INVALID_FORMAT, f"LBAF {lbaf} MSET/PI/PIL {mset_pi}")
+    _check(pi <= 3, ST.INVALID_FORMAT, f"PI {pi}")
     _check(ses <= 1, why=f"secure erase setting {ses}")
     targets = (ctrl.active_namespaces() if cmd.nsid == NSID_ALL
                else [ctrl.namespace(cmd.nsid)])
     for ns in targets:
         ns.check_writable()
+        ns.check_format(lbaf, pi)
     for ns in targets:
-        ns.format()
+        ns.reformat(lbaf, pi, pil, mset)
         ctrl.uncorrectable[ns.nsid] = LbaRanges()
         if ns.nsid in ctrl.zones:
             ctrl.zones[ns.nsid].reset_all()

@@ -72,6 +72,7 @@ from appliance.storage.inflight import FaultHook, Offload, RequestEngine
 from appliance.storage.namespace import BlockExport, Namespace, NamespaceSettings
 from appliance.storage.native_io import NativeNvme, native_memory, run_batch
 from appliance.storage.nsmgmt import NamespaceManagement
+from appliance.storage.protection import PiFault
 from appliance.storage.queues import (
     DOORBELL_STRIDE,
     AsyncEvents,
@@ -176,13 +177,15 @@ class NvmeController(RequestEngine, PciDevice):
         self.ns_mgmt = management or NamespaceManagement()
         try:
             for nsid, ns in enumerate(namespaces, 1):
-                self.namespaces[nsid] = Namespace(nsid, ns.image, ns.size, ns.block_size,
-                                                  ns.read_only, (exports or {}).get(nsid))
+                self.namespaces[nsid] = Namespace(
+                    nsid, ns.image, ns.size, ns.block_size, ns.read_only,
+                    (exports or {}).get(nsid), ns.metadata, ns.pi)
             #: the zones of each zoned namespace (device state: migrated)
             self.zones: dict[int, ZoneTable] = {}
             for nsid, settings in enumerate(namespaces, 1):
                 if settings.zoned is not None:
                     opened = self.namespaces[nsid]
+                    opened.fixed_format = True
                     self.zones[nsid] = ZoneTable(nsid, opened.nlbas, opened.lba_shift,
                                                  settings.zoned)
             mmap_areas: tuple[tuple[int, int], ...] = ()
@@ -217,6 +220,8 @@ class NvmeController(RequestEngine, PciDevice):
         self.faults: FaultHook | None = None  # installed by the runtime (appliance.control.faults)
         #: OCP Error Injection (Set/Get Features C0h): installed when storage.guest_faults is on
         self.guest_faults: GuestFaultHook | None = None
+        #: set by the fault hook around one command: the PI tuples its read corrupts
+        self.pi_fault: PiFault | None = None
         #: held requests by (SQID, CID): hung or delayed by a fault (AERs wait in ``events``)
         self.held: dict[tuple[int, int], NvmeRequest] = {}
         #: requests waiting for DMA messages (memory mapped without an fd), in order

@@ -155,15 +155,15 @@ class RequestEngine:
         """The status a handler's exception completes ``req`` with (its Error
         Information entry recorded): its own NVMe status, Data Transfer Error for
         unreachable memory, Internal Error (and the traceback logged) for a bug."""
-        qid, cmd = req.qid, req.cmd
+        qid, cmd, lba = req.qid, req.cmd, None
         if isinstance(exc, CommandError):
-            status, dnr, why = exc.status, exc.dnr, str(exc)
+            status, dnr, why, lba = exc.status, exc.dnr, str(exc), exc.lba
         elif isinstance(exc, GuestMemoryError):
             status, dnr, why = Status.DATA_TRANSFER_ERROR, False, str(exc)
         else:  # a bug must fail the command, never the process
             log.error("nvme: qid %d cid %d %s crashed", qid, cmd.cid, key, exc_info=exc)
             status, dnr, why = Status.INTERNAL_ERROR, True, repr(exc)
-        self.record_error(qid, cmd, status, dnr)
+        self.record_error(qid, cmd, status, dnr, lba)
         log.debug("nvme: qid %d cid %d %s: %s (%s)", qid, cmd.cid, key, status.name, why)
         return status, dnr, 0
 

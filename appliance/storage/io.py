@@ -11,7 +11,10 @@ against MDTS, turns the data pointer (PRPs or an SGL:
 :mod:`~appliance.storage.transfer`) into client memory segments and moves
 the data through the namespace.  Blocks a Write Uncorrectable marked
 (:mod:`~appliance.storage.uncorrectable`) fail reads with Unrecovered Read
-Error until they are written again.
+Error until they are written again.  A namespace with metadata (``ns.md``)
+reads and writes through :func:`read_with_metadata` and its write twin
+(buffered, the PI of :mod:`~appliance.storage.protection` checked there): a
+fast path must hand such namespaces' Read and Write to these entry points.
 
 Handlers return the completion's DWORD 0 and refuse a command by raising
 :class:`~appliance.storage.spec.CommandError`; an unreachable data buffer
@@ -36,7 +39,18 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from appliance.storage.identity import MCL, MSRC, MSSRL
+from appliance.storage.metadata import MetadataFile, interleave, split
 from appliance.storage.namespace import Namespace
+from appliance.storage.protection import (
+    PRACT,
+    PRCHK_APP,
+    PRCHK_GUARD,
+    PRCHK_REF,
+    PiType,
+    TagCheck,
+    tuples_of,
+    with_tuples,
+)
 from appliance.storage.request import Offloaded
 from appliance.storage.spec import (
     NSID_ALL,
@@ -65,6 +79,7 @@ WZ_DEAC = 1 << 25
 DSM_NR_RESERVED = 0xFFFFFF00
 DSM_ATTR_RESERVED = 0xFFFFFFF8
 DSM_DEALLOCATE = 1 << 2
+PRCHK_ALL = PRCHK_GUARD | PRCHK_APP | PRCHK_REF
 
 Handler = Callable[["NvmeController", Command], "int | Offloaded"]
 
@@ -124,8 +139,10 @@ def written(ctrl: NvmeController, ns: Namespace, slba: int, nlb: int) -> None:
 
 def read(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
     """Read (opcode 02h, NVM section 6.9): from the page cache on the loop, else
-    off it."""
+    off it.  A namespace with metadata: :func:`read_with_metadata`."""
     ns, slba, nlb = _rw_args(ctrl, cmd, RW_RESERVED)
+    if ns.md is not None:
+        return read_with_metadata(ctrl, cmd, ns, ns.md, slba, nlb)
     nbytes = nlb << ns.lba_shift
     transfer = data_transfer(ctrl, cmd, nbytes, to_device=False)
     _readable(ctrl, ns, slba, nlb)
@@ -154,18 +171,85 @@ def read(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
     return Offloaded(lambda: ns.read_into(views, slba), counted, views, list(segments))
 
 
+def _tag_check(ns: Namespace, cmd: Command, slba: int) -> tuple[TagCheck, int]:
+    """The command's PI fields, checked, and the metadata bytes per block that
+    cross the bus (0 when PRACT inserts or strips the tuple alone)."""
+    check = TagCheck.from_dwords(cmd.cdw12, cmd.cdw14, cmd.cdw15)
+    check.validate(ns.protection, slba)
+    return check, 0 if ns.protection.strips(check.prinfo) else ns.metadata
+
+
+def _host_metadata(ctrl: NvmeController, cmd: Command, ns: Namespace, nlb: int,
+                   host_ms: int) -> tuple[bytes, bytes]:
+    """(data, metadata) the host sent: one extended buffer or data + MPTR."""
+    block = ns.block_size
+    if ns.extended:
+        raw = gather(ctrl.mem, data_transfer(ctrl, cmd, nlb * (block + host_ms), True))
+        return split(raw, block, host_ms)
+    data = gather(ctrl.mem, data_transfer(ctrl, cmd, nlb * block, to_device=True))
+    return data, ctrl.mem.read(cmd.mptr, nlb * host_ms) if host_ms else b""
+
+
+def read_with_metadata(ctrl: NvmeController, cmd: Command, ns: Namespace,
+                       md_file: MetadataFile, slba: int, nlb: int) -> int:
+    """Read of a namespace with metadata: the data from the image, the metadata
+    from its side file, the PI checked as PRCHK asks (then left out when PRACT
+    strips it), both to the host: interleaved (extended LBAs) or the metadata
+    to MPTR's contiguous buffer.  Buffered, on the loop."""
+    check, host_ms = _tag_check(ns, cmd, slba)
+    block = ns.block_size
+    nbytes = nlb * block
+    transfer = data_transfer(ctrl, cmd, nbytes + (nlb * host_ms if ns.extended else 0),
+                             to_device=False)
+    _readable(ctrl, ns, slba, nlb)
+    data = ns.read_bytes(slba, nbytes)
+    md = md_file.read(slba, nlb)
+    if ctrl.pi_fault is not None:  # an injected fault: the tuples as a bad medium returns them
+        md = ctrl.pi_fault.apply(ns.protection, md, slba, nlb)
+    if ns.protection.pi_type != PiType.NONE and check.prinfo & PRCHK_ALL:
+        check.verify(ns.protection, memoryview(data), tuples_of(ns.protection, md, nlb),
+                     block, slba)
+    if ns.extended:
+        scatter(ctrl.mem, transfer, interleave(data, md, block, host_ms))
+    else:
+        scatter(ctrl.mem, transfer, data)
+        if host_ms:
+            ctrl.mem.write(cmd.mptr, md)
+    ctrl.counters["bytes_read"] += nbytes
+    return 0
+
+
+def _write_with_metadata(ctrl: NvmeController, cmd: Command, ns: Namespace,
+                         md_file: MetadataFile, slba: int, nlb: int) -> None:
+    """Write of a namespace with metadata: PRACT makes the PI tuples (inserted
+    into the host's metadata when there is more of it), else PRCHK checks the
+    host's tuples against its data before anything is stored."""
+    check, host_ms = _tag_check(ns, cmd, slba)
+    prot, block = ns.protection, ns.block_size
+    data, md = _host_metadata(ctrl, cmd, ns, nlb, host_ms)
+    if prot.pi_type != PiType.NONE and check.prinfo & PRACT:
+        md = with_tuples(prot, md, check.generate(prot, memoryview(data), block), nlb)
+    elif prot.pi_type != PiType.NONE and check.prinfo & PRCHK_ALL:
+        check.verify(prot, memoryview(data), tuples_of(prot, md, nlb), block, slba)
+    ns.write_bytes(slba, data)
+    md_file.write(slba, md)
+
+
 def write(ctrl: NvmeController, cmd: Command) -> int | Offloaded:
     """Write (opcode 01h, NVM section 6.15); FUA or a disabled write cache syncs."""
     ns, slba, nlb = _rw_args(ctrl, cmd, RW_RESERVED)
     _writable(ctrl, ns, slba, nlb)
     nbytes = nlb << ns.lba_shift
-    transfer = data_transfer(ctrl, cmd, nbytes, to_device=True)
-    if _changes_off_loop(ctrl, ns):
-        views = (ns.views(ctrl.mem, transfer.segments, write=False)
-                 or [memoryview(gather(ctrl.mem, transfer))])
-        return _export_change(ctrl, ns, lambda: ns.write_views(views, slba), [(slba, nlb)],
-                              _sync_needed(ctrl, cmd), views, counted=nbytes)
-    ns.write(ctrl.mem, transfer.segments, slba)  # the page cache: no wait
+    if ns.md is not None:
+        _write_with_metadata(ctrl, cmd, ns, ns.md, slba, nlb)
+    else:
+        transfer = data_transfer(ctrl, cmd, nbytes, to_device=True)
+        if _changes_off_loop(ctrl, ns):
+            views = (ns.views(ctrl.mem, transfer.segments, write=False)
+                     or [memoryview(gather(ctrl.mem, transfer))])
+            return _export_change(ctrl, ns, lambda: ns.write_views(views, slba), [(slba, nlb)],
+                                  _sync_needed(ctrl, cmd), views, counted=nbytes)
+        ns.write(ctrl.mem, transfer.segments, slba)  # the page cache: no wait
     written(ctrl, ns, slba, nlb)
     ctrl.counters["bytes_written"] += nbytes
     if _sync_needed(ctrl, cmd):

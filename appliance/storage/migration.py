@@ -159,6 +159,8 @@ class NvmeMigratable(PciMigratable):
             parts.append(f"nsmgmt:{ctrl.ns_mgmt.capacity}:{ctrl.ns_mgmt.max_namespaces}")
         for nsid, ns in sorted(ctrl.namespaces.items()):
             parts.append(f"ns{nsid}:{ns.size}:{ns.block_size}:{int(ns.read_only)}")
+            if ns.md is not None:  # the LBA format and protection must match too
+                parts.append(f"md{nsid}:{ns.metadata}:{ns.protection.dps}:{int(ns.extended)}")
             zones = ctrl.zones.get(nsid)
             if zones is not None:  # the zone geometry and limits must match too
                 parts.append(f"zoned{nsid}:{zones.zone_blocks}:{zones.capacity}:"
@@ -214,6 +216,10 @@ class NvmeMigratable(PciMigratable):
         for nsid in self.dirty:  # (a shared-storage session never asks for records)
             if self.ctrl.namespaces[nsid].remote:
                 raise LocalProtocolError(f"namespace {nsid} is on an NBD export: its data is "
+                                         "not copied (migrate with shared storage)",
+                                         errno.EOPNOTSUPP)
+            if self.ctrl.namespaces[nsid].md is not None:
+                raise LocalProtocolError(f"namespace {nsid} has metadata: its side file is "
                                          "not copied (migrate with shared storage)",
                                          errno.EOPNOTSUPP)
         out: list[Record] = []
@@ -287,6 +293,9 @@ class NvmeMigratable(PciMigratable):
         if ns.remote:
             raise state_error(f"blocks for namespace {head.nsid}, which is on an NBD export "
                               "here (migrate it with shared storage)")
+        if ns.md is not None:
+            raise state_error(f"blocks for namespace {head.nsid}, which has metadata here "
+                              "(migrate it with shared storage)")
         if (head.offset % ns.block_size or head.length % ns.block_size
                 or head.offset + head.length > ns.size):
             raise state_error(f"nsid {head.nsid}: blocks {head.offset:#x}+{head.length:#x} "

@@ -35,20 +35,26 @@ complete new image beside the old one and swaps it in with
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
 import uuid
 from collections.abc import Callable
 from typing import Protocol
 
 from appliance.memory import ClientMemory
+from appliance.storage.fileops import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    fallocate,
+)
+from appliance.storage.formats import LBA_FORMATS, flbas, format_index, lbaf_fields
+from appliance.storage.metadata import MetadataFile, side_file
+from appliance.storage.protection import PiType, Protection
 from appliance.storage.prp import Segments
 from appliance.storage.spec import (
     CSI_NVM,
     DLFEAT_READS_ZERO,
     DLFEAT_WZ_DEALLOCATE,
-    LBAF,
     NIDT_CSI,
     NIDT_UUID,
     NSATTR_WRITE_PROTECTED,
@@ -60,37 +66,10 @@ from appliance.storage.spec import (
 from appliance.storage.zones import ZonedSettings
 
 BLOCK_SIZES = (512, 4096)
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
+MC_EXTENDED, MC_SEPARATE = 0x1, 0x2  # Identify Namespace MC: where metadata may travel
+DPC_ALL = 0x1F  # DPC: PI types 1, 2 and 3, the tuple first or last in the metadata
 IOV_MAX = 1024
 ZERO_CHUNK = 1 << 20
-
-_fallocate: Callable[..., int] | None = None
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
-    """Linux fallocate(2) with ``mode``; False when the file system cannot do it.
-
-    Raises:
-        OSError: any other failure.
-    """
-    global _fallocate
-    if _fallocate is None:
-        try:
-            func = ctypes.CDLL(None, use_errno=True).fallocate
-        except (OSError, AttributeError):
-            return False
-        func.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-        func.restype = ctypes.c_int
-        _fallocate = func
-    if _fallocate(fd, mode, offset, length) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-        return False
-    raise OSError(err, os.strerror(err))
-
 
 def _advance(views: list[memoryview], n: int) -> list[memoryview]:
     """Drop the first ``n`` bytes of a view list."""
@@ -135,25 +114,46 @@ class NamespaceSettings(Protocol):
     def read_only(self) -> bool: ...
     @property
     def zoned(self) -> ZonedSettings | None: ...  # None: not a zoned namespace
+    @property
+    def metadata(self) -> int: ...  # bytes per block: 0, 8, 16 or 64
+    @property
+    def pi(self) -> int: ...  # protection information type 0-3 (0: none)
 
 
 class Namespace:
     """One namespace: an image file and its LBA format."""
 
     def __init__(self, nsid: int, image: str, size: int, block_size: int = 512,
-                 read_only: bool = False, export: BlockExport | None = None) -> None:
+                 read_only: bool = False, export: BlockExport | None = None,
+                 metadata: int = 0, pi: int = 0) -> None:
         """Open (creating sparse if missing) the image behind namespace ``nsid``,
         or serve ``export`` (then ``image`` only names it; ``size`` 0 takes the
-        export's size, rounded down to whole blocks).
+        export's size, rounded down to whole blocks).  ``metadata`` bytes per
+        block live in the side file ``<image>.md`` (:mod:`~appliance.storage.metadata`);
+        ``pi`` is the protection information type kept in them.
 
         Raises:
             ValueError: a bad block size or a size that is not a positive
                 multiple of it; an export whose size differs from ``size`` or
-                whose block size does not divide ``block_size``.
+                whose block size does not divide ``block_size``; no LBA format
+                with that metadata size, a PI type other than 0-3 or one the
+                metadata cannot hold, metadata for an export.
             OSError: the image cannot be created or opened.
         """
         if block_size not in BLOCK_SIZES:
             raise ValueError(f"namespace {nsid}: block size {block_size} not in {BLOCK_SIZES}")
+        self.format_index = format_index(block_size, metadata)
+        if pi not in tuple(PiType):
+            raise ValueError(f"namespace {nsid}: PI type {pi} not in 0-3")
+        self.protection = Protection(PiType(pi), metadata)
+        if metadata and export is not None:
+            raise ValueError(f"namespace {nsid}: an NBD export cannot carry metadata")
+        #: FLBAS bit 4: metadata at the end of each block's data, not in MPTR's buffer
+        self.extended = False
+        #: report the current format alone (nlbaf 0): a zoned namespace, whose
+        #: zone size Identify gives for LBA format 0 only
+        self.fixed_format = False
+        self.md: MetadataFile | None = None
         self.export = export
         if export is not None:
             size, read_only = self._export_size(nsid, export, size, block_size), \
@@ -175,6 +175,20 @@ class Namespace:
         self.fd = -1
         if export is not None:
             return
+        self._open_image(image, size, read_only)
+        if metadata:
+            try:
+                self.md = MetadataFile(side_file(image), self.nlbas, metadata, read_only)
+            except BaseException:
+                self.close()
+                raise
+
+    @property
+    def metadata(self) -> int:
+        """Metadata bytes per block (0: none)."""
+        return self.protection.metadata
+
+    def _open_image(self, image: str, size: int, read_only: bool) -> None:
         if not read_only or not os.path.exists(image):
             fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
@@ -212,6 +226,8 @@ class Namespace:
         """Close the image file or the export's connection (idempotent)."""
         if self.export is not None:
             self.export.close()
+        if self.md is not None:
+            self.md.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -453,6 +469,8 @@ class Namespace:
         offset, length = slba << self.lba_shift, nlb << self.lba_shift
         mode = (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE if deallocate
                 else FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
+        if self.md is not None:
+            self.md.deallocate(slba, nlb)
         try:
             if self.export is not None:
                 if length:
@@ -476,6 +494,8 @@ class Namespace:
         """
         if self.read_only:
             return
+        if self.md is not None:
+            self.md.flush()
         try:
             if self.export is not None:
                 self.export.flush()
@@ -485,7 +505,9 @@ class Namespace:
             raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
 
     def format(self) -> None:
-        """Erase every block (the image becomes all holes)."""
+        """Erase every block (the image becomes all holes, the metadata too)."""
+        if self.md is not None:
+            self.md.erase()
         try:
             if self.export is not None:
                 self.export.write_zeroes(0, self.size, deallocate=True)
@@ -497,14 +519,62 @@ class Namespace:
         finally:
             self.changed(0, self.size)
 
+    def check_format(self, index: int, pi: int) -> None:
+        """Raises:
+            CommandError: INVALID_FORMAT for a format this namespace cannot take:
+                an index past NLBAF, a size that is not a multiple of the block
+                size, PI without 8 bytes of metadata, metadata on an export,
+                another format for a zoned namespace.
+        """
+        if not 0 <= index < len(LBA_FORMATS) or not 0 <= pi <= 3:
+            raise CommandError(Status.INVALID_FORMAT, f"LBA format {index} PI {pi}")
+        fmt = LBA_FORMATS[index]
+        if (self.size % fmt.block_size or (pi and fmt.metadata < 8)
+                or (fmt.metadata and self.export is not None)
+                or (self.fixed_format and index != self.format_index)):
+            raise CommandError(Status.INVALID_FORMAT, f"nsid {self.nsid}: LBA format {index} "
+                               f"({fmt.block_size}+{fmt.metadata}) with PI {pi}")
+
+    def reformat(self, index: int, pi: int, pi_first: bool, extended: bool) -> None:
+        """Format NVM to LBA format ``index`` with PI type ``pi`` (the tuple first
+        or last in the metadata) and the metadata ``extended`` or separate: every
+        block and its metadata erased, the block count follows the block size.
+
+        Raises:
+            CommandError: INVALID_FORMAT (:meth:`check_format`); WRITE_FAULT when
+                the image or side file cannot be erased or opened.
+        """
+        self.check_format(index, pi)
+        fmt = LBA_FORMATS[index]
+        self.format()
+        if self.md is not None:
+            md, self.md = self.md, None
+            md.drop()
+        self.block_size, self.lba_shift = fmt.block_size, fmt.lbads
+        self.nlbas, self.format_index = self.size // fmt.block_size, index
+        self.protection = Protection(PiType(pi), fmt.metadata, pi_first)
+        self.extended = extended and fmt.metadata > 0
+        if fmt.metadata:
+            try:
+                self.md = MetadataFile(side_file(self.image), self.nlbas, fmt.metadata)
+                self.md.erase()
+            except OSError as exc:
+                raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
+
     # ------------------------------------------------------------ identify
     def identify(self) -> bytes:
         """The Identify Namespace data structure (CNS 00h)."""
+        nlbaf, lbaf0, lbaf1_15 = lbaf_fields()
+        index = self.format_index
+        if self.fixed_format:
+            nlbaf, lbaf0, lbaf1_15, index = 0, LBA_FORMATS[index].encode(), b"", 0
         return IdentifyNamespace(
-            nsze=self.nlbas, ncap=self.nlbas, nuse=self.nlbas, nlbaf=0, flbas=0,
+            nsze=self.nlbas, ncap=self.nlbas, nuse=self.nlbas, nlbaf=nlbaf,
+            flbas=flbas(index, self.extended), mc=MC_EXTENDED | MC_SEPARATE,
+            dpc=DPC_ALL, dps=self.protection.dps,
             dlfeat=DLFEAT_READS_ZERO | DLFEAT_WZ_DEALLOCATE,
             nsattr=NSATTR_WRITE_PROTECTED if self.read_only else 0,
-            lbaf0=LBAF.encode(ms=0, lbads=self.lba_shift, rp=0),
+            lbaf0=lbaf0, lbaf1_15=lbaf1_15,
         ).pack()
 
     def descriptors(self, serial: str, csi: int = CSI_NVM) -> bytes:

@@ -57,12 +57,12 @@ def native_memory(ctrl: NvmeController, sq: SubmissionQueue) -> MappedRegions | 
 
 def native_namespaces(ctrl: NvmeController) -> NativeNamespaces:
     """The namespaces the C path may serve: active (attached; a zoned one never:
-    its write pointers are Python's), a local image, no block marked
+    its write pointers are Python's; nor one with metadata), a local image, no block marked
     uncorrectable (its reads fail, its writes unmark: Python keeps that)."""
     out: list[tuple[int, int, int, bool] | None] = []
     for nsid in range(1, max(ctrl.namespaces, default=0) + 1):
         ns = ctrl.namespaces.get(nsid)
-        if (ns is None or ns.remote or ns.fd < 0 or nsid in ctrl.zones
+        if (ns is None or ns.remote or ns.fd < 0 or nsid in ctrl.zones or ns.md is not None
                 or not ctrl.is_active(nsid) or ctrl.uncorrectable.get(nsid)):
             out.append(None)
         else:

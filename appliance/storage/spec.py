@@ -284,6 +284,7 @@ class Status(enum.IntEnum):
     NS_ALREADY_ATTACHED = 0x118
     NS_NOT_ATTACHED = 0x11A
     CONTROLLER_LIST_INVALID = 0x11C
+    INVALID_PROTECTION_INFORMATION = 0x181  # NVM command set: PRINFO/ILBRT refused
     WRITE_TO_READ_ONLY_RANGE = 0x182
     COMMAND_SIZE_LIMIT_EXCEEDED = 0x183  # Copy past MSSRL / MCL / MSRC (NVM 2.0)
     ZONE_BOUNDARY_ERROR = 0x1B8  # Zoned Namespace command set 1.1, figure 26
@@ -297,6 +298,9 @@ class Status(enum.IntEnum):
     # media and data integrity errors (SCT 2)
     WRITE_FAULT = 0x280
     UNRECOVERED_READ_ERROR = 0x281
+    GUARD_CHECK_ERROR = 0x282  # end-to-end protection (NVM command set 5.2)
+    APPLICATION_TAG_CHECK_ERROR = 0x283
+    REFERENCE_TAG_CHECK_ERROR = 0x284
     COMPARE_FAILURE = 0x285
 
 
@@ -306,12 +310,16 @@ class CommandError(ApplianceError):
     Attributes:
         status: a :class:`Status` value.
         dnr: the host should not retry the command as is.
+        lba: the first LBA that saw the error, for the Error Information log
+            (None: the command's SLBA).
     """
 
-    def __init__(self, status: Status, message: str = "", dnr: bool = True) -> None:
+    def __init__(self, status: Status, message: str = "", dnr: bool = True,
+                 lba: int | None = None) -> None:
         super().__init__(message or status.name)
         self.status = status
         self.dnr = dnr
+        self.lba = lba
 
 
 def ascii_field(value: str, width: int, what: str) -> bytes:

@@ -10,12 +10,8 @@ import os
 import stat
 import tempfile
 
-from appliance.storage.namespace import (
-    FALLOC_FL_KEEP_SIZE,
-    FALLOC_FL_PUNCH_HOLE,
-    Namespace,
-    fallocate,
-)
+from appliance.storage.fileops import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+from appliance.storage.namespace import Namespace
 
 SYNC_EVERY = 16 << 20  # staged bytes between fdatasyncs of a staging image (commit syncs the rest)
 COPY_CHUNK = 1 << 20  # bytes per read/write when filling or zeroing a staging image

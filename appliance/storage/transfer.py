@@ -5,9 +5,9 @@ Theory of operation
 :func:`command_transfer` reads PSDT (command DWORD 0 bits 15:14) and turns the
 data pointer of a command into a :class:`Transfer`: PSDT 00b walks PRP1/PRP2
 (:mod:`~appliance.storage.prp`), PSDT 01b walks SGL1
-(:mod:`~appliance.storage.sgl`).  PSDT 10b (a metadata SGL in MPTR) needs
-metadata, which no LBA format here has, and 11b is reserved: both are
-Invalid Field.  Handlers move data with :func:`gather` and :func:`scatter`, or
+(:mod:`~appliance.storage.sgl`).  PSDT 10b (a metadata SGL in MPTR) is not
+supported (metadata travels in MPTR's contiguous buffer or in extended LBAs)
+and 11b is reserved: both are Invalid Field.  Handlers move data with :func:`gather` and :func:`scatter`, or
 hand :attr:`Transfer.segments` to the namespace's zero-copy paths when
 :attr:`Transfer.discard` is empty.
 

@@ -173,6 +173,20 @@ def test_namespace_hot_add(appliance_nvme_driver: Any, appliance_ctl: Any) -> No
     assert appliance_nvme_driver.allocated_namespaces() == [1]
 
 
+@pytest.mark.appliance_config(storage={"namespaces": [{
+    "image": "{data_dir}/pi.img", "size": "8M", "block_size": 4096, "metadata": 8, "pi": 1}]})
+def test_pi_guard_error_on_one_block(appliance_nvme_driver: Any, appliance_ctl: Any) -> None:
+    prinfo = 0xF << 26  # PRACT + PRCHK guard, application tag, reference tag
+    appliance_nvme_driver.identify_namespace(1)
+    assert appliance_nvme_driver.io(0x01, 7, 2, data=b"p" * 8192, cdw12=prinfo, cdw14=7)[0].status == 0
+    appliance_ctl("fault.add", action="corrupt_guard", opcode=0x02, lba=8)
+    assert appliance_nvme_driver.io(0x02, 7, 1, cdw12=prinfo, cdw14=7)[0].status == 0
+    assert appliance_nvme_driver.io(0x02, 8, 1, cdw12=prinfo, cdw14=8)[0].status == 0x282  # guard
+    appliance_ctl("fault.clear")
+    done, data = appliance_nvme_driver.io(0x02, 7, 2, cdw12=prinfo, cdw14=7)
+    assert done.status == 0 and data == b"p" * 8192
+
+
 def test_driver_delayed_completion_arrives_after_the_delay(appliance_nvme_driver: Any,
                                                            appliance_ctl: Any) -> None:
     import time

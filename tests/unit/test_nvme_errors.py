@@ -166,7 +166,7 @@ CASES: dict[str, tuple[Case, Status, bool]] = {
     "queue count after queues": (admin(A.SET_FEATURES, cdw10=FeatureId.NUMBER_OF_QUEUES),
                                  ST.COMMAND_SEQUENCE_ERROR, True),
     "too many aers": (too_many_aers, ST.AER_LIMIT_EXCEEDED, True),
-    "format other lbaf": (admin(A.FORMAT_NVM, nsid=1, cdw10=1), ST.INVALID_FORMAT, True),
+    "format lbaf past nlbaf": (admin(A.FORMAT_NVM, nsid=1, cdw10=8), ST.INVALID_FORMAT, True),
     "format with pi": (admin(A.FORMAT_NVM, nsid=1, cdw10=1 << 5), ST.INVALID_FORMAT, True),
     "format crypto erase": (admin(A.FORMAT_NVM, nsid=1, cdw10=2 << 9), ST.INVALID_FIELD,
                             True),

@@ -28,7 +28,9 @@ def test_created_sparse_and_identified(tmp_path: Path) -> None:
     ns = Namespace(1, str(image), 8 << 20, block_size=4096)
     assert image.stat().st_size == 8 << 20 and image.stat().st_blocks == 0
     ident = IdentifyNamespace.unpack(ns.identify())
-    assert ident.nsze == ident.ncap == 2048 and LBAF.get(ident.lbaf0, "lbads") == 12
+    assert ident.nsze == ident.ncap == 2048 and ident.flbas == 4  # 4096 bytes, no metadata
+    lbaf4 = int.from_bytes(ident.lbaf1_15[12:16], "little")
+    assert LBAF.get(lbaf4, "lbads") == 12 and LBAF.get(lbaf4, "ms") == 0
     assert ident.dlfeat == 0x09 and ident.nsattr == 0
     assert ns.descriptors("SN")[:4] == b"\x03\x10\0\0"
     assert ns.descriptors("SN")[20:25] == b"\x04\x01\0\0\0"  # CSI 00h: NVM
