@@ -1,5 +1,7 @@
 """Type stub of the C extension built from native/fastpath/ (see appliance/net/native.py)."""
 
+import mmap
+
 from appliance.net.native import NativeChain, NativeRegions
 
 def pop_chains(desc: memoryview, avail: memoryview, used: memoryview, regions: NativeRegions,
@@ -12,3 +14,8 @@ def drain(desc: memoryview, avail: memoryview, used: memoryview, regions: Native
           ) -> tuple[list[bytes], int, int, int, str | None, str | None]: ...
 def publish(avail: memoryview, used: memoryview, size: int, published: int, used_idx: int,
             event_idx: bool, /) -> bool: ...
+def receive(desc: memoryview, avail: memoryview, used: memoryview, regions: NativeRegions,
+            size: int, last_avail_idx: int, used_idx: int, indirect: bool, max_readable: int,
+            max_writable: int, frame: bytes, hdr_len: int, mrg: bool,
+            log: bytearray | mmap.mmap | None, /,
+            ) -> tuple[int, int, int, int, str | None, str | None, int]: ...
