@@ -31,7 +31,9 @@ guest (its transmit rings), ``tx_*`` frames transmitted to the guest.
   chain must hold header and frame.  Chains with readable buffers are
   malformed (refused by the walker).  Whatever a chain's writable total, only
   the header and frame are written and nothing is allocated for the rest.  No
-  buffer means a drop: the switch does not queue.  Used indices are
+  buffer means a drop: the switch does not queue.  The ring work is
+  :func:`~appliance.net.receive.write_frame` (one native call when the fast
+  path runs); the port counts its outcome.  Used indices are
   published, and the guest interrupted, once per batch in :meth:`flush`.
 
 Offered features: VERSION_1, MRG_RXBUF, RING_EVENT_IDX, RING_INDIRECT_DESC,
