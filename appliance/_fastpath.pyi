@@ -1,5 +1,7 @@
 """Type stub of the C extension built from native/fastpath/ (see appliance/net/native.py)."""
 
+import mmap
+
 from appliance.memory import MappedRegions
 from appliance.net.native import NativeChain, NativeRegions
 from appliance.storage.native_io import NativeNamespaces, NativeOutcome
@@ -18,3 +20,8 @@ def nvme_run(regions: MappedRegions, sq: tuple[int, int, int, int],
              cq: tuple[int, int, int, int, int], sqid: int, budget: int,
              namespaces: NativeNamespaces, mdts: int, nowait: bool, write_cache: bool,
              guest_marks: bool, /) -> NativeOutcome: ...
+def receive(desc: memoryview, avail: memoryview, used: memoryview, regions: NativeRegions,
+            size: int, last_avail_idx: int, used_idx: int, indirect: bool, max_readable: int,
+            max_writable: int, frame: bytes, hdr_len: int, mrg: bool,
+            log: bytearray | mmap.mmap | None, /,
+            ) -> tuple[int, int, int, int, str | None, str | None, int]: ...

@@ -556,6 +556,16 @@ class ClientMemory:
         if self.dirty_log is not None and length > 0:
             self.dirty_log.mark(address, length)
 
+    def reaches(self, address: int, length: int, write: bool) -> bool:
+        """Whether every byte of the range is mapped with the access (nothing is
+        read, written or marked dirty)."""
+        try:
+            for _ in self._pieces(address, length, write):
+                pass
+        except GuestMemoryError:
+            return False
+        return True
+
     def buffers(self, address: int, length: int, write: bool) -> list[memoryview] | None:
         """Zero-copy views of the range, or None when part of it is not mmap'd
         (an fd or message region): the caller then uses :meth:`read`/:meth:`write`.

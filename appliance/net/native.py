@@ -5,13 +5,15 @@ The C extension ``appliance._fastpath`` (native/fastpath/) implements
 runtime hands it to the ports (:meth:`VirtioNetPort.use_native
 <appliance.net.port.VirtioNetPort.use_native>`), so nothing here imports it.
 :class:`~appliance.net.virtqueue.SplitQueue` stays the reference: the native
-calls mirror its ``pop``, ``drain`` and ``publish`` (same bounds, same
-messages), and it only calls them for a ring whose memory is all mmap'd
+calls mirror its ``pop``, ``drain`` and ``publish`` and
+:func:`appliance.net.receive.write_frame` (same bounds, same messages, same
+writes), and it only calls them for a ring whose memory is all mmap'd
 (:func:`native_regions`); fd and message regions stay on the Python path.
 """
 
 from __future__ import annotations
 
+import mmap
 from typing import Protocol
 
 from appliance.memory import ClientMemory
@@ -46,6 +48,18 @@ class NativeVring(Protocol):
               ) -> tuple[list[bytes], int, int, int, str | None, str | None]:
         """Up to ``budget`` chains, each pushed with length 0, as their bytes
         (``SplitQueue.drain``)."""
+        ...
+
+    def receive(self, desc: memoryview, avail: memoryview, used: memoryview,
+                regions: NativeRegions, size: int, last_avail_idx: int, used_idx: int,
+                indirect: bool, max_readable: int, max_writable: int, frame: bytes,
+                hdr_len: int, mrg: bool, log: bytearray | mmap.mmap | None, /,
+                ) -> tuple[int, int, int, int, str | None, str | None, int]:
+        """One frame into a receive ring (``receive.write_frame``): ``(outcome,
+        last_avail_idx, used_idx, malformed, last_error, broken, beyond)``,
+        ``beyond`` the marks of ``log`` (the vhost-user log bitmap, or None)
+        that reached past its end.  Also ValueError for a writable region whose
+        view is read-only."""
         ...
 
     def publish(self, avail: memoryview, used: memoryview, size: int, published: int,

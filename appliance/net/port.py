@@ -31,7 +31,9 @@ guest (its transmit rings), ``tx_*`` frames transmitted to the guest.
   chain must hold header and frame.  Chains with readable buffers are
   malformed (refused by the walker).  Whatever a chain's writable total, only
   the header and frame are written and nothing is allocated for the rest.  No
-  buffer means a drop: the switch does not queue.  Used indices are
+  buffer means a drop: the switch does not queue.  The ring work is
+  :func:`~appliance.net.receive.write_frame` (one native call when the fast
+  path runs); the port counts its outcome.  Used indices are
   published, and the guest interrupted, once per batch in :meth:`flush`.
 
 Offered features: VERSION_1, MRG_RXBUF, RING_EVENT_IDX, RING_INDIRECT_DESC,
@@ -56,10 +58,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from appliance.errors import LocalProtocolError
-from appliance.memory import ClientMemory, GuestMemoryError
+from appliance.memory import ClientMemory
 from appliance.net import vhost_wire as vw
 from appliance.net.dirty_log import VhostLog
 from appliance.net.native import NativeVring
+from appliance.net.receive import Outcome, write_frame
 from appliance.net.vhost_wire import Feature as F
 from appliance.net.virtqueue import MAX_CHAIN_BYTES, QueueCounters, SplitQueue, VringState
 from appliance.protocol_common import close_quietly
@@ -74,8 +77,6 @@ ETH_VLAN_HEADER = 18  # Ethernet header with one 802.1Q tag
 MIN_MTU, MAX_MTU = 68, 65535
 MAX_FRAME = MAX_MTU + ETH_VLAN_HEADER  # the largest frame we forward (no GSO)
 DEFAULT_MTU = 1500
-_HDR12 = [vw.NET_HDR_CODEC.pack(0, vw.NET_HDR_GSO_NONE, 0, 0, 0, 0, n) for n in range(4)]
-_HDR10 = bytes(vw.NET_HDR_LEGACY_SIZE)
 _GSO_NONE = vw.NET_HDR_GSO_NONE
 _NEEDS_CSUM = int(vw.NetHdrFlag.NEEDS_CSUM)
 
@@ -415,55 +416,19 @@ class VirtioNetPort:
             return
         q = active[0] if len(active) == 1 else active[hash(frame[:12]) % len(active)]
         c = q.counters
-        mem = q.memory
-        assert mem is not None
-        need = self.hdr_len + len(frame)
-        mark = q.checkpoint()
-        chains = []
-        room = 0
-        while room < need:
-            chain = q.pop()
-            if chain is None:
-                q.rollback(mark)
-                c.dropped += 1
-                return
-            chains.append(chain)  # the walker refused readable buffers
-            room += chain.writable
-            if not self.mrg and room < need:
-                q.push(chain.head, 0)
-                c.dropped += 1  # without MRG_RXBUF one buffer must hold it all
-                self._dirty.add(q.index)
-                return
-        if self.hdr_len == vw.NET_HDR_LEGACY_SIZE:
-            head = _HDR10
-        else:
-            n = len(chains)
-            head = _HDR12[n] if n < 4 else vw.NET_HDR_CODEC.pack(0, 0, 0, 0, 0, 0, n)
-        data = memoryview(head + frame)
-        off = 0
-        done = 0
-        try:
-            for chain in chains:
-                start = off
-                for addr, length, _ in chain.segments:
-                    if off >= need:
-                        break
-                    k = min(length, need - off)
-                    mem.write(addr, data[off:off + k])
-                    off += k
-                q.push(chain.head, off - start)
-                done += 1
-        except GuestMemoryError:
-            for chain in chains[done:]:
-                q.push(chain.head, 0)  # hand the buffers back unused
-            c.malformed += 1
-            self._dirty.add(q.index)
+        outcome = write_frame(q, frame, self.hdr_len, self.mrg, self.log)
+        if outcome is Outcome.NO_BUFFER:
+            c.dropped += 1
             return
-        finally:
-            data.release()
+        self._dirty.add(q.index)
+        if outcome is Outcome.TOO_SMALL:
+            c.dropped += 1
+            return
+        if outcome is Outcome.FAULT:
+            c.malformed += 1
+            return
         c.packets += 1
         c.bytes += len(frame)
-        self._dirty.add(q.index)
         if self.pcap is not None:
             self.pcap.write(frame)
 

@@ -67,6 +67,7 @@ driver kicks for the next buffer (:meth:`arm_kick`).
 from __future__ import annotations
 
 import enum
+import mmap
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -442,6 +443,23 @@ class SplitQueue:
             self.broken = broken
         return items
 
+    def native_receive(self, frame: bytes, hdr_len: int, mrg: bool,
+                       log: bytearray | mmap.mmap | None) -> tuple[int, int]:
+        """One frame written natively (``receive.write_frame``, whose caller
+        checked :attr:`uses_native` and :attr:`ready`): (its ``Outcome`` value, log marks that
+        reached past the end of ``log``, the vhost-user log bitmap)."""
+        assert self.native is not None and self._native_ring is not None and self.ready
+        outcome, self.last_avail_idx, self.used_idx, malformed, error, broken, beyond = (
+            self.native.receive(*self._native_ring, self.size, self.last_avail_idx, self.used_idx,
+                                self.indirect, self.max_readable, self.max_writable, frame,
+                                hdr_len, mrg, log))
+        self.counters.malformed += malformed
+        if error is not None:
+            self.last_error = error
+        if broken is not None:
+            self.broken = broken
+        return outcome, beyond
+
     # ------------------------------------------------------------ driver -> device
     def avail_pending(self) -> int:
         """How many chains the driver has made available that we have not taken."""
@@ -594,17 +612,9 @@ class SplitQueue:
         for start, stop, writable in self._spans:
             if start <= addr and end <= stop:
                 return writable or not write
-        if self.memory is None:
-            return False
-        try:  # possibly split across adjacent regions: let the accessor decide
-            views = self.memory.buffers(addr, length, write)
-        except GuestMemoryError:
-            return False
-        if views is None:  # reachable, but not mmap'd (an fd region)
-            return True
-        for view in views:
-            view.release()
-        return True
+        # possibly split across adjacent regions: the accessor decides (marking nothing:
+        # the walk writes nothing, the writes mark what they write)
+        return self.memory is not None and self.memory.reaches(addr, length, write)
 
     def checkpoint(self) -> tuple[int, int, int]:
         """Indices to :meth:`rollback` to (un-take chains not yet published)."""

@@ -11,6 +11,13 @@
  *       the bytes of its buffers: SplitQueue.drain.
  *   publish(avail, used, size, published, used_idx, event_idx) -> bool
  *       SplitQueue.publish once something was pushed.
+ *   receive(desc, avail, used, regions, size, last_avail_idx, used_idx, indirect,
+ *           max_readable, max_writable, frame, hdr_len, mrg, log)
+ *       -> (outcome, last_avail_idx, used_idx, malformed, last_error, broken, beyond)
+ *       one frame into a receive ring (receive.write_frame): outcome is a
+ *       receive.Outcome value, log the vhost-user log bitmap (writable) or None,
+ *       beyond the marks that reached past it.  Writable regions must be
+ *       writable buffers.
  *
  * desc, avail and used are the ring areas (bytes-like, used writable); regions
  * is ClientMemory's regions in address order as (guest address, bytes-like
@@ -25,6 +32,7 @@
 #include <stdlib.h>
 
 #include "held.h"
+#include "netrx.h"
 #include "vring.h"
 
 #define MAX_QUEUE_SIZE 32768u
@@ -96,43 +104,44 @@ int get_regions(PyObject *seq, held_t *h)
     return 0;
 }
 
-/* Parse the walk's arguments into ring (with its scratch) and h. */
-static int setup(PyObject *args, fp_ring *ring, held_t *h, Py_ssize_t *budget)
-{
+/* A walk's arguments as parsed. */
+typedef struct {
     PyObject *desc, *avail, *used, *regions;
     unsigned int size, last, used_idx;
     int indirect;
     unsigned long long max_readable, max_writable;
-    memset(ring, 0, sizeof *ring);
-    if (!PyArg_ParseTuple(args, "OOOO!IIIpKKn", &desc, &avail, &used, &PyTuple_Type, &regions,
-                          &size, &last, &used_idx, &indirect, &max_readable, &max_writable,
-                          budget))
-        return -1;
+} walk_args;
+
+/* The walk's arguments into ring (with its scratch) and h. */
+static int setup_walk(const walk_args *w, fp_ring *ring, held_t *h)
+{
+    unsigned int size = w->size;
     if (size == 0 || size > MAX_QUEUE_SIZE || (size & (size - 1))) {
         PyErr_Format(PyExc_ValueError, "queue size %u is not a power of two in 1..%u", size,
                      MAX_QUEUE_SIZE);
         return -1;
     }
-    if (last > 0xFFFF || used_idx > 0xFFFF) {
+    if (w->last > 0xFFFF || w->used_idx > 0xFFFF) {
         PyErr_SetString(PyExc_ValueError, "ring indices are 16 bits");
         return -1;
     }
-    if (get_area(desc, &h->desc, 0, 16 * (Py_ssize_t)size, "descriptor", &h->have_desc) < 0
-            || get_area(avail, &h->avail, 0, 6 + 2 * (Py_ssize_t)size, "avail", &h->have_avail) < 0
-            || get_area(used, &h->used, 1, 6 + 8 * (Py_ssize_t)size, "used", &h->have_used) < 0
-            || get_regions(regions, h) < 0)
+    if (get_area(w->desc, &h->desc, 0, 16 * (Py_ssize_t)size, "descriptor", &h->have_desc) < 0
+            || get_area(w->avail, &h->avail, 0, 6 + 2 * (Py_ssize_t)size, "avail",
+                        &h->have_avail) < 0
+            || get_area(w->used, &h->used, 1, 6 + 8 * (Py_ssize_t)size, "used", &h->have_used) < 0
+            || get_regions(w->regions, h) < 0)
         return -1;
     ring->desc = h->desc.buf;
     ring->avail = h->avail.buf;
     ring->used = h->used.buf;
     ring->size = size;
-    ring->indirect = indirect;
-    ring->max_readable = max_readable;
-    ring->max_writable = max_writable;
+    ring->indirect = w->indirect;
+    ring->max_readable = w->max_readable;
+    ring->max_writable = w->max_writable;
     ring->regions = h->regions;
     ring->nregions = (size_t)h->nviews;
-    ring->last_avail_idx = (uint16_t)last;
-    ring->used_idx = (uint16_t)used_idx;
+    ring->last_avail_idx = (uint16_t)w->last;
+    ring->used_idx = (uint16_t)w->used_idx;
     /* at most size - 1 descriptors before an indirect one, then at most size in its table */
     ring->segs = PyMem_Malloc(2 * (size_t)size * sizeof(fp_seg));
     ring->table = PyMem_Malloc(16 * (size_t)size);
@@ -141,6 +150,18 @@ static int setup(PyObject *args, fp_ring *ring, held_t *h, Py_ssize_t *budget)
         return -1;
     }
     return 0;
+}
+
+/* Parse the walk's arguments (and the budget) into ring and h. */
+static int setup(PyObject *args, fp_ring *ring, held_t *h, Py_ssize_t *budget)
+{
+    walk_args w;
+    memset(ring, 0, sizeof *ring);
+    if (!PyArg_ParseTuple(args, "OOOO!IIIpKKn", &w.desc, &w.avail, &w.used, &PyTuple_Type,
+                          &w.regions, &w.size, &w.last, &w.used_idx, &w.indirect,
+                          &w.max_readable, &w.max_writable, budget))
+        return -1;
+    return setup_walk(&w, ring, h);
 }
 
 static void teardown(fp_ring *ring, held_t *h)
@@ -268,9 +289,65 @@ static PyObject *publish(PyObject *self, PyObject *args)
     return PyBool_FromLong(wants);
 }
 
+static PyObject *receive(PyObject *self, PyObject *args)
+{
+    (void)self;
+    fp_ring ring;
+    held_t h = {0};
+    walk_args w;
+    Py_buffer frame, bits;
+    unsigned int hdr_len;
+    int mrg;
+    PyObject *log_obj, *result = NULL;
+    fp_log log = {NULL, 0, 0};
+    memset(&ring, 0, sizeof ring);
+    memset(&bits, 0, sizeof bits);
+    if (!PyArg_ParseTuple(args, "OOOO!IIIpKKy*IpO", &w.desc, &w.avail, &w.used, &PyTuple_Type,
+                          &w.regions, &w.size, &w.last, &w.used_idx, &w.indirect, &w.max_readable,
+                          &w.max_writable, &frame, &hdr_len, &mrg, &log_obj))
+        return NULL;
+    int have_bits = 0;
+    if (hdr_len != 10 && hdr_len != 12) {
+        PyErr_Format(PyExc_ValueError, "a virtio-net header is 10 or 12 bytes, not %u", hdr_len);
+        goto out;
+    }
+    if (log_obj != Py_None) {
+        if (PyObject_GetBuffer(log_obj, &bits, PyBUF_WRITABLE) < 0)
+            goto out;
+        have_bits = 1;
+        log.bits = bits.buf;
+        log.pages = (uint64_t)bits.len * 8;
+    }
+    if (setup_walk(&w, &ring, &h) < 0)
+        goto out;
+    for (Py_ssize_t i = 0; i < h.nviews; i++) {
+        if (h.regions[i].writable && h.views[i].readonly) {
+            PyErr_SetString(PyExc_ValueError, "a writable region's view is read-only");
+            goto out;
+        }
+    }
+    int outcome = fp_receive(&ring, frame.buf, (size_t)frame.len, hdr_len, mrg, &log);
+    if (outcome == FP_RX_NOMEM) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    result = Py_BuildValue("(iIIKzzK)", outcome, (unsigned)ring.last_avail_idx,
+                           (unsigned)ring.used_idx, (unsigned long long)ring.malformed,
+                           ring.has_error ? ring.last_error : NULL,
+                           ring.broken[0] ? ring.broken : NULL,
+                           (unsigned long long)log.beyond);
+out:
+    PyBuffer_Release(&frame);
+    if (have_bits)
+        PyBuffer_Release(&bits);
+    teardown(&ring, &h);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"pop_chains", pop_chains, METH_VARARGS, "Up to budget well-formed chains (SplitQueue.pop)."},
     {"drain", drain, METH_VARARGS, "Up to budget chains used with length 0, as their bytes."},
+    {"receive", receive, METH_VARARGS, "One frame into a receive ring (receive.write_frame)."},
     {"publish", publish, METH_VARARGS, "Publish the used index; True when the driver wants an "
      "interrupt."},
     {"nvme_run", fp_nvme_run_py, METH_VARARGS, "Run the Read and Write commands of one I/O "
@@ -280,8 +357,9 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "appliance._fastpath",
-    "The native fast path: the split virtqueue walker and the NVMe I/O queue path "
-    "(appliance/fastpath.py decides whether they run).", -1, methods, NULL, NULL, NULL, NULL,
+    "The native fast path: the split virtqueue walker, a receive ring's frame writes "
+    "and the NVMe I/O queue path (appliance/fastpath.py decides whether they run).",
+    -1, methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__fastpath(void)

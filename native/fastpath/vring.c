@@ -97,9 +97,12 @@ static const fp_region *find(const fp_ring *q, uint64_t a)
 
 /* Walk [addr, addr + len) piece by piece as ClientMemory._pieces does: 0 when every
  * piece is mapped with the access, else -1 with *done the bytes reachable before
- * the failure and *why its reason.  With dst, copies the bytes (a read). */
+ * the failure and *why its reason.  With dst, copies the bytes (a read); with src,
+ * stores them once every piece is known to be reachable (a write: nothing is
+ * written when one is not, as ClientMemory.write). */
 static int pieces(const fp_ring *q, uint64_t addr, uint64_t len, int write,
-                  unsigned char *dst, uint64_t *done_out, const char **why)
+                  unsigned char *dst, const unsigned char *src, uint64_t *done_out,
+                  const char **why)
 {
     uint64_t done = 0;
     *done_out = 0;
@@ -125,6 +128,15 @@ static int pieces(const fp_ring *q, uint64_t addr, uint64_t len, int write,
             memcpy(dst + done, r->host + off, (size_t)n);
         done += n;
     }
+    if (src != NULL) { /* every piece is writable: store them */
+        for (done = 0; done < len;) {
+            const fp_region *r = find(q, addr + done);
+            uint64_t off = addr + done - r->start;
+            uint64_t n = len - done < r->size - off ? len - done : r->size - off;
+            memcpy(r->host + off, src + done, (size_t)n);
+            done += n;
+        }
+    }
     return 0;
 }
 
@@ -136,7 +148,7 @@ static int inside(const fp_ring *q, uint64_t addr, uint32_t len, int write)
         return r->writable || !write;
     uint64_t done;
     const char *why;
-    return pieces(q, addr, len, write, NULL, &done, &why) == 0;
+    return pieces(q, addr, len, write, NULL, NULL, &done, &why) == 0;
 }
 
 #define REFUSE(...) do { snprintf(why, FP_WHY, __VA_ARGS__); return -1; } while (0)
@@ -192,7 +204,7 @@ static int walk(fp_ring *q, uint16_t head, fp_chain *c, char *why)
                 REFUSE("indirect table of %u bytes", (unsigned)d.len);
             uint64_t done;
             const char *bad;
-            if (pieces(q, d.addr, d.len, 0, q->table, &done, &bad) != 0)
+            if (pieces(q, d.addr, d.len, 0, q->table, NULL, &done, &bad) != 0)
                 REFUSE("indirect table outside memory: client memory %s at 0x%llx "
                        "(access 0x%llx+0x%llx, %llu bytes completed)", bad,
                        (unsigned long long)(d.addr + done), (unsigned long long)d.addr,
@@ -272,7 +284,7 @@ int fp_gather(const fp_ring *q, const fp_chain *c, unsigned char *dst)
     const char *why;
     for (size_t i = 0; i < c->n; i++) {
         const fp_seg *s = &q->segs[i];
-        if (pieces(q, s->addr, s->len, 0, dst + off, &done, &why) != 0)
+        if (pieces(q, s->addr, s->len, 0, dst + off, NULL, &done, &why) != 0)
             return -1;
         off += s->len;
     }
@@ -291,4 +303,11 @@ int fp_publish(fp_ring *q, uint16_t published, int event_idx)
         return (uint16_t)(now - used_event - 1) < (uint16_t)(now - published);
     }
     return !(load16(q->avail) & AVAIL_F_NO_INTERRUPT);
+}
+
+int fp_write(const fp_ring *q, uint64_t addr, const unsigned char *src, uint64_t len)
+{
+    uint64_t done;
+    const char *why;
+    return pieces(q, addr, len, 1, NULL, src, &done, &why);
 }

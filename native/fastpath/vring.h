@@ -17,7 +17,7 @@
 typedef struct {
     uint64_t start;             /* guest address */
     uint64_t size;              /* bytes; start + size <= 2^64 */
-    const unsigned char *host;  /* the mapping of [start, start + size) */
+    unsigned char *host;        /* the mapping of [start, start + size) */
     int readable, writable;
 } fp_region;
 
@@ -72,6 +72,10 @@ void fp_push(fp_ring *ring, uint32_t head, uint32_t len);
  * bytes, as ClientMemory.read of each).  Returns 0, or -1 when a piece lies in a
  * region that is not readable (nothing else can fail: the walk checked the rest). */
 int fp_gather(const fp_ring *ring, const fp_chain *chain, unsigned char *dst);
+
+/* Store len bytes of src at guest address addr (ClientMemory.write without the
+ * dirty log): 0, or -1 when a piece is unmapped or not writable (nothing written). */
+int fp_write(const fp_ring *ring, uint64_t addr, const unsigned char *src, uint64_t len);
 
 /* Make used entries up to ring->used_idx visible; 1 when the driver wants an
  * interrupt (SplitQueue.publish; the caller skips it when nothing is new). */

@@ -13,7 +13,10 @@ its readable buffers before its writable ones, add up to its own totals and
 hold at most two queue sizes of buffers; a malformed chain is skipped, never
 raised; the used ring is written without an exception.  When the native fast
 path is built, the same input runs again on it (appliance._fastpath) and must
-give the same chains, interrupt decisions, ring state and guest memory.
+give the same chains, interrupt decisions, ring state and guest memory.  Flag
+bits of the input also make the ring a receive ring first (frames written
+into it with :func:`~appliance.net.receive.write_frame`, either header, with
+or without MRG_RXBUF) and install a dirty log (whose bits must agree too).
 
     python tests/fuzz/fuzz_virtqueue.py -max_total_time=20 tests/fuzz/corpus/virtqueue
 """
@@ -29,7 +32,9 @@ import common
 with common.instrumented(__name__):
     from appliance import fastpath
     from appliance.memory import ClientMemory
+    from appliance.net.dirty_log import VhostLog
     from appliance.net.native import NativeVring
+    from appliance.net.receive import write_frame
     from appliance.net.virtqueue import SplitQueue
 
 BASE = 0x10000
@@ -90,7 +95,17 @@ def _run(data: bytes, native: NativeVring | None) -> tuple[object, ...]:
     q.start()
     assert q.uses_native == (native is not None)
     out: list[object] = []
+    memory = q.memory
+    assert memory is not None
+    log = VhostLog(bytearray((BASE + MEM_SIZE // 2) // 4096 // 8))  # half the memory: marks pass it
+    memory.dirty_log = log if data[1] & 4 else None
     try:
+        if data[1] & 8:  # a receive ring: frames written into it (receive.write_frame)
+            for i in range(2 * size + 2):
+                frame = data[pos + i:pos + i + 8 * (data[2] & 0x3F)]
+                out.append(write_frame(q, frame, 12 if data[1] & 16 else 10, bool(data[1] & 32),
+                                       log if data[1] & 4 else None))
+            out.append((bytes(log.bitmap), log.beyond))
         for _ in range(2 * size + 2):
             chain = q.pop()
             if chain is None:
@@ -103,6 +118,7 @@ def _run(data: bytes, native: NativeVring | None) -> tuple[object, ...]:
         return (out, q.last_avail_idx, q.used_idx, q.counters.as_dict(), q.last_error, q.broken,
                 bytes(RAM))
     finally:
+        memory.dirty_log = None
         q.reset()
 
 

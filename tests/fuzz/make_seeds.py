@@ -139,7 +139,13 @@ def virtqueue_seeds() -> dict[str, bytes]:
                    + desc(BUFFERS + 32, 64, write, 0) + desc(BUFFERS + 96, 32, write, 0), b"")
     table = desc(BUFFERS + 0x100, 12, next_, 1) + desc(BUFFERS + 0x200, 1500, write, 0)
     ind = layout(4, 1, [0] * 4, desc(BUFFERS, len(table), indirect, 0), table)
-    return {"simple": simple, "chain": chain, "indirect": ind}
+    # receive rings (flag 8): 12-byte header (16), MRG_RXBUF (32), a dirty log (4); the
+    # avail index's low byte is also the frames' length in 8-byte units
+    rx = b"".join(desc(BUFFERS + 0x40 * i, 32, write, 0) for i in range(8))
+    rx_mrg = layout(8, 4, list(range(8)), rx, b"", flags=1 | 4 | 8 | 16 | 32)
+    rx_legacy = layout(8, 3, list(range(8)), rx, b"", flags=1 | 8)
+    return {"simple": simple, "chain": chain, "indirect": ind, "receive-mrg": rx_mrg,
+            "receive-legacy": rx_legacy}
 
 
 # ---------------------------------------------------------------- nvme

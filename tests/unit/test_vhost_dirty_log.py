@@ -6,7 +6,13 @@ import mmap
 import os
 
 import pytest
-from test_vhost_frontend import GPA_BASE, GuestMemory, Rig, frame
+from test_vhost_frontend import (
+    GPA_BASE,
+    GuestMemory,
+    Rig,
+    fastpath,  # noqa: F401 (autouse: every test on both paths)
+    frame,
+)
 
 from appliance.net import vhost_wire as vw
 from appliance.net.dirty_log import VhostLog

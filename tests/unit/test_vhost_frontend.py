@@ -28,6 +28,7 @@ from appliance.net.vhost_protocol import BackendConnection
 from appliance.net.vhost_wire import Feature as F
 from appliance.net.vhost_wire import ProtocolFeature as PF
 from appliance.net.vhost_wire import Request as R
+from appliance.net.virtqueue import SplitQueue
 from appliance.protocol_common import close_quietly
 
 GPA_BASE = 0x100000
@@ -393,6 +394,28 @@ def test_rx_merges_buffers_when_mrg_rxbuf() -> None:
         data = b"".join(rig.mem.read(b, n) for b, (_, n) in zip(bufs, used))
         assert vw.NetHdr.unpack(data).num_buffers == 3
         assert data[12:] == f
+    finally:
+        rig.close()
+
+
+def test_native_path_writes_received_frames_in_one_native_call(
+        fastpath: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = SplitQueue.native_receive
+
+    def spy(q: SplitQueue, *args: Any) -> tuple[int, int]:
+        calls.append(q.index)
+        return real(q, *args)
+
+    monkeypatch.setattr(SplitQueue, "native_receive", spy)
+    rig = Rig()
+    try:
+        rig.rx.add_buffer(0, writable=32)
+        rig.rx.add_buffer(1, writable=128)
+        rig.port.deliver(frame())
+        rig.port.flush()
+        assert rig.rx.take_used() == [(0, 32), (1, 40)]  # 12 + 60 bytes
+        assert calls == ([0] if fastpath == "native" else [])
     finally:
         rig.close()
 

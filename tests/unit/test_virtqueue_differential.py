@@ -5,10 +5,13 @@ adjacent or not, with random access rights), fills a split ring with random
 descriptors (out-of-range addresses and indices, loops, INDIRECT in INDIRECT,
 lengths up to 2^32 - 1, tables of bad sizes), an avail ring whose index may
 jump past a queue size, and then runs the same operations on two identical
-copies: one queue on the Python walker, one on appliance._fastpath.  After
-every step both must agree on what came out (chains, frames, interrupt
-decisions), on the ring's state (indices, counters, last error, broken) and
-on every byte of guest memory.
+copies: one queue on the Python walker, one on appliance._fastpath.  The
+operations include writing a frame into the ring as a receive ring
+(receive.write_frame: header, MRG_RXBUF, used lengths) with a vhost-user dirty
+log of random size installed or not.  After every step both must agree on
+what came out (chains, frames, interrupt decisions, receive outcomes), on the
+ring's state (indices, counters, last error, broken), on every byte of guest
+memory and on the dirty log (its bits and the marks past its end).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from hypothesis import strategies as st
 from test_vhost_frontend import GuestMemory
 
 from appliance.memory import ClientMemory
+from appliance.net.dirty_log import VhostLog
+from appliance.net.receive import Outcome, write_frame
 from appliance.net.virtqueue import MAX_CHAIN_BYTES, Chain, SplitQueue
 
 A_GPA = 0x100000
@@ -50,6 +55,7 @@ class Layout:
     max_readable: int
     max_writable: int
     ops: list[tuple[Any, ...]]
+    log_bytes: int | None = None  # the vhost-user log bitmap's size (None: not logging)
 
     @property
     def b_gpa(self) -> int:
@@ -129,7 +135,9 @@ def layouts(draw: st.DrawFn) -> Layout:
         st.tuples(st.just("push"), st.integers(0, size - 1), st.integers(0, 0xFFFF_FFFF)),
         st.tuples(st.just("avail"), st.integers(0, size if sane else size + 2),  # the driver
                   st.integers(0, size - 1) if sane else st.integers(0, 0xFFFF)),  # adds heads
-        st.tuples(st.just("desc"), st.integers(0, size - 1), descriptors(size, b_gpa, 1, sane)))
+        st.tuples(st.just("desc"), st.integers(0, size - 1), descriptors(size, b_gpa, 1, sane)),
+        st.tuples(st.just("receive"), st.binary(max_size=64).map(lambda b: b * draw(
+            st.sampled_from([1, 1, 8, 40]))), st.sampled_from([10, 12]), st.booleans()))
     return Layout(
         size=size, base=base, b_gap=b_gap,
         b_access=draw(st.sampled_from([(True, True), (True, False), (False, True)])),
@@ -137,7 +145,8 @@ def layouts(draw: st.DrawFn) -> Layout:
         indirect=draw(st.booleans()), event_idx=draw(st.booleans()),
         max_readable=MAX_CHAIN_BYTES if sane else draw(limit),
         max_writable=MAX_CHAIN_BYTES if sane else draw(limit),
-        ops=draw(st.lists(op, min_size=1, max_size=12)))
+        ops=draw(st.lists(op, min_size=1, max_size=12)),
+        log_bytes=draw(st.sampled_from([None, 0, 33, 40, 0x40])))
 
 
 class Side:
@@ -153,6 +162,8 @@ class Side:
         readable, writable = layout.b_access
         self.cm.map(layout.b_gpa, B_SIZE, fd=os.dup(self.b.fd), readable=readable,
                     writable=writable, user_address=self.b.uva)
+        self.log = None if layout.log_bytes is None else VhostLog(bytearray(layout.log_bytes))
+        self.cm.dirty_log = self.log
         q = self.q = SplitQueue(1)
         q.native = native
         q.indirect, q.event_idx = layout.indirect, layout.event_idx
@@ -175,6 +186,8 @@ class Side:
             return q.publish()
         if op[0] == "push":
             return q.push(op[1], op[2])
+        if op[0] == "receive":  # a frame behind a header of op[2] bytes, op[3]: MRG_RXBUF
+            return write_frame(q, op[1], op[2], op[3], self.log)
         if op[0] == "avail":  # the driver makes op[1] more heads available
             for _ in range(op[1]):
                 self.a.write(A_GPA + AVAIL + 4 + 2 * (self.avail_idx % size), struct.pack("<H", op[2]))
@@ -186,8 +199,9 @@ class Side:
 
     def state(self) -> tuple[Any, ...]:
         q = self.q
+        log = None if self.log is None else (bytes(self.log.bitmap), self.log.beyond)
         return (q.last_avail_idx, q.used_idx, q.unpublished, q.counters.as_dict(), q.last_error,
-                q.broken, q.ready, self.a.read(A_GPA, A_SIZE), self.b.read(self.b.gpa, B_SIZE))
+                q.broken, q.ready, self.a.read(A_GPA, A_SIZE), self.b.read(self.b.gpa, B_SIZE), log)
 
     def close(self) -> None:
         self.q.reset()
@@ -217,6 +231,8 @@ def outcome(result: Any, q: SplitQueue) -> str:
         return f"{min(len(result), 3)}+ frames" if len(result) >= 3 else f"{len(result)} frames"
     if result is None:
         return "nothing"
+    if isinstance(result, Outcome):
+        return result.name.lower()
     if isinstance(result, Chain):
         return f"a chain of {min(len(result.segments), 3)}{'+' if len(result.segments) > 2 else ''}"
     return f"{type(result).__name__}, {min(q.counters.malformed, 2)}{'+' if q.counters.malformed > 1 else ''} malformed"
@@ -280,4 +296,6 @@ def test_every_refusal_is_met() -> None:
                               b_image=bytes(B_SIZE), indirect=True, event_idx=False,
                               max_readable=MAX_CHAIN_BYTES, max_writable=MAX_CHAIN_BYTES,
                               ops=[("pop",), ("publish",), ("avail", 1, 0), ("drain", 4),
-                                   ("publish",)]))
+                                   ("publish",), ("avail", 1, 0), ("receive", b"x" * 60, 12, True),
+                                   ("receive", b"y" * 30, 10, False), ("publish",)],
+                              log_bytes=40))
