@@ -16,10 +16,10 @@ from __future__ import annotations
 import mmap
 from typing import Protocol
 
-from appliance.memory import ClientMemory
+from appliance.memory import ClientMemory, MappedRegions
 
 #: ClientMemory's regions in address order as (guest address, view, readable, writable)
-NativeRegions = tuple[tuple[int, memoryview, bool, bool], ...]
+NativeRegions = MappedRegions  # (guest address, view, readable, writable) in address order
 #: (head, [(address, length, writable), ...], readable bytes, writable bytes)
 NativeChain = tuple[int, list[tuple[int, int, bool]], int, int]
 
@@ -71,9 +71,4 @@ class NativeVring(Protocol):
 def native_regions(memory: ClientMemory) -> NativeRegions | None:
     """``memory``'s regions for the native walker, or None when one of them is
     not mmap'd (an fd or message region: those stay on the Python path)."""
-    regions = []
-    for r in memory.regions:
-        if r.view is None:
-            return None
-        regions.append((r.address, r.view, r.readable, r.writable))
-    return tuple(regions)
+    return memory.mapped_regions()

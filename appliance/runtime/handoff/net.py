@@ -40,6 +40,7 @@ from appliance.net import vhost_wire as vw
 from appliance.net.port import DEFAULT_MTU, VirtioNetPort
 from appliance.net.vhost_protocol import BackendConnection, ConnState
 from appliance.net.vhost_wire import Request as R
+from appliance.net.virtqueue import VringState
 from appliance.protocol_common import close_quietly
 from appliance.runtime import unix
 
@@ -142,17 +143,10 @@ def _error(what: str) -> ApplianceError:
 
 
 @dataclass(frozen=True)
-class RingState:
-    num: int
-    desc: int | None
-    avail: int | None
-    used: int | None
-    log: int
-    flags: int
-    last_avail_idx: int
-    used_idx: int
-    sync_used: bool
-    started: bool
+class RingState(VringState):
+    """A ring's :class:`VringState` and the port's own per-ring state: whether it was
+    enabled explicitly, whether its kick fd is polled, and its fds by index."""
+
     enable: bool | None
     polled: bool
     kick: int | None
