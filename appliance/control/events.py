@@ -24,6 +24,7 @@ CONTROLLER_FATAL = "CONTROLLER_FATAL"  # reason, csts (CSTS.CFS is set)
 HANDOFF_PROGRESS = "HANDOFF_PROGRESS"  # phase, round, pending_bytes, sent_bytes
 HANDOFF_COMPLETED = "HANDOFF_COMPLETED"  # the handoff command's result
 HANDOFF_FAILED = "HANDOFF_FAILED"  # error
+MIGRATION_STATE = "MIGRATION_STATE"  # device, from, to (vfio-user migration v2 states)
 
 #: every event name, with what its data carries (for x-query-appliance-schema)
 EVENTS: dict[str, tuple[str, ...]] = {
@@ -37,6 +38,7 @@ EVENTS: dict[str, tuple[str, ...]] = {
     HANDOFF_PROGRESS: ("phase", "round", "pending_bytes", "sent_bytes"),
     HANDOFF_COMPLETED: ("mode", "pause_ms", "rounds", "fds", "stream_bytes"),
     HANDOFF_FAILED: ("error",),
+    MIGRATION_STATE: ("device", "from", "to"),
 }
 
 

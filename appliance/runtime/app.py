@@ -8,6 +8,7 @@ from typing import Any
 
 from appliance import fastpath
 from appliance.config import Config
+from appliance.control.events import MIGRATION_STATE
 from appliance.control.guest_faults import GuestFaults
 from appliance.errors import ApplianceError
 from appliance.memory import ClientMemory
@@ -30,6 +31,7 @@ from appliance.storage.doorbells import DoorbellPage
 from appliance.storage.migration import NvmeMigratable
 from appliance.storage.nsmgmt import NamespaceManagement
 from appliance.vfio_user.migration import VfioUserMigration
+from appliance.vfio_user.migration_states import MigState
 
 log = logging.getLogger("appliance")
 
@@ -104,7 +106,14 @@ class Appliance:
         migratable = NvmeMigratable(self.controller, clock=time.monotonic)
 
         def migration_handler(memory: ClientMemory) -> VfioUserMigration:
-            return VfioUserMigration(migratable, memory, name="nvme")
+            handler = VfioUserMigration(migratable, memory, name="nvme")
+
+            def changed(old: MigState, new: MigState) -> None:  # (the control socket exists by now)
+                self.control.emit(MIGRATION_STATE, {"device": "nvme", "from": old.name,
+                                                    "to": new.name})
+
+            handler.on_state = changed
+            return handler
 
         self.migratable = migratable
         service = VfioUserService(self.loop, st.socket, self.controller, name="nvme",

@@ -233,6 +233,8 @@ class VfioUserMigration:
         self.max_bitmap_size = max_bitmap_size
         self.name = name
         self.state = MigState.RUNNING
+        #: told (old, new) whenever the state changes (the runtime sends an event)
+        self.on_state: Callable[[MigState, MigState], None] | None = None
         self.options = w.MigOption(0)  # APPLIANCE_MIG_OPTIONS for the next session
         self.quiesced = False  # migration_stop() called and not yet undone
         self.dma_log: DmaLog | None = None
@@ -282,7 +284,7 @@ class VfioUserMigration:
         if self.state is not MigState.RUNNING:
             log.info("%s: migration state %s -> RUNNING by DEVICE_RESET", self.name,
                      self.state.name)
-        self.state = MigState.RUNNING
+        self._set_state(MigState.RUNNING)
         self.options = w.MigOption(0)
 
     def close(self) -> None:
@@ -397,11 +399,16 @@ class VfioUserMigration:
                 raise Reject(f"{arc[0].name} -> {hop.name}: {exc!r}; device in ERROR",
                              errno.EIO) from None
             log.info("%s: migration arc %s -> %s", self.name, arc[0].name, hop.name)
-            self.state = hop
+            self._set_state(hop)
             self.counters["transitions"] += 1
 
+    def _set_state(self, new: MigState) -> None:
+        old, self.state = self.state, new
+        if old is not new and self.on_state is not None:
+            self.on_state(old, new)
+
     def _enter_error(self) -> None:
-        self.state = MigState.ERROR
+        self._set_state(MigState.ERROR)
         self._drop_sessions()
 
     def _drop_sessions(self) -> None:

@@ -137,3 +137,19 @@ def test_vfio_user_and_vhost_user_clients_coming_and_going_are_events(tmp_path: 
                 went = ctl.wait_event("CLIENT_DISCONNECTED", timeout=10.0)
                 assert came["data"] == went["data"] == {"device": device, "protocol": protocol}
         target.assert_healthy()
+
+
+def test_migration_state_changes_are_events(appliance: ApplianceProcess, appliance_ctl: Any) -> None:
+    """A vfio-user client walks the device to STOP and back: each state the device
+    enters is a MIGRATION_STATE event (what an orchestrator or a test waits on)."""
+    from appliance.client.migrate import set_state
+    from appliance.client.vfio_user import VfioUserClient
+    from appliance.vfio_user.migration_states import MigState
+
+    appliance_ctl.negotiate()  # in command mode: events are sent from now on
+    with VfioUserClient.connect(str(appliance.config.storage.socket)) as client:
+        assert set_state(client, MigState.STOP) is MigState.STOP
+        assert set_state(client, MigState.RUNNING) is MigState.RUNNING
+    seen = [appliance_ctl.wait_event("MIGRATION_STATE", timeout=10.0)["data"] for _ in range(2)]
+    assert seen == [{"device": "nvme", "from": "RUNNING", "to": "STOP"},
+                    {"device": "nvme", "from": "STOP", "to": "RUNNING"}]
