@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import errno as _errno
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from appliance.errors import LocalProtocolError
@@ -80,3 +80,20 @@ def close_quietly(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+def dup_all(fds: list[int], refs: Sequence[int]) -> list[int]:
+    """Our own copies of ``fds[i]`` for each index (all or none).
+
+    Raises:
+        OSError: one could not be duplicated (the others are closed).
+    """
+    out: list[int] = []
+    try:
+        for i in refs:
+            out.append(os.dup(fds[i]))
+    except OSError:
+        for fd in out:
+            close_quietly(fd)
+        raise
+    return out

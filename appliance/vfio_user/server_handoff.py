@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 from collections import deque
 from collections.abc import Callable, Iterator
 
 from appliance.errors import LocalProtocolError
 from appliance.memory import ClientMemory
-from appliance.protocol_common import close_quietly
+from appliance.protocol_common import close_quietly, dup_all
 from appliance.vfio_user import wire as w
 from appliance.vfio_user.backend import IrqDesc, IrqSink, RegionDesc, VfioUserDevice
 from appliance.vfio_user.connection_state import ConnState, MigrationHandler
@@ -190,7 +189,7 @@ class ConnectionHandoff:
         try:
             for command, payload, refs in replay_requests(state):
                 try:
-                    self._replay(command, payload, [os.dup(fds[i]) for i in refs])
+                    self._replay(command, payload, dup_all(fds, refs))
                 except (LocalProtocolError, OSError) as exc:
                     raise LocalProtocolError(f"{self.name}: bad handoff state: {command.name} "
                                              f"refused: {exc}",
@@ -200,7 +199,7 @@ class ConnectionHandoff:
             for key, value in state.counters:
                 if key in self.counters:
                     self.counters[key] = value
-            dup_fds = [os.dup(fds[fd]) for fd in state.pending_fds]
+            dup_fds = dup_all(fds, state.pending_fds)
             pending = state.pending
             while pending:
                 take = min(len(pending), self.framer.bytes_wanted())

@@ -4,9 +4,10 @@ Both sides of a handoff (:mod:`~appliance.runtime.handoff.source`,
 :mod:`~appliance.runtime.handoff.sink`) talk to the other process through a
 :class:`ChannelEnd`: a non-blocking stream socket whose output is a queue of
 (bytes, fds) sent as far as the socket takes them, the rest on writability.
-The queue holds at most what its owner puts in; the source fills it only
-below :data:`LOW_WATER`, so a destination that stops reading holds the source's
-memory at :data:`HIGH_WATER` and nothing more.  A peer that makes no
+The queue holds at most what its owner puts in; the source adds a piece (at
+most :data:`MAX_PIECE`) only while less than :data:`LOW_WATER` is unsent, so a
+destination that stops reading holds at most ``LOW_WATER + MAX_PIECE`` of the
+source's memory.  A peer that makes no
 progress (no byte read or written) for ``timeout`` seconds fails the
 channel: the loop never waits on the other process.
 """
@@ -31,9 +32,7 @@ log = logging.getLogger("appliance.handoff")
 
 TIMEOUT = 30.0  # seconds the other process may make no progress
 LOW_WATER = 4 << 20  # the source adds records while less than this is unsent
-HIGH_WATER = 8 << 20  # ... and stops adding at this
 MAX_PIECE = 4 << 20  # the most the source adds at once (a chunk of records, in frames)
-CONNECT_RETRY = 0.005  # seconds between connects while the listener's backlog is full
 
 
 def image_ids(app: Appliance) -> list[list[int]]:
@@ -69,7 +68,7 @@ class ChannelEnd:
         self.timeout = timeout
         self.closed = False
         self._failed = False
-        self._out = OutputQueue(HIGH_WATER + MAX_PIECE)  # the source stops adding at HIGH_WATER
+        self._out = OutputQueue(LOW_WATER + MAX_PIECE)  # the source adds only below LOW_WATER
         self._reading = self._writing = False
         self._last = time.monotonic()
         self.read(True)
@@ -167,7 +166,8 @@ def connect(path: str) -> socket.socket:
     """A non-blocking Unix stream socket connected (or connecting) to ``path``.
 
     Raises:
-        BlockingIOError: the listener's backlog is full (try again shortly).
+        BlockingIOError: the listener's backlog is full (the handoff fails; the
+            destination's listener takes one connection, the control socket 64).
         OSError: nothing listens there.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC

@@ -29,8 +29,7 @@ rest from the same socket.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +40,7 @@ from appliance.net.port import DEFAULT_MTU, VirtioNetPort
 from appliance.net.vhost_protocol import BackendConnection, ConnState
 from appliance.net.vhost_wire import Request as R
 from appliance.net.virtqueue import VringState
-from appliance.protocol_common import close_quietly
+from appliance.protocol_common import close_quietly, dup_all
 from appliance.runtime import unix
 
 if TYPE_CHECKING:
@@ -426,23 +425,6 @@ def replay_requests(s: SessionState) -> Iterator[tuple[R, bytes, list[int]]]:
         yield R.SET_STATUS, u64(s.status), []
     if s.mtu_told or s.mtu != DEFAULT_MTU:  # told: it bounds transmit chains (max_frame)
         yield R.NET_SET_MTU, u64(s.mtu), []
-
-
-def dup_all(fds: list[int], refs: Sequence[int]) -> list[int]:
-    """Our own copies of ``fds[i]`` for each index (all or none).
-
-    Raises:
-        OSError: one could not be duplicated (the others are closed).
-    """
-    out: list[int] = []
-    try:
-        for i in refs:
-            out.append(os.dup(fds[i]))
-    except OSError:
-        for fd in out:
-            close_quietly(fd)
-        raise
-    return out
 
 
 def build_connection(port: VirtioNetPort, s: SessionState, fds: list[int]) -> BackendConnection:
