@@ -36,3 +36,44 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
     if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
         return False
     raise OSError(err, os.strerror(err))
+
+
+def replace_file(fd: int, path: str, target: str, min_size: int) -> int:
+    """Rename the file at ``path`` over ``target`` and make ``fd`` (open on the
+    old ``target``) refer to it (``dup2``: whoever holds ``fd`` sees the new
+    file).  ``path`` must be in ``target``'s directory (the rename is atomic
+    there) and its data durable; the directory is synced.
+
+    Returns:
+        An fd of the old file, now without a name: the caller closes it
+        (freeing a large file's blocks takes time).
+
+    Raises:
+        ValueError: ``path`` holds fewer than ``min_size`` bytes.
+        OSError: ``path`` cannot be opened or renamed (``target`` is then
+            unchanged); a failing directory sync is raised after the swap.
+    """
+    new = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    old = -1
+    try:
+        if os.fstat(new).st_size < min_size:
+            raise ValueError(f"{path}: shorter than {min_size} bytes")
+        old = os.dup(fd)
+        os.rename(path, target)
+        os.dup2(new, fd, inheritable=False)
+    except BaseException:
+        if old >= 0:
+            os.close(old)
+        raise
+    finally:
+        os.close(new)
+    try:
+        dirfd = os.open(os.path.dirname(target), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+    except BaseException:
+        os.close(old)
+        raise
+    return old

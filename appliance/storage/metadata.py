@@ -13,8 +13,13 @@ that turn every protection check off for that block, which is how a host
 reads a block it never wrote without an integrity error.
 
 The side file is sparse and created on first use; Format NVM empties it,
-Write Zeroes and a deallocating Dataset Management punch its ranges, and it
-migrates and is handed off beside the image (same name plus ``.md``).
+Write Zeroes and a deallocating Dataset Management punch its ranges (Write
+Uncorrectable leaves it alone: its marks are controller state).  A full-copy
+migration carries the written metadata in NAMESPACE_METADATA records and
+stages a new side file beside the staged image
+(:mod:`~appliance.storage.staging`), renamed over this one with it
+(:meth:`MetadataFile.replace`); a shared-storage migration or a live handoff
+keeps using the same file (same name plus ``.md``).
 """
 
 from __future__ import annotations
@@ -25,11 +30,18 @@ from appliance.storage.fileops import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     fallocate,
+    replace_file,
 )
 from appliance.storage.spec import CommandError, Status
 
 SUFFIX = ".md"
 _INVERT = bytes(b ^ 0xFF for b in range(256))
+
+
+def stored(metadata: bytes | memoryview) -> bytes:
+    """The side file's bytes for ``metadata`` as a host reads it, and back (each
+    byte XOR FFh: its own inverse)."""
+    return bytes(metadata).translate(_INVERT)
 
 
 def side_file(image: str) -> str:
@@ -96,13 +108,34 @@ class MetadataFile:
         Raises:
             CommandError: WRITE_FAULT when the file write fails.
         """
-        stored = memoryview(bytes(data).translate(_INVERT))
+        raw = memoryview(stored(data))
         offset, done = slba * self.metadata, 0
         try:
-            while done < len(stored):
-                done += os.pwrite(self.fd, stored[done:], offset + done)
+            while done < len(raw):
+                done += os.pwrite(self.fd, raw[done:], offset + done)
         except OSError as exc:
             raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
+
+    def real_path(self) -> str:
+        """The side file's real path (symlinks resolved): where a replacement is renamed to."""
+        return os.path.realpath(self.path)
+
+    def replace(self, path: str) -> int:
+        """Make the file at ``path`` (in :meth:`real_path`'s directory, durable)
+        the side file: renamed over it, ``fd`` keeps its number.
+
+        Returns:
+            An fd of the old side file, now without a name: the caller closes it.
+
+        Raises:
+            ValueError: a read-only or closed side file, or ``path`` is shorter
+                than ``nlbas`` x ``metadata`` bytes.
+            OSError: ``path`` cannot be opened or renamed (the side file is
+                then unchanged), or the directory sync failed after the swap.
+        """
+        if self.read_only or self.fd < 0:
+            raise ValueError(f"{self.path}: read-only or closed")
+        return replace_file(self.fd, path, self.real_path(), self.nlbas * self.metadata)
 
     def deallocate(self, slba: int, nlb: int) -> None:
         """Blocks ``slba .. slba+nlb-1`` read back as FFh metadata again.

@@ -88,7 +88,9 @@ from appliance.storage.controller_state import (
     state_error,
 )
 from appliance.storage.dirty import DirtyPages, data_end, hole_end, zero_runs
-from appliance.storage.staging import Staging
+from appliance.storage.metadata import stored
+from appliance.storage.namespace import Namespace
+from appliance.storage.staging import Staging, pread_all
 from appliance.vfio_user.migration_stream import (
     MAX_PAYLOAD,
     MAX_ZERO_RUN,
@@ -101,14 +103,17 @@ from appliance.vfio_user.migration_stream import (
     StreamError,
     device_state,
     namespace_blocks,
+    namespace_metadata,
     parse_blocks_head,
     parse_device_state,
+    parse_metadata_head,
 )
 
 PAGE = 4096  # dirty-tracking unit: the NVMe page (a namespace's block if larger)
 MAX_RECORD = 1 << 20  # data bytes per NAMESPACE_BLOCKS record: dirty runs coalesce up to it
 ZERO_RUN_MIN = 64 * 1024  # all-zero stretches inside data this long go as ZEROES records
 ZEROES_COST = RecordHead.SIZE + BlocksHead.SIZE  # stream bytes of a ZEROES record
+MD_PAGE = 4096  # side-file bytes: zero stretches this long (unwritten metadata) are not sent
 log = logging.getLogger("appliance.migrate")
 
 __all__ = ["MAX_RECORD", "PAGE", "CtrlSnapshot", "CtrlStateHead", "DirtyPages", "NvmeMigratable",
@@ -143,6 +148,7 @@ class NvmeMigratable(PciMigratable):
         self.max_record = max_record
         self.clock = clock
         self.dirty: dict[int, DirtyPages] = {}
+        self._formats: dict[int, tuple[int, int]] = {}  # nsid -> (block size, metadata) tracked
         self._snapshot: CtrlSnapshot | None = None
         self._staging: dict[int, Staging] = {}
         for nsid, ns in ctrl.namespaces.items():
@@ -166,6 +172,13 @@ class NvmeMigratable(PciMigratable):
                 parts.append(f"zoned{nsid}:{zones.zone_blocks}:{zones.capacity}:"
                              f"{zones.max_open}:{zones.max_active}")
         return "|".join(parts).encode()
+
+    def migration_fingerprint(self) -> bytes:
+        """The PCI fingerprint with :meth:`fingerprint_extra` as of now: a Format
+        NVM since start-up (another LBA format, extended or separate metadata,
+        another protection) is part of it."""
+        self.extra_fingerprint = self.fingerprint_extra(self.ctrl)
+        return super().migration_fingerprint()
 
     def _marker(self, nsid: int) -> Callable[[int, int], None]:
         def mark(offset: int, length: int) -> None:
@@ -196,13 +209,19 @@ class NvmeMigratable(PciMigratable):
             if not ns.read_only:
                 pages = self.dirty[nsid] = DirtyPages(ns.size, max(self.page, ns.block_size))
                 pages.mark_all()
+                self._formats[nsid] = (ns.block_size, ns.metadata)
 
     def stop_tracking(self) -> None:
         super().stop_tracking()
         self.dirty = {}
 
     def precopy_pending(self) -> int:
-        return sum(pages.pending_bytes() for pages in self.dirty.values())
+        """Dirty bytes: data, and the metadata of the dirty blocks (at most that much travels)."""
+        total = 0
+        for nsid, pages in self.dirty.items():
+            ns, pending = self.ctrl.namespaces[nsid], pages.pending_bytes()
+            total += pending + (pending >> ns.lba_shift) * ns.metadata
+        return total
 
     def precopy_records(self, max_bytes: int) -> list[Record]:
         """Records for dirty pages: ``max_bytes`` of stream at most, or one record.
@@ -210,7 +229,10 @@ class NvmeMigratable(PciMigratable):
         Each dirty run becomes ZEROES records for its holes (found with
         SEEK_DATA/SEEK_HOLE, without reading them) and NAMESPACE_BLOCKS of
         up to ``max_record`` bytes for its data (all-zero stretches of
-        ZERO_RUN_MIN bytes or more inside it as ZEROES again).
+        ZERO_RUN_MIN bytes or more inside it as ZEROES again).  In a
+        namespace with metadata, NAMESPACE_METADATA records follow with the
+        written metadata of those blocks (:meth:`_metadata_records`), and a
+        piece covers at most the blocks whose metadata fills ``max_record``.
         """
         self._check_sizes()
         for nsid in self.dirty:  # (a shared-storage session never asks for records)
@@ -218,18 +240,17 @@ class NvmeMigratable(PciMigratable):
                 raise LocalProtocolError(f"namespace {nsid} is on an NBD export: its data is "
                                          "not copied (migrate with shared storage)",
                                          errno.EOPNOTSUPP)
-            if self.ctrl.namespaces[nsid].md is not None:
-                raise LocalProtocolError(f"namespace {nsid} has metadata: its side file is "
-                                         "not copied (migrate with shared storage)",
-                                         errno.EOPNOTSUPP)
         out: list[Record] = []
         spent = 0
         for nsid in sorted(self.dirty):
             pages, ns = self.dirty[nsid], self.ctrl.namespaces[nsid]
             page = pages.page
+            # A piece's metadata fits one record: at most max_record bytes of it.
+            most = MAX_ZERO_RUN if ns.md is None else \
+                self.max_record // ns.metadata << ns.lba_shift
             while (run := pages.next_run()) is not None:
                 start, stop = run[0] * page, min(run[1] * page, ns.size)
-                end = min(hole_end(ns.fd, start, stop, page), start + MAX_ZERO_RUN)
+                end = min(hole_end(ns.fd, start, stop, page), start + MAX_ZERO_RUN, start + most)
                 if end > start:
                     if out and spent + ZEROES_COST > max_bytes:
                         return out
@@ -248,19 +269,55 @@ class NvmeMigratable(PciMigratable):
                             out.append(namespace_blocks(nsid, start + a, data[a:b]
                                                         if b - a < len(data) else data))
                             spent += b - a
+                if ns.md is not None:
+                    records = self._metadata_records(nsid, ns, start, end)
+                    out += records
+                    spent += sum(r.size for r in records)
                 pages.clear(run[0], -(-(end - start) // page))
                 pages.cursor = -(-end // page)
         return out
 
+    @staticmethod
+    def _metadata_records(nsid: int, ns: Namespace, start: int, end: int) -> list[Record]:
+        """NAMESPACE_METADATA records for the blocks of bytes ``start .. end-1``:
+        their written metadata (unwritten metadata is a hole or zeroes in the side
+        file, whole MD_PAGEs of it are skipped: the blocks' NAMESPACE_BLOCKS
+        records left it unwritten at the destination already).
+
+        Raises:
+            CommandError: UNRECOVERED_READ_ERROR when the side file cannot be read.
+        """
+        assert ns.md is not None
+        ms, out = ns.metadata, []
+        pos, stop = (start >> ns.lba_shift) * ms, (end >> ns.lba_shift) * ms
+        while pos < stop:
+            pos = hole_end(ns.md.fd, pos, stop, ms)
+            if pos >= stop:
+                break
+            piece = data_end(ns.md.fd, pos, stop, ms)
+            raw = pread_all(ns.md.fd, piece - pos, pos)
+            for a, b, zero in zero_runs(raw, MD_PAGE, MD_PAGE):
+                if not zero:  # MD_PAGE is a multiple of every metadata size: whole blocks
+                    out.append(namespace_metadata(nsid, (pos + a) // ms, (b - a) // ms,
+                                                  stored(raw[a:b])))
+            pos = piece
+        return out
+
     def _check_sizes(self) -> None:
         """Raises:
-            LocalProtocolError: EBUSY when a namespace was resized since the
-                session started (the stream's fingerprint has the old size).
+            LocalProtocolError: EBUSY when a namespace was resized or formatted to
+                another LBA format since the session started (the stream's
+                fingerprint has the old one).
         """
         for nsid, pages in self.dirty.items():
-            if self.ctrl.namespaces[nsid].size != pages.size:
+            ns = self.ctrl.namespaces[nsid]
+            if ns.size != pages.size:
                 raise LocalProtocolError(f"namespace {nsid} was resized during the migration",
                                          errno.EBUSY)
+            if self._formats.get(nsid, (ns.block_size, ns.metadata)) != (ns.block_size,
+                                                                         ns.metadata):
+                raise LocalProtocolError(f"namespace {nsid} was formatted to another LBA format "
+                                         "during the migration", errno.EBUSY)
 
     def save_state(self) -> list[Record]:
         self._refuse_changed_namespaces()
@@ -272,6 +329,8 @@ class NvmeMigratable(PciMigratable):
     def stage(self, record: Record) -> None:
         if record.type == RecordType.NAMESPACE_BLOCKS:
             self._stage_blocks(record)
+        elif record.type == RecordType.NAMESPACE_METADATA:
+            self._stage_metadata(record)
         elif record.type == RecordType.DEVICE_STATE:
             kind, version, blob = parse_device_state(record)
             if kind != DeviceKind.NVME_CONTROLLER or version != 1:
@@ -293,9 +352,6 @@ class NvmeMigratable(PciMigratable):
         if ns.remote:
             raise state_error(f"blocks for namespace {head.nsid}, which is on an NBD export "
                               "here (migrate it with shared storage)")
-        if ns.md is not None:
-            raise state_error(f"blocks for namespace {head.nsid}, which has metadata here "
-                              "(migrate it with shared storage)")
         if (head.offset % ns.block_size or head.length % ns.block_size
                 or head.offset + head.length > ns.size):
             raise state_error(f"nsid {head.nsid}: blocks {head.offset:#x}+{head.length:#x} "
@@ -307,6 +363,33 @@ class NvmeMigratable(PciMigratable):
             staging.zero(head.offset, head.length)
         else:
             staging.write(head.offset, data)
+
+    def _stage_metadata(self, record: Record) -> None:
+        """Stage a NAMESPACE_METADATA record: the metadata of blocks this stream carried.
+
+        Raises:
+            LocalProtocolError: EINVAL (the stream's refusal) for a malformed
+                record, a namespace without metadata here (or absent,
+                read-only), blocks outside it or not carried yet, or a length
+                other than blocks x this namespace's metadata size.
+        """
+        try:
+            head, data = parse_metadata_head(record)
+        except StreamError as exc:
+            raise state_error(str(exc)) from None
+        ns = self.ctrl.namespaces.get(head.nsid)
+        if ns is None or ns.read_only or ns.md is None:
+            raise state_error(f"metadata for namespace {head.nsid} (absent, read-only or "
+                              "without metadata here)")
+        where = f"nsid {head.nsid}: metadata of blocks {head.slba}+{head.nlb}"
+        if len(data) != head.nlb * ns.metadata:
+            raise state_error(f"{where}: {len(data)} bytes, not {ns.metadata} per block")
+        staging = self._staging.get(head.nsid)
+        if head.slba + head.nlb > ns.nlbas:
+            raise state_error(f"{where}: past {ns.nlbas} blocks")
+        if staging is None or not staging.carried(head.slba, head.nlb):
+            raise state_error(f"{where}: blocks the stream has not carried")
+        staging.write_metadata(head.slba, data)
 
     def round_received(self) -> None:
         """Sync every staging image (the commit, in the downtime, syncs the rest)."""
@@ -344,7 +427,7 @@ class NvmeMigratable(PciMigratable):
         replaced: list[int] = []
         try:
             for stage in staging.values():
-                replaced.append(stage.commit())
+                replaced += stage.commit()
         except (OSError, ValueError) as exc:
             # Some images may be swapped: no valid state to fall back to.
             raise OSError(errno.EIO, f"restoring namespace data: {exc}") from exc

@@ -46,6 +46,7 @@ from appliance.storage.fileops import (
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
     fallocate,
+    replace_file,
 )
 from appliance.storage.formats import LBA_FORMATS, flbas, format_index, lbaf_fields
 from appliance.storage.metadata import MetadataFile, side_file
@@ -257,31 +258,7 @@ class Namespace:
         """
         if self.read_only or self.fd < 0:
             raise ValueError(f"namespace {self.nsid} is read-only, closed or remote")
-        target = self.image_path()
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        old = -1
-        try:
-            if os.fstat(fd).st_size < self.size:
-                raise ValueError(f"{path}: shorter than namespace {self.nsid} ({self.size})")
-            old = os.dup(self.fd)
-            os.rename(path, target)
-            os.dup2(fd, self.fd, inheritable=False)
-        except BaseException:
-            if old >= 0:
-                os.close(old)
-            raise
-        finally:
-            os.close(fd)
-        try:
-            dirfd = os.open(os.path.dirname(target), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dirfd)
-            finally:
-                os.close(dirfd)
-        except BaseException:
-            os.close(old)
-            raise
-        return old
+        return replace_file(self.fd, path, self.image_path(), self.size)
 
     # ------------------------------------------------------------ checks
     def check_range(self, slba: int, nlb: int) -> None:

@@ -68,6 +68,7 @@ from appliance.vfio_user.migration_states import (
     path,
 )
 from appliance.vfio_user.migration_stream import (
+    DEVICE_RECORDS,
     DirtyRoundFlag,
     HeaderFlag,
     Record,
@@ -177,9 +178,6 @@ ARC_ACTIONS: dict[tuple[MigState, MigState], str] = {
 }
 assert set(ARC_ACTIONS) == {(a, b) for a, targets in ARCS.items() for b in targets}
 
-# Records the device gets; HEADER, DIRTY_ROUND and END belong to the stream.
-DEVICE_RECORDS = frozenset({RecordType.PCI_CONFIG, RecordType.MSIX, RecordType.DEVICE_STATE,
-                            RecordType.NAMESPACE_BLOCKS})
 MIN_PRECOPY_CHUNK = 64 * 1024  # what precopy_records is asked for at least
 
 

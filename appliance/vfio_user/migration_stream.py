@@ -65,8 +65,14 @@ class RecordType(enum.IntEnum):
     # Live handoff only (appliance.runtime.handoff.channel): a JSON manifest of the
     # connections that move with their fds; never part of a vfio-user stream.
     HANDOFF = 8
+    NAMESPACE_METADATA = 9  # MetadataHead + the metadata of a run of blocks
 
 
+# Records a device gets; HEADER, DIRTY_ROUND, END (and HANDOFF) belong to the stream.
+DEVICE_RECORDS = frozenset({RecordType.PCI_CONFIG, RecordType.MSIX, RecordType.DEVICE_STATE,
+                            RecordType.NAMESPACE_BLOCKS, RecordType.NAMESPACE_METADATA})
+# What a shared-storage stream never carries: the namespaces' contents.
+DATA_RECORDS = frozenset({RecordType.NAMESPACE_BLOCKS, RecordType.NAMESPACE_METADATA})
 # Record flags: none defined yet; every bit is reserved and must be 0.
 RECORD_FLAGS_RESERVED = 0xFFFF
 # Types that may appear at most once per stream.
@@ -98,8 +104,8 @@ class StreamHeader(Struct, size=8):
 class HeaderFlag(enum.IntFlag):
     """HEADER ``flags``: how the stream was made."""
 
-    # Both sides use the same images: no NAMESPACE_BLOCKS follow (device state
-    # only).  A reader expecting the other mode refuses the stream at its HEADER.
+    # Both sides use the same images: no NAMESPACE_BLOCKS or NAMESPACE_METADATA
+    # follow (device state only).  A reader expecting the other mode refuses the stream at its HEADER.
     SHARED_STORAGE = 0x1
 
 
@@ -137,6 +143,24 @@ class BlocksFlag(enum.IntFlag):
 
 BLOCKS_FLAGS_RESERVED = 0xFFFFFFFF & ~int(BlocksFlag.ZEROES)
 MAX_ZERO_RUN = 1 << 40  # a ZEROES record covers at most this many bytes
+
+
+class MetadataHead(Struct, size=24):
+    """NAMESPACE_METADATA payload head: the metadata of blocks ``slba ..
+    slba+nlb-1`` follows, as a Read returns it in a separate buffer (each
+    block's metadata bytes, block after block: ``nlb`` x the namespace's
+    metadata size).
+
+    It describes blocks an earlier NAMESPACE_BLOCKS record (data or ZEROES) of
+    the same stream carried: a NAMESPACE_BLOCKS record of a namespace with
+    metadata leaves its blocks' metadata unwritten (every byte FFh, as after
+    Write Zeroes or a deallocation), so only written metadata travels.
+    """
+
+    nsid: U32 = 0
+    reserved: U32 = 0
+    slba: U64 = 0
+    nlb: U64 = 0
 
 
 class DirtyRoundFlag(enum.IntFlag):
@@ -236,6 +260,35 @@ def parse_namespace_blocks(record: Record) -> tuple[int, int, bytes]:
     return head.nsid, head.offset, bytes(data)
 
 
+def namespace_metadata(nsid: int, slba: int, nlb: int, metadata: bytes) -> Record:
+    """A NAMESPACE_METADATA record: ``metadata`` of the ``nlb`` blocks from
+    ``slba`` of namespace ``nsid``.
+
+    Raises:
+        ValueError: no blocks, or ``metadata`` is not ``nlb`` whole parts.
+    """
+    if nlb <= 0 or not metadata or len(metadata) % nlb:
+        raise ValueError(f"{len(metadata)} metadata bytes for {nlb} blocks")
+    head = MetadataHead(nsid=nsid, slba=slba, nlb=nlb)
+    return Record(RecordType.NAMESPACE_METADATA, head.pack() + metadata)
+
+
+def parse_metadata_head(record: Record) -> tuple[MetadataHead, memoryview]:
+    """The head and metadata bytes (a view of the payload) of a NAMESPACE_METADATA record.
+
+    Raises:
+        StreamError: wrong type, short payload, reserved field set, no
+            blocks, or a length that is not ``nlb`` x a whole metadata size.
+    """
+    head = _head(record, RecordType.NAMESPACE_METADATA, MetadataHead)
+    data = memoryview(record.payload)[MetadataHead.SIZE:]
+    if head.reserved:
+        raise StreamError(f"NAMESPACE_METADATA reserved field {head.reserved:#x}")
+    if not head.nlb or len(data) % head.nlb or not data:
+        raise StreamError(f"NAMESPACE_METADATA of {head.nlb} blocks with {len(data)} bytes")
+    return head, data
+
+
 def device_state(kind: int, blob: bytes, version: int = 1) -> Record:
     """A DEVICE_STATE record for device type ``kind``."""
     head = DeviceStateHead(kind=kind, version=version)
@@ -292,6 +345,7 @@ _SIZES: dict[RecordType, tuple[int, int]] = {
     RecordType.DIRTY_ROUND: (DirtyRound.SIZE, DirtyRound.SIZE),
     RecordType.END: (EndPayload.SIZE, EndPayload.SIZE),
     RecordType.HANDOFF: (2, MAX_PAYLOAD),
+    RecordType.NAMESPACE_METADATA: (MetadataHead.SIZE + 1, MAX_PAYLOAD),
 }
 
 
@@ -343,8 +397,8 @@ class StreamWriter:
         """
         if record.type in (RecordType.HEADER, RecordType.END):
             raise ValueError(f"{record.type.name} records are written by the writer itself")
-        if record.type == RecordType.NAMESPACE_BLOCKS and self.flags & HeaderFlag.SHARED_STORAGE:
-            raise ValueError("NAMESPACE_BLOCKS in a shared-storage stream")
+        if record.type in DATA_RECORDS and self.flags & HeaderFlag.SHARED_STORAGE:
+            raise ValueError(f"{record.type.name} in a shared-storage stream")
         lo, hi = _SIZES[record.type]
         if not lo <= len(record.payload) <= hi:
             raise ValueError(f"{record.type.name} payload of {len(record.payload)} bytes")
@@ -532,8 +586,8 @@ class StreamReader:
             raise StreamError(f"{where}: stream starts with {kind.name}, not HEADER")
         if kind in ONCE and kind in self._seen:
             raise StreamError(f"{where}: second {kind.name} record")
-        if kind == RecordType.NAMESPACE_BLOCKS and self.flags & HeaderFlag.SHARED_STORAGE:
-            raise StreamError(f"{where}: NAMESPACE_BLOCKS in a shared-storage stream")
+        if kind in DATA_RECORDS and self.flags & HeaderFlag.SHARED_STORAGE:
+            raise StreamError(f"{where}: {kind.name} in a shared-storage stream")
         return head
 
     def _complete(self) -> Record:

@@ -28,6 +28,7 @@ def sample_records() -> list[Record]:
         Record(RecordType.MSIX, b"\x01" * 48),
         s.device_state(s.DeviceKind.NVME_CONTROLLER, b"controller-blob"),
         s.namespace_blocks(1, 4096, b"\xaa" * 512),
+        s.namespace_metadata(1, 8, 1, b"\xbb" * 8),
         s.dirty_round(3, 1 << 20),
     ]
 
@@ -95,6 +96,8 @@ def test_payload_helpers_round_trip() -> None:
     marker = s.parse_dirty_round(s.dirty_round(5, 99, final=True))
     assert (marker.round, marker.pending, marker.flags) == (5, 99, s.DirtyRoundFlag.FINAL)
     assert s.ROUND_MARKER_SIZE == s.dirty_round(0, 0).size
+    head, md = s.parse_metadata_head(s.namespace_metadata(2, 1 << 33, 2, b"m" * 32))
+    assert (head.nsid, head.slba, head.nlb, bytes(md)) == (2, 1 << 33, 2, b"m" * 32)
 
 
 def test_payload_helpers_refuse_malformed() -> None:
@@ -107,6 +110,13 @@ def test_payload_helpers_refuse_malformed() -> None:
         s.parse_dirty_round(Record(RecordType.DIRTY_ROUND, b"\0" * 4 + b"\x02" + b"\0" * 11))
     with pytest.raises(StreamError):
         s.parse_device_state(Record(RecordType.DEVICE_STATE, b"\0" * 4 + b"\x01" + b"\0" * 3))
+    for nlb, reserved, data in ((0, 0, b"m" * 8), (3, 0, b"m" * 8), (1, 1, b"m" * 8)):
+        head = s.MetadataHead(nsid=1, reserved=reserved, slba=0, nlb=nlb)
+        with pytest.raises(StreamError, match="NAMESPACE_METADATA"):
+            s.parse_metadata_head(Record(RecordType.NAMESPACE_METADATA, head.pack() + data))
+    for nlb, data in ((0, b"m" * 8), (2, b"m" * 3), (1, b"")):
+        with pytest.raises(ValueError):
+            s.namespace_metadata(1, 0, nlb, data)
 
 
 def test_end_digest_is_xxh64_of_everything_before_it() -> None:
@@ -253,7 +263,7 @@ def test_oversized_length_refused_before_buffering() -> None:
 
 @pytest.mark.parametrize(("kind", "length"), [
     (RecordType.DIRTY_ROUND, 15), (RecordType.END, 17), (RecordType.NAMESPACE_BLOCKS, 10),
-    (RecordType.PCI_CONFIG, 0), (RecordType.HEADER, 4),
+    (RecordType.PCI_CONFIG, 0), (RecordType.HEADER, 4), (RecordType.NAMESPACE_METADATA, 24),
 ])
 def test_length_out_of_range_for_type(kind: RecordType, length: int) -> None:
     data = full_stream()
@@ -361,7 +371,7 @@ def test_malformed_header_payload() -> None:
 
 
 def test_watcher_accepts_any_fingerprint() -> None:
-    assert len(read_all(full_stream(fingerprint=b"other"), fingerprint=None)) == 7
+    assert len(read_all(full_stream(fingerprint=b"other"), fingerprint=None)) == 8
 
 
 def test_zero_runs_are_elided_and_expanded() -> None:
@@ -405,6 +415,16 @@ def test_header_reserved_flags_and_blocks_in_shared_stream_refused() -> None:
     w.flags = 0
     w.add(s.namespace_blocks(1, 0, b"x" * 512))
     with pytest.raises(StreamError, match="NAMESPACE_BLOCKS in a shared-storage stream"):
+        StreamReader(b"fp", None).feed(w.read(1 << 20))
+
+
+def test_metadata_in_a_shared_storage_stream_refused() -> None:
+    w = StreamWriter(b"fp", flags=s.HeaderFlag.SHARED_STORAGE)
+    with pytest.raises(ValueError, match="NAMESPACE_METADATA in a shared-storage stream"):
+        w.add(s.namespace_metadata(1, 0, 1, b"m" * 8))
+    w.flags = 0  # a forged writer
+    w.add(s.namespace_metadata(1, 0, 1, b"m" * 8))
+    with pytest.raises(StreamError, match="NAMESPACE_METADATA in a shared-storage stream"):
         StreamReader(b"fp", None).feed(w.read(1 << 20))
 
 

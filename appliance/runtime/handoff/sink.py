@@ -52,7 +52,12 @@ from appliance.runtime.handoff.frames import (
     parse_head,
 )
 from appliance.runtime.listener import Claim, ListenerError, listen
-from appliance.vfio_user.migration_stream import HeaderFlag, RecordType, StreamReader
+from appliance.vfio_user.migration_stream import (
+    DEVICE_RECORDS,
+    HeaderFlag,
+    RecordType,
+    StreamReader,
+)
 
 if TYPE_CHECKING:
     from appliance.runtime.app import Appliance
@@ -64,8 +69,6 @@ MAX_READ = 1 << 20
 MAX_HANDOFF_FDS = 4096
 MAX_LINE = 1 << 16
 BUSY = "a live handoff is arriving"
-DEVICE_RECORDS = frozenset({RecordType.PCI_CONFIG, RecordType.MSIX, RecordType.DEVICE_STATE,
-                            RecordType.NAMESPACE_BLOCKS})
 
 
 class HandoffSink:
