@@ -22,7 +22,11 @@ MSI-X, interrupt configuration) with two things:
   SEEK_HOLE, not read) and all-zero stretches as ZEROES records (length
   only), data as NAMESPACE_BLOCKS of up to ``max_record`` (1 MiB) bytes.
   So a random 4 KiB write costs one 4 KiB resend, and round 0 still moves
-  1 MiB records.  Read-only namespaces are not sent: their size and flag
+  1 MiB records.  A namespace with metadata follows each piece's records
+  with NAMESPACE_METADATA records for the written metadata of its blocks
+  (the side file's holes and zero pages are unwritten metadata, which the
+  NAMESPACE_BLOCKS records imply at the destination); its metadata changes
+  only with its blocks, so the same dirty pages cover it.  Read-only namespaces are not sent: their size and flag
   are part of the fingerprint, their image must be the same on both sides.
 * **Controller state** (small, one DEVICE_STATE record of kind
   NVME_CONTROLLER, taken in STOP_COPY): the registers (CC, AQA, ASQ, ACQ,
@@ -38,7 +42,9 @@ MSI-X, interrupt configuration) with two things:
 Restore stages everything.  The first NAMESPACE_BLOCKS record of a
 namespace creates its *staging image*: a new sparse file of the
 namespace's size beside the image (a hidden ``.<image>.incoming-XXXXXXXX``
-in the same directory, so the final rename is atomic), each record written
+in the same directory, so the final rename is atomic; a namespace with
+metadata gets a staging side file beside its side file too, renamed right
+after the image), each record written
 at its offset (ZEROES punch a hole), synced every 16 MiB and at every
 pre-copy round marker (so the commit, in the downtime, syncs only the last
 round).  A full stream carries every byte of every writable namespace (a

@@ -104,8 +104,8 @@ class StreamHeader(Struct, size=8):
 class HeaderFlag(enum.IntFlag):
     """HEADER ``flags``: how the stream was made."""
 
-    # Both sides use the same images: no NAMESPACE_BLOCKS or NAMESPACE_METADATA
-    # follow (device state only).  A reader expecting the other mode refuses the stream at its HEADER.
+    # Both sides use the same images: no DATA_RECORDS follow (device state
+    # only).  A reader expecting the other mode refuses the stream at its HEADER.
     SHARED_STORAGE = 0x1
 
 
@@ -146,16 +146,9 @@ MAX_ZERO_RUN = 1 << 40  # a ZEROES record covers at most this many bytes
 
 
 class MetadataHead(Struct, size=24):
-    """NAMESPACE_METADATA payload head: the metadata of blocks ``slba ..
-    slba+nlb-1`` follows, as a Read returns it in a separate buffer (each
-    block's metadata bytes, block after block: ``nlb`` x the namespace's
-    metadata size).
-
-    It describes blocks an earlier NAMESPACE_BLOCKS record (data or ZEROES) of
-    the same stream carried: a NAMESPACE_BLOCKS record of a namespace with
-    metadata leaves its blocks' metadata unwritten (every byte FFh, as after
-    Write Zeroes or a deallocation), so only written metadata travels.
-    """
+    """NAMESPACE_METADATA payload head; blocks ``slba .. slba+nlb-1``'s metadata
+    follows as a Read returns it in a separate buffer.  Only for blocks the
+    stream carried: NAMESPACE_BLOCKS leaves their metadata unwritten (FFh)."""
 
     nsid: U32 = 0
     reserved: U32 = 0
@@ -261,8 +254,7 @@ def parse_namespace_blocks(record: Record) -> tuple[int, int, bytes]:
 
 
 def namespace_metadata(nsid: int, slba: int, nlb: int, metadata: bytes) -> Record:
-    """A NAMESPACE_METADATA record: ``metadata`` of the ``nlb`` blocks from
-    ``slba`` of namespace ``nsid``.
+    """A NAMESPACE_METADATA record: ``metadata`` of ``nlb`` blocks from ``slba``.
 
     Raises:
         ValueError: no blocks, or ``metadata`` is not ``nlb`` whole parts.
@@ -274,11 +266,11 @@ def namespace_metadata(nsid: int, slba: int, nlb: int, metadata: bytes) -> Recor
 
 
 def parse_metadata_head(record: Record) -> tuple[MetadataHead, memoryview]:
-    """The head and metadata bytes (a view of the payload) of a NAMESPACE_METADATA record.
+    """The head and metadata bytes (a view) of a NAMESPACE_METADATA record.
 
     Raises:
-        StreamError: wrong type, short payload, reserved field set, no
-            blocks, or a length that is not ``nlb`` x a whole metadata size.
+        StreamError: wrong type, short payload, reserved field, no blocks, or
+            a length that is not ``nlb`` whole parts.
     """
     head = _head(record, RecordType.NAMESPACE_METADATA, MetadataHead)
     data = memoryview(record.payload)[MetadataHead.SIZE:]

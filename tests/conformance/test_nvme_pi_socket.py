@@ -141,10 +141,13 @@ def test_format_to_another_lba_format(driver: NvmeDriver) -> None:
     assert driver.identify_namespace(2).flbas == 2 and driver.block_size[2] == 512
 
 
-def test_protected_blocks_move_with_a_shared_storage_handoff(tmp_path: Path) -> None:
-    """Both processes use the same image, so the side file is the same too: the
-    driver on the moved connection reads its protected blocks back checked."""
-    src_cfg, dst_cfg = pair_configs(tmp_path, 16 << 20, shared=True)
+@pytest.mark.parametrize("shared", [True, False], ids=["same-files", "full-copy"])
+def test_protected_blocks_move_with_a_handoff(tmp_path: Path, shared: bool) -> None:
+    """Same files: both processes use the same image and side file.  Other
+    files: the handoff copies both (NAMESPACE_BLOCKS and NAMESPACE_METADATA
+    records), byte-identical after.  Either way the driver on the moved
+    connection reads its protected blocks back checked."""
+    src_cfg, dst_cfg = pair_configs(tmp_path, 16 << 20, shared=shared)
     for cfg in (src_cfg, dst_cfg):
         cfg["storage"]["namespaces"][0].update(  # type: ignore[index]
             {"block_size": 4096, "metadata": 8, "pi": 1})
@@ -165,6 +168,10 @@ def test_protected_blocks_move_with_a_shared_storage_handoff(tmp_path: Path) -> 
         done, back, md = d.io_metadata(IoOpcode.READ, 16, 8, md_bytes=64, cdw12=ALL, cdw14=16)
         assert result(done) == (ST.SUCCESS, False) and back == data
         assert md[:8] == pack_tuple(crc16_t10dif(data[:4096]), 0, 16)
+        if not shared:
+            for suffix in ("", ".md"):
+                assert Path(dst.config.storage.namespaces[0].image + suffix).read_bytes() == \
+                    Path(src.config.storage.namespaces[0].image + suffix).read_bytes()
         d.c.close()
     finally:
         for p in (src, dst):
