@@ -26,8 +26,9 @@ MSI-X, interrupt configuration) with two things:
   with NAMESPACE_METADATA records for the written metadata of its blocks
   (the side file's holes and zero pages are unwritten metadata, which the
   NAMESPACE_BLOCKS records imply at the destination); its metadata changes
-  only with its blocks, so the same dirty pages cover it.  Read-only namespaces are not sent: their size and flag
-  are part of the fingerprint, their image must be the same on both sides.
+  only with its blocks, so the same dirty pages cover it.  Read-only
+  namespaces are not sent: their size and flag are part of the
+  fingerprint, their image must be the same on both sides.
 * **Controller state** (small, one DEVICE_STATE record of kind
   NVME_CONTROLLER, taken in STOP_COPY): the registers (CC, AQA, ASQ, ACQ,
   INTMS, the CC/CSTS machine state), every SQ and CQ (base, size, head,
@@ -291,7 +292,8 @@ class NvmeMigratable(PciMigratable):
         records left it unwritten at the destination already).
 
         Raises:
-            CommandError: UNRECOVERED_READ_ERROR when the side file cannot be read.
+            OSError: the side file cannot be read (the session fails, as for
+                the image).
         """
         assert ns.md is not None
         ms, out = ns.metadata, []
