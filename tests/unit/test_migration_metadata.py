@@ -99,7 +99,15 @@ def test_written_metadata_follows_its_blocks(tmp_path: Path) -> None:
     assert metadata_heads(records) == [(1, 700, 1)]
     # Write Zeroes punches the metadata: the blocks go again, no metadata with them.
     d.io(IoOpcode.WRITE_ZEROES, 16, 4)
-    assert metadata_heads(mig.precopy_records(MiB)) == []
+    records = mig.precopy_records(MiB)
+    assert records and metadata_heads(records) == []
+    # Format NVM (same format) erases every block's metadata: everything goes again,
+    # without metadata.
+    protected_write(d, 900, os.urandom(BLOCK))
+    done = d.admin_command(AdminOpcode.FORMAT_NVM, nsid=1, cdw10=5 | 1 << 5)  # 4096+8, PI 1
+    assert (done.status, done.dnr) == (Status.SUCCESS, False)
+    assert mig.precopy_pending() == 4 * MiB + 1024 * 8
+    assert metadata_heads(drain(mig)) == []
     src.close()
 
 
