@@ -38,6 +38,7 @@ from appliance.storage.spec import (
     NSID_ALL,
     NSTAT_READY,
     OACS_DBBUF,
+    OACS_FIRMWARE,
     OACS_FORMAT,
     OAES_NS_ATTRIBUTE,
     OCFS_FORMAT0,
@@ -442,7 +443,7 @@ def identify_controller(ctrl: NvmeController) -> bytes:
         ieee=bytes(3),  # no IEEE OUI assigned
         cmic=0, mdts=ident.MDTS, cntlid=ident.CNTLID, ver=VERSION_2_0, oaes=OAES_NS_ATTRIBUTE,
         cntrltype=ident.CNTRLTYPE_IO, acl=ident.ACL, aerl=ident.AERL,
-        oacs=OACS_FORMAT | OACS_DBBUF | (nsmgmt.OACS_NS_MANAGEMENT if ctrl.ns_mgmt.enabled else 0),
+        oacs=OACS_FORMAT | OACS_FIRMWARE | OACS_DBBUF | (nsmgmt.OACS_NS_MANAGEMENT if ctrl.ns_mgmt.enabled else 0),
         tnvmcap=u128(ctrl.ns_mgmt.capacity), unvmcap=u128(nsmgmt.unallocated_bytes(ctrl)),
         frmw=firmware.FRMW, fwug=firmware.FWUG, lpa=LPA_EFFECTS_LOG | LPA_EXTENDED_DATA, elpe=ident.ELPE, npss=0, wctemp=ident.WCTEMP,
         cctemp=ident.CCTEMP, sqes=0x66, cqes=0x44, nn=nsmgmt.namespace_count(ctrl),

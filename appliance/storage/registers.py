@@ -289,6 +289,7 @@ class Features:
         FeatureId.INTERRUPT_VECTOR_CONFIG: 0xFFFE0000,
         FeatureId.ASYNC_EVENT_CONFIG: 0xFFFFFE00,  # SMART warnings 7:0, NS attribute 8
         FeatureId.TIMESTAMP: 0,
+        FeatureId.IOCS_PROFILE: 0xFFFFFE00,  # IOCSCI (8:0)
     }
 
     def __init__(self, io_queues: int, vectors: int, over_temp: int,
@@ -335,6 +336,9 @@ class Features:
             return self.get(fid, 0, nsid)
         elif fid == FeatureId.TEMPERATURE_THRESHOLD:
             self.thresholds[self._temperature(value, True)] = value & 0xFFFF
+        elif fid == FeatureId.IOCS_PROFILE and value:
+            # index 0, the one combination Identify CNS 1Ch lists, is the only one
+            raise CommandError(Status.IOCS_COMBINATION_REJECTED, f"combination index {value}")
         elif fid == FeatureId.ERROR_RECOVERY:
             if nsid == NSID_ALL:
                 self.tler.clear()

@@ -230,6 +230,7 @@ class FeatureId(enum.IntEnum):
     INTERRUPT_VECTOR_CONFIG = 0x09
     ASYNC_EVENT_CONFIG = 0x0B
     TIMESTAMP = 0x0E
+    IOCS_PROFILE = 0x19  # NVMe 2.0: I/O Command Set Profile (CNS 1Ch's combination index)
 
 
 class LogPage(enum.IntEnum):
@@ -294,6 +295,7 @@ class Status(enum.IntEnum):
     FEATURE_NOT_NS_SPECIFIC = 0x10F
     FIRMWARE_NEEDS_CONTROLLER_RESET = 0x111  # commit done; active from the next reset
     OVERLAPPING_RANGE = 0x114
+    IOCS_COMBINATION_REJECTED = 0x12B  # I/O Command Set Profile past CNS 1Ch's list
     NS_INSUFFICIENT_CAPACITY = 0x115  # Namespace Management / Attachment (figure 130)
     NS_ID_UNAVAILABLE = 0x116
     NS_ALREADY_ATTACHED = 0x118
@@ -547,6 +549,7 @@ NIDT_CSI = 0x04
 
 # Identify Controller capability bits this controller uses.
 OACS_FORMAT = 1 << 1
+OACS_FIRMWARE = 1 << 2  # Firmware Commit and Firmware Image Download
 OACS_DBBUF = 1 << 8
 ONCS_COMPARE = 1 << 0
 ONCS_WRITE_UNCORRECTABLE = 1 << 1

@@ -73,6 +73,7 @@ def slots(d: NvmeDriver) -> tuple[int, bytes, bytes]:
 def test_identify_and_log_at_power_on(drv: NvmeDriver) -> None:
     ident = IdentifyController.unpack(drv.identify(Cns.CONTROLLER)[1])
     assert (ident.frmw, ident.fwug, ident.ver) == (0x05, 0xFF, 0x20000)  # 2 slots, 1 read-only
+    assert ident.oacs & 0x4  # Firmware Commit and Image Download
     assert ident.fr == b"0.1     "
     assert slots(drv) == (1, b"0.1     ", bytes(8))
 
@@ -203,6 +204,19 @@ def test_effects_log_and_supported_logs(drv: NvmeDriver) -> None:
     supported = struct.unpack("<256I", page)
     assert [lid for lid in range(256) if supported[lid]] == [0, 1, 2, 3, 4, 5]
     assert set(supported) == {0, 1}
+
+
+def test_io_command_set_profile_feature(drv: NvmeDriver) -> None:
+    """Feature 19h: index 0 of Identify CNS 1Ch's list is the one combination."""
+    def feature(opcode: int, cdw11: int = 0) -> tuple[int, bool, int]:
+        done = drv.admin_command(opcode, cdw10=0x19, cdw11=cdw11)
+        return done.status, done.dnr, done.dw0
+
+    assert feature(AdminOpcode.GET_FEATURES) == (ST.SUCCESS, False, 0)
+    assert feature(AdminOpcode.SET_FEATURES, 0)[:2] == (ST.SUCCESS, False)
+    assert feature(AdminOpcode.SET_FEATURES, 1)[:2] == (ST.IOCS_COMBINATION_REJECTED, True)
+    assert feature(AdminOpcode.SET_FEATURES, 0x200)[:2] == (ST.INVALID_FIELD, True)
+    assert feature(AdminOpcode.GET_FEATURES) == (ST.SUCCESS, False, 0)
 
 
 def test_identify_cns_07h_and_08h(tmp_path: Path) -> None:
