@@ -171,7 +171,8 @@ def delete_cq(ctrl: NvmeController, cmd: Command) -> int:
 # ---------------------------------------------------------------- identify (5.15)
 def identify(ctrl: NvmeController, cmd: Command) -> int:
     """Identify (5.15): CNS 00h, 01h, 02h, 03h; 05h, 06h and 07h for CSI 00h (NVM)
-    and 02h (Zoned Namespace), 08h, 1Ch; 10h-13h with Namespace Management."""
+    and 02h (Zoned Namespace), 08h, 1Ch; 10h-13h, 1Ah and 1Bh with Namespace
+    Management."""
     _check(not cmd.cdw10 & 0xFF00, why="reserved CDW10 bits")
     cns, nsid = cmd.cdw10 & 0xFF, cmd.nsid
     if cns == Cns.CONTROLLER:
@@ -211,6 +212,8 @@ def identify(ctrl: NvmeController, cmd: Command) -> int:
         data = nsmgmt.identify(ctrl, cns, nsid, cmd.cdw10 >> 16)
         if cns == nsmgmt.CNS_ALLOCATED_NAMESPACE and data:
             data = identify_namespace(data)
+    elif cns in (Cns.CSI_ALLOCATED_NS_LIST, Cns.CSI_ALLOCATED_NAMESPACE):
+        data = allocated_by_csi(ctrl, cns, nsid, cmd.cdw11 >> 24)
     elif cns == Cns.COMMAND_SET_LIST:
         # vector 0 (the one I/O Command Set Profile): NVM and Zoned Namespace
         data = struct.pack("<Q", 1 << CSI_NVM | 1 << CSI_ZNS)
@@ -218,6 +221,26 @@ def identify(ctrl: NvmeController, cmd: Command) -> int:
         raise CommandError(ST.INVALID_FIELD, f"CNS {cns:#x}")
     send(ctrl, cmd, data.ljust(IDENTIFY_SIZE, b"\0"))
     return 0
+
+
+def allocated_by_csi(ctrl: NvmeController, cns: int, nsid: int, csi: int) -> bytes:
+    """CNS 1Ah (the allocated NSIDs of command set ``csi`` above ``nsid``) and 1Bh
+    (CNS 05h of an allocated NSID: zeroes for one not allocated), with Namespace
+    Management only, as CNS 10h and 11h."""
+    _check(csi in zns.COMMAND_SETS, why=f"CSI {csi:#x}")
+
+    def csi_of(n: int) -> int:
+        return CSI_ZNS if n in ctrl.zones else CSI_NVM
+
+    if cns == Cns.CSI_ALLOCATED_NS_LIST:
+        raw = nsmgmt.identify(ctrl, nsmgmt.CNS_ALLOCATED_NS_LIST, nsid, 0)
+        ids = [n for (n,) in struct.iter_unpack("<I", raw) if csi_of(n) == csi]
+        return struct.pack(f"<{len(ids)}I", *ids)
+    nsmgmt.identify(ctrl, nsmgmt.CNS_ALLOCATED_NAMESPACE, nsid, 0)  # the NSID's checks
+    if nsid not in ctrl.namespaces:
+        return b""
+    _check(csi_of(nsid) == csi, why=f"namespace {nsid} is not of CSI {csi:#x}")
+    return zns.identify_namespace(ctrl.zones[nsid]) if csi == CSI_ZNS else b""
 
 
 # ---------------------------------------------------------------- log pages (5.14)

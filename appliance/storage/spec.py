@@ -210,6 +210,8 @@ class Cns(enum.IntEnum):
     CSI_CONTROLLER = 0x06  # NVMe 2.0; Linux asks for it whenever VS >= 1.1
     CSI_ACTIVE_NS_LIST = 0x07  # NVMe 2.0: active NSIDs of one I/O command set
     NS_CS_INDEPENDENT = 0x08  # NVMe 2.0: I/O Command Set Independent Identify Namespace
+    CSI_ALLOCATED_NS_LIST = 0x1A  # NVMe 2.0: allocated NSIDs of one I/O command set
+    CSI_ALLOCATED_NAMESPACE = 0x1B  # NVMe 2.0: CNS 05h of an allocated NSID
     COMMAND_SET_LIST = 0x1C  # NVMe 2.0: Identify I/O Command Set data structure
 
 

@@ -246,6 +246,44 @@ def test_identify_cns_07h_and_08h(tmp_path: Path) -> None:
     ctrl.close()
 
 
+def test_identify_cns_1ah_and_1bh_with_namespace_management(tmp_path: Path) -> None:
+    from appliance.config import NamespaceConfig, ZonedConfig
+    from appliance.storage.nsmgmt import NamespaceManagement
+
+    (tmp_path / "images").mkdir()
+    ctrl = NvmeController([
+        NamespaceConfig(image=str(tmp_path / "a.img"), size=1 << 20, block_size=512,
+                        read_only=False, grow=False),
+        NamespaceConfig(image=str(tmp_path / "z.img"), size=4 << 20, block_size=512,
+                        read_only=False, grow=False, zoned=ZonedConfig(1 << 20, None, 2, 3))],
+        management=NamespaceManagement(capacity=16 << 20, max_namespaces=4,
+                                       image_dir=str(tmp_path / "images")))
+    d = controller_driver(ctrl).ready()
+    assert d.attach_namespace(1, detach=True).status == 0  # allocated, not active: listed
+    for csi, want in ((0, [1, 0]), (2, [2, 0])):
+        done, data = d.identify(Cns.CSI_ALLOCATED_NS_LIST, cdw11=csi << 24)
+        assert status(done) == (ST.SUCCESS, False)
+        assert list(struct.unpack_from("<2I", data)) == want
+    done, data = d.identify(Cns.CSI_ALLOCATED_NAMESPACE, 2, cdw11=2 << 24)
+    assert status(done) == (ST.SUCCESS, False) and data != bytes(4096)  # the zoned one
+    done, data = d.identify(Cns.CSI_ALLOCATED_NAMESPACE, 1, cdw11=0)
+    assert status(done) == (ST.SUCCESS, False) and data == bytes(4096)
+    done, data = d.identify(Cns.CSI_ALLOCATED_NAMESPACE, 3, cdw11=0)  # not allocated
+    assert status(done) == (ST.SUCCESS, False) and data == bytes(4096)
+    assert status(d.identify(Cns.CSI_ALLOCATED_NAMESPACE, 1, cdw11=2 << 24)[0]) == (
+        ST.INVALID_FIELD, True)  # not zoned
+    assert status(d.identify(Cns.CSI_ALLOCATED_NAMESPACE, 5, cdw11=0)[0]) == (
+        ST.INVALID_NAMESPACE, True)
+    assert status(d.identify(Cns.CSI_ALLOCATED_NS_LIST, cdw11=1 << 24)[0]) == (
+        ST.INVALID_FIELD, True)
+    ctrl.close()
+
+
+def test_identify_cns_1ah_needs_namespace_management(drv: NvmeDriver) -> None:
+    for cns in (Cns.CSI_ALLOCATED_NS_LIST, Cns.CSI_ALLOCATED_NAMESPACE):
+        assert status(drv.identify(cns, 1)[0]) == (ST.INVALID_FIELD, True)
+
+
 # ---------------------------------------------------------------- migration
 def test_firmware_state_migrates_after_an_activation(drv: NvmeDriver, tmp_path: Path) -> None:
     src = drv.bus.ctrl
