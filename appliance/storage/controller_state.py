@@ -348,9 +348,8 @@ def decode_controller(ctrl: NvmeController, blob: bytes) -> CtrlSnapshot:
 
 
 def _check_firmware(ctrl: NvmeController, state: FirmwareState, bitmap: bytes) -> int:
-    """What Firmware Download and Commit can leave: printable revisions, slot 1 the
-    configured one, an active and a next slot that hold an image, a download
-    bitmap within the largest image.
+    """What Firmware Download and Commit can leave: printable revisions, an active
+    and a next slot that hold an image, a download bitmap within the largest image.
 
     Returns:
         The download's DWORD bitmap.
