@@ -264,7 +264,7 @@ def get_log_page(ctrl: NvmeController, cmd: Command) -> int:
         LogPage.CHANGED_NS: lambda: struct.pack(f"<{len(ctrl.changed_ns)}I", *ctrl.changed_ns),
         LogPage.COMMANDS_EFFECTS: lambda: commands_effects_log(csi, ctrl.ns_mgmt.enabled),
         LogPage.SUPPORTED_LOGS: lambda: struct.pack(
-            "<256I", *(LSUPP if lid in set(LogPage) else 0 for lid in range(256))),
+            "<256I", *(LSUPP if page in set(LogPage) else 0 for page in range(256))),
     }
     csi = cmd.cdw14 >> 24
     if lid == LogPage.COMMANDS_EFFECTS:
@@ -461,14 +461,16 @@ def identify_controller(ctrl: NvmeController) -> bytes:
 
     nqn = f"nqn.2014-08.org.nvmexpress:uuid:{uuid.uuid5(uuid.NAMESPACE_OID, ctrl.serial)}"
     return IdentifyController(
-        vid=ident.VENDOR_ID, ssvid=ident.VENDOR_ID, sn=ctrl.sn, mn=ctrl.mn, fr=ctrl.firmware.running,
-        rab=6,
+        vid=ident.VENDOR_ID, ssvid=ident.VENDOR_ID, sn=ctrl.sn, mn=ctrl.mn,
+        fr=ctrl.firmware.running, rab=6,
         ieee=bytes(3),  # no IEEE OUI assigned
         cmic=0, mdts=ident.MDTS, cntlid=ident.CNTLID, ver=VERSION_2_0, oaes=OAES_NS_ATTRIBUTE,
         cntrltype=ident.CNTRLTYPE_IO, acl=ident.ACL, aerl=ident.AERL,
-        oacs=OACS_FORMAT | OACS_FIRMWARE | OACS_DBBUF | (nsmgmt.OACS_NS_MANAGEMENT if ctrl.ns_mgmt.enabled else 0),
+        oacs=OACS_FORMAT | OACS_FIRMWARE | OACS_DBBUF | (
+            nsmgmt.OACS_NS_MANAGEMENT if ctrl.ns_mgmt.enabled else 0),
         tnvmcap=u128(ctrl.ns_mgmt.capacity), unvmcap=u128(nsmgmt.unallocated_bytes(ctrl)),
-        frmw=firmware.FRMW, fwug=firmware.FWUG, lpa=LPA_EFFECTS_LOG | LPA_EXTENDED_DATA, elpe=ident.ELPE, npss=0, wctemp=ident.WCTEMP,
+        frmw=firmware.FRMW, fwug=firmware.FWUG, lpa=LPA_EFFECTS_LOG | LPA_EXTENDED_DATA,
+        elpe=ident.ELPE, npss=0, wctemp=ident.WCTEMP,
         cctemp=ident.CCTEMP, sqes=0x66, cqes=0x44, nn=nsmgmt.namespace_count(ctrl),
         oncs=(ONCS_COMPARE | ONCS_WRITE_UNCORRECTABLE | ONCS_DSM | ONCS_WRITE_ZEROES
               | ONCS_TIMESTAMP | ONCS_VERIFY | ONCS_COPY),
