@@ -287,6 +287,7 @@ class Features:
         FeatureId.NUMBER_OF_QUEUES: 0,
         FeatureId.INTERRUPT_COALESCING: 0xFFFF0000,
         FeatureId.INTERRUPT_VECTOR_CONFIG: 0xFFFE0000,
+        FeatureId.WRITE_ATOMICITY: 0xFFFFFFFE,  # DN (0)
         FeatureId.ASYNC_EVENT_CONFIG: 0xFFFFFE00,  # SMART warnings 7:0, NS attribute 8
         FeatureId.TIMESTAMP: 0,
         FeatureId.IOCS_PROFILE: 0xFFFFFE00,  # IOCSCI (8:0)

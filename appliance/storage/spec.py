@@ -230,6 +230,7 @@ class FeatureId(enum.IntEnum):
     NUMBER_OF_QUEUES = 0x07
     INTERRUPT_COALESCING = 0x08
     INTERRUPT_VECTOR_CONFIG = 0x09
+    WRITE_ATOMICITY = 0x0A  # Write Atomicity Normal: DN; AWUN is 0, so it changes nothing
     ASYNC_EVENT_CONFIG = 0x0B
     TIMESTAMP = 0x0E
     IOCS_PROFILE = 0x19  # NVMe 2.0: I/O Command Set Profile (CNS 1Ch's combination index)

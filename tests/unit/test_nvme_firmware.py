@@ -219,6 +219,15 @@ def test_io_command_set_profile_feature(drv: NvmeDriver) -> None:
     assert feature(AdminOpcode.GET_FEATURES) == (ST.SUCCESS, False, 0)
 
 
+def test_write_atomicity_normal_feature(drv: NvmeDriver) -> None:
+    """Feature 0Ah: DN is kept (AWUN and NAWUN are 0: one block is atomic either way)."""
+    done = drv.admin_command(AdminOpcode.SET_FEATURES, cdw10=0x0A, cdw11=1)
+    assert (done.status, done.dnr) == (ST.SUCCESS, False)
+    assert drv.admin_command(AdminOpcode.GET_FEATURES, cdw10=0x0A).dw0 == 1
+    done = drv.admin_command(AdminOpcode.SET_FEATURES, cdw10=0x0A, cdw11=2)
+    assert (done.status, done.dnr) == (ST.INVALID_FIELD, True)
+
+
 def test_identify_cns_07h_and_08h(tmp_path: Path) -> None:
     from appliance.config import NamespaceConfig, ZonedConfig
 
