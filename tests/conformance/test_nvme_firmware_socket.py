@@ -118,3 +118,35 @@ def test_firmware_state_moves_with_a_vfio_user_migration(tmp_path: Path) -> None
         for p in procs:
             p.stop()
             assert "Traceback" not in p.log_text(), p.log_text()
+
+
+def test_firmware_state_moves_with_a_live_handoff(tmp_path: Path) -> None:
+    """The same driver, on the socket that moves: the running revision, slot 2 and a
+    download in flight are the destination's; the download goes on there."""
+    from test_handoff import driver_on, handoff, start_pair
+
+    src, dst = start_pair(tmp_path, shared=True)
+    try:
+        d, _ = driver_on(src)
+        d.firmware_download(b"HAND0002" + bytes(4088))
+        assert d.firmware_commit(2, REPLACE_ACTIVATE).status == ST.SUCCESS
+        d.write_reg(Reg.CC, 0)
+        d.queues.clear()
+        d.setup(io_queues=2, depth=32)  # the reset: HAND0002 runs from slot 2
+        d.firmware_download(b"HAND0003" + bytes(4088))  # the first half of the next image
+        done = handoff(src, dst)
+        assert done.returncode == 0, done.stderr
+        assert src.proc is not None and src.proc.wait(timeout=30) == 0
+        assert d.identify_controller().fr == b"HAND0002"
+        assert d.firmware_log().afi == 2
+        assert d.firmware_download(bytes(4096), offset=4096).status == ST.SUCCESS  # 2nd half
+        assert d.firmware_commit(2, REPLACE_ACTIVATE).status == ST.SUCCESS
+        d.write_reg(Reg.CC, 0)
+        d.queues.clear()
+        d.setup(io_queues=2, depth=32)
+        assert d.identify_controller().fr == b"HAND0003"
+        d.c.close()
+    finally:
+        for p in (src, dst):
+            p.stop()
+            assert "Traceback" not in p.log_text(), p.log_text()
