@@ -5,8 +5,9 @@ Theory of operation
 This controller's firmware is a revision string.  Two slots (FRMW.NOFS = 2):
 slot 1 is read-only (FRMW bit 0) and holds the controller's own revision
 (``NvmeController(firmware=...)``); slot 2 holds what a host committed, empty
-at power-on.  The running revision (Identify Controller FR) was loaded from the active slot
-(the Firmware Slot Information log's AFI bits 2:0).
+at power-on.  The running revision (Identify Controller FR) was loaded from
+the active slot (the Firmware Slot Information log's AFI bits 2:0); replacing
+that slot's image (CA 000b) does not change it until the slot is activated.
 
 Firmware Image Download (opcode 11h) sends an image in pieces: NUMD (0-based)
 and OFST count DWORDs.  :class:`FirmwareImage` keeps of an image only what the
