@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from appliance.client.nvme_bus import HostBus, VfioUserBus
+from appliance.client.nvme_firmware import FirmwareCommands
 from appliance.client.nvme_nsmgmt import NamespaceCommands
 from appliance.client.nvme_queues import (
     PAGE,
@@ -58,7 +59,7 @@ PRP_ENTRIES = PAGE // 8  # entries of one PRP list page (the last may chain to t
 FLAGS_SGL = spec.Psdt.SGL_MPTR_BUFFER << 6  # PSDT 01b: the data pointer is SGL1
 
 
-class NvmeDriver(ZonedCommands, NamespaceCommands):
+class NvmeDriver(ZonedCommands, NamespaceCommands, FirmwareCommands):
     """Drive an NVMe controller through a :class:`HostBus`."""
 
     def __init__(self, bus: HostBus | VfioUserClient, *, mem_base: int = 0x4000_0000,

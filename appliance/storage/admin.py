@@ -20,8 +20,8 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from appliance.storage import error_injection as erri
+from appliance.storage import firmware, nsmgmt, zns
 from appliance.storage import identity as ident
-from appliance.storage import nsmgmt, zns
 from appliance.storage.queues import CompletionQueue, SubmissionQueue
 from appliance.storage.spec import (
     CHANGED_NS_MAX,
@@ -36,7 +36,9 @@ from appliance.storage.spec import (
     LPA_EFFECTS_LOG,
     LPA_EXTENDED_DATA,
     NSID_ALL,
+    NSTAT_READY,
     OACS_DBBUF,
+    OACS_FIRMWARE,
     OACS_FORMAT,
     OAES_NS_ATTRIBUTE,
     OCFS_FORMAT0,
@@ -50,7 +52,7 @@ from appliance.storage.spec import (
     PAGE_SIZE,
     SGLS_BIT_BUCKET,
     SGLS_SUPPORTED,
-    VERSION_1_4,
+    VERSION_2_0,
     VWC_PRESENT_FLUSH_ALL,
     AdminOpcode,
     Cns,
@@ -60,6 +62,7 @@ from appliance.storage.spec import (
     FirmwareSlotLog,
     IdentifyController,
     IdentifyNamespace,
+    IdentifyNsIndependent,
     IoOpcode,
     LogPage,
     PowerState,
@@ -77,6 +80,7 @@ Handler = Callable[["NvmeController", Command], "int | None"]
 ST = Status
 
 log = logging.getLogger("appliance.storage")
+LSUPP = 1  # Supported Log Pages entry: the log page is supported (no index offsets)
 
 
 def _check(ok: bool, status: Status = ST.INVALID_FIELD, why: str = "") -> None:
@@ -166,8 +170,9 @@ def delete_cq(ctrl: NvmeController, cmd: Command) -> int:
 
 # ---------------------------------------------------------------- identify (5.15)
 def identify(ctrl: NvmeController, cmd: Command) -> int:
-    """Identify (5.15): CNS 00h, 01h, 02h, 03h; 05h and 06h for CSI 00h (NVM) and
-    02h (Zoned Namespace), 1Ch; 10h-13h with Namespace Management."""
+    """Identify (5.15): CNS 00h, 01h, 02h, 03h; 05h, 06h and 07h for CSI 00h (NVM)
+    and 02h (Zoned Namespace), 08h, 1Ch; 10h-13h, 1Ah and 1Bh with Namespace
+    Management."""
     _check(not cmd.cdw10 & 0xFF00, why="reserved CDW10 bits")
     cns, nsid = cmd.cdw10 & 0xFF, cmd.nsid
     if cns == Cns.CONTROLLER:
@@ -180,11 +185,19 @@ def identify(ctrl: NvmeController, cmd: Command) -> int:
         ns = ctrl.namespace(nsid)  # FFFFFFFFh without Namespace Management: invalid too
         data = identify_namespace(ns.identify()) if cns == Cns.NAMESPACE else \
             ns.descriptors(ctrl.serial, CSI_ZNS if nsid in ctrl.zones else CSI_NVM)
-    elif cns == Cns.ACTIVE_NS_LIST:
+    elif cns in (Cns.ACTIVE_NS_LIST, Cns.CSI_ACTIVE_NS_LIST):
         _check(nsid < 0xFFFFFFFE, ST.INVALID_NAMESPACE, f"NSID {nsid:#x}")
-        active = [ns.nsid for ns in ctrl.active_namespaces() if ns.nsid > nsid][
-            :IDENTIFY_SIZE // 4]
-        data = struct.pack(f"<{len(active)}I", *active)
+        csi = cmd.cdw11 >> 24
+        _check(cns == Cns.ACTIVE_NS_LIST or csi in zns.COMMAND_SETS, why=f"CSI {csi:#x}")
+        active = [ns.nsid for ns in ctrl.active_namespaces() if ns.nsid > nsid and (
+            cns == Cns.ACTIVE_NS_LIST or (CSI_ZNS if ns.nsid in ctrl.zones else CSI_NVM) == csi)]
+        data = struct.pack(f"<{len(active[:IDENTIFY_SIZE // 4])}I", *active[:IDENTIFY_SIZE // 4])
+    elif cns == Cns.NS_CS_INDEPENDENT and nsmgmt.is_inactive_valid(ctrl, nsid):
+        data = b""  # an inactive NSID: zeroes, as for CNS 00h
+    elif cns == Cns.NS_CS_INDEPENDENT:
+        ns_data = IdentifyNamespace.unpack(ctrl.namespace(nsid).identify())
+        data = IdentifyNsIndependent(fpi=ns_data.fpi, nsattr=ns_data.nsattr,
+                                     nstat=NSTAT_READY).pack()
     elif cns in (Cns.CSI_CONTROLLER, Cns.CSI_NAMESPACE) and cmd.cdw11 >> 24 == CSI_ZNS:
         data = (zns.identify_controller() if cns == Cns.CSI_CONTROLLER
                 else zns.identify_namespace(zns.refuse_unzoned(ctrl, nsid)))
@@ -199,6 +212,8 @@ def identify(ctrl: NvmeController, cmd: Command) -> int:
         data = nsmgmt.identify(ctrl, cns, nsid, cmd.cdw10 >> 16)
         if cns == nsmgmt.CNS_ALLOCATED_NAMESPACE and data:
             data = identify_namespace(data)
+    elif cns in (Cns.CSI_ALLOCATED_NS_LIST, Cns.CSI_ALLOCATED_NAMESPACE):
+        data = allocated_by_csi(ctrl, cns, nsid, cmd.cdw11 >> 24)
     elif cns == Cns.COMMAND_SET_LIST:
         # vector 0 (the one I/O Command Set Profile): NVM and Zoned Namespace
         data = struct.pack("<Q", 1 << CSI_NVM | 1 << CSI_ZNS)
@@ -208,10 +223,31 @@ def identify(ctrl: NvmeController, cmd: Command) -> int:
     return 0
 
 
+def allocated_by_csi(ctrl: NvmeController, cns: int, nsid: int, csi: int) -> bytes:
+    """CNS 1Ah (the allocated NSIDs of command set ``csi`` above ``nsid``) and 1Bh
+    (CNS 05h of an allocated NSID: zeroes for one not allocated), with Namespace
+    Management only, as CNS 10h and 11h."""
+    _check(csi in zns.COMMAND_SETS, why=f"CSI {csi:#x}")
+
+    def csi_of(n: int) -> int:
+        return CSI_ZNS if n in ctrl.zones else CSI_NVM
+
+    if cns == Cns.CSI_ALLOCATED_NS_LIST:
+        raw = nsmgmt.identify(ctrl, nsmgmt.CNS_ALLOCATED_NS_LIST, nsid, 0)
+        ids = [n for (n,) in struct.iter_unpack("<I", raw) if csi_of(n) == csi]
+        return struct.pack(f"<{len(ids)}I", *ids)
+    nsmgmt.identify(ctrl, nsmgmt.CNS_ALLOCATED_NAMESPACE, nsid, 0)  # the NSID's checks
+    if nsid not in ctrl.namespaces:
+        return b""
+    _check(csi_of(nsid) == csi, why=f"namespace {nsid} is not of CSI {csi:#x}")
+    return zns.identify_namespace(ctrl.zones[nsid]) if csi == CSI_ZNS else b""
+
+
 # ---------------------------------------------------------------- log pages (5.14)
 def get_log_page(ctrl: NvmeController, cmd: Command) -> int:
-    """Get Log Page (5.14): Error, SMART/Health, Firmware Slot, Changed Namespace
-    List, Commands Supported and Effects (of the command set CDW14's CSI names)."""
+    """Get Log Page (5.14): Supported Log Pages, Error, SMART/Health, Firmware Slot,
+    Changed Namespace List, Commands Supported and Effects (of the command set
+    CDW14's CSI names)."""
     lid, lsp, rae = cmd.cdw10 & 0xFF, (cmd.cdw10 >> 8) & 0x7F, bool(cmd.cdw10 & 0x8000)
     length = (((cmd.cdw11 & 0xFFFF) << 16 | cmd.cdw10 >> 16) + 1) * 4
     offset = cmd.cdw12 | cmd.cdw13 << 32
@@ -224,9 +260,11 @@ def get_log_page(ctrl: NvmeController, cmd: Command) -> int:
     builders: dict[int, Callable[[], bytes]] = {
         LogPage.ERROR: ctrl.error_log.page,
         LogPage.SMART: lambda: smart_log(ctrl),
-        LogPage.FIRMWARE_SLOT: lambda: FirmwareSlotLog(afi=1, frs1=ctrl.fr).pack(),
+        LogPage.FIRMWARE_SLOT: lambda: firmware_slot_log(ctrl),
         LogPage.CHANGED_NS: lambda: struct.pack(f"<{len(ctrl.changed_ns)}I", *ctrl.changed_ns),
         LogPage.COMMANDS_EFFECTS: lambda: commands_effects_log(csi, ctrl.ns_mgmt.enabled),
+        LogPage.SUPPORTED_LOGS: lambda: struct.pack(
+            "<256I", *(LSUPP if page in set(LogPage) else 0 for page in range(256))),
     }
     csi = cmd.cdw14 >> 24
     if lid == LogPage.COMMANDS_EFFECTS:
@@ -285,6 +323,23 @@ def get_features(ctrl: NvmeController, cmd: Command) -> int:
         send(ctrl, cmd, ctrl.features.timestamp())
         return 0
     return ctrl.features.get(fid, cmd.cdw11, cmd.nsid)
+
+
+# ---------------------------------------------------------------- firmware (5.11, 5.12)
+def firmware_download(ctrl: NvmeController, cmd: Command) -> int:
+    """Firmware Image Download (5.12): NUMD (0-based) DWORDs at DWORD offset OFST."""
+    length = (cmd.cdw10 + 1) * 4
+    _check(length <= ctrl.mdts_bytes, why=f"firmware piece of {length} bytes past MDTS")
+    ctrl.firmware.download(cmd.cdw11, receive(ctrl, cmd, length))
+    return 0
+
+
+def firmware_commit(ctrl: NvmeController, cmd: Command) -> int:
+    """Firmware Commit (5.11): FS, CA; BPID and reserved bits must be clear
+    (:mod:`appliance.storage.firmware` has the rules and statuses)."""
+    _check(not cmd.cdw10 & 0xFFFFFFC0, why=f"CDW10 {cmd.cdw10:#x}: BPID/reserved bits")
+    ctrl.firmware.commit(cmd.cdw10 & 0x7, (cmd.cdw10 >> 3) & 0x7)
+    return 0
 
 
 # ---------------------------------------------------------------- the rest
@@ -377,6 +432,8 @@ HANDLERS: dict[int, Handler] = {
     AdminOpcode.FORMAT_NVM: format_nvm,
     AdminOpcode.NAMESPACE_MANAGEMENT: namespace_management,
     AdminOpcode.NAMESPACE_ATTACHMENT: namespace_attachment,
+    AdminOpcode.FIRMWARE_COMMIT: firmware_commit,
+    AdminOpcode.FIRMWARE_DOWNLOAD: firmware_download,
 }
 
 
@@ -404,13 +461,16 @@ def identify_controller(ctrl: NvmeController) -> bytes:
 
     nqn = f"nqn.2014-08.org.nvmexpress:uuid:{uuid.uuid5(uuid.NAMESPACE_OID, ctrl.serial)}"
     return IdentifyController(
-        vid=ident.VENDOR_ID, ssvid=ident.VENDOR_ID, sn=ctrl.sn, mn=ctrl.mn, fr=ctrl.fr, rab=6,
+        vid=ident.VENDOR_ID, ssvid=ident.VENDOR_ID, sn=ctrl.sn, mn=ctrl.mn,
+        fr=ctrl.firmware.running, rab=6,
         ieee=bytes(3),  # no IEEE OUI assigned
-        cmic=0, mdts=ident.MDTS, cntlid=ident.CNTLID, ver=VERSION_1_4, oaes=OAES_NS_ATTRIBUTE,
+        cmic=0, mdts=ident.MDTS, cntlid=ident.CNTLID, ver=VERSION_2_0, oaes=OAES_NS_ATTRIBUTE,
         cntrltype=ident.CNTRLTYPE_IO, acl=ident.ACL, aerl=ident.AERL,
-        oacs=OACS_FORMAT | OACS_DBBUF | (nsmgmt.OACS_NS_MANAGEMENT if ctrl.ns_mgmt.enabled else 0),
+        oacs=OACS_FORMAT | OACS_FIRMWARE | OACS_DBBUF | (
+            nsmgmt.OACS_NS_MANAGEMENT if ctrl.ns_mgmt.enabled else 0),
         tnvmcap=u128(ctrl.ns_mgmt.capacity), unvmcap=u128(nsmgmt.unallocated_bytes(ctrl)),
-        frmw=ident.FRMW, lpa=LPA_EFFECTS_LOG | LPA_EXTENDED_DATA, elpe=ident.ELPE, npss=0, wctemp=ident.WCTEMP,
+        frmw=firmware.FRMW, fwug=firmware.FWUG, lpa=LPA_EFFECTS_LOG | LPA_EXTENDED_DATA,
+        elpe=ident.ELPE, npss=0, wctemp=ident.WCTEMP,
         cctemp=ident.CCTEMP, sqes=0x66, cqes=0x44, nn=nsmgmt.namespace_count(ctrl),
         oncs=(ONCS_COMPARE | ONCS_WRITE_UNCORRECTABLE | ONCS_DSM | ONCS_WRITE_ZEROES
               | ONCS_TIMESTAMP | ONCS_VERIFY | ONCS_COPY),
@@ -432,6 +492,8 @@ EFFECTS: dict[tuple[bool, int], int] = {
     (True, AdminOpcode.SET_FEATURES): EFFECT_CCC,  # Number of Queues, arbitration...
     (True, AdminOpcode.NAMESPACE_MANAGEMENT): nsmgmt.EFFECT_NIC,
     (True, AdminOpcode.NAMESPACE_ATTACHMENT): nsmgmt.EFFECT_NIC,
+    # Commit changes what Identify Controller and the slot log say, at the next reset
+    (True, AdminOpcode.FIRMWARE_COMMIT): EFFECT_CCC,
     (False, IoOpcode.WRITE): EFFECT_LBCC,
     (False, IoOpcode.WRITE_UNCORRECTABLE): EFFECT_LBCC,
     (False, IoOpcode.WRITE_ZEROES): EFFECT_LBCC,
@@ -457,6 +519,12 @@ def commands_effects_log(csi: int = CSI_NVM, managed: bool = False) -> bytes:
             entries[opcode + (0 if is_admin else 256)] = (
                 EFFECT_CSUPP | EFFECTS.get((is_admin, opcode), 0))
     return struct.pack("<512I", *entries)
+
+
+def firmware_slot_log(ctrl: NvmeController) -> bytes:
+    """Firmware Slot Information (figure 197): AFI and each slot's revision."""
+    revs = b"".join(rev or bytes(8) for rev in ctrl.firmware.slots)
+    return FirmwareSlotLog(afi=ctrl.firmware.afi(), frs1=revs[:8], frs2_7=revs[8:]).pack()
 
 
 def smart_log(ctrl: NvmeController) -> bytes:

@@ -56,6 +56,7 @@ from appliance.pci import Bar, MsixLayout, PciDevice
 from appliance.storage import admin
 from appliance.storage.doorbells import DoorbellMode, DoorbellPage
 from appliance.storage.error_injection import GuestFaultHook
+from appliance.storage.firmware import FirmwareSlots
 from appliance.storage.identity import (
     AERL,
     BAR0_SIZE,
@@ -128,7 +129,7 @@ SQ_BUDGET = 64
 
 
 class NvmeController(RequestEngine, PciDevice):
-    """An NVMe 1.4 I/O controller with file-backed namespaces."""
+    """An NVMe 2.0 I/O controller with file-backed namespaces."""
 
     #: the native fast path for the I/O queues (set by the runtime from
     #: appliance.fastpath.nvme); None: every command runs in Python
@@ -229,6 +230,8 @@ class NvmeController(RequestEngine, PciDevice):
         #: the DMA messages of queue work (SQ entries, CQ entries, shadow doorbells)
         self._queue_dma = DmaScope(consume=True, on_ready=self._dma_arrived)
         self._running = False
+        #: firmware slots, running revision, download (device state: migrated)
+        self.firmware = FirmwareSlots(self.fr)
         self.identify_data = admin.identify_controller(self)
 
     # ------------------------------------------------------------ public
@@ -630,5 +633,7 @@ class NvmeController(RequestEngine, PciDevice):
         self.events.reset()
         self.features.reset()
         self.changed_ns.clear()
+        if self.firmware.reset():  # a committed image is activated now
+            self.identify_changed()
         if self.intx_asserted:
             self.deassert_intx()

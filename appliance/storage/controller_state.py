@@ -14,9 +14,10 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from appliance.errors import LocalProtocolError
+from appliance.storage import firmware as fw
 from appliance.storage.controller import NvmeController
 from appliance.storage.queues import CompletionQueue, Shadow, SubmissionQueue
 from appliance.storage.registers import CtrlState, Features
@@ -34,8 +35,9 @@ from appliance.storage.zones import ZoneRecord, ZoneSnapshot, ZoneState
 from appliance.wire import U8, U16, U32, U64, Struct, WireError
 
 #: 2: the uncorrectable block ranges (n_uncorrectable, where 1 had a reserved DWORD);
-#: 3: the zones of zoned namespaces (n_zones; the head grew by 8 bytes)
-STATE_VERSION = 3
+#: 3: the zones of zoned namespaces (n_zones; the head grew by 8 bytes);
+#: 4: the firmware slots (FirmwareState and its download bitmap, after the zones)
+STATE_VERSION = 4
 NONE32 = 0xFFFFFFFF  # "no value" for optional u32 fields
 STATES = (CtrlState.DISABLED, CtrlState.READY, CtrlState.SHUTDOWN, CtrlState.FAILED)
 FLAG_SHADOW = 0x1
@@ -157,6 +159,21 @@ class ZoneEntry(Struct, size=24):
     wp: U64 = 0
 
 
+class FirmwareState(Struct, size=40):
+    """The firmware slots: ``slot2`` (zeroes: empty), the running revision and its
+    slot, the slot the next reset activates (0: none) and the download so far:
+    its first bytes and ``n_bitmap`` bytes of DWORD bitmap that follow."""
+
+    running: Annotated[bytes, "8s"] = b""
+    slot2: Annotated[bytes, "8s"] = b""
+    image_head: Annotated[bytes, "8s"] = b""
+    active: U8 = 1
+    next_active: U8 = 0
+    reserved: U16 = 0
+    n_bitmap: U32 = 0
+    reserved2: U64 = 0
+
+
 def state_error(message: str) -> LocalProtocolError:
     """The error a refused controller state raises (EINVAL to the stream's writer)."""
     return LocalProtocolError(f"NVMe state: {message}", errno.EINVAL)
@@ -190,6 +207,8 @@ class CtrlSnapshot:
     no_coalescing: set[int]
     uncorrectable: dict[int, LbaRanges]
     zones: dict[int, ZoneSnapshot]
+    firmware: FirmwareState
+    firmware_bitmap: int
 
 
 class _Cursor:
@@ -259,6 +278,12 @@ def encode_controller(ctrl: NvmeController) -> bytes:
               for nsid, ranges in sorted(ctrl.uncorrectable.items()) for a, b in ranges.ranges]
     parts += [ZoneEntry(nsid=nsid, zone=z.index, state=z.state, wp=z.wp).pack()
               for nsid, zones in sorted(ctrl.zones.items()) for z in zones.state()]
+    slots, image = ctrl.firmware, ctrl.firmware.image
+    bitmap = image.covered.to_bytes((image.dwords + 7) // 8, "little")
+    parts.append(FirmwareState(running=slots.running, slot2=slots.slots[1] or bytes(8),
+                               image_head=image.head, active=slots.active,
+                               next_active=slots.next_active, n_bitmap=len(bitmap)).pack())
+    parts.append(bitmap)
     return b"".join(parts)
 
 
@@ -290,6 +315,11 @@ def decode_controller(ctrl: NvmeController, blob: bytes) -> CtrlSnapshot:
         no_coalescing = {v.vector for v in _take(cursor, Vector, head.n_no_coalescing)}
         bad: list[UncorrectableRange] = _take(cursor, UncorrectableRange, head.n_uncorrectable)
         zone_entries: list[ZoneEntry] = _take(cursor, ZoneEntry, head.n_zones)
+        firmware: FirmwareState = _take(cursor, FirmwareState, 1)[0]
+        if cursor.pos + firmware.n_bitmap > len(blob):
+            raise state_error("blob ends inside the firmware download bitmap")
+        bitmap = blob[cursor.pos:cursor.pos + firmware.n_bitmap]
+        cursor.pos += firmware.n_bitmap
     except WireError as exc:
         raise state_error(str(exc)) from None
     if cursor.pos != len(blob):
@@ -310,9 +340,33 @@ def decode_controller(ctrl: NvmeController, blob: bytes) -> CtrlSnapshot:
     if any(n != NSID_ALL and n not in ctrl.namespaces for n in changed):
         raise state_error(f"changed namespace list {changed} names unknown namespaces")
     _check_features(ctrl, features, thresholds, tler, no_coalescing)
+    covered = _check_firmware(ctrl, firmware, bitmap)
     return CtrlSnapshot(head, sqs, cqs, backlogs, aers, events, masked, errors, changed,
                         features, thresholds, tler, no_coalescing,
-                        _check_uncorrectable(ctrl, bad), _check_zones(ctrl, zone_entries))
+                        _check_uncorrectable(ctrl, bad), _check_zones(ctrl, zone_entries),
+                        firmware, covered)
+
+
+def _check_firmware(ctrl: NvmeController, state: FirmwareState, bitmap: bytes) -> int:
+    """What Firmware Download and Commit can leave: printable revisions, an active
+    and a next slot that hold an image, a download bitmap within the largest image.
+
+    Returns:
+        The download's DWORD bitmap.
+    """
+    slots = [ctrl.fr, None if state.slot2 == bytes(8) else state.slot2]
+    covered = int.from_bytes(bitmap, "little")
+    if (state.n_bitmap > fw.MAX_IMAGE // 32
+            or (bitmap and not bitmap[-1]) or state.reserved or state.reserved2):
+        raise state_error(f"firmware download bitmap of {state.n_bitmap} bytes")
+    if fw.revision_of(state.running) != state.running or (
+            slots[1] is not None and fw.revision_of(slots[1]) != slots[1]):
+        raise state_error(f"firmware revisions {state.running!r} / {state.slot2!r}")
+    if not 1 <= state.active <= fw.SLOTS or not 0 <= state.next_active <= fw.SLOTS or (
+            slots[state.active - 1] is None) or (
+            state.next_active and slots[state.next_active - 1] is None):
+        raise state_error(f"firmware slots {state.active} / {state.next_active}")
+    return covered
 
 
 def _check_head(ctrl: NvmeController, head: CtrlStateHead) -> None:
@@ -457,6 +511,11 @@ def apply_controller(ctrl: NvmeController, snap: CtrlSnapshot,
     ctrl.uncorrectable = {nsid: LbaRanges(r.ranges) for nsid, r in snap.uncorrectable.items()}
     for nsid, zones in snap.zones.items():
         ctrl.zones[nsid].adopt(zones)
+    slots, state = ctrl.firmware, snap.firmware
+    slots.slots[1] = None if state.slot2 == bytes(8) else state.slot2
+    slots.running, slots.active, slots.next_active = state.running, state.active, state.next_active
+    slots.image = fw.FirmwareImage(snap.firmware_bitmap, state.image_head)
+    ctrl.identify_changed()
     now = clock or feats.clock
     feats.timestamp_base = ((head.timestamp_ms, now() if now else 0.0)
                             if head.flags & FLAG_TIMESTAMP else None)

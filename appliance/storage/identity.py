@@ -12,7 +12,6 @@ REGISTERS_END, DOORBELLS_END = 0x1000, 0x2000  # registers, then doorbells, in B
 MDTS = 7  # 2^7 pages of 4 KiB = 512 KiB per command
 CNTLID, CNTRLTYPE_IO = 1, 1
 AERL, ACL, ELPE = 3, 3, 15  # 0-based: 4 AERs, 4 aborts, 16 error log entries
-FRMW = 0x03  # one firmware slot, slot 1 read-only
 WCTEMP, CCTEMP, TEMPERATURE = 343, 373, 313  # Kelvin
 #: Copy limits (Identify Namespace): MSSRL and MCL in blocks, MSRC 0-based ranges
 MSSRL, MCL, MSRC = 256, 1024, 127

@@ -1,4 +1,4 @@
-"""Controller registers and the CC/CSTS state machine (NVMe 1.4 sections 3.1, 7.6).
+"""Controller registers and the CC/CSTS state machine (NVMe 1.4 sections 3.1, 7.6; CRTO: 2.0).
 
 Theory of operation
 -------------------
@@ -42,18 +42,20 @@ from appliance.protocol_common import step
 from appliance.storage.spec import (
     AQA,
     CAP,
+    CAP_CRMS_CRWMS,
     CAP_CSS_IOCS,
     CAP_CSS_NVM,
     CC,
     CC_CSS_IOCS,
     CC_CSS_NVM,
     CQES,
+    CRTO,
     NSID_ALL,
     PAGE_SIZE,
     SHST_COMPLETE,
     SHST_NORMAL,
     SQES,
-    VERSION_1_4,
+    VERSION_2_0,
     CommandError,
     FeatureId,
     Reg,
@@ -112,7 +114,7 @@ def dwords(offset: int, data: bytes) -> list[tuple[int, int]]:
 
 
 class RegisterFile:
-    """CAP, VS, INTMS/INTMC, CC, CSTS, AQA, ASQ, ACQ and the controller state."""
+    """CAP, VS, INTMS/INTMC, CC, CSTS, AQA, ASQ, ACQ, CRTO and the controller state."""
 
     def __init__(self, *, mqes: int, timeout: int = 20) -> None:
         """``mqes``: CAP.MQES (0-based queue size); ``timeout``: CAP.TO in 500 ms units.
@@ -120,8 +122,13 @@ class RegisterFile:
         Raises:
             WireError: a value does not fit its CAP field.
         """
+        # CAP.CRMS = 01b (NVMe 2.0 requires CRWMS): CSTS.RDY means ready with media,
+        # which is all this controller has; CRTO.CRWMT says the same as CAP.TO.
+        # No CRIMS, so CC.CRIME stays reserved and CRTO.CRIMT 0.
         self.cap = CAP.encode(mqes=mqes, cqr=1, ams=0, to=timeout, dstrd=0, nssrs=0,
-                              css=CAP_CSS_NVM | CAP_CSS_IOCS, bps=0, mpsmin=0, mpsmax=0)
+                              css=CAP_CSS_NVM | CAP_CSS_IOCS, bps=0, mpsmin=0, mpsmax=0,
+                              crms=CAP_CRMS_CRWMS)
+        self.crto = CRTO.encode(crwmt=timeout, crimt=0)
         self.power_on()
 
     def power_on(self) -> None:
@@ -213,7 +220,8 @@ class RegisterFile:
         if base in qwords:
             return (qwords[base] >> (32 if off & 4 else 0)) & 0xFFFFFFFF
         registers: dict[int, int] = {
-            Reg.VS: VERSION_1_4,
+            Reg.VS: VERSION_2_0,
+            Reg.CRTO: self.crto,
             Reg.INTMS: self.intms,
             Reg.INTMC: self.intms,
             Reg.CC: self.cc,
@@ -236,7 +244,7 @@ class RegisterFile:
             shift = 32 if off & 4 else 0
             old = getattr(self, name)
             setattr(self, name, (old & ~(0xFFFFFFFF << shift)) | (value << shift))
-        # CAP, VS, CSTS (NSSRO never set), NSSR and reserved space: read-only.
+        # CAP, VS, CSTS (NSSRO never set), NSSR, CRTO and reserved space: read-only.
         return []
 
     def _write_cc(self, new: int) -> list[CtrlEvent]:
@@ -279,8 +287,10 @@ class Features:
         FeatureId.NUMBER_OF_QUEUES: 0,
         FeatureId.INTERRUPT_COALESCING: 0xFFFF0000,
         FeatureId.INTERRUPT_VECTOR_CONFIG: 0xFFFE0000,
+        FeatureId.WRITE_ATOMICITY: 0xFFFFFFFE,  # DN (0)
         FeatureId.ASYNC_EVENT_CONFIG: 0xFFFFFE00,  # SMART warnings 7:0, NS attribute 8
         FeatureId.TIMESTAMP: 0,
+        FeatureId.IOCS_PROFILE: 0xFFFFFE00,  # IOCSCI (8:0)
     }
 
     def __init__(self, io_queues: int, vectors: int, over_temp: int,
@@ -327,6 +337,9 @@ class Features:
             return self.get(fid, 0, nsid)
         elif fid == FeatureId.TEMPERATURE_THRESHOLD:
             self.thresholds[self._temperature(value, True)] = value & 0xFFFF
+        elif fid == FeatureId.IOCS_PROFILE and value:
+            # index 0, the one combination Identify CNS 1Ch lists, is the only one
+            raise CommandError(Status.IOCS_COMBINATION_REJECTED, f"combination index {value}")
         elif fid == FeatureId.ERROR_RECOVERY:
             if nsid == NSID_ALL:
                 self.tler.clear()

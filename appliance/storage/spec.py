@@ -48,16 +48,21 @@ class Reg(enum.IntEnum):
     AQA = 0x24
     ASQ = 0x28
     ACQ = 0x30
+    CRTO = 0x68  # NVMe 2.0: Controller Ready Timeouts
 
 
 DOORBELL_BASE = 0x1000  # section 3.1.24: SQyTDBL at 1000h + (2y * (4 << CAP.DSTRD))
 
 CAP = BitFields(
     64,
-    reserved=(0x1F << 19) | (0x3 << 46) | (0x3F << 58),
+    reserved=(0x1F << 19) | (0x3 << 46) | (0x7 << 61),
     mqes=(0, 16), cqr=(16, 1), ams=(17, 2), to=(24, 8), dstrd=(32, 4), nssrs=(36, 1),
     css=(37, 8), bps=(45, 1), mpsmin=(48, 4), mpsmax=(52, 4), pmrs=(56, 1), cmbs=(57, 1),
+    nsss=(58, 1), crms=(59, 2),
 )
+#: Controller Ready Timeouts (NVMe 2.0): both in 500 ms units
+CRTO = BitFields(32, crwmt=(0, 16), crimt=(16, 16))
+CAP_CRMS_CRWMS = 0x1  # CAP.CRMS bit 59: Controller Ready With Media (CRTO.CRWMT valid)
 CC = BitFields(
     32,
     reserved=(0x7 << 1) | (0xFF << 24),
@@ -73,6 +78,7 @@ CC_CSS_NVM, CC_CSS_IOCS = 0b000, 0b110  # CC.CSS: the NVM command set / all CAP.
 SHN_NONE, SHN_NORMAL, SHN_ABRUPT = 0, 1, 2
 SHST_NORMAL, SHST_OCCURRING, SHST_COMPLETE = 0, 1, 2
 VERSION_1_4 = 0x00010400
+VERSION_2_0 = 0x00020000
 
 
 # ---------------------------------------------------------------- queue entries
@@ -171,6 +177,8 @@ class AdminOpcode(enum.IntEnum):
     GET_FEATURES = 0x0A
     ASYNC_EVENT_REQUEST = 0x0C
     NAMESPACE_MANAGEMENT = 0x0D
+    FIRMWARE_COMMIT = 0x10
+    FIRMWARE_DOWNLOAD = 0x11
     NAMESPACE_ATTACHMENT = 0x15
     DOORBELL_BUFFER_CONFIG = 0x7C
     FORMAT_NVM = 0x80
@@ -200,6 +208,10 @@ class Cns(enum.IntEnum):
     NS_ID_DESCRIPTORS = 0x03
     CSI_NAMESPACE = 0x05  # NVMe 2.0: I/O command set specific Identify Namespace
     CSI_CONTROLLER = 0x06  # NVMe 2.0; Linux asks for it whenever VS >= 1.1
+    CSI_ACTIVE_NS_LIST = 0x07  # NVMe 2.0: active NSIDs of one I/O command set
+    NS_CS_INDEPENDENT = 0x08  # NVMe 2.0: I/O Command Set Independent Identify Namespace
+    CSI_ALLOCATED_NS_LIST = 0x1A  # NVMe 2.0: allocated NSIDs of one I/O command set
+    CSI_ALLOCATED_NAMESPACE = 0x1B  # NVMe 2.0: CNS 05h of an allocated NSID
     COMMAND_SET_LIST = 0x1C  # NVMe 2.0: Identify I/O Command Set data structure
 
 
@@ -218,13 +230,16 @@ class FeatureId(enum.IntEnum):
     NUMBER_OF_QUEUES = 0x07
     INTERRUPT_COALESCING = 0x08
     INTERRUPT_VECTOR_CONFIG = 0x09
+    WRITE_ATOMICITY = 0x0A  # Write Atomicity Normal: DN; AWUN is 0, so it changes nothing
     ASYNC_EVENT_CONFIG = 0x0B
     TIMESTAMP = 0x0E
+    IOCS_PROFILE = 0x19  # NVMe 2.0: I/O Command Set Profile (CNS 1Ch's combination index)
 
 
 class LogPage(enum.IntEnum):
     """Log Page Identifiers (section 5.14.1, figure 191)."""
 
+    SUPPORTED_LOGS = 0x00  # NVMe 2.0
     ERROR = 0x01
     SMART = 0x02
     FIRMWARE_SLOT = 0x03
@@ -273,12 +288,17 @@ class Status(enum.IntEnum):
     INVALID_QUEUE_IDENTIFIER = 0x101
     INVALID_QUEUE_SIZE = 0x102
     AER_LIMIT_EXCEEDED = 0x105
+    INVALID_FIRMWARE_SLOT = 0x106
+    INVALID_FIRMWARE_IMAGE = 0x107
     INVALID_INTERRUPT_VECTOR = 0x108
     INVALID_LOG_PAGE = 0x109
     INVALID_FORMAT = 0x10A
     INVALID_QUEUE_DELETION = 0x10C
     FEATURE_NOT_SAVEABLE = 0x10D
     FEATURE_NOT_NS_SPECIFIC = 0x10F
+    FIRMWARE_NEEDS_CONTROLLER_RESET = 0x111  # commit done; active from the next reset
+    OVERLAPPING_RANGE = 0x114
+    IOCS_COMBINATION_REJECTED = 0x12B  # I/O Command Set Profile past CNS 1Ch's list
     NS_INSUFFICIENT_CAPACITY = 0x115  # Namespace Management / Attachment (figure 130)
     NS_ID_UNAVAILABLE = 0x116
     NS_ALREADY_ATTACHED = 0x118
@@ -426,6 +446,25 @@ class IdentifyController(Struct, size=IDENTIFY_SIZE):
     vendor: Annotated[bytes, "1024s"] = b""
 
 
+class IdentifyNsIndependent(Struct, size=IDENTIFY_SIZE):
+    """I/O Command Set Independent Identify Namespace (CNS 08h, NVMe 2.0)."""
+
+    nsfeat: U8 = 0
+    nmic: U8 = 0
+    rescap: U8 = 0
+    fpi: U8 = 0
+    anagrpid: U32 = 0
+    nsattr: U8 = 0
+    rsvd9: U8 = 0
+    nvmsetid: U16 = 0
+    endgid: U16 = 0
+    nstat: U8 = 0  # bit 0: the namespace is ready
+    rsvd15: Annotated[bytes, "4081s"] = b""
+
+
+NSTAT_READY = 0x01
+
+
 class PowerState(Struct, size=32):
     """Power State Descriptor (figure 248)."""
 
@@ -513,6 +552,7 @@ NIDT_CSI = 0x04
 
 # Identify Controller capability bits this controller uses.
 OACS_FORMAT = 1 << 1
+OACS_FIRMWARE = 1 << 2  # Firmware Commit and Firmware Image Download
 OACS_DBBUF = 1 << 8
 ONCS_COMPARE = 1 << 0
 ONCS_WRITE_UNCORRECTABLE = 1 << 1

@@ -44,6 +44,7 @@ with common.instrumented(__name__):
     from appliance import fastpath
     from appliance.config import NamespaceConfig, ZonedConfig
     from appliance.storage import NvmeController
+    from appliance.storage.firmware import FirmwareSlots
     from appliance.storage.native_io import NativeNvme
     from appliance.storage.spec import CC, AdminOpcode, Command, Reg, SglType, Status
     from appliance.testing.nvme import controller_driver
@@ -88,6 +89,8 @@ class Rig:
         d.ready(io_queues=1)
         for zones in self.ctrl.zones.values():  # zone states outlive a reset: each input starts Empty
             zones.reset_all()
+        self.ctrl.firmware = FirmwareSlots(self.ctrl.fr)  # so do firmware slots: start factory
+        self.ctrl.identify_changed()
         return d.alloc(4096), d.alloc(DATA_SIZE)
 
 

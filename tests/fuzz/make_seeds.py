@@ -175,7 +175,15 @@ def nvme_seeds() -> dict[str, bytes]:
     zreport = record(Command(opcode=IoOpcode.ZONE_MGMT_RECV, nsid=2, cdw12=1023,
                              cdw13=1 << 16, prp1=0), 1 | 2)
     zreset = record(Command(opcode=IoOpcode.ZONE_MGMT_SEND, nsid=2, cdw13=4 | 1 << 8), 1)
+    # Firmware: a 4 KiB piece, an overlapping one, a commit to slot 2 (CA 001b), the log.
+    fw_piece = record(Command(opcode=AdminOpcode.FIRMWARE_DOWNLOAD, cdw10=1023, prp1=0), 2)
+    fw_overlap = record(Command(opcode=AdminOpcode.FIRMWARE_DOWNLOAD, cdw10=3, cdw11=512,
+                                prp1=0), 2)
+    fw_commit = record(Command(opcode=AdminOpcode.FIRMWARE_COMMIT, cdw10=1 << 3 | 2), 0)
+    fw_log = record(Command(opcode=AdminOpcode.GET_LOG_PAGE, cdw10=LogPage.FIRMWARE_SLOT | 127 << 16,
+                            prp1=0), 2)
     return {"admin": bytes([4]) + prps + ident + feats + log,
+            "firmware": bytes([4]) + prps + fw_piece + fw_overlap + fw_commit + fw_log,
             "zoned": bytes([4]) + prps + zwrite + zappend + zopen + zreport + zreset + zwrite,
             "io-sgl": bytes([6]) + sgl + sgl_write + sgl_read,
             "shadow-doorbells": bytes([4]) + prps + dbbuf + flush + write + flush,

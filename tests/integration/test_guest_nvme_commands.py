@@ -5,7 +5,9 @@ fault control from inside the guest: ``nvme ocp set-error-injection`` (sid's nvm
 a second namespace, zoned: the kernel sees a host-managed disk, writes it
 sequentially, nvme-cli reports zones, appends and resets; and Namespace Management:
 a namespace nvme-cli creates and attaches appears without a reboot (the Namespace
-Attribute Changed event), detached it goes away, then it is deleted.
+Attribute Changed event), detached it goes away, then it is deleted; NVMe 2.0 and a
+firmware update: ``nvme fw-download``, ``fw-commit``, the slot log, and the new
+revision after the kernel's controller reset (``nvme reset``), the disk still reading.
 
 One guest boot for every check (each TCG boot costs CI time).
 """
@@ -49,12 +51,13 @@ def test_nvme_cli_command_breadth_and_sgl_io(appliance_guest: Any, appliance_ctl
         return dict(appliance_ctl("status")["nvme"]["counters"])
 
     # Identify Controller announces what works.
-    out = run(f"nvme id-ctrl {DEV} | grep -E '^(oncs|ocfs|sgls|lpa|oacs|nn) '")
+    out = run(f"nvme id-ctrl {DEV} | grep -E '^(oncs|ocfs|sgls|lpa|oacs|nn|ver|frmw) '")
     found = re.findall(r"^(\w+)\s*:\s*(0x[0-9a-f]+)", out, re.MULTILINE)
     fields = {k: int(v, 16) for k, v in found}
     assert fields["oncs"] == 0x1CF and fields["ocfs"] == 1, out
     assert fields["sgls"] == 0x10001 and fields["lpa"] & 0x2, out
-    assert fields["oacs"] == 0x10A, out  # Format NVM, Namespace Management, DBBUF
+    assert fields["oacs"] == 0x10E, out  # Format NVM, firmware, Namespace Management, DBBUF
+    assert fields["ver"] == 0x20000 and fields["frmw"] == 0x5, out  # 2 slots, slot 1 read-only
     assert re.search(r"^nn\s*:\s*4$", out, re.MULTILINE), out
 
     # SGLs: with sgl_threshold at 1 byte, Linux describes every multi-segment I/O
@@ -124,6 +127,30 @@ def test_nvme_cli_command_breadth_and_sgl_io(appliance_guest: Any, appliance_ctl
 
     zoned_checks(run, appliance_guest)
     namespace_checks(run, appliance_ctl)
+    firmware_checks(run, appliance_guest, appliance_ctl)
+
+
+def firmware_checks(run: Any, guest: Any, ctl: Any) -> None:
+    """A firmware image through nvme-cli: downloaded in two pieces, committed to
+    slot 2 with CA 011b (activation without reset is not offered, so the status
+    asks for a Controller Level Reset), activated by the kernel's reset path."""
+    run("printf APPL0002 > /tmp/fw.bin && head -c 8184 /dev/urandom >> /tmp/fw.bin")
+    run(f"nvme fw-download {DEV} --fw=/tmp/fw.bin --xfer=4096")
+    commands = ctl("status")["nvme"]["counters"]["commands"]
+    assert commands["admin.firmware_download"] == 2, commands
+    out, _ = guest.run(f"nvme fw-commit {DEV} --slot=2 --action=3 2>&1")
+    assert re.search(r"requires controller level reset", out, re.IGNORECASE), out
+    out = run(f"nvme fw-log {DEV}")
+    assert re.search(r"afi\s*:\s*0x21\b", out) and "APPL0002" in out, out
+    assert re.search(r"^fr\s*:\s*0\.1\s*$", run(f"nvme id-ctrl {DEV}"), re.MULTILINE)
+    run(f"nvme reset {DEV}")
+    out = run(f"nvme id-ctrl {DEV}")
+    assert re.search(r"^fr\s*:\s*APPL0002\s*$", out, re.MULTILINE), out
+    assert re.search(r"afi\s*:\s*0x2\b", run(f"nvme fw-log {DEV}"))
+    assert "1+0 records in" in run(READ_ONE.format(lba=0))
+    sums = run(f"dd if={NS} bs=512 count=300 iflag=direct 2>/dev/null | md5sum; "
+               "head -c 153600 /tmp/pattern | md5sum").split()
+    assert sums[0] == sums[2], sums  # what was written before the reset (up to block 300)
 
 
 def namespace_checks(run: Any, ctl: Any) -> None:

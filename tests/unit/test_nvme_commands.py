@@ -15,6 +15,7 @@ from appliance.client.nvme import NvmeDriver
 from appliance.storage import identity
 from appliance.storage.controller_state import (
     CtrlStateHead,
+    FirmwareState,
     UncorrectableRange,
     apply_controller,
     decode_controller,
@@ -70,7 +71,7 @@ def test_identify_reports_what_works(drv: NvmeDriver) -> None:
     done, data = drv.identify(Cns.COMMAND_SET_LIST)
     ok(done)
     assert struct.unpack_from("<QQ", data) == (0b101, 0)  # NVM and Zoned Namespace
-    assert IdentifyController.unpack(drv.identify(Cns.CONTROLLER)[1]).ver == 0x10400
+    assert IdentifyController.unpack(drv.identify(Cns.CONTROLLER)[1]).ver == 0x20000
 
 
 def test_effects_log_lists_the_commands_that_run(drv: NvmeDriver) -> None:
@@ -83,9 +84,11 @@ def test_effects_log_lists_the_commands_that_run(drv: NvmeDriver) -> None:
     for op in (IO.WRITE, IO.WRITE_UNCORRECTABLE, IO.WRITE_ZEROES, IO.DATASET_MANAGEMENT, IO.COPY):
         assert io[op] == 0b11  # supported, changes logical block content
     assert admin[AdminOpcode.IDENTIFY] == 1 and admin[AdminOpcode.FORMAT_NVM] == 0x10007
-    assert admin[0x10] == 0 and io[0x0D] == 0  # firmware commit, reservation register: no
+    assert admin[AdminOpcode.FIRMWARE_COMMIT] == 0x11  # capabilities change (at the reset)
+    assert admin[AdminOpcode.FIRMWARE_DOWNLOAD] == 1
+    assert admin[0x14] == 0 and io[0x0D] == 0  # device self-test, reservation register: no
     # every supported opcode runs: unsupported ones are Invalid Opcode
-    assert status(drv.admin_command(0x10)) == (ST.INVALID_OPCODE, True)
+    assert status(drv.admin_command(0x14)) == (ST.INVALID_OPCODE, True)
 
 
 def test_write_uncorrectable_until_written(drv: NvmeDriver) -> None:
@@ -177,7 +180,7 @@ def test_uncorrectable_ranges_travel_with_the_controller_state(drv: NvmeDriver,
     assert dst.uncorrectable[1].ranges == [(5, 8), (50, 51)]
     assert encode_controller(dst) == blob
     head = CtrlStateHead.unpack(blob)
-    entry = CtrlStateHead.SIZE + len(blob) - CtrlStateHead.SIZE - 48  # the two entries
+    entry = len(blob) - 48 - FirmwareState.SIZE  # the two entries, then the firmware slots
     first = UncorrectableRange.unpack(blob, entry)
     for bad in (
         blob[:entry] + first.replace(nsid=2).pack() + blob[entry + 24:],  # no namespace 2

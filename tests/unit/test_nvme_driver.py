@@ -52,7 +52,7 @@ def test_bring_up_like_linux(ctrl: NvmeController) -> None:
     assert cap & 0xFFFF == 255 and cap >> 16 & 1 == 1  # MQES, CQR
     assert (cap >> 24) & 0xFF == 20 and (cap >> 37) & 0xFF == 0x41  # TO, CSS NVM + IOCS
     assert d.read_reg(Reg.CAP + 4) == cap >> 32  # lo_hi_readq
-    assert d.read_reg(Reg.VS) == 0x00010400
+    assert d.read_reg(Reg.VS) == 0x00020000
     d.enable()
     assert d.csts == 1
     done, data = d.identify(1)

@@ -13,7 +13,7 @@ from appliance.storage.registers import (
     diagram,
     dwords,
 )
-from appliance.storage.spec import CAP, CC, Reg
+from appliance.storage.spec import CAP, CC, CRTO, Reg
 
 E, S = CtrlEvent, CtrlState
 GOOD_CC = CC.encode(en=1, iosqes=6, iocqes=4)
@@ -38,7 +38,21 @@ def r32(r: RegisterFile, off: int) -> int:
 def test_cap_fields() -> None:
     cap = CAP.decode(RegisterFile(mqes=1023).cap)
     assert cap == {"mqes": 1023, "cqr": 1, "ams": 0, "to": 20, "dstrd": 0, "nssrs": 0,
-                   "css": 0x41, "bps": 0, "mpsmin": 0, "mpsmax": 0, "pmrs": 0, "cmbs": 0}
+                   "css": 0x41, "bps": 0, "mpsmin": 0, "mpsmax": 0, "pmrs": 0, "cmbs": 0,
+                   "nsss": 0, "crms": 1}
+
+
+def test_nvme_2_0_version_and_ready_timeouts() -> None:
+    """VS 2.0; CAP.CRMS = CRWMS only, so CRTO.CRWMT says what CAP.TO says, CRIMT
+    is 0 and CC.CRIME (bit 24) stays reserved: it does not read back."""
+    r = RegisterFile(mqes=1023, timeout=30)
+    assert r32(r, Reg.VS) == 0x00020000
+    assert CRTO.decode(r32(r, Reg.CRTO)) == {"crwmt": 30, "crimt": 0}
+    assert CAP.get(r.cap, "to") == 30
+    w32(r, Reg.CRTO, 0xFFFFFFFF)  # read-only
+    assert r32(r, Reg.CRTO) == 30
+    w32(r, Reg.CC, 1 << 24)
+    assert r32(r, Reg.CC) == 0
 
 
 def test_enable_disable_edges() -> None:
@@ -109,7 +123,7 @@ def test_intms_intmc_and_read_only_registers() -> None:
     r.write(Reg.CAP, bytes(8))
     w32(r, Reg.VS, 0)
     w32(r, Reg.CSTS, 0xFFFFFFFF)
-    assert r.cap == cap and r32(r, Reg.VS) == 0x10400 and r32(r, Reg.CSTS) == 0
+    assert r.cap == cap and r32(r, Reg.VS) == 0x20000 and r32(r, Reg.CSTS) == 0
     w32(r, Reg.CC, 0xFFFFFFFF)  # reserved bits are not kept
     assert r32(r, Reg.CC) == CC.defined_mask
     r.power_on()

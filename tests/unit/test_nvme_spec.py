@@ -9,6 +9,7 @@ from appliance.storage.spec import (
     AQA,
     CAP,
     CC,
+    CRTO,
     CSTS,
     Command,
     Completion,
@@ -16,6 +17,7 @@ from appliance.storage.spec import (
     FirmwareSlotLog,
     IdentifyController,
     IdentifyNamespace,
+    IdentifyNsIndependent,
     PowerState,
     SmartLog,
     Status,
@@ -39,10 +41,19 @@ from appliance.wire import Struct, WireError
     (IdentifyNamespace, "nguid", 104), (IdentifyNamespace, "lbaf0", 128),
     (SmartLog, "temperature", 1), (SmartLog, "data_units_read", 32),
     (SmartLog, "temp_sensors", 200), (ErrorLogEntry, "lba", 16), (ErrorLogEntry, "csi", 32),
-    (FirmwareSlotLog, "frs1", 8), (PowerState, "actp", 20),
+    (FirmwareSlotLog, "frs1", 8), (FirmwareSlotLog, "frs2_7", 16), (PowerState, "actp", 20),
+    (IdentifyController, "frmw", 260), (IdentifyController, "fwug", 319),
+    (IdentifyNsIndependent, "anagrpid", 4), (IdentifyNsIndependent, "nsattr", 8),
+    (IdentifyNsIndependent, "endgid", 12), (IdentifyNsIndependent, "nstat", 14),
 ])
 def test_field_offsets(cls: type[Struct], name: str, offset: int) -> None:
     assert field_offset(cls, name) == offset
+
+
+def test_nvme_2_0_register_fields() -> None:
+    assert CAP.encode(crms=1) == 1 << 59 and CAP.encode(nsss=1) == 1 << 58
+    assert CAP.reserved_mask >> 61 == 0x7
+    assert CRTO.encode(crwmt=20, crimt=3) == 3 << 16 | 20
 
 
 def test_round_trip() -> None:

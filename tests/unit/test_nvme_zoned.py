@@ -15,7 +15,9 @@ from appliance.config import Config, ConfigError, NamespaceConfig, ZonedConfig
 from appliance.errors import LocalProtocolError
 from appliance.storage import NvmeController
 from appliance.storage.controller_state import (
+    STATE_VERSION,
     CtrlStateHead,
+    FirmwareState,
     ZoneEntry,
     decode_controller,
     encode_controller,
@@ -431,7 +433,8 @@ def test_a_zoned_namespace_migrates_with_its_write_pointers(tmp_path: Path) -> N
         ZoneRecord(4, ZS.READ_ONLY, 4 * ZONE)]
     assert (dst.zones[1].open, dst.zones[1].closed) == ({0, 1}, {2})
     assert dst.namespaces[1].read_bytes(0, 5 * 512) == b"\xa5" * 2560
-    blob = encode_controller(src)
+    whole = encode_controller(src)
+    blob, slots = whole[:-FirmwareState.SIZE], whole[-FirmwareState.SIZE:]  # zones, firmware
     head = CtrlStateHead.unpack(blob)
     entry = ZoneEntry.unpack(blob, len(blob) - 5 * ZoneEntry.SIZE)
     for bad, why in (
@@ -440,11 +443,11 @@ def test_a_zoned_namespace_migrates_with_its_write_pointers(tmp_path: Path) -> N
         (blob[:-5 * 24] + entry.replace(state=9).pack() + blob[-4 * 24:], "state 0x9"),
         (blob[:-5 * 24] + entry.replace(zone=ZONES).pack() + blob[-4 * 24:], "zone 16"),
         (head.replace(version=2).pack() + blob[CtrlStateHead.SIZE:],
-         "controller state version 2, this appliance reads version 3"),
+         f"controller state version 2, this appliance reads version {STATE_VERSION}"),
         (head.replace(n_zones=6).pack() + blob[CtrlStateHead.SIZE:], "ends inside"),
     ):
         with pytest.raises(LocalProtocolError, match=why):
-            decode_controller(dst, bad)
+            decode_controller(dst, bad + slots)
     other = NvmeController([NamespaceConfig(
         image=str(tmp_path / "o.img"), size=ZONES * ZONE * 512, block_size=512, read_only=False,
         grow=False, zoned=ZonedConfig(ZONE * 512, None, 4, 6))])

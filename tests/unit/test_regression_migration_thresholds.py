@@ -13,7 +13,7 @@ from test_nvme_driver import make_controller
 
 from appliance.errors import LocalProtocolError
 from appliance.storage.admin import smart_log
-from appliance.storage.controller_state import CtrlStateHead, KeyValue
+from appliance.storage.controller_state import CtrlStateHead, FirmwareState, KeyValue
 from appliance.storage.migration import NvmeMigratable
 from appliance.storage.spec import AdminOpcode, FeatureId
 from appliance.testing.nvme import controller_driver
@@ -46,7 +46,8 @@ def with_thresholds(records: list[Record], keep: dict[int, int]) -> list[Record]
         if record.type == RecordType.DEVICE_STATE:
             _, _, blob = parse_device_state(record)
             head = CtrlStateHead.unpack(blob)
-            tail = head.n_tler * KeyValue.SIZE + head.n_no_coalescing * 4
+            # (no uncorrectable ranges or zones here; the firmware slots come last)
+            tail = head.n_tler * KeyValue.SIZE + head.n_no_coalescing * 4 + FirmwareState.SIZE
             start = len(blob) - tail - head.n_thresholds * KeyValue.SIZE
             pairs = b"".join(KeyValue(key=k, value=v).pack() for k, v in keep.items())
             blob = (head.replace(n_thresholds=len(keep)).pack() + blob[CtrlStateHead.SIZE:start]
