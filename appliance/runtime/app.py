@@ -191,8 +191,6 @@ class Appliance:
         if self.controller is not None and any(ns.remote for ns in
                                                self.controller.namespaces.values()):
             return "a namespace is on an NBD export (use appliance migrate --shared-storage)"
-        if self.controller is not None and (why := self.controller.ns_mgmt.departure_blocker()):
-            return why
         busy = self.vfio_user.handoff_blocker()
         if not busy and self.net is not None:
             busy = self.net.handoff_blocker()

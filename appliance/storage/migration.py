@@ -78,6 +78,7 @@ from appliance.errors import LocalProtocolError
 from appliance.pci.migration import PciMigratable
 from appliance.storage.controller import NvmeController
 from appliance.storage.controller_state import (
+    FLAG_COPIED,
     STATE_VERSION,
     CtrlSnapshot,
     CtrlStateHead,
@@ -88,6 +89,13 @@ from appliance.storage.controller_state import (
     state_error,
 )
 from appliance.storage.dirty import DirtyPages, data_end, hole_end, zero_runs
+from appliance.storage.namespace import Namespace
+from appliance.storage.ns_inventory import (
+    IncomingNamespaces,
+    NamespaceEntry,
+    check_entries,
+    inventory_of,
+)
 from appliance.storage.staging import Staging
 from appliance.vfio_user.migration_stream import (
     MAX_PAYLOAD,
@@ -145,7 +153,16 @@ class NvmeMigratable(PciMigratable):
         self.dirty: dict[int, DirtyPages] = {}
         self._snapshot: CtrlSnapshot | None = None
         self._staging: dict[int, Staging] = {}
-        for nsid, ns in ctrl.namespaces.items():
+        self._incoming = IncomingNamespaces(ctrl.ns_mgmt.image_dir)
+        #: the inventory the saving session started with (None: no session)
+        self._allocated: tuple[object, ...] | None = None
+        self._announcement: bytes | None = None  # created namespaces, before their data
+        self._announced = False
+        self._hook_namespaces()
+
+    def _hook_namespaces(self) -> None:
+        """Dirty tracking on every writable namespace (created ones too)."""
+        for nsid, ns in self.ctrl.namespaces.items():
             if not ns.read_only:
                 ns.on_change = self._marker(nsid)
 
@@ -183,14 +200,16 @@ class NvmeMigratable(PciMigratable):
         super().migration_run()
         self.ctrl.resume()  # doorbells and events that arrived while stopped
 
-    def _refuse_changed_namespaces(self) -> None:
-        why = self.ctrl.ns_mgmt.departure_blocker()
-        if why:
-            raise LocalProtocolError(f"cannot migrate: {why}", errno.EBUSY)
+    def _inventory_key(self) -> tuple[object, ...]:
+        return tuple(sorted(self.ctrl.namespaces)), tuple(sorted(self.ctrl.ns_mgmt.created.items()))
 
     def start_tracking(self) -> None:
-        self._refuse_changed_namespaces()
         super().start_tracking()
+        self._hook_namespaces()
+        self._allocated = self._inventory_key()
+        created = inventory_of(self.ctrl).created
+        self._announcement = b"".join(a.entry().pack() for a in created) if created else None
+        self._announced = False
         self.dirty = {}
         for nsid, ns in self.ctrl.namespaces.items():
             if not ns.read_only:
@@ -200,9 +219,11 @@ class NvmeMigratable(PciMigratable):
     def stop_tracking(self) -> None:
         super().stop_tracking()
         self.dirty = {}
+        self._allocated = None
 
     def precopy_pending(self) -> int:
-        return sum(pages.pending_bytes() for pages in self.dirty.values())
+        unsent = len(self._announcement) if self._announcement and not self._announced else 0
+        return unsent + sum(pages.pending_bytes() for pages in self.dirty.values())
 
     def precopy_records(self, max_bytes: int) -> list[Record]:
         """Records for dirty pages: ``max_bytes`` of stream at most, or one record.
@@ -224,6 +245,9 @@ class NvmeMigratable(PciMigratable):
                                          errno.EOPNOTSUPP)
         out: list[Record] = []
         spent = 0
+        if self._announcement is not None and not self._announced:
+            out.append(device_state(DeviceKind.NVME_NAMESPACES, self._announcement))
+            spent, self._announced = len(self._announcement), True
         for nsid in sorted(self.dirty):
             pages, ns = self.dirty[nsid], self.ctrl.namespaces[nsid]
             page = pages.page
@@ -254,18 +278,21 @@ class NvmeMigratable(PciMigratable):
 
     def _check_sizes(self) -> None:
         """Raises:
-            LocalProtocolError: EBUSY when a namespace was resized since the
-                session started (the stream's fingerprint has the old size).
+            LocalProtocolError: EBUSY when a namespace was created, deleted or
+                resized since the session started (the stream announced the
+                inventory it started with; its fingerprint has the old size).
         """
+        if self._allocated is not None and self._inventory_key() != self._allocated:
+            raise LocalProtocolError("a namespace was created or deleted during the migration",
+                                     errno.EBUSY)
         for nsid, pages in self.dirty.items():
             if self.ctrl.namespaces[nsid].size != pages.size:
                 raise LocalProtocolError(f"namespace {nsid} was resized during the migration",
                                          errno.EBUSY)
 
     def save_state(self) -> list[Record]:
-        self._refuse_changed_namespaces()
         self._check_sizes()
-        blob = encode_controller(self.ctrl)
+        blob = encode_controller(self.ctrl, copied=self._announced)
         return [*super().save_state(), device_state(DeviceKind.NVME_CONTROLLER, blob)]
 
     # ------------------------------------------------------------ Migratable: destination
@@ -274,20 +301,67 @@ class NvmeMigratable(PciMigratable):
             self._stage_blocks(record)
         elif record.type == RecordType.DEVICE_STATE:
             kind, version, blob = parse_device_state(record)
+            if kind == DeviceKind.NVME_NAMESPACES and version == 1:
+                self._stage_created(blob)
+                return
             if kind != DeviceKind.NVME_CONTROLLER or version != 1:
                 raise state_error(f"DEVICE_STATE kind {kind} version {version}")
             if self._snapshot is not None:
                 raise state_error("second controller state record")
-            self._snapshot = decode_controller(self.ctrl, blob)
+            snapshot = decode_controller(self.ctrl, blob)
+            self._open_created(snapshot)
+            self._snapshot = snapshot
         else:
             super().stage(record)
+
+    def _stage_created(self, blob: bytes) -> None:
+        """A full stream's announcement: make each created namespace's image
+        (exclusively, in image_dir) so its blocks can be staged."""
+        incoming = self._incoming
+        if incoming.announced is not None or self._snapshot is not None:
+            raise state_error("a namespace announcement after the first or after the state")
+        if not blob or len(blob) % NamespaceEntry.SIZE:
+            raise state_error(f"namespace announcement of {len(blob)} bytes")
+        entries = [NamespaceEntry.unpack(blob, at)
+                   for at in range(0, len(blob), NamespaceEntry.SIZE)]
+        try:
+            announced = check_entries(self.ctrl, entries, announced=True)
+            for a in announced.created:
+                incoming.make(a)
+        except (OSError, ValueError) as exc:
+            incoming.discard()
+            raise state_error(f"created namespaces: {exc}") from None
+        incoming.announced = announced
+
+    def _open_created(self, snapshot: CtrlSnapshot) -> None:
+        """The created namespaces of the state: announced and made (a full
+        stream, FLAG_COPIED), or the source's images opened (shared storage)."""
+        incoming, created = self._incoming, snapshot.inventory.created
+        announced = incoming.announced
+        if bool(snapshot.head.flags & FLAG_COPIED) != (announced is not None):
+            raise state_error("the controller state and the namespace announcement disagree")
+        if announced is not None:
+            if len(created) != len(announced.created) or not all(
+                    a.same_image(b) for a, b in zip(created, announced.created, strict=True)):
+                raise state_error("the created namespaces differ from those announced")
+            return
+        try:
+            for a in created:
+                incoming.open(a)
+        except (OSError, ValueError) as exc:
+            incoming.discard()
+            raise state_error(f"created namespace image: {exc}") from None
+
+    def _namespace(self, nsid: int) -> Namespace | None:
+        """The namespace a record names: an incoming created one first."""
+        return self._incoming.namespaces.get(nsid) or self.ctrl.namespaces.get(nsid)
 
     def _stage_blocks(self, record: Record) -> None:
         try:
             head, data = parse_blocks_head(record)
         except StreamError as exc:
             raise state_error(str(exc)) from None
-        ns = self.ctrl.namespaces.get(head.nsid)
+        ns = self._namespace(head.nsid)
         if ns is None or ns.read_only:
             raise state_error(f"blocks for namespace {head.nsid} (absent or read-only here)")
         if ns.remote:
@@ -317,6 +391,10 @@ class NvmeMigratable(PciMigratable):
         super().check_staged()
         if self._snapshot is None:
             raise state_error("the stream carried no controller state")
+        deleted = self._snapshot.inventory.deleted
+        if any(self._staging[n].ns is self.ctrl.namespaces.get(n) for n in deleted
+               if n in self._staging):
+            raise state_error("blocks for a namespace the state deletes")
 
     def commit_restore(self) -> None:
         """Check, prepare the staged images (the old ones untouched), then swap and apply.
@@ -347,11 +425,14 @@ class NvmeMigratable(PciMigratable):
                 replaced.append(stage.commit())
         except (OSError, ValueError) as exc:
             # Some images may be swapped: no valid state to fall back to.
+            self._incoming.discard()
             raise OSError(errno.EIO, f"restoring namespace data: {exc}") from exc
         finally:
             for stage in staging.values():
                 stage.discard()
             self._release_images(replaced)
+        self._incoming.adopt(self.ctrl, snapshot.inventory)
+        self._hook_namespaces()
         apply_controller(self.ctrl, snapshot, self.clock)
         super().apply_staged()
 
@@ -379,6 +460,7 @@ class NvmeMigratable(PciMigratable):
         for stage in self._staging.values():
             stage.discard()
         self._staging = {}
+        self._incoming.discard()
 
     def load_records(self, records: Sequence[Record]) -> None:
         for record in records:

@@ -440,7 +440,7 @@ def test_a_zoned_namespace_migrates_with_its_write_pointers(tmp_path: Path) -> N
         (blob[:-5 * 24] + entry.replace(state=9).pack() + blob[-4 * 24:], "state 0x9"),
         (blob[:-5 * 24] + entry.replace(zone=ZONES).pack() + blob[-4 * 24:], "zone 16"),
         (head.replace(version=2).pack() + blob[CtrlStateHead.SIZE:],
-         "controller state version 2, this appliance reads version 3"),
+         "controller state version 2, this appliance reads version 4"),
         (head.replace(n_zones=6).pack() + blob[CtrlStateHead.SIZE:], "ends inside"),
     ):
         with pytest.raises(LocalProtocolError, match=why):
