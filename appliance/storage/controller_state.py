@@ -6,7 +6,10 @@ the destination's checks, and applying it to a controller.
 configuration with the limits the admin commands apply when queues are created
 (qid, size, alignment, vector, CQ of an SQ) and returns a :class:`CtrlSnapshot`;
 :func:`apply_controller` adopts it.  :mod:`appliance.storage.migration` puts
-the blob in the stream as one DEVICE_STATE record.
+the blob in the stream as one DEVICE_STATE record.  The namespace inventory
+(:mod:`appliance.storage.ns_inventory`) is part of it and is what the other
+checks (changed namespaces, uncorrectable blocks, zones) are made against;
+the migration adopts it before :func:`apply_controller`.
 """
 
 from __future__ import annotations

@@ -32,8 +32,14 @@ MSI-X, interrupt configuration) with two things:
   held AERs and pending/masked events, the error log, the changed-namespace
   list, every feature value (the timestamp as its current value in ms), the
   blocks Write Uncorrectable marked, and the state and write pointer of every
-  zone of a zoned namespace that is not Empty.  A blob of another state
+  zone of a zoned namespace that is not Empty, and the namespace inventory
+  (:mod:`appliance.storage.ns_inventory`).  A blob of another state
   version is refused with a message naming both versions.
+* **Namespaces created at run time**: tracked like the others from the
+  start of the session; a full stream announces them first (a DEVICE_STATE
+  record of kind NVME_NAMESPACES) so the destination can make their images
+  before their NAMESPACE_BLOCKS arrive.  One created or deleted during the
+  session fails it (EBUSY).
 
 Restore stages everything.  The first NAMESPACE_BLOCKS record of a
 namespace creates its *staging image*: a new sparse file of the
@@ -55,8 +61,8 @@ shared-storage stream has no NAMESPACE_BLOCKS: nothing is staged.  The
 controller blob is decoded and checked against the destination's
 configuration with the same limits the admin commands apply when queues
 are created (qid, size, alignment, vector, CQ of an SQ).
-:meth:`commit_restore` swaps the images in, then replaces the controller
-state and the PCI state.
+:meth:`commit_restore` swaps the images in, makes the namespaces the
+source's inventory, then replaces the controller state and the PCI state.
 
 Quiescing: while stopped, the controller is paused
 (:meth:`NvmeController.pause`): neither doorbells nor the runtime's ``poll``
