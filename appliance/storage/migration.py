@@ -297,8 +297,14 @@ class NvmeMigratable(PciMigratable):
                                          errno.EBUSY)
 
     def save_state(self) -> list[Record]:
+        """The state records; without an announcement (shared storage) the
+        destination takes over the created images themselves, so this process
+        stops owning them: a delete here never removes what the destination
+        serves (a migration rolled back after this leaves them unowned here)."""
         self._check_sizes()
         blob = encode_controller(self.ctrl, copied=self._announced)
+        if not self._announced:
+            self.ctrl.ns_mgmt.owned.clear()
         return [*super().save_state(), device_state(DeviceKind.NVME_CONTROLLER, blob)]
 
     # ------------------------------------------------------------ Migratable: destination

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 from handoff_mitm import Resigner
+from test_handoff_faults import Fault as HandoffFault
+from test_handoff_faults import Rig, attempt, edit, finish_with_real_handoff
 from test_migration_faults import RecordForwarder
 
 from appliance.client import migrate as orch
@@ -40,16 +42,16 @@ from appliance.vfio_user.migration_stream import Record as StreamRecord
 CREATED_BLOCKS = 16384  # 8 MiB
 
 
-def configs(tmp: Path, shared: bool) -> list[dict[str, object]]:
-    """Two configured 8 MiB namespaces, Namespace Management (64 MiB, NN 4),
+def configs(tmp: Path, shared: bool, size: str = "8M") -> list[dict[str, object]]:
+    """Two configured namespaces of ``size``, Namespace Management (64 MiB, NN 4),
     images removed on delete; ``shared``: the same data_dir (images) for both."""
     out = []
     for name in ("src", "dst"):
         data = tmp / ("src" if shared else name) / "data"
         out.append(make_config(tmp / name, data_dir=str(data), storage={
             "capacity": "64M", "max_namespaces": 4, "namespace_images": "remove",
-            "namespaces": [{"image": str(data / "disk0.img"), "size": "8M"},
-                           {"image": str(data / "disk1.img"), "size": "8M"}]}))
+            "namespaces": [{"image": str(data / "disk0.img"), "size": size},
+                           {"image": str(data / "disk1.img"), "size": size}]}))
     return out
 
 
@@ -159,6 +161,36 @@ def test_live_handoff(tmp_path: Path, setups: list[Setup], shared: bool) -> None
     check_destination(s, s.data_dir(s.dst))  # the same client socket, served by dst
 
 
+def test_a_namespace_created_during_the_migration_fails_it(tmp_path: Path,
+                                                          setups: list[Setup]) -> None:
+    s = start(tmp_path, shared=False)
+    setups.append(s)
+    s.writer.step(300)  # so that pre-copy takes several reads
+    made: list[int] = []
+    seen: list[str] = []  # what the destination had made when the namespace was created
+
+    def load() -> None:  # between MIG_DATA_READs, while the source runs
+        seen.append(",".join(n for n in os.listdir(s.data_dir(s.dst)) if n == s.name))
+        if len(seen) == 3:
+            made.append(s.driver.create_namespace(16).dw0)
+
+    dst = VfioUserClient.connect(s.dst.config.storage.socket)
+    try:
+        with pytest.raises(orch.MigrationFailed) as err:
+            orch.migrate(s.driver.c, dst, converge_bytes=0, max_rounds=4, chunk=256 << 10,
+                         between_reads=load)
+        assert made and "Device or resource busy" in str(err.value), err.value
+        assert seen[2] == s.name, seen  # the destination had made its image by then
+        assert orch.get_state(dst) is MigState.RUNNING
+    finally:
+        dst.close()
+    # The destination removed the image it had made for the announced namespace.
+    assert sorted(os.listdir(s.data_dir(s.dst))) == ["disk0.img", "disk1.img"]
+    assert orch.get_state(s.driver.c) is MigState.RUNNING
+    assert s.writer.verify_all() == len(s.writer.written)
+    assert s.driver.delete_namespace(made[0]).status == 0
+
+
 # ------------------------------------------------------------------ hostile streams
 def retyped(raw: bytes, change: Callable[[bytes], bytes]) -> bytes:
     """A DEVICE_STATE record (head and payload) with its blob changed."""
@@ -255,3 +287,32 @@ def test_an_existing_file_is_never_taken_over(hostile: Setup) -> None:
         assert theirs.read_bytes() == b"not ours"
     finally:
         theirs.unlink()
+
+
+def test_a_hostile_inventory_refuses_the_handoff(tmp_path: Path) -> None:
+    """Through the handoff proxy (re-signed stream): the controller state names
+    the created namespace NSID 0; the destination refuses before adopting
+    anything, the source serves on; then the real handoff moves the inventory."""
+    rig = Rig(tmp_path, shared=True)
+    rig.src_cfg, rig.dst_cfg = configs(tmp_path, shared=True, size="16M")  # the rig's image
+    try:
+        rig.ready()
+        assert rig.driver is not None
+        nsid = rig.driver.create_namespace(CREATED_BLOCKS).dw0
+        assert rig.driver.attach_namespace(nsid).status == 0
+        names = [n for n in os.listdir(tmp_path / "src" / "data") if n.startswith("nvme-ns")]
+        good = NamespaceEntry(nsid=nsid, flags=FLAG_CREATED | FLAG_OWNED,
+                              size=CREATED_BLOCKS * 512, block_size=512,
+                              name=names[0].encode()).pack()
+
+        def change(payload: bytes) -> bytes:
+            assert payload.count(good) == 1
+            return payload.replace(good, NamespaceEntry.unpack(good).replace(nsid=0).pack())
+
+        attempt(rig, HandoffFault(edit(RecordType.DEVICE_STATE, change), resign=True,
+                                  cli="namespace inventory", log="namespace inventory"))
+        finish_with_real_handoff(rig)
+        assert rig.driver.allocated_namespaces() == [1, 2, nsid]
+        assert rig.driver.active_namespaces() == [1, 2, nsid]
+    finally:
+        rig.close()

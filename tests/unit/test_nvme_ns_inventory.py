@@ -19,7 +19,7 @@ from appliance.client.nvme import NvmeDriver
 from appliance.errors import LocalProtocolError
 from appliance.storage import NvmeController
 from appliance.storage.migration import NvmeMigratable
-from appliance.storage.ns_inventory import Allocated, image_name, inventory_of
+from appliance.storage.ns_inventory import Allocated, Inventory, image_name, inventory_of
 from appliance.storage.nsmgmt import NamespaceManagement
 from appliance.storage.spec import AdminOpcode, Command, FeatureId
 from appliance.testing.nvme import controller_driver
@@ -98,12 +98,17 @@ def listing(directory: Path) -> list[str]:
     return sorted(os.listdir(directory))
 
 
-def check_converged(src: Source, dst: NvmeController, image_dir: Path) -> None:
+def check_converged(src: Source, dst: NvmeController, image_dir: Path,
+                    source_owned: set[int] | None = None) -> None:
+    """``source_owned``: what the source owns after it saved (shared storage:
+    nothing, the destination took its images over)."""
     mgmt, smgmt = dst.ns_mgmt, src.ctrl.ns_mgmt
     assert sorted(dst.namespaces) == [1, 2]
     assert mgmt.detached == {1} and mgmt.deleted == {2} and mgmt.owned == {2}
     assert mgmt.created == {2: str(image_dir / os.path.basename(smgmt.created[2]))}
-    assert inventory_of(dst) == inventory_of(src.ctrl)
+    assert smgmt.owned == ({2} if source_owned is None else source_owned)
+    assert inventory_of(dst) == replace(inventory_of(src.ctrl), namespaces=tuple(
+        replace(a, owned=a.created) for a in inventory_of(src.ctrl).namespaces))  # as saved
     assert dst.changed_ns == src.ctrl.changed_ns == [2, 1]
     assert dst.events.pending == src.ctrl.events.pending != []
     ns = dst.namespaces[2]
@@ -142,7 +147,7 @@ def test_shared_storage_opens_the_source_image(source: Source, tmp_path: Path) -
         mig = NvmeMigratable(dst)
         mig.load_records(records)
         mig.commit_restore()
-        check_converged(source, dst, tmp_path / "src" / "images")
+        check_converged(source, dst, tmp_path / "src" / "images", source_owned=set())
         assert os.path.samefile(dst.ns_mgmt.created[2], source.ctrl.ns_mgmt.created[2])
     finally:
         dst.close()
@@ -151,7 +156,7 @@ def test_shared_storage_opens_the_source_image(source: Source, tmp_path: Path) -
 def test_ownership_follows_the_source(source: Source, tmp_path: Path) -> None:
     source.ctrl.ns_mgmt.owned.clear()
     source.mig.start_tracking()
-    records = source.mig.save_state()
+    records = source.mig.save_state()  # (full copy: the source keeps its own copy's)
     dst = dest(tmp_path, shared=True)
     try:
         mig = NvmeMigratable(dst)
@@ -189,11 +194,12 @@ def entries_of(records: list[Record], kind: DeviceKind) -> tuple[int, bytes]:
     raise AssertionError(kind)
 
 
-def edited(records: list[Record], src: NvmeController,
+def edited(records: list[Record], saved: Inventory,
            change: Callable[[list[Allocated]], list[Allocated]],
            kind: DeviceKind = DeviceKind.NVME_CONTROLLER) -> list[Record]:
-    """The records with the inventory in the ``kind`` record replaced by ``change``'s."""
-    inventory = list(inventory_of(src).namespaces)
+    """The records with the inventory in the ``kind`` record (``saved``: the
+    source's when it saved) replaced by ``change``'s."""
+    inventory = list(saved.namespaces)
     if kind == DeviceKind.NVME_NAMESPACES:
         inventory = [a for a in inventory if a.created]
     old = b"".join(a.entry().pack() for a in inventory)
@@ -241,7 +247,8 @@ def refused(dst: NvmeController, records: list[Record], why: str, image_dir: Pat
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_inventory_in_the_state(source: Source, tmp_path: Path, name: str) -> None:
     source.mig.start_tracking()
-    records = edited(source.mig.save_state(), source.ctrl, HOSTILE[name])
+    saved = inventory_of(source.ctrl)
+    records = edited(source.mig.save_state(), saved, HOSTILE[name])
     dst = dest(tmp_path, shared=True)
     try:
         refused(dst, records, "namespace inventory", tmp_path / "src" / "images")
@@ -252,7 +259,8 @@ def test_hostile_inventory_in_the_state(source: Source, tmp_path: Path, name: st
 @pytest.mark.parametrize("name", ["nsid-0", "nsid-over-nn", "over-capacity", "slash",
                                   "dot-dot", "hidden"])
 def test_hostile_announcement(source: Source, tmp_path: Path, name: str) -> None:
-    records = edited(full_stream(source), source.ctrl, HOSTILE[name], DeviceKind.NVME_NAMESPACES)
+    records = edited(full_stream(source), inventory_of(source.ctrl), HOSTILE[name],
+                     DeviceKind.NVME_NAMESPACES)
     dst = dest(tmp_path)
     try:
         refused(dst, records, "created namespaces", tmp_path / "dst" / "images")
@@ -294,7 +302,8 @@ def test_state_and_announcement_must_agree(source: Source, tmp_path: Path) -> No
     try:  # a full stream's state without its announcement: FLAG_COPIED says data came
         bare = [r for j, r in enumerate(records) if j != i and r.type != RecordType.NAMESPACE_BLOCKS]
         refused(dst, bare, "disagree", tmp_path / "dst" / "images")
-        refused(dst, edited(records, source.ctrl, created(lambda a: replace(a, owned=False))),
+        refused(dst, edited(records, inventory_of(source.ctrl),
+                            created(lambda a: replace(a, owned=False))),
                 "differ from those announced", tmp_path / "dst" / "images")
     finally:
         dst.close()
