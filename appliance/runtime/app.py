@@ -247,6 +247,7 @@ class Appliance:
             ApplianceError: one line naming what does not fit.
         """
         assert self.controller is not None
+        self.migratable.check_staged()  # the device state is complete and consistent
         page = manifest.doorbell_page
         if (page is None) != (self.controller.doorbell_page is None):
             raise ApplianceError("storage.doorbells differs between the two processes")

@@ -28,6 +28,7 @@ from appliance.vfio_user.migration_stream import (
     Record,
     RecordType,
     device_state,
+    namespace_blocks,
     parse_device_state,
 )
 from tests.unit.test_nvme_driver import make_controller, status
@@ -305,6 +306,19 @@ def test_state_and_announcement_must_agree(source: Source, tmp_path: Path) -> No
         refused(dst, edited(records, inventory_of(source.ctrl),
                             created(lambda a: replace(a, owned=False))),
                 "differ from those announced", tmp_path / "dst" / "images")
+    finally:
+        dst.close()
+
+
+def test_blocks_for_a_namespace_the_state_deletes(source: Source, tmp_path: Path) -> None:
+    """Blocks for NSID 2 before the announcement land on the destination's
+    configured namespace 2, which the state deletes (NSID 2 is the created one)."""
+    records = [namespace_blocks(2, 0, bytes(4096)), *full_stream(source)]
+    dst = dest(tmp_path)
+    try:
+        refused(dst, records, "blocks for a namespace the state deletes",
+                tmp_path / "dst" / "images")
+        assert (tmp_path / "dst" / "ns2.img").read_bytes() == bytes(1 * MIB)
     finally:
         dst.close()
 
