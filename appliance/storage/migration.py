@@ -164,6 +164,7 @@ class NvmeMigratable(PciMigratable):
         self._allocated: tuple[object, ...] | None = None
         self._announcement: bytes | None = None  # created namespaces, before their data
         self._announced = False
+        self._handed_over: set[int] = set()  # created images the destination took over
         self._hook_namespaces()
 
     def _hook_namespaces(self) -> None:
@@ -204,6 +205,10 @@ class NvmeMigratable(PciMigratable):
 
     def migration_run(self) -> None:
         super().migration_run()
+        # Running again (a migration or handoff that did not go through): the
+        # created images handed over in save_state are this process's again.
+        self.ctrl.ns_mgmt.owned |= self._handed_over
+        self._handed_over = set()
         self.ctrl.resume()  # doorbells and events that arrived while stopped
 
     def _inventory_key(self) -> tuple[object, ...]:
@@ -299,11 +304,13 @@ class NvmeMigratable(PciMigratable):
     def save_state(self) -> list[Record]:
         """The state records; without an announcement (shared storage) the
         destination takes over the created images themselves, so this process
-        stops owning them: a delete here never removes what the destination
-        serves (a migration rolled back after this leaves them unowned here)."""
+        stops owning them until it runs again (:meth:`migration_run`): stopped
+        after a migration, a delete here never removes what the destination
+        serves."""
         self._check_sizes()
         blob = encode_controller(self.ctrl, copied=self._announced)
         if not self._announced:
+            self._handed_over |= self.ctrl.ns_mgmt.owned
             self.ctrl.ns_mgmt.owned.clear()
         return [*super().save_state(), device_state(DeviceKind.NVME_CONTROLLER, blob)]
 

@@ -289,10 +289,22 @@ def test_an_existing_file_is_never_taken_over(hostile: Setup) -> None:
         theirs.unlink()
 
 
+HANDOFF_CASES: list[tuple[dict[str, object], str]] = [
+    ({"nsid": 0}, "NSIDs must ascend"),
+    ({"nsid": 5}, "NSIDs must ascend"),  # over NN
+    ({"nsid": 2}, "NSIDs must ascend"),  # configured 2's NSID: twice
+    ({"size": 64 << 20}, "capacity"),
+    ({"name": b"../data/disk0.img"}, "not a plain file name"),
+    ({"name": b".."}, "not a plain file name"),
+    ({"name": b"nvme-ns3-missing.img"}, "No such file"),
+]
+
+
 def test_a_hostile_inventory_refuses_the_handoff(tmp_path: Path) -> None:
-    """Through the handoff proxy (re-signed stream): the controller state names
-    the created namespace NSID 0; the destination refuses before adopting
-    anything, the source serves on; then the real handoff moves the inventory."""
+    """Through the handoff proxy (re-signed stream), the controller state's entry
+    of the created namespace broken each way: the destination refuses before
+    adopting anything, the source serves on; then the real handoff moves the
+    inventory."""
     rig = Rig(tmp_path, shared=True)
     rig.src_cfg, rig.dst_cfg = configs(tmp_path, shared=True, size="16M")  # the rig's image
     try:
@@ -304,15 +316,20 @@ def test_a_hostile_inventory_refuses_the_handoff(tmp_path: Path) -> None:
         good = NamespaceEntry(nsid=nsid, flags=FLAG_CREATED | FLAG_OWNED,
                               size=CREATED_BLOCKS * 512, block_size=512,
                               name=names[0].encode()).pack()
+        for values, why in HANDOFF_CASES:
+            bad = NamespaceEntry.unpack(good).replace(**values).pack()
 
-        def change(payload: bytes) -> bytes:
-            assert payload.count(good) == 1
-            return payload.replace(good, NamespaceEntry.unpack(good).replace(nsid=0).pack())
+            def change(payload: bytes, bad: bytes = bad) -> bytes:
+                assert payload.count(good) == 1
+                return payload.replace(good, bad)
 
-        attempt(rig, HandoffFault(edit(RecordType.DEVICE_STATE, change), resign=True,
-                                  cli="namespace inventory", log="namespace inventory"))
+            attempt(rig, HandoffFault(edit(RecordType.DEVICE_STATE, change), resign=True,
+                                      cli=why, log=why))
         finish_with_real_handoff(rig)
         assert rig.driver.allocated_namespaces() == [1, 2, nsid]
         assert rig.driver.active_namespaces() == [1, 2, nsid]
+        # Owned there despite the refused attempts (each gave the source its images back).
+        assert rig.driver.delete_namespace(nsid).status == 0
+        assert not (tmp_path / "src" / "data" / names[0]).exists()
     finally:
         rig.close()

@@ -150,6 +150,8 @@ def test_shared_storage_opens_the_source_image(source: Source, tmp_path: Path) -
         mig.commit_restore()
         check_converged(source, dst, tmp_path / "src" / "images", source_owned=set())
         assert os.path.samefile(dst.ns_mgmt.created[2], source.ctrl.ns_mgmt.created[2])
+        source.mig.migration_run()  # (had it not gone through) the source owns them again
+        assert source.ctrl.ns_mgmt.owned == {2}
     finally:
         dst.close()
 
