@@ -367,6 +367,7 @@ class NvmeMigratable(PciMigratable):
         try:
             for a in created:
                 incoming.open(a)
+            incoming.check_distinct(self.ctrl)
         except (OSError, ValueError) as exc:
             incoming.discard()
             raise state_error(f"created namespace image: {exc}") from None

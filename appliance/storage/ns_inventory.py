@@ -231,6 +231,24 @@ class IncomingNamespaces:
         self.namespaces[a.nsid] = ns
         return ns
 
+    def check_distinct(self, ctrl: NvmeController) -> None:
+        """Every image opened here is a file of its own: not a configured
+        namespace's image, not another created one's (a hard link).
+
+        Raises:
+            ValueError: naming the namespaces that share a file.
+        """
+        seen: dict[tuple[int, int], str] = {}
+        named = [(f"namespace {n}", ns) for n, ns in ctrl.namespaces.items()] + [
+            (f"created namespace {n}", ns) for n, ns in self.namespaces.items()]
+        for name, ns in named:
+            if ns.fd < 0:
+                continue  # an NBD export
+            st = os.fstat(ns.fd)
+            other = seen.setdefault((st.st_dev, st.st_ino), name)
+            if other != name:
+                raise ValueError(f"{other} and {name} would share one image")
+
     def discard(self) -> None:
         """Close every namespace opened here; remove the images made here."""
         for ns in self.namespaces.values():

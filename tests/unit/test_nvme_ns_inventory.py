@@ -298,6 +298,28 @@ def test_a_symlink_is_not_followed(source: Source, tmp_path: Path) -> None:
         dst.close()
 
 
+@pytest.mark.parametrize("link", ["configured", "other-created"])
+def test_a_created_image_of_its_own(source: Source, tmp_path: Path, link: str) -> None:
+    """Shared storage: the created namespace's name is a hard link to a
+    configured namespace's image, or to another created one's."""
+    drv = source.drv
+    other = drv.create_namespace(4096).dw0  # 2 MiB, as the first
+    source.mig.start_tracking()
+    records = source.mig.save_state()
+    image = Path(source.ctrl.ns_mgmt.created[2])
+    image.unlink()
+    target = tmp_path / "dst" / "ns1.img" if link == "configured" else Path(
+        source.ctrl.ns_mgmt.created[other])
+    dst = dest(tmp_path, shared=True)  # (makes dst/ns1.img)
+    try:
+        if link == "configured":
+            os.truncate(target, 2 * MIB)  # big enough to be opened
+        os.link(target, image)
+        refused(dst, records, "would share one image", tmp_path / "src" / "images")
+    finally:
+        dst.close()
+
+
 def test_state_and_announcement_must_agree(source: Source, tmp_path: Path) -> None:
     records = full_stream(source)
     i, _ = entries_of(records, DeviceKind.NVME_NAMESPACES)
