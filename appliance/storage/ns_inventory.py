@@ -239,15 +239,15 @@ class IncomingNamespaces:
             ValueError: naming the namespaces that share a file.
         """
         seen: dict[tuple[int, int], str] = {}
-        named = [(f"namespace {n}", ns) for n, ns in ctrl.namespaces.items()] + [
-            (f"created namespace {n}", ns) for n, ns in self.namespaces.items()]
-        for name, ns in named:
-            if ns.fd < 0:
-                continue  # an NBD export
+        for nsid, ns in ctrl.namespaces.items():
+            if ns.fd >= 0:  # (not an NBD export)
+                st = os.fstat(ns.fd)
+                seen.setdefault((st.st_dev, st.st_ino), f"namespace {nsid}")
+        for nsid, ns in self.namespaces.items():
             st = os.fstat(ns.fd)
-            other = seen.setdefault((st.st_dev, st.st_ino), name)
-            if other != name:
-                raise ValueError(f"{other} and {name} would share one image")
+            other = seen.setdefault((st.st_dev, st.st_ino), f"created namespace {nsid}")
+            if other != f"created namespace {nsid}":
+                raise ValueError(f"{other} and created namespace {nsid} would share one image")
 
     def discard(self) -> None:
         """Close every namespace opened here; remove the images made here."""
