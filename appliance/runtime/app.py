@@ -191,8 +191,6 @@ class Appliance:
         if self.controller is not None and any(ns.remote for ns in
                                                self.controller.namespaces.values()):
             return "a namespace is on an NBD export (use appliance migrate --shared-storage)"
-        if self.controller is not None and (why := self.controller.ns_mgmt.departure_blocker()):
-            return why
         busy = self.vfio_user.handoff_blocker()
         if not busy and self.net is not None:
             busy = self.net.handoff_blocker()
@@ -249,6 +247,7 @@ class Appliance:
             ApplianceError: one line naming what does not fit.
         """
         assert self.controller is not None
+        self.migratable.check_staged()  # the device state is complete and consistent
         page = manifest.doorbell_page
         if (page is None) != (self.controller.doorbell_page is None):
             raise ApplianceError("storage.doorbells differs between the two processes")

@@ -6,7 +6,10 @@ the destination's checks, and applying it to a controller.
 configuration with the limits the admin commands apply when queues are created
 (qid, size, alignment, vector, CQ of an SQ) and returns a :class:`CtrlSnapshot`;
 :func:`apply_controller` adopts it.  :mod:`appliance.storage.migration` puts
-the blob in the stream as one DEVICE_STATE record.
+the blob in the stream as one DEVICE_STATE record.  The namespace inventory
+(:mod:`appliance.storage.ns_inventory`) is part of it and is what the other
+checks (changed namespaces, uncorrectable blocks, zones) are made against;
+the migration adopts it before :func:`apply_controller`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Annotated, Any
 from appliance.errors import LocalProtocolError
 from appliance.storage import firmware as fw
 from appliance.storage.controller import NvmeController
+from appliance.storage.ns_inventory import Inventory, NamespaceEntry, check_entries, inventory_of
+from appliance.storage.nsmgmt import namespace_count
 from appliance.storage.queues import CompletionQueue, Shadow, SubmissionQueue
 from appliance.storage.registers import CtrlState, Features
 from appliance.storage.spec import (
@@ -37,11 +42,13 @@ from appliance.wire import U8, U16, U32, U64, Struct, WireError
 #: 2: the uncorrectable block ranges (n_uncorrectable, where 1 had a reserved DWORD);
 #: 3: the zones of zoned namespaces (n_zones; the head grew by 8 bytes);
 #: 4: the firmware slots (FirmwareState and its download bitmap, after the zones)
-STATE_VERSION = 4
+#: 5: the namespace inventory (n_namespaces where 3 had reserved1, FLAG_COPIED)
+STATE_VERSION = 5
 NONE32 = 0xFFFFFFFF  # "no value" for optional u32 fields
 STATES = (CtrlState.DISABLED, CtrlState.READY, CtrlState.SHUTDOWN, CtrlState.FAILED)
 FLAG_SHADOW = 0x1
 FLAG_TIMESTAMP = 0x2
+FLAG_COPIED = 0x4  # the created namespaces were announced and their data is in the stream
 MAX_BACKLOG = 1 << 16
 ZONE_STATES = frozenset(ZoneState)
 
@@ -78,7 +85,7 @@ class CtrlStateHead(Struct, size=104):
     n_no_coalescing: U16 = 0
     n_uncorrectable: U32 = 0
     n_zones: U32 = 0  # zones that are not Empty, of every zoned namespace
-    reserved1: U32 = 0
+    n_namespaces: U32 = 0  # allocated namespaces (NamespaceEntry each, after the changed list)
 
 
 class SqState(Struct, size=32):
@@ -209,6 +216,7 @@ class CtrlSnapshot:
     zones: dict[int, ZoneSnapshot]
     firmware: FirmwareState
     firmware_bitmap: int
+    inventory: Inventory
 
 
 class _Cursor:
@@ -225,10 +233,13 @@ def _take(cursor: _Cursor, cls: type[Any], count: int) -> list[Any]:
     return out
 
 
-def encode_controller(ctrl: NvmeController) -> bytes:
-    """The controller's state as a DEVICE_STATE blob (device stopped)."""
+def encode_controller(ctrl: NvmeController, copied: bool = False) -> bytes:
+    """The controller's state as a DEVICE_STATE blob (device stopped); ``copied``:
+    the stream announced the created namespaces and carries their data."""
     regs, feats = ctrl.regs, ctrl.features
-    flags = FLAG_SHADOW if ctrl.shadow_buffers is not None else 0
+    flags = (FLAG_SHADOW if ctrl.shadow_buffers is not None else 0) | (
+        FLAG_COPIED if copied else 0)
+    inventory = inventory_of(ctrl)
     timestamp_ms = 0
     if feats.timestamp_base is not None:
         flags |= FLAG_TIMESTAMP
@@ -250,6 +261,7 @@ def encode_controller(ctrl: NvmeController) -> bytes:
         n_no_coalescing=len(feats.no_coalescing),
         n_uncorrectable=sum(len(r.ranges) for r in ctrl.uncorrectable.values()),
         n_zones=sum(len(zones.state()) for zones in ctrl.zones.values()),
+        n_namespaces=len(inventory.namespaces),
     )
     parts = [head.pack()]
     for sq in sqs:
@@ -270,6 +282,7 @@ def encode_controller(ctrl: NvmeController) -> bytes:
     parts += [LogPageId(log_page=p).pack() for p in sorted(events.masked)]
     parts += [entry.pack() for entry in ctrl.error_log.entries]
     parts += [Nsid(nsid=n).pack() for n in ctrl.changed_ns]
+    parts += [a.entry().pack() for a in inventory.namespaces]
     parts += [KeyValue(key=k, value=v).pack() for k, v in sorted(feats.values.items())]
     parts += [KeyValue(key=k, value=v).pack() for k, v in sorted(feats.thresholds.items())]
     parts += [KeyValue(key=k, value=v).pack() for k, v in sorted(feats.tler.items())]
@@ -309,6 +322,7 @@ def decode_controller(ctrl: NvmeController, blob: bytes) -> CtrlSnapshot:
         masked = {m.log_page for m in _take(cursor, LogPageId, head.n_masked)}
         errors: list[ErrorLogEntry] = _take(cursor, ErrorLogEntry, head.n_errors)
         changed = [n.nsid for n in _take(cursor, Nsid, head.n_changed)]
+        ns_entries: list[NamespaceEntry] = _take(cursor, NamespaceEntry, head.n_namespaces)
         features = {kv.key: kv.value for kv in _take(cursor, KeyValue, head.n_features)}
         thresholds = {kv.key: kv.value for kv in _take(cursor, KeyValue, head.n_thresholds)}
         tler = {kv.key: kv.value for kv in _take(cursor, KeyValue, head.n_tler)}
@@ -325,6 +339,10 @@ def decode_controller(ctrl: NvmeController, blob: bytes) -> CtrlSnapshot:
     if cursor.pos != len(blob):
         raise state_error(f"{len(blob) - cursor.pos} bytes after the last array")
     _check_head(ctrl, head)
+    try:
+        inventory = check_entries(ctrl, ns_entries)
+    except ValueError as exc:
+        raise state_error(f"namespace inventory: {exc}") from None
     _check_queues(ctrl, head, sqs, cqs)
     backlogs: dict[int, list[Completion]] = {}
     pos = 0
@@ -337,14 +355,15 @@ def decode_controller(ctrl: NvmeController, blob: bytes) -> CtrlSnapshot:
         raise state_error(f"{len(aers)} held AERs, limit {ctrl.events.limit}")
     if len(errors) > ctrl.error_log.size or len(changed) > CHANGED_NS_MAX:
         raise state_error("error log or changed namespace list too long")
-    if any(n != NSID_ALL and n not in ctrl.namespaces for n in changed):
-        raise state_error(f"changed namespace list {changed} names unknown namespaces")
+    if any(n != NSID_ALL and not 1 <= n <= namespace_count(ctrl) for n in changed):
+        raise state_error(f"changed namespace list {changed} names invalid NSIDs")
     _check_features(ctrl, features, thresholds, tler, no_coalescing)
     covered = _check_firmware(ctrl, firmware, bitmap)
     return CtrlSnapshot(head, sqs, cqs, backlogs, aers, events, masked, errors, changed,
                         features, thresholds, tler, no_coalescing,
-                        _check_uncorrectable(ctrl, bad), _check_zones(ctrl, zone_entries),
-                        firmware, covered)
+                        _check_uncorrectable(inventory.blocks(), bad),
+                        _check_zones(ctrl, inventory.kept(), zone_entries), firmware, covered,
+                        inventory)
 
 
 def _check_firmware(ctrl: NvmeController, state: FirmwareState, bitmap: bytes) -> int:
@@ -371,7 +390,7 @@ def _check_firmware(ctrl: NvmeController, state: FirmwareState, bitmap: bytes) -
 
 def _check_head(ctrl: NvmeController, head: CtrlStateHead) -> None:
     if head.ctrl_state >= len(STATES) or head.ready > 1 or head.flags & ~(
-            FLAG_SHADOW | FLAG_TIMESTAMP) or head.reserved0 or head.reserved1:
+            FLAG_SHADOW | FLAG_TIMESTAMP | FLAG_COPIED) or head.reserved0:
         raise state_error(f"state {head.ctrl_state} / flags {head.flags:#x}")
     if head.flags & FLAG_SHADOW and (head.shadow_doorbells % PAGE_SIZE
                                      or head.shadow_event_idx % PAGE_SIZE):
@@ -435,14 +454,14 @@ def _check_features(ctrl: NvmeController, features: dict[int, int], thresholds: 
         raise state_error(f"interrupt vector configuration {sorted(no_coalescing)}")
 
 
-def _check_uncorrectable(ctrl: NvmeController,
+def _check_uncorrectable(blocks: dict[int, int],
                          entries: list[UncorrectableRange]) -> dict[int, LbaRanges]:
-    """The uncorrectable ranges of each namespace: in it, sorted, disjoint, not
-    adjacent, MAX_RANGES at most (what Write Uncorrectable can leave)."""
-    out = {nsid: LbaRanges() for nsid in ctrl.namespaces}
+    """The uncorrectable ranges of each allocated namespace (``blocks``: its
+    logical blocks, by NSID): in it, sorted, disjoint, not adjacent, MAX_RANGES
+    at most (what Write Uncorrectable can leave)."""
+    out = {nsid: LbaRanges() for nsid in blocks}
     for e in entries:
-        ns = ctrl.namespaces.get(e.nsid)
-        if ns is None or e.reserved or e.nlb == 0 or e.slba + e.nlb > ns.nlbas:
+        if e.nsid not in blocks or e.reserved or e.nlb == 0 or e.slba + e.nlb > blocks[e.nsid]:
             raise state_error(f"uncorrectable LBA {e.slba}+{e.nlb} of namespace {e.nsid}")
         ranges = out[e.nsid].ranges
         if ranges and ranges[-1][1] >= e.slba or len(ranges) >= MAX_RANGES:
@@ -451,10 +470,12 @@ def _check_uncorrectable(ctrl: NvmeController,
     return out
 
 
-def _check_zones(ctrl: NvmeController, entries: list[ZoneEntry]) -> dict[int, ZoneSnapshot]:
-    """Each zoned namespace's zones, checked by its own table (geometry, write
-    pointers where the states put them, the open and active limits)."""
-    records: dict[int, list[ZoneRecord]] = {nsid: [] for nsid in ctrl.zones}
+def _check_zones(ctrl: NvmeController, kept: set[int],
+                 entries: list[ZoneEntry]) -> dict[int, ZoneSnapshot]:
+    """Each zoned namespace's zones (of those ``kept``: not deleted), checked by
+    its own table (geometry, write pointers where the states put them, the open
+    and active limits)."""
+    records: dict[int, list[ZoneRecord]] = {nsid: [] for nsid in ctrl.zones if nsid in kept}
     for e in entries:
         if e.nsid not in records or e.reserved9 or e.reserved10 or e.reserved12 or (
                 e.state not in ZONE_STATES):

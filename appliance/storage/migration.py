@@ -37,8 +37,14 @@ MSI-X, interrupt configuration) with two things:
   held AERs and pending/masked events, the error log, the changed-namespace
   list, every feature value (the timestamp as its current value in ms), the
   blocks Write Uncorrectable marked, and the state and write pointer of every
-  zone of a zoned namespace that is not Empty.  A blob of another state
+  zone of a zoned namespace that is not Empty, and the namespace inventory
+  (:mod:`appliance.storage.ns_inventory`).  A blob of another state
   version is refused with a message naming both versions.
+* **Namespaces created at run time**: tracked like the others from the
+  start of the session; a full stream announces them first (a DEVICE_STATE
+  record of kind NVME_NAMESPACES) so the destination can make their images
+  before their NAMESPACE_BLOCKS arrive.  One created or deleted during the
+  session fails it (EBUSY).
 
 Restore stages everything.  The first NAMESPACE_BLOCKS record of a
 namespace creates its *staging image*: a new sparse file of the
@@ -62,8 +68,8 @@ shared-storage stream has no NAMESPACE_BLOCKS: nothing is staged.  The
 controller blob is decoded and checked against the destination's
 configuration with the same limits the admin commands apply when queues
 are created (qid, size, alignment, vector, CQ of an SQ).
-:meth:`commit_restore` swaps the images in, then replaces the controller
-state and the PCI state.
+:meth:`commit_restore` swaps the images in, makes the namespaces the
+source's inventory, then replaces the controller state and the PCI state.
 
 Quiescing: while stopped, the controller is paused
 (:meth:`NvmeController.pause`): neither doorbells nor the runtime's ``poll``
@@ -85,6 +91,7 @@ from appliance.errors import LocalProtocolError
 from appliance.pci.migration import PciMigratable
 from appliance.storage.controller import NvmeController
 from appliance.storage.controller_state import (
+    FLAG_COPIED,
     STATE_VERSION,
     CtrlSnapshot,
     CtrlStateHead,
@@ -97,6 +104,12 @@ from appliance.storage.controller_state import (
 from appliance.storage.dirty import DirtyPages, data_end, hole_end, zero_runs
 from appliance.storage.metadata import stored
 from appliance.storage.namespace import Namespace
+from appliance.storage.ns_inventory import (
+    IncomingNamespaces,
+    NamespaceEntry,
+    check_entries,
+    inventory_of,
+)
 from appliance.storage.staging import Staging, pread_all
 from appliance.vfio_user.migration_stream import (
     MAX_PAYLOAD,
@@ -150,6 +163,9 @@ class NvmeMigratable(PciMigratable):
         if max_record <= 0 or max_record % page or max_record > MAX_PAYLOAD - BlocksHead.SIZE:
             raise ValueError(f"max_record {max_record} is not a multiple of {page} up to 16 MiB")
         super().__init__(ctrl, extra_fingerprint=self.fingerprint_extra(ctrl))
+        #: the configured namespaces' fingerprint parts, as start-up made them
+        self._configured = {n: part for n, part in _namespace_parts(ctrl).items()
+                            if n not in ctrl.ns_mgmt.created}
         self.ctrl = ctrl
         self.page = page
         self.max_record = max_record
@@ -158,33 +174,49 @@ class NvmeMigratable(PciMigratable):
         self._formats: dict[int, tuple[int, int]] = {}  # nsid -> (block size, metadata) tracked
         self._snapshot: CtrlSnapshot | None = None
         self._staging: dict[int, Staging] = {}
-        for nsid, ns in ctrl.namespaces.items():
+        self._incoming = IncomingNamespaces(ctrl.ns_mgmt.image_dir)
+        #: the inventory the saving session started with (None: no session)
+        self._allocated: tuple[object, ...] | None = None
+        self._announcement: bytes | None = None  # created namespaces, before their data
+        self._announced = False
+        self._handed_over: set[int] = set()  # created images the destination took over
+        self._hook_namespaces()
+
+    def _hook_namespaces(self) -> None:
+        """Dirty tracking on every writable namespace (created ones too)."""
+        for nsid, ns in self.ctrl.namespaces.items():
             if not ns.read_only:
                 ns.on_change = self._marker(nsid)
 
     @staticmethod
-    def fingerprint_extra(ctrl: NvmeController) -> bytes:
-        """The controller configuration a peer must share (ids, limits, namespaces)."""
+    def fingerprint_extra(ctrl: NvmeController,
+                          configured: dict[int, str] | None = None) -> bytes:
+        """The controller configuration a peer must share (ids, limits, namespaces).
+
+        ``configured`` (NSID → its part) is what start-up gave the configured
+        namespaces; a namespace created at run time is never part of it (the
+        inventory in the controller state carries it), and one deleted at run
+        time keeps its start-up part: a destination is started from the same
+        configuration.
+        """
         parts = [(f"nvme-v{STATE_VERSION} sn={ctrl.serial} mn={ctrl.mn!r} fr={ctrl.fr!r} "
                   f"ioq={ctrl.io_queues} mqes={ctrl.regs.mqes} mdts={ctrl.mdts_bytes} "
                   f"vectors={ctrl.vectors} cap={ctrl.regs.cap:#x}")]
         if ctrl.ns_mgmt.enabled:  # what Identify Controller says of Namespace Management
             parts.append(f"nsmgmt:{ctrl.ns_mgmt.capacity}:{ctrl.ns_mgmt.max_namespaces}")
-        for nsid, ns in sorted(ctrl.namespaces.items()):
-            parts.append(f"ns{nsid}:{ns.size}:{ns.block_size}:{int(ns.read_only)}")
-            if ns.md is not None:  # the LBA format and protection must match too
-                parts.append(f"md{nsid}:{ns.metadata}:{ns.protection.dps}:{int(ns.extended)}")
-            zones = ctrl.zones.get(nsid)
-            if zones is not None:  # the zone geometry and limits must match too
-                parts.append(f"zoned{nsid}:{zones.zone_blocks}:{zones.capacity}:"
-                             f"{zones.max_open}:{zones.max_active}")
+        namespaces = _namespace_parts(ctrl)
+        if configured is not None:
+            namespaces = {**{n: part for n, part in configured.items()
+                             if n in ctrl.ns_mgmt.deleted},
+                          **{n: part for n, part in namespaces.items() if n in configured}}
+        parts += [part for _, part in sorted(namespaces.items())]
         return "|".join(parts).encode()
 
     def migration_fingerprint(self) -> bytes:
         """The PCI fingerprint with :meth:`fingerprint_extra` as of now: a Format
-        NVM since start-up (another LBA format, extended or separate metadata,
-        another protection) is part of it."""
-        self.extra_fingerprint = self.fingerprint_extra(self.ctrl)
+        NVM of a configured namespace since start-up (another LBA format,
+        extended or separate metadata, another protection) is part of it."""
+        self.extra_fingerprint = self.fingerprint_extra(self.ctrl, self._configured)
         return super().migration_fingerprint()
 
     def _marker(self, nsid: int) -> Callable[[int, int], None]:
@@ -201,16 +233,22 @@ class NvmeMigratable(PciMigratable):
 
     def migration_run(self) -> None:
         super().migration_run()
+        # Running again (a migration or handoff that did not go through): the
+        # created images handed over in save_state are this process's again.
+        self.ctrl.ns_mgmt.owned |= self._handed_over
+        self._handed_over = set()
         self.ctrl.resume()  # doorbells and events that arrived while stopped
 
-    def _refuse_changed_namespaces(self) -> None:
-        why = self.ctrl.ns_mgmt.departure_blocker()
-        if why:
-            raise LocalProtocolError(f"cannot migrate: {why}", errno.EBUSY)
+    def _inventory_key(self) -> tuple[object, ...]:
+        return tuple(sorted(self.ctrl.namespaces)), tuple(sorted(self.ctrl.ns_mgmt.created.items()))
 
     def start_tracking(self) -> None:
-        self._refuse_changed_namespaces()
         super().start_tracking()
+        self._hook_namespaces()
+        self._allocated = self._inventory_key()
+        created = inventory_of(self.ctrl).created
+        self._announcement = b"".join(a.entry().pack() for a in created) if created else None
+        self._announced = False
         self.dirty = {}
         for nsid, ns in self.ctrl.namespaces.items():
             if not ns.read_only:
@@ -221,10 +259,12 @@ class NvmeMigratable(PciMigratable):
     def stop_tracking(self) -> None:
         super().stop_tracking()
         self.dirty = {}
+        self._allocated = None
 
     def precopy_pending(self) -> int:
-        """Dirty bytes: data, and the metadata of the dirty blocks (at most that much travels)."""
-        total = 0
+        """Dirty bytes: the created namespaces' announcement until it is sent, the
+        data, and the metadata of the dirty blocks (at most that much travels)."""
+        total = len(self._announcement) if self._announcement and not self._announced else 0
         for nsid, pages in self.dirty.items():
             ns, pending = self.ctrl.namespaces[nsid], pages.pending_bytes()
             total += pending + (pending >> ns.lba_shift) * ns.metadata
@@ -249,6 +289,9 @@ class NvmeMigratable(PciMigratable):
                                          errno.EOPNOTSUPP)
         out: list[Record] = []
         spent = 0
+        if self._announcement is not None and not self._announced:
+            out.append(device_state(DeviceKind.NVME_NAMESPACES, self._announcement))
+            spent, self._announced = len(self._announcement), True
         for nsid in sorted(self.dirty):
             pages, ns = self.dirty[nsid], self.ctrl.namespaces[nsid]
             page = pages.page
@@ -313,10 +356,14 @@ class NvmeMigratable(PciMigratable):
 
     def _check_sizes(self) -> None:
         """Raises:
-            LocalProtocolError: EBUSY when a namespace was resized or formatted to
-                another LBA format since the session started (the stream's
-                fingerprint has the old one).
+            LocalProtocolError: EBUSY when a namespace was created, deleted,
+                resized or formatted to another LBA format since the session
+                started (the stream announced the inventory it started with; its
+                fingerprint has the old size and format).
         """
+        if self._allocated is not None and self._inventory_key() != self._allocated:
+            raise LocalProtocolError("a namespace was created or deleted during the migration",
+                                     errno.EBUSY)
         for nsid, pages in self.dirty.items():
             ns = self.ctrl.namespaces[nsid]
             if ns.size != pages.size:
@@ -328,9 +375,16 @@ class NvmeMigratable(PciMigratable):
                                          "during the migration", errno.EBUSY)
 
     def save_state(self) -> list[Record]:
-        self._refuse_changed_namespaces()
+        """The state records; without an announcement (shared storage) the
+        destination takes over the created images themselves, so this process
+        stops owning them until it runs again (:meth:`migration_run`): stopped
+        after a migration, a delete here never removes what the destination
+        serves."""
         self._check_sizes()
-        blob = encode_controller(self.ctrl)
+        blob = encode_controller(self.ctrl, copied=self._announced)
+        if not self._announced:
+            self._handed_over |= self.ctrl.ns_mgmt.owned
+            self.ctrl.ns_mgmt.owned.clear()
         return [*super().save_state(), device_state(DeviceKind.NVME_CONTROLLER, blob)]
 
     # ------------------------------------------------------------ Migratable: destination
@@ -341,20 +395,68 @@ class NvmeMigratable(PciMigratable):
             self._stage_metadata(record)
         elif record.type == RecordType.DEVICE_STATE:
             kind, version, blob = parse_device_state(record)
+            if kind == DeviceKind.NVME_NAMESPACES and version == 1:
+                self._stage_created(blob)
+                return
             if kind != DeviceKind.NVME_CONTROLLER or version != 1:
                 raise state_error(f"DEVICE_STATE kind {kind} version {version}")
             if self._snapshot is not None:
                 raise state_error("second controller state record")
-            self._snapshot = decode_controller(self.ctrl, blob)
+            snapshot = decode_controller(self.ctrl, blob)
+            self._open_created(snapshot)
+            self._snapshot = snapshot
         else:
             super().stage(record)
+
+    def _stage_created(self, blob: bytes) -> None:
+        """A full stream's announcement: make each created namespace's image
+        (exclusively, in image_dir) so its blocks can be staged."""
+        incoming = self._incoming
+        if incoming.announced is not None or self._snapshot is not None:
+            raise state_error("a namespace announcement after the first or after the state")
+        if not blob or len(blob) % NamespaceEntry.SIZE:
+            raise state_error(f"namespace announcement of {len(blob)} bytes")
+        entries = [NamespaceEntry.unpack(blob, at)
+                   for at in range(0, len(blob), NamespaceEntry.SIZE)]
+        try:
+            announced = check_entries(self.ctrl, entries, announced=True)
+            for a in announced.created:
+                incoming.make(a)
+        except (OSError, ValueError) as exc:
+            incoming.discard()
+            raise state_error(f"created namespaces: {exc}") from None
+        incoming.announced = announced
+
+    def _open_created(self, snapshot: CtrlSnapshot) -> None:
+        """The created namespaces of the state: announced and made (a full
+        stream, FLAG_COPIED), or the source's images opened (shared storage)."""
+        incoming, created = self._incoming, snapshot.inventory.created
+        announced = incoming.announced
+        if bool(snapshot.head.flags & FLAG_COPIED) != (announced is not None):
+            raise state_error("the controller state and the namespace announcement disagree")
+        if announced is not None:
+            if len(created) != len(announced.created) or not all(
+                    a.same_image(b) for a, b in zip(created, announced.created, strict=True)):
+                raise state_error("the created namespaces differ from those announced")
+            return
+        try:
+            for a in created:
+                incoming.open(a)
+            incoming.check_distinct(self.ctrl)
+        except (OSError, ValueError) as exc:
+            incoming.discard()
+            raise state_error(f"created namespace image: {exc}") from None
+
+    def _namespace(self, nsid: int) -> Namespace | None:
+        """The namespace a record names: an incoming created one first."""
+        return self._incoming.namespaces.get(nsid) or self.ctrl.namespaces.get(nsid)
 
     def _stage_blocks(self, record: Record) -> None:
         try:
             head, data = parse_blocks_head(record)
         except StreamError as exc:
             raise state_error(str(exc)) from None
-        ns = self.ctrl.namespaces.get(head.nsid)
+        ns = self._namespace(head.nsid)
         if ns is None or ns.read_only:
             raise state_error(f"blocks for namespace {head.nsid} (absent or read-only here)")
         if ns.remote:
@@ -408,6 +510,10 @@ class NvmeMigratable(PciMigratable):
         super().check_staged()
         if self._snapshot is None:
             raise state_error("the stream carried no controller state")
+        deleted = self._snapshot.inventory.deleted
+        if any(self._staging[n].ns is self.ctrl.namespaces.get(n) for n in deleted
+               if n in self._staging):
+            raise state_error("blocks for a namespace the state deletes")
 
     def commit_restore(self) -> None:
         """Check, prepare the staged images (the old ones untouched), then swap and apply.
@@ -438,11 +544,14 @@ class NvmeMigratable(PciMigratable):
                 replaced += stage.commit()
         except (OSError, ValueError) as exc:
             # Some images may be swapped: no valid state to fall back to.
+            self._incoming.discard()
             raise OSError(errno.EIO, f"restoring namespace data: {exc}") from exc
         finally:
             for stage in staging.values():
                 stage.discard()
             self._release_images(replaced)
+        self._incoming.adopt(self.ctrl, snapshot.inventory)
+        self._hook_namespaces()
         apply_controller(self.ctrl, snapshot, self.clock)
         super().apply_staged()
 
@@ -470,6 +579,7 @@ class NvmeMigratable(PciMigratable):
         for stage in self._staging.values():
             stage.discard()
         self._staging = {}
+        self._incoming.discard()
 
     def load_records(self, records: Sequence[Record]) -> None:
         for record in records:
@@ -479,3 +589,19 @@ class NvmeMigratable(PciMigratable):
 def _zeroes(nsid: int, offset: int, length: int) -> Record:
     head = BlocksHead(nsid=nsid, flags=BlocksFlag.ZEROES, offset=offset, length=length)
     return Record(RecordType.NAMESPACE_BLOCKS, head.pack())
+
+
+def _namespace_parts(ctrl: NvmeController) -> dict[int, str]:
+    """Each allocated namespace's part of the fingerprint: size, block size,
+    read-only; the LBA format's metadata and protection; a zoned one's geometry."""
+    out = {}
+    for nsid, ns in ctrl.namespaces.items():
+        part = f"ns{nsid}:{ns.size}:{ns.block_size}:{int(ns.read_only)}"
+        if ns.md is not None:  # the LBA format and protection must match too
+            part += f"|md{nsid}:{ns.metadata}:{ns.protection.dps}:{int(ns.extended)}"
+        zones = ctrl.zones.get(nsid)
+        if zones is not None:  # the zone geometry and limits must match too
+            part += (f"|zoned{nsid}:{zones.zone_blocks}:{zones.capacity}:"
+                     f"{zones.max_open}:{zones.max_active}")
+        out[nsid] = part
+    return out

@@ -36,6 +36,7 @@ complete new image beside the old one and swaps it in with
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from collections.abc import Callable
 from typing import Protocol
@@ -126,20 +127,24 @@ class Namespace:
 
     def __init__(self, nsid: int, image: str, size: int, block_size: int = 512,
                  read_only: bool = False, export: BlockExport | None = None,
-                 metadata: int = 0, pi: int = 0) -> None:
+                 metadata: int = 0, pi: int = 0, *, existing: bool = False) -> None:
         """Open (creating sparse if missing) the image behind namespace ``nsid``,
         or serve ``export`` (then ``image`` only names it; ``size`` 0 takes the
         export's size, rounded down to whole blocks).  ``metadata`` bytes per
         block live in the side file ``<image>.md`` (:mod:`~appliance.storage.metadata`);
-        ``pi`` is the protection information type kept in them.
+        ``pi`` is the protection information type kept in them.  ``existing``:
+        ``image`` must be a regular file of at least ``size`` bytes already, and
+        is opened without following a symlink (a migrated namespace's image).
 
         Raises:
             ValueError: a bad block size or a size that is not a positive
                 multiple of it; an export whose size differs from ``size`` or
                 whose block size does not divide ``block_size``; no LBA format
                 with that metadata size, a PI type other than 0-3 or one the
-                metadata cannot hold, metadata for an export.
-            OSError: the image cannot be created or opened.
+                metadata cannot hold, metadata for an export; ``existing`` and
+                not a regular file of ``size`` bytes at least.
+            OSError: the image cannot be created or opened (ELOOP: ``existing``
+                and a symlink).
         """
         if block_size not in BLOCK_SIZES:
             raise ValueError(f"namespace {nsid}: block size {block_size} not in {BLOCK_SIZES}")
@@ -176,7 +181,10 @@ class Namespace:
         self.fd = -1
         if export is not None:
             return
-        self._open_image(image, size, read_only)
+        if existing:
+            self._open_existing(image, size)
+        else:
+            self._open_image(image, size, read_only)
         if metadata:
             try:
                 self.md = MetadataFile(side_file(image), self.nlbas, metadata, read_only)
@@ -203,6 +211,18 @@ class Namespace:
                 return
             os.close(fd)
         self.fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+
+    def _open_existing(self, image: str, size: int) -> None:
+        fd = os.open(image, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size < size:
+                raise ValueError(f"namespace {self.nsid}: {image} is not a regular file of "
+                                 f"{size} bytes")
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
 
     @staticmethod
     def _export_size(nsid: int, export: BlockExport, size: int, block_size: int) -> int:

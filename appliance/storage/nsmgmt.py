@@ -16,17 +16,17 @@ all allocated namespaces fit in it; each gets the lowest free NSID up to
 in :attr:`~NamespaceManagement.image_dir`, created exclusively (an existing
 file is never taken over).  A created namespace starts detached (section
 8.11).  Delete detaches it first and closes it; its image is removed only when
-this process created it and :attr:`~NamespaceManagement.remove_images` is set:
+this process owns it (it created it, or a migration source that owned it
+handed it over) and :attr:`~NamespaceManagement.remove_images` is set:
 a configured namespace's image is always kept.  Attaching or detaching, and
 deleting an attached namespace, add its NSID to the Changed Namespace List and
 raise the Namespace Attribute Changed event
 (:meth:`NvmeController.notify_namespace_changed`).
 
-A process whose namespaces differ from its configuration (one created,
-deleted or detached) refuses to migrate or hand off
-(:meth:`NamespaceManagement.departure_blocker`): a destination is started from
-the same configuration and would not have them.  Attach or delete again to
-undo; a created namespace's image then stays behind per the delete rule.
+What the host changed here migrates and hands off with the controller
+state (:mod:`appliance.storage.ns_inventory`): the destination, started from
+the same configuration, converges to this inventory at commit and owns the
+created images this process owned.
 """
 
 from __future__ import annotations
@@ -75,8 +75,12 @@ class NamespaceManagement:
     max_namespaces: int = 0  # NN; 0: the configured namespaces' count
     image_dir: str = ""  # where created namespaces' images are made
     remove_images: bool = False  # delete removes the image of a namespace we created
-    #: image paths of the namespaces this process created, by NSID
+    #: image paths of the namespaces created at run time (here or on a migration
+    #: source), by NSID
     created: dict[int, str] = field(default_factory=dict)
+    #: the created namespaces whose images this process owns: delete removes them
+    #: (``remove_images``)
+    owned: set[int] = field(default_factory=set)
     detached: set[int] = field(default_factory=set)  # allocated, not attached
     deleted: set[int] = field(default_factory=set)  # configured NSIDs the host deleted
 
@@ -84,15 +88,6 @@ class NamespaceManagement:
     def enabled(self) -> bool:
         """Whether the host may create, delete, attach and detach (OACS bit 3)."""
         return self.capacity > 0
-
-    def departure_blocker(self) -> str:
-        """Why the namespaces cannot move to a destination ("" when they can)."""
-        changed = sorted(set(self.created) | self.detached | self.deleted)
-        if not changed:
-            return ""
-        return (f"namespaces {changed} were created, deleted or detached at run time; a "
-                "destination started from the configuration would not have them (attach "
-                "or delete them to match the configuration first)")
 
 
 def _check(ok: bool, status: Status = Status.INVALID_FIELD, why: str = "") -> None:
@@ -161,6 +156,24 @@ def identify(ctrl: NvmeController, cns: int, nsid: int, cntid: int) -> bytes:
 
 
 # ---------------------------------------------------------------- Namespace Management
+def make_image(path: str, size: int) -> None:
+    """A new sparse image file of ``size`` bytes at ``path``, created exclusively
+    (an existing file or symlink there is never taken over).
+
+    Raises:
+        OSError: EEXIST when ``path`` exists (left alone), or the file cannot be
+            made (then nothing is left behind).
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+
+
 def create(ctrl: NvmeController, csi: int, data: bytes) -> int:
     """Create a namespace from the host's Identify Namespace fields (NSZE, NCAP,
     FLBAS, DPS, NMIC); returns its NSID.
@@ -189,17 +202,18 @@ def create(ctrl: NvmeController, csi: int, data: bytes) -> int:
     nsid = free[0]
     path = os.path.join(mgmt.image_dir, f"nvme-ns{nsid}-{secrets.token_hex(4)}.img")
     try:
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+        make_image(path, size)
     except OSError as exc:
         raise CommandError(Status.INTERNAL_ERROR, f"image {path}: {exc}") from None
     try:
-        ns = Namespace(nsid, path, size, CREATED_BLOCK_SIZE)
+        ns = Namespace(nsid, path, size, CREATED_BLOCK_SIZE, existing=True)
     except (OSError, ValueError) as exc:
         os.unlink(path)
         raise CommandError(Status.INTERNAL_ERROR, f"image {path}: {exc}") from None
     ctrl.namespaces[nsid] = ns
     ctrl.uncorrectable[nsid] = LbaRanges()
     mgmt.created[nsid] = path
+    mgmt.owned.add(nsid)
     mgmt.detached.add(nsid)
     ctrl.identify_changed()
     return nsid
@@ -224,9 +238,11 @@ def delete(ctrl: NvmeController, nsid: int) -> None:
         ctrl.zones.pop(n, None)
         mgmt.detached.discard(n)
         path = mgmt.created.pop(n, None)
+        owned = n in mgmt.owned
+        mgmt.owned.discard(n)
         if path is None:
             mgmt.deleted.add(n)
-        elif mgmt.remove_images:
+        elif owned and mgmt.remove_images:
             try:
                 os.unlink(path)
             except FileNotFoundError:

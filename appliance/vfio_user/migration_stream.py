@@ -126,6 +126,7 @@ class DeviceStateHead(Struct, size=8):
 
 class DeviceKind(enum.IntEnum):
     NVME_CONTROLLER = 1
+    NVME_NAMESPACES = 2  # a full stream's namespaces created at run time, before their data
 
 
 class BlocksHead(Struct, size=24):

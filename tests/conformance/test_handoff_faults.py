@@ -453,7 +453,7 @@ def test_records_out_of_order_are_refused(shared_rig: Rig, make: Make, why: str)
 
 @pytest.mark.parametrize(("how", "kind", "why"), [
     ("frame-head", T.HEADER, "peer closed the handoff channel (5 of 12 bytes)"),
-    ("record", T.DEVICE_STATE, "peer closed the handoff channel (4588 of 4840 bytes)"),
+    ("record", T.DEVICE_STATE, "peer closed the handoff channel (4632 of 4928 bytes)"),
     ("boundary", T.END, "peer closed the handoff channel (0 of 12 bytes)"),
 ], ids=["in-a-frame-head", "in-DEVICE_STATE", "before-END"])
 def test_a_truncated_stream_is_refused(shared_rig: Rig, how: str, kind: RecordType,

@@ -1120,7 +1120,8 @@ def test_nvme_state_is_checked_before_anything_applies(tmp_path: Path) -> None:
         head.replace(version=1).pack() + blob[CtrlStateHead.SIZE:],  # before uncorrectable
         head.replace(version=2).pack() + blob[CtrlStateHead.SIZE:],  # before zones
         head.replace(version=3).pack() + blob[CtrlStateHead.SIZE:],  # before firmware slots
-        head.replace(version=5).pack() + blob[CtrlStateHead.SIZE:],
+        head.replace(version=4).pack() + blob[CtrlStateHead.SIZE:],  # before the inventory
+        head.replace(version=6).pack() + blob[CtrlStateHead.SIZE:],
         head.replace(ctrl_state=0).pack() + blob[CtrlStateHead.SIZE:],  # queues while disabled
         blob[:-1],
         blob + b"\0",

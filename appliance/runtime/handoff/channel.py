@@ -36,11 +36,13 @@ MAX_PIECE = 4 << 20  # the most the source adds at once (a chunk of records, in 
 
 
 def image_ids(app: Appliance) -> list[list[int]]:
-    """(nsid, st_dev, st_ino) of every writable namespace's image."""
+    """(nsid, st_dev, st_ino) of every writable configured namespace's image (not
+    those created at run time: the destination opens those by name)."""
     assert app.controller is not None
     out = []
+    created = app.controller.ns_mgmt.created
     for nsid, ns in sorted(app.controller.namespaces.items()):
-        if not ns.read_only and not ns.remote:  # an NBD namespace blocks the handoff
+        if not ns.read_only and not ns.remote and nsid not in created:  # NBD blocks the handoff
             st = os.fstat(ns.fd)
             out.append([nsid, st.st_dev, st.st_ino])
     return out

@@ -105,7 +105,10 @@ class HandoffSink:
         why = app.handoff_not_idle()
         if why:
             raise HandoffError(f"this process is not idle: {why}")
-        self.shared = args.get("images") == image_ids(app)
+        # Shared: every image the source still has is ours too (it may have deleted
+        # configured namespaces; the ones it created are opened by name).
+        offered, own = args.get("images"), image_ids(app)
+        self.shared = isinstance(offered, list) and all(entry in own for entry in offered)
         self._serial += 1
         self.path = os.path.join(app.cfg.run_dir, f"handoff-{os.getpid()}-{self._serial}.sock")
         try:
