@@ -239,10 +239,30 @@ class NvmeController(RequestEngine, PciDevice):
             True if a doorbell changed, a command ran or a completion was posted.
         """
         rang = self._scan_doorbell_page()
+        if not rang and self._quiet():
+            return False  # a pass would find nothing to do (the loop calls this every turn)
         did = self._run() or rang
         if did:
             self._quiet_ticks = 0
         return did
+
+    def _quiet(self) -> bool:
+        """Whether a processing pass could find no work without a doorbell write:
+        no shadow doorbells (the host moves those without ringing), no request
+        held or waiting, every SQ drained, no CQ backlog or interrupt owed, no
+        event to pair with a held AER, and MSI-X or MSI (an INTx level is
+        re-evaluated every pass)."""
+        if (self.shadow_buffers is not None or self.waiting or self.held
+                or (self.events.pending and self.events.outstanding)
+                or self.irq_mode == PciIrq.INTX):
+            return False
+        for sq in self.sqs.values():
+            if not sq.empty:
+                return False
+        for cq in self.cqs.values():
+            if cq.backlog or cq.unsignalled:
+                return False
+        return True
 
     def poll_interval(self) -> float:
         """Seconds until the runtime's next :meth:`poll` (doorbell page mode).
