@@ -448,11 +448,15 @@ class NvmeController(RequestEngine, PciDevice):
         posted), by CC.EN or by a restore starts from the value in its state,
         not from whatever an earlier queue with the same id left in the page.
         """
-        if self.doorbell_page is not None:
+        page = self.doorbell_page
+        if page is not None:  # (every scan: a queue already adopted costs one lookup)
+            known = page.known
             for qid, sq in self.sqs.items():
-                self.doorbell_page.adopt(2 * qid, sq, sq.tail)
+                if known.get(2 * qid) is not sq:
+                    page.adopt(2 * qid, sq, sq.tail)
             for qid, cq in self.cqs.items():
-                self.doorbell_page.adopt(2 * qid + 1, cq, cq.head)
+                if known.get(2 * qid + 1) is not cq:
+                    page.adopt(2 * qid + 1, cq, cq.head)
 
     def take_over_doorbell_page(self, fd: int, seen: bytes) -> None:
         """Live handoff, after the controller state is restored: serve the doorbell
