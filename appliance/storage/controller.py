@@ -239,19 +239,22 @@ class NvmeController(RequestEngine, PciDevice):
             True if a doorbell changed, a command ran or a completion was posted.
         """
         rang = self._scan_doorbell_page()
-        if not rang and self._quiet():
-            return False  # a pass would find nothing to do (the loop calls this every turn)
-        did = self._run() or rang
+        did = self._run_unless_quiet() or rang
         if did:
             self._quiet_ticks = 0
         return did
 
+    def _run_unless_quiet(self) -> bool:
+        """A processing pass, unless it could find nothing to do (:meth:`_quiet`):
+        the loop polls every turn and most doorbell writes are CQ heads."""
+        return False if self._quiet() else self._run()
+
     def _quiet(self) -> bool:
-        """Whether a processing pass could find no work without a doorbell write:
-        no shadow doorbells (the host moves those without ringing), no request
-        held or waiting, every SQ drained, no CQ backlog or interrupt owed, no
-        event to pair with a held AER, and MSI-X or MSI (an INTx level is
-        re-evaluated every pass)."""
+        """Whether a processing pass would find no work: no shadow doorbells (the
+        host moves those without ringing), no request held or waiting, every SQ
+        drained (an SQ tail doorbell makes its SQ not drained), no CQ backlog
+        or interrupt owed, no event to pair with a held AER, and MSI-X or MSI
+        (an INTx level is re-evaluated every pass)."""
         if (self.shadow_buffers is not None or self.waiting or self.held
                 or (self.events.pending and self.events.outstanding)
                 or self.irq_mode == PciIrq.INTX):
@@ -410,7 +413,7 @@ class NvmeController(RequestEngine, PciDevice):
                 if page is not None:  # a message write to the mmap'd page: keep it the truth
                     page.store(off - REGISTERS_END, value)
                 self._latch_doorbell(off, value)
-            self._run()
+            self._run_unless_quiet()
 
     def _on_event(self, event: CtrlEvent) -> None:
         regs = self.regs

@@ -87,3 +87,18 @@ def test_anything_pending_is_not_quiet(ctrl: NvmeController, pending: str) -> No
         cq.unsignalled = True
     assert not ctrl._quiet()
     d.close()
+
+
+def test_a_cq_head_message_runs_no_pass_an_sq_tail_does(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    ctrl = make_controller(tmp_path, io_queues=1, queue_entries=64)  # doorbells as messages
+    d = controller_driver(ctrl).ready()
+    seen: list[bool] = []
+    run = ctrl._run
+    monkeypatch.setattr(ctrl, "_run", lambda: seen.append(run()) or seen[-1])
+    cid = d.submit(1, Command(opcode=IoOpcode.FLUSH, nsid=1))  # SQ tail: a pass
+    assert seen == [True]
+    assert [c.cid for c in d.reap(1)] == [cid]  # the reap's CQ head write: nothing to do
+    assert seen == [True] and ctrl.cqs[1].head == 1
+    d.close()
+    ctrl.close()
