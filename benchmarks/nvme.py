@@ -22,6 +22,10 @@
    and p99 latency.  In mmap mode the loop spins a while after activity
    (appliance/runtime/doorbell_spin.py): its CPU counts.
 
+With ``APPLIANCE_BENCH_PROFILE=DIR`` each appliance of part 2 runs under
+cProfile (benchmarks/profile_run.py) and leaves ``DIR/MODE-PATH.prof``
+(``python -m pstats``): where its time per I/O goes (docs/latency.md).
+
 The machine is small and shared (other tests may run): the figures are
 indicative only.  ``--quick`` (what scripts/test runs) uses 16 MiB, 1024
 reads and 1 s per driver measurement.  Without a provisioned QEMU environment
@@ -157,7 +161,7 @@ def driver_part(work: Path, seconds: float) -> None:
     for mode, path in [(mode, path) for mode in MODES for path in PATHS]:
         root = work / f"driver-{mode}-{path}"
         cfg = make_config(root, storage={"doorbells": mode}, fastpath=path == "native")
-        with ApplianceProcess(cfg, root) as proc:
+        with ApplianceProcess(cfg, root, wrapper=_profiler(mode, path)) as proc:
             assert proc.proc is not None
             pid = proc.proc.pid
             with VfioUserClient.connect(proc.config.storage.socket) as c:
@@ -175,6 +179,16 @@ def driver_part(work: Path, seconds: float) -> None:
                         if generator:
                             _generator_row(d, pid, mode, path, opcode, name, qd, seconds)
                 d.close()
+
+
+def _profiler(mode: str, path: str) -> tuple[str, ...]:
+    """The wrapper that runs an appliance under cProfile (APPLIANCE_BENCH_PROFILE), or none."""
+    out = os.environ.get("APPLIANCE_BENCH_PROFILE")
+    if not out:
+        return ()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return (sys.executable, str(ROOT / "benchmarks" / "profile_run.py"),
+            str(Path(out) / f"{mode}-{path}.prof"))
 
 
 def _generator_row(d: NvmeDriver, pid: int, mode: str, path: str, opcode: int, name: str,
