@@ -15,8 +15,8 @@
    (``appliance._fastpath.nvme_loadgen`` through
    ``appliance.client.nvme_loadgen``: C, no Python object per I/O, on the queue
    pair the driver created, sleeping on the CQ's interrupt eventfd between
-   polls) whose own cost stays about a microsecond per I/O, so the appliance's
-   shows.  4 KiB random reads and writes at QD1 and QD32 for a fixed time;
+   polls; at QD1 also polling without sleeping, ``[C gen, polling]``) whose own
+   cost stays about a microsecond per I/O at QD32, so the appliance's shows.  4 KiB random reads and writes at QD1 and QD32 for a fixed time;
    IOPS, the appliance process's CPU time (utime + stime from /proc/PID/stat)
    per I/O, the client's CPU time per I/O, and for the generator its median
    and p99 latency.  In mmap mode the loop spins a while after activity
@@ -178,6 +178,9 @@ def driver_part(work: Path, seconds: float) -> None:
                                f"server CPU/IO, {client / done * 1e6:,.1f} us client CPU/IO")
                         if generator:
                             _generator_row(d, pid, mode, path, opcode, name, qd, seconds)
+                        if generator and qd == 1:  # no wakeup in the client's turnaround
+                            _generator_row(d, pid, mode, path, opcode, name, qd, seconds,
+                                           poll=True)
                 d.close()
 
 
@@ -192,14 +195,16 @@ def _profiler(mode: str, path: str) -> tuple[str, ...]:
 
 
 def _generator_row(d: NvmeDriver, pid: int, mode: str, path: str, opcode: int, name: str,
-                   qd: int, seconds: float) -> None:
-    """The same load from the native generator, on the driver's queue 1."""
+                   qd: int, seconds: float, poll: bool = False) -> None:
+    """The same load from the native generator, on the driver's queue 1; ``poll``:
+    it polls the CQ instead of sleeping on the interrupt (a core's worth of client CPU)."""
     cpu0 = cpu_seconds(pid)
-    out = native_load(d, 1, opcode, qd, seconds=seconds)
+    out = native_load(d, 1, opcode, qd, seconds=seconds, poll=poll)
     cpu = cpu_seconds(pid) - cpu0
     if out.errors:
         raise RuntimeError(f"native generator: {out.errors} I/Os failed")
-    report("driver", f"appliance ({mode}, {path})", f"4 KiB random {name} QD{qd} [C gen]",
+    tag = "C gen, polling" if poll else "C gen"
+    report("driver", f"appliance ({mode}, {path})", f"4 KiB random {name} QD{qd} [{tag}]",
            f"{out.iops:,.0f} IOPS, {cpu / out.done * 1e6:,.1f} us server CPU/IO, "
            f"{out.client_cpu / out.done * 1e6:,.1f} us client CPU/IO, "
            f"p50 {out.lat_p50 * 1e6:,.0f} us, p99 {out.lat_p99 * 1e6:,.0f} us")
