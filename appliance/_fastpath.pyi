@@ -25,3 +25,8 @@ def receive(desc: memoryview, avail: memoryview, used: memoryview, regions: Nati
             max_writable: int, frame: bytes, hdr_len: int, mrg: bool,
             log: bytearray | mmap.mmap | None, /,
             ) -> tuple[int, int, int, int, str | None, str | None, int]: ...
+def nvme_loadgen(memory: memoryview, memory_base: int,
+                 queue: tuple[int, int, int, int, int, int, int], doorbells: memoryview | None,
+                 sock_fd: int, msg_id: int, irq_fd: int,
+                 io: tuple[int, int, int, int, int, int, int, int],
+                 limits: tuple[int, float], /) -> dict[str, float]: ...

@@ -9,12 +9,22 @@
    image, all three attached to the same guest.  For each: a direct 1 MiB-block
    write and read of N MiB and N*64 direct 4 KiB reads (dd), timed inside the
    guest from /proc/uptime (10 ms resolution).
-2. The Python NVMe driver against ``appliance run`` (each doorbell mode, each
-   data path: pure Python with ``fastpath: false`` and the native fast path, side
-   by side): 4 KiB random reads and writes at QD1 and QD32 for a fixed time;
-   IOPS, and the appliance process's CPU time (utime + stime from
-   /proc/PID/stat) per I/O.  In mmap mode the loop spins a while after activity
+2. Two hosts against ``appliance run`` (each doorbell mode, each data path:
+   pure Python with ``fastpath: false`` and the native fast path, side by
+   side): the Python NVMe driver, and the native load generator
+   (``appliance._fastpath.nvme_loadgen`` through
+   ``appliance.client.nvme_loadgen``: C, no Python object per I/O, on the queue
+   pair the driver created, sleeping on the CQ's interrupt eventfd between
+   polls; at QD1 also polling without sleeping, ``[C gen, polling]``) whose own
+   cost stays about a microsecond per I/O at QD32, so the appliance's shows.  4 KiB random reads and writes at QD1 and QD32 for a fixed time;
+   IOPS, the appliance process's CPU time (utime + stime from /proc/PID/stat)
+   per I/O, the client's CPU time per I/O, and for the generator its median
+   and p99 latency.  In mmap mode the loop spins a while after activity
    (appliance/runtime/doorbell_spin.py): its CPU counts.
+
+With ``APPLIANCE_BENCH_PROFILE=DIR`` each appliance of part 2 runs under
+cProfile (benchmarks/profile_run.py) and leaves ``DIR/MODE-PATH.prof``
+(``python -m pstats``): where its time per I/O goes (docs/latency.md).
 
 The machine is small and shared (other tests may run): the figures are
 indicative only.  ``--quick`` (what scripts/test runs) uses 16 MiB, 1024
@@ -42,6 +52,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(  # `python -m appliance` children us
     [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 from appliance.client.nvme import NvmeDriver
+from appliance.client.nvme_loadgen import available as loadgen_available
+from appliance.client.nvme_loadgen import native_load
 from appliance.client.vfio_user import VfioUserClient
 from appliance.storage import spec
 from appliance.testing.process import ApplianceProcess, make_config
@@ -140,12 +152,16 @@ def _run_guest(g: Any, mib: int, reads: int) -> None:
 
 # ---------------------------------------------------------------- 2. the Python driver
 def driver_part(work: Path, seconds: float) -> None:
-    print(f"[driver] Python NVMe driver, 4 KiB random I/O, {seconds:g} s each; "
-          "appliance CPU per I/O from /proc/PID/stat", flush=True)
+    generator = loadgen_available()
+    print(f"[driver] Python NVMe driver{' and the native generator' if generator else ''}, "
+          f"4 KiB random I/O, {seconds:g} s each; appliance CPU per I/O from /proc/PID/stat, "
+          "client CPU per I/O", flush=True)
+    if not generator:
+        print("  (the native generator is not built: its rows are left out)", flush=True)
     for mode, path in [(mode, path) for mode in MODES for path in PATHS]:
         root = work / f"driver-{mode}-{path}"
         cfg = make_config(root, storage={"doorbells": mode}, fastpath=path == "native")
-        with ApplianceProcess(cfg, root) as proc:
+        with ApplianceProcess(cfg, root, wrapper=_profiler(mode, path)) as proc:
             assert proc.proc is not None
             pid = proc.proc.pid
             with VfioUserClient.connect(proc.config.storage.socket) as c:
@@ -153,14 +169,45 @@ def driver_part(work: Path, seconds: float) -> None:
                 d.setup(io_queues=1, depth=64)
                 for opcode, name in ((spec.IoOpcode.READ, "read"), (spec.IoOpcode.WRITE, "write")):
                     for qd in (1, 32):
-                        cpu0 = cpu_seconds(pid)
+                        cpu0, client0 = cpu_seconds(pid), time.process_time()
                         done, elapsed = _load(d, opcode, qd, seconds)
-                        cpu = cpu_seconds(pid) - cpu0
+                        cpu, client = cpu_seconds(pid) - cpu0, time.process_time() - client0
                         report("driver", f"appliance ({mode}, {path})",
                                f"4 KiB random {name} QD{qd}",
-                               f"{done / elapsed:,.0f} IOPS, {cpu / done * 1e6:,.0f} us "
-                               "server CPU/IO")
+                               f"{done / elapsed:,.0f} IOPS, {cpu / done * 1e6:,.1f} us "
+                               f"server CPU/IO, {client / done * 1e6:,.1f} us client CPU/IO")
+                        if generator:
+                            _generator_row(d, pid, mode, path, opcode, name, qd, seconds)
+                        if generator and qd == 1:  # no wakeup in the client's turnaround
+                            _generator_row(d, pid, mode, path, opcode, name, qd, seconds,
+                                           poll=True)
                 d.close()
+
+
+def _profiler(mode: str, path: str) -> tuple[str, ...]:
+    """The wrapper that runs an appliance under cProfile (APPLIANCE_BENCH_PROFILE), or none."""
+    out = os.environ.get("APPLIANCE_BENCH_PROFILE")
+    if not out:
+        return ()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return (sys.executable, str(ROOT / "benchmarks" / "profile_run.py"),
+            str(Path(out) / f"{mode}-{path}.prof"))
+
+
+def _generator_row(d: NvmeDriver, pid: int, mode: str, path: str, opcode: int, name: str,
+                   qd: int, seconds: float, poll: bool = False) -> None:
+    """The same load from the native generator, on the driver's queue 1; ``poll``:
+    it polls the CQ instead of sleeping on the interrupt (a core's worth of client CPU)."""
+    cpu0 = cpu_seconds(pid)
+    out = native_load(d, 1, opcode, qd, seconds=seconds, poll=poll)
+    cpu = cpu_seconds(pid) - cpu0
+    if out.errors:
+        raise RuntimeError(f"native generator: {out.errors} I/Os failed")
+    tag = "C gen, polling" if poll else "C gen"
+    report("driver", f"appliance ({mode}, {path})", f"4 KiB random {name} QD{qd} [{tag}]",
+           f"{out.iops:,.0f} IOPS, {cpu / out.done * 1e6:,.1f} us server CPU/IO, "
+           f"{out.client_cpu / out.done * 1e6:,.1f} us client CPU/IO, "
+           f"p50 {out.lat_p50 * 1e6:,.0f} us, p99 {out.lat_p99 * 1e6:,.0f} us")
 
 
 def _load(d: NvmeDriver, opcode: int, qd: int, seconds: float) -> tuple[int, float]:

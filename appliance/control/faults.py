@@ -480,6 +480,8 @@ class FaultSet:
         """Complete the deferred requests that are due (those a reset, a
         Delete I/O Queue or an Abort finished are forgotten).  True if any
         completion was posted."""
+        if not self._deferred:  # (every processing pass calls this)
+            return False
         now, did = self.clock(), False
         for d in self.deferred:
             if d.due <= now:

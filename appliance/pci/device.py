@@ -78,6 +78,8 @@ from appliance.pci.msix import MsixLayout, MsixTable
 from appliance.vfio_user.backend import IrqDesc, IrqSink, RegionDesc
 from appliance.vfio_user.wire import PCI_NUM_IRQS, PCI_NUM_REGIONS, PciIrq, PciRegion
 
+_BUS_MASTER = int(PciCommand.BUS_MASTER)  # a plain int: checked on every processing pass
+
 CONFIG_REGION_SIZE = 4096
 IRQ_NAMES = {
     PciIrq.INTX: "intx",
@@ -267,7 +269,7 @@ class PciDevice:
     @property
     def bus_master(self) -> bool:
         """Command.Bus Master: the device may DMA (PCI 3.0 section 6.2.2)."""
-        return bool(self.config.get(COMMAND, 2) & PciCommand.BUS_MASTER)
+        return bool(self.config.get(COMMAND, 2) & _BUS_MASTER)
 
     @property
     def power_state(self) -> int:

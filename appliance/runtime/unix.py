@@ -17,6 +17,10 @@ from appliance.errors import RemoteProtocolError
 from appliance.protocol_common import close_quietly
 
 _ONE = (1).to_bytes(8, "little")
+# plain ints: the socket module's flags are IntFlags, whose arithmetic costs per message
+_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_CTRUNC = int(socket.MSG_CTRUNC)
+_FD_SIZE = array.array("i").itemsize
 
 
 def recv_chunk(sock: socket.socket, wanted: int, max_fds: int, flags: int = 0) -> tuple[bytes, list[int]]:
@@ -27,13 +31,13 @@ def recv_chunk(sock: socket.socket, wanted: int, max_fds: int, flags: int = 0) -
         RemoteProtocolError: more than ``max_fds`` fds arrived (all are closed).
     """
     fds = array.array("i")
-    data, ancdata, msg_flags, _ = sock.recvmsg(wanted, socket.CMSG_SPACE(max_fds * fds.itemsize),
-                                               flags | socket.MSG_CMSG_CLOEXEC)
+    data, ancdata, msg_flags, _ = sock.recvmsg(wanted, socket.CMSG_SPACE(max_fds * _FD_SIZE),
+                                               int(flags) | _CMSG_CLOEXEC)
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
     received = list(fds)
-    if msg_flags & socket.MSG_CTRUNC:
+    if msg_flags & _CTRUNC:
         for fd in received:
             close_quietly(fd)
         raise RemoteProtocolError("too many fds in one message (control data truncated)")

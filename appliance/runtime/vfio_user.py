@@ -101,9 +101,11 @@ class VfioUserClientSocket:
                 log.warning("%s: %s; closing", self.conn.name, exc)
                 self.close()
                 return False
-            self.conn.process()
-            self.flush()
-            if self.conn.closed:
+            conn = self.conn
+            conn.process()
+            if conn.has_output or self.out or conn.closed:  # else flush has nothing to do
+                self.flush()
+            if conn.closed:
                 self.close()
                 return False
         return True

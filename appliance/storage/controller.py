@@ -242,10 +242,33 @@ class NvmeController(RequestEngine, PciDevice):
             True if a doorbell changed, a command ran or a completion was posted.
         """
         rang = self._scan_doorbell_page()
-        did = self._run() or rang
+        did = self._run_unless_quiet() or rang
         if did:
             self._quiet_ticks = 0
         return did
+
+    def _run_unless_quiet(self) -> bool:
+        """A processing pass, unless it could find nothing to do (:meth:`_quiet`):
+        the loop polls every turn and most doorbell writes are CQ heads."""
+        return False if self._quiet() else self._run()
+
+    def _quiet(self) -> bool:
+        """Whether a processing pass would find no work: no shadow doorbells (the
+        host moves those without ringing), no request held or waiting, every SQ
+        drained (an SQ tail doorbell makes its SQ not drained), no CQ backlog
+        or interrupt owed, no event to pair with a held AER, and MSI-X or MSI
+        (an INTx level is re-evaluated every pass)."""
+        if (self.shadow_buffers is not None or self.waiting or self.held
+                or (self.events.pending and self.events.outstanding)
+                or self.irq_mode == PciIrq.INTX):
+            return False
+        for sq in self.sqs.values():
+            if not sq.empty:
+                return False
+        for cq in self.cqs.values():
+            if cq.backlog or cq.unsignalled:
+                return False
+        return True
 
     def poll_interval(self) -> float:
         """Seconds until the runtime's next :meth:`poll` (doorbell page mode).
@@ -393,7 +416,7 @@ class NvmeController(RequestEngine, PciDevice):
                 if page is not None:  # a message write to the mmap'd page: keep it the truth
                     page.store(off - REGISTERS_END, value)
                 self._latch_doorbell(off, value)
-            self._run()
+            self._run_unless_quiet()
 
     def _on_event(self, event: CtrlEvent) -> None:
         regs = self.regs
@@ -431,11 +454,15 @@ class NvmeController(RequestEngine, PciDevice):
         posted), by CC.EN or by a restore starts from the value in its state,
         not from whatever an earlier queue with the same id left in the page.
         """
-        if self.doorbell_page is not None:
+        page = self.doorbell_page
+        if page is not None:  # (every scan: a queue already adopted costs one lookup)
+            known = page.known
             for qid, sq in self.sqs.items():
-                self.doorbell_page.adopt(2 * qid, sq, sq.tail)
+                if known.get(2 * qid) is not sq:
+                    page.adopt(2 * qid, sq, sq.tail)
             for qid, cq in self.cqs.items():
-                self.doorbell_page.adopt(2 * qid + 1, cq, cq.head)
+                if known.get(2 * qid + 1) is not cq:
+                    page.adopt(2 * qid + 1, cq, cq.head)
 
     def take_over_doorbell_page(self, fd: int, seen: bytes) -> None:
         """Live handoff, after the controller state is restored: serve the doorbell

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from appliance.storage.controller import NvmeController
     from appliance.storage.queues import CompletionQueue, SubmissionQueue
 
+_storage_log = logging.getLogger("appliance.storage")  # tracing: its DEBUG level
+
 #: per NSID from 1: (image fd, blocks, LBA shift, writable), None: Python only
 NativeNamespaces = tuple[tuple[int, int, int, bool] | None, ...]
 #: (done, hand back, SQ head, CQ tail, phase, reads, writes, bytes read,
@@ -50,7 +52,7 @@ def native_memory(ctrl: NvmeController, sq: SubmissionQueue) -> MappedRegions | 
     logging: everything runs where it is logged), every region mmap'd; else None."""
     if (ctrl.native is None or sq.qid == 0 or ctrl.memory is None
             or (ctrl.faults is not None and ctrl.faults.rules)
-            or logging.getLogger("appliance.storage").isEnabledFor(logging.DEBUG)):
+            or _storage_log.isEnabledFor(logging.DEBUG)):
         return None
     return ctrl.memory.mapped_regions()
 

@@ -25,4 +25,7 @@ int get_regions(PyObject *seq, held_t *h);
 /* appliance._fastpath.nvme_run (nvme_module.c). */
 PyObject *fp_nvme_run_py(PyObject *self, PyObject *args);
 
+/* appliance._fastpath.nvme_loadgen, a benchmark's NVMe host (nvme_loadgen.c). */
+PyObject *fp_nvme_loadgen_py(PyObject *self, PyObject *args);
+
 #endif

@@ -352,6 +352,8 @@ static PyMethodDef methods[] = {
      "interrupt."},
     {"nvme_run", fp_nvme_run_py, METH_VARARGS, "Run the Read and Write commands of one I/O "
      "submission queue until one Python must run (see nvme_module.c)."},
+    {"nvme_loadgen", fp_nvme_loadgen_py, METH_VARARGS, "Benchmarks only: keep reads or writes "
+     "in flight on a queue pair the Python driver created (see nvme_loadgen.c)."},
     {NULL, NULL, 0, NULL},
 };
 
