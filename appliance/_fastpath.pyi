@@ -3,7 +3,7 @@
 import mmap
 
 from appliance.memory import MappedRegions
-from appliance.net.native import NativeChain, NativeRegions
+from appliance.net.native import NativeChain, NativeRegions, NativeSwitchOut, NativeTarget
 from appliance.storage.native_io import NativeNamespaces, NativeOutcome
 
 def pop_chains(desc: memoryview, avail: memoryview, used: memoryview, regions: NativeRegions,
@@ -25,3 +25,9 @@ def receive(desc: memoryview, avail: memoryview, used: memoryview, regions: Nati
             max_writable: int, frame: bytes, hdr_len: int, mrg: bool,
             log: bytearray | mmap.mmap | None, /,
             ) -> tuple[int, int, int, int, str | None, str | None, int]: ...
+def switch_tx(desc: memoryview, avail: memoryview, used: memoryview, regions: NativeRegions,
+              size: int, last_avail_idx: int, used_idx: int, indirect: bool, max_readable: int,
+              max_writable: int, budget: int, hdr_len: int, enabled: bool, src: int,
+              table: bytes, ports: tuple[NativeTarget, ...], /) -> NativeSwitchOut: ...
+def switch_frames(pending: bytes, src: int, table: bytes, ports: tuple[NativeTarget, ...], /,
+                  ) -> NativeSwitchOut: ...
