@@ -21,6 +21,7 @@ and MAC table, the responder's counters and what the Python-only port got.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -277,31 +278,6 @@ def test_native_switch_matches_python(scenario: Scenario) -> None:
     check_same(scenario, record=True)
 
 
-def test_native_switch_takes_the_batch_in_one_call() -> None:
-    """Two ports, learned MACs: one switch_tx per batch, no per-frame receive call."""
-    native = require_native()
-    calls: list[str] = []
-
-    class Spy:
-        def __getattr__(self, name: str) -> Any:
-            calls.append(name)
-            return getattr(native, name)
-
-    spec = PortSpec(True, True, False, 1, None)
-    scenario = Scenario([spec, spec], False, [])
-    net = Net(scenario, Spy())
-    try:
-        net.run(("rx", 1, 0, [2048] * 4))
-        calls.clear()
-        frames = [(make_frame(MACS[1], MACS[0]), 0, 0)] * 3
-        net.run(("tx", 0, frames, 8))
-        assert calls.count("switch_tx") == 1 and "receive" not in calls and "drain" not in calls
-        assert net.ports[1].stats()["tx_packets"] == 3
-        assert net.switch.counters["forwarded"] == 3
-    finally:
-        net.close()
-
-
 def test_frames_for_python_are_handed_back_in_order() -> None:
     """An ARP request for the responder in the middle of a batch: the responder
     answers it (Python), the frames around it are switched natively, in order."""
@@ -320,3 +296,69 @@ def test_frames_for_python_are_handed_back_in_order() -> None:
         assert native.ports[0].stats()["tx_packets"] == 1  # the reply
         assert native.ports[1].stats()["tx_packets"] == 3  # forwarded, flooded ARP, unknown
         assert len(native.sink.frames) == 2  # the flooded ARP and the unknown unicast
+
+
+class Spy:
+    """The native module, counting the calls made to it."""
+
+    def __init__(self) -> None:
+        self.native = require_native()
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        self.calls.append(name)
+        return getattr(self.native, name)
+
+
+def spied_net(sink: bool = False) -> tuple[Net, Spy]:
+    spy = Spy()
+    spec = PortSpec(True, True, False, 1, None)
+    net = Net(Scenario([spec, spec], sink, []), spy)
+    net.run(("rx", 1, 0, [2048] * 4))
+    net.run(("rx", 0, 0, [2048] * 4))
+    spy.calls.clear()
+    return net, spy
+
+
+def test_native_switch_takes_the_batch_in_one_call() -> None:
+    """Two ports, learned MACs: one switch_tx per batch, no per-frame receive call."""
+    net, spy = spied_net()
+    try:
+        net.run(("tx", 0, [(make_frame(MACS[1], MACS[0]), 0, 0)] * 3, 8))
+        assert spy.calls.count("switch_tx") == 1
+        assert "receive" not in spy.calls and "drain" not in spy.calls
+        assert net.ports[1].stats()["tx_packets"] == 3
+        assert net.switch.counters["forwarded"] == 3
+    finally:
+        net.close()
+
+
+def test_hooked_or_capturing_source_port_runs_its_batch_in_python() -> None:
+    """A hook on the source (fault rule, link down) or its pcap: the batch is Python's."""
+    net, spy = spied_net()
+    try:
+        net.ports[0].hooked = lambda: True
+        net.run(("tx", 0, [(make_frame(MACS[1], MACS[0]), 0, 0)], 8))
+        assert "switch_tx" not in spy.calls and spy.calls.count("receive") == 1
+        net.ports[0].hooked = lambda: False
+        net.ports[0].pcap = io.BytesIO()  # any frame sink
+        spy.calls.clear()
+        net.run(("tx", 0, [(make_frame(MACS[1], MACS[0]), 0, 0)], 8))
+        assert "switch_tx" not in spy.calls and spy.calls.count("receive") == 1
+        assert net.ports[1].stats()["tx_packets"] == 2
+    finally:
+        net.close()
+
+
+def test_a_frame_for_a_hooked_destination_is_handed_back() -> None:
+    """The destination's hooks must see the frame: C hands it back, Python delivers it
+    through the port's deliver (whatever wraps it), the frames around it stay native."""
+    net, spy = spied_net()
+    try:
+        net.ports[1].hooked = lambda: True
+        net.run(("tx", 0, [(make_frame(MACS[1], MACS[0]), 0, 0)] * 3, 8))
+        assert spy.calls.count("switch_tx") == 1 and spy.calls.count("switch_frames") == 2
+        assert spy.calls.count("receive") == 3
+        assert net.ports[1].stats()["tx_packets"] == 3
+    finally:
+        net.close()
