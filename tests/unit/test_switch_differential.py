@@ -83,7 +83,8 @@ def arp_request(src: bytes) -> bytes:
 
 @st.composite
 def tx_frames(draw: st.DrawFn, nports: int) -> tuple[bytes, int, int]:
-    """(frame, header kind, split): header kind 0 valid, 1 GSO, 2 NEEDS_CSUM, 3 short chain."""
+    """(frame, kind, split): kind 0 valid, 1 GSO, 2 NEEDS_CSUM, 3 chain shorter than a
+    header, 4 a buffer outside guest memory, 5 a writable buffer (both refused)."""
     src_port = draw(st.integers(0, nports - 1))
     kind = draw(st.sampled_from(["eth"] * 8 + ["arp", "runt"]))
     src = draw(st.sampled_from([MACS[src_port], MACS[src_port], MACS[(src_port + 1) % nports],
@@ -96,7 +97,7 @@ def tx_frames(draw: st.DrawFn, nports: int) -> tuple[bytes, int, int]:
         dst = draw(st.sampled_from([BCAST, MCAST, OTHER, R_MAC, *MACS[:nports], *MACS[:nports]])
                    | st.binary(min_size=6, max_size=6))
         frame = make_frame(dst, src, draw(st.binary(max_size=40)) * draw(st.sampled_from([1, 4, 30])))
-    return frame, draw(st.sampled_from([0] * 12 + [1, 2, 3])), draw(st.integers(0, 3))
+    return frame, draw(st.sampled_from([0] * 12 + [1, 2, 3, 4, 5])), draw(st.integers(0, 3))
 
 
 @st.composite
@@ -105,7 +106,9 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     ports = [PortSpec(draw(st.booleans()), draw(st.booleans()), draw(st.booleans()),
                       draw(st.sampled_from([1, 1, 2])), draw(st.sampled_from([None, None, 0, 16, 64])))
              for _ in range(nports)]
-    sizes = st.lists(st.sampled_from([20, 60, 64, 100, 1600, 2048]), min_size=1, max_size=4)
+    # a receive buffer's size; -1: readable (refused), -2: outside guest memory (refused)
+    sizes = st.lists(st.sampled_from([20, 60, 64, 100, 1600, 2048, 2048, -1, -2]), min_size=1,
+                     max_size=4)
     rx = st.tuples(st.just("rx"), st.integers(0, nports - 1), st.integers(0, 1), sizes)
     tx = st.tuples(st.just("tx"), st.integers(0, nports - 1),
                    st.lists(tx_frames(nports), min_size=1, max_size=6), st.integers(1, 8))
@@ -181,8 +184,11 @@ class Net:
             ring = rings[2 * min(op[2], len(rings) // 2 - 1)]
             for size in op[3]:
                 head = self.take_head(port_i, ring)
-                buf = mem.alloc(size) if mem._next + size < mem.gpa + mem.size - 0x100 else mem.gpa
-                ring.set_desc(head, buf, size, vw.DescFlag.WRITE)
+                n = abs(size) * 100 if size < 0 else size
+                buf = mem.alloc(n) if mem._next + n < mem.gpa + mem.size - 0x100 else mem.gpa
+                if size == -2:
+                    buf = mem.gpa + mem.size - 50  # runs past the end of memory
+                ring.set_desc(head, buf, n, 0 if size == -1 else vw.DescFlag.WRITE)
                 ring.make_available(head)
             return None
         ring = rings[1]
@@ -200,7 +206,10 @@ class Net:
             buf = mem.alloc(max(len(data), 1)) if mem._next + len(data) < mem.gpa + mem.size - 0x100 \
                 else mem.gpa + 0x8000
             mem.write(buf, data)
-            if split and len(data) > split:  # two descriptors: head and next
+            if bad >= 4:  # a refused chain: past memory's end, or writable
+                ring.set_desc(head, mem.gpa + mem.size - 8 if bad == 4 else buf, len(data),
+                              0 if bad == 4 else vw.DescFlag.WRITE)
+            elif split and len(data) > split:  # two descriptors: head and next
                 nxt = (head + 1) % RING
                 ring.set_desc(head, buf, split, vw.DescFlag.NEXT, nxt)
                 ring.set_desc(nxt, buf + split, len(data) - split)
