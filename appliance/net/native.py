@@ -42,9 +42,10 @@ NativePortOut = tuple[int, int, tuple[NativeRxOut, ...]] | None
 NativeTxOut = tuple[int, int, int, int, str | None, str | None, int, int, int]
 #: what switch_tx and switch_frames return: (the transmit ring or None,
 #: (frames, forwarded, flooded, filtered, runts), events, a frame for Python or
-#: None, the frames after it or None, per port, an allocation failed)
+#: None, the frames after it (or None) and where they start in it, per port, an
+#: allocation failed)
 NativeSwitchOut = tuple[NativeTxOut | None, tuple[int, int, int, int, int], bytes, bytes | None,
-                        bytes | None, tuple[NativePortOut, ...], bool]
+                        bytes | None, int, tuple[NativePortOut, ...], bool]
 
 
 class NativeVring(Protocol):
@@ -94,9 +95,9 @@ class NativeVring(Protocol):
         with ``Switch.forward``; see :mod:`appliance.net.native_switch`)."""
         ...
 
-    def switch_frames(self, pending: bytes, src: int, table: bytes,
+    def switch_frames(self, pending: bytes, offset: int, src: int, table: bytes,
                       ports: tuple[NativeTarget, ...], /) -> NativeSwitchOut:
-        """The frames a ``switch_tx`` left (``rest``) through the switch."""
+        """The frames a ``switch_tx`` left (``rest`` from ``offset``) through the switch."""
         ...
 
     def publish(self, avail: memoryview, used: memoryview, size: int, published: int,

@@ -54,7 +54,7 @@ def _target(port: Any, src: Any) -> NativeTarget:
 
 
 def _apply(switch: Switch, src: Any, out: NativeSwitchOut) -> None:
-    _, counts, events, _, _, ports, nomem = out
+    _, counts, events, _, _, _, ports, nomem = out
     switch.apply_native(src, counts, events)
     for port, port_out in zip(switch.ports, ports, strict=True):
         if port_out is not None:
@@ -63,10 +63,10 @@ def _apply(switch: Switch, src: Any, out: NativeSwitchOut) -> None:
         raise MemoryError("the native switch ran out of memory (the rest of the batch is lost)")
 
 
-def pending_frames(rest: bytes) -> list[bytes]:
-    """The frames of a ``rest`` (u32 length, bytes; built by the native call)."""
+def pending_frames(rest: bytes, offset: int) -> list[bytes]:
+    """The frames of a ``rest`` from ``offset`` (u32 length, bytes; built by the native call)."""
     frames = []
-    off = 0
+    off = offset
     while off < len(rest):
         n = int.from_bytes(rest[off:off + 4], "little")
         frames.append(rest[off + 4:off + 4 + n])
@@ -104,18 +104,18 @@ def run(port: Any, q: SplitQueue, budget: int, switch: Switch, uplink: Any) -> b
     c.bytes += nbytes
     c.dropped += dropped
     _apply(switch, port, out)
-    frame, rest = out[3], out[4]
+    frame, rest, offset = out[3], out[4], out[5]
     while frame is not None:
         uplink(port, frame)
         if rest is None:
             break
         table = switch.native_table()
         if table is None or len(switch.table) + budget > switch.max_entries:
-            for later in pending_frames(rest):
+            for later in pending_frames(rest, offset):
                 uplink(port, later)
             break
         targets = tuple(_target(p, port) for p in switch.ports)
-        out = native.switch_frames(rest, src, table, targets)
+        out = native.switch_frames(rest, offset, src, table, targets)
         _apply(switch, port, out)
-        frame, rest = out[3], out[4]
+        frame, rest, offset = out[3], out[4], out[5]
     return True

@@ -6,18 +6,21 @@
  *       with length 0 (SplitQueue.drain), checks each one's virtio-net header
  *       and counts it (VirtioNetPort.process_tx), then switches the frames in
  *       order (Switch.forward, VirtioNetPort.deliver) until one Python must see.
- *   switch_frames(pending, src, table, ports)
- *       Switches `pending` (the `rest` a call returned) the same way.
+ *   switch_frames(pending, offset, src, table, ports)
+ *       Switches the frames of `pending` (the `rest` a call returned) from byte
+ *       `offset` on (the `offset` it returned) the same way.
  *
- *   Both return (tx, counts, events, frame, rest, ports_out, nomem):
+ *   Both return (tx, counts, events, frame, rest, offset, ports_out, nomem):
  *     tx: (chains taken, last_avail_idx, used_idx, malformed, last_error, broken,
  *          packets, bytes, dropped) of the transmit ring (None for switch_frames);
  *     counts: (frames, forwarded, flooded, filtered, runts), Switch.counters' increments;
  *     events: 7-byte records, b'L' + MAC (learn it behind src) or b'A' + MAC
  *          (remove it: aged), in the order Switch.forward would have done them;
  *     frame: the frame Python must forward (header checked and counted; nothing
- *          else done for it), or None; rest: the frames after it, to pass to
- *          switch_frames once Python forwarded it (None: none);
+ *          else done for it), or None; rest, offset: the frames after it, to
+ *          pass to switch_frames once Python forwarded it (rest None: none;
+ *          switch_frames returns its own `pending` and the next offset, so a
+ *          batch's frames are copied once however many are handed back);
  *     ports_out: per port, None or (no_queue, beyond, rings) with per ring
  *          (last_avail_idx, used_idx, malformed, last_error, broken, packets,
  *          bytes, dropped, dirty);
@@ -295,9 +298,10 @@ static PyObject *ports_out(const call_t *c)
     return out;
 }
 
-/* Switch frames[0..n) of buf; build the result (tx: the transmit ring's part or a new None). */
+/* Switch frames[0..n) of buf; build the result (tx: the transmit ring's part, or None).
+ * pending: the object buf is (switch_frames), NULL when the frames are the call's own. */
 static PyObject *switch_all(call_t *c, const unsigned char *buf, const span_t *frames, size_t n,
-                            PyObject *tx, int nomem)
+                            PyObject *tx, int nomem, PyObject *pending)
 {
     size_t i = 0;
     int state = SW_DONE;
@@ -309,10 +313,16 @@ static PyObject *switch_all(call_t *c, const unsigned char *buf, const span_t *f
             break;
     }
     PyObject *frame = NULL, *rest = NULL, *out = NULL;
+    size_t offset = 0;
     if (state == SW_TO_PYTHON) {
         frame = PyBytes_FromStringAndSize((const char *)buf + frames[i].off,
                                           (Py_ssize_t)frames[i].len);
-        rest = frame == NULL ? NULL : rest_of(buf, frames, i + 1, n);
+        if (frame != NULL && pending != NULL && i + 1 < n) {
+            rest = Py_NewRef(pending);
+            offset = frames[i + 1].off - 4; /* its record's length field */
+        } else if (frame != NULL) {
+            rest = rest_of(buf, frames, i + 1, n);
+        }
     } else {
         frame = Py_NewRef(Py_None);
         rest = Py_NewRef(Py_None);
@@ -320,11 +330,11 @@ static PyObject *switch_all(call_t *c, const unsigned char *buf, const span_t *f
     PyObject *ports = frame == NULL || rest == NULL ? NULL : ports_out(c);
     if (ports != NULL) {
         const sw_switch *s = &c->sw;
-        out = Py_BuildValue("(O(KKKKK)y#OONO)", tx, (unsigned long long)s->frames,
+        out = Py_BuildValue("(O(KKKKK)y#OOnNO)", tx, (unsigned long long)s->frames,
                             (unsigned long long)s->forwarded, (unsigned long long)s->flooded,
                             (unsigned long long)s->filtered, (unsigned long long)s->runts,
                             s->events ? (const char *)s->events : "",
-                            (Py_ssize_t)(7 * s->nevents), frame, rest, ports,
+                            (Py_ssize_t)(7 * s->nevents), frame, rest, (Py_ssize_t)offset, ports,
                             nomem ? Py_True : Py_False);
     }
     Py_XDECREF(frame);
@@ -397,7 +407,7 @@ PyObject *fp_switch_tx_py(PyObject *self, PyObject *args)
                        state == FP_BROKEN ? ring.broken : NULL, (unsigned long long)packets,
                        (unsigned long long)bytes, (unsigned long long)dropped);
     if (tx != NULL)
-        result = switch_all(&c, buf, frames, nframes, tx, nomem);
+        result = switch_all(&c, buf, frames, nframes, tx, nomem, NULL);
 out:
     Py_XDECREF(tx);
     free(buf);
@@ -410,20 +420,24 @@ out:
 PyObject *fp_switch_frames_py(PyObject *self, PyObject *args)
 {
     (void)self;
-    Py_buffer pending;
-    Py_ssize_t src;
-    PyObject *table, *ports, *result = NULL;
+    PyObject *pending, *table, *ports, *result = NULL;
+    Py_ssize_t offset, src;
     call_t c;
     span_t *frames = NULL;
     size_t nframes = 0, cap_frames = 0;
     memset(&c, 0, sizeof c);
-    if (!PyArg_ParseTuple(args, "y*nOO!", &pending, &src, &table, &PyTuple_Type, &ports))
+    if (!PyArg_ParseTuple(args, "O!nnOO!", &PyBytes_Type, &pending, &offset, &src, &table,
+                          &PyTuple_Type, &ports))
         return NULL;
     if (get_switch(&c, src, table, ports) < 0)
         goto out;
-    const unsigned char *buf = pending.buf;
-    size_t total = (size_t)pending.len;
-    for (size_t off = 0; off < total;) {
+    const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(pending);
+    size_t total = (size_t)PyBytes_GET_SIZE(pending);
+    if (offset < 0 || (size_t)offset > total) {
+        PyErr_SetString(PyExc_ValueError, "the offset is outside the pending frames");
+        goto out;
+    }
+    for (size_t off = (size_t)offset; off < total;) {
         uint32_t len;
         if (total - off < 4 || (memcpy(&len, buf + off, 4), total - off - 4 < len)) {
             PyErr_SetString(PyExc_ValueError, "pending frames are (u32 length, bytes) records");
@@ -436,10 +450,9 @@ PyObject *fp_switch_frames_py(PyObject *self, PyObject *args)
         frames[nframes++] = (span_t){off + 4, len};
         off += 4 + (size_t)len;
     }
-    result = switch_all(&c, buf, frames, nframes, Py_None, 0);
+    result = switch_all(&c, buf, frames, nframes, Py_None, 0, pending);
 out:
     free(frames);
     call_free(&c);
-    PyBuffer_Release(&pending);
     return result;
 }

@@ -371,3 +371,18 @@ def test_a_frame_for_a_hooked_destination_is_handed_back() -> None:
         assert net.ports[1].stats()["tx_packets"] == 3
     finally:
         net.close()
+
+
+def test_a_table_that_could_evict_sends_the_rest_of_the_batch_to_python() -> None:
+    """The frame Python forwarded filled the table up to where learning could evict:
+    the frames after it are switched in Python, in order, with the same outcome."""
+    spec = PortSpec(True, True, False, 1, None)
+    with nets(Scenario([spec, spec], False, [])) as (python, native):
+        batch = [(arp_request(OTHER), 0, 0), (make_frame(MACS[1], MACS[0]), 0, 0),
+                 (make_frame(MACS[1], MACS[0]), 0, 0)]
+        for net in (python, native):
+            net.switch.max_entries = len(net.switch.table) + 4  # room for the budget of 4
+            net.run(("rx", 1, 0, [2048] * 4))
+            net.run(("tx", 0, batch, 4))
+        assert native.state() == python.state()
+        assert native.ports[1].stats()["tx_packets"] == 3
