@@ -3,7 +3,7 @@
 import mmap
 
 from appliance.memory import MappedRegions
-from appliance.net.native import NativeChain, NativeRegions
+from appliance.net.native import NativeChain, NativeRegions, NativeSwitchOut, NativeTarget
 from appliance.storage.native_io import NativeNamespaces, NativeOutcome
 
 def pop_chains(desc: memoryview, avail: memoryview, used: memoryview, regions: NativeRegions,
@@ -30,3 +30,9 @@ def nvme_loadgen(memory: memoryview, memory_base: int,
                  sock_fd: int, msg_id: int, irq_fd: int,
                  io: tuple[int, int, int, int, int, int, int, int],
                  limits: tuple[int, float], /) -> dict[str, float]: ...
+def switch_tx(desc: memoryview, avail: memoryview, used: memoryview, regions: NativeRegions,
+              size: int, last_avail_idx: int, used_idx: int, indirect: bool, max_readable: int,
+              max_writable: int, budget: int, hdr_len: int, enabled: bool, src: int,
+              table: bytes, ports: tuple[NativeTarget, ...], /) -> NativeSwitchOut: ...
+def switch_frames(pending: bytes, offset: int, src: int, table: bytes,
+                  ports: tuple[NativeTarget, ...], /) -> NativeSwitchOut: ...

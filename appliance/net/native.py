@@ -14,7 +14,7 @@ writes), and it only calls them for a ring whose memory is all mmap'd
 from __future__ import annotations
 
 import mmap
-from typing import Protocol
+from typing import Any, Protocol
 
 from appliance.memory import ClientMemory, MappedRegions
 
@@ -22,6 +22,30 @@ from appliance.memory import ClientMemory, MappedRegions
 NativeRegions = MappedRegions  # (guest address, view, readable, writable) in address order
 #: (head, [(address, length, writable), ...], readable bytes, writable bytes)
 NativeChain = tuple[int, list[tuple[int, int, bool]], int, int]
+#: a ring as the walker takes it (SplitQueue.native_args): desc, avail, used, regions,
+#: size, last_avail_idx, used_idx, indirect, max_readable, max_writable
+NativeRingArgs = tuple[memoryview, memoryview, memoryview, NativeRegions, int, int, int, bool,
+                       int, int]
+#: a switch port as switch_tx sees it: None (Python sees every frame for it), a
+#: MAC (the responder: it ignores frames neither for that MAC nor broadcast), or a
+#: native port (hdr_len, mrg, log bitmap or None, its receive rings as (ready, *ring))
+NativeTarget = (None | bytes
+                | tuple[int, bool, bytearray | mmap.mmap | None, tuple[tuple[Any, ...], ...]])
+#: a receive ring after switch_tx: last_avail_idx, used_idx, malformed, last_error,
+#: broken, packets, bytes, dropped, dirty (something pushed used)
+NativeRxOut = tuple[int, int, int, str | None, str | None, int, int, int, bool]
+#: a native port after switch_tx: (frames it had no receive ring for, log marks past
+#: its bitmap, its rings), or None for the other ports
+NativePortOut = tuple[int, int, tuple[NativeRxOut, ...]] | None
+#: the transmit ring after switch_tx: chains taken, last_avail_idx, used_idx,
+#: malformed, last_error, broken, packets, bytes, dropped
+NativeTxOut = tuple[int, int, int, int, str | None, str | None, int, int, int]
+#: what switch_tx and switch_frames return: (the transmit ring or None,
+#: (frames, forwarded, flooded, filtered, runts), events, a frame for Python or
+#: None, the frames after it (or None) and where they start in it, per port, an
+#: allocation failed)
+NativeSwitchOut = tuple[NativeTxOut | None, tuple[int, int, int, int, int], bytes, bytes | None,
+                        bytes | None, int, tuple[NativePortOut, ...], bool]
 
 
 class NativeVring(Protocol):
@@ -60,6 +84,20 @@ class NativeVring(Protocol):
         ``beyond`` the marks of ``log`` (the vhost-user log bitmap, or None)
         that reached past its end.  Also ValueError for a writable region whose
         view is read-only."""
+        ...
+
+    def switch_tx(self, desc: memoryview, avail: memoryview, used: memoryview,
+                  regions: NativeRegions, size: int, last_avail_idx: int, used_idx: int,
+                  indirect: bool, max_readable: int, max_writable: int, budget: int,
+                  hdr_len: int, enabled: bool, src: int, table: bytes,
+                  ports: tuple[NativeTarget, ...], /) -> NativeSwitchOut:
+        """A transmit ring's batch through the switch (``VirtioNetPort.process_tx``
+        with ``Switch.forward``; see :mod:`appliance.net.native_switch`)."""
+        ...
+
+    def switch_frames(self, pending: bytes, offset: int, src: int, table: bytes,
+                      ports: tuple[NativeTarget, ...], /) -> NativeSwitchOut:
+        """The frames a ``switch_tx`` left (``rest`` from ``offset``) through the switch."""
         ...
 
     def publish(self, avail: memoryview, used: memoryview, size: int, published: int,

@@ -35,6 +35,11 @@ guest (its transmit rings), ``tx_*`` frames transmitted to the guest.
   :func:`~appliance.net.receive.write_frame` (one native call when the fast
   path runs); the port counts its outcome.  Used indices are
   published, and the guest interrupted, once per batch in :meth:`flush`.
+* With the native fast path and the port on a switch (:attr:`switch`), a
+  transmit batch is drained, checked, switched and written into the
+  destination ports' receive rings in one native call
+  (:mod:`appliance.net.native_switch`), same checks, counters and writes;
+  frames one of Python's destinations must see are handed back to the switch.
 
 Offered features: VERSION_1, MRG_RXBUF, RING_EVENT_IDX, RING_INDIRECT_DESC,
 MTU, STATUS, MQ, VHOST_F_LOG_ALL and VHOST_USER_F_PROTOCOL_FEATURES; no
@@ -53,16 +58,19 @@ out, so a front-end that syncs the log after stopping the rings sees them all.
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from appliance.errors import LocalProtocolError
 from appliance.memory import ClientMemory
+from appliance.net import native_switch
 from appliance.net import vhost_wire as vw
 from appliance.net.dirty_log import VhostLog
-from appliance.net.native import NativeVring
+from appliance.net.native import NativePortOut, NativeTarget, NativeVring
 from appliance.net.receive import Outcome, write_frame
+from appliance.net.switch import Switch
 from appliance.net.vhost_wire import Feature as F
 from appliance.net.virtqueue import MAX_CHAIN_BYTES, QueueCounters, SplitQueue, VringState
 from appliance.protocol_common import close_quietly
@@ -148,6 +156,11 @@ class VirtioNetPort:
         self.notify: Callable[[int], None] = lambda fd: None
         self.retire_fd: Callable[[int], None] = close_quietly
         self.uplink: Uplink = lambda port, frame: None
+        #: the switch ``uplink`` forwards to (None: not known, every batch runs in Python)
+        self.switch: Switch | None = None
+        #: True while hooks around ``deliver`` / ``uplink`` must see every frame
+        #: (the control plane: a fault rule, the link down): no native switching then
+        self.hooked: Callable[[], bool] = lambda: False
         self._rx_active: list[SplitQueue] = []
         self._dirty: set[int] = set()
         self._log_bitmap: Any = None  # the shared log (mmap) from SET_LOG_BASE
@@ -377,6 +390,22 @@ class VirtioNetPort:
         q = self.rings[index]
         if not q.ready:
             return False
+        switch = self.switch
+        if (switch is None or q.native is None or self.pcap is not None or self.hooked()
+                or not native_switch.run(self, q, budget, switch, self.uplink)):
+            self._process_tx_python(q, budget)
+        call = self.call[index]
+        wants_irq = q.publish()
+        self._log_used(q)
+        if wants_irq and call is not None:
+            self.notify(call)
+        if q.avail_pending():
+            q.suppress_kicks()  # the runtime calls again without waiting for a kick
+            return True
+        return q.arm_kick()
+
+    def _process_tx_python(self, q: SplitQueue, budget: int) -> None:
+        """The reference of a transmit batch: drain, check and count, forward."""
         c = q.counters
         hdr_len = self.hdr_len
         forward = self.uplink
@@ -397,15 +426,6 @@ class VirtioNetPort:
             if pcap is not None:
                 pcap.write(frame)
             forward(self, frame)
-        call = self.call[index]
-        wants_irq = q.publish()
-        self._log_used(q)
-        if wants_irq and call is not None:
-            self.notify(call)
-        if q.avail_pending():
-            q.suppress_kicks()  # the runtime calls again without waiting for a kick
-            return True
-        return q.arm_kick()
 
     # ------------------------------------------------------------ switch -> guest
     def deliver(self, frame: bytes) -> None:
@@ -414,7 +434,7 @@ class VirtioNetPort:
         if not active:
             self.tx_no_queue += 1
             return
-        q = active[0] if len(active) == 1 else active[hash(frame[:12]) % len(active)]
+        q = active[0] if len(active) == 1 else active[zlib.crc32(frame[:12]) % len(active)]
         c = q.counters
         outcome = write_frame(q, frame, self.hdr_len, self.mrg, self.log)
         if outcome is Outcome.NO_BUFFER:
@@ -431,6 +451,45 @@ class VirtioNetPort:
         c.bytes += len(frame)
         if self.pcap is not None:
             self.pcap.write(frame)
+
+    def native_target(self) -> NativeTarget:
+        """This port as a destination of the native switch, or None when every frame
+        for it must go through :meth:`deliver` in Python (a pcap, a hook, a usable
+        receive ring that does not run natively, memory whose dirty log is not ours).
+
+        Returns:
+            ``(hdr_len, mrg, log bitmap or None, rings)``, ``rings`` the usable
+            receive rings in :meth:`deliver`'s order as ``(ready, *native_args)``.
+        """
+        if self.pcap is not None or self.hooked():
+            return None
+        rings = []
+        for q in self._rx_active:
+            args = q.native_args()
+            if args is None:
+                return None
+            rings.append((q.ready, *args))
+        if rings and (self.memory is None or self.memory.dirty_log is not self.log):
+            return None
+        return (self.hdr_len, self.mrg, None if self.log is None else self.log.bitmap,
+                tuple(rings))
+
+    def native_applied(self, out: NativePortOut) -> None:
+        """Adopt what the native switch did to this port (its :meth:`native_target`)."""
+        assert out is not None
+        no_queue, beyond, rings = out
+        self.tx_no_queue += no_queue
+        if self.log is not None:
+            self.log.beyond += beyond
+        for q, ring in zip(self._rx_active, rings, strict=True):
+            last_avail_idx, used_idx, malformed, error, broken, packets, nbytes, dropped, dirty = ring
+            q.native_done(last_avail_idx, used_idx, malformed, error, broken)
+            c = q.counters
+            c.packets += packets
+            c.bytes += nbytes
+            c.dropped += dropped
+            if dirty:
+                self._dirty.add(q.index)
 
     def flush(self) -> None:
         """Publish receive-ring progress; interrupt the guest where it asks."""

@@ -150,6 +150,11 @@ class Responder:
     def flush(self) -> None:
         pass
 
+    def native_target(self) -> bytes:
+        """What the native switch needs to know of this port: it ignores every frame
+        except those for this MAC or broadcast (those go through :meth:`deliver`)."""
+        return self.mac
+
     # ------------------------------------------------------------ protocols
     def answer(self, frame: bytes) -> bytes | None:
         """The reply to ``frame``, or None when it asks for nothing we answer."""

@@ -76,7 +76,7 @@ from typing import TypeVar
 from appliance.errors import LocalProtocolError
 from appliance.memory import ClientMemory, FdArea, FdWords, GuestMemoryError
 from appliance.net import vhost_wire as vw
-from appliance.net.native import NativeRegions, NativeVring, native_regions
+from appliance.net.native import NativeRegions, NativeRingArgs, NativeVring, native_regions
 from appliance.protocol_common import step
 
 _DESC = vw.DESC_CODEC
@@ -432,32 +432,41 @@ class SplitQueue:
     def _native_walk(self, walk: Callable[..., tuple[list[_T], int, int, int, str | None,
                                                       str | None]], budget: int) -> list[_T]:
         """One native batch (``pop_chains`` or ``drain``), its results applied to the ring."""
-        assert self._native_ring is not None
-        items, self.last_avail_idx, self.used_idx, malformed, error, broken = walk(
-            *self._native_ring, self.size, self.last_avail_idx,
-            self.used_idx, self.indirect, self.max_readable, self.max_writable, budget)
+        args = self.native_args()
+        assert args is not None
+        items, last_avail_idx, used_idx, malformed, error, broken = walk(*args, budget)
+        self.native_done(last_avail_idx, used_idx, malformed, error, broken)
+        return items
+
+    def native_args(self) -> NativeRingArgs | None:
+        """The ring as the native calls take it (None: it does not run natively now)."""
+        ring = self._native_ring
+        if self.native is None or ring is None:
+            return None
+        return (*ring, self.size, self.last_avail_idx, self.used_idx, self.indirect,
+                self.max_readable, self.max_writable)
+
+    def native_done(self, last_avail_idx: int, used_idx: int, malformed: int,
+                    error: str | None, broken: str | None) -> None:
+        """Adopt what a native call reports of this ring: its new indices, the chains
+        it refused (counted), the last refusal and why the ring broke (None: no news)."""
+        self.last_avail_idx, self.used_idx = last_avail_idx, used_idx
         self.counters.malformed += malformed
         if error is not None:
             self.last_error = error
         if broken is not None:
             self.broken = broken
-        return items
 
     def native_receive(self, frame: bytes, hdr_len: int, mrg: bool,
                        log: bytearray | mmap.mmap | None) -> tuple[int, int]:
         """One frame written natively (``receive.write_frame``, whose caller
         checked :attr:`uses_native` and :attr:`ready`): (its ``Outcome`` value, log marks that
         reached past the end of ``log``, the vhost-user log bitmap)."""
-        assert self.native is not None and self._native_ring is not None and self.ready
-        outcome, self.last_avail_idx, self.used_idx, malformed, error, broken, beyond = (
-            self.native.receive(*self._native_ring, self.size, self.last_avail_idx, self.used_idx,
-                                self.indirect, self.max_readable, self.max_writable, frame,
-                                hdr_len, mrg, log))
-        self.counters.malformed += malformed
-        if error is not None:
-            self.last_error = error
-        if broken is not None:
-            self.broken = broken
+        args = self.native_args()
+        assert self.native is not None and args is not None and self.ready
+        outcome, last_avail_idx, used_idx, malformed, error, broken, beyond = (
+            self.native.receive(*args, frame, hdr_len, mrg, log))
+        self.native_done(last_avail_idx, used_idx, malformed, error, broken)
         return outcome, beyond
 
     # ------------------------------------------------------------ driver -> device

@@ -366,6 +366,8 @@ class ControlService:
 
         port.deliver = to_guest
         port.uplink = from_guest
+        # the native switch bypasses both wrappers: only while they would pass frames through
+        port.hooked = lambda: bool(port.name in links_down or faults.rules or faults.frames)
         self._net = net
 
     # ------------------------------------------------------------ release timer

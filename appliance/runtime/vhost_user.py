@@ -189,6 +189,7 @@ class NetService:
                 port.map_unsealed_memory = cfg_net.map_unsealed_memory
                 port.use_native(native)
                 port.uplink = self.switch.forward
+                port.switch = self.switch  # lets a transmit batch be switched natively
                 self.switch.attach(port, [port.mac])
                 try:
                     svc = PortService(loop, port, self.switch, pcfg.socket, pcfg.mode, standby,

@@ -22,6 +22,25 @@ void release(held_t *h);
  * in address order, into h->regions; -1 with a Python error for a bad tuple. */
 int get_regions(PyObject *seq, held_t *h);
 
+/* A walk's arguments as parsed. */
+typedef struct {
+    PyObject *desc, *avail, *used, *regions;
+    unsigned int size, last, used_idx;
+    int indirect;
+    unsigned long long max_readable, max_writable;
+} walk_args;
+
+/* The walk's arguments into ring (with its scratch) and h: 0, or -1 with a
+ * Python error (a bad size or index, a short ring area, bad regions). */
+int setup_walk(const walk_args *w, fp_ring *ring, held_t *h);
+
+/* Free ring's scratch and release what h holds. */
+void teardown(fp_ring *ring, held_t *h);
+
+/* appliance._fastpath.switch_tx and switch_frames (switch_module.c). */
+PyObject *fp_switch_tx_py(PyObject *self, PyObject *args);
+PyObject *fp_switch_frames_py(PyObject *self, PyObject *args);
+
 /* appliance._fastpath.nvme_run (nvme_module.c). */
 PyObject *fp_nvme_run_py(PyObject *self, PyObject *args);
 

@@ -104,16 +104,7 @@ int get_regions(PyObject *seq, held_t *h)
     return 0;
 }
 
-/* A walk's arguments as parsed. */
-typedef struct {
-    PyObject *desc, *avail, *used, *regions;
-    unsigned int size, last, used_idx;
-    int indirect;
-    unsigned long long max_readable, max_writable;
-} walk_args;
-
-/* The walk's arguments into ring (with its scratch) and h. */
-static int setup_walk(const walk_args *w, fp_ring *ring, held_t *h)
+int setup_walk(const walk_args *w, fp_ring *ring, held_t *h)
 {
     unsigned int size = w->size;
     if (size == 0 || size > MAX_QUEUE_SIZE || (size & (size - 1))) {
@@ -164,7 +155,7 @@ static int setup(PyObject *args, fp_ring *ring, held_t *h, Py_ssize_t *budget)
     return setup_walk(&w, ring, h);
 }
 
-static void teardown(fp_ring *ring, held_t *h)
+void teardown(fp_ring *ring, held_t *h)
 {
     PyMem_Free(ring->segs);
     PyMem_Free(ring->table);
@@ -350,6 +341,10 @@ static PyMethodDef methods[] = {
     {"receive", receive, METH_VARARGS, "One frame into a receive ring (receive.write_frame)."},
     {"publish", publish, METH_VARARGS, "Publish the used index; True when the driver wants an "
      "interrupt."},
+    {"switch_tx", fp_switch_tx_py, METH_VARARGS, "A transmit batch through the switch into "
+     "receive rings (see switch_module.c)."},
+    {"switch_frames", fp_switch_frames_py, METH_VARARGS, "The rest of a batch switch_tx handed "
+     "back (see switch_module.c)."},
     {"nvme_run", fp_nvme_run_py, METH_VARARGS, "Run the Read and Write commands of one I/O "
      "submission queue until one Python must run (see nvme_module.c)."},
     {"nvme_loadgen", fp_nvme_loadgen_py, METH_VARARGS, "Benchmarks only: keep reads or writes "

@@ -44,16 +44,20 @@ static void mark(fp_log *log, uint64_t addr, uint64_t len)
     }
 }
 
-static int grow(void **array, size_t *cap, size_t need, size_t elem)
+/* Room for need elements in *array, which starts as the caller's `small` array of
+ * *cap elements (a frame usually takes one chain of one or two buffers: no malloc). */
+static int grow(void **array, size_t *cap, size_t need, size_t elem, void *small)
 {
     if (need <= *cap)
         return 0;
-    size_t n = *cap ? *cap : 8;
+    size_t n = *cap;
     while (n < need)
         n *= 2;
-    void *p = realloc(*array, n * elem);
+    void *p = *array == small ? malloc(n * elem) : realloc(*array, n * elem);
     if (p == NULL)
         return -1;
+    if (*array == small)
+        memcpy(p, small, *cap * elem);
     *array = p;
     *cap = n;
     return 0;
@@ -65,9 +69,11 @@ int fp_receive(fp_ring *q, const unsigned char *frame, size_t frame_len, unsigne
     uint64_t need = (uint64_t)hdr_len + frame_len;
     uint16_t save_avail = q->last_avail_idx, save_used = q->used_idx;
     uint64_t save_malformed = q->malformed;
-    taken_t *taken = NULL;
-    piece_t *piece = NULL;
-    size_t ntaken = 0, cap_taken = 0, npieces = 0, cap_pieces = 0;
+    taken_t taken_small[4];
+    piece_t piece_small[8];
+    taken_t *taken = taken_small;
+    piece_t *piece = piece_small;
+    size_t ntaken = 0, cap_taken = 4, npieces = 0, cap_pieces = 8;
     uint64_t room = 0, off = 0;
     int outcome = FP_RX_DELIVERED;
     while (room < need) {
@@ -79,7 +85,7 @@ int fp_receive(fp_ring *q, const unsigned char *frame, size_t frame_len, unsigne
             outcome = FP_RX_NO_BUFFER;
             goto out;
         }
-        if (grow((void **)&taken, &cap_taken, ntaken + 1, sizeof *taken) < 0)
+        if (grow((void **)&taken, &cap_taken, ntaken + 1, sizeof *taken, taken_small) < 0)
             goto nomem;
         taken_t *t = &taken[ntaken++];
         t->head = c.head;
@@ -89,7 +95,7 @@ int fp_receive(fp_ring *q, const unsigned char *frame, size_t frame_len, unsigne
             uint64_t k = q->segs[i].len < need - off ? q->segs[i].len : need - off;
             if (k == 0)
                 continue; /* an empty write: nothing stored, nothing marked */
-            if (grow((void **)&piece, &cap_pieces, npieces + 1, sizeof *piece) < 0)
+            if (grow((void **)&piece, &cap_pieces, npieces + 1, sizeof *piece, piece_small) < 0)
                 goto nomem;
             piece[npieces++] = (piece_t){q->segs[i].addr, k};
             off += k;
@@ -140,14 +146,15 @@ int fp_receive(fp_ring *q, const unsigned char *frame, size_t frame_len, unsigne
     if (data != small)
         free(data);
 out:
-    free(taken);
-    free(piece);
+    if (taken != taken_small)
+        free(taken);
+    if (piece != piece_small)
+        free(piece);
     return outcome;
 nomem:
     q->last_avail_idx = save_avail;
     q->used_idx = save_used;
     q->malformed = save_malformed;
-    free(taken);
-    free(piece);
-    return FP_RX_NOMEM;
+    outcome = FP_RX_NOMEM;
+    goto out;
 }

@@ -17,6 +17,11 @@ give the same chains, interrupt decisions, ring state and guest memory.  Flag
 bits of the input also make the ring a receive ring first (frames written
 into it with :func:`~appliance.net.receive.write_frame`, either header, with
 or without MRG_RXBUF) and install a dirty log (whose bits must agree too).
+Flag bit 64 makes the ring a port's transmit ring switched to a second port
+(:meth:`VirtioNetPort.process_tx`, the native ``switch_tx``) whose receive
+ring shares the descriptor table (its own avail ring: byte 3 is its index,
+its heads the input's mirrored), with the responder on the switch; both paths
+must agree on the ports' and the switch's counters, the MAC table and memory.
 
     python tests/fuzz/fuzz_virtqueue.py -max_total_time=20 tests/fuzz/corpus/virtqueue
 """
@@ -32,14 +37,22 @@ import common
 with common.instrumented(__name__):
     from appliance import fastpath
     from appliance.memory import ClientMemory
+    from appliance.net import vhost_wire as vw
     from appliance.net.dirty_log import VhostLog
     from appliance.net.native import NativeVring
+    from appliance.net.port import VirtioNetPort
     from appliance.net.receive import write_frame
+    from appliance.net.responder import Responder
+    from appliance.net.switch import Switch
+    from appliance.net.vhost_wire import Feature as F
     from appliance.net.virtqueue import SplitQueue
 
 BASE = 0x10000
 MEM_SIZE = 64 << 10
 DESC, AVAIL, USED, BUFFERS = BASE, BASE + 0x1000, BASE + 0x2000, BASE + 0x3000
+RX_AVAIL, RX_USED = BASE + 0x2A00, BASE + MEM_SIZE - 0x1000  # the switched-to receive ring
+MACS = (bytes.fromhex("525400000010"), bytes.fromhex("525400000011"))
+R_MAC = bytes.fromhex("525400000202")
 
 _fd = os.memfd_create("fuzz-guest", os.MFD_CLOEXEC)
 os.ftruncate(_fd, MEM_SIZE)
@@ -84,6 +97,12 @@ def _run(data: bytes, native: NativeVring | None) -> tuple[object, ...]:
     _poke(AVAIL, struct.pack("<HH", 0, int.from_bytes(data[2:4], "little")) + heads)
     _poke(DESC, descs)
     _poke(BUFFERS, data[pos:pos + MEM_SIZE - (BUFFERS - BASE)])
+    if data[1] & 64:
+        _poke(AVAIL + 2, struct.pack("<H", data[2]))
+        mirrored = bytes(b for i in range(0, len(heads) - 1, 2)
+                         for b in struct.pack("<H", size - 1 - int.from_bytes(heads[i:i + 2], "little") % size))
+        _poke(RX_AVAIL, struct.pack("<HH", 0, data[3]) + mirrored)
+        return _switched(data, native, size)
     q = SplitQueue(1)
     q.native = native
     q.indirect = bool(data[1] & 1)
@@ -120,6 +139,43 @@ def _run(data: bytes, native: NativeVring | None) -> tuple[object, ...]:
     finally:
         memory.dirty_log = None
         q.reset()
+
+
+def _switched(data: bytes, native: NativeVring | None, size: int) -> tuple[object, ...]:
+    """The input's ring as port 0's transmit ring, switched (see the module docstring)."""
+    memory = MEMORY if native is None else MAPPED
+    switch = Switch()
+    responder = Responder(ip=bytes([10, 0, 2, 2]), mac=R_MAC)
+    responder.uplink = switch.forward
+    switch.attach(responder, [R_MAC])
+    ports = [VirtioNetPort(f"net{i}", MACS[i]) for i in range(2)]
+    features = (F.VERSION_1 | (F.NET_MRG_RXBUF if data[1] & 32 else 0)
+                | (F.RING_INDIRECT_DESC if data[1] & 1 else 0)
+                | (F.RING_EVENT_IDX if data[1] & 2 else 0))
+    for port in ports:
+        port.use_native(native)
+        port.uplink = switch.forward
+        port.switch = switch
+        port.set_features(int(features))
+        port.set_memory(memory)
+        switch.attach(port, [port.mac])
+    try:
+        for port, index, avail, used in ((ports[0], 1, AVAIL, USED), (ports[1], 0, RX_AVAIL, RX_USED)):
+            port.set_vring_num(index, size)
+            port.set_vring_addr(vw.VringAddr(index=index, flags=0, desc_user_addr=DESC,
+                                             used_user_addr=used, avail_user_addr=avail))
+            port.set_vring_base(index, 0)
+            port.set_vring_kick(index, None)
+        assert ports[0].rings[1].uses_native == (native is not None)
+        more = ports[0].process_tx(1, 2 * size + 2)
+        switch.flush()
+        table = {mac: getattr(p, "name", "?") for mac, (p, _) in switch.table.items()}
+        return (more, [p.stats() for p in ports], [p.rings[i].last_error for p, i in
+                                                    ((ports[0], 1), (ports[1], 0))],
+                switch.counters, table, responder.counters, bytes(RAM))
+    finally:
+        for port in ports:
+            port.set_memory(None)
 
 
 def _check(chain, size: int) -> None:  # type: ignore[no-untyped-def]

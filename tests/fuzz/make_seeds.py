@@ -144,8 +144,21 @@ def virtqueue_seeds() -> dict[str, bytes]:
     rx = b"".join(desc(BUFFERS + 0x40 * i, 32, write, 0) for i in range(8))
     rx_mrg = layout(8, 4, list(range(8)), rx, b"", flags=1 | 4 | 8 | 16 | 32)
     rx_legacy = layout(8, 3, list(range(8)), rx, b"", flags=1 | 8)
+    # a transmit ring switched to another port (flag 64): four frames for that port's
+    # MAC (learned), a broadcast and one for an unknown MAC in descriptors 0-3 (the
+    # avail index 4 in byte 2), its receive ring's four buffers in descriptors 7-4
+    # (byte 3: 4 available, heads mirrored)
+    hdr = bytes(12)
+    frames = [hdr + bytes.fromhex("525400000011525400aa0001") + b"\x88\xb5" + bytes(46),
+              hdr + b"\xff" * 6 + bytes.fromhex("525400aa0001") + b"\x88\xb5" + bytes(46),
+              hdr + bytes.fromhex("525400000099525400aa0001") + b"\x88\xb5" + bytes(46),
+              hdr + bytes.fromhex("525400000011525400aa0001") + b"\x88\xb5" + bytes(100)]
+    tx = b"".join(desc(BUFFERS + 0x100 * i, len(f), 0, 0) for i, f in enumerate(frames))
+    rx_bufs = b"".join(desc(BUFFERS + 0x800 + 0x100 * (3 - i), 0x100, write, 0) for i in range(4))
+    area = b"".join(f.ljust(0x100, b"\0") for f in frames)
+    switched = layout(8, 0x0404, [0, 1, 2, 3, 0, 0, 0, 0], tx + rx_bufs, area, flags=64 | 32)
     return {"simple": simple, "chain": chain, "indirect": ind, "receive-mrg": rx_mrg,
-            "receive-legacy": rx_legacy}
+            "receive-legacy": rx_legacy, "switched": switched}
 
 
 # ---------------------------------------------------------------- nvme

@@ -336,7 +336,10 @@ def test_link_down_and_frame_faults_on_wrapped_ports(tmp_path: Path) -> None:
         p0.deliver(b"a" * 60)
         p0.uplink(p0, b"b" * 60)
         assert p0.delivered == [b"a" * 60] and p0.sent == [b"b" * 60]
+        hooked = [p0.hooked, p1.hooked]  # type: ignore[attr-defined]  # set by the wrapping
+        assert not any(h() for h in hooked)  # the native switch may bypass the wrappers
         assert run(t, "link", port="net0", state="down") == {"port": "net0", "link": "down"}
+        assert [h() for h in hooked] == [True, False]  # net0's frames must be seen now
         p0.deliver(b"c" * 60)
         p0.uplink(p0, b"d" * 60)
         p1.deliver(b"e" * 60)
@@ -348,6 +351,7 @@ def test_link_down_and_frame_faults_on_wrapped_ports(tmp_path: Path) -> None:
         with pytest.raises(ControlError, match="port"):
             run(t, "fault.add", action="drop", port="net9")
         run(t, "fault.add", action="delay", port="net1", delay=0.5, count=1)
+        assert all(h() for h in hooked)  # a rule: every port's frames go through the hooks
         p1.deliver(b"late")
         assert p1.delivered == [b"e" * 60]
         now[0] = 1.0

@@ -304,6 +304,7 @@ class Rig:
         self.port = VirtioNetPort("net0", MAC_A, queue_pairs=queue_pairs)
         self.port.use_native(walker(self.fastpath))
         self.port.uplink = self.switch.forward
+        self.port.switch = self.switch  # native: a transmit batch through switch_tx
         self.notified: list[int] = []
         self.port.notify = self.notified.append
         self.switch.attach(self.port)
