@@ -212,16 +212,7 @@ class NvmeMigratable(PciMigratable):
         up to ``max_record`` bytes for its data (all-zero stretches of
         ZERO_RUN_MIN bytes or more inside it as ZEROES again).
         """
-        self._check_sizes()
-        for nsid in self.dirty:  # (a shared-storage session never asks for records)
-            if self.ctrl.namespaces[nsid].remote:
-                raise LocalProtocolError(f"namespace {nsid} is on an NBD export: its data is "
-                                         "not copied (migrate with shared storage)",
-                                         errno.EOPNOTSUPP)
-            if self.ctrl.namespaces[nsid].md is not None:
-                raise LocalProtocolError(f"namespace {nsid} has metadata: its side file is "
-                                         "not copied (migrate with shared storage)",
-                                         errno.EOPNOTSUPP)
+        self.check_copyable()
         out: list[Record] = []
         spent = 0
         for nsid in sorted(self.dirty):
@@ -251,6 +242,22 @@ class NvmeMigratable(PciMigratable):
                 pages.clear(run[0], -(-(end - start) // page))
                 pages.cursor = -(-end // page)
         return out
+
+    def check_copyable(self) -> None:
+        """Raises:
+            LocalProtocolError: a namespace whose data cannot be copied (NBD,
+                metadata: EOPNOTSUPP) or that was resized (EBUSY).
+        """
+        self._check_sizes()
+        for nsid in self.dirty:  # (a shared-storage session never asks for records)
+            if self.ctrl.namespaces[nsid].remote:
+                raise LocalProtocolError(f"namespace {nsid} is on an NBD export: its data is "
+                                         "not copied (migrate with shared storage)",
+                                         errno.EOPNOTSUPP)
+            if self.ctrl.namespaces[nsid].md is not None:
+                raise LocalProtocolError(f"namespace {nsid} has metadata: its side file is "
+                                         "not copied (migrate with shared storage)",
+                                         errno.EOPNOTSUPP)
 
     def _check_sizes(self) -> None:
         """Raises:
@@ -287,26 +294,35 @@ class NvmeMigratable(PciMigratable):
             head, data = parse_blocks_head(record)
         except StreamError as exc:
             raise state_error(str(exc)) from None
-        ns = self.ctrl.namespaces.get(head.nsid)
-        if ns is None or ns.read_only:
-            raise state_error(f"blocks for namespace {head.nsid} (absent or read-only here)")
-        if ns.remote:
-            raise state_error(f"blocks for namespace {head.nsid}, which is on an NBD export "
-                              "here (migrate it with shared storage)")
-        if ns.md is not None:
-            raise state_error(f"blocks for namespace {head.nsid}, which has metadata here "
-                              "(migrate it with shared storage)")
-        if (head.offset % ns.block_size or head.length % ns.block_size
-                or head.offset + head.length > ns.size):
-            raise state_error(f"nsid {head.nsid}: blocks {head.offset:#x}+{head.length:#x} "
-                       f"outside {ns.size:#x} or not {ns.block_size}-aligned")
-        staging = self._staging.get(head.nsid)
-        if staging is None:
-            staging = self._staging[head.nsid] = Staging(ns)
+        staging = self.staging_for(head.nsid, head.offset, head.length)
         if head.flags & BlocksFlag.ZEROES:
             staging.zero(head.offset, head.length)
         else:
             staging.write(head.offset, data)
+
+    def staging_for(self, nsid: int, offset: int, length: int) -> Staging:
+        """The staging image that takes ``length`` bytes at ``offset`` of namespace ``nsid``.
+
+        Raises:
+            LocalProtocolError: no such writable, file-backed namespace without
+                metadata here, or a range outside it or not block-aligned (EINVAL).
+        """
+        ns = self.ctrl.namespaces.get(nsid)
+        if ns is None or ns.read_only:
+            raise state_error(f"blocks for namespace {nsid} (absent or read-only here)")
+        if ns.remote:
+            raise state_error(f"blocks for namespace {nsid}, which is on an NBD export "
+                              "here (migrate it with shared storage)")
+        if ns.md is not None:
+            raise state_error(f"blocks for namespace {nsid}, which has metadata here "
+                              "(migrate it with shared storage)")
+        if offset % ns.block_size or length % ns.block_size or offset + length > ns.size:
+            raise state_error(f"nsid {nsid}: blocks {offset:#x}+{length:#x} "
+                              f"outside {ns.size:#x} or not {ns.block_size}-aligned")
+        staging = self._staging.get(nsid)
+        if staging is None:
+            staging = self._staging[nsid] = Staging(ns)
+        return staging
 
     def round_received(self) -> None:
         """Sync every staging image (the commit, in the downtime, syncs the rest)."""

@@ -82,8 +82,13 @@ class Staging:
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         pwrite_all(self.fd, data, offset)
-        self._cover(offset, len(data))
-        self.unsynced += len(data)
+        self.written(offset, len(data))
+
+    def written(self, offset: int, length: int) -> None:
+        """``length`` bytes at ``offset`` were written into :attr:`fd` (by :meth:`write`,
+        or spliced in by the data channel): they count as carried, and as unsynced."""
+        self._cover(offset, length)
+        self.unsynced += length
         if self.unsynced >= SYNC_EVERY:  # keeps the sync at commit (in the downtime) short
             self.sync()
 

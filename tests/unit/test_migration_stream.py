@@ -397,7 +397,7 @@ def test_header_flags_shared_storage_must_match() -> None:
 
 
 def test_header_reserved_flags_and_blocks_in_shared_stream_refused() -> None:
-    bad = StreamWriter(b"fp", flags=0x2)
+    bad = StreamWriter(b"fp", flags=0x4)
     with pytest.raises(StreamError, match="malformed HEADER"):
         StreamReader(None, None).feed(bad.read(1 << 20))
     # A shared-storage stream that carries blocks anyway (a forged writer).

@@ -1,0 +1,98 @@
+"""What the migration data channel needs of the NVMe device (device layer).
+
+:class:`NvmeChannelDevice` wraps an :class:`~appliance.storage.migration.NvmeMigratable`:
+on the source it hands out dirty ranges without reading them (the runtime
+sends them with ``sendfile`` from :meth:`image_fd`) and tells whether a range
+was written again while it was being sent; on the destination it checks a
+range against the namespace and hands out the staging image's fd (the
+runtime splices into it), then records what arrived.  Holes of the source
+image are ZEROES ranges, found with SEEK_DATA/SEEK_HOLE as for the standard
+stream.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from appliance.storage.dirty import data_end, hole_end
+from appliance.storage.migration import NvmeMigratable
+from appliance.vfio_user.migration_stream import MAX_ZERO_RUN
+
+
+class DirtyRange(NamedTuple):
+    nsid: int
+    offset: int
+    length: int
+    zeroes: bool  # a hole of the image: nothing to send but its length
+
+
+class NvmeChannelDevice:
+    """The NVMe side of a data channel (calls come from the event loop thread)."""
+
+    def __init__(self, migratable: NvmeMigratable) -> None:
+        self.migratable = migratable
+
+    # ------------------------------------------------------------ source
+    def take_ranges(self, max_bytes: int) -> list[DirtyRange]:
+        """Dirty ranges (data up to the migratable's ``max_record`` each, holes as
+        ZEROES), about ``max_bytes`` in all (at least one range when anything is
+        dirty), clearing them in the dirty map.
+
+        Raises:
+            LocalProtocolError: a namespace that cannot be copied (NBD,
+                metadata) or was resized.
+        """
+        mig = self.migratable
+        mig.check_copyable()
+        out: list[DirtyRange] = []
+        taken = 0
+        for nsid in sorted(mig.dirty):
+            pages, ns = mig.dirty[nsid], mig.ctrl.namespaces[nsid]
+            page = pages.page
+            while taken < max_bytes and (run := pages.next_run()) is not None:
+                start, stop = run[0] * page, min(run[1] * page, ns.size)
+                end = min(hole_end(ns.fd, start, stop, page), start + MAX_ZERO_RUN)
+                zeroes = end > start
+                if not zeroes:
+                    end = min(data_end(ns.fd, start, stop, page), start + mig.max_record)
+                out.append(DirtyRange(nsid, start, end - start, zeroes))
+                taken += end - start
+                pages.clear(run[0], -(-(end - start) // page))
+                pages.cursor = -(-end // page)
+        return out
+
+    def image_fd(self, nsid: int) -> int:
+        return self.migratable.ctrl.namespaces[nsid].fd
+
+    def written_since_taken(self, rng: DirtyRange) -> bool:
+        """Whether a page of ``rng`` was written since :meth:`take_ranges` cleared it."""
+        pages = self.migratable.dirty.get(rng.nsid)
+        if pages is None:  # the session ended
+            return False
+        first = rng.offset // pages.page
+        last = (rng.offset + rng.length - 1) // pages.page
+        return pages.map.find(1, first, last + 1) >= 0
+
+    def mark_again(self, rng: DirtyRange) -> None:
+        """``rng`` must travel again (it changed while it was being sent)."""
+        pages = self.migratable.dirty.get(rng.nsid)
+        if pages is not None:
+            pages.mark(rng.offset, rng.length)
+
+    # ------------------------------------------------------------ destination
+    def stage_target(self, nsid: int, offset: int, length: int) -> int:
+        """The staging image's fd for ``length`` bytes at ``offset`` of ``nsid``.
+
+        Raises:
+            LocalProtocolError: the range is not one of a writable namespace here
+                (absent, read-only, NBD, metadata, outside, misaligned).
+        """
+        return self.migratable.staging_for(nsid, offset, length).fd
+
+    def staged(self, nsid: int, offset: int, length: int) -> None:
+        """The range was written into the staging image and verified."""
+        self.migratable.staging_for(nsid, offset, length).written(offset, length)
+
+    def stage_zeroes(self, nsid: int, offset: int, length: int) -> None:
+        """The range reads as zeroes (checked as :meth:`stage_target`)."""
+        self.migratable.staging_for(nsid, offset, length).zero(offset, length)
