@@ -6,6 +6,8 @@ untouched)."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
+from appliance.client import datachannel as dc
 from appliance.client import migrate as orch
 from appliance.client.datachannel import ChannelPlan, channel_offered, set_channel
 from appliance.client.nvme import NvmeDriver
@@ -27,6 +30,7 @@ from appliance.testing.workload import (
     pair_configs,
     prepare_destination,
 )
+from appliance.vfio_user import wire as w
 from appliance.vfio_user.migration_channel import HEAD_CHECKED, ChannelHead, ChannelType
 from appliance.vfio_user.migration_states import MigState
 from appliance.vfio_user.wire import CHANNEL_OFFERED, ChannelMode
@@ -108,8 +112,6 @@ def test_channel_fd_bounds(pair: tuple[ApplianceProcess, ApplianceProcess]) -> N
         a, b = socket.socketpair()
         c, d = socket.socketpair()
         with a, b, c, d:
-            from appliance.client import datachannel as dc
-            from appliance.vfio_user import wire as w
             req = w.MigChannel(mode=ChannelMode.FD, timeout_ms=1000).pack()
             for fds in ([], [a.fileno(), c.fileno()]):  # FD mode takes exactly one
                 with pytest.raises(VfioUserError) as err:
@@ -124,6 +126,39 @@ def test_channel_fd_bounds(pair: tuple[ApplianceProcess, ApplianceProcess]) -> N
             set_channel(src, ChannelMode.OFF)
             assert not Path(path).exists() and not Path(path).parent.exists()
         assert orch.get_state(src) is MigState.RUNNING
+
+
+@pytest.mark.parametrize("no_channel", [False, True])
+def test_the_command_uses_the_channel_unless_told_not_to(
+        pair: tuple[ApplianceProcess, ApplianceProcess], no_channel: bool) -> None:
+    src_p, dst_p = pair
+    res = subprocess.run([sys.executable, "-m", "appliance", "migrate", sock(src_p), sock(dst_p),
+                          *(["--no-data-channel"] if no_channel else [])],
+                         check=False, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    first = res.stdout.splitlines()[0]
+    if no_channel:
+        assert first.endswith("(full copy, standard path (--no-data-channel))")
+        assert "on the data channel" not in res.stdout
+    else:
+        assert first.endswith("(full copy, data channel (same host))")
+        assert "on the data channel" in res.stdout
+    assert int(res.stdout.split("bytes: ")[1].split()[0]) > 16 << 20
+    assert file_hash(image(src_p)) == file_hash(image(dst_p))
+
+
+def test_a_destination_without_the_channel_means_the_standard_path(
+        pair: tuple[ApplianceProcess, ApplianceProcess], monkeypatch: pytest.MonkeyPatch) -> None:
+    src_p, dst_p = pair
+    with VfioUserClient.connect(sock(src_p)) as src, VfioUserClient.connect(sock(dst_p)) as dst:
+        offered = dc.channel_offered
+        # The destination answers as an appliance without the feature would (ENOTTY: 0).
+        monkeypatch.setattr(dc, "channel_offered", lambda c: 0 if c is dst else offered(c))
+        summary = orch.migrate(src, dst, data_channel=ChannelPlan())
+        assert summary.data_channel == ""
+        assert summary.channel_fallback == "the destination offers no data channel"
+        assert summary.bytes > 16 << 20
+    assert file_hash(image(src_p)) == file_hash(image(dst_p))
 
 
 # ------------------------------------------------------------ a relay between the two ends
