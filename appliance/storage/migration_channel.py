@@ -49,12 +49,20 @@ class NvmeChannelDevice:
         for nsid in sorted(mig.dirty):
             pages, ns = mig.dirty[nsid], mig.ctrl.namespaces[nsid]
             page = pages.page
+            known = (0, 0)  # a stretch known to be data: SEEK_HOLE once per stretch
             while taken < max_bytes and (run := pages.next_run()) is not None:
                 start, stop = run[0] * page, min(run[1] * page, ns.size)
-                end = min(hole_end(ns.fd, start, stop, page), start + MAX_ZERO_RUN)
-                zeroes = end > start
+                if known[0] <= start < known[1]:
+                    end, zeroes = start, False
+                else:
+                    end = min(hole_end(ns.fd, start, stop, page), start + MAX_ZERO_RUN)
+                    zeroes = end > start
                 if not zeroes:
-                    end = min(data_end(ns.fd, start, stop, page), start + mig.max_record)
+                    if not known[0] <= start < known[1]:
+                        # (tmpfs answers SEEK_HOLE by walking its pages: asking per
+                        # record would cost the square of the stretch)
+                        known = (start, data_end(ns.fd, start, stop, page))
+                    end = min(known[1], stop, start + mig.max_record)
                 out.append(DirtyRange(nsid, start, end - start, zeroes))
                 taken += end - start
                 pages.clear(run[0], -(-(end - start) // page))
