@@ -333,7 +333,9 @@ def migrate(src: VfioUserClient, dst: VfioUserClient, *, max_rounds: int = 8,
             SHARED_STORAGE option on both, so the stream carries device state
             only (the destination refuses a stream made the other way).
         between_reads: called between pre-copy reads while the source runs
-            (a test's or benchmark's load: it may do I/O on the source).
+            (a test's or benchmark's load: it may do I/O on the source); with
+            a data channel, once after each full round, while that round's
+            data is on its way on the channel.
         commit_timeout: seconds to wait for the destination's commit
             (RESUMING -> STOP), which syncs each staged image and renames it
             over the old one while the event loop waits: longer than one

@@ -326,6 +326,8 @@ class VfioUserMigration:
             return f"migration state {self.state.name}"
         if self.dma_log is not None:
             return "DMA dirty logging is on"
+        if self.channel.configured:
+            return "a migration data channel is set for the next session"
         return ""
 
     # ------------------------------------------------------------ DEVICE_FEATURE

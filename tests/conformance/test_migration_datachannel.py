@@ -73,8 +73,13 @@ def test_full_copy_over_the_channel_under_verified_writes(
     assert channel_offered(src) == channel_offered(dst) == CHANNEL_OFFERED
     prepare_destination(driver, dst)
     steps = []
+    answered: list[str] = []
 
     def load() -> None:  # while the round's data is on the channel
+        if not steps:  # round 0's data is on its way: both control sockets answer
+            for p in (src_p, dst_p):
+                with ControlClient(p.config.control.socket, timeout=5.0) as ctl:
+                    answered.append(str(ctl("status")))
         writer.step(20)
         steps.append(writer.ios)
 
@@ -82,6 +87,7 @@ def test_full_copy_over_the_channel_under_verified_writes(
                            between_reads=load, data_channel=ChannelPlan())
     assert summary.data_channel == "same host", summary.channel_fallback
     assert steps  # the load ran during pre-copy
+    assert len(answered) == 2
     assert summary.rounds >= 1
     assert summary.channel_bytes >= 16 << 20  # the data went on the channel ...
     assert summary.bytes < 1 << 20  # ... and the stream carried device state and markers
