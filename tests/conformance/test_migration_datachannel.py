@@ -112,9 +112,16 @@ def test_a_client_that_does_not_set_it_gets_the_standard_stream(
     assert file_hash(image(src_p)) == file_hash(image(dst_p))
 
 
+def open_fds(p: ApplianceProcess) -> int:
+    assert p.proc is not None
+    return len(list(Path(f"/proc/{p.proc.pid}/fd").iterdir()))
+
+
 def test_channel_fd_bounds(pair: tuple[ApplianceProcess, ApplianceProcess]) -> None:
     src_p, _ = pair
     with VfioUserClient.connect(sock(src_p)) as src:
+        orch.get_state(src)
+        before = open_fds(src_p)
         a, b = socket.socketpair()
         c, d = socket.socketpair()
         with a, b, c, d:
@@ -132,6 +139,7 @@ def test_channel_fd_bounds(pair: tuple[ApplianceProcess, ApplianceProcess]) -> N
             set_channel(src, ChannelMode.OFF)
             assert not Path(path).exists() and not Path(path).parent.exists()
         assert orch.get_state(src) is MigState.RUNNING
+        assert open_fds(src_p) == before  # every fd refused or dropped was closed
 
 
 @pytest.mark.parametrize("no_channel", [False, True])
