@@ -421,8 +421,11 @@ class VfioUserMigration:
             hops = path(self.state, target)
         except TransitionError as exc:
             raise Reject(str(exc), exc.errno) from None
-        if self.state is MigState.RESUMING and hops and self._resume_error is None:
-            self._resume_error = self.channel.gate()  # NotYet while data is still coming
+        reader = self._reader
+        if (self.state is MigState.RESUMING and hops and self._resume_error is None
+                and reader is not None and reader.failed is None and reader.bytes_fed):
+            # A session that could commit: NotYet while announced data is still coming.
+            self._resume_error = self.channel.gate()
         for hop in hops:
             arc = (self.state, hop)
             action: Callable[[], None] = getattr(self, ARC_ACTIONS[arc])

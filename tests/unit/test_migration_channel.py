@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 import xxhash
-from test_vfio_user_migration import Disk, feature, handler, read, refused, set_state
+from test_vfio_user_migration import Disk, feature, handler, read, refused, set_state, write
 
 from appliance.protocol_common import Reject
 from appliance.vfio_user import wire as w
@@ -23,6 +23,7 @@ from appliance.vfio_user.migration_channel import (
     ChannelReceiver,
     ChannelType,
     channel_head,
+    channel_sync,
 )
 from appliance.vfio_user.migration_states import MigState
 from appliance.vfio_user.migration_stream import (
@@ -32,6 +33,8 @@ from appliance.vfio_user.migration_stream import (
     RecordType,
     StreamError,
     StreamReader,
+    StreamWriter,
+    dirty_round,
 )
 
 GET, SET = w.FEATURE_GET, w.FEATURE_SET
@@ -254,3 +257,52 @@ def test_a_session_syncs_before_each_round_and_waits_for_an_idle_channel() -> No
     watch.check_complete()
     set_state(h, MigState.STOP)
     assert chan.closed  # the session ended: so did its channel
+
+
+def test_the_destination_waits_for_what_a_sync_announced() -> None:
+    disk = Disk()
+    h = handler(disk)
+    h.channel.factory = factory = FakeFactory(disk)  # type: ignore[assignment]
+    a, b = socket.socketpair()
+    with a, b:
+        channel_set(h, w.ChannelMode.FD, [os.dup(a.fileno())])
+    set_state(h, MigState.RESUMING)
+    assert factory.made[0][0] == "destination"
+    received = factory.channel.receiver_
+    stream = StreamWriter(disk.migration_fingerprint(), flags=HeaderFlag.DATA_CHANNEL)
+    stream.add(channel_sync(2, 96))
+    write(h, stream.read(1 << 20))  # the sync itself is taken ...
+    stream.add(dirty_round(0, 0))
+    chunk = stream.read(1 << 20)
+    with pytest.raises(NotYet):  # ... what follows waits for the two records
+        write(h, chunk)
+    received.head(channel_head(ChannelType.ZEROES, 0, 1, 0, 4096))
+    with pytest.raises(NotYet):
+        set_state(h, MigState.STOP)  # the commit waits too
+    received.head(channel_head(ChannelType.ZEROES, 1, 1, 4096, 4096))
+    write(h, chunk)
+    stream.add(channel_sync(2, 96, final=True))
+    write(h, stream.read(1 << 20))
+    # Caught up: the commit runs, and refuses this stream (no device state, no END).
+    with pytest.raises(Reject) as err:
+        set_state(h, MigState.STOP)
+    assert err.value.errno == errno.EINVAL
+    assert factory.channel.closed
+
+
+def test_a_failed_channel_fails_the_destination_session() -> None:
+    disk = Disk()
+    h = handler(disk)
+    h.channel.factory = factory = FakeFactory(disk)  # type: ignore[assignment]
+    a, b = socket.socketpair()
+    with a, b:
+        channel_set(h, w.ChannelMode.FD, [os.dup(a.fileno())])
+    set_state(h, MigState.RESUMING)
+    stream = StreamWriter(disk.migration_fingerprint(), flags=HeaderFlag.DATA_CHANNEL)
+    stream.add(channel_sync(5, 240))
+    write(h, stream.read(1 << 20))
+    factory.channel.error = OSError(errno.ECONNRESET, "closed in the middle of a record")
+    stream.add(dirty_round(0, 0))
+    with pytest.raises(Reject) as err:
+        write(h, stream.read(1 << 20))
+    assert "closed in the middle" in str(err.value)
