@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from appliance.client import migrate as orch
+from appliance.client.datachannel import ChannelPlan
 from appliance.client.ssh import SshForward, parse_target
 from appliance.client.vfio_user import VfioUserClient
 from appliance.testing.hosts import Hosts, Sshd
@@ -83,12 +84,13 @@ def appliance(h: Hosts, host: str, tmp: Path, image: str, **ns: object) -> Appli
 
 
 def migrate_over_ssh(h: Hosts, sshd: Sshd, src_p: ApplianceProcess, dst_p: ApplianceProcess,
-                     shared: bool) -> orch.Summary:
+                     shared: bool, channel: bool = False) -> orch.Summary:
     with forward(h, sshd, dst_p.config.storage.socket) as fwd:
         src = VfioUserClient.connect(src_p.config.storage.socket, timeout=120)
         dst = VfioUserClient.connect(fwd.local, timeout=120)
         try:
-            return orch.migrate(src, dst, shared_storage=shared)
+            plan = ChannelPlan(forward=fwd.forward) if channel else None
+            return orch.migrate(src, dst, shared_storage=shared, data_channel=plan)
         finally:
             src.close()
             dst.close()
@@ -112,19 +114,22 @@ def main() -> None:
                 with img.open("wb") as f:
                     for _ in range(size // MiB):
                         f.write(os.urandom(MiB))
-            src_p = appliance(h, "a", tmp, str(tmp / "a" / "data" / "disk0.img"),
-                              size=f"{args.size}M")
-            dst_p = appliance(h, "b", tmp, str(tmp / "b" / "data" / "disk0.img"),
-                              size=f"{args.size}M")
-            try:
-                s = migrate_over_ssh(h, sshd, src_p, dst_p, shared=False)
-            finally:
-                src_p.stop()
-                dst_p.stop()
-            rate = s.bytes / MiB / s.seconds
-            print(f"full copy a->b over ssh: {s.bytes / MiB:.1f} MiB in {s.seconds:.2f} s = "
-                  f"{rate:.1f} MiB/s ({rate / raw:.2f}x raw ssh), downtime "
-                  f"{s.downtime * 1000:.1f} ms")
+            for channel in (False, True):
+                src_p = appliance(h, "a", tmp, str(tmp / "a" / "data" / "disk0.img"),
+                                  size=f"{args.size}M")
+                dst_p = appliance(h, "b", tmp, str(tmp / "b" / "data" / "disk0.img"),
+                                  size=f"{args.size}M")
+                try:
+                    s = migrate_over_ssh(h, sshd, src_p, dst_p, shared=False, channel=channel)
+                finally:
+                    src_p.stop()
+                    dst_p.stop()
+                moved = s.bytes + s.channel_bytes
+                rate = moved / MiB / s.seconds
+                how = "forwarded data channel" if s.data_channel else "MIG_DATA"
+                print(f"full copy a->b over ssh ({how}): {moved / MiB:.1f} MiB in "
+                      f"{s.seconds:.2f} s = {rate:.1f} MiB/s ({rate / raw:.2f}x raw ssh), "
+                      f"downtime {s.downtime * 1000:.1f} ms")
             export = tmp / "export.img"
             with export.open("wb") as f:
                 f.truncate(size)

@@ -15,6 +15,11 @@
    on an image full of random data (every byte has to travel in round 0, so
    the load dirties the most while it runs).
 
+3. Data channel: the same full copy (no load) on the standard MIG_DATA path
+   and on the data channel (``migrate(data_channel=ChannelPlan())``: sendfile
+   on the source, splice on the destination), next to both anchors, with the
+   images on disk and on tmpfs (/dev/shm), all in the same run.
+
 The machine is shared and small: the figures are indicative only.
 ``--quick`` (what scripts/test runs) uses a 64 MiB namespace for throughput
 and 256 MiB for the full-image downtime; the sparse downtime case stays at
@@ -36,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from appliance.client import migrate as orch
+from appliance.client.datachannel import ChannelPlan
 from appliance.client.nvme import NvmeDriver
 from appliance.client.vfio_user import VfioUserClient
 from appliance.testing.process import ApplianceProcess
@@ -173,6 +179,40 @@ def bench_throughput(tmp: Path, size: int, anchor: float) -> None:
     print(f"  ratio              {rate / disk * 100:6.1f} % of the raw image copy")
 
 
+def bench_channel(bases: list[tuple[str, Path]], size: int, anchor: float) -> None:
+    """Standard path and data channel, one full copy each, per place the images are on."""
+    print(f"Data channel vs MIG_DATA, {size // MiB} MiB random namespace, no load "
+          f"(raw unix socket anchor {anchor / MiB:.0f} MiB/s, same run):")
+    for label, base in bases:
+        rates = {}
+        for name, plan in (("MIG_DATA stream", None), ("data channel", ChannelPlan())):
+            tmp = Path(tempfile.mkdtemp(prefix="mig-chan-", dir=base))
+            try:
+                src_p, dst_p = start_pair(tmp, size, fill=True)
+                try:
+                    with VfioUserClient.connect(sock(src_p)) as src, \
+                            VfioUserClient.connect(sock(dst_p)) as dst:
+                        s = orch.migrate(src, dst, converge_bytes=size, max_rounds=0,
+                                         data_channel=plan)
+                    same = file_hash(image(src_p)) == file_hash(image(dst_p))
+                    if name == "data channel":
+                        disk = raw_image_copy(Path(image(src_p)),
+                                              Path(image(dst_p)).with_name("raw-copy.img"))
+                finally:
+                    src_p.stop()
+                    dst_p.stop()
+            finally:
+                shutil.rmtree(tmp)
+            moved = s.bytes + s.channel_bytes
+            rates[name] = moved / s.seconds
+            print(f"  {label:<6} {name:<16} {moved / MiB:8.1f} MiB in {s.seconds:6.2f} s = "
+                  f"{rates[name] / MiB:7.1f} MiB/s  ({rates[name] / anchor:.2f}x raw socket; "
+                  f"images equal: {same}; {s.data_channel or 'standard path'})")
+        print(f"  {label:<6} raw image copy   {size / MiB:8.1f} MiB             = "
+              f"{disk / MiB:7.1f} MiB/s  ({disk / anchor:.2f}x raw socket; data channel "
+              f"{rates['data channel'] / disk:.2f}x of it)")
+
+
 def bench_downtime(tmp: Path, size: int, iops: int, max_rounds: int, fill: bool,
                    anchor: float) -> None:
     src_p, dst_p = start_pair(tmp, size, fill=fill)
@@ -234,6 +274,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smaller sizes (what scripts/test runs)")
     ap.add_argument("--iops", type=int, default=1000, help="write load during pre-copy")
     ap.add_argument("--max-rounds", type=int, help="pre-copy rounds at most (2 quick, 8)")
+    ap.add_argument("--channel-only", action="store_true",
+                    help="only the data channel comparison (section 3)")
     args = ap.parse_args()
     tput = 64 * MiB if args.quick else 1024 * MiB
     down = 256 * MiB if args.quick else 1024 * MiB
@@ -241,6 +283,9 @@ def main() -> int:
           f"(2-core shared machine: indicative only)")
     with tempfile.TemporaryDirectory(prefix="mig-bench-") as tmp:
         anchor = raw_socket_copy(tput)
+        bench_channel([("disk", Path(tmp)), ("tmpfs", Path("/dev/shm"))], tput, anchor)
+        if args.channel_only:
+            return 0
         bench_throughput(Path(tmp) / "tput", tput, anchor)
         shutil.rmtree(Path(tmp) / "tput")
         rounds = args.max_rounds if args.max_rounds is not None else 2 if args.quick else 8

@@ -61,6 +61,9 @@ def add_parser(sub: Any) -> None:
                         "repeatable")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds to wait for each reply (default 30)")
+    p.add_argument("--no-data-channel", action="store_true",
+                   help="carry everything in MIG_DATA_READ/WRITE, even when both appliances "
+                        "offer the data channel")
     p.set_defaults(func=run, config=None, trace=False, verbose=False)
 
 
@@ -99,12 +102,14 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         ApplianceError: a socket could not be reached or the migration failed
             (both sides rolled back, see the orchestrator).
     """
+    from appliance.client.datachannel import ChannelPlan
     from appliance.client.migrate import migrate
     from appliance.client.ssh import SshForward, parse_target
     from appliance.client.vfio_user import VfioUserClient
 
     clients = []
     forwards: list[SshForward] = []
+    plan: ChannelPlan | None = None if args.no_data_channel else ChannelPlan()
     try:
         for role, path in (("source", args.src), ("destination", args.dst)):
             target = parse_target(path)
@@ -115,6 +120,11 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
                     local = forwards[-1].open()
                 except ApplianceError as exc:
                     raise ApplianceError(f"{role} {path}: {exc}") from None
+                if plan is not None:
+                    # The destination's channel socket comes over the same ssh
+                    # connection; a source elsewhere cannot be handed a socket.
+                    plan = ChannelPlan(forward=forwards[-1].forward) if role == "destination" \
+                        else None
             try:
                 clients.append(VfioUserClient.connect(local, timeout=args.timeout))
             except (OSError, ConnectionError) as exc:
@@ -125,7 +135,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         try:
             s = migrate(clients[0], clients[1], max_rounds=args.max_rounds,
                         converge_bytes=args.converge, progress=bar,
-                        shared_storage=args.shared_storage)
+                        shared_storage=args.shared_storage, data_channel=plan)
         finally:
             bar.end()
     finally:
@@ -133,11 +143,22 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
             c.close()
         for f in forwards:
             f.close()
-    rate = s.bytes / s.seconds / 2**20 if s.seconds > 0 else 0.0
-    mode = "shared storage, device state only" if args.shared_storage else "full copy"
+    total = s.bytes + s.channel_bytes
+    rate = total / s.seconds / 2**20 if s.seconds > 0 else 0.0
+    if args.shared_storage:
+        mode = "shared storage, device state only"
+    elif s.data_channel:
+        mode = f"full copy, data channel ({s.data_channel})"
+    elif args.no_data_channel:
+        mode = "full copy, standard path (--no-data-channel)"
+    else:
+        why = s.channel_fallback or "the source is on another host"
+        mode = f"full copy, standard path: {why}"
     print(f"migrated {args.src} -> {args.dst} ({mode})")
     print(f"  pre-copy rounds: {s.rounds}")
-    print(f"  bytes: {s.bytes} ({s.bytes / 2**20:.1f} MiB; {s.precopy_bytes} while running)")
+    channel = f"; {s.channel_bytes} on the data channel" if s.data_channel else ""
+    print(f"  bytes: {total} ({total / 2**20:.1f} MiB; {s.precopy_bytes} of the stream while "
+          f"running{channel})")
     print(f"  time: {s.seconds:.3f} s, throughput {rate:.1f} MiB/s")
     print(f"  downtime: {s.downtime * 1000:.1f} ms ({s.pending_at_stop} bytes dirty at stop)")
     return 0

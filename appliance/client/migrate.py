@@ -43,9 +43,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from appliance.client.datachannel import ChannelPlan, setup_channel
 from appliance.client.vfio_user import VfioUserClient, VfioUserError
 from appliance.errors import ApplianceError
 from appliance.vfio_user import wire as w
+from appliance.vfio_user.migration_channel import parse_channel_sync
 from appliance.vfio_user.migration_states import MigrationFlag, MigState
 from appliance.vfio_user.migration_stream import (
     ROUND_MARKER_SIZE,
@@ -115,6 +117,12 @@ class Summary:
     downtime: float
     precopy_bytes: int = 0
     pending_at_stop: int = 0
+    #: how the bulk data went: "" (the stream), "same host" or "ssh forward" (data channel)
+    data_channel: str = ""
+    #: why a data channel asked for was not used ("" when it was, or was not asked for)
+    channel_fallback: str = ""
+    #: bytes the data channel carried (heads included)
+    channel_bytes: int = 0
 
 
 # ------------------------------------------------------------ single-connection requests
@@ -251,6 +259,8 @@ class _Copier:
         self.forward: Callable[[bytes], bytes] | None = None
         self.between: Callable[[], None] | None = None
         self.inflight: int | None = None  # MIG_DATA_WRITE sent, reply not yet seen
+        self.stream_pos = 0  # stream bytes of the records the watch completed
+        self.channel_bytes = 0  # what the last CHANNEL_SYNC announced
 
     def flush(self) -> None:
         """Wait for the outstanding MIG_DATA_WRITE's reply (its error raises here)."""
@@ -261,16 +271,24 @@ class _Copier:
     def copy(self, size: int) -> int:
         """Move one read's worth; returns how many bytes came."""
         data = data_read_view(self.src, size)
+        cuts: set[int] = set()
         for record in self.watch.feed(data):
+            self.stream_pos += record.size
             if record.type == RecordType.DIRTY_ROUND:
                 self.markers += 1
                 self.pending = parse_dirty_round(record).pending
+            elif record.type == RecordType.CHANNEL_SYNC:
+                # A write ends with each sync: the destination holds the next one
+                # until its channel caught up (the round's data is all there).
+                self.channel_bytes = parse_channel_sync(record).bytes
+                cuts.add(self.stream_pos - self.bytes)
         out = data if self.forward is None else memoryview(self.forward(bytes(data)))
-        for at in range(0, len(out), self.chunk):
+        bounds = sorted({*range(0, len(out), self.chunk), *(at for at in cuts if at < len(out))})
+        for at, end in zip(bounds, [*bounds[1:], len(out)], strict=False):
             # Pipelined: the destination stages this chunk while the source
             # produces the next; its reply is collected before the next write.
             self.flush()
-            self.inflight = data_write_send(self.dst, out[at:at + self.chunk])
+            self.inflight = data_write_send(self.dst, out[at:end])
         self.bytes += len(data)
         return len(data)
 
@@ -297,6 +315,7 @@ def migrate(src: VfioUserClient, dst: VfioUserClient, *, max_rounds: int = 8,
             between_reads: Callable[[], None] | None = None,
             forward: Callable[[bytes], bytes] | None = None,
             commit_timeout: float = 600.0,
+            data_channel: ChannelPlan | None = None,
             clock: Callable[[], float] = time.monotonic) -> Summary:
     """Live-migrate the device behind ``src`` to the one behind ``dst``.
 
@@ -314,7 +333,9 @@ def migrate(src: VfioUserClient, dst: VfioUserClient, *, max_rounds: int = 8,
             SHARED_STORAGE option on both, so the stream carries device state
             only (the destination refuses a stream made the other way).
         between_reads: called between pre-copy reads while the source runs
-            (a test's or benchmark's load: it may do I/O on the source).
+            (a test's or benchmark's load: it may do I/O on the source); with
+            a data channel, once after each full round, while that round's
+            data is on its way on the channel.
         commit_timeout: seconds to wait for the destination's commit
             (RESUMING -> STOP), which syncs each staged image and renames it
             over the old one while the event loop waits: longer than one
@@ -322,6 +343,11 @@ def migrate(src: VfioUserClient, dst: VfioUserClient, *, max_rounds: int = 8,
         forward: sees every chunk on its way to the destination and returns
             what to write instead (fault injection in tests); the client-side
             check runs on what the source sent.
+        data_channel: carry the bulk data on a data channel straight between
+            the appliances when both offer it (see
+            :mod:`appliance.client.datachannel`); the summary says whether it
+            was used (``data_channel``) or why not (``channel_fallback``).
+            None: the standard stream, as a client that does not know it.
 
     Returns:
         A :class:`Summary`.
@@ -340,7 +366,7 @@ def migrate(src: VfioUserClient, dst: VfioUserClient, *, max_rounds: int = 8,
 
     def report(now: str) -> None:
         if progress is not None:
-            progress(Progress(now, rounds, copier.bytes, copier.pending))
+            progress(Progress(now, rounds, copier.bytes + copier.channel_bytes, copier.pending))
 
     copier = _Copier(src, dst, chunk, report)
     copier.between = between_reads
@@ -363,6 +389,19 @@ def migrate(src: VfioUserClient, dst: VfioUserClient, *, max_rounds: int = 8,
             if set_options(side, want) != want:
                 raise VfioUserError(errno.ENOTSUP, f"a device did not take options {want!r}")
         copier.watch.expected_flags = int(HeaderFlag.SHARED_STORAGE) if shared_storage else 0
+        channel_how = channel_fallback = ""
+        if data_channel is not None and not shared_storage:
+            phase = "data channel"
+            # Half the request timeout: a stalled channel fails the appliance's
+            # waiting request before the request itself times out here.
+            timeout = max(0.001, min(src.timeout, dst.timeout) / 2)
+            used, why = setup_channel(src, dst, data_channel, timeout)
+            if used:
+                channel_how = why
+                copier.watch.expected_flags |= int(HeaderFlag.DATA_CHANNEL)
+            else:
+                channel_fallback = why
+                log.info("migrating on the standard path: %s", why)
         phase = "destination RESUMING"
         dst_started = True
         set_state(dst, MigState.RESUMING)
@@ -378,6 +417,10 @@ def migrate(src: VfioUserClient, dst: VfioUserClient, *, max_rounds: int = 8,
                     break
                 copier.rest_of_round(phase)
                 rounds += 1
+                if channel_how and between_reads is not None:
+                    # The round's data is on its way on the channel: the load runs
+                    # meanwhile (the next marker waits for the channel to drain).
+                    between_reads()
                 report(phase)
         precopy_bytes = copier.bytes
         # The destination stages (and, at the round marker, syncs) the last
@@ -412,7 +455,8 @@ def migrate(src: VfioUserClient, dst: VfioUserClient, *, max_rounds: int = 8,
     report("done")
     return Summary(rounds=rounds, bytes=copier.bytes, seconds=clock() - started,
                    downtime=running_at - stopped_at, precopy_bytes=precopy_bytes,
-                   pending_at_stop=pending_at_stop)
+                   pending_at_stop=pending_at_stop, data_channel=channel_how,
+                   channel_fallback=channel_fallback, channel_bytes=copier.channel_bytes)
 
 
 def _rollback(src: VfioUserClient | None, dst: VfioUserClient | None, dst_initial: MigState,

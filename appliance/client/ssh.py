@@ -79,6 +79,7 @@ class SshForward:
         self.target, self.options, self.ssh, self.timeout = target, tuple(options), ssh, timeout
         self.dir: str | None = None
         self.local = ""
+        self.extra = 0  # forwards added with forward()
 
     def _base(self) -> list[str]:
         cmd = [*self.ssh, "-S", os.path.join(self.dir or "", "control")]
@@ -114,6 +115,30 @@ class SshForward:
             why = lines[-1] if lines else f"exit status {done.returncode}"
             raise ApplianceError(f"ssh to {self.target.destination}: {why}")
         return self.local
+
+    def forward(self, remote: str) -> str:
+        """Forward one more socket over the open master connection (``ssh -S CONTROL
+        -O forward -L``); returns the local path (in the same private directory).
+
+        Raises:
+            ApplianceError: the master connection is gone or refused the forward.
+        """
+        if self.dir is None:
+            raise ApplianceError(f"ssh to {self.target.destination}: not connected")
+        self.extra += 1
+        local = os.path.join(self.dir, f"fwd{self.extra}.sock")
+        cmd = self._base() + ["-O", "forward", "-L", f"{local}:{remote}", "--",
+                              self.target.destination]
+        try:
+            done = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, timeout=self.timeout, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ApplianceError(f"ssh forward to {self.target.destination}: {exc}") from None
+        if done.returncode != 0 or not os.path.exists(local):
+            lines = done.stderr.decode(errors="replace").strip().splitlines()
+            why = lines[-1] if lines else f"exit status {done.returncode}"
+            raise ApplianceError(f"ssh forward to {self.target.destination}: {why}")
+        return local
 
     def close(self) -> None:
         """End the master connection and remove the local socket (idempotent)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -24,11 +25,13 @@ from appliance.runtime.handoff.sink import HandoffSink
 from appliance.runtime.handoff.source import HandoffSource
 from appliance.runtime.listener import Claim, ListenerError
 from appliance.runtime.loop import EventLoop
+from appliance.runtime.migration_channel import ChannelEnds
 from appliance.runtime.offload import Offload
 from appliance.runtime.vfio_user import VfioUserClientSocket, VfioUserService
 from appliance.storage.controller import NvmeController
 from appliance.storage.doorbells import DoorbellPage
 from appliance.storage.migration import NvmeMigratable
+from appliance.storage.migration_channel import NvmeChannelDevice
 from appliance.storage.nsmgmt import NamespaceManagement
 from appliance.vfio_user.migration import VfioUserMigration
 from appliance.vfio_user.migration_states import MigState
@@ -104,9 +107,12 @@ class Appliance:
         # Migration v2 (commands 16-18): the controller's save/restore is
         # appliance.storage.migration; the vfio-user handler drives it.
         migratable = NvmeMigratable(self.controller, clock=time.monotonic)
+        # The optional data channel (APPLIANCE_MIG_CHANNEL): its ends live on this loop.
+        channels = ChannelEnds(self.loop, NvmeChannelDevice(migratable),
+                               os.path.dirname(os.path.abspath(st.socket)))
 
         def migration_handler(memory: ClientMemory) -> VfioUserMigration:
-            handler = VfioUserMigration(migratable, memory, name="nvme")
+            handler = VfioUserMigration(migratable, memory, name="nvme", channels=channels)
 
             def changed(old: MigState, new: MigState) -> None:  # (the control socket exists by now)
                 self.control.emit(MIGRATION_STATE, {"device": "nvme", "from": old.name,

@@ -82,7 +82,18 @@ class VfioUserClientSocket:
         self._dma_watch: frozenset[int] = frozenset()  # DMA messages the timer checks
         self.out = OutputQueue(max_backlog, cap_behind_head=True)
         self._writing = False  # a writer is registered with the loop
+        if self.conn.migration is not None:  # a command waiting for the data channel
+            self.conn.migration.wake = lambda: loop.call_later(0, self._wake)
         loop.add_reader(sock.fileno(), self._readable)
+
+    def _wake(self) -> None:
+        """Run the messages that waited for the migration data channel."""
+        if self.sock.fileno() < 0 or not self.conn.parked:
+            return
+        self.conn.process()
+        self.flush()
+        if self.conn.closed:
+            self.close()
 
     def read_some(self) -> bool:
         """Read what is available (up to a batch of messages); False once closed."""

@@ -281,12 +281,7 @@ class NvmeMigratable(PciMigratable):
         written metadata of those blocks (:meth:`_metadata_records`), and a
         piece covers at most the blocks whose metadata fills ``max_record``.
         """
-        self._check_sizes()
-        for nsid in self.dirty:  # (a shared-storage session never asks for records)
-            if self.ctrl.namespaces[nsid].remote:
-                raise LocalProtocolError(f"namespace {nsid} is on an NBD export: its data is "
-                                         "not copied (migrate with shared storage)",
-                                         errno.EOPNOTSUPP)
+        self.check_copyable()
         out: list[Record] = []
         spent = 0
         if self._announcement is not None and not self._announced:
@@ -326,6 +321,30 @@ class NvmeMigratable(PciMigratable):
                 pages.clear(run[0], -(-(end - start) // page))
                 pages.cursor = -(-end // page)
         return out
+
+    def check_copyable(self) -> None:
+        """Raises:
+            LocalProtocolError: a namespace whose data cannot be copied (NBD:
+                EOPNOTSUPP) or that was created, deleted, resized or formatted
+                since the session started (EBUSY).
+        """
+        self._check_sizes()
+        for nsid in self.dirty:  # (a shared-storage session never asks for records)
+            if self.ctrl.namespaces[nsid].remote:
+                raise LocalProtocolError(f"namespace {nsid} is on an NBD export: its data is "
+                                         "not copied (migrate with shared storage)",
+                                         errno.EOPNOTSUPP)
+
+    def channel_blocker(self) -> str:
+        """Why the data channel cannot carry this device's data ("" when it can):
+        it carries image blocks only, so neither a namespace with metadata (its
+        NAMESPACE_METADATA records) nor a namespace created at run time (its
+        announcement) can use it; the standard path carries both."""
+        if any(ns.md is not None for ns in self.ctrl.namespaces.values()):
+            return "a namespace has metadata (the data channel carries image blocks only)"
+        if self.ctrl.ns_mgmt.created:
+            return "a namespace was created at run time (the data channel cannot announce it)"
+        return ""
 
     @staticmethod
     def _metadata_records(nsid: int, ns: Namespace, start: int, end: int) -> list[Record]:
@@ -456,19 +475,7 @@ class NvmeMigratable(PciMigratable):
             head, data = parse_blocks_head(record)
         except StreamError as exc:
             raise state_error(str(exc)) from None
-        ns = self._namespace(head.nsid)
-        if ns is None or ns.read_only:
-            raise state_error(f"blocks for namespace {head.nsid} (absent or read-only here)")
-        if ns.remote:
-            raise state_error(f"blocks for namespace {head.nsid}, which is on an NBD export "
-                              "here (migrate it with shared storage)")
-        if (head.offset % ns.block_size or head.length % ns.block_size
-                or head.offset + head.length > ns.size):
-            raise state_error(f"nsid {head.nsid}: blocks {head.offset:#x}+{head.length:#x} "
-                       f"outside {ns.size:#x} or not {ns.block_size}-aligned")
-        staging = self._staging.get(head.nsid)
-        if staging is None:
-            staging = self._staging[head.nsid] = Staging(ns)
+        staging = self.staging_for(head.nsid, head.offset, head.length)
         if head.flags & BlocksFlag.ZEROES:
             staging.zero(head.offset, head.length)
         else:
@@ -500,6 +507,27 @@ class NvmeMigratable(PciMigratable):
         if staging is None or not staging.carried(head.slba, head.nlb):
             raise state_error(f"{where}: blocks the stream has not carried")
         staging.write_metadata(head.slba, data)
+
+    def staging_for(self, nsid: int, offset: int, length: int) -> Staging:
+        """The staging image that takes ``length`` bytes at ``offset`` of namespace ``nsid``.
+
+        Raises:
+            LocalProtocolError: no such writable, file-backed namespace here, or a
+                range outside it or not block-aligned (EINVAL).
+        """
+        ns = self._namespace(nsid)
+        if ns is None or ns.read_only:
+            raise state_error(f"blocks for namespace {nsid} (absent or read-only here)")
+        if ns.remote:
+            raise state_error(f"blocks for namespace {nsid}, which is on an NBD export "
+                              "here (migrate it with shared storage)")
+        if offset % ns.block_size or length % ns.block_size or offset + length > ns.size:
+            raise state_error(f"nsid {nsid}: blocks {offset:#x}+{length:#x} "
+                              f"outside {ns.size:#x} or not {ns.block_size}-aligned")
+        staging = self._staging.get(nsid)
+        if staging is None:
+            staging = self._staging[nsid] = Staging(ns)
+        return staging
 
     def round_received(self) -> None:
         """Sync every staging image (the commit, in the downtime, syncs the rest)."""

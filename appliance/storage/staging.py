@@ -136,8 +136,14 @@ class Staging:
         """
         pwrite_all(self.fd, data, offset)
         self._unwrite_metadata(offset, len(data))
-        self._cover(offset, len(data))
-        self.unsynced += len(data)
+        self.written(offset, len(data))
+
+    def written(self, offset: int, length: int) -> None:
+        """``length`` bytes at ``offset`` were written into :attr:`fd` (by :meth:`write`,
+        or spliced in by the data channel, which never carries a namespace with
+        metadata): they count as carried, and as unsynced."""
+        self._cover(offset, length)
+        self.unsynced += length
         if self.unsynced >= SYNC_EVERY:  # keeps the sync at commit (in the downtime) short
             self.sync()
 

@@ -63,14 +63,27 @@ ALLOWED: dict[ConnState, frozenset[w.Command]] = {
 
 # Commands that may carry fds.  Fds on any other command are closed and the
 # command runs (libvfio-user does the same: a stray fd is no reason to fail).
-TAKES_FDS = frozenset({w.Command.DMA_MAP, w.Command.DEVICE_SET_IRQS})
+# DEVICE_FEATURE: only the APPLIANCE_MIG_CHANNEL SET keeps one (the migration
+# handler refuses any other count there); the connection closes the rest.
+TAKES_FDS = frozenset({w.Command.DMA_MAP, w.Command.DEVICE_SET_IRQS, w.Command.DEVICE_FEATURE})
+
+
+class NotYet(Exception):
+    """Raised by a migration handler that cannot answer a command yet and has
+    changed nothing: the connection keeps the message and stops dispatching
+    until the handler's ``wake`` runs it again (the data channel's progress)."""
 
 
 class MigrationHandler(Protocol):
     """Commands 16-18 for one connection (see appliance.vfio_user.migration)."""
 
-    def handle(self, command: w.Command, payload: bytes) -> bytes:
-        """Answer DEVICE_FEATURE / MIG_DATA_READ / MIG_DATA_WRITE; raise Reject(errno)."""
+    #: set by the runtime: re-run a message the handler answered with NotYet
+    wake: Callable[[], None] | None
+
+    def handle(self, command: w.Command, payload: bytes, fds: list[int] | None = None) -> bytes:
+        """Answer DEVICE_FEATURE / MIG_DATA_READ / MIG_DATA_WRITE; raise Reject(errno),
+        or NotYet (nothing changed).  An fd the handler keeps it removes from ``fds``;
+        the connection closes the others."""
 
     def allows(self, command: w.Command) -> bool:
         """Whether ``command`` may run in the current migration state."""

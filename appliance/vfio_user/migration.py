@@ -59,7 +59,12 @@ from appliance.errors import LocalProtocolError, StreamRefused
 from appliance.memory import ClientMemory, DirtyLog
 from appliance.protocol_common import Reject, require
 from appliance.vfio_user import wire as w
-from appliance.vfio_user.connection_state import MAX_DATA_XFER_SIZE, MIG_MAX_BITMAP_SIZE
+from appliance.vfio_user.connection_state import MAX_DATA_XFER_SIZE, MIG_MAX_BITMAP_SIZE, NotYet
+from appliance.vfio_user.migration_channel import (
+    ChannelFactory,
+    ChannelSession,
+    parse_channel_sync,
+)
 from appliance.vfio_user.migration_states import (
     ARCS,
     SUPPORTED_FLAGS,
@@ -117,6 +122,8 @@ FEATURES: dict[Feature, FeatureSpec] = {
     Feature.DMA_LOGGING_REPORT: FeatureSpec(w.FEATURE_GET, DmaLoggingReport.SIZE, 0),
     Feature.APPLIANCE_MIG_OPTIONS: FeatureSpec(w.FEATURE_GET | w.FEATURE_SET, w.MigOptions.SIZE,
                                                w.MigOptions.SIZE),
+    Feature.APPLIANCE_MIG_CHANNEL: FeatureSpec(w.FEATURE_GET | w.FEATURE_SET, w.MigChannel.SIZE,
+                                               w.MigChannel.SIZE),
 }
 
 MAX_LOG_RANGES = 256  # the kernel's LOG_MAX_RANGES (a page of ranges); more is E2BIG
@@ -218,12 +225,14 @@ class VfioUserMigration:
     def __init__(self, device: Migratable, memory: ClientMemory, *,
                  max_data_xfer_size: int = MAX_DATA_XFER_SIZE,
                  max_bitmap_size: int = MIG_MAX_BITMAP_SIZE,
-                 name: str = "vfio-user") -> None:
+                 name: str = "vfio-user", channels: ChannelFactory | None = None) -> None:
         """Args:
             device: save/restore interface of the device.
             memory: the connection's client memory (its dirty log is ours).
             max_data_xfer_size: the largest MIG_DATA_READ/WRITE ``size``.
             max_bitmap_size: the largest DMA_LOGGING_REPORT bitmap, bytes.
+            channels: makes data channel ends (the runtime's); None: the
+                APPLIANCE_MIG_CHANNEL feature is not offered (ENOTTY).
         """
         self.device = device
         self.memory = memory
@@ -234,6 +243,10 @@ class VfioUserMigration:
         #: told (old, new) whenever the state changes (the runtime sends an event)
         self.on_state: Callable[[MigState, MigState], None] | None = None
         self.options = w.MigOption(0)  # APPLIANCE_MIG_OPTIONS for the next session
+        #: APPLIANCE_MIG_CHANNEL: the next session's data channel, then the session's
+        self.channel = ChannelSession(channels, self._channel_progress, name)
+        #: set by the runtime: runs a command again that waited for the channel (NotYet)
+        self.wake: Callable[[], None] | None = None
         self.quiesced = False  # migration_stop() called and not yet undone
         self.dma_log: DmaLog | None = None
         self._writer: StreamWriter | None = None
@@ -245,6 +258,7 @@ class VfioUserMigration:
         self._final_started = False
         self._save_error: Exception | None = None
         self.counters = {"bytes_read": 0, "bytes_written": 0, "rounds": 0, "transitions": 0}
+        self._fds: list[int] = []  # the command's fds (only the channel SET takes one)
         self._handlers: dict[w.Command, Callable[[bytes], bytes]] = {
             C.DEVICE_FEATURE: self._feature,
             C.MIG_DATA_READ: self._data_read,
@@ -256,19 +270,31 @@ class VfioUserMigration:
         """Whether ``command`` may be dispatched in the current migration state."""
         return command in ALLOWED[self.state]
 
-    def handle(self, command: w.Command, payload: bytes) -> bytes:
+    def handle(self, command: w.Command, payload: bytes, fds: list[int] | None = None) -> bytes:
         """Answer DEVICE_FEATURE, MIG_DATA_READ or MIG_DATA_WRITE.
+
+        ``fds``: the message's fds; the one an APPLIANCE_MIG_CHANNEL SET keeps is
+        removed from the list (the connection closes the rest).
 
         Returns:
             The reply payload.
 
         Raises:
             Reject: the errno for the error reply.
+            NotYet: the data channel has not caught up; nothing changed.
         """
         handler = self._handlers.get(command)
         if handler is None:
             raise Reject(f"{command.name} is not a migration command", errno.EINVAL)
-        return handler(payload)
+        self._fds = fds if fds is not None else []
+        try:
+            return handler(payload)
+        finally:
+            self._fds = []
+
+    def _channel_progress(self) -> None:
+        if self.wake is not None:
+            self.wake()
 
     def device_reset(self) -> None:
         """DEVICE_RESET: drop any session and return to RUNNING (also from ERROR).
@@ -284,6 +310,7 @@ class VfioUserMigration:
                      self.state.name)
         self._set_state(MigState.RUNNING)
         self.options = w.MigOption(0)
+        self.channel.reset()
 
     def close(self) -> None:
         """The connection is closing: drop sessions, stop logging, un-quiesce."""
@@ -297,6 +324,8 @@ class VfioUserMigration:
             return f"migration state {self.state.name}"
         if self.dma_log is not None:
             return "DMA dirty logging is on"
+        if self.channel.configured:
+            return "a migration data channel is set for the next session"
         return ""
 
     # ------------------------------------------------------------ DEVICE_FEATURE
@@ -317,6 +346,8 @@ class VfioUserMigration:
             feature = Feature(index)
         except ValueError:
             raise Reject(f"device feature {index} is not supported", errno.ENOTTY) from None
+        if feature is Feature.APPLIANCE_MIG_CHANNEL and not self.channel.offered:
+            raise Reject("no migration data channel here", errno.ENOTTY)
         spec = FEATURES[feature]
         require(not ops & ~spec.ops, errno.EINVAL,
                 f"{feature.name} does not support flags {head.flags:#x}")
@@ -346,6 +377,8 @@ class VfioUserMigration:
             return MigStateData(device_state=self.state).pack()
         if feature is Feature.APPLIANCE_MIG_OPTIONS:
             return w.MigOptions(options=int(self.options)).pack()
+        if feature is Feature.APPLIANCE_MIG_CHANNEL:
+            return self.channel.describe()
         assert feature is Feature.DMA_LOGGING_REPORT
         return self._log_report(argsz, data)
 
@@ -364,6 +397,10 @@ class VfioUserMigration:
                     f"migration options cannot change in {self.state.name}")
             self.options = w.MigOption(opts.options)
             return w.MigOptions(options=int(self.options)).pack()
+        if feature is Feature.APPLIANCE_MIG_CHANNEL:
+            require(self.state in (MigState.RUNNING, MigState.STOP), errno.EBUSY,
+                    f"the data channel cannot change in {self.state.name}")
+            return self.channel.configure(data, self._fds)
         assert feature is Feature.DMA_LOGGING_STOP
         self.dma_log = None
         self.memory.dirty_log = None
@@ -382,6 +419,11 @@ class VfioUserMigration:
             hops = path(self.state, target)
         except TransitionError as exc:
             raise Reject(str(exc), exc.errno) from None
+        reader = self._reader
+        if (self.state is MigState.RESUMING and hops and self._resume_error is None
+                and reader is not None and reader.failed is None and reader.bytes_fed):
+            # A session that could commit: NotYet while announced data is still coming.
+            self._resume_error = self.channel.gate()
         for hop in hops:
             arc = (self.state, hop)
             action: Callable[[], None] = getattr(self, ARC_ACTIONS[arc])
@@ -410,6 +452,7 @@ class VfioUserMigration:
         self._drop_sessions()
 
     def _drop_sessions(self) -> None:
+        self.channel.end_session()
         if self._writer is not None:
             self._writer = None
             self._quietly(self.device.stop_tracking)
@@ -435,6 +478,11 @@ class VfioUserMigration:
     def _arc_start_saving(self) -> None:
         writer = StreamWriter(self.device.migration_fingerprint(), flags=self._header_flags())
         self.device.start_tracking()
+        try:
+            self.channel.start_source()
+        except BaseException:
+            self.device.stop_tracking()
+            raise
         self._writer = writer
         self._phase = RoundPhase.IDLE
         self._round = 0
@@ -444,11 +492,14 @@ class VfioUserMigration:
 
     def _arc_end_saving(self) -> None:
         self._writer = None
+        self.channel.end_session()
         self.device.stop_tracking()
 
     def _arc_start_resuming(self) -> None:
         self.device.abort_restore()
-        self._reader = StreamReader(self.device.migration_fingerprint(), self._header_flags())
+        reader = StreamReader(self.device.migration_fingerprint(), self._header_flags())
+        self.channel.start_destination()
+        self._reader = reader
         self._resume_error = None
 
     @property
@@ -456,7 +507,8 @@ class VfioUserMigration:
         return bool(self.options & w.MigOption.SHARED_STORAGE)
 
     def _header_flags(self) -> int:
-        return int(HeaderFlag.SHARED_STORAGE) if self.shared_storage else 0
+        flags = int(HeaderFlag.SHARED_STORAGE) if self.shared_storage else 0
+        return flags | (int(HeaderFlag.DATA_CHANNEL) if self.channel.configured else 0)
 
     def _arc_end_resuming(self) -> None:
         """Commit a complete stream; an empty one cancels; anything else fails.
@@ -468,19 +520,23 @@ class VfioUserMigration:
         assert reader is not None
         if reader.bytes_fed == 0 and self._resume_error is None:
             self.device.abort_restore()  # nothing was written: cancel, keep the old state
+            self.channel.end_session()
             self._reader = None
             return
         try:
             if self._resume_error is not None:
                 raise self._resume_error
             reader.check_complete()
+            self.channel.check_complete()
             self.device.commit_restore()
         except (LocalProtocolError, StreamRefused) as exc:
             self.device.abort_restore()
+            self.channel.end_session()
             self._reader = StreamReader(reader.expected_fingerprint, reader.expected_flags)
             self._resume_error = None
             raise LocalProtocolError(f"migration data rejected: {exc}",
                                      exc.errno or errno.EINVAL) from None
+        self.channel.end_session()
         self._reader = None
 
     # ------------------------------------------------------------ MIG_DATA_READ / WRITE
@@ -498,7 +554,10 @@ class VfioUserMigration:
         if self._save_error is not None:
             raise Reject(f"saving session failed: {self._save_error}", errno.EIO)
         try:
-            parts = self._produce(req.size)
+            parts = (self._produce(req.size) if self.channel.active is None
+                     else self._produce_channel(req.size))
+        except NotYet:
+            raise
         except Exception as exc:  # records may be lost: this session cannot continue
             self._save_error = exc
             if not isinstance(exc, LocalProtocolError):
@@ -546,6 +605,48 @@ class VfioUserMigration:
             self._phase = RoundPhase.IDLE  # the short read ended the round
         return parts
 
+    def _produce_channel(self, size: int) -> list[memoryview]:
+        """:meth:`_produce` with a data channel: bulk data goes to the channel, the
+        stream gets a CHANNEL_SYNC (what the channel carried) before each round
+        marker and before the device state.
+
+        Raises:
+            NotYet: the channel must drain first (a sync needs an idle channel).
+            LocalProtocolError: the channel failed.
+        """
+        writer, chan = self._writer, self.channel
+        assert writer is not None
+        chan.check_source()
+        if self.state is MigState.STOP_COPY:
+            if not self._final_started:
+                self._final_started = True
+                self._phase = RoundPhase.DRAINING
+                writer.add(dirty_round(self._round, self._pending(), final=True))
+                self._round += 1
+            while writer.pending < size and not writer.finished:
+                if chan.fill(self._pending()):
+                    continue
+                writer.add(chan.sync_record(final=True))  # NotYet until the channel drained
+                writer.add_all(self.device.save_state())
+                writer.finish()
+            return writer.read_parts(size)
+        if self._phase is RoundPhase.IDLE:
+            sync = chan.sync_record(final=False)  # NotYet until the last round was sent
+            writer.add(sync)
+            self._budget = self._pending()
+            writer.add(dirty_round(self._round, self._budget))
+            self._round += 1
+            self.counters["rounds"] += 1
+            self._phase = RoundPhase.OPEN
+        if self._phase is RoundPhase.OPEN:
+            # The whole round's ranges go to the channel now (descriptors, not data).
+            chan.fill(self._budget)
+            self._phase = RoundPhase.DRAINING
+        parts = writer.read_parts(size)
+        if sum(len(part) for part in parts) < size:
+            self._phase = RoundPhase.IDLE  # the short read ended the round
+        return parts
+
     def _pending(self) -> int:
         """Bulk bytes still to send (none with shared storage: the images are the same)."""
         return 0 if self.shared_storage else self.device.precopy_pending()
@@ -569,6 +670,8 @@ class VfioUserMigration:
                 f"MIG_DATA_WRITE argsz {req.argsz} < {w.MigDataHead.SIZE + req.size}")
         reader = self._reader
         assert reader is not None
+        if self._resume_error is None and self.channel.active is not None:
+            self._resume_error = self.channel.gate()  # NotYet while data is still coming
         if self._resume_error is not None:
             raise Reject(f"migration stream already rejected: {self._resume_error}",
                          self._resume_error.errno or errno.EINVAL)
@@ -577,6 +680,9 @@ class VfioUserMigration:
             if any(r.type == RecordType.HANDOFF for r in records):
                 raise LocalProtocolError("a HANDOFF record (live handoff only) in a vfio-user "
                                          "migration stream", errno.EINVAL)
+            for r in records:
+                if r.type == RecordType.CHANNEL_SYNC:
+                    self.channel.synced(parse_channel_sync(r))
             self.device.load_records([r for r in records if r.type in DEVICE_RECORDS])
             if any(r.type == RecordType.DIRTY_ROUND and not parse_dirty_round(r).flags
                    & DirtyRoundFlag.FINAL for r in records):

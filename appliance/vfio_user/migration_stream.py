@@ -66,6 +66,9 @@ class RecordType(enum.IntEnum):
     # connections that move with their fds; never part of a vfio-user stream.
     HANDOFF = 8
     NAMESPACE_METADATA = 9  # MetadataHead + the metadata of a run of blocks
+    # Data channel only (a stream whose HEADER has DATA_CHANNEL): the channel's
+    # record and byte counts so far (appliance.vfio_user.migration_channel).
+    CHANNEL_SYNC = 10
 
 
 # Records a device gets; HEADER, DIRTY_ROUND, END (and HANDOFF) belong to the stream.
@@ -107,13 +110,21 @@ class HeaderFlag(enum.IntFlag):
     # Both sides use the same images: no DATA_RECORDS follow (device state
     # only).  A reader expecting the other mode refuses the stream at its HEADER.
     SHARED_STORAGE = 0x1
+    # The bulk data travels on the negotiated data channel: no NAMESPACE_BLOCKS
+    # follow, CHANNEL_SYNC records say how much the channel carried.
+    DATA_CHANNEL = 0x2
 
 
-HEADER_FLAGS_RESERVED = 0xFFFF & ~int(HeaderFlag.SHARED_STORAGE)
+HEADER_FLAGS_RESERVED = 0xFFFF & ~int(HeaderFlag.SHARED_STORAGE | HeaderFlag.DATA_CHANNEL)
+
+
+# Streams whose bulk data does not travel in NAMESPACE_BLOCKS records.
+BULK_ELSEWHERE = HeaderFlag.SHARED_STORAGE | HeaderFlag.DATA_CHANNEL
 
 
 def _mode(flags: int) -> str:
-    return "shared-storage (device state only)" if flags & HeaderFlag.SHARED_STORAGE else "full"
+    mode = "shared-storage (device state only)" if flags & HeaderFlag.SHARED_STORAGE else "full"
+    return mode + (" data-channel" if flags & HeaderFlag.DATA_CHANNEL else "")
 
 
 class DeviceStateHead(Struct, size=8):
@@ -167,6 +178,19 @@ class DirtyRound(Struct, size=16):
     round: U32 = 0
     flags: U32 = 0
     pending: U64 = 0
+
+
+class ChannelSync(Struct, size=24):
+    """CHANNEL_SYNC payload: what the data channel carried before this record."""
+
+    records: U64 = 0
+    bytes: U64 = 0
+    flags: U32 = 0  # ChannelSyncFlag
+    reserved: U32 = 0
+
+
+class ChannelSyncFlag(enum.IntFlag):
+    FINAL = 0x1  # the channel carries nothing more in this stream
 
 
 class EndPayload(Struct, size=16):
@@ -339,6 +363,7 @@ _SIZES: dict[RecordType, tuple[int, int]] = {
     RecordType.END: (EndPayload.SIZE, EndPayload.SIZE),
     RecordType.HANDOFF: (2, MAX_PAYLOAD),
     RecordType.NAMESPACE_METADATA: (MetadataHead.SIZE + 1, MAX_PAYLOAD),
+    RecordType.CHANNEL_SYNC: (ChannelSync.SIZE, ChannelSync.SIZE),
 }
 
 
@@ -390,8 +415,10 @@ class StreamWriter:
         """
         if record.type in (RecordType.HEADER, RecordType.END):
             raise ValueError(f"{record.type.name} records are written by the writer itself")
-        if record.type in DATA_RECORDS and self.flags & HeaderFlag.SHARED_STORAGE:
-            raise ValueError(f"{record.type.name} in a shared-storage stream")
+        if record.type in DATA_RECORDS and self.flags & BULK_ELSEWHERE:
+            raise ValueError(f"{record.type.name} in a shared-storage or data-channel stream")
+        if record.type == RecordType.CHANNEL_SYNC and not self.flags & HeaderFlag.DATA_CHANNEL:
+            raise ValueError("CHANNEL_SYNC in a stream without a data channel")
         lo, hi = _SIZES[record.type]
         if not lo <= len(record.payload) <= hi:
             raise ValueError(f"{record.type.name} payload of {len(record.payload)} bytes")
@@ -579,8 +606,12 @@ class StreamReader:
             raise StreamError(f"{where}: stream starts with {kind.name}, not HEADER")
         if kind in ONCE and kind in self._seen:
             raise StreamError(f"{where}: second {kind.name} record")
-        if kind in DATA_RECORDS and self.flags & HeaderFlag.SHARED_STORAGE:
-            raise StreamError(f"{where}: {kind.name} in a shared-storage stream")
+        if kind in DATA_RECORDS and self.flags & BULK_ELSEWHERE:
+            kind_of = ("shared-storage" if self.flags & HeaderFlag.SHARED_STORAGE
+                       else "data-channel")
+            raise StreamError(f"{where}: {kind.name} in a {kind_of} stream")
+        if kind == RecordType.CHANNEL_SYNC and not self.flags & HeaderFlag.DATA_CHANNEL:
+            raise StreamError(f"{where}: CHANNEL_SYNC in a stream without a data channel")
         return head
 
     def _complete(self) -> Record:
@@ -616,8 +647,10 @@ class StreamReader:
                 or head.fingerprint_len != len(fingerprint)):
             raise StreamError("malformed HEADER record")
         if self.expected_flags is not None and head.flags != self.expected_flags:
+            which = ("shared-storage" if (head.flags ^ self.expected_flags)
+                     & HeaderFlag.SHARED_STORAGE else "data-channel")
             raise StreamError(f"the stream is a {_mode(head.flags)} stream, this side expects "
-                              f"a {_mode(self.expected_flags)} one (shared-storage mode differs)")
+                              f"a {_mode(self.expected_flags)} one ({which} mode differs)")
         if self.expected_fingerprint is not None and fingerprint != self.expected_fingerprint:
             raise StreamError("device configuration fingerprint differs: the stream is "
                               "for another device configuration")

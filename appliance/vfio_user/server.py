@@ -50,6 +50,7 @@ from appliance.vfio_user.connection_state import (
     DmaLayout,
     MigrationFactory,
     MigrationHandler,
+    NotYet,
 )
 from appliance.vfio_user.dma import DmaMessages
 from appliance.vfio_user.framing import Frame, Framer, encode
@@ -142,6 +143,7 @@ class ServerConnection(ConnectionHandoff):
         self.irq_enabled: dict[int, int] = {}  # irq index -> sub-indexes enabled
         self._out: deque[tuple[bytes, list[int]]] = deque()
         self._frames: deque[Frame] = deque()
+        self.parked = False  # the first frame waits for the migration handler (NotYet)
         self._next_id = 0
         self.counters = {"messages": 0, "errors": 0}
         self._handlers: dict[w.Command, Callable[[Frame], bytes | tuple[bytes, list[int]]]] = {
@@ -190,8 +192,13 @@ class ServerConnection(ConnectionHandoff):
                 self._frames.append(frame)
 
     def process(self) -> None:
-        """Dispatch every complete message; replies go to :meth:`data_to_send`."""
-        while self._frames and self.state is not ConnState.CLOSED:
+        """Dispatch every complete message; replies go to :meth:`data_to_send`.
+
+        A message the migration handler cannot answer yet (:class:`NotYet`) stays
+        first and nothing after it runs until the next call (``parked``).
+        """
+        self.parked = False
+        while self._frames and self.state is not ConnState.CLOSED and not self.parked:
             self._dispatch(self._frames.popleft())
 
     @property
@@ -271,7 +278,13 @@ class ServerConnection(ConnectionHandoff):
         nfds = len(frame.fds)
         try:
             command = self._check_header(frame)
-            result = self._handlers[command](frame)
+            try:
+                result = self._handlers[command](frame)
+            except NotYet:
+                self._frames.appendleft(frame)
+                self.counters["messages"] -= 1
+                self.parked = True
+                return
             payload, fds = result if isinstance(result, tuple) else (result, [])
             frame.close_fds()
             if log.isEnabledFor(logging.DEBUG):
@@ -615,7 +628,7 @@ class ServerConnection(ConnectionHandoff):
     def _migration_command(self, frame: Frame) -> bytes:
         if self.migration is None:
             raise Reject(f"{_cmd_name(frame.header.command)} is not supported", errno.ENOTSUP)
-        return self.migration.handle(w.Command(frame.header.command), frame.payload)
+        return self.migration.handle(w.Command(frame.header.command), frame.payload, frame.fds)
 
     def allowed_in_migration_state(self, command: w.Command) -> bool:
         """The migration state's command allow-list (all commands without migration)."""

@@ -273,6 +273,7 @@ class Feature(enum.IntEnum):
     # Appliance-specific (0x8000 and up: outside the kernel's range): migration
     # options of the next saving/resuming session (MigOptions).
     APPLIANCE_MIG_OPTIONS = 0x8001
+    APPLIANCE_MIG_CHANNEL = 0x8002  # the migration data channel (docs/migration.md)
 
 
 DATA_FD_NONE = 0xFFFFFFFF  # data_fd is unused in vfio-user; -1 as the kernel reports it
@@ -328,6 +329,27 @@ class MigOptions(Struct, size=8):
     """APPLIANCE_MIG_OPTIONS data (SET request, GET/SET reply)."""
 
     options: U32 = 0
+    reserved: U32 = 0
+
+
+class ChannelMode(enum.IntEnum):
+    """APPLIANCE_MIG_CHANNEL ``mode``: how the next session's data channel is made."""
+
+    OFF = 0
+    FD = 1  # the SET carries one connected stream socket (SCM_RIGHTS)
+    LISTEN = 2  # a destination listens on a per-session Unix socket (path in the reply)
+
+
+CHANNEL_OFFERED = (1 << ChannelMode.FD) | (1 << ChannelMode.LISTEN)  # GET ``offered`` bits
+
+
+class MigChannel(Struct, size=16):
+    """APPLIANCE_MIG_CHANNEL data (SET request, GET/SET reply; a LISTEN reply
+    appends the socket path, UTF-8)."""
+
+    offered: U32 = 0  # GET/SET reply: 1 << mode for each mode offered; 0 in a SET
+    mode: U32 = 0  # ChannelMode
+    timeout_ms: U32 = 0  # no progress for this long fails the channel (1..600000)
     reserved: U32 = 0
 
 

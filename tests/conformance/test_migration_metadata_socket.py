@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from appliance.client import migrate as orch
+from appliance.client.datachannel import ChannelPlan
 from appliance.client.nvme import NvmeDriver
 from appliance.client.vfio_user import VfioUserClient
 from appliance.storage.metadata import interleave, split
@@ -134,8 +135,11 @@ def pair(tmp_path: Path) -> Iterator[tuple[ApplianceProcess, ApplianceProcess]]:
         assert "Traceback" not in src.log_text() + dst.log_text()
 
 
+@pytest.mark.parametrize("channel", [False, True], ids=["standard", "channel-asked"])
 def test_metadata_namespaces_migrate_under_protected_writes(
-        pair: tuple[ApplianceProcess, ApplianceProcess]) -> None:
+        pair: tuple[ApplianceProcess, ApplianceProcess], channel: bool) -> None:
+    """A data channel asked for is refused by both (it carries image blocks
+    only): the migration runs on the standard path and says why."""
     src_p, dst_p = pair
     src, driver = attach(src_p)
     format_extended(driver)
@@ -153,7 +157,10 @@ def test_metadata_namespaces_migrate_under_protected_writes(
 
     # 64 KiB reads: round 0 takes several, with writes between them.
     summary = orch.migrate(src, dst, converge_bytes=0, max_rounds=3, chunk=64 << 10,
-                           between_reads=load)
+                           between_reads=load, data_channel=ChannelPlan() if channel else None)
+    assert summary.data_channel == ""
+    assert ("cannot use a data channel" in summary.channel_fallback) == channel
+    assert ("has metadata" in src_p.log_text()) == channel
     # Writes landed between pre-copy reads: blocks already sent went again (the
     # sweep wraps inside a round), their new tuples with them.
     assert steps[0] >= 4 and summary.rounds >= 1

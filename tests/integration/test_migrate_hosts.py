@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from appliance.client import migrate as orch
+from appliance.client.datachannel import ChannelPlan
 from appliance.client.nvme import NvmeDriver
 from appliance.client.ssh import SshForward, parse_target
 from appliance.client.vfio_user import VfioUserClient
@@ -138,6 +139,45 @@ def test_full_copy_to_another_host_under_verified_writes(hosts: tuple[Hosts, Ssh
             close(driver)
         assert len(steps) >= 10 and summary.bytes > 16 << 20  # the random MiBs travelled
         assert file_hash(image(src_p)) == file_hash(image(dst_p))  # byte-identical
+        verify_on(dst_p, writer)
+    finally:
+        src_p.stop()
+        dst_p.stop()
+
+
+def test_full_copy_over_the_forwarded_data_channel(hosts: tuple[Hosts, Sshd],
+                                                   tmp_path: Path) -> None:
+    """The bulk data on the data channel: the destination's per-session socket,
+    forwarded over the same ssh master as its vfio-user socket."""
+    h, sshd = hosts
+    make_image(tmp_path / "a" / "data" / "disk0.img", SIZE, seed=1, random_mib=24)
+    make_image(tmp_path / "b" / "data" / "disk0.img", SIZE, seed=2, random_mib=4, fill=9)
+    src_p = appliance(h, "a", tmp_path, str(tmp_path / "a" / "data" / "disk0.img"), size="256M")
+    dst_p = appliance(h, "b", tmp_path, str(tmp_path / "b" / "data" / "disk0.img"), size="256M")
+    try:
+        driver = driver_on(src_p)
+        writer = VerifiedWriter(driver, blocks=8, seed=7)
+        writer.step(50)
+        with forward(h, sshd, dst_p) as fwd:
+            steps: list[int] = []
+
+            def load() -> None:  # while a round's data is on the channel
+                writer.step(20)
+                steps.append(writer.ios)
+
+            dst = VfioUserClient.connect(fwd.local, timeout=60)
+            try:
+                summary = orch.migrate(driver.c, dst, between_reads=load, max_rounds=6,
+                                       converge_bytes=256 << 10,
+                                       data_channel=ChannelPlan(forward=fwd.forward))
+            finally:
+                dst.close()
+            close(driver)
+        assert summary.data_channel == "ssh forward", summary.channel_fallback
+        assert steps and summary.channel_bytes > 16 << 20 and summary.bytes < 1 << 20
+        assert file_hash(image(src_p)) == file_hash(image(dst_p))  # byte-identical
+        run_dir = Path(sock(dst_p)).parent
+        assert not list(run_dir.glob("migch-*"))  # the per-session socket is gone
         verify_on(dst_p, writer)
     finally:
         src_p.stop()

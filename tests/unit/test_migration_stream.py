@@ -407,7 +407,7 @@ def test_header_flags_shared_storage_must_match() -> None:
 
 
 def test_header_reserved_flags_and_blocks_in_shared_stream_refused() -> None:
-    bad = StreamWriter(b"fp", flags=0x2)
+    bad = StreamWriter(b"fp", flags=0x4)
     with pytest.raises(StreamError, match="malformed HEADER"):
         StreamReader(None, None).feed(bad.read(1 << 20))
     # A shared-storage stream that carries blocks anyway (a forged writer).
@@ -420,7 +420,7 @@ def test_header_reserved_flags_and_blocks_in_shared_stream_refused() -> None:
 
 def test_metadata_in_a_shared_storage_stream_refused() -> None:
     w = StreamWriter(b"fp", flags=s.HeaderFlag.SHARED_STORAGE)
-    with pytest.raises(ValueError, match="NAMESPACE_METADATA in a shared-storage stream"):
+    with pytest.raises(ValueError, match="NAMESPACE_METADATA in a shared-storage or data-channel stream"):
         w.add(s.namespace_metadata(1, 0, 1, b"m" * 8))
     w.flags = 0  # a forged writer
     w.add(s.namespace_metadata(1, 0, 1, b"m" * 8))
