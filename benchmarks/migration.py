@@ -1,6 +1,6 @@
 """Migration figures (prints, never asserts).
 
-    python benchmarks/migration.py [--quick]
+    python benchmarks/migration.py [--quick] [--tmpfs] [--throughput-only] [--size MIB]
 
 1. MIG_DATA throughput: a namespace full of random data migrated between two
    appliance processes (no load), stream bytes / wall time, printed next to a
@@ -15,6 +15,15 @@
    on an image full of random data (every byte has to travel in round 0, so
    the load dirties the most while it runs).
 
+``--tmpfs`` runs the throughput case twice, images on the disk and on
+tmpfs (/dev/shm, removed afterwards), and prints both rows side by side
+with their anchors, so the disk's share of the time is visible.
+``--throughput-only`` skips the downtime cases.  With
+``APPLIANCE_PROFILE_DIR=DIR`` in the environment the three processes of the
+throughput case write cProfile files there (both appliances, through
+:func:`appliance.testing.process.profile_args`, and the client, this
+process: ``client-<medium>.prof``).
+
 The machine is shared and small: the figures are indicative only.
 ``--quick`` (what scripts/test runs) uses a 64 MiB namespace for throughput
 and 256 MiB for the full-image downtime; the sparse downtime case stays at
@@ -24,6 +33,7 @@ and 256 MiB for the full-image downtime; the sparse downtime case stays at
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
 import shutil
 import socket
@@ -31,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -38,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from appliance.client import migrate as orch
 from appliance.client.nvme import NvmeDriver
 from appliance.client.vfio_user import VfioUserClient
-from appliance.testing.process import ApplianceProcess
+from appliance.testing.process import PROFILE_ENV, ApplianceProcess
 from appliance.testing.workload import (
     VerifiedWriter,
     file_hash,
@@ -151,26 +162,54 @@ def image(p: ApplianceProcess) -> str:
     return p.config.storage.namespaces[0].image
 
 
-def bench_throughput(tmp: Path, size: int, anchor: float) -> None:
+@dataclass
+class Throughput:
+    """One throughput run: where the images were and what it measured."""
+
+    medium: str
+    seconds: float
+    stream: int  # bytes of the migration stream
+    downtime: float
+    same: bool  # images equal after it
+    image_copy: float  # bytes/s of the raw image copy on the same medium
+
+    @property
+    def rate(self) -> float:
+        return self.stream / self.seconds
+
+
+def bench_throughput(tmp: Path, size: int, medium: str) -> Throughput:
     src_p, dst_p = start_pair(tmp, size, fill=True)
+    profile = os.environ.get(PROFILE_ENV)
     try:
         with VfioUserClient.connect(sock(src_p)) as src, VfioUserClient.connect(sock(dst_p)) as dst:
+            prof = cProfile.Profile() if profile else None
+            if prof is not None:
+                prof.enable()
             s = orch.migrate(src, dst, converge_bytes=size, max_rounds=0)
+            if prof is not None:
+                prof.disable()
+                prof.dump_stats(str(Path(profile) / f"client-{medium}.prof"))
         same = file_hash(image(src_p)) == file_hash(image(dst_p))
-        disk = raw_image_copy(Path(image(src_p)), Path(image(dst_p)).with_name("raw-copy.img"))
+        copy = raw_image_copy(Path(image(src_p)), Path(image(dst_p)).with_name("raw-copy.img"))
     finally:
         src_p.stop()
         dst_p.stop()
-    rate = s.bytes / s.seconds
+    return Throughput(medium, s.seconds, s.bytes, s.downtime, same, copy)
+
+
+def print_throughput(size: int, anchor: float, runs: list[Throughput]) -> None:
     print(f"MIG_DATA throughput, {size // MiB} MiB random namespace, no load:")
-    print(f"  migration stream   {s.bytes / MiB:8.1f} MiB in {s.seconds:6.2f} s = "
-          f"{rate / MiB:7.1f} MiB/s  (images equal: {same}; downtime {s.downtime * 1000:.0f} ms)")
     print(f"  raw unix socket    {size / MiB:8.1f} MiB             = {anchor / MiB:7.1f} MiB/s"
-          f"  (anchor, same run; reference 2.6 GiB/s)")
-    print(f"  ratio              {rate / anchor * 100:6.1f} % of the raw socket copy")
-    print(f"  raw image copy     {size / MiB:8.1f} MiB             = {disk / MiB:7.1f} MiB/s"
-          f"  (image -> socket -> fresh file, same disk, same run)")
-    print(f"  ratio              {rate / disk * 100:6.1f} % of the raw image copy")
+          f"  (anchor, same run)")
+    for r in runs:
+        print(f"  [{r.medium:5}] stream   {r.stream / MiB:8.1f} MiB in {r.seconds:6.2f} s = "
+              f"{r.rate / MiB:7.1f} MiB/s  (images equal: {r.same}; "
+              f"downtime {r.downtime * 1000:.0f} ms)")
+        print(f"  [{r.medium:5}] raw image copy                = {r.image_copy / MiB:7.1f} MiB/s"
+              f"  (image -> socket -> fresh file, same medium, same run)")
+        print(f"  [{r.medium:5}] ratio    {r.rate / anchor:6.3f}x the raw socket copy, "
+              f"{r.rate / r.image_copy:6.3f}x the raw image copy")
 
 
 def bench_downtime(tmp: Path, size: int, iops: int, max_rounds: int, fill: bool,
@@ -234,15 +273,27 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smaller sizes (what scripts/test runs)")
     ap.add_argument("--iops", type=int, default=1000, help="write load during pre-copy")
     ap.add_argument("--max-rounds", type=int, help="pre-copy rounds at most (2 quick, 8)")
+    ap.add_argument("--tmpfs", action="store_true",
+                    help="throughput on the disk and on tmpfs (/dev/shm), side by side")
+    ap.add_argument("--throughput-only", action="store_true", help="skip the downtime cases")
+    ap.add_argument("--size", type=int, help="throughput namespace, MiB (64 quick, 1024)")
     args = ap.parse_args()
-    tput = 64 * MiB if args.quick else 1024 * MiB
+    tput = args.size * MiB if args.size else 64 * MiB if args.quick else 1024 * MiB
     down = 256 * MiB if args.quick else 1024 * MiB
-    print(f"benchmarks/migration.py{' --quick' if args.quick else ''} "
-          f"(2-core shared machine: indicative only)")
+    flags = "".join(f" --{name}" for name in ("quick", "tmpfs", "throughput-only")
+                    if getattr(args, name.replace("-", "_")))
+    print(f"benchmarks/migration.py{flags} (2-core shared machine: indicative only)")
     with tempfile.TemporaryDirectory(prefix="mig-bench-") as tmp:
         anchor = raw_socket_copy(tput)
-        bench_throughput(Path(tmp) / "tput", tput, anchor)
-        shutil.rmtree(Path(tmp) / "tput")
+        # (the directory names tell the processes' profiles apart)
+        runs = [bench_throughput(Path(tmp) / "tput-disk", tput, "disk")]
+        shutil.rmtree(Path(tmp) / "tput-disk")
+        if args.tmpfs:
+            with tempfile.TemporaryDirectory(prefix="mig-bench-", dir="/dev/shm") as shm:
+                runs.append(bench_throughput(Path(shm) / "tput-tmpfs", tput, "tmpfs"))
+        print_throughput(tput, anchor, runs)
+        if args.throughput_only:
+            return 0
         rounds = args.max_rounds if args.max_rounds is not None else 2 if args.quick else 8
         for fill in (False, True):
             where = Path(tmp) / f"down-{int(fill)}"

@@ -1,0 +1,90 @@
+"""The MIG_DATA copy path's shortcuts keep what the stream says: one SEEK_HOLE per
+data extent on the source (tmpfs walks every page for each one), and a
+punched-since range still read right.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from test_nvme_driver import make_controller
+
+from appliance.storage import migration as nvme_migration
+from appliance.storage.fileops import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+from appliance.storage.migration import NvmeMigratable
+from appliance.vfio_user import migration_stream as s
+from appliance.vfio_user.migration_stream import Record, RecordType
+
+MiB = 1 << 20
+
+
+def drain(mig: NvmeMigratable) -> list[Record]:
+    out: list[Record] = []
+    while records := mig.precopy_records(MiB):
+        out += records
+    return out
+
+
+def image_of(records: list[Record], size: int) -> bytes:
+    """The namespace the NAMESPACE_BLOCKS records describe."""
+    out = bytearray(size)
+    for r in records:
+        if r.type == RecordType.NAMESPACE_BLOCKS:
+            _, offset, data = s.parse_namespace_blocks(r)
+            out[offset:offset + len(data)] = data
+    return bytes(out)
+
+
+def test_one_seek_hole_per_data_extent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctrl = make_controller(tmp_path, size=8 * MiB)
+    data = os.urandom(8 * MiB)
+    (tmp_path / "ns1.img").write_bytes(data)
+    calls: list[int] = []
+    real = nvme_migration.data_end
+
+    def counted(fd: int, pos: int, stop: int, page: int) -> int:
+        calls.append(pos)
+        return real(fd, pos, stop, page)
+
+    monkeypatch.setattr(nvme_migration, "data_end", counted)
+    mig = NvmeMigratable(ctrl)
+    mig.start_tracking()
+    records = drain(mig)
+    assert calls == [0]  # eight 1 MiB records, one SEEK_HOLE
+    assert image_of(records, 8 * MiB) == data
+    ctrl.close()
+
+
+def test_a_hole_punched_inside_a_known_extent_reads_as_zeroes(tmp_path: Path) -> None:
+    ctrl = make_controller(tmp_path, size=4 * MiB)
+    data = bytearray(os.urandom(4 * MiB))
+    (tmp_path / "ns1.img").write_bytes(data)
+    mig = NvmeMigratable(ctrl)
+    mig.start_tracking()
+    first = mig.precopy_records(MiB)  # the extent [0, 4 MiB) is known now
+    # Punched behind the device's back (no dirty mark): the pages are dirty anyway.
+    assert fallocate(ctrl.namespaces[1].fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                     2 * MiB, MiB)
+    data[2 * MiB:3 * MiB] = bytes(MiB)
+    records = first + drain(mig)
+    assert image_of(records, 4 * MiB) == data
+    zeroes = [s.parse_blocks_head(r)[0] for r in records
+              if s.parse_blocks_head(r)[0].flags & s.BlocksFlag.ZEROES]
+    assert [(h.offset, h.length) for h in zeroes] == [(2 * MiB, MiB)]
+    ctrl.close()
+
+
+def test_a_hole_filled_after_the_sweep_began_is_sent(tmp_path: Path) -> None:
+    ctrl = make_controller(tmp_path, size=4 * MiB)
+    with (tmp_path / "ns1.img").open("r+b") as f:
+        f.write(os.urandom(MiB))  # data, then a 3 MiB hole
+    mig = NvmeMigratable(ctrl)
+    mig.start_tracking()
+    first = mig.precopy_records(MiB)
+    late = os.urandom(MiB)
+    os.pwrite(ctrl.namespaces[1].fd, late, 2 * MiB)  # behind the device's back too
+    records = first + drain(mig)
+    assert image_of(records, 4 * MiB)[2 * MiB:3 * MiB] == late
+    ctrl.close()
