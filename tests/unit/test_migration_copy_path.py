@@ -1,6 +1,7 @@
 """The MIG_DATA copy path's shortcuts keep what the stream says: one SEEK_HOLE per
-data extent on the source (tmpfs walks every page for each one), and a
-punched-since range still read right.
+data extent on the source (tmpfs walks every page for each one), a
+punched-since range still read right, and a message body that arrives in one
+chunk is the frame's payload as is (no copy).
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ from pathlib import Path
 import pytest
 from test_nvme_driver import make_controller
 
+from appliance.framing import Frame
 from appliance.storage import migration as nvme_migration
 from appliance.storage.fileops import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from appliance.storage.migration import NvmeMigratable
 from appliance.vfio_user import migration_stream as s
+from appliance.vfio_user import wire as w
+from appliance.vfio_user.framing import Framer
 from appliance.vfio_user.migration_stream import Record, RecordType
 
 MiB = 1 << 20
@@ -88,3 +92,42 @@ def test_a_hole_filled_after_the_sweep_began_is_sent(tmp_path: Path) -> None:
     records = first + drain(mig)
     assert image_of(records, 4 * MiB)[2 * MiB:3 * MiB] == late
     ctrl.close()
+
+
+def frames_of(framer: Framer, chunks: list[bytes]) -> list[Frame[w.Header]]:
+    out = []
+    for chunk in chunks:
+        assert len(chunk) <= framer.bytes_wanted()
+        framer.feed(chunk, [])
+        while (frame := framer.next_frame()) is not None:
+            out.append(frame)
+    return out
+
+
+def test_a_body_in_one_chunk_is_the_payload_itself() -> None:
+    framer = Framer(max_size=2 * MiB)
+    body = os.urandom(MiB)
+    head = w.Header(msg_id=7, command=w.Command.MIG_DATA_WRITE, size=w.HEADER_SIZE + MiB).pack()
+    assert framer.bytes_wanted() == w.HEADER_SIZE
+    [frame] = frames_of(framer, [head, body])
+    assert frame.payload is body and frame.header.msg_id == 7
+    assert framer.bytes_wanted() == w.HEADER_SIZE  # ready for the next header
+
+
+@pytest.mark.parametrize("cut", [1, 4096, MiB - 1])
+def test_a_body_in_pieces_is_joined(cut: int) -> None:
+    framer = Framer(max_size=2 * MiB)
+    body = os.urandom(MiB)
+    head = w.Header(msg_id=1, command=w.Command.MIG_DATA_WRITE, size=w.HEADER_SIZE + MiB).pack()
+    [frame] = frames_of(framer, [head, body[:cut], body[cut:]])
+    assert frame.payload == body and isinstance(frame.payload, bytes)
+
+
+def test_a_pending_whole_body_travels_in_a_handoff() -> None:
+    framer = Framer(max_size=2 * MiB)
+    head = w.Header(msg_id=1, command=w.Command.MIG_DATA_WRITE, size=w.HEADER_SIZE + 8).pack()
+    framer.feed(head, [])
+    assert framer.next_frame() is None
+    framer.feed(b"12345678", [])
+    assert framer.bytes_wanted() == 0
+    assert framer.pending() == (head + b"12345678", [])
