@@ -1,15 +1,18 @@
 """The MIG_DATA copy path's shortcuts keep what the stream says: one SEEK_HOLE per
 data extent on the source (tmpfs walks every page for each one), a
-punched-since range still read right, and a message body that arrives in one
-chunk is the frame's payload as is (no copy).
+punched-since range still read right, a message body that arrives in one
+chunk is the frame's payload as is (no copy); stream format 2 (xxh3_64)
+refuses a version 1 stream by name.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import pytest
+import xxhash
 from test_nvme_driver import make_controller
 
 from appliance.framing import Frame
@@ -131,3 +134,44 @@ def test_a_pending_whole_body_travels_in_a_handoff() -> None:
     framer.feed(b"12345678", [])
     assert framer.bytes_wanted() == 0
     assert framer.pending() == (head + b"12345678", [])
+
+
+# ------------------------------------------------------------ stream format version 2
+def version_1_stream() -> bytes:
+    """What a format version 1 writer made: xxh64 checksums, version 1 in HEADER."""
+    writer = s.StreamWriter(b"fp", version=1)
+    writer.add(s.dirty_round(0, 0))
+    writer.finish()
+    data, out, pos = writer.read(writer.pending), bytearray(), 0
+    while pos < len(data):
+        head = s.RecordHead.unpack(data, pos)
+        payload = data[pos + s.RecordHead.SIZE:pos + s.RecordHead.SIZE + head.length]
+        h = xxhash.xxh64(head.replace(checksum=0).pack()[:s.CHECKED_HEAD])
+        h.update(payload)
+        out += head.replace(checksum=h.intdigest()).pack() + payload
+        pos += s.RecordHead.SIZE + head.length
+    return bytes(out)
+
+
+def test_a_version_1_stream_is_refused_by_name() -> None:
+    reader = s.StreamReader(b"fp")
+    with pytest.raises(s.StreamError, match="format version 1 .*xxh64") as info:
+        reader.feed(version_1_stream())
+    assert info.value.errno == errno.ENOTSUP
+
+
+def test_a_damaged_header_is_a_checksum_mismatch_still() -> None:
+    data = bytearray(version_1_stream())
+    data[s.RecordHead.SIZE + 1] ^= 0x40  # the version field: not 1, not verified by xxh64
+    with pytest.raises(s.StreamError, match="checksum mismatch") as info:
+        s.StreamReader(b"fp").feed(bytes(data))
+    assert info.value.errno == errno.EINVAL
+
+
+def test_checksums_are_xxh3_64() -> None:
+    writer = s.StreamWriter(b"fp")
+    data = writer.read(writer.pending)
+    head = s.RecordHead.unpack(data)
+    payload = data[s.RecordHead.SIZE:]
+    assert head.checksum == xxhash.xxh3_64(data[:s.CHECKED_HEAD] + payload).intdigest()
+    assert s.StreamHeader.unpack(payload).version == s.FORMAT_VERSION == 2
