@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from appliance.client import migrate as orch
 from appliance.client.nvme import NvmeDriver
 from appliance.client.vfio_user import VfioUserClient
+from appliance.runtime.allocator import keep_large_buffers
 from appliance.testing.process import PROFILE_ENV, ApplianceProcess
 from appliance.testing.workload import (
     VerifiedWriter,
@@ -283,6 +284,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="throughput runs per medium (and anchors): the best of each is printed")
     args = ap.parse_args()
+    keep_large_buffers()  # this process is the migration client: as `appliance migrate`
     tput = args.size * MiB if args.size else 64 * MiB if args.quick else 1024 * MiB
     down = 256 * MiB if args.quick else 1024 * MiB
     flags = "".join(f" --{name}" for name in ("quick", "tmpfs", "throughput-only")

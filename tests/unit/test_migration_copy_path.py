@@ -175,3 +175,11 @@ def test_checksums_are_xxh3_64() -> None:
     payload = data[s.RecordHead.SIZE:]
     assert head.checksum == xxhash.xxh3_64(data[:s.CHECKED_HEAD] + payload).intdigest()
     assert s.StreamHeader.unpack(payload).version == s.FORMAT_VERSION == 2
+
+
+def test_glibc_takes_the_large_buffer_settings() -> None:
+    from appliance.runtime.allocator import keep_large_buffers
+
+    assert keep_large_buffers()  # this machine's C library is glibc
+    buffers = [bytearray(MiB) for _ in range(4)]  # served from the heap now; still usable
+    assert all(len(b) == MiB for b in buffers)
