@@ -39,6 +39,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +69,9 @@ from appliance.vfio_user.wire import (
 log = logging.getLogger("appliance.migrate")
 
 DEFAULT_CHUNK = 1 << 20
+# SO_SNDBUF of the destination connection: a whole MIG_DATA_WRITE (1 MiB) goes in
+# one sendmsg and is read whole (capped by net.core.wmem_max).
+SEND_BUFFER = 2 << 20
 
 
 class MigrationFailed(ApplianceError):
@@ -383,6 +387,7 @@ def migrate(src: VfioUserClient, dst: VfioUserClient, *, max_rounds: int = 8,
             progress(Progress(now, rounds, copier.bytes, copier.pending))
 
     copier = _Copier(src, dst, chunk, report)
+    dst.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
     copier.between = between_reads
     if forward is not None:
         copier.forward = forward

@@ -183,3 +183,31 @@ def test_glibc_takes_the_large_buffer_settings() -> None:
     assert keep_large_buffers()  # this machine's C library is glibc
     buffers = [bytearray(MiB) for _ in range(4)]  # served from the heap now; still usable
     assert all(len(b) == MiB for b in buffers)
+
+
+def test_an_accepted_client_socket_takes_a_whole_reply(tmp_path: Path) -> None:
+    import socket
+
+    from appliance.runtime.loop import EventLoop
+    from appliance.runtime.vfio_user import SEND_BUFFER, VfioUserService
+
+    loop = EventLoop()
+    ctrl = make_controller(tmp_path)
+    service = VfioUserService(loop, str(tmp_path / "nvme.sock"), ctrl)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        client.connect(str(tmp_path / "nvme.sock"))
+        for _ in range(100):  # a bound: each pass waits up to 10 ms for the accept
+            if service.client is not None:
+                break
+            loop.run_once(0.01)
+        assert service.client is not None
+        with open("/proc/sys/net/core/wmem_max") as f:
+            cap = int(f.read())
+        got = service.client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        assert got == 2 * min(SEND_BUFFER, cap)  # the kernel doubles what it grants
+    finally:
+        client.close()
+        service.close()
+        loop.close()
+        ctrl.close()
