@@ -2,7 +2,8 @@
 data extent on the source (tmpfs walks every page for each one), a
 punched-since range still read right, a message body that arrives in one
 chunk is the frame's payload as is (no copy); stream format 2 (xxh3_64)
-refuses a version 1 stream by name.
+refuses a version 1 stream by name; a staging image's writeback is started
+every 16 MiB, waited for only at a sync.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from test_nvme_driver import make_controller
 
 from appliance.framing import Frame
 from appliance.storage import migration as nvme_migration
+from appliance.storage import staging as staging_module
 from appliance.storage.fileops import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from appliance.storage.migration import NvmeMigratable
+from appliance.storage.staging import Staging
 from appliance.vfio_user import migration_stream as s
 from appliance.vfio_user import wire as w
 from appliance.vfio_user.framing import Framer
@@ -211,3 +214,60 @@ def test_an_accepted_client_socket_takes_a_whole_reply(tmp_path: Path) -> None:
         service.close()
         loop.close()
         ctrl.close()
+
+
+# ------------------------------------------------------------ staging: writeback, not waits
+def staged_40_mib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                  started: bool) -> tuple[list[int], list[int], Staging]:
+    ctrl = make_controller(tmp_path, size=64 * MiB)
+    starts: list[int] = []
+    syncs: list[int] = []
+    real_sync = os.fdatasync
+
+    def start(fd: int, offset: int = 0, length: int = 0) -> bool:
+        starts.append(fd)
+        return started
+
+    def sync(fd: int) -> None:
+        syncs.append(fd)
+        real_sync(fd)
+
+    monkeypatch.setattr(staging_module, "start_writeback", start)
+    monkeypatch.setattr(os, "fdatasync", sync)
+    staging = Staging(ctrl.namespaces[1])
+    block = os.urandom(MiB)
+    for i in range(40):
+        staging.write(i * MiB, block)
+    ctrl.close()
+    return starts, syncs, staging
+
+
+def test_staging_starts_writeback_every_16_mib_and_waits_only_when_synced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    starts, syncs, staging = staged_40_mib(tmp_path, monkeypatch, started=True)
+    assert starts == [staging.fd, staging.fd] and syncs == []
+    assert staging.unsynced == 40 * MiB
+    staging.sync()  # a round marker or the commit: durable now
+    assert syncs == [staging.fd] and staging.unsynced == 0
+    staging.discard()
+
+
+def test_staging_syncs_where_writeback_cannot_be_started(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    starts, syncs, staging = staged_40_mib(tmp_path, monkeypatch, started=False)
+    assert len(starts) == 2 and syncs == [staging.fd, staging.fd]
+    assert staging.unsynced == 8 * MiB
+    staging.discard()
+
+
+def test_start_writeback_is_linux_sync_file_range(tmp_path: Path) -> None:
+    from appliance.storage.fileops import start_writeback
+
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, os.urandom(MiB))
+        assert start_writeback(fd)
+        with pytest.raises(OSError):
+            start_writeback(fd, -1, 0)  # EINVAL from the kernel: raised, not ignored
+    finally:
+        os.close(fd)
