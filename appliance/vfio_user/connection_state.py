@@ -72,6 +72,10 @@ class MigrationHandler(Protocol):
     def handle(self, command: w.Command, payload: bytes) -> bytes:
         """Answer DEVICE_FEATURE / MIG_DATA_READ / MIG_DATA_WRITE; raise Reject(errno)."""
 
+    def handle_parts(self, command: w.Command, payload: bytes) -> list[bytes | memoryview]:
+        """:meth:`handle`'s reply payload as pieces in order (a MIG_DATA_READ's data
+        as views of the stream: the connection sends them gathered, never joined)."""
+
     def allows(self, command: w.Command) -> bool:
         """Whether ``command`` may run in the current migration state."""
 

@@ -249,8 +249,7 @@ class VfioUserMigration:
         self.counters = {"bytes_read": 0, "bytes_written": 0, "rounds": 0, "transitions": 0}
         self._handlers: dict[w.Command, Callable[[bytes], bytes]] = {
             C.DEVICE_FEATURE: self._feature,
-            C.MIG_DATA_READ: self._data_read,
-            C.MIG_DATA_WRITE: self._data_write,
+            C.MIG_DATA_WRITE: self._data_write,  # (MIG_DATA_READ: handle_parts)
         }
 
     # ------------------------------------------------------------ MigrationHandler
@@ -267,10 +266,21 @@ class VfioUserMigration:
         Raises:
             Reject: the errno for the error reply.
         """
+        return b"".join(self.handle_parts(command, payload))
+
+    def handle_parts(self, command: w.Command, payload: bytes) -> list[bytes | memoryview]:
+        """:meth:`handle`'s reply payload as pieces in order: a MIG_DATA_READ's
+        head, then views of the queued records (no copy of the data).
+
+        Raises:
+            Reject: the errno for the error reply.
+        """
+        if command == C.MIG_DATA_READ:
+            return self._data_read(payload)
         handler = self._handlers.get(command)
         if handler is None:
             raise Reject(f"{command.name} is not a migration command", errno.EINVAL)
-        return handler(payload)
+        return [handler(payload)]
 
     def device_reset(self) -> None:
         """DEVICE_RESET: drop any session and return to RUNNING (also from ERROR).
@@ -486,7 +496,7 @@ class VfioUserMigration:
         self._reader = None
 
     # ------------------------------------------------------------ MIG_DATA_READ / WRITE
-    def _data_read(self, payload: bytes) -> bytes:
+    def _data_read(self, payload: bytes) -> list[bytes | memoryview]:
         # Bytes after the head are ignored, as libvfio-user ignores them.
         require(len(payload) >= w.MigDataHead.SIZE, errno.EINVAL,
                 f"MIG_DATA_READ payload of {len(payload)} bytes")
@@ -510,7 +520,7 @@ class VfioUserMigration:
         size = sum(len(part) for part in parts)
         self.counters["bytes_read"] += size
         head = w.MigDataHead(argsz=w.MigDataHead.SIZE + size, size=size).pack()
-        return b"".join([head, *parts])  # the reply's one copy of the data
+        return [head, *parts]  # sent gathered by the runtime: no copy of the data here
 
     def _produce(self, size: int) -> list[memoryview]:
         """Up to ``size`` stream bytes, as views of the queued records."""

@@ -271,3 +271,45 @@ def test_start_writeback_is_linux_sync_file_range(tmp_path: Path) -> None:
             start_writeback(fd, -1, 0)  # EINVAL from the kernel: raised, not ignored
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------ a MIG_DATA_READ reply, gathered
+def test_a_mig_data_read_reply_is_queued_as_views_of_the_stream() -> None:
+    from test_vfio_user_migration import Disk
+
+    from appliance.vfio_user.framing import encode
+    from appliance.vfio_user.migration_states import MigState
+    from appliance.vfio_user.server import ServerConnection
+
+    disk = Disk(blocks=64, fill=7)
+    conn = ServerConnection(disk.dev, notify=lambda fd: None,
+                            migration=disk.dev.migration_handler)
+    def request(msg_id: int, command: w.Command, payload: bytes) -> list[bytes | memoryview]:
+        message = encode(w.Header(msg_id=msg_id, command=command), payload)
+        while message:  # as the runtime does: never more than bytes_wanted() at a time
+            n = conn.bytes_wanted()
+            conn.receive_data(message[:n], [])
+            message = message[n:]
+        conn.process()
+        return [data for data, _ in conn.data_to_send()]
+
+    request(0, w.Command.VERSION, w.VersionHead().pack() + b"{}\0")
+    assert conn.migration is not None
+    conn.migration.handle(w.Command.DEVICE_FEATURE, w.DeviceFeatureHead(
+        argsz=16, flags=w.FEATURE_SET | w.Feature.MIG_DEVICE_STATE).pack()
+        + w.MigStateData(device_state=MigState.PRE_COPY).pack())
+    size = 128 * 1024
+    pieces = request(1, w.Command.MIG_DATA_READ,
+                     w.MigDataHead(argsz=w.MigDataHead.SIZE + size, size=size).pack())
+    assert len(pieces) > 2 and any(isinstance(p, memoryview) for p in pieces)
+    message = b"".join(pieces)
+    head = w.Header.unpack(message)
+    assert head.size == len(message) and head.flags & w.MsgFlag.REPLY and not head.error
+    data = message[w.HEADER_SIZE + w.MigDataHead.SIZE:]
+    assert w.MigDataHead.unpack(message, w.HEADER_SIZE).size == len(data) == size
+    records = s.StreamReader(None, None).feed(data)
+    assert records[0].type == RecordType.HEADER  # the stream, as written
+    [reply] = request(2, w.Command.DEVICE_FEATURE, w.DeviceFeatureHead(
+        argsz=16, flags=w.FEATURE_GET | w.Feature.MIG_DEVICE_STATE).pack())
+    assert isinstance(reply, bytes)  # other replies: one piece, as before
+    conn.close()
