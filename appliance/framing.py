@@ -83,6 +83,7 @@ class Framer(Generic[H]):
         self.max_size = max_size
         self._counted = header_size if size_counts_header else 0
         self._buf = bytearray()
+        self._whole: bytes | None = None  # a body that arrived in one chunk
         self._fds: list[int] = []
         self._header: H | None = None
         self._body = 0  # body bytes of the current message, once its header is in
@@ -91,6 +92,8 @@ class Framer(Generic[H]):
         """How many bytes complete the header or the current message."""
         if self._header is None:
             return self.header_size - len(self._buf)
+        if self._whole is not None:
+            return 0
         return self._body - len(self._buf)
 
     def feed(self, data: bytes, fds: list[int]) -> None:
@@ -103,7 +106,10 @@ class Framer(Generic[H]):
             for fd in fds:
                 close_quietly(fd)
             raise RemoteProtocolError("reader fed more than one message at once")
-        self._buf += data
+        if self._header is not None and not self._buf and len(data) == self._body and data:
+            self._whole = bytes(data)  # no copy of a bytes object: kept as is
+        else:
+            self._buf += data
         self._fds += fds
 
     def next_frame(self) -> Frame[H] | None:
@@ -124,10 +130,14 @@ class Framer(Generic[H]):
             if size > self.max_size:
                 return Frame(header, b"", self._take_fds(), oversized=True)
             self._header, self._body = header, size - self._counted
-        if len(self._buf) < self._body:
+        if self._whole is not None:  # the body came in one chunk: it is the payload
+            payload, self._whole = self._whole, None
+        elif len(self._buf) < self._body:
             return None
-        frame = Frame(self._header, bytes(self._buf), self._take_fds())
-        self._buf.clear()
+        else:
+            payload = bytes(self._buf)
+            self._buf.clear()
+        frame = Frame(self._header, payload, self._take_fds())
         self._header = None
         return frame
 
@@ -138,7 +148,7 @@ class Framer(Generic[H]):
         first; the fds stay owned by this framer.
         """
         head = self._header.pack() if self._header is not None else b""
-        return head + bytes(self._buf), list(self._fds)
+        return head + (self._whole or bytes(self._buf)), list(self._fds)
 
     def _take_fds(self) -> list[int]:
         fds, self._fds = self._fds, []
@@ -149,4 +159,5 @@ class Framer(Generic[H]):
         for fd in self._take_fds():
             close_quietly(fd)
         self._buf.clear()
+        self._whole = None
         self._header = None

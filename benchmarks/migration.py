@@ -1,6 +1,7 @@
 """Migration figures (prints, never asserts).
 
-    python benchmarks/migration.py [--quick]
+    python benchmarks/migration.py [--quick] [--tmpfs] [--throughput-only]
+                                    [--size MIB] [--repeat N]
 
 1. MIG_DATA throughput: a namespace full of random data migrated between two
    appliance processes (no load), stream bytes / wall time, printed next to a
@@ -20,6 +21,17 @@
    on the source, splice on the destination), next to both anchors, with the
    images on disk and on tmpfs (/dev/shm), all in the same run.
 
+``--tmpfs`` runs the throughput case twice, images on the disk and on
+tmpfs (/dev/shm, removed afterwards), and prints both rows side by side
+with their anchors, so the disk's share of the time is visible.
+``--throughput-only`` skips the downtime cases; ``--repeat N`` runs the
+throughput cases and anchors N times and prints the best of each (the
+machine is shared: single runs vary by 2x and more).  With
+``APPLIANCE_PROFILE_DIR=DIR`` in the environment the three processes of the
+throughput case write cProfile files there (both appliances, through
+:func:`appliance.testing.process.profile_args`, and the client, this
+process: ``client-<medium>.prof``).
+
 The machine is shared and small: the figures are indicative only.
 ``--quick`` (what scripts/test runs) uses a 64 MiB namespace for throughput
 and 256 MiB for the full-image downtime; the sparse downtime case stays at
@@ -29,6 +41,7 @@ and 256 MiB for the full-image downtime; the sparse downtime case stays at
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
 import shutil
 import socket
@@ -36,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -44,7 +58,9 @@ from appliance.client import migrate as orch
 from appliance.client.datachannel import ChannelPlan
 from appliance.client.nvme import NvmeDriver
 from appliance.client.vfio_user import VfioUserClient
-from appliance.testing.process import ApplianceProcess
+from appliance.runtime.allocator import keep_large_buffers
+from appliance.storage.fileops import start_writeback
+from appliance.testing.process import PROFILE_ENV, ApplianceProcess
 from appliance.testing.workload import (
     VerifiedWriter,
     file_hash,
@@ -87,8 +103,8 @@ def raw_socket_copy(nbytes: int, chunk: int = MiB) -> float:
 def raw_image_copy(src: Path, dst: Path, chunk: int = MiB) -> float:
     """Bytes/s of the same data path without the protocol (the second anchor):
     ``src`` read in chunks, through a unix socketpair (a sender thread), written
-    into ``dst``, a fresh sparse file on the same disk, synced every 16 MiB as
-    the destination's staging image is."""
+    into ``dst``, a fresh sparse file on the same disk, its writeback started
+    every 16 MiB and synced at the end, as the destination's staging image is."""
     size = src.stat().st_size
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
@@ -114,7 +130,7 @@ def raw_image_copy(src: Path, dst: Path, chunk: int = MiB) -> float:
         got += n
         unsynced += n
         if unsynced >= 16 * MiB:
-            os.fdatasync(fd)
+            start_writeback(fd)
             unsynced = 0
     os.fdatasync(fd)
     rate = got / (time.perf_counter() - start)
@@ -157,26 +173,54 @@ def image(p: ApplianceProcess) -> str:
     return p.config.storage.namespaces[0].image
 
 
-def bench_throughput(tmp: Path, size: int, anchor: float) -> None:
+@dataclass
+class Throughput:
+    """One throughput run: where the images were and what it measured."""
+
+    medium: str
+    seconds: float
+    stream: int  # bytes of the migration stream
+    downtime: float
+    same: bool  # images equal after it
+    image_copy: float  # bytes/s of the raw image copy on the same medium
+
+    @property
+    def rate(self) -> float:
+        return self.stream / self.seconds
+
+
+def bench_throughput(tmp: Path, size: int, medium: str) -> Throughput:
     src_p, dst_p = start_pair(tmp, size, fill=True)
+    profile = os.environ.get(PROFILE_ENV)
     try:
         with VfioUserClient.connect(sock(src_p)) as src, VfioUserClient.connect(sock(dst_p)) as dst:
+            prof = cProfile.Profile() if profile else None
+            if prof is not None:
+                prof.enable()
             s = orch.migrate(src, dst, converge_bytes=size, max_rounds=0)
+            if prof is not None:
+                prof.disable()
+                prof.dump_stats(str(Path(profile) / f"client-{medium}.prof"))
         same = file_hash(image(src_p)) == file_hash(image(dst_p))
-        disk = raw_image_copy(Path(image(src_p)), Path(image(dst_p)).with_name("raw-copy.img"))
+        copy = raw_image_copy(Path(image(src_p)), Path(image(dst_p)).with_name("raw-copy.img"))
     finally:
         src_p.stop()
         dst_p.stop()
-    rate = s.bytes / s.seconds
+    return Throughput(medium, s.seconds, s.bytes, s.downtime, same, copy)
+
+
+def print_throughput(size: int, anchor: float, runs: list[Throughput]) -> None:
     print(f"MIG_DATA throughput, {size // MiB} MiB random namespace, no load:")
-    print(f"  migration stream   {s.bytes / MiB:8.1f} MiB in {s.seconds:6.2f} s = "
-          f"{rate / MiB:7.1f} MiB/s  (images equal: {same}; downtime {s.downtime * 1000:.0f} ms)")
     print(f"  raw unix socket    {size / MiB:8.1f} MiB             = {anchor / MiB:7.1f} MiB/s"
-          f"  (anchor, same run; reference 2.6 GiB/s)")
-    print(f"  ratio              {rate / anchor * 100:6.1f} % of the raw socket copy")
-    print(f"  raw image copy     {size / MiB:8.1f} MiB             = {disk / MiB:7.1f} MiB/s"
-          f"  (image -> socket -> fresh file, same disk, same run)")
-    print(f"  ratio              {rate / disk * 100:6.1f} % of the raw image copy")
+          f"  (anchor, same run)")
+    for r in runs:
+        print(f"  [{r.medium:5}] stream   {r.stream / MiB:8.1f} MiB in {r.seconds:6.2f} s = "
+              f"{r.rate / MiB:7.1f} MiB/s  (images equal: {r.same}; "
+              f"downtime {r.downtime * 1000:.0f} ms)")
+        print(f"  [{r.medium:5}] raw image copy                = {r.image_copy / MiB:7.1f} MiB/s"
+              f"  (image -> socket -> fresh file, same medium, same run)")
+        print(f"  [{r.medium:5}] ratio    {r.rate / anchor:6.3f}x the raw socket copy, "
+              f"{r.rate / r.image_copy:6.3f}x the raw image copy")
 
 
 def bench_channel(bases: list[tuple[str, Path]], size: int, anchor: float) -> None:
@@ -276,18 +320,45 @@ def main() -> int:
     ap.add_argument("--max-rounds", type=int, help="pre-copy rounds at most (2 quick, 8)")
     ap.add_argument("--channel-only", action="store_true",
                     help="only the data channel comparison (section 3)")
+    ap.add_argument("--tmpfs", action="store_true",
+                    help="throughput on the disk and on tmpfs (/dev/shm), side by side")
+    ap.add_argument("--throughput-only", action="store_true", help="skip the downtime cases")
+    ap.add_argument("--size", type=int, help="throughput namespace, MiB (64 quick, 1024)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="throughput runs per medium (and anchors): the best of each is printed")
     args = ap.parse_args()
-    tput = 64 * MiB if args.quick else 1024 * MiB
+    keep_large_buffers()  # this process is the migration client: as `appliance migrate`
+    tput = args.size * MiB if args.size else 64 * MiB if args.quick else 1024 * MiB
     down = 256 * MiB if args.quick else 1024 * MiB
-    print(f"benchmarks/migration.py{' --quick' if args.quick else ''} "
-          f"(2-core shared machine: indicative only)")
+    flags = "".join(f" --{name}" for name in ("quick", "tmpfs", "throughput-only")
+                    if getattr(args, name.replace("-", "_")))
+    flags += f" --size {args.size}" if args.size else ""
+    flags += f" --repeat {args.repeat}" if args.repeat > 1 else ""
+    print(f"benchmarks/migration.py{flags} (2-core shared machine: indicative only)")
     with tempfile.TemporaryDirectory(prefix="mig-bench-") as tmp:
         anchor = raw_socket_copy(tput)
         bench_channel([("disk", Path(tmp)), ("tmpfs", Path("/dev/shm"))], tput, anchor)
         if args.channel_only:
             return 0
-        bench_throughput(Path(tmp) / "tput", tput, anchor)
-        shutil.rmtree(Path(tmp) / "tput")
+        best: dict[str, Throughput] = {}
+        for i in range(max(1, args.repeat)):
+            if i:
+                anchor = max(anchor, raw_socket_copy(tput))
+            # (the directory names tell the processes' profiles apart)
+            runs = [bench_throughput(Path(tmp) / "tput-disk", tput, "disk")]
+            shutil.rmtree(Path(tmp) / "tput-disk")
+            if args.tmpfs:
+                with tempfile.TemporaryDirectory(prefix="mig-bench-", dir="/dev/shm") as shm:
+                    runs.append(bench_throughput(Path(shm) / "tput-tmpfs", tput, "tmpfs"))
+            for run in runs:
+                old = best.get(run.medium)
+                best[run.medium] = run if old is None else Throughput(
+                    run.medium, min(old.seconds, run.seconds), run.stream,
+                    min(old.downtime, run.downtime), old.same and run.same,
+                    max(old.image_copy, run.image_copy))
+        print_throughput(tput, anchor, list(best.values()))
+        if args.throughput_only:
+            return 0
         rounds = args.max_rounds if args.max_rounds is not None else 2 if args.quick else 8
         for fill in (False, True):
             where = Path(tmp) / f"down-{int(fill)}"

@@ -35,9 +35,11 @@ from appliance.runtime.logs import LEVELS
 
 
 def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
+    from appliance.runtime.allocator import keep_large_buffers
     from appliance.runtime.app import Appliance
     from appliance.testing.qemu import qemu_args
 
+    keep_large_buffers()  # MIG_DATA's 1 MiB buffers without a page fault per page each
     app = Appliance(cfg, standby=args.standby)
     app.start()
     # the log file only once start-up succeeded: a failed one leaves nothing behind

@@ -106,7 +106,9 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     from appliance.client.migrate import migrate
     from appliance.client.ssh import SshForward, parse_target
     from appliance.client.vfio_user import VfioUserClient
+    from appliance.runtime.allocator import keep_large_buffers
 
+    keep_large_buffers()  # each MIG_DATA chunk passes through a 1 MiB buffer here too
     clients = []
     forwards: list[SshForward] = []
     plan: ChannelPlan | None = None if args.no_data_channel else ChannelPlan()

@@ -39,6 +39,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,6 +71,9 @@ from appliance.vfio_user.wire import (
 log = logging.getLogger("appliance.migrate")
 
 DEFAULT_CHUNK = 1 << 20
+# SO_SNDBUF of the destination connection: a whole MIG_DATA_WRITE (1 MiB) goes in
+# one sendmsg and is read whole (capped by net.core.wmem_max).
+SEND_BUFFER = 2 << 20
 
 
 class MigrationFailed(ApplianceError):
@@ -185,8 +189,29 @@ def data_read_view(client: VfioUserClient, size: int) -> memoryview:
     Raises:
         VfioUserError: an error reply, or a reply whose size does not match.
     """
+    return data_read_wait(client, data_read_send(client, size), size)
+
+
+def data_read_send(client: VfioUserClient, size: int) -> int:
+    """Send a MIG_DATA_READ of up to ``size`` bytes without waiting; returns its
+    message id (see :func:`data_read_wait`)."""
     req = w.MigDataHead(argsz=w.MigDataHead.SIZE + size, size=size)
-    _, payload, _ = client.request(w.Command.MIG_DATA_READ, req.pack())
+    return client.send(w.Command.MIG_DATA_READ, req.pack())
+
+
+def data_read_wait(client: VfioUserClient, msg_id: int, size: int) -> memoryview:
+    """The data of the reply to the MIG_DATA_READ ``msg_id`` of ``size`` bytes,
+    as a view of the reply.
+
+    Raises:
+        VfioUserError: an error reply, or a reply whose size does not match.
+        ConnectionError, TimeoutError: as :func:`wait_reply`.
+    """
+    _, payload, fds = client.wait_reply(msg_id, w.Command.MIG_DATA_READ)
+    for fd in fds:
+        os.close(fd)
+    if len(payload) < w.MigDataHead.SIZE:
+        raise VfioUserError(errno.EPROTO, f"MIG_DATA_READ reply of {len(payload)} bytes")
     head = w.MigDataHead.unpack(payload)
     data = memoryview(payload)[w.MigDataHead.SIZE:]
     if head.size != len(data) or head.size > size:
@@ -270,7 +295,10 @@ class _Copier:
 
     def copy(self, size: int) -> int:
         """Move one read's worth; returns how many bytes came."""
-        data = data_read_view(self.src, size)
+        return self.forward_chunk(data_read_view(self.src, size))
+
+    def forward_chunk(self, data: memoryview) -> int:
+        """Check ``data`` (what one read returned) and write it to dst; returns its length."""
         cuts: set[int] = set()
         for record in self.watch.feed(data):
             self.stream_pos += record.size
@@ -301,11 +329,27 @@ class _Copier:
         return self.pending
 
     def rest_of_round(self, phase: str) -> None:
-        """Read full chunks until the short read that ends the round (or stream)."""
-        while self.copy(self.chunk) == self.chunk:
+        """Read full chunks until the short read that ends the round (or stream).
+
+        The read after a full one is the same request either way; it goes to
+        the source before the full chunk is checked and written, so the source
+        produces the next chunk while this one travels to the destination.
+        Not while a ``between`` hook runs: its I/O shares the source's socket.
+        """
+        load = self.between if phase == "pre-copy" else None
+        msg_id = data_read_send(self.src, self.chunk)
+        while True:
+            data = data_read_wait(self.src, msg_id, self.chunk)
+            full = len(data) == self.chunk
+            if full and load is None:
+                msg_id = data_read_send(self.src, self.chunk)
+            self.forward_chunk(data)
+            if not full:
+                return
             self.report(phase)
-            if self.between is not None and phase == "pre-copy":
-                self.between()
+            if load is not None:
+                load()
+                msg_id = data_read_send(self.src, self.chunk)
 
 
 def migrate(src: VfioUserClient, dst: VfioUserClient, *, max_rounds: int = 8,
@@ -369,6 +413,7 @@ def migrate(src: VfioUserClient, dst: VfioUserClient, *, max_rounds: int = 8,
             progress(Progress(now, rounds, copier.bytes + copier.channel_bytes, copier.pending))
 
     copier = _Copier(src, dst, chunk, report)
+    dst.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
     copier.between = between_reads
     if forward is not None:
         copier.forward = forward

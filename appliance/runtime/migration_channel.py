@@ -51,7 +51,7 @@ SPLICE_F_MOVE, SPLICE_F_NONBLOCK = 1, 2
 
 
 def range_checksum(fd: int, offset: int, length: int) -> int:
-    """xxh64 of ``length`` bytes at ``offset`` of file ``fd``, read through an mmap.
+    """xxh3_64 of ``length`` bytes at ``offset`` of file ``fd``, read through an mmap.
 
     Raises:
         OSError: EIO when the file is shorter than the range (an mmap past its
@@ -65,7 +65,7 @@ def range_checksum(fd: int, offset: int, length: int) -> int:
                    mmap.PROT_READ, offset=start) as area:
         view = memoryview(area)
         try:
-            return xxhash.xxh64_intdigest(view[offset - start:])
+            return xxhash.xxh3_64_intdigest(view[offset - start:])
         finally:
             view.release()
 

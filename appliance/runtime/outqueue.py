@@ -53,7 +53,7 @@ class OutputQueue:
         """The unsent bytes (:attr:`pending_bytes`): the queue is true while any are left."""
         return self.pending_bytes
 
-    def push(self, data: bytes | bytearray, fds: Sequence[int] = ()) -> None:
+    def push(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
         """Queue ``data``; ``fds`` go with its first byte (lent: never closed here)."""
         if data:
             self._items.append((memoryview(data), fds))

@@ -49,6 +49,10 @@ log = logging.getLogger("appliance.vfio_user")
 BATCH = 64
 DMA_TIMEOUT = 5.0
 MAX_BACKLOG = 1 << 20  # storage.max_backlog: unsent reply bytes behind the one being written
+# SO_SNDBUF of a client's socket: a whole MIG_DATA_READ reply (1 MiB) goes in one
+# sendmsg and is read whole (the 208 KiB default cuts it into rounds of wake-ups
+# on both sides); the kernel caps it at net.core.wmem_max.
+SEND_BUFFER = 2 << 20
 
 
 def recv_chunk(sock: socket.socket, wanted: int, flags: int = 0) -> tuple[bytes, list[int]]:
@@ -228,6 +232,7 @@ class VfioUserService:
             return
         self.connections += 1
         log.info("%s: client connected on %s", self.name, self.path)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self.client = VfioUserClientSocket(self.loop, sock, self.device, self._closed,
                                            f"{self.name}#{self.connections}", self.dma_layout,
                                            self.max_backlog, self.migration)

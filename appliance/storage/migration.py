@@ -173,6 +173,8 @@ class NvmeMigratable(PciMigratable):
         self.dirty: dict[int, DirtyPages] = {}
         self._formats: dict[int, tuple[int, int]] = {}  # nsid -> (block size, metadata) tracked
         self._snapshot: CtrlSnapshot | None = None
+        # nsid -> (start, end): [start, end) held data at the last SEEK_HOLE
+        self._data_extent: dict[int, tuple[int, int]] = {}
         self._staging: dict[int, Staging] = {}
         self._incoming = IncomingNamespaces(ctrl.ns_mgmt.image_dir)
         #: the inventory the saving session started with (None: no session)
@@ -250,6 +252,7 @@ class NvmeMigratable(PciMigratable):
         self._announcement = b"".join(a.entry().pack() for a in created) if created else None
         self._announced = False
         self.dirty = {}
+        self._data_extent = {}
         for nsid, ns in self.ctrl.namespaces.items():
             if not ns.read_only:
                 pages = self.dirty[nsid] = DirtyPages(ns.size, max(self.page, ns.block_size))
@@ -302,7 +305,7 @@ class NvmeMigratable(PciMigratable):
                     out.append(_zeroes(nsid, start, end - start))
                     spent += ZEROES_COST
                 else:
-                    end = min(data_end(ns.fd, start, stop, page), start + self.max_record)
+                    end = min(self._data_end(nsid, start, stop, page), start + self.max_record)
                     if out and spent + (end - start) > max_bytes:
                         return out  # whole records: a read takes parts of one anyway
                     data = ns.read_bytes(start >> ns.lba_shift, end - start)
@@ -372,6 +375,21 @@ class NvmeMigratable(PciMigratable):
                                                   stored(raw[a:b])))
             pos = piece
         return out
+
+    def _data_end(self, nsid: int, start: int, stop: int, page: int) -> int:
+        """:func:`data_end` of namespace ``nsid``, from the extent the last call
+        found when ``start`` lies inside it: one SEEK_HOLE per data extent, not
+        one per record (tmpfs answers SEEK_HOLE by walking every page up to the
+        hole: ~2 ms per call on a full 256 MiB file).  An extent that changed
+        since is still read right: what is read is the image's contents (a hole
+        punched since reads as zeroes and goes as ZEROES), what is left dirty
+        is found again by the next call."""
+        first, end = self._data_extent.get(nsid, (0, 0))
+        if not first <= start < end:
+            ns = self.ctrl.namespaces[nsid]
+            first, end = start, data_end(ns.fd, start, ns.size, page)
+            self._data_extent[nsid] = (first, end)
+        return min(end, stop)
 
     def _check_sizes(self) -> None:
         """Raises:

@@ -42,6 +42,21 @@ def make_config(tmp: Path, **overrides: Any) -> RawConfig:
     return cfg
 
 
+PROFILE_ENV = "APPLIANCE_PROFILE_DIR"
+
+
+def profile_args(workdir: Path) -> list[str]:
+    """``-m cProfile -o DIR/NAME.prof`` when the environment asks for profiles
+    (``APPLIANCE_PROFILE_DIR=DIR``: benchmarks and tests, never the product),
+    else nothing.  NAME is the work directory's path, ``/`` as ``_``; the
+    profile is written when the process exits on SIGTERM."""
+    where = os.environ.get(PROFILE_ENV)
+    if not where:
+        return []
+    name = "_".join(workdir.resolve().parts[-3:])
+    return ["-m", "cProfile", "-o", str(Path(where) / f"{name}.prof")]
+
+
 class ApplianceProcess:
     """A running ``appliance run -c CONFIG``."""
 
@@ -85,7 +100,8 @@ class ApplianceProcess:
         return Path(self.config.run_dir) / LOG_FILE
 
     def start(self, timeout: float = 30.0) -> ApplianceProcess:
-        args = [*self.wrapper, sys.executable, "-m", "appliance", "run", "-c",
+        profile = profile_args(self.workdir)
+        args = [*self.wrapper, sys.executable, *profile, "-m", "appliance", "run", "-c",
                 str(self.config_path)]
         if self.trace:
             args.append("--trace")

@@ -85,6 +85,10 @@ class MigrationHandler(Protocol):
         or NotYet (nothing changed).  An fd the handler keeps it removes from ``fds``;
         the connection closes the others."""
 
+    def handle_parts(self, command: w.Command, payload: bytes) -> list[bytes | memoryview]:
+        """:meth:`handle`'s reply payload as pieces in order (a MIG_DATA_READ's data
+        as views of the stream: the connection sends them gathered, never joined)."""
+
     def allows(self, command: w.Command) -> bool:
         """Whether ``command`` may run in the current migration state."""
 

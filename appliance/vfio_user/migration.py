@@ -261,8 +261,7 @@ class VfioUserMigration:
         self._fds: list[int] = []  # the command's fds (only the channel SET takes one)
         self._handlers: dict[w.Command, Callable[[bytes], bytes]] = {
             C.DEVICE_FEATURE: self._feature,
-            C.MIG_DATA_READ: self._data_read,
-            C.MIG_DATA_WRITE: self._data_write,
+            C.MIG_DATA_WRITE: self._data_write,  # (MIG_DATA_READ: handle_parts)
         }
 
     # ------------------------------------------------------------ MigrationHandler
@@ -283,12 +282,25 @@ class VfioUserMigration:
             Reject: the errno for the error reply.
             NotYet: the data channel has not caught up; nothing changed.
         """
+        return b"".join(self.handle_parts(command, payload, fds))
+
+    def handle_parts(self, command: w.Command, payload: bytes,
+                     fds: list[int] | None = None) -> list[bytes | memoryview]:
+        """:meth:`handle`'s reply payload as pieces in order: a MIG_DATA_READ's
+        head, then views of the queued records (no copy of the data).
+
+        Raises:
+            Reject: the errno for the error reply.
+            NotYet: the data channel has not caught up; nothing changed.
+        """
+        if command == C.MIG_DATA_READ:
+            return self._data_read(payload)
         handler = self._handlers.get(command)
         if handler is None:
             raise Reject(f"{command.name} is not a migration command", errno.EINVAL)
         self._fds = fds if fds is not None else []
         try:
-            return handler(payload)
+            return [handler(payload)]
         finally:
             self._fds = []
 
@@ -540,7 +552,7 @@ class VfioUserMigration:
         self._reader = None
 
     # ------------------------------------------------------------ MIG_DATA_READ / WRITE
-    def _data_read(self, payload: bytes) -> bytes:
+    def _data_read(self, payload: bytes) -> list[bytes | memoryview]:
         # Bytes after the head are ignored, as libvfio-user ignores them.
         require(len(payload) >= w.MigDataHead.SIZE, errno.EINVAL,
                 f"MIG_DATA_READ payload of {len(payload)} bytes")
@@ -567,7 +579,7 @@ class VfioUserMigration:
         size = sum(len(part) for part in parts)
         self.counters["bytes_read"] += size
         head = w.MigDataHead(argsz=w.MigDataHead.SIZE + size, size=size).pack()
-        return b"".join([head, *parts])  # the reply's one copy of the data
+        return [head, *parts]  # sent gathered by the runtime: no copy of the data here
 
     def _produce(self, size: int) -> list[memoryview]:
         """Up to ``size`` stream bytes, as views of the queued records."""

@@ -74,8 +74,8 @@ class ChannelHead(Struct, size=48):
     seq: U32 = 0  # record index on the channel from 0
     offset: U64 = 0
     length: U64 = 0
-    checksum: U64 = 0  # xxh64 of the payload (DATA); 0 otherwise
-    head_check: U64 = 0  # xxh64 of head bytes 0..39
+    checksum: U64 = 0  # xxh3_64 of the payload (DATA); 0 otherwise
+    head_check: U64 = 0  # xxh3_64 of head bytes 0..39
 
 
 def channel_head(kind: ChannelType, seq: int, nsid: int, offset: int, length: int,
@@ -84,7 +84,7 @@ def channel_head(kind: ChannelType, seq: int, nsid: int, offset: int, length: in
     head = ChannelHead(type=kind, nsid=nsid, seq=seq, offset=offset, length=length,
                        checksum=checksum)
     raw = head.pack()
-    head.head_check = xxhash.xxh64_intdigest(raw[:HEAD_CHECKED])
+    head.head_check = xxhash.xxh3_64_intdigest(raw[:HEAD_CHECKED])
     return head.pack()
 
 
@@ -138,7 +138,7 @@ class ChannelReceiver:
         where = f"data channel record {self.records}"
         if head.magic != CHANNEL_MAGIC:
             raise StreamError(f"{where}: bad magic {head.magic!r}")
-        if xxhash.xxh64_intdigest(raw[:HEAD_CHECKED]) != head.head_check:
+        if xxhash.xxh3_64_intdigest(raw[:HEAD_CHECKED]) != head.head_check:
             raise StreamError(f"{where}: head checksum mismatch")
         try:
             kind = ChannelType(head.type)

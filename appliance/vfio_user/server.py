@@ -66,6 +66,9 @@ __all__ = ["MAX_DATA_XFER_SIZE", "MAX_MSG_FDS", "MIG_MAX_BITMAP_SIZE", "ConnStat
 log = logging.getLogger("appliance.vfio_user")
 
 S = TypeVar("S", bound=Struct)
+#: What a command handler returns: the reply payload, with the fds to pass, or
+#: as pieces in order (sent gathered, never joined).
+Result = bytes | tuple[bytes, list[int]] | list[bytes | memoryview]
 
 
 #: the commands by number (a dict lookup: cheaper than the enum's own call per message)
@@ -141,12 +144,12 @@ class ServerConnection(ConnectionHandoff):
         self.irq_fds: dict[tuple[int, int], int] = {}
         self.irq_mask_fds: dict[tuple[int, int, int], int] = {}
         self.irq_enabled: dict[int, int] = {}  # irq index -> sub-indexes enabled
-        self._out: deque[tuple[bytes, list[int]]] = deque()
+        self._out: deque[tuple[bytes | memoryview, list[int]]] = deque()
         self._frames: deque[Frame] = deque()
         self.parked = False  # the first frame waits for the migration handler (NotYet)
         self._next_id = 0
         self.counters = {"messages": 0, "errors": 0}
-        self._handlers: dict[w.Command, Callable[[Frame], bytes | tuple[bytes, list[int]]]] = {
+        self._handlers: dict[w.Command, Callable[[Frame], Result]] = {
             w.Command.VERSION: self._version,
             w.Command.DMA_MAP: self._dma_map,
             w.Command.DMA_UNMAP: self._dma_unmap,
@@ -207,8 +210,13 @@ class ServerConnection(ConnectionHandoff):
         device made outside any client message: its idle poll, a timer, an I/O done)."""
         return bool(self._out)
 
-    def data_to_send(self) -> list[tuple[bytes, list[int]]]:
-        """Messages to write, each with the fds to pass alongside (then close them)."""
+    def data_to_send(self) -> list[tuple[bytes | memoryview, list[int]]]:
+        """Messages to write, each with the fds to pass alongside (then close them).
+
+        A MIG_DATA_READ reply comes as consecutive pieces (its header, then views
+        of the stream: written in order they are the message); the fds of a
+        message go with its first piece.
+        """
         out = list(self._out)
         self._out.clear()
         return out
@@ -287,14 +295,20 @@ class ServerConnection(ConnectionHandoff):
                 return
             payload, fds = result if isinstance(result, tuple) else (result, [])
             frame.close_fds()
+            size = sum(len(part) for part in payload) if isinstance(payload, list) else len(payload)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s msg %#x %s size=%d fds=%d -> ok (%d bytes%s)", self.name, hdr.msg_id,
-                          _cmd_name(hdr.command), hdr.size, nfds, len(payload),
+                          _cmd_name(hdr.command), hdr.size, nfds, size,
                           ", no reply" if no_reply else "")
             if not no_reply:
                 # Reply fds are the device's own (e.g. a BAR's memfd): lent, never closed here.
                 reply = w.Header(msg_id=hdr.msg_id, command=hdr.command, flags=w.MsgFlag.REPLY)
-                self._out.append((encode(reply, payload), fds))
+                if isinstance(payload, list):  # pieces, gathered by the runtime's sendmsg
+                    reply.size = w.HEADER_SIZE + size
+                    self._out.append((reply.pack(), fds))
+                    self._out.extend((part, []) for part in payload if len(part))
+                else:
+                    self._out.append((encode(reply, payload), fds))
         except (Reject, LocalProtocolError) as exc:
             frame.close_fds()
             self.counters["errors"] += 1
@@ -625,10 +639,13 @@ class ServerConnection(ConnectionHandoff):
         self.device.reset()
         return b""
 
-    def _migration_command(self, frame: Frame) -> bytes:
+    def _migration_command(self, frame: Frame) -> bytes | list[bytes | memoryview]:
         if self.migration is None:
             raise Reject(f"{_cmd_name(frame.header.command)} is not supported", errno.ENOTSUP)
-        return self.migration.handle(w.Command(frame.header.command), frame.payload, frame.fds)
+        command = w.Command(frame.header.command)
+        if command == w.Command.MIG_DATA_READ:  # up to 1 MiB of stream: never joined
+            return self.migration.handle_parts(command, frame.payload)
+        return self.migration.handle(command, frame.payload, frame.fds)
 
     def allowed_in_migration_state(self, command: w.Command) -> bool:
         """The migration state's command allow-list (all commands without migration)."""

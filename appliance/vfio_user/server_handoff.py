@@ -125,8 +125,8 @@ class ConnectionHandoff:
     counters: dict[str, int]
     _next_id: int
     _frames: deque[Frame]
-    _out: deque[tuple[bytes, list[int]]]
-    _handlers: dict[w.Command, Callable[[Frame], bytes | tuple[bytes, list[int]]]]
+    _out: deque[tuple[bytes | memoryview, list[int]]]
+    _handlers: dict[w.Command, Callable[[Frame], bytes | tuple[bytes, list[int]] | list[bytes | memoryview]]]
 
     is_eventfd: Callable[[int], bool] | None
 

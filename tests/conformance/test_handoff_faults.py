@@ -410,7 +410,7 @@ def finish_with_real_handoff(rig: Rig) -> ApplianceProcess:
 # ------------------------------------------------------------ shared storage
 HEAD_FLIPS = [  # (type, byte of the 24-byte head, bit, what B says)
     (T.HEADER, 0, 0, "bad magic"),
-    (T.PCI_CONFIG, 4, 3, "unknown record type 10"),
+    (T.PCI_CONFIG, 4, 4, "unknown record type 18"),
     (T.MSIX, 6, 0, "reserved flags 0x1"),
     (T.DEVICE_STATE, 12, 5, "sequence number 35, expected 3"),
     (T.HANDOFF, 20, 2, "(HANDOFF): checksum mismatch"),

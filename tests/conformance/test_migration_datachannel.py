@@ -236,7 +236,7 @@ def rehead(head: bytes, **fields: int) -> bytes:
     """``head`` with ``fields`` changed and its head checksum made right again."""
     raw = ChannelHead.unpack(head).replace(**fields).pack()
     return ChannelHead.unpack(raw).replace(
-        head_check=xxhash.xxh64_intdigest(raw[:HEAD_CHECKED])).pack()
+        head_check=xxhash.xxh3_64_intdigest(raw[:HEAD_CHECKED])).pack()
 
 
 def flip(index: int) -> Mutate:

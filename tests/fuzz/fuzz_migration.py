@@ -87,7 +87,7 @@ def resign(data: bytes) -> bytes:
     checksum, END its right count and digest (the magic and the rest stay)."""
     out = bytearray()
     pos = seq = 0
-    digest = xxhash.xxh64()
+    digest = xxhash.xxh3_64()
     while pos + RecordHead.SIZE <= len(data):
         head = RecordHead.unpack(data, pos)
         pos += RecordHead.SIZE
