@@ -487,7 +487,7 @@ class NvmeMigratable(PciMigratable):
             head, data = parse_metadata_head(record)
         except StreamError as exc:
             raise state_error(str(exc)) from None
-        ns = self.ctrl.namespaces.get(head.nsid)
+        ns = self._namespace(head.nsid)
         if ns is None or ns.read_only or ns.md is None:
             raise state_error(f"metadata for namespace {head.nsid} (absent, read-only or "
                               "without metadata here)")
