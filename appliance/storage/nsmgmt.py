@@ -17,7 +17,9 @@ in :attr:`~NamespaceManagement.image_dir`, created exclusively (an existing
 file is never taken over).  A created namespace starts detached (section
 8.11).  Delete detaches it first and closes it; its image is removed only when
 this process owns it (it created it, or a migration source that owned it
-handed it over) and :attr:`~NamespaceManagement.remove_images` is set:
+handed it over) and :attr:`~NamespaceManagement.remove_images` is set,
+together with its metadata side file (``<image>.md``, made by a Format NVM to
+an LBA format with metadata):
 a configured namespace's image is always kept.  Attaching or detaching, and
 deleting an attached namespace, add its NSID to the Changed Namespace List and
 raise the Namespace Attribute Changed event
@@ -31,6 +33,7 @@ created images this process owned.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import struct
@@ -38,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from appliance.storage.identity import CNTLID
+from appliance.storage.metadata import side_file
 from appliance.storage.namespace import Namespace
 from appliance.storage.spec import (
     CSI_NVM,
@@ -221,7 +225,8 @@ def create(ctrl: NvmeController, csi: int, data: bytes) -> int:
 
 def delete(ctrl: NvmeController, nsid: int) -> None:
     """Delete namespace ``nsid`` (FFFFFFFFh: every one): detach, close, and remove
-    the image when this process made it and the configuration says so.
+    the image (and its metadata side file, if a Format NVM made one) when this
+    process owns it and the configuration says so.
 
     Raises:
         CommandError: INVALID_NAMESPACE for an NSID that is not allocated.
@@ -243,10 +248,9 @@ def delete(ctrl: NvmeController, nsid: int) -> None:
         if path is None:
             mgmt.deleted.add(n)
         elif owned and mgmt.remove_images:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            for name in (path, side_file(path)):  # the metadata side file goes with it
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name)
         if was_attached:
             ctrl.notify_namespace_changed(n)
     ctrl.identify_changed()
