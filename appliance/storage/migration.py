@@ -171,7 +171,7 @@ class NvmeMigratable(PciMigratable):
         self.max_record = max_record
         self.clock = clock
         self.dirty: dict[int, DirtyPages] = {}
-        self._formats: dict[int, tuple[int, int]] = {}  # nsid -> (block size, metadata) tracked
+        self._formats: dict[int, tuple[int, ...]] = {}  # nsid -> its LBA format (_format)
         self._snapshot: CtrlSnapshot | None = None
         self._staging: dict[int, Staging] = {}
         self._incoming = IncomingNamespaces(ctrl.ns_mgmt.image_dir)
@@ -254,7 +254,7 @@ class NvmeMigratable(PciMigratable):
             if not ns.read_only:
                 pages = self.dirty[nsid] = DirtyPages(ns.size, max(self.page, ns.block_size))
                 pages.mark_all()
-                self._formats[nsid] = (ns.block_size, ns.metadata)
+                self._formats[nsid] = _format(ns)
 
     def stop_tracking(self) -> None:
         super().stop_tracking()
@@ -359,7 +359,8 @@ class NvmeMigratable(PciMigratable):
             LocalProtocolError: EBUSY when a namespace was created, deleted,
                 resized or formatted to another LBA format since the session
                 started (the stream announced the inventory it started with; its
-                fingerprint has the old size and format).
+                fingerprint has the old size and format: block and metadata
+                sizes, protection, extended or separate metadata).
         """
         if self._allocated is not None and self._inventory_key() != self._allocated:
             raise LocalProtocolError("a namespace was created or deleted during the migration",
@@ -369,8 +370,7 @@ class NvmeMigratable(PciMigratable):
             if ns.size != pages.size:
                 raise LocalProtocolError(f"namespace {nsid} was resized during the migration",
                                          errno.EBUSY)
-            if self._formats.get(nsid, (ns.block_size, ns.metadata)) != (ns.block_size,
-                                                                         ns.metadata):
+            if self._formats.get(nsid, _format(ns)) != _format(ns):
                 raise LocalProtocolError(f"namespace {nsid} was formatted to another LBA format "
                                          "during the migration", errno.EBUSY)
 
@@ -584,6 +584,12 @@ class NvmeMigratable(PciMigratable):
     def load_records(self, records: Sequence[Record]) -> None:
         for record in records:
             self.stage(record)
+
+
+def _format(ns: Namespace) -> tuple[int, ...]:
+    """What a Format NVM may change of ``ns``: block and metadata sizes, the
+    protection (DPS: PI type, tuple first) and extended metadata."""
+    return ns.block_size, ns.metadata, ns.protection.dps, int(ns.extended)
 
 
 def _zeroes(nsid: int, offset: int, length: int) -> Record:
