@@ -27,7 +27,9 @@ the blocks and their metadata into them.  A
 shared-storage stream (and so a live handoff on the same files) has no
 announcement: at the controller blob the destination opens the images the
 source made, by a name checked to be a plain file name (no ``/``, not
-hidden, so neither ``.`` nor ``..``) without following a symlink (nor
+hidden, so neither ``.`` nor ``..``) of the form created images have
+(``nvme-ns<NSID>-<8 hex digits>.img``: nothing else of ``image_dir``, such
+as a configured namespace's side file), without following a symlink (nor
 one at the side file's name).
 
 Nothing of the controller changes before the commit
@@ -47,7 +49,7 @@ from typing import TYPE_CHECKING, Annotated
 from appliance.storage.formats import LBA_FORMATS
 from appliance.storage.metadata import side_file
 from appliance.storage.namespace import Namespace
-from appliance.storage.nsmgmt import make_image, namespace_count
+from appliance.storage.nsmgmt import IMAGE_NAME, make_image, namespace_count
 from appliance.storage.protection import PI_TUPLE_SIZE
 from appliance.storage.uncorrectable import LbaRanges
 from appliance.wire import U32, U64, Struct
@@ -171,16 +173,20 @@ def check_format(value: int, block_size: int, size: int) -> None:
 
 
 def image_name(raw: bytes) -> str:
-    """The image name of an entry: a plain, visible file name.
+    """The image name of an entry: a plain, visible file name, and one a
+    created namespace's image has (:data:`~appliance.storage.nsmgmt.IMAGE_NAME`:
+    never a configured image's side file or anything else of ``image_dir``).
 
     Raises:
-        ValueError: empty, a NUL inside, not ASCII, a '/' in it, or starting
-            with '.' (so neither '.' nor '..').
+        ValueError: empty, a NUL inside, not ASCII, a '/' in it, starting
+            with '.' (so neither '.' nor '..'), or not a created image's name.
     """
     name = raw.rstrip(b"\0")
     if not name or b"\0" in name or b"/" in name or name.startswith(b".") or not all(
             0x20 < c < 0x7F for c in name):
         raise ValueError(f"image name {raw.rstrip(bytes(1))[:NAME_MAX]!r} is not a plain file name")
+    if not IMAGE_NAME.fullmatch(name.decode()):
+        raise ValueError(f"image name {name.decode()!r} is not a created namespace's image name")
     return name.decode()
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import struct
 from dataclasses import dataclass, field
@@ -68,6 +69,8 @@ MANAGEMENT_CNS = (CNS_ALLOCATED_NS_LIST, CNS_ALLOCATED_NAMESPACE, CNS_NS_CONTROL
 SEL_CREATE, SEL_DELETE = 0, 1  # Namespace Management CDW10.SEL
 SEL_ATTACH, SEL_DETACH = 0, 1  # Namespace Attachment CDW10.SEL
 CREATED_BLOCK_SIZE = 512  # LBA format 0 of a created namespace
+#: the file name of a created namespace's image (its NSID, 8 random hex digits)
+IMAGE_NAME = re.compile(r"nvme-ns[1-9][0-9]*-[0-9a-f]{8}\.img")
 CONTROLLER_LIST_MAX = 2047  # identifiers in one 4 KiB controller list
 
 
@@ -205,6 +208,7 @@ def create(ctrl: NvmeController, csi: int, data: bytes) -> int:
     _check(bool(free), Status.NS_ID_UNAVAILABLE, f"{namespace_count(ctrl)} namespaces exist")
     nsid = free[0]
     path = os.path.join(mgmt.image_dir, f"nvme-ns{nsid}-{secrets.token_hex(4)}.img")
+    assert IMAGE_NAME.fullmatch(os.path.basename(path))
     try:
         make_image(path, size)
     except OSError as exc:

@@ -351,7 +351,8 @@ HANDOFF_CASES: list[tuple[dict[str, object], str]] = [
     ({"size": 64 << 20}, "capacity"),
     ({"name": b"../data/disk0.img"}, "not a plain file name"),
     ({"name": b".."}, "not a plain file name"),
-    ({"name": b"nvme-ns3-missing.img"}, "No such file"),
+    ({"name": b"nvme-ns3-0000beef.img"}, "No such file"),
+    ({"name": b"disk0.img.md"}, "not a created namespace's image name"),  # no image of ours
 ]
 
 

@@ -479,3 +479,24 @@ def test_a_shared_side_file_symlink_is_not_followed(source: Source, tmp_path: Pa
         refused(dst, records, "created namespace image", tmp_path / "src" / "images")
     finally:
         dst.close()
+
+
+@pytest.mark.parametrize("name", ["ns1.img.md", "notes.dat", "nvme-ns2-0123abcd.img.md",
+                                  "nvme-ns2-0123abcd.img~", "nvme-ns2-xyz.img"])
+def test_only_a_created_image_name_is_opened(source: Source, tmp_path: Path, name: str) -> None:
+    """Shared storage: the state names a file of image_dir that is no created
+    image (a configured namespace's side file, anything else there), owned:
+    refused before it is opened, so the host can neither write it through
+    the namespace nor have a delete remove it."""
+    source.mig.start_tracking()
+    saved = inventory_of(source.ctrl)
+    records = edited(source.mig.save_state(), saved,
+                     created(lambda a: replace(a, image=name, owned=True)))
+    theirs = tmp_path / "src" / "images" / name
+    theirs.write_bytes(b"not ours".ljust(2 * MIB, b"\0"))
+    dst = dest(tmp_path, shared=True)
+    try:
+        refused(dst, records, "namespace inventory", tmp_path / "src" / "images")
+        assert theirs.read_bytes()[:8] == b"not ours"
+    finally:
+        dst.close()
