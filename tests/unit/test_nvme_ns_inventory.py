@@ -31,6 +31,7 @@ from appliance.vfio_user.migration_stream import (
     RecordType,
     device_state,
     namespace_blocks,
+    namespace_metadata,
     parse_device_state,
 )
 from tests.unit.test_nvme_driver import make_controller, status
@@ -498,5 +499,21 @@ def test_only_a_created_image_name_is_opened(source: Source, tmp_path: Path, nam
     try:
         refused(dst, records, "namespace inventory", tmp_path / "src" / "images")
         assert theirs.read_bytes()[:8] == b"not ours"
+    finally:
+        dst.close()
+
+
+def test_metadata_for_a_created_namespace_without_any(source: Source, tmp_path: Path) -> None:
+    """The created NSID 2 has no metadata; the configured namespace 2 it
+    replaces has some here: a NAMESPACE_METADATA record for NSID 2 is refused
+    with EINVAL (checked against the created namespace, not the configured one)."""
+    records = full_stream(source)
+    dst = dest(tmp_path)
+    dst.namespaces[2].reformat(1, 0, True, False)  # configured 2: 512 + 8 bytes
+    at = max(i for i, r in enumerate(records) if r.type == RecordType.NAMESPACE_BLOCKS)
+    hostile = namespace_metadata(2, 100, 1, bytes(8))
+    try:
+        refused(dst, [*records[:at + 1], hostile, *records[at + 1:]], "without metadata",
+                tmp_path / "dst" / "images")
     finally:
         dst.close()
