@@ -196,8 +196,8 @@ class NvmeMigratable(PciMigratable):
         ``configured`` (NSID → its part) is what start-up gave the configured
         namespaces; a namespace created at run time is never part of it (the
         inventory in the controller state carries it), and one deleted at run
-        time keeps its start-up part: a destination is started from the same
-        configuration.
+        time keeps its start-up part, also when a created namespace took its
+        NSID since: a destination is started from the same configuration.
         """
         parts = [(f"nvme-v{STATE_VERSION} sn={ctrl.serial} mn={ctrl.mn!r} fr={ctrl.fr!r} "
                   f"ioq={ctrl.io_queues} mqes={ctrl.regs.mqes} mdts={ctrl.mdts_bytes} "
@@ -205,10 +205,10 @@ class NvmeMigratable(PciMigratable):
         if ctrl.ns_mgmt.enabled:  # what Identify Controller says of Namespace Management
             parts.append(f"nsmgmt:{ctrl.ns_mgmt.capacity}:{ctrl.ns_mgmt.max_namespaces}")
         namespaces = _namespace_parts(ctrl)
-        if configured is not None:
-            namespaces = {**{n: part for n, part in configured.items()
-                             if n in ctrl.ns_mgmt.deleted},
-                          **{n: part for n, part in namespaces.items() if n in configured}}
+        if configured is not None:  # (a deleted one's NSID may be a created one's now)
+            namespaces = {**{n: part for n, part in namespaces.items() if n in configured},
+                          **{n: part for n, part in configured.items()
+                             if n in ctrl.ns_mgmt.deleted}}
         parts += [part for _, part in sorted(namespaces.items())]
         return "|".join(parts).encode()
 

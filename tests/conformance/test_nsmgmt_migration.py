@@ -71,20 +71,25 @@ class Setup:
         return Path(p.config.data_dir)
 
 
-def start(tmp: Path, shared: bool) -> Setup:
+def start(tmp: Path, shared: bool, reuse: bool = False) -> Setup:
     """Both processes; on the source a created, attached namespace with verified
-    data, configured 2 deleted and configured 1 detached."""
-    src_cfg, dst_cfg = configs(tmp, shared)
+    data, configured 2 deleted and configured 1 detached; ``reuse``: 2 deleted
+    first, so the created namespace gets NSID 2 (else 3), the configured ones 4 MiB
+    (the created one has 8 MiB either way)."""
+    src_cfg, dst_cfg = configs(tmp, shared, size="4M" if reuse else "8M")
     src = ApplianceProcess(src_cfg, tmp / "src" / "proc").start()
     dst = ApplianceProcess(dst_cfg, tmp / "dst" / "proc").start()
     driver = NvmeDriver(VfioUserClient.connect(src.config.storage.socket), mem_size=16 << 20)
     driver.setup(io_queues=1, depth=32)
+    if reuse:
+        assert driver.delete_namespace(2).status == 0
     done = driver.create_namespace(CREATED_BLOCKS)
-    assert done.status == 0 and done.dw0 == 3
+    assert done.status == 0 and done.dw0 == (2 if reuse else 3)
     nsid = done.dw0
     assert driver.attach_namespace(nsid).status == 0
     driver.identify_namespace(nsid)
-    assert driver.delete_namespace(2).status == 0
+    if not reuse:
+        assert driver.delete_namespace(2).status == 0
     assert driver.attach_namespace(1, detach=True).status == 0
     writer = VerifiedWriter(driver, nsid=nsid, blocks=8, seed=3)
     writer.step(30)
@@ -143,6 +148,19 @@ def test_full_copy_migration(tmp_path: Path, setups: list[Setup]) -> None:
 
 def test_shared_storage_migration(tmp_path: Path, setups: list[Setup]) -> None:
     s = start(tmp_path, shared=True)
+    setups.append(s)
+    dst = VfioUserClient.connect(s.dst.config.storage.socket)
+    prepare_destination(s.driver, dst)
+    orch.migrate(s.driver.c, dst, converge_bytes=0, shared_storage=True)
+    move_driver(s.driver, dst).close()
+    check_destination(s, s.data_dir(s.src))
+
+
+def test_a_created_namespace_in_a_deleted_nsid_migrates(tmp_path: Path,
+                                                        setups: list[Setup]) -> None:
+    """Configured 2 deleted, then the created namespace gets NSID 2: the session's
+    fingerprint is still the configuration's, so the destination takes the stream."""
+    s = start(tmp_path, shared=True, reuse=True)
     setups.append(s)
     dst = VfioUserClient.connect(s.dst.config.storage.socket)
     prepare_destination(s.driver, dst)

@@ -517,3 +517,21 @@ def test_metadata_for_a_created_namespace_without_any(source: Source, tmp_path: 
                 tmp_path / "dst" / "images")
     finally:
         dst.close()
+
+
+def test_a_created_namespace_in_a_deleted_ones_nsid_keeps_the_fingerprint(
+        tmp_path: Path) -> None:
+    """Configured 2 deleted and a namespace created (it gets NSID 2, the lowest
+    free one): the session's fingerprint is still the configuration's, the one a
+    destination started from it has."""
+    ctrl = make(tmp_path / "src", tmp_path / "src" / "images")
+    mig = NvmeMigratable(ctrl)  # as at start-up
+    dst = dest(tmp_path)
+    drv = controller_driver(ctrl).ready(io_queues=1)
+    try:
+        assert status(drv.delete_namespace(2))[0] == 0
+        assert drv.create_namespace(4096).dw0 == 2  # 2 MiB where configured 2 had 1 MiB
+        assert mig.migration_fingerprint() == NvmeMigratable(dst).migration_fingerprint()
+    finally:
+        dst.close()
+        ctrl.close()
