@@ -110,6 +110,7 @@ from appliance.storage.ns_inventory import (
     check_entries,
     inventory_of,
 )
+from appliance.storage.nsmgmt import namespace_count
 from appliance.storage.staging import Staging, pread_all
 from appliance.vfio_user.migration_stream import (
     MAX_PAYLOAD,
@@ -416,6 +417,9 @@ class NvmeMigratable(PciMigratable):
             raise state_error("a namespace announcement after the first or after the state")
         if not blob or len(blob) % NamespaceEntry.SIZE:
             raise state_error(f"namespace announcement of {len(blob)} bytes")
+        count, nn = len(blob) // NamespaceEntry.SIZE, namespace_count(self.ctrl)
+        if count > nn:  # (never fits: refused before decoding any)
+            raise state_error(f"namespace announcement of {count} entries, NN is {nn}")
         entries = [NamespaceEntry.unpack(blob, at)
                    for at in range(0, len(blob), NamespaceEntry.SIZE)]
         try:

@@ -535,3 +535,17 @@ def test_a_created_namespace_in_a_deleted_ones_nsid_keeps_the_fingerprint(
     finally:
         dst.close()
         ctrl.close()
+
+
+def test_an_announcement_longer_than_nn_is_refused_unread(source: Source,
+                                                          tmp_path: Path) -> None:
+    """More entries than NN (4 here) can never fit: refused by its length, before
+    any entry is decoded (a 16 MiB record would be some 190000 of them)."""
+    records = full_stream(source)
+    i, blob = entries_of(records, DeviceKind.NVME_NAMESPACES)
+    long = [*records[:i], device_state(DeviceKind.NVME_NAMESPACES, blob * 5), *records[i + 1:]]
+    dst = dest(tmp_path)
+    try:
+        refused(dst, long, "5 entries, NN is 4", tmp_path / "dst" / "images")
+    finally:
+        dst.close()
