@@ -367,8 +367,9 @@ def decode_controller(ctrl: NvmeController, blob: bytes) -> CtrlSnapshot:
 
 
 def _check_firmware(ctrl: NvmeController, state: FirmwareState, bitmap: bytes) -> int:
-    """What Firmware Download and Commit can leave: printable revisions, an active
-    and a next slot that hold an image, a download bitmap within the largest image.
+    """What Firmware Download and Commit can leave: printable revisions (running
+    from the read-only slot 1: slot 1's own), an active and a next slot that
+    hold an image, a download bitmap within the largest image.
 
     Returns:
         The download's DWORD bitmap.
@@ -379,7 +380,8 @@ def _check_firmware(ctrl: NvmeController, state: FirmwareState, bitmap: bytes) -
             or (bitmap and not bitmap[-1]) or state.reserved or state.reserved2):
         raise state_error(f"firmware download bitmap of {state.n_bitmap} bytes")
     if fw.revision_of(state.running) != state.running or (
-            slots[1] is not None and fw.revision_of(slots[1]) != slots[1]):
+            slots[1] is not None and fw.revision_of(slots[1]) != slots[1]) or (
+            state.active == fw.READ_ONLY_SLOT and state.running != ctrl.fr):
         raise state_error(f"firmware revisions {state.running!r} / {state.slot2!r}")
     if not 1 <= state.active <= fw.SLOTS or not 0 <= state.next_active <= fw.SLOTS or (
             slots[state.active - 1] is None) or (

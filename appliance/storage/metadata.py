@@ -54,12 +54,15 @@ def side_file(image: str) -> str:
 class MetadataFile:
     """``metadata`` bytes per block for ``nlbas`` blocks, in ``path``."""
 
-    def __init__(self, path: str, nlbas: int, metadata: int, read_only: bool = False) -> None:
-        """Open (creating sparse if missing, extending if short) the side file.
+    def __init__(self, path: str, nlbas: int, metadata: int, read_only: bool = False,
+                 nofollow: bool = False) -> None:
+        """Open (creating sparse if missing, extending if short) the side file;
+        ``nofollow``: never through a symlink.
 
         Raises:
             ValueError: ``metadata`` or ``nlbas`` not positive.
-            OSError: the file cannot be created or opened.
+            OSError: the file cannot be created or opened (ELOOP: ``nofollow``
+                and a symlink).
         """
         if metadata <= 0 or nlbas <= 0:
             raise ValueError(f"{path}: {metadata} metadata bytes for {nlbas} blocks")
@@ -69,7 +72,7 @@ class MetadataFile:
         if read_only and not os.path.exists(path):
             return  # a read-only image that never had metadata: every block reads FFh
         flags = os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT
-        self.fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+        self.fd = os.open(path, flags | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0), 0o644)
         try:
             if not read_only and os.fstat(self.fd).st_size < size:
                 os.ftruncate(self.fd, size)

@@ -110,6 +110,7 @@ from appliance.storage.ns_inventory import (
     check_entries,
     inventory_of,
 )
+from appliance.storage.nsmgmt import namespace_count
 from appliance.storage.staging import Staging, pread_all
 from appliance.vfio_user.migration_stream import (
     MAX_PAYLOAD,
@@ -171,7 +172,7 @@ class NvmeMigratable(PciMigratable):
         self.max_record = max_record
         self.clock = clock
         self.dirty: dict[int, DirtyPages] = {}
-        self._formats: dict[int, tuple[int, int]] = {}  # nsid -> (block size, metadata) tracked
+        self._formats: dict[int, tuple[int, ...]] = {}  # nsid -> its LBA format (_format)
         self._snapshot: CtrlSnapshot | None = None
         # nsid -> (start, end): [start, end) held data at the last SEEK_HOLE
         self._data_extent: dict[int, tuple[int, int]] = {}
@@ -198,8 +199,8 @@ class NvmeMigratable(PciMigratable):
         ``configured`` (NSID → its part) is what start-up gave the configured
         namespaces; a namespace created at run time is never part of it (the
         inventory in the controller state carries it), and one deleted at run
-        time keeps its start-up part: a destination is started from the same
-        configuration.
+        time keeps its start-up part, also when a created namespace took its
+        NSID since: a destination is started from the same configuration.
         """
         parts = [(f"nvme-v{STATE_VERSION} sn={ctrl.serial} mn={ctrl.mn!r} fr={ctrl.fr!r} "
                   f"ioq={ctrl.io_queues} mqes={ctrl.regs.mqes} mdts={ctrl.mdts_bytes} "
@@ -207,10 +208,10 @@ class NvmeMigratable(PciMigratable):
         if ctrl.ns_mgmt.enabled:  # what Identify Controller says of Namespace Management
             parts.append(f"nsmgmt:{ctrl.ns_mgmt.capacity}:{ctrl.ns_mgmt.max_namespaces}")
         namespaces = _namespace_parts(ctrl)
-        if configured is not None:
-            namespaces = {**{n: part for n, part in configured.items()
-                             if n in ctrl.ns_mgmt.deleted},
-                          **{n: part for n, part in namespaces.items() if n in configured}}
+        if configured is not None:  # (a deleted one's NSID may be a created one's now)
+            namespaces = {**{n: part for n, part in namespaces.items() if n in configured},
+                          **{n: part for n, part in configured.items()
+                             if n in ctrl.ns_mgmt.deleted}}
         parts += [part for _, part in sorted(namespaces.items())]
         return "|".join(parts).encode()
 
@@ -257,7 +258,7 @@ class NvmeMigratable(PciMigratable):
             if not ns.read_only:
                 pages = self.dirty[nsid] = DirtyPages(ns.size, max(self.page, ns.block_size))
                 pages.mark_all()
-                self._formats[nsid] = (ns.block_size, ns.metadata)
+                self._formats[nsid] = _format(ns)
 
     def stop_tracking(self) -> None:
         super().stop_tracking()
@@ -396,7 +397,8 @@ class NvmeMigratable(PciMigratable):
             LocalProtocolError: EBUSY when a namespace was created, deleted,
                 resized or formatted to another LBA format since the session
                 started (the stream announced the inventory it started with; its
-                fingerprint has the old size and format).
+                fingerprint has the old size and format: block and metadata
+                sizes, protection, extended or separate metadata).
         """
         if self._allocated is not None and self._inventory_key() != self._allocated:
             raise LocalProtocolError("a namespace was created or deleted during the migration",
@@ -406,8 +408,7 @@ class NvmeMigratable(PciMigratable):
             if ns.size != pages.size:
                 raise LocalProtocolError(f"namespace {nsid} was resized during the migration",
                                          errno.EBUSY)
-            if self._formats.get(nsid, (ns.block_size, ns.metadata)) != (ns.block_size,
-                                                                         ns.metadata):
+            if self._formats.get(nsid, _format(ns)) != _format(ns):
                 raise LocalProtocolError(f"namespace {nsid} was formatted to another LBA format "
                                          "during the migration", errno.EBUSY)
 
@@ -453,6 +454,9 @@ class NvmeMigratable(PciMigratable):
             raise state_error("a namespace announcement after the first or after the state")
         if not blob or len(blob) % NamespaceEntry.SIZE:
             raise state_error(f"namespace announcement of {len(blob)} bytes")
+        count, nn = len(blob) // NamespaceEntry.SIZE, namespace_count(self.ctrl)
+        if count > nn:  # (never fits: refused before decoding any)
+            raise state_error(f"namespace announcement of {count} entries, NN is {nn}")
         entries = [NamespaceEntry.unpack(blob, at)
                    for at in range(0, len(blob), NamespaceEntry.SIZE)]
         try:
@@ -512,7 +516,7 @@ class NvmeMigratable(PciMigratable):
             head, data = parse_metadata_head(record)
         except StreamError as exc:
             raise state_error(str(exc)) from None
-        ns = self.ctrl.namespaces.get(head.nsid)
+        ns = self._namespace(head.nsid)
         if ns is None or ns.read_only or ns.md is None:
             raise state_error(f"metadata for namespace {head.nsid} (absent, read-only or "
                               "without metadata here)")
@@ -630,6 +634,12 @@ class NvmeMigratable(PciMigratable):
     def load_records(self, records: Sequence[Record]) -> None:
         for record in records:
             self.stage(record)
+
+
+def _format(ns: Namespace) -> tuple[int, ...]:
+    """What a Format NVM may change of ``ns``: block and metadata sizes, the
+    protection (DPS: PI type, tuple first) and extended metadata."""
+    return ns.block_size, ns.metadata, ns.protection.dps, int(ns.extended)
 
 
 def _zeroes(nsid: int, offset: int, length: int) -> Record:

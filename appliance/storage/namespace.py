@@ -127,14 +127,18 @@ class Namespace:
 
     def __init__(self, nsid: int, image: str, size: int, block_size: int = 512,
                  read_only: bool = False, export: BlockExport | None = None,
-                 metadata: int = 0, pi: int = 0, *, existing: bool = False) -> None:
+                 metadata: int = 0, pi: int = 0, *, existing: bool = False,
+                 pi_first: bool = True, extended: bool = False) -> None:
         """Open (creating sparse if missing) the image behind namespace ``nsid``,
         or serve ``export`` (then ``image`` only names it; ``size`` 0 takes the
         export's size, rounded down to whole blocks).  ``metadata`` bytes per
         block live in the side file ``<image>.md`` (:mod:`~appliance.storage.metadata`);
-        ``pi`` is the protection information type kept in them.  ``existing``:
+        ``pi`` is the protection information type kept in them, the tuple
+        first in them (``pi_first``) or last; ``extended``: the metadata is
+        transferred at the end of each block's data (FLBAS bit 4).  ``existing``:
         ``image`` must be a regular file of at least ``size`` bytes already, and
-        is opened without following a symlink (a migrated namespace's image).
+        it and its side file are opened without following a symlink (a
+        migrated namespace's image).
 
         Raises:
             ValueError: a bad block size or a size that is not a positive
@@ -151,11 +155,11 @@ class Namespace:
         self.format_index = format_index(block_size, metadata)
         if pi not in tuple(PiType):
             raise ValueError(f"namespace {nsid}: PI type {pi} not in 0-3")
-        self.protection = Protection(PiType(pi), metadata)
+        self.protection = Protection(PiType(pi), metadata, pi_first)
         if metadata and export is not None:
             raise ValueError(f"namespace {nsid}: an NBD export cannot carry metadata")
         #: FLBAS bit 4: metadata at the end of each block's data, not in MPTR's buffer
-        self.extended = False
+        self.extended = extended and metadata > 0
         #: report the current format alone (nlbaf 0): a zoned namespace, whose
         #: zone size Identify gives for LBA format 0 only
         self.fixed_format = False
@@ -187,7 +191,8 @@ class Namespace:
             self._open_image(image, size, read_only)
         if metadata:
             try:
-                self.md = MetadataFile(side_file(image), self.nlbas, metadata, read_only)
+                self.md = MetadataFile(side_file(image), self.nlbas, metadata, read_only,
+                                       nofollow=existing)
             except BaseException:
                 self.close()
                 raise

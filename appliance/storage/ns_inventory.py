@@ -7,7 +7,9 @@ changed at run time through Namespace Management and Attachment
 (:mod:`appliance.storage.nsmgmt`) travels as state.  The
 :class:`Inventory` is every allocated namespace (NSID, size, LBA format,
 attached or not; for one created at run time the file name of its image in
-``image_dir`` and whether the process owns that image for the delete rule)
+``image_dir``, whether the process owns that image for the delete rule, and
+its LBA format: a host may have formatted it to another block size, with
+metadata and protection, since it was created)
 and, implied, the configured namespaces deleted (configured NSIDs it does
 not list as configured).  The controller blob carries it
 (:mod:`appliance.storage.controller_state`, :class:`NamespaceEntry` each);
@@ -19,17 +21,22 @@ A full-copy stream announces the created namespaces first (a DEVICE_STATE
 record of kind NVME_NAMESPACES, before their NAMESPACE_BLOCKS): the
 destination makes each image then, a new sparse file in its own
 ``image_dir`` under the source's name, created exclusively (an existing
-file is refused, never taken over), and stages the blocks into it.  A
+file is refused, never taken over), and its metadata side file
+(``<image>.md``) the same way when its LBA format has metadata, and stages
+the blocks and their metadata into them.  A
 shared-storage stream (and so a live handoff on the same files) has no
 announcement: at the controller blob the destination opens the images the
 source made, by a name checked to be a plain file name (no ``/``, not
-hidden, so neither ``.`` nor ``..``) without following a symlink.
+hidden, so neither ``.`` nor ``..``) of the form created images have
+(``nvme-ns<NSID>-<8 hex digits>.img``: nothing else of ``image_dir``, such
+as a configured namespace's side file), without following a symlink (nor
+one at the side file's name).
 
 Nothing of the controller changes before the commit
 (:meth:`IncomingNamespaces.adopt`: the configured namespaces the source
 deleted are closed, the created ones join, the attached set is the
 source's); an aborted or refused restore closes what it opened and removes
-the images it made, and nothing else.
+the images and side files it made, and nothing else.
 """
 
 from __future__ import annotations
@@ -39,8 +46,11 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
+from appliance.storage.formats import LBA_FORMATS
+from appliance.storage.metadata import side_file
 from appliance.storage.namespace import Namespace
-from appliance.storage.nsmgmt import CREATED_BLOCK_SIZE, make_image, namespace_count
+from appliance.storage.nsmgmt import IMAGE_NAME, make_image, namespace_count
+from appliance.storage.protection import PI_TUPLE_SIZE
 from appliance.storage.uncorrectable import LbaRanges
 from appliance.wire import U32, U64, Struct
 
@@ -50,23 +60,29 @@ if TYPE_CHECKING:
 NAME_MAX = 64  # bytes of an image name in an entry
 FLAG_CREATED, FLAG_OWNED, FLAG_DETACHED = 0x1, 0x2, 0x4
 FLAGS = FLAG_CREATED | FLAG_OWNED | FLAG_DETACHED
+#: an entry's ``format``: a created namespace's LBA format as Format NVM's CDW10
+#: bits 8:0 give it (LBAF 3:0, MSET 4, PI 7:5, PIL 8; PIL only with PI)
+FORMAT_LBAF, FORMAT_EXTENDED, FORMAT_PI_SHIFT, FORMAT_PI_FIRST = 0xF, 0x10, 5, 0x100
+FORMAT_BITS = 0x1FF
 
 
 class NamespaceEntry(Struct, size=88):
-    """One allocated namespace; ``name`` (NUL-padded) only when FLAG_CREATED."""
+    """One allocated namespace; ``name`` (NUL-padded) and ``format`` only when
+    FLAG_CREATED (a configured namespace's format is the fingerprint's)."""
 
     nsid: U32 = 0
     flags: U32 = 0
     size: U64 = 0  # bytes
     block_size: U32 = 0
-    reserved: U32 = 0
+    format: U32 = 0  # FORMAT_* bits
     name: Annotated[bytes, "64s"] = b""
 
 
 @dataclass(frozen=True)
 class Allocated:
     """An allocated namespace; ``image`` is the file name of a created one's image
-    in ``image_dir`` ("" for a configured one)."""
+    in ``image_dir`` ("" for a configured one), ``format`` its LBA format
+    (FORMAT_* bits; 0 for a configured one)."""
 
     nsid: int
     size: int
@@ -74,21 +90,28 @@ class Allocated:
     detached: bool = False
     image: str = ""
     owned: bool = False
+    format: int = 0
 
     @property
     def created(self) -> bool:
         return bool(self.image)
 
+    @property
+    def metadata(self) -> int:
+        """Metadata bytes per block of the LBA format."""
+        return LBA_FORMATS[self.format & FORMAT_LBAF].metadata if self.created else 0
+
     def entry(self) -> NamespaceEntry:
         flags = (FLAG_CREATED if self.created else 0) | (FLAG_OWNED if self.owned else 0) | (
             FLAG_DETACHED if self.detached else 0)
         return NamespaceEntry(nsid=self.nsid, flags=flags, size=self.size,
-                              block_size=self.block_size, name=self.image.encode())
+                              block_size=self.block_size, format=self.format,
+                              name=self.image.encode())
 
     def same_image(self, other: Allocated) -> bool:
         """Whether both name the same created image (attachment aside)."""
-        return (self.nsid, self.size, self.block_size, self.image, self.owned) == (
-            other.nsid, other.size, other.block_size, other.image, other.owned)
+        return (self.nsid, self.size, self.block_size, self.image, self.owned, self.format) == (
+            other.nsid, other.size, other.block_size, other.image, other.owned, other.format)
 
 
 @dataclass(frozen=True)
@@ -111,26 +134,59 @@ class Inventory:
         return {a.nsid for a in self.namespaces if not a.created}
 
 
+def format_of(ns: Namespace) -> int:
+    """``ns``'s LBA format as FORMAT_* bits."""
+    pi = int(ns.protection.pi_type)
+    return (ns.format_index | (FORMAT_EXTENDED if ns.extended else 0) | pi << FORMAT_PI_SHIFT
+            | (FORMAT_PI_FIRST if pi and ns.protection.pi_first else 0))
+
+
 def inventory_of(ctrl: NvmeController) -> Inventory:
     """The controller's inventory now (the source's side)."""
     mgmt = ctrl.ns_mgmt
     return Inventory(tuple(
         Allocated(nsid, ns.size, ns.block_size, nsid in mgmt.detached,
-                  os.path.basename(mgmt.created.get(nsid, "")), nsid in mgmt.owned)
+                  os.path.basename(mgmt.created.get(nsid, "")), nsid in mgmt.owned,
+                  format_of(ns) if nsid in mgmt.created else 0)
         for nsid, ns in sorted(ctrl.namespaces.items())), frozenset(mgmt.deleted))
 
 
-def image_name(raw: bytes) -> str:
-    """The image name of an entry: a plain, visible file name.
+def check_format(value: int, block_size: int, size: int) -> None:
+    """A created namespace's FORMAT_* bits, as Format NVM would have left them:
+    an LBA format this controller lists, of ``block_size``-byte blocks that
+    divide ``size``; PI only with 8 bytes of metadata at least, PIL only with
+    PI, MSET only with metadata.
 
     Raises:
-        ValueError: empty, a NUL inside, not ASCII, a '/' in it, or starting
-            with '.' (so neither '.' nor '..').
+        ValueError: the first rule broken.
+    """
+    lbaf, pi = value & FORMAT_LBAF, value >> FORMAT_PI_SHIFT & 0x7
+    if value & ~FORMAT_BITS or lbaf >= len(LBA_FORMATS) or pi > 3:
+        raise ValueError(f"format {value:#x}")
+    fmt = LBA_FORMATS[lbaf]
+    if fmt.block_size != block_size or not (0 < size and size % block_size == 0):
+        raise ValueError(f"{size} bytes of {block_size}-byte blocks in LBA format {lbaf}")
+    if (pi and fmt.metadata < PI_TUPLE_SIZE) or (value & FORMAT_PI_FIRST and not pi) or (
+            value & FORMAT_EXTENDED and not fmt.metadata):
+        raise ValueError(f"format {value:#x}: PI {pi} / PIL / MSET with {fmt.metadata} bytes "
+                         "of metadata")
+
+
+def image_name(raw: bytes) -> str:
+    """The image name of an entry: a plain, visible file name, and one a
+    created namespace's image has (:data:`~appliance.storage.nsmgmt.IMAGE_NAME`:
+    never a configured image's side file or anything else of ``image_dir``).
+
+    Raises:
+        ValueError: empty, a NUL inside, not ASCII, a '/' in it, starting
+            with '.' (so neither '.' nor '..'), or not a created image's name.
     """
     name = raw.rstrip(b"\0")
     if not name or b"\0" in name or b"/" in name or name.startswith(b".") or not all(
             0x20 < c < 0x7F for c in name):
         raise ValueError(f"image name {raw.rstrip(bytes(1))[:NAME_MAX]!r} is not a plain file name")
+    if not IMAGE_NAME.fullmatch(name.decode()):
+        raise ValueError(f"image name {name.decode()!r} is not a created namespace's image name")
     return name.decode()
 
 
@@ -138,8 +194,8 @@ def check_entries(ctrl: NvmeController, entries: list[NamespaceEntry],
                   announced: bool = False) -> Inventory:
     """The inventory ``entries`` describe, checked against ``ctrl``'s configuration:
     NSIDs ascending in 1..NN, each once; configured ones as configured here;
-    created ones 512-byte blocks, a plain image name each, all within the
-    capacity.  ``announced``: only created namespaces (a full stream's
+    created ones in an LBA format Format NVM can leave (:func:`check_format`),
+    a plain image name each, all within the capacity.  ``announced``: only created namespaces (a full stream's
     announcement; nothing is implied deleted).
 
     Raises:
@@ -156,7 +212,7 @@ def check_entries(ctrl: NvmeController, entries: list[NamespaceEntry],
         if not last < e.nsid <= nn:
             raise ValueError(f"{where}: NSIDs must ascend in 1..{nn}")
         last = e.nsid
-        if e.flags & ~FLAGS or e.reserved:
+        if e.flags & ~FLAGS:
             raise ValueError(f"{where}: flags {e.flags:#x}")
         if e.flags & FLAG_DETACHED and not mgmt.enabled:
             raise ValueError(f"{where}: detached without Namespace Management")
@@ -164,22 +220,22 @@ def check_entries(ctrl: NvmeController, entries: list[NamespaceEntry],
         if announced and not created:
             raise ValueError(f"{where}: the announcement lists a configured namespace")
         if created:
-            if not mgmt.enabled or e.block_size != CREATED_BLOCK_SIZE or not (
-                    0 < e.size and e.size % CREATED_BLOCK_SIZE == 0):
-                raise ValueError(f"{where}: created, {e.size} bytes of {e.block_size}-byte blocks")
+            if not mgmt.enabled:
+                raise ValueError(f"{where}: created without Namespace Management")
+            check_format(e.format, e.block_size, e.size)
             name = image_name(e.name)
             if name in names:
                 raise ValueError(f"{where}: image {name} twice")
             names.add(name)
         else:
             ns = ctrl.namespaces.get(e.nsid)
-            if e.flags & FLAG_OWNED or any(e.name) or ns is None or (
+            if e.flags & FLAG_OWNED or any(e.name) or e.format or ns is None or (
                     e.size, e.block_size) != (ns.size, ns.block_size):
                 raise ValueError(f"{where}: not configured so here")
             name = ""
         total += e.size
         out.append(Allocated(e.nsid, e.size, e.block_size, bool(e.flags & FLAG_DETACHED), name,
-                             bool(e.flags & FLAG_OWNED)))
+                             bool(e.flags & FLAG_OWNED), e.format))
     if mgmt.enabled and total > mgmt.capacity:
         raise ValueError(f"{total} bytes allocated, the capacity is {mgmt.capacity}")
     if announced:
@@ -205,20 +261,24 @@ class IncomingNamespaces:
         self._made: list[str] = []  # images this restore created
 
     def make(self, a: Allocated) -> Namespace:
-        """A new sparse image for ``a`` under its name, created exclusively.
+        """A new sparse image for ``a`` under its name, and its side file when
+        its format has metadata, each created exclusively.
 
         Raises:
-            OSError: EEXIST when a file of that name exists (it is left alone),
-                or the image cannot be made.
+            OSError: EEXIST when a file of either name exists (it is left
+                alone), or a file cannot be made.
         """
         path = os.path.join(self.image_dir, a.image)
         make_image(path, a.size)
         self._made.append(path)
+        if a.metadata:
+            make_image(side_file(path), 0)
+            self._made.append(side_file(path))
         return self._open(a, path)
 
     def open(self, a: Allocated) -> Namespace:
-        """The image the source made for ``a`` (shared storage), without
-        following a symlink.
+        """The image the source made for ``a`` (shared storage), and its side
+        file, without following a symlink.
 
         Raises:
             OSError: missing, or a symlink (ELOOP).
@@ -227,7 +287,10 @@ class IncomingNamespaces:
         return self._open(a, os.path.join(self.image_dir, a.image))
 
     def _open(self, a: Allocated, path: str) -> Namespace:
-        ns = Namespace(a.nsid, path, a.size, a.block_size, existing=True)
+        pi = a.format >> FORMAT_PI_SHIFT & 0x7
+        ns = Namespace(a.nsid, path, a.size, a.block_size, metadata=a.metadata, pi=pi,
+                       existing=True, pi_first=not pi or bool(a.format & FORMAT_PI_FIRST),
+                       extended=bool(a.format & FORMAT_EXTENDED))
         self.namespaces[a.nsid] = ns
         return ns
 
@@ -250,7 +313,8 @@ class IncomingNamespaces:
                 raise ValueError(f"{other} and created namespace {nsid} would share one image")
 
     def discard(self) -> None:
-        """Close every namespace opened here; remove the images made here."""
+        """Close every namespace opened here; remove the images and side files
+        made here."""
         for ns in self.namespaces.values():
             ns.close()
         self.namespaces = {}

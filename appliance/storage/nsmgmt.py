@@ -17,7 +17,9 @@ in :attr:`~NamespaceManagement.image_dir`, created exclusively (an existing
 file is never taken over).  A created namespace starts detached (section
 8.11).  Delete detaches it first and closes it; its image is removed only when
 this process owns it (it created it, or a migration source that owned it
-handed it over) and :attr:`~NamespaceManagement.remove_images` is set:
+handed it over) and :attr:`~NamespaceManagement.remove_images` is set,
+together with its metadata side file (``<image>.md``, made by a Format NVM to
+an LBA format with metadata):
 a configured namespace's image is always kept.  Attaching or detaching, and
 deleting an attached namespace, add its NSID to the Changed Namespace List and
 raise the Namespace Attribute Changed event
@@ -31,13 +33,16 @@ created images this process owned.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import secrets
 import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from appliance.storage.identity import CNTLID
+from appliance.storage.metadata import side_file
 from appliance.storage.namespace import Namespace
 from appliance.storage.spec import (
     CSI_NVM,
@@ -64,6 +69,8 @@ MANAGEMENT_CNS = (CNS_ALLOCATED_NS_LIST, CNS_ALLOCATED_NAMESPACE, CNS_NS_CONTROL
 SEL_CREATE, SEL_DELETE = 0, 1  # Namespace Management CDW10.SEL
 SEL_ATTACH, SEL_DETACH = 0, 1  # Namespace Attachment CDW10.SEL
 CREATED_BLOCK_SIZE = 512  # LBA format 0 of a created namespace
+#: the file name of a created namespace's image (its NSID, 8 random hex digits)
+IMAGE_NAME = re.compile(r"nvme-ns[1-9][0-9]*-[0-9a-f]{8}\.img")
 CONTROLLER_LIST_MAX = 2047  # identifiers in one 4 KiB controller list
 
 
@@ -201,6 +208,7 @@ def create(ctrl: NvmeController, csi: int, data: bytes) -> int:
     _check(bool(free), Status.NS_ID_UNAVAILABLE, f"{namespace_count(ctrl)} namespaces exist")
     nsid = free[0]
     path = os.path.join(mgmt.image_dir, f"nvme-ns{nsid}-{secrets.token_hex(4)}.img")
+    assert IMAGE_NAME.fullmatch(os.path.basename(path))
     try:
         make_image(path, size)
     except OSError as exc:
@@ -221,7 +229,8 @@ def create(ctrl: NvmeController, csi: int, data: bytes) -> int:
 
 def delete(ctrl: NvmeController, nsid: int) -> None:
     """Delete namespace ``nsid`` (FFFFFFFFh: every one): detach, close, and remove
-    the image when this process made it and the configuration says so.
+    the image (and its metadata side file, if a Format NVM made one) when this
+    process owns it and the configuration says so.
 
     Raises:
         CommandError: INVALID_NAMESPACE for an NSID that is not allocated.
@@ -243,10 +252,9 @@ def delete(ctrl: NvmeController, nsid: int) -> None:
         if path is None:
             mgmt.deleted.add(n)
         elif owned and mgmt.remove_images:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            for name in (path, side_file(path)):  # the metadata side file goes with it
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name)
         if was_attached:
             ctrl.notify_namespace_changed(n)
     ctrl.identify_changed()

@@ -25,8 +25,11 @@ from test_migration_faults import RecordForwarder
 from appliance.client import migrate as orch
 from appliance.client.nvme import NvmeDriver
 from appliance.client.vfio_user import VfioUserClient
+from appliance.storage.formats import format_index
 from appliance.storage.ns_inventory import FLAG_CREATED, FLAG_OWNED, NamespaceEntry
 from appliance.storage.nsmgmt import CNS_NS_CONTROLLER_LIST
+from appliance.storage.protection import PRACT, PRCHK_APP, PRCHK_GUARD, PRCHK_REF, PRINFO_SHIFT
+from appliance.storage.spec import AdminOpcode, Command, IoOpcode
 from appliance.testing.process import ApplianceProcess, make_config
 from appliance.testing.workload import VerifiedWriter, move_driver, prepare_destination
 from appliance.vfio_user.migration_states import MigState
@@ -68,20 +71,25 @@ class Setup:
         return Path(p.config.data_dir)
 
 
-def start(tmp: Path, shared: bool) -> Setup:
+def start(tmp: Path, shared: bool, reuse: bool = False) -> Setup:
     """Both processes; on the source a created, attached namespace with verified
-    data, configured 2 deleted and configured 1 detached."""
-    src_cfg, dst_cfg = configs(tmp, shared)
+    data, configured 2 deleted and configured 1 detached; ``reuse``: 2 deleted
+    first, so the created namespace gets NSID 2 (else 3), the configured ones 4 MiB
+    (the created one has 8 MiB either way)."""
+    src_cfg, dst_cfg = configs(tmp, shared, size="4M" if reuse else "8M")
     src = ApplianceProcess(src_cfg, tmp / "src" / "proc").start()
     dst = ApplianceProcess(dst_cfg, tmp / "dst" / "proc").start()
     driver = NvmeDriver(VfioUserClient.connect(src.config.storage.socket), mem_size=16 << 20)
     driver.setup(io_queues=1, depth=32)
+    if reuse:
+        assert driver.delete_namespace(2).status == 0
     done = driver.create_namespace(CREATED_BLOCKS)
-    assert done.status == 0 and done.dw0 == 3
+    assert done.status == 0 and done.dw0 == (2 if reuse else 3)
     nsid = done.dw0
     assert driver.attach_namespace(nsid).status == 0
     driver.identify_namespace(nsid)
-    assert driver.delete_namespace(2).status == 0
+    if not reuse:
+        assert driver.delete_namespace(2).status == 0
     assert driver.attach_namespace(1, detach=True).status == 0
     writer = VerifiedWriter(driver, nsid=nsid, blocks=8, seed=3)
     writer.step(30)
@@ -148,6 +156,19 @@ def test_shared_storage_migration(tmp_path: Path, setups: list[Setup]) -> None:
     check_destination(s, s.data_dir(s.src))
 
 
+def test_a_created_namespace_in_a_deleted_nsid_migrates(tmp_path: Path,
+                                                        setups: list[Setup]) -> None:
+    """Configured 2 deleted, then the created namespace gets NSID 2: the session's
+    fingerprint is still the configuration's, so the destination takes the stream."""
+    s = start(tmp_path, shared=True, reuse=True)
+    setups.append(s)
+    dst = VfioUserClient.connect(s.dst.config.storage.socket)
+    prepare_destination(s.driver, dst)
+    orch.migrate(s.driver.c, dst, converge_bytes=0, shared_storage=True)
+    move_driver(s.driver, dst).close()
+    check_destination(s, s.data_dir(s.src))
+
+
 @pytest.mark.parametrize("shared", [True, False], ids=["same-files", "separate-files"])
 def test_live_handoff(tmp_path: Path, setups: list[Setup], shared: bool) -> None:
     s = start(tmp_path, shared=shared)
@@ -189,6 +210,58 @@ def test_a_namespace_created_during_the_migration_fails_it(tmp_path: Path,
     assert orch.get_state(s.driver.c) is MigState.RUNNING
     assert s.writer.verify_all() == len(s.writer.written)
     assert s.driver.delete_namespace(made[0]).status == 0
+
+
+# ------------------------------------------------------------------ a formatted created namespace
+PI_FORMAT = format_index(4096, 8)  # 4 KiB blocks with 8 bytes of metadata
+GENERATE = PRACT << PRINFO_SHIFT
+CHECK = (PRCHK_GUARD | PRCHK_APP | PRCHK_REF) << PRINFO_SHIFT | GENERATE
+
+
+def format_created(s: Setup) -> bytes:
+    """The created namespace formatted to PI_FORMAT with PI type 1 (tuple first),
+    written with tuples the controller makes; returns the data."""
+    d = s.driver
+    fmt = Command(opcode=AdminOpcode.FORMAT_NVM, nsid=s.nsid, cdw10=PI_FORMAT | 1 << 5 | 1 << 8)
+    assert d.admin(fmt).status == 0
+    d.identify_namespace(s.nsid)
+    data = os.urandom(16 * 4096)
+    done, _ = d.io(IoOpcode.WRITE, 64, 16, nsid=s.nsid, data=data, cdw12=GENERATE, cdw14=64)
+    assert done.status == 0
+    return data
+
+
+def check_formatted(s: Setup, data: bytes) -> None:
+    """The driver, now on the destination: the created namespace's LBA format
+    and protection as formatted, and every PI check of a read passes."""
+    ns = s.driver.identify_namespace(s.nsid)
+    assert (ns.flbas & 0xF, ns.dps) == (PI_FORMAT, 1 | 8)
+    done, out = s.driver.io(IoOpcode.READ, 64, 16, nsid=s.nsid, cdw12=CHECK, cdw14=64)
+    assert done.status == 0 and out == data
+
+
+def test_a_formatted_created_namespace_migrates(tmp_path: Path, setups: list[Setup]) -> None:
+    s = start(tmp_path, shared=False)
+    setups.append(s)
+    data = format_created(s)
+    dst = VfioUserClient.connect(s.dst.config.storage.socket)
+    prepare_destination(s.driver, dst)
+    orch.migrate(s.driver.c, dst, converge_bytes=0, max_rounds=2, chunk=256 << 10)
+    move_driver(s.driver, dst).close()
+    check_formatted(s, data)
+    assert (s.data_dir(s.dst) / f"{s.name}.md").is_file()
+
+
+def test_a_formatted_created_namespace_hands_off(tmp_path: Path, setups: list[Setup]) -> None:
+    s = start(tmp_path, shared=True)  # the same files
+    setups.append(s)
+    data = format_created(s)
+    done = subprocess.run([sys.executable, "-m", "appliance", "handoff", "--from",
+                           s.src.config.control.socket, "--to", s.dst.config.control.socket],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert s.src.proc is not None and s.src.proc.wait(timeout=30) == 0
+    check_formatted(s, data)
 
 
 # ------------------------------------------------------------------ hostile streams
@@ -296,7 +369,8 @@ HANDOFF_CASES: list[tuple[dict[str, object], str]] = [
     ({"size": 64 << 20}, "capacity"),
     ({"name": b"../data/disk0.img"}, "not a plain file name"),
     ({"name": b".."}, "not a plain file name"),
-    ({"name": b"nvme-ns3-missing.img"}, "No such file"),
+    ({"name": b"nvme-ns3-0000beef.img"}, "No such file"),
+    ({"name": b"disk0.img.md"}, "not a created namespace's image name"),  # no image of ours
 ]
 
 

@@ -29,6 +29,7 @@ MiB = 1 << 20
 BLOCK = 4096
 CHECK = (PRCHK_GUARD | PRCHK_APP | PRCHK_REF) << PRINFO_SHIFT
 GENERATE = PRACT << PRINFO_SHIFT
+PIL = 1 << 8  # Format NVM: the tuple first in the metadata, as configured namespaces have it
 
 
 def make(where: Path, size: int = 4 * MiB, metadata: int = 8, pi: int = 1,
@@ -104,7 +105,8 @@ def test_written_metadata_follows_its_blocks(tmp_path: Path) -> None:
     # Format NVM (same format) erases every block's metadata: everything goes again,
     # without metadata.
     protected_write(d, 900, os.urandom(BLOCK))
-    done = d.admin_command(AdminOpcode.FORMAT_NVM, nsid=1, cdw10=5 | 1 << 5)  # 4096+8, PI 1
+    done = d.admin_command(AdminOpcode.FORMAT_NVM, nsid=1,
+                           cdw10=5 | 1 << 5 | PIL)  # 4096+8, PI 1, the tuple first
     assert (done.status, done.dnr) == (Status.SUCCESS, False)
     assert mig.precopy_pending() == 4 * MiB + 1024 * 8
     assert metadata_heads(drain(mig)) == []
@@ -119,6 +121,25 @@ def test_a_format_to_another_lba_format_fails_the_session(tmp_path: Path) -> Non
     done = d.admin_command(AdminOpcode.FORMAT_NVM, nsid=1, cdw10=6 | 1 << 5)  # 4096+16, PI 1
     assert (done.status, done.dnr) == (Status.SUCCESS, False)
     assert mig.migration_fingerprint() != before  # what a new session would announce
+    with pytest.raises(LocalProtocolError, match="another LBA format") as err:
+        mig.precopy_records(MiB)
+    assert err.value.errno == errno.EBUSY
+    src.close()
+
+
+@pytest.mark.parametrize("cdw10", [5 | 2 << 5 | PIL, 5 | 1 << 5, 5 | 1 << 5 | PIL | 1 << 4],
+                         ids=["another-pi-type", "pi-last", "extended"])
+def test_a_format_to_other_protection_fails_the_session(tmp_path: Path, cdw10: int) -> None:
+    """The same block and metadata sizes (4096+8), but another PI type, the tuple
+    last instead of first, or extended metadata: the stream's fingerprint has
+    the old protection, so the session fails as for another LBA format."""
+    src = make(tmp_path / "src")
+    d, mig = driver(src), NvmeMigratable(src)
+    before = mig.migration_fingerprint()
+    mig.start_tracking()
+    done = d.admin_command(AdminOpcode.FORMAT_NVM, nsid=1, cdw10=cdw10)
+    assert (done.status, done.dnr) == (Status.SUCCESS, False)
+    assert mig.migration_fingerprint() != before
     with pytest.raises(LocalProtocolError, match="another LBA format") as err:
         mig.precopy_records(MiB)
     assert err.value.errno == errno.EBUSY

@@ -333,6 +333,8 @@ def test_firmware_state_is_checked(drv: NvmeDriver, tmp_path: Path) -> None:
     body = blob[:-tail]
     for bad, why in (
         (state.replace(running=b"\x01bad    ").pack() + blob[-3:], "revisions"),
+        # slot 1 is read-only: running from it, the revision is slot 1's own
+        (state.replace(running=b"OTHER   ").pack() + blob[-3:], "revisions"),
         (state.replace(slot2=b"x\0      ").pack() + blob[-3:], "revisions"),
         (state.replace(active=3).pack() + blob[-3:], "slots"),
         (state.replace(active=0).pack() + blob[-3:], "slots"),

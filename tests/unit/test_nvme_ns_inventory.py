@@ -18,10 +18,12 @@ import pytest
 from appliance.client.nvme import NvmeDriver
 from appliance.errors import LocalProtocolError
 from appliance.storage import NvmeController
+from appliance.storage.formats import format_index
 from appliance.storage.migration import NvmeMigratable
 from appliance.storage.ns_inventory import Allocated, Inventory, image_name, inventory_of
 from appliance.storage.nsmgmt import NamespaceManagement
-from appliance.storage.spec import AdminOpcode, Command, FeatureId
+from appliance.storage.protection import PRACT, PRCHK_APP, PRCHK_GUARD, PRCHK_REF, PRINFO_SHIFT
+from appliance.storage.spec import AdminOpcode, Command, FeatureId, IoOpcode
 from appliance.testing.nvme import controller_driver
 from appliance.vfio_user.migration_stream import (
     DeviceKind,
@@ -29,6 +31,7 @@ from appliance.vfio_user.migration_stream import (
     RecordType,
     device_state,
     namespace_blocks,
+    namespace_metadata,
     parse_device_state,
 )
 from tests.unit.test_nvme_driver import make_controller, status
@@ -231,6 +234,13 @@ HOSTILE: dict[str, Callable[[list[Allocated]], list[Allocated]]] = {
     "hidden": created(lambda a: replace(a, image=".nvme.img")),
     "configured-resized": lambda inv: [replace(inv[0], size=2 * MIB), inv[1]],
     "configured-owned": lambda inv: [replace(inv[0], owned=True), inv[1]],
+    "configured-format": lambda inv: [replace(inv[0], format=1), inv[1]],
+    "format-reserved": created(lambda a: replace(a, format=0x200)),
+    "format-past-nlbaf": created(lambda a: replace(a, format=8)),
+    "format-block-size": created(lambda a: replace(a, format=4)),  # 4096-byte LBA format
+    "pi-without-metadata": created(lambda a: replace(a, format=1 << 5)),
+    "pil-without-pi": created(lambda a: replace(a, format=1 | 1 << 8)),
+    "mset-without-metadata": created(lambda a: replace(a, format=1 << 4)),
 }
 
 
@@ -260,7 +270,7 @@ def test_hostile_inventory_in_the_state(source: Source, tmp_path: Path, name: st
 
 
 @pytest.mark.parametrize("name", ["nsid-0", "nsid-over-nn", "over-capacity", "slash",
-                                  "dot-dot", "hidden"])
+                                  "dot-dot", "hidden", "format-reserved", "pi-without-metadata"])
 def test_hostile_announcement(source: Source, tmp_path: Path, name: str) -> None:
     records = edited(full_stream(source), inventory_of(source.ctrl), HOSTILE[name],
                      DeviceKind.NVME_NAMESPACES)
@@ -365,3 +375,177 @@ def test_image_names_refused(raw: bytes) -> None:
     with pytest.raises(ValueError, match="not a plain file name"):
         image_name(raw)
     assert image_name(b"nvme-ns2-0123abcd.img\0\0") == "nvme-ns2-0123abcd.img"
+
+
+# ------------------------------------------------------------------ a created namespace's format
+PI_FORMAT = format_index(4096, 8)  # 4 KiB blocks, 8 bytes of metadata: PI type 1, tuple first
+GENERATE = PRACT << PRINFO_SHIFT
+CHECK = (PRCHK_GUARD | PRCHK_APP | PRCHK_REF) << PRINFO_SHIFT | GENERATE
+
+
+def formatted_source(src: Source) -> bytes:
+    """The created namespace formatted to PI_FORMAT (PI type 1, metadata
+    separate) and written with PI tuples the controller made; returns the data."""
+    fmt = Command(opcode=AdminOpcode.FORMAT_NVM, nsid=src.nsid, cdw10=PI_FORMAT | 1 << 5 | 1 << 8)
+    assert status(src.drv.command(0, fmt))[0] == 0
+    src.drv.identify_namespace(src.nsid)
+    data = os.urandom(4 * 4096)
+    done, _ = src.drv.io(IoOpcode.WRITE, 10, 4, nsid=src.nsid, data=data, cdw12=GENERATE,
+                         cdw14=10)
+    assert status(done)[0] == 0
+    return data
+
+
+def check_format(src: Source, dst: NvmeController, data: bytes) -> None:
+    """The destination's created namespace has the source's LBA format and its
+    PI tuples: a read with every check passes."""
+    ns, old = dst.namespaces[src.nsid], src.ctrl.namespaces[src.nsid]
+    assert (ns.block_size, ns.metadata, ns.protection, ns.extended, ns.format_index) == (
+        old.block_size, old.metadata, old.protection, old.extended, old.format_index)
+    assert ns.md is not None and ns.md.read(10, 4) == old.md.read(10, 4) != b"\xff" * 32
+    dst.reset_device()  # a new host on the destination
+    drv = controller_driver(dst).ready(io_queues=1)
+    drv.identify_namespace(src.nsid)
+    done, out = drv.io(IoOpcode.READ, 10, 4, nsid=src.nsid, cdw12=CHECK, cdw14=10)
+    assert status(done)[0] == 0 and out == data
+
+
+def test_a_formatted_created_namespace_full_copy(source: Source, tmp_path: Path) -> None:
+    data = formatted_source(source)
+    mig = source.mig
+    mig.start_tracking()
+    records = []
+    while batch := mig.precopy_records(1 * MIB):
+        records += batch
+    mig.migration_stop()
+    records += mig.save_state()
+    assert RecordType.NAMESPACE_METADATA in {r.type for r in records}
+    dst = dest(tmp_path)
+    try:
+        mig = NvmeMigratable(dst)
+        mig.load_records(records)
+        mig.commit_restore()
+        check_format(source, dst, data)
+    finally:
+        dst.close()
+
+
+def test_a_formatted_created_namespace_shared_storage(source: Source, tmp_path: Path) -> None:
+    data = formatted_source(source)
+    source.mig.start_tracking()
+    source.mig.migration_stop()
+    records = source.mig.save_state()
+    dst = dest(tmp_path, shared=True)
+    try:
+        mig = NvmeMigratable(dst)
+        mig.load_records(records)
+        mig.commit_restore()
+        check_format(source, dst, data)
+    finally:
+        dst.close()
+
+
+def test_a_side_file_is_never_taken_over(source: Source, tmp_path: Path) -> None:
+    """Full copy: a file (or symlink) at the created image's side file name is
+    refused, left as it was, and the image the restore made is removed."""
+    formatted_source(source)
+    source.mig.start_tracking()
+    records = []
+    while batch := source.mig.precopy_records(1 * MIB):
+        records += batch
+    source.mig.migration_stop()
+    records += source.mig.save_state()
+    dst = dest(tmp_path)
+    name = os.path.basename(source.ctrl.ns_mgmt.created[2])
+    elsewhere = tmp_path / "elsewhere.md"
+    elsewhere.write_bytes(b"not ours")
+    (tmp_path / "dst" / "images" / f"{name}.md").symlink_to(elsewhere)
+    try:
+        refused(dst, records, "File exists", tmp_path / "dst" / "images")
+        assert elsewhere.read_bytes() == b"not ours"
+    finally:
+        dst.close()
+
+
+def test_a_shared_side_file_symlink_is_not_followed(source: Source, tmp_path: Path) -> None:
+    formatted_source(source)
+    source.mig.start_tracking()
+    source.mig.migration_stop()
+    records = source.mig.save_state()
+    side = Path(source.ctrl.ns_mgmt.created[2] + ".md")
+    os.rename(side, tmp_path / "elsewhere.md")
+    side.symlink_to(tmp_path / "elsewhere.md")
+    dst = dest(tmp_path, shared=True)
+    try:
+        refused(dst, records, "created namespace image", tmp_path / "src" / "images")
+    finally:
+        dst.close()
+
+
+@pytest.mark.parametrize("name", ["ns1.img.md", "notes.dat", "nvme-ns2-0123abcd.img.md",
+                                  "nvme-ns2-0123abcd.img~", "nvme-ns2-xyz.img"])
+def test_only_a_created_image_name_is_opened(source: Source, tmp_path: Path, name: str) -> None:
+    """Shared storage: the state names a file of image_dir that is no created
+    image (a configured namespace's side file, anything else there), owned:
+    refused before it is opened, so the host can neither write it through
+    the namespace nor have a delete remove it."""
+    source.mig.start_tracking()
+    saved = inventory_of(source.ctrl)
+    records = edited(source.mig.save_state(), saved,
+                     created(lambda a: replace(a, image=name, owned=True)))
+    theirs = tmp_path / "src" / "images" / name
+    theirs.write_bytes(b"not ours".ljust(2 * MIB, b"\0"))
+    dst = dest(tmp_path, shared=True)
+    try:
+        refused(dst, records, "namespace inventory", tmp_path / "src" / "images")
+        assert theirs.read_bytes()[:8] == b"not ours"
+    finally:
+        dst.close()
+
+
+def test_metadata_for_a_created_namespace_without_any(source: Source, tmp_path: Path) -> None:
+    """The created NSID 2 has no metadata; the configured namespace 2 it
+    replaces has some here: a NAMESPACE_METADATA record for NSID 2 is refused
+    with EINVAL (checked against the created namespace, not the configured one)."""
+    records = full_stream(source)
+    dst = dest(tmp_path)
+    dst.namespaces[2].reformat(1, 0, True, False)  # configured 2: 512 + 8 bytes
+    at = max(i for i, r in enumerate(records) if r.type == RecordType.NAMESPACE_BLOCKS)
+    hostile = namespace_metadata(2, 100, 1, bytes(8))
+    try:
+        refused(dst, [*records[:at + 1], hostile, *records[at + 1:]], "without metadata",
+                tmp_path / "dst" / "images")
+    finally:
+        dst.close()
+
+
+def test_a_created_namespace_in_a_deleted_ones_nsid_keeps_the_fingerprint(
+        tmp_path: Path) -> None:
+    """Configured 2 deleted and a namespace created (it gets NSID 2, the lowest
+    free one): the session's fingerprint is still the configuration's, the one a
+    destination started from it has."""
+    ctrl = make(tmp_path / "src", tmp_path / "src" / "images")
+    mig = NvmeMigratable(ctrl)  # as at start-up
+    dst = dest(tmp_path)
+    drv = controller_driver(ctrl).ready(io_queues=1)
+    try:
+        assert status(drv.delete_namespace(2))[0] == 0
+        assert drv.create_namespace(4096).dw0 == 2  # 2 MiB where configured 2 had 1 MiB
+        assert mig.migration_fingerprint() == NvmeMigratable(dst).migration_fingerprint()
+    finally:
+        dst.close()
+        ctrl.close()
+
+
+def test_an_announcement_longer_than_nn_is_refused_unread(source: Source,
+                                                          tmp_path: Path) -> None:
+    """More entries than NN (4 here) can never fit: refused by its length, before
+    any entry is decoded (a 16 MiB record would be some 190000 of them)."""
+    records = full_stream(source)
+    i, blob = entries_of(records, DeviceKind.NVME_NAMESPACES)
+    long = [*records[:i], device_state(DeviceKind.NVME_NAMESPACES, blob * 5), *records[i + 1:]]
+    dst = dest(tmp_path)
+    try:
+        refused(dst, long, "5 entries, NN is 4", tmp_path / "dst" / "images")
+    finally:
+        dst.close()

@@ -147,6 +147,28 @@ def test_delete_attached_reports_and_removes_our_image(tmp_path: Path) -> None:
         ctrl.close()
 
 
+@pytest.mark.parametrize("remove", [True, False])
+def test_delete_removes_the_side_file_with_the_image(tmp_path: Path, remove: bool) -> None:
+    """A created namespace formatted with metadata has a side file beside its
+    image: a delete that removes the image removes it too (else a host could
+    fill image_dir with them), one that keeps the image keeps it."""
+    ctrl = managed(tmp_path, remove=remove)
+    drv = controller_driver(ctrl)
+    try:
+        drv.setup(io_queues=1)
+        nsid = drv.create_namespace(2048).dw0
+        assert status(drv.attach_namespace(nsid))[0] == 0
+        fmt = Command(opcode=AdminOpcode.FORMAT_NVM, nsid=nsid, cdw10=1)  # 512 + 8 bytes
+        assert status(drv.command(0, fmt))[0] == 0
+        image = os.path.basename(ctrl.ns_mgmt.created[nsid])
+        assert images(tmp_path) == [image, f"{image}.md"]
+        assert status(drv.delete_namespace(nsid))[0] == 0
+        assert images(tmp_path) == ([] if remove else [image, f"{image}.md"])
+    finally:
+        drv.close()
+        ctrl.close()
+
+
 def test_capacity_and_count_limits(drv: NvmeDriver) -> None:
     assert status(drv.create_namespace(7 * 2048 + 1)) == (ST.NS_INSUFFICIENT_CAPACITY, True)
     for nsid in (2, 3, 4):
