@@ -28,7 +28,7 @@
  *          reported; the caller raises MemoryError).
  *
  * table: the MAC table's snapshot, 8-byte records (MAC, port index, state:
- * 0 fresh, 1 due for a refresh, 2 aged) sorted by MAC; a port index past
+ * flags 1 due for a refresh, 2 aged) sorted by MAC; a port index past
  * `ports` is Python's.  ports: Switch.ports in order, each None (Python sees
  * every frame for it), a 6-byte MAC (the responder: Python sees frames for it
  * or broadcast, it ignores the rest) or a native port (hdr_len, mrg, log,
