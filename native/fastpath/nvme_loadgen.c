@@ -21,7 +21,7 @@
  * io: (opcode 1 or 2, nsid, blocks per I/O, blocks of the namespace, buffers'
  *   guest address (qd pages, page aligned), transfer bytes (<= 4096), qd, seed);
  * limits: (count, seconds): stop submitting after `count` I/Os (0: no limit) or
- *   `seconds` (0: no limit); what is in flight then completes and counts.
+ *   `seconds` (finite; 0: no limit); what is in flight then completes and counts.
  *
  * Memory safety: every address it touches -- SQ entries, CQ entries, data
  * pages, doorbell slots -- is checked against the buffer it lies in before the
@@ -31,6 +31,7 @@
 #include "held.h"
 
 #include <errno.h>
+#include <math.h>
 #include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -177,7 +178,8 @@ static void place(loadgen *g, uint32_t slot, uint64_t *rng)
 static void run(loadgen *g, uint64_t *started, uint8_t *busy, uint32_t *freed)
 {
     uint64_t rng = g->seed | 1, submitted = 0, t0 = now_ns(), last = t0;
-    uint64_t deadline = g->seconds > 0 ? t0 + (uint64_t)(g->seconds * 1e9) : UINT64_MAX;
+    double ns = g->seconds * 1e9; /* past 2^63 ns (292 years) it is no limit: */
+    uint64_t deadline = g->seconds > 0 && ns < 0x1p63 ? t0 + (uint64_t)ns : UINT64_MAX;
     uint32_t inflight = 0;
     uint8_t *cq = g->mem + (g->cq_addr - g->mem_base);
     g->lat_min = UINT64_MAX;
@@ -291,7 +293,7 @@ PyObject *fp_nvme_loadgen_py(PyObject *self, PyObject *args)
             || msg_id > 0xFFFF || (opcode != 1 && opcode != 2) || nlb < 1 || nlb > 0x10000
             || ns_blocks < nlb || transfer < 1 || transfer > PAGE || buffers % PAGE
             || sq_addr % SQE_SIZE || cq_addr % CQE_SIZE || (uintptr_t)mem.buf % PAGE
-            || !(seconds >= 0) || (seconds == 0 && count == 0)
+            || !(seconds >= 0) || isinf(seconds) || (seconds == 0 && count == 0)
             || !inside(sq_addr, (uint64_t)depth * SQE_SIZE, base, len)
             || !inside(cq_addr, (uint64_t)depth * CQE_SIZE, base, len)
             || !inside(buffers, (uint64_t)qd * PAGE, base, len)) {

@@ -53,6 +53,9 @@ def test_runs_counted_io_and_leaves_the_queue_usable(driver: NvmeDriver, poll: b
 def test_a_time_limit_stops_it(driver: NvmeDriver) -> None:
     out = native_load(driver, 1, spec.IoOpcode.READ, 4, seconds=0.2)
     assert out.done > 0 and out.errors == 0 and 0.15 < out.seconds < 5
+    # a time limit past what 64-bit nanoseconds hold is no limit: the count stops it
+    out = native_load(driver, 1, spec.IoOpcode.READ, 1, seconds=1e300, count=5)
+    assert (out.done, out.errors) == (5, 0)
 
 
 def test_refuses_a_queue_with_commands_outstanding(driver: NvmeDriver) -> None:
@@ -94,6 +97,9 @@ def test_touches_only_the_buffers_it_is_given() -> None:
         _fastpath.nvme_loadgen(view, base, ok_queue, None, -1, 0, -1, ok_io, (1, 0.0))
     with pytest.raises(ValueError, match="bad queue"):  # no limit at all
         _fastpath.nvme_loadgen(view, base, ok_queue, None, 0, 0, -1, ok_io, (0, 0.0))
+    for seconds in (float("inf"), float("nan"), -1.0):  # not a time limit
+        with pytest.raises(ValueError, match="bad queue"):
+            _fastpath.nvme_loadgen(view, base, ok_queue, None, 0, 0, -1, ok_io, (1, seconds))
     assert not any(mem[:])  # nothing was written
     view.release()
     mem.close()
