@@ -14,8 +14,9 @@
  * vfio-user REGION_WRITE messages (No_reply) on `sock_fd`.  No Python object
  * is made per I/O and the GIL is released while it runs.
  *
- * memory: the driver's guest memory (writable buffer) at guest address
- *   memory_base; queue: (qid, depth, sq_addr, cq_addr, sq_tail, cq_head, phase)
+ * memory: the driver's guest memory (a writable buffer starting on a page) at
+ *   guest address memory_base (page aligned: guest alignment is host alignment,
+ *   the CQ's phase tags are loaded as aligned 2-byte words); queue: (qid, depth, sq_addr, cq_addr, sq_tail, cq_head, phase)
  *   as the driver tracks them, with nothing outstanding; doorbells: the page
  *   buffer or None (then sock_fd >= 0 and msg_id is the last id the client used);
  * io: (opcode 1 or 2, nsid, blocks per I/O, blocks of the namespace, buffers'
@@ -292,7 +293,7 @@ PyObject *fp_nvme_loadgen_py(PyObject *self, PyObject *args)
             || cq_head >= depth || (phase != 0 && phase != 1) || qd < 1 || qd >= depth
             || msg_id > 0xFFFF || (opcode != 1 && opcode != 2) || nlb < 1 || nlb > 0x10000
             || ns_blocks < nlb || transfer < 1 || transfer > PAGE || buffers % PAGE
-            || sq_addr % SQE_SIZE || cq_addr % CQE_SIZE || (uintptr_t)mem.buf % PAGE
+            || sq_addr % SQE_SIZE || cq_addr % CQE_SIZE || (uintptr_t)mem.buf % PAGE || base % PAGE
             || !(seconds >= 0) || isinf(seconds) || (seconds == 0 && count == 0)
             || !inside(sq_addr, (uint64_t)depth * SQE_SIZE, base, len)
             || !inside(cq_addr, (uint64_t)depth * CQE_SIZE, base, len)

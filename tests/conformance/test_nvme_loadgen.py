@@ -89,6 +89,12 @@ def test_touches_only_the_buffers_it_is_given() -> None:
     for queue, io in bad:
         with pytest.raises(ValueError, match="bad queue"):
             _fastpath.nvme_loadgen(view, base, queue, None, 0, 0, -1, io, (1, 0.0))
+    # memory at a guest address off a page: the CQ's phase tags would be loaded misaligned
+    odd = base + 1
+    with pytest.raises(ValueError, match="bad queue"):
+        _fastpath.nvme_loadgen(view, odd, (1, 16, odd + 63, odd + 4095, 0, 0, 1),
+                               bytearray(4096), -1, 0, -1,
+                               (2, 1, 8, 1024, odd + 2 * 4096 - 1, 4096, 4, 1), (1, 0.0))
     doorbells = bytearray(8)  # queue 1's slots need 16 bytes
     with pytest.raises(ValueError, match="too short"):
         _fastpath.nvme_loadgen(view, base, ok_queue, memoryview(doorbells), -1, 0, -1, ok_io,
