@@ -16,8 +16,9 @@
  *
  * memory: the driver's guest memory (a writable buffer starting on a page) at
  *   guest address memory_base (page aligned: guest alignment is host alignment,
- *   the CQ's phase tags are loaded as aligned 2-byte words); queue: (qid, depth, sq_addr, cq_addr, sq_tail, cq_head, phase)
- *   as the driver tracks them, with nothing outstanding; doorbells: the page
+ *   the CQ's phase tags are loaded as aligned 2-byte words);
+ * queue: (qid, depth, sq_addr, cq_addr, sq_tail, cq_head, phase) as the driver
+ *   tracks them, with nothing outstanding; doorbells: the page
  *   buffer or None (then sock_fd >= 0 and msg_id is the last id the client used);
  * io: (opcode 1 or 2, nsid, blocks per I/O, blocks of the namespace, buffers'
  *   guest address (qd pages, page aligned), transfer bytes (<= 4096), qd, seed);
