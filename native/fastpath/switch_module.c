@@ -80,6 +80,15 @@ static void call_free(call_t *c)
     sw_free(&c->sw);
 }
 
+/* 0 for a virtio-net header length (10 or 12), else -1 with a ValueError. */
+static int check_hdr_len(unsigned int hdr_len)
+{
+    if (hdr_len == 10 || hdr_len == 12)
+        return 0;
+    PyErr_Format(PyExc_ValueError, "a virtio-net header is 10 or 12 bytes, not %u", hdr_len);
+    return -1;
+}
+
 /* One native port (hdr_len, mrg, log, rings) into c->ports[i]; its rings' held
  * buffers from c->held[*next]. */
 static int get_native_port(call_t *c, Py_ssize_t i, PyObject *item, size_t *next)
@@ -91,10 +100,8 @@ static int get_native_port(call_t *c, Py_ssize_t i, PyObject *item, size_t *next
     if (!PyArg_ParseTuple(item, "IpOO!;a native port is (hdr_len, mrg, log, rings)", &hdr_len,
                           &mrg, &log, &PyTuple_Type, &rings))
         return -1;
-    if (hdr_len != 10 && hdr_len != 12) {
-        PyErr_Format(PyExc_ValueError, "a virtio-net header is 10 or 12 bytes, not %u", hdr_len);
+    if (check_hdr_len(hdr_len) < 0)
         return -1;
-    }
     p->kind = SW_NATIVE;
     p->hdr_len = hdr_len;
     p->mrg = mrg;
@@ -363,7 +370,8 @@ PyObject *fp_switch_tx_py(PyObject *self, PyObject *args)
                           &w.max_readable, &w.max_writable, &budget, &hdr_len, &enabled, &src,
                           &table, &PyTuple_Type, &ports))
         return NULL;
-    if (setup_walk(&w, &ring, &h) < 0 || get_switch(&c, src, table, ports) < 0)
+    if (check_hdr_len(hdr_len) < 0 || setup_walk(&w, &ring, &h) < 0
+            || get_switch(&c, src, table, ports) < 0)
         goto out;
     uint64_t packets = 0, bytes = 0, dropped = 0, short_hdr = 0;
     Py_ssize_t taken = 0;
