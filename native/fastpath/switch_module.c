@@ -28,7 +28,8 @@
  *          reported; the caller raises MemoryError).
  *
  * table: the MAC table's snapshot, 8-byte records (MAC, port index, state:
- * flags 1 due for a refresh, 2 aged) sorted by MAC; a port index past
+ * flags 1 due for a refresh, 2 aged) in ascending MAC order (checked, as the
+ * binary search needs it); a port index past
  * `ports` is Python's.  ports: Switch.ports in order, each None (Python sees
  * every frame for it), a 6-byte MAC (the responder: Python sees frames for it
  * or broadcast, it ignores the rest) or a native port (hdr_len, mrg, log,
@@ -151,8 +152,14 @@ static int get_switch(call_t *c, Py_ssize_t src, PyObject *table, PyObject *port
     if (PyObject_GetBuffer(table, &c->table, PyBUF_SIMPLE) < 0)
         return -1;
     c->have_table = 1;
-    if (c->table.len % SW_RECORD) {
-        PyErr_SetString(PyExc_ValueError, "the MAC table is 8-byte records");
+    const unsigned char *rec = c->table.buf;
+    int bad = c->table.len % SW_RECORD != 0;
+    for (Py_ssize_t k = 0; !bad && k < c->table.len; k += SW_RECORD) /* the lookup's needs */
+        bad = (rec[k + 7] & ~(SW_REFRESH | SW_AGED)) != 0
+            || (k > 0 && memcmp(rec + k - SW_RECORD, rec + k, 6) >= 0);
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "the MAC table is 8-byte records (MAC, port, state "
+                        "flags) in ascending MAC order");
         return -1;
     }
     Py_ssize_t n = PyTuple_GET_SIZE(ports);

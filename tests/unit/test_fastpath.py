@@ -116,5 +116,12 @@ def test_switch_arguments_that_describe_no_switch_are_refused() -> None:
         switch(src=1)
     with pytest.raises(ValueError, match="8-byte records"):
         switch(table=bytes(7))
+    mac_a, mac_b = bytes.fromhex("525400000001"), bytes.fromhex("525400000002")
+    assert switch(table=mac_a + b"\x00\x03" + mac_b + b"\xff\x00")[0] is not None
+    for table in (mac_b + b"\x00\x00" + mac_a + b"\x00\x00",  # not sorted: lookups miss
+                  mac_a + b"\x00\x00" + mac_a + b"\x00\x00",  # twice
+                  mac_a + b"\x00\x04"):                         # a state that is no flags
+        with pytest.raises(ValueError, match="8-byte records"):
+            switch(table=table)
     with pytest.raises(TypeError, match="a port is"):
         switch(ports=(None, bytes(5)))
