@@ -148,12 +148,12 @@ class Switch:
             (either may be set without the other: ``ageing`` may be shorter than
             the refresh): 1 due for a refresh (:meth:`forward` would learn it
             again), 2 aged (:meth:`lookup` would remove it).  Cached until the
-            table or the ports change or the clock passes the next state change.
+            table or the ports change or the clock reaches the next state change.
         """
         now = self.clock()
         snap = self._snapshot
-        if snap is not None and snap[0] == self._version and now <= snap[1]:
-            return snap[2]
+        if snap is not None and snap[0] == self._version and now < snap[1]:
+            return snap[2]  # before the next change: (t + limit) - t may exceed limit as floats
         index = {id(port): i for i, port in enumerate(self.ports)}
         until = math.inf
         records = []

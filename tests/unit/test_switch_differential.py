@@ -390,6 +390,23 @@ def test_an_entry_aged_before_its_refresh_is_due_is_not_learned_again() -> None:
         assert native.switch.table[MACS[0]][1] == 100.0  # not learned again
 
 
+def test_the_table_snapshot_is_not_reused_on_the_instant_an_entry_changes_state() -> None:
+    """The snapshot is cached until an entry's next state change, t + 1 s here; at
+    that instant, as floats, an entry learned at t = 127.00000000000004 is already
+    older than 1 s (128.00000000000006 - t > 1.0): forward learns it again."""
+    spec = PortSpec(True, True, False, 1, None)
+    t = 127.00000000000004
+    assert (t + 1.0) - t > 1.0
+    with nets(Scenario([spec, spec], False, [], ageing=1000.0)) as (python, native):
+        for net in (python, native):
+            net.run(("rx", 1, 0, [2048] * 4))
+            for now in (t, t + 0.5, t + 1.0):  # learned, the snapshot, the refresh
+                net.clock.now = now
+                net.run(("tx", 0, [(make_frame(MACS[1], OTHER), 0, 0)], 8))
+        assert native.state() == python.state()
+        assert native.switch.table[OTHER][1] == t + 1.0
+
+
 def test_a_table_that_could_evict_sends_the_rest_of_the_batch_to_python() -> None:
     """The frame Python forwarded filled the table up to where learning could evict:
     the frames after it are switched in Python, in order, with the same outcome."""
