@@ -105,13 +105,18 @@ static uint64_t bucket_floor(unsigned b)
     return (uint64_t)(16u + b % 16u) << (msb - 4u);
 }
 
+/* The latency below which `fraction` of the I/Os completed: its bucket's floor,
+ * but never outside the latencies measured (a bucket is 1/16 of a power of two
+ * wide: its floor can be below the minimum). */
 static uint64_t percentile(const loadgen *g, double fraction)
 {
     uint64_t want = (uint64_t)((double)g->done * fraction), seen = 0;
     for (unsigned b = 0; b < HIST; b++) {
         seen += g->hist[b];
-        if (seen > want)
-            return bucket_floor(b);
+        if (seen > want) {
+            uint64_t low = bucket_floor(b);
+            return low < g->lat_min ? g->lat_min : low > g->lat_max ? g->lat_max : low;
+        }
     }
     return g->lat_max;
 }

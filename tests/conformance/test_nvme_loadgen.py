@@ -50,6 +50,14 @@ def test_runs_counted_io_and_leaves_the_queue_usable(driver: NvmeDriver, poll: b
     assert driver.read(1, 8, 8, qid=1) == b"\xa5" * 4096
 
 
+def test_percentiles_lie_between_the_extremes(driver: NvmeDriver) -> None:
+    """The percentiles come from a histogram (16 buckets per power of two): one I/O's
+    latency is its minimum, median, 99th percentile and maximum alike, not the
+    floor of its bucket."""
+    out = native_load(driver, 1, spec.IoOpcode.READ, 1, count=1)
+    assert out.done == 1 and 0 < out.lat_min == out.lat_p50 == out.lat_p99 == out.lat_max
+
+
 def test_a_time_limit_stops_it(driver: NvmeDriver) -> None:
     out = native_load(driver, 1, spec.IoOpcode.READ, 4, seconds=0.2)
     assert out.done > 0 and out.errors == 0 and 0.15 < out.seconds < 5
