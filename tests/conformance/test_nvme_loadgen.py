@@ -50,6 +50,13 @@ def test_runs_counted_io_and_leaves_the_queue_usable(driver: NvmeDriver, poll: b
     assert driver.read(1, 8, 8, qid=1) == b"\xa5" * 4096
 
 
+def test_gives_every_buffer_page_back(driver: NvmeDriver) -> None:
+    """The qd pages it ran on go back to the driver's allocator, each of them."""
+    first = driver.pages.next  # where a run of pages is carved from
+    native_load(driver, 1, spec.IoOpcode.READ, 7, count=7)
+    assert {first + i * 4096 for i in range(7)} <= set(driver.pages.free)
+
+
 def test_percentiles_lie_between_the_extremes(driver: NvmeDriver) -> None:
     """The percentiles come from a histogram (16 buckets per power of two): one I/O's
     latency is its minimum, median, 99th percentile and maximum alike, not the
