@@ -40,8 +40,8 @@ static int grow(void **array, size_t *cap, size_t need, size_t elem)
     return 0;
 }
 
-/* The entry for mac as Python's table holds it now: 1 with its port and state,
- * (SW_ flags) or 0 (not there).  This call's own learning and removals come first. */
+/* The entry for mac as Python's table holds it now: 1 with its port and state
+ * (SW_ flags), or 0 (not there).  This call's own learning and removals come first. */
 static int lookup(const sw_switch *sw, const unsigned char *mac, size_t *port, int *state)
 {
     for (size_t i = 0; i < sw->noverlay; i++) {
