@@ -33,10 +33,10 @@
  * ports: Switch.ports in order, each None (Python sees every frame for it), a
  * 6-byte MAC (the responder: Python sees frames for it or broadcast, it ignores
  * the rest) or a native port (hdr_len, mrg, log, rings): log the vhost-user
- * log bitmap or None, rings its ready and enabled receive rings as (ready, desc, avail, used, regions, size, last_avail_idx,
- * used_idx, indirect, max_readable, max_writable).  The buffers are held for
- * the call only.  Bad arguments are ValueError / TypeError; guest input never
- * raises.
+ * log bitmap or None, rings its ready and enabled receive rings as (ready,
+ * desc, avail, used, regions, size, last_avail_idx, used_idx, indirect,
+ * max_readable, max_writable).  The buffers are held for the call only.  Bad
+ * arguments are ValueError / TypeError; guest input never raises.
  */
 #include "held.h"
 #include "netswitch.h"
