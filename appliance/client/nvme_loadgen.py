@@ -97,7 +97,8 @@ def native_load(d: NvmeDriver, qid: int, opcode: int, qd: int, *, seconds: float
             (count, seconds))
         cpu = time.thread_time() - cpu0
     finally:
-        d.pages.release(buffers)
+        for i in range(qd):  # the allocator takes pages back one by one
+            d.pages.release(buffers + i * PAGE)
     q.sq_tail = q.sq_rung = out["sq_tail"]
     q.cq_head, q.phase = out["cq_head"], out["phase"]
     ns = 1e-9

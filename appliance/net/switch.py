@@ -144,21 +144,22 @@ class Switch:
 
         Returns:
             8-byte records sorted by MAC: the MAC, the index of its port in
-            :attr:`ports` (255: not one of them) and its state now: 0 fresh, 1
-            due for a refresh (:meth:`forward` would learn it again), 2 aged
-            (:meth:`lookup` would remove it).  Cached until the table or the
-            ports change or the clock passes the next state change.
+            :attr:`ports` (255: not one of them) and its state now, two flags
+            (either may be set without the other: ``ageing`` may be shorter than
+            the refresh): 1 due for a refresh (:meth:`forward` would learn it
+            again), 2 aged (:meth:`lookup` would remove it).  Cached until the
+            table or the ports change or the clock reaches the next state change.
         """
         now = self.clock()
         snap = self._snapshot
-        if snap is not None and snap[0] == self._version and now <= snap[1]:
-            return snap[2]
+        if snap is not None and snap[0] == self._version and now < snap[1]:
+            return snap[2]  # before the next change: (t + limit) - t may exceed limit as floats
         index = {id(port): i for i, port in enumerate(self.ports)}
         until = math.inf
         records = []
         for mac, (port, t) in self.table.items():
             age = now - t
-            state = 2 if age > self.ageing else 1 if age > REFRESH else 0
+            state = (2 if age > self.ageing else 0) | (1 if age > REFRESH else 0)
             for limit in (REFRESH, self.ageing):
                 if age <= limit:
                     until = min(until, t + limit)

@@ -40,8 +40,8 @@ static int grow(void **array, size_t *cap, size_t need, size_t elem)
     return 0;
 }
 
-/* The entry for mac as Python's table holds it now: 1 with its port and state,
- * or 0 (not there).  This call's own learning and removals come first. */
+/* The entry for mac as Python's table holds it now: 1 with its port and state
+ * (SW_ flags), or 0 (not there).  This call's own learning and removals come first. */
 static int lookup(const sw_switch *sw, const unsigned char *mac, size_t *port, int *state)
 {
     for (size_t i = 0; i < sw->noverlay; i++) {
@@ -49,7 +49,7 @@ static int lookup(const sw_switch *sw, const unsigned char *mac, size_t *port, i
             if (sw->overlay[i].gone)
                 return 0;
             *port = sw->src;
-            *state = SW_FRESH;
+            *state = 0;
             return 1;
         }
     }
@@ -148,7 +148,7 @@ int sw_forward(sw_switch *sw, const unsigned char *frame, size_t len)
     int state;
     int learn = 0;
     if (!(smac[0] & 1))
-        learn = !lookup(sw, smac, &port, &state) || port != sw->src || state != SW_FRESH;
+        learn = !lookup(sw, smac, &port, &state) || port != sw->src || (state & SW_REFRESH);
     int filtered = 0, aged = 0, known = 0;
     size_t dest = 0;
     if (!(dmac[0] & 1)) {
@@ -156,7 +156,7 @@ int sw_forward(sw_switch *sw, const unsigned char *frame, size_t len)
             known = 1;
             dest = sw->src;
         } else if (lookup(sw, dmac, &dest, &state)) {
-            known = state != SW_AGED;
+            known = !(state & SW_AGED);
             aged = !known;
         }
         filtered = known && dest == sw->src;

@@ -22,9 +22,10 @@ enum {
     SW_NATIVE = 2, /* a virtio-net port whose receive rings are written here */
 };
 
-/* Table snapshot record: MAC (6 bytes), port index, state. */
+/* Table snapshot record: MAC (6 bytes), port index, state: flags, either
+ * without the other (the ageing time may be shorter than the refresh's). */
 #define SW_RECORD 8
-enum { SW_FRESH = 0, SW_REFRESH = 1, SW_AGED = 2 };
+enum { SW_REFRESH = 1, SW_AGED = 2 };
 
 /* One receive ring of a native port, and what the call did to it. */
 typedef struct {

@@ -14,14 +14,16 @@
  * vfio-user REGION_WRITE messages (No_reply) on `sock_fd`.  No Python object
  * is made per I/O and the GIL is released while it runs.
  *
- * memory: the driver's guest memory (writable buffer) at guest address
- *   memory_base; queue: (qid, depth, sq_addr, cq_addr, sq_tail, cq_head, phase)
- *   as the driver tracks them, with nothing outstanding; doorbells: the page
+ * memory: the driver's guest memory (a writable buffer starting on a page) at
+ *   guest address memory_base (page aligned: guest alignment is host alignment,
+ *   the CQ's phase tags are loaded as aligned 2-byte words);
+ * queue: (qid, depth, sq_addr, cq_addr, sq_tail, cq_head, phase) as the driver
+ *   tracks them, with nothing outstanding; doorbells: the page
  *   buffer or None (then sock_fd >= 0 and msg_id is the last id the client used);
  * io: (opcode 1 or 2, nsid, blocks per I/O, blocks of the namespace, buffers'
  *   guest address (qd pages, page aligned), transfer bytes (<= 4096), qd, seed);
  * limits: (count, seconds): stop submitting after `count` I/Os (0: no limit) or
- *   `seconds` (0: no limit); what is in flight then completes and counts.
+ *   `seconds` (finite; 0: no limit); what is in flight then completes and counts.
  *
  * Memory safety: every address it touches -- SQ entries, CQ entries, data
  * pages, doorbell slots -- is checked against the buffer it lies in before the
@@ -31,6 +33,7 @@
 #include "held.h"
 
 #include <errno.h>
+#include <math.h>
 #include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -102,13 +105,18 @@ static uint64_t bucket_floor(unsigned b)
     return (uint64_t)(16u + b % 16u) << (msb - 4u);
 }
 
+/* The latency below which `fraction` of the I/Os completed: its bucket's floor,
+ * but never outside the latencies measured (a bucket is 1/16 of a power of two
+ * wide: its floor can be below the minimum). */
 static uint64_t percentile(const loadgen *g, double fraction)
 {
     uint64_t want = (uint64_t)((double)g->done * fraction), seen = 0;
     for (unsigned b = 0; b < HIST; b++) {
         seen += g->hist[b];
-        if (seen > want)
-            return bucket_floor(b);
+        if (seen > want) {
+            uint64_t low = bucket_floor(b);
+            return low < g->lat_min ? g->lat_min : low > g->lat_max ? g->lat_max : low;
+        }
     }
     return g->lat_max;
 }
@@ -177,7 +185,8 @@ static void place(loadgen *g, uint32_t slot, uint64_t *rng)
 static void run(loadgen *g, uint64_t *started, uint8_t *busy, uint32_t *freed)
 {
     uint64_t rng = g->seed | 1, submitted = 0, t0 = now_ns(), last = t0;
-    uint64_t deadline = g->seconds > 0 ? t0 + (uint64_t)(g->seconds * 1e9) : UINT64_MAX;
+    double ns = g->seconds * 1e9; /* past 2^63 ns (292 years) it is no limit: */
+    uint64_t deadline = g->seconds > 0 && ns < 0x1p63 ? t0 + (uint64_t)ns : UINT64_MAX;
     uint32_t inflight = 0;
     uint8_t *cq = g->mem + (g->cq_addr - g->mem_base);
     g->lat_min = UINT64_MAX;
@@ -290,8 +299,8 @@ PyObject *fp_nvme_loadgen_py(PyObject *self, PyObject *args)
             || cq_head >= depth || (phase != 0 && phase != 1) || qd < 1 || qd >= depth
             || msg_id > 0xFFFF || (opcode != 1 && opcode != 2) || nlb < 1 || nlb > 0x10000
             || ns_blocks < nlb || transfer < 1 || transfer > PAGE || buffers % PAGE
-            || sq_addr % SQE_SIZE || cq_addr % CQE_SIZE || (uintptr_t)mem.buf % PAGE
-            || !(seconds >= 0) || (seconds == 0 && count == 0)
+            || sq_addr % SQE_SIZE || cq_addr % CQE_SIZE || (uintptr_t)mem.buf % PAGE || base % PAGE
+            || !(seconds >= 0) || isinf(seconds) || (seconds == 0 && count == 0)
             || !inside(sq_addr, (uint64_t)depth * SQE_SIZE, base, len)
             || !inside(cq_addr, (uint64_t)depth * CQE_SIZE, base, len)
             || !inside(buffers, (uint64_t)qd * PAGE, base, len)) {

@@ -28,15 +28,15 @@
  *          reported; the caller raises MemoryError).
  *
  * table: the MAC table's snapshot, 8-byte records (MAC, port index, state:
- * 0 fresh, 1 due for a refresh, 2 aged) sorted by MAC; a port index past
- * `ports` is Python's.  ports: Switch.ports in order, each None (Python sees
- * every frame for it), a 6-byte MAC (the responder: Python sees frames for it
- * or broadcast, it ignores the rest) or a native port (hdr_len, mrg, log,
- * rings): log the vhost-user log bitmap or None, rings its ready and enabled
- * receive rings as (ready, desc, avail, used, regions, size, last_avail_idx,
- * used_idx, indirect, max_readable, max_writable).  The buffers are held for
- * the call only.  Bad arguments are ValueError / TypeError; guest input never
- * raises.
+ * flags 1 due for a refresh, 2 aged) in ascending MAC order (checked, as the
+ * binary search needs it); a port index past `ports` is Python's.
+ * ports: Switch.ports in order, each None (Python sees every frame for it), a
+ * 6-byte MAC (the responder: Python sees frames for it or broadcast, it ignores
+ * the rest) or a native port (hdr_len, mrg, log, rings): log the vhost-user
+ * log bitmap or None, rings its ready and enabled receive rings as (ready,
+ * desc, avail, used, regions, size, last_avail_idx, used_idx, indirect,
+ * max_readable, max_writable).  The buffers are held for the call only.  Bad
+ * arguments are ValueError / TypeError; guest input never raises.
  */
 #include "held.h"
 #include "netswitch.h"
@@ -80,6 +80,15 @@ static void call_free(call_t *c)
     sw_free(&c->sw);
 }
 
+/* 0 for a virtio-net header length (10 or 12), else -1 with a ValueError. */
+static int check_hdr_len(unsigned int hdr_len)
+{
+    if (hdr_len == 10 || hdr_len == 12)
+        return 0;
+    PyErr_Format(PyExc_ValueError, "a virtio-net header is 10 or 12 bytes, not %u", hdr_len);
+    return -1;
+}
+
 /* One native port (hdr_len, mrg, log, rings) into c->ports[i]; its rings' held
  * buffers from c->held[*next]. */
 static int get_native_port(call_t *c, Py_ssize_t i, PyObject *item, size_t *next)
@@ -91,10 +100,8 @@ static int get_native_port(call_t *c, Py_ssize_t i, PyObject *item, size_t *next
     if (!PyArg_ParseTuple(item, "IpOO!;a native port is (hdr_len, mrg, log, rings)", &hdr_len,
                           &mrg, &log, &PyTuple_Type, &rings))
         return -1;
-    if (hdr_len != 10 && hdr_len != 12) {
-        PyErr_Format(PyExc_ValueError, "a virtio-net header is 10 or 12 bytes, not %u", hdr_len);
+    if (check_hdr_len(hdr_len) < 0)
         return -1;
-    }
     p->kind = SW_NATIVE;
     p->hdr_len = hdr_len;
     p->mrg = mrg;
@@ -144,8 +151,14 @@ static int get_switch(call_t *c, Py_ssize_t src, PyObject *table, PyObject *port
     if (PyObject_GetBuffer(table, &c->table, PyBUF_SIMPLE) < 0)
         return -1;
     c->have_table = 1;
-    if (c->table.len % SW_RECORD) {
-        PyErr_SetString(PyExc_ValueError, "the MAC table is 8-byte records");
+    const unsigned char *rec = c->table.buf;
+    int bad = c->table.len % SW_RECORD != 0;
+    for (Py_ssize_t k = 0; !bad && k < c->table.len; k += SW_RECORD) /* the lookup's needs */
+        bad = (rec[k + 7] & ~(SW_REFRESH | SW_AGED)) != 0
+            || (k > 0 && memcmp(rec + k - SW_RECORD, rec + k, 6) >= 0);
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "the MAC table is 8-byte records (MAC, port, state "
+                        "flags) in ascending MAC order");
         return -1;
     }
     Py_ssize_t n = PyTuple_GET_SIZE(ports);
@@ -363,7 +376,8 @@ PyObject *fp_switch_tx_py(PyObject *self, PyObject *args)
                           &w.max_readable, &w.max_writable, &budget, &hdr_len, &enabled, &src,
                           &table, &PyTuple_Type, &ports))
         return NULL;
-    if (setup_walk(&w, &ring, &h) < 0 || get_switch(&c, src, table, ports) < 0)
+    if (check_hdr_len(hdr_len) < 0 || setup_walk(&w, &ring, &h) < 0
+            || get_switch(&c, src, table, ports) < 0)
         goto out;
     uint64_t packets = 0, bytes = 0, dropped = 0, short_hdr = 0;
     Py_ssize_t taken = 0;

@@ -50,9 +50,27 @@ def test_runs_counted_io_and_leaves_the_queue_usable(driver: NvmeDriver, poll: b
     assert driver.read(1, 8, 8, qid=1) == b"\xa5" * 4096
 
 
+def test_gives_every_buffer_page_back(driver: NvmeDriver) -> None:
+    """The qd pages it ran on go back to the driver's allocator, each of them."""
+    first = driver.pages.next  # where a run of pages is carved from
+    native_load(driver, 1, spec.IoOpcode.READ, 7, count=7)
+    assert {first + i * 4096 for i in range(7)} <= set(driver.pages.free)
+
+
+def test_percentiles_lie_between_the_extremes(driver: NvmeDriver) -> None:
+    """The percentiles come from a histogram (16 buckets per power of two): one I/O's
+    latency is its minimum, median, 99th percentile and maximum alike, not the
+    floor of its bucket."""
+    out = native_load(driver, 1, spec.IoOpcode.READ, 1, count=1)
+    assert out.done == 1 and 0 < out.lat_min == out.lat_p50 == out.lat_p99 == out.lat_max
+
+
 def test_a_time_limit_stops_it(driver: NvmeDriver) -> None:
     out = native_load(driver, 1, spec.IoOpcode.READ, 4, seconds=0.2)
     assert out.done > 0 and out.errors == 0 and 0.15 < out.seconds < 5
+    # a time limit past what 64-bit nanoseconds hold is no limit: the count stops it
+    out = native_load(driver, 1, spec.IoOpcode.READ, 1, seconds=1e300, count=5)
+    assert (out.done, out.errors) == (5, 0)
 
 
 def test_refuses_a_queue_with_commands_outstanding(driver: NvmeDriver) -> None:
@@ -86,6 +104,12 @@ def test_touches_only_the_buffers_it_is_given() -> None:
     for queue, io in bad:
         with pytest.raises(ValueError, match="bad queue"):
             _fastpath.nvme_loadgen(view, base, queue, None, 0, 0, -1, io, (1, 0.0))
+    # memory at a guest address off a page: the CQ's phase tags would be loaded misaligned
+    odd = base + 1
+    with pytest.raises(ValueError, match="bad queue"):
+        _fastpath.nvme_loadgen(view, odd, (1, 16, odd + 63, odd + 4095, 0, 0, 1),
+                               bytearray(4096), -1, 0, -1,
+                               (2, 1, 8, 1024, odd + 2 * 4096 - 1, 4096, 4, 1), (1, 0.0))
     doorbells = bytearray(8)  # queue 1's slots need 16 bytes
     with pytest.raises(ValueError, match="too short"):
         _fastpath.nvme_loadgen(view, base, ok_queue, memoryview(doorbells), -1, 0, -1, ok_io,
@@ -94,6 +118,9 @@ def test_touches_only_the_buffers_it_is_given() -> None:
         _fastpath.nvme_loadgen(view, base, ok_queue, None, -1, 0, -1, ok_io, (1, 0.0))
     with pytest.raises(ValueError, match="bad queue"):  # no limit at all
         _fastpath.nvme_loadgen(view, base, ok_queue, None, 0, 0, -1, ok_io, (0, 0.0))
+    for seconds in (float("inf"), float("nan"), -1.0):  # not a time limit
+        with pytest.raises(ValueError, match="bad queue"):
+            _fastpath.nvme_loadgen(view, base, ok_queue, None, 0, 0, -1, ok_io, (1, seconds))
     assert not any(mem[:])  # nothing was written
     view.release()
     mem.close()

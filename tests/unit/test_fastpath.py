@@ -94,3 +94,34 @@ def test_arguments_that_describe_no_queue_are_refused() -> None:
         walk(regions=(region, (0x1800, memoryview(bytearray(16)), True, True)))
     with pytest.raises(TypeError, match="a region is"):
         walk(regions=((0x1000,),))
+
+
+def test_switch_arguments_that_describe_no_switch_are_refused() -> None:
+    """switch_tx's and switch_frames' own arguments: the caller's mistakes raise
+    before anything is taken from the ring (a valid empty ring gives nothing)."""
+    native = require_native()
+    desc, avail, used = (memoryview(bytearray(n)) for n in (16 * 8, 6 + 2 * 8, 6 + 8 * 8))
+    region = (0x1000, memoryview(bytearray(0x1000)), True, True)
+
+    def switch(*, hdr_len: int = 12, src: int = 0, table: bytes = b"",
+               ports: tuple[Any, ...] = (None,)) -> Any:
+        return native.switch_tx(desc, avail, used, (region,), 8, 0, 0, True, 100, 0, 4, hdr_len,
+                                True, src, table, ports)
+
+    assert switch()[0] == (0, 0, 0, 0, None, None, 0, 0, 0)
+    for hdr_len in (0, 1, 11, 13):  # the transmit ring's virtio-net header is 10 or 12 bytes
+        with pytest.raises(ValueError, match="10 or 12"):
+            switch(hdr_len=hdr_len)
+    with pytest.raises(ValueError, match="source port"):
+        switch(src=1)
+    with pytest.raises(ValueError, match="8-byte records"):
+        switch(table=bytes(7))
+    mac_a, mac_b = bytes.fromhex("525400000001"), bytes.fromhex("525400000002")
+    assert switch(table=mac_a + b"\x00\x03" + mac_b + b"\xff\x00")[0] is not None
+    for table in (mac_b + b"\x00\x00" + mac_a + b"\x00\x00",  # not sorted: lookups miss
+                  mac_a + b"\x00\x00" + mac_a + b"\x00\x00",  # twice
+                  mac_a + b"\x00\x04"):                         # a state that is no flags
+        with pytest.raises(ValueError, match="8-byte records"):
+            switch(table=table)
+    with pytest.raises(TypeError, match="a port is"):
+        switch(ports=(None, bytes(5)))

@@ -74,6 +74,7 @@ class Scenario:
     ports: list[PortSpec]
     sink: bool  # a Python-only port on the switch (as the TAP)
     ops: list[tuple[Any, ...]]
+    ageing: float = 5.0  # the switch's; below the 1 s refresh, an entry ages before it is due
 
 
 def arp_request(src: bytes) -> bytes:
@@ -114,10 +115,11 @@ def scenarios(draw: st.DrawFn) -> Scenario:
                    st.lists(tx_frames(nports), min_size=1, max_size=6), st.integers(1, 8))
     op = st.one_of(rx, rx, tx, tx, tx,
                    st.tuples(st.just("event"), st.integers(0, nports - 1), st.integers(0, 0xFFFF)),
-                   st.tuples(st.just("clock"), st.sampled_from([0.5, 1.5, 4.0, 10.0])))
+                   st.tuples(st.just("clock"), st.sampled_from([0.5, 0.9, 1.5, 4.0, 10.0])))
     prefill = [("rx", i, k, draw(sizes)) for i in range(nports) for k in range(2)]
     return Scenario(ports, draw(st.booleans()),
-                    prefill + draw(st.lists(op, min_size=1, max_size=14)) + [draw(tx)])
+                    prefill + draw(st.lists(op, min_size=1, max_size=14)) + [draw(tx)],
+                    draw(st.sampled_from([5.0, 5.0, 5.0, 0.75])))
 
 
 class Net:
@@ -125,7 +127,7 @@ class Net:
 
     def __init__(self, scenario: Scenario, native: Any) -> None:
         self.clock = Clock()
-        self.switch = Switch(clock=self.clock, ageing=5.0)
+        self.switch = Switch(clock=self.clock, ageing=scenario.ageing)
         self.responder = Responder(ip=R_IP, mac=R_MAC)
         self.responder.uplink = self.switch.forward
         self.switch.attach(self.responder, [R_MAC])
@@ -371,6 +373,38 @@ def test_a_frame_for_a_hooked_destination_is_handed_back() -> None:
         assert net.ports[1].stats()["tx_packets"] == 3
     finally:
         net.close()
+
+
+def test_an_entry_aged_before_its_refresh_is_due_is_not_learned_again() -> None:
+    """Ageing shorter than the refresh: the source's entry is aged (a lookup of it
+    would remove it) but not due for a refresh, so forward does not learn it
+    again; the destination's aged entry is removed and the frame flooded."""
+    spec = PortSpec(True, True, False, 1, None)
+    with nets(Scenario([spec, spec], False, [], ageing=0.5)) as (python, native):
+        for net in (python, native):
+            net.run(("rx", 1, 0, [2048] * 4))
+            net.run(("clock", 0.75))
+            net.run(("tx", 0, [(make_frame(MACS[1], MACS[0]), 0, 0)], 8))
+        assert native.state() == python.state()
+        assert MACS[1] not in native.switch.table and native.switch.counters["flooded"] == 1
+        assert native.switch.table[MACS[0]][1] == 100.0  # not learned again
+
+
+def test_the_table_snapshot_is_not_reused_on_the_instant_an_entry_changes_state() -> None:
+    """The snapshot is cached until an entry's next state change, t + 1 s here; at
+    that instant, as floats, an entry learned at t = 127.00000000000004 is already
+    older than 1 s (128.00000000000006 - t > 1.0): forward learns it again."""
+    spec = PortSpec(True, True, False, 1, None)
+    t = 127.00000000000004
+    assert (t + 1.0) - t > 1.0
+    with nets(Scenario([spec, spec], False, [], ageing=1000.0)) as (python, native):
+        for net in (python, native):
+            net.run(("rx", 1, 0, [2048] * 4))
+            for now in (t, t + 0.5, t + 1.0):  # learned, the snapshot, the refresh
+                net.clock.now = now
+                net.run(("tx", 0, [(make_frame(MACS[1], OTHER), 0, 0)], 8))
+        assert native.state() == python.state()
+        assert native.switch.table[OTHER][1] == t + 1.0
 
 
 def test_a_table_that_could_evict_sends_the_rest_of_the_batch_to_python() -> None:
