@@ -48,8 +48,9 @@ def oks(g: Guest) -> int:
 
 
 def wait_oks(g: Guest, count: int) -> None:
-    _, rc = g.run(f"while [ $(grep -c ^ok /tmp/io.log) -lt {count} ]; do "
-                  "grep -q -e ^BAD -e ERR /tmp/io.log && exit 1; usleep 100000; done", timeout=240)
+    # (a subshell: its exit ends the wait, not the guest's shell)
+    _, rc = g.run(f"(while [ $(grep -c ^ok /tmp/io.log) -lt {count} ]; do "
+                  "grep -q -e ^BAD -e ERR /tmp/io.log && exit 1; usleep 100000; done)", timeout=240)
     out, _ = g.run("grep -e ^BAD -e ERR /tmp/io.log | head -5; dmesg | grep -i -e nvme -e 'i/o error' "
                    "| tail -5")
     assert rc == 0, out
