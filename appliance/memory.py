@@ -223,6 +223,10 @@ class Region:
     # (appliance.runtime.handoff.channel) passes it on to the next process.
     fd: int | None = field(default=None, repr=False)
     reported: bool = field(default=False, repr=False)  # a failed fd access was logged
+    # The mapping of an fd region whose file could shrink (ClientMemory's
+    # guard_unsealed), for native calls under the SIGBUS guard only: Python never
+    # reads it (a shrink would kill the process); its accesses go through the fd.
+    guarded: memoryview | None = field(default=None, repr=False)
 
     @property
     def end(self) -> int:
@@ -283,9 +287,10 @@ class Region:
         return err
 
     def close(self) -> None:
-        if self.view is not None:
-            self.view.release()
-            self.view = None
+        for view in (self.view, self.guarded):
+            if view is not None:
+                view.release()
+        self.view = self.guarded = None
         if self.mm is not None:
             self.mm.close()
             self.mm = None
@@ -331,12 +336,17 @@ class ClientMemory:
     """The client's address space as the device may reach it."""
 
     def __init__(self, max_regions: int = 65535, transport: MessageTransport | None = None,
-                 *, map_unsealed: bool = False) -> None:
+                 *, map_unsealed: bool = False, guard_unsealed: bool = False) -> None:
         """``map_unsealed``: mmap a region even when its file could still shrink
         (a peer that shrinks it then kills this process with SIGBUS): only for
-        front-ends the operator trusts, for speed (DPDK's memory cannot be sealed)."""
+        front-ends the operator trusts, for speed (DPDK's memory cannot be sealed).
+        ``guard_unsealed``: map such a region for native calls under the SIGBUS
+        guard only (:attr:`Region.guarded`); Python still reaches it through its fd."""
         self.max_regions = max_regions
         self.map_unsealed = map_unsealed
+        self.guard_unsealed = guard_unsealed
+        #: False once a guarded native call faulted in this memory (see native_fault)
+        self.native_ok = True
         self.transport = transport
         self.dirty_log: DirtyLog | None = None
         #: whose DMA messages an access makes (the device sets it; see DmaScope)
@@ -397,6 +407,9 @@ class ClientMemory:
                 if sealed or self.map_unsealed:
                     region.mm = self._mmap(fd, region)
                     region.view = memoryview(region.mm)
+                elif self.guard_unsealed:
+                    region.mm = self._mmap(fd, region)
+                    region.guarded = memoryview(region.mm)
                 region.fd, fd = fd, None  # kept with the region, closed with it
         finally:
             if fd is not None:
@@ -448,6 +461,66 @@ class ClientMemory:
                 return None
             mapped.append((r.address, r.view, r.readable, r.writable))
         return tuple(mapped)
+
+    def native_regions(self, guarded: bool) -> MappedRegions | None:
+        """The regions as guarded native calls take them: :meth:`mapped_regions`,
+        with the guarded mappings of fd regions when ``guarded`` (the caller's
+        calls run under the SIGBUS guard); None when a region has no mapping to
+        give or a guarded call faulted in this memory (:meth:`native_fault`)."""
+        if not self.native_ok:
+            return None
+        mapped = []
+        for r in self._regions:
+            view = r.view if r.view is not None else r.guarded if guarded else None
+            if view is None:
+                return None
+            mapped.append((r.address, view, r.readable, r.writable))
+        return tuple(mapped)
+
+    def native_view(self, address: int, length: int) -> memoryview | None:
+        """A view of the range for guarded native calls (a slice of the region's
+        mapping, guarded or not), or None when it does not lie in one mapped region.
+
+        Raises:
+            GuestMemoryError: part of the range is unmapped.
+        """
+        checked_end(address, length)
+        region = self._find(address)
+        if region is None:
+            raise GuestMemoryError(address, length, 0)
+        view = region.view if region.view is not None else region.guarded
+        off = address - region.address
+        if view is None or off + length > region.size:
+            return None
+        return view[off:off + length]
+
+    def native_fault(self, certain: bool) -> bool:
+        """A guarded native call faulted (SIGBUS) in this memory (``certain``) or
+        perhaps in it.  Returns True when native calls must leave it from now on:
+        ``certain``, or a guarded region's file ends before the region now (then
+        one warning per such region is logged).  :meth:`native_regions` then
+        returns None: the rings run in Python, through the fd."""
+        shrunk = False
+        for r in self._regions:
+            if r.guarded is None or r.fd is None:
+                continue
+            try:
+                length = file_size(r.fd)
+            except OSError:
+                length = None
+            if length is None or length < r.fd_offset + r.size:
+                shrunk = True
+                if not r.reported:
+                    r.reported = True
+                    log.warning("client memory region %#x+%#x: its file shrank to %s bytes under "
+                                "a native call; this memory runs in Python from now on",
+                                r.address, r.size, length)
+        if (shrunk or certain) and self.native_ok:
+            self.native_ok = False
+            if not shrunk:
+                log.warning("client memory: a native call faulted in it (SIGBUS); it runs in "
+                            "Python from now on")
+        return not self.native_ok
 
     def _overlapping(self, address: int, size: int) -> bool:
         i = bisect.bisect(self._starts, address)
