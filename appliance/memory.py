@@ -224,8 +224,9 @@ class Region:
     fd: int | None = field(default=None, repr=False)
     reported: bool = field(default=False, repr=False)  # a failed fd access was logged
     # The mapping of an fd region whose file could shrink (ClientMemory's
-    # guard_unsealed), for native calls under the SIGBUS guard only: Python never
-    # reads it (a shrink would kill the process); its accesses go through the fd.
+    # guard_unsealed), for native calls under the SIGBUS guard only
+    # (appliance.memory_guarded): Python never reads it (a shrink would kill the
+    # process); its accesses go through the fd.
     guarded: memoryview | None = field(default=None, repr=False)
 
     @property
@@ -345,7 +346,8 @@ class ClientMemory:
         self.max_regions = max_regions
         self.map_unsealed = map_unsealed
         self.guard_unsealed = guard_unsealed
-        #: False once a guarded native call faulted in this memory (see native_fault)
+        #: False once a guarded native call faulted in this memory
+        #: (:func:`appliance.memory_guarded.native_fault`)
         self.native_ok = True
         self.transport = transport
         self.dirty_log: DirtyLog | None = None
@@ -461,66 +463,6 @@ class ClientMemory:
                 return None
             mapped.append((r.address, r.view, r.readable, r.writable))
         return tuple(mapped)
-
-    def native_regions(self, guarded: bool) -> MappedRegions | None:
-        """The regions as guarded native calls take them: :meth:`mapped_regions`,
-        with the guarded mappings of fd regions when ``guarded`` (the caller's
-        calls run under the SIGBUS guard); None when a region has no mapping to
-        give or a guarded call faulted in this memory (:meth:`native_fault`)."""
-        if not self.native_ok:
-            return None
-        mapped = []
-        for r in self._regions:
-            view = r.view if r.view is not None else r.guarded if guarded else None
-            if view is None:
-                return None
-            mapped.append((r.address, view, r.readable, r.writable))
-        return tuple(mapped)
-
-    def native_view(self, address: int, length: int) -> memoryview | None:
-        """A view of the range for guarded native calls (a slice of the region's
-        mapping, guarded or not), or None when it does not lie in one mapped region.
-
-        Raises:
-            GuestMemoryError: part of the range is unmapped.
-        """
-        checked_end(address, length)
-        region = self._find(address)
-        if region is None:
-            raise GuestMemoryError(address, length, 0)
-        view = region.view if region.view is not None else region.guarded
-        off = address - region.address
-        if view is None or off + length > region.size:
-            return None
-        return view[off:off + length]
-
-    def native_fault(self, certain: bool) -> bool:
-        """A guarded native call faulted (SIGBUS) in this memory (``certain``) or
-        perhaps in it.  Returns True when native calls must leave it from now on:
-        ``certain``, or a guarded region's file ends before the region now (then
-        one warning per such region is logged).  :meth:`native_regions` then
-        returns None: the rings run in Python, through the fd."""
-        shrunk = False
-        for r in self._regions:
-            if r.guarded is None or r.fd is None:
-                continue
-            try:
-                length = file_size(r.fd)
-            except OSError:
-                length = None
-            if length is None or length < r.fd_offset + r.size:
-                shrunk = True
-                if not r.reported:
-                    r.reported = True
-                    log.warning("client memory region %#x+%#x: its file shrank to %s bytes under "
-                                "a native call; this memory runs in Python from now on",
-                                r.address, r.size, length)
-        if (shrunk or certain) and self.native_ok:
-            self.native_ok = False
-            if not shrunk:
-                log.warning("client memory: a native call faulted in it (SIGBUS); it runs in "
-                            "Python from now on")
-        return not self.native_ok
 
     def _overlapping(self, address: int, size: int) -> bool:
         i = bisect.bisect(self._starts, address)

@@ -14,8 +14,8 @@ extension's SIGBUS guard is in place (``guard_sigbus``).  A call that touched a
 guarded page past the end of a shrunk file raises ``OSError(EFAULT)`` having
 changed nothing its caller adopts (used entries and frame bytes it wrote are
 not published); the caller then runs the same work in Python, through the fd,
-and the memory leaves the native path (:meth:`ClientMemory.native_fault
-<appliance.memory.ClientMemory.native_fault>`).  Message regions stay on the
+and the memory leaves the native path
+(:func:`appliance.memory_guarded.native_fault`).  Message regions stay on the
 Python path.
 """
 
@@ -25,6 +25,7 @@ import errno
 import mmap
 from typing import Any, Protocol
 
+from appliance import memory_guarded
 from appliance.memory import ClientMemory, MappedRegions
 
 #: ClientMemory's regions in address order as (guest address, view, readable, writable)
@@ -129,7 +130,43 @@ def native_regions(memory: ClientMemory, native: NativeVring) -> NativeRegions |
     no mapping they may touch (a message region, an fd region without a guarded
     mapping or without the guard in place, memory a guarded call faulted in):
     those stay on the Python path."""
-    return memory.native_regions(guarded=native.guard_sigbus())
+    return memory_guarded.native_regions(memory, guarded=native.guard_sigbus())
+
+
+def native_ring(memory: ClientMemory, native: NativeVring, areas: list[tuple[int, int]],
+                ) -> tuple[memoryview, memoryview, memoryview, NativeRegions] | None:
+    """A ring's descriptor table, avail and used rings (client address, length
+    each) as ``native``'s calls take them, with ``memory``'s regions, or None
+    when a region has no mapping they may touch (:func:`native_regions`) or an
+    area does not lie in one mapped region.  The views are the caller's to release.
+
+    Raises:
+        GuestMemoryError: an area's first byte is unmapped.
+    """
+    regions = native_regions(memory, native)
+    if regions is None:
+        return None
+    views: list[memoryview] = []
+    for address, length in areas:
+        view = memory_guarded.native_view(memory, address, length)
+        if view is None:
+            for v in views:
+                v.release()
+            return None
+        views.append(view)
+    desc, avail, used = views
+    return desc, avail, used, regions
+
+
+def native_fault(memories: list[ClientMemory]) -> None:
+    """A guarded call that could touch any of ``memories`` faulted: the memories
+    whose files shrank leave the native path; when none did (one grew back
+    meanwhile), every one of them with a guarded mapping."""
+    guarded = [m for m in memories if memory_guarded.has_guarded(m)]
+    shrunk = [m for m in guarded if memory_guarded.native_fault(m, certain=False)]  # each checked
+    if not shrunk:
+        for m in guarded:
+            memory_guarded.native_fault(m, certain=True)
 
 
 def is_vanished(exc: OSError) -> bool:

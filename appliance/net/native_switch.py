@@ -44,7 +44,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance.net.native import NativeSwitchOut, NativeTarget, NativeVring, is_vanished
+from appliance.net.native import (
+    NativeSwitchOut,
+    NativeTarget,
+    NativeVring,
+    is_vanished,
+    native_fault,
+)
 from appliance.net.switch import Switch
 from appliance.net.virtqueue import SplitQueue
 
@@ -70,12 +76,8 @@ def _vanished(switch: Switch, port: Any) -> None:
     """A switch call faulted in a guarded mapping (a front-end shrank its memory):
     the memories whose files shrank leave the native path; when none did (it grew
     back meanwhile), every memory the call could touch with a guarded mapping."""
-    memories = [m for m in [port.memory, *(getattr(p, "memory", None) for p in switch.ports)]
-                if m is not None and any(r.guarded is not None for r in m.regions)]
-    shrunk = [m for m in memories if m.native_fault(certain=False)]  # each one checked
-    if not shrunk:
-        for m in memories:
-            m.native_fault(certain=True)
+    memories = [port.memory, *(getattr(p, "memory", None) for p in switch.ports)]
+    native_fault([m for m in memories if m is not None])
 
 
 def pending_frames(rest: bytes, offset: int) -> list[bytes]:

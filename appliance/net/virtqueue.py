@@ -59,7 +59,7 @@ same walk, bounds and messages, batched; the Python code below stays the
 reference and runs for everything else.  A native call that faulted in a
 guarded mapping (the front-end shrank its file meanwhile) changed nothing the
 ring adopts: the ring leaves the native path with its memory
-(:meth:`ClientMemory.native_fault <appliance.memory.ClientMemory.native_fault>`)
+(:func:`appliance.memory_guarded.native_fault`)
 and the same call runs in Python through the fd, so the outcome is the fd
 path's (a malformed chain, a broken ring, a faulted frame).
 
@@ -87,7 +87,8 @@ from appliance.net.native import (
     NativeRingArgs,
     NativeVring,
     is_vanished,
-    native_regions,
+    native_fault,
+    native_ring,
 )
 from appliance.protocol_common import step
 
@@ -409,8 +410,9 @@ class SplitQueue:
         self._used = used.cast("H")
         self._used_elems = used_elems.cast("I")
         self._spans = [(r.address, r.end, r.writable) for r in memory.regions]
-        self._native_map(memory, [(memory.translate_user(user, length), length)
-                                  for user, length, _ in areas])
+        if self.native is not None:
+            self._native_ring = native_ring(memory, self.native, [
+                (memory.translate_user(user, length), length) for user, length, _ in areas])
         if self._sync_used:
             # A fresh start: the driver's used index is the truth (we keep no
             # in-flight state across connections).
@@ -418,23 +420,6 @@ class SplitQueue:
             if cur != self.used_idx:
                 self.last_avail_idx = self.used_idx = self._published = cur
             self._sync_used = False
-
-    def _native_map(self, memory: ClientMemory, areas: list[tuple[int, int]]) -> None:
-        """The ring areas (client address, length) as the native calls take them,
-        when every region of ``memory`` is mapped for them."""
-        regions = None if self.native is None else native_regions(memory, self.native)
-        if regions is None:
-            return
-        views: list[memoryview] = []
-        for address, length in areas:
-            view = memory.native_view(address, length)
-            if view is None:
-                for v in views:
-                    v.release()
-                return
-            views.append(view)
-        desc, avail, used = views
-        self._native_ring = (desc, avail, used, regions)
 
     def _drop_native(self) -> None:
         ring, self._native_ring = self._native_ring, None
@@ -446,7 +431,7 @@ class SplitQueue:
         """A native call on this ring faulted in a guarded mapping: its memory
         leaves the native path (the call's work runs in Python next)."""
         if self.memory is not None:
-            self.memory.native_fault(certain=True)
+            native_fault([self.memory])
         self._drop_native()
 
     def _fd_failed(self, exc: GuestMemoryError) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from fastpath_support import require_native
 
+from appliance import memory_guarded
 from appliance.memory import ClientMemory, GuestMemoryError
 
 SIZE = 0x4000
@@ -42,23 +43,23 @@ def test_unsealable_memory_is_guarded_and_python_uses_the_fd(caplog: pytest.LogC
         assert region.access == "fd" and region.view is None and region.guarded is not None
         assert cm.buffers(0x1000_0000, 16, write=False) is None  # Python never gets the mapping
         assert cm.mapped_regions() is None  # nor the NVMe path's native calls
-        regions = cm.native_regions(guarded=True)
+        regions = memory_guarded.native_regions(cm, guarded=True)
         assert regions is not None and regions[0][1] is region.guarded
-        assert cm.native_regions(guarded=False) is None
-        view = cm.native_view(0x1000_0000 + 0x100, 0x40)
+        assert memory_guarded.native_regions(cm, guarded=False) is None
+        view = memory_guarded.native_view(cm, 0x1000_0000 + 0x100, 0x40)
         assert view is not None and len(view) == 0x40
         view.release()
-        assert cm.native_fault(certain=False) is False  # the file is whole: nothing to do
+        assert memory_guarded.native_fault(cm, certain=False) is False  # the file is whole: nothing to do
         os.ftruncate(fd, 0x1000)
         with caplog.at_level(logging.WARNING, logger="appliance.memory"):
-            assert cm.native_fault(certain=False) is True
-            assert cm.native_fault(certain=False) is True
+            assert memory_guarded.native_fault(cm, certain=False) is True
+            assert memory_guarded.native_fault(cm, certain=False) is True
             with pytest.raises(GuestMemoryError):
                 cm.read(0x1000_0000 + 0x2000, 8)  # through the fd: short, not a SIGBUS
         assert [r.getMessage() for r in caplog.records] == [  # one warning per region
             ("client memory region 0x10000000+0x4000: its file shrank to 4096 bytes under a "
              "native call; this memory runs in Python from now on")]
-        assert cm.native_regions(guarded=True) is None
+        assert memory_guarded.native_regions(cm, guarded=True) is None
     finally:
         cm.unmap_all()
         os.close(fd)
