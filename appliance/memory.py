@@ -35,6 +35,9 @@ refused after an ``fstat``, and either raises :class:`GuestMemoryError`
 (:meth:`ClientMemory.buffers` returns None); :meth:`ClientMemory.fd_area`
 gives a holder of long-lived views (a virtqueue) :class:`FdArea` and
 :class:`FdWords` stand-ins instead of ``memoryview`` slices and casts.
+With ``guard_unsealed`` (vhost-user) such a region is mapped as well, for
+native calls under the SIGBUS guard only (:attr:`Region.guarded`,
+:mod:`appliance.memory_guarded`); nothing here ever reads that mapping.
 
 * Every access is bounds-checked; an access crossing two adjacent regions is
   split inside the accessor; an access touching a hole raises
