@@ -11,13 +11,15 @@ from setuptools import Extension, setup
 
 SOURCES = ["native/fastpath/module.c", "native/fastpath/netrx.c", "native/fastpath/vring.c",
            "native/fastpath/nvmeq.c", "native/fastpath/nvme_module.c", "native/fastpath/nvme_loadgen.c",
-           "native/fastpath/netswitch.c", "native/fastpath/switch_module.c"]
+           "native/fastpath/netswitch.c", "native/fastpath/switch_module.c",
+           "native/fastpath/guard.c"]
 
 setup(ext_modules=[Extension(
     "appliance._fastpath",
     sources=SOURCES,
     depends=["native/fastpath/vring.h", "native/fastpath/netrx.h", "native/fastpath/nvmeq.h",
-             "native/fastpath/held.h", "native/fastpath/netswitch.h"],
+             "native/fastpath/held.h", "native/fastpath/netswitch.h",
+             "native/fastpath/guard.h"],
     extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
     optional=True,
 )])

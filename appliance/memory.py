@@ -35,6 +35,9 @@ refused after an ``fstat``, and either raises :class:`GuestMemoryError`
 (:meth:`ClientMemory.buffers` returns None); :meth:`ClientMemory.fd_area`
 gives a holder of long-lived views (a virtqueue) :class:`FdArea` and
 :class:`FdWords` stand-ins instead of ``memoryview`` slices and casts.
+With ``guard_unsealed`` (vhost-user) such a region is mapped as well, for
+native calls under the SIGBUS guard only (:attr:`Region.guarded`,
+:mod:`appliance.memory_guarded`); nothing here ever reads that mapping.
 
 * Every access is bounds-checked; an access crossing two adjacent regions is
   split inside the accessor; an access touching a hole raises
@@ -223,6 +226,11 @@ class Region:
     # (appliance.runtime.handoff.channel) passes it on to the next process.
     fd: int | None = field(default=None, repr=False)
     reported: bool = field(default=False, repr=False)  # a failed fd access was logged
+    # The mapping of an fd region whose file could shrink (ClientMemory's
+    # guard_unsealed), for native calls under the SIGBUS guard only
+    # (appliance.memory_guarded): Python never reads it (a shrink would kill the
+    # process); its accesses go through the fd.
+    guarded: memoryview | None = field(default=None, repr=False)
 
     @property
     def end(self) -> int:
@@ -283,9 +291,10 @@ class Region:
         return err
 
     def close(self) -> None:
-        if self.view is not None:
-            self.view.release()
-            self.view = None
+        for view in (self.view, self.guarded):
+            if view is not None:
+                view.release()
+        self.view = self.guarded = None
         if self.mm is not None:
             self.mm.close()
             self.mm = None
@@ -331,12 +340,18 @@ class ClientMemory:
     """The client's address space as the device may reach it."""
 
     def __init__(self, max_regions: int = 65535, transport: MessageTransport | None = None,
-                 *, map_unsealed: bool = False) -> None:
+                 *, map_unsealed: bool = False, guard_unsealed: bool = False) -> None:
         """``map_unsealed``: mmap a region even when its file could still shrink
         (a peer that shrinks it then kills this process with SIGBUS): only for
-        front-ends the operator trusts, for speed (DPDK's memory cannot be sealed)."""
+        front-ends the operator trusts, for speed (DPDK's memory cannot be sealed).
+        ``guard_unsealed``: map such a region for native calls under the SIGBUS
+        guard only (:attr:`Region.guarded`); Python still reaches it through its fd."""
         self.max_regions = max_regions
         self.map_unsealed = map_unsealed
+        self.guard_unsealed = guard_unsealed
+        #: False once a guarded native call faulted in this memory
+        #: (:func:`appliance.memory_guarded.native_fault`)
+        self.native_ok = True
         self.transport = transport
         self.dirty_log: DirtyLog | None = None
         #: whose DMA messages an access makes (the device sets it; see DmaScope)
@@ -397,6 +412,9 @@ class ClientMemory:
                 if sealed or self.map_unsealed:
                     region.mm = self._mmap(fd, region)
                     region.view = memoryview(region.mm)
+                elif self.guard_unsealed:
+                    region.mm = self._mmap(fd, region)
+                    region.guarded = memoryview(region.mm)
                 region.fd, fd = fd, None  # kept with the region, closed with it
         finally:
             if fd is not None:

@@ -18,8 +18,9 @@ test (the appliance, or the anchor testpmd) is pinned to CPU 0.
    backend moves them port to port (the appliance through its switch, the
    anchor by io forwarding between its two net_vhost ports).  The figure is the
    sum of both ports' RX rates (the loop's throughput).
-Each appliance figure is taken on its data paths: testpmd's memory through its fd
-(the default; the native fast path does not handle fd regions: pure Python), and
+Each appliance figure is taken on its data paths: testpmd's memory as by default
+("fd I/O": it cannot be sealed, so Python reaches it through its fd and the native
+fast path through a mapping under its SIGBUS guard), and
 mapped (``net.map_unsealed_memory``) once on the pure-Python path (``fastpath:
 false``) and once on the native fast path (``appliance._fastpath``), side by side
 with the anchor and their ratios to it.
@@ -250,8 +251,8 @@ def main() -> int:
     warm = 0.5 if args.quick else 2.0
     print(f"vhost-user-net, testpmd front-end on CPU {FRONTEND_CPU}, backend on CPU {BACKEND_CPU}, "
           f"{window:g} s windows (indicative: 2 shared cores)")
-    print("appliance: fd I/O: testpmd's memory through its fd (the default: it cannot be "
-          "sealed; pure Python: the fast path handles mmap'd memory only); mapped: "
+    print("appliance: fd I/O: testpmd's memory as by default (it cannot be sealed: Python "
+          "reaches it through its fd, the native fast path through a guarded mapping); mapped: "
           "net.map_unsealed_memory, on the pure-Python path (fastpath: false) and the native one")
     backends = (*BACKENDS, "anchor")
     print(f"{'case':<22}{'frame':>6}  " + "  ".join(f"{be:>17}" for be in BACKENDS)

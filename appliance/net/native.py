@@ -7,15 +7,25 @@ runtime hands it to the ports (:meth:`VirtioNetPort.use_native
 :class:`~appliance.net.virtqueue.SplitQueue` stays the reference: the native
 calls mirror its ``pop``, ``drain`` and ``publish`` and
 :func:`appliance.net.receive.write_frame` (same bounds, same messages, same
-writes), and it only calls them for a ring whose memory is all mmap'd
-(:func:`native_regions`); fd and message regions stay on the Python path.
+writes), and it only calls them for a ring whose memory is all mapped
+(:func:`native_regions`): mmap'd, or an fd region's guarded mapping (a file
+the front-end can shrink, :attr:`appliance.memory.Region.guarded`) when the
+extension's SIGBUS guard is in place (``guard_sigbus``).  A call that touched a
+guarded page past the end of a shrunk file raises ``OSError(EFAULT)`` having
+changed nothing its caller adopts (used entries and frame bytes it wrote are
+not published); the caller then runs the same work in Python, through the fd,
+and the memory leaves the native path
+(:func:`appliance.memory_guarded.native_fault`).  Message regions stay on the
+Python path.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 from typing import Any, Protocol
 
+from appliance import memory_guarded
 from appliance.memory import ClientMemory, MappedRegions
 
 #: ClientMemory's regions in address order as (guest address, view, readable, writable)
@@ -56,8 +66,17 @@ class NativeVring(Protocol):
 
     Raises (each call): ValueError or TypeError for arguments that do not
     describe a queue (ring areas too small, a size that is not a power of two);
-    MemoryError.  Guest input never raises.
+    MemoryError; OSError with errno EFAULT when a guarded mapping's file shrank
+    under the call (SIGBUS caught: discard the call, run its work in Python).
+    Guest input never raises otherwise.
     """
+
+    def guard_sigbus(self) -> bool:
+        """Put the SIGBUS guard on top of the installed handler unless it is there
+        (a handler installed after the extension loaded, such as faulthandler's,
+        replaced it; the guard passes it every other SIGBUS).  Returns whether the
+        guard is in place: only then may the calls be given guarded mappings."""
+        ...
 
     def pop_chains(self, desc: memoryview, avail: memoryview, used: memoryview,
                    regions: NativeRegions, size: int, last_avail_idx: int, used_idx: int,
@@ -106,7 +125,50 @@ class NativeVring(Protocol):
         ...
 
 
-def native_regions(memory: ClientMemory) -> NativeRegions | None:
-    """``memory``'s regions for the native walker, or None when one of them is
-    not mmap'd (an fd or message region: those stay on the Python path)."""
-    return memory.mapped_regions()
+def native_regions(memory: ClientMemory, native: NativeVring) -> NativeRegions | None:
+    """``memory``'s regions for ``native``'s calls, or None when one of them has
+    no mapping they may touch (a message region, an fd region without a guarded
+    mapping or without the guard in place, memory a guarded call faulted in):
+    those stay on the Python path."""
+    return memory_guarded.native_regions(memory, guarded=native.guard_sigbus())
+
+
+def native_ring(memory: ClientMemory, native: NativeVring, areas: list[tuple[int, int]],
+                ) -> tuple[memoryview, memoryview, memoryview, NativeRegions] | None:
+    """A ring's descriptor table, avail and used rings (client address, length
+    each) as ``native``'s calls take them, with ``memory``'s regions, or None
+    when a region has no mapping they may touch (:func:`native_regions`) or an
+    area does not lie in one mapped region.  The views are the caller's to release.
+
+    Raises:
+        GuestMemoryError: an area's first byte is unmapped.
+    """
+    regions = native_regions(memory, native)
+    if regions is None:
+        return None
+    views: list[memoryview] = []
+    for address, length in areas:
+        view = memory_guarded.native_view(memory, address, length)
+        if view is None:
+            for v in views:
+                v.release()
+            return None
+        views.append(view)
+    desc, avail, used = views
+    return desc, avail, used, regions
+
+
+def native_fault(memories: list[ClientMemory]) -> None:
+    """A guarded call that could touch any of ``memories`` faulted: the memories
+    whose files shrank leave the native path; when none did (one grew back
+    meanwhile), every one of them with a guarded mapping."""
+    guarded = [m for m in memories if memory_guarded.has_guarded(m)]
+    shrunk = [m for m in guarded if memory_guarded.native_fault(m, certain=False)]  # each checked
+    if not shrunk:
+        for m in guarded:
+            memory_guarded.native_fault(m, certain=True)
+
+
+def is_vanished(exc: OSError) -> bool:
+    """Whether a native call's OSError says guarded memory vanished under it."""
+    return exc.errno == errno.EFAULT

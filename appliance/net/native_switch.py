@@ -30,6 +30,9 @@ Python keeps (the exact rule, also in docs/architecture.md "Fast path"):
   see its frames (a fault rule anywhere, its link down: ``VirtioNetPort.hooked``),
   or the table is so full that learning could evict (an eviction changes what
   later lookups see);
+* the whole batch, or the rest of it, when a call faulted in a guarded mapping
+  (a front-end shrank its memory under it: ``OSError(EFAULT)``, nothing of the
+  call adopted; the memories that shrank leave the native path);
 * one frame (handed back untouched, the call stops there and continues after
   Python forwarded it), when one of its destinations is Python's: a port whose
   :meth:`native_target` is None (TAP, a port off the native path, with a pcap,
@@ -41,7 +44,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance.net.native import NativeSwitchOut, NativeTarget, NativeVring
+from appliance.net.native import (
+    NativeSwitchOut,
+    NativeTarget,
+    NativeVring,
+    is_vanished,
+    native_fault,
+)
 from appliance.net.switch import Switch
 from appliance.net.virtqueue import SplitQueue
 
@@ -61,6 +70,14 @@ def _apply(switch: Switch, src: Any, out: NativeSwitchOut) -> None:
             port.native_applied(port_out)
     if nomem:
         raise MemoryError("the native switch ran out of memory (the rest of the batch is lost)")
+
+
+def _vanished(switch: Switch, port: Any) -> None:
+    """A switch call faulted in a guarded mapping (a front-end shrank its memory):
+    the memories whose files shrank leave the native path; when none did (it grew
+    back meanwhile), every memory the call could touch with a guarded mapping."""
+    memories = [port.memory, *(getattr(p, "memory", None) for p in switch.ports)]
+    native_fault([m for m in memories if m is not None])
 
 
 def pending_frames(rest: bytes, offset: int) -> list[bytes]:
@@ -94,7 +111,13 @@ def run(port: Any, q: SplitQueue, budget: int, switch: Switch, uplink: Any) -> b
         return False
     src = next(i for i, p in enumerate(switch.ports) if p is port)
     targets = tuple(_target(p, port) for p in switch.ports)
-    out = native.switch_tx(*args, budget, port.hdr_len, q.enabled, src, table, targets)
+    try:
+        out = native.switch_tx(*args, budget, port.hdr_len, q.enabled, src, table, targets)
+    except OSError as exc:
+        if not is_vanished(exc):
+            raise
+        _vanished(switch, port)  # nothing was adopted: the batch is Python's
+        return False
     tx = out[0]
     assert tx is not None
     _, last_avail_idx, used_idx, malformed, error, broken, packets, nbytes, dropped = tx
@@ -115,7 +138,15 @@ def run(port: Any, q: SplitQueue, budget: int, switch: Switch, uplink: Any) -> b
                 uplink(port, later)
             break
         targets = tuple(_target(p, port) for p in switch.ports)
-        out = native.switch_frames(rest, offset, src, table, targets)
+        try:
+            out = native.switch_frames(rest, offset, src, table, targets)
+        except OSError as exc:
+            if not is_vanished(exc):
+                raise
+            _vanished(switch, port)  # nothing was adopted: the rest is Python's
+            for later in pending_frames(rest, offset):
+                uplink(port, later)
+            break
         _apply(switch, port, out)
         frame, rest, offset = out[3], out[4], out[5]
     return True

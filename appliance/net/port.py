@@ -233,6 +233,8 @@ class VirtioNetPort:
         """Run the rings' walks on the native fast path (None: the Python one)."""
         for ring in self.rings:
             ring.native = native
+            if self.memory is not None:
+                ring.attach(self.memory)  # the native views of its areas, or none
 
     def send_rarp(self, mac: bytes) -> None:
         self.rarps += 1

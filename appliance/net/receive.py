@@ -51,11 +51,12 @@ def write_frame(q: SplitQueue, frame: bytes, hdr_len: int, mrg: bool,
     mem = q.memory
     assert mem is not None
     if q.uses_native and q.ready and mem.dirty_log is log:  # else pop says there is nothing
-        outcome, beyond = q.native_receive(frame, hdr_len, mrg,
-                                           None if log is None else log.bitmap)
-        if log is not None:
-            log.beyond += beyond
-        return Outcome(outcome)
+        native_out = q.native_receive(frame, hdr_len, mrg, None if log is None else log.bitmap)
+        if native_out is not None:  # else the call faulted in a guarded mapping: the fd path
+            outcome, beyond = native_out
+            if log is not None:
+                log.beyond += beyond
+            return Outcome(outcome)
     need = hdr_len + len(frame)
     mark = q.checkpoint()
     chains: list[Chain] = []

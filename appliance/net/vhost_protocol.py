@@ -108,7 +108,8 @@ class BackendConnection:
         self.features = 0  # acked virtio features (SET_FEATURES)
         self.protocol_features = 0  # acked protocol features
         self.protocol_negotiated = False  # SET_PROTOCOL_FEATURES was received
-        self.memory = ClientMemory(max_regions=max_mem_slots, map_unsealed=map_unsealed)
+        self.memory = ClientMemory(max_regions=max_mem_slots, map_unsealed=map_unsealed,
+                                   guard_unsealed=True)
         self.log_mm: mmap.mmap | None = None
         self.log_fd: int | None = None
         self.close_reason = ""
@@ -516,7 +517,8 @@ class BackendConnection:
             spans = sorted((getattr(r, key), getattr(r, key) + r.memory_size) for r in regions)
             for (_, end), (start, _) in itertools.pairwise(spans):
                 require(start >= end, errno.EINVAL, f"memory regions overlap ({key} {start:#x})")
-        build = ClientMemory(max_regions=self.max_mem_slots, map_unsealed=self.map_unsealed)
+        build = ClientMemory(max_regions=self.max_mem_slots, map_unsealed=self.map_unsealed,
+                             guard_unsealed=True)
         try:
             for r, fd in zip(regions, list(msg.fds)):
                 self._map_region(build, r, msg.take_fd(fd))

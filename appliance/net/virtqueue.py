@@ -46,16 +46,22 @@ window sees 65536 - n bogus completions).  Descriptors are only read, and only
 while the driver leaves them alone, so they are decoded with ``struct``.
 
 Rings in memory the front-end could shrink (a memfd it did not allow us to
-seal, see :mod:`appliance.memory`) are not mmap'd: the views are
+seal, see :mod:`appliance.memory`) are not mmap'd for Python: its views are
 :class:`~appliance.memory.FdArea`/``FdWords`` stand-ins doing one pread or
 pwrite per field.  When one fails (the file shrank), the ring is marked
 broken, as for an avail index it cannot follow.
 
 With the native fast path (:attr:`SplitQueue.native`, set by the owner) and
-every region of the memory mmap'd, :meth:`pop`, :meth:`drain` and
-:meth:`publish` run in C (:mod:`appliance.net.native`): the same walk, bounds
-and messages, batched; the Python code below stays the reference and runs
-for everything else.
+every region of the memory mapped for it (mmap'd, or an fd region's guarded
+mapping: :func:`~appliance.net.native.native_regions`), :meth:`pop`,
+:meth:`drain` and :meth:`publish` run in C (:mod:`appliance.net.native`): the
+same walk, bounds and messages, batched; the Python code below stays the
+reference and runs for everything else.  A native call that faulted in a
+guarded mapping (the front-end shrank its file meanwhile) changed nothing the
+ring adopts: the ring leaves the native path with its memory
+(:func:`appliance.memory_guarded.native_fault`)
+and the same call runs in Python through the fd, so the outcome is the fd
+path's (a malformed chain, a broken ring, a faulted frame).
 
 Used entries are written as chains complete (:meth:`push`) but the used index
 is published once per batch (:meth:`publish`), which also reports whether the
@@ -76,7 +82,14 @@ from typing import TypeVar
 from appliance.errors import LocalProtocolError
 from appliance.memory import ClientMemory, FdArea, FdWords, GuestMemoryError
 from appliance.net import vhost_wire as vw
-from appliance.net.native import NativeRegions, NativeRingArgs, NativeVring, native_regions
+from appliance.net.native import (
+    NativeRegions,
+    NativeRingArgs,
+    NativeVring,
+    is_vanished,
+    native_fault,
+    native_ring,
+)
 from appliance.protocol_common import step
 
 _DESC = vw.DESC_CODEC
@@ -397,11 +410,9 @@ class SplitQueue:
         self._used = used.cast("H")
         self._used_elems = used_elems.cast("I")
         self._spans = [(r.address, r.end, r.writable) for r in memory.regions]
-        regions = native_regions(memory)
-        self._native_ring = None
-        if (regions is not None and isinstance(desc, memoryview) and isinstance(avail, memoryview)
-                and isinstance(used, memoryview)):
-            self._native_ring = (desc, avail, used, regions)
+        if self.native is not None:
+            self._native_ring = native_ring(memory, self.native, [
+                (memory.translate_user(user, length), length) for user, length, _ in areas])
         if self._sync_used:
             # A fresh start: the driver's used index is the truth (we keep no
             # in-flight state across connections).
@@ -409,6 +420,19 @@ class SplitQueue:
             if cur != self.used_idx:
                 self.last_avail_idx = self.used_idx = self._published = cur
             self._sync_used = False
+
+    def _drop_native(self) -> None:
+        ring, self._native_ring = self._native_ring, None
+        if ring is not None:
+            for view in ring[:3]:
+                view.release()
+
+    def _vanished(self) -> None:
+        """A native call on this ring faulted in a guarded mapping: its memory
+        leaves the native path (the call's work runs in Python next)."""
+        if self.memory is not None:
+            native_fault([self.memory])
+        self._drop_native()
 
     def _fd_failed(self, exc: GuestMemoryError) -> None:
         """An fd-region ring field could not be reached (the file shrank)."""
@@ -422,12 +446,21 @@ class SplitQueue:
                 view.release()
         self._desc = self._avail = self._used = self._used_elems = None
         self._bases = []
-        self._native_ring = None
+        self._drop_native()
 
     @property
     def uses_native(self) -> bool:
         """Whether :meth:`pop`, :meth:`drain` and :meth:`publish` run natively now."""
-        return self.native is not None and self._native_ring is not None
+        return self.native is not None and self._native_now() is not None
+
+    def _native_now(self) -> tuple[memoryview, memoryview, memoryview, NativeRegions] | None:
+        """The native ring, unless its memory left the native path (a guarded
+        call faulted in it, maybe on another ring)."""
+        ring = self._native_ring
+        if ring is not None and self.memory is not None and not self.memory.native_ok:
+            self._drop_native()
+            return None
+        return ring
 
     def _native_walk(self, walk: Callable[..., tuple[list[_T], int, int, int, str | None,
                                                       str | None]], budget: int) -> list[_T]:
@@ -440,7 +473,7 @@ class SplitQueue:
 
     def native_args(self) -> NativeRingArgs | None:
         """The ring as the native calls take it (None: it does not run natively now)."""
-        ring = self._native_ring
+        ring = self._native_now()
         if self.native is None or ring is None:
             return None
         return (*ring, self.size, self.last_avail_idx, self.used_idx, self.indirect,
@@ -458,14 +491,22 @@ class SplitQueue:
             self.broken = broken
 
     def native_receive(self, frame: bytes, hdr_len: int, mrg: bool,
-                       log: bytearray | mmap.mmap | None) -> tuple[int, int]:
+                       log: bytearray | mmap.mmap | None) -> tuple[int, int] | None:
         """One frame written natively (``receive.write_frame``, whose caller
         checked :attr:`uses_native` and :attr:`ready`): (its ``Outcome`` value, log marks that
-        reached past the end of ``log``, the vhost-user log bitmap)."""
+        reached past the end of ``log``, the vhost-user log bitmap), or None when
+        the call faulted in a guarded mapping (the ring left the native path:
+        write the frame in Python)."""
         args = self.native_args()
         assert self.native is not None and args is not None and self.ready
-        outcome, last_avail_idx, used_idx, malformed, error, broken, beyond = (
-            self.native.receive(*args, frame, hdr_len, mrg, log))
+        try:
+            outcome, last_avail_idx, used_idx, malformed, error, broken, beyond = (
+                self.native.receive(*args, frame, hdr_len, mrg, log))
+        except OSError as exc:
+            if not is_vanished(exc):
+                raise
+            self._vanished()
+            return None
         self.native_done(last_avail_idx, used_idx, malformed, error, broken)
         return outcome, beyond
 
@@ -485,9 +526,15 @@ class SplitQueue:
         avail = self._avail
         if avail is None or self.broken or self.state is not RingState.STARTED:
             return None
-        if self.native is not None and self._native_ring is not None:
-            chains = self._native_walk(self.native.pop_chains, 1)
-            return Chain(*chains[0]) if chains else None
+        if self.native is not None and self._native_now() is not None:
+            try:
+                chains = self._native_walk(self.native.pop_chains, 1)
+            except OSError as exc:
+                if not is_vanished(exc):
+                    raise
+                self._vanished()  # the same pop in Python, through the fd
+            else:
+                return Chain(*chains[0]) if chains else None
         size = self.size
         while True:
             idx = avail[1]
@@ -521,8 +568,13 @@ class SplitQueue:
         """
         if not self.ready:
             return []
-        if self.native is not None and self._native_ring is not None:
-            return self._native_walk(self.native.drain, budget)
+        if self.native is not None and self._native_now() is not None:
+            try:
+                return self._native_walk(self.native.drain, budget)
+            except OSError as exc:
+                if not is_vanished(exc):
+                    raise
+                self._vanished()  # the same batch in Python, through the fd
         memory = self.memory
         assert memory is not None
         frames = []
@@ -653,11 +705,19 @@ class SplitQueue:
         old = self._published
         if used is None or new == old:
             return False
-        if self.native is not None and self._native_ring is not None:
-            self._published = new
-            _, avail_bytes, used_bytes, _ = self._native_ring
-            return self.native.publish(avail_bytes, used_bytes, self.size, old, new,
-                                       self.event_idx)
+        ring = self._native_now() if self.native is not None else None
+        if self.native is not None and ring is not None:
+            _, avail_bytes, used_bytes, _ = ring
+            try:
+                wants = self.native.publish(avail_bytes, used_bytes, self.size, old, new,
+                                            self.event_idx)
+            except OSError as exc:
+                if not is_vanished(exc):
+                    raise
+                self._vanished()  # the same publish in Python, through the fd
+            else:
+                self._published = new
+                return wants
         used[1] = new  # one 16-bit store, after the elements (x86 keeps store order)
         self._published = new
         avail = self._avail

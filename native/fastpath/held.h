@@ -5,6 +5,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "guard.h"
 #include "vring.h"
 
 typedef struct {
@@ -36,6 +37,9 @@ int setup_walk(const walk_args *w, fp_ring *ring, held_t *h);
 
 /* Free ring's scratch and release what h holds. */
 void teardown(fp_ring *ring, held_t *h);
+
+/* A guarded call faulted (guard.h): set OSError(EFAULT, ...) naming the address. */
+void vanished(const fp_guard *g);
 
 /* appliance._fastpath.switch_tx and switch_frames (switch_module.c). */
 PyObject *fp_switch_tx_py(PyObject *self, PyObject *args);

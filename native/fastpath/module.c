@@ -29,8 +29,11 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 
+#include "guard.h"
 #include "held.h"
 #include "netrx.h"
 #include "vring.h"
@@ -162,6 +165,19 @@ void teardown(fp_ring *ring, held_t *h)
     release(h);
 }
 
+/* A guarded call faulted: OSError(EFAULT); the caller discards what it did. */
+void vanished(const fp_guard *g)
+{
+    char msg[96];
+    snprintf(msg, sizeof msg, "client memory vanished under a native call (SIGBUS at %p)",
+             (void *)g->fault_addr);
+    PyObject *exc = PyObject_CallFunction(PyExc_OSError, "is", EFAULT, msg);
+    if (exc != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+}
+
 static PyObject *chain_tuple(const fp_ring *ring, const fp_chain *c)
 {
     PyObject *segs = PyList_New((Py_ssize_t)c->n);
@@ -181,12 +197,16 @@ static PyObject *chain_tuple(const fp_ring *ring, const fp_chain *c)
                          (unsigned long long)c->writable);
 }
 
-static PyObject *gathered(fp_ring *ring, const fp_chain *c)
+/* The bytes of chain c (*pending holds them while guest memory is read). */
+static PyObject *gathered(fp_ring *ring, const fp_chain *c, PyObject *volatile *pending)
 {
     PyObject *data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(c->readable + c->writable));
     if (data == NULL)
         return NULL;
-    if (fp_gather(ring, c, (unsigned char *)PyBytes_AS_STRING(data)) != 0) {
+    *pending = data;
+    int failed = fp_gather(ring, c, (unsigned char *)PyBytes_AS_STRING(data)) != 0;
+    *pending = NULL;
+    if (failed) {
         Py_DECREF(data);
         ring->malformed++; /* as SplitQueue.drain: a read that fails counts, no message */
         Py_RETURN_NONE;
@@ -202,12 +222,22 @@ static PyObject *run(PyObject *args, int gather)
     fp_ring ring;
     held_t h = {0};
     Py_ssize_t budget;
-    PyObject *items = NULL, *result = NULL;
+    PyObject *items = NULL;
+    PyObject *volatile result = NULL, *volatile pending = NULL; /* volatile: read after a fault's jump */
     if (setup(args, &ring, &h, &budget) < 0)
         goto out;
     items = PyList_New(0);
     if (items == NULL)
         goto out;
+    fp_guard g = {0};
+    fp_guard_cover(&g, ring.regions, ring.nregions);
+    if (FP_GUARD_SET(&g)) {
+        fp_guard_leave(&g);
+        Py_XDECREF(pending); /* the bytes a faulting gather was filling */
+        vanished(&g);
+        goto out;
+    }
+    fp_guard_enter(&g);
     int state = FP_EMPTY;
     for (Py_ssize_t i = 0; i < budget; i++) {
         fp_chain c;
@@ -217,17 +247,22 @@ static PyObject *run(PyObject *args, int gather)
         PyObject *item;
         if (gather) {
             fp_push(&ring, c.head, 0);
-            item = gathered(&ring, &c);
+            item = gathered(&ring, &c, &pending);
         } else {
             item = chain_tuple(&ring, &c);
         }
-        if (item == NULL)
+        if (item == NULL) {
+            fp_guard_leave(&g);
             goto out;
+        }
         int failed = item != Py_None && PyList_Append(items, item) < 0;
         Py_DECREF(item);
-        if (failed)
+        if (failed) {
+            fp_guard_leave(&g);
             goto out;
+        }
     }
+    fp_guard_leave(&g);
     result = Py_BuildValue("(OIIKzz)", items, (unsigned)ring.last_avail_idx,
                            (unsigned)ring.used_idx, (unsigned long long)ring.malformed,
                            ring.has_error ? ring.last_error : NULL,
@@ -275,7 +310,19 @@ static PyObject *publish(PyObject *self, PyObject *args)
     ring.used = h.used.buf;
     ring.size = size;
     ring.used_idx = (uint16_t)used_idx;
+    fp_region areas[2] = {{0, (uint64_t)h.avail.len, h.avail.buf, 1, 0},
+                          {0, (uint64_t)h.used.len, h.used.buf, 1, 1}};
+    fp_guard g = {0};
+    fp_guard_cover(&g, areas, 2);
+    if (FP_GUARD_SET(&g)) {
+        fp_guard_leave(&g);
+        release(&h);
+        vanished(&g);
+        return NULL;
+    }
+    fp_guard_enter(&g);
     int wants = fp_publish(&ring, (uint16_t)published, event_idx);
+    fp_guard_leave(&g);
     release(&h);
     return PyBool_FromLong(wants);
 }
@@ -289,7 +336,8 @@ static PyObject *receive(PyObject *self, PyObject *args)
     Py_buffer frame, bits;
     unsigned int hdr_len;
     int mrg;
-    PyObject *log_obj, *result = NULL;
+    PyObject *log_obj;
+    PyObject *volatile result = NULL; /* volatile: read after a fault's jump */
     fp_log log = {NULL, 0, 0};
     memset(&ring, 0, sizeof ring);
     memset(&bits, 0, sizeof bits);
@@ -317,7 +365,16 @@ static PyObject *receive(PyObject *self, PyObject *args)
             goto out;
         }
     }
+    fp_guard g = {0};
+    fp_guard_cover(&g, ring.regions, ring.nregions);
+    if (FP_GUARD_SET(&g)) {
+        fp_guard_leave(&g);
+        vanished(&g);
+        goto out;
+    }
+    fp_guard_enter(&g);
     int outcome = fp_receive(&ring, frame.buf, (size_t)frame.len, hdr_len, mrg, &log);
+    fp_guard_leave(&g);
     if (outcome == FP_RX_NOMEM) {
         PyErr_NoMemory();
         goto out;
@@ -335,7 +392,17 @@ out:
     return result;
 }
 
+static PyObject *guard_sigbus(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyBool_FromLong(fp_guard_install() == 0 && fp_guard_ready());
+}
+
 static PyMethodDef methods[] = {
+    {"guard_sigbus", guard_sigbus, METH_NOARGS, "Put the SIGBUS guard on top of the current "
+     "handler unless it is there; True when it is: only then may the calls be given memory a "
+     "peer can shrink (guard.h)."},
     {"pop_chains", pop_chains, METH_VARARGS, "Up to budget well-formed chains (SplitQueue.pop)."},
     {"drain", drain, METH_VARARGS, "Up to budget chains used with length 0, as their bytes."},
     {"receive", receive, METH_VARARGS, "One frame into a receive ring (receive.write_frame)."},
@@ -352,14 +419,22 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static void unload(void *mod)
+{
+    (void)mod;
+    fp_guard_uninstall(); /* the SIGBUS handler before ours, when ours is still installed */
+}
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "appliance._fastpath",
     "The native fast path: the split virtqueue walker, a receive ring's frame writes "
     "and the NVMe I/O queue path (appliance/fastpath.py decides whether they run).",
-    -1, methods, NULL, NULL, NULL, NULL,
+    -1, methods, NULL, NULL, NULL, unload,
 };
 
 PyMODINIT_FUNC PyInit__fastpath(void)
 {
+    if (fp_guard_install() != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
     return PyModule_Create(&module);
 }

@@ -6,7 +6,10 @@
  * used with the bytes written into it before the next one is written (a
  * buffer may overlap the used ring: the order is the Python one).
  */
+#define _POSIX_C_SOURCE 200809L /* sigjmp_buf (guard.h) */
 #include "netrx.h"
+
+#include "guard.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -53,9 +56,14 @@ static int grow(void **array, size_t *cap, size_t need, size_t elem, void *small
     size_t n = *cap;
     while (n < need)
         n *= 2;
+    if (*array != small)
+        fp_guard_disown(*array);
     void *p = *array == small ? malloc(n * elem) : realloc(*array, n * elem);
-    if (p == NULL)
+    if (p == NULL) {
+        fp_guard_own(*array == small ? NULL : *array);
         return -1;
+    }
+    fp_guard_own(p); /* freed by the guard when a write faults (guard.h) */
     if (*array == small)
         memcpy(p, small, *cap * elem);
     *array = p;
@@ -118,6 +126,8 @@ int fp_receive(fp_ring *q, const unsigned char *frame, size_t frame_len, unsigne
     unsigned char *data = need <= sizeof small ? small : malloc((size_t)need);
     if (data == NULL)
         goto nomem;
+    if (data != small)
+        fp_guard_own(data);
     memcpy(data, hdr, hdr_len);
     if (frame_len)
         memcpy(data + hdr_len, frame, frame_len);
@@ -143,13 +153,19 @@ int fp_receive(fp_ring *q, const unsigned char *frame, size_t frame_len, unsigne
             fp_push(q, taken[i].head, 0);
         outcome = FP_RX_FAULT;
     }
-    if (data != small)
+    if (data != small) {
+        fp_guard_disown(data);
         free(data);
+    }
 out:
-    if (taken != taken_small)
+    if (taken != taken_small) {
+        fp_guard_disown(taken);
         free(taken);
-    if (piece != piece_small)
+    }
+    if (piece != piece_small) {
+        fp_guard_disown(piece);
         free(piece);
+    }
     return outcome;
 nomem:
     q->last_avail_idx = save_avail;

@@ -206,6 +206,20 @@ static int get_switch(call_t *c, Py_ssize_t src, PyObject *table, PyObject *port
     c->sw.src = (size_t)src;
     return 0;
 }
+/* Whether a is in a receive ring's memory (the guard's callback, in a signal handler). */
+static int covers_rings(const void *ctx, uintptr_t a)
+{
+    const call_t *c = ctx;
+    for (size_t k = 0; k < c->nheld; k++) {
+        const held_t *h = &c->held[k];
+        for (Py_ssize_t i = 0; i < h->nviews && h->regions != NULL; i++) {
+            uintptr_t base = (uintptr_t)h->regions[i].host;
+            if (a >= base && a - base < h->regions[i].size)
+                return 1;
+        }
+    }
+    return 0;
+}
 
 /* A frame to switch: its offset and length in the batch's buffer. */
 typedef struct {
@@ -222,9 +236,13 @@ static int grow_bytes(unsigned char **buf, size_t *cap, size_t need)
             return -1;
         n *= 2;
     }
+    fp_guard_disown(*buf);
     unsigned char *p = realloc(*buf, n);
-    if (p == NULL)
+    if (p == NULL) {
+        fp_guard_own(*buf);
         return -1;
+    }
+    fp_guard_own(p); /* freed by the guard when the call faults (guard.h) */
     *buf = p;
     *cap = n;
     return 0;
@@ -235,9 +253,13 @@ static int grow_spans(span_t **spans, size_t *cap, size_t need)
     if (need <= *cap)
         return 0;
     size_t n = *cap ? 2 * *cap : 64;
+    fp_guard_disown(*spans);
     span_t *p = realloc(*spans, n * sizeof *p);
-    if (p == NULL)
+    if (p == NULL) {
+        fp_guard_own(*spans);
         return -1;
+    }
+    fp_guard_own(p);
     *spans = p;
     *cap = n;
     return 0;
@@ -355,6 +377,11 @@ static PyObject *switch_all(call_t *c, const unsigned char *buf, const span_t *f
     return out;
 }
 
+/* After a guarded fault this function reads none of the locals it changed since
+ * FP_GUARD_SET but tx (volatile): buf, frames and result are set again first, the
+ * counters are not read (GCC cannot see that). */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wclobbered"
 PyObject *fp_switch_tx_py(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -364,7 +391,8 @@ PyObject *fp_switch_tx_py(PyObject *self, PyObject *args)
     Py_ssize_t budget, src;
     unsigned int hdr_len;
     int enabled;
-    PyObject *table, *ports, *tx = NULL, *result = NULL;
+    PyObject *table, *ports, *result = NULL;
+    PyObject *volatile tx = NULL; /* read after a fault's jump */
     call_t c;
     unsigned char *buf = NULL;
     span_t *frames = NULL;
@@ -379,6 +407,19 @@ PyObject *fp_switch_tx_py(PyObject *self, PyObject *args)
     if (check_hdr_len(hdr_len) < 0 || setup_walk(&w, &ring, &h) < 0
             || get_switch(&c, src, table, ports) < 0)
         goto out;
+    fp_guard g = {0};
+    fp_guard_cover(&g, ring.regions, ring.nregions);
+    g.covers = covers_rings;
+    g.ctx = &c;
+    if (FP_GUARD_SET(&g)) { /* buf and frames were the guard's: it freed them */
+        fp_guard_leave(&g);
+        buf = NULL;
+        frames = NULL;
+        result = NULL;
+        vanished(&g);
+        goto out;
+    }
+    fp_guard_enter(&g);
     uint64_t packets = 0, bytes = 0, dropped = 0, short_hdr = 0;
     Py_ssize_t taken = 0;
     int nomem = 0, state = FP_EMPTY;
@@ -422,6 +463,7 @@ PyObject *fp_switch_tx_py(PyObject *self, PyObject *args)
                        (unsigned long long)bytes, (unsigned long long)dropped);
     if (tx != NULL)
         result = switch_all(&c, buf, frames, nframes, tx, nomem, NULL);
+    fp_guard_leave(&g);
 out:
     Py_XDECREF(tx);
     free(buf);
@@ -430,6 +472,8 @@ out:
     teardown(&ring, &h);
     return result;
 }
+
+#pragma GCC diagnostic pop
 
 PyObject *fp_switch_frames_py(PyObject *self, PyObject *args)
 {
@@ -464,7 +508,18 @@ PyObject *fp_switch_frames_py(PyObject *self, PyObject *args)
         frames[nframes++] = (span_t){off + 4, len};
         off += 4 + (size_t)len;
     }
+    fp_guard g = {0};
+    g.covers = covers_rings;
+    g.ctx = &c;
+    if (FP_GUARD_SET(&g)) {
+        fp_guard_leave(&g);
+        result = NULL;
+        vanished(&g);
+        goto out;
+    }
+    fp_guard_enter(&g);
     result = switch_all(&c, buf, frames, nframes, Py_None, 0, pending);
+    fp_guard_leave(&g);
 out:
     free(frames);
     call_free(&c);

@@ -44,13 +44,14 @@ def frame(dst: bytes, src: bytes, tag: int) -> bytes:
 
 
 class Guest:
-    """A front-end with a receive and a transmit ring in its own sealed memfd."""
+    """A front-end with a receive and a transmit ring in its own memfd (``sealable``:
+    one the appliance seals and mmaps; else DPDK's kind, which it cannot seal)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, sealable: bool = True) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(10.0)
         self.sock.connect(path)
-        self.mem = GuestMemory(1 << 20)
+        self.mem = GuestMemory(1 << 20, sealable=sealable)
         self.rx = DriverRing(self.mem, 0, 16)
         self.tx = DriverRing(self.mem, 1, 16)
         self.rx_bufs: dict[int, int] = {}
@@ -128,13 +129,23 @@ class Guest:
 
 @pytest.fixture(params=["python", "native"])
 def appliance(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ApplianceProcess]:
+    yield from run_appliance(request.param, tmp_path, 2)
+
+
+@pytest.fixture(params=["python", "native"])
+def appliance3(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ApplianceProcess]:
+    """The appliance with three ports."""
+    yield from run_appliance(request.param, tmp_path, 3)
+
+
+def run_appliance(path: str, tmp_path: Path, nports: int) -> Iterator[ApplianceProcess]:
+    """``appliance run`` with ``nports`` ports on data path ``path``, checked at the end."""
     run = tmp_path / "run"
-    ports = [{"socket": str(run / "p0.sock"), "mac": "52:54:00:00:00:10"},
-             {"socket": str(run / "p1.sock"), "mac": "52:54:00:00:00:11"}]
-    cfg = make_config(tmp_path, net={"ports": ports}, fastpath=request.param == "native")
+    ports = [{"socket": str(run / f"p{i}.sock"), "mac": f"52:54:00:00:00:1{i}"} for i in range(nports)]
+    cfg = make_config(tmp_path, net={"ports": ports}, fastpath=path == "native")
     with ApplianceProcess(cfg, tmp_path / "proc") as proc:
-        path = next(line for line in proc.stdout_lines if "data path:" in line)
-        assert ("data path: native fast path" in path) == (request.param == "native"), path
+        line = next(line for line in proc.stdout_lines if "data path:" in line)
+        assert ("data path: native fast path" in line) == (path == "native"), line
         yield proc
         assert proc.alive, proc.log_text()
         assert "Traceback" not in proc.log_text()
@@ -184,3 +195,59 @@ def test_switch_delivers_the_same_on_both_paths(appliance: ApplianceProcess) -> 
     finally:
         a.close()
         b.close()
+
+
+def used_lengths(guest: Guest, ring: DriverRing, count: int) -> list[int]:
+    """The lengths of ``ring``'s first ``count`` used elements, read through the fd
+    (the test's own mapping of a shrunk file is not touched)."""
+    raw = os.pread(guest.mem.fd, 8 * count, ring.used + 4 - guest.mem.gpa)
+    return [int.from_bytes(raw[8 * i + 4:8 * i + 8], "little") for i in range(count)]
+
+
+def test_front_end_shrinks_its_memory_while_frames_flow(appliance3: ApplianceProcess) -> None:
+    """Guest C's memory is a memfd that cannot be sealed (DPDK's): the native path
+    reaches it through a mapping under the SIGBUS guard, Python through the fd.
+    C shrinks it under frames A sends to B and C in one batch: first past its
+    rings (the frames for C fault in its buffers, which it gets back empty), then
+    to nothing (its rings break).  B gets every frame meant for it, the appliance
+    lives on and logs the shrink once, on both paths."""
+    run = Path(appliance3.config.run_dir)
+    mac_c = bytes.fromhex("525400aa0003")
+    a, b = Guest(str(run / "p0.sock")).setup(), Guest(str(run / "p1.sock")).setup()
+    c = Guest(str(run / "p2.sock"), sealable=False).setup()
+    try:
+        assert wait_until(lambda: all(p["link"] == "up" for p in status(appliance3)["ports"].values()))
+        a.give_rx(4)
+        b.give_rx(8)
+        c.give_rx(8)
+        b.transmit([HDR + frame(b"\xff" * 6, MAC_B, 0)])  # learned: B behind net1, C behind net2
+        c.transmit([HDR + frame(b"\xff" * 6, mac_c, 0)])
+        a.transmit([HDR + frame(mac_c, MAC_A, 1)])  # into C's memory while it is whole
+        assert c.received() == [frame(b"\xff" * 6, MAC_B, 0), frame(mac_c, MAC_A, 1)]
+        assert [f[:6] for f in a.received()] == [b"\xff" * 6, b"\xff" * 6]
+        assert b.received() == [frame(b"\xff" * 6, mac_c, 0)]
+
+        c.mem.mm.close()  # from here on the test reaches C's memory through the fd only
+        os.ftruncate(c.mem.fd, 0x1000)  # C's rings stay, its buffers go
+        a.transmit([HDR + frame(MAC_B, MAC_A, 2), HDR + frame(mac_c, MAC_A, 3),
+                    HDR + frame(MAC_B, MAC_A, 4), HDR + frame(mac_c, MAC_A, 5)])
+        assert b.received() == [frame(MAC_B, MAC_A, 2), frame(MAC_B, MAC_A, 4)]
+        assert used_lengths(c, c.rx, 4) == [vw.NetHdr.SIZE + 60] * 2 + [0, 0]  # given back empty
+        net2 = status(appliance3)["ports"]["net2"]
+        assert (net2["tx_packets"], net2["malformed_chains"]) == (2, 2)
+        assert "broken" not in net2["queues"][0]
+
+        os.ftruncate(c.mem.fd, 0)  # and now the rings
+        a.transmit([HDR + frame(mac_c, MAC_A, 6), HDR + frame(MAC_B, MAC_A, 7)])
+        assert wait_until(lambda: "broken" in status(appliance3)["ports"]["net2"]["queues"][0])
+        assert b.received() == [frame(MAC_B, MAC_A, 7)]
+        b.transmit([HDR + frame(MAC_A, MAC_B, 8)])  # the others are served as before
+        assert a.received() == [frame(MAC_A, MAC_B, 8)]
+        log = appliance3.log_text()
+        assert log.count("client memory region 0x100000+0x100000") == 1, log
+        native = "native" in next(line for line in appliance3.stdout_lines if "data path:" in line)
+        assert ("shrank to 4096 bytes under a native call" in log) == native, log
+    finally:
+        a.close()
+        b.close()
+        c.close()

@@ -81,7 +81,8 @@ def start_appliance(tmp: Path, nports: int, map_unsealed: bool = False,
     """``appliance run`` with ``nports`` ports (``port_opts``: more keys for every port,
     e.g. ``queues=2``, ``mode="client"``); waits until they listen (server mode).
     ``map_unsealed``: ``net.map_unsealed_memory`` (testpmd's memory cannot be sealed:
-    by default the appliance reaches it through its fd)."""
+    by default Python reaches it through its fd, the native fast path through a
+    mapping under its SIGBUS guard)."""
     run = tmp / "run"
     socks = [str(run / f"net{i}.sock") for i in range(nports)]
     cfg = {
@@ -182,8 +183,9 @@ def procs() -> Iterator[list[Proc]]:
 @pytest.mark.parametrize("mapped", [False, True], ids=["fd-io", "mapped"])
 def test_txonly_counts_match_and_pps(tmp_path: Path, procs: list[Proc],
                                      record_property: Any, mapped: bool) -> None:
-    """Mapped (net.map_unsealed_memory), the transmit ring runs on the native fast path
-    when it is built (the data path line says which); through the fd, on Python."""
+    """The transmit ring runs on the native fast path when it is built (the data path
+    line says which): over a guarded mapping by default, over the plain one mapped
+    (net.map_unsealed_memory)."""
     app, (sock,) = start_appliance(tmp_path, 1, map_unsealed=mapped)
     procs.append(app)
     pmd = start_testpmd(tmp_path, sock, "txonly", "tx")
