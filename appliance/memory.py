@@ -258,14 +258,15 @@ class Region:
             raise self._failed(address, n, len(data), "beyond the end of its file")
         return data
 
-    def pwrite(self, address: int, offset: int, data: bytes | bytearray | memoryview,
-               check: bool = True) -> None:
+    def pwrite(self, address: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at region ``offset`` through the fd.
 
-        With ``check`` an fstat first refuses a write past the end of the file
-        (a write there would grow a file the client shrank); the client can
-        still shrink it between the fstat and the write, and then the write
-        grows it back: never a fault.
+        An fstat first refuses a write past the end of the file: a write there
+        would grow back a file the client shrank, to a size that need not end
+        on a page (the zeroes it brings back would read as client memory, and
+        a guarded native call would reach bytes past the new end without a
+        fault).  The client can still shrink the file between the fstat and
+        the write, and then the write grows it back: never a fault.
 
         Raises:
             GuestMemoryError: the file ends before the range, or the write failed.
@@ -273,10 +274,9 @@ class Region:
         assert self.fd is not None
         n, pos = len(data), self.fd_offset + offset
         try:
-            if check:
-                size = file_size(self.fd)
-                if size is not None and size < pos + n:
-                    raise self._failed(address, n, max(0, size - pos), "beyond the end of its file")
+            size = file_size(self.fd)
+            if size is not None and size < pos + n:
+                raise self._failed(address, n, max(0, size - pos), "beyond the end of its file")
             done = os.pwrite(self.fd, data, pos)
         except OSError as exc:
             raise self._failed(address, n, 0, exc.strerror or str(exc)) from None

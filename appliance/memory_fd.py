@@ -124,8 +124,7 @@ class FdRegion(Protocol):
 
     def pread(self, address: int, offset: int, n: int) -> bytes: ...
 
-    def pwrite(self, address: int, offset: int, data: bytes | bytearray | memoryview,
-               check: bool = True) -> None: ...
+    def pwrite(self, address: int, offset: int, data: bytes | bytearray | memoryview) -> None: ...
 
 
 OnError = Callable[[GuestMemoryError], None]
@@ -138,7 +137,8 @@ class FdArea:
 
     A failed access (the client shrank the file) never raises: it calls
     ``on_error`` once with the :class:`GuestMemoryError`, reads as zeroes and
-    drops the write; the holder marks itself broken there.
+    drops the write; the holder marks itself broken there.  A write past the
+    end of the file fails like a read there: it never grows the file back.
     """
 
     def __init__(self, region: FdRegion, offset: int, length: int, on_error: OnError) -> None:
@@ -170,15 +170,13 @@ class FdArea:
             return bytes(n)
 
     def write(self, offset: int, data: bytes) -> None:
-        """Write ``data`` at ``offset`` in the area (dropped after a failure).
-
-        No fstat first: a file the client shrank just now grows back, never a fault.
-        """
+        """Write ``data`` at ``offset`` in the area (dropped after a failure, or
+        when the file now ends before it: an fstat first, as for every fd write)."""
         if offset < 0 or offset + len(data) > self.length:
             raise IndexError(f"{offset:#x}+{len(data):#x} outside an area of {self.length:#x}")
         pos = self.offset + offset
         try:
-            self.region.pwrite(self.region.address + pos, pos, data, check=False)
+            self.region.pwrite(self.region.address + pos, pos, data)
         except GuestMemoryError as exc:
             self.on_error(exc)
 
@@ -189,8 +187,9 @@ class FdArea:
 class FdWords:
     """Items of :class:`FdArea`, indexed like ``memoryview.cast``: each access is
     one pread/pwrite of ``width`` bytes (not one store, unlike the cast).  A ring
-    touches these on every frame, so the common case calls ``os.pread`` and
-    ``os.pwrite`` directly; anything unusual goes through the area."""
+    reads these on every frame, so the common read calls ``os.pread`` directly
+    (a short read goes through the area); a write goes through the area, whose
+    fstat keeps it from growing back a file the client shrank."""
 
     def __init__(self, area: FdArea, width: int) -> None:
         assert area.region.fd is not None
@@ -212,14 +211,9 @@ class FdWords:
         return int.from_bytes(self.area.read(i * self.width, self.width), "little")
 
     def __setitem__(self, i: int, value: int) -> None:
-        data = value.to_bytes(self.width, "little")
-        if 0 <= i < self.count:
-            try:
-                if os.pwrite(self._fd, data, self._base + i * self.width) == self.width:
-                    return
-            except OSError:
-                pass
-        self.area.write(i * self.width, data)
+        if not 0 <= i < self.count:
+            raise IndexError(f"item {i} outside {self.count}")
+        self.area.write(i * self.width, value.to_bytes(self.width, "little"))
 
     def release(self) -> None:
         """Nothing to release (the memoryview interface)."""

@@ -296,7 +296,9 @@ def fd_area_after_shrink() -> None:
     assert os.pread(fd, 2, 0x106) == b"\x34\x12" and words[1] == 0x1234 and len(words) == 4
     os.ftruncate(fd, 0)
     assert words[1] == 0 and len(errors) == 1
-    words[2] = 7  # dropped; the file grows back at most, never a fault
+    words[2] = 7  # refused like a read there: the file is not grown back
+    area.write(0x20, b"used")
+    assert os.fstat(fd).st_size == 0 and len(errors) == 3
     mem.unmap_all()
     os.close(fd)
 

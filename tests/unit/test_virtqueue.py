@@ -439,6 +439,27 @@ def ring_after_shrink() -> None:
         bench.close()  # the test's own mapping of the memfd is not touched again
 
 
+def test_a_used_entry_into_shrunk_memory_breaks_the_ring() -> None:
+    """A push into rings the front-end shrank away is refused (the ring breaks)
+    instead of growing the file back, where zeroes would read as a ring."""
+    survives(push_after_shrink)
+
+
+def push_after_shrink() -> None:
+    bench = Bench(fd_io=True)
+    try:
+        bench.drv.add_buffer(0, b"x")
+        chain = bench.q.pop()
+        assert chain is not None
+        os.ftruncate(bench.mem.fd, 0)
+        bench.q.push(chain.head, 0)
+        assert "ring memory unreachable" in bench.q.broken and not bench.q.ready
+        bench.q.publish()
+        assert os.fstat(bench.mem.fd).st_size == 0 and bench.q.counters.malformed == 1
+    finally:
+        bench.close()
+
+
 # ---------------------------------------------------------------- per-chain byte limits
 def whole_memory_table(b: Bench, n: int, flags: int = 0) -> int:
     """An indirect table of ``n`` descriptors, each naming the whole guest memory."""

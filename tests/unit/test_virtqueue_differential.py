@@ -342,6 +342,24 @@ def test_native_walker_matches_python_when_memory_vanishes(layout: Layout) -> No
     check_same(layout, record=True)
 
 
+def test_regression_used_entry_into_a_file_shrunk_to_nothing() -> None:
+    """Region A's file shrinks to 0, then a used entry is pushed (in Python on
+    both sides) and a chain drained.  The fd write once grew the file back to
+    just past the entry (0x87c bytes, not a page): Python then walked zeroes
+    as a ring and grew it again, while the native drain wrote its used entry
+    into the rest of that page without a fault and without growing the file.
+    Now the write is refused and the ring breaks on both sides."""
+    a = bytearray(A_SIZE)
+    for i in range(16):
+        a[DESC + 16 * i:DESC + 16 * i + 16] = desc(A_GPA + BUFFERS, 0, 0, (i + 1) % 16)
+    a[AVAIL:AVAIL + 4] = struct.pack("<HH", 0, 0xFFFE)
+    a[USED:USED + 4] = struct.pack("<HH", 0, 0xFFFE)
+    check_same(Layout(size=16, base=0xFFFE, b_gap=0, b_access=(True, True), a_image=bytes(a),
+                      b_image=bytes(B_SIZE), indirect=False, event_idx=False,
+                      max_readable=MAX_CHAIN_BYTES, max_writable=MAX_CHAIN_BYTES,
+                      ops=[("truncate", "a", 0), ("push", 0, 0), ("drain", 1)], unsealed=True))
+
+
 def test_every_refusal_is_met() -> None:
     """Hand-made rings covering each rule, compared the same way (hypothesis may
     miss one in a short run)."""
