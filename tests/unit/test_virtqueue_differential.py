@@ -17,7 +17,9 @@ Some layouts put the memory in memfds that cannot be sealed (DPDK's): the
 Python walker reaches them through the fd, the native one through guarded
 mappings, and the front-end may shrink either file to a page boundary (or
 grow it back) at any step (its own writes store only what lies inside the
-file, as a front-end whose pages are gone cannot write them).  A native call that meets a vanished page gives
+file, as a front-end whose pages are gone cannot write them; ours never grow
+it back either, so the file always ends on a page, where both paths fail).
+A native call that meets a vanished page gives
 up and the ring runs in Python from then on, so both still agree, except on
 the bytes a faulting frame write had stored before the end of the file (in
 a buffer given back with length 0): that window is left out of the comparison
