@@ -343,6 +343,9 @@ class ClientMemory:
         self.scope: DmaScope | None = None
         self._starts: list[int] = []
         self._regions: list[Region] = []
+        #: counts the changes of the region list (map, unmap): a native
+        #: caller's view of the regions holds while it is unchanged
+        self.generation = 0
 
     # ------------------------------------------------------------ mapping
     def map(
@@ -404,6 +407,7 @@ class ClientMemory:
         i = bisect.bisect(self._starts, address)
         self._starts.insert(i, address)
         self._regions.insert(i, region)
+        self.generation += 1
         return region
 
     @staticmethod
@@ -427,12 +431,14 @@ class ClientMemory:
             raise MapError(errno.ENOENT, f"no region {address:#x}+{size:#x} is mapped")
         self._starts.pop(i)
         self._regions.pop(i).close()
+        self.generation += 1
 
     def unmap_all(self) -> None:
         for region in self._regions:
             region.close()
         self._starts.clear()
         self._regions.clear()
+        self.generation += 1
 
     @property
     def regions(self) -> tuple[Region, ...]:

@@ -1,0 +1,155 @@
+"""The doorbell-page poller in C: a QD1 I/O without Python (device layer).
+
+With ``storage.doorbells: mmap`` and the native fast path, each loop pass's
+:meth:`NvmeController.poll` first makes one C call,
+``appliance._fastpath.nvme_poll``: it compares the doorbell page with what was
+latched (``DoorbellPage.seen``); when only the SQ tails and CQ heads of the I/O
+queues in its plan moved, and their values are ones Python would take, it
+latches them, runs each SQ whose tail moved through ``nvme_run``'s per-entry
+path (the Reads and Writes it runs whole; see native_io.py), posts the CQEs and
+writes the CQ's MSI-X eventfd itself; then it returns at once.  Nothing moved:
+it returns None without touching anything.
+
+Everything else is Python's, exactly as without the poller: the admin queue's
+doorbells, a doorbell C does not own or whose value Python refuses (the call
+then consumes nothing of the page), the first entry C does not run whole (left
+unconsumed), an SQ left with work (the budget, a full CQ), a CQ with a backlog
+or an interrupt owed, a vector Python must signal.  In each of those cases the
+call says so and :meth:`NvmeController.poll` runs its own scan and pass.
+
+**Who owns the queue state.** Python does: the ``SubmissionQueue`` and
+``CompletionQueue`` objects.  The C call reads ``sq.head``, ``sq.tail``,
+``sq.size``, ``sq.base``, ``sq.qid``, ``sq.cqid``, ``cq.head``, ``cq.tail``,
+``cq.phase``, ``cq.size``, ``cq.base``, ``cq.backlog``, ``cq.unsignalled`` at
+each call and writes back ``sq.tail`` / ``cq.head`` (a doorbell taken),
+``sq.head``, ``cq.tail``, ``cq.phase`` (entries run) and ``cq.unsignalled``
+(an interrupt owed to Python) before it returns; it keeps no queue state
+between calls, so the two can never disagree, and a migration save or a
+handoff (which pause the controller first: the call is not made while paused)
+saves complete state.  ``DoorbellPage.seen`` is written for each doorbell
+taken, as the Python scan writes it.
+
+**When the plan holds.** :func:`build` makes a plan only when the controller
+could run these queues natively and nothing else is pending: the fast path
+handed over, a doorbell page, READY with Bus Master, MSI-X, no shadow
+doorbells, no fault rule, tracing off, every region mmap'd, no dirty log and
+no namespace change hook (the per-write work the poller does not do), no held
+or DMA-waiting request.  The C call re-checks at every call what can change
+without the controller seeing it (paused, held, waiting, the client memory,
+its generation and dirty log, fault rules, change hooks, each queue still the
+one in ``sqs`` / ``cqs``) and returns False when one fails; the controller
+drops the plan (:meth:`NvmeController.drop_native_plan`) whenever a register,
+an irq setting, a queue, a namespace or the page itself changes.  The counters
+(``commands``, ``bytes_read`` / ``bytes_written``, ``interrupts``, the MSI-X
+``signalled`` count) are added from the call's totals.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Protocol
+
+from appliance.storage.native_io import native_namespaces
+from appliance.storage.registers import CtrlState
+from appliance.vfio_user.wire import PciIrq
+
+if TYPE_CHECKING:
+    from appliance.storage.controller import NvmeController
+
+_storage_log = logging.getLogger("appliance.storage")  # tracing: its DEBUG level
+
+#: (python must follow, reads, writes, bytes read, bytes written, interrupts signalled)
+PollOutcome = tuple[bool, int, int, int, int, int]
+#: irqfd values besides an eventfd: Python signals / no interrupt (IEN clear)
+PYTHON_SIGNALS, NO_INTERRUPT = -1, -2
+
+
+class NativePoll(Protocol):
+    """The C poller's one call (see the module docstring).
+
+    Raises: ValueError or TypeError for a plan that does not describe queues;
+    MemoryError.  Guest input never raises.
+    """
+
+    def nvme_poll(self, page: Any, seen: bytearray, plan: tuple[Any, ...], /,
+                  ) -> PollOutcome | bool | None:
+        """One pass: None nothing to do, False the plan no longer holds, else the totals."""
+        ...
+
+
+class NativePoller:
+    """One controller's plan for the C poller and the call that uses it."""
+
+    def __init__(self, native: NativePoll, ctrl: NvmeController, plan: tuple[Any, ...]) -> None:
+        self.native, self.ctrl, self.plan = native, ctrl, plan
+
+    def poll(self) -> bool | None:
+        """One C pass.
+
+        Returns:
+            None: nothing moved (or nothing C may take) and nothing is owed;
+            False: C did what it could and Python must now run its own scan and
+            pass (or the plan no longer holds: then it is dropped); True: C did
+            everything (doorbells, entries, interrupts).
+        """
+        ctrl = self.ctrl
+        page = ctrl.doorbell_page
+        if page is None or _storage_log.isEnabledFor(logging.DEBUG):
+            ctrl.drop_native_plan()
+            return False
+        out = self.native.nvme_poll(page.mm, page.seen, self.plan)
+        if out is None:
+            return None
+        if out is False or out is True:
+            ctrl.drop_native_plan()
+            return False
+        python, reads, writes, bytes_read, bytes_written, irqs = out
+        counters = ctrl.counters
+        if reads or writes:
+            commands = counters["commands"]
+            if reads:
+                commands["io.read"] = commands.get("io.read", 0) + reads
+                counters["bytes_read"] += bytes_read
+            if writes:
+                commands["io.write"] = commands.get("io.write", 0) + writes
+                counters["bytes_written"] += bytes_written
+        if irqs:
+            counters["interrupts"] += irqs
+            ctrl.count_signalled(irqs)
+        return not python
+
+
+def build(ctrl: NvmeController, budget: int) -> NativePoller | None:
+    """The C poller's plan for ``ctrl`` now (``budget``: entries per SQ and call,
+    as a Python pass), or None when it may not run (see the module docstring:
+    then every pass is Python's until the next attempt)."""
+    native = ctrl.native
+    mem = ctrl.memory
+    if (native is None or not hasattr(native, "nvme_poll") or ctrl.doorbell_page is None
+            or mem is None or ctrl.paused or ctrl.regs.state is not CtrlState.READY
+            or not ctrl.bus_master or ctrl.irq_mode != PciIrq.MSIX
+            or ctrl.shadow_buffers is not None or ctrl.held or ctrl.waiting
+            or (ctrl.faults is not None and ctrl.faults.rules)
+            or _storage_log.isEnabledFor(logging.DEBUG)
+            or mem.dirty_log is not None or mem.writes_in_flight
+            or any(ns.on_change is not None for ns in ctrl.namespaces.values())):
+        return None
+    regions = mem.mapped_regions()
+    if not regions:
+        return None
+    queues = []
+    for qid, sq in ctrl.sqs.items():
+        cq = ctrl.cqs.get(sq.cqid)
+        if qid == 0 or cq is None or sq.shadow is not None or cq.shadow is not None:
+            continue
+        irqfd = NO_INTERRUPT
+        if cq.ien:
+            fd = ctrl.msix_eventfd(cq.vector)
+            irqfd = PYTHON_SIGNALS if fd is None else fd
+        queues.append((qid, sq, cq, irqfd))
+    if not queues:
+        return None
+    guards = (ctrl, mem, mem.generation, tuple(ctrl.namespaces.values()))
+    plan = (guards, tuple(queues), ctrl.sqs, ctrl.cqs, regions, native_namespaces(ctrl),
+            ctrl.mdts_bytes, ctrl.offload is not None, ctrl.features.write_cache, budget)
+    return NativePoller(native, ctrl, plan)  # type: ignore[arg-type]
