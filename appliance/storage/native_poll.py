@@ -32,16 +32,18 @@ taken, as the Python scan writes it.
 **When the plan holds.** :func:`build` makes a plan only when the controller
 could run these queues natively and nothing else is pending: the fast path
 handed over, a doorbell page, READY with Bus Master, MSI-X, no shadow
-doorbells, no fault rule, tracing off, every region mmap'd, no dirty log and
-no namespace change hook (the per-write work the poller does not do), no held
-or DMA-waiting request.  The C call re-checks at every call what can change
+doorbells, no fault rule, tracing off, every region mmap'd, no dirty log of
+the client's memory (its per-access marks stay Python's), no held or
+DMA-waiting request.  The C call re-checks at every call what can change
 without the controller seeing it (paused, held, waiting, the client memory,
-its generation and dirty log, fault rules, change hooks, each queue still the
-one in ``sqs`` / ``cqs``) and returns False when one fails; the controller
+its generation and dirty log, fault rules, each queue still the one in
+``sqs`` / ``cqs``) and returns False when one fails; the controller
 drops the plan (:meth:`NvmeController.drop_native_plan`) whenever a register,
 an irq setting, a queue, a namespace or the page itself changes.  The counters
 (``commands``, ``bytes_read`` / ``bytes_written``, ``interrupts``, the MSI-X
-``signalled`` count) are added from the call's totals.
+``signalled`` count) are added from the call's totals, and each write's image
+range goes to its namespace's change hook (migration's dirty map), as
+``run_batch`` does; so only a call that ran something costs Python.
 """
 
 from __future__ import annotations
@@ -58,8 +60,9 @@ if TYPE_CHECKING:
 
 _storage_log = logging.getLogger("appliance.storage")  # tracing: its DEBUG level
 
-#: (python must follow, reads, writes, bytes read, bytes written, interrupts signalled)
-PollOutcome = tuple[bool, int, int, int, int, int]
+#: (python must follow, reads, writes, bytes read, bytes written, interrupts signalled,
+#: image ranges written (nsid, offset, length))
+PollOutcome = tuple[bool, int, int, int, int, int, list[tuple[int, int, int]]]
 #: irqfd values besides an eventfd: Python signals / no interrupt (IEN clear)
 PYTHON_SIGNALS, NO_INTERRUPT = -1, -2
 
@@ -103,7 +106,7 @@ class NativePoller:
         if out is False or out is True:
             ctrl.drop_native_plan()
             return False
-        python, reads, writes, bytes_read, bytes_written, irqs = out
+        python, reads, writes, bytes_read, bytes_written, irqs, image = out
         counters = ctrl.counters
         if reads or writes:
             commands = counters["commands"]
@@ -116,6 +119,10 @@ class NativePoller:
         if irqs:
             counters["interrupts"] += irqs
             ctrl.count_signalled(irqs)
+        for nsid, offset, length in image:
+            hook = ctrl.namespaces[nsid].on_change
+            if hook is not None:
+                hook(offset, length)
         return not python
 
 
@@ -131,8 +138,7 @@ def build(ctrl: NvmeController, budget: int) -> NativePoller | None:
             or ctrl.shadow_buffers is not None or ctrl.held or ctrl.waiting
             or (ctrl.faults is not None and ctrl.faults.rules)
             or _storage_log.isEnabledFor(logging.DEBUG)
-            or mem.dirty_log is not None or mem.writes_in_flight
-            or any(ns.on_change is not None for ns in ctrl.namespaces.values())):
+            or mem.dirty_log is not None or mem.writes_in_flight):
         return None
     regions = mem.mapped_regions()
     if not regions:
@@ -149,7 +155,7 @@ def build(ctrl: NvmeController, budget: int) -> NativePoller | None:
         queues.append((qid, sq, cq, irqfd))
     if not queues:
         return None
-    guards = (ctrl, mem, mem.generation, tuple(ctrl.namespaces.values()))
+    guards = (ctrl, mem, mem.generation)
     plan = (guards, tuple(queues), ctrl.sqs, ctrl.cqs, regions, native_namespaces(ctrl),
             ctrl.mdts_bytes, ctrl.offload is not None, ctrl.features.write_cache, budget)
     return NativePoller(native, ctrl, plan)  # type: ignore[arg-type]

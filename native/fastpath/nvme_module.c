@@ -163,12 +163,12 @@ out:
  * (appliance/storage/native_poll.py builds its plan and is its reference).
  *
  *   nvme_poll(page, seen, plan) -> None | False | (python, reads, writes,
- *                                   bytes_read, bytes_written, interrupts)
+ *                                   bytes_read, bytes_written, interrupts, image)
  *
  * page: the mmap'd doorbell page; seen: the bytearray of what was latched
  * (DoorbellPage.seen); plan: (guards, queues, sqs, cqs, regions, namespaces,
- * mdts, nowait, write_cache, budget) with guards (ctrl, memory, generation,
- * namespace objects) and queues a tuple of (qid, sq, cq, irqfd) for the I/O
+ * mdts, nowait, write_cache, budget) with guards (ctrl, memory, generation)
+ * and queues a tuple of (qid, sq, cq, irqfd) for the I/O
  * SQs it may run (irqfd: the CQ's MSI-X eventfd, -1: Python signals, -2: no
  * interrupt, IEN off).  Python's SubmissionQueue / CompletionQueue objects stay
  * the owners of the queue state: it is read from their attributes at each call
@@ -176,7 +176,8 @@ out:
  *
  * None: nothing to do (the page as seen, or nothing C may take).  False: the
  * plan no longer holds (a guard failed, a buffer gone): nothing was changed.
- * A tuple: what ran here; python True when a Python pass must follow (a
+ * A tuple: what ran here (image: [(nsid, byte offset, length)] per write, for
+ * the namespaces' change hooks); python True when a Python pass must follow (a
  * doorbell C does not take or whose value Python refuses -- nothing of the
  * page consumed then --, an entry handed back, work left, an interrupt owed).
  */
@@ -237,9 +238,8 @@ static int attr_empty(PyObject *obj, const char *name)
 /* The guards: 1 the plan holds, 0 it does not, -1 error. */
 static int guards_hold(PyObject *guards)
 {
-    PyObject *ctrl, *memory, *generation, *nsobjs;
-    if (!PyArg_ParseTuple(guards, "OOOO!;guards", &ctrl, &memory, &generation, &PyTuple_Type,
-                          &nsobjs))
+    PyObject *ctrl, *memory, *generation;
+    if (!PyArg_ParseTuple(guards, "OOO;guards", &ctrl, &memory, &generation))
         return -1;
     PyObject *v = attr(ctrl, "paused");
     if (v == NULL)
@@ -272,9 +272,6 @@ static int guards_hold(PyObject *guards)
     } else {
         Py_DECREF(v);
     }
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(nsobjs); i++)
-        if ((ok = attr_is_none(PyTuple_GET_ITEM(nsobjs, i), "on_change")) <= 0)
-            return ok;
     return 1;
 }
 
@@ -337,7 +334,8 @@ static int take_doorbells(const uint32_t *page, unsigned char *seen, const uint1
 
 /* Run one SQ through nvme_run's path; the outcome into q's Python objects and
  * the totals.  1 all done here, 0 Python must follow, -1 error. */
-static int run_queue(fp_nvmeq *t, const poll_queue *q, uint32_t budget, int *posted)
+static int run_queue(fp_nvmeq *t, const poll_queue *q, uint32_t budget, int *posted,
+                     PyObject *image)
 {
     long long sq_size, sq_head, sq_tail, cq_size, cq_head, cq_tail, phase, qid;
     unsigned long long sq_base, cq_base;
@@ -388,6 +386,18 @@ static int run_queue(fp_nvmeq *t, const poll_queue *q, uint32_t budget, int *pos
     Py_BEGIN_ALLOW_THREADS
     done = fp_nvme_run(t, budget < (uint32_t)sq_size ? budget : (uint32_t)sq_size, &stop);
     Py_END_ALLOW_THREADS
+    for (size_t i = 0; i < t->nmarks; i++) { /* the writes, for the change hooks */
+        const fp_mark *m = &t->marks[i];
+        if (m->nsid == 0)
+            continue;
+        PyObject *item = Py_BuildValue("(IKK)", (unsigned)m->nsid, (unsigned long long)m->offset,
+                                       (unsigned long long)m->length);
+        if (item == NULL || PyList_Append(image, item) < 0) {
+            Py_XDECREF(item);
+            return -1;
+        }
+        Py_DECREF(item);
+    }
     if (done == 0)
         return 0; /* handed back, or a full CQ: Python's pass */
     if (set_uattr(q->sq, "head", t->sq_head) < 0 || set_uattr(q->cq, "tail", t->cq_tail) < 0
@@ -498,7 +508,7 @@ PyObject *fp_nvme_poll_py(PyObject *self, PyObject *args)
         if (taken < 0)
             goto done;
         if (taken == 0) {
-            result = Py_BuildValue("(OKKKKK)", Py_True, 0ULL, 0ULL, 0ULL, 0ULL, 0ULL);
+            result = Py_BuildValue("(OKKKKK[])", Py_True, 0ULL, 0ULL, 0ULL, 0ULL, 0ULL);
             goto done;
         }
     }
@@ -508,14 +518,25 @@ PyObject *fp_nvme_poll_py(PyObject *self, PyObject *args)
     }
     held_t h = {0};
     fp_ns *ns = NULL;
-    fp_mark nomark;
     fp_nvmeq t;
     memset(&t, 0, sizeof t);
+    t.max_marks = fp_nvme_marks_per_command(mdts) * (budget < 65536 ? budget : 65536);
+    t.marks = PyMem_Malloc((t.max_marks ? t.max_marks : 1) * sizeof(fp_mark));
+    PyObject *image = PyList_New(0);
+    if (t.marks == NULL || image == NULL) {
+        PyMem_Free(t.marks);
+        Py_XDECREF(image);
+        if (!PyErr_Occurred())
+            PyErr_NoMemory();
+        goto done;
+    }
     uint64_t irqs = 0;
     int python = 0;
     if (get_regions(regions, &h) < 0 || get_namespaces(namespaces, &ns, &t.nns) < 0) {
         release(&h);
         PyMem_Free(ns);
+        PyMem_Free(t.marks);
+        Py_DECREF(image);
         if (PyErr_ExceptionMatches(PyExc_ValueError)) { /* a view released: the memory moved */
             PyErr_Clear();
             result = Py_NewRef(Py_False);
@@ -528,11 +549,9 @@ PyObject *fp_nvme_poll_py(PyObject *self, PyObject *args)
     t.mdts = mdts;
     t.nowait = nowait;
     t.write_cache = write_cache;
-    t.marks = &nomark; /* no dirty log, no change hook: nothing to mark */
-    t.max_marks = 0;
     int posted[256] = {0};
     for (Py_ssize_t i = 0; i < nq && !PyErr_Occurred(); i++) {
-        int all = run_queue(&t, &qs[i], budget, &posted[i]);
+        int all = run_queue(&t, &qs[i], budget, &posted[i], image);
         python |= all == 0;
     }
     /* A Python pass follows: it raises every CQ's interrupt once, as its own
@@ -550,11 +569,14 @@ PyObject *fp_nvme_poll_py(PyObject *self, PyObject *args)
     }
     release(&h);
     PyMem_Free(ns);
+    PyMem_Free(t.marks);
     if (!PyErr_Occurred())
-        result = Py_BuildValue("(OKKKKK)", python ? Py_True : Py_False,
+        result = Py_BuildValue("(OKKKKKO)", python ? Py_True : Py_False,
                                (unsigned long long)t.reads, (unsigned long long)t.writes,
                                (unsigned long long)t.bytes_read,
-                               (unsigned long long)t.bytes_written, (unsigned long long)irqs);
+                               (unsigned long long)t.bytes_written, (unsigned long long)irqs,
+                               image);
+    Py_DECREF(image);
     goto done;
 done_or_invalid:
     if (!PyErr_Occurred())

@@ -258,10 +258,10 @@ def _polled(tmp: Path, native: bool, steps: list[tuple[Any, ...]], tracked: bool
         assert isinstance(bus, ControllerBus) and ctrl.memory is not None
         bus.auto_poll = False  # the steps say when the controller looks
         ctrl.features.values[FeatureId.VOLATILE_WRITE_CACHE] = int(write_cache)
-        if tracked:  # migration's per-write work: the poller leaves it to Python
+        for nsid, ns in ctrl.namespaces.items():  # (the runtime's are always installed)
+            ns.on_change = lambda off, n, nsid=nsid: changes.append((nsid, off, n))
+        if tracked:  # a dirty log of guest memory: the poller leaves it to Python
             ctrl.memory.dirty_log = DirtyLog()
-            for nsid, ns in ctrl.namespaces.items():
-                ns.on_change = lambda off, n, nsid=nsid: changes.append((nsid, off, n))
         bus.interrupts.signalled()  # (the bring-up's)
         page = d.doorbell_words
         assert page is not None
