@@ -174,7 +174,8 @@ out:
  * the owners of the queue state: it is read from their attributes at each call
  * and written back before the call returns; nothing of it is kept here.
  *
- * None: nothing to do (the page as seen, or nothing C may take).  False: the
+ * None: nothing to do (the page as seen: one memcmp, nothing else looked at;
+ * what Python has pending it runs itself, see NvmeController.poll).  False: the
  * plan no longer holds (a guard failed, a buffer gone): nothing was changed.
  * A tuple: what ran here (image: [(nsid, byte offset, length)] per write, for
  * the namespaces' change hooks); python True when a Python pass must follow (a
@@ -440,6 +441,10 @@ PyObject *fp_nvme_poll_py(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "the doorbell page and its snapshot are one page");
         goto done;
     }
+    if (memcmp(page.buf, seen.buf, 4 * POLL_SLOTS) == 0) { /* the spin's idle pass */
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
     PyObject *guards, *queues, *sqs, *cqs, *regions, *namespaces;
     unsigned long long mdts;
     int nowait, write_cache;
@@ -452,7 +457,6 @@ PyObject *fp_nvme_poll_py(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "bad mdts");
         goto done;
     }
-    int quiet = memcmp(page.buf, seen.buf, 4 * POLL_SLOTS) == 0;
     int ok = guards_hold(guards);
     if (ok < 0)
         goto done;
@@ -503,14 +507,12 @@ PyObject *fp_nvme_poll_py(PyObject *self, PyObject *args)
             owner[slot] = (uint16_t)i;
     }
     int moved = 0;
-    if (!quiet) {
-        int taken = take_doorbells(page.buf, seen.buf, owner, qs, (size_t)nq, &moved);
-        if (taken < 0)
-            goto done;
-        if (taken == 0) {
-            result = Py_BuildValue("(OKKKKK[])", Py_True, 0ULL, 0ULL, 0ULL, 0ULL, 0ULL);
-            goto done;
-        }
+    int taken = take_doorbells(page.buf, seen.buf, owner, qs, (size_t)nq, &moved);
+    if (taken < 0)
+        goto done;
+    if (taken == 0) {
+        result = Py_BuildValue("(OKKKKK[])", Py_True, 0ULL, 0ULL, 0ULL, 0ULL, 0ULL);
+        goto done;
     }
     if (!moved) {
         result = Py_NewRef(Py_None);
