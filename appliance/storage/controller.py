@@ -261,7 +261,7 @@ class NvmeController(RequestEngine, PciDevice):
         did = self._run_unless_quiet() or rang
         if did:
             self._quiet_ticks = 0
-        self._owed = not self._quiet()
+        self._owed = not self._quiet(shadows_polled=True)
         if self._poller is None and self._poller_retry and self.doorbell_page is not None:
             self._poller_retry = False
             self._poller = native_poll.build(self, SQ_BUDGET)
@@ -278,13 +278,14 @@ class NvmeController(RequestEngine, PciDevice):
         the loop polls every turn and most doorbell writes are CQ heads."""
         return False if self._quiet() else self._run()
 
-    def _quiet(self) -> bool:
+    def _quiet(self, shadows_polled: bool = False) -> bool:
         """Whether a processing pass would find no work: no shadow doorbells (the
-        host moves those without ringing), no request held or waiting, every SQ
+        host moves those without ringing; ``shadows_polled``: the C poller reads
+        them at every call), no request held or waiting, every SQ
         drained (an SQ tail doorbell makes its SQ not drained), no CQ backlog
         or interrupt owed, no event to pair with a held AER, and MSI-X or MSI
         (an INTx level is re-evaluated every pass)."""
-        if (self.shadow_buffers is not None or self.waiting or self.held
+        if ((self.shadow_buffers is not None and not shadows_polled) or self.waiting or self.held
                 or (self.events.pending and self.events.outstanding)
                 or self.irq_mode == PciIrq.INTX):
             return False

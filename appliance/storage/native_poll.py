@@ -17,11 +17,25 @@ unconsumed), an SQ left with work (the budget, a full CQ), a CQ with a backlog
 or an interrupt owed, a vector Python must signal.  In each of those cases the
 call says so and :meth:`NvmeController.poll` runs its own scan and pass.
 
+**Shadow doorbells** (Doorbell Buffer Config, which Linux turns on): the
+host writes its SQ tails and CQ heads into a buffer in its memory and rings
+only when it crosses the EventIdx the controller publishes.  With them every
+call reads each SQ's shadow tail (an unchanged page is then not enough to
+return at once), takes it as ``SubmissionQueue.sync`` does (a value Python
+refuses and has not reported yet is Python's), and once the SQ is empty
+publishes its EventIdx (``Shadow.publish``: only a changed value is written)
+and reads the shadow again, as ``_drain`` does; a ring in the page only wakes
+the poller (its value is ignored, as Python ignores it).  A CQ head comes from
+its shadow only when the CQ is full (``has_room``): C then hands the pass to
+Python.
+
 **Who owns the queue state.** Python does: the ``SubmissionQueue`` and
 ``CompletionQueue`` objects.  The C call reads ``sq.head``, ``sq.tail``,
 ``sq.size``, ``sq.base``, ``sq.qid``, ``sq.cqid``, ``cq.head``, ``cq.tail``,
-``cq.phase``, ``cq.size``, ``cq.base``, ``cq.backlog``, ``cq.unsignalled`` at
+``cq.phase``, ``cq.size``, ``cq.base``, ``cq.backlog``, ``cq.unsignalled``
+(and a shadow's ``doorbell``, ``event_idx``, ``published``, ``rejected``) at
 each call and writes back ``sq.tail`` / ``cq.head`` (a doorbell taken),
+``shadow.published`` (an EventIdx written),
 ``sq.head``, ``cq.tail``, ``cq.phase`` (entries run) and ``cq.unsignalled``
 (an interrupt owed to Python) before it returns; it keeps no queue state
 between calls, so the two can never disagree, and a migration save or a
@@ -31,8 +45,7 @@ taken, as the Python scan writes it.
 
 **When the plan holds.** :func:`build` makes a plan only when the controller
 could run these queues natively and nothing else is pending: the fast path
-handed over, a doorbell page, READY with Bus Master, MSI-X, no shadow
-doorbells, no fault rule, tracing off, every region mmap'd, no dirty log of
+handed over, a doorbell page, READY with Bus Master, MSI-X, no fault rule, tracing off, every region mmap'd, no dirty log of
 the client's memory (its per-access marks stay Python's), no held or
 DMA-waiting request.  The C call re-checks at every call what can change
 without the controller seeing it (paused, held, waiting, the client memory,
@@ -135,7 +148,7 @@ def build(ctrl: NvmeController, budget: int) -> NativePoller | None:
     if (native is None or not hasattr(native, "nvme_poll") or ctrl.doorbell_page is None
             or mem is None or ctrl.paused or ctrl.regs.state is not CtrlState.READY
             or not ctrl.bus_master or ctrl.irq_mode != PciIrq.MSIX
-            or ctrl.shadow_buffers is not None or ctrl.held or ctrl.waiting
+            or ctrl.held or ctrl.waiting
             or (ctrl.faults is not None and ctrl.faults.rules)
             or _storage_log.isEnabledFor(logging.DEBUG)
             or mem.dirty_log is not None or mem.writes_in_flight):
@@ -143,11 +156,14 @@ def build(ctrl: NvmeController, budget: int) -> NativePoller | None:
     regions = mem.mapped_regions()
     if not regions:
         return None
+    shadowed = ctrl.shadow_buffers is not None
     queues = []
     for qid, sq in ctrl.sqs.items():
         cq = ctrl.cqs.get(sq.cqid)
-        if qid == 0 or cq is None or sq.shadow is not None or cq.shadow is not None:
+        if qid == 0 or cq is None:
             continue
+        if (sq.shadow is not None) != shadowed or (cq.shadow is not None) != shadowed:
+            return None  # (Doorbell Buffer Config gives every I/O queue its slots)
         irqfd = NO_INTERRUPT
         if cq.ien:
             fd = ctrl.msix_eventfd(cq.vector)
@@ -156,6 +172,6 @@ def build(ctrl: NvmeController, budget: int) -> NativePoller | None:
     if not queues:
         return None
     guards = (ctrl, mem, mem.generation)
-    plan = (guards, tuple(queues), ctrl.sqs, ctrl.cqs, regions, native_namespaces(ctrl),
+    plan = (shadowed, guards, tuple(queues), ctrl.sqs, ctrl.cqs, regions, native_namespaces(ctrl),
             ctrl.mdts_bytes, ctrl.offload is not None, ctrl.features.write_cache, budget)
     return NativePoller(native, ctrl, plan)  # type: ignore[arg-type]

@@ -166,11 +166,15 @@ out:
  *                                   bytes_read, bytes_written, interrupts, image)
  *
  * page: the mmap'd doorbell page; seen: the bytearray of what was latched
- * (DoorbellPage.seen); plan: (guards, queues, sqs, cqs, regions, namespaces,
+ * (DoorbellPage.seen); plan: (shadowed, guards, queues, sqs, cqs, regions, namespaces,
  * mdts, nowait, write_cache, budget) with guards (ctrl, memory, generation)
  * and queues a tuple of (qid, sq, cq, irqfd) for the I/O
  * SQs it may run (irqfd: the CQ's MSI-X eventfd, -1: Python signals, -2: no
- * interrupt, IEN off).  Python's SubmissionQueue / CompletionQueue objects stay
+ * interrupt, IEN off); shadowed: every queue has shadow doorbells (Doorbell Buffer
+ * Config): its SQ tail comes from the shadow buffer, read at every call, the
+ * EventIdx is published as _drain does, and a ring in the page only wakes us
+ * (its value is ignored, as Python ignores it).  Python's SubmissionQueue /
+ * CompletionQueue (and Shadow) objects stay
  * the owners of the queue state: it is read from their attributes at each call
  * and written back before the call returns; nothing of it is kept here.
  *
@@ -289,7 +293,7 @@ typedef struct {
  * set_tail / set_head check them).  1 all taken (seen updated), 0 one C does
  * not take or Python refuses (nothing taken), -1 error. */
 static int take_doorbells(const uint32_t *page, unsigned char *seen, const uint16_t *owner,
-                          const poll_queue *qs, size_t nq, int *moved)
+                          const poll_queue *qs, int shadowed, int *moved)
 {
     uint32_t slots[2 * 256 + 2], values[2 * 256 + 2];
     size_t n = 0;
@@ -303,7 +307,8 @@ static int take_doorbells(const uint32_t *page, unsigned char *seen, const uint1
         if (owner[s] == NO_QUEUE || n == sizeof slots / sizeof slots[0])
             return 0; /* the admin queue, a queue C does not run, an invalid register */
         const poll_queue *q = &qs[owner[s]];
-        if (s % 2 == 0) { /* SQ tail */
+        if (shadowed) { /* the values come from the shadow buffer: a ring only wakes us */
+        } else if (s % 2 == 0) { /* SQ tail */
             long long size = uattr(q->sq, "size", 65537);
             if (size < 0)
                 return -1;
@@ -324,19 +329,69 @@ static int take_doorbells(const uint32_t *page, unsigned char *seen, const uint1
     }
     for (size_t i = 0; i < n; i++) {
         const poll_queue *q = &qs[owner[slots[i]]];
-        if (set_uattr(slots[i] % 2 ? q->cq : q->sq, slots[i] % 2 ? "head" : "tail", values[i]) < 0)
+        if (!shadowed && set_uattr(slots[i] % 2 ? q->cq : q->sq, slots[i] % 2 ? "head" : "tail",
+                                   values[i]) < 0)
             return -1;
         memcpy(seen + 4 * slots[i], &values[i], 4);
     }
     *moved = n > 0;
-    (void)nq;
     return 1;
 }
 
-/* Run one SQ through nvme_run's path; the outcome into q's Python objects and
- * the totals.  1 all done here, 0 Python must follow, -1 error. */
+/* The image ranges the last batch wrote, for the change hooks: 0, or -1 error. */
+static int image_marks(const fp_nvmeq *t, PyObject *image)
+{
+    for (size_t i = 0; i < t->nmarks; i++) {
+        const fp_mark *m = &t->marks[i];
+        if (m->nsid == 0)
+            continue;
+        PyObject *item = Py_BuildValue("(IKK)", (unsigned)m->nsid, (unsigned long long)m->offset,
+                                       (unsigned long long)m->length);
+        if (item == NULL || PyList_Append(image, item) < 0) {
+            Py_XDECREF(item);
+            return -1;
+        }
+        Py_DECREF(item);
+    }
+    return 0;
+}
+
+/* A shadowed SQ's tail from its shadow doorbell (SubmissionQueue.sync): 1 taken
+ * or unchanged (*tail updated), 0 Python's (unreachable, or a value Python
+ * refuses and has not reported yet), -1 error. */
+static int shadow_tail(const fp_nvmeq *t, PyObject *sq, PyObject *shadow, long long size,
+                       long long *tail, int *moved)
+{
+    long long at = uattr(shadow, "doorbell", UINT64_MAX);
+    uint32_t value;
+    if (at < 0)
+        return PyErr_Occurred() ? -1 : 0;
+    if (fp_nvme_load32(t, (uint64_t)at, &value) < 0)
+        return 0; /* Python: the controller's fatal status */
+    if (value == *tail)
+        return 1;
+    if (value >= (uint64_t)size) {
+        PyObject *rejected = attr(shadow, "rejected");
+        if (rejected == NULL)
+            return -1;
+        int known = rejected != Py_None && PyLong_AsUnsignedLongLong(rejected) == value;
+        Py_DECREF(rejected);
+        return PyErr_Occurred() ? -1 : known;
+    }
+    if (set_uattr(sq, "tail", value) < 0)
+        return -1;
+    *tail = value;
+    *moved = 1;
+    return 1;
+}
+
+/* Run one SQ as NvmeController._drain does (with a shadow doorbell: its tail
+ * synced, and the EventIdx published once the SQ is empty, then synced again),
+ * through nvme_run's path; the outcome into q's Python objects and the totals.
+ * 1 all done here, 0 Python must follow, -1 error.  *moved: a tail taken or an
+ * entry run. */
 static int run_queue(fp_nvmeq *t, const poll_queue *q, uint32_t budget, int *posted,
-                     PyObject *image)
+                     PyObject *image, int *moved)
 {
     long long sq_size, sq_head, sq_tail, cq_size, cq_head, cq_tail, phase, qid;
     unsigned long long sq_base, cq_base;
@@ -359,8 +414,6 @@ static int run_queue(fp_nvmeq *t, const poll_queue *q, uint32_t budget, int *pos
         return -1;
     if (!fresh || owed)
         return 0; /* a backlog or an interrupt Python owes: its pass */
-    if (sq_head == sq_tail)
-        return 1;
     if ((v = attr(q->sq, "base")) == NULL)
         return -1;
     sq_base = PyLong_AsUnsignedLongLong(v);
@@ -371,41 +424,103 @@ static int run_queue(fp_nvmeq *t, const poll_queue *q, uint32_t budget, int *pos
     Py_DECREF(v);
     if (PyErr_Occurred())
         return -1;
-    t->sq_base = sq_base;
-    t->sq_size = (uint32_t)sq_size;
-    t->sq_head = (uint32_t)sq_head;
-    t->sq_tail = (uint32_t)sq_tail;
-    t->cq_base = cq_base;
-    t->cq_size = (uint32_t)cq_size;
-    t->cq_head = (uint32_t)cq_head;
-    t->cq_tail = (uint32_t)cq_tail;
-    t->phase = (int)phase;
-    t->sqid = (uint16_t)qid;
-    t->nmarks = 0;
-    int stop;
-    uint32_t done;
-    Py_BEGIN_ALLOW_THREADS
-    done = fp_nvme_run(t, budget < (uint32_t)sq_size ? budget : (uint32_t)sq_size, &stop);
-    Py_END_ALLOW_THREADS
-    for (size_t i = 0; i < t->nmarks; i++) { /* the writes, for the change hooks */
-        const fp_mark *m = &t->marks[i];
-        if (m->nsid == 0)
-            continue;
-        PyObject *item = Py_BuildValue("(IKK)", (unsigned)m->nsid, (unsigned long long)m->offset,
-                                       (unsigned long long)m->length);
-        if (item == NULL || PyList_Append(image, item) < 0) {
-            Py_XDECREF(item);
-            return -1;
-        }
-        Py_DECREF(item);
-    }
-    if (done == 0)
-        return 0; /* handed back, or a full CQ: Python's pass */
-    if (set_uattr(q->sq, "head", t->sq_head) < 0 || set_uattr(q->cq, "tail", t->cq_tail) < 0
-            || set_uattr(q->cq, "phase", (unsigned)t->phase) < 0)
+    PyObject *shadow = attr(q->sq, "shadow");
+    if (shadow == NULL)
         return -1;
-    *posted = 1;
-    return stop != FP_NVME_HANDBACK && t->sq_head == t->sq_tail;
+    int result = 1;
+    uint32_t total = 0, limit = budget < (uint32_t)sq_size ? budget : (uint32_t)sq_size;
+    for (;;) {
+        if (shadow != Py_None) {
+            int taken = shadow_tail(t, q->sq, shadow, sq_size, &sq_tail, moved);
+            if (taken <= 0) {
+                result = taken;
+                break;
+            }
+        }
+        if (sq_head != sq_tail && total < limit) {
+            t->sq_base = sq_base;
+            t->sq_size = (uint32_t)sq_size;
+            t->sq_head = (uint32_t)sq_head;
+            t->sq_tail = (uint32_t)sq_tail;
+            t->cq_base = cq_base;
+            t->cq_size = (uint32_t)cq_size;
+            t->cq_head = (uint32_t)cq_head;
+            t->cq_tail = (uint32_t)cq_tail;
+            t->phase = (int)phase;
+            t->sqid = (uint16_t)qid;
+            t->nmarks = 0;
+            int stop;
+            uint32_t done;
+            Py_BEGIN_ALLOW_THREADS
+            done = fp_nvme_run(t, limit - total, &stop);
+            Py_END_ALLOW_THREADS
+            if (image_marks(t, image) < 0) {
+                result = -1;
+                break;
+            }
+            if (done) {
+                total += done;
+                *posted = *moved = 1;
+                sq_head = t->sq_head;
+                cq_tail = t->cq_tail;
+                phase = t->phase;
+                if (set_uattr(q->sq, "head", t->sq_head) < 0
+                        || set_uattr(q->cq, "tail", t->cq_tail) < 0
+                        || set_uattr(q->cq, "phase", (unsigned)t->phase) < 0) {
+                    result = -1;
+                    break;
+                }
+            }
+            if (stop == FP_NVME_HANDBACK || sq_head != sq_tail) {
+                result = 0; /* an entry handed back, the budget spent or the CQ full */
+                break;
+            }
+        }
+        if (sq_head != sq_tail) {
+            result = 0; /* the budget spent */
+            break;
+        }
+        if (shadow == Py_None || total >= limit)
+            break;
+        /* EventIdx = the tail consumed, so the host's next update rings; then the
+         * shadow again: the host may have moved before it saw the EventIdx. */
+        PyObject *published = attr(shadow, "published");
+        if (published == NULL) {
+            result = -1;
+            break;
+        }
+        int same = published != Py_None && PyLong_AsLongLong(published) == sq_tail;
+        Py_DECREF(published);
+        if (PyErr_Occurred()) {
+            result = -1;
+            break;
+        }
+        if (!same) {
+            long long at = uattr(shadow, "event_idx", UINT64_MAX);
+            if (at < 0) {
+                result = PyErr_Occurred() ? -1 : 0;
+                break;
+            }
+            if (fp_nvme_store32(t, (uint64_t)at, (uint32_t)sq_tail) < 0) {
+                result = 0; /* Python: the controller's fatal status */
+                break;
+            }
+            if (set_uattr(shadow, "published", (unsigned long long)sq_tail) < 0) {
+                result = -1;
+                break;
+            }
+        }
+        long long before = sq_tail;
+        int taken = shadow_tail(t, q->sq, shadow, sq_size, &sq_tail, moved);
+        if (taken <= 0) {
+            result = taken;
+            break;
+        }
+        if (sq_tail == before)
+            break;
+    }
+    Py_DECREF(shadow);
+    return result;
 }
 
 /* The interrupt of a CQ that got entries, once per call as Python's pass raises
@@ -441,17 +556,19 @@ PyObject *fp_nvme_poll_py(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "the doorbell page and its snapshot are one page");
         goto done;
     }
-    if (memcmp(page.buf, seen.buf, 4 * POLL_SLOTS) == 0) { /* the spin's idle pass */
+    if (PyTuple_GET_SIZE(plan) > 0 && PyTuple_GET_ITEM(plan, 0) == Py_False
+            && memcmp(page.buf, seen.buf, 4 * POLL_SLOTS) == 0) { /* the spin's idle pass */
         result = Py_NewRef(Py_None);
         goto done;
     }
     PyObject *guards, *queues, *sqs, *cqs, *regions, *namespaces;
     unsigned long long mdts;
-    int nowait, write_cache;
+    int shadowed, nowait, write_cache;
     unsigned int budget;
-    if (!PyArg_ParseTuple(plan, "O!O!O!O!O!O!KppI;plan", &PyTuple_Type, &guards, &PyTuple_Type,
-                          &queues, &PyDict_Type, &sqs, &PyDict_Type, &cqs, &PyTuple_Type, &regions,
-                          &PyTuple_Type, &namespaces, &mdts, &nowait, &write_cache, &budget))
+    if (!PyArg_ParseTuple(plan, "pO!O!O!O!O!O!KppI;plan", &shadowed, &PyTuple_Type, &guards,
+                          &PyTuple_Type, &queues, &PyDict_Type, &sqs, &PyDict_Type, &cqs,
+                          &PyTuple_Type, &regions, &PyTuple_Type, &namespaces, &mdts, &nowait,
+                          &write_cache, &budget))
         goto done;
     if (mdts > (1u << 24)) {
         PyErr_SetString(PyExc_ValueError, "bad mdts");
@@ -507,14 +624,14 @@ PyObject *fp_nvme_poll_py(PyObject *self, PyObject *args)
             owner[slot] = (uint16_t)i;
     }
     int moved = 0;
-    int taken = take_doorbells(page.buf, seen.buf, owner, qs, (size_t)nq, &moved);
+    int taken = take_doorbells(page.buf, seen.buf, owner, qs, shadowed, &moved);
     if (taken < 0)
         goto done;
     if (taken == 0) {
         result = Py_BuildValue("(OKKKKK[])", Py_True, 0ULL, 0ULL, 0ULL, 0ULL, 0ULL);
         goto done;
     }
-    if (!moved) {
+    if (!moved && !shadowed) {
         result = Py_NewRef(Py_None);
         goto done;
     }
@@ -552,10 +669,10 @@ PyObject *fp_nvme_poll_py(PyObject *self, PyObject *args)
     t.nowait = nowait;
     t.write_cache = write_cache;
     int posted[256] = {0};
-    for (Py_ssize_t i = 0; i < nq && !PyErr_Occurred(); i++) {
-        int all = run_queue(&t, &qs[i], budget, &posted[i], image);
-        python |= all == 0;
-    }
+    /* In the pass's SQ order; once one is Python's, so are the SQs after it (its
+     * pass runs them after that one, as a Python pass alone would). */
+    for (Py_ssize_t i = 0; i < nq && !python && !PyErr_Occurred(); i++)
+        python = run_queue(&t, &qs[i], budget, &posted[i], image, &moved) == 0;
     /* A Python pass follows: it raises every CQ's interrupt once, as its own
      * pass would have; else each CQ that got entries is signalled here, once. */
     for (Py_ssize_t i = 0; i < nq && !PyErr_Occurred(); i++) {
@@ -572,7 +689,9 @@ PyObject *fp_nvme_poll_py(PyObject *self, PyObject *args)
     release(&h);
     PyMem_Free(ns);
     PyMem_Free(t.marks);
-    if (!PyErr_Occurred())
+    if (!PyErr_Occurred() && !moved && !python)
+        result = Py_NewRef(Py_None); /* (shadows: their values as taken) */
+    else if (!PyErr_Occurred())
         result = Py_BuildValue("(OKKKKKO)", python ? Py_True : Py_False,
                                (unsigned long long)t.reads, (unsigned long long)t.writes,
                                (unsigned long long)t.bytes_read,

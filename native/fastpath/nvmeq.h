@@ -63,6 +63,11 @@ enum { FP_NVME_DONE = 0, FP_NVME_HANDBACK = 1 };
  * FP_NVME_DONE (the SQ is empty, the budget spent or the CQ full). */
 uint32_t fp_nvme_run(fp_nvmeq *q, uint32_t budget, int *stop);
 
+/* A little-endian dword of guest memory (a shadow doorbell, an EventIdx): 0, or -1
+ * when it is not inside readable (writable) mapped memory.  Aligned: one access. */
+int fp_nvme_load32(const fp_nvmeq *q, uint64_t addr, uint32_t *value);
+int fp_nvme_store32(const fp_nvmeq *q, uint64_t addr, uint32_t value);
+
 /* Marks one command may need at most (data segments plus its completion). */
 size_t fp_nvme_marks_per_command(uint64_t mdts);
 
