@@ -444,16 +444,19 @@ class ClientMemory:
     def regions(self) -> tuple[Region, ...]:
         return tuple(self._regions)
 
-    def mapped_regions(self) -> MappedRegions | None:
+    def mapped_regions(self, partial: bool = False) -> MappedRegions | None:
         """The regions as native code takes them, (guest address, view, readable,
         writable) in address order, or None when one is not mmap'd (an fd or
-        message region)."""
+        message region).  ``partial``: the mmap'd ones only (None if there is
+        none), for native code that hands back whatever touches the others."""
         mapped = []
         for r in self._regions:
             if r.view is None:
+                if partial:
+                    continue
                 return None
             mapped.append((r.address, r.view, r.readable, r.writable))
-        return tuple(mapped)
+        return tuple(mapped) if mapped or not partial else None
 
     def _overlapping(self, address: int, size: int) -> bool:
         i = bisect.bisect(self._starts, address)

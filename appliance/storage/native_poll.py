@@ -13,8 +13,10 @@ it returns None without touching anything.
 Everything else is Python's, exactly as without the poller: the admin queue's
 doorbells, a doorbell C does not own or whose value Python refuses (the call
 then consumes nothing of the page), the first entry C does not run whole (left
-unconsumed), an SQ left with work (the budget, a full CQ), a CQ with a backlog
-or an interrupt owed, a vector Python must signal.  In each of those cases the
+unconsumed), an SQ left with work (the budget, a full CQ) -- and then every
+SQ after it in the pass's order too, so commands of different queues run in
+the order a Python pass runs them --, a CQ with a backlog or an interrupt
+owed, a vector Python must signal.  In each of those cases the
 call says so and :meth:`NvmeController.poll` runs its own scan and pass.
 
 **Shadow doorbells** (Doorbell Buffer Config, which Linux turns on): the
@@ -45,11 +47,13 @@ taken, as the Python scan writes it.
 
 **When the plan holds.** :func:`build` makes a plan only when the controller
 could run these queues natively and nothing else is pending: the fast path
-handed over, a doorbell page, READY with Bus Master, MSI-X, no fault rule, tracing off, every region mmap'd, no dirty log of
+handed over, a doorbell page, READY with Bus Master, MSI-X, no fault rule,
+tracing off, a region mmap'd (C reaches only those; an entry touching another
+is handed back), no dirty log of
 the client's memory (its per-access marks stay Python's), no held or
 DMA-waiting request.  The C call re-checks at every call what can change
 without the controller seeing it (paused, held, waiting, the client memory,
-its generation and dirty log, fault rules, each queue still the one in
+its generation, dirty log and DMA-message writes in flight, fault rules, each queue still the one in
 ``sqs`` / ``cqs``) and returns False when one fails; the controller
 drops the plan (:meth:`NvmeController.drop_native_plan`) whenever a register,
 an irq setting, a queue, a namespace or the page itself changes.  The counters
@@ -153,7 +157,7 @@ def build(ctrl: NvmeController, budget: int) -> NativePoller | None:
             or _storage_log.isEnabledFor(logging.DEBUG)
             or mem.dirty_log is not None or mem.writes_in_flight):
         return None
-    regions = mem.mapped_regions()
+    regions = mem.mapped_regions(partial=True)
     if not regions:
         return None
     shadowed = ctrl.shadow_buffers is not None

@@ -261,6 +261,12 @@ static int guards_hold(PyObject *guards)
     Py_DECREF(v);
     if (!ok || (ok = attr_is_none(memory, "dirty_log")) <= 0)
         return ok;
+    if ((v = attr(memory, "writes_in_flight")) == NULL) /* (their interrupts wait) */
+        return -1;
+    ok = PyObject_Not(v);
+    Py_DECREF(v);
+    if (ok <= 0)
+        return ok;
     if ((v = attr(memory, "generation")) == NULL)
         return -1;
     ok = PyObject_RichCompareBool(v, generation, Py_EQ);

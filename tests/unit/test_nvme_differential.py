@@ -44,6 +44,7 @@ from appliance.testing.nvme import BASE, SIZE, ControllerBus, controller_driver
 from appliance.vfio_user.wire import PciIrq
 
 NS_SIZE = 256 << 10  # 512 blocks of 512 bytes per namespace
+ROM = 0x2000_0000  # a DMA-message region nothing points into
 PAGE = 4096
 
 PRP_KINDS = ("good", "scattered", "prp1_misaligned", "prp1_page_offset", "prp2_offset",
@@ -270,6 +271,7 @@ def _polled(tmp: Path, native: bool, steps: list[tuple[Any, ...]], tracked: bool
         bus = d.bus
         assert isinstance(bus, ControllerBus) and ctrl.memory is not None
         bus.auto_poll = False  # the steps say when the controller looks
+        ctrl.memory.map(ROM, 0x10000)  # a region without an fd (QEMU's ROMs): C never uses it
         ctrl.features.values[FeatureId.VOLATILE_WRITE_CACHE] = int(write_cache)
         for nsid, ns in ctrl.namespaces.items():  # (the runtime's are always installed)
             ns.on_change = lambda off, n, nsid=nsid: changes.append((nsid, off, n))
@@ -351,6 +353,8 @@ def test_the_doorbell_poller_runs_a_qd1_io_alone(tmp_path: Path, shadow: bool) -
     try:
         ctrl.native = require_native()
         d = controller_driver(ctrl, doorbells="mmap", eventfds=True)
+        assert ctrl.memory is not None
+        ctrl.memory.map(ROM, 0x10000)  # (as QEMU's ROMs: the fast path runs all the same)
         d.setup(io_queues=1)
         if shadow:
             _shadow_doorbells(d)
