@@ -10,7 +10,8 @@ the install still succeeds and the appliance runs its pure-Python data path
 from setuptools import Extension, setup
 
 SOURCES = ["native/fastpath/module.c", "native/fastpath/netrx.c", "native/fastpath/vring.c",
-           "native/fastpath/nvmeq.c", "native/fastpath/nvme_module.c", "native/fastpath/nvme_loadgen.c",
+           "native/fastpath/nvmeq.c", "native/fastpath/nvme_module.c", "native/fastpath/nvme_poll.c",
+           "native/fastpath/nvme_loadgen.c",
            "native/fastpath/netswitch.c", "native/fastpath/switch_module.c",
            "native/fastpath/guard.c"]
 

@@ -21,6 +21,8 @@ def nvme_run(regions: MappedRegions, sq: tuple[int, int, int, int],
              cq: tuple[int, int, int, int, int], sqid: int, budget: int,
              namespaces: NativeNamespaces, mdts: int, nowait: bool, write_cache: bool,
              guest_marks: bool, /) -> NativeOutcome: ...
+def nvme_poll(page: mmap.mmap, seen: bytearray, plan: tuple[object, ...], /,
+              ) -> tuple[bool, int, int, int, int, int, list[tuple[int, int, int]]] | bool | None: ...
 def receive(desc: memoryview, avail: memoryview, used: memoryview, regions: NativeRegions,
             size: int, last_avail_idx: int, used_idx: int, indirect: bool, max_readable: int,
             max_writable: int, frame: bytes, hdr_len: int, mrg: bool,

@@ -358,6 +358,9 @@ class ClientMemory:
         self.scope: DmaScope | None = None
         self._starts: list[int] = []
         self._regions: list[Region] = []
+        #: counts the changes of the region list (map, unmap): a native
+        #: caller's view of the regions holds while it is unchanged
+        self.generation = 0
 
     # ------------------------------------------------------------ mapping
     def map(
@@ -422,6 +425,7 @@ class ClientMemory:
         i = bisect.bisect(self._starts, address)
         self._starts.insert(i, address)
         self._regions.insert(i, region)
+        self.generation += 1
         return region
 
     @staticmethod
@@ -445,27 +449,32 @@ class ClientMemory:
             raise MapError(errno.ENOENT, f"no region {address:#x}+{size:#x} is mapped")
         self._starts.pop(i)
         self._regions.pop(i).close()
+        self.generation += 1
 
     def unmap_all(self) -> None:
         for region in self._regions:
             region.close()
         self._starts.clear()
         self._regions.clear()
+        self.generation += 1
 
     @property
     def regions(self) -> tuple[Region, ...]:
         return tuple(self._regions)
 
-    def mapped_regions(self) -> MappedRegions | None:
+    def mapped_regions(self, partial: bool = False) -> MappedRegions | None:
         """The regions as native code takes them, (guest address, view, readable,
         writable) in address order, or None when one is not mmap'd (an fd or
-        message region)."""
+        message region).  ``partial``: the mmap'd ones only (None if there is
+        none), for native code that hands back whatever touches the others."""
         mapped = []
         for r in self._regions:
             if r.view is None:
+                if partial:
+                    continue
                 return None
             mapped.append((r.address, r.view, r.readable, r.writable))
-        return tuple(mapped)
+        return tuple(mapped) if mapped or not partial else None
 
     def _overlapping(self, address: int, size: int) -> bool:
         i = bisect.bisect(self._starts, address)

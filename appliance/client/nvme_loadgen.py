@@ -102,7 +102,12 @@ def native_load(d: NvmeDriver, qid: int, opcode: int, qd: int, *, seconds: float
     q.sq_tail = q.sq_rung = out["sq_tail"]
     q.cq_head, q.phase = out["cq_head"], out["phase"]
     ns = 1e-9
-    return LoadResult(out["done"], out["errors"], out["seconds"], cpu, out["lat_min"] * ns,
-                      out["lat_mean"] * ns, out["lat_p50"] * ns, out["lat_p99"] * ns,
-                      out["lat_max"] * ns)
+    low, high = out["lat_min"], out["lat_max"]
+
+    def within(value: int) -> float:  # a percentile is its bucket's floor: never below the minimum
+        return min(max(value, low), high) * ns
+
+    return LoadResult(out["done"], out["errors"], out["seconds"], cpu, low * ns,
+                      out["lat_mean"] * ns, within(out["lat_p50"]), within(out["lat_p99"]),
+                      high * ns)
 

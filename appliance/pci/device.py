@@ -75,7 +75,7 @@ from appliance.pci.config import (
     type0_config,
 )
 from appliance.pci.msix import MsixLayout, MsixTable
-from appliance.vfio_user.backend import IrqDesc, IrqSink, RegionDesc
+from appliance.vfio_user.backend import IrqDesc, IrqEventfd, IrqSink, RegionDesc
 from appliance.vfio_user.wire import PCI_NUM_IRQS, PCI_NUM_REGIONS, PciIrq, PciRegion
 
 _BUS_MASTER = int(PciCommand.BUS_MASTER)  # a plain int: checked on every processing pass
@@ -204,6 +204,7 @@ class PciDevice:
 
         self.memory: ClientMemory | None = None
         self._irq_sink: IrqSink | None = None
+        self._irq_eventfd: IrqEventfd | None = None
         self._irq_counts = [0] * PCI_NUM_IRQS
         self._client_masked: list[set[int]] = [set() for _ in range(PCI_NUM_IRQS)]
         self._msi_pending: set[int] = set()
@@ -277,15 +278,17 @@ class PciDevice:
         return PMCSR.get(self.config.get(self.pm_offset + PM_PMCSR, 2), "power_state")
 
     # ------------------------------------------------------------ VfioUserDevice
-    def attach(self, memory: ClientMemory, irq: IrqSink) -> None:
-        """A client connected: keep its memory accessor and irq sink."""
+    def attach(self, memory: ClientMemory, irq: IrqSink, eventfd: IrqEventfd | None = None) -> None:
+        """A client connected: keep its memory accessor, irq sink and eventfd lookup."""
         self.memory = memory
         self._irq_sink = irq
+        self._irq_eventfd = eventfd
 
     def detach(self) -> None:
         """The client left: forget memory, irqs and masks, then reset."""
         self.memory = None
         self._irq_sink = None
+        self._irq_eventfd = None
         self._irq_counts = [0] * PCI_NUM_IRQS
         for masked in self._client_masked:
             masked.clear()
@@ -471,6 +474,22 @@ class PciDevice:
             self.irq_stats[IRQ_NAMES[mode]]["pending"] += 1
             return
         self._set_pending(mode, vector, not self._fire(mode, vector))
+
+    def msix_eventfd(self, vector: int) -> int | None:
+        """The eventfd a write of which is what :meth:`signal` would do for
+        ``vector`` now, or None: not MSI-X, masked, pending, or no eventfd (then
+        only :meth:`signal` raises it).  The caller counts what it signals
+        (:meth:`count_signalled`)."""
+        if (self.irq_mode != PciIrq.MSIX or self._irq_eventfd is None
+                or not 0 <= vector < self._irq_counts[PciIrq.MSIX]
+                or self._vector_masked(PciIrq.MSIX, vector)
+                or (self.msix is not None and self.msix.pending(vector))):
+            return None
+        return self._irq_eventfd(PciIrq.MSIX, vector)
+
+    def count_signalled(self, count: int) -> None:
+        """``count`` MSI-X interrupts a native caller signalled through :meth:`msix_eventfd`."""
+        self.irq_stats[IRQ_NAMES[PciIrq.MSIX]]["signalled"] += count
 
     def deassert_intx(self) -> None:
         """Lower the INTx line: clear Status.Interrupt."""

@@ -53,7 +53,7 @@ from typing import Any
 from appliance.errors import LocalProtocolError
 from appliance.memory import ClientMemory, DmaPending, DmaScope, GuestMemoryError, MappedRegions
 from appliance.pci import Bar, MsixLayout, PciDevice
-from appliance.storage import admin
+from appliance.storage import admin, native_poll
 from appliance.storage.doorbells import DoorbellMode, DoorbellPage
 from appliance.storage.error_injection import GuestFaultHook
 from appliance.storage.firmware import FirmwareSlots
@@ -112,6 +112,7 @@ from appliance.storage.spec import (
 )
 from appliance.storage.uncorrectable import LbaRanges
 from appliance.storage.zones import ZoneTable
+from appliance.vfio_user.backend import IrqEventfd, IrqSink
 from appliance.vfio_user.wire import PciIrq
 
 log = logging.getLogger("appliance.storage")
@@ -126,6 +127,9 @@ POLL_FAST, POLL_SLOW, FAST_TICKS = 0.0005, 0.02, 1000
 #: commands one SQ may run per processing pass; the rest waits for the next turn of
 #: the loop (the runtime's idle poll), so one busy queue cannot starve the others
 SQ_BUDGET = 64
+#: I/O commands Python runs that change nothing the C poller's plan holds
+PLAN_KEEPING_OPCODES = frozenset({IoOpcode.READ, IoOpcode.WRITE, IoOpcode.FLUSH,
+                                  IoOpcode.COMPARE, IoOpcode.VERIFY})
 
 
 class NvmeController(RequestEngine, PciDevice):
@@ -230,6 +234,10 @@ class NvmeController(RequestEngine, PciDevice):
         #: the DMA messages of queue work (SQ entries, CQ entries, shadow doorbells)
         self._queue_dma = DmaScope(consume=True, on_ready=self._dma_arrived)
         self._running = False
+        #: the C doorbell-page poller's plan (native_poll.py); None: Python polls
+        self._poller: native_poll.NativePoller | None = None
+        self._poller_retry = True  # build a plan at the next Python poll
+        self._owed = True  # Python has work pending: its poll runs, not C's
         #: firmware slots, running revision, download (device state: migrated)
         self.firmware = FirmwareSlots(self.fr)
         self.identify_data = admin.identify_controller(self)
@@ -241,24 +249,43 @@ class NvmeController(RequestEngine, PciDevice):
         Returns:
             True if a doorbell changed, a command ran or a completion was posted.
         """
+        poller = self._poller
+        if poller is not None and not self._owed:
+            ran = poller.poll()  # the C poller: None idle, True it did everything
+            if ran is None:
+                return False
+            if ran:
+                self._quiet_ticks = 0
+                return True
         rang = self._scan_doorbell_page()
         did = self._run_unless_quiet() or rang
         if did:
             self._quiet_ticks = 0
+        self._owed = not self._quiet(shadows_polled=True)
+        if self._poller is None and self._poller_retry and self.doorbell_page is not None:
+            self._poller_retry = False
+            self._poller = native_poll.build(self, SQ_BUDGET)
         return did
+
+    def drop_native_plan(self) -> None:
+        """Forget the C poller's plan (something it relies on changed); the next
+        Python poll builds a new one (see :mod:`~appliance.storage.native_poll`)."""
+        self._poller = None
+        self._poller_retry = True
 
     def _run_unless_quiet(self) -> bool:
         """A processing pass, unless it could find nothing to do (:meth:`_quiet`):
         the loop polls every turn and most doorbell writes are CQ heads."""
         return False if self._quiet() else self._run()
 
-    def _quiet(self) -> bool:
+    def _quiet(self, shadows_polled: bool = False) -> bool:
         """Whether a processing pass would find no work: no shadow doorbells (the
-        host moves those without ringing), no request held or waiting, every SQ
+        host moves those without ringing; ``shadows_polled``: the C poller reads
+        them at every call), no request held or waiting, every SQ
         drained (an SQ tail doorbell makes its SQ not drained), no CQ backlog
         or interrupt owed, no event to pair with a held AER, and MSI-X or MSI
         (an INTx level is re-evaluated every pass)."""
-        if (self.shadow_buffers is not None or self.waiting or self.held
+        if ((self.shadow_buffers is not None and not shadows_polled) or self.waiting or self.held
                 or (self.events.pending and self.events.outstanding)
                 or self.irq_mode == PciIrq.INTX):
             return False
@@ -281,6 +308,7 @@ class NvmeController(RequestEngine, PciDevice):
         reaps a completion, a gap in which every queue is idle.
         """
         self._quiet_ticks += 1
+        self._poller_retry = True  # (a plan refused earlier may be possible now)
         busy = any(not sq.empty for qid, sq in self.sqs.items() if qid) or any(
             cq.backlog for cq in self.cqs.values())
         return POLL_FAST if busy or self._quiet_ticks <= FAST_TICKS else POLL_SLOW
@@ -296,6 +324,7 @@ class NvmeController(RequestEngine, PciDevice):
         """
         self._drain_offload()
         self.paused = True
+        self.drop_native_plan()
 
     def resume(self) -> bool:
         """End :meth:`pause` and run what became pending meanwhile.
@@ -304,6 +333,7 @@ class NvmeController(RequestEngine, PciDevice):
             True if a command ran or a completion was posted.
         """
         self.paused = False
+        self.drop_native_plan()
         return self.poll()
 
     def notify_namespace_changed(self, nsid: int) -> None:
@@ -322,6 +352,7 @@ class NvmeController(RequestEngine, PciDevice):
         """Close every namespace image and the doorbell page (after any I/O running
         off the loop finished)."""
         self._drain_offload()
+        self._poller = None
         for ns in self.namespaces.values():
             ns.close()
         if self.doorbell_page is not None:
@@ -359,6 +390,7 @@ class NvmeController(RequestEngine, PciDevice):
 
     def identify_changed(self) -> None:
         """Rebuild Identify Controller (capacities change with the namespaces)."""
+        self.drop_native_plan()
         self.identify_data = admin.identify_controller(self)
 
     def shadow_for(self, qid: int, is_cq: bool) -> Shadow | None:
@@ -370,6 +402,7 @@ class NvmeController(RequestEngine, PciDevice):
     def configure_shadow_doorbells(self, doorbells: int, event_idx: int) -> None:
         """Doorbell Buffer Config: every I/O queue now takes its values from the shadow."""
         self.shadow_buffers = (doorbells, event_idx)
+        self.drop_native_plan()
         for qid, sq in self.sqs.items():
             sq.shadow = self.shadow_for(qid, is_cq=False)
         for qid, cq in self.cqs.items():
@@ -382,6 +415,7 @@ class NvmeController(RequestEngine, PciDevice):
     def fatal(self, why: str) -> None:
         """Controller Fatal Status (CSTS.CFS) until the host resets the controller."""
         log.error("nvme: controller fatal status (CSTS.CFS): %s", why)
+        self.drop_native_plan()
         self.counters["fatal"] += 1
         try:
             self.regs.fire(CtrlEvent.FATAL)
@@ -392,6 +426,36 @@ class NvmeController(RequestEngine, PciDevice):
         """Whether a processing pass may touch client memory now."""
         return (not self.paused and self.regs.state is CtrlState.READY
                 and self.memory is not None and self.bus_master)
+
+    # ------------------------------------------------------------ what the C poller relies on
+    # Every change of a register, an irq setting or the client's memory drops its plan.
+    def attach(self, memory: ClientMemory, irq: IrqSink, eventfd: IrqEventfd | None = None) -> None:
+        self.drop_native_plan()
+        super().attach(memory, irq, eventfd)
+
+    def detach(self) -> None:
+        self.drop_native_plan()
+        super().detach()
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        self.drop_native_plan()
+        super().region_write(index, offset, data)
+
+    def irq_mask(self, index: int, start: int, count: int, masked: bool) -> None:
+        self.drop_native_plan()
+        super().irq_mask(index, start, count, masked)
+
+    def set_irq_count(self, index: int, count: int) -> None:
+        self.drop_native_plan()
+        super().set_irq_count(index, count)
+
+    def irqs_configured(self, index: int) -> None:
+        self.drop_native_plan()
+        super().irqs_configured(index)
+
+    def dma_unmapping(self) -> None:
+        self.drop_native_plan()
+        super().dma_unmapping()
 
     # ------------------------------------------------------------ BAR0
     def _bar0_read(self, offset: int, count: int) -> bytes:
@@ -477,6 +541,7 @@ class NvmeController(RequestEngine, PciDevice):
         if page is None:
             raise LocalProtocolError("doorbells are not mmap'd here (storage.doorbells differs)")
         page.take_over(fd, seen)
+        self.drop_native_plan()
         page.forget()
         for qid, sq in self.sqs.items():
             page.claim(2 * qid, sq)
@@ -536,6 +601,7 @@ class NvmeController(RequestEngine, PciDevice):
         finally:
             self._running = False
         self._interrupts()
+        self._owed = True  # (the next poll is Python's: it sees what is left)
         return did
 
     def _drain(self, sq: SubmissionQueue, mem: ClientMemory) -> bool:
@@ -565,6 +631,8 @@ class NvmeController(RequestEngine, PciDevice):
                     cmd = sq.fetch(mem)
                 except DmaPending:  # the entry is on its way: this SQ goes on then
                     return done > 0
+                if sq.qid == 0 or cmd.opcode not in PLAN_KEEPING_OPCODES:
+                    self.drop_native_plan()  # (queues, features, namespaces, marks may change)
                 self.submit(NvmeRequest(sq, cmd))
                 done += 1
                 if self.regs.state is not CtrlState.READY or self.sqs.get(sq.qid) is not sq:
@@ -589,6 +657,7 @@ class NvmeController(RequestEngine, PciDevice):
 
     def _post(self, cq: CompletionQueue, sq: SubmissionQueue, cid: int, result: Result) -> None:
         status, dnr, dw0 = result
+        self._owed = True  # (a completion outside a pass: its interrupt is Python's)
         if cq.qid == 0:
             self._adopt_queues()  # a queue this command created, before the host may ring it
         cq.post(self.mem, Completion(dw0=dw0 & 0xFFFFFFFF, dw1=dw0 >> 32, sq_head=sq.head,
@@ -654,6 +723,7 @@ class NvmeController(RequestEngine, PciDevice):
         self._queue_dma = DmaScope(consume=True, on_ready=self._dma_arrived)
         self.sqs.clear()
         self.cqs.clear()
+        self.drop_native_plan()
         if self.doorbell_page is not None:
             self.doorbell_page.forget()
         self.shadow_buffers = None

@@ -49,12 +49,14 @@ class NativeNvme(Protocol):
 def native_memory(ctrl: NvmeController, sq: SubmissionQueue) -> MappedRegions | None:
     """Client memory for the C path when it may run ``sq`` now: an I/O SQ, the
     fast path handed to the controller, no fault rule armed, tracing off (debug
-    logging: everything runs where it is logged), every region mmap'd; else None."""
+    logging: everything runs where it is logged): the mmap'd regions (an entry
+    touching any other, an fd or DMA-message region such as QEMU's ROMs, is
+    handed back: C never reaches past the regions it is given); else None."""
     if (ctrl.native is None or sq.qid == 0 or ctrl.memory is None
             or (ctrl.faults is not None and ctrl.faults.rules)
             or _storage_log.isEnabledFor(logging.DEBUG)):
         return None
-    return ctrl.memory.mapped_regions()
+    return ctrl.memory.mapped_regions(partial=True)
 
 
 def native_namespaces(ctrl: NvmeController) -> NativeNamespaces:

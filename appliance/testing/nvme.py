@@ -29,14 +29,43 @@ SIZE = 8 << 20
 
 
 class InterruptLog:
-    """The device's irq sink: records (irq index, vector); every eventfd 'exists'."""
+    """The device's irq sink: records (irq index, vector); every eventfd 'exists'.
 
-    def __init__(self) -> None:
+    With ``eventfds`` (a count) each MSI-X vector below it also has a real
+    eventfd, written for every signal as the vfio-user server does and offered
+    to the device (:meth:`eventfd`), so native code may write it itself: then
+    only :meth:`signalled` (the eventfd counts) sees every interrupt.
+    """
+
+    def __init__(self, eventfds: int = 0) -> None:
         self.calls: list[tuple[int, int]] = []
+        self.fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(eventfds)]
 
     def __call__(self, index: int, sub: int) -> bool:
         self.calls.append((index, sub))
+        fd = self.eventfd(index, sub)
+        if fd is not None:
+            os.eventfd_write(fd, 1)
         return True
+
+    def eventfd(self, index: int, sub: int) -> int | None:
+        """The eventfd of MSI-X vector ``sub`` (None: another irq, or no eventfds)."""
+        return self.fds[sub] if index == PciIrq.MSIX and 0 <= sub < len(self.fds) else None
+
+    def signalled(self) -> list[int]:
+        """Per vector, the eventfd writes since the last call (and reset them)."""
+        counts = []
+        for fd in self.fds:
+            try:
+                counts.append(os.eventfd_read(fd))
+            except BlockingIOError:
+                counts.append(0)
+        return counts
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
 
     def take(self) -> list[tuple[int, int]]:
         """The interrupts recorded since the last take (and forget them)."""
@@ -55,14 +84,16 @@ class ControllerBus:
     poll (what the runtime's timer does); False leaves it to the test.
     """
 
-    def __init__(self, ctrl: NvmeController, *, msix: bool = True, auto_poll: bool = True) -> None:
+    def __init__(self, ctrl: NvmeController, *, msix: bool = True, auto_poll: bool = True,
+                 eventfds: bool = False) -> None:
         self.ctrl = ctrl
         self.memory = ClientMemory()
-        self.interrupts = InterruptLog()
+        self.interrupts = InterruptLog(ctrl.vectors if eventfds and msix else 0)
         self.auto_poll = auto_poll
         self._doorbell_mm: mmap.mmap | None = None
         self._mappings: list[mmap.mmap] = []  # this side's view of guest memory
-        ctrl.attach(self.memory, self.interrupts)
+        ctrl.attach(self.memory, self.interrupts,
+                    self.interrupts.eventfd if self.interrupts.fds else None)
         cmd = PciCommand.MEMORY | PciCommand.BUS_MASTER
         ctrl.region_write(PciRegion.CONFIG, COMMAND, int(cmd).to_bytes(2, "little"))
         irq = PciIrq.MSIX if msix else PciIrq.INTX
@@ -116,6 +147,7 @@ class ControllerBus:
             self._doorbell_mm.close()
             self._doorbell_mm = None
         self.memory.unmap_all()
+        self.interrupts.close()
         for mm in self._mappings:
             try:
                 mm.close()
@@ -125,10 +157,11 @@ class ControllerBus:
 
 
 def controller_driver(ctrl: NvmeController, *, msix: bool = True, doorbells: str = "message",
-                      auto_poll: bool = True) -> NvmeDriver:
+                      auto_poll: bool = True, eventfds: bool = False) -> NvmeDriver:
     """An :class:`NvmeDriver` on a :class:`ControllerBus` of ``ctrl``: guest memory
-    at :data:`BASE`, :data:`SIZE` bytes; not enabled yet (``ready()`` or ``setup()``)."""
-    bus = ControllerBus(ctrl, msix=msix, auto_poll=auto_poll)
+    at :data:`BASE`, :data:`SIZE` bytes; not enabled yet (``ready()`` or ``setup()``).
+    ``eventfds``: every MSI-X vector gets a real eventfd (:class:`InterruptLog`)."""
+    bus = ControllerBus(ctrl, msix=msix, auto_poll=auto_poll, eventfds=eventfds)
     _open_buses.add(bus)
     return NvmeDriver(bus, mem_base=BASE, mem_size=SIZE, doorbells=doorbells)
 

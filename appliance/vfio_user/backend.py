@@ -16,6 +16,9 @@ from appliance.memory import ClientMemory
 
 # (irq index, sub-index) -> True if an eventfd was signalled.
 IrqSink = Callable[[int, int], bool]
+# (irq index, sub-index) -> the client's eventfd for it, or None (native pollers
+# that signal an interrupt themselves, with write(2)).
+IrqEventfd = Callable[[int, int], int | None]
 
 
 @dataclass
@@ -45,8 +48,9 @@ class IrqDesc:
 class VfioUserDevice(Protocol):
     """Device side of a vfio-user connection."""
 
-    def attach(self, memory: ClientMemory, irq: IrqSink) -> None:
-        """A client connected: its memory accessor and how to raise interrupts."""
+    def attach(self, memory: ClientMemory, irq: IrqSink, eventfd: IrqEventfd | None = None) -> None:
+        """A client connected: its memory accessor and how to raise interrupts
+        (``eventfd``: the eventfd behind an irq, for native code that signals it)."""
 
     def detach(self) -> None:
         """The client went away: forget its memory and irqs, back to reset state."""

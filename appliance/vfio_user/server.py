@@ -167,7 +167,7 @@ class ServerConnection(ConnectionHandoff):
             w.Command.MIG_DATA_WRITE: self._migration_command,
         }
         self.migration = migration(self.memory) if migration is not None else None
-        device.attach(self.memory, self._signal_irq)
+        device.attach(self.memory, self._signal_irq, self._irq_eventfd)
 
     # ------------------------------------------------------------ I/O surface
     def bytes_wanted(self) -> int:
@@ -576,6 +576,9 @@ class ServerConnection(ConnectionHandoff):
             return False
         self.notify(fd)
         return True
+
+    def _irq_eventfd(self, index: int, sub: int) -> int | None:
+        return self.irq_fds.get((index, sub))
 
     def irq_count(self, index: int) -> int:
         """How many eventfds the client set for irq ``index``."""

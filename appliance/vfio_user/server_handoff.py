@@ -29,7 +29,7 @@ from appliance.errors import LocalProtocolError
 from appliance.memory import ClientMemory
 from appliance.protocol_common import close_quietly, dup_all
 from appliance.vfio_user import wire as w
-from appliance.vfio_user.backend import IrqDesc, IrqSink, RegionDesc, VfioUserDevice
+from appliance.vfio_user.backend import IrqDesc, IrqEventfd, IrqSink, RegionDesc, VfioUserDevice
 from appliance.vfio_user.connection_state import ConnState, MigrationHandler
 from appliance.vfio_user.dma import DmaMessages
 from appliance.vfio_user.framing import Frame, Framer
@@ -80,7 +80,7 @@ class DryRunDevice:
         if not 0 <= count <= self.device.irq(index).count:
             raise LocalProtocolError(f"irq {index}: {count} sub-indexes", errno.EINVAL)
 
-    def attach(self, memory: ClientMemory, irq: IrqSink) -> None:
+    def attach(self, memory: ClientMemory, irq: IrqSink, eventfd: IrqEventfd | None = None) -> None:
         pass
 
     def detach(self) -> None:

@@ -48,6 +48,9 @@ PyObject *fp_switch_frames_py(PyObject *self, PyObject *args);
 /* appliance._fastpath.nvme_run (nvme_module.c). */
 PyObject *fp_nvme_run_py(PyObject *self, PyObject *args);
 
+/* appliance._fastpath.nvme_poll, the doorbell-page poller (nvme_poll.c). */
+PyObject *fp_nvme_poll_py(PyObject *self, PyObject *args);
+
 /* appliance._fastpath.nvme_loadgen, a benchmark's NVMe host (nvme_loadgen.c). */
 PyObject *fp_nvme_loadgen_py(PyObject *self, PyObject *args);
 

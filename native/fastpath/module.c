@@ -414,6 +414,8 @@ static PyMethodDef methods[] = {
      "back (see switch_module.c)."},
     {"nvme_run", fp_nvme_run_py, METH_VARARGS, "Run the Read and Write commands of one I/O "
      "submission queue until one Python must run (see nvme_module.c)."},
+    {"nvme_poll", fp_nvme_poll_py, METH_VARARGS, "One pass of the doorbell-page poller: the "
+     "I/O queues whose doorbells moved, run and signalled (see nvme_poll.c)."},
     {"nvme_loadgen", fp_nvme_loadgen_py, METH_VARARGS, "Benchmarks only: keep reads or writes "
      "in flight on a queue pair the Python driver created (see nvme_loadgen.c)."},
     {NULL, NULL, 0, NULL},

@@ -19,7 +19,7 @@
 #include "held.h"
 #include "nvmeq.h"
 
-static int get_namespaces(PyObject *seq, fp_ns **out, size_t *n)
+int fp_get_namespaces(PyObject *seq, fp_ns **out, size_t *n)
 {
     if (!PyTuple_Check(seq)) {
         PyErr_SetString(PyExc_TypeError, "namespaces must be a tuple");
@@ -105,7 +105,7 @@ PyObject *fp_nvme_run_py(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "bad queue state");
         return NULL;
     }
-    if (get_regions(regions, &h) < 0 || get_namespaces(namespaces, &ns, &q.nns) < 0)
+    if (get_regions(regions, &h) < 0 || fp_get_namespaces(namespaces, &ns, &q.nns) < 0)
         goto out;
     q.max_marks = fp_nvme_marks_per_command(mdts) * (budget < sq_size ? budget : sq_size);
     q.marks = PyMem_Malloc((q.max_marks ? q.max_marks : 1) * sizeof(fp_mark));

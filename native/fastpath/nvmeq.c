@@ -300,3 +300,40 @@ size_t fp_nvme_marks_per_command(uint64_t mdts)
 {
     return (size_t)(mdts / PAGE) + 3;
 }
+
+int fp_nvme_load32(const fp_nvmeq *q, uint64_t addr, uint32_t *value)
+{
+    struct iovec iov[4];
+    size_t n = 0;
+    if (pieces(q, addr, 4, 0, iov, &n, 4) < 0)
+        return -1;
+    if (n == 1 && ((uintptr_t)iov[0].iov_base & 3u) == 0) { /* one load, as Python's view */
+        *value = __atomic_load_n((const uint32_t *)iov[0].iov_base, __ATOMIC_ACQUIRE);
+        return 0;
+    }
+    unsigned char b[4], *p = b;
+    for (size_t i = 0; i < n; i++) {
+        memcpy(p, iov[i].iov_base, iov[i].iov_len);
+        p += iov[i].iov_len;
+    }
+    memcpy(value, b, 4);
+    return 0;
+}
+
+int fp_nvme_store32(const fp_nvmeq *q, uint64_t addr, uint32_t value)
+{
+    struct iovec iov[4];
+    size_t n = 0;
+    if (pieces(q, addr, 4, 1, iov, &n, 4) < 0)
+        return -1;
+    if (n == 1 && ((uintptr_t)iov[0].iov_base & 3u) == 0) { /* one store: the host reads it racily */
+        __atomic_store_n((uint32_t *)iov[0].iov_base, value, __ATOMIC_SEQ_CST);
+        return 0;
+    }
+    const unsigned char *p = (const unsigned char *)&value;
+    for (size_t i = 0; i < n; i++) {
+        memcpy(iov[i].iov_base, p, iov[i].iov_len);
+        p += iov[i].iov_len;
+    }
+    return 0;
+}

@@ -63,6 +63,18 @@ enum { FP_NVME_DONE = 0, FP_NVME_HANDBACK = 1 };
  * FP_NVME_DONE (the SQ is empty, the budget spent or the CQ full). */
 uint32_t fp_nvme_run(fp_nvmeq *q, uint32_t budget, int *stop);
 
+/* A little-endian dword of guest memory (a shadow doorbell, an EventIdx): 0, or -1
+ * when it is not inside readable (writable) mapped memory.  Aligned: one access. */
+int fp_nvme_load32(const fp_nvmeq *q, uint64_t addr, uint32_t *value);
+int fp_nvme_store32(const fp_nvmeq *q, uint64_t addr, uint32_t value);
+
+/* nvme_run's namespaces argument, a tuple of (fd, blocks, lba_shift, writable) or
+ * None per NSID from 1, into *out (PyMem_Malloc'd) and *n: 0, or -1 with a Python
+ * error (nvme_module.c; needs Python.h before this header). */
+#ifdef Py_PYTHON_H
+int fp_get_namespaces(PyObject *seq, fp_ns **out, size_t *n);
+#endif
+
 /* Marks one command may need at most (data segments plus its completion). */
 size_t fp_nvme_marks_per_command(uint64_t mdts);
 

@@ -62,8 +62,10 @@ def procs() -> Iterator[list[ApplianceProcess]]:
         assert "Traceback" not in p.log_text(), p.log_text()
 
 
-def driver_on(p: ApplianceProcess) -> tuple[NvmeDriver, VerifiedWriter]:
-    driver = NvmeDriver(VfioUserClient.connect(sock(p)), mem_size=8 << 20)
+def driver_on(p: ApplianceProcess, doorbells: str = "message") -> tuple[NvmeDriver, VerifiedWriter]:
+    """``doorbells="mmap"``: the driver stores into the mmap'd doorbell page, so
+    with the fast path its reads and writes are the C poller's."""
+    driver = NvmeDriver(VfioUserClient.connect(sock(p)), mem_size=8 << 20, doorbells=doorbells)
     driver.setup(io_queues=2, depth=32)
     return driver, VerifiedWriter(driver, blocks=8, seed=5)
 
@@ -79,7 +81,7 @@ def test_handoff_moves_the_live_connection(tmp_path: Path, procs: list[Appliance
                                            shared: bool, doorbells: str) -> None:
     src, dst = start_pair(tmp_path, shared=shared, doorbells=doorbells)
     procs += [src, dst]
-    driver, writer = driver_on(src)
+    driver, writer = driver_on(src, doorbells)
     writer.step(40)
     src_socket = sock(src)
 

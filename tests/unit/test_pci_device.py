@@ -267,3 +267,27 @@ def test_detach_resets_and_forgets_client() -> None:
     dev.signal(0)
     assert sink.calls == []
     assert dev.irq_stats["intx"]["dropped"] == 1
+
+
+def test_msix_eventfd_only_where_signal_would_write_it() -> None:
+    """Native code may write a vector's eventfd itself only when signal() would:
+    MSI-X on, the vector unmasked and not pending, an eventfd set."""
+    dev = Nvmeish()
+    sink = FakeSink()
+    fds = {(PciIrq.MSIX, 1): 41}
+    sink.fds.add((PciIrq.MSIX, 1))
+    dev.attach(ClientMemory(), sink, lambda index, sub: fds.get((index, sub)))
+    assert dev.msix_eventfd(1) is None  # INTx mode
+    dev.set_irq_count(PciIrq.MSIX, 4)
+    dev.irqs_configured(PciIrq.MSIX)
+    assert dev.msix_eventfd(1) == 41 and dev.msix_eventfd(2) is None  # no eventfd for 2
+    dev.irq_mask(PciIrq.MSIX, 1, 1, True)  # SET_IRQS mask: signal() sets the pending bit
+    assert dev.msix_eventfd(1) is None
+    dev.signal(1)
+    dev.irq_mask(PciIrq.MSIX, 1, 1, False)  # unmasked: the pending vector is delivered
+    assert dev.msix_eventfd(1) == 41
+    assert sink.calls == [(PciIrq.MSIX, 1)] and dev.irq_stats["msix"]["signalled"] == 1
+    dev.count_signalled(3)  # what native code wrote itself
+    assert dev.irq_stats["msix"]["signalled"] == 4
+    dev.detach()
+    assert dev.msix_eventfd(1) is None
