@@ -20,10 +20,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from fastpath_support import require_native
+from fastpath_support import require_native, walker
+from test_memory import survives
+from test_vhost_frontend import DriverRing, GuestMemory
 
 from appliance import memory_guarded
 from appliance.memory import ClientMemory, GuestMemoryError
+from appliance.net.virtqueue import SplitQueue
 
 SIZE = 0x4000
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,6 +100,43 @@ def test_a_guarded_call_survives_a_shrink() -> None:
         view.release()
         mm.close()
         os.close(fd)
+
+
+def test_python_after_a_guarded_fault_keeps_the_file_shrunk() -> None:
+    """A chain taken natively from guarded memory, then a shrink: the native
+    publish faults and Python publishes through the fd, which must not grow the
+    file back (the ring would read zeroes: an avail index gone back to 0, a
+    driver 65535 chains ahead); the ring breaks as unreachable memory."""
+    require_native()
+    survives(publish_after_guarded_fault)
+
+
+def publish_after_guarded_fault() -> None:
+    mem = GuestMemory(1 << 16, sealable=False)
+    cm = ClientMemory(guard_unsealed=True)
+    cm.map(mem.gpa, mem.size, fd=os.dup(mem.fd), user_address=mem.uva)
+    drv = DriverRing(mem, 1, 8)
+    q = SplitQueue(1)
+    q.native = walker("native")
+    q.set_num(8)
+    q.set_base(0)
+    q.attach(cm)
+    q.set_addr(mem.uva_of(drv.desc), mem.uva_of(drv.used), mem.uva_of(drv.avail), 0, 0)
+    q.start()
+    try:
+        assert q.uses_native
+        drv.add_buffer(0, b"frame")
+        assert q.drain(8) == [b"frame"]  # natively, through the guarded mapping
+        os.ftruncate(mem.fd, 0)  # from here on the test does not touch its own mapping
+        q.publish()  # the native publish faults: Python's, through the fd
+        assert not q.uses_native and os.fstat(mem.fd).st_size == 0
+        assert "ring memory unreachable" in q.broken
+        assert q.pop() is None and q.arm_kick() is False and os.fstat(mem.fd).st_size == 0
+    finally:
+        q.reset()
+        cm.unmap_all()
+        drv.close()
+        mem.close()
 
 
 CHILD = textwrap.dedent("""
