@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from migration_pair import image, running_pair, sock
 
 from appliance.client import migrate as orch
 from appliance.client.nvme import NvmeDriver
@@ -15,9 +16,7 @@ from appliance.testing.process import ApplianceProcess
 from appliance.testing.workload import (
     VerifiedWriter,
     file_hash,
-    make_image,
     move_driver,
-    pair_configs,
     prepare_destination,
 )
 from appliance.vfio_user.migration_states import MigState
@@ -27,27 +26,7 @@ SIZE = 256 << 20
 
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[tuple[ApplianceProcess, ApplianceProcess]]:
-    src_cfg, dst_cfg = pair_configs(tmp_path, SIZE)
-    # Holes travel as ZEROES records without being read: the random data sets how
-    # many full reads (and load steps between them) round 0 takes.
-    make_image(tmp_path / "src" / "data" / "disk0.img", SIZE, seed=1, random_mib=24)
-    make_image(tmp_path / "dst" / "data" / "disk0.img", SIZE, seed=2, random_mib=4, fill=9)
-    src = ApplianceProcess(src_cfg, tmp_path / "src" / "proc").start()
-    dst = ApplianceProcess(dst_cfg, tmp_path / "dst" / "proc").start()
-    try:
-        yield src, dst
-    finally:
-        for p in (src, dst):
-            p.stop()
-        assert "Traceback" not in src.log_text() + dst.log_text()
-
-
-def image(p: ApplianceProcess) -> str:
-    return p.config.storage.namespaces[0].image
-
-
-def sock(p: ApplianceProcess) -> str:
-    return p.config.storage.socket
+    yield from running_pair(tmp_path, SIZE)
 
 
 def test_live_migration_under_verified_writes(pair: tuple[ApplianceProcess, ApplianceProcess],
