@@ -59,6 +59,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--ssh-option", action="append", default=[], metavar="OPTION",
                    help="an ssh -o option for ssh:// sockets (e.g. IdentityFile=~/.ssh/mig); "
                         "repeatable")
+    p.add_argument("--no-ssh-session", action="store_true",
+                   help="for ssh:// sockets, do not run the one session ('true', or the key's "
+                        "forced command) that makes sshd send small replies without delay")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds to wait for each reply (default 30)")
     p.add_argument("--no-data-channel", action="store_true",
@@ -117,7 +120,8 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
             target = parse_target(path)
             local = path
             if target is not None:  # another host: ssh forwards its socket here
-                forwards.append(SshForward(target, args.ssh_option))
+                forwards.append(SshForward(target, args.ssh_option,
+                                           session=not args.no_ssh_session))
                 try:
                     local = forwards[-1].open()
                 except ApplianceError as exc:
