@@ -67,12 +67,14 @@ from appliance.errors import LocalProtocolError
 from appliance.memory import ClientMemory
 from appliance.net import native_switch
 from appliance.net import vhost_wire as vw
+from appliance.net.descriptor_chain import MAX_CHAIN_BYTES
 from appliance.net.dirty_log import VhostLog
 from appliance.net.native import NativePortOut, NativeTarget, NativeVring
 from appliance.net.receive import Outcome, write_frame
 from appliance.net.switch import Switch
 from appliance.net.vhost_wire import Feature as F
-from appliance.net.virtqueue import MAX_CHAIN_BYTES, QueueCounters, SplitQueue, VringState
+from appliance.net.virtqueue import SplitQueue
+from appliance.net.vring_state import QueueCounters, VringState
 from appliance.protocol_common import close_quietly
 
 log = logging.getLogger("appliance.net")

@@ -25,8 +25,9 @@ import enum
 
 from appliance.memory import GuestMemoryError
 from appliance.net import vhost_wire as vw
+from appliance.net.descriptor_chain import Chain
 from appliance.net.dirty_log import VhostLog
-from appliance.net.virtqueue import Chain, SplitQueue
+from appliance.net.virtqueue import SplitQueue
 
 _HDR12 = [vw.NET_HDR_CODEC.pack(0, vw.NET_HDR_GSO_NONE, 0, 0, 0, 0, n) for n in range(4)]
 _HDR10 = bytes(vw.NET_HDR_LEGACY_SIZE)

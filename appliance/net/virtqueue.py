@@ -15,35 +15,22 @@ the owner calls :meth:`detach` before the old mappings go away and
 :meth:`attach` with the new memory; ring indices are kept, so a remap loses no
 state.
 
-Ring lifecycle is a table (:data:`RING_TRANSITIONS`): a ring starts when its
-kick fd is set and stops on GET_VRING_BASE, reset or disconnect.  Size and base
-can change only while stopped (:data:`RING_ALLOWED`); addresses may change
-while started (the front-end toggles VHOST_VRING_F_LOG that way).
+Ring lifecycle is a table (:mod:`appliance.net.vring_state`): a ring starts
+when its kick fd is set and stops on GET_VRING_BASE, reset or disconnect.
 
-:meth:`pop` walks one available chain with these bounds: head and every
-``next`` inside the table, at most queue-size descriptors (so loops end), an
-indirect table a multiple of 16 bytes and at most queue-size entries (virtio
-1.2 §2.7.5.3.1: "A driver MUST NOT create a descriptor chain longer than the
-Queue Size of the device"), no indirect inside indirect, no INDIRECT together
-with NEXT, readable descriptors before writable ones, every buffer inside
-mapped memory, and the chain's readable and writable byte totals within the
-queue's :attr:`~SplitQueue.max_readable` / :attr:`~SplitQueue.max_writable`
-(the owner's limits: a transmit ring's frame size, none of the other kind;
-at most :data:`MAX_CHAIN_BYTES` each).  Totals are summed as the walk goes
-(Python integers do not wrap) and the walk stops at the first descriptor that
-passes a limit, before any buffer is read, so a guest cannot make the device
-copy more than the limit.  A malformed chain is returned to the driver with
-length 0, counted, and skipped: the queue keeps running.  An avail index that
-runs more than a queue size ahead of us cannot be followed at all; the ring is
-marked broken (it stays so until reconfigured) and that is counted too.
+:meth:`pop` walks one available chain (:func:`~appliance.net.descriptor_chain.walk_chain`,
+which lists the bounds) within the queue's :attr:`~SplitQueue.max_readable` /
+:attr:`~SplitQueue.max_writable`.  A malformed chain is returned to the driver
+with length 0, counted, and skipped: the queue keeps running.  An avail index
+that runs more than a queue size ahead of us cannot be followed at all; the
+ring is marked broken (it stays so until reconfigured) and that is counted too.
 
 Ring fields the driver reads or writes concurrently (indices, flags, ring
 entries, event indices) are accessed through ``memoryview.cast`` views, which
 load and store each element with one fixed-size copy.  ``struct.pack_into`` is
 not safe there: CPython zero-fills the target before writing the fields, so a
 published used index would briefly read as 0 (a driver that looks in that
-window sees 65536 - n bogus completions).  Descriptors are only read, and only
-while the driver leaves them alone, so they are decoded with ``struct``.
+window sees 65536 - n bogus completions).
 
 Rings in memory the front-end could shrink (a memfd it did not allow us to
 seal, see :mod:`appliance.memory`) are not mmap'd for Python: its views are
@@ -72,16 +59,14 @@ driver kicks for the next buffer (:meth:`arm_kick`).
 
 from __future__ import annotations
 
-import enum
 import mmap
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
-from appliance.errors import LocalProtocolError
 from appliance.memory import ClientMemory, FdArea, FdWords, GuestMemoryError
 from appliance.net import vhost_wire as vw
+from appliance.net.descriptor_chain import MAX_CHAIN_BYTES, Chain, MalformedChain, walk_chain
 from appliance.net.native import (
     NativeRegions,
     NativeRingArgs,
@@ -90,17 +75,18 @@ from appliance.net.native import (
     native_fault,
     native_ring,
 )
+from appliance.net.vring_state import (
+    RING_ALLOWED,
+    RING_TRANSITIONS,
+    QueueCounters,
+    RingError,
+    RingState,
+    VringState,
+)
 from appliance.protocol_common import step
-
-_DESC = vw.DESC_CODEC
-_NEXT = int(vw.DescFlag.NEXT)
-_WRITE = int(vw.DescFlag.WRITE)
-_INDIRECT = int(vw.DescFlag.INDIRECT)
 
 _fence_lock = threading.Lock()
 _T = TypeVar("_T")
-
-MAX_CHAIN_BYTES = 0xFFFF_FFFF  # a used element's length is 32 bits: no chain may hold more
 
 if not vw.NATIVE_IS_LITTLE_ENDIAN:  # pragma: no cover - no big-endian hosts here
     raise ImportError("split virtqueues need a little-endian host (native ring codecs)")
@@ -116,74 +102,6 @@ def full_fence() -> None:
     """
     with _fence_lock:
         pass
-
-
-class RingState(enum.Enum):
-    STOPPED = "stopped"
-    STARTED = "started"
-
-
-# Ring lifecycle: state -> {event: next state}.
-RING_TRANSITIONS: dict[RingState, dict[str, RingState]] = {
-    RingState.STOPPED: {"start": RingState.STARTED, "stop": RingState.STOPPED,
-                        "reset": RingState.STOPPED},
-    RingState.STARTED: {"start": RingState.STARTED, "stop": RingState.STOPPED,
-                        "reset": RingState.STOPPED},
-}
-
-# Configuration allowed per ring state.
-RING_ALLOWED: dict[RingState, frozenset[str]] = {
-    RingState.STOPPED: frozenset({"set_num", "set_base", "set_addr"}),
-    RingState.STARTED: frozenset({"set_addr"}),
-}
-
-
-class RingError(LocalProtocolError):
-    """A ring configuration request is invalid (the wire answers with a NACK)."""
-
-
-class _Malformed(Exception):
-    """Internal: the chain being walked breaks a rule; the message says which."""
-
-
-@dataclass(slots=True)
-class Chain:
-    """One descriptor chain: head id and its buffers as (address, length, writable)."""
-
-    head: int
-    segments: list[tuple[int, int, bool]]
-    readable: int  # bytes in device-readable buffers
-    writable: int  # bytes in device-writable buffers
-
-
-@dataclass(frozen=True)
-class VringState:
-    """A ring as a value (:meth:`SplitQueue.handoff_state`): what SET_VRING_NUM,
-    _BASE and _ADDR set, the indices reached, whether it runs.  A destination
-    restores it through those requests and :meth:`SplitQueue.restore_indices`."""
-
-    num: int
-    desc: int | None
-    avail: int | None
-    used: int | None
-    log: int
-    flags: int
-    last_avail_idx: int
-    used_idx: int
-    sync_used: bool
-    started: bool
-
-
-@dataclass
-class QueueCounters:
-    packets: int = 0
-    bytes: int = 0
-    dropped: int = 0
-    malformed: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {"packets": self.packets, "bytes": self.bytes, "dropped": self.dropped,
-                "malformed": self.malformed}
 
 
 class SplitQueue:
@@ -548,8 +466,9 @@ class SplitQueue:
             head = avail[2 + last % size]
             self.last_avail_idx = (last + 1) & 0xFFFF
             try:
-                chain = self._walk(head)
-            except _Malformed as exc:
+                chain = walk_chain(self._desc, head, size, self.indirect, self.max_readable,
+                                   self.max_writable, self.memory, self._spans)
+            except MalformedChain as exc:
                 if self.broken:
                     return None
                 self.counters.malformed += 1
@@ -592,90 +511,6 @@ class SplitQueue:
             except GuestMemoryError:
                 self.counters.malformed += 1
         return frames
-
-    def _walk(self, head: int) -> Chain:
-        size = self.size
-        if head >= size:
-            raise _Malformed(f"head {head} outside a queue of {size}")
-        desc: memoryview | FdArea | bytes | None = self._desc
-        if isinstance(desc, FdArea):  # not mmap'd: the head, then the table for a chain
-            addr, length, flags, _ = _DESC.unpack(desc.read(16 * head, 16))  # zeroes if it shrank
-            if flags & (_NEXT | _INDIRECT):
-                desc = desc.read(0, 16 * size)
-        else:
-            addr, length, flags, _ = _DESC.unpack_from(desc, 16 * head)  # type: ignore[arg-type]
-        if not flags & (_NEXT | _INDIRECT):  # the common case: one buffer
-            write = bool(flags & _WRITE)
-            if length > (self.max_writable if write else self.max_readable):
-                raise self._too_long(write)
-            if length and not self._inside(addr, length, write):
-                raise _Malformed(f"buffer {addr:#x}+{length:#x} outside memory")
-            return Chain(head, [(addr, length, write)], 0 if write else length,
-                         length if write else 0)
-        table: memoryview | bytes = desc  # type: ignore[assignment]
-        table_len = size
-        ttl = size
-        idx = head
-        nested = False
-        segments: list[tuple[int, int, bool]] = []
-        readable = writable = 0
-        while True:
-            if ttl == 0:
-                raise _Malformed("chain longer than its table (a loop?)")
-            ttl -= 1
-            addr, length, flags, nxt = _DESC.unpack_from(table, 16 * idx)
-            if flags & _INDIRECT:
-                if nested:
-                    raise _Malformed("indirect descriptor inside an indirect table")
-                if not self.indirect:
-                    raise _Malformed("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
-                if flags & _NEXT:
-                    raise _Malformed("descriptor has both INDIRECT and NEXT")
-                if length == 0 or length % 16 or length // 16 > size:
-                    raise _Malformed(f"indirect table of {length} bytes")
-                try:
-                    table = self.memory.read(addr, length)  # type: ignore[union-attr]
-                except GuestMemoryError as exc:
-                    raise _Malformed(f"indirect table outside memory: {exc}") from None
-                table_len = ttl = length // 16
-                idx = 0
-                nested = True
-                continue
-            if flags & _WRITE:
-                writable += length
-                if writable > self.max_writable:
-                    raise self._too_long(True)
-                if length and not self._inside(addr, length, True):
-                    raise _Malformed(f"writable buffer {addr:#x}+{length:#x} outside memory")
-                segments.append((addr, length, True))
-            else:
-                if segments and segments[-1][2]:  # a zero-length writable one counts too
-                    raise _Malformed("readable descriptor after a writable one")
-                readable += length
-                if readable > self.max_readable:
-                    raise self._too_long(False)
-                if length and not self._inside(addr, length, False):
-                    raise _Malformed(f"buffer {addr:#x}+{length:#x} outside memory")
-                segments.append((addr, length, False))
-            if not flags & _NEXT:
-                return Chain(head, segments, readable, writable)
-            if nxt >= table_len:
-                raise _Malformed(f"next {nxt} outside a table of {table_len}")
-            idx = nxt
-
-    def _too_long(self, write: bool) -> _Malformed:
-        if write:
-            return _Malformed(f"writable buffers exceed {self.max_writable} bytes")
-        return _Malformed(f"readable buffers exceed {self.max_readable} bytes")
-
-    def _inside(self, addr: int, length: int, write: bool) -> bool:
-        end = addr + length
-        for start, stop, writable in self._spans:
-            if start <= addr and end <= stop:
-                return writable or not write
-        # possibly split across adjacent regions: the accessor decides (marking nothing:
-        # the walk writes nothing, the writes mark what they write)
-        return self.memory is not None and self.memory.reaches(addr, length, write)
 
     def checkpoint(self) -> tuple[int, int, int]:
         """Indices to :meth:`rollback` to (un-take chains not yet published)."""

@@ -8,9 +8,10 @@ CAP.DSTRD = 0), the MSI-X table at 2000h and the PBA at 3000h (served by
 :class:`~appliance.pci.PciDevice`); one MSI-X vector per I/O queue plus the
 admin queue.
 
-A doorbell write (QEMU posts them as REGION_WRITE with NO_REPLY) runs
-:meth:`NvmeController._run`, which fetches the submitted commands of every SQ
-(at most one ring's worth per SQ per call), turns each into an
+A doorbell write (QEMU posts them as REGION_WRITE with NO_REPLY) runs the
+processing pass (:mod:`~appliance.storage.processing_pass`), which fetches
+the submitted commands of every SQ (at most one ring's worth per SQ per
+call), turns each into an
 :class:`~appliance.storage.request.NvmeRequest` and submits it: the fault
 hook, if one is installed, or :meth:`NvmeController.execute`.  A request is
 finished through :meth:`NvmeController.complete` (the one way a completion
@@ -51,7 +52,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from appliance.errors import LocalProtocolError
-from appliance.memory import ClientMemory, DmaPending, DmaScope, GuestMemoryError, MappedRegions
+from appliance.memory import ClientMemory, DmaScope, GuestMemoryError
 from appliance.pci import Bar, MsixLayout, PciDevice
 from appliance.storage import admin, native_poll
 from appliance.storage.doorbells import DoorbellMode, DoorbellPage
@@ -71,8 +72,9 @@ from appliance.storage.identity import (
 )
 from appliance.storage.inflight import FaultHook, Offload, RequestEngine
 from appliance.storage.namespace import BlockExport, Namespace, NamespaceSettings
-from appliance.storage.native_io import NativeNvme, native_memory, run_batch
+from appliance.storage.native_io import NativeNvme
 from appliance.storage.nsmgmt import NamespaceManagement
+from appliance.storage.processing_pass import SQ_BUDGET, ProcessingPass
 from appliance.storage.protection import PiFault
 from appliance.storage.queues import (
     DOORBELL_STRIDE,
@@ -91,7 +93,7 @@ from appliance.storage.registers import (
     StateError,
     dwords,
 )
-from appliance.storage.request import NvmeRequest, Result
+from appliance.storage.request import NvmeRequest
 from appliance.storage.spec import (
     CC,
     CC_CSS_IOCS,
@@ -99,16 +101,12 @@ from appliance.storage.spec import (
     NSID_ALL,
     OAES_NS_ATTRIBUTE,
     PAGE_SIZE,
-    Command,
     CommandError,
-    Completion,
     EventInfo,
     EventType,
-    IoOpcode,
     LogPage,
     Status,
     ascii_field,
-    status_field,
 )
 from appliance.storage.uncorrectable import LbaRanges
 from appliance.storage.zones import ZoneTable
@@ -117,22 +115,12 @@ from appliance.vfio_user.wire import PciIrq
 
 log = logging.getLogger("appliance.storage")
 
-# I/O commands whose CDW10-11 hold an SLBA (the Error Information entry's LBA).
-LBA_OPCODES = frozenset({IoOpcode.WRITE, IoOpcode.READ, IoOpcode.COMPARE, IoOpcode.WRITE_ZEROES,
-                         IoOpcode.WRITE_UNCORRECTABLE, IoOpcode.VERIFY, IoOpcode.ZONE_APPEND,
-                         IoOpcode.ZONE_MGMT_SEND, IoOpcode.ZONE_MGMT_RECV})
 # Doorbell page polling (mmap mode): the runtime's timer period, fast while the
 # device is busy or was within the last FAST_TICKS ticks, slow once it is quiet.
 POLL_FAST, POLL_SLOW, FAST_TICKS = 0.0005, 0.02, 1000
-#: commands one SQ may run per processing pass; the rest waits for the next turn of
-#: the loop (the runtime's idle poll), so one busy queue cannot starve the others
-SQ_BUDGET = 64
-#: I/O commands Python runs that change nothing the C poller's plan holds
-PLAN_KEEPING_OPCODES = frozenset({IoOpcode.READ, IoOpcode.WRITE, IoOpcode.FLUSH,
-                                  IoOpcode.COMPARE, IoOpcode.VERIFY})
 
 
-class NvmeController(RequestEngine, PciDevice):
+class NvmeController(ProcessingPass, RequestEngine, PciDevice):
     """An NVMe 2.0 I/O controller with file-backed namespaces."""
 
     #: the native fast path for the I/O queues (set by the runtime from
@@ -568,151 +556,6 @@ class NvmeController(RequestEngine, PciDevice):
         log.debug("nvme: invalid doorbell write: %s", why)
         self.counters["invalid_doorbells"] += 1
         self.events.add(EventType.ERROR, info, LogPage.ERROR)
-
-    # ------------------------------------------------------------ processing
-    def _run(self) -> bool:
-        if (self.paused or self.regs.state is not CtrlState.READY or self.memory is None
-                or not self.bus_master or self._running):
-            return False
-        mem, did = self.memory, False
-        mem.scope = self._queue_dma
-        self._running = True
-        try:
-            if self.waiting:
-                did |= self._continue_waiting()
-            for cq in list(self.cqs.values()):
-                did |= cq.flush(mem)
-            if self.faults is not None:  # fault hook: deferred completions that are due
-                did |= self.faults.release(self)
-            for sq in list(self.sqs.values()):
-                if self.regs.state is not CtrlState.READY:
-                    break
-                if self.sqs.get(sq.qid) is sq:  # not deleted by an earlier command
-                    did |= self._drain(sq, mem)
-            if 0 in self.cqs:
-                for cid, dw0 in self.events.take():
-                    self._post(self.cqs[0], self.sqs[0], cid, (Status.SUCCESS, False, dw0))
-                    did = True
-        except GuestMemoryError as exc:  # a queue entry or shadow buffer is unreachable
-            self.fatal(str(exc))
-        except Exception as exc:  # a bug: the controller fails, the process lives on
-            log.exception("nvme: processing failed")
-            self.fatal(repr(exc))
-        finally:
-            self._running = False
-        self._interrupts()
-        self._owed = True  # (the next poll is Python's: it sees what is left)
-        return did
-
-    def _drain(self, sq: SubmissionQueue, mem: ClientMemory) -> bool:
-        """Run up to one ring's worth of ``sq``'s commands (GuestMemoryError: fatal).
-
-        With the native fast path the C code runs the entries it can in
-        batches (:func:`~appliance.storage.native_io.run_batch`); each entry it
-        hands back runs here, one at a time.
-        """
-        cq, done = self.cqs[sq.cqid], 0
-        regions: MappedRegions | None = None
-        looked = False  # regions looked up (only once there is work)
-        python_next = False  # the entry at the head is Python's
-        while True:
-            self._sync(sq, mem)
-            while not sq.empty and done < min(sq.size, SQ_BUDGET) and cq.has_room(mem):
-                if not looked:
-                    regions, looked = native_memory(self, sq), True
-                if regions and not python_next and self.native is not None:
-                    ran, python_next = run_batch(self, self.native, regions, sq, cq,
-                                                 min(sq.size, SQ_BUDGET) - done)
-                    done += ran
-                    if ran:
-                        continue
-                python_next = False
-                try:
-                    cmd = sq.fetch(mem)
-                except DmaPending:  # the entry is on its way: this SQ goes on then
-                    return done > 0
-                if sq.qid == 0 or cmd.opcode not in PLAN_KEEPING_OPCODES:
-                    self.drop_native_plan()  # (queues, features, namespaces, marks may change)
-                self.submit(NvmeRequest(sq, cmd))
-                done += 1
-                if self.regs.state is not CtrlState.READY or self.sqs.get(sq.qid) is not sq:
-                    return True
-            if sq.shadow is None or not sq.empty or done >= min(sq.size, SQ_BUDGET):
-                return done > 0
-            # EventIdx = the tail consumed, so the host's next update rings; then
-            # re-read the shadow: the host may have moved before it saw the EventIdx.
-            sq.shadow.publish(mem, sq.tail)
-            self._sync(sq, mem)
-            if sq.empty:
-                return done > 0
-
-    def _sync(self, queue: SubmissionQueue | CompletionQueue, mem: ClientMemory) -> None:
-        try:
-            taken = queue.sync(mem)
-        except DmaPending:  # the shadow value is on its way: the next pass takes it
-            return
-        if not taken:
-            self._doorbell_error(EventInfo.INVALID_DOORBELL_VALUE,
-                                 f"queue {queue.qid} shadow doorbell value")
-
-    def _post(self, cq: CompletionQueue, sq: SubmissionQueue, cid: int, result: Result) -> None:
-        status, dnr, dw0 = result
-        self._owed = True  # (a completion outside a pass: its interrupt is Python's)
-        if cq.qid == 0:
-            self._adopt_queues()  # a queue this command created, before the host may ring it
-        cq.post(self.mem, Completion(dw0=dw0 & 0xFFFFFFFF, dw1=dw0 >> 32, sq_head=sq.head,
-                                     sq_id=sq.qid, cid=cid, status=status_field(status, dnr, 0)))
-
-    def record_error(self, qid: int, cmd: Command, status: int, dnr: bool,
-                     lba: int | None = None) -> None:
-        """Count a failed command and add its Error Information log entry.
-
-        ``lba``: the first LBA that saw the error; by default the command's
-        SLBA for an I/O command that has one.  Media errors (status code type
-        2) also count in SMART's Media and Data Integrity Errors.
-        """
-        self.counters["errors"] += 1
-        if status >> 8 == 2:
-            self.counters["media_errors"] += 1
-        if lba is None:
-            lba = cmd.cdw10 | cmd.cdw11 << 32 if qid and cmd.opcode in LBA_OPCODES else 0
-        self.error_log.add(qid, cmd.cid, status, dnr, cmd.nsid, lba)
-
-    def _interrupts(self) -> None:
-        if self.memory is not None and self.memory.writes_in_flight:
-            return  # after the client acknowledged the entries (the last reply runs us again)
-        if self.irq_mode == PciIrq.INTX:
-            self._update_intx()
-            return
-        for cq in self.cqs.values():
-            if cq.unsignalled:
-                cq.unsignalled = False
-                if cq.ien and not (self.faults is not None  # fault hook: a lost interrupt
-                                   and self.faults.drop_interrupt(cq.qid)):
-                    self.signal(cq.vector)
-                    self.counters["interrupts"] += 1
-
-    def _update_intx(self) -> None:
-        """INTx is a level: asserted while an IEN CQ holds entries and INTMS bit 0 is clear."""
-        level = False
-        for cq in self.cqs.values():
-            cq.unsignalled = False
-            if cq.shadow is not None and self.memory is not None:
-                self.memory.scope = self._queue_dma
-                try:  # a stale head would keep the level up: read it, and ask for rings
-                    cq.sync(self.memory)
-                    cq.shadow.publish(self.memory, cq.head)
-                except DmaPending:
-                    pass  # the value is on its way; its arrival runs a pass
-                except GuestMemoryError as exc:
-                    self.fatal(str(exc))
-            level |= cq.ien and cq.outstanding > 0
-        level &= not self.regs.intms & 1
-        if level and not self.intx_asserted:
-            self.signal(0)
-            self.counters["interrupts"] += 1
-        elif not level and self.intx_asserted:
-            self.deassert_intx()
 
     def _reset_controller(self) -> None:
         """Controller reset (section 7.3.2): queues, held commands, features, shadows go."""

@@ -25,7 +25,8 @@ state the arc started from, so that is the state kept and reported; an
 unexpected failure leaves no valid state and moves to ERROR, which only
 DEVICE_RESET leaves (:meth:`VfioUserMigration.device_reset`).
 
-The stream (see :mod:`appliance.vfio_user.migration_stream` and docs/migration.md):
+The stream (see :mod:`appliance.vfio_user.migration_stream` and docs/migration.md;
+the saving side is :mod:`appliance.vfio_user.migration_saving`):
 
 * PRE_COPY reads come in *rounds*.  The first read, and the first read
   after a short one, opens a round: a DIRTY_ROUND record carrying
@@ -47,9 +48,7 @@ The stream (see :mod:`appliance.vfio_user.migration_stream` and docs/migration.m
 
 from __future__ import annotations
 
-import enum
 import errno
-import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,12 +59,15 @@ from appliance.memory import ClientMemory, DirtyLog
 from appliance.protocol_common import Reject, require
 from appliance.vfio_user import wire as w
 from appliance.vfio_user.connection_state import MAX_DATA_XFER_SIZE, MIG_MAX_BITMAP_SIZE, NotYet
+from appliance.vfio_user.dma_logging import DmaLog, logging_report, start_logging
 from appliance.vfio_user.migration_channel import (
     ChannelFactory,
     ChannelSession,
     parse_channel_sync,
 )
+from appliance.vfio_user.migration_saving import SavingSession
 from appliance.vfio_user.migration_states import (
+    ALLOWED,
     ARCS,
     SUPPORTED_FLAGS,
     MigState,
@@ -76,12 +78,10 @@ from appliance.vfio_user.migration_stream import (
     DEVICE_RECORDS,
     DirtyRoundFlag,
     HeaderFlag,
-    Record,
     RecordType,
     StreamError,
     StreamReader,
     StreamWriter,
-    dirty_round,
     parse_dirty_round,
 )
 
@@ -126,49 +126,8 @@ FEATURES: dict[Feature, FeatureSpec] = {
                                                w.MigChannel.SIZE),
 }
 
-MAX_LOG_RANGES = 256  # the kernel's LOG_MAX_RANGES (a page of ranges); more is E2BIG
-MIN_LOG_PAGE = 4096
 
-# ------------------------------------------------------------ per-state command allow-list
 C = w.Command
-# Commands that never change the device: allowed in every migration state.  The
-# migration commands themselves are always dispatched and refuse wrong states
-# with EINVAL (MIG_DATA_READ outside the saving group, MIG_DATA_WRITE outside
-# RESUMING), as libvfio-user does.
-ALWAYS = frozenset({
-    C.VERSION, C.DMA_MAP, C.DMA_UNMAP, C.DEVICE_GET_INFO, C.DEVICE_GET_REGION_INFO,
-    C.DEVICE_GET_REGION_IO_FDS, C.DEVICE_GET_IRQ_INFO, C.DEVICE_RESET, C.DEVICE_FEATURE,
-    C.MIG_DATA_READ, C.MIG_DATA_WRITE,
-})
-ALLOWED: dict[MigState, frozenset[w.Command]] = {
-    # The device runs normally: everything.
-    MigState.RUNNING: frozenset(w.Command),
-    MigState.PRE_COPY: frozenset(w.Command),
-    # "The device does not change the internal or external state": no region
-    # writes.  Reads have no side effects; interrupt wiring is the client's.
-    MigState.STOP: ALWAYS | {C.REGION_READ, C.DEVICE_SET_IRQS},
-    # The saved state must stay what the reads return: no SET_IRQS either
-    # (an unmask would deliver and clear pending bits).
-    MigState.STOP_COPY: ALWAYS | {C.REGION_READ},
-    # The device is being loaded: no region access; the destination's client
-    # may wire its interrupts.
-    MigState.RESUMING: ALWAYS | {C.DEVICE_SET_IRQS},
-    # "The device has failed and must be reset."
-    MigState.ERROR: ALWAYS,
-}
-
-
-
-def allow_list_markdown() -> str:
-    """:data:`ALLOWED` as a Markdown table (for docs/migration.md)."""
-    extra = sorted(set(w.Command) - ALWAYS - w.SERVER_TO_CLIENT, key=int)
-    lines = ["| state | " + " | ".join(c.name for c in extra) + " |",
-             "|---|" + "---|" * len(extra)]
-    for state, allowed in ALLOWED.items():
-        cells = ["yes" if c in allowed else "EBUSY" for c in extra]
-        lines.append(f"| {state.name} | " + " | ".join(cells) + " |")
-    always = ", ".join(c.name for c in sorted(ALWAYS, key=int))
-    return "\n".join(lines) + f"\n\nAllowed in every state: {always}.\n"
 
 
 # ------------------------------------------------------------ arcs -> device calls
@@ -184,40 +143,6 @@ ARC_ACTIONS: dict[tuple[MigState, MigState], str] = {
     (MigState.RESUMING, MigState.STOP): "_arc_end_resuming",
 }
 assert set(ARC_ACTIONS) == {(a, b) for a, targets in ARCS.items() for b in targets}
-
-MIN_PRECOPY_CHUNK = 64 * 1024  # what precopy_records is asked for at least
-
-
-class RoundPhase(enum.Enum):
-    """Where the pre-copy reader is inside a round."""
-
-    IDLE = "idle"  # the next read opens a round
-    OPEN = "open"  # records are still added as reads need them
-    DRAINING = "draining"  # budget spent or nothing dirty: the queue empties, then a short read
-
-
-def _power_of_two(n: int) -> bool:
-    return n > 0 and not n & (n - 1)
-
-
-@dataclass
-class DmaLog:
-    """A running DMA_LOGGING session."""
-
-    page_size: int
-    ranges: list[tuple[int, int]]  # sorted, non-overlapping (iova, length); [] = everything
-
-    def covers(self, iova: int, length: int) -> bool:
-        if not self.ranges:
-            return True
-        pos, end = iova, iova + length
-        for start, size in self.ranges:
-            if start <= pos < start + size:
-                pos = start + size
-                if pos >= end:
-                    return True
-        return False
-
 
 class VfioUserMigration:
     """Migration state, stream and dirty logging of one vfio-user connection."""
@@ -249,13 +174,9 @@ class VfioUserMigration:
         self.wake: Callable[[], None] | None = None
         self.quiesced = False  # migration_stop() called and not yet undone
         self.dma_log: DmaLog | None = None
-        self._writer: StreamWriter | None = None
+        self._saving: SavingSession | None = None
         self._reader: StreamReader | None = None
         self._resume_error: LocalProtocolError | StreamRefused | None = None
-        self._phase = RoundPhase.IDLE
-        self._round = 0
-        self._budget = 0
-        self._final_started = False
         self._save_error: Exception | None = None
         self.counters = {"bytes_read": 0, "bytes_written": 0, "rounds": 0, "transitions": 0}
         self._fds: list[int] = []  # the command's fds (only the channel SET takes one)
@@ -392,7 +313,8 @@ class VfioUserMigration:
         if feature is Feature.APPLIANCE_MIG_CHANNEL:
             return self.channel.describe()
         assert feature is Feature.DMA_LOGGING_REPORT
-        return self._log_report(argsz, data)
+        return logging_report(argsz, data, self.dma_log, self.memory.dirty_log,
+                              self.max_bitmap_size)
 
     def _feature_set(self, feature: Feature, argsz: int, data: bytes) -> bytes:
         if feature is Feature.MIG_DEVICE_STATE:
@@ -400,7 +322,9 @@ class VfioUserMigration:
             self.set_state(req.device_state)
             return MigStateData(device_state=self.state).pack()
         if feature is Feature.DMA_LOGGING_START:
-            return self._log_start(argsz, data)
+            self.dma_log, reply = start_logging(argsz, data, self.dma_log)
+            self.memory.dirty_log = DirtyLog(self.dma_log.page_size)
+            return reply
         if feature is Feature.APPLIANCE_MIG_OPTIONS:
             opts = w.MigOptions.unpack(data)
             require(not opts.options & w.MIG_OPTIONS_RESERVED and not opts.reserved, errno.EINVAL,
@@ -465,8 +389,8 @@ class VfioUserMigration:
 
     def _drop_sessions(self) -> None:
         self.channel.end_session()
-        if self._writer is not None:
-            self._writer = None
+        if self._saving is not None:
+            self._saving = None
             self._quietly(self.device.stop_tracking)
         if self._reader is not None:
             self._reader = None
@@ -495,15 +419,12 @@ class VfioUserMigration:
         except BaseException:
             self.device.stop_tracking()
             raise
-        self._writer = writer
-        self._phase = RoundPhase.IDLE
-        self._round = 0
-        self._budget = 0
-        self._final_started = False
+        self._saving = SavingSession(writer, self.device, self.channel, self.shared_storage,
+                                     self.counters)
         self._save_error = None
 
     def _arc_end_saving(self) -> None:
-        self._writer = None
+        self._saving = None
         self.channel.end_session()
         self.device.stop_tracking()
 
@@ -566,8 +487,7 @@ class VfioUserMigration:
         if self._save_error is not None:
             raise Reject(f"saving session failed: {self._save_error}", errno.EIO)
         try:
-            parts = (self._produce(req.size) if self.channel.active is None
-                     else self._produce_channel(req.size))
+            parts = self._produce(req.size)
         except NotYet:
             raise
         except Exception as exc:  # records may be lost: this session cannot continue
@@ -582,89 +502,9 @@ class VfioUserMigration:
         return [head, *parts]  # sent gathered by the runtime: no copy of the data here
 
     def _produce(self, size: int) -> list[memoryview]:
-        """Up to ``size`` stream bytes, as views of the queued records."""
-        writer = self._writer
-        assert writer is not None
-        device = self.device
-        if self.state is MigState.STOP_COPY:
-            if not self._final_started:
-                self._final_started = True
-                self._phase = RoundPhase.DRAINING
-                writer.add(dirty_round(self._round, self._pending(), final=True))
-                self._round += 1
-            while writer.pending < size and not writer.finished:
-                records = self._bulk(max(size - writer.pending, MIN_PRECOPY_CHUNK))
-                if not records:
-                    writer.add_all(device.save_state())
-                    writer.finish()
-                else:
-                    writer.add_all(records)
-            return writer.read_parts(size)
-        if self._phase is RoundPhase.IDLE:
-            self._budget = self._pending()
-            writer.add(dirty_round(self._round, self._budget))
-            self._round += 1
-            self.counters["rounds"] += 1
-            self._phase = RoundPhase.OPEN
-        while self._phase is RoundPhase.OPEN and writer.pending < size:
-            records = self._bulk(max(size - writer.pending, MIN_PRECOPY_CHUNK))
-            writer.add_all(records)
-            self._budget -= sum(len(r.payload) for r in records)
-            if not records or self._budget <= 0:
-                self._phase = RoundPhase.DRAINING
-        parts = writer.read_parts(size)
-        if sum(len(part) for part in parts) < size:
-            self._phase = RoundPhase.IDLE  # the short read ended the round
-        return parts
-
-    def _produce_channel(self, size: int) -> list[memoryview]:
-        """:meth:`_produce` with a data channel: bulk data goes to the channel, the
-        stream gets a CHANNEL_SYNC (what the channel carried) before each round
-        marker and before the device state.
-
-        Raises:
-            NotYet: the channel must drain first (a sync needs an idle channel).
-            LocalProtocolError: the channel failed.
-        """
-        writer, chan = self._writer, self.channel
-        assert writer is not None
-        chan.check_source()
-        if self.state is MigState.STOP_COPY:
-            if not self._final_started:
-                self._final_started = True
-                self._phase = RoundPhase.DRAINING
-                writer.add(dirty_round(self._round, self._pending(), final=True))
-                self._round += 1
-            while writer.pending < size and not writer.finished:
-                if chan.fill(self._pending()):
-                    continue
-                writer.add(chan.sync_record(final=True))  # NotYet until the channel drained
-                writer.add_all(self.device.save_state())
-                writer.finish()
-            return writer.read_parts(size)
-        if self._phase is RoundPhase.IDLE:
-            sync = chan.sync_record(final=False)  # NotYet until the last round was sent
-            writer.add(sync)
-            self._budget = self._pending()
-            writer.add(dirty_round(self._round, self._budget))
-            self._round += 1
-            self.counters["rounds"] += 1
-            self._phase = RoundPhase.OPEN
-        if self._phase is RoundPhase.OPEN:
-            # The whole round's ranges go to the channel now (descriptors, not data).
-            chan.fill(self._budget)
-            self._phase = RoundPhase.DRAINING
-        parts = writer.read_parts(size)
-        if sum(len(part) for part in parts) < size:
-            self._phase = RoundPhase.IDLE  # the short read ended the round
-        return parts
-
-    def _pending(self) -> int:
-        """Bulk bytes still to send (none with shared storage: the images are the same)."""
-        return 0 if self.shared_storage else self.device.precopy_pending()
-
-    def _bulk(self, max_bytes: int) -> list[Record]:
-        return [] if self.shared_storage else self.device.precopy_records(max_bytes)
+        saving = self._saving
+        assert saving is not None
+        return saving.produce(size, final=self.state is MigState.STOP_COPY)
 
     def _data_write(self, payload: bytes) -> bytes:
         require(len(payload) >= w.MigDataHead.SIZE, errno.EINVAL, "short MIG_DATA_WRITE")
@@ -709,109 +549,3 @@ class VfioUserMigration:
             raise Reject(f"staging migration data: {exc!r}", errno.EIO) from None
         self.counters["bytes_written"] += len(data)
         return b""
-
-    # ------------------------------------------------------------ DMA logging
-    def _log_start(self, argsz: int, data: bytes) -> bytes:
-        ctl = DmaLoggingControl.unpack(data)
-        require(self.dma_log is None, errno.EBUSY, "DMA logging already started")
-        require(not ctl.reserved, errno.EINVAL, "DMA_LOGGING_START reserved field set")
-        require(ctl.num_ranges <= MAX_LOG_RANGES, errno.E2BIG,
-                f"{ctl.num_ranges} ranges > {MAX_LOG_RANGES}")
-        needed = DmaLoggingControl.SIZE + ctl.num_ranges * DmaLoggingRange.SIZE
-        require(len(data) >= needed and argsz >= w.DeviceFeatureHead.SIZE + needed, errno.EINVAL,
-                f"DMA_LOGGING_START: {ctl.num_ranges} ranges need {needed} bytes")
-        require(_power_of_two(ctl.page_size), errno.EINVAL,
-                f"DMA logging page size {ctl.page_size:#x} is not a power of two")
-        # "If the device cannot do the hinted page size then it's the driver's choice
-        # which page size to pick": smaller than 4 KiB becomes 4 KiB.
-        page_size = max(ctl.page_size, MIN_LOG_PAGE)
-        ranges = []
-        for i in range(ctl.num_ranges):
-            r = DmaLoggingRange.unpack(data, DmaLoggingControl.SIZE + i * DmaLoggingRange.SIZE)
-            require(r.length > 0 and r.iova % page_size == 0 and r.length % page_size == 0, errno.EINVAL,
-                    f"range {r.iova:#x}+{r.length:#x} not aligned to {page_size:#x}")
-            require(r.iova + r.length <= 1 << 64, errno.EOVERFLOW,
-                    f"range {r.iova:#x}+{r.length:#x} overflows")
-            ranges.append((r.iova, r.length))
-        ranges.sort()
-        for (a, a_len), (b, _) in itertools.pairwise(ranges):
-            require(a + a_len <= b, errno.EINVAL, f"ranges at {a:#x} and {b:#x} overlap")
-        self.dma_log = DmaLog(page_size, ranges)
-        self.memory.dirty_log = DirtyLog(page_size)
-        reply = ctl.replace(page_size=page_size).pack()
-        return reply + data[DmaLoggingControl.SIZE:needed]
-
-    def _log_report(self, argsz: int, data: bytes) -> bytes:
-        require(len(data) >= DmaLoggingReport.SIZE, errno.EINVAL,
-                f"DMA_LOGGING_REPORT data of {len(data)} bytes")
-        req = DmaLoggingReport.unpack(data)
-        dma_log, dirty = self.dma_log, self.memory.dirty_log
-        require(dma_log is not None and dirty is not None, errno.EINVAL, "DMA logging not started")
-        assert dma_log is not None and dirty is not None
-        require(req.page_size >= MIN_LOG_PAGE and _power_of_two(req.page_size), errno.EINVAL,
-                f"report page size {req.page_size:#x}")
-        require(req.length > 0, errno.EINVAL, "empty report range")
-        require(req.iova + req.length <= 1 << 64, errno.EOVERFLOW,
-                f"report range {req.iova:#x}+{req.length:#x} overflows")
-        require(dma_log.covers(req.iova, req.length), errno.EINVAL,
-                f"report range {req.iova:#x}+{req.length:#x} is not being logged")
-        # The reply is built whole, so its size is what bounds the memory a request
-        # costs: a bitmap larger than max_bitmap_size (announced in VERSION, at most
-        # the message size limit) is refused before anything is allocated.
-        nbits = -(-req.length // req.page_size)
-        nbytes = -(-nbits // 64) * 8
-        require(nbytes <= self.max_bitmap_size, errno.E2BIG,
-                f"bitmap of {nbytes} bytes > {self.max_bitmap_size}")
-        require(argsz >= w.DeviceFeatureHead.SIZE + DmaLoggingReport.SIZE + nbytes, errno.EINVAL,
-                f"argsz {argsz} too small for a {nbytes}-byte bitmap")
-        return req.pack() + report_bitmap(dirty, req.iova, req.length, req.page_size)
-
-
-def report_bitmap(dirty: DirtyLog, iova: int, length: int, page_size: int) -> bytes:
-    """The DMA_LOGGING_REPORT bitmap of ``[iova, iova+length)``, clearing what it reports.
-
-    Bit ``n`` (u64 word ``n // 64``, bit ``n % 64``, little-endian) reports
-    the ``page_size`` unit at ``iova + n * page_size``, as the kernel's
-    iova_bitmap lays it out (the spec's formula writes ``addr % 64`` where it
-    means that bit index).  Logged pages larger than ``page_size`` set
-    several bits, smaller ones share a bit.  A logged page only partly inside
-    the range is reported but stays dirty (it is reported again with its
-    other part), so no write is ever lost.
-
-    The bitmap is one bytearray of the reply's size, filled in place (the
-    caller bounds that size); each dirty page costs work in proportion to the
-    bits it sets, not to the bitmap.
-
-    Returns:
-        ``ceil(ceil(length / page_size) / 64) * 8`` bytes.
-    """
-    end = iova + length
-    nbits = -(-length // page_size)
-    bitmap = bytearray(-(-nbits // 64) * 8)
-    lps = dirty.page_size
-    first, last = iova // lps, (end - 1) // lps
-    cleared = []
-    for page in dirty.pages:
-        if not first <= page <= last:
-            continue
-        start = page * lps
-        lo, hi = max(start, iova), min(start + lps, end)
-        _set_bits(bitmap, (lo - iova) // page_size, (hi - 1 - iova) // page_size)
-        if iova <= start and start + lps <= end:
-            cleared.append(page)
-    dirty.pages.difference_update(cleared)
-    return bytes(bitmap)
-
-
-def _set_bits(bitmap: bytearray, first: int, last: int) -> None:
-    """Set bits ``first..last`` (inclusive; bit n is bit n % 8 of byte n // 8)."""
-    while first <= last and first % 8:
-        bitmap[first >> 3] |= 1 << (first & 7)
-        first += 1
-    whole = (last + 1 - first) >> 3
-    if whole > 0:
-        bitmap[first >> 3:(first >> 3) + whole] = b"\xff" * whole
-        first += whole << 3
-    while first <= last:
-        bitmap[first >> 3] |= 1 << (first & 7)
-        first += 1

@@ -24,6 +24,9 @@ A SET of the device state walks :func:`path` one arc at a time and notifies
 the device on every hop (one arc at a time, never a jump to the target), so
 a device only ever implements the direct arcs.
 
+Each state has a command allow-list (:data:`ALLOWED`), asked before any
+command is dispatched (a refusal is an EBUSY error reply).
+
 :func:`diagram` renders the arcs table as Mermaid or Graphviz text for
 docs/migration.md ("generate doc diagrams from the tables").
 """
@@ -37,6 +40,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from appliance.errors import LocalProtocolError
+from appliance.vfio_user import wire as w
 
 
 class MigState(enum.IntEnum):
@@ -235,3 +239,43 @@ def next_hop_markdown() -> str:
         lines.append(f"| **{current.name}** | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
+
+C = w.Command
+
+# Commands that never change the device: allowed in every migration state.  The
+# migration commands themselves are always dispatched and refuse wrong states
+# with EINVAL (MIG_DATA_READ outside the saving group, MIG_DATA_WRITE outside
+# RESUMING), as libvfio-user does.
+ALWAYS = frozenset({
+    C.VERSION, C.DMA_MAP, C.DMA_UNMAP, C.DEVICE_GET_INFO, C.DEVICE_GET_REGION_INFO,
+    C.DEVICE_GET_REGION_IO_FDS, C.DEVICE_GET_IRQ_INFO, C.DEVICE_RESET, C.DEVICE_FEATURE,
+    C.MIG_DATA_READ, C.MIG_DATA_WRITE,
+})
+ALLOWED: dict[MigState, frozenset[w.Command]] = {
+    # The device runs normally: everything.
+    MigState.RUNNING: frozenset(w.Command),
+    MigState.PRE_COPY: frozenset(w.Command),
+    # "The device does not change the internal or external state": no region
+    # writes.  Reads have no side effects; interrupt wiring is the client's.
+    MigState.STOP: ALWAYS | {C.REGION_READ, C.DEVICE_SET_IRQS},
+    # The saved state must stay what the reads return: no SET_IRQS either
+    # (an unmask would deliver and clear pending bits).
+    MigState.STOP_COPY: ALWAYS | {C.REGION_READ},
+    # The device is being loaded: no region access; the destination's client
+    # may wire its interrupts.
+    MigState.RESUMING: ALWAYS | {C.DEVICE_SET_IRQS},
+    # "The device has failed and must be reset."
+    MigState.ERROR: ALWAYS,
+}
+
+
+def allow_list_markdown() -> str:
+    """:data:`ALLOWED` as a Markdown table (for docs/migration.md)."""
+    extra = sorted(set(w.Command) - ALWAYS - w.SERVER_TO_CLIENT, key=int)
+    lines = ["| state | " + " | ".join(c.name for c in extra) + " |",
+             "|---|" + "---|" * len(extra)]
+    for state, allowed in ALLOWED.items():
+        cells = ["yes" if c in allowed else "EBUSY" for c in extra]
+        lines.append(f"| {state.name} | " + " | ".join(cells) + " |")
+    always = ", ".join(c.name for c in sorted(ALWAYS, key=int))
+    return "\n".join(lines) + f"\n\nAllowed in every state: {always}.\n"

@@ -29,214 +29,84 @@ stream"), so the stream frames itself: a sequence of records, each a fixed
 returns only records whose checksum verified; it never buffers more than one
 record (head + at most :data:`MAX_PAYLOAD` bytes) and stops for good at the
 first error (:class:`StreamError`, whose ``errno`` is what the vfio-user
-error reply carries).  Record payload layouts are declared below as
-:class:`~appliance.wire.Struct` s; docs/migration.md describes the format.
+error reply carries).  Record layouts are declared in
+:mod:`~appliance.vfio_user.migration_records`, their builders and parsers are
+:mod:`~appliance.vfio_user.migration_payloads` (both re-exported here, where
+their callers import them); docs/migration.md describes the format.
 """
 
 from __future__ import annotations
 
-import enum
 import errno
 from collections import deque
-from dataclasses import dataclass
-from typing import Annotated, TypeVar
 
 import xxhash
 
-from appliance.errors import StreamRefused
-from appliance.wire import U16, U32, U64, Struct, WireError
+from appliance.vfio_user.migration_payloads import (
+    device_state,
+    dirty_round,
+    namespace_blocks,
+    namespace_metadata,
+    parse_blocks_head,
+    parse_device_state,
+    parse_dirty_round,
+    parse_metadata_head,
+    parse_namespace_blocks,
+)
+from appliance.vfio_user.migration_records import (
+    BLOCKS_FLAGS_RESERVED,
+    BULK_ELSEWHERE,
+    CHECKED_HEAD,
+    DATA_RECORDS,
+    DEVICE_RECORDS,
+    FORMAT_VERSION,
+    HEADER_FLAGS_RESERVED,
+    MAGIC,
+    MAX_FINGERPRINT,
+    MAX_PAYLOAD,
+    MAX_ZERO_RUN,
+    ONCE,
+    PAYLOAD_SIZES,
+    RECORD_FLAGS_RESERVED,
+    ROUND_MARKER_SIZE,
+    BlocksFlag,
+    BlocksHead,
+    ChannelSync,
+    ChannelSyncFlag,
+    DeviceKind,
+    DeviceStateHead,
+    DirtyRound,
+    DirtyRoundFlag,
+    EndPayload,
+    HeaderFlag,
+    MetadataHead,
+    Record,
+    RecordHead,
+    RecordType,
+    StreamError,
+    StreamHeader,
+    record_checksum,
+    stream_digest,
+)
 
-MAGIC = b"AMIG"
-FORMAT_VERSION = 2  # 2: xxh3_64 checksums and digest (1: xxh64)
-MAX_PAYLOAD = 16 << 20  # one record's payload, at most
-MAX_FINGERPRINT = 1024
+__all__ = [
+    "BLOCKS_FLAGS_RESERVED", "BULK_ELSEWHERE", "CHECKED_HEAD", "DATA_RECORDS", "DEVICE_RECORDS",
+    "FORMAT_VERSION", "HEADER_FLAGS_RESERVED", "KEEP_VIEW", "MAGIC", "MAX_FINGERPRINT",
+    "MAX_PAYLOAD", "MAX_ZERO_RUN", "ONCE", "PAYLOAD_SIZES", "RECORD_FLAGS_RESERVED",
+    "ROUND_MARKER_SIZE", "BlocksFlag", "BlocksHead", "ChannelSync", "ChannelSyncFlag",
+    "DeviceKind", "DeviceStateHead", "DirtyRound", "DirtyRoundFlag", "EndPayload", "HeaderFlag",
+    "MetadataHead", "Record", "RecordHead", "RecordType", "StreamError", "StreamHeader",
+    "StreamReader", "StreamWriter", "device_state", "dirty_round", "namespace_blocks",
+    "namespace_metadata", "parse_blocks_head", "parse_device_state", "parse_dirty_round",
+    "parse_metadata_head", "parse_namespace_blocks", "record_checksum", "stream_digest",
+]
+
 KEEP_VIEW = 64 * 1024  # a reader keeps pieces this large of immutable chunks as views
-
-_S = TypeVar("_S", bound=Struct)
-
-
-class RecordType(enum.IntEnum):
-    """What a record's payload holds."""
-
-    HEADER = 1  # StreamHeader + fingerprint
-    PCI_CONFIG = 2  # PCI config space + interrupt configuration (migrate.device)
-    MSIX = 3  # MSI-X table, PBA, mask state (migrate.device)
-    DEVICE_STATE = 4  # DeviceStateHead + a device type's own blob
-    NAMESPACE_BLOCKS = 5  # BlocksHead + data
-    DIRTY_ROUND = 6  # DirtyRound marker
-    END = 7  # EndPayload
-    # Live handoff only (appliance.runtime.handoff.channel): a JSON manifest of the
-    # connections that move with their fds; never part of a vfio-user stream.
-    HANDOFF = 8
-    NAMESPACE_METADATA = 9  # MetadataHead + the metadata of a run of blocks
-    # Data channel only (a stream whose HEADER has DATA_CHANNEL): the channel's
-    # record and byte counts so far (appliance.vfio_user.migration_channel).
-    CHANNEL_SYNC = 10
-
-
-# Records a device gets; HEADER, DIRTY_ROUND, END (and HANDOFF) belong to the stream.
-DEVICE_RECORDS = frozenset({RecordType.PCI_CONFIG, RecordType.MSIX, RecordType.DEVICE_STATE,
-                            RecordType.NAMESPACE_BLOCKS, RecordType.NAMESPACE_METADATA})
-# What a shared-storage stream never carries: the namespaces' contents.
-DATA_RECORDS = frozenset({RecordType.NAMESPACE_BLOCKS, RecordType.NAMESPACE_METADATA})
-# Record flags: none defined yet; every bit is reserved and must be 0.
-RECORD_FLAGS_RESERVED = 0xFFFF
-# Types that may appear at most once per stream.
-ONCE = frozenset({RecordType.HEADER, RecordType.PCI_CONFIG, RecordType.MSIX, RecordType.END,
-                  RecordType.HANDOFF})
-
-
-class RecordHead(Struct, size=24):
-    magic: Annotated[bytes, "4s"] = MAGIC
-    type: U16 = 0
-    flags: U16 = 0
-    length: U32 = 0  # payload bytes
-    seq: U32 = 0  # record index from 0
-    checksum: U64 = 0  # xxh3_64(head[:16] + payload)
-
-
-CHECKED_HEAD = 16  # bytes of the head covered by its checksum
-
-
-class StreamHeader(Struct, size=8):
-    """HEADER payload; ``fingerprint_len`` bytes of fingerprint follow."""
-
-    version: U16 = FORMAT_VERSION
-    flags: U16 = 0  # HeaderFlag
-    fingerprint_len: U16 = 0
-    reserved: U16 = 0
-
-
-class HeaderFlag(enum.IntFlag):
-    """HEADER ``flags``: how the stream was made."""
-
-    # Both sides use the same images: no DATA_RECORDS follow (device state
-    # only).  A reader expecting the other mode refuses the stream at its HEADER.
-    SHARED_STORAGE = 0x1
-    # The bulk data travels on the negotiated data channel: no NAMESPACE_BLOCKS
-    # follow, CHANNEL_SYNC records say how much the channel carried.
-    DATA_CHANNEL = 0x2
-
-
-HEADER_FLAGS_RESERVED = 0xFFFF & ~int(HeaderFlag.SHARED_STORAGE | HeaderFlag.DATA_CHANNEL)
-
-
-# Streams whose bulk data does not travel in NAMESPACE_BLOCKS records.
-BULK_ELSEWHERE = HeaderFlag.SHARED_STORAGE | HeaderFlag.DATA_CHANNEL
 
 
 def _mode(flags: int) -> str:
     mode = "shared-storage (device state only)" if flags & HeaderFlag.SHARED_STORAGE else "full"
     return mode + (" data-channel" if flags & HeaderFlag.DATA_CHANNEL else "")
-
-
-class DeviceStateHead(Struct, size=8):
-    """DEVICE_STATE payload head; the device type's blob follows."""
-
-    kind: U16 = 0
-    version: U16 = 1
-    reserved: U32 = 0
-
-
-class DeviceKind(enum.IntEnum):
-    NVME_CONTROLLER = 1
-    NVME_NAMESPACES = 2  # a full stream's namespaces created at run time, before their data
-
-
-class BlocksHead(Struct, size=24):
-    """NAMESPACE_BLOCKS payload head; ``length`` data bytes follow (none with ZEROES)."""
-
-    nsid: U32 = 0
-    flags: U32 = 0
-    offset: U64 = 0
-    length: U64 = 0
-
-
-class BlocksFlag(enum.IntFlag):
-    ZEROES = 0x1  # the range reads as zeroes; no data bytes follow
-
-
-BLOCKS_FLAGS_RESERVED = 0xFFFFFFFF & ~int(BlocksFlag.ZEROES)
-MAX_ZERO_RUN = 1 << 40  # a ZEROES record covers at most this many bytes
-
-
-class MetadataHead(Struct, size=24):
-    """NAMESPACE_METADATA payload head; blocks ``slba .. slba+nlb-1``'s metadata
-    follows as a Read returns it in a separate buffer.  Only for blocks the
-    stream carried: NAMESPACE_BLOCKS leaves their metadata unwritten (FFh)."""
-
-    nsid: U32 = 0
-    reserved: U32 = 0
-    slba: U64 = 0
-    nlb: U64 = 0
-
-
-class DirtyRoundFlag(enum.IntFlag):
-    FINAL = 0x1  # the stop-and-copy round: what follows is the rest of the stream
-
-
-class DirtyRound(Struct, size=16):
-    """DIRTY_ROUND payload: a round of pre-copy (or the final one) begins."""
-
-    round: U32 = 0
-    flags: U32 = 0
-    pending: U64 = 0
-
-
-class ChannelSync(Struct, size=24):
-    """CHANNEL_SYNC payload: what the data channel carried before this record."""
-
-    records: U64 = 0
-    bytes: U64 = 0
-    flags: U32 = 0  # ChannelSyncFlag
-    reserved: U32 = 0
-
-
-class ChannelSyncFlag(enum.IntFlag):
-    FINAL = 0x1  # the channel carries nothing more in this stream
-
-
-class EndPayload(Struct, size=16):
-    """END payload: how many records came before, and the xxh3_64 of their bytes."""
-
-    records: U32 = 0
-    reserved: U32 = 0
-    digest: U64 = 0
-
-
-ROUND_MARKER_SIZE = RecordHead.SIZE + DirtyRound.SIZE
-
-
-class StreamError(StreamRefused):
-    """The stream is malformed, corrupt, out of order or for another device."""
-
-    def __init__(self, message: str, err: int = errno.EINVAL) -> None:
-        super().__init__(message, err)
-
-
-@dataclass(frozen=True)
-class Record:
-    """One record's type and payload (framing is the stream's business)."""
-
-    type: RecordType
-    payload: bytes
-
-    @property
-    def size(self) -> int:
-        """Bytes this record takes in the stream."""
-        return RecordHead.SIZE + len(self.payload)
-
-
-def record_checksum(head: bytes, payload: bytes | bytearray | memoryview) -> int:
-    """xxh3_64 over the head's first 16 bytes and the payload."""
-    h = xxhash.xxh3_64(head[:CHECKED_HEAD])
-    h.update(payload)
-    return h.intdigest()
-
-
-def stream_digest() -> xxhash.xxh3_64:
-    """A fresh hasher of END's digest (xxh3_64, seed 0) over the stream's bytes."""
-    return xxhash.xxh3_64()
 
 
 def _is_version_1_header(head: bytes, payload: bytes) -> bool:
@@ -247,142 +117,6 @@ def _is_version_1_header(head: bytes, payload: bytes) -> bool:
     h.update(payload)
     return (h.intdigest() == RecordHead.unpack(head).checksum
             and len(payload) >= StreamHeader.SIZE and StreamHeader.unpack(payload).version == 1)
-
-
-# ------------------------------------------------------------ record payload helpers
-def namespace_blocks(nsid: int, offset: int, data: bytes, *, elide_zeroes: bool = False) -> Record:
-    """A NAMESPACE_BLOCKS record: ``data`` at byte ``offset`` of namespace ``nsid``.
-
-    With ``elide_zeroes``, all-zero ``data`` becomes a ZEROES record carrying
-    only its length.
-    """
-    if elide_zeroes and data and not data[0] and data == bytes(len(data)):
-        head = BlocksHead(nsid=nsid, flags=BlocksFlag.ZEROES, offset=offset, length=len(data))
-        return Record(RecordType.NAMESPACE_BLOCKS, head.pack())
-    head = BlocksHead(nsid=nsid, offset=offset, length=len(data))
-    return Record(RecordType.NAMESPACE_BLOCKS, head.pack() + data)
-
-
-def parse_blocks_head(record: Record) -> tuple[BlocksHead, memoryview]:
-    """The head and data bytes of a NAMESPACE_BLOCKS record (no data for ZEROES).
-
-    The data is a view of the record's payload (no copy of a MiB record).
-
-    Raises:
-        StreamError: wrong type, short payload, reserved flags, or a length
-            that disagrees with the data.
-    """
-    head = _head(record, RecordType.NAMESPACE_BLOCKS, BlocksHead)
-    data = memoryview(record.payload)[BlocksHead.SIZE:]
-    if head.flags & BLOCKS_FLAGS_RESERVED:
-        raise StreamError(f"NAMESPACE_BLOCKS flags {head.flags:#x}")
-    if head.flags & BlocksFlag.ZEROES:
-        if data or not 0 < head.length <= MAX_ZERO_RUN:
-            raise StreamError(f"NAMESPACE_BLOCKS zero run of {head.length} with {len(data)} bytes")
-    elif head.length != len(data):
-        raise StreamError(f"NAMESPACE_BLOCKS length {head.length} != data {len(data)}")
-    return head, data
-
-
-def parse_namespace_blocks(record: Record) -> tuple[int, int, bytes]:
-    """``(nsid, offset, data)`` of a NAMESPACE_BLOCKS record (ZEROES expanded).
-
-    Raises:
-        StreamError: as :func:`parse_blocks_head`.
-    """
-    head, data = parse_blocks_head(record)
-    if head.flags & BlocksFlag.ZEROES:
-        return head.nsid, head.offset, bytes(head.length)
-    return head.nsid, head.offset, bytes(data)
-
-
-def namespace_metadata(nsid: int, slba: int, nlb: int, metadata: bytes) -> Record:
-    """A NAMESPACE_METADATA record: ``metadata`` of ``nlb`` blocks from ``slba``.
-
-    Raises:
-        ValueError: no blocks, or ``metadata`` is not ``nlb`` whole parts.
-    """
-    if nlb <= 0 or not metadata or len(metadata) % nlb:
-        raise ValueError(f"{len(metadata)} metadata bytes for {nlb} blocks")
-    head = MetadataHead(nsid=nsid, slba=slba, nlb=nlb)
-    return Record(RecordType.NAMESPACE_METADATA, head.pack() + metadata)
-
-
-def parse_metadata_head(record: Record) -> tuple[MetadataHead, memoryview]:
-    """The head and metadata bytes (a view) of a NAMESPACE_METADATA record.
-
-    Raises:
-        StreamError: wrong type, short payload, reserved field, no blocks, or
-            a length that is not ``nlb`` whole parts.
-    """
-    head = _head(record, RecordType.NAMESPACE_METADATA, MetadataHead)
-    data = memoryview(record.payload)[MetadataHead.SIZE:]
-    if head.reserved:
-        raise StreamError(f"NAMESPACE_METADATA reserved field {head.reserved:#x}")
-    if not head.nlb or len(data) % head.nlb or not data:
-        raise StreamError(f"NAMESPACE_METADATA of {head.nlb} blocks with {len(data)} bytes")
-    return head, data
-
-
-def device_state(kind: int, blob: bytes, version: int = 1) -> Record:
-    """A DEVICE_STATE record for device type ``kind``."""
-    head = DeviceStateHead(kind=kind, version=version)
-    return Record(RecordType.DEVICE_STATE, head.pack() + blob)
-
-
-def parse_device_state(record: Record) -> tuple[int, int, bytes]:
-    """``(kind, version, blob)`` of a DEVICE_STATE record.
-
-    Raises:
-        StreamError: wrong type, short payload or reserved bits set.
-    """
-    head = _head(record, RecordType.DEVICE_STATE, DeviceStateHead)
-    if head.reserved:
-        raise StreamError("DEVICE_STATE reserved field set")
-    return head.kind, head.version, record.payload[DeviceStateHead.SIZE:]
-
-
-def dirty_round(number: int, pending: int, final: bool = False) -> Record:
-    """A DIRTY_ROUND marker: round ``number`` starts with ``pending`` bytes dirty."""
-    flags = DirtyRoundFlag.FINAL if final else 0
-    marker = DirtyRound(round=number, flags=flags, pending=pending)
-    return Record(RecordType.DIRTY_ROUND, marker.pack())
-
-
-def parse_dirty_round(record: Record) -> DirtyRound:
-    """The marker of a DIRTY_ROUND record.
-
-    Raises:
-        StreamError: wrong type or size, or unknown flags.
-    """
-    head = _head(record, RecordType.DIRTY_ROUND, DirtyRound)
-    if head.flags & ~int(DirtyRoundFlag.FINAL):
-        raise StreamError(f"DIRTY_ROUND flags {head.flags:#x}")
-    return head
-
-
-def _head(record: Record, kind: RecordType, cls: type[_S]) -> _S:
-    if record.type != kind:
-        raise StreamError(f"expected a {kind.name} record, got {record.type.name}")
-    try:
-        return cls.unpack(record.payload)
-    except WireError as exc:
-        raise StreamError(f"{kind.name}: {exc}") from None
-
-
-# Payload size limits per type (min, max), checked from the head before buffering.
-_SIZES: dict[RecordType, tuple[int, int]] = {
-    RecordType.HEADER: (StreamHeader.SIZE, StreamHeader.SIZE + MAX_FINGERPRINT),
-    RecordType.PCI_CONFIG: (1, MAX_PAYLOAD),
-    RecordType.MSIX: (1, MAX_PAYLOAD),
-    RecordType.DEVICE_STATE: (DeviceStateHead.SIZE, MAX_PAYLOAD),
-    RecordType.NAMESPACE_BLOCKS: (BlocksHead.SIZE, MAX_PAYLOAD),
-    RecordType.DIRTY_ROUND: (DirtyRound.SIZE, DirtyRound.SIZE),
-    RecordType.END: (EndPayload.SIZE, EndPayload.SIZE),
-    RecordType.HANDOFF: (2, MAX_PAYLOAD),
-    RecordType.NAMESPACE_METADATA: (MetadataHead.SIZE + 1, MAX_PAYLOAD),
-    RecordType.CHANNEL_SYNC: (ChannelSync.SIZE, ChannelSync.SIZE),
-}
 
 
 # ------------------------------------------------------------ writer
@@ -437,7 +171,7 @@ class StreamWriter:
             raise ValueError(f"{record.type.name} in a shared-storage or data-channel stream")
         if record.type == RecordType.CHANNEL_SYNC and not self.flags & HeaderFlag.DATA_CHANNEL:
             raise ValueError("CHANNEL_SYNC in a stream without a data channel")
-        lo, hi = _SIZES[record.type]
+        lo, hi = PAYLOAD_SIZES[record.type]
         if not lo <= len(record.payload) <= hi:
             raise ValueError(f"{record.type.name} payload of {len(record.payload)} bytes")
         self._put(record.type, record.payload)
@@ -615,7 +349,7 @@ class StreamReader:
             raise StreamError(f"{where}: reserved flags {head.flags:#x}")
         if head.length > MAX_PAYLOAD:
             raise StreamError(f"{where}: {kind.name} length {head.length} exceeds {MAX_PAYLOAD}")
-        lo, hi = _SIZES[kind]
+        lo, hi = PAYLOAD_SIZES[kind]
         if not lo <= head.length <= hi:
             raise StreamError(f"{where}: {kind.name} length {head.length} not in {lo}..{hi}")
         if head.seq != self.records:

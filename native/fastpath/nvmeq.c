@@ -1,6 +1,6 @@
 /* The NVMe I/O queue path of the native fast path: see nvmeq.h.
  *
- * The Python code it mirrors (appliance/storage/controller.py _drain,
+ * The Python code it mirrors (appliance/storage/processing_pass.py _drain,
  * io.py read / write, prp.py, queues.py push) stays the reference.  The rule
  * that keeps the two identical: before an entry changes anything (the image,
  * guest memory, the queues) every check Python makes has passed here too;

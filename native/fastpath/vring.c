@@ -1,6 +1,7 @@
 /* The split virtqueue walker of the native fast path: see vring.h.
  *
- * Every rule below is the one of appliance/net/virtqueue.py, in the same
+ * Every rule below is the one of appliance/net/virtqueue.py and
+ * appliance/net/descriptor_chain.py, in the same
  * order, with the same message (the differential tests compare them).
  *
  * Ring fields the driver changes concurrently (indices, flags, ring entries)
@@ -140,7 +141,7 @@ static int pieces(const fp_ring *q, uint64_t addr, uint64_t len, int write,
     return 0;
 }
 
-/* SplitQueue._inside: one region holding the range decides; else the pieces. */
+/* descriptor_chain._inside: one region holding the range decides; else the pieces. */
 static int inside(const fp_ring *q, uint64_t addr, uint32_t len, int write)
 {
     const fp_region *r = find(q, addr);
@@ -160,7 +161,7 @@ static int too_long(const fp_ring *q, int write, char *why)
     REFUSE("readable buffers exceed %llu bytes", (unsigned long long)q->max_readable);
 }
 
-/* SplitQueue._walk: 0 with the chain in *c, or -1 with the reason in why. */
+/* descriptor_chain.walk_chain: 0 with the chain in *c, or -1 with the reason in why. */
 static int walk(fp_ring *q, uint16_t head, fp_chain *c, char *why)
 {
     uint32_t size = q->size;

@@ -1,9 +1,10 @@
 /* The split virtqueue walker of the native fast path (no Python API here).
  *
- * It mirrors appliance/net/virtqueue.py (SplitQueue.pop, _walk, _inside,
- * push, publish), which stays the reference: the same bounds, the same order
- * of checks, the same messages.  Guest memory is a sorted array of mapped
- * regions (guest address, size, host bytes); nothing outside them is touched.
+ * It mirrors appliance/net/virtqueue.py (SplitQueue.pop, push, publish) and
+ * appliance/net/descriptor_chain.py (walk_chain, _inside), which stay the
+ * reference: the same bounds, the same order of checks, the same messages.
+ * Guest memory is a sorted array of mapped regions (guest address, size, host
+ * bytes); nothing outside them is touched.
  */
 #ifndef APPLIANCE_FASTPATH_VRING_H
 #define APPLIANCE_FASTPATH_VRING_H

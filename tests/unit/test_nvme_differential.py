@@ -36,7 +36,7 @@ from test_nvme_driver import UNMAPPED, make_controller
 from appliance.client.nvme import NvmeDriver
 from appliance.config import NamespaceConfig
 from appliance.memory import DirtyLog
-from appliance.storage import controller as controller_mod
+from appliance.storage import processing_pass
 from appliance.storage.controller import NvmeController
 from appliance.storage.native_io import native_memory, run_batch
 from appliance.storage.spec import AdminOpcode, Command, FeatureId, IoOpcode
@@ -171,7 +171,7 @@ def test_the_c_path_runs_reads_and_writes(tmp_path: Path,
         ran.append(outcome)
         return outcome
 
-    monkeypatch.setattr(controller_mod, "run_batch", counted)
+    monkeypatch.setattr(processing_pass, "run_batch", counted)
     good = {"flags": 0, "nsid": 1, "slba": 8, "nlb": 15, "cdw12_bits": 0, "prp": "good",
             "seed": 1}
     commands = [dict(good, opcode=IoOpcode.WRITE), dict(good, opcode=IoOpcode.READ),
@@ -191,7 +191,7 @@ def test_tracing_keeps_the_io_queues_in_python(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Debug logging (``ctl trace on``) on: every command runs where it is logged."""
     ran: list[tuple[int, bool]] = []
-    monkeypatch.setattr(controller_mod, "run_batch", lambda *args: ran.append((0, True)) or (0, True))
+    monkeypatch.setattr(processing_pass, "run_batch", lambda *args: ran.append((0, True)) or (0, True))
     logger = logging.getLogger("appliance.storage")
     monkeypatch.setattr(logger, "level", logging.DEBUG)
     logger.manager._clear_cache()  # type: ignore[attr-defined]

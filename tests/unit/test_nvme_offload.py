@@ -21,8 +21,8 @@ from appliance.memory import DirtyLog
 from appliance.pci.config import COMMAND, PciCommand
 from appliance.runtime.loop import EventLoop
 from appliance.runtime.offload import Offload
-from appliance.storage.controller import SQ_BUDGET
 from appliance.storage.namespace import Namespace
+from appliance.storage.processing_pass import SQ_BUDGET
 from appliance.storage.request import RequestState
 from appliance.storage.spec import AdminOpcode, Command, IoOpcode, Status
 from appliance.testing.nvme import controller_driver

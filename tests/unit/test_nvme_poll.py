@@ -9,7 +9,7 @@ import pytest
 from test_nvme_driver import make_controller
 
 from appliance.storage import NvmeController
-from appliance.storage.controller import SQ_BUDGET
+from appliance.storage.processing_pass import SQ_BUDGET
 from appliance.storage.spec import Command, IoOpcode
 from appliance.testing.nvme import controller_driver
 

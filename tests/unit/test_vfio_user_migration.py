@@ -44,9 +44,10 @@ from appliance.testing.nvme import controller_driver
 from appliance.vfio_user import migration as m
 from appliance.vfio_user import migration_stream as s
 from appliance.vfio_user import wire as w
+from appliance.vfio_user.dma_logging import report_bitmap
 from appliance.vfio_user.framing import encode
 from appliance.vfio_user.migration import Feature, VfioUserMigration
-from appliance.vfio_user.migration_states import MigState
+from appliance.vfio_user.migration_states import MigState, allow_list_markdown
 from appliance.vfio_user.migration_stream import Record, RecordType, StreamReader
 from appliance.vfio_user.server import MAX_DATA_XFER_SIZE, ServerConnection
 from appliance.vfio_user.wire import PciIrq, PciRegion
@@ -382,7 +383,7 @@ def test_allow_list_per_state(state: MigState, allowed: set[w.Command],
 # ------------------------------------------------------------ MIG_DATA_READ / WRITE checks
 def test_docs_carry_the_generated_allow_list() -> None:
     doc = (Path(__file__).parents[2] / "docs" / "migration.md").read_text()
-    assert m.allow_list_markdown() in doc
+    assert allow_list_markdown() in doc
 
 
 def test_data_read_checks() -> None:
@@ -796,7 +797,7 @@ def test_report_bitmap_matches_page_by_page(log_page: int, page_size: int) -> No
     dirty.pages.update(rng.sample(range(600), 60))
     iova, length = 5 * log_page, 500 * log_page - 3 * 4096
     expected_pages = set(dirty.pages)
-    got = int.from_bytes(m.report_bitmap(dirty, iova, length, page_size), "little")
+    got = int.from_bytes(report_bitmap(dirty, iova, length, page_size), "little")
     nbits = -(-length // page_size)
     want = 0
     for n in range(nbits):

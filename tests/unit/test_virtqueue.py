@@ -17,14 +17,9 @@ from test_vhost_frontend import DriverRing, GuestMemory
 
 from appliance.memory import ClientMemory, FdWords
 from appliance.net import vhost_wire as vw
-from appliance.net.virtqueue import (
-    MAX_CHAIN_BYTES,
-    RING_ALLOWED,
-    RING_TRANSITIONS,
-    RingError,
-    RingState,
-    SplitQueue,
-)
+from appliance.net.descriptor_chain import MAX_CHAIN_BYTES
+from appliance.net.virtqueue import SplitQueue
+from appliance.net.vring_state import RING_ALLOWED, RING_TRANSITIONS, RingError, RingState
 
 NEXT, WRITE, INDIRECT = int(vw.DescFlag.NEXT), int(vw.DescFlag.WRITE), int(vw.DescFlag.INDIRECT)
 

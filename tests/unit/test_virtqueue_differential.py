@@ -41,9 +41,10 @@ from hypothesis import strategies as st
 from test_vhost_frontend import GuestMemory
 
 from appliance.memory import ClientMemory
+from appliance.net.descriptor_chain import MAX_CHAIN_BYTES, Chain
 from appliance.net.dirty_log import VhostLog
 from appliance.net.receive import Outcome, write_frame
-from appliance.net.virtqueue import MAX_CHAIN_BYTES, Chain, SplitQueue
+from appliance.net.virtqueue import SplitQueue
 
 A_GPA = 0x100000
 A_SIZE = 0x10000

@@ -39,7 +39,7 @@ from appliance.net import vhost_wire as vw
 from appliance.net.port import DEFAULT_MTU, VirtioNetPort
 from appliance.net.vhost_protocol import BackendConnection, ConnState
 from appliance.net.vhost_wire import Request as R
-from appliance.net.virtqueue import VringState
+from appliance.net.vring_state import VringState
 from appliance.protocol_common import close_quietly, dup_all
 from appliance.runtime import unix
 
