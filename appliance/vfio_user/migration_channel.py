@@ -149,7 +149,9 @@ class ChannelReceiver:
         if head.seq != self.records:
             raise StreamError(f"{where}: sequence number {head.seq}")
         final = self.announced
-        if final is not None and final.flags & ChannelSyncFlag.FINAL:
+        # (the final sync may arrive before the records it counts: they travel apart)
+        if final is not None and final.flags & ChannelSyncFlag.FINAL \
+                and self.records >= final.records:
             raise StreamError(f"{where}: more than the {final.records} records announced")
         if kind is ChannelType.RETRACT:
             prev = self._prev
