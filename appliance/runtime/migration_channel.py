@@ -7,7 +7,8 @@ each record head is computed from an mmap of the range: no copy into user
 space); :class:`DestinationChannel` splices each payload from the socket
 through a pipe into the staging image (``os.splice``) and verifies it there,
 from an mmap of the staged range, before it counts.  Both sockets are
-non-blocking and each callback moves at most :data:`STEP` bytes, so the
+non-blocking and each callback moves at most :data:`STEP` bytes (the
+destination's at most :data:`MAX_STEP_RECORDS` records too), so the
 vfio-user and control sockets keep being served while data flows.  A peer
 that makes no progress for the session's timeout while the end has work to
 do fails the channel (the handler then fails the migration).
@@ -44,6 +45,7 @@ from appliance.vfio_user.migration_stream import StreamError
 log = logging.getLogger("appliance.migrate")
 
 STEP = 8 << 20  # bytes one loop callback moves at most
+MAX_STEP_RECORDS = 256  # records one destination callback takes at most (heads cost no bytes)
 PIPE_SIZE = 1 << 20  # the destination's splice pipe
 SOCKET_BUFFER = 4 << 20  # SO_SNDBUF / SO_RCVBUF asked for (the kernel caps it at [wr]mem_max)
 F_SETPIPE_SZ = 1031
@@ -332,8 +334,12 @@ class DestinationChannel(_End):
     def _receive(self, budget: int) -> None:
         sock, pipe = self.sock, self._pipe
         assert sock is not None and pipe is not None
+        heads = 0
         while budget > 0:
             if self._current is None:
+                if heads == MAX_STEP_RECORDS:
+                    return  # the rest on the next callback (the socket stays readable)
+                heads += 1
                 data = sock.recv(ChannelHead.SIZE - len(self._head))
                 if not data:
                     self._eof()

@@ -10,10 +10,20 @@ from pathlib import Path
 from test_nvme_driver import make_controller
 
 from appliance.runtime.loop import EventLoop
-from appliance.runtime.migration_channel import SourceChannel, range_checksum
+from appliance.runtime.migration_channel import (
+    MAX_STEP_RECORDS,
+    DestinationChannel,
+    SourceChannel,
+    range_checksum,
+)
 from appliance.storage.migration import NvmeMigratable
 from appliance.storage.migration_channel import NvmeChannelDevice
-from appliance.vfio_user.migration_channel import ChannelHead, ChannelReceiver, ChannelType
+from appliance.vfio_user.migration_channel import (
+    ChannelHead,
+    ChannelReceiver,
+    ChannelType,
+    channel_head,
+)
 
 MiB = 1 << 20
 
@@ -76,4 +86,30 @@ def test_a_range_written_while_it_is_sent_is_retracted(tmp_path: Path) -> None:
         chan.close()
         theirs.close()
     finally:
+        ctrl.close()
+
+
+def test_one_callback_takes_a_bounded_number_of_records(tmp_path: Path) -> None:
+    # A peer that sends heads only (ZEROES: no payload, no byte budget spent)
+    # as fast as it can must not keep the destination's callback, and so the
+    # event loop, to itself.
+    ctrl = make_controller(tmp_path, size=1 * MiB)
+    mig = NvmeMigratable(ctrl)
+    loop = EventLoop()
+    ours, theirs = socket.socketpair()
+    n = 2000
+    theirs.sendall(b"".join(channel_head(ChannelType.ZEROES, seq, 1, 0, 4096)
+                            for seq in range(n)))
+    chan = DestinationChannel(loop, ours.detach(), NvmeChannelDevice(mig), 5.0, lambda: None)
+    try:
+        chan._readable()
+        assert chan.error is None
+        assert 0 < chan.receiver.records <= MAX_STEP_RECORDS < n
+        while chan.receiver.records < n:  # the rest on later callbacks
+            chan._readable()
+        assert chan.error is None
+    finally:
+        chan.close()
+        theirs.close()
+        mig.abort_restore()
         ctrl.close()
