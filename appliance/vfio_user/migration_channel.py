@@ -30,6 +30,7 @@ channel.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import errno
 import logging
@@ -58,6 +59,8 @@ CHANNEL_MAGIC = b"AMDC"
 MAX_CHANNEL_RECORD = 16 << 20  # DATA payload bytes per record, at most
 HEAD_CHECKED = 40  # head bytes covered by ``head_check``
 MIN_TIMEOUT_MS, MAX_TIMEOUT_MS = 1, 600_000
+#: separate retracted ranges a destination keeps at most until they are sent again
+MAX_RETRACTED = 1 << 16
 
 
 class ChannelType(enum.IntEnum):
@@ -107,6 +110,38 @@ def parse_channel_sync(record: Record) -> ChannelSync:
     return sync
 
 
+class _Ranges:
+    """Disjoint, non-touching byte ranges ``[starts[i], ends[i])`` in order."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def add(self, start: int, end: int) -> None:
+        """Take ``[start, end)``, merged with every range it overlaps or touches."""
+        i = bisect.bisect_left(self.ends, start)  # the first that ends at or after start
+        j = bisect.bisect_right(self.starts, end)  # past the last that starts at or before end
+        if i < j:
+            start, end = min(start, self.starts[i]), max(end, self.ends[j - 1])
+        self.starts[i:j], self.ends[i:j] = [start], [end]
+
+    def remove(self, start: int, end: int) -> None:
+        """Drop ``[start, end)``; what sticks out of it on either side stays."""
+        i = bisect.bisect_right(self.ends, start)  # the first that ends after start
+        j = bisect.bisect_left(self.starts, end)  # past the last that starts before end
+        if i >= j:
+            return
+        starts: list[int] = []
+        ends: list[int] = []
+        if self.starts[i] < start:
+            starts.append(self.starts[i])
+            ends.append(start)
+        if self.ends[j - 1] > end:
+            starts.append(end)
+            ends.append(self.ends[j - 1])
+        self.starts[i:j], self.ends[i:j] = starts, ends
+
+
 class ChannelReceiver:
     """The destination's checks of the channel records, in order (sans-I/O).
 
@@ -115,13 +150,15 @@ class ChannelReceiver:
     verified.  Counts are what the source's CHANNEL_SYNC records announce.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_retracted: int = MAX_RETRACTED) -> None:
+        self.max_retracted = max_retracted
         self.records = 0  # complete records
         self.bytes = 0  # stream bytes of complete records (heads + payloads)
         self.announced: ChannelSync | None = None  # the last CHANNEL_SYNC seen
         self._prev: ChannelHead | None = None  # the last complete record
         self._mismatch = False  # the last DATA did not verify: RETRACT must follow
-        self._retracted: list[tuple[int, int, int]] = []  # (nsid, start, end) to be covered
+        #: nsid -> retracted byte ranges still to be covered: sorted, disjoint, not touching
+        self._retracted: dict[int, _Ranges] = {}
         self._current: ChannelHead | None = None
         self.closed = False  # the source closed its end (set by the runtime)
 
@@ -180,7 +217,11 @@ class ChannelReceiver:
         kind = ChannelType(head.type)
         if kind is ChannelType.RETRACT:
             self._mismatch = False
-            self._retracted.append((head.nsid, head.offset, head.offset + head.length))
+            owed = self._retracted.setdefault(head.nsid, _Ranges())
+            owed.add(head.offset, head.offset + head.length)
+            if self.retracted > self.max_retracted:
+                raise StreamError(f"data channel record {self.records}: more than "
+                                  f"{self.max_retracted} retracted ranges not sent again")
         else:
             self._mismatch = not verified
             if verified:
@@ -190,16 +231,16 @@ class ChannelReceiver:
         self._prev = head
 
     def _cover(self, nsid: int, start: int, end: int) -> None:
-        left = []
-        for n, a, b in self._retracted:
-            if n != nsid or b <= start or a >= end:
-                left.append((n, a, b))
-                continue
-            if a < start:
-                left.append((n, a, start))
-            if b > end:
-                left.append((n, end, b))
-        self._retracted = left
+        owed = self._retracted.get(nsid)
+        if owed is not None:
+            owed.remove(start, end)
+            if not owed.starts:
+                del self._retracted[nsid]
+
+    @property
+    def retracted(self) -> int:
+        """How many separate retracted ranges are still to be covered."""
+        return sum(len(owed.starts) for owed in self._retracted.values())
 
     @property
     def mid_record(self) -> bool:
@@ -250,7 +291,8 @@ class ChannelReceiver:
         if self._mismatch:
             raise StreamError(f"data channel record {self.records - 1}: checksum mismatch")
         if self._retracted:
-            nsid, a, b = self._retracted[0]
+            nsid, owed = min(self._retracted.items())
+            a, b = owed.starts[0], owed.ends[0]
             raise StreamError(f"nsid {nsid}: retracted range {a:#x}..{b:#x} never sent again")
 
 
