@@ -242,6 +242,7 @@ class SourceChannel(_End):
     def _start(self, kind: ChannelType, rng: DirtyRange) -> None:
         checksum = 0
         if kind is ChannelType.DATA:
+            self.device.sending(rng)
             checksum = range_checksum(self.device.image_fd(rng.nsid), rng.offset, rng.length)
         self._head = memoryview(channel_head(kind, self.records, rng.nsid, rng.offset,
                                              rng.length, checksum))

@@ -83,13 +83,22 @@ class NvmeChannelDevice:
         return self.migratable.ctrl.namespaces[nsid].fd
 
     def written_since_taken(self, rng: DirtyRange) -> bool:
-        """Whether a page of ``rng`` was written since :meth:`take_ranges` cleared it."""
+        """Whether a page of ``rng`` was written since :meth:`sending` cleared it."""
         pages = self.migratable.dirty.get(rng.nsid)
         if pages is None:  # the session ended
             return False
         first = rng.offset // pages.page
         last = (rng.offset + rng.length - 1) // pages.page
         return pages.map.find(1, first, last + 1) >= 0
+
+    def sending(self, rng: DirtyRange) -> None:
+        """``rng`` (DATA) is read for sending now: a write since :meth:`take_ranges`
+        travels in it, so its pages are clean again (a write from now on is one
+        :meth:`written_since_taken` sees).  Writes run on the event loop, as this
+        does: none lands between this call and the read of the checksum."""
+        pages = self.migratable.dirty.get(rng.nsid)
+        if pages is not None:
+            pages.clear(rng.offset // pages.page, -(-rng.length // pages.page))
 
     def mark_again(self, rng: DirtyRange) -> None:
         """``rng`` must travel again (it changed while it was being sent)."""

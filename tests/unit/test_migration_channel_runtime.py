@@ -3,6 +3,7 @@ is being sent is retracted and its range is dirty again."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -112,4 +113,46 @@ def test_one_callback_takes_a_bounded_number_of_records(tmp_path: Path) -> None:
         chan.close()
         theirs.close()
         mig.abort_restore()
+        ctrl.close()
+
+
+def test_a_range_written_before_it_is_sent_goes_with_its_new_data(tmp_path: Path) -> None:
+    # fill() takes a whole round's ranges at once; a write to a range still
+    # queued lands before the record's checksum and payload are read, so the
+    # record carries it: no RETRACT, nothing dirty again (a RETRACT per such
+    # record made a busy guest owe the destination thousands of ranges).
+    ctrl = make_controller(tmp_path, size=16 * MiB)
+    try:
+        ns = ctrl.namespaces[1]
+        ns.write_bytes(0, os.urandom(16 * MiB))
+        mig = NvmeMigratable(ctrl)
+        mig.start_tracking()
+        loop = EventLoop()
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        chan = SourceChannel(loop, ours.detach(), NvmeChannelDevice(mig), 5.0, lambda: None)
+        assert chan.fill(16 * MiB) == 16 * MiB
+        new = os.urandom(4096)
+        ns.write_bytes((15 * MiB) >> ns.lba_shift, new)  # the last record, still queued
+        got = bytearray()
+        while not chan.idle:
+            loop.run_once(0)
+            with contextlib.suppress(BlockingIOError):
+                while chunk := theirs.recv(MiB):
+                    got += chunk
+        r = ChannelReceiver()
+        at, image = 0, bytearray(16 * MiB)
+        while at < len(got):
+            head = r.head(bytes(got[at:at + ChannelHead.SIZE]))
+            at += ChannelHead.SIZE
+            assert head.type == ChannelType.DATA
+            image[head.offset:head.offset + head.length] = got[at:at + head.length]
+            at += head.length
+            r.data_done(True)
+        assert image == ns.read_bytes(0, 16 * MiB)
+        assert image[15 * MiB:15 * MiB + 4096] == new
+        assert mig.dirty[1].count == 0
+        chan.close()
+        theirs.close()
+    finally:
         ctrl.close()
