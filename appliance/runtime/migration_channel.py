@@ -116,6 +116,30 @@ def _stream_socket(fd: int) -> socket.socket:
     return sock
 
 
+def check_connected_stream(fd: int) -> None:
+    """Whether ``fd`` is a connected stream socket (it stays open, the caller's).
+
+    Raises:
+        OSError: EINVAL for anything else: not a socket (a pipe, a file), a
+            datagram or packet socket, a listening or unconnected one.
+    """
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        raise OSError(errno.EINVAL, "the data channel fd is not a socket") from None
+    try:
+        if sock.type != socket.SOCK_STREAM:
+            raise OSError(errno.EINVAL, "the data channel fd is not a stream socket")
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise OSError(errno.EINVAL, "the data channel fd is a listening socket")
+        try:
+            sock.getpeername()
+        except OSError:
+            raise OSError(errno.EINVAL, "the data channel fd is not connected") from None
+    finally:
+        sock.detach()
+
+
 def _buffers(sock: socket.socket) -> None:
     """Larger socket buffers: fewer wake-ups per MiB on both ends."""
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
@@ -440,6 +464,9 @@ class ChannelEnds:
 
     def blocker(self) -> str:
         return self.device.blocker()
+
+    def check_fd(self, fd: int) -> None:
+        check_connected_stream(fd)
 
     def listen(self) -> Listener:
         return Listener(self.base)

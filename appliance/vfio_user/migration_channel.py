@@ -343,6 +343,13 @@ class ChannelFactory(Protocol):
     def blocker(self) -> str:
         """Why the device's data cannot travel on a channel now ("" when it can)."""
 
+    def check_fd(self, fd: int) -> None:
+        """Whether ``fd`` can be a channel end (the caller keeps it either way).
+
+        Raises:
+            OSError: EINVAL when it is not a connected stream socket.
+        """
+
     def listen(self) -> ChannelListener:
         """A fresh listening socket in a new 0700 directory.
 
@@ -408,7 +415,8 @@ class ChannelSession:
 
         Raises:
             Reject: EINVAL for reserved fields, an unknown mode, a timeout out of
-                range or the wrong number of fds (FD: exactly one, else none);
+                range or the wrong number of fds (FD: exactly one, else none),
+                or an FD fd that is not a connected stream socket;
                 ENOTSUP when the device's data cannot use a channel
                 (``ChannelFactory.blocker``); the errno of a listening socket that could not be made.
         """
@@ -427,6 +435,11 @@ class ChannelSession:
         assert self.factory is not None
         why = self.factory.blocker() if mode is not w.ChannelMode.OFF else ""
         require(not why, errno.ENOTSUP, f"data channel: {why}")
+        if mode is w.ChannelMode.FD:
+            try:
+                self.factory.check_fd(fds[0])
+            except OSError as exc:
+                raise Reject(f"data channel fd: {exc.strerror or exc}", errno.EINVAL) from None
         self._clear()
         if mode is w.ChannelMode.LISTEN:
             try:

@@ -5,6 +5,8 @@ untouched)."""
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import subprocess
 import sys
@@ -121,6 +123,43 @@ def test_channel_fd_bounds(pair: tuple[ApplianceProcess, ApplianceProcess]) -> N
             assert not Path(path).exists() and not Path(path).parent.exists()
         assert orch.get_state(src) is MigState.RUNNING
         assert open_fds(src_p) == before  # every fd refused or dropped was closed
+
+
+def odd_fds(tmp_path: Path) -> Iterator[tuple[str, int]]:
+    """Fds a client might pass for FD mode that are no connected stream socket."""
+    r, w_ = os.pipe()
+    os.close(w_)
+    yield "a pipe", r
+    yield "a file", os.open(tmp_path / "plain", os.O_RDWR | os.O_CREAT, 0o600)
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(str(tmp_path / "l.sock"))
+    lsock.listen(1)
+    yield "a listening socket", lsock.detach()
+    yield "an unconnected stream socket", socket.socket(socket.AF_UNIX).detach()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    b.close()
+    yield "a datagram socket", a.detach()
+
+
+def test_a_set_refuses_an_fd_that_is_no_connected_stream_socket(
+        pair: tuple[ApplianceProcess, ApplianceProcess], tmp_path: Path) -> None:
+    # Refused at the SET (EINVAL), so the orchestrator falls back to the
+    # standard path, instead of failing the session that would start with it.
+    src_p, _ = pair
+    with VfioUserClient.connect(sock(src_p)) as src:
+        orch.get_state(src)
+        before = open_fds(src_p)
+        for what, fd in odd_fds(tmp_path):
+            try:
+                with pytest.raises(VfioUserError) as err:
+                    set_channel(src, ChannelMode.FD, 1.0, fd)
+                assert err.value.errno == errno.EINVAL, what
+            finally:
+                os.close(fd)
+            reply, _ = dc._channel_feature(src, w.FEATURE_GET)
+            assert reply.mode == ChannelMode.OFF, what
+        assert orch.get_state(src) is MigState.RUNNING
+        assert open_fds(src_p) == before  # every refused fd was closed
 
 
 @pytest.mark.parametrize("no_channel", [False, True])

@@ -177,6 +177,9 @@ class FakeFactory:
     def listen(self) -> ChannelListener:
         raise OSError(errno.EACCES, "no")
 
+    def check_fd(self, fd: int) -> None:
+        os.fstat(fd)
+
     def source(self, fd: int, timeout: float, notify: Callable[[], None]) -> FakeChannel:
         self.made.append(("source", fd))
         return self.channel
