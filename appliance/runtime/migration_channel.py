@@ -432,11 +432,19 @@ class DestinationChannel(_End):
 
 
 class Listener:
-    """A per-session Unix socket in a fresh 0700 directory (LISTEN mode)."""
+    """A per-session Unix socket in a fresh 0700 directory (LISTEN mode).
+
+    The directory is held open from its creation: :meth:`close` removes the
+    socket through it and the directory only while its path still names it,
+    so a directory moved away and replaced (by a symlink, by another one)
+    never makes the cleanup delete what is not ours.
+    """
 
     def __init__(self, base: str) -> None:
         self.directory = tempfile.mkdtemp(prefix="migch-", dir=base)  # 0700, created exclusively
         self.path = os.path.join(self.directory, "data.sock")
+        self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                               | os.O_CLOEXEC)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
                                   | socket.SOCK_NONBLOCK)
         try:
@@ -447,12 +455,22 @@ class Listener:
             raise
 
     def close(self) -> None:
+        """Stop listening, remove the socket and the directory (idempotent)."""
         if self.sock.fileno() >= 0:
             self.sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        with contextlib.suppress(FileNotFoundError, OSError):
-            os.rmdir(self.directory)
+        if self._dir_fd < 0:
+            return
+        dir_fd, self._dir_fd = self._dir_fd, -1
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink("data.sock", dir_fd=dir_fd)
+            held = os.fstat(dir_fd)
+            with contextlib.suppress(OSError):
+                now = os.stat(self.directory, follow_symlinks=False)
+                if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                    os.rmdir(self.directory)
+        finally:
+            os.close(dir_fd)
 
 
 class ChannelEnds:

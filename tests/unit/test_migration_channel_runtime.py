@@ -1,5 +1,5 @@
-"""The data channel's source end on a real event loop: a record written while it
-is being sent is retracted and its range is dirty again."""
+"""The data channel's two ends on a real event loop: a record written while it
+is being sent is retracted, bounded callbacks, the LISTEN socket's cleanup."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from appliance.runtime.loop import EventLoop
 from appliance.runtime.migration_channel import (
     MAX_STEP_RECORDS,
     DestinationChannel,
+    Listener,
     SourceChannel,
     range_checksum,
 )
@@ -156,3 +157,31 @@ def test_a_range_written_before_it_is_sent_goes_with_its_new_data(tmp_path: Path
         theirs.close()
     finally:
         ctrl.close()
+
+
+def test_closing_a_listener_removes_only_its_own_socket(tmp_path: Path) -> None:
+    # Whoever can write the base directory may move the per-session directory
+    # away and leave a symlink to another directory in its place: the cleanup
+    # must not follow it and delete that directory's "data.sock".
+    base, victim = tmp_path / "base", tmp_path / "victim"
+    base.mkdir()
+    victim.mkdir()
+    (victim / "data.sock").write_text("not ours")
+    listener = Listener(str(base))
+    moved = tmp_path / "moved"
+    os.rename(listener.directory, moved)
+    os.symlink(victim, listener.directory)
+    listener.close()
+    assert (victim / "data.sock").read_text() == "not ours"
+    assert os.path.islink(listener.directory)  # not ours to remove either
+    assert not (moved / "data.sock").exists()  # ours: removed where it went
+
+
+def test_closing_a_listener_twice_leaves_a_new_directory_of_that_name(tmp_path: Path) -> None:
+    listener = Listener(str(tmp_path))
+    listener.close()
+    assert not os.path.exists(listener.directory)
+    os.mkdir(listener.directory)
+    (Path(listener.directory) / "data.sock").write_text("someone else's")
+    listener.close()
+    assert (Path(listener.directory) / "data.sock").exists()
