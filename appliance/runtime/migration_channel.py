@@ -232,6 +232,9 @@ class SourceChannel(_End):
             pass
         except (OSError, LocalProtocolError) as exc:
             self._fail(exc)
+        except Exception as exc:  # a bug: fail the channel once, not on every pass
+            log.exception("migration data channel: sending failed")
+            self._fail(exc)
 
     def _send(self, budget: int) -> None:
         sock = self.sock
@@ -354,6 +357,9 @@ class DestinationChannel(_End):
         except BlockingIOError:
             pass
         except (OSError, LocalProtocolError, StreamError) as exc:
+            self._fail(exc)
+        except Exception as exc:  # a bug: fail the channel once, not on every pass
+            log.exception("migration data channel: receiving failed")
             self._fail(exc)
 
     def _receive(self, budget: int) -> None:

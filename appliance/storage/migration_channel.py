@@ -80,7 +80,17 @@ class NvmeChannelDevice:
         return out
 
     def image_fd(self, nsid: int) -> int:
-        return self.migratable.ctrl.namespaces[nsid].fd
+        """The image of namespace ``nsid``, to send a range from.
+
+        Raises:
+            LocalProtocolError: EBUSY when the namespace was deleted since its
+                range was taken (Namespace Management during pre-copy).
+        """
+        ns = self.migratable.ctrl.namespaces.get(nsid)
+        if ns is None:
+            raise LocalProtocolError(f"namespace {nsid} was deleted during the migration",
+                                     errno.EBUSY)
+        return ns.fd
 
     def written_since_taken(self, rng: DirtyRange) -> bool:
         """Whether a page of ``rng`` was written since :meth:`sending` cleared it."""

@@ -369,7 +369,8 @@ def channel_error(exc: BaseException) -> StreamError:
     """The migration error a failed channel becomes (EIO unless it was the peer's garbage)."""
     if isinstance(exc, StreamError):
         return exc
-    err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+    err = exc.errno if isinstance(exc, (OSError, LocalProtocolError)) and exc.errno \
+        else errno.EIO
     return StreamError(f"data channel failed: {exc}", err)
 
 

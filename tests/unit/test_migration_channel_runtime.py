@@ -4,12 +4,15 @@ is being sent is retracted, bounded callbacks, the LISTEN socket's cleanup."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 from pathlib import Path
 
+import pytest
 from test_nvme_driver import make_controller
 
+from appliance.errors import LocalProtocolError
 from appliance.runtime.loop import EventLoop
 from appliance.runtime.migration_channel import (
     MAX_STEP_RECORDS,
@@ -18,6 +21,7 @@ from appliance.runtime.migration_channel import (
     SourceChannel,
     range_checksum,
 )
+from appliance.storage import nsmgmt
 from appliance.storage.migration import NvmeMigratable
 from appliance.storage.migration_channel import NvmeChannelDevice
 from appliance.vfio_user.migration_channel import (
@@ -185,3 +189,39 @@ def test_closing_a_listener_twice_leaves_a_new_directory_of_that_name(tmp_path: 
     (Path(listener.directory) / "data.sock").write_text("someone else's")
     listener.close()
     assert (Path(listener.directory) / "data.sock").exists()
+
+
+def test_a_namespace_deleted_while_its_range_is_sent_fails_the_channel(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Namespace Management may delete a namespace during pre-copy (the session
+    # then fails at the next read, EBUSY); the channel must fail once, not leave
+    # its writer raising on every loop pass until the timeout.
+    ctrl = make_controller(tmp_path, size=16 * MiB)
+    try:
+        ctrl.namespaces[1].write_bytes(0, os.urandom(16 * MiB))
+        mig = NvmeMigratable(ctrl)
+        mig.start_tracking()
+        loop = EventLoop()
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        notes: list[int] = []
+        chan = SourceChannel(loop, ours.detach(), NvmeChannelDevice(mig), 5.0,
+                             lambda: notes.append(1))
+        chan.fill(16 * MiB)
+        loop.run_once(0)
+        assert chan._current is not None  # a record in flight
+        nsmgmt.delete(ctrl, 1)
+        with contextlib.suppress(BlockingIOError):
+            while theirs.recv(MiB):
+                pass
+        for _ in range(3):
+            loop.run_once(0)
+        assert isinstance(chan.error, LocalProtocolError)
+        assert chan.error.errno == errno.EBUSY and "namespace 1" in str(chan.error)
+        assert notes  # the handler was told
+        assert not [r for r in caplog.records if "handler for fd" in r.getMessage()]
+        chan.close()
+        theirs.close()
+        loop.close()
+    finally:
+        ctrl.close()
