@@ -45,6 +45,7 @@ from appliance.vfio_user.migration_stream import StreamError
 log = logging.getLogger("appliance.migrate")
 
 STEP = 8 << 20  # bytes one loop callback moves at most
+MAX_QUEUED_RANGES = 256  # ranges the source queues at most; the rest of a round is taken as it drains
 MAX_STEP_RECORDS = 256  # records one destination callback takes at most (heads cost no bytes)
 PIPE_SIZE = 1 << 20  # the destination's splice pipe
 SOCKET_BUFFER = 4 << 20  # SO_SNDBUF / SO_RCVBUF asked for (the kernel caps it at [wr]mem_max)
@@ -190,6 +191,7 @@ class SourceChannel(_End):
         self.sock = _stream_socket(fd)
         self.device = device
         self.queue: collections.deque[tuple[ChannelType, DirtyRange]] = collections.deque()
+        self.allowance = 0  # bytes of the round still to take from the dirty map
         self.records = 0
         self.bytes = 0
         self._head = memoryview(b"")  # unsent head bytes of the current record
@@ -199,7 +201,7 @@ class SourceChannel(_End):
 
     @property
     def idle(self) -> bool:
-        return not self.queue and self._current is None
+        return not self.queue and self._current is None and self.allowance <= 0
 
     @property
     def sent(self) -> tuple[int, int]:
@@ -213,17 +215,35 @@ class SourceChannel(_End):
         return not self.idle
 
     def fill(self, max_bytes: int) -> int:
+        """Send up to ``max_bytes`` of dirty data (the round's budget): up to
+        :data:`MAX_QUEUED_RANGES` ranges are taken now, the rest as the queue
+        drains; returns the bytes taken now (0: none, the queue is full).
+
+        Raises:
+            LocalProtocolError: as :meth:`NvmeChannelDevice.take_ranges`.
+        """
         if self.error is not None or self.closed:
             return 0
-        ranges = self.device.take_ranges(max_bytes)
-        for rng in ranges:
-            self.queue.append((ChannelType.ZEROES if rng.zeroes else ChannelType.DATA, rng))
-        if ranges and not self._writing:
+        self.allowance = max_bytes
+        taken = self._refill()
+        if self.queue and not self._writing:
             assert self.sock is not None
             self.loop.add_writer(self.sock.fileno(), self._writable)
             self._writing = True
             self.deadline.progress()
-        return sum(rng.length for rng in ranges)
+        return taken
+
+    def _refill(self) -> int:
+        """Take more of the allowance into the queue, up to its bound; returns the bytes."""
+        room = MAX_QUEUED_RANGES - len(self.queue)
+        if self.allowance <= 0 or room <= 0:
+            return 0
+        ranges = self.device.take_ranges(self.allowance, room)
+        for rng in ranges:
+            self.queue.append((ChannelType.ZEROES if rng.zeroes else ChannelType.DATA, rng))
+        taken = sum(rng.length for rng in ranges)
+        self.allowance = self.allowance - taken if ranges else 0
+        return taken
 
     def _writable(self) -> None:
         try:
@@ -241,6 +261,8 @@ class SourceChannel(_End):
         assert sock is not None
         while budget > 0:
             if self._current is None:
+                if not self.queue:
+                    self._refill()
                 if not self.queue:
                     self.loop.remove_writer(sock.fileno())
                     self._writing = False

@@ -41,10 +41,10 @@ class NvmeChannelDevice:
         return self.migratable.channel_blocker()
 
     # ------------------------------------------------------------ source
-    def take_ranges(self, max_bytes: int) -> list[DirtyRange]:
+    def take_ranges(self, max_bytes: int, max_ranges: int = 1 << 62) -> list[DirtyRange]:
         """Dirty ranges (data up to the migratable's ``max_record`` each, holes as
-        ZEROES), about ``max_bytes`` in all (at least one range when anything is
-        dirty), clearing them in the dirty map.
+        ZEROES), about ``max_bytes`` in all and ``max_ranges`` at most (at least
+        one range when anything is dirty), clearing them in the dirty map.
 
         Raises:
             LocalProtocolError: a namespace that cannot be copied (NBD,
@@ -60,7 +60,8 @@ class NvmeChannelDevice:
             pages, ns = mig.dirty[nsid], mig.ctrl.namespaces[nsid]
             page = pages.page
             known = (0, 0)  # a stretch known to be data: SEEK_HOLE once per stretch
-            while taken < max_bytes and (run := pages.next_run()) is not None:
+            while taken < max_bytes and len(out) < max_ranges \
+                    and (run := pages.next_run()) is not None:
                 start, stop = run[0] * page, min(run[1] * page, ns.size)
                 if known[0] <= start < known[1]:
                     end, zeroes = start, False

@@ -15,6 +15,7 @@ from test_nvme_driver import make_controller
 from appliance.errors import LocalProtocolError
 from appliance.runtime.loop import EventLoop
 from appliance.runtime.migration_channel import (
+    MAX_QUEUED_RANGES,
     MAX_STEP_RECORDS,
     DestinationChannel,
     Listener,
@@ -220,6 +221,51 @@ def test_a_namespace_deleted_while_its_range_is_sent_fails_the_channel(
         assert chan.error.errno == errno.EBUSY and "namespace 1" in str(chan.error)
         assert notes  # the handler was told
         assert not [r for r in caplog.records if "handler for fd" in r.getMessage()]
+        chan.close()
+        theirs.close()
+        loop.close()
+    finally:
+        ctrl.close()
+
+
+def test_the_source_holds_a_bounded_queue_of_ranges(tmp_path: Path) -> None:
+    # A round's ranges are taken as the channel drains, not all at once: an
+    # image the guest left as data and holes page after page is two ranges per
+    # 8 KiB, and queuing a whole round of them grew without bound.
+    ctrl = make_controller(tmp_path, size=8 * MiB)
+    try:
+        ns = ctrl.namespaces[1]
+        for at in range(0, 8 * MiB, 8192):
+            ns.write_bytes(at >> ns.lba_shift, os.urandom(4096))
+        mig = NvmeMigratable(ctrl)
+        mig.start_tracking()
+        loop = EventLoop()
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        notes: list[int] = []
+        chan = SourceChannel(loop, ours.detach(), NvmeChannelDevice(mig), 5.0,
+                             lambda: notes.append(1))
+        assert chan.fill(8 * MiB) > 0
+        most = len(chan.queue)
+        got = bytearray()
+        while not chan.idle:
+            most = max(most, len(chan.queue))
+            loop.run_once(0)
+            with contextlib.suppress(BlockingIOError):
+                while chunk := theirs.recv(MiB):
+                    got += chunk
+        assert most <= MAX_QUEUED_RANGES < 1024
+        r = ChannelReceiver()
+        image, at = bytearray(8 * MiB), 0
+        while at < len(got):
+            head = r.head(bytes(got[at:at + ChannelHead.SIZE]))
+            at += ChannelHead.SIZE
+            if head.type == ChannelType.DATA:
+                image[head.offset:head.offset + head.length] = got[at:at + head.length]
+                at += head.length
+                r.data_done(True)
+        assert image == ns.read_bytes(0, 8 * MiB)  # the whole round went
+        assert mig.dirty[1].count == 0 and notes
         chan.close()
         theirs.close()
         loop.close()
