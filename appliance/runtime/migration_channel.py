@@ -50,6 +50,7 @@ MAX_STEP_RECORDS = 256  # records one destination callback takes at most (heads 
 PIPE_SIZE = 1 << 20  # the destination's splice pipe
 SOCKET_BUFFER = 4 << 20  # SO_SNDBUF / SO_RCVBUF asked for (the kernel caps it at [wr]mem_max)
 F_SETPIPE_SZ = 1031
+CHECK_EVERY = 1.0  # seconds between a deadline's checks at most (a stopped one ends then)
 SPLICE_F_MOVE, SPLICE_F_NONBLOCK = 1, 2
 
 
@@ -74,28 +75,39 @@ def range_checksum(fd: int, offset: int, length: int) -> int:
 
 
 class _Deadline:
-    """Fails an end that has work but makes no progress for ``timeout`` seconds."""
+    """Fails an end that has work but makes no progress for ``timeout`` seconds.
+
+    It checks at least every :data:`CHECK_EVERY` seconds, and once stopped it
+    holds nothing of its end: a session ended long before its timeout leaves
+    at most a second-long pending check behind, not the channel for minutes.
+    """
 
     def __init__(self, loop: EventLoop, timeout: float, busy: Callable[[], bool],
                  fail: Callable[[OSError], None]) -> None:
-        self.loop, self.timeout, self.busy, self.fail = loop, timeout, busy, fail
+        self.loop, self.timeout = loop, timeout
+        self._busy: Callable[[], bool] | None = busy
+        self._fail: Callable[[OSError], None] | None = fail
         self.last = time.monotonic()
-        self.stopped = False
-        loop.call_later(timeout, self._check)
+        loop.call_later(min(timeout, CHECK_EVERY), self._check)
+
+    def stop(self) -> None:
+        self._busy = self._fail = None
 
     def progress(self) -> None:
         self.last = time.monotonic()
 
     def _check(self) -> None:
-        if self.stopped:
+        busy, fail = self._busy, self._fail
+        if busy is None or fail is None:
             return
         idle = time.monotonic() - self.last
-        if idle >= self.timeout and self.busy():
-            self.fail(TimeoutError(errno.ETIMEDOUT,
-                                   f"no progress on the data channel for {self.timeout:g} s"))
+        if idle >= self.timeout and busy():
+            self.stop()
+            fail(TimeoutError(errno.ETIMEDOUT,
+                              f"no progress on the data channel for {self.timeout:g} s"))
             return
-        self.loop.call_later(self.timeout - idle if idle < self.timeout else self.timeout,
-                             self._check)
+        wait = self.timeout - idle if idle < self.timeout else self.timeout
+        self.loop.call_later(min(wait, CHECK_EVERY), self._check)
 
 
 def _stream_socket(fd: int) -> socket.socket:
@@ -170,7 +182,7 @@ class _End:
             self.notify()
 
     def _stop(self) -> None:
-        self.deadline.stopped = True
+        self.deadline.stop()
         if self.sock is not None and self.sock.fileno() >= 0:
             self.loop.remove_reader(self.sock.fileno())
             self.loop.remove_writer(self.sock.fileno())

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import os
 import socket
+import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from test_nvme_driver import make_controller
 from appliance.errors import LocalProtocolError
 from appliance.runtime.loop import EventLoop
 from appliance.runtime.migration_channel import (
+    CHECK_EVERY,
     MAX_QUEUED_RANGES,
     MAX_STEP_RECORDS,
     DestinationChannel,
@@ -268,6 +272,32 @@ def test_the_source_holds_a_bounded_queue_of_ranges(tmp_path: Path) -> None:
         assert mig.dirty[1].count == 0 and notes
         chan.close()
         theirs.close()
+        loop.close()
+    finally:
+        ctrl.close()
+
+
+def test_a_closed_channel_is_not_kept_by_its_deadline(tmp_path: Path) -> None:
+    # A client may start and end channel sessions as fast as it likes, each
+    # with a 600 s timeout: the deadline's pending check must neither keep the
+    # closed channel alive nor stay pending for the whole timeout.
+    ctrl = make_controller(tmp_path, size=1 * MiB)
+    try:
+        mig = NvmeMigratable(ctrl)
+        mig.start_tracking()
+        loop = EventLoop()
+        refs = []
+        for _ in range(3):
+            ours, theirs = socket.socketpair()
+            chan = SourceChannel(loop, ours.detach(), NvmeChannelDevice(mig), 600.0,
+                                 lambda: None)
+            refs.append(weakref.ref(chan))
+            chan.close()
+            theirs.close()
+            del chan
+        gc.collect()
+        assert all(ref() is None for ref in refs)
+        assert max(when for when, _, _ in loop._timers) <= time.monotonic() + CHECK_EVERY
         loop.close()
     finally:
         ctrl.close()
