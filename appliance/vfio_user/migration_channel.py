@@ -309,12 +309,13 @@ class DataChannel(Protocol):
     error: Exception | None
 
     def fill(self, max_bytes: int) -> int:
-        """Source: take up to ``max_bytes`` of dirty data onto the channel
-        (clearing it in the dirty map); returns the data bytes taken."""
+        """Source: send up to ``max_bytes`` of dirty data (clearing it in the
+        dirty map as it is taken: part now, the rest as the channel drains);
+        returns the data bytes taken now (0: nothing more for now)."""
 
     @property
     def idle(self) -> bool:
-        """Source: nothing queued or in flight."""
+        """Source: nothing queued, in flight or still to take of the last ``fill``."""
 
     @property
     def sent(self) -> tuple[int, int]:
