@@ -370,3 +370,68 @@ def test_a_stalled_channel_fails_after_the_timeout_while_both_keep_serving(
         assert orch.get_state(src) is MigState.RUNNING
         assert orch.get_state(dst) is MigState.RUNNING
     assert file_hash(image(dst_p)) == dst_before
+
+
+def test_records_arriving_after_the_final_sync_still_commit(
+        pair: tuple[ApplianceProcess, ApplianceProcess], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The final CHANNEL_SYNC travels through the orchestrator, the records it
+    # counts on the channel (across hosts: two ssh channels): the destination
+    # may read the sync first.  The relay holds the stop-copy records back until
+    # the destination has answered the write that carried the final sync.
+    src_p, dst_p = pair
+    stopping, release = threading.Event(), threading.Event()
+    held: list[int] = []
+
+    class HoldingRelay(Relay):
+        def _read(self, s: socket.socket, n: int) -> bytes:
+            out = super()._read(s, n)
+            if n == ChannelHead.SIZE and out and stopping.is_set() and not release.is_set():
+                held.append(self.records)
+                release.wait(60)
+            return out
+
+    final_write: list[int] = []
+    set_state, write_send, wait_reply = orch.set_state, orch.data_write_send, orch.wait_reply
+
+    def spy_set_state(client: VfioUserClient, state: MigState) -> MigState:
+        if client is src and state is MigState.STOP_COPY:
+            writer.step(5)  # the last writes: the stop-copy records carry them
+            stopping.set()
+        return set_state(client, state)
+
+    def spy_write_send(client: VfioUserClient, data: bytes | memoryview) -> int:
+        msg_id = write_send(client, data)
+        if stopping.is_set() and not final_write:
+            final_write.append(msg_id)
+        return msg_id
+
+    def spy_wait_reply(client: VfioUserClient, msg_id: int, command: w.Command) -> bytes:
+        try:
+            return wait_reply(client, msg_id, command)
+        finally:
+            if final_write and msg_id == final_write[0]:
+                release.set()
+
+    monkeypatch.setattr(orch, "set_state", spy_set_state)
+    monkeypatch.setattr(orch, "data_write_send", spy_write_send)
+    monkeypatch.setattr(orch, "wait_reply", spy_wait_reply)
+    src = VfioUserClient.connect(sock(src_p), timeout=10)
+    driver = NvmeDriver(src, mem_size=16 << 20)
+    driver.setup(io_queues=1, depth=16)
+    writer = VerifiedWriter(driver, blocks=8, seed=11)
+    writer.step(20)
+    dst = VfioUserClient.connect(sock(dst_p), timeout=10)
+    prepare_destination(driver, dst)
+    try:
+        summary = orch.migrate(src, dst, converge_bytes=0, max_rounds=2,
+                               between_reads=lambda: writer.step(5),
+                               data_channel=ChannelPlan(pair=HoldingRelay().pair))
+    finally:
+        release.set()
+    assert summary.data_channel == "same host"
+    assert held  # stop-copy records came after the final sync
+    assert file_hash(image(src_p)) == file_hash(image(dst_p))
+    move_driver(driver, dst)
+    assert writer.verify_all() == len(writer.written)
+    src.close()
+    dst.close()
