@@ -435,3 +435,29 @@ def test_records_arriving_after_the_final_sync_still_commit(
     assert writer.verify_all() == len(writer.written)
     src.close()
     dst.close()
+
+
+def test_a_migration_that_fails_before_its_sessions_leaves_no_channel_set(
+        pair: tuple[ApplianceProcess, ApplianceProcess], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The channel was set on both, then the destination refused RESUMING: the
+    # next migration on the same connections, without a channel, must not find
+    # one still set for its sessions (nor the appliances keep the sockets).
+    src_p, dst_p = pair
+    set_state = orch.set_state
+
+    def refuse_resuming(client: VfioUserClient, state: MigState) -> MigState:
+        if state is MigState.RESUMING:
+            raise VfioUserError(5, "injected")
+        return set_state(client, state)
+
+    with VfioUserClient.connect(sock(src_p)) as src, VfioUserClient.connect(sock(dst_p)) as dst:
+        monkeypatch.setattr(orch, "set_state", refuse_resuming)
+        with pytest.raises(orch.MigrationFailed):
+            orch.migrate(src, dst, data_channel=ChannelPlan())
+        monkeypatch.undo()
+        for side in (src, dst):
+            reply, _ = dc._channel_feature(side, w.FEATURE_GET)
+            assert reply.mode == ChannelMode.OFF
+        summary = orch.migrate(src, dst)
+        assert summary.data_channel == ""
+    assert file_hash(image(src_p)) == file_hash(image(dst_p))
