@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from appliance.client.datachannel import ChannelPlan, setup_channel
+from appliance.client.datachannel import ChannelPlan, set_channel, setup_channel
 from appliance.client.vfio_user import VfioUserClient, VfioUserError
 from appliance.errors import ApplianceError
 from appliance.vfio_user import wire as w
@@ -58,6 +58,7 @@ from appliance.vfio_user.migration_stream import (
     parse_dirty_round,
 )
 from appliance.vfio_user.wire import (
+    ChannelMode,
     DmaLoggingControl,
     DmaLoggingRange,
     DmaLoggingReport,
@@ -419,6 +420,7 @@ def migrate(src: VfioUserClient, dst: VfioUserClient, *, max_rounds: int = 8,
         copier.forward = forward
     src_started = dst_started = committed = False
     dst_initial = MigState.RUNNING
+    channel_how = ""
     try:
         flags = migration_flags(src)
         dst_flags = migration_flags(dst)
@@ -491,6 +493,8 @@ def migrate(src: VfioUserClient, dst: VfioUserClient, *, max_rounds: int = 8,
     except (VfioUserError, ConnectionError, TimeoutError, ApplianceError, OSError) as exc:
         errors = _rollback(src if src_started else None, dst if dst_started else None,
                            dst_initial, committed)
+        if channel_how:  # a channel a session has not taken stays set for the next one
+            errors += _channel_off(src, dst)
         log.info("migration failed during %s: %s", phase, exc)  # the caller reports it
         raise MigrationFailed(phase, exc, errors) from exc
     try:
@@ -525,6 +529,20 @@ def _rollback(src: VfioUserClient | None, dst: VfioUserClient | None, dst_initia
             set_state(src, MigState.RUNNING)
         except (VfioUserError, ConnectionError, TimeoutError, OSError) as exc:
             errors.append(f"source: {exc}")
+    return errors
+
+
+def _channel_off(src: VfioUserClient, dst: VfioUserClient) -> list[str]:
+    """Set both data channels back to OFF; returns what could not be done (a
+    closed connection dropped its channel anyway)."""
+    errors: list[str] = []
+    for name, side in (("source", src), ("destination", dst)):
+        try:
+            set_channel(side, ChannelMode.OFF)
+        except ConnectionError:
+            pass
+        except (VfioUserError, TimeoutError, OSError) as exc:
+            errors.append(f"{name} data channel: {exc}")
     return errors
 
 

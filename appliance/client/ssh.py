@@ -63,7 +63,9 @@ def parse_target(text: str) -> SshTarget | None:
     """The :class:`SshTarget` of an ``ssh://`` URI; None for anything else (a path).
 
     Raises:
-        ApplianceError: an ``ssh://`` URI without a host or an absolute path.
+        ApplianceError: an ``ssh://`` URI without a host or an absolute path,
+            a host or user starting with '-', a password, or a path ssh cannot
+            forward (:func:`check_forwardable`).
     """
     if not text.startswith("ssh://"):
         return None
@@ -77,7 +79,21 @@ def parse_target(text: str) -> SshTarget | None:
         raise ApplianceError(f"{text}: expected ssh://[USER@]HOST[:PORT]/PATH/TO/SOCKET")
     if parts.hostname.startswith("-") or (parts.username or "").startswith("-"):
         raise ApplianceError(f"{text}: a host or user may not start with '-'")
+    if parts.password is not None:
+        raise ApplianceError(f"{text}: ssh takes no password here (use a key)")
+    check_forwardable(path)
     return SshTarget(host=parts.hostname, path=path, user=parts.username, port=port)
+
+
+def check_forwardable(path: str) -> None:
+    """Whether ssh's ``-L LOCAL:REMOTE`` can name ``path`` as a Unix socket.
+
+    Raises:
+        ApplianceError: it contains ':' (ssh has no way to quote it: "/run/x:22"
+            would be a TCP forward to a host named "/run/x") or a NUL.
+    """
+    if ":" in path or "\0" in path:
+        raise ApplianceError(f"{path!r}: ssh cannot forward a socket path with ':' in it")
 
 
 class SshForward:
@@ -110,8 +126,14 @@ class SshForward:
             ApplianceError: ssh failed (its last line of complaint is in the
                 message: a refused key, an unknown host, no route).
         """
+        check_forwardable(self.target.path)
         self.dir = tempfile.mkdtemp(prefix="appliance-ssh-")
         self.local = os.path.join(self.dir, "fwd.sock")
+        try:
+            check_forwardable(self.local)  # (a TMPDIR with ':' in it)
+        except ApplianceError:
+            self.close()
+            raise
         cmd = self._base() + [
             "-M", "-f", "-N", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
             "-o", f"ConnectTimeout={int(self.timeout)}",
@@ -165,10 +187,12 @@ class SshForward:
         -O forward -L``); returns the local path (in the same private directory).
 
         Raises:
-            ApplianceError: the master connection is gone or refused the forward.
+            ApplianceError: the master connection is gone or refused the forward,
+                or ``remote`` has ':' in it (:func:`check_forwardable`).
         """
         if self.dir is None:
             raise ApplianceError(f"ssh to {self.target.destination}: not connected")
+        check_forwardable(remote)
         self.extra += 1
         local = os.path.join(self.dir, f"fwd{self.extra}.sock")
         cmd = self._base() + ["-O", "forward", "-L", f"{local}:{remote}", "--",

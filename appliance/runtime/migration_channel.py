@@ -7,7 +7,8 @@ each record head is computed from an mmap of the range: no copy into user
 space); :class:`DestinationChannel` splices each payload from the socket
 through a pipe into the staging image (``os.splice``) and verifies it there,
 from an mmap of the staged range, before it counts.  Both sockets are
-non-blocking and each callback moves at most :data:`STEP` bytes, so the
+non-blocking and each callback moves at most :data:`STEP` bytes (the
+destination's at most :data:`MAX_STEP_RECORDS` records too), so the
 vfio-user and control sockets keep being served while data flows.  A peer
 that makes no progress for the session's timeout while the end has work to
 do fails the channel (the handler then fails the migration).
@@ -44,9 +45,12 @@ from appliance.vfio_user.migration_stream import StreamError
 log = logging.getLogger("appliance.migrate")
 
 STEP = 8 << 20  # bytes one loop callback moves at most
+MAX_QUEUED_RANGES = 256  # ranges the source queues at most; the rest of a round is taken as it drains
+MAX_STEP_RECORDS = 256  # records one destination callback takes at most (heads cost no bytes)
 PIPE_SIZE = 1 << 20  # the destination's splice pipe
 SOCKET_BUFFER = 4 << 20  # SO_SNDBUF / SO_RCVBUF asked for (the kernel caps it at [wr]mem_max)
 F_SETPIPE_SZ = 1031
+CHECK_EVERY = 1.0  # seconds between a deadline's checks at most (a stopped one ends then)
 SPLICE_F_MOVE, SPLICE_F_NONBLOCK = 1, 2
 
 
@@ -71,28 +75,39 @@ def range_checksum(fd: int, offset: int, length: int) -> int:
 
 
 class _Deadline:
-    """Fails an end that has work but makes no progress for ``timeout`` seconds."""
+    """Fails an end that has work but makes no progress for ``timeout`` seconds.
+
+    It checks at least every :data:`CHECK_EVERY` seconds, and once stopped it
+    holds nothing of its end: a session ended long before its timeout leaves
+    at most a second-long pending check behind, not the channel for minutes.
+    """
 
     def __init__(self, loop: EventLoop, timeout: float, busy: Callable[[], bool],
                  fail: Callable[[OSError], None]) -> None:
-        self.loop, self.timeout, self.busy, self.fail = loop, timeout, busy, fail
+        self.loop, self.timeout = loop, timeout
+        self._busy: Callable[[], bool] | None = busy
+        self._fail: Callable[[OSError], None] | None = fail
         self.last = time.monotonic()
-        self.stopped = False
-        loop.call_later(timeout, self._check)
+        loop.call_later(min(timeout, CHECK_EVERY), self._check)
+
+    def stop(self) -> None:
+        self._busy = self._fail = None
 
     def progress(self) -> None:
         self.last = time.monotonic()
 
     def _check(self) -> None:
-        if self.stopped:
+        busy, fail = self._busy, self._fail
+        if busy is None or fail is None:
             return
         idle = time.monotonic() - self.last
-        if idle >= self.timeout and self.busy():
-            self.fail(TimeoutError(errno.ETIMEDOUT,
-                                   f"no progress on the data channel for {self.timeout:g} s"))
+        if idle >= self.timeout and busy():
+            self.stop()
+            fail(TimeoutError(errno.ETIMEDOUT,
+                              f"no progress on the data channel for {self.timeout:g} s"))
             return
-        self.loop.call_later(self.timeout - idle if idle < self.timeout else self.timeout,
-                             self._check)
+        wait = self.timeout - idle if idle < self.timeout else self.timeout
+        self.loop.call_later(min(wait, CHECK_EVERY), self._check)
 
 
 def _stream_socket(fd: int) -> socket.socket:
@@ -112,6 +127,30 @@ def _stream_socket(fd: int) -> socket.socket:
     sock.setblocking(False)
     _buffers(sock)
     return sock
+
+
+def check_connected_stream(fd: int) -> None:
+    """Whether ``fd`` is a connected stream socket (it stays open, the caller's).
+
+    Raises:
+        OSError: EINVAL for anything else: not a socket (a pipe, a file), a
+            datagram or packet socket, a listening or unconnected one.
+    """
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        raise OSError(errno.EINVAL, "the data channel fd is not a socket") from None
+    try:
+        if sock.type != socket.SOCK_STREAM:
+            raise OSError(errno.EINVAL, "the data channel fd is not a stream socket")
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise OSError(errno.EINVAL, "the data channel fd is a listening socket")
+        try:
+            sock.getpeername()
+        except OSError:
+            raise OSError(errno.EINVAL, "the data channel fd is not connected") from None
+    finally:
+        sock.detach()
 
 
 def _buffers(sock: socket.socket) -> None:
@@ -143,7 +182,7 @@ class _End:
             self.notify()
 
     def _stop(self) -> None:
-        self.deadline.stopped = True
+        self.deadline.stop()
         if self.sock is not None and self.sock.fileno() >= 0:
             self.loop.remove_reader(self.sock.fileno())
             self.loop.remove_writer(self.sock.fileno())
@@ -164,6 +203,7 @@ class SourceChannel(_End):
         self.sock = _stream_socket(fd)
         self.device = device
         self.queue: collections.deque[tuple[ChannelType, DirtyRange]] = collections.deque()
+        self.allowance = 0  # bytes of the round still to take from the dirty map
         self.records = 0
         self.bytes = 0
         self._head = memoryview(b"")  # unsent head bytes of the current record
@@ -173,7 +213,7 @@ class SourceChannel(_End):
 
     @property
     def idle(self) -> bool:
-        return not self.queue and self._current is None
+        return not self.queue and self._current is None and self.allowance <= 0
 
     @property
     def sent(self) -> tuple[int, int]:
@@ -187,17 +227,35 @@ class SourceChannel(_End):
         return not self.idle
 
     def fill(self, max_bytes: int) -> int:
+        """Send up to ``max_bytes`` of dirty data (the round's budget): up to
+        :data:`MAX_QUEUED_RANGES` ranges are taken now, the rest as the queue
+        drains; returns the bytes taken now (0: none, the queue is full).
+
+        Raises:
+            LocalProtocolError: as :meth:`NvmeChannelDevice.take_ranges`.
+        """
         if self.error is not None or self.closed:
             return 0
-        ranges = self.device.take_ranges(max_bytes)
-        for rng in ranges:
-            self.queue.append((ChannelType.ZEROES if rng.zeroes else ChannelType.DATA, rng))
-        if ranges and not self._writing:
+        self.allowance = max_bytes
+        taken = self._refill()
+        if self.queue and not self._writing:
             assert self.sock is not None
             self.loop.add_writer(self.sock.fileno(), self._writable)
             self._writing = True
             self.deadline.progress()
-        return sum(rng.length for rng in ranges)
+        return taken
+
+    def _refill(self) -> int:
+        """Take more of the allowance into the queue, up to its bound; returns the bytes."""
+        room = MAX_QUEUED_RANGES - len(self.queue)
+        if self.allowance <= 0 or room <= 0:
+            return 0
+        ranges = self.device.take_ranges(self.allowance, room)
+        for rng in ranges:
+            self.queue.append((ChannelType.ZEROES if rng.zeroes else ChannelType.DATA, rng))
+        taken = sum(rng.length for rng in ranges)
+        self.allowance = self.allowance - taken if ranges else 0
+        return taken
 
     def _writable(self) -> None:
         try:
@@ -206,12 +264,17 @@ class SourceChannel(_End):
             pass
         except (OSError, LocalProtocolError) as exc:
             self._fail(exc)
+        except Exception as exc:  # a bug: fail the channel once, not on every pass
+            log.exception("migration data channel: sending failed")
+            self._fail(exc)
 
     def _send(self, budget: int) -> None:
         sock = self.sock
         assert sock is not None
         while budget > 0:
             if self._current is None:
+                if not self.queue:
+                    self._refill()
                 if not self.queue:
                     self.loop.remove_writer(sock.fileno())
                     self._writing = False
@@ -240,6 +303,7 @@ class SourceChannel(_End):
     def _start(self, kind: ChannelType, rng: DirtyRange) -> None:
         checksum = 0
         if kind is ChannelType.DATA:
+            self.device.sending(rng)
             checksum = range_checksum(self.device.image_fd(rng.nsid), rng.offset, rng.length)
         self._head = memoryview(channel_head(kind, self.records, rng.nsid, rng.offset,
                                              rng.length, checksum))
@@ -328,12 +392,19 @@ class DestinationChannel(_End):
             pass
         except (OSError, LocalProtocolError, StreamError) as exc:
             self._fail(exc)
+        except Exception as exc:  # a bug: fail the channel once, not on every pass
+            log.exception("migration data channel: receiving failed")
+            self._fail(exc)
 
     def _receive(self, budget: int) -> None:
         sock, pipe = self.sock, self._pipe
         assert sock is not None and pipe is not None
+        heads = 0
         while budget > 0:
             if self._current is None:
+                if heads == MAX_STEP_RECORDS:
+                    return  # the rest on the next callback (the socket stays readable)
+                heads += 1
                 data = sock.recv(ChannelHead.SIZE - len(self._head))
                 if not data:
                     self._eof()
@@ -401,11 +472,19 @@ class DestinationChannel(_End):
 
 
 class Listener:
-    """A per-session Unix socket in a fresh 0700 directory (LISTEN mode)."""
+    """A per-session Unix socket in a fresh 0700 directory (LISTEN mode).
+
+    The directory is held open from its creation: :meth:`close` removes the
+    socket through it and the directory only while its path still names it,
+    so a directory moved away and replaced (by a symlink, by another one)
+    never makes the cleanup delete what is not ours.
+    """
 
     def __init__(self, base: str) -> None:
         self.directory = tempfile.mkdtemp(prefix="migch-", dir=base)  # 0700, created exclusively
         self.path = os.path.join(self.directory, "data.sock")
+        self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                               | os.O_CLOEXEC)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
                                   | socket.SOCK_NONBLOCK)
         try:
@@ -416,12 +495,22 @@ class Listener:
             raise
 
     def close(self) -> None:
+        """Stop listening, remove the socket and the directory (idempotent)."""
         if self.sock.fileno() >= 0:
             self.sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        with contextlib.suppress(FileNotFoundError, OSError):
-            os.rmdir(self.directory)
+        if self._dir_fd < 0:
+            return
+        dir_fd, self._dir_fd = self._dir_fd, -1
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink("data.sock", dir_fd=dir_fd)
+            held = os.fstat(dir_fd)
+            with contextlib.suppress(OSError):
+                now = os.stat(self.directory, follow_symlinks=False)
+                if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                    os.rmdir(self.directory)
+        finally:
+            os.close(dir_fd)
 
 
 class ChannelEnds:
@@ -433,6 +522,9 @@ class ChannelEnds:
 
     def blocker(self) -> str:
         return self.device.blocker()
+
+    def check_fd(self, fd: int) -> None:
+        check_connected_stream(fd)
 
     def listen(self) -> Listener:
         return Listener(self.base)

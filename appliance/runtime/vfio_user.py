@@ -47,6 +47,7 @@ from appliance.vfio_user.server import (
 log = logging.getLogger("appliance.vfio_user")
 
 BATCH = 64
+MAX_PARKED_FRAMES = 8  # messages read behind one that waits, before reading stops
 DMA_TIMEOUT = 5.0
 MAX_BACKLOG = 1 << 20  # storage.max_backlog: unsent reply bytes behind the one being written
 # SO_SNDBUF of a client's socket: a whole MIG_DATA_READ reply (1 MiB) goes in one
@@ -86,6 +87,7 @@ class VfioUserClientSocket:
         self._dma_watch: frozenset[int] = frozenset()  # DMA messages the timer checks
         self.out = OutputQueue(max_backlog, cap_behind_head=True)
         self._writing = False  # a writer is registered with the loop
+        self._paused = False  # reading stopped: MAX_PARKED_FRAMES wait behind a parked one
         if self.conn.migration is not None:  # a command waiting for the data channel
             self.conn.migration.wake = lambda: loop.call_later(0, self._wake)
         loop.add_reader(sock.fileno(), self._readable)
@@ -98,6 +100,12 @@ class VfioUserClientSocket:
         self.flush()
         if self.conn.closed:
             self.close()
+        elif self._paused and not self._too_many_parked():
+            self._paused = False
+            self.loop.add_reader(self.sock.fileno(), self._readable)
+
+    def _too_many_parked(self) -> bool:
+        return self.conn.parked and self.conn.queued >= MAX_PARKED_FRAMES
 
     def read_some(self) -> bool:
         """Read what is available (up to a batch of messages); False once closed."""
@@ -123,6 +131,12 @@ class VfioUserClientSocket:
             if conn.closed:
                 self.close()
                 return False
+            if self._too_many_parked():
+                # Nothing runs behind the waiting message: hold no more of the
+                # client's messages (their data and fds) until it ran (_wake).
+                self._paused = True
+                self.loop.remove_reader(self.sock.fileno())
+                break
         return True
 
     def _readable(self) -> None:

@@ -41,10 +41,10 @@ class NvmeChannelDevice:
         return self.migratable.channel_blocker()
 
     # ------------------------------------------------------------ source
-    def take_ranges(self, max_bytes: int) -> list[DirtyRange]:
+    def take_ranges(self, max_bytes: int, max_ranges: int = 1 << 62) -> list[DirtyRange]:
         """Dirty ranges (data up to the migratable's ``max_record`` each, holes as
-        ZEROES), about ``max_bytes`` in all (at least one range when anything is
-        dirty), clearing them in the dirty map.
+        ZEROES), about ``max_bytes`` in all and ``max_ranges`` at most (at least
+        one range when anything is dirty), clearing them in the dirty map.
 
         Raises:
             LocalProtocolError: a namespace that cannot be copied (NBD,
@@ -60,7 +60,8 @@ class NvmeChannelDevice:
             pages, ns = mig.dirty[nsid], mig.ctrl.namespaces[nsid]
             page = pages.page
             known = (0, 0)  # a stretch known to be data: SEEK_HOLE once per stretch
-            while taken < max_bytes and (run := pages.next_run()) is not None:
+            while taken < max_bytes and len(out) < max_ranges \
+                    and (run := pages.next_run()) is not None:
                 start, stop = run[0] * page, min(run[1] * page, ns.size)
                 if known[0] <= start < known[1]:
                     end, zeroes = start, False
@@ -80,16 +81,35 @@ class NvmeChannelDevice:
         return out
 
     def image_fd(self, nsid: int) -> int:
-        return self.migratable.ctrl.namespaces[nsid].fd
+        """The image of namespace ``nsid``, to send a range from.
+
+        Raises:
+            LocalProtocolError: EBUSY when the namespace was deleted since its
+                range was taken (Namespace Management during pre-copy).
+        """
+        ns = self.migratable.ctrl.namespaces.get(nsid)
+        if ns is None:
+            raise LocalProtocolError(f"namespace {nsid} was deleted during the migration",
+                                     errno.EBUSY)
+        return ns.fd
 
     def written_since_taken(self, rng: DirtyRange) -> bool:
-        """Whether a page of ``rng`` was written since :meth:`take_ranges` cleared it."""
+        """Whether a page of ``rng`` was written since :meth:`sending` cleared it."""
         pages = self.migratable.dirty.get(rng.nsid)
         if pages is None:  # the session ended
             return False
         first = rng.offset // pages.page
         last = (rng.offset + rng.length - 1) // pages.page
         return pages.map.find(1, first, last + 1) >= 0
+
+    def sending(self, rng: DirtyRange) -> None:
+        """``rng`` (DATA) is read for sending now: a write since :meth:`take_ranges`
+        travels in it, so its pages are clean again (a write from now on is one
+        :meth:`written_since_taken` sees).  Writes run on the event loop, as this
+        does: none lands between this call and the read of the checksum."""
+        pages = self.migratable.dirty.get(rng.nsid)
+        if pages is not None:
+            pages.clear(rng.offset // pages.page, -(-rng.length // pages.page))
 
     def mark_again(self, rng: DirtyRange) -> None:
         """``rng`` must travel again (it changed while it was being sent)."""

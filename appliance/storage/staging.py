@@ -74,7 +74,8 @@ def punch(fd: int, offset: int, length: int) -> None:
 def fresh_file(target: str, like: int, size: int) -> tuple[int, str]:
     """A new empty file of ``size`` bytes beside ``target``
     (``.<name>.incoming-XXXXXXXX``, the mode of the file open as ``like``);
-    such files an interrupted restore left there are removed first.
+    such files an interrupted restore left there are removed first (regular
+    files only: a directory or symlink of that name is not one).
 
     Returns:
         Its fd and path.
@@ -86,9 +87,12 @@ def fresh_file(target: str, like: int, size: int) -> tuple[int, str]:
     prefix = f".{base}.incoming-"
     for stale in os.listdir(directory):
         if stale.startswith(prefix) and len(stale) == len(prefix) + 8:
-            log.info("removing %s, left by an interrupted restore", stale)
+            path = os.path.join(directory, stale)
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(directory, stale))
+                if not stat.S_ISREG(os.lstat(path).st_mode):
+                    continue  # a directory or a symlink: no restore made it
+                log.info("removing %s, left by an interrupted restore", stale)
+                os.unlink(path)
     fd, path = tempfile.mkstemp(dir=directory, prefix=prefix, suffix="")
     try:
         os.fchmod(fd, stat.S_IMODE(os.fstat(like).st_mode))

@@ -30,6 +30,7 @@ channel.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import errno
 import logging
@@ -58,6 +59,8 @@ CHANNEL_MAGIC = b"AMDC"
 MAX_CHANNEL_RECORD = 16 << 20  # DATA payload bytes per record, at most
 HEAD_CHECKED = 40  # head bytes covered by ``head_check``
 MIN_TIMEOUT_MS, MAX_TIMEOUT_MS = 1, 600_000
+#: separate retracted ranges a destination keeps at most until they are sent again
+MAX_RETRACTED = 1 << 16
 
 
 class ChannelType(enum.IntEnum):
@@ -107,6 +110,38 @@ def parse_channel_sync(record: Record) -> ChannelSync:
     return sync
 
 
+class _Ranges:
+    """Disjoint, non-touching byte ranges ``[starts[i], ends[i])`` in order."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def add(self, start: int, end: int) -> None:
+        """Take ``[start, end)``, merged with every range it overlaps or touches."""
+        i = bisect.bisect_left(self.ends, start)  # the first that ends at or after start
+        j = bisect.bisect_right(self.starts, end)  # past the last that starts at or before end
+        if i < j:
+            start, end = min(start, self.starts[i]), max(end, self.ends[j - 1])
+        self.starts[i:j], self.ends[i:j] = [start], [end]
+
+    def remove(self, start: int, end: int) -> None:
+        """Drop ``[start, end)``; what sticks out of it on either side stays."""
+        i = bisect.bisect_right(self.ends, start)  # the first that ends after start
+        j = bisect.bisect_left(self.starts, end)  # past the last that starts before end
+        if i >= j:
+            return
+        starts: list[int] = []
+        ends: list[int] = []
+        if self.starts[i] < start:
+            starts.append(self.starts[i])
+            ends.append(start)
+        if self.ends[j - 1] > end:
+            starts.append(end)
+            ends.append(self.ends[j - 1])
+        self.starts[i:j], self.ends[i:j] = starts, ends
+
+
 class ChannelReceiver:
     """The destination's checks of the channel records, in order (sans-I/O).
 
@@ -115,13 +150,15 @@ class ChannelReceiver:
     verified.  Counts are what the source's CHANNEL_SYNC records announce.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_retracted: int = MAX_RETRACTED) -> None:
+        self.max_retracted = max_retracted
         self.records = 0  # complete records
         self.bytes = 0  # stream bytes of complete records (heads + payloads)
         self.announced: ChannelSync | None = None  # the last CHANNEL_SYNC seen
         self._prev: ChannelHead | None = None  # the last complete record
         self._mismatch = False  # the last DATA did not verify: RETRACT must follow
-        self._retracted: list[tuple[int, int, int]] = []  # (nsid, start, end) to be covered
+        #: nsid -> retracted byte ranges still to be covered: sorted, disjoint, not touching
+        self._retracted: dict[int, _Ranges] = {}
         self._current: ChannelHead | None = None
         self.closed = False  # the source closed its end (set by the runtime)
 
@@ -149,7 +186,9 @@ class ChannelReceiver:
         if head.seq != self.records:
             raise StreamError(f"{where}: sequence number {head.seq}")
         final = self.announced
-        if final is not None and final.flags & ChannelSyncFlag.FINAL:
+        # (the final sync may arrive before the records it counts: they travel apart)
+        if final is not None and final.flags & ChannelSyncFlag.FINAL \
+                and self.records >= final.records:
             raise StreamError(f"{where}: more than the {final.records} records announced")
         if kind is ChannelType.RETRACT:
             prev = self._prev
@@ -178,7 +217,11 @@ class ChannelReceiver:
         kind = ChannelType(head.type)
         if kind is ChannelType.RETRACT:
             self._mismatch = False
-            self._retracted.append((head.nsid, head.offset, head.offset + head.length))
+            owed = self._retracted.setdefault(head.nsid, _Ranges())
+            owed.add(head.offset, head.offset + head.length)
+            if self.retracted > self.max_retracted:
+                raise StreamError(f"data channel record {self.records}: more than "
+                                  f"{self.max_retracted} retracted ranges not sent again")
         else:
             self._mismatch = not verified
             if verified:
@@ -188,16 +231,16 @@ class ChannelReceiver:
         self._prev = head
 
     def _cover(self, nsid: int, start: int, end: int) -> None:
-        left = []
-        for n, a, b in self._retracted:
-            if n != nsid or b <= start or a >= end:
-                left.append((n, a, b))
-                continue
-            if a < start:
-                left.append((n, a, start))
-            if b > end:
-                left.append((n, end, b))
-        self._retracted = left
+        owed = self._retracted.get(nsid)
+        if owed is not None:
+            owed.remove(start, end)
+            if not owed.starts:
+                del self._retracted[nsid]
+
+    @property
+    def retracted(self) -> int:
+        """How many separate retracted ranges are still to be covered."""
+        return sum(len(owed.starts) for owed in self._retracted.values())
 
     @property
     def mid_record(self) -> bool:
@@ -248,7 +291,8 @@ class ChannelReceiver:
         if self._mismatch:
             raise StreamError(f"data channel record {self.records - 1}: checksum mismatch")
         if self._retracted:
-            nsid, a, b = self._retracted[0]
+            nsid, owed = min(self._retracted.items())
+            a, b = owed.starts[0], owed.ends[0]
             raise StreamError(f"nsid {nsid}: retracted range {a:#x}..{b:#x} never sent again")
 
 
@@ -265,12 +309,13 @@ class DataChannel(Protocol):
     error: Exception | None
 
     def fill(self, max_bytes: int) -> int:
-        """Source: take up to ``max_bytes`` of dirty data onto the channel
-        (clearing it in the dirty map); returns the data bytes taken."""
+        """Source: send up to ``max_bytes`` of dirty data (clearing it in the
+        dirty map as it is taken: part now, the rest as the channel drains);
+        returns the data bytes taken now (0: nothing more for now)."""
 
     @property
     def idle(self) -> bool:
-        """Source: nothing queued or in flight."""
+        """Source: nothing queued, in flight or still to take of the last ``fill``."""
 
     @property
     def sent(self) -> tuple[int, int]:
@@ -299,6 +344,13 @@ class ChannelFactory(Protocol):
     def blocker(self) -> str:
         """Why the device's data cannot travel on a channel now ("" when it can)."""
 
+    def check_fd(self, fd: int) -> None:
+        """Whether ``fd`` can be a channel end (the caller keeps it either way).
+
+        Raises:
+            OSError: EINVAL when it is not a connected stream socket.
+        """
+
     def listen(self) -> ChannelListener:
         """A fresh listening socket in a new 0700 directory.
 
@@ -318,7 +370,8 @@ def channel_error(exc: BaseException) -> StreamError:
     """The migration error a failed channel becomes (EIO unless it was the peer's garbage)."""
     if isinstance(exc, StreamError):
         return exc
-    err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+    err = exc.errno if isinstance(exc, (OSError, LocalProtocolError)) and exc.errno \
+        else errno.EIO
     return StreamError(f"data channel failed: {exc}", err)
 
 
@@ -364,7 +417,8 @@ class ChannelSession:
 
         Raises:
             Reject: EINVAL for reserved fields, an unknown mode, a timeout out of
-                range or the wrong number of fds (FD: exactly one, else none);
+                range or the wrong number of fds (FD: exactly one, else none),
+                or an FD fd that is not a connected stream socket;
                 ENOTSUP when the device's data cannot use a channel
                 (``ChannelFactory.blocker``); the errno of a listening socket that could not be made.
         """
@@ -383,6 +437,11 @@ class ChannelSession:
         assert self.factory is not None
         why = self.factory.blocker() if mode is not w.ChannelMode.OFF else ""
         require(not why, errno.ENOTSUP, f"data channel: {why}")
+        if mode is w.ChannelMode.FD:
+            try:
+                self.factory.check_fd(fds[0])
+            except OSError as exc:
+                raise Reject(f"data channel fd: {exc.strerror or exc}", errno.EINVAL) from None
         self._clear()
         if mode is w.ChannelMode.LISTEN:
             try:

@@ -205,6 +205,11 @@ class ServerConnection(ConnectionHandoff):
             self._dispatch(self._frames.popleft())
 
     @property
+    def queued(self) -> int:
+        """Messages received and not yet dispatched (behind one that waits, ``parked``)."""
+        return len(self._frames)
+
+    @property
     def has_output(self) -> bool:
         """Whether messages wait for :meth:`data_to_send` (replies, or DMA messages the
         device made outside any client message: its idle poll, a timer, an I/O done)."""

@@ -5,6 +5,8 @@ untouched)."""
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import subprocess
 import sys
@@ -121,6 +123,43 @@ def test_channel_fd_bounds(pair: tuple[ApplianceProcess, ApplianceProcess]) -> N
             assert not Path(path).exists() and not Path(path).parent.exists()
         assert orch.get_state(src) is MigState.RUNNING
         assert open_fds(src_p) == before  # every fd refused or dropped was closed
+
+
+def odd_fds(tmp_path: Path) -> Iterator[tuple[str, int]]:
+    """Fds a client might pass for FD mode that are no connected stream socket."""
+    r, w_ = os.pipe()
+    os.close(w_)
+    yield "a pipe", r
+    yield "a file", os.open(tmp_path / "plain", os.O_RDWR | os.O_CREAT, 0o600)
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(str(tmp_path / "l.sock"))
+    lsock.listen(1)
+    yield "a listening socket", lsock.detach()
+    yield "an unconnected stream socket", socket.socket(socket.AF_UNIX).detach()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    b.close()
+    yield "a datagram socket", a.detach()
+
+
+def test_a_set_refuses_an_fd_that_is_no_connected_stream_socket(
+        pair: tuple[ApplianceProcess, ApplianceProcess], tmp_path: Path) -> None:
+    # Refused at the SET (EINVAL), so the orchestrator falls back to the
+    # standard path, instead of failing the session that would start with it.
+    src_p, _ = pair
+    with VfioUserClient.connect(sock(src_p)) as src:
+        orch.get_state(src)
+        before = open_fds(src_p)
+        for what, fd in odd_fds(tmp_path):
+            try:
+                with pytest.raises(VfioUserError) as err:
+                    set_channel(src, ChannelMode.FD, 1.0, fd)
+                assert err.value.errno == errno.EINVAL, what
+            finally:
+                os.close(fd)
+            reply, _ = dc._channel_feature(src, w.FEATURE_GET)
+            assert reply.mode == ChannelMode.OFF, what
+        assert orch.get_state(src) is MigState.RUNNING
+        assert open_fds(src_p) == before  # every refused fd was closed
 
 
 @pytest.mark.parametrize("no_channel", [False, True])
@@ -331,3 +370,94 @@ def test_a_stalled_channel_fails_after_the_timeout_while_both_keep_serving(
         assert orch.get_state(src) is MigState.RUNNING
         assert orch.get_state(dst) is MigState.RUNNING
     assert file_hash(image(dst_p)) == dst_before
+
+
+def test_records_arriving_after_the_final_sync_still_commit(
+        pair: tuple[ApplianceProcess, ApplianceProcess], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The final CHANNEL_SYNC travels through the orchestrator, the records it
+    # counts on the channel (across hosts: two ssh channels): the destination
+    # may read the sync first.  The relay holds the stop-copy records back until
+    # the destination has answered the write that carried the final sync.
+    src_p, dst_p = pair
+    stopping, release = threading.Event(), threading.Event()
+    held: list[int] = []
+
+    class HoldingRelay(Relay):
+        def _read(self, s: socket.socket, n: int) -> bytes:
+            out = super()._read(s, n)
+            if n == ChannelHead.SIZE and out and stopping.is_set() and not release.is_set():
+                held.append(self.records)
+                release.wait(60)
+            return out
+
+    final_write: list[int] = []
+    set_state, write_send, wait_reply = orch.set_state, orch.data_write_send, orch.wait_reply
+
+    def spy_set_state(client: VfioUserClient, state: MigState) -> MigState:
+        if client is src and state is MigState.STOP_COPY:
+            writer.step(5)  # the last writes: the stop-copy records carry them
+            stopping.set()
+        return set_state(client, state)
+
+    def spy_write_send(client: VfioUserClient, data: bytes | memoryview) -> int:
+        msg_id = write_send(client, data)
+        if stopping.is_set() and not final_write:
+            final_write.append(msg_id)
+        return msg_id
+
+    def spy_wait_reply(client: VfioUserClient, msg_id: int, command: w.Command) -> bytes:
+        try:
+            return wait_reply(client, msg_id, command)
+        finally:
+            if final_write and msg_id == final_write[0]:
+                release.set()
+
+    monkeypatch.setattr(orch, "set_state", spy_set_state)
+    monkeypatch.setattr(orch, "data_write_send", spy_write_send)
+    monkeypatch.setattr(orch, "wait_reply", spy_wait_reply)
+    src = VfioUserClient.connect(sock(src_p), timeout=10)
+    driver = NvmeDriver(src, mem_size=16 << 20)
+    driver.setup(io_queues=1, depth=16)
+    writer = VerifiedWriter(driver, blocks=8, seed=11)
+    writer.step(20)
+    dst = VfioUserClient.connect(sock(dst_p), timeout=10)
+    prepare_destination(driver, dst)
+    try:
+        summary = orch.migrate(src, dst, converge_bytes=0, max_rounds=2,
+                               between_reads=lambda: writer.step(5),
+                               data_channel=ChannelPlan(pair=HoldingRelay().pair))
+    finally:
+        release.set()
+    assert summary.data_channel == "same host"
+    assert held  # stop-copy records came after the final sync
+    assert file_hash(image(src_p)) == file_hash(image(dst_p))
+    move_driver(driver, dst)
+    assert writer.verify_all() == len(writer.written)
+    src.close()
+    dst.close()
+
+
+def test_a_migration_that_fails_before_its_sessions_leaves_no_channel_set(
+        pair: tuple[ApplianceProcess, ApplianceProcess], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The channel was set on both, then the destination refused RESUMING: the
+    # next migration on the same connections, without a channel, must not find
+    # one still set for its sessions (nor the appliances keep the sockets).
+    src_p, dst_p = pair
+    set_state = orch.set_state
+
+    def refuse_resuming(client: VfioUserClient, state: MigState) -> MigState:
+        if state is MigState.RESUMING:
+            raise VfioUserError(5, "injected")
+        return set_state(client, state)
+
+    with VfioUserClient.connect(sock(src_p)) as src, VfioUserClient.connect(sock(dst_p)) as dst:
+        monkeypatch.setattr(orch, "set_state", refuse_resuming)
+        with pytest.raises(orch.MigrationFailed):
+            orch.migrate(src, dst, data_channel=ChannelPlan())
+        monkeypatch.undo()
+        for side in (src, dst):
+            reply, _ = dc._channel_feature(side, w.FEATURE_GET)
+            assert reply.mode == ChannelMode.OFF
+        summary = orch.migrate(src, dst)
+        assert summary.data_channel == ""
+    assert file_hash(image(src_p)) == file_hash(image(dst_p))

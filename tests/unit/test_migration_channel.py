@@ -177,6 +177,9 @@ class FakeFactory:
     def listen(self) -> ChannelListener:
         raise OSError(errno.EACCES, "no")
 
+    def check_fd(self, fd: int) -> None:
+        os.fstat(fd)
+
     def source(self, fd: int, timeout: float, notify: Callable[[], None]) -> FakeChannel:
         self.made.append(("source", fd))
         return self.channel
@@ -310,3 +313,56 @@ def test_a_failed_channel_fails_the_destination_session() -> None:
     with pytest.raises(Reject) as err:
         write(h, stream.read(1 << 20))
     assert "closed in the middle" in str(err.value)
+
+
+def test_records_announced_by_the_final_sync_may_arrive_after_it() -> None:
+    # The final CHANNEL_SYNC travels on the vfio-user socket, the records it
+    # counts on the channel: either may arrive first (an ssh forward, a relay).
+    r = ChannelReceiver()
+    r.head(data(0))
+    r.data_done(True)
+    r.sync(sync(2, 2 * 48 + 8192, final=True))
+    assert not r.caught_up()
+    r.head(data(1, 4096))
+    r.data_done(True)
+    assert r.caught_up()
+    r.check_complete()
+    with pytest.raises(StreamError, match="more than the 2 records announced"):
+        r.head(data(2, 8192))
+
+
+def retract_pair(r: ChannelReceiver, offset: int, length: int = 4096) -> None:
+    r.head(data(r.records, offset, length))
+    r.data_done(False)
+    r.head(channel_head(ChannelType.RETRACT, r.records, 1, offset, length))
+
+
+def test_retracted_ranges_merge_and_are_bounded() -> None:
+    # Touching and overlapping retracted ranges are kept as one; a peer that
+    # retracts ever more separate ranges is refused once they pass the bound
+    # (each is work and memory until a later record covers it).
+    r = ChannelReceiver(max_retracted=4)
+    for at in range(0, 64 * 4096, 4096):
+        retract_pair(r, at)
+    retract_pair(r, 2048, 8192)
+    assert r.retracted == 1
+    r.head(data(r.records, 0, 64 * 4096))
+    r.data_done(True)
+    assert r.retracted == 0
+    for k in range(4):
+        retract_pair(r, k * 8192)
+    assert r.retracted == 4
+    with pytest.raises(StreamError, match="more than 4 retracted ranges"):
+        retract_pair(r, 4 * 8192)
+
+
+def test_covering_part_of_a_retracted_range_leaves_the_rest() -> None:
+    r = ChannelReceiver()
+    retract_pair(r, 0, 16 * 4096)
+    retract_pair(r, 32 * 4096, 4096)
+    r.head(data(r.records, 4 * 4096, 4 * 4096))
+    r.data_done(True)
+    assert r.retracted == 3  # 0..4, 8..16 and 32 are still owed
+    r.head(data(r.records, 0, 33 * 4096))
+    r.data_done(True)
+    assert r.retracted == 0

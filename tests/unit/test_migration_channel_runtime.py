@@ -1,19 +1,40 @@
-"""The data channel's source end on a real event loop: a record written while it
-is being sent is retracted and its range is dirty again."""
+"""The data channel's two ends on a real event loop: a record written while it
+is being sent is retracted, bounded callbacks, the LISTEN socket's cleanup."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import gc
 import os
 import socket
+import time
+import weakref
 from pathlib import Path
 
+import pytest
 from test_nvme_driver import make_controller
 
+from appliance.errors import LocalProtocolError
 from appliance.runtime.loop import EventLoop
-from appliance.runtime.migration_channel import SourceChannel, range_checksum
+from appliance.runtime.migration_channel import (
+    CHECK_EVERY,
+    MAX_QUEUED_RANGES,
+    MAX_STEP_RECORDS,
+    DestinationChannel,
+    Listener,
+    SourceChannel,
+    range_checksum,
+)
+from appliance.storage import nsmgmt
 from appliance.storage.migration import NvmeMigratable
 from appliance.storage.migration_channel import NvmeChannelDevice
-from appliance.vfio_user.migration_channel import ChannelHead, ChannelReceiver, ChannelType
+from appliance.vfio_user.migration_channel import (
+    ChannelHead,
+    ChannelReceiver,
+    ChannelType,
+    channel_head,
+)
 
 MiB = 1 << 20
 
@@ -75,5 +96,208 @@ def test_a_range_written_while_it_is_sent_is_retracted(tmp_path: Path) -> None:
         assert notes  # told when it went idle
         chan.close()
         theirs.close()
+    finally:
+        ctrl.close()
+
+
+def test_one_callback_takes_a_bounded_number_of_records(tmp_path: Path) -> None:
+    # A peer that sends heads only (ZEROES: no payload, no byte budget spent)
+    # as fast as it can must not keep the destination's callback, and so the
+    # event loop, to itself.
+    ctrl = make_controller(tmp_path, size=1 * MiB)
+    mig = NvmeMigratable(ctrl)
+    loop = EventLoop()
+    ours, theirs = socket.socketpair()
+    n = 2000
+    theirs.sendall(b"".join(channel_head(ChannelType.ZEROES, seq, 1, 0, 4096)
+                            for seq in range(n)))
+    chan = DestinationChannel(loop, ours.detach(), NvmeChannelDevice(mig), 5.0, lambda: None)
+    try:
+        chan._readable()
+        assert chan.error is None
+        assert 0 < chan.receiver.records <= MAX_STEP_RECORDS < n
+        while chan.receiver.records < n:  # the rest on later callbacks
+            chan._readable()
+        assert chan.error is None
+    finally:
+        chan.close()
+        theirs.close()
+        mig.abort_restore()
+        ctrl.close()
+
+
+def test_a_range_written_before_it_is_sent_goes_with_its_new_data(tmp_path: Path) -> None:
+    # fill() takes a whole round's ranges at once; a write to a range still
+    # queued lands before the record's checksum and payload are read, so the
+    # record carries it: no RETRACT, nothing dirty again (a RETRACT per such
+    # record made a busy guest owe the destination thousands of ranges).
+    ctrl = make_controller(tmp_path, size=16 * MiB)
+    try:
+        ns = ctrl.namespaces[1]
+        ns.write_bytes(0, os.urandom(16 * MiB))
+        mig = NvmeMigratable(ctrl)
+        mig.start_tracking()
+        loop = EventLoop()
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        chan = SourceChannel(loop, ours.detach(), NvmeChannelDevice(mig), 5.0, lambda: None)
+        assert chan.fill(16 * MiB) == 16 * MiB
+        new = os.urandom(4096)
+        ns.write_bytes((15 * MiB) >> ns.lba_shift, new)  # the last record, still queued
+        got = bytearray()
+        while not chan.idle:
+            loop.run_once(0)
+            with contextlib.suppress(BlockingIOError):
+                while chunk := theirs.recv(MiB):
+                    got += chunk
+        r = ChannelReceiver()
+        at, image = 0, bytearray(16 * MiB)
+        while at < len(got):
+            head = r.head(bytes(got[at:at + ChannelHead.SIZE]))
+            at += ChannelHead.SIZE
+            assert head.type == ChannelType.DATA
+            image[head.offset:head.offset + head.length] = got[at:at + head.length]
+            at += head.length
+            r.data_done(True)
+        assert image == ns.read_bytes(0, 16 * MiB)
+        assert image[15 * MiB:15 * MiB + 4096] == new
+        assert mig.dirty[1].count == 0
+        chan.close()
+        theirs.close()
+    finally:
+        ctrl.close()
+
+
+def test_closing_a_listener_removes_only_its_own_socket(tmp_path: Path) -> None:
+    # Whoever can write the base directory may move the per-session directory
+    # away and leave a symlink to another directory in its place: the cleanup
+    # must not follow it and delete that directory's "data.sock".
+    base, victim = tmp_path / "base", tmp_path / "victim"
+    base.mkdir()
+    victim.mkdir()
+    (victim / "data.sock").write_text("not ours")
+    listener = Listener(str(base))
+    moved = tmp_path / "moved"
+    os.rename(listener.directory, moved)
+    os.symlink(victim, listener.directory)
+    listener.close()
+    assert (victim / "data.sock").read_text() == "not ours"
+    assert os.path.islink(listener.directory)  # not ours to remove either
+    assert not (moved / "data.sock").exists()  # ours: removed where it went
+
+
+def test_closing_a_listener_twice_leaves_a_new_directory_of_that_name(tmp_path: Path) -> None:
+    listener = Listener(str(tmp_path))
+    listener.close()
+    assert not os.path.exists(listener.directory)
+    os.mkdir(listener.directory)
+    (Path(listener.directory) / "data.sock").write_text("someone else's")
+    listener.close()
+    assert (Path(listener.directory) / "data.sock").exists()
+
+
+def test_a_namespace_deleted_while_its_range_is_sent_fails_the_channel(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Namespace Management may delete a namespace during pre-copy (the session
+    # then fails at the next read, EBUSY); the channel must fail once, not leave
+    # its writer raising on every loop pass until the timeout.
+    ctrl = make_controller(tmp_path, size=16 * MiB)
+    try:
+        ctrl.namespaces[1].write_bytes(0, os.urandom(16 * MiB))
+        mig = NvmeMigratable(ctrl)
+        mig.start_tracking()
+        loop = EventLoop()
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        notes: list[int] = []
+        chan = SourceChannel(loop, ours.detach(), NvmeChannelDevice(mig), 5.0,
+                             lambda: notes.append(1))
+        chan.fill(16 * MiB)
+        loop.run_once(0)
+        assert chan._current is not None  # a record in flight
+        nsmgmt.delete(ctrl, 1)
+        with contextlib.suppress(BlockingIOError):
+            while theirs.recv(MiB):
+                pass
+        for _ in range(3):
+            loop.run_once(0)
+        assert isinstance(chan.error, LocalProtocolError)
+        assert chan.error.errno == errno.EBUSY and "namespace 1" in str(chan.error)
+        assert notes  # the handler was told
+        assert not [r for r in caplog.records if "handler for fd" in r.getMessage()]
+        chan.close()
+        theirs.close()
+        loop.close()
+    finally:
+        ctrl.close()
+
+
+def test_the_source_holds_a_bounded_queue_of_ranges(tmp_path: Path) -> None:
+    # A round's ranges are taken as the channel drains, not all at once: an
+    # image the guest left as data and holes page after page is two ranges per
+    # 8 KiB, and queuing a whole round of them grew without bound.
+    ctrl = make_controller(tmp_path, size=8 * MiB)
+    try:
+        ns = ctrl.namespaces[1]
+        for at in range(0, 8 * MiB, 8192):
+            ns.write_bytes(at >> ns.lba_shift, os.urandom(4096))
+        mig = NvmeMigratable(ctrl)
+        mig.start_tracking()
+        loop = EventLoop()
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        notes: list[int] = []
+        chan = SourceChannel(loop, ours.detach(), NvmeChannelDevice(mig), 5.0,
+                             lambda: notes.append(1))
+        assert chan.fill(8 * MiB) > 0
+        most = len(chan.queue)
+        got = bytearray()
+        while not chan.idle:
+            most = max(most, len(chan.queue))
+            loop.run_once(0)
+            with contextlib.suppress(BlockingIOError):
+                while chunk := theirs.recv(MiB):
+                    got += chunk
+        assert most <= MAX_QUEUED_RANGES < 1024
+        r = ChannelReceiver()
+        image, at = bytearray(8 * MiB), 0
+        while at < len(got):
+            head = r.head(bytes(got[at:at + ChannelHead.SIZE]))
+            at += ChannelHead.SIZE
+            if head.type == ChannelType.DATA:
+                image[head.offset:head.offset + head.length] = got[at:at + head.length]
+                at += head.length
+                r.data_done(True)
+        assert image == ns.read_bytes(0, 8 * MiB)  # the whole round went
+        assert mig.dirty[1].count == 0 and notes
+        chan.close()
+        theirs.close()
+        loop.close()
+    finally:
+        ctrl.close()
+
+
+def test_a_closed_channel_is_not_kept_by_its_deadline(tmp_path: Path) -> None:
+    # A client may start and end channel sessions as fast as it likes, each
+    # with a 600 s timeout: the deadline's pending check must neither keep the
+    # closed channel alive nor stay pending for the whole timeout.
+    ctrl = make_controller(tmp_path, size=1 * MiB)
+    try:
+        mig = NvmeMigratable(ctrl)
+        mig.start_tracking()
+        loop = EventLoop()
+        refs = []
+        for _ in range(3):
+            ours, theirs = socket.socketpair()
+            chan = SourceChannel(loop, ours.detach(), NvmeChannelDevice(mig), 600.0,
+                                 lambda: None)
+            refs.append(weakref.ref(chan))
+            chan.close()
+            theirs.close()
+            del chan
+        gc.collect()
+        assert all(ref() is None for ref in refs)
+        assert max(when for when, _, _ in loop._timers) <= time.monotonic() + CHECK_EVERY
+        loop.close()
     finally:
         ctrl.close()

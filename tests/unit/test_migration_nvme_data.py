@@ -310,6 +310,23 @@ def test_a_stale_staging_file_is_removed(tmp_path: Path) -> None:
     dst.close()
 
 
+def test_only_stale_staging_files_are_removed(tmp_path: Path) -> None:
+    # A directory, or a symlink to a file elsewhere, with a staging file's name
+    # was not left by a restore: it stays, and the restore goes on.
+    src, dst, where = pair(tmp_path)
+    (where / ".ns1.img.incoming-dir12345").mkdir()
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"someone's")
+    (where / ".ns1.img.incoming-lnk12345").symlink_to(target)
+    mig = NvmeMigratable(dst)
+    mig.load_records(full_stream(src)[:1])
+    assert (where / ".ns1.img.incoming-dir12345").is_dir()
+    assert (where / ".ns1.img.incoming-lnk12345").is_symlink() and target.exists()
+    mig.abort_restore()
+    src.close()
+    dst.close()
+
+
 def test_device_state_only_stages_nothing(tmp_path: Path) -> None:
     src, dst, where = pair(tmp_path)
     image = where / "ns1.img"

@@ -4,6 +4,7 @@ and the project's client over a socketpair; the loop is pumped by hand."""
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from appliance.runtime.loop import EventLoop
 from appliance.runtime.vfio_user import VfioUserClientSocket
 from appliance.storage.spec import CommandError, Status
 from appliance.vfio_user import wire as w
+from appliance.vfio_user.connection_state import NotYet
 from appliance.vfio_user.framing import encode
 
 MEM = 0x10_0000  # client memory, DMA_MAPped without an fd: DMA_READ/WRITE messages
@@ -192,3 +194,91 @@ def test_a_device_error_is_eio_not_a_rejection_and_the_client_is_served_on(
     assert "the device failed" in caplog.text
     monkeypatch.undo()
     assert in_thread(loop, client.device_info).num_regions == w.PCI_NUM_REGIONS
+
+
+# ------------------------------------------------------------ a message that waits
+class ParkingMigration:
+    """Answers DEVICE_FEATURE with NotYet while ``blocked`` (a data channel behind)."""
+
+    def __init__(self) -> None:
+        self.blocked = True
+        self.wake: Callable[[], None] | None = None
+
+    def handle(self, command: w.Command, payload: bytes, fds: list[int] | None = None) -> bytes:
+        if self.blocked:
+            raise NotYet()
+        return b""
+
+    def handle_parts(self, command: w.Command, payload: bytes) -> list[bytes | memoryview]:
+        return [self.handle(command, payload)]
+
+    def allows(self, command: w.Command) -> bool:
+        return True
+
+    def device_reset(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def handoff_blocker(self) -> str:
+        return ""
+
+
+def open_fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_waiting_connection_reads_only_a_few_messages_more(tmp_path: Path) -> None:
+    # While a message waits (NotYet) nothing after it runs; a client that keeps
+    # sending (each message with fds) must not make the server hold them all:
+    # it stops reading once a few are queued, and reads on when the wait ends.
+    loop = EventLoop()
+    ctrl = make_controller(tmp_path)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    mig = ParkingMigration()
+    server = VfioUserClientSocket(loop, ours, ctrl, lambda s: None, "t",
+                                  migration=lambda memory: mig)  # type: ignore[arg-type,return-value]
+    client = VfioUserClient(theirs)
+    r, w_ = os.pipe()
+    try:
+        in_thread(loop, lambda: client.negotiate({}))
+        theirs.sendall(encode(w.Header(msg_id=1, command=w.Command.DEVICE_FEATURE), bytes(16)))
+        pump(loop, lambda: server.conn.parked)
+        before = open_fd_count()
+        request = w.RegionInfo(argsz=w.RegionInfo.SIZE, index=w.PciRegion.CONFIG).pack()
+        count = 100
+        for i in range(count):
+            msg = encode(w.Header(msg_id=2 + i, command=w.Command.DEVICE_GET_REGION_INFO),
+                         request)
+            socket.send_fds(theirs, [msg], [r] * 4)
+            loop.run_once(0)
+        held = open_fd_count() - before
+        assert server.conn.queued <= runtime_vfio_user.MAX_PARKED_FRAMES
+        assert held <= 4 * runtime_vfio_user.MAX_PARKED_FRAMES, held
+        mig.blocked = False
+        assert mig.wake is not None
+        mig.wake()
+        seen: list[int] = []
+
+        def drain() -> bool:
+            try:
+                while len(seen) < count + 1:
+                    frame = client.receive(timeout=0)
+                    assert frame is not None
+                    frame.close_fds()
+                    seen.append(frame.header.msg_id)
+            except TimeoutError:
+                pass
+            return len(seen) == count + 1
+
+        pump(loop, drain, passes=5000)
+        assert seen == list(range(1, count + 2))  # every message answered, in order
+        assert open_fd_count() == before  # every fd that came with them closed
+    finally:
+        os.close(r)
+        os.close(w_)
+        client.close()
+        server.close()
+        ctrl.close()
+        loop.close()
