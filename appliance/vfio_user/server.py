@@ -28,7 +28,7 @@ import json
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from appliance.errors import LocalProtocolError
 from appliance.memory import ClientMemory, MapError
@@ -55,8 +55,9 @@ from appliance.vfio_user.connection_state import (
 from appliance.vfio_user.dma import DmaMessages
 from appliance.vfio_user.framing import Frame, Framer, encode
 from appliance.vfio_user.handoff_state import ClientCaps, ConnectionState, parse_client_caps
+from appliance.vfio_user.request_payload import command_name, fits, request_struct
 from appliance.vfio_user.server_handoff import ConnectionHandoff, DryRunDevice
-from appliance.wire import Struct
+from appliance.vfio_user.server_irqs import ServerIrqs
 
 # Declared in appliance.vfio_user.connection_state, used by importers of this module.
 __all__ = ["MAX_DATA_XFER_SIZE", "MAX_MSG_FDS", "MIG_MAX_BITMAP_SIZE", "ConnState", "DmaLayout",
@@ -65,7 +66,6 @@ __all__ = ["MAX_DATA_XFER_SIZE", "MAX_MSG_FDS", "MIG_MAX_BITMAP_SIZE", "ConnStat
 
 log = logging.getLogger("appliance.vfio_user")
 
-S = TypeVar("S", bound=Struct)
 #: What a command handler returns: the reply payload, with the fds to pass, or
 #: as pieces in order (sent gathered, never joined).
 Result = bytes | tuple[bytes, list[int]] | list[bytes | memoryview]
@@ -76,30 +76,9 @@ _COMMANDS: dict[int, w.Command] = {int(c): c for c in w.Command}
 _NO_REPLY = int(w.MsgFlag.NO_REPLY)  # a plain int: IntFlag arithmetic costs per message
 
 
-def _fits(offset: int, count: int, size: int) -> bool:
-    return 0 <= offset and 0 <= count and offset + count <= size
-
-
-def _request(frame: Frame, cls: type[S]) -> S:
-    """The fixed structure at the start of ``frame``'s payload.
-
-    Bytes after it are ignored: "The *request* payload size is defined by the
-    usual ``msg_size`` field in the header, not the ``argsz`` field"
-    (docs/interop/vfio-user.rst, Message sizes), and libvfio-user reads each
-    request by its structure; a client that sends its whole ``argsz`` buffer
-    is served.
-
-    Raises:
-        Reject: EINVAL when the payload is shorter than the structure.
-    """
-    name = _cmd_name(frame.header.command)
-    require(len(frame.payload) >= cls.SIZE, errno.EINVAL,
-            f"{name} payload of {len(frame.payload)} bytes, the request needs {cls.SIZE}")
-    return cls.unpack(frame.payload)
-
-
-class ServerConnection(ConnectionHandoff):
-    """The server side of one vfio-user client connection (its live handoff:
+class ServerConnection(ServerIrqs, ConnectionHandoff):
+    """The server side of one vfio-user client connection (its interrupts:
+    :class:`~appliance.vfio_user.server_irqs.ServerIrqs`; its live handoff:
     :class:`~appliance.vfio_user.server_handoff.ConnectionHandoff`)."""
 
     def __init__(
@@ -303,7 +282,7 @@ class ServerConnection(ConnectionHandoff):
             size = sum(len(part) for part in payload) if isinstance(payload, list) else len(payload)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s msg %#x %s size=%d fds=%d -> ok (%d bytes%s)", self.name, hdr.msg_id,
-                          _cmd_name(hdr.command), hdr.size, nfds, size,
+                          command_name(hdr.command), hdr.size, nfds, size,
                           ", no reply" if no_reply else "")
             if not no_reply:
                 # Reply fds are the device's own (e.g. a BAR's memfd): lent, never closed here.
@@ -319,7 +298,7 @@ class ServerConnection(ConnectionHandoff):
             self.counters["errors"] += 1
             err = exc.errno or errno.EINVAL
             log.warning("%s msg %#x %s size=%d fds=%d: %s (errno %d)", self.name, hdr.msg_id,
-                        _cmd_name(hdr.command), hdr.size, nfds, exc, err)
+                        command_name(hdr.command), hdr.size, nfds, exc, err)
             if not no_reply or frame.oversized:
                 reply = w.Header(msg_id=hdr.msg_id, command=hdr.command,
                                  flags=w.MsgFlag.REPLY | w.MsgFlag.ERROR, error=err)
@@ -332,7 +311,7 @@ class ServerConnection(ConnectionHandoff):
             frame.close_fds()
             self.counters["errors"] += 1
             log.exception("%s msg %#x %s: the device failed", self.name, hdr.msg_id,
-                          _cmd_name(hdr.command))
+                          command_name(hdr.command))
             if not no_reply:
                 reply = w.Header(msg_id=hdr.msg_id, command=hdr.command,
                                  flags=w.MsgFlag.REPLY | w.MsgFlag.ERROR, error=errno.EIO)
@@ -405,7 +384,7 @@ class ServerConnection(ConnectionHandoff):
 
     # ------------------------------------------------------------ DMA map / unmap
     def _dma_map(self, frame: Frame) -> bytes:
-        req = _request(frame, w.DmaMap)
+        req = request_struct(frame, w.DmaMap)
         require(req.argsz >= w.DmaMap.SIZE, errno.EINVAL, f"DMA_MAP argsz {req.argsz}")
         require(not req.flags & w.DMA_MAP_FLAGS_RESERVED, errno.EINVAL,
                 f"DMA_MAP flags {req.flags:#x}")
@@ -423,7 +402,7 @@ class ServerConnection(ConnectionHandoff):
         return b""
 
     def _dma_unmap(self, frame: Frame) -> bytes:
-        req = _request(frame, w.DmaUnmap)
+        req = request_struct(frame, w.DmaUnmap)
         require(req.argsz >= w.DmaUnmap.SIZE, errno.EINVAL, f"DMA_UNMAP argsz {req.argsz}")
         known = w.DmaUnmapFlag.ALL | w.DmaUnmapFlag.GET_DIRTY_BITMAP
         require(not req.flags & ~int(known), errno.EINVAL, f"DMA_UNMAP flags {req.flags:#x}")
@@ -442,13 +421,13 @@ class ServerConnection(ConnectionHandoff):
 
     # ------------------------------------------------------------ device info
     def _get_info(self, frame: Frame) -> bytes:
-        req = _request(frame, w.DeviceInfo)
+        req = request_struct(frame, w.DeviceInfo)
         require(req.argsz >= w.DeviceInfo.SIZE, errno.EINVAL, f"GET_INFO argsz {req.argsz}")
         return w.DeviceInfo(flags=w.DeviceFlag.RESET | w.DeviceFlag.PCI,
                             num_regions=w.PCI_NUM_REGIONS, num_irqs=w.PCI_NUM_IRQS).pack()
 
     def _get_region_info(self, frame: Frame) -> tuple[bytes, list[int]]:
-        req = _request(frame, w.RegionInfo)
+        req = request_struct(frame, w.RegionInfo)
         require(req.argsz >= w.RegionInfo.SIZE, errno.EINVAL, f"GET_REGION_INFO argsz {req.argsz}")
         require(req.index < w.PCI_NUM_REGIONS, errno.EINVAL, f"region index {req.index}")
         desc = self.device.region(req.index)
@@ -474,7 +453,7 @@ class ServerConnection(ConnectionHandoff):
         return info.pack() + caps, fds
 
     def _get_region_io_fds(self, frame: Frame) -> bytes:
-        req = _request(frame, w.RegionIoFds)
+        req = request_struct(frame, w.RegionIoFds)
         require(req.argsz >= w.RegionIoFds.SIZE, errno.EINVAL,
                 f"GET_REGION_IO_FDS argsz {req.argsz}")
         require(req.flags == 0 and req.count == 0, errno.EINVAL,
@@ -486,7 +465,7 @@ class ServerConnection(ConnectionHandoff):
         return w.RegionIoFds(argsz=w.RegionIoFds.SIZE, index=req.index, count=0).pack()
 
     def _get_irq_info(self, frame: Frame) -> bytes:
-        req = _request(frame, w.IrqInfo)
+        req = request_struct(frame, w.IrqInfo)
         require(req.argsz >= w.IrqInfo.SIZE, errno.EINVAL, f"GET_IRQ_INFO argsz {req.argsz}")
         require(req.index < w.PCI_NUM_IRQS, errno.EINVAL, f"irq index {req.index}")
         desc = self.device.irq(req.index)
@@ -495,99 +474,6 @@ class ServerConnection(ConnectionHandoff):
         flags |= w.IrqInfoFlag.AUTOMASKED if desc.automasked else 0
         flags |= w.IrqInfoFlag.NORESIZE if desc.noresize else 0
         return w.IrqInfo(flags=flags, index=req.index, count=desc.count).pack()
-
-    # ------------------------------------------------------------ interrupts
-    def _set_irqs(self, frame: Frame) -> bytes:
-        req = _request(frame, w.IrqSet)
-        data = frame.payload[w.IrqSet.SIZE:]
-        # Here argsz is the request's own size ("the size of the VFIO IRQ set request
-        # payload, including any data field"), so it must agree with the message.
-        require(req.argsz == len(frame.payload), errno.EINVAL,
-                f"SET_IRQS argsz {req.argsz} != payload {len(frame.payload)}")
-        require(not req.flags & w.IRQ_SET_FLAGS_RESERVED, errno.EINVAL,
-                f"SET_IRQS flags {req.flags:#x}")
-        dflag = req.flags & w.IRQ_SET_DATA_MASK
-        action = req.flags & w.IRQ_SET_ACTION_MASK
-        require(dflag.bit_count() == 1 and action.bit_count() == 1, errno.EINVAL,
-                f"SET_IRQS needs one data and one action flag, got {req.flags:#x}")
-        require(req.index < w.PCI_NUM_IRQS, errno.EINVAL, f"irq index {req.index}")
-        total = self.device.irq(req.index).count
-        disable_all = dflag == w.IrqSetFlag.DATA_NONE and req.count == 0 and req.start == 0
-        require(disable_all or (req.count > 0 and _fits(req.start, req.count, total)), errno.EINVAL,
-                f"irq range {req.start}+{req.count} of {total}")
-        fds = frame.fds
-        require(dflag == w.IrqSetFlag.DATA_EVENTFD or not fds, errno.EINVAL,
-                "fds without DATA_EVENTFD")
-        if self.is_eventfd is not None:
-            for fd in fds:
-                require(self.is_eventfd(fd), errno.EINVAL, f"SET_IRQS fd {fd} is not an eventfd")
-        if dflag == w.IrqSetFlag.DATA_BOOL:
-            require(len(data) == req.count, errno.EINVAL, "SET_IRQS bool data size")
-            selected = [i for i in range(req.count) if data[i]]
-        else:
-            # Data after a NONE/EVENTFD request is ignored, as libvfio-user ignores it.
-            selected = list(range(req.count))
-
-        if disable_all:
-            if action == w.IrqSetFlag.ACTION_TRIGGER:
-                self.irq_enabled[req.index] = 0
-                self._set_irq_fds(req.index, 0, total, [])
-            return b""
-        if dflag == w.IrqSetFlag.DATA_EVENTFD:
-            require(len(fds) in (0, req.count), errno.EINVAL,
-                    f"SET_IRQS {len(fds)} fds for {req.count} irqs")
-            if action == w.IrqSetFlag.ACTION_TRIGGER:
-                # A trigger enables the sub-indexes even without fds: QEMU enables
-                # MSI-X with {start 0, count 1, no fd} before any vector is unmasked.
-                enabled = max(self.irq_enabled.get(req.index, 0), req.start + req.count)
-                self.irq_enabled[req.index] = enabled
-                self._set_irq_fds(req.index, req.start, req.count, fds)
-            else:
-                kind = int(action)
-                for i in range(req.count):
-                    old = self.irq_mask_fds.pop((kind, req.index, req.start + i), None)
-                    if old is not None:
-                        close_quietly(old)
-                    if fds:
-                        self.irq_mask_fds[(kind, req.index, req.start + i)] = fds[i]
-            frame.fds = []  # ownership moved
-            return b""
-        subs = [req.start + i for i in selected]
-        if action == w.IrqSetFlag.ACTION_TRIGGER:
-            for sub in subs:
-                self._signal_irq(req.index, sub)
-        else:
-            masked = action == w.IrqSetFlag.ACTION_MASK
-            for sub in subs:
-                self.device.irq_mask(req.index, sub, 1, masked)
-                notice = self.irq_mask_fds.get((int(action), req.index, sub))
-                if notice is not None:
-                    self.notify(notice)
-        return b""
-
-    def _set_irq_fds(self, index: int, start: int, count: int, fds: list[int]) -> None:
-        for i in range(count):
-            old = self.irq_fds.pop((index, start + i), None)
-            if old is not None:
-                close_quietly(old)
-            if fds:
-                self.irq_fds[(index, start + i)] = fds[i]
-        self.device.set_irq_count(index, self.irq_enabled.get(index, 0))
-        self.device.irqs_configured(index)
-
-    def _signal_irq(self, index: int, sub: int) -> bool:
-        fd = self.irq_fds.get((index, sub))
-        if fd is None:
-            return False
-        self.notify(fd)
-        return True
-
-    def _irq_eventfd(self, index: int, sub: int) -> int | None:
-        return self.irq_fds.get((index, sub))
-
-    def irq_count(self, index: int) -> int:
-        """How many eventfds the client set for irq ``index``."""
-        return sum(1 for (i, _) in self.irq_fds if i == index)
 
     # ------------------------------------------------------------ region access
     def _check_region(self, index: int, offset: int, count: int, write: bool) -> None:
@@ -601,12 +487,12 @@ class ServerConnection(ConnectionHandoff):
             raise Reject(f"region {index} not {'writable' if write else 'readable'}", errno.EACCES)
         if not 0 < count <= self.max_data_xfer_size:
             raise Reject(f"count {count}", errno.EINVAL)
-        if not _fits(offset, count, desc.size):
+        if not fits(offset, count, desc.size):
             raise Reject(f"region {index} access {offset:#x}+{count} beyond size {desc.size:#x}",
                          errno.EINVAL)
 
     def _region_read(self, frame: Frame) -> bytes:
-        req = _request(frame, w.RegionAccess)
+        req = request_struct(frame, w.RegionAccess)
         self._check_region(req.region, req.offset, req.count, write=False)
         data = self.device.region_read(req.region, req.offset, req.count)
         return frame.payload[:w.RegionAccess.SIZE] + data
@@ -649,7 +535,7 @@ class ServerConnection(ConnectionHandoff):
 
     def _migration_command(self, frame: Frame) -> bytes | list[bytes | memoryview]:
         if self.migration is None:
-            raise Reject(f"{_cmd_name(frame.header.command)} is not supported", errno.ENOTSUP)
+            raise Reject(f"{command_name(frame.header.command)} is not supported", errno.ENOTSUP)
         command = w.Command(frame.header.command)
         if command == w.Command.MIG_DATA_READ:  # up to 1 MiB of stream: never joined
             return self.migration.handle_parts(command, frame.payload)
@@ -658,15 +544,6 @@ class ServerConnection(ConnectionHandoff):
     def allowed_in_migration_state(self, command: w.Command) -> bool:
         """The migration state's command allow-list (all commands without migration)."""
         return self.migration is None or self.migration.allows(command)
-
-
-def _cmd_name(command: int) -> str:
-    try:
-        return w.Command(command).name
-    except ValueError:
-        return f"cmd{command}"
-
-
 
 
 def check_handoff_state(device: VfioUserDevice, state: ConnectionState, fds: list[int],
