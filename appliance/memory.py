@@ -73,15 +73,13 @@ from __future__ import annotations
 
 import bisect
 import errno
-import logging
 import mmap
 import os
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Literal, Protocol, TypeVar
+from collections.abc import Iterator
+from typing import Literal, TypeVar
 
-from appliance.errors import ApplianceError
+from appliance.memory_dma import DmaPending, DmaScope, MessageTransport
 from appliance.memory_fd import (
     F_ADD_SEALS,
     F_GET_SEALS,
@@ -98,11 +96,12 @@ from appliance.memory_fd import (
     mmap_unshrinkable,
     seal_against_shrink,
 )
-from appliance.protocol_common import close_quietly
+from appliance.memory_region import ADDRESS_LIMIT, Region, checked_end
 from appliance.wire import Struct
 
-# The interface: the names below and those of appliance.memory_fd (the seals, the
-# fd-region stand-ins, the two errors) that it re-exports.
+# The interface: the names below and those it re-exports of appliance.memory_fd (the
+# seals, the fd-region stand-ins, the two errors), appliance.memory_region (Region,
+# checked_end) and appliance.memory_dma (the message DMA's scope, transport, pending).
 __all__ = [
     "ADDRESS_LIMIT",
     "F_ADD_SEALS",
@@ -129,178 +128,11 @@ __all__ = [
     "seal_against_shrink",
 ]
 
-ADDRESS_LIMIT = 1 << 64
 PAGE_SIZE = 4096
 # memoryview.cast formats (native byte order) of 2, 4 and 8-byte unsigned integers
 _UINT_FORMATS: dict[int, Literal["H", "I", "Q"]] = {2: "H", 4: "I", 8: "Q"}
 
 S = TypeVar("S", bound=Struct)
-
-
-log = logging.getLogger(__name__)
-
-
-class DmaPending(ApplianceError):
-    """A message-only range was asked of the client: run the access again once
-    its scope's ``on_ready`` fired (not an error of the guest's)."""
-
-
-@dataclass(eq=False)
-class DmaScope:
-    """The message DMA of one piece of device work (an NVMe request, queue work).
-
-    ``reads`` holds what arrived, by (address, count); with ``consume`` each
-    arrived read answers once (queue entries and shadow doorbells change: a
-    later read must ask again), else it answers every time until the scope
-    is dropped (a request run again reads the same buffers).
-    """
-
-    consume: bool = False
-    on_ready: Callable[[], None] | None = None
-    reads: dict[tuple[int, int], bytes] = field(default_factory=dict)
-    loading: set[tuple[int, int]] = field(default_factory=set)
-    in_flight: int = 0  # our DMA messages without a reply yet
-    error: str | None = None  # a DMA the client refused or never answered
-
-    @property
-    def busy(self) -> bool:
-        return self.in_flight > 0
-
-    def take(self, key: tuple[int, int]) -> bytes | None:
-        """What arrived for ``key``, if anything."""
-        return self.reads.pop(key, None) if self.consume else self.reads.get(key)
-
-    def settle(self) -> None:
-        """One DMA message of this scope got its reply (or was given up)."""
-        self.in_flight -= 1
-        if not self.in_flight and self.on_ready is not None:
-            self.on_ready()
-
-    def drop(self) -> None:
-        """Forget it: replies still on their way change nothing."""
-        self.on_ready = None
-        self.reads.clear()
-        self.loading.clear()
-
-
-class MessageTransport(Protocol):
-    """How the runtime reaches a region the client did not share as an fd."""
-
-    @property
-    def writes_in_flight(self) -> int:
-        """DMA writes sent and not acknowledged yet (in any scope)."""
-
-    def dma_read(self, address: int, count: int, scope: DmaScope) -> bytes:
-        """What arrived for this range in ``scope``, else ask for it.
-
-        Raises:
-            DmaPending: asked for (or still on its way).
-            GuestMemoryError: the scope's DMA failed.
-        """
-
-    def dma_write(self, address: int, data: bytes, scope: DmaScope) -> None:
-        """Post a DMA write (counted in ``scope`` until acknowledged)."""
-
-
-def checked_end(address: int, length: int) -> int:
-    """``address + length`` or :class:`GuestMemoryError` if it leaves 64 bits."""
-    if address < 0 or length < 0 or address + length > ADDRESS_LIMIT:
-        raise GuestMemoryError(address, length, 0, why="address overflow")
-    return address + length
-
-
-@dataclass
-class Region:
-    """One mapped range of client memory."""
-
-    address: int
-    size: int
-    readable: bool = True
-    writable: bool = True
-    view: memoryview | None = None  # None: reached through the MessageTransport
-    mm: mmap.mmap | None = field(default=None, repr=False)
-    fd_offset: int = 0
-    # Extra translation key (vhost-user: the frontend's virtual address of the region).
-    user_address: int | None = None
-    # The fd the region was mapped from, kept open while mapped: a live handoff
-    # (appliance.runtime.handoff.channel) passes it on to the next process.
-    fd: int | None = field(default=None, repr=False)
-    reported: bool = field(default=False, repr=False)  # a failed fd access was logged
-    # The mapping of an fd region whose file could shrink (ClientMemory's
-    # guard_unsealed), for native calls under the SIGBUS guard only
-    # (appliance.memory_guarded): Python never reads it (a shrink would kill the
-    # process); its accesses go through the fd.
-    guarded: memoryview | None = field(default=None, repr=False)
-
-    @property
-    def end(self) -> int:
-        return self.address + self.size
-
-    @property
-    def access(self) -> Literal["mmap", "fd", "message"]:
-        """How the region is reached (see the module docstring)."""
-        if self.view is not None:
-            return "mmap"
-        return "fd" if self.fd is not None else "message"
-
-    def pread(self, address: int, offset: int, n: int) -> bytes:
-        """``n`` bytes at region ``offset`` (client ``address``, for the error) through the fd.
-
-        Raises:
-            GuestMemoryError: the file ends before (it shrank) or the read failed.
-        """
-        assert self.fd is not None
-        try:
-            data = os.pread(self.fd, n, self.fd_offset + offset)
-        except OSError as exc:
-            raise self._failed(address, n, 0, exc.strerror or str(exc)) from None
-        if len(data) < n:
-            raise self._failed(address, n, len(data), "beyond the end of its file")
-        return data
-
-    def pwrite(self, address: int, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Write ``data`` at region ``offset`` through the fd.
-
-        An fstat first refuses a write past the end of the file: a write there
-        would grow back a file the client shrank, to a size that need not end
-        on a page (the zeroes it brings back would read as client memory, and
-        a guarded native call would reach bytes past the new end without a
-        fault).  The client can still shrink the file between the fstat and
-        the write, and then the write grows it back: never a fault.
-
-        Raises:
-            GuestMemoryError: the file ends before the range, or the write failed.
-        """
-        assert self.fd is not None
-        n, pos = len(data), self.fd_offset + offset
-        try:
-            size = file_size(self.fd)
-            if size is not None and size < pos + n:
-                raise self._failed(address, n, max(0, size - pos), "beyond the end of its file")
-            done = os.pwrite(self.fd, data, pos)
-        except OSError as exc:
-            raise self._failed(address, n, 0, exc.strerror or str(exc)) from None
-        if done < n:
-            raise self._failed(address, n, done, "short write to its file")
-
-    def _failed(self, address: int, n: int, completed: int, why: str) -> GuestMemoryError:
-        err = GuestMemoryError(address, n, completed, why=f"{why} (fd region {self.address:#x}+{self.size:#x})")
-        if not self.reported:  # once per region: a peer that shrank it would flood the log
-            self.reported = True
-            log.warning("client memory region %#x+%#x: %s", self.address, self.size, err)
-        return err
-
-    def close(self) -> None:
-        for view in (self.view, self.guarded):
-            if view is not None:
-                view.release()
-        self.view = self.guarded = None
-        if self.mm is not None:
-            self.mm.close()
-            self.mm = None
-        if self.fd is not None:
-            close_quietly(self.fd)
-            self.fd = None
 
 
 class DirtyLog:
