@@ -46,7 +46,7 @@ from appliance.client.nvme_sgl import build_sgl, data_runs
 from appliance.client.nvme_zoned import ZonedCommands
 from appliance.client.vfio_user import MemoryArea, VfioUserClient, eventfd_count
 from appliance.runtime.unix import wait_readable
-from appliance.storage import spec
+from appliance.storage import identify_spec, spec
 from appliance.vfio_user.wire import PciRegion
 
 __all__ = ["BAR0", "CC_ENABLE", "PAGE", "Completion", "NvmeDriver", "NvmeError", "PageAllocator",
@@ -87,7 +87,7 @@ class NvmeDriver(ZonedCommands, NamespaceCommands, FirmwareCommands):
         self.shadow_doorbells: tuple[int, int] | None = None  # (shadow buffer, EventIdx buffer)
         self.doorbell_writes = 0  # MMIO doorbell writes (messages or page stores)
         self.cap = 0
-        self.identity: spec.IdentifyController | None = None
+        self.identity: identify_spec.IdentifyController | None = None
         self.block_size: dict[int, int] = {}
         self.metadata_size: dict[int, int] = {}  # metadata bytes per block, by NSID
         self.ns_blocks: dict[int, int] = {}
@@ -283,7 +283,7 @@ class NvmeDriver(ZonedCommands, NamespaceCommands, FirmwareCommands):
         self.bus.forget_interrupts()
         return self
 
-    def setup(self, io_queues: int = 2, depth: int = 64) -> spec.IdentifyController:
+    def setup(self, io_queues: int = 2, depth: int = 64) -> identify_spec.IdentifyController:
         """Linux's probe: enable, identify, create up to ``io_queues`` I/O queue
         pairs (as many as granted), identify every active namespace.
 
@@ -331,8 +331,8 @@ class NvmeDriver(ZonedCommands, NamespaceCommands, FirmwareCommands):
         self._check(done, spec.AdminOpcode.IDENTIFY)
         return data
 
-    def identify_controller(self) -> spec.IdentifyController:
-        self.identity = spec.IdentifyController.unpack(self._identify_ok(spec.Cns.CONTROLLER))
+    def identify_controller(self) -> identify_spec.IdentifyController:
+        self.identity = identify_spec.IdentifyController.unpack(self._identify_ok(spec.Cns.CONTROLLER))
         return self.identity
 
     def active_namespaces(self) -> list[int]:
@@ -340,14 +340,14 @@ class NvmeDriver(ZonedCommands, NamespaceCommands, FirmwareCommands):
         ids = [int.from_bytes(raw[i:i + 4], "little") for i in range(0, 4096, 4)]
         return [n for n in ids if n][: 1024]
 
-    def identify_namespace(self, nsid: int) -> spec.IdentifyNamespace:
+    def identify_namespace(self, nsid: int) -> identify_spec.IdentifyNamespace:
         """Identify namespace ``nsid`` and learn its block size and size."""
-        ns = spec.IdentifyNamespace.unpack(self._identify_ok(spec.Cns.NAMESPACE, nsid))
+        ns = identify_spec.IdentifyNamespace.unpack(self._identify_ok(spec.Cns.NAMESPACE, nsid))
         index = ns.flbas & 0xF  # the namespace's current LBA format
         lbaf = ns.lbaf0 if index == 0 else int.from_bytes(
             ns.lbaf1_15[(index - 1) * 4:index * 4], "little")
-        self.block_size[nsid] = 1 << spec.LBAF.get(lbaf, "lbads")
-        self.metadata_size[nsid] = spec.LBAF.get(lbaf, "ms")
+        self.block_size[nsid] = 1 << identify_spec.LBAF.get(lbaf, "lbads")
+        self.metadata_size[nsid] = identify_spec.LBAF.get(lbaf, "ms")
         self.ns_blocks[nsid] = ns.nsze
         return ns
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 from appliance.client.nvme_queues import PAGE, Completion
-from appliance.storage import spec
+from appliance.storage import log_spec, spec
 
 
 class _Driver(Protocol):
@@ -56,12 +56,12 @@ class FirmwareCommands:
         failed or not (an activation left for the next reset has a status of its own)."""
         return self.admin_command(spec.AdminOpcode.FIRMWARE_COMMIT, cdw10=action << 3 | slot)
 
-    def firmware_log(self: _Driver) -> spec.FirmwareSlotLog:
+    def firmware_log(self: _Driver) -> log_spec.FirmwareSlotLog:
         """The Firmware Slot Information log.
 
         Raises:
             NvmeError: Get Log Page failed.
         """
-        done, data = self.log_page(spec.LogPage.FIRMWARE_SLOT, spec.FirmwareSlotLog.SIZE)
+        done, data = self.log_page(spec.LogPage.FIRMWARE_SLOT, log_spec.FirmwareSlotLog.SIZE)
         self._check(done, spec.AdminOpcode.GET_LOG_PAGE)
-        return spec.FirmwareSlotLog.unpack(data)
+        return log_spec.FirmwareSlotLog.unpack(data)

@@ -10,7 +10,7 @@ import struct
 from typing import Protocol
 
 from appliance.client.nvme_queues import Completion
-from appliance.storage import nsmgmt, spec
+from appliance.storage import identify_spec, nsmgmt, spec
 
 
 class _Driver(Protocol):
@@ -42,8 +42,8 @@ class NamespaceCommands:
                          **fields: int) -> Completion:
         """Namespace Management create of ``nsze`` blocks: its completion, failed or
         not (DW0: the new NSID)."""
-        data = spec.IdentifyNamespace(nsze=nsze, ncap=nsze if ncap is None else ncap,
-                                      flbas=flbas, dps=dps, nmic=nmic).pack()
+        data = identify_spec.IdentifyNamespace(nsze=nsze, ncap=nsze if ncap is None else ncap,
+                                               flbas=flbas, dps=dps, nmic=nmic).pack()
         return self._send_page(spec.AdminOpcode.NAMESPACE_MANAGEMENT, data,
                                cdw10=fields.pop("cdw10", nsmgmt.SEL_CREATE),
                                cdw11=csi << 24, **fields)

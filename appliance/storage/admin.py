@@ -22,20 +22,14 @@ from typing import TYPE_CHECKING
 from appliance.storage import error_injection as erri
 from appliance.storage import firmware, nsmgmt, zns
 from appliance.storage import identity as ident
-from appliance.storage.queues import CompletionQueue, SubmissionQueue
-from appliance.storage.spec import (
-    CHANGED_NS_MAX,
-    CSI_NVM,
-    CSI_ZNS,
+from appliance.storage.identify_spec import (
     EFFECT_CCC,
     EFFECT_CSE_NS,
     EFFECT_CSUPP,
     EFFECT_LBCC,
     EFFECT_NCC,
-    IDENTIFY_SIZE,
     LPA_EFFECTS_LOG,
     LPA_EXTENDED_DATA,
-    NSID_ALL,
     NSTAT_READY,
     OACS_DBBUF,
     OACS_FIRMWARE,
@@ -49,26 +43,31 @@ from appliance.storage.spec import (
     ONCS_VERIFY,
     ONCS_WRITE_UNCORRECTABLE,
     ONCS_WRITE_ZEROES,
-    PAGE_SIZE,
     SGLS_BIT_BUCKET,
     SGLS_SUPPORTED,
-    VERSION_2_0,
     VWC_PRESENT_FLUSH_ALL,
+    IdentifyController,
+    IdentifyNamespace,
+    IdentifyNsIndependent,
+    PowerState,
+)
+from appliance.storage.log_spec import CHANGED_NS_MAX, FirmwareSlotLog, SmartLog, u128
+from appliance.storage.queues import CompletionQueue, SubmissionQueue
+from appliance.storage.spec import (
+    CSI_NVM,
+    CSI_ZNS,
+    IDENTIFY_SIZE,
+    NSID_ALL,
+    PAGE_SIZE,
+    VERSION_2_0,
     AdminOpcode,
     Cns,
     Command,
     CommandError,
     FeatureId,
-    FirmwareSlotLog,
-    IdentifyController,
-    IdentifyNamespace,
-    IdentifyNsIndependent,
     IoOpcode,
     LogPage,
-    PowerState,
-    SmartLog,
     Status,
-    u128,
 )
 from appliance.storage.transfer import command_transfer, gather, scatter
 from appliance.storage.uncorrectable import LbaRanges

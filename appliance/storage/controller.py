@@ -58,6 +58,7 @@ from appliance.storage import admin, native_poll
 from appliance.storage.doorbells import DoorbellMode, DoorbellPage
 from appliance.storage.error_injection import GuestFaultHook
 from appliance.storage.firmware import FirmwareSlots
+from appliance.storage.identify_spec import OAES_NS_ATTRIBUTE
 from appliance.storage.identity import (
     AERL,
     BAR0_SIZE,
@@ -71,6 +72,7 @@ from appliance.storage.identity import (
     WCTEMP,
 )
 from appliance.storage.inflight import FaultHook, Offload, RequestEngine
+from appliance.storage.log_spec import CHANGED_NS_MAX
 from appliance.storage.namespace import BlockExport, Namespace, NamespaceSettings
 from appliance.storage.native_io import NativeNvme
 from appliance.storage.nsmgmt import NamespaceManagement
@@ -97,9 +99,7 @@ from appliance.storage.request import NvmeRequest
 from appliance.storage.spec import (
     CC,
     CC_CSS_IOCS,
-    CHANGED_NS_MAX,
     NSID_ALL,
-    OAES_NS_ATTRIBUTE,
     PAGE_SIZE,
     CommandError,
     EventInfo,

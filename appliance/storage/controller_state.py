@@ -22,19 +22,12 @@ from typing import Annotated, Any
 from appliance.errors import LocalProtocolError
 from appliance.storage import firmware as fw
 from appliance.storage.controller import NvmeController
+from appliance.storage.log_spec import CHANGED_NS_MAX, ErrorLogEntry
 from appliance.storage.ns_inventory import Inventory, NamespaceEntry, check_entries, inventory_of
 from appliance.storage.nsmgmt import namespace_count
 from appliance.storage.queues import CompletionQueue, Shadow, SubmissionQueue
 from appliance.storage.registers import CtrlState, Features
-from appliance.storage.spec import (
-    AQA,
-    CHANGED_NS_MAX,
-    NSID_ALL,
-    PAGE_SIZE,
-    Completion,
-    ErrorLogEntry,
-    FeatureId,
-)
+from appliance.storage.spec import AQA, NSID_ALL, PAGE_SIZE, Completion, FeatureId
 from appliance.storage.uncorrectable import MAX_RANGES, LbaRanges
 from appliance.storage.zones import ZoneRecord, ZoneSnapshot, ZoneState
 from appliance.wire import U8, U16, U32, U64, Struct, WireError

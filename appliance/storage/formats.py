@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from appliance.storage.spec import LBAF
+from appliance.storage.identify_spec import LBAF
 
 METADATA_SIZES = (0, 8, 16, 64)
 FLBAS_EXTENDED = 0x10  # FLBAS bit 4: metadata at the end of each block's data

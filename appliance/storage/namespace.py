@@ -50,21 +50,19 @@ from appliance.storage.fileops import (
     replace_file,
 )
 from appliance.storage.formats import LBA_FORMATS, flbas, format_index, lbaf_fields
-from appliance.storage.metadata import MetadataFile, side_file
-from appliance.storage.protection import PiType, Protection
-from appliance.storage.prp import Segments
-from appliance.storage.spec import (
-    CSI_NVM,
+from appliance.storage.identify_spec import (
     DLFEAT_READS_ZERO,
     DLFEAT_WZ_DEALLOCATE,
     NIDT_CSI,
     NIDT_UUID,
     NSATTR_WRITE_PROTECTED,
-    CommandError,
     IdentifyNamespace,
     NsIdDescriptor,
-    Status,
 )
+from appliance.storage.metadata import MetadataFile, side_file
+from appliance.storage.protection import PiType, Protection
+from appliance.storage.prp import Segments
+from appliance.storage.spec import CSI_NVM, CommandError, Status
 from appliance.storage.zones import ZonedSettings
 
 BLOCK_SIZES = (512, 4096)

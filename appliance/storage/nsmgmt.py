@@ -41,18 +41,11 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from appliance.storage.identify_spec import LBAF, IdentifyNamespace
 from appliance.storage.identity import CNTLID
 from appliance.storage.metadata import side_file
 from appliance.storage.namespace import Namespace
-from appliance.storage.spec import (
-    CSI_NVM,
-    IDENTIFY_SIZE,
-    LBAF,
-    NSID_ALL,
-    CommandError,
-    IdentifyNamespace,
-    Status,
-)
+from appliance.storage.spec import CSI_NVM, IDENTIFY_SIZE, NSID_ALL, CommandError, Status
 from appliance.storage.uncorrectable import LbaRanges
 
 if TYPE_CHECKING:

@@ -47,6 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from appliance.memory import ClientMemory, DmaPending
+from appliance.storage.log_spec import ErrorLogEntry
 from appliance.storage.spec import (
     CQE_SIZE,
     DOORBELL_BASE,
@@ -54,7 +55,6 @@ from appliance.storage.spec import (
     Command,
     CommandError,
     Completion,
-    ErrorLogEntry,
     Status,
     status_field,
 )

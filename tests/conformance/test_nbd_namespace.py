@@ -18,7 +18,7 @@ import yaml
 from appliance.client.nvme import NvmeDriver, NvmeError
 from appliance.client.vfio_user import VfioUserClient
 from appliance.runtime.control import ControlClient
-from appliance.storage import spec
+from appliance.storage import identify_spec, spec
 from appliance.testing.nbd import SERVERS, NbdServer
 from appliance.testing.process import ApplianceProcess, make_config
 
@@ -90,7 +90,7 @@ def test_a_read_only_export_is_a_write_protected_namespace(tmp_path: Path) -> No
                 appliance_on(srv, tmp_path / kind) as proc:
             d = driver_for(proc)
             try:
-                assert d.identify_namespace(1).nsattr & spec.NSATTR_WRITE_PROTECTED
+                assert d.identify_namespace(1).nsattr & identify_spec.NSATTR_WRITE_PROTECTED
                 assert d.read(1, 100, 8) == b"\x5a" * 4096
                 with pytest.raises(NvmeError) as err:
                     d.write(1, 100, bytes(4096))

@@ -14,7 +14,7 @@ from appliance import _fastpath
 from appliance.client.nvme import NvmeDriver
 from appliance.client.nvme_loadgen import native_load
 from appliance.client.vfio_user import VfioUserClient
-from appliance.storage import spec
+from appliance.storage import log_spec, spec
 from appliance.testing.process import ApplianceProcess, make_config
 
 
@@ -31,8 +31,8 @@ def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NvmeDrive
 
 def host_commands(d: NvmeDriver) -> tuple[int, int]:
     """SMART's Host Read and Host Write Commands: what the controller ran."""
-    _, data = d.log_page(spec.LogPage.SMART, spec.SmartLog.SIZE)
-    log = spec.SmartLog.unpack(data)
+    _, data = d.log_page(spec.LogPage.SMART, log_spec.SmartLog.SIZE)
+    log = log_spec.SmartLog.unpack(data)
     return (int.from_bytes(log.host_reads, "little"), int.from_bytes(log.host_writes, "little"))
 
 

@@ -21,16 +21,8 @@ from appliance.storage.controller_state import (
     decode_controller,
     encode_controller,
 )
-from appliance.storage.spec import (
-    AdminOpcode,
-    Cns,
-    Command,
-    IdentifyController,
-    IdentifyNamespace,
-    IoOpcode,
-    LogPage,
-    Status,
-)
+from appliance.storage.identify_spec import IdentifyController, IdentifyNamespace
+from appliance.storage.spec import AdminOpcode, Cns, Command, IoOpcode, LogPage, Status
 from appliance.testing.nvme import controller_driver
 
 pytestmark = pytest.mark.usefixtures("nvme_fastpath")  # both I/O queue paths

@@ -21,15 +21,9 @@ from appliance.storage.controller_state import (
     decode_controller,
     encode_controller,
 )
+from appliance.storage.identify_spec import IdentifyController, IdentifyNsIndependent
 from appliance.storage.migration import NvmeMigratable
-from appliance.storage.spec import (
-    AdminOpcode,
-    Cns,
-    IdentifyController,
-    IdentifyNsIndependent,
-    LogPage,
-    Status,
-)
+from appliance.storage.spec import AdminOpcode, Cns, LogPage, Status
 from appliance.testing.nvme import controller_driver
 
 ST = Status

@@ -11,7 +11,7 @@ from appliance.storage.formats import (
     format_index,
     lbaf_fields,
 )
-from appliance.storage.spec import LBAF, IdentifyNamespace
+from appliance.storage.identify_spec import LBAF, IdentifyNamespace
 
 
 def test_formats_cover_both_block_sizes_with_each_metadata_size() -> None:

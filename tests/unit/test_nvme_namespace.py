@@ -9,8 +9,9 @@ import pytest
 from test_memory import message_memory
 
 from appliance.memory import ClientMemory, GuestMemoryError
+from appliance.storage.identify_spec import LBAF, IdentifyNamespace
 from appliance.storage.namespace import Namespace, fallocate
-from appliance.storage.spec import LBAF, CommandError, IdentifyNamespace, Status
+from appliance.storage.spec import CommandError, Status
 
 BASE = 0x300000
 

@@ -12,8 +12,9 @@ import pytest
 from appliance.client.nvme import NvmeDriver, NvmeError
 from appliance.config import NamespaceConfig
 from appliance.storage import NvmeController
+from appliance.storage.identify_spec import NSATTR_WRITE_PROTECTED
 from appliance.storage.namespace import Namespace
-from appliance.storage.spec import NSATTR_WRITE_PROTECTED, IoOpcode, Status
+from appliance.storage.spec import IoOpcode, Status
 from appliance.testing.nvme import controller_driver
 
 SIZE = 1 << 20

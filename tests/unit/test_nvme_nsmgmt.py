@@ -17,6 +17,7 @@ from appliance.client.nvme import NvmeDriver
 from appliance.config import Config, ConfigError
 from appliance.errors import LocalProtocolError
 from appliance.storage import NvmeController
+from appliance.storage.identify_spec import IdentifyNamespace
 from appliance.storage.migration import NvmeMigratable
 from appliance.storage.nsmgmt import (
     CNS_ALLOCATED_NAMESPACE,
@@ -25,16 +26,7 @@ from appliance.storage.nsmgmt import (
     OACS_NS_MANAGEMENT,
     NamespaceManagement,
 )
-from appliance.storage.spec import (
-    AdminOpcode,
-    Cns,
-    Command,
-    FeatureId,
-    IdentifyNamespace,
-    IoOpcode,
-    LogPage,
-    Status,
-)
+from appliance.storage.spec import AdminOpcode, Cns, Command, FeatureId, IoOpcode, LogPage, Status
 from appliance.testing.nvme import controller_driver
 from tests.unit.test_nvme_driver import make_controller, status
 

@@ -5,6 +5,13 @@ from __future__ import annotations
 import pytest
 
 from appliance.pci.capabilities import field_offset
+from appliance.storage.identify_spec import (
+    IdentifyController,
+    IdentifyNamespace,
+    IdentifyNsIndependent,
+    PowerState,
+)
+from appliance.storage.log_spec import ErrorLogEntry, FirmwareSlotLog, SmartLog
 from appliance.storage.spec import (
     AQA,
     CAP,
@@ -13,13 +20,6 @@ from appliance.storage.spec import (
     CSTS,
     Command,
     Completion,
-    ErrorLogEntry,
-    FirmwareSlotLog,
-    IdentifyController,
-    IdentifyNamespace,
-    IdentifyNsIndependent,
-    PowerState,
-    SmartLog,
     Status,
     status_field,
 )

@@ -22,18 +22,9 @@ from appliance.storage.controller_state import (
     decode_controller,
     encode_controller,
 )
+from appliance.storage.identify_spec import NsIdDescriptor
 from appliance.storage.migration import NvmeMigratable
-from appliance.storage.spec import (
-    CC,
-    Cns,
-    Command,
-    CommandError,
-    IoOpcode,
-    LogPage,
-    NsIdDescriptor,
-    Reg,
-    Status,
-)
+from appliance.storage.spec import CC, Cns, Command, CommandError, IoOpcode, LogPage, Reg, Status
 from appliance.storage.zns_spec import (
     IdentifyControllerZoned,
     IdentifyNamespaceZoned,
