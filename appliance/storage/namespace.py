@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import os
 import stat
-import uuid
 from collections.abc import Callable
 from typing import Protocol
 
@@ -49,25 +48,15 @@ from appliance.storage.fileops import (
     fallocate,
     replace_file,
 )
-from appliance.storage.formats import LBA_FORMATS, flbas, format_index, lbaf_fields
-from appliance.storage.identify_spec import (
-    DLFEAT_READS_ZERO,
-    DLFEAT_WZ_DEALLOCATE,
-    NIDT_CSI,
-    NIDT_UUID,
-    NSATTR_WRITE_PROTECTED,
-    IdentifyNamespace,
-    NsIdDescriptor,
-)
+from appliance.storage.formats import format_index
 from appliance.storage.metadata import MetadataFile, side_file
+from appliance.storage.namespace_format import NamespaceFormat
 from appliance.storage.protection import PiType, Protection
 from appliance.storage.prp import Segments
-from appliance.storage.spec import CSI_NVM, CommandError, Status
+from appliance.storage.spec import CommandError, Status
 from appliance.storage.zones import ZonedSettings
 
 BLOCK_SIZES = (512, 4096)
-MC_EXTENDED, MC_SEPARATE = 0x1, 0x2  # Identify Namespace MC: where metadata may travel
-DPC_ALL = 0x1F  # DPC: PI types 1, 2 and 3, the tuple first or last in the metadata
 IOV_MAX = 1024
 ZERO_CHUNK = 1 << 20
 
@@ -120,8 +109,9 @@ class NamespaceSettings(Protocol):
     def pi(self) -> int: ...  # protection information type 0-3 (0: none)
 
 
-class Namespace:
-    """One namespace: an image file and its LBA format."""
+class Namespace(NamespaceFormat):
+    """One namespace: an image file and its LBA format (Format NVM and Identify:
+    :class:`~appliance.storage.namespace_format.NamespaceFormat`)."""
 
     def __init__(self, nsid: int, image: str, size: int, block_size: int = 512,
                  read_only: bool = False, export: BlockExport | None = None,
@@ -518,73 +508,6 @@ class Namespace:
             raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
         finally:
             self.changed(0, self.size)
-
-    def check_format(self, index: int, pi: int) -> None:
-        """Raises:
-            CommandError: INVALID_FORMAT for a format this namespace cannot take:
-                an index past NLBAF, a size that is not a multiple of the block
-                size, PI without 8 bytes of metadata, metadata on an export,
-                another format for a zoned namespace.
-        """
-        if not 0 <= index < len(LBA_FORMATS) or not 0 <= pi <= 3:
-            raise CommandError(Status.INVALID_FORMAT, f"LBA format {index} PI {pi}")
-        fmt = LBA_FORMATS[index]
-        if (self.size % fmt.block_size or (pi and fmt.metadata < 8)
-                or (fmt.metadata and self.export is not None)
-                or (self.fixed_format and index != self.format_index)):
-            raise CommandError(Status.INVALID_FORMAT, f"nsid {self.nsid}: LBA format {index} "
-                               f"({fmt.block_size}+{fmt.metadata}) with PI {pi}")
-
-    def reformat(self, index: int, pi: int, pi_first: bool, extended: bool) -> None:
-        """Format NVM to LBA format ``index`` with PI type ``pi`` (the tuple first
-        or last in the metadata) and the metadata ``extended`` or separate: every
-        block and its metadata erased, the block count follows the block size.
-
-        Raises:
-            CommandError: INVALID_FORMAT (:meth:`check_format`); WRITE_FAULT when
-                the image or side file cannot be erased or opened.
-        """
-        self.check_format(index, pi)
-        fmt = LBA_FORMATS[index]
-        self.format()
-        if self.md is not None:
-            md, self.md = self.md, None
-            md.drop()
-        self.block_size, self.lba_shift = fmt.block_size, fmt.lbads
-        self.nlbas, self.format_index = self.size // fmt.block_size, index
-        self.protection = Protection(PiType(pi), fmt.metadata, pi_first)
-        self.extended = extended and fmt.metadata > 0
-        if fmt.metadata:
-            try:
-                self.md = MetadataFile(side_file(self.image), self.nlbas, fmt.metadata)
-                self.md.erase()
-            except OSError as exc:
-                raise CommandError(Status.WRITE_FAULT, str(exc), dnr=False) from None
-
-    # ------------------------------------------------------------ identify
-    def identify(self) -> bytes:
-        """The Identify Namespace data structure (CNS 00h)."""
-        nlbaf, lbaf0, lbaf1_15 = lbaf_fields()
-        index = self.format_index
-        if self.fixed_format:
-            nlbaf, lbaf0, lbaf1_15, index = 0, LBA_FORMATS[index].encode(), b"", 0
-        return IdentifyNamespace(
-            nsze=self.nlbas, ncap=self.nlbas, nuse=self.nlbas, nlbaf=nlbaf,
-            flbas=flbas(index, self.extended), mc=MC_EXTENDED | MC_SEPARATE,
-            dpc=DPC_ALL, dps=self.protection.dps,
-            dlfeat=DLFEAT_READS_ZERO | DLFEAT_WZ_DEALLOCATE,
-            nsattr=NSATTR_WRITE_PROTECTED if self.read_only else 0,
-            lbaf0=lbaf0, lbaf1_15=lbaf1_15,
-        ).pack()
-
-    def descriptors(self, serial: str, csi: int = CSI_NVM) -> bytes:
-        """The Namespace Identification Descriptor list (CNS 03h): one UUID, the
-        Command Set Identifier ``csi`` (00h: NVM, 02h: zoned; Linux needs it once
-        CC.CSS selects I/O command sets)."""
-        nid = uuid.uuid5(uuid.NAMESPACE_OID, f"appliance-nvme:{serial}:{self.nsid}").bytes
-        data = NsIdDescriptor(nidt=NIDT_UUID, nidl=len(nid)).pack() + nid
-        data += NsIdDescriptor(nidt=NIDT_CSI, nidl=1).pack() + bytes([csi])
-        return data.ljust(4096, b"\0")
 
     # ------------------------------------------------------------ internals
     def changed(self, offset: int, length: int) -> None:
