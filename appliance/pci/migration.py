@@ -104,7 +104,7 @@ def _irq_snapshot(dev: PciDevice) -> tuple[list[int], list[tuple[int, int]]]:
     """The client-enabled counts and client masks the device holds.
 
     PciDevice exposes setters (set_irq_count, irq_mask) but no getters, so
-    this reads its two private lists; keep in step with appliance.pci.device.
+    this reads its two private lists; keep in step with appliance.pci.interrupts.
     """
     counts: list[int] = list(dev._irq_counts)
     masked_sets: list[set[int]] = dev._client_masked
