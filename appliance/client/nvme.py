@@ -33,6 +33,7 @@ from typing import Any
 
 from appliance.client.nvme_bus import HostBus, VfioUserBus
 from appliance.client.nvme_firmware import FirmwareCommands
+from appliance.client.nvme_io import IoCommands
 from appliance.client.nvme_nsmgmt import NamespaceCommands
 from appliance.client.nvme_queues import (
     PAGE,
@@ -56,10 +57,9 @@ BAR0 = PciRegion.BAR0
 CC_ENABLE = spec.CC.encode(en=1, iosqes=spec.SQES, iocqes=spec.CQES)
 PCI_COMMAND_MEMORY_MASTER = 0x0006  # config COMMAND: memory space + bus master enable
 PRP_ENTRIES = PAGE // 8  # entries of one PRP list page (the last may chain to the next)
-FLAGS_SGL = spec.Psdt.SGL_MPTR_BUFFER << 6  # PSDT 01b: the data pointer is SGL1
 
 
-class NvmeDriver(ZonedCommands, NamespaceCommands, FirmwareCommands):
+class NvmeDriver(IoCommands, ZonedCommands, NamespaceCommands, FirmwareCommands):
     """Drive an NVMe controller through a :class:`HostBus`."""
 
     def __init__(self, bus: HostBus | VfioUserClient, *, mem_base: int = 0x4000_0000,
@@ -179,7 +179,7 @@ class NvmeDriver(ZonedCommands, NamespaceCommands, FirmwareCommands):
                 ) -> tuple[int, int, list[int], list[int]]:
         """(DWORDs 6-7, DWORDs 8-9, data pages, PRP list or SGL segment pages) of a
         zeroed buffer of whole pages: PRP1/PRP2, or with ``sgl`` SGL1 (set PSDT 01b,
-        :data:`FLAGS_SGL`, in the command)."""
+        :data:`~appliance.client.nvme_sgl.FLAGS_SGL`, in the command)."""
         npages = max(1, (nbytes + PAGE - 1) // PAGE)
         if scatter:  # every other page, so nothing merges
             pages = [self.alloc(2 * PAGE) for _ in range(npages)]
@@ -508,99 +508,7 @@ class NvmeDriver(ZonedCommands, NamespaceCommands, FirmwareCommands):
             raise NvmeError(comp.status, comp.dnr, f"opcode {opcode:#x}")
         return comp
 
-    # ------------------------------------------------------------ data commands
-    def rw_command(self, opcode: int, nsid: int, lba: int, nblocks: int, prp1: int, prp2: int,
-                   fua: bool = False) -> spec.Command:
-        return spec.Command(opcode=opcode, nsid=nsid, prp1=prp1, prp2=prp2,
-                            cdw10=lba & 0xFFFFFFFF, cdw11=lba >> 32,
-                            cdw12=(nblocks - 1) | ((1 << 30) if fua else 0))
-
-    def io(self, opcode: int, slba: int, nlb: int, nsid: int = 1, qid: int = 1,
-           data: bytes | None = None, scatter: bool = False, sgl: bool = False,
-           nbytes: int | None = None, **fields: int) -> tuple[Completion, bytes]:
-        """One read/write/compare of ``nlb`` blocks (of the size Identify Namespace
-        gave, else 512 bytes; ``nbytes`` overrides the buffer's size, e.g. for
-        extended LBAs), its data through PRPs or (``sgl``) an SGL; returns
-        (its completion, failed or not; the buffer after)."""
-        if nbytes is None:
-            nbytes = nlb * self.block_size.get(nsid, 512)
-        prp1, prp2, pages, lists = self._buffer(nbytes, scatter, sgl)
-        try:
-            if data is not None:
-                self.scatter(pages, data)
-            cdw12 = fields.pop("cdw12", 0) | (nlb - 1)
-            flags = fields.pop("flags", 0) | (FLAGS_SGL if sgl else 0)
-            done = self.command(qid, spec.Command(opcode=opcode, nsid=nsid, prp1=prp1, prp2=prp2,
-                                                  cdw10=slba & 0xFFFFFFFF, cdw11=slba >> 32,
-                                                  cdw12=cdw12, flags=flags, **fields))
-            return done, self.gather(pages, nbytes)
-        finally:
-            self._release(pages, lists)
-
-    def io_metadata(self, opcode: int, slba: int, nlb: int, nsid: int = 1, qid: int = 1,
-                    data: bytes | None = None, metadata: bytes = b"", md_bytes: int = 0,
-                    cdw12: int = 0, cdw14: int = 0, cdw15: int = 0
-                    ) -> tuple[Completion, bytes, bytes]:
-        """:meth:`io` with a separate metadata buffer of ``md_bytes`` (contiguous,
-        in MPTR) holding ``metadata``, and the PI fields (PRINFO in ``cdw12``,
-        ILBRT in ``cdw14``, LBAT/LBATM in ``cdw15``); returns (completion, data,
-        metadata after)."""
-        md_bytes = max(md_bytes, len(metadata))
-        base = self.alloc(md_bytes)
-        pages = [base + i * PAGE for i in range(max(1, (md_bytes + PAGE - 1) // PAGE))]
-        try:
-            self.scatter(pages, metadata)
-            done, out = self.io(opcode, slba, nlb, nsid, qid, data, mptr=base, cdw12=cdw12,
-                                cdw14=cdw14, cdw15=cdw15)
-            return done, out, self.gather(pages, md_bytes)
-        finally:
-            self._release(pages)
-
-    def write(self, nsid: int, lba: int, data: bytes, qid: int = 1, fua: bool = False) -> None:
-        bs = self.block_size[nsid]
-        prp1, prp2, pages, lists = self._buffer(len(data))
-        self.scatter(pages, data)
-        try:
-            self.run(qid, self.rw_command(spec.IoOpcode.WRITE, nsid, lba, len(data) // bs, prp1, prp2, fua))
-        finally:
-            self._release(pages, lists)
-
-    def read(self, nsid: int, lba: int, nblocks: int, qid: int = 1) -> bytes:
-        bs = self.block_size[nsid]
-        prp1, prp2, pages, lists = self._buffer(nblocks * bs)
-        try:
-            self.run(qid, self.rw_command(spec.IoOpcode.READ, nsid, lba, nblocks, prp1, prp2))
-            return self.gather(pages, nblocks * bs)
-        finally:
-            self._release(pages, lists)
-
-    def flush(self, nsid: int, qid: int = 1) -> None:
-        self.run(qid, spec.Command(opcode=spec.IoOpcode.FLUSH, nsid=nsid))
-
-    def blocks_command(self, opcode: int, nsid: int, lba: int, nblocks: int, qid: int = 1,
-                       **fields: int) -> Completion:
-        """A command of ``nblocks`` from ``lba`` that moves no data (Write Uncorrectable,
-        Verify, Write Zeroes); returns its completion, failed or not."""
-        cdw12 = fields.pop("cdw12", 0) | (nblocks - 1)
-        return self.command(qid, spec.Command(opcode=opcode, nsid=nsid, cdw10=lba & 0xFFFFFFFF,
-                                              cdw11=lba >> 32, cdw12=cdw12, **fields))
-
-    def copy(self, nsid: int, sdlba: int, ranges: list[tuple[int, int]], qid: int = 1,
-             sgl: bool = False, **fields: int) -> Completion:
-        """Copy (descriptor format 0) of ``(slba, blocks)`` ``ranges`` to ``sdlba``;
-        returns its completion, failed or not."""
-        entries = b"".join(spec.SourceRange(slba=a, nlb=n - 1).pack() for a, n in ranges)
-        dptr1, dptr2, pages, lists = self._buffer(len(entries), sgl=sgl)
-        self.put(pages[0], entries)
-        try:
-            cdw12 = fields.pop("cdw12", 0) | (len(ranges) - 1)
-            flags = fields.pop("flags", 0) | (FLAGS_SGL if sgl else 0)
-            return self.command(qid, spec.Command(
-                opcode=spec.IoOpcode.COPY, nsid=nsid, prp1=dptr1, prp2=dptr2, flags=flags,
-                cdw10=sdlba & 0xFFFFFFFF, cdw11=sdlba >> 32, cdw12=cdw12, **fields))
-        finally:
-            self._release(pages, lists)
-
+    # ------------------------------------------------------------ log pages, teardown
     def log_page(self, lid: int, nbytes: int, nsid: int = spec.NSID_ALL, offset: int = 0,
                  **fields: int) -> tuple[Completion, bytes]:
         """Get Log Page ``lid``: (its completion, failed or not; the ``nbytes`` read)."""

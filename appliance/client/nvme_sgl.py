@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from appliance.storage.spec import PAGE_SIZE, SglDescriptor, SglType
+from appliance.storage.spec import PAGE_SIZE, Psdt, SglDescriptor, SglType
 
 PER_SEGMENT = PAGE_SIZE // SglDescriptor.SIZE  # 256 descriptors per segment page
+FLAGS_SGL = Psdt.SGL_MPTR_BUFFER << 6  # PSDT 01b: the data pointer is SGL1
 
 
 def descriptor(kind: SglType, address: int = 0, length: int = 0) -> SglDescriptor:

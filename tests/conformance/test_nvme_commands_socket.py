@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from appliance.client.nvme import FLAGS_SGL, NvmeDriver
-from appliance.client.nvme_sgl import descriptor
+from appliance.client.nvme import NvmeDriver
+from appliance.client.nvme_sgl import FLAGS_SGL, descriptor
 from appliance.client.vfio_user import VfioUserClient
 from appliance.storage.spec import Command, IoOpcode, LogPage, SglDescriptor, SglType, Status
 

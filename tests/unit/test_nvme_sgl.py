@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from test_nvme_driver import UNMAPPED, make_controller, status
 
-from appliance.client.nvme import FLAGS_SGL, NvmeDriver
-from appliance.client.nvme_sgl import descriptor
+from appliance.client.nvme import NvmeDriver
+from appliance.client.nvme_sgl import FLAGS_SGL, descriptor
 from appliance.storage.sgl import MAX_DESCRIPTORS
 from appliance.storage.spec import Command, IoOpcode, SglDescriptor, SglType, Status
 from appliance.testing.nvme import controller_driver
