@@ -24,6 +24,7 @@ from appliance.runtime.migration_channel import (
     DestinationChannel,
     Listener,
     SourceChannel,
+    _Deadline,
     range_checksum,
 )
 from appliance.storage import nsmgmt
@@ -301,3 +302,26 @@ def test_a_closed_channel_is_not_kept_by_its_deadline(tmp_path: Path) -> None:
         loop.close()
     finally:
         ctrl.close()
+
+
+def test_idle_time_before_work_arrives_does_not_count_against_the_deadline() -> None:
+    # The destination has work only once a CHANNEL_SYNC announced records the
+    # channel has not brought yet; the time it had nothing to do before that
+    # is no stall: the end gets its whole timeout from when the work appeared.
+    loop = EventLoop()
+    busy = [False]
+    failed: list[OSError] = []
+    timeout = 0.05
+    deadline = _Deadline(loop, timeout, lambda: busy[0], failed.append)
+    start = time.monotonic()
+    while time.monotonic() - start < 4 * timeout:  # idle for longer than the timeout
+        loop.run_once(timeout)
+    busy[0] = True  # a sync announced records still on their way
+    became_busy = time.monotonic()
+    deadline._check()  # the periodic check happens to run right then
+    assert not failed, "failed the moment the work appeared"
+    while not failed and time.monotonic() - became_busy < 20 * timeout:
+        loop.run_once(timeout / 5)
+    assert failed, "a real stall must still fail the channel"
+    assert time.monotonic() - became_busy >= timeout  # its whole timeout, no less
+    loop.close()
