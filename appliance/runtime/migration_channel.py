@@ -491,10 +491,19 @@ class Listener:
     def __init__(self, base: str) -> None:
         self.directory = tempfile.mkdtemp(prefix="migch-", dir=base)  # 0700, created exclusively
         self.path = os.path.join(self.directory, "data.sock")
-        self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                               | os.O_CLOEXEC)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
-                                  | socket.SOCK_NONBLOCK)
+        try:
+            self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY
+                                   | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except BaseException:
+            os.rmdir(self.directory)
+            raise
+        try:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
+                                      | socket.SOCK_NONBLOCK)
+        except BaseException:  # (out of fds): nothing of it stays
+            os.close(self._dir_fd)
+            os.rmdir(self.directory)
+            raise
         try:
             self.sock.bind(self.path)
             self.sock.listen(1)

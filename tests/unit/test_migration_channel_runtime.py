@@ -197,6 +197,23 @@ def test_closing_a_listener_twice_leaves_a_new_directory_of_that_name(tmp_path: 
     assert (Path(listener.directory) / "data.sock").exists()
 
 
+def test_a_listener_that_cannot_be_made_leaves_nothing_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Out of fds (EMFILE) when the socket is made: the SET fails with that
+    # errno; the directory and the fd held on it must not stay behind.
+    def no_socket(*args: object, **kwargs: object) -> socket.socket:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(socket, "socket", no_socket)
+    with pytest.raises(OSError) as raised:
+        Listener(str(tmp_path))
+    monkeypatch.undo()
+    assert raised.value.errno == errno.EMFILE
+    assert os.listdir(tmp_path) == []
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_a_namespace_deleted_while_its_range_is_sent_fails_the_channel(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # Namespace Management may delete a namespace during pre-copy (the session
