@@ -105,6 +105,7 @@ class _Deadline:
         if busy is None or fail is None:
             return
         now = time.monotonic()
+        wait = self.timeout
         if not busy():  # nothing to do is no stall
             self._was_idle = True
         elif self._was_idle:  # work appeared since the last check: its clock starts now
@@ -115,7 +116,9 @@ class _Deadline:
             fail(TimeoutError(errno.ETIMEDOUT,
                               f"no progress on the data channel for {self.timeout:g} s"))
             return
-        self.loop.call_later(min(self.timeout - (now - self.last), CHECK_EVERY), self._check)
+        else:
+            wait = self.timeout - (now - self.last)
+        self.loop.call_later(min(wait, CHECK_EVERY), self._check)
 
 
 def _stream_socket(fd: int) -> socket.socket:

@@ -327,12 +327,19 @@ def test_idle_time_before_work_arrives_does_not_count_against_the_deadline() -> 
     # is no stall: the end gets its whole timeout from when the work appeared.
     loop = EventLoop()
     busy = [False]
+    asked = [0]
     failed: list[OSError] = []
     timeout = 0.05
-    deadline = _Deadline(loop, timeout, lambda: busy[0], failed.append)
+
+    def has_work() -> bool:
+        asked[0] += 1
+        return busy[0]
+
+    deadline = _Deadline(loop, timeout, has_work, failed.append)
     start = time.monotonic()
     while time.monotonic() - start < 4 * timeout:  # idle for longer than the timeout
         loop.run_once(timeout)
+    assert asked[0] <= 6  # a check per timeout while idle, not one per pass
     busy[0] = True  # a sync announced records still on their way
     became_busy = time.monotonic()
     deadline._check()  # the periodic check happens to run right then
