@@ -77,6 +77,9 @@ def range_checksum(fd: int, offset: int, length: int) -> int:
 class _Deadline:
     """Fails an end that has work but makes no progress for ``timeout`` seconds.
 
+    Time with nothing to do does not count: the first check that finds work
+    after one that found none starts the clock (so the end has at least
+    ``timeout`` seconds from when work appears, at most a check interval more).
     It checks at least every :data:`CHECK_EVERY` seconds, and once stopped it
     holds nothing of its end: a session ended long before its timeout leaves
     at most a second-long pending check behind, not the channel for minutes.
@@ -88,6 +91,7 @@ class _Deadline:
         self._busy: Callable[[], bool] | None = busy
         self._fail: Callable[[OSError], None] | None = fail
         self.last = time.monotonic()
+        self._was_idle = False  # the last check found nothing to do
         loop.call_later(min(timeout, CHECK_EVERY), self._check)
 
     def stop(self) -> None:
@@ -100,13 +104,20 @@ class _Deadline:
         busy, fail = self._busy, self._fail
         if busy is None or fail is None:
             return
-        idle = time.monotonic() - self.last
-        if idle >= self.timeout and busy():
+        now = time.monotonic()
+        wait = self.timeout
+        if not busy():  # nothing to do is no stall
+            self._was_idle = True
+        elif self._was_idle:  # work appeared since the last check: its clock starts now
+            self._was_idle = False
+            self.last = now
+        elif now - self.last >= self.timeout:
             self.stop()
             fail(TimeoutError(errno.ETIMEDOUT,
                               f"no progress on the data channel for {self.timeout:g} s"))
             return
-        wait = self.timeout - idle if idle < self.timeout else self.timeout
+        else:
+            wait = self.timeout - (now - self.last)
         self.loop.call_later(min(wait, CHECK_EVERY), self._check)
 
 
@@ -483,10 +494,19 @@ class Listener:
     def __init__(self, base: str) -> None:
         self.directory = tempfile.mkdtemp(prefix="migch-", dir=base)  # 0700, created exclusively
         self.path = os.path.join(self.directory, "data.sock")
-        self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                               | os.O_CLOEXEC)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
-                                  | socket.SOCK_NONBLOCK)
+        try:
+            self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY
+                                   | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except BaseException:
+            os.rmdir(self.directory)
+            raise
+        try:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
+                                      | socket.SOCK_NONBLOCK)
+        except BaseException:  # (out of fds): nothing of it stays
+            os.close(self._dir_fd)
+            os.rmdir(self.directory)
+            raise
         try:
             self.sock.bind(self.path)
             self.sock.listen(1)

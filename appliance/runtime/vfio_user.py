@@ -94,18 +94,25 @@ class VfioUserClientSocket:
 
     def _wake(self) -> None:
         """Run the messages that waited for the migration data channel."""
-        if self.sock.fileno() < 0 or not self.conn.parked:
+        if self.sock.fileno() < 0:
             return
-        self.conn.process()
-        self.flush()
-        if self.conn.closed:
-            self.close()
-        elif self._paused and not self._too_many_parked():
-            self._paused = False
-            self.loop.add_reader(self.sock.fileno(), self._readable)
+        if self.conn.parked:
+            self.conn.process()
+            self.flush()
+            if self.conn.closed:
+                self.close()
+                return
+        self._resume_reading()
 
     def _too_many_parked(self) -> bool:
         return self.conn.parked and self.conn.queued >= MAX_PARKED_FRAMES
+
+    def _resume_reading(self) -> None:
+        """Read the socket again once the messages behind a waiting one ran,
+        whoever ran them (the wake, or a read the service made: :meth:`read_some`)."""
+        if self._paused and not self._too_many_parked():
+            self._paused = False
+            self.loop.add_reader(self.sock.fileno(), self._readable)
 
     def read_some(self) -> bool:
         """Read what is available (up to a batch of messages); False once closed."""
@@ -137,6 +144,7 @@ class VfioUserClientSocket:
                 self._paused = True
                 self.loop.remove_reader(self.sock.fileno())
                 break
+        self._resume_reading()  # paused before this call (the service's read), and no longer
         return True
 
     def _readable(self) -> None:

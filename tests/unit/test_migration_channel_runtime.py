@@ -24,6 +24,7 @@ from appliance.runtime.migration_channel import (
     DestinationChannel,
     Listener,
     SourceChannel,
+    _Deadline,
     range_checksum,
 )
 from appliance.storage import nsmgmt
@@ -196,6 +197,23 @@ def test_closing_a_listener_twice_leaves_a_new_directory_of_that_name(tmp_path: 
     assert (Path(listener.directory) / "data.sock").exists()
 
 
+def test_a_listener_that_cannot_be_made_leaves_nothing_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Out of fds (EMFILE) when the socket is made: the SET fails with that
+    # errno; the directory and the fd held on it must not stay behind.
+    def no_socket(*args: object, **kwargs: object) -> socket.socket:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(socket, "socket", no_socket)
+    with pytest.raises(OSError) as raised:
+        Listener(str(tmp_path))
+    monkeypatch.undo()
+    assert raised.value.errno == errno.EMFILE
+    assert os.listdir(tmp_path) == []
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_a_namespace_deleted_while_its_range_is_sent_fails_the_channel(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # Namespace Management may delete a namespace during pre-copy (the session
@@ -301,3 +319,33 @@ def test_a_closed_channel_is_not_kept_by_its_deadline(tmp_path: Path) -> None:
         loop.close()
     finally:
         ctrl.close()
+
+
+def test_idle_time_before_work_arrives_does_not_count_against_the_deadline() -> None:
+    # The destination has work only once a CHANNEL_SYNC announced records the
+    # channel has not brought yet; the time it had nothing to do before that
+    # is no stall: the end gets its whole timeout from when the work appeared.
+    loop = EventLoop()
+    busy = [False]
+    asked = [0]
+    failed: list[OSError] = []
+    timeout = 0.05
+
+    def has_work() -> bool:
+        asked[0] += 1
+        return busy[0]
+
+    deadline = _Deadline(loop, timeout, has_work, failed.append)
+    start = time.monotonic()
+    while time.monotonic() - start < 4 * timeout:  # idle for longer than the timeout
+        loop.run_once(timeout)
+    assert asked[0] <= 6  # a check per timeout while idle, not one per pass
+    busy[0] = True  # a sync announced records still on their way
+    became_busy = time.monotonic()
+    deadline._check()  # the periodic check happens to run right then
+    assert not failed, "failed the moment the work appeared"
+    while not failed and time.monotonic() - became_busy < 20 * timeout:
+        loop.run_once(timeout / 5)
+    assert failed, "a real stall must still fail the channel"
+    assert time.monotonic() - became_busy >= timeout  # its whole timeout, no less
+    loop.close()

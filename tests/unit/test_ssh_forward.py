@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -97,3 +98,25 @@ def test_a_stuck_session_costs_its_timeout_only(fake_ssh: tuple[tuple[str, ...],
             SshForward(TARGET, ssh=ssh) as fwd:
         assert fwd.nodelay() is False
     assert "no session" in caplog.text
+
+
+@pytest.mark.parametrize("flag, sessions", [([], 1), (["--no-ssh-session"], 0)])
+def test_the_cli_flag_reaches_the_forward(fake_ssh: tuple[tuple[str, ...], Path], tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str],
+                                          flag: list[str], sessions: int) -> None:
+    # `appliance migrate ssh://...` runs the session unless --no-ssh-session;
+    # the stand-in's "socket" is a plain file, so the connect fails after it.
+    from appliance.cli import main
+
+    _, log = fake_ssh
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "ssh").write_text(f"#!{sys.executable}\n" + FAKE_SSH)
+    (bindir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    status = main(["migrate", "ssh://root@h/run/nvme.sock", str(tmp_path / "none.sock"),
+                   *flag])
+    assert status == 2
+    assert "source ssh://root@h/run/nvme.sock" in capsys.readouterr().err
+    assert len([c for c in calls(log) if c[-1] == "true"]) == sessions

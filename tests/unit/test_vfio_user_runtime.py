@@ -282,3 +282,59 @@ def test_a_waiting_connection_reads_only_a_few_messages_more(tmp_path: Path) -> 
         server.close()
         ctrl.close()
         loop.close()
+
+
+def test_reading_resumes_when_the_waiting_message_ran_outside_the_wake(tmp_path: Path) -> None:
+    # A second client knocking makes the service read the first one's socket
+    # (its EOF may be there): that read runs the waiting message when the wait
+    # is over, before the wake's timer does.  Reading must resume all the same,
+    # or the rest of the client's messages are never answered.
+    loop = EventLoop()
+    ctrl = make_controller(tmp_path)
+    mig = ParkingMigration()
+    path = str(tmp_path / "nvme.sock")
+    service = runtime_vfio_user.VfioUserService(
+        loop, path, ctrl, migration=lambda memory: mig)  # type: ignore[arg-type,return-value]
+    theirs = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    theirs.connect(path)
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client = VfioUserClient(theirs)
+    try:
+        pump(loop, lambda: service.client is not None)
+        server = service.client
+        assert server is not None
+        in_thread(loop, lambda: client.negotiate({}))
+        theirs.sendall(encode(w.Header(msg_id=1, command=w.Command.DEVICE_FEATURE), bytes(16)))
+        pump(loop, lambda: server.conn.parked)
+        request = w.RegionInfo(argsz=w.RegionInfo.SIZE, index=w.PciRegion.CONFIG).pack()
+        count = 4 * runtime_vfio_user.BATCH  # more than one read takes
+        for i in range(count):
+            theirs.sendall(encode(w.Header(msg_id=2 + i,
+                                           command=w.Command.DEVICE_GET_REGION_INFO), request))
+        for _ in range(20):
+            loop.run_once(0)
+        assert server.conn.queued == runtime_vfio_user.MAX_PARKED_FRAMES  # reading paused
+        mig.blocked = False
+        assert mig.wake is not None
+        mig.wake()  # the channel's progress: a timer, after this pass's events
+        other.connect(path)  # this pass: the accept reads the first client first
+        seen: list[int] = []
+
+        def drain() -> bool:
+            try:
+                while len(seen) < count + 1:
+                    frame = client.receive(timeout=0)
+                    assert frame is not None
+                    seen.append(frame.header.msg_id)
+            except TimeoutError:
+                pass
+            return len(seen) == count + 1
+
+        pump(loop, drain, passes=2000)
+        assert seen == list(range(1, count + 2))
+    finally:
+        other.close()
+        client.close()
+        service.close()
+        ctrl.close()
+        loop.close()
