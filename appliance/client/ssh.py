@@ -164,9 +164,15 @@ class SshForward:
         logged, not an error.
 
         Returns:
-            Whether the session ran and ended with status 0.
+            Whether the session ran and ended with status 0 (False, running
+            nothing, before :meth:`open`).
         """
-        cmd = self._base() + ["-o", "BatchMode=yes", "--", self.target.destination, "true"]
+        if self.dir is None:
+            return False
+        # ControlMaster=no: a user's "ControlMaster yes" would make this a second
+        # master on its own connection, which would get the session instead.
+        cmd = self._base() + ["-o", "BatchMode=yes", "-o", "ControlMaster=no", "--",
+                              self.target.destination, "true"]
         try:
             done = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, timeout=SESSION_TIMEOUT, check=False)

@@ -66,6 +66,7 @@ def test_open_runs_one_session_after_the_master(fake_ssh: tuple[tuple[str, ...],
     assert "-M" not in session and "-N" not in session and "-L" not in session
     assert session[session.index("-S") + 1] == master[master.index("-S") + 1]
     assert "IdentityFile=/k" in session and "BatchMode=yes" in session
+    assert "ControlMaster=no" in session  # the master's connection, never a new one
     assert again == session
     assert exit_[exit_.index("-O") + 1] == "exit"
 
@@ -120,3 +121,9 @@ def test_the_cli_flag_reaches_the_forward(fake_ssh: tuple[tuple[str, ...], Path]
     assert status == 2
     assert "source ssh://root@h/run/nvme.sock" in capsys.readouterr().err
     assert len([c for c in calls(log) if c[-1] == "true"]) == sessions
+
+
+def test_no_session_before_the_master(fake_ssh: tuple[tuple[str, ...], Path]) -> None:
+    ssh, log = fake_ssh
+    assert SshForward(TARGET, ssh=ssh).nodelay() is False
+    assert not log.exists()  # ssh never ran
