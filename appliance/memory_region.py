@@ -88,10 +88,18 @@ class Region:
         on a page (the zeroes it brings back would read as client memory, and
         a guarded native call would reach bytes past the new end without a
         fault).  The client can still shrink the file between the fstat and
-        the write, and then the write grows it back: never a fault.
+        the write, and then the write grows it back (never a fault): a second
+        fstat after the write finds the file ending where the write ended,
+        short of the region's end, and fails the write all the same, so a
+        ring does not go on over the zeroes the write brought back.  A write
+        that ends at the region's end cannot tell a file grown back from a
+        whole one: a shrink just before it brings the region back as zeroes
+        (no fault; the client loses its own memory).
 
         Raises:
-            GuestMemoryError: the file ends before the range, or the write failed.
+            GuestMemoryError: the file ends before the range, or ends where the
+                write ended short of the region's end (it shrank under the
+                write), or the write failed.
         """
         assert self.fd is not None
         n, pos = len(data), self.fd_offset + offset
@@ -100,8 +108,11 @@ class Region:
             if size is not None and size < pos + n:
                 raise self._failed(address, n, max(0, size - pos), "beyond the end of its file")
             done = os.pwrite(self.fd, data, pos)
+            after = file_size(self.fd) if size is not None else None
         except OSError as exc:
             raise self._failed(address, n, 0, exc.strerror or str(exc)) from None
+        if after is not None and after <= pos + done and after < self.fd_offset + self.size:
+            raise self._failed(address, n, 0, "its file shrank under the write")
         if done < n:
             raise self._failed(address, n, done, "short write to its file")
 

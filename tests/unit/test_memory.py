@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
+from appliance import memory_region
 from appliance.memory import (
     F_ADD_SEALS,
     F_GET_SEALS,
@@ -299,6 +300,46 @@ def fd_area_after_shrink() -> None:
     words[2] = 7  # refused like a read there: the file is not grown back
     area.write(0x20, b"used")
     assert os.fstat(fd).st_size == 0 and len(errors) == 3
+    mem.unmap_all()
+    os.close(fd)
+
+
+def test_a_write_the_file_shrank_under_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    survives(lambda: shrunk_under_the_write(monkeypatch))
+
+
+def shrunk_under_the_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client shrinks the file between the write's fstat and its pwrite (a
+    virtqueue's first drain racing the front-end's ftruncate): the pwrite grows
+    the file back to where it ended, and the second fstat fails the write, so
+    the ring breaks instead of going on over zeroes."""
+    fd, _ = plain_memfd(4096)
+    mem = ClientMemory()
+    mem.map(0x0, 4096, fd=os.dup(fd))
+    errors: list[GuestMemoryError] = []
+    area = mem.fd_area(0x100, 0x40, True, errors.append)
+    assert area is not None
+    shrink = [True]  # the next fstat is followed by the client's ftruncate to 0
+    real_file_size = memory_region.file_size
+
+    def stat_then_shrink(f: int) -> int | None:
+        size = real_file_size(f)
+        if shrink[0]:
+            shrink[0] = False
+            os.ftruncate(fd, 0)
+        return size
+
+    monkeypatch.setattr(memory_region, "file_size", stat_then_shrink)
+    area.cast("H")[1] = 0x1234  # the used ring's flags, say
+    assert len(errors) == 1 and "shrank under the write" in str(errors[0])
+    assert os.fstat(fd).st_size == 0x104  # grown back to the write's end: no fault, a failure
+    os.ftruncate(fd, 4096)
+    shrink[0] = True
+    with pytest.raises(GuestMemoryError, match="shrank under the write"):  # the accessor too
+        mem.write(0x200, b"x")
+    os.ftruncate(fd, 4096)  # whole again: a write ending at the region's end is no shrink
+    mem.write(0x1000 - 2, b"ok")
+    assert os.pread(fd, 2, 0x1000 - 2) == b"ok"
     mem.unmap_all()
     os.close(fd)
 
