@@ -163,7 +163,10 @@ def kernel_copy(src: Path, dst: Path, chunk: int = MiB) -> float:
         with src.open("rb", buffering=0) as f:
             off = 0
             while off < size:
-                off += os.sendfile(a.fileno(), f.fileno(), off, min(chunk, size - off))
+                sent = os.sendfile(a.fileno(), f.fileno(), off, min(chunk, size - off))
+                if not sent:  # the file ended early: the receiver sees the short copy
+                    break
+                off += sent
         a.close()
 
     t = threading.Thread(target=send)
