@@ -57,6 +57,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,45 +110,60 @@ def raw_socket_copy(nbytes: int, chunk: int = MiB) -> float:
     return got / (time.perf_counter() - start)
 
 
+def timed_file_copy(src: Path, dst: Path, send: Callable[[socket.socket, int, int], None],
+                    receive: Callable[[socket.socket, int, int], int]) -> float:
+    """Bytes/s of ``src`` through a unix socketpair into ``dst``, a fresh sparse
+    file of the same size, synced at the end: ``send(sock, src_fd, size)`` runs
+    in a thread (the socket is closed after it), ``receive(sock, dst_fd, size)``
+    here and returns the bytes it wrote."""
+    size = src.stat().st_size
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def sender() -> None:
+        with src.open("rb", buffering=0) as f:
+            send(a, f.fileno(), size)
+        a.close()
+
+    t = threading.Thread(target=sender)
+    start = time.perf_counter()
+    t.start()
+    fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        got = receive(b, fd, size)
+        os.fdatasync(fd)
+        rate = got / (time.perf_counter() - start)
+    finally:
+        os.close(fd)
+        t.join()
+        b.close()
+        dst.unlink()
+    return rate
+
+
 def raw_image_copy(src: Path, dst: Path, chunk: int = MiB) -> float:
     """Bytes/s of the same data path without the protocol (the second anchor):
     ``src`` read in chunks, through a unix socketpair (a sender thread), written
     into ``dst``, a fresh sparse file on the same disk, its writeback started
     every 16 MiB and synced at the end, as the destination's staging image is."""
-    size = src.stat().st_size
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    def send(sock: socket.socket, fd: int, size: int) -> None:
+        while block := os.read(fd, chunk):
+            sock.sendall(block)
 
-    def send() -> None:
-        with src.open("rb", buffering=0) as f:
-            while block := f.read(chunk):
-                a.sendall(block)
-        a.close()
+    def receive(sock: socket.socket, fd: int, size: int) -> int:
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        got = unsynced = 0
+        while got < size and (n := sock.recv_into(buf)):
+            os.pwrite(fd, view[:n], got)
+            got += n
+            unsynced += n
+            if unsynced >= 16 * MiB:
+                start_writeback(fd)
+                unsynced = 0
+        return got
 
-    t = threading.Thread(target=send)
-    start = time.perf_counter()
-    t.start()
-    fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.ftruncate(fd, size)
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    got = unsynced = 0
-    while got < size:
-        n = b.recv_into(buf)
-        if not n:
-            break
-        os.pwrite(fd, view[:n], got)
-        got += n
-        unsynced += n
-        if unsynced >= 16 * MiB:
-            start_writeback(fd)
-            unsynced = 0
-    os.fdatasync(fd)
-    rate = got / (time.perf_counter() - start)
-    os.close(fd)
-    t.join()
-    b.close()
-    dst.unlink()
-    return rate
+    return timed_file_copy(src, dst, send, receive)
 
 
 def kernel_copy(src: Path, dst: Path, chunk: int = MiB) -> float:
@@ -156,43 +172,29 @@ def kernel_copy(src: Path, dst: Path, chunk: int = MiB) -> float:
     ``sendfile`` from ``src`` into a unix socketpair (a sender thread),
     ``splice`` through a pipe into ``dst``, a fresh sparse file on the same
     medium, synced at the end; no protocol, no checksum."""
-    size = src.stat().st_size
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    def send(sock: socket.socket, fd: int, size: int) -> None:
+        off = 0
+        # (0 bytes sent: the file ended early; the receiver sees the short copy)
+        while off < size and (sent := os.sendfile(sock.fileno(), fd, off,
+                                                   min(chunk, size - off))):
+            off += sent
 
-    def send() -> None:
-        with src.open("rb", buffering=0) as f:
-            off = 0
-            while off < size:
-                sent = os.sendfile(a.fileno(), f.fileno(), off, min(chunk, size - off))
-                if not sent:  # the file ended early: the receiver sees the short copy
-                    break
-                off += sent
-        a.close()
+    def receive(sock: socket.socket, fd: int, size: int) -> int:
+        r, w = os.pipe()
+        try:
+            fcntl.fcntl(w, F_SETPIPE_SZ, chunk)
+            got = 0
+            while got < size and (n := os.splice(sock.fileno(), w, min(chunk, size - got))):
+                while n:
+                    k = os.splice(r, fd, n, offset_dst=got)
+                    got += k
+                    n -= k
+            return got
+        finally:
+            os.close(r)
+            os.close(w)
 
-    t = threading.Thread(target=send)
-    start = time.perf_counter()
-    t.start()
-    fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.ftruncate(fd, size)
-    r, w = os.pipe()
-    fcntl.fcntl(w, F_SETPIPE_SZ, chunk)
-    got = 0
-    while got < size:
-        n = os.splice(b.fileno(), w, min(chunk, size - got))
-        if not n:
-            break
-        while n:
-            k = os.splice(r, fd, n, offset_dst=got)
-            got += k
-            n -= k
-    os.fdatasync(fd)
-    rate = got / (time.perf_counter() - start)
-    for x in (fd, r, w):
-        os.close(x)
-    t.join()
-    b.close()
-    dst.unlink()
-    return rate
+    return timed_file_copy(src, dst, send, receive)
 
 
 def random_image(path: Path, size: int) -> None:
