@@ -10,6 +10,8 @@ import os
 import socket
 import time
 import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,8 +30,10 @@ from appliance.runtime.migration_channel import (
     range_checksum,
 )
 from appliance.storage import nsmgmt
+from appliance.storage.controller import NvmeController
 from appliance.storage.migration import NvmeMigratable
 from appliance.storage.migration_channel import NvmeChannelDevice
+from appliance.storage.namespace import Namespace
 from appliance.vfio_user.migration_channel import (
     ChannelHead,
     ChannelReceiver,
@@ -40,11 +44,28 @@ from appliance.vfio_user.migration_channel import (
 MiB = 1 << 20
 
 
-def test_a_range_written_while_it_is_sent_is_retracted(tmp_path: Path) -> None:
-    ctrl = make_controller(tmp_path, size=16 * MiB)
+@dataclass
+class Source:
+    """A source channel over a socketpair, its namespace dirty-tracked."""
+
+    ctrl: NvmeController
+    ns: Namespace
+    mig: NvmeMigratable
+    loop: EventLoop
+    chan: SourceChannel
+    peer: socket.socket  # the other end, non-blocking
+    notes: list[int]  # one entry per time the channel told its handler
+
+
+@contextlib.contextmanager
+def tracking_source(tmp_path: Path, size: int,
+                    write: Callable[[Namespace], None]) -> Iterator[Source]:
+    """A namespace of ``size`` bytes that ``write`` fills, dirty-tracked from
+    then on, and a source channel on a fresh loop (5 s timeout)."""
+    ctrl = make_controller(tmp_path, size=size)
     try:
         ns = ctrl.namespaces[1]
-        ns.write_bytes(0, os.urandom(12 * MiB))
+        write(ns)
         mig = NvmeMigratable(ctrl)
         mig.start_tracking()
         loop = EventLoop()
@@ -53,20 +74,40 @@ def test_a_range_written_while_it_is_sent_is_retracted(tmp_path: Path) -> None:
         notes: list[int] = []
         chan = SourceChannel(loop, ours.detach(), NvmeChannelDevice(mig), 5.0,
                              lambda: notes.append(1))
+        try:
+            yield Source(ctrl, ns, mig, loop, chan, theirs, notes)
+        finally:
+            chan.close()
+            theirs.close()
+            loop.close()
+    finally:
+        ctrl.close()
+
+
+def drain(src: Source, each: Callable[[], None] = lambda: None) -> bytearray:
+    """Run the loop until the channel is idle (``each`` before every pass);
+    returns what the peer received."""
+    got = bytearray()
+    while not src.chan.idle:
+        each()
+        src.loop.run_once(0)
+        with contextlib.suppress(BlockingIOError):
+            while chunk := src.peer.recv(MiB):
+                got += chunk
+    return got
+
+
+def test_a_range_written_while_it_is_sent_is_retracted(tmp_path: Path) -> None:
+    with tracking_source(tmp_path, 16 * MiB,
+                         lambda ns: ns.write_bytes(0, os.urandom(12 * MiB))) as src:
+        ns, mig, loop, chan = src.ns, src.mig, src.loop, src.chan
         assert chan.fill(16 * MiB) == 16 * MiB  # 12 data records and the hole
         loop.run_once(0)  # sends until the socket is full: a record is in flight
         assert chan._current is not None
         kind, rng = chan._current
         assert kind is ChannelType.DATA
         ns.write_bytes((rng.offset + 4096) >> ns.lba_shift, os.urandom(4096))  # the guest
-        got = bytearray()
-        while not chan.idle:
-            loop.run_once(0)
-            try:
-                while chunk := theirs.recv(MiB):
-                    got += chunk
-            except BlockingIOError:
-                pass
+        got = drain(src)
         # Every record checks out on a receiver, the torn one retracted right after.
         r = ChannelReceiver()
         at, kinds = 0, []
@@ -94,11 +135,7 @@ def test_a_range_written_while_it_is_sent_is_retracted(tmp_path: Path) -> None:
         first = rng.offset // pages.page
         assert pages.map[first:first + rng.length // pages.page] == b"\x01" * (rng.length
                                                                             // pages.page)
-        assert notes  # told when it went idle
-        chan.close()
-        theirs.close()
-    finally:
-        ctrl.close()
+        assert src.notes  # told when it went idle
 
 
 def test_one_callback_takes_a_bounded_number_of_records(tmp_path: Path) -> None:
@@ -132,25 +169,13 @@ def test_a_range_written_before_it_is_sent_goes_with_its_new_data(tmp_path: Path
     # queued lands before the record's checksum and payload are read, so the
     # record carries it: no RETRACT, nothing dirty again (a RETRACT per such
     # record made a busy guest owe the destination thousands of ranges).
-    ctrl = make_controller(tmp_path, size=16 * MiB)
-    try:
-        ns = ctrl.namespaces[1]
-        ns.write_bytes(0, os.urandom(16 * MiB))
-        mig = NvmeMigratable(ctrl)
-        mig.start_tracking()
-        loop = EventLoop()
-        ours, theirs = socket.socketpair()
-        theirs.setblocking(False)
-        chan = SourceChannel(loop, ours.detach(), NvmeChannelDevice(mig), 5.0, lambda: None)
+    with tracking_source(tmp_path, 16 * MiB,
+                         lambda ns: ns.write_bytes(0, os.urandom(16 * MiB))) as src:
+        ns, mig, chan = src.ns, src.mig, src.chan
         assert chan.fill(16 * MiB) == 16 * MiB
         new = os.urandom(4096)
         ns.write_bytes((15 * MiB) >> ns.lba_shift, new)  # the last record, still queued
-        got = bytearray()
-        while not chan.idle:
-            loop.run_once(0)
-            with contextlib.suppress(BlockingIOError):
-                while chunk := theirs.recv(MiB):
-                    got += chunk
+        got = drain(src)
         r = ChannelReceiver()
         at, image = 0, bytearray(16 * MiB)
         while at < len(got):
@@ -163,10 +188,6 @@ def test_a_range_written_before_it_is_sent_goes_with_its_new_data(tmp_path: Path
         assert image == ns.read_bytes(0, 16 * MiB)
         assert image[15 * MiB:15 * MiB + 4096] == new
         assert mig.dirty[1].count == 0
-        chan.close()
-        theirs.close()
-    finally:
-        ctrl.close()
 
 
 def test_closing_a_listener_removes_only_its_own_socket(tmp_path: Path) -> None:
@@ -219,63 +240,38 @@ def test_a_namespace_deleted_while_its_range_is_sent_fails_the_channel(
     # Namespace Management may delete a namespace during pre-copy (the session
     # then fails at the next read, EBUSY); the channel must fail once, not leave
     # its writer raising on every loop pass until the timeout.
-    ctrl = make_controller(tmp_path, size=16 * MiB)
-    try:
-        ctrl.namespaces[1].write_bytes(0, os.urandom(16 * MiB))
-        mig = NvmeMigratable(ctrl)
-        mig.start_tracking()
-        loop = EventLoop()
-        ours, theirs = socket.socketpair()
-        theirs.setblocking(False)
-        notes: list[int] = []
-        chan = SourceChannel(loop, ours.detach(), NvmeChannelDevice(mig), 5.0,
-                             lambda: notes.append(1))
+    with tracking_source(tmp_path, 16 * MiB,
+                         lambda ns: ns.write_bytes(0, os.urandom(16 * MiB))) as src:
+        loop, chan = src.loop, src.chan
         chan.fill(16 * MiB)
         loop.run_once(0)
         assert chan._current is not None  # a record in flight
-        nsmgmt.delete(ctrl, 1)
+        nsmgmt.delete(src.ctrl, 1)
         with contextlib.suppress(BlockingIOError):
-            while theirs.recv(MiB):
+            while src.peer.recv(MiB):
                 pass
         for _ in range(3):
             loop.run_once(0)
         assert isinstance(chan.error, LocalProtocolError)
         assert chan.error.errno == errno.EBUSY and "namespace 1" in str(chan.error)
-        assert notes  # the handler was told
+        assert src.notes  # the handler was told
         assert not [r for r in caplog.records if "handler for fd" in r.getMessage()]
-        chan.close()
-        theirs.close()
-        loop.close()
-    finally:
-        ctrl.close()
 
 
 def test_the_source_holds_a_bounded_queue_of_ranges(tmp_path: Path) -> None:
     # A round's ranges are taken as the channel drains, not all at once: an
     # image the guest left as data and holes page after page is two ranges per
     # 8 KiB, and queuing a whole round of them grew without bound.
-    ctrl = make_controller(tmp_path, size=8 * MiB)
-    try:
-        ns = ctrl.namespaces[1]
+    def data_and_holes(ns: Namespace) -> None:
         for at in range(0, 8 * MiB, 8192):
             ns.write_bytes(at >> ns.lba_shift, os.urandom(4096))
-        mig = NvmeMigratable(ctrl)
-        mig.start_tracking()
-        loop = EventLoop()
-        ours, theirs = socket.socketpair()
-        theirs.setblocking(False)
-        notes: list[int] = []
-        chan = SourceChannel(loop, ours.detach(), NvmeChannelDevice(mig), 5.0,
-                             lambda: notes.append(1))
+
+    with tracking_source(tmp_path, 8 * MiB, data_and_holes) as src:
+        ns, mig, chan = src.ns, src.mig, src.chan
         assert chan.fill(8 * MiB) > 0
-        most = len(chan.queue)
-        got = bytearray()
-        while not chan.idle:
-            most = max(most, len(chan.queue))
-            loop.run_once(0)
-            with contextlib.suppress(BlockingIOError):
-                while chunk := theirs.recv(MiB):
-                    got += chunk
+        queued = [len(chan.queue)]
+        got = drain(src, lambda: queued.append(len(chan.queue)))
+        most = max(queued)
         assert most <= MAX_QUEUED_RANGES < 1024
         r = ChannelReceiver()
         image, at = bytearray(8 * MiB), 0
@@ -287,12 +283,7 @@ def test_the_source_holds_a_bounded_queue_of_ranges(tmp_path: Path) -> None:
                 at += head.length
                 r.data_done(True)
         assert image == ns.read_bytes(0, 8 * MiB)  # the whole round went
-        assert mig.dirty[1].count == 0 and notes
-        chan.close()
-        theirs.close()
-        loop.close()
-    finally:
-        ctrl.close()
+        assert mig.dirty[1].count == 0 and src.notes
 
 
 def test_a_closed_channel_is_not_kept_by_its_deadline(tmp_path: Path) -> None:
