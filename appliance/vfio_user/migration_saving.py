@@ -78,16 +78,20 @@ class SavingSession:
         return (self._produce(size, final) if self.channel.active is None
                 else self._produce_channel(size, final))
 
+    def _start_final(self) -> None:
+        """The stop-and-copy round's marker, once, at its first read."""
+        if not self.final_started:
+            self.final_started = True
+            self.phase = RoundPhase.DRAINING
+            self.writer.add(dirty_round(self.round, self._pending(), final=True))
+            self.round += 1
+
     def _produce(self, size: int, final: bool) -> list[memoryview]:
         """Up to ``size`` stream bytes, as views of the queued records."""
         writer = self.writer
         device = self.device
         if final:
-            if not self.final_started:
-                self.final_started = True
-                self.phase = RoundPhase.DRAINING
-                writer.add(dirty_round(self.round, self._pending(), final=True))
-                self.round += 1
+            self._start_final()
             while writer.pending < size and not writer.finished:
                 records = self._bulk(max(size - writer.pending, MIN_PRECOPY_CHUNK))
                 if not records:
@@ -125,11 +129,7 @@ class SavingSession:
         writer, chan = self.writer, self.channel
         chan.check_source()
         if final:
-            if not self.final_started:
-                self.final_started = True
-                self.phase = RoundPhase.DRAINING
-                writer.add(dirty_round(self.round, self._pending(), final=True))
-                self.round += 1
+            self._start_final()
             while writer.pending < size and not writer.finished:
                 if chan.fill(self._pending()):
                     continue
