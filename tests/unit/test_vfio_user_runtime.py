@@ -229,6 +229,22 @@ def open_fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def replies(client: VfioUserClient, count: int, seen: list[int]) -> Callable[[], bool]:
+    """A condition for :func:`pump`: the client has read ``count`` replies (their
+    message ids appended to ``seen``, their fds closed)."""
+    def drain() -> bool:
+        try:
+            while len(seen) < count:
+                frame = client.receive(timeout=0)
+                assert frame is not None
+                frame.close_fds()
+                seen.append(frame.header.msg_id)
+        except TimeoutError:
+            pass
+        return len(seen) == count
+    return drain
+
+
 def test_a_waiting_connection_reads_only_a_few_messages_more(tmp_path: Path) -> None:
     # While a message waits (NotYet) nothing after it runs; a client that keeps
     # sending (each message with fds) must not make the server hold them all:
@@ -260,19 +276,7 @@ def test_a_waiting_connection_reads_only_a_few_messages_more(tmp_path: Path) -> 
         assert mig.wake is not None
         mig.wake()
         seen: list[int] = []
-
-        def drain() -> bool:
-            try:
-                while len(seen) < count + 1:
-                    frame = client.receive(timeout=0)
-                    assert frame is not None
-                    frame.close_fds()
-                    seen.append(frame.header.msg_id)
-            except TimeoutError:
-                pass
-            return len(seen) == count + 1
-
-        pump(loop, drain, passes=5000)
+        pump(loop, replies(client, count + 1, seen), passes=5000)
         assert seen == list(range(1, count + 2))  # every message answered, in order
         assert open_fd_count() == before  # every fd that came with them closed
     finally:
@@ -319,18 +323,7 @@ def test_reading_resumes_when_the_waiting_message_ran_outside_the_wake(tmp_path:
         mig.wake()  # the channel's progress: a timer, after this pass's events
         other.connect(path)  # this pass: the accept reads the first client first
         seen: list[int] = []
-
-        def drain() -> bool:
-            try:
-                while len(seen) < count + 1:
-                    frame = client.receive(timeout=0)
-                    assert frame is not None
-                    seen.append(frame.header.msg_id)
-            except TimeoutError:
-                pass
-            return len(seen) == count + 1
-
-        pump(loop, drain, passes=2000)
+        pump(loop, replies(client, count + 1, seen), passes=2000)
         assert seen == list(range(1, count + 2))
     finally:
         other.close()
