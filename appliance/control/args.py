@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from appliance import config as config_mod
+from appliance.config import checkers as config_checkers
 from appliance.control.protocol import BAD_ARGS, ControlError
 from appliance.errors import ConfigError
 
@@ -140,7 +140,7 @@ def size(lo: int, hi: int) -> Checker:
         if isinstance(value, str) and len(value) > _MAX_SIZE_TEXT:
             raise refuse(name, expected, value)
         try:
-            result = config_mod.size(name, value)
+            result = config_checkers.size(name, value)
         except ConfigError:
             raise refuse(name, expected, value) from None
         if not lo <= result <= hi:

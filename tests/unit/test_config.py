@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from appliance import config
-from appliance.config import DmaLayout, DoorbellMode, NamespaceConfig, PortMode
+from appliance.config import DmaLayout, DoorbellMode, NamespaceConfig, PortMode, checkers
 from appliance.errors import ConfigError
 
 
@@ -61,9 +61,9 @@ def test_bad_yaml_and_missing_file(tmp_path) -> None:
 
 
 def test_sizes() -> None:
-    assert config.size("x", "512M") == 512 << 20
-    assert config.size("x", "1GiB") == 1 << 30
-    assert config.size("x", 4096) == 4096
+    assert checkers.size("x", "512M") == 512 << 20
+    assert checkers.size("x", "1GiB") == 1 << 30
+    assert checkers.size("x", 4096) == 4096
 
 
 def test_only_paths_are_expanded(tmp_path) -> None:

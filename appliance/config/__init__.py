@@ -12,7 +12,8 @@ YAML file holds).
 Unknown keys and bad values raise :class:`~appliance.errors.ConfigError`
 whose message starts with the key's path, e.g.
 ``storage.namespaces[0].block_size: must be one of 512, 4096 (got 1000)``.
-Paths (the keys checked by :func:`file_path`) may use ``{data_dir}`` and
+The value checkers are in :mod:`appliance.config.checkers`.
+Paths (the keys checked by its ``file_path``) may use ``{data_dir}`` and
 ``{run_dir}``; any other ``{placeholder}`` is refused; ``~`` is expanded.
 
 The layer: above the devices (the value sets of :class:`DoorbellMode` and
@@ -24,19 +25,31 @@ namespace entry as :class:`appliance.storage.namespace.NamespaceSettings`).
 from __future__ import annotations
 
 import enum
-import ipaddress
 import os
-import re
 import string
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
+from appliance.config.checkers import (
+    boolean,
+    file_path,
+    ifname,
+    image_source,
+    integer,
+    interface,
+    mac,
+    member_of,
+    namespace_size,
+    one_of,
+    port,
+    size,
+    text,
+)
 from appliance.errors import ConfigError
 from appliance.nbd.uri import is_nbd_uri
-from appliance.nbd.uri import parse as parse_nbd_uri
 from appliance.storage.doorbells import DoorbellMode
 from appliance.vfio_user.connection_state import DmaLayout
 
@@ -46,15 +59,9 @@ __all__ = [
     "StorageConfig", "TapConfig", "ZonedConfig", "load",
 ]
 
-Checker = Callable[[str, Any], Any]
 #: A configuration's raw form: a YAML file's mapping (:meth:`Config.from_dict` checks one).
 RawConfig = dict[str, Any]
-_E = TypeVar("_E", bound=enum.Enum)
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 DEFAULT_NAMESPACE_SIZE = 1 << 30  # a file image's size when none is given
-_MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$", re.IGNORECASE)
 
 
 def _default_data_dir() -> str:
@@ -65,114 +72,6 @@ def _default_data_dir() -> str:
 def _default_run_dir() -> str:
     base = os.environ.get("XDG_RUNTIME_DIR")
     return os.path.join(base, "appliance") if base else f"/tmp/appliance-{os.getuid()}"
-
-
-# ------------------------------------------------------------------ checkers
-def size(path: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"{path}: must be a size like 1G or 4096 (got {value!r})")
-    if isinstance(value, int):
-        n = value
-    elif isinstance(value, str) and (m := _SIZE.match(value)):
-        n = int(m.group(1)) * _UNITS[(m.group(2) or "")[:1].lower()]
-    else:
-        raise ConfigError(f"{path}: must be a size like 1G or 4096 (got {value!r})")
-    if n <= 0:
-        raise ConfigError(f"{path}: must be positive (got {value!r})")
-    return n
-
-
-def integer(lo: int, hi: int) -> Checker:
-    def check(path: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise ConfigError(f"{path}: must be an integer from {lo} to {hi} (got {value!r})")
-        return value
-    return check
-
-
-def one_of(*choices: Any) -> Checker:
-    def check(path: str, value: Any) -> Any:
-        if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
-            shown = ", ".join(str(c) for c in choices)
-            raise ConfigError(f"{path}: must be one of {shown} (got {value!r})")
-        return value
-    return check
-
-
-def member_of(kind: type[_E]) -> Callable[[str, Any], _E]:
-    """A checker for one of ``kind``'s values; returns the member.  The message is
-    :func:`one_of`'s."""
-    def check(path: str, value: Any) -> _E:
-        for member in kind:
-            if not isinstance(value, bool) and value == member.value:
-                return member
-        shown = ", ".join(str(m.value) for m in kind)
-        raise ConfigError(f"{path}: must be one of {shown} (got {value!r})")
-    return check
-
-
-def boolean(path: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{path}: must be true or false (got {value!r})")
-    return value
-
-
-def text(path: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{path}: must be a non-empty string (got {value!r})")
-    return value
-
-
-def file_path(key: str, value: Any) -> str:
-    """A file system path: a non-empty string, where ``{data_dir}``/``{run_dir}`` are
-    expanded once every value is known (:func:`_expand`)."""
-    return text(key, value)
-
-
-def image_source(key: str, value: Any) -> str:
-    """A namespace's image: a file path (expanded as :func:`file_path`'s) or an NBD
-    URI (``nbd://HOST[:PORT]/EXPORT``, ``nbd+unix:///EXPORT?socket=PATH``), kept as
-    written."""
-    text(key, value)
-    if is_nbd_uri(value):
-        try:
-            parse_nbd_uri(value)
-        except ValueError as exc:
-            raise ConfigError(f"{key}: {exc} (got {value!r})") from None
-    return str(value)
-
-
-def namespace_size(path: str, value: Any) -> int:
-    """A namespace's size (:func:`size`); absent: 1G for a file, the export's for NBD."""
-    return size(path, value)
-
-
-def ifname(path: str, value: Any) -> str:
-    """A Linux network interface name: 1-15 bytes, no '/', ':' or whitespace."""
-    if (not isinstance(value, str) or not 0 < len(value.encode()) < 16 or value in (".", "..")
-            or any(ch in value for ch in "/: \t\n")):
-        raise ConfigError(f"{path}: must be an interface name of 1-15 characters (got {value!r})")
-    return value
-
-
-def mac(path: str, value: Any) -> str:
-    if not isinstance(value, str) or not _MAC.match(value):
-        raise ConfigError(f"{path}: must be a MAC address like 52:54:00:12:34:56 (got {value!r})")
-    if int(value[:2], 16) & 1:
-        raise ConfigError(f"{path}: must be a unicast MAC address (got {value!r})")
-    return value.lower()
-
-
-def interface(path: str, value: Any) -> str:
-    try:
-        iface = ipaddress.IPv4Interface(value)
-    except (ValueError, TypeError):
-        raise ConfigError(f"{path}: must be an IPv4 address with prefix like 10.0.2.2/24 (got {value!r})") from None
-    return str(iface)
-
-
-def port(path: str, value: Any) -> int:
-    return int(integer(1, 65535)(path, value))
 
 
 class PortMode(enum.StrEnum):
