@@ -28,7 +28,8 @@ from typing import Any
 
 from appliance.control import args as a
 from appliance.control import events as ev
-from appliance.control.faults import FIELDS, FaultError, FaultSet, FaultTarget
+from appliance.control.fault_rules import FIELDS, FaultError, FaultTarget
+from appliance.control.faults import FaultSet
 from appliance.control.protocol import (
     BAD_ARGS,
     FAILED,

@@ -1,12 +1,14 @@
-"""Fault injection rules and their matching (device layer, no I/O, no clock).
+"""Fault injection: matching armed rules and what their firings leave behind
+(device layer, no I/O, no clock).
 
 Theory of operation
 -------------------
-A :class:`FaultRule` says *what* to break (``action``), *when* (``count``:
-how many more times it may fire, 0 = unlimited; ``probability`` drawn from
-the set's seeded RNG so a run is reproducible) and *which* traffic it
-matches (NVMe: queue id, opcode, LBA range, NSID; net: port name and
-direction).  :class:`FaultSet` holds the rules of one process, counts every
+A :class:`~appliance.control.fault_rules.FaultRule` (its fields and how one
+is built: :mod:`appliance.control.fault_rules`) says *what* to break
+(``action``), *when* (``count``: how many more times it may fire, 0 =
+unlimited; ``probability`` drawn from the set's seeded RNG so a run is
+reproducible) and *which* traffic it matches (NVMe: queue id, opcode, LBA
+range, NSID; net: port name and direction).  :class:`FaultSet` holds the rules of one process, counts every
 firing per rule and keeps the two pieces of state a fault leaves behind:
 
 * NVMe: *hung* requests (never completed unless aborted; a controller reset
@@ -31,290 +33,33 @@ Injection, :mod:`appliance.control.guest_faults`) carry their ``guest_type``.
 
 from __future__ import annotations
 
-import enum
 import random
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any
 
-from appliance.control import args as args_mod
-from appliance.control.protocol import INT_RANGE, ControlError
+from appliance.control.fault_rules import (
+    U64,
+    Direction,
+    FaultError,
+    FaultRule,
+    FaultTarget,
+    NetAction,
+    NvmeAction,
+    checked_int,
+)
 from appliance.storage.protection import PiFault
 from appliance.storage.request import NvmeRequest, RequestState, Result
 from appliance.storage.spec import Command, IoOpcode
 
-if TYPE_CHECKING:
-    from appliance.storage.controller import NvmeController
-
-
-
-class FaultTarget(enum.StrEnum):
-    """What a rule breaks: the NVMe controller's commands or the net ports' frames."""
-
-    NVME = "nvme"
-    NET = "net"
-
-
-class NvmeAction(enum.StrEnum):
-    """What an NVMe rule does to a matching command (docs/faults.md)."""
-
-    STATUS = "status"
-    DELAY = "delay"
-    HANG = "hang"
-    DROP_IRQ = "drop_irq"
-    FATAL = "fatal"
-    REMOVE = "remove"
-    EDIT = "edit"
-    CORRUPT_GUARD = "corrupt_guard"
-    CORRUPT_REFTAG = "corrupt_reftag"
-
-
-class NetAction(enum.StrEnum):
-    """What a net rule does to a matching frame (docs/faults.md)."""
-
-    DROP = "drop"
-    CORRUPT = "corrupt"
-    DUPLICATE = "duplicate"
-    REORDER = "reorder"
-    DELAY = "delay"
-
-
-class Direction(enum.StrEnum):
-    """Which frames of a port a net rule matches."""
-
-    RX = "rx"  # towards the guest
-    TX = "tx"  # from the guest
-    BOTH = "both"
-
-
-FaultAction: TypeAlias = NvmeAction | NetAction
-ACTIONS: dict[FaultTarget, type[FaultAction]] = {
-    FaultTarget.NVME: NvmeAction, FaultTarget.NET: NetAction}
 REORDER_HOLD = 0.05  # seconds a reordered frame waits for one to overtake it
-#: Status names accepted by ``status=`` besides numbers (SCT << 8 | SC).
-STATUS_NAMES = {
-    "unrecovered_read_error": 0x281,
-    "write_fault": 0x280,
-    "namespace_not_ready": 0x82,
-    "internal_error": 0x06,
-    "data_transfer_error": 0x04,
-    "aborted": 0x07,
-    "zone_boundary_error": 0x1B8,
-    "zone_is_full": 0x1B9,
-    "zone_is_read_only": 0x1BA,
-    "zone_is_offline": 0x1BB,
-    "zone_invalid_write": 0x1BC,
-    "too_many_active_zones": 0x1BD,
-    "too_many_open_zones": 0x1BE,
-    "invalid_zone_state_transition": 0x1BF,
-}
-#: what a rule may say besides target and action
-FIELDS = frozenset({"count", "probability", "qid", "opcode", "nsid", "lba", "status", "dnr",
-                    "delay", "port", "direction", "edit"})
-#: submission entry fields an ``edit`` rule may rewrite (not CID: the completion names it)
-EDITABLE = {name: (1 << (8 * struct.calcsize(fmt))) - 1 for name, fmt, _ in Command.FIELDS
-            if name != "cid"}
-U32 = 0xFFFF_FFFF
-U64 = (1 << 64) - 1
 MAX_RULES = 256  # armed at a time (every command and frame is matched against them)
 _RW = (IoOpcode.READ, IoOpcode.WRITE, IoOpcode.COMPARE, IoOpcode.WRITE_ZEROES,
        IoOpcode.WRITE_UNCORRECTABLE, IoOpcode.VERIFY, IoOpcode.ZONE_APPEND)  # CDW10-12: SLBA, NLB
 _ZONE_MGMT = (IoOpcode.ZONE_MGMT_SEND, IoOpcode.ZONE_MGMT_RECV)  # CDW10-11: SLBA alone
 
-
-class FaultError(ValueError):
-    """A rule that cannot be built (the message names the field)."""
-
-
-def _check(checker: args_mod.Checker, name: str, value: Any) -> Any:
-    """``value`` through one of the control commands' argument checkers.
-
-    Raises:
-        FaultError: the checker's message (it names the field).
-    """
-    try:
-        return checker(name, value)
-    except ControlError as exc:
-        raise FaultError(exc.message) from None
-
-
-def _int(value: Any, name: str, lo: int = INT_RANGE[0], hi: int = INT_RANGE[1] - 1) -> int:
-    result: int = _check(args_mod.integer(lo, hi), name, value)
-    return result
-
-
-def _opt_int(args: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
-    return None if args.get(name) is None else _int(args[name], name, lo, hi)
-
-
-@dataclass
-class FaultRule:
-    """One armed fault."""
-
-    id: int
-    target: FaultTarget
-    action: FaultAction
-    count: int = 0  # firings left; 0 = unlimited
-    probability: float = 1.0
-    qid: int | None = None
-    opcode: int | None = None
-    nsid: int | None = None
-    lba: tuple[int, int] | None = None  # first, last (inclusive)
-    status: int = 0x281
-    dnr: bool = False
-    delay: float = 0.0
-    port: str | None = None
-    direction: Direction = Direction.RX
-    #: ``edit``: submission entry field -> the value it gets before execution
-    edit: dict[str, int] = field(default_factory=dict)
-    #: the OCP Error Injection type of a rule the guest armed (None: the control socket's)
-    guest_type: int | None = None
-    hits: int = 0
-    seen: int = 0
-
-    def __post_init__(self) -> None:
-        """Raises: FaultError: a target, action or direction outside its enum
-        (an action must be one of its target's)."""
-        try:
-            self.target = FaultTarget(self.target)
-            self.action = ACTIONS[self.target](self.action)
-            self.direction = Direction(self.direction)
-        except ValueError as exc:
-            raise FaultError(str(exc)) from None
-
-    @classmethod
-    def build(cls, rule_id: int, args: dict[str, Any]) -> FaultRule:
-        """A rule from control-socket arguments.
-
-        Raises:
-            FaultError: an unknown target/action/field or a bad value.
-        """
-        args = dict(args)
-        target = args.pop("target", None)
-        if target is None:  # "delay" exists for both: a port or direction means net
-            action = args.get("action")
-            net_only = action in tuple(NetAction) and action not in tuple(NvmeAction)
-            target = "net" if net_only or "port" in args or "direction" in args else "nvme"
-        action = args.pop("action", None)
-        if target not in tuple(FaultTarget):  # == on the strings (enum hashes are names)
-            raise FaultError(f"target: {args_mod.shown(target)} is not nvme or net")
-        allowed = ACTIONS[FaultTarget(target)]
-        if action not in tuple(allowed):
-            raise FaultError(f"action: {args_mod.shown(action)} not one of "
-                             f"{', '.join(allowed)} for {target}")
-        unknown = set(args) - FIELDS
-        if unknown:
-            raise FaultError(f"unknown field(s): "
-                             f"{', '.join(args_mod.shown(n) for n in sorted(unknown))}")
-        args = {k: v for k, v in args.items() if v is not None}
-        rule = cls(rule_id, FaultTarget(target), allowed(action))
-        rule.count = _int(args.get("count", 0), "count", 0, U32)
-        rule.probability = _check(args_mod.number(0.0, 1.0), "probability",
-                                  args.get("probability", 1.0))
-        rule.qid, rule.nsid = _opt_int(args, "qid", 0, 0xFFFF), _opt_int(args, "nsid", 0, U32)
-        rule.opcode = _opt_int(args, "opcode", 0, 0xFF)
-        if args.get("lba") is not None:
-            rule.lba = _lba_range(args["lba"])
-        status = args.get("status", 0x281)
-        if isinstance(status, str) and status in STATUS_NAMES:
-            rule.status = STATUS_NAMES[status]
-        else:
-            rule.status = _int(status, "status", 1, 0x7FF)  # SCT << 8 | SC, not success
-        rule.dnr = _check(args_mod.flag, "dnr", args.get("dnr", False))
-        rule.delay = _check(args_mod.number(0.0, 3600.0), "delay", args.get("delay", 0.0))
-        if rule.action in (NvmeAction.DELAY, NetAction.DELAY) and rule.delay <= 0:
-            raise FaultError("delay: a delay fault needs delay > 0 (seconds)")
-        if "edit" in args:
-            rule.edit = _edit_fields(args["edit"])
-        if rule.action is NvmeAction.EDIT and not rule.edit:
-            raise FaultError("edit: an edit fault needs fields to rewrite, e.g. nsid=5,cdw12=0")
-        if "port" in args:
-            rule.port = _check(args_mod.text, "port", args["port"])
-        rule.direction = Direction(_check(args_mod.choice(*Direction), "direction",
-                                          args.get("direction", Direction.RX)))
-        return rule
-
-    @property
-    def spent(self) -> bool:
-        return self.count > 0 and self.hits >= self.count
-
-    def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.id, "target": self.target, "action": self.action,
-                               "count": self.count, "probability": self.probability,
-                               "hits": self.hits, "seen": self.seen}
-        for name in ("qid", "opcode", "nsid", "port"):
-            if getattr(self, name) is not None:
-                out[name] = getattr(self, name)
-        if self.lba is not None:
-            out["lba"] = list(self.lba)
-        if self.action is NvmeAction.STATUS:
-            out["status"] = f"{self.status:#x}"
-            out["dnr"] = self.dnr
-        if self.action in (NvmeAction.DELAY, NetAction.DELAY):
-            out["delay"] = self.delay
-        if self.target is FaultTarget.NET:
-            out["direction"] = self.direction
-        if self.edit:
-            out["edit"] = {k: f"{v:#x}" for k, v in self.edit.items()}
-        if self.guest_type is not None:
-            out["origin"] = "guest"
-            out["ocp_type"] = self.guest_type
-        return out
-
-
-def _rule_state(rule: FaultRule) -> dict[str, Any]:
-    """A rule as :meth:`FaultRule.build` arguments plus its id and counts."""
-    out = {name: getattr(rule, name) for name in (
-        "id", "target", "action", "count", "probability", "qid", "opcode", "nsid", "status",
-        "dnr", "delay", "port", "direction", "hits", "seen", "guest_type")}
-    out["lba"] = None if rule.lba is None else list(rule.lba)
-    out["edit"] = dict(rule.edit) or None
-    return out
-
-
-def _rule_args(item: dict[str, Any]) -> dict[str, Any]:
-    args = {k: v for k, v in item.items()
-            if k not in ("id", "hits", "seen", "guest_type") and v is not None}
-    if "lba" in args:
-        args["lba"] = list(args["lba"])
-    return args
-
-
-def _edit_fields(value: Any) -> dict[str, int]:
-    """``edit=``: a JSON object or ``"field=value,..."`` of :data:`EDITABLE` fields.
-
-    Raises:
-        FaultError: an unknown field, a value out of the field's range, or
-            anything else.
-    """
-    if isinstance(value, str):
-        pairs = [p.partition("=") for p in value.split(",") if p.strip()]
-        if any(not sep for _, sep, _ in pairs):
-            raise FaultError(f"edit: expected field=value,..., got {args_mod.shown(value)}")
-        value = {k.strip(): v.strip() for k, _, v in pairs}
-    if not isinstance(value, dict):
-        raise FaultError(f"edit: expected field=value,... or an object, got "
-                         f"{args_mod.shown(value)}")
-    out = {}
-    for name, raw in value.items():
-        if name not in EDITABLE:
-            raise FaultError(f"edit: {args_mod.shown(name)} is not one of {', '.join(EDITABLE)}")
-        out[name] = _int(raw, f"edit.{name}", 0, EDITABLE[name])
-    return out
-
-
-def _lba_range(value: Any) -> tuple[int, int]:
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        first, last = _int(value[0], "lba", 0, U64), _int(value[1], "lba", 0, U64)
-    elif isinstance(value, str) and "-" in value:
-        a, b = value.split("-", 1)
-        first, last = _int(a, "lba", 0, U64), _int(b, "lba", 0, U64)
-    else:
-        first = last = _int(value, "lba", 0, U64)
-    if last < first:
-        raise FaultError(f"lba: bad range {args_mod.shown(value)}")
-    return first, last
+if TYPE_CHECKING:
+    from appliance.storage.controller import NvmeController
 
 
 @dataclass
@@ -369,7 +114,7 @@ class FaultSet:
         if len(self.rules) >= MAX_RULES:
             raise FaultError(f"at most {MAX_RULES} rules are armed at a time: fault.clear first")
         args = dict(args)
-        seed = _int(args.pop("seed"), "seed", 0, U64) if "seed" in args else None
+        seed = checked_int(args.pop("seed"), "seed", 0, U64) if "seed" in args else None
         rule = FaultRule.build(self._next_id, args)
         if seed is not None:
             self.rng.seed(seed)
@@ -510,7 +255,7 @@ class FaultSet:
         Deferred completions and held frames do not move (the handoff waits
         until there are none)."""
         version, internal, gauss = self.rng.getstate()
-        return {"rules": [_rule_state(r) for r in self.rules], "counters": dict(self.counters),
+        return {"rules": [r.state() for r in self.rules], "counters": dict(self.counters),
                 "next_id": self._next_id, "rng": [version, list(internal), gauss],
                 "drop_irq_cqs": sorted(self.drop_irq_cqs),
                 "hung": [[h.qid, h.cid] for h in self.hung]}
@@ -528,18 +273,14 @@ class FaultSet:
         try:
             rules = []
             for item in state["rules"]:
-                rule = FaultRule.build(_int(item["id"], "id"), _rule_args(item))
-                rule.hits, rule.seen = _int(item["hits"], "hits"), _int(item["seen"], "seen")
-                if item.get("guest_type") is not None:
-                    rule.guest_type = _int(item["guest_type"], "guest_type", 0, 0xFFFF)
-                rules.append(rule)
-            counters = {str(k): _int(v, k) for k, v in dict(state["counters"]).items()}
-            next_id = _int(state["next_id"], "next_id")
+                rules.append(FaultRule.from_state(item))
+            counters = {str(k): checked_int(v, k) for k, v in dict(state["counters"]).items()}
+            next_id = checked_int(state["next_id"], "next_id")
             version, internal, gauss = state["rng"]
             rng = random.Random()
             rng.setstate((version, tuple(internal), gauss))
-            drop = {_int(q, "drop_irq_cqs") for q in state["drop_irq_cqs"]}
-            hung = [(_int(q, "hung"), _int(c, "hung")) for q, c in state["hung"]]
+            drop = {checked_int(q, "drop_irq_cqs") for q in state["drop_irq_cqs"]}
+            hung = [(checked_int(q, "hung"), checked_int(c, "hung")) for q, c in state["hung"]]
         except FaultError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:

@@ -22,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.control.faults import MAX_RULES, FaultError, FaultSet
+from appliance.control.fault_rules import FaultError
+from appliance.control.faults import MAX_RULES, FaultSet
 from appliance.storage.error_injection import (
     FLAG_ENABLE,
     FLAG_SINGLE,

@@ -31,7 +31,8 @@ from typing import Any
 import appliance
 from appliance.control import events as ev
 from appliance.control.commands import Target, dispatch
-from appliance.control.faults import Direction, FaultRule, FaultSet
+from appliance.control.fault_rules import Direction, FaultRule
+from appliance.control.faults import FaultSet
 from appliance.control.protocol import (
     FAILED,
     ControlConnection,

@@ -29,7 +29,8 @@ import common
 
 with common.instrumented(__name__):
     from appliance import config
-    from appliance.control.faults import FaultError, FaultSet
+    from appliance.control.fault_rules import FaultError
+    from appliance.control.faults import FaultSet
     from appliance.errors import ApplianceError, LocalProtocolError
     from appliance.runtime.app import Appliance
     from appliance.runtime.handoff.frames import HANDOFF_VERSION, Manifest, parse_handoff

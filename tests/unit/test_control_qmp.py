@@ -15,7 +15,8 @@ import pytest
 from test_nvme_driver import make_controller
 
 from appliance.control.commands import QMP_NAMES, Target, dispatch
-from appliance.control.faults import Direction, FaultSet
+from appliance.control.fault_rules import Direction
+from appliance.control.faults import FaultSet
 from appliance.control.protocol import ControlConnection, Request, answer_ok, greeting
 from appliance.runtime import control
 from appliance.runtime.control import ControlClient, ControlService, version_triple

@@ -13,15 +13,15 @@ from test_nvme_admin import log_page
 from test_nvme_driver import make_controller, status
 
 from appliance.client.nvme import NvmeDriver
-from appliance.control.faults import (
+from appliance.control.fault_rules import (
     Direction,
     FaultError,
     FaultRule,
-    FaultSet,
     FaultTarget,
     NetAction,
     NvmeAction,
 )
+from appliance.control.faults import FaultSet
 from appliance.storage.request import RequestState
 from appliance.storage.spec import AdminOpcode, Command, IoOpcode, Status
 from appliance.testing.nvme import controller_driver

@@ -13,7 +13,8 @@ from test_faults import Clock, read_cmd
 from test_nvme_driver import make_controller, status
 
 from appliance.client.nvme import NvmeDriver
-from appliance.control.faults import MAX_RULES, FaultError, FaultSet
+from appliance.control.fault_rules import FaultError
+from appliance.control.faults import MAX_RULES, FaultSet
 from appliance.control.guest_faults import GuestFaults
 from appliance.storage.error_injection import DATA_SIZE, FEATURE_ID
 from appliance.storage.spec import AdminOpcode, Completion, IoOpcode, Status

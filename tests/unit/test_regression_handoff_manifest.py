@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from test_nvme_driver import make_controller
 
-from appliance.control.faults import FaultError, FaultRule, FaultSet
+from appliance.control.fault_rules import FaultError, FaultRule
+from appliance.control.faults import FaultSet
 from appliance.errors import ApplianceError, LocalProtocolError
 from appliance.runtime.handoff import frames as ho
 from appliance.runtime.handoff.manifest import VfioUserState

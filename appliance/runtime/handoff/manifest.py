@@ -21,7 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from appliance.control.faults import FaultError, FaultSet
+from appliance.control.fault_rules import FaultError
+from appliance.control.faults import FaultSet
 from appliance.errors import ApplianceError, StreamRefused
 from appliance.json_fields import Field, Fields
 from appliance.runtime.handoff.net import NetState
