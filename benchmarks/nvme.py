@@ -83,7 +83,8 @@ def guest_part(work: Path, mib: int, reads: int) -> None:
     print(f"[guest] QEMU TCG smp 2: {mib} MiB direct write/read, {reads} x 4 KiB direct reads",
           flush=True)
     try:
-        from appliance.testing.qemu import Guest, QemuUnavailable, locate_env
+        from appliance.testing.qemu import Guest
+        from appliance.testing.qemu_environment import QemuUnavailable, locate_env
         env = locate_env()
     except (ImportError, QemuUnavailable) as exc:
         print(f"  skipped: QEMU environment unavailable ({exc})", flush=True)

@@ -75,7 +75,7 @@ _BUILT_STAMPS = ("sid/.qemu-env-ok", "guest/.guest-ok", "guest/vmlinux", "guest/
 
 def cache_dir(arg: str | None = None) -> Path:
     """The environment directory: ``arg``, ``$APPLIANCE_QEMU_ENV`` or the default."""
-    from appliance.testing.qemu import DEFAULT_ENV, ENV_VAR
+    from appliance.testing.qemu_environment import DEFAULT_ENV, ENV_VAR
 
     return Path(arg or os.environ.get(ENV_VAR) or DEFAULT_ENV).expanduser().absolute()
 
@@ -123,7 +123,7 @@ def inspect(root: Path) -> tuple[list[Artifact], str | None]:
         The artifacts, and None when the environment is complete, else the reason it
         is not (the first missing part, or a guest too old for the test harness).
     """
-    from appliance.testing.qemu import REQUIRED_INIT_VERSION
+    from appliance.testing.qemu_environment import REQUIRED_INIT_VERSION
 
     source = _read(root / "qemu-source")
     host = source[5:] if source.startswith("host ") else ""

@@ -73,7 +73,8 @@ def boot(cfg: Config, config_path: str | None, *, append: str = "", smp: int = 1
             does not start.
     """
     from appliance.testing.debian import debian_guest, locate_debian
-    from appliance.testing.qemu import Guest, QemuUnavailable, locate_env, qemu_args
+    from appliance.testing.qemu import Guest, qemu_args
+    from appliance.testing.qemu_environment import QemuUnavailable, locate_env
 
     try:
         env = locate_env()

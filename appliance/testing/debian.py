@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.testing.qemu import Guest, QemuEnv, QemuUnavailable, _unavailable
+from appliance.testing.qemu import Guest
+from appliance.testing.qemu_environment import QemuEnv, QemuUnavailable, _unavailable
 
 #: ``debian/init-version`` must be at least this (DEBIAN_INIT_VERSION in images/debian-guest.sh).
 REQUIRED_DEBIAN_INIT_VERSION = 3  # 2: no job notifications in the shell; 3: crc32 (f2fs)

@@ -43,7 +43,7 @@ Errors a test may see: :class:`~appliance.control.protocol.ControlError`
 :class:`~appliance.client.nvme.NvmeError` (``.status``, ``.dnr``: an NVMe
 command failed), ``TimeoutError`` (a guest command, an event or the appliance's
 start took too long), ``RuntimeError`` (the appliance exited at start-up, its
-log in the message), :class:`~appliance.testing.qemu.QemuUnavailable` (no QEMU
+log in the message), :class:`~appliance.testing.qemu_environment.QemuUnavailable` (no QEMU
 environment: guest tests skip, or fail with ``APPLIANCE_REQUIRE_INTEGRATION=1``).
 
 When a test fails, its report has sections with each appliance's log tail,
@@ -126,7 +126,7 @@ def pytest_configure(config: pytest.Config) -> None:
                    "image='busybox', args=()): how the `appliance_guest` fixture boots")
     env = option(config, "appliance-qemu-env")
     if env:
-        from appliance.testing.qemu import ENV_VAR
+        from appliance.testing.qemu_environment import ENV_VAR
 
         os.environ[ENV_VAR] = str(Path(env).expanduser().resolve())
     level = option(config, "appliance-log-level")
@@ -184,7 +184,8 @@ def _boot_guest(appliance: ApplianceProcess, opts: dict[str, Any], workdir: Path
         pytest.UsageError: an unknown image.
         AssertionError: the guest has no /dev/nvme0n1 (with ``wait_nvme``).
     """
-    from appliance.testing.qemu import Guest, qemu_args, qemu_env
+    from appliance.testing.qemu import Guest, qemu_args
+    from appliance.testing.qemu_environment import qemu_env
 
     env = qemu_env()
     cfg = appliance.config

@@ -6,9 +6,10 @@ Theory of operation
 -------------------
 ``images/qemu-env.sh`` (run by ``scripts/provision``) builds a Debian-sid chroot with
 QEMU 11.1 (it has the ``vfio-user-pci`` client) and a busybox guest whose ``/init``
-prints markers on the serial console (see ``images/README.md``). :func:`qemu_env`
-finds that environment; :class:`Guest` starts QEMU in its own process group with the
-serial console on stdio and a QMP socket.
+prints markers on the serial console (see ``images/README.md``).
+:mod:`appliance.testing.qemu_environment` finds that environment; :class:`Guest`
+starts QEMU in its own process group with the serial console on stdio and a QMP
+socket.
 
 A reader thread copies QEMU's stdout+stderr to ``<workdir>/<name>.log``, splits it into
 lines (``\\r`` dropped) and notifies a condition variable; :meth:`Guest.wait_for` waits
@@ -41,15 +42,10 @@ from types import TracebackType
 from typing import IO, Any, Self
 
 from appliance.config import Config, PortMode
+from appliance.testing.qemu_environment import QemuEnv
 
-#: ``guest/init-version`` must be at least this (INIT_VERSION in images/qemu-env.sh).
-REQUIRED_INIT_VERSION = 3  # 3: nvme-cli in the guest
 #: Console lines quoted in timeout messages.
 TAIL_LINES = 60
-
-ENV_VAR = "APPLIANCE_QEMU_ENV"
-REQUIRE_VAR = "APPLIANCE_REQUIRE_INTEGRATION"
-DEFAULT_ENV = Path("~/.cache/appliance/qemu-env")
 
 _PCI_RE = re.compile(
     r"PCI (?P<bdf>\S+) vendor=(?P<vendor>0x[0-9a-f]+) device=(?P<device>0x[0-9a-f]+)"
@@ -57,85 +53,6 @@ _PCI_RE = re.compile(
 )
 _BAR_RE = re.compile(r"bar(\d)=(0x[0-9a-f]+)\+(0x[0-9a-f]+):(\S+)")
 _CAPS_RE = re.compile(r"PCICAPS (?P<bdf>\S+)(?P<ids>(?: [0-9a-f]{2})*)\s*$")
-
-
-@dataclass(frozen=True)
-class QemuEnv:
-    """A provisioned QEMU environment (paths on the host)."""
-
-    root: Path
-    qemu: Path  #: bin/qemu-system-x86_64 (runs sid's QEMU in the chroot)
-    qemu_img: Path  #: bin/qemu-img
-    vmlinux: Path  #: guest/vmlinux
-    initrd: Path  #: guest/initrd.img
-
-
-class QemuUnavailable(RuntimeError):
-    """The provisioned QEMU environment is missing or unusable (the message says why)."""
-
-
-def _unavailable(reason: str) -> None:
-    """Fail when integration tests are required, else skip. Never returns."""
-    import pytest  # only the test entry point needs it
-
-    if os.environ.get(REQUIRE_VAR) == "1":
-        pytest.fail(
-            f"QEMU integration environment unavailable: {reason}. "
-            f"Run `sudo scripts/provision` (or `sudo scripts/test`) to install it.",
-            pytrace=False,
-        )
-    pytest.skip(f"QEMU environment unavailable ({reason}); run `sudo scripts/provision`")
-
-
-def locate_env() -> QemuEnv:
-    """Locate the environment: ``$APPLIANCE_QEMU_ENV`` or ``~/.cache/appliance/qemu-env``.
-
-    Returns:
-        The paths of the environment.
-    Raises:
-        QemuUnavailable: the environment is missing, stale or unusable (QEMU runs
-            via unshare: root only).
-    """
-    root = Path(os.environ.get(ENV_VAR) or DEFAULT_ENV).expanduser()
-    env = QemuEnv(
-        root=root,
-        qemu=root / "bin" / "qemu-system-x86_64",
-        qemu_img=root / "bin" / "qemu-img",
-        vmlinux=root / "guest" / "vmlinux",
-        initrd=root / "guest" / "initrd.img",
-    )
-    try:
-        host_qemu = (root / "qemu-source").read_text().startswith("host ")
-    except OSError:
-        host_qemu = False  # an environment made before qemu-source existed: sid's
-    for p in (env.qemu, env.vmlinux, env.initrd) + (() if host_qemu else (root / "sid" / ".qemu-env-ok",)):
-        if not p.exists():
-            raise QemuUnavailable(f"{p} is missing")
-    try:
-        version = int((root / "guest" / "init-version").read_text().strip())
-    except (OSError, ValueError):
-        version = 0
-    if version < REQUIRED_INIT_VERSION:
-        raise QemuUnavailable(
-            f"guest init version {version} < {REQUIRED_INIT_VERSION} in {root} (stale initrd)"
-        )
-    if not host_qemu and os.geteuid() != 0:
-        raise QemuUnavailable("QEMU runs in a private mount namespace, which needs root")
-    return env
-
-
-def qemu_env() -> QemuEnv:
-    """:func:`locate_env` for tests.
-
-    Raises:
-        pytest's Skipped, or Failed when ``APPLIANCE_REQUIRE_INTEGRATION=1``, if the
-        environment is unavailable.
-    """
-    try:
-        return locate_env()
-    except QemuUnavailable as exc:
-        _unavailable(str(exc))
-        raise
 
 
 class QMPError(Exception):
@@ -192,7 +109,7 @@ class Guest:
     """A QEMU process running the test guest.
 
     Args:
-        env: from :func:`qemu_env`.
+        env: from :func:`~appliance.testing.qemu_environment.qemu_env`.
         workdir: where the console log goes (``<workdir>/<name>.log``); usually tmp_path.
         args: extra QEMU arguments (``-device ...``), appended last.
         append: extra kernel command line (``qe.shell``, ``qe.nvmetest``, ``qe.hold``).

@@ -1,25 +1,28 @@
 """The QEMU guest harness, re-exported for the integration tests (``from guests import Guest``; not ``qemu``: that name is the qemu.qmp package).
 
-The harness is product code now: :mod:`appliance.testing.qemu` (the pytest plugin's
+The harness is product code now: :mod:`appliance.testing.qemu` and
+:mod:`appliance.testing.qemu_environment` (the pytest plugin's
 ``appliance_guest`` fixture and ``appliance boot`` use it). Edit it there.
 """
 
 from __future__ import annotations
 
 from appliance.testing.qemu import (
-    DEFAULT_ENV,
-    ENV_VAR,
-    REQUIRE_VAR,
-    REQUIRED_INIT_VERSION,
     TAIL_LINES,
     Guest,
     GuestFactory,
     PciFunction,
+    QMPError,
+    parse_pci,
+)
+from appliance.testing.qemu_environment import (
+    DEFAULT_ENV,
+    ENV_VAR,
+    REQUIRE_VAR,
+    REQUIRED_INIT_VERSION,
     QemuEnv,
     QemuUnavailable,
-    QMPError,
     locate_env,
-    parse_pci,
     qemu_env,
 )
 

@@ -253,7 +253,7 @@ def test_appliance_boot_starts_appliance_and_guest_on_the_terminal(tmp_path: Any
 
     from appliance import config
     from appliance.testing.process import make_config
-    from appliance.testing.qemu import qemu_env
+    from appliance.testing.qemu_environment import qemu_env
 
     qemu_env()  # skip / fail like every QEMU test when the environment is missing
     cfg = make_config(tmp_path, storage={"namespaces": [{"image": "{data_dir}/d.img",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.testing.qemu import qemu_env
+from appliance.testing.qemu_environment import qemu_env
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

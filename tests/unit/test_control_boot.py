@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 
 from appliance.cli import main
-from appliance.testing import qemu
+from appliance.testing import qemu_environment
 
 
 def test_boot_dry_run_prints_appliance_and_qemu_commands(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    env = qemu.QemuEnv(root=tmp_path, qemu=tmp_path / "qemu", qemu_img=tmp_path / "img",
+    env = qemu_environment.QemuEnv(root=tmp_path, qemu=tmp_path / "qemu", qemu_img=tmp_path / "img",
                        vmlinux=tmp_path / "vmlinux", initrd=tmp_path / "initrd")
-    monkeypatch.setattr(qemu, "locate_env", lambda: env)
+    monkeypatch.setattr(qemu_environment, "locate_env", lambda: env)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"run_dir: {tmp_path}/run\ndata_dir: {tmp_path}/data\n"
                    f"net: {{ports: [{{socket: {tmp_path}/n0.sock, mac: '52:54:00:12:34:56'}}]}}\n")
@@ -28,10 +28,10 @@ def test_boot_dry_run_prints_appliance_and_qemu_commands(
 
 def test_boot_without_qemu_environment_is_one_error_line(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    def missing() -> qemu.QemuEnv:
-        raise qemu.QemuUnavailable("/nowhere/qemu is missing")
+    def missing() -> qemu_environment.QemuEnv:
+        raise qemu_environment.QemuUnavailable("/nowhere/qemu is missing")
 
-    monkeypatch.setattr(qemu, "locate_env", missing)
+    monkeypatch.setattr(qemu_environment, "locate_env", missing)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"run_dir: {tmp_path}/run\ndata_dir: {tmp_path}/data\n")
     assert main(["boot", "-c", str(cfg)]) == 2
@@ -42,9 +42,9 @@ def test_boot_without_qemu_environment_is_one_error_line(
 
 def test_boot_dry_run_of_the_debian_guest(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    env = qemu.QemuEnv(root=tmp_path, qemu=tmp_path / "qemu", qemu_img=tmp_path / "img",
+    env = qemu_environment.QemuEnv(root=tmp_path, qemu=tmp_path / "qemu", qemu_img=tmp_path / "img",
                        vmlinux=tmp_path / "vmlinux", initrd=tmp_path / "initrd")
-    monkeypatch.setattr(qemu, "locate_env", lambda: env)
+    monkeypatch.setattr(qemu_environment, "locate_env", lambda: env)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"run_dir: {tmp_path}/run\ndata_dir: {tmp_path}/data\n")
     assert main(["boot", "--dry-run", "--guest", "debian", "-c", str(cfg)]) == 2

@@ -16,7 +16,7 @@ from appliance.testing.debian import (
     debian_guest,
     locate_debian,
 )
-from appliance.testing.qemu import QemuEnv, QemuUnavailable
+from appliance.testing.qemu_environment import QemuEnv, QemuUnavailable
 
 
 def env_at(root: Path) -> QemuEnv:

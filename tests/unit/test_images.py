@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from appliance.cli import images, main
-from appliance.testing.qemu import REQUIRED_INIT_VERSION
+from appliance.testing.qemu_environment import REQUIRED_INIT_VERSION
 
 # A stand-in for images/qemu-env.sh: creates the artifacts under $QEMU_ENV unless they
 # exist (as the real one skips finished parts), and logs how it was called.
